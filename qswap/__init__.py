@@ -1,0 +1,33 @@
+"""qswap: honest, checkable fake-quantization for fairseq speech models.
+
+>>> import qswap
+>>> qmodel = qswap.convert(model, "w8a8")          # a copy; `model` is untouched
+>>> qswap.calibrate(qmodel, batches)               # observers run, then freeze
+>>> report = qswap.audit(qmodel, net_input)        # did every op run on quantized values?
+
+``import qswap`` imports torch but neither fairseq nor torchaudio.
+"""
+from qswap.errors import (AudioError, AuditError, CalibrationError, CheckpointError, ConvertError,
+                          DataError, QswapError, RecipeError, RegistryError, SpecError,
+                          UnsafeCheckpointError)
+from qswap.nn import QuantConfig, QuantModule, register  # registers the torch.nn counterparts
+from qswap.quant import FakeQuantize, QuantSpec
+from qswap.recipe import Recipe, load_recipe, shipped_recipe_names
+from qswap.convert import QswapWarning, convert
+from qswap.calibrate import calibrate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AudioError", "AuditError", "CalibrationError", "CheckpointError", "ConvertError", "DataError",
+    "FakeQuantize", "QswapError", "QswapWarning", "QuantConfig", "QuantModule", "QuantSpec",
+    "Recipe", "RecipeError", "RegistryError", "SpecError", "UnsafeCheckpointError",
+    "calibrate", "convert", "load_recipe", "register", "shipped_recipe_names",
+]
+
+
+def __getattr__(name: str):
+    if name == "audit":  # the honesty checker pulls in torch's dispatch machinery: load lazily
+        from qswap.audit import audit
+        return audit
+    raise AttributeError(f"module 'qswap' has no attribute {name!r}")

@@ -1,0 +1,68 @@
+"""Post-training calibration: run observers over batches, then freeze every quantizer."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from qswap.errors import CalibrationError
+from qswap.quant.fake_quantize import FakeQuantize
+
+
+def activation_quantizers(model: nn.Module) -> list[FakeQuantize]:
+    return [m for m in model.modules() if isinstance(m, FakeQuantize) and m.kind == "activation"]
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn.Module, Any], Any] | None = None,
+              progress: Callable[[int], None] | None = None, max_batches: int | None = None) -> int:
+    """Reset and run every activation observer over ``batches``, then freeze all quantizers.
+
+    A batch is a fairseq ``net_input`` dict (called as ``model(**batch)``), a tuple (``model(*batch)``)
+    or a tensor; ``forward(model, batch)`` overrides how a batch is run. Returns the number of
+    batches used. Runs in eval mode under ``torch.no_grad`` and restores the training flag.
+
+    >>> qswap.calibrate(qmodel, (s["net_input"] for s in itertools.islice(loader, 16)))
+    """
+    quantizers = activation_quantizers(model)
+    if not quantizers:
+        raise CalibrationError("the model has no activation quantizers to calibrate; convert it "
+                               "with a recipe that quantizes activations (e.g. w8a8)")
+    run = forward or _default_forward
+    for q in quantizers:
+        q.unfreeze()
+        q.observer.reset()
+    was_training = model.training
+    count = 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if max_batches is not None and count >= max_batches:
+                    break
+                run(model, batch)
+                count += 1
+                if progress is not None:
+                    progress(count)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise CalibrationError("calibration got zero batches; pass at least one batch of "
+                               "representative inputs")
+    unseen = [q for q in quantizers if not q.initialized]
+    for q in quantizers:
+        if q.initialized:
+            q.freeze()
+    if unseen:  # sites the batches never reached (e.g. incremental-decoding-only paths)
+        import warnings
+        warnings.warn(f"{len(unseen)} activation quantizer(s) saw no data during calibration and "
+                      f"keep observing at run time", stacklevel=2)
+    return count
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)

@@ -1,0 +1,192 @@
+"""The graph walker: swap float modules for their counterparts as a recipe says.
+
+Walk, collect, then replace: the walk decides every module's fate without touching the tree;
+the replacement builds counterparts deepest first, so a counterpart that keeps its children
+(a transformer layer) is built around children that are already converted.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from torch import nn
+
+from qswap.errors import ConvertError
+from qswap.nn.base import QuantConfig, QuantModule
+from qswap.nn.registry import PASSTHROUGH, find
+from qswap.quant.fake_quantize import FakeQuantize
+from qswap.recipe import Recipe, Rule, load_recipe
+from qswap.report import ConvertReport, ModuleEntry
+
+
+class QswapWarning(UserWarning):
+    """Something a recipe asked for did not happen (a rule matched nothing, a tie conflict)."""
+
+
+@dataclass
+class _Plan:
+    path: str
+    module: nn.Module
+    counterpart: type
+    config: QuantConfig
+    rule_label: str
+
+
+def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplace: bool = False,
+            strict: bool | None = None) -> nn.Module:
+    """Return ``model`` with every module the recipe covers replaced by its counterpart.
+
+    The caller's model is untouched unless ``inplace=True``. The result carries the recipe and
+    the convert report as ``.qswap_recipe`` and ``.qswap_report``. ``strict`` (default: the
+    recipe's ``strict``) turns rules that match nothing and modules left float without a
+    ``skip`` into a ConvertError.
+
+    >>> qmodel = qswap.convert(model, "w8a8")
+    >>> qmodel.qswap_report.counts()
+    """
+    if not isinstance(model, nn.Module):
+        raise ConvertError(f"convert() takes a torch.nn.Module, got {type(model).__name__}")
+    recipe = load_recipe(recipe)
+    strict = recipe.strict if strict is None else strict
+    if _already_converted(model):
+        raise ConvertError("this model already contains qswap quantizers; convert the float model "
+                           "(or load the quantized checkpoint as it is)")
+    target = model if inplace else copy.deepcopy(model)
+    report = ConvertReport(recipe=recipe.name, float_ok=dict(recipe.float_ok))
+    plans, hit_rules = _walk(target, recipe, report)
+    _check_rules(recipe, hit_rules, report, strict)
+    target = _replace(target, plans, report)
+    report.float_bytes, report.quantized_bytes = _sizes(target)
+    if strict and report.by_action("float"):
+        names = ", ".join(e.path or "<root>" for e in report.by_action("float")[:8])
+        raise ConvertError(f"strict mode: {len(report.by_action('float'))} module(s) left float "
+                           f"without a skip rule: {names}")
+    target.qswap_recipe = recipe
+    target.qswap_report = report
+    return target
+
+
+def _already_converted(model: nn.Module) -> bool:
+    return any(isinstance(m, (FakeQuantize, QuantModule)) for m in model.modules())
+
+
+def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[_Plan], set[int]]:
+    plans: list[_Plan] = []
+    hit: set[int] = set()
+
+    def visit(module: nn.Module, path: str, inherited: Rule | None) -> None:
+        rule = recipe.first_rule(path, module) if path or _root_matchable(recipe, module) else None
+        if rule is not None:
+            hit.add(rule.index)
+        effective = rule or inherited
+        label = effective.label() if effective else "defaults"
+        cls_name = type(module).__name__
+        if effective is not None and effective.skip:
+            report.entries.append(ModuleEntry(path, cls_name, "skipped", label,
+                                              reason=effective.note or "skip: true"))
+            for key, why in effective.float_ok.items():
+                report.float_ok.setdefault(f"{path}:{key}" if path else key, why)
+            return
+        if effective is not None:
+            for key, why in effective.float_ok.items():
+                report.float_ok.setdefault(f"{path}:{key}" if path else key, why)
+        config = effective.config if effective else recipe.defaults
+        counterpart = find(module)
+        children = list(module.named_children())
+        if counterpart is not None:
+            plans.append(_Plan(path, module, counterpart, config, label))
+            if not counterpart.converts_children:
+                return
+        elif cls_name in PASSTHROUGH and not children:
+            report.entries.append(ModuleEntry(path, cls_name, "passthrough", label,
+                                              reason="no arithmetic at inference"))
+        elif not children:
+            report.entries.append(ModuleEntry(path, cls_name, "float", label,
+                                              reason=f"no counterpart registered for {cls_name}"))
+        elif any(True for _ in module.parameters(recurse=False)):
+            report.entries.append(ModuleEntry(path, cls_name, "float", label,
+                                              reason=f"{cls_name} owns parameters and has no counterpart"))
+        for name, child in children:
+            visit(child, f"{path}.{name}" if path else name, effective)
+
+    visit(root, "", None)
+    return plans, hit
+
+
+def _root_matchable(recipe: Recipe, module: nn.Module) -> bool:
+    """The root has path "": only class-only rules can match it."""
+    return any(r.match.path is None for r in recipe.rules)
+
+
+def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: bool) -> None:
+    for rule in recipe.rules:
+        if rule.index in hit:
+            continue
+        message = f"{recipe.name}: {rule.label()} matched no module"
+        if strict:
+            raise ConvertError(f"strict mode: {message}; fix or remove the rule")
+        report.unmatched_rules.append(rule.label())
+        warnings.warn(message, QswapWarning, stacklevel=3)
+
+
+def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.Module:
+    shared: dict[int, tuple[FakeQuantize, str]] = {}  # id(param) -> its first quantizer, owner
+    for plan in sorted(plans, key=lambda p: p.path.count(".") + (1 if p.path else 0), reverse=True):
+        try:
+            new = plan.counterpart.from_float(plan.module, plan.config)
+        except ConvertError as exc:
+            raise ConvertError(f"{plan.path or '<root>'}: {exc}") from None
+        new.train(plan.module.training)
+        _share_tied_quantizers(new, plan.path, shared, report)
+        report.entries.append(ModuleEntry(
+            plan.path, type(plan.module).__name__, "quantized", plan.rule_label,
+            counterpart=type(new).__name__, weight=_label(plan.config.weight),
+            activation=_label(plan.config.activation)))
+        if not plan.path:
+            root = new
+            continue
+        parent_path, _, name = plan.path.rpartition(".")
+        setattr(root.get_submodule(parent_path), name, new)
+    report.entries.sort(key=lambda e: e.path)
+    return root
+
+
+def _share_tied_quantizers(new: nn.Module, path: str, shared: dict, report: ConvertReport) -> None:
+    """A parameter shared by two modules (tied embedding / output projection) gets one quantizer."""
+    for pname, param in new.named_parameters(recurse=False):
+        quant = getattr(new, f"{pname}_quant", None)
+        if not isinstance(quant, FakeQuantize):
+            continue
+        if id(param) not in shared:
+            shared[id(param)] = (quant, path)
+            continue
+        first, owner = shared[id(param)]
+        setattr(new, f"{pname}_quant", first)
+        note = f"{path}.{pname} is tied to {owner}.{pname}: one quantizer ({first.spec.short()})"
+        if first.spec != quant.spec:
+            note += f"; this module's rule asked for {quant.spec.short()}, the first one wins"
+            warnings.warn(note, QswapWarning, stacklevel=4)
+        report.notes.append(note)
+
+
+def _label(spec) -> str:
+    return spec.short() if spec is not None else "float"
+
+
+def _sizes(model: nn.Module) -> tuple[int, int]:
+    """Parameter bytes in float32, and at the stored bit widths (unique parameters)."""
+    bits: dict[int, int] = {}
+    numel: dict[int, int] = {}
+    for module in model.modules():
+        for pname, param in module.named_parameters(recurse=False):
+            numel[id(param)] = param.numel()
+            quant = getattr(module, f"{pname}_quant", None)
+            if isinstance(quant, FakeQuantize) and quant.enabled:
+                bits[id(param)] = min(bits.get(id(param), 32), quant.spec.bits)
+            else:
+                bits.setdefault(id(param), 32)
+    float_bytes = sum(n * 4 for n in numel.values())
+    quant_bytes = sum(numel[i] * bits[i] for i in numel) // 8
+    return float_bytes, quant_bytes

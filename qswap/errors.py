@@ -1,0 +1,58 @@
+"""Typed errors. Every failure a user can cause is a QswapError subclass whose message says
+what to change; the CLI turns them into a one-line message and exit code 2."""
+from __future__ import annotations
+
+
+class QswapError(Exception):
+    """Base class of every error qswap raises on purpose."""
+
+
+class SpecError(QswapError, ValueError):
+    """A QuantSpec field is out of range or inconsistent."""
+
+
+class RecipeError(QswapError, ValueError):
+    """A recipe file or dict is malformed. Carries the file, line and key when known."""
+
+    def __init__(self, message: str, *, source: str | None = None, line: int | None = None,
+                 key: str | None = None):
+        self.source, self.line, self.key = source, line, key
+        where = ":".join(str(p) for p in (source, line) if p is not None)
+        prefix = f"{where}: " if where else ""
+        keypart = f"key '{key}': " if key else ""
+        super().__init__(f"{prefix}{keypart}{message}")
+
+
+class RegistryError(QswapError, KeyError):
+    """A class is registered twice, or a lookup names a class that is not registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else ""
+
+
+class ConvertError(QswapError):
+    """The model cannot be converted as asked (strict mode findings, bad inputs)."""
+
+
+class CalibrationError(QswapError):
+    """Calibration got no data, or data that cannot give finite quantization parameters."""
+
+
+class AuditError(QswapError):
+    """The honesty audit could not run on the given model and inputs."""
+
+
+class CheckpointError(QswapError):
+    """A checkpoint is missing, corrupt, not a fairseq/qswap checkpoint, or unsafe to load."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint needs a pickle global outside the allowlist; opt in with trust_checkpoint."""
+
+
+class DataError(QswapError):
+    """A data directory, manifest or batch is missing or malformed."""
+
+
+class AudioError(DataError):
+    """An audio file is unreadable, empty, non-finite or at the wrong sample rate."""

@@ -1,0 +1,213 @@
+"""Kaldi-compatible log-mel filterbank features and a dependency-free WAV reader.
+
+This module is deliberately small and pure:
+
+* it never imports fairseq;
+* ``torchaudio`` is only imported lazily (inside :func:`_torchaudio_kaldi`) and any
+  failure to import it (ImportError, OSError from a mismatched CUDA build, ...) silently
+  falls back to ``kaldi_native_fbank``;
+* WAV files are read with the standard-library :mod:`wave` module plus numpy.
+
+Conventions follow fairseq's ``examples/speech_to_text`` data preparation: the waveform is
+float in [-1, 1], it is scaled to the 16-bit integer range before the Kaldi computation, and
+the result is an (T, 80) float32 matrix of log mel energies (25 ms window, 10 ms shift,
+povey window, pre-emphasis 0.97, DC removal, no dither, ``snip_edges=True``).
+"""
+from __future__ import annotations
+
+import os
+import wave
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from qswap.errors import AudioError
+
+__all__ = ["NUM_MEL_BINS", "fbank", "load_audio", "fbank_backend"]
+
+NUM_MEL_BINS = 80
+FRAME_LENGTH_MS = 25.0
+FRAME_SHIFT_MS = 10.0
+
+_TORCHAUDIO_KALDI = None  # cached: module, or False when torchaudio is unusable
+
+
+def _torchaudio_kaldi():
+    """Return ``torchaudio.compliance.kaldi`` or ``None`` if torchaudio does not import."""
+    global _TORCHAUDIO_KALDI
+    if _TORCHAUDIO_KALDI is None:
+        try:
+            import torchaudio.compliance.kaldi as ta_kaldi  # noqa: WPS433 (lazy on purpose)
+
+            _TORCHAUDIO_KALDI = ta_kaldi
+        except Exception:  # ImportError, OSError (CUDA build next to CPU torch), ...
+            _TORCHAUDIO_KALDI = False
+    return _TORCHAUDIO_KALDI or None
+
+
+def fbank_backend(prefer: Optional[str] = None) -> str:
+    """Name of the backend :func:`fbank` will use ("torchaudio" or "kaldi_native_fbank")."""
+    if prefer not in (None, "torchaudio", "kaldi_native_fbank"):
+        raise ValueError(f"unknown fbank backend {prefer!r}")
+    if prefer == "kaldi_native_fbank":
+        return prefer
+    if _torchaudio_kaldi() is not None:
+        return "torchaudio"
+    if prefer == "torchaudio":
+        raise AudioError("torchaudio backend requested but torchaudio does not import")
+    return "kaldi_native_fbank"
+
+
+def _as_mono_float(waveform: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    if isinstance(waveform, torch.Tensor):
+        arr = waveform.detach().cpu().numpy()
+    elif isinstance(waveform, np.ndarray):
+        arr = waveform
+    else:
+        raise AudioError(f"waveform must be a torch.Tensor or numpy array, got {type(waveform).__name__}")
+    if arr.dtype.kind not in "fiu":
+        raise AudioError(f"waveform has non-numeric dtype {arr.dtype}")
+    if arr.dtype.kind in "iu":
+        # integer PCM: scale to [-1, 1]
+        info = np.iinfo(arr.dtype)
+        arr = arr.astype(np.float64) / float(max(abs(info.min), info.max))
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim == 2:
+        if 1 not in arr.shape:
+            raise AudioError(f"expected mono audio, got shape {tuple(arr.shape)}")
+        arr = arr.reshape(-1)
+    elif arr.ndim != 1:
+        raise AudioError(f"expected a 1-D (or 1xN) waveform, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def _check_waveform(arr: np.ndarray, sample_rate: int) -> None:
+    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise AudioError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+    if arr.size == 0:
+        raise AudioError("empty waveform (0 samples)")
+    if not np.all(np.isfinite(arr)):
+        raise AudioError("waveform contains NaN or infinite samples")
+    min_len = int(round(sample_rate * FRAME_LENGTH_MS / 1000.0))
+    if arr.size < min_len:
+        raise AudioError(
+            f"waveform too short: {arr.size} samples < one {FRAME_LENGTH_MS:g} ms frame ({min_len} samples)"
+        )
+
+
+def fbank(
+    waveform: Union[torch.Tensor, np.ndarray],
+    sample_rate: int,
+    *,
+    num_mel_bins: int = NUM_MEL_BINS,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Kaldi-compatible log-mel filterbank, shape ``(T, num_mel_bins)``, float32.
+
+    ``waveform``: mono float samples in [-1, 1] (shape (N,) or (1, N)); integer PCM arrays are
+    scaled to [-1, 1] first. ``backend``: ``None`` (torchaudio if it imports, otherwise
+    kaldi_native_fbank), ``"torchaudio"`` or ``"kaldi_native_fbank"``.
+    Raises :class:`qswap.errors.AudioError` for empty / non-finite / too-short input.
+    """
+    arr = _as_mono_float(waveform)
+    _check_waveform(arr, sample_rate)
+    scaled = arr * 32768.0  # Kaldi works on the 16-bit integer scale
+    name = fbank_backend(backend)
+    if name == "torchaudio":
+        ta_kaldi = _torchaudio_kaldi()
+        feats = ta_kaldi.fbank(
+            torch.from_numpy(scaled).unsqueeze(0),
+            num_mel_bins=num_mel_bins,
+            frame_length=FRAME_LENGTH_MS,
+            frame_shift=FRAME_SHIFT_MS,
+            dither=0.0,
+            energy_floor=0.0,
+            sample_frequency=float(sample_rate),
+        )
+        return feats.to(torch.float32).contiguous()
+
+    import kaldi_native_fbank as knf  # small C++ extension, no torch/fairseq dependency
+
+    opts = knf.FbankOptions()
+    opts.frame_opts.samp_freq = float(sample_rate)
+    opts.frame_opts.frame_length_ms = FRAME_LENGTH_MS
+    opts.frame_opts.frame_shift_ms = FRAME_SHIFT_MS
+    opts.frame_opts.dither = 0.0
+    opts.frame_opts.snip_edges = True
+    opts.frame_opts.remove_dc_offset = True
+    opts.frame_opts.preemph_coeff = 0.97
+    opts.frame_opts.window_type = "povey"
+    opts.mel_opts.num_bins = num_mel_bins
+    opts.mel_opts.low_freq = 20.0
+    opts.mel_opts.high_freq = 0.0
+    opts.energy_floor = 0.0
+    opts.use_energy = False
+    opts.use_log_fbank = True
+    opts.use_power = True
+    extractor = knf.OnlineFbank(opts)
+    extractor.accept_waveform(float(sample_rate), scaled.tolist())
+    extractor.input_finished()
+    n = extractor.num_frames_ready
+    if n == 0:
+        raise AudioError("waveform produced no feature frames")
+    feats = np.stack([np.asarray(extractor.get_frame(i), dtype=np.float32) for i in range(n)])
+    return torch.from_numpy(feats)
+
+
+def load_audio(
+    path: Union[str, os.PathLike], expected_sample_rate: Optional[int] = None
+) -> Tuple[torch.Tensor, int]:
+    """Read a PCM WAV file with the standard library; returns ``(waveform, sample_rate)``.
+
+    ``waveform`` is a float32 tensor of shape (N,) in [-1, 1] (multi-channel files are averaged
+    to mono). If ``expected_sample_rate`` is given and differs, :class:`AudioError` is raised
+    (no resampling is done). Unreadable files, non-PCM encodings, empty audio and non-finite
+    samples also raise :class:`AudioError`.
+    """
+    path = os.fspath(path)
+    try:
+        with wave.open(path, "rb") as w:
+            n_channels = w.getnchannels()
+            sampwidth = w.getsampwidth()
+            sample_rate = w.getframerate()
+            n_frames = w.getnframes()
+            raw = w.readframes(n_frames)
+    except FileNotFoundError as e:
+        raise AudioError(f"{path}: no such file") from e
+    except (wave.Error, EOFError, OSError, ValueError) as e:
+        raise AudioError(f"{path}: cannot read as PCM WAV ({e})") from e
+    if expected_sample_rate is not None and sample_rate != expected_sample_rate:
+        raise AudioError(
+            f"{path}: sample rate {sample_rate} Hz, expected {expected_sample_rate} Hz "
+            f"(resample it first, e.g. `sox in.wav -r {expected_sample_rate} out.wav`)"
+        )
+    if sample_rate <= 0:
+        raise AudioError(f"{path}: invalid sample rate {sample_rate}")
+    if sampwidth == 1:  # unsigned 8-bit
+        data = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif sampwidth == 2:
+        data = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    elif sampwidth == 3:
+        b = np.frombuffer(raw, dtype=np.uint8)
+        if b.size % 3:
+            raise AudioError(f"{path}: truncated 24-bit data")
+        b = b.reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        v = np.where(v >= 1 << 23, v - (1 << 24), v)
+        data = v.astype(np.float32) / float(1 << 23)
+    elif sampwidth == 4:
+        data = np.frombuffer(raw, dtype="<i4").astype(np.float64).astype(np.float32) / 2147483648.0
+    else:
+        raise AudioError(f"{path}: unsupported sample width {sampwidth} bytes")
+    if n_channels < 1:
+        raise AudioError(f"{path}: invalid channel count {n_channels}")
+    usable = (data.size // n_channels) * n_channels
+    data = data[:usable]
+    if n_channels > 1:
+        data = data.reshape(-1, n_channels).mean(axis=1)
+    if data.size == 0:
+        raise AudioError(f"{path}: empty audio (0 samples)")
+    if not np.all(np.isfinite(data)):
+        raise AudioError(f"{path}: audio contains NaN or infinite samples")
+    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), int(sample_rate)

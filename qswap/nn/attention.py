@@ -1,0 +1,172 @@
+"""Attention with every operand quantized, and the torch.nn.MultiheadAttention counterpart.
+
+``QuantAttentionCore`` is the arithmetic between the projections, shared by every attention
+counterpart (torch, fairseq, conformer): it never calls a fused kernel
+(``F.scaled_dot_product_attention`` / ``F.multi_head_attention_forward``), so the softmax and
+both matmuls run on quantized operands:
+
+    q_quant(q) * scaling  @  k_quant(k)^T  -> softmax_in_quant -> mask -> softmax
+    -> softmax_out_quant (unsigned)  @  v_quant(v)
+
+Multiplying a quantized tensor by the constant ``scaling`` keeps it on a (rescaled) grid; integer
+hardware folds that constant into the requantization multiplier.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qswap.errors import ConvertError
+from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, weight_quantizer
+from qswap.nn.linear import QLinear
+from qswap.nn.registry import register
+from qswap.quant.bias import BiasQuantize
+
+CORE_SITES = ("q", "k", "v", "scores", "scores_bias", "attn_bias", "softmax_in", "softmax_out")
+
+
+def as_bool_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Split an attention mask into (bool mask of blocked positions, additive float bias).
+
+    A float mask that holds only 0 and -inf (fairseq's future mask) is a bool mask in disguise.
+    """
+    if mask is None or mask.dtype == torch.bool:
+        return mask, None
+    blocked = torch.isneginf(mask)
+    if bool(((mask == 0) | blocked).all()):
+        return blocked, None
+    return None, mask
+
+
+class QuantAttentionCore(nn.Module):
+    def __init__(self, config: QuantConfig):
+        super().__init__()
+        self.q_quant = act_quantizer(config, "q")
+        self.k_quant = act_quantizer(config, "k")
+        self.v_quant = act_quantizer(config, "v")
+        self.scores_quant = act_quantizer(config, "scores")  # only used before a score add
+        self.scores_bias_quant = act_quantizer(config, "scores_bias")
+        self.attn_bias_quant = act_quantizer(config, "attn_bias")
+        self.softmax_in_quant = act_quantizer(config, "softmax_in")
+        self.softmax_out_quant = act_quantizer(config, "softmax_out", nonnegative=True)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                attn_mask: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
+                num_heads: int = 1, dropout_p: float = 0.0,
+                scores_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: (B*H, T, D), k and v: (B*H, S, D); attn_mask: (T, S) or (B*H, T, S);
+        key_padding_mask: (B, S) bool, True = padding; scores_bias: (B*H, T, S) extra score term
+        (relative positions), added to the already scaled q @ k^T scores.
+        Returns the context (B*H, T, D) and the attention probabilities (B*H, T, S)."""
+        q = self.q_quant(q) * scaling
+        k = self.k_quant(k)
+        scores = torch.bmm(q, k.transpose(1, 2))  # (B*H, T, S)
+        blocked, additive = as_bool_mask(attn_mask)
+        if scores_bias is not None or additive is not None:  # an add: both operands quantized
+            scores = self.scores_quant(scores)
+            if scores_bias is not None:
+                scores = scores + self.scores_bias_quant(scores_bias)
+            if additive is not None:
+                scores = scores + self.attn_bias_quant(additive)
+        scores = self.softmax_in_quant(scores)
+        if blocked is not None:
+            scores = scores.masked_fill(blocked if blocked.dim() == 3 else blocked.unsqueeze(0),
+                                        float("-inf"))
+        if key_padding_mask is not None:
+            bh, t, s = scores.shape
+            pad = key_padding_mask.to(torch.bool).view(bh // num_heads, 1, 1, s)  # (B, 1, 1, S)
+            scores = scores.view(bh // num_heads, num_heads, t, s).masked_fill(pad, float("-inf"))
+            scores = scores.view(bh, t, s)
+        probs = F.softmax(scores, dim=-1)  # (B*H, T, S)
+        probs = self.softmax_out_quant(probs)
+        if dropout_p > 0.0 and self.training:
+            probs = F.dropout(probs, p=dropout_p)
+        context = torch.bmm(probs, self.v_quant(v))  # (B*H, T, D)
+        return context, probs
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(L, B, E) -> (B*H, L, D)."""
+    length, batch, embed = x.shape
+    return x.reshape(length, batch * num_heads, embed // num_heads).transpose(0, 1)
+
+
+def merge_heads(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B*H, L, D) -> (L, B, E)."""
+    bh, length, dim = x.shape
+    return x.transpose(0, 1).reshape(length, batch, (bh // batch) * dim)
+
+
+@register(nn.MultiheadAttention)
+class QMultiheadAttention(QuantModule):
+    """torch.nn.MultiheadAttention with quantized inputs, projections, core and output."""
+
+    sites = ("input", "key_in", "value_in", "in_proj_weight") + CORE_SITES
+
+    def __init__(self, module: nn.MultiheadAttention, config: QuantConfig):
+        super().__init__()
+        if not module._qkv_same_embed_dim:
+            raise ConvertError("nn.MultiheadAttention with kdim/vdim != embed_dim is not supported "
+                               "yet; register a counterpart for it with qswap.register")
+        self.embed_dim, self.num_heads = module.embed_dim, module.num_heads
+        self.head_dim = module.head_dim
+        self.batch_first, self.dropout = module.batch_first, module.dropout
+        self.add_zero_attn = module.add_zero_attn
+        self.in_proj_weight, self.in_proj_bias = module.in_proj_weight, module.in_proj_bias
+        self.bias_k, self.bias_v = module.bias_k, module.bias_v
+        self.input_quant = act_quantizer(config, "input")
+        self.key_quant = act_quantizer(config, "key_in")
+        self.value_quant = act_quantizer(config, "value_in")
+        self.in_proj_weight_quant = weight_quantizer(config, "in_proj_weight")
+        self.bias_quant = BiasQuantize()
+        self.core = QuantAttentionCore(config)
+        self.out_proj = QLinear(module.out_proj.weight, module.out_proj.bias, config)
+
+    @classmethod
+    def from_float(cls, module: nn.MultiheadAttention, config: QuantConfig) -> "QMultiheadAttention":
+        return cls(module, config)
+
+    def _project(self, x: torch.Tensor, x_quant: nn.Module, w: torch.Tensor, part: int) -> torch.Tensor:
+        rows = slice(part * self.embed_dim, (part + 1) * self.embed_dim)
+        bias = None if self.in_proj_bias is None else self.in_proj_bias[rows]
+        return F.linear(x, w[rows], self.bias_quant(bias, x_quant, self.in_proj_weight_quant, rows))
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (L, B, E)
+        tgt_len, bsz, _ = query.shape
+        xq = self.input_quant(query)
+        xk, k_quant = (xq, self.input_quant) if key is query else (self.key_quant(key), self.key_quant)
+        xv, v_quant = ((xq, self.input_quant) if value is query else
+                       (xk, k_quant) if value is key else (self.value_quant(value), self.value_quant))
+        w = self.in_proj_weight_quant(self.in_proj_weight)  # (3E, E)
+        q = self._project(xq, self.input_quant, w, 0)  # (T, B, E)
+        k = self._project(xk, k_quant, w, 1)  # (S, B, E)
+        v = self._project(xv, v_quant, w, 2)  # (S, B, E)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])  # (S+1, B, E)
+            v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
+            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # (B*H, L, D)
+        if self.add_zero_attn:
+            zeros = k.new_zeros(k.shape[0], 1, k.shape[2])
+            k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
+            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+        if is_causal and attn_mask is None:
+            s = k.shape[1]
+            attn_mask = torch.ones(tgt_len, s, dtype=torch.bool, device=q.device).triu(1)
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            key_padding_mask, _ = as_bool_mask(key_padding_mask)
+        context, probs = self.core(q, k, v, self.head_dim ** -0.5, attn_mask, key_padding_mask,
+                                   self.num_heads, self.dropout)
+        out = self.out_proj(merge_heads(context, bsz))  # (T, B, E)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        probs = probs.view(bsz, self.num_heads, tgt_len, -1)  # (B, H, T, S)
+        return out, probs.mean(dim=1) if average_attn_weights else probs

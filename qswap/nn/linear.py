@@ -1,0 +1,95 @@
+"""Linear and convolution counterparts: quantized input, weight and (int32-grid) bias."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qswap.errors import ConvertError
+from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, weight_quantizer
+from qswap.nn.registry import register
+from qswap.quant.bias import BiasQuantize
+
+
+class _Weighted(QuantModule):
+    """Shared shape of a weighted op: input_quant -> op(x, weight_quant(W), bias_quant(b))."""
+
+    sites = ("input", "weight")
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, config: QuantConfig,
+                 quantize_input: bool = True):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.input_quant = act_quantizer(config, "input") if quantize_input else nn.Identity()
+        self.weight_quant = weight_quantizer(config)
+        self.bias_quant = BiasQuantize()
+
+    def quantized_params(self, input_quant: nn.Module | None = None) -> tuple:
+        w = self.weight_quant(self.weight)
+        b = self.bias_quant(self.bias, input_quant or self.input_quant, self.weight_quant)
+        return w, b
+
+
+@register(nn.Linear)
+class QLinear(_Weighted):
+    """``F.linear`` on a quantized input and weight.
+
+    >>> QLinear.from_float(nn.Linear(4, 8), QuantConfig(QuantSpec(), QuantSpec()))
+    """
+
+    def __init__(self, weight, bias, config, quantize_input=True):
+        super().__init__(weight, bias, config, quantize_input)
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, config: QuantConfig) -> "QLinear":
+        return cls(module.weight, module.bias, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quant(x)
+        w, b = self.quantized_params()
+        return F.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class _QConvNd(_Weighted):
+    conv_fn = None
+
+    def __init__(self, module, config):
+        super().__init__(module.weight, module.bias, config)
+        if isinstance(module.padding, str) and module.padding_mode != "zeros":
+            raise ConvertError(f"{type(module).__name__} with padding='{module.padding}' and "
+                               f"padding_mode='{module.padding_mode}' is not supported")
+        self.stride, self.padding, self.dilation = module.stride, module.padding, module.dilation
+        self.groups, self.padding_mode = module.groups, module.padding_mode
+        self._pad = getattr(module, "_reversed_padding_repeated_twice", None)
+
+    @classmethod
+    def from_float(cls, module, config):
+        return cls(module, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quant(x)
+        w, b = self.quantized_params()
+        padding = self.padding
+        if self.padding_mode != "zeros":  # reflect/replicate/circular padding only moves data
+            x, padding = F.pad(x, self._pad, mode=self.padding_mode), 0
+        return type(self).conv_fn(x, w, b, self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, "
+                f"kernel_size={tuple(self.weight.shape[2:])}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}")
+
+
+@register(nn.Conv1d)
+class QConv1d(_QConvNd):
+    conv_fn = staticmethod(F.conv1d)
+
+
+@register(nn.Conv2d)
+class QConv2d(_QConvNd):
+    conv_fn = staticmethod(F.conv2d)

@@ -1,0 +1,40 @@
+"""BiasQuantize: rounds a bias onto the int32 grid integer hardware adds it on.
+
+The bias of ``y = x @ W.T + b`` is added to the int32 accumulator, whose scale is
+``input_scale * weight_scale`` (per output channel for per-channel weights). It has no state of
+its own; ``last_scale`` keeps the grid of the latest call for the honesty audit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qswap.quant.fake_quantize import FakeQuantize
+
+QMIN, QMAX = -(2 ** 31), 2 ** 31 - 1
+
+
+class BiasQuantize(nn.Module):
+    qmin, qmax, bits = QMIN, QMAX, 32
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_scale: torch.Tensor | None = None
+
+    def forward(self, bias: torch.Tensor | None, input_quant: nn.Module, weight_quant: nn.Module,
+                rows: slice | None = None) -> torch.Tensor | None:
+        """``rows`` picks the weight-scale rows of this bias (a fused q/k/v projection)."""
+        if bias is None or not (isinstance(input_quant, FakeQuantize) and input_quant.enabled
+                                and isinstance(weight_quant, FakeQuantize) and weight_quant.enabled):
+            return bias  # nothing to align to: the bias stays float, and the audit says so
+        w_scale = weight_quant.scale.detach()
+        if w_scale.dim() > 1:  # per-group: rows of the weight, finest group grid of each row
+            w_scale = w_scale.reshape(weight_quant.observer.min_val.shape[0], -1).amin(dim=1)
+        if rows is not None and w_scale.numel() > 1:
+            w_scale = w_scale[rows]
+        scale = (input_quant.scale.detach().reshape(()) * w_scale).reshape(-1)
+        if scale.numel() not in (1, bias.numel()):
+            scale = scale.amin().reshape(1)
+        self.last_scale = scale
+        codes = torch.clamp(torch.round(bias / scale), QMIN, QMAX)
+        return bias + (codes * scale - bias).detach()  # straight-through for QAT

@@ -1,0 +1,130 @@
+"""FakeQuantize: the visible quantizer module every qswap counterpart is built from.
+
+A FakeQuantize is a child module (it shows in ``print(model)``), never a hook. Its state lives
+in buffers, so it is saved, loaded and synchronized with the model:
+
+* ``scale`` / ``zero_point``: the grid (a Parameter ``scale`` when the spec is learnable, LSQ);
+* ``frozen``: False while calibrating (the observer watches every input and the grid follows
+  it), True after ``freeze()`` (the grid is fixed).
+
+Weight quantizers (``kind="weight"``) derive their grid from the weight itself, whenever the
+weight changes (a QAT step, a loaded state_dict); in eval mode their output is cached until then.
+
+>>> fq = FakeQuantize(QuantSpec(bits=8, symmetric=False))
+>>> y = fq(torch.randn(4, 16))          # observes, then fake-quantizes
+>>> fq.freeze()                          # the grid is fixed from now on
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from qswap.errors import CalibrationError
+from qswap.quant.lazy_state import LazyStateModule
+from qswap.quant.observers import make_observer
+from qswap.quant.primitives import choose_qparams, fake_quantize
+from qswap.quant.spec import QuantSpec
+
+KINDS = ("weight", "activation")
+
+
+class FakeQuantize(LazyStateModule):
+    def __init__(self, spec: QuantSpec, kind: str = "activation"):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.spec, self.kind = spec, kind
+        self.observer = make_observer(spec)
+        if spec.learnable:
+            self.scale = nn.Parameter(torch.empty(0))
+        else:
+            self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self.enabled = True  # False only while a sensitivity probe keeps this site in float
+        self._weight_key: tuple | None = None
+        self._cached: torch.Tensor | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def initialized(self) -> bool:
+        return self.scale.numel() > 0
+
+    @torch.no_grad()
+    def _set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        if self.scale.shape != scale.shape:
+            self.scale.data = torch.empty_like(scale)
+            self.zero_point = torch.empty_like(zero_point)
+        self.scale.data.copy_(scale)
+        self.zero_point.copy_(zero_point)
+        self._cached = None
+
+    def freeze(self) -> None:
+        """Stop observing; the current grid is used from now on."""
+        if not self.initialized:
+            raise CalibrationError("cannot freeze a quantizer that has seen no data; run "
+                                   "calibration batches through the model first")
+        self.frozen.fill_(True)
+
+    def unfreeze(self) -> None:
+        """Observe again (the observer's range is kept; call ``observer.reset()`` to restart)."""
+        self.frozen.fill_(False)
+        self._cached = None
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.kind == "weight":
+            return self._forward_weight(x)
+        if not self.frozen:
+            self.observer(x)
+            if self.observer.has_range:
+                self._set_qparams(*choose_qparams(self.observer.min_val, self.observer.max_val, self.spec))
+        if not self.initialized:
+            if x.numel() == 0:
+                return x
+            raise CalibrationError("a frozen activation quantizer has no grid; calibrate the model "
+                                   "or load a calibrated checkpoint")
+        return fake_quantize(x, self._scale_for_forward(x), self.zero_point, self.spec)
+
+    def _forward_weight(self, w: torch.Tensor) -> torch.Tensor:
+        key = (w._version, w.data_ptr(), tuple(w.shape))
+        if key != self._weight_key:
+            if not (self.spec.learnable and self.initialized and self.frozen):
+                self.observer.reset()
+                self.observer(w)
+                self._set_qparams(*choose_qparams(self.observer.min_val, self.observer.max_val, self.spec))
+            self._weight_key, self._cached = key, None
+        if self.training or torch.is_grad_enabled() and w.requires_grad:
+            return fake_quantize(w, self._scale_for_forward(w), self.zero_point, self.spec)
+        if self._cached is None:
+            self._cached = fake_quantize(w, self.scale, self.zero_point, self.spec).detach()
+        return self._cached
+
+    def _scale_for_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.spec.learnable and self.training):
+            return self.scale.detach() if self.spec.learnable else self.scale
+        # LSQ gradient scaling: g = 1 / sqrt(numel * qmax)
+        g = 1.0 / math.sqrt(max(x.numel() * self.spec.qmax, 1))
+        return self.scale * g + (self.scale - self.scale * g).detach()
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        state = "frozen" if bool(self.frozen) else "observing"
+        if self.kind == "weight":
+            state = "learned scale" if self.spec.learnable and bool(self.frozen) else "from weight"
+        if not self.enabled:
+            state = "disabled"
+        return f"{self.kind}, {self.spec.short()}, observer={self.spec.observer}, {state}"
+
+    def __deepcopy__(self, memo):
+        """Copies everything but the eval-mode weight cache (rebuilt on the copy's first use)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            setattr(new, k, None if k in ("_cached", "_weight_key") else copy.deepcopy(v, memo))
+        return new

@@ -1,0 +1,122 @@
+"""Observers: small modules that turn observed tensors into a (min, max) range.
+
+Each keeps its range in buffers (saved in the state_dict, synchronized by DDP like any buffer).
+``minmax`` keeps the running extremes; ``moving_average`` an exponential average of per-batch
+extremes; ``percentile`` and ``mse`` average a per-batch clipped range (the given percentile,
+or the clipping ratio that minimizes the quantization MSE of that batch).
+"""
+from __future__ import annotations
+
+import torch
+
+from qswap.errors import CalibrationError
+from qswap.quant.lazy_state import LazyStateModule
+from qswap.quant.primitives import choose_qparams, fake_quantize, groups_view, reduce_min_max
+from qswap.quant.spec import QuantSpec
+
+_PERCENTILE_MAX_SAMPLES = 1 << 20  # torch.quantile's input limit is 16M; a strided sample is plenty
+_MSE_RATIOS = torch.linspace(0.3, 1.0, 15)
+
+
+class Observer(LazyStateModule):
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("min_val", torch.empty(0))
+        self.register_buffer("max_val", torch.empty(0))
+        self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
+
+    def reset(self) -> None:
+        self.min_val = torch.empty(0, device=self.min_val.device)
+        self.max_val = torch.empty(0, device=self.max_val.device)
+        self.num_batches.zero_()
+
+    @property
+    def has_range(self) -> bool:
+        return self.min_val.numel() > 0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        lo, hi = self.batch_range(x.detach().float())
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise CalibrationError("observed a tensor with NaN or inf values; quantization ranges "
+                                   "need finite data (check the input features or the model)")
+        if not self.has_range:
+            self.min_val, self.max_val = lo.clone(), hi.clone()
+        else:
+            self.min_val, self.max_val = self.combine(lo, hi)
+        self.num_batches += 1
+
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return reduce_min_max(x, self.spec)
+
+    def combine(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.num_batches.item()  # running mean of per-batch ranges
+        return self.min_val + (lo - self.min_val) / (n + 1), self.max_val + (hi - self.max_val) / (n + 1)
+
+    def extra_repr(self) -> str:
+        return f"batches={int(self.num_batches)}"
+
+
+class MinMaxObserver(Observer):
+    def combine(self, lo, hi):
+        return torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+
+
+class MovingAverageMinMaxObserver(Observer):
+    def combine(self, lo, hi):
+        m = self.spec.momentum
+        return self.min_val + m * (lo - self.min_val), self.max_val + m * (hi - self.max_val)
+
+
+class PercentileObserver(Observer):
+    def batch_range(self, x):
+        if self.spec.granularity != "per_tensor":
+            return reduce_min_max(x, self.spec)  # percentiles are per-tensor; channels use extremes
+        flat = x.reshape(-1)
+        if flat.numel() > _PERCENTILE_MAX_SAMPLES:
+            flat = flat[:: flat.numel() // _PERCENTILE_MAX_SAMPLES + 1]
+        q = torch.tensor([1.0 - self.spec.percentile / 100.0, self.spec.percentile / 100.0])
+        lo, hi = torch.quantile(flat, q)
+        return lo, hi
+
+
+class MSEObserver(Observer):
+    def batch_range(self, x):
+        lo, hi = reduce_min_max(x, self.spec)
+        best_err, best = None, (lo, hi)
+        for r in _MSE_RATIOS.tolist():
+            cand_lo, cand_hi = lo * r, hi * r
+            scale, zp = choose_qparams(cand_lo, cand_hi, self.spec)
+            xq = fake_quantize(x, scale, zp, self.spec.replace(learnable=False))
+            err = _mean_at((x - xq).pow(2), self.spec)
+            if best_err is None:
+                best_err, best = err, (cand_lo, cand_hi)
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = (torch.where(better, cand_lo, best[0]), torch.where(better, cand_hi, best[1]))
+        return best
+
+
+def _mean_at(err: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if spec.granularity == "per_tensor":
+        return err.mean()
+    if spec.granularity == "per_channel":
+        axis = spec.channel_axis % err.dim()
+        return err.movedim(axis, 0).reshape(err.shape[axis], -1).mean(dim=1)
+    return groups_view(err, spec).mean(dim=2)  # (rows, G)
+
+
+OBSERVER_CLASSES = {
+    "minmax": MinMaxObserver,
+    "moving_average": MovingAverageMinMaxObserver,
+    "percentile": PercentileObserver,
+    "mse": MSEObserver,
+}
+
+
+def make_observer(spec: QuantSpec) -> Observer:
+    return OBSERVER_CLASSES[spec.observer](spec)

@@ -1,0 +1,172 @@
+"""Pure quantization functions: no modules, no state.
+
+===========  =====================  ===============================================
+granularity  scale/zero_point shape  meaning
+===========  =====================  ===============================================
+per_tensor   ()                      one scale for the whole tensor
+per_channel  (C,)                    one scale per index along ``spec.channel_axis``
+per_group    (..., G)                ``channel_axis`` split into blocks of
+                                     ``group_size``; one scale per block and per
+                                     position of every other axis
+===========  =====================  ===============================================
+
+``fake_quantize`` returns floats on the grid (quantize then dequantize, with a straight-through
+gradient); ``quantize`` returns integer codes; ``dequantize`` maps codes back to floats.
+"""
+from __future__ import annotations
+
+import torch
+
+from qswap.errors import CalibrationError, SpecError
+from qswap.quant.spec import QuantSpec
+
+# Smallest scale we ever emit: keeps all-zero or constant tensors finite (never 0 or NaN).
+MIN_SCALE = float(torch.finfo(torch.float32).eps)
+
+
+def groups_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """(..., N along axis, ...) -> (rows, G, group_size) with the group axis moved last."""
+    axis = spec.channel_axis % x.dim()
+    size = x.shape[axis]
+    if size % spec.group_size:
+        raise SpecError(f"per_group quantization needs axis {axis} (size {size}) divisible by "
+                        f"group_size {spec.group_size}; pick a group_size that divides {size}")
+    moved = x.movedim(axis, -1)  # (..., N)
+    return moved.reshape(-1, size // spec.group_size, spec.group_size)  # (rows, G, gs)
+
+
+def reduce_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` at the spec's granularity (shapes as in the module table)."""
+    x = x.detach()
+    if spec.granularity == "per_tensor":
+        return torch.aminmax(x)
+    if spec.granularity == "per_channel":
+        axis = spec.channel_axis % x.dim()
+        flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (C, rest)
+        return torch.aminmax(flat, dim=1)
+    groups = groups_view(x, spec)  # (rows, G, gs)
+    return torch.aminmax(groups, dim=2)  # (rows, G)
+
+
+def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor,
+                   spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (int32) that cover [min_val, max_val] (always including 0).
+
+    A zero or constant range gets the smallest finite scale, never 0, inf or NaN.
+    """
+    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+        raise CalibrationError("cannot choose quantization parameters for non-finite values "
+                               "(NaN or inf in the observed tensor); check the input data")
+    lo = torch.clamp(min_val.float(), max=0.0)
+    hi = torch.clamp(max_val.float(), min=0.0)
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi) if spec.signed else hi
+        scale = amax / qmax
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        zero_point = None
+    scale = torch.clamp(scale, min=MIN_SCALE)
+    if spec.scale_type == "pow2":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    if zero_point is None:
+        zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+    return scale.to(torch.float32), zero_point
+
+
+def _broadcast(t: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Reshape per-channel qparams (C,) so they broadcast against x."""
+    shape = [1] * x.dim()
+    shape[spec.channel_axis % x.dim()] = -1
+    return t.reshape(shape)
+
+
+def _round(t: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "half_even":
+        return torch.round(t)
+    if mode == "half_away":
+        return torch.sign(t) * torch.floor(t.abs() + 0.5)
+    return torch.floor(t)
+
+
+def _round_ste(t: torch.Tensor, mode: str) -> torch.Tensor:
+    return t + (_round(t, mode) - t).detach()
+
+
+def _fused_ok(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor) -> bool:
+    return (spec.rounding == "half_even" and x.dtype == torch.float32
+            and not scale.requires_grad and spec.granularity != "per_group")
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                  spec: QuantSpec) -> torch.Tensor:
+    """Quantize and dequantize ``x``: floats that lie exactly on the spec's grid.
+
+    Gradients are straight-through inside [qmin, qmax] and zero outside. When ``scale``
+    requires grad (LSQ), it receives the LSQ gradient through the differentiable path.
+    """
+    qmin, qmax = spec.qmin, spec.qmax
+    if _fused_ok(x, spec, scale):
+        if spec.granularity == "per_tensor":
+            return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()),
+                                                         qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, spec.channel_axis % x.dim(),
+                                                      qmin, qmax)
+    if spec.granularity == "per_group":
+        groups = groups_view(x, spec)  # (rows, G, gs)
+        out = _fake_quantize_ref(groups, scale.reshape(groups.shape[:2] + (1,)),
+                                 zero_point.reshape(groups.shape[:2] + (1,)), spec)
+        axis = spec.channel_axis % x.dim()
+        moved_shape = x.movedim(axis, -1).shape
+        return out.reshape(moved_shape).movedim(-1, axis)
+    if spec.granularity == "per_channel":
+        scale, zero_point = _broadcast(scale, x, spec), _broadcast(zero_point, x, spec)
+    return _fake_quantize_ref(x, scale, zero_point, spec)
+
+
+def _fake_quantize_ref(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                       spec: QuantSpec) -> torch.Tensor:
+    zp = zero_point.to(x.dtype)
+    codes = torch.clamp(_round_ste(x / scale, spec.rounding) + zp, spec.qmin, spec.qmax)
+    return (codes - zp) * scale
+
+
+def _code_dtype(spec: QuantSpec) -> torch.dtype:
+    if spec.bits <= 8:
+        return torch.int8 if spec.signed else torch.uint8
+    if spec.bits <= 15 or (spec.bits == 16 and spec.signed):
+        return torch.int16
+    return torch.int32
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+             spec: QuantSpec) -> torch.Tensor:
+    """Integer codes of ``x`` (int8/uint8 up to 8 bits, int16 or int32 above)."""
+    with torch.no_grad():
+        fq = fake_quantize(x.float(), scale, zero_point, spec.replace(learnable=False))
+        if spec.granularity == "per_group":
+            groups = groups_view(fq, spec)
+            codes = torch.round(groups / scale.reshape(groups.shape[:2] + (1,))) \
+                + zero_point.reshape(groups.shape[:2] + (1,))
+            axis = spec.channel_axis % x.dim()
+            codes = codes.reshape(fq.movedim(axis, -1).shape).movedim(-1, axis)
+        elif spec.granularity == "per_channel":
+            codes = torch.round(fq / _broadcast(scale, fq, spec)) + _broadcast(zero_point, fq, spec)
+        else:
+            codes = torch.round(fq / scale) + zero_point
+    return codes.to(_code_dtype(spec))
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               spec: QuantSpec) -> torch.Tensor:
+    """Floats from integer codes: ``(codes - zero_point) * scale``."""
+    c = codes.to(torch.float32)
+    if spec.granularity == "per_group":
+        groups = groups_view(c, spec)
+        out = (groups - zero_point.reshape(groups.shape[:2] + (1,))) * scale.reshape(groups.shape[:2] + (1,))
+        axis = spec.channel_axis % c.dim()
+        return out.reshape(c.movedim(axis, -1).shape).movedim(-1, axis)
+    if spec.granularity == "per_channel":
+        return (c - _broadcast(zero_point, c, spec)) * _broadcast(scale, c, spec)
+    return (c - zero_point) * scale

@@ -1,0 +1,124 @@
+"""QuantSpec: everything that defines one quantizer, as named fields in one frozen dataclass."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from qswap.errors import SpecError
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+SCALE_TYPES = ("float", "pow2")
+ROUNDINGS = ("half_even", "half_away", "floor")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one tensor.
+
+    >>> QuantSpec(bits=4, granularity="per_channel", axis=0)   # 4-bit per-output-channel weights
+    >>> QuantSpec(bits=8, symmetric=False, observer="percentile")  # affine 8-bit activations
+
+    ``axis`` is the channel axis (per_channel) or the axis split into blocks of ``group_size``
+    (per_group); ``None`` means 0 for per_channel and -1 for per_group.
+    ``narrow_range`` drops the most negative code so a signed symmetric grid is symmetric.
+    """
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    granularity: str = "per_tensor"
+    axis: int | None = None
+    group_size: int | None = None
+    scale_type: str = "float"
+    rounding: str = "half_even"
+    narrow_range: bool = False
+    observer: str = "minmax"
+    percentile: float = 99.99
+    momentum: float = 0.01
+    learnable: bool = False
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.bits, int) and not isinstance(self.bits, bool), "bits",
+               f"must be an integer, got {self.bits!r}")
+        _check(MIN_BITS <= self.bits <= MAX_BITS, "bits",
+               f"must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
+        for name in ("signed", "symmetric", "narrow_range", "learnable"):
+            _check(isinstance(getattr(self, name), bool), name,
+                   f"must be true or false, got {getattr(self, name)!r}")
+        _check(self.granularity in GRANULARITIES, "granularity",
+               f"must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        _check(self.scale_type in SCALE_TYPES, "scale_type",
+               f"must be one of {', '.join(SCALE_TYPES)}, got {self.scale_type!r}")
+        _check(self.rounding in ROUNDINGS, "rounding",
+               f"must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        _check(self.observer in OBSERVERS, "observer",
+               f"must be one of {', '.join(OBSERVERS)}, got {self.observer!r}")
+        _check(self.axis is None or (isinstance(self.axis, int) and not isinstance(self.axis, bool)),
+               "axis", f"must be an integer or null, got {self.axis!r}")
+        if self.granularity == "per_group":
+            _check(isinstance(self.group_size, int) and self.group_size >= 1, "group_size",
+                   f"per_group needs a positive integer group_size, got {self.group_size!r}")
+        else:
+            _check(self.group_size is None, "group_size", "is only allowed with granularity per_group")
+        _check(isinstance(self.percentile, (int, float)) and 50.0 < self.percentile <= 100.0,
+               "percentile", f"must be in (50, 100], got {self.percentile!r}")
+        _check(isinstance(self.momentum, (int, float)) and 0.0 < self.momentum <= 1.0, "momentum",
+               f"must be in (0, 1], got {self.momentum!r}")
+        _check(not (self.narrow_range and not self.signed), "narrow_range",
+               "only applies to signed grids")
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** self.bits - 1 if not self.signed else 2 ** (self.bits - 1) - 1
+
+    @property
+    def channel_axis(self) -> int | None:
+        """The axis that carries separate scales, or None for per-tensor."""
+        if self.granularity == "per_tensor":
+            return None
+        if self.axis is not None:
+            return self.axis
+        return 0 if self.granularity == "per_channel" else -1
+
+    def replace(self, **changes: Any) -> "QuantSpec":
+        return dataclasses.replace(self, **changes)
+
+    def unsigned(self) -> "QuantSpec":
+        """The same spec on a non-negative grid (softmax outputs, ReLU outputs)."""
+        return dataclasses.replace(self, signed=False, narrow_range=False)
+
+    def short(self) -> str:
+        """A compact label for reports, e.g. ``int8 sym per_channel(0)``."""
+        kind = "int" if self.signed else "uint"
+        gran = self.granularity
+        if self.granularity == "per_channel":
+            gran = f"per_channel({self.channel_axis})"
+        elif self.granularity == "per_group":
+            gran = f"per_group({self.group_size})"
+        extra = [o for o, on in (("pow2", self.scale_type == "pow2"), ("lsq", self.learnable)) if on]
+        return " ".join([f"{kind}{self.bits}", "sym" if self.symmetric else "affine", gran, *extra])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantSpec":
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise SpecError(f"unknown QuantSpec field(s) {sorted(unknown)}; known fields: "
+                            f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        return cls(**data)
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise SpecError(f"QuantSpec.{field} {message}")

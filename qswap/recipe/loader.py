@@ -1,0 +1,222 @@
+"""Load and validate recipes from shipped names, YAML files, or dicts.
+
+Every problem is a RecipeError naming the file, line and key; unknown keys are errors.
+"""
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from qswap.errors import RecipeError, SpecError
+from qswap.nn.base import QuantConfig
+from qswap.quant.spec import QuantSpec
+from qswap.recipe.match import Match, PatternError
+from qswap.recipe.schema import SCHEMA_VERSION, Recipe, Rule
+from qswap.recipe.yaml_lines import LineDict, load as load_yaml
+
+TOP_KEYS = {"version", "name", "description", "defaults", "rules", "float_ok", "strict"}
+DEFAULT_KEYS = {"weight", "activation", "sites"}
+RULE_KEYS = {"match", "weight", "activation", "sites", "skip", "float_ok", "note"}
+MATCH_KEYS = {"path", "class"}
+MAX_RECIPE_BYTES = 1 << 20
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_UNSET = object()
+
+
+def shipped_recipe_names() -> list[str]:
+    return sorted(p.name[:-5] for p in _recipe_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _recipe_dir():
+    return resources.files("qswap.recipes")
+
+
+def load_recipe(name_or_path: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:
+    """A Recipe from a shipped name (``"w8a8"``), a YAML path, a dict, or a Recipe (returned)."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    if isinstance(name_or_path, Mapping):
+        return parse_recipe(name_or_path, source="<dict>")
+    if not isinstance(name_or_path, (str, Path)):
+        raise RecipeError(f"a recipe is a shipped name, a YAML path, a dict or a Recipe; "
+                          f"got {type(name_or_path).__name__}")
+    text = str(name_or_path)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in text:
+        return _load_file(path)
+    if _NAME.match(text) and (_recipe_dir() / f"{text}.yaml").is_file():
+        with resources.as_file(_recipe_dir() / f"{text}.yaml") as shipped:
+            return _load_file(Path(shipped))
+    raise RecipeError(f"no shipped recipe named {text!r} and no such file; shipped recipes: "
+                      f"{', '.join(shipped_recipe_names())}")
+
+
+def _load_file(path: Path) -> Recipe:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError("recipe file not found", source=str(path)) from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe file: {exc.strerror}", source=str(path)) from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe file is {len(data)} bytes; at most {MAX_RECIPE_BYTES}", source=str(path))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe file is not UTF-8 text (byte {exc.start})", source=str(path)) from None
+    return parse_yaml(text, source=str(path))
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Recipe:
+    try:
+        data = load_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"invalid YAML: {problem}", source=source,
+                          line=mark.line + 1 if mark else None) from None
+    except RecursionError:
+        raise RecipeError("YAML nests too deeply (recursive anchors?)", source=source) from None
+    return parse_recipe(data, source=source)
+
+
+def parse_recipe(data: Any, source: str = "<dict>") -> Recipe:
+    ctx = _Ctx(source)
+    if not isinstance(data, Mapping):
+        raise ctx.error(data, None, f"a recipe is a mapping at the top level, got {_tname(data)}")
+    ctx.check_keys(data, TOP_KEYS, "recipe")
+    if "version" not in data:
+        raise ctx.error(data, None, f"missing 'version' (this qswap reads version {SCHEMA_VERSION})")
+    version = data["version"]
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise ctx.error(data, "version", f"unsupported version {version!r}; this qswap reads "
+                        f"version {SCHEMA_VERSION}")
+    name = ctx.string(data, "name", default="recipe" if source.startswith("<") else Path(source).stem)
+    defaults_raw = data.get("defaults") or LineDict()
+    if not isinstance(defaults_raw, Mapping):
+        raise ctx.error(data, "defaults", f"must be a mapping, got {_tname(defaults_raw)}")
+    ctx.check_keys(defaults_raw, DEFAULT_KEYS, "defaults")
+    w_default = ctx.spec_dict(defaults_raw, "weight", base={})
+    a_default = ctx.spec_dict(defaults_raw, "activation", base={})
+    defaults = ctx.config(defaults_raw, w_default, a_default)
+    rules_raw = data.get("rules") or []
+    if not isinstance(rules_raw, list):
+        raise ctx.error(data, "rules", f"must be a list of rules, got {_tname(rules_raw)}")
+    rules = tuple(ctx.rule(r, i, w_default, a_default) for i, r in enumerate(rules_raw))
+    return Recipe(name=name, defaults=defaults, rules=rules,
+                  float_ok=ctx.float_ok(data), strict=ctx.boolean(data, "strict", False),
+                  description=ctx.string(data, "description", default=""),
+                  version=version, source=source, raw=data)
+
+
+class _Ctx:
+    """Validation helpers that know the source file, to put file:line into every error."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def error(self, node: Any, key: str | None, message: str) -> RecipeError:
+        line = None
+        if isinstance(node, LineDict):
+            line = node.lines.get(key, node.line) if key is not None else node.line
+        return RecipeError(message, source=self.source, line=line, key=key)
+
+    def check_keys(self, node: Mapping, allowed: set[str], where: str) -> None:
+        for key in node:
+            if key not in allowed:
+                raise self.error(node, str(key), f"unknown key in {where}; allowed: "
+                                 f"{', '.join(sorted(allowed))}")
+
+    def string(self, node: Mapping, key: str, default: str) -> str:
+        value = node.get(key, default)
+        if not isinstance(value, str):
+            raise self.error(node, key, f"must be a string, got {_tname(value)}")
+        return value
+
+    def boolean(self, node: Mapping, key: str, default: bool) -> bool:
+        value = node.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(node, key, f"must be true or false, got {value!r}")
+        return value
+
+    def spec_dict(self, node: Mapping, key: str, base: "dict | None") -> "dict | None":
+        """Merge node[key] over base: absent -> base, null -> None (float), mapping -> merged."""
+        value = node.get(key, _UNSET)
+        if value is _UNSET:
+            return base
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise self.error(node, key, f"must be a quantizer mapping or null, got {_tname(value)}")
+        merged = {**(base or {}), **value}
+        self.to_spec(node, key, merged, value)  # validate now, with the line of this mapping
+        return merged
+
+    def to_spec(self, node: Mapping, key: str, merged: "dict | None", own: Any = None) -> QuantSpec | None:
+        if merged is None:
+            return None
+        try:
+            return QuantSpec.from_dict(merged)
+        except SpecError as exc:
+            field_name = str(exc).split(" ")[0].removeprefix("QuantSpec.")
+            where = own if isinstance(own, LineDict) and field_name in own else node
+            raise self.error(where, field_name if where is own else key, str(exc)) from None
+        except TypeError as exc:
+            raise self.error(node, key, f"bad quantizer fields: {exc}") from None
+
+    def config(self, node: Mapping, w: "dict | None", a: "dict | None") -> QuantConfig:
+        sites_raw = node.get("sites") or {}
+        if not isinstance(sites_raw, Mapping):
+            raise self.error(node, "sites", f"must be a mapping of site -> quantizer, got {_tname(sites_raw)}")
+        sites = {}
+        for site in sites_raw:
+            if not isinstance(site, str):
+                raise self.error(sites_raw, None, f"site names are strings, got {site!r}")
+            base = w if site.endswith(("weight", "bias")) else a
+            sites[site] = self.to_spec(sites_raw, site, self.spec_dict(sites_raw, site, base),
+                                       sites_raw.get(site))
+        return QuantConfig(weight=self.to_spec(node, "weight", w), activation=self.to_spec(node, "activation", a),
+                           sites=sites)
+
+    def float_ok(self, node: Mapping) -> dict[str, str]:
+        value = node.get("float_ok") or {}
+        if not isinstance(value, Mapping):
+            raise self.error(node, "float_ok", f"must map an op or module to its reason, got {_tname(value)}")
+        for k, reason in value.items():
+            if not isinstance(k, str) or not isinstance(reason, str) or not reason.strip():
+                raise self.error(value, str(k), "each float_ok entry needs a string key and a "
+                                 "non-empty reason")
+        return dict(value)
+
+    def rule(self, raw: Any, index: int, w_default: "dict | None", a_default: "dict | None") -> Rule:
+        if not isinstance(raw, Mapping):
+            raise RecipeError(f"rule {index} must be a mapping, got {_tname(raw)}", source=self.source)
+        self.check_keys(raw, RULE_KEYS, f"rule {index}")
+        m = raw.get("match")
+        if not isinstance(m, Mapping) or not m:
+            raise self.error(raw, "match", f"rule {index} needs a 'match' mapping with 'path' and/or 'class'")
+        self.check_keys(m, MATCH_KEYS, f"rule {index} match")
+        classes = m.get("class", [])
+        classes = [classes] if isinstance(classes, str) else classes
+        if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+            raise self.error(m, "class", "must be a class name or a list of class names")
+        path = m.get("path")
+        if path is not None and not isinstance(path, str):
+            raise self.error(m, "path", f"must be a string, got {_tname(path)}")
+        try:
+            match = Match(path=path, classes=tuple(classes))
+        except PatternError as exc:
+            raise self.error(m, "path", str(exc)) from None
+        w = self.spec_dict(raw, "weight", w_default)
+        a = self.spec_dict(raw, "activation", a_default)
+        return Rule(match=match, config=self.config(raw, w, a), skip=self.boolean(raw, "skip", False),
+                    float_ok=self.float_ok(raw), note=self.string(raw, "note", ""), index=index,
+                    line=raw.line if isinstance(raw, LineDict) else None)
+
+
+def _tname(value: Any) -> str:
+    return "null" if value is None else type(value).__name__

@@ -1,0 +1,72 @@
+"""Module matchers of recipe rules: a path (exact, glob, or ``re:`` regex) and/or class names."""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+MAX_PATTERN_LENGTH = 500
+# A quantified group that itself contains a quantifier, e.g. (a+)+ or (\w*)*: the classic
+# catastrophic-backtracking shape. Python's re has no timeout, so such patterns are refused.
+_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)\s*(?:[+*]|\{\d*,)")
+
+
+class PatternError(ValueError):
+    pass
+
+
+def compile_path(pattern: str) -> tuple[str, "re.Pattern[str] | None"]:
+    """('exact'|'glob'|'regex', compiled regex or None). Raises PatternError."""
+    if not isinstance(pattern, str) or not pattern:
+        raise PatternError(f"a path pattern must be a non-empty string, got {pattern!r}")
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise PatternError(f"pattern is {len(pattern)} characters long; at most {MAX_PATTERN_LENGTH}")
+    if pattern.startswith("re:"):
+        body = pattern[3:]
+        if _NESTED_QUANTIFIER.search(body):
+            raise PatternError(f"regex {body!r} nests quantifiers (like (a+)+), which can take "
+                               f"exponential time; rewrite it without a repeated repeated group")
+        try:
+            return "regex", re.compile(body)
+        except re.error as exc:
+            raise PatternError(f"invalid regex {body!r}: {exc}") from None
+    if any(c in pattern for c in "*?["):
+        return "glob", re.compile(fnmatch.translate(pattern))
+    return "exact", None
+
+
+@dataclass(frozen=True)
+class Match:
+    """``path`` and ``classes`` must both match when both are given."""
+
+    path: str | None = None
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        kind, regex = compile_path(self.path) if self.path is not None else (None, None)
+        object.__setattr__(self, "_kind", kind)
+        object.__setattr__(self, "_regex", regex)
+
+    def matches(self, path: str, module: nn.Module) -> bool:
+        if self.classes and not _class_matches(module, self.classes):
+            return False
+        if self.path is None:
+            return True
+        if self._kind == "exact":
+            return path == self.path
+        return self._regex.fullmatch(path) is not None
+
+    def describe(self) -> str:
+        parts = []
+        if self.path is not None:
+            parts.append(f"path={self.path}")
+        if self.classes:
+            parts.append("class=" + "|".join(self.classes))
+        return ", ".join(parts)
+
+
+def _class_matches(module: nn.Module, names: tuple[str, ...]) -> bool:
+    cls = type(module)
+    return cls.__name__ in names or f"{cls.__module__}.{cls.__qualname__}" in names

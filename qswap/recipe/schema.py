@@ -1,0 +1,66 @@
+"""Recipes as frozen dataclasses.
+
+A module's rule is: the first rule (in file order) that matches the module, else the rule that
+hit its nearest ancestor, else the recipe's defaults. Within a rule, ``weight`` / ``activation``
+are merged over the defaults field by field (``weight: {bits: 4}`` keeps the default
+granularity), ``null`` means "leave float", and ``sites`` override single quantizer sites.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from torch import nn
+
+from qswap.nn.base import QuantConfig
+from qswap.recipe.match import Match
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: Match
+    config: QuantConfig
+    skip: bool = False
+    float_ok: Mapping[str, str] = field(default_factory=dict)
+    note: str = ""
+    index: int = 0
+    line: int | None = None
+
+    def label(self) -> str:
+        where = f" (line {self.line})" if self.line else ""
+        return f"rule {self.index}{where}: {self.match.describe()}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A loaded recipe. ``qswap.load_recipe("w8a8")`` or ``load_recipe("my.yaml")`` make one."""
+
+    name: str
+    defaults: QuantConfig
+    rules: tuple[Rule, ...] = ()
+    float_ok: Mapping[str, str] = field(default_factory=dict)
+    strict: bool = False
+    description: str = ""
+    version: int = SCHEMA_VERSION
+    source: str = "<dict>"
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def first_rule(self, path: str, module: nn.Module) -> Rule | None:
+        for rule in self.rules:
+            if rule.match.matches(path, module):
+                return rule
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data (what it was loaded from); ``load_recipe`` accepts it back."""
+        return _plain(self.raw)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

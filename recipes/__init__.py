@@ -1,0 +1,1 @@
+"""Shipped qswap recipes (YAML). Installed as the package ``qswap.recipes``."""
