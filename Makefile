@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.py setup.cfg Makefile
 	  && $(PIP) --no-build-isolation --no-deps fairseq-fixed==0.12.3.1 \
 	  || $(PIP) --no-build-isolation --no-deps fairseq==0.12.2
 	$(PIP) pyyaml sentencepiece jiwer rich kaldi-native-fbank pytest hypothesis matplotlib
-	$(PIP) --no-build-isolation --no-deps -e .
+	$(PIP) --no-build-isolation --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 
 demo: install

@@ -7,6 +7,8 @@ the replacement builds counterparts deepest first, so a counterpart that keeps i
 from __future__ import annotations
 
 import copy
+import importlib
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -49,6 +51,7 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
     if not isinstance(model, nn.Module):
         raise ConvertError(f"convert() takes a torch.nn.Module, got {type(model).__name__}")
     recipe = load_recipe(recipe)
+    _register_fairseq_counterparts()
     strict = recipe.strict if strict is None else strict
     if _already_converted(model):
         raise ConvertError("this model already contains qswap quantizers; convert the float model "
@@ -66,6 +69,13 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
     target.qswap_recipe = recipe
     target.qswap_report = report
     return target
+
+
+def _register_fairseq_counterparts() -> None:
+    """A model can only hold fairseq modules if fairseq is imported: register its counterparts
+    then (``import qswap`` alone never imports fairseq)."""
+    if "fairseq" in sys.modules:
+        importlib.import_module("qswap.nn.fairseq")
 
 
 def _already_converted(model: nn.Module) -> bool:

@@ -32,7 +32,11 @@ def shipped_recipe_names() -> list[str]:
 
 
 def _recipe_dir():
-    return resources.files("qswap.recipes")
+    """``qswap.recipes`` when installed; the checkout's top-level recipes/ folder otherwise."""
+    try:
+        return resources.files("qswap.recipes")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "recipes"
 
 
 def load_recipe(name_or_path: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:

@@ -1,0 +1,72 @@
+"""The ``qswap`` command line. Lives apart from the library: library functions return report
+objects and raise QswapError; only this package prints and chooses exit codes.
+
+Each subcommand is a module here with ``add_arguments(parser)`` and ``run(args) -> int``.
+Exit codes: 0 success, 1 a negative verdict (audit found float ops), 2 usage or input error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+SUBCOMMANDS = {
+    "convert": "qswap.cli.convert_cmd",
+    "calibrate": "qswap.cli.calibrate_cmd",
+    "audit": "qswap.cli.audit_cmd",
+    "eval": "qswap.cli.eval_cmd",
+    "compare": "qswap.cli.compare_cmd",
+    "sensitivity": "qswap.cli.sensitivity_cmd",
+    "recipes": "qswap.cli.recipes_cmd",
+}
+EXIT_OK, EXIT_VERDICT, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2 too; keep its message on one line
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"qswap: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qswap", description="Honest fake-quantization for fairseq speech models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, module_name in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a subcommand not built yet
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qswap.errors import QswapError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args._run(args)
+    except QswapError as exc:
+        if args.debug:
+            raise
+        print(f"qswap {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"qswap {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from qswap.cli import main
+
+sys.exit(main())

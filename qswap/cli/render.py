@@ -1,0 +1,37 @@
+"""Rendering of library report objects for the terminal (rich). Only the CLI prints."""
+from __future__ import annotations
+
+import sys
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+    return Console(file=sys.stderr if stderr else sys.stdout, width=None if sys.stdout.isatty() else 160)
+
+
+def convert_table(report, show_all: bool = False):
+    from rich.table import Table
+
+    table = Table(title=f"convert report: recipe {report.recipe}", show_lines=False)
+    for col in ("module", "class", "action", "counterpart", "weight", "activation", "rule / reason"):
+        table.add_column(col, overflow="fold")
+    style = {"quantized": "green", "float": "red", "skipped": "yellow", "passthrough": "dim"}
+    for e in report.entries:
+        if e.action == "passthrough" and not show_all:
+            continue
+        table.add_row(e.path or "<root>", e.float_class, f"[{style.get(e.action, '')}]{e.action}",
+                      e.counterpart, e.weight, e.activation,
+                      e.rule + (f" - {e.reason}" if e.reason else ""))
+    return table
+
+
+def convert_summary(report) -> str:
+    c = report.counts()
+    mb = lambda b: f"{b / 1e6:.2f} MB"  # noqa: E731
+    lines = [f"{c['quantized']} quantized, {c['float']} left float, {c['skipped']} skipped, "
+             f"{c['passthrough']} passthrough; weights {mb(report.float_bytes)} float -> "
+             f"{mb(report.quantized_bytes)} at stored bit widths"]
+    lines += [f"note: {n}" for n in report.notes]
+    lines += [f"warning: {r} matched no module" for r in report.unmatched_rules]
+    lines += [f"declared float: {k}: {v}" for k, v in report.float_ok.items()]
+    return "\n".join(lines)
