@@ -24,10 +24,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
 
     >>> qswap.calibrate(qmodel, (s["net_input"] for s in itertools.islice(loader, 16)))
     """
-    quantizers = activation_quantizers(model)
-    if not quantizers:
-        raise CalibrationError("the model has no activation quantizers to calibrate; convert it "
-                               "with a recipe that quantizes activations (e.g. w8a8)")
+    if not any(isinstance(m, FakeQuantize) for m in model.modules()):
+        raise CalibrationError("the model has no qswap quantizers to calibrate; convert it first "
+                               "(qswap.convert(model, recipe)) with a recipe that quantizes something")
+    quantizers = activation_quantizers(model)  # weight quantizers follow their weights
     run = forward or _default_forward
     for q in quantizers:
         q.unfreeze()

@@ -135,6 +135,9 @@ def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: b
         if rule.index in hit:
             continue
         message = f"{recipe.name}: {rule.label()} matched no module"
+        if rule.match.path is None:  # class-only rules are general: this model may lack the class
+            report.notes.append(message)
+            continue
         if strict:
             raise ConvertError(f"strict mode: {message}; fix or remove the rule")
         report.unmatched_rules.append(rule.label())

@@ -468,7 +468,8 @@ def postprocess(raw_wav: str, vc: VoiceConfig, seed: int) -> np.ndarray:
     fd, tmp = tempfile.mkstemp(suffix=".wav")
     os.close(fd)
     try:
-        cmd = ["sox", "-q", raw_wav, "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", tmp]
+        cmd = ["sox", "-q", "-R", "-D", raw_wav,  # -R -D: repeatable, no dither
+               "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", tmp]
         effects: List[str] = ["rate", str(SAMPLE_RATE)]  # first: some voices are 8 kHz
         if vc.semitones:
             effects += ["pitch", str(int(round(vc.semitones * 100)))]
@@ -684,8 +685,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         zname = f"fbank80_{split}.zip"
         with zipfile.ZipFile(out / zname, "w", zipfile.ZIP_STORED) as zf:
-            for u in su:
-                zf.writestr(f"{u.uid}.npy", results[u.uid][0])
+            for u in su:  # fixed timestamps: byte-identical zips for the same seed
+                zi = zipfile.ZipInfo(f"{u.uid}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                zi.compress_type = zipfile.ZIP_STORED
+                zf.writestr(zi, results[u.uid][0])
         rows = []
         with zipfile.ZipFile(out / zname) as zf:
             for info in zf.infolist():

@@ -72,6 +72,9 @@ def train_cmd(a: argparse.Namespace) -> List[str]:
         "--keep-last-epochs", str(max(a.average, 1)), "--no-last-checkpoints",
         "--log-format", "simple", "--log-interval", "20", "--num-workers", "0",
         "--seed", str(a.seed), "--cpu", "--skip-invalid-size-inputs-valid-test",
+        # fairseq-fixed 0.12.3.1's batch_by_size drops the last partial batch when it is not a
+        # multiple of required_batch_size_multiple (default 8): use 1 so no utterance is lost
+        "--required-batch-size-multiple", "1",
     ]
     return cmd
 
@@ -204,7 +207,7 @@ def decode_split(asset_dir: Path, split: str, beam: int = 5, max_tokens: int = 2
     ds = task.dataset(split)
     gen = task.build_generator([model], argparse.Namespace(beam=beam, max_len_a=0, max_len_b=200))
     itr = task.get_batch_iterator(dataset=ds, max_tokens=max_tokens, max_positions=(6000, 1024),
-                                  ignore_invalid_inputs=False).next_epoch_itr(shuffle=False)
+                                  ignore_invalid_inputs=False, required_batch_size_multiple=1).next_epoch_itr(shuffle=False)
     bpe = task.build_bpe(None)
     hyps, refs, ids = {}, {}, {}
     with torch.no_grad():
@@ -214,6 +217,8 @@ def decode_split(asset_dir: Path, split: str, beam: int = 5, max_tokens: int = 2
                 h = task.tgt_dict.string(out[i][0]["tokens"].int().cpu(), extra_symbols_to_ignore={task.tgt_dict.eos()})
                 hyps[sid] = bpe.decode(h).strip()
                 refs[sid] = ds.tgt_texts[sid]
+    if len(hyps) != len(ds):
+        raise RuntimeError(f"decoded {len(hyps)} of {len(ds)} utterances in {split}")
     order = sorted(hyps)
     H = [hyps[i] for i in order]
     R = [refs[i] for i in order]
@@ -244,7 +249,8 @@ def fairseq_generate_wer(asset_dir: Path, split: str, beam: int = 5) -> float:
             yaml.safe_dump(cfg, f)
         cmd = [gen, str(asset_dir), "--config-yaml", str(Path(tmp) / "config.yaml"), "--gen-subset", split,
                "--task", "speech_to_text", "--path", str(asset_dir / "checkpoint.pt"), "--beam", str(beam),
-               "--max-tokens", "20000", "--scoring", "wer", "--cpu", "--results-path", tmp]
+               "--max-tokens", "20000", "--scoring", "wer", "--cpu", "--results-path", tmp,
+               "--required-batch-size-multiple", "1"]  # see train_cmd: otherwise utterances are dropped
         p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(p.stdout[-2000:] + p.stderr[-2000:])
@@ -258,6 +264,9 @@ def fairseq_generate_wer(asset_dir: Path, split: str, beam: int = 5) -> float:
             k, r = line.split("\t", 1)
             R[int(k[2:])] = r.strip()
     keys = sorted(R)
+    n_expected = sum(1 for _ in open(asset_dir / f"{split}.tsv")) - 1
+    if len(keys) != n_expected:
+        raise RuntimeError(f"fairseq-generate scored {len(keys)} of {n_expected} utterances in {split}")
     return jiwer.wer([R[k] for k in keys], [H.get(k, "") for k in keys]) * 100
 
 

@@ -26,7 +26,7 @@ class Rule:
     float_ok: Mapping[str, str] = field(default_factory=dict)
     note: str = ""
     index: int = 0
-    line: int | None = None
+    line: int | None = field(default=None, compare=False)
 
     def label(self) -> str:
         where = f" (line {self.line})" if self.line else ""

@@ -1,0 +1,23 @@
+"""Small shared test utilities (no fairseq imports at module level)."""
+from __future__ import annotations
+
+import torch
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    reference, approx = reference.detach().double(), approx.detach().double()
+    noise = (reference - approx).pow(2).mean()
+    return float(10 * torch.log10(reference.pow(2).mean() / noise.clamp_min(1e-30)))
+
+
+def on_grid(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+            axis: int | None = None) -> bool:
+    """True if every value is (code - zero_point) * scale for an integer code in [qmin, qmax]."""
+    if axis is not None and scale.numel() > 1:
+        shape = [1] * values.dim()
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    codes = values.double() / scale.double() + zero_point.double()
+    return bool(torch.allclose(codes, codes.round(), atol=1e-3)
+                and codes.round().min() >= qmin and codes.round().max() <= qmax)

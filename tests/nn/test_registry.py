@@ -1,0 +1,54 @@
+import pytest
+from torch import nn
+
+import qswap
+from qswap.errors import RegistryError
+from qswap.nn import QuantModule
+from qswap.nn.registry import REGISTRY, lookup, register, unregister
+
+TORCH_CLASSES = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm,
+                 nn.Softmax, nn.MultiheadAttention, nn.ReLU, nn.GELU, nn.GLU, nn.SiLU]
+
+
+@pytest.mark.parametrize("cls", TORCH_CLASSES, ids=lambda c: c.__name__)
+def test_torch_nn_classes_are_registered(cls):
+    counterpart = lookup(cls)
+    assert issubclass(counterpart, QuantModule) and counterpart.float_class is cls
+
+
+class MyScale(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def test_register_lookup_and_unregister_a_user_module():
+    @qswap.register(MyScale)
+    class QMyScale(QuantModule):
+        @classmethod
+        def from_float(cls, module, config):
+            return cls()
+
+    try:
+        assert lookup(MyScale) is QMyScale
+        model = qswap.convert(nn.Sequential(MyScale()), "w8a8")
+        assert isinstance(model[0], QMyScale)
+    finally:
+        unregister(MyScale)
+    assert MyScale not in REGISTRY
+
+
+def test_duplicate_registration_is_an_error_naming_both():
+    with pytest.raises(RegistryError, match="already registered to .*QLinear"):
+        @register(nn.Linear)
+        class Other(QuantModule):
+            pass
+
+
+def test_missing_lookup_lists_what_is_registered():
+    with pytest.raises(RegistryError, match=r"MyScale has no registered counterpart; registered: .*Linear"):
+        lookup(MyScale)
+
+
+def test_register_rejects_non_modules():
+    with pytest.raises(RegistryError, match="nn.Module subclass"):
+        register(int)

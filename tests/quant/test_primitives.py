@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from helpers import on_grid
+from qswap.errors import CalibrationError, SpecError
+from qswap.quant.primitives import (MIN_SCALE, choose_qparams, dequantize, fake_quantize, quantize,
+                                    reduce_min_max)
+from qswap.quant.spec import QuantSpec
+
+SPECS = [
+    QuantSpec(bits=8),
+    QuantSpec(bits=8, symmetric=False),
+    QuantSpec(bits=4, granularity="per_channel"),
+    QuantSpec(bits=4, symmetric=False, granularity="per_channel", axis=1),
+    QuantSpec(bits=3, granularity="per_group", group_size=4),
+    QuantSpec(bits=8, signed=False),
+    QuantSpec(bits=8, scale_type="pow2"),
+    QuantSpec(bits=6, rounding="half_away"),
+    QuantSpec(bits=5, rounding="floor", symmetric=False),
+    QuantSpec(bits=16),
+]
+
+
+def _qparams(x, spec):
+    return choose_qparams(*reduce_min_max(x, spec), spec)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short() + "/" + s.rounding)
+def test_fake_quantize_is_on_grid_and_matches_quantize_dequantize(spec):
+    x = torch.randn(6, 8, 4) * 3
+    scale, zp = _qparams(x, spec)
+    fq = fake_quantize(x, scale, zp, spec)
+    codes = quantize(x, scale, zp, spec)
+    assert codes.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32)
+    assert int(codes.min()) >= spec.qmin and int(codes.max()) <= spec.qmax
+    torch.testing.assert_close(dequantize(codes, scale, zp, spec), fq)
+    if spec.granularity != "per_group":
+        assert on_grid(fq, scale, zp, spec.qmin, spec.qmax, spec.channel_axis)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.short() + "/" + s.rounding)
+def test_fake_quantize_is_idempotent(spec):
+    x = torch.randn(6, 8, 4)
+    scale, zp = _qparams(x, spec)
+    once = fake_quantize(x, scale, zp, spec)
+    torch.testing.assert_close(fake_quantize(once, scale, zp, spec), once, rtol=0, atol=1e-6)
+
+
+def test_error_is_bounded_by_half_a_step():
+    spec = QuantSpec(bits=8, symmetric=False)
+    x = torch.rand(1000) * 10 - 3
+    scale, zp = _qparams(x, spec)
+    assert (fake_quantize(x, scale, zp, spec) - x).abs().max() <= scale / 2 + 1e-6
+
+
+@pytest.mark.parametrize("x", [torch.zeros(16), torch.full((16,), 3.5), torch.full((16,), -2.0),
+                               torch.zeros(0, 4)])
+@pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(symmetric=False), QuantSpec(signed=False),
+                                  QuantSpec(scale_type="pow2")])
+def test_zero_range_and_constant_inputs_give_finite_scales(x, spec):
+    if x.numel() == 0:
+        lo, hi = torch.tensor(0.0), torch.tensor(0.0)
+    else:
+        lo, hi = reduce_min_max(x, spec)
+    scale, zp = choose_qparams(lo, hi, spec)
+    assert torch.isfinite(scale).all() and (scale >= MIN_SCALE).all()
+    out = fake_quantize(x, scale, zp, spec)
+    assert torch.isfinite(out).all()
+    if x.numel() and (spec.signed or x.min() >= 0):
+        assert (out - x).abs().max() <= scale.max() / 2 + 1e-6  # constants are representable
+
+
+def test_non_finite_range_is_a_typed_error():
+    with pytest.raises(CalibrationError, match="non-finite"):
+        choose_qparams(torch.tensor(float("nan")), torch.tensor(1.0), QuantSpec())
+
+
+def test_per_group_needs_divisible_axis():
+    with pytest.raises(SpecError, match="divisible"):
+        reduce_min_max(torch.randn(4, 10), QuantSpec(granularity="per_group", group_size=4))
+
+
+def test_pow2_scales_are_powers_of_two():
+    spec = QuantSpec(bits=8, scale_type="pow2", granularity="per_channel")
+    scale, _ = _qparams(torch.randn(5, 7), spec)
+    assert torch.equal(torch.log2(scale), torch.log2(scale).round())
+
+
+def test_straight_through_gradient():
+    spec = QuantSpec(bits=4)
+    x = torch.linspace(-1, 1, 11, requires_grad=True)
+    scale, zp = choose_qparams(torch.tensor(-0.5), torch.tensor(0.5), spec)
+    fake_quantize(x, scale, zp, spec).sum().backward()
+    codes = (x.detach() / scale).round()
+    inside = (codes >= spec.qmin) & (codes <= spec.qmax)
+    assert torch.equal(x.grad, inside.float())

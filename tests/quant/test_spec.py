@@ -1,0 +1,46 @@
+import pytest
+
+from qswap.errors import SpecError
+from qswap.quant.spec import QuantSpec
+
+
+@pytest.mark.parametrize("bits,signed,narrow,qmin,qmax", [
+    (8, True, False, -128, 127), (8, True, True, -127, 127), (8, False, False, 0, 255),
+    (4, True, False, -8, 7), (2, False, False, 0, 3), (16, True, False, -32768, 32767),
+])
+def test_integer_range(bits, signed, narrow, qmin, qmax):
+    spec = QuantSpec(bits=bits, signed=signed, narrow_range=narrow)
+    assert (spec.qmin, spec.qmax) == (qmin, qmax)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"bits": 1}, "bits"), ({"bits": 17}, "bits"), ({"bits": 0}, "bits"), ({"bits": -4}, "bits"),
+    ({"bits": 8.0}, "bits"), ({"bits": True}, "bits"), ({"granularity": "per_row"}, "granularity"),
+    ({"granularity": "per_group"}, "group_size"), ({"group_size": 4}, "group_size"),
+    ({"scale_type": "log"}, "scale_type"), ({"rounding": "up"}, "rounding"),
+    ({"observer": "kl"}, "observer"), ({"percentile": 30}, "percentile"), ({"momentum": 0}, "momentum"),
+    ({"signed": "yes"}, "signed"), ({"narrow_range": True, "signed": False}, "narrow_range"),
+])
+def test_bad_fields_raise_spec_error_naming_the_field(kwargs, field):
+    with pytest.raises(SpecError, match=rf"QuantSpec\.{field}"):
+        QuantSpec(**kwargs)
+
+
+def test_channel_axis_defaults():
+    assert QuantSpec().channel_axis is None
+    assert QuantSpec(granularity="per_channel").channel_axis == 0
+    assert QuantSpec(granularity="per_group", group_size=8).channel_axis == -1
+    assert QuantSpec(granularity="per_channel", axis=1).channel_axis == 1
+
+
+def test_dict_round_trip_and_unknown_field():
+    spec = QuantSpec(bits=4, granularity="per_group", group_size=16, learnable=True)
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(SpecError, match="unknown QuantSpec field"):
+        QuantSpec.from_dict({"bitz": 8})
+
+
+def test_unsigned_variant_and_label():
+    spec = QuantSpec(bits=8, narrow_range=True).unsigned()
+    assert (spec.signed, spec.narrow_range, spec.qmin, spec.qmax) == (False, False, 0, 255)
+    assert QuantSpec(bits=4, granularity="per_channel").short() == "int4 sym per_channel(0)"

@@ -1,0 +1,92 @@
+import textwrap
+
+import pytest
+
+import qswap
+from qswap.errors import RecipeError
+from qswap.recipe import load_recipe, parse_recipe, parse_yaml, shipped_recipe_names
+
+SHIPPED = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w4a4", "w8_weight_only"]
+
+
+def test_every_required_recipe_is_shipped():
+    assert set(SHIPPED) <= set(shipped_recipe_names())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_loads_and_round_trips(name, tmp_path):
+    recipe = load_recipe(name)
+    assert recipe.name == name and recipe.version == 1 and recipe.description
+    again = parse_recipe(recipe.to_dict())
+    assert again.defaults == recipe.defaults and again.rules == recipe.rules
+    import yaml
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_dict()))
+    assert load_recipe(path).rules == recipe.rules
+
+
+def test_rule_fields_merge_over_defaults():
+    recipe = parse_yaml(textwrap.dedent("""
+        version: 1
+        defaults:
+          weight: {bits: 8, granularity: per_channel}
+          activation: {bits: 8, symmetric: false}
+        rules:
+          - match: {path: "encoder.*"}
+            weight: {bits: 4}
+          - match: {class: Softmax}
+            activation: null
+    """))
+    w = recipe.rules[0].config.weight
+    assert (w.bits, w.granularity) == (4, "per_channel")
+    assert recipe.rules[1].config.activation is None
+    assert recipe.rules[1].config.weight.bits == 8
+
+
+BAD = {
+    "unknown top key": ("version: 1\nmodel: x\n", "key 'model': unknown key in recipe", 2),
+    "unknown rule key": ("version: 1\nrules:\n  - match: {path: a}\n    bitz: 4\n", "key 'bitz'", 4),
+    "unknown spec field": ("version: 1\ndefaults:\n  weight: {bitz: 4}\n", "unknown QuantSpec field", 3),
+    "bad bits": ("version: 1\ndefaults:\n  weight:\n    bits: 99\n", "key 'bits'.*between 2 and 16", 4),
+    "zero bits": ("version: 1\ndefaults:\n  activation: {bits: 0}\n", "between 2 and 16", 3),
+    "string bits": ("version: 1\ndefaults:\n  activation: {bits: eight}\n", "must be an integer", 3),
+    "bad regex": ("version: 1\nrules:\n  - match: {path: 're:(['}\n", "invalid regex", 3),
+    "catastrophic regex": ("version: 1\nrules:\n  - match: {path: 're:(a+)+$'}\n", "nests quantifiers", 3),
+    "missing version": ("defaults: {}\n", "missing 'version'", 1),
+    "future version": ("version: 7\n", "unsupported version 7", 1),
+    "not a mapping": ("- 1\n- 2\n", "mapping at the top level", None),
+    "rules not a list": ("version: 1\nrules: {a: 1}\n", "must be a list", 2),
+    "rule without match": ("version: 1\nrules:\n  - skip: true\n", "needs a 'match'", 3),
+    "skip not bool": ("version: 1\nrules:\n  - match: {path: a}\n    skip: maybe\n", "true or false", 4),
+    "float_ok without reason": ("version: 1\nfloat_ok: {aten.exp: ''}\n", "non-empty reason", 2),
+    "duplicate key": ("version: 1\nversion: 1\n", "duplicate key", 2),
+    "invalid yaml": ("version: 1\ndefaults: [\n", "invalid YAML", None),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_recipes_name_file_line_and_key(case, tmp_path):
+    text, message, line = BAD[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message) as info:
+        load_recipe(path)
+    assert info.value.source == str(path)
+    if line is not None:
+        assert info.value.line == line and f"bad.yaml:{line}:" in str(info.value)
+
+
+def test_unknown_name_lists_shipped_recipes():
+    with pytest.raises(RecipeError, match="shipped recipes: .*w8a8"):
+        load_recipe("w9a9")
+
+
+def test_non_utf8_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"version: 1\nname: caf\xe9\n")
+    with pytest.raises(RecipeError, match="not UTF-8"):
+        load_recipe(path)
+
+
+def test_public_name():
+    assert qswap.load_recipe is load_recipe

@@ -1,0 +1,126 @@
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import qswap
+from qswap.errors import ConvertError
+from qswap.nn.linear import QLinear
+from qswap.quant.fake_quantize import FakeQuantize
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.proj = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 20, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.out(self.proj(self.embed(tokens)))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_caller_model_is_untouched_unless_inplace():
+    model = TiedLM()
+    before = _state(model)
+    children = dict(model.named_children())
+    converted = qswap.convert(model, "w8a8")
+    converted(torch.randint(0, 20, (2, 5)))
+    assert dict(model.named_children()) == children
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, FakeQuantize) for m in model.modules())
+    inplace = qswap.convert(model, "w8a8", inplace=True)
+    assert inplace is model and isinstance(model.proj, QLinear)
+
+
+def test_tied_weights_stay_tied_and_share_one_quantizer():
+    converted = qswap.convert(TiedLM(), "w8a8")
+    assert converted.out.weight is converted.embed.weight
+    assert converted.out.weight_quant is converted.embed.weight_quant
+    assert any("tied" in n for n in converted.qswap_report.notes)
+    # counted once in the size: 20x8 embedding at 8 bits + proj weight 8 bits + proj bias float
+    assert converted.qswap_report.quantized_bytes == 160 + 64 + 8 * 4
+
+
+def test_float_state_dict_loads_into_converted_model():
+    model = TiedLM()
+    converted = qswap.convert(TiedLM(), "w8a8")
+    converted.load_state_dict(model.state_dict())  # strict: quantizer state may be absent
+    assert torch.equal(converted.proj.weight, model.proj.weight)
+
+
+def test_unmatched_class_only_rule_is_a_note_not_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qswap.QswapWarning)
+        converted = qswap.convert(TiedLM(), "w4a8")  # its LayerNorm rule has nothing to match
+    assert any("matched no module" in n for n in converted.qswap_report.notes)
+
+
+def test_unmatched_rule_warns_and_strict_raises():
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"path": "encoder.nothing"}, "skip": True}]}
+    with pytest.warns(qswap.QswapWarning, match="matched no module"):
+        qswap.convert(TiedLM(), recipe)
+    with pytest.raises(ConvertError, match="matched no module"):
+        qswap.convert(TiedLM(), recipe, strict=True)
+
+
+def test_strict_fails_on_modules_left_float():
+    class Odd(nn.Module):
+        def forward(self, x):
+            return x.exp()
+
+    with pytest.raises(ConvertError, match="left float"):
+        qswap.convert(nn.Sequential(nn.Linear(2, 2), Odd()), "w8a8", strict=True)
+
+
+def test_skip_rule_and_inheritance_from_ancestor_rule():
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 4))
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"path": "0"}, "weight": {"bits": 4}}, {"match": {"path": "1"}, "skip": True}]}
+    converted = qswap.convert(model, recipe)
+    assert converted[0][0].weight_quant.spec.bits == 4  # inherits rule 0 from its parent "0"
+    assert isinstance(converted[1], nn.Linear)
+    entry = {e.path: e for e in converted.qswap_report.entries}
+    assert entry["1"].action == "skipped" and "rule 1" in entry["1"].rule
+    assert entry["0.0"].rule.startswith("rule 0")
+
+
+def test_converting_twice_is_an_error():
+    converted = qswap.convert(TiedLM(), "w8a8")
+    with pytest.raises(ConvertError, match="already contains qswap quantizers"):
+        qswap.convert(converted, "w8a8")
+
+
+def test_convert_rejects_non_modules():
+    with pytest.raises(ConvertError, match="torch.nn.Module"):
+        qswap.convert("model.pt", "w8a8")
+
+
+def test_root_module_can_be_swapped():
+    converted = qswap.convert(nn.Linear(3, 3), "w8a8")
+    assert isinstance(converted, QLinear) and converted.qswap_recipe.name == "w8a8"
+
+
+def test_s2t_transformer_converts_and_report_lists_every_module():
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    model = build_s2t_transformer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qswap.QswapWarning)
+        converted = qswap.convert(model, "w8a8")
+    report = converted.qswap_report
+    paths = {e.path for e in report.entries}
+    leaves = {n for n, m in model.named_modules() if n and not list(m.children())}
+    assert leaves <= paths | {p for p in leaves if any(p.startswith(q + ".") for q in paths)}
+    assert report.counts()["quantized"] >= 20
+    assert report.quantized_bytes < report.float_bytes / 3
+    net_input = s2t_net_input()
+    with torch.no_grad():
+        ref, out = model(**net_input)[0], converted(**net_input)[0]
+    assert out.shape == ref.shape and torch.isfinite(out).all()

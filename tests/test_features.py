@@ -1,0 +1,152 @@
+"""qswap.features: Kaldi fbank shape/finiteness, backend agreement, typed audio errors."""
+import math
+import struct
+import sys
+import wave
+
+import numpy as np
+import pytest
+import torch
+
+from qswap.errors import AudioError, QswapError
+from qswap import features
+from qswap.features import fbank, load_audio
+
+
+def _tone(seconds=0.5, sr=16000, freq=440.0, amp=0.3, seed=0):
+    t = np.arange(int(seconds * sr)) / sr
+    rng = np.random.default_rng(seed)
+    return (amp * np.sin(2 * math.pi * freq * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def _write_wav(path, samples, sr=16000, channels=1, width=2):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(sr)
+        if width == 2:
+            w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+        else:
+            w.writeframes(bytes(samples))
+
+
+def test_fbank_shape_and_finite():
+    x = _tone(1.0)
+    f = fbank(x, 16000)
+    assert isinstance(f, torch.Tensor) and f.dtype == torch.float32
+    # Kaldi snip_edges: 1 + (N - 400) // 160 frames
+    assert f.shape == (1 + (16000 - 400) // 160, 80)
+    assert torch.isfinite(f).all()
+    # the 440 Hz tone raises the low mel bins well above the noise-only floor
+    noise = fbank(_tone(1.0, amp=0.0), 16000)
+    assert (f[:, :30].mean(0) - noise[:, :30].mean(0)).max() > 5.0
+    assert abs(f[:, -10:].mean() - noise[:, -10:].mean()) < 1.0
+
+
+def test_fbank_accepts_tensor_2d_and_int16():
+    x = _tone(0.3)
+    a = fbank(x, 16000)
+    b = fbank(torch.from_numpy(x).unsqueeze(0), 16000)
+    c = fbank((x * 32768).astype(np.int16), 16000)
+    assert torch.allclose(a, b)
+    assert torch.allclose(a, c, atol=0.05)  # int16 rounding of the input
+
+
+def test_fbank_kaldi_native_backend_explicit():
+    x = _tone(0.3)
+    f = fbank(x, 16000, backend="kaldi_native_fbank")
+    assert f.shape[1] == 80 and torch.isfinite(f).all()
+
+
+def test_torchaudio_matches_kaldi_native_fbank():
+    try:
+        import torchaudio.compliance.kaldi  # noqa: F401
+    except Exception as e:  # ImportError, or OSError from a CUDA build next to CPU torch
+        pytest.skip(f"torchaudio not importable ({type(e).__name__}): backend agreement not checked")
+    x = _tone(0.7, seed=3)
+    a = fbank(x, 16000, backend="torchaudio")
+    b = fbank(x, 16000, backend="kaldi_native_fbank")
+    assert a.shape == b.shape
+    assert torch.allclose(a, b, atol=1e-2, rtol=1e-3), (a - b).abs().max()
+
+
+def test_features_module_does_not_import_fairseq_or_torchaudio():
+    import subprocess
+
+    code = ("import sys, qswap.features as f; import numpy as np; f.fbank(np.zeros(800, 'float32') + 0.01, 16000, "
+            "backend='kaldi_native_fbank'); "
+            "print('fairseq' in sys.modules, 'torchaudio' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+@pytest.mark.parametrize("bad", [np.zeros(0, np.float32), np.full(1600, np.nan, np.float32),
+                                 np.array([0.1] * 1599 + [np.inf], np.float32), np.zeros(100, np.float32)])
+def test_fbank_bad_waveform_raises_audio_error(bad):
+    with pytest.raises(AudioError):
+        fbank(bad, 16000)
+
+
+def test_fbank_bad_rate_and_shape():
+    with pytest.raises(AudioError):
+        fbank(_tone(0.1), 0)
+    with pytest.raises(AudioError):
+        fbank(np.zeros((2, 1600), np.float32), 16000)
+    with pytest.raises(AudioError):
+        fbank([0.0] * 1600, 16000)
+
+
+def test_load_audio_roundtrip(tmp_path):
+    x = _tone(0.25)
+    p = tmp_path / "a.wav"
+    _write_wav(p, x)
+    w, sr = load_audio(p, expected_sample_rate=16000)
+    assert sr == 16000 and w.dtype == torch.float32 and w.shape == (x.size,)
+    assert np.abs(w.numpy() - x).max() < 1e-3
+
+
+def test_load_audio_stereo_averaged(tmp_path):
+    x = _tone(0.1)
+    st = np.stack([x, -x * 0 + x], 1).reshape(-1)
+    p = tmp_path / "s.wav"
+    _write_wav(p, st, channels=2)
+    w, _ = load_audio(p)
+    assert w.shape == (x.size,)
+
+
+def test_load_audio_wrong_rate(tmp_path):
+    p = tmp_path / "a8k.wav"
+    _write_wav(p, _tone(0.2, sr=8000), sr=8000)
+    with pytest.raises(AudioError, match="8000 Hz, expected 16000"):
+        load_audio(p, expected_sample_rate=16000)
+    w, sr = load_audio(p)  # no expectation: fine
+    assert sr == 8000
+
+
+def test_load_audio_empty(tmp_path):
+    p = tmp_path / "empty.wav"
+    _write_wav(p, np.zeros(0, np.float32))
+    with pytest.raises(AudioError, match="empty"):
+        load_audio(p)
+
+
+def test_load_audio_unreadable(tmp_path):
+    p = tmp_path / "junk.wav"
+    p.write_bytes(b"this is not a wav file at all")
+    with pytest.raises(AudioError):
+        load_audio(p)
+    with pytest.raises(AudioError):
+        load_audio(tmp_path / "missing.wav")
+    # a float WAV (format 3) is not PCM: the stdlib reader refuses it, we report it typed
+    fp = tmp_path / "float.wav"
+    data = np.zeros(160, "<f4").tobytes()
+    hdr = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack(
+        "<IHHIIHH", 16, 3, 1, 16000, 64000, 4, 32) + b"data" + struct.pack("<I", len(data))
+    fp.write_bytes(hdr + data)
+    with pytest.raises(AudioError):
+        load_audio(fp)
+
+
+def test_audio_error_is_qswap_error():
+    assert issubclass(AudioError, QswapError)
+    assert features.fbank_backend("kaldi_native_fbank") == "kaldi_native_fbank"
