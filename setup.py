@@ -9,7 +9,8 @@ setup(
     # the shipped recipes live in the top-level recipes/ folder and install as qswap.recipes
     packages=find_packages(include=["qswap", "qswap.*", "qswap_fairseq_plugin"]) + ["qswap.recipes"],
     package_dir={"qswap.recipes": "recipes"},
-    package_data={"qswap.recipes": ["*.yaml"], "qswap": ["assets/*", "assets/*/*"]},
+    package_data={"qswap.recipes": ["*.yaml"],
+                  "qswap": ["assets/*", "assets/*/*", "fairseq_plugin/qswap_fairseq_plugin/*.py"]},
     install_requires=[
         "torch>=2.0",
         FAIRSEQ,

@@ -22,8 +22,14 @@ __all__ = [
     "AudioError", "AuditError", "CalibrationError", "CheckpointError", "ConvertError", "DataError",
     "FakeQuantize", "QswapError", "QswapWarning", "QuantConfig", "QuantModule", "QuantSpec",
     "Recipe", "RecipeError", "RegistryError", "SpecError", "UnsafeCheckpointError",
-    "calibrate", "convert", "load_recipe", "register", "shipped_recipe_names",
+    "calibrate", "convert", "load_recipe", "plugin_dir", "register", "shipped_recipe_names",
 ]
+
+
+def plugin_dir() -> str:
+    """The folder to pass as fairseq's ``--user-dir`` (registers the ``*_qswap`` tasks)."""
+    from pathlib import Path
+    return str(Path(__file__).parent / "fairseq_plugin" / "qswap_fairseq_plugin")
 
 
 def __getattr__(name: str):

@@ -49,10 +49,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
     if count == 0:
         raise CalibrationError("calibration got zero batches; pass at least one batch of "
                                "representative inputs")
+    freeze_observed(model)
     unseen = [q for q in quantizers if not q.initialized]
-    for q in quantizers:
-        if q.initialized:
-            q.freeze()
     if unseen:  # sites the batches never reached (e.g. incremental-decoding-only paths)
         import warnings
         warnings.warn(f"{len(unseen)} activation quantizer(s) saw no data during calibration and "
@@ -66,3 +64,24 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def freeze_observed(model: nn.Module) -> int:
+    """Freeze every activation quantizer that has observed data; returns how many.
+
+    Under torch.distributed, observer ranges are first reduced across workers (min of minima,
+    max of maxima), so every DDP worker freezes the same grid.
+    """
+    from qswap.quant.primitives import choose_qparams
+
+    count = 0
+    for q in activation_quantizers(model):
+        if not q.observer.has_range:
+            continue
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(q.observer.min_val, op=torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(q.observer.max_val, op=torch.distributed.ReduceOp.MAX)
+            q._set_qparams(*choose_qparams(q.observer.min_val, q.observer.max_val, q.spec))
+        q.freeze()
+        count += 1
+    return count

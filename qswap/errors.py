@@ -56,3 +56,7 @@ class DataError(QswapError):
 
 class AudioError(DataError):
     """An audio file is unreadable, empty, non-finite or at the wrong sample rate."""
+
+
+class OutputError(QswapError, OSError):
+    """An output file (checkpoint, recipe, report) cannot be written where it was asked for."""

@@ -35,3 +35,21 @@ def convert_summary(report) -> str:
     lines += [f"warning: {r} matched no module" for r in report.unmatched_rules]
     lines += [f"declared float: {k}: {v}" for k, v in report.float_ok.items()]
     return "\n".join(lines)
+
+
+class progress_bar:
+    """A rich progress bar on stderr: ``with progress_bar("decoding", total) as advance: advance(n)``."""
+
+    def __init__(self, description: str, total: int | None):
+        from rich.progress import Progress
+        self.progress = Progress(console=console(stderr=True), transient=True)
+        self.description, self.total = description, total
+
+    def __enter__(self):
+        self.progress.start()
+        task = self.progress.add_task(self.description, total=self.total)
+        return lambda n=1: self.progress.update(task, advance=n)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping
 
+import torch
 from torch import nn
 
 from qswap.quant.fake_quantize import FakeQuantize
@@ -63,3 +64,21 @@ class QuantModule(nn.Module):
     def quantizers(self) -> dict[str, FakeQuantize]:
         """This module's own quantizers by site name (not those of converted children)."""
         return {n: m for n, m in self.named_children() if isinstance(m, FakeQuantize)}
+
+
+def derived_weight(owner: nn.Module, slot: str, compute: Callable[[], torch.Tensor],
+                   *sources: torch.Tensor) -> torch.Tensor:
+    """A weight computed from parameters/buffers only (weight norm, folded BatchNorm): constant-
+    foldable preprocessing, recomputed when a source changes (its version or storage).
+
+    The latest result stays referenced as ``owner.<slot>`` until the next one exists, so two
+    successive results never share an address: a weight FakeQuantize, which recognizes its
+    input by address and version, re-derives its grid exactly when the weight changes.
+    """
+    key = tuple((s._version, s.data_ptr()) for s in sources)
+    cached = owner.__dict__.get(slot)
+    if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+        return cached[1]
+    weight = compute()
+    owner.__dict__[slot] = (key, weight.detach())
+    return weight

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, weight_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, derived_weight, weight_quantizer
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
 
@@ -55,17 +55,41 @@ class QLinear(_Weighted):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def _weight_norm_dim(module: nn.Module) -> int | None:
+    """The ``dim`` of a ``torch.nn.utils.weight_norm`` hook on ``module.weight``, else None."""
+    from torch.nn.utils.weight_norm import WeightNorm
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == "weight":
+            return hook.dim
+    return None
+
+
 class _QConvNd(_Weighted):
+    """A weight-normed conv (``nn.utils.weight_norm``, e.g. wav2vec 2.0's positional conv) keeps
+    ``weight_g`` and ``weight_v``; ``g * v / ||v||`` is computed from them (weight preprocessing)
+    and the result goes through ``weight_quant``."""
+
     conv_fn = None
 
     def __init__(self, module, config):
-        super().__init__(module.weight, module.bias, config)
+        norm_dim = _weight_norm_dim(module)
+        super().__init__(module.weight if norm_dim is None else None, module.bias, config)
+        if norm_dim is not None:
+            self.weight_g, self.weight_v, self.weight_norm_dim = module.weight_g, module.weight_v, norm_dim
         if isinstance(module.padding, str) and module.padding_mode != "zeros":
             raise ConvertError(f"{type(module).__name__} with padding='{module.padding}' and "
                                f"padding_mode='{module.padding_mode}' is not supported")
         self.stride, self.padding, self.dilation = module.stride, module.padding, module.dilation
         self.groups, self.padding_mode = module.groups, module.padding_mode
         self._pad = getattr(module, "_reversed_padding_repeated_twice", None)
+
+    def quantized_params(self, input_quant: nn.Module | None = None) -> tuple:
+        if self.weight is not None:
+            return super().quantized_params(input_quant)
+        w = derived_weight(self, "_normed_weight", lambda: torch._weight_norm(
+            self.weight_v, self.weight_g, self.weight_norm_dim), self.weight_g, self.weight_v)
+        w = self.weight_quant(w)
+        return w, self.bias_quant(self.bias, input_quant or self.input_quant, self.weight_quant)
 
     @classmethod
     def from_float(cls, module, config):
@@ -80,9 +104,10 @@ class _QConvNd(_Weighted):
         return type(self).conv_fn(x, w, b, self.stride, padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, "
-                f"kernel_size={tuple(self.weight.shape[2:])}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}")
+        shape = (self.weight if self.weight is not None else self.weight_v).shape
+        norm = "" if self.weight is not None else f", weight_norm(dim={self.weight_norm_dim})"
+        return (f"{shape[1] * self.groups}, {shape[0]}, kernel_size={tuple(shape[2:])}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}{norm}")
 
 
 @register(nn.Conv1d)

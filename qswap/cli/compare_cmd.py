@@ -1,0 +1,60 @@
+"""Convert, calibrate, audit and evaluate each recipe; print and write the comparison table."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from qswap.cli.render import console
+
+DEFAULT_RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w8_weight_only"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="float fairseq checkpoint")
+    p.add_argument("--data", required=True, help="fairseq data directory")
+    p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, help="recipes (names or YAML paths)")
+    p.add_argument("--subset", default="test", help="subset to evaluate (default: test)")
+    p.add_argument("--calib-subset", default="train", help="calibration subset (default: train)")
+    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches (default: 8)")
+    p.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
+    p.add_argument("--max-sentences", type=int, default=32, help="utterances per batch")
+    p.add_argument("--markdown", help="write the table as Markdown here")
+    p.add_argument("--json", dest="json_out", help="write the table as JSON here")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from qswap.integration.compare import compare
+
+    with Progress(console=console(stderr=True), transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(recipe: str, stage: str, n: int) -> None:
+            bar.update(task, description=f"{recipe}: {stage}", advance=n)
+
+        table = compare(args.checkpoint, args.data, args.recipes, subset=args.subset,
+                        calib_subset=args.calib_subset, calib_batches=args.calib_batches, beam=args.beam,
+                        max_sentences=args.max_sentences, trust_checkpoint=args.trust_checkpoint,
+                        progress=progress)
+    console().print(render_comparison(table))
+    from qswap.io.atomic import atomic_write_text
+    if args.markdown:
+        atomic_write_text(args.markdown, table.markdown())
+    if args.json_out:
+        atomic_write_text(args.json_out, json.dumps(table.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def render_comparison(table):
+    from rich.table import Table
+
+    t = Table(title=f"{table.checkpoint} on {table.subset}")
+    for col in ("recipe", "WER %", "ΔWER", "CER %", "honest", "weights MB", "MMACs/s", "GBOPs/s"):
+        t.add_column(col, justify="left" if col in ("recipe", "honest") else "right")
+    for r in table.rows:
+        honest = "[green]yes" if r.honest else f"[red]no ({r.float_ops} float ops)"
+        t.add_row(r.recipe, f"{r.wer:.2f}", f"{r.delta_wer:+.2f}", f"{r.cer:.2f}", honest,
+                  f"{r.weight_mb:.2f}", f"{r.mmacs_per_s:.1f}", f"{r.gbops_per_s:.1f}")
+    return t

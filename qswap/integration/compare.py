@@ -1,0 +1,96 @@
+"""The comparison table the field reports (Brevitas's QuartzNet table): one row per recipe with
+WER, delta WER vs float, the honesty verdict, weight memory at stored bit widths, and MACs and
+BOPs per second of audio. A library function: it returns rows; the CLI renders them."""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+import qswap
+from qswap.calibrate import activation_quantizers
+from qswap.integration import data as fdata
+from qswap.integration.cost import measure
+from qswap.integration.decode import decode
+from qswap.integration.metrics import error_counts
+
+
+@dataclass
+class Row:
+    recipe: str
+    wer: float
+    cer: float
+    delta_wer: float
+    honest: bool
+    float_ops: int
+    weight_mb: float
+    mmacs_per_s: float
+    gbops_per_s: float
+    decode_s: float
+    utterances: int
+
+
+@dataclass
+class Comparison:
+    checkpoint: str
+    subset: str
+    rows: list[Row] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"checkpoint": self.checkpoint, "subset": self.subset, "settings": self.settings,
+                "rows": [asdict(r) for r in self.rows]}
+
+    def markdown(self) -> str:
+        head = ("| recipe | WER % | ΔWER | CER % | honest (float ops) | weights MB | MMACs/s | GBOPs/s |\n"
+                "|---|---|---|---|---|---|---|---|")
+        lines = [head]
+        for r in self.rows:
+            verdict = "yes" if r.honest else f"no ({r.float_ops})"
+            lines.append(f"| {r.recipe} | {r.wer:.2f} | {r.delta_wer:+.2f} | {r.cer:.2f} | {verdict} | "
+                         f"{r.weight_mb:.2f} | {r.mmacs_per_s:.1f} | {r.gbops_per_s:.1f} |")
+        return "\n".join(lines) + "\n"
+
+
+def evaluate_recipe(float_model, task, recipe, *, subset: str, calib_subset: str, calib_batches: int,
+                    beam: int, max_sentences: int = 32,
+                    progress: Callable[[str, int], None] | None = None) -> tuple[Row, torch.nn.Module]:
+    """Convert, calibrate, audit and decode one recipe; delta_wer is left 0 for the caller."""
+    tick = (lambda stage: (lambda n: progress(stage, n))) if progress else (lambda stage: None)
+    qmodel = qswap.convert(float_model, recipe)
+    name = qmodel.qswap_recipe.name
+    if activation_quantizers(qmodel):
+        qswap.calibrate(qmodel, fdata.net_inputs(task, calib_subset, calib_batches, max_sentences=max_sentences),
+                        progress=tick("calibrate"))
+    report = qswap.audit(qmodel, fdata.first_net_input(task, subset))
+    samples = list(fdata.batches(task, subset, max_sentences=max_sentences))
+    result = decode(task, qmodel, samples, beam=beam, progress=tick("decode"))
+    counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
+    cost = measure(qmodel, lambda m: m(**samples[0]["net_input"]), fdata.audio_seconds(samples[0]))
+    weight_bytes = qmodel.qswap_report.quantized_bytes
+    row = Row(name, counts.wer, counts.cer, 0.0, report.honest, len(report.violations), weight_bytes / 1e6,
+              cost.macs_per_second / 1e6, cost.bops_per_second / 1e9, result.seconds, counts.utterances)
+    return row, qmodel
+
+
+def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "test",
+            calib_subset: str = "train", calib_batches: int = 8, beam: int = 5,
+            max_sentences: int = 32, trust_checkpoint: bool = False,
+            progress: Callable[[str, str, int], None] | None = None) -> Comparison:
+    """One row per recipe; the float model (recipe fp32) is always evaluated first as the reference."""
+    model, task = fdata.load_model_and_task(checkpoint, data, trust_checkpoint=trust_checkpoint)
+    names = ["fp32"] + [r for r in recipes if r != "fp32"]
+    table = Comparison(str(checkpoint), subset, settings={
+        "calib_subset": calib_subset, "calib_batches": calib_batches, "beam": beam})
+    reference = None
+    for recipe in names:
+        cb = (lambda stage, n, r=recipe: progress(r, stage, n)) if progress else None
+        row, _ = evaluate_recipe(copy.deepcopy(model), task, recipe, subset=subset, calib_subset=calib_subset,
+                                 calib_batches=calib_batches, beam=beam, max_sentences=max_sentences,
+                                 progress=cb)
+        reference = row.wer if reference is None else reference
+        row.delta_wer = row.wer - reference
+        table.rows.append(row)
+    return table

@@ -1,0 +1,96 @@
+"""MACs and bit-operations (BOPs) of one forward pass, as the field reports them.
+
+A dispatch mode counts multiply-accumulates of every matmul / convolution / attention kernel
+with torch's own flop formulas (``torch.utils.flop_counter``), and weighs each by the bit widths
+of its two operands: BOPs = MACs x bits(a) x bits(b). An operand's width is that of the qswap
+quantizer that produced it, carried through views, copies, scalar rescaling and masking; any
+other operand counts as 32-bit float.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+from torch.utils.weak import WeakIdKeyDictionary
+
+from qswap.quant.fake_quantize import FakeQuantize
+
+FLOAT_BITS = 32
+aten = torch.ops.aten
+_CARRY = {aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.t, aten.permute,
+          aten.expand, aten.clone, aten.contiguous, aten.slice, aten.select, aten.unsqueeze,
+          aten.squeeze, aten.cat, aten.split, aten.chunk, aten.masked_fill, aten.alias,
+          aten.detach, aten._to_copy, aten.index_select, aten.embedding, aten.split_with_sizes,
+          aten.unbind, aten.repeat, aten.constant_pad_nd, aten.narrow}
+_SCALAR_RESCALE = {aten.mul, aten.div}
+
+
+@dataclass(frozen=True)
+class Cost:
+    macs: float
+    bops: float
+    audio_seconds: float
+
+    @property
+    def macs_per_second(self) -> float:
+        return self.macs / max(self.audio_seconds, 1e-9)
+
+    @property
+    def bops_per_second(self) -> float:
+        return self.bops / max(self.audio_seconds, 1e-9)
+
+
+class _CostMode(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.bits = WeakIdKeyDictionary()  # tensor (by identity) -> bit width
+        self.macs = 0.0
+        self.bops = 0.0
+
+    def width(self, t) -> int:
+        return self.bits.get(t, FLOAT_BITS) if isinstance(t, torch.Tensor) else FLOAT_BITS
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func.overloadpacket
+        if packet in flop_registry:
+            macs = flop_registry[packet](*args, **kwargs, out_val=out) / 2
+            tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            if packet in (aten.addmm, aten.baddbmm):
+                tensors = tensors[1:]
+            a, b = (tensors + [None, None])[:2]
+            self.macs += macs
+            self.bops += macs * self.width(a) * self.width(b)
+        elif packet in _CARRY or (packet in _SCALAR_RESCALE and not isinstance(args[1], torch.Tensor)):
+            widths = [self.width(a) for a in args if isinstance(a, torch.Tensor)]
+            for a in args:
+                if isinstance(a, (list, tuple)):
+                    widths += [self.width(t) for t in a if isinstance(t, torch.Tensor)]
+            if widths and max(widths) < FLOAT_BITS:
+                for o in (out if isinstance(out, (list, tuple)) else [out]):
+                    if isinstance(o, torch.Tensor):
+                        self.bits[o] = max(widths)
+        return out
+
+
+def measure(model: torch.nn.Module, run, audio_seconds: float) -> Cost:
+    """Count MACs and BOPs of ``run(model)`` (one forward), normalized to ``audio_seconds``."""
+    mode = _CostMode()
+    handles = [m.register_forward_hook(_tag(mode)) for m in model.modules() if isinstance(m, FakeQuantize)]
+    try:  # the hooks live only for this measurement and are removed whatever happens
+        with torch.no_grad(), mode:
+            run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return Cost(mode.macs, mode.bops, audio_seconds)
+
+
+def _tag(mode: _CostMode):
+    def hook(module: FakeQuantize, inputs, output):
+        if module.enabled and isinstance(output, torch.Tensor):
+            mode.bits[output] = module.spec.bits
+    return hook

@@ -1,0 +1,70 @@
+"""fairseq checkpoints, data directories and batches for qswap's commands."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Iterator
+
+from qswap.errors import DataError
+
+
+def load_model_and_task(checkpoint: str | Path, data: str | Path | None = None, *,
+                        trust_checkpoint: bool = False):
+    """(model in eval mode, task) from a fairseq or qswap checkpoint, data dir overridden."""
+    from qswap.io.checkpoint import load_fairseq_model
+
+    overrides = {"data": str(Path(data).resolve())} if data is not None else None
+    if data is not None and not Path(data).is_dir():
+        raise DataError(f"data directory {data} does not exist; pass --data DIR with the "
+                        f"config.yaml and TSV manifests the model was trained with")
+    model, _cfg, task = load_fairseq_model(str(checkpoint), trust_checkpoint=trust_checkpoint,
+                                           arg_overrides=overrides)
+    return model.eval(), task
+
+
+def load_subset(task, subset: str) -> Any:
+    try:
+        task.load_dataset(subset)
+    except FileNotFoundError as exc:
+        raise DataError(f"subset {subset!r} not found: {exc}; the data directory needs "
+                        f"{subset}.tsv") from None
+    dataset = task.dataset(subset)
+    if len(dataset) == 0:
+        raise DataError(f"subset {subset!r} is empty")
+    return dataset
+
+
+def batches(task, subset: str, *, max_tokens: int = 40000, max_sentences: int | None = 32,
+            num_shards: int = 1, shard_id: int = 0) -> Iterator[dict]:
+    """fairseq samples (dicts with ``net_input``, ``target``, ``id``) of a subset, in order."""
+    if not 0 <= shard_id < num_shards:
+        raise DataError(f"--shard-id must be in [0, {num_shards}), got {shard_id}")
+    dataset = load_subset(task, subset)
+    itr = task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_sentences=max_sentences,
+                                  max_positions=None, ignore_invalid_inputs=False,
+                                  num_shards=num_shards, shard_id=shard_id, num_workers=0, seed=1)
+    for sample in itr.next_epoch_itr(shuffle=False):
+        if sample:  # fairseq pads shards with empty batches
+            yield sample
+
+
+def net_inputs(task, subset: str, count: int | None = None, **kwargs) -> Iterator[dict]:
+    """The ``net_input`` dicts of the first ``count`` batches (all when None)."""
+    return (s["net_input"] for s in itertools.islice(batches(task, subset, **kwargs), count))
+
+
+def first_net_input(task, subset: str, count: int = 2) -> dict:
+    """A small batch of the first ``count`` utterances of a subset (for the audit)."""
+    dataset = load_subset(task, subset)
+    sample = dataset.collater([dataset[i] for i in range(min(count, len(dataset)))])
+    return sample["net_input"]
+
+
+def audio_seconds(sample: dict, frame_shift_s: float = 0.01, sample_rate: int = 16000) -> float:
+    """Seconds of audio in a batch: fbank frames (10 ms shift) or raw waveform samples."""
+    ni = sample["net_input"]
+    if "src_lengths" in ni:
+        return float(ni["src_lengths"].sum()) * frame_shift_s
+    if "padding_mask" in ni and ni["padding_mask"] is not None:
+        return float((~ni["padding_mask"]).sum()) / sample_rate
+    return float(ni["source"].numel()) / sample_rate

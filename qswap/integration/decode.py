@@ -1,0 +1,79 @@
+"""Decoding: fairseq's own SequenceGenerator for seq2seq models, greedy CTC for CTC models."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from qswap.integration.data import audio_seconds
+
+
+@dataclass(frozen=True)
+class Utterance:
+    id: int
+    ref: str
+    hyp: str
+
+
+@dataclass
+class DecodeResult:
+    utterances: list[Utterance]
+    seconds: float  # wall-clock decode time
+    audio_seconds: float
+
+
+def is_ctc(model) -> bool:
+    return not hasattr(model, "decoder") or type(model).__name__ in ("Wav2VecCtc",)
+
+
+def _post_process(task) -> str:
+    cfg = getattr(task, "cfg", None)
+    return getattr(cfg, "post_process", None) or "sentencepiece"
+
+
+def _text(dictionary, tokens: torch.Tensor, post: str) -> str:
+    return dictionary.string(tokens.int().cpu(), post, extra_symbols_to_ignore={dictionary.eos()}).strip()
+
+
+def decode(task, model, samples: Iterable[dict], *, beam: int = 5, max_len_b: int = 200,
+           progress: Callable[[int], None] | None = None) -> DecodeResult:
+    """Decode every sample; returns references and hypotheses as text."""
+    dictionary = task.target_dictionary
+    post = _post_process(task)
+    ctc = is_ctc(model)
+    generator = None
+    if not ctc:
+        from fairseq.sequence_generator import SequenceGenerator
+        generator = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=max_len_b)
+    utterances, audio, start = [], 0.0, time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        for sample in samples:
+            audio += audio_seconds(sample)
+            hyps = _ctc_greedy(model, sample, dictionary) if ctc else \
+                [h[0]["tokens"] for h in generator.generate([model], sample)]
+            for i, sid in enumerate(sample["id"].tolist()):
+                target = sample["target"][i]
+                target = target[target != dictionary.pad()]
+                utterances.append(Utterance(sid, _text(dictionary, target, post),
+                                            _text(dictionary, hyps[i], post)))
+            if progress is not None:
+                progress(len(sample["id"]))
+    utterances.sort(key=lambda u: u.id)
+    return DecodeResult(utterances, time.perf_counter() - start, audio)
+
+
+def _ctc_greedy(model, sample: dict, dictionary) -> list[torch.Tensor]:
+    out = model(**sample["net_input"])
+    logits = model.get_logits(out) if hasattr(model, "get_logits") else out["encoder_out"]  # (T, B, V)
+    padding = out.get("padding_mask")
+    best = logits.argmax(dim=-1).transpose(0, 1)  # (B, T)
+    blank = dictionary.bos()
+    result = []
+    for b in range(best.shape[0]):
+        seq = best[b] if padding is None else best[b][~padding[b]]
+        seq = torch.unique_consecutive(seq)
+        result.append(seq[seq != blank])
+    return result

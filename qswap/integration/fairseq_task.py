@@ -1,0 +1,119 @@
+"""fairseq tasks that quantize the model they build: ``speech_to_text_qswap`` and
+``audio_finetuning_qswap``. Registered by the ``--user-dir`` plugin (``qswap.plugin_dir()``).
+
+``build_model`` converts the freshly built model with ``--qswap-recipe`` (so ``fairseq-train``
+trains the fake-quant model: QAT with straight-through / LSQ gradients, and a checkpoint it saves
+loads back into the same quantized model in ``fairseq-generate``); ``train_step`` calibrates
+the activation quantizers on the first ``--qswap-calib-batches`` training batches, then freezes
+them (synchronized across DDP workers); ``build_generator`` prints the honesty verdict first
+when ``--qswap-audit`` is given.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.tasks import TASK_REGISTRY, register_task
+from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
+from fairseq.tasks.speech_to_text import SpeechToTextTask
+
+import qswap
+from qswap.calibrate import activation_quantizers, freeze_observed
+
+logger = logging.getLogger("qswap")
+
+HELP = {
+    "recipe": "qswap recipe (shipped name such as w8a8, or a YAML path) to convert the model with",
+    "calib": "calibrate activation quantizers on this many training batches before the first update",
+    "audit": "run the qswap honesty audit on a few batches before decoding and print the verdict",
+    "strict": "fail if the recipe leaves a module float without a skip rule",
+}
+
+
+class QswapTaskMixin:
+    """What both qswap tasks add to their fairseq parent task."""
+
+    def _qswap_opts(self):
+        return getattr(self, "args", None) or self.cfg
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        opts = self._qswap_opts()
+        recipe = getattr(opts, "qswap_recipe", None)
+        if not recipe:
+            return model
+        model = qswap.convert(model, recipe, inplace=True, strict=getattr(opts, "qswap_strict", False) or None)
+        counts = model.qswap_report.counts()
+        logger.info(f"qswap: converted with recipe {recipe}: {counts['quantized']} modules quantized, "
+                    f"{counts['float']} left float, {counts['skipped']} skipped")
+        self._qswap_calib_left = int(getattr(opts, "qswap_calib_batches", 0) or 0)
+        return model
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if getattr(self, "_qswap_calib_left", 0) > 0:
+            self._qswap_calibration_step(model, sample)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def _qswap_calibration_step(self, model, sample):
+        quantizers = activation_quantizers(model)
+        if not quantizers or all(bool(q.frozen) for q in quantizers):
+            self._qswap_calib_left = 0  # a resumed or already calibrated checkpoint
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(**sample["net_input"])
+        finally:
+            model.train(was_training)
+        self._qswap_calib_left -= 1
+        if self._qswap_calib_left == 0:
+            frozen = freeze_observed(model)
+            logger.info(f"qswap: calibrated and froze {frozen} activation quantizers")
+
+    def build_generator(self, models, args, *a, **kw):
+        if getattr(self._qswap_opts(), "qswap_audit", False):
+            self._qswap_print_audit(models[0], args)
+        return super().build_generator(models, args, *a, **kw)
+
+    def _qswap_print_audit(self, model, args):
+        from qswap.integration.data import first_net_input
+        subset = getattr(args, "gen_subset", None) or "test"
+        net_input = first_net_input(self, subset, count=2)
+        report = qswap.audit(model, net_input)
+        verdict = "HONEST" if report.honest else f"NOT HONEST ({len(report.violations)} float ops)"
+        print(f"qswap audit: {verdict}; paths: {', '.join(report.paths)}", flush=True)
+        for v in report.violations[:20]:
+            print(f"qswap audit:   {v.module}: {v.op} ({v.operand}) {v.reason}", flush=True)
+
+
+class SpeechToTextQswapTask(QswapTaskMixin, SpeechToTextTask):
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        parser.add_argument("--qswap-recipe", type=str, default=None, metavar="RECIPE", help=HELP["recipe"])
+        parser.add_argument("--qswap-calib-batches", type=int, default=0, metavar="N", help=HELP["calib"])
+        parser.add_argument("--qswap-audit", action="store_true", help=HELP["audit"])
+        parser.add_argument("--qswap-strict", action="store_true", help=HELP["strict"])
+
+
+@dataclass
+class AudioFinetuningQswapConfig(AudioFinetuningConfig):
+    qswap_recipe: Optional[str] = field(default=None, metadata={"help": HELP["recipe"]})
+    qswap_calib_batches: int = field(default=0, metadata={"help": HELP["calib"]})
+    qswap_audit: bool = field(default=False, metadata={"help": HELP["audit"]})
+    qswap_strict: bool = field(default=False, metadata={"help": HELP["strict"]})
+
+
+class AudioFinetuningQswapTask(QswapTaskMixin, AudioFinetuningTask):
+    pass
+
+
+def register_tasks() -> None:
+    """Register both tasks once; importing the plugin twice must not crash."""
+    if "speech_to_text_qswap" not in TASK_REGISTRY:
+        register_task("speech_to_text_qswap")(SpeechToTextQswapTask)
+    if "audio_finetuning_qswap" not in TASK_REGISTRY:
+        register_task("audio_finetuning_qswap", dataclass=AudioFinetuningQswapConfig)(AudioFinetuningQswapTask)

@@ -1,0 +1,96 @@
+"""Atomic file writes: a temporary file in the target's directory, flushed, fsynced and renamed.
+
+A reader (or a crash, or a SIGKILL) sees either the previous file or the complete new one, never
+a half-written target. The temporary file is hidden (``.name.XXXXXXXX.tmp``), so it cannot pass
+for the target; it is removed when the writer raises.
+
+>>> atomic_write_text("report.json", json.dumps(report))
+>>> with atomic_open("model.pt", "wb") as f:     # for writers that take a file: torch.save
+...     torch.save(state, f)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import IO, Iterator
+
+from qswap.errors import OutputError
+
+_MODES = ("w", "wt", "wb")
+
+
+@contextlib.contextmanager
+def atomic_open(path: "str | os.PathLike[str]", mode: str = "wb", *,
+                encoding: str = "utf-8") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on a clean exit it replaces ``path``.
+
+    Raises OutputError when the directory does not exist or is not writable. If the ``with``
+    body raises, the temporary file is removed and ``path`` is left as it was.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"atomic_open writes whole files; mode must be one of {_MODES}, got {mode!r}")
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"cannot write {target}: it is a directory")
+    fd, tmp = _create_temp(target)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        _copy_mode(target, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: "str | os.PathLike[str]", text: str, encoding: str = "utf-8") -> None:
+    with atomic_open(path, "w", encoding=encoding) as f:
+        f.write(text)
+
+
+def _create_temp(target: Path) -> tuple[int, str]:
+    """A new hidden file in the target's directory, created with the usual umask-derived mode."""
+    directory = target.parent
+    for _ in range(100):
+        tmp = directory / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot write {target}: {exc.strerror} ({directory})") from None
+    raise OutputError(f"cannot write {target}: no free temporary file name in {directory}")
+
+
+def _copy_mode(target: Path, tmp: str) -> None:
+    """Keep the permissions of the file being replaced."""
+    try:
+        os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
