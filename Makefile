@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q
-FAIRSEQ_DEPS := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex "sacrebleu>=1.4.12" tqdm bitarray scikit-learn packaging
+FAIRSEQ_DEPS := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex "sacrebleu>=1.4.12" tqdm bitarray scikit-learn packaging editdistance
 
 .PHONY: install demo test bench clean
 

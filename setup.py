@@ -17,6 +17,7 @@ setup(
         "sentencepiece",
         "jiwer",
         "pyyaml",
+        "regex",  # recipe path regexes run with a timeout (also a fairseq dependency)
         "rich",
         "kaldi-native-fbank",
     ],

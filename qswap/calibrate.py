@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from qswap.errors import CalibrationError
+from qswap.errors import CalibrationError, QswapError
 from qswap.quant.fake_quantize import FakeQuantize
 
 
@@ -40,7 +40,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
             for batch in batches:
                 if max_batches is not None and count >= max_batches:
                     break
-                run(model, batch)
+                _run_batch(run, model, batch, count)
                 count += 1
                 if progress is not None:
                     progress(count)
@@ -51,6 +51,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
                                "representative inputs")
     freeze_observed(model)
     unseen = [q for q in quantizers if not q.initialized]
+    if unseen and len(unseen) == len(quantizers):
+        raise CalibrationError(f"none of the {len(quantizers)} activation quantizers saw data: the "
+                               f"{count} batch(es) were empty; pass batches with real inputs")
     if unseen:  # sites the batches never reached (e.g. incremental-decoding-only paths)
         import warnings
         warnings.warn(f"{len(unseen)} activation quantizer(s) saw no data during calibration and "
@@ -58,12 +61,27 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
     return count
 
 
+def _run_batch(run: Callable[[nn.Module, Any], Any], model: nn.Module, batch: Any, index: int) -> None:
+    """Run one batch; a model that cannot take it is the caller's input error, said in one line."""
+    try:
+        run(model, batch)
+    except QswapError:
+        raise
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise CalibrationError(f"calibration batch {index}: the model raised {type(exc).__name__}: "
+                               f"{reason}; check that the batches are what the model takes") from exc
+
+
 def _default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
-    return model(batch)
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    raise CalibrationError(f"a calibration batch is a net_input dict, a tuple or a tensor, got "
+                           f"{type(batch).__name__}; pass forward=... to run other batch types")
 
 
 def freeze_observed(model: nn.Module) -> int:

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from qswap.errors import ConvertError
@@ -56,7 +57,7 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
     if _already_converted(model):
         raise ConvertError("this model already contains qswap quantizers; convert the float model "
                            "(or load the quantized checkpoint as it is)")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _deepcopy(model)
     report = ConvertReport(recipe=recipe.name, float_ok=dict(recipe.float_ok))
     plans, hit_rules = _walk(target, recipe, report)
     _check_rules(recipe, hit_rules, report, strict)
@@ -76,6 +77,19 @@ def _register_fairseq_counterparts() -> None:
     then (``import qswap`` alone never imports fairseq)."""
     if "fairseq" in sys.modules:
         importlib.import_module("qswap.nn.fairseq")
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy``, after recomputing ``torch.nn.utils.weight_norm`` weights without grad:
+    a weight-normed module built or run with grad enabled (wav2vec 2.0's positional conv) holds
+    a non-leaf ``weight``, which deepcopy refuses. The recomputed values are the same."""
+    from torch.nn.utils.weight_norm import WeightNorm
+    with torch.no_grad():
+        for module in model.modules():
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, WeightNorm):
+                    setattr(module, hook.name, hook.compute_weight(module))
+    return copy.deepcopy(model)
 
 
 def _already_converted(model: nn.Module) -> bool:

@@ -22,6 +22,33 @@ def make_dictionary(num_symbols: int = 40):
     return d
 
 
+_S2T_SMALL = dict(input_feat_per_channel=80, input_channels=1, conv_kernel_sizes="5,5",
+                  conv_channels=64, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
+                  encoder_layers=2, encoder_attention_heads=4, decoder_layers=2,
+                  decoder_attention_heads=4, decoder_ffn_embed_dim=128,
+                  max_source_positions=6000, max_target_positions=1024,
+                  share_decoder_input_output_embed=True, dropout=0.0, attention_dropout=0.0,
+                  activation_dropout=0.0, load_pretrained_encoder_from=None)
+_SIZE_KEYS = ("encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_layers", "encoder_attention_heads",
+              "decoder_attention_heads", "decoder_ffn_embed_dim", "decoder_layers", "conv_channels")
+
+
+def _build_s2t(model_cls, arch: str, default_arch: str, small: dict, dictionary, seed: int,
+               overrides: dict):
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    small = dict(small)
+    if arch != default_arch:  # let the named architecture choose its own sizes
+        for key in _SIZE_KEYS:
+            small.pop(key, None)
+    args = argparse.Namespace(**{**small, **overrides})
+    ARCH_CONFIG_REGISTRY[arch](args)
+    dictionary = dictionary if dictionary is not None else make_dictionary()
+    task = types.SimpleNamespace(target_dictionary=dictionary)  # all build_model reads of a task
+    torch.manual_seed(seed)
+    return model_cls.build_model(args, task).eval()
+
+
 def build_s2t_transformer(dictionary=None, *, seed: int = 0, arch: str = "s2t_transformer",
                           **overrides: Any):
     """fairseq's S2TTransformerModel, small by default (2+2 layers, dim 64), in eval mode.
@@ -29,27 +56,56 @@ def build_s2t_transformer(dictionary=None, *, seed: int = 0, arch: str = "s2t_tr
     ``overrides`` are fairseq architecture args (``encoder_layers=6``...); ``arch`` names one of
     fairseq's registered s2t_transformer architectures whose defaults fill the rest.
     """
-    from fairseq.models import ARCH_CONFIG_REGISTRY
     from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerModel
 
-    small = dict(input_feat_per_channel=80, input_channels=1, conv_kernel_sizes="5,5",
-                 conv_channels=64, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
-                 encoder_layers=2, encoder_attention_heads=4, decoder_layers=2,
-                 decoder_attention_heads=4, decoder_ffn_embed_dim=128,
-                 max_source_positions=6000, max_target_positions=1024,
-                 share_decoder_input_output_embed=True, dropout=0.0, attention_dropout=0.0,
-                 activation_dropout=0.0, load_pretrained_encoder_from=None)
-    if arch != "s2t_transformer":  # let the named architecture choose its own sizes
-        for key in ("encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_layers",
-                    "encoder_attention_heads", "decoder_attention_heads", "decoder_ffn_embed_dim",
-                    "decoder_layers", "conv_channels"):
-            small.pop(key)
-    args = argparse.Namespace(**{**small, **overrides})
-    ARCH_CONFIG_REGISTRY[arch](args)
+    return _build_s2t(S2TTransformerModel, arch, "s2t_transformer", _S2T_SMALL, dictionary, seed,
+                      overrides)
+
+
+def build_s2t_conformer(dictionary=None, *, seed: int = 0, arch: str = "s2t_conformer",
+                        **overrides: Any):
+    """fairseq's S2TConformerModel, small by default (2 conformer layers + 2 decoder layers,
+    dim 64, depthwise kernel 7), rel-pos ESPnet attention, in eval mode.
+
+    ``pos_enc_type`` is "rel_pos" (default), "abs" or "rope"; fairseq needs ``attn_type="espnet"``
+    for rel_pos and rope (with its default attention it passes ``pos_emb`` to fairseq's
+    MultiheadAttention and crashes). ``overrides`` are fairseq architecture args.
+    """
+    from fairseq.models.speech_to_text.s2t_conformer import S2TConformerModel
+
+    small = {**_S2T_SMALL, "attn_type": "espnet", "pos_enc_type": "rel_pos",
+             "depthwise_conv_kernel_size": 7, "fp16": False}
+    return _build_s2t(S2TConformerModel, arch, "s2t_conformer", small, dictionary, seed, overrides)
+
+
+def build_wav2vec2_ctc(dictionary=None, *, seed: int = 0, **overrides: Any):
+    """fairseq's Wav2VecCtc (wav2vec 2.0 encoder + CTC projection), random weights, small by
+    default (3 conv feature layers of 32 channels, 2 transformer layers of dim 32), in eval mode.
+
+    Builds without a pretrained checkpoint: ``w2v_args`` is a full FairseqConfig whose model is
+    a small Wav2Vec2Config and whose task is an AudioPretrainingConfig (``tpu``, ``seed`` and
+    ``normalize`` set explicitly: they are interpolations otherwise). ``overrides`` are
+    Wav2Vec2Config fields (``extractor_mode="layer_norm"``, ``layer_norm_first=True``...).
+    """
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config
+    from fairseq.models.wav2vec.wav2vec2_asr import Wav2Vec2CtcConfig, Wav2VecCtc
+    from fairseq.tasks.audio_pretraining import AudioPretrainingConfig
+    from omegaconf import OmegaConf
+
+    small = dict(conv_feature_layers="[(32, 10, 5), (32, 3, 2), (32, 2, 2)]", encoder_embed_dim=32,
+                 encoder_ffn_embed_dim=64, encoder_layers=2, encoder_attention_heads=4, conv_pos=16,
+                 conv_pos_groups=4, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    model_cfg = Wav2Vec2Config(**{**small, **overrides})
+    model_cfg._name = "wav2vec2"
+    task_cfg = AudioPretrainingConfig(data=".", normalize=False, tpu=False, seed=seed)
+    task_cfg._name = "audio_pretraining"
+    w2v_args = OmegaConf.structured(FairseqConfig(model=model_cfg, task=task_cfg))
+    cfg = Wav2Vec2CtcConfig(w2v_args=w2v_args, w2v_path="", no_pretrained_weights=True,
+                            normalize=False, data=".", ddp_backend="c10d")
     dictionary = dictionary if dictionary is not None else make_dictionary()
-    task = types.SimpleNamespace(target_dictionary=dictionary)  # all build_model reads of a task
     torch.manual_seed(seed)
-    model = S2TTransformerModel.build_model(args, task)
+    model = Wav2VecCtc.build_model(cfg, types.SimpleNamespace(target_dictionary=dictionary))
     return model.eval()
 
 
@@ -68,3 +124,19 @@ def s2t_net_input(batch: int = 2, frames: int = 60, feat: int = 80, num_tokens: 
     prev = torch.randint(4, vocab, (batch, num_tokens), generator=g)
     prev[:, 0] = 2  # eos starts every target sequence in fairseq
     return {"src_tokens": src, "src_lengths": lengths, "prev_output_tokens": prev}
+
+
+def wav2vec2_net_input(batch: int = 2, samples: int = 2000, seed: int = 0,
+                       ragged: bool = True) -> dict[str, torch.Tensor]:
+    """A fairseq audio ``net_input`` for Wav2VecCtc: raw waveforms and their padding mask.
+
+    With ``ragged`` the second utterance is a quarter shorter (zero-padded, mask True there).
+    """
+    g = torch.Generator().manual_seed(seed)
+    source = 0.1 * torch.randn(batch, samples, generator=g)
+    padding_mask = torch.zeros(batch, samples, dtype=torch.bool)
+    if ragged and batch > 1:
+        padding_mask[1:, samples - samples // 4:] = True
+        source[1:, samples - samples // 4:] = 0.0
+    return {"source": source, "padding_mask": padding_mask}
+s2t_conformer_net_input = s2t_net_input  # the S2T conformer reads the same features

@@ -76,6 +76,8 @@ def train_cmd(a: argparse.Namespace) -> List[str]:
         # multiple of required_batch_size_multiple (default 8): use 1 so no utterance is lost
         "--required-batch-size-multiple", "1",
     ]
+    if a.restore_file:  # continue a run (optimizer state included)
+        cmd += ["--restore-file", str(a.restore_file)]
     return cmd
 
 
@@ -89,12 +91,20 @@ def do_train(a: argparse.Namespace) -> None:
     print(" ".join(cmd), flush=True)
     t0 = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    if a.restore_file:
+        # fairseq 0.12 training checkpoints pickle argparse.Namespace; torch >= 2.6 refuses that
+        # under its weights_only default. These are our own checkpoints, so allow it for resume.
+        env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
     # fairseq 0.12 resolves manifest `audio` against config `audio_root` (default: the current
     # working directory), so train from inside the data directory.
-    with open(work / "train.log", "w") as log:
+    with open(work / "train.log", "a" if a.restore_file else "w") as log:
         p = subprocess.run(cmd, cwd=str(a.data), stdout=log, stderr=subprocess.STDOUT, env=env)
     secs = time.time() - t0
-    (work / "train_time.json").write_text(json.dumps({"train_seconds": round(secs, 1)}) + "\n")
+    tt = work / "train_time.json"
+    prev = json.loads(tt.read_text()) if (a.restore_file and tt.exists()) else {"train_seconds": 0.0, "runs": []}
+    prev["runs"] = prev.get("runs", []) + [round(secs, 1)]
+    prev["train_seconds"] = round(sum(prev["runs"]), 1)
+    tt.write_text(json.dumps(prev) + "\n")
     if p.returncode != 0:
         sys.exit(f"fairseq-train failed (rc={p.returncode}); see {work / 'train.log'}")
     print(f"training took {secs / 60:.1f} min", flush=True)
@@ -108,12 +118,38 @@ def _epoch_ckpts(work: Path) -> List[Path]:
     return sorted((Path(p) for p in ck), key=lambda p: int(re.findall(r"\d+", p.name)[0]))
 
 
+def _ckpt_epoch(p: Path) -> Optional[int]:
+    m = re.fullmatch(r"checkpoint(\d+)\.pt", p.name)
+    return int(m.group(1)) if m else None
+
+
+def _plain(x):
+    """argparse.Namespace / numpy scalars -> plain containers, so that torch.load's default
+    weights_only=True (torch >= 2.6, which fairseq 0.12's load_checkpoint_to_cpu relies on)
+    can read the checkpoint; fairseq rebuilds the cfg with OmegaConf.create either way."""
+    import argparse
+
+    import numpy as np
+
+    if isinstance(x, argparse.Namespace):
+        x = vars(x)
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(v) for v in x)
+    if isinstance(x, np.generic):
+        return x.item()
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise TypeError(f"cannot store {type(x).__name__} in a weights-only checkpoint")
+
+
 def average_and_strip(paths: List[Path], out: Path, fp16: bool) -> Dict:
     import torch
 
     avg = None
     state0 = None
-    for p in paths:
+    for p in paths[::-1]:  # state0 (cfg, optimizer history) = the last checkpoint
         st = torch.load(str(p), map_location="cpu", weights_only=False)
         m = {k: v.double() if v.is_floating_point() else v for k, v in st["model"].items()}
         if avg is None:
@@ -126,22 +162,29 @@ def average_and_strip(paths: List[Path], out: Path, fp16: bool) -> Dict:
         if avg[k].is_floating_point():
             avg[k] /= len(paths)
             avg[k] = avg[k].to(torch.float16 if fp16 else torch.float32)
-    cfg = state0["cfg"]
+    cfg = _plain(state0["cfg"])
     # neutral, machine-independent paths; callers override task.data anyway
-    try:
-        cfg["task"]["data"] = "."
-        cfg["checkpoint"]["save_dir"] = "checkpoints"
-    except (KeyError, TypeError):
-        pass
+    def _set(section, key, value):
+        sec = cfg.get(section) if isinstance(cfg, dict) else getattr(cfg, section, None)
+        if isinstance(sec, dict):
+            if key in sec:
+                sec[key] = value
+        elif sec is not None and hasattr(sec, key):  # argparse.Namespace (legacy model/task cfg)
+            setattr(sec, key, value)
+
+    for section in ("task", "model"):
+        _set(section, "data", ".")
+        _set(section, "save_dir", "checkpoints")
+    _set("checkpoint", "save_dir", "checkpoints")
     stripped = {
         "cfg": cfg,
         "args": None,
         "model": avg,
-        "optimizer_history": [
+        "optimizer_history": _plain([
             {k: v for k, v in h.items() if k in ("criterion_name", "optimizer_name", "lr_scheduler_state", "num_updates")}
             for h in state0.get("optimizer_history", [])[-1:]
-        ],
-        "extra_state": {"epoch": state0.get("extra_state", {}).get("epoch"),
+        ]),
+        "extra_state": {"epoch": _ckpt_epoch(paths[-1]),
                         "averaged_checkpoints": [p.name for p in paths]},
         "last_optimizer_state": None,
     }
@@ -173,9 +216,10 @@ def do_finalize(a: argparse.Namespace) -> None:
         cfg["global_cmvn"]["stats_npz_path"] = "gcmvn.npz"
     with open(asset / "config.yaml", "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
+    src = Path(a.shipped_from) if a.shipped_from else data
     for split in SHIPPED_SPLITS:
-        shutil.copy2(data / f"{split}.tsv", asset / f"{split}.tsv")
-        shutil.copy2(data / f"fbank80_{split}.zip", asset / f"fbank80_{split}.zip")
+        shutil.copy2(src / f"{split}.tsv", asset / f"{split}.tsv")
+        shutil.copy2(src / f"fbank80_{split}.zip", asset / f"fbank80_{split}.zip")
     tt = work / "train_time.json"
     info["train_seconds"] = json.loads(tt.read_text())["train_seconds"] if tt.exists() else None
     (work / "finalize.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -249,7 +293,7 @@ def fairseq_generate_wer(asset_dir: Path, split: str, beam: int = 5) -> float:
             yaml.safe_dump(cfg, f)
         cmd = [gen, str(asset_dir), "--config-yaml", str(Path(tmp) / "config.yaml"), "--gen-subset", split,
                "--task", "speech_to_text", "--path", str(asset_dir / "checkpoint.pt"), "--beam", str(beam),
-               "--max-tokens", "20000", "--scoring", "wer", "--cpu", "--results-path", tmp,
+               "--max-tokens", "20000", "--scoring", "sacrebleu", "--cpu", "--results-path", tmp,
                "--required-batch-size-multiple", "1"]  # see train_cmd: otherwise utterances are dropped
         p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
         if p.returncode != 0:
@@ -316,7 +360,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--data", type=Path, help="data directory from tools/make_corpus.py")
     ap.add_argument("--work", type=Path, help="run directory (checkpoints, logs)")
     ap.add_argument("--asset-dir", type=Path, default=REPO / "qswap" / "assets" / "s2t_demo")
+    ap.add_argument("--shipped-from", type=Path, default=None,
+                    help="take the shipped test/test_heldout manifests+features from this data directory "
+                         "(default: --data); must hold the same utterances as --data's test splits")
     ap.add_argument("--hours", type=float, default=0.6, help="fairseq --stop-time-hours")
+    ap.add_argument("--restore-file", type=Path, default=None,
+                    help="continue training from this fairseq checkpoint (e.g. WORK/checkpoints/checkpoint12.pt)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=400)
     ap.add_argument("--max-tokens", type=int, default=24000)

@@ -24,7 +24,8 @@ def load_model_and_task(checkpoint: str | Path, data: str | Path | None = None, 
 
 def load_subset(task, subset: str) -> Any:
     try:
-        task.load_dataset(subset)
+        if subset not in task.datasets:
+            task.load_dataset(subset)
     except FileNotFoundError as exc:
         raise DataError(f"subset {subset!r} not found: {exc}; the data directory needs "
                         f"{subset}.tsv") from None

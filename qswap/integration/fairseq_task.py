@@ -41,7 +41,9 @@ class QswapTaskMixin:
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         opts = self._qswap_opts()
-        recipe = getattr(opts, "qswap_recipe", None)
+        # the command line wins; otherwise the recipe the checkpoint was trained/converted with
+        # (legacy fairseq models keep every training arg in their model cfg)
+        recipe = getattr(opts, "qswap_recipe", None) or getattr(cfg, "qswap_recipe", None)
         if not recipe:
             return model
         model = qswap.convert(model, recipe, inplace=True, strict=getattr(opts, "qswap_strict", False) or None)
@@ -90,6 +92,10 @@ class QswapTaskMixin:
 
 
 class SpeechToTextQswapTask(QswapTaskMixin, SpeechToTextTask):
+    def __init__(self, args, tgt_dict):
+        super().__init__(args, tgt_dict)
+        resolve_audio_root(self.data_cfg)
+
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
@@ -109,6 +115,23 @@ class AudioFinetuningQswapConfig(AudioFinetuningConfig):
 
 class AudioFinetuningQswapTask(QswapTaskMixin, AudioFinetuningTask):
     pass
+
+
+def resolve_audio_root(data_cfg) -> None:
+    """Manifest paths without an ``audio_root`` are relative to the data directory (so a data
+    directory can move), not to the working directory as plain fairseq reads them."""
+    if not data_cfg.config.get("audio_root"):
+        data_cfg.config["audio_root"] = str(data_cfg.root)
+
+
+def allow_fairseq_checkpoints() -> None:
+    """Let fairseq's own ``torch.load`` calls (``--finetune-from-model``, ``--path``, resuming)
+    read fairseq checkpoints under torch >= 2.6, whose ``weights_only=True`` default refuses
+    ``argparse.Namespace`` and OmegaConf containers. This adds qswap's allowlist of exactly those
+    classes (``qswap.io.checkpoint.allowed_globals``) for the fairseq process that loaded the
+    plugin: still ``weights_only`` loading, never arbitrary pickles."""
+    from qswap.io.checkpoint import allowed_globals
+    torch.serialization.add_safe_globals(allowed_globals())
 
 
 def register_tasks() -> None:

@@ -71,14 +71,15 @@ def derived_weight(owner: nn.Module, slot: str, compute: Callable[[], torch.Tens
     """A weight computed from parameters/buffers only (weight norm, folded BatchNorm): constant-
     foldable preprocessing, recomputed when a source changes (its version or storage).
 
-    The latest result stays referenced as ``owner.<slot>`` until the next one exists, so two
-    successive results never share an address: a weight FakeQuantize, which recognizes its
-    input by address and version, re-derives its grid exactly when the weight changes.
+    The latest result stays referenced as the plain tensor attribute ``owner.<slot>`` until the
+    next one exists, so two successive results never share an address: a weight FakeQuantize,
+    which recognizes its input by address and version, re-derives its grid exactly when the
+    weight changes.
     """
     key = tuple((s._version, s.data_ptr()) for s in sources)
     cached = owner.__dict__.get(slot)
-    if cached is not None and cached[0] == key and not torch.is_grad_enabled():
-        return cached[1]
+    if cached is not None and owner.__dict__.get(f"{slot}_key") == key and not torch.is_grad_enabled():
+        return cached
     weight = compute()
-    owner.__dict__[slot] = (key, weight.detach())
+    owner.__dict__[slot], owner.__dict__[f"{slot}_key"] = weight.detach(), key
     return weight

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, weight_quantizer
+from qswap.errors import ConvertError
+from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, derived_weight, weight_quantizer
 from qswap.nn.registry import register
+from qswap.quant.bias import BiasQuantize
 
 
 class _QNorm(QuantModule):
@@ -63,3 +65,60 @@ class QGroupNorm(_QNorm):
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, eps={self.eps}"
+
+
+@register(nn.BatchNorm1d)
+class QBatchNorm1d(QuantModule):
+    """BatchNorm1d at inference is a per-channel affine map: folded into scale
+    ``w = gamma / sqrt(var + eps)`` (weight-quantized) and shift ``b = beta - mean * w`` (on the
+    int32 grid of ``input_scale * w_scale``), it runs as a depthwise 1x1 convolution on the
+    quantized input. In training mode it normalizes the quantized input with batch statistics
+    (and updates the running ones) as nn.BatchNorm1d does.
+    """
+
+    sites = ("input", "weight")
+
+    def __init__(self, module: nn.BatchNorm1d, config: QuantConfig):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = module.num_features, module.eps, module.momentum
+        self.weight, self.bias = module.weight, module.bias
+        self.register_buffer("running_mean", module.running_mean)
+        self.register_buffer("running_var", module.running_var)
+        self.register_buffer("num_batches_tracked", module.num_batches_tracked)
+        self.input_quant = act_quantizer(config, "input")
+        self.weight_quant = weight_quantizer(config)
+        self.bias_quant = BiasQuantize()
+
+    @classmethod
+    def from_float(cls, module: nn.BatchNorm1d, config: QuantConfig) -> "QBatchNorm1d":
+        if not module.track_running_stats:
+            raise ConvertError("BatchNorm1d with track_running_stats=False normalizes with batch "
+                               "statistics at inference and cannot be folded; it is not supported")
+        return cls(module, config)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of the inference affine map, each (C,)."""
+        def scale() -> torch.Tensor:
+            inv_std = torch.rsqrt(self.running_var + self.eps)
+            return inv_std if self.weight is None else self.weight * inv_std
+        sources = [t for t in (self.weight, self.running_var) if t is not None]
+        w = derived_weight(self, "_folded_scale", scale, *sources)
+        b = -self.running_mean * w if self.bias is None else self.bias - self.running_mean * w
+        return w, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quant(x)  # (B, C) or (B, C, L)
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                True, factor, self.eps)
+        w, b = self.folded()
+        wq = self.weight_quant(w)
+        bq = self.bias_quant(b, self.input_quant, self.weight_quant)
+        x3 = x.unsqueeze(-1) if x.dim() == 2 else x  # (B, C, L)
+        y = F.conv1d(x3, wq.view(-1, 1, 1), bq, groups=self.num_features)  # (B, C, L)
+        return y.squeeze(-1) if x.dim() == 2 else y
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, folded at inference"

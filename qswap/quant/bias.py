@@ -25,7 +25,8 @@ class BiasQuantize(nn.Module):
                 rows: slice | None = None) -> torch.Tensor | None:
         """``rows`` picks the weight-scale rows of this bias (a fused q/k/v projection)."""
         if bias is None or not (isinstance(input_quant, FakeQuantize) and input_quant.enabled
-                                and isinstance(weight_quant, FakeQuantize) and weight_quant.enabled):
+                                and isinstance(weight_quant, FakeQuantize) and weight_quant.enabled
+                                and input_quant.initialized):  # an empty input: no grid yet
             return bias  # nothing to align to: the bias stays float, and the audit says so
         w_scale = weight_quant.scale.detach()
         if w_scale.dim() > 1:  # per-group: rows of the weight, finest group grid of each row

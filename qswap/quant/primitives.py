@@ -22,6 +22,9 @@ from qswap.quant.spec import QuantSpec
 
 # Smallest scale we ever emit: keeps all-zero or constant tensors finite (never 0 or NaN).
 MIN_SCALE = float(torch.finfo(torch.float32).eps)
+# Ranges are clipped to +-float32 max / 8: wider ones overflow the scale or the grid's ends to inf.
+MAX_RANGE = float(torch.finfo(torch.float32).max) / 8
+_FLOOR_SLACK = 2.0 ** -20  # 8 float32 ulps, relative
 
 
 def groups_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -57,8 +60,8 @@ def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor,
     if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
         raise CalibrationError("cannot choose quantization parameters for non-finite values "
                                "(NaN or inf in the observed tensor); check the input data")
-    lo = torch.clamp(min_val.float(), max=0.0)
-    hi = torch.clamp(max_val.float(), min=0.0)
+    lo = torch.clamp(min_val.float(), min=-MAX_RANGE, max=0.0)
+    hi = torch.clamp(max_val.float(), min=0.0, max=MAX_RANGE)
     qmin, qmax = spec.qmin, spec.qmax
     if spec.symmetric:
         amax = torch.maximum(-lo, hi) if spec.signed else hi
@@ -87,7 +90,9 @@ def _round(t: torch.Tensor, mode: str) -> torch.Tensor:
         return torch.round(t)
     if mode == "half_away":
         return torch.sign(t) * torch.floor(t.abs() + 0.5)
-    return torch.floor(t)
+    # A grid value divided by its scale can land a rounding error below its integer code; floor
+    # must keep that code, or fake-quantizing twice would move the value down a step.
+    return torch.floor(t + t.abs() * _FLOOR_SLACK)
 
 
 def _round_ste(t: torch.Tensor, mode: str) -> torch.Tensor:
@@ -128,7 +133,10 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 def _fake_quantize_ref(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                        spec: QuantSpec) -> torch.Tensor:
     zp = zero_point.to(x.dtype)
-    codes = torch.clamp(_round_ste(x / scale, spec.rounding) + zp, spec.qmin, spec.qmax)
+    # x / scale overflows to inf for huge x and a tiny scale, and the straight-through estimator
+    # would turn inf into NaN (inf - inf); values a step beyond the grid are clamped anyway.
+    t = torch.clamp(x / scale, spec.qmin - zp - 1, spec.qmax - zp + 1)
+    codes = torch.clamp(_round_ste(t, spec.rounding) + zp, spec.qmin, spec.qmax)
     return (codes - zp) * scale
 
 

@@ -114,7 +114,7 @@ class QuantSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantSpec":
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise SpecError(f"unknown QuantSpec field(s) {sorted(unknown)}; known fields: "
+            raise SpecError(f"unknown QuantSpec field(s) {sorted(map(str, unknown))}; known fields: "
                             f"{', '.join(f.name for f in dataclasses.fields(cls))}")
         return cls(**data)
 

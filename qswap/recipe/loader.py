@@ -223,4 +223,6 @@ class _Ctx:
 
 
 def _tname(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "mapping"
     return "null" if value is None else type(value).__name__

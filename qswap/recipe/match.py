@@ -5,9 +5,15 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
+import regex
 from torch import nn
 
+from qswap.errors import RecipeError
+
 MAX_PATTERN_LENGTH = 500
+# Nested quantifiers are refused below, but overlapping alternatives such as (.|\w)*\d{3} also
+# backtrack exponentially; ``re:`` patterns run on the `regex` engine, which can time out.
+REGEX_TIMEOUT_S = 1.0
 # A quantified group that itself contains a quantifier, e.g. (a+)+ or (\w*)*: the classic
 # catastrophic-backtracking shape. Python's re has no timeout, so such patterns are refused.
 _NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)\s*(?:[+*]|\{\d*,)")
@@ -17,7 +23,7 @@ class PatternError(ValueError):
     pass
 
 
-def compile_path(pattern: str) -> tuple[str, "re.Pattern[str] | None"]:
+def compile_path(pattern: str) -> tuple[str, "re.Pattern[str] | regex.Pattern[str] | None"]:
     """('exact'|'glob'|'regex', compiled regex or None). Raises PatternError."""
     if not isinstance(pattern, str) or not pattern:
         raise PatternError(f"a path pattern must be a non-empty string, got {pattern!r}")
@@ -29,8 +35,8 @@ def compile_path(pattern: str) -> tuple[str, "re.Pattern[str] | None"]:
             raise PatternError(f"regex {body!r} nests quantifiers (like (a+)+), which can take "
                                f"exponential time; rewrite it without a repeated repeated group")
         try:
-            return "regex", re.compile(body)
-        except re.error as exc:
+            return "regex", regex.compile(body)
+        except regex.error as exc:
             raise PatternError(f"invalid regex {body!r}: {exc}") from None
     if any(c in pattern for c in "*?["):
         return "glob", re.compile(fnmatch.translate(pattern))
@@ -56,7 +62,14 @@ class Match:
             return True
         if self._kind == "exact":
             return path == self.path
-        return self._regex.fullmatch(path) is not None
+        if self._kind == "glob":
+            return self._regex.fullmatch(path) is not None
+        try:
+            return self._regex.fullmatch(path, timeout=REGEX_TIMEOUT_S) is not None
+        except TimeoutError:
+            raise RecipeError(f"regex {self.path[3:]!r} took over {REGEX_TIMEOUT_S:g} s to match "
+                              f"module path {path!r} (catastrophic backtracking); rewrite it "
+                              f"without overlapping repeated alternatives like (.|\\w)*") from None
 
     def describe(self) -> str:
         parts = []

@@ -1,2 +1,22 @@
 """Counterparts of fairseq modules (imports fairseq). Registered on import; ``qswap.convert``
-imports this package whenever fairseq is already imported."""
+imports this package whenever fairseq is already imported.
+
+Modules that only move data at inference are passthrough (listed by class name in
+``PASSTHROUGH``): ``TransposeLast`` and ``SamePad`` (wav2vec 2.0), ``RelPositionalEncoding``
+(slices a constant table that the rel-pos attention's ``linear_pos`` quantizes).
+What each counterpart quantizes is listed in docs/architectures.md.
+"""
+from qswap.nn.fairseq import (  # noqa: F401  (registration)
+    attention,
+    conformer,
+    espnet,
+    layers,
+    models,
+    norms,
+    positional,
+    subsample,
+    wav2vec2,
+)
+from qswap.nn.registry import PASSTHROUGH
+
+PASSTHROUGH.update({"TransposeLast", "SamePad", "RelPositionalEncoding"})

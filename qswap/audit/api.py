@@ -1,0 +1,117 @@
+"""``qswap.audit(model, inputs)``: run the inference paths under the tracker, return a report."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from qswap.audit.paths import check_inputs, run_paths
+from qswap.audit.report import TOTAL_KEYS, HonestyReport
+from qswap.audit.tracker import Tracker
+from qswap.errors import AuditError, QswapError
+from qswap.nn.base import QuantModule
+from qswap.quant.fake_quantize import FakeQuantize
+
+_MODEL_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+
+
+def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = None,
+          decode_steps: int = 3) -> HonestyReport:
+    """Check that every op on the executed inference path ran on quantized values.
+
+    ``inputs`` is a fairseq ``net_input`` dict (encoder-decoder models also get incremental
+    decoding of ``decode_steps`` steps audited; CTC models their output normalization), a tuple
+    of arguments, or a tensor. ``float_ok`` adds declared exceptions to the recipe's own.
+    The model runs in eval mode under ``torch.no_grad``; its modes and any still-observing
+    quantizer's state are restored afterwards.
+
+    >>> report = qswap.audit(qmodel, net_input)
+    >>> report.honest, [(v.module, v.op) for v in report.violations][:3]
+    """
+    if not isinstance(model, nn.Module):
+        raise AuditError(f"audit() takes a torch.nn.Module, got {type(model).__name__}")
+    check_inputs(inputs)
+    declared = {**getattr(getattr(model, "qswap_report", None), "float_ok", {}), **(float_ok or {})}
+    tracker = Tracker(declared)
+    restore, observing = _prepare(model)
+    try:
+        tracker.attach(model)
+        with torch.no_grad(), tracker:
+            kind = _run(model, inputs, tracker, decode_steps)
+    finally:
+        tracker.detach()
+        restore()
+    _check_executed(model, tracker)
+    observed = sum(1 for q in observing if id(q) in tracker.ran_quantizers)
+    return _report(model, tracker, kind, observed)
+
+
+def _run(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int) -> str:
+    try:
+        return run_paths(model, inputs, tracker, decode_steps)
+    except QswapError:
+        raise
+    except _MODEL_ERRORS as exc:
+        where = tracker.findings.paths[-1].name if tracker.findings.paths else "setup"
+        raise AuditError(f"the model failed on the '{where}' path with these inputs: "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def _prepare(model: nn.Module):
+    """Eval mode, and a snapshot of quantizers that would observe (and so change) on the run."""
+    modes = [(m, m.training) for m in model.modules()]
+    observing = [q for q in model.modules() if isinstance(q, FakeQuantize) and q.kind == "activation"
+                 and q.enabled and not bool(q.frozen)]
+    saved = [(q, copy.deepcopy(q.state_dict())) for q in observing]
+    model.eval()
+
+    def restore() -> None:
+        for q, state in saved:
+            q.load_state_dict(state)
+        for m, training in modes:
+            m.training = training
+
+    return restore, observing
+
+
+def _check_executed(model: nn.Module, tracker: Tracker) -> None:
+    """Every swapped module must have run; report the outermost ones that did not."""
+    reported: list[str] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, QuantModule) or tracker.call_counts[id(module)]:
+            continue
+        if any(path.startswith(p + ".") for p in reported) or "" in reported:
+            continue
+        reported.append(path)
+        tracker.findings.not_executed(path or "<model>", module)
+
+
+def _report(model: nn.Module, tracker: Tracker, kind: str, observing: int) -> HonestyReport:
+    f = tracker.findings
+    violations = list(f.violations.values())
+    recipe = getattr(model, "qswap_recipe", None)
+    report = HonestyReport(
+        model=type(model).__name__, recipe=getattr(recipe, "name", None),
+        paths=[p.name for p in f.paths], coverage=f.paths,
+        totals={k: f.totals.get(k, 0) for k in TOTAL_KEYS},
+        bits_histogram=dict(sorted(f.bits.items())),
+        violations=[v for v in violations if v.declared is None],
+        declared=[v for v in violations if v.declared is not None],
+        kernel_internal=sorted(f.kernel_internal.values(), key=lambda r: -r.count),
+        constant_fold=sorted(f.constant_fold.values(), key=lambda r: -r.count),
+        float_ok=dict(f.float_ok.entries), notes=_notes(model, f, kind, observing))
+    return report
+
+
+def _notes(model: nn.Module, f, kind: str, observing: int) -> list[str]:
+    notes = [f"model kind: {kind}; paths audited: {', '.join(p.name for p in f.paths)}"]
+    if not any(isinstance(m, FakeQuantize) for m in model.modules()):
+        notes.append("the model has no qswap quantizers: every compute op runs on float values")
+    if observing:
+        notes.append(f"{observing} activation quantizer(s) on the audited paths were not calibrated "
+                     f"(still observing): they observed the audit inputs, and their state was "
+                     f"restored afterwards")
+    notes += [f"float_ok key {k!r} matched no finding" for k in f.float_ok.unused()]
+    return notes

@@ -1,0 +1,232 @@
+"""Bookkeeping of the audit: totals, per-path coverage, aggregated violations (with the source
+line that issued the op), declared ``float_ok`` exceptions, and the ops counted apart."""
+from __future__ import annotations
+
+import fnmatch
+import linecache
+import os
+import sys
+from collections import Counter
+
+import torch
+
+from qswap.audit import classify as C
+from qswap.audit.ops import aliases
+from qswap.audit.report import OpCount, PathCoverage, Violation
+from qswap.audit.tags import QUANT, Tag
+from qswap.recipe.match import PatternError, compile_path
+
+FUSED, UNCLASSIFIED, NOT_EXECUTED = "fused_kernel", "unclassified_op", "not_executed"
+REASONS = {
+    C.FLOAT_OPERAND: "compute on a float value: quantize this operand (or give the module that "
+                     "does this op a counterpart)",
+    C.RAW_PARAMETER: "a parameter or buffer reached compute without passing its quantizer (bypass)",
+    C.FLOAT_CONSTANT: "a float constant reached compute without passing a quantizer",
+    C.OFF_GRID: "a quantizer's output is not on its grid: its values are not integer codes in "
+                "[qmin, qmax] times its scale",
+    FUSED: "fused kernel: its internal steps (softmax, probs @ V, epilogues) run on unquantized "
+           "intermediates; use a counterpart that performs the ops separately",
+    UNCLASSIFIED: "no rule for this op in qswap.audit.ops; an op the audit does not know is "
+                  "never assumed to be honest",
+    NOT_EXECUTED: "a swapped module never ran on the audited paths: the model computes its "
+                  "result some other way (bypass), or the audited paths do not reach it",
+}
+_TORCH = os.path.dirname(torch.__file__) + os.sep
+_AUDIT = os.path.dirname(__file__) + os.sep
+_PATHS_PY = os.path.join(_AUDIT, "paths.py")  # issues ops itself, as fairseq's generator would
+_MODULES = os.path.join(_TORCH, "nn", "modules") + os.sep  # torch.nn forwards are call sites
+_MODULE_PY = os.path.join(_MODULES, "module.py")
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
+
+
+class Findings:
+    def __init__(self, float_ok: dict[str, str]):
+        self.paused = False
+        self.totals: Counter = Counter()
+        self.bits: Counter = Counter()
+        self.violations: dict[tuple, Violation] = {}
+        self.kernel_internal: dict[tuple, OpCount] = {}
+        self.constant_fold: dict[tuple, OpCount] = {}
+        self.paths: list[PathCoverage] = []
+        self.current: PathCoverage | None = None
+        self.float_ok = FloatOk(float_ok)
+
+    # -- paths and counters --------------------------------------------------------------------
+    def start_path(self, name: str) -> None:
+        self.current = PathCoverage(name)
+        self.paths.append(self.current)
+
+    def end_path(self) -> None:
+        self.current = None
+
+    def _path_name(self) -> str:
+        return self.current.name if self.current else ""
+
+    def count(self, key: str) -> None:
+        self.totals[key] += 1
+        if key == "ops" and self.current is not None:
+            self.current.ops += 1
+
+    def _compute(self) -> None:
+        self.totals["compute"] += 1
+        if self.current is not None:
+            self.current.compute += 1
+
+    def bucket(self, bucket: str, module: str, op: str, bits: list[int]) -> None:
+        if bucket == C.IGNORED:
+            self.totals["ignored"] += 1
+            return
+        self._compute()
+        self.totals[bucket] += 1
+        self.bits.update(bits)
+        table = {C.KERNEL_INTERNAL: self.kernel_internal, C.CONSTANT_FOLD: self.constant_fold}.get(bucket)
+        if table is not None:
+            row = table.setdefault((module, op), OpCount(module, op))
+            row.count += 1
+            if self._path_name() not in row.paths:
+                row.paths.append(self._path_name())
+
+    # -- findings ------------------------------------------------------------------------------
+    def operand_findings(self, module, op, func, operands, tags: list[Tag], findings) -> None:
+        """A compute op with float operands: one finding per offending operand."""
+        self._compute()
+        declared = [self.record(module, op, func, operands[i], tags[i], kind) for i, kind in findings]
+        self.totals["declared" if all(declared) else "float"] += 1
+
+    def fused(self, module, op, func, operands, tags: list[Tag]) -> None:
+        self._compute()
+        names = ", ".join(_label(func, pos) for pos, _ in operands)
+        declared = [self._add(module, op, names or "-", FUSED, operands[0][1] if operands else None)]
+        for (pos, t), tag in zip(operands, tags):
+            if not (tag.kind == QUANT and tag.grid.on_grid):
+                declared.append(self.record(module, op, func, (pos, t), tag, C.finding_kind(tag)
+                                            if tag.kind != QUANT else C.OFF_GRID))
+        self.totals["declared" if all(declared) else "float"] += 1
+
+    def unclassified(self, module, op, func, operands) -> None:
+        self.totals["unclassified"] += 1
+        names = ", ".join(_label(func, pos) for pos, _ in operands)
+        self._add(module, op, names or "-", UNCLASSIFIED, operands[0][1] if operands else None)
+
+    def quantizer_off_grid(self, path: str, last_op, out: torch.Tensor, off: int, label: str) -> None:
+        op = (f"{last_op.namespace}.{last_op.overloadpacket.__name__}" if last_op
+              else "<returned a tensor it did not compute>")
+        self._add(path, op, f"output: {off} of {out.numel()} values off the {label} grid",
+                  C.OFF_GRID, out)
+
+    def not_executed(self, path: str, module) -> None:
+        cls = type(module)
+        source = _class_source(cls)
+        key = (path, "<not executed>", cls.__name__, NOT_EXECUTED)
+        self.violations[key] = self._declare(Violation(
+            path, "<not executed>", f"{cls.__name__} (swapped module)", REASONS[NOT_EXECUTED],
+            source, NOT_EXECUTED, count=0))
+
+    def record(self, module, op, func, operand, tag: Tag, kind: str) -> bool:
+        pos, t = operand
+        return self._add(module, op, f"{_label(func, pos)}: {tag.describe()}", kind, t)
+
+    def _add(self, module: str, op: str, operand: str, kind: str, t: torch.Tensor | None) -> bool:
+        """Record one occurrence; returns whether it is a declared exception."""
+        key = (module, op, operand, kind)
+        v = self.violations.get(key)
+        if v is None:
+            source, code = call_site()
+            v = self.violations[key] = self._declare(Violation(
+                module, op, operand, REASONS[kind], source, kind,
+                shape=list(t.shape) if t is not None else None,
+                dtype=str(t.dtype).removeprefix("torch.") if t is not None else "",
+                count=0, code=code))
+        v.count += 1
+        if self._path_name() and self._path_name() not in v.paths:
+            v.paths.append(self._path_name())
+        if self.current is not None and v.declared is None:
+            self.current.violations += 1
+        return v.declared is not None
+
+    def _declare(self, v: Violation) -> Violation:
+        v.declared = self.float_ok.match(v.module, v.op)
+        return v
+
+
+class FloatOk:
+    """``float_ok`` keys: an op name (``softmax``, ``aten._softmax``, a family such as ``norm``),
+    a module path (exact = that module and its submodules, glob, or ``re:`` regex), or
+    ``PATH:OP`` (``OP`` may be ``*``)."""
+
+    def __init__(self, entries: dict[str, str]):
+        self.entries = dict(entries)
+        self.used: set[str] = set()
+
+    def match(self, module: str, op: str) -> str | None:
+        names = aliases(op)
+        for key, reason in self.entries.items():
+            mod, sep, op_key = key.rpartition(":")
+            if sep and mod:
+                hit = _path_matches(mod, module) and (op_key == "*" or op_key in names)
+            else:
+                hit = key in names or _path_matches(key, module)
+            if hit:
+                self.used.add(key)
+                return f"{key}: {reason}"
+        return None
+
+    def unused(self) -> list[str]:
+        return [k for k in self.entries if k not in self.used]
+
+
+def _path_matches(pattern: str, path: str) -> bool:
+    try:
+        kind, regex = compile_path(pattern)
+    except PatternError:
+        return False
+    if kind == "exact":
+        return path == pattern or path.startswith(pattern + ".")
+    if kind == "glob":
+        return fnmatch.fnmatchcase(path, pattern)
+    return regex.fullmatch(path) is not None
+
+
+def _label(func, pos) -> str:
+    if isinstance(pos, str):
+        return pos
+    index, sub = pos if isinstance(pos, tuple) else (pos, None)
+    arguments = func._schema.arguments
+    name = arguments[index].name if index < len(arguments) else f"arg{index}"
+    return name if sub is None else f"{name}[{sub}]"
+
+
+def call_site() -> tuple[str, str]:
+    """``file:line`` and the code of the innermost frame outside torch and the audit."""
+    f = sys._getframe(1)
+    while f is not None and _skipped(f.f_code.co_filename):
+        f = f.f_back
+    if f is None:
+        return "", ""
+    filename, line = f.f_code.co_filename, f.f_lineno
+    return f"{short_path(filename)}:{line}", linecache.getline(filename, line).strip()
+
+
+def _skipped(filename: str) -> bool:
+    if filename.startswith(_AUDIT):
+        return filename != _PATHS_PY
+    if not filename.startswith(_TORCH):
+        return False
+    return not filename.startswith(_MODULES) or filename == _MODULE_PY
+
+
+def short_path(filename: str) -> str:
+    if "site-packages" + os.sep in filename:
+        return filename.split("site-packages" + os.sep, 1)[1]
+    if filename.startswith(_REPO):
+        return filename[len(_REPO):]
+    return filename
+
+
+def _class_source(cls: type) -> str:
+    import inspect
+    try:
+        lines = inspect.getsourcelines(cls)[1]
+        return f"{short_path(inspect.getsourcefile(cls))}:{lines}"
+    except (OSError, TypeError):
+        return cls.__module__

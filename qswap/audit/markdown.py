@@ -1,0 +1,78 @@
+"""The honesty report as Markdown (``HonestyReport.to_markdown``); fields as in docs/honesty.md."""
+from __future__ import annotations
+
+from qswap.audit.report import KINDS, HonestyReport, Violation
+
+TOTAL_LABELS = {
+    "compute": "compute ops executed",
+    "quantized": "on quantized operands",
+    "kernel_internal": "kernel-internal float math (simulated)",
+    "constant_fold": "constant-foldable weight preprocessing",
+    "declared": "declared exceptions (float_ok)",
+    "float": "on float operands (violations)",
+    "movement": "data movement ops",
+    "factory": "constants made at run time",
+    "ignored": "integer / bool / index ops (ignored)",
+    "quantizer_internal": "ops inside quantizers",
+    "unclassified": "ops with no rule (violations)",
+    "ops": "aten ops observed",
+}
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _violation_rows(items: list[Violation], declared: bool) -> list[list[object]]:
+    rows = []
+    for v in items:
+        row = [v.module or "<model>", f"`{v.op}`", v.operand, "x".join(map(str, v.shape or [])) or "-",
+               v.dtype or "-", v.count, v.reason, f"`{v.source}`" if v.source else "-"]
+        if declared:
+            row.append(v.declared)
+        rows.append(row)
+    return rows
+
+
+def render(report: HonestyReport, max_rows: int | None = None) -> str:
+    verdict = {"honest": "**HONEST**", "dishonest": "**NOT HONEST**"}.get(
+        report.verdict, "**HONEST with declared exceptions**")
+    out = [f"# qswap honesty audit: {report.model}", "",
+           f"Verdict: {verdict} (recipe: {report.recipe or 'none'})", ""]
+    out += ["## Paths covered", ""]
+    out += _table(["path", "aten ops", "compute ops", "violations"],
+                  [[p.name, p.ops, p.compute, p.violations] for p in report.coverage])
+    out += ["## Totals", ""]
+    out += _table(["count", "value"], [[TOTAL_LABELS[k], v] for k, v in report.totals.items()])
+    out += ["## Bit widths of quantized operands", ""]
+    out += _table(["bits", "operands"], [[b, n] for b, n in report.bits_histogram.items()] or [["-", 0]])
+    header = ["module", "op", "operand", "shape", "dtype", "count", "reason", "source"]
+    shown = report.violations if max_rows is None else report.violations[:max_rows]
+    out += [f"## Violations ({len(report.violations)})", ""]
+    if report.violations:
+        by_kind = ", ".join(f"{n} {KINDS[k]}" for k, n in report.violations_by_kind().items())
+        out += [f"By kind: {by_kind}.", ""]
+        out += _table(header, _violation_rows(shown, declared=False))
+        if len(shown) < len(report.violations):
+            out += [f"... {len(report.violations) - len(shown)} more (see the JSON report)", ""]
+    else:
+        out += ["None.", ""]
+    if report.declared:
+        out += [f"## Declared exceptions ({len(report.declared)}, not counted as honest)", ""]
+        out += _table(header + ["declared by"], _violation_rows(report.declared, declared=True))
+    out += ["## Kernel-internal float math (simulated)", ""]
+    out += _table(["module", "op", "count"], [[r.module or "<model>", f"`{r.op}`", r.count]
+                                              for r in report.kernel_internal] or [["-", "-", 0]])
+    if report.constant_fold:
+        out += ["## Constant-foldable weight preprocessing", ""]
+        out += _table(["module", "op", "count"], [[r.module or "<model>", f"`{r.op}`", r.count]
+                                                  for r in report.constant_fold])
+    if report.notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
+    return "\n".join(out)

@@ -1,0 +1,118 @@
+"""Which inference paths the audit runs, by kind of model.
+
+==========  ==================================================================================
+kind        paths (each is named in the report)
+==========  ==================================================================================
+seq2seq     a fairseq encoder-decoder with a ``prev_output_tokens`` net_input: the
+            teacher-forced batch forward; ``get_normalized_probs`` on its output; incremental
+            decoding as fairseq's SequenceGenerator does it (encoder output reused, decoder
+            one token at a time with an ``incremental_state``, a beam reorder after the first
+            step, the last step's logits divided by the temperature, ``get_normalized_probs``)
+ctc         a fairseq model with a net_input dict and ``get_normalized_probs`` (wav2vec2 CTC,
+            encoder-only models): the forward, then its output normalization
+plain       anything else: ``model(*inputs)`` (a tuple), ``model(**inputs)`` (a dict) or
+            ``model(inputs)`` (a tensor)
+==========  ==================================================================================
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from qswap.errors import AuditError
+
+SEQ2SEQ, CTC, PLAIN = "seq2seq", "ctc", "plain"
+TEMPERATURE = 1.0  # SequenceGenerator's default; it always divides the last step's logits
+
+
+def model_kind(model: nn.Module, inputs: Any) -> str:
+    if isinstance(inputs, Mapping):
+        if "prev_output_tokens" in inputs and hasattr(model, "encoder") and hasattr(model, "decoder"):
+            return SEQ2SEQ
+        if callable(getattr(model, "get_normalized_probs", None)):
+            return CTC
+    return PLAIN
+
+
+def check_inputs(inputs: Any) -> None:
+    if isinstance(inputs, Mapping):
+        if not all(isinstance(k, str) for k in inputs):
+            raise AuditError("a net_input dict must have string keys (argument names)")
+    elif not isinstance(inputs, (tuple, list, torch.Tensor)):
+        raise AuditError(f"inputs must be a fairseq net_input dict, a tuple of arguments or a "
+                         f"tensor; got {type(inputs).__name__}")
+
+
+class _NoTracker:
+    """Stands in for the tracker when the paths run unobserved (calibration, benchmarks)."""
+
+    def __init__(self) -> None:
+        self.captured: dict = {}
+        self.capture_paths: set = set()
+
+    def path(self, name: str, scope: str = ""):
+        return contextlib.nullcontext()
+
+
+def run_paths(model: nn.Module, inputs: Any, tracker=None, decode_steps: int = 3) -> str:
+    """Run every path of this kind of model (under ``tracker``, if given); returns the kind.
+
+    >>> qswap.calibrate(qmodel, [net_input], forward=run_paths)  # incremental-only sites too
+    """
+    tracker = tracker if tracker is not None else _NoTracker()
+    kind = model_kind(model, inputs)
+    if kind == SEQ2SEQ:
+        _seq2seq(model, inputs, tracker, decode_steps)
+    elif kind == CTC:
+        with tracker.path("encoder forward"):
+            out = model(**inputs)
+        with tracker.path("output normalization (get_normalized_probs)"):
+            model.get_normalized_probs(out, log_probs=True)
+    else:
+        with tracker.path("forward"):
+            _call(model, inputs)
+    return kind
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _seq2seq(model: nn.Module, net_input: Mapping, tracker, steps: int) -> None:
+    tracker.capture_paths.add("encoder")
+    with tracker.path("batch forward (teacher-forced)"):
+        out = model(**net_input)
+    with tracker.path("get_normalized_probs (batch)", scope="decoder"):
+        model.get_normalized_probs(out, log_probs=True)
+    del out
+    prev = net_input["prev_output_tokens"]
+    steps = max(1, min(steps, prev.size(1)))
+    with tracker.path(f"incremental decoding ({steps} steps)", scope="decoder"):
+        encoder_out = tracker.captured.get("encoder")
+        if encoder_out is None:
+            encoder_input = {k: v for k, v in net_input.items() if k != "prev_output_tokens"}
+            encoder_out = model.encoder(**encoder_input)
+        _decode(model, encoder_out, prev, steps)
+
+
+def _decode(model: nn.Module, encoder_out: Any, prev: torch.Tensor, steps: int) -> None:
+    """What fairseq's SequenceGenerator does per step (beam reorders included)."""
+    state: dict = {}
+    for t in range(steps):
+        if t == 1:
+            order = torch.arange(prev.size(0), device=prev.device)
+            if hasattr(model.decoder, "reorder_incremental_state_scripting"):
+                model.decoder.reorder_incremental_state_scripting(state, order)
+            if hasattr(model.encoder, "reorder_encoder_out"):
+                encoder_out = model.encoder.reorder_encoder_out(encoder_out, order)
+        out = model.decoder(prev[:, : t + 1], encoder_out=encoder_out, incremental_state=state)
+        last = (out[0][:, -1:, :].div_(TEMPERATURE), out[1] if len(out) > 1 else None)
+        model.get_normalized_probs(last, log_probs=True, sample=None)

@@ -1,0 +1,120 @@
+"""The honesty report: a library object (no printing). The CLI renders it as a rich table;
+``to_dict`` / ``to_json`` / ``to_markdown`` give the other formats. docs/honesty.md explains
+every field."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REPORT_VERSION = 1
+KINDS = {
+    "float_operand": "compute on a float operand",
+    "raw_parameter": "a parameter/buffer consumed without its quantizer",
+    "float_constant": "a run-time float constant consumed without a quantizer",
+    "off_grid": "a quantizer's output is not on its grid",
+    "fused_kernel": "a fused kernel with unquantized intermediates",
+    "unclassified_op": "an op the audit has no rule for",
+    "not_executed": "a swapped module that never ran on the audited paths",
+}
+TOTAL_KEYS = ("ops", "compute", "quantized", "kernel_internal", "constant_fold", "declared",
+              "float", "movement", "factory", "ignored", "quantizer_internal", "unclassified")
+
+
+@dataclass
+class Violation:
+    """One finding, aggregated over every execution with the same module, op, operand, kind.
+
+    >>> v = report.violations[0]
+    >>> v.module, v.op, v.operand, v.reason, v.source
+    ('encoder.layer_norm', 'aten.native_layer_norm', 'input: float: ...', '...', 'fairseq/...:362')
+    """
+
+    module: str
+    op: str
+    operand: str
+    reason: str
+    source: str
+    kind: str
+    shape: list[int] | None = None
+    dtype: str = ""
+    count: int = 1
+    paths: list[str] = field(default_factory=list)
+    code: str = ""
+    declared: str | None = None  # the float_ok reason, when a recipe declared this exception
+
+
+@dataclass
+class OpCount:
+    """Ops counted apart, by module and op: kernel-internal math, constant folding."""
+
+    module: str
+    op: str
+    count: int = 0
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathCoverage:
+    name: str
+    ops: int = 0
+    compute: int = 0
+    violations: int = 0
+
+
+@dataclass
+class HonestyReport:
+    """What ``qswap.audit`` found on the executed inference paths.
+
+    >>> report = qswap.audit(qmodel, net_input)
+    >>> report.honest, report.verdict, report.totals["float"]
+    (True, 'honest', 0)
+    """
+
+    model: str
+    recipe: str | None = None
+    paths: list[str] = field(default_factory=list)  # names of the inference paths audited
+    coverage: list[PathCoverage] = field(default_factory=list)  # ops per path
+    totals: dict[str, int] = field(default_factory=lambda: {k: 0 for k in TOTAL_KEYS})
+    bits_histogram: dict[int, int] = field(default_factory=dict)
+    violations: list[Violation] = field(default_factory=list)
+    declared: list[Violation] = field(default_factory=list)
+    kernel_internal: list[OpCount] = field(default_factory=list)
+    constant_fold: list[OpCount] = field(default_factory=list)
+    float_ok: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def honest(self) -> bool:
+        """No undeclared violation on any audited path (declared exceptions are allowed)."""
+        return not self.violations
+
+    @property
+    def honest_strict(self) -> bool:
+        """Honest with no declared exceptions either."""
+        return self.honest and not self.declared
+
+    @property
+    def verdict(self) -> str:
+        if not self.honest:
+            return "dishonest"
+        return "honest" if not self.declared else "honest with declared exceptions"
+
+    def violations_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for v in self.violations:
+            out[v.kind] = out.get(v.kind, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bits_histogram"] = {str(k): v for k, v in sorted(self.bits_histogram.items())}
+        return {"qswap_audit_version": REPORT_VERSION, "verdict": self.verdict,
+                "honest": self.honest, "honest_strict": self.honest_strict, **d}
+
+    def to_json(self, indent: int = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent) + "\n"
+
+    def to_markdown(self, max_rows: int | None = None) -> str:
+        from qswap.audit.markdown import render
+        return render(self, max_rows)

@@ -1,0 +1,99 @@
+"""What the audit knows about a float tensor: its provenance tag, and the on-grid check.
+
+Tags are kept per tensor object (by identity, in a weak map, never copying data):
+
+=========  ==============================================================================
+kind       meaning
+=========  ==============================================================================
+quant      output of a qswap quantizer (or moved / grid-preserved from one); ``on_grid`` says
+           whether its values were verified to be integer codes in [qmin, qmax]
+acc        output of a matmul / conv inside a quantized counterpart: an accumulator, which
+           its consumer must quantize
+kernel     output of other compute on quantized operands inside a counterpart: an
+           intermediate of one simulated integer kernel (usable inside that call only)
+float      output of compute on float values (or an untracked tensor: a model input)
+param      a parameter or buffer, or computed from parameters/buffers/constants only
+const      a constant made at run time (factory op, tensor attribute of a module)
+index      a float tensor converted from integer/bool data (lengths, masks)
+=========  ==============================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qswap.quant.primitives import groups_view
+from qswap.quant.spec import QuantSpec
+
+QUANT, ACC, KERNEL, FLOAT, PARAM, CONST, INDEX = "quant", "acc", "kernel", "float", "param", "const", "index"
+# Tolerance of the on-grid check, in units of the grid step (codes): |code - round(code)| must
+# be at most ATOL + RTOL * |code| (float32 rounding of (code - zp) * scale, read back).
+ATOL, RTOL = 1e-3, 2.0 ** -18
+
+
+@dataclass(frozen=True)
+class GridInfo:
+    """The grid a quantizer emitted on, and whether its output really lay on it."""
+
+    quantizer: str  # dotted path of the quantizer module
+    bits: int
+    label: str  # e.g. "int8 affine per_tensor", "int32 bias"
+    on_grid: bool = True
+    off_count: int = 0
+    numel: int = 0
+
+
+@dataclass(frozen=True)
+class Tag:
+    kind: str
+    where: str = ""  # producer description: quantizer / parameter name / "aten.op at module"
+    grid: GridInfo | None = None
+    call: int = -1  # counterpart call id (acc, kernel)
+    zero: bool = False  # const: all zeros (on every grid)
+    binary: bool = False  # index: values in {0, 1} (a mask)
+    lookup: bool = False  # param/const: rows picked by an integer tensor (data-dependent)
+
+    def describe(self) -> str:
+        if self.kind == QUANT:
+            g = self.grid
+            if not g.on_grid:
+                return (f"from quantizer {g.quantizer} ({g.label}) but {g.off_count} of {g.numel} "
+                        f"values are off its grid")
+            return f"quantized by {g.quantizer} ({g.label})"
+        return {
+            ACC: f"unquantized accumulator: output of {self.where}",
+            KERNEL: f"unquantized intermediate: output of {self.where}",
+            FLOAT: f"float: {self.where}",
+            PARAM: f"raw {self.where}{' (looked up by index)' if self.lookup else ''}, never "
+                   f"passed its quantizer",
+            CONST: f"float constant {self.where}{' (looked up by index)' if self.lookup else ''}, "
+                   f"not quantized",
+            INDEX: f"float made from integer data ({self.where})",
+        }[self.kind]
+
+
+UNTRACKED = Tag(FLOAT, "untracked tensor (a model input, or made outside the audit)")
+
+
+def off_grid_count(y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                   spec: QuantSpec | None, qmin: int, qmax: int) -> int:
+    """How many values of ``y`` are not ``(code - zero_point) * scale`` for an integer code in
+    [qmin, qmax]. ``spec`` gives the granularity (None: per-tensor, or one scale per element
+    of a 1-D ``y``, as for a bias). Vectorized; one host sync."""
+    codes = y.detach().float()
+    scale, zp = scale.detach().float(), zero_point.detach().float()
+    if spec is not None and spec.granularity == "per_group":
+        codes = groups_view(codes, spec)  # (rows, G, gs)
+        scale, zp = (t.reshape(codes.shape[:2] + (1,)) for t in (scale, zp))
+    elif spec is not None and spec.granularity == "per_channel":
+        shape = [1] * codes.dim()
+        shape[spec.channel_axis % codes.dim()] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    elif scale.numel() > 1:  # one scale per element of a 1-D tensor (per-channel bias)
+        scale, zp = scale.reshape(-1), zp.reshape(-1)
+    codes = codes / scale + zp
+    rounded = torch.round(codes)
+    ok = (codes - rounded).abs() <= ATOL + RTOL * rounded.abs()
+    ok &= (rounded >= qmin) & (rounded <= qmax)
+    return int(codes.numel() - ok.sum())

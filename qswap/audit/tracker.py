@@ -1,0 +1,318 @@
+"""The dispatch mode that watches every aten op on the executed path, and the temporary module
+hooks that tell it where it is.
+
+* Module hooks (installed by ``Tracker.attach``, removed by ``detach``) keep a stack of dotted
+  module paths, count counterpart calls, and tag each quantizer's output with its grid after
+  checking that the values really lie on it. Hooks are right for an inspection tool; qswap's
+  own modules never use them.
+* ``__torch_dispatch__`` runs each op, then classifies it (``qswap.audit.ops``), decides it
+  (``qswap.audit.classify``) and tags its outputs. Ops run by a quantizer itself (rounding,
+  observers) are counted as ``quantizer_internal`` and not classified.
+"""
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from qswap.audit import classify as C
+from qswap.audit import ops as O
+from qswap.audit.findings import Findings
+from qswap.audit.tags import CONST, FLOAT, PARAM, QUANT, UNTRACKED, GridInfo, Tag, off_grid_count
+from qswap.nn.base import QuantModule
+from qswap.quant.bias import BiasQuantize
+from qswap.quant.fake_quantize import FakeQuantize
+
+_NUMBER = (int, float)
+
+
+class Tracker(TorchDispatchMode):
+    """Use as ``tracker.attach(model)``, then ``with tracker, tracker.path("name"): ...``."""
+
+    def __init__(self, float_ok: dict[str, str] | None = None):
+        super().__init__()
+        self.tags = WeakIdKeyDictionary()
+        self.findings = Findings(float_ok or {})
+        self.stack: list[str] = [""]
+        self.calls: list[int] = [-1]
+        self.call_counts: Counter = Counter()  # id(counterpart) -> calls
+        self.captured: dict[str, object] = {}
+        self.capture_paths: set[str] = set()
+        self.ran_quantizers: set[int] = set()  # id() of every quantizer that ran
+        self.in_quantizer = 0
+        self.last_quant_op = ""
+        self._next_call = 0
+        self._verified = WeakIdKeyDictionary()  # quantizer output -> (path, _version) checked
+        self._handles: list = []
+        self._rules: dict = {}
+
+    # -- module hooks ----------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Hook every module and tag every parameter, buffer and tensor attribute."""
+        for path, module in model.named_modules():
+            pre = functools.partial(self._pre, path)
+            post = functools.partial(self._post, path)
+            self._handles.append(module.register_forward_pre_hook(pre, prepend=True))
+            self._handles.append(module.register_forward_hook(post, always_call=True))
+            self._tag_module_tensors(path, module)
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _tag_module_tensors(self, path: str, module: nn.Module) -> None:
+        prefix = f"{path}." if path else ""
+        for name, p in module.named_parameters(recurse=False):
+            self._set([p], Tag(PARAM, f"parameter {prefix}{name}"))
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                self._set([b], Tag(PARAM, f"buffer {prefix}{name}"))
+        for name, v in vars(module).items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v not in self.tags:
+                self._set([v], Tag(CONST, f"tensor attribute {prefix}{name}"))
+
+    def _pre(self, path: str, module: nn.Module, args) -> None:
+        self.stack.append(path)
+        if isinstance(module, (FakeQuantize, BiasQuantize)):
+            self.in_quantizer += 1
+            self.last_quant_op = ""
+            self.ran_quantizers.add(id(module))
+        elif isinstance(module, QuantModule) and not self.in_quantizer:
+            self.call_counts[id(module)] += 1
+            self._next_call += 1
+            # only a leaf counterpart is one kernel: a container's own ops (a layer's residual
+            # add) are separate ops whose results must be quantized before the next compute
+            self.calls.append(-1 if module.converts_children else self._next_call)
+
+    def _post(self, path: str, module: nn.Module, args, output) -> None:
+        self.stack.pop()
+        if isinstance(module, (FakeQuantize, BiasQuantize)):
+            self.in_quantizer -= 1
+            if not self.in_quantizer and isinstance(output, torch.Tensor):
+                self._tag_quantizer_output(path, module, args, output)
+        elif isinstance(module, QuantModule) and not self.in_quantizer:
+            self.calls.pop()
+        if path in self.capture_paths and path not in self.captured:
+            self.captured[path] = output
+
+    def _tag_quantizer_output(self, path: str, q: nn.Module, args, out: torch.Tensor) -> None:
+        if not out.is_floating_point() or out.numel() == 0:
+            return
+        if isinstance(q, FakeQuantize):
+            if not q.enabled:
+                return  # a disabled quantizer returns its input: that site is float
+            spec, scale, zp, qmin, qmax = q.spec, q.scale, q.zero_point, q.spec.qmin, q.spec.qmax
+            bits, label = spec.bits, spec.short()
+        else:
+            if args and out is args[0] or q.last_scale is None:
+                return  # nothing to align to: the bias stays float
+            spec, scale, qmin, qmax, bits, label = None, q.last_scale, q.qmin, q.qmax, 32, "int32 bias"
+            zp = None
+        if self._verified.get(out) == (path, out._version):
+            return  # a cached weight, already checked
+        with self.paused():
+            zp = torch.zeros_like(scale) if zp is None else zp
+            off = off_grid_count(out, scale, zp, spec, qmin, qmax)
+        self._verified[out] = (path, out._version)
+        self._set([out], Tag(QUANT, path, GridInfo(path, bits, label, off == 0, off, out.numel())))
+        if off:
+            self.findings.quantizer_off_grid(path, self.last_quant_op, out, off, label)
+
+    # -- paths -----------------------------------------------------------------------------------
+    def path(self, name: str, scope: str = ""):
+        """Context manager: ops run inside belong to inference path ``name``; ops outside any
+        module are attributed to module ``scope``."""
+        return _PathScope(self, name, scope)
+
+    def paused(self):
+        return _Paused(self)
+
+    # -- the dispatch mode -----------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.findings.paused:
+            return out
+        self.findings.count("ops")
+        if self.in_quantizer:
+            self.findings.count("quantizer_internal")
+            self.last_quant_op = func
+            return out
+        self._observe(func, args, kwargs, out)
+        return out
+
+    def _rule(self, func):
+        hit = self._rules.get(func)
+        if hit is None:
+            hit = self._rules[func] = (O.op_name(func), O.lookup(func),
+                                       f"{func.namespace}.{func.overloadpacket.__name__}")
+        return hit
+
+    def _observe(self, func, args, kwargs, out) -> None:
+        name, rule, op = self._rule(func)
+        operands = _float_operands(args, kwargs)
+        outputs = _float_outputs(out)
+        if not operands and not outputs:
+            self.findings.count("ignored")  # integer / bool ops
+            return
+        if rule is None:
+            self._unclassified(func, op, args, kwargs, operands, outputs)
+        elif rule.cls in (O.COMPUTE, O.GRID):
+            self._compute(func, name, rule, op, args, kwargs, operands, outputs)
+        elif rule.cls == O.MOVEMENT:
+            self._movement(func, name, rule, op, args, kwargs, operands, outputs)
+        elif rule.cls == O.FACTORY:
+            self._factory(func, name, op, args, kwargs, outputs)
+        elif rule.cls == O.FUSED:
+            self._fused(func, op, args, kwargs, operands, outputs)
+        else:
+            self.findings.count("ignored")  # predicates, metadata reads
+
+    def _tag_of(self, t: torch.Tensor) -> Tag:
+        entry = self.tags.get(t)
+        if entry is None:
+            return UNTRACKED
+        tag, version = entry
+        if t._version != version:  # an alias of it was changed in place after it was tagged
+            return Tag(FLOAT, f"changed in place after it was tagged ({tag.describe()})")
+        return tag
+
+    def _where(self, op: str) -> str:
+        return f"{op} at {self.stack[-1] or '<model>'}"
+
+    def _set(self, outputs: list, tag: Tag) -> None:
+        """Tag tensors whose version counter is final (outside an op: hooks, attach)."""
+        for t in outputs:
+            self.tags[t] = (tag, t._version)
+
+    def _set_out(self, func, args, kwargs, outputs: list, tag: Tag) -> None:
+        """Tag an op's outputs with the version they will have once the op returns: a view
+        shares its base's counter, and an in-place op bumps the counter after this handler."""
+        base = args[0] if func.is_view and args and isinstance(args[0], torch.Tensor) else None
+        mutated = O.is_inplace(func)
+        for t in outputs:
+            if base is not None:
+                version = base._version
+            elif (mutated and args and t is args[0]) or t is kwargs.get("out"):
+                version = t._version + 1
+            else:
+                version = t._version
+            self.tags[t] = (tag, version)
+
+    def _compute(self, func, name, rule, op, args, kwargs, operands, outputs) -> None:
+        tags = [self._tag_of(t) for _, t in operands]
+        if not tags:  # e.g. true division of two integer tensors
+            self.findings.count("ignored")
+            self._set_out(func, args, kwargs, outputs, Tag(C.INDEX, self._where(op)))
+            return
+        rescale = _scalar_rescale(name, args, kwargs, len(tags))
+        d = C.decide_compute(name, rule, tags, self.calls[-1], self._where(op), rescale)
+        self._set_out(func, args, kwargs, outputs, d.out)
+        module = self.stack[-1]
+        if d.bucket == C.FLOAT_BUCKET:
+            self.findings.operand_findings(module, op, func, operands, tags, d.findings)
+        else:
+            self.findings.bucket(d.bucket, module, op, d.bits)
+
+    def _movement(self, func, name, rule, op, args, kwargs, operands, outputs) -> None:
+        self.findings.count("movement")
+        if name == "copy" and O.is_inplace(func) and len(operands) > 1:
+            operands = operands[1:]  # copy_(dst, src): dst is fully overwritten
+        if name in ("masked_fill", "where", "index_fill", "index_put", "fill_diagonal"):
+            operands = [(i, t) for i, t in operands if t.dim() > 0]  # 0-d fill values are constants
+        has_index = any(isinstance(a, torch.Tensor) and not a.is_floating_point()
+                        and a.dtype != torch.bool for a in _flat(args))
+        tags = [self._tag_of(t) for _, t in operands]
+        tag = C.combine_movement(tags, has_index, self._where(op))
+        if not tags and rule.family == "copy" and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in _flat(args)):
+            tag = Tag(C.INDEX, self._where(op), binary=True)  # a bool mask cast to float: 0/1
+        self._set_out(func, args, kwargs, outputs, tag)
+
+    def _factory(self, func, name, op, args, kwargs, outputs) -> None:
+        self.findings.count("factory")
+        zero = name in O.ZERO_FACTORIES or (name in O.FILL_FACTORIES and args and
+                                            isinstance(args[-1], _NUMBER) and args[-1] == 0)
+        self._set_out(func, args, kwargs, outputs, Tag(CONST, f"made by {self._where(op)}", zero=zero))
+
+    def _fused(self, func, op, args, kwargs, operands, outputs) -> None:
+        tags = [self._tag_of(t) for _, t in operands]
+        self.findings.fused(self.stack[-1], op, func, operands, tags)
+        self._set_out(func, args, kwargs, outputs, Tag(FLOAT, f"output of fused kernel {self._where(op)}"))
+
+    def _unclassified(self, func, op, args, kwargs, operands, outputs) -> None:
+        self.findings.unclassified(self.stack[-1], op, func, operands)
+        self._set_out(func, args, kwargs, outputs, Tag(FLOAT, f"output of unclassified {self._where(op)}"))
+
+
+def _scalar_rescale(name: str, args, kwargs, n_tensors: int) -> bool:
+    if n_tensors != 1 or len(args) < 2 or kwargs.get("rounding_mode") is not None:
+        return False
+    if name == "mul":
+        return isinstance(args[0], _NUMBER) or isinstance(args[1], _NUMBER)
+    return name in ("div", "true_divide") and isinstance(args[0], torch.Tensor) and isinstance(args[1], _NUMBER)
+
+
+def _flat(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
+
+
+def _float_operands(args, kwargs) -> list[tuple[object, torch.Tensor]]:
+    """(position, tensor) of every float tensor argument; position is an int, (int, int) for
+    an element of a list argument, or a keyword name."""
+    found = []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            if a.is_floating_point():
+                found.append((i, a))
+        elif isinstance(a, (list, tuple)):
+            found.extend(((i, j), t) for j, t in enumerate(a)
+                         if isinstance(t, torch.Tensor) and t.is_floating_point())
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            found.append((k, v))
+    return found
+
+
+def _float_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, (list, tuple)):
+        return [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return []
+
+
+class _PathScope:
+    def __init__(self, tracker: Tracker, name: str, scope: str):
+        self.tracker, self.name, self.scope = tracker, name, scope
+
+    def __enter__(self):
+        self.tracker.findings.start_path(self.name)
+        self.tracker.stack.append(self.scope)
+        return self
+
+    def __exit__(self, *exc):
+        self.tracker.stack.pop()
+        self.tracker.findings.end_path()
+        return False
+
+
+class _Paused:
+    def __init__(self, tracker: Tracker):
+        self.findings = tracker.findings
+
+    def __enter__(self):
+        self.was, self.findings.paused = self.findings.paused, True
+
+    def __exit__(self, *exc):
+        self.findings.paused = self.was
+        return False

@@ -1,0 +1,101 @@
+"""Audit a checkpoint: did every op on the inference path run on quantized values?
+
+``qswap audit CHECKPOINT --recipe R [--data DIR --subset S | --synthetic N] [--strict]
+[--json F] [--markdown F]``: converts the checkpoint's float model with the recipe, calibrates
+it on the audit batch, audits it and prints the report. A saved qswap checkpoint is audited as
+it was saved (``--recipe`` may then only repeat its recipe). Exit code 0 when honest, 1 when
+not (with ``--strict``, declared float_ok exceptions count as not honest), 2 on a usage or
+input error.
+"""
+from __future__ import annotations
+
+import argparse
+
+from qswap.cli import EXIT_OK, EXIT_VERDICT
+
+DEFAULT_SYNTHETIC = 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="float fairseq checkpoint")
+    p.add_argument("--recipe", help="shipped recipe name or YAML path (needed for a float checkpoint)")
+    p.add_argument("--data", help="fairseq data directory (config.yaml, manifests)")
+    p.add_argument("--subset", help="subset of --data whose first utterances are audited")
+    p.add_argument("--count", type=int, default=2, help="utterances taken from --subset (default 2)")
+    p.add_argument("--synthetic", type=int, metavar="N",
+                   help=f"audit N random utterances shaped for the model (the default: "
+                        f"{DEFAULT_SYNTHETIC}, when --subset is not given)")
+    p.add_argument("--decode-steps", type=int, default=3, help="incremental decoding steps audited")
+    p.add_argument("--strict", action="store_true", help="declared float_ok exceptions fail too")
+    p.add_argument("--json", metavar="F", help="write the full report as JSON")
+    p.add_argument("--markdown", metavar="F", help="write the report as Markdown")
+    p.add_argument("--max-rows", type=int, default=40, help="violation rows printed (default 40)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
+
+
+def run(args: argparse.Namespace) -> int:
+    import qswap
+    from qswap.audit import loading
+    from qswap.audit.paths import run_paths
+    from qswap.calibrate import activation_quantizers
+    from qswap.cli.render import console
+    from qswap.cli.render_audit import print_report
+
+    _check_args(args)
+    model, cfg, task = loading.load_model(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
+    if args.subset:
+        net_input = loading.data_net_input(task, args.subset, args.count)
+    else:
+        count = DEFAULT_SYNTHETIC if args.synthetic is None else args.synthetic
+        net_input = loading.synthetic_net_input(model, count, cfg)
+    qmodel = _quantized(model, args.recipe)
+    if qmodel is not model and activation_quantizers(qmodel):
+        qswap.calibrate(qmodel, [net_input], forward=run_paths)  # the audited paths, unobserved
+    report = qswap.audit(qmodel, net_input, decode_steps=args.decode_steps)
+    print_report(console(), report, max_rows=args.max_rows)
+    _write(args.json, report.to_json())
+    _write(args.markdown, report.to_markdown())
+    honest = report.honest_strict if args.strict else report.honest
+    return EXIT_OK if honest else EXIT_VERDICT
+
+
+def _quantized(model, recipe: str | None):
+    """The model converted with ``recipe``, or a saved qswap model as it is."""
+    import qswap
+    from qswap.errors import AuditError
+
+    stored = getattr(getattr(model, "qswap_recipe", None), "name", None)
+    if stored is None:
+        if recipe is None:
+            raise AuditError("a float checkpoint needs --recipe R (a shipped name or a YAML path)")
+        return qswap.convert(model, recipe)
+    if recipe is not None and recipe != stored:
+        raise AuditError(f"this checkpoint is already quantized with recipe {stored!r}; audit it "
+                         f"without --recipe (or convert the float checkpoint with {recipe!r})")
+    return model
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from qswap.errors import AuditError, DataError
+
+    if args.subset and args.synthetic is not None:
+        raise AuditError("give either --data DIR --subset S or --synthetic N, not both")
+    if args.subset and not args.data:
+        raise DataError("--subset needs --data DIR (the data directory the subset is in)")
+    for name in ("count", "decode_steps", "max_rows", "synthetic"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise AuditError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def _write(path: str | None, text: str) -> None:
+    if not path:
+        return
+    from qswap.errors import AuditError, QswapError
+    from qswap.io.atomic import atomic_write_text
+
+    try:
+        atomic_write_text(path, text)
+    except QswapError:
+        raise  # OutputError: a missing or unwritable directory
+    except OSError as exc:
+        raise AuditError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -1,0 +1,35 @@
+"""Re-calibrate the activation quantizers of a quantized checkpoint on a data subset."""
+from __future__ import annotations
+
+import argparse
+
+from qswap.cli.render import console, progress_bar
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="quantized checkpoint written by 'qswap convert' or QAT")
+    p.add_argument("--data", required=True, help="fairseq data directory")
+    p.add_argument("--subset", default="train", help="calibration subset (default: train)")
+    p.add_argument("--batches", type=int, default=16, help="calibration batches (default: 16)")
+    p.add_argument("--max-sentences", type=int, default=32, help="utterances per batch")
+    p.add_argument("-o", "--output", required=True, help="calibrated checkpoint to write (atomically)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
+
+
+def run(args: argparse.Namespace) -> int:
+    import qswap
+    from qswap.errors import CalibrationError
+    from qswap.integration import data as fdata
+    from qswap.io.checkpoint import save_qswap_checkpoint
+
+    model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
+    if getattr(model, "qswap_recipe", None) is None:
+        raise CalibrationError(f"{args.checkpoint} is a float checkpoint; use 'qswap convert --recipe R "
+                               f"--calib-batches N' to convert and calibrate it")
+    with progress_bar("calibrating", args.batches) as advance:
+        used = qswap.calibrate(model, fdata.net_inputs(task, args.subset, args.batches,
+                                                       max_sentences=args.max_sentences),
+                               progress=lambda n: advance(1))
+    save_qswap_checkpoint(args.output, model, args.checkpoint, trust_checkpoint=args.trust_checkpoint)
+    console().print(f"calibrated on {used} batches of {args.subset}; wrote {args.output}")
+    return 0

@@ -1,0 +1,75 @@
+"""Terminal rendering of the honesty report (rich). Only the CLI prints."""
+from __future__ import annotations
+
+from qswap.audit.markdown import TOTAL_LABELS
+from qswap.audit.report import KINDS, HonestyReport
+
+TOTALS_SHOWN = ("compute", "quantized", "kernel_internal", "constant_fold", "declared", "float",
+                "unclassified")
+
+
+def verdict_line(report: HonestyReport) -> str:
+    style = "green" if report.honest else "red"
+    label = {"honest": "HONEST", "dishonest": "NOT HONEST"}.get(report.verdict,
+                                                                "HONEST with declared exceptions")
+    counts = ", ".join(f"{n} {KINDS[k]}" for k, n in report.violations_by_kind().items())
+    return (f"[bold {style}]{label}[/]: {report.model}, recipe {report.recipe or 'none'}; "
+            f"{len(report.violations)} violation(s)" + (f" ({counts})" if counts else ""))
+
+
+def paths_table(report: HonestyReport):
+    from rich.table import Table
+
+    table = Table(title="inference paths audited")
+    for col in ("path", "aten ops", "compute ops", "violations"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    for p in report.coverage:
+        table.add_row(p.name, str(p.ops), str(p.compute), str(p.violations))
+    return table
+
+
+def totals_table(report: HonestyReport):
+    from rich.table import Table
+
+    table = Table(title="compute ops")
+    table.add_column("count")
+    table.add_column("value", justify="right")
+    for key in TOTALS_SHOWN:
+        style = "red" if key in ("float", "unclassified") and report.totals[key] else ""
+        table.add_row(TOTAL_LABELS[key], f"[{style}]{report.totals[key]}" if style else str(report.totals[key]))
+    bits = ", ".join(f"{b}-bit: {n}" for b, n in report.bits_histogram.items()) or "none"
+    table.caption = f"quantized operands by bit width: {bits}"
+    return table
+
+
+def violations_table(items, title: str, max_rows: int | None = None, declared: bool = False):
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    cols = ["module", "op", "operand", "shape", "dtype", "n", "source"] + (["declared by"] if declared else [])
+    for col in cols:
+        table.add_column(col, overflow="fold")
+    shown = items if max_rows is None else items[:max_rows]
+    for v in shown:
+        row = [v.module or "<model>", v.op, v.operand, "x".join(map(str, v.shape or [])) or "-",
+               v.dtype or "-", str(v.count), v.source or "-"] + ([v.declared] if declared else [])
+        table.add_row(*row)
+    if len(shown) < len(items):
+        table.caption = f"{len(items) - len(shown)} more rows: write them with --json or --markdown"
+    return table
+
+
+def print_report(out, report: HonestyReport, max_rows: int | None = 40) -> None:
+    out.print(paths_table(report))
+    out.print(totals_table(report))
+    if report.violations:
+        out.print(violations_table(report.violations, "violations", max_rows))
+    if report.declared:
+        out.print(violations_table(report.declared, "declared exceptions (float_ok)", max_rows,
+                                   declared=True))
+    if report.kernel_internal:
+        ops = ", ".join(f"{r.op} x{r.count} ({r.module or '<model>'})" for r in report.kernel_internal[:6])
+        out.print(f"kernel-internal float math (simulated): {report.totals['kernel_internal']} ops: {ops}")
+    for note in report.notes:
+        out.print(f"note: {note}")
+    out.print(verdict_line(report))

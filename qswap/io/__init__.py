@@ -1,0 +1,11 @@
+"""Reading and writing files safely: atomic writes, safe checkpoint loading, qswap checkpoints.
+
+``import qswap.io`` imports neither fairseq nor omegaconf; the checkpoint functions import them
+when called.
+"""
+from qswap.io.atomic import atomic_open, atomic_write_bytes, atomic_write_text
+from qswap.io.checkpoint import (TRUST_FLAG, load_checkpoint, load_fairseq_model,
+                                 save_qswap_checkpoint)
+
+__all__ = ["TRUST_FLAG", "atomic_open", "atomic_write_bytes", "atomic_write_text", "load_checkpoint",
+           "load_fairseq_model", "save_qswap_checkpoint"]

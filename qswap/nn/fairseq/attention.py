@@ -1,0 +1,198 @@
+"""fairseq's MultiheadAttention, every path on quantized operands.
+
+fairseq's fast path hands the raw projection weights to ``F.multi_head_attention_forward``
+(on torch 2.x a fused ``_scaled_dot_product_flash_attention_for_cpu`` with a float softmax).
+The counterpart never takes it: the q/k/v projections share one input quantizer per distinct
+input, and ``QuantAttentionCore`` does scores, masks, softmax and the context matmul.
+Incremental decoding keeps fairseq's cache layout (``prev_key`` / ``prev_value`` as
+(B, H, S, D) float projections, quantized by the core at every step exactly as in a batch
+forward), so beam search's ``reorder_incremental_state`` and ``set_beam_size`` are fairseq's own.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairseq.incremental_decoding_utils import FairseqIncrementalState
+from fairseq.modules.multihead_attention import MultiheadAttention
+from torch import Tensor, nn
+
+from qswap.errors import ConvertError
+from qswap.nn.attention import CORE_SITES, QuantAttentionCore, merge_heads, split_heads
+from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, weight_quantizer
+from qswap.nn.linear import QLinear
+from qswap.nn.registry import register
+from qswap.quant.bias import BiasQuantize
+
+IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
+
+
+class Projection(nn.Module):
+    """One input projection of an attention counterpart: the float Linear's ``weight`` and
+    ``bias`` (same names, same parameter objects), applied to an input its owner has already
+    quantized. Several projections share one input quantizer (q/k/v of self-attention), so the
+    bias is put on the grid of the quantizer that produced the input.
+    """
+
+    def __init__(self, linear: nn.Linear, config: QuantConfig):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.weight_quant = weight_quantizer(config)
+        self.bias_quant = BiasQuantize()
+
+    def forward(self, x: Tensor, x_quant: nn.Module) -> Tensor:
+        """x: (..., in) already quantized by ``x_quant`` -> (..., out)."""
+        w = self.weight_quant(self.weight)
+        return F.linear(x, w, self.bias_quant(self.bias, x_quant, self.weight_quant))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
+
+
+@register(MultiheadAttention)
+class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
+    """Counterpart of ``fairseq.modules.MultiheadAttention`` (self, encoder-decoder and generic
+    attention; incremental state; key padding and attention masks; add_bias_kv; add_zero_attn).
+
+    >>> attn = QFairseqMultiheadAttention.from_float(layer.self_attn, config)
+    """
+
+    sites = ("input", "key_in", "value_in", "weight") + CORE_SITES
+
+    # fairseq's own incremental-state and beam plumbing: they only read the attributes kept below
+    _get_input_buffer = MultiheadAttention._get_input_buffer
+    _set_input_buffer = MultiheadAttention._set_input_buffer
+    _pad_masks = MultiheadAttention._pad_masks
+    _append_zero_attn = MultiheadAttention._append_zero_attn
+    reorder_incremental_state = MultiheadAttention.reorder_incremental_state
+    set_beam_size = MultiheadAttention.set_beam_size
+    upgrade_state_dict_named = MultiheadAttention.upgrade_state_dict_named
+
+    def __init__(self, module: MultiheadAttention, config: QuantConfig):
+        super().__init__()
+        self.init_incremental_state()
+        self.embed_dim, self.kdim, self.vdim = module.embed_dim, module.kdim, module.vdim
+        self.num_heads, self.head_dim, self.scaling = module.num_heads, module.head_dim, module.scaling
+        self.self_attention = module.self_attention
+        self.encoder_decoder_attention = module.encoder_decoder_attention
+        self.add_zero_attn, self.beam_size = module.add_zero_attn, module.beam_size
+        self.bias_k, self.bias_v = module.bias_k, module.bias_v
+        self.dropout_module = module.dropout_module
+        self.input_quant = act_quantizer(config, "input")  # the query (and self-attention's k, v)
+        if not self.self_attention:  # the encoder output (encoder-decoder), or a distinct key
+            self.key_quant = act_quantizer(config, "key_in")
+        if not (self.self_attention or self.encoder_decoder_attention):  # a distinct value
+            self.value_quant = act_quantizer(config, "value_in")
+        self.q_proj, self.k_proj = Projection(module.q_proj, config), Projection(module.k_proj, config)
+        self.v_proj = Projection(module.v_proj, config)
+        self.core = QuantAttentionCore(config)
+        self.out_proj = QLinear(module.out_proj.weight, module.out_proj.bias, config)
+
+    @classmethod
+    def from_float(cls, module: MultiheadAttention, config: QuantConfig) -> "QFairseqMultiheadAttention":
+        if module.use_xformers:
+            raise ConvertError("fairseq MultiheadAttention with xformers_att_config is not supported; "
+                               "build the model without xformers")
+        if module.onnx_trace or module.skip_embed_dim_check:
+            raise ConvertError("fairseq MultiheadAttention prepared for ONNX export or head pruning "
+                               "is not supported")
+        return cls(module, config)
+
+    def _project_qkv(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
+                     key_padding_mask: Optional[Tensor]):
+        """query (T, B, E), key/value (S, B', E') -> q (T, B, E), k and v (S, B', E) or None."""
+        xq = self.input_quant(query)
+        q = self.q_proj(xq, self.input_quant)
+        if self.self_attention:
+            key = value = query
+        elif self.encoder_decoder_attention:
+            if key is None:  # cached encoder projections
+                return q, None, None, key_padding_mask
+            if self.beam_size > 1 and query.size(1) == key.size(1):
+                # one encoder output per sentence, not per beam: (S, B, E) -> (S, B/beam, E)
+                key = key.view(key.size(0), -1, self.beam_size, key.size(2))[:, :, 0, :]
+                if key_padding_mask is not None:
+                    key_padding_mask = key_padding_mask.view(-1, self.beam_size, key_padding_mask.size(1))[:, 0, :]
+            value = key
+        xk, k_quant = (xq, self.input_quant) if key is query else (self.key_quant(key), self.key_quant)
+        if value is query:
+            xv, v_quant = xq, self.input_quant
+        elif value is key:
+            xv, v_quant = xk, k_quant
+        else:
+            xv, v_quant = self.value_quant(value), self.value_quant
+        return q, self.k_proj(xk, k_quant), self.v_proj(xv, v_quant), key_padding_mask
+
+    def _with_cache(self, k, v, key_padding_mask, saved, incremental_state, static_kv):
+        """Prepend the cached keys/values (fairseq's layout), store the result back.
+        k, v: (B'*H, S, D) or None; returns k, v (B'*H, S_total, D), the mask and B'."""
+        kv_bsz = k.size(0) // self.num_heads if k is not None else None
+        if "prev_key" in saved:
+            prev_key, prev_value = saved["prev_key"], saved["prev_value"]  # (B', H, S, D)
+            kv_bsz = prev_key.size(0)
+            prev_key = prev_key.view(kv_bsz * self.num_heads, -1, self.head_dim)
+            prev_value = prev_value.view(kv_bsz * self.num_heads, -1, self.head_dim)
+            k = prev_key if static_kv else torch.cat([prev_key, k], dim=1)
+            v = prev_value if static_kv else torch.cat([prev_value, v], dim=1)
+        key_padding_mask = MultiheadAttention._append_prev_key_padding_mask(
+            key_padding_mask=key_padding_mask, prev_key_padding_mask=saved.get("prev_key_padding_mask"),
+            batch_size=kv_bsz, src_len=k.size(1), static_kv=static_kv)
+        saved["prev_key"] = k.view(kv_bsz, self.num_heads, -1, self.head_dim)
+        saved["prev_value"] = v.view(kv_bsz, self.num_heads, -1, self.head_dim)
+        saved["prev_key_padding_mask"] = key_padding_mask
+        self._set_input_buffer(incremental_state, saved)
+        return k, v, key_padding_mask, kv_bsz
+
+    def forward(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
+                key_padding_mask: Optional[Tensor] = None, incremental_state: IncrementalState = None,
+                need_weights: bool = True, static_kv: bool = False, attn_mask: Optional[Tensor] = None,
+                before_softmax: bool = False, need_head_weights: bool = False
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+        """query: (T, B, E); key, value: (S, B, E); key_padding_mask: (B, S), True/1 = padding;
+        attn_mask: (T, S) bool or additive. Returns (T, B, E) and the attention weights
+        ((B, T, S) averaged over heads, (H, B, T, S) with need_head_weights, or None)."""
+        if before_softmax:
+            raise NotImplementedError("before_softmax returns raw float scores; the quantized "
+                                      "attention does not expose them")
+        need_weights = need_weights or need_head_weights
+        tgt_len, bsz, _ = query.shape
+        saved = self._get_input_buffer(incremental_state) if incremental_state is not None else None
+        if saved is not None and "prev_key" in saved and static_kv:
+            key = value = None  # encoder-decoder attention: its keys and values are cached
+        q, k, v, key_padding_mask = self._project_qkv(query, key, value, key_padding_mask)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.repeat(1, k.size(1), 1)])  # (S+1, B', E)
+            v = torch.cat([v, self.bias_v.repeat(1, v.size(1), 1)])
+            key_padding_mask, attn_mask = self._pad_masks(key_padding_mask, attn_mask)
+        q = split_heads(q, self.num_heads)  # (B*H, T, D)
+        k = None if k is None else split_heads(k, self.num_heads)  # (B'*H, S, D)
+        v = None if v is None else split_heads(v, self.num_heads)
+        kv_bsz = bsz if k is None else k.size(0) // self.num_heads
+        if saved is not None:
+            k, v, key_padding_mask, kv_bsz = self._with_cache(k, v, key_padding_mask, saved,
+                                                              incremental_state, static_kv)
+        if key_padding_mask is not None and key_padding_mask.dim() == 0:
+            key_padding_mask = None
+        if self.add_zero_attn:
+            k, v, key_padding_mask, attn_mask = self._append_zero_attn(
+                k=k, v=v, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+        if kv_bsz != bsz:  # beamable enc-dec attention: share each sentence's k/v with its beams
+            beam = bsz // kv_bsz
+            k, v = (t.view(kv_bsz, 1, self.num_heads, -1, self.head_dim)
+                    .expand(-1, beam, -1, -1, -1).reshape(bsz * self.num_heads, -1, self.head_dim)
+                    for t in (k, v))  # (B*H, S, D)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.repeat_interleave(beam, dim=0)  # (B, S)
+        context, probs = self.core(q, k, v, self.scaling, attn_mask, key_padding_mask,
+                                   self.num_heads, self.dropout_module.p)  # (B*H, T, D), (B*H, T, S)
+        out = self.out_proj(merge_heads(context, bsz))  # (T, B, E)
+        if not need_weights:
+            return out, None
+        weights = probs.view(bsz, self.num_heads, tgt_len, -1).transpose(1, 0)  # (H, B, T, S)
+        return out, weights if need_head_weights else weights.mean(dim=0)
+
+    def extra_repr(self) -> str:
+        kind = ("self" if self.self_attention else "encoder-decoder"
+                if self.encoder_decoder_attention else "generic")
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, {kind}"

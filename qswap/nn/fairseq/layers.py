@@ -1,0 +1,188 @@
+"""fairseq's transformer encoder and decoder layers (``converts_children``: their attention,
+linears and norms are converted by their own rules). The layer's own arithmetic is what the
+counterpart quantizes: both operands of every residual add, the activation's input (fairseq
+applies ``activation_fn`` as a function to ``fc1``'s output), and NormFormer's head and residual
+scales when present.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from fairseq.modules.transformer_layer import (
+    TransformerDecoderLayer,
+    TransformerDecoderLayerBase,
+    TransformerEncoderLayer,
+    TransformerEncoderLayerBase,
+)
+from torch import Tensor
+
+from qswap.errors import ConvertError
+from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, weight_quantizer
+from qswap.nn.registry import register
+
+IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
+
+
+@register(TransformerEncoderLayerBase)
+@register(TransformerEncoderLayer)
+class QTransformerEncoderLayer(QuantModule):
+    """fairseq's TransformerEncoderLayer(Base): residual adds and activation on quantized operands."""
+
+    converts_children = True
+    sites = ("attn_residual", "attn_out", "ffn_act", "ffn_residual", "ffn_out")
+
+    def __init__(self, module: TransformerEncoderLayerBase, config: QuantConfig):
+        super().__init__()
+        self.embed_dim, self.normalize_before = module.embed_dim, module.normalize_before
+        self.return_fc, self.activation_fn = module.return_fc, module.activation_fn
+        self.self_attn, self.self_attn_layer_norm = module.self_attn, module.self_attn_layer_norm
+        self.dropout_module, self.activation_dropout_module = module.dropout_module, module.activation_dropout_module
+        self.fc1, self.fc2, self.final_layer_norm = module.fc1, module.fc2, module.final_layer_norm
+        for site in self.sites:
+            setattr(self, f"{site}_quant", act_quantizer(config, site))
+
+    @classmethod
+    def from_float(cls, module: TransformerEncoderLayerBase, config: QuantConfig):
+        return cls(module, config)
+
+    def forward(self, x: Tensor, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None):
+        """x: (T, B, C); encoder_padding_mask: (B, T), True = padding; attn_mask: (T, T), nonzero
+        = blocked (fairseq fills those with -1e8: a block). Returns (T, B, C)."""
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(torch.bool)
+        residual = x
+        if self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        x, _ = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
+                              need_weights=False, attn_mask=attn_mask)
+        x = self.attn_residual_quant(residual) + self.attn_out_quant(self.dropout_module(x))
+        if not self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        residual = x
+        if self.normalize_before:
+            x = self.final_layer_norm(x)
+        x = self.activation_fn(self.ffn_act_quant(self.fc1(x)))
+        fc_result = x = self.fc2(self.activation_dropout_module(x))
+        x = self.ffn_residual_quant(residual) + self.ffn_out_quant(self.dropout_module(x))
+        if not self.normalize_before:
+            x = self.final_layer_norm(x)
+        if self.return_fc and not torch.jit.is_scripting():
+            return x, fc_result
+        return x
+
+
+@register(TransformerDecoderLayerBase)
+@register(TransformerDecoderLayer)
+class QTransformerDecoderLayer(QuantModule):
+    """fairseq's TransformerDecoderLayer(Base), incremental decoding included: residual adds,
+    activation, and NormFormer's ``c_attn`` head scale / ``w_resid`` residual scale (weight-
+    quantized) on quantized operands."""
+
+    converts_children = True
+    sites = ("attn_residual", "attn_out", "cross_residual", "cross_out", "ffn_act", "ffn_residual",
+             "ffn_out", "head_scale_in", "scaled_residual", "c_attn", "w_resid")
+
+    def __init__(self, module: TransformerDecoderLayerBase, config: QuantConfig):
+        super().__init__()
+        self.embed_dim, self.nh, self.head_dim = module.embed_dim, module.nh, module.head_dim
+        self.normalize_before, self.activation_fn = module.normalize_before, module.activation_fn
+        self.need_attn, self.onnx_trace = module.need_attn, module.onnx_trace
+        self.cross_self_attention = module.cross_self_attention
+        for name in ("dropout_module", "activation_dropout_module", "self_attn", "attn_ln",
+                     "self_attn_layer_norm", "encoder_attn", "encoder_attn_layer_norm",
+                     "ffn_layernorm", "fc1", "fc2", "final_layer_norm"):
+            setattr(self, name, getattr(module, name))
+        for site in self.sites[:7]:
+            setattr(self, f"{site}_quant", act_quantizer(config, site))
+        self.c_attn, self.w_resid = module.c_attn, module.w_resid  # NormFormer scales, or None
+        if self.c_attn is not None:
+            self.head_scale_in_quant = act_quantizer(config, "head_scale_in")
+            self.c_attn_quant = weight_quantizer(config, "c_attn")
+        if self.w_resid is not None:
+            self.scaled_residual_quant = act_quantizer(config, "scaled_residual")
+            self.w_resid_quant = weight_quantizer(config, "w_resid")
+
+    @classmethod
+    def from_float(cls, module: TransformerDecoderLayerBase, config: QuantConfig):
+        if module.cross_self_attention:
+            raise ConvertError("TransformerDecoderLayer with cross_self_attention is not supported yet")
+        return cls(module, config)
+
+    def prepare_for_onnx_export_(self):
+        self.onnx_trace = True
+
+    def make_generation_fast_(self, need_attn: bool = False, **kwargs):
+        self.need_attn = need_attn
+
+    def _restore(self, attn, incremental_state: IncrementalState, prev_state: Optional[List[Tensor]]):
+        """Load a cached (prev_key, prev_value[, prev_key_padding_mask]) into ``attn``'s buffer."""
+        if prev_state is None:
+            return
+        saved: Dict[str, Optional[Tensor]] = {"prev_key": prev_state[0], "prev_value": prev_state[1]}
+        if len(prev_state) >= 3:
+            saved["prev_key_padding_mask"] = prev_state[2]
+        attn._set_input_buffer(incremental_state, saved)
+
+    def _scale_heads(self, x: Tensor) -> Tensor:
+        """NormFormer head scale: x (T, B, C) * c_attn per head."""
+        t, b = x.shape[:2]
+        x = self.head_scale_in_quant(x).view(t, b, self.nh, self.head_dim)  # (T, B, H, D)
+        return (x * self.c_attn_quant(self.c_attn).view(self.nh, 1)).reshape(t, b, self.embed_dim)
+
+    def forward(self, x: Tensor, encoder_out: Optional[Tensor] = None,
+                encoder_padding_mask: Optional[Tensor] = None, incremental_state: IncrementalState = None,
+                prev_self_attn_state: Optional[List[Tensor]] = None,
+                prev_attn_state: Optional[List[Tensor]] = None, self_attn_mask: Optional[Tensor] = None,
+                self_attn_padding_mask: Optional[Tensor] = None, need_attn: bool = False,
+                need_head_weights: bool = False):
+        """x: (T, B, C) (T = 1 when decoding incrementally); encoder_out: (S, B, C).
+        Returns (x (T, B, C), encoder attention or None, cached self-attention state or None)."""
+        need_attn = need_attn or need_head_weights
+        residual = x
+        if self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        self._restore(self.self_attn, incremental_state, prev_self_attn_state)
+        x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=self_attn_padding_mask,
+                                 incremental_state=incremental_state, need_weights=False,
+                                 attn_mask=self_attn_mask)
+        if self.c_attn is not None:
+            x = self._scale_heads(x)
+        if self.attn_ln is not None:
+            x = self.attn_ln(x)
+        x = self.attn_residual_quant(residual) + self.attn_out_quant(self.dropout_module(x))
+        if not self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        if self.encoder_attn is not None and encoder_out is not None:
+            residual = x
+            if self.normalize_before:
+                x = self.encoder_attn_layer_norm(x)
+            self._restore(self.encoder_attn, incremental_state, prev_attn_state)
+            x, attn = self.encoder_attn(query=x, key=encoder_out, value=encoder_out,
+                                        key_padding_mask=encoder_padding_mask,
+                                        incremental_state=incremental_state, static_kv=True,
+                                        need_weights=need_attn or (not self.training and self.need_attn),
+                                        need_head_weights=need_head_weights)
+            x = self.cross_residual_quant(residual) + self.cross_out_quant(self.dropout_module(x))
+            if not self.normalize_before:
+                x = self.encoder_attn_layer_norm(x)
+        residual = x
+        if self.normalize_before:
+            x = self.final_layer_norm(x)
+        x = self.activation_dropout_module(self.activation_fn(self.ffn_act_quant(self.fc1(x))))
+        if self.ffn_layernorm is not None:
+            x = self.ffn_layernorm(x)
+        x = self.ffn_out_quant(self.dropout_module(self.fc2(x)))
+        residual = self.ffn_residual_quant(residual)
+        if self.w_resid is not None:
+            residual = self.scaled_residual_quant(self.w_resid_quant(self.w_resid) * residual)
+        x = residual + x
+        if not self.normalize_before:
+            x = self.final_layer_norm(x)
+        if self.onnx_trace and incremental_state is not None:
+            saved = self.self_attn._get_input_buffer(incremental_state)
+            state = [saved["prev_key"], saved["prev_value"]]
+            if self_attn_padding_mask is not None:
+                state.append(saved["prev_key_padding_mask"])
+            return x, attn, state
+        return x, attn, None

@@ -1,0 +1,217 @@
+"""Model-level counterparts: the arithmetic fairseq's encoders and models do themselves.
+
+* S2T encoders (transformer, conformer) scale the subsampler's float output by ``embed_scale``
+  before adding positions: the counterpart quantizes it first (site ``embed``); the positions
+  come quantized from ``QSinusoidalPositionalEmbedding``. (The S2T *decoder* needs no
+  counterpart: ``embed_scale`` multiplies rows of the quantized embedding table, and the positions
+  it adds are quantized.)
+* The models' ``get_normalized_probs`` (a log-softmax, or CTC's masked log-softmax) runs on
+  logits quantized by ``logits_quant`` (site ``logits``).
+
+These counterparts subclass the fairseq classes they replace, so fairseq's generator, criteria
+and checkpoint code see the classes they expect; they are built explicitly from the float
+module's children and settings, never by re-running the fairseq constructors.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq import utils
+from fairseq.data.data_utils import lengths_to_padding_mask
+from fairseq.models import FairseqEncoder
+from fairseq.models.speech_to_text.s2t_conformer import S2TConformerEncoder, S2TConformerModel
+from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerEncoder, S2TTransformerModel
+from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc
+from torch import Tensor
+
+from qswap.errors import ConvertError
+from qswap.nn.base import QuantConfig, QuantModule, act_quantizer
+from qswap.nn.registry import register
+
+_S2T_ENCODER_ATTRS = ("encoder_freezing_updates", "num_updates", "embed_scale", "padding_idx",
+                      "conv_version")
+
+
+def _encoder_out(x: Tensor, padding_mask: Tensor, states: List[Tensor]) -> Dict[str, List[Tensor]]:
+    return {"encoder_out": [x], "encoder_padding_mask": [padding_mask] if padding_mask.any() else [],
+            "encoder_embedding": [], "encoder_states": states, "src_tokens": [], "src_lengths": []}
+
+
+@register(S2TTransformerEncoder)
+class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
+    """S2T transformer encoder: ``embed_scale * embed_quant(subsample(x)) + positions``."""
+
+    converts_children = True
+    sites = ("embed",)
+
+    def __init__(self, module: S2TTransformerEncoder, config: QuantConfig):
+        FairseqEncoder.__init__(self, module.dictionary)
+        for name in _S2T_ENCODER_ATTRS:
+            setattr(self, name, getattr(module, name))
+        for name in ("dropout_module", "subsample", "embed_positions", "transformer_layers",
+                     "layer_norm", "ctc_proj"):
+            setattr(self, name, getattr(module, name))
+        self.embed_quant = act_quantizer(config, "embed")
+
+    @classmethod
+    def from_float(cls, module: S2TTransformerEncoder, config: QuantConfig):
+        return cls(module, config)
+
+    def _forward(self, src_tokens: Tensor, src_lengths: Tensor, return_all_hiddens: bool = False):
+        """src_tokens: (B, T, C*D) features, src_lengths: (B,) -> fairseq's encoder_out dict."""
+        x, input_lengths = self.subsample(src_tokens, src_lengths)  # (T', B, C)
+        x = self.embed_scale * self.embed_quant(x)
+        padding_mask = lengths_to_padding_mask(input_lengths)  # (B, T')
+        x = self.dropout_module(x + self.embed_positions(padding_mask).transpose(0, 1))
+        states = []
+        for layer in self.transformer_layers:
+            x = layer(x, padding_mask)
+            if return_all_hiddens:
+                states.append(x)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return _encoder_out(x, padding_mask, states)
+
+
+@register(S2TConformerEncoder)
+class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
+    """S2T conformer encoder: ``embed_scale * embed_quant(subsample(x))`` (+ quantized absolute
+    positions; rel_pos hands its constant table to the attention's ``linear_pos``)."""
+
+    converts_children = True
+    sites = ("embed",)
+
+    def __init__(self, module: S2TConformerEncoder, config: QuantConfig):
+        FairseqEncoder.__init__(self, module.dictionary)
+        for name in _S2T_ENCODER_ATTRS + ("pos_enc_type",):
+            setattr(self, name, getattr(module, name))
+        for name in ("subsample", "embed_positions", "linear", "dropout", "conformer_layers"):
+            setattr(self, name, getattr(module, name))
+        self.embed_quant = act_quantizer(config, "embed")
+
+    @classmethod
+    def from_float(cls, module: S2TConformerEncoder, config: QuantConfig):
+        return cls(module, config)
+
+    def _forward(self, src_tokens: Tensor, src_lengths: Tensor, return_all_hiddens: bool = False):
+        """src_tokens: (B, T, C*D) features, src_lengths: (B,) -> fairseq's encoder_out dict."""
+        x, input_lengths = self.subsample(src_tokens, src_lengths)  # (T', B, C)
+        padding_mask = lengths_to_padding_mask(input_lengths)  # (B, T')
+        x = self.embed_scale * self.embed_quant(x)
+        positions = None
+        if self.pos_enc_type == "rel_pos":
+            positions = self.embed_positions(x)  # (2T'-1, 1, C)
+        elif self.pos_enc_type != "rope":
+            x = x + self.embed_positions(padding_mask).transpose(0, 1)
+        x = self.dropout(self.linear(x))
+        states = []
+        for layer in self.conformer_layers:
+            x, _ = layer(x, padding_mask, positions)
+            if return_all_hiddens:
+                states.append(x)
+        return _encoder_out(x, padding_mask, states)
+
+
+class _QuantizedLogits:
+    """``get_normalized_probs`` on logits quantized by ``self.logits_quant``. ``forward``
+    returns them quantized too, so calibrating with the plain forward sets their grid (fairseq's
+    generator calls the decoder, then ``get_normalized_probs``, which quantizes them; a
+    quantized tensor passes the same frozen quantizer unchanged)."""
+
+    def forward(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor):
+        """Returns ((B, T, V) quantized logits, the decoder's extra dict)."""
+        logits, extra = super().forward(src_tokens, src_lengths, prev_output_tokens)
+        return self.logits_quant(logits), extra
+
+    def get_normalized_probs(self, net_output, log_probs: bool, sample: Optional[Dict[str, Tensor]] = None):
+        net_output = (self.logits_quant(net_output[0]),) + tuple(net_output[1:])
+        return super().get_normalized_probs(net_output, log_probs, sample)
+
+
+@register(S2TTransformerModel)
+class QS2TTransformerModel(QuantModule, _QuantizedLogits, S2TTransformerModel):
+    """S2T transformer model; the decoder's log-softmax runs on quantized logits.
+
+    >>> qmodel = qswap.convert(build_s2t_transformer(), "w8a8")
+    """
+
+    converts_children = True
+    sites = ("logits",)
+
+    def __init__(self, module: S2TTransformerModel, config: QuantConfig):
+        S2TTransformerModel.__init__(self, module.encoder, module.decoder)
+        self.logits_quant = act_quantizer(config, "logits")
+
+    @classmethod
+    def from_float(cls, module: S2TTransformerModel, config: QuantConfig):
+        return cls(module, config)
+
+
+@register(S2TConformerModel)
+class QS2TConformerModel(QuantModule, _QuantizedLogits, S2TConformerModel):
+    """S2T conformer model; the decoder's log-softmax runs on quantized logits."""
+
+    converts_children = True
+    sites = ("logits",)
+
+    def __init__(self, module: S2TConformerModel, config: QuantConfig):
+        S2TConformerModel.__init__(self, module.encoder, module.decoder)
+        self.logits_quant = act_quantizer(config, "logits")
+
+    @classmethod
+    def from_float(cls, module: S2TConformerModel, config: QuantConfig):
+        return cls(module, config)
+
+
+@register(Wav2VecCtc)
+class QWav2VecCtc(QuantModule, Wav2VecCtc):
+    """wav2vec 2.0 CTC model: blank weighting, padding masking and the log-softmax run on
+    logits quantized by ``logits_quant`` (and ``blank_logits_quant`` after an added blank
+    weight). Padded frames are masked with ``masked_fill`` (blank 0, others -inf), as fairseq's
+    ``get_logits`` masks them with a constant row."""
+
+    converts_children = True
+    sites = ("logits", "blank_logits")
+
+    def __init__(self, module: Wav2VecCtc, config: QuantConfig):
+        Wav2VecCtc.__init__(self, module.cfg, module.w2v_encoder)
+        self.blank_weight, self.blank_mode = module.blank_weight, module.blank_mode  # may differ from cfg
+        self.logits_quant = act_quantizer(config, "logits")
+        if self.blank_weight != 0 and self.blank_mode == "add":
+            self.blank_logits_quant = act_quantizer(config, "blank_logits")
+
+    @classmethod
+    def from_float(cls, module: Wav2VecCtc, config: QuantConfig) -> "QWav2VecCtc":
+        if module.blank_weight != 0 and module.blank_mode not in ("add", "set"):
+            raise ConvertError(f"invalid blank mode {module.blank_mode}")
+        return cls(module, config)
+
+    def forward(self, **kwargs):
+        """Wav2VecEncoder's output dict, its "encoder_out" (T, B, V) logits quantized (see
+        ``_QuantizedLogits``: calibrating with the plain forward sets their grid)."""
+        out = super().forward(**kwargs)
+        return {**out, "encoder_out": self.logits_quant(out["encoder_out"])}
+
+    def get_logits(self, net_output, normalize: bool = False) -> Tensor:
+        """net_output["encoder_out"]: (T, B, V) -> (T, B, V) logits (log-probs if normalize)."""
+        logits = self.logits_quant(net_output["encoder_out"])
+        if self.blank_weight != 0:
+            logits = logits.clone()
+            if self.blank_mode == "add":
+                logits[..., 0] += self.blank_weight
+                logits = self.blank_logits_quant(logits)
+            else:
+                logits[..., 0] = self.blank_weight
+        padding_mask = net_output["padding_mask"]  # (B, T)
+        if padding_mask is not None and padding_mask.any():
+            if logits.size(0) > padding_mask.size(1):
+                net_output["padding_mask"] = padding_mask = F.pad(padding_mask, (1, 0), value=False)
+            padded = padding_mask.T.unsqueeze(-1)  # (T, B, 1)
+            blank = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
+            blank[0] = True
+            logits = logits.masked_fill(padded & ~blank, float("-inf")).masked_fill(padded & blank, 0.0)
+        if normalize:
+            logits = utils.log_softmax(logits.float(), dim=-1)
+        return logits

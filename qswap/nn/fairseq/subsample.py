@@ -1,0 +1,48 @@
+"""S2T's ``Conv1dSubsampler``: (Conv1d stride 2 -> GLU) x n. The convs are converted by their
+own rule; the counterpart quantizes each GLU's input (GLU is one kernel on a quantized input,
+as ``QGLU`` treats it) and computes the output lengths in integer arithmetic."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from fairseq.models.speech_to_text.modules.convolution import Conv1dSubsampler
+from torch import nn
+
+from qswap.nn.base import QuantConfig, QuantModule, act_quantizer
+from qswap.nn.registry import register
+from qswap.quant.fake_quantize import FakeQuantize
+
+
+@register(Conv1dSubsampler)
+class QConv1dSubsampler(QuantModule):
+    """``glu_quant[i]`` quantizes the input of the i-th GLU (site ``glu``)."""
+
+    converts_children = True
+    sites = ("glu",)
+
+    def __init__(self, module: Conv1dSubsampler, config: QuantConfig):
+        super().__init__()
+        self.n_layers, self.conv_layers = module.n_layers, module.conv_layers
+        self.glu_quant = nn.ModuleList(act_quantizer(config, "glu") for _ in range(self.n_layers))
+
+    @classmethod
+    def from_float(cls, module: Conv1dSubsampler, config: QuantConfig) -> "QConv1dSubsampler":
+        return cls(module, config)
+
+    def quantizers(self) -> dict[str, FakeQuantize]:
+        return {f"glu.{i}": q for i, q in enumerate(self.glu_quant) if isinstance(q, FakeQuantize)}
+
+    def get_out_seq_lens_tensor(self, in_seq_lens_tensor: torch.Tensor) -> torch.Tensor:
+        """floor((L - 1) / 2 + 1) per layer, as fairseq computes it in float, in integers."""
+        out = in_seq_lens_tensor.clone()
+        for _ in range(self.n_layers):
+            out = torch.div(out - 1, 2, rounding_mode="floor") + 1
+        return out
+
+    def forward(self, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
+        """src_tokens: (B, T, C*D) features -> ((T', B, C_out), lengths (B,))."""
+        x = src_tokens.transpose(1, 2).contiguous()  # (B, C*D, T)
+        for conv, glu_quant in zip(self.conv_layers, self.glu_quant):
+            x = F.glu(glu_quant(conv(x)), dim=1)  # (B, C_i, T_i)
+        x = x.transpose(1, 2).transpose(0, 1).contiguous()  # (T', B, C_out)
+        return x, self.get_out_seq_lens_tensor(src_lengths)

@@ -1,0 +1,225 @@
+"""wav2vec 2.0: the model's inference path, its transformer encoder and encoder layer.
+
+* ``ConvFeatureExtractionModel`` is a container: its Conv1d / Fp32GroupNorm / Fp32LayerNorm /
+  GELU children are converted by their own rules (``TransposeLast`` and ``SamePad`` only move
+  data and are passthrough).
+* The positional convolution is weight-normed: ``QConv1d`` computes ``g * v / ||v||`` from
+  ``weight_g`` / ``weight_v`` and quantizes the result; ``x + pos_conv(x)`` adds quantized operands.
+* ``Wav2Vec2Model``'s counterpart runs the fine-tuning/inference path (``features_only``):
+  fairseq's forward also computes the feature penalty ``features.pow(2).mean()`` on float
+  features even when it returns only features; the counterpart skips that unused value, and
+  computes output lengths and the padding mask in integer arithmetic.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fairseq.models.wav2vec.wav2vec2 import (
+    TransformerEncoder,
+    TransformerSentenceEncoderLayer,
+    TransformerSentenceEncoderWithAdapterLayer,
+    Wav2Vec2Model,
+)
+from fairseq.modules import GradMultiply
+from fairseq.models.wav2vec.utils import pad_to_multiple
+from fairseq.utils import index_put
+
+from qswap.errors import ConvertError
+from qswap.nn.base import QuantConfig, QuantModule, act_quantizer
+from qswap.nn.registry import register
+
+_MASK_ATTRS = ("mask_prob", "mask_selection", "mask_other", "mask_length", "no_mask_overlap",
+               "mask_min_space", "mask_channel_prob", "mask_channel_before",
+               "mask_channel_selection", "mask_channel_other", "mask_channel_length",
+               "no_mask_channel_overlap", "mask_channel_min_space")
+
+
+@register(TransformerSentenceEncoderLayer)
+class QTransformerSentenceEncoderLayer(QuantModule):
+    """wav2vec 2.0's encoder layer (post- or pre-norm): residual adds and activation on
+    quantized operands."""
+
+    converts_children = True
+    sites = ("attn_residual", "attn_out", "ffn_act", "ffn_residual", "ffn_out")
+
+    def __init__(self, module: TransformerSentenceEncoderLayer, config: QuantConfig):
+        super().__init__()
+        self.embedding_dim, self.layer_norm_first = module.embedding_dim, module.layer_norm_first
+        self.activation_fn = module.activation_fn
+        for name in ("self_attn", "dropout1", "dropout2", "dropout3", "self_attn_layer_norm", "fc1",
+                     "fc2", "final_layer_norm"):
+            setattr(self, name, getattr(module, name))
+        for site in self.sites:
+            setattr(self, f"{site}_quant", act_quantizer(config, site))
+
+    @classmethod
+    def from_float(cls, module: TransformerSentenceEncoderLayer, config: QuantConfig):
+        return cls(module, config)
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout2(self.activation_fn(self.ffn_act_quant(self.fc1(x))))
+        return self.fc2(x)
+
+    def forward(self, x: torch.Tensor, self_attn_mask: Optional[torch.Tensor] = None,
+                self_attn_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
+                att_args=None):
+        """x: (T, B, C); self_attn_padding_mask: (B, T). Returns (T, B, C), (attn, ffn output)."""
+        residual = x
+        if self.layer_norm_first:
+            x = self.self_attn_layer_norm(x)
+        x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=self_attn_padding_mask,
+                                 attn_mask=self_attn_mask if self.layer_norm_first else None,
+                                 need_weights=False)
+        x = self.attn_residual_quant(residual) + self.attn_out_quant(self.dropout1(x))
+        if not self.layer_norm_first:
+            x = self.self_attn_layer_norm(x)
+        residual = x
+        layer_result = self._ffn(self.final_layer_norm(x) if self.layer_norm_first else x)
+        x = self.ffn_residual_quant(residual) + self.ffn_out_quant(self.dropout3(layer_result))
+        if not self.layer_norm_first:
+            x = self.final_layer_norm(x)
+        return x, (attn, layer_result)
+
+
+@register(TransformerEncoder)
+class QWav2Vec2TransformerEncoder(QuantModule):
+    """wav2vec 2.0's transformer encoder: ``x + pos_conv(x)`` on quantized operands."""
+
+    converts_children = True
+    sites = ("pos_residual", "pos_conv_out")
+
+    def __init__(self, module: TransformerEncoder, config: QuantConfig):
+        super().__init__()
+        self.dropout, self.embedding_dim = module.dropout, module.embedding_dim
+        self.required_seq_len_multiple = module.required_seq_len_multiple
+        self.layer_norm_first, self.layerdrop = module.layer_norm_first, module.layerdrop
+        self.pos_conv, self.layers, self.layer_norm = module.pos_conv, module.layers, module.layer_norm
+        self.pos_residual_quant = act_quantizer(config, "pos_residual")
+        self.pos_conv_out_quant = act_quantizer(config, "pos_conv_out")
+
+    @classmethod
+    def from_float(cls, module: TransformerEncoder, config: QuantConfig):
+        return cls(module, config)
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, layer=None,
+                corpus_key=None):
+        x, layer_results = self.extract_features(x, padding_mask, layer, corpus_key=corpus_key)
+        if self.layer_norm_first and layer is None:
+            x = self.layer_norm(x)
+        return x, layer_results
+
+    def extract_features(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                         tgt_layer: Optional[int] = None, min_layer: int = 0, corpus_key=None):
+        """x: (B, T, C); padding_mask: (B, T). Returns (B, T, C) and per-layer results."""
+        if padding_mask is not None:
+            x = index_put(x, padding_mask, 0)
+        x_conv = self.pos_conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
+        x = self.pos_residual_quant(x) + self.pos_conv_out_quant(x_conv)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        x, pad_length = pad_to_multiple(x, self.required_seq_len_multiple, dim=-2, value=0)
+        if pad_length > 0 and padding_mask is None:
+            padding_mask = x.new_zeros((x.size(0), x.size(1)), dtype=torch.bool)
+            padding_mask[:, -pad_length:] = True
+        else:
+            padding_mask, _ = pad_to_multiple(padding_mask, self.required_seq_len_multiple, dim=-1, value=True)
+        x = F.dropout(x, p=self.dropout, training=self.training).transpose(0, 1)  # (T, B, C)
+        layer_results, r = [], None
+        for i, layer in enumerate(self.layers):
+            if not self.training or self.layerdrop == 0 or np.random.random() > self.layerdrop:
+                adapter = corpus_key is not None and isinstance(layer, TransformerSentenceEncoderWithAdapterLayer)
+                extra = {"corpus_key": corpus_key} if adapter else {}
+                x, (z, lr) = layer(x, self_attn_padding_mask=padding_mask, need_weights=False, **extra)
+                if i >= min_layer:
+                    layer_results.append((x, z, lr))
+            if i == tgt_layer:
+                r = x
+                break
+        x = (r if r is not None else x).transpose(0, 1)  # (B, T, C)
+        if pad_length > 0:
+            x = x[:, :-pad_length]
+            layer_results = [(a[:-pad_length], b if b is None else b[:-pad_length], c[:-pad_length])
+                             for a, b, c in layer_results]
+        return x, layer_results
+
+
+@register(Wav2Vec2Model)
+class QWav2Vec2Model(QuantModule):
+    """wav2vec 2.0's inference path (what ``Wav2VecEncoder`` runs: ``extract_features``);
+    time masking for fine-tuning is fairseq's own ``apply_mask``. The pretraining objective
+    (quantizer targets, negatives, ``features_only=False``) is not converted."""
+
+    converts_children = True
+    apply_mask = Wav2Vec2Model.apply_mask
+
+    def __init__(self, module: Wav2Vec2Model, config: QuantConfig):
+        super().__init__()
+        self.cfg, self.embed = module.cfg, module.embed
+        self.crop_seq_to_multiple, self.feature_grad_mult = module.crop_seq_to_multiple, module.feature_grad_mult
+        for name in _MASK_ATTRS:
+            setattr(self, name, getattr(module, name))
+        self.mask_emb, self.post_extract_proj = module.mask_emb, module.post_extract_proj
+        for name, child in module.named_children():  # every child, so state_dict keys are kept
+            setattr(self, name, child)
+
+    @classmethod
+    def from_float(cls, module: Wav2Vec2Model, config: QuantConfig) -> "QWav2Vec2Model":
+        if module.input_quantizer is not None:
+            raise ConvertError("wav2vec 2.0 with quantize_input (a Gumbel input quantizer) is not supported")
+        return cls(module, config)
+
+    def _output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
+        """floor((L - k) / stride + 1) per conv layer, in integers."""
+        for _, kernel, stride in eval(self.cfg.conv_feature_layers):
+            input_lengths = torch.div(input_lengths - kernel, stride, rounding_mode="floor") + 1
+        return input_lengths
+
+    def _feature_padding_mask(self, padding_mask: torch.Tensor, frames: int) -> torch.Tensor:
+        """(B, samples) padding -> (B, frames) padding, as fairseq builds it."""
+        output_lengths = self._output_lengths((1 - padding_mask.long()).sum(-1))
+        marks = torch.zeros((padding_mask.size(0), frames), dtype=torch.long, device=padding_mask.device)
+        marks[torch.arange(marks.size(0), device=marks.device), output_lengths - 1] = 1
+        return (1 - marks.flip([-1]).cumsum(-1).flip([-1])).bool()
+
+    def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                mask: bool = True, features_only: bool = False, layer=None, mask_indices=None,
+                mask_channel_indices=None, padding_count=None, corpus_key=None):
+        """source: (B, samples); padding_mask: (B, samples). Returns fairseq's features_only dict."""
+        if not features_only:
+            raise NotImplementedError("the converted wav2vec 2.0 model runs the features_only path "
+                                      "(fine-tuning / inference); the pretraining objective is not converted")
+        if self.feature_grad_mult > 0:
+            features = self.feature_extractor(source)  # (B, C, T)
+            if self.feature_grad_mult != 1.0:
+                features = GradMultiply.apply(features, self.feature_grad_mult)
+        else:
+            with torch.no_grad():
+                features = self.feature_extractor(source)
+        features = self.layer_norm(features.transpose(1, 2))  # (B, T, C)
+        unmasked_features = features.clone()
+        if padding_mask is not None and padding_mask.any():
+            padding_mask = self._feature_padding_mask(padding_mask, features.size(1))
+        else:
+            padding_mask = None
+        drop = features.size(1) % self.crop_seq_to_multiple
+        if drop != 0:
+            features, unmasked_features = features[:, :-drop], unmasked_features[:, :-drop]
+            padding_mask = None if padding_mask is None else padding_mask[:, :-drop]
+        if self.post_extract_proj is not None:
+            features = self.post_extract_proj(features)
+        features = self.dropout_input(features)
+        unmasked_features = self.dropout_features(unmasked_features)
+        x = features
+        if mask:
+            x, _ = self.apply_mask(features, padding_mask, mask_indices=mask_indices,
+                                   mask_channel_indices=mask_channel_indices)
+        x, layer_results = self.encoder(x, padding_mask=padding_mask, layer=layer, corpus_key=corpus_key)
+        return {"x": x, "padding_mask": padding_mask, "features": unmasked_features,
+                "layer_results": layer_results}
+
+    def extract_features(self, source, padding_mask, mask=False, layer=None, corpus_key=None):
+        return self(source, padding_mask, mask=mask, features_only=True, layer=layer,
+                    corpus_key=corpus_key)

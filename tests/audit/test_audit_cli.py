@@ -1,0 +1,107 @@
+"""``qswap audit``: exit codes, and the JSON and Markdown reports, on a real fairseq checkpoint
+saved the way fairseq-train saves one (``cfg`` + ``model`` state_dict)."""
+import json
+
+import pytest
+import torch
+
+from datadir import make_s2t_datadir
+from qswap.cli import main
+
+pytest.importorskip("fairseq")
+
+SMALL = ["--arch", "s2t_transformer", "--encoder-layers", "1", "--decoder-layers", "1",
+         "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
+         "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
+         "--conv-channels", "32", "--share-decoder-input-output-embed"]
+
+
+def save_fairseq_checkpoint(data, path):
+    """Build the model with fairseq's own parser, task and builder; save cfg + state_dict."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from omegaconf import OmegaConf
+
+    args = options.parse_args_and_arch(options.get_training_parser(),
+                                       [str(data), "--task", "speech_to_text", *SMALL])
+    cfg = convert_namespace_to_omegaconf(args)
+    torch.manual_seed(0)
+    model = tasks.setup_task(cfg.task).build_model(cfg.model)
+    torch.save({"args": None, "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                "model": model.state_dict(), "extra_state": {"epoch": 1}, "last_optimizer_state": None,
+                "optimizer_history": [{"criterion_name": "LabelSmoothedCrossEntropyCriterion",
+                                       "optimizer_name": "FairseqAdam", "lr_scheduler_state": {},
+                                       "num_updates": 0}]}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit_cli")
+    data = make_s2t_datadir(root / "data", {"train": 2, "test": 3})
+    return save_fairseq_checkpoint(data, root / "checkpoint.pt"), data
+
+
+def test_w8a8_is_honest_exit_0_with_json_and_markdown(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    out_json, out_md = tmp_path / "audit.json", tmp_path / "audit.md"
+    code = main(["audit", str(ckpt), "--recipe", "w8a8", "--synthetic", "2", "--json", str(out_json),
+                 "--markdown", str(out_md)])
+    assert code == 0
+    assert "HONEST" in capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    assert report["verdict"] == "honest" and report["honest"] and report["recipe"] == "w8a8"
+    assert report["paths"][2].startswith("incremental decoding")
+    assert report["totals"]["float"] == 0 and report["totals"]["quantized"] > 0
+    assert set(report["bits_histogram"]) == {"8", "32"}
+    markdown = out_md.read_text()
+    assert "Verdict: **HONEST**" in markdown and "## Paths covered" in markdown
+
+
+def test_weight_only_is_dishonest_exit_1_and_lists_every_violation(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    out_json, out_md = tmp_path / "audit.json", tmp_path / "audit.md"
+    code = main(["audit", str(ckpt), "--recipe", "w8_weight_only", "--max-rows", "3",
+                 "--json", str(out_json), "--markdown", str(out_md)])
+    assert code == 1
+    assert "NOT HONEST" in capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    assert report["verdict"] == "dishonest" and len(report["violations"]) > 3
+    first = report["violations"][0]
+    assert set(first) >= {"module", "op", "operand", "shape", "dtype", "reason", "source", "count"}
+    assert {v["op"] for v in report["violations"]} >= {"aten.native_layer_norm", "aten._softmax"}
+    markdown = out_md.read_text()
+    assert "Verdict: **NOT HONEST**" in markdown and "`aten.native_layer_norm`" in markdown
+
+
+def test_a_data_subset_can_be_audited(checkpoint):
+    ckpt, data = checkpoint
+    assert main(["audit", str(ckpt), "--recipe", "w8a8", "--data", str(data), "--subset", "test"]) == 0
+
+
+def test_strict_fails_on_declared_exceptions(checkpoint, tmp_path):
+    ckpt, _ = checkpoint
+    recipe = tmp_path / "weights_only_declared.yaml"
+    recipe.write_text("version: 1\nname: w8_declared\ndefaults:\n  weight: {bits: 8}\n"
+                      "  activation: null\nfloat_ok:\n  '*': weight-only study, activations float\n")
+    assert main(["audit", str(ckpt), "--recipe", str(recipe)]) == 0
+    assert main(["audit", str(ckpt), "--recipe", str(recipe), "--strict"]) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--recipe", "w8a8", "--synthetic", "2", "--subset", "test"], "not both"),
+    (["--recipe", "w8a8", "--subset", "test"], "--subset needs --data"),
+    (["--recipe", "w8a8", "--synthetic", "0"], "at least 1"),
+    ([], "needs --recipe"),
+    (["--recipe", "no_such_recipe"], "no shipped recipe"),
+    (["--recipe", "w8a8", "--json", "/nonexistent/dir/audit.json"], "audit.json"),
+])
+def test_usage_and_input_errors_exit_2(checkpoint, capsys, extra, message):
+    ckpt, _ = checkpoint
+    assert main(["audit", str(ckpt), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_checkpoint_exits_2(tmp_path, capsys):
+    assert main(["audit", str(tmp_path / "missing.pt"), "--recipe", "w8a8"]) == 2
+    assert "missing.pt" in capsys.readouterr().err

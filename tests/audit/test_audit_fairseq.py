@@ -1,0 +1,118 @@
+"""qswap.audit on real fairseq model classes (small dimensions): the float and weight-only
+S2T transformers are dishonest and named op by op; w8a8 is honest on every path."""
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import qswap
+from qswap.audit.paths import run_paths
+from qswap.calibrate import activation_quantizers
+from qswap.models import build_s2t_transformer, s2t_net_input
+
+pytest.importorskip("fairseq")
+
+PATHS = ["batch forward (teacher-forced)", "get_normalized_probs (batch)", "incremental decoding (3 steps)"]
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    return build_s2t_transformer()
+
+
+@pytest.fixture(scope="module")
+def net_input():
+    return s2t_net_input()
+
+
+@pytest.fixture(scope="module")
+def float_report(float_model, net_input):
+    return qswap.audit(float_model, net_input)
+
+
+def _quantized(model, recipe, net_input):
+    qmodel = qswap.convert(model, recipe)
+    if activation_quantizers(qmodel):
+        qswap.calibrate(qmodel, [net_input], forward=run_paths)  # incremental-only sites too
+    return qmodel
+
+
+def _find(report, op, module=r".*", **fields):
+    return [v for v in report.violations if v.op == op and re.fullmatch(module, v.module)
+            and all(value in getattr(v, name) for name, value in fields.items())]
+
+
+def test_float_s2t_transformer_is_dishonest_on_every_path(float_report):
+    assert not float_report.honest and float_report.paths == PATHS
+    assert all(p.violations > 0 and p.compute > 0 for p in float_report.coverage)
+
+
+def test_float_names_the_attention_kernel_softmax_and_layer_norms(float_report):
+    fused = _find(float_report, "aten._scaled_dot_product_flash_attention_for_cpu",
+                  r"encoder\.transformer_layers\.\d+\.self_attn")
+    assert fused and all(v.source.startswith("fairseq/modules/multihead_attention.py:") for v in fused)
+    assert any(v.kind == "fused_kernel" for v in fused)
+    assert _find(float_report, "aten._softmax", r"decoder\.layers\.\d+\.(self|encoder)_attn")
+    norms = _find(float_report, "aten.native_layer_norm", r".*layer_norm")
+    assert {v.kind for v in norms} == {"float_operand", "raw_parameter"}
+
+
+def test_float_names_residual_adds_positional_add_and_final_log_softmax(float_report):
+    residual = _find(float_report, "aten.add", r"(encoder\.transformer_layers|decoder\.layers)\.\d+")
+    assert residual and all("fairseq/modules/transformer_layer.py:" in v.source for v in residual)
+    positions = _find(float_report, "aten.add_", "encoder", operand="embed_positions.weights")
+    assert positions and positions[0].kind == "raw_parameter" and positions[0].code == "x += positions"
+    final = _find(float_report, "aten._log_softmax", "decoder")
+    assert {p for v in final for p in v.paths} == {PATHS[1], PATHS[2]}
+
+
+def test_incremental_decoding_runs_code_the_batch_forward_does_not(float_report):
+    incremental_only = [v for v in float_report.violations if v.paths == [PATHS[2]]]
+    # fairseq's attention takes its unfused path when an incremental_state is given
+    assert _find(float_report, "aten.bmm", r"decoder\.layers\.\d+\.self_attn") and incremental_only
+
+
+def test_w8_weight_only_is_dishonest(float_model, net_input):
+    report = qswap.audit(_quantized(float_model, "w8_weight_only", net_input), net_input)
+    assert not report.honest and report.recipe == "w8_weight_only"
+    ops = {v.op for v in report.violations}
+    assert {"aten.native_layer_norm", "aten._softmax", "aten.addmm", "aten._log_softmax"} <= ops
+    assert report.bits_histogram.get(8, 0) > 0  # the weights were quantized, the rest is float
+
+
+def test_w8a8_is_honest_on_the_batch_and_incremental_paths(float_model, net_input):
+    report = qswap.audit(_quantized(float_model, "w8a8", net_input), net_input)
+    assert report.honest, [(v.module, v.op, v.operand) for v in report.violations][:10]
+    assert report.paths == PATHS
+    assert all(p.compute > 0 and p.violations == 0 for p in report.coverage)
+    assert report.totals["float"] == report.totals["unclassified"] == 0
+    assert report.totals["quantized"] > 200 and set(report.bits_histogram) == {8, 32}
+
+
+def test_a_site_left_float_by_the_recipe_is_named(float_model, net_input):
+    recipe = {"version": 1, "name": "w8a8_float_softmax_in",
+              "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8, "symmetric": False},
+                           "sites": {"softmax_in": None}}}
+    report = qswap.audit(_quantized(float_model, recipe, net_input), net_input)
+    assert {v.op for v in report.violations} == {"aten._softmax"}
+    assert all("accumulator" in v.operand for v in report.violations)
+
+
+def test_a_ctc_model_audits_its_forward_and_output_normalization():
+    from fairseq.models import FairseqEncoder, FairseqEncoderModel
+    from qswap.models import make_dictionary
+
+    class TinyCtcEncoder(FairseqEncoder):
+        def __init__(self, dictionary):
+            super().__init__(dictionary)
+            self.proj = nn.Linear(80, len(dictionary))
+
+        def forward(self, src_tokens, src_lengths):
+            return {"encoder_out": self.proj(src_tokens).transpose(0, 1)}  # (T, B, V)
+
+    model = FairseqEncoderModel(TinyCtcEncoder(make_dictionary(8))).eval()
+    net_input = {"src_tokens": torch.randn(2, 12, 80), "src_lengths": torch.tensor([12, 9])}
+    report = qswap.audit(_quantized(model, "w8a8", net_input), net_input)
+    assert report.paths == ["encoder forward", "output normalization (get_normalized_probs)"]
+    assert _find(report, "aten._log_softmax", "") and report.coverage[0].violations == 0

@@ -1,0 +1,46 @@
+"""The on-grid check: integer codes within [qmin, qmax], at every granularity."""
+import torch
+
+from qswap.audit.tags import off_grid_count
+from qswap.quant import QuantSpec, choose_qparams, fake_quantize, reduce_min_max
+
+
+def _quantized(x, spec):
+    scale, zp = choose_qparams(*reduce_min_max(x, spec), spec)
+    return fake_quantize(x, scale, zp, spec), scale, zp
+
+
+def test_fake_quantized_values_are_on_grid_at_every_granularity():
+    x = torch.randn(6, 8)
+    for spec in (QuantSpec(bits=8, symmetric=False), QuantSpec(bits=4, granularity="per_channel", axis=0),
+                 QuantSpec(bits=4, granularity="per_channel", axis=1),
+                 QuantSpec(bits=8, granularity="per_group", group_size=4)):
+        y, scale, zp = _quantized(x, spec)
+        assert off_grid_count(y, scale, zp, spec, spec.qmin, spec.qmax) == 0, spec
+
+
+def test_off_grid_out_of_range_and_nan_values_are_counted():
+    spec = QuantSpec(bits=8)
+    y, scale, zp = _quantized(torch.randn(100), spec)
+    bad = y.clone()
+    bad[:3] += 0.4 * scale  # between two codes
+    bad[3] = 200 * scale  # code 200 > qmax 127
+    bad[4] = float("nan")
+    assert off_grid_count(bad, scale, zp, spec, spec.qmin, spec.qmax) == 5
+
+
+def test_a_claimed_8_bit_grid_does_not_accept_16_bit_values():
+    x = torch.randn(64)
+    spec8, spec16 = QuantSpec(bits=8), QuantSpec(bits=16)
+    y16, scale16, _ = _quantized(x, spec16)
+    _, scale8, zp8 = _quantized(x, spec8)
+    assert off_grid_count(y16, scale8, zp8, spec8, spec8.qmin, spec8.qmax) > 32
+
+
+def test_a_per_element_bias_scale_and_the_int32_range():
+    scale = torch.tensor([0.5, 0.25, 0.125])
+    codes = torch.tensor([3.0, -7.0, 1000.0])
+    bias = codes * scale
+    zero = torch.zeros(3)
+    assert off_grid_count(bias, scale, zero, None, -(2 ** 31), 2 ** 31 - 1) == 0
+    assert off_grid_count(bias + torch.tensor([0.1, 0.0, 0.0]), scale, zero, None, -(2 ** 31), 2 ** 31 - 1) == 1

@@ -1,0 +1,183 @@
+"""The other fairseq counterparts, one by one: exact with identity quantizers, honest with w8a8
+(options the three small architectures do not take: NormFormer scales, post-norm layers,
+attention masks, learned positions, CTC blank weights, the wav2vec 2.0 layer-norm extractor)."""
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("fairseq")
+
+import qswap  # noqa: E402
+from fairseq.models.speech_to_text.modules.convolution import Conv1dSubsampler  # noqa: E402
+from fairseq.models.transformer import TransformerConfig  # noqa: E402
+from fairseq.modules import PositionalEmbedding  # noqa: E402
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase  # noqa: E402
+from fairseq_testkit import NO_QUANT, build, convert_calibrated, run  # noqa: E402
+from helpers import sqnr_db  # noqa: E402
+from qswap.models import wav2vec2_net_input  # noqa: E402
+
+E = 32
+
+
+def _close(out, ref):
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+class _Call(nn.Module):
+    """Calls a module with the audit's keyword inputs (as positional arguments, in order, with
+    ``positional``); returns its first output."""
+
+    def __init__(self, module, positional=False):
+        super().__init__()
+        self.module, self.positional = module, positional
+
+    def forward(self, **inputs):
+        out = self.module(*inputs.values()) if self.positional else self.module(**inputs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _exact_and_honest(module, inputs: dict, bound_db: float = 20.0, positional: bool = False):
+    """Identity quantizers reproduce ``module``; w8a8 stays within ``bound_db`` and is honest."""
+    wrapped = _Call(module.eval(), positional)
+    with torch.no_grad():
+        ref = wrapped(**inputs)
+        _close(qswap.convert(wrapped, NO_QUANT)(**inputs), ref)
+        q = qswap.convert(wrapped, "w8a8")
+        q(**inputs)  # observe once
+        assert sqnr_db(ref, q(**inputs)) > bound_db
+    report = qswap.audit(q, inputs)
+    assert report.honest, [(v.module, v.op, v.operand) for v in report.violations]
+    return q
+
+
+def _config(**extra):
+    cfg = TransformerConfig()
+    for part in (cfg.encoder, cfg.decoder):
+        part.embed_dim, part.ffn_embed_dim, part.attention_heads = E, 2 * E, 4
+    cfg.dropout = cfg.attention_dropout = cfg.activation_dropout = 0.0
+    for key, value in extra.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_post_norm_encoder_layer_with_attention_mask_and_fc_result():
+    cfg = _config(activation_fn="gelu")
+    cfg.encoder.normalize_before = False
+    torch.manual_seed(0)
+    layer = TransformerEncoderLayerBase(cfg, return_fc=True)
+    x = torch.randn(6, 2, E)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, -2:] = True
+    mask = torch.zeros(6, 6)
+    mask[:, 0] = 1  # nonzero = blocked (fairseq fills it with -1e8)
+    _exact_and_honest(layer, {"x": x, "encoder_padding_mask": pad, "attn_mask": mask})
+
+
+def test_normformer_decoder_layer():
+    """scale_heads (c_attn), scale_resids (w_resid), scale_attn / scale_fc (extra LayerNorms)."""
+    cfg = _config(scale_heads=True, scale_resids=True, scale_attn=True, scale_fc=True)
+    cfg.decoder.normalize_before = True
+    torch.manual_seed(0)
+    layer = TransformerDecoderLayerBase(cfg)
+    with torch.no_grad():  # non-trivial scales
+        layer.c_attn.uniform_(0.5, 1.5)
+        layer.w_resid.uniform_(0.5, 1.5)
+    x, enc = torch.randn(4, 2, E), torch.randn(7, 2, E)
+    _exact_and_honest(layer, {"x": x, "encoder_out": enc,
+                              "self_attn_mask": torch.triu(torch.full((4, 4), float("-inf")), 1)})
+
+
+def test_conv1d_subsampler_integer_lengths_match_fairseq():
+    torch.manual_seed(0)
+    module = Conv1dSubsampler(20, 16, E, [5, 5])
+    q = qswap.convert(module, NO_QUANT)
+    lengths = torch.arange(0, 200)
+    assert torch.equal(q.get_out_seq_lens_tensor(lengths), module.get_out_seq_lens_tensor(lengths))
+
+
+def test_positional_embeddings_batch_and_incremental():
+    tokens = torch.tensor([[2, 7, 8, 9], [2, 5, 1, 1]])  # padding_idx 1
+    for learned in (False, True):
+        torch.manual_seed(0)
+        module = PositionalEmbedding(64, E, padding_idx=1, learned=learned).eval()
+        exact = qswap.convert(module, NO_QUANT)
+        with torch.no_grad():
+            _close(exact(tokens), module(tokens))
+            _close(exact(tokens, incremental_state={}), module(tokens, incremental_state={}))
+            if not learned:  # a sinusoidal table grows past its initial size
+                longer = torch.full((2, 80), 3)
+                _close(exact(longer), module(longer))
+        q = qswap.convert(module, "w8a8")
+        with torch.no_grad():
+            assert sqnr_db(module(tokens), q(tokens)) > 30
+
+
+def test_batch_norm_folds_into_a_depthwise_conv():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(E)
+    with torch.no_grad():
+        bn(torch.randn(8, E, 10) * 3 + 1)  # running statistics
+    bn.eval()
+    q = _exact_and_honest(bn, {"x": torch.randn(2, E, 10) * 3 + 1}, positional=True)
+    x2 = torch.randn(4, E)
+    with torch.no_grad():
+        _close(qswap.convert(bn, NO_QUANT)(x2), bn(x2))  # (B, C) inputs too
+        before = q(x=x2)
+        q.module.running_var.mul_(4.0)  # a new fold after the buffer changes
+        after = q(x=x2)
+    assert not torch.equal(before, after)
+
+
+def test_batch_norm_training_mode_updates_running_statistics_like_torch():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(E)
+    q = qswap.convert(bn, NO_QUANT).train()
+    x = torch.randn(8, E, 10)
+    bn.train()(x)
+    q(x)
+    _close(q.running_mean, bn.running_mean)
+    _close(q.running_var, bn.running_var)
+    assert int(q.num_batches_tracked) == int(bn.num_batches_tracked) == 1
+
+
+def test_weight_normed_conv_keeps_weight_g_and_v():
+    torch.manual_seed(0)
+    conv = nn.utils.weight_norm(nn.Conv1d(E, E, 5, padding=2, groups=4), name="weight", dim=2)
+    q = qswap.convert(conv, NO_QUANT)
+    assert {"weight_g", "weight_v", "bias"} == set(q.state_dict())
+    x = torch.randn(2, E, 9)
+    with torch.no_grad():
+        _close(q(x), conv(x))
+        q.weight_v.mul_(-1.0)
+        conv.weight_v.mul_(-1.0)
+        _close(q(x), conv(x))  # the normed weight follows its sources
+
+
+@pytest.mark.parametrize("blank_mode", ["add", "set"])
+def test_ctc_blank_weight(blank_mode):
+    model, net_input = build("wav2vec2_ctc")
+    model.blank_weight, model.blank_mode = 0.7, blank_mode
+    exact = qswap.convert(model, NO_QUANT)
+    for ref, out in zip(run(model, net_input), run(exact, net_input)):
+        finite = torch.isfinite(ref)
+        assert torch.equal(finite, torch.isfinite(out))
+        _close(out[finite], ref[finite])
+    if blank_mode == "add":
+        q = convert_calibrated(model, net_input)
+        with torch.no_grad():
+            q.get_normalized_probs(q(**net_input), log_probs=True)  # the blank-logits grid
+        report = qswap.audit(q, net_input)
+        assert report.honest, [(v.module, v.op, v.operand) for v in report.violations]
+
+
+def test_wav2vec2_layer_norm_extractor_and_pre_norm_layers():
+    """extractor_mode="layer_norm" (TransposeLast + Fp32LayerNorm), layer_norm_first=True."""
+    model, _ = build("wav2vec2_ctc", extractor_mode="layer_norm", layer_norm_first=True)
+    net_input = wav2vec2_net_input()
+    for ref, out in zip(run(model, net_input), run(qswap.convert(model, NO_QUANT), net_input)):
+        finite = torch.isfinite(ref)
+        _close(out[finite], ref[finite])
+    q = convert_calibrated(model, net_input)
+    assert q.qswap_report.by_action("float") == []
+    report = qswap.audit(q, net_input)
+    assert report.honest, [(v.module, v.op, v.operand) for v in report.violations]

@@ -1,0 +1,96 @@
+"""Nothing lost: every qswap write goes through a temporary file and a rename."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qswap.io import atomic_open, atomic_write_bytes, atomic_write_text
+
+REPO = Path(__file__).resolve().parents[2]
+WRITER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from qswap.io import atomic_open
+with atomic_open({target!r}, "wb") as f:
+    f.write(b"new" * 1_000_000)
+    f.flush()
+    print("half written", flush=True)
+    time.sleep(120)
+    f.write(b"the end")
+"""
+
+
+def _leftovers(directory: Path, target: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p != target]
+
+
+def test_a_write_killed_midway_leaves_the_previous_file(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"previous checkpoint")
+    child = subprocess.Popen([sys.executable, "-c", WRITER.format(repo=str(REPO), target=str(target))],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "half written"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    assert target.read_bytes() == b"previous checkpoint"
+    for temp in _leftovers(tmp_path, target):  # the killed writer's temporary file
+        assert temp.name.startswith(".checkpoint.pt.") and temp.name.endswith(".tmp")
+        assert temp.suffix != target.suffix, "a temporary file must not pass for a checkpoint"
+
+
+def test_a_writer_that_raises_leaves_the_previous_file_and_no_temp(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_open(target, "w") as f:
+            f.write("partial")
+            raise KeyboardInterrupt
+    assert target.read_text() == "old" and not _leftovers(tmp_path, target)
+
+
+def test_writes_replace_the_file_and_keep_its_permissions(tmp_path):
+    target = tmp_path / "recipe.yaml"
+    target.write_text("old")
+    target.chmod(0o640)
+    atomic_write_text(target, "version: 1\n")
+    assert target.read_text() == "version: 1\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    atomic_write_bytes(tmp_path / "new.bin", b"\x00\x01")
+    assert (tmp_path / "new.bin").read_bytes() == b"\x00\x01" and not _leftovers(tmp_path, target)[1:]
+
+
+def test_torch_save_through_atomic_open(tmp_path):
+    target = tmp_path / "state.pt"
+    with atomic_open(target, "wb") as f:
+        torch.save({"w": torch.arange(4.0)}, f)
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.arange(4.0))
+
+
+def test_save_qswap_checkpoint_is_atomic(shared, tmp_path, monkeypatch):
+    import qswap
+    from qswap.io import load_fairseq_model, save_qswap_checkpoint
+
+    model, cfg, _task = load_fairseq_model(shared.checkpoint())
+    qmodel = qswap.convert(model, "w8_weight_only")
+    target = tmp_path / "q.pt"
+    target.write_bytes(b"previous")
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        save_qswap_checkpoint(target, qmodel, {"cfg": cfg})
+    assert target.read_bytes() == b"previous" and not _leftovers(tmp_path, target)
