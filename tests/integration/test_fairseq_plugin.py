@@ -1,6 +1,5 @@
 """The plugin through fairseq's real entry points: fairseq-train (float, then QAT fine-tuning
 with --finetune-from-model) and fairseq-generate with --qswap-audit. No mocks."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,34 +8,12 @@ import pytest
 import torch
 
 import qswap
-from datadir import make_s2t_datadir
-
-BIN = Path(sys.executable).parent
-SMALL = ["--arch", "s2t_transformer", "--encoder-layers", "1", "--decoder-layers", "1",
-         "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
-         "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
-         "--conv-channels", "32", "--share-decoder-input-output-embed"]
-TRAIN = ["--train-subset", "train", "--valid-subset", "dev", "--max-tokens", "4000", "--optimizer", "adam",
-         "--lr", "1e-3", "--lr-scheduler", "fixed", "--criterion", "label_smoothed_cross_entropy",
-         "--no-epoch-checkpoints", "--cpu", "--num-workers", "0", "--log-format", "simple", "--seed", "1",
-         "--no-progress-bar", "--required-batch-size-multiple", "1"]
-
-
-def _run(tool, *args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / tool), *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
+from fairseq_run import SMALL, TRAIN, run_tool as _run
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plugin")
-    data = make_s2t_datadir(root / "data")
+def trained(float_checkpoint):
+    root, data, _ = float_checkpoint
     plugin = qswap.plugin_dir()
-    _run("fairseq-train", data, "--task", "speech_to_text", *SMALL, *TRAIN, "--max-update", "2",
-         "--save-dir", root / "float", cwd=root)
     log = _run("fairseq-train", data, "--user-dir", plugin, "--task", "speech_to_text_qswap",
                "--qswap-recipe", "w4a8", "--qswap-calib-batches", "2", *SMALL, *TRAIN, "--max-update", "4",
                "--finetune-from-model", root / "float" / "checkpoint_last.pt", "--save-dir", root / "qat",

@@ -53,7 +53,6 @@ def fairseq_state(data_dir: Path, flavour: str = "trainer", seed: int = 0) -> di
     from qswap.models import build_s2t_transformer
 
     args = fairseq_args(str(data_dir))
-    cfg = convert_namespace_to_omegaconf(args)
     model = build_s2t_transformer(seed=seed)
     state = {
         "args": None, "model": model.state_dict(), "criterion": None,
@@ -67,9 +66,10 @@ def fairseq_state(data_dir: Path, flavour: str = "trainer", seed: int = 0) -> di
         "last_optimizer_state": None,
     }
     if flavour == "trainer":  # fairseq 0.12's Trainer.state_dict
+        cfg = convert_namespace_to_omegaconf(args)
         state["cfg"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     elif flavour == "dictconfig":  # the cfg pickled as an OmegaConf container
-        state["cfg"] = cfg
+        state["cfg"] = convert_namespace_to_omegaconf(args)
     elif flavour in ("legacy_args", "legacy_format"):  # pre-hydra fairseq: args only
         state["args"] = args
     else:
@@ -104,6 +104,7 @@ class Shared:
         self._checkpoints: dict[str, Path] = {}
         self._states: dict[str, dict] = {}
         self._qswap: Path | None = None
+        self.qswap_report: dict | None = None  # the convert report of qswap_checkpoint()
 
     @functools.cached_property
     def data_dir(self) -> Path:
@@ -132,4 +133,5 @@ class Shared:
             qmodel = qswap.convert(model, "w8a8")
             qswap.calibrate(qmodel, calibration_batches())
             self._qswap = save_qswap_checkpoint(self.root / "w8a8.pt", qmodel, {"cfg": cfg})
+            self.qswap_report = qmodel.qswap_report.to_dict()
         return self._qswap

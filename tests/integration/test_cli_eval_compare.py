@@ -1,0 +1,79 @@
+"""qswap convert / eval / compare on a real (tiny) fairseq model and data directory."""
+import json
+
+import pytest
+import torch
+
+import qswap
+from fairseq_run import run_tool
+from qswap.cli import main
+
+
+def test_convert_writes_a_checkpoint_fairseq_generate_loads(float_checkpoint, tmp_path):
+    root, data, ckpt = float_checkpoint
+    out = tmp_path / "w8a8.pt"
+    assert main(["convert", str(ckpt), "--recipe", "w8a8", "--data", str(data), "--calib-batches", "2",
+                 "--max-sentences", "4", "-o", str(out)]) == 0
+    state = torch.load(out, weights_only=True)  # no opt-in needed for qswap checkpoints
+    assert state["qswap"]["recipe"]["name"] == "w8a8"
+    log = run_tool("fairseq-generate", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+                   "--path", out, "--gen-subset", "test", "--beam", "2", "--max-tokens", "4000", "--cpu",
+                   "--required-batch-size-multiple", "1", "--qswap-audit", cwd=root)
+    assert "qswap audit: HONEST" in log
+
+
+def test_eval_shards_merge_to_the_single_process_wer(float_checkpoint, tmp_path):
+    _, data, ckpt = float_checkpoint
+    common = [str(ckpt), "--data", str(data), "--subset", "test", "--beam", "2", "--max-sentences", "2"]
+    assert main(["eval", *common, "--json", str(tmp_path / "all.json")]) == 0
+    for shard in (0, 1):
+        assert main(["eval", *common, "--num-shards", "2", "--shard-id", str(shard),
+                     "--json", str(tmp_path / f"s{shard}.json")]) == 0
+    assert main(["eval", "--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"),
+                 "--json", str(tmp_path / "merged.json")]) == 0
+    single = json.loads((tmp_path / "all.json").read_text())["counts"]
+    merged = json.loads((tmp_path / "merged.json").read_text())["counts"]
+    shards = [json.loads((tmp_path / f"s{i}.json").read_text()) for i in (0, 1)]
+    assert all(s["counts"]["utterances"] > 0 for s in shards)
+    assert merged["utterances"] == single["utterances"] == 6
+    assert merged["word_errors"] == single["word_errors"] and merged["wer"] == pytest.approx(single["wer"])
+
+
+def test_eval_with_recipe_reports_wer(float_checkpoint, tmp_path, capsys):
+    _, data, ckpt = float_checkpoint
+    assert main(["eval", str(ckpt), "--data", str(data), "--recipe", "w8a8", "--calib-batches", "2",
+                 "--beam", "2", "--json", str(tmp_path / "q.json")]) == 0
+    assert "w8a8:" in capsys.readouterr().out
+    assert json.loads((tmp_path / "q.json").read_text())["model"] == "w8a8"
+
+
+def test_eval_missing_data_dir_is_exit_2(float_checkpoint, tmp_path, capsys):
+    _, _, ckpt = float_checkpoint
+    assert main(["eval", str(ckpt), "--data", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_compare_table_is_internally_consistent(float_checkpoint, tmp_path):
+    _, data, ckpt = float_checkpoint
+    md, js = tmp_path / "table.md", tmp_path / "table.json"
+    assert main(["compare", str(ckpt), "--data", str(data), "--recipes", "w8a8", "w4a8", "w8_weight_only",
+                 "--calib-batches", "2", "--beam", "2", "--max-sentences", "4",
+                 "--markdown", str(md), "--json", str(js)]) == 0
+    rows = {r["recipe"]: r for r in json.loads(js.read_text())["rows"]}
+    assert list(rows) == ["fp32", "w8a8", "w4a8", "w8_weight_only"]
+    assert rows["fp32"]["delta_wer"] == 0.0 and not rows["fp32"]["honest"]
+    assert rows["w8a8"]["honest"] and rows["w4a8"]["honest"]
+    assert not rows["w8_weight_only"]["honest"] and rows["w8_weight_only"]["float_ops"] > 0
+    for name in ("w8a8", "w4a8", "w8_weight_only"):
+        assert rows[name]["delta_wer"] == pytest.approx(rows[name]["wer"] - rows["fp32"]["wer"])
+    # sizes follow from bit widths: int8 weights ~1/4 of float, int4 ~1/8 (biases, norms stay wider)
+    fp32 = rows["fp32"]["weight_mb"]
+    assert 0.24 * fp32 < rows["w8a8"]["weight_mb"] < 0.30 * fp32
+    assert 0.12 * fp32 < rows["w4a8"]["weight_mb"] < rows["w8a8"]["weight_mb"]
+    # the same matmuls run (fused SDPA in float, explicit matmuls quantized: counted alike within 10%)
+    assert rows["w8a8"]["mmacs_per_s"] == pytest.approx(rows["fp32"]["mmacs_per_s"], rel=0.1)
+    bops_per_mac = {n: r["gbops_per_s"] * 1e3 / r["mmacs_per_s"] for n, r in rows.items()}
+    assert bops_per_mac["fp32"] == pytest.approx(32 * 32)
+    assert bops_per_mac["w8a8"] == pytest.approx(8 * 8)  # every matmul operand on an 8-bit grid
+    assert 4 * 8 <= bops_per_mac["w4a8"] < 8 * 8
+    assert "| w8_weight_only |" in md.read_text()
