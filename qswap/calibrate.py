@@ -1,6 +1,8 @@
 """Post-training calibration: run observers over batches, then freeze every quantizer."""
 from __future__ import annotations
 
+import logging
+
 from typing import Any, Callable, Iterable
 
 import torch
@@ -8,6 +10,8 @@ from torch import nn
 
 from qswap.errors import CalibrationError, QswapError
 from qswap.quant.fake_quantize import FakeQuantize
+
+logger = logging.getLogger("qswap")
 
 
 def activation_quantizers(model: nn.Module) -> list[FakeQuantize]:
@@ -54,10 +58,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
     if unseen and len(unseen) == len(quantizers):
         raise CalibrationError(f"none of the {len(quantizers)} activation quantizers saw data: the "
                                f"{count} batch(es) were empty; pass batches with real inputs")
-    if unseen:  # sites the batches never reached (e.g. incremental-decoding-only paths)
-        import warnings
-        warnings.warn(f"{len(unseen)} activation quantizer(s) saw no data during calibration and "
-                      f"keep observing at run time", stacklevel=2)
+    if unseen:  # sites the batches never reach (an additive-mask path, say) observe if they ever run
+        logger.info(f"{len(unseen)} activation quantizer(s) saw no data during calibration and keep "
+                    f"observing at run time: {', '.join(_names(model, unseen)[:6])}")
     return count
 
 
@@ -103,3 +106,8 @@ def freeze_observed(model: nn.Module) -> int:
         q.freeze()
         count += 1
     return count
+
+
+def _names(model: nn.Module, quantizers: list[FakeQuantize]) -> list[str]:
+    wanted = {id(q) for q in quantizers}
+    return [name for name, m in model.named_modules() if id(m) in wanted]

@@ -1,13 +1,16 @@
 """Small real fairseq speech models, built from fairseq's own classes (random weights).
 
-For tests, benchmarks and the demo: nothing here is a stand-in; ``build_s2t_transformer``
-returns fairseq's ``S2TTransformerModel`` built by its own ``build_model`` and architecture
-defaults, just with small dimensions. Imports fairseq (lazily, inside the functions).
+For tests, benchmarks and the demo: nothing here is a stand-in; ``build_s2t_transformer``,
+``build_s2t_conformer`` and ``build_wav2vec2_ctc`` return fairseq's ``S2TTransformerModel``,
+``S2TConformerModel`` and ``Wav2VecCtc`` built by their own ``build_model`` and defaults, just
+with small dimensions; ``s2t_net_input`` / ``wav2vec2_net_input`` make matching inputs.
+Imports fairseq (lazily, inside the functions).
 """
 from __future__ import annotations
 
 import argparse
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -105,7 +108,9 @@ def build_wav2vec2_ctc(dictionary=None, *, seed: int = 0, **overrides: Any):
                             normalize=False, data=".", ddp_backend="c10d")
     dictionary = dictionary if dictionary is not None else make_dictionary()
     torch.manual_seed(seed)
-    model = Wav2VecCtc.build_model(cfg, types.SimpleNamespace(target_dictionary=dictionary))
+    with warnings.catch_warnings():  # fairseq's positional conv uses the deprecated weight_norm
+        warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
+        model = Wav2VecCtc.build_model(cfg, types.SimpleNamespace(target_dictionary=dictionary))
     return model.eval()
 
 
@@ -139,4 +144,6 @@ def wav2vec2_net_input(batch: int = 2, samples: int = 2000, seed: int = 0,
         padding_mask[1:, samples - samples // 4:] = True
         source[1:, samples - samples // 4:] = 0.0
     return {"source": source, "padding_mask": padding_mask}
+
+
 s2t_conformer_net_input = s2t_net_input  # the S2T conformer reads the same features

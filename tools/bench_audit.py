@@ -33,14 +33,26 @@ DOC = REPO / "docs" / "honesty.md"
 START, END = "<!-- bench_audit:start -->", "<!-- bench_audit:end -->"
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, timed round-robin so load changes hit all alike."""
+    times: dict = {name: [] for name in fns}
+    for name, fn in fns.items():
+        fn()  # warm-up
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _no_grad(fn):
+    import torch
+
+    def run():
+        with torch.no_grad():
+            fn()
+    return run
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -60,13 +72,13 @@ def measure(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     report = qswap.audit(qmodel, net_input, decode_steps=args.decode_steps)
     first = time.perf_counter() - t0
-    with torch.no_grad():
-        float_fwd = _median_seconds(lambda: model(**net_input), args.repeats)
-        quant_fwd = _median_seconds(lambda: qmodel(**net_input), args.repeats)
-        quant_paths = _median_seconds(lambda: run_paths(qmodel, net_input, decode_steps=args.decode_steps),
-                                      args.repeats)
-    audit = _median_seconds(lambda: qswap.audit(qmodel, net_input, decode_steps=args.decode_steps),
-                            args.repeats)
+    t = _interleaved_medians({
+        "float": _no_grad(lambda: model(**net_input)),
+        "w8a8": _no_grad(lambda: qmodel(**net_input)),
+        "paths": _no_grad(lambda: run_paths(qmodel, net_input, decode_steps=args.decode_steps)),
+        "audit": lambda: qswap.audit(qmodel, net_input, decode_steps=args.decode_steps),
+    }, args.repeats)
+    float_fwd, quant_fwd, quant_paths, audit = t["float"], t["w8a8"], t["paths"], t["audit"]
     return {"arch": args.arch, "parameters": params, "batch": args.batch, "frames": args.frames,
             "tokens": args.tokens, "decode_steps": args.decode_steps, "threads": args.threads,
             "verdict": report.verdict, "aten_ops": report.totals["ops"],
@@ -107,9 +119,9 @@ def write_docs(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="s2t_transformer_s")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--frames", type=int, default=600, help="fbank frames (6 s of audio)")
-    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--frames", type=int, default=400, help="fbank frames (4 s of audio)")
+    ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--decode-steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

@@ -85,7 +85,7 @@ def _check_executed(model: nn.Module, tracker: Tracker) -> None:
         if any(path.startswith(p + ".") for p in reported) or "" in reported:
             continue
         reported.append(path)
-        tracker.findings.not_executed(path or "<model>", module)
+        tracker.findings.not_executed(path, module)
 
 
 def _report(model: nn.Module, tracker: Tracker, kind: str, observing: int) -> HonestyReport:

@@ -50,10 +50,6 @@ def check_inputs(inputs: Any) -> None:
 class _NoTracker:
     """Stands in for the tracker when the paths run unobserved (calibration, benchmarks)."""
 
-    def __init__(self) -> None:
-        self.captured: dict = {}
-        self.capture_paths: set = set()
-
     def path(self, name: str, scope: str = ""):
         return contextlib.nullcontext()
 
@@ -87,16 +83,20 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 
 
 def _seq2seq(model: nn.Module, net_input: Mapping, tracker, steps: int) -> None:
-    tracker.capture_paths.add("encoder")
-    with tracker.path("batch forward (teacher-forced)"):
-        out = model(**net_input)
+    captured: list = []  # the batch forward's encoder output, reused as the generator would
+    hook = model.encoder.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        with tracker.path("batch forward (teacher-forced)"):
+            out = model(**net_input)
+    finally:
+        hook.remove()
     with tracker.path("get_normalized_probs (batch)", scope="decoder"):
         model.get_normalized_probs(out, log_probs=True)
     del out
     prev = net_input["prev_output_tokens"]
     steps = max(1, min(steps, prev.size(1)))
     with tracker.path(f"incremental decoding ({steps} steps)", scope="decoder"):
-        encoder_out = tracker.captured.get("encoder")
+        encoder_out = captured[0] if len(captured) == 1 else None
         if encoder_out is None:
             encoder_input = {k: v for k, v in net_input.items() if k != "prev_output_tokens"}
             encoder_out = model.encoder(**encoder_input)

@@ -80,7 +80,12 @@ def off_grid_count(y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
                    spec: QuantSpec | None, qmin: int, qmax: int) -> int:
     """How many values of ``y`` are not ``(code - zero_point) * scale`` for an integer code in
     [qmin, qmax]. ``spec`` gives the granularity (None: per-tensor, or one scale per element
-    of a 1-D ``y``, as for a bias). Vectorized; one host sync."""
+    of a 1-D ``y``, as for a bias). Vectorized.
+
+    Fast path: fake-quantizing an on-grid tensor again returns it bit for bit, so one fused
+    kernel and one comparison settle the common case; anything else is counted exactly."""
+    if spec is not None and _refake_equal(y.detach(), scale.detach(), zero_point.detach(), spec, qmin, qmax):
+        return 0
     codes = y.detach().float()
     scale, zp = scale.detach().float(), zero_point.detach().float()
     if spec is not None and spec.granularity == "per_group":
@@ -97,3 +102,26 @@ def off_grid_count(y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     ok = (codes - rounded).abs() <= ATOL + RTOL * rounded.abs()
     ok &= (rounded >= qmin) & (rounded <= qmax)
     return int(codes.numel() - ok.sum())
+
+
+def _refake_equal(y: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, spec: QuantSpec,
+                  qmin: int, qmax: int) -> bool:
+    """True when torch's fused fake-quantize kernel maps ``y`` to itself: every value is then
+    exactly one the kernel emits, an integer code in [qmin, qmax] times the scale."""
+    if y.dtype != torch.float32 or scale.dtype != torch.float32 or zp.dtype != torch.int32:
+        return False
+    if not bool(((zp >= qmin) & (zp <= qmax)).all()):
+        return False
+    if spec.granularity == "per_tensor":
+        if scale.numel() != 1:
+            return False
+        again = torch.fake_quantize_per_tensor_affine(y, scale.reshape(()), zp.reshape(()), qmin, qmax)
+    elif spec.granularity == "per_channel":
+        again = torch.fake_quantize_per_channel_affine(y, scale.reshape(-1), zp.reshape(-1),
+                                                       spec.channel_axis % y.dim(), qmin, qmax)
+    else:
+        groups = groups_view(y, spec)  # (rows, G, gs)
+        flat = groups.reshape(-1, groups.shape[-1])  # (rows * G, gs): one scale per row
+        again = torch.fake_quantize_per_channel_affine(flat, scale.reshape(-1), zp.reshape(-1), 0, qmin, qmax)
+        y = flat
+    return torch.equal(again, y)

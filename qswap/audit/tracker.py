@@ -40,8 +40,6 @@ class Tracker(TorchDispatchMode):
         self.stack: list[str] = [""]
         self.calls: list[int] = [-1]
         self.call_counts: Counter = Counter()  # id(counterpart) -> calls
-        self.captured: dict[str, object] = {}
-        self.capture_paths: set[str] = set()
         self.ran_quantizers: set[int] = set()  # id() of every quantizer that ran
         self.in_quantizer = 0
         self.last_quant_op = ""
@@ -97,8 +95,6 @@ class Tracker(TorchDispatchMode):
                 self._tag_quantizer_output(path, module, args, output)
         elif isinstance(module, QuantModule) and not self.in_quantizer:
             self.calls.pop()
-        if path in self.capture_paths and path not in self.captured:
-            self.captured[path] = output
 
     def _tag_quantizer_output(self, path: str, q: nn.Module, args, out: torch.Tensor) -> None:
         if not out.is_floating_point() or out.numel() == 0:

@@ -4,8 +4,8 @@
 when called.
 """
 from qswap.io.atomic import atomic_open, atomic_write_bytes, atomic_write_text
-from qswap.io.checkpoint import (TRUST_FLAG, load_checkpoint, load_fairseq_model,
-                                 save_qswap_checkpoint)
+from qswap.io.checkpoint import load_fairseq_model, save_qswap_checkpoint
+from qswap.io.safe_load import TRUST_FLAG, allowed_globals, load_checkpoint
 
-__all__ = ["TRUST_FLAG", "atomic_open", "atomic_write_bytes", "atomic_write_text", "load_checkpoint",
-           "load_fairseq_model", "save_qswap_checkpoint"]
+__all__ = ["TRUST_FLAG", "allowed_globals", "atomic_open", "atomic_write_bytes", "atomic_write_text",
+           "load_checkpoint", "load_fairseq_model", "save_qswap_checkpoint"]

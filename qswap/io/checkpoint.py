@@ -1,23 +1,7 @@
-"""Safe checkpoint loading, and qswap's own quantized checkpoint format.
+"""fairseq models from checkpoints, and qswap's own quantized checkpoint format.
 
-A checkpoint is a pickle, and unpickling a stranger's file can run any code. qswap loads with
-``torch.load(weights_only=True)`` plus an allowlist of the classes fairseq checkpoints contain
-(found by saving real ones, see ``tests/reliability``):
-
-==================================  ==========================================================
-global                              where fairseq puts it
-==================================  ==========================================================
-argparse.Namespace                  legacy ``args``; ``cfg.model`` of models without dataclass
-omegaconf DictConfig, ListConfig,   ``cfg`` pickled as an OmegaConf container (older trainers)
-ContainerMetadata, Metadata, nodes
-typing.Any, builtins dict/list/...  OmegaConf container metadata (key and element types)
-collections.OrderedDict/defaultdict state dicts, OmegaConf internals
-numpy ndarray/dtype/scalar          training metrics, ``best`` scores in ``extra_state``
-==================================  ==========================================================
-
-The allowlist is scoped to the load (``torch.serialization.safe_globals``), never global state.
-A checkpoint that needs anything else raises UnsafeCheckpointError naming the global; the
-opt-in ``trust_checkpoint=True`` (``--trust-checkpoint``) loads it the old, unsafe way.
+``load_fairseq_model`` loads a checkpoint once, safely (``qswap.io.safe_load``), and lets
+fairseq's own builders make the task and model from that state.
 
 A qswap checkpoint is a fairseq-style checkpoint (``cfg`` + ``model`` state_dict, which holds
 the quantizer buffers) plus a ``qswap`` entry with the recipe as plain data. It holds only
@@ -32,190 +16,26 @@ it loads under ``weights_only`` with no allowlist and no opt-in.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import inspect
-import logging
 import os
-import pickle
-import re
-import sys
 import warnings
-import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from qswap.errors import CheckpointError, DataError, QswapError, RecipeError, UnsafeCheckpointError
+from qswap.errors import CheckpointError, DataError, QswapError, RecipeError
 from qswap.io.atomic import atomic_open
+from qswap.io.safe_load import TRUST_FLAG, allowed_globals, first_line, load_checkpoint
 
-logger = logging.getLogger(__name__)
+__all__ = ["TRUST_FLAG", "allowed_globals", "load_checkpoint", "load_fairseq_model",
+           "save_qswap_checkpoint"]
 
-TRUST_FLAG = "--trust-checkpoint"
 QSWAP_KEY = "qswap"
 QSWAP_FORMAT = 1
 NAMESPACE_TAG = "__argparse.Namespace__"
-_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>")
 _PLAIN_LEAVES = (str, int, float, bool, type(None))
-
-
-# -- safe loading ------------------------------------------------------------------------------
-def allowed_globals() -> list:
-    """The non-tensor globals a fairseq checkpoint may need (entries for torch's safe_globals)."""
-    import collections
-    import typing
-
-    import numpy as np
-    from omegaconf import DictConfig, ListConfig, nodes
-    from omegaconf.base import ContainerMetadata, Metadata
-
-    allowed: list = [argparse.Namespace, collections.OrderedDict, collections.defaultdict,
-                     DictConfig, ListConfig, ContainerMetadata, Metadata, typing.Any,
-                     nodes.AnyNode, nodes.StringNode, nodes.IntegerNode, nodes.FloatNode,
-                     nodes.BooleanNode, dict, list, tuple, set, int, float, bool, str,
-                     np.ndarray, np.dtype]
-    allowed += sorted({type(np.dtype(c)) for c in "?bhilqBHILQefdFD"}, key=str)
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    for fn in (multiarray._reconstruct, multiarray.scalar):  # numpy 1.x and 2.x pickle names
-        allowed += [(fn, f"{mod}.{fn.__name__}") for mod in ("numpy.core.multiarray",
-                                                              "numpy._core.multiarray")]
-    return allowed
-
-
-@contextlib.contextmanager
-def _safe_globals() -> Iterator[None]:
-    with torch.serialization.safe_globals(allowed_globals()):
-        yield
-
-
-def load_checkpoint(path: "str | os.PathLike[str]", trust_checkpoint: bool = False) -> dict:
-    """The checkpoint at ``path`` as a dict, loaded on CPU without running its pickle's code.
-
-    Raises CheckpointError for a missing, empty, truncated or corrupt file or one that is not a
-    dict, and UnsafeCheckpointError when it needs a global outside ``allowed_globals()``.
-    """
-    path = Path(path)
-    _check_file(path)
-    _check_zip_records(path)
-    try:
-        if trust_checkpoint:
-            logger.warning("loading %s with trust_checkpoint: its pickle may run arbitrary code", path)
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            with _safe_globals():
-                state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        names = _unsafe_globals(path, exc)
-        if names and _module_exists(names[0]):
-            raise UnsafeCheckpointError(_unsafe_message(path, names)) from None
-        missing = f"; it names a module that does not exist ({names[0]})" if names else ""
-        raise CheckpointError(f"{path}: not a torch.save checkpoint, or a damaged one "
-                              f"({_torch_reason(exc)}{missing}); re-download or re-save it") from None
-    except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError/... for broken files
-        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt "
-                              f"({type(exc).__name__}: {_torch_reason(exc)}); re-download or re-save "
-                              f"it") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict "
-                              f"(expected fairseq's {{'cfg', 'model', ...}})")
-    return state
-
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass the checkpoint file (e.g. "
-                              f"{path / 'checkpoint_best.pt'})")
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({exc.strerror})") from None
-    if size == 0:
-        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; was a copy or "
-                              f"download interrupted?")
-    if not os.access(path, os.R_OK):
-        raise CheckpointError(f"{path}: checkpoint is not readable (permission denied)")
-
-
-def _check_zip_records(path: Path) -> None:
-    """torch.save writes a zip with CRC-32s but torch.load does not check them: a flipped byte
-    in the weights would load silently. Records saved without a CRC (0) are not checked."""
-    if not zipfile.is_zipfile(path):
-        return  # torch's legacy format, or not a checkpoint at all: torch.load will say
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if info.CRC == 0:
-                    continue
-                with zf.open(info) as f:
-                    while f.read(1 << 22):
-                        pass
-    except zipfile.BadZipFile as exc:
-        raise CheckpointError(f"{path}: damaged checkpoint ({exc}); re-download or re-save it") from None
-    except (OSError, EOFError, ValueError, NotImplementedError) as exc:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint archive "
-                              f"({type(exc).__name__}: {exc}); re-download or re-save it") from None
-
-
-def _unsafe_globals(path: Path, exc: Exception) -> list[str]:
-    """The offending global from torch's message first, then any others the pickle names."""
-    names = [a or b for a, b in _GLOBAL_IN_MESSAGE.findall(str(exc))]
-    names = [n if "." in n else f"builtins.{n}" for n in names]  # torch drops "builtins."
-    try:  # lists every global without executing anything (zip checkpoints only)
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        found = []
-    allowed = {_global_name(g) for g in allowed_globals()}
-    names += [n for n in found if n not in allowed]
-    return list(dict.fromkeys(names))
-
-
-def _module_exists(name: str) -> bool:
-    """Whether the top-level package of a global exists, without importing (running) it."""
-    top = name.split(".")[0]
-    if top in sys.modules:
-        return True
-    try:
-        return importlib.util.find_spec(top) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _global_name(entry: Any) -> str:
-    if isinstance(entry, tuple):
-        return entry[1]
-    return f"{entry.__module__}.{entry.__qualname__}"
-
-
-def _unsafe_message(path: Path, names: list[str]) -> str:
-    more = f" (and {', '.join(names[1:5])}{', ...' if len(names) > 5 else ''})" if len(names) > 1 else ""
-    return (f"{path}: refusing to load: its pickle needs the global {names[0]}{more}, which is "
-            f"not among the classes fairseq checkpoints contain, and loading it could run "
-            f"arbitrary code; if you trust where the file comes from, pass {TRUST_FLAG} "
-            f"(trust_checkpoint=True in Python)")
-
-
-def _torch_reason(exc: BaseException) -> str:
-    """The informative line of torch's long weights_only messages."""
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    return _first_line(text)
-
-
-def _first_line(exc: "BaseException | str") -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__ if isinstance(exc, BaseException) else ""
-    line = lines[0]
-    if line.startswith("Error(s) in loading state_dict") and len(lines) > 1:
-        line = lines[1]  # load_state_dict: the first mismatch says more than the header
-    if len(line) > 120 and ". " in line[20:]:  # keep the first sentence of a long message
-        line = line[:20] + line[20:].split(". ", 1)[0]
-    return line[:300]
 
 
 # -- fairseq models ----------------------------------------------------------------------------
@@ -247,7 +67,7 @@ def load_fairseq_model(path: "str | os.PathLike[str]", *, trust_checkpoint: bool
         raise
     except Exception as exc:
         raise CheckpointError(f"{path}: fairseq could not build the model from this checkpoint "
-                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
     return models[0].eval(), cfg, task
 
 
@@ -296,7 +116,7 @@ def _prepare_state(path: Path, state: dict, arg_overrides: Mapping[str, Any] | N
         return checkpoint_utils._upgrade_state_dict(state)
     except Exception as exc:
         raise CheckpointError(f"{path}: malformed fairseq cfg/args ({type(exc).__name__}: "
-                              f"{_first_line(exc)})") from None
+                              f"{first_line(exc)})") from None
 
 
 def _check_registered(path: Path, cfg: Any) -> None:
@@ -330,7 +150,7 @@ def _setup_task(path: Path, cfg: Any):
         raise
     except Exception as exc:  # the task reads its data directory: config, dictionaries
         raise DataError(f"{path}: cannot set up fairseq task {_cfg_name(cfg.task, 'task')!r} from "
-                        f"data directory {data!r} ({type(exc).__name__}: {_first_line(exc)}); "
+                        f"data directory {data!r} ({type(exc).__name__}: {first_line(exc)}); "
                         f"point it at the folder with the task's config and dictionary "
                         f"(arg_overrides={{'data': ...}})") from None
 
@@ -447,7 +267,7 @@ def _load_qswap(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None
             from fairseq.dataclass.utils import overwrite_args_by_name
             overwrite_args_by_name(cfg, dict(arg_overrides))
     except Exception as exc:
-        raise CheckpointError(f"{path}: malformed cfg in qswap checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: malformed cfg in qswap checkpoint ({first_line(exc)})") from None
     _check_registered(path, cfg)
     task = _setup_task(path, cfg)
     model = _build_float_model(path, cfg, task)
@@ -463,7 +283,7 @@ def _build_float_model(path: Path, cfg: Any, task: Any) -> nn.Module:
         return task.build_model(cfg.model)
     except Exception as exc:
         raise CheckpointError(f"{path}: fairseq could not build the model from the stored cfg "
-                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
@@ -485,5 +305,5 @@ def _load_quantized_state(path: Path, qmodel: nn.Module, state_dict: Mapping) ->
         nn.Module.load_state_dict(qmodel, dict(state_dict), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: the stored weights do not fit the model rebuilt from its cfg "
-                              f"and recipe ({_first_line(exc)}); was it written by a different "
+                              f"and recipe ({first_line(exc)}); was it written by a different "
                               f"qswap or fairseq version?") from None

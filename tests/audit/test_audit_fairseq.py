@@ -116,3 +116,17 @@ def test_a_ctc_model_audits_its_forward_and_output_normalization():
     report = qswap.audit(_quantized(model, "w8a8", net_input), net_input)
     assert report.paths == ["encoder forward", "output normalization (get_normalized_probs)"]
     assert _find(report, "aten._log_softmax", "") and report.coverage[0].violations == 0
+
+
+@pytest.mark.parametrize("builder, make_input, paths", [
+    ("build_s2t_conformer", "s2t_net_input", PATHS),
+    ("build_wav2vec2_ctc", "wav2vec2_net_input", ["encoder forward", "output normalization (get_normalized_probs)"]),
+])
+def test_conformer_and_wav2vec2_ctc_w8a8_are_honest_and_weight_only_is_not(builder, make_input, paths):
+    import qswap.models as models
+
+    model, net_input = getattr(models, builder)(), getattr(models, make_input)()
+    report = qswap.audit(_quantized(model, "w8a8", net_input), net_input)
+    assert report.honest, [(v.module, v.op, v.operand) for v in report.violations][:10]
+    assert report.paths == paths and all(p.compute > 0 for p in report.coverage)
+    assert not qswap.audit(_quantized(model, "w8_weight_only", net_input), net_input).honest

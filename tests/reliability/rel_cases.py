@@ -582,7 +582,8 @@ _audio_case("audio-very-long", "3 minutes of audio in one utterance",
 def _float_wav() -> bytes:
     data = struct.pack("<4f", 0.0, 0.1, -0.1, 0.0)
     fmt = struct.pack("<HHIIHH", 3, 1, 16000, 64000, 4, 32)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    body = (b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+            + b"data" + struct.pack("<I", len(data)) + data)
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
@@ -614,15 +615,18 @@ def _calib_case(id, desc, run, *, raises=CalibrationError, outcome="", check=Non
 
 
 _calib_case("calib-zero-batches", "an empty list of batches", lambda env: _calibrate([]))
-_calib_case("calib-max-batches-zero", "max_batches=0", lambda env: _calibrate([torch.ones(2, 8)], max_batches=0))
+_calib_case("calib-max-batches-zero", "max_batches=0",
+            lambda env: _calibrate([torch.ones(2, 8)], max_batches=0))
 _calib_case("calib-generator-empty", "an exhausted generator", lambda env: _calibrate(iter(())))
 _calib_case("calib-nan-batch", "a batch of NaN", lambda env: _calibrate([torch.full((4, 8), float("nan"))]))
 _calib_case("calib-inf-batch", "a batch with +inf",
             lambda env: _calibrate([torch.cat([torch.randn(3, 8), torch.full((1, 8), float("inf"))])]))
-_calib_case("calib-empty-tensors", "batches of shape (0, 8) only", lambda env: _calibrate([torch.zeros(0, 8)] * 2))
+_calib_case("calib-empty-tensors", "batches of shape (0, 8) only",
+            lambda env: _calibrate([torch.zeros(0, 8)] * 2))
 _calib_case("calib-batch-string", "a batch that is a string", lambda env: _calibrate(["utt1.wav"]))
 _calib_case("calib-batch-none", "a batch that is None", lambda env: _calibrate([None]))
-_calib_case("calib-wrong-shape", "batches of the wrong feature size", lambda env: _calibrate([torch.zeros(4, 5)]))
+_calib_case("calib-wrong-shape", "batches of the wrong feature size",
+            lambda env: _calibrate([torch.zeros(4, 5)]))
 _calib_case("calib-wrong-keys", "a net_input dict with the wrong keys",
             lambda env: _calibrate([{"source": torch.zeros(4, 8)}]))
 _calib_case("calib-float-model", "calibrating a model that was never converted",
@@ -748,7 +752,8 @@ def _(env):
     from qswap.quant import QuantSpec, choose_qparams, fake_quantize
     x = torch.tensor([-3e38, -1.0, 0.0, 1.0, 3e38])
     outs = []
-    for spec in (QuantSpec(symmetric=False), QuantSpec(scale_type="pow2"), QuantSpec(bits=2, symmetric=False)):
+    for spec in (QuantSpec(symmetric=False), QuantSpec(scale_type="pow2"),
+                 QuantSpec(bits=2, symmetric=False)):
         scale, zp = choose_qparams(x.min(), x.max(), spec)
         outs += [scale, fake_quantize(x, scale, zp, spec)]
     return torch.cat([o.reshape(-1) for o in outs])

@@ -28,6 +28,20 @@ from qswap.quant.bias import BiasQuantize
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 
 
+def attention_core(config: QuantConfig, *, score_bias: bool, additive_mask: bool) -> QuantAttentionCore:
+    """A QuantAttentionCore without the quantizers of score terms this attention never adds
+    (they would never run; calibration would report them as unseen): ``score_bias`` for a
+    relative-position term, ``additive_mask`` for float attention masks."""
+    core = QuantAttentionCore(config)
+    if not score_bias:
+        core.scores_bias_quant = nn.Identity()
+    if not additive_mask:
+        core.attn_bias_quant = nn.Identity()
+    if not (score_bias or additive_mask):
+        core.scores_quant = nn.Identity()
+    return core
+
+
 class Projection(nn.Module):
     """One input projection of an attention counterpart: the float Linear's ``weight`` and
     ``bias`` (same names, same parameter objects), applied to an input its owner has already
@@ -86,7 +100,7 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
             self.value_quant = act_quantizer(config, "value_in")
         self.q_proj, self.k_proj = Projection(module.q_proj, config), Projection(module.k_proj, config)
         self.v_proj = Projection(module.v_proj, config)
-        self.core = QuantAttentionCore(config)
+        self.core = attention_core(config, score_bias=False, additive_mask=True)
         self.out_proj = QLinear(module.out_proj.weight, module.out_proj.bias, config)
 
     @classmethod

@@ -26,9 +26,9 @@ from fairseq.modules.espnet_multihead_attention import (
 )
 from torch import Tensor
 
-from qswap.nn.attention import CORE_SITES, QuantAttentionCore, merge_heads, split_heads
+from qswap.nn.attention import CORE_SITES, merge_heads, split_heads
 from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, derived_weight, weight_quantizer
-from qswap.nn.fairseq.attention import Projection
+from qswap.nn.fairseq.attention import Projection, attention_core
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
 
@@ -49,7 +49,8 @@ class QESPNETMultiHeadedAttention(QuantModule):
         self.linear_v = Projection(module.linear_v, config)
         self.linear_out = QLinear(module.linear_out.weight, module.linear_out.bias, config)
         self.dropout = module.dropout
-        self.core = QuantAttentionCore(config)
+        self.core = attention_core(config, score_bias=isinstance(module, RelPositionMultiHeadedAttention),
+                                   additive_mask=False)  # ESPnet attention takes no attn_mask
 
     @classmethod
     def from_float(cls, module: ESPNETMultiHeadedAttention, config: QuantConfig):

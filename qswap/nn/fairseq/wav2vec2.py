@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import ast
 from typing import Optional
 
 import numpy as np
@@ -173,7 +174,7 @@ class QWav2Vec2Model(QuantModule):
 
     def _output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
         """floor((L - k) / stride + 1) per conv layer, in integers."""
-        for _, kernel, stride in eval(self.cfg.conv_feature_layers):
+        for _, kernel, stride in ast.literal_eval(self.cfg.conv_feature_layers):  # [(dim, k, stride)]
             input_lengths = torch.div(input_lengths - kernel, stride, rounding_mode="floor") + 1
         return input_lengths
 
