@@ -7,7 +7,7 @@
 
 ``import qswap`` imports torch but neither fairseq nor torchaudio.
 """
-from qswap.errors import (AudioError, AuditError, CalibrationError, CheckpointError, ConvertError,
+from qswap.errors import (AudioError, AuditError, BudgetError, CalibrationError, CheckpointError, ConvertError,
                           DataError, QswapError, RecipeError, RegistryError, SpecError,
                           UnsafeCheckpointError)
 from qswap.nn import QuantConfig, QuantModule, register  # registers the torch.nn counterparts
@@ -15,14 +15,17 @@ from qswap.quant import FakeQuantize, QuantSpec
 from qswap.recipe import Recipe, load_recipe, shipped_recipe_names
 from qswap.convert import QswapWarning, convert
 from qswap.calibrate import calibrate
+from qswap.sensitivity import sensitivity
+from qswap.search import search
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AudioError", "AuditError", "CalibrationError", "CheckpointError", "ConvertError", "DataError",
+    "AudioError", "AuditError", "BudgetError", "CalibrationError", "CheckpointError", "ConvertError", "DataError",
     "FakeQuantize", "QswapError", "QswapWarning", "QuantConfig", "QuantModule", "QuantSpec",
     "Recipe", "RecipeError", "RegistryError", "SpecError", "UnsafeCheckpointError",
-    "calibrate", "convert", "load_recipe", "plugin_dir", "register", "shipped_recipe_names",
+    "calibrate", "convert", "load_recipe", "plugin_dir", "register", "search", "sensitivity",
+    "shipped_recipe_names",
 ]
 
 

@@ -60,3 +60,7 @@ class AudioError(DataError):
 
 class OutputError(QswapError, OSError):
     """An output file (checkpoint, recipe, report) cannot be written where it was asked for."""
+
+
+class BudgetError(QswapError, ValueError):
+    """A mixed-precision search budget that no recipe can meet (names the reachable range)."""

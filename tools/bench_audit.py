@@ -4,13 +4,13 @@
     .venv/bin/python tools/bench_audit.py                  # print the table
     .venv/bin/python tools/bench_audit.py --write-docs     # also update docs/honesty.md
 
-Times (median of ``--repeats``, after one warm-up of each):
+Times (median of ``--repeats``, timed round-robin after one warm-up of each):
 
-* float forward: the float model's teacher-forced batch forward, ``model(**net_input)``;
-* w8a8 forward: the same on the converted, calibrated model (fake quantization costs too);
-* w8a8 paths: every path the audit runs (batch forward, get_normalized_probs, incremental
-  decoding), without the audit;
-* audit: ``qswap.audit`` on the w8a8 model (the same paths, observed).
+* float forward / float paths / float audit: the float model's teacher-forced batch forward
+  (``model(**net_input)``); every path the audit runs (batch forward, get_normalized_probs,
+  incremental decoding), unobserved; ``qswap.audit`` of the float model;
+* the same three on the model converted with w8a8 and calibrated (fake quantization costs too,
+  and the audit checks every quantizer output against its grid).
 
 The first audit in a process also imports ``torch._dynamo`` (torch's dispatch-mode machinery
 loads it lazily); that one-time cost is reported apart.
@@ -72,40 +72,38 @@ def measure(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     report = qswap.audit(qmodel, net_input, decode_steps=args.decode_steps)
     first = time.perf_counter() - t0
+    audit_args = dict(decode_steps=args.decode_steps)
     t = _interleaved_medians({
-        "float": _no_grad(lambda: model(**net_input)),
-        "w8a8": _no_grad(lambda: qmodel(**net_input)),
-        "paths": _no_grad(lambda: run_paths(qmodel, net_input, decode_steps=args.decode_steps)),
-        "audit": lambda: qswap.audit(qmodel, net_input, decode_steps=args.decode_steps),
+        "float_forward": _no_grad(lambda: model(**net_input)),
+        "float_paths": _no_grad(lambda: run_paths(model, net_input, **audit_args)),
+        "float_audit": lambda: qswap.audit(model, net_input, **audit_args),
+        "w8a8_forward": _no_grad(lambda: qmodel(**net_input)),
+        "w8a8_paths": _no_grad(lambda: run_paths(qmodel, net_input, **audit_args)),
+        "w8a8_audit": lambda: qswap.audit(qmodel, net_input, **audit_args),
     }, args.repeats)
-    float_fwd, quant_fwd, quant_paths, audit = t["float"], t["w8a8"], t["paths"], t["audit"]
     return {"arch": args.arch, "parameters": params, "batch": args.batch, "frames": args.frames,
             "tokens": args.tokens, "decode_steps": args.decode_steps, "threads": args.threads,
-            "verdict": report.verdict, "aten_ops": report.totals["ops"],
-            "float_forward_s": float_fwd, "w8a8_forward_s": quant_fwd, "w8a8_paths_s": quant_paths,
-            "audit_s": audit, "first_audit_s": first,
-            "audit_over_float_forward": audit / float_fwd, "audit_over_w8a8_paths": audit / quant_paths,
-            "torch": torch.__version__}
+            "repeats": args.repeats, "verdict": report.verdict, "aten_ops": report.totals["ops"],
+            "first_audit_s": first, "torch": torch.__version__, **{f"{k}_s": v for k, v in t.items()}}
 
 
 def markdown(r: dict) -> str:
     ms = lambda s: f"{s * 1000:.0f} ms"  # noqa: E731
+    x = lambda a, b: f"{r[a + '_s'] / r[b + '_s']:.1f}x"  # noqa: E731
     return "\n".join([
-        f"`.venv/bin/python tools/bench_audit.py --write-docs` (`{r['arch']}`, "
-        f"{r['parameters'] / 1e6:.1f}M parameters; batch {r['batch']} x {r['frames']} fbank frames, "
-        f"{r['tokens']} target tokens, {r['decode_steps']} incremental steps; {r['threads']} CPU "
-        f"thread(s), torch {r['torch']}; median of repeats):", "",
-        "| measured | time | audit / this |", "|---|---|---|",
-        f"| float forward (batch, teacher-forced) | {ms(r['float_forward_s'])} | "
-        f"**{r['audit_over_float_forward']:.2f}x** |",
-        f"| w8a8 forward (batch) | {ms(r['w8a8_forward_s'])} | "
-        f"{r['audit_s'] / r['w8a8_forward_s']:.2f}x |",
-        f"| w8a8, every audited path, unobserved | {ms(r['w8a8_paths_s'])} | "
-        f"{r['audit_over_w8a8_paths']:.2f}x |",
-        f"| **audit** (w8a8, {r['aten_ops']} aten ops, verdict: {r['verdict']}) | "
-        f"{ms(r['audit_s'])} | 1x |",
-        f"| first audit in a process (imports torch._dynamo once) | {ms(r['first_audit_s'])} | |",
-        ""])
+        f"`.venv/bin/python tools/bench_audit.py --write-docs`: `{r['arch']}` "
+        f"({r['parameters'] / 1e6:.1f}M parameters), batch {r['batch']} x {r['frames']} fbank "
+        f"frames, {r['tokens']} target tokens, {r['decode_steps']} incremental steps, "
+        f"{r['threads']} CPU threads, torch {r['torch']}, median of {r['repeats']}:", "",
+        "| model | forward (batch) | every audited path, unobserved | audit | audit / forward | "
+        "audit / paths |", "|---|---|---|---|---|---|",
+        f"| float | {ms(r['float_forward_s'])} | {ms(r['float_paths_s'])} | {ms(r['float_audit_s'])} | "
+        f"{x('float_audit', 'float_forward')} | {x('float_audit', 'float_paths')} |",
+        f"| w8a8 ({r['aten_ops']} aten ops, {r['verdict']}) | {ms(r['w8a8_forward_s'])} | "
+        f"{ms(r['w8a8_paths_s'])} | {ms(r['w8a8_audit_s'])} | {x('w8a8_audit', 'w8a8_forward')} | "
+        f"{x('w8a8_audit', 'w8a8_paths')} |", "",
+        f"w8a8 audit / float forward: **{x('w8a8_audit', 'float_forward')}**. The first audit "
+        f"in a process took {ms(r['first_audit_s'])} (it imports torch._dynamo once).", ""])
 
 
 def write_docs(text: str) -> None:

@@ -122,6 +122,7 @@ def _refake_equal(y: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, spec: 
     else:
         groups = groups_view(y, spec)  # (rows, G, gs)
         flat = groups.reshape(-1, groups.shape[-1])  # (rows * G, gs): one scale per row
-        again = torch.fake_quantize_per_channel_affine(flat, scale.reshape(-1), zp.reshape(-1), 0, qmin, qmax)
+        again = torch.fake_quantize_per_channel_affine(flat, scale.reshape(-1), zp.reshape(-1), 0,
+                                                       qmin, qmax)
         y = flat
     return torch.equal(again, y)

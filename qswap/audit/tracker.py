@@ -251,7 +251,8 @@ def _scalar_rescale(name: str, args, kwargs, n_tensors: int) -> bool:
         return False
     if name == "mul":
         return isinstance(args[0], _NUMBER) or isinstance(args[1], _NUMBER)
-    return name in ("div", "true_divide") and isinstance(args[0], torch.Tensor) and isinstance(args[1], _NUMBER)
+    return (name in ("div", "true_divide") and isinstance(args[0], torch.Tensor)
+            and isinstance(args[1], _NUMBER))
 
 
 def _flat(args):

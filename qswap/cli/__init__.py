@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "eval": "qswap.cli.eval_cmd",
     "compare": "qswap.cli.compare_cmd",
     "sensitivity": "qswap.cli.sensitivity_cmd",
+    "search": "qswap.cli.search_cmd",
     "recipes": "qswap.cli.recipes_cmd",
 }
 EXIT_OK, EXIT_VERDICT, EXIT_USAGE = 0, 1, 2

@@ -36,7 +36,8 @@ def totals_table(report: HonestyReport):
     table.add_column("value", justify="right")
     for key in TOTALS_SHOWN:
         style = "red" if key in ("float", "unclassified") and report.totals[key] else ""
-        table.add_row(TOTAL_LABELS[key], f"[{style}]{report.totals[key]}" if style else str(report.totals[key]))
+        value = str(report.totals[key])
+        table.add_row(TOTAL_LABELS[key], f"[{style}]{value}" if style else value)
     bits = ", ".join(f"{b}-bit: {n}" for b, n in report.bits_histogram.items()) or "none"
     table.caption = f"quantized operands by bit width: {bits}"
     return table
@@ -46,13 +47,15 @@ def violations_table(items, title: str, max_rows: int | None = None, declared: b
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
-    cols = ["module", "op", "operand", "shape", "dtype", "n", "source"] + (["declared by"] if declared else [])
+    cols = ["module", "op", "operand", "shape", "dtype", "n", "reason", "source"]
+    cols += ["declared by"] if declared else []
     for col in cols:
         table.add_column(col, overflow="fold")
     shown = items if max_rows is None else items[:max_rows]
     for v in shown:
         row = [v.module or "<model>", v.op, v.operand, "x".join(map(str, v.shape or [])) or "-",
-               v.dtype or "-", str(v.count), v.source or "-"] + ([v.declared] if declared else [])
+               v.dtype or "-", str(v.count), KINDS[v.kind], v.source or "-"]
+        row += [v.declared] if declared else []
         table.add_row(*row)
     if len(shown) < len(items):
         table.caption = f"{len(items) - len(shown)} more rows: write them with --json or --markdown"

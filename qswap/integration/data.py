@@ -1,6 +1,7 @@
 """fairseq checkpoints, data directories and batches for qswap's commands."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +30,10 @@ def load_subset(task, subset: str) -> Any:
     except FileNotFoundError as exc:
         raise DataError(f"subset {subset!r} not found: {exc}; the data directory needs "
                         f"{subset}.tsv") from None
+    except (ValueError, KeyError, OSError) as exc:  # fairseq's TSV reader: no typed errors
+        raise DataError(f"subset {subset!r}: malformed manifest {subset}.tsv ({type(exc).__name__}: "
+                        f"{exc}); it needs a header with id, audio, n_frames and tgt_text and one "
+                        f"utterance per line") from None
     dataset = task.dataset(subset)
     if len(dataset) == 0:
         raise DataError(f"subset {subset!r} is empty")
@@ -44,9 +49,10 @@ def batches(task, subset: str, *, max_tokens: int = 40000, max_sentences: int | 
     itr = task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_sentences=max_sentences,
                                   max_positions=None, ignore_invalid_inputs=False,
                                   num_shards=num_shards, shard_id=shard_id, num_workers=0, seed=1)
-    for sample in itr.next_epoch_itr(shuffle=False):
-        if sample:  # fairseq pads shards with empty batches
-            yield sample
+    with _reading(subset):
+        for sample in itr.next_epoch_itr(shuffle=False):
+            if sample:  # fairseq pads shards with empty batches
+                yield sample
 
 
 def net_inputs(task, subset: str, count: int | None = None, **kwargs) -> Iterator[dict]:
@@ -57,8 +63,19 @@ def net_inputs(task, subset: str, count: int | None = None, **kwargs) -> Iterato
 def first_net_input(task, subset: str, count: int = 2) -> dict:
     """A small batch of the first ``count`` utterances of a subset (for the audit)."""
     dataset = load_subset(task, subset)
-    sample = dataset.collater([dataset[i] for i in range(min(count, len(dataset)))])
+    with _reading(subset):
+        sample = dataset.collater([dataset[i] for i in range(min(count, len(dataset)))])
     return sample["net_input"]
+
+
+@contextlib.contextmanager
+def _reading(subset: str) -> Iterator[None]:
+    """A manifest line whose audio or features cannot be read is a DataError naming the subset."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise DataError(f"subset {subset!r}: cannot read an utterance ({type(exc).__name__}: "
+                        f"{exc}); check the audio paths in {subset}.tsv and audio_root") from None
 
 
 def audio_seconds(sample: dict, frame_shift_s: float = 0.01, sample_rate: int = 16000) -> float:

@@ -18,6 +18,7 @@ import torch
 from fairseq.tasks import TASK_REGISTRY, register_task
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
 from fairseq.tasks.speech_to_text import SpeechToTextTask
+from omegaconf import OmegaConf
 
 import qswap
 from qswap.calibrate import activation_quantizers, freeze_observed
@@ -46,10 +47,12 @@ class QswapTaskMixin:
         recipe = getattr(opts, "qswap_recipe", None) or getattr(cfg, "qswap_recipe", None)
         if not recipe:
             return model
+        if OmegaConf.is_config(recipe):  # a qswap checkpoint stores the recipe itself in its cfg
+            recipe = OmegaConf.to_container(recipe, resolve=True)
         model = qswap.convert(model, recipe, inplace=True, strict=getattr(opts, "qswap_strict", False) or None)
         counts = model.qswap_report.counts()
-        logger.info(f"qswap: converted with recipe {recipe}: {counts['quantized']} modules quantized, "
-                    f"{counts['float']} left float, {counts['skipped']} skipped")
+        logger.info(f"qswap: converted with recipe {model.qswap_recipe.name}: {counts['quantized']} "
+                    f"modules quantized, {counts['float']} left float, {counts['skipped']} skipped")
         self._qswap_calib_left = int(getattr(opts, "qswap_calib_batches", 0) or 0)
         return model
 

@@ -5,8 +5,10 @@ fairseq's own builders make the task and model from that state.
 
 A qswap checkpoint is a fairseq-style checkpoint (``cfg`` + ``model`` state_dict, which holds
 the quantizer buffers) plus a ``qswap`` entry with the recipe as plain data. It holds only
-plain containers and tensors (``argparse.Namespace`` in the cfg is stored as a tagged dict), so
-it loads under ``weights_only`` with no allowlist and no opt-in.
+plain containers and tensors (an ``argparse.Namespace`` in the cfg is stored as a dict, which
+fairseq's builders take as well), so it loads under ``weights_only`` with no allowlist and no
+opt-in. The recipe is also in ``cfg.model.qswap_recipe``, where fairseq's own loader, run with
+the qswap plugin's task, finds it.
 
 >>> model, cfg, task = load_fairseq_model("checkpoint.pt", arg_overrides={"data": "data/"})
 >>> qmodel = qswap.convert(model, "w8a8"); qswap.calibrate(qmodel, batches)
@@ -34,7 +36,6 @@ __all__ = ["TRUST_FLAG", "allowed_globals", "load_checkpoint", "load_fairseq_mod
 
 QSWAP_KEY = "qswap"
 QSWAP_FORMAT = 1
-NAMESPACE_TAG = "__argparse.Namespace__"
 _PLAIN_LEAVES = (str, int, float, bool, type(None))
 
 
@@ -170,15 +171,17 @@ def save_qswap_checkpoint(path: "str | os.PathLike[str]", model: nn.Module,
                               ".qswap_recipe); convert the model first")
     from qswap import __version__
 
+    recipe_data = to_plain(recipe.to_dict(), "recipe")
+    cfg = to_plain(_cfg_of(state_like_fairseq, trust_checkpoint), "cfg")
+    cfg["model"]["qswap_recipe"] = recipe_data  # for fairseq's loader with the qswap plugin
     state = {
-        "cfg": to_plain(_cfg_of(state_like_fairseq, trust_checkpoint), "cfg"),
+        "cfg": cfg,
         "args": None,
         "model": model.state_dict(),
         "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": None,
                                "lr_scheduler_state": {}, "num_updates": 0}],
         "extra_state": {},
-        QSWAP_KEY: {"format": QSWAP_FORMAT, "version": __version__,
-                    "recipe": to_plain(recipe.to_dict(), "recipe")},
+        QSWAP_KEY: {"format": QSWAP_FORMAT, "version": __version__, "recipe": recipe_data},
     }
     path = Path(path)
     with atomic_open(path, "wb") as f:
@@ -192,7 +195,7 @@ def _cfg_of(state_like: Any, trust_checkpoint: bool) -> Any:
     if isinstance(state_like, (str, os.PathLike)):
         state_like = load_checkpoint(state_like, trust_checkpoint=trust_checkpoint)
         if QSWAP_KEY in state_like:  # re-saving a qswap checkpoint (e.g. after re-calibration)
-            state_like = {"cfg": from_plain(state_like.get("cfg"))}
+            state_like = {"cfg": state_like.get("cfg")}
     if OmegaConf.is_config(state_like) or isinstance(state_like, argparse.Namespace):
         cfg = state_like
     elif isinstance(state_like, Mapping) and ("cfg" in state_like or "args" in state_like):
@@ -209,16 +212,17 @@ def _cfg_of(state_like: Any, trust_checkpoint: bool) -> Any:
         cfg = convert_namespace_to_omegaconf(cfg)
     if OmegaConf.is_config(cfg):
         cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    if not isinstance(cfg, Mapping) or "model" not in cfg or "task" not in cfg:
+    if not isinstance(cfg, Mapping) or not all(isinstance(cfg.get(k), (Mapping, argparse.Namespace))
+                                               for k in ("model", "task")):
         raise CheckpointError("save_qswap_checkpoint: the fairseq cfg needs 'model' and 'task' "
                               "sections (pass the state or cfg that load_fairseq_model returned)")
     return cfg
 
 
 def to_plain(obj: Any, where: str) -> Any:
-    """``obj`` as str/int/float/bool/None, lists and str-keyed dicts (Namespaces tagged)."""
+    """``obj`` as str/int/float/bool/None, lists and str-keyed dicts (Namespaces as dicts)."""
     if isinstance(obj, argparse.Namespace):
-        return {NAMESPACE_TAG: to_plain(vars(obj), where)}
+        return to_plain(vars(obj), where)
     if isinstance(obj, Mapping):
         out = {}
         for k, v in obj.items():
@@ -237,17 +241,6 @@ def to_plain(obj: Any, where: str) -> Any:
                           f"only (str, numbers, lists, dicts)")
 
 
-def from_plain(obj: Any) -> Any:
-    """Inverse of ``to_plain``: tagged dicts become argparse Namespaces again."""
-    if isinstance(obj, dict):
-        if set(obj) == {NAMESPACE_TAG} and isinstance(obj[NAMESPACE_TAG], dict):
-            return argparse.Namespace(**from_plain(obj[NAMESPACE_TAG]))
-        return {k: from_plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [from_plain(v) for v in obj]
-    return obj
-
-
 def _load_qswap(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None):
     from omegaconf import OmegaConf
 
@@ -262,7 +255,7 @@ def _load_qswap(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None
         raise CheckpointError(f"{path}: qswap checkpoint without 'cfg' or 'model'; the file is damaged")
     _check_weights(path, state["model"])
     try:
-        cfg = OmegaConf.create(from_plain(dict(state["cfg"])), flags={"allow_objects": True})
+        cfg = OmegaConf.create(dict(state["cfg"]), flags={"allow_objects": True})
         if arg_overrides:
             from fairseq.dataclass.utils import overwrite_args_by_name
             overwrite_args_by_name(cfg, dict(arg_overrides))
@@ -288,7 +281,11 @@ def _build_float_model(path: Path, cfg: Any, task: Any) -> nn.Module:
 
 def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
     from qswap.convert import QswapWarning, convert
+    from qswap.quant import FakeQuantize
 
+    if getattr(model, "qswap_recipe", None) is not None and any(
+            isinstance(m, FakeQuantize) for m in model.modules()):
+        return model  # the task converted it (the qswap plugin's tasks read cfg.model.qswap_recipe)
     try:
         with warnings.catch_warnings():  # they were shown when the model was first converted
             warnings.simplefilter("ignore", QswapWarning)

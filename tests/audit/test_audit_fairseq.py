@@ -120,7 +120,8 @@ def test_a_ctc_model_audits_its_forward_and_output_normalization():
 
 @pytest.mark.parametrize("builder, make_input, paths", [
     ("build_s2t_conformer", "s2t_net_input", PATHS),
-    ("build_wav2vec2_ctc", "wav2vec2_net_input", ["encoder forward", "output normalization (get_normalized_probs)"]),
+    ("build_wav2vec2_ctc", "wav2vec2_net_input",
+     ["encoder forward", "output normalization (get_normalized_probs)"]),
 ])
 def test_conformer_and_wav2vec2_ctc_w8a8_are_honest_and_weight_only_is_not(builder, make_input, paths):
     import qswap.models as models

@@ -43,4 +43,5 @@ def test_a_per_element_bias_scale_and_the_int32_range():
     bias = codes * scale
     zero = torch.zeros(3)
     assert off_grid_count(bias, scale, zero, None, -(2 ** 31), 2 ** 31 - 1) == 0
-    assert off_grid_count(bias + torch.tensor([0.1, 0.0, 0.0]), scale, zero, None, -(2 ** 31), 2 ** 31 - 1) == 1
+    nudged = bias + torch.tensor([0.1, 0.0, 0.0])
+    assert off_grid_count(nudged, scale, zero, None, -(2 ** 31), 2 ** 31 - 1) == 1

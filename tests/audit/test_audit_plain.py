@@ -199,7 +199,8 @@ class _WeightNorm(nn.Module):
         super().__init__()
         self.g, self.v = nn.Parameter(torch.ones(4, 1)), nn.Parameter(torch.randn(4, 8))
         self.input_quant = FakeQuantize(A8)
-        self.weight_quant = FakeQuantize(QuantSpec(bits=8), kind="weight") if quantize_weight else nn.Identity()
+        self.weight_quant = (FakeQuantize(QuantSpec(bits=8), kind="weight") if quantize_weight
+                             else nn.Identity())
 
     def forward(self, x):
         w = self.g * self.v / self.v.norm(dim=1, keepdim=True)  # parameters only: constant-foldable
@@ -280,7 +281,8 @@ def test_report_formats_and_bad_inputs():
     report = qswap.audit(_Residual(), (x,))
     data = report.to_dict()
     assert data["verdict"] == "dishonest" and data["paths"] == ["forward"]
-    assert {"module", "op", "operand", "reason", "source", "shape", "dtype", "count"} <= set(data["violations"][0])
+    fields = {"module", "op", "operand", "reason", "source", "shape", "dtype", "count"}
+    assert fields <= set(data["violations"][0])
     assert "| module | op | operand |" in report.to_markdown()
     with pytest.raises(AuditError, match="net_input dict"):
         qswap.audit(_Residual(), "not an input")

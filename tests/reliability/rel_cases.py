@@ -505,6 +505,36 @@ _data_case("data-config-malformed", "config.yaml that is not YAML",
            lambda env: _copy_data(env, config_yaml=b"vocab_filename: [unclosed\n"))
 
 
+HEADER = "id\taudio\tn_frames\ttgt_text\n"
+
+
+def _subset_case(id, desc, manifest: "str | bytes | None",
+                 read=lambda data, task: data.load_subset(task, "test")):
+    """A data directory with ``manifest`` as test.tsv, read by qswap.integration.data."""
+    def run(env):
+        from qswap.integration import data
+        directory = _copy_data(env)
+        if manifest is not None:
+            text = manifest.encode() if isinstance(manifest, str) else manifest
+            (directory / "test.tsv").write_bytes(text)
+        _model, task = data.load_model_and_task(env.shared.checkpoint(), directory)
+        return read(data, task)
+    case("data", id, desc, raises=DataError)(run)
+
+
+_subset_case("data-manifest-missing", "no test.tsv for subset 'test'", None)
+_subset_case("data-manifest-empty", "test.tsv with a header and no utterances", HEADER)
+_subset_case("data-manifest-bad-columns", "test.tsv without the id/audio/n_frames columns",
+             "foo\tbar\n1\t2\n")
+_subset_case("data-manifest-not-utf8", "test.tsv of binary bytes", b"\xff\xfe\x00garbage\n")
+_subset_case("data-manifest-bad-n-frames", "n_frames: abc", HEADER + "u1\tx.npy\tabc\thello\n")
+_subset_case("data-audio-missing", "a manifest line whose audio file does not exist",
+             HEADER + "u1\tnowhere.npy\t100\thello\n",
+             read=lambda data, task: data.first_net_input(task, "test"))
+_subset_case("data-shard-out-of-range", "shard_id 5 of 2 shards", HEADER + "u1\tx.npy\t100\thello\n",
+             read=lambda data, task: list(data.batches(task, "test", num_shards=2, shard_id=5)))
+
+
 # -- audio -------------------------------------------------------------------------------------
 def _wav(env: Env, samples, rate: int = 16000, width: int = 2, name: str = "a.wav") -> Path:
     path = env.tmp / name
@@ -839,7 +869,33 @@ def _cli_case(id, desc, argv):
 
 _cli_case("cli-bad-recipe", "qswap recipes bad.yaml (bits: 0)",
           lambda env: ["recipes", str(_recipe_file(env, V + "defaults: {weight: {bits: 0}}\n"))])
-_cli_case("cli-missing-recipe", "qswap recipes missing.yaml", lambda env: ["recipes", str(env.tmp / "m.yaml")])
+_cli_case("cli-missing-recipe", "qswap recipes missing.yaml",
+          lambda env: ["recipes", str(env.tmp / "m.yaml")])
+_cli_case("cli-convert-missing-checkpoint", "qswap convert missing.pt",
+          lambda env: ["convert", str(env.tmp / "missing.pt"), "--recipe", "w8a8",
+                       "-o", str(env.tmp / "q.pt")])
+_cli_case("cli-convert-bad-recipe", "qswap convert with a recipe whose bits is 0",
+          lambda env: ["convert", str(env.shared.checkpoint()), "-o", str(env.tmp / "q.pt"), "--recipe",
+                       str(_recipe_file(env, V + "defaults: {weight: {bits: 0}}\n"))])
+_cli_case("cli-convert-unwritable-output", "qswap convert -o into a missing directory",
+          lambda env: ["convert", str(env.shared.checkpoint()), "--recipe", "w8_weight_only",
+                       "-o", str(env.tmp / "no" / "dir" / "q.pt")])
+_cli_case("cli-calibrate-missing-data", "qswap calibrate --data missing_dir",
+          lambda env: ["calibrate", str(env.shared.qswap_checkpoint()), "--data", str(env.tmp / "none"),
+                       "-o", str(env.tmp / "q.pt")])
+
+
+def _refused_unsafe(result) -> None:
+    _exit_2_one_line(result)
+    assert f"{os.system.__module__}.system" in result[1] and "--trust-checkpoint" in result[1], result[1]
+
+
+@case("cli", "cli-convert-malicious-checkpoint", "qswap convert of a checkpoint with an os.system payload",
+      outcome="exit code 2, one line naming the global and --trust-checkpoint", check=_refused_unsafe,
+      after=_marker_absent)
+def _(env):
+    path = _torch_file(env, {"model": {}, "x": _Payload(env.tmp / "PWNED")})
+    return _cli(["convert", str(path), "--recipe", "w8a8", "-o", str(env.tmp / "q.pt")])
 _cli_case("cli-unknown-command", "qswap frobnicate", lambda env: ["frobnicate"])
 _cli_case("cli-unknown-option", "qswap recipes --bits 4", lambda env: ["recipes", "--bits", "4"])
 

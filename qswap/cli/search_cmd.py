@@ -1,0 +1,65 @@
+"""Search a mixed-precision recipe for a size or WER budget, write it, and measure it."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="float fairseq checkpoint")
+    p.add_argument("--data", required=True, help="fairseq data directory")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-mb", type=float, help="weight memory budget in MB")
+    budget.add_argument("--max-delta-wer", type=float, help="WER budget (points above float) on --subset")
+    p.add_argument("--high", default="w8a8_per_channel", help="recipe units start from (default: w8a8_per_channel)")
+    p.add_argument("--low-bits", type=int, default=4, help="weight bits of the units moved down (default: 4)")
+    p.add_argument("--subset", default="dev", help="subset the search measures on (default: dev)")
+    p.add_argument("--batches", type=int, default=2, help="batches of --subset for SQNR probes")
+    p.add_argument("--eval-subset", default="test", help="subset the final row is measured on")
+    p.add_argument("--calib-subset", default="train", help="calibration subset for the final row")
+    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches for the final row")
+    p.add_argument("--beam", type=int, default=5, help="beam size")
+    p.add_argument("--max-sentences", type=int, default=16, help="utterances per batch")
+    p.add_argument("--name", default="searched", help="name of the written recipe")
+    p.add_argument("-o", "--output", required=True, help="recipe YAML to write (atomically)")
+    p.add_argument("--json", dest="json_out", help="write the measured row and candidate ranking here")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import yaml
+
+    from qswap.cli.compare_cmd import render_comparison
+    from qswap.cli.render import console
+    from qswap.cli.sensitivity_cmd import wer_evaluator
+    from qswap.integration import data as fdata
+    from qswap.integration.compare import Comparison, evaluate_recipe
+    from qswap.io.atomic import atomic_write_text
+    from qswap.recipe import load_recipe
+    from qswap.search import search
+
+    model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
+    batches = list(fdata.net_inputs(task, args.subset, args.batches, max_sentences=args.max_sentences))
+    evaluate = wer_evaluator(task, args.subset, args.beam, args.max_sentences) if args.max_delta_wer is not None else None
+    result = search(model, batches, high=args.high, low_bits=args.low_bits, target_mb=args.target_mb,
+                    max_delta_wer=args.max_delta_wer, evaluate=evaluate, name=args.name)
+    text = yaml.safe_dump(result.recipe, sort_keys=False)
+    load_recipe(result.recipe)  # the written file is a valid recipe
+    atomic_write_text(args.output, f"# written by: qswap search ({len(result.low_units)} units low-bit)\n" + text)
+    row_float, _ = evaluate_recipe(model, task, "fp32", subset=args.eval_subset, calib_subset=args.calib_subset,
+                                   calib_batches=args.calib_batches, beam=args.beam, max_sentences=args.max_sentences)
+    row, _ = evaluate_recipe(model, task, result.recipe, subset=args.eval_subset, calib_subset=args.calib_subset,
+                             calib_batches=args.calib_batches, beam=args.beam, max_sentences=args.max_sentences)
+    row.delta_wer = row.wer - row_float.wer
+    table = Comparison(args.checkpoint, args.eval_subset, [row_float, row])
+    console().print(render_comparison(table))
+    console().print(f"wrote {args.output}: {len(result.low_units)} units at {args.low_bits}-bit weights, "
+                    f"{result.weight_mb:.3f} MB")
+    if args.json_out:
+        payload = {"row": dataclasses.asdict(row), "float": dataclasses.asdict(row_float),
+                   "low_units": result.low_units, "evaluations": result.evaluations,
+                   "candidates": [dataclasses.asdict(c) for c in result.candidates]}
+        atomic_write_text(args.json_out, json.dumps(payload, indent=2) + "\n")
+    return 0

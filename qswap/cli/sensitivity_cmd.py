@@ -1,0 +1,72 @@
+"""Rank quantizer sites by how much each hurts the model (SQNR, optionally delta WER)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from qswap.cli.render import console
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="float fairseq checkpoint")
+    p.add_argument("--data", required=True, help="fairseq data directory")
+    p.add_argument("--subset", default="dev", help="subset to measure on (default: dev)")
+    p.add_argument("--calib-subset", default="train", help="calibration subset (default: train)")
+    p.add_argument("--calib-batches", type=int, default=4, help="calibration batches (default: 4)")
+    p.add_argument("--batches", type=int, default=1, help="batches of --subset the SQNR is pooled over")
+    p.add_argument("--recipe", default="w4a8", help="recipe whose sites are probed (default: w4a8)")
+    p.add_argument("--metric", choices=("sqnr", "wer"), default="sqnr",
+                   help="sqnr (cheap) or wer (also decodes --subset for the --top-k sites)")
+    p.add_argument("--top-k", type=int, default=10, help="sites measured by delta WER with --metric wer")
+    p.add_argument("--beam", type=int, default=5, help="beam size for --metric wer")
+    p.add_argument("--max-sentences", type=int, default=16, help="utterances per batch")
+    p.add_argument("--show", type=int, default=25, help="rows of the ranked table to print")
+    p.add_argument("--json", dest="json_out", help="write every site's numbers here")
+    p.add_argument("--plot", help="write a bar chart here (.png or .svg)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
+
+
+def wer_evaluator(task, subset: str, beam: int, max_sentences: int):
+    from qswap.integration import data as fdata
+    from qswap.integration.decode import decode
+    from qswap.integration.metrics import error_counts
+
+    samples = list(fdata.batches(task, subset, max_sentences=max_sentences))
+
+    def evaluate(model) -> float:
+        result = decode(task, model, samples, beam=beam)
+        return error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances]).wer
+    return evaluate
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from qswap.integration import data as fdata
+    from qswap.io.atomic import atomic_write_text
+    from qswap.sensitivity import plot, sensitivity
+
+    model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
+    batches = list(fdata.net_inputs(task, args.subset, args.batches, max_sentences=args.max_sentences))
+    calib = list(fdata.net_inputs(task, args.calib_subset, args.calib_batches, max_sentences=args.max_sentences))
+    evaluate = wer_evaluator(task, args.subset, args.beam, args.max_sentences) if args.metric == "wer" else None
+    with Progress(console=console(stderr=True), transient=True) as bar:
+        job = bar.add_task("probing sites", total=None)
+        report = sensitivity(model, args.recipe, batches, metric=args.metric, evaluate=evaluate,
+                             top_k=args.top_k, calib_batches=calib,
+                             progress=lambda i, n: bar.update(job, completed=i, total=n))
+    table = Table(title=f"sensitivity of {args.checkpoint} to recipe {report.recipe}: all sites "
+                        f"quantized {report.full_sqnr:.1f} dB" +
+                        (f", WER {report.full_wer:.2f}% (float {report.float_wer:.2f}%)" if report.full_wer is not None else ""))
+    for col in ("rank", "site", "kind", "bits", "alone dB", "all-but dB", "gain dB", "ΔWER"):
+        table.add_column(col, justify="left" if col in ("site", "kind") else "right")
+    for i, s in enumerate(report.ranked()[:args.show], 1):
+        table.add_row(str(i), s.site, s.kind, str(s.bits), f"{s.alone_sqnr:.1f}", f"{s.all_but_sqnr:.1f}",
+                      f"{s.gain_db:+.2f}", "" if s.delta_wer is None else f"{s.delta_wer:+.2f}")
+    console().print(table)
+    if args.json_out:
+        atomic_write_text(args.json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    return 0

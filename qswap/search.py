@@ -1,0 +1,171 @@
+"""Mixed-precision recipe search from measured weight sensitivity.
+
+The search works on *units*: the modules the walker swaps (a Linear, a whole attention, a
+conv), which are what recipe rules address by path. Start from a high-precision recipe
+(``high``, e.g. w8a8_per_channel); for every unit, measure the output SQNR loss when that
+unit's weights alone drop to ``low_bits``. Units then go low-bit in order of least loss per
+weight saved:
+
+* ``target_mb``: as many as needed for the weights to fit the budget;
+* ``max_delta_wer``: as many as keep ``evaluate`` (dev WER) within the budget (binary search
+  over the ordered list; decoding is the expensive step).
+
+The result is an ordinary recipe: ``high``'s defaults plus one exact-path rule per low-bit unit
+(both paths of a tied embedding / output projection), first in the rule order.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from qswap.errors import BudgetError
+from qswap.quant.fake_quantize import FakeQuantize
+from qswap.recipe import load_recipe
+from qswap.sensitivity import model_output, output_sqnr
+
+
+@dataclass
+class Candidate:
+    paths: list[str]  # the unit's path(s): two for a tied embedding / output projection
+    numel: int  # weights the unit stores
+    loss_db: float  # output SQNR drop when only this unit's weights go low-bit
+
+
+@dataclass
+class SearchResult:
+    recipe: dict  # recipe as plain data (write it with yaml.safe_dump)
+    low_units: list[str]
+    weight_mb: float
+    candidates: list[Candidate] = field(default_factory=list)
+    evaluations: list[tuple[int, float]] = field(default_factory=list)  # (units low, dev WER)
+
+
+def _units(qmodel: nn.Module) -> list[tuple[list[str], list[FakeQuantize], int]]:
+    """(paths, weight quantizers, weight numel) of every swapped, non-norm unit."""
+    entries = qmodel.qswap_report.by_action("quantized")
+    unit_paths = sorted((e.path for e in entries), key=len, reverse=True)
+    norms = {e.path for e in entries if "Norm" in e.float_class}  # norm parameters stay as recipes say
+    owners: dict[int, tuple[FakeQuantize, set[str], int]] = {}
+    for mpath, module in qmodel.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False):
+            q = getattr(module, f"{pname}_quant", None)
+            if not isinstance(q, FakeQuantize):
+                continue
+            unit = next((u for u in unit_paths if mpath == u or mpath.startswith(u + ".")), None)
+            if unit is None or unit in norms:
+                continue
+            entry = owners.setdefault(id(q), (q, set(), param.numel()))
+            entry[1].add(unit)
+    grouped: dict[tuple[str, ...], tuple[list[FakeQuantize], int]] = {}
+    for q, units, numel in owners.values():
+        key = tuple(sorted(units))
+        qs, n = grouped.get(key, ([], 0))
+        grouped[key] = (qs + [q], n + numel)
+    return [(list(k), qs, n) for k, (qs, n) in grouped.items()]
+
+
+@contextlib.contextmanager
+def _bits(quantizers: list[FakeQuantize], bits: int) -> Iterator[None]:
+    """Temporarily re-grid weight quantizers at ``bits`` (restored afterwards, whatever happens)."""
+    saved = [(q.spec, q.observer.spec) for q in quantizers]
+    try:
+        for q in quantizers:
+            q.spec = q.observer.spec = q.spec.replace(bits=bits)
+            q._weight_key, q._cached = None, None
+        yield
+    finally:
+        for q, (spec, obs_spec) in zip(quantizers, saved):
+            q.spec, q.observer.spec = spec, obs_spec
+            q._weight_key, q._cached = None, None
+
+
+def rank_candidates(model: nn.Module, high: Any, batches: list, low_bits: int = 4) -> list[Candidate]:
+    """Units ordered by least SQNR loss per weight moved to ``low_bits``."""
+    import qswap
+
+    float_model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        reference = [model_output(float_model, b) for b in batches]
+    qmodel = qswap.convert(model, high).eval()
+    qswap.calibrate(qmodel, batches)
+    base = output_sqnr(reference, qmodel, batches)
+    candidates = []
+    for paths, quantizers, numel in _units(qmodel):
+        if all(q.spec.bits <= low_bits for q in quantizers):
+            continue
+        with _bits(quantizers, low_bits):
+            loss = base - output_sqnr(reference, qmodel, batches)
+        candidates.append(Candidate(paths, numel, max(loss, 0.0)))
+    candidates.sort(key=lambda c: (c.loss_db / c.numel, c.paths))
+    return candidates
+
+
+def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str) -> dict:
+    base = load_recipe(high).to_dict()
+    rules = [{"match": {"path": p}, "weight": {"bits": low_bits, "observer": "mse"},
+              "note": f"searched: {c.loss_db:.2f} dB output loss at {low_bits} bits"}
+             for c in low for p in c.paths]
+    return {**base, "name": name,
+            "description": f"mixed precision searched from {base.get('name', 'recipe')}: "
+                           f"{len(low)} units at {low_bits}-bit weights",
+            "rules": rules + list(base.get("rules", []))}
+
+
+def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", low_bits: int = 4,
+           target_mb: float | None = None, max_delta_wer: float | None = None,
+           evaluate: Callable[[nn.Module], float] | None = None, name: str = "searched") -> SearchResult:
+    """A mixed-precision recipe meeting ``target_mb`` or ``max_delta_wer`` (exactly one).
+
+    >>> result = qswap.search(float_model, dev_batches, target_mb=1.5)
+    >>> yaml.safe_dump(result.recipe)
+    """
+    import qswap
+
+    if (target_mb is None) == (max_delta_wer is None):
+        raise BudgetError("give exactly one budget: target_mb or max_delta_wer")
+    batches = list(batches)
+    candidates = rank_candidates(model, high, batches, low_bits)
+
+    def recipe(n: int) -> dict:
+        return build_recipe(high, candidates[:n], low_bits, name)
+
+    def size_mb(n: int) -> float:
+        return qswap.convert(model, recipe(n)).qswap_report.quantized_bytes / 1e6
+
+    if target_mb is not None:
+        smallest, largest = size_mb(len(candidates)), size_mb(0)
+        if target_mb < smallest:
+            raise BudgetError(f"no recipe fits {target_mb} MB: with every unit at {low_bits}-bit weights "
+                              f"they take {smallest:.3f} MB ({largest:.3f} MB with none); raise the "
+                              f"budget or lower low_bits")
+        lo, hi = 0, len(candidates)  # fewest low-bit units that fit: sizes fall as n grows
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if size_mb(mid) <= target_mb else (mid + 1, hi)
+        return SearchResult(recipe(lo), [p for c in candidates[:lo] for p in c.paths], size_mb(lo), candidates)
+    if evaluate is None:
+        raise BudgetError("max_delta_wer needs an evaluate(model) -> WER function")
+    float_wer = evaluate(copy.deepcopy(model).eval())
+    evaluations: list[tuple[int, float]] = []
+
+    def delta(n: int) -> float:
+        qm = qswap.convert(model, recipe(n)).eval()
+        qswap.calibrate(qm, batches)
+        wer = evaluate(qm)
+        evaluations.append((n, wer))
+        return wer - float_wer
+
+    if delta(0) > max_delta_wer:
+        raise BudgetError(f"even {load_recipe(high).name} loses {evaluations[0][1] - float_wer:.2f} WER "
+                          f"points (> {max_delta_wer}); raise the budget or start from a higher recipe")
+    lo, hi = 0, len(candidates)  # most low-bit units within the budget (WER grows with n)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if delta(mid) <= max_delta_wer else (lo, mid - 1)
+    return SearchResult(recipe(lo), [p for c in candidates[:lo] for p in c.paths], size_mb(lo), candidates,
+                        evaluations)

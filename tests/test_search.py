@@ -1,0 +1,77 @@
+import warnings
+
+import pytest
+import yaml
+
+import qswap
+from qswap.cli import main
+from qswap.errors import BudgetError
+from qswap.models import build_s2t_transformer, s2t_net_input
+from qswap.search import search
+
+
+def _tiny():
+    return build_s2t_transformer(encoder_layers=1, decoder_layers=1, encoder_embed_dim=32,
+                                 encoder_ffn_embed_dim=64, decoder_ffn_embed_dim=64, conv_channels=32)
+
+
+@pytest.fixture(scope="module")
+def sizes():
+    model = _tiny()
+    return (qswap.convert(model, "w8a8_per_channel").qswap_report.quantized_bytes / 1e6,
+            qswap.convert(model, "w4a8").qswap_report.quantized_bytes / 1e6)
+
+
+def test_target_mb_is_met_with_the_fewest_low_bit_units(sizes):
+    high, low = sizes
+    target = (high + low) / 2
+    model, batches = _tiny(), [s2t_net_input(batch=2, frames=32, num_tokens=5)]
+    result = search(model, batches, target_mb=target)
+    assert low <= result.weight_mb <= target
+    assert 0 < len(result.low_units) < sum(len(c.paths) for c in result.candidates)
+    losses = [c.loss_db / c.numel for c in result.candidates]
+    assert losses == sorted(losses)  # least loss per weight goes low-bit first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qswap.QswapWarning)  # every rule hits a module
+        qmodel = qswap.convert(model, qswap.load_recipe(yaml.safe_load(yaml.safe_dump(result.recipe))))
+    assert qmodel.qswap_report.quantized_bytes / 1e6 == pytest.approx(result.weight_mb)
+    qswap.calibrate(qmodel, batches)
+    assert qswap.audit(qmodel, batches[0]).honest
+
+
+def test_impossible_and_ambiguous_budgets_are_clear_errors(sizes):
+    _, low = sizes
+    batches = [s2t_net_input(batch=1, frames=24, num_tokens=4)]
+    with pytest.raises(BudgetError, match=r"no recipe fits .* MB: with every unit at 4-bit"):
+        search(_tiny(), batches, target_mb=low / 3)
+    with pytest.raises(BudgetError, match="exactly one budget"):
+        search(_tiny(), batches)
+    with pytest.raises(BudgetError, match="exactly one budget"):
+        search(_tiny(), batches, target_mb=1.0, max_delta_wer=1.0)
+    with pytest.raises(BudgetError, match="evaluate"):
+        search(_tiny(), batches, max_delta_wer=1.0)
+
+
+def test_max_delta_wer_search_with_a_measured_metric():
+    # a stand-in WER that grows with the number of 4-bit weights: the search must stop at the budget
+    def evaluate(model):
+        return sum(q.spec.bits == 4 for q in model.modules() if isinstance(q, qswap.FakeQuantize)) * 1.0
+
+    result = search(_tiny(), [s2t_net_input(batch=1, frames=24, num_tokens=4)], max_delta_wer=3.0,
+                    evaluate=evaluate)
+    n_low = result.evaluations[-1][0]
+    assert evaluate(qswap.convert(_tiny(), result.recipe)) <= 3.0
+    assert any(wer > 3.0 for _, wer in result.evaluations) or n_low == len(result.candidates)
+
+
+def test_search_cli_writes_a_valid_recipe_and_its_row(float_checkpoint, tmp_path):
+    _, data, ckpt = float_checkpoint
+    out = tmp_path / "searched.yaml"
+    assert main(["search", str(ckpt), "--data", str(data), "--target-mb", "0.03", "--beam", "2",
+                 "--calib-batches", "1", "--max-sentences", "4", "-o", str(out),
+                 "--json", str(tmp_path / "row.json")]) == 0
+    recipe = qswap.load_recipe(out)
+    assert recipe.name == "searched" and recipe.rules
+    import json
+    row = json.loads((tmp_path / "row.json").read_text())["row"]
+    assert row["honest"] and row["weight_mb"] <= 0.03
