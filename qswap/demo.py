@@ -1,34 +1,36 @@
-"""The demo behind ``make demo``: convert a real fairseq speech model with qswap and show what
-happened to every module. Run as ``python -m qswap.demo``."""
+"""The demo behind ``make demo`` (``python -m qswap.demo``).
+
+On the shipped model (``qswap/assets/s2t_demo``: a small s2t_transformer trained by
+``tools/train_s2t.py`` on synthesized speech): evaluate float, then convert + calibrate + audit
++ evaluate every shipped recipe, print the comparison table and write it to ``docs/demo.md``
+(or ``--markdown PATH``). This is ``qswap compare`` with the shipped model's paths filled in.
+"""
 from __future__ import annotations
 
+import argparse
 import sys
-import time
+from pathlib import Path
+
+ASSET = Path(__file__).parent / "assets" / "s2t_demo"
+RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w4a4", "w8_weight_only"]
 
 
-def main() -> int:
-    import torch
+def main(argv: list[str] | None = None) -> int:
+    from qswap.cli import main as cli
 
-    import qswap
-    from qswap.cli.render import console, convert_summary, convert_table
-    from qswap.models import build_s2t_transformer, s2t_net_input
-
-    out = console()
-    out.rule("qswap demo: a fairseq s2t_transformer (fairseq's own classes, random weights)")
-    model = build_s2t_transformer()
-    net_input = s2t_net_input()
-    start = time.perf_counter()
-    qmodel = qswap.convert(model, "w8a8")
-    out.print(f"converted with recipe w8a8 in {time.perf_counter() - start:.3f} s")
-    qswap.calibrate(qmodel, [net_input])
-    with torch.no_grad():
-        ref, got = model(**net_input)[0], qmodel(**net_input)[0]
-    noise = (ref - got).pow(2).mean()
-    sqnr = 10 * torch.log10(ref.pow(2).mean() / noise.clamp_min(1e-30))
-    out.print(convert_table(qmodel.qswap_report))
-    out.print(convert_summary(qmodel.qswap_report))
-    out.print(f"decoder output SQNR vs float: {float(sqnr):.1f} dB")
-    return 0
+    p = argparse.ArgumentParser(prog="python -m qswap.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--markdown", default="docs/demo.md", help="where to write the table")
+    p.add_argument("--subset", default="test", help="shipped subset to evaluate: test or test_heldout")
+    p.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
+    args = p.parse_args(argv)
+    checkpoint = ASSET / "checkpoint.pt"
+    if not checkpoint.exists():
+        print(f"no shipped model at {checkpoint}; build it with tools/train_s2t.py", file=sys.stderr)
+        return 2
+    return cli(["compare", str(checkpoint), "--data", str(ASSET), "--subset", args.subset,
+                "--calib-subset", "calib", "--calib-batches", "4", "--beam", str(args.beam),
+                "--recipes", *RECIPES, "--markdown", args.markdown,
+                "--json", str(Path(args.markdown).with_suffix(".json"))])
 
 
 if __name__ == "__main__":

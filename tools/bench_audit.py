@@ -94,7 +94,7 @@ def markdown(r: dict) -> str:
         f"`.venv/bin/python tools/bench_audit.py --write-docs`: `{r['arch']}` "
         f"({r['parameters'] / 1e6:.1f}M parameters), batch {r['batch']} x {r['frames']} fbank "
         f"frames, {r['tokens']} target tokens, {r['decode_steps']} incremental steps, "
-        f"{r['threads']} CPU threads, torch {r['torch']}, median of {r['repeats']}:", "",
+        f"{r['threads']} intra-op thread(s), torch {r['torch']}, median of {r['repeats']}:", "",
         "| model | forward (batch) | every audited path, unobserved | audit | audit / forward | "
         "audit / paths |", "|---|---|---|---|---|---|",
         f"| float | {ms(r['float_forward_s'])} | {ms(r['float_paths_s'])} | {ms(r['float_audit_s'])} | "
@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--decode-steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads (on a shared machine, threads beyond the free cores slow "
+                         "every op down unevenly)")
     ap.add_argument("--write-docs", action="store_true", help=f"update the benchmark section of {DOC.name}")
     ap.add_argument("--json", help="also write the raw numbers here")
     args = ap.parse_args(argv)

@@ -76,6 +76,8 @@ def train_cmd(a: argparse.Namespace) -> List[str]:
         # multiple of required_batch_size_multiple (default 8): use 1 so no utterance is lost
         "--required-batch-size-multiple", "1",
     ]
+    if a.save_interval_updates:
+        cmd += ["--save-interval-updates", str(a.save_interval_updates), "--keep-interval-updates", "3"]
     if a.restore_file:  # continue a run (optimizer state included)
         cmd += ["--restore-file", str(a.restore_file)]
     return cmd
@@ -102,7 +104,7 @@ def do_train(a: argparse.Namespace) -> None:
     secs = time.time() - t0
     tt = work / "train_time.json"
     prev = json.loads(tt.read_text()) if (a.restore_file and tt.exists()) else {"train_seconds": 0.0, "runs": []}
-    prev["runs"] = prev.get("runs", []) + [round(secs, 1)]
+    prev["runs"] = prev.get("runs", [prev.get("train_seconds", 0.0)] if prev.get("train_seconds") else []) + [round(secs, 1)]
     prev["train_seconds"] = round(sum(prev["runs"]), 1)
     tt.write_text(json.dumps(prev) + "\n")
     if p.returncode != 0:
@@ -198,9 +200,12 @@ def average_and_strip(paths: List[Path], out: Path, fp16: bool) -> Dict:
 def do_finalize(a: argparse.Namespace) -> None:
     work, data, asset = Path(a.work), Path(a.data), Path(a.asset_dir)
     ckpts = _epoch_ckpts(work)
-    if not ckpts:
+    if not ckpts and not a.checkpoints:
         sys.exit(f"no epoch checkpoints in {work / 'checkpoints'}")
-    use = ckpts[-a.average:] if a.average > 0 else [work / "checkpoints" / "checkpoint_best.pt"]
+    if a.checkpoints:
+        use = [Path(p) for p in a.checkpoints]
+    else:
+        use = ckpts[-a.average:] if a.average > 0 else [work / "checkpoints" / "checkpoint_best.pt"]
     asset.mkdir(parents=True, exist_ok=True)
     info = average_and_strip(use, asset / "checkpoint.pt", a.fp16)
     # data files: relative paths only
@@ -366,6 +371,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--hours", type=float, default=0.6, help="fairseq --stop-time-hours")
     ap.add_argument("--restore-file", type=Path, default=None,
                     help="continue training from this fairseq checkpoint (e.g. WORK/checkpoints/checkpoint12.pt)")
+    ap.add_argument("--save-interval-updates", type=int, default=0,
+                    help="also save checkpoint_E_U.pt every N updates (keeps the last 3)")
+    ap.add_argument("--checkpoints", nargs="+", default=None,
+                    help="finalize: average exactly these checkpoint files instead of the last --average epochs")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=400)
     ap.add_argument("--max-tokens", type=int, default=24000)

@@ -41,7 +41,6 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 class Findings:
     def __init__(self, float_ok: dict[str, str]):
-        self.paused = False
         self.totals: Counter = Counter()
         self.bits: Counter = Counter()
         self.violations: dict[tuple, Violation] = {}
@@ -110,7 +109,7 @@ class Findings:
 
     def quantizer_off_grid(self, path: str, last_op, out: torch.Tensor, off: int, label: str) -> None:
         op = (f"{last_op.namespace}.{last_op.overloadpacket.__name__}" if last_op
-              else "<returned a tensor it did not compute>")
+              else "<quantizer output>")
         self._add(path, op, f"output: {off} of {out.numel()} values off the {label} grid",
                   C.OFF_GRID, out)
 

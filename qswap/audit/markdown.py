@@ -13,9 +13,9 @@ TOTAL_LABELS = {
     "movement": "data movement ops",
     "factory": "constants made at run time",
     "ignored": "integer / bool / index ops (ignored)",
-    "quantizer_internal": "ops inside quantizers",
     "unclassified": "ops with no rule (violations)",
-    "ops": "aten ops observed",
+    "quantizer_calls": "quantizer calls (outputs checked on their grid)",
+    "ops": "aten ops observed (outside quantizers)",
 }
 
 

@@ -18,7 +18,7 @@ KINDS = {
     "not_executed": "a swapped module that never ran on the audited paths",
 }
 TOTAL_KEYS = ("ops", "compute", "quantized", "kernel_internal", "constant_fold", "declared",
-              "float", "movement", "factory", "ignored", "quantizer_internal", "unclassified")
+              "float", "movement", "factory", "ignored", "unclassified", "quantizer_calls")
 
 
 @dataclass

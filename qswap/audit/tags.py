@@ -82,47 +82,41 @@ def off_grid_count(y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     [qmin, qmax]. ``spec`` gives the granularity (None: per-tensor, or one scale per element
     of a 1-D ``y``, as for a bias). Vectorized.
 
-    Fast path: fake-quantizing an on-grid tensor again returns it bit for bit, so one fused
-    kernel and one comparison settle the common case; anything else is counted exactly."""
-    if spec is not None and _refake_equal(y.detach(), scale.detach(), zero_point.detach(), spec, qmin, qmax):
+    Fast path: a quantizer computes ``(code - zero_point) * scale`` in float, so rounding
+    ``y / scale`` and multiplying back reproduces an on-grid ``y`` bit for bit; then only the
+    range is left to check. Anything else is counted exactly, with a tolerance."""
+    values, scale, zp = _aligned(y.detach().float(), scale.detach().float(), zero_point.detach().float(), spec)
+    if scale.numel() == 1 and _on_grid_per_tensor(values, float(scale), float(zp), qmin, qmax):
         return 0
-    codes = y.detach().float()
-    scale, zp = scale.detach().float(), zero_point.detach().float()
-    if spec is not None and spec.granularity == "per_group":
-        codes = groups_view(codes, spec)  # (rows, G, gs)
-        scale, zp = (t.reshape(codes.shape[:2] + (1,)) for t in (scale, zp))
-    elif spec is not None and spec.granularity == "per_channel":
-        shape = [1] * codes.dim()
-        shape[spec.channel_axis % codes.dim()] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    elif scale.numel() > 1:  # one scale per element of a 1-D tensor (per-channel bias)
-        scale, zp = scale.reshape(-1), zp.reshape(-1)
-    codes = codes / scale + zp
+    if scale.numel() > 1:
+        steps = (values * torch.reciprocal(scale)).round_()  # code - zero_point, if on grid
+        lo, hi = torch.aminmax(steps + zp)
+        if bool(lo >= qmin) and bool(hi <= qmax) and torch.equal(steps.mul_(scale), values):
+            return 0
+    codes = values / scale + zp
     rounded = torch.round(codes)
     ok = (codes - rounded).abs() <= ATOL + RTOL * rounded.abs()
     ok &= (rounded >= qmin) & (rounded <= qmax)
     return int(codes.numel() - ok.sum())
 
 
-def _refake_equal(y: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, spec: QuantSpec,
-                  qmin: int, qmax: int) -> bool:
-    """True when torch's fused fake-quantize kernel maps ``y`` to itself: every value is then
-    exactly one the kernel emits, an integer code in [qmin, qmax] times the scale."""
-    if y.dtype != torch.float32 or scale.dtype != torch.float32 or zp.dtype != torch.int32:
-        return False
-    if not bool(((zp >= qmin) & (zp <= qmax)).all()):
-        return False
-    if spec.granularity == "per_tensor":
-        if scale.numel() != 1:
-            return False
-        again = torch.fake_quantize_per_tensor_affine(y, scale.reshape(()), zp.reshape(()), qmin, qmax)
-    elif spec.granularity == "per_channel":
-        again = torch.fake_quantize_per_channel_affine(y, scale.reshape(-1), zp.reshape(-1),
-                                                       spec.channel_axis % y.dim(), qmin, qmax)
-    else:
-        groups = groups_view(y, spec)  # (rows, G, gs)
-        flat = groups.reshape(-1, groups.shape[-1])  # (rows * G, gs): one scale per row
-        again = torch.fake_quantize_per_channel_affine(flat, scale.reshape(-1), zp.reshape(-1), 0,
-                                                       qmin, qmax)
-        y = flat
-    return torch.equal(again, y)
+def _on_grid_per_tensor(values: torch.Tensor, scale: float, zp: float, qmin: int, qmax: int) -> bool:
+    steps = (values * (1.0 / scale)).round_()  # code - zero_point, if on grid
+    lo, hi = torch.aminmax(steps)
+    return (lo.item() + zp >= qmin and hi.item() + zp <= qmax
+            and torch.equal(steps.mul_(scale), values))
+
+
+def _aligned(values: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
+             spec: QuantSpec | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``values`` (regrouped for per_group) with ``scale`` and ``zp`` shaped to broadcast."""
+    if spec is not None and spec.granularity == "per_group":
+        values = groups_view(values, spec)  # (rows, G, gs)
+        return values, scale.reshape(values.shape[:2] + (1,)), zp.reshape(values.shape[:2] + (1,))
+    if spec is not None and spec.granularity == "per_channel":
+        shape = [1] * values.dim()
+        shape[spec.channel_axis % values.dim()] = -1
+        return values, scale.reshape(shape), zp.reshape(shape)
+    if scale.numel() > 1:  # one scale per element of a 1-D tensor (per-channel bias)
+        return values, scale.reshape(-1), zp.reshape(-1)
+    return values, scale.reshape(()), zp.reshape(())

@@ -7,7 +7,9 @@ hooks that tell it where it is.
   own modules never use them.
 * ``__torch_dispatch__`` runs each op, then classifies it (``qswap.audit.ops``), decides it
   (``qswap.audit.classify``) and tags its outputs. Ops run by a quantizer itself (rounding,
-  observers) are counted as ``quantizer_internal`` and not classified.
+  observers) are not classified: inside qswap's own ``FakeQuantize`` / ``BiasQuantize`` the
+  Python dispatch is switched off altogether (their output is checked on its grid anyway), and
+  inside other quantizer classes the ops are only counted.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
 _NUMBER = (int, float)
+_OWN_QUANTIZERS = (FakeQuantize, BiasQuantize)  # exact classes: their internals are trusted code
 
 
 class Tracker(TorchDispatchMode):
@@ -42,7 +45,8 @@ class Tracker(TorchDispatchMode):
         self.call_counts: Counter = Counter()  # id(counterpart) -> calls
         self.ran_quantizers: set[int] = set()  # id() of every quantizer that ran
         self.in_quantizer = 0
-        self.last_quant_op = ""
+        self.last_quant_op = None
+        self._unobserved = None  # the guard that switches dispatch off inside a quantizer
         self._next_call = 0
         self._verified = WeakIdKeyDictionary()  # quantizer output -> (path, _version) checked
         self._handles: list = []
@@ -50,8 +54,14 @@ class Tracker(TorchDispatchMode):
 
     # -- module hooks ----------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
-        """Hook every module and tag every parameter, buffer and tensor attribute."""
+        """Hook every module (but a quantizer's own children) and tag every parameter, buffer
+        and tensor attribute."""
+        inside: tuple[str, ...] = ()  # paths of quantizers: their observers are theirs
         for path, module in model.named_modules():
+            if inside and path.startswith(inside):
+                continue
+            if isinstance(module, (FakeQuantize, BiasQuantize)):
+                inside += (path + ".",)
             pre = functools.partial(self._pre, path)
             post = functools.partial(self._post, path)
             self._handles.append(module.register_forward_pre_hook(pre, prepend=True))
@@ -78,8 +88,12 @@ class Tracker(TorchDispatchMode):
         self.stack.append(path)
         if isinstance(module, (FakeQuantize, BiasQuantize)):
             self.in_quantizer += 1
-            self.last_quant_op = ""
+            self.last_quant_op = None
             self.ran_quantizers.add(id(module))
+            self.findings.count("quantizer_calls")
+            if self.in_quantizer == 1 and type(module) in _OWN_QUANTIZERS:
+                self._unobserved = torch._C._DisableTorchDispatch()  # noqa: SLF001
+                self._unobserved.__enter__()
         elif isinstance(module, QuantModule) and not self.in_quantizer:
             self.call_counts[id(module)] += 1
             self._next_call += 1
@@ -91,8 +105,15 @@ class Tracker(TorchDispatchMode):
         self.stack.pop()
         if isinstance(module, (FakeQuantize, BiasQuantize)):
             self.in_quantizer -= 1
-            if not self.in_quantizer and isinstance(output, torch.Tensor):
-                self._tag_quantizer_output(path, module, args, output)
+            if self.in_quantizer:
+                return
+            try:
+                if isinstance(output, torch.Tensor):
+                    self._tag_quantizer_output(path, module, args, output)
+            finally:
+                if self._unobserved is not None:
+                    self._unobserved.__exit__(None, None, None)
+                    self._unobserved = None
         elif isinstance(module, QuantModule) and not self.in_quantizer:
             self.calls.pop()
 
@@ -111,7 +132,7 @@ class Tracker(TorchDispatchMode):
             zp = None
         if self._verified.get(out) == (path, out._version):
             return  # a cached weight, already checked
-        with self.paused():
+        with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the check is not the model's)
             zp = torch.zeros_like(scale) if zp is None else zp
             off = off_grid_count(out, scale, zp, spec, qmin, qmax)
         self._verified[out] = (path, out._version)
@@ -125,20 +146,14 @@ class Tracker(TorchDispatchMode):
         module are attributed to module ``scope``."""
         return _PathScope(self, name, scope)
 
-    def paused(self):
-        return _Paused(self)
-
     # -- the dispatch mode -----------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.findings.paused:
-            return out
-        self.findings.count("ops")
-        if self.in_quantizer:
-            self.findings.count("quantizer_internal")
+        if self.in_quantizer:  # a quantizer class of the user's own: its ops are not the model's
             self.last_quant_op = func
             return out
+        self.findings.count("ops")
         self._observe(func, args, kwargs, out)
         return out
 
@@ -302,14 +317,3 @@ class _PathScope:
         self.tracker.findings.end_path()
         return False
 
-
-class _Paused:
-    def __init__(self, tracker: Tracker):
-        self.findings = tracker.findings
-
-    def __enter__(self):
-        self.was, self.findings.paused = self.findings.paused, True
-
-    def __exit__(self, *exc):
-        self.findings.paused = self.was
-        return False

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import warnings
 from pathlib import Path
@@ -174,19 +175,26 @@ def save_qswap_checkpoint(path: "str | os.PathLike[str]", model: nn.Module,
     recipe_data = to_plain(recipe.to_dict(), "recipe")
     cfg = to_plain(_cfg_of(state_like_fairseq, trust_checkpoint), "cfg")
     cfg["model"]["qswap_recipe"] = recipe_data  # for fairseq's loader with the qswap plugin
-    state = {
+    plain = _canonical({
         "cfg": cfg,
         "args": None,
-        "model": model.state_dict(),
         "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": None,
                                "lr_scheduler_state": {}, "num_updates": 0}],
         "extra_state": {},
         QSWAP_KEY: {"format": QSWAP_FORMAT, "version": __version__, "recipe": recipe_data},
-    }
+    })
+    state = {**plain, "model": model.state_dict()}
     path = Path(path)
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
     return path
+
+
+def _canonical(plain: dict) -> dict:
+    """Fresh objects built from the JSON text alone. pickle memoizes objects shared in the graph
+    (the same str object used twice), and which strings are shared depends on the process's
+    history; rebuilding from text makes the written bytes depend on the content only."""
+    return json.loads(json.dumps(plain, sort_keys=True))
 
 
 def _cfg_of(state_like: Any, trust_checkpoint: bool) -> Any:

@@ -2,7 +2,8 @@
 
 The bias of ``y = x @ W.T + b`` is added to the int32 accumulator, whose scale is
 ``input_scale * weight_scale`` (per output channel for per-channel weights). It has no state of
-its own; ``last_scale`` keeps the grid of the latest call for the honesty audit.
+its own; ``last_scale`` keeps the grid of the latest call for the honesty audit. Without autograd
+(eval, calibration) the result is reused until the bias or a scale changes (version or storage).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ class BiasQuantize(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.last_scale: torch.Tensor | None = None
+        self._key: tuple | None = None
+        self._cached: torch.Tensor | None = None
 
     def forward(self, bias: torch.Tensor | None, input_quant: nn.Module, weight_quant: nn.Module,
                 rows: slice | None = None) -> torch.Tensor | None:
@@ -28,6 +31,13 @@ class BiasQuantize(nn.Module):
                                 and isinstance(weight_quant, FakeQuantize) and weight_quant.enabled
                                 and input_quant.initialized):  # an empty input: no grid yet
             return bias  # nothing to align to: the bias stays float, and the audit says so
+        key = None
+        if not (bias.requires_grad and torch.is_grad_enabled()):
+            part = None if rows is None else (rows.start, rows.stop, rows.step)
+            key = (id(input_quant), id(weight_quant), part,
+                   *((t._version, t.data_ptr()) for t in (bias, input_quant.scale, weight_quant.scale)))
+            if key == self._key:
+                return self._cached
         w_scale = weight_quant.scale.detach()
         if w_scale.dim() > 1:  # per-group: rows of the weight, finest group grid of each row
             w_scale = w_scale.reshape(weight_quant.observer.min_val.shape[0], -1).amin(dim=1)
@@ -38,4 +48,6 @@ class BiasQuantize(nn.Module):
             scale = scale.amin().reshape(1)
         self.last_scale = scale
         codes = torch.clamp(torch.round(bias / scale), QMIN, QMAX)
-        return bias + (codes * scale - bias).detach()  # straight-through for QAT
+        out = bias + (codes * scale - bias).detach()  # straight-through for QAT
+        self._key, self._cached = key, None if key is None else out
+        return out

@@ -16,6 +16,8 @@ from rel_fixtures import calibration_batches
 HERE = Path(__file__).resolve().parent
 RUN = """
 import sys, hashlib, json
+import torch
+torch.set_num_threads({threads})  # float sums are bit-identical only for the same thread count
 sys.path.insert(0, {here!r})
 from test_rel_determinism import convert_calibrate_save
 path, report = convert_calibrate_save({ckpt!r}, {recipe!r}, {out!r})
@@ -39,7 +41,7 @@ def test_twice_in_one_process_gives_identical_checkpoints_and_reports(shared, tm
 
 def test_a_fresh_process_writes_the_same_bytes_and_report(shared, tmp_path):
     path, report = convert_calibrate_save(shared.checkpoint(), "w4a8", tmp_path / "here.pt")
-    code = RUN.format(here=str(HERE), ckpt=str(shared.checkpoint()), recipe="w4a8",
+    code = RUN.format(threads=torch.get_num_threads(), here=str(HERE), ckpt=str(shared.checkpoint()), recipe="w4a8",
                       out=str(tmp_path / "there.pt"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(HERE.parents[1])).stdout.strip().splitlines()[-1]

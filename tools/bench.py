@@ -1,0 +1,575 @@
+#!/usr/bin/env python3
+"""Fake-quantization speed against float on this machine (GitHub issue 9), as ratios measured
+in one run, and a table of the targets they are held to.
+
+    .venv/bin/python tools/bench.py            # full run: prints the table, writes docs/benchmarks.md
+    .venv/bin/python tools/bench.py --quick    # fewer repeats, shorter inputs; prints only
+
+Two models: fairseq's ``s2t_transformer_s`` (~27M parameters, random weights) and the shipped
+demo model (``qswap/assets/s2t_demo/checkpoint.pt``; a random model of its size when it is
+absent). Every time is the median of ``--repeats`` runs (``time.perf_counter``) after one
+warm-up, the compared runs interleaved round-robin so that a change of machine load hits them
+alike. Ratios are what the targets are about; absolute times depend on the machine and its load,
+which the output describes (other processes' CPU use during the run included).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DOC = REPO / "docs" / "benchmarks.md"
+ASSET = REPO / "qswap" / "assets" / "s2t_demo"
+SHIPPED_SIZE = dict(encoder_layers=6, encoder_embed_dim=176, encoder_ffn_embed_dim=704,
+                    encoder_attention_heads=4, decoder_layers=3, decoder_embed_dim=176,
+                    decoder_ffn_embed_dim=704, decoder_attention_heads=4, conv_channels=256)
+SHIPPED_VOCAB = 196  # word pieces of the demo's sentencepiece model (+4 special symbols)
+
+
+@dataclass
+class Sizes:
+    """Inputs and repeats of one run."""
+
+    repeats: int
+    batch: int
+    frames: int
+    tokens: int
+    decode_utts: int
+    decode_steps: int
+    calib_batches: int
+
+    @classmethod
+    def of(cls, quick: bool, repeats: int | None) -> "Sizes":
+        if quick:
+            return cls(repeats or 3, 2, 300, 12, 2, 6, 2)
+        return cls(repeats or 7, 4, 500, 20, 3, 20, 4)
+
+
+@dataclass
+class Target:
+    measure: str
+    target: str
+    ok: Callable[[float], bool]
+    fmt: str  # how the measured value is shown
+
+
+TARGETS = {
+    "forward": Target("fake-quant batch forward (w8a8, calibrated) / float forward", "≤ 1.5×",
+                      lambda r: r <= 1.5, "{:.2f}×"),
+    "decode": Target("fake-quant incremental decoding (beam 5) / float decoding", "≤ 1.5×",
+                     lambda r: r <= 1.5, "{:.2f}×"),
+    "per_channel": Target("per-channel (w8a8_per_channel) / per-tensor (w8a8) forward", "≤ 1.1×",
+                          lambda r: r <= 1.1, "{:.2f}×"),
+    "convert": Target("`qswap.convert(model, \"w8a8\")` time", "< 1 s", lambda s: s < 1.0, "{:.2f} s"),
+    "audit": Target("`qswap.audit` / one float forward (same input)", "≤ 5×", lambda r: r <= 5.0,
+                    "{:.2f}×"),
+    "calibration": Target("calibration throughput / float forward throughput", "≥ 0.7×",
+                          lambda r: r >= 0.7, "{:.2f}×"),
+    "convert_memory": Target("peak memory of convert / float parameter memory", "≤ 1.5×",
+                             lambda r: r <= 1.5, "{:.2f}×"),
+}
+
+
+# -- timing ------------------------------------------------------------------------------------------
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function after one warm-up each, timed round-robin."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+class PathTimer:
+    """Stands in for the audit's tracker in ``run_paths``: times each path it runs, unobserved."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def path(self, name: str, scope: str = ""):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
+    import torch
+
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+# -- models and inputs ---------------------------------------------------------------------------------
+@dataclass
+class Bench:
+    """One model under test, its inputs and its converted copies."""
+
+    key: str
+    label: str
+    model: Any
+    tgt_dict: Any
+    feat: int
+    frames: int
+    net_input: dict = field(default_factory=dict)
+    calib: list = field(default_factory=list)
+    decode_sample: dict = field(default_factory=dict)
+    qmodels: dict = field(default_factory=dict)
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def load_model(key: str) -> tuple[Any, Any, str, int]:
+    """(model, target dictionary, label, input features per frame) for ``s`` or ``shipped``."""
+    from qswap.models import build_s2t_transformer, make_dictionary
+
+    if key == "s":
+        model = build_s2t_transformer(arch="s2t_transformer_s")
+        return model, model.decoder.dictionary, "s2t_transformer_s (random weights)", 80
+    checkpoint = ASSET / "checkpoint.pt"
+    if checkpoint.is_file():
+        from qswap.io.checkpoint import load_fairseq_model
+        model, _cfg, task = load_fairseq_model(checkpoint, arg_overrides={"data": str(ASSET)})
+        return model.float().eval(), task.target_dictionary, "shipped demo model (checkpoint)", 80
+    model = build_s2t_transformer(make_dictionary(SHIPPED_VOCAB), **SHIPPED_SIZE)
+    label = "shipped demo model's size (random weights; checkpoint absent)"
+    return model, model.decoder.dictionary, label, 80
+
+
+def make_bench(key: str, sizes: Sizes) -> Bench:
+    from qswap.models import s2t_net_input
+
+    model, tgt_dict, label, feat = load_model(key)
+    frames = sizes.frames if key == "s" else sizes.frames * 3 // 5  # demo utterances are ~3 s
+    b = Bench(key, label, model, tgt_dict, feat, frames)
+    vocab = len(tgt_dict)
+    b.net_input = s2t_net_input(sizes.batch, frames, feat, sizes.tokens, vocab, seed=1)
+    b.calib = [s2t_net_input(sizes.batch, frames, feat, sizes.tokens, vocab, seed=10 + i)
+               for i in range(sizes.calib_batches)]
+    utts = s2t_net_input(sizes.decode_utts, frames, feat, 2, vocab, seed=2)
+    b.decode_sample = {"net_input": {k: utts[k] for k in ("src_tokens", "src_lengths")}}
+    return b
+
+
+def converted(b: Bench, recipe: str) -> Any:
+    """``b.model`` converted with ``recipe`` and calibrated on every path the audit runs."""
+    import qswap
+    from qswap.audit.paths import run_paths
+
+    if recipe not in b.qmodels:
+        qmodel = qswap.convert(b.model, recipe)
+        qswap.calibrate(qmodel, b.calib, forward=run_paths)
+        b.qmodels[recipe] = qmodel
+    return b.qmodels[recipe]
+
+
+# -- measures ----------------------------------------------------------------------------------------
+def measure_forward(b: Bench, sizes: Sizes) -> dict:
+    w8a8, per_channel = converted(b, "w8a8"), converted(b, "w8a8_per_channel")
+    t = interleaved_medians({
+        "float": no_grad(lambda: b.model(**b.net_input)),
+        "w8a8": no_grad(lambda: w8a8(**b.net_input)),
+        "w8a8_per_channel": no_grad(lambda: per_channel(**b.net_input)),
+    }, sizes.repeats)
+    return {"float_s": t["float"], "w8a8_s": t["w8a8"], "per_channel_s": t["w8a8_per_channel"],
+            "forward": t["w8a8"] / t["float"], "per_channel": t["w8a8_per_channel"] / t["w8a8"]}
+
+
+def measure_decode(b: Bench, sizes: Sizes) -> dict:
+    """fairseq's SequenceGenerator, beam 5, exactly ``decode_steps`` tokens per hypothesis
+    (``min_len`` = ``max_len_b``), so float and fake-quant runs do the same number of steps."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    w8a8 = converted(b, "w8a8")
+    steps = sizes.decode_steps
+    gens = {name: SequenceGenerator([m], b.tgt_dict, beam_size=5, max_len_a=0, max_len_b=steps,
+                                    min_len=steps)
+            for name, m in (("float", b.model), ("w8a8", w8a8))}
+    t = interleaved_medians({name: (lambda g=g: g.generate(g.model.models, b.decode_sample))
+                             for name, g in gens.items()}, sizes.repeats)
+    return {"decode_float_s": t["float"], "decode_w8a8_s": t["w8a8"], "decode": t["w8a8"] / t["float"],
+            "decode_utts": sizes.decode_utts, "decode_steps": steps}
+
+
+def measure_audit(b: Bench, sizes: Sizes) -> dict:
+    """``qswap.audit(w8a8, net_input)`` against one float forward on the same net_input; also
+    against the paths the audit runs, timed unobserved on the float and the w8a8 model."""
+    import qswap
+    from qswap.audit.paths import run_paths
+
+    w8a8 = converted(b, "w8a8")
+    t0 = time.perf_counter()
+    qswap.audit(w8a8, b.net_input)  # the first audit in a process also imports torch._dynamo
+    first = time.perf_counter() - t0
+    t = interleaved_medians({
+        "float": no_grad(lambda: b.model(**b.net_input)),
+        "audit": lambda: qswap.audit(w8a8, b.net_input),
+    }, sizes.repeats)
+    paths = {}
+    for name, m in (("float", b.model), ("w8a8", w8a8)):
+        timer = PathTimer()
+        no_grad(lambda: run_paths(m, b.net_input, timer))()  # warm-up
+        runs = []
+        for _ in range(sizes.repeats):
+            timer.seconds.clear()
+            no_grad(lambda: run_paths(m, b.net_input, timer))()
+            runs.append(dict(timer.seconds))
+        paths[name] = {p: statistics.median(r[p] for r in runs) for p in runs[0]}
+    return {"audit_s": t["audit"], "audit_float_forward_s": t["float"], "first_audit_s": first,
+            "audit": t["audit"] / t["float"], "paths": paths,
+            "audit_over_float_paths": t["audit"] / sum(paths["float"].values()),
+            "audit_over_w8a8_paths": t["audit"] / sum(paths["w8a8"].values())}
+
+
+def measure_calibration(b: Bench, sizes: Sizes) -> dict:
+    """``qswap.calibrate`` (default forward: ``model(**batch)``) over the calibration batches,
+    against float forwards of the same batches: a throughput ratio (batches per second)."""
+    import qswap
+
+    qmodel = qswap.convert(b.model, "w8a8")
+
+    def float_run():
+        for batch in b.calib:
+            b.model(**batch)
+    t = interleaved_medians({"float": no_grad(float_run),
+                             "calibrate": lambda: qswap.calibrate(qmodel, b.calib)}, sizes.repeats)
+    return {"calib_float_s": t["float"], "calib_s": t["calibrate"], "calibration": t["float"] / t["calibrate"],
+            "calib_batches": len(b.calib)}
+
+
+def measure_convert(b: Bench, sizes: Sizes) -> dict:
+    import qswap
+
+    t = interleaved_medians({"convert": lambda: qswap.convert(b.model, "w8a8")}, sizes.repeats)
+    memory = convert_memory_subprocess(b.key)
+    return {"convert": t["convert"], **memory}
+
+
+def convert_memory_subprocess(key: str) -> dict:
+    """Peak RSS growth of ``qswap.convert`` in a fresh process (see ``convert_memory``)."""
+    out = subprocess.run([sys.executable, __file__, "--convert-memory", key], capture_output=True,
+                         text=True, check=True, cwd=REPO)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def convert_memory(key: str) -> dict:
+    """In this (fresh) process: build the model, reset the peak-RSS mark (``VmHWM``, by writing 5
+    to /proc/self/clear_refs), convert, and compare the peak's growth over the RSS before the
+    convert with the float model's parameter bytes. RSS, not tracemalloc: torch's tensor memory
+    does not go through Python's allocator, which tracemalloc sees."""
+    import gc
+
+    import qswap
+    import torch
+
+    torch.set_num_threads(1)
+    model = load_model(key)[0]
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    gc.collect()
+    before = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    qmodel = qswap.convert(model, "w8a8")
+    peak = _status_kb("VmHWM")
+    del qmodel
+    growth = (peak - before) * 1024
+    return {"convert_peak_bytes": growth, "float_param_bytes": param_bytes,
+            "convert_memory": growth / param_bytes}
+
+
+def _status_kb(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def honesty(b: Bench) -> dict:
+    import qswap
+
+    return {recipe: qswap.audit(converted(b, recipe), b.net_input).verdict
+            for recipe in ("w8a8", "w8a8_per_channel")}
+
+
+# -- the machine -------------------------------------------------------------------------------------
+def cpu_snapshot() -> dict[int, tuple[int, float]]:
+    """pid -> (start time, CPU seconds used) of every process but this one and its children."""
+    tick, mine = os.sysconf("SC_CLK_TCK"), os.getpid()
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        if mine not in (pid, int(fields[1])):
+            out[pid] = (int(fields[19]), (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def others_cpu_seconds(before: dict, after: dict) -> float:
+    """CPU seconds other processes used between two snapshots (those that exited in between are
+    not seen: a lower bound)."""
+    total = 0.0
+    for pid, (start, cpu) in after.items():
+        old = before.get(pid)
+        total += cpu - old[1] if old is not None and old[0] == start else cpu
+    return total
+
+
+def busy_processes(seconds: float = 1.0) -> list[str]:
+    """Other processes using more than a fifth of a core over a short sample, with their share."""
+    a = cpu_snapshot()
+    time.sleep(seconds)
+    b = cpu_snapshot()
+    busy = []
+    for pid, (start, cpu) in b.items():
+        if pid in a and a[pid][0] == start and (cpu - a[pid][1]) / seconds > 0.2:
+            busy.append(f"{_command(pid)} at {100 * (cpu - a[pid][1]) / seconds:.0f}% of a core")
+    return sorted(busy)
+
+
+def _command(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return str(pid)
+    words = [Path(a.decode(errors="replace")).name for a in argv[:2] if a]
+    return " ".join(words) or str(pid)
+
+
+def machine() -> dict:
+    import fairseq
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = _meminfo_gb()
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem, "os": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "fairseq": fairseq.__version__, "threads": torch.get_num_threads()}
+
+
+def _meminfo_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return round(int(line.split()[1]) / 2 ** 20, 1)
+    return 0.0
+
+
+# -- profiles for missed targets ---------------------------------------------------------------------
+def op_profile(fns: dict[str, Callable[[], Any]], rows: int = 12) -> str:
+    """Self CPU time by aten op for each function (torch.profiler), side by side, sorted by the
+    difference of the first two."""
+    from torch.profiler import profile
+
+    per: dict[str, dict[str, tuple[float, int]]] = {}
+    for name, fn in fns.items():
+        fn()
+        with profile() as prof:
+            fn()
+        per[name] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
+    names = list(fns)
+    ops = set().union(*(set(p) for p in per.values()))
+    diff = lambda op: -(per[names[0]].get(op, (0, 0))[0] - per[names[-1]].get(op, (0, 0))[0])  # noqa: E731
+    lines = ["| op | " + " | ".join(f"{n} ms (calls)" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for op in sorted(ops, key=diff)[:rows]:
+        cells = [f"{per[n].get(op, (0, 0))[0]:.1f} ({per[n].get(op, (0, 0))[1]})" for n in names]
+        lines.append(f"| `{op}` | " + " | ".join(cells) + " |")
+    totals = [f"{sum(v[0] for v in per[n].values()):.1f}" for n in names]
+    lines.append("| total self CPU | " + " | ".join(totals) + " |")
+    return "\n".join(lines)
+
+
+def python_profile(fn: Callable[[], Any], rows: int = 12) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(rows)
+    return "\n".join(line for line in buf.getvalue().splitlines()
+                     if line.strip() and not line.startswith(("   Ordered", "   List")))
+
+
+def profiles_for_misses(b: Bench, result: dict) -> dict[str, str]:
+    w8a8 = converted(b, "w8a8")
+    out = {}
+    if not TARGETS["forward"].ok(result["forward"]):
+        out["forward"] = op_profile({"w8a8": no_grad(lambda: w8a8(**b.net_input)),
+                                     "float": no_grad(lambda: b.model(**b.net_input))})
+    if not TARGETS["per_channel"].ok(result["per_channel"]):
+        pc = converted(b, "w8a8_per_channel")
+        out["per_channel"] = op_profile({"w8a8_per_channel": no_grad(lambda: pc(**b.net_input)),
+                                         "w8a8": no_grad(lambda: w8a8(**b.net_input))})
+    if not TARGETS["decode"].ok(result["decode"]):
+        out["decode"] = _decode_profile(b, result["decode_steps"])
+    if not TARGETS["audit"].ok(result["audit"]):
+        import qswap
+        out["audit"] = "```\n" + python_profile(lambda: qswap.audit(w8a8, b.net_input)) + "\n```"
+    return out
+
+
+def _decode_profile(b: Bench, steps: int) -> str:
+    from fairseq.sequence_generator import SequenceGenerator
+
+    gens = {name: SequenceGenerator([m], b.tgt_dict, beam_size=5, max_len_b=steps, min_len=steps)
+            for name, m in (("w8a8", converted(b, "w8a8")), ("float", b.model))}
+    ops = op_profile({n: (lambda g=g: g.generate(g.model.models, b.decode_sample)) for n, g in gens.items()})
+    py = python_profile(lambda: gens["w8a8"].generate(gens["w8a8"].model.models, b.decode_sample))
+    return ops + "\n\nPython-level (cProfile, w8a8 decoding, by own time):\n\n```\n" + py + "\n```"
+
+
+# -- running and reporting ---------------------------------------------------------------------------
+def run_model(key: str, sizes: Sizes, log: Callable[[str], None]) -> dict:
+    b = make_bench(key, sizes)
+    log(f"{b.label}: {b.parameters / 1e6:.1f}M parameters")
+    result: dict[str, Any] = {"label": b.label, "parameters": b.parameters, "frames": b.frames}
+    for name, fn in (("convert", measure_convert), ("forward", measure_forward),
+                     ("decode", measure_decode), ("calibration", measure_calibration),
+                     ("audit", measure_audit)):
+        t0 = time.perf_counter()
+        result.update(fn(b, sizes))
+        log(f"  {name}: done in {time.perf_counter() - t0:.0f} s")
+    result["honesty"] = honesty(b)
+    result["profiles"] = profiles_for_misses(b, result)
+    return result
+
+
+def table(results: dict[str, dict]) -> str:
+    keys = list(results)
+    head = "| measure | target | " + " | ".join(results[k]["label"] for k in keys) + " | met? |"
+    lines = [head, "|---|---|" + "---|" * len(keys) + "---|"]
+    for name, t in TARGETS.items():
+        values = [results[k][name] for k in keys]
+        met = "yes" if all(t.ok(v) for v in values) else "**no**"
+        lines.append(f"| {t.measure} | {t.target} | " + " | ".join(t.fmt.format(v) for v in values)
+                     + f" | {met} |")
+    return "\n".join(lines)
+
+
+def details(results: dict[str, dict], sizes: Sizes) -> str:
+    ms = lambda s: f"{s * 1e3:.0f} ms"  # noqa: E731
+    out = []
+    for r in results.values():
+        p = r["paths"]
+        out += [f"### {r['label']}", "",
+                f"{r['parameters'] / 1e6:.1f}M parameters; forward batch: {sizes.batch} utterances "
+                f"x {r['frames']} fbank frames, {sizes.tokens} target tokens.", "",
+                "| measured | float | w8a8 | ratio |", "|---|---|---|---|",
+                f"| batch forward | {ms(r['float_s'])} | {ms(r['w8a8_s'])} | {r['forward']:.2f}× |",
+                f"| batch forward, w8a8_per_channel | | {ms(r['per_channel_s'])} | "
+                f"{r['per_channel']:.2f}× of w8a8 |",
+                f"| beam-5 decoding, {r['decode_utts']} utterances x {r['decode_steps']} steps | "
+                f"{ms(r['decode_float_s'])} | {ms(r['decode_w8a8_s'])} | {r['decode']:.2f}× |",
+                f"| calibration, {r['calib_batches']} batches (float: forwards of the same batches) | "
+                f"{ms(r['calib_float_s'])} | {ms(r['calib_s'])} | {r['calibration']:.2f}× throughput |",
+                f"| `qswap.convert` | | {ms(r['convert'])} | |",
+                f"| convert peak RSS growth | {r['float_param_bytes'] / 2**20:.0f} MiB of float parameters | "
+                f"{r['convert_peak_bytes'] / 2**20:.0f} MiB | {r['convert_memory']:.2f}× |", "",
+                "Audit (`qswap.audit(w8a8, net_input)`, the forward's net_input, 3 incremental steps):", "",
+                "| path | float, unobserved | w8a8, unobserved |", "|---|---|---|"]
+        out += [f"| {name} | {ms(p['float'][name])} | {ms(p['w8a8'][name])} |" for name in p["float"]]
+        out += [f"| all audited paths | {ms(sum(p['float'].values()))} | {ms(sum(p['w8a8'].values()))} |",
+                "",
+                f"`qswap.audit`: {ms(r['audit_s'])} = **{r['audit']:.2f}× one float batch forward** "
+                f"({ms(r['audit_float_forward_s'])}, the target's ratio), {r['audit_over_float_paths']:.2f}× "
+                f"the float model running the same paths, {r['audit_over_w8a8_paths']:.2f}× the w8a8 model "
+                f"running them unobserved. The first audit in a process took {ms(r['first_audit_s'])} "
+                f"(it also imports `torch._dynamo`), not counted above.", "",
+                "Honesty: " + ", ".join(f"`{k}` audits **{v}**" for k, v in r["honesty"].items()) + ".", ""]
+        for name, text in r["profiles"].items():
+            out += [f"Profile for the missed target ({TARGETS[name].measure}):", "", text, ""]
+    return "\n".join(out)
+
+
+def markdown(results: dict[str, dict], env: dict, sizes: Sizes, args: argparse.Namespace) -> str:
+    m = env["machine"]
+    busy = env["others_cpu_s"] / env["wall_s"]
+    idle = ("otherwise idle" if busy < 0.1 else
+            f"**not idle**: other processes kept {busy:.2f} of its {m['cores']} cores busy on average")
+    seen = [f"before: {', '.join(env['busy_before'])}" if env["busy_before"] else "",
+            f"after: {', '.join(env['busy_after'])}" if env["busy_after"] else ""]
+    busy_note = f" (busy processes {'; '.join(x for x in seen if x)})" if any(seen) else ""
+    command = "`.venv/bin/python tools/bench.py" + (" --quick" if args.quick else "") + "`"
+    return "\n".join([
+        "# Benchmarks", "",
+        f"Generated by {command} on {env['date']}; every number below comes from that run.", "",
+        f"Machine: {m['cpu']}, {m['cores']} logical cores, {m['memory_gb']} GB RAM, {m['os']}; "
+        f"Python {m['python']}, torch {m['torch']}, fairseq {m['fairseq']}; {m['threads']} torch "
+        f"threads. During the run ({env['wall_s'] / 60:.1f} min) the machine was {idle}{busy_note}.", "",
+        f"Times are medians of {sizes.repeats} interleaved runs after a warm-up (`time.perf_counter`); "
+        "the targets are ratios measured in this one run. Peak memory is the growth of the "
+        "process's peak RSS (`VmHWM`, reset before the convert) in a fresh process, so torch's "
+        "tensor memory counts (tracemalloc does not see it).", "",
+        table(results), "",
+        details(results, sizes)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and shorter inputs; prints only")
+    ap.add_argument("--repeats", type=int, help="timed runs per measure (default 7, quick 3)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    ap.add_argument("--models", default="s,shipped", help="comma-separated: s, shipped")
+    ap.add_argument("--out", type=Path, help=f"markdown output (default {DOC.relative_to(REPO)}, "
+                                             "not written by --quick)")
+    ap.add_argument("--json", type=Path, help="also write the raw numbers here")
+    ap.add_argument("--convert-memory", metavar="MODEL", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.convert_memory:
+        print(json.dumps(convert_memory(args.convert_memory)))
+        return 0
+    import logging
+    import torch
+    import warnings
+
+    logging.getLogger("qswap").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    sizes = Sizes.of(args.quick, args.repeats)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    busy = busy_processes()
+    snapshot, wall0 = cpu_snapshot(), time.perf_counter()
+    results = {key: run_model(key, sizes, log) for key in args.models.split(",")}
+    env = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "wall_s": time.perf_counter() - wall0, "others_cpu_s": others_cpu_seconds(snapshot, cpu_snapshot()),
+           "busy_before": busy, "busy_after": busy_processes()}
+    text = markdown(results, env, sizes, args)
+    print(table(results))
+    out = args.out or (None if args.quick else DOC)
+    if out is not None:
+        out.write_text(text + "\n")
+        log(f"wrote {out}")
+    if args.json:
+        args.json.write_text(json.dumps({"env": env, "results": results}, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
