@@ -3,7 +3,7 @@
 The bias of ``y = x @ W.T + b`` is added to the int32 accumulator, whose scale is
 ``input_scale * weight_scale`` (per output channel for per-channel weights). It has no state of
 its own; ``last_scale`` keeps the grid of the latest call for the honesty audit. Without autograd
-(eval, calibration) the result is reused until the bias or a scale changes (version or storage).
+(eval, calibration) the result is reused while the bias and both quantizers' grids are unchanged.
 """
 from __future__ import annotations
 
@@ -31,11 +31,9 @@ class BiasQuantize(nn.Module):
                                 and isinstance(weight_quant, FakeQuantize) and weight_quant.enabled
                                 and input_quant.initialized):  # an empty input: no grid yet
             return bias  # nothing to align to: the bias stays float, and the audit says so
-        key = None
+        key = None  # a call with autograd (training) clears the cache
         if not (bias.requires_grad and torch.is_grad_enabled()):
-            part = None if rows is None else (rows.start, rows.stop, rows.step)
-            key = (id(input_quant), id(weight_quant), part,
-                   *((t._version, t.data_ptr()) for t in (bias, input_quant.scale, weight_quant.scale)))
+            key = _stamp(bias, input_quant, weight_quant, rows)
             if key == self._key:
                 return self._cached
         w_scale = weight_quant.scale.detach()
@@ -51,3 +49,13 @@ class BiasQuantize(nn.Module):
         out = bias + (codes * scale - bias).detach()  # straight-through for QAT
         self._key, self._cached = key, None if key is None else out
         return out
+
+
+def _stamp(bias: torch.Tensor, input_quant: FakeQuantize, weight_quant: FakeQuantize,
+           rows: slice | None) -> tuple:
+    """What the bias grid depends on. A quantizer's grid changes with its ``zero_point``'s version:
+    ``_set_qparams`` and ``load_state_dict`` copy into it even when only the scale moves (a scale
+    written through ``.data`` keeps its version)."""
+    tensors = (bias, input_quant.scale, input_quant.zero_point, weight_quant.scale, weight_quant.zero_point)
+    part = None if rows is None else (rows.start, rows.stop, rows.step)
+    return (id(input_quant), id(weight_quant), part, *((t._version, t.data_ptr()) for t in tensors))

@@ -11,7 +11,7 @@ import torch
 
 from qswap.errors import CalibrationError
 from qswap.quant.lazy_state import LazyStateModule
-from qswap.quant.primitives import choose_qparams, fake_quantize, groups_view, reduce_min_max
+from qswap.quant.primitives import all_finite, choose_qparams, fake_quantize, groups_view, reduce_min_max
 from qswap.quant.spec import QuantSpec
 
 _PERCENTILE_MAX_SAMPLES = 1 << 20  # torch.quantile's input limit is 16M; a strided sample is plenty
@@ -40,14 +40,14 @@ class Observer(LazyStateModule):
         if x.numel() == 0:
             return
         lo, hi = self.batch_range(x.detach().float())
-        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        if not all_finite(lo, hi):
             raise CalibrationError("observed a tensor with NaN or inf values; quantization ranges "
                                    "need finite data (check the input features or the model)")
         if not self.has_range:
             self.min_val, self.max_val = lo.clone(), hi.clone()
         else:
             self.min_val, self.max_val = self.combine(lo, hi)
-        self.num_batches += 1
+        self.num_batches.add_(1)
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return reduce_min_max(x, self.spec)

@@ -40,6 +40,13 @@ def groups_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return moved.reshape(-1, size // spec.group_size, spec.group_size)  # (rows, G, gs)
 
 
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """No NaN or inf in any of the tensors (a one-element tensor is read as a number: one
+    ``item()`` instead of two kernels)."""
+    return all(math.isfinite(t.item()) if t.numel() == 1 else bool(torch.isfinite(t).all())
+               for t in tensors)
+
+
 def reduce_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of ``x`` at the spec's granularity (shapes as in the module table)."""
     x = x.detach()
@@ -59,7 +66,7 @@ def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor,
 
     A zero or constant range gets the smallest finite scale, never 0, inf or NaN.
     """
-    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+    if not all_finite(min_val, max_val):
         raise CalibrationError("cannot choose quantization parameters for non-finite values "
                                "(NaN or inf in the observed tensor); check the input data")
     lo = torch.clamp(min_val.float(), min=-MAX_RANGE, max=0.0)
