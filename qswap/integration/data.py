@@ -20,7 +20,17 @@ def load_model_and_task(checkpoint: str | Path, data: str | Path | None = None, 
                         f"config.yaml and TSV manifests the model was trained with")
     model, _cfg, task = load_fairseq_model(str(checkpoint), trust_checkpoint=trust_checkpoint,
                                            arg_overrides=overrides)
+    if getattr(task, "data_cfg", None) is not None:
+        resolve_audio_root(task.data_cfg)
     return model.eval(), task
+
+
+def resolve_audio_root(data_cfg) -> None:
+    """Manifest paths without an ``audio_root`` are relative to the data directory (so a data
+    directory can move, and the shipped model's works from any directory), not to the working
+    directory as plain fairseq 0.12 reads them."""
+    if not data_cfg.config.get("audio_root"):
+        data_cfg.config["audio_root"] = str(data_cfg.root)
 
 
 def load_subset(task, subset: str) -> Any:

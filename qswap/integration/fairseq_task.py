@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 import qswap
 from qswap.calibrate import activation_quantizers, freeze_observed
+from qswap.integration.data import resolve_audio_root
 
 logger = logging.getLogger("qswap")
 
@@ -118,23 +119,6 @@ class AudioFinetuningQswapConfig(AudioFinetuningConfig):
 
 class AudioFinetuningQswapTask(QswapTaskMixin, AudioFinetuningTask):
     pass
-
-
-def resolve_audio_root(data_cfg) -> None:
-    """Manifest paths without an ``audio_root`` are relative to the data directory (so a data
-    directory can move), not to the working directory as plain fairseq reads them."""
-    if not data_cfg.config.get("audio_root"):
-        data_cfg.config["audio_root"] = str(data_cfg.root)
-
-
-def allow_fairseq_checkpoints() -> None:
-    """Let fairseq's own ``torch.load`` calls (``--finetune-from-model``, ``--path``, resuming)
-    read fairseq checkpoints under torch >= 2.6, whose ``weights_only=True`` default refuses
-    ``argparse.Namespace`` and OmegaConf containers. This adds qswap's allowlist of exactly those
-    classes (``qswap.io.checkpoint.allowed_globals``) for the fairseq process that loaded the
-    plugin: still ``weights_only`` loading, never arbitrary pickles."""
-    from qswap.io.checkpoint import allowed_globals
-    torch.serialization.add_safe_globals(allowed_globals())
 
 
 def register_tasks() -> None:

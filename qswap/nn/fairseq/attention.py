@@ -191,15 +191,11 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
         if self.add_zero_attn:
             k, v, key_padding_mask, attn_mask = self._append_zero_attn(
                 k=k, v=v, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
-        if kv_bsz != bsz:  # beamable enc-dec attention: share each sentence's k/v with its beams
-            beam = bsz // kv_bsz
-            k, v = (t.view(kv_bsz, 1, self.num_heads, -1, self.head_dim)
-                    .expand(-1, beam, -1, -1, -1).reshape(bsz * self.num_heads, -1, self.head_dim)
-                    for t in (k, v))  # (B*H, S, D)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.repeat_interleave(beam, dim=0)  # (B, S)
-        context, probs = self.core(q, k, v, self.scaling, attn_mask, key_padding_mask,
-                                   self.num_heads, self.dropout_module.p)  # (B*H, T, D), (B*H, T, S)
+        beam = bsz // kv_bsz  # beamable enc-dec attention: each sentence's k/v serve its beams
+        if beam > 1 and key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.repeat_interleave(beam, dim=0)  # (B, S)
+        context, probs = self.core(q, k, v, self.scaling, attn_mask, key_padding_mask, self.num_heads,
+                                   self.dropout_module.p, kv_repeat=beam)  # (B*H, T, D), (B*H, T, S)
         out = self.out_proj(merge_heads(context, bsz))  # (T, B, E)
         if not need_weights:
             return out, None

@@ -1,0 +1,139 @@
+"""Run the fairseq walkthrough on the shipped model and write docs/fairseq.md from its output.
+
+    .venv/bin/python tools/fairseq_walkthrough.py [--out docs/fairseq.md] [--work DIR]
+
+Every output block in docs/fairseq.md is the tail of the command above it, as run here:
+qswap convert (PTQ), fairseq-generate with the plugin and --qswap-audit, fairseq-train QAT
+fine-tuning from the float checkpoint with the plugin, fairseq-generate on the QAT checkpoint,
+and qswap compare.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import qswap
+from qswap.io.atomic import atomic_write_text
+from qswap.io.safe_load import load_checkpoint
+
+ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
+BIN = Path(sys.executable).parent
+ARCH_KEYS = ("encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads",
+             "decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
+             "conv_channels", "conv_kernel_sizes")
+
+
+def arch_args(checkpoint: Path) -> list[str]:
+    """The fairseq-train architecture flags that rebuild the shipped model."""
+    cfg = load_checkpoint(checkpoint)["cfg"]["model"]
+    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    args = ["--arch", get("arch") or "s2t_transformer", "--share-decoder-input-output-embed"]
+    for key in ARCH_KEYS:
+        if get(key) is not None:
+            args += [f"--{key.replace('_', '-')}", str(get(key))]
+    return args
+
+
+def run(cmd: list[str], keep: "re.Pattern[str] | None", tail: int, cwd: Path) -> tuple[str, str]:
+    shown = " ".join(c if " " not in c else repr(c) for c in cmd).replace(str(BIN) + "/", "")
+    shown = shown.replace(str(ASSET), "$ASSET").replace(qswap.plugin_dir(), "$(qswap-plugin-dir)")
+    print(f"$ {shown}", flush=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "140"})
+    lines = (proc.stdout + proc.stderr).splitlines()
+    if proc.returncode != 0:
+        print("\n".join(lines[-40:]), file=sys.stderr)
+        raise SystemExit(f"command failed with exit code {proc.returncode}")
+    if keep is not None:
+        lines = [ln for ln in lines if keep.search(ln)]
+    return shown, "\n".join(lines[-tail:])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="docs/fairseq.md")
+    p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--qat-updates", type=int, default=20)
+    args = p.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="qswap_walk_"))
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, plugin = ASSET / "checkpoint.pt", qswap.plugin_dir()
+    qswap_bin, train, gen = str(BIN / "qswap"), str(BIN / "fairseq-train"), str(BIN / "fairseq-generate")
+    gen_common = ["--gen-subset", "test", "--beam", "5", "--max-tokens", "50000", "--cpu",
+                  "--scoring", "wer", "--post-process", "sentencepiece", "--required-batch-size-multiple", "1"]
+    fairseq_line = re.compile(r"qswap|WER|Generate test")
+    steps = [
+        ("Post-training quantization: convert + calibrate, written atomically",
+         [qswap_bin, "convert", str(ckpt), "--recipe", "w8a8", "--data", str(ASSET), "--calib-subset", "calib",
+          "--calib-batches", "4", "-o", str(work / "w8a8.pt")], re.compile(r"quantized|wrote|calibrated|note"), 6),
+        ("Decode the PTQ checkpoint with fairseq-generate and the plugin; --qswap-audit prints the verdict",
+         [gen, str(ASSET), "--user-dir", plugin, "--task", "speech_to_text_qswap", "--path", str(work / "w8a8.pt"),
+          "--qswap-audit", *gen_common], fairseq_line, 8),
+        ("Quantization-aware fine-tuning (QAT) with fairseq-train: w4a8, calibrated on 2 batches first",
+         [train, str(ASSET), "--user-dir", plugin, "--task", "speech_to_text_qswap", "--qswap-recipe", "w4a8",
+          "--qswap-calib-batches", "2", "--finetune-from-model", str(ckpt), *arch_args(ckpt),
+          "--train-subset", "calib", "--valid-subset", "calib", "--max-update", str(args.qat_updates),
+          "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--optimizer", "adam",
+          "--lr", "1e-4", "--lr-scheduler", "fixed", "--max-tokens", "20000", "--cpu", "--num-workers", "0",
+          "--save-dir", str(work / "qat"), "--no-epoch-checkpoints", "--log-format", "simple",
+          "--log-interval", "5", "--required-batch-size-multiple", "1", "--seed", "1"],
+         re.compile(r"qswap|train_inner|done training|\| valid \|"), 8),
+        ("Decode the QAT checkpoint: fairseq rebuilds the same quantized model from the checkpoint",
+         [gen, str(ASSET), "--user-dir", plugin, "--task", "speech_to_text_qswap",
+          "--path", str(work / "qat" / "checkpoint_last.pt"), "--qswap-audit", *gen_common], fairseq_line, 8),
+        ("The comparison table",
+         [qswap_bin, "compare", str(ckpt), "--data", str(ASSET), "--calib-subset", "calib", "--calib-batches", "4",
+          "--recipes", "fp32", "w8a8", "w4a8", "w8_weight_only"], None, 14),
+    ]
+    blocks = []
+    for title, cmd, keep, tail in steps:
+        shown, out = run(cmd, keep, tail, work)
+        blocks.append(f"### {title}\n\n```\n$ {shown}\n```\n\n```\n{out}\n```\n")
+    text = (HEADER.format(date=datetime.date.today().isoformat(), machine=f"{platform.machine()}, "
+                          f"{os.cpu_count()} cores, Python {platform.python_version()}") + "\n".join(blocks) + FOOTER)
+    atomic_write_text(args.out, text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+HEADER = """# qswap with fairseq's own commands
+
+Generated by `.venv/bin/python tools/fairseq_walkthrough.py` on {date} ({machine}) with the
+shipped model (`$ASSET` = `qswap/assets/s2t_demo`, see its README). Every output block is the
+tail (filtered to the relevant lines) of the command above it; the same flow runs in the tests
+on a tiny model (`tests/integration`).
+
+The plugin folder is `$(qswap-plugin-dir)` (`qswap.plugin_dir()`); it registers the tasks
+`speech_to_text_qswap` and `audio_finetuning_qswap` with these options:
+
+| option | meaning |
+|---|---|
+| `--qswap-recipe R` | convert the model right after fairseq builds it (a shipped name or a YAML path); a checkpoint remembers it |
+| `--qswap-calib-batches N` | calibrate the activation quantizers on the first N training batches, then freeze them (ranges reduced across DDP workers) |
+| `--qswap-audit` | before decoding, audit a batch of the generation subset and print the verdict |
+| `--qswap-strict` | fail if the recipe leaves a module float without a skip rule |
+
+fairseq's own `--help` lists only its first-stage options (not any legacy task's options,
+`speech_to_text`'s `--config-yaml` included); the qswap options carry help texts in the parser
+fairseq builds for the task (tested). Under torch >= 2.6 fairseq's own `torch.load` refuses
+fairseq checkpoints (`argparse.Namespace`); the plugin adds qswap's allowlist of exactly the
+classes fairseq checkpoints contain, still with `weights_only` loading.
+
+"""
+
+FOOTER = """
+## Sharded evaluation
+
+`qswap eval CKPT --data DIR --subset test --num-shards K --shard-id I --json shard_I.json` decodes
+one shard (the same sharding as fairseq-generate); `qswap eval --merge shard_*.json` adds the
+error counts, giving exactly the single-process WER (tested with two shards).
+"""
+
+if __name__ == "__main__":
+    sys.exit(main())
