@@ -37,8 +37,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
         q.unfreeze()
         q.observer.reset()
     was_training = model.training
+    switch = any(m.training for m in model.modules())  # an all-eval model needs no two mode walks
     count = 0
-    model.eval()
+    if switch:
+        model.eval()
     try:
         with torch.no_grad():
             for batch in batches:
@@ -49,16 +51,18 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
                 if progress is not None:
                     progress(count)
     finally:
-        model.train(was_training)
+        if switch:
+            model.train(was_training)
     if count == 0:
         raise CalibrationError("calibration got zero batches; pass at least one batch of "
                                "representative inputs")
-    freeze_observed(model)
+    _freeze_observed(quantizers)
     unseen = [q for q in quantizers if not q.initialized]
     if unseen and len(unseen) == len(quantizers):
         raise CalibrationError(f"none of the {len(quantizers)} activation quantizers saw data: the "
                                f"{count} batch(es) were empty; pass batches with real inputs")
-    if unseen:  # sites the batches never reach (an additive-mask path, say) observe if they ever run
+    if unseen and logger.isEnabledFor(logging.INFO):
+        # sites the batches never reach (an additive-mask path, say) keep observing if they ever run
         logger.info(f"{len(unseen)} activation quantizer(s) saw no data during calibration and keep "
                     f"observing at run time: {', '.join(_names(model, unseen)[:6])}")
     return count
@@ -93,10 +97,14 @@ def freeze_observed(model: nn.Module) -> int:
     Under torch.distributed, observer ranges are first reduced across workers (min of minima,
     max of maxima), so every DDP worker freezes the same grid.
     """
+    return _freeze_observed(activation_quantizers(model))
+
+
+def _freeze_observed(quantizers: list[FakeQuantize]) -> int:
     from qswap.quant.primitives import choose_qparams
 
     count = 0
-    for q in activation_quantizers(model):
+    for q in quantizers:
         if not q.observer.has_range:
             continue
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no shipped model at {checkpoint}; build it with tools/train_s2t.py", file=sys.stderr)
         return 2
     return cli(["compare", str(checkpoint), "--data", str(ASSET), "--subset", args.subset,
-                "--calib-subset", "calib", "--calib-batches", "4", "--beam", str(args.beam),
+                "--calib-subset", "train_calib", "--calib-batches", "4", "--beam", str(args.beam),
                 "--recipes", *RECIPES, "--markdown", args.markdown,
                 "--json", str(Path(args.markdown).with_suffix(".json"))])
 

@@ -70,7 +70,7 @@ def main() -> int:
     fairseq_line = re.compile(r"qswap|WER|Generate test")
     steps = [
         ("Post-training quantization: convert + calibrate, written atomically",
-         [qswap_bin, "convert", str(ckpt), "--recipe", "w8a8", "--data", str(ASSET), "--calib-subset", "calib",
+         [qswap_bin, "convert", str(ckpt), "--recipe", "w8a8", "--data", str(ASSET), "--calib-subset", "train_calib",
           "--calib-batches", "4", "-o", str(work / "w8a8.pt")], re.compile(r"quantized|wrote|calibrated|note"), 6),
         ("Decode the PTQ checkpoint with fairseq-generate and the plugin; --qswap-audit prints the verdict",
          [gen, str(ASSET), "--user-dir", plugin, "--task", "speech_to_text_qswap", "--path", str(work / "w8a8.pt"),
@@ -78,17 +78,17 @@ def main() -> int:
         ("Quantization-aware fine-tuning (QAT) with fairseq-train: w4a8, calibrated on 2 batches first",
          [train, str(ASSET), "--user-dir", plugin, "--task", "speech_to_text_qswap", "--qswap-recipe", "w4a8",
           "--qswap-calib-batches", "2", "--finetune-from-model", str(ckpt), *arch_args(ckpt),
-          "--train-subset", "calib", "--valid-subset", "calib", "--max-update", str(args.qat_updates),
+          "--train-subset", "train_calib", "--valid-subset", "train_calib", "--max-update", str(args.qat_updates),
           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--optimizer", "adam",
-          "--lr", "1e-4", "--lr-scheduler", "fixed", "--max-tokens", "20000", "--cpu", "--num-workers", "0",
+          "--lr", "1e-4", "--lr-scheduler", "fixed", "--clip-norm", "10", "--max-tokens", "20000", "--cpu", "--num-workers", "0",
           "--save-dir", str(work / "qat"), "--no-epoch-checkpoints", "--log-format", "simple",
           "--log-interval", "5", "--required-batch-size-multiple", "1", "--seed", "1"],
-         re.compile(r"qswap|train_inner|done training|\| valid \|"), 8),
+         re.compile(r"qswap|train_inner|done training|\| valid \||\| train \|"), 10),
         ("Decode the QAT checkpoint: fairseq rebuilds the same quantized model from the checkpoint",
          [gen, str(ASSET), "--user-dir", plugin, "--task", "speech_to_text_qswap",
           "--path", str(work / "qat" / "checkpoint_last.pt"), "--qswap-audit", *gen_common], fairseq_line, 8),
         ("The comparison table",
-         [qswap_bin, "compare", str(ckpt), "--data", str(ASSET), "--calib-subset", "calib", "--calib-batches", "4",
+         [qswap_bin, "compare", str(ckpt), "--data", str(ASSET), "--calib-subset", "train_calib", "--calib-batches", "4",
           "--recipes", "fp32", "w8a8", "w4a8", "w8_weight_only"], None, 14),
     ]
     blocks = []

@@ -1,5 +1,5 @@
 """Copy the first N utterances of a data directory's split into the shipped model's folder as the
-``calib`` subset (a fbank zip + manifest in make_corpus.py's layout). The demo and the fairseq
+``train_calib`` subset (fairseq wants training splits named train*) (a fbank zip + manifest in make_corpus.py's layout). The demo and the fairseq
 walkthrough calibrate on it, so no test utterance is ever used for calibration.
 
     .venv/bin/python tools/ship_calib_subset.py --data /work/s2t_work/data --split dev --num 32
@@ -32,7 +32,7 @@ def main() -> int:
     p.add_argument("--split", default="dev")
     p.add_argument("--num", type=int, default=32)
     p.add_argument("--out", type=Path, default=ASSET)
-    p.add_argument("--name", default="calib")
+    p.add_argument("--name", default="train_calib")
     args = p.parse_args()
     rows = read_rows(args.data, args.split)[: args.num]
     zname = f"fbank80_{args.name}.zip"

@@ -121,6 +121,16 @@ class AudioFinetuningQswapTask(QswapTaskMixin, AudioFinetuningTask):
     pass
 
 
+def allow_fairseq_checkpoints() -> None:
+    """Let fairseq's own ``torch.load`` calls (``--finetune-from-model``, ``--path``, resuming)
+    read fairseq checkpoints under torch >= 2.6, whose ``weights_only=True`` default refuses
+    ``argparse.Namespace`` and OmegaConf containers. This adds qswap's allowlist of exactly those
+    classes (``qswap.io.checkpoint.allowed_globals``) for the fairseq process that loaded the
+    plugin: still ``weights_only`` loading, never arbitrary pickles."""
+    from qswap.io.checkpoint import allowed_globals
+    torch.serialization.add_safe_globals(allowed_globals())
+
+
 def register_tasks() -> None:
     """Register both tasks once; importing the plugin twice must not crash."""
     if "speech_to_text_qswap" not in TASK_REGISTRY:

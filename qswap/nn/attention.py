@@ -55,15 +55,16 @@ class QuantAttentionCore(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                 attn_mask: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
                 num_heads: int = 1, dropout_p: float = 0.0,
-                scores_bias: torch.Tensor | None = None,
-                kv_repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                scores_bias: torch.Tensor | None = None, kv_repeat: int = 1,
+                kv_quantized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (B*H, T, D), k and v: (B*H, S, D); attn_mask: (T, S) or (B*H, T, S);
         key_padding_mask: (B, S) bool, True = padding; scores_bias: (B*H, T, S) extra score term
         (relative positions), added to the already scaled q @ k^T scores. With ``kv_repeat`` > 1
         (beam search) k and v are (B/kv_repeat*H, S, D), one per sentence, shared by its beams.
+        ``kv_quantized``: k and v already come from ``k_quant`` / ``v_quant`` (a decoding cache).
         Returns the context (B*H, T, D) and the attention probabilities (B*H, T, S)."""
         q = self.q_quant(q) * scaling
-        k = quantize_shared(self.k_quant, k, kv_repeat, num_heads)  # (B*H, S, D)
+        k = quantize_shared(self.k_quant, k, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)
         scores = torch.bmm(q, k.transpose(1, 2))  # (B*H, T, S)
         blocked, additive = as_bool_mask(attn_mask)
         if scores_bias is not None or additive is not None:  # an add: both operands quantized
@@ -85,7 +86,8 @@ class QuantAttentionCore(nn.Module):
         probs = self.softmax_out_quant(probs)
         if dropout_p > 0.0 and self.training:
             probs = F.dropout(probs, p=dropout_p)
-        context = torch.bmm(probs, quantize_shared(self.v_quant, v, kv_repeat, num_heads))  # (B*H, T, D)
+        v = quantize_shared(self.v_quant, v, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)
+        context = torch.bmm(probs, v)  # (B*H, T, D)
         return context, probs
 
 
@@ -96,16 +98,22 @@ def repeat_kv(t: torch.Tensor, repeat: int, num_heads: int) -> torch.Tensor:
     return t.expand(-1, repeat, -1, -1, -1).reshape(-1, length, dim)
 
 
-def quantize_shared(quant: nn.Module, t: torch.Tensor, repeat: int, num_heads: int) -> torch.Tensor:
-    """``quant(repeat_kv(t))``, computed as ``repeat_kv(quant(t))`` when that gives the same
-    values: a frozen per-tensor quantizer maps each value alone (an observing one would see
-    ``repeat`` copies, which a percentile observer weighs differently)."""
-    if repeat == 1:
-        return quant(t)
-    if isinstance(quant, FakeQuantize) and quant.enabled and not (
-            quant.spec.granularity == "per_tensor" and bool(quant.frozen)):
-        return quant(repeat_kv(t, repeat, num_heads))
-    return repeat_kv(quant(t), repeat, num_heads)
+def maps_elementwise(quant: nn.Module) -> bool:
+    """Whether ``quant`` maps each value on its own, so quantizing parts of a tensor (or one copy
+    of repeated rows) gives the values of quantizing the whole: a frozen per-tensor quantizer,
+    or none. (An observing one sees what it is given; a percentile observer weighs copies.)"""
+    return not (isinstance(quant, FakeQuantize) and quant.enabled) or (
+        quant.spec.granularity == "per_tensor" and bool(quant.frozen))
+
+
+def quantize_shared(quant: nn.Module, t: torch.Tensor, repeat: int, num_heads: int,
+                    quantized: bool = False) -> torch.Tensor:
+    """``quant(repeat_kv(t))`` (``repeat_kv(t)`` when ``t`` is ``quant``'s output already),
+    computed as ``repeat_kv(quant(t))`` when that gives the same values."""
+    if not quantized and (repeat == 1 or not maps_elementwise(quant)):
+        return quant(repeat_kv(t, repeat, num_heads) if repeat > 1 else t)
+    t = t if quantized else quant(t)
+    return repeat_kv(t, repeat, num_heads) if repeat > 1 else t
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

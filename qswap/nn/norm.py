@@ -15,6 +15,17 @@ from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
 
 
+def norm_ste(quantized_out: torch.Tensor, float_out: torch.Tensor) -> torch.Tensor:
+    """The value of the norm of the quantized input, the gradient of the norm of the float input.
+
+    A straight-through estimator for the norm itself: quantization can make a token's vector
+    (nearly) constant, where the norm's Jacobian is 1/sqrt(eps); chained over a dozen layers that
+    overflows the gradient in QAT (measured: 1e23 at the conv subsampler of the shipped model).
+    The forward value is exactly the quantized one, so training sees what inference computes.
+    """
+    return float_out + (quantized_out - float_out).detach()
+
+
 class _QNorm(QuantModule):
     sites = ("input", "norm_weight", "norm_bias")
 
@@ -43,7 +54,10 @@ class QLayerNorm(_QNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.affine()
-        return F.layer_norm(self.input_quant(x), self.normalized_shape, w, b, self.eps)
+        y = F.layer_norm(self.input_quant(x), self.normalized_shape, w, b, self.eps)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return y  # inference (and the audit): one norm kernel on the quantized input
+        return norm_ste(y, F.layer_norm(x, self.normalized_shape, w, b, self.eps))
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"

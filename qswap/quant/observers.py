@@ -36,9 +36,11 @@ class Observer(LazyStateModule):
         return self.min_val.numel() > 0
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Record the range of ``x`` and return ``x`` unchanged (a pass-through, like torch's
+        observers: module hooks, fairseq's among them, expect a forward to return a tensor)."""
         if x.numel() == 0:
-            return
+            return x
         lo, hi = self.batch_range(x.detach().float())
         if not all_finite(lo, hi):
             raise CalibrationError("observed a tensor with NaN or inf values; quantization ranges "
@@ -48,6 +50,7 @@ class Observer(LazyStateModule):
         else:
             self.min_val, self.max_val = self.combine(lo, hi)
         self.num_batches.add_(1)
+        return x
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return reduce_min_max(x, self.spec)

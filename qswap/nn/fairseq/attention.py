@@ -5,8 +5,11 @@ fairseq's fast path hands the raw projection weights to ``F.multi_head_attention
 The counterpart never takes it: the q/k/v projections share one input quantizer per distinct
 input, and ``QuantAttentionCore`` does scores, masks, softmax and the context matmul.
 Incremental decoding keeps fairseq's cache layout (``prev_key`` / ``prev_value`` as
-(B, H, S, D) float projections, quantized by the core at every step exactly as in a batch
-forward), so beam search's ``reorder_incremental_state`` and ``set_beam_size`` are fairseq's own.
+(B, H, S, D) projections), so beam search's ``reorder_incremental_state`` and ``set_beam_size``
+are fairseq's own. With frozen per-tensor k/v quantizers the cache holds the projections already
+quantized (each step quantizes only its new rows: the same values as quantizing the whole cache
+at every step; the key ``QUANTIZED_CACHE`` marks such a cache); otherwise float projections,
+quantized by the core at every step as in a batch forward.
 """
 from __future__ import annotations
 
@@ -19,13 +22,14 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
 
 from qswap.errors import ConvertError
-from qswap.nn.attention import CORE_SITES, QuantAttentionCore, merge_heads, split_heads
+from qswap.nn.attention import CORE_SITES, QuantAttentionCore, maps_elementwise, merge_heads, split_heads
 from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, weight_quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
+QUANTIZED_CACHE = "qswap_quantized_kv"  # a None entry: beam reordering skips it
 
 
 def attention_core(config: QuantConfig, *, score_bias: bool, additive_mask: bool) -> QuantAttentionCore:
@@ -138,6 +142,17 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
             xv, v_quant = self.value_quant(value), self.value_quant
         return q, self.k_proj(xk, k_quant), self.v_proj(xv, v_quant), key_padding_mask
 
+    def _quantized_cache(self, saved: Dict[str, Optional[Tensor]]) -> bool:
+        """Whether this decoding cache holds quantized k/v; a new cache does when that gives the
+        same values (frozen per-tensor k/v quantizers, no zero attention appended after it)."""
+        if "prev_key" in saved:  # a cache restored from outside carries no mark: float
+            return QUANTIZED_CACHE in saved
+        if self.add_zero_attn or not (maps_elementwise(self.core.k_quant)
+                                      and maps_elementwise(self.core.v_quant)):
+            return False
+        saved[QUANTIZED_CACHE] = None
+        return True
+
     def _with_cache(self, k, v, key_padding_mask, saved, incremental_state, static_kv):
         """Prepend the cached keys/values (fairseq's layout), store the result back.
         k, v: (B'*H, S, D) or None; returns k, v (B'*H, S_total, D), the mask and B'."""
@@ -182,6 +197,9 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
         q = split_heads(q, self.num_heads)  # (B*H, T, D)
         k = None if k is None else split_heads(k, self.num_heads)  # (B'*H, S, D)
         v = None if v is None else split_heads(v, self.num_heads)
+        quantized_cache = saved is not None and self._quantized_cache(saved)
+        if quantized_cache and k is not None:
+            k, v = self.core.k_quant(k), self.core.v_quant(v)  # only the new rows
         kv_bsz = bsz if k is None else k.size(0) // self.num_heads
         if saved is not None:
             k, v, key_padding_mask, kv_bsz = self._with_cache(k, v, key_padding_mask, saved,
@@ -195,7 +213,8 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
         if beam > 1 and key_padding_mask is not None:
             key_padding_mask = key_padding_mask.repeat_interleave(beam, dim=0)  # (B, S)
         context, probs = self.core(q, k, v, self.scaling, attn_mask, key_padding_mask, self.num_heads,
-                                   self.dropout_module.p, kv_repeat=beam)  # (B*H, T, D), (B*H, T, S)
+                                   self.dropout_module.p, kv_repeat=beam,
+                                   kv_quantized=quantized_cache)  # (B*H, T, D), (B*H, T, S)
         out = self.out_proj(merge_heads(context, bsz))  # (T, B, E)
         if not need_weights:
             return out, None
