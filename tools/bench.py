@@ -245,18 +245,22 @@ def measure_audit(b: Bench, sizes: Sizes) -> dict:
 
 def measure_calibration(b: Bench, sizes: Sizes) -> dict:
     """``qswap.calibrate`` (default forward: ``model(**batch)``) over the calibration batches,
-    against float forwards of the same batches: a throughput ratio (batches per second)."""
+    against float forwards of the same batches: a throughput ratio (batches per second). The
+    calibrated w8a8 model's forwards of the same batches (frozen grids) split the time into the
+    fake-quant forward and what observing adds."""
     import qswap
 
-    qmodel = qswap.convert(b.model, "w8a8")
+    qmodel, frozen = qswap.convert(b.model, "w8a8"), converted(b, "w8a8")
 
-    def float_run():
-        for batch in b.calib:
-            b.model(**batch)
-    t = interleaved_medians({"float": no_grad(float_run),
+    def forwards(model):
+        def run():
+            for batch in b.calib:
+                model(**batch)
+        return no_grad(run)
+    t = interleaved_medians({"float": forwards(b.model), "frozen": forwards(frozen),
                              "calibrate": lambda: qswap.calibrate(qmodel, b.calib)}, sizes.repeats)
-    return {"calib_float_s": t["float"], "calib_s": t["calibrate"], "calibration": t["float"] / t["calibrate"],
-            "calib_batches": len(b.calib)}
+    return {"calib_float_s": t["float"], "calib_frozen_s": t["frozen"], "calib_s": t["calibrate"],
+            "calibration": t["float"] / t["calibrate"], "calib_batches": len(b.calib)}
 
 
 def measure_convert(b: Bench, sizes: Sizes) -> dict:
@@ -403,21 +407,30 @@ def op_profile(fns: dict[str, Callable[[], Any]], rows: int = 12) -> str:
     return "\n".join(lines)
 
 
-def python_profile(fn: Callable[[], Any], rows: int = 12) -> str:
+def python_profile(fn: Callable[[], Any], rows: int = 14) -> str:
+    """The functions with the most own time (cProfile), as a markdown table."""
     import cProfile
-    import io
     import pstats
 
     fn()
     prof = cProfile.Profile()
     prof.runcall(fn)
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(rows)
-    return "\n".join(line for line in buf.getvalue().splitlines()
-                     if line.strip() and not line.startswith(("   Ordered", "   List")))
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive, own, cumulative, callers)
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:rows]
+    total = sum(v[2] for v in stats.values())
+    lines = [f"| function | calls | own ms | cumulative ms |", "|---|---|---|---|"]
+    for (path, line, name), (calls, _, own, cum, _) in top:
+        where = name if path == "~" else f"{Path(path).name}:{line} {name}"
+        lines.append(f"| `{where}` | {calls} | {own * 1e3:.1f} | {cum * 1e3:.1f} |")
+    lines.append(f"| total own time (cProfile slows Python code down) | | {total * 1e3:.0f} | |")
+    return "\n".join(lines)
 
 
 def profiles_for_misses(b: Bench, result: dict) -> dict[str, str]:
+    """For each missed target: where the time goes (torch.profiler by aten op, cProfile by
+    Python function), measured now on the same model and inputs."""
+    import qswap
+
     w8a8 = converted(b, "w8a8")
     out = {}
     if not TARGETS["forward"].ok(result["forward"]):
@@ -429,9 +442,13 @@ def profiles_for_misses(b: Bench, result: dict) -> dict[str, str]:
                                          "w8a8": no_grad(lambda: w8a8(**b.net_input))})
     if not TARGETS["decode"].ok(result["decode"]):
         out["decode"] = _decode_profile(b, result["decode_steps"])
+    if not TARGETS["calibration"].ok(result["calibration"]):
+        qmodel = qswap.convert(b.model, "w8a8")
+        out["calibration"] = python_profile(lambda: qswap.calibrate(qmodel, b.calib))
     if not TARGETS["audit"].ok(result["audit"]):
-        import qswap
-        out["audit"] = "```\n" + python_profile(lambda: qswap.audit(w8a8, b.net_input)) + "\n```"
+        out["audit"] = python_profile(lambda: qswap.audit(w8a8, b.net_input))
+    if not TARGETS["convert"].ok(result["convert"]):
+        out["convert"] = python_profile(lambda: qswap.convert(b.model, "w8a8"))
     return out
 
 
@@ -440,9 +457,12 @@ def _decode_profile(b: Bench, steps: int) -> str:
 
     gens = {name: SequenceGenerator([m], b.tgt_dict, beam_size=5, max_len_b=steps, min_len=steps)
             for name, m in (("w8a8", converted(b, "w8a8")), ("float", b.model))}
-    ops = op_profile({n: (lambda g=g: g.generate(g.model.models, b.decode_sample)) for n, g in gens.items()})
-    py = python_profile(lambda: gens["w8a8"].generate(gens["w8a8"].model.models, b.decode_sample))
-    return ops + "\n\nPython-level (cProfile, w8a8 decoding, by own time):\n\n```\n" + py + "\n```"
+    runs = {n: (lambda g=g: g.generate(g.model.models, b.decode_sample)) for n, g in gens.items()}
+    modules = {n: sum(1 for _ in g.model.models[0].decoder.modules()) for n, g in gens.items()}
+    return (op_profile(runs) + "\n\nPython functions (cProfile, w8a8 decoding). fairseq walks every "
+            f"decoder module at each step (`reorder_incremental_state_scripting`: "
+            f"{modules['w8a8']} modules in the w8a8 decoder, {modules['float']} in the float one):\n\n"
+            + python_profile(runs["w8a8"]))
 
 
 # -- running and reporting ---------------------------------------------------------------------------

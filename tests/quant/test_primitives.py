@@ -3,8 +3,8 @@ import torch
 
 from helpers import on_grid
 from qswap.errors import CalibrationError, SpecError
-from qswap.quant.primitives import (MIN_SCALE, choose_qparams, dequantize, fake_quantize, quantize,
-                                    reduce_min_max)
+from qswap.quant.primitives import (_PASSES_MIN_NUMEL, MIN_SCALE, choose_qparams, dequantize,
+                                    fake_quantize, quantize, reduce_min_max)
 from qswap.quant.spec import QuantSpec
 
 SPECS = [
@@ -94,3 +94,27 @@ def test_straight_through_gradient():
     codes = (x.detach() / scale).round()
     inside = (codes >= spec.qmin) & (codes <= spec.qmax)
     assert torch.equal(x.grad, inside.float())
+
+
+PER_TENSOR = [QuantSpec(bits=8), QuantSpec(bits=8, symmetric=False), QuantSpec(bits=8, signed=False),
+              QuantSpec(bits=4, narrow_range=True), QuantSpec(bits=16, symmetric=False)]
+
+
+@pytest.mark.parametrize("with_nan", [False, True], ids=["finite", "nan"])
+@pytest.mark.parametrize("spec", PER_TENSOR, ids=lambda s: s.short())
+def test_large_per_tensor_inputs_match_torchs_fused_kernel_bit_for_bit(spec, with_nan):
+    """From ``_PASSES_MIN_NUMEL`` elements on, fake_quantize runs torch's per-tensor kernel as
+    vectorized passes: the same float32 bits, ties, zero codes (+0.0), +-inf and NaN (-> qmin)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, _PASSES_MIN_NUMEL, generator=g) * 3
+    scale, zp = _qparams(x * 0.8, spec)  # a clipped range: values beyond both ends of the grid
+    codes = torch.randint(spec.qmin - 2, spec.qmax + 2, (256,), generator=g).float()
+    x[0, :256] = (codes - zp + 0.5) * scale  # halfway between codes
+    x[1, :60] = -torch.rand(60, generator=g) * scale * 0.49  # rounds to code zero from below
+    x[2, :4] = torch.tensor([float("inf"), -float("inf"), -0.0, 3e38])
+    if with_nan:
+        x[3, 7] = float("nan")
+    expected = torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp.reshape(()), spec.qmin,
+                                                     spec.qmax)
+    out = fake_quantize(x, scale, zp, spec)
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))

@@ -16,7 +16,8 @@ from fairseq.modules.espnet_multihead_attention import (  # noqa: E402
 )
 from fairseq_testkit import NO_QUANT  # noqa: E402
 from helpers import sqnr_db  # noqa: E402
-from qswap.nn.fairseq.attention import QFairseqMultiheadAttention  # noqa: E402
+from qswap.nn.attention import quantize_shared, repeat_kv  # noqa: E402
+from qswap.nn.fairseq.attention import QUANTIZED_CACHE, QFairseqMultiheadAttention  # noqa: E402
 
 E, H, T, S, B = 32, 4, 5, 7, 2
 
@@ -113,6 +114,69 @@ def test_beamable_encoder_decoder_attention():
         q.set_beam_size(beam)
         shared = q(xb, memb, memb, key_padding_mask=padb, incremental_state={}, static_kv=True)[0]
     _close(shared, plain)
+
+
+def _frozen_w8a8(module, *args, **kwargs):
+    q = qswap.convert(module, "w8a8")
+    with torch.no_grad():
+        q(*args, **kwargs)  # calibrate the grids once
+    for fq in q.modules():
+        if isinstance(fq, qswap.FakeQuantize) and fq.kind == "activation" and fq.initialized:
+            fq.freeze()
+    return q
+
+
+def _decode(q, x, mem=None, pad=None):
+    """(T, B, E) outputs of decoding x one step at a time (self-attention, or attention to a
+    static mem), and the cache it left."""
+    state: dict = {}
+    with torch.no_grad():
+        steps = [q(x[t: t + 1], x[t: t + 1], x[t: t + 1], incremental_state=state)[0] if mem is None
+                 else q(x[t: t + 1], mem, mem, key_padding_mask=pad, incremental_state=state,
+                        static_kv=True)[0]
+                 for t in range(x.size(0))]
+    return torch.cat(steps), q._get_input_buffer(state)
+
+
+@pytest.mark.parametrize("kind", ["self", "encoder-decoder"])
+def test_decoding_cache_kept_quantized_gives_the_same_bits(kind, monkeypatch):
+    """Frozen per-tensor k/v quantizers: the cache holds quantized projections and each step
+    quantizes only its new rows; the result is bit for bit that of a float cache quantized whole
+    at every step."""
+    x, mem, pad = _inputs()
+    module = _mha(self_attention=True) if kind == "self" else _mha(encoder_decoder_attention=True)
+    args = (x, x, x) if kind == "self" else (x, mem, mem)
+    q = _frozen_w8a8(module, *args, key_padding_mask=None if kind == "self" else pad)
+    mem, pad = (None, None) if kind == "self" else (mem, pad)
+    kept, cache = _decode(q, x, mem, pad)
+    assert QUANTIZED_CACHE in cache
+    monkeypatch.setattr(QFairseqMultiheadAttention, "_quantized_cache", lambda self, saved: False)
+    floats, cache = _decode(q, x, mem, pad)
+    assert QUANTIZED_CACHE not in cache
+    assert torch.equal(kept.view(torch.int32), floats.view(torch.int32))
+
+
+def test_observing_kv_quantizers_keep_a_float_cache():
+    x, _, _ = _inputs()
+    q = _frozen_w8a8(_mha(self_attention=True), x, x, x)
+    q.core.k_quant.unfreeze()
+    _, cache = _decode(q, x)
+    assert QUANTIZED_CACHE not in cache
+
+
+def test_kv_shared_by_beams_are_quantized_once_when_that_is_the_same():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2 * H, S, E // H, generator=g)  # (B'*H, S, D)
+    q = qswap.FakeQuantize(qswap.QuantSpec(symmetric=False))
+    seen = []
+    q.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        quantize_shared(q, t, 3, H)  # observing: it must see every beam's rows
+        q.freeze()
+        shared = quantize_shared(q, t, 3, H)
+        expected = q(repeat_kv(t, 3, H))
+    assert seen == [6 * H, 2 * H, 6 * H]
+    assert torch.equal(shared, expected)
 
 
 def test_before_softmax_is_refused():

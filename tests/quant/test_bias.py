@@ -1,0 +1,64 @@
+"""BiasQuantize: the bias on the int32 grid of input_scale * weight_scale, reused without autograd
+until the bias or either quantizer's grid changes."""
+import torch
+from torch import nn
+
+from qswap.nn.base import QuantConfig
+from qswap.nn.linear import QLinear
+from qswap.quant.bias import BiasQuantize
+from qswap.quant.spec import QuantSpec
+
+
+def _qlinear(seed=0):
+    torch.manual_seed(seed)
+    q = QLinear.from_float(nn.Linear(8, 4), QuantConfig(QuantSpec(), QuantSpec(symmetric=False))).eval()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        q(x)  # the input quantizer observes: it has a grid
+    return q, x
+
+
+def _bias(q):
+    return q.bias_quant(q.bias, q.input_quant, q.weight_quant)
+
+
+def _fresh(q):
+    return BiasQuantize()(q.bias, q.input_quant, q.weight_quant)
+
+
+def test_bias_is_reused_until_a_grid_or_the_bias_changes():
+    q, x = _qlinear()
+    q.input_quant.freeze()
+    with torch.no_grad():
+        first = _bias(q)
+        assert _bias(q) is first
+        q.input_quant.unfreeze()
+        q.input_quant(x * 5)  # observes a wider range: a new input grid
+        wider = _bias(q)
+        assert wider is not first and torch.equal(wider, _fresh(q))
+        q.bias.add_(0.25)  # an optimizer step
+        moved = _bias(q)
+        assert moved is not wider and torch.equal(moved, _fresh(q))
+        q.weight.mul_(3)
+        q.weight_quant(q.weight)  # the weight quantizer re-derives its grid, as a forward does
+        assert torch.equal(_bias(q), _fresh(q))
+
+
+def test_loading_a_state_dict_changes_the_bias_grid():
+    q, _ = _qlinear()
+    other, x = _qlinear(seed=1)
+    with torch.no_grad():
+        other.input_quant(x * 7)
+        _bias(q)
+        q.load_state_dict(other.state_dict())
+        assert torch.equal(_bias(q), _fresh(other))
+
+
+def test_a_call_with_autograd_is_not_cached():
+    q, _ = _qlinear()
+    with torch.no_grad():
+        _bias(q)
+    out = _bias(q)
+    assert out.requires_grad and q.bias_quant._cached is None
+    out.sum().backward()
+    assert torch.equal(q.bias.grad, torch.ones(4))  # straight-through
