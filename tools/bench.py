@@ -354,6 +354,17 @@ def busy_processes(seconds: float = 1.0) -> list[str]:
     return sorted(busy)
 
 
+def wait_idle(seconds: float, log: Callable[[str], None]) -> list[str]:
+    """The busy processes once none is left or ``seconds`` have passed (sampled every 5 s)."""
+    deadline = time.monotonic() + seconds
+    busy = busy_processes()
+    while busy and time.monotonic() < deadline:
+        log(f"waiting for an idle machine: {', '.join(busy)}")
+        time.sleep(4.0)
+        busy = busy_processes()
+    return busy
+
+
 def _command(pid: int) -> str:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -418,7 +429,7 @@ def python_profile(fn: Callable[[], Any], rows: int = 14) -> str:
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive, own, cumulative, callers)
     top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:rows]
     total = sum(v[2] for v in stats.values())
-    lines = [f"| function | calls | own ms | cumulative ms |", "|---|---|---|---|"]
+    lines = ["| function | calls | own ms | cumulative ms |", "|---|---|---|---|"]
     for (path, line, name), (calls, _, own, cum, _) in top:
         where = name if path == "~" else f"{Path(path).name}:{line} {name}"
         lines.append(f"| `{where}` | {calls} | {own * 1e3:.1f} | {cum * 1e3:.1f} |")
@@ -594,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help=f"markdown output (default {DOC.relative_to(REPO)}, "
                                              "not written by --quick)")
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="first wait up to this long for no other process to use a fifth of a core")
     ap.add_argument("--convert-memory", metavar="MODEL", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.convert_memory:
@@ -608,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     sizes = Sizes.of(args.quick, args.repeats)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    busy = busy_processes()
+    busy = wait_idle(args.wait_idle, log)
     snapshot, wall0 = cpu_snapshot(), time.perf_counter()
     results = {key: run_model(key, sizes, log) for key in args.models.split(",")}
     env = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -12,7 +12,10 @@ from qswap.errors import DataError
 def load_model_and_task(checkpoint: str | Path, data: str | Path | None = None, *,
                         trust_checkpoint: bool = False):
     """(model in eval mode, task) from a fairseq or qswap checkpoint, data dir overridden."""
+    from qswap.integration.fairseq_task import register_tasks
     from qswap.io.checkpoint import load_fairseq_model
+
+    register_tasks()  # checkpoints trained or converted with the plugin name qswap's own tasks
 
     overrides = {"data": str(Path(data).resolve())} if data is not None else None
     if data is not None and not Path(data).is_dir():

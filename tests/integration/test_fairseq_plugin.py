@@ -45,6 +45,17 @@ def test_generate_loads_the_quantized_model_and_prints_the_audit(trained):
     assert "WER:" in out
 
 
+def test_qswap_eval_reads_the_qat_checkpoint(trained, tmp_path):
+    from qswap.cli import main
+
+    root, data, _, _ = trained
+    out = tmp_path / "qat.json"
+    assert main(["eval", str(root / "qat" / "checkpoint_last.pt"), "--data", str(data), "--beam", "2",
+                 "--json", str(out)]) == 0
+    import json
+    assert json.loads(out.read_text())["model"] == "w4a8"  # rebuilt quantized from the checkpoint
+
+
 def test_plugin_options_have_help_in_the_parser_fairseq_builds():
     # fairseq-train --help prints only its first-stage parser (no legacy task's own options, not
     # even speech_to_text's --config-yaml); the task's options join the parser fairseq builds next.
