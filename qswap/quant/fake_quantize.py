@@ -92,14 +92,17 @@ class FakeQuantize(LazyStateModule):
         return fake_quantize(x, self._scale_for_forward(x), self.zero_point, self.spec)
 
     def _forward_weight(self, w: torch.Tensor) -> torch.Tensor:
-        key = (w._version, w.data_ptr(), tuple(w.shape))
-        if key != self._weight_key:
+        training = self.training or (torch.is_grad_enabled() and w.requires_grad)
+        # optimizers may update p.data in place without bumping the version counter (fairseq's
+        # CPU Adam): a training forward always re-derives the grid and drops the eval cache
+        key = None if training else (w._version, w.data_ptr(), tuple(w.shape))
+        if key is None or key != self._weight_key:
             if not (self.spec.learnable and self.initialized and self.frozen):
                 self.observer.reset()
                 self.observer(w)
                 self._set_qparams(*choose_qparams(self.observer.min_val, self.observer.max_val, self.spec))
             self._weight_key, self._cached = key, None
-        if self.training or torch.is_grad_enabled() and w.requires_grad:
+        if training:
             return fake_quantize(w, self._scale_for_forward(w), self.zero_point, self.spec)
         if self._cached is None:
             self._cached = fake_quantize(w, self.scale, self.zero_point, self.spec).detach()

@@ -90,3 +90,17 @@ def test_deepcopy_drops_the_weight_cache():
     with torch.no_grad():
         fq(w)
     assert copy.deepcopy(fq)._cached is None
+
+
+def test_weight_grid_follows_in_place_data_updates_after_a_training_forward():
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    fq = FakeQuantize(QuantSpec(bits=8), kind="weight")
+    fq.eval()
+    with torch.no_grad():
+        before = fq(w).clone()
+    w.data.mul_(2)  # what fairseq's CPU Adam does: no version bump
+    fq.train()
+    fq(w)  # a training step re-derives the grid
+    fq.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fq(w), before * 2)
