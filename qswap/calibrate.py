@@ -101,19 +101,43 @@ def freeze_observed(model: nn.Module) -> int:
 
 
 def _freeze_observed(quantizers: list[FakeQuantize]) -> int:
-    from qswap.quant.primitives import choose_qparams
-
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _reduce_ranges(quantizers)
     count = 0
     for q in quantizers:
-        if not q.observer.has_range:
-            continue
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(q.observer.min_val, op=torch.distributed.ReduceOp.MIN)
-            torch.distributed.all_reduce(q.observer.max_val, op=torch.distributed.ReduceOp.MAX)
-            q._set_qparams(*choose_qparams(q.observer.min_val, q.observer.max_val, q.spec))
-        q.freeze()
-        count += 1
+        if q.observer.has_range:
+            q.freeze()
+            count += 1
     return count
+
+
+def _reduce_ranges(quantizers: list[FakeQuantize]) -> None:
+    """Min of minima and max of maxima across workers, quantizer by quantizer, so every worker
+    freezes the same grid. Every worker makes the same collective calls whatever its own batches
+    showed: a quantizer one worker never saw data for (an empty batch, a path only some
+    utterances take) joins with an empty range and gets the others' grid."""
+    from qswap.quant.primitives import choose_qparams
+
+    dist = torch.distributed
+    seen = torch.tensor([q.observer.has_range for q in quantizers], dtype=torch.int32)
+    anyone, everyone = seen.clone(), seen.clone()
+    dist.all_reduce(anyone, op=dist.ReduceOp.MAX)
+    dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
+    partial = [q for q, a, e in zip(quantizers, anyone.tolist(), everyone.tolist())
+               if a and not e and q.spec.granularity != "per_tensor"]
+    if partial:  # raised on every worker alike (no worker is left waiting in a collective)
+        raise CalibrationError(
+            f"{len(partial)} {partial[0].spec.granularity} activation quantizer(s) saw calibration "
+            f"data on some workers only; calibrate with more batches per worker")
+    for q, a in zip(quantizers, anyone.tolist()):
+        if not a:
+            continue
+        obs = q.observer
+        if not obs.has_range:  # per-tensor: an empty range joins the others'
+            obs.min_val, obs.max_val = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+        dist.all_reduce(obs.min_val, op=dist.ReduceOp.MIN)
+        dist.all_reduce(obs.max_val, op=dist.ReduceOp.MAX)
+        q._set_qparams(*choose_qparams(obs.min_val, obs.max_val, q.spec))
 
 
 def _names(model: nn.Module, quantizers: list[FakeQuantize]) -> list[str]:

@@ -64,7 +64,9 @@ def train_cmd(a: argparse.Namespace) -> List[str]:
         "--decoder-attention-heads", str(a.decoder_attention_heads),
         "--conv-channels", str(a.conv_channels), "--share-decoder-input-output-embed",
         "--dropout", str(a.dropout),
-        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--report-accuracy",
+        *(["--criterion", "label_smoothed_cross_entropy_with_ctc", "--ctc-weight", str(a.ctc_weight)]
+          if a.ctc_weight > 0 else ["--criterion", "label_smoothed_cross_entropy"]),
+        "--label-smoothing", "0.1", "--report-accuracy",
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(a.lr),
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(a.warmup), "--warmup-init-lr", "1e-7",
         "--clip-norm", "10.0", "--max-tokens", str(a.max_tokens), "--max-update", "1000000",
@@ -160,6 +162,8 @@ def average_and_strip(paths: List[Path], out: Path, fp16: bool) -> Dict:
             for k in avg:
                 if avg[k].is_floating_point():
                     avg[k] += m[k]
+    # the auxiliary CTC head (--ctc-weight) is a training aid: inference never runs it
+    avg = {k: v for k, v in avg.items() if not k.startswith("encoder.ctc_proj.")}
     for k in avg:
         if avg[k].is_floating_point():
             avg[k] /= len(paths)
@@ -174,6 +178,7 @@ def average_and_strip(paths: List[Path], out: Path, fp16: bool) -> Dict:
         elif sec is not None and hasattr(sec, key):  # argparse.Namespace (legacy model/task cfg)
             setattr(sec, key, value)
 
+    _set("model", "ctc_weight", 0.0)  # so the loaded model builds no ctc_proj
     for section in ("task", "model"):
         _set(section, "data", ".")
         _set(section, "save_dir", "checkpoints")
@@ -379,6 +384,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=400)
     ap.add_argument("--max-tokens", type=int, default=24000)
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--ctc-weight", type=float, default=0.3,
+                    help="auxiliary CTC loss on the encoder (fairseq's label_smoothed_cross_entropy_with_ctc); "
+                         "it makes the encoder learn the audio-text alignment early. The CTC head is a training "
+                         "aid only: finalize drops it. 0: plain label-smoothed cross entropy")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nice", type=int, default=10)

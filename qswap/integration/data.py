@@ -50,7 +50,31 @@ def load_subset(task, subset: str) -> Any:
     dataset = task.dataset(subset)
     if len(dataset) == 0:
         raise DataError(f"subset {subset!r} is empty")
+    without_training_augmentation(dataset, getattr(task, "data_cfg", None))
     return dataset
+
+
+def without_training_augmentation(dataset, data_cfg) -> None:
+    """Read a speech_to_text subset as evaluation data.
+
+    fairseq gives every split whose name starts with ``train`` the config's ``_train``
+    transforms (SpecAugment: random time and frequency masks) and shuffling. qswap calibrates,
+    evaluates and probes on such subsets too (a calibration subset of the training data), and
+    must see the features inference sees, the same ones on every run: the ``_eval`` / ``*``
+    transforms, in manifest order.
+    """
+    if data_cfg is None or not getattr(dataset, "is_train_split", False):
+        return
+    from fairseq.data.audio.feature_transforms import CompositeAudioFeatureTransform
+    from fairseq.data.audio.waveform_transforms import CompositeAudioWaveformTransform
+
+    if hasattr(dataset, "feature_transforms"):
+        dataset.feature_transforms = CompositeAudioFeatureTransform.from_config_dict(
+            data_cfg.get_feature_transforms(dataset.split, False))
+    if hasattr(dataset, "waveform_transforms"):
+        dataset.waveform_transforms = CompositeAudioWaveformTransform.from_config_dict(
+            data_cfg.get_waveform_transforms(dataset.split, False))
+    dataset.shuffle = False
 
 
 def batches(task, subset: str, *, max_tokens: int = 40000, max_sentences: int | None = 32,

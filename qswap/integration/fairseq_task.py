@@ -10,6 +10,7 @@ when ``--qswap-audit`` is given.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -58,15 +59,20 @@ class QswapTaskMixin:
         return model
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        if getattr(self, "_qswap_calib_left", 0) > 0:
-            self._qswap_calibration_step(model, sample)
+        if getattr(self, "_qswap_calib_left", 0) > 0 and self._qswap_calibration_step(model, sample):
+            # a calibration step: the loss is computed (fairseq's trainer and DDP expect a
+            # backward) but multiplied by 0, so no weight moves before the grids are frozen
+            with _grids_held(model):
+                return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad=True)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
-    def _qswap_calibration_step(self, model, sample):
+    def _qswap_calibration_step(self, model, sample) -> bool:
+        """Observe ``sample`` in eval mode (no dropout); freeze after the last calibration batch.
+        False when there is nothing to calibrate (a resumed or already calibrated model)."""
         quantizers = activation_quantizers(model)
         if not quantizers or all(bool(q.frozen) for q in quantizers):
-            self._qswap_calib_left = 0  # a resumed or already calibrated checkpoint
-            return
+            self._qswap_calib_left = 0
+            return False
         was_training = model.training
         model.eval()
         try:
@@ -77,7 +83,9 @@ class QswapTaskMixin:
         self._qswap_calib_left -= 1
         if self._qswap_calib_left == 0:
             frozen = freeze_observed(model)
-            logger.info(f"qswap: calibrated and froze {frozen} activation quantizers")
+            logger.info(f"qswap: calibrated and froze {frozen} activation quantizers "
+                        f"(the calibration steps applied no update)")
+        return True
 
     def build_generator(self, models, args, *a, **kw):
         if getattr(self._qswap_opts(), "qswap_audit", False):
@@ -93,6 +101,20 @@ class QswapTaskMixin:
         print(f"qswap audit: {verdict}; paths: {', '.join(report.paths)}", flush=True)
         for v in report.violations[:20]:
             print(f"qswap audit:   {v.module}: {v.op} ({v.operand}) {v.reason}", flush=True)
+
+
+@contextlib.contextmanager
+def _grids_held(model):
+    """Hold every calibrated activation grid still (frozen) for one training forward, so the
+    dropout-perturbed activations of a calibration step's zero-weighted loss are not observed."""
+    held = [q for q in activation_quantizers(model) if q.initialized and not bool(q.frozen)]
+    for q in held:
+        q.frozen.fill_(True)
+    try:
+        yield
+    finally:
+        for q in held:
+            q.frozen.fill_(False)
 
 
 class SpeechToTextQswapTask(QswapTaskMixin, SpeechToTextTask):
@@ -126,9 +148,13 @@ def allow_fairseq_checkpoints() -> None:
     read fairseq checkpoints under torch >= 2.6, whose ``weights_only=True`` default refuses
     ``argparse.Namespace`` and OmegaConf containers. This adds qswap's allowlist of exactly those
     classes (``qswap.io.checkpoint.allowed_globals``) for the fairseq process that loaded the
-    plugin: still ``weights_only`` loading, never arbitrary pickles."""
+    plugin: still ``weights_only`` loading, never arbitrary pickles. Distributed training also
+    sends the loaded checkpoint from rank 0 to the others through ``torch.load`` with tensors
+    swapped for fairseq's ``_TensorPlaceholder`` (a plain index record), allowed too."""
+    from fairseq.distributed.utils import _TensorPlaceholder
+
     from qswap.io.checkpoint import allowed_globals
-    torch.serialization.add_safe_globals(allowed_globals())
+    torch.serialization.add_safe_globals(allowed_globals() + [_TensorPlaceholder])
 
 
 def register_tasks() -> None:

@@ -1,5 +1,6 @@
 """The plugin through fairseq's real entry points: fairseq-train (float, then QAT fine-tuning
 with --finetune-from-model) and fairseq-generate with --qswap-audit. No mocks."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import qswap
-from fairseq_run import SMALL, TRAIN, run_tool as _run
+from fairseq_run import BIN, SMALL, TRAIN, run_tool as _run
 
 @pytest.fixture(scope="module")
 def trained(float_checkpoint):
@@ -82,3 +83,66 @@ def test_importing_the_plugin_twice_does_not_crash():
             "from fairseq.tasks import TASK_REGISTRY; assert 'speech_to_text_qswap' in TASK_REGISTRY"
             % str(Path(qswap.plugin_dir()).parent))
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+MINMAX_RECIPE = """version: 1
+name: w8a8_minmax
+defaults:
+  weight: {bits: 8, symmetric: true, granularity: per_tensor, observer: minmax}
+  activation: {bits: 8, symmetric: false, granularity: per_tensor, observer: minmax}
+"""
+FIRST_OBSERVER = "encoder.subsample.conv_layers.0.input_quant.observer"
+
+
+def _qat(root, data, save_dir, recipe, calib, updates, *extra):
+    return ["fairseq-train", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+            "--qswap-recipe", recipe, "--qswap-calib-batches", str(calib), *SMALL, *TRAIN,
+            "--batch-size", "3", "--max-update", str(updates), "--finetune-from-model",
+            root / "float" / "checkpoint_last.pt", "--save-dir", save_dir, *extra]
+
+
+def _model_state(path):
+    return torch.load(path, weights_only=False, map_location="cpu")["model"]
+
+
+def test_calibration_steps_apply_no_update(float_checkpoint, tmp_path):
+    """Two calibration batches, two updates: every weight is still the float checkpoint's."""
+    root, data, float_ckpt = float_checkpoint
+    log = _run(*_qat(root, data, tmp_path / "qat", "w8a8", 2, 2), cwd=root)
+    assert "calibration steps applied no update" in log
+    before, after = _model_state(float_ckpt), _model_state(tmp_path / "qat" / "checkpoint_last.pt")
+    assert set(before) <= set(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert bool(after[FIRST_OBSERVER.replace("observer", "frozen")])
+
+
+def test_two_ddp_workers_freeze_the_grid_of_both_shards(float_checkpoint, tmp_path):
+    """fairseq's own distributed training, 2 CPU workers (gloo): each calibrates on its shard's
+    first batch and both freeze the range of the two batches together, exactly what one process
+    calibrating on those two batches gets (first quantizer: raw features, no grid upstream)."""
+    import socket
+
+    root, data, _ = float_checkpoint
+    recipe = tmp_path / "minmax.yaml"
+    recipe.write_text(MINMAX_RECIPE)
+    _run(*_qat(root, data, tmp_path / "one", recipe, 2, 2), cwd=root)
+    _run(*_qat(root, data, tmp_path / "first", recipe, 1, 1), cwd=root)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = []
+    for rank in (0, 1):
+        args = _qat(root, data, tmp_path / "ddp", recipe, 1, 1, "--distributed-world-size", "2",
+                    "--distributed-rank", str(rank), "--distributed-init-method", f"tcp://127.0.0.1:{port}",
+                    "--distributed-no-spawn", "--distributed-backend", "gloo", "--ddp-backend",
+                    "legacy_ddp", "--device-id", "0")
+        workers.append(subprocess.Popen([str(BIN / args[0]), *map(str, args[1:])], cwd=root,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    logs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), logs[0][-3000:] + logs[1][-3000:]
+    assert "calibrated and froze" in logs[0]  # fairseq logs INFO on rank 0 only
+    one, first, ddp = (_model_state(tmp_path / d / "checkpoint_last.pt") for d in ("one", "first", "ddp"))
+    keys = [f"{FIRST_OBSERVER}.{key}" for key in ("min_val", "max_val")]
+    assert all(torch.equal(ddp[k], one[k]) for k in keys)
+    assert not all(torch.equal(ddp[k], first[k]) for k in keys)  # rank 0's batch alone: another range

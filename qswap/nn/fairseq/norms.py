@@ -12,7 +12,7 @@ from fairseq.modules import layer_norm as fairseq_layer_norm
 from fairseq.modules.fp32_group_norm import Fp32GroupNorm
 from fairseq.modules.layer_norm import Fp32LayerNorm
 
-from qswap.nn.norm import QGroupNorm, QLayerNorm
+from qswap.nn.norm import QGroupNorm, QLayerNorm, layer_norm_bounded_grad, norm_ste
 from qswap.nn.registry import register
 
 
@@ -20,8 +20,10 @@ from qswap.nn.registry import register
 class QFp32LayerNorm(QLayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.affine()
-        y = F.layer_norm(self.input_quant(x.float()), self.normalized_shape,
-                         None if w is None else w.float(), None if b is None else b.float(), self.eps)
+        w, b = None if w is None else w.float(), None if b is None else b.float()
+        y = F.layer_norm(self.input_quant(x.float()), self.normalized_shape, w, b, self.eps)
+        if torch.is_grad_enabled() and x.requires_grad:  # QAT: QLayerNorm's gradient path
+            y = norm_ste(y, layer_norm_bounded_grad(x.float(), self.normalized_shape, w, b, self.eps))
         return y.type_as(x)
 
 
