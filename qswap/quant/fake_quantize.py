@@ -25,7 +25,7 @@ from torch import nn
 from qswap.errors import CalibrationError
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
-from qswap.quant.primitives import choose_qparams, fake_quantize
+from qswap.quant.primitives import choose_qparams, fake_quantize, fake_quantize_passes, passes_apply
 from qswap.quant.spec import QuantSpec
 
 KINDS = ("weight", "activation")
@@ -47,6 +47,8 @@ class FakeQuantize(LazyStateModule):
         self.enabled = True  # False only while a sensitivity probe keeps this site in float
         self._weight_key: tuple | None = None
         self._cached: torch.Tensor | None = None
+        self._state_key: tuple | None = None
+        self._state: tuple = (False, None)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -74,13 +76,30 @@ class FakeQuantize(LazyStateModule):
         self.frozen.fill_(False)
         self._cached = None
 
+    def frozen_grid(self) -> tuple:
+        """(frozen, (scale, zero_point) as Python numbers or None): the buffers read once per change
+        of their versions (freeze, calibration, load_state_dict all write in place), not per call."""
+        scale, zero_point, frozen = self.scale, self.zero_point, self.frozen
+        key = (frozen._version, scale._version, zero_point._version, scale.data_ptr(), zero_point.data_ptr(),
+               frozen.data_ptr())
+        if key != self._state_key:
+            is_frozen = bool(frozen)
+            per_tensor = is_frozen and scale.numel() == 1 and self.spec.granularity == "per_tensor"
+            grid = (float(scale), int(zero_point)) if per_tensor else None
+            self._state_key, self._state = key, (is_frozen, grid)
+        return self._state
+
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
         if self.kind == "weight":
             return self._forward_weight(x)
-        if not self.frozen:
+        frozen, grid = self.frozen_grid()
+        if grid is not None and passes_apply(x, self.spec) and not (
+                self.spec.learnable and self.training and torch.is_grad_enabled()):
+            return fake_quantize_passes(x, grid[0], grid[1], self.spec)  # frozen inference
+        if not frozen:
             self.observer(x)
             if self.observer.has_range:
                 self._set_qparams(*choose_qparams(self.observer.min_val, self.observer.max_val, self.spec))
@@ -129,5 +148,5 @@ class FakeQuantize(LazyStateModule):
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            setattr(new, k, None if k in ("_cached", "_weight_key") else copy.deepcopy(v, memo))
+            setattr(new, k, None if k in ("_cached", "_weight_key", "_state_key") else copy.deepcopy(v, memo))
         return new

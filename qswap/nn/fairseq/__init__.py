@@ -9,6 +9,7 @@ What each counterpart quantizes is listed in docs/architectures.md.
 from qswap.nn.fairseq import (  # noqa: F401  (registration)
     attention,
     conformer,
+    decoder,
     espnet,
     layers,
     models,

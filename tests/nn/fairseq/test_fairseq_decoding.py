@@ -68,3 +68,29 @@ def test_sequence_generator_beam_search_on_converted_model(qmodel, beam=2):
         for b, h in enumerate(hypos):
             n = len(tokens[b])
             torch.testing.assert_close(h[k]["positional_scores"], expected[b, :n], rtol=0, atol=1e-4)
+
+
+def test_decoder_counterpart_reorders_like_fairseq(qmodel, beam=3):
+    """The S2T decoder counterpart visits the modules fairseq's reorder visits, in its order, and
+    beam search gives the same hypotheses and scores as with fairseq's own module walk."""
+    import copy
+
+    from fairseq.models.speech_to_text.s2t_transformer import TransformerDecoderScriptable
+
+    from qswap.nn.fairseq.decoder import QTransformerDecoderScriptable
+
+    q, net_input = qmodel
+    assert type(q.decoder) is QTransformerDecoderScriptable
+    walked = [m for m in q.decoder.modules() if hasattr(m, "reorder_incremental_state")]
+    assert q.decoder.reorderable_modules() == walked and walked
+    plain = copy.deepcopy(q)
+    plain.decoder.__class__ = TransformerDecoderScriptable  # fairseq's own reorder, same weights
+    sample = {"net_input": {k: net_input[k] for k in ("src_tokens", "src_lengths")}}
+    results = []
+    for model in (q, plain):
+        gen = SequenceGenerator([model], q.decoder.dictionary, beam_size=beam, max_len_a=0, max_len_b=5)
+        with torch.no_grad():
+            results.append(gen.generate([model], sample))
+    for ours, theirs in zip(*results):
+        assert [h["tokens"].tolist() for h in ours] == [h["tokens"].tolist() for h in theirs]
+        assert all(torch.equal(a["positional_scores"], b["positional_scores"]) for a, b in zip(ours, theirs))
