@@ -2,7 +2,8 @@
 
 On the shipped model (``qswap/assets/s2t_demo``: a small s2t_transformer trained by
 ``tools/train_s2t.py`` on synthesized speech): evaluate float, then convert + calibrate + audit
-+ evaluate every shipped recipe, print the comparison table and write it to ``docs/demo.md``
++ evaluate every shipped recipe (and the model's searched mixed-precision recipe), print the
+comparison table and write it to ``docs/demo.md``
 (or ``--markdown PATH``). This is ``qswap compare`` with the shipped model's paths filled in.
 """
 from __future__ import annotations
@@ -13,6 +14,9 @@ from pathlib import Path
 
 ASSET = Path(__file__).parent / "assets" / "s2t_demo"
 RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w4a4", "w8_weight_only"]
+# the mixed-precision recipe `qswap search` found for this model at w4a8_edges8's weight size
+# (written by tools/sensitivity_doc.py; docs/sensitivity.md shows how)
+SEARCHED = ASSET / "searched.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return cli(["compare", str(checkpoint), "--data", str(ASSET), "--subset", args.subset,
                 "--calib-subset", "train_calib", "--calib-batches", "4", "--beam", str(args.beam),
-                "--recipes", *RECIPES, "--markdown", args.markdown,
+                "--recipes", *RECIPES, *([str(SEARCHED)] if SEARCHED.exists() else []),
+                "--markdown", args.markdown,
                 "--json", str(Path(args.markdown).with_suffix(".json"))])
 
 

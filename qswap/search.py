@@ -3,8 +3,11 @@
 The search works on *units*: the modules the walker swaps (a Linear, a whole attention, a
 conv), which are what recipe rules address by path. Start from a high-precision recipe
 (``high``, e.g. w8a8_per_channel); for every unit, measure the output SQNR loss when that
-unit's weights alone drop to ``low_bits``. Units then go low-bit in order of least loss per
-weight saved:
+unit's weights alone drop to ``low_bits``, everything else float (so the measurement is not
+buried under the noise of every other quantizer). Quantization errors of different units add up
+roughly as independent noises, so each unit's cost is the noise power it adds (relative to the
+signal: ``10^(-SQNR_low/10) - 10^(-SQNR_high/10)``), and units go low-bit in order of least
+added noise per weight saved:
 
 * ``target_mb``: as many as needed for the weights to fit the budget;
 * ``max_delta_wer``: as many as keep ``evaluate`` (dev WER) within the budget (binary search
@@ -33,7 +36,8 @@ from qswap.sensitivity import model_output, output_sqnr
 class Candidate:
     paths: list[str]  # the unit's path(s): two for a tied embedding / output projection
     numel: int  # weights the unit stores
-    loss_db: float  # output SQNR drop when only this unit's weights go low-bit
+    loss_db: float  # output SQNR drop (dB) at low bits, this unit alone quantized
+    cost: float = 0.0  # relative output noise power it adds at low bits (what the order uses)
 
 
 @dataclass
@@ -85,7 +89,8 @@ def _bits(quantizers: list[FakeQuantize], bits: int) -> Iterator[None]:
 
 
 def rank_candidates(model: nn.Module, high: Any, batches: list, low_bits: int = 4) -> list[Candidate]:
-    """Units ordered by least SQNR loss per weight moved to ``low_bits``."""
+    """Units ordered by least output noise added per weight moved to ``low_bits``, each unit's
+    weights measured alone (every other quantizer off: float)."""
     import qswap
 
     float_model = copy.deepcopy(model).eval()
@@ -93,22 +98,34 @@ def rank_candidates(model: nn.Module, high: Any, batches: list, low_bits: int = 
         reference = [model_output(float_model, b) for b in batches]
     qmodel = qswap.convert(model, high).eval()
     qswap.calibrate(qmodel, batches)
-    base = output_sqnr(reference, qmodel, batches)
+    everything = [m for m in qmodel.modules() if isinstance(m, FakeQuantize)]
     candidates = []
-    for paths, quantizers, numel in _units(qmodel):
-        if all(q.spec.bits <= low_bits for q in quantizers):
-            continue
-        with _bits(quantizers, low_bits):
-            loss = base - output_sqnr(reference, qmodel, batches)
-        candidates.append(Candidate(paths, numel, max(loss, 0.0)))
-    candidates.sort(key=lambda c: (c.loss_db / c.numel, c.paths))
+    try:
+        for q in everything:
+            q.enabled = False
+        for paths, quantizers, numel in _units(qmodel):
+            if all(q.spec.bits <= low_bits for q in quantizers):
+                continue
+            for q in quantizers:
+                q.enabled = True
+            high_db = output_sqnr(reference, qmodel, batches)
+            with _bits(quantizers, low_bits):
+                low_db = output_sqnr(reference, qmodel, batches)
+            for q in quantizers:
+                q.enabled = False
+            cost = max(10.0 ** (-low_db / 10.0) - 10.0 ** (-high_db / 10.0), 0.0)
+            candidates.append(Candidate(paths, numel, max(high_db - low_db, 0.0), cost))
+    finally:
+        for q in everything:
+            q.enabled = True
+    candidates.sort(key=lambda c: (c.cost / c.numel, c.paths))
     return candidates
 
 
 def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str) -> dict:
     base = load_recipe(high).to_dict()
     rules = [{"match": {"path": p}, "weight": {"bits": low_bits, "observer": "mse"},
-              "note": f"searched: {c.loss_db:.2f} dB output loss at {low_bits} bits"}
+              "note": f"searched: alone at {low_bits} bits it costs {c.loss_db:.2f} dB of output SQNR"}
              for c in low for p in c.paths]
     return {**base, "name": name,
             "description": f"mixed precision searched from {base.get('name', 'recipe')}: "

@@ -29,8 +29,10 @@ def test_target_mb_is_met_with_the_fewest_low_bit_units(sizes):
     result = search(model, batches, target_mb=target)
     assert low <= result.weight_mb <= target
     assert 0 < len(result.low_units) < sum(len(c.paths) for c in result.candidates)
-    losses = [c.loss_db / c.numel for c in result.candidates]
-    assert losses == sorted(losses)  # least loss per weight goes low-bit first
+    costs = [c.cost / c.numel for c in result.candidates]
+    assert costs == sorted(costs)  # least added noise per weight goes low-bit first
+    assert all(c.cost >= 0 and c.loss_db >= 0 for c in result.candidates)
+    assert any(c.cost > 0 for c in result.candidates)  # measured, not all zero
     with warnings.catch_warnings():
         warnings.simplefilter("error", qswap.QswapWarning)  # every rule hits a module
         qmodel = qswap.convert(model, qswap.load_recipe(yaml.safe_load(yaml.safe_dump(result.recipe))))

@@ -8,8 +8,9 @@ the activation quantizers on the first ``--qswap-calib-batches`` training batche
 them (synchronized across DDP workers); ``build_generator`` prints the honesty verdict first
 when ``--qswap-audit`` is given.
 """
-from __future__ import annotations
-
+# no ``from __future__ import annotations`` here: fairseq builds the command-line options of
+# AudioFinetuningQswapConfig from its fields' types and refuses string annotations
+# ("RuntimeError: field should be a type" in fairseq-train --task audio_finetuning_qswap)
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -68,9 +69,14 @@ class QswapTaskMixin:
 
     def _qswap_calibration_step(self, model, sample) -> bool:
         """Observe ``sample`` in eval mode (no dropout); freeze after the last calibration batch.
-        False when there is nothing to calibrate (a resumed or already calibrated model)."""
+        False when there is nothing to calibrate (a resumed or already calibrated model: every
+        quantizer with a grid is frozen; one off the forward path never gets a grid, e.g.
+        wav2vec 2.0's attention-bias quantizer, and must not make a resumed run calibrate again,
+        which would spend its first batch on a step whose zero gradients Adam's momentum still
+        turns into an update)."""
         quantizers = activation_quantizers(model)
-        if not quantizers or all(bool(q.frozen) for q in quantizers):
+        observed = [q for q in quantizers if q.initialized]
+        if not quantizers or (observed and all(bool(q.frozen) for q in observed)):
             self._qswap_calib_left = 0
             return False
         was_training = model.training
@@ -150,11 +156,14 @@ def allow_fairseq_checkpoints() -> None:
     classes (``qswap.io.checkpoint.allowed_globals``) for the fairseq process that loaded the
     plugin: still ``weights_only`` loading, never arbitrary pickles. Distributed training also
     sends the loaded checkpoint from rank 0 to the others through ``torch.load`` with tensors
-    swapped for fairseq's ``_TensorPlaceholder`` (a plain index record), allowed too."""
+    swapped for fairseq's ``_TensorPlaceholder`` (a plain index record), allowed too. Every
+    ``audio_finetuning`` checkpoint pickles its task state's ``target_dictionary``, a fairseq
+    ``Dictionary`` (plain attributes: symbol list, counts, index dict), also allowed."""
+    from fairseq.data.dictionary import Dictionary
     from fairseq.distributed.utils import _TensorPlaceholder
 
     from qswap.io.checkpoint import allowed_globals
-    torch.serialization.add_safe_globals(allowed_globals() + [_TensorPlaceholder])
+    torch.serialization.add_safe_globals(allowed_globals() + [_TensorPlaceholder, Dictionary])
 
 
 def register_tasks() -> None:

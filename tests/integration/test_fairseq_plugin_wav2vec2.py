@@ -1,0 +1,195 @@
+"""The plugin's ``audio_finetuning_qswap`` task through fairseq's real entry points: wav2vec 2.0
+CTC fine-tuning with QAT in fairseq-train (from a tiny pretraining checkpoint made here), resuming
+it, and reading the checkpoint it saves back with qswap. No mocks: real 16 kHz wav files read by
+fairseq's FileAudioDataset (which needs soundfile), letter targets, fairseq's CTC criterion."""
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import qswap
+from fairseq_run import run_tool as _run
+
+WORDS = "set a timer turn on the lights call anna".split()
+FIRST_OBSERVER = "w2v_encoder.w2v_model.feature_extractor.conv_layers.0.0.input_quant.observer"
+W2V_SMALL = dict(conv_feature_layers="[(32, 10, 5), (32, 3, 2), (32, 2, 2)]", encoder_embed_dim=32,
+                 encoder_ffn_embed_dim=64, encoder_layers=2, encoder_attention_heads=4, conv_pos=16,
+                 conv_pos_groups=4, final_dim=16, latent_vars=8, latent_groups=2)
+
+
+def make_w2v_datadir(root, splits=None, seed=0):
+    """An audio_finetuning data directory: noise wavs, TSV manifests, letter targets, dict."""
+    sf = pytest.importorskip("soundfile", reason="fairseq's FileAudioDataset reads audio with soundfile")
+    rng, nprng = random.Random(seed), np.random.default_rng(seed)
+    (root / "wav").mkdir(parents=True)
+    letters = set()
+    for split, n in (splits or {"train": 4, "valid": 2}).items():
+        tsv, ltr = [str(root.resolve())], []
+        for i in range(n):
+            samples = rng.randint(8000, 12000)  # 0.5 to 0.75 s
+            rel = f"wav/{split}_{i}.wav"
+            sf.write(root / rel, (0.1 * nprng.standard_normal(samples)).astype(np.float32), 16000)
+            words = [rng.choice(WORDS).upper() for _ in range(rng.randint(2, 3))]
+            tsv.append(f"{rel}\t{samples}")
+            ltr.append(" | ".join(" ".join(w) for w in words) + " |")
+            letters |= set("".join(words))
+        (root / f"{split}.tsv").write_text("\n".join(tsv) + "\n")
+        (root / f"{split}.ltr").write_text("\n".join(ltr) + "\n")
+    (root / "dict.ltr.txt").write_text("".join(f"{c} 1\n" for c in ["|", *sorted(letters)]))
+    return root
+
+
+def make_pretrained_w2v(path):
+    """A small random wav2vec 2.0 *pretraining* checkpoint, as fairseq saves one: plain-dict cfg
+    (a FairseqConfig with the wav2vec2 model and audio_pretraining task), state dict, history."""
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
+    from fairseq.tasks.audio_pretraining import AudioPretrainingConfig
+    from omegaconf import OmegaConf
+
+    model_cfg = Wav2Vec2Config(**W2V_SMALL)
+    model_cfg._name = "wav2vec2"
+    task_cfg = AudioPretrainingConfig(data=".", normalize=False, tpu=False, seed=1)
+    task_cfg._name = "audio_pretraining"
+    cfg = OmegaConf.structured(FairseqConfig(model=model_cfg, task=task_cfg))
+    torch.manual_seed(0)
+    model = Wav2Vec2Model.build_model(model_cfg)
+    torch.save({"cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "args": None,
+                "model": model.state_dict(), "extra_state": {"train_iterator": None},
+                "optimizer_history": [{"criterion_name": "Wav2vecCriterion", "optimizer_name": "adam",
+                                       "lr_scheduler_state": {}, "num_updates": 0}]}, path)
+    return path
+
+
+def _train(root, data, save_dir, updates):
+    return _run("fairseq-train", data, "--user-dir", qswap.plugin_dir(), "--task", "audio_finetuning_qswap",
+                "--labels", "ltr", "--arch", "wav2vec_ctc", "--w2v-path", root / "pre.pt",
+                "--criterion", "ctc", "--post-process", "letter", "--qswap-recipe", "w8a8",
+                "--qswap-calib-batches", "1", "--optimizer", "adam", "--lr", "1e-4", "--lr-scheduler",
+                "fixed", "--max-update", str(updates), "--max-tokens", "100000", "--cpu",
+                "--num-workers", "0", "--save-dir", save_dir, "--no-epoch-checkpoints",
+                "--train-subset", "train", "--valid-subset", "valid", "--required-batch-size-multiple",
+                "1", "--seed", "1", "--log-format", "simple", "--no-progress-bar", cwd=root)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(root, data dir, QAT checkpoint, fairseq-train log): 2 updates, the first a calibration step."""
+    root = tmp_path_factory.mktemp("w2v")
+    data = make_w2v_datadir(root / "data")
+    make_pretrained_w2v(root / "pre.pt")
+    log = _train(root, data, root / "qat", 2)
+    return root, data, root / "qat" / "checkpoint_last.pt", log
+
+
+def _model_state(path):
+    return torch.load(path, weights_only=False, map_location="cpu")["model"]
+
+
+def test_qat_fine_tuning_converts_calibrates_and_saves_quantizer_state(trained):
+    """fairseq-train logs the conversion and the calibration; the checkpoint holds frozen
+    activation grids and names the recipe in the task cfg, where fairseq's loader finds it."""
+    _, _, ckpt, log = trained
+    assert "qswap: converted with recipe w8a8" in log
+    assert "qswap: calibrated and froze" in log
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")
+    assert any(k.endswith("input_quant.scale") for k in state["model"])
+    frozen = [v for k, v in state["model"].items() if k.endswith("input_quant.frozen")]
+    assert frozen and all(bool(v) for v in frozen)
+    assert state["cfg"]["task"]["_name"] == "audio_finetuning_qswap"
+    assert state["cfg"]["task"]["qswap_recipe"] == "w8a8"
+
+
+def test_qswap_loads_the_checkpoint_back_as_the_same_quantized_model(trained):
+    """load_model_and_task rebuilds the fake-quant model with exactly the saved state (quantizer
+    buffers included), and a forward on a real batch of the data is finite."""
+    from qswap.integration.data import batches, load_model_and_task
+
+    _, data, ckpt, _ = trained
+    # trust: every audio_finetuning checkpoint pickles a fairseq Dictionary (see the xfail below)
+    model, task = load_model_and_task(ckpt, data, trust_checkpoint=True)
+    assert model.qswap_recipe.name == "w8a8"
+    assert any(isinstance(m, qswap.FakeQuantize) for m in model.modules())
+    saved, loaded = _model_state(ckpt), model.state_dict()
+    assert set(saved) == set(loaded)
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    with torch.no_grad():
+        out = model(**next(batches(task, "valid"))["net_input"])
+    assert out["encoder_out"].shape[-1] == len(task.target_dictionary)
+    assert torch.isfinite(out["encoder_out"]).all()
+
+
+def test_qswap_eval_decodes_the_qat_checkpoint(trained, tmp_path):
+    """qswap eval greedy-CTC decodes every valid utterance with the model rebuilt as w8a8."""
+    from qswap.cli import main
+
+    _, data, ckpt, _ = trained
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(ckpt), "--data", str(data), "--subset", "valid", "--trust-checkpoint",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "w8a8"
+    assert result["counts"]["utterances"] == 2
+
+
+def test_fairseq_resumes_qat_from_the_saved_checkpoint(trained, tmp_path):
+    """fairseq's own torch.load (with the plugin's allowlist) resumes from checkpoint_last.pt:
+    the model is converted again, the frozen grids load and are not recalibrated, though a few
+    activation quantizers off wav2vec 2.0's forward path never got a grid to freeze."""
+    root, data, ckpt, _ = trained
+    shutil.copytree(ckpt.parent, tmp_path / "qat")
+    log = _train(root, data, tmp_path / "qat", 3)
+    assert "Loaded checkpoint" in log
+    assert "qswap: converted with recipe w8a8" in log
+    assert "calibrated and froze" not in log
+    before, after = _model_state(ckpt), _model_state(tmp_path / "qat" / "checkpoint_last.pt")
+    assert torch.load(tmp_path / "qat" / "checkpoint_last.pt", weights_only=False)[
+        "optimizer_history"][-1]["num_updates"] == 3
+    grid = [f"{FIRST_OBSERVER}.min_val", f"{FIRST_OBSERVER}.max_val", FIRST_OBSERVER.replace("observer", "scale")]
+    assert all(torch.equal(before[k], after[k]) for k in grid)
+    assert bool(after[FIRST_OBSERVER.replace("observer", "frozen")])
+
+
+def test_audio_finetuning_options_parse_from_the_dataclass():
+    """fairseq builds --qswap-* options from AudioFinetuningQswapConfig's field types (string
+    annotations crash it), each with its help text; no audio needed."""
+    from argparse import ArgumentParser
+
+    from fairseq.dataclass.utils import gen_parser_from_dataclass
+
+    from qswap.integration.fairseq_task import AudioFinetuningQswapConfig
+    parser = ArgumentParser()
+    gen_parser_from_dataclass(parser, AudioFinetuningQswapConfig())
+    args = parser.parse_args(["DATA", "--qswap-recipe", "w4a8", "--qswap-calib-batches", "3", "--qswap-strict"])
+    assert (args.qswap_recipe, args.qswap_calib_batches, args.qswap_strict, args.qswap_audit) == \
+        ("w4a8", 3, True, False)
+    assert "qswap recipe (shipped name such as w8a8" in parser.format_help()
+
+
+@pytest.mark.xfail(strict=True, reason="qswap's safe loader refuses the fairseq Dictionary that "
+                   "every audio_finetuning checkpoint pickles (task_state.target_dictionary); "
+                   "qswap.io.safe_load.allowed_globals lacks fairseq.data.dictionary.Dictionary")
+def test_qswap_loads_the_checkpoint_without_trust(trained):
+    from qswap.integration.data import load_model_and_task
+
+    _, data, ckpt, _ = trained
+    model, _ = load_model_and_task(ckpt, data)
+    assert model.qswap_recipe.name == "w8a8"
+
+
+@pytest.mark.xfail(strict=True, reason="qswap eval post-processes with task.cfg.post_process, which "
+                   "audio_finetuning does not have (it is eval_wer_post_process), so letter targets "
+                   "fall back to 'sentencepiece' and keep their '|' word separators")
+def test_qswap_eval_reads_letter_targets_as_words(trained, tmp_path):
+    from qswap.cli import main
+
+    _, data, ckpt, _ = trained
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(ckpt), "--data", str(data), "--subset", "valid", "--trust-checkpoint",
+                 "--json", str(out)]) == 0
+    refs = [u["ref"] for u in json.loads(out.read_text())["utterances"]]
+    letters = (data / "valid.ltr").read_text().splitlines()
+    assert refs == [line.replace(" ", "").replace("|", " ").strip() for line in letters]
