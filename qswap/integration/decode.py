@@ -29,8 +29,11 @@ def is_ctc(model) -> bool:
 
 
 def _post_process(task) -> str:
+    """How the task turns target pieces into words: speech_to_text's ``post_process`` (default
+    sentencepiece), audio_finetuning's ``eval_wer_post_process`` (``letter`` for .ltr labels)."""
     cfg = getattr(task, "cfg", None)
-    return getattr(cfg, "post_process", None) or "sentencepiece"
+    return (getattr(cfg, "post_process", None) or getattr(cfg, "eval_wer_post_process", None)
+            or "sentencepiece")
 
 
 def _text(dictionary, tokens: torch.Tensor, post: str) -> str:
@@ -70,10 +73,11 @@ def _ctc_greedy(model, sample: dict, dictionary) -> list[torch.Tensor]:
     logits = model.get_logits(out) if hasattr(model, "get_logits") else out["encoder_out"]  # (T, B, V)
     padding = out.get("padding_mask")
     best = logits.argmax(dim=-1).transpose(0, 1)  # (B, T)
-    blank = dictionary.bos()
+    # the blank is fairseq's bos (index 0); like fairseq's CTC criterion, pad and eos are no words
+    dropped = torch.tensor([dictionary.bos(), dictionary.pad(), dictionary.eos()])
     result = []
     for b in range(best.shape[0]):
         seq = best[b] if padding is None else best[b][~padding[b]]
         seq = torch.unique_consecutive(seq)
-        result.append(seq[seq != blank])
+        result.append(seq[~torch.isin(seq, dropped)])
     return result

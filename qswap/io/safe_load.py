@@ -59,6 +59,11 @@ def allowed_globals() -> list:
                      nodes.BooleanNode, dict, list, tuple, set, int, float, bool, str,
                      np.ndarray, np.dtype]
     allowed += sorted({type(np.dtype(c)) for c in "?bhilqBHILQefdFD"}, key=str)
+    try:  # audio_finetuning checkpoints pickle the task's target Dictionary (plain attributes)
+        from fairseq.data.dictionary import Dictionary
+        allowed.append(Dictionary)
+    except ImportError:  # no fairseq here: no fairseq checkpoint needs it either
+        pass
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     for fn in (multiarray._reconstruct, multiarray.scalar):  # numpy 1.x and 2.x pickle names
         allowed += [(fn, f"{mod}.{fn.__name__}") for mod in ("numpy.core.multiarray",
