@@ -25,7 +25,8 @@ from torch import nn
 from qswap.errors import CalibrationError
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
-from qswap.quant.primitives import choose_qparams, fake_quantize, fake_quantize_passes, passes_apply
+from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_passes,
+                                    passes_apply)
 from qswap.quant.spec import QuantSpec
 
 KINDS = ("weight", "activation")
@@ -64,6 +65,22 @@ class FakeQuantize(LazyStateModule):
         self.zero_point.copy_(zero_point)
         self._cached = None
 
+    def _scalar_calibration(self) -> bool:
+        """Calibration on Python numbers: a per-tensor grid (not power-of-two) from a
+        min/max-family observer (``Observer.observe_scalar`` + ``choose_qparams_scalar``)."""
+        spec = self.spec
+        return (spec.granularity == "per_tensor" and spec.scale_type != "pow2"
+                and self.observer.scalar_path)
+
+    @torch.no_grad()
+    def _set_scalar_qparams(self, scale: float, zero_point: int) -> None:
+        if self.scale.shape != ():
+            self.scale.data = torch.empty((), dtype=torch.float32, device=self.scale.device)
+            self.zero_point = torch.empty((), dtype=torch.int32, device=self.zero_point.device)
+        self.scale.data.fill_(scale)
+        self.zero_point.fill_(zero_point)
+        self._cached = None
+
     def freeze(self) -> None:
         """Stop observing; the current grid is used from now on."""
         if not self.initialized:
@@ -99,7 +116,15 @@ class FakeQuantize(LazyStateModule):
         if grid is not None and passes_apply(x, self.spec) and not (
                 self.spec.learnable and self.training and torch.is_grad_enabled()):
             return fake_quantize_passes(x, grid[0], grid[1], self.spec)  # frozen inference
-        if not frozen:
+        if not frozen and self._scalar_calibration():
+            observed = self.observer.observe_scalar(x)
+            if observed is not None:
+                scale, zero_point = choose_qparams_scalar(*observed, self.spec)
+                self._set_scalar_qparams(scale, zero_point)
+                if passes_apply(x, self.spec) and not (self.spec.learnable and self.training
+                                                       and torch.is_grad_enabled()):
+                    return fake_quantize_passes(x, scale, zero_point, self.spec)
+        elif not frozen:
             self.observer(x)
             if self.observer.has_range:
                 self._set_qparams(*choose_qparams(self.observer.min_val, self.observer.max_val, self.spec))

@@ -7,6 +7,9 @@ or the clipping ratio that minimizes the quantization MSE of that batch).
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from qswap.errors import CalibrationError
@@ -59,6 +62,37 @@ class Observer(LazyStateModule):
         n = self.num_batches.item()  # running mean of per-batch ranges
         return self.min_val + (lo - self.min_val) / (n + 1), self.max_val + (hi - self.max_val) / (n + 1)
 
+    def combine_scalar(self, lo: np.float32, hi: np.float32) -> tuple[np.float32, np.float32]:
+        """``combine`` on float32 scalars (the same float32 arithmetic)."""
+        n1 = np.float32(self.num_batches.item() + 1)
+        mn, mx = np.float32(self.min_val.item()), np.float32(self.max_val.item())
+        return mn + (lo - mn) / n1, mx + (hi - mx) / n1
+
+    scalar_path = True  # min/max-family observers: ``observe_scalar`` computes what forward does
+
+    @torch.no_grad()
+    def observe_scalar(self, x: torch.Tensor) -> tuple[float, float] | None:
+        """``forward`` for a per-tensor spec, with the new range returned as Python numbers: one
+        ``aminmax`` and a few scalar reads instead of a dozen 0-d tensor ops (calibration runs
+        this for every activation quantizer on every batch). None for an empty tensor."""
+        if x.numel() == 0:
+            return None
+        lo_t, hi_t = torch.aminmax(x.detach().float())
+        lo, hi = lo_t.item(), hi_t.item()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise CalibrationError("observed a tensor with NaN or inf values; quantization ranges "
+                                   "need finite data (check the input features or the model)")
+        lo, hi = np.float32(lo), np.float32(hi)
+        if self.has_range:
+            lo, hi = self.combine_scalar(lo, hi)
+            self.min_val.fill_(float(lo))
+            self.max_val.fill_(float(hi))
+        else:
+            self.min_val = torch.tensor(float(lo), device=x.device)
+            self.max_val = torch.tensor(float(hi), device=x.device)
+        self.num_batches.add_(1)
+        return float(lo), float(hi)
+
     def extra_repr(self) -> str:
         return f"batches={int(self.num_batches)}"
 
@@ -67,14 +101,24 @@ class MinMaxObserver(Observer):
     def combine(self, lo, hi):
         return torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
 
+    def combine_scalar(self, lo, hi):
+        return min(np.float32(self.min_val.item()), lo), max(np.float32(self.max_val.item()), hi)
+
 
 class MovingAverageMinMaxObserver(Observer):
     def combine(self, lo, hi):
         m = self.spec.momentum
         return self.min_val + m * (lo - self.min_val), self.max_val + m * (hi - self.max_val)
 
+    def combine_scalar(self, lo, hi):
+        m = np.float32(self.spec.momentum)
+        mn, mx = np.float32(self.min_val.item()), np.float32(self.max_val.item())
+        return mn + m * (lo - mn), mx + m * (hi - mx)
+
 
 class PercentileObserver(Observer):
+    scalar_path = False
+
     def batch_range(self, x):
         if self.spec.granularity != "per_tensor":
             return reduce_min_max(x, self.spec)  # percentiles are per-tensor; channels use extremes
@@ -87,6 +131,8 @@ class PercentileObserver(Observer):
 
 
 class MSEObserver(Observer):
+    scalar_path = False
+
     def batch_range(self, x):
         lo, hi = reduce_min_max(x, self.spec)
         best_err, best = None, (lo, hi)

@@ -104,3 +104,36 @@ def test_weight_grid_follows_in_place_data_updates_after_a_training_forward():
     fq.eval()
     with torch.no_grad():
         torch.testing.assert_close(fq(w), before * 2)
+
+
+SCALAR_SPECS = [QuantSpec(bits=8, symmetric=False, observer="moving_average"),
+                QuantSpec(bits=8, observer="minmax"), QuantSpec(bits=4, narrow_range=True, observer="minmax"),
+                QuantSpec(bits=8, signed=False, observer="minmax"),
+                QuantSpec(bits=16, symmetric=False, observer="moving_average", momentum=0.3)]
+
+
+@pytest.mark.parametrize("spec", SCALAR_SPECS, ids=lambda s: f"{s.short()}-{s.observer}")
+def test_calibration_on_python_numbers_matches_the_tensor_arithmetic(spec):
+    """A calibrating per-tensor quantizer keeps its range and grid as float32 scalars
+    (observe_scalar + choose_qparams_scalar); bit for bit what the 0-d tensor ops compute."""
+    from qswap.quant.observers import make_observer
+    from qswap.quant.primitives import choose_qparams, reduce_min_max
+
+    g = torch.Generator().manual_seed(3)
+    fq, reference = FakeQuantize(spec), make_observer(spec)
+    for i in range(6):
+        x = torch.randn(64, 17, generator=g) * (0.1 + 3 * i) + (i - 2) * 0.7
+        if i == 3:
+            x = x.abs() + 0.01  # all positive: the grid must still hold 0
+        out = fq(x)
+        lo, hi = reduce_min_max(x, spec)  # the tensor path: Observer.forward's arithmetic
+        if not reference.has_range:
+            reference.min_val, reference.max_val = lo.clone(), hi.clone()
+        else:
+            reference.min_val, reference.max_val = reference.combine(lo, hi)
+        reference.num_batches.add_(1)
+        scale, zp = choose_qparams(reference.min_val, reference.max_val, spec)
+        assert torch.equal(fq.observer.min_val, reference.min_val)
+        assert torch.equal(fq.observer.max_val, reference.max_val)
+        assert torch.equal(fq.scale, scale) and torch.equal(fq.zero_point, zp)
+        assert torch.equal(out, torch.fake_quantize_per_tensor_affine(x, scale, zp, spec.qmin, spec.qmax))

@@ -120,3 +120,21 @@ def test_per_tensor_inputs_match_torchs_fused_kernel_bit_for_bit(spec, numel):
     with_nan = fake_quantize(x, scale, zp, spec)
     assert torch.isnan(with_nan[3, 7]) and torch.isnan(with_nan).sum() == 1
     assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("spec", PER_TENSOR, ids=lambda s: s.short())
+def test_scalar_qparams_match_the_tensor_qparams_bit_for_bit(spec):
+    """choose_qparams_scalar (float32 numpy scalars) against choose_qparams (0-d tensors) on
+    random ranges and edge cases: zero and constant ranges, tiny, huge, one-sided."""
+    from qswap.quant.primitives import choose_qparams_scalar
+
+    g = torch.Generator().manual_seed(1)
+    ranges = [(0.0, 0.0), (-0.0, 0.0), (1e-30, 2e-30), (-3e38, 3e38), (2.5, 7.0), (-7.0, -2.5),
+              (-1e-12, 1e-12), (-0.5, 0.25)]
+    ranges += [tuple(sorted((torch.randn(2, generator=g) * 10 ** torch.randint(-6, 6, (1,), generator=g)).tolist()))
+               for _ in range(300)]
+    for lo, hi in ranges:
+        lo32, hi32 = torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+        scale, zp = choose_qparams(lo32, hi32, spec)
+        s, z = choose_qparams_scalar(float(lo32), float(hi32), spec)
+        assert torch.equal(torch.tensor(s, dtype=torch.float32), scale) and z == int(zp), (lo, hi)
