@@ -93,8 +93,9 @@ the subset with the top sites kept float one at a time (slower).
 
 Budget: the weight memory of the uniform `w4a8_edges8` recipe ({uniform:.4f} MB), whose 8-bit
 layers are chosen by position (first and last). The search starts from `w8a8_per_channel`
-and moves to 4 bits the units that lose the least output SQNR per weight, until the budget
-is met; the result is an ordinary recipe, [searched.yaml](../qswap/assets/s2t_demo/searched.yaml).
+and moves to 4 bits the units whose weights add the least output noise per weight (each unit
+measured alone at 4 and at 8 bits, everything else float; noises of different units add up),
+until the budget is met; the result is an ordinary recipe, [searched.yaml](../qswap/assets/s2t_demo/searched.yaml).
 
 ```
 $ {shown(search)}
