@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,21 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tools.bench import interleaved_medians  # noqa: E402  (one timing helper for both benchmarks)
+
 DOC = REPO / "docs" / "honesty.md"
 START, END = "<!-- bench_audit:start -->", "<!-- bench_audit:end -->"
-
-
-def _interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, timed round-robin so load changes hit all alike."""
-    times: dict = {name: [] for name in fns}
-    for name, fn in fns.items():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _no_grad(fn):
@@ -73,7 +61,7 @@ def measure(args: argparse.Namespace) -> dict:
     report = qswap.audit(qmodel, net_input, decode_steps=args.decode_steps)
     first = time.perf_counter() - t0
     audit_args = dict(decode_steps=args.decode_steps)
-    t = _interleaved_medians({
+    t = interleaved_medians({
         "float_forward": _no_grad(lambda: model(**net_input)),
         "float_paths": _no_grad(lambda: run_paths(model, net_input, **audit_args)),
         "float_audit": lambda: qswap.audit(model, net_input, **audit_args),

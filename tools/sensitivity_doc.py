@@ -58,6 +58,10 @@ def main() -> int:
         rows[subset] = {r["recipe"]: r for r in json.loads((DOCS / f"searched_compare_{subset}.json").read_text())["rows"]}
         compares[subset] = (compares[subset], compare_out)
 
+    titles = {"test": "In-voice test set (voices seen in training, sentences not):", "test_heldout": "Held-out voices:"}
+    compare_blocks = "\n\n".join(f"{titles[k]}\n\n```\n$ {shown(cmd)}\n```\n\n```\n{out.rstrip()}\n```"
+                                   for k, (cmd, out) in compares.items())
+
     def verdict(r):
         s, u = r["searched"], r["w4a8_edges8"]
         if s["wer"] < u["wer"] or (s["wer"] == u["wer"] and s["weight_mb"] < u["weight_mb"]):
@@ -107,25 +111,7 @@ $ {shown(search)}
 
 ## Same budget, measured on the test sets
 
-In-voice test set (voices seen in training, sentences not):
-
-```
-$ {shown(compares['test'][0])}
-```
-
-```
-{compares['test'][1].rstrip()}
-```
-
-Held-out voices:
-
-```
-$ {shown(compares['test_heldout'][0])}
-```
-
-```
-{compares['test_heldout'][1].rstrip()}
-```
+{compare_blocks}
 
 At the same weight budget the searched recipe {verdict(rows['test'])} the uniform `w4a8_edges8`
 recipe on the in-voice test set ({rows['test']['searched']['wer']:.2f}% vs

@@ -65,6 +65,12 @@ class FakeQuantize(LazyStateModule):
         self.zero_point.copy_(zero_point)
         self._cached = None
 
+    def _passes_ok(self, x: torch.Tensor) -> bool:
+        """The grid may be applied without autograd: no gradient to ``x`` and none to a learned
+        scale (LSQ in training)."""
+        return passes_apply(x, self.spec) and not (self.spec.learnable and self.training
+                                                   and torch.is_grad_enabled())
+
     def _scalar_calibration(self) -> bool:
         """Calibration on Python numbers: a per-tensor grid (not power-of-two) from a
         min/max-family observer (``Observer.observe_scalar`` + ``choose_qparams_scalar``)."""
@@ -113,16 +119,14 @@ class FakeQuantize(LazyStateModule):
         if self.kind == "weight":
             return self._forward_weight(x)
         frozen, grid = self.frozen_grid()
-        if grid is not None and passes_apply(x, self.spec) and not (
-                self.spec.learnable and self.training and torch.is_grad_enabled()):
+        if grid is not None and self._passes_ok(x):
             return fake_quantize_passes(x, grid[0], grid[1], self.spec)  # frozen inference
         if not frozen and self._scalar_calibration():
             observed = self.observer.observe_scalar(x)
             if observed is not None:
                 scale, zero_point = choose_qparams_scalar(*observed, self.spec)
                 self._set_scalar_qparams(scale, zero_point)
-                if passes_apply(x, self.spec) and not (self.spec.learnable and self.training
-                                                       and torch.is_grad_enabled()):
+                if self._passes_ok(x):
                     return fake_quantize_passes(x, scale, zero_point, self.spec)
         elif not frozen:
             self.observer(x)
