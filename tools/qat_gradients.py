@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""QAT gradient norms of the shipped model: float against each recipe, with qswap's bounded
+LayerNorm gradient and (diagnostic) with LayerNorm's exact gradient.
+
+    .venv/bin/python tools/qat_gradients.py [--recipes w8a8 w4a8 w4a4] [--checkpoint CKPT]
+
+On real test features with frames 40-59 zeroed (a SpecAugment-style time mask), calibrated on
+the two batches before, eval mode (no dropout) with autograd on, as in a QAT step. The
+"exact LayerNorm" column sets ``qswap.nn.norm.STD_FLOOR_RATIO`` to 0 for this process only:
+it shows what the bound prevents (rows that quantization made constant).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import qswap  # noqa: E402
+import qswap.nn.norm as qnorm  # noqa: E402
+from qswap.integration.data import batches, load_model_and_task  # noqa: E402
+
+ASSET = REPO / "qswap" / "assets" / "s2t_demo"
+
+
+def grad_norm(model, net_input: dict, target: torch.Tensor, pad: int) -> float:
+    model.eval().zero_grad()
+    lprobs = model.get_normalized_probs(model(**net_input), log_probs=True)
+    F.nll_loss(lprobs.view(-1, lprobs.size(-1)), target.view(-1), ignore_index=pad, reduction="sum").backward()
+    return torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8", "w4a4"])
+    ap.add_argument("--checkpoint", type=Path, default=ASSET / "checkpoint.pt",
+                    help="a checkpoint of the shipped model's data (default: the shipped one)")
+    args = ap.parse_args(argv)
+    model, task = load_model_and_task(args.checkpoint, ASSET)
+    model = model.float()
+    samples = batches(task, "test", max_sentences=4)
+    calib = [next(samples)["net_input"] for _ in range(2)]
+    sample = next(samples)
+    net_input = dict(sample["net_input"], src_tokens=sample["net_input"]["src_tokens"].clone())
+    net_input["src_tokens"][:, 40:60] = 0.0
+    pad = task.tgt_dict.pad()
+    print(f"float: {grad_norm(model, net_input, sample['target'], pad):.4g}")
+    print("| recipe | bounded LayerNorm gradient (qswap) | exact LayerNorm gradient |")
+    print("|---|---|---|")
+    bound = qnorm.STD_FLOOR_RATIO
+    for recipe in args.recipes:
+        q = qswap.convert(model, recipe)
+        qswap.calibrate(q, calib)
+        norms = []
+        for ratio in (bound, 0.0):
+            qnorm.STD_FLOOR_RATIO = ratio
+            norms.append(grad_norm(q, net_input, sample["target"], pad))
+        qnorm.STD_FLOOR_RATIO = bound
+        print(f"| {recipe} | {norms[0]:.4g} | {norms[1]:.4g} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
