@@ -28,6 +28,7 @@ from torch import nn
 
 from qswap.errors import BudgetError
 from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.switch import enabled_only
 from qswap.recipe import load_recipe
 from qswap.sensitivity import model_output, output_sqnr
 
@@ -100,24 +101,15 @@ def rank_candidates(model: nn.Module, high: Any, batches: list, low_bits: int = 
     qswap.calibrate(qmodel, batches)
     everything = [m for m in qmodel.modules() if isinstance(m, FakeQuantize)]
     candidates = []
-    try:
-        for q in everything:
-            q.enabled = False
-        for paths, quantizers, numel in _units(qmodel):
-            if all(q.spec.bits <= low_bits for q in quantizers):
-                continue
-            for q in quantizers:
-                q.enabled = True
+    for paths, quantizers, numel in _units(qmodel):
+        if all(q.spec.bits <= low_bits for q in quantizers):
+            continue
+        with enabled_only(everything, keep=quantizers):
             high_db = output_sqnr(reference, qmodel, batches)
             with _bits(quantizers, low_bits):
                 low_db = output_sqnr(reference, qmodel, batches)
-            for q in quantizers:
-                q.enabled = False
-            cost = max(10.0 ** (-low_db / 10.0) - 10.0 ** (-high_db / 10.0), 0.0)
-            candidates.append(Candidate(paths, numel, max(high_db - low_db, 0.0), cost))
-    finally:
-        for q in everything:
-            q.enabled = True
+        cost = max(10.0 ** (-low_db / 10.0) - 10.0 ** (-high_db / 10.0), 0.0)
+        candidates.append(Candidate(paths, numel, max(high_db - low_db, 0.0), cost))
     candidates.sort(key=lambda c: (c.cost / c.numel, c.paths))
     return candidates
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from qswap.errors import CalibrationError
 from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.switch import enabled_only
 
 _LAYER = re.compile(r"^(.*?layers\.\d+)")
 
@@ -92,11 +93,6 @@ def quantizer_sites(model: nn.Module) -> dict[str, FakeQuantize]:
     return {name: lookup[name] for name in seen.values()}
 
 
-def _set_enabled(sites: dict[str, FakeQuantize], enabled: bool) -> None:
-    for q in sites.values():
-        q.enabled = enabled
-
-
 def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metric: str = "sqnr",
                 evaluate: Callable[[nn.Module], float] | None = None, top_k: int = 10,
                 calib_batches: Iterable[dict] | None = None,
@@ -128,13 +124,12 @@ def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metri
     sites = quantizer_sites(qmodel)
     full = output_sqnr(reference, qmodel, batches)
     report = SensitivityReport(qmodel.qswap_recipe.name, metric, full)
+    everything = list(sites.values())
     for i, (name, q) in enumerate(sites.items()):
-        q.enabled = False
-        all_but = output_sqnr(reference, qmodel, batches)
-        _set_enabled(sites, False)
-        q.enabled = True
-        alone = output_sqnr(reference, qmodel, batches)
-        _set_enabled(sites, True)
+        with enabled_only(everything, keep=[s for s in everything if s is not q]):
+            all_but = output_sqnr(reference, qmodel, batches)
+        with enabled_only(everything, keep=[q]):
+            alone = output_sqnr(reference, qmodel, batches)
         match = _LAYER.match(name)
         report.sites.append(SiteResult(name, q.kind, q.spec.bits, match.group(1) if match else name.split(".")[0],
                                        alone, all_but, all_but - full))
@@ -144,9 +139,8 @@ def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metri
         report.full_wer = evaluate(qmodel)
         report.float_wer = evaluate(float_model)
         for site in sorted(report.sites, key=lambda s: -s.gain_db)[:top_k]:
-            sites[site.site].enabled = False
-            site.delta_wer = report.full_wer - evaluate(qmodel)
-            sites[site.site].enabled = True
+            with enabled_only([sites[site.site]]):
+                site.delta_wer = report.full_wer - evaluate(qmodel)
     return report
 
 

@@ -199,6 +199,9 @@ def average_and_strip(paths: List[Path], out: Path, fp16: bool) -> Dict:
     n_params = sum(v.numel() for v in avg.values())
     return {"parameters": n_params, "averaged": [p.name for p in paths],
             "epoch": stripped["extra_state"]["epoch"],
+            # fairseq's own cumulative training wall clock up to the last averaged checkpoint
+            # (summed over resumed runs, including runs that were killed after saving it)
+            "train_seconds": (state0.get("extra_state") or {}).get("previous_training_time"),
             "num_updates": (stripped["optimizer_history"][-1].get("num_updates") if stripped["optimizer_history"] else None)}
 
 
@@ -230,8 +233,7 @@ def do_finalize(a: argparse.Namespace) -> None:
     for split in SHIPPED_SPLITS:
         shutil.copy2(src / f"{split}.tsv", asset / f"{split}.tsv")
         shutil.copy2(src / f"fbank80_{split}.zip", asset / f"fbank80_{split}.zip")
-    tt = work / "train_time.json"
-    info["train_seconds"] = json.loads(tt.read_text())["train_seconds"] if tt.exists() else None
+    work.mkdir(parents=True, exist_ok=True)
     (work / "finalize.json").write_text(json.dumps(info, indent=1) + "\n")
     size = sum(p.stat().st_size for p in asset.iterdir() if p.is_file())
     print(json.dumps(info), f"asset folder {size / 1e6:.1f} MB", flush=True)

@@ -51,21 +51,19 @@ class Observer(LazyStateModule):
         if not self.has_range:
             self.min_val, self.max_val = lo.clone(), hi.clone()
         else:
-            self.min_val, self.max_val = self.combine(lo, hi)
+            self.min_val, self.max_val = self.combine(self.min_val, self.max_val, lo, hi)
         self.num_batches.add_(1)
         return x
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return reduce_min_max(x, self.spec)
 
-    def combine(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.num_batches.item()  # running mean of per-batch ranges
-        return self.min_val + (lo - self.min_val) / (n + 1), self.max_val + (hi - self.max_val) / (n + 1)
+    def combine(self, mn, mx, lo, hi):
+        """The new range from the running one (``mn``, ``mx``) and a batch's (``lo``, ``hi``).
 
-    def combine_scalar(self, lo: np.float32, hi: np.float32) -> tuple[np.float32, np.float32]:
-        """``combine`` on float32 scalars (the same float32 arithmetic)."""
-        n1 = np.float32(self.num_batches.item() + 1)
-        mn, mx = np.float32(self.min_val.item()), np.float32(self.max_val.item())
+        Called with float32 tensors (``forward``) or ``np.float32`` scalars (``observe_scalar``):
+        the same float32 arithmetic either way."""
+        n1 = _as_operand(self.num_batches.item() + 1, lo)  # running mean of per-batch ranges
         return mn + (lo - mn) / n1, mx + (hi - mx) / n1
 
     scalar_path = True  # min/max-family observers: ``observe_scalar`` computes what forward does
@@ -84,7 +82,7 @@ class Observer(LazyStateModule):
                                    "need finite data (check the input features or the model)")
         lo, hi = np.float32(lo), np.float32(hi)
         if self.has_range:
-            lo, hi = self.combine_scalar(lo, hi)
+            lo, hi = self.combine(np.float32(self.min_val.item()), np.float32(self.max_val.item()), lo, hi)
             self.min_val.fill_(float(lo))
             self.max_val.fill_(float(hi))
         else:
@@ -98,21 +96,15 @@ class Observer(LazyStateModule):
 
 
 class MinMaxObserver(Observer):
-    def combine(self, lo, hi):
-        return torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
-
-    def combine_scalar(self, lo, hi):
-        return min(np.float32(self.min_val.item()), lo), max(np.float32(self.max_val.item()), hi)
+    def combine(self, mn, mx, lo, hi):
+        if isinstance(lo, torch.Tensor):
+            return torch.minimum(mn, lo), torch.maximum(mx, hi)
+        return min(mn, lo), max(mx, hi)
 
 
 class MovingAverageMinMaxObserver(Observer):
-    def combine(self, lo, hi):
-        m = self.spec.momentum
-        return self.min_val + m * (lo - self.min_val), self.max_val + m * (hi - self.max_val)
-
-    def combine_scalar(self, lo, hi):
-        m = np.float32(self.spec.momentum)
-        mn, mx = np.float32(self.min_val.item()), np.float32(self.max_val.item())
+    def combine(self, mn, mx, lo, hi):
+        m = _as_operand(self.spec.momentum, lo)
         return mn + m * (lo - mn), mx + m * (hi - mx)
 
 
@@ -148,6 +140,13 @@ class MSEObserver(Observer):
             best_err = torch.where(better, err, best_err)
             best = (torch.where(better, cand_lo, best[0]), torch.where(better, cand_hi, best[1]))
         return best
+
+
+def _as_operand(c: float, like):
+    """A Python constant for float32 arithmetic with ``like``: ``np.float32`` next to numpy
+    scalars (numpy 1.x promotes np.float32 with a Python float to float64), unchanged next to
+    tensors (torch keeps a float32 tensor float32)."""
+    return np.float32(c) if isinstance(like, np.generic) else c
 
 
 def _mean_at(err: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
