@@ -23,6 +23,9 @@ import qswap
 from qswap.io.atomic import atomic_write_text
 from qswap.io.safe_load import load_checkpoint
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import qat_gradients  # noqa: E402  (tools/qat_gradients.py)
+
 ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
 BIN = Path(sys.executable).parent
 ARCH_KEYS = ("encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads",
@@ -102,8 +105,10 @@ def main() -> int:
     for title, cmd, keep, tail in steps:
         shown, out = run(cmd, keep, tail, work)
         blocks.append(f"### {title}\n\n```\n$ {shown}\n```\n\n```\n{out}\n```\n")
+    grads = qat_gradients.measure(ckpt, ["w8a8", "w4a8", "w4a4"])
     text = (HEADER.format(date=datetime.date.today().isoformat(), machine=f"{platform.machine()}, "
-                          f"{os.cpu_count()} cores, Python {platform.python_version()}") + "\n".join(blocks) + FOOTER)
+                          f"{os.cpu_count()} cores, Python {platform.python_version()}") + "\n".join(blocks)
+            + FOOTER.replace("{grad_table}", qat_gradients.table(grads)))
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
     return 0
@@ -143,13 +148,19 @@ encoder. Quantization makes some frames exactly constant vectors (a silent or Sp
 frame quantizes to one code, and the positional embedding added to it is smaller than the grid
 step of the sum): LayerNorm's Jacobian on such a row is 1/sqrt(eps), about 316 per norm, and
 chained through the layers it blows the gradient up. `tools/qat_gradients.py` measures it on the
-shipped model with a zeroed block of frames: w4a4's gradient norm is 2.7e14 with LayerNorm's
-exact gradient and 320 with qswap's bound (float: 92); on the previous shipped model w8a8 already
-reached 2.5e14 (float: 111). Each quantized
-LayerNorm's forward value is the norm of its quantized input; its gradient is that of the float
-input with the row variance floored at (0.1 x the batch's median row deviation)^2, exact for
-ordinary rows, bounded for collapsed ones (`qswap.nn.norm.layer_norm_bounded_grad`; a test
-checks the shipped model's QAT gradient stays within 3x of float's for w8a8 and 10x for w4a4). And the calibration steps
+shipped model, test features with frames 40-59 zeroed (a time mask), gradient norm of the
+loss in eval mode, with qswap's bounded LayerNorm gradient and with LayerNorm's exact one:
+
+{grad_table}
+
+The previous shipped model (git 56e7060) blew up at 8 bits already: w8a8 2.5e14 exact against
+106 bounded and 111 float (`tools/qat_gradients.py --checkpoint` on that commit's checkpoint).
+
+Each quantized LayerNorm's forward value is the norm of its quantized input; its gradient is
+that of the float input with the row variance floored at (0.1 x the batch's median row
+deviation)^2, exact for ordinary rows, bounded for collapsed ones
+(`qswap.nn.norm.layer_norm_bounded_grad`, `grad_std_floor` on each module; a test checks the
+shipped model's QAT gradient stays within 3x of float's for w8a8 and 10x for w4a4). And the calibration steps
 (`--qswap-calib-batches N`) observe in eval mode and apply no update: their loss is multiplied by
 0, so no weight moves before the grids are frozen (tested).
 

@@ -27,12 +27,14 @@ def norm_ste(quantized_out: torch.Tensor, float_out: torch.Tensor) -> torch.Tens
 
 
 # A row whose standard deviation is below this fraction of the batch's median row deviation gets
-# the gradient of a row with that floor deviation (see ``layer_norm_bounded_grad``).
+# the gradient of a row with that floor deviation (see ``layer_norm_bounded_grad``). Each
+# QLayerNorm copies it into its ``grad_std_floor`` attribute (0 gives LayerNorm's exact gradient).
 STD_FLOOR_RATIO = 0.1
 
 
 def layer_norm_bounded_grad(x: torch.Tensor, normalized_shape: tuple, weight: torch.Tensor | None,
-                            bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+                            bias: torch.Tensor | None, eps: float,
+                            std_floor_ratio: float = STD_FLOOR_RATIO) -> torch.Tensor:
     """LayerNorm whose Jacobian is bounded for (nearly) constant rows: the gradient path of
     ``QLayerNorm`` in training (its value is replaced by the quantized norm's, ``norm_ste``).
 
@@ -40,18 +42,18 @@ def layer_norm_bounded_grad(x: torch.Tensor, normalized_shape: tuple, weight: to
     that are not constant in float: an input frame that is all zeros (a SpecAugment time mask,
     silence) quantizes to one code, and adding the positional embedding, which is small next to
     the grid step of the sum, rounds away, so the frame stays constant through every layer and
-    each LayerNorm multiplies its gradient by up to 1/sqrt(eps) = 316 (the shipped model's w4a4
-    gradient norm: 2.7e14 with the exact gradient, 320 with this one, 92 in float;
-    ``tools/qat_gradients.py``). Here a row's variance is floored at
-    ``(STD_FLOOR_RATIO * median row std)^2`` of the batch: ordinary rows get the exact LayerNorm
-    gradient, collapsed rows the gradient of a row with the floor deviation.
+    each LayerNorm multiplies its gradient by up to 1/sqrt(eps) = 316 (``tools/qat_gradients.py``
+    measures the shipped model's gradient norm both ways; docs/fairseq.md has the numbers).
+    Here a row's variance is floored at ``(std_floor_ratio * median row std)^2`` of the batch:
+    ordinary rows get the exact LayerNorm gradient, collapsed rows the gradient of a row with the
+    floor deviation.
     """
     dims = tuple(range(-len(normalized_shape), 0))
     mean = x.mean(dim=dims, keepdim=True)
     centered = x - mean
     var = centered.pow(2).mean(dim=dims, keepdim=True)
     with torch.no_grad():
-        floor = (STD_FLOOR_RATIO ** 2) * var.flatten().median()
+        floor = (std_floor_ratio ** 2) * var.flatten().median()
     y = centered * torch.rsqrt(torch.maximum(var, floor) + eps)
     if weight is not None:
         y = y * weight
@@ -81,6 +83,7 @@ class QLayerNorm(_QNorm):
     def __init__(self, normalized_shape, weight, bias, eps, config):
         super().__init__(weight, bias, eps, config)
         self.normalized_shape = tuple(normalized_shape)
+        self.grad_std_floor = STD_FLOOR_RATIO  # QAT gradient bound (layer_norm_bounded_grad)
 
     @classmethod
     def from_float(cls, module: nn.LayerNorm, config: QuantConfig) -> "QLayerNorm":
@@ -91,7 +94,7 @@ class QLayerNorm(_QNorm):
         y = F.layer_norm(self.input_quant(x), self.normalized_shape, w, b, self.eps)
         if not (torch.is_grad_enabled() and x.requires_grad):
             return y  # inference (and the audit): one norm kernel on the quantized input
-        return norm_ste(y, layer_norm_bounded_grad(x, self.normalized_shape, w, b, self.eps))
+        return norm_ste(y, layer_norm_bounded_grad(x, self.normalized_shape, w, b, self.eps, self.grad_std_floor))
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"

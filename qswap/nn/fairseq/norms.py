@@ -23,7 +23,8 @@ class QFp32LayerNorm(QLayerNorm):
         w, b = None if w is None else w.float(), None if b is None else b.float()
         y = F.layer_norm(self.input_quant(x.float()), self.normalized_shape, w, b, self.eps)
         if torch.is_grad_enabled() and x.requires_grad:  # QAT: QLayerNorm's gradient path
-            y = norm_ste(y, layer_norm_bounded_grad(x.float(), self.normalized_shape, w, b, self.eps))
+            y = norm_ste(y, layer_norm_bounded_grad(x.float(), self.normalized_shape, w, b, self.eps,
+                                                    self.grad_std_floor))
         return y.type_as(x)
 
 
