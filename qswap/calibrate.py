@@ -119,7 +119,9 @@ def _reduce_ranges(quantizers: list[FakeQuantize]) -> None:
     from qswap.quant.primitives import choose_qparams
 
     dist = torch.distributed
-    seen = torch.tensor([q.observer.has_range for q in quantizers], dtype=torch.int32)
+    # NCCL reduces CUDA tensors only, gloo CPU ones: ranges travel on the backend's device
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    seen = torch.tensor([q.observer.has_range for q in quantizers], dtype=torch.int32, device=device)
     anyone, everyone = seen.clone(), seen.clone()
     dist.all_reduce(anyone, op=dist.ReduceOp.MAX)
     dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
@@ -133,10 +135,14 @@ def _reduce_ranges(quantizers: list[FakeQuantize]) -> None:
         if not a:
             continue
         obs = q.observer
-        if not obs.has_range:  # per-tensor: an empty range joins the others'
-            obs.min_val, obs.max_val = torch.tensor(float("inf")), torch.tensor(float("-inf"))
-        dist.all_reduce(obs.min_val, op=dist.ReduceOp.MIN)
-        dist.all_reduce(obs.max_val, op=dist.ReduceOp.MAX)
+        home = q.scale.device
+        if obs.has_range:
+            lo, hi = obs.min_val.to(device), obs.max_val.to(device)
+        else:  # per-tensor: an empty range joins the others'
+            lo, hi = torch.tensor(float("inf"), device=device), torch.tensor(float("-inf"), device=device)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        obs.min_val, obs.max_val = lo.to(home), hi.to(home)
         q._set_qparams(*choose_qparams(obs.min_val, obs.max_val, q.spec))
 
 

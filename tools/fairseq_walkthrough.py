@@ -82,7 +82,7 @@ def main() -> int:
          [gen, str(ASSET), "--user-dir", plugin, "--task", "speech_to_text_qswap", "--path", str(work / "w8a8.pt"),
           "--qswap-audit", *gen_common], fairseq_line, 8),
         ("Quantization-aware fine-tuning (QAT) with fairseq-train: w4a8; the first 2 steps calibrate "
-         "(no weight moves), then the grids are frozen and the weights train",
+         "(zero gradient), then the grids are frozen and the weights train",
          [train, str(ASSET), "--user-dir", plugin, "--task", "speech_to_text_qswap", "--qswap-recipe", "w4a8",
           "--qswap-calib-batches", "2", "--finetune-from-model", str(ckpt), *arch_args(ckpt),
           "--train-subset", "train_calib", "--valid-subset", "train_calib", "--max-update", str(args.qat_updates),
@@ -161,8 +161,11 @@ that of the float input with the row variance floored at (0.1 x the batch's medi
 deviation)^2, exact for ordinary rows, bounded for collapsed ones
 (`qswap.nn.norm.layer_norm_bounded_grad`, `grad_std_floor` on each module; a test checks the
 shipped model's QAT gradient stays within 3x of float's for w8a8 and 10x for w4a4). And the calibration steps
-(`--qswap-calib-batches N`) observe in eval mode and apply no update: their loss is multiplied by
-0, so no weight moves before the grids are frozen (tested).
+(`--qswap-calib-batches N`) observe in eval mode with their loss multiplied by 0, so their
+gradient is zero. fairseq still runs its optimizer step on them: with a fresh Adam state (as
+after `--finetune-from-model`) and no `--weight-decay`, no weight moves before the grids are
+frozen (tested: bit-identical weights); weight decay, if set, does apply on those steps, and the
+learning-rate schedule counts them as updates.
 
 ## Distributed QAT
 

@@ -74,7 +74,7 @@ def _ctc_greedy(model, sample: dict, dictionary) -> list[torch.Tensor]:
     padding = out.get("padding_mask")
     best = logits.argmax(dim=-1).transpose(0, 1)  # (B, T)
     # the blank is fairseq's bos (index 0); like fairseq's CTC criterion, pad and eos are no words
-    dropped = torch.tensor([dictionary.bos(), dictionary.pad(), dictionary.eos()])
+    dropped = torch.tensor([dictionary.bos(), dictionary.pad(), dictionary.eos()], device=best.device)
     result = []
     for b in range(best.shape[0]):
         seq = best[b] if padding is None else best[b][~padding[b]]

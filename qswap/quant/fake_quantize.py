@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from qswap.errors import CalibrationError
+from qswap.errors import CalibrationError, SpecError
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
 from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_passes,
@@ -37,6 +37,10 @@ class FakeQuantize(LazyStateModule):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if kind == "activation" and spec.granularity == "per_group":
+            raise SpecError("an activation quantizer keeps one static grid, and per_group grids of an "
+                            "activation would change with its number of rows (frames, batch): use "
+                            "per_tensor, or per_channel with axis -1 (the feature axis)")
         self.spec, self.kind = spec, kind
         self.observer = make_observer(spec)
         if spec.learnable:

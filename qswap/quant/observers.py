@@ -12,9 +12,10 @@ import math
 import numpy as np
 import torch
 
-from qswap.errors import CalibrationError
+from qswap.errors import CalibrationError, SpecError
 from qswap.quant.lazy_state import LazyStateModule
-from qswap.quant.primitives import all_finite, choose_qparams, fake_quantize, groups_view, reduce_min_max
+from qswap.quant.primitives import (all_finite, channel_axis, choose_qparams, fake_quantize, groups_view,
+                                    reduce_min_max)
 from qswap.quant.spec import QuantSpec
 
 _PERCENTILE_MAX_SAMPLES = 1 << 20  # torch.quantile's input limit is 16M; a strided sample is plenty
@@ -50,6 +51,12 @@ class Observer(LazyStateModule):
                                    "need finite data (check the input features or the model)")
         if not self.has_range:
             self.min_val, self.max_val = lo.clone(), hi.clone()
+        elif lo.shape != self.min_val.shape:
+            raise SpecError(
+                f"{self.spec.granularity} ranges of shape {tuple(lo.shape)} after ranges of shape "
+                f"{tuple(self.min_val.shape)} (tensor shape {tuple(x.shape)}): per-channel and per-group "
+                f"grids need an axis whose size never changes (an activation's feature axis -1), not "
+                f"a time or batch axis")
         else:
             self.min_val, self.max_val = self.combine(self.min_val, self.max_val, lo, hi)
         self.num_batches.add_(1)
@@ -117,7 +124,7 @@ class PercentileObserver(Observer):
         flat = x.reshape(-1)
         if flat.numel() > _PERCENTILE_MAX_SAMPLES:
             flat = flat[:: flat.numel() // _PERCENTILE_MAX_SAMPLES + 1]
-        q = torch.tensor([1.0 - self.spec.percentile / 100.0, self.spec.percentile / 100.0])
+        q = torch.tensor([1.0 - self.spec.percentile / 100.0, self.spec.percentile / 100.0], device=flat.device)
         lo, hi = torch.quantile(flat, q)
         return lo, hi
 
@@ -153,7 +160,7 @@ def _mean_at(err: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if spec.granularity == "per_tensor":
         return err.mean()
     if spec.granularity == "per_channel":
-        axis = spec.channel_axis % err.dim()
+        axis = channel_axis(err, spec)
         return err.movedim(axis, 0).reshape(err.shape[axis], -1).mean(dim=1)
     return groups_view(err, spec).mean(dim=2)  # (rows, G)
 

@@ -30,9 +30,19 @@ MAX_RANGE = float(torch.finfo(torch.float32).max) / 8
 _FLOOR_SLACK = 2.0 ** -20  # 8 float32 ulps, relative
 
 
+def channel_axis(x: torch.Tensor, spec: QuantSpec) -> int:
+    """The spec's scale-carrying axis of ``x`` as a non-negative index; a typed error when ``x``
+    has no such axis (a recipe's ``axis: 2`` on a 2-d weight must not wrap around to axis 0)."""
+    axis = spec.channel_axis
+    if not -x.dim() <= axis < x.dim():
+        raise SpecError(f"{spec.granularity} quantization along axis {axis} of a {x.dim()}-d tensor "
+                        f"(shape {tuple(x.shape)}): pick an axis between {-x.dim()} and {x.dim() - 1}")
+    return axis % x.dim()
+
+
 def groups_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """(..., N along axis, ...) -> (rows, G, group_size) with the group axis moved last."""
-    axis = spec.channel_axis % x.dim()
+    axis = channel_axis(x, spec)
     size = x.shape[axis]
     if size % spec.group_size:
         raise SpecError(f"per_group quantization needs axis {axis} (size {size}) divisible by "
@@ -54,7 +64,7 @@ def reduce_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     if spec.granularity == "per_tensor":
         return torch.aminmax(x)
     if spec.granularity == "per_channel":
-        axis = spec.channel_axis % x.dim()
+        axis = channel_axis(x, spec)
         flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (C, rest)
         return torch.aminmax(flat, dim=1)
     groups = groups_view(x, spec)  # (rows, G, gs)
@@ -112,7 +122,7 @@ def choose_qparams_scalar(lo: float, hi: float, spec: QuantSpec) -> tuple[float,
 def _broadcast(t: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Reshape per-channel qparams (C,) so they broadcast against x."""
     shape = [1] * x.dim()
-    shape[spec.channel_axis % x.dim()] = -1
+    shape[channel_axis(x, spec)] = -1
     return t.reshape(shape)
 
 
@@ -170,19 +180,25 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     requires grad (LSQ), it receives the LSQ gradient through the differentiable path.
     """
     qmin, qmax = spec.qmin, spec.qmax
+    if spec.granularity == "per_channel" and scale.numel() != x.shape[channel_axis(x, spec)]:
+        raise SpecError(
+            f"{scale.numel()} per-channel scales for axis {spec.channel_axis} of size "
+            f"{x.shape[channel_axis(x, spec)]} (tensor shape {tuple(x.shape)}): per-channel grids need an "
+            f"axis whose size never changes (a weight's output channels, an activation's feature "
+            f"axis -1), not a time or batch axis")
     if _fused_ok(x, spec, scale):
         if spec.granularity == "per_tensor":
             if passes_apply(x, spec):
                 return fake_quantize_passes(x, float(scale), int(zero_point), spec)
             return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()),
                                                          qmin, qmax)
-        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, spec.channel_axis % x.dim(),
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, channel_axis(x, spec),
                                                       qmin, qmax)
     if spec.granularity == "per_group":
         groups = groups_view(x, spec)  # (rows, G, gs)
         out = _fake_quantize_ref(groups, scale.reshape(groups.shape[:2] + (1,)),
                                  zero_point.reshape(groups.shape[:2] + (1,)), spec)
-        axis = spec.channel_axis % x.dim()
+        axis = channel_axis(x, spec)
         moved_shape = x.movedim(axis, -1).shape
         return out.reshape(moved_shape).movedim(-1, axis)
     if spec.granularity == "per_channel":
@@ -217,7 +233,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
             groups = groups_view(fq, spec)
             codes = torch.round(groups / scale.reshape(groups.shape[:2] + (1,))) \
                 + zero_point.reshape(groups.shape[:2] + (1,))
-            axis = spec.channel_axis % x.dim()
+            axis = channel_axis(x, spec)
             codes = codes.reshape(fq.movedim(axis, -1).shape).movedim(-1, axis)
         elif spec.granularity == "per_channel":
             codes = torch.round(fq / _broadcast(scale, fq, spec)) + _broadcast(zero_point, fq, spec)
@@ -233,7 +249,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     if spec.granularity == "per_group":
         groups = groups_view(c, spec)
         out = (groups - zero_point.reshape(groups.shape[:2] + (1,))) * scale.reshape(groups.shape[:2] + (1,))
-        axis = spec.channel_axis % c.dim()
+        axis = channel_axis(c, spec)
         return out.reshape(c.movedim(axis, -1).shape).movedim(-1, axis)
     if spec.granularity == "per_channel":
         return (c - _broadcast(zero_point, c, spec)) * _broadcast(scale, c, spec)

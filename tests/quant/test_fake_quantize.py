@@ -132,3 +132,11 @@ def test_calibration_on_python_numbers_matches_the_tensor_arithmetic(spec):
         assert torch.equal(fq.observer.max_val, reference.max_val)
         assert torch.equal(fq.scale, scale) and torch.equal(fq.zero_point, zp)
         assert torch.equal(out, torch.fake_quantize_per_tensor_affine(x, scale, zp, spec.qmin, spec.qmax))
+
+
+def test_per_group_activation_quantizer_is_refused_with_the_fix():
+    from qswap.errors import SpecError
+
+    with pytest.raises(SpecError, match="axis -1"):
+        FakeQuantize(QuantSpec(bits=8, granularity="per_group", group_size=4), kind="activation")
+    FakeQuantize(QuantSpec(bits=4, granularity="per_group", group_size=4), kind="weight")  # weights may

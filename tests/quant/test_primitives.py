@@ -138,3 +138,27 @@ def test_scalar_qparams_match_the_tensor_qparams_bit_for_bit(spec):
         scale, zp = choose_qparams(lo32, hi32, spec)
         s, z = choose_qparams_scalar(float(lo32), float(hi32), spec)
         assert torch.equal(torch.tensor(s, dtype=torch.float32), scale) and z == int(zp), (lo, hi)
+
+
+def test_an_axis_the_tensor_does_not_have_is_a_typed_error():
+    from qswap.errors import SpecError
+    from qswap.quant.primitives import reduce_min_max
+
+    spec = QuantSpec(bits=8, granularity="per_channel", axis=2)
+    with pytest.raises(SpecError, match="axis 2 of a 2-d tensor"):
+        reduce_min_max(torch.randn(6, 4), spec)
+
+
+def test_per_channel_activation_grid_on_a_time_axis_is_a_typed_error():
+    """Per-channel ranges along an axis whose size changes between batches (time) cannot make
+    one grid: a typed error names the fix instead of a raw shape mismatch."""
+    from qswap.errors import SpecError
+    from qswap.quant.fake_quantize import FakeQuantize
+
+    fq = FakeQuantize(QuantSpec(bits=8, granularity="per_channel", axis=0))
+    fq(torch.randn(7, 2, 16))  # (T, B, C): 7 frames
+    with pytest.raises(SpecError, match="feature axis"):
+        fq(torch.randn(9, 2, 16))  # observing a batch of 9 frames
+    fq.freeze()
+    with pytest.raises(SpecError, match="feature axis"):
+        fq(torch.randn(9, 2, 16))  # frozen grid of 7 scales on 9 frames
