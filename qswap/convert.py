@@ -1,8 +1,10 @@
 """The graph walker: swap float modules for their counterparts as a recipe says.
 
-Walk, collect, then replace: the walk decides every module's fate without touching the tree;
-the replacement builds counterparts deepest first, so a counterpart that keeps its children
-(a transformer layer) is built around children that are already converted.
+Walk, collect, check, then replace: the walk decides every module's fate without touching the
+tree; every check (strict mode, site names) runs before anything changes; the replacement builds
+every counterpart first, then sets them in place shallowest first. A counterpart that keeps its
+children (a transformer layer) holds them under their float names, so a converted child is set
+into the counterpart by the same path. An error leaves an ``inplace`` model as it was.
 """
 from __future__ import annotations
 
@@ -11,14 +13,14 @@ import importlib
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from qswap.errors import ConvertError
 from qswap.nn.base import QuantConfig, QuantModule
-from qswap.nn.registry import PASSTHROUGH, find
+from qswap.nn.registry import PASSTHROUGH, REGISTRY, find
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.recipe import Recipe, Rule, load_recipe
 from qswap.report import ConvertReport, ModuleEntry
@@ -34,6 +36,7 @@ class _Plan:
     module: nn.Module
     counterpart: type
     config: QuantConfig
+    rule: Rule | None  # the rule in effect (its own or an ancestor's); None: the defaults
     rule_label: str
 
 
@@ -61,12 +64,13 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
     report = ConvertReport(recipe=recipe.name, float_ok=dict(recipe.float_ok))
     plans, hit_rules = _walk(target, recipe, report)
     _check_rules(recipe, hit_rules, report, strict)
-    target = _replace(target, plans, report)
-    report.float_bytes, report.quantized_bytes = _sizes(target)
+    _check_sites(recipe, plans, hit_rules)
     if strict and report.by_action("float"):
         names = ", ".join(e.path or "<root>" for e in report.by_action("float")[:8])
         raise ConvertError(f"strict mode: {len(report.by_action('float'))} module(s) left float "
                            f"without a skip rule: {names}")
+    target = _replace(target, plans, report)
+    report.float_bytes, report.quantized_bytes = _sizes(target)
     target.qswap_recipe = recipe
     target.qswap_report = report
     return target
@@ -104,23 +108,20 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[
         rule = recipe.first_rule(path, module) if path or _root_matchable(recipe, module) else None
         if rule is not None:
             hit.add(rule.index)
+            for key, why in rule.float_ok.items():  # "PATH:OP" covers the submodules of PATH too
+                report.float_ok.setdefault(f"{path}:{key}" if path else key, why)
         effective = rule or inherited
         label = effective.label() if effective else "defaults"
         cls_name = type(module).__name__
         if effective is not None and effective.skip:
             report.entries.append(ModuleEntry(path, cls_name, "skipped", label,
                                               reason=effective.note or "skip: true"))
-            for key, why in effective.float_ok.items():
-                report.float_ok.setdefault(f"{path}:{key}" if path else key, why)
             return
-        if effective is not None:
-            for key, why in effective.float_ok.items():
-                report.float_ok.setdefault(f"{path}:{key}" if path else key, why)
         config = effective.config if effective else recipe.defaults
         counterpart = find(module)
         children = list(module.named_children())
         if counterpart is not None:
-            plans.append(_Plan(path, module, counterpart, config, label))
+            plans.append(_Plan(path, module, counterpart, config, effective, label))
             if not counterpart.converts_children:
                 return
         elif cls_name in PASSTHROUGH and not children:
@@ -158,8 +159,35 @@ def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: b
         warnings.warn(message, QswapWarning, stacklevel=3)
 
 
+def _check_sites(recipe: Recipe, plans: list[_Plan], hit: set[int]) -> None:
+    """A site name must be a site of a counterpart it can reach: a defaults site of any registered
+    counterpart (one recipe serves many architectures: ``softmax_out`` is valid on a model with no
+    attention); a rule's own site of one the rule covers (it or an ancestor matched). A rule that
+    matched nothing is reported by _check_rules."""
+    _check_site_names(recipe, "defaults", recipe.defaults.sites, list(REGISTRY.values()))
+    for rule in recipe.rules:
+        if rule.own_sites and rule.index in hit:
+            covered = [p.counterpart for p in plans if p.rule is not None and p.rule.index == rule.index]
+            _check_site_names(recipe, rule.label(), rule.own_sites, covered)
+
+
+def _check_site_names(recipe: Recipe, where: str, names: Iterable[str], covered: list[type]) -> None:
+    valid = {site for cls in covered for site in cls.sites}
+    for site in names:
+        if site in valid:
+            continue
+        if where == "defaults":
+            have = f"sites of the registered counterparts: {', '.join(sorted(valid))}"
+        else:
+            have = "; ".join(f"{cls.__name__}: {', '.join(cls.sites) or 'no sites'}"
+                             for cls in sorted(set(covered), key=lambda c: c.__name__)) or "none is converted"
+        raise ConvertError(f"{recipe.name}: {where}: site {site!r} is not a site of the modules "
+                           f"it applies to ({have}); fix the site name or remove it")
+
+
 def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.Module:
     shared: dict[int, tuple[FakeQuantize, str]] = {}  # id(param) -> its first quantizer, owner
+    built: list[tuple[str, nn.Module]] = []
     for plan in sorted(plans, key=lambda p: p.path.count(".") + (1 if p.path else 0), reverse=True):
         try:
             new = plan.counterpart.from_float(plan.module, plan.config)
@@ -171,10 +199,12 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.M
             plan.path, type(plan.module).__name__, "quantized", plan.rule_label,
             counterpart=type(new).__name__, weight=_label(plan.config.weight),
             activation=_label(plan.config.activation)))
-        if not plan.path:
+        built.append((plan.path, new))
+    for path, new in reversed(built):  # shallowest first: a parent counterpart is in place
+        if not path:
             root = new
             continue
-        parent_path, _, name = plan.path.rpartition(".")
+        parent_path, _, name = path.rpartition(".")
         setattr(root.get_submodule(parent_path), name, new)
     report.entries.sort(key=lambda e: e.path)
     return root

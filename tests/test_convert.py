@@ -124,3 +124,81 @@ def test_s2t_transformer_converts_and_report_lists_every_module():
     with torch.no_grad():
         ref, out = model(**net_input)[0], converted(**net_input)[0]
     assert out.shape == ref.shape and torch.isfinite(out).all()
+
+
+def _attention_model():
+    return nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
+
+
+def test_a_site_name_no_converted_module_has_is_an_error_naming_key_rule_and_valid_sites():
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"class": "Linear"}, "sites": {"inptu": None}}]}
+    with pytest.raises(ConvertError, match=r"rule 0: class=Linear: site 'inptu' .*QLinear: input, weight"):
+        qswap.convert(TiedLM(), recipe)
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "sites": {"softmax_ot": None}}}
+    with pytest.raises(ConvertError, match=r"defaults: site 'softmax_ot' .*registered counterparts: .*softmax_out"):
+        qswap.convert(_attention_model(), recipe)
+
+
+def test_a_site_is_valid_where_some_module_it_applies_to_has_it():
+    # defaults: any registered counterpart; a rule: the modules it or an ancestor's match covers
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8},
+                                         "sites": {"softmax_out": None}},
+              "rules": [{"match": {"path": "0"}, "sites": {"input": None}}]}
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 8)), nn.MultiheadAttention(8, 2))
+    converted = qswap.convert(model, recipe)
+    assert isinstance(converted[0][0].input_quant, nn.Identity)
+    assert isinstance(converted[1].core.softmax_out_quant, nn.Identity)
+    with pytest.raises(ConvertError, match="site 'softmax_out'"):  # a Linear has no softmax
+        qswap.convert(TiedLM(), recipe | {"rules": [{"match": {"path": "proj"}, "sites": {"softmax_out": None}}]})
+    # one recipe for many architectures: a defaults site this model has no module for is fine
+    assert isinstance(qswap.convert(TiedLM(), recipe | {"rules": []}).proj.input_quant, FakeQuantize)
+
+
+def test_a_rule_that_matched_nothing_is_not_also_a_site_error():
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"path": "encoder.nothing"}, "sites": {"softmax_out": None}},
+                        {"match": {"class": "LayerNorm"}, "sites": {"norm_weight": None}}]}
+    with pytest.warns(qswap.QswapWarning, match="matched no module"):
+        qswap.convert(TiedLM(), recipe)
+
+
+def test_defaults_sites_apply_under_a_rule_that_hits_the_module():
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8},
+                                         "sites": {"softmax_out": None}},
+              "rules": [{"match": {"class": "MultiheadAttention"}, "weight": {"bits": 4}}]}
+    converted = qswap.convert(_attention_model(), recipe)
+    assert converted[1].in_proj_weight_quant.spec.bits == 4
+    assert isinstance(converted[1].core.softmax_out_quant, nn.Identity)
+    assert isinstance(converted[1].core.softmax_in_quant, FakeQuantize)
+
+
+def test_a_rule_float_ok_is_prefixed_once_with_the_path_it_matched():
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 4))
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"path": "0"}, "float_ok": {"add": "a float residual"}},
+                        {"match": {"path": "1"}, "skip": True, "float_ok": {"*": "a float head"}}]}
+    converted = qswap.convert(model, recipe)
+    assert converted.qswap_report.float_ok == {"0:add": "a float residual", "1:*": "a float head"}
+
+
+def _failing_model():
+    # the MultiheadAttention with kdim != embed_dim makes from_float raise after the Linear is built
+    return nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.MultiheadAttention(4, 2, kdim=3))
+
+
+def _modules(model):
+    return [(name, id(module)) for name, module in model.named_modules()]
+
+
+@pytest.mark.parametrize("case", ["strict", "from_float", "site"])
+def test_a_failing_inplace_convert_leaves_the_model_untouched(case):
+    model = _failing_model() if case == "from_float" else nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Softplus())
+    recipe = ({"version": 1, "defaults": {"weight": {"bits": 8}, "sites": {"inptu": None}}}
+              if case == "site" else "w8a8")
+    before = _modules(model)
+    with pytest.raises(ConvertError, match={"strict": "left float", "from_float": "kdim",
+                                            "site": "inptu"}[case]):
+        qswap.convert(model, recipe, inplace=True, strict=case == "strict")
+    assert _modules(model) == before
+    assert not any(isinstance(m, (FakeQuantize, QLinear)) for m in model.modules())

@@ -151,7 +151,7 @@ class Findings:
 class FloatOk:
     """``float_ok`` keys: an op name (``softmax``, ``aten._softmax``, a family such as ``norm``),
     a module path (exact = that module and its submodules, glob, or ``re:`` regex), or
-    ``PATH:OP`` (``OP`` may be ``*``)."""
+    ``PATH:OP`` (``OP`` may be ``*``; ``re:dec.*:softmax``)."""
 
     def __init__(self, entries: dict[str, str]):
         self.entries = dict(entries)
@@ -160,18 +160,26 @@ class FloatOk:
     def match(self, module: str, op: str) -> str | None:
         names = aliases(op)
         for key, reason in self.entries.items():
-            mod, sep, op_key = key.rpartition(":")
-            if sep and mod:
-                hit = _path_matches(mod, module) and (op_key == "*" or op_key in names)
-            else:
-                hit = key in names or _path_matches(key, module)
-            if hit:
+            if _key_matches(key, module, names):
                 self.used.add(key)
                 return f"{key}: {reason}"
         return None
 
     def unused(self) -> list[str]:
         return [k for k in self.entries if k not in self.used]
+
+
+def _key_matches(key: str, module: str, names: set[str]) -> bool:
+    """``re:REGEX`` is a path regex, ``re:REGEX:OP`` one with an op; the regex may hold a ':'
+    of its own (``(?:...)``), so both readings are tried (module paths never contain ':')."""
+    if key.startswith("re:"):
+        regex, sep, op_key = key[3:].rpartition(":")
+        with_op = bool(sep and regex) and (op_key == "*" or op_key in names)
+        return _path_matches(key, module) or (with_op and _path_matches("re:" + regex, module))
+    mod, sep, op_key = key.rpartition(":")
+    if sep and mod:
+        return _path_matches(mod, module) and (op_key == "*" or op_key in names)
+    return key in names or _path_matches(key, module)
 
 
 def _path_matches(pattern: str, path: str) -> bool:

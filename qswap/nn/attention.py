@@ -132,7 +132,7 @@ def merge_heads(x: torch.Tensor, batch: int) -> torch.Tensor:
 class QMultiheadAttention(QuantModule):
     """torch.nn.MultiheadAttention with quantized inputs, projections, core and output."""
 
-    sites = ("input", "key_in", "value_in", "in_proj_weight") + CORE_SITES
+    sites = ("input", "key_in", "value_in", "in_proj_weight", "weight") + CORE_SITES  # weight: out_proj
 
     def __init__(self, module: nn.MultiheadAttention, config: QuantConfig):
         super().__init__()

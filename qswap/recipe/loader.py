@@ -110,7 +110,8 @@ def parse_recipe(data: Any, source: str = "<dict>") -> Recipe:
     rules_raw = data.get("rules") or []
     if not isinstance(rules_raw, list):
         raise ctx.error(data, "rules", f"must be a list of rules, got {_tname(rules_raw)}")
-    rules = tuple(ctx.rule(r, i, w_default, a_default) for i, r in enumerate(rules_raw))
+    default_sites = ctx.sites(defaults_raw)
+    rules = tuple(ctx.rule(r, i, w_default, a_default, default_sites) for i, r in enumerate(rules_raw))
     return Recipe(name=name, defaults=defaults, rules=rules,
                   float_ok=ctx.float_ok(data), strict=ctx.boolean(data, "strict", False),
                   description=ctx.string(data, "description", default=""),
@@ -172,17 +173,26 @@ class _Ctx:
         except TypeError as exc:
             raise self.error(node, key, f"bad quantizer fields: {exc}") from None
 
-    def config(self, node: Mapping, w: "dict | None", a: "dict | None") -> QuantConfig:
+    def sites(self, node: Mapping) -> Mapping:
+        """node's ``sites:`` mapping (empty when absent), its keys checked to be strings."""
         sites_raw = node.get("sites") or {}
         if not isinstance(sites_raw, Mapping):
             raise self.error(node, "sites", f"must be a mapping of site -> quantizer, got {_tname(sites_raw)}")
-        sites = {}
         for site in sites_raw:
             if not isinstance(site, str):
                 raise self.error(sites_raw, None, f"site names are strings, got {site!r}")
-            base = w if site.endswith(("weight", "bias")) else a
-            sites[site] = self.to_spec(sites_raw, site, self.spec_dict(sites_raw, site, base),
-                                       sites_raw.get(site))
+        return sites_raw
+
+    def config(self, node: Mapping, w: "dict | None", a: "dict | None",
+               default_sites: "Mapping | None" = None) -> QuantConfig:
+        """node's config; ``default_sites`` (the defaults' ``sites:``) apply under node's own, each
+        site merged over ``w`` (names ending in weight/bias) or ``a``, node's merged specs."""
+        sites = {}
+        for sites_raw in (default_sites or {}, self.sites(node)):
+            for site in sites_raw:
+                base = w if site.endswith(("weight", "bias")) else a
+                sites[site] = self.to_spec(sites_raw, site, self.spec_dict(sites_raw, site, base),
+                                           sites_raw.get(site))
         return QuantConfig(weight=self.to_spec(node, "weight", w), activation=self.to_spec(node, "activation", a),
                            sites=sites)
 
@@ -196,7 +206,8 @@ class _Ctx:
                                  "non-empty reason")
         return dict(value)
 
-    def rule(self, raw: Any, index: int, w_default: "dict | None", a_default: "dict | None") -> Rule:
+    def rule(self, raw: Any, index: int, w_default: "dict | None", a_default: "dict | None",
+             default_sites: Mapping) -> Rule:
         if not isinstance(raw, Mapping):
             raise RecipeError(f"rule {index} must be a mapping, got {_tname(raw)}", source=self.source)
         self.check_keys(raw, RULE_KEYS, f"rule {index}")
@@ -217,8 +228,9 @@ class _Ctx:
             raise self.error(m, "path", str(exc)) from None
         w = self.spec_dict(raw, "weight", w_default)
         a = self.spec_dict(raw, "activation", a_default)
-        return Rule(match=match, config=self.config(raw, w, a), skip=self.boolean(raw, "skip", False),
-                    float_ok=self.float_ok(raw), note=self.string(raw, "note", ""), index=index,
+        return Rule(match=match, config=self.config(raw, w, a, default_sites),
+                    skip=self.boolean(raw, "skip", False), float_ok=self.float_ok(raw),
+                    note=self.string(raw, "note", ""), index=index, own_sites=tuple(self.sites(raw)),
                     line=raw.line if isinstance(raw, LineDict) else None)
 
 

@@ -3,7 +3,8 @@
 A module's rule is: the first rule (in file order) that matches the module, else the rule that
 hit its nearest ancestor, else the recipe's defaults. Within a rule, ``weight`` / ``activation``
 are merged over the defaults field by field (``weight: {bits: 4}`` keeps the default
-granularity), ``null`` means "leave float", and ``sites`` override single quantizer sites.
+granularity), ``null`` means "leave float", and ``sites`` override single quantizer sites (a
+rule's own over the defaults', each merged over the rule's weight or activation spec).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class Rule:
     float_ok: Mapping[str, str] = field(default_factory=dict)
     note: str = ""
     index: int = 0
+    own_sites: tuple[str, ...] = ()  # the sites this rule names; config.sites adds the defaults'
     line: int | None = field(default=None, compare=False)
 
     def label(self) -> str:
@@ -54,8 +56,9 @@ class Recipe:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as plain data (what it was loaded from); ``load_recipe`` accepts it back."""
-        return _plain(self.raw)
+        """The recipe as plain data (what it was loaded from, with its resolved name and version:
+        a file without ``name:`` is named after its stem); ``load_recipe`` accepts it back."""
+        return {**_plain(self.raw), "version": self.version, "name": self.name}
 
 
 def _plain(obj: Any) -> Any:

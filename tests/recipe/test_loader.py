@@ -90,3 +90,26 @@ def test_non_utf8_file(tmp_path):
 
 def test_public_name():
     assert qswap.load_recipe is load_recipe
+
+
+def test_defaults_sites_apply_under_each_rule_merged_over_its_specs():
+    recipe = parse_yaml(textwrap.dedent("""
+        version: 1
+        defaults:
+          weight: {bits: 8}
+          activation: {bits: 8, symmetric: false}
+          sites: {softmax_out: null, softmax_in: {bits: 6}, norm_weight: {bits: 6}}
+        rules:
+          - match: {class: MultiheadAttention}
+            activation: {bits: 4}
+            sites: {softmax_out: {bits: 8}, q: null}
+          - match: {class: LayerNorm}
+            weight: {granularity: per_channel}
+    """))
+    attention, norm = (r.config.sites for r in recipe.rules)
+    assert recipe.defaults.sites["softmax_out"] is None
+    assert attention["softmax_out"].bits == 8 and attention["q"] is None  # its own win
+    assert (attention["softmax_in"].bits, attention["softmax_in"].symmetric) == (6, False)
+    assert norm["softmax_out"] is None  # the defaults' null survives a rule without sites
+    assert (norm["norm_weight"].bits, norm["norm_weight"].granularity) == (6, "per_channel")
+    assert recipe.rules[0].own_sites == ("softmax_out", "q") and recipe.rules[1].own_sites == ()
