@@ -64,3 +64,7 @@ class OutputError(QswapError, OSError):
 
 class BudgetError(QswapError, ValueError):
     """A mixed-precision search budget that no recipe can meet (names the reachable range)."""
+
+
+class DependencyError(QswapError, ImportError):
+    """An optional package a requested feature needs is not installed (names the pip install)."""

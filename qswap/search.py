@@ -19,6 +19,7 @@ The result is an ordinary recipe: ``high``'s defaults plus one exact-path rule p
 from __future__ import annotations
 
 import contextlib
+import math
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -108,10 +109,23 @@ def rank_candidates(model: nn.Module, high: Any, batches: list, low_bits: int = 
             high_db = output_sqnr(reference, qmodel, batches)
             with _bits(quantizers, low_bits):
                 low_db = output_sqnr(reference, qmodel, batches)
-        cost = max(10.0 ** (-low_db / 10.0) - 10.0 ** (-high_db / 10.0), 0.0)
-        candidates.append(Candidate(paths, numel, max(high_db - low_db, 0.0), cost))
+        candidates.append(Candidate(paths, numel, _loss_db(high_db, low_db), _added_noise(high_db, low_db)))
     candidates.sort(key=lambda c: (c.cost / c.numel, c.paths))
     return candidates
+
+
+def _loss_db(high_db: float, low_db: float) -> float:
+    return 0.0 if high_db == low_db else max(high_db - low_db, 0.0)
+
+
+def _added_noise(high_db: float, low_db: float) -> float:
+    """Relative output noise power the low bits add; inf where the output breaks (-inf dB), so
+    such a unit sorts last instead of in an undefined place."""
+    try:
+        noise = math.inf if low_db == -math.inf else 10.0 ** (-low_db / 10.0) - 10.0 ** (-high_db / 10.0)
+    except OverflowError:  # below about -3080 dB
+        noise = math.inf
+    return math.inf if math.isnan(noise) else max(noise, 0.0)
 
 
 def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str) -> dict:

@@ -72,12 +72,18 @@ def model_output(model: nn.Module, net_input: dict) -> torch.Tensor:
 
 
 def output_sqnr(reference: list[torch.Tensor], model: nn.Module, batches: list) -> float:
-    """SQNR (dB) of the model's outputs against reference outputs, pooled over batches."""
+    """SQNR (dB) of the model's outputs against reference outputs, pooled over batches.
+
+    Elements where the reference itself is NaN/inf are left out. Where the reference is finite
+    but the model's output is not, the quantized model broke: the SQNR is ``-inf`` (never
+    better than any finite score). The CLI writes ``-inf`` as ``null`` in its JSON."""
     signal = noise = 0.0
     with torch.no_grad():
         for ref, batch in zip(reference, batches):
             got = model_output(model, batch)
-            finite = torch.isfinite(ref) & torch.isfinite(got)
+            finite = torch.isfinite(ref)
+            if not bool(torch.isfinite(got[finite]).all()):
+                return float("-inf")
             signal += float(ref[finite].double().pow(2).sum())
             noise += float((ref[finite].double() - got[finite].double()).pow(2).sum())
     return 10.0 * torch.log10(torch.tensor(signal / max(noise, 1e-30))).item()
@@ -91,6 +97,12 @@ def quantizer_sites(model: nn.Module) -> dict[str, FakeQuantize]:
             seen[id(module)] = name
     lookup = dict(model.named_modules())
     return {name: lookup[name] for name in seen.values()}
+
+
+def _gain(all_but: float, full: float) -> float:
+    """dB gained by keeping one site float; 0 where both are the same infinity (no noise at
+    all, or the model broken either way), +inf where that site alone breaks the output."""
+    return 0.0 if all_but == full else all_but - full
 
 
 def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metric: str = "sqnr",
@@ -132,7 +144,7 @@ def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metri
             alone = output_sqnr(reference, qmodel, batches)
         match = _LAYER.match(name)
         report.sites.append(SiteResult(name, q.kind, q.spec.bits, match.group(1) if match else name.split(".")[0],
-                                       alone, all_but, all_but - full))
+                                       alone, all_but, _gain(all_but, full)))
         if progress is not None:
             progress(i + 1, len(sites))
     if metric == "wer":
@@ -145,28 +157,49 @@ def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metri
 
 
 def plot(report: SensitivityReport, path: str, top: int = 40) -> None:
-    """A horizontal bar chart of the SQNR gain per site, colored by layer, written atomically."""
-    import matplotlib
+    """A horizontal bar chart of the SQNR gain per site, colored by layer, written atomically.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Draws on its own ``Figure`` with the Agg canvas: no pyplot, the process's matplotlib backend
+    (a notebook's) is left alone. A gain that is not finite (an SQNR of -inf: a site whose
+    quantization breaks the model) is drawn at the edge of the axis and labelled."""
+    import math
+
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     from qswap.io.atomic import atomic_open
 
-    ranked = sorted(report.sites, key=lambda s: -s.gain_db)[:top]
+    def order(s: SiteResult) -> float:  # nan (-inf minus -inf) last
+        return -s.gain_db if not math.isnan(s.gain_db) else math.inf
+
+    ranked = sorted(report.sites, key=order)[:top]
+    finite = [s.gain_db for s in ranked if math.isfinite(s.gain_db)]
+    lo, hi = min(finite + [0.0]), max(finite + [1.0])
+    edge = 0.15 * (hi - lo)  # an infinite gain: a hatched bar past every finite one
+    widths = [s.gain_db if math.isfinite(s.gain_db) else hi + edge if s.gain_db > 0
+              else lo - edge if s.gain_db < 0 else 0.0 for s in ranked]
     groups = sorted({s.group for s in ranked})
-    colors = {g: plt.cm.tab20(i % 20) for i, g in enumerate(groups)}
-    fig, ax = plt.subplots(figsize=(10, max(3, 0.28 * len(ranked) + 1.5)))
+    cmap = colormaps["tab20"]
+    colors = {g: cmap(i % 20) for i, g in enumerate(groups)}
+    fig = Figure(figsize=(10, max(3, 0.28 * len(ranked) + 1.5)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     labels = [s.site.replace("transformer_layers", "L").replace("_quant", "") for s in ranked]
-    ax.barh(range(len(ranked)), [s.gain_db for s in ranked], color=[colors[s.group] for s in ranked])
+    bars = ax.barh(range(len(ranked)), widths, color=[colors[s.group] for s in ranked])
+    for i, s in enumerate(ranked):
+        if not math.isfinite(s.gain_db):
+            bars[i].set_hatch("//")
+            text = " n/a (broken either way) " if math.isnan(s.gain_db) else f" {s.gain_db:+.0f} dB "
+            ax.text(widths[i], i, text, va="center", fontsize=6, ha="left" if widths[i] >= 0 else "right")
     ax.set_yticks(range(len(ranked)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("output SQNR gain (dB) when this site alone stays float")
     ax.set_title(f"qswap sensitivity, recipe {report.recipe} (all sites quantized: {report.full_sqnr:.1f} dB)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[g]) for g in groups]
+    handles = [Rectangle((0, 0), 1, 1, color=colors[g]) for g in groups]
     ax.legend(handles, groups, fontsize=6, loc="lower right")
     fig.tight_layout()
     suffix = path.rsplit(".", 1)[-1].lower()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="svg" if suffix == "svg" else "png", dpi=110)
-    plt.close(fig)

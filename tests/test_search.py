@@ -77,3 +77,14 @@ def test_search_cli_writes_a_valid_recipe_and_its_row(float_checkpoint, tmp_path
     import json
     row = json.loads((tmp_path / "row.json").read_text())["row"]
     assert row["honest"] and row["weight_mb"] <= 0.03
+
+
+def test_added_noise_and_loss_are_ordered_numbers_for_broken_outputs():
+    from qswap.search import _added_noise, _loss_db
+
+    inf = float("inf")
+    assert _added_noise(30.0, 20.0) == pytest.approx(10 ** -2 - 10 ** -3)
+    assert _added_noise(30.0, -inf) == inf  # breaks the model at low bits: sorts last
+    assert _added_noise(-inf, -inf) == inf
+    assert _added_noise(inf, inf) == 0.0  # no noise either way
+    assert _loss_db(-inf, -inf) == 0.0 and _loss_db(30.0, -inf) == inf

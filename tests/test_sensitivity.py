@@ -1,13 +1,17 @@
 import json
+import math
+import sys
 
 import pytest
 import torch
+from torch import nn
 
 import qswap
 from qswap.cli import main
+from qswap.cli.render import json_text
 from qswap.errors import CalibrationError
 from qswap.models import build_s2t_transformer, s2t_net_input
-from qswap.sensitivity import SensitivityReport, SiteResult, plot
+from qswap.sensitivity import SensitivityReport, SiteResult, output_sqnr, plot
 
 
 def _tiny():
@@ -66,3 +70,96 @@ def test_sensitivity_cli_on_a_fairseq_checkpoint(float_checkpoint, tmp_path):
     gains = [s["gain_db"] for s in sites]
     assert gains == sorted(gains, reverse=True) and len(sites) > 20
     assert (tmp_path / "sens.svg").read_text().lstrip().startswith("<?xml")
+
+
+class _Fixed(nn.Module):
+    """A "model" whose output is the given tensor, whatever the input."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        return self.out.clone()
+
+
+def test_a_quantized_output_that_breaks_scores_minus_inf_not_better():
+    ref = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    close = torch.tensor([[1.0, 2.0, 3.0, 4.1]])
+    broken = torch.tensor([[1.0, float("nan"), 3.0, 4.0]])  # NaN where the float model is finite
+    batch = [{"x": None}]
+    assert math.isfinite(output_sqnr([ref], _Fixed(close), batch))
+    assert output_sqnr([ref], _Fixed(broken), batch) == float("-inf")
+    assert output_sqnr([ref], _Fixed(torch.tensor([[1.0, 2.0, float("inf"), 4.0]])), batch) == float("-inf")
+
+
+def test_where_the_reference_is_not_finite_the_element_is_left_out():
+    ref = torch.tensor([[1.0, float("nan"), 3.0]])
+    got = torch.tensor([[1.0, float("nan"), 3.0]])
+    assert output_sqnr([ref], _Fixed(got), [{"x": None}]) > 200  # equal where it is defined
+
+
+def _broken_report():
+    sites = [SiteResult("encoder.layers.0.fc1.weight_quant", "weight", 4, "encoder.layers.0", 20.0, 25.0, 5.0),
+             SiteResult("encoder.layers.0.fc2.input_quant", "activation", 8, "encoder.layers.0",
+                        float("-inf"), 30.0, float("inf")),
+             SiteResult("decoder.layers.0.fc1.input_quant", "activation", 8, "decoder.layers.0",
+                        float("-inf"), float("-inf"), float("nan"))]
+    return SensitivityReport("w4a8", "sqnr", float("-inf"), sites)
+
+
+def test_json_of_a_broken_site_is_valid_json_with_null():
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    data = json.loads(json_text(_broken_report().to_dict()), parse_constant=refuse)
+    assert data["full_sqnr"] is None
+    by_site = {s["site"]: s for s in data["sites"]}
+    assert by_site["encoder.layers.0.fc2.input_quant"]["alone_sqnr"] is None
+    assert by_site["encoder.layers.0.fc1.weight_quant"]["gain_db"] == 5.0
+
+
+@pytest.mark.parametrize("suffix, magic", [("png", b"\x89PNG\r\n\x1a\n"), ("svg", b"<?xml")])
+def test_plot_draws_infinite_gains_and_leaves_the_backend_alone(tmp_path, monkeypatch, suffix, magic):
+    import matplotlib
+
+    def no_switch(*args, **kwargs):
+        raise AssertionError("plot must not switch the process's matplotlib backend")
+
+    backend = matplotlib.rcParams._get_backend_or_none()
+    monkeypatch.setattr(matplotlib, "use", no_switch)
+    plot(_broken_report(), str(tmp_path / f"s.{suffix}"))
+    assert (tmp_path / f"s.{suffix}").read_bytes().lstrip()[:len(magic)] == magic
+    assert matplotlib.rcParams._get_backend_or_none() == backend
+    assert [p.name for p in tmp_path.iterdir()] == [f"s.{suffix}"]  # written atomically: no temp left
+
+
+def test_plot_without_matplotlib_fails_before_the_run(tmp_path, monkeypatch, capsys):
+    """The check comes first: the checkpoint (missing here) is never loaded."""
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # import fails
+    assert main(["sensitivity", str(tmp_path / "missing.pt"), "--data", str(tmp_path),
+                 "--plot", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install matplotlib" in err and "missing.pt" not in err
+
+
+def test_sensitivity_cli_renders_and_writes_a_broken_site(float_checkpoint, tmp_path, monkeypatch, capsys):
+    """-inf / nan numbers go through the table, the JSON (as null) and the plot without a crash."""
+    sens = sys.modules["qswap.sensitivity"]  # the module: qswap.sensitivity is the function
+    _, data, ckpt = float_checkpoint
+    monkeypatch.setattr(sens, "sensitivity", lambda *args, **kwargs: _broken_report())
+    out = tmp_path / "sens.json"
+    assert main(["sensitivity", str(ckpt), "--data", str(data), "--calib-batches", "1", "--max-sentences", "4",
+                 "--json", str(out), "--plot", str(tmp_path / "sens.png")]) == 0
+    assert "-inf" in capsys.readouterr().out
+    assert json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(c))["full_sqnr"] is None
+    assert (tmp_path / "sens.png").exists()
+
+
+def test_gain_of_a_site_is_a_number_when_outputs_break():
+    from qswap.sensitivity import _gain
+
+    inf = float("inf")
+    assert _gain(-inf, -inf) == 0.0 and _gain(inf, inf) == 0.0
+    assert _gain(20.0, -inf) == inf  # this site alone breaks the output
+    assert _gain(12.5, 11.0) == pytest.approx(1.5)

@@ -1,44 +1,21 @@
-"""Models and inputs for ``qswap audit``: a checkpoint, and a net_input that is either the first
-utterances of a data subset or synthetic (random, shaped for the model).
+"""Synthetic inputs for ``qswap audit``: a net_input shaped for the model (random fbank
+features or a waveform), for auditing without a data directory.
 
-``load_model`` is the one place the audit command loads a checkpoint; it goes through qswap's
-safe loader (``qswap.io.checkpoint``: ``weights_only`` with an allowlist, fairseq's own
-builders), so a float fairseq checkpoint and a saved qswap checkpoint both load.
+The audit loads its checkpoint and reads data subsets through ``qswap.integration.data``, the
+same path every other command uses.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from qswap.errors import AuditError, DataError
+from qswap.errors import AuditError
 
 SYNTHETIC_FRAMES = 120  # fbank frames (1.2 s) of the longest synthetic utterance
 SYNTHETIC_SAMPLES = 16000  # waveform samples (1 s at 16 kHz)
 SYNTHETIC_TOKENS = 8
-
-
-def load_model(checkpoint: str | Path, data: str | Path | None = None, *,
-               trust_checkpoint: bool = False) -> tuple[nn.Module, Any, Any]:
-    """(model in eval mode, cfg, task); ``data`` overrides the data directory the checkpoint's
-    task was trained with."""
-    from qswap.io.checkpoint import load_fairseq_model
-
-    if data is not None and not Path(data).is_dir():
-        raise DataError(f"data directory {data} does not exist; pass --data DIR with the "
-                        f"config.yaml and manifests the model was trained with")
-    overrides = {"data": str(Path(data).resolve())} if data is not None else None
-    model, cfg, task = load_fairseq_model(checkpoint, trust_checkpoint=trust_checkpoint,
-                                          arg_overrides=overrides)
-    return model.float().eval(), cfg, task
-
-
-def data_net_input(task: Any, subset: str, count: int = 2) -> dict:
-    """The net_input of the first ``count`` utterances of a subset of the task's data."""
-    from qswap.integration.data import first_net_input
-    return first_net_input(task, subset, count)
 
 
 def synthetic_net_input(model: nn.Module, count: int, cfg: Any = None, seed: int = 0) -> dict:

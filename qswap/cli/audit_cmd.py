@@ -35,19 +35,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import qswap
-    from qswap.audit import loading
+    from qswap.audit.loading import synthetic_net_input
     from qswap.audit.paths import run_paths
     from qswap.calibrate import activation_quantizers
     from qswap.cli.render import console
     from qswap.cli.render_audit import print_report
+    from qswap.integration import data as fdata
 
     _check_args(args)
-    model, cfg, task = loading.load_model(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
+    model, cfg, task = fdata.load_model_cfg_task(args.checkpoint, args.data,
+                                                 trust_checkpoint=args.trust_checkpoint)
+    model = model.float()
     if args.subset:
-        net_input = loading.data_net_input(task, args.subset, args.count)
+        net_input = fdata.first_net_input(task, args.subset, args.count)
     else:
         count = DEFAULT_SYNTHETIC if args.synthetic is None else args.synthetic
-        net_input = loading.synthetic_net_input(model, count, cfg)
+        net_input = synthetic_net_input(model, count, cfg)
     qmodel = _quantized(model, args.recipe)
     if qmodel is not model and activation_quantizers(qmodel):
         qswap.calibrate(qmodel, [net_input], forward=run_paths)  # the audited paths, unobserved
@@ -69,7 +72,7 @@ def _quantized(model, recipe: str | None):
         if recipe is None:
             raise AuditError("a float checkpoint needs --recipe R (a shipped name or a YAML path)")
         return qswap.convert(model, recipe)
-    if recipe is not None and recipe != stored:
+    if recipe is not None and qswap.load_recipe(recipe).name != stored:
         raise AuditError(f"this checkpoint is already quantized with recipe {stored!r}; audit it "
                          f"without --recipe (or convert the float checkpoint with {recipe!r})")
     return model
@@ -88,14 +91,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _write(path: str | None, text: str) -> None:
-    if not path:
-        return
-    from qswap.errors import AuditError, QswapError
-    from qswap.io.atomic import atomic_write_text
-
-    try:
-        atomic_write_text(path, text)
-    except QswapError:
-        raise  # OutputError: a missing or unwritable directory
-    except OSError as exc:
-        raise AuditError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if path:
+        from qswap.io.atomic import atomic_write_text
+        atomic_write_text(path, text)  # OutputError when it cannot be written

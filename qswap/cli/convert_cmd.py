@@ -1,4 +1,9 @@
-"""Convert a fairseq checkpoint with a recipe, calibrate it, and write a quantized checkpoint."""
+"""Convert a fairseq checkpoint with a recipe, calibrate it, and write a quantized checkpoint.
+
+A recipe with activation quantizers needs ``--calib-batches N`` (and ``--data DIR``): an
+uncalibrated activation quantizer re-derives its range from every batch at run time, which is
+not what an integer kernel does. ``--no-calibrate`` writes such a dynamic-range model on purpose.
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="quantized checkpoint to write (atomically)")
     p.add_argument("--data", help="fairseq data directory (needed for calibration)")
     p.add_argument("--calib-subset", default="train", help="calibration subset (default: train)")
-    p.add_argument("--calib-batches", type=int, default=0, help="calibration batches (0: no calibration)")
+    p.add_argument("--calib-batches", type=int, default=0,
+                   help="calibration batches; required when the recipe quantizes activations")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="write activation quantizers uncalibrated (dynamic ranges, re-derived per batch)")
     p.add_argument("--max-sentences", type=int, default=32, help="utterances per calibration batch")
     p.add_argument("--strict", action="store_true", help="fail on modules left float without a skip rule")
     p.add_argument("--show-all", action="store_true", help="list passthrough modules too")
@@ -22,21 +30,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import qswap
     from qswap.calibrate import activation_quantizers
-    from qswap.errors import DataError
+    from qswap.errors import ConvertError, DataError
     from qswap.integration import data as fdata
     from qswap.io.checkpoint import save_qswap_checkpoint
 
+    if args.calib_batches < 0:
+        raise ConvertError(f"--calib-batches must be 0 or more, got {args.calib_batches}")
+    if args.calib_batches and args.no_calibrate:
+        raise ConvertError("give either --calib-batches N or --no-calibrate, not both")
     if args.calib_batches and not args.data:
         raise DataError("--calib-batches needs --data DIR to read calibration batches from")
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     qmodel = qswap.convert(model, args.recipe, strict=args.strict or None)
+    n_act = len(activation_quantizers(qmodel))
+    if n_act and not args.calib_batches and not args.no_calibrate:
+        raise ConvertError(f"recipe {qmodel.qswap_recipe.name} has {n_act} activation quantizers and "
+                           f"--calib-batches is 0; pass --calib-batches N --data DIR (and "
+                           f"--calib-subset S), or --no-calibrate to write a dynamic-range model")
     out = console()
-    if args.calib_batches and activation_quantizers(qmodel):
+    if args.calib_batches and n_act:
         with progress_bar("calibrating", args.calib_batches) as advance:
             used = qswap.calibrate(qmodel, fdata.net_inputs(task, args.calib_subset, args.calib_batches,
                                                             max_sentences=args.max_sentences),
                                    progress=lambda n: advance(1))
         out.print(f"calibrated on {used} batches of {args.calib_subset}")
+    elif n_act:
+        out.print(f"note: --no-calibrate: {n_act} activation quantizers left uncalibrated "
+                  f"(their ranges are re-derived from every batch at run time)")
     save_qswap_checkpoint(args.output, qmodel, args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     out.print(convert_table(qmodel.qswap_report, show_all=args.show_all))
     out.print(convert_summary(qmodel.qswap_report))

@@ -25,14 +25,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qswap.errors import DataError
-    from qswap.integration.metrics import ErrorCounts, merge
+    from qswap.integration.metrics import merge
 
     out = console()
     if args.merge:
-        total = merge(_read_counts(path) for path in args.merge)
-        out.print(f"merged {len(args.merge)} shards: {total.utterances} utterances, "
-                  f"WER {total.wer:.2f}%  CER {total.cer:.2f}%")
-        _write(args.json_out, {"counts": total.to_dict(), "shards": args.merge})
+        shards = [_read_shard(path) for path in args.merge]
+        _check_shards(shards)
+        total = merge(shard["counts"] for shard in shards)
+        out.print(f"merged {len(shards)} shards of {shards[0]['subset']} ({shards[0]['model']}): "
+                  f"{total.utterances} utterances, WER {total.wer:.2f}%  CER {total.cer:.2f}%")
+        _write(args.json_out, {"counts": total.to_dict(), "subset": shards[0]["subset"],
+                               "model": shards[0]["model"], "shards": args.merge})
         return 0
     if not args.checkpoint or not args.data:
         raise DataError("qswap eval needs CHECKPOINT and --data DIR (or --merge JSON...)")
@@ -72,16 +75,51 @@ def evaluate(args):
     return counts, result, label
 
 
-def _read_counts(path: str):
+def _read_shard(path: str) -> dict:
+    """A shard result written by ``qswap eval --json``: its counts, subset, model and shard."""
     from qswap.errors import DataError
     from qswap.integration.metrics import ErrorCounts
 
     try:
         with open(path, encoding="utf-8") as f:
-            c = json.load(f)["counts"]
-        return ErrorCounts(c["word_errors"], c["words"], c["char_errors"], c["chars"], c["utterances"])
+            payload = json.load(f)
+        c = payload["counts"]
+        counts = ErrorCounts(c["word_errors"], c["words"], c["char_errors"], c["chars"], c["utterances"])
+        shard_id, num_shards = payload["shard"]
+        if not (isinstance(shard_id, int) and isinstance(num_shards, int)):
+            raise TypeError(f"'shard' must be [shard_id, num_shards], got {payload['shard']!r}")
+        return {"path": path, "counts": counts, "subset": str(payload["subset"]),
+                "model": str(payload["model"]), "shard_id": shard_id, "num_shards": num_shards}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path} is not a shard result written by 'qswap eval --json': {exc}") from None
+        raise DataError(f"{path} is not a shard result written by 'qswap eval --json': "
+                        f"{type(exc).__name__}: {exc}") from None
+
+
+def _check_shards(shards: list[dict]) -> None:
+    """One decode split K ways: the same num_shards, subset and model; ids 0..K-1 each once."""
+    from qswap.errors import DataError
+
+    first = shards[0]
+    for key in ("num_shards", "subset", "model"):
+        for shard in shards[1:]:
+            if shard[key] != first[key]:
+                raise DataError(f"cannot merge: {shard['path']} has {key} {shard[key]!r} but "
+                                f"{first['path']} has {first[key]!r}; merge the shards of one "
+                                f"'qswap eval --num-shards K' run")
+    k = first["num_shards"]
+    seen: dict[int, str] = {}
+    for shard in shards:
+        if not 0 <= shard["shard_id"] < k:
+            raise DataError(f"cannot merge: {shard['path']} is shard {shard['shard_id']}, outside "
+                            f"0..{k - 1} of num_shards {k}")
+        if shard["shard_id"] in seen:
+            raise DataError(f"cannot merge: shard {shard['shard_id']} of {k} is given twice "
+                            f"({seen[shard['shard_id']]} and {shard['path']}); pass each shard once")
+        seen[shard["shard_id"]] = shard["path"]
+    missing = sorted(set(range(k)) - set(seen))
+    if missing:
+        raise DataError(f"cannot merge: shard(s) {', '.join(map(str, missing))} of {k} missing; "
+                        f"pass all {k} shard results written with --num-shards {k}")
 
 
 def _write(path: str | None, payload: dict) -> None:

@@ -1,12 +1,32 @@
-"""Rendering of library report objects for the terminal (rich). Only the CLI prints."""
+"""Rendering of library report objects for the terminal (rich) and as JSON. Only the CLI prints."""
 from __future__ import annotations
 
+import json
+import math
 import sys
+from typing import Any
 
 
 def console(stderr: bool = False):
     from rich.console import Console
     return Console(file=sys.stderr if stderr else sys.stdout, width=None if sys.stdout.isatty() else 160)
+
+
+def json_text(payload: Any) -> str:
+    """``payload`` as valid JSON text. A float that is not finite (an SQNR of -inf dB: the
+    quantized model's output was NaN or inf) is written as ``null``; ``json.dumps`` would write
+    ``-Infinity``, which JSON readers other than Python's reject."""
+    return json.dumps(_finite_or_none(payload), indent=2, allow_nan=False) + "\n"
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 def convert_table(report, show_all: bool = False):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from qswap.cli.compare_cmd import render_comparison
-    from qswap.cli.render import console
+    from qswap.cli.render import console, json_text
     from qswap.cli.sensitivity_cmd import wer_evaluator
     from qswap.integration import data as fdata
     from qswap.integration.compare import Comparison, evaluate_recipe
@@ -61,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
         payload = {"row": dataclasses.asdict(row), "float": dataclasses.asdict(row_float),
                    "low_units": result.low_units, "evaluations": result.evaluations,
                    "candidates": [dataclasses.asdict(c) for c in result.candidates]}
-        atomic_write_text(args.json_out, json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(args.json_out, json_text(payload))  # an infinite loss_db as null
     return 0

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from qswap.cli.render import console
+from qswap.cli.render import console, json_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,8 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=int, default=5, help="beam size for --metric wer")
     p.add_argument("--max-sentences", type=int, default=16, help="utterances per batch")
     p.add_argument("--show", type=int, default=25, help="rows of the ranked table to print")
-    p.add_argument("--json", dest="json_out", help="write every site's numbers here")
-    p.add_argument("--plot", help="write a bar chart here (.png or .svg)")
+    p.add_argument("--json", dest="json_out",
+                   help="write every site's numbers here (an SQNR of -inf dB, a site that makes the "
+                        "output NaN/inf, is written as null)")
+    p.add_argument("--plot", help="write a bar chart here (.png or .svg; needs matplotlib)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
 
@@ -47,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from qswap.io.atomic import atomic_write_text
     from qswap.sensitivity import plot, sensitivity
 
+    if args.plot:
+        _require_matplotlib()  # before minutes of probing, not after
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     batches = list(fdata.net_inputs(task, args.subset, args.batches, max_sentences=args.max_sentences))
     calib = list(fdata.net_inputs(task, args.calib_subset, args.calib_batches, max_sentences=args.max_sentences))
@@ -66,7 +69,19 @@ def run(args: argparse.Namespace) -> int:
                       f"{s.gain_db:+.2f}", "" if s.delta_wer is None else f"{s.delta_wer:+.2f}")
     console().print(table)
     if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+        atomic_write_text(args.json_out, json_text(report.to_dict()))
     if args.plot:
         plot(report, args.plot)
     return 0
+
+
+def _require_matplotlib() -> None:
+    import importlib
+
+    from qswap.errors import DependencyError
+
+    try:
+        importlib.import_module("matplotlib.backends.backend_agg")  # what plot draws with
+    except ImportError as exc:
+        raise DependencyError(f"--plot needs matplotlib ({exc}): pip install matplotlib, or leave "
+                              f"out --plot") from None

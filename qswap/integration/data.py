@@ -12,20 +12,30 @@ from qswap.errors import DataError
 def load_model_and_task(checkpoint: str | Path, data: str | Path | None = None, *,
                         trust_checkpoint: bool = False):
     """(model in eval mode, task) from a fairseq or qswap checkpoint, data dir overridden."""
+    model, _cfg, task = load_model_cfg_task(checkpoint, data, trust_checkpoint=trust_checkpoint)
+    return model, task
+
+
+def load_model_cfg_task(checkpoint: str | Path, data: str | Path | None = None, *,
+                        trust_checkpoint: bool = False) -> tuple[Any, Any, Any]:
+    """(model in eval mode, cfg, task): the one way qswap's commands load a checkpoint.
+
+    Registers qswap's plugin tasks (a QAT checkpoint names ``speech_to_text_qswap``), points the
+    task at ``data`` when given, and reads manifest paths relative to the data directory."""
     from qswap.integration.fairseq_task import register_tasks
     from qswap.io.checkpoint import load_fairseq_model
 
     register_tasks()  # checkpoints trained or converted with the plugin name qswap's own tasks
 
-    overrides = {"data": str(Path(data).resolve())} if data is not None else None
     if data is not None and not Path(data).is_dir():
         raise DataError(f"data directory {data} does not exist; pass --data DIR with the "
                         f"config.yaml and TSV manifests the model was trained with")
-    model, _cfg, task = load_fairseq_model(str(checkpoint), trust_checkpoint=trust_checkpoint,
-                                           arg_overrides=overrides)
+    overrides = {"data": str(Path(data).resolve())} if data is not None else None
+    model, cfg, task = load_fairseq_model(str(checkpoint), trust_checkpoint=trust_checkpoint,
+                                          arg_overrides=overrides)
     if getattr(task, "data_cfg", None) is not None:
         resolve_audio_root(task.data_cfg)
-    return model.eval(), task
+    return model.eval(), cfg, task
 
 
 def resolve_audio_root(data_cfg) -> None:

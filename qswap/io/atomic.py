@@ -27,8 +27,9 @@ def atomic_open(path: "str | os.PathLike[str]", mode: str = "wb", *,
                 encoding: str = "utf-8") -> Iterator[IO]:
     """Open a temporary file next to ``path``; on a clean exit it replaces ``path``.
 
-    Raises OutputError when the directory does not exist or is not writable. If the ``with``
-    body raises, the temporary file is removed and ``path`` is left as it was.
+    Raises OutputError when the directory does not exist or is not writable, or when writing,
+    flushing or renaming fails (a full disk: ENOSPC, a permission: EACCES). If the ``with`` body
+    raises, or the write fails, the temporary file is removed and ``path`` is left as it was.
     """
     if mode not in _MODES:
         raise ValueError(f"atomic_open writes whole files; mode must be one of {_MODES}, got {mode!r}")
@@ -43,9 +44,11 @@ def atomic_open(path: "str | os.PathLike[str]", mode: str = "wb", *,
             os.fsync(f.fileno())
         _copy_mode(target, tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
         raise
     _fsync_dir(target.parent)
 

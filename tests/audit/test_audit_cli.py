@@ -1,6 +1,10 @@
 """``qswap audit``: exit codes, and the JSON and Markdown reports, on a real fairseq checkpoint
 saved the way fairseq-train saves one (``cfg`` + ``model`` state_dict)."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,20 +14,23 @@ from qswap.cli import main
 
 pytest.importorskip("fairseq")
 
+REPO = Path(__file__).resolve().parents[2]
+ASSET = REPO / "qswap" / "assets" / "s2t_demo"
+
 SMALL = ["--arch", "s2t_transformer", "--encoder-layers", "1", "--decoder-layers", "1",
          "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
          "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
          "--conv-channels", "32", "--share-decoder-input-output-embed"]
 
 
-def save_fairseq_checkpoint(data, path):
+def save_fairseq_checkpoint(data, path, task=("--task", "speech_to_text")):
     """Build the model with fairseq's own parser, task and builder; save cfg + state_dict."""
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from omegaconf import OmegaConf
 
     args = options.parse_args_and_arch(options.get_training_parser(),
-                                       [str(data), "--task", "speech_to_text", *SMALL])
+                                       [str(data), *task, *SMALL])
     cfg = convert_namespace_to_omegaconf(args)
     torch.manual_seed(0)
     model = tasks.setup_task(cfg.task).build_model(cfg.model)
@@ -105,3 +112,60 @@ def test_usage_and_input_errors_exit_2(checkpoint, capsys, extra, message):
 def test_a_missing_checkpoint_exits_2(tmp_path, capsys):
     assert main(["audit", str(tmp_path / "missing.pt"), "--recipe", "w8a8"]) == 2
     assert "missing.pt" in capsys.readouterr().err
+
+
+def test_the_shipped_asset_audits_a_data_subset_from_another_directory(tmp_path, monkeypatch, capsys):
+    """The asset's manifests are relative to its data directory (no audio_root): the audit reads
+    them through the same loader as `qswap eval`, from any working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["audit", str(ASSET / "checkpoint.pt"), "--recipe", "w8a8", "--data", str(ASSET),
+                 "--subset", "test", "--count", "1", "--decode-steps", "1"]) == 0
+    assert "HONEST" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def qat_checkpoint(tmp_path_factory):
+    """A checkpoint as fairseq-train --task speech_to_text_qswap --qswap-recipe w8a8 saves one:
+    the plugin task in its cfg, the quantizer buffers in its state_dict (built, not trained)."""
+    from qswap.integration.fairseq_task import register_tasks
+
+    register_tasks()
+    root = tmp_path_factory.mktemp("audit_qat")
+    data = make_s2t_datadir(root / "data", {"train": 2, "test": 3})
+    path = save_fairseq_checkpoint(data, root / "checkpoint.pt",
+                                   task=["--task", "speech_to_text_qswap", "--qswap-recipe", "w8a8"])
+    state = torch.load(path, weights_only=False)
+    assert state["cfg"]["task"]._name == "speech_to_text_qswap"  # a Namespace: a legacy task
+    assert any(k.endswith("input_quant.scale") for k in state["model"])
+    return path, data
+
+
+def test_a_checkpoint_of_the_plugin_task_audits_in_a_fresh_process(qat_checkpoint):
+    """No plugin imported first (a new process): the audit registers qswap's tasks itself."""
+    ckpt, _ = qat_checkpoint
+    proc = subprocess.run([sys.executable, "-m", "qswap.cli", "audit", str(ckpt), "--synthetic", "1",
+                           "--decode-steps", "1"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "not registered" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "recipe w8a8" in proc.stdout
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", str(REPO / "recipes" / "w8a8.yaml")])
+def test_recipe_given_by_name_or_path_matches_the_stored_one(qat_checkpoint, recipe):
+    ckpt, _ = qat_checkpoint
+    assert main(["audit", str(ckpt), "--recipe", recipe, "--synthetic", "1", "--decode-steps", "1"]) == 0
+
+
+def test_a_different_recipe_than_the_stored_one_exits_2(qat_checkpoint, capsys):
+    ckpt, _ = qat_checkpoint
+    assert main(["audit", str(ckpt), "--recipe", str(REPO / "recipes" / "w4a8.yaml"), "--synthetic", "1"]) == 2
+    assert "already quantized with recipe 'w8a8'" in capsys.readouterr().err
+
+
+def test_a_report_path_under_a_regular_file_exits_2(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    (tmp_path / "file").write_text("not a directory")
+    assert main(["audit", str(ckpt), "--recipe", "w8a8", "--synthetic", "1",
+                 "--json", str(tmp_path / "file" / "audit.json")]) == 2
+    assert "cannot write" in capsys.readouterr().err

@@ -77,3 +77,80 @@ def test_compare_table_is_internally_consistent(float_checkpoint, tmp_path):
     assert bops_per_mac["w8a8"] == pytest.approx(8 * 8)  # every matmul operand on an 8-bit grid
     assert 4 * 8 <= bops_per_mac["w4a8"] < 8 * 8
     assert "| w8_weight_only |" in md.read_text()
+
+
+def _shard(tmp_path, name, shard_id, num_shards, subset="test", model="w8a8", words=10):
+    path = tmp_path / name
+    counts = {"word_errors": 1, "words": words, "char_errors": 2, "chars": 5 * words, "utterances": 2}
+    path.write_text(json.dumps({"counts": counts, "subset": subset, "model": model,
+                                "shard": [shard_id, num_shards], "utterances": []}))
+    return str(path)
+
+
+def test_merge_adds_the_counts_of_all_shards(tmp_path, capsys):
+    paths = [_shard(tmp_path, f"s{i}.json", i, 3) for i in (2, 0, 1)]  # any order
+    assert main(["eval", "--merge", *paths, "--json", str(tmp_path / "merged.json")]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["counts"]["words"] == 30 and merged["counts"]["utterances"] == 6
+    assert merged["subset"] == "test" and merged["model"] == "w8a8"
+
+
+@pytest.mark.parametrize("shards, message", [
+    ([(0, 3), (1, 3)], "shard(s) 2 of 3 missing"),
+    ([(0, 2), (0, 2), (1, 2)], "shard 0 of 2 is given twice"),
+    ([(0, 2), (1, 3)], "has num_shards 3"),
+    ([(0, 2), (2, 2)], "outside 0..1"),
+    ([(0, 2, "test", "w8a8"), (1, 2, "dev", "w8a8")], "has subset 'dev'"),
+    ([(0, 2, "test", "w8a8"), (1, 2, "test", "float")], "has model 'float'"),
+])
+def test_merge_refuses_shards_of_different_runs_or_an_incomplete_set(tmp_path, capsys, shards, message):
+    paths = [_shard(tmp_path, f"s{i}.json", *shard) for i, shard in enumerate(shards)]
+    assert main(["eval", "--merge", *paths, "--json", str(tmp_path / "merged.json")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "merged.json").exists()
+
+
+def test_merge_refuses_a_file_without_shard_information(tmp_path, capsys):
+    bad = tmp_path / "old.json"
+    bad.write_text(json.dumps({"counts": {"word_errors": 0, "words": 1, "char_errors": 0, "chars": 1,
+                                          "utterances": 1}}))
+    assert main(["eval", "--merge", str(bad)]) == 2
+    assert "old.json is not a shard result" in capsys.readouterr().err
+
+
+ASSET = f"{qswap.__path__[0]}/assets/s2t_demo"
+ASSET_CKPT = [f"{ASSET}/checkpoint.pt", "--data", ASSET]  # the shipped model, its data directory
+
+
+def test_convert_without_calibration_of_activation_quantizers_is_a_usage_error(tmp_path, capsys):
+    out = tmp_path / "w8a8.pt"
+    assert main(["convert", *ASSET_CKPT, "--recipe", "w8a8", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--calib-batches N" in err and "--no-calibrate" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_convert_no_calibrate_writes_a_dynamic_range_model_on_purpose(tmp_path, capsys):
+    from qswap.calibrate import activation_quantizers
+    from qswap.io import load_fairseq_model
+
+    out = tmp_path / "w8a8.pt"
+    assert main(["convert", *ASSET_CKPT, "--recipe", "w8a8", "--no-calibrate", "-o", str(out)]) == 0
+    assert "left uncalibrated" in capsys.readouterr().out
+    model, _, _ = load_fairseq_model(out, arg_overrides={"data": ASSET})
+    assert model.qswap_recipe.name == "w8a8"
+    assert activation_quantizers(model) and not any(q.initialized for q in activation_quantizers(model))
+
+
+def test_convert_weight_only_needs_no_calibration(tmp_path):
+    assert main(["convert", *ASSET_CKPT, "--recipe", "w8_weight_only", "-o", str(tmp_path / "w8.pt")]) == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--no-calibrate", "--calib-batches", "2"], "not both"),
+    (["--calib-batches", "-1"], "0 or more"),
+])
+def test_convert_calibration_flags_that_contradict_exit_2(tmp_path, capsys, extra, message):
+    assert main(["convert", *ASSET_CKPT, "--recipe", "w8a8", "-o", str(tmp_path / "q.pt"), *extra]) == 2
+    assert message in capsys.readouterr().err

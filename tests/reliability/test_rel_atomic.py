@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qswap.errors import OutputError
 from qswap.io import atomic_open, atomic_write_bytes, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,6 +92,41 @@ def test_save_qswap_checkpoint_is_atomic(shared, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=r"cannot write .*q\.pt: No space left on device"):
         save_qswap_checkpoint(target, qmodel, {"cfg": cfg})
     assert target.read_bytes() == b"previous" and not _leftovers(tmp_path, target)
+
+
+def test_a_target_under_a_regular_file_is_an_output_error_and_leaves_no_temp(tmp_path):
+    parent = tmp_path / "report.json"  # a file where a directory is expected (root cannot write there either)
+    parent.write_text("a file")
+    with pytest.raises(OutputError, match="cannot write .*audit.json"):
+        atomic_write_text(parent / "audit.json", "{}")
+    assert parent.read_text() == "a file" and not _leftovers(tmp_path, parent)
+
+
+def test_a_rename_that_fails_is_an_output_error_and_leaves_no_temp(tmp_path):
+    """os.replace fails for real (EISDIR / ENOTEMPTY: the target became a non-empty directory
+    while the file was written): a typed error, not a raw OSError, and no temporary file."""
+    target = tmp_path / "model.pt"
+    with pytest.raises(OutputError, match=f"cannot write {target}: ") as info:
+        with atomic_open(target, "wb") as f:
+            f.write(b"weights")
+            target.mkdir()
+            (target / "keep").write_text("someone else's")
+    assert "\n" not in str(info.value)
+    assert (target / "keep").read_text() == "someone else's" and not _leftovers(tmp_path, target)
+
+
+@pytest.mark.parametrize("errno_, strerror", [(28, "No space left on device"), (13, "Permission denied")])
+def test_a_failing_fsync_is_an_output_error_and_keeps_the_previous_file(tmp_path, monkeypatch, errno_, strerror):
+    target = tmp_path / "recipe.yaml"
+    target.write_text("previous")
+
+    def failing_fsync(fd):
+        raise OSError(errno_, strerror)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OutputError, match=f"cannot write {target}: {strerror}$"):
+        atomic_write_text(target, "version: 1\n")
+    assert target.read_text() == "previous" and not _leftovers(tmp_path, target)
