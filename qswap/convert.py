@@ -124,7 +124,7 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[
             plans.append(_Plan(path, module, counterpart, config, effective, label))
             if not counterpart.converts_children:
                 return
-        elif cls_name in PASSTHROUGH and not children:
+        elif cls_name in PASSTHROUGH:
             report.entries.append(ModuleEntry(path, cls_name, "passthrough", label,
                                               reason="no arithmetic at inference"))
         elif not children:
@@ -133,6 +133,12 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[
         elif any(True for _ in module.parameters(recurse=False)):
             report.entries.append(ModuleEntry(path, cls_name, "float", label,
                                               reason=f"{cls_name} owns parameters and has no counterpart"))
+        else:
+            # its children are converted one by one; arithmetic in its own forward (a residual
+            # add, a scale) has no counterpart and shows up as float in the audit
+            report.entries.append(ModuleEntry(path, cls_name, "container", label,
+                                              reason="children converted; its own forward's ops are "
+                                                     "checked by qswap audit"))
         for name, child in children:
             visit(child, f"{path}.{name}" if path else name, effective)
 

@@ -202,3 +202,22 @@ def test_a_failing_inplace_convert_leaves_the_model_untouched(case):
         qswap.convert(model, recipe, inplace=True, strict=case == "strict")
     assert _modules(model) == before
     assert not any(isinstance(m, (FakeQuantize, QLinear)) for m in model.modules())
+
+
+def test_every_module_appears_in_the_report_containers_included():
+    """A user's block with a residual add in its forward has no counterpart: its children are
+    converted, the block itself is listed as a container (the audit checks its own ops)."""
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.fc(x)
+
+    q = qswap.convert(nn.Sequential(Residual(), nn.Linear(8, 8)), "w8a8")
+    actions = {e.path: e.action for e in q.qswap_report.entries}
+    assert actions == {"": "passthrough", "0": "container", "0.fc": "quantized", "1": "quantized"}
+    qswap.calibrate(q, [torch.randn(4, 8)])
+    report = qswap.audit(q, torch.randn(4, 8))
+    assert not report.honest and any(v.module == "0" and "add" in v.op for v in report.violations)

@@ -37,7 +37,7 @@ def convert_table(report, show_all: bool = False):
         table.add_column(col, overflow="fold")
     style = {"quantized": "green", "float": "red", "skipped": "yellow", "passthrough": "dim"}
     for e in report.entries:
-        if e.action == "passthrough" and not show_all:
+        if e.action in ("passthrough", "container") and not show_all:
             continue
         table.add_row(e.path or "<root>", e.float_class, f"[{style.get(e.action, '')}]{e.action}",
                       e.counterpart, e.weight, e.activation,
@@ -49,7 +49,7 @@ def convert_summary(report) -> str:
     c = report.counts()
     mb = lambda b: f"{b / 1e6:.2f} MB"  # noqa: E731
     lines = [f"{c['quantized']} quantized, {c['float']} left float, {c['skipped']} skipped, "
-             f"{c['passthrough']} passthrough; weights {mb(report.float_bytes)} float -> "
+             f"{c['passthrough']} passthrough, {c['container']} containers; weights {mb(report.float_bytes)} float -> "
              f"{mb(report.quantized_bytes)} at stored bit widths"]
     lines += [f"note: {n}" for n in report.notes]
     lines += [f"warning: {r} matched no module" for r in report.unmatched_rules]
