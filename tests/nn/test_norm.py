@@ -94,4 +94,7 @@ def test_qat_gradient_of_the_shipped_model_stays_near_float_with_a_silent_block(
     result = qat_gradients.measure(Path(asset_path[0]) / "s2t_demo" / "checkpoint.pt", ["w8a8", "w4a4"])
     float_norm, r = result["float"], result["recipes"]
     assert 0.3 * float_norm < r["w8a8"]["bounded"] < 3 * float_norm, result
-    assert 0.3 * float_norm < r["w4a4"]["bounded"] < 10 * float_norm, result  # 4-bit activations
+    # 4-bit activations: the rows that collapse in this model. The model itself is broken there
+    # (93 % WER in the demo), so its loss and gradient are larger than float's; bounded means tens of times
+    # float's, not the 1e15 of LayerNorm's exact gradient (docs/fairseq.md)
+    assert 0.3 * float_norm < r["w4a4"]["bounded"] < 30 * float_norm, result
