@@ -19,8 +19,8 @@ The result is an ordinary recipe: ``high``'s defaults plus one exact-path rule p
 from __future__ import annotations
 
 import contextlib
-import math
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 

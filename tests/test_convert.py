@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import qswap
+from helpers import Residual
 from qswap.errors import ConvertError
 from qswap.nn.linear import QLinear
 from qswap.quant.fake_quantize import FakeQuantize
@@ -207,14 +208,6 @@ def test_a_failing_inplace_convert_leaves_the_model_untouched(case):
 def test_every_module_appears_in_the_report_containers_included():
     """A user's block with a residual add in its forward has no counterpart: its children are
     converted, the block itself is listed as a container (the audit checks its own ops)."""
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return x + self.fc(x)
-
     q = qswap.convert(nn.Sequential(Residual(), nn.Linear(8, 8)), "w8a8")
     actions = {e.path: e.action for e in q.qswap_report.entries}
     assert actions == {"": "passthrough", "0": "container", "0.fc": "quantized", "1": "quantized"}

@@ -156,14 +156,12 @@ def allow_fairseq_checkpoints() -> None:
     classes (``qswap.io.checkpoint.allowed_globals``) for the fairseq process that loaded the
     plugin: still ``weights_only`` loading, never arbitrary pickles. Distributed training also
     sends the loaded checkpoint from rank 0 to the others through ``torch.load`` with tensors
-    swapped for fairseq's ``_TensorPlaceholder`` (a plain index record), allowed too. Every
-    ``audio_finetuning`` checkpoint pickles its task state's ``target_dictionary``, a fairseq
-    ``Dictionary`` (plain attributes: symbol list, counts, index dict), also allowed."""
-    from fairseq.data.dictionary import Dictionary
+    swapped for fairseq's ``_TensorPlaceholder`` (a plain index record), allowed too. (fairseq's
+    ``Dictionary``, which ``audio_finetuning`` checkpoints pickle, is in ``allowed_globals``.)"""
     from fairseq.distributed.utils import _TensorPlaceholder
 
     from qswap.io.checkpoint import allowed_globals
-    torch.serialization.add_safe_globals(allowed_globals() + [_TensorPlaceholder, Dictionary])
+    torch.serialization.add_safe_globals(allowed_globals() + [_TensorPlaceholder])
 
 
 def register_tasks() -> None:

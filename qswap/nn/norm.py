@@ -94,7 +94,8 @@ class QLayerNorm(_QNorm):
         y = F.layer_norm(self.input_quant(x), self.normalized_shape, w, b, self.eps)
         if not (torch.is_grad_enabled() and x.requires_grad):
             return y  # inference (and the audit): one norm kernel on the quantized input
-        return norm_ste(y, layer_norm_bounded_grad(x, self.normalized_shape, w, b, self.eps, self.grad_std_floor))
+        return norm_ste(y, layer_norm_bounded_grad(x, self.normalized_shape, w, b, self.eps,
+                                                   self.grad_std_floor))
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"

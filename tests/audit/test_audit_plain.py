@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qswap
+from helpers import Residual
 from qswap import AuditError, QuantSpec
 from qswap.nn.base import QuantModule
 from qswap.quant.fake_quantize import FakeQuantize
@@ -236,27 +237,18 @@ def test_multiplying_by_a_mask_made_from_bool_data_keeps_values_quantized():
     assert report.honest, [(v.module, v.op, v.operand) for v in report.violations]
 
 
-class _Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return x + self.fc(x)
-
-
 def test_float_ok_declarations_are_listed_apart_and_never_counted_as_quantized():
     x = torch.randn(3, 8)
     recipe = {"version": 1, "name": "w8a8_float_residual",
               "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8, "symmetric": False}},
               "float_ok": {"add": "the residual add stays float in this study"}}
-    report = qswap.audit(_quantized(_Residual(), (x,), recipe), (x,))
+    report = qswap.audit(_quantized(Residual(), (x,), recipe), (x,))
     assert report.honest and not report.honest_strict
     assert report.verdict == "honest with declared exceptions"
     assert {(v.module, v.op) for v in report.declared} == {("", "aten.add")}
     assert report.declared[0].declared == "add: the residual add stays float in this study"
     assert report.totals["declared"] == 1 and report.totals["quantized"] == 1
-    extra = qswap.audit(_Residual(), (x,), float_ok={"fc": "float baseline"})
+    extra = qswap.audit(Residual(), (x,), float_ok={"fc": "float baseline"})
     assert {v.module for v in extra.declared} == {"fc"} and _hits(extra) == {("", "aten.add")}
 
 
@@ -278,16 +270,16 @@ def test_the_audit_restores_modes_and_uncalibrated_quantizer_state():
 
 def test_report_formats_and_bad_inputs():
     x = torch.randn(3, 8)
-    report = qswap.audit(_Residual(), (x,))
+    report = qswap.audit(Residual(), (x,))
     data = report.to_dict()
     assert data["verdict"] == "dishonest" and data["paths"] == ["forward"]
     fields = {"module", "op", "operand", "reason", "source", "shape", "dtype", "count"}
     assert fields <= set(data["violations"][0])
     assert "| module | op | operand |" in report.to_markdown()
     with pytest.raises(AuditError, match="net_input dict"):
-        qswap.audit(_Residual(), "not an input")
+        qswap.audit(Residual(), "not an input")
     with pytest.raises(AuditError, match="failed on the 'forward' path"):
-        qswap.audit(_Residual(), (torch.randn(3, 5),))
+        qswap.audit(Residual(), (torch.randn(3, 5),))
 
 
 def test_qswap_audit_is_callable_after_importing_the_package():
