@@ -37,6 +37,6 @@ def plugin_dir() -> str:
 
 def __getattr__(name: str):
     if name == "audit":  # the honesty checker pulls in torch's dispatch machinery: load lazily
-        from qswap.audit import audit
+        from qswap.honesty import audit
         return audit
     raise AttributeError(f"module 'qswap' has no attribute {name!r}")

@@ -176,7 +176,7 @@ def make_bench(key: str, sizes: Sizes) -> Bench:
 def converted(b: Bench, recipe: str) -> Any:
     """``b.model`` converted with ``recipe`` and calibrated on every path the audit runs."""
     import qswap
-    from qswap.audit.paths import run_paths
+    from qswap.honesty.paths import run_paths
 
     if recipe not in b.qmodels:
         qmodel = qswap.convert(b.model, recipe)
@@ -217,7 +217,7 @@ def measure_audit(b: Bench, sizes: Sizes) -> dict:
     """``qswap.audit(w8a8, net_input)`` against one float forward on the same net_input; also
     against the paths the audit runs, timed unobserved on the float and the w8a8 model."""
     import qswap
-    from qswap.audit.paths import run_paths
+    from qswap.honesty.paths import run_paths
 
     w8a8 = converted(b, "w8a8")
     t0 = time.perf_counter()
@@ -593,7 +593,7 @@ def explain(name: str, r: dict) -> str:
         "audit": f"The audited paths alone take {_ms(paths_w8a8)} unobserved "
                  f"({paths_w8a8 / r['audit_float_forward_s']:.2f}× one float forward: a batch forward, "
                  "`get_normalized_probs` and 3 decoding steps); the rest is the audit's own work "
-                 "(`qswap/audit`: module hooks, a Python dispatch-mode handler per aten op, the "
+                 "(`qswap/honesty`: module hooks, a Python dispatch-mode handler per aten op, the "
                  "on-grid check of every quantizer output). By Python function:",
         "convert": "By Python function:",
         "convert_memory": "",

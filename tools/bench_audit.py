@@ -47,7 +47,7 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
 
     import qswap
-    from qswap.audit.paths import run_paths
+    from qswap.honesty.paths import run_paths
     from qswap.models import build_s2t_transformer, s2t_net_input
 
     torch.set_num_threads(args.threads)

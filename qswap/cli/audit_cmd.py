@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import qswap
-    from qswap.audit.loading import synthetic_net_input
-    from qswap.audit.paths import run_paths
+    from qswap.honesty.loading import synthetic_net_input
+    from qswap.honesty.paths import run_paths
     from qswap.calibrate import activation_quantizers
     from qswap.cli.render import console
     from qswap.cli.render_audit import print_report

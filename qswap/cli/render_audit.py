@@ -1,8 +1,8 @@
 """Terminal rendering of the honesty report (rich). Only the CLI prints."""
 from __future__ import annotations
 
-from qswap.audit.markdown import TOTAL_LABELS
-from qswap.audit.report import KINDS, HonestyReport
+from qswap.honesty.markdown import TOTAL_LABELS
+from qswap.honesty.report import KINDS, HonestyReport
 
 TOTALS_SHOWN = ("compute", "quantized", "kernel_internal", "constant_fold", "declared", "float",
                 "unclassified")

@@ -1,6 +1,6 @@
 import pytest
 
-from qswap.audit.findings import FloatOk
+from qswap.honesty.findings import FloatOk
 
 
 @pytest.mark.parametrize("key, module, op, hit", [

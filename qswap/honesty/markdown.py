@@ -1,7 +1,7 @@
 """The honesty report as Markdown (``HonestyReport.to_markdown``); fields as in docs/honesty.md."""
 from __future__ import annotations
 
-from qswap.audit.report import KINDS, HonestyReport, Violation
+from qswap.honesty.report import KINDS, HonestyReport, Violation
 
 TOTAL_LABELS = {
     "compute": "compute ops executed",

@@ -116,5 +116,5 @@ class HonestyReport:
         return json.dumps(self.to_dict(), indent=indent) + "\n"
 
     def to_markdown(self, max_rows: int | None = None) -> str:
-        from qswap.audit.markdown import render
+        from qswap.honesty.markdown import render
         return render(self, max_rows)

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qswap.audit.paths import check_inputs, run_paths
-from qswap.audit.report import TOTAL_KEYS, HonestyReport
-from qswap.audit.tracker import Tracker
+from qswap.honesty.paths import check_inputs, run_paths
+from qswap.honesty.report import TOTAL_KEYS, HonestyReport
+from qswap.honesty.tracker import Tracker
 from qswap.errors import AuditError, QswapError
 from qswap.nn.base import QuantModule
 from qswap.quant.fake_quantize import FakeQuantize

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import qswap
-from qswap.audit.paths import run_paths
+from qswap.honesty.paths import run_paths
 from qswap.calibrate import activation_quantizers
 from qswap.models import build_s2t_transformer, s2t_net_input
 

@@ -1,10 +1,10 @@
-"""The op classification table (qswap.audit.ops) and the fail-loudly rule for unknown ops."""
+"""The op classification table (qswap.honesty.ops) and the fail-loudly rule for unknown ops."""
 import pytest
 import torch
 from torch import nn
 
 import qswap
-from qswap.audit import ops
+from qswap.honesty import ops
 
 
 def test_every_rule_names_a_known_class():

@@ -1,7 +1,7 @@
 """The on-grid check: integer codes within [qmin, qmax], at every granularity."""
 import torch
 
-from qswap.audit.tags import off_grid_count
+from qswap.honesty.tags import off_grid_count
 from qswap.quant import QuantSpec, choose_qparams, fake_quantize, reduce_min_max
 
 

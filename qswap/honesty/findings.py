@@ -10,10 +10,10 @@ from collections import Counter
 
 import torch
 
-from qswap.audit import classify as C
-from qswap.audit.ops import aliases
-from qswap.audit.report import OpCount, PathCoverage, Violation
-from qswap.audit.tags import QUANT, Tag
+from qswap.honesty import classify as C
+from qswap.honesty.ops import aliases
+from qswap.honesty.report import OpCount, PathCoverage, Violation
+from qswap.honesty.tags import QUANT, Tag
 from qswap.recipe.match import PatternError, compile_path
 
 FUSED, UNCLASSIFIED, NOT_EXECUTED = "fused_kernel", "unclassified_op", "not_executed"
@@ -26,7 +26,7 @@ REASONS = {
                 "[qmin, qmax] times its scale",
     FUSED: "fused kernel: its internal steps (softmax, probs @ V, epilogues) run on unquantized "
            "intermediates; use a counterpart that performs the ops separately",
-    UNCLASSIFIED: "no rule for this op in qswap.audit.ops; an op the audit does not know is "
+    UNCLASSIFIED: "no rule for this op in qswap.honesty.ops; an op the audit does not know is "
                   "never assumed to be honest",
     NOT_EXECUTED: "a swapped module never ran on the audited paths: the model computes its "
                   "result some other way (bypass), or the audited paths do not reach it",

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qswap.audit.ops import ACCUMULATING, GRID, OpRule
-from qswap.audit.tags import ACC, CONST, FLOAT, INDEX, KERNEL, PARAM, QUANT, Tag
+from qswap.honesty.ops import ACCUMULATING, GRID, OpRule
+from qswap.honesty.tags import ACC, CONST, FLOAT, INDEX, KERNEL, PARAM, QUANT, Tag
 
 QUANTIZED, KERNEL_INTERNAL, FLOAT_BUCKET, CONSTANT_FOLD, IGNORED = (
     "quantized", "kernel_internal", "float", "constant_fold", "ignored")

@@ -5,8 +5,8 @@ hooks that tell it where it is.
   module paths, count counterpart calls, and tag each quantizer's output with its grid after
   checking that the values really lie on it. Hooks are right for an inspection tool; qswap's
   own modules never use them.
-* ``__torch_dispatch__`` runs each op, then classifies it (``qswap.audit.ops``), decides it
-  (``qswap.audit.classify``) and tags its outputs. Ops run by a quantizer itself (rounding,
+* ``__torch_dispatch__`` runs each op, then classifies it (``qswap.honesty.ops``), decides it
+  (``qswap.honesty.classify``) and tags its outputs. Ops run by a quantizer itself (rounding,
   observers) are not classified: inside qswap's own ``FakeQuantize`` / ``BiasQuantize`` the
   Python dispatch is switched off altogether (their output is checked on its grid anyway), and
   inside other quantizer classes the ops are only counted.
@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from qswap.audit import classify as C
-from qswap.audit import ops as O
-from qswap.audit.findings import Findings
-from qswap.audit.tags import CONST, FLOAT, PARAM, QUANT, UNTRACKED, GridInfo, Tag, off_grid_count
+from qswap.honesty import classify as C
+from qswap.honesty import ops as O
+from qswap.honesty.findings import Findings
+from qswap.honesty.tags import CONST, FLOAT, PARAM, QUANT, UNTRACKED, GridInfo, Tag, off_grid_count
 from qswap.nn.base import QuantModule
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
