@@ -3,7 +3,9 @@
 For tests, benchmarks and the demo: nothing here is a stand-in; ``build_s2t_transformer``,
 ``build_s2t_conformer`` and ``build_wav2vec2_ctc`` return fairseq's ``S2TTransformerModel``,
 ``S2TConformerModel`` and ``Wav2VecCtc`` built by their own ``build_model`` and defaults, just
-with small dimensions; ``s2t_net_input`` / ``wav2vec2_net_input`` make matching inputs.
+with small dimensions; ``build_s2t_registered`` and ``build_wav2vec2_ctc_registered`` build
+fairseq's registered architectures and shipped configs with fairseq's own dimensions and
+defaults; ``s2t_net_input`` / ``wav2vec2_net_input`` make matching inputs.
 Imports fairseq (lazily, inside the functions).
 """
 from __future__ import annotations
@@ -52,6 +54,23 @@ def _build_s2t(model_cls, arch: str, default_arch: str, small: dict, dictionary,
     return model_cls.build_model(args, task).eval()
 
 
+# What fairseq's speech_to_text task and common config supply to an s2t model's args (80-dim
+# filterbanks, the task's default position limits, fp32); the architecture function does the rest.
+_S2T_TASK_ARGS = dict(input_feat_per_channel=80, max_source_positions=6000,
+                      max_target_positions=1024, fp16=False)
+
+
+def build_s2t_registered(arch: str, dictionary=None, *, seed: int = 0, **overrides: Any):
+    """fairseq's registered speech-to-text architecture ``arch`` (``s2t_transformer_s``,
+    ``s2t_conformer``...) with fairseq's own defaults, as ``fairseq-train --arch ARCH`` builds it,
+    in eval mode. ``overrides`` are architecture args (``encoder_layers=1``,
+    ``pos_enc_type="rope"``...); nothing else is changed.
+    """
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    return _build_s2t(ARCH_MODEL_REGISTRY[arch], arch, arch, _S2T_TASK_ARGS, dictionary, seed, overrides)
+
+
 def build_s2t_transformer(dictionary=None, *, seed: int = 0, arch: str = "s2t_transformer",
                           **overrides: Any):
     """fairseq's S2TTransformerModel, small by default (2+2 layers, dim 64), in eval mode.
@@ -85,27 +104,55 @@ def build_wav2vec2_ctc(dictionary=None, *, seed: int = 0, **overrides: Any):
     """fairseq's Wav2VecCtc (wav2vec 2.0 encoder + CTC projection), random weights, small by
     default (3 conv feature layers of 32 channels, 2 transformer layers of dim 32), in eval mode.
 
-    Builds without a pretrained checkpoint: ``w2v_args`` is a full FairseqConfig whose model is
-    a small Wav2Vec2Config and whose task is an AudioPretrainingConfig (``tpu``, ``seed`` and
-    ``normalize`` set explicitly: they are interpolations otherwise). ``overrides`` are
-    Wav2Vec2Config fields (``extractor_mode="layer_norm"``, ``layer_norm_first=True``...).
+    ``overrides`` are Wav2Vec2Config fields (``extractor_mode="layer_norm"``,
+    ``layer_norm_first=True``...).
     """
+    small = dict(conv_feature_layers="[(32, 10, 5), (32, 3, 2), (32, 2, 2)]", encoder_embed_dim=32,
+                 encoder_ffn_embed_dim=64, encoder_layers=2, encoder_attention_heads=4, conv_pos=16,
+                 conv_pos_groups=4, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    return build_wav2vec2_ctc_registered(None, dictionary, seed=seed, **{**small, **overrides})
+
+
+def build_wav2vec2_ctc_registered(config: str | None = None, dictionary=None, *, seed: int = 0,
+                                  finetuning: str | None = None, **overrides: Any):
+    """fairseq's Wav2VecCtc fine-tuning wrapper (``Wav2Vec2CtcConfig`` defaults) around a
+    wav2vec 2.0 model with fairseq's own defaults: ``Wav2Vec2Config()`` (base) for ``config=None``,
+    or a model config shipped with fairseq, ``"wav2vec2_large"`` (fairseq/config/model/wav2vec2/,
+    the large / XLS-R settings: layer_norm extractor, pre-norm layers, conv biases), merged
+    over it. ``finetuning`` names one of fairseq's wav2vec 2.0 fine-tuning configs
+    (``"base_100h"``, ``"vox_100h"``: examples/wav2vec/config/finetuning/), whose model section
+    (masking, layerdrop, feature_grad_mult...) sets the Wav2Vec2CtcConfig. ``overrides`` are
+    Wav2Vec2Config fields (``encoder_layers=1``). Random weights, in eval mode.
+
+    Builds without a pretrained checkpoint: ``w2v_args`` is a full FairseqConfig whose model is
+    the Wav2Vec2Config and whose task is an AudioPretrainingConfig (``tpu``, ``seed`` and
+    ``normalize`` set explicitly: they are interpolations otherwise).
+    """
+    from pathlib import Path
+
+    import fairseq
     from fairseq.dataclass.configs import FairseqConfig
     from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config
     from fairseq.models.wav2vec.wav2vec2_asr import Wav2Vec2CtcConfig, Wav2VecCtc
     from fairseq.tasks.audio_pretraining import AudioPretrainingConfig
     from omegaconf import OmegaConf
 
-    small = dict(conv_feature_layers="[(32, 10, 5), (32, 3, 2), (32, 2, 2)]", encoder_embed_dim=32,
-                 encoder_ffn_embed_dim=64, encoder_layers=2, encoder_attention_heads=4, conv_pos=16,
-                 conv_pos_groups=4, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    model_cfg = Wav2Vec2Config(**{**small, **overrides})
+    root = Path(fairseq.__file__).parent
+    model_cfg = OmegaConf.structured(Wav2Vec2Config)
+    if config is not None:
+        model_cfg = OmegaConf.merge(model_cfg, OmegaConf.load(root / "config/model/wav2vec2" / f"{config}.yaml"))
+    ctc_fields = {}
+    if finetuning is not None:
+        shipped = OmegaConf.load(root / "examples/wav2vec/config/finetuning" / f"{finetuning}.yaml")
+        ctc_fields = OmegaConf.to_container(shipped.model)
+        del ctc_fields["_name"], ctc_fields["w2v_path"]  # "wav2vec_ctc"; "???" (no checkpoint here)
+    model_cfg = OmegaConf.merge(model_cfg, overrides)
     model_cfg._name = "wav2vec2"
     task_cfg = AudioPretrainingConfig(data=".", normalize=False, tpu=False, seed=seed)
     task_cfg._name = "audio_pretraining"
     w2v_args = OmegaConf.structured(FairseqConfig(model=model_cfg, task=task_cfg))
     cfg = Wav2Vec2CtcConfig(w2v_args=w2v_args, w2v_path="", no_pretrained_weights=True,
-                            normalize=False, data=".", ddp_backend="c10d")
+                            normalize=False, data=".", ddp_backend="c10d", **ctc_fields)
     dictionary = dictionary if dictionary is not None else make_dictionary()
     torch.manual_seed(seed)
     with warnings.catch_warnings():  # fairseq's positional conv uses the deprecated weight_norm

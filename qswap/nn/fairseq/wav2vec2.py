@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import ast
 from typing import Optional
 
 import numpy as np
@@ -30,6 +29,7 @@ from fairseq.utils import index_put
 
 from qswap.errors import ConvertError
 from qswap.nn.base import QuantConfig, QuantModule, act_quantizer
+from qswap.nn.fairseq.config_expr import eval_config_expr
 from qswap.nn.registry import register
 
 _MASK_ATTRS = ("mask_prob", "mask_selection", "mask_other", "mask_length", "no_mask_overlap",
@@ -147,6 +147,17 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         return x, layer_results
 
 
+def _conv_strides(conv_feature_layers: str) -> tuple[tuple[int, int], ...]:
+    """((kernel, stride), ...) of fairseq's ``conv_feature_layers`` expression [(dim, k, stride)]."""
+    layers = eval_config_expr(conv_feature_layers, "conv_feature_layers")
+    if not (isinstance(layers, list) and layers and all(
+            isinstance(layer, (tuple, list)) and len(layer) == 3 and all(isinstance(v, int) for v in layer)
+            for layer in layers)):
+        raise ConvertError(f"config field 'conv_feature_layers' = {conv_feature_layers!r} must be a "
+                           "non-empty list of (dim, kernel, stride) integer triples")
+    return tuple((kernel, stride) for _, kernel, stride in layers)
+
+
 @register(Wav2Vec2Model)
 class QWav2Vec2Model(QuantModule):
     """wav2vec 2.0's inference path (what ``Wav2VecEncoder`` runs: ``extract_features``);
@@ -159,6 +170,7 @@ class QWav2Vec2Model(QuantModule):
     def __init__(self, module: Wav2Vec2Model, config: QuantConfig):
         super().__init__()
         self.cfg, self.embed = module.cfg, module.embed
+        self.conv_strides = _conv_strides(module.cfg.conv_feature_layers)  # ((kernel, stride), ...)
         self.crop_seq_to_multiple, self.feature_grad_mult = module.crop_seq_to_multiple, module.feature_grad_mult
         for name in _MASK_ATTRS:
             setattr(self, name, getattr(module, name))
@@ -174,7 +186,7 @@ class QWav2Vec2Model(QuantModule):
 
     def _output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
         """floor((L - k) / stride + 1) per conv layer, in integers."""
-        for _, kernel, stride in ast.literal_eval(self.cfg.conv_feature_layers):  # [(dim, k, stride)]
+        for kernel, stride in self.conv_strides:
             input_lengths = torch.div(input_lengths - kernel, stride, rounding_mode="floor") + 1
         return input_lengths
 

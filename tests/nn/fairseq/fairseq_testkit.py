@@ -66,3 +66,28 @@ def run(model, net_input):
         first = (out[0] if isinstance(out, tuple) else out["encoder_out"]).clone()
         lp = model.get_normalized_probs(out, log_probs=True)  # fairseq's CTC masks out in place
     return first, lp
+
+
+def _teacher_forced_log_probs(q, net_input, tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    """log p(tokens[b, t] | tokens[b, :t]) (B, L), in one batch forward; tokens: (B, L)."""
+    prev = torch.cat([torch.full_like(tokens[:, :1], eos), tokens[:, :-1]], dim=1)
+    with torch.no_grad():
+        out = q(src_tokens=net_input["src_tokens"], src_lengths=net_input["src_lengths"],
+                prev_output_tokens=prev)
+        lprobs = q.get_normalized_probs(out, log_probs=True)  # (B, L, V)
+    return lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def assert_scores_are_teacher_forced(q, net_input, hypos, atol: float = 1e-4) -> None:
+    """Each of SequenceGenerator's hypotheses (``hypos``: per sentence, a list of beams) scores
+    its tokens as one teacher-forced batch forward does (to ``atol``: float32 summation order)."""
+    dictionary = q.decoder.dictionary
+    for k in range(len(hypos[0])):  # the k-th hypothesis of every sentence, as one batch
+        tokens = [h[k]["tokens"] for h in hypos]
+        padded = torch.full((len(tokens), max(len(t) for t in tokens)), dictionary.pad())
+        for b, t in enumerate(tokens):
+            padded[b, : len(t)] = t
+        expected = _teacher_forced_log_probs(q, net_input, padded, dictionary.eos())
+        for b, h in enumerate(hypos):
+            n = len(tokens[b])
+            torch.testing.assert_close(h[k]["positional_scores"], expected[b, :n], rtol=0, atol=atol)

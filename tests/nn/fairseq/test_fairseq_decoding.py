@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("fairseq")
 
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
-from fairseq_testkit import SEQ2SEQ, build, convert_calibrated  # noqa: E402
+from fairseq_testkit import SEQ2SEQ, assert_scores_are_teacher_forced, build, convert_calibrated  # noqa: E402
 from qswap.models import s2t_net_input  # noqa: E402
 
 STEPS = 6
@@ -39,16 +39,6 @@ def test_incremental_decoding_matches_teacher_forcing(qmodel):
     assert (incremental - forced).abs().max() < 1e-4
 
 
-def _teacher_forced_log_probs(q, net_input, tokens: torch.Tensor, eos: int) -> torch.Tensor:
-    """log p(tokens[b, t] | tokens[b, :t]) (B, L), in one batch forward; tokens: (B, L)."""
-    prev = torch.cat([torch.full_like(tokens[:, :1], eos), tokens[:, :-1]], dim=1)
-    with torch.no_grad():
-        out = q(src_tokens=net_input["src_tokens"], src_lengths=net_input["src_lengths"],
-                prev_output_tokens=prev)
-        lprobs = q.get_normalized_probs(out, log_probs=True)  # (B, L, V)
-    return lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 def test_sequence_generator_beam_search_on_converted_model(qmodel, beam=2):
     """fairseq's SequenceGenerator (incremental states, beam reorders) on the converted model:
     each hypothesis's per-token scores are the teacher-forced log-probs of its tokens."""
@@ -59,15 +49,7 @@ def test_sequence_generator_beam_search_on_converted_model(qmodel, beam=2):
     with torch.no_grad():
         hypos = generator.generate([q], sample)
     assert [len(h) for h in hypos] == [beam] * net_input["src_tokens"].size(0)
-    for k in range(beam):  # the k-th hypothesis of every sentence, teacher-forced as one batch
-        tokens = [h[k]["tokens"] for h in hypos]
-        padded = torch.full((len(tokens), max(len(t) for t in tokens)), dictionary.pad())
-        for b, t in enumerate(tokens):
-            padded[b, : len(t)] = t
-        expected = _teacher_forced_log_probs(q, net_input, padded, dictionary.eos())
-        for b, h in enumerate(hypos):
-            n = len(tokens[b])
-            torch.testing.assert_close(h[k]["positional_scores"], expected[b, :n], rtol=0, atol=1e-4)
+    assert_scores_are_teacher_forced(q, net_input, hypos)
 
 
 def test_decoder_counterpart_reorders_like_fairseq(qmodel, beam=3):
