@@ -129,7 +129,7 @@ The plugin folder is `$(qswap-plugin-dir)` (`qswap.plugin_dir()`); it registers 
 | `--qswap-recipe R` | convert the model right after fairseq builds it (a shipped name or a YAML path); a checkpoint remembers it |
 | `--qswap-calib-batches N` | calibrate the activation quantizers on the first N training batches, then freeze them (ranges reduced across DDP workers) |
 | `--qswap-audit` | before decoding, audit a batch of the generation subset and print the verdict |
-| `--qswap-strict` | fail if the recipe leaves a module float without a skip rule |
+| `--qswap-strict` | fail if a recipe rule matches no module or the recipe leaves a module float without a skip rule |
 
 fairseq's own `--help` lists only its first-stage options (not any legacy task's options,
 `speech_to_text`'s `--config-yaml` included); the qswap options carry help texts in the parser

@@ -32,7 +32,7 @@ HELP = {
     "recipe": "qswap recipe (shipped name such as w8a8, or a YAML path) to convert the model with",
     "calib": "calibrate activation quantizers on this many training batches before the first update",
     "audit": "run the qswap honesty audit on a few batches before decoding and print the verdict",
-    "strict": "fail if the recipe leaves a module float without a skip rule",
+    "strict": "fail if a recipe rule matches no module or the recipe leaves a module float without a skip rule",
 }
 
 
