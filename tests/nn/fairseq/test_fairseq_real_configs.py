@@ -107,15 +107,19 @@ def test_w8a8_sqnr_against_float(case):
 
 def test_w8a8_decodes(case):
     """qswap's decode (fairseq's SequenceGenerator, beam 2; greedy CTC): one hypothesis per
-    utterance, and for S2T each beam hypothesis scores its tokens as a teacher-forced pass does
-    (to one grid step of the quantized logits)."""
-    name, _, net_input, qmodel = case
+    utterance; the identity-quantized counterparts decode what the float model decodes; for S2T
+    each beam hypothesis of w8a8 scores its tokens as a teacher-forced pass does (to one grid
+    step of the quantized logits)."""
+    name, model, net_input, qmodel = case
     dictionary = make_dictionary() if _is_ctc(name) else qmodel.decoder.dictionary  # the builders' default
     batch = next(iter(net_input.values())).size(0)
     sample = {"id": torch.arange(batch), "net_input": net_input,
               "target": torch.full((batch, 2), dictionary.eos())}
-    result = decode(types.SimpleNamespace(target_dictionary=dictionary), qmodel, [sample], beam=2, max_len_b=4)
-    assert [u.id for u in result.utterances] == list(range(batch))
+    task = types.SimpleNamespace(target_dictionary=dictionary)
+    hyps = {label: [(u.id, u.hyp) for u in decode(task, m, [sample], beam=2, max_len_b=4).utterances]
+            for label, m in (("float", model), ("identity", qswap.convert(model, NO_QUANT)), ("w8a8", qmodel))}
+    assert [i for i, _ in hyps["w8a8"]] == list(range(batch))
+    assert hyps["identity"] == hyps["float"]
     if _is_ctc(name):
         return
     from fairseq.sequence_generator import SequenceGenerator
