@@ -68,6 +68,16 @@ def run(model, net_input):
     return first, lp
 
 
+def assert_identity_counterparts_match(model, net_input) -> None:
+    """The model converted with identity quantizers (``NO_QUANT``) computes what fairseq
+    computes: same non-finite positions, finite values to 1e-5 (float32 rounding)."""
+    exact = qswap.convert(model, NO_QUANT)
+    for ref, out in zip(run(model, net_input), run(exact, net_input)):
+        finite = torch.isfinite(ref)
+        assert torch.equal(finite, torch.isfinite(out))
+        torch.testing.assert_close(out[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
 def _teacher_forced_log_probs(q, net_input, tokens: torch.Tensor, eos: int) -> torch.Tensor:
     """log p(tokens[b, t] | tokens[b, :t]) (B, L), in one batch forward; tokens: (B, L)."""
     prev = torch.cat([torch.full_like(tokens[:, :1], eos), tokens[:, :-1]], dim=1)

@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("fairseq")
 
 import qswap  # noqa: E402
-from fairseq_testkit import ARCHS, NO_QUANT, SEQ2SEQ, build, convert_calibrated, log_probs, logits, run  # noqa: E402
+from fairseq_testkit import (  # noqa: E402
+    ARCHS, SEQ2SEQ, assert_identity_counterparts_match, build, convert_calibrated, log_probs, logits, run)
 from helpers import sqnr_db  # noqa: E402
 
 # Measured with `pytest tests/nn/fairseq -k sqnr -s` (seed 0): s2t_transformer 32.9 dB,
@@ -71,11 +72,7 @@ def test_identity_quantizers_compute_what_fairseq_computes(case):
     """Every counterpart with its quantizers left out: the re-implemented forwards (layers,
     encoders, wav2vec 2.0, CTC masking) are fairseq's, to float32 rounding."""
     _, model, net_input, _ = case
-    exact = qswap.convert(model, NO_QUANT)
-    for ref, out in zip(run(model, net_input), run(exact, net_input)):
-        finite = torch.isfinite(ref)
-        assert torch.equal(finite, torch.isfinite(out))
-        torch.testing.assert_close(out[finite], ref[finite], rtol=1e-5, atol=1e-5)
+    assert_identity_counterparts_match(model, net_input)
 
 
 def test_float_state_dict_loads_into_converted_model(case):

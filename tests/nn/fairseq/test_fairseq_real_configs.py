@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("fairseq")
 
 import qswap  # noqa: E402
-from fairseq_testkit import NO_QUANT, assert_scores_are_teacher_forced, convert_calibrated, logits, run  # noqa: E402
+from fairseq_testkit import (  # noqa: E402
+    NO_QUANT, assert_identity_counterparts_match, assert_scores_are_teacher_forced, convert_calibrated, logits)
 from helpers import sqnr_db  # noqa: E402
 from qswap.errors import ConvertError  # noqa: E402
 from qswap.integration.decode import decode  # noqa: E402
@@ -82,11 +83,7 @@ def test_every_shipped_recipe_converts(case):
 
 def test_identity_quantizers_compute_what_fairseq_computes(case):
     _, model, net_input, _ = case
-    exact = qswap.convert(model, NO_QUANT)
-    for ref, out in zip(run(model, net_input), run(exact, net_input)):
-        finite = torch.isfinite(ref)
-        assert torch.equal(finite, torch.isfinite(out))
-        torch.testing.assert_close(out[finite], ref[finite], rtol=1e-5, atol=1e-5)
+    assert_identity_counterparts_match(model, net_input)
 
 
 def test_w8a8_audits_honest_on_every_path(case):
