@@ -214,3 +214,17 @@ def test_every_module_appears_in_the_report_containers_included():
     qswap.calibrate(q, [torch.randn(4, 8)])
     report = qswap.audit(q, torch.randn(4, 8))
     assert not report.honest and any(v.module == "0" and "add" in v.op for v in report.violations)
+
+
+class Identity(nn.Module):
+    """A user's own module that happens to share torch's name, and computes."""
+
+    def forward(self, x):
+        return x * 2.0
+
+
+def test_passthrough_is_decided_by_class_identity_not_by_name():
+    model = nn.Sequential(nn.Linear(4, 4), Identity(), nn.Identity())
+    entries = {e.path: e for e in qswap.convert(model, "w8a8").qswap_report.entries}
+    assert (entries["1"].action, entries["1"].reason) == ("float", "no counterpart registered for Identity")
+    assert entries["2"].action == "passthrough"

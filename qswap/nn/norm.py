@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, derived_weight, weight_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
 
@@ -63,14 +63,14 @@ def layer_norm_bounded_grad(x: torch.Tensor, normalized_shape: tuple, weight: to
 
 
 class _QNorm(QuantModule):
-    sites = ("input", "norm_weight", "norm_bias")
+    sites = {"input": "activation", "norm_weight": "weight", "norm_bias": "weight"}
 
     def __init__(self, weight, bias, eps: float, config: QuantConfig):
         super().__init__()
         self.weight, self.bias, self.eps = weight, bias, eps
-        self.input_quant = act_quantizer(config, "input")
-        self.weight_quant = weight_quantizer(config, "norm_weight")
-        self.bias_quant = weight_quantizer(config, "norm_bias")
+        self.input_quant = quantizer(config, self.sites, "input")
+        self.weight_quant = quantizer(config, self.sites, "norm_weight")
+        self.bias_quant = quantizer(config, self.sites, "norm_bias")
 
     def affine(self) -> tuple:
         w = self.weight_quant(self.weight) if self.weight is not None else None
@@ -128,7 +128,7 @@ class QBatchNorm1d(QuantModule):
     (and updates the running ones) as nn.BatchNorm1d does.
     """
 
-    sites = ("input", "weight")
+    sites = {"input": "activation", "weight": "weight"}
 
     def __init__(self, module: nn.BatchNorm1d, config: QuantConfig):
         super().__init__()
@@ -137,8 +137,8 @@ class QBatchNorm1d(QuantModule):
         self.register_buffer("running_mean", module.running_mean)
         self.register_buffer("running_var", module.running_var)
         self.register_buffer("num_batches_tracked", module.num_batches_tracked)
-        self.input_quant = act_quantizer(config, "input")
-        self.weight_quant = weight_quantizer(config)
+        self.input_quant = quantizer(config, self.sites, "input")
+        self.weight_quant = quantizer(config, self.sites, "weight")
         self.bias_quant = BiasQuantize()
 
     @classmethod

@@ -17,6 +17,7 @@ QMIN, QMAX = -(2 ** 31), 2 ** 31 - 1
 
 class BiasQuantize(nn.Module):
     qmin, qmax, bits = QMIN, QMAX, 32
+    kind = "bias"  # no spec of its own: the grid of the accumulator it is added to
 
     def __init__(self) -> None:
         super().__init__()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import nn
 
 import qswap
 from qswap.models import (
@@ -66,3 +67,31 @@ def run(model, net_input):
         first = (out[0] if isinstance(out, tuple) else out["encoder_out"]).clone()
         lp = model.get_normalized_probs(out, log_probs=True)  # fairseq's CTC masks out in place
     return first, lp
+
+
+class Call(nn.Module):
+    """Calls a module with the audit's keyword inputs (as positional arguments, in order, with
+    ``positional``); returns its first output."""
+
+    def __init__(self, module, positional=False):
+        super().__init__()
+        self.module, self.positional = module, positional
+
+    def forward(self, **inputs):
+        out = self.module(*inputs.values()) if self.positional else self.module(**inputs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+E = 32  # the embedding width of single-module tests
+
+
+def transformer_config(**extra):
+    """fairseq's TransformerConfig at width E, 4 heads, no dropout; ``extra`` set on top."""
+    from fairseq.models.transformer import TransformerConfig
+    cfg = TransformerConfig()
+    for part in (cfg.encoder, cfg.decoder):
+        part.embed_dim, part.ffn_embed_dim, part.attention_heads = E, 2 * E, 4
+    cfg.dropout = cfg.attention_dropout = cfg.activation_dropout = 0.0
+    for key, value in extra.items():
+        setattr(cfg, key, value)
+    return cfg
