@@ -9,6 +9,7 @@ from torch import nn
 
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.spec import QuantSpec
+from qswap.quant.stamp import stamp, unchanged
 
 
 SITE_KINDS = ("weight", "activation")
@@ -106,18 +107,20 @@ def param_quantizer(module: nn.Module, pname: str) -> nn.Module | None:
 
 def derived_weight(owner: nn.Module, slot: str, compute: Callable[[], torch.Tensor],
                    *sources: torch.Tensor) -> torch.Tensor:
-    """A weight computed from parameters/buffers only (weight norm, folded BatchNorm): constant-
-    foldable preprocessing, recomputed when a source changes (its version or storage).
+    """A weight computed from parameters/buffers only (weight norm, folded BatchNorm, a signed sine
+    table): constant-foldable preprocessing.
 
-    The latest result stays referenced as the plain tensor attribute ``owner.<slot>`` until the
-    next one exists, so two successive results never share an address: a weight FakeQuantize,
-    which recognizes its input by address and version, re-derives its grid exactly when the
-    weight changes.
+    Without autograd the result is kept (``owner.<slot>``, with a stamp of its sources) and the
+    same tensor returned while every source is unchanged (``qswap.quant.stamp``), so the weight
+    FakeQuantize it feeds keeps its own cache too. With autograd (a training step) it is computed
+    afresh and the kept one dropped: an optimizer may then write the sources through ``.data``.
     """
-    key = tuple((s._version, s.data_ptr()) for s in sources)
-    cached = owner.__dict__.get(slot)
-    if cached is not None and owner.__dict__.get(f"{slot}_key") == key and not torch.is_grad_enabled():
-        return cached
+    if torch.is_grad_enabled():
+        owner.__dict__.pop(slot, None)
+        return compute()
+    kept = owner.__dict__.get(slot)
+    if kept is not None and unchanged(kept[1], *sources):
+        return kept[0]
     weight = compute()
-    owner.__dict__[slot], owner.__dict__[f"{slot}_key"] = weight.detach(), key
+    owner.__dict__[slot] = (weight, stamp(*sources))
     return weight

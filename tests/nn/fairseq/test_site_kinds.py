@@ -57,7 +57,7 @@ def _torch_cases():
     for act in (nn.ReLU(), nn.GELU(), nn.SiLU(), nn.GLU(), nn.Tanh(), nn.Sigmoid(), nn.Softmax(-1),
                 nn.LogSoftmax(-1)):
         cases[type(act).__name__] = (act, {"input": _seq(3, E)})
-    return {name: (Call(module, positional=True), inputs) for name, (module, inputs) in cases.items()}
+    return {name: (Call(module.eval(), positional=True), inputs) for name, (module, inputs) in cases.items()}
 
 
 def _first_key_blocked():
@@ -80,7 +80,7 @@ def _fairseq_cases():
         "learned_positions": (PositionalEmbedding(64, E, padding_idx=1, learned=True),
                               {"input": lambda: torch.tensor([[2, 7, 8, 9]])}),
     }
-    cases = {name: (Call(module), inputs) for name, (module, inputs) in cases.items()}
+    cases = {name: (Call(module.eval()), inputs) for name, (module, inputs) in cases.items()}
     models = {"s2t_transformer": ("s2t_transformer", {}),
               **{f"s2t_conformer_{pos}": ("s2t_conformer", {"pos_enc_type": pos}) for pos in ("abs", "rel_pos", "rope")},
               "wav2vec2_ctc": ("wav2vec2_ctc", {}),
