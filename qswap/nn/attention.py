@@ -169,13 +169,14 @@ class QMultiheadAttention(QuantModule):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if self.batch_first:
+        key_is_query, value_is_query, value_is_key = key is query, value is query, value is key
+        if self.batch_first:  # after the identity tests: transposing makes three new tensors
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (L, B, E)
         tgt_len, bsz, _ = query.shape
         xq = self.input_quant(query)
-        xk, k_quant = (xq, self.input_quant) if key is query else (self.key_quant(key), self.key_quant)
-        xv, v_quant = ((xq, self.input_quant) if value is query else
-                       (xk, k_quant) if value is key else (self.value_quant(value), self.value_quant))
+        xk, k_quant = (xq, self.input_quant) if key_is_query else (self.key_quant(key), self.key_quant)
+        xv, v_quant = ((xq, self.input_quant) if value_is_query else
+                       (xk, k_quant) if value_is_key else (self.value_quant(value), self.value_quant))
         w = self.in_proj_weight_quant(self.in_proj_weight)  # (3E, E)
         q = self._project(xq, self.input_quant, w, 0)  # (T, B, E)
         k = self._project(xk, k_quant, w, 1)  # (S, B, E)

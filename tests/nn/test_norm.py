@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qswap
+from helpers import sqnr_db
 from qswap.nn.norm import STD_FLOOR_RATIO, QLayerNorm, layer_norm_bounded_grad
 
 
@@ -119,3 +120,25 @@ def test_qat_gradient_of_the_shipped_model_stays_near_float_with_a_silent_block(
     # (93 % WER in the demo), so its loss and gradient are larger than float's; bounded means tens of times
     # float's, not the 1e15 of LayerNorm's exact gradient (docs/fairseq.md)
     assert 0.3 * float_norm < r["w4a4"]["bounded"] < 30 * float_norm, result
+
+
+def test_batch_norm_trains_the_folded_quantized_map_with_batch_statistics():
+    """In training BatchNorm1d runs what inference runs, a per-channel affine map whose scale is
+    weight-quantized, folded from the batch's statistics; the gradient reaches gamma, beta, x."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(8)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    q = qswap.convert(bn, {"version": 1, "defaults": {"weight": {"bits": 4}, "activation": None}}).train()
+    x = (torch.randn(4, 8, 10) * 3 + 1).requires_grad_()
+    y = q(x)
+    slope = (y[0, :, 1] - y[0, :, 0]) / (x[0, :, 1] - x[0, :, 0])  # (C,) the applied scale
+    codes = slope.detach() / q.weight_quant.scale
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)
+    assert codes.round().abs().max() <= 7
+    reference = F.batch_norm(x.detach(), None, None, bn.weight.detach(), bn.bias.detach(), True)
+    assert sqnr_db(reference, y.detach()) > 15  # normalized with this batch's statistics
+    y.backward(torch.randn_like(y))
+    for grad in (q.weight.grad, q.bias.grad, x.grad):
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert int(q.num_batches_tracked) == 1
