@@ -7,12 +7,12 @@ from typing import Callable, ClassVar, Mapping
 import torch
 from torch import nn
 
-from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.fake_quantize import KINDS, FakeQuantize
 from qswap.quant.spec import QuantSpec
 from qswap.quant.stamp import stamp, unchanged
 
 
-SITE_KINDS = ("weight", "activation")
+SITE_KINDS = KINDS  # what a site's declared kind can be: a FakeQuantize's kind
 
 
 @dataclass(frozen=True)
