@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from qswap.errors import ConvertError
+from qswap.integration.cost import parameter_bytes
 from qswap.nn.base import QuantConfig, QuantModule
-from qswap.nn.registry import PASSTHROUGH, REGISTRY, find
+from qswap.nn.registry import REGISTRY, find, is_passthrough
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.recipe import Recipe, Rule, load_recipe
 from qswap.report import ConvertReport, ModuleEntry
@@ -70,7 +71,7 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
         raise ConvertError(f"strict mode: {len(report.by_action('float'))} module(s) left float "
                            f"without a skip rule: {names}")
     target = _replace(target, plans, report)
-    report.float_bytes, report.quantized_bytes = _sizes(target)
+    report.float_bytes, report.quantized_bytes = parameter_bytes(target)
     target.qswap_recipe = recipe
     target.qswap_report = report
     return target
@@ -105,7 +106,7 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[
     hit: set[int] = set()
 
     def visit(module: nn.Module, path: str, inherited: Rule | None) -> None:
-        rule = recipe.first_rule(path, module) if path or _root_matchable(recipe, module) else None
+        rule = recipe.first_rule(path, module)
         if rule is not None:
             hit.add(rule.index)
             for key, why in rule.float_ok.items():  # "PATH:OP" covers the submodules of PATH too
@@ -124,7 +125,7 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[
             plans.append(_Plan(path, module, counterpart, config, effective, label))
             if not counterpart.converts_children:
                 return
-        elif cls_name in PASSTHROUGH:
+        elif is_passthrough(module):
             report.entries.append(ModuleEntry(path, cls_name, "passthrough", label,
                                               reason="no arithmetic at inference"))
         elif not children:
@@ -144,11 +145,6 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[
 
     visit(root, "", None)
     return plans, hit
-
-
-def _root_matchable(recipe: Recipe, module: nn.Module) -> bool:
-    """The root has path "": only class-only rules can match it."""
-    return any(r.match.path is None for r in recipe.rules)
 
 
 def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: bool) -> None:
@@ -203,8 +199,7 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.M
         _share_tied_quantizers(new, plan.path, shared, report)
         report.entries.append(ModuleEntry(
             plan.path, type(plan.module).__name__, "quantized", plan.rule_label,
-            counterpart=type(new).__name__, weight=_label(plan.config.weight),
-            activation=_label(plan.config.activation)))
+            counterpart=type(new).__name__, **_spec_labels(plan.counterpart, plan.config)))
         built.append((plan.path, new))
     for path, new in reversed(built):  # shallowest first: a parent counterpart is in place
         if not path:
@@ -234,22 +229,9 @@ def _share_tied_quantizers(new: nn.Module, path: str, shared: dict, report: Conv
         report.notes.append(note)
 
 
-def _label(spec) -> str:
-    return spec.short() if spec is not None else "float"
-
-
-def _sizes(model: nn.Module) -> tuple[int, int]:
-    """Parameter bytes in float32, and at the stored bit widths (unique parameters)."""
-    bits: dict[int, int] = {}
-    numel: dict[int, int] = {}
-    for module in model.modules():
-        for pname, param in module.named_parameters(recurse=False):
-            numel[id(param)] = param.numel()
-            quant = getattr(module, f"{pname}_quant", None)
-            if isinstance(quant, FakeQuantize) and quant.enabled:
-                bits[id(param)] = min(bits.get(id(param), 32), quant.spec.bits)
-            else:
-                bits.setdefault(id(param), 32)
-    float_bytes = sum(n * 4 for n in numel.values())
-    quant_bytes = sum(numel[i] * bits[i] for i in numel) // 8
-    return float_bytes, quant_bytes
+def _spec_labels(counterpart: type, config: QuantConfig) -> dict[str, str]:
+    """The rule's weight / activation spec labels, each only if the counterpart declares a site of
+    that kind (a ReLU has no weight to quantize)."""
+    kinds = set(counterpart.sites.values())
+    return {kind: (spec.short() if spec is not None else "float") if kind in kinds else ""
+            for kind, spec in (("weight", config.weight), ("activation", config.activation))}

@@ -214,3 +214,23 @@ def test_every_module_appears_in_the_report_containers_included():
     qswap.calibrate(q, [torch.randn(4, 8)])
     report = qswap.audit(q, torch.randn(4, 8))
     assert not report.honest and any(v.module == "0" and "add" in v.op for v in report.violations)
+
+
+class Identity(nn.Module):
+    """A user's own module that happens to share torch's name, and computes."""
+
+    def forward(self, x):
+        return x * 2.0
+
+
+def test_passthrough_is_decided_by_class_identity_not_by_name():
+    model = nn.Sequential(nn.Linear(4, 4), Identity(), nn.Identity())
+    entries = {e.path: e for e in qswap.convert(model, "w8a8").qswap_report.entries}
+    assert (entries["1"].action, entries["1"].reason) == ("float", "no counterpart registered for Identity")
+    assert entries["2"].action == "passthrough"
+
+
+def test_report_shows_the_specs_of_the_kinds_a_counterpart_declares():
+    entries = {e.path: e for e in qswap.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), "w8a8").qswap_report.entries}
+    assert entries["0"].weight.startswith("int8") and entries["0"].activation.startswith("int8")
+    assert entries["1"].weight == "" and entries["1"].activation.startswith("int8")  # a ReLU has no weight

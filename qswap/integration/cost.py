@@ -5,6 +5,9 @@ with torch's own flop formulas (``torch.utils.flop_counter``), and weighs each b
 of its two operands: BOPs = MACs x bits(a) x bits(b). An operand's width is that of the qswap
 quantizer that produced it, carried through views, copies, scalar rescaling and masking; any
 other operand counts as 32-bit float.
+
+``parameter_bytes`` sizes the weights: every parameter at the bit width of its quantizer
+(``qswap.nn.base.param_quantizer``: ``{param}_quant``, or the counterpart's declared exception).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
+from qswap.nn.base import param_quantizer
 from qswap.quant.fake_quantize import FakeQuantize
 
 FLOAT_BITS = 32
@@ -94,3 +98,18 @@ def _tag(mode: _CostMode):
         if module.enabled and isinstance(output, torch.Tensor):
             mode.bits[output] = module.spec.bits
     return hook
+
+
+def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of every unique parameter in float32, bytes at the bit widths their quantizers store);
+    a parameter without an enabled FakeQuantize counts as 32-bit."""
+    bits: dict[int, int] = {}
+    numel: dict[int, int] = {}
+    for module in model.modules():
+        for pname, param in module.named_parameters(recurse=False):
+            numel[id(param)] = param.numel()
+            quant = param_quantizer(module, pname)
+            width = quant.spec.bits if isinstance(quant, FakeQuantize) and quant.enabled else FLOAT_BITS
+            bits[id(param)] = min(bits.get(id(param), FLOAT_BITS), width)
+    float_bytes = sum(n * 4 for n in numel.values())
+    return float_bytes, sum(numel[i] * bits[i] for i in numel) // 8

@@ -6,16 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
 
 class _QElementwise(QuantModule):
-    sites = ("input",)
+    sites = {"input": "activation"}
 
     def __init__(self, float_module: nn.Module, config: QuantConfig):
         super().__init__()
-        self.input_quant = act_quantizer(config, "input")
+        self.input_quant = quantizer(config, self.sites, "input")
         self.op = float_module  # the float module is stateless: keep it to call its own forward
 
     @classmethod

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, weight_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
-CORE_SITES = ("q", "k", "v", "scores", "scores_bias", "attn_bias", "softmax_in", "softmax_out")
+CORE_SITES = dict.fromkeys(("q", "k", "v", "scores", "scores_bias", "attn_bias", "softmax_in", "softmax_out"),
+                           "activation")
 
 
 def as_bool_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -41,16 +42,18 @@ def as_bool_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.
 
 
 class QuantAttentionCore(nn.Module):
+    sites = CORE_SITES
+
     def __init__(self, config: QuantConfig):
         super().__init__()
-        self.q_quant = act_quantizer(config, "q")
-        self.k_quant = act_quantizer(config, "k")
-        self.v_quant = act_quantizer(config, "v")
-        self.scores_quant = act_quantizer(config, "scores")  # only used before a score add
-        self.scores_bias_quant = act_quantizer(config, "scores_bias")
-        self.attn_bias_quant = act_quantizer(config, "attn_bias")
-        self.softmax_in_quant = act_quantizer(config, "softmax_in")
-        self.softmax_out_quant = act_quantizer(config, "softmax_out", nonnegative=True)
+        self.q_quant = quantizer(config, self.sites, "q")
+        self.k_quant = quantizer(config, self.sites, "k")
+        self.v_quant = quantizer(config, self.sites, "v")
+        self.scores_quant = quantizer(config, self.sites, "scores")  # only used before a score add
+        self.scores_bias_quant = quantizer(config, self.sites, "scores_bias")
+        self.attn_bias_quant = quantizer(config, self.sites, "attn_bias")
+        self.softmax_in_quant = quantizer(config, self.sites, "softmax_in")
+        self.softmax_out_quant = quantizer(config, self.sites, "softmax_out", nonnegative=True)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                 attn_mask: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
@@ -132,7 +135,9 @@ def merge_heads(x: torch.Tensor, batch: int) -> torch.Tensor:
 class QMultiheadAttention(QuantModule):
     """torch.nn.MultiheadAttention with quantized inputs, projections, core and output."""
 
-    sites = ("input", "key_in", "value_in", "in_proj_weight", "weight") + CORE_SITES  # weight: out_proj
+    sites = {"input": "activation", "key_in": "activation", "value_in": "activation",
+             "in_proj_weight": "weight", "weight": "weight", **CORE_SITES}  # weight: out_proj's
+    param_quantizers = {"in_proj_bias": "bias_quant", "bias_k": "core.k_quant", "bias_v": "core.v_quant"}
 
     def __init__(self, module: nn.MultiheadAttention, config: QuantConfig):
         super().__init__()
@@ -145,10 +150,10 @@ class QMultiheadAttention(QuantModule):
         self.add_zero_attn = module.add_zero_attn
         self.in_proj_weight, self.in_proj_bias = module.in_proj_weight, module.in_proj_bias
         self.bias_k, self.bias_v = module.bias_k, module.bias_v
-        self.input_quant = act_quantizer(config, "input")
-        self.key_quant = act_quantizer(config, "key_in")
-        self.value_quant = act_quantizer(config, "value_in")
-        self.in_proj_weight_quant = weight_quantizer(config, "in_proj_weight")
+        self.input_quant = quantizer(config, self.sites, "input")
+        self.key_quant = quantizer(config, self.sites, "key_in")
+        self.value_quant = quantizer(config, self.sites, "value_in")
+        self.in_proj_weight_quant = quantizer(config, self.sites, "in_proj_weight")
         self.bias_quant = BiasQuantize()
         self.core = QuantAttentionCore(config)
         self.out_proj = QLinear(module.out_proj.weight, module.out_proj.bias, config)
@@ -164,13 +169,14 @@ class QMultiheadAttention(QuantModule):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if self.batch_first:
+        key_is_query, value_is_query, value_is_key = key is query, value is query, value is key
+        if self.batch_first:  # after the identity tests: transposing makes three new tensors
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (L, B, E)
         tgt_len, bsz, _ = query.shape
         xq = self.input_quant(query)
-        xk, k_quant = (xq, self.input_quant) if key is query else (self.key_quant(key), self.key_quant)
-        xv, v_quant = ((xq, self.input_quant) if value is query else
-                       (xk, k_quant) if value is key else (self.value_quant(value), self.value_quant))
+        xk, k_quant = (xq, self.input_quant) if key_is_query else (self.key_quant(key), self.key_quant)
+        xv, v_quant = ((xq, self.input_quant) if value_is_query else
+                       (xk, k_quant) if value_is_key else (self.value_quant(value), self.value_quant))
         w = self.in_proj_weight_quant(self.in_proj_weight)  # (3E, E)
         q = self._project(xq, self.input_quant, w, 0)  # (T, B, E)
         k = self._project(xk, k_quant, w, 1)  # (S, B, E)

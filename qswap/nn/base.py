@@ -7,8 +7,25 @@ from typing import Callable, ClassVar, Mapping
 import torch
 from torch import nn
 
-from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.fake_quantize import KINDS, FakeQuantize
 from qswap.quant.spec import QuantSpec
+from qswap.quant.stamp import stamp, unchanged
+
+
+SITE_KINDS = KINDS  # what a site's declared kind can be: a FakeQuantize's kind
+
+
+@dataclass(frozen=True)
+class SiteSpecs:
+    """A recipe's ``sites:`` entry merged over its rule's weight spec and over its activation spec.
+
+    A recipe cannot know a site's kind (the counterparts that own the site may not even be
+    imported when it loads); the counterpart that creates the quantizer declares the kind
+    (``QuantModule.sites``) and that picks one of the two.
+    """
+
+    weight: QuantSpec | None
+    activation: QuantSpec | None
 
 
 @dataclass(frozen=True)
@@ -16,33 +33,36 @@ class QuantConfig:
     """The specs one recipe rule gives one module.
 
     ``weight`` / ``activation`` apply to every weight and every activation site of the module;
-    ``sites`` overrides single sites by name (``softmax_in``, ``q``, ``norm_weight``...), and a
-    site mapped to None stays float (the audit will say so).
+    ``sites`` overrides single sites by name (``softmax_in``, ``q``, ``norm_weight``...) with a
+    QuantSpec, a SiteSpecs (a recipe's entry, resolved by the site's declared kind), or None:
+    the site stays float (the audit will say so).
     """
 
     weight: QuantSpec | None = None
     activation: QuantSpec | None = None
-    sites: Mapping[str, QuantSpec | None] = field(default_factory=dict)
+    sites: Mapping[str, QuantSpec | SiteSpecs | None] = field(default_factory=dict)
 
-    def weight_spec(self, site: str = "weight") -> QuantSpec | None:
-        return self.sites.get(site, self.weight)
-
-    def act_spec(self, site: str, *, nonnegative: bool = False) -> QuantSpec | None:
+    def spec(self, site: str, kind: str, *, nonnegative: bool = False) -> QuantSpec | None:
+        """The spec of ``site``, whose declared kind is ``kind`` ("weight" or "activation");
+        ``nonnegative``: an activation that is never negative (softmax output) gets an unsigned
+        grid unless its site names its own spec."""
         if site in self.sites:
-            return self.sites[site]
+            value = self.sites[site]
+            return getattr(value, kind) if isinstance(value, SiteSpecs) else value
+        if kind == "weight":
+            return self.weight
         if self.activation is not None and nonnegative and self.activation.signed:
             return self.activation.unsigned()
         return self.activation
 
 
-def weight_quantizer(config: QuantConfig, site: str = "weight") -> nn.Module:
-    spec = config.weight_spec(site)
-    return FakeQuantize(spec, kind="weight") if spec is not None else nn.Identity()
-
-
-def act_quantizer(config: QuantConfig, site: str, *, nonnegative: bool = False) -> nn.Module:
-    spec = config.act_spec(site, nonnegative=nonnegative)
-    return FakeQuantize(spec, kind="activation") if spec is not None else nn.Identity()
+def quantizer(config: QuantConfig, sites: Mapping[str, str], site: str, *,
+              nonnegative: bool = False) -> nn.Module:
+    """The quantizer of ``site`` as its owner declares it in ``sites`` (site -> kind): a
+    FakeQuantize of that kind with the config's spec for it, or an Identity when the spec is None."""
+    kind = sites[site]
+    spec = config.spec(site, kind, nonnegative=nonnegative)
+    return FakeQuantize(spec, kind=kind) if spec is not None else nn.Identity()
 
 
 class QuantModule(nn.Module):
@@ -51,35 +71,56 @@ class QuantModule(nn.Module):
     ``float_class`` is set by ``register``. ``converts_children`` says whether the walker keeps
     descending into the counterpart's children (a transformer layer: its residual adds are its
     own, its linears are converted by their own rules) or not (attention: swapped as a unit).
+
+    ``sites`` declares every quantizer site the counterpart creates (``quantizer(config,
+    self.sites, name)``) and its kind: "weight" for a parameter, buffer or constant (quantized
+    from its own values, with the recipe's weight spec), "activation" for a tensor computed at
+    run time (calibrated, with the activation spec).
+
+    Every parameter ``p`` is quantized by the child ``{p}_quant`` (a FakeQuantize, or a
+    BiasQuantize for a bias added to an integer accumulator). ``param_quantizers`` names the
+    exceptions, ``p`` -> the dotted path of its quantizer (a weight-normed conv's ``weight_g`` and
+    ``weight_v`` -> ``weight_quant``), or None for a parameter inference never reads.
     """
 
     float_class: ClassVar[type]
     converts_children: ClassVar[bool] = False
-    sites: ClassVar[tuple[str, ...]] = ()
+    sites: ClassVar[Mapping[str, str]] = {}
+    param_quantizers: ClassVar[Mapping[str, str | None]] = {}
 
     @classmethod
     def from_float(cls, module: nn.Module, config: QuantConfig) -> "QuantModule":
         raise NotImplementedError(f"{cls.__name__} must implement from_float")
 
-    def quantizers(self) -> dict[str, FakeQuantize]:
-        """This module's own quantizers by site name (not those of converted children)."""
-        return {n: m for n, m in self.named_children() if isinstance(m, FakeQuantize)}
+
+def param_quantizer(module: nn.Module, pname: str) -> nn.Module | None:
+    """The quantizer of ``module``'s own parameter ``pname`` (see ``QuantModule``), or None."""
+    declared = getattr(type(module), "param_quantizers", {})
+    path = declared[pname] if pname in declared else f"{pname}_quant"
+    if path is None:
+        return None
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def derived_weight(owner: nn.Module, slot: str, compute: Callable[[], torch.Tensor],
                    *sources: torch.Tensor) -> torch.Tensor:
-    """A weight computed from parameters/buffers only (weight norm, folded BatchNorm): constant-
-    foldable preprocessing, recomputed when a source changes (its version or storage).
+    """A weight computed from parameters/buffers only (weight norm, folded BatchNorm, a signed sine
+    table): constant-foldable preprocessing.
 
-    The latest result stays referenced as the plain tensor attribute ``owner.<slot>`` until the
-    next one exists, so two successive results never share an address: a weight FakeQuantize,
-    which recognizes its input by address and version, re-derives its grid exactly when the
-    weight changes.
+    Without autograd the result is kept (``owner.<slot>``, with a stamp of its sources) and the
+    same tensor returned while every source is unchanged (``qswap.quant.stamp``), so the weight
+    FakeQuantize it feeds keeps its own cache too. With autograd (a training step) it is computed
+    afresh and the kept one dropped: an optimizer may then write the sources through ``.data``.
     """
-    key = tuple((s._version, s.data_ptr()) for s in sources)
-    cached = owner.__dict__.get(slot)
-    if cached is not None and owner.__dict__.get(f"{slot}_key") == key and not torch.is_grad_enabled():
-        return cached
+    if torch.is_grad_enabled():
+        owner.__dict__.pop(slot, None)
+        return compute()
+    kept = owner.__dict__.get(slot)
+    if kept is not None and unchanged(kept[1], *sources):
+        return kept[0]
     weight = compute()
-    owner.__dict__[slot], owner.__dict__[f"{slot}_key"] = weight.detach(), key
+    owner.__dict__[slot] = (weight, stamp(*sources))
     return weight

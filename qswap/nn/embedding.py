@@ -6,20 +6,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
-from qswap.nn.base import QuantConfig, QuantModule, weight_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
 
 @register(nn.Embedding)
 class QEmbedding(QuantModule):
-    sites = ("weight",)
+    sites = {"weight": "weight"}
 
     def __init__(self, weight: nn.Parameter, padding_idx: int | None, config: QuantConfig):
         super().__init__()
         self.weight = weight
         self.padding_idx = padding_idx
         self.num_embeddings, self.embedding_dim = weight.shape
-        self.weight_quant = weight_quantizer(config)
+        self.weight_quant = quantizer(config, self.sites, "weight")
 
     @classmethod
     def from_float(cls, module: nn.Embedding, config: QuantConfig) -> "QEmbedding":

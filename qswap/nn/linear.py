@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, derived_weight, weight_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
 
@@ -14,15 +14,15 @@ from qswap.quant.bias import BiasQuantize
 class _Weighted(QuantModule):
     """Shared shape of a weighted op: input_quant -> op(x, weight_quant(W), bias_quant(b))."""
 
-    sites = ("input", "weight")
+    sites = {"input": "activation", "weight": "weight"}
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, config: QuantConfig,
                  quantize_input: bool = True):
         super().__init__()
         self.weight = weight
         self.bias = bias
-        self.input_quant = act_quantizer(config, "input") if quantize_input else nn.Identity()
-        self.weight_quant = weight_quantizer(config)
+        self.input_quant = quantizer(config, self.sites, "input") if quantize_input else nn.Identity()
+        self.weight_quant = quantizer(config, self.sites, "weight")
         self.bias_quant = BiasQuantize()
 
     def quantized_params(self, input_quant: nn.Module | None = None) -> tuple:
@@ -70,6 +70,7 @@ class _QConvNd(_Weighted):
     and the result goes through ``weight_quant``."""
 
     conv_fn = None
+    param_quantizers = {"weight_g": "weight_quant", "weight_v": "weight_quant"}
 
     def __init__(self, module, config):
         norm_dim = _weight_norm_dim(module)

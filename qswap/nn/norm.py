@@ -10,20 +10,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, derived_weight, weight_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
 
 
-def norm_ste(quantized_out: torch.Tensor, float_out: torch.Tensor) -> torch.Tensor:
-    """The value of the norm of the quantized input, the gradient of ``float_out``'s graph.
+def norm_ste(exact_out: torch.Tensor, bounded_out: torch.Tensor) -> torch.Tensor:
+    """The value of ``exact_out`` (the norm kernel inference runs), the gradient of
+    ``bounded_out`` (``layer_norm_bounded_grad`` of the same quantized input).
 
-    A straight-through estimator for the norm itself: quantization can make a token's vector
-    (nearly) constant, where the norm's Jacobian is 1/sqrt(eps); chained over a dozen layers that
-    overflows the gradient in QAT (``tools/qat_gradients.py`` measures it).
+    Both are computed from the output of the norm's input quantizer, so the gradient reaches that
+    quantizer (straight through to its input, and to its scale when it is learned, LSQ); only the
+    norm's own Jacobian is replaced, by one that stays bounded where quantization made a row
+    (nearly) constant: there LayerNorm's Jacobian is 1/sqrt(eps), and chained over a dozen layers
+    it overflows the gradient in QAT (``tools/qat_gradients.py`` measures it).
     The forward value is exactly the quantized one, so training sees what inference computes.
     """
-    return float_out + (quantized_out - float_out).detach()
+    return bounded_out + (exact_out - bounded_out).detach()
 
 
 # A row whose standard deviation is below this fraction of the batch's median row deviation gets
@@ -63,14 +66,14 @@ def layer_norm_bounded_grad(x: torch.Tensor, normalized_shape: tuple, weight: to
 
 
 class _QNorm(QuantModule):
-    sites = ("input", "norm_weight", "norm_bias")
+    sites = {"input": "activation", "norm_weight": "weight", "norm_bias": "weight"}
 
     def __init__(self, weight, bias, eps: float, config: QuantConfig):
         super().__init__()
         self.weight, self.bias, self.eps = weight, bias, eps
-        self.input_quant = act_quantizer(config, "input")
-        self.weight_quant = weight_quantizer(config, "norm_weight")
-        self.bias_quant = weight_quantizer(config, "norm_bias")
+        self.input_quant = quantizer(config, self.sites, "input")
+        self.weight_quant = quantizer(config, self.sites, "norm_weight")
+        self.bias_quant = quantizer(config, self.sites, "norm_bias")
 
     def affine(self) -> tuple:
         w = self.weight_quant(self.weight) if self.weight is not None else None
@@ -91,10 +94,11 @@ class QLayerNorm(_QNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.affine()
-        y = F.layer_norm(self.input_quant(x), self.normalized_shape, w, b, self.eps)
-        if not (torch.is_grad_enabled() and x.requires_grad):
+        xq = self.input_quant(x)
+        y = F.layer_norm(xq, self.normalized_shape, w, b, self.eps)
+        if not y.requires_grad:
             return y  # inference (and the audit): one norm kernel on the quantized input
-        return norm_ste(y, layer_norm_bounded_grad(x, self.normalized_shape, w, b, self.eps,
+        return norm_ste(y, layer_norm_bounded_grad(xq, self.normalized_shape, w, b, self.eps,
                                                    self.grad_std_floor))
 
     def extra_repr(self) -> str:
@@ -124,11 +128,13 @@ class QBatchNorm1d(QuantModule):
     """BatchNorm1d at inference is a per-channel affine map: folded into scale
     ``w = gamma / sqrt(var + eps)`` (weight-quantized) and shift ``b = beta - mean * w`` (on the
     int32 grid of ``input_scale * w_scale``), it runs as a depthwise 1x1 convolution on the
-    quantized input. In training mode it normalizes the quantized input with batch statistics
-    (and updates the running ones) as nn.BatchNorm1d does.
+    quantized input. In training mode the same folded, quantized convolution runs with the batch's
+    mean and variance in place of the running ones (batch-statistics folding, Jacob et al. 2018,
+    arXiv 1712.05877 section 3.2), which it also updates as nn.BatchNorm1d does; the gradient
+    reaches gamma, beta and the input through the fold.
     """
 
-    sites = ("input", "weight")
+    sites = {"input": "activation", "weight": "weight"}
 
     def __init__(self, module: nn.BatchNorm1d, config: QuantConfig):
         super().__init__()
@@ -137,8 +143,8 @@ class QBatchNorm1d(QuantModule):
         self.register_buffer("running_mean", module.running_mean)
         self.register_buffer("running_var", module.running_var)
         self.register_buffer("num_batches_tracked", module.num_batches_tracked)
-        self.input_quant = act_quantizer(config, "input")
-        self.weight_quant = weight_quantizer(config)
+        self.input_quant = quantizer(config, self.sites, "input")
+        self.weight_quant = quantizer(config, self.sites, "weight")
         self.bias_quant = BiasQuantize()
 
     @classmethod
@@ -148,24 +154,33 @@ class QBatchNorm1d(QuantModule):
                                "statistics at inference and cannot be folded; it is not supported")
         return cls(module, config)
 
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift) of the inference affine map, each (C,)."""
-        def scale() -> torch.Tensor:
-            inv_std = torch.rsqrt(self.running_var + self.eps)
-            return inv_std if self.weight is None else self.weight * inv_std
-        sources = [t for t in (self.weight, self.running_var) if t is not None]
-        w = derived_weight(self, "_folded_scale", scale, *sources)
-        b = -self.running_mean * w if self.bias is None else self.bias - self.running_mean * w
+    def folded(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of the affine map that normalizes with ``mean`` and ``var``, each (C,)."""
+        inv_std = torch.rsqrt(var + self.eps)
+        w = inv_std if self.weight is None else self.weight * inv_std
+        b = -mean * w if self.bias is None else self.bias - mean * w
         return w, b
+
+    def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's per-channel mean and (biased) variance; the running ones updated."""
+        dims = (0, 2) if x.dim() == 3 else (0,)
+        var, mean = torch.var_mean(x, dim=dims, correction=0)  # (C,)
+        n = x.numel() // x.shape[1]
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, factor)
+            self.running_var.lerp_(var * n / max(n - 1, 1), factor)  # unbiased, as torch keeps it
+        return mean, var
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quant(x)  # (B, C) or (B, C, L)
         if self.training:
-            self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                True, factor, self.eps)
-        w, b = self.folded()
+            w, b = self.folded(*self._batch_statistics(x))
+        else:
+            sources = [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
+            w, b = derived_weight(self, "_folded", lambda: self.folded(self.running_mean, self.running_var),
+                                  *sources)
         wq = self.weight_quant(w)
         bq = self.bias_quant(b, self.input_quant, self.weight_quant)
         x3 = x.unsqueeze(-1) if x.dim() == 2 else x  # (B, C, L)
@@ -173,4 +188,4 @@ class QBatchNorm1d(QuantModule):
         return y.squeeze(-1) if x.dim() == 2 else y
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, folded at inference"
+        return f"{self.num_features}, eps={self.eps}, folded"

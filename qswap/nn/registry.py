@@ -5,8 +5,11 @@
 ...     @classmethod
 ...     def from_float(cls, module, config): ...
 
-Classes in PASSTHROUGH do no arithmetic on their inputs at inference (dropout, identity); the
-convert report lists them as such instead of as "left float".
+The classes in PASSTHROUGH, by fully qualified name (a user's own class named ``Identity`` is
+not torch's), do no arithmetic on their inputs at inference (dropout, identity, containers,
+fairseq's ``TransposeLast``, ``SamePad`` and ``RelPositionalEncoding``, which slices a constant
+table that the rel-pos attention's ``linear_pos`` quantizes); the convert report lists them as
+such instead of as "left float". Names, not classes: fairseq need not be imported to list its own.
 """
 from __future__ import annotations
 
@@ -17,8 +20,15 @@ from torch import nn
 from qswap.errors import RegistryError
 
 REGISTRY: dict[type, type] = {}
-PASSTHROUGH: set[str] = {"Dropout", "Dropout1d", "Dropout2d", "FairseqDropout", "Identity",
-                         "LayerDropModuleList", "ModuleList", "Sequential", "ModuleDict"}
+PASSTHROUGH: frozenset[str] = frozenset({
+    "torch.nn.modules.dropout.Dropout", "torch.nn.modules.dropout.Dropout1d",
+    "torch.nn.modules.dropout.Dropout2d", "torch.nn.modules.linear.Identity",
+    "torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.container.ModuleDict",
+    "fairseq.modules.fairseq_dropout.FairseqDropout", "fairseq.modules.layer_drop.LayerDropModuleList",
+    "fairseq.modules.transpose_last.TransposeLast", "fairseq.modules.same_pad.SamePad",
+    "fairseq.modules.positional_encoding.RelPositionalEncoding",
+})
 
 T = TypeVar("T", bound=type)
 
@@ -62,6 +72,11 @@ def find(module: nn.Module) -> type | None:
     """The counterpart for this module's exact class, or None (subclasses are not matched:
     a subclass may override forward, and a counterpart of its parent would silently drop that)."""
     return REGISTRY.get(type(module))
+
+
+def is_passthrough(module: nn.Module) -> bool:
+    """Whether ``module``'s exact class is one of PASSTHROUGH (by qualified name)."""
+    return _name(type(module)) in PASSTHROUGH
 
 
 def _same_definition(a: type, b: type) -> bool:

@@ -11,12 +11,14 @@ import torch
 from torch import nn
 
 from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.stamp import stamp, unchanged
 
 QMIN, QMAX = -(2 ** 31), 2 ** 31 - 1
 
 
 class BiasQuantize(nn.Module):
     qmin, qmax, bits = QMIN, QMAX, 32
+    kind = "bias"  # no spec of its own: the grid of the accumulator it is added to
 
     def __init__(self) -> None:
         super().__init__()
@@ -34,7 +36,8 @@ class BiasQuantize(nn.Module):
         key = None  # a call with autograd (training) clears the cache
         if not (bias.requires_grad and torch.is_grad_enabled()):
             key = _stamp(bias, input_quant, weight_quant, rows)
-            if key == self._key:
+            if self._key is not None and key[0] == self._key[0] and unchanged(self._key[1], *_sources(
+                    bias, input_quant, weight_quant)):
                 return self._cached
         w_scale = weight_quant.scale.detach()
         if w_scale.dim() > 1:  # per-group: rows of the weight, finest group grid of each row
@@ -51,11 +54,15 @@ class BiasQuantize(nn.Module):
         return out
 
 
-def _stamp(bias: torch.Tensor, input_quant: FakeQuantize, weight_quant: FakeQuantize,
-           rows: slice | None) -> tuple:
-    """What the bias grid depends on. A quantizer's grid changes with its ``zero_point``'s version:
+def _sources(bias: torch.Tensor, input_quant: FakeQuantize, weight_quant: FakeQuantize) -> tuple:
+    """The tensors the bias grid depends on. A quantizer's grid changes with its ``zero_point``:
     ``_set_qparams`` and ``load_state_dict`` copy into it even when only the scale moves (a scale
     written through ``.data`` keeps its version)."""
-    tensors = (bias, input_quant.scale, input_quant.zero_point, weight_quant.scale, weight_quant.zero_point)
+    return bias, input_quant.scale, input_quant.zero_point, weight_quant.scale, weight_quant.zero_point
+
+
+def _stamp(bias: torch.Tensor, input_quant: FakeQuantize, weight_quant: FakeQuantize,
+           rows: slice | None) -> tuple:
+    """(the quantizers and rows, a stamp of the tensors): what the cached result was computed from."""
     part = None if rows is None else (rows.start, rows.stop, rows.step)
-    return (id(input_quant), id(weight_quant), part, *((t._version, t.data_ptr()) for t in tensors))
+    return (input_quant, weight_quant, part), stamp(*_sources(bias, input_quant, weight_quant))

@@ -8,7 +8,8 @@ in buffers, so it is saved, loaded and synchronized with the model:
   it), True after ``freeze()`` (the grid is fixed).
 
 Weight quantizers (``kind="weight"``) derive their grid from the weight itself, whenever the
-weight changes (a QAT step, a loaded state_dict); in eval mode their output is cached until then.
+weight changes (a QAT step, a loaded state_dict); without autograd their output is kept until
+the weight or the grid changes (``qswap.quant.stamp``).
 
 >>> fq = FakeQuantize(QuantSpec(bits=8, symmetric=False))
 >>> y = fq(torch.randn(4, 16))          # observes, then fake-quantizes
@@ -28,6 +29,7 @@ from qswap.quant.observers import make_observer
 from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_passes,
                                     passes_apply)
 from qswap.quant.spec import QuantSpec
+from qswap.quant.stamp import stamp, unchanged
 
 KINDS = ("weight", "activation")
 
@@ -50,9 +52,9 @@ class FakeQuantize(LazyStateModule):
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self.enabled = True  # False only while a sensitivity probe keeps this site in float
-        self._weight_key: tuple | None = None
-        self._cached: torch.Tensor | None = None
-        self._state_key: tuple | None = None
+        self._weight_stamp: tuple | None = None  # the weight the current grid was derived from
+        self._cached: tuple | None = None  # (eval-mode output, stamp of the grid it used)
+        self._state_stamp: tuple | None = None
         self._state: tuple = (False, None)
 
     # -- state ---------------------------------------------------------------------------------
@@ -105,15 +107,14 @@ class FakeQuantize(LazyStateModule):
 
     def frozen_grid(self) -> tuple:
         """(frozen, (scale, zero_point) as Python numbers or None): the buffers read once per change
-        of their versions (freeze, calibration, load_state_dict all write in place), not per call."""
+        (``qswap.quant.stamp``: freeze, calibration and load_state_dict write in place, and every
+        write of the scale writes the zero point too), not per call."""
         scale, zero_point, frozen = self.scale, self.zero_point, self.frozen
-        key = (frozen._version, scale._version, zero_point._version, scale.data_ptr(), zero_point.data_ptr(),
-               frozen.data_ptr())
-        if key != self._state_key:
+        if not unchanged(self._state_stamp, frozen, scale, zero_point):
             is_frozen = bool(frozen)
             per_tensor = is_frozen and scale.numel() == 1 and self.spec.granularity == "per_tensor"
             grid = (float(scale), int(zero_point)) if per_tensor else None
-            self._state_key, self._state = key, (is_frozen, grid)
+            self._state_stamp, self._state = stamp(frozen, scale, zero_point), (is_frozen, grid)
         return self._state
 
     # -- forward ---------------------------------------------------------------------------------
@@ -146,19 +147,19 @@ class FakeQuantize(LazyStateModule):
     def _forward_weight(self, w: torch.Tensor) -> torch.Tensor:
         training = self.training or (torch.is_grad_enabled() and w.requires_grad)
         # optimizers may update p.data in place without bumping the version counter (fairseq's
-        # CPU Adam): a training forward always re-derives the grid and drops the eval cache
-        key = None if training else (w._version, w.data_ptr(), tuple(w.shape))
-        if key is None or key != self._weight_key:
+        # Adam): a training forward always re-derives the grid and drops the eval cache
+        if training or not unchanged(self._weight_stamp, w):
             if not (self.spec.learnable and self.initialized and self.frozen):
                 self.observer.reset()
                 self.observer(w)
                 self._set_qparams(*choose_qparams(self.observer.min_val, self.observer.max_val, self.spec))
-            self._weight_key, self._cached = key, None
+            self._weight_stamp, self._cached = None if training else stamp(w), None
         if training:
             return fake_quantize(w, self._scale_for_forward(w), self.zero_point, self.spec)
-        if self._cached is None:
-            self._cached = fake_quantize(w, self.scale, self.zero_point, self.spec).detach()
-        return self._cached
+        if self._cached is None or not unchanged(self._cached[1], self.scale, self.zero_point):
+            out = fake_quantize(w, self.scale, self.zero_point, self.spec).detach()
+            self._cached = (out, stamp(self.scale, self.zero_point))
+        return self._cached[0]
 
     def _scale_for_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.spec.learnable and self.training):
@@ -181,5 +182,5 @@ class FakeQuantize(LazyStateModule):
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            setattr(new, k, None if k in ("_cached", "_weight_key", "_state_key") else copy.deepcopy(v, memo))
+            setattr(new, k, None if k in ("_cached", "_weight_stamp", "_state_stamp") else copy.deepcopy(v, memo))
         return new

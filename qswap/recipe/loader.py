@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import yaml
 
 from qswap.errors import RecipeError, SpecError
-from qswap.nn.base import QuantConfig
+from qswap.nn.base import QuantConfig, SiteSpecs
 from qswap.quant.spec import QuantSpec
 from qswap.recipe.match import Match, PatternError
 from qswap.recipe.schema import SCHEMA_VERSION, Recipe, Rule
@@ -185,14 +185,17 @@ class _Ctx:
 
     def config(self, node: Mapping, w: "dict | None", a: "dict | None",
                default_sites: "Mapping | None" = None) -> QuantConfig:
-        """node's config; ``default_sites`` (the defaults' ``sites:``) apply under node's own, each
-        site merged over ``w`` (names ending in weight/bias) or ``a``, node's merged specs."""
+        """node's config; ``default_sites`` (the defaults' ``sites:``) apply under node's own. A
+        site's entry is merged over ``w`` and over ``a`` (node's merged specs): the counterpart
+        that owns the site declares its kind, which picks one (``SiteSpecs``); null keeps it float."""
         sites = {}
         for sites_raw in (default_sites or {}, self.sites(node)):
             for site in sites_raw:
-                base = w if site.endswith(("weight", "bias")) else a
-                sites[site] = self.to_spec(sites_raw, site, self.spec_dict(sites_raw, site, base),
-                                           sites_raw.get(site))
+                if sites_raw[site] is None:
+                    sites[site] = None
+                    continue
+                sites[site] = SiteSpecs(*(self.to_spec(sites_raw, site, self.spec_dict(sites_raw, site, base),
+                                                       sites_raw.get(site)) for base in (w, a)))
         return QuantConfig(weight=self.to_spec(node, "weight", w), activation=self.to_spec(node, "activation", a),
                            sites=sites)
 

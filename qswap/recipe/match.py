@@ -60,6 +60,8 @@ class Match:
             return False
         if self.path is None:
             return True
+        if not path:  # the root model has the empty path: only class-only rules match it
+            return False
         if self._kind == "exact":
             return path == self.path
         if self._kind == "glob":

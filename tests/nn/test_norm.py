@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qswap
+from helpers import sqnr_db
 from qswap.nn.norm import STD_FLOOR_RATIO, QLayerNorm, layer_norm_bounded_grad
 
 
@@ -74,11 +75,32 @@ def test_grad_std_floor_zero_is_layer_norms_exact_gradient():
         (q.train()(xi) * torch.linspace(-1, 1, 32)).sum().backward()
         grads.append(xi.grad)
     w = q[0].weight_quant(q[0].weight).detach()
-    exact = x.clone().requires_grad_()
+    with torch.no_grad():
+        exact = q[0].input_quant(x).requires_grad_()  # LayerNorm's gradient at the quantized input
     (F.layer_norm(exact, (32,), w, q[0].bias_quant(q[0].bias).detach(), 1e-5) * torch.linspace(-1, 1, 32)).sum().backward()
     torch.testing.assert_close(grads[1], exact.grad, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(grads[0][:5], exact.grad[:5], rtol=1e-4, atol=1e-5)  # ordinary rows agree
     assert grads[1][5].norm() > 10 * grads[0][5].norm()
+
+
+def test_lsq_scale_of_the_norm_input_quantizer_learns_under_the_bounded_gradient():
+    """The bounded gradient is taken at the quantizer's output: the learned (LSQ) scale of the
+    norm's input quantizer gets a gradient, and a collapsed row's gradient stays bounded."""
+    ln = nn.LayerNorm(32)
+    nn.init.normal_(ln.weight)
+    lsq = {"version": 1, "defaults": {"weight": {"bits": 8},
+                                      "activation": {"bits": 4, "symmetric": False, "learnable": True}}}
+    q = qswap.convert(nn.Sequential(ln), lsq)
+    x, _, _ = _rows(seed=3)
+    x[5] = 0.5
+    qswap.calibrate(q, [x])
+    xi = x.clone().requires_grad_()
+    (q.train()(xi) * torch.linspace(-1, 1, 32)).sum().backward()
+    scale = q[0].input_quant.scale
+    assert scale.requires_grad and scale.grad is not None and scale.grad.abs().sum() > 0
+    median_std = x.std(-1, unbiased=False).median().item()
+    w_max = q[0].weight.abs().max().item()
+    assert xi.grad[5].norm() <= w_max * torch.linspace(-1, 1, 32).norm() / (STD_FLOOR_RATIO * median_std)
 
 
 def test_qat_gradient_of_the_shipped_model_stays_near_float_with_a_silent_block():
@@ -98,3 +120,25 @@ def test_qat_gradient_of_the_shipped_model_stays_near_float_with_a_silent_block(
     # (93 % WER in the demo), so its loss and gradient are larger than float's; bounded means tens of times
     # float's, not the 1e15 of LayerNorm's exact gradient (docs/fairseq.md)
     assert 0.3 * float_norm < r["w4a4"]["bounded"] < 30 * float_norm, result
+
+
+def test_batch_norm_trains_the_folded_quantized_map_with_batch_statistics():
+    """In training BatchNorm1d runs what inference runs, a per-channel affine map whose scale is
+    weight-quantized, folded from the batch's statistics; the gradient reaches gamma, beta, x."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(8)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    q = qswap.convert(bn, {"version": 1, "defaults": {"weight": {"bits": 4}, "activation": None}}).train()
+    x = (torch.randn(4, 8, 10) * 3 + 1).requires_grad_()
+    y = q(x)
+    slope = (y[0, :, 1] - y[0, :, 0]) / (x[0, :, 1] - x[0, :, 0])  # (C,) the applied scale
+    codes = slope.detach() / q.weight_quant.scale
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)
+    assert codes.round().abs().max() <= 7
+    reference = F.batch_norm(x.detach(), None, None, bn.weight.detach(), bn.bias.detach(), True)
+    assert sqnr_db(reference, y.detach()) > 15  # normalized with this batch's statistics
+    y.backward(torch.randn_like(y))
+    for grad in (q.weight.grad, q.bias.grad, x.grad):
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert int(q.num_batches_tracked) == 1

@@ -98,3 +98,25 @@ def test_counterparts_train_with_straight_through_gradients():
     model(torch.randn(16, 8)).sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_batch_first_self_attention_quantizes_its_input_once_and_trains_like_seq_first():
+    """``key is query`` is tested before the batch-first transpose: self-attention gets one input
+    quantizer, as in the sequence-first layout, and the same values and gradients."""
+    torch.manual_seed(0)
+    seq_first = nn.MultiheadAttention(16, 2)
+    batch_first = nn.MultiheadAttention(16, 2, batch_first=True)
+    batch_first.load_state_dict(seq_first.state_dict())
+    x = torch.randn(6, 2, 16)  # (L, B, E)
+    quantized = []
+    for module, layout in ((seq_first, x), (batch_first, x.transpose(0, 1).contiguous())):
+        q = qswap.convert(module, "w8a8")
+        qswap.calibrate(q, [(layout,)], forward=lambda m, b: m(b[0], b[0], b[0]))
+        xi = layout.clone().requires_grad_()
+        out = q.train()(xi, xi, xi)[0]
+        (out * torch.linspace(-1, 1, 16)).sum().backward()
+        quantized.append((q, out, xi.grad))
+    (q_seq, out_seq, grad_seq), (q_bf, out_bf, grad_bf) = quantized
+    assert not q_bf.key_quant.initialized and not q_bf.value_quant.initialized
+    torch.testing.assert_close(out_bf.transpose(0, 1), out_seq)
+    torch.testing.assert_close(grad_bf.transpose(0, 1), grad_seq)

@@ -106,10 +106,28 @@ def test_defaults_sites_apply_under_each_rule_merged_over_its_specs():
           - match: {class: LayerNorm}
             weight: {granularity: per_channel}
     """))
-    attention, norm = (r.config.sites for r in recipe.rules)
+    attention, norm = (r.config for r in recipe.rules)
     assert recipe.defaults.sites["softmax_out"] is None
-    assert attention["softmax_out"].bits == 8 and attention["q"] is None  # its own win
-    assert (attention["softmax_in"].bits, attention["softmax_in"].symmetric) == (6, False)
-    assert norm["softmax_out"] is None  # the defaults' null survives a rule without sites
-    assert (norm["norm_weight"].bits, norm["norm_weight"].granularity) == (6, "per_channel")
+    assert attention.spec("softmax_out", "activation").bits == 8  # its own win
+    assert attention.spec("q", "activation") is None
+    softmax_in = attention.spec("softmax_in", "activation")
+    assert (softmax_in.bits, softmax_in.symmetric) == (6, False)
+    assert norm.spec("softmax_out", "activation") is None  # the defaults' null survives a rule without sites
+    norm_weight = norm.spec("norm_weight", "weight")
+    assert (norm_weight.bits, norm_weight.granularity) == (6, "per_channel")
     assert recipe.rules[0].own_sites == ("softmax_out", "q") and recipe.rules[1].own_sites == ()
+
+
+def test_a_site_entry_is_merged_over_the_spec_of_the_kind_its_counterpart_declares():
+    """The name does not decide: ``scores_bias`` is an activation, ``pos_bias_u`` a constant."""
+    recipe = parse_yaml(textwrap.dedent("""
+        version: 1
+        defaults:
+          weight: {bits: 4, granularity: per_channel}
+          activation: {bits: 8, symmetric: false}
+          sites: {scores_bias: {rounding: floor}, pos_bias_u: {rounding: floor}}
+    """))
+    config = recipe.defaults
+    scores_bias, pos_bias_u = config.spec("scores_bias", "activation"), config.spec("pos_bias_u", "weight")
+    assert (scores_bias.bits, scores_bias.symmetric, scores_bias.rounding) == (8, False, "floor")
+    assert (pos_bias_u.bits, pos_bias_u.granularity, pos_bias_u.rounding) == (4, "per_channel", "floor")

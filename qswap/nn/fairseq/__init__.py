@@ -1,9 +1,10 @@
 """Counterparts of fairseq modules (imports fairseq). Registered on import; ``qswap.convert``
 imports this package whenever fairseq is already imported.
 
-Modules that only move data at inference are passthrough (listed by class name in
-``PASSTHROUGH``): ``TransposeLast`` and ``SamePad`` (wav2vec 2.0), ``RelPositionalEncoding``
-(slices a constant table that the rel-pos attention's ``linear_pos`` quantizes).
+Modules that only move data at inference are passthrough (listed by qualified name in
+``qswap.nn.registry.PASSTHROUGH``): ``TransposeLast`` and ``SamePad`` (wav2vec 2.0),
+``RelPositionalEncoding`` (slices a constant table that the rel-pos attention's ``linear_pos``
+quantizes).
 What each counterpart quantizes is listed in docs/architectures.md.
 """
 from qswap.nn.fairseq import (  # noqa: F401  (registration)
@@ -18,6 +19,3 @@ from qswap.nn.fairseq import (  # noqa: F401  (registration)
     subsample,
     wav2vec2,
 )
-from qswap.nn.registry import PASSTHROUGH
-
-PASSTHROUGH.update({"TransposeLast", "SamePad", "RelPositionalEncoding"})

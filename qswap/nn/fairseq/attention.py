@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from qswap.errors import ConvertError
 from qswap.nn.attention import CORE_SITES, QuantAttentionCore, maps_elementwise, merge_heads, split_heads
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, weight_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
@@ -53,10 +53,12 @@ class Projection(nn.Module):
     bias is put on the grid of the quantizer that produced the input.
     """
 
+    sites = {"weight": "weight"}
+
     def __init__(self, linear: nn.Linear, config: QuantConfig):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        self.weight_quant = weight_quantizer(config)
+        self.weight_quant = quantizer(config, self.sites, "weight")
         self.bias_quant = BiasQuantize()
 
     def forward(self, x: Tensor, x_quant: nn.Module) -> Tensor:
@@ -76,7 +78,9 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
     >>> attn = QFairseqMultiheadAttention.from_float(layer.self_attn, config)
     """
 
-    sites = ("input", "key_in", "value_in", "weight") + CORE_SITES
+    sites = {"input": "activation", "key_in": "activation", "value_in": "activation", "weight": "weight",
+             **CORE_SITES}
+    param_quantizers = {"bias_k": "core.k_quant", "bias_v": "core.v_quant"}  # appended to k and v
 
     # fairseq's own incremental-state and beam plumbing: they only read the attributes kept below
     _get_input_buffer = MultiheadAttention._get_input_buffer
@@ -97,11 +101,11 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
         self.add_zero_attn, self.beam_size = module.add_zero_attn, module.beam_size
         self.bias_k, self.bias_v = module.bias_k, module.bias_v
         self.dropout_module = module.dropout_module
-        self.input_quant = act_quantizer(config, "input")  # the query (and self-attention's k, v)
+        self.input_quant = quantizer(config, self.sites, "input")  # the query (and self-attention's k, v)
         if not self.self_attention:  # the encoder output (encoder-decoder), or a distinct key
-            self.key_quant = act_quantizer(config, "key_in")
+            self.key_quant = quantizer(config, self.sites, "key_in")
         if not (self.self_attention or self.encoder_decoder_attention):  # a distinct value
-            self.value_quant = act_quantizer(config, "value_in")
+            self.value_quant = quantizer(config, self.sites, "value_in")
         self.q_proj, self.k_proj = Projection(module.q_proj, config), Projection(module.k_proj, config)
         self.v_proj = Projection(module.v_proj, config)
         self.core = attention_core(config, score_bias=False, additive_mask=True)

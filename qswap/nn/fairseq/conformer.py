@@ -11,15 +11,15 @@ from typing import Optional
 import torch
 from fairseq.modules.conformer_layer import ConformerEncoderLayer, ConformerWav2Vec2EncoderLayer
 
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
 
 @register(ConformerEncoderLayer)
 class QConformerEncoderLayer(QuantModule):
     converts_children = True
-    sites = ("ffn1_residual", "ffn1_out", "attn_residual", "attn_out", "conv_residual", "conv_out",
-             "ffn2_residual", "ffn2_out")
+    sites = dict.fromkeys(("ffn1_residual", "ffn1_out", "attn_residual", "attn_out", "conv_residual",
+                           "conv_out", "ffn2_residual", "ffn2_out"), "activation")
 
     def __init__(self, module: ConformerEncoderLayer, config: QuantConfig):
         super().__init__()
@@ -28,7 +28,7 @@ class QConformerEncoderLayer(QuantModule):
                      "ffn2", "final_layer_norm"):
             setattr(self, name, getattr(module, name))
         for site in self.sites:
-            setattr(self, f"{site}_quant", act_quantizer(config, site))
+            setattr(self, f"{site}_quant", quantizer(config, self.sites, site))
 
     @classmethod
     def from_float(cls, module: ConformerEncoderLayer, config: QuantConfig):

@@ -27,7 +27,7 @@ from fairseq.modules.espnet_multihead_attention import (
 from torch import Tensor
 
 from qswap.nn.attention import CORE_SITES, merge_heads, split_heads
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, derived_weight, weight_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.fairseq.attention import Projection, attention_core
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
@@ -37,14 +37,15 @@ from qswap.nn.registry import register
 class QESPNETMultiHeadedAttention(QuantModule):
     """ESPnet multi-head attention (conformer ``attn_type="espnet"``, ``pos_enc_type="abs"``)."""
 
-    sites = ("input", "key_in", "value_in", "weight") + CORE_SITES
+    sites = {"input": "activation", "key_in": "activation", "value_in": "activation", "weight": "weight",
+             **CORE_SITES}
 
     def __init__(self, module: ESPNETMultiHeadedAttention, config: QuantConfig):
         super().__init__()
         self.d_k, self.h = module.d_k, module.h
-        self.input_quant = act_quantizer(config, "input")
-        self.key_quant = act_quantizer(config, "key_in")
-        self.value_quant = act_quantizer(config, "value_in")
+        self.input_quant = quantizer(config, self.sites, "input")
+        self.key_quant = quantizer(config, self.sites, "key_in")
+        self.value_quant = quantizer(config, self.sites, "value_in")
         self.linear_q, self.linear_k = Projection(module.linear_q, config), Projection(module.linear_k, config)
         self.linear_v = Projection(module.linear_v, config)
         self.linear_out = QLinear(module.linear_out.weight, module.linear_out.bias, config)
@@ -88,18 +89,19 @@ class QESPNETMultiHeadedAttention(QuantModule):
 class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
     """Rel-pos attention (conformer ``pos_enc_type="rel_pos"``)."""
 
-    sites = QESPNETMultiHeadedAttention.sites + ("q_proj", "q_pos", "pos", "pos_bias_u", "pos_bias_v")
+    sites = {**QESPNETMultiHeadedAttention.sites, "q_proj": "activation", "q_pos": "activation",
+             "pos": "activation", "pos_bias_u": "weight", "pos_bias_v": "weight"}
 
     def __init__(self, module: RelPositionMultiHeadedAttention, config: QuantConfig):
         super().__init__(module, config)
         self.zero_triu = module.zero_triu
         self.linear_pos = QLinear(module.linear_pos.weight, module.linear_pos.bias, config)
         self.pos_bias_u, self.pos_bias_v = module.pos_bias_u, module.pos_bias_v  # (H, D)
-        self.pos_bias_u_quant = weight_quantizer(config, "pos_bias_u")
-        self.pos_bias_v_quant = weight_quantizer(config, "pos_bias_v")
-        self.q_proj_quant = act_quantizer(config, "q_proj")
-        self.q_pos_quant = act_quantizer(config, "q_pos")
-        self.pos_quant = act_quantizer(config, "pos")
+        self.pos_bias_u_quant = quantizer(config, self.sites, "pos_bias_u")
+        self.pos_bias_v_quant = quantizer(config, self.sites, "pos_bias_v")
+        self.q_proj_quant = quantizer(config, self.sites, "q_proj")
+        self.q_pos_quant = quantizer(config, self.sites, "q_pos")
+        self.pos_quant = quantizer(config, self.sites, "pos")
 
     def rel_shift(self, x: Tensor) -> Tensor:
         """(B, H, T, 2T-1) -> (B, H, T, T): score of query i and key j at relative offset i-j."""
@@ -132,17 +134,18 @@ class QRotaryPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
     """Rotary attention (conformer ``pos_enc_type="rope"``): fairseq rotates the query and key
     inputs (before their projections); self-attention only, as in fairseq."""
 
-    sites = QESPNETMultiHeadedAttention.sites + ("rotary_table", "rope_cos", "rope_sin", "rope_out")
+    sites = {**QESPNETMultiHeadedAttention.sites, "rotary_table": "weight", "rope_cos": "activation",
+             "rope_sin": "activation", "rope_out": "activation"}
 
     def __init__(self, module: RotaryPositionMultiHeadedAttention, config: QuantConfig):
         super().__init__(module, config)
         self.rotary_ndims = module.rotary_ndims
         self.rotary_emb = module.rotary_emb  # keeps its inv_freq buffer (and state_dict key)
-        self.cos_quant = weight_quantizer(config, "rotary_table")
-        self.sin_quant = weight_quantizer(config, "rotary_table")
-        self.rope_cos_quant = act_quantizer(config, "rope_cos")
-        self.rope_sin_quant = act_quantizer(config, "rope_sin")
-        self.rope_out_quant = act_quantizer(config, "rope_out")
+        self.cos_quant = quantizer(config, self.sites, "rotary_table")
+        self.sin_quant = quantizer(config, self.sites, "rotary_table")
+        self.rope_cos_quant = quantizer(config, self.sites, "rope_cos")
+        self.rope_sin_quant = quantizer(config, self.sites, "rope_sin")
+        self.rope_out_quant = quantizer(config, self.sites, "rope_out")
 
     def _rotate(self, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
         """x (T, B, H, D) quantized -> x * cos + rotate_half(x) * sin, quantized (T, B, C)."""

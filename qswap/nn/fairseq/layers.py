@@ -18,7 +18,7 @@ from fairseq.modules.transformer_layer import (
 from torch import Tensor
 
 from qswap.errors import ConvertError
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer, weight_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
@@ -30,7 +30,7 @@ class QTransformerEncoderLayer(QuantModule):
     """fairseq's TransformerEncoderLayer(Base): residual adds and activation on quantized operands."""
 
     converts_children = True
-    sites = ("attn_residual", "attn_out", "ffn_act", "ffn_residual", "ffn_out")
+    sites = dict.fromkeys(("attn_residual", "attn_out", "ffn_act", "ffn_residual", "ffn_out"), "activation")
 
     def __init__(self, module: TransformerEncoderLayerBase, config: QuantConfig):
         super().__init__()
@@ -40,7 +40,7 @@ class QTransformerEncoderLayer(QuantModule):
         self.dropout_module, self.activation_dropout_module = module.dropout_module, module.activation_dropout_module
         self.fc1, self.fc2, self.final_layer_norm = module.fc1, module.fc2, module.final_layer_norm
         for site in self.sites:
-            setattr(self, f"{site}_quant", act_quantizer(config, site))
+            setattr(self, f"{site}_quant", quantizer(config, self.sites, site))
 
     @classmethod
     def from_float(cls, module: TransformerEncoderLayerBase, config: QuantConfig):
@@ -80,8 +80,10 @@ class QTransformerDecoderLayer(QuantModule):
     quantized) on quantized operands."""
 
     converts_children = True
-    sites = ("attn_residual", "attn_out", "cross_residual", "cross_out", "ffn_act", "ffn_residual",
-             "ffn_out", "head_scale_in", "scaled_residual", "c_attn", "w_resid")
+    _always = ("attn_residual", "attn_out", "cross_residual", "cross_out", "ffn_act", "ffn_residual",
+               "ffn_out")
+    sites = {**dict.fromkeys(_always, "activation"), "head_scale_in": "activation", "c_attn": "weight",
+             "scaled_residual": "activation", "w_resid": "weight"}
 
     def __init__(self, module: TransformerDecoderLayerBase, config: QuantConfig):
         super().__init__()
@@ -93,15 +95,15 @@ class QTransformerDecoderLayer(QuantModule):
                      "self_attn_layer_norm", "encoder_attn", "encoder_attn_layer_norm",
                      "ffn_layernorm", "fc1", "fc2", "final_layer_norm"):
             setattr(self, name, getattr(module, name))
-        for site in self.sites[:7]:
-            setattr(self, f"{site}_quant", act_quantizer(config, site))
+        for site in self._always:
+            setattr(self, f"{site}_quant", quantizer(config, self.sites, site))
         self.c_attn, self.w_resid = module.c_attn, module.w_resid  # NormFormer scales, or None
         if self.c_attn is not None:
-            self.head_scale_in_quant = act_quantizer(config, "head_scale_in")
-            self.c_attn_quant = weight_quantizer(config, "c_attn")
+            self.head_scale_in_quant = quantizer(config, self.sites, "head_scale_in")
+            self.c_attn_quant = quantizer(config, self.sites, "c_attn")
         if self.w_resid is not None:
-            self.scaled_residual_quant = act_quantizer(config, "scaled_residual")
-            self.w_resid_quant = weight_quantizer(config, "w_resid")
+            self.scaled_residual_quant = quantizer(config, self.sites, "scaled_residual")
+            self.w_resid_quant = quantizer(config, self.sites, "w_resid")
 
     @classmethod
     def from_float(cls, module: TransformerDecoderLayerBase, config: QuantConfig):

@@ -27,7 +27,7 @@ from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc
 from torch import Tensor
 
 from qswap.errors import ConvertError
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
 _S2T_ENCODER_ATTRS = ("encoder_freezing_updates", "num_updates", "embed_scale", "padding_idx",
@@ -44,7 +44,7 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
     """S2T transformer encoder: ``embed_scale * embed_quant(subsample(x)) + positions``."""
 
     converts_children = True
-    sites = ("embed",)
+    sites = {"embed": "activation"}
 
     def __init__(self, module: S2TTransformerEncoder, config: QuantConfig):
         FairseqEncoder.__init__(self, module.dictionary)
@@ -53,7 +53,7 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         for name in ("dropout_module", "subsample", "embed_positions", "transformer_layers",
                      "layer_norm", "ctc_proj"):
             setattr(self, name, getattr(module, name))
-        self.embed_quant = act_quantizer(config, "embed")
+        self.embed_quant = quantizer(config, self.sites, "embed")
 
     @classmethod
     def from_float(cls, module: S2TTransformerEncoder, config: QuantConfig):
@@ -81,7 +81,7 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
     positions; rel_pos hands its constant table to the attention's ``linear_pos``)."""
 
     converts_children = True
-    sites = ("embed",)
+    sites = {"embed": "activation"}
 
     def __init__(self, module: S2TConformerEncoder, config: QuantConfig):
         FairseqEncoder.__init__(self, module.dictionary)
@@ -89,7 +89,7 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
             setattr(self, name, getattr(module, name))
         for name in ("subsample", "embed_positions", "linear", "dropout", "conformer_layers"):
             setattr(self, name, getattr(module, name))
-        self.embed_quant = act_quantizer(config, "embed")
+        self.embed_quant = quantizer(config, self.sites, "embed")
 
     @classmethod
     def from_float(cls, module: S2TConformerEncoder, config: QuantConfig):
@@ -138,11 +138,11 @@ class QS2TTransformerModel(QuantModule, _QuantizedLogits, S2TTransformerModel):
     """
 
     converts_children = True
-    sites = ("logits",)
+    sites = {"logits": "activation"}
 
     def __init__(self, module: S2TTransformerModel, config: QuantConfig):
         S2TTransformerModel.__init__(self, module.encoder, module.decoder)
-        self.logits_quant = act_quantizer(config, "logits")
+        self.logits_quant = quantizer(config, self.sites, "logits")
 
     @classmethod
     def from_float(cls, module: S2TTransformerModel, config: QuantConfig):
@@ -154,11 +154,11 @@ class QS2TConformerModel(QuantModule, _QuantizedLogits, S2TConformerModel):
     """S2T conformer model; the decoder's log-softmax runs on quantized logits."""
 
     converts_children = True
-    sites = ("logits",)
+    sites = {"logits": "activation"}
 
     def __init__(self, module: S2TConformerModel, config: QuantConfig):
         S2TConformerModel.__init__(self, module.encoder, module.decoder)
-        self.logits_quant = act_quantizer(config, "logits")
+        self.logits_quant = quantizer(config, self.sites, "logits")
 
     @classmethod
     def from_float(cls, module: S2TConformerModel, config: QuantConfig):
@@ -173,14 +173,14 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
     ``get_logits`` masks them with a constant row."""
 
     converts_children = True
-    sites = ("logits", "blank_logits")
+    sites = {"logits": "activation", "blank_logits": "activation"}
 
     def __init__(self, module: Wav2VecCtc, config: QuantConfig):
         Wav2VecCtc.__init__(self, module.cfg, module.w2v_encoder)
         self.blank_weight, self.blank_mode = module.blank_weight, module.blank_mode  # may differ from cfg
-        self.logits_quant = act_quantizer(config, "logits")
+        self.logits_quant = quantizer(config, self.sites, "logits")
         if self.blank_weight != 0 and self.blank_mode == "add":
-            self.blank_logits_quant = act_quantizer(config, "blank_logits")
+            self.blank_logits_quant = quantizer(config, self.sites, "blank_logits")
 
     @classmethod
     def from_float(cls, module: Wav2VecCtc, config: QuantConfig) -> "QWav2VecCtc":

@@ -21,9 +21,10 @@ class QFp32LayerNorm(QLayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.affine()
         w, b = None if w is None else w.float(), None if b is None else b.float()
-        y = F.layer_norm(self.input_quant(x.float()), self.normalized_shape, w, b, self.eps)
-        if torch.is_grad_enabled() and x.requires_grad:  # QAT: QLayerNorm's gradient path
-            y = norm_ste(y, layer_norm_bounded_grad(x.float(), self.normalized_shape, w, b, self.eps,
+        xq = self.input_quant(x.float())
+        y = F.layer_norm(xq, self.normalized_shape, w, b, self.eps)
+        if y.requires_grad:  # QAT: QLayerNorm's gradient path
+            y = norm_ste(y, layer_norm_bounded_grad(xq, self.normalized_shape, w, b, self.eps,
                                                     self.grad_std_floor))
         return y.type_as(x)
 

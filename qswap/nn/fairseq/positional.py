@@ -16,7 +16,7 @@ from fairseq.modules.learned_positional_embedding import LearnedPositionalEmbedd
 from fairseq.modules.sinusoidal_positional_embedding import SinusoidalPositionalEmbedding
 
 from qswap.errors import ConvertError
-from qswap.nn.base import QuantConfig, QuantModule, weight_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
 
@@ -27,14 +27,14 @@ class QSinusoidalPositionalEmbedding(QuantModule):
     >>> QSinusoidalPositionalEmbedding.from_float(PositionalEmbedding(1024, 64, 1), config)
     """
 
-    sites = ("weight",)
+    sites = {"weight": "weight"}
 
     def __init__(self, module: SinusoidalPositionalEmbedding, config: QuantConfig):
         super().__init__()
         self.embedding_dim, self.padding_idx = module.embedding_dim, module.padding_idx
         self.max_positions = module.max_positions
         self.register_buffer("weights", module.weights, persistent=False)
-        self.weights_quant = weight_quantizer(config)
+        self.weights_quant = quantizer(config, self.sites, "weight")
 
     @classmethod
     def from_float(cls, module: SinusoidalPositionalEmbedding, config: QuantConfig):
@@ -72,13 +72,13 @@ class QLearnedPositionalEmbedding(QuantModule):
     """A learned position table: ``weight`` through ``weight_quant``, positions as fairseq
     computes them."""
 
-    sites = ("weight",)
+    sites = {"weight": "weight"}
 
     def __init__(self, module: LearnedPositionalEmbedding, config: QuantConfig):
         super().__init__()
         self.weight, self.padding_idx = module.weight, module.padding_idx
         self.max_positions = module.max_positions
-        self.weight_quant = weight_quantizer(config)
+        self.weight_quant = quantizer(config, self.sites, "weight")
 
     @classmethod
     def from_float(cls, module: LearnedPositionalEmbedding, config: QuantConfig):

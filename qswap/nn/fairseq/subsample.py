@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from fairseq.models.speech_to_text.modules.convolution import Conv1dSubsampler
 from torch import nn
 
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -18,12 +18,12 @@ class QConv1dSubsampler(QuantModule):
     """``glu_quant[i]`` quantizes the input of the i-th GLU (site ``glu``)."""
 
     converts_children = True
-    sites = ("glu",)
+    sites = {"glu": "activation"}
 
     def __init__(self, module: Conv1dSubsampler, config: QuantConfig):
         super().__init__()
         self.n_layers, self.conv_layers = module.n_layers, module.conv_layers
-        self.glu_quant = nn.ModuleList(act_quantizer(config, "glu") for _ in range(self.n_layers))
+        self.glu_quant = nn.ModuleList(quantizer(config, self.sites, "glu") for _ in range(self.n_layers))
 
     @classmethod
     def from_float(cls, module: Conv1dSubsampler, config: QuantConfig) -> "QConv1dSubsampler":

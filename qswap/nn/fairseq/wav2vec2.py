@@ -28,7 +28,7 @@ from fairseq.models.wav2vec.utils import pad_to_multiple
 from fairseq.utils import index_put
 
 from qswap.errors import ConvertError
-from qswap.nn.base import QuantConfig, QuantModule, act_quantizer
+from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.fairseq.config_expr import eval_config_expr
 from qswap.nn.registry import register
 
@@ -44,7 +44,7 @@ class QTransformerSentenceEncoderLayer(QuantModule):
     quantized operands."""
 
     converts_children = True
-    sites = ("attn_residual", "attn_out", "ffn_act", "ffn_residual", "ffn_out")
+    sites = dict.fromkeys(("attn_residual", "attn_out", "ffn_act", "ffn_residual", "ffn_out"), "activation")
 
     def __init__(self, module: TransformerSentenceEncoderLayer, config: QuantConfig):
         super().__init__()
@@ -54,7 +54,7 @@ class QTransformerSentenceEncoderLayer(QuantModule):
                      "fc2", "final_layer_norm"):
             setattr(self, name, getattr(module, name))
         for site in self.sites:
-            setattr(self, f"{site}_quant", act_quantizer(config, site))
+            setattr(self, f"{site}_quant", quantizer(config, self.sites, site))
 
     @classmethod
     def from_float(cls, module: TransformerSentenceEncoderLayer, config: QuantConfig):
@@ -90,7 +90,7 @@ class QWav2Vec2TransformerEncoder(QuantModule):
     """wav2vec 2.0's transformer encoder: ``x + pos_conv(x)`` on quantized operands."""
 
     converts_children = True
-    sites = ("pos_residual", "pos_conv_out")
+    sites = {"pos_residual": "activation", "pos_conv_out": "activation"}
 
     def __init__(self, module: TransformerEncoder, config: QuantConfig):
         super().__init__()
@@ -98,8 +98,8 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         self.required_seq_len_multiple = module.required_seq_len_multiple
         self.layer_norm_first, self.layerdrop = module.layer_norm_first, module.layerdrop
         self.pos_conv, self.layers, self.layer_norm = module.pos_conv, module.layers, module.layer_norm
-        self.pos_residual_quant = act_quantizer(config, "pos_residual")
-        self.pos_conv_out_quant = act_quantizer(config, "pos_conv_out")
+        self.pos_residual_quant = quantizer(config, self.sites, "pos_residual")
+        self.pos_conv_out_quant = quantizer(config, self.sites, "pos_conv_out")
 
     @classmethod
     def from_float(cls, module: TransformerEncoder, config: QuantConfig):
@@ -165,6 +165,7 @@ class QWav2Vec2Model(QuantModule):
     (quantizer targets, negatives, ``features_only=False``) is not converted."""
 
     converts_children = True
+    param_quantizers = {"mask_emb": None}  # fills masked frames in fine-tuning only
     apply_mask = Wav2Vec2Model.apply_mask
 
     def __init__(self, module: Wav2Vec2Model, config: QuantConfig):

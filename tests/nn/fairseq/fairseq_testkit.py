@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import nn
 
 import qswap
 from qswap.models import (
@@ -101,3 +102,31 @@ def assert_scores_are_teacher_forced(q, net_input, hypos, atol: float = 1e-4) ->
         for b, h in enumerate(hypos):
             n = len(tokens[b])
             torch.testing.assert_close(h[k]["positional_scores"], expected[b, :n], rtol=0, atol=atol)
+
+
+class Call(nn.Module):
+    """Calls a module with the audit's keyword inputs (as positional arguments, in order, with
+    ``positional``); returns its first output."""
+
+    def __init__(self, module, positional=False):
+        super().__init__()
+        self.module, self.positional = module, positional
+
+    def forward(self, **inputs):
+        out = self.module(*inputs.values()) if self.positional else self.module(**inputs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+E = 32  # the embedding width of single-module tests
+
+
+def transformer_config(**extra):
+    """fairseq's TransformerConfig at width E, 4 heads, no dropout; ``extra`` set on top."""
+    from fairseq.models.transformer import TransformerConfig
+    cfg = TransformerConfig()
+    for part in (cfg.encoder, cfg.decoder):
+        part.embed_dim, part.ffn_embed_dim, part.attention_heads = E, 2 * E, 4
+    cfg.dropout = cfg.attention_dropout = cfg.activation_dropout = 0.0
+    for key, value in extra.items():
+        setattr(cfg, key, value)
+    return cfg

@@ -9,36 +9,19 @@ pytest.importorskip("fairseq")
 
 import qswap  # noqa: E402
 from fairseq.models.speech_to_text.modules.convolution import Conv1dSubsampler  # noqa: E402
-from fairseq.models.transformer import TransformerConfig  # noqa: E402
 from fairseq.modules import PositionalEmbedding  # noqa: E402
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase  # noqa: E402
-from fairseq_testkit import NO_QUANT, build, convert_calibrated, run  # noqa: E402
+from fairseq_testkit import NO_QUANT, E, Call, build, convert_calibrated, run, transformer_config  # noqa: E402
 from helpers import sqnr_db  # noqa: E402
 from qswap.models import wav2vec2_net_input  # noqa: E402
-
-E = 32
-
 
 def _close(out, ref):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-class _Call(nn.Module):
-    """Calls a module with the audit's keyword inputs (as positional arguments, in order, with
-    ``positional``); returns its first output."""
-
-    def __init__(self, module, positional=False):
-        super().__init__()
-        self.module, self.positional = module, positional
-
-    def forward(self, **inputs):
-        out = self.module(*inputs.values()) if self.positional else self.module(**inputs)
-        return out[0] if isinstance(out, tuple) else out
-
-
 def _exact_and_honest(module, inputs: dict, bound_db: float = 20.0, positional: bool = False):
     """Identity quantizers reproduce ``module``; w8a8 stays within ``bound_db`` and is honest."""
-    wrapped = _Call(module.eval(), positional)
+    wrapped = Call(module.eval(), positional)
     with torch.no_grad():
         ref = wrapped(**inputs)
         _close(qswap.convert(wrapped, NO_QUANT)(**inputs), ref)
@@ -50,18 +33,8 @@ def _exact_and_honest(module, inputs: dict, bound_db: float = 20.0, positional: 
     return q
 
 
-def _config(**extra):
-    cfg = TransformerConfig()
-    for part in (cfg.encoder, cfg.decoder):
-        part.embed_dim, part.ffn_embed_dim, part.attention_heads = E, 2 * E, 4
-    cfg.dropout = cfg.attention_dropout = cfg.activation_dropout = 0.0
-    for key, value in extra.items():
-        setattr(cfg, key, value)
-    return cfg
-
-
 def test_post_norm_encoder_layer_with_attention_mask_and_fc_result():
-    cfg = _config(activation_fn="gelu")
+    cfg = transformer_config(activation_fn="gelu")
     cfg.encoder.normalize_before = False
     torch.manual_seed(0)
     layer = TransformerEncoderLayerBase(cfg, return_fc=True)
@@ -75,7 +48,7 @@ def test_post_norm_encoder_layer_with_attention_mask_and_fc_result():
 
 def test_normformer_decoder_layer():
     """scale_heads (c_attn), scale_resids (w_resid), scale_attn / scale_fc (extra LayerNorms)."""
-    cfg = _config(scale_heads=True, scale_resids=True, scale_attn=True, scale_fc=True)
+    cfg = transformer_config(scale_heads=True, scale_resids=True, scale_attn=True, scale_fc=True)
     cfg.decoder.normalize_before = True
     torch.manual_seed(0)
     layer = TransformerDecoderLayerBase(cfg)

@@ -1,0 +1,94 @@
+"""The caches (a weight quantizer's eval output, a bias's int32 grid, a frozen grid read as Python
+numbers, derived weights: weight norm and folded BatchNorm) are never stale: after each way a
+model's tensors change, the cached model computes what an uncached copy computes."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qswap
+
+
+class Net(nn.Module):
+    """Every cached path: a weight-normed conv (derived weight), BatchNorm (derived fold), Linear
+    (weight cache, bias grid), their activation quantizers (frozen grids)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.weight_norm(nn.Conv1d(4, 4, 3, padding=1), dim=2)
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):  # (B, 4, L)
+        return self.fc(self.bn(self.conv(x)).transpose(1, 2))  # (B, L, 3)
+
+
+def _converted(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    with pytest.warns(FutureWarning):  # weight_norm's deprecation
+        model = Net()
+    with torch.no_grad():
+        model.bn(torch.randn(8, 4, 6) * 2 + 1)  # running statistics
+    q = qswap.convert(model.eval(), "w8a8")
+    qswap.calibrate(q, [torch.randn(2, 4, 6) * (seed + 1)])
+    return q
+
+
+def _uncached(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``q`` computes without any cache: a copy (quantizers copy without their caches) run
+    with autograd (weights, biases and derived weights computed afresh)."""
+    fresh = copy.deepcopy(q)
+    with torch.enable_grad():
+        return fresh(x).detach()
+
+
+def _load_state_dict(q):
+    q.load_state_dict(_converted(seed=1).state_dict())
+
+
+def _copy_(q):
+    with torch.no_grad():
+        for t in (*q.parameters(), *q.buffers()):
+            if t.is_floating_point():
+                t.copy_(t * 1.5 + 0.1)
+
+
+def _step(optimizer_class, **kwargs):
+    def step(q):
+        optimizer = optimizer_class(q.parameters(), **kwargs)
+        with torch.enable_grad():  # a QAT step, in eval mode (no dropout), as fairseq validates
+            q(torch.randn(2, 4, 6)).square().sum().backward()
+        optimizer.step()
+    return step
+
+
+def _fairseq_adam_step(q):
+    """fairseq's Adam writes the parameters through ``.data`` (no version counter bump)."""
+    adam = pytest.importorskip("fairseq.optim.adam")
+    _step(adam.Adam, lr=0.1)(q)
+
+
+def _to(q):
+    q.to(torch.float64).to(torch.float32)  # new storage, the same values
+    with torch.no_grad():
+        q.fc.weight.mul_(-1.0)
+
+
+CHANGES = {"load_state_dict": _load_state_dict, "copy_": _copy_,
+           "torch_sgd_step": _step(torch.optim.SGD, lr=0.5), "fairseq_adam_step": _fairseq_adam_step,
+           "to": _to}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_cached_model_follows_every_change_of_its_tensors(change):
+    q = _converted(seed=0)
+    x = torch.randn(2, 4, 6)
+    with torch.no_grad():
+        before = q(x)
+        q(x)  # every cache filled and used
+    CHANGES[change](q)
+    with torch.no_grad():
+        after = q(x)
+    torch.testing.assert_close(after, _uncached(q, x), rtol=0, atol=1e-6)
+    assert not torch.equal(after, before)
