@@ -9,6 +9,7 @@ from torch import nn
 
 from qswap.honesty.paths import check_inputs, run_paths
 from qswap.honesty.report import TOTAL_KEYS, HonestyReport
+from qswap.honesty.threads import watch_threads
 from qswap.honesty.tracker import Tracker
 from qswap.errors import AuditError, QswapError
 from qswap.nn.base import QuantModule
@@ -38,7 +39,8 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
     restore, observing = _prepare(model)
     try:
         tracker.attach(model)
-        with torch.no_grad(), tracker:
+        tracker.tag_inputs(inputs)
+        with torch.no_grad(), tracker, watch_threads(tracker):
             kind = _run(model, inputs, tracker, decode_steps)
     finally:
         tracker.detach()

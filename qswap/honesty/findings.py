@@ -6,31 +6,19 @@ import fnmatch
 import linecache
 import os
 import sys
+import threading
 from collections import Counter
 
 import torch
 
 from qswap.honesty import classify as C
+from qswap.honesty.kinds import FUSED, KINDS, NOT_EXECUTED, UNCLASSIFIED, UNSEEN_ORIGIN
 from qswap.honesty.ops import aliases
 from qswap.honesty.report import OpCount, PathCoverage, Violation
-from qswap.honesty.tags import QUANT, Tag
+from qswap.honesty.tags import QUANT, UNSEEN, Tag
 from qswap.recipe.match import PatternError, compile_path
 
-FUSED, UNCLASSIFIED, NOT_EXECUTED = "fused_kernel", "unclassified_op", "not_executed"
-REASONS = {
-    C.FLOAT_OPERAND: "compute on a float value: quantize this operand (or give the module that "
-                     "does this op a counterpart)",
-    C.RAW_PARAMETER: "a parameter or buffer reached compute without passing its quantizer (bypass)",
-    C.FLOAT_CONSTANT: "a float constant reached compute without passing a quantizer",
-    C.OFF_GRID: "a quantizer's output is not on its grid: its values are not integer codes in "
-                "[qmin, qmax] times its scale",
-    FUSED: "fused kernel: its internal steps (softmax, probs @ V, epilogues) run on unquantized "
-           "intermediates; use a counterpart that performs the ops separately",
-    UNCLASSIFIED: "no rule for this op in qswap.honesty.ops; an op the audit does not know is "
-                  "never assumed to be honest",
-    NOT_EXECUTED: "a swapped module never ran on the audited paths: the model computes its "
-                  "result some other way (bypass), or the audited paths do not reach it",
-}
+REASONS = {kind: k.reason for kind, k in KINDS.items()}
 _TORCH = os.path.dirname(torch.__file__) + os.sep
 _AUDIT = os.path.dirname(__file__) + os.sep
 _PATHS_PY = os.path.join(_AUDIT, "paths.py")  # issues ops itself, as fairseq's generator would
@@ -49,6 +37,7 @@ class Findings:
         self.paths: list[PathCoverage] = []
         self.current: PathCoverage | None = None
         self.float_ok = FloatOk(float_ok)
+        self.thread = threading.get_ident()  # ops seen on other threads are marked as such
 
     # -- paths and counters --------------------------------------------------------------------
     def start_path(self, name: str) -> None:
@@ -107,6 +96,13 @@ class Findings:
         names = ", ".join(_label(func, pos) for pos, _ in operands)
         self._add(module, op, names or "-", UNCLASSIFIED, operands[0][1] if operands else None)
 
+    def unseen(self, module, op, func, operands) -> None:
+        """Float tensors the audit never saw made, consumed by ``op`` (a quantizer's input when
+        ``func`` is None): where they entered the audited path."""
+        for pos, t in operands:
+            label = _label(func, pos) if func is not None else "input"
+            self._add(module, op, f"{label}: {UNSEEN.where}", UNSEEN_ORIGIN, t)
+
     def quantizer_off_grid(self, path: str, last_op, out: torch.Tensor, off: int, label: str) -> None:
         op = (f"{last_op.namespace}.{last_op.overloadpacket.__name__}" if last_op
               else "<quantizer output>")
@@ -127,6 +123,8 @@ class Findings:
 
     def _add(self, module: str, op: str, operand: str, kind: str, t: torch.Tensor | None) -> bool:
         """Record one occurrence; returns whether it is a declared exception."""
+        if threading.get_ident() != self.thread:
+            operand = f"{operand} [on thread {threading.current_thread().name}]"
         key = (module, op, operand, kind)
         v = self.violations.get(key)
         if v is None:

@@ -7,16 +7,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from qswap.honesty.kinds import KINDS as _KINDS
+
 REPORT_VERSION = 1
-KINDS = {
-    "float_operand": "compute on a float operand",
-    "raw_parameter": "a parameter/buffer consumed without its quantizer",
-    "float_constant": "a run-time float constant consumed without a quantizer",
-    "off_grid": "a quantizer's output is not on its grid",
-    "fused_kernel": "a fused kernel with unquantized intermediates",
-    "unclassified_op": "an op the audit has no rule for",
-    "not_executed": "a swapped module that never ran on the audited paths",
-}
+KINDS = {kind: k.label for kind, k in _KINDS.items()}
 TOTAL_KEYS = ("ops", "compute", "quantized", "kernel_internal", "constant_fold", "declared",
               "float", "movement", "factory", "ignored", "unclassified", "quantizer_calls")
 

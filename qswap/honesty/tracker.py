@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from qswap.honesty import classify as C
 from qswap.honesty import ops as O
 from qswap.honesty.findings import Findings
-from qswap.honesty.tags import CONST, FLOAT, PARAM, QUANT, UNTRACKED, GridInfo, Tag, off_grid_count
+from qswap.honesty.tags import CONST, FLOAT, PARAM, QUANT, UNSEEN, GridInfo, Tag, off_grid_count
 from qswap.nn.base import QuantModule
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
@@ -87,6 +88,8 @@ class Tracker(TorchDispatchMode):
     def _pre(self, path: str, module: nn.Module, args) -> None:
         self.stack.append(path)
         if isinstance(module, (FakeQuantize, BiasQuantize)):
+            if not self.in_quantizer:
+                self._check_seen(path, args)
             self.in_quantizer += 1
             self.last_quant_op = None
             self.ran_quantizers.add(id(module))
@@ -100,6 +103,13 @@ class Tracker(TorchDispatchMode):
             # only a leaf counterpart is one kernel: a container's own ops (a layer's residual
             # add) are separate ops whose results must be quantized before the next compute
             self.calls.append(-1 if module.converts_children else self._next_call)
+
+    def _check_seen(self, path: str, args) -> None:
+        """A quantizer's input must have an origin the audit saw: requantizing a value does not
+        make whatever computed it honest."""
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x not in self.tags:
+            self.findings.unseen(path, "<quantizer input>", None, [(0, x)])
 
     def _post(self, path: str, module: nn.Module, args, output) -> None:
         self.stack.pop()
@@ -118,7 +128,7 @@ class Tracker(TorchDispatchMode):
             self.calls.pop()
 
     def _tag_quantizer_output(self, path: str, q: nn.Module, args, out: torch.Tensor) -> None:
-        if not out.is_floating_point() or out.numel() == 0:
+        if not out.is_floating_point():
             return
         if isinstance(q, FakeQuantize):
             if not q.enabled:
@@ -126,17 +136,25 @@ class Tracker(TorchDispatchMode):
             spec, scale, zp, qmin, qmax = q.spec, q.scale, q.zero_point, q.spec.qmin, q.spec.qmax
             bits, label = spec.bits, spec.short()
         else:
-            if args and out is args[0] or q.last_scale is None:
-                return  # nothing to align to: the bias stays float
+            if args and out is args[0]:
+                return  # the bias stays float, and keeps its own tag
+            if q.last_scale is None:
+                self._set([out], Tag(FLOAT, f"bias left float by {path} (no scale to align to)"))
+                return
             spec, scale, qmin, qmax, bits, label = None, q.last_scale, q.qmin, q.qmax, 32, "int32 bias"
             zp = None
+        if out.numel() == 0:
+            self._set([out], Tag(QUANT, path, GridInfo(path, bits, label)))
+            return
         if self._verified.get(out) == (path, out._version):
             return  # a cached weight, already checked
         with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the check is not the model's)
             zp = torch.zeros_like(scale) if zp is None else zp
             off = off_grid_count(out, scale, zp, spec, qmin, qmax)
+            step = (float(scale), float(zp)) if scale.numel() == 1 else (None, 0.0)
         self._verified[out] = (path, out._version)
-        self._set([out], Tag(QUANT, path, GridInfo(path, bits, label, off == 0, off, out.numel())))
+        self._set([out], Tag(QUANT, path, GridInfo(path, bits, label, off == 0, off, out.numel(),
+                                                   step[0], step[1], qmin, qmax)))
         if off:
             self.findings.quantizer_off_grid(path, self.last_quant_op, out, off, label)
 
@@ -160,23 +178,30 @@ class Tracker(TorchDispatchMode):
     def _rule(self, func):
         hit = self._rules.get(func)
         if hit is None:
-            hit = self._rules[func] = (O.op_name(func), O.lookup(func),
-                                       f"{func.namespace}.{func.overloadpacket.__name__}")
+            name = O.op_name(func)
+            refined = name in O.ARGUMENT_RULES or name in O.VALUE_FACTORIES
+            hit = self._rules[func] = (name, O.lookup(func), f"{func.namespace}.{func.overloadpacket.__name__}",
+                                       refined)
         return hit
 
     def _observe(self, func, args, kwargs, out) -> None:
-        name, rule, op = self._rule(func)
-        operands = _float_operands(args, kwargs)
+        name, rule, op, refined = self._rule(func)
+        operands, ints = _operands(args, kwargs)
         outputs = _float_outputs(out)
+        tainted = [(i, t) for i, t in ints if t in self.tags]  # integers rounded from float data
         if not operands and not outputs:
             self.findings.count("ignored")  # integer / bool ops
+            if tainted:
+                self._taint(_int_outputs(out), self._tag_of(tainted[0][1]))
             return
+        if refined and rule is not None:
+            rule = O.refine(func, name, rule, args, kwargs)
         if rule is None:
             self._unclassified(func, op, args, kwargs, operands, outputs)
         elif rule.cls in (O.COMPUTE, O.GRID):
-            self._compute(func, name, rule, op, args, kwargs, operands, outputs)
+            self._compute(func, name, rule, op, args, kwargs, operands + tainted, outputs)
         elif rule.cls == O.MOVEMENT:
-            self._movement(func, name, rule, op, args, kwargs, operands, outputs)
+            self._movement(func, name, rule, op, args, kwargs, operands, outputs, out, tainted)
         elif rule.cls == O.FACTORY:
             self._factory(func, name, op, args, kwargs, outputs)
         elif rule.cls == O.FUSED:
@@ -184,10 +209,22 @@ class Tracker(TorchDispatchMode):
         else:
             self.findings.count("ignored")  # predicates, metadata reads
 
+    def _taint(self, int_outputs: list, source: Tag) -> None:
+        """Integers made from float data carry where they came from: cast back to float, they
+        are that data rounded (not a qswap quantizer), never index math."""
+        for t in int_outputs:
+            self.tags[t] = (source, t._version)
+
+    def tag_inputs(self, inputs) -> None:
+        """The model's inputs are the one float data the audit does not see made."""
+        for t in _tensors(inputs):
+            if t.is_floating_point():
+                self._set([t], Tag(FLOAT, "a model input"))
+
     def _tag_of(self, t: torch.Tensor) -> Tag:
         entry = self.tags.get(t)
         if entry is None:
-            return UNTRACKED
+            return UNSEEN
         tag, version = entry
         if t._version != version:  # an alias of it was changed in place after it was tagged
             return Tag(FLOAT, f"changed in place after it was tagged ({tag.describe()})")
@@ -221,8 +258,9 @@ class Tracker(TorchDispatchMode):
             self.findings.count("ignored")
             self._set_out(func, args, kwargs, outputs, Tag(C.INDEX, self._where(op)))
             return
+        scalars = tuple(a for a in args if isinstance(a, _NUMBER) and not isinstance(a, bool))
         rescale = _scalar_rescale(name, args, kwargs, len(tags))
-        d = C.decide_compute(name, rule, tags, self.calls[-1], self._where(op), rescale)
+        d = C.decide_compute(name, rule, tags, self.calls[-1], self._where(op), rescale, scalars)
         self._set_out(func, args, kwargs, outputs, d.out)
         module = self.stack[-1]
         if d.bucket == C.FLOAT_BUCKET:
@@ -230,23 +268,55 @@ class Tracker(TorchDispatchMode):
         else:
             self.findings.bucket(d.bucket, module, op, d.bits)
 
-    def _movement(self, func, name, rule, op, args, kwargs, operands, outputs) -> None:
+    def _movement(self, func, name, rule, op, args, kwargs, operands, outputs, out, tainted) -> None:
         self.findings.count("movement")
         if name == "copy" and O.is_inplace(func) and len(operands) > 1:
             operands = operands[1:]  # copy_(dst, src): dst is fully overwritten
-        if name in ("masked_fill", "where", "index_fill", "index_put", "fill_diagonal"):
-            operands = [(i, t) for i, t in operands if t.dim() > 0]  # 0-d fill values are constants
+        fills: tuple = ()
+        if O.grid_rule(name, rule) == O.FILL:
+            operands, fills = self._fill_values(func, args, kwargs, operands)
         has_index = any(isinstance(a, torch.Tensor) and not a.is_floating_point()
                         and a.dtype != torch.bool for a in _flat(args))
         tags = [self._tag_of(t) for _, t in operands]
-        tag = C.combine_movement(tags, has_index, self._where(op))
-        if not tags and rule.family == "copy" and any(
+        unseen = [(pos, t) for (pos, t), tag in zip(operands, tags) if tag is UNSEEN]
+        if unseen:
+            self.findings.unseen(self.stack[-1], op, func, unseen)
+        if not outputs and operands:  # float -> integer cast: the integers are rounded data
+            if not all(t.kind == C.INDEX for t in tags):
+                self._taint(_int_outputs(out), _rounded(tags[0], self._where(op)))
+            return
+        tag = C.combine_movement(tags, has_index, self._where(op), fills)
+        if not tags and tainted:  # integers rounded from float data, cast back to float
+            tag = self._tag_of(tainted[0][1])
+        elif not tags and rule.family == "copy" and any(
                 isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in _flat(args)):
             tag = Tag(C.INDEX, self._where(op), binary=True)  # a bool mask cast to float: 0/1
         self._set_out(func, args, kwargs, outputs, tag)
 
+    def _fill_values(self, func, args, kwargs, operands):
+        """The numbers a fill-like op writes (``GRID_RULES`` "fill"): its number arguments, and
+        0-d constants read back; a 0-d tensor of data stays an operand."""
+        fills = [v for a, v in zip(func._schema.arguments, args)
+                 if "number" in str(a.type) and isinstance(v, _NUMBER) and not isinstance(v, bool)]
+        kept = []
+        for pos, t in operands:
+            tag = self._tag_of(t) if t.dim() == 0 else None
+            if tag is not None and tag.kind in (CONST, PARAM) and not tag.lookup:
+                with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the audit's own read)
+                    fills.append(float(t))
+            else:
+                kept.append((pos, t))
+        return kept, tuple(float(v) for v in fills)
+
     def _factory(self, func, name, op, args, kwargs, outputs) -> None:
         self.findings.count("factory")
+        value = O.argument(func, args, kwargs, "value")
+        if isinstance(value, torch.Tensor) and value.is_floating_point():  # fill_(self, tensor)
+            tag = self._tag_of(value)
+            if tag.kind not in (CONST, PARAM, QUANT):
+                tag = Tag(FLOAT, f"made by {self._where(op)} from a computed value ({tag.describe()})")
+            self._set_out(func, args, kwargs, outputs, tag)
+            return
         zero = name in O.ZERO_FACTORIES or (name in O.FILL_FACTORIES and args and
                                             isinstance(args[-1], _NUMBER) and args[-1] == 0)
         self._set_out(func, args, kwargs, outputs, Tag(CONST, f"made by {self._where(op)}", zero=zero))
@@ -261,13 +331,42 @@ class Tracker(TorchDispatchMode):
         self._set_out(func, args, kwargs, outputs, Tag(FLOAT, f"output of unclassified {self._where(op)}"))
 
 
-def _scalar_rescale(name: str, args, kwargs, n_tensors: int) -> bool:
+def _scalar_rescale(name: str, args, kwargs, n_tensors: int) -> float | None:
+    """The Python number a mul/div multiplies its one tensor operand by; None otherwise."""
     if n_tensors != 1 or len(args) < 2 or kwargs.get("rounding_mode") is not None:
-        return False
+        return None
+    a, b = args[0], args[1]
     if name == "mul":
-        return isinstance(args[0], _NUMBER) or isinstance(args[1], _NUMBER)
-    return (name in ("div", "true_divide") and isinstance(args[0], torch.Tensor)
-            and isinstance(args[1], _NUMBER))
+        factor = a if isinstance(a, _NUMBER) else b if isinstance(b, _NUMBER) else None
+        return None if factor is None or isinstance(factor, bool) else float(factor)
+    if (name in ("div", "true_divide") and isinstance(a, torch.Tensor) and isinstance(b, _NUMBER)
+            and not isinstance(b, bool) and b != 0):
+        return 1.0 / float(b)
+    return None
+
+
+def _rounded(source: Tag, where: str) -> Tag:
+    """The tag integers made from float data carry (and the floats they are cast back to)."""
+    if source.kind in (PARAM, CONST):
+        return Tag(source.kind, f"{source.where}, rounded to integers by {where}", lookup=source.lookup)
+    return Tag(FLOAT, f"{source.describe()}, rounded to integers by {where} (not a qswap quantizer)")
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _int_outputs(out) -> list[torch.Tensor]:
+    outs = out if isinstance(out, (list, tuple)) else (out,)
+    return [t for t in outs if isinstance(t, torch.Tensor) and not t.is_floating_point()
+            and t.dtype != torch.bool]
 
 
 def _flat(args):
@@ -278,21 +377,21 @@ def _flat(args):
             yield a
 
 
-def _float_operands(args, kwargs) -> list[tuple[object, torch.Tensor]]:
-    """(position, tensor) of every float tensor argument; position is an int, (int, int) for
-    an element of a list argument, or a keyword name."""
-    found = []
+def _operands(args, kwargs) -> tuple[list, list]:
+    """(position, tensor) of every float tensor argument, and of every integer one; position is
+    an int, (int, int) for an element of a list argument, or a keyword name."""
+    floats, ints = [], []
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
-            if a.is_floating_point():
-                found.append((i, a))
+            (floats if a.is_floating_point() else ints).append((i, a))
         elif isinstance(a, (list, tuple)):
-            found.extend(((i, j), t) for j, t in enumerate(a)
-                         if isinstance(t, torch.Tensor) and t.is_floating_point())
+            for j, t in enumerate(a):
+                if isinstance(t, torch.Tensor):
+                    (floats if t.is_floating_point() else ints).append(((i, j), t))
     for k, v in kwargs.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            found.append((k, v))
-    return found
+        if isinstance(v, torch.Tensor):
+            (floats if v.is_floating_point() else ints).append((k, v))
+    return floats, ints
 
 
 def _float_outputs(out) -> list[torch.Tensor]:
