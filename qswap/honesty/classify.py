@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from qswap.honesty.kinds import FLOAT_CONSTANT, FLOAT_OPERAND, OFF_GRID, RAW_PARAMETER, UNSEEN_ORIGIN
 from qswap.honesty.ops import ACCUMULATING, BOUNDS, MASK, OpRule, grid_rule
-from qswap.honesty.tags import ACC, CONST, FLOAT, INDEX, KERNEL, PARAM, QUANT, UNSEEN, Tag
+from qswap.honesty.tags import ACC, CONST, FLOAT, INDEX, KERNEL, PARAM, QUANT, Tag
 
 QUANTIZED, KERNEL_INTERNAL, FLOAT_BUCKET, CONSTANT_FOLD, IGNORED = (
     "quantized", "kernel_internal", "float", "constant_fold", "ignored")
@@ -116,7 +116,7 @@ def _is_bias_add(tags: list[Tag], call: int) -> bool:
 
 
 def finding_kind(t: Tag) -> str:
-    if t is UNSEEN:
+    if t.unseen:
         return UNSEEN_ORIGIN
     if t.kind == PARAM:
         return RAW_PARAMETER

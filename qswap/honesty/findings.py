@@ -15,7 +15,7 @@ from qswap.honesty import classify as C
 from qswap.honesty.kinds import FUSED, KINDS, NOT_EXECUTED, UNCLASSIFIED, UNSEEN_ORIGIN
 from qswap.honesty.ops import aliases
 from qswap.honesty.report import OpCount, PathCoverage, Violation
-from qswap.honesty.tags import QUANT, UNSEEN, Tag
+from qswap.honesty.tags import QUANT, Tag
 from qswap.recipe.match import PatternError, compile_path
 
 REASONS = {kind: k.reason for kind, k in KINDS.items()}
@@ -96,12 +96,12 @@ class Findings:
         names = ", ".join(_label(func, pos) for pos, _ in operands)
         self._add(module, op, names or "-", UNCLASSIFIED, operands[0][1] if operands else None)
 
-    def unseen(self, module, op, func, operands) -> None:
+    def unseen(self, module, op, func, operands, tags: list[Tag]) -> None:
         """Float tensors the audit never saw made, consumed by ``op`` (a quantizer's input when
         ``func`` is None): where they entered the audited path."""
-        for pos, t in operands:
+        for (pos, t), tag in zip(operands, tags):
             label = _label(func, pos) if func is not None else "input"
-            self._add(module, op, f"{label}: {UNSEEN.where}", UNSEEN_ORIGIN, t)
+            self._add(module, op, f"{label}: {tag.where}", UNSEEN_ORIGIN, t)
 
     def quantizer_off_grid(self, path: str, last_op, out: torch.Tensor, off: int, label: str) -> None:
         op = (f"{last_op.namespace}.{last_op.overloadpacket.__name__}" if last_op

@@ -217,6 +217,10 @@ def refine(func, name: str, rule: OpRule, args, kwargs) -> OpRule:
     return rule
 
 
+# Factories that wrap a tensor made outside dispatch (``torch.tensor(data)``,
+# ``torch.from_numpy``): whatever computed the data is unseen, so the output is an unseen origin;
+# a 0-d one is a Python number (``x[mask] = 0``), a constant whose value the audit reads.
+LIFTS = frozenset({"lift_fresh", "lift_fresh_copy"})
 # Factories whose output is all zeros: zero lies on every grid (code zero_point).
 ZERO_FACTORIES = frozenset({"zeros", "zeros_like", "new_zeros", "zero"})
 # Factories that fill with a value given as their last positional argument.

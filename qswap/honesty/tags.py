@@ -81,6 +81,7 @@ class Tag:
     zero: bool = False  # const: all zeros (on every grid)
     binary: bool = False  # index: values in {0, 1} (a mask)
     lookup: bool = False  # param/const: rows picked by an integer tensor (data-dependent)
+    unseen: bool = False  # float: made where the audit does not watch ("unseen_origin")
 
     def describe(self) -> str:
         if self.kind == QUANT:
@@ -103,7 +104,7 @@ class Tag:
 
 # A float tensor the audit never saw made (not a model input, parameter, buffer, quantizer
 # output or output of an op it watched): compared by identity, reported as "unseen_origin".
-UNSEEN = Tag(FLOAT, "a tensor of unseen origin (made where the audit does not watch)")
+UNSEEN = Tag(FLOAT, "a tensor of unseen origin (made where the audit does not watch)", unseen=True)
 
 
 def off_grid_count(y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

@@ -108,8 +108,10 @@ class Tracker(TorchDispatchMode):
         """A quantizer's input must have an origin the audit saw: requantizing a value does not
         make whatever computed it honest."""
         x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x not in self.tags:
-            self.findings.unseen(path, "<quantizer input>", None, [(0, x)])
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            tag = self._tag_of(x)
+            if tag.unseen:
+                self.findings.unseen(path, "<quantizer input>", None, [(0, x)], [tag])
 
     def _post(self, path: str, module: nn.Module, args, output) -> None:
         self.stack.pop()
@@ -278,9 +280,9 @@ class Tracker(TorchDispatchMode):
         has_index = any(isinstance(a, torch.Tensor) and not a.is_floating_point()
                         and a.dtype != torch.bool for a in _flat(args))
         tags = [self._tag_of(t) for _, t in operands]
-        unseen = [(pos, t) for (pos, t), tag in zip(operands, tags) if tag is UNSEEN]
+        unseen = [(o, tag) for o, tag in zip(operands, tags) if tag.unseen]
         if unseen:
-            self.findings.unseen(self.stack[-1], op, func, unseen)
+            self.findings.unseen(self.stack[-1], op, func, *map(list, zip(*unseen)))
         if not outputs and operands:  # float -> integer cast: the integers are rounded data
             if not all(t.kind == C.INDEX for t in tags):
                 self._taint(_int_outputs(out), _rounded(tags[0], self._where(op)))
@@ -317,8 +319,15 @@ class Tracker(TorchDispatchMode):
                 tag = Tag(FLOAT, f"made by {self._where(op)} from a computed value ({tag.describe()})")
             self._set_out(func, args, kwargs, outputs, tag)
             return
+        if name in O.LIFTS and outputs and outputs[0].dim() > 0:  # torch.tensor(data), from_numpy
+            where = f"made from Python or numpy data by {self._where(op)} (what computed it is not seen)"
+            self._set_out(func, args, kwargs, outputs, Tag(FLOAT, where, unseen=True))
+            return
         zero = name in O.ZERO_FACTORIES or (name in O.FILL_FACTORIES and args and
                                             isinstance(args[-1], _NUMBER) and args[-1] == 0)
+        if name in O.LIFTS and outputs:  # a Python number made a tensor (``x[m] = 0``): read it
+            with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the audit's own read)
+                zero = float(outputs[0]) == 0
         self._set_out(func, args, kwargs, outputs, Tag(CONST, f"made by {self._where(op)}", zero=zero))
 
     def _fused(self, func, op, args, kwargs, operands, outputs) -> None:
