@@ -10,9 +10,12 @@ TOTALS_SHOWN = ("compute", "quantized", "kernel_internal", "constant_fold", "dec
 
 def verdict_line(report: HonestyReport) -> str:
     style = "green" if report.honest else "red"
-    label = {"honest": "HONEST", "dishonest": "NOT HONEST"}.get(report.verdict,
-                                                                "HONEST with declared exceptions")
+    label = "HONEST" + report.verdict.removeprefix("honest") if report.honest else "NOT HONEST"
     counts = ", ".join(f"{n} {KINDS[k]}" for k, n in report.violations_by_kind().items())
+    if report.dynamic:
+        declared = len(report.dynamic) - len(report.undeclared_dynamic)
+        counts = ", ".join(filter(None, [counts, f"{len(report.dynamic)} {KINDS['dynamic_range']}"
+                                         + (f" ({declared} declared by the recipe)" if declared else "")]))
     return (f"[bold {style}]{label}[/]: {report.model}, recipe {report.recipe or 'none'}; "
             f"{len(report.violations)} violation(s)" + (f" ({counts})" if counts else ""))
 

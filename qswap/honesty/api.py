@@ -46,8 +46,8 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
         tracker.detach()
         restore()
     _check_executed(model, tracker)
-    observed = sum(1 for q in observing if id(q) in tracker.ran_quantizers)
-    return _report(model, tracker, kind, observed)
+    _check_dynamic(model, tracker, {id(q) for q in observing})
+    return _report(model, tracker, kind)
 
 
 def _run(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int) -> str:
@@ -90,7 +90,18 @@ def _check_executed(model: nn.Module, tracker: Tracker) -> None:
         tracker.findings.not_executed(path, module)
 
 
-def _report(model: nn.Module, tracker: Tracker, kind: str, observing: int) -> HonestyReport:
+def _check_dynamic(model: nn.Module, tracker: Tracker, observing: set[int]) -> None:
+    """An activation quantizer that was still observing when it ran computed its range from
+    that very input: dynamic quantization, a finding unless the recipe declares it."""
+    recipe = getattr(model, "qswap_recipe", None)
+    declared = ("the recipe declares dynamic activation quantization (dynamic_activations: true)"
+                if getattr(recipe, "dynamic_activations", False) else None)
+    for path, q in model.named_modules():
+        if id(q) in observing and id(q) in tracker.ran_quantizers:
+            tracker.findings.dynamic_range(path, q, declared)
+
+
+def _report(model: nn.Module, tracker: Tracker, kind: str) -> HonestyReport:
     f = tracker.findings
     violations = list(f.violations.values())
     recipe = getattr(model, "qswap_recipe", None)
@@ -100,20 +111,16 @@ def _report(model: nn.Module, tracker: Tracker, kind: str, observing: int) -> Ho
         totals={k: f.totals.get(k, 0) for k in TOTAL_KEYS},
         bits_histogram=dict(sorted(f.bits.items())),
         violations=[v for v in violations if v.declared is None],
-        declared=[v for v in violations if v.declared is not None],
+        declared=[v for v in violations if v.declared is not None], dynamic=f.dynamic,
         kernel_internal=sorted(f.kernel_internal.values(), key=lambda r: -r.count),
         constant_fold=sorted(f.constant_fold.values(), key=lambda r: -r.count),
-        float_ok=dict(f.float_ok.entries), notes=_notes(model, f, kind, observing))
+        float_ok=dict(f.float_ok.entries), notes=_notes(model, f, kind))
     return report
 
 
-def _notes(model: nn.Module, f, kind: str, observing: int) -> list[str]:
+def _notes(model: nn.Module, f, kind: str) -> list[str]:
     notes = [f"model kind: {kind}; paths audited: {', '.join(p.name for p in f.paths)}"]
     if not any(isinstance(m, FakeQuantize) for m in model.modules()):
         notes.append("the model has no qswap quantizers: every compute op runs on float values")
-    if observing:
-        notes.append(f"{observing} activation quantizer(s) on the audited paths were not calibrated "
-                     f"(still observing): they observed the audit inputs, and their state was "
-                     f"restored afterwards")
     notes += [f"float_ok key {k!r} matched no finding" for k in f.float_ok.unused()]
     return notes

@@ -12,7 +12,7 @@ from collections import Counter
 import torch
 
 from qswap.honesty import classify as C
-from qswap.honesty.kinds import FUSED, KINDS, NOT_EXECUTED, UNCLASSIFIED, UNSEEN_ORIGIN
+from qswap.honesty.kinds import DYNAMIC_RANGE, FUSED, KINDS, NOT_EXECUTED, UNCLASSIFIED, UNSEEN_ORIGIN
 from qswap.honesty.ops import aliases
 from qswap.honesty.report import OpCount, PathCoverage, Violation
 from qswap.honesty.tags import QUANT, Tag
@@ -37,6 +37,7 @@ class Findings:
         self.paths: list[PathCoverage] = []
         self.current: PathCoverage | None = None
         self.float_ok = FloatOk(float_ok)
+        self.dynamic: list[Violation] = []  # quantizers still observing at inference
         self.thread = threading.get_ident()  # ops seen on other threads are marked as such
 
     # -- paths and counters --------------------------------------------------------------------
@@ -116,6 +117,12 @@ class Findings:
         self.violations[key] = self._declare(Violation(
             path, "<not executed>", f"{cls.__name__} (swapped module)", REASONS[NOT_EXECUTED],
             source, NOT_EXECUTED, count=0))
+
+    def dynamic_range(self, path: str, q, declared: str | None) -> None:
+        """A quantizer still observing at inference; its state is restored after the audit."""
+        self.dynamic.append(Violation(
+            path, "<observing quantizer>", f"{q.spec.short()}: range from each input",
+            REASONS[DYNAMIC_RANGE], _class_source(type(q)), DYNAMIC_RANGE, count=0, declared=declared))
 
     def record(self, module, op, func, operand, tag: Tag, kind: str) -> bool:
         pos, t = operand
