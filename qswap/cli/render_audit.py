@@ -16,8 +16,11 @@ def verdict_line(report: HonestyReport) -> str:
         declared = len(report.dynamic) - len(report.undeclared_dynamic)
         counts = ", ".join(filter(None, [counts, f"{len(report.dynamic)} {KINDS['dynamic_range']}"
                                          + (f" ({declared} declared by the recipe)" if declared else "")]))
+    values = "" if report.values_verdict is None else (
+        f"; value-level check: {report.values_verdict}, {len(report.value_disagreements)} "
+        f"disagreement(s) with the tags")
     return (f"[bold {style}]{label}[/]: {report.model}, recipe {report.recipe or 'none'}; "
-            f"{len(report.violations)} violation(s)" + (f" ({counts})" if counts else ""))
+            f"{len(report.violations)} violation(s)" + (f" ({counts})" if counts else "") + values)
 
 
 def paths_table(report: HonestyReport):

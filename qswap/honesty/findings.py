@@ -12,7 +12,8 @@ from collections import Counter
 import torch
 
 from qswap.honesty import classify as C
-from qswap.honesty.kinds import DYNAMIC_RANGE, FUSED, KINDS, NOT_EXECUTED, UNCLASSIFIED, UNSEEN_ORIGIN
+from qswap.honesty.kinds import (DYNAMIC_RANGE, FUSED, KINDS, NOT_EXECUTED, UNCLASSIFIED, UNSEEN_ORIGIN,
+                                 VALUES_DISAGREE)
 from qswap.honesty.ops import aliases
 from qswap.honesty.report import OpCount, PathCoverage, Violation
 from qswap.honesty.tags import QUANT, Tag
@@ -38,6 +39,8 @@ class Findings:
         self.current: PathCoverage | None = None
         self.float_ok = FloatOk(float_ok)
         self.dynamic: list[Violation] = []  # quantizers still observing at inference
+        self.disagreements: list[Violation] = []  # value-level check vs tags
+        self.values_off = 0  # operands the value-level check found off every grid
         self.thread = threading.get_ident()  # ops seen on other threads are marked as such
 
     # -- paths and counters --------------------------------------------------------------------
@@ -123,6 +126,25 @@ class Findings:
         self.dynamic.append(Violation(
             path, "<observing quantizer>", f"{q.spec.short()}: range from each input",
             REASONS[DYNAMIC_RANGE], _class_source(type(q)), DYNAMIC_RANGE, count=0, declared=declared))
+
+    def value_checked(self, on_grid: bool) -> None:
+        self.totals["values_checked"] += 1
+        self.values_off += not on_grid
+
+    def values_disagree(self, module, op, func, operand, tag: Tag, on_grid: bool, bits: int) -> None:
+        """The tags and the values disagree on one operand. Values off every grid under a clean
+        tag is a violation; a flagged operand whose values happen to lie on a grid is noted."""
+        pos, t = operand
+        said = (f"values on a uniform grid of at most 2^{bits} levels, but the tags call it "
+                f"{tag.describe()}" if on_grid else
+                f"values on no uniform grid of at most 2^{bits} levels, but the tags call it "
+                f"{tag.describe()}")
+        label = f"{_label(func, pos)}: {said}"
+        if not on_grid:
+            self._add(module, op, label, VALUES_DISAGREE, t)
+        if all(v.operand != label or v.module != module for v in self.disagreements):
+            self.disagreements.append(Violation(module, op, label, REASONS[VALUES_DISAGREE], "",
+                                                VALUES_DISAGREE, shape=list(t.shape)))
 
     def record(self, module, op, func, operand, tag: Tag, kind: str) -> bool:
         pos, t = operand

@@ -75,6 +75,8 @@ class HonestyReport:
     violations: list[Violation] = field(default_factory=list)
     declared: list[Violation] = field(default_factory=list)
     dynamic: list[Violation] = field(default_factory=list)  # activation ranges computed at run time
+    values_verdict: str | None = None  # the value-level check's own verdict (None: not run)
+    value_disagreements: list[Violation] = field(default_factory=list)
     kernel_internal: list[OpCount] = field(default_factory=list)
     constant_fold: list[OpCount] = field(default_factory=list)
     float_ok: dict[str, str] = field(default_factory=dict)

@@ -25,6 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from qswap.honesty import classify as C
 from qswap.honesty import ops as O
 from qswap.honesty.findings import Findings
+from qswap.honesty.values import MAX_CHECKED_BITS, on_uniform_grid
 from qswap.honesty.tags import CONST, FLOAT, PARAM, QUANT, UNSEEN, GridInfo, Tag, off_grid_count
 from qswap.nn.base import QuantModule
 from qswap.quant.bias import BiasQuantize
@@ -37,8 +38,12 @@ _OWN_QUANTIZERS = (FakeQuantize, BiasQuantize)  # exact classes: their internals
 class Tracker(TorchDispatchMode):
     """Use as ``tracker.attach(model)``, then ``with tracker, tracker.path("name"): ...``."""
 
-    def __init__(self, float_ok: dict[str, str] | None = None):
+    def __init__(self, float_ok: dict[str, str] | None = None, values_bits: int | None = None):
+        """``values_bits``: run the value-level check (``qswap.honesty.values``) too, with this
+        bound for operands whose tag claims no width; None: tags only."""
         super().__init__()
+        self.values_bits = values_bits
+        self._before = None  # (tensor, its values before an in-place op), for the value check
         self.tags = WeakIdKeyDictionary()
         self.findings = Findings(float_ok or {})
         self.stack: list[str] = [""]
@@ -169,6 +174,9 @@ class Tracker(TorchDispatchMode):
     # -- the dispatch mode -----------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.values_bits is not None and O.is_inplace(func) and args and isinstance(args[0], torch.Tensor):
+            with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the value check reads the input)
+                self._before = (args[0], args[0].clone())
         out = func(*args, **kwargs)
         if self.in_quantizer:  # a quantizer class of the user's own: its ops are not the model's
             self.last_quant_op = func
@@ -269,6 +277,22 @@ class Tracker(TorchDispatchMode):
             self.findings.operand_findings(module, op, func, operands, tags, d.findings)
         else:
             self.findings.bucket(d.bucket, module, op, d.bits)
+        if self.values_bits is not None and d.bucket in (C.QUANTIZED, C.FLOAT_BUCKET):
+            self._check_values(module, op, func, operands, tags, {i for i, _ in d.findings})
+
+    def _check_values(self, module, op, func, operands, tags, flagged: set[int]) -> None:
+        """The value-level line: is each operand on a uniform grid, and do the tags agree?"""
+        for i, ((pos, t), tag) in enumerate(zip(operands, tags)):
+            if not t.is_floating_point():
+                continue
+            bits = tag.grid.bits if tag.kind == QUANT else self.values_bits
+            if self._before is not None and self._before[0] is t:
+                t = self._before[1]  # an in-place op's input, as it was before the op
+            on = on_uniform_grid(t, bits)
+            self.findings.value_checked(on or bits > MAX_CHECKED_BITS)
+            if on == (i in flagged):
+                self.findings.values_disagree(module, op, func, (pos, t), tag, on, bits)
+        self._before = None
 
     def _movement(self, func, name, rule, op, args, kwargs, operands, outputs, out, tainted) -> None:
         self.findings.count("movement")
