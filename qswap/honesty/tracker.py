@@ -44,6 +44,7 @@ class Tracker(TorchDispatchMode):
         super().__init__()
         self.values_bits = values_bits
         self._before = None  # (tensor, its values before an in-place op), for the value check
+        self._tainted = False  # whether any integer tensor carries a tag (rounded float data)
         self.tags = WeakIdKeyDictionary()
         self.findings = Findings(float_ok or {})
         self.stack: list[str] = [""]
@@ -198,7 +199,7 @@ class Tracker(TorchDispatchMode):
         name, rule, op, refined = self._rule(func)
         operands, ints = _operands(args, kwargs)
         outputs = _float_outputs(out)
-        tainted = [(i, t) for i, t in ints if t in self.tags]  # integers rounded from float data
+        tainted = [(i, t) for i, t in ints if t in self.tags] if self._tainted else []  # rounded data
         if not operands and not outputs:
             self.findings.count("ignored")  # integer / bool ops
             if tainted:
@@ -224,6 +225,7 @@ class Tracker(TorchDispatchMode):
         are that data rounded (not a qswap quantizer), never index math."""
         for t in int_outputs:
             self.tags[t] = (source, t._version)
+            self._tainted = True
 
     def tag_inputs(self, inputs) -> None:
         """The model's inputs are the one float data the audit does not see made."""
