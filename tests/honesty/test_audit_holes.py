@@ -106,13 +106,9 @@ def test_a_float_op_on_another_thread_is_reported():
     assert "thread" in v.operand
 
 
-class _PoolMadeBefore(nn.Module):
+class _PoolMadeBefore(_ThreadedExp):
     """A worker thread started before the audit: its ops are not seen, so its result is a tensor
     of unseen origin, reported where it entered the audited path."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
 
     def forward(self, x):
         return self.b(_POOL[0].submit(torch.exp, self.a(x)).result())
