@@ -193,6 +193,11 @@ def grid_rule(name: str, rule: OpRule) -> str | None:
     return COMMON if rule.cls in (MOVEMENT, GRID) else None
 
 
+def schema_arg(func, name: str):
+    """The schema argument ``name`` of an op (None: no such argument)."""
+    return next((a for a in func._schema.arguments if a.name == name), None)
+
+
 def argument(func, args, kwargs, name: str, default=None):
     """The value an op got for schema argument ``name`` (positional or keyword)."""
     if name in kwargs:

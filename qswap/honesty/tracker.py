@@ -324,8 +324,9 @@ class Tracker(TorchDispatchMode):
     def _fill_values(self, func, args, kwargs, operands):
         """The numbers a fill-like op writes (``GRID_RULES`` "fill"): its number arguments, and
         0-d constants read back; a 0-d tensor of data stays an operand."""
-        fills = [v for a, v in zip(func._schema.arguments, args)
-                 if "number" in str(a.type) and isinstance(v, _NUMBER) and not isinstance(v, bool)]
+        named = [*zip(func._schema.arguments, args), *((O.schema_arg(func, k), v) for k, v in kwargs.items())]
+        fills = [v for a, v in named if a is not None and "number" in str(a.type)
+                 and isinstance(v, _NUMBER) and not isinstance(v, bool)]
         kept = []
         for pos, t in operands:
             tag = self._tag_of(t) if t.dim() == 0 else None

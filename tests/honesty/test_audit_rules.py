@@ -162,3 +162,46 @@ def test_a_value_computed_outside_torch_is_an_unseen_origin():
     report = qswap.audit(qmodel, (x,))
     assert {(v.module, v.op, v.kind) for v in report.violations} == {
         ("b.input_quant", "<quantizer input>", "unseen_origin")}
+
+
+COL, ROW = torch.tensor([1, 5]), torch.tensor([1, 3])
+
+
+def _s(a):
+    return 0.37 * _step(a)  # a number off the grid of ``a``
+
+
+ROW_CASES = {  # every row of GRID_RULES: (the op keeping the grid, the op losing it)
+    "masked_fill": (lambda a, b, x: a.masked_fill(MASK, 0.0), lambda a, b, x: a.masked_fill(MASK, _s(a))),
+    "index_fill": (lambda a, b, x: a.index_fill(1, COL, 2 * _step(a)), lambda a, b, x: a.index_fill(1, COL, _s(a))),
+    # fill_diagonal_ reaches the audit as as_strided + fill_ (torch decomposes it first): an
+    # in-place fill_ of a view changes its base, whose tag is then void: conservative both ways
+    "fill_diagonal": (None, lambda a, b, x: a.clone().fill_diagonal_(0.0)),
+    "where": (lambda a, b, x: torch.where(MASK, a, -math.inf).clamp_min(0), lambda a, b, x: torch.where(MASK, a, b)),
+    "constant_pad_nd": (lambda a, b, x: nn.functional.pad(a, (1, 0))[:, :8],
+                        lambda a, b, x: nn.functional.pad(a, (1, 0), value=_s(a))[:, :8]),
+    "index_put": (lambda a, b, x: a.index_put((ROW,), torch.tensor(0.0)), lambda a, b, x: a.index_put((ROW,), b[0])),
+    "_index_put_impl": (lambda a, b, x: torch.ops.aten._index_put_impl_(a.clone(), (ROW,), torch.tensor(0.0)),
+                        lambda a, b, x: torch.ops.aten._index_put_impl_(a.clone(), (ROW,), b[0])),
+    "put": (lambda a, b, x: a.put(COL, a.flatten()[:2]), lambda a, b, x: a.put(COL, b.flatten()[:2])),
+    "scatter": (lambda a, b, x: a.scatter(1, COL.expand(4, 2), 0.0),
+                lambda a, b, x: a.scatter(1, COL.expand(4, 2), _s(a))),
+    "clamp": (lambda a, b, x: a.clamp(-_step(a), 3 * _step(a)), lambda a, b, x: a.clamp(-_s(a), None)),
+    "clip": (lambda a, b, x: a.clip(None, 3 * _step(a)), lambda a, b, x: a.clip(None, _s(a))),
+    "clamp_min": (lambda a, b, x: a.clamp_min(0.0), lambda a, b, x: a.clamp_min(_s(a))),
+    "clamp_max": (lambda a, b, x: a.clamp_max(_step(a)), lambda a, b, x: a.clamp_max(_s(a))),
+    "hardtanh": (lambda a, b, x: nn.functional.hardtanh(a, -_step(a), _step(a)),
+                 lambda a, b, x: nn.functional.hardtanh(a, -_s(a), _s(a))),
+    "mul": (lambda a, b, x: a * (MASK.float() * MASK.float()), lambda a, b, x: a * (MASK.float() + MASK.float())),
+}
+
+
+def test_every_grid_rule_row_has_a_case():
+    assert set(ROW_CASES) == set(ops.GRID_RULES)
+
+
+@pytest.mark.parametrize("name", sorted(ROW_CASES))
+def test_each_grid_rule_row_keeps_and_loses_the_grid(name):
+    keep, lose = ROW_CASES[name]
+    assert keep is None or _mm_findings(keep) == []
+    assert _mm_findings(lose) != []
