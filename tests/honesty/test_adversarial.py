@@ -97,6 +97,8 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
     "exp on a worker thread": (lambda s, h, g: _on_thread(torch.exp, h), ("", "aten.exp", "float_operand")),
     "exp in numpy": (lambda s, h, g: torch.from_numpy(np.exp(h.numpy())),
                      ("out.input_quant", "<quantizer input>", "unseen_origin")),
+    "exp with the dispatch switched off": (lambda s, h, g: _undispatched(torch.exp, h),
+                                           ("out.input_quant", "<quantizer input>", "unseen_origin")),
     "values through Python": (lambda s, h, g: torch.tensor(h.tolist()),
                               ("out.input_quant", "<quantizer input>", "unseen_origin")),
     "a custom op": (lambda s, h, g: _double(s.ra(h)), ("", "qswap_adversarial.double", "unclassified_op")),
@@ -108,6 +110,12 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
     "a fill with a computed value": (lambda s, h, g: torch.empty(4, 8).fill_(h.sum()), ("", "aten.sum", "float_operand")),
     "log_softmax": (lambda s, h, g: torch.log_softmax(h, -1), ("", "aten._log_softmax", "float_operand")),
 }
+
+
+def _undispatched(fn, *args):
+    """What a hook or an extension running outside the dispatcher does."""
+    with torch._C._DisableTorchDispatch():  # noqa: SLF001
+        return fn(*args)
 
 
 def _alias_exp(q):
