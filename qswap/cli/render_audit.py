@@ -10,7 +10,7 @@ TOTALS_SHOWN = ("compute", "quantized", "kernel_internal", "constant_fold", "dec
 
 def verdict_line(report: HonestyReport) -> str:
     style = "green" if report.honest else "red"
-    label = "HONEST" + report.verdict.removeprefix("honest") if report.honest else "NOT HONEST"
+    label = report.verdict_label
     counts = ", ".join(f"{n} {KINDS[k]}" for k, n in report.violations_by_kind().items())
     if report.dynamic:
         declared = len(report.dynamic) - len(report.undeclared_dynamic)

@@ -41,8 +41,7 @@ def _violation_rows(items: list[Violation], declared: bool) -> list[list[object]
 
 
 def render(report: HonestyReport, max_rows: int | None = None) -> str:
-    verdict = {"honest": "**HONEST**", "dishonest": "**NOT HONEST**"}.get(
-        report.verdict, "**HONEST with declared exceptions**")
+    verdict = f"**{report.verdict_label}**"
     out = [f"# qswap honesty audit: {report.model}", "",
            f"Verdict: {verdict} (recipe: {report.recipe or 'none'})", ""]
     out += ["## Paths covered", ""]

@@ -106,6 +106,11 @@ class HonestyReport:
             [DYNAMIC] if self.undeclared_dynamic else [])
         return " with ".join(["honest", " and ".join(parts)]) if parts else "honest"
 
+    @property
+    def verdict_label(self) -> str:
+        """The verdict as the renderers headline it: ``HONEST with ...`` or ``NOT HONEST``."""
+        return "HONEST" + self.verdict.removeprefix("honest") if self.honest else "NOT HONEST"
+
     def violations_by_kind(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for v in self.violations:

@@ -268,6 +268,9 @@ def test_the_audit_restores_modes_and_uncalibrated_quantizer_state():
     assert {v.module for v in report.dynamic} == {"0.input_quant", "2.input_quant"}
     assert report.verdict == "honest with dynamic ranges (computed at run time)"
     assert not report.honest_strict
+    markdown = report.to_markdown()
+    assert "Verdict: **HONEST with dynamic ranges (computed at run time)**" in markdown
+    assert "## Dynamic ranges, computed at run time (2)" in markdown
 
 
 def test_a_recipe_may_declare_dynamic_activations():
