@@ -32,6 +32,7 @@ from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
 _NUMBER = (int, float)
+_MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # tagged as parameters/buffers, or walked
 _OWN_QUANTIZERS = (FakeQuantize, BiasQuantize)  # exact classes: their internals are trusted code
 
 
@@ -87,9 +88,12 @@ class Tracker(TorchDispatchMode):
         for name, b in module.named_buffers(recurse=False):
             if b is not None and b.is_floating_point():
                 self._set([b], Tag(PARAM, f"buffer {prefix}{name}"))
-        for name, v in vars(module).items():
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and v not in self.tags:
-                self._set([v], Tag(CONST, f"tensor attribute {prefix}{name}"))
+        for name, v in vars(module).items():  # tensors kept as state (a derived weight's cache)
+            if name in _MODULE_TABLES:
+                continue
+            for t in _tensors(v):
+                if t.is_floating_point() and t not in self.tags:
+                    self._set([t], Tag(CONST, f"tensor attribute {prefix}{name}"))
 
     def _pre(self, path: str, module: nn.Module, args) -> None:
         self.stack.append(path)
