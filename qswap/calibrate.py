@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qswap.errors import CalibrationError, QswapError
+from qswap.honesty.paths import SEQ2SEQ, model_kind, run_paths
 from qswap.quant.fake_quantize import FakeQuantize
 
 logger = logging.getLogger("qswap")
@@ -81,7 +82,11 @@ def _run_batch(run: Callable[[nn.Module, Any], Any], model: nn.Module, batch: An
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch)``; a seq2seq net_input also runs the incremental decoding path, as
+    inference does (``qswap.honesty.paths.run_paths``), so its quantizers are calibrated too."""
     if isinstance(batch, dict):
+        if model_kind(model, batch) == SEQ2SEQ:
+            return run_paths(model, batch)
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)

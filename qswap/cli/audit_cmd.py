@@ -1,10 +1,11 @@
 """Audit a checkpoint: did every op on the inference path run on quantized values?
 
 ``qswap audit CHECKPOINT --recipe R [--data DIR --subset S | --synthetic N] [--strict]
-[--json F] [--markdown F]``: converts the checkpoint's float model with the recipe, calibrates
+[--values] [--json F] [--markdown F]``: converts the checkpoint's float model with the recipe, calibrates
 it on the audit batch, audits it and prints the report. A saved qswap checkpoint is audited as
 it was saved (``--recipe`` may then only repeat its recipe). Exit code 0 when honest, 1 when
-not (with ``--strict``, declared float_ok exceptions count as not honest), 2 on a usage or
+not (with ``--strict``, declared float_ok exceptions and undeclared dynamic ranges count as
+not honest), 2 on a usage or
 input error.
 """
 from __future__ import annotations
@@ -26,7 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"audit N random utterances shaped for the model (the default: "
                         f"{DEFAULT_SYNTHETIC}, when --subset is not given)")
     p.add_argument("--decode-steps", type=int, default=3, help="incremental decoding steps audited")
-    p.add_argument("--strict", action="store_true", help="declared float_ok exceptions fail too")
+    p.add_argument("--strict", action="store_true",
+                   help="declared float_ok exceptions and undeclared dynamic ranges fail too")
+    p.add_argument("--values", action="store_true",
+                   help="also run the value-level check (operands on uniform grids; slower)")
     p.add_argument("--json", metavar="F", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="F", help="write the report as Markdown")
     p.add_argument("--max-rows", type=int, default=40, help="violation rows printed (default 40)")
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     qmodel = _quantized(model, args.recipe)
     if qmodel is not model and activation_quantizers(qmodel):
         qswap.calibrate(qmodel, [net_input], forward=run_paths)  # the audited paths, unobserved
-    report = qswap.audit(qmodel, net_input, decode_steps=args.decode_steps)
+    report = qswap.audit(qmodel, net_input, decode_steps=args.decode_steps, values=args.values)
     print_report(console(), report, max_rows=args.max_rows)
     _write(args.json, report.to_json())
     _write(args.markdown, report.to_markdown())

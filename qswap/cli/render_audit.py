@@ -10,11 +10,17 @@ TOTALS_SHOWN = ("compute", "quantized", "kernel_internal", "constant_fold", "dec
 
 def verdict_line(report: HonestyReport) -> str:
     style = "green" if report.honest else "red"
-    label = {"honest": "HONEST", "dishonest": "NOT HONEST"}.get(report.verdict,
-                                                                "HONEST with declared exceptions")
+    label = report.verdict_label
     counts = ", ".join(f"{n} {KINDS[k]}" for k, n in report.violations_by_kind().items())
+    if report.dynamic:
+        declared = len(report.dynamic) - len(report.undeclared_dynamic)
+        counts = ", ".join(filter(None, [counts, f"{len(report.dynamic)} {KINDS['dynamic_range']}"
+                                         + (f" ({declared} declared by the recipe)" if declared else "")]))
+    values = "" if report.values_verdict is None else (
+        f"; value-level check: {report.values_verdict}, {len(report.value_disagreements)} "
+        f"disagreement(s) with the tags")
     return (f"[bold {style}]{label}[/]: {report.model}, recipe {report.recipe or 'none'}; "
-            f"{len(report.violations)} violation(s)" + (f" ({counts})" if counts else ""))
+            f"{len(report.violations)} violation(s)" + (f" ({counts})" if counts else "") + values)
 
 
 def paths_table(report: HonestyReport):

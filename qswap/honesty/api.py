@@ -9,7 +9,9 @@ from torch import nn
 
 from qswap.honesty.paths import check_inputs, run_paths
 from qswap.honesty.report import TOTAL_KEYS, HonestyReport
+from qswap.honesty.threads import watch_threads
 from qswap.honesty.tracker import Tracker
+from qswap.honesty.values import MAX_CHECKED_BITS
 from qswap.errors import AuditError, QswapError
 from qswap.nn.base import QuantModule
 from qswap.quant.fake_quantize import FakeQuantize
@@ -18,12 +20,15 @@ _MODEL_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, IndexError, Attr
 
 
 def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = None,
-          decode_steps: int = 3) -> HonestyReport:
+          decode_steps: int = 3, values: bool = False) -> HonestyReport:
     """Check that every op on the executed inference path ran on quantized values.
 
     ``inputs`` is a fairseq ``net_input`` dict (encoder-decoder models also get incremental
     decoding of ``decode_steps`` steps audited; CTC models their output normalization), a tuple
     of arguments, or a tensor. ``float_ok`` adds declared exceptions to the recipe's own.
+    ``values=True`` also runs the value-level check (``qswap.honesty.values``): every float
+    operand of a compute op must lie on a uniform grid of at most 2^bits levels; where it and
+    the tags disagree, the report says so (``value_disagreements``, ``values_verdict``).
     The model runs in eval mode under ``torch.no_grad``; its modes and any still-observing
     quantizer's state are restored afterwards.
 
@@ -34,18 +39,19 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
         raise AuditError(f"audit() takes a torch.nn.Module, got {type(model).__name__}")
     check_inputs(inputs)
     declared = {**getattr(getattr(model, "qswap_report", None), "float_ok", {}), **(float_ok or {})}
-    tracker = Tracker(declared)
+    tracker = Tracker(declared, _values_bits(model) if values else None)
     restore, observing = _prepare(model)
     try:
         tracker.attach(model)
-        with torch.no_grad(), tracker:
+        tracker.tag_inputs(inputs)
+        with torch.no_grad(), tracker, watch_threads(tracker):
             kind = _run(model, inputs, tracker, decode_steps)
     finally:
         tracker.detach()
         restore()
     _check_executed(model, tracker)
-    observed = sum(1 for q in observing if id(q) in tracker.ran_quantizers)
-    return _report(model, tracker, kind, observed)
+    _check_dynamic(model, tracker, {id(q) for q in observing})
+    return _report(model, tracker, kind)
 
 
 def _run(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int) -> str:
@@ -88,7 +94,24 @@ def _check_executed(model: nn.Module, tracker: Tracker) -> None:
         tracker.findings.not_executed(path, module)
 
 
-def _report(model: nn.Module, tracker: Tracker, kind: str, observing: int) -> HonestyReport:
+def _values_bits(model: nn.Module) -> int:
+    """The value check's bound for operands no quantizer claims: the widest checked width."""
+    return max((q.spec.bits for q in model.modules() if isinstance(q, FakeQuantize)
+                and q.spec.bits <= MAX_CHECKED_BITS), default=8)
+
+
+def _check_dynamic(model: nn.Module, tracker: Tracker, observing: set[int]) -> None:
+    """An activation quantizer that was still observing when it ran computed its range from
+    that very input: dynamic quantization, a finding unless the recipe declares it."""
+    recipe = getattr(model, "qswap_recipe", None)
+    declared = ("the recipe declares dynamic activation quantization (dynamic_activations: true)"
+                if getattr(recipe, "dynamic_activations", False) else None)
+    for path, q in model.named_modules():
+        if id(q) in observing and id(q) in tracker.ran_quantizers:
+            tracker.findings.dynamic_range(path, q, declared)
+
+
+def _report(model: nn.Module, tracker: Tracker, kind: str) -> HonestyReport:
     f = tracker.findings
     violations = list(f.violations.values())
     recipe = getattr(model, "qswap_recipe", None)
@@ -98,20 +121,18 @@ def _report(model: nn.Module, tracker: Tracker, kind: str, observing: int) -> Ho
         totals={k: f.totals.get(k, 0) for k in TOTAL_KEYS},
         bits_histogram=dict(sorted(f.bits.items())),
         violations=[v for v in violations if v.declared is None],
-        declared=[v for v in violations if v.declared is not None],
+        declared=[v for v in violations if v.declared is not None], dynamic=f.dynamic,
+        values_verdict=None if tracker.values_bits is None else ("dishonest" if f.values_off else "honest"),
+        value_disagreements=f.disagreements,
         kernel_internal=sorted(f.kernel_internal.values(), key=lambda r: -r.count),
         constant_fold=sorted(f.constant_fold.values(), key=lambda r: -r.count),
-        float_ok=dict(f.float_ok.entries), notes=_notes(model, f, kind, observing))
+        float_ok=dict(f.float_ok.entries), notes=_notes(model, f, kind))
     return report
 
 
-def _notes(model: nn.Module, f, kind: str, observing: int) -> list[str]:
+def _notes(model: nn.Module, f, kind: str) -> list[str]:
     notes = [f"model kind: {kind}; paths audited: {', '.join(p.name for p in f.paths)}"]
     if not any(isinstance(m, FakeQuantize) for m in model.modules()):
         notes.append("the model has no qswap quantizers: every compute op runs on float values")
-    if observing:
-        notes.append(f"{observing} activation quantizer(s) on the audited paths were not calibrated "
-                     f"(still observing): they observed the audit inputs, and their state was "
-                     f"restored afterwards")
     notes += [f"float_ok key {k!r} matched no finding" for k in f.float_ok.unused()]
     return notes

@@ -16,16 +16,16 @@ Rules beyond "every float operand of compute is quantized" (docs/honesty.md expl
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from qswap.honesty.ops import ACCUMULATING, GRID, OpRule
+from qswap.honesty.kinds import FLOAT_CONSTANT, FLOAT_OPERAND, OFF_GRID, RAW_PARAMETER, UNSEEN_ORIGIN
+from qswap.honesty.ops import ACCUMULATING, BOUNDS, MASK, OpRule, grid_rule
 from qswap.honesty.tags import ACC, CONST, FLOAT, INDEX, KERNEL, PARAM, QUANT, Tag
 
 QUANTIZED, KERNEL_INTERNAL, FLOAT_BUCKET, CONSTANT_FOLD, IGNORED = (
     "quantized", "kernel_internal", "float", "constant_fold", "ignored")
 
-FLOAT_OPERAND, RAW_PARAMETER, FLOAT_CONSTANT, OFF_GRID = (
-    "float_operand", "raw_parameter", "float_constant", "off_grid")
 
 
 @dataclass
@@ -42,21 +42,32 @@ def _is_const(tag: Tag) -> bool:
 
 
 def decide_compute(name: str, rule: OpRule, tags: list[Tag], call: int, where: str,
-                   scalar_rescale: bool) -> Decision:
+                   rescale: float | None, scalars: tuple = ()) -> Decision:
     """``tags``: one per float tensor operand; ``call``: the innermost counterpart call (-1:
-    none); ``where``: "aten.op at module" for output provenance; ``scalar_rescale``: the op is
-    a mul/div of its one tensor operand by a Python number."""
-    if scalar_rescale and len(tags) == 1 and _rescalable(tags[0]):
+    none); ``where``: "aten.op at module" for output provenance; ``rescale``: the Python number
+    a mul/div multiplies its one tensor operand by (None: not such an op); ``scalars``: the
+    op's Python-number arguments (clamp bounds, the constant of an ``rsub``)."""
+    if rescale is not None and len(tags) == 1 and _rescalable(tags[0]):
         t = tags[0]
-        return Decision(QUANTIZED if t.kind == QUANT else KERNEL_INTERNAL, t,
-                        bits=[t.grid.bits] if t.kind == QUANT else [])
+        if t.kind != QUANT:
+            return Decision(KERNEL_INTERNAL, t)
+        return Decision(QUANTIZED, dataclasses.replace(t, grid=t.grid.rescaled(rescale)), bits=[t.grid.bits])
     if all(t.kind == INDEX for t in tags):
-        binary = all(t.binary for t in tags) and name in ("mul", "rsub", "minimum", "maximum")
-        return Decision(IGNORED, Tag(INDEX, where, binary=binary))
+        return Decision(IGNORED, Tag(INDEX, where, binary=_binary(name, tags, scalars)))
     if all(_is_const(t) or t.kind == INDEX for t in tags):
         first = next(t for t in tags if t.kind != INDEX)
         return Decision(CONSTANT_FOLD, Tag(first.kind, _derived(first.where)))
-    return _decide_data(name, rule, tags, call, where)
+    return _decide_data(name, rule, tags, call, where, scalars)
+
+
+def _binary(name: str, tags: list[Tag], scalars: tuple) -> bool:
+    """Integer-data math whose result is proven to be 0/1 when its inputs are: a product, a
+    min/max, or ``1 - m`` (``rsub(m, 1)``)."""
+    if not all(t.binary for t in tags):
+        return False
+    if name == "rsub":
+        return len(tags) == 1 and tuple(scalars) in ((1,), (1, 1), (1.0,), (1.0, 1))
+    return name in ("mul", "minimum", "maximum", "clone")
 
 
 def _rescalable(t: Tag) -> bool:
@@ -67,7 +78,8 @@ def _derived(name: str) -> str:
     return name if name.endswith("(derived)") else f"{name} (derived)"
 
 
-def _decide_data(name: str, rule: OpRule, tags: list[Tag], call: int, where: str) -> Decision:
+def _decide_data(name: str, rule: OpRule, tags: list[Tag], call: int, where: str,
+                 scalars: tuple) -> Decision:
     d = Decision(QUANTIZED, Tag(FLOAT, f"output of {where}"))
     internal = False
     bias_add = name == "add" and _is_bias_add(tags, call)
@@ -93,7 +105,7 @@ def _decide_data(name: str, rule: OpRule, tags: list[Tag], call: int, where: str
         return d
     if internal:
         d.bucket = KERNEL_INTERNAL
-    d.out = _output_tag(name, rule, tags, call, where, internal)
+    d.out = _output_tag(name, rule, tags, call, where, internal, scalars)
     return d
 
 
@@ -104,6 +116,8 @@ def _is_bias_add(tags: list[Tag], call: int) -> bool:
 
 
 def finding_kind(t: Tag) -> str:
+    if t.unseen:
+        return UNSEEN_ORIGIN
     if t.kind == PARAM:
         return RAW_PARAMETER
     if t.kind == CONST:
@@ -112,10 +126,12 @@ def finding_kind(t: Tag) -> str:
 
 
 def _output_tag(name: str, rule: OpRule, tags: list[Tag], call: int, where: str,
-                internal: bool) -> Tag:
+                internal: bool, scalars: tuple) -> Tag:
     quant = [t for t in tags if t.kind == QUANT]
-    if not internal and quant and (rule.cls == GRID or name == "mul" and len(quant) == 1):
-        return quant[0]  # relu / max / max-pool, or a 0/1 mask multiply: same grid
+    if not internal and quant:
+        kept = _kept_grid(name, rule, tags, quant, scalars, where)
+        if kept is not None:
+            return kept
     if call < 0:
         return Tag(FLOAT, f"output of {where} (compute on quantized operands, not requantized)")
     if rule.family in ACCUMULATING or any(t.kind == ACC for t in tags):
@@ -123,10 +139,48 @@ def _output_tag(name: str, rule: OpRule, tags: list[Tag], call: int, where: str,
     return Tag(KERNEL, where, call=call)
 
 
-def combine_movement(tags: list[Tag], has_index_arg: bool, where: str) -> Tag:
-    """The tag of a movement op's output from its float data inputs' tags: float beats
-    parameter beats constant beats quantized; zero constants join any grid. A parameter or
-    constant moved by an integer index tensor (an embedding lookup) is data-dependent."""
+def _kept_grid(name: str, rule: OpRule, tags: list[Tag], quant: list[Tag], scalars: tuple,
+               where: str) -> Tag | None:
+    """The output's tag by the op's row of ``GRID_RULES``; None: the output is on no grid."""
+    kind = grid_rule(name, rule)
+    if kind == MASK:
+        mask = all(t.kind == QUANT or (t.kind == INDEX and t.binary) or (t.kind == CONST and t.zero)
+                   for t in tags)
+        return quant[0] if len(quant) == 1 and mask else None
+    if kind == BOUNDS:
+        on = len(tags) == 1 and all(quant[0].grid.holds(float(v)) for v in scalars)
+        return quant[0] if on else None
+    if kind is None:
+        return None
+    return join_grids(tags, where)
+
+
+def join_grids(tags: list[Tag], where: str, fills: tuple = ()) -> Tag:
+    """The tag of values gathered from several quantized tensors (and written ``fills``): the
+    grid they share, or a float tag saying which grids met (``GRID_RULES`` "common", "fill")."""
+    quant = [t for t in tags if t.kind == QUANT]
+    off = [t for t in quant if not t.grid.on_grid]
+    if off:
+        return off[0]
+    g = quant[0].grid
+    other = next((t.grid for t in quant[1:] if not t.grid.same(g)), None)
+    if other is not None:
+        return Tag(FLOAT, f"output of {where}: values of two grids ({g.quantizer} {g.label}, "
+                          f"{other.quantizer} {other.label}), on neither")
+    if any(t.kind not in (QUANT, CONST) for t in tags) or any(t.kind == CONST and not t.zero for t in tags):
+        return Tag(FLOAT, f"output of {where}: quantized values joined with other values")
+    bad = next((v for v in fills if not g.holds(v)), None)
+    if bad is not None:
+        return Tag(FLOAT, f"output of {where}: it writes {bad:g}, not a point of the grid of "
+                          f"{g.quantizer} ({g.label})")
+    return quant[0]
+
+
+def combine_movement(tags: list[Tag], has_index_arg: bool, where: str, fills: tuple = ()) -> Tag:
+    """The tag of a movement op's output from its float data inputs' tags and the numbers it
+    writes (``fills``): float beats parameter beats constant beats quantized; quantized
+    inputs keep a grid only as ``join_grids`` says. A parameter or constant moved by an
+    integer index tensor (an embedding lookup) is data-dependent."""
     if not tags:
         return Tag(INDEX, where)
     for t in tags:
@@ -135,11 +189,12 @@ def combine_movement(tags: list[Tag], has_index_arg: bool, where: str) -> Tag:
     for t in tags:
         if t.kind == PARAM or (t.kind == CONST and not t.zero):
             return Tag(t.kind, t.where, lookup=True) if has_index_arg and not t.lookup else t
-    quant = [t for t in tags if t.kind == QUANT]
-    off = [t for t in quant if not t.grid.on_grid]
-    if off or quant:
-        return (off or quant)[0]
+    if any(t.kind == QUANT for t in tags):
+        return join_grids(tags, where, fills)
     index = [t for t in tags if t.kind == INDEX]
     if index:
-        return index[0] if all(t.binary for t in index) else Tag(INDEX, index[0].where)
+        binary = all(t.binary for t in index) and all(v in (0, 1) for v in fills)
+        return index[0] if binary else Tag(INDEX, index[0].where)
+    if any(v != 0 for v in fills):
+        return Tag(CONST, tags[0].where)
     return tags[0]  # zero constants

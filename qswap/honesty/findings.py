@@ -6,31 +6,20 @@ import fnmatch
 import linecache
 import os
 import sys
+import threading
 from collections import Counter
 
 import torch
 
 from qswap.honesty import classify as C
+from qswap.honesty.kinds import (DYNAMIC_RANGE, FUSED, KINDS, NOT_EXECUTED, UNCLASSIFIED, UNSEEN_ORIGIN,
+                                 VALUES_DISAGREE)
 from qswap.honesty.ops import aliases
 from qswap.honesty.report import OpCount, PathCoverage, Violation
 from qswap.honesty.tags import QUANT, Tag
 from qswap.recipe.match import PatternError, compile_path
 
-FUSED, UNCLASSIFIED, NOT_EXECUTED = "fused_kernel", "unclassified_op", "not_executed"
-REASONS = {
-    C.FLOAT_OPERAND: "compute on a float value: quantize this operand (or give the module that "
-                     "does this op a counterpart)",
-    C.RAW_PARAMETER: "a parameter or buffer reached compute without passing its quantizer (bypass)",
-    C.FLOAT_CONSTANT: "a float constant reached compute without passing a quantizer",
-    C.OFF_GRID: "a quantizer's output is not on its grid: its values are not integer codes in "
-                "[qmin, qmax] times its scale",
-    FUSED: "fused kernel: its internal steps (softmax, probs @ V, epilogues) run on unquantized "
-           "intermediates; use a counterpart that performs the ops separately",
-    UNCLASSIFIED: "no rule for this op in qswap.honesty.ops; an op the audit does not know is "
-                  "never assumed to be honest",
-    NOT_EXECUTED: "a swapped module never ran on the audited paths: the model computes its "
-                  "result some other way (bypass), or the audited paths do not reach it",
-}
+REASONS = {kind: k.reason for kind, k in KINDS.items()}
 _TORCH = os.path.dirname(torch.__file__) + os.sep
 _AUDIT = os.path.dirname(__file__) + os.sep
 _PATHS_PY = os.path.join(_AUDIT, "paths.py")  # issues ops itself, as fairseq's generator would
@@ -49,6 +38,10 @@ class Findings:
         self.paths: list[PathCoverage] = []
         self.current: PathCoverage | None = None
         self.float_ok = FloatOk(float_ok)
+        self.dynamic: list[Violation] = []  # quantizers still observing at inference
+        self.disagreements: list[Violation] = []  # value-level check vs tags
+        self.values_off = 0  # operands the value-level check found off every grid
+        self.thread = threading.get_ident()  # ops seen on other threads are marked as such
 
     # -- paths and counters --------------------------------------------------------------------
     def start_path(self, name: str) -> None:
@@ -107,6 +100,13 @@ class Findings:
         names = ", ".join(_label(func, pos) for pos, _ in operands)
         self._add(module, op, names or "-", UNCLASSIFIED, operands[0][1] if operands else None)
 
+    def unseen(self, module, op, func, operands, tags: list[Tag]) -> None:
+        """Float tensors the audit never saw made, consumed by ``op`` (a quantizer's input when
+        ``func`` is None): where they entered the audited path."""
+        for (pos, t), tag in zip(operands, tags):
+            label = _label(func, pos) if func is not None else "input"
+            self._add(module, op, f"{label}: {tag.where}", UNSEEN_ORIGIN, t)
+
     def quantizer_off_grid(self, path: str, last_op, out: torch.Tensor, off: int, label: str) -> None:
         op = (f"{last_op.namespace}.{last_op.overloadpacket.__name__}" if last_op
               else "<quantizer output>")
@@ -121,12 +121,39 @@ class Findings:
             path, "<not executed>", f"{cls.__name__} (swapped module)", REASONS[NOT_EXECUTED],
             source, NOT_EXECUTED, count=0))
 
+    def dynamic_range(self, path: str, q, declared: str | None) -> None:
+        """A quantizer still observing at inference; its state is restored after the audit."""
+        self.dynamic.append(Violation(
+            path, "<observing quantizer>", f"{q.spec.short()}: range from each input",
+            REASONS[DYNAMIC_RANGE], _class_source(type(q)), DYNAMIC_RANGE, count=0, declared=declared))
+
+    def value_checked(self, on_grid: bool) -> None:
+        self.totals["values_checked"] += 1
+        self.values_off += not on_grid
+
+    def values_disagree(self, module, op, func, operand, tag: Tag, on_grid: bool, bits: int) -> None:
+        """The tags and the values disagree on one operand. Values off every grid under a clean
+        tag is a violation; a flagged operand whose values happen to lie on a grid is noted."""
+        pos, t = operand
+        said = (f"values on a uniform grid of at most 2^{bits} levels, but the tags call it "
+                f"{tag.describe()}" if on_grid else
+                f"values on no uniform grid of at most 2^{bits} levels, but the tags call it "
+                f"{tag.describe()}")
+        label = f"{_label(func, pos)}: {said}"
+        if not on_grid:
+            self._add(module, op, label, VALUES_DISAGREE, t)
+        if all(v.operand != label or v.module != module for v in self.disagreements):
+            self.disagreements.append(Violation(module, op, label, REASONS[VALUES_DISAGREE], "",
+                                                VALUES_DISAGREE, shape=list(t.shape)))
+
     def record(self, module, op, func, operand, tag: Tag, kind: str) -> bool:
         pos, t = operand
         return self._add(module, op, f"{_label(func, pos)}: {tag.describe()}", kind, t)
 
     def _add(self, module: str, op: str, operand: str, kind: str, t: torch.Tensor | None) -> bool:
         """Record one occurrence; returns whether it is a declared exception."""
+        if threading.get_ident() != self.thread:
+            operand = f"{operand} [on thread {threading.current_thread().name}]"
         key = (module, op, operand, kind)
         v = self.violations.get(key)
         if v is None:

@@ -41,8 +41,7 @@ def _violation_rows(items: list[Violation], declared: bool) -> list[list[object]
 
 
 def render(report: HonestyReport, max_rows: int | None = None) -> str:
-    verdict = {"honest": "**HONEST**", "dishonest": "**NOT HONEST**"}.get(
-        report.verdict, "**HONEST with declared exceptions**")
+    verdict = f"**{report.verdict_label}**"
     out = [f"# qswap honesty audit: {report.model}", "",
            f"Verdict: {verdict} (recipe: {report.recipe or 'none'})", ""]
     out += ["## Paths covered", ""]
@@ -66,6 +65,11 @@ def render(report: HonestyReport, max_rows: int | None = None) -> str:
     if report.declared:
         out += [f"## Declared exceptions ({len(report.declared)}, not counted as honest)", ""]
         out += _table(header + ["declared by"], _violation_rows(report.declared, declared=True))
+    if report.dynamic:
+        out += [f"## Dynamic ranges, computed at run time ({len(report.dynamic)})", "",
+                "Activation quantizers still observing at inference: each input sets its own grid.", ""]
+        out += _table(["quantizer", "grid", "declared by"],
+                      [[v.module, v.operand, v.declared or "-"] for v in report.dynamic])
     out += ["## Kernel-internal float math (simulated)", ""]
     out += _table(["module", "op", "count"], [[r.module or "<model>", f"`{r.op}`", r.count]
                                               for r in report.kernel_internal] or [["-", "-", 0]])

@@ -53,7 +53,7 @@ OPS: dict[str, OpRule] = {
         _slow_conv2d_forward slow_conv_dilated2d slow_conv_dilated3d slow_conv3d_forward
         thnn_conv2d _nnpack_spatial_convolution _conv_depthwise2d slow_conv_transpose2d
         slow_conv_transpose3d cudnn_convolution miopen_convolution"""),
-    **_rows(COMPUTE, "add", "add sub rsub addcmul addcdiv lerp"),
+    **_rows(COMPUTE, "add", "add sub rsub addcmul addcdiv lerp index_add scatter_add"),
     **_rows(COMPUTE, "mul", "mul multiply square"),
     **_rows(COMPUTE, "div", "div true_divide floor_divide remainder fmod reciprocal"),
     **_rows(COMPUTE, "elementwise", """neg negative abs sign sgn copysign hypot clamp clip
@@ -72,7 +72,7 @@ OPS: dict[str, OpRule] = {
         cudnn_batch_norm miopen_batch_norm _batch_norm_with_update _batch_norm_no_update
         local_response_norm"""),
     **_rows(COMPUTE, "reduction", """sum mean var std var_mean std_mean prod cumsum cumprod
-        nansum nanmean logcumsumexp avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
+        nansum nanmean logcumsumexp scatter_reduce index_reduce avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
         adaptive_avg_pool2d adaptive_avg_pool3d _adaptive_avg_pool2d _adaptive_avg_pool3d
         embedding_bag _embedding_bag _embedding_bag_forward_only col2im
         upsample_linear1d upsample_bilinear2d upsample_bicubic2d upsample_trilinear3d
@@ -103,7 +103,7 @@ OPS: dict[str, OpRule] = {
         _pad_enum"""),
     **_rows(MOVEMENT, "scatter", """masked_fill where index_put _index_put_impl index_copy
         index_fill scatter slice_scatter select_scatter diagonal_scatter masked_scatter
-        fill_diagonal"""),
+        fill_diagonal put"""),
     # -- fused kernels: unquantized intermediates inside ------------------------------------------
     **_rows(FUSED, "attention", """_scaled_dot_product_flash_attention_for_cpu
         _scaled_dot_product_flash_attention _scaled_dot_product_efficient_attention
@@ -125,19 +125,111 @@ OPS: dict[str, OpRule] = {
         sym_numel sym_storage_offset _assert_async _assert_tensor_metadata
         _functional_assert_async sym_constrain_range _assert_scalar record_stream
         _has_compatible_shallow_copy_type is_coalesced _nested_tensor_from_mask_left_aligned
-        resize_ _resize_output_ set_ _version"""),
+        resize _resize_output set _version"""),
     # -- factories: constants ------------------------------------------------------------------
     **_rows(FACTORY, "factory", """empty empty_like empty_strided new_empty new_empty_strided
         zeros zeros_like new_zeros ones ones_like new_ones full full_like new_full fill zero
         arange linspace logspace eye scalar_tensor lift_fresh lift_fresh_copy tensor
         rand rand_like randn randn_like randint randint_like randperm normal bernoulli uniform
-        exponential geometric cauchy log_normal random multinomial"""),
+        exponential geometric cauchy log_normal random multinomial poisson binomial"""),
 }
 
+_ADD, _MUL, _MEAN, _EXTREME = (OpRule(COMPUTE, "add"), OpRule(COMPUTE, "mul"),
+                               OpRule(COMPUTE, "reduction"), OpRule(GRID, "max"))
+# Ops whose meaning depends on an argument: op -> (argument name, {argument value: rule}). An
+# accumulating index_put adds, a scatter with ``reduce`` computes; a value not listed keeps the
+# row of ``OPS``. ``include_self`` needs no row of its own: with amax/amin it adds ``self``'s
+# values to the comparison, and the grid rule (``GRID_RULES``) already asks that every input
+# share one grid.
+ARGUMENT_RULES: dict[str, tuple[str, dict]] = {
+    "index_put": ("accumulate", {True: _ADD}),
+    "_index_put_impl": ("accumulate", {True: _ADD}),
+    "put": ("accumulate", {True: _ADD}),
+    "scatter": ("reduce", {"add": _ADD, "multiply": _MUL}),
+    "scatter_reduce": ("reduce", {"sum": _ADD, "prod": _MUL, "mean": _MEAN, "amax": _EXTREME,
+                                  "amin": _EXTREME}),
+    "index_reduce": ("reduce", {"prod": _MUL, "mean": _MEAN, "amax": _EXTREME, "amin": _EXTREME}),
+}
+# Factories that read the values (not only the shape) of a tensor argument, by overload: their
+# output is computed from data (a Bernoulli mask drawn from probabilities), so they are compute.
+VALUE_FACTORIES: dict[str, frozenset | None] = {  # None: every overload
+    "bernoulli": frozenset({"default", "Tensor", "out"}),
+    "normal": frozenset({"Tensor_float", "float_Tensor", "Tensor_Tensor"}),
+    "multinomial": None, "poisson": None, "binomial": None,
+}
+
+# How a quantized input's grid reaches an op's output (issue 20, item 2). An op not listed:
+# a movement op or a grid-preserving compute op keeps the grid only if all its quantized inputs
+# share one ("common"); any other compute op leaves its output off every grid.
+#
+# ==========  ==================================================================================
+# rule        the output is on a grid when
+# ==========  ==================================================================================
+# common      all quantized data inputs are on one grid (the same quantizer, or equal per-tensor
+#             scale, zero point and range): ``maximum``, ``minimum``, ``where``, ``cat`` of two
+#             different grids keep none
+# fill        ``common``, and every value it writes (a scalar or 0-d tensor) is on that grid:
+#             zero, a code of the grid, or +-inf (a masked entry, which an integer kernel marks
+#             apart); ``masked_fill`` with 0.5 off a grid of step 1 keeps none
+# bounds      its one quantized input's grid, if the clamp bounds are on it (a clamp to grid
+#             points); otherwise none
+# mask        (``mul``) its one quantized input's grid, if the other operand is proven 0/1 (a
+#             bool mask cast to float) or zero; a Python-number factor rescales the grid
+# ==========  ==================================================================================
+COMMON, FILL, BOUNDS, MASK = "common", "fill", "bounds", "mask"
+GRID_RULES: dict[str, str] = {
+    **{name: FILL for name in """masked_fill index_fill fill_diagonal where constant_pad_nd
+       index_put _index_put_impl put scatter""".split()},
+    **{name: BOUNDS for name in "clamp clip clamp_min clamp_max hardtanh".split()},
+    "mul": MASK,
+}
+
+
+def grid_rule(name: str, rule: OpRule) -> str | None:
+    """The row of ``GRID_RULES`` for an op, or the default of its class (None: no grid)."""
+    hit = GRID_RULES.get(name)
+    if hit is not None:
+        return hit
+    return COMMON if rule.cls in (MOVEMENT, GRID) else None
+
+
+def schema_arg(func, name: str):
+    """The schema argument ``name`` of an op (None: no such argument)."""
+    return next((a for a in func._schema.arguments if a.name == name), None)
+
+
+def argument(func, args, kwargs, name: str, default=None):
+    """The value an op got for schema argument ``name`` (positional or keyword)."""
+    if name in kwargs:
+        return kwargs[name]
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == name:
+            return args[i] if i < len(args) and not a.kwarg_only else default
+    return default
+
+
+def refine(func, name: str, rule: OpRule, args, kwargs) -> OpRule:
+    """The rule of this call of an op, read from its arguments (``ARGUMENT_RULES``,
+    ``VALUE_FACTORIES``)."""
+    hit = ARGUMENT_RULES.get(name)
+    if hit is not None:
+        value = argument(func, args, kwargs, hit[0])
+        return hit[1].get(value, rule) if isinstance(value, (bool, str)) else rule
+    if name in VALUE_FACTORIES:
+        overloads = VALUE_FACTORIES[name]
+        if overloads is None or func._overloadname in overloads:
+            return OpRule(COMPUTE, "random")
+    return rule
+
+
+# Factories that wrap a tensor made outside dispatch (``torch.tensor(data)``,
+# ``torch.from_numpy``): whatever computed the data is unseen, so the output is an unseen origin;
+# a 0-d one is a Python number (``x[mask] = 0``), a constant whose value the audit reads.
+LIFTS = frozenset({"lift_fresh", "lift_fresh_copy"})
 # Factories whose output is all zeros: zero lies on every grid (code zero_point).
 ZERO_FACTORIES = frozenset({"zeros", "zeros_like", "new_zeros", "zero"})
 # Factories that fill with a value given as their last positional argument.
-FILL_FACTORIES = frozenset({"full", "full_like", "new_full", "fill"})
+FILL_FACTORIES = frozenset({"full", "full_like", "new_full", "fill", "scalar_tensor"})
 
 
 def op_name(func) -> str:

@@ -7,16 +7,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from qswap.honesty.kinds import KINDS as _KINDS
+
 REPORT_VERSION = 1
-KINDS = {
-    "float_operand": "compute on a float operand",
-    "raw_parameter": "a parameter/buffer consumed without its quantizer",
-    "float_constant": "a run-time float constant consumed without a quantizer",
-    "off_grid": "a quantizer's output is not on its grid",
-    "fused_kernel": "a fused kernel with unquantized intermediates",
-    "unclassified_op": "an op the audit has no rule for",
-    "not_executed": "a swapped module that never ran on the audited paths",
-}
+KINDS = {kind: k.label for kind, k in _KINDS.items()}
+DYNAMIC = "dynamic ranges (computed at run time)"
 TOTAL_KEYS = ("ops", "compute", "quantized", "kernel_internal", "constant_fold", "declared",
               "float", "movement", "factory", "ignored", "unclassified", "quantizer_calls")
 
@@ -79,6 +74,9 @@ class HonestyReport:
     bits_histogram: dict[int, int] = field(default_factory=dict)
     violations: list[Violation] = field(default_factory=list)
     declared: list[Violation] = field(default_factory=list)
+    dynamic: list[Violation] = field(default_factory=list)  # activation ranges computed at run time
+    values_verdict: str | None = None  # the value-level check's own verdict (None: not run)
+    value_disagreements: list[Violation] = field(default_factory=list)
     kernel_internal: list[OpCount] = field(default_factory=list)
     constant_fold: list[OpCount] = field(default_factory=list)
     float_ok: dict[str, str] = field(default_factory=dict)
@@ -86,19 +84,32 @@ class HonestyReport:
 
     @property
     def honest(self) -> bool:
-        """No undeclared violation on any audited path (declared exceptions are allowed)."""
+        """No undeclared violation on any audited path (declared exceptions are allowed, and so
+        are dynamic ranges: integer arithmetic on a grid computed at run time)."""
         return not self.violations
 
     @property
+    def undeclared_dynamic(self) -> list[Violation]:
+        """Quantizers still observing at inference that the recipe does not declare dynamic."""
+        return [v for v in self.dynamic if v.declared is None]
+
+    @property
     def honest_strict(self) -> bool:
-        """Honest with no declared exceptions either."""
-        return self.honest and not self.declared
+        """Honest with no declared exceptions and no undeclared dynamic range either."""
+        return self.honest and not self.declared and not self.undeclared_dynamic
 
     @property
     def verdict(self) -> str:
         if not self.honest:
             return "dishonest"
-        return "honest" if not self.declared else "honest with declared exceptions"
+        parts = (["declared exceptions"] if self.declared else []) + (
+            [DYNAMIC] if self.undeclared_dynamic else [])
+        return " with ".join(["honest", " and ".join(parts)]) if parts else "honest"
+
+    @property
+    def verdict_label(self) -> str:
+        """The verdict as the renderers headline it: ``HONEST with ...`` or ``NOT HONEST``."""
+        return "HONEST" + self.verdict.removeprefix("honest") if self.honest else "NOT HONEST"
 
     def violations_by_kind(self) -> dict[str, int]:
         out: dict[str, int] = {}

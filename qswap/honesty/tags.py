@@ -19,6 +19,8 @@ index      a float tensor converted from integer/bool data (lengths, masks)
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,32 @@ class GridInfo:
     on_grid: bool = True
     off_count: int = 0
     numel: int = 0
+    step: float | None = None  # the per-tensor scale (None: per-channel, or not known)
+    zero_point: float = 0.0
+    qmin: int = 0
+    qmax: int = 0
+
+    def same(self, other: "GridInfo") -> bool:
+        """Both are one grid: the same quantizer, or equal per-tensor scale, zero point and range."""
+        if (self.quantizer, self.label, self.step) == (other.quantizer, other.label, other.step):
+            return True
+        return (self.step is not None and (self.step, self.zero_point, self.qmin, self.qmax)
+                == (other.step, other.zero_point, other.qmin, other.qmax))
+
+    def holds(self, value: float) -> bool:
+        """``value`` is a point of this grid: zero (code zero_point), +-inf (a masked entry), or
+        (code - zero_point) * step for an integer code in [qmin, qmax]."""
+        if value == 0 or math.isinf(value):
+            return True
+        if self.step is None or math.isnan(value):
+            return False
+        code = value / self.step + self.zero_point
+        return abs(code - round(code)) <= ATOL and self.qmin <= round(code) <= self.qmax
+
+    def rescaled(self, factor: float) -> "GridInfo":
+        """The grid of these values times a Python number (a requantization folds it)."""
+        step = self.step * factor if self.step is not None and factor > 0 else None
+        return dataclasses.replace(self, quantizer=f"{self.quantizer} x {factor:g}", step=step)
 
 
 @dataclass(frozen=True)
@@ -53,6 +81,7 @@ class Tag:
     zero: bool = False  # const: all zeros (on every grid)
     binary: bool = False  # index: values in {0, 1} (a mask)
     lookup: bool = False  # param/const: rows picked by an integer tensor (data-dependent)
+    unseen: bool = False  # float: made where the audit does not watch ("unseen_origin")
 
     def describe(self) -> str:
         if self.kind == QUANT:
@@ -73,7 +102,9 @@ class Tag:
         }[self.kind]
 
 
-UNTRACKED = Tag(FLOAT, "untracked tensor (a model input, or made outside the audit)")
+# A float tensor the audit never saw made (not a model input, parameter, buffer, quantizer
+# output or output of an op it watched): compared by identity, reported as "unseen_origin".
+UNSEEN = Tag(FLOAT, "a tensor of unseen origin (made where the audit does not watch)", unseen=True)
 
 
 def off_grid_count(y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

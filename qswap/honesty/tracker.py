@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -24,20 +25,27 @@ from torch.utils.weak import WeakIdKeyDictionary
 from qswap.honesty import classify as C
 from qswap.honesty import ops as O
 from qswap.honesty.findings import Findings
-from qswap.honesty.tags import CONST, FLOAT, PARAM, QUANT, UNTRACKED, GridInfo, Tag, off_grid_count
+from qswap.honesty.values import MAX_CHECKED_BITS, on_uniform_grid
+from qswap.honesty.tags import CONST, FLOAT, PARAM, QUANT, UNSEEN, GridInfo, Tag, off_grid_count
 from qswap.nn.base import QuantModule
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
 _NUMBER = (int, float)
+_MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # tagged as parameters/buffers, or walked
 _OWN_QUANTIZERS = (FakeQuantize, BiasQuantize)  # exact classes: their internals are trusted code
 
 
 class Tracker(TorchDispatchMode):
     """Use as ``tracker.attach(model)``, then ``with tracker, tracker.path("name"): ...``."""
 
-    def __init__(self, float_ok: dict[str, str] | None = None):
+    def __init__(self, float_ok: dict[str, str] | None = None, values_bits: int | None = None):
+        """``values_bits``: run the value-level check (``qswap.honesty.values``) too, with this
+        bound for operands whose tag claims no width; None: tags only."""
         super().__init__()
+        self.values_bits = values_bits
+        self._before = None  # (tensor, its values before an in-place op), for the value check
+        self._tainted = False  # whether any integer tensor carries a tag (rounded float data)
         self.tags = WeakIdKeyDictionary()
         self.findings = Findings(float_ok or {})
         self.stack: list[str] = [""]
@@ -80,13 +88,18 @@ class Tracker(TorchDispatchMode):
         for name, b in module.named_buffers(recurse=False):
             if b is not None and b.is_floating_point():
                 self._set([b], Tag(PARAM, f"buffer {prefix}{name}"))
-        for name, v in vars(module).items():
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and v not in self.tags:
-                self._set([v], Tag(CONST, f"tensor attribute {prefix}{name}"))
+        for name, v in vars(module).items():  # tensors kept as state (a derived weight's cache)
+            if name in _MODULE_TABLES:
+                continue
+            for t in _tensors(v):
+                if t.is_floating_point() and t not in self.tags:
+                    self._set([t], Tag(CONST, f"tensor attribute {prefix}{name}"))
 
     def _pre(self, path: str, module: nn.Module, args) -> None:
         self.stack.append(path)
         if isinstance(module, (FakeQuantize, BiasQuantize)):
+            if not self.in_quantizer:
+                self._check_seen(path, args)
             self.in_quantizer += 1
             self.last_quant_op = None
             self.ran_quantizers.add(id(module))
@@ -100,6 +113,15 @@ class Tracker(TorchDispatchMode):
             # only a leaf counterpart is one kernel: a container's own ops (a layer's residual
             # add) are separate ops whose results must be quantized before the next compute
             self.calls.append(-1 if module.converts_children else self._next_call)
+
+    def _check_seen(self, path: str, args) -> None:
+        """A quantizer's input must have an origin the audit saw: requantizing a value does not
+        make whatever computed it honest."""
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            tag = self._tag_of(x)
+            if tag.unseen:
+                self.findings.unseen(path, "<quantizer input>", None, [(0, x)], [tag])
 
     def _post(self, path: str, module: nn.Module, args, output) -> None:
         self.stack.pop()
@@ -118,7 +140,7 @@ class Tracker(TorchDispatchMode):
             self.calls.pop()
 
     def _tag_quantizer_output(self, path: str, q: nn.Module, args, out: torch.Tensor) -> None:
-        if not out.is_floating_point() or out.numel() == 0:
+        if not out.is_floating_point():
             return
         if isinstance(q, FakeQuantize):
             if not q.enabled:
@@ -126,17 +148,25 @@ class Tracker(TorchDispatchMode):
             spec, scale, zp, qmin, qmax = q.spec, q.scale, q.zero_point, q.spec.qmin, q.spec.qmax
             bits, label = spec.bits, spec.short()
         else:
-            if args and out is args[0] or q.last_scale is None:
-                return  # nothing to align to: the bias stays float
+            if args and out is args[0]:
+                return  # the bias stays float, and keeps its own tag
+            if q.last_scale is None:
+                self._set([out], Tag(FLOAT, f"bias left float by {path} (no scale to align to)"))
+                return
             spec, scale, qmin, qmax, bits, label = None, q.last_scale, q.qmin, q.qmax, 32, "int32 bias"
             zp = None
+        if out.numel() == 0:
+            self._set([out], Tag(QUANT, path, GridInfo(path, bits, label)))
+            return
         if self._verified.get(out) == (path, out._version):
             return  # a cached weight, already checked
         with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the check is not the model's)
             zp = torch.zeros_like(scale) if zp is None else zp
             off = off_grid_count(out, scale, zp, spec, qmin, qmax)
+            step = (float(scale), float(zp)) if scale.numel() == 1 else (None, 0.0)
         self._verified[out] = (path, out._version)
-        self._set([out], Tag(QUANT, path, GridInfo(path, bits, label, off == 0, off, out.numel())))
+        self._set([out], Tag(QUANT, path, GridInfo(path, bits, label, off == 0, off, out.numel(),
+                                                   step[0], step[1], qmin, qmax)))
         if off:
             self.findings.quantizer_off_grid(path, self.last_quant_op, out, off, label)
 
@@ -149,6 +179,9 @@ class Tracker(TorchDispatchMode):
     # -- the dispatch mode -----------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.values_bits is not None and O.is_inplace(func) and args and isinstance(args[0], torch.Tensor):
+            with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the value check reads the input)
+                self._before = (args[0], args[0].clone())
         out = func(*args, **kwargs)
         if self.in_quantizer:  # a quantizer class of the user's own: its ops are not the model's
             self.last_quant_op = func
@@ -160,23 +193,30 @@ class Tracker(TorchDispatchMode):
     def _rule(self, func):
         hit = self._rules.get(func)
         if hit is None:
-            hit = self._rules[func] = (O.op_name(func), O.lookup(func),
-                                       f"{func.namespace}.{func.overloadpacket.__name__}")
+            name = O.op_name(func)
+            refined = name in O.ARGUMENT_RULES or name in O.VALUE_FACTORIES
+            hit = self._rules[func] = (name, O.lookup(func), f"{func.namespace}.{func.overloadpacket.__name__}",
+                                       refined)
         return hit
 
     def _observe(self, func, args, kwargs, out) -> None:
-        name, rule, op = self._rule(func)
-        operands = _float_operands(args, kwargs)
+        name, rule, op, refined = self._rule(func)
+        operands, ints = _operands(args, kwargs)
         outputs = _float_outputs(out)
+        tainted = [(i, t) for i, t in ints if t in self.tags] if self._tainted else []  # rounded data
         if not operands and not outputs:
             self.findings.count("ignored")  # integer / bool ops
+            if tainted:
+                self._taint(_int_outputs(out), self._tag_of(tainted[0][1]))
             return
+        if refined and rule is not None:
+            rule = O.refine(func, name, rule, args, kwargs)
         if rule is None:
             self._unclassified(func, op, args, kwargs, operands, outputs)
         elif rule.cls in (O.COMPUTE, O.GRID):
-            self._compute(func, name, rule, op, args, kwargs, operands, outputs)
+            self._compute(func, name, rule, op, args, kwargs, operands + tainted, outputs)
         elif rule.cls == O.MOVEMENT:
-            self._movement(func, name, rule, op, args, kwargs, operands, outputs)
+            self._movement(func, name, rule, op, args, kwargs, operands, outputs, out, tainted)
         elif rule.cls == O.FACTORY:
             self._factory(func, name, op, args, kwargs, outputs)
         elif rule.cls == O.FUSED:
@@ -184,10 +224,23 @@ class Tracker(TorchDispatchMode):
         else:
             self.findings.count("ignored")  # predicates, metadata reads
 
+    def _taint(self, int_outputs: list, source: Tag) -> None:
+        """Integers made from float data carry where they came from: cast back to float, they
+        are that data rounded (not a qswap quantizer), never index math."""
+        for t in int_outputs:
+            self.tags[t] = (source, t._version)
+            self._tainted = True
+
+    def tag_inputs(self, inputs) -> None:
+        """The model's inputs are the one float data the audit does not see made."""
+        for t in _tensors(inputs):
+            if t.is_floating_point():
+                self._set([t], Tag(FLOAT, "a model input"))
+
     def _tag_of(self, t: torch.Tensor) -> Tag:
         entry = self.tags.get(t)
         if entry is None:
-            return UNTRACKED
+            return UNSEEN
         tag, version = entry
         if t._version != version:  # an alias of it was changed in place after it was tagged
             return Tag(FLOAT, f"changed in place after it was tagged ({tag.describe()})")
@@ -221,34 +274,91 @@ class Tracker(TorchDispatchMode):
             self.findings.count("ignored")
             self._set_out(func, args, kwargs, outputs, Tag(C.INDEX, self._where(op)))
             return
+        scalars = tuple(a for a in args if isinstance(a, _NUMBER) and not isinstance(a, bool))
         rescale = _scalar_rescale(name, args, kwargs, len(tags))
-        d = C.decide_compute(name, rule, tags, self.calls[-1], self._where(op), rescale)
+        d = C.decide_compute(name, rule, tags, self.calls[-1], self._where(op), rescale, scalars)
         self._set_out(func, args, kwargs, outputs, d.out)
         module = self.stack[-1]
         if d.bucket == C.FLOAT_BUCKET:
             self.findings.operand_findings(module, op, func, operands, tags, d.findings)
         else:
             self.findings.bucket(d.bucket, module, op, d.bits)
+        if self.values_bits is not None and d.bucket in (C.QUANTIZED, C.FLOAT_BUCKET):
+            self._check_values(module, op, func, operands, tags, {i for i, _ in d.findings})
 
-    def _movement(self, func, name, rule, op, args, kwargs, operands, outputs) -> None:
+    def _check_values(self, module, op, func, operands, tags, flagged: set[int]) -> None:
+        """The value-level line: is each operand on a uniform grid, and do the tags agree?"""
+        for i, ((pos, t), tag) in enumerate(zip(operands, tags)):
+            if not t.is_floating_point():
+                continue
+            bits = tag.grid.bits if tag.kind == QUANT else self.values_bits
+            if self._before is not None and self._before[0] is t:
+                t = self._before[1]  # an in-place op's input, as it was before the op
+            on = on_uniform_grid(t, bits)
+            self.findings.value_checked(on or bits > MAX_CHECKED_BITS)
+            if on == (i in flagged):
+                self.findings.values_disagree(module, op, func, (pos, t), tag, on, bits)
+        self._before = None
+
+    def _movement(self, func, name, rule, op, args, kwargs, operands, outputs, out, tainted) -> None:
         self.findings.count("movement")
         if name == "copy" and O.is_inplace(func) and len(operands) > 1:
             operands = operands[1:]  # copy_(dst, src): dst is fully overwritten
-        if name in ("masked_fill", "where", "index_fill", "index_put", "fill_diagonal"):
-            operands = [(i, t) for i, t in operands if t.dim() > 0]  # 0-d fill values are constants
+        fills: tuple = ()
+        if O.grid_rule(name, rule) == O.FILL:
+            operands, fills = self._fill_values(func, args, kwargs, operands)
         has_index = any(isinstance(a, torch.Tensor) and not a.is_floating_point()
                         and a.dtype != torch.bool for a in _flat(args))
         tags = [self._tag_of(t) for _, t in operands]
-        tag = C.combine_movement(tags, has_index, self._where(op))
-        if not tags and rule.family == "copy" and any(
+        unseen = [(o, tag) for o, tag in zip(operands, tags) if tag.unseen]
+        if unseen:
+            self.findings.unseen(self.stack[-1], op, func, *map(list, zip(*unseen)))
+        if not outputs and operands:  # float -> integer cast: the integers are rounded data
+            if not all(t.kind == C.INDEX for t in tags):
+                self._taint(_int_outputs(out), _rounded(tags[0], self._where(op)))
+            return
+        tag = C.combine_movement(tags, has_index, self._where(op), fills)
+        if not tags and tainted:  # integers rounded from float data, cast back to float
+            tag = self._tag_of(tainted[0][1])
+        elif not tags and rule.family == "copy" and any(
                 isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in _flat(args)):
             tag = Tag(C.INDEX, self._where(op), binary=True)  # a bool mask cast to float: 0/1
         self._set_out(func, args, kwargs, outputs, tag)
 
+    def _fill_values(self, func, args, kwargs, operands):
+        """The numbers a fill-like op writes (``GRID_RULES`` "fill"): its number arguments, and
+        0-d constants read back; a 0-d tensor of data stays an operand."""
+        named = [*zip(func._schema.arguments, args), *((O.schema_arg(func, k), v) for k, v in kwargs.items())]
+        fills = [v for a, v in named if a is not None and "number" in str(a.type)
+                 and isinstance(v, _NUMBER) and not isinstance(v, bool)]
+        kept = []
+        for pos, t in operands:
+            tag = self._tag_of(t) if t.dim() == 0 else None
+            if tag is not None and tag.kind in (CONST, PARAM) and not tag.lookup:
+                with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the audit's own read)
+                    fills.append(float(t))
+            else:
+                kept.append((pos, t))
+        return kept, tuple(float(v) for v in fills)
+
     def _factory(self, func, name, op, args, kwargs, outputs) -> None:
         self.findings.count("factory")
+        value = O.argument(func, args, kwargs, "value")
+        if isinstance(value, torch.Tensor) and value.is_floating_point():  # fill_(self, tensor)
+            tag = self._tag_of(value)
+            if tag.kind not in (CONST, PARAM, QUANT):
+                tag = Tag(FLOAT, f"made by {self._where(op)} from a computed value ({tag.describe()})")
+            self._set_out(func, args, kwargs, outputs, tag)
+            return
+        if name in O.LIFTS and outputs and outputs[0].dim() > 0:  # torch.tensor(data), from_numpy
+            where = f"made from Python or numpy data by {self._where(op)} (what computed it is not seen)"
+            self._set_out(func, args, kwargs, outputs, Tag(FLOAT, where, unseen=True))
+            return
         zero = name in O.ZERO_FACTORIES or (name in O.FILL_FACTORIES and args and
                                             isinstance(args[-1], _NUMBER) and args[-1] == 0)
+        if name in O.LIFTS and outputs:  # a Python number made a tensor (``x[m] = 0``): read it
+            with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the audit's own read)
+                zero = float(outputs[0]) == 0
         self._set_out(func, args, kwargs, outputs, Tag(CONST, f"made by {self._where(op)}", zero=zero))
 
     def _fused(self, func, op, args, kwargs, operands, outputs) -> None:
@@ -261,13 +371,42 @@ class Tracker(TorchDispatchMode):
         self._set_out(func, args, kwargs, outputs, Tag(FLOAT, f"output of unclassified {self._where(op)}"))
 
 
-def _scalar_rescale(name: str, args, kwargs, n_tensors: int) -> bool:
+def _scalar_rescale(name: str, args, kwargs, n_tensors: int) -> float | None:
+    """The Python number a mul/div multiplies its one tensor operand by; None otherwise."""
     if n_tensors != 1 or len(args) < 2 or kwargs.get("rounding_mode") is not None:
-        return False
+        return None
+    a, b = args[0], args[1]
     if name == "mul":
-        return isinstance(args[0], _NUMBER) or isinstance(args[1], _NUMBER)
-    return (name in ("div", "true_divide") and isinstance(args[0], torch.Tensor)
-            and isinstance(args[1], _NUMBER))
+        factor = a if isinstance(a, _NUMBER) else b if isinstance(b, _NUMBER) else None
+        return None if factor is None or isinstance(factor, bool) else float(factor)
+    if (name in ("div", "true_divide") and isinstance(a, torch.Tensor) and isinstance(b, _NUMBER)
+            and not isinstance(b, bool) and b != 0):
+        return 1.0 / float(b)
+    return None
+
+
+def _rounded(source: Tag, where: str) -> Tag:
+    """The tag integers made from float data carry (and the floats they are cast back to)."""
+    if source.kind in (PARAM, CONST):
+        return Tag(source.kind, f"{source.where}, rounded to integers by {where}", lookup=source.lookup)
+    return Tag(FLOAT, f"{source.describe()}, rounded to integers by {where} (not a qswap quantizer)")
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _int_outputs(out) -> list[torch.Tensor]:
+    outs = out if isinstance(out, (list, tuple)) else (out,)
+    return [t for t in outs if isinstance(t, torch.Tensor) and not t.is_floating_point()
+            and t.dtype != torch.bool]
 
 
 def _flat(args):
@@ -278,21 +417,21 @@ def _flat(args):
             yield a
 
 
-def _float_operands(args, kwargs) -> list[tuple[object, torch.Tensor]]:
-    """(position, tensor) of every float tensor argument; position is an int, (int, int) for
-    an element of a list argument, or a keyword name."""
-    found = []
+def _operands(args, kwargs) -> tuple[list, list]:
+    """(position, tensor) of every float tensor argument, and of every integer one; position is
+    an int, (int, int) for an element of a list argument, or a keyword name."""
+    floats, ints = [], []
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
-            if a.is_floating_point():
-                found.append((i, a))
+            (floats if a.is_floating_point() else ints).append((i, a))
         elif isinstance(a, (list, tuple)):
-            found.extend(((i, j), t) for j, t in enumerate(a)
-                         if isinstance(t, torch.Tensor) and t.is_floating_point())
+            for j, t in enumerate(a):
+                if isinstance(t, torch.Tensor):
+                    (floats if t.is_floating_point() else ints).append(((i, j), t))
     for k, v in kwargs.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            found.append((k, v))
-    return found
+        if isinstance(v, torch.Tensor):
+            (floats if v.is_floating_point() else ints).append((k, v))
+    return floats, ints
 
 
 def _float_outputs(out) -> list[torch.Tensor]:

@@ -18,7 +18,8 @@ from qswap.recipe.match import Match, PatternError
 from qswap.recipe.schema import SCHEMA_VERSION, Recipe, Rule
 from qswap.recipe.yaml_lines import LineDict, load as load_yaml
 
-TOP_KEYS = {"version", "name", "description", "defaults", "rules", "float_ok", "strict"}
+TOP_KEYS = {"version", "name", "description", "defaults", "rules", "float_ok", "strict",
+            "dynamic_activations"}
 DEFAULT_KEYS = {"weight", "activation", "sites"}
 RULE_KEYS = {"match", "weight", "activation", "sites", "skip", "float_ok", "note"}
 MATCH_KEYS = {"path", "class"}
@@ -114,6 +115,7 @@ def parse_recipe(data: Any, source: str = "<dict>") -> Recipe:
     rules = tuple(ctx.rule(r, i, w_default, a_default, default_sites) for i, r in enumerate(rules_raw))
     return Recipe(name=name, defaults=defaults, rules=rules,
                   float_ok=ctx.float_ok(data), strict=ctx.boolean(data, "strict", False),
+                  dynamic_activations=ctx.boolean(data, "dynamic_activations", False),
                   description=ctx.string(data, "description", default=""),
                   version=version, source=source, raw=data)
 

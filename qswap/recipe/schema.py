@@ -45,6 +45,7 @@ class Recipe:
     float_ok: Mapping[str, str] = field(default_factory=dict)
     strict: bool = False
     description: str = ""
+    dynamic_activations: bool = False  # activation ranges computed at run time, declared (audit)
     version: int = SCHEMA_VERSION
     source: str = "<dict>"
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)

@@ -81,6 +81,17 @@ def test_weight_only_is_dishonest_exit_1_and_lists_every_violation(checkpoint, t
     assert "Verdict: **NOT HONEST**" in markdown and "`aten.native_layer_norm`" in markdown
 
 
+def test_values_runs_the_value_level_check_beside_the_tags(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    out_json = tmp_path / "audit.json"
+    assert main(["audit", str(ckpt), "--recipe", "w8a8", "--values", "--json", str(out_json)]) == 0
+    assert "value-level check: honest, 0 disagreement(s)" in capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    assert report["values_verdict"] == "honest" and report["value_disagreements"] == []
+    assert main(["audit", str(ckpt), "--recipe", "w8_weight_only", "--values", "--json", str(out_json)]) == 1
+    assert json.loads(out_json.read_text())["values_verdict"] == "dishonest"
+
+
 def test_a_data_subset_can_be_audited(checkpoint):
     ckpt, data = checkpoint
     assert main(["audit", str(ckpt), "--recipe", "w8a8", "--data", str(data), "--subset", "test"]) == 0

@@ -131,3 +131,20 @@ def test_conformer_and_wav2vec2_ctc_w8a8_are_honest_and_weight_only_is_not(build
     assert report.honest, [(v.module, v.op, v.operand) for v in report.violations][:10]
     assert report.paths == paths and all(p.compute > 0 for p in report.coverage)
     assert not qswap.audit(_quantized(model, "w8_weight_only", net_input), net_input).honest
+
+
+def test_calibration_runs_the_incremental_decoding_path_of_a_seq2seq_model():
+    """A batch-only calibration would leave quantizers that only incremental decoding reaches
+    observing at inference; qswap.calibrate runs the paths inference runs."""
+    qmodel = qswap.convert(build_s2t_transformer(seed=0), "w8a8")
+    steps = []
+    hook = qmodel.decoder.register_forward_pre_hook(
+        lambda m, args, kwargs: steps.append(kwargs.get("incremental_state") is not None), with_kwargs=True)
+    try:
+        qswap.calibrate(qmodel, [s2t_net_input()])
+    finally:
+        hook.remove()
+    assert True in steps and False in steps
+    net_input = s2t_net_input()
+    report = qswap.audit(qmodel, net_input)
+    assert report.honest_strict and report.dynamic == []

@@ -265,7 +265,23 @@ def test_the_audit_restores_modes_and_uncalibrated_quantizer_state():
     for q, state in zip(activation, before):  # (weight grids are a function of the weights)
         after = q.state_dict()
         assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
-    assert any("not calibrated" in n for n in report.notes)
+    assert {v.module for v in report.dynamic} == {"0.input_quant", "2.input_quant"}
+    assert report.verdict == "honest with dynamic ranges (computed at run time)"
+    assert not report.honest_strict
+    markdown = report.to_markdown()
+    assert "Verdict: **HONEST with dynamic ranges (computed at run time)**" in markdown
+    assert "## Dynamic ranges, computed at run time (2)" in markdown
+
+
+def test_a_recipe_may_declare_dynamic_activations():
+    x = torch.randn(3, 8)
+    recipe = {**qswap.load_recipe("w8a8").to_dict(), "name": "w8a8_dynamic", "dynamic_activations": True}
+    qmodel = qswap.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), recipe)
+    report = qswap.audit(qmodel, (x,))
+    assert len(report.dynamic) == 3 and all("dynamic_activations" in v.declared for v in report.dynamic)
+    assert report.verdict == "honest" and report.honest_strict
+    qswap.calibrate(qmodel, [(x,)])
+    assert qswap.audit(qmodel, (x,)).dynamic == []
 
 
 def test_report_formats_and_bad_inputs():

@@ -1,0 +1,194 @@
+"""The audit's self-test: small models written to slip a float op past the audit, each with the
+op it hides and the finding expected (module, op, kind), and honest models that must not be
+flagged. Every model is converted with w8a8 and calibrated first; the audit runs with the
+value-level check on, whose verdict must agree."""
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qswap
+
+torch.manual_seed(0)
+ROWS = torch.arange(4)
+IDX = ROWS[:, None].expand(4, 8)
+MASK = torch.tensor([[True, False] * 4] * 4)
+
+
+@torch.library.custom_op("qswap_adversarial::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2.0
+
+
+def _on_thread(fn, *args):
+    out = []
+    worker = threading.Thread(target=lambda: out.append(fn(*args)))
+    worker.start()
+    worker.join()
+    return out[0]
+
+
+class _Hide(nn.Module):
+    """``h`` and ``g`` are accumulators (Linear outputs); ``ra(h)``, ``rb(g)``, ``rc(h)`` are
+    quantized on three different grids (a counterpart ReLU quantizes its input). ``f`` hides one
+    float op; ``out`` requantizes whatever ``f`` returns."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+        self.a, self.b, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.ra, self.rb, self.rc = nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        return self.out(self.f(self, self.a(x), self.b(x)))
+
+
+def _off(s, h) -> float:
+    """A number off the grid of ``s.ra`` (a third of its step)."""
+    return s.ra.input_quant.scale.item() / 3
+
+
+CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
+    "exp": (lambda s, h, g: torch.exp(h), ("", "aten.exp", "float_operand")),
+    "sigmoid": (lambda s, h, g: torch.sigmoid(h), ("", "aten.sigmoid", "float_operand")),
+    "add of two accumulators": (lambda s, h, g: h + g, ("", "aten.add", "float_operand")),
+    "mul of two accumulators": (lambda s, h, g: h * g, ("", "aten.mul", "float_operand")),
+    "div": (lambda s, h, g: h / (g.abs() + 1), ("", "aten.abs", "float_operand")),
+    "index_put accumulate": (lambda s, h, g: h.index_put((ROWS,), g, accumulate=True),
+                             ("", "aten.index_put", "float_operand")),
+    "index_add": (lambda s, h, g: h.index_add(0, ROWS, g), ("", "aten.index_add", "float_operand")),
+    "scatter_add": (lambda s, h, g: h.scatter_add(0, IDX, g), ("", "aten.scatter_add", "float_operand")),
+    "scatter_reduce sum": (lambda s, h, g: h.scatter_reduce(0, IDX, g, "sum"),
+                           ("", "aten.scatter_reduce", "float_operand")),
+    "scatter reduce=multiply": (lambda s, h, g: h.scatter(0, IDX, g, reduce="multiply"),
+                                ("", "aten.scatter", "float_operand")),
+    "cast round trip": (lambda s, h, g: torch.softmax((h * 20).long().float() * 0.05, -1),
+                        ("", "aten._softmax", "float_operand")),
+    "cast round trip through integer math": (
+        lambda s, h, g: torch.softmax(((h * 20).long() + 1).float(), -1), ("", "aten._softmax", "float_operand")),
+    "integers times a quantized tensor": (lambda s, h, g: s.ra(h) * (g * 4).long(),
+                                          ("", "aten.mul", "float_operand")),
+    "maximum of two grids": (lambda s, h, g: torch.maximum(s.ra(h), s.rb(g)) @ s.rc(h).T @ s.rc(h),
+                             ("", "aten.mm", "float_operand")),
+    "minimum of two grids": (lambda s, h, g: torch.minimum(s.ra(h), s.rb(g)) @ s.rc(h).T @ s.rc(h),
+                             ("", "aten.mm", "float_operand")),
+    "cat of two grids": (lambda s, h, g: torch.cat([s.ra(h)[:2], s.rb(g)[2:]]) @ s.rc(h).T @ s.rc(h),
+                         ("", "aten.mm", "float_operand")),
+    "where of two grids": (lambda s, h, g: torch.where(MASK, s.ra(h), s.rb(g)) @ s.rc(h).T @ s.rc(h),
+                           ("", "aten.mm", "float_operand")),
+    "masked_fill off the grid": (lambda s, h, g: s.ra(h).masked_fill(MASK, _off(s, h)) @ s.rc(h).T @ s.rc(h),
+                                 ("", "aten.mm", "float_operand")),
+    "where with a constant off the grid": (lambda s, h, g: torch.where(MASK, s.ra(h), _off(s, h)) @ s.rc(h).T @ s.rc(h),
+                                           ("", "aten.mm", "float_operand")),
+    "pad off the grid": (lambda s, h, g: F.pad(s.ra(h), (0, 0, 1, 0), value=_off(s, h))[:4] @ s.rc(h).T @ s.rc(h),
+                         ("", "aten.mm", "float_operand")),
+    "clamp off the grid": (lambda s, h, g: s.ra(h).clamp(max=_off(s, h)) @ s.rc(h).T @ s.rc(h),
+                           ("", "aten.mm", "float_operand")),
+    "a mask that is not 0/1": (lambda s, h, g: s.ra(h) * (2 - MASK.float()), ("", "aten.mul", "float_operand")),
+    "integer data as a factor": (lambda s, h, g: s.ra(h) * torch.arange(8).float(),
+                                 ("", "aten.mul", "float_operand")),
+    "in-place add after quantizing": (lambda s, h, g: s.rc(h).T @ s.ra(h).add_(0.01), ("", "aten.mm", "float_operand")),
+    "an alias changed in place": (lambda s, h, g: s.rc(h).T @ _alias_exp(s.ra(h)), ("", "aten.mm", "float_operand")),
+    "float64 detour": (lambda s, h, g: h.double().exp().float(), ("", "aten.exp", "float_operand")),
+    "exp on a worker thread": (lambda s, h, g: _on_thread(torch.exp, h), ("", "aten.exp", "float_operand")),
+    "exp in numpy": (lambda s, h, g: torch.from_numpy(np.exp(h.numpy())),
+                     ("out.input_quant", "<quantizer input>", "unseen_origin")),
+    "exp with the dispatch switched off": (lambda s, h, g: _undispatched(torch.exp, h),
+                                           ("out.input_quant", "<quantizer input>", "unseen_origin")),
+    "values through Python": (lambda s, h, g: torch.tensor(h.tolist()),
+                              ("out.input_quant", "<quantizer input>", "unseen_origin")),
+    "a custom op": (lambda s, h, g: _double(s.ra(h)), ("", "qswap_adversarial.double", "unclassified_op")),
+    "fused attention": (lambda s, h, g: F.scaled_dot_product_attention(s.ra(h)[None], s.rb(g)[None],
+                                                                       s.rc(h)[None])[0],
+                        ("", "aten._safe_softmax", "float_operand")),  # CPU runs SDPA's math ops
+    "another module's raw weight": (lambda s, h, g: F.linear(s.ra(h), s.b.weight), ("", None, "raw_parameter")),
+    "a random constant": (lambda s, h, g: s.ra(h) * torch.rand(8), ("", "aten.mul", "float_constant")),
+    "a fill with a computed value": (lambda s, h, g: torch.empty(4, 8).fill_(h.sum()), ("", "aten.sum", "float_operand")),
+    "log_softmax": (lambda s, h, g: torch.log_softmax(h, -1), ("", "aten._log_softmax", "float_operand")),
+}
+
+
+def _undispatched(fn, *args):
+    """What a hook or an extension running outside the dispatcher does."""
+    with torch._C._DisableTorchDispatch():  # noqa: SLF001
+        return fn(*args)
+
+
+def _alias_exp(q):
+    q.view(-1).exp_()
+    return q
+
+
+def _audit(model, x):
+    qmodel = qswap.convert(model, "w8a8")
+    qswap.calibrate(qmodel, [(x,)])
+    return qswap.audit(qmodel, (x,), values=True)
+
+
+def test_the_suite_has_at_least_30_cases():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_hidden_float_op_is_found(name):
+    f, (module, op, kind) = CASES[name]
+    report = _audit(_Hide(f), torch.randn(4, 8))
+    hits = [v for v in report.violations if v.kind == kind and (module is None or v.module == module)
+            and (op is None or v.op == op)]
+    assert hits, [(v.module, v.op, v.kind, v.operand) for v in report.violations]
+    assert not report.honest
+
+
+class _Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.r, self.out = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)
+
+    def forward(self, x):
+        q = self.r(self.a(x))
+        return self.out(torch.cat([q.masked_fill(MASK, 0.0), q * MASK.float()], 0)[:4])
+
+
+class _Clamped(_Masked):
+    def forward(self, x):
+        q = self.r(self.a(x))
+        step = self.r.input_quant.scale.item()
+        return self.out(torch.maximum(q, q.flip(0)).clamp(max=5 * step) * 0.5)
+
+
+HONEST = {
+    "linear": (lambda: nn.Linear(8, 8), lambda: torch.randn(4, 8)),
+    "mlp": (lambda: nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)), lambda: torch.randn(4, 8)),
+    "conv": (lambda: nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Conv1d(8, 4, 3)), lambda: torch.randn(2, 4, 12)),
+    "layer norm": (lambda: nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), lambda: torch.randn(4, 8)),
+    "softmax": (lambda: nn.Sequential(nn.Linear(8, 8), nn.Softmax(-1)), lambda: torch.randn(4, 8)),
+    "embedding": (lambda: nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8)), lambda: torch.randint(0, 20, (3, 5))),
+    "attention": (lambda: _SelfAttention(), lambda: torch.randn(5, 2, 8)),
+    "masks and a shared grid": (_Masked, lambda: torch.randn(4, 8)),
+    "clamp to grid points": (_Clamped, lambda: torch.randn(4, 8)),
+}
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2)
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("name", sorted(HONEST))
+def test_honest_models_are_not_flagged(name):
+    build, make_input = HONEST[name]
+    report = _audit(build().eval(), make_input())
+    assert report.honest and report.honest_strict, [(v.module, v.op, v.operand) for v in report.violations]
+    assert report.values_verdict == "honest" and report.value_disagreements == []
+
+
+def test_at_least_8_honest_models():
+    assert len(HONEST) >= 8

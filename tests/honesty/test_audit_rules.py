@@ -1,0 +1,207 @@
+"""Argument-aware op rules (qswap.honesty.ops ARGUMENT_RULES, VALUE_FACTORIES) and the grid-tag
+rules (GRID_RULES): one test per row. Each probe feeds the result of one op straight into a
+matmul with a quantized weight, so the matmul is honest exactly when the op kept a grid."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qswap
+from qswap import QuantSpec
+from qswap.honesty import ops
+from qswap.quant.fake_quantize import FakeQuantize
+
+torch.manual_seed(0)
+A8, W8 = QuantSpec(bits=8, symmetric=False), QuantSpec(bits=8)
+MASK = torch.tensor([[True, False] * 4] * 4)
+
+
+class _Probe(nn.Module):
+    """``f(a, b, x)`` of two quantized tensors on different grids, consumed by a matmul."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+        self.qa, self.qb = FakeQuantize(A8), FakeQuantize(A8)
+        self.w = nn.Parameter(torch.randn(8, 8))
+        self.wq = FakeQuantize(W8, kind="weight")
+
+    def forward(self, x):
+        return self.f(self.qa(x), self.qb(3 * x + 1), x) @ self.wq(self.w)
+
+
+def _mm_findings(f):
+    x = torch.randn(4, 8)
+    model = _Probe(f)
+    qswap.calibrate(model, [(x,)])
+    report = qswap.audit(model, (x,))
+    return [v for v in report.violations if v.op == "aten.mm"]
+
+
+def _step(a):
+    """The grid step of ``a`` (its per-tensor scale), read from its values."""
+    levels = torch.unique(a)
+    return float((levels[1:] - levels[:-1]).min())
+
+
+@pytest.mark.parametrize("name, f, kept", [
+    # common: one grid kept, two grids joined keep none
+    ("relu", lambda a, b, x: torch.relu(a), True),
+    ("maximum of one grid", lambda a, b, x: torch.maximum(a, a.flip(0)), True),
+    ("maximum of two grids", lambda a, b, x: torch.maximum(a, b), False),
+    ("minimum of two grids", lambda a, b, x: torch.minimum(a, b), False),
+    ("where of two grids", lambda a, b, x: torch.where(MASK, a, b), False),
+    ("cat of one grid", lambda a, b, x: torch.cat([a[:2], a[2:]]), True),
+    ("cat of two grids", lambda a, b, x: torch.cat([a[:2], b[2:]]), False),
+    ("copy_ of a grid", lambda a, b, x: torch.empty_like(a).copy_(a), True),
+    ("index_put of another grid", lambda a, b, x: a.index_put((torch.tensor([0]),), b[0]), False),
+    ("amax of one grid", lambda a, b, x: a.amax(0, keepdim=True).expand(4, 8), True),
+    ("a grid joined with integer data", lambda a, b, x: torch.cat([a[:2], MASK[2:].float()]), False),
+    # fill: the written value must be a point of the grid
+    ("masked_fill 0", lambda a, b, x: a.masked_fill(MASK, 0.0), True),
+    ("masked_fill -inf then back to 0", lambda a, b, x: torch.nan_to_num(a.masked_fill(MASK, -math.inf)), False),
+    ("masked_fill a code", lambda a, b, x: a.masked_fill(MASK, 3 * _step(a)), True),
+    ("masked_fill off the grid", lambda a, b, x: a.masked_fill(MASK, 0.37 * _step(a)), False),
+    ("where with a 0-d constant off the grid", lambda a, b, x: torch.where(MASK, a, 0.37 * _step(a)), False),
+    ("where with zero", lambda a, b, x: torch.where(MASK, a, 0.0), True),
+    ("pad with zero", lambda a, b, x: nn.functional.pad(a, (0, 0, 1, 0))[:4], True),
+    ("pad off the grid", lambda a, b, x: nn.functional.pad(a, (0, 0, 1, 0), value=0.37 * _step(a))[:4], False),
+    # bounds: a clamp to grid points keeps the grid
+    ("clamp to grid points", lambda a, b, x: a.clamp(-2 * _step(a), 5 * _step(a)), True),
+    ("clamp off the grid", lambda a, b, x: a.clamp(max=0.37 * _step(a)), False),
+    # mask: a multiply by a proven 0/1 mask keeps the grid; a Python factor rescales it
+    ("mul by a bool mask", lambda a, b, x: a * MASK.float(), True),
+    ("mul by 1 - mask", lambda a, b, x: a * (1 - MASK.float()), True),
+    ("mul by 2 - mask (not 0/1)", lambda a, b, x: a * (2 - MASK.float()), False),
+    ("mul by a Python number", lambda a, b, x: a * 0.5, True),
+    ("maximum of a grid and its rescaled self", lambda a, b, x: torch.maximum(a, a * 0.5), False),
+])
+def test_grid_rule(name, f, kept):
+    found = _mm_findings(f)
+    assert (found == []) is kept, [(v.operand, v.kind) for v in found]
+
+
+def test_every_grid_rule_row_is_a_known_rule():
+    assert set(ops.GRID_RULES.values()) <= {ops.COMMON, ops.FILL, ops.BOUNDS, ops.MASK}
+    assert all(name in ops.OPS for name in ops.GRID_RULES)
+
+
+@pytest.mark.parametrize("func, args, kwargs, cls, family", [
+    (torch.ops.aten.index_put.default, (None, None, None, True), {}, ops.COMPUTE, "add"),
+    (torch.ops.aten.index_put.default, (None, None, None, False), {}, ops.MOVEMENT, "scatter"),
+    (torch.ops.aten.index_put.default, (None, None, None), {}, ops.MOVEMENT, "scatter"),
+    (torch.ops.aten.scatter.reduce, (None, 0, None, None), {"reduce": "add"}, ops.COMPUTE, "add"),
+    (torch.ops.aten.scatter.src, (None, 0, None, None), {}, ops.MOVEMENT, "scatter"),
+    (torch.ops.aten.scatter_reduce.two, (None, 0, None, None, "sum"), {}, ops.COMPUTE, "add"),
+    (torch.ops.aten.scatter_reduce.two, (None, 0, None, None, "amax"), {"include_self": False},
+     ops.GRID, "max"),
+    (torch.ops.aten.index_reduce.default, (None, 0, None, None, "mean"), {}, ops.COMPUTE, "reduction"),
+    (torch.ops.aten.put.default, (None, None, None, True), {}, ops.COMPUTE, "add"),
+    (torch.ops.aten.bernoulli.default, (None,), {}, ops.COMPUTE, "random"),
+    (torch.ops.aten.bernoulli.p, (None, 0.5), {}, ops.FACTORY, "factory"),
+    (torch.ops.aten.normal.Tensor_Tensor, (None, None), {}, ops.COMPUTE, "random"),
+    (torch.ops.aten.normal.float_float, (0.0, 1.0, [2]), {}, ops.FACTORY, "factory"),
+])
+def test_an_ops_rule_is_read_from_its_arguments(func, args, kwargs, cls, family):
+    name = ops.op_name(func)
+    assert ops.refine(func, name, ops.OPS[name], args, kwargs) == ops.OpRule(cls, family)
+
+
+@pytest.mark.parametrize("func", [torch.ops.aten.resize_.default, torch.ops.aten._resize_output_.default,
+                                  torch.ops.aten.set_.source_Tensor])
+def test_inplace_metadata_ops_match_their_rows(func):
+    assert ops.lookup(func) == ops.OpRule(ops.META, "meta")
+
+
+class _Accumulate(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.a, self.b, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        return self.out(self.op(a, b))
+
+
+ROWS = torch.arange(4)
+
+
+@pytest.mark.parametrize("op, name", [
+    (lambda a, b: a.index_add(0, ROWS, b), "aten.index_add"),
+    (lambda a, b: a.scatter_add(0, ROWS[:, None].expand(4, 8), b), "aten.scatter_add"),
+    (lambda a, b: a.scatter_reduce(0, ROWS[:, None].expand(4, 8), b, "sum"), "aten.scatter_reduce"),
+    (lambda a, b: a.scatter(0, ROWS[:, None].expand(4, 8), b, reduce="add"), "aten.scatter"),
+    (lambda a, b: a.index_put((ROWS,), b, accumulate=True), "aten.index_put"),
+])
+def test_accumulating_movement_ops_are_adds(op, name):
+    x = torch.randn(4, 8)
+    qmodel = qswap.convert(_Accumulate(op), "w8a8")
+    qswap.calibrate(qmodel, [(x,)])
+    report = qswap.audit(qmodel, (x,))
+    assert ("", name, "float_operand") in {(v.module, v.op, v.kind) for v in report.violations}
+
+
+class _Numpy(nn.Module):
+    """exp computed in numpy: no aten op runs, the result enters as a tensor of unseen origin."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(torch.from_numpy(np.exp(self.a(x).numpy())))
+
+
+def test_a_value_computed_outside_torch_is_an_unseen_origin():
+    x = torch.randn(4, 8)
+    qmodel = qswap.convert(_Numpy(), "w8a8")
+    qswap.calibrate(qmodel, [(x,)])
+    report = qswap.audit(qmodel, (x,))
+    assert {(v.module, v.op, v.kind) for v in report.violations} == {
+        ("b.input_quant", "<quantizer input>", "unseen_origin")}
+
+
+COL, ROW = torch.tensor([1, 5]), torch.tensor([1, 3])
+
+
+def _s(a):
+    return 0.37 * _step(a)  # a number off the grid of ``a``
+
+
+ROW_CASES = {  # every row of GRID_RULES: (the op keeping the grid, the op losing it)
+    "masked_fill": (lambda a, b, x: a.masked_fill(MASK, 0.0), lambda a, b, x: a.masked_fill(MASK, _s(a))),
+    "index_fill": (lambda a, b, x: a.index_fill(1, COL, 2 * _step(a)), lambda a, b, x: a.index_fill(1, COL, _s(a))),
+    # fill_diagonal_ reaches the audit as as_strided + fill_ (torch decomposes it first): an
+    # in-place fill_ of a view changes its base, whose tag is then void: conservative both ways
+    "fill_diagonal": (None, lambda a, b, x: a.clone().fill_diagonal_(0.0)),
+    "where": (lambda a, b, x: torch.where(MASK, a, -math.inf).clamp_min(0), lambda a, b, x: torch.where(MASK, a, b)),
+    "constant_pad_nd": (lambda a, b, x: nn.functional.pad(a, (1, 0))[:, :8],
+                        lambda a, b, x: nn.functional.pad(a, (1, 0), value=_s(a))[:, :8]),
+    "index_put": (lambda a, b, x: a.index_put((ROW,), torch.tensor(0.0)), lambda a, b, x: a.index_put((ROW,), b[0])),
+    "_index_put_impl": (lambda a, b, x: torch.ops.aten._index_put_impl_(a.clone(), (ROW,), torch.tensor(0.0)),
+                        lambda a, b, x: torch.ops.aten._index_put_impl_(a.clone(), (ROW,), b[0])),
+    "put": (lambda a, b, x: a.put(COL, a.flatten()[:2]), lambda a, b, x: a.put(COL, b.flatten()[:2])),
+    "scatter": (lambda a, b, x: a.scatter(1, COL.expand(4, 2), 0.0),
+                lambda a, b, x: a.scatter(1, COL.expand(4, 2), _s(a))),
+    "clamp": (lambda a, b, x: a.clamp(-_step(a), 3 * _step(a)), lambda a, b, x: a.clamp(-_s(a), None)),
+    "clip": (lambda a, b, x: a.clip(None, 3 * _step(a)), lambda a, b, x: a.clip(None, _s(a))),
+    "clamp_min": (lambda a, b, x: a.clamp_min(0.0), lambda a, b, x: a.clamp_min(_s(a))),
+    "clamp_max": (lambda a, b, x: a.clamp_max(_step(a)), lambda a, b, x: a.clamp_max(_s(a))),
+    "hardtanh": (lambda a, b, x: nn.functional.hardtanh(a, -_step(a), _step(a)),
+                 lambda a, b, x: nn.functional.hardtanh(a, -_s(a), _s(a))),
+    "mul": (lambda a, b, x: a * (MASK.float() * MASK.float()), lambda a, b, x: a * (MASK.float() + MASK.float())),
+}
+
+
+def test_every_grid_rule_row_has_a_case():
+    assert set(ROW_CASES) == set(ops.GRID_RULES)
+
+
+@pytest.mark.parametrize("name", sorted(ROW_CASES))
+def test_each_grid_rule_row_keeps_and_loses_the_grid(name):
+    keep, lose = ROW_CASES[name]
+    assert keep is None or _mm_findings(keep) == []
+    assert _mm_findings(lose) != []
