@@ -50,11 +50,18 @@ def run(args: argparse.Namespace) -> int:
 def render_comparison(table):
     from rich.table import Table
 
-    t = Table(title=f"{table.checkpoint} on {table.subset}")
-    for col in ("recipe", "WER %", "ΔWER", "CER %", "honest", "weights MB", "MMACs/s", "GBOPs/s"):
-        t.add_column(col, justify="left" if col in ("recipe", "honest") else "right")
+    from qswap.integration.compare import delta_cell, significance_cell, wer_cell
+
+    boot = table.settings.get("bootstrap", {})
+    t = Table(title=f"{table.checkpoint} on {table.subset}",
+              caption=(f"[95 % CI]: paired bootstrap over utterances, {boot['resamples']} resamples, seed "
+                       f"{boot['seed']}; significant: the ΔWER interval excludes 0" if boot else None))
+    for col in ("recipe", "WER % [95 % CI]", "ΔWER [95 % CI]", "significant", "CER %", "honest", "weights MB",
+                "MMACs/s", "GBOPs/s"):
+        t.add_column(col, justify="left" if col in ("recipe", "honest", "significant") else "right")
     for r in table.rows:
         honest = "[green]yes" if r.honest else f"[red]no ({r.float_ops} float ops)"
-        t.add_row(r.recipe, f"{r.wer:.2f}", f"{r.delta_wer:+.2f}", f"{r.cer:.2f}", honest,
-                  f"{r.weight_mb:.2f}", f"{r.mmacs_per_s:.1f}", f"{r.gbops_per_s:.1f}")
+        sig = significance_cell(r)
+        t.add_row(r.recipe, wer_cell(r), delta_cell(r), f"[bold]{sig}" if sig == "yes" else f"[dim]{sig}",
+                  f"{r.cer:.2f}", honest, f"{r.weight_mb:.2f}", f"{r.mmacs_per_s:.1f}", f"{r.gbops_per_s:.1f}")
     return t
