@@ -97,17 +97,18 @@ def add_intervals(rows: list[Row], bootstrap: Bootstrap = Bootstrap()) -> None:
 
 def evaluate_recipe(float_model, task, recipe, *, subset: str, calib_subset: str, calib_batches: int,
                     beam: int, max_sentences: int = 32,
-                    progress: Callable[[str, int], None] | None = None) -> tuple[Row, torch.nn.Module]:
-    """Convert, calibrate, audit and decode one recipe; delta_wer is left 0 for the caller."""
-    tick = (lambda stage: (lambda n: progress(stage, n))) if progress else (lambda stage: None)
+                    progress: Callable[[str, int, int], None] | None = None) -> tuple[Row, torch.nn.Module]:
+    """Convert, calibrate, audit and decode one recipe; delta_wer is left 0 for the caller.
+    ``progress(stage, n, total)``: n more batches calibrated or utterances decoded, of total."""
+    tick = (lambda stage, total: (lambda n: progress(stage, n, total))) if progress else (lambda *_: None)
     qmodel = qswap.convert(float_model, recipe)
     name = qmodel.qswap_recipe.name
     if activation_quantizers(qmodel):
         qswap.calibrate(qmodel, fdata.net_inputs(task, calib_subset, calib_batches, max_sentences=max_sentences),
-                        progress=tick("calibrate"))
+                        progress=tick("calibrate", calib_batches))
     report = qswap.audit(qmodel, fdata.first_net_input(task, subset))
     samples = list(fdata.batches(task, subset, max_sentences=max_sentences))
-    result = decode(task, qmodel, samples, beam=beam, progress=tick("decode"))
+    result = decode(task, qmodel, samples, beam=beam, progress=tick("decode", sum(len(s["id"]) for s in samples)))
     refs, hyps = [u.ref for u in result.utterances], [u.hyp for u in result.utterances]
     counts = error_counts(refs, hyps)
     per_errors, per_words = utterance_word_errors(refs, hyps)
@@ -122,15 +123,16 @@ def evaluate_recipe(float_model, task, recipe, *, subset: str, calib_subset: str
 def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "test",
             calib_subset: str = "train", calib_batches: int = 8, beam: int = 5,
             max_sentences: int = 32, trust_checkpoint: bool = False, bootstrap: Bootstrap = Bootstrap(),
-            progress: Callable[[str, str, int], None] | None = None) -> Comparison:
-    """One row per recipe; the float model (recipe fp32) is always evaluated first as the reference."""
+            progress: Callable[[str, str, int, int], None] | None = None) -> Comparison:
+    """One row per recipe; the float model (recipe fp32) is always evaluated first as the reference.
+    ``progress(recipe, stage, n, total)`` as in ``evaluate_recipe``."""
     model, task = fdata.load_model_and_task(checkpoint, data, trust_checkpoint=trust_checkpoint)
     names = ["fp32"] + [r for r in recipes if r != "fp32"]
     table = Comparison(str(checkpoint), subset, settings={
         "calib_subset": calib_subset, "calib_batches": calib_batches, "beam": beam,
         "bootstrap": bootstrap.to_dict()})
     for recipe in names:
-        cb = (lambda stage, n, r=recipe: progress(r, stage, n)) if progress else None
+        cb = (lambda stage, n, total, r=recipe: progress(r, stage, n, total)) if progress else None
         row, _ = evaluate_recipe(copy.deepcopy(model), task, recipe, subset=subset, calib_subset=calib_subset,
                                  calib_batches=calib_batches, beam=beam, max_sentences=max_sentences,
                                  progress=cb)
