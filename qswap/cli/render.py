@@ -62,12 +62,15 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def _progress(enabled: bool):
+def progress_display(enabled: bool | None = None):
+    """A rich Progress on stderr (description, bar, done/total, elapsed, time left); drawn only when
+    ``enabled`` (default: on a terminal)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                    console=console(stderr=True), transient=True, disable=not enabled)
+                    console=console(stderr=True), transient=True,
+                    disable=not (interactive() if enabled is None else enabled))
 
 
 class progress_bar:
@@ -75,7 +78,7 @@ class progress_bar:
     ``with progress_bar("decoding", total) as advance: advance(n)``."""
 
     def __init__(self, description: str, total: int | None, enabled: bool | None = None):
-        self.progress = _progress(interactive() if enabled is None else enabled)
+        self.progress = progress_display(enabled)
         self.description, self.total = description, total
 
     def __enter__(self):
@@ -94,7 +97,7 @@ class recipe_progress:
     Called as ``progress(recipe, stage, n, total)`` (qswap.integration.compare's protocol)."""
 
     def __init__(self, recipes: list[str], enabled: bool | None = None):
-        self.progress = _progress(interactive() if enabled is None else enabled)
+        self.progress = progress_display(enabled)
         self.recipes, self.current = recipes, None
 
     def __enter__(self):
