@@ -42,21 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     from qswap.cli import main as cli
 
     p = argparse.ArgumentParser(prog="python -m qswap.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--markdown", default="docs/demo.md", help="where to write the table")
+    p.add_argument("--markdown", help="where to write the table (default: docs/demo.md for the test "
+                                      "subset, docs/demo_<subset>.md for the others)")
     p.add_argument("--subset", default="test", help="shipped subset to evaluate: test, test_heldout "
                                                     "(100 utterances each), test_large or test_heldout_large")
     p.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
     p.add_argument("--verbose", action="store_true", help="show fairseq's and torch's log lines and warnings")
     args = p.parse_args(argv)
+    markdown = args.markdown or ("docs/demo.md" if args.subset == "test" else f"docs/demo_{args.subset}.md")
     checkpoint = ASSET / "checkpoint.pt"
     if not checkpoint.exists():
         print(f"no shipped model at {checkpoint}; build it with tools/train_s2t.py", file=sys.stderr)
         return 2
-    return cli([*(["--verbose"] if args.verbose else []), "compare", str(checkpoint), "--data", str(data_dir(args.subset)), "--subset", args.subset,
-                "--calib-subset", "train_calib", "--calib-batches", "4", "--beam", str(args.beam),
+    return cli([*(["--verbose"] if args.verbose else []), "compare", str(checkpoint),
+                "--data", str(data_dir(args.subset)), "--subset", args.subset, "--calib-subset", "train_calib", "--calib-batches", "4", "--beam", str(args.beam),
                 "--recipes", *RECIPES, *([str(SEARCHED)] if SEARCHED.exists() else []),
-                "--markdown", args.markdown,
-                "--json", str(Path(args.markdown).with_suffix(".json"))])
+                "--markdown", markdown, "--json", str(Path(markdown).with_suffix(".json"))])
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def test_demo_table_is_its_json():
 
 def test_readme_large_set_table_is_the_accuracy_doc():
     doc = (REPO / "docs" / "accuracy.md").read_text()
-    header = "| recipe | in-voice: ΔWER [95 % CI] | significant | held-out voices: ΔWER [95 % CI]"
+    header = "| recipe | In-voice: ΔWER [95 % CI] | significant | Held-out voices: ΔWER [95 % CI]"
     rows = _table_rows(README, header)
     assert len(rows) == 8 and rows == _table_rows(doc, header)
     assert "(docs/accuracy.md)" in README

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from qswap.demo import ASSET, EVAL_LARGE, RECIPES, SEARCHED, data_dir  # noqa: E402
 
-SUBSETS = {"test_large": "in-voice", "test_heldout_large": "held-out voices"}
+SUBSETS = {"test_large": "In-voice", "test_heldout_large": "Held-out voices"}
 DOCS = REPO / "docs"
 
 
@@ -82,6 +82,38 @@ def summary_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PAIRS = [("searched", "w4a8_edges8"), ("w4a8_edges8", "w4a8"), ("w4a8", "w8a8"), ("w8a8_per_channel", "w8a8")]
+
+
+def recipe_pairs(results: dict[str, dict]) -> str:
+    """Recipes against each other (not against float), paired on the same utterances."""
+    from qswap.integration.bootstrap import Bootstrap, delta_interval, significant
+
+    lines = ["| A - B | " + " | ".join(f"{SUBSETS[s]}: WER A, B | A - B [95 % CI] | significant" for s in results) + " |",
+             "|---" * (3 * len(results) + 1) + "|"]
+    for a, b in PAIRS:
+        cells = []
+        for payload in results.values():
+            rows = {Path(r["recipe"]).stem: r for r in payload["rows"]}
+            ra, rb = rows[a], rows[b]
+            boot = payload["settings"]["bootstrap"]
+            ci = delta_interval(ra["utterance_errors"], rb["utterance_errors"], ra["utterance_words"],
+                                Bootstrap(boot["resamples"], boot["confidence"], boot["seed"]))
+            cells += [f"{ra['wer']:.2f}, {rb['wer']:.2f}", f"{ra['wer'] - rb['wer']:+.2f} [{ci.low:+.2f}, {ci.high:+.2f}]",
+                      "yes" if significant(ci) else "no"]
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _small_set_note() -> str:
+    """The float WER of the demo's 100-utterance set (docs/demo.json, written by `make demo`)."""
+    demo = json.loads((DOCS / "demo.json").read_text())["rows"][0]
+    ci = demo.get("wer_ci")
+    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+    return (f"the demo's in-voice 100 utterances give fp32 {demo['wer']:.2f} %{interval} WER (`make demo`), "
+            "a harder sample than the 1,000 below; compare recipes within one set, never across sets.")
+
+
 def page(results: dict[str, dict]) -> str:
     first = next(iter(results.values()))
     boot = first["settings"]["bootstrap"]
@@ -102,14 +134,23 @@ def page(results: dict[str, dict]) -> str:
         "Annie variant. Features are stored as int8 codes of each channel's standard deviation "
         "(`qswap/integration/compact.py`); stored that way, the 100-utterance in-voice set gives the float "
         "model 72 word errors instead of 71 (`tests/integration/test_compact.py`).\n",
+        "**Reading the intervals**: each is one comparison at 95 %, not corrected for the seven "
+        "comparisons per set; a recipe whose interval only just excludes 0 is weaker evidence than one "
+        "far from it. The large sets are not harder or easier copies of the 100-utterance ones: "
+        f"{_small_set_note()}\n",
     ]
     parts.append("## Summary: ΔWER against fp32\n")
     parts.append(summary_table(results))
+    if len(results) == len(SUBSETS):
+        parts.append("## Recipes against each other\n")
+        parts.append("Paired intervals of WER(A) - WER(B), same bootstrap: the searched recipe against the "
+                     "uniform one of the same weight budget, and neighbouring uniform recipes.\n")
+        parts.append(recipe_pairs(results))
     for subset, payload in results.items():
         parts.append(f"## {SUBSETS[subset]}: `{subset}` ({set_size(subset, payload['rows'])})\n")
         parts.append(table(payload))
         parts.append(f"\nFull rows, per-utterance word errors included: `docs/accuracy_{subset}.json` "
-                     f"(decoded in {payload['seconds'] / 60:.1f} min on this repository's 2-core machine).\n")
+                     f"(decoded in {payload['seconds'] / 60:.1f} min on this repository's 2-core machine, shared with other jobs).\n")
     return "\n".join(parts)
 
 
