@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qswap.cli.render import console, progress_bar
+from qswap.cli.render import console, interactive, progress_bar
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sentences", type=int, default=32, help="utterances per batch")
     p.add_argument("--num-shards", type=int, default=1, help="split the subset into this many shards")
     p.add_argument("--shard-id", type=int, default=0, help="which shard this process decodes")
-    p.add_argument("--json", dest="json_out", help="write utterances and error counts here")
+    p.add_argument("--json", dest="json_out", help="write utterances and error counts here ('-': stdout, "
+                                                   "and the summary line goes to stderr)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge shard results written with --json")
     p.add_argument("--vs-float", action="store_true",
                    help="with --recipe: decode the float model too and report ΔWER with a paired interval")
@@ -32,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from qswap.errors import DataError
     from qswap.integration.metrics import merge
 
-    out = console()
+    # --json -: the JSON alone on stdout, no progress (a file path: the terminal line as well)
+    out = console(stderr=True) if args.json_out == "-" else console()
     if args.merge:
         shards = [_read_shard(path) for path in args.merge]
         _check_shards(shards)
@@ -140,7 +142,7 @@ def evaluate(args):
         model = qswap.convert(model, args.recipe)
         label = model.qswap_recipe.name
         if activation_quantizers(model):
-            with progress_bar("calibrating", args.calib_batches) as advance:
+            with progress_bar("calibrating", args.calib_batches, enabled=_progress(args)) as advance:
                 qswap.calibrate(model, fdata.net_inputs(task, args.calib_subset, args.calib_batches,
                                                         max_sentences=args.max_sentences),
                                 progress=lambda n: advance(1))
@@ -155,7 +157,7 @@ def _decode(args, task, model, label: str):
 
     samples = fdata.batches(task, args.subset, max_sentences=args.max_sentences,
                             num_shards=args.num_shards, shard_id=args.shard_id)
-    with progress_bar(f"{label}: decoding {args.subset}", None) as advance:
+    with progress_bar(f"{label}: decoding {args.subset}", None, enabled=_progress(args)) as advance:
         return decode(task, model, samples, beam=args.beam, progress=advance)
 
 
@@ -208,7 +210,13 @@ def _check_shards(shards: list[dict]) -> None:
                         f"pass all {k} shard results written with --num-shards {k}")
 
 
+def _progress(args) -> bool:
+    return interactive() and args.json_out != "-"
+
+
 def _write(path: str | None, payload: dict) -> None:
-    if path:
+    if path == "-":
+        print(json.dumps(payload, indent=2, sort_keys=True))
+    elif path:
         from qswap.io.atomic import atomic_write_text
         atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

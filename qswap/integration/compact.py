@@ -115,7 +115,7 @@ def materialize(compact_dir: str | Path, split: str, model_dir: str | Path, out_
         where = {i.filename[:-4]: f"{zname}:{i.header_offset + 30 + len(i.filename.encode())}:{i.file_size}"
                  for i in zf.infolist()}
     atomic_write_text(out_dir / f"{split}.tsv", _manifest_text([{**r, "audio": where[r["id"]]} for r in rows]))
-    done.write_text(stamp)
+    atomic_write_text(done, stamp)
     return out_dir
 
 

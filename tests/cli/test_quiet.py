@@ -1,5 +1,6 @@
 """The CLI shows qswap's own output: fairseq's log lines and torch's warnings are held back and
 summarized once (``--verbose`` shows them in full); progress is drawn only on a terminal."""
+import json
 import logging
 import os
 import subprocess
@@ -36,12 +37,23 @@ def test_held_back_counts_fairseq_records_and_warnings_and_passes_qswaps_own():
     assert summary(nothing) == []
 
 
-def _eval(*flags: str) -> str:
+def _run(*flags: str, after: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "qswap.cli", *flags, "eval", str(ASSET / "checkpoint.pt"), "--data", str(ASSET),
-           "--subset", "train_calib", "--beam", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
+           "--subset", "train_calib", "--beam", "1", *after]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
+
+
+def _eval(*flags: str) -> str:
+    done = _run(*flags)
     return done.stdout + done.stderr
+
+
+def test_json_to_stdout_is_the_json_alone():
+    done = _run(after=("--json", "-"))
+    payload = json.loads(done.stdout)
+    assert payload["counts"]["utterances"] == 32 and len(payload["wer_ci"]) == 2
+    assert "float: 32 utterances" in done.stderr
 
 
 def test_cli_output_has_no_third_party_lines_unless_verbose():
