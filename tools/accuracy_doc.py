@@ -51,15 +51,15 @@ def run(subset: str, beam: int) -> dict:
     return payload
 
 
-def _cell(value: float, ci, sign: str = "") -> str:
-    return f"{value:{sign}.2f} [{ci[0]:{sign}.2f}, {ci[1]:{sign}.2f}]" if ci else f"{value:{sign}.2f}"
+from qswap.integration.compare import significance_text  # noqa: E402
+from qswap.integration.compare import with_interval as _cell  # noqa: E402
 
 
 def table(payload: dict) -> str:
     lines = ["| recipe | WER % [95 % CI] | ΔWER [95 % CI] | significant | honest | weights MB |",
              "|---|---|---|---|---|---|"]
     for r in payload["rows"]:
-        sig = "-" if r["significant"] is None else ("yes" if r["significant"] else "no")
+        sig = significance_text(r["significant"])
         lines.append(f"| {Path(r['recipe']).stem} | {_cell(r['wer'], r['wer_ci'])} | "
                      f"{_cell(r['delta_wer'], r['delta_wer_ci'], '+')} | {sig} | "
                      f"{'yes' if r['honest'] else 'no'} | {r['weight_mb']:.2f} |")
@@ -75,7 +75,7 @@ def summary_table(results: dict[str, dict]) -> str:
         cells = []
         for rows in by_subset:
             r = rows[name]
-            sig = "-" if r["significant"] is None else ("yes" if r["significant"] else "no")
+            sig = significance_text(r["significant"])
             cells += [_cell(r["delta_wer"], r["delta_wer_ci"], "+"), sig]
         r = by_subset[0][name]
         lines.append(f"| {name} | {' | '.join(cells)} | {'yes' if r['honest'] else 'no'} | {r['weight_mb']:.2f} |")
@@ -99,8 +99,8 @@ def recipe_pairs(results: dict[str, dict]) -> str:
             boot = payload["settings"]["bootstrap"]
             ci = delta_interval(ra["utterance_errors"], rb["utterance_errors"], ra["utterance_words"],
                                 Bootstrap(boot["resamples"], boot["confidence"], boot["seed"]))
-            cells += [f"{ra['wer']:.2f}, {rb['wer']:.2f}", f"{ra['wer'] - rb['wer']:+.2f} [{ci.low:+.2f}, {ci.high:+.2f}]",
-                      "yes" if significant(ci) else "no"]
+            cells += [f"{ra['wer']:.2f}, {rb['wer']:.2f}", _cell(ra["wer"] - rb["wer"], (ci.low, ci.high), "+"),
+                      significance_text(significant(ci))]
         lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

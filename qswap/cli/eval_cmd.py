@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ci(interval, sign: str = "") -> str:
-    return f" [{interval[0]:{sign}.2f}, {interval[1]:{sign}.2f}]" if interval else ""
+    from qswap.integration.compare import interval_suffix
+    return interval_suffix(interval, sign)
 
 
 def _intervals(utterances: list[dict], baseline: dict | None) -> dict:
@@ -103,12 +104,14 @@ def _intervals(utterances: list[dict], baseline: dict | None) -> dict:
 
 
 def _markdown(label: str, subset: str, counts, stats: dict) -> str:
+    from qswap.integration.compare import significance_text
+
     head = "| model | subset | utterances | WER % [95 % CI] | CER % |"
     row = f"| {label} | {subset} | {counts.utterances} | {counts.wer:.2f}{_ci(stats.get('wer_ci'))} | {counts.cer:.2f} |"
     if "baseline" in stats:
         head += " ΔWER [95 % CI] | vs | significant |"
         row += (f" {stats['delta_wer']:+.2f}{_ci(stats['delta_wer_ci'], '+')} | {stats['baseline']} | "
-                f"{'yes' if stats['significant'] else 'no'} |")
+                f"{significance_text(stats['significant'])} |")
     return f"{head}\n|{'---|' * head.count(' |')}\n{row}\n"
 
 

@@ -64,18 +64,31 @@ class Comparison:
         return "\n".join(lines) + "\n"
 
 
+def interval_suffix(ci, sign: str = "") -> str:
+    """`` [6.74, 13.17]`` (``sign="+"`` for differences); empty without an interval."""
+    return f" [{ci[0]:{sign}.2f}, {ci[1]:{sign}.2f}]" if ci else ""
+
+
+def with_interval(value: float, ci, sign: str = "") -> str:
+    """``9.77 [6.74, 13.17]``; the value alone without an interval."""
+    return f"{value:{sign}.2f}" + interval_suffix(ci, sign)
+
+
+def significance_text(significant: bool | None) -> str:
+    """'yes'/'no' for a row compared with the reference; '-' for the reference itself."""
+    return "-" if significant is None else ("yes" if significant else "no")
+
+
 def wer_cell(row: Row) -> str:
-    return f"{row.wer:.2f}" + (f" [{row.wer_ci[0]:.2f}, {row.wer_ci[1]:.2f}]" if row.wer_ci else "")
+    return with_interval(row.wer, row.wer_ci)
 
 
 def delta_cell(row: Row) -> str:
-    ci = row.delta_wer_ci
-    return f"{row.delta_wer:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+    return with_interval(row.delta_wer, row.delta_wer_ci, "+")
 
 
 def significance_cell(row: Row) -> str:
-    """'yes'/'no' for a row compared with the reference; '-' for the reference itself."""
-    return "-" if row.significant is None else ("yes" if row.significant else "no")
+    return significance_text(row.significant)
 
 
 def add_intervals(rows: list[Row], bootstrap: Bootstrap = Bootstrap()) -> None:
