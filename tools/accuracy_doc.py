@@ -129,7 +129,7 @@ def page(results: dict[str, dict]) -> str:
         "ΔWER interval excludes 0; \"no\" means this set cannot tell the recipe from float.\n",
         "**Sets** (`qswap/assets/s2t_demo/eval_large`, built by `tools/ship_eval_large.py` from "
         "`tools/make_corpus.py --eval-large 1000 600 --seed 1`): sentences never in the model's training, "
-        "dev or shipped test sets. Held-out voices: `flite:rms`, `espeak-ng:en-029+Annie` and "
+        "dev or shipped test sets. A voice is an engine+voice configuration (the manifests' `speaker`). Held-out voices: `flite:rms`, `espeak-ng:en-029+Annie` and "
         "`espeak-ng:en-us+Annie`; training never used flite's rms voice, espeak-ng's en-029 accent or its "
         "Annie variant. Features are stored as int8 codes of each channel's standard deviation "
         "(`qswap/integration/compact.py`); stored that way, the 100-utterance in-voice set gives the float "
