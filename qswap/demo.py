@@ -17,25 +17,47 @@ RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w4a4", "w
 # the mixed-precision recipe `qswap search` found for this model at w4a8_edges8's weight size
 # (written by tools/sensitivity_doc.py; docs/sensitivity.md shows how)
 SEARCHED = ASSET / "searched.yaml"
+# the large evaluation sets (1,000 in-voice, 600 held-out-voice utterances), stored compactly
+# (qswap.integration.compact) and materialized as a fairseq data directory on first use
+EVAL_LARGE = ASSET / "eval_large"
+LARGE_SUBSETS = ("test_large", "test_heldout_large")
+
+
+def data_dir(subset: str) -> Path:
+    """The shipped data directory that holds ``subset``: the asset itself for the 100-utterance
+    sets, a cache directory (``$XDG_CACHE_HOME/qswap``, default ``~/.cache/qswap``) for the large
+    ones."""
+    if subset not in LARGE_SUBSETS:
+        return ASSET
+    import os
+
+    from qswap.integration.compact import MODEL_FILES, materialize
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qswap" / "s2t_demo_eval"
+    calib = ("train_calib.tsv", "fbank80_train_calib.zip")  # the demo calibrates on it
+    return materialize(EVAL_LARGE, subset, ASSET, cache, copy=MODEL_FILES + calib)
 
 
 def main(argv: list[str] | None = None) -> int:
     from qswap.cli import main as cli
 
     p = argparse.ArgumentParser(prog="python -m qswap.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--markdown", default="docs/demo.md", help="where to write the table")
-    p.add_argument("--subset", default="test", help="shipped subset to evaluate: test or test_heldout")
+    p.add_argument("--markdown", help="where to write the table (default: docs/demo.md for the test "
+                                      "subset, docs/demo_<subset>.md for the others)")
+    p.add_argument("--subset", default="test", help="shipped subset to evaluate: test, test_heldout "
+                                                    "(100 utterances each), test_large or test_heldout_large")
     p.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
+    p.add_argument("--verbose", action="store_true", help="show fairseq's and torch's log lines and warnings")
     args = p.parse_args(argv)
+    markdown = args.markdown or ("docs/demo.md" if args.subset == "test" else f"docs/demo_{args.subset}.md")
     checkpoint = ASSET / "checkpoint.pt"
     if not checkpoint.exists():
         print(f"no shipped model at {checkpoint}; build it with tools/train_s2t.py", file=sys.stderr)
         return 2
-    return cli(["compare", str(checkpoint), "--data", str(ASSET), "--subset", args.subset,
-                "--calib-subset", "train_calib", "--calib-batches", "4", "--beam", str(args.beam),
+    return cli([*(["--verbose"] if args.verbose else []), "compare", str(checkpoint),
+                "--data", str(data_dir(args.subset)), "--subset", args.subset, "--calib-subset", "train_calib", "--calib-batches", "4", "--beam", str(args.beam),
                 "--recipes", *RECIPES, *([str(SEARCHED)] if SEARCHED.exists() else []),
-                "--markdown", args.markdown,
-                "--json", str(Path(args.markdown).with_suffix(".json"))])
+                "--markdown", markdown, "--json", str(Path(markdown).with_suffix(".json"))])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """The README's and the asset README's numbers are the outputs of the repo's commands.
 
-`make demo` writes docs/demo.md (+ demo.json), `tools/sensitivity_doc.py` writes the
-searched-recipe comparisons (docs/searched_compare_*.json), `tools/train_s2t.py evaluate`
-writes the shipped model's metrics.json. Copies of those numbers in prose go stale when the
+`make demo` writes docs/demo.md (+ demo.json), `tools/accuracy_doc.py` writes docs/accuracy.md
+(+ accuracy_*.json), `tools/train_s2t.py evaluate` writes the shipped model's metrics.json. Copies of those numbers in prose go stale when the
 model or the code changes; these tests fail until the prose is updated from a fresh run.
 """
 import json
@@ -30,20 +29,40 @@ def _table_rows(text: str, header_start: str) -> list[str]:
 
 def test_readme_demo_table_is_the_demo_output():
     demo = (REPO / "docs" / "demo.md").read_text()
-    assert _table_rows(README, "| recipe | WER % | ΔWER | CER %") == _table_rows(demo, "| recipe |")
+    rows = _table_rows(README, "| recipe | WER % [95 % CI] | ΔWER [95 % CI] | significant | CER %")
+    assert rows and rows == _table_rows(demo, "| recipe |")
 
 
-def test_readme_heldout_table_is_the_sensitivity_doc_run():
-    rows = json.loads((REPO / "docs" / "searched_compare_test_heldout.json").read_text())["rows"]
-    readme = _table_rows(README, "| recipe | WER % | ΔWER | honest | weights MB |")
-    assert len(readme) == len(rows)
-    for line, row in zip(readme, rows):
+def test_demo_table_is_its_json():
+    """docs/demo.md's intervals and significance are those of the run's JSON (the bootstrap's)."""
+    rows = json.loads((REPO / "docs" / "demo.json").read_text())["rows"]
+    demo = _table_rows((REPO / "docs" / "demo.md").read_text(), "| recipe |")
+    for line, row in zip(demo, rows, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[0] == Path(row["recipe"]).stem
-        assert cells[1] == f"{row['wer']:.2f}"
-        assert cells[2] == f"{row['delta_wer']:+.2f}"
-        assert cells[3] == ("yes" if row["honest"] else "no")
-        assert cells[4] == f"{row['weight_mb']:.2f}"
+        assert cells[1] == f"{row['wer']:.2f} [{row['wer_ci'][0]:.2f}, {row['wer_ci'][1]:.2f}]"
+        low, high = row["delta_wer_ci"] or (None, None)
+        assert cells[3] == ("-" if low is None else ("no" if low <= 0 <= high else "yes"))
+
+
+def test_readme_large_set_table_is_the_accuracy_doc():
+    doc = (REPO / "docs" / "accuracy.md").read_text()
+    header = "| recipe | In-voice: ΔWER [95 % CI] | significant | Held-out voices: ΔWER [95 % CI]"
+    rows = _table_rows(README, header)
+    assert len(rows) == 8 and rows == _table_rows(doc, header)
+    assert "(docs/accuracy.md)" in README
+
+
+def test_accuracy_doc_is_its_json_and_states_set_sizes():
+    doc = (REPO / "docs" / "accuracy.md").read_text()
+    for subset, minimum in (("test_large", 1000), ("test_heldout_large", 600)):
+        payload = json.loads((REPO / "docs" / f"accuracy_{subset}.json").read_text())
+        rows = payload["rows"]
+        assert rows[0]["utterances"] >= minimum and len(rows) == 8
+        assert f"{rows[0]['utterances']:,} utterances, {sum(rows[0]['utterance_words']):,} words, " in doc
+        for row in rows[1:]:
+            low, high = row["delta_wer_ci"]
+            assert row["significant"] == (not low <= 0 <= high)
+            assert f"| {Path(row['recipe']).stem} | {row['wer']:.2f} [{row['wer_ci'][0]:.2f}, " in doc
 
 
 @pytest.mark.parametrize("text", [README, (ASSET / "README.md").read_text()], ids=["README", "asset-README"])

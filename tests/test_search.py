@@ -71,12 +71,15 @@ def test_search_cli_writes_a_valid_recipe_and_its_row(float_checkpoint, tmp_path
     out = tmp_path / "searched.yaml"
     assert main(["search", str(ckpt), "--data", str(data), "--target-mb", "0.03", "--beam", "2",
                  "--calib-batches", "1", "--max-sentences", "4", "-o", str(out),
-                 "--json", str(tmp_path / "row.json")]) == 0
+                 "--json", str(tmp_path / "row.json"), "--markdown", str(tmp_path / "row.md")]) == 0
     recipe = qswap.load_recipe(out)
     assert recipe.name == "searched" and recipe.rules
     import json
     row = json.loads((tmp_path / "row.json").read_text())["row"]
     assert row["honest"] and row["weight_mb"] <= 0.03
+    low, high = row["delta_wer_ci"]  # paired against the float row, on the same utterances
+    assert low <= row["delta_wer"] <= high and row["significant"] == (not low <= 0 <= high)
+    assert "| searched |" in (tmp_path / "row.md").read_text()
 
 
 def test_added_noise_and_loss_are_ordered_numbers_for_broken_outputs():

@@ -338,6 +338,12 @@ FESTIVAL_VOICES = {"kal": "voice_kal_diphone", "ked": "voice_ked_diphone",
 HELDOUT = [("flite", "rms"), ("espeak-ng", "en-029+Annie")]
 HELDOUT_ESPEAK_ACCENTS = {"en-029"}
 HELDOUT_ESPEAK_VARIANTS = {"Annie"}
+# The large held-out set (--eval-large) adds a third voice that is held out by the same rule:
+# espeak-ng's "Annie" variant (its voice) never spoke in training, here with the en-us accent.
+HELDOUT_LARGE = HELDOUT + [("espeak-ng", "en-us+Annie")]
+LARGE_SPLITS = ("test_large", "test_heldout_large")
+# the shipped model's corpus (asset README): its sentences are kept out of the large eval sets
+BASE_NUM = {"train": 7000, "dev": 200, "test": 100, "test_heldout": 100}
 
 
 @dataclass
@@ -397,9 +403,10 @@ def is_heldout(engine: str, voice: str) -> bool:
 ENGINE_WEIGHTS = {"espeak-ng": 0.5, "flite": 0.32, "festival": 0.18}
 
 
-def sample_voice(r: random.Random, voices: Dict[str, List[str]], heldout: bool) -> VoiceConfig:
+def sample_voice(r: random.Random, voices: Dict[str, List[str]], heldout: bool,
+                 heldout_pool: Sequence[Tuple[str, str]] = tuple(HELDOUT)) -> VoiceConfig:
     if heldout:
-        pool = [(e, v) for (e, v) in HELDOUT if v in voices.get(e, []) or
+        pool = [(e, v) for (e, v) in heldout_pool if v in voices.get(e, []) or
                 (e == "espeak-ng" and "espeak-ng" in voices)]
         engine, voice = r.choice(pool)
     else:
@@ -558,6 +565,28 @@ def plan(num: Dict[str, int], seed: int, voices: Dict[str, List[str]]) -> List[U
     return utts
 
 
+def plan_eval_large(num_test: int, num_heldout: int, seed: int, voices: Dict[str, List[str]],
+                    base: Dict[str, int]) -> List[Utt]:
+    """Large evaluation sets: sentences never in the ``base`` corpus of the same seed (train, dev,
+    test and test_heldout of the shipped model's corpus) and distinct from each other; in-voice
+    utterances from the training voices, held-out ones from HELDOUT_LARGE's voices."""
+    seen = {u.text for u in plan(base, seed, voices)}
+    r = random.Random(seed * 7919 + 17)
+    utts: List[Utt] = []
+    for split, n in (("test_heldout_large", num_heldout), ("test_large", num_test)):
+        for i in range(n):
+            for _ in range(10000):
+                s = sentence(r)
+                if s not in seen:
+                    break
+            else:
+                sys.exit(f"make_corpus: the grammar gave no new sentence in 10000 tries ({split} {i})")
+            seen.add(s)
+            vc = sample_voice(r, voices, heldout=(split == "test_heldout_large"), heldout_pool=HELDOUT_LARGE)
+            utts.append(Utt(f"{split}_{i:06d}", split, s, vc, seed * 1000003 + 500000 + len(utts)))
+    return utts
+
+
 def check_deps(install: bool) -> None:
     missing = [pkg for tool, pkg in REQUIRED_TOOLS.items() if shutil.which(tool) is None]
     if missing and install:
@@ -626,44 +655,8 @@ def write_config(out: Path, spm_prefix: str, cmvn: str = "utterance", specaugmen
         yaml.safe_dump(cfg, f, sort_keys=False)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--num-train", type=int, default=12000)
-    ap.add_argument("--num-dev", type=int, default=300)
-    ap.add_argument("--num-test", type=int, default=150)
-    ap.add_argument("--num-heldout", type=int, default=None, help="default: --num-test")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
-    ap.add_argument("--vocab-size", type=int, default=200)
-    ap.add_argument("--fp16-features", action="store_true",
-                    help="store features as float16 .npy (half the size; only sensible with --cmvn "
-                         "global: fairseq applies utterance_cmvn in the stored dtype)")
-    ap.add_argument("--no-specaugment", action="store_true")
-    ap.add_argument("--cmvn", choices=["utterance", "global"], default="utterance",
-                    help="feature normalization in config.yaml (gcmvn.npz is written either way; "
-                         "'global' makes config.yaml reference it by absolute path)")
-    ap.add_argument("--no-festival", action="store_true", help="do not use festival voices")
-    ap.add_argument("--install-deps", action="store_true", help="apt-get install missing synthesis tools")
-    ap.add_argument("--chunk", type=int, default=50)
-    args = ap.parse_args(argv)
-    check_deps(args.install_deps)
-
-    t0 = time.time()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    voices = available_voices()
-    if args.no_festival:
-        voices.pop("festival", None)
-    num = {"train": args.num_train, "dev": args.num_dev, "test": args.num_test,
-           "test_heldout": args.num_test if args.num_heldout is None else args.num_heldout}
-    utts = plan(num, args.seed, voices)
-    # spm is trained on the training sentences plus a large grammar sample (the domain's
-    # vocabulary, deterministic in the seed), so eval words are never <unk>.
-    gr = random.Random(args.seed + 7)
-    spm_texts = [u.text for u in utts if u.split == "train"] + [sentence(gr) for _ in range(20000)]
-    spm_prefix = train_spm(spm_texts, out, args.vocab_size, args.seed)
-
+def write_features(utts: List[Utt], out: Path, splits: Sequence[str], args, t0: float) -> Dict[str, Tuple[bytes, int]]:
+    """Synthesize, featurize and write ``fbank80_<split>.zip`` and ``<split>.tsv`` per split."""
     chunks = [utts[i:i + args.chunk] for i in range(0, len(utts), args.chunk)]
     results: Dict[str, Tuple[bytes, int]] = {}
     with tempfile.TemporaryDirectory(prefix="qswap_corpus_") as tmpdir:
@@ -679,7 +672,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results.update({uid: (b, n) for uid, b, n in _process_chunk(c)})
 
     # zips + manifests
-    for split in SPLITS:
+    for split in splits:
         su = [u for u in utts if u.split == split]
         if not su:
             continue
@@ -700,6 +693,74 @@ def main(argv: Optional[List[str]] = None) -> int:
             for u in su:
                 f.write(f"{u.uid}\t{loc[u.uid]}\t{results[u.uid][1]}\t{u.text}\t{u.voice.speaker}\n")
 
+    return results
+
+
+def write_voices(out: Path, args, num: Dict[str, int], voices: Dict[str, List[str]], utts: List[Utt],
+                 heldout: Sequence[Tuple[str, str]], t0: float) -> None:
+    meta = {
+        "seed": args.seed, "num": num, "vocab_size": args.vocab_size,
+        "heldout": [f"{e}:{v}" for e, v in heldout],
+        "heldout_rule": {"espeak_accents": sorted(HELDOUT_ESPEAK_ACCENTS),
+                         "espeak_variants": sorted(HELDOUT_ESPEAK_VARIANTS)},
+        "voices_available": voices,
+        "grammar_words": len(grammar_vocabulary(50000, args.seed)),
+        "utterances": [{"id": u.uid, "split": u.split, "text": u.text, **asdict(u.voice)} for u in utts],
+        "seconds": round(time.time() - t0, 1),
+    }
+    with open(out / "voices.json", "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--num-train", type=int, default=12000)
+    ap.add_argument("--num-dev", type=int, default=300)
+    ap.add_argument("--num-test", type=int, default=150)
+    ap.add_argument("--num-heldout", type=int, default=None, help="default: --num-test")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
+    ap.add_argument("--vocab-size", type=int, default=200)
+    ap.add_argument("--fp16-features", action="store_true",
+                    help="store features as float16 .npy (half the size; only sensible with --cmvn "
+                         "global: fairseq applies utterance_cmvn in the stored dtype)")
+    ap.add_argument("--no-specaugment", action="store_true")
+    ap.add_argument("--cmvn", choices=["utterance", "global"], default="utterance",
+                    help="feature normalization in config.yaml (gcmvn.npz is written either way; "
+                         "'global' makes config.yaml reference it by absolute path)")
+    ap.add_argument("--no-festival", action="store_true", help="do not use festival voices")
+    ap.add_argument("--install-deps", action="store_true", help="apt-get install missing synthesis tools")
+    ap.add_argument("--chunk", type=int, default=50)
+    ap.add_argument("--eval-large", type=int, nargs=2, metavar=("N_TEST", "N_HELDOUT"),
+                    help="write only the large evaluation sets test_large and test_heldout_large "
+                         "(sentences outside the shipped model's corpus of the same --seed; see BASE_NUM)")
+    args = ap.parse_args(argv)
+    check_deps(args.install_deps)
+
+    t0 = time.time()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    voices = available_voices()
+    if args.no_festival:
+        voices.pop("festival", None)
+    if args.eval_large:
+        num = dict(zip(LARGE_SPLITS, args.eval_large))
+        utts = plan_eval_large(*args.eval_large, args.seed, voices, BASE_NUM)
+        write_features(utts, out, LARGE_SPLITS, args, t0)
+        write_voices(out, args, num, voices, utts, HELDOUT_LARGE, t0)
+        return 0
+    num = {"train": args.num_train, "dev": args.num_dev, "test": args.num_test,
+           "test_heldout": args.num_test if args.num_heldout is None else args.num_heldout}
+    utts = plan(num, args.seed, voices)
+    # spm is trained on the training sentences plus a large grammar sample (the domain's
+    # vocabulary, deterministic in the seed), so eval words are never <unk>.
+    gr = random.Random(args.seed + 7)
+    spm_texts = [u.text for u in utts if u.split == "train"] + [sentence(gr) for _ in range(20000)]
+    spm_prefix = train_spm(spm_texts, out, args.vocab_size, args.seed)
+
+    results = write_features(utts, out, SPLITS, args, t0)
+
     # global CMVN over training features (float64 accumulation)
     stats_split = "train" if num["train"] else "dev"
     s1 = np.zeros(80)
@@ -717,18 +778,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     np.savez(out / "gcmvn.npz", mean=mean.astype(np.float32), std=std.astype(np.float32))
     write_config(out, spm_prefix, cmvn=args.cmvn, specaugment=not args.no_specaugment)
 
-    meta = {
-        "seed": args.seed, "num": num, "vocab_size": args.vocab_size,
-        "heldout": [f"{e}:{v}" for e, v in HELDOUT],
-        "heldout_rule": {"espeak_accents": sorted(HELDOUT_ESPEAK_ACCENTS),
-                         "espeak_variants": sorted(HELDOUT_ESPEAK_VARIANTS)},
-        "voices_available": voices,
-        "grammar_words": len(grammar_vocabulary(50000, args.seed)),
-        "utterances": [{"id": u.uid, "split": u.split, "text": u.text, **asdict(u.voice)} for u in utts],
-        "seconds": round(time.time() - t0, 1),
-    }
-    with open(out / "voices.json", "w") as f:
-        json.dump(meta, f, indent=1)
+    write_voices(out, args, num, voices, utts, HELDOUT, t0)
     frames = sum(v[1] for v in results.values())
     print(f"wrote {len(utts)} utterances ({frames / 100 / 3600:.2f} h) to {out} in {time.time() - t0:.0f}s")
     return 0

@@ -33,6 +33,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qswap", description="Honest fake-quantization for fairseq speech models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show fairseq's and torch's log lines and warnings in full as they happen "
+                             "(default: held back and summarized once at the end)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qswap.errors import QswapError
+    from qswap.cli.quiet import held_back, summary
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -52,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return EXIT_USAGE
+    with held_back(args.verbose) as seen:
+        code = _run(args)
+    for line in summary(seen):
+        print(line, file=sys.stderr)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    from qswap.errors import QswapError
+
     try:
         return args._run(args)
     except QswapError as exc:

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import json
-
-from qswap.cli.render import console
+from qswap.cli.render import console, interactive, json_text, recipe_progress
 
 DEFAULT_RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w8_weight_only"]
 
@@ -19,42 +17,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
     p.add_argument("--max-sentences", type=int, default=32, help="utterances per batch")
     p.add_argument("--markdown", help="write the table as Markdown here")
-    p.add_argument("--json", dest="json_out", help="write the table as JSON here")
+    p.add_argument("--json", dest="json_out", help="write the table as JSON here ('-': to stdout, "
+                                                   "instead of the terminal table and without progress)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
     from qswap.integration.compare import compare
+    from qswap.io.atomic import atomic_write_text
 
-    with Progress(console=console(stderr=True), transient=True) as bar:
-        task = bar.add_task("starting", total=None)
-
-        def progress(recipe: str, stage: str, n: int) -> None:
-            bar.update(task, description=f"{recipe}: {stage}", advance=n)
-
+    to_stdout = args.json_out == "-"
+    names = ["fp32"] + [r for r in args.recipes if r != "fp32"]
+    with recipe_progress(names, enabled=interactive() and not to_stdout) as progress:
         table = compare(args.checkpoint, args.data, args.recipes, subset=args.subset,
                         calib_subset=args.calib_subset, calib_batches=args.calib_batches, beam=args.beam,
                         max_sentences=args.max_sentences, trust_checkpoint=args.trust_checkpoint,
                         progress=progress)
-    console().print(render_comparison(table))
-    from qswap.io.atomic import atomic_write_text
+    if to_stdout:
+        print(json_text(table.to_dict()), end="")
+    else:
+        console().print(render_comparison(table))
     if args.markdown:
         atomic_write_text(args.markdown, table.markdown())
-    if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(table.to_dict(), indent=2) + "\n")
+    if args.json_out and not to_stdout:
+        atomic_write_text(args.json_out, json_text(table.to_dict()))
     return 0
 
 
 def render_comparison(table):
     from rich.table import Table
 
-    t = Table(title=f"{table.checkpoint} on {table.subset}")
-    for col in ("recipe", "WER %", "ΔWER", "CER %", "honest", "weights MB", "MMACs/s", "GBOPs/s"):
-        t.add_column(col, justify="left" if col in ("recipe", "honest") else "right")
+    from qswap.integration.compare import delta_cell, significance_cell, wer_cell
+
+    boot = table.settings.get("bootstrap", {})
+    t = Table(title=f"{table.checkpoint} on {table.subset}",
+              caption=(f"[95 % CI]: paired bootstrap over utterances, {boot['resamples']} resamples, seed "
+                       f"{boot['seed']}; significant: the ΔWER interval excludes 0" if boot else None))
+    for col in ("recipe", "WER % [95 % CI]", "ΔWER [95 % CI]", "significant", "CER %", "honest", "weights MB",
+                "MMACs/s", "GBOPs/s"):
+        t.add_column(col, justify="left" if col in ("recipe", "honest", "significant") else "right")
     for r in table.rows:
         honest = "[green]yes" if r.honest else f"[red]no ({r.float_ops} float ops)"
-        t.add_row(r.recipe, f"{r.wer:.2f}", f"{r.delta_wer:+.2f}", f"{r.cer:.2f}", honest,
-                  f"{r.weight_mb:.2f}", f"{r.mmacs_per_s:.1f}", f"{r.gbops_per_s:.1f}")
+        sig = significance_cell(r)
+        t.add_row(r.recipe, wer_cell(r), delta_cell(r), f"[bold]{sig}" if sig == "yes" else f"[dim]{sig}",
+                  f"{r.cer:.2f}", honest, f"{r.weight_mb:.2f}", f"{r.mmacs_per_s:.1f}", f"{r.gbops_per_s:.1f}")
     return t

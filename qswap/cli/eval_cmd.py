@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qswap.cli.render import console, progress_bar
+from qswap.cli.render import console, interactive, progress_bar
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,8 +18,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sentences", type=int, default=32, help="utterances per batch")
     p.add_argument("--num-shards", type=int, default=1, help="split the subset into this many shards")
     p.add_argument("--shard-id", type=int, default=0, help="which shard this process decodes")
-    p.add_argument("--json", dest="json_out", help="write utterances and error counts here")
+    p.add_argument("--json", dest="json_out", help="write utterances and error counts here ('-': stdout, "
+                                                   "and the summary line goes to stderr)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge shard results written with --json")
+    p.add_argument("--vs-float", action="store_true",
+                   help="with --recipe: decode the float model too and report ΔWER with a paired interval")
+    p.add_argument("--baseline", metavar="JSON",
+                   help="a result of 'qswap eval --json' on the same subset: report ΔWER against it")
+    p.add_argument("--markdown", help="write the result row as Markdown here")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
 
@@ -27,30 +33,105 @@ def run(args: argparse.Namespace) -> int:
     from qswap.errors import DataError
     from qswap.integration.metrics import merge
 
-    out = console()
+    # --json -: the JSON alone on stdout, no progress (a file path: the terminal line as well)
+    out = console(stderr=True) if args.json_out == "-" else console()
     if args.merge:
         shards = [_read_shard(path) for path in args.merge]
         _check_shards(shards)
         total = merge(shard["counts"] for shard in shards)
+        utterances = sorted((u for s in shards for u in s["utterances"]), key=lambda u: u["id"])
+        stats = _intervals(utterances, None)
         out.print(f"merged {len(shards)} shards of {shards[0]['subset']} ({shards[0]['model']}): "
-                  f"{total.utterances} utterances, WER {total.wer:.2f}%  CER {total.cer:.2f}%")
+                  f"{total.utterances} utterances, WER {total.wer:.2f}%{_ci(stats.get('wer_ci'))}  "
+                  f"CER {total.cer:.2f}%")
         _write(args.json_out, {"counts": total.to_dict(), "subset": shards[0]["subset"],
-                               "model": shards[0]["model"], "shards": args.merge})
+                               "model": shards[0]["model"], "shards": args.merge, **stats,
+                               "utterances": utterances})
         return 0
     if not args.checkpoint or not args.data:
         raise DataError("qswap eval needs CHECKPOINT and --data DIR (or --merge JSON...)")
-    counts, result, label = evaluate(args)
+    if args.vs_float and not args.recipe:
+        raise DataError("--vs-float compares a --recipe with the float model; pass --recipe R")
+    baseline = _read_baseline(args.baseline) if args.baseline else None
+    counts, result, label, float_result = evaluate(args)
+    utterances = [u.__dict__ for u in result.utterances]
+    if float_result is not None:
+        baseline = {"model": "float", "utterances": [u.__dict__ for u in float_result.utterances]}
+    stats = _intervals(utterances, baseline)
+    delta = (f"  ΔWER vs {stats['baseline']} {stats['delta_wer']:+.2f}{_ci(stats['delta_wer_ci'], '+')} "
+             f"({'significant' if stats['significant'] else 'not significant'})") if baseline else ""
     out.print(f"{label}: {counts.utterances} utterances of {args.subset}"
               f"{f' (shard {args.shard_id}/{args.num_shards})' if args.num_shards > 1 else ''}: "
-              f"WER {counts.wer:.2f}%  CER {counts.cer:.2f}%  decode {result.seconds:.1f} s "
-              f"({result.audio_seconds / max(result.seconds, 1e-9):.1f}x real time)")
+              f"WER {counts.wer:.2f}%{_ci(stats['wer_ci'])}  CER {counts.cer:.2f}%{delta}  "
+              f"decode {result.seconds:.1f} s ({result.audio_seconds / max(result.seconds, 1e-9):.1f}x real time)")
     _write(args.json_out, {"counts": counts.to_dict(), "subset": args.subset, "model": label,
-                           "shard": [args.shard_id, args.num_shards],
-                           "utterances": [u.__dict__ for u in result.utterances]})
+                           "shard": [args.shard_id, args.num_shards], **stats, "utterances": utterances})
+    if args.markdown:
+        from qswap.io.atomic import atomic_write_text
+        atomic_write_text(args.markdown, _markdown(label, args.subset, counts, stats))
     return 0
 
 
+def _ci(interval, sign: str = "") -> str:
+    from qswap.integration.compare import interval_suffix
+    return interval_suffix(interval, sign)
+
+
+def _intervals(utterances: list[dict], baseline: dict | None) -> dict:
+    """WER interval, and the paired ΔWER interval against ``baseline``'s utterances (same ids and
+    references), as JSON fields; see qswap.integration.bootstrap."""
+    from dataclasses import astuple
+
+    from qswap.errors import DataError
+    from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, wer_interval
+    from qswap.integration.metrics import utterance_word_errors
+
+    if not utterances:
+        return {}
+    bootstrap = Bootstrap()
+    errors, words = utterance_word_errors([u["ref"] for u in utterances], [u["hyp"] for u in utterances])
+    stats = {"bootstrap": bootstrap.to_dict(), "wer_ci": astuple(wer_interval(errors, words, bootstrap))}
+    if baseline is None:
+        return stats
+    base = {u["id"]: u for u in baseline["utterances"]}
+    if sorted(base) != [u["id"] for u in utterances] or any(base[u["id"]]["ref"] != u["ref"] for u in utterances):
+        raise DataError(f"the baseline {baseline['model']} was decoded on other utterances; pass a "
+                        f"'qswap eval --json' result of the same subset and shard")
+    base_errors, _ = utterance_word_errors([u["ref"] for u in utterances], [base[u["id"]]["hyp"] for u in utterances])
+    delta = delta_interval(errors, base_errors, words, bootstrap)
+    return {**stats, "baseline": baseline["model"], "delta_wer": 100.0 * (sum(errors) - sum(base_errors)) / sum(words),
+            "delta_wer_ci": astuple(delta), "significant": significant(delta)}
+
+
+def _markdown(label: str, subset: str, counts, stats: dict) -> str:
+    from qswap.integration.compare import significance_text
+
+    head = "| model | subset | utterances | WER % [95 % CI] | CER % |"
+    row = f"| {label} | {subset} | {counts.utterances} | {counts.wer:.2f}{_ci(stats.get('wer_ci'))} | {counts.cer:.2f} |"
+    if "baseline" in stats:
+        head += " ΔWER [95 % CI] | vs | significant |"
+        row += (f" {stats['delta_wer']:+.2f}{_ci(stats['delta_wer_ci'], '+')} | {stats['baseline']} | "
+                f"{significance_text(stats['significant'])} |")
+    return f"{head}\n|{'---|' * head.count(' |')}\n{row}\n"
+
+
+def _read_baseline(path: str) -> dict:
+    from qswap.errors import DataError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            payload = json.load(f)
+        utterances = [{"id": int(u["id"]), "ref": str(u["ref"]), "hyp": str(u["hyp"])} for u in payload["utterances"]]
+        return {"model": str(payload["model"]), "utterances": utterances}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"--baseline {path} is not a result written by 'qswap eval --json': "
+                        f"{type(exc).__name__}: {exc}") from None
+
+
 def evaluate(args):
+    """(counts, decode result, label, float decode result or None) for ``qswap eval``'s args."""
+    import copy
+
     import qswap
     from qswap.calibrate import activation_quantizers
     from qswap.integration import data as fdata
@@ -59,20 +140,28 @@ def evaluate(args):
 
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     label = getattr(getattr(model, "qswap_recipe", None), "name", "float")
+    float_result = _decode(args, task, copy.deepcopy(model), "float") if args.vs_float else None
     if args.recipe:
         model = qswap.convert(model, args.recipe)
         label = model.qswap_recipe.name
         if activation_quantizers(model):
-            with progress_bar("calibrating", args.calib_batches) as advance:
+            with progress_bar("calibrating", args.calib_batches, enabled=_progress(args)) as advance:
                 qswap.calibrate(model, fdata.net_inputs(task, args.calib_subset, args.calib_batches,
                                                         max_sentences=args.max_sentences),
                                 progress=lambda n: advance(1))
+    result = _decode(args, task, model, label)
+    counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
+    return counts, result, label, float_result
+
+
+def _decode(args, task, model, label: str):
+    from qswap.integration import data as fdata
+    from qswap.integration.decode import decode
+
     samples = fdata.batches(task, args.subset, max_sentences=args.max_sentences,
                             num_shards=args.num_shards, shard_id=args.shard_id)
-    with progress_bar(f"decoding {args.subset}", None) as advance:
-        result = decode(task, model, samples, beam=args.beam, progress=advance)
-    counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
-    return counts, result, label
+    with progress_bar(f"{label}: decoding {args.subset}", None, enabled=_progress(args)) as advance:
+        return decode(task, model, samples, beam=args.beam, progress=advance)
 
 
 def _read_shard(path: str) -> dict:
@@ -88,7 +177,9 @@ def _read_shard(path: str) -> dict:
         shard_id, num_shards = payload["shard"]
         if not (isinstance(shard_id, int) and isinstance(num_shards, int)):
             raise TypeError(f"'shard' must be [shard_id, num_shards], got {payload['shard']!r}")
-        return {"path": path, "counts": counts, "subset": str(payload["subset"]),
+        utterances = [{"id": int(u["id"]), "ref": str(u["ref"]), "hyp": str(u["hyp"])}
+                      for u in payload.get("utterances", [])]
+        return {"path": path, "counts": counts, "subset": str(payload["subset"]), "utterances": utterances,
                 "model": str(payload["model"]), "shard_id": shard_id, "num_shards": num_shards}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path} is not a shard result written by 'qswap eval --json': "
@@ -122,7 +213,13 @@ def _check_shards(shards: list[dict]) -> None:
                         f"pass all {k} shard results written with --num-shards {k}")
 
 
+def _progress(args) -> bool:
+    return interactive() and args.json_out != "-"
+
+
 def _write(path: str | None, payload: dict) -> None:
-    if path:
+    if path == "-":
+        print(json.dumps(payload, indent=2, sort_keys=True))
+    elif path:
         from qswap.io.atomic import atomic_write_text
         atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -57,18 +57,63 @@ def convert_summary(report) -> str:
     return "\n".join(lines)
 
 
-class progress_bar:
-    """A rich progress bar on stderr: ``with progress_bar("decoding", total) as advance: advance(n)``."""
+def interactive() -> bool:
+    """Progress is drawn only on a terminal: CI logs and pipes get none."""
+    return sys.stderr.isatty()
 
-    def __init__(self, description: str, total: int | None):
-        from rich.progress import Progress
-        self.progress = Progress(console=console(stderr=True), transient=True)
+
+def progress_display(enabled: bool | None = None):
+    """A rich Progress on stderr (description, bar, done/total, elapsed, time left); drawn only when
+    ``enabled`` (default: on a terminal)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                    console=console(stderr=True), transient=True,
+                    disable=not (interactive() if enabled is None else enabled))
+
+
+class progress_bar:
+    """A rich progress bar on stderr, on a terminal only:
+    ``with progress_bar("decoding", total) as advance: advance(n)``."""
+
+    def __init__(self, description: str, total: int | None, enabled: bool | None = None):
+        self.progress = progress_display(enabled)
         self.description, self.total = description, total
 
     def __enter__(self):
         self.progress.start()
         task = self.progress.add_task(self.description, total=self.total)
         return lambda n=1: self.progress.update(task, advance=n)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False
+
+
+class recipe_progress:
+    """Progress of a run over recipes, on a terminal only: an overall bar (recipes done, time
+    left) and one for the current recipe's stage (batches calibrated or utterances decoded).
+    Called as ``progress(recipe, stage, n, total)`` (qswap.integration.compare's protocol)."""
+
+    def __init__(self, recipes: list[str], enabled: bool | None = None):
+        self.progress = progress_display(enabled)
+        self.recipes, self.current = recipes, None
+
+    def __enter__(self):
+        self.progress.start()
+        self.overall = self.progress.add_task("recipes", total=len(self.recipes))
+        self.stage = self.progress.add_task("starting", total=None)
+        return self
+
+    def __call__(self, recipe: str, stage: str, n: int, total: int) -> None:
+        if (recipe, stage) != self.current:
+            if self.current is not None and recipe != self.current[0]:
+                self.progress.advance(self.overall)
+            self.current = (recipe, stage)
+            unit = "utterances" if stage == "decode" else "batches"
+            self.progress.reset(self.stage, total=total, description=f"{recipe}: {stage} ({unit})")
+        self.progress.advance(self.stage, n)
 
     def __exit__(self, *exc):
         self.progress.stop()

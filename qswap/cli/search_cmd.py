@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="searched", help="name of the written recipe")
     p.add_argument("-o", "--output", required=True, help="recipe YAML to write (atomically)")
     p.add_argument("--json", dest="json_out", help="write the measured row and candidate ranking here")
+    p.add_argument("--markdown", help="write the measured rows (with confidence intervals) as Markdown here")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
 
@@ -34,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from qswap.cli.render import console, json_text
     from qswap.cli.sensitivity_cmd import wer_evaluator
     from qswap.integration import data as fdata
-    from qswap.integration.compare import Comparison, evaluate_recipe
+    from qswap.integration.bootstrap import Bootstrap
+    from qswap.integration.compare import Comparison, add_intervals, evaluate_recipe
     from qswap.io.atomic import atomic_write_text
     from qswap.recipe import load_recipe
     from qswap.search import search
@@ -51,13 +53,17 @@ def run(args: argparse.Namespace) -> int:
                                    calib_batches=args.calib_batches, beam=args.beam, max_sentences=args.max_sentences)
     row, _ = evaluate_recipe(model, task, result.recipe, subset=args.eval_subset, calib_subset=args.calib_subset,
                              calib_batches=args.calib_batches, beam=args.beam, max_sentences=args.max_sentences)
-    row.delta_wer = row.wer - row_float.wer
-    table = Comparison(args.checkpoint, args.eval_subset, [row_float, row])
+    bootstrap = Bootstrap()
+    add_intervals([row_float, row], bootstrap)
+    table = Comparison(args.checkpoint, args.eval_subset, [row_float, row], {"bootstrap": bootstrap.to_dict()})
     console().print(render_comparison(table))
     console().print(f"wrote {args.output}: {len(result.low_units)} units at {args.low_bits}-bit weights, "
                     f"{result.weight_mb:.3f} MB")
+    if args.markdown:
+        atomic_write_text(args.markdown, table.markdown())
     if args.json_out:
         payload = {"row": dataclasses.asdict(row), "float": dataclasses.asdict(row_float),
+                   "bootstrap": bootstrap.to_dict(),
                    "low_units": result.low_units, "evaluations": result.evaluations,
                    "candidates": [dataclasses.asdict(c) for c in result.candidates]}
         atomic_write_text(args.json_out, json_text(payload))  # an infinite loss_db as null

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from qswap.cli.render import console, json_text
+from qswap.cli.render import console, json_text, progress_display
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,6 @@ def wer_evaluator(task, subset: str, beam: int, max_sentences: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
     from rich.table import Table
 
     from qswap.integration import data as fdata
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     batches = list(fdata.net_inputs(task, args.subset, args.batches, max_sentences=args.max_sentences))
     calib = list(fdata.net_inputs(task, args.calib_subset, args.calib_batches, max_sentences=args.max_sentences))
     evaluate = wer_evaluator(task, args.subset, args.beam, args.max_sentences) if args.metric == "wer" else None
-    with Progress(console=console(stderr=True), transient=True) as bar:
+    with progress_display() as bar:
         job = bar.add_task("probing sites", total=None)
         report = sensitivity(model, args.recipe, batches, metric=args.metric, evaluate=evaluate,
                              top_k=args.top_k, calib_batches=calib,

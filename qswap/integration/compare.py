@@ -1,20 +1,24 @@
 """The comparison table the field reports (Brevitas's QuartzNet table): one row per recipe with
 WER, delta WER vs float, the honesty verdict, weight memory at stored bit widths, and MACs and
-BOPs per second of audio. A library function: it returns rows; the CLI renders them."""
+BOPs per second of audio. WER and delta WER carry paired bootstrap confidence intervals
+(qswap.integration.bootstrap); a delta whose interval contains 0 is not significant. A library
+function: it returns rows; the CLI renders them."""
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from typing import Callable
 
 import torch
 
 import qswap
 from qswap.calibrate import activation_quantizers
+from qswap.errors import DataError
 from qswap.integration import data as fdata
+from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, wer_interval
 from qswap.integration.cost import measure
 from qswap.integration.decode import decode
-from qswap.integration.metrics import error_counts
+from qswap.integration.metrics import error_counts, utterance_word_errors
 
 
 @dataclass
@@ -30,6 +34,12 @@ class Row:
     gbops_per_s: float
     decode_s: float
     utterances: int
+    # per-utterance word errors and reference words (by utterance id): what the bootstrap resamples
+    utterance_errors: list[int] = field(default_factory=list, repr=False)
+    utterance_words: list[int] = field(default_factory=list, repr=False)
+    wer_ci: tuple[float, float] | None = None
+    delta_wer_ci: tuple[float, float] | None = None
+    significant: bool | None = None  # None for the reference row itself
 
 
 @dataclass
@@ -44,53 +54,101 @@ class Comparison:
                 "rows": [asdict(r) for r in self.rows]}
 
     def markdown(self) -> str:
-        head = ("| recipe | WER % | ΔWER | CER % | honest (float ops) | weights MB | MMACs/s | GBOPs/s |\n"
-                "|---|---|---|---|---|---|---|---|")
+        head = ("| recipe | WER % [95 % CI] | ΔWER [95 % CI] | significant | CER % | honest (float ops) | "
+                "weights MB | MMACs/s | GBOPs/s |\n|---|---|---|---|---|---|---|---|---|")
         lines = [head]
         for r in self.rows:
             verdict = "yes" if r.honest else f"no ({r.float_ops})"
-            lines.append(f"| {r.recipe} | {r.wer:.2f} | {r.delta_wer:+.2f} | {r.cer:.2f} | {verdict} | "
-                         f"{r.weight_mb:.2f} | {r.mmacs_per_s:.1f} | {r.gbops_per_s:.1f} |")
+            lines.append(f"| {r.recipe} | {wer_cell(r)} | {delta_cell(r)} | {significance_cell(r)} | "
+                         f"{r.cer:.2f} | {verdict} | {r.weight_mb:.2f} | {r.mmacs_per_s:.1f} | {r.gbops_per_s:.1f} |")
         return "\n".join(lines) + "\n"
+
+
+def interval_suffix(ci, sign: str = "") -> str:
+    """`` [6.74, 13.17]`` (``sign="+"`` for differences); empty without an interval."""
+    return f" [{ci[0]:{sign}.2f}, {ci[1]:{sign}.2f}]" if ci else ""
+
+
+def with_interval(value: float, ci, sign: str = "") -> str:
+    """``9.77 [6.74, 13.17]``; the value alone without an interval."""
+    return f"{value:{sign}.2f}" + interval_suffix(ci, sign)
+
+
+def significance_text(significant: bool | None) -> str:
+    """'yes'/'no' for a row compared with the reference; '-' for the reference itself."""
+    return "-" if significant is None else ("yes" if significant else "no")
+
+
+def wer_cell(row: Row) -> str:
+    return with_interval(row.wer, row.wer_ci)
+
+
+def delta_cell(row: Row) -> str:
+    return with_interval(row.delta_wer, row.delta_wer_ci, "+")
+
+
+def significance_cell(row: Row) -> str:
+    return significance_text(row.significant)
+
+
+def add_intervals(rows: list[Row], bootstrap: Bootstrap = Bootstrap()) -> None:
+    """WER intervals for every row and paired ΔWER intervals against ``rows[0]`` (the float
+    reference), in place. Every row must have been scored on the same utterances."""
+    reference = rows[0]
+    for row in rows:
+        if row.utterance_words != reference.utterance_words:
+            raise DataError(f"{row.recipe} and {reference.recipe} were not scored on the same utterances; "
+                            f"a paired interval needs both decodes of one subset")
+        row.delta_wer = row.wer - reference.wer
+        row.wer_ci = astuple(wer_interval(row.utterance_errors, row.utterance_words, bootstrap))
+        if row is reference:
+            continue
+        delta = delta_interval(row.utterance_errors, reference.utterance_errors, row.utterance_words, bootstrap)
+        row.delta_wer_ci = astuple(delta)
+        row.significant = significant(delta)
 
 
 def evaluate_recipe(float_model, task, recipe, *, subset: str, calib_subset: str, calib_batches: int,
                     beam: int, max_sentences: int = 32,
-                    progress: Callable[[str, int], None] | None = None) -> tuple[Row, torch.nn.Module]:
-    """Convert, calibrate, audit and decode one recipe; delta_wer is left 0 for the caller."""
-    tick = (lambda stage: (lambda n: progress(stage, n))) if progress else (lambda stage: None)
+                    progress: Callable[[str, int, int], None] | None = None) -> tuple[Row, torch.nn.Module]:
+    """Convert, calibrate, audit and decode one recipe; delta_wer is left 0 for the caller.
+    ``progress(stage, n, total)``: n more batches calibrated or utterances decoded, of total."""
+    tick = (lambda stage, total: (lambda n: progress(stage, n, total))) if progress else (lambda *_: None)
     qmodel = qswap.convert(float_model, recipe)
     name = qmodel.qswap_recipe.name
     if activation_quantizers(qmodel):
         qswap.calibrate(qmodel, fdata.net_inputs(task, calib_subset, calib_batches, max_sentences=max_sentences),
-                        progress=tick("calibrate"))
+                        progress=tick("calibrate", calib_batches))
     report = qswap.audit(qmodel, fdata.first_net_input(task, subset))
     samples = list(fdata.batches(task, subset, max_sentences=max_sentences))
-    result = decode(task, qmodel, samples, beam=beam, progress=tick("decode"))
-    counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
+    result = decode(task, qmodel, samples, beam=beam, progress=tick("decode", sum(len(s["id"]) for s in samples)))
+    refs, hyps = [u.ref for u in result.utterances], [u.hyp for u in result.utterances]
+    counts = error_counts(refs, hyps)
+    per_errors, per_words = utterance_word_errors(refs, hyps)
     cost = measure(qmodel, lambda m: m(**samples[0]["net_input"]), fdata.audio_seconds(samples[0]))
     weight_bytes = qmodel.qswap_report.quantized_bytes
     row = Row(name, counts.wer, counts.cer, 0.0, report.honest, len(report.violations), weight_bytes / 1e6,
-              cost.macs_per_second / 1e6, cost.bops_per_second / 1e9, result.seconds, counts.utterances)
+              cost.macs_per_second / 1e6, cost.bops_per_second / 1e9, result.seconds, counts.utterances,
+              per_errors, per_words)
     return row, qmodel
 
 
 def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "test",
             calib_subset: str = "train", calib_batches: int = 8, beam: int = 5,
-            max_sentences: int = 32, trust_checkpoint: bool = False,
-            progress: Callable[[str, str, int], None] | None = None) -> Comparison:
-    """One row per recipe; the float model (recipe fp32) is always evaluated first as the reference."""
+            max_sentences: int = 32, trust_checkpoint: bool = False, bootstrap: Bootstrap = Bootstrap(),
+            progress: Callable[[str, str, int, int], None] | None = None) -> Comparison:
+    """One row per recipe; the float model (recipe fp32) is always evaluated first as the reference.
+    ``progress(recipe, stage, n, total)`` as in ``evaluate_recipe``."""
     model, task = fdata.load_model_and_task(checkpoint, data, trust_checkpoint=trust_checkpoint)
     names = ["fp32"] + [r for r in recipes if r != "fp32"]
     table = Comparison(str(checkpoint), subset, settings={
-        "calib_subset": calib_subset, "calib_batches": calib_batches, "beam": beam})
-    reference = None
+        "calib_subset": calib_subset, "calib_batches": calib_batches, "beam": beam,
+        "bootstrap": bootstrap.to_dict()})
     for recipe in names:
-        cb = (lambda stage, n, r=recipe: progress(r, stage, n)) if progress else None
+        cb = (lambda stage, n, total, r=recipe: progress(r, stage, n, total)) if progress else None
         row, _ = evaluate_recipe(copy.deepcopy(model), task, recipe, subset=subset, calib_subset=calib_subset,
                                  calib_batches=calib_batches, beam=beam, max_sentences=max_sentences,
                                  progress=cb)
-        reference = row.wer if reference is None else reference
-        row.delta_wer = row.wer - reference
         table.rows.append(row)
+    add_intervals(table.rows, bootstrap)
     return table

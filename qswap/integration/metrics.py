@@ -53,3 +53,25 @@ def merge(counts: Iterable[ErrorCounts]) -> ErrorCounts:
     for c in counts:
         total = total + c
     return total
+
+
+def utterance_word_errors(refs: list[str], hyps: list[str]) -> tuple[list[int], list[int]]:
+    """(word errors, reference words) of each utterance, from jiwer's alignment of each pair; they
+    sum to ``error_counts``' totals. The bootstrap resamples these (qswap.integration.bootstrap)."""
+    import jiwer
+
+    if len(refs) != len(hyps):
+        raise DataError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    if not refs:
+        return [], []
+    out = jiwer.process_words(refs, hyps)
+    errors, words = [], []
+    for chunks in out.alignments:
+        e = w = 0
+        for c in chunks:
+            ref_len, hyp_len = c.ref_end_idx - c.ref_start_idx, c.hyp_end_idx - c.hyp_start_idx
+            w += ref_len if c.type != "insert" else 0
+            e += {"equal": 0, "substitute": ref_len, "delete": ref_len, "insert": hyp_len}[c.type]
+        errors.append(e)
+        words.append(w)
+    return errors, words

@@ -47,6 +47,25 @@ def test_eval_with_recipe_reports_wer(float_checkpoint, tmp_path, capsys):
     assert json.loads((tmp_path / "q.json").read_text())["model"] == "w8a8"
 
 
+def test_eval_vs_float_reports_a_paired_interval(float_checkpoint, tmp_path, capsys):
+    _, data, ckpt = float_checkpoint
+    common = [str(ckpt), "--data", str(data), "--beam", "2", "--calib-batches", "2"]
+    assert main(["eval", *common, "--recipe", "w8a8", "--vs-float", "--json", str(tmp_path / "q.json"),
+                 "--markdown", str(tmp_path / "q.md")]) == 0
+    out = json.loads((tmp_path / "q.json").read_text())
+    assert out["baseline"] == "float" and out["bootstrap"]["resamples"] >= 1000
+    low, high = out["wer_ci"]
+    assert low <= out["counts"]["wer"] <= high
+    d_low, d_high = out["delta_wer_ci"]
+    assert d_low <= out["delta_wer"] <= d_high and out["significant"] == (not d_low <= 0 <= d_high)
+    assert "ΔWER vs float" in capsys.readouterr().out and "| w8a8 | test |" in (tmp_path / "q.md").read_text()
+    # the float model against itself, via --baseline: a zero-width interval at 0, not significant
+    assert main(["eval", *common, "--json", str(tmp_path / "f.json")]) == 0
+    assert main(["eval", *common, "--baseline", str(tmp_path / "f.json"), "--json", str(tmp_path / "ff.json")]) == 0
+    same = json.loads((tmp_path / "ff.json").read_text())
+    assert same["delta_wer_ci"] == [0.0, 0.0] and same["significant"] is False
+
+
 def test_eval_missing_data_dir_is_exit_2(float_checkpoint, tmp_path, capsys):
     _, _, ckpt = float_checkpoint
     assert main(["eval", str(ckpt), "--data", str(tmp_path / "nope")]) == 2
@@ -77,6 +96,15 @@ def test_compare_table_is_internally_consistent(float_checkpoint, tmp_path):
     assert bops_per_mac["w8a8"] == pytest.approx(8 * 8)  # every matmul operand on an 8-bit grid
     assert 4 * 8 <= bops_per_mac["w4a8"] < 8 * 8
     assert "| w8_weight_only |" in md.read_text()
+    # paired bootstrap intervals: every WER inside its interval, ΔWER against fp32, significance
+    assert rows["fp32"]["significant"] is None and rows["fp32"]["delta_wer_ci"] is None
+    for name, row in rows.items():
+        assert row["wer_ci"][0] <= row["wer"] <= row["wer_ci"][1]
+        assert len(row["utterance_errors"]) == row["utterances"] and sum(row["utterance_words"]) > 0
+        if name != "fp32":
+            low, high = row["delta_wer_ci"]
+            assert low <= row["delta_wer"] <= high and row["significant"] == (not low <= 0 <= high)
+    assert "| significant |" in md.read_text()
 
 
 def _shard(tmp_path, name, shard_id, num_shards, subset="test", model="w8a8", words=10):

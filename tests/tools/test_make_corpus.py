@@ -90,3 +90,20 @@ def test_missing_tools_message(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode != 0
     assert "apt-get install" in p.stderr and "espeak-ng" in p.stderr
+
+
+def test_eval_large_sets_are_new_sentences_and_unheard_voices(tmp_path):
+    cmd = [sys.executable, str(TOOL), "--out", str(tmp_path), "--eval-large", "3", "4", "--seed", "1",
+           "--jobs", "1", "--no-festival"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    meta = json.loads((tmp_path / "voices.json").read_text())
+    sys.path.insert(0, str(TOOL.parent))
+    from make_corpus import BASE_NUM, is_heldout, plan
+
+    base = {u.text for u in plan(BASE_NUM, 1, meta["voices_available"])}
+    utts = meta["utterances"]
+    assert [u["split"] for u in utts].count("test_large") == 3 and len(utts) == 7
+    assert not base & {u["text"] for u in utts}
+    for u in utts:
+        assert is_heldout(u["engine"], u["voice"]) == (u["split"] == "test_heldout_large")
+    assert (tmp_path / "fbank80_test_large.zip").is_file() and (tmp_path / "test_heldout_large.tsv").is_file()

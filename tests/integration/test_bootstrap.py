@@ -1,0 +1,103 @@
+"""Paired bootstrap intervals: a closed form, scipy's bootstrap as the reference, determinism,
+and the sign and width of ΔWER intervals."""
+import numpy as np
+import pytest
+import scipy.stats
+
+from qswap.errors import DataError
+from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, wer_interval
+from qswap.integration.compare import Row, add_intervals
+from qswap.integration.metrics import error_counts, utterance_word_errors
+
+
+def _system(seed: int, n: int = 300, p: float = 0.1):
+    r = np.random.default_rng(seed)
+    words = r.integers(3, 12, n)
+    return r.binomial(words, p), words
+
+
+def test_one_word_utterances_give_the_binomial_quantiles():
+    # n one-word utterances, k wrong: a resample's error count is Binomial(n, k/n), exactly
+    n, k = 60, 12
+    errors, words = np.r_[np.ones(k, int), np.zeros(n - k, int)], np.ones(n, int)
+    got = wer_interval(errors, words, Bootstrap(resamples=20000))
+    expected = 100 * scipy.stats.binom.ppf([0.025, 0.975], n, k / n) / n
+    assert (got.low, got.high) == pytest.approx(tuple(expected))
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_intervals_equal_scipy_percentile_bootstrap(seed):
+    errors, words = _system(1)
+    baseline, _ = _system(2)
+    baseline = np.minimum(baseline, words)
+    bs = Bootstrap(resamples=3000, seed=seed)
+
+    def ref(stat, *data):
+        res = scipy.stats.bootstrap(data, stat, paired=True, vectorized=True, n_resamples=3000,
+                                    method="percentile", rng=np.random.default_rng(seed))
+        return tuple(res.confidence_interval)
+
+    wer = ref(lambda e, w, axis: 100 * e.sum(axis) / w.sum(axis), errors, words)
+    delta = ref(lambda e, b, w, axis: 100 * (e.sum(axis) - b.sum(axis)) / w.sum(axis), errors, baseline, words)
+    got_wer, got_delta = wer_interval(errors, words, bs), delta_interval(errors, baseline, words, bs)
+    assert (got_wer.low, got_wer.high) == pytest.approx(wer, rel=1e-12)
+    assert (got_delta.low, got_delta.high) == pytest.approx(delta, rel=1e-12)
+
+
+def test_fixed_seed_is_deterministic_and_another_seed_differs():
+    errors, words = _system(3)
+    assert wer_interval(errors, words) == wer_interval(errors, words)
+    assert wer_interval(errors, words, Bootstrap(seed=1)) != wer_interval(errors, words, Bootstrap(seed=2))
+
+
+def test_identical_systems_give_a_zero_width_interval_at_zero():
+    errors, words = _system(4)
+    interval = delta_interval(errors, errors, words)
+    assert (interval.low, interval.high) == (0.0, 0.0) and not significant(interval)
+
+
+def test_a_system_dropping_one_word_per_utterance_is_significantly_worse():
+    r = np.random.default_rng(5)
+    refs = [" ".join(f"w{r.integers(50)}" for _ in range(r.integers(4, 10))) for _ in range(100)]
+    hyps = [ref.split(" ", 1)[1] for ref in refs]  # the first word of every utterance dropped
+    base_errors, words = utterance_word_errors(refs, refs)
+    errors, _ = utterance_word_errors(refs, hyps)
+    interval = delta_interval(errors, base_errors, words)
+    assert interval.low > 0 and significant(interval)
+    assert (delta_interval(base_errors, errors, words).high < 0)  # and the other way round, better
+
+
+def test_a_tiny_difference_on_a_small_set_is_not_significant():
+    errors, words = _system(6, n=100)
+    better = errors.copy()
+    better[np.argmax(errors)] -= 1  # one word fewer wrong in 100 utterances
+    interval = delta_interval(better, errors, words)
+    assert interval.contains(0.0) and not significant(interval)
+
+
+def test_per_utterance_counts_sum_to_the_totals():
+    refs = ["turn on the kitchen lights", "set a timer for ten minutes", "call anna"]
+    hyps = ["turn the kitchen light on", "set timer for ten ten minutes", ""]
+    errors, words = utterance_word_errors(refs, hyps)
+    total = error_counts(refs, hyps)
+    assert words == [5, 6, 2] and errors[2] == 2
+    assert sum(errors) == total.word_errors and sum(words) == total.words
+
+
+def test_rows_get_intervals_against_the_first_row():
+    errors, words = _system(8, n=50)
+    rows = [Row(name, 100 * sum(e) / sum(words), 0.0, 0.0, True, 0, 1.0, 1.0, 1.0, 1.0, 50, list(e), list(words))
+            for name, e in (("fp32", errors), ("same", errors), ("worse", errors + 1))]
+    add_intervals(rows)
+    assert rows[0].significant is None and rows[0].wer_ci[0] < rows[0].wer < rows[0].wer_ci[1]
+    assert rows[1].delta_wer_ci == (0.0, 0.0) and rows[1].significant is False
+    assert rows[2].delta_wer_ci[0] > 0 and rows[2].significant is True
+    rows[2].utterance_words = rows[2].utterance_words[:-1]
+    with pytest.raises(DataError, match="same utterances"):
+        add_intervals(rows)
+
+
+@pytest.mark.parametrize("errors,words", [([], []), ([1, 2], [3])])
+def test_mismatched_or_empty_inputs_are_data_errors(errors, words):
+    with pytest.raises(DataError):
+        wer_interval(errors, words)
