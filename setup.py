@@ -6,5 +6,5 @@ setup(
     packages=find_packages(include=["qswap", "qswap.*", "qswap_fairseq_plugin"]) + ["qswap.recipes"],
     package_dir={"qswap.recipes": "recipes"},
     package_data={"qswap.recipes": ["*.yaml"],
-                  "qswap": ["assets/*", "assets/*/*", "fairseq_plugin/qswap_fairseq_plugin/*.py"]},
+                  "qswap": ["assets/*", "assets/*/*", "assets/*/*/*", "fairseq_plugin/qswap_fairseq_plugin/*.py"]},
 )
