@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -81,14 +82,19 @@ def export_encoder(qmodel: nn.Module, path: "str | os.PathLike[str]", example: d
                    opset: int = OPSET) -> Path:
     """Write ``qmodel.encoder`` (a calibrated qswap conversion of a fairseq s2t model) to ``path``
     as an ONNX QDQ graph with dynamic batch and time axes. ``example`` is a ``net_input`` (its
-    ``src_tokens`` and ``src_lengths`` are traced). The caller's model is not modified.
+    ``src_tokens`` and ``src_lengths`` are traced). The caller's model is not modified. The
+    sinusoidal position table is exported at its current size (``max_source_positions``): longer
+    inputs are outside the graph, as they are outside the model's trained range.
     Raises ExportError naming the site for an uncalibrated quantizer on the encoder's path or
     a grid ONNX QDQ cannot express."""
     check_calibrated(qmodel)
     graph = EncoderGraph(copy.deepcopy(qmodel.encoder)).eval()
     stand_ins = swap_in_stand_ins(graph)
     args = tuple(example[k] for k in INPUTS)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the Python booleans the trace fixes (beam size 1, the position table's size) are constant
+        # for an encoder: the tracer's warnings about them say nothing to act on
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         _record(graph, stand_ins, args)
         buffer = io.BytesIO()
         torch.onnx.export(graph, args, buffer, dynamo=False, opset_version=opset,
