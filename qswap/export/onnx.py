@@ -79,15 +79,18 @@ def check_calibrated(model: nn.Module) -> None:
 
 
 def export_encoder(qmodel: nn.Module, path: "str | os.PathLike[str]", example: dict,
-                   opset: int = OPSET) -> Path:
+                   opset: int = OPSET, *, allow_float: bool = False) -> Path:
     """Write ``qmodel.encoder`` (a calibrated qswap conversion of a fairseq s2t model) to ``path``
     as an ONNX QDQ graph with dynamic batch and time axes. ``example`` is a ``net_input`` (its
     ``src_tokens`` and ``src_lengths`` are traced). The caller's model is not modified. The
     sinusoidal position table is exported at its current size (``max_source_positions``): longer
     inputs are outside the graph, as they are outside the model's trained range.
     Raises ExportError naming the site for an uncalibrated quantizer on the encoder's path or
-    a grid ONNX QDQ cannot express."""
-    check_calibrated(qmodel)
+    a grid ONNX QDQ cannot express. ``allow_float`` exports a model without quantizers too (a
+    conversion with identity quantizers gives the float graph of the same structure, the
+    reference of speed comparisons)."""
+    if not allow_float:
+        check_calibrated(qmodel)
     graph = EncoderGraph(copy.deepcopy(qmodel.encoder)).eval()
     stand_ins = swap_in_stand_ins(graph)
     args = tuple(example[k] for k in INPUTS)
@@ -130,6 +133,7 @@ def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_pat
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = threads
     options.graph_optimization_level = _LEVELS[level](ort)
+    options.log_severity_level = 3  # errors only: onnxruntime's warnings go to stderr, not to logging
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     try:
