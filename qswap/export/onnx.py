@@ -92,19 +92,25 @@ def export_encoder(qmodel: nn.Module, path: "str | os.PathLike[str]", example: d
     if not allow_float:
         check_calibrated(qmodel)
     graph = EncoderGraph(copy.deepcopy(qmodel.encoder)).eval()
+    return trace_to_onnx(graph, tuple(example[k] for k in INPUTS), path, INPUTS, OUTPUTS,
+                         {"src_tokens": {0: "batch", 1: "frames"}, "src_lengths": {0: "batch"},
+                          "encoder_out": {0: "out_frames", 1: "batch"},
+                          "encoder_padding_mask": {0: "batch", 1: "out_frames"}}, opset)
+
+
+def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]", inputs: tuple,
+                  outputs: tuple, dynamic_axes: dict, opset: int = OPSET) -> Path:
+    """Swap ``graph``'s quantizers for their ONNX stand-ins (in place: pass a copy), record the
+    weight and bias codes with one eager forward on ``args``, trace, and write ``path`` atomically."""
     stand_ins = swap_in_stand_ins(graph)
-    args = tuple(example[k] for k in INPUTS)
     with torch.no_grad(), warnings.catch_warnings():
-        # the Python booleans the trace fixes (beam size 1, the position table's size) are constant
-        # for an encoder: the tracer's warnings about them say nothing to act on
+        # the Python booleans the trace fixes (beam size 1, the position table's size) are
+        # constant for one graph: the tracer's warnings about them say nothing to act on
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         _record(graph, stand_ins, args)
         buffer = io.BytesIO()
         torch.onnx.export(graph, args, buffer, dynamo=False, opset_version=opset,
-                          input_names=list(INPUTS), output_names=list(OUTPUTS),
-                          dynamic_axes={"src_tokens": {0: "batch", 1: "frames"}, "src_lengths": {0: "batch"},
-                                        "encoder_out": {0: "out_frames", 1: "batch"},
-                                        "encoder_padding_mask": {0: "batch", 1: "out_frames"}})
+                          input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic_axes)
     path = Path(path)
     atomic_write_bytes(path, buffer.getvalue())
     return path
