@@ -6,7 +6,7 @@ from pathlib import Path
 
 from qswap.cli.render import console
 
-ENCODER_FILE = "encoder.onnx"
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder_step.onnx"
 EXAMPLE_FRAMES = 100  # the traced example's length; the graph's batch and time axes are dynamic
 
 
@@ -14,13 +14,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="quantized, calibrated checkpoint written by 'qswap convert'")
     p.add_argument("--onnx", action="store_true", required=True,
                    help="write ONNX QDQ graphs (the only export format)")
-    p.add_argument("-o", "--output", required=True, help="directory to write encoder.onnx into")
+    p.add_argument("-o", "--output", required=True,
+                   help="directory to write encoder.onnx and decoder_step.onnx into")
     p.add_argument("--data", help="fairseq data directory (default: the one the checkpoint names)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from qswap.errors import ExportError, OutputError
+    from qswap.export.decoder_step import export_decoder_step
     from qswap.export.onnx import export_encoder
     from qswap.export.onnx_audit import audit_onnx
     from qswap.integration import data as fdata
@@ -34,11 +38,16 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create the output directory {out}: {e.strerror}") from e
-    path = export_encoder(model, out / ENCODER_FILE, example_input(model))
-    report = audit_onnx(path, site_prefix="encoder.")
-    console().print(f"wrote {path}: {report.integer_count} integer and {report.float_count} float "
-                    f"nodes after onnxruntime's CPU optimization ('qswap' deploy audit)")
-    console().print("decoder: not exported yet (the step graph with cached keys and values is pending)")
+    example = example_input(model)
+    encoder = export_encoder(model, out / ENCODER_FILE, example)
+    with torch.no_grad():
+        encoded = model.encoder(example["src_tokens"], example["src_lengths"])
+    decoder = export_decoder_step(model, out / DECODER_FILE, encoded["encoder_out"][0],
+                                  encoded["encoder_padding_mask"][0])
+    for path, prefix in ((encoder, "encoder."), (decoder, "")):
+        report = audit_onnx(path, site_prefix=prefix)
+        console().print(f"wrote {path}: {report.integer_count} integer and {report.float_count} float "
+                        f"nodes after onnxruntime's CPU optimization")
     return 0
 
 

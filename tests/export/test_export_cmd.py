@@ -44,7 +44,9 @@ def checkpoints(tmp_path_factory):
 def test_export_writes_an_encoder_graph_onnxruntime_runs(checkpoints, tmp_path, capsys):
     root, qmodel = checkpoints
     assert export_cmd.run(parse(root / "w8a8.pt", "--onnx", "-o", tmp_path / "out", "--data", ASSET)) == 0
-    assert "integer and" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "encoder.onnx" in printed and "decoder_step.onnx" in printed
+    assert load_session(tmp_path / "out" / "decoder_step.onnx").get_inputs()[0].name == "tokens"
     net = s2t_net_input(2, 150, 80, 2, 200, seed=9)
     out, padding = run_encoder(load_session(tmp_path / "out" / "encoder.onnx"), net["src_tokens"],
                                net["src_lengths"])
