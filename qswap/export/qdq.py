@@ -4,8 +4,8 @@ traces to ONNX QuantizeLinear / DequantizeLinear nodes that carry the quantizer'
 =================  ==========================================  ===================================
 qswap module       stand-in                                    ONNX nodes
 =================  ==========================================  ===================================
-FakeQuantize       ``ActivationQDQ`` (frozen 8-bit grid)       QuantizeLinear -> DequantizeLinear
-(activation)
+FakeQuantize       ``ActivationQDQ`` (frozen 8-bit grid, as    QuantizeLinear -> DequantizeLinear
+(activation)       uint8 codes: zero point + 128 if signed)
 FakeQuantize       ``WeightDQ`` (codes of the weight, <= 8     int8 initializer -> DequantizeLinear
 (weight)           bits, per tensor or per channel)
 BiasQuantize       ``BiasDQ`` (int32 codes at s_in * s_w)      int32 initializer -> DequantizeLinear
@@ -60,6 +60,9 @@ def _zero_point_dtype(spec: QuantSpec) -> torch.dtype:
     return torch.int8 if spec.signed else torch.uint8
 
 
+UINT8_OFFSET = 128
+
+
 class ActivationQDQ(nn.Module):
     """A frozen activation FakeQuantize as QuantizeLinear -> DequantizeLinear (8-bit, round half to
     even: ONNX's QuantizeLinear saturates to the full int8/uint8 range and rounds half to even)."""
@@ -71,11 +74,15 @@ class ActivationQDQ(nn.Module):
         self.problem = _activation_problem(source, site)  # raised if the stand-in runs
         if self.problem is not None:
             return
-        self.qmin, self.qmax = spec.qmin, spec.qmax
+        # a signed grid as uint8 codes: scale s, zero point z + 128, codes 0..255 hold exactly the
+        # values of codes -128..127 with zero point z (onnxruntime's x86 integer kernels take
+        # uint8 activations; it would convert a shared int8 Q/DQ pair less often than not)
+        offset = UINT8_OFFSET if spec.signed else 0
+        self.qmin, self.qmax = spec.qmin + offset, spec.qmax + offset
         self.axis = spec.channel_axis if spec.channel_axis is not None else 1
         scale = source.scale.detach().float().clone()
         self.register_buffer("scale", scale.reshape(()) if spec.granularity == "per_tensor" else scale)
-        self.register_buffer("zero_point", source.zero_point.detach().to(_zero_point_dtype(spec))
+        self.register_buffer("zero_point", (source.zero_point.detach() + offset).to(torch.uint8)
                              .reshape(self.scale.shape).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,9 @@ def test_graph_carries_qswaps_scales_and_integer_weights(qmodel, graph_path):
         site = ".".join(p for p in node.name.split("/")[1:-1])
         fq = modules[site]
         assert values[node.input[1]] == pytest.approx(float(fq.scale), rel=0, abs=0)
-        assert int(values[node.input[2]]) == int(fq.zero_point)
+        offset = 128 if fq.spec.signed else 0  # the same grid as uint8 codes
+        assert int(values[node.input[2]]) == int(fq.zero_point) + offset
+        assert values[node.input[2]].dtype == np.uint8
         checked += 1
     assert checked >= 30  # every activation quantizer on the encoder's path
     int8 = [v for v in values.values() if v.dtype == np.int8 and v.ndim == 2]
