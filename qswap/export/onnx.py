@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qswap.errors import DependencyError, ExportError
+from qswap.export.graph_passes import fold_constant_scales
 from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
 from qswap.io.atomic import atomic_write_bytes
 from qswap.quant.fake_quantize import FakeQuantize
@@ -111,8 +112,10 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
         buffer = io.BytesIO()
         torch.onnx.export(graph, args, buffer, dynamo=False, opset_version=opset,
                           input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic_axes)
+    model = _onnx_module().load_model_from_string(buffer.getvalue())
+    fold_constant_scales(model)
     path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, model.SerializeToString())
     return path
 
 
@@ -162,6 +165,14 @@ def run_encoder(session, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
     out, padding = session.run(list(OUTPUTS), {"src_tokens": src_tokens.numpy(),
                                                "src_lengths": src_lengths.numpy()})
     return torch.from_numpy(out), torch.from_numpy(padding)
+
+
+def _onnx_module():
+    try:
+        import onnx
+    except ImportError as e:
+        raise DependencyError("exporting ONNX graphs needs onnx: pip install onnx==1.23.2") from e
+    return onnx
 
 
 def _onnxruntime():

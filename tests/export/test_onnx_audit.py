@@ -45,6 +45,8 @@ def test_integer_kernels_are_counted(report):
     # shared input quantizer of q, k and v
     assert report.integer_ops.get("QLinearConv") == 2
     assert report.integer_ops.get("MatMulIntegerToFloat", 0) >= 14
+    # q @ k^T once the constant `* scaling` is folded into q's DequantizeLinear scale
+    assert report.integer_ops.get("QLinearMatMul") == 2
     assert report.integer_count == sum(report.integer_ops.values())
 
 
