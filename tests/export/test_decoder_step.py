@@ -1,7 +1,5 @@
 """The decoder's step graph against fairseq's incremental decoder on the fake-quant model: the
 same quantized logits (in grid steps) at every step, its caches fed back step after step."""
-import warnings
-
 import pytest
 import torch
 
@@ -17,12 +15,7 @@ from qswap.export.onnx import load_session  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    torch.set_num_threads(1)
-    qmodel = qswap.convert(build_s2t_transformer(), "w8a8")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qswap.calibrate(qmodel, [s2t_net_input(2, 60, seed=s) for s in range(3)])
+def setup(qmodel, tmp_path_factory):
     net = s2t_net_input(3, 72, seed=4)
     net["src_lengths"][2] = 50
     with torch.no_grad():

@@ -1,8 +1,6 @@
 """ONNX QDQ export of a calibrated qswap s2t_transformer encoder: onnxruntime computes what the
 fake-quant model computes (compared in grid steps of the decoder's input quantizer), on qswap's
 own grids, with padded batches; bad inputs give typed errors."""
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -18,19 +16,7 @@ pytest.importorskip("onnxruntime")
 
 from qswap.export import export_encoder, load_session, run_encoder  # noqa: E402
 
-
-def calibrated(model, recipe="w8a8"):
-    qmodel = qswap.convert(model, recipe)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qswap.calibrate(qmodel, [s2t_net_input(2, 60, seed=s) for s in range(3)])
-    return qmodel
-
-
-@pytest.fixture(scope="module")
-def qmodel():
-    torch.set_num_threads(1)
-    return calibrated(build_s2t_transformer())
+from export_testkit import calibrated  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,10 @@
 """Deploy honesty of an exported encoder: onnxruntime's CPU-optimized graph, every float node
 listed with the qswap module it came from, the integer kernels counted."""
 import json
-import warnings
 
 import pytest
-import torch
-
-import qswap
 from qswap.errors import ExportError
-from qswap.models import build_s2t_transformer, s2t_net_input
+from qswap.models import s2t_net_input
 
 pytest.importorskip("fairseq")
 onnx = pytest.importorskip("onnx")
@@ -19,12 +15,7 @@ from qswap.export.onnx_audit import audit_onnx, site_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    torch.set_num_threads(1)
-    qmodel = qswap.convert(build_s2t_transformer(), "w8a8")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qswap.calibrate(qmodel, [s2t_net_input()])
+def exported(qmodel, tmp_path_factory):
     path = export_encoder(qmodel, tmp_path_factory.mktemp("onnx") / "encoder.onnx", s2t_net_input())
     return qmodel, path
 
