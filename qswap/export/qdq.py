@@ -120,8 +120,13 @@ class WeightDQ(nn.Module):
         if self.recording:
             out = self.source(w)  # derives the grid from the weight, as inference does
             spec = self.source.spec
-            self.codes = quantize(w.detach(), self.source.scale, self.source.zero_point, spec).to(
+            codes = quantize(w.detach(), self.source.scale, self.source.zero_point, spec).to(
                 _zero_point_dtype(spec))
+            if self.codes is not None and not torch.equal(codes, self.codes):
+                raise ExportError(f"{self.site}: one weight quantizer quantizes two different "
+                                  f"weights in one forward; the graph stores one set of codes per "
+                                  f"quantizer: give each weight its own quantizer")
+            self.codes = codes
             self.scale = self.source.scale.detach().float().clone()
             self.zero_point = self.source.zero_point.detach().to(_zero_point_dtype(spec)).clone()
             return out
