@@ -68,3 +68,8 @@ class BudgetError(QswapError, ValueError):
 
 class DependencyError(QswapError, ImportError):
     """An optional package a requested feature needs is not installed (names the pip install)."""
+
+
+class ExportError(QswapError):
+    """A model cannot be exported as asked (uncalibrated, or a grid the target format cannot
+    express), or an exported graph file is missing or unreadable (names the site or the file)."""

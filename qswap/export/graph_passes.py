@@ -1,0 +1,76 @@
+"""Rewrites of an exported ONNX graph before it is written.
+
+``fold_constant_scales``: ``DequantizeLinear(q, s, z) * c`` with a positive scalar constant
+``c`` (attention's ``q_quant(q) * scaling``, the encoder's ``embed_scale * embed_quant(x)``)
+becomes ``DequantizeLinear(q, s * c, z)``: the product stays on a grid, rescaled, as
+``qswap.nn.attention`` says integer hardware folds it into the requantization multiplier. The
+values differ from the fake-quant model's ``(q - z) * s * c`` only by float32 rounding of
+``s * c`` (one ulp), and onnxruntime can then run the following matmul on integers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def fold_constant_scales(model) -> int:
+    """Fold every positive scalar ``Mul`` after a single-reader DequantizeLinear into its
+    scale (in place). Returns the number of folds."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    values = _constants(graph, producer)
+    folded = []
+    for mul in graph.node:
+        if mul.op_type != "Mul":
+            continue
+        for a, b in ((0, 1), (1, 0)):
+            dq, c = producer.get(mul.input[a]), values(mul.input[b])
+            if not (dq is not None and dq.op_type == "DequantizeLinear" and _positive_scalar(c)
+                    and len(readers.get(dq.output[0], [])) == 1 and values(dq.input[1]) is not None):
+                continue
+            scale = values(dq.input[1]).astype(np.float32)
+            new = numpy_helper.from_array((scale * np.float32(c.reshape(()))).astype(np.float32),
+                                          f"{dq.name}/scale_times_{mul.name}")
+            graph.initializer.append(new)
+            dq.input[1] = new.name
+            for reader in readers.get(mul.output[0], []):
+                for i, name in enumerate(reader.input):
+                    if name == mul.output[0]:
+                        reader.input[i] = dq.output[0]
+            for i, out in enumerate(graph.output):
+                if out.name == mul.output[0]:
+                    dq.output[0] = out.name  # keep the graph output's name
+            folded.append(mul)
+            break
+    for mul in folded:
+        graph.node.remove(mul)
+    return len(folded)
+
+
+def _positive_scalar(c) -> bool:
+    return (c is not None and c.size == 1 and np.issubdtype(c.dtype, np.floating)
+            and np.isfinite(c).all() and float(c.reshape(())) > 0)
+
+
+def _constants(graph, producer):
+    """A lookup of the constant value of a tensor name (initializer, Constant node, or an
+    Identity of one; torch's exporter shares equal initializers through Identity), else None."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in graph.initializer}
+
+    def value(name: str):
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        node = producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        if node is not None and node.op_type == "Identity":
+            return value(node.input[0])
+        return None
+    return value

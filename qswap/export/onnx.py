@@ -1,0 +1,184 @@
+"""Export a calibrated qswap speech-to-text encoder as an ONNX QDQ graph with qswap's own grids.
+
+Every quantized operand of the fake-quant model becomes QuantizeLinear -> DequantizeLinear with the
+frozen scale and zero point of its qswap quantizer (no re-calibration by onnxruntime); weights
+are int8 initializers and biases int32 initializers, each read by a DequantizeLinear. The padding
+mask enters the graph only through the source lengths: attention masks it with a boolean
+``Where``/masked fill after the softmax input quantizer, so -inf never reaches a quantizer.
+
+>>> export_encoder(qmodel, "encoder.onnx", example_net_input)
+>>> session = load_session("encoder.onnx")
+>>> encoder_out, padding_mask = run_encoder(session, src_tokens, src_lengths)
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qswap.errors import DependencyError, ExportError
+from qswap.export.graph_passes import fold_constant_scales
+from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
+from qswap.io.atomic import atomic_write_bytes
+from qswap.quant.fake_quantize import FakeQuantize
+
+OPSET = 17
+INPUTS = ("src_tokens", "src_lengths")
+OUTPUTS = ("encoder_out", "encoder_padding_mask")
+
+
+class EncoderGraph(nn.Module):
+    """qswap's S2T transformer encoder counterpart as a graph of tensors: (B, T, F) features and
+    (B,) lengths -> the encoder output (T', B, E) and its padding mask (B, T') as booleans (True
+    = padding).
+
+    The steps are ``QS2TTransformerEncoder._forward`` (eval mode, no intermediate states) but for
+    the padding mask, which fairseq sizes with ``max(lengths).item()`` (a constant in a trace):
+    here it is sized by the subsampled time axis, the same in every batch fairseq accepts (the
+    longest utterance fills the padded time axis).
+    """
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        from qswap.nn.fairseq.models import QS2TTransformerEncoder
+
+        if not isinstance(encoder, QS2TTransformerEncoder):
+            raise ExportError(f"exporting a {type(encoder).__name__} encoder is not supported yet; "
+                              f"the ONNX export covers qswap's conversion of fairseq's "
+                              f"S2TTransformerEncoder (convert the model with qswap.convert first)")
+        self.encoder = encoder
+
+    def forward(self, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
+        enc = self.encoder
+        x, lengths = enc.subsample(src_tokens, src_lengths)  # (T', B, C), (B,)
+        x = enc.embed_scale * enc.embed_quant(x)
+        frames = torch.arange(x.shape[0], device=x.device)  # (T',)
+        padding = frames.unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T') bool
+        x = x + enc.embed_positions(padding).transpose(0, 1)  # (T', B, C)
+        for layer in enc.transformer_layers:
+            x = layer(x, padding)
+        if enc.layer_norm is not None:
+            x = enc.layer_norm(x)
+        return x, padding
+
+
+def check_calibrated(model: nn.Module) -> None:
+    """A typed error unless at least one quantizer of ``model`` has a frozen grid (a model that
+    was converted but never calibrated would export observer defaults)."""
+    quantizers = [m for m in model.modules() if isinstance(m, FakeQuantize) and m.kind == "activation"]
+    if not quantizers:
+        raise ExportError("the model has no qswap activation quantizers; convert it with a recipe "
+                          "(qswap.convert) and calibrate it (qswap.calibrate) before exporting")
+    if not any(q.initialized and bool(q.frozen) for q in quantizers):
+        raise ExportError("the model is not calibrated (no activation quantizer has a frozen grid); "
+                          "run qswap.calibrate on it, or load a calibrated checkpoint, then export")
+
+
+def export_encoder(qmodel: nn.Module, path: "str | os.PathLike[str]", example: dict,
+                   opset: int = OPSET, *, allow_float: bool = False) -> Path:
+    """Write ``qmodel.encoder`` (a calibrated qswap conversion of a fairseq s2t model) to ``path``
+    as an ONNX QDQ graph with dynamic batch and time axes. ``example`` is a ``net_input`` (its
+    ``src_tokens`` and ``src_lengths`` are traced). The caller's model is not modified. The
+    sinusoidal position table is exported at its current size (``max_source_positions``): longer
+    inputs are outside the graph, as they are outside the model's trained range.
+    Raises ExportError naming the site for an uncalibrated quantizer on the encoder's path or
+    a grid ONNX QDQ cannot express. ``allow_float`` exports a model without quantizers too (a
+    conversion with identity quantizers gives the float graph of the same structure, the
+    reference of speed comparisons)."""
+    if not allow_float:
+        check_calibrated(qmodel)
+    graph = EncoderGraph(copy.deepcopy(qmodel.encoder)).eval()
+    return trace_to_onnx(graph, tuple(example[k] for k in INPUTS), path, INPUTS, OUTPUTS,
+                         {"src_tokens": {0: "batch", 1: "frames"}, "src_lengths": {0: "batch"},
+                          "encoder_out": {0: "out_frames", 1: "batch"},
+                          "encoder_padding_mask": {0: "batch", 1: "out_frames"}}, opset)
+
+
+def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]", inputs: tuple,
+                  outputs: tuple, dynamic_axes: dict, opset: int = OPSET) -> Path:
+    """Swap ``graph``'s quantizers for their ONNX stand-ins (in place: pass a copy), record the
+    weight and bias codes with one eager forward on ``args``, trace, and write ``path`` atomically."""
+    stand_ins = swap_in_stand_ins(graph)
+    with torch.no_grad(), warnings.catch_warnings():
+        # the Python booleans the trace fixes (beam size 1, the position table's size) are
+        # constant for one graph: the tracer's warnings about them say nothing to act on
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        _record(graph, stand_ins, args)
+        buffer = io.BytesIO()
+        torch.onnx.export(graph, args, buffer, dynamo=False, opset_version=opset,
+                          input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic_axes)
+    model = _onnx_module().load_model_from_string(buffer.getvalue())
+    fold_constant_scales(model)
+    path = Path(path)
+    atomic_write_bytes(path, model.SerializeToString())
+    return path
+
+
+def _record(graph: nn.Module, stand_ins: list[nn.Module], args: tuple) -> None:
+    """One eager forward that records the integer codes of every weight and bias it uses."""
+    recorders = [m for m in stand_ins if isinstance(m, (WeightDQ, BiasDQ))]
+    for m in recorders:
+        m.recording = True
+    try:
+        graph(*args)
+    finally:
+        for m in recorders:
+            m.recording = False
+
+
+def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_path: str | None = None,
+                 level: str = "extended"):
+    """An onnxruntime CPU session of the graph at ``path``; ExportError for a missing or
+    unreadable graph file, DependencyError when onnxruntime is not installed."""
+    ort = _onnxruntime()
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no ONNX graph there; export one with qswap.export.export_encoder")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    options.graph_optimization_level = _LEVELS[level](ort)
+    options.log_severity_level = 3  # errors only: onnxruntime's warnings go to stderr, not to logging
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException types
+        raise ExportError(f"{path}: onnxruntime cannot load this graph ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); re-export it") from e
+
+
+_LEVELS = {
+    "disabled": lambda ort: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def run_encoder(session, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
+    """The encoder graph's outputs as torch tensors: (T', B, E) floats and (B, T') booleans."""
+    out, padding = session.run(list(OUTPUTS), {"src_tokens": src_tokens.numpy(),
+                                               "src_lengths": src_lengths.numpy()})
+    return torch.from_numpy(out), torch.from_numpy(padding)
+
+
+def _onnx_module():
+    try:
+        import onnx
+    except ImportError as e:
+        raise DependencyError("exporting ONNX graphs needs onnx: pip install onnx==1.23.2") from e
+    return onnx
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise DependencyError("running exported graphs needs onnxruntime: pip install "
+                              "onnxruntime==1.32.0") from e
+    return onnxruntime

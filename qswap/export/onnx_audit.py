@@ -1,0 +1,187 @@
+"""Deploy honesty: which nodes of an exported graph still compute in float once onnxruntime has
+optimized it for CPU (its QDQ fusions turn DequantizeLinear -> op -> QuantizeLinear groups into
+integer kernels; whatever it cannot fuse runs on floats).
+
+Every node of the optimized graph falls in one bucket:
+
+===========  ===============================================================================
+bucket       nodes
+===========  ===============================================================================
+integer      integer kernels (QLinear*, MatMulInteger, ConvInteger, MatMulIntegerToFloat...)
+quantize     QuantizeLinear / DequantizeLinear (conversions between the grid and floats)
+movement     data movement and selection (Reshape, Transpose, Gather, Concat, Where...)
+index        arithmetic on integer or boolean tensors only (shapes, lengths, masks)
+float        everything else: compute on float tensors, or an op this audit has no rule for
+===========  ===============================================================================
+
+>>> report = audit_onnx("encoder.onnx", site_prefix="encoder.")
+>>> report.integer_count, [n.site for n in report.float_nodes]
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qswap.errors import DependencyError
+from qswap.export.onnx import load_session
+
+REPORT_VERSION = 1
+INTEGER_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearSoftmax", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
+    "QLinearReduceMean", "QLinearWhere", "QAttention", "QEmbedLayerNormalization", "QLinearGelu"})
+QUANTIZE_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+MOVEMENT_OPS = frozenset({
+    "Reshape", "Transpose", "Gather", "GatherElements", "GatherND", "Unsqueeze", "Squeeze", "Concat",
+    "Split", "Slice", "Shape", "Size", "Identity", "Expand", "Flatten", "Constant", "ConstantOfShape",
+    "Range", "Where", "Tile", "Pad", "MaxPool"})
+_FLOAT_TYPES = frozenset({1, 10, 11, 16})  # onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+@dataclass
+class FloatNode:
+    """One node of the optimized graph that computes on floats."""
+
+    name: str
+    op_type: str
+    site: str  # the qswap module the node came from, read from its name ("" when unknown)
+    reason: str  # "float tensors" or "no rule for this op"
+
+
+@dataclass
+class DeployReport:
+    """What onnxruntime's CPU optimization of an exported graph computes in integers and in floats.
+
+    ``claims_honest``: whether the fake-quant model's audit said honest (None: not given); a
+    claim of honest with float nodes in the deployed graph is reported by ``verdict``.
+    """
+
+    graph: str
+    optimization: str
+    nodes: int
+    buckets: dict[str, int] = field(default_factory=dict)
+    integer_ops: dict[str, int] = field(default_factory=dict)
+    float_ops: dict[str, int] = field(default_factory=dict)
+    float_nodes: list[FloatNode] = field(default_factory=list)
+    claims_honest: bool | None = None
+    version: int = REPORT_VERSION
+
+    @property
+    def integer_count(self) -> int:
+        return self.buckets.get("integer", 0)
+
+    @property
+    def float_count(self) -> int:
+        return len(self.float_nodes)
+
+    @property
+    def verdict(self) -> str:
+        if not self.float_nodes:
+            return "integer"
+        if self.claims_honest:
+            return f"claims honest, deploys {self.float_count} float nodes"
+        return f"{self.float_count} float nodes"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "verdict": self.verdict, "integer_count": self.integer_count,
+                "float_count": self.float_count}
+
+    def to_json(self, indent: int = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_markdown(self, max_rows: int | None = None) -> str:
+        lines = [f"# Deploy honesty: {self.graph}", "",
+                 f"onnxruntime CPU, optimization {self.optimization}: **{self.verdict}**; "
+                 f"{self.nodes} nodes, {self.integer_count} integer.", "",
+                 "| bucket | nodes |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in self.buckets.items()]
+        lines += ["", "| float node | op | qswap site | why |", "|---|---|---|---|"]
+        rows = self.float_nodes if max_rows is None else self.float_nodes[:max_rows]
+        lines += [f"| `{n.name}` | {n.op_type} | `{n.site}` | {n.reason} |" for n in rows]
+        if len(rows) < len(self.float_nodes):
+            lines.append(f"| ... {len(self.float_nodes) - len(rows)} more | | | |")
+        return "\n".join(lines) + "\n"
+
+
+def audit_onnx(path: "str | os.PathLike[str]", *, level: str = "extended", site_prefix: str = "",
+               claims_honest: bool | None = None) -> DeployReport:
+    """Optimize the graph at ``path`` as an onnxruntime CPU session does (``level``: "basic",
+    "extended" or "all"), save the optimized graph, and classify its nodes. ``site_prefix`` is put
+    before the module path read from a node's name (``"encoder."`` for an exported encoder).
+    Raises ExportError for a missing or unreadable graph file."""
+    onnx = _onnx()
+    with tempfile.TemporaryDirectory(prefix="qswap-ort-") as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        load_session(path, optimized_path=str(optimized), level=level)
+        model = onnx.load(str(optimized))
+    model = onnx.shape_inference.infer_shapes(model)  # dtypes of the standard ops' tensors
+    dtypes = _tensor_types(model)
+    report = DeployReport(graph=Path(path).name, optimization=level, nodes=len(model.graph.node),
+                          claims_honest=claims_honest)
+    buckets: Counter = Counter()
+    integer_ops: Counter = Counter()
+    float_ops: Counter = Counter()
+    for node in model.graph.node:
+        bucket, reason = _classify(node, dtypes)
+        buckets[bucket] += 1
+        if bucket == "integer":
+            integer_ops[node.op_type] += 1
+        elif bucket == "float":
+            float_ops[node.op_type] += 1
+            report.float_nodes.append(FloatNode(node.name, node.op_type, site_of(node.name, site_prefix),
+                                                reason))
+    report.buckets = {k: buckets.get(k, 0) for k in ("integer", "quantize", "movement", "index", "float")}
+    report.integer_ops, report.float_ops = dict(integer_ops), dict(float_ops)
+    return report
+
+
+def _classify(node, dtypes: dict[str, int]) -> tuple[str, str]:
+    if node.op_type in INTEGER_OPS:
+        return "integer", ""
+    if node.op_type in QUANTIZE_OPS:
+        return "quantize", ""
+    if node.op_type in MOVEMENT_OPS:
+        return "movement", ""
+    types = [dtypes.get(name) for name in (*node.input, *node.output) if name]
+    if any(t in _FLOAT_TYPES for t in types):
+        return "float", "float tensors"
+    if types and all(t is not None for t in types):
+        return "index", ""
+    return "float", "no rule for this op"  # an unknown op on tensors of unknown type: a finding
+
+
+def _tensor_types(model) -> dict[str, int]:
+    graph = model.graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        elem = info.type.tensor_type.elem_type
+        if elem:
+            types[info.name] = elem
+    return types
+
+
+def site_of(node_name: str, prefix: str = "") -> str:
+    """The qswap module path in a node name written by torch's exporter: the components before
+    the first op name (capitalized), ``/transformer_layers.0/self_attn/core/MatMul/MatMulScaleFusion/``
+    -> ``transformer_layers.0.self_attn.core``; onnxruntime names a fused node after the node the
+    fusion starts from. "" when the name has no module path."""
+    parts = []
+    for part in (p for p in node_name.split("/") if p):
+        if part[:1].isupper():
+            break
+        parts.append(part)
+    return prefix + ".".join(parts) if parts else ""
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError as e:
+        raise DependencyError("the deploy audit needs onnx: pip install onnx==1.23.2") from e
+    return onnx
