@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "sensitivity": "qswap.cli.sensitivity_cmd",
     "search": "qswap.cli.search_cmd",
     "recipes": "qswap.cli.recipes_cmd",
+    "export": "qswap.cli.export_cmd",
 }
 EXIT_OK, EXIT_VERDICT, EXIT_USAGE = 0, 1, 2
 
