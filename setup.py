@@ -21,4 +21,5 @@ setup(
         "rich",
         "kaldi-native-fbank",
     ],
+    extras_require={"test": ["pytest", "hypothesis==6.170.17"]},  # property tests of integer ops
 )

@@ -68,3 +68,8 @@ class BudgetError(QswapError, ValueError):
 
 class DependencyError(QswapError, ImportError):
     """An optional package a requested feature needs is not installed (names the pip install)."""
+
+
+class IntegerizeError(QswapError, ValueError):
+    """A model or op cannot run in integer arithmetic as asked (a module without an integer form,
+    an uncalibrated grid, a value beyond an integer op's stated overflow bound)."""
