@@ -54,6 +54,24 @@ class QLinear(_Weighted):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
+    def to_integer(self, out: "Grid") -> "IntegerLinear":
+        """The integer form of this QLinear writing codes of the grid ``out`` (its consumer's input
+        grid): int8 weight codes, int32 bias codes at ``s_in * s_w`` (the BiasQuantize rounding),
+        requantization by ``s_in * s_w / s_out`` per tensor or per output channel."""
+        from qswap.quant.integer import Grid, Requant, check_bound, weight_codes
+        grid_in = Grid.of(self.input_quant)
+        w_codes, w_scale = weight_codes(self.weight_quant, self.weight)
+        acc_scale = torch.tensor(grid_in.scale, dtype=torch.float32) * w_scale  # float32, as BiasQuantize
+        bias = None
+        if self.bias is not None:
+            bias = torch.round(self.bias.detach() / acc_scale).clamp(-(2 ** 31), 2 ** 31 - 1).to(torch.int32)
+        span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
+        bias_max = 0 if bias is None else int(bias.to(torch.int64).abs().max())
+        check_bound(f"QLinear({self.in_features} -> {self.out_features})",
+                    self.in_features * span * int(w_codes.to(torch.int64).abs().max()) + bias_max)
+        requant = Requant.from_scales(acc_scale.double() / out.scale, out.zero_point, out.qmin, out.qmax)
+        return IntegerLinear(grid_in.zero_point, w_codes, bias, requant)
+
 
 def _weight_norm_dim(module: nn.Module) -> int | None:
     """The ``dim`` of a ``torch.nn.utils.weight_norm`` hook on ``module.weight``, else None."""
@@ -118,3 +136,22 @@ class QConv1d(_QConvNd):
 @register(nn.Conv2d)
 class QConv2d(_QConvNd):
     conv_fn = staticmethod(F.conv2d)
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+class IntegerLinear(nn.Module):
+    """``y = requant(sum_k (x_k - zp_in) w_k + b)``: int8 weights, int32 accumulation and bias
+    (bound checked when built: in_features * max|x - zp| * max|w| + max|b| < 2^31), gemmlowp
+    requantization (see ``qswap.quant.integer.requantize``), saturating to the output grid."""
+
+    def __init__(self, zero_point_in: int, weight: torch.Tensor, bias: torch.Tensor | None, requant):
+        super().__init__()
+        self.zero_point_in, self.requant = zero_point_in, requant
+        self.register_buffer("weight", weight)  # (out, in) int8 (int16 above 8 bits)
+        self.register_buffer("bias", bias)  # (out,) int32 or None
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        x = codes.to(torch.int32) - self.zero_point_in  # (..., in)
+        acc = F.linear(x, self.weight.to(torch.int32), None if self.bias is None else self.bias)  # (..., out)
+        return self.requant(acc, axis=-1)

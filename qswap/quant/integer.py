@@ -11,7 +11,8 @@ quantize_multiplier            half away from zero           M0 in [2^30, 2^31) 
 saturating_rounding_doubling   ties toward +inf (gemmlowp)   int64 product; saturates INT32_MIN^2
   _high_mul
 rounding_divide_by_pot         half away from zero           int32, never overflows
-requantize                     the two above                 int32 in, saturates to [qmin, qmax]
+requantize                     single: once, ties toward     int32 in, int64 product; saturates
+                               +inf; double: the two above   to [qmin, qmax]
 rescaled_add                   the two above, per operand    int32, bound in its docstring
 isqrt                          floor (exact)                 int64 in [0, 2^62]
 build_lut / apply_lut          half to even (like the grid)  table of the output dtype
@@ -31,6 +32,8 @@ from typing import Callable
 import torch
 
 from qswap.errors import IntegerizeError
+from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.primitives import quantize
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 _INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -127,43 +130,65 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor | int,
     return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, m0), right)
 
 
+def multiply_by_quantized_multiplier_single(x: torch.Tensor, m0: torch.Tensor | int,
+                                            shift: torch.Tensor | int) -> torch.Tensor:
+    """TFLite's single-rounding ``MultiplyByQuantizedMultiplier`` (``TFLITE_SINGLE_ROUNDING``):
+    ``(x * M0 + 2^(30 - shift)) >> (31 - shift)`` in int64 (|x * M0| < 2^62), i.e. ``x * real``
+    rounded once, ties toward +inf; the result saturates to int32. Returns int32."""
+    _check_int("x", x)
+    total = 31 - torch.as_tensor(shift, dtype=torch.int64)
+    prod = x.to(torch.int64) * torch.as_tensor(m0, dtype=torch.int64)
+    return ((prod + (torch.ones_like(total) << (total - 1))) >> total).clamp(INT32_MIN, INT32_MAX).to(torch.int32)
+
+
+ROUNDINGS = ("single", "double")
+
+
 @dataclass(frozen=True)
 class Requant:
     """A fixed-point rescaling to an output grid: ``M0`` and ``shift`` (Python ints per tensor,
-    int64 tensors per channel), the output zero point and code range."""
+    int64 tensors per channel), the output zero point and code range, and the rounding
+    (``requantize``)."""
 
     m0: torch.Tensor | int
     shift: torch.Tensor | int
     zero_point: int
     qmin: int
     qmax: int
+    rounding: str = "single"
 
     @classmethod
-    def from_scales(cls, real: float | torch.Tensor, zero_point: int, qmin: int, qmax: int) -> "Requant":
+    def from_scales(cls, real: float | torch.Tensor, zero_point: int, qmin: int, qmax: int,
+                    rounding: str = "single") -> "Requant":
         """``real`` = input scale / output scale (a Python float, or a 1-d tensor per channel)."""
         if isinstance(real, torch.Tensor) and real.numel() > 1:
             pairs = [quantize_multiplier(float(r)) for r in real.double().flatten()]
             m0 = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
             shift = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
-            return cls(m0, shift, int(zero_point), int(qmin), int(qmax))
+            return cls(m0, shift, int(zero_point), int(qmin), int(qmax), rounding)
         m0, shift = quantize_multiplier(float(real))
-        return cls(m0, shift, int(zero_point), int(qmin), int(qmax))
+        return cls(m0, shift, int(zero_point), int(qmin), int(qmax), rounding)
 
     def __call__(self, acc: torch.Tensor, axis: int = -1) -> torch.Tensor:
-        return requantize(acc, self.m0, self.shift, self.zero_point, self.qmin, self.qmax, axis)
+        return requantize(acc, self.m0, self.shift, self.zero_point, self.qmin, self.qmax, axis, self.rounding)
 
 
 def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | int, zero_point: int,
-               qmin: int, qmax: int, axis: int = -1) -> torch.Tensor:
+               qmin: int, qmax: int, axis: int = -1, rounding: str = "single") -> torch.Tensor:
     """An int32 accumulator onto an output grid: ``clamp(MBQM(acc, M0, shift) + zero_point,
     qmin, qmax)`` in the narrowest dtype holding [qmin, qmax].
 
     Per tensor: ``m0``/``shift`` are ints. Per channel: 1-d tensors of the size of ``acc``'s
-    ``axis``. Rounding happens twice, as in gemmlowp and TFLite's default build: ties toward +inf
-    in the high multiply, then half away from zero in the shift. The result is within one
-    output step of ``acc * real`` but can differ from its single rounding (263 * 0.15 = 39.45
-    gives 40: 157.8 -> 158, 158 / 4 = 39.5 -> 40). The input must fit int32 (a larger value raises); the
+    ``axis``. ``rounding="single"`` (the default; TFLite's ``TFLITE_SINGLE_ROUNDING``): ``acc *
+    real`` rounded once, ties toward +inf, so it equals the exactly rounded product except on a
+    tie (where the fake-quant grid rounds half to even) and within 2^-30 relative of one (M0's own
+    rounding). ``rounding="double"`` (gemmlowp and TFLite's default build): ties toward +inf in
+    the high multiply, then half away from zero in the shift; within one output step of
+    ``acc * real`` but it can differ from its single rounding (263 * 0.15 = 39.45 gives 40:
+    157.8 -> 158, 158 / 4 = 39.5 -> 40). The input must fit int32 (a larger value raises); the
     zero point is added in int64 and the sum saturates to [qmin, qmax]."""
+    if rounding not in ROUNDINGS:
+        raise IntegerizeError(f"requantize rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     _check_int("acc", acc)
     if acc.numel() and (int(acc.min()) < INT32_MIN or int(acc.max()) > INT32_MAX):
         raise IntegerizeError("requantize got an accumulator outside int32; the op overflowed its "
@@ -173,7 +198,8 @@ def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | 
         shape = [1] * acc.dim()
         shape[axis] = -1
         m0, shift = m0.reshape(shape), shift.reshape(shape)
-    scaled = multiply_by_quantized_multiplier(acc, m0, shift).to(torch.int64)
+    multiply = multiply_by_quantized_multiplier_single if rounding == "single" else multiply_by_quantized_multiplier
+    scaled = multiply(acc, m0, shift).to(torch.int64)
     return (scaled + zero_point).clamp(qmin, qmax).to(code_dtype(qmin, qmax))
 
 
@@ -263,7 +289,7 @@ class Grid:
     @classmethod
     def of(cls, quantizer) -> "Grid":
         """The grid of a calibrated per-tensor ``FakeQuantize``."""
-        if not (getattr(quantizer, "enabled", False) and quantizer.initialized):
+        if not (isinstance(quantizer, FakeQuantize) and quantizer.enabled and quantizer.initialized):
             raise IntegerizeError(f"{quantizer!r} has no grid: an integer op needs every operand "
                                   f"quantized and the model calibrated")
         if quantizer.scale.numel() != 1:
@@ -421,3 +447,33 @@ def integer_layer_norm(codes: torch.Tensor, params: LayerNormParams) -> torch.Te
     y = torch.sign(num) * torch.div(num.abs() + (d >> 1), d, rounding_mode="floor")
     acc = (y * params.gamma.to(torch.int64) + params.beta.to(torch.int64)).clamp(INT32_MIN, INT32_MAX)
     return params.out(acc.to(torch.int32))
+
+
+# -- from fake-quant modules (build time) ----------------------------------------------------------------
+
+def weight_codes(quantizer, weight: torch.Tensor, *, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of ``weight`` on its ``FakeQuantize`` grid (the same rounding as the fake-quant
+    forward) and the float scale per tensor () or per channel (C,), for building integer forms.
+    Symmetric weights only unless ``symmetric=False`` (a weight zero point needs cross terms
+    with the input's that integer forms do not compute yet); per-group grids are not supported."""
+    if not (isinstance(quantizer, FakeQuantize) and quantizer.enabled):
+        raise IntegerizeError("a weight without a quantizer stays float; quantize it in the recipe "
+                              "to run the op on integers")
+    spec = quantizer.spec
+    if spec.granularity == "per_group":
+        raise IntegerizeError(f"{spec.short()} weights are not integerized yet; use per_tensor or per_channel")
+    with torch.no_grad():
+        quantizer(weight)  # (re)derives the grid of the current weight
+        codes = quantize(weight, quantizer.scale, quantizer.zero_point, spec)
+    if symmetric and bool((quantizer.zero_point != 0).any()):
+        raise IntegerizeError(f"{spec.short()} weights have a zero point; integer forms need "
+                              f"symmetric weights (symmetric: true)")
+    return codes, quantizer.scale.detach().reshape(-1) if quantizer.scale.numel() > 1 else quantizer.scale.detach()
+
+
+def check_bound(what: str, bound: int, limit: int = INT32_MAX) -> None:
+    """Raise when an op's largest accumulator (``bound``, from the shapes and code ranges it was
+    built for) exceeds ``limit``."""
+    if bound > limit:
+        raise IntegerizeError(f"{what} can reach {bound} in its accumulator, beyond {limit}; "
+                              f"reduce the reduction length or the bit widths")

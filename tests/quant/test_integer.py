@@ -113,7 +113,8 @@ def test_float_input_is_refused():
 @given(st.integers(-2 ** 24, 2 ** 24), st.floats(1e-6, 0.99))
 def test_requantize_rounds_twice_as_gemmlowp_and_stays_within_one_step(acc, real):
     m0, shift = quantize_multiplier(real)
-    out = int(requantize(torch.tensor([acc], dtype=torch.int32), m0, shift, 3, -(2 ** 31), 2 ** 31 - 1)[0])
+    out = int(requantize(torch.tensor([acc], dtype=torch.int32), m0, shift, 3, -(2 ** 31), 2 ** 31 - 1,
+                         rounding="double")[0])
     high = math.floor(Fraction(acc * m0, 2 ** 31) + Fraction(1, 2))  # ties up
     assert out - 3 == round_half_away(Fraction(high, 2 ** -shift))  # then half away from zero
     exact = Fraction(acc) * m0 * Fraction(2) ** (shift - 31)
@@ -123,7 +124,22 @@ def test_requantize_rounds_twice_as_gemmlowp_and_stays_within_one_step(acc, real
 def test_requantize_double_rounding_example():
     # 263 * 0.15 = 39.45: the high multiply gives 158 (157.8), the shift by 2 gives 39.5 -> 40
     m0, shift = quantize_multiplier(0.15)
-    assert requantize(i32(263), m0, shift, 0, -128, 127).tolist() == [40]
+    assert requantize(i32(263), m0, shift, 0, -128, 127, rounding="double").tolist() == [40]
+    assert requantize(i32(263), m0, shift, 0, -128, 127).tolist() == [39]  # single rounding
+
+
+@settings(deadline=None)
+@given(st.integers(INT32_MIN, INT32_MAX), st.floats(2.0 ** -31, 2.0 ** 20))
+def test_single_rounding_requantize_rounds_once_ties_up(acc, real):
+    m0, shift = quantize_multiplier(real)
+    out = int(requantize(torch.tensor([acc], dtype=torch.int32), m0, shift, 0, INT32_MIN, INT32_MAX)[0])
+    exact = Fraction(acc * m0) * Fraction(2) ** (shift - 31)
+    assert out == min(max(math.floor(exact + Fraction(1, 2)), INT32_MIN), INT32_MAX)
+
+
+def test_single_rounding_ties():
+    m0, shift = quantize_multiplier(0.5)  # x / 2
+    assert requantize(i32(1, -1, 3, -3), m0, shift, 0, -128, 127).tolist() == [1, 0, 2, -1]
 
 
 def test_requantize_per_channel_and_saturation():
@@ -136,11 +152,15 @@ def test_requantize_per_channel_and_saturation():
 
 def test_requantize_at_the_int32_bound():
     m0, shift = quantize_multiplier(1.0 - 2.0 ** -30)
-    out = requantize(i32(INT32_MAX, INT32_MIN), m0, shift, 0, INT32_MIN, INT32_MAX)
-    assert out.tolist() == [INT32_MAX - 2, INT32_MIN + 2]
-    m0, shift = quantize_multiplier(4.0)  # the left shift saturates the operand to int32 first:
-    assert requantize(i32(INT32_MAX), m0, shift, 0, INT32_MIN, INT32_MAX).tolist() == [2 ** 30]
-    assert requantize(i32(INT32_MAX, 2 ** 27, -2 ** 27), m0, shift, 0, -128, 127).tolist() == [127, 127, -128]
+    for rounding in ("single", "double"):
+        out = requantize(i32(INT32_MAX, INT32_MIN), m0, shift, 0, INT32_MIN, INT32_MAX, rounding=rounding)
+        assert out.tolist() == [INT32_MAX - 2, INT32_MIN + 2]
+    m0, shift = quantize_multiplier(4.0)  # double: the left shift saturates the operand to int32 first
+    assert requantize(i32(INT32_MAX), m0, shift, 0, INT32_MIN, INT32_MAX, rounding="double").tolist() == [2 ** 30]
+    assert requantize(i32(INT32_MAX), m0, shift, 0, INT32_MIN, INT32_MAX).tolist() == [INT32_MAX]  # single
+    for rounding in ("single", "double"):
+        out = requantize(i32(INT32_MAX, 2 ** 27, -2 ** 27), m0, shift, 0, -128, 127, rounding=rounding)
+        assert out.tolist() == [127, 127, -128]
     with pytest.raises(IntegerizeError, match="outside int32"):
         requantize(torch.tensor([2 ** 31], dtype=torch.int64), m0, shift, 0, -128, 127)
 
