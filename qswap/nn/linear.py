@@ -54,10 +54,12 @@ class QLinear(_Weighted):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
-    def to_integer(self, out: "Grid") -> "IntegerLinear":
+    def to_integer(self, out: "Grid | None") -> "IntegerLinear":
         """The integer form of this QLinear writing codes of the grid ``out`` (its consumer's input
         grid): int8 weight codes, int32 bias codes at ``s_in * s_w`` (the BiasQuantize rounding),
-        requantization by ``s_in * s_w / s_out`` per tensor or per output channel."""
+        requantization by ``s_in * s_w / s_out`` per tensor or per output channel. With ``out``
+        None (a model's last op) it returns the int32 accumulator, whose scale is
+        ``IntegerLinear.acc_scale``."""
         from qswap.quant.integer import Grid, Requant, check_bound, weight_codes
         grid_in = Grid.of(self.input_quant)
         w_codes, w_scale = weight_codes(self.weight_quant, self.weight)
@@ -69,8 +71,9 @@ class QLinear(_Weighted):
         bias_max = 0 if bias is None else int(bias.to(torch.int64).abs().max())
         check_bound(f"QLinear({self.in_features} -> {self.out_features})",
                     self.in_features * span * int(w_codes.to(torch.int64).abs().max()) + bias_max)
-        requant = Requant.from_scales(acc_scale.double() / out.scale, out.zero_point, out.qmin, out.qmax)
-        return IntegerLinear(grid_in.zero_point, w_codes, bias, requant)
+        requant = None if out is None else Requant.from_scales(acc_scale.double() / out.scale, out.zero_point,
+                                                               out.qmin, out.qmax)
+        return IntegerLinear(grid_in.zero_point, w_codes, bias, requant, acc_scale)
 
 
 def _weight_norm_dim(module: nn.Module) -> int | None:
@@ -143,15 +146,19 @@ class QConv2d(_QConvNd):
 class IntegerLinear(nn.Module):
     """``y = requant(sum_k (x_k - zp_in) w_k + b)``: int8 weights, int32 accumulation and bias
     (bound checked when built: in_features * max|x - zp| * max|w| + max|b| < 2^31), gemmlowp
-    requantization (see ``qswap.quant.integer.requantize``), saturating to the output grid."""
+    requantization (see ``qswap.quant.integer.requantize``), saturating to the output grid; or the
+    int32 accumulator itself when built without an output grid (``acc_scale``: its float scale,
+    for the declared float step at a model's end)."""
 
-    def __init__(self, zero_point_in: int, weight: torch.Tensor, bias: torch.Tensor | None, requant):
+    def __init__(self, zero_point_in: int, weight: torch.Tensor, bias: torch.Tensor | None, requant,
+                 acc_scale: torch.Tensor):
         super().__init__()
         self.zero_point_in, self.requant = zero_point_in, requant
         self.register_buffer("weight", weight)  # (out, in) int8 (int16 above 8 bits)
         self.register_buffer("bias", bias)  # (out,) int32 or None
+        self.register_buffer("acc_scale", acc_scale)  # () or (out,) float32: build/output use only
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         x = codes.to(torch.int32) - self.zero_point_in  # (..., in)
-        acc = F.linear(x, self.weight.to(torch.int32), None if self.bias is None else self.bias)  # (..., out)
-        return self.requant(acc, axis=-1)
+        acc = F.linear(x, self.weight.to(torch.int32), self.bias)  # (..., out) int32
+        return acc if self.requant is None else self.requant(acc, axis=-1)
