@@ -60,9 +60,9 @@ def _skipped(module: nn.Module) -> bool:
 
 
 def _unsupported(qmodel: nn.Module) -> list[str]:
-    """'path (Class)' of every counterpart without an integer form."""
-    return [f"{name or '(root)'} ({type(m).__name__})" for name, m in qmodel.named_modules()
-            if isinstance(m, QuantModule) and not callable(getattr(m, "to_integer", None))]
+    """'path (Class)' of every counterpart below the root without an integer form."""
+    return [f"{name} ({type(m).__name__})" for name, m in qmodel.named_modules()
+            if name and isinstance(m, QuantModule) and not callable(getattr(m, "to_integer", None))]
 
 
 def integerize(qmodel: nn.Module) -> IntegerModel:

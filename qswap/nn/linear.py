@@ -60,20 +60,8 @@ class QLinear(_Weighted):
         requantization by ``s_in * s_w / s_out`` per tensor or per output channel. With ``out``
         None (a model's last op) it returns the int32 accumulator, whose scale is
         ``IntegerLinear.acc_scale``."""
-        from qswap.quant.integer import Grid, Requant, check_bound, weight_codes
-        grid_in = Grid.of(self.input_quant)
-        w_codes, w_scale = weight_codes(self.weight_quant, self.weight)
-        acc_scale = torch.tensor(grid_in.scale, dtype=torch.float32) * w_scale  # float32, as BiasQuantize
-        bias = None
-        if self.bias is not None:
-            bias = torch.round(self.bias.detach() / acc_scale).clamp(-(2 ** 31), 2 ** 31 - 1).to(torch.int32)
-        span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
-        bias_max = 0 if bias is None else int(bias.to(torch.int64).abs().max())
-        check_bound(f"QLinear({self.in_features} -> {self.out_features})",
-                    self.in_features * span * int(w_codes.to(torch.int64).abs().max()) + bias_max)
-        requant = None if out is None else Requant.from_scales(acc_scale.double() / out.scale, out.zero_point,
-                                                               out.qmin, out.qmax)
-        return IntegerLinear(grid_in.zero_point, w_codes, bias, requant, acc_scale)
+        from qswap.quant.integer import Grid
+        return integer_linear(self.weight_quant, self.weight, self.bias, Grid.of(self.input_quant), out)
 
 
 def _weight_norm_dim(module: nn.Module) -> int | None:
@@ -142,6 +130,25 @@ class QConv2d(_QConvNd):
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, grid_in,
+                   out) -> "IntegerLinear":
+    """``IntegerLinear`` of ``F.linear(x, weight_quant(weight), bias)`` with ``x`` on ``grid_in``
+    writing onto ``out`` (or the int32 accumulator when ``out`` is None)."""
+    from qswap.quant.integer import Requant, check_bound, weight_codes
+    w_codes, w_scale = weight_codes(weight_quant, weight)
+    acc_scale = torch.tensor(grid_in.scale, dtype=torch.float32) * w_scale  # float32, as BiasQuantize
+    codes = None
+    if bias is not None:
+        codes = torch.round(bias.detach() / acc_scale).clamp(-(2 ** 31), 2 ** 31 - 1).to(torch.int32)
+    span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
+    bias_max = 0 if codes is None else int(codes.to(torch.int64).abs().max())
+    check_bound(f"Linear({weight.shape[1]} -> {weight.shape[0]})",
+                weight.shape[1] * span * int(w_codes.to(torch.int64).abs().max()) + bias_max)
+    requant = None if out is None else Requant.from_scales(acc_scale.double() / out.scale, out.zero_point,
+                                                           out.qmin, out.qmax)
+    return IntegerLinear(grid_in.zero_point, w_codes, codes, requant, acc_scale)
+
 
 class IntegerLinear(nn.Module):
     """``y = requant(sum_k (x_k - zp_in) w_k + b)``: int8 weights, int32 accumulation and bias

@@ -208,39 +208,50 @@ def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | 
 @dataclass(frozen=True)
 class AddParams:
     """TFLite's quantized ADD: both operands shifted left by ``left_shift``, rescaled to the grid
-    of twice the larger input scale, added in int32, then requantized to the output grid."""
+    of twice the larger input scale, added in int32 (the sum's grid: ``sum_scale``), then
+    requantized to the output grid (``out``; None keeps the int32 sum, e.g. a residual stream
+    read by several consumers)."""
 
     left_shift: int
     a: tuple[int, int]
     b: tuple[int, int]
-    out: Requant
+    sum_scale: float
+    out: Requant | None
 
     @classmethod
-    def build(cls, scale_a: float, scale_b: float, scale_out: float, zero_point_out: int,
-              qmin: int, qmax: int, input_bits: int = 8) -> "AddParams":
+    def build(cls, scale_a: float, scale_b: float, scale_out: float | None = None, zero_point_out: int = 0,
+              qmin: int = INT32_MIN, qmax: int = INT32_MAX, input_bits: int = 8) -> "AddParams":
         """``left_shift = 28 - input_bits`` (20 for 8-bit inputs, TFLite's value) keeps
         ``|q - zp| << left_shift`` below 2^28: inputs of at most 16 bits."""
         if not 2 <= input_bits <= 16:
             raise IntegerizeError(f"rescaled_add takes inputs of 2 to 16 bits, got {input_bits}")
         left = 28 - input_bits
         twice_max = 2.0 * max(scale_a, scale_b)
-        out = Requant.from_scales(twice_max / (2 ** left * scale_out), zero_point_out, qmin, qmax)
-        return cls(left, quantize_multiplier(scale_a / twice_max), quantize_multiplier(scale_b / twice_max), out)
+        sum_scale = twice_max / 2 ** left
+        out = None if scale_out is None else Requant.from_scales(sum_scale / scale_out, zero_point_out, qmin, qmax)
+        return cls(left, quantize_multiplier(scale_a / twice_max), quantize_multiplier(scale_b / twice_max),
+                   sum_scale, out)
 
 
-def rescaled_add(qa: torch.Tensor, zp_a: int, qb: torch.Tensor, zp_b: int, params: AddParams) -> torch.Tensor:
-    """``s_a (qa - zp_a) + s_b (qb - zp_b)`` on the output grid, integers only.
+def rescaled_sum(qa: torch.Tensor, zp_a: int, qb: torch.Tensor, zp_b: int, params: AddParams) -> torch.Tensor:
+    """``s_a (qa - zp_a) + s_b (qb - zp_b)`` as int32 on the grid ``params.sum_scale``.
 
     Each operand: ``(q - zp) << left_shift`` (exact: |q - zp| < 2^input_bits, so the value is
-    below 2^28), times its multiplier (<= 0.5, so below 2^27 in magnitude, ties toward +inf then
-    half away from zero); the int32 sum is below 2^28 (no overflow); the output requantization
-    saturates to [qmin, qmax]."""
+    below 2^28), times its multiplier (<= 0.5, so below 2^27 in magnitude; gemmlowp rounding:
+    ties toward +inf then half away from zero); the int32 sum is below 2^28 (no overflow)."""
     _check_int("qa", qa)
     _check_int("qb", qb)
     left = params.left_shift
     a = multiply_by_quantized_multiplier((qa.to(torch.int32) - zp_a) << left, *params.a)
     b = multiply_by_quantized_multiplier((qb.to(torch.int32) - zp_b) << left, *params.b)
-    return params.out(a + b)
+    return a + b
+
+
+def rescaled_add(qa: torch.Tensor, zp_a: int, qb: torch.Tensor, zp_b: int, params: AddParams) -> torch.Tensor:
+    """``rescaled_sum`` requantized onto the output grid (saturating to [qmin, qmax])."""
+    if params.out is None:
+        raise IntegerizeError("rescaled_add needs AddParams built with an output scale")
+    return params.out(rescaled_sum(qa, zp_a, qb, zp_b, params))
 
 
 # -- integer square root -------------------------------------------------------------------------------

@@ -67,6 +67,12 @@ class Projection(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
 
+    def to_integer(self, grid_in, out):
+        """``IntegerLinear`` of this projection: input codes on ``grid_in`` (its owner's input
+        quantizer), output codes on ``out`` (the core's q/k/v grid)."""
+        from qswap.nn.linear import integer_linear
+        return integer_linear(self.weight_quant, self.weight, self.bias, grid_in, out)
+
 
 @register(MultiheadAttention)
 class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
@@ -225,3 +231,42 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
         kind = ("self" if self.self_attention else "encoder-decoder"
                 if self.encoder_decoder_attention else "generic")
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, {kind}"
+
+    def to_integer(self, out) -> "IntegerSelfAttention":
+        """The integer form of a self-attention writing codes of ``out`` (the layer's attn_out
+        grid): q/k/v projections onto the core's grids, ``QuantAttentionCore.to_integer``, the out
+        projection. Batch forward with a key padding mask; no incremental state, bias_kv or
+        zero attention yet (issue 16)."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import Grid
+        if not self.self_attention or self.bias_k is not None or self.add_zero_attn:
+            raise IntegerizeError("only plain self-attention has an integer form so far (issue 16)")
+        grid_in, core = Grid.of(self.input_quant), self.core
+        projections = [p.to_integer(grid_in, Grid.of(quant)) for p, quant in
+                       ((self.q_proj, core.q_quant), (self.k_proj, core.k_quant), (self.v_proj, core.v_quant))]
+        return IntegerSelfAttention(self.num_heads, projections, core.to_integer(self.scaling, Grid.of(
+            self.out_proj.input_quant)), self.out_proj.to_integer(out))
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+class IntegerSelfAttention(nn.Module):
+    """Self-attention on codes: projections, integer core, out projection (all int32 inside)."""
+
+    def __init__(self, num_heads: int, projections: list, core: nn.Module, out_proj: nn.Module):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj, self.k_proj, self.v_proj = projections
+        self.core, self.out_proj = core, out_proj
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """x: (T, B, E) codes on the input grid; key_padding_mask: (B, T) bool, True = padding.
+        Returns (T, B, E) codes on the output grid."""
+        length, bsz, _ = x.shape
+        q, k, v = (split_heads(p(x), self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B*H, T, D)
+        blocked = None
+        if key_padding_mask is not None:
+            pad = key_padding_mask.to(torch.bool).view(bsz, 1, 1, length)  # (B, 1, 1, S)
+            blocked = pad.expand(bsz, self.num_heads, 1, length).reshape(bsz * self.num_heads, 1, length)
+        context, _ = self.core(q, k, v, blocked)  # (B*H, T, D)
+        return self.out_proj(merge_heads(context, bsz))  # (T, B, E)
