@@ -60,9 +60,18 @@ def _skipped(module: nn.Module) -> bool:
 
 
 def _unsupported(qmodel: nn.Module) -> list[str]:
-    """'path (Class)' of every counterpart below the root without an integer form."""
-    return [f"{name} ({type(m).__name__})" for name, m in qmodel.named_modules()
-            if name and isinstance(m, QuantModule) and not callable(getattr(m, "to_integer", None))]
+    """'path (Class)' of every counterpart below the root without an integer form, not counting
+    those inside a module that has one (its integer form covers them)."""
+    covered: list[str] = []
+    found = []
+    for name, m in qmodel.named_modules():
+        if not name or any(name.startswith(c + ".") for c in covered):
+            continue
+        if callable(getattr(m, "to_integer", None)):
+            covered.append(name)
+        elif isinstance(m, QuantModule):
+            found.append(f"{name} ({type(m).__name__})")
+    return found
 
 
 def integerize(qmodel: nn.Module) -> IntegerModel:

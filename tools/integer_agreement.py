@@ -43,6 +43,15 @@ def _chain(module: nn.Module, x: torch.Tensor, recipe: str, width: int, rounding
         return form(first), reference
 
 
+def _conv(conv: nn.Sequential, x: torch.Tensor, recipe: str):
+    from qswap.quant.integer import Grid
+    q = _calibrated(nn.Sequential(*conv, nn.Linear(12 * 15, 4)), [x, x.flip(0)], recipe)
+    grid_out = Grid.of(q[2].input_quant)
+    with torch.no_grad():
+        reference = grid_out.quantize(q[2].input_quant(q[0](x)))
+    return q[0].to_integer(grid_out)(Grid.of(q[0].input_quant).quantize(x)), reference
+
+
 def _attention(recipe: str):
     from qswap.quant.integer import Grid
     x = torch.randn(12, 3, 32)
@@ -85,6 +94,29 @@ def _add():
     return rescaled_add(ga.quantize(a), ga.zero_point, gb.quantize(b), gb.zero_point, params), reference
 
 
+def _s2t_encoder(recipe: str):
+    """The integer encoder of a small untrained fairseq s2t_transformer (2 layers, dim 64) against
+    its fake-quant encoder, on valid frames, on the first decoder layer's key grid."""
+    import warnings
+
+    import qswap
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    from qswap.quant.integer import Grid
+    net_input = s2t_net_input()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = qswap.convert(build_s2t_transformer(seed=0), recipe)
+        qswap.calibrate(q, [net_input])
+    grid = Grid.of(q.decoder.layers[0].encoder_attn.key_quant)
+    encoder = q.encoder.to_integer(grid)
+    src, lengths = net_input["src_tokens"], net_input["src_lengths"]
+    codes, padding = encoder.forward_codes(encoder.quantize_input(src), lengths)
+    with torch.no_grad():
+        reference = grid.quantize(q.encoder(src, lengths)["encoder_out"][0])
+    valid = ~padding.T
+    return codes[valid], reference[valid]
+
+
 def measure() -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     """(op, recipe, integer codes, fake-quant codes) per row."""
     torch.manual_seed(0)
@@ -105,6 +137,10 @@ def measure() -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     x16 = torch.randn(16, 10, 16) * 2
     for act in (nn.ReLU(), nn.GELU(), nn.SiLU(), nn.Sigmoid(), nn.Tanh()):
         rows.append((f"{type(act).__name__} (table)", "w8a8", *_chain(act, x16, "w8a8", 16)))
+    rows.append(("GLU (2^-15 gate)", "w8a8", *_chain(nn.GLU(), torch.randn(16, 10, 32) * 2, "w8a8", 16)))
+    conv = nn.Sequential(nn.Conv1d(8, 12, 3, stride=2, padding=1), nn.Flatten())
+    for recipe in ("w8a8", "w4a8"):
+        rows.append(("QConv1d k3 s2", recipe, *_conv(conv, torch.randn(4, 8, 30), recipe)))
     rows.append(("Softmax over 30", "w8a8", *_chain(nn.Softmax(dim=-1), torch.randn(16, 10, 30) * 3, "w8a8", 30)))
     tokens = torch.randint(0, 200, (16, 10))
     for recipe in ("w8a8", "w8a8_per_channel"):
@@ -113,6 +149,8 @@ def measure() -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     rows.append(("attention probs (12 keys, causal)", "w8a8", *probs))
     rows.append(("attention context", "w8a8", *context))
     rows.append(("rescaled add", "int8 affine", *_add()))
+    for recipe in ("w8a8", "w8a8_per_channel"):
+        rows.append(("fairseq s2t_transformer encoder (2 layers, untrained)", recipe, *_s2t_encoder(recipe)))
     return rows
 
 

@@ -28,14 +28,16 @@ class _QElementwise(QuantModule):
     def to_integer(self, out: "Grid") -> nn.Module:
         """The integer form writing codes of ``out`` (its consumer's input grid): a lookup table
         over every input code, bit-exact with this module followed by the consumer's quantizer
-        (``qswap.quant.integer.build_lut``). Softmax: ``integer_softmax``. GLU and LogSoftmax
-        have no integer form yet."""
+        (``qswap.quant.integer.build_lut``). Softmax: ``integer_softmax``; GLU: ``integer_glu``.
+        LogSoftmax has no integer form yet."""
         from qswap.errors import IntegerizeError
-        from qswap.quant.integer import Grid, SoftmaxParams, build_lut
+        from qswap.quant.integer import GluParams, Grid, SoftmaxParams, build_lut
         grid_in = Grid.of(self.input_quant)
         if isinstance(self.op, nn.Softmax):
             return IntegerSoftmax(SoftmaxParams.build(grid_in, out), self.op.dim)
-        if isinstance(self.op, (nn.GLU, nn.LogSoftmax)):
+        if isinstance(self.op, nn.GLU):
+            return IntegerGLU(GluParams.build(grid_in, out), self.op.dim)
+        if isinstance(self.op, nn.LogSoftmax):
             raise IntegerizeError(f"{type(self.op).__name__} has no integer form yet (issue 16)")
         with torch.no_grad():
             return IntegerLookup(build_lut(self.op, grid_in, out), grid_in.qmin)
@@ -106,3 +108,15 @@ class IntegerSoftmax(nn.Module):
     def forward(self, codes: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
         from qswap.quant.integer import integer_softmax
         return integer_softmax(codes, self.params, blocked, self.dim)
+
+
+class IntegerGLU(nn.Module):
+    """GLU on codes: ``qswap.quant.integer.integer_glu`` along ``dim``."""
+
+    def __init__(self, params, dim: int):
+        super().__init__()
+        self.params, self.dim = params, dim
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        from qswap.quant.integer import integer_glu
+        return integer_glu(codes, self.params, self.dim)

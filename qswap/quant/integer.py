@@ -347,6 +347,41 @@ def apply_lut(codes: torch.Tensor, table: torch.Tensor, qmin: int) -> torch.Tens
     return table[codes.to(torch.int64) - qmin]
 
 
+# -- GLU --------------------------------------------------------------------------------------------
+
+GLU_GATE_BITS = 15  # the gate sigmoid(b) in [0, 2^15]
+
+
+@dataclass(frozen=True)
+class GluParams:
+    """Integer GLU constants: ``gate[b - qmin]`` = round(2^15 sigmoid(b's value)) over every input
+    code (built in float64, half to even), and the requantization of ``(a - zp) * gate``
+    (scale ``s_in 2^-15``) to the output grid."""
+
+    gate: torch.Tensor
+    zero_point: int
+    qmin: int
+    out: Requant
+
+    @classmethod
+    def build(cls, grid_in: Grid, grid_out: Grid) -> "GluParams":
+        values = (grid_in.codes() - grid_in.zero_point).double() * grid_in.scale
+        gate = torch.round(torch.sigmoid(values) * 2 ** GLU_GATE_BITS).to(torch.int32)
+        out = Requant.from_scales(grid_in.scale * 2.0 ** -GLU_GATE_BITS / grid_out.scale, grid_out.zero_point,
+                                  grid_out.qmin, grid_out.qmax)
+        return cls(gate, grid_in.zero_point, grid_in.qmin, out)
+
+
+def integer_glu(codes: torch.Tensor, params: GluParams, dim: int = -1) -> torch.Tensor:
+    """GLU of input codes: the first half ``a`` times the gate table of the second half ``b``,
+    ``(a - zp) * gate[b]`` in int32 (|a - zp| < 2^16 for inputs of at most 16 bits, gate <= 2^15:
+    below 2^31), requantized onto the output grid (single rounding, saturating)."""
+    _check_int("codes", codes)
+    a, b = codes.chunk(2, dim=dim)
+    gate = params.gate[b.to(torch.int64) - params.qmin]
+    return params.out((a.to(torch.int32) - params.zero_point) * gate, axis=dim)
+
+
 # -- softmax ----------------------------------------------------------------------------------------
 
 EXP_BITS = 15  # exp table entries in [0, 2^15]

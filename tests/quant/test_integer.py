@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from qswap.errors import IntegerizeError
 from qswap.quant.fake_quantize import FakeQuantize
-from qswap.quant.integer import (INT32_MAX, INT32_MIN, ISQRT_MAX, AddParams, Grid, LayerNormParams, Requant,
-                                 SoftmaxParams, apply_lut, build_lut, integer_layer_norm, integer_softmax, isqrt,
-                                 quantize_multiplier, requantize, rescaled_add, rounding_divide_by_pot,
-                                 saturating_rounding_doubling_high_mul)
+from qswap.quant.integer import (INT32_MAX, INT32_MIN, ISQRT_MAX, AddParams, GluParams, Grid, LayerNormParams,
+                                 Requant, SoftmaxParams, apply_lut, build_lut, integer_glu, integer_layer_norm,
+                                 integer_softmax, isqrt, quantize_multiplier, requantize, rescaled_add,
+                                 rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
 from qswap.quant.spec import QuantSpec
 
 INT32 = st.integers(INT32_MIN, INT32_MAX)
@@ -324,3 +324,26 @@ def test_integer_layer_norm_at_its_bound():
     assert out.tolist() == [[-64, 64] * (n // 2)]  # +-1 exactly (eps is negligible), times gamma 1
     with pytest.raises(IntegerizeError):
         LayerNormParams.build(n + 1, 1e-5, 0.05, gamma, 1 / 127, None, Grid(1 / 64, 0, -128, 127))
+
+
+# -- GLU ------------------------------------------------------------------------------------------------
+
+def test_integer_glu_agrees_with_the_fake_quant_glu():
+    torch.manual_seed(2)
+    x = torch.randn(40, 64) * 3
+    q_in = grid_of(x)
+    q_out = grid_of(F.glu(q_in(x), dim=-1))
+    g_in, g_out = Grid.of(q_in), Grid.of(q_out)
+    out = integer_glu(g_in.quantize(x), GluParams.build(g_in, g_out))
+    reference = g_out.quantize(q_out(F.glu(q_in(x), dim=-1)))
+    diff = (out.to(torch.int64) - reference.to(torch.int64)).abs()
+    assert int(diff.max()) <= 1 and float((diff == 0).float().mean()) > 0.99
+
+
+def test_integer_glu_at_its_bound():
+    # 16-bit inputs: |a - zp| = 65535 times a gate of 2^15 is 2^31 - 2^15, the largest product
+    g_in = Grid(1.0, -32768, -32768, 32767)
+    params = GluParams.build(g_in, Grid(1.0, 0, INT32_MIN, INT32_MAX))
+    codes = torch.tensor([[32767, 32767]], dtype=torch.int16)  # a = b = 65535 steps above zp
+    assert int(params.gate[-1]) == 2 ** 15
+    assert integer_glu(codes, params).tolist() == [[65535]]
