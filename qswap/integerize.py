@@ -1,14 +1,15 @@
 """``qswap.integerize``: a calibrated qswap model as integer forms (issue 16, work in progress).
 
-What runs today: a ``nn.Sequential`` chain of counterparts that have an integer form
-(``QLinear``, ``QLayerNorm``, elementwise activations, ``QSoftmax``; ``QEmbedding`` first),
-ending in a ``QLinear``. Each op writes codes directly onto the grid of the next op's input
+What runs today: a converted fairseq S2T transformer (pre-norm; a batch, teacher-forced
+forward: ``QS2TTransformerModel.to_integer_model``), and an ``nn.Sequential`` chain of counterparts
+with integer forms (``QLinear``, ``QConv1d``/``QConv2d``, ``QLayerNorm``, elementwise
+activations, ``QGLU``, ``QSoftmax``; ``QEmbedding`` first), ending in a ``QLinear``. Each op writes codes directly onto the grid of the next op's input
 quantizer (the grid the fake-quant model rounds onto there), so codes flow from op to op with
 no float in between. There are two declared float steps, one at each end: quantizing the
 input onto the first op's input grid, and scaling the last linear's int32 accumulator to float.
 
-Every other model (fairseq's models among them) raises ``IntegerizeError`` naming each module
-that has no integer form yet.
+Every other model (the conformer and wav2vec2 among them) raises ``IntegerizeError`` naming
+each module that has no integer form yet.
 
 >>> imodel = qswap.integerize(qmodel)      # qmodel: converted and calibrated
 >>> y = imodel(x)                          # float in, float out; integers in between
@@ -74,15 +75,17 @@ def _unsupported(qmodel: nn.Module) -> list[str]:
     return found
 
 
-def integerize(qmodel: nn.Module) -> IntegerModel:
+def integerize(qmodel: nn.Module) -> nn.Module:
     """The integer form of a converted, calibrated ``qmodel`` (which is left untouched).
 
     Raises ``IntegerizeError`` naming every module it cannot integerize (a module without an
     integer form, an uncalibrated or float operand, a chain that does not end in a linear)."""
     problems: list[str] = []
+    if callable(getattr(qmodel, "to_integer_model", None)):
+        return qmodel.to_integer_model()  # a whole model with its own integer form (the S2T transformer)
     if not isinstance(qmodel, nn.Sequential):
-        problems.append(f"(root) ({type(qmodel).__name__}): only nn.Sequential chains of counterparts are "
-                        f"integerized so far (issue 16)")
+        problems.append(f"(root) ({type(qmodel).__name__}): no whole-model integer form yet; integerized so far: "
+                        f"nn.Sequential chains of counterparts and the S2T transformer (issue 16)")
         problems += [f"{p}: no integer form yet" for p in _unsupported(qmodel)]
         raise IntegerizeError(_message(problems))
     chain = [(name, m) for name, m in qmodel.named_children() if not _skipped(m)]
