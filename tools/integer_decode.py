@@ -20,7 +20,9 @@ ASSET = REPO / "qswap" / "assets" / "s2t_demo"
 
 
 def greedy(step, encoder_out, batch: int, bos: int, eos: int, max_len: int) -> list[list[int]]:
-    """Greedy tokens per utterance: ``step(encoder_out, prev_tokens)`` -> (B, T, V) scores."""
+    """Greedy tokens per utterance: ``step(encoder_out, prev_tokens)`` -> (B, T, V) scores (both
+    models: logits on the ``logits_quant`` grid, what ``get_normalized_probs`` reads; argmax
+    takes the first of tied tokens in both)."""
     prev = torch.full((batch, 1), bos, dtype=torch.long)
     done = torch.zeros(batch, dtype=torch.bool)
     for _ in range(max_len):
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         start = time.perf_counter()
         enc = qmodel.encoder(net_input["src_tokens"], net_input["src_lengths"])
-        fake = greedy(lambda e, p: qmodel.decoder(p, encoder_out=e)[0], enc, len(refs), bos, eos, args.max_len)
+        fake = greedy(lambda e, p: qmodel.logits_quant(qmodel.decoder(p, encoder_out=e)[0]), enc, len(refs), bos, eos, args.max_len)
         fake_s = time.perf_counter() - start
     start = time.perf_counter()
     codes = imodel.encoder.quantize_input(net_input["src_tokens"])

@@ -50,13 +50,14 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
             if result is not None:
                 incremental_state = result
 
-    def to_integer(self, stream_bits: int = 16) -> "IntegerS2TDecoder":
+    def to_integer(self, out=None, stream_bits: int = 16) -> "IntegerS2TDecoder":
         """The integer form of this decoder for a batch (teacher-forced) forward. The token and
         position tables are folded once onto the int32 residual stream's grid (their quantized
         values times ``embed_scale``, rounded half to even; 2^-stream_bits of the finest grid
         that reads the stream): looking them up and adding is integer. Then the integer layers,
-        the final norm onto the output projection's input grid, and the output projection's int32
-        accumulator (its float scale: the declared end step)."""
+        the final norm onto the output projection's input grid, and the output projection onto
+        ``out`` (the model's logits grid) or, without one, its int32 accumulator (its float scale:
+        the declared end step)."""
         import torch
 
         from qswap.errors import IntegerizeError
@@ -86,7 +87,7 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         grid = Grid.of(self.output_projection.input_quant)
         return IntegerS2TDecoder(tokens.to(torch.int32), positions.to(torch.int32), self.padding_idx,
                                  layers, stream_to(scale, self.layer_norm.input_quant),
-                                 self.layer_norm.to_integer(grid), self.output_projection.to_integer(None))
+                                 self.layer_norm.to_integer(grid), self.output_projection.to_integer(out), out)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
@@ -94,16 +95,18 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
 class IntegerS2TDecoder(nn.Module):
     """The S2T decoder on integers, batch (teacher-forced) forward: int32 logits accumulator out."""
 
-    def __init__(self, tokens, positions, padding_idx: int, layers: list, norm_in, norm, output_projection):
+    def __init__(self, tokens, positions, padding_idx: int, layers: list, norm_in, norm, output_projection,
+                 out_grid=None):
         super().__init__()
-        self.padding_idx, self.norm_in, self.norm = padding_idx, norm_in, norm
+        self.padding_idx, self.norm_in, self.norm, self.out_grid = padding_idx, norm_in, norm, out_grid
         self.layers, self.output_projection = nn.ModuleList(layers), output_projection
         self.register_buffer("tokens", tokens)  # (V, C) int32 on the stream grid
         self.register_buffer("positions", positions)  # (P, C) int32 on the stream grid
 
     def forward(self, prev_output_tokens, memory: list, encoder_padding_mask):
         """prev_output_tokens: (B, T); memory: per layer, encoder output codes (S, B, C) on its
-        key_in grid; encoder_padding_mask: (B, S). Returns (B, T, V) int32 logits accumulator."""
+        key_in grid; encoder_padding_mask: (B, S). Returns (B, T, V) logits codes on the output
+        grid, or the int32 accumulator when built without one."""
         import torch
         from fairseq import utils
         from qswap.errors import IntegerizeError
@@ -119,6 +122,8 @@ class IntegerS2TDecoder(nn.Module):
             stream = layer(stream, mem, encoder_padding_mask, causal, pad)
         return self.output_projection(self.norm(self.norm_in(stream))).transpose(0, 1)  # (B, T, V)
 
-    def dequantize_output(self, acc):
-        """Declared float step: the output projection's accumulator times its scale."""
-        return acc.to(self.output_projection.acc_scale.dtype) * self.output_projection.acc_scale
+    def dequantize_output(self, out):
+        """Declared float step: logits codes (or the accumulator) to float."""
+        if self.out_grid is not None:
+            return self.out_grid.dequantize(out)
+        return out.to(self.output_projection.acc_scale.dtype) * self.output_projection.acc_scale

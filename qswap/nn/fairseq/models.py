@@ -180,12 +180,14 @@ class QS2TTransformerModel(QuantModule, _QuantizedLogits, S2TTransformerModel):
     def to_integer_model(self) -> "IntegerS2TTransformerModel":
         """The integer form of this model for a batch (teacher-forced) forward: the integer
         encoder writing onto every decoder layer's ``key_in`` grid, the integer decoder. Declared
-        float steps: the features in, the last projection's accumulator out (then ``logits_quant``
-        and log-softmax, what beam search needs, stay float)."""
-        keys = [layer.encoder_attn.key_quant for layer in self.decoder.layers]
+        float steps: the features in, the logits codes out (on ``logits_quant``'s grid, when the
+        recipe quantizes logits; log-softmax, what beam search needs, stays float)."""
+        from qswap.quant.fake_quantize import FakeQuantize
         from qswap.quant.integer import Grid
+        keys = [layer.encoder_attn.key_quant for layer in self.decoder.layers]
+        logits = Grid.of(self.logits_quant) if isinstance(self.logits_quant, FakeQuantize) else None
         return IntegerS2TTransformerModel(self.encoder.to_integer([Grid.of(k) for k in keys]),
-                                          self.decoder.to_integer())
+                                          self.decoder.to_integer(logits))
 
 
 @register(S2TConformerModel)
@@ -312,7 +314,7 @@ class IntegerS2TTransformerModel(torch.nn.Module):
 
     def forward_codes(self, net_input: dict) -> Tensor:
         memory, padding = self.encoder.forward_codes(net_input["src_tokens"], net_input["src_lengths"])
-        return self.decoder(net_input["prev_output_tokens"], memory, padding)  # (B, T, V) int32
+        return self.decoder(net_input["prev_output_tokens"], memory, padding)  # (B, T, V) logits codes
 
     def dequantize_output(self, acc: Tensor) -> Tensor:
         return self.decoder.dequantize_output(acc)
