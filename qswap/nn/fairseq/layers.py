@@ -87,7 +87,8 @@ class QTransformerEncoderLayer(QuantModule):
         if not all(isinstance(m, c) for m, c in zip(parts, (QLayerNorm, QLayerNorm, QLinear, QLinear))):
             raise IntegerizeError("the layer's norms and linears must be converted to have an integer form")
 
-        grids = {site: Grid.of(getattr(self, f"{site}_quant")) for site in self.sites}
+        grids = {site: Grid.of(getattr(self, f"{site}_quant"))
+                 for site in ("attn_residual", "attn_out", "ffn_act", "ffn_residual", "ffn_out")}
         add1 = AddParams.build(grids["attn_residual"].scale, grids["attn_out"].scale)
         add2 = AddParams.build(grids["ffn_residual"].scale, grids["ffn_out"].scale)
         with torch.no_grad():
@@ -231,7 +232,8 @@ class QTransformerDecoderLayer(QuantModule):
                 m is not None for m in (self.c_attn, self.attn_ln, self.ffn_layernorm, self.w_resid)):
             raise IntegerizeError("only pre-norm decoder layers with encoder attention and no NormFormer "
                                   "parts have an integer form so far (issue 16)")
-        grids = {site: Grid.of(getattr(self, f"{site}_quant")) for site in self.sites[:7]}
+        grids = {site: Grid.of(getattr(self, f"{site}_quant")) for site in
+                 ("attn_residual", "attn_out", "cross_residual", "cross_out", "ffn_act", "ffn_residual", "ffn_out")}
         adds = [AddParams.build(grids[f"{part}_residual"].scale, grids[f"{part}_out"].scale)
                 for part in ("attn", "cross", "ffn")]
         scales = [stream_scale] + [a.sum_scale for a in adds[:2]]
