@@ -8,7 +8,7 @@
 ``import qswap`` imports torch but neither fairseq nor torchaudio.
 """
 from qswap.errors import (AudioError, AuditError, BudgetError, CalibrationError, CheckpointError, ConvertError,
-                          DataError, QswapError, RecipeError, RegistryError, SpecError,
+                          DataError, IntegerizeError, QswapError, RecipeError, RegistryError, SpecError,
                           UnsafeCheckpointError)
 from qswap.nn import QuantConfig, QuantModule, register  # registers the torch.nn counterparts
 from qswap.quant import FakeQuantize, QuantSpec
@@ -17,14 +17,15 @@ from qswap.convert import QswapWarning, convert
 from qswap.calibrate import calibrate
 from qswap.sensitivity import sensitivity
 from qswap.search import search
+from qswap.integerize import integerize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AudioError", "AuditError", "BudgetError", "CalibrationError", "CheckpointError", "ConvertError", "DataError",
-    "FakeQuantize", "QswapError", "QswapWarning", "QuantConfig", "QuantModule", "QuantSpec",
+    "FakeQuantize", "IntegerizeError", "QswapError", "QswapWarning", "QuantConfig", "QuantModule", "QuantSpec",
     "Recipe", "RecipeError", "RegistryError", "SpecError", "UnsafeCheckpointError",
-    "calibrate", "convert", "load_recipe", "plugin_dir", "register", "search", "sensitivity",
+    "calibrate", "convert", "integerize", "load_recipe", "plugin_dir", "register", "search", "sensitivity",
     "shipped_recipe_names",
 ]
 

@@ -73,3 +73,8 @@ class DependencyError(QswapError, ImportError):
 class ExportError(QswapError):
     """A model cannot be exported as asked (uncalibrated, or a grid the target format cannot
     express), or an exported graph file is missing or unreadable (names the site or the file)."""
+
+
+class IntegerizeError(QswapError, ValueError):
+    """A model or op cannot run in integer arithmetic as asked (a module without an integer form,
+    an uncalibrated grid, a value beyond an integer op's stated overflow bound)."""

@@ -25,6 +25,23 @@ class _QElementwise(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(self.input_quant(x))
 
+    def to_integer(self, out: "Grid") -> nn.Module:
+        """The integer form writing codes of ``out`` (its consumer's input grid): a lookup table
+        over every input code, bit-exact with this module followed by the consumer's quantizer
+        (``qswap.quant.integer.build_lut``). Softmax: ``integer_softmax``; GLU: ``integer_glu``.
+        LogSoftmax has no integer form yet."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import GluParams, Grid, SoftmaxParams, build_lut
+        grid_in = Grid.of(self.input_quant)
+        if isinstance(self.op, nn.Softmax):
+            return IntegerSoftmax(SoftmaxParams.build(grid_in, out), self.op.dim)
+        if isinstance(self.op, nn.GLU):
+            return IntegerGLU(GluParams.build(grid_in, out), self.op.dim)
+        if isinstance(self.op, nn.LogSoftmax):
+            raise IntegerizeError(f"{type(self.op).__name__} has no integer form yet (issue 16)")
+        with torch.no_grad():
+            return IntegerLookup(build_lut(self.op, grid_in, out), grid_in.qmin)
+
 
 @register(nn.ReLU)
 class QReLU(_QElementwise):
@@ -64,3 +81,42 @@ class QSoftmax(_QElementwise):
 @register(nn.LogSoftmax)
 class QLogSoftmax(_QElementwise):
     pass
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+class IntegerLookup(nn.Module):
+    """An elementwise op on codes: ``table[codes - qmin]`` (no arithmetic on values)."""
+
+    def __init__(self, table: torch.Tensor, qmin: int):
+        super().__init__()
+        self.qmin = qmin
+        self.register_buffer("table", table)  # (2^bits,) output codes
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        from qswap.quant.integer import apply_lut
+        return apply_lut(codes, self.table, self.qmin)
+
+
+class IntegerSoftmax(nn.Module):
+    """Softmax on codes: ``qswap.quant.integer.integer_softmax`` along ``dim``."""
+
+    def __init__(self, params, dim: int | None):
+        super().__init__()
+        self.params, self.dim = params, -1 if dim is None else dim
+
+    def forward(self, codes: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
+        from qswap.quant.integer import integer_softmax
+        return integer_softmax(codes, self.params, blocked, self.dim)
+
+
+class IntegerGLU(nn.Module):
+    """GLU on codes: ``qswap.quant.integer.integer_glu`` along ``dim``."""
+
+    def __init__(self, params, dim: int):
+        super().__init__()
+        self.params, self.dim = params, dim
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        from qswap.quant.integer import integer_glu
+        return integer_glu(codes, self.params, self.dim)

@@ -93,6 +93,19 @@ class QuantAttentionCore(nn.Module):
         context = torch.bmm(probs, v)  # (B*H, T, D)
         return context, probs
 
+    def to_integer(self, scaling: float, out: "Grid") -> "IntegerAttentionCore":
+        """The integer form writing context codes of ``out`` (the out projection's input grid):
+        ``q @ k^T`` in int32 requantized by ``s_q * scaling * s_k / s_softmax_in``, integer
+        softmax onto the softmax_out grid, ``probs @ v`` in int32 requantized by
+        ``s_p * s_v / s_out``. Bool masks only (score biases and additive masks: not yet)."""
+        from qswap.quant.integer import Grid, Requant, SoftmaxParams
+        q, k, v = Grid.of(self.q_quant), Grid.of(self.k_quant), Grid.of(self.v_quant)
+        s_in, s_out = Grid.of(self.softmax_in_quant), Grid.of(self.softmax_out_quant)
+        scores = Requant.from_scales(q.scale * scaling * k.scale / s_in.scale, s_in.zero_point, s_in.qmin, s_in.qmax)
+        context = Requant.from_scales(s_out.scale * v.scale / out.scale, out.zero_point, out.qmin, out.qmax)
+        return IntegerAttentionCore((q.zero_point, k.zero_point, v.zero_point, s_out.zero_point), scores,
+                                    SoftmaxParams.build(s_in, s_out), context, _span(q) * _span(k), _span(s_out) * _span(v))
+
 
 def repeat_kv(t: torch.Tensor, repeat: int, num_heads: int) -> torch.Tensor:
     """(B'*H, S, D) -> (B'*repeat*H, S, D): each sentence's rows repeated for its beams."""
@@ -206,3 +219,34 @@ class QMultiheadAttention(QuantModule):
             return out, None
         probs = probs.view(bsz, self.num_heads, tgt_len, -1)  # (B, H, T, S)
         return out, probs.mean(dim=1) if average_attn_weights else probs
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+def _span(grid) -> int:
+    """The largest |code - zero_point| of a grid."""
+    return max(grid.qmax - grid.zero_point, grid.zero_point - grid.qmin)
+
+
+class IntegerAttentionCore(nn.Module):
+    """The attention core on codes. ``q @ k^T`` accumulates D products of at most
+    ``max|q - zq| * max|k - zk|`` in int32, ``probs @ v`` S of at most ``max|p - zp| * max|v - zv|``
+    (65025 for 8-bit: D and S below 33025 stay under 2^31; checked per call)."""
+
+    def __init__(self, zero_points: tuple, scores, softmax, context, qk_span: int, pv_span: int):
+        super().__init__()
+        self.zero_points, self.scores, self.softmax, self.context = zero_points, scores, softmax, context
+        self.qk_span, self.pv_span = qk_span, pv_span
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                blocked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: (B*H, T, D), k and v: (B*H, S, D) codes; blocked: bool, broadcasting to (B*H, T, S).
+        Returns context codes (B*H, T, D) and probability codes (B*H, T, S)."""
+        from qswap.quant.integer import check_bound, integer_softmax
+        zq, zk, zv, zp = self.zero_points
+        check_bound("attention q @ k^T", q.shape[-1] * self.qk_span)
+        check_bound("attention probs @ v", k.shape[1] * self.pv_span)
+        acc = torch.bmm(q.to(torch.int32) - zq, (k.to(torch.int32) - zk).transpose(1, 2))  # (B*H, T, S)
+        probs = integer_softmax(self.scores(acc), self.softmax, blocked)  # (B*H, T, S)
+        context = torch.bmm(probs.to(torch.int32) - zp, v.to(torch.int32) - zv)  # (B*H, T, D)
+        return self.context(context), probs

@@ -54,6 +54,15 @@ class QLinear(_Weighted):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
+    def to_integer(self, out: "Grid | None") -> "IntegerLinear":
+        """The integer form of this QLinear writing codes of the grid ``out`` (its consumer's input
+        grid): int8 weight codes, int32 bias codes at ``s_in * s_w`` (the BiasQuantize rounding),
+        requantization by ``s_in * s_w / s_out`` per tensor or per output channel. With ``out``
+        None (a model's last op) it returns the int32 accumulator, whose scale is
+        ``IntegerLinear.acc_scale``."""
+        from qswap.quant.integer import Grid
+        return integer_linear(self.weight_quant, self.weight, self.bias, Grid.of(self.input_quant), out)
+
 
 def _weight_norm_dim(module: nn.Module) -> int | None:
     """The ``dim`` of a ``torch.nn.utils.weight_norm`` hook on ``module.weight``, else None."""
@@ -110,6 +119,18 @@ class _QConvNd(_Weighted):
         return (f"{shape[1] * self.groups}, {shape[0]}, kernel_size={tuple(shape[2:])}, "
                 f"stride={self.stride}, padding={self.padding}, groups={self.groups}{norm}")
 
+    def to_integer(self, out: "Grid | None") -> "IntegerConv":
+        """The integer form writing codes of ``out`` (its consumer's input grid): as
+        ``QLinear.to_integer``, the convolution itself on int32 (``torch`` convolves int32 on
+        CPU). Zero padding and plain weights only (no weight norm yet)."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import Grid
+        if self.weight is None or self.padding_mode != "zeros":
+            raise IntegerizeError("a weight-normed or non-zero-padded convolution has no integer form yet")
+        return integer_linear(self.weight_quant, self.weight, self.bias, Grid.of(self.input_quant), out,
+                              IntegerConv, conv_fn=type(self).conv_fn, stride=self.stride, padding=self.padding,
+                              dilation=self.dilation, groups=self.groups)
+
 
 @register(nn.Conv1d)
 class QConv1d(_QConvNd):
@@ -119,3 +140,62 @@ class QConv1d(_QConvNd):
 @register(nn.Conv2d)
 class QConv2d(_QConvNd):
     conv_fn = staticmethod(F.conv2d)
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, grid_in,
+                   out, form: type | None = None, **conv) -> "IntegerLinear":
+    """``IntegerLinear`` of ``F.linear(x, weight_quant(weight), bias)`` with ``x`` on ``grid_in``
+    writing onto ``out`` (or the int32 accumulator when ``out`` is None); ``form=IntegerConv``
+    and the conv's arguments for a convolution (the fan-in is ``weight[0].numel()``)."""
+    from qswap.quant.integer import Requant, check_bound, weight_codes
+    w_codes, w_scale = weight_codes(weight_quant, weight)
+    acc_scale = torch.tensor(grid_in.scale, dtype=torch.float32) * w_scale  # float32, as BiasQuantize
+    codes = None
+    if bias is not None:
+        codes = torch.round(bias.detach() / acc_scale).clamp(-(2 ** 31), 2 ** 31 - 1).to(torch.int32)
+    span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
+    bias_max = 0 if codes is None else int(codes.to(torch.int64).abs().max())
+    check_bound(f"{'Conv' if conv else 'Linear'} of fan-in {weight[0].numel()} -> {weight.shape[0]}",
+                weight[0].numel() * span * int(w_codes.to(torch.int64).abs().max()) + bias_max)
+    requant = None if out is None else Requant.from_scales(acc_scale.double() / out.scale, out.zero_point,
+                                                           out.qmin, out.qmax)
+    return (form or IntegerLinear)(grid_in.zero_point, w_codes, codes, requant, acc_scale, **conv)
+
+
+class IntegerLinear(nn.Module):
+    """``y = requant(sum_k (x_k - zp_in) w_k + b)``: int8 weights, int32 accumulation and bias
+    (bound checked when built: in_features * max|x - zp| * max|w| + max|b| < 2^31), gemmlowp
+    requantization (see ``qswap.quant.integer.requantize``), saturating to the output grid; or the
+    int32 accumulator itself when built without an output grid (``acc_scale``: its float scale,
+    for the declared float step at a model's end)."""
+
+    def __init__(self, zero_point_in: int, weight: torch.Tensor, bias: torch.Tensor | None, requant,
+                 acc_scale: torch.Tensor):
+        super().__init__()
+        self.zero_point_in, self.requant = zero_point_in, requant
+        self.register_buffer("weight", weight)  # (out, in) int8 (int16 above 8 bits)
+        self.register_buffer("bias", bias)  # (out,) int32 or None
+        self.register_buffer("acc_scale", acc_scale)  # () or (out,) float32: build/output use only
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        x = codes.to(torch.int32) - self.zero_point_in  # (..., in)
+        acc = F.linear(x, self.weight.to(torch.int32), self.bias)  # (..., out) int32
+        return acc if self.requant is None else self.requant(acc, axis=-1)
+
+
+class IntegerConv(IntegerLinear):
+    """A convolution on codes: ``conv_fn`` on ``codes - zp_in`` (zero padding is then the input's
+    zero point, as the fake-quant conv pads its quantized input with 0.0), int32 accumulation,
+    requantized per output channel (axis 1)."""
+
+    def __init__(self, zero_point_in, weight, bias, requant, acc_scale, *, conv_fn, stride, padding,
+                 dilation, groups):
+        super().__init__(zero_point_in, weight, bias, requant, acc_scale)
+        self.conv_fn, self.conv_args = conv_fn, (stride, padding, dilation, groups)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        x = codes.to(torch.int32) - self.zero_point_in  # (B, C, ...)
+        acc = self.conv_fn(x, self.weight.to(torch.int32), self.bias, *self.conv_args)  # (B, O, ...) int32
+        return acc if self.requant is None else self.requant(acc, axis=1)

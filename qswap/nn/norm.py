@@ -104,6 +104,30 @@ class QLayerNorm(_QNorm):
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
 
+    def to_integer(self, out: "Grid") -> "IntegerLayerNorm":
+        """The integer form writing codes of ``out`` (its consumer's input grid): integer mean and
+        variance, Newton isqrt, fixed-point gamma (its codes) and beta (on the affine
+        accumulator's grid); see ``qswap.quant.integer.integer_layer_norm``. One normalized axis;
+        gamma and beta quantized (norm_weight / norm_bias sites)."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.fake_quantize import FakeQuantize
+        from qswap.quant.integer import Grid, LayerNormParams, weight_codes
+        if len(self.normalized_shape) != 1:
+            raise IntegerizeError(f"LayerNorm over {self.normalized_shape}: integer form normalizes one axis")
+        n = self.normalized_shape[0]
+        if self.weight is None:
+            gamma, gamma_scale = torch.ones(n, dtype=torch.int32), 1.0
+        else:
+            gamma, gamma_scale = weight_codes(self.weight_quant, self.weight)
+            gamma_scale = gamma_scale if gamma_scale.numel() > 1 else float(gamma_scale)
+        beta = None
+        if self.bias is not None:
+            if not isinstance(self.bias_quant, FakeQuantize):
+                raise IntegerizeError("LayerNorm bias (site norm_bias) is float; quantize it in the recipe")
+            beta = self.bias_quant(self.bias).detach()
+        params = LayerNormParams.build(n, self.eps, Grid.of(self.input_quant).scale, gamma, gamma_scale, beta, out)
+        return IntegerLayerNorm(params)
+
 
 @register(nn.GroupNorm)
 class QGroupNorm(_QNorm):
@@ -189,3 +213,17 @@ class QBatchNorm1d(QuantModule):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, folded"
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+class IntegerLayerNorm(nn.Module):
+    """LayerNorm on codes: ``qswap.quant.integer.integer_layer_norm`` with built constants."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = params
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        from qswap.quant.integer import integer_layer_norm
+        return integer_layer_norm(codes, self.params)

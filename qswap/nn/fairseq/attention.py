@@ -69,6 +69,12 @@ class Projection(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
 
+    def to_integer(self, grid_in, out):
+        """``IntegerLinear`` of this projection: input codes on ``grid_in`` (its owner's input
+        quantizer), output codes on ``out`` (the core's q/k/v grid)."""
+        from qswap.nn.linear import integer_linear
+        return integer_linear(self.weight_quant, self.weight, self.bias, grid_in, out)
+
 
 @register(MultiheadAttention)
 class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
@@ -229,3 +235,52 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
         kind = ("self" if self.self_attention else "encoder-decoder"
                 if self.encoder_decoder_attention else "generic")
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, {kind}"
+
+    def to_integer(self, out) -> "IntegerFairseqAttention":
+        """The integer form of a self- or encoder-decoder attention writing codes of ``out`` (the
+        layer's attention-output grid): q/k/v projections onto the core's grids (k and v from
+        the ``key_in`` grid for encoder-decoder attention), ``QuantAttentionCore.to_integer``, the
+        out projection. Batch forward with bool masks; no incremental state, bias_kv or zero
+        attention yet (issue 16)."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import Grid
+        if not (self.self_attention or self.encoder_decoder_attention) or self.bias_k is not None \
+                or self.add_zero_attn:
+            raise IntegerizeError("only plain self- and encoder-decoder attention have integer forms so far "
+                                  "(issue 16)")
+        grid_q, core = Grid.of(self.input_quant), self.core
+        grid_kv = grid_q if self.self_attention else Grid.of(self.key_quant)
+        projections = [p.to_integer(grid, Grid.of(quant)) for p, grid, quant in
+                       ((self.q_proj, grid_q, core.q_quant), (self.k_proj, grid_kv, core.k_quant),
+                        (self.v_proj, grid_kv, core.v_quant))]
+        return IntegerFairseqAttention(self.num_heads, projections, core.to_integer(self.scaling, Grid.of(
+            self.out_proj.input_quant)), self.out_proj.to_integer(out))
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+class IntegerFairseqAttention(nn.Module):
+    """Attention on codes: projections, integer core, out projection (all int32 inside)."""
+
+    def __init__(self, num_heads: int, projections: list, core: nn.Module, out_proj: nn.Module):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj, self.k_proj, self.v_proj = projections
+        self.core, self.out_proj = core, out_proj
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, memory: Optional[Tensor] = None,
+                attn_mask: Optional[Tensor] = None) -> Tensor:
+        """x: (T, B, E) query codes; memory: (S, B, E) key/value codes (None: self-attention,
+        S = T); key_padding_mask: (B, S) bool, True = padding; attn_mask: (T, S) bool, True =
+        blocked. Returns (T, B, E) codes on the output grid."""
+        memory = x if memory is None else memory
+        length, bsz = memory.shape[:2]
+        q = split_heads(self.q_proj(x), self.num_heads)  # (B*H, T, D)
+        k, v = (split_heads(p(memory), self.num_heads) for p in (self.k_proj, self.v_proj))  # (B*H, S, D)
+        blocked = None if attn_mask is None else attn_mask.unsqueeze(0)  # (1, T, S)
+        if key_padding_mask is not None:
+            pad = key_padding_mask.to(torch.bool).view(bsz, 1, 1, length)  # (B, 1, 1, S)
+            pad = pad.expand(bsz, self.num_heads, 1, length).reshape(bsz * self.num_heads, 1, length)
+            blocked = pad if blocked is None else blocked | pad  # (B*H, T or 1, S)
+        context, _ = self.core(q, k, v, blocked)  # (B*H, T, D)
+        return self.out_proj(merge_heads(context, bsz))  # (T, B, E)

@@ -71,6 +71,40 @@ class QTransformerEncoderLayer(QuantModule):
             return x, fc_result
         return x
 
+    def to_integer(self, stream_scale: float) -> "IntegerTransformerEncoderLayer":
+        """The integer form of this (pre-norm) layer, inference only. The residual stream between
+        layers is int32 on a fine grid (``stream_scale`` in, ``IntegerTransformerEncoderLayer.
+        stream_scale`` out: the grid of the residual add's sum), requantized onto the grid of each
+        of its consumers (the norm's input and the residual quantizer), as the fake-quant layer
+        rounds the float sum onto each. The FFN activation is a table."""
+        from qswap.errors import IntegerizeError
+        from qswap.nn.linear import QLinear
+        from qswap.nn.norm import QLayerNorm
+        from qswap.quant.integer import AddParams, Grid, build_lut
+        if not self.normalize_before:
+            raise IntegerizeError("post-norm encoder layers have no integer form yet (issue 16)")
+        parts = (self.self_attn_layer_norm, self.final_layer_norm, self.fc1, self.fc2)
+        if not all(isinstance(m, c) for m, c in zip(parts, (QLayerNorm, QLayerNorm, QLinear, QLinear))):
+            raise IntegerizeError("the layer's norms and linears must be converted to have an integer form")
+
+        grids = {site: Grid.of(getattr(self, f"{site}_quant"))
+                 for site in ("attn_residual", "attn_out", "ffn_act", "ffn_residual", "ffn_out")}
+        add1 = AddParams.build(grids["attn_residual"].scale, grids["attn_out"].scale)
+        add2 = AddParams.build(grids["ffn_residual"].scale, grids["ffn_out"].scale)
+        with torch.no_grad():
+            act = build_lut(self.activation_fn, grids["ffn_act"], Grid.of(self.fc2.input_quant))
+        return IntegerTransformerEncoderLayer(
+            norm1_in=stream_to(stream_scale, self.self_attn_layer_norm.input_quant),
+            norm1=self.self_attn_layer_norm.to_integer(Grid.of(self.self_attn.input_quant)),
+            attn=self.self_attn.to_integer(grids["attn_out"]),
+            residual1=stream_to(stream_scale, self.attn_residual_quant), add1=add1,
+            norm2_in=stream_to(add1.sum_scale, self.final_layer_norm.input_quant),
+            norm2=self.final_layer_norm.to_integer(Grid.of(self.fc1.input_quant)),
+            fc1=self.fc1.to_integer(grids["ffn_act"]), act=(act, grids["ffn_act"].qmin),
+            fc2=self.fc2.to_integer(grids["ffn_out"]),
+            residual2=stream_to(add1.sum_scale, self.ffn_residual_quant), add2=add2,
+            zero_points=tuple(grids[s].zero_point for s in ("attn_residual", "attn_out", "ffn_residual", "ffn_out")))
+
 
 @register(TransformerDecoderLayerBase)
 @register(TransformerDecoderLayer)
@@ -188,3 +222,96 @@ class QTransformerDecoderLayer(QuantModule):
                 state.append(saved["prev_key_padding_mask"])
             return x, attn, state
         return x, attn, None
+
+    def to_integer(self, stream_scale: float) -> "IntegerTransformerDecoderLayer":
+        """The integer form of this (pre-norm) layer for a batch (teacher-forced) forward: as
+        ``QTransformerEncoderLayer.to_integer``, with the encoder-decoder attention between the
+        two (its keys and values: encoder output codes on its ``key_in`` grid). No incremental
+        decoding and no NormFormer scales yet (issue 16)."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import AddParams, Grid, build_lut
+        if not self.normalize_before or self.encoder_attn is None or any(
+                m is not None for m in (self.c_attn, self.attn_ln, self.ffn_layernorm, self.w_resid)):
+            raise IntegerizeError("only pre-norm decoder layers with encoder attention and no NormFormer "
+                                  "parts have an integer form so far (issue 16)")
+        grids = {site: Grid.of(getattr(self, f"{site}_quant")) for site in
+                 ("attn_residual", "attn_out", "cross_residual", "cross_out", "ffn_act", "ffn_residual", "ffn_out")}
+        adds = [AddParams.build(grids[f"{part}_residual"].scale, grids[f"{part}_out"].scale)
+                for part in ("attn", "cross", "ffn")]
+        scales = [stream_scale] + [a.sum_scale for a in adds[:2]]
+        norms = (self.self_attn_layer_norm, self.encoder_attn_layer_norm, self.final_layer_norm)
+        consumers = (self.self_attn.input_quant, self.encoder_attn.input_quant, self.fc1.input_quant)
+        with torch.no_grad():
+            act = build_lut(self.activation_fn, grids["ffn_act"], Grid.of(self.fc2.input_quant))
+        return IntegerTransformerDecoderLayer(
+            norms_in=[stream_to(s, n.input_quant) for s, n in zip(scales, norms)],
+            norms=[n.to_integer(Grid.of(c)) for n, c in zip(norms, consumers)],
+            attns=[self.self_attn.to_integer(grids["attn_out"]), self.encoder_attn.to_integer(grids["cross_out"])],
+            residuals=[stream_to(s, getattr(self, f"{p}_residual_quant")) for s, p in zip(scales, ("attn", "cross", "ffn"))],
+            adds=adds, fc1=self.fc1.to_integer(grids["ffn_act"]), act=(act, grids["ffn_act"].qmin),
+            fc2=self.fc2.to_integer(grids["ffn_out"]),
+            zero_points=[(grids[f"{p}_residual"].zero_point, grids[f"{p}_out"].zero_point)
+                         for p in ("attn", "cross", "ffn")])
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+def stream_to(scale: float, quant) -> "Requant":
+    """The requantization of an int32 residual stream on grid ``scale`` onto ``quant``'s grid."""
+    from qswap.quant.integer import Grid, Requant
+    grid = Grid.of(quant)
+    return Requant.from_scales(scale / grid.scale, grid.zero_point, grid.qmin, grid.qmax)
+
+
+class IntegerTransformerEncoderLayer(torch.nn.Module):
+    """A pre-norm encoder layer on integers: int32 residual stream in and out (``stream_scale``:
+    the output stream's grid), int8/uint8 codes between the ops inside."""
+
+    def __init__(self, *, norm1_in, norm1, attn, residual1, add1, norm2_in, norm2, fc1, act, fc2,
+                 residual2, add2, zero_points):
+        super().__init__()
+        self.norm1_in, self.norm1, self.attn, self.residual1, self.add1 = norm1_in, norm1, attn, residual1, add1
+        self.norm2_in, self.norm2, self.fc1, self.fc2 = norm2_in, norm2, fc1, fc2
+        self.residual2, self.add2, self.zero_points = residual2, add2, zero_points
+        self.act_qmin = act[1]
+        self.register_buffer("act_table", act[0])
+        self.stream_scale = add2.sum_scale
+
+    def forward(self, stream: Tensor, encoder_padding_mask: Optional[Tensor]) -> Tensor:
+        """stream: (T, B, C) int32; encoder_padding_mask: (B, T) bool or None. Returns (T, B, C) int32."""
+        from qswap.quant.integer import apply_lut, rescaled_sum
+        z_res1, z_out1, z_res2, z_out2 = self.zero_points
+        x = self.attn(self.norm1(self.norm1_in(stream)), encoder_padding_mask)  # (T, B, C) attn_out codes
+        stream = rescaled_sum(self.residual1(stream), z_res1, x, z_out1, self.add1)
+        x = self.fc1(self.norm2(self.norm2_in(stream)))  # (T, B, F) ffn_act codes
+        x = self.fc2(apply_lut(x, self.act_table, self.act_qmin))  # (T, B, C) ffn_out codes
+        return rescaled_sum(self.residual2(stream), z_res2, x, z_out2, self.add2)
+
+
+class IntegerTransformerDecoderLayer(torch.nn.Module):
+    """A pre-norm decoder layer on integers (batch forward): int32 residual stream in and out."""
+
+    def __init__(self, *, norms_in, norms, attns, residuals, adds, fc1, act, fc2, zero_points):
+        super().__init__()
+        self.norms_in, self.residuals, self.adds, self.zero_points = norms_in, residuals, adds, zero_points
+        self.norms, self.attns = torch.nn.ModuleList(norms), torch.nn.ModuleList(attns)
+        self.fc1, self.fc2, self.act_qmin = fc1, fc2, act[1]
+        self.register_buffer("act_table", act[0])
+        self.stream_scale = adds[-1].sum_scale
+
+    def forward(self, stream: Tensor, memory: Tensor, encoder_padding_mask: Optional[Tensor],
+                self_attn_mask: Optional[Tensor] = None, self_attn_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """stream: (T, B, C) int32; memory: (S, B, C) encoder output codes on the cross-attention's
+        key_in grid; masks bool (True = blocked / padding). Returns (T, B, C) int32."""
+        from qswap.quant.integer import apply_lut, rescaled_sum
+        for i in range(3):
+            x = self.norms[i](self.norms_in[i](stream))
+            if i == 0:
+                x = self.attns[0](x, self_attn_padding_mask, attn_mask=self_attn_mask)  # attn_out codes
+            elif i == 1:
+                x = self.attns[1](x, encoder_padding_mask, memory=memory)  # cross_out codes
+            else:
+                x = self.fc2(apply_lut(self.fc1(x), self.act_table, self.act_qmin))  # ffn_out codes
+            z_res, z_out = self.zero_points[i]
+            stream = rescaled_sum(self.residuals[i](stream), z_res, x, z_out, self.adds[i])
+        return stream

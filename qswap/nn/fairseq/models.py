@@ -74,6 +74,35 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
             x = self.layer_norm(x)
         return _encoder_out(x, padding_mask, states)
 
+    def to_integer(self, out, stream_bits: int = 16) -> "IntegerS2TTransformerEncoder":
+        """The integer form of this encoder writing codes of ``out`` (the grid its output is read
+        on, e.g. a decoder layer's ``key_in`` grid; a list of grids gives a list of codes, one per
+        reader, each normalized and rounded onto its grid as the fake-quant readers do). The residual stream is int32 on the grid
+        ``embed_scale * s_embed * 2^-stream_bits``: the embedded features enter it exactly
+        (``(q - zp) << stream_bits``) and the quantized position table is folded onto it once
+        (constant, rounded half to even). Its two declared float steps: quantizing the features,
+        dequantizing the output codes."""
+        from qswap.errors import IntegerizeError
+        from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
+        from qswap.quant.integer import Grid, Requant
+        if not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding) or self.layer_norm is None:
+            raise IntegerizeError("only sinusoidal positions and a final LayerNorm have integer forms so far")
+        embed = Grid.of(self.embed_quant)
+        scale = self.embed_scale * embed.scale * 2.0 ** -stream_bits
+        with torch.no_grad():
+            positions = torch.round(self.embed_positions.weights_quant(self.embed_positions.weights).double()
+                                    / scale).to(torch.int32)  # (P, C)
+        layers = []
+        for layer in self.transformer_layers:
+            layers.append(layer.to_integer(scale))
+            scale = layers[-1].stream_scale
+        norm_grid = Grid.of(self.layer_norm.input_quant)
+        norm_in = Requant.from_scales(scale / norm_grid.scale, norm_grid.zero_point, norm_grid.qmin, norm_grid.qmax)
+        outs = out if isinstance(out, list) else [out]
+        return IntegerS2TTransformerEncoder(self.subsample.to_integer(embed), embed.zero_point, stream_bits,
+                                            positions, self.embed_positions.padding_idx, layers, norm_in,
+                                            [self.layer_norm.to_integer(o) for o in outs], out)
+
 
 @register(S2TConformerEncoder)
 class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
@@ -148,6 +177,18 @@ class QS2TTransformerModel(QuantModule, _QuantizedLogits, S2TTransformerModel):
     def from_float(cls, module: S2TTransformerModel, config: QuantConfig):
         return cls(module, config)
 
+    def to_integer_model(self) -> "IntegerS2TTransformerModel":
+        """The integer form of this model for a batch (teacher-forced) forward: the integer
+        encoder writing onto every decoder layer's ``key_in`` grid, the integer decoder. Declared
+        float steps: the features in, the logits codes out (on ``logits_quant``'s grid, when the
+        recipe quantizes logits; log-softmax, what beam search needs, stays float)."""
+        from qswap.quant.fake_quantize import FakeQuantize
+        from qswap.quant.integer import Grid
+        keys = [layer.encoder_attn.key_quant for layer in self.decoder.layers]
+        logits = Grid.of(self.logits_quant) if isinstance(self.logits_quant, FakeQuantize) else None
+        return IntegerS2TTransformerModel(self.encoder.to_integer([Grid.of(k) for k in keys]),
+                                          self.decoder.to_integer(logits))
+
 
 @register(S2TConformerModel)
 class QS2TConformerModel(QuantModule, _QuantizedLogits, S2TConformerModel):
@@ -215,3 +256,69 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
         if normalize:
             logits = utils.log_softmax(logits.float(), dim=-1)
         return logits
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+class IntegerS2TTransformerEncoder(torch.nn.Module):
+    """The S2T transformer encoder on integers: subsampler, positions, layers, final norm.
+    ``quantize_input`` and ``dequantize_output`` are its declared float steps."""
+
+    def __init__(self, subsample, embed_zero_point: int, stream_bits: int, positions: Tensor, padding_idx: int,
+                 layers: list, norm_in, norms: list, out_grid):
+        super().__init__()
+        self.subsample, self.layers, self.norms = subsample, torch.nn.ModuleList(layers), torch.nn.ModuleList(norms)
+        self.embed_zero_point, self.stream_bits, self.padding_idx = embed_zero_point, stream_bits, padding_idx
+        self.norm_in, self.out_grid = norm_in, out_grid
+        self.register_buffer("positions", positions)  # (P, C) int32 on the stream grid
+
+    def quantize_input(self, src_tokens: Tensor) -> Tensor:
+        """Declared float step: features (B, T, C*D) onto the first conv's input grid."""
+        return self.subsample.input_grid.quantize(src_tokens)
+
+    def forward_codes(self, codes: Tensor, src_lengths: Tensor) -> tuple:
+        """codes (B, T, C*D) -> (output codes (T', B, C) (a list of them, one per output grid,
+        when built with a list), padding mask (B, T'))."""
+        from fairseq import utils
+        from fairseq.data.data_utils import lengths_to_padding_mask
+        from qswap.errors import IntegerizeError
+        x, lengths = self.subsample(codes, src_lengths)  # (T', B, C) embed codes
+        padding_mask = lengths_to_padding_mask(lengths)  # (B, T')
+        positions = utils.make_positions(padding_mask, self.padding_idx)  # (B, T')
+        if int(positions.max()) >= self.positions.shape[0]:
+            raise IntegerizeError(f"{x.shape[0]} frames after subsampling exceed the integer position table "
+                                  f"({self.positions.shape[0] - self.padding_idx - 1}); rebuild it longer")
+        stream = ((x.to(torch.int32) - self.embed_zero_point) << self.stream_bits) + self.positions[positions.T]
+        for layer in self.layers:
+            stream = layer(stream, padding_mask)  # (T', B, C) int32
+        normed = self.norm_in(stream)
+        outs = [norm(normed) for norm in self.norms]
+        return (outs if isinstance(self.out_grid, list) else outs[0]), padding_mask
+
+    def dequantize_output(self, codes: Tensor) -> Tensor:
+        """Declared float step: output codes (of a single output grid) to float."""
+        return self.out_grid.dequantize(codes)
+
+
+class IntegerS2TTransformerModel(torch.nn.Module):
+    """An S2T transformer on integers, batch forward. ``forward`` returns float logits (the
+    declared end step); ``quantize_input`` / ``forward_codes`` / ``dequantize_output`` split it
+    for ``qswap.honesty.integer.check_integer``."""
+
+    def __init__(self, encoder: IntegerS2TTransformerEncoder, decoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def quantize_input(self, net_input: dict) -> dict:
+        return dict(net_input, src_tokens=self.encoder.quantize_input(net_input["src_tokens"]))
+
+    def forward_codes(self, net_input: dict) -> Tensor:
+        memory, padding = self.encoder.forward_codes(net_input["src_tokens"], net_input["src_lengths"])
+        return self.decoder(net_input["prev_output_tokens"], memory, padding)  # (B, T, V) logits codes
+
+    def dequantize_output(self, acc: Tensor) -> Tensor:
+        return self.decoder.dequantize_output(acc)
+
+    def forward(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor) -> Tensor:
+        net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths, "prev_output_tokens": prev_output_tokens}
+        return self.dequantize_output(self.forward_codes(self.quantize_input(net_input)))

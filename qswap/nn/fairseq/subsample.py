@@ -46,3 +46,32 @@ class QConv1dSubsampler(QuantModule):
             x = F.glu(glu_quant(conv(x)), dim=1)  # (B, C_i, T_i)
         x = x.transpose(1, 2).transpose(0, 1).contiguous()  # (T', B, C_out)
         return x, self.get_out_seq_lens_tensor(src_lengths)
+
+    def to_integer(self, out) -> "IntegerConv1dSubsampler":
+        """The integer form writing codes of ``out`` (the encoder's embed grid): each conv onto its
+        GLU's input grid, each GLU (``integer_glu``) onto the next conv's input grid."""
+        from qswap.quant.integer import GluParams, Grid
+        grids = [Grid.of(q) for q in self.glu_quant]
+        nexts = [Grid.of(conv.input_quant) for conv in self.conv_layers[1:]] + [out]
+        convs = [conv.to_integer(grid) for conv, grid in zip(self.conv_layers, grids)]
+        return IntegerConv1dSubsampler(convs, [GluParams.build(g, n) for g, n in zip(grids, nexts)],
+                                       Grid.of(self.conv_layers[0].input_quant), self.get_out_seq_lens_tensor)
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+class IntegerConv1dSubsampler(nn.Module):
+    """(Conv1d stride 2 -> GLU) x n on codes; ``input_grid``: the first conv's input grid."""
+
+    def __init__(self, convs: list, glus: list, input_grid, out_lengths):
+        super().__init__()
+        self.convs, self.glus = nn.ModuleList(convs), glus
+        self.input_grid, self.out_lengths = input_grid, out_lengths
+
+    def forward(self, codes: torch.Tensor, src_lengths: torch.Tensor):
+        """codes: (B, T, C*D) on ``input_grid`` -> ((T', B, C_out) codes, lengths (B,))."""
+        from qswap.quant.integer import integer_glu
+        x = codes.transpose(1, 2)  # (B, C*D, T)
+        for conv, glu in zip(self.convs, self.glus):
+            x = integer_glu(conv(x), glu, dim=1)  # (B, C_i, T_i)
+        return x.permute(2, 0, 1).contiguous(), self.out_lengths(src_lengths)  # (T', B, C_out)

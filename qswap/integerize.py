@@ -1,0 +1,122 @@
+"""``qswap.integerize``: a calibrated qswap model as integer forms (issue 16, work in progress).
+
+What runs today: a converted fairseq S2T transformer (pre-norm; a batch, teacher-forced
+forward: ``QS2TTransformerModel.to_integer_model``), and an ``nn.Sequential`` chain of counterparts
+with integer forms (``QLinear``, ``QConv1d``/``QConv2d``, ``QLayerNorm``, elementwise
+activations, ``QGLU``, ``QSoftmax``; ``QEmbedding`` first), ending in a ``QLinear``. Each op writes codes directly onto the grid of the next op's input
+quantizer (the grid the fake-quant model rounds onto there), so codes flow from op to op with
+no float in between. There are two declared float steps, one at each end: quantizing the
+input onto the first op's input grid, and scaling the last linear's int32 accumulator to float.
+
+Every other model (the conformer and wav2vec2 among them) raises ``IntegerizeError`` naming
+each module that has no integer form yet.
+
+>>> imodel = qswap.integerize(qmodel)      # qmodel: converted and calibrated
+>>> y = imodel(x)                          # float in, float out; integers in between
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qswap.errors import IntegerizeError
+from qswap.nn.base import QuantModule
+from qswap.nn.embedding import QEmbedding
+from qswap.nn.linear import QLinear
+from qswap.nn.registry import is_passthrough
+from qswap.quant.integer import Grid
+
+
+class IntegerModel(nn.Module):
+    """Integer forms run in sequence. ``quantize_input`` and ``dequantize_output`` are the declared
+    float steps; ``forward_codes`` is integer arithmetic only (``qswap.honesty.integer`` checks it).
+
+    >>> codes = imodel.quantize_input(x); acc = imodel.forward_codes(codes)
+    """
+
+    def __init__(self, input_grid: Grid | None, layers: list[nn.Module], names: list[str]):
+        super().__init__()
+        self.input_grid, self.names = input_grid, names
+        self.layers = nn.ModuleList(layers)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Declared float step: float features onto the first op's input grid (token ids pass)."""
+        return x if self.input_grid is None else self.input_grid.quantize(x)
+
+    def forward_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            codes = layer(codes)
+        return codes  # int32 accumulator of the last linear
+
+    def dequantize_output(self, acc: torch.Tensor) -> torch.Tensor:
+        """Declared float step: the last accumulator times its scale."""
+        return acc.to(torch.float32) * self.layers[-1].acc_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequantize_output(self.forward_codes(self.quantize_input(x)))
+
+
+def _skipped(module: nn.Module) -> bool:
+    return is_passthrough(module) and not isinstance(module, QuantModule)
+
+
+def _unsupported(qmodel: nn.Module) -> list[str]:
+    """'path (Class)' of every counterpart below the root without an integer form, not counting
+    those inside a module that has one (its integer form covers them)."""
+    covered: list[str] = []
+    found = []
+    for name, m in qmodel.named_modules():
+        if not name or any(name.startswith(c + ".") for c in covered):
+            continue
+        if callable(getattr(m, "to_integer", None)):
+            covered.append(name)
+        elif isinstance(m, QuantModule):
+            found.append(f"{name} ({type(m).__name__})")
+    return found
+
+
+def integerize(qmodel: nn.Module) -> nn.Module:
+    """The integer form of a converted, calibrated ``qmodel`` (which is left untouched).
+
+    Raises ``IntegerizeError`` naming every module it cannot integerize (a module without an
+    integer form, an uncalibrated or float operand, a chain that does not end in a linear)."""
+    problems: list[str] = []
+    if callable(getattr(qmodel, "to_integer_model", None)):
+        return qmodel.to_integer_model()  # a whole model with its own integer form (the S2T transformer)
+    if not isinstance(qmodel, nn.Sequential):
+        problems.append(f"(root) ({type(qmodel).__name__}): no whole-model integer form yet; integerized so far: "
+                        f"nn.Sequential chains of counterparts and the S2T transformer (issue 16)")
+        problems += [f"{p}: no integer form yet" for p in _unsupported(qmodel)]
+        raise IntegerizeError(_message(problems))
+    chain = [(name, m) for name, m in qmodel.named_children() if not _skipped(m)]
+    if not chain:
+        raise IntegerizeError(_message(["(root): an empty chain"]))
+    if not isinstance(chain[-1][1], QLinear):
+        problems.append(f"{chain[-1][0]} ({type(chain[-1][1]).__name__}): the chain must end in a Linear "
+                        f"(its int32 accumulator is the declared float output)")
+    layers = []
+    for i, (name, m) in enumerate(chain):
+        if not (isinstance(m, QuantModule) and callable(getattr(m, "to_integer", None))):
+            problems.append(f"{name} ({type(m).__name__}): no integer form yet")
+            continue
+        if isinstance(m, QEmbedding) and i > 0:
+            problems.append(f"{name} (QEmbedding): an Embedding is integerized only as the first module")
+            continue
+        nxt = chain[i + 1][1] if i + 1 < len(chain) else None
+        if (nxt is None and not isinstance(m, QLinear)) or (
+                nxt is not None and not isinstance(getattr(nxt, "input_quant", None), nn.Module)):
+            continue  # reported above, or the next module is reported itself
+        try:
+            layers.append(m.to_integer(None if nxt is None else Grid.of(nxt.input_quant)))
+        except IntegerizeError as exc:
+            problems.append(f"{name} ({type(m).__name__}): {exc}")
+    if problems:
+        raise IntegerizeError(_message(problems))
+    first = chain[0][1]
+    input_grid = None if isinstance(first, QEmbedding) else Grid.of(first.input_quant)
+    return IntegerModel(input_grid, layers, [name for name, _ in chain])
+
+
+def _message(problems: list[str]) -> str:
+    return "cannot integerize the model:\n  " + "\n  ".join(problems)
+

@@ -1,0 +1,528 @@
+"""Integer primitives: pure functions on integer tensors (int8/int16/int32/int64), no float inside.
+
+Work in progress of issue 16. Floats appear only when a constant is *built* from float scales
+(``quantize_multiplier``, ``build_lut``, the ``*_params`` helpers): that is constant folding done
+once before execution. The functions that run on data take and return integer tensors only.
+
+=============================  ============================  ====================================
+function                       rounding                      accumulator / overflow
+=============================  ============================  ====================================
+quantize_multiplier            half away from zero           M0 in [2^30, 2^31) as a Python int
+saturating_rounding_doubling   ties toward +inf (gemmlowp)   int64 product; saturates INT32_MIN^2
+  _high_mul
+rounding_divide_by_pot         half away from zero           int32, never overflows
+requantize                     single: once, ties toward     int32 in, int64 product; saturates
+                               +inf; double: the two above   to [qmin, qmax]
+rescaled_add                   the two above, per operand    int32, bound in its docstring
+isqrt                          floor (exact)                 int64 in [0, 2^62]
+build_lut / apply_lut          half to even (like the grid)  table of the output dtype
+integer_softmax                exp table: half to even;      int32 row sum, int64 division
+                               division: half up
+integer_layer_norm             mean exact (N*q - sum);       int64 variance, int32 affine
+                               isqrt floor; division half    accumulator
+                               away from zero
+=============================  ============================  ====================================
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from qswap.errors import IntegerizeError
+from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.primitives import quantize
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+_INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_int(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _INTEGER_DTYPES:
+        raise IntegerizeError(f"{name} must be an integer tensor (int8/uint8/int16/int32/int64), "
+                              f"got {t.dtype}; quantize it first")
+
+
+def code_dtype(qmin: int, qmax: int) -> torch.dtype:
+    """The narrowest torch integer dtype holding every code in [qmin, qmax]."""
+    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= qmin and qmax <= info.max:
+            return dtype
+    return torch.int64
+
+
+# -- fixed-point multipliers (gemmlowp / TFLite) ------------------------------------------------------
+
+def quantize_multiplier(real: float) -> tuple[int, int]:
+    """``real`` >= 0 as ``(M0, shift)`` with ``real ~= M0 * 2**(shift - 31)`` (TFLite's
+    ``QuantizeMultiplier``): M0 in [2^30, 2^31) (the fraction in [0.5, 1) times 2^31, rounded
+    half away from zero), ``shift`` > 0 a left shift, < 0 a right shift. A multiplier whose
+    right shift would exceed 31 is below 2^-32 and becomes (0, 0), as in TFLite; 0 is (0, 0).
+
+    >>> quantize_multiplier(0.25)
+    (1073741824, -1)
+    """
+    if not (isinstance(real, (int, float)) and math.isfinite(real) and real >= 0):
+        raise IntegerizeError(f"a requantization multiplier must be a finite number >= 0, got {real!r}; "
+                              f"check the scales of the quantizers involved")
+    if real == 0:
+        return 0, 0
+    fraction, shift = math.frexp(real)  # real = fraction * 2**shift, fraction in [0.5, 1)
+    m0 = math.floor(fraction * 2.0 ** 31 + 0.5)  # exact in float64: 22 fraction bits at most
+    if m0 == 2 ** 31:
+        m0, shift = m0 // 2, shift + 1
+    if shift < -31:
+        return 0, 0
+    if shift > 30:
+        raise IntegerizeError(f"requantization multiplier {real} is >= 2^30: the scales of input and "
+                              f"output differ too much to rescale in int32")
+    return int(m0), int(shift)
+
+
+def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
+    """gemmlowp's ``SaturatingRoundingDoublingHighMul``: ``a * b / 2^31`` of two int32 values,
+    rounded to nearest with ties toward +infinity (the nudge is ``2^30`` for a non-negative
+    product, ``1 - 2^30`` for a negative one, then the int64 quotient is truncated toward zero).
+    The product is formed in int64 (|a*b| <= 2^62); the one overflowing case,
+    ``a == b == INT32_MIN``, saturates to ``INT32_MAX``. Returns int32."""
+    _check_int("a", a)
+    b = torch.as_tensor(b, dtype=torch.int64)
+    _check_int("b", b)
+    a64, b64 = a.to(torch.int64), b.to(torch.int64)
+    prod = a64 * b64
+    nudge = torch.where(prod >= 0, 1 << 30, 1 - (1 << 30))
+    out = torch.div(prod + nudge, 1 << 31, rounding_mode="trunc")
+    out = torch.where((a64 == INT32_MIN) & (b64 == INT32_MIN), INT32_MAX, out)
+    return out.to(torch.int32)
+
+
+def rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor | int) -> torch.Tensor:
+    """gemmlowp's ``RoundingDivideByPOT``: ``x / 2^exponent`` of int32 ``x``, exponent in
+    [0, 31] (a tensor broadcasts, per channel), rounded half away from zero. The result's
+    magnitude is at most ``|x|``'s: no overflow. Returns int32."""
+    _check_int("x", x)
+    e = torch.as_tensor(exponent, dtype=torch.int64)
+    if e.numel() and (int(e.min()) < 0 or int(e.max()) > 31):
+        raise IntegerizeError(f"rounding_divide_by_pot needs exponents in [0, 31], got "
+                              f"[{int(e.min())}, {int(e.max())}]")
+    x64 = x.to(torch.int64)
+    mask = (torch.ones_like(e) << e) - 1
+    remainder = x64 & mask
+    threshold = (mask >> 1) + (x64 < 0).to(torch.int64)
+    return ((x64 >> e) + (remainder > threshold).to(torch.int64)).to(torch.int32)
+
+
+def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor | int,
+                                     shift: torch.Tensor | int) -> torch.Tensor:
+    """TFLite's ``MultiplyByQuantizedMultiplier``: ``x * M0 * 2^(shift - 31)`` on int32 ``x``.
+    A left shift (``shift`` > 0) is applied first and saturates to int32 (TFLite's reference
+    wraps), so results are exact up to 2^30 in magnitude and saturate there (any output grid of
+    at most 30 bits still saturates correctly); then ``saturating_rounding_doubling_high_mul`` (ties toward +inf) and
+    ``rounding_divide_by_pot`` (half away from zero). ``m0`` and ``shift`` may be tensors
+    broadcasting against ``x`` (per channel). Returns int32."""
+    _check_int("x", x)
+    shift = torch.as_tensor(shift, dtype=torch.int64)
+    left, right = shift.clamp(min=0), (-shift).clamp(min=0)
+    shifted = (x.to(torch.int64) << left).clamp(INT32_MIN, INT32_MAX)
+    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, m0), right)
+
+
+def multiply_by_quantized_multiplier_single(x: torch.Tensor, m0: torch.Tensor | int,
+                                            shift: torch.Tensor | int) -> torch.Tensor:
+    """TFLite's single-rounding ``MultiplyByQuantizedMultiplier`` (``TFLITE_SINGLE_ROUNDING``):
+    ``(x * M0 + 2^(30 - shift)) >> (31 - shift)`` in int64 (|x * M0| < 2^62), i.e. ``x * real``
+    rounded once, ties toward +inf; the result saturates to int32. Returns int32."""
+    _check_int("x", x)
+    total = 31 - torch.as_tensor(shift, dtype=torch.int64)
+    prod = x.to(torch.int64) * torch.as_tensor(m0, dtype=torch.int64)
+    return ((prod + (torch.ones_like(total) << (total - 1))) >> total).clamp(INT32_MIN, INT32_MAX).to(torch.int32)
+
+
+ROUNDINGS = ("single", "double")
+
+
+@dataclass(frozen=True)
+class Requant:
+    """A fixed-point rescaling to an output grid: ``M0`` and ``shift`` (Python ints per tensor,
+    int64 tensors per channel), the output zero point and code range, and the rounding
+    (``requantize``)."""
+
+    m0: torch.Tensor | int
+    shift: torch.Tensor | int
+    zero_point: int
+    qmin: int
+    qmax: int
+    rounding: str = "single"
+
+    @classmethod
+    def from_scales(cls, real: float | torch.Tensor, zero_point: int, qmin: int, qmax: int,
+                    rounding: str = "single") -> "Requant":
+        """``real`` = input scale / output scale (a Python float, or a 1-d tensor per channel)."""
+        if isinstance(real, torch.Tensor) and real.numel() > 1:
+            pairs = [quantize_multiplier(float(r)) for r in real.double().flatten()]
+            m0 = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
+            shift = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
+            return cls(m0, shift, int(zero_point), int(qmin), int(qmax), rounding)
+        m0, shift = quantize_multiplier(float(real))
+        return cls(m0, shift, int(zero_point), int(qmin), int(qmax), rounding)
+
+    def __call__(self, acc: torch.Tensor, axis: int = -1) -> torch.Tensor:
+        return requantize(acc, self.m0, self.shift, self.zero_point, self.qmin, self.qmax, axis, self.rounding)
+
+
+def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | int, zero_point: int,
+               qmin: int, qmax: int, axis: int = -1, rounding: str = "single") -> torch.Tensor:
+    """An int32 accumulator onto an output grid: ``clamp(MBQM(acc, M0, shift) + zero_point,
+    qmin, qmax)`` in the narrowest dtype holding [qmin, qmax].
+
+    Per tensor: ``m0``/``shift`` are ints. Per channel: 1-d tensors of the size of ``acc``'s
+    ``axis``. ``rounding="single"`` (the default; TFLite's ``TFLITE_SINGLE_ROUNDING``): ``acc *
+    real`` rounded once, ties toward +inf, so it equals the exactly rounded product except on a
+    tie (where the fake-quant grid rounds half to even) and within 2^-30 relative of one (M0's own
+    rounding). ``rounding="double"`` (gemmlowp and TFLite's default build): ties toward +inf in
+    the high multiply, then half away from zero in the shift; within one output step of
+    ``acc * real`` but it can differ from its single rounding (263 * 0.15 = 39.45 gives 40:
+    157.8 -> 158, 158 / 4 = 39.5 -> 40). The input must fit int32 (a larger value raises); the
+    zero point is added in int64 and the sum saturates to [qmin, qmax]."""
+    if rounding not in ROUNDINGS:
+        raise IntegerizeError(f"requantize rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    _check_int("acc", acc)
+    if acc.numel() and (int(acc.min()) < INT32_MIN or int(acc.max()) > INT32_MAX):
+        raise IntegerizeError("requantize got an accumulator outside int32; the op overflowed its "
+                              "stated bound (reduce the reduction length or the bit widths)")
+    m0, shift = torch.as_tensor(m0, dtype=torch.int64), torch.as_tensor(shift, dtype=torch.int64)
+    if m0.dim() == 1 and m0.numel() > 1:
+        shape = [1] * acc.dim()
+        shape[axis] = -1
+        m0, shift = m0.reshape(shape), shift.reshape(shape)
+    multiply = multiply_by_quantized_multiplier_single if rounding == "single" else multiply_by_quantized_multiplier
+    scaled = multiply(acc, m0, shift).to(torch.int64)
+    return (scaled + zero_point).clamp(qmin, qmax).to(code_dtype(qmin, qmax))
+
+
+# -- rescaled add ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AddParams:
+    """TFLite's quantized ADD: both operands shifted left by ``left_shift``, rescaled to the grid
+    of twice the larger input scale, added in int32 (the sum's grid: ``sum_scale``), then
+    requantized to the output grid (``out``; None keeps the int32 sum, e.g. a residual stream
+    read by several consumers)."""
+
+    left_shift: int
+    a: tuple[int, int]
+    b: tuple[int, int]
+    sum_scale: float
+    out: Requant | None
+
+    @classmethod
+    def build(cls, scale_a: float, scale_b: float, scale_out: float | None = None, zero_point_out: int = 0,
+              qmin: int = INT32_MIN, qmax: int = INT32_MAX, input_bits: int = 8) -> "AddParams":
+        """``left_shift = 28 - input_bits`` (20 for 8-bit inputs, TFLite's value) keeps
+        ``|q - zp| << left_shift`` below 2^28: inputs of at most 16 bits."""
+        if not 2 <= input_bits <= 16:
+            raise IntegerizeError(f"rescaled_add takes inputs of 2 to 16 bits, got {input_bits}")
+        left = 28 - input_bits
+        twice_max = 2.0 * max(scale_a, scale_b)
+        sum_scale = twice_max / 2 ** left
+        out = None if scale_out is None else Requant.from_scales(sum_scale / scale_out, zero_point_out, qmin, qmax)
+        return cls(left, quantize_multiplier(scale_a / twice_max), quantize_multiplier(scale_b / twice_max),
+                   sum_scale, out)
+
+
+def rescaled_sum(qa: torch.Tensor, zp_a: int, qb: torch.Tensor, zp_b: int, params: AddParams) -> torch.Tensor:
+    """``s_a (qa - zp_a) + s_b (qb - zp_b)`` as int32 on the grid ``params.sum_scale``.
+
+    Each operand: ``(q - zp) << left_shift`` (exact: |q - zp| < 2^input_bits, so the value is
+    below 2^28), times its multiplier (<= 0.5, so below 2^27 in magnitude; gemmlowp rounding:
+    ties toward +inf then half away from zero); the int32 sum is below 2^28 (no overflow)."""
+    _check_int("qa", qa)
+    _check_int("qb", qb)
+    left = params.left_shift
+    a = multiply_by_quantized_multiplier((qa.to(torch.int32) - zp_a) << left, *params.a)
+    b = multiply_by_quantized_multiplier((qb.to(torch.int32) - zp_b) << left, *params.b)
+    return a + b
+
+
+def rescaled_add(qa: torch.Tensor, zp_a: int, qb: torch.Tensor, zp_b: int, params: AddParams) -> torch.Tensor:
+    """``rescaled_sum`` requantized onto the output grid (saturating to [qmin, qmax])."""
+    if params.out is None:
+        raise IntegerizeError("rescaled_add needs AddParams built with an output scale")
+    return params.out(rescaled_sum(qa, zp_a, qb, zp_b, params))
+
+
+# -- integer square root -------------------------------------------------------------------------------
+
+ISQRT_MAX = 2 ** 62
+
+
+def _bit_length(n: torch.Tensor) -> torch.Tensor:
+    """Bit length of non-negative int64 values (0 for 0), by binary search on shifts."""
+    length = torch.zeros_like(n)
+    for step in (32, 16, 8, 4, 2, 1):
+        higher = (n >> (length + step)) > 0
+        length = length + torch.where(higher, step, 0)
+    return length + (n > 0).to(torch.int64)
+
+
+def isqrt(n: torch.Tensor) -> torch.Tensor:
+    """``floor(sqrt(n))`` of int64 values in [0, 2^62], exactly, by I-BERT's integer Newton
+    iteration ``x <- (x + n // x) // 2`` (floor divisions) from ``x0 = 2^ceil(bits(n) / 2)``
+    >= sqrt(n), stopped where it stops decreasing. Every intermediate stays below 2^33.
+    Returns int64."""
+    _check_int("n", n)
+    n = n.to(torch.int64)
+    if n.numel() and (int(n.min()) < 0 or int(n.max()) > ISQRT_MAX):
+        raise IntegerizeError(f"isqrt takes values in [0, 2^62], got [{int(n.min())}, {int(n.max())}]")
+    x = torch.ones_like(n) << ((_bit_length(n) + 1) >> 1)
+    while True:
+        nxt = (x + torch.div(n, x, rounding_mode="floor")) >> 1
+        smaller = (nxt < x) & (nxt > 0)  # n = 0 would reach x = 0: kept at 1, answered below
+        if not bool(smaller.any()):
+            return torch.where(n == 0, 0, x)
+        x = torch.where(smaller, nxt, x)
+
+
+# -- lookup tables --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Grid:
+    """A per-tensor affine grid: ``value = scale * (code - zero_point)``, codes in [qmin, qmax]."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    @classmethod
+    def of(cls, quantizer) -> "Grid":
+        """The grid of a calibrated per-tensor ``FakeQuantize``."""
+        if not (isinstance(quantizer, FakeQuantize) and quantizer.enabled and quantizer.initialized):
+            raise IntegerizeError(f"{quantizer!r} has no grid: an integer op needs every operand "
+                                  f"quantized and the model calibrated")
+        if quantizer.scale.numel() != 1:
+            raise IntegerizeError(f"an activation grid must be per tensor, got {quantizer.spec.short()}")
+        return cls(float(quantizer.scale), int(quantizer.zero_point), quantizer.spec.qmin, quantizer.spec.qmax)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return code_dtype(self.qmin, self.qmax)
+
+    def codes(self) -> torch.Tensor:
+        """Every code of the grid, ascending (int64)."""
+        return torch.arange(self.qmin, self.qmax + 1, dtype=torch.int64)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """Build-time only (tables, tests): the float32 values of ``codes``."""
+        return (codes.to(torch.float32) - self.zero_point) * torch.tensor(self.scale, dtype=torch.float32)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Build-time only: float ``x`` onto the grid as ``torch.fake_quantize_per_tensor_affine``
+        and ``FakeQuantize`` do (``x * (1/scale)`` in float32, half to even), as codes."""
+        t = torch.round(x.to(torch.float32) * (1.0 / torch.tensor(self.scale, dtype=torch.float32)))
+        return (t.clamp(self.qmin - self.zero_point, self.qmax - self.zero_point).to(torch.int64)
+                + self.zero_point).to(self.dtype)
+
+
+LUT_MAX_BITS = 16
+
+
+def build_lut(fn: Callable[[torch.Tensor], torch.Tensor], grid_in: Grid, grid_out: Grid) -> torch.Tensor:
+    """The table of ``fn`` from every input code to an output code, built once: the input grid's
+    float32 values through ``fn`` (in float32, as the fake-quant model computes it), rounded onto
+    the output grid half to even (as its quantizer does). So ``apply_lut`` is bit-exact with
+    ``fake_quantize_out(fn(fake_quantize_in(x)))``. Inputs of up to 16 bits (65536 entries)."""
+    if grid_in.qmax - grid_in.qmin + 1 > 2 ** LUT_MAX_BITS:
+        raise IntegerizeError(f"a lookup table over [{grid_in.qmin}, {grid_in.qmax}] has more than "
+                              f"2^{LUT_MAX_BITS} entries; use a piecewise table for wider inputs")
+    return grid_out.quantize(fn(grid_in.dequantize(grid_in.codes())))
+
+
+def apply_lut(codes: torch.Tensor, table: torch.Tensor, qmin: int) -> torch.Tensor:
+    """``table[codes - qmin]``: an integer index, no arithmetic on values."""
+    _check_int("codes", codes)
+    return table[codes.to(torch.int64) - qmin]
+
+
+# -- GLU --------------------------------------------------------------------------------------------
+
+GLU_GATE_BITS = 15  # the gate sigmoid(b) in [0, 2^15]
+
+
+@dataclass(frozen=True)
+class GluParams:
+    """Integer GLU constants: ``gate[b - qmin]`` = round(2^15 sigmoid(b's value)) over every input
+    code (built in float64, half to even), and the requantization of ``(a - zp) * gate``
+    (scale ``s_in 2^-15``) to the output grid."""
+
+    gate: torch.Tensor
+    zero_point: int
+    qmin: int
+    out: Requant
+
+    @classmethod
+    def build(cls, grid_in: Grid, grid_out: Grid) -> "GluParams":
+        values = (grid_in.codes() - grid_in.zero_point).double() * grid_in.scale
+        gate = torch.round(torch.sigmoid(values) * 2 ** GLU_GATE_BITS).to(torch.int32)
+        out = Requant.from_scales(grid_in.scale * 2.0 ** -GLU_GATE_BITS / grid_out.scale, grid_out.zero_point,
+                                  grid_out.qmin, grid_out.qmax)
+        return cls(gate, grid_in.zero_point, grid_in.qmin, out)
+
+
+def integer_glu(codes: torch.Tensor, params: GluParams, dim: int = -1) -> torch.Tensor:
+    """GLU of input codes: the first half ``a`` times the gate table of the second half ``b``,
+    ``(a - zp) * gate[b]`` in int32 (|a - zp| < 2^16 for inputs of at most 16 bits, gate <= 2^15:
+    below 2^31), requantized onto the output grid (single rounding, saturating)."""
+    _check_int("codes", codes)
+    a, b = codes.chunk(2, dim=dim)
+    gate = params.gate[b.to(torch.int64) - params.qmin]
+    return params.out((a.to(torch.int32) - params.zero_point) * gate, axis=dim)
+
+
+# -- softmax ----------------------------------------------------------------------------------------
+
+# exp table entries in [0, 2^20] (2^15 left probability codes of the shipped model a step from
+# the float softmax's); rows stay in int32 below 2^11 positions (82 s of audio after 4x
+# subsampling of 10 ms frames)
+EXP_BITS = 20
+DIV_BITS = 16  # fraction bits of the output reciprocal
+
+
+@dataclass(frozen=True)
+class SoftmaxParams:
+    """Integer softmax tables: ``exp_table[d]`` = round(2^EXP_BITS * exp(s_in * -d)) for the
+    distances ``d = max - q`` in [0, qmax - qmin] (half to even, built in float64), and
+    ``out_mult`` = round(2^DIV_BITS / s_out), the output grid's reciprocal."""
+
+    exp_table: torch.Tensor
+    out_mult: int
+    out: Grid
+
+    @classmethod
+    def build(cls, grid_in: Grid, grid_out: Grid) -> "SoftmaxParams":
+        d = torch.arange(0, grid_in.qmax - grid_in.qmin + 1, dtype=torch.float64)
+        table = torch.round(torch.exp(-d * grid_in.scale) * 2 ** EXP_BITS).to(torch.int32)
+        return cls(table, int(round(2 ** DIV_BITS / grid_out.scale)), grid_out)
+
+
+def integer_softmax(codes: torch.Tensor, params: SoftmaxParams, blocked: torch.Tensor | None = None,
+                    dim: int = -1) -> torch.Tensor:
+    """Softmax along ``dim`` of input codes, as codes of the output grid.
+
+    ``e = exp_table[max - q]`` (int32, max along ``dim`` over unblocked positions; blocked ones get
+    0), ``sum`` of ``e`` in int32 (``e <= 2^20``: exact for rows of fewer than 2^11 positions,
+    a longer row raises), then ``code = (e * out_mult + sum * 2^15) // (sum * 2^16)`` in int64
+    (round half up; ``e * out_mult < 2^20 * 2^16 / s_out``), plus the zero point, clamped
+    (saturation) to [qmin, qmax]. A row with every position blocked gives the zero point
+    (the float softmax gives NaN there)."""
+    _check_int("codes", codes)
+    if codes.shape[dim] >= 2 ** (31 - EXP_BITS):
+        raise IntegerizeError(f"integer_softmax sums fewer than 2^{31 - EXP_BITS} positions in int32, "
+                              f"got a row of {codes.shape[dim]}")
+    q = codes.to(torch.int32)
+    low = torch.iinfo(torch.int32).min
+    if blocked is not None:
+        q = q.masked_fill(blocked, low)
+    row_max = q.amax(dim=dim, keepdim=True)
+    dist = (row_max.to(torch.int64) - q.to(torch.int64)).clamp(max=params.exp_table.numel() - 1)
+    e = params.exp_table[dist]  # int32
+    if blocked is not None:
+        e = e.masked_fill(blocked, 0)
+    total = e.sum(dim=dim, keepdim=True, dtype=torch.int32).to(torch.int64)  # < 2^31
+    num = e.to(torch.int64) * params.out_mult
+    den = total << DIV_BITS
+    safe = torch.where(den == 0, 1, den)
+    out = torch.div(num + (safe >> 1), safe, rounding_mode="floor")
+    out = torch.where(den == 0, 0, out) + params.out.zero_point
+    return out.clamp(params.out.qmin, params.out.qmax).to(params.out.dtype)
+
+
+# -- LayerNorm ----------------------------------------------------------------------------------------
+
+LN_MAX_DIM = 4096
+LN_FRAC_BITS = 16  # fraction bits of the normalized value
+_LN_SQRT_BITS = 10  # extra fraction bits of the standard deviation
+
+
+@dataclass(frozen=True)
+class LayerNormParams:
+    """Integer LayerNorm constants: ``eps_int`` = round(N^2 eps / s_in^2) (the variance's epsilon in
+    the units of ``N^2 (q - mean)^2``), ``gamma`` codes (int32) and ``beta`` on the int32 grid of
+    the affine accumulator (scale ``s_gamma * 2^-LN_FRAC_BITS``, half to even), and the
+    requantization of that accumulator to the output grid."""
+
+    eps_int: int
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    out: Requant
+
+    @classmethod
+    def build(cls, n: int, eps: float, scale_in: float, gamma_codes: torch.Tensor,
+              gamma_scale: float | torch.Tensor, beta: torch.Tensor | None, grid_out: Grid) -> "LayerNormParams":
+        """``gamma_scale``: a float (per tensor) or a (N,) tensor (per channel); ``beta``: float
+        values (already on their own grid) or None."""
+        if not 1 <= n <= LN_MAX_DIM:
+            raise IntegerizeError(f"integer_layer_norm normalizes 1 to {LN_MAX_DIM} features, got {n}")
+        acc_scale = torch.as_tensor(gamma_scale, dtype=torch.float64) * 2.0 ** -LN_FRAC_BITS
+        beta_int = torch.zeros(n, dtype=torch.int64) if beta is None else torch.round(beta.double() / acc_scale)
+        if beta_int.numel() and beta_int.abs().max() > 2 ** 30:
+            raise IntegerizeError("LayerNorm bias is beyond 2^30 steps of the affine accumulator; "
+                                  "gamma's grid is too fine for this beta")
+        out = Requant.from_scales(acc_scale / grid_out.scale, grid_out.zero_point, grid_out.qmin, grid_out.qmax)
+        eps_int = int(round(n * n * eps / (scale_in * scale_in)))
+        return cls(eps_int, gamma_codes.to(torch.int32), beta_int.to(torch.int32), out)
+
+
+def integer_layer_norm(codes: torch.Tensor, params: LayerNormParams) -> torch.Tensor:
+    """LayerNorm over the last axis (N features) of input codes, as output codes.
+
+    ``c = N q - sum(q)`` (exact, = N (q - mean); |c| < N 2^bits <= 2^20 for 8-bit inputs,
+    N <= 4096); ``V = sum(c^2) // N + eps_int`` (int64, floor; <= N^2 2^16 + eps_int < 2^41);
+    ``D = isqrt(V << 20)`` (floor; ~ 2^10 N sqrt(var + eps) / s_in); normalized value
+    ``y = round(c 2^(16 + 10) / D)`` (int64, half away from zero; |y| < sqrt(N) 2^16 <= 2^22);
+    affine accumulator ``y gamma + beta`` in int32 (|y gamma| < 2^29 for 8-bit gamma,
+    |beta| <= 2^30: the sum saturates to int32 beyond); then ``requantize`` onto the output grid
+    (saturating to [qmin, qmax]). The input zero point cancels in ``c``: it is not needed."""
+    _check_int("codes", codes)
+    n = codes.shape[-1]
+    q = codes.to(torch.int64)
+    c = n * q - q.sum(dim=-1, keepdim=True)  # (..., N)
+    var = torch.div((c * c).sum(dim=-1, keepdim=True), n, rounding_mode="floor") + params.eps_int
+    d = isqrt(var << (2 * _LN_SQRT_BITS)).clamp(min=1)
+    num = c << (LN_FRAC_BITS + _LN_SQRT_BITS)
+    y = torch.sign(num) * torch.div(num.abs() + (d >> 1), d, rounding_mode="floor")
+    acc = (y * params.gamma.to(torch.int64) + params.beta.to(torch.int64)).clamp(INT32_MIN, INT32_MAX)
+    return params.out(acc.to(torch.int32))
+
+
+# -- from fake-quant modules (build time) ----------------------------------------------------------------
+
+def weight_codes(quantizer, weight: torch.Tensor, *, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of ``weight`` on its ``FakeQuantize`` grid (the same rounding as the fake-quant
+    forward) and the float scale per tensor () or per channel (C,), for building integer forms.
+    Symmetric weights only unless ``symmetric=False`` (a weight zero point needs cross terms
+    with the input's that integer forms do not compute yet); per-group grids are not supported."""
+    if not (isinstance(quantizer, FakeQuantize) and quantizer.enabled):
+        raise IntegerizeError("a weight without a quantizer stays float; quantize it in the recipe "
+                              "to run the op on integers")
+    spec = quantizer.spec
+    if spec.granularity == "per_group":
+        raise IntegerizeError(f"{spec.short()} weights are not integerized yet; use per_tensor or per_channel")
+    with torch.no_grad():
+        quantizer(weight)  # (re)derives the grid of the current weight
+        codes = quantize(weight, quantizer.scale, quantizer.zero_point, spec)
+    if symmetric and bool((quantizer.zero_point != 0).any()):
+        raise IntegerizeError(f"{spec.short()} weights have a zero point; integer forms need "
+                              f"symmetric weights (symmetric: true)")
+    return codes, quantizer.scale.detach().reshape(-1) if quantizer.scale.numel() > 1 else quantizer.scale.detach()
+
+
+def check_bound(what: str, bound: int, limit: int = INT32_MAX) -> None:
+    """Raise when an op's largest accumulator (``bound``, from the shapes and code ranges it was
+    built for) exceeds ``limit``."""
+    if bound > limit:
+        raise IntegerizeError(f"{what} can reach {bound} in its accumulator, beyond {limit}; "
+                              f"reduce the reduction length or the bit widths")

@@ -1,0 +1,168 @@
+"""Integer forms of the counterparts (issue 16): each one, on codes, against its fake-quant
+forward followed by the consumer's quantizer, in output grid steps."""
+import pytest
+import torch
+from torch import nn
+
+import qswap
+from helpers import assert_only_near_ties_differ
+from qswap.errors import IntegerizeError
+from qswap.quant.integer import Grid
+
+RECIPES = ["w8a8", "w8a8_per_channel", "w4a8"]
+
+
+def converted(model: nn.Module, x: torch.Tensor, recipe: str, run=None) -> nn.Module:
+    run = run or (lambda m, b: m(b))
+    q = qswap.convert(model.eval(), recipe)
+    qswap.calibrate(q, [x, x.flip(0)], forward=run)
+    return q
+
+
+def steps(integer: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    assert integer.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32)
+    assert integer.dtype == reference.dtype
+    return (integer.to(torch.int64) - reference.to(torch.int64)).abs()
+
+
+def agreement(counterpart: nn.Module, consumer_quant: nn.Module, x: torch.Tensor, out=None):
+    """(integer codes, fake-quant codes) of ``counterpart`` writing onto ``consumer_quant``'s grid."""
+    grid_out = Grid.of(consumer_quant)
+    form = counterpart.to_integer(grid_out)
+    with torch.no_grad():
+        reference = grid_out.quantize(consumer_quant(counterpart(x) if out is None else out))
+        integer = form(Grid.of(counterpart.input_quant).quantize(x))
+    return integer, reference
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_linear(recipe):
+    torch.manual_seed(0)
+    x = torch.randn(8, 10, 48)
+    q = converted(nn.Sequential(nn.Linear(48, 32), nn.Linear(32, 8)), x, recipe)
+    integer, reference = agreement(q[0], q[1].input_quant, x)
+    diff = steps(integer, reference)
+    assert int(diff.max()) <= 1  # exact ties: half up here, half to even in the fake-quant grid
+    assert float((diff == 0).float().mean()) > 0.999
+    assert q[0].to_integer(Grid.of(q[1].input_quant)).weight.dtype == torch.int8
+
+
+def test_linear_refuses_an_unquantized_weight_and_an_overflowing_reduction():
+    x = torch.randn(4, 16)
+    q = converted(nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4)), x, "w8a8")
+    q[0].weight_quant.enabled = False
+    with pytest.raises(IntegerizeError, match="float"):
+        q[0].to_integer(Grid.of(q[1].input_quant))
+    wide = converted(nn.Sequential(nn.Linear(200000, 2), nn.Linear(2, 2)), torch.randn(2, 200000), "w8a8")
+    with pytest.raises(IntegerizeError, match="accumulator"):
+        wide[0].to_integer(Grid.of(wide[1].input_quant))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_layer_norm(recipe):
+    torch.manual_seed(0)
+    x = torch.randn(8, 10, 64) * 3 + 1
+    ln = nn.LayerNorm(64)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_(0, 0.2)
+    q = converted(nn.Sequential(ln, nn.Linear(64, 8)), x, recipe)
+    integer, reference = agreement(q[0], q[1].input_quant, x)
+    diff = steps(integer, reference)
+    assert int(diff.max()) <= 1
+    assert float((diff == 0).float().mean()) > 0.97
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.ReLU(), nn.SiLU(), nn.Tanh(), nn.Sigmoid()],
+                         ids=lambda m: type(m).__name__)
+def test_elementwise_tables_are_bit_exact(act):
+    torch.manual_seed(0)
+    x = torch.randn(8, 10, 16) * 2
+    q = converted(nn.Sequential(act, nn.Linear(16, 4)), x, "w8a8")
+    integer, reference = agreement(q[0], q[1].input_quant, x)
+    assert torch.equal(integer, reference)
+
+
+def test_softmax():
+    torch.manual_seed(0)
+    x = torch.randn(8, 10, 30) * 3
+    q = converted(nn.Sequential(nn.Softmax(dim=-1), nn.Linear(30, 4)), x, "w8a8")
+    integer, reference = agreement(q[0], q[1].input_quant, x)
+    assert int(steps(integer, reference).max()) <= 1
+
+
+def test_glu():
+    torch.manual_seed(0)
+    x = torch.randn(8, 10, 32) * 2
+    q = converted(nn.Sequential(nn.GLU(), nn.Linear(16, 4)), x, "w8a8")
+    integer, reference = agreement(q[0], q[1].input_quant, x)
+    diff = steps(integer, reference)
+    assert int(diff.max()) <= 1  # the gate is 2^-15 fixed point: a near-tie can move one step
+    assert float((diff == 0).float().mean()) > 0.99
+
+
+def test_log_softmax_has_no_integer_form_yet():
+    x = torch.randn(4, 16)
+    q = converted(nn.Sequential(nn.LogSoftmax(dim=-1), nn.Linear(16, 4)), x, "w8a8")
+    with pytest.raises(IntegerizeError, match="LogSoftmax"):
+        q[0].to_integer(Grid.of(q[1].input_quant))
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
+def test_conv1d(recipe):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 30)
+    q = converted(nn.Sequential(nn.Conv1d(8, 12, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(12 * 15, 4)),
+                  x, recipe)
+    grid_out = Grid.of(q[2].input_quant)
+    form = q[0].to_integer(grid_out)
+    with torch.no_grad():
+        reference = grid_out.quantize(q[2].input_quant(q[0](x)))
+    integer = form(Grid.of(q[0].input_quant).quantize(x))  # padding: the input's zero point
+    diff = steps(integer, reference)
+    assert int(diff.max()) <= 1
+    assert float((diff == 0).float().mean()) > 0.999
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8_per_channel"])
+def test_embedding(recipe):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 40, (4, 9))
+    model = nn.Sequential(nn.Embedding(40, 16, padding_idx=1), nn.Linear(16, 4))
+    q = converted(model, tokens, recipe, run=lambda m, b: m(b))
+    grid_out = Grid.of(q[1].input_quant)
+    with torch.no_grad():
+        reference = grid_out.quantize(q[1].input_quant(q[0](tokens)))
+    form = q[0].to_integer(grid_out)
+    integer = form(tokens)
+    assert int(steps(integer, reference).max()) <= 1
+    w_scale = q[0].weight_quant.scale.reshape(-1, 1)[tokens if recipe.endswith("per_channel") else 0]
+    w_zero = q[0].weight_quant.zero_point.reshape(-1, 1)[tokens if recipe.endswith("per_channel") else 0]
+    exact = (form.codes[tokens].double() - w_zero) * w_scale.double() / grid_out.scale
+    assert_only_near_ties_differ(integer, reference, exact)
+
+
+def test_attention_core():
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 32)
+    causal = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    run = lambda m, b: m(b, b, b, attn_mask=causal)[0]  # noqa: E731
+    mha = converted(nn.MultiheadAttention(32, 4), x, "w8a8", run=run)
+    seen = {}
+    hook = mha.core.register_forward_hook(lambda mod, args, out: seen.update(args=args, out=out))
+    with torch.no_grad():
+        run(mha, x)
+    hook.remove()
+    q, k, v, scaling = seen["args"][:4]
+    grid_out = Grid.of(mha.out_proj.input_quant)
+    form = mha.core.to_integer(scaling, grid_out)
+    codes = [Grid.of(quant).quantize(t) for quant, t in ((mha.core.q_quant, q), (mha.core.k_quant, k),
+                                                           (mha.core.v_quant, v))]
+    context, probs = form(*codes, blocked=causal)
+    with torch.no_grad():
+        reference = grid_out.quantize(mha.out_proj.input_quant(seen["out"][0]))
+        ref_probs = Grid.of(mha.core.softmax_out_quant).quantize(seen["out"][1])
+    assert int(steps(probs, ref_probs).max()) <= 1
+    diff = steps(context, reference)
+    assert int(diff.max()) <= 2
+    assert float((diff == 0).float().mean()) > 0.9

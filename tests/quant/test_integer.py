@@ -1,0 +1,349 @@
+"""The integer primitives: ties of every rounding, overflow bounds, and agreement with the
+fake-quant path they replace (in output grid steps)."""
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qswap.errors import IntegerizeError
+from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.integer import (INT32_MAX, INT32_MIN, ISQRT_MAX, AddParams, GluParams, Grid, LayerNormParams,
+                                 Requant, SoftmaxParams, apply_lut, build_lut, integer_glu, integer_layer_norm,
+                                 integer_softmax, isqrt, quantize_multiplier, requantize, rescaled_add,
+                                 rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
+from qswap.quant.spec import QuantSpec
+
+INT32 = st.integers(INT32_MIN, INT32_MAX)
+
+
+def i32(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def round_half_away(x: Fraction) -> int:
+    return int(math.floor(abs(x) + Fraction(1, 2))) * (1 if x >= 0 else -1)
+
+
+def grid_of(x: torch.Tensor, spec: QuantSpec = QuantSpec(bits=8, symmetric=False)) -> FakeQuantize:
+    """A frozen activation FakeQuantize calibrated on ``x``."""
+    fq = FakeQuantize(spec.replace(observer="minmax"), kind="activation")
+    fq(x)
+    fq.freeze()
+    return fq
+
+
+# -- quantize_multiplier ------------------------------------------------------------------------------
+
+@given(st.floats(min_value=2.0 ** -31, max_value=2.0 ** 20, allow_nan=False))
+def test_quantize_multiplier_is_within_half_a_unit(real):
+    m0, shift = quantize_multiplier(real)
+    assert 2 ** 30 <= m0 < 2 ** 31
+    unit = Fraction(2) ** (shift - 31)
+    assert abs(m0 * unit - Fraction(real)) <= unit / 2
+
+
+def test_quantize_multiplier_ties_round_half_away_and_renormalize():
+    assert quantize_multiplier((2 ** 31 + 1) / 2 ** 32) == (2 ** 30 + 1, 0)  # fraction*2^31 = 2^30 + 0.5
+    assert quantize_multiplier(1 - 2.0 ** -33) == (2 ** 30, 1)  # rounds to 2^31: renormalized
+    assert quantize_multiplier(0.0) == (0, 0)
+    assert quantize_multiplier(2.0 ** -40) == (0, 0)  # right shift beyond 31: zero, as TFLite
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf"), 2.0 ** 31])
+def test_quantize_multiplier_rejects_bad_reals(bad):
+    with pytest.raises(IntegerizeError):
+        quantize_multiplier(bad)
+
+
+# -- SaturatingRoundingDoublingHighMul / RoundingDivideByPOT ----------------------------------------------
+
+def test_high_mul_ties_go_toward_plus_infinity():
+    # a * 4 / 2^31 = +-0.5, +-1.5, +-2.5
+    out = saturating_rounding_doubling_high_mul(i32(2 ** 28, -2 ** 28, 3 * 2 ** 28, -3 * 2 ** 28, 5 * 2 ** 28,
+                                                    -5 * 2 ** 28), 4)
+    assert out.tolist() == [1, 0, 2, -1, 3, -2]
+    assert out.dtype == torch.int32
+
+
+def test_high_mul_saturates_at_its_one_overflow():
+    assert saturating_rounding_doubling_high_mul(i32(INT32_MIN), INT32_MIN).tolist() == [INT32_MAX]
+    assert saturating_rounding_doubling_high_mul(i32(INT32_MAX), INT32_MIN).tolist() == [-INT32_MAX]
+
+
+@given(INT32, INT32)
+def test_high_mul_is_the_nearest_integer(a, b):
+    out = int(saturating_rounding_doubling_high_mul(i32(a), b)[0])
+    if a == b == INT32_MIN:
+        assert out == INT32_MAX
+    else:
+        exact = Fraction(a * b, 2 ** 31)
+        assert out == math.floor(exact + Fraction(1, 2))  # nearest, ties up
+
+
+def test_divide_by_pot_ties_go_away_from_zero():
+    x = i32(1, -1, 3, -3, 6, -6, 5, -5)
+    assert rounding_divide_by_pot(x, 1).tolist() == [1, -1, 2, -2, 3, -3, 3, -3]
+    assert rounding_divide_by_pot(x, 2).tolist() == [0, 0, 1, -1, 2, -2, 1, -1]
+
+
+@given(INT32, st.integers(0, 31))
+def test_divide_by_pot_is_round_half_away(x, e):
+    assert int(rounding_divide_by_pot(i32(x), e)[0]) == round_half_away(Fraction(x, 2 ** e))
+
+
+def test_divide_by_pot_at_its_bounds():
+    assert rounding_divide_by_pot(i32(INT32_MIN, INT32_MAX), 31).tolist() == [-1, 1]
+    assert rounding_divide_by_pot(i32(INT32_MIN, INT32_MAX), 0).tolist() == [INT32_MIN, INT32_MAX]
+    with pytest.raises(IntegerizeError):
+        rounding_divide_by_pot(i32(1), 32)
+
+
+def test_float_input_is_refused():
+    with pytest.raises(IntegerizeError, match="integer tensor"):
+        rounding_divide_by_pot(torch.ones(2), 1)
+
+
+# -- requantize --------------------------------------------------------------------------------------
+
+@settings(deadline=None)
+@given(st.integers(-2 ** 24, 2 ** 24), st.floats(1e-6, 0.99))
+def test_requantize_rounds_twice_as_gemmlowp_and_stays_within_one_step(acc, real):
+    m0, shift = quantize_multiplier(real)
+    out = int(requantize(torch.tensor([acc], dtype=torch.int32), m0, shift, 3, -(2 ** 31), 2 ** 31 - 1,
+                         rounding="double")[0])
+    high = math.floor(Fraction(acc * m0, 2 ** 31) + Fraction(1, 2))  # ties up
+    assert out - 3 == round_half_away(Fraction(high, 2 ** -shift))  # then half away from zero
+    exact = Fraction(acc) * m0 * Fraction(2) ** (shift - 31)
+    assert abs(out - 3 - exact) < 1
+
+
+def test_requantize_double_rounding_example():
+    # 263 * 0.15 = 39.45: the high multiply gives 158 (157.8), the shift by 2 gives 39.5 -> 40
+    m0, shift = quantize_multiplier(0.15)
+    assert requantize(i32(263), m0, shift, 0, -128, 127, rounding="double").tolist() == [40]
+    assert requantize(i32(263), m0, shift, 0, -128, 127).tolist() == [39]  # single rounding
+
+
+@settings(deadline=None)
+@given(st.integers(INT32_MIN, INT32_MAX), st.floats(2.0 ** -31, 2.0 ** 20))
+def test_single_rounding_requantize_rounds_once_ties_up(acc, real):
+    m0, shift = quantize_multiplier(real)
+    out = int(requantize(torch.tensor([acc], dtype=torch.int32), m0, shift, 0, INT32_MIN, INT32_MAX)[0])
+    exact = Fraction(acc * m0) * Fraction(2) ** (shift - 31)
+    assert out == min(max(math.floor(exact + Fraction(1, 2)), INT32_MIN), INT32_MAX)
+
+
+def test_single_rounding_ties():
+    m0, shift = quantize_multiplier(0.5)  # x / 2
+    assert requantize(i32(1, -1, 3, -3), m0, shift, 0, -128, 127).tolist() == [1, 0, 2, -1]
+
+
+def test_requantize_per_channel_and_saturation():
+    acc = torch.tensor([[1000, -1000], [100000, -100000]], dtype=torch.int32)  # (rows, C)
+    rq = Requant.from_scales(torch.tensor([0.01, 0.5]), zero_point=-5, qmin=-128, qmax=127)
+    out = rq(acc, axis=-1)
+    assert out.dtype == torch.int8
+    assert out.tolist() == [[10 - 5, -128], [127, -128]]  # 1000 * 0.01 - 5; the rest saturates
+
+
+def test_requantize_at_the_int32_bound():
+    m0, shift = quantize_multiplier(1.0 - 2.0 ** -30)
+    for rounding in ("single", "double"):
+        out = requantize(i32(INT32_MAX, INT32_MIN), m0, shift, 0, INT32_MIN, INT32_MAX, rounding=rounding)
+        assert out.tolist() == [INT32_MAX - 2, INT32_MIN + 2]
+    m0, shift = quantize_multiplier(4.0)  # double: the left shift saturates the operand to int32 first
+    assert requantize(i32(INT32_MAX), m0, shift, 0, INT32_MIN, INT32_MAX, rounding="double").tolist() == [2 ** 30]
+    assert requantize(i32(INT32_MAX), m0, shift, 0, INT32_MIN, INT32_MAX).tolist() == [INT32_MAX]  # single
+    for rounding in ("single", "double"):
+        out = requantize(i32(INT32_MAX, 2 ** 27, -2 ** 27), m0, shift, 0, -128, 127, rounding=rounding)
+        assert out.tolist() == [127, 127, -128]
+    with pytest.raises(IntegerizeError, match="outside int32"):
+        requantize(torch.tensor([2 ** 31], dtype=torch.int64), m0, shift, 0, -128, 127)
+
+
+# -- rescaled add -------------------------------------------------------------------------------------
+
+def test_rescaled_add_agrees_with_the_fake_quant_add():
+    torch.manual_seed(0)
+    a, b = torch.randn(4000) * 2, torch.randn(4000) * 0.3
+    qa, qb = grid_of(a), grid_of(b)
+    qout = grid_of(qa(a) + qb(b))
+    ga, gb, go = Grid.of(qa), Grid.of(qb), Grid.of(qout)
+    params = AddParams.build(ga.scale, gb.scale, go.scale, go.zero_point, go.qmin, go.qmax)
+    out = rescaled_add(ga.quantize(a), ga.zero_point, gb.quantize(b), gb.zero_point, params)
+    reference = go.quantize(qout(qa(a) + qb(b)))
+    diff = (out.to(torch.int64) - reference.to(torch.int64)).abs()
+    assert int(diff.max()) <= 1
+    assert float((diff == 0).float().mean()) > 0.99
+
+
+def test_rescaled_add_at_its_bound():
+    # the largest operands: |q - zp| = 255 on both sides, equal scales
+    go = Grid(0.01, 0, -128, 127)
+    params = AddParams.build(0.01, 0.01, 0.01, 0, -(2 ** 31), 2 ** 31 - 1)
+    qa = torch.tensor([255, 0], dtype=torch.uint8)
+    out = rescaled_add(qa, 0, qa, 0, params)
+    assert out.tolist() == [510, 0]
+    params16 = AddParams.build(1.0, 1.0, 1.0, 0, INT32_MIN, INT32_MAX, input_bits=16)
+    big = torch.tensor([32767, -32768], dtype=torch.int16)
+    assert rescaled_add(big, -32768, big, -32768, params16).tolist() == [131070, 0]
+    assert go.dtype == torch.int8
+    with pytest.raises(IntegerizeError):
+        AddParams.build(1.0, 1.0, 1.0, 0, -128, 127, input_bits=17)
+
+
+# -- isqrt --------------------------------------------------------------------------------------------
+
+@given(st.lists(st.integers(0, ISQRT_MAX), min_size=1, max_size=20))
+def test_isqrt_is_floor_sqrt(values):
+    n = torch.tensor(values, dtype=torch.int64)
+    assert isqrt(n).tolist() == [math.isqrt(v) for v in values]
+
+
+def test_isqrt_at_its_bounds_and_squares():
+    edges = [0, 1, 2, 3, 4, 2 ** 62, 2 ** 62 - 1] + [k * k for k in range(1, 200)] + [k * k - 1 for k in range(1, 200)]
+    assert isqrt(torch.tensor(edges)).tolist() == [math.isqrt(v) for v in edges]
+    with pytest.raises(IntegerizeError):
+        isqrt(torch.tensor([-1]))
+    with pytest.raises(IntegerizeError):
+        isqrt(torch.tensor([2 ** 62 + 1]))
+
+
+# -- lookup tables -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn", [F.gelu, F.silu, torch.sigmoid, torch.tanh, torch.exp, F.relu],
+                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, symmetric=False), QuantSpec(bits=8),
+                                  QuantSpec(bits=4, symmetric=False)], ids=lambda s: s.short())
+def test_lut_is_bit_exact_with_the_fake_quant_elementwise_op(fn, spec):
+    torch.manual_seed(1)
+    x = torch.randn(2000) * 3
+    q_in = grid_of(x, spec)
+    q_out = grid_of(fn(q_in(x)), spec)
+    g_in, g_out = Grid.of(q_in), Grid.of(q_out)
+    table = build_lut(fn, g_in, g_out)
+    assert table.dtype == g_out.dtype and table.numel() == g_in.qmax - g_in.qmin + 1
+    out = apply_lut(g_in.quantize(x), table, g_in.qmin)
+    assert torch.equal(out, g_out.quantize(q_out(fn(q_in(x)))))
+
+
+def test_lut_refuses_a_domain_wider_than_16_bits():
+    with pytest.raises(IntegerizeError, match="piecewise"):
+        build_lut(torch.exp, Grid(1.0, 0, 0, 2 ** 17), Grid(1.0, 0, 0, 255))
+
+
+# -- softmax ------------------------------------------------------------------------------------------
+
+def softmax_case(t=6, s=40, seed=0):
+    torch.manual_seed(seed)
+    scores = torch.randn(8, t, s) * 4
+    q_in = grid_of(scores)
+    q_out = grid_of(torch.softmax(q_in(scores), -1), QuantSpec(bits=8, signed=False, symmetric=False))
+    return scores, q_in, q_out
+
+
+def test_integer_softmax_agrees_with_the_fake_quant_softmax():
+    scores, q_in, q_out = softmax_case()
+    g_in, g_out = Grid.of(q_in), Grid.of(q_out)
+    out = integer_softmax(g_in.quantize(scores), SoftmaxParams.build(g_in, g_out))
+    reference = g_out.quantize(q_out(torch.softmax(q_in(scores), -1)))
+    assert out.dtype == torch.uint8
+    assert int((out.to(torch.int64) - reference.to(torch.int64)).abs().max()) <= 1
+
+
+def test_integer_softmax_masks_and_fully_blocked_rows():
+    scores, q_in, q_out = softmax_case(t=3, s=5)
+    g_in, g_out = Grid.of(q_in), Grid.of(q_out)
+    blocked = torch.zeros(8, 3, 5, dtype=torch.bool)
+    blocked[:, 0, 2:] = True
+    blocked[:, 2, :] = True
+    out = integer_softmax(g_in.quantize(scores), SoftmaxParams.build(g_in, g_out), blocked)
+    masked = q_in(scores).masked_fill(blocked, float("-inf"))
+    reference = g_out.quantize(q_out(torch.softmax(masked, -1)))
+    assert torch.equal(out[:, 0, 2:], torch.full_like(out[:, 0, 2:], g_out.zero_point))
+    assert int((out[:, :2].to(torch.int64) - reference[:, :2].to(torch.int64)).abs().max()) <= 1
+    assert torch.equal(out[:, 2], torch.full_like(out[:, 2], g_out.zero_point))  # float: NaN
+
+
+def test_integer_softmax_at_its_row_bound():
+    g_in, g_out = Grid(0.1, 0, -128, 127), Grid(1 / 255, 0, 0, 255)
+    params = SoftmaxParams.build(g_in, g_out)
+    row = torch.full((1, 2 ** 11 - 1), 127, dtype=torch.int8)  # every exp at 2^20: sum 2^31 - 2^20
+    out = integer_softmax(row, params)
+    assert out.unique().tolist() == [0]  # 1 / 2047 of a row: below half a step of 1/255
+    one = integer_softmax(torch.tensor([[127, -128]], dtype=torch.int8), params)
+    assert one.tolist() == [[255, 0]]
+    with pytest.raises(IntegerizeError, match="positions"):
+        integer_softmax(torch.zeros(1, 2 ** 11, dtype=torch.int8), params)
+
+
+# -- LayerNorm ----------------------------------------------------------------------------------------
+
+def layer_norm_case(n=64, seed=0, per_channel=False):
+    torch.manual_seed(seed)
+    x = torch.randn(50, n) * 2 + 0.5
+    gamma, beta = torch.rand(n) + 0.5, torch.randn(n) * 0.1
+    q_in = grid_of(x)
+    wspec = QuantSpec(bits=8, granularity="per_channel", axis=0) if per_channel else QuantSpec(bits=8)
+    q_gamma, q_beta = FakeQuantize(wspec, kind="weight"), FakeQuantize(QuantSpec(bits=8), kind="weight")
+    g, b = q_gamma(gamma), q_beta(beta)
+    q_out = grid_of(F.layer_norm(q_in(x), (n,), g, b, 1e-5))
+    reference = Grid.of(q_out).quantize(q_out(F.layer_norm(q_in(x), (n,), g, b, 1e-5)))
+    gamma_codes = torch.round(g / q_gamma.scale).to(torch.int32)
+    gamma_scale = q_gamma.scale if per_channel else float(q_gamma.scale)
+    params = LayerNormParams.build(n, 1e-5, Grid.of(q_in).scale, gamma_codes, gamma_scale, b, Grid.of(q_out))
+    return Grid.of(q_in).quantize(x), params, reference
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_integer_layer_norm_agrees_with_the_fake_quant_layer_norm(per_channel):
+    codes, params, reference = layer_norm_case(per_channel=per_channel)
+    out = integer_layer_norm(codes, params)
+    diff = (out.to(torch.int64) - reference.to(torch.int64)).abs()
+    assert int(diff.max()) <= 1
+    assert float((diff == 0).float().mean()) > 0.97
+
+
+def test_integer_layer_norm_constant_rows_give_beta():
+    codes, params, _ = layer_norm_case(n=16)
+    out = integer_layer_norm(torch.full((2, 16), 7, dtype=torch.uint8), params)
+    expected = params.out(params.beta.expand(2, 16).contiguous())
+    assert torch.equal(out, expected)
+
+
+def test_integer_layer_norm_at_its_bound():
+    n = 4096
+    codes = torch.tensor([0, 255] * (n // 2), dtype=torch.uint8).reshape(1, n)  # largest |c| and variance
+    gamma = torch.full((n,), 127, dtype=torch.int32)
+    params = LayerNormParams.build(n, 1e-5, 0.05, gamma, 1 / 127, None, Grid(1 / 64, 0, -128, 127))
+    out = integer_layer_norm(codes, params)
+    assert out.tolist() == [[-64, 64] * (n // 2)]  # +-1 exactly (eps is negligible), times gamma 1
+    with pytest.raises(IntegerizeError):
+        LayerNormParams.build(n + 1, 1e-5, 0.05, gamma, 1 / 127, None, Grid(1 / 64, 0, -128, 127))
+
+
+# -- GLU ------------------------------------------------------------------------------------------------
+
+def test_integer_glu_agrees_with_the_fake_quant_glu():
+    torch.manual_seed(2)
+    x = torch.randn(40, 64) * 3
+    q_in = grid_of(x)
+    q_out = grid_of(F.glu(q_in(x), dim=-1))
+    g_in, g_out = Grid.of(q_in), Grid.of(q_out)
+    out = integer_glu(g_in.quantize(x), GluParams.build(g_in, g_out))
+    reference = g_out.quantize(q_out(F.glu(q_in(x), dim=-1)))
+    diff = (out.to(torch.int64) - reference.to(torch.int64)).abs()
+    assert int(diff.max()) <= 1 and float((diff == 0).float().mean()) > 0.99
+
+
+def test_integer_glu_at_its_bound():
+    # 16-bit inputs: |a - zp| = 65535 times a gate of 2^15 is 2^31 - 2^15, the largest product
+    g_in = Grid(1.0, -32768, -32768, 32767)
+    params = GluParams.build(g_in, Grid(1.0, 0, INT32_MIN, INT32_MAX))
+    codes = torch.tensor([[32767, 32767]], dtype=torch.int16)  # a = b = 65535 steps above zp
+    assert int(params.gate[-1]) == 2 ** 15
+    assert integer_glu(codes, params).tolist() == [[65535]]

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Measure how far each integer form (issue 16) is from its fake-quant counterpart, in output
+grid steps, and write the table into docs/integer.md between the ``<!-- agreement:begin -->``
+and ``<!-- agreement:end -->`` markers. Small torch models, fixed seeds, CPU, one thread.
+
+    python tools/integer_agreement.py            # rewrite the table
+    python tools/integer_agreement.py --print    # print it only
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "integer.md"
+BEGIN, END = "<!-- agreement:begin -->", "<!-- agreement:end -->"
+
+
+def _calibrated(model: nn.Module, batches: list, recipe: str) -> nn.Module:
+    import qswap
+    q = qswap.convert(model.eval(), recipe)
+    qswap.calibrate(q, batches)
+    return q
+
+
+def _chain(module: nn.Module, x: torch.Tensor, recipe: str, width: int, rounding: str = "single"):
+    """(integer codes, fake-quant codes) of ``module`` writing onto a following Linear's input grid
+    (``rounding``: of a linear's requantization)."""
+    import dataclasses
+    from qswap.quant.integer import Grid
+    q = _calibrated(nn.Sequential(module, nn.Linear(width, 4)), [x, x.flip(0)], recipe)
+    grid_out = Grid.of(q[1].input_quant)
+    with torch.no_grad():
+        reference = grid_out.quantize(q[1].input_quant(q[0](x)))
+        first = x if x.dtype == torch.int64 else Grid.of(q[0].input_quant).quantize(x)
+        form = q[0].to_integer(grid_out)
+        if rounding != "single":
+            form.requant = dataclasses.replace(form.requant, rounding=rounding)
+        return form(first), reference
+
+
+def _conv(conv: nn.Sequential, x: torch.Tensor, recipe: str):
+    from qswap.quant.integer import Grid
+    q = _calibrated(nn.Sequential(*conv, nn.Linear(12 * 15, 4)), [x, x.flip(0)], recipe)
+    grid_out = Grid.of(q[2].input_quant)
+    with torch.no_grad():
+        reference = grid_out.quantize(q[2].input_quant(q[0](x)))
+    return q[0].to_integer(grid_out)(Grid.of(q[0].input_quant).quantize(x)), reference
+
+
+def _attention(recipe: str):
+    from qswap.quant.integer import Grid
+    x = torch.randn(12, 3, 32)
+    causal = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    import qswap
+    mha = qswap.convert(nn.MultiheadAttention(32, 4).eval(), recipe)
+    qswap.calibrate(mha, [x], forward=lambda m, b: m(b, b, b, attn_mask=causal))
+    seen = {}
+    hook = mha.core.register_forward_hook(lambda mod, args, out: seen.update(args=args, out=out))
+    with torch.no_grad():
+        mha(x, x, x, attn_mask=causal)
+    hook.remove()
+    qkv, scaling = seen["args"][:3], seen["args"][3]
+    grid_out = Grid.of(mha.out_proj.input_quant)
+    codes = [Grid.of(quant).quantize(t) for quant, t in zip((mha.core.q_quant, mha.core.k_quant, mha.core.v_quant), qkv)]
+    context, probs = mha.core.to_integer(scaling, grid_out)(*codes, blocked=causal)
+    with torch.no_grad():
+        ref_context = grid_out.quantize(mha.out_proj.input_quant(seen["out"][0]))
+    ref_probs = Grid.of(mha.core.softmax_out_quant).quantize(seen["out"][1])
+    return (probs, ref_probs), (context, ref_context)
+
+
+def _add():
+    from qswap.quant.fake_quantize import FakeQuantize
+    from qswap.quant.integer import AddParams, Grid, rescaled_add
+    from qswap.quant.spec import QuantSpec
+    a, b = torch.randn(20000) * 2, torch.randn(20000) * 0.3
+
+    def frozen(t):
+        fq = FakeQuantize(QuantSpec(bits=8, symmetric=False), kind="activation")
+        fq(t)
+        fq.freeze()
+        return fq
+    qa, qb = frozen(a), frozen(b)
+    qo = frozen(qa(a) + qb(b))
+    ga, gb, go = Grid.of(qa), Grid.of(qb), Grid.of(qo)
+    params = AddParams.build(ga.scale, gb.scale, go.scale, go.zero_point, go.qmin, go.qmax)
+    with torch.no_grad():
+        reference = go.quantize(qo(qa(a) + qb(b)))
+    return rescaled_add(ga.quantize(a), ga.zero_point, gb.quantize(b), gb.zero_point, params), reference
+
+
+def _s2t_encoder(recipe: str):
+    """The integer encoder of a small untrained fairseq s2t_transformer (2 layers, dim 64) against
+    its fake-quant encoder, on valid frames, on the first decoder layer's key grid."""
+    import warnings
+
+    import qswap
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    from qswap.quant.integer import Grid
+    net_input = s2t_net_input()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = qswap.convert(build_s2t_transformer(seed=0), recipe)
+        qswap.calibrate(q, [net_input])
+    grid = Grid.of(q.decoder.layers[0].encoder_attn.key_quant)
+    encoder = q.encoder.to_integer(grid)
+    src, lengths = net_input["src_tokens"], net_input["src_lengths"]
+    codes, padding = encoder.forward_codes(encoder.quantize_input(src), lengths)
+    with torch.no_grad():
+        reference = grid.quantize(q.encoder(src, lengths)["encoder_out"][0])
+    valid = ~padding.T
+    return codes[valid], reference[valid]
+
+
+def _s2t_model(recipe: str) -> tuple[str, float, float, int]:
+    """(recipe, % of teacher-forced best tokens equal, largest |logit difference| in steps of the
+    logits grid, positions) of the integer S2T transformer against the fake-quant one."""
+    import warnings
+
+    import qswap
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    net_input = s2t_net_input()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = qswap.convert(build_s2t_transformer(seed=0), recipe)
+        qswap.calibrate(q, [net_input])
+    with torch.no_grad():
+        reference = q(**net_input)[0]
+    logits = qswap.integerize(q)(**net_input)
+    equal = 100 * float((logits.argmax(-1) == reference.argmax(-1)).double().mean())
+    steps = float((logits - reference).abs().max() / q.logits_quant.scale)
+    return recipe, equal, steps, reference.shape[0] * reference.shape[1]
+
+
+def measure() -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+    """(op, recipe, integer codes, fake-quant codes) per row."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    rows = []
+    x48, x64 = torch.randn(16, 10, 48), torch.randn(16, 10, 64) * 3 + 1
+    for recipe in ("w8a8", "w8a8_per_channel", "w4a8"):
+        rows.append(("QLinear 48->32", recipe, *_chain(nn.Linear(48, 32), x48, recipe, 32)))
+    for recipe in ("w8a8", "w4a8"):
+        rows.append(("QLinear 48->32, gemmlowp double rounding", recipe,
+                     *_chain(nn.Linear(48, 32), x48, recipe, 32, rounding="double")))
+    ln = nn.LayerNorm(64)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_(0, 0.2)
+    for recipe in ("w8a8", "w8a8_per_channel"):
+        rows.append(("QLayerNorm 64", recipe, *_chain(ln, x64, recipe, 64)))
+    x16 = torch.randn(16, 10, 16) * 2
+    for act in (nn.ReLU(), nn.GELU(), nn.SiLU(), nn.Sigmoid(), nn.Tanh()):
+        rows.append((f"{type(act).__name__} (table)", "w8a8", *_chain(act, x16, "w8a8", 16)))
+    rows.append(("GLU (2^-15 gate)", "w8a8", *_chain(nn.GLU(), torch.randn(16, 10, 32) * 2, "w8a8", 16)))
+    conv = nn.Sequential(nn.Conv1d(8, 12, 3, stride=2, padding=1), nn.Flatten())
+    for recipe in ("w8a8", "w4a8"):
+        rows.append(("QConv1d k3 s2", recipe, *_conv(conv, torch.randn(4, 8, 30), recipe)))
+    rows.append(("Softmax over 30", "w8a8", *_chain(nn.Softmax(dim=-1), torch.randn(16, 10, 30) * 3, "w8a8", 30)))
+    tokens = torch.randint(0, 200, (16, 10))
+    for recipe in ("w8a8", "w8a8_per_channel"):
+        rows.append(("QEmbedding 200x16", recipe, *_chain(nn.Embedding(200, 16), tokens, recipe, 16)))
+    probs, context = _attention("w8a8")
+    rows.append(("attention probs (12 keys, causal)", "w8a8", *probs))
+    rows.append(("attention context", "w8a8", *context))
+    rows.append(("rescaled add", "int8 affine", *_add()))
+    for recipe in ("w8a8", "w8a8_per_channel"):
+        rows.append(("fairseq s2t_transformer encoder (2 layers, untrained)", recipe, *_s2t_encoder(recipe)))
+    return rows
+
+
+def render(rows, models) -> str:
+    lines = [BEGIN, "<!-- generated by tools/integer_agreement.py; do not edit by hand -->", "",
+             "| op | recipe | outputs | largest difference (steps) | equal codes % |", "|---|---|---|---|---|"]
+    for op, recipe, integer, reference in rows:
+        diff = (integer.to(torch.int64) - reference.to(torch.int64)).abs()
+        lines.append(f"| {op} | {recipe} | {diff.numel()} | {int(diff.max())} | "
+                     f"{100 * float((diff == 0).double().mean()):.2f} |")
+    lines += ["", "The whole small S2T transformer (2+2 layers, dim 64, untrained), teacher-forced:", "",
+              "| recipe | target positions | best token equal % | largest logit difference (logits grid steps) |",
+              "|---|---|---|---|"]
+    lines += [f"| {r} | {n} | {equal:.2f} | {steps:.1f} |" for r, equal, steps, n in models]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--print", action="store_true", help="print the table, write nothing")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    table = render(measure(), [_s2t_model(r) for r in ("w8a8", "w8a8_per_channel", "w4a8")])
+    if args.print:
+        print(table)
+        return 0
+    doc = DOC.read_text(encoding="utf-8")
+    if BEGIN not in doc or END not in doc:
+        print(f"{DOC}: markers {BEGIN} / {END} not found", file=sys.stderr)
+        return 1
+    head, rest = doc.split(BEGIN, 1)
+    from qswap.io import atomic_write_text
+    atomic_write_text(DOC, head + table + rest.split(END, 1)[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
