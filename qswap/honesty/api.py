@@ -70,7 +70,8 @@ def _prepare(model: nn.Module):
     modes = [(m, m.training) for m in model.modules()]
     observing = [q for q in model.modules() if isinstance(q, FakeQuantize) and q.kind == "activation"
                  and q.enabled and not bool(q.frozen)]
-    saved = [(q, copy.deepcopy(q.state_dict())) for q in observing]
+    saved = [(q, {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                  for k, v in q.state_dict().items()}) for q in observing]
     model.eval()
 
     def restore() -> None:

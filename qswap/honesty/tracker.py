@@ -63,6 +63,7 @@ class Tracker(TorchDispatchMode):
         self._verified = _TagMap()  # quantizer output -> (path, _version) checked
         self._handles: list = []
         self._rules: dict = {}
+        self._labels: dict = {}  # QuantSpec -> its short label
 
     # -- module hooks ----------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -150,7 +151,9 @@ class Tracker(TorchDispatchMode):
             if not q.enabled:
                 return  # a disabled quantizer returns its input: that site is float
             spec, scale, zp, qmin, qmax = q.spec, q.scale, q.zero_point, q.spec.qmin, q.spec.qmax
-            bits, label = spec.bits, spec.short()
+            bits, label = spec.bits, self._labels.get(spec)
+            if label is None:
+                label = self._labels[spec] = spec.short()  # one string per spec, not per call
         else:
             if args and out is args[0]:
                 return  # the bias stays float, and keeps its own tag
