@@ -64,13 +64,14 @@ class Tracker(TorchDispatchMode):
         self._handles: list = []
         self._rules: dict = {}
         self._labels: dict = {}  # QuantSpec -> its short label
+        self._inplace: dict = {}  # OpOverload -> whether it writes its first argument
 
     # -- module hooks ----------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module, named: list | None = None) -> None:
         """Hook every module (but a quantizer's own children) and tag every parameter, buffer
-        and tensor attribute."""
+        and tensor attribute. ``named``: ``list(model.named_modules())``, if the caller has it."""
         inside: tuple[str, ...] = ()  # paths of quantizers: their observers are theirs
-        for path, module in model.named_modules():
+        for path, module in model.named_modules() if named is None else named:
             if inside and path.startswith(inside):
                 continue
             if isinstance(module, (FakeQuantize, BiasQuantize)):
@@ -268,7 +269,9 @@ class Tracker(TorchDispatchMode):
         """Tag an op's outputs with the version they will have once the op returns: a view
         shares its base's counter, and an in-place op bumps the counter after this handler."""
         base = args[0] if func.is_view and args and isinstance(args[0], torch.Tensor) else None
-        mutated = O.is_inplace(func)
+        mutated = self._inplace.get(func)
+        if mutated is None:
+            mutated = self._inplace[func] = O.is_inplace(func)
         for t in outputs:
             if base is not None:
                 version = base._version
@@ -412,15 +415,20 @@ def _own(table: dict):
             yield name, t
 
 
-def _tensors(value):
+def _tensors(value) -> list:
+    """Every tensor in ``value`` and the dicts, lists and tuples inside it, in order."""
     if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
+        return [value]
+    found, stack = [], [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, (list, tuple)):
+            stack.extend(reversed(v))
+        elif isinstance(v, (dict, Mapping)):
+            stack.extend(reversed(list(v.values())))
+    return found
 
 
 def _int_outputs(out) -> list[torch.Tensor]:
