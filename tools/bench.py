@@ -226,6 +226,7 @@ def measure_audit(b: Bench, sizes: Sizes) -> dict:
     t = interleaved_medians({
         "float": no_grad(lambda: b.model(**b.net_input)),
         "audit": lambda: qswap.audit(w8a8, b.net_input),
+        "audit_values": lambda: qswap.audit(w8a8, b.net_input, values=True),
     }, sizes.repeats)
     paths = {}
     for name, m in (("float", b.model), ("w8a8", w8a8)):
@@ -238,7 +239,7 @@ def measure_audit(b: Bench, sizes: Sizes) -> dict:
             runs.append(dict(timer.seconds))
         paths[name] = {p: statistics.median(r[p] for r in runs) for p in runs[0]}
     return {"audit_s": t["audit"], "audit_float_forward_s": t["float"], "first_audit_s": first,
-            "audit": t["audit"] / t["float"], "paths": paths,
+            "audit": t["audit"] / t["float"], "paths": paths, "audit_values_s": t["audit_values"],
             "audit_over_float_paths": t["audit"] / sum(paths["float"].values()),
             "audit_over_w8a8_paths": t["audit"] / sum(paths["w8a8"].values())}
 
@@ -564,7 +565,10 @@ def details(r: dict, sizes: Sizes) -> list[str]:
             f"({_ms(r['audit_float_forward_s'])}; the target's ratio), {r['audit_over_float_paths']:.2f}× "
             f"the float model running the same paths, {r['audit_over_w8a8_paths']:.2f}× the w8a8 model "
             f"running them unobserved. The first audit in the process took {_ms(r['first_audit_s'])} "
-            f"(it also imports `torch._dynamo` once); it is not in the median.", "",
+            f"(it also imports `torch._dynamo` once); it is not in the median. With the value-level "
+            f"check on (`qswap.audit(..., values=True)`, not part of the target) it took "
+            f"{_ms(r['audit_values_s'])}: {r['audit_values_s'] / r['audit_float_forward_s']:.2f}× one "
+            f"float forward.", "",
             "Honesty: " + ", ".join(f"`{k}` audits **{v}**" for k, v in r["honesty"].items()) + ".", ""]
     for name, text in r["profiles"].items():
         out += [f"#### Where the time goes: {TARGETS[name].measure}", "", explain(name, r), "", text, "",

@@ -40,9 +40,10 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
     check_inputs(inputs)
     declared = {**getattr(getattr(model, "qswap_report", None), "float_ok", {}), **(float_ok or {})}
     tracker = Tracker(declared, _values_bits(model) if values else None)
-    restore, observing = _prepare(model)
+    named = list(model.named_modules())  # one walk for the set-up (checks after the run walk again)
+    restore, observing = _prepare(model, [m for _, m in named])
     try:
-        tracker.attach(model)
+        tracker.attach(model, named)
         tracker.tag_inputs(inputs)
         with torch.no_grad(), tracker, watch_threads(tracker):
             kind = _run(model, inputs, tracker, decode_steps)
@@ -65,12 +66,13 @@ def _run(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int) -> 
                          f"{type(exc).__name__}: {exc}") from exc
 
 
-def _prepare(model: nn.Module):
+def _prepare(model: nn.Module, modules: list[nn.Module]):
     """Eval mode, and a snapshot of quantizers that would observe (and so change) on the run."""
-    modes = [(m, m.training) for m in model.modules()]
-    observing = [q for q in model.modules() if isinstance(q, FakeQuantize) and q.kind == "activation"
+    modes = [(m, m.training) for m in modules]
+    observing = [q for q in modules if isinstance(q, FakeQuantize) and q.kind == "activation"
                  and q.enabled and not bool(q.frozen)]
-    saved = [(q, copy.deepcopy(q.state_dict())) for q in observing]
+    saved = [(q, {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                  for k, v in q.state_dict().items()}) for q in observing]
     model.eval()
 
     def restore() -> None:

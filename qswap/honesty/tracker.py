@@ -14,25 +14,29 @@ hooks that tell it where it is.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections import Counter
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from qswap.honesty import classify as C
 from qswap.honesty import ops as O
 from qswap.honesty.findings import Findings
 from qswap.honesty.values import MAX_CHECKED_BITS, on_uniform_grid
-from qswap.honesty.tags import CONST, FLOAT, PARAM, QUANT, UNSEEN, GridInfo, Tag, off_grid_count
+from qswap.honesty.tags import (CONST, FLOAT, PARAM, QUANT, UNSEEN, GridInfo, Tag, off_grid_count,
+                                on_grid_per_tensor)
 from qswap.nn.base import QuantModule
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
 _NUMBER = (int, float)
-_MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # tagged as parameters/buffers, or walked
+# torch's own tables of every module: parameters/buffers (tagged as such), children (walked), and
+# hook/flag tables that hold callables and bools only
+_MODULE_TABLES = frozenset(vars(nn.Module()))
+_SCALARS = (type(None), bool, int, float, str)
 _OWN_QUANTIZERS = (FakeQuantize, BiasQuantize)  # exact classes: their internals are trusted code
 
 
@@ -46,7 +50,7 @@ class Tracker(TorchDispatchMode):
         self.values_bits = values_bits
         self._before = None  # (tensor, its values before an in-place op), for the value check
         self._tainted = False  # whether any integer tensor carries a tag (rounded float data)
-        self.tags = WeakIdKeyDictionary()
+        self.tags = _TagMap()
         self.findings = Findings(float_ok or {})
         self.stack: list[str] = [""]
         self.calls: list[int] = [-1]
@@ -56,16 +60,18 @@ class Tracker(TorchDispatchMode):
         self.last_quant_op = None
         self._unobserved = None  # the guard that switches dispatch off inside a quantizer
         self._next_call = 0
-        self._verified = WeakIdKeyDictionary()  # quantizer output -> (path, _version) checked
+        self._verified = _TagMap()  # quantizer output -> (path, _version) checked
         self._handles: list = []
         self._rules: dict = {}
+        self._labels: dict = {}  # QuantSpec -> its short label
+        self._inplace: dict = {}  # OpOverload -> whether it writes its first argument
 
     # -- module hooks ----------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module, named: list | None = None) -> None:
         """Hook every module (but a quantizer's own children) and tag every parameter, buffer
-        and tensor attribute."""
+        and tensor attribute. ``named``: ``list(model.named_modules())``, if the caller has it."""
         inside: tuple[str, ...] = ()  # paths of quantizers: their observers are theirs
-        for path, module in model.named_modules():
+        for path, module in model.named_modules() if named is None else named:
             if inside and path.startswith(inside):
                 continue
             if isinstance(module, (FakeQuantize, BiasQuantize)):
@@ -83,13 +89,13 @@ class Tracker(TorchDispatchMode):
 
     def _tag_module_tensors(self, path: str, module: nn.Module) -> None:
         prefix = f"{path}." if path else ""
-        for name, p in module.named_parameters(recurse=False):
+        for name, p in _own(module._parameters):  # noqa: SLF001  (named_parameters walks every module)
             self._set([p], Tag(PARAM, f"parameter {prefix}{name}"))
-        for name, b in module.named_buffers(recurse=False):
-            if b is not None and b.is_floating_point():
+        for name, b in _own(module._buffers):  # noqa: SLF001
+            if b.is_floating_point():
                 self._set([b], Tag(PARAM, f"buffer {prefix}{name}"))
         for name, v in vars(module).items():  # tensors kept as state (a derived weight's cache)
-            if name in _MODULE_TABLES:
+            if name in _MODULE_TABLES or isinstance(v, _SCALARS):
                 continue
             for t in _tensors(v):
                 if t.is_floating_point() and t not in self.tags:
@@ -146,7 +152,9 @@ class Tracker(TorchDispatchMode):
             if not q.enabled:
                 return  # a disabled quantizer returns its input: that site is float
             spec, scale, zp, qmin, qmax = q.spec, q.scale, q.zero_point, q.spec.qmin, q.spec.qmax
-            bits, label = spec.bits, spec.short()
+            bits, label = spec.bits, self._labels.get(spec)
+            if label is None:
+                label = self._labels[spec] = spec.short()  # one string per spec, not per call
         else:
             if args and out is args[0]:
                 return  # the bias stays float, and keeps its own tag
@@ -161,9 +169,12 @@ class Tracker(TorchDispatchMode):
         if self._verified.get(out) == (path, out._version):
             return  # a cached weight, already checked
         with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the check is not the model's)
-            zp = torch.zeros_like(scale) if zp is None else zp
-            off = off_grid_count(out, scale, zp, spec, qmin, qmax)
-            step = (float(scale), float(zp)) if scale.numel() == 1 else (None, 0.0)
+            step = (float(scale), 0.0 if zp is None else float(zp)) if scale.numel() == 1 else (None, 0.0)
+            if step[0] is not None and on_grid_per_tensor(out, step[0], step[1], qmin, qmax):
+                off = 0
+            else:
+                zp = torch.zeros_like(scale) if zp is None else zp
+                off = off_grid_count(out, scale, zp, spec, qmin, qmax)
         self._verified[out] = (path, out._version)
         self._set([out], Tag(QUANT, path, GridInfo(path, bits, label, off == 0, off, out.numel(),
                                                    step[0], step[1], qmin, qmax)))
@@ -258,7 +269,9 @@ class Tracker(TorchDispatchMode):
         """Tag an op's outputs with the version they will have once the op returns: a view
         shares its base's counter, and an in-place op bumps the counter after this handler."""
         base = args[0] if func.is_view and args and isinstance(args[0], torch.Tensor) else None
-        mutated = O.is_inplace(func)
+        mutated = self._inplace.get(func)
+        if mutated is None:
+            mutated = self._inplace[func] = O.is_inplace(func)
         for t in outputs:
             if base is not None:
                 version = base._version
@@ -392,15 +405,30 @@ def _rounded(source: Tag, where: str) -> Tag:
     return Tag(FLOAT, f"{source.describe()}, rounded to integers by {where} (not a qswap quantizer)")
 
 
-def _tensors(value):
+def _own(table: dict):
+    """(name, tensor) of a module's own parameter or buffer table, first name of each tensor (as
+    ``named_parameters(recurse=False)``), without walking the module tree."""
+    seen: set[int] = set()
+    for name, t in table.items():
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            yield name, t
+
+
+def _tensors(value) -> list:
+    """Every tensor in ``value`` and the dicts, lists and tuples inside it, in order."""
     if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
+        return [value]
+    found, stack = [], [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, (list, tuple)):
+            stack.extend(reversed(v))
+        elif isinstance(v, (dict, Mapping)):
+            stack.extend(reversed(list(v.values())))
+    return found
 
 
 def _int_outputs(out) -> list[torch.Tensor]:
@@ -440,6 +468,30 @@ def _float_outputs(out) -> list[torch.Tensor]:
     if isinstance(out, (list, tuple)):
         return [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()]
     return []
+
+
+class _TagMap:
+    """tensor -> value, by identity, without keeping the tensor alive (``WeakIdKeyDictionary``
+    semantics at a plain dict's cost: an entry whose tensor died never matches the tensor that
+    reuses its id, because its weak reference no longer points at that object)."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self):
+        self._d: dict = {}
+
+    def get(self, t, default=None):
+        entry = self._d.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return default
+        return entry[1]
+
+    def __setitem__(self, t, value) -> None:
+        self._d[id(t)] = (weakref.ref(t), value)
+
+    def __contains__(self, t) -> bool:
+        entry = self._d.get(id(t))
+        return entry is not None and entry[0]() is t
 
 
 class _PathScope:

@@ -1,7 +1,7 @@
 """The on-grid check: integer codes within [qmin, qmax], at every granularity."""
 import torch
 
-from qswap.honesty.tags import off_grid_count
+from qswap.honesty.tags import off_grid_count, on_grid_per_tensor
 from qswap.quant import QuantSpec, choose_qparams, fake_quantize, reduce_min_max
 
 
@@ -45,3 +45,20 @@ def test_a_per_element_bias_scale_and_the_int32_range():
     assert off_grid_count(bias, scale, zero, None, -(2 ** 31), 2 ** 31 - 1) == 0
     nudged = bias + torch.tensor([0.1, 0.0, 0.0])
     assert off_grid_count(nudged, scale, zero, None, -(2 ** 31), 2 ** 31 - 1) == 1
+
+
+def test_the_quick_per_tensor_proof_accepts_only_what_the_exact_count_accepts():
+    spec = QuantSpec(bits=8, symmetric=False)
+    y, scale, zp = _quantized(torch.randn(4, 50), spec)
+    s, z = float(scale), float(zp)
+    assert on_grid_per_tensor(y, s, z, spec.qmin, spec.qmax)
+    for change in (lambda b: b[0].__iadd__(0.4 * s),  # between two codes
+                   lambda b: b[1].fill_((spec.qmax + 3 - z) * s),  # a code above qmax
+                   lambda b: b[2].fill_((spec.qmin - 1 - z) * s),  # a code below qmin
+                   lambda b: b[3].fill_(float("nan")), lambda b: b[3].fill_(float("inf"))):
+        bad = y.clone()
+        change(bad)
+        assert off_grid_count(bad, scale, zp, spec, spec.qmin, spec.qmax) > 0
+        assert not on_grid_per_tensor(bad, s, z, spec.qmin, spec.qmax)
+    assert not on_grid_per_tensor(y.double(), s, z, spec.qmin, spec.qmax)  # float32 only
+    assert not on_grid_per_tensor(y, s, z + 0.5, spec.qmin, spec.qmax)  # a fractional zero point
