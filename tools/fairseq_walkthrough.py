@@ -160,7 +160,7 @@ Each quantized LayerNorm's forward value is the norm of its quantized input; its
 that of the float input with the row variance floored at (0.1 x the batch's median row
 deviation)^2, exact for ordinary rows, bounded for collapsed ones
 (`qswap.nn.norm.layer_norm_bounded_grad`, `grad_std_floor` on each module; a test checks the
-shipped model's QAT gradient stays within 3x of float's for w8a8 and 30x for w4a4, whose output is broken anyway). And the calibration steps
+shipped model's QAT gradient stays within 3x of float's for w8a8 and 100x for w4a4, whose output is broken anyway). And the calibration steps
 (`--qswap-calib-batches N`) observe in eval mode with their loss multiplied by 0, so their
 gradient is zero. fairseq still runs its optimizer step on them: with a fresh Adam state (as
 after `--finetune-from-model`) and no `--weight-decay`, no weight moves before the grids are
