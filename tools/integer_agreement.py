@@ -18,11 +18,18 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "integer.md"
 BEGIN, END = "<!-- agreement:begin -->", "<!-- agreement:end -->"
+SIMULATE = {"mode": "integer"}  # the fake-quant model's insides (--simulate)
+
+
+def _recipe(name: str):
+    """The shipped recipe ``name`` with the ``simulate`` key of this run."""
+    import qswap
+    return qswap.load_recipe(dict(qswap.load_recipe(name).to_dict(), simulate=SIMULATE["mode"]))
 
 
 def _calibrated(model: nn.Module, batches: list, recipe: str) -> nn.Module:
     import qswap
-    q = qswap.convert(model.eval(), recipe)
+    q = qswap.convert(model.eval(), _recipe(recipe))
     qswap.calibrate(q, batches)
     return q
 
@@ -57,7 +64,7 @@ def _attention(recipe: str):
     x = torch.randn(12, 3, 32)
     causal = torch.ones(12, 12, dtype=torch.bool).triu(1)
     import qswap
-    mha = qswap.convert(nn.MultiheadAttention(32, 4).eval(), recipe)
+    mha = qswap.convert(nn.MultiheadAttention(32, 4).eval(), _recipe(recipe))
     qswap.calibrate(mha, [x], forward=lambda m, b: m(b, b, b, attn_mask=causal))
     seen = {}
     hook = mha.core.register_forward_hook(lambda mod, args, out: seen.update(args=args, out=out))
@@ -105,7 +112,7 @@ def _s2t_encoder(recipe: str):
     net_input = s2t_net_input()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = qswap.convert(build_s2t_transformer(seed=0), recipe)
+        q = qswap.convert(build_s2t_transformer(seed=0), _recipe(recipe))
         qswap.calibrate(q, [net_input])
     grid = Grid.of(q.decoder.layers[0].encoder_attn.key_quant)
     encoder = q.encoder.to_integer(grid)
@@ -127,7 +134,7 @@ def _s2t_model(recipe: str) -> tuple[str, float, float, int]:
     net_input = s2t_net_input()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = qswap.convert(build_s2t_transformer(seed=0), recipe)
+        q = qswap.convert(build_s2t_transformer(seed=0), _recipe(recipe))
         qswap.calibrate(q, [net_input])
     with torch.no_grad():
         reference = q(**net_input)[0]
@@ -135,6 +142,35 @@ def _s2t_model(recipe: str) -> tuple[str, float, float, int]:
     equal = 100 * float((logits.argmax(-1) == reference.argmax(-1)).double().mean())
     steps = float((logits - reference).abs().max() / q.logits_quant.scale)
     return recipe, equal, steps, reference.shape[0] * reference.shape[1]
+
+
+def shipped(recipe: str, simulate: str, count: int, calib_batches: int = 8) -> tuple:
+    """The shipped S2T model, teacher-forced on the first ``count`` test utterances: (integer
+    encoder output codes, fake-quant ones) on the first decoder layer's key grid over valid
+    frames, and (integer logits codes, fake-quant ones) over target positions, the fake-quant
+    model under ``simulate`` (the recipe's key)."""
+    import qswap
+    from qswap.integration import data as fdata
+    from qswap.integration.data import load_model_and_task
+    from qswap.quant.integer import Grid
+    asset = REPO / "qswap" / "assets" / "s2t_demo"
+    model, task = load_model_and_task(asset / "checkpoint.pt", asset)
+    q = qswap.convert(model, qswap.load_recipe(dict(qswap.load_recipe(recipe).to_dict(), simulate=simulate)))
+    qswap.calibrate(q, fdata.net_inputs(task, "train_calib", calib_batches, max_sentences=32))
+    dataset = fdata.load_subset(task, "test")
+    sample = dataset.collater([dataset[i] for i in range(min(count, len(dataset)))])
+    net_input, target = sample["net_input"], sample["target"]
+    grid = Grid.of(q.decoder.layers[0].encoder_attn.key_quant)
+    encoder = q.encoder.to_integer(grid)
+    src, lengths = net_input["src_tokens"], net_input["src_lengths"]
+    codes, padding = encoder.forward_codes(encoder.quantize_input(src), lengths)
+    logits_grid = Grid.of(q.logits_quant)
+    with torch.no_grad():
+        reference = grid.quantize(q.encoder(src, lengths)["encoder_out"][0])
+        logits = logits_grid.quantize(q(**net_input)[0])
+    integer_logits = logits_grid.quantize(qswap.integerize(q)(**net_input))
+    valid, tokens = ~padding.T, target != task.tgt_dict.pad()
+    return (codes[valid], reference[valid]), (integer_logits[tokens], logits[tokens])
 
 
 def measure() -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
@@ -174,6 +210,21 @@ def measure() -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     return rows
 
 
+def render_shipped(count: int) -> str:
+    """Rows of the shipped model's agreement under both ``simulate`` settings (w8a8, w4a8)."""
+    lines = [f"Shipped model, teacher-forced on the first {count} test utterances "
+             "(`python tools/integer_agreement.py --shipped " + str(count) + "`):", "",
+             "| recipe | simulate | output | codes | largest difference (steps) | equal codes % |",
+             "|---|---|---|---|---|---|"]
+    for recipe in ("w8a8", "w4a8"):
+        for simulate in ("integer", "float"):
+            for what, (integer, reference) in zip(("encoder output", "logits"), shipped(recipe, simulate, count)):
+                diff = (integer.to(torch.int64) - reference.to(torch.int64)).abs()
+                lines.append(f"| {recipe} | {simulate} | {what} | {diff.numel()} | {int(diff.max())} | "
+                             f"{100 * float((diff == 0).double().mean()):.2f} |")
+    return "\n".join(lines)
+
+
 def render(rows, models) -> str:
     lines = [BEGIN, "<!-- generated by tools/integer_agreement.py; do not edit by hand -->", "",
              "| op | recipe | outputs | largest difference (steps) | equal codes % |", "|---|---|---|---|---|"]
@@ -192,10 +243,19 @@ def render(rows, models) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--print", action="store_true", help="print the table, write nothing")
+    parser.add_argument("--simulate", choices=("integer", "float"), default="integer",
+                        help="the fake-quant model's insides (the recipe key; the doc shows integer)")
+    parser.add_argument("--shipped", type=int, metavar="N", default=0,
+                        help="print the shipped model's agreement on N test utterances instead")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    SIMULATE["mode"] = args.simulate
+    if args.shipped:
+        torch.set_num_threads(1)
+        print(render_shipped(args.shipped))
+        return 0
     table = render(measure(), [_s2t_model(r) for r in ("w8a8", "w8a8_per_channel", "w4a8")])
-    if args.print:
+    if args.print or args.simulate != "integer":
         print(table)
         return 0
     doc = DOC.read_text(encoding="utf-8")

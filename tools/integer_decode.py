@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=20, help="utterances (first of the subset)")
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=60)
+    parser.add_argument("--simulate", choices=("integer", "float"), default="integer",
+                        help="the fake-quant model's insides (the recipe's simulate key)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     torch.set_num_threads(1)
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from qswap.integration import data as fdata
     from qswap.integration.data import load_model_and_task
     model, task = load_model_and_task(ASSET / "checkpoint.pt", ASSET)
-    qmodel = qswap.convert(model, args.recipe)
+    qmodel = qswap.convert(model, qswap.load_recipe(dict(qswap.load_recipe(args.recipe).to_dict(),
+                                                         simulate=args.simulate)))
     qswap.calibrate(qmodel, fdata.net_inputs(task, "train_calib", args.calib_batches, max_sentences=32))
     imodel = qswap.integerize(qmodel)
     dataset = fdata.load_subset(task, args.subset)
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     int_s = time.perf_counter() - start
     fake_text, int_text = [text(t) for t in fake], [text(t) for t in integer]
     same = sum(a == b for a, b in zip(fake_text, int_text))
-    print(f"recipe {args.recipe}, {args.subset}, first {len(refs)} utterances, greedy, max_len {args.max_len}")
+    print(f"recipe {args.recipe} (simulate: {args.simulate}), {args.subset}, first {len(refs)} utterances, "
+          f"greedy, max_len {args.max_len}")
     print(f"fake-quant WER {100 * jiwer.wer(refs, fake_text):.2f} ({fake_s:.1f} s)")
     print(f"integer    WER {100 * jiwer.wer(refs, int_text):.2f} ({int_s:.1f} s)")
     print(f"same transcripts: {same} of {len(refs)}")

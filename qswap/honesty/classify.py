@@ -132,6 +132,8 @@ def _output_tag(name: str, rule: OpRule, tags: list[Tag], call: int, where: str,
         kept = _kept_grid(name, rule, tags, quant, scalars, where)
         if kept is not None:
             return kept
+    if name == "round" and len(tags) == 1 and quant:  # a quantized tensor's codes (rescaled), as floats
+        return Tag(KERNEL, where, call=call)
     if call < 0:
         return Tag(FLOAT, f"output of {where} (compute on quantized operands, not requantized)")
     if rule.family in ACCUMULATING or any(t.kind == ACC for t in tags):

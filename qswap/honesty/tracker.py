@@ -26,7 +26,7 @@ from qswap.honesty import classify as C
 from qswap.honesty import ops as O
 from qswap.honesty.findings import Findings
 from qswap.honesty.values import MAX_CHECKED_BITS, on_uniform_grid
-from qswap.honesty.tags import (CONST, FLOAT, PARAM, QUANT, UNSEEN, GridInfo, Tag, off_grid_count,
+from qswap.honesty.tags import (ACC, CONST, FLOAT, KERNEL, PARAM, QUANT, UNSEEN, GridInfo, Tag, off_grid_count,
                                 on_grid_per_tensor)
 from qswap.nn.base import QuantModule
 from qswap.quant.bias import BiasQuantize
@@ -402,6 +402,11 @@ def _rounded(source: Tag, where: str) -> Tag:
     """The tag integers made from float data carry (and the floats they are cast back to)."""
     if source.kind in (PARAM, CONST):
         return Tag(source.kind, f"{source.where}, rounded to integers by {where}", lookup=source.lookup)
+    if source.kind in (QUANT, KERNEL, ACC) and (source.kind != QUANT or source.grid.on_grid):
+        # codes of quantized data (the integer simulation, qswap.nn.simulate): what integer ops
+        # make of them, cast back to float, is an integer kernel's accumulator, which its
+        # consumer must quantize before any other compute
+        return Tag(ACC, f"integers from {source.describe()}, cast at {where}")
     return Tag(FLOAT, f"{source.describe()}, rounded to integers by {where} (not a qswap quantizer)")
 
 

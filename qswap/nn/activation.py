@@ -1,5 +1,6 @@
 """Softmax and elementwise activations: one kernel on a quantized input (a lookup table on
-integer hardware). Their outputs are quantized by whatever consumes them."""
+integer hardware). Their outputs are quantized by whatever consumes them. GLU computes its gate
+as its integer form does (``simulate: integer``, ``glu_value``)."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
+from qswap.nn.simulate import cached, codes_of, grid_of, simulates, straight_through, value_of
 
 
 class _QElementwise(QuantModule):
@@ -15,6 +17,7 @@ class _QElementwise(QuantModule):
 
     def __init__(self, float_module: nn.Module, config: QuantConfig):
         super().__init__()
+        self.simulate = config.simulate
         self.input_quant = quantizer(config, self.sites, "input")
         self.op = float_module  # the float module is stateless: keep it to call its own forward
 
@@ -60,7 +63,24 @@ class QSiLU(_QElementwise):
 
 @register(nn.GLU)
 class QGLU(_QElementwise):
-    pass
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = self.input_quant(x)
+        return glu_value(self, "_integer_glu", xq, self.input_quant, self.op.dim)
+
+
+def glu_value(owner: nn.Module, slot: str, xq: torch.Tensor, quant: nn.Module, dim: int) -> torch.Tensor:
+    """GLU of ``xq`` (the output of ``quant``) along ``dim``: with ``owner`` simulating integers
+    and ``quant`` a per-tensor grid, the integer GLU's accumulator ``(a - zp) * gate[b]``
+    (``qswap.quant.integer.glu_accumulator``, 2^-15 gate table kept in ``owner.<slot>``) as its
+    value, with the float GLU's gradient; otherwise ``F.glu``."""
+    from qswap.quant.integer import GluParams, glu_accumulator
+    grid = grid_of(quant) if simulates(owner) else None
+    if grid is None:
+        return F.glu(xq, dim=dim)
+    params = cached(owner, slot, lambda: GluParams.build(grid, None), quant.scale, quant.zero_point)
+    with torch.no_grad():
+        value = value_of(glu_accumulator(codes_of(xq, grid), params, dim), params.acc_scale, xq.dtype)
+    return straight_through(value, F.glu(xq, dim=dim)) if xq.requires_grad else value
 
 
 @register(nn.Tanh)

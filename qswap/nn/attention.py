@@ -9,7 +9,10 @@ both matmuls run on quantized operands:
     -> softmax_out_quant (unsigned)  @  v_quant(v)
 
 Multiplying a quantized tensor by the constant ``scaling`` keeps it on a (rescaled) grid; integer
-hardware folds that constant into the requantization multiplier.
+hardware folds that constant into the requantization multiplier. The softmax computes what the
+integer form does (exponent table, integer row sum and division, onto the softmax_out grid:
+``qswap.quant.integer.integer_softmax``) unless the recipe says ``simulate: float``
+(``qswap.nn.simulate``).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from qswap.errors import ConvertError
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
+from qswap.nn.simulate import cached, codes_of, dequantized, grid_of, simulates, straight_through
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -46,6 +50,7 @@ class QuantAttentionCore(nn.Module):
 
     def __init__(self, config: QuantConfig):
         super().__init__()
+        self.simulate = config.simulate
         self.q_quant = quantizer(config, self.sites, "q")
         self.k_quant = quantizer(config, self.sites, "k")
         self.v_quant = quantizer(config, self.sites, "v")
@@ -77,21 +82,39 @@ class QuantAttentionCore(nn.Module):
             if additive is not None:
                 scores = scores + self.attn_bias_quant(additive)
         scores = self.softmax_in_quant(scores)
+        masked = scores
         if blocked is not None:
-            scores = scores.masked_fill(blocked if blocked.dim() == 3 else blocked.unsqueeze(0),
+            masked = masked.masked_fill(blocked if blocked.dim() == 3 else blocked.unsqueeze(0),
                                         float("-inf"))
         if key_padding_mask is not None:
-            bh, t, s = scores.shape
+            bh, t, s = masked.shape
             pad = key_padding_mask.to(torch.bool).view(bh // num_heads, 1, 1, s)  # (B, 1, 1, S)
-            scores = scores.view(bh // num_heads, num_heads, t, s).masked_fill(pad, float("-inf"))
-            scores = scores.view(bh, t, s)
-        probs = F.softmax(scores, dim=-1)  # (B*H, T, S)
+            masked = masked.view(bh // num_heads, num_heads, t, s).masked_fill(pad, float("-inf"))
+            masked = masked.view(bh, t, s)
+        probs = self._integer_softmax(scores, masked) if simulates(self) else None
+        if probs is None:
+            probs = F.softmax(masked, dim=-1)  # (B*H, T, S)
         probs = self.softmax_out_quant(probs)
         if dropout_p > 0.0 and self.training:
             probs = F.dropout(probs, p=dropout_p)
         v = quantize_shared(self.v_quant, v, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)
         context = torch.bmm(probs, v)  # (B*H, T, D)
         return context, probs
+
+    def _integer_softmax(self, scores: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
+        """The integer softmax of the ``softmax_in`` codes of ``scores`` (positions where ``masked``
+        is -inf blocked) onto the ``softmax_out`` grid, as values, with the gradient of the float
+        softmax of ``masked``; None where either grid is not per tensor (no integer form)."""
+        from qswap.quant.integer import SoftmaxParams, integer_softmax
+        grid_in, grid_out = grid_of(self.softmax_in_quant), grid_of(self.softmax_out_quant)
+        if grid_in is None or grid_out is None:
+            return None
+        params = cached(self, "_integer_softmax_params", lambda: SoftmaxParams.build(grid_in, grid_out),
+                        self.softmax_in_quant.scale, self.softmax_out_quant.scale, self.softmax_out_quant.zero_point)
+        with torch.no_grad():
+            codes = integer_softmax(codes_of(scores, grid_in), params, torch.isneginf(masked), long_rows=True)
+            value = dequantized(codes, grid_out)
+        return straight_through(value, F.softmax(masked, dim=-1)) if masked.requires_grad else value
 
     def to_integer(self, scaling: float, out: "Grid") -> "IntegerAttentionCore":
         """The integer form writing context codes of ``out`` (the out projection's input grid):

@@ -1,7 +1,9 @@
 """Normalization counterparts: quantized input and affine parameters, one norm kernel.
 
-The statistics and normalization run inside one ``native_layer_norm`` / ``native_group_norm``
-kernel on quantized operands, the way an integer LayerNorm kernel does them.
+The statistics and normalization run inside one kernel on quantized operands: LayerNorm as its
+integer form computes them (``qswap.quant.integer.layer_norm_accumulator``, the recipe's
+``simulate: integer``, see ``qswap.nn.simulate``) or as ``native_layer_norm`` does in float32
+(``simulate: float``); GroupNorm in ``native_group_norm``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from torch import nn
 from qswap.errors import ConvertError
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
+from qswap.nn.simulate import cached, codes_of, grid_of, simulates, straight_through, value_of
 from qswap.quant.bias import BiasQuantize
+from qswap.quant.fake_quantize import FakeQuantize
 
 
 def norm_ste(exact_out: torch.Tensor, bounded_out: torch.Tensor) -> torch.Tensor:
@@ -71,6 +75,7 @@ class _QNorm(QuantModule):
     def __init__(self, weight, bias, eps: float, config: QuantConfig):
         super().__init__()
         self.weight, self.bias, self.eps = weight, bias, eps
+        self.simulate = config.simulate
         self.input_quant = quantizer(config, self.sites, "input")
         self.weight_quant = quantizer(config, self.sites, "norm_weight")
         self.bias_quant = quantizer(config, self.sites, "norm_bias")
@@ -95,11 +100,57 @@ class QLayerNorm(_QNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.affine()
         xq = self.input_quant(x)
-        y = F.layer_norm(xq, self.normalized_shape, w, b, self.eps)
-        if not y.requires_grad:
-            return y  # inference (and the audit): one norm kernel on the quantized input
+        y = self._integer_value(xq, b) if simulates(self) else None
+        if y is None:
+            y = F.layer_norm(xq, self.normalized_shape, w, b, self.eps)
+            if not y.requires_grad:
+                return y  # inference (and the audit): one norm kernel on the quantized input
+        if not (xq.requires_grad or any(p is not None and p.requires_grad for p in (w, b))):
+            return y
         return norm_ste(y, layer_norm_bounded_grad(xq, self.normalized_shape, w, b, self.eps,
                                                    self.grad_std_floor))
+
+    def _integer_value(self, xq: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor | None:
+        """The integer LayerNorm's affine accumulator of ``xq``'s codes, as its value (float32);
+        ``beta``: the quantized bias. None where the integer form is not defined
+        (``_integer_params``)."""
+        from qswap.quant.integer import layer_norm_accumulator
+        grid = grid_of(self.input_quant)
+        params = None if grid is None else self._integer_params(grid, beta)
+        if params is None:
+            return None
+        with torch.no_grad():
+            acc = layer_norm_accumulator(codes_of(xq, grid), params)
+            return value_of(acc, params.acc_scale, xq.dtype)
+
+    def _integer_params(self, grid, beta: torch.Tensor | None):
+        """``LayerNormParams`` (no output grid) for input ``grid``, kept while the grid and the
+        parameters are unchanged; None unless one axis of at most 4096 features, gamma
+        quantized symmetric (per tensor or channel) and beta quantized, as ``to_integer`` needs.
+        Gamma's codes come from its quantizer's current grid (``affine`` ran it)."""
+        from qswap.quant.integer import LN_MAX_DIM, LayerNormParams
+        from qswap.quant.primitives import quantize
+        n = self.normalized_shape[0]
+        quants = [q for q, p in ((self.weight_quant, self.weight), (self.bias_quant, self.bias)) if p is not None]
+        if len(self.normalized_shape) != 1 or n > LN_MAX_DIM or not all(
+                isinstance(q, FakeQuantize) and q.enabled and q.spec.granularity != "per_group" for q in quants):
+            return None
+        if self.weight is not None and not (self.weight_quant.spec.symmetric and self.weight_quant.initialized):
+            return None
+
+        def build():
+            with torch.no_grad():
+                if self.weight is None:
+                    gamma, gamma_scale = torch.ones(n, dtype=torch.int32), 1.0
+                else:
+                    wq = self.weight_quant
+                    gamma = quantize(self.weight, wq.scale, wq.zero_point, wq.spec)
+                    gamma_scale = wq.scale.reshape(-1) if wq.scale.numel() > 1 else float(wq.scale)
+                return LayerNormParams.build(n, self.eps, grid.scale, gamma, gamma_scale,
+                                             None if beta is None else beta.detach(), None)
+        sources = [self.input_quant.scale, *(q.scale for q in quants)] + [t for t in (self.weight, self.bias)
+                                                                          if t is not None]
+        return cached(self, "_integer_ln", build, *sources)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"

@@ -361,25 +361,35 @@ class GluParams:
     gate: torch.Tensor
     zero_point: int
     qmin: int
-    out: Requant
+    out: Requant | None
+    acc_scale: float = 0.0  # the accumulator's grid: s_in 2^-15
 
     @classmethod
-    def build(cls, grid_in: Grid, grid_out: Grid) -> "GluParams":
+    def build(cls, grid_in: Grid, grid_out: Grid | None) -> "GluParams":
+        """``grid_out`` None: no requantization (``glu_accumulator`` only: the fake-quant
+        simulation, whose consumer rounds the accumulator's value)."""
         values = (grid_in.codes() - grid_in.zero_point).double() * grid_in.scale
         gate = torch.round(torch.sigmoid(values) * 2 ** GLU_GATE_BITS).to(torch.int32)
-        out = Requant.from_scales(grid_in.scale * 2.0 ** -GLU_GATE_BITS / grid_out.scale, grid_out.zero_point,
-                                  grid_out.qmin, grid_out.qmax)
-        return cls(gate, grid_in.zero_point, grid_in.qmin, out)
+        acc_scale = grid_in.scale * 2.0 ** -GLU_GATE_BITS
+        out = None if grid_out is None else Requant.from_scales(acc_scale / grid_out.scale, grid_out.zero_point,
+                                                                grid_out.qmin, grid_out.qmax)
+        return cls(gate, grid_in.zero_point, grid_in.qmin, out, acc_scale)
 
 
-def integer_glu(codes: torch.Tensor, params: GluParams, dim: int = -1) -> torch.Tensor:
-    """GLU of input codes: the first half ``a`` times the gate table of the second half ``b``,
-    ``(a - zp) * gate[b]`` in int32 (|a - zp| < 2^16 for inputs of at most 16 bits, gate <= 2^15:
-    below 2^31), requantized onto the output grid (single rounding, saturating)."""
+def glu_accumulator(codes: torch.Tensor, params: GluParams, dim: int = -1) -> torch.Tensor:
+    """``(a - zp) * gate[b]`` in int32 (|a - zp| < 2^16 for inputs of at most 16 bits, gate <=
+    2^15: below 2^31), on the grid ``params.acc_scale``: ``a`` the first half of ``codes`` along
+    ``dim``, ``b`` the second."""
     _check_int("codes", codes)
     a, b = codes.chunk(2, dim=dim)
     gate = params.gate[b.to(torch.int64) - params.qmin]
-    return params.out((a.to(torch.int32) - params.zero_point) * gate, axis=dim)
+    return (a.to(torch.int32) - params.zero_point) * gate
+
+
+def integer_glu(codes: torch.Tensor, params: GluParams, dim: int = -1) -> torch.Tensor:
+    """GLU of input codes: ``glu_accumulator`` requantized onto the output grid (single rounding,
+    saturating)."""
+    return params.out(glu_accumulator(codes, params, dim), axis=dim)
 
 
 # -- softmax ----------------------------------------------------------------------------------------
@@ -409,7 +419,7 @@ class SoftmaxParams:
 
 
 def integer_softmax(codes: torch.Tensor, params: SoftmaxParams, blocked: torch.Tensor | None = None,
-                    dim: int = -1) -> torch.Tensor:
+                    dim: int = -1, long_rows: bool = False) -> torch.Tensor:
     """Softmax along ``dim`` of input codes, as codes of the output grid.
 
     ``e = exp_table[max - q]`` (int32, max along ``dim`` over unblocked positions; blocked ones get
@@ -417,9 +427,11 @@ def integer_softmax(codes: torch.Tensor, params: SoftmaxParams, blocked: torch.T
     a longer row raises), then ``code = (e * out_mult + sum * 2^15) // (sum * 2^16)`` in int64
     (round half up; ``e * out_mult < 2^20 * 2^16 / s_out``), plus the zero point, clamped
     (saturation) to [qmin, qmax]. A row with every position blocked gives the zero point
-    (the float softmax gives NaN there)."""
+    (the float softmax gives NaN there). ``long_rows``: rows of 2^11 positions or more are summed
+    in int64 instead of refused (the fake-quant simulation runs any length; on every row the
+    integer form accepts, the result is the same)."""
     _check_int("codes", codes)
-    if codes.shape[dim] >= 2 ** (31 - EXP_BITS):
+    if codes.shape[dim] >= 2 ** (31 - EXP_BITS) and not long_rows:
         raise IntegerizeError(f"integer_softmax sums fewer than 2^{31 - EXP_BITS} positions in int32, "
                               f"got a row of {codes.shape[dim]}")
     q = codes.to(torch.int32)
@@ -431,7 +443,8 @@ def integer_softmax(codes: torch.Tensor, params: SoftmaxParams, blocked: torch.T
     e = params.exp_table[dist]  # int32
     if blocked is not None:
         e = e.masked_fill(blocked, 0)
-    total = e.sum(dim=dim, keepdim=True, dtype=torch.int32).to(torch.int64)  # < 2^31
+    wide = codes.shape[dim] >= 2 ** (31 - EXP_BITS)
+    total = e.sum(dim=dim, keepdim=True, dtype=torch.int64 if wide else torch.int32).to(torch.int64)  # < 2^31
     num = e.to(torch.int64) * params.out_mult
     den = total << DIV_BITS
     safe = torch.where(den == 0, 1, den)
@@ -457,13 +470,16 @@ class LayerNormParams:
     eps_int: int
     gamma: torch.Tensor
     beta: torch.Tensor
-    out: Requant
+    out: Requant | None
+    acc_scale: float | torch.Tensor = 0.0  # the affine accumulator's grid (float64; (N,) per channel)
 
     @classmethod
     def build(cls, n: int, eps: float, scale_in: float, gamma_codes: torch.Tensor,
-              gamma_scale: float | torch.Tensor, beta: torch.Tensor | None, grid_out: Grid) -> "LayerNormParams":
+              gamma_scale: float | torch.Tensor, beta: torch.Tensor | None,
+              grid_out: Grid | None) -> "LayerNormParams":
         """``gamma_scale``: a float (per tensor) or a (N,) tensor (per channel); ``beta``: float
-        values (already on their own grid) or None."""
+        values (already on their own grid) or None; ``grid_out`` None: no requantization
+        (``layer_norm_accumulator`` only: the fake-quant simulation)."""
         if not 1 <= n <= LN_MAX_DIM:
             raise IntegerizeError(f"integer_layer_norm normalizes 1 to {LN_MAX_DIM} features, got {n}")
         acc_scale = torch.as_tensor(gamma_scale, dtype=torch.float64) * 2.0 ** -LN_FRAC_BITS
@@ -471,21 +487,30 @@ class LayerNormParams:
         if beta_int.numel() and beta_int.abs().max() > 2 ** 30:
             raise IntegerizeError("LayerNorm bias is beyond 2^30 steps of the affine accumulator; "
                                   "gamma's grid is too fine for this beta")
-        out = Requant.from_scales(acc_scale / grid_out.scale, grid_out.zero_point, grid_out.qmin, grid_out.qmax)
+        out = None if grid_out is None else Requant.from_scales(acc_scale / grid_out.scale, grid_out.zero_point,
+                                                                grid_out.qmin, grid_out.qmax)
         eps_int = int(round(n * n * eps / (scale_in * scale_in)))
-        return cls(eps_int, gamma_codes.to(torch.int32), beta_int.to(torch.int32), out)
+        return cls(eps_int, gamma_codes.to(torch.int32), beta_int.to(torch.int32), out,
+                   acc_scale if acc_scale.numel() > 1 else float(acc_scale))
 
 
 def integer_layer_norm(codes: torch.Tensor, params: LayerNormParams) -> torch.Tensor:
-    """LayerNorm over the last axis (N features) of input codes, as output codes.
+    """LayerNorm over the last axis (N features) of input codes, as output codes:
+    ``layer_norm_accumulator`` requantized onto the output grid (saturating to [qmin, qmax])."""
+    return params.out(layer_norm_accumulator(codes, params))
+
+
+def layer_norm_accumulator(codes: torch.Tensor, params: LayerNormParams) -> torch.Tensor:
+    """LayerNorm over the last axis (N features) of input codes, as the int32 affine accumulator
+    on the grid ``params.acc_scale``.
 
     ``c = N q - sum(q)`` (exact, = N (q - mean); |c| < N 2^bits <= 2^20 for 8-bit inputs,
     N <= 4096); ``V = sum(c^2) // N + eps_int`` (int64, floor; <= N^2 2^16 + eps_int < 2^41);
     ``D = isqrt(V << 20)`` (floor; ~ 2^10 N sqrt(var + eps) / s_in); normalized value
     ``y = round(c 2^(16 + 10) / D)`` (int64, half away from zero; |y| < sqrt(N) 2^16 <= 2^22);
     affine accumulator ``y gamma + beta`` in int32 (|y gamma| < 2^29 for 8-bit gamma,
-    |beta| <= 2^30: the sum saturates to int32 beyond); then ``requantize`` onto the output grid
-    (saturating to [qmin, qmax]). The input zero point cancels in ``c``: it is not needed."""
+    |beta| <= 2^30: the sum saturates to int32 beyond). The input zero point cancels in ``c``: it
+    is not needed."""
     _check_int("codes", codes)
     n = codes.shape[-1]
     q = codes.to(torch.int64)
@@ -495,7 +520,7 @@ def integer_layer_norm(codes: torch.Tensor, params: LayerNormParams) -> torch.Te
     num = c << (LN_FRAC_BITS + _LN_SQRT_BITS)
     y = torch.sign(num) * torch.div(num.abs() + (d >> 1), d, rounding_mode="floor")
     acc = (y * params.gamma.to(torch.int64) + params.beta.to(torch.int64)).clamp(INT32_MIN, INT32_MAX)
-    return params.out(acc.to(torch.int32))
+    return acc.to(torch.int32)
 
 
 # -- from fake-quant modules (build time) ----------------------------------------------------------------

@@ -13,13 +13,14 @@ import yaml
 
 from qswap.errors import RecipeError, SpecError
 from qswap.nn.base import QuantConfig, SiteSpecs
+from qswap.nn.simulate import SIMULATIONS
 from qswap.quant.spec import QuantSpec
 from qswap.recipe.match import Match, PatternError
 from qswap.recipe.schema import SCHEMA_VERSION, Recipe, Rule
 from qswap.recipe.yaml_lines import LineDict, load as load_yaml
 
 TOP_KEYS = {"version", "name", "description", "defaults", "rules", "float_ok", "strict",
-            "dynamic_activations"}
+            "dynamic_activations", "simulate"}
 DEFAULT_KEYS = {"weight", "activation", "sites"}
 RULE_KEYS = {"match", "weight", "activation", "sites", "skip", "float_ok", "note"}
 MATCH_KEYS = {"path", "class"}
@@ -94,6 +95,7 @@ def parse_recipe(data: Any, source: str = "<dict>") -> Recipe:
     if not isinstance(data, Mapping):
         raise ctx.error(data, None, f"a recipe is a mapping at the top level, got {_tname(data)}")
     ctx.check_keys(data, TOP_KEYS, "recipe")
+    ctx.simulate = ctx.choice(data, "simulate", SIMULATIONS)
     if "version" not in data:
         raise ctx.error(data, None, f"missing 'version' (this qswap reads version {SCHEMA_VERSION})")
     version = data["version"]
@@ -115,7 +117,7 @@ def parse_recipe(data: Any, source: str = "<dict>") -> Recipe:
     rules = tuple(ctx.rule(r, i, w_default, a_default, default_sites) for i, r in enumerate(rules_raw))
     return Recipe(name=name, defaults=defaults, rules=rules,
                   float_ok=ctx.float_ok(data), strict=ctx.boolean(data, "strict", False),
-                  dynamic_activations=ctx.boolean(data, "dynamic_activations", False),
+                  dynamic_activations=ctx.boolean(data, "dynamic_activations", False), simulate=ctx.simulate,
                   description=ctx.string(data, "description", default=""),
                   version=version, source=source, raw=data)
 
@@ -125,6 +127,7 @@ class _Ctx:
 
     def __init__(self, source: str):
         self.source = source
+        self.simulate = SIMULATIONS[0]  # the recipe's ``simulate``, given to every config
 
     def error(self, node: Any, key: str | None, message: str) -> RecipeError:
         line = None
@@ -142,6 +145,13 @@ class _Ctx:
         value = node.get(key, default)
         if not isinstance(value, str):
             raise self.error(node, key, f"must be a string, got {_tname(value)}")
+        return value
+
+    def choice(self, node: Mapping, key: str, allowed: tuple[str, ...]) -> str:
+        """node[key], one of ``allowed`` (the first when absent)."""
+        value = node.get(key, allowed[0])
+        if value not in allowed:
+            raise self.error(node, key, f"must be one of {', '.join(allowed)}, got {value!r}")
         return value
 
     def boolean(self, node: Mapping, key: str, default: bool) -> bool:
@@ -199,7 +209,7 @@ class _Ctx:
                 sites[site] = SiteSpecs(*(self.to_spec(sites_raw, site, self.spec_dict(sites_raw, site, base),
                                                        sites_raw.get(site)) for base in (w, a)))
         return QuantConfig(weight=self.to_spec(node, "weight", w), activation=self.to_spec(node, "activation", a),
-                           sites=sites)
+                           sites=sites, simulate=self.simulate)
 
     def float_ok(self, node: Mapping) -> dict[str, str]:
         value = node.get("float_ok") or {}

@@ -46,6 +46,7 @@ class Recipe:
     strict: bool = False
     description: str = ""
     dynamic_activations: bool = False  # activation ranges computed at run time, declared (audit)
+    simulate: str = "integer"  # the insides of softmax/LayerNorm/GLU: "integer" or "float" (qswap.nn.simulate)
     version: int = SCHEMA_VERSION
     source: str = "<dict>"
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)

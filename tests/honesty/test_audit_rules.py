@@ -205,3 +205,37 @@ def test_each_grid_rule_row_keeps_and_loses_the_grid(name):
     keep, lose = ROW_CASES[name]
     assert keep is None or _mm_findings(keep) == []
     assert _mm_findings(lose) != []
+
+
+
+class _CodesBack(nn.Module):
+    """An integer kernel on the codes of a quantized tensor (qswap.nn.simulate's pattern): round
+    to codes, integer arithmetic, cast back to float and rescale; requantized (``qv``) or not
+    before a matmul with a quantized weight. ``raw``: the same on the float input's values."""
+
+    def __init__(self, requantize: bool, raw: bool = False):
+        super().__init__()
+        self.requantize, self.raw = requantize, raw
+        self.qa, self.qv = FakeQuantize(A8), FakeQuantize(A8)
+        self.w = nn.Parameter(torch.randn(8, 8))
+        self.wq = FakeQuantize(W8, kind="weight")
+
+    def forward(self, x):
+        codes = torch.round((x if self.raw else self.qa(x)) * 7.0).to(torch.int32)
+        value = ((codes * 3 + 1).to(torch.float64) * 0.01).to(torch.float32)
+        return (self.qv(value) if self.requantize else value) @ self.wq(self.w)
+
+
+def test_integer_codes_cast_back_are_an_accumulator_a_quantizer_must_take():
+    """Kept: the float result of integer ops on a quantized tensor's codes, requantized, feeds
+    the matmul honestly. Lost: fed to the matmul directly it is an unquantized accumulator; made
+    from float data's values, it stays float."""
+    x = torch.randn(4, 8)
+    found = {}
+    for name, model in (("kept", _CodesBack(True)), ("lost", _CodesBack(False)), ("raw", _CodesBack(False, True))):
+        if name != "raw":  # raw runs no activation quantizer
+            qswap.calibrate(model, [(x,)])
+        found[name] = [v for v in qswap.audit(model, (x,)).violations if v.op == "aten.mm"]
+    assert found["kept"] == []
+    assert found["lost"] and "accumulator" in found["lost"][0].operand
+    assert found["raw"] and "accumulator" not in found["raw"][0].operand

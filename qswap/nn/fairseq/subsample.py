@@ -1,13 +1,13 @@
 """S2T's ``Conv1dSubsampler``: (Conv1d stride 2 -> GLU) x n. The convs are converted by their
 own rule; the counterpart quantizes each GLU's input (GLU is one kernel on a quantized input,
-as ``QGLU`` treats it) and computes the output lengths in integer arithmetic."""
+as ``QGLU`` treats it, with its integer gate: ``glu_value``) and computes the output lengths in integer arithmetic."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from fairseq.models.speech_to_text.modules.convolution import Conv1dSubsampler
 from torch import nn
 
+from qswap.nn.activation import glu_value
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 from qswap.quant.fake_quantize import FakeQuantize
@@ -22,6 +22,7 @@ class QConv1dSubsampler(QuantModule):
 
     def __init__(self, module: Conv1dSubsampler, config: QuantConfig):
         super().__init__()
+        self.simulate = config.simulate
         self.n_layers, self.conv_layers = module.n_layers, module.conv_layers
         self.glu_quant = nn.ModuleList(quantizer(config, self.sites, "glu") for _ in range(self.n_layers))
 
@@ -42,8 +43,8 @@ class QConv1dSubsampler(QuantModule):
     def forward(self, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
         """src_tokens: (B, T, C*D) features -> ((T', B, C_out), lengths (B,))."""
         x = src_tokens.transpose(1, 2).contiguous()  # (B, C*D, T)
-        for conv, glu_quant in zip(self.conv_layers, self.glu_quant):
-            x = F.glu(glu_quant(conv(x)), dim=1)  # (B, C_i, T_i)
+        for i, (conv, glu_quant) in enumerate(zip(self.conv_layers, self.glu_quant)):
+            x = glu_value(self, f"_integer_glu{i}", glu_quant(conv(x)), glu_quant, 1)  # (B, C_i, T_i)
         x = x.transpose(1, 2).transpose(0, 1).contiguous()  # (T', B, C_out)
         return x, self.get_out_seq_lens_tensor(src_lengths)
 

@@ -1,0 +1,96 @@
+"""The integer simulation of the fake-quant counterparts (issue 16, item 4).
+
+Where the integer definition of an op (``qswap.quant.integer``) computes its insides differently
+from float32 (softmax's exponent table and integer division, LayerNorm's integer mean, variance
+and square root, GLU's gate table), the counterpart computes those insides as the integer form
+does, on the codes of its quantized input, and returns the integer result's value: the integer
+accumulator times its scale (LayerNorm, GLU), or the output codes dequantized (the attention's
+softmax, whose output grid is the core's own). The consumer's quantizer then rounds that value
+as it rounds any input, so simulation and integer execution give the same codes except where
+the value lies within float32 rounding of a tie of the consumer's grid (the requantization
+itself stays float, see docs/integer.md).
+
+A recipe picks the arithmetic with its top-level key ``simulate``: ``integer`` (the default)
+or ``float`` (the float insides of qswap before issue 16: ``F.layer_norm``, ``F.softmax``,
+``F.glu``). A counterpart simulates only where its integer form is defined (its input
+quantized on a per-tensor grid, its weights symmetric); elsewhere it computes in float, as its
+integer form would refuse to build.
+
+In training (autograd), the value is the simulated one and the gradient the float op's
+(``straight_through``): QAT trains on what inference computes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.stamp import stamp, unchanged
+
+SIMULATIONS = ("integer", "float")
+
+
+def grid_of(quant: nn.Module):
+    """The ``qswap.quant.integer.Grid`` of a calibrated per-tensor ``FakeQuantize`` (enabled, with
+    a grid); None for anything else (an Identity: the site is float; a per-channel grid)."""
+    from qswap.quant.integer import Grid
+    if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.initialized
+            and quant.scale.numel() == 1 and quant.spec.granularity == "per_tensor"):
+        return None
+    return Grid(float(quant.scale), int(quant.zero_point), quant.spec.qmin, quant.spec.qmax)
+
+
+def codes_of(xq: torch.Tensor, grid) -> torch.Tensor:
+    """The int32 codes of ``xq``, a tensor its quantizer put on ``grid`` (``(code - zp) * scale``
+    in float32): exact, the float32 error of the product is far below half a step."""
+    inverse = _constant_fold(lambda: float(1.0 / torch.tensor(grid.scale, dtype=torch.float32)))  # in float32
+    return torch.round(xq.detach() * inverse).to(torch.int32) + grid.zero_point
+
+
+def dequantized(codes: torch.Tensor, grid) -> torch.Tensor:
+    """The float32 values of output ``codes`` of ``grid`` (the honesty audit reads them as an
+    integer kernel's output, which the grid's own quantizer then takes)."""
+    return (codes.to(torch.int32) - grid.zero_point).to(torch.float32) * grid.scale
+
+
+def value_of(acc: torch.Tensor, scale, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``acc * scale`` of an integer accumulator on the grid ``scale`` (a float, or a tensor
+    broadcasting over ``acc``'s last axis), formed in float64 and rounded once to ``dtype``."""
+    scale = scale.to(acc.device) if isinstance(scale, torch.Tensor) else scale
+    return (acc.to(torch.float64) * scale).to(dtype)
+
+
+def straight_through(value: torch.Tensor, differentiable: torch.Tensor) -> torch.Tensor:
+    """``value`` forward, the gradient of ``differentiable`` (the float op on the same quantized
+    operands); ``value`` itself when there is no gradient to carry."""
+    if not differentiable.requires_grad:
+        return value
+    return differentiable + (value - differentiable).detach()
+
+
+def _constant_fold(build):
+    """``build()`` (integer tables and multipliers from scales and weights only: constant folding,
+    done once before execution) outside any torch dispatch mode: the honesty audit watches the
+    data path, which then reads the tables as integer constants."""
+    with torch.no_grad(), torch._C._DisableTorchDispatch():  # noqa: SLF001
+        return build()
+
+
+def cached(owner: nn.Module, slot: str, build, *sources: torch.Tensor):
+    """``build()``, kept in ``owner.<slot>`` with a stamp of ``sources`` (the grids' scales and
+    the weights it was built from) and rebuilt when one of them changes (``qswap.quant.stamp``).
+    Not kept under autograd (a training step may write the sources through ``.data``)."""
+    if torch.is_grad_enabled():
+        owner.__dict__.pop(slot, None)
+        return _constant_fold(build)
+    kept = owner.__dict__.get(slot)
+    if kept is not None and unchanged(kept[1], *sources):
+        return kept[0]
+    value = _constant_fold(build)
+    owner.__dict__[slot] = (value, stamp(*sources))
+    return value
+
+
+def simulates(owner: nn.Module) -> bool:
+    """Whether ``owner`` (a counterpart built from a recipe) computes the integer insides."""
+    return getattr(owner, "simulate", "integer") == "integer"

@@ -1,0 +1,191 @@
+"""The fake-quant counterparts compute what their integer forms compute (qswap.nn.simulate, issue 16
+item 4): codes equal in every step where both define the arithmetic the same way; the float
+insides only under ``simulate: float``; QAT gets the float op's gradient."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qswap
+from qswap.errors import RecipeError
+from qswap.nn.attention import QuantAttentionCore
+from qswap.nn.norm import QLayerNorm
+from qswap.quant.integer import Grid, integer_softmax
+
+RECIPES = ["w8a8", "w8a8_per_channel", "w4a8"]
+
+
+def recipe_with(name: str, simulate: str):
+    return qswap.load_recipe(dict(qswap.load_recipe(name).to_dict(), simulate=simulate))
+
+
+def calibrated(model: nn.Module, x: torch.Tensor, recipe, run=None) -> nn.Module:
+    q = qswap.convert(model.eval(), recipe)
+    qswap.calibrate(q, [x, x.flip(0)], forward=run or (lambda m, b: m(b)))
+    return q
+
+
+def set_simulate(model: nn.Module, simulate: str) -> None:
+    for m in model.modules():
+        if hasattr(m, "simulate"):
+            m.simulate = simulate
+
+
+def layer_norm_model(x: torch.Tensor, recipe) -> nn.Module:
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(64)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_(0, 0.2)
+    return calibrated(nn.Sequential(ln, nn.Linear(64, 8)), x, recipe)
+
+
+def consumer_codes(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Codes of q[0]'s output on q[1]'s input grid."""
+    grid = Grid.of(q[1].input_quant)
+    with torch.no_grad():
+        return grid.quantize(q[1].input_quant(q[0](x)))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_layer_norm_codes_are_the_integer_forms(recipe):
+    torch.manual_seed(1)
+    x = torch.randn(16, 10, 64) * 3 + 1
+    q = layer_norm_model(x, recipe)
+    form = q[0].to_integer(Grid.of(q[1].input_quant))
+    integer = form(Grid.of(q[0].input_quant).quantize(x))
+    assert torch.equal(consumer_codes(q, x), integer)
+    with torch.no_grad():
+        simulated = q[0](x)
+        set_simulate(q, "float")
+        xq = q[0].input_quant(x)
+        w, b = q[0].affine()
+        float_insides = F.layer_norm(xq, (64,), w, b, q[0].eps)
+        assert torch.equal(q[0](x), float_insides)
+    assert not torch.equal(simulated, float_insides)
+
+
+def test_glu_codes_are_the_integer_forms():
+    torch.manual_seed(0)
+    x = torch.randn(16, 10, 32) * 2
+    q = calibrated(nn.Sequential(nn.GLU(), nn.Linear(16, 4)), x, "w8a8")
+    form = q[0].to_integer(Grid.of(q[1].input_quant))
+    integer = form(Grid.of(q[0].input_quant).quantize(x))
+    assert torch.equal(consumer_codes(q, x), integer)
+    with torch.no_grad():
+        simulated = q[0](x)
+        set_simulate(q, "float")
+        float_insides = F.glu(q[0].input_quant(x))
+        assert torch.equal(q[0](x), float_insides)
+    assert not torch.equal(simulated, float_insides)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
+def test_attention_probabilities_and_context_are_the_integer_forms(recipe):
+    torch.manual_seed(0)
+    x = torch.randn(9, 3, 32)
+    padding = torch.zeros(3, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    causal = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    run = lambda m, b: m(b, b, b, attn_mask=causal, key_padding_mask=padding)[0]  # noqa: E731
+    mha = calibrated(nn.MultiheadAttention(32, 4), x, recipe, run=run)
+    seen = {}
+    hook = mha.core.register_forward_hook(lambda mod, args, out: seen.update(args=args, out=out))
+    with torch.no_grad():
+        run(mha, x)
+    hook.remove()
+    q, k, v, scaling = seen["args"][:4]
+    grid_out = Grid.of(mha.out_proj.input_quant)
+    codes = [Grid.of(quant).quantize(t) for quant, t in ((mha.core.q_quant, q), (mha.core.k_quant, k),
+                                                           (mha.core.v_quant, v))]
+    blocked = causal.unsqueeze(0) | padding.repeat_interleave(4, 0).unsqueeze(1)  # (B*H, T, S)
+    context, probs = mha.core.to_integer(scaling, grid_out)(*codes, blocked=blocked)
+    assert torch.equal(Grid.of(mha.core.softmax_out_quant).quantize(seen["out"][1]), probs)
+    with torch.no_grad():
+        assert torch.equal(grid_out.quantize(mha.out_proj.input_quant(seen["out"][0])), context)
+
+
+def test_a_fully_blocked_row_gives_zero_probabilities_not_nan():
+    """The integer softmax's definition (the float one gives NaN)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 16)
+    mha = calibrated(nn.MultiheadAttention(16, 2), x, "w8a8", run=lambda m, b: m(b, b, b)[0])
+    blocked = torch.zeros(5, 5, dtype=torch.bool)
+    blocked[2] = True
+    with torch.no_grad():
+        out, probs = mha(x, x, x, attn_mask=blocked)
+    assert torch.isfinite(out).all() and probs[:, 2].abs().sum() == 0
+
+
+def test_long_rows_are_simulated_beyond_the_int32_row_sum():
+    grid_in, grid_out = Grid(0.05, 0, -128, 127), Grid(1 / 255, 0, 0, 255)
+    from qswap.quant.integer import SoftmaxParams
+    params = SoftmaxParams.build(grid_in, grid_out)
+    codes = torch.randint(-128, 128, (2, 3000), dtype=torch.int32)
+    wide = integer_softmax(codes, params, long_rows=True)
+    assert wide.shape == codes.shape and int(wide.max()) > 0
+    short = codes[:, :2000]
+    assert torch.equal(integer_softmax(short, params), integer_softmax(short, params, long_rows=True))
+    core = QuantAttentionCore(qswap.load_recipe("w8a8").defaults)
+    q = torch.randn(1, 2, 4)
+    k = torch.randn(1, 2100, 4)
+    qswap_core = core.eval()
+    with torch.no_grad():
+        context, probs = qswap_core(q, k, k, 0.5)  # calibrates on the fly: observing quantizers
+    assert torch.isfinite(context).all()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_small_s2t_transformer_logits_are_the_integer_models(recipe):
+    """A whole fairseq model (2+2 layers, untrained), teacher-forced: every logit code equal."""
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    net_input = s2t_net_input()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = qswap.convert(build_s2t_transformer(seed=0), recipe)
+        qswap.calibrate(q, [net_input])
+    with torch.no_grad():
+        reference = q(**net_input)[0]
+    integer = qswap.integerize(q)(**net_input)
+    assert torch.equal(integer, reference)
+
+
+def test_training_sees_the_simulated_value_and_the_float_gradient():
+    """QAT: the forward value is the integer one (as in eval), the gradient is the float op's
+    (straight through the integer insides), so it equals the gradient under simulate: float."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 32) * 2
+    model = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.GLU(),
+                          nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0))
+    run = lambda m, b: m(b)  # noqa: E731
+    q = calibrated(model, x, "w8a8", run=run)
+    for quant in q.modules():
+        if hasattr(quant, "freeze") and quant.initialized:
+            quant.freeze()
+    with torch.no_grad():
+        expected = q(x)
+    grads, values = {}, {}
+    for simulate in ("integer", "float"):
+        set_simulate(q, simulate)
+        q.train()
+        xg = x.clone().requires_grad_()
+        y = q(xg)
+        y.pow(2).sum().backward()
+        values[simulate], grads[simulate] = y.detach(), xg.grad
+        q.zero_grad()
+        q.eval()
+    assert torch.equal(values["integer"], expected)
+    assert not torch.equal(values["float"], expected)
+    assert torch.isfinite(grads["integer"]).all() and grads["integer"].abs().sum() > 0
+    torch.testing.assert_close(grads["integer"], grads["float"], rtol=0.05, atol=1e-3)
+
+
+def test_recipe_key_selects_the_arithmetic_and_rejects_others():
+    assert qswap.load_recipe("w8a8").simulate == "integer"
+    q = qswap.convert(nn.Sequential(nn.LayerNorm(8)), recipe_with("w8a8", "float"))
+    assert q[0].simulate == "float" and isinstance(q[0], QLayerNorm)
+    assert qswap.convert(nn.Sequential(nn.LayerNorm(8)), "w8a8")[0].simulate == "integer"
+    with pytest.raises(RecipeError, match="simulate.*integer, float"):
+        qswap.load_recipe({"version": 1, "simulate": "fixed_point"})
