@@ -43,3 +43,18 @@ def assert_only_near_ties_differ(integer, reference, exact):
     assert int(diff.max()) <= 1
     frac = (exact - exact.floor() - 0.5).abs()
     assert bool((frac[diff > 0] < 1e-4).all())
+
+
+def core_codes(mha: nn.Module, run) -> tuple[list, float, dict]:
+    """(q, k, v codes on the core's grids, the scaling, {"args", "out"} of the core call) of a
+    quantized attention's core during ``run()``."""
+    from qswap.quant.integer import Grid
+    seen = {}
+    hook = mha.core.register_forward_hook(lambda mod, args, out: seen.update(args=args, out=out))
+    with torch.no_grad():
+        run()
+    hook.remove()
+    q, k, v, scaling = seen["args"][:4]
+    core = mha.core
+    codes = [Grid.of(quant).quantize(t) for quant, t in ((core.q_quant, q), (core.k_quant, k), (core.v_quant, v))]
+    return codes, scaling, seen

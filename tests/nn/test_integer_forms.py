@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import qswap
-from helpers import assert_only_near_ties_differ
+from helpers import assert_only_near_ties_differ, core_codes
 from qswap.errors import IntegerizeError
 from qswap.quant.integer import Grid
 
@@ -148,16 +148,9 @@ def test_attention_core():
     causal = torch.ones(7, 7, dtype=torch.bool).triu(1)
     run = lambda m, b: m(b, b, b, attn_mask=causal)[0]  # noqa: E731
     mha = converted(nn.MultiheadAttention(32, 4), x, "w8a8", run=run)
-    seen = {}
-    hook = mha.core.register_forward_hook(lambda mod, args, out: seen.update(args=args, out=out))
-    with torch.no_grad():
-        run(mha, x)
-    hook.remove()
-    q, k, v, scaling = seen["args"][:4]
+    codes, scaling, seen = core_codes(mha, lambda: run(mha, x))
     grid_out = Grid.of(mha.out_proj.input_quant)
     form = mha.core.to_integer(scaling, grid_out)
-    codes = [Grid.of(quant).quantize(t) for quant, t in ((mha.core.q_quant, q), (mha.core.k_quant, k),
-                                                           (mha.core.v_quant, v))]
     context, probs = form(*codes, blocked=causal)
     with torch.no_grad():
         reference = grid_out.quantize(mha.out_proj.input_quant(seen["out"][0]))

@@ -12,6 +12,7 @@ import qswap
 from qswap.errors import RecipeError
 from qswap.nn.attention import QuantAttentionCore
 from qswap.nn.norm import QLayerNorm
+from helpers import core_codes
 from qswap.quant.integer import Grid, integer_softmax
 
 RECIPES = ["w8a8", "w8a8_per_channel", "w4a8"]
@@ -49,37 +50,33 @@ def consumer_codes(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return grid.quantize(q[1].input_quant(q[0](x)))
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_layer_norm_codes_are_the_integer_forms(recipe):
-    torch.manual_seed(1)
-    x = torch.randn(16, 10, 64) * 3 + 1
-    q = layer_norm_model(x, recipe)
+def assert_integer_then_float(q: nn.Module, x: torch.Tensor, float_op) -> None:
+    """q[0] writes the codes of its integer form onto q[1]'s input grid; under simulate: float it
+    computes ``float_op(q[0], quantized input)`` instead, whose values differ."""
     form = q[0].to_integer(Grid.of(q[1].input_quant))
     integer = form(Grid.of(q[0].input_quant).quantize(x))
     assert torch.equal(consumer_codes(q, x), integer)
     with torch.no_grad():
         simulated = q[0](x)
         set_simulate(q, "float")
-        xq = q[0].input_quant(x)
-        w, b = q[0].affine()
-        float_insides = F.layer_norm(xq, (64,), w, b, q[0].eps)
+        float_insides = float_op(q[0], q[0].input_quant(x))
         assert torch.equal(q[0](x), float_insides)
     assert not torch.equal(simulated, float_insides)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_layer_norm_codes_are_the_integer_forms(recipe):
+    torch.manual_seed(1)
+    x = torch.randn(16, 10, 64) * 3 + 1
+    assert_integer_then_float(layer_norm_model(x, recipe), x,
+                              lambda ln, xq: F.layer_norm(xq, (64,), *ln.affine(), ln.eps))
 
 
 def test_glu_codes_are_the_integer_forms():
     torch.manual_seed(0)
     x = torch.randn(16, 10, 32) * 2
     q = calibrated(nn.Sequential(nn.GLU(), nn.Linear(16, 4)), x, "w8a8")
-    form = q[0].to_integer(Grid.of(q[1].input_quant))
-    integer = form(Grid.of(q[0].input_quant).quantize(x))
-    assert torch.equal(consumer_codes(q, x), integer)
-    with torch.no_grad():
-        simulated = q[0](x)
-        set_simulate(q, "float")
-        float_insides = F.glu(q[0].input_quant(x))
-        assert torch.equal(q[0](x), float_insides)
-    assert not torch.equal(simulated, float_insides)
+    assert_integer_then_float(q, x, lambda glu, xq: F.glu(xq))
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
@@ -91,15 +88,8 @@ def test_attention_probabilities_and_context_are_the_integer_forms(recipe):
     causal = torch.ones(9, 9, dtype=torch.bool).triu(1)
     run = lambda m, b: m(b, b, b, attn_mask=causal, key_padding_mask=padding)[0]  # noqa: E731
     mha = calibrated(nn.MultiheadAttention(32, 4), x, recipe, run=run)
-    seen = {}
-    hook = mha.core.register_forward_hook(lambda mod, args, out: seen.update(args=args, out=out))
-    with torch.no_grad():
-        run(mha, x)
-    hook.remove()
-    q, k, v, scaling = seen["args"][:4]
+    codes, scaling, seen = core_codes(mha, lambda: run(mha, x))
     grid_out = Grid.of(mha.out_proj.input_quant)
-    codes = [Grid.of(quant).quantize(t) for quant, t in ((mha.core.q_quant, q), (mha.core.k_quant, k),
-                                                           (mha.core.v_quant, v))]
     blocked = causal.unsqueeze(0) | padding.repeat_interleave(4, 0).unsqueeze(1)  # (B*H, T, S)
     context, probs = mha.core.to_integer(scaling, grid_out)(*codes, blocked=blocked)
     assert torch.equal(Grid.of(mha.core.softmax_out_quant).quantize(seen["out"][1]), probs)
