@@ -21,9 +21,13 @@ In training (autograd), the value is the simulated one and the gradient the floa
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
 
+from qswap.errors import RecipeError
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.stamp import stamp, unchanged
 
@@ -94,3 +98,24 @@ def cached(owner: nn.Module, slot: str, build, *sources: torch.Tensor):
 def simulates(owner: nn.Module) -> bool:
     """Whether ``owner`` (a counterpart built from a recipe) computes the integer insides."""
     return getattr(owner, "simulate", "integer") == "integer"
+
+
+@contextlib.contextmanager
+def simulating(model: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """Run ``model``'s counterparts with the ``simulate`` arithmetic ``mode`` inside the block
+    (each one's own setting restored after it), e.g. to compare with a float-kernel runtime:
+
+    >>> with simulating(qmodel, "float"):
+    ...     reference = qmodel(x)
+    """
+    if mode not in SIMULATIONS:
+        raise RecipeError(f"must be one of {', '.join(SIMULATIONS)}, got {mode!r}", key="simulate")
+    owners = [m for m in model.modules() if hasattr(m, "simulate")]
+    saved = [m.simulate for m in owners]
+    try:
+        for m in owners:
+            m.simulate = mode
+        yield model
+    finally:
+        for m, old in zip(owners, saved):
+            m.simulate = old

@@ -8,6 +8,7 @@ import torch
 import qswap
 from qswap.errors import ExportError
 from qswap.models import build_s2t_conformer, build_s2t_transformer, s2t_net_input
+from qswap.nn.simulate import simulating
 from qswap.quant.primitives import quantize
 
 pytest.importorskip("fairseq")
@@ -35,8 +36,10 @@ def padded_batch(batch, frames, seed):
 
 def output_steps(qmodel, session, net):
     """|onnxruntime - fake-quant| of the encoder output, in steps of the grid its consumer (the
-    decoder's encoder-attention input quantizer) puts it on; and both padding masks."""
-    with torch.no_grad():
+    decoder's encoder-attention input quantizer) puts it on; and both padding masks. The graph
+    runs ONNX's float LayerNorm and Softmax: the fake-quant model is run with those insides too
+    (``simulate: float``), not the integer ones."""
+    with torch.no_grad(), simulating(qmodel, "float"):
         ref = qmodel.encoder(net["src_tokens"], net["src_lengths"])
     out, padding = run_encoder(session, net["src_tokens"], net["src_lengths"])
     step = qmodel.decoder.layers[0].encoder_attn.key_quant.scale

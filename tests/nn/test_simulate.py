@@ -12,6 +12,7 @@ import qswap
 from qswap.errors import RecipeError
 from qswap.nn.attention import QuantAttentionCore
 from qswap.nn.norm import QLayerNorm
+from qswap.nn.simulate import simulating
 from helpers import core_codes
 from qswap.quant.integer import Grid, integer_softmax
 
@@ -26,12 +27,6 @@ def calibrated(model: nn.Module, x: torch.Tensor, recipe, run=None) -> nn.Module
     q = qswap.convert(model.eval(), recipe)
     qswap.calibrate(q, [x, x.flip(0)], forward=run or (lambda m, b: m(b)))
     return q
-
-
-def set_simulate(model: nn.Module, simulate: str) -> None:
-    for m in model.modules():
-        if hasattr(m, "simulate"):
-            m.simulate = simulate
 
 
 def layer_norm_model(x: torch.Tensor, recipe) -> nn.Module:
@@ -58,9 +53,10 @@ def assert_integer_then_float(q: nn.Module, x: torch.Tensor, float_op) -> None:
     assert torch.equal(consumer_codes(q, x), integer)
     with torch.no_grad():
         simulated = q[0](x)
-        set_simulate(q, "float")
-        float_insides = float_op(q[0], q[0].input_quant(x))
-        assert torch.equal(q[0](x), float_insides)
+        with simulating(q, "float"):
+            float_insides = float_op(q[0], q[0].input_quant(x))
+            assert torch.equal(q[0](x), float_insides)
+        assert torch.equal(q[0](x), simulated)  # the block restored the setting
     assert not torch.equal(simulated, float_insides)
 
 
@@ -158,14 +154,14 @@ def test_training_sees_the_simulated_value_and_the_float_gradient():
         expected = q(x)
     grads, values = {}, {}
     for simulate in ("integer", "float"):
-        set_simulate(q, simulate)
-        q.train()
-        xg = x.clone().requires_grad_()
-        y = q(xg)
-        y.pow(2).sum().backward()
-        values[simulate], grads[simulate] = y.detach(), xg.grad
-        q.zero_grad()
-        q.eval()
+        with simulating(q, simulate):
+            q.train()
+            xg = x.clone().requires_grad_()
+            y = q(xg)
+            y.pow(2).sum().backward()
+            values[simulate], grads[simulate] = y.detach(), xg.grad
+            q.zero_grad()
+            q.eval()
     assert torch.equal(values["integer"], expected)
     assert not torch.equal(values["float"], expected)
     assert torch.isfinite(grads["integer"]).all() and grads["integer"].abs().sum() > 0
@@ -179,3 +175,5 @@ def test_recipe_key_selects_the_arithmetic_and_rejects_others():
     assert qswap.convert(nn.Sequential(nn.LayerNorm(8)), "w8a8")[0].simulate == "integer"
     with pytest.raises(RecipeError, match="simulate.*integer, float"):
         qswap.load_recipe({"version": 1, "simulate": "fixed_point"})
+    with pytest.raises(RecipeError, match="simulate.*integer, float"), simulating(q, "fixed_point"):
+        pass
