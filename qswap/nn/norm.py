@@ -14,7 +14,7 @@ from torch import nn
 from qswap.errors import ConvertError
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, grid_of, simulates, straight_through, value_of
+from qswap.nn.simulate import cached, codes_of, grid_of, row_isqrt, simulates, value_of
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -120,7 +120,7 @@ class QLayerNorm(_QNorm):
         if params is None:
             return None
         with torch.no_grad():
-            acc = layer_norm_accumulator(codes_of(xq, grid), params)
+            acc = layer_norm_accumulator(codes_of(xq, grid), params, row_isqrt)
             return value_of(acc, params.acc_scale, xq.dtype)
 
     def _integer_params(self, grid, beta: torch.Tensor | None):

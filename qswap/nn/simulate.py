@@ -22,12 +22,13 @@ In training (autograd), the value is the simulated one and the gradient the floa
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from qswap.errors import RecipeError
+from qswap.errors import IntegerizeError, RecipeError
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.stamp import stamp, unchanged
 
@@ -41,7 +42,20 @@ def grid_of(quant: nn.Module):
     if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.initialized
             and quant.scale.numel() == 1 and quant.spec.granularity == "per_tensor"):
         return None
-    return Grid(float(quant.scale), int(quant.zero_point), quant.spec.qmin, quant.spec.qmax)
+    _, frozen = quant.frozen_grid()  # Python numbers kept while frozen: no read per call
+    scale, zero_point = frozen if frozen is not None else (float(quant.scale), int(quant.zero_point))
+    return Grid(scale, zero_point, quant.spec.qmin, quant.spec.qmax)
+
+
+def row_isqrt(n: torch.Tensor) -> torch.Tensor:
+    """``floor(sqrt(n))`` of int64 values in [0, 2^62], exactly (Python's ``math.isqrt`` on each
+    value): ``qswap.quant.integer.isqrt``'s result in two ops instead of its Newton loop, for the
+    few values a LayerNorm takes (one per row)."""
+    from qswap.quant.integer import ISQRT_MAX
+    values = n.flatten().tolist()
+    if values and (min(values) < 0 or max(values) > ISQRT_MAX):
+        raise IntegerizeError(f"isqrt takes values in [0, 2^62], got [{min(values)}, {max(values)}]")
+    return torch.tensor([math.isqrt(v) for v in values], dtype=torch.int64, device=n.device).view(n.shape)
 
 
 def codes_of(xq: torch.Tensor, grid) -> torch.Tensor:

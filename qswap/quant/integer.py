@@ -500,7 +500,8 @@ def integer_layer_norm(codes: torch.Tensor, params: LayerNormParams) -> torch.Te
     return params.out(layer_norm_accumulator(codes, params))
 
 
-def layer_norm_accumulator(codes: torch.Tensor, params: LayerNormParams) -> torch.Tensor:
+def layer_norm_accumulator(codes: torch.Tensor, params: LayerNormParams,
+                           root: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """LayerNorm over the last axis (N features) of input codes, as the int32 affine accumulator
     on the grid ``params.acc_scale``.
 
@@ -510,13 +511,14 @@ def layer_norm_accumulator(codes: torch.Tensor, params: LayerNormParams) -> torc
     ``y = round(c 2^(16 + 10) / D)`` (int64, half away from zero; |y| < sqrt(N) 2^16 <= 2^22);
     affine accumulator ``y gamma + beta`` in int32 (|y gamma| < 2^29 for 8-bit gamma,
     |beta| <= 2^30: the sum saturates to int32 beyond). The input zero point cancels in ``c``: it
-    is not needed."""
+    is not needed. ``root``: another exact ``floor(sqrt)`` of int64 values in place of ``isqrt``
+    (the same result; the fake-quant simulation's per-row one, ``qswap.nn.simulate.row_isqrt``)."""
     _check_int("codes", codes)
     n = codes.shape[-1]
     q = codes.to(torch.int64)
     c = n * q - q.sum(dim=-1, keepdim=True)  # (..., N)
     var = torch.div((c * c).sum(dim=-1, keepdim=True), n, rounding_mode="floor") + params.eps_int
-    d = isqrt(var << (2 * _LN_SQRT_BITS)).clamp(min=1)
+    d = (root or isqrt)(var << (2 * _LN_SQRT_BITS)).clamp(min=1)
     num = c << (LN_FRAC_BITS + _LN_SQRT_BITS)
     y = torch.sign(num) * torch.div(num.abs() + (d >> 1), d, rounding_mode="floor")
     acc = (y * params.gamma.to(torch.int64) + params.beta.to(torch.int64)).clamp(INT32_MIN, INT32_MAX)

@@ -177,3 +177,15 @@ def test_recipe_key_selects_the_arithmetic_and_rejects_others():
         qswap.load_recipe({"version": 1, "simulate": "fixed_point"})
     with pytest.raises(RecipeError, match="simulate.*integer, float"), simulating(q, "fixed_point"):
         pass
+
+
+def test_row_isqrt_is_the_integer_isqrt():
+    from qswap.errors import IntegerizeError
+    from qswap.nn.simulate import row_isqrt
+    from qswap.quant.integer import ISQRT_MAX, isqrt
+    squares = torch.arange(0, 3000, dtype=torch.int64) ** 2
+    n = torch.cat([squares, squares - 1, squares + 1, torch.randint(0, ISQRT_MAX, (2000,)),
+                   torch.tensor([ISQRT_MAX, ISQRT_MAX - 1])]).clamp(min=0).view(-1, 1)
+    assert torch.equal(row_isqrt(n), isqrt(n))
+    with pytest.raises(IntegerizeError, match="2\\^62"):
+        row_isqrt(torch.tensor([-1]))
