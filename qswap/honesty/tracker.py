@@ -31,6 +31,7 @@ from qswap.honesty.tags import (CONST, FLOAT, PARAM, QUANT, UNSEEN, GridInfo, Ta
 from qswap.nn.base import QuantModule
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.stamp import stamp, unchanged
 
 _NUMBER = (int, float)
 # torch's own tables of every module: parameters/buffers (tagged as such), children (walked), and
@@ -70,12 +71,12 @@ class Tracker(TorchDispatchMode):
     def attach(self, model: nn.Module, named: list | None = None) -> None:
         """Hook every module (but a quantizer's own children) and tag every parameter, buffer
         and tensor attribute. ``named``: ``list(model.named_modules())``, if the caller has it."""
-        inside: tuple[str, ...] = ()  # paths of quantizers: their observers are theirs
+        inside = None  # the path prefix of the last quantizer: its observers are its own
         for path, module in model.named_modules() if named is None else named:
-            if inside and path.startswith(inside):
-                continue
+            if inside is not None and path.startswith(inside):
+                continue  # named_modules is pre-order: a quantizer's children follow it
             if isinstance(module, (FakeQuantize, BiasQuantize)):
-                inside += (path + ".",)
+                inside = f"{path}." if path else ""
             pre = functools.partial(self._pre, path)
             post = functools.partial(self._post, path)
             self._handles.append(module.register_forward_pre_hook(pre, prepend=True))
@@ -94,6 +95,8 @@ class Tracker(TorchDispatchMode):
         for name, b in _own(module._buffers):  # noqa: SLF001
             if b.is_floating_point():
                 self._set([b], Tag(PARAM, f"buffer {prefix}{name}"))
+        if type(module) in _OWN_QUANTIZERS:
+            return  # their tensor attributes are their own caches, read only with dispatch off
         for name, v in vars(module).items():  # tensors kept as state (a derived weight's cache)
             if name in _MODULE_TABLES or isinstance(v, _SCALARS):
                 continue
@@ -168,13 +171,19 @@ class Tracker(TorchDispatchMode):
             return
         if self._verified.get(out) == (path, out._version):
             return  # a cached weight, already checked
+        kept = spec is not None and q.kind == "weight"  # a weight quantizer keeps its output
         with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the check is not the model's)
             step = (float(scale), 0.0 if zp is None else float(zp)) if scale.numel() == 1 else (None, 0.0)
-            if step[0] is not None and on_grid_per_tensor(out, step[0], step[1], qmin, qmax):
+            if kept and unchanged(q.grid_proof, out, scale, zp):
+                off = 0  # proven by an earlier audit, and neither it nor its grid written since
+            elif step[0] is not None and on_grid_per_tensor(out, step[0], step[1], qmin, qmax,
+                                                            _inverse(q, step[0])):
                 off = 0
             else:
                 zp = torch.zeros_like(scale) if zp is None else zp
                 off = off_grid_count(out, scale, zp, spec, qmin, qmax)
+        if kept:
+            q.grid_proof = None if off else stamp(out, scale, zp)
         self._verified[out] = (path, out._version)
         self._set([out], Tag(QUANT, path, GridInfo(path, bits, label, off == 0, off, out.numel(),
                                                    step[0], step[1], qmin, qmax)))
@@ -382,6 +391,14 @@ class Tracker(TorchDispatchMode):
     def _unclassified(self, func, op, args, kwargs, operands, outputs) -> None:
         self.findings.unclassified(self.stack[-1], op, func, operands)
         self._set_out(func, args, kwargs, outputs, Tag(FLOAT, f"output of unclassified {self._where(op)}"))
+
+
+def _inverse(q: nn.Module, step: float) -> torch.Tensor | None:
+    """The 0-d float32 ``1 / step`` a frozen FakeQuantize keeps for its own passes (None: none
+    kept for this step). Any value is sound for ``on_grid_per_tensor``: its last comparison is
+    against grid points of ``step`` itself."""
+    grid = q.frozen_grid()[1] if isinstance(q, FakeQuantize) and q.kind == "activation" else None
+    return grid.inverse if grid is not None and grid.scale == step else None
 
 
 def _scalar_rescale(name: str, args, kwargs, n_tensors: int) -> float | None:

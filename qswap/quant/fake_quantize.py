@@ -26,8 +26,8 @@ from torch import nn
 from qswap.errors import CalibrationError, SpecError
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
-from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_passes,
-                                    passes_apply)
+from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_grid,
+                                    fake_quantize_passes, pass_grid, passes_apply)
 from qswap.quant.spec import QuantSpec
 from qswap.quant.stamp import stamp, unchanged
 
@@ -56,6 +56,9 @@ class FakeQuantize(LazyStateModule):
         self._cached: tuple | None = None  # (eval-mode output, stamp of the grid it used)
         self._state_stamp: tuple | None = None
         self._state: tuple = (False, None)
+        # the honesty audit's proof that the kept weight output lies on its grid: the stamp of
+        # that output, scale and zero point (qswap.honesty re-reads it once any of them changes)
+        self.grid_proof: tuple | None = None
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -106,14 +109,17 @@ class FakeQuantize(LazyStateModule):
         self._cached = None
 
     def frozen_grid(self) -> tuple:
-        """(frozen, (scale, zero_point) as Python numbers or None): the buffers read once per change
+        """(frozen, the grid as a ``PassGrid`` or None): the buffers read once per change
         (``qswap.quant.stamp``: freeze, calibration and load_state_dict write in place, and every
-        write of the scale writes the zero point too), not per call."""
+        write of the scale writes the zero point too), not per call. The grid is given for a
+        frozen per-tensor quantizer that rounds half to even (what ``fake_quantize_grid`` does)."""
         scale, zero_point, frozen = self.scale, self.zero_point, self.frozen
         if not unchanged(self._state_stamp, frozen, scale, zero_point):
             is_frozen = bool(frozen)
-            per_tensor = is_frozen and scale.numel() == 1 and self.spec.granularity == "per_tensor"
-            grid = (float(scale), int(zero_point)) if per_tensor else None
+            spec = self.spec
+            passes = (is_frozen and scale.numel() == 1 and spec.granularity == "per_tensor"
+                      and spec.rounding == "half_even")
+            grid = pass_grid(scale.item(), int(zero_point), spec) if passes else None
             self._state_stamp, self._state = stamp(frozen, scale, zero_point), (is_frozen, grid)
         return self._state
 
@@ -124,8 +130,9 @@ class FakeQuantize(LazyStateModule):
         if self.kind == "weight":
             return self._forward_weight(x)
         frozen, grid = self.frozen_grid()
-        if grid is not None and self._passes_ok(x):
-            return fake_quantize_passes(x, grid[0], grid[1], self.spec)  # frozen inference
+        if grid is not None and x.dtype == torch.float32 and x.is_cpu and not (
+                torch.is_grad_enabled() and (x.requires_grad or (self.spec.learnable and self.training))):
+            return fake_quantize_grid(x, grid)  # frozen inference: _passes_ok, spec-level parts in frozen_grid
         if not frozen and self._scalar_calibration():
             observed = self.observer.observe_scalar(x)
             if observed is not None:
@@ -182,5 +189,5 @@ class FakeQuantize(LazyStateModule):
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            setattr(new, k, None if k in ("_cached", "_weight_stamp", "_state_stamp") else copy.deepcopy(v, memo))
+            setattr(new, k, None if k in ("_cached", "_weight_stamp", "_state_stamp", "grid_proof") else copy.deepcopy(v, memo))
         return new
