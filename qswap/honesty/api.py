@@ -49,7 +49,7 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
             kind = _run(model, inputs, tracker, decode_steps)
     finally:
         tracker.detach()
-        restore()
+        restore(tracker.ran_quantizers, tracker.hooked)
     named = list(model.named_modules())  # the run may have changed the tree (checks walk it again)
     _check_executed(named, tracker)
     _check_dynamic(model, named, tracker, {id(q) for q in observing})
@@ -77,9 +77,12 @@ def _prepare(model: nn.Module, modules: list[nn.Module]):
     if training:
         model.eval()
 
-    def restore() -> None:
+    def restore(ran: set[int], hooked: dict[int, tuple]) -> None:
+        """``ran``: id() of every hooked quantizer that ran (only those, and quantizers the audit
+        did not hook, can have observed)."""
         for q, state in saved:
-            q.load_state_dict(state)
+            if id(q) in ran or id(q) not in hooked:
+                q.load_state_dict(state)
         for m in training:
             m.training = True
 

@@ -13,13 +13,13 @@ hooks that tell it where it is.
 """
 from __future__ import annotations
 
-import functools
 import weakref
 from collections import Counter
 from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qswap.honesty import classify as C
@@ -44,6 +44,14 @@ _OWN_QUANTIZERS = (FakeQuantize, BiasQuantize)  # exact classes: their internals
 class Tracker(TorchDispatchMode):
     """Use as ``tracker.attach(model)``, then ``with tracker, tracker.path("name"): ...``."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """torch wraps a mode's ``__torch_dispatch__`` in ``torch._dynamo.disable`` unless this
+        says False (``TorchDispatchMode._should_skip_dynamo``): two frames and two eval-frame
+        switches per op, and an import of torch._dynamo on the first audit. The audit never
+        compiles, and runs the model eagerly."""
+        return False
+
     def __init__(self, float_ok: dict[str, str] | None = None, values_bits: int | None = None):
         """``values_bits``: run the value-level check (``qswap.honesty.values``) too, with this
         bound for operands whose tag claims no width; None: tags only."""
@@ -63,30 +71,46 @@ class Tracker(TorchDispatchMode):
         self._next_call = 0
         self._verified = _TagMap()  # quantizer output -> (path, _version) checked
         self._handles: list = []
-        self._rules: dict = {}
+        self.hooked: dict[int, tuple] = {}  # id(module) -> (path, module) of every module attach hooked
+        self._rules: dict = {}  # id(OpOverload) -> its rule (OpOverload.__hash__ is Python code)
         self._labels: dict = {}  # QuantSpec -> its short label
-        self._inplace: dict = {}  # OpOverload -> whether it writes its first argument
+        self._inplace: dict = {}  # id(OpOverload) -> whether it writes its first argument
 
     # -- module hooks ----------------------------------------------------------------------------
     def attach(self, model: nn.Module, named: list | None = None) -> None:
         """Hook every module (but a quantizer's own children) and tag every parameter, buffer
-        and tensor attribute. ``named``: ``list(model.named_modules())``, if the caller has it."""
+        and tensor attribute. ``named``: ``list(model.named_modules())``, if the caller has it.
+
+        Two global module hooks (``torch.nn.modules.module.register_module_forward_*``) that look
+        the module up, rather than two hooks per module: the same calls at a fraction of the set-up
+        cost (a model has thousands of modules). A global pre-hook runs before a module's own
+        pre-hooks; the global forward hook runs before its own forward hooks, which therefore
+        run watched (their ops are classified like the model's)."""
         inside = None  # the path prefix of the last quantizer: its observers are its own
         for path, module in model.named_modules() if named is None else named:
             if inside is not None and path.startswith(inside):
                 continue  # named_modules is pre-order: a quantizer's children follow it
             if isinstance(module, (FakeQuantize, BiasQuantize)):
                 inside = f"{path}." if path else ""
-            pre = functools.partial(self._pre, path)
-            post = functools.partial(self._post, path)
-            self._handles.append(module.register_forward_pre_hook(pre, prepend=True))
-            self._handles.append(module.register_forward_hook(post, always_call=True))
+            self.hooked[id(module)] = (path, module)
             self._tag_module_tensors(path, module)
+        self._handles.append(register_module_forward_pre_hook(self._global_pre))
+        self._handles.append(register_module_forward_hook(self._global_post, always_call=True))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def _global_pre(self, module: nn.Module, args) -> None:
+        entry = self.hooked.get(id(module))
+        if entry is not None and entry[1] is module:
+            self._pre(entry[0], module, args)
+
+    def _global_post(self, module: nn.Module, args, output) -> None:
+        entry = self.hooked.get(id(module))
+        if entry is not None and entry[1] is module:
+            self._post(entry[0], module, args, output)
 
     def _tag_module_tensors(self, path: str, module: nn.Module) -> None:
         prefix = f"{path}." if path else ""
@@ -211,11 +235,11 @@ class Tracker(TorchDispatchMode):
         return out
 
     def _rule(self, func):
-        hit = self._rules.get(func)
+        hit = self._rules.get(id(func))  # an OpOverload lives as long as torch
         if hit is None:
             name = O.op_name(func)
             refined = name in O.ARGUMENT_RULES or name in O.VALUE_FACTORIES
-            hit = self._rules[func] = (name, O.lookup(func), f"{func.namespace}.{func.overloadpacket.__name__}",
+            hit = self._rules[id(func)] = (name, O.lookup(func), f"{func.namespace}.{func.overloadpacket.__name__}",
                                        refined)
         return hit
 
@@ -278,9 +302,9 @@ class Tracker(TorchDispatchMode):
         """Tag an op's outputs with the version they will have once the op returns: a view
         shares its base's counter, and an in-place op bumps the counter after this handler."""
         base = args[0] if func.is_view and args and isinstance(args[0], torch.Tensor) else None
-        mutated = self._inplace.get(func)
+        mutated = self._inplace.get(id(func))
         if mutated is None:
-            mutated = self._inplace[func] = O.is_inplace(func)
+            mutated = self._inplace[id(func)] = O.is_inplace(func)
         for t in outputs:
             if base is not None:
                 version = base._version
@@ -397,7 +421,7 @@ def _inverse(q: nn.Module, step: float) -> torch.Tensor | None:
     """The 0-d float32 ``1 / step`` a frozen FakeQuantize keeps for its own passes (None: none
     kept for this step). Any value is sound for ``on_grid_per_tensor``: its last comparison is
     against grid points of ``step`` itself."""
-    grid = q.frozen_grid()[1] if isinstance(q, FakeQuantize) and q.kind == "activation" else None
+    grid = q.kept_grid if isinstance(q, FakeQuantize) else None
     return grid.inverse if grid is not None and grid.scale == step else None
 
 

@@ -123,6 +123,12 @@ class FakeQuantize(LazyStateModule):
             self._state_stamp, self._state = stamp(frozen, scale, zero_point), (is_frozen, grid)
         return self._state
 
+    @property
+    def kept_grid(self):
+        """The ``PassGrid`` the last ``frozen_grid`` read (None: none), without re-reading the
+        buffers: for a reader that checks its values itself (the honesty audit's grid proof)."""
+        return self._state[1]
+
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
