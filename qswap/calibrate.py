@@ -64,8 +64,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
                                f"{count} batch(es) were empty; pass batches with real inputs")
     if unseen and logger.isEnabledFor(logging.INFO):
         # sites the batches never reach (an additive-mask path, say) keep observing if they ever run
-        logger.info(f"{len(unseen)} activation quantizer(s) saw no data during calibration and keep "
-                    f"observing at run time: {', '.join(_names(model, unseen)[:6])}")
+        logger.info(f"{len(unseen)} activation quantizer(s) saw no data during calibration (the "
+                    f"calibrated paths never run them; an input that reached one would make it "
+                    f"compute its range at run time, which the audit reports): "
+                    f"{', '.join(_names(model, unseen)[:6])}")
     return count
 
 
