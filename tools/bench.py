@@ -63,24 +63,28 @@ class Sizes:
 class Target:
     measure: str
     target: str
-    ok: Callable[[float], bool]
+    ok: Callable[[float, str], bool]  # (measured value, model key "s" / "shipped") -> met
     fmt: str  # how the measured value is shown
 
 
+def _at_most(limit: float, shipped: float | None = None) -> Callable[[float, str], bool]:
+    return lambda r, key: r <= (shipped if shipped is not None and key == "shipped" else limit)
+
+
+# issue 18 item 5 (and issue 20's audit time): ratios measured in one run
 TARGETS = {
-    "forward": Target("fake-quant batch forward (w8a8, calibrated) / float forward", "≤ 1.5×",
-                      lambda r: r <= 1.5, "{:.2f}×"),
-    "decode": Target("fake-quant incremental decoding (beam 5) / float decoding", "≤ 1.5×",
-                     lambda r: r <= 1.5, "{:.2f}×"),
+    "forward": Target("fake-quant batch forward (w8a8, calibrated) / float forward",
+                      "≤ 1.3× (s2t_transformer_s), ≤ 1.5× (shipped)", _at_most(1.3, shipped=1.5), "{:.2f}×"),
+    "decode": Target("fake-quant incremental decoding (beam 5) / float decoding", "≤ 1.4×",
+                     _at_most(1.4), "{:.2f}×"),
     "per_channel": Target("per-channel (w8a8_per_channel) / per-tensor (w8a8) forward", "≤ 1.1×",
-                          lambda r: r <= 1.1, "{:.2f}×"),
-    "convert": Target("`qswap.convert(model, \"w8a8\")` time", "< 1 s", lambda s: s < 1.0, "{:.2f} s"),
-    "audit": Target("`qswap.audit` / one float forward (same input)", "≤ 5×", lambda r: r <= 5.0,
-                    "{:.2f}×"),
-    "calibration": Target("calibration throughput / float forward throughput", "≥ 0.7×",
-                          lambda r: r >= 0.7, "{:.2f}×"),
+                          _at_most(1.1), "{:.2f}×"),
+    "convert": Target("`qswap.convert(model, \"w8a8\")` time", "< 1 s", lambda s, key: s < 1.0, "{:.2f} s"),
+    "audit": Target("`qswap.audit` / one float forward (same input)", "≤ 3×", _at_most(3.0), "{:.2f}×"),
+    "calibration": Target("calibration throughput / float forward throughput", "≥ 0.8×",
+                          lambda r, key: r >= 0.8, "{:.2f}×"),
     "convert_memory": Target("peak memory of convert / float parameter memory", "≤ 1.5×",
-                             lambda r: r <= 1.5, "{:.2f}×"),
+                             _at_most(1.5), "{:.2f}×"),
 }
 
 
@@ -221,7 +225,7 @@ def measure_audit(b: Bench, sizes: Sizes) -> dict:
 
     w8a8 = converted(b, "w8a8")
     t0 = time.perf_counter()
-    qswap.audit(w8a8, b.net_input)  # the first audit in a process also imports torch._dynamo
+    qswap.audit(w8a8, b.net_input)  # the first audit in a process also builds its op tables
     first = time.perf_counter() - t0
     t = interleaved_medians({
         "float": no_grad(lambda: b.model(**b.net_input)),
@@ -469,21 +473,22 @@ def profiles_for_misses(b: Bench, result: dict) -> dict[str, str]:
 
     w8a8 = converted(b, "w8a8")
     out = {}
-    if not TARGETS["forward"].ok(result["forward"]):
+    missed = lambda name: not TARGETS[name].ok(result[name], b.key)  # noqa: E731
+    if missed("forward"):
         out["forward"] = op_profile({"w8a8": no_grad(lambda: w8a8(**b.net_input)),
                                      "float": no_grad(lambda: b.model(**b.net_input))})
-    if not TARGETS["per_channel"].ok(result["per_channel"]):
+    if missed("per_channel"):
         pc = converted(b, "w8a8_per_channel")
         out["per_channel"] = op_profile({"w8a8_per_channel": no_grad(lambda: pc(**b.net_input)),
                                          "w8a8": no_grad(lambda: w8a8(**b.net_input))})
-    if not TARGETS["decode"].ok(result["decode"]):
+    if missed("decode"):
         out["decode"] = _decode_profile(b, result["decode_steps"])
-    if not TARGETS["calibration"].ok(result["calibration"]):
+    if missed("calibration"):
         qmodel = qswap.convert(b.model, "w8a8")
         out["calibration"] = python_profile(lambda: qswap.calibrate(qmodel, b.calib))
-    if not TARGETS["audit"].ok(result["audit"]):
+    if missed("audit"):
         out["audit"] = python_profile(lambda: qswap.audit(w8a8, b.net_input))
-    if not TARGETS["convert"].ok(result["convert"]):
+    if missed("convert"):
         out["convert"] = python_profile(lambda: qswap.convert(b.model, "w8a8"))
     return out
 
@@ -525,7 +530,7 @@ def table(results: dict[str, dict]) -> str:
     lines = [head, "|---|---|" + "---|" * len(keys) + "---|"]
     for name, t in TARGETS.items():
         values = [results[k][name] for k in keys]
-        met = "yes" if all(t.ok(v) for v in values) else "**no**"
+        met = "yes" if all(t.ok(v, k) for v, k in zip(values, keys)) else "**no**"
         lines.append(f"| {t.measure} | {t.target} | " + " | ".join(t.fmt.format(v) for v in values)
                      + f" | {met} |")
     return "\n".join(lines)
@@ -565,7 +570,7 @@ def details(r: dict, sizes: Sizes) -> list[str]:
             f"({_ms(r['audit_float_forward_s'])}; the target's ratio), {r['audit_over_float_paths']:.2f}× "
             f"the float model running the same paths, {r['audit_over_w8a8_paths']:.2f}× the w8a8 model "
             f"running them unobserved. The first audit in the process took {_ms(r['first_audit_s'])} "
-            f"(it also imports `torch._dynamo` once); it is not in the median. With the value-level "
+            f"(one-time set-up: imports, op tables); it is not in the median. With the value-level "
             f"check on (`qswap.audit(..., values=True)`, not part of the target) it took "
             f"{_ms(r['audit_values_s'])}: {r['audit_values_s'] / r['audit_float_forward_s']:.2f}× one "
             f"float forward.", "",
