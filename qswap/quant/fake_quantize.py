@@ -108,12 +108,21 @@ class FakeQuantize(LazyStateModule):
         self.frozen.fill_(False)
         self._cached = None
 
+    def _grid_tensors(self) -> tuple:
+        """(scale, zero_point, frozen) read from the module's own tables: per call, three
+        ``Module.__getattr__`` calls cost more than the checks they feed."""
+        buffers = self._buffers
+        scale = buffers.get("scale")
+        if scale is None:  # a learnable (LSQ) scale is a Parameter
+            scale = self._parameters["scale"]
+        return scale, buffers["zero_point"], buffers["frozen"]
+
     def frozen_grid(self) -> tuple:
         """(frozen, the grid as a ``PassGrid`` or None): the buffers read once per change
         (``qswap.quant.stamp``: freeze, calibration and load_state_dict write in place, and every
         write of the scale writes the zero point too), not per call. The grid is given for a
         frozen per-tensor quantizer that rounds half to even (what ``fake_quantize_grid`` does)."""
-        scale, zero_point, frozen = self.scale, self.zero_point, self.frozen
+        scale, zero_point, frozen = self._grid_tensors()
         if not unchanged(self._state_stamp, frozen, scale, zero_point):
             is_frozen = bool(frozen)
             spec = self.spec
@@ -169,10 +178,12 @@ class FakeQuantize(LazyStateModule):
             self._weight_stamp, self._cached = None if training else stamp(w), None
         if training:
             return fake_quantize(w, self._scale_for_forward(w), self.zero_point, self.spec)
-        if self._cached is None or not unchanged(self._cached[1], self.scale, self.zero_point):
-            out = fake_quantize(w, self.scale, self.zero_point, self.spec).detach()
-            self._cached = (out, stamp(self.scale, self.zero_point))
-        return self._cached[0]
+        cached = self._cached
+        scale, zero_point, _ = self._grid_tensors()
+        if cached is None or not unchanged(cached[1], scale, zero_point):
+            cached = self._cached = (fake_quantize(w, scale, zero_point, self.spec).detach(),
+                                     stamp(scale, zero_point))
+        return cached[0]
 
     def _scale_for_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.spec.learnable and self.training):
