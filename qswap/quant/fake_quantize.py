@@ -108,7 +108,7 @@ class FakeQuantize(LazyStateModule):
         self.frozen.fill_(False)
         self._cached = None
 
-    def _grid_tensors(self) -> tuple:
+    def grid_tensors(self) -> tuple:
         """(scale, zero_point, frozen) read from the module's own tables: per call, three
         ``Module.__getattr__`` calls cost more than the checks they feed."""
         buffers = self._buffers
@@ -122,7 +122,7 @@ class FakeQuantize(LazyStateModule):
         (``qswap.quant.stamp``: freeze, calibration and load_state_dict write in place, and every
         write of the scale writes the zero point too), not per call. The grid is given for a
         frozen per-tensor quantizer that rounds half to even (what ``fake_quantize_grid`` does)."""
-        scale, zero_point, frozen = self._grid_tensors()
+        scale, zero_point, frozen = self.grid_tensors()
         if not unchanged(self._state_stamp, frozen, scale, zero_point):
             is_frozen = bool(frozen)
             spec = self.spec
@@ -179,7 +179,7 @@ class FakeQuantize(LazyStateModule):
         if training:
             return fake_quantize(w, self._scale_for_forward(w), self.zero_point, self.spec)
         cached = self._cached
-        scale, zero_point, _ = self._grid_tensors()
+        scale, zero_point, _ = self.grid_tensors()
         if cached is None or not unchanged(cached[1], scale, zero_point):
             cached = self._cached = (fake_quantize(w, scale, zero_point, self.spec).detach(),
                                      stamp(scale, zero_point))
