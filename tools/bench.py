@@ -588,9 +588,10 @@ def explain(name: str, r: dict) -> str:
     paths_w8a8 = sum(r["paths"]["w8a8"].values())
     return {
         "forward": f"The w8a8 forward takes {_ms(r['w8a8_s'] - r['float_s'])} more than the float one. "
-                   "Every activation quantizer reads and writes its tensor in 5 vectorized passes "
-                   "plus about 10 small dispatches, and attention runs unfused (bmm, softmax, bmm on "
-                   "quantized operands) where the float model calls one fused SDPA kernel; by aten op:",
+                   "Every activation quantizer reads and writes its tensor in 4 vectorized passes "
+                   "(multiply by 1/s, round, clamp, times s), and attention runs unfused (bmm, softmax, "
+                   "bmm on quantized operands) where the float model calls one fused SDPA kernel; by "
+                   "aten op:",
         "per_channel": "By aten op, per-channel against per-tensor:",
         "decode": "A decoding step works on a few rows per tensor, so per-call overhead dominates: "
                   "each quantizer call costs a Python frame and four dispatches whatever the tensor "
@@ -605,7 +606,8 @@ def explain(name: str, r: dict) -> str:
                  f"({paths_w8a8 / r['audit_float_forward_s']:.2f}× one float forward: a batch forward, "
                  "`get_normalized_probs` and 3 decoding steps); the rest is the audit's own work "
                  "(`qswap/honesty`: module hooks, a Python dispatch-mode handler per aten op, the "
-                 "on-grid check of every quantizer output). By Python function:",
+                 "on-grid check of every activation quantizer output in 5 passes; weight outputs "
+                 "proven by an earlier audit are not re-read). By Python function:",
         "convert": "By Python function:",
         "convert_memory": "",
     }[name]
