@@ -606,8 +606,8 @@ def explain(name: str, r: dict) -> str:
                  f"({paths_w8a8 / r['audit_float_forward_s']:.2f}× one float forward: a batch forward, "
                  "`get_normalized_probs` and 3 decoding steps); the rest is the audit's own work "
                  "(`qswap/honesty`: module hooks, a Python dispatch-mode handler per aten op, the "
-                 "on-grid check of every activation quantizer output in 5 passes; weight outputs "
-                 "proven by an earlier audit are not re-read). By Python function:",
+                 "on-grid check of every quantizer output in 5 passes, kept weights included: "
+                 "one written through `.data` bumps no version counter). By Python function:",
         "convert": "By Python function:",
         "convert_memory": "",
     }[name]

@@ -31,7 +31,6 @@ from qswap.honesty.tags import (CONST, FLOAT, PARAM, QUANT, UNSEEN, GridInfo, Ta
 from qswap.nn.base import QuantModule
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
-from qswap.quant.stamp import stamp, unchanged
 
 _NUMBER = (int, float)
 # torch's own tables of every module: parameters/buffers (tagged as such), children (walked), and
@@ -195,19 +194,16 @@ class Tracker(TorchDispatchMode):
             return
         if self._verified.get(out) == (path, out._version):
             return  # a cached weight, already checked
-        kept = spec is not None and q.kind == "weight"  # a weight quantizer keeps its output
+        # every audit reads a kept weight output again: one written through ``.data`` (which
+        # bumps no version counter) since an earlier audit must not pass on that audit's proof
         with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the check is not the model's)
             step = (float(scale), 0.0 if zp is None else float(zp)) if scale.numel() == 1 else (None, 0.0)
-            if kept and unchanged(q.grid_proof, out, scale, zp):
-                off = 0  # proven by an earlier audit, and neither it nor its grid written since
-            elif step[0] is not None and on_grid_per_tensor(out, step[0], step[1], qmin, qmax,
-                                                            _inverse(q, step[0])):
+            if step[0] is not None and on_grid_per_tensor(out, step[0], step[1], qmin, qmax,
+                                                          _inverse(q, step[0])):
                 off = 0
             else:
                 zp = torch.zeros_like(scale) if zp is None else zp
                 off = off_grid_count(out, scale, zp, spec, qmin, qmax)
-        if kept:
-            q.grid_proof = None if off else stamp(out, scale, zp)
         self._verified[out] = (path, out._version)
         self._set([out], Tag(QUANT, path, GridInfo(path, bits, label, off == 0, off, out.numel(),
                                                    step[0], step[1], qmin, qmax)))

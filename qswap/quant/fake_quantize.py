@@ -56,9 +56,6 @@ class FakeQuantize(LazyStateModule):
         self._cached: tuple | None = None  # (eval-mode output, stamp of the grid it used)
         self._state_stamp: tuple | None = None
         self._state: tuple = (False, None)
-        # the honesty audit's proof that the kept weight output lies on its grid: the stamp of
-        # that output, scale and zero point (qswap.honesty re-reads it once any of them changes)
-        self.grid_proof: tuple | None = None
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -206,5 +203,5 @@ class FakeQuantize(LazyStateModule):
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            setattr(new, k, None if k in ("_cached", "_weight_stamp", "_state_stamp", "grid_proof") else copy.deepcopy(v, memo))
+            setattr(new, k, None if k in ("_cached", "_weight_stamp", "_state_stamp") else copy.deepcopy(v, memo))
         return new
