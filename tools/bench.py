@@ -617,7 +617,8 @@ def markdown(results: dict[str, dict], env: dict, sizes: Sizes, args: argparse.N
     m = env["machine"]
     busy = env["others_cpu_s"] / env["wall_s"]
     idle = ("otherwise idle" if busy < 0.1 else
-            f"**not idle**: other processes kept {busy:.2f} of its {m['cores']} cores busy on average")
+            f"**not idle**: other processes kept at least {busy:.2f} of its {m['cores']} cores busy on "
+            f"average (processes that started and ended during the run are not counted)")
     seen = [f"before: {', '.join(env['busy_before'])}" if env["busy_before"] else "",
             f"after: {', '.join(env['busy_after'])}" if env["busy_after"] else ""]
     busy_note = f" (busy processes {'; '.join(x for x in seen if x)})" if any(seen) else ""
