@@ -135,12 +135,18 @@ def do_ship(a: argparse.Namespace) -> int:
         raise SystemExit(f"no dev results in {save_dir}; run the 'dev' step first")
     best = min(scores, key=lambda u: (scores[u], u))
     path = dict(checkpoints(save_dir))[best]
-    ship(path, Path(a.out))
-    print(f"update {best} (dev WER {scores[best]:.2f}) -> {a.out}")
+    effect = ship(path, Path(a.out))
+    (save_dir / "shipped.json").write_text(json.dumps({"update": best, "dev_wer": scores[best], "float16": effect}))
+    print(f"update {best} (dev WER {scores[best]:.2f}) -> {a.out}; float16 storage changed {effect['changed']} "
+          f"of {effect['values']} fake-quantized weight values")
     return 0
 
 
-def ship(path: Path, out: Path) -> None:
+def ship(path: Path, out: Path) -> dict:
+    """The fairseq-train checkpoint at ``path`` as a qswap checkpoint at ``out``: the model's float
+    parameters stored as float16 (as the shipped float model), quantizer state (learned scales,
+    zero points, frozen flags) as float32. Float16 rounding is not lossless for a 4-bit grid
+    derived from the weights: returns how many fake-quantized weight values it changes."""
     import torch
 
     from qswap.integration.data import load_model_cfg_task
@@ -150,11 +156,33 @@ def ship(path: Path, out: Path) -> None:
     model, _cfg, _task = load_model_cfg_task(path, ASSET)
     save_qswap_checkpoint(out, model, ASSET / "checkpoint.pt")
     state = torch.load(out, map_location="cpu", weights_only=True)
-    float_names = {n for n, _ in model.named_parameters() if not n.endswith(".scale")}
-    state["model"] = {k: v.half() if k in float_names and v.is_floating_point() else v
-                      for k, v in state["model"].items()}
+    params = {n for n, _ in model.named_parameters() if not n.endswith("_quant.scale")}
+    state["model"] = {k: v.half() if k in params and v.is_floating_point() else v for k, v in state["model"].items()}
     with atomic_open(out, "wb") as f:
         torch.save(state, f)
+    return float16_effect(model)
+
+
+def float16_effect(model) -> dict:
+    """Fake-quantized weight values (what inference uses) that differ when the weights come
+    from a float16 copy, over all quantized weights."""
+    import copy
+
+    import torch
+
+    from qswap.quant.fake_quantize import FakeQuantize
+
+    changed = total = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for name, w in module.named_parameters(recurse=False):
+                q = getattr(module, f"{name}_quant", None)
+                if isinstance(q, FakeQuantize) and q.kind == "weight":
+                    exact = copy.deepcopy(q).eval()(w.detach().clone())
+                    stored = copy.deepcopy(q).eval()(w.detach().half().float())
+                    changed += int((exact != stored).sum())
+                    total += exact.numel()
+    return {"changed": changed, "values": total}
 
 
 # -- the curve and the doc --------------------------------------------------------------------------
@@ -178,26 +206,35 @@ def do_doc(a: argparse.Namespace) -> int:
     atomic_write_text(a.log_out, "\n".join(keep) + "\n")
     train, valid = curve(log_text)
     dev = dev_scores(save_dir)
-    atomic_write_text(a.out, render(train, valid, dev, evals, a))
+    shipped = json.loads((save_dir / "shipped.json").read_text())
+    atomic_write_text(a.out, render(train, valid, dev, evals, shipped))
     print(f"wrote {a.out} and {a.log_out}")
     return 0
 
 
-def render(train, valid, dev, evals: Path, a) -> str:
+def render(train, valid, dev, evals: Path, shipped: dict) -> str:
     valid_at = dict(valid)
     rows = [f"| {u} | {loss:.3f} | {valid_at.get(u, float('nan')):.3f} | "
             + (f"{dev[u]:.2f}" if u in dev else "") + " |" for u, loss in _thin(train, dev, valid_at)]
-    cmp_rows = []
+    cmp_rows, wins = [], []
     for subset in ("test", "test_heldout"):
         ptq, qat = evals / f"ptq_{subset}.json", evals / f"qat_{subset}.json"
         if not (ptq.exists() and qat.exists()):
             continue
         p, q = json.loads(ptq.read_text()), json.loads(qat.read_text())
         lo, hi = q["delta_wer_ci"]
-        cmp_rows.append(f"| {subset} | {p['wer']:.2f} [{p['wer_ci'][0]:.2f}, {p['wer_ci'][1]:.2f}] | "
-                        f"{q['wer']:.2f} [{q['wer_ci'][0]:.2f}, {q['wer_ci'][1]:.2f}] | "
+        cmp_rows.append(f"| {subset} | {p['counts']['wer']:.2f} [{p['wer_ci'][0]:.2f}, {p['wer_ci'][1]:.2f}] | "
+                        f"{q['counts']['wer']:.2f} [{q['wer_ci'][0]:.2f}, {q['wer_ci'][1]:.2f}] | "
                         f"{q['delta_wer']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {'yes' if q['significant'] else 'no'} |")
-    return TEMPLATE.format(curve="\n".join(rows), comparison="\n".join(cmp_rows), args=a)
+        if q["significant"] and hi < 0:
+            wins.append(subset)
+    f16 = shipped["float16"]
+    verdict = (f"QAT beats PTQ by more than the interval on: {', '.join(wins)}." if wins else
+               "QAT does not beat PTQ by more than the interval on either test set.")
+    last = train[-1][0] if train else 0
+    return TEMPLATE.format(verdict=verdict, updates=last, curve="\n".join(rows), comparison="\n".join(cmp_rows), update=shipped["update"],
+                           dev_wer=shipped["dev_wer"], changed=f16["changed"], values=f16["values"],
+                           percent=100.0 * f16["changed"] / max(f16["values"], 1))
 
 
 def _thin(train, dev, valid_at, every: int = 50):
@@ -224,7 +261,9 @@ python tools/qat_train.py doc --save-dir RUN --evals EVALS
 
 ## Training curve
 
-Train loss: fairseq's `train_inner` (label-smoothed cross entropy, running mean over 10 updates);
+The run logged {updates} updates (fairseq's `--stop-time-hours` ended it; 2 shared CPU cores, one
+thread, `nice -n 5`). Train loss: fairseq's `train_inner` (label-smoothed cross entropy, mean over
+10 updates; the first mean includes the 4 calibration steps, whose loss is 0);
 dev loss: fairseq's validation on `dev`; dev WER: `qswap eval CKPT --subset dev` (beam 5).
 
 | update | train loss | dev loss | dev WER % |
@@ -234,13 +273,36 @@ dev loss: fairseq's validation on `dev`; dev WER: `qswap eval CKPT --subset dev`
 ## QAT against PTQ of the same recipe (the shipped test sets, 100 utterances each)
 
 PTQ: the float checkpoint converted with `w4a4_edges8`, calibrated on `train_calib` (4 batches),
-as the demo does. QAT: the dev-best checkpoint above. ΔWER = QAT - PTQ with the paired bootstrap
+as the demo does. QAT: the shipped checkpoint, the dev-best one above (update {update}, dev WER
+{dev_wer:.2f} %) stored with float16 weights. ΔWER = QAT - PTQ with the paired bootstrap
 interval (`qswap/integration/bootstrap.py`: 2,000 resamples, 95 %); significant when the
 interval excludes 0.
 
 | subset | PTQ WER % [95 % CI] | QAT WER % [95 % CI] | ΔWER [95 % CI] | significant |
 |---|---|---|---|---|
 {comparison}
+
+{verdict}
+
+The shipped checkpoint is `qswap/assets/s2t_demo/qat_w4a4_edges8.pt`: a qswap checkpoint (recipe
+`w4a4_edges8_lsq` inside) whose float weights are stored as float16 and whose quantizer state
+(learned scales, zero points, frozen flags) is float32; `qswap eval`, `qswap audit` and
+fairseq-generate with the plugin load it as it is. Float16 storage is not lossless for 4-bit
+grids derived from the weights: it changes {changed:,} of the {values:,} fake-quantized weight
+values of the training checkpoint ({percent:.2f} %); the QAT WERs above are the shipped file's.
+
+## Decoding speed of a QAT checkpoint
+
+docs/fairseq.md once showed the QAT checkpoint decoding in 111.2 s against 11.1 s for the PTQ
+one. Nothing in a QAT checkpoint makes decoding slower: loaded through fairseq, a checkpoint
+trained with learned scales runs exactly the aten ops of a PTQ checkpoint of the same recipe, as
+many times, with every activation grid frozen, no autograd graph and each weight fake-quantized
+once (`tests/integration/test_qat_decode.py`; `tools/bench.py` times it as `qat_decode`). The
+walkthrough ran each fairseq command with torch's default of one intra-op thread per core on a
+2-core machine that other processes kept busy: an op split over two threads waits for a
+descheduled sibling, which slowed some commands tenfold and not others (the two timings also
+came from different recipes, w8a8 and w4a8). `tools/fairseq_walkthrough.py` now runs every
+command with one thread (`--threads`).
 """
 
 
