@@ -138,7 +138,7 @@ def do_ship(a: argparse.Namespace) -> int:
     effect = ship(path, Path(a.out))
     (save_dir / "shipped.json").write_text(json.dumps({"update": best, "dev_wer": scores[best], "float16": effect}))
     print(f"update {best} (dev WER {scores[best]:.2f}) -> {a.out}; float16 storage changed {effect['changed']} "
-          f"of {effect['values']} fake-quantized weight values")
+          f"of {effect['values']} weight codes")
     return 0
 
 
@@ -146,7 +146,7 @@ def ship(path: Path, out: Path) -> dict:
     """The fairseq-train checkpoint at ``path`` as a qswap checkpoint at ``out``: the model's float
     parameters stored as float16 (as the shipped float model), quantizer state (learned scales,
     zero points, frozen flags) as float32. Float16 rounding is not lossless for a 4-bit grid
-    derived from the weights: returns how many fake-quantized weight values it changes."""
+    derived from the weights: returns how many weight codes it changes."""
     import torch
 
     from qswap.integration.data import load_model_cfg_task
@@ -164,8 +164,8 @@ def ship(path: Path, out: Path) -> dict:
 
 
 def float16_effect(model) -> dict:
-    """Fake-quantized weight values (what inference uses) that differ when the weights come
-    from a float16 copy, over all quantized weights."""
+    """Weight codes (integers on the grid inference uses) that change when the weights come from
+    a float16 copy, over all quantized weights; the grids themselves move by float rounding."""
     import copy
 
     import torch
@@ -178,11 +178,16 @@ def float16_effect(model) -> dict:
             for name, w in module.named_parameters(recurse=False):
                 q = getattr(module, f"{name}_quant", None)
                 if isinstance(q, FakeQuantize) and q.kind == "weight":
-                    exact = copy.deepcopy(q).eval()(w.detach().clone())
-                    stored = copy.deepcopy(q).eval()(w.detach().half().float())
-                    changed += int((exact != stored).sum())
-                    total += exact.numel()
+                    codes = [_codes(copy.deepcopy(q).eval(), v) for v in (w.detach().clone(), w.detach().half().float())]
+                    changed += int((codes[0] != codes[1]).sum())
+                    total += w.numel()
     return {"changed": changed, "values": total}
+
+
+def _codes(q, w):
+    out = q(w)
+    scale = q.scale.detach().reshape(-1, *[1] * (w.dim() - 1)) if q.scale.numel() > 1 else q.scale.detach()
+    return (out / scale).round()
 
 
 # -- the curve and the doc --------------------------------------------------------------------------
@@ -288,8 +293,9 @@ The shipped checkpoint is `qswap/assets/s2t_demo/qat_w4a4_edges8.pt`: a qswap ch
 `w4a4_edges8_lsq` inside) whose float weights are stored as float16 and whose quantizer state
 (learned scales, zero points, frozen flags) is float32; `qswap eval`, `qswap audit` and
 fairseq-generate with the plugin load it as it is. Float16 storage is not lossless for 4-bit
-grids derived from the weights: it changes {changed:,} of the {values:,} fake-quantized weight
-values of the training checkpoint ({percent:.2f} %); the QAT WERs above are the shipped file's.
+grids derived from the weights: it changes {changed:,} of the {values:,} weight codes of the
+training checkpoint ({percent:.2f} %; the grids move by float rounding); the QAT WERs above are
+the shipped file's.
 
 ## Decoding speed of a QAT checkpoint
 
