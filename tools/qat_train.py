@@ -5,8 +5,8 @@ what comes after it: dev WER of the saved checkpoints, the shipped QAT checkpoin
     .venv/bin/python tools/make_corpus.py --out DATA --num-train 7000 --num-dev 200 --num-test 100 --seed 1
     .venv/bin/python tools/qat_train.py train --data DATA --save-dir RUN        # fairseq-train (LSQ)
     .venv/bin/python tools/qat_train.py dev --data DATA --save-dir RUN         # dev WER per checkpoint
-    .venv/bin/python tools/qat_train.py ship --data DATA --save-dir RUN        # best on dev -> asset
-    .venv/bin/python tools/qat_train.py doc --save-dir RUN --evals EVALDIR     # docs/qat.md
+    .venv/bin/python tools/qat_train.py ship --save-dir RUN                    # best on dev -> asset
+    .venv/bin/python tools/qat_train.py doc --save-dir RUN --evals docs/qat    # docs/qat.md
 
 ``train`` fine-tunes the shipped float checkpoint converted with ``--recipe`` (default
 ``w4a4_edges8_lsq``: w4a4_edges8 with learned activation scales): the first ``--calib-batches``
@@ -218,33 +218,37 @@ def do_doc(a: argparse.Namespace) -> int:
 
 
 def render(train, valid, dev, evals: Path, shipped: dict) -> str:
-    valid_at = dict(valid)
-    rows = [f"| {u} | {loss:.3f} | {valid_at.get(u, float('nan')):.3f} | "
-            + (f"{dev[u]:.2f}" if u in dev else "") + " |" for u, loss in _thin(train, dev, valid_at)]
-    cmp_rows, wins = [], []
+    train_at, valid_at = dict(train), dict(valid)
+    shown = sorted({u for u in train_at if u % 50 == 0} | set(valid_at) | set(dev))
+    cell = lambda table, u, fmt: fmt.format(table[u]) if u in table else ""  # noqa: E731
+    rows = [f"| {u} | {cell(train_at, u, '{:.3f}')} | {cell(valid_at, u, '{:.3f}')} | {cell(dev, u, '{:.2f}')} |"
+            for u in shown]
+    cmp_rows, wins = comparison(evals)
+    f16 = shipped["float16"]
+    verdict = (f"QAT beats PTQ by more than the interval on: {', '.join(wins)}." if wins else
+               "QAT does not beat PTQ by more than the interval on either test set.")
+    last = max([u for u, _ in train] + [u for u, _ in valid] + list(dev), default=0)
+    return TEMPLATE.format(verdict=verdict, updates=last, curve="\n".join(rows), comparison="\n".join(cmp_rows), update=shipped["update"],
+                           dev_wer=shipped["dev_wer"], changed=f16["changed"], values=f16["values"],
+                           percent=100.0 * f16["changed"] / max(f16["values"], 1))
+
+
+def comparison(evals: Path) -> tuple[list[str], list[str]]:
+    """Markdown rows QAT vs PTQ per shipped test set from ``qswap eval --json`` results, and the
+    subsets where QAT is better by more than the interval."""
+    rows, wins = [], []
     for subset in ("test", "test_heldout"):
         ptq, qat = evals / f"ptq_{subset}.json", evals / f"qat_{subset}.json"
         if not (ptq.exists() and qat.exists()):
             continue
         p, q = json.loads(ptq.read_text()), json.loads(qat.read_text())
         lo, hi = q["delta_wer_ci"]
-        cmp_rows.append(f"| {subset} | {p['counts']['wer']:.2f} [{p['wer_ci'][0]:.2f}, {p['wer_ci'][1]:.2f}] | "
-                        f"{q['counts']['wer']:.2f} [{q['wer_ci'][0]:.2f}, {q['wer_ci'][1]:.2f}] | "
-                        f"{q['delta_wer']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {'yes' if q['significant'] else 'no'} |")
+        rows.append(f"| {subset} | {p['counts']['wer']:.2f} [{p['wer_ci'][0]:.2f}, {p['wer_ci'][1]:.2f}] | "
+                    f"{q['counts']['wer']:.2f} [{q['wer_ci'][0]:.2f}, {q['wer_ci'][1]:.2f}] | "
+                    f"{q['delta_wer']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {'yes' if q['significant'] else 'no'} |")
         if q["significant"] and hi < 0:
             wins.append(subset)
-    f16 = shipped["float16"]
-    verdict = (f"QAT beats PTQ by more than the interval on: {', '.join(wins)}." if wins else
-               "QAT does not beat PTQ by more than the interval on either test set.")
-    last = train[-1][0] if train else 0
-    return TEMPLATE.format(verdict=verdict, updates=last, curve="\n".join(rows), comparison="\n".join(cmp_rows), update=shipped["update"],
-                           dev_wer=shipped["dev_wer"], changed=f16["changed"], values=f16["values"],
-                           percent=100.0 * f16["changed"] / max(f16["values"], 1))
-
-
-def _thin(train, dev, valid_at, every: int = 50):
-    """Every ``every``-th logged update, plus every update with a dev measurement."""
-    return [(u, loss) for u, loss in train if u % every == 0 or u in dev or u in valid_at]
+    return rows, wins
 
 
 TEMPLATE = """# QAT of the shipped model for w4a4_edges8 (fairseq-train, LSQ activation scales)
@@ -254,21 +258,24 @@ fairseq-train log) and `qswap eval` results. Reproduce:
 
 ```sh
 python tools/make_corpus.py --out DATA --num-train 7000 --num-dev 200 --num-test 100 --seed 1 --jobs 1
-python tools/qat_train.py train --data DATA --save-dir RUN          # see --help for lr, updates
+nice -n 5 python tools/qat_train.py train --data DATA --save-dir RUN --hours 0.72 --save-every 50
 python tools/qat_train.py dev --data DATA --save-dir RUN
-python tools/qat_train.py ship --data DATA --save-dir RUN           # dev-best -> qswap/assets/s2t_demo/qat_w4a4_edges8.pt
+python tools/qat_train.py ship --save-dir RUN     # dev-best -> qswap/assets/s2t_demo/qat_w4a4_edges8.pt
 qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe w4a4_edges8 --data qswap/assets/s2t_demo \\
-    --subset SUBSET --calib-subset train_calib --calib-batches 4 --json EVALS/ptq_SUBSET.json
+    --subset SUBSET --calib-subset train_calib --calib-batches 4 --json docs/qat/ptq_SUBSET.json
 qswap eval qswap/assets/s2t_demo/qat_w4a4_edges8.pt --data qswap/assets/s2t_demo --subset SUBSET \\
-    --baseline EVALS/ptq_SUBSET.json --json EVALS/qat_SUBSET.json
-python tools/qat_train.py doc --save-dir RUN --evals EVALS
+    --baseline docs/qat/ptq_SUBSET.json --json docs/qat/qat_SUBSET.json
+python tools/qat_train.py doc --save-dir RUN --evals docs/qat
 ```
+
+(lr 3e-4, inverse square root schedule with 20 warm-up updates, Adam (0.9, 0.98), clip 10,
+batches of at most 6,000 frames, 4 calibration batches: `train`'s defaults.)
 
 ## Training curve
 
-The run logged {updates} updates (fairseq's `--stop-time-hours` ended it; 2 shared CPU cores, one
-thread, `nice -n 5`). Train loss: fairseq's `train_inner` (label-smoothed cross entropy, mean over
-10 updates; the first mean includes the 4 calibration steps, whose loss is 0);
+The run made {updates} updates (fairseq's `--stop-time-hours` ended it; 2 shared CPU cores, one
+thread, `nice -n 5`). Rows: every 50th update and every update with a dev measurement. Train loss: fairseq's
+`train_inner` (label-smoothed cross entropy, mean over the last 10 updates);
 dev loss: fairseq's validation on `dev`; dev WER: `qswap eval CKPT --subset dev` (beam 5).
 
 | update | train loss | dev loss | dev WER % |

@@ -46,3 +46,10 @@ def test_a_corpus_with_another_dictionary_is_refused(tmp_path):
     (tmp_path / "spm_unigram200.txt").write_text("a 1\n")
     with pytest.raises(SystemExit, match="not the shipped model's"):
         qat_train.use_shipped_tokenizer(tmp_path)
+
+
+def test_docs_qat_comparison_is_the_committed_eval_results():
+    """docs/qat.md's QAT-vs-PTQ rows are those of the qswap eval JSONs committed beside it."""
+    docs = Path(qat_train.REPO) / "docs"
+    rows, _ = qat_train.comparison(docs / "qat")
+    assert len(rows) == 2 and all(row in (docs / "qat.md").read_text() for row in rows)
