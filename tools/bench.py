@@ -85,6 +85,8 @@ TARGETS = {
                           lambda r, key: r >= 0.8, "{:.2f}×"),
     "convert_memory": Target("peak memory of convert / float parameter memory", "≤ 1.5×",
                              _at_most(1.5), "{:.2f}×"),
+    "qat_decode": Target("QAT-trained model decoding / PTQ model decoding (w4a4_edges8_lsq)", "≤ 1.1×",
+                         _at_most(1.1), "{:.2f}×"),
 }
 
 
@@ -215,6 +217,46 @@ def measure_decode(b: Bench, sizes: Sizes) -> dict:
                              for name, g in gens.items()}, sizes.repeats)
     return {"decode_float_s": t["float"], "decode_w8a8_s": t["w8a8"], "decode": t["w8a8"] / t["float"],
             "decode_utts": sizes.decode_utts, "decode_steps": steps}
+
+
+QAT_RECIPE = "w4a4_edges8_lsq"  # learned (LSQ) activation scales: Parameters after training
+
+
+def qat_trained(b: Bench, steps: int = 3) -> Any:
+    """``b.model`` converted with QAT_RECIPE, calibrated, then ``steps`` Adam updates of weights
+    and LSQ scales in training mode (teacher-forced cross entropy), back in eval mode: what a
+    fairseq-train QAT checkpoint holds."""
+    import torch
+
+    import qswap
+    from qswap.honesty.paths import run_paths
+
+    qmodel = qswap.convert(b.model, QAT_RECIPE)
+    qswap.calibrate(qmodel, b.calib, forward=run_paths)
+    optimizer = torch.optim.Adam(qmodel.parameters(), lr=1e-4)
+    qmodel.train()
+    target = b.net_input["prev_output_tokens"]
+    for _ in range(steps):
+        logits = qmodel(**b.net_input)[0]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return qmodel.eval()
+
+
+def measure_qat_decode(b: Bench, sizes: Sizes) -> dict:
+    """fairseq's SequenceGenerator (as in ``measure_decode``) on a QAT-trained model against the
+    same recipe calibrated only (PTQ): a QAT model must decode as fast (issue 19)."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    ptq = converted(b, QAT_RECIPE)
+    steps = sizes.decode_steps
+    gens = {name: SequenceGenerator([m], b.tgt_dict, beam_size=5, max_len_a=0, max_len_b=steps, min_len=steps)
+            for name, m in (("ptq", ptq), ("qat", qat_trained(b)))}
+    t = interleaved_medians({name: (lambda g=g: g.generate(g.model.models, b.decode_sample))
+                             for name, g in gens.items()}, sizes.repeats)
+    return {"decode_ptq_s": t["ptq"], "decode_qat_s": t["qat"], "qat_decode": t["qat"] / t["ptq"]}
 
 
 def measure_audit(b: Bench, sizes: Sizes) -> dict:
@@ -516,7 +558,8 @@ def run_model(key: str, sizes: Sizes, log: Callable[[str], None]) -> dict:
     log(f"{b.label}: {b.parameters / 1e6:.1f}M parameters")
     result: dict[str, Any] = {"label": b.label, "parameters": b.parameters, "frames": b.frames}
     for name, fn in (("convert", measure_convert), ("forward", measure_forward),
-                     ("decode", measure_decode), ("calibration", measure_calibration),
+                     ("decode", measure_decode), ("qat_decode", measure_qat_decode),
+                     ("calibration", measure_calibration),
                      ("audit", measure_audit)):
         t0 = time.perf_counter()
         result.update(fn(b, sizes))
@@ -557,6 +600,8 @@ def details(r: dict, sizes: Sizes) -> list[str]:
            f"of w8a8 |",
            f"| `SequenceGenerator.generate` | {_ms(r['decode_float_s'])} | {_ms(r['decode_w8a8_s'])} | "
            f"{r['decode']:.2f}× |",
+           f"| the same, {QAT_RECIPE}: PTQ (calibrated) / QAT (3 Adam updates of weights and LSQ "
+           f"scales) | {_ms(r['decode_ptq_s'])} | {_ms(r['decode_qat_s'])} | {r['qat_decode']:.2f}× |",
            f"| `qswap.calibrate`, {r['calib_batches']} batches (float: forwards of the same batches) | "
            f"{_ms(r['calib_float_s'])} | {_ms(r['calib_s'])} | {r['calibration']:.2f}× throughput |",
            f"| forwards of the same batches, calibrated (frozen) w8a8 | | {_ms(r['calib_frozen_s'])} | "
@@ -610,6 +655,7 @@ def explain(name: str, r: dict) -> str:
                  "one written through `.data` bumps no version counter). By Python function:",
         "convert": "By Python function:",
         "convert_memory": "",
+        "qat_decode": "",
     }[name]
 
 
