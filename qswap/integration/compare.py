@@ -19,6 +19,7 @@ from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, 
 from qswap.integration.cost import measure
 from qswap.integration.decode import decode
 from qswap.integration.metrics import error_counts, utterance_word_errors
+from qswap.transforms import needs_data
 
 
 @dataclass
@@ -114,7 +115,10 @@ def evaluate_recipe(float_model, task, recipe, *, subset: str, calib_subset: str
     """Convert, calibrate, audit and decode one recipe; delta_wer is left 0 for the caller.
     ``progress(stage, n, total)``: n more batches calibrated or utterances decoded, of total."""
     tick = (lambda stage, total: (lambda n: progress(stage, n, total))) if progress else (lambda *_: None)
-    qmodel = qswap.convert(float_model, recipe)
+    recipe = qswap.load_recipe(recipe)
+    data = (list(fdata.net_inputs(task, calib_subset, calib_batches, max_sentences=max_sentences))
+            if needs_data(recipe.transforms) else None)  # smoothquant's statistics: the calibration batches
+    qmodel = qswap.convert(float_model, recipe, data=data)
     name = qmodel.qswap_recipe.name
     if activation_quantizers(qmodel):
         qswap.calibrate(qmodel, fdata.net_inputs(task, calib_subset, calib_batches, max_sentences=max_sentences),
