@@ -1,0 +1,291 @@
+"""The low-bit strategy study: every method on every bit budget, on the shipped model.
+
+Rows are methods (a way of building the recipe), columns bit budgets (the shipped recipes w8a8,
+w4a8, w4a4 and w4a4_edges8). Each cell is the column's recipe changed as the method says,
+converted, calibrated (shipped ``train_calib`` subset, 4 batches of 32, as ``make demo``),
+audited and decoded with beam 5 on both shipped 100-utterance sets (``test`` in-voice,
+``test_heldout`` held-out voices), with paired bootstrap intervals against float
+(``qswap/integration/bootstrap.py``). Writes ``docs/strategies.json`` (every row, per-utterance
+word errors included; cells are saved as they finish and ``--resume`` skips them) and
+``docs/strategies.md``.
+
+    .venv/bin/python tools/strategies.py                      # decode everything, write the page
+    .venv/bin/python tools/strategies.py --from-json          # rewrite the page from the JSON
+    .venv/bin/python tools/strategies.py --qat w4a4_edges8=checkpoints/qat/checkpoint_best.pt
+    .venv/bin/python tools/strategies.py --methods shipped smoothquant --columns w4a4_edges8 --batches 1
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from qswap.demo import ASSET  # noqa: E402
+
+SUBSETS = {"test": "In-voice (`test`)", "test_heldout": "Held-out voices (`test_heldout`)"}
+COLUMNS = ["w8a8", "w4a8", "w4a4", "w4a4_edges8"]
+TARGETS = {"w4a8": 0.5, "w4a4_edges8": 2.0}  # issue 19: honest, within + this absolute WER of float
+HADAMARD_RULE = {"match": {"class": "Hadamard"}, "note": "the online Walsh-Hadamard's +-1 matrix: codes +-1",
+                 "weight": {"bits": 2, "granularity": "per_tensor", "axis": None, "observer": "minmax"}}
+GROUP = 16  # divides every linear input width of the shipped model (80 is not a linear's; 176, 704)
+
+
+def _observer(name: str) -> Callable[[dict], dict]:
+    def change(recipe: dict) -> dict:
+        recipe["defaults"]["activation"] = {**recipe["defaults"]["activation"], "observer": name}
+        return recipe
+    return change
+
+
+def _per_group(recipe: dict) -> dict:
+    """Every Linear's weight per group of GROUP input channels (rules before it keep theirs)."""
+    w = {**recipe["defaults"]["weight"], "granularity": "per_group", "axis": -1, "group_size": GROUP}
+    recipe["rules"] = [*recipe.get("rules", []), {"match": {"class": "Linear"}, "weight": w}]
+    return recipe
+
+
+def _transforms(*steps: dict) -> Callable[[dict], dict]:
+    def change(recipe: dict) -> dict:
+        recipe["transforms"] = list(steps)
+        if any("hadamard" in s for s in steps):
+            recipe["rules"] = [*recipe.get("rules", []), HADAMARD_RULE]
+        return recipe
+    return change
+
+
+METHODS: dict[str, tuple[str, Callable[[dict], dict]]] = {
+    "shipped": ("the column's recipe as shipped", lambda r: r),
+    "minmax": ("activation ranges: min/max over calibration", _observer("minmax")),
+    "percentile": ("activation ranges: 99.99th percentile", _observer("percentile")),
+    "mse": ("activation ranges: MSE-optimal clipping", _observer("mse")),
+    "per_group": (f"Linear weights per group of {GROUP} input channels", _per_group),
+    "smoothquant": ("SmoothQuant alpha 0.5 folded into norms, fc1/fc2", _transforms({"smoothquant": {"alpha": 0.5}})),
+    "hadamard": ("Hadamard: per-head folded, online WHT (64) before fc2", _transforms({"hadamard": {"block": 64}})),
+    "smoothquant_hadamard": ("SmoothQuant, then Hadamard", _transforms({"smoothquant": {"alpha": 0.5}},
+                                                                        {"hadamard": {"block": 64}})),
+}
+
+
+def recipe_for(column: str, method: str) -> dict:
+    import qswap
+    recipe = copy.deepcopy(qswap.load_recipe(column).to_dict())
+    recipe = METHODS[method][1](recipe)
+    recipe["name"] = column if method == "shipped" else f"{column}_{method}"
+    return recipe
+
+
+def _save(path: Path, payload: dict) -> None:
+    from qswap.io.atomic import atomic_write_text
+    atomic_write_text(path, json.dumps(payload, separators=(",", ":")) + "\n")
+
+
+def run(payload: dict, path: Path, methods: list[str], columns: list[str], qat: dict[str, str],
+        batches: int | None, beam: int) -> None:
+    """Decode every missing cell into ``payload["cells"][subset]["method/column"]``, saving as it goes."""
+    from dataclasses import asdict
+
+    from qswap.cli.quiet import held_back
+    from qswap.integration import data as fdata
+    from qswap.integration.compare import evaluate_recipe, score
+
+    settings = {"calib_subset": "train_calib", "calib_batches": 4, "beam": beam, "batches": batches}
+    if payload.get("settings", settings) != settings:
+        raise SystemExit(f"{path} was written with {payload['settings']}; rerun without --resume or with those")
+    payload["settings"] = settings
+    for subset in SUBSETS:
+        cells = payload.setdefault("cells", {}).setdefault(subset, {})
+        wanted = [("float", "fp32")] + [(m, c) for m in methods for c in columns] + [("qat", c) for c in qat]
+        if all(f"{m}/{c}" in cells for m, c in wanted):
+            continue
+        with held_back(verbose=False):
+            model, task = fdata.load_model_and_task(str(ASSET / "checkpoint.pt"), str(ASSET))
+            for method, column in wanted:
+                key = f"{method}/{column}"
+                if key in cells:
+                    continue
+                start = time.perf_counter()
+                if method == "qat":
+                    qmodel, _ = fdata.load_model_and_task(qat[column], str(ASSET))
+                    row = score(qmodel, task, f"{column}_qat", subset=subset, beam=beam, batches=batches)
+                else:
+                    recipe = "fp32" if method == "float" else recipe_for(column, method)
+                    row, _ = evaluate_recipe(copy.deepcopy(model), task, recipe, subset=subset,
+                                             calib_subset="train_calib", calib_batches=4, beam=beam, batches=batches)
+                cells[key] = {**asdict(row), "seconds": round(time.perf_counter() - start, 1),
+                              **({"checkpoint": qat[column]} if method == "qat" else {})}
+                _save(path, payload)
+                print(f"{subset} {key}: WER {row.wer:.2f} honest {row.honest} "
+                      f"({cells[key]['seconds']:.0f} s)", flush=True)
+
+
+def with_intervals(payload: dict) -> dict[str, dict[str, dict]]:
+    """Per subset, per cell: WER interval and the paired ΔWER interval against float."""
+    from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, wer_interval
+
+    boot = Bootstrap()
+    out = {}
+    for subset, cells in payload["cells"].items():
+        ref = cells["float/fp32"]
+        out[subset] = {}
+        for key, c in cells.items():
+            wer = wer_interval(c["utterance_errors"], c["utterance_words"], boot)
+            d = delta_interval(c["utterance_errors"], ref["utterance_errors"], c["utterance_words"], boot)
+            out[subset][key] = {"wer": c["wer"], "wer_ci": (wer.low, wer.high), "delta": c["wer"] - ref["wer"],
+                                "delta_ci": (d.low, d.high), "significant": significant(d) if key != "float/fp32" else None,
+                                "honest": c["honest"], "mb": c["weight_mb"]}
+    return out
+
+
+def pair(payload: dict, subset: str, a: str, b: str):
+    """The paired interval of WER(a) - WER(b) on one subset."""
+    from qswap.integration.bootstrap import Bootstrap, delta_interval
+    ca, cb = payload["cells"][subset][a], payload["cells"][subset][b]
+    d = delta_interval(ca["utterance_errors"], cb["utterance_errors"], ca["utterance_words"], Bootstrap())
+    return ca["wer"] - cb["wer"], (d.low, d.high)
+
+
+def _f(v: float, ci, sign: str = "") -> str:
+    return f"{v:{sign}.2f} [{ci[0]:{sign}.2f}, {ci[1]:{sign}.2f}]"
+
+
+def _rows(payload: dict) -> list[str]:
+    keys = payload["cells"][next(iter(SUBSETS))]
+    return [m for m in [*METHODS, "qat"] if any(k.startswith(f"{m}/") for k in keys)]
+
+
+def _columns(payload: dict) -> list[str]:
+    keys = payload["cells"][next(iter(SUBSETS))]
+    return [c for c in COLUMNS if any(k.endswith(f"/{c}") for k in keys)]
+
+
+def table(payload: dict, stats: dict, subset: str) -> str:
+    cols = _columns(payload)
+    lines = ["| method | " + " | ".join(f"{c}: ΔWER [95 % CI]" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m in _rows(payload):
+        cells = []
+        for c in cols:
+            s = stats[subset].get(f"{m}/{c}")
+            cells.append("-" if s is None else _f(s["delta"], s["delta_ci"], "+") + ("" if s["honest"] else " (not honest)"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def size_table(payload: dict, stats: dict) -> str:
+    cols = _columns(payload)
+    first = next(iter(SUBSETS))
+    lines = ["| method | what changes | " + " | ".join(f"{c}: MB, honest" for c in cols) + " |",
+             "|---" * (len(cols) + 2) + "|"]
+    for m in _rows(payload):
+        what = METHODS[m][0] if m in METHODS else "QAT checkpoint (`--qat`): " + ", ".join(
+            Path(payload["cells"][first][k]["checkpoint"]).name for k in payload["cells"][first] if k.startswith("qat/"))
+        cells = []
+        for c in cols:
+            s = stats[first].get(f"{m}/{c}")
+            cells.append("-" if s is None else f"{s['mb']:.2f}, {'yes' if s['honest'] else 'no'}")
+        lines.append(f"| {m} | {what} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def reading(payload: dict, stats: dict) -> str:
+    """Per column: the method with the lowest mean ΔWER over both sets, what the intervals say
+    against the shipped recipe, and the issue's target where there is one."""
+    lines = []
+    for c in _columns(payload):
+        methods = [m for m in _rows(payload) if all(f"{m}/{c}" in stats[s] for s in SUBSETS)
+                   and all(stats[s][f"{m}/{c}"]["honest"] for s in SUBSETS)]
+        if not methods:
+            continue
+        best = min(methods, key=lambda m: sum(stats[s][f"{m}/{c}"]["delta"] for s in SUBSETS))
+        parts = []
+        for s in SUBSETS:
+            st = stats[s][f"{best}/{c}"]
+            text = f"{s}: ΔWER {_f(st['delta'], st['delta_ci'], '+')}"
+            if best != "shipped":
+                d, ci = pair(payload, s, f"{best}/{c}", f"shipped/{c}")
+                verdict = "better" if ci[1] < 0 else ("worse" if ci[0] > 0 else "not distinguishable")
+                text += f", against shipped {_f(d, ci, '+')} ({verdict})"
+            parts.append(text)
+        line = f"- **{c}**: lowest mean ΔWER: `{best}`; " + "; ".join(parts) + "."
+        if c in TARGETS:
+            t = TARGETS[c]
+            hi = [stats[s][f"{best}/{c}"]["delta_ci"][1] for s in SUBSETS]
+            pts = [stats[s][f"{best}/{c}"]["delta"] for s in SUBSETS]
+            if all(h <= t for h in hi):
+                line += f" Target (within +{t}) met on both sets: the intervals' upper ends are below it."
+            elif all(p <= t for p in pts):
+                line += (f" Target (within +{t}): the point estimates meet it on both sets, but an interval "
+                         f"reaches beyond it, so these sets cannot confirm it.")
+            else:
+                line += f" Target (within +{t}) not met."
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def page(payload: dict) -> str:
+    stats = with_intervals(payload)
+    st = payload["settings"]
+    utts = {s: payload["cells"][s]["float/fp32"]["utterances"] for s in SUBSETS}
+    parts = [
+        "# Strategy study: methods against bit budgets\n",
+        "Written by `.venv/bin/python tools/strategies.py` (do not edit by hand; `--from-json` rewrites "
+        "it from `docs/strategies.json`). Every cell: the column's shipped recipe changed by the row's "
+        f"method, converted, calibrated (shipped `{st['calib_subset']}`, {st['calib_batches']} batches of 32), "
+        f"audited (`qswap.audit`) and decoded with beam {st['beam']} on the shipped model "
+        f"(`qswap/assets/s2t_demo`). Sets: {', '.join(f'`{s}` ({n} utterances)' for s, n in utts.items())}. "
+        "Intervals: paired percentile bootstrap over utterances, 2,000 resamples, seed 0, 95 % "
+        "(`qswap/integration/bootstrap.py`); not corrected for the many comparisons on this page. "
+        "`w4a4_edges8` is `recipes/w4a4_edges8.yaml`: w4a4 with the conv subsampler and the output "
+        "projection at 8-bit weights and activations.\n",
+        "Float: " + "; ".join(f"{s} WER {_f(stats[s]['float/fp32']['wer'], stats[s]['float/fp32']['wer_ci'])}"
+                              for s in SUBSETS) + ".\n",
+        "## Methods, weight size and honesty\n",
+        "Weights MB counts every parameter at its quantizer's width (per-group and per-channel scales are not counted). "
+        "\"honest\": the audit found no float op outside the recipe's declared exceptions.\n",
+        size_table(payload, stats),
+    ]
+    for s, title in SUBSETS.items():
+        parts += [f"## {title}: ΔWER against float\n", table(payload, stats, s)]
+    parts += ["## Reading\n",
+              "Generated from the intervals above; \"better\"/\"worse\" only where the paired interval against "
+              "the shipped recipe of the same column excludes 0.\n", reading(payload, stats)]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--from-json", action="store_true", help="rewrite the page from the JSON only")
+    p.add_argument("--resume", action="store_true", help="keep the cells already in the JSON")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--columns", nargs="+", default=COLUMNS, choices=COLUMNS)
+    p.add_argument("--qat", action="append", default=[], metavar="RECIPE=CKPT",
+                   help="a QAT checkpoint of a column's recipe (repeatable): the qat row")
+    p.add_argument("--batches", type=int, default=None, help="decode only the first N batches of 32 (development)")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--json", default=str(REPO / "docs" / "strategies.json"))
+    p.add_argument("--markdown", default=str(REPO / "docs" / "strategies.md"))
+    args = p.parse_args(argv)
+    qat = {}
+    for item in args.qat:
+        column, _, ckpt = item.partition("=")
+        if column not in COLUMNS or not ckpt:
+            p.error(f"--qat takes RECIPE=CHECKPOINT with RECIPE one of {', '.join(COLUMNS)}; got {item!r}")
+        qat[column] = ckpt
+    path = Path(args.json)
+    payload = json.loads(path.read_text()) if (args.resume or args.from_json) and path.is_file() else {}
+    if not args.from_json:
+        run(payload, path, args.methods, args.columns, qat, args.batches, args.beam)
+    from qswap.io.atomic import atomic_write_text
+    atomic_write_text(Path(args.markdown), page(payload))
+    print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
