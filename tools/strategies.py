@@ -5,8 +5,8 @@ w4a8, w4a4 and w4a4_edges8). Each cell is the column's recipe changed as the met
 converted, calibrated (shipped ``train_calib`` subset, 4 batches of 32, as ``make demo``),
 audited and decoded with beam 5 on both shipped 100-utterance sets (``test`` in-voice,
 ``test_heldout`` held-out voices), with paired bootstrap intervals against float
-(``qswap/integration/bootstrap.py``). Writes ``docs/strategies.json`` (every row, per-utterance
-word errors included; cells are saved as they finish and ``--resume`` skips them) and
+(``qswap/integration/bootstrap.py``). Writes ``docs/strategies_<subset>.json`` (every row, per-utterance
+word errors included; one file per set, cells saved as they finish, ``--resume`` skips them) and
 ``docs/strategies.md``.
 
     .venv/bin/python tools/strategies.py                      # decode everything, write the page
@@ -31,10 +31,15 @@ from qswap.demo import ASSET  # noqa: E402
 
 SUBSETS = {"test": "In-voice (`test`)", "test_heldout": "Held-out voices (`test_heldout`)"}
 COLUMNS = ["w8a8", "w4a8", "w4a4", "w4a4_edges8"]
+PRIORITY = ["w4a4_edges8", "w4a8", "w4a4", "w8a8"]
 TARGETS = {"w4a8": 0.5, "w4a4_edges8": 2.0}  # issue 19: honest, within + this absolute WER of float
 HADAMARD_RULE = {"match": {"class": "Hadamard"}, "note": "the online Walsh-Hadamard's +-1 matrix: codes +-1",
                  "weight": {"bits": 2, "granularity": "per_tensor", "axis": None, "observer": "minmax"}}
 GROUP = 16  # divides every linear input width of the shipped model (80 is not a linear's; 176, 704)
+# the residual stream: the residual adds' operands and the LayerNorms' inputs (they read the stream)
+STREAM_SITES = ["attn_residual", "attn_out", "ffn_residual", "ffn_out", "cross_residual", "cross_out"]
+NORMS = ["LayerNorm", "GroupNorm", "Fp32LayerNorm", "Fp32GroupNorm", "FusedLayerNorm"]
+PER_CHANNEL = {"granularity": "per_channel", "axis": -1}
 
 
 def _observer(name: str) -> Callable[[dict], dict]:
@@ -60,6 +65,30 @@ def _transforms(*steps: dict) -> Callable[[dict], dict]:
     return change
 
 
+def _stream_per_channel(recipe: dict) -> dict:
+    """The residual stream's activation grids per channel (one scale and zero point per embedding
+    channel, axis -1): the residual adds' operands and the norms' inputs. Integer arithmetic takes
+    it: an add requantizes each operand channel by channel, a norm rescales each channel onto one
+    grid before its mean; no matmul reads these grids (the norms' outputs stay per tensor)."""
+    recipe["defaults"]["sites"] = {**recipe["defaults"].get("sites", {}), **{s: PER_CHANNEL for s in STREAM_SITES}}
+    rules = recipe.setdefault("rules", [])
+    for rule in rules:
+        classes = rule["match"].get("class", [])
+        if set(NORMS) & set([classes] if isinstance(classes, str) else classes) and "path" not in rule["match"]:
+            rule["activation"] = {**(rule.get("activation") or {}), **PER_CHANNEL}
+            return recipe
+    rules.insert(0, {"match": {"class": NORMS}, "activation": PER_CHANNEL})
+    return recipe
+
+
+def _chain(*changes: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    def change(recipe: dict) -> dict:
+        for c in changes:
+            recipe = c(recipe)
+        return recipe
+    return change
+
+
 METHODS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "shipped": ("the column's recipe as shipped", lambda r: r),
     "minmax": ("activation ranges: min/max over calibration", _observer("minmax")),
@@ -70,6 +99,9 @@ METHODS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "hadamard": ("Hadamard: per-head folded, online WHT (64) before fc2", _transforms({"hadamard": {"block": 64}})),
     "smoothquant_hadamard": ("SmoothQuant, then Hadamard", _transforms({"smoothquant": {"alpha": 0.5}},
                                                                         {"hadamard": {"block": 64}})),
+    "stream_per_channel": ("residual stream grids per channel (adds' operands, norms' inputs)", _stream_per_channel),
+    "stream_per_channel_smoothquant": ("residual stream per channel, and SmoothQuant alpha 0.5",
+                                       _chain(_stream_per_channel, _transforms({"smoothquant": {"alpha": 0.5}}))),
 }
 
 
@@ -81,13 +113,30 @@ def recipe_for(column: str, method: str) -> dict:
     return recipe
 
 
-def _save(path: Path, payload: dict) -> None:
+def json_path(prefix: str, subset: str) -> Path:
+    return Path(f"{prefix}_{subset}.json")
+
+
+def load(prefix: str) -> dict:
+    """The per-subset JSON files as one payload: {"settings", "cells": {subset: {"method/column": row}}}."""
+    payload: dict = {"cells": {}}
+    for subset in SUBSETS:
+        path = json_path(prefix, subset)
+        if path.is_file():
+            part = json.loads(path.read_text())
+            payload["settings"] = part["settings"]
+            payload["cells"][subset] = part["cells"][subset]
+    return payload
+
+
+def _save(prefix: str, payload: dict, subset: str) -> None:
     from qswap.io.atomic import atomic_write_text
-    atomic_write_text(path, json.dumps(payload, separators=(",", ":")) + "\n")
+    part = {"settings": payload["settings"], "cells": {subset: payload["cells"][subset]}}
+    atomic_write_text(json_path(prefix, subset), json.dumps(part, separators=(",", ":")) + "\n")
 
 
-def run(payload: dict, path: Path, methods: list[str], columns: list[str], qat: dict[str, str],
-        batches: int | None, beam: int) -> None:
+def run(payload: dict, prefix: str, subsets: list[str], methods: list[str], columns: list[str],
+        qat: dict[str, str], batches: int | None, beam: int) -> None:
     """Decode every missing cell into ``payload["cells"][subset]["method/column"]``, saving as it goes."""
     from dataclasses import asdict
 
@@ -97,11 +146,13 @@ def run(payload: dict, path: Path, methods: list[str], columns: list[str], qat: 
 
     settings = {"calib_subset": "train_calib", "calib_batches": 4, "beam": beam, "batches": batches}
     if payload.get("settings", settings) != settings:
-        raise SystemExit(f"{path} was written with {payload['settings']}; rerun without --resume or with those")
+        raise SystemExit(f"{prefix}_*.json were written with {payload['settings']}; rerun without --resume or with those")
     payload["settings"] = settings
-    for subset in SUBSETS:
+    for subset in subsets:
         cells = payload.setdefault("cells", {}).setdefault(subset, {})
-        wanted = [("float", "fp32")] + [(m, c) for m in methods for c in columns] + [("qat", c) for c in qat]
+        # the 4-bit-activation column first: cells are saved as they finish, a cut-short run keeps those
+        order = sorted(columns, key=PRIORITY.index)
+        wanted = [("float", "fp32")] + [("qat", c) for c in qat] + [(m, c) for c in order for m in methods]
         if all(f"{m}/{c}" in cells for m, c in wanted):
             continue
         with held_back(verbose=False):
@@ -120,7 +171,7 @@ def run(payload: dict, path: Path, methods: list[str], columns: list[str], qat: 
                                              calib_subset="train_calib", calib_batches=4, beam=beam, batches=batches)
                 cells[key] = {**asdict(row), "seconds": round(time.perf_counter() - start, 1),
                               **({"checkpoint": qat[column]} if method == "qat" else {})}
-                _save(path, payload)
+                _save(prefix, payload, subset)
                 print(f"{subset} {key}: WER {row.wer:.2f} honest {row.honest} "
                       f"({cells[key]['seconds']:.0f} s)", flush=True)
 
@@ -235,7 +286,7 @@ def page(payload: dict) -> str:
     parts = [
         "# Strategy study: methods against bit budgets\n",
         "Written by `.venv/bin/python tools/strategies.py` (do not edit by hand; `--from-json` rewrites "
-        "it from `docs/strategies.json`). Every cell: the column's shipped recipe changed by the row's "
+        "it from `docs/strategies_<subset>.json`). Every cell: the column's shipped recipe changed by the row's "
         f"method, converted, calibrated (shipped `{st['calib_subset']}`, {st['calib_batches']} batches of 32), "
         f"audited (`qswap.audit`) and decoded with beam {st['beam']} on the shipped model "
         f"(`qswap/assets/s2t_demo`). Sets: {', '.join(f'`{s}` ({n} utterances)' for s, n in utts.items())}. "
@@ -268,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a QAT checkpoint of a column's recipe (repeatable): the qat row")
     p.add_argument("--batches", type=int, default=None, help="decode only the first N batches of 32 (development)")
     p.add_argument("--beam", type=int, default=5)
-    p.add_argument("--json", default=str(REPO / "docs" / "strategies.json"))
+    p.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=list(SUBSETS),
+                   help="decode these sets only (two processes can share the work; the page reads both files)")
+    p.add_argument("--json", default=str(REPO / "docs" / "strategies"), help="JSON prefix: PREFIX_<subset>.json")
     p.add_argument("--markdown", default=str(REPO / "docs" / "strategies.md"))
     args = p.parse_args(argv)
     qat = {}
@@ -277,10 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         if column not in COLUMNS or not ckpt:
             p.error(f"--qat takes RECIPE=CHECKPOINT with RECIPE one of {', '.join(COLUMNS)}; got {item!r}")
         qat[column] = ckpt
-    path = Path(args.json)
-    payload = json.loads(path.read_text()) if (args.resume or args.from_json) and path.is_file() else {}
+    payload = load(args.json) if (args.resume or args.from_json) else {"cells": {}}
     if not args.from_json:
-        run(payload, path, args.methods, args.columns, qat, args.batches, args.beam)
+        run(payload, args.json, args.subsets, args.methods, args.columns, qat, args.batches, args.beam)
+        payload = load(args.json)  # both sets, whichever process decoded them
+    if set(payload["cells"]) != set(SUBSETS):
+        print(f"not writing {args.markdown}: {', '.join(set(SUBSETS) - set(payload['cells']))} not decoded yet")
+        return 0
     from qswap.io.atomic import atomic_write_text
     atomic_write_text(Path(args.markdown), page(payload))
     print(f"wrote {args.markdown}")

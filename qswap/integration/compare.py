@@ -20,7 +20,6 @@ from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, 
 from qswap.integration.cost import measure
 from qswap.integration.decode import decode
 from qswap.integration.metrics import error_counts, utterance_word_errors
-from qswap.transforms import needs_data
 
 
 @dataclass
@@ -117,9 +116,7 @@ def evaluate_recipe(float_model, task, recipe, *, subset: str, calib_subset: str
     ``progress(stage, n, total)``: n more batches calibrated or utterances decoded, of total;
     ``batches``: decode only the subset's first ``batches`` batches (all when None)."""
     tick = _ticker(progress)
-    recipe = qswap.load_recipe(recipe)
-    data = (list(fdata.net_inputs(task, calib_subset, calib_batches, max_sentences=max_sentences))
-            if needs_data(recipe.transforms) else None)  # smoothquant's statistics: the calibration batches
+    data = fdata.transform_data(recipe, task, calib_subset, calib_batches, max_sentences=max_sentences)
     qmodel = qswap.convert(float_model, recipe, data=data)
     if activation_quantizers(qmodel):
         qswap.calibrate(qmodel, fdata.net_inputs(task, calib_subset, calib_batches, max_sentences=max_sentences),
