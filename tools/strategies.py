@@ -129,6 +129,11 @@ def load(prefix: str) -> dict:
     return payload
 
 
+def _same(a: dict, b: dict) -> bool:
+    """Two recipes that differ in their name only."""
+    return {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
+
+
 def _save(prefix: str, payload: dict, subset: str) -> None:
     from qswap.io.atomic import atomic_write_text
     part = {"settings": payload["settings"], "cells": {subset: payload["cells"][subset]}}
@@ -165,6 +170,12 @@ def run(payload: dict, prefix: str, subsets: list[str], methods: list[str], colu
                 if method == "qat":
                     qmodel, _ = fdata.load_model_and_task(qat[column], str(ASSET))
                     row = score(qmodel, task, f"{column}_qat", subset=subset, beam=beam, batches=batches)
+                elif method not in ("float", "shipped") and _same(recipe_for(column, method), recipe_for(column, "shipped")) \
+                        and f"shipped/{column}" in cells:
+                    cells[key] = {**cells[f"shipped/{column}"], "recipe": recipe_for(column, method)["name"],
+                                  "same_as": "shipped", "seconds": 0.0}  # e.g. w4a4's own observer is mse
+                    _save(prefix, payload, subset)
+                    continue
                 else:
                     recipe = "fp32" if method == "float" else recipe_for(column, method)
                     row, _ = evaluate_recipe(copy.deepcopy(model), task, recipe, subset=subset,
@@ -190,7 +201,7 @@ def with_intervals(payload: dict) -> dict[str, dict[str, dict]]:
             d = delta_interval(c["utterance_errors"], ref["utterance_errors"], c["utterance_words"], boot)
             out[subset][key] = {"wer": c["wer"], "wer_ci": (wer.low, wer.high), "delta": c["wer"] - ref["wer"],
                                 "delta_ci": (d.low, d.high), "significant": significant(d) if key != "float/fp32" else None,
-                                "honest": c["honest"], "mb": c["weight_mb"]}
+                                "honest": c["honest"], "mb": c["weight_mb"], "same_as": c.get("same_as")}
     return out
 
 
@@ -223,7 +234,8 @@ def table(payload: dict, stats: dict, subset: str) -> str:
         cells = []
         for c in cols:
             s = stats[subset].get(f"{m}/{c}")
-            cells.append("-" if s is None else _f(s["delta"], s["delta_ci"], "+") + ("" if s["honest"] else " (not honest)"))
+            cells.append("-" if s is None else _f(s["delta"], s["delta_ci"], "+") + ("" if s["honest"] else " (not honest)")
+                         + (" (= shipped)" if s.get("same_as") else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -301,6 +313,9 @@ def page(payload: dict) -> str:
         "\"honest\": the audit found no float op outside the recipe's declared exceptions.\n",
         size_table(payload, stats),
     ]
+    parts.append("\"-\": not decoded in this run (`--resume` decodes the missing cells); \"(= shipped)\": the "
+                 "method's recipe is the column's own (w4a4's activation observer is already mse). The `qat` row "
+                 "appears with `--qat RECIPE=CHECKPOINT`.\n")
     for s, title in SUBSETS.items():
         parts += [f"## {title}: ΔWER against float\n", table(payload, stats, s)]
     parts += ["## Reading\n",

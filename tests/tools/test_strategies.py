@@ -58,3 +58,13 @@ def test_page_reads_the_intervals():
     assert "| smoothquant | +0.25 [+0.00, +0.75] |" in text
     assert "lowest mean ΔWER: `smoothquant`" in text and "(better)" in text
     assert "Target (within +2.0) met on both sets" in text
+
+
+def test_the_shipped_choice_is_the_study_cell():
+    """recipes/w4a4_edges8_stream_smoothquant.yaml is what the study evaluated as that cell."""
+    def plain(recipe):
+        d = {k: v for k, v in qswap.load_recipe(recipe).to_dict().items() if k not in ("name", "description")}
+        d["rules"] = [{k: v for k, v in r.items() if k != "note"} for r in d["rules"]]
+        return d
+    study = strategies.recipe_for("w4a4_edges8", "stream_per_channel_smoothquant")
+    assert plain(study) == plain("w4a4_edges8_stream_smoothquant")
