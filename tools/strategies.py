@@ -129,6 +129,17 @@ def load(prefix: str) -> dict:
     return payload
 
 
+def integer_form(qmodel) -> str:
+    """"yes" when ``qswap.integerize`` builds the model's integer form, else its reason."""
+    import qswap
+    from qswap.errors import IntegerizeError
+    try:
+        qswap.integerize(qmodel)
+    except IntegerizeError as exc:
+        return str(exc).splitlines()[0][:160]
+    return "yes"
+
+
 def _same(a: dict, b: dict) -> bool:
     """Two recipes that differ in their name only."""
     return {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
@@ -178,9 +189,10 @@ def run(payload: dict, prefix: str, subsets: list[str], methods: list[str], colu
                     continue
                 else:
                     recipe = "fp32" if method == "float" else recipe_for(column, method)
-                    row, _ = evaluate_recipe(copy.deepcopy(model), task, recipe, subset=subset,
-                                             calib_subset="train_calib", calib_batches=4, beam=beam, batches=batches)
+                    row, qmodel = evaluate_recipe(copy.deepcopy(model), task, recipe, subset=subset,
+                                                  calib_subset="train_calib", calib_batches=4, beam=beam, batches=batches)
                 cells[key] = {**asdict(row), "seconds": round(time.perf_counter() - start, 1),
+                              "integer_form": integer_form(qmodel) if method != "float" else None,
                               **({"checkpoint": qat[column]} if method == "qat" else {})}
                 _save(prefix, payload, subset)
                 print(f"{subset} {key}: WER {row.wer:.2f} honest {row.honest} "
@@ -243,8 +255,8 @@ def table(payload: dict, stats: dict, subset: str) -> str:
 def size_table(payload: dict, stats: dict) -> str:
     cols = _columns(payload)
     first = next(iter(SUBSETS))
-    lines = ["| method | what changes | " + " | ".join(f"{c}: MB, honest" for c in cols) + " |",
-             "|---" * (len(cols) + 2) + "|"]
+    lines = ["| method | what changes | " + " | ".join(f"{c}: MB, honest" for c in cols) + " | integer form |",
+             "|---" * (len(cols) + 3) + "|"]
     for m in _rows(payload):
         what = METHODS[m][0] if m in METHODS else "QAT checkpoint (`--qat`): " + ", ".join(
             Path(payload["cells"][first][k]["checkpoint"]).name for k in payload["cells"][first] if k.startswith("qat/"))
@@ -252,7 +264,9 @@ def size_table(payload: dict, stats: dict) -> str:
         for c in cols:
             s = stats[first].get(f"{m}/{c}")
             cells.append("-" if s is None else f"{s['mb']:.2f}, {'yes' if s['honest'] else 'no'}")
-        lines.append(f"| {m} | {what} | " + " | ".join(cells) + " |")
+        forms = {payload["cells"][first][f"{m}/{c}"].get("integer_form") for c in cols if f"{m}/{c}" in payload["cells"][first]}
+        form = "; ".join(sorted(f for f in forms if f)) or "not checked"
+        lines.append(f"| {m} | {what} | " + " | ".join(cells) + f" | {form} |")
     return "\n".join(lines) + "\n"
 
 
@@ -310,7 +324,9 @@ def page(payload: dict) -> str:
                               for s in SUBSETS) + ".\n",
         "## Methods, weight size and honesty\n",
         "Weights MB counts every parameter at its quantizer's width (per-group and per-channel scales are not counted). "
-        "\"honest\": the audit found no float op outside the recipe's declared exceptions.\n",
+        "\"honest\": the audit found no float op outside the recipe's declared exceptions. \"integer form\": "
+        "whether `qswap.integerize` builds the quantized model's integer execution (`docs/integer.md`), or "
+        "why not.\n",
         size_table(payload, stats),
     ]
     parts.append("\"-\": not decoded in this run (`--resume` decodes the missing cells); \"(= shipped)\": the "
