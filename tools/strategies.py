@@ -275,7 +275,7 @@ def reading(payload: dict, stats: dict) -> str:
     against the shipped recipe, and the issue's target where there is one."""
     lines = []
     for c in _columns(payload):
-        methods = [m for m in _rows(payload) if all(f"{m}/{c}" in stats[s] for s in SUBSETS)
+        methods = [m for m in _rows(payload) if m != "qat" and all(f"{m}/{c}" in stats[s] for s in SUBSETS)
                    and all(stats[s][f"{m}/{c}"]["honest"] for s in SUBSETS)]
         if not methods:
             continue
@@ -289,7 +289,7 @@ def reading(payload: dict, stats: dict) -> str:
                 verdict = "better" if ci[1] < 0 else ("worse" if ci[0] > 0 else "not distinguishable")
                 text += f", against shipped {_f(d, ci, '+')} ({verdict})"
             parts.append(text)
-        line = f"- **{c}**: lowest mean ΔWER: `{best}`; " + "; ".join(parts) + "."
+        line = f"- **{c}**: lowest mean ΔWER: `{best}`; " + "; ".join(parts) + ". " + _pick(payload, c, best)
         if c in TARGETS:
             t = TARGETS[c]
             hi = [stats[s][f"{best}/{c}"]["delta_ci"][1] for s in SUBSETS]
@@ -303,6 +303,40 @@ def reading(payload: dict, stats: dict) -> str:
                 line += f" Target (within +{t}) not met."
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _verdicts(payload: dict, a: str, b: str) -> list[str]:
+    """Per set: "better" / "worse" / "not distinguishable" for cell a against cell b."""
+    out = []
+    for s in SUBSETS:
+        _, ci = pair(payload, s, a, b)
+        out.append("better" if ci[1] < 0 else ("worse" if ci[0] > 0 else "not distinguishable"))
+    return out
+
+
+def _pick(payload: dict, column: str, best: str) -> str:
+    """Which recipe to pick at this budget, as far as the paired intervals support it; and QAT
+    against that PTQ choice when a QAT checkpoint was given."""
+    if best == "shipped":
+        text = "Pick the shipped recipe: no method reads lower."
+    else:
+        v = _verdicts(payload, f"{best}/{column}", f"shipped/{column}")
+        if all(x == "better" for x in v):
+            text = f"Pick `{best}`: better than the shipped recipe on both sets."
+        elif "better" in v and "worse" not in v:
+            text = f"Pick `{best}`: better than the shipped recipe on one set, not distinguishable on the other."
+        else:
+            text = ("No method is distinguishable from the shipped recipe on these sets; the shipped recipe "
+                    "is the simplest choice.")
+    if f"qat/{column}" in payload["cells"][next(iter(SUBSETS))]:
+        ptq = best if best != "qat" else "shipped"
+        v = _verdicts(payload, f"qat/{column}", f"{ptq}/{column}")
+        if all(x == "better" for x in v):
+            text += f" QAT beats the best PTQ (`{ptq}`) on both sets, by more than the interval."
+        else:
+            text += (f" QAT against the best PTQ (`{ptq}`): {', '.join(f'{s} {x}' for s, x in zip(SUBSETS, v))}; "
+                     "it does not beat it by more than the interval on both sets.")
+    return text
 
 
 def page(payload: dict) -> str:
