@@ -34,7 +34,7 @@ COLUMNS = ["w8a8", "w4a8", "w4a4", "w4a4_edges8"]
 PRIORITY = ["w4a4_edges8", "w4a8", "w4a4", "w8a8"]
 # the decode order within a column (the page lists METHODS' order): the shipped baseline and the
 # methods that move the most first
-IMPORTANCE = ["shipped", "stream_per_channel_smoothquant", "stream_per_channel", "smoothquant", "per_group",
+IMPORTANCE = ["shipped", "stream_per_channel_smoothquant", "stream_per_channel", "per_site", "smoothquant", "per_group",
               "percentile", "minmax", "mse", "hadamard", "smoothquant_hadamard"]
 TARGETS = {"w4a8": 0.5, "w4a4_edges8": 2.0}  # issue 19: honest, within + this absolute WER of float
 HADAMARD_RULE = {"match": {"class": "Hadamard"}, "note": "the online Walsh-Hadamard's +-1 matrix: codes +-1",
@@ -98,6 +98,7 @@ METHODS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "minmax": ("activation ranges: min/max over calibration", _observer("minmax")),
     "percentile": ("activation ranges: 99.99th percentile", _observer("percentile")),
     "mse": ("activation ranges: MSE-optimal clipping", _observer("mse")),
+    "per_site": ("per activation site, the observer (minmax, percentile, mse) with the highest SQNR", None),
     "per_group": (f"Linear weights per group of {GROUP} input channels", _per_group),
     "smoothquant": ("SmoothQuant alpha 0.5 folded into norms, fc1/fc2", _transforms({"smoothquant": {"alpha": 0.5}})),
     "hadamard": ("Hadamard: per-head folded, online WHT (64) before fc2", _transforms({"hadamard": {"block": 64}})),
@@ -109,10 +110,46 @@ METHODS: dict[str, tuple[str, Callable[[dict], dict]]] = {
 }
 
 
-def recipe_for(column: str, method: str) -> dict:
+OBSERVERS = ["minmax", "percentile", "mse"]
+
+
+def site_choice(model, task, column: str) -> dict:
+    """Per activation site of the column's recipe, the SQNR (dB) of each observer on the first
+    calibration batch after calibrating with it; the pick is the highest."""
+    from qswap.integration import data as fdata
+    from qswap.integration.site_error import site_sqnr
+    import qswap
+
+    batches = list(fdata.net_inputs(task, "train_calib", 4, max_sentences=32))
+    table: dict[str, dict[str, float]] = {}
+    for observer in OBSERVERS:
+        qmodel = qswap.convert(copy.deepcopy(model), _observer(observer)(copy.deepcopy(qswap.load_recipe(column).to_dict())))
+        qswap.calibrate(qmodel, batches)
+        for site, db in site_sqnr(qmodel, batches[:1]).items():
+            table.setdefault(site, {})[observer] = round(db, 2)
+    return {"sqnr_db": table, "pick": {site: max(OBSERVERS, key=lambda o: row[o]) for site, row in table.items()}}
+
+
+def _per_site(picks: dict[str, str]) -> Callable[[dict], dict]:
+    def change(recipe: dict) -> dict:
+        sites = dict(recipe["defaults"].get("sites", {}))
+        for site, observer in picks.items():
+            sites[site] = {**sites.get(site, {}), "observer": observer}
+        recipe["defaults"]["sites"] = sites
+        return recipe
+    return change
+
+
+def recipe_for(column: str, method: str, picks: dict[str, str] | None = None) -> dict:
+    """The cell's recipe; ``picks`` (site -> observer, from ``site_choice``) for ``per_site``."""
     import qswap
     recipe = copy.deepcopy(qswap.load_recipe(column).to_dict())
-    recipe = METHODS[method][1](recipe)
+    if method == "per_site":
+        if picks is None:
+            raise ValueError("per_site needs the picks of site_choice()")
+        recipe = _per_site(picks)(recipe)
+    else:
+        recipe = METHODS[method][1](recipe)
     recipe["name"] = column if method == "shipped" else f"{column}_{method}"
     return recipe
 
@@ -129,6 +166,7 @@ def load(prefix: str) -> dict:
         if path.is_file():
             part = json.loads(path.read_text())
             payload["settings"] = part["settings"]
+            payload.setdefault("per_site", {}).update(part.get("per_site", {}))
             payload["cells"][subset] = part["cells"][subset]
     return payload
 
@@ -151,7 +189,8 @@ def _same(a: dict, b: dict) -> bool:
 
 def _save(prefix: str, payload: dict, subset: str) -> None:
     from qswap.io.atomic import atomic_write_text
-    part = {"settings": payload["settings"], "cells": {subset: payload["cells"][subset]}}
+    part = {"settings": payload["settings"], "cells": {subset: payload["cells"][subset]},
+            "per_site": payload.get("per_site", {})}
     atomic_write_text(json_path(prefix, subset), json.dumps(part, separators=(",", ":")) + "\n")
 
 
@@ -186,14 +225,20 @@ def run(payload: dict, prefix: str, subsets: list[str], methods: list[str], colu
                 if method == "qat":
                     qmodel, _ = fdata.load_model_and_task(qat[column], str(ASSET))
                     row = score(qmodel, task, f"{column}_qat", subset=subset, beam=beam, batches=batches)
-                elif method not in ("float", "shipped") and _same(recipe_for(column, method), recipe_for(column, "shipped")) \
+                elif method not in ("float", "shipped", "per_site") and _same(recipe_for(column, method), recipe_for(column, "shipped")) \
                         and f"shipped/{column}" in cells:
                     cells[key] = {**cells[f"shipped/{column}"], "recipe": recipe_for(column, method)["name"],
                                   "same_as": "shipped", "seconds": 0.0}  # e.g. w4a4's own observer is mse
                     _save(prefix, payload, subset)
                     continue
                 else:
-                    recipe = "fp32" if method == "float" else recipe_for(column, method)
+                    picks = None
+                    if method == "per_site":
+                        choice = payload.setdefault("per_site", {})
+                        if column not in choice:
+                            choice[column] = site_choice(model, task, column)
+                        picks = choice[column]["pick"]
+                    recipe = "fp32" if method == "float" else recipe_for(column, method, picks)
                     row, qmodel = evaluate_recipe(copy.deepcopy(model), task, recipe, subset=subset,
                                                   calib_subset="train_calib", calib_batches=4, beam=beam, batches=batches)
                 cells[key] = {**asdict(row), "seconds": round(time.perf_counter() - start, 1),
@@ -272,6 +317,13 @@ def size_table(payload: dict, stats: dict) -> str:
         forms = {payload["cells"][first][f"{m}/{c}"].get("integer_form") for c in cols if f"{m}/{c}" in payload["cells"][first]}
         form = "; ".join(sorted(f for f in forms if f)) or "not checked"
         lines.append(f"| {m} | {what} | " + " | ".join(cells) + f" | {form} |")
+    return "\n".join(lines) + "\n"
+
+
+def site_table(choice: dict) -> str:
+    lines = ["| site | " + " | ".join(OBSERVERS) + " | pick |", "|---" * (len(OBSERVERS) + 2) + "|"]
+    for site, row in choice["sqnr_db"].items():
+        lines.append(f"| {site} | " + " | ".join(f"{row[o]:.1f}" for o in OBSERVERS) + f" | {choice['pick'][site]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -373,6 +425,12 @@ def page(payload: dict) -> str:
                  "appears with `--qat RECIPE=CHECKPOINT`.\n")
     for s, title in SUBSETS.items():
         parts += [f"## {title}: ΔWER against float\n", table(payload, stats, s)]
+    for column, choice in payload.get("per_site", {}).items():
+        parts += [f"## Per-site calibration choice ({column})\n",
+                  "SQNR (dB) of each activation site's quantizer, summed over the modules with that site, on the "
+                  "first calibration batch after calibrating every site with the observer "
+                  "(`qswap/integration/site_error.py`); the `per_site` row uses the pick of each site.\n",
+                  site_table(choice)]
     parts += ["## Reading\n",
               "Generated from the intervals above; \"better\"/\"worse\" only where the paired interval against "
               "the shipped recipe of the same column excludes 0.\n", reading(payload, stats)]

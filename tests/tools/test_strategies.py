@@ -26,12 +26,20 @@ def _model():
 @pytest.mark.parametrize("column", ["w8a8", "w4a4_edges8"])
 @pytest.mark.parametrize("method", list(strategies.METHODS))
 def test_every_cell_is_a_recipe_that_converts_and_audits_honest(method, column):
-    recipe = qswap.load_recipe(strategies.recipe_for(column, method))
+    picks = {"softmax_out": "minmax", "attn_residual": "percentile"} if method == "per_site" else None
+    recipe = qswap.load_recipe(strategies.recipe_for(column, method, picks))
     assert recipe.name == (column if method == "shipped" else f"{column}_{method}")
     x = s2t_net_input(vocab=40, frames=48)
     qmodel = qswap.convert(_model(), recipe, data=[x])
     qswap.calibrate(qmodel, [x])
     assert qswap.audit(qmodel, x).honest
+
+
+def test_per_site_sets_each_sites_observer():
+    qmodel = qswap.convert(_model(), strategies.recipe_for("w4a4_edges8", "per_site", {"softmax_out": "minmax"}))
+    core = qmodel.encoder.transformer_layers[0].self_attn.core
+    assert core.softmax_out_quant.spec.observer == "minmax" and core.q_quant.spec.observer == "mse"
+    assert core.softmax_out_quant.spec.bits == 4
 
 
 def test_stream_per_channel_grids_are_per_embedding_channel():
