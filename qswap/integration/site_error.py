@@ -14,8 +14,12 @@ from qswap.calibrate import _default_forward, activation_quantizers
 
 
 def site_name(path: str) -> str:
-    """``encoder.layers.0.self_attn.core.softmax_out_quant`` -> ``softmax_out``."""
-    return path.rsplit(".", 1)[-1].removesuffix("_quant")
+    """``encoder.layers.0.self_attn.core.softmax_out_quant`` -> ``softmax_out``; a quantizer
+    kept in a list (``subsample.glu_quant.1``) -> the list's site (``glu``)."""
+    parts = path.split(".")
+    while len(parts) > 1 and parts[-1].isdigit():
+        parts.pop()
+    return parts[-1].removesuffix("_quant")
 
 
 def site_sqnr(qmodel: nn.Module, batches: Iterable[Any]) -> dict[str, float]:

@@ -17,11 +17,12 @@ def _sqnr(recipe):
 
 def test_site_names():
     assert site_name("encoder.transformer_layers.0.self_attn.core.softmax_out_quant") == "softmax_out"
+    assert site_name("encoder.subsample.glu_quant.1") == "glu"
 
 
 def test_fewer_bits_lose_about_six_db_a_bit_on_every_site():
     w8, w4 = _sqnr("w8a8"), _sqnr("w4a4")
-    assert {"input", "softmax_out", "attn_residual", "ffn_act"} <= set(w8)
+    assert {"input", "softmax_out", "attn_residual", "ffn_act", "glu"} <= set(w8)
     assert set(w8) == set(w4)
     for site in w8:
         assert w8[site] > w4[site] + 10, site  # 4 bits fewer: about 24 dB on a uniform grid
