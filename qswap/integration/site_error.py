@@ -13,21 +13,28 @@ from torch import nn
 from qswap.calibrate import _default_forward, activation_quantizers
 
 
-def site_name(path: str) -> str:
-    """``encoder.layers.0.self_attn.core.softmax_out_quant`` -> ``softmax_out``; a quantizer
-    kept in a list (``subsample.glu_quant.1``) -> the list's site (``glu``)."""
-    parts = path.split(".")
-    while len(parts) > 1 and parts[-1].isdigit():
-        parts.pop()
-    return parts[-1].removesuffix("_quant")
+def site_names(qmodel: nn.Module) -> dict[int, str]:
+    """id(quantizer) -> the site its owner declares it for (``QuantModule.sites``): the child
+    ``{site}_quant`` (``key_in`` -> ``key_quant``: an ``_in`` suffix dropped), or each quantizer of
+    that child when it is a list (the subsampler's per-layer ``glu_quant``)."""
+    out: dict[int, str] = {}
+    for owner in qmodel.modules():
+        for site in getattr(type(owner), "sites", {}) or {}:
+            for attr in (f"{site}_quant", f"{site.removesuffix('_in')}_quant"):
+                child = owner._modules.get(attr)
+                if child is not None:
+                    for q in (child if isinstance(child, nn.ModuleList) else [child]):
+                        out.setdefault(id(q), site)
+                    break
+    return out
 
 
 def site_sqnr(qmodel: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
     """SQNR in dB per site name: 10 log10(sum x^2 / sum (q(x) - x)^2) over every module's
     quantizer of that site and every batch (run as ``calibrate`` runs them). The quantizers are
     observed by hooks removed before returning; the model is run in eval mode without grad."""
-    wanted = {id(q) for q in activation_quantizers(qmodel)}
-    names = {path: q for path, q in qmodel.named_modules() if id(q) in wanted}
+    sites = site_names(qmodel)
+    quantizers = [q for q in activation_quantizers(qmodel) if id(q) in sites]
     power: dict[str, list[float]] = {}
 
     def hook(site):
@@ -38,7 +45,7 @@ def site_sqnr(qmodel: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
             acc[1] += float(((out.detach().double() - x) ** 2).sum())
         return observe
 
-    handles = [q.register_forward_hook(hook(site_name(path))) for path, q in names.items()]
+    handles = [q.register_forward_hook(hook(sites[id(q)])) for q in quantizers]
     was_training = qmodel.training
     qmodel.eval()
     try:
