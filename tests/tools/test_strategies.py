@@ -76,3 +76,10 @@ def test_the_shipped_choice_is_the_study_cell():
         return d
     study = strategies.recipe_for("w4a4_edges8", "stream_per_channel_smoothquant")
     assert plain(study) == plain("w4a4_edges8_stream_smoothquant")
+
+
+def test_the_committed_page_is_its_json():
+    """docs/strategies.md is what the tool writes from docs/strategies_<subset>.json."""
+    payload = strategies.load(str(REPO / "docs" / "strategies"))
+    assert set(payload["cells"]) == set(strategies.SUBSETS)
+    assert (REPO / "docs" / "strategies.md").read_text() == strategies.page(payload)
