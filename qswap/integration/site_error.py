@@ -7,10 +7,9 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-import torch
 from torch import nn
 
-from qswap.calibrate import _default_forward, activation_quantizers
+from qswap.calibrate import activation_quantizers, run_observed
 
 
 def site_names(qmodel: nn.Module) -> dict[int, str]:
@@ -45,16 +44,6 @@ def site_sqnr(qmodel: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
             acc[1] += float(((out.detach().double() - x) ** 2).sum())
         return observe
 
-    handles = [q.register_forward_hook(hook(sites[id(q)])) for q in quantizers]
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                _default_forward(qmodel, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        qmodel.train(was_training)
+    run_observed(qmodel, batches, [q.register_forward_hook(hook(sites[id(q)])) for q in quantizers])
     return {site: (math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise))
             for site, (signal, noise) in sorted(power.items())}

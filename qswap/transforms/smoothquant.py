@@ -27,7 +27,7 @@ def channel_maxima(model: nn.Module, data: list, modules: list[nn.Module], outpu
     """max |x_j| of each module's output (``outputs[i]``) or input over every batch, per channel
     (last dimension). Observed by hooks removed before returning (a norm's output: fairseq's
     attention may read it through ``F.multi_head_attention_forward``, not its q_proj)."""
-    from qswap.calibrate import _default_forward
+    from qswap.calibrate import run_observed
 
     maxima: list[torch.Tensor | None] = [None] * len(modules)
 
@@ -38,18 +38,8 @@ def channel_maxima(model: nn.Module, data: list, modules: list[nn.Module], outpu
             maxima[i] = x if maxima[i] is None else torch.maximum(maxima[i], x)
         return hook
 
-    handles = [m.register_forward_hook(observe(i)) if outputs[i] else m.register_forward_pre_hook(observe(i))
-               for i, m in enumerate(modules)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in data:
-                _default_forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_observed(model, data, [m.register_forward_hook(observe(i)) if outputs[i] else m.register_forward_pre_hook(observe(i))
+                               for i, m in enumerate(modules)])
     if any(m is None for m in maxima):
         raise ConvertError("smoothquant: the calibration batches never reached some layers; "
                            "pass batches the model runs on")
