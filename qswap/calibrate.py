@@ -98,6 +98,21 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
                            f"{type(batch).__name__}; pass forward=... to run other batch types")
 
 
+def run_observed(model: nn.Module, batches: Iterable[Any], handles: list) -> None:
+    """Run ``batches`` as calibration runs them (eval mode, no grad), then remove ``handles``
+    (the hooks that observed the run) and restore the training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                _default_forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def freeze_observed(model: nn.Module) -> int:
     """Freeze every activation quantizer that has observed data; returns how many.
 

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         count = DEFAULT_SYNTHETIC if args.synthetic is None else args.synthetic
         net_input = synthetic_net_input(model, count, cfg)
-    qmodel = _quantized(model, args.recipe)
+    qmodel = _quantized(model, args.recipe, [net_input])
     if qmodel is not model and activation_quantizers(qmodel):
         qswap.calibrate(qmodel, [net_input], forward=run_paths)  # the audited paths, unobserved
     report = qswap.audit(qmodel, net_input, decode_steps=args.decode_steps, values=args.values)
@@ -66,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK if honest else EXIT_VERDICT
 
 
-def _quantized(model, recipe: str | None):
-    """The model converted with ``recipe``, or a saved qswap model as it is."""
+def _quantized(model, recipe: str | None, data: list):
+    """The model converted with ``recipe`` (``data``: for transforms that need activation
+    statistics, the audited batch, as its calibration), or a saved qswap model as it is."""
     import qswap
     from qswap.errors import AuditError
 
@@ -75,7 +76,7 @@ def _quantized(model, recipe: str | None):
     if stored is None:
         if recipe is None:
             raise AuditError("a float checkpoint needs --recipe R (a shipped name or a YAML path)")
-        return qswap.convert(model, recipe)
+        return qswap.convert(model, recipe, data=data)
     if recipe is not None and qswap.load_recipe(recipe).name != stored:
         raise AuditError(f"this checkpoint is already quantized with recipe {stored!r}; audit it "
                          f"without --recipe (or convert the float checkpoint with {recipe!r})")

@@ -142,7 +142,8 @@ def evaluate(args):
     label = getattr(getattr(model, "qswap_recipe", None), "name", "float")
     float_result = _decode(args, task, copy.deepcopy(model), "float") if args.vs_float else None
     if args.recipe:
-        model = qswap.convert(model, args.recipe)
+        model = qswap.convert(model, args.recipe, data=fdata.transform_data(
+            args.recipe, task, args.calib_subset, args.calib_batches, max_sentences=args.max_sentences))
         label = model.qswap_recipe.name
         if activation_quantizers(model):
             with progress_bar("calibrating", args.calib_batches, enabled=_progress(args)) as advance:

@@ -6,6 +6,7 @@ function: it returns rows; the CLI renders them."""
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import asdict, astuple, dataclass, field
 from typing import Callable
 
@@ -109,28 +110,41 @@ def add_intervals(rows: list[Row], bootstrap: Bootstrap = Bootstrap()) -> None:
 
 
 def evaluate_recipe(float_model, task, recipe, *, subset: str, calib_subset: str, calib_batches: int,
-                    beam: int, max_sentences: int = 32,
+                    beam: int, max_sentences: int = 32, batches: int | None = None,
                     progress: Callable[[str, int, int], None] | None = None) -> tuple[Row, torch.nn.Module]:
     """Convert, calibrate, audit and decode one recipe; delta_wer is left 0 for the caller.
-    ``progress(stage, n, total)``: n more batches calibrated or utterances decoded, of total."""
-    tick = (lambda stage, total: (lambda n: progress(stage, n, total))) if progress else (lambda *_: None)
-    qmodel = qswap.convert(float_model, recipe)
-    name = qmodel.qswap_recipe.name
+    ``progress(stage, n, total)``: n more batches calibrated or utterances decoded, of total;
+    ``batches``: decode only the subset's first ``batches`` batches (all when None)."""
+    tick = _ticker(progress)
+    data = fdata.transform_data(recipe, task, calib_subset, calib_batches, max_sentences=max_sentences)
+    qmodel = qswap.convert(float_model, recipe, data=data)
     if activation_quantizers(qmodel):
         qswap.calibrate(qmodel, fdata.net_inputs(task, calib_subset, calib_batches, max_sentences=max_sentences),
                         progress=tick("calibrate", calib_batches))
+    row = score(qmodel, task, qmodel.qswap_recipe.name, subset=subset, beam=beam, max_sentences=max_sentences,
+                batches=batches, progress=progress)
+    return row, qmodel
+
+
+def _ticker(progress):
+    return (lambda stage, total: (lambda n: progress(stage, n, total))) if progress else (lambda *_: None)
+
+
+def score(qmodel, task, name: str, *, subset: str, beam: int, max_sentences: int = 32, batches: int | None = None,
+          progress: Callable[[str, int, int], None] | None = None) -> Row:
+    """Audit and decode a converted (and calibrated) model: its Row, delta_wer left 0."""
+    tick = _ticker(progress)
     report = qswap.audit(qmodel, fdata.first_net_input(task, subset))
-    samples = list(fdata.batches(task, subset, max_sentences=max_sentences))
+    samples = list(itertools.islice(fdata.batches(task, subset, max_sentences=max_sentences), batches))
     result = decode(task, qmodel, samples, beam=beam, progress=tick("decode", sum(len(s["id"]) for s in samples)))
     refs, hyps = [u.ref for u in result.utterances], [u.hyp for u in result.utterances]
     counts = error_counts(refs, hyps)
     per_errors, per_words = utterance_word_errors(refs, hyps)
     cost = measure(qmodel, lambda m: m(**samples[0]["net_input"]), fdata.audio_seconds(samples[0]))
     weight_bytes = qmodel.qswap_report.quantized_bytes
-    row = Row(name, counts.wer, counts.cer, 0.0, report.honest, len(report.violations), weight_bytes / 1e6,
-              cost.macs_per_second / 1e6, cost.bops_per_second / 1e9, result.seconds, counts.utterances,
-              per_errors, per_words)
-    return row, qmodel
+    return Row(name, counts.wer, counts.cer, 0.0, report.honest, len(report.violations), weight_bytes / 1e6,
+               cost.macs_per_second / 1e6, cost.bops_per_second / 1e9, result.seconds, counts.utterances,
+               per_errors, per_words)
 
 
 def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "test",

@@ -290,6 +290,7 @@ def _build_float_model(path: Path, cfg: Any, task: Any) -> nn.Module:
 def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
     from qswap.convert import QswapWarning, convert
     from qswap.quant import FakeQuantize
+    from qswap.transforms import STRUCTURE_ONLY
 
     if getattr(model, "qswap_recipe", None) is not None and any(
             isinstance(m, FakeQuantize) for m in model.modules()):
@@ -297,7 +298,8 @@ def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
     try:
         with warnings.catch_warnings():  # they were shown when the model was first converted
             warnings.simplefilter("ignore", QswapWarning)
-            return convert(model, dict(recipe), inplace=True)
+            # the stored state holds the transformed weights: only module insertions are redone
+            return convert(model, dict(recipe), inplace=True, data=STRUCTURE_ONLY)
     except RecipeError as exc:
         raise CheckpointError(f"{path}: the recipe stored in this qswap checkpoint is invalid "
                               f"({exc}); the file is damaged") from None
