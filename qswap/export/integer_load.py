@@ -98,7 +98,7 @@ def _read_json(path: Path) -> dict:
     try:
         meta = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
-        truncated = exc.pos >= len(text.rstrip())
+        truncated = not text.rstrip().endswith("}")  # the exporter writes one object, ending in }
         raise LoadError(f"{path}: {'truncated' if truncated else 'not valid'} JSON ({exc.msg} at line {exc.lineno} "
                         f"column {exc.colno}); export the model again", kind="truncated" if truncated else "edited") \
             from None

@@ -14,8 +14,9 @@ import named by a file).
 Field specs: ``INT``, ``FLOAT``, ``BOOL``, ``STR`` (JSON scalars; a float is finite), ``Tensor(*dtypes)``
 (a tensor of one of those dtypes, stored by name), ``Obj(name)`` (a declared object, ``None``: of
 any declared class), ``Opt(spec)`` (None or spec), ``List(spec)`` / ``List(spec, tuple_=True)``,
-``Tuple(*specs)`` (fixed length), ``Either(*specs)`` (the first that fits), ``Named(table)``
-(one of a fixed table of objects, e.g. functions, stored by key).
+``Tuple(*specs)`` (fixed length), ``Either(*specs)`` (the first that fits), ``Choice(*values)``
+(one of a few scalars), ``Named(table)`` (one of a fixed table of objects, e.g. functions, stored
+by key).
 """
 from __future__ import annotations
 
@@ -199,6 +200,21 @@ class Named(Spec):
         if not isinstance(obj, str) or obj not in self.table:
             raise SpecMismatch(where, f"expected one of {', '.join(map(repr, self.table))}, got {_shown(obj)}")
         return self.table[obj]
+
+
+class Choice(Spec):
+    """One of a few JSON scalars (e.g. a mode name)."""
+
+    def __init__(self, *values: Any):
+        self.values = values
+
+    def encode(self, value, where, codec):
+        return self.decode(value, where, codec)
+
+    def decode(self, obj, where, codec):
+        if not any(type(obj) is type(v) and obj == v for v in self.values):
+            raise SpecMismatch(where, f"expected one of {', '.join(map(repr, self.values))}, got {_shown(obj)}")
+        return obj
 
 
 @dataclass(frozen=True)

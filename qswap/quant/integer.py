@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from qswap.errors import IntegerizeError
-from qswap.io.serializable import FLOAT, INT, STR, Either, Obj, Opt, Tensor, Tuple, serializable
+from qswap.io.serializable import FLOAT, INT, Choice, Either, Obj, Opt, Tensor, Tuple, serializable
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.primitives import quantize
 
@@ -146,7 +146,7 @@ ROUNDINGS = ("single", "double")
 
 
 @serializable(m0=Either(INT, Tensor("int64")), shift=Either(INT, Tensor("int64")), zero_point=INT, qmin=INT,
-              qmax=INT, rounding=STR)
+              qmax=INT, rounding=Choice(*ROUNDINGS))
 @dataclass(frozen=True)
 class Requant:
     """A fixed-point rescaling to an output grid: ``M0`` and ``shift`` (Python ints per tensor,
