@@ -40,6 +40,14 @@ def out_proj(meta):
     return meta["model"]["args"]["decoder"]["args"]["output_projection"]["args"]
 
 
+def replace_tensor_file(d, blob):
+    """A new tensor file with its size and hash written into the JSON, as a hand-made file would be."""
+    (d / TENSOR_FILE).write_bytes(blob)
+    meta = load_meta(d)
+    meta["tensor_file"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    save_meta(d, meta)
+
+
 def attention(meta):
     return meta["model"]["args"]["encoder"]["args"]["layers"][0]["args"]["attn"]["args"]
 
@@ -88,11 +96,7 @@ def test_appended_bytes(copy):
 
 
 def test_an_unreadable_tensor_file_with_a_matching_hash(copy):
-    blob = b"not safetensors at all"
-    (copy / TENSOR_FILE).write_bytes(blob)
-    meta = load_meta(copy)
-    meta["tensor_file"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
-    save_meta(copy, meta)
+    replace_tensor_file(copy, b"not safetensors at all")
     fails(copy, "corrupted", "not a readable safetensors file")
 
 
@@ -212,11 +216,7 @@ def test_an_extra_tensor_in_a_rehashed_file(copy):
     from safetensors.torch import load, save
     tensors = load((copy / TENSOR_FILE).read_bytes())
     tensors["model.payload"] = torch.zeros(4, dtype=torch.int8)
-    blob = save(tensors)
-    (copy / TENSOR_FILE).write_bytes(blob)
-    meta = load_meta(copy)
-    meta["tensor_file"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
-    save_meta(copy, meta)
+    replace_tensor_file(copy, save(tensors))
     fails(copy, "edited", "tensors no field uses: model.payload")
 
 
