@@ -13,6 +13,7 @@ import qswap
 from export_testkit import calibrated
 from qswap.export.integer_format import FORMAT_VERSION, JSON_FILE, TENSOR_FILE, write_integer_model
 from qswap.export.integer_load import is_integer_export, load_integer_model
+from qswap.honesty.integer import check_integer
 from qswap.integration.integer_decode import greedy_prefix_rerun
 from qswap.models import s2t_net_input
 
@@ -57,6 +58,10 @@ def test_the_description_names_format_hash_float_steps_and_every_tensor(qmodel, 
     meta = json.loads((tmp_path / JSON_FILE).read_text())
     assert meta["format_version"] == FORMAT_VERSION and meta["tensor_file"]["name"] == TENSOR_FILE
     assert set(meta["float_steps"]) == {"quantize_input", "dequantize_output"}
+    # the loaded model computes on integers everywhere but in the float steps the JSON declares
+    report = check_integer(load_integer_model(tmp_path).model, s2t_net_input(2, 60, seed=1))
+    assert report.ok, [str(r) for r in report.findings[:5]]
+    assert {r.phase for r in report.declared} == set(meta["float_steps"])
     q_proj = meta["model"]["args"]["encoder"]["args"]["layers"][0]["args"]["attn"]["args"]["projections"][0]
     assert q_proj["class"] == "IntegerLinear"
     assert q_proj["args"]["weight"] == {"tensor": "model.encoder.layers.0.attn.projections.0.weight",
