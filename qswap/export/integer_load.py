@@ -144,7 +144,8 @@ def _read_tensor_file(json_path: Path, entry: dict) -> bytes:
     try:
         blob = path.read_bytes()
     except FileNotFoundError:
-        raise LoadError(f"{path} does not exist; {json_path.name} names it as its tensor file", kind="missing") from None
+        raise LoadError(f"{path} does not exist; {json_path.name} names it as its tensor file",
+                        kind="missing") from None
     except OSError as exc:
         raise LoadError(f"{path}: cannot read it ({exc.strerror})", kind="corrupted") from None
     if len(blob) < entry["bytes"]:

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qswap.io.serializable import INT, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
-from qswap.io.serializable import INT, Obj, Opt, Tensor, serializable
 
 
 class _QElementwise(QuantModule):

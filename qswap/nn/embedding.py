@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import Obj, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
-from qswap.io.serializable import Obj, Tensor, serializable
 
 
 @register(nn.Embedding)

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tensor, serializable
 from qswap.quant.bias import BiasQuantize
 
 

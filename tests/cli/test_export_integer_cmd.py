@@ -37,8 +37,8 @@ def export_and_eval(qckpt, data, out, subset, shards, capsys):
     assert "wrote the integer model" in capsys.readouterr().out
     assert (out / JSON_FILE).is_file() and (out / TENSOR_FILE).is_file()
     result = out.parent / "eval.json"
-    assert main(["eval", str(out), "--data", str(data), "--subset", subset, "--max-sentences", "3", "--num-shards", str(shards[0]),
-                 "--shard-id", str(shards[1]), "--json", str(result)]) == 0
+    assert main(["eval", str(out), "--data", str(data), "--subset", subset, "--max-sentences", "3",
+                 "--num-shards", str(shards[0]), "--shard-id", str(shards[1]), "--json", str(result)]) == 0
     assert "integer export (greedy, prefix rerun)" in capsys.readouterr().out
     return {u["id"]: u["hyp"] for u in json.loads(result.read_text())["utterances"]}
 

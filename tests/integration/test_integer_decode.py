@@ -52,7 +52,8 @@ def tiny_export(float_checkpoint, tmp_path_factory):
     q = qswap.convert(model, "w8a8")
     qswap.calibrate(q, fdata.net_inputs(task, "train", 2, max_sentences=4))
     out = tmp_path_factory.mktemp("tiny_export")
-    write_integer_model(qswap.integerize(q), out, task=task_config(cfg), decoding=dictionary_facts(task.target_dictionary))
+    write_integer_model(qswap.integerize(q), out, task=task_config(cfg),
+                        decoding=dictionary_facts(task.target_dictionary))
     return out, data
 
 

@@ -22,10 +22,10 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.attention import CORE_SITES, QuantAttentionCore, maps_elementwise, merge_heads, split_heads
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
-from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
 

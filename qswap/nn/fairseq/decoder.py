@@ -15,8 +15,8 @@ from __future__ import annotations
 from fairseq.models.speech_to_text.s2t_transformer import TransformerDecoderScriptable
 from torch import nn
 
-from qswap.nn.base import QuantConfig, QuantModule
 from qswap.io.serializable import ANY, INT, List, Obj, Opt, Tensor, serializable
+from qswap.nn.base import QuantConfig, QuantModule
 from qswap.nn.registry import register
 
 

@@ -18,8 +18,8 @@ from fairseq.modules.transformer_layer import (
 from torch import Tensor
 
 from qswap.errors import ConvertError
-from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.io.serializable import INT, List, Obj, Tensor, Tuple, serializable
+from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
@@ -266,8 +266,9 @@ def stream_to(scale: float, quant) -> "Requant":
 
 @serializable(norm1_in=Obj("Requant"), norm1=Obj("IntegerLayerNorm"), attn=Obj("IntegerFairseqAttention"),
               residual1=Obj("Requant"), add1=Obj("AddParams"), norm2_in=Obj("Requant"), norm2=Obj("IntegerLayerNorm"),
-              fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT), fc2=Obj("IntegerLinear"),
-              residual2=Obj("Requant"), add2=Obj("AddParams"), zero_points=Tuple(INT, INT, INT, INT))
+              fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT),
+              fc2=Obj("IntegerLinear"), residual2=Obj("Requant"), add2=Obj("AddParams"),
+              zero_points=Tuple(INT, INT, INT, INT))
 class IntegerTransformerEncoderLayer(torch.nn.Module):
     """A pre-norm encoder layer on integers: int32 residual stream in and out (``stream_scale``:
     the output stream's grid), int8/uint8 codes between the ops inside."""
@@ -299,7 +300,8 @@ class IntegerTransformerEncoderLayer(torch.nn.Module):
 
 @serializable(norms_in=List(Obj("Requant")), norms=List(Obj("IntegerLayerNorm")),
               attns=List(Obj("IntegerFairseqAttention")), residuals=List(Obj("Requant")), adds=List(Obj("AddParams")),
-              fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT), fc2=Obj("IntegerLinear"), zero_points=List(Tuple(INT, INT)))
+              fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT),
+              fc2=Obj("IntegerLinear"), zero_points=List(Tuple(INT, INT)))
 class IntegerTransformerDecoderLayer(torch.nn.Module):
     """A pre-norm decoder layer on integers (batch forward): int32 residual stream in and out."""
 

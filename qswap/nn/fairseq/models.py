@@ -27,8 +27,8 @@ from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc
 from torch import Tensor
 
 from qswap.errors import ConvertError
-from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.io.serializable import ANY, INT, Either, List, Obj, Tensor, serializable
+from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
 _S2T_ENCODER_ATTRS = ("encoder_freezing_updates", "num_updates", "embed_scale", "padding_idx",
