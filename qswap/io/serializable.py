@@ -29,8 +29,7 @@ import torch
 
 from qswap.errors import RegistryError
 
-DTYPES: dict[str, torch.dtype] = {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16,
-                                  "int32": torch.int32, "int64": torch.int64, "float32": torch.float32}
+DTYPES = ("int8", "uint8", "int16", "int32", "int64", "float32")  # what a Tensor spec may allow
 T = TypeVar("T", bound=type)
 
 
@@ -44,8 +43,7 @@ class SpecMismatch(Exception):
 
 
 class Codec:
-    """What a spec needs from its caller: tensors by key (``put`` when writing, ``take`` when
-    reading) and the declarations."""
+    """Where a spec's tensors go: ``put`` by key when writing, ``take`` by key when reading."""
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         raise NotImplementedError
@@ -55,6 +53,9 @@ class Codec:
 
 
 class Spec:
+    """A field's kind: ``encode`` a value into JSON data (tensors through the codec), ``decode``
+    JSON data back, each raising ``SpecMismatch`` for what does not fit."""
+
     def encode(self, value: Any, where: str, codec: Codec) -> Any:
         raise NotImplementedError
 
@@ -229,8 +230,13 @@ class Obj(Spec):
         if decl is None or decl.cls is not type(value):
             raise SpecMismatch(where, f"{type(value).__name__} is not declared @serializable")
         self._check_kind(decl, where)
-        return {"class": decl.name, "args": {field: spec.encode(getattr(value, field), f"{where}.{field}", codec)
-                                             for field, spec in decl.fields.items()}}
+        args = {}
+        for field, spec in decl.fields.items():
+            if not hasattr(value, field):
+                raise SpecMismatch(f"{where}.{field}", f"{decl.name} declares {field} but keeps no attribute of that "
+                                                       f"name; store it or add a property returning it")
+            args[field] = spec.encode(getattr(value, field), f"{where}.{field}", codec)
+        return {"class": decl.name, "args": args}
 
     def decode(self, obj, where, codec):
         if not (isinstance(obj, dict) and set(obj) == {"class", "args"} and isinstance(obj["args"], dict)):

@@ -110,6 +110,19 @@ def test_an_undeclared_module_is_an_export_error_naming_its_path(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_declared_field_the_object_does_not_keep_is_named(declared, tmp_path):
+    from qswap.export.integer_format import write_integer_model
+
+    @serializable(depth=INT)
+    class IntegerForgetful(nn.Module):
+        def __init__(self, depth):
+            super().__init__()
+
+    declared.append("IntegerForgetful")
+    with pytest.raises(ExportError, match=r"model\.depth: IntegerForgetful declares depth but keeps no attribute"):
+        write_integer_model(IntegerForgetful(3), tmp_path)
+
+
 class Tensors(Codec):
     def __init__(self):
         self.store = {}
