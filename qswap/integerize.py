@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qswap.errors import IntegerizeError
+from qswap.io.serializable import ANY, STR, List, Obj, Opt, serializable
 from qswap.nn.base import QuantModule
 from qswap.nn.embedding import QEmbedding
 from qswap.nn.linear import QLinear
@@ -27,6 +28,9 @@ from qswap.nn.registry import is_passthrough
 from qswap.quant.integer import Grid
 
 
+@serializable(input_grid=Opt(Obj("Grid")), layers=List(ANY), names=List(STR), float_steps={
+    "quantize_input": "float input onto the first op's input grid (input_grid; token ids pass)",
+    "dequantize_output": "the last linear's int32 accumulator times its acc_scale"})
 class IntegerModel(nn.Module):
     """Integer forms run in sequence. ``quantize_input`` and ``dequantize_output`` are the declared
     float steps; ``forward_codes`` is integer arithmetic only (``qswap.honesty.integer`` checks it).

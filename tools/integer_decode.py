@@ -19,22 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 ASSET = REPO / "qswap" / "assets" / "s2t_demo"
 
 
-def greedy(step, encoder_out, batch: int, bos: int, eos: int, max_len: int) -> list[list[int]]:
-    """Greedy tokens per utterance: ``step(encoder_out, prev_tokens)`` -> (B, T, V) scores (both
-    models: logits on the ``logits_quant`` grid, what ``get_normalized_probs`` reads; argmax
-    takes the first of tied tokens in both)."""
-    prev = torch.full((batch, 1), bos, dtype=torch.long)
-    done = torch.zeros(batch, dtype=torch.bool)
-    for _ in range(max_len):
-        nxt = step(encoder_out, prev)[:, -1].argmax(-1)  # (B,)
-        nxt = torch.where(done, eos, nxt)
-        prev = torch.cat([prev, nxt[:, None]], dim=1)
-        done |= nxt == eos
-        if bool(done.all()):
-            break
-    return [[t for t in row[1:].tolist() if t != eos] for row in prev]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="w8a8")
@@ -50,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import qswap
     from qswap.integration import data as fdata
     from qswap.integration.data import load_model_and_task
+    from qswap.integration.integer_decode import greedy, greedy_prefix_rerun
     model, task = load_model_and_task(ASSET / "checkpoint.pt", ASSET)
     qmodel = qswap.convert(model, args.recipe)
     qswap.calibrate(qmodel, fdata.net_inputs(task, "train_calib", args.calib_batches, max_sentences=32))
@@ -62,17 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     bos = eos = tgt.eos()
 
     def text(tokens):
-        return bpe.decode(tgt.string(torch.tensor(tokens, dtype=torch.long))).strip()
+        return bpe.decode(tgt.string(tokens)).strip()
 
     with torch.no_grad():
         start = time.perf_counter()
         enc = qmodel.encoder(net_input["src_tokens"], net_input["src_lengths"])
-        fake = greedy(lambda e, p: qmodel.logits_quant(qmodel.decoder(p, encoder_out=e)[0]), enc, len(refs), bos, eos, args.max_len)
+        fake = greedy(lambda p: qmodel.logits_quant(qmodel.decoder(p, encoder_out=enc)[0]), len(refs), bos, eos,
+                      args.max_len)  # both models: logits on the logits_quant grid, first of tied tokens
         fake_s = time.perf_counter() - start
     start = time.perf_counter()
-    codes = imodel.encoder.quantize_input(net_input["src_tokens"])
-    memory = imodel.encoder.forward_codes(codes, net_input["src_lengths"])
-    integer = greedy(lambda e, p: imodel.decoder(p, *e), memory, len(refs), bos, eos, args.max_len)
+    integer = greedy_prefix_rerun(imodel, net_input, bos, eos, args.max_len)
     int_s = time.perf_counter() - start
     fake_text, int_text = [text(t) for t in fake], [text(t) for t in integer]
     same = sum(a == b for a, b in zip(fake_text, int_text))

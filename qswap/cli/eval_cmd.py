@@ -8,7 +8,8 @@ from qswap.cli.render import console, interactive, progress_bar
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", nargs="?", help="fairseq or qswap checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="fairseq or qswap checkpoint, or a directory written by "
+                                                 "'qswap export' (the integer model, decoded greedily)")
     p.add_argument("--data", help="fairseq data directory (config.yaml, TSV manifests)")
     p.add_argument("--subset", default="test", help="subset to decode (default: test)")
     p.add_argument("--recipe", help="convert the model with this recipe first (calibrated on --calib-subset)")
@@ -138,6 +139,10 @@ def evaluate(args):
     from qswap.integration.decode import decode
     from qswap.integration.metrics import error_counts
 
+    from qswap.export.integer_load import is_integer_export
+
+    if is_integer_export(args.checkpoint):
+        return _evaluate_exported(args)
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     label = getattr(getattr(model, "qswap_recipe", None), "name", "float")
     float_result = _decode(args, task, copy.deepcopy(model), "float") if args.vs_float else None
@@ -153,6 +158,29 @@ def evaluate(args):
     result = _decode(args, task, model, label)
     counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
     return counts, result, label, float_result
+
+
+def _evaluate_exported(args):
+    """``evaluate`` for an integer model written by ``qswap export``: integer execution
+    (``qswap.integration.integer_decode``), no float model to compare with."""
+    from qswap.errors import DataError
+    from qswap.export.integer_load import load_integer_model
+    from qswap.integration import data as fdata
+    from qswap.integration.integer_decode import DECODE_METHOD, decode_exported, exported_task
+    from qswap.integration.metrics import error_counts
+
+    if args.recipe or args.vs_float:
+        raise DataError(f"{args.checkpoint} is an exported integer model: it is already quantized; drop "
+                        f"--recipe and --vs-float (compare with --baseline EVAL.json)")
+    exported = load_integer_model(args.checkpoint)
+    task = exported_task(exported, args.data)
+    label = f"integer export ({DECODE_METHOD})"
+    samples = fdata.batches(task, args.subset, max_sentences=args.max_sentences,
+                            num_shards=args.num_shards, shard_id=args.shard_id)
+    with progress_bar(f"{label}: decoding {args.subset}", None, enabled=_progress(args)) as advance:
+        result = decode_exported(task, exported, samples, progress=advance)
+    counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
+    return counts, result, label, None
 
 
 def _decode(args, task, model, label: str):

@@ -1,4 +1,5 @@
-"""Export a quantized checkpoint's encoder as an ONNX QDQ graph with qswap's own grids."""
+"""Export a quantized checkpoint: the integer model (safetensors + JSON, the default), or the
+encoder and a decoder step as ONNX QDQ graphs with qswap's own grids (``--onnx``)."""
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,11 @@ EXAMPLE_FRAMES = 100  # the traced example's length; the graph's batch and time 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="quantized, calibrated checkpoint written by 'qswap convert'")
-    p.add_argument("--onnx", action="store_true", required=True,
-                   help="write ONNX QDQ graphs (the only export format)")
+    p.add_argument("--onnx", action="store_true",
+                   help="write ONNX QDQ graphs instead of the integer model")
     p.add_argument("-o", "--output", required=True,
-                   help="directory to write encoder.onnx and decoder_step.onnx into")
+                   help="directory to write into: model.json and model.safetensors (the integer model, "
+                        "which 'qswap eval DIR' decodes), or with --onnx encoder.onnx and decoder_step.onnx")
     p.add_argument("--data", help="fairseq data directory (default: the one the checkpoint names)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
@@ -29,10 +31,12 @@ def run(args: argparse.Namespace) -> int:
     from qswap.export.onnx_audit import audit_onnx
     from qswap.integration import data as fdata
 
-    model, _task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
+    model, cfg, task = fdata.load_model_cfg_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     if getattr(model, "qswap_recipe", None) is None:
         raise ExportError(f"{args.checkpoint} is a float checkpoint; convert and calibrate it with "
                           f"'qswap convert --recipe R --calib-batches N' first")
+    if not args.onnx:
+        return _export_integer(args, model, cfg, task)
     out = Path(args.output)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -48,6 +52,21 @@ def run(args: argparse.Namespace) -> int:
         report = audit_onnx(path, site_prefix=prefix)
         console().print(f"wrote {path}: {report.integer_count} integer and {report.float_count} float "
                         f"nodes after onnxruntime's CPU optimization")
+    return 0
+
+
+def _export_integer(args: argparse.Namespace, model, cfg, task) -> int:
+    import qswap
+    from qswap.export.integer_format import TENSOR_FILE, write_integer_model
+    from qswap.integration.integer_decode import dictionary_facts, task_config
+
+    imodel = qswap.integerize(model)
+    path = write_integer_model(imodel, args.output, task=task_config(cfg),
+                               decoding=dictionary_facts(task.target_dictionary),
+                               source=f"qswap export {Path(args.checkpoint).name} (recipe {model.qswap_recipe.name})")
+    size = sum((path.parent / name).stat().st_size for name in (path.name, TENSOR_FILE))
+    console().print(f"wrote the integer model to {path.parent} ({path.name} and {TENSOR_FILE}, "
+                    f"{size / 1e6:.1f} MB); decode it with 'qswap eval {path.parent} --data DIR --subset S'")
     return 0
 
 

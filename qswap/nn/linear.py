@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
@@ -164,6 +165,8 @@ def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Te
     return (form or IntegerLinear)(grid_in.zero_point, w_codes, codes, requant, acc_scale, **conv)
 
 
+@serializable(zero_point_in=INT, weight=Tensor("int8", "int16"), bias=Opt(Tensor("int32")),
+              requant=Opt(Obj("Requant")), acc_scale=Tensor("float32"))
 class IntegerLinear(nn.Module):
     """``y = requant(sum_k (x_k - zp_in) w_k + b)``: int8 weights, int32 accumulation and bias
     (bound checked when built: in_features * max|x - zp| * max|w| + max|b| < 2^31), gemmlowp
@@ -185,6 +188,10 @@ class IntegerLinear(nn.Module):
         return acc if self.requant is None else self.requant(acc, axis=-1)
 
 
+@serializable(zero_point_in=INT, weight=Tensor("int8", "int16"), bias=Opt(Tensor("int32")),
+              requant=Opt(Obj("Requant")), acc_scale=Tensor("float32"),
+              conv_fn=Named({"conv1d": F.conv1d, "conv2d": F.conv2d}), stride=List(INT, tuple_=True),
+              padding=Either(List(INT, tuple_=True), STR), dilation=List(INT, tuple_=True), groups=INT)
 class IntegerConv(IntegerLinear):
     """A convolution on codes: ``conv_fn`` on ``codes - zp_in`` (zero padding is then the input's
     zero point, as the fake-quant conv pads its quantized input with 0.0), int32 accumulation,
@@ -194,6 +201,7 @@ class IntegerConv(IntegerLinear):
                  dilation, groups):
         super().__init__(zero_point_in, weight, bias, requant, acc_scale)
         self.conv_fn, self.conv_args = conv_fn, (stride, padding, dilation, groups)
+        self.stride, self.padding, self.dilation, self.groups = self.conv_args
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         x = codes.to(torch.int32) - self.zero_point_in  # (B, C, ...)

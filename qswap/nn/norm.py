@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import Obj, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
@@ -217,6 +218,7 @@ class QBatchNorm1d(QuantModule):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
+@serializable(params=Obj("LayerNormParams"))
 class IntegerLayerNorm(nn.Module):
     """LayerNorm on codes: ``qswap.quant.integer.integer_layer_norm`` with built constants."""
 

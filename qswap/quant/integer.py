@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from qswap.errors import IntegerizeError
+from qswap.io.serializable import FLOAT, INT, Choice, Either, Obj, Opt, Tensor, Tuple, serializable
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.primitives import quantize
 
@@ -144,6 +145,8 @@ def multiply_by_quantized_multiplier_single(x: torch.Tensor, m0: torch.Tensor | 
 ROUNDINGS = ("single", "double")
 
 
+@serializable(m0=Either(INT, Tensor("int64")), shift=Either(INT, Tensor("int64")), zero_point=INT, qmin=INT,
+              qmax=INT, rounding=Choice(*ROUNDINGS))
 @dataclass(frozen=True)
 class Requant:
     """A fixed-point rescaling to an output grid: ``M0`` and ``shift`` (Python ints per tensor,
@@ -205,6 +208,7 @@ def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | 
 
 # -- rescaled add ------------------------------------------------------------------------------------
 
+@serializable(left_shift=INT, a=Tuple(INT, INT), b=Tuple(INT, INT), sum_scale=FLOAT, out=Opt(Obj("Requant")))
 @dataclass(frozen=True)
 class AddParams:
     """TFLite's quantized ADD: both operands shifted left by ``left_shift``, rescaled to the grid
@@ -288,6 +292,7 @@ def isqrt(n: torch.Tensor) -> torch.Tensor:
 
 # -- lookup tables --------------------------------------------------------------------------------------
 
+@serializable(scale=FLOAT, zero_point=INT, qmin=INT, qmax=INT)
 @dataclass(frozen=True)
 class Grid:
     """A per-tensor affine grid: ``value = scale * (code - zero_point)``, codes in [qmin, qmax]."""
@@ -352,6 +357,7 @@ def apply_lut(codes: torch.Tensor, table: torch.Tensor, qmin: int) -> torch.Tens
 GLU_GATE_BITS = 15  # the gate sigmoid(b) in [0, 2^15]
 
 
+@serializable(gate=Tensor("int32"), zero_point=INT, qmin=INT, out=Obj("Requant"))
 @dataclass(frozen=True)
 class GluParams:
     """Integer GLU constants: ``gate[b - qmin]`` = round(2^15 sigmoid(b's value)) over every input
@@ -391,6 +397,7 @@ EXP_BITS = 20
 DIV_BITS = 16  # fraction bits of the output reciprocal
 
 
+@serializable(exp_table=Tensor("int32"), out_mult=INT, out=Obj("Grid"))
 @dataclass(frozen=True)
 class SoftmaxParams:
     """Integer softmax tables: ``exp_table[d]`` = round(2^EXP_BITS * exp(s_in * -d)) for the
@@ -447,6 +454,7 @@ LN_FRAC_BITS = 16  # fraction bits of the normalized value
 _LN_SQRT_BITS = 10  # extra fraction bits of the standard deviation
 
 
+@serializable(eps_int=INT, gamma=Tensor("int32"), beta=Tensor("int32"), out=Obj("Requant"))
 @dataclass(frozen=True)
 class LayerNormParams:
     """Integer LayerNorm constants: ``eps_int`` = round(N^2 eps / s_in^2) (the variance's epsilon in

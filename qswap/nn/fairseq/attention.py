@@ -22,6 +22,7 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.attention import CORE_SITES, QuantAttentionCore, maps_elementwise, merge_heads, split_heads
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
@@ -259,6 +260,8 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
+@serializable(num_heads=INT, projections=Tuple(*[Obj("IntegerLinear")] * 3), core=Obj("IntegerAttentionCore"),
+              out_proj=Obj("IntegerLinear"))
 class IntegerFairseqAttention(nn.Module):
     """Attention on codes: projections, integer core, out projection (all int32 inside)."""
 
@@ -267,6 +270,10 @@ class IntegerFairseqAttention(nn.Module):
         self.num_heads = num_heads
         self.q_proj, self.k_proj, self.v_proj = projections
         self.core, self.out_proj = core, out_proj
+
+    @property
+    def projections(self) -> tuple:
+        return self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, memory: Optional[Tensor] = None,
                 attn_mask: Optional[Tensor] = None) -> Tensor:

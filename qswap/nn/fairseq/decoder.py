@@ -15,6 +15,7 @@ from __future__ import annotations
 from fairseq.models.speech_to_text.s2t_transformer import TransformerDecoderScriptable
 from torch import nn
 
+from qswap.io.serializable import ANY, INT, List, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule
 from qswap.nn.registry import register
 
@@ -92,6 +93,9 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
+@serializable(tokens=Tensor("int32"), positions=Tensor("int32"), padding_idx=INT, layers=List(ANY),
+              norm_in=Obj("Requant"), norm=Obj("IntegerLayerNorm"), output_projection=Obj("IntegerLinear"),
+              out_grid=Opt(Obj("Grid")))
 class IntegerS2TDecoder(nn.Module):
     """The S2T decoder on integers, batch (teacher-forced) forward: int32 logits accumulator out."""
 

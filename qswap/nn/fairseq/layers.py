@@ -18,6 +18,7 @@ from fairseq.modules.transformer_layer import (
 from torch import Tensor
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import INT, List, Obj, Tensor, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
@@ -263,6 +264,11 @@ def stream_to(scale: float, quant) -> "Requant":
     return Requant.from_scales(scale / grid.scale, grid.zero_point, grid.qmin, grid.qmax)
 
 
+@serializable(norm1_in=Obj("Requant"), norm1=Obj("IntegerLayerNorm"), attn=Obj("IntegerFairseqAttention"),
+              residual1=Obj("Requant"), add1=Obj("AddParams"), norm2_in=Obj("Requant"), norm2=Obj("IntegerLayerNorm"),
+              fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT),
+              fc2=Obj("IntegerLinear"), residual2=Obj("Requant"), add2=Obj("AddParams"),
+              zero_points=Tuple(INT, INT, INT, INT))
 class IntegerTransformerEncoderLayer(torch.nn.Module):
     """A pre-norm encoder layer on integers: int32 residual stream in and out (``stream_scale``:
     the output stream's grid), int8/uint8 codes between the ops inside."""
@@ -277,6 +283,10 @@ class IntegerTransformerEncoderLayer(torch.nn.Module):
         self.register_buffer("act_table", act[0])
         self.stream_scale = add2.sum_scale
 
+    @property
+    def act(self) -> tuple:
+        return self.act_table, self.act_qmin
+
     def forward(self, stream: Tensor, encoder_padding_mask: Optional[Tensor]) -> Tensor:
         """stream: (T, B, C) int32; encoder_padding_mask: (B, T) bool or None. Returns (T, B, C) int32."""
         from qswap.quant.integer import apply_lut, rescaled_sum
@@ -288,6 +298,10 @@ class IntegerTransformerEncoderLayer(torch.nn.Module):
         return rescaled_sum(self.residual2(stream), z_res2, x, z_out2, self.add2)
 
 
+@serializable(norms_in=List(Obj("Requant")), norms=List(Obj("IntegerLayerNorm")),
+              attns=List(Obj("IntegerFairseqAttention")), residuals=List(Obj("Requant")), adds=List(Obj("AddParams")),
+              fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT),
+              fc2=Obj("IntegerLinear"), zero_points=List(Tuple(INT, INT)))
 class IntegerTransformerDecoderLayer(torch.nn.Module):
     """A pre-norm decoder layer on integers (batch forward): int32 residual stream in and out."""
 
@@ -298,6 +312,10 @@ class IntegerTransformerDecoderLayer(torch.nn.Module):
         self.fc1, self.fc2, self.act_qmin = fc1, fc2, act[1]
         self.register_buffer("act_table", act[0])
         self.stream_scale = adds[-1].sum_scale
+
+    @property
+    def act(self) -> tuple:
+        return self.act_table, self.act_qmin
 
     def forward(self, stream: Tensor, memory: Tensor, encoder_padding_mask: Optional[Tensor],
                 self_attn_mask: Optional[Tensor] = None, self_attn_padding_mask: Optional[Tensor] = None) -> Tensor:

@@ -27,6 +27,7 @@ from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc
 from torch import Tensor
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import ANY, INT, Either, List, Obj, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
@@ -260,6 +261,9 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
+@serializable(subsample=ANY, embed_zero_point=INT, stream_bits=INT, positions=Tensor("int32"), padding_idx=INT,
+              layers=List(ANY), norm_in=Obj("Requant"), norms=List(Obj("IntegerLayerNorm")),
+              out_grid=Either(Obj("Grid"), List(Obj("Grid"))))
 class IntegerS2TTransformerEncoder(torch.nn.Module):
     """The S2T transformer encoder on integers: subsampler, positions, layers, final norm.
     ``quantize_input`` and ``dequantize_output`` are its declared float steps."""
@@ -300,6 +304,10 @@ class IntegerS2TTransformerEncoder(torch.nn.Module):
         return self.out_grid.dequantize(codes)
 
 
+@serializable(encoder=ANY, decoder=ANY, float_steps={
+    "quantize_input": "features (B, T, C*D) onto the first conv's input grid (encoder.subsample.input_grid)",
+    "dequantize_output": "logits codes on decoder.out_grid to float, or without one the int32 accumulator times "
+                         "decoder.output_projection.acc_scale (what beam search's log-softmax reads)"})
 class IntegerS2TTransformerModel(torch.nn.Module):
     """An S2T transformer on integers, batch forward. ``forward`` returns float logits (the
     declared end step); ``quantize_input`` / ``forward_codes`` / ``dequantize_output`` split it
