@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     codes = imodel.encoder.quantize_input(net_input["src_tokens"])
     memory = imodel.encoder.forward_codes(codes, net_input["src_lengths"])
-    integer = greedy(lambda e, p: imodel.decoder(p, *e), memory, len(refs), bos, eos, args.max_len)
+    integer = greedy(lambda e, p: imodel.decoder.forward_codes(p, *e), memory, len(refs), bos, eos, args.max_len)
     int_s = time.perf_counter() - start
     fake_text, int_text = [text(t) for t in fake], [text(t) for t in integer]
     same = sum(a == b for a, b in zip(fake_text, int_text))
