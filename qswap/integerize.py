@@ -22,6 +22,7 @@ from torch import nn
 from qswap.errors import IntegerizeError
 from qswap.nn.base import QuantModule
 from qswap.nn.embedding import QEmbedding
+from qswap.nn.integer_steps import DequantizeStep, QuantizeStep
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import is_passthrough
 from qswap.quant.integer import Grid
@@ -38,10 +39,12 @@ class IntegerModel(nn.Module):
         super().__init__()
         self.input_grid, self.names = input_grid, names
         self.layers = nn.ModuleList(layers)
+        self.input = None if input_grid is None else QuantizeStep(input_grid)
+        self.output = DequantizeStep(acc_scale=layers[-1].acc_scale)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Declared float step: float features onto the first op's input grid (token ids pass)."""
-        return x if self.input_grid is None else self.input_grid.quantize(x)
+        return x if self.input is None else self.input(x)
 
     def forward_codes(self, codes: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -50,7 +53,7 @@ class IntegerModel(nn.Module):
 
     def dequantize_output(self, acc: torch.Tensor) -> torch.Tensor:
         """Declared float step: the last accumulator times its scale."""
-        return acc.to(torch.float32) * self.layers[-1].acc_scale
+        return self.output(acc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dequantize_output(self.forward_codes(self.quantize_input(x)))

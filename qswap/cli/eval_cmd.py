@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --recipe: decode the float model too and report ΔWER with a paired interval")
     p.add_argument("--baseline", metavar="JSON",
                    help="a result of 'qswap eval --json' on the same subset: report ΔWER against it")
+    p.add_argument("--integer", action="store_true",
+                   help="decode the quantized model (--recipe R, or a checkpoint written by 'qswap convert') "
+                        "with integer execution (qswap.integerize), same beam search and WER")
     p.add_argument("--markdown", help="write the result row as Markdown here")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
@@ -149,9 +152,22 @@ def evaluate(args):
                 qswap.calibrate(model, fdata.net_inputs(task, args.calib_subset, args.calib_batches,
                                                         max_sentences=args.max_sentences),
                                 progress=lambda n: advance(1))
+    if args.integer:
+        model, label = integer_model(model), f"{label} (integer)"
     result = _decode(args, task, model, label)
     counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
     return counts, result, label, float_result
+
+
+def integer_model(model):
+    """``qswap.integerize(model)`` of a quantized model; IntegerizeError for a float one."""
+    import qswap
+    from qswap.errors import IntegerizeError
+
+    if getattr(model, "qswap_recipe", None) is None:
+        raise IntegerizeError("--integer runs a quantized model on integers: pass --recipe R, or a checkpoint "
+                              "written by 'qswap convert'")
+    return qswap.integerize(model)
 
 
 def _decode(args, task, model, label: str):
