@@ -53,6 +53,7 @@ class IntegerResult:
     delta_vs_fake_ci: tuple[float, float] | None = None
     integer_only: bool | None = None
     decode_s: float | None = None
+    same_transcripts: int | None = None  # utterances whose integer transcript is the fake-quant one
     note: str | None = None
     utterance_errors: list[int] = field(default_factory=list, repr=False)
 
@@ -170,15 +171,16 @@ def evaluate_recipe(float_model, task, recipe, *, subset: str, calib_subset: str
               cost.macs_per_second / 1e6, cost.bops_per_second / 1e9, result.seconds, counts.utterances,
               per_errors, per_words)
     if integer:
-        row.integer = evaluate_integer(qmodel, task, samples, audit_input, beam=beam,
+        row.integer = evaluate_integer(qmodel, task, samples, audit_input, hyps, beam=beam,
                                        progress=tick("integer decode", len(refs)))
     return row, qmodel
 
 
-def evaluate_integer(qmodel, task, samples: list[dict], audit_input: dict, *, beam: int,
+def evaluate_integer(qmodel, task, samples: list[dict], audit_input: dict, fake_hyps: list[str], *, beam: int,
                      progress: Callable[[int], None] | None = None) -> IntegerResult:
     """Integerize ``qmodel``, audit the integer model on ``audit_input`` (a net_input),
-    decode ``samples`` with it (the same beam search); the interval is added by ``add_intervals``.
+    decode ``samples`` with it (the same beam search) and count the transcripts equal to
+    ``fake_hyps`` (the fake-quant model's, by utterance id); the interval is added by ``add_intervals``.
     A model without an integer form (float, weight-only, an architecture not done yet) gives a
     result with only ``note``, the first line of its ``IntegerizeError``."""
     from qswap.errors import IntegerizeError
@@ -193,7 +195,7 @@ def evaluate_integer(qmodel, task, samples: list[dict], audit_input: dict, *, be
     errors, _ = utterance_word_errors(refs, hyps)
     counts = error_counts(refs, hyps)
     return IntegerResult(wer=counts.wer, integer_only=report.integer_only, decode_s=result.seconds,
-                         utterance_errors=errors)
+                         same_transcripts=sum(a == b for a, b in zip(hyps, fake_hyps)), utterance_errors=errors)
 
 
 def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "test",
