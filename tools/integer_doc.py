@@ -73,6 +73,13 @@ def table(results: dict[str, dict]) -> str:
                 f"{'yes' if i['integer_only'] else 'no'} | {r['decode_s']:.0f}, {i['decode_s']:.0f} |")
     first = next(iter(results.values()))
     boot = first["settings"]["bootstrap"]
+    decoded = [(r, r["integer"]) for p in results.values() for r in p["rows"] if r["integer"] and r["integer"]["wer"] is not None]
+    met = sum(abs(i["delta_vs_fake"]) <= TARGET + 1e-9 for _, i in decoded)
+    excludes = sum(not i["delta_vs_fake_ci"][0] <= 0 <= i["delta_vs_fake_ci"][1] for _, i in decoded)
+    lines += ["", f"Within the issue's target (|integer - fake| <= {TARGET} WER): {met} of {len(decoded)} rows; "
+              f"intervals of the difference that exclude 0: {excludes} of {len(decoded)}; the same transcript: "
+              f"{sum(i['same_transcripts'] for _, i in decoded)} of {sum(r['utterances'] for r, _ in decoded)} "
+              "decodes."]
     lines += ["", f"Shipped model, calibrated on `train_calib` ({first['settings']['calib_batches']} batches of 32), "
               f"beam {first['settings']['beam']}; {', '.join(f'`{s}`: {SUBSETS[s]}' for s in results)}, "
               f"{first['rows'][0]['utterances']} utterances each. Interval: paired bootstrap over utterances "
