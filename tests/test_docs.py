@@ -83,4 +83,5 @@ def test_integer_doc_decode_table_is_its_json():
     spec.loader.exec_module(tool)
     results = {s: json.loads((REPO / "docs" / f"integer_{s}.json").read_text()) for s in tool.SUBSETS}
     assert all(p["settings"]["integer"] and p["settings"]["beam"] == 5 for p in results.values())
-    assert tool.table(results) in (REPO / "docs" / "integer.md").read_text()
+    layers = json.loads(tool.LAYERS.read_text())
+    assert tool.table(results, layers) in (REPO / "docs" / "integer.md").read_text()
