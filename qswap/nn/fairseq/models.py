@@ -329,9 +329,6 @@ class IntegerS2TTransformerModel(FairseqEncoderDecoderModel):
     >>> SequenceGenerator([imodel], tgt_dict, beam_size=5).generate([imodel], sample)
     """
 
-    def __init__(self, encoder: IntegerS2TTransformerEncoder, decoder):
-        super().__init__(encoder, decoder)
-
     def quantize_input(self, net_input: dict) -> dict:
         return dict(net_input, src_tokens=self.encoder.quantize_input(net_input["src_tokens"]))
 
