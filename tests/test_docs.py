@@ -85,3 +85,4 @@ def test_integer_doc_decode_table_is_its_json():
     assert all(p["settings"]["integer"] and p["settings"]["beam"] == 5 for p in results.values())
     layers = json.loads(tool.LAYERS.read_text())
     assert tool.table(results, layers) in (REPO / "docs" / "integer.md").read_text()
+    assert "\n".join(tool.rows_table(results)) in README and "tools/integer_doc.py" in README
