@@ -87,9 +87,10 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
             layers.append(layer.to_integer(scale))
             scale = layers[-1].stream_scale
         grid = Grid.of(self.output_projection.input_quant)
-        return IntegerS2TDecoder(self.dictionary, tokens.to(torch.int32), positions.to(torch.int32), self.padding_idx,
+        return IntegerS2TDecoder(tokens.to(torch.int32), positions.to(torch.int32), self.padding_idx,
                                  layers, stream_to(scale, self.layer_norm.input_quant),
-                                 self.layer_norm.to_integer(grid), self.output_projection.to_integer(out), out)
+                                 self.layer_norm.to_integer(grid), self.output_projection.to_integer(out), out,
+                                 dictionary=self.dictionary)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
@@ -101,9 +102,9 @@ class IntegerS2TDecoder(FairseqIncrementalDecoder):
     the integer part (logits codes, or the int32 accumulator when built without a logits grid);
     the inherited ``get_normalized_probs`` is the float log-softmax beam search reads."""
 
-    def __init__(self, dictionary, tokens, positions, padding_idx: int, layers: list, norm_in, norm,
-                 output_projection, out_grid=None):
-        super().__init__(dictionary)
+    def __init__(self, tokens, positions, padding_idx: int, layers: list, norm_in, norm, output_projection,
+                 out_grid=None, dictionary=None):
+        super().__init__(dictionary)  # the target dictionary (fairseq's decoders carry it; decoding does not read it)
         from qswap.nn.integer_steps import DequantizeStep
         self.padding_idx, self.norm_in, self.norm, self.out_grid = padding_idx, norm_in, norm, out_grid
         self.layers, self.output_projection = nn.ModuleList(layers), output_projection
