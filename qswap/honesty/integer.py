@@ -8,7 +8,7 @@ writes a floating-point tensor is a finding, named with its module and op.
   ``qswap.audit(model, inputs, integer=True)``: integerizes a calibrated qswap model (or takes an
   integer model) and runs every inference path fairseq's SequenceGenerator runs (batch forward,
   ``reorder_encoder_out``, incremental decoding steps, the beam reorder of the decoding caches,
-  ``get_normalized_probs``; a plain integer chain: its forward). Declared float steps: modules
+  ``get_normalized_probs``; any other integer model: its forward). Declared float steps: modules
   with a ``declared_float_step`` (``qswap.nn.integer_steps``) and the output normalization
   (``get_normalized_probs``: the float log-softmax beam search reads). Returns an
   ``IntegerAuditReport`` (terminal rendering in the CLI; ``to_json``, ``to_markdown``).
@@ -277,17 +277,18 @@ def _seq2seq_paths(model, net_input: dict, recorder: _PathRecorder, steps: int) 
             model.get_normalized_probs(out, log_probs=True)
 
 
-def _chain_paths(model, x, recorder: _PathRecorder) -> None:
+def _forward_path(model, inputs, recorder: _PathRecorder) -> None:
+    """Any other integer model: its forward (a net_input dict as keywords, else one argument)."""
     with recorder.on("forward", "forward"):
-        model(x)
+        model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
 def _integer_model(model: nn.Module) -> tuple[nn.Module, str | None]:
-    """(the integer form, recipe name): ``model`` itself when it is one already."""
-    from qswap.integerize import IntegerModel, integerize
-    from qswap.nn.fairseq.models import IntegerS2TTransformerModel
+    """(the integer form, recipe name): ``model`` itself when it is one already (an integer model
+    splits its forward into ``quantize_input`` / ``forward_codes`` / ``dequantize_output``)."""
+    from qswap.integerize import integerize
     recipe = getattr(getattr(model, "qswap_recipe", None), "name", None)
-    if isinstance(model, (IntegerModel, IntegerS2TTransformerModel)):
+    if callable(getattr(model, "forward_codes", None)):
         return model, recipe
     return integerize(model), recipe
 
@@ -306,10 +307,10 @@ def audit_integer(model: nn.Module, inputs, *, decode_steps: int = 3) -> Integer
     handles = _hooks(imodel, recorder)
     try:
         with torch.no_grad(), recorder:
-            if isinstance(inputs, dict):
+            if isinstance(inputs, dict) and "prev_output_tokens" in inputs and hasattr(imodel, "decoder"):
                 _seq2seq_paths(imodel, inputs, recorder, decode_steps)
             else:
-                _chain_paths(imodel, inputs, recorder)
+                _forward_path(imodel, inputs, recorder)
     finally:
         for h in handles:
             h.remove()
