@@ -23,6 +23,7 @@ from qswap.errors import IntegerizeError
 from qswap.io.serializable import ANY, STR, List, Obj, Opt, serializable
 from qswap.nn.base import QuantModule
 from qswap.nn.embedding import QEmbedding
+from qswap.nn.integer_steps import DequantizeStep, QuantizeStep
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import is_passthrough
 from qswap.quant.integer import Grid
@@ -42,10 +43,12 @@ class IntegerModel(nn.Module):
         super().__init__()
         self.input_grid, self.names = input_grid, names
         self.layers = nn.ModuleList(layers)
+        self.input = None if input_grid is None else QuantizeStep(input_grid)
+        self.output = DequantizeStep(acc_scale=getattr(layers[-1], "acc_scale", None))  # a linear's, last
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Declared float step: float features onto the first op's input grid (token ids pass)."""
-        return x if self.input_grid is None else self.input_grid.quantize(x)
+        return x if self.input is None else self.input(x)
 
     def forward_codes(self, codes: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -54,7 +57,7 @@ class IntegerModel(nn.Module):
 
     def dequantize_output(self, acc: torch.Tensor) -> torch.Tensor:
         """Declared float step: the last accumulator times its scale."""
-        return acc.to(torch.float32) * self.layers[-1].acc_scale
+        return self.output(acc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dequantize_output(self.forward_codes(self.quantize_input(x)))

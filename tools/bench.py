@@ -259,6 +259,27 @@ def measure_qat_decode(b: Bench, sizes: Sizes) -> dict:
     return {"decode_ptq_s": t["ptq"], "decode_qat_s": t["qat"], "qat_decode": t["qat"] / t["ptq"]}
 
 
+def measure_integer(b: Bench, sizes: Sizes) -> dict:
+    """The integer model (``qswap.integerize`` of the calibrated w8a8 model; issue 16) against the
+    fake-quant w8a8 model: batch forward, and SequenceGenerator decoding as ``measure_decode``. No
+    target: torch's int32 CPU kernels are not what an integer device runs."""
+    import qswap
+    from fairseq.sequence_generator import SequenceGenerator
+
+    w8a8 = converted(b, "w8a8")
+    integer = qswap.integerize(w8a8)
+    steps = sizes.decode_steps
+    gens = {name: SequenceGenerator([m], b.tgt_dict, beam_size=5, max_len_a=0, max_len_b=steps, min_len=steps)
+            for name, m in (("w8a8", w8a8), ("integer", integer))}
+    t = interleaved_medians({
+        "forward_w8a8": no_grad(lambda: w8a8(**b.net_input)),
+        "forward_integer": no_grad(lambda: integer(**b.net_input)),
+        **{f"decode_{name}": (lambda g=g: g.generate(g.model.models, b.decode_sample)) for name, g in gens.items()},
+    }, sizes.repeats)
+    return {"integer_forward_s": t["forward_integer"], "integer_forward_w8a8_s": t["forward_w8a8"],
+            "integer_decode_s": t["decode_integer"], "integer_decode_w8a8_s": t["decode_w8a8"]}
+
+
 def measure_audit(b: Bench, sizes: Sizes) -> dict:
     """``qswap.audit(w8a8, net_input)`` against one float forward on the same net_input; also
     against the paths the audit runs, timed unobserved on the float and the w8a8 model."""
@@ -560,7 +581,7 @@ def run_model(key: str, sizes: Sizes, log: Callable[[str], None]) -> dict:
     for name, fn in (("convert", measure_convert), ("forward", measure_forward),
                      ("decode", measure_decode), ("qat_decode", measure_qat_decode),
                      ("calibration", measure_calibration),
-                     ("audit", measure_audit)):
+                     ("audit", measure_audit), ("integer", measure_integer)):
         t0 = time.perf_counter()
         result.update(fn(b, sizes))
         log(f"  {name}: done in {time.perf_counter() - t0:.0f} s")
@@ -609,6 +630,10 @@ def details(r: dict, sizes: Sizes) -> list[str]:
            f"| `qswap.convert(model, \"w8a8\")` | | {_ms(r['convert'])} | |",
            f"| peak RSS growth of the convert | {r['float_param_bytes'] / 2**20:.0f} MiB of float "
            f"parameters | {r['convert_peak_bytes'] / 2**20:.0f} MiB | {r['convert_memory']:.2f}× |", "",
+           f"| integer model (`qswap.integerize(w8a8)`), batch forward | | {_ms(r['integer_forward_s'])} | "
+           f"{r['integer_forward_s'] / r['integer_forward_w8a8_s']:.2f}× of w8a8 |",
+           f"| the integer model in `SequenceGenerator.generate` | | {_ms(r['integer_decode_s'])} | "
+           f"{r['integer_decode_s'] / r['integer_decode_w8a8_s']:.2f}× of w8a8 |", "",
            "The paths `qswap.audit(w8a8, net_input)` runs (3 incremental steps), each timed unobserved:", "",
            "| path | float | w8a8 |", "|---|---|---|"]
     out += [f"| {name} | {_ms(p['float'][name])} | {_ms(p['w8a8'][name])} |" for name in p["float"]]

@@ -131,7 +131,7 @@ def _s2t_model(recipe: str) -> tuple[str, float, float, int]:
         qswap.calibrate(q, [net_input])
     with torch.no_grad():
         reference = q(**net_input)[0]
-    logits = qswap.integerize(q)(**net_input)
+    logits = qswap.integerize(q)(**net_input)[0]
     equal = 100 * float((logits.argmax(-1) == reference.argmax(-1)).double().mean())
     steps = float((logits - reference).abs().max() / q.logits_quant.scale)
     return recipe, equal, steps, reference.shape[0] * reference.shape[1]

@@ -1,12 +1,15 @@
 """Audit a checkpoint: did every op on the inference path run on quantized values?
 
 ``qswap audit CHECKPOINT --recipe R [--data DIR --subset S | --synthetic N] [--strict]
-[--values] [--json F] [--markdown F]``: converts the checkpoint's float model with the recipe, calibrates
+[--values] [--integer] [--json F] [--markdown F]``: converts the checkpoint's float model with the recipe, calibrates
 it on the audit batch, audits it and prints the report. A saved qswap checkpoint is audited as
 it was saved (``--recipe`` may then only repeat its recipe). Exit code 0 when honest, 1 when
 not (with ``--strict``, declared float_ok exceptions and undeclared dynamic ranges count as
 not honest), 2 on a usage or
-input error.
+input error. ``--integer``: the integer audit level instead (``qswap.honesty.integer``): the
+calibrated model is integerized and every path (batch forward, incremental decoding, beam
+reorders) must compute on integer dtypes outside the declared float steps; exit 0 when it does,
+1 when not, 2 when the model cannot be integerized (the error names each module).
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="declared float_ok exceptions and undeclared dynamic ranges fail too")
     p.add_argument("--values", action="store_true",
                    help="also run the value-level check (operands on uniform grids; slower)")
+    p.add_argument("--integer", action="store_true",
+                   help="integer audit level: integerize the calibrated model and prove every path computes "
+                        "on integer dtypes outside the declared float steps")
     p.add_argument("--json", metavar="F", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="F", help="write the report as Markdown")
     p.add_argument("--max-rows", type=int, default=40, help="violation rows printed (default 40)")
@@ -58,11 +64,17 @@ def run(args: argparse.Namespace) -> int:
     qmodel = _quantized(model, args.recipe, [net_input])
     if qmodel is not model and activation_quantizers(qmodel):
         qswap.calibrate(qmodel, [net_input], forward=run_paths)  # the audited paths, unobserved
-    report = qswap.audit(qmodel, net_input, decode_steps=args.decode_steps, values=args.values)
-    print_report(console(), report, max_rows=args.max_rows)
+    report = qswap.audit(qmodel, net_input, decode_steps=args.decode_steps, values=args.values,
+                         integer=args.integer)
+    if args.integer:
+        from qswap.cli.render_integer import print_integer_report
+        print_integer_report(console(), report, max_rows=args.max_rows)
+        honest = report.integer_only
+    else:
+        print_report(console(), report, max_rows=args.max_rows)
+        honest = report.honest_strict if args.strict else report.honest
     _write(args.json, report.to_json())
     _write(args.markdown, report.to_markdown())
-    honest = report.honest_strict if args.strict else report.honest
     return EXIT_OK if honest else EXIT_VERDICT
 
 
@@ -88,6 +100,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
     if args.subset and args.synthetic is not None:
         raise AuditError("give either --data DIR --subset S or --synthetic N, not both")
+    if args.integer and (args.values or args.strict):
+        raise AuditError("--values and --strict apply to the honesty audit; --integer has its own verdict "
+                         "(every op outside the declared float steps on integer dtypes)")
     if args.subset and not args.data:
         raise DataError("--subset needs --data DIR (the data directory the subset is in)")
     for name in ("count", "decode_steps", "max_rows", "synthetic"):

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --recipe: decode the float model too and report ΔWER with a paired interval")
     p.add_argument("--baseline", metavar="JSON",
                    help="a result of 'qswap eval --json' on the same subset: report ΔWER against it")
+    p.add_argument("--integer", action="store_true",
+                   help="decode the quantized model (--recipe R, or a checkpoint written by 'qswap convert') "
+                        "with integer execution (qswap.integerize), same beam search and WER")
     p.add_argument("--markdown", help="write the result row as Markdown here")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
@@ -155,6 +158,8 @@ def evaluate(args):
                 qswap.calibrate(model, fdata.net_inputs(task, args.calib_subset, args.calib_batches,
                                                         max_sentences=args.max_sentences),
                                 progress=lambda n: advance(1))
+    if args.integer:
+        model, label = integer_model(model), f"{label} (integer)"
     result = _decode(args, task, model, label)
     counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
     return counts, result, label, float_result
@@ -162,7 +167,7 @@ def evaluate(args):
 
 def _evaluate_exported(args):
     """``evaluate`` for an integer model written by ``qswap export``: integer execution
-    (``qswap.integration.integer_decode``), no float model to compare with."""
+    (fairseq's beam search, ``qswap.integration.integer_decode``), no float model to compare with."""
     from qswap.errors import DataError
     from qswap.export.integer_load import load_integer_model
     from qswap.integration import data as fdata
@@ -174,13 +179,24 @@ def _evaluate_exported(args):
                         f"--recipe and --vs-float (compare with --baseline EVAL.json)")
     exported = load_integer_model(args.checkpoint)
     task = exported_task(exported, args.data)
-    label = f"integer export ({DECODE_METHOD})"
+    label = f"integer export ({DECODE_METHOD}, beam {args.beam})"
     samples = fdata.batches(task, args.subset, max_sentences=args.max_sentences,
                             num_shards=args.num_shards, shard_id=args.shard_id)
     with progress_bar(f"{label}: decoding {args.subset}", None, enabled=_progress(args)) as advance:
-        result = decode_exported(task, exported, samples, progress=advance)
+        result = decode_exported(task, exported, samples, beam=args.beam, progress=advance)
     counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
     return counts, result, label, None
+
+
+def integer_model(model):
+    """``qswap.integerize(model)`` of a quantized model; IntegerizeError for a float one."""
+    import qswap
+    from qswap.errors import IntegerizeError
+
+    if getattr(model, "qswap_recipe", None) is None:
+        raise IntegerizeError("--integer runs a quantized model on integers: pass --recipe R, or a checkpoint "
+                              "written by 'qswap convert'")
+    return qswap.integerize(model)
 
 
 def _decode(args, task, model, label: str):

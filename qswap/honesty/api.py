@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,11 +16,15 @@ from qswap.errors import AuditError, QswapError
 from qswap.nn.base import QuantModule
 from qswap.quant.fake_quantize import FakeQuantize
 
+if TYPE_CHECKING:
+    from qswap.honesty.integer import IntegerAuditReport
+
 _MODEL_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError)
 
 
 def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = None,
-          decode_steps: int = 3, values: bool = False) -> HonestyReport:
+          decode_steps: int = 3, values: bool = False, integer: bool = False
+          ) -> "HonestyReport | IntegerAuditReport":
     """Check that every op on the executed inference path ran on quantized values.
 
     ``inputs`` is a fairseq ``net_input`` dict (encoder-decoder models also get incremental
@@ -32,9 +36,19 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
     The model runs in eval mode under ``torch.no_grad``; its modes and any still-observing
     quantizer's state are restored afterwards.
 
+    ``integer=True`` is the integer audit level instead (``qswap.honesty.integer.audit_integer``):
+    the model is integerized and every path proven to compute on integer dtypes outside its
+    declared float steps; it returns an ``IntegerAuditReport`` (``float_ok`` and ``values`` do not
+    apply to it).
+
     >>> report = qswap.audit(qmodel, net_input)
     >>> report.honest, [(v.module, v.op) for v in report.violations][:3]
     """
+    if integer:
+        if float_ok or values:
+            raise AuditError("float_ok and values apply to the honesty audit, not to integer=True")
+        from qswap.honesty.integer import audit_integer
+        return audit_integer(model, inputs, decode_steps=decode_steps)
     if not isinstance(model, nn.Module):
         raise AuditError(f"audit() takes a torch.nn.Module, got {type(model).__name__}")
     check_inputs(inputs)

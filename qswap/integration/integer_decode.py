@@ -1,11 +1,11 @@
-"""Decoding with an integer S2T model, and what an exported one records to decode again.
+"""What an exported integer model records to decode again, and decoding it.
 
-The integer model has no incremental decoding state yet (issue 16), so ``greedy_prefix_rerun``
-decodes greedily by rerunning the integer decoder on the whole prefix at every step: the
-integer model's own transcripts, not beam search's. ``decode_exported`` is what ``qswap eval
-EXPORT_DIR`` runs.
+The integer S2T model is a fairseq encoder-decoder model (incremental decoding on integer
+caches), so ``decode_exported`` runs fairseq's own SequenceGenerator on it, the same beam search
+as ``qswap eval --integer``. ``decode_exported`` is what ``qswap eval EXPORT_DIR`` runs.
 
->>> tokens = greedy_prefix_rerun(imodel, sample["net_input"], eos, eos, max_len=200)
+>>> task = exported_task(load_integer_model(out), "data/")
+>>> result = decode_exported(task, load_integer_model(out), fdata.batches(task, "test"), beam=5)
 """
 from __future__ import annotations
 
@@ -13,41 +13,10 @@ import hashlib
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
-
 from qswap.errors import DataError, ExportError, LoadError
-from qswap.integration.decode import DecodeResult, decode_with
+from qswap.integration.decode import DecodeResult, decode
 
-DECODE_METHOD = "greedy, prefix rerun"
-
-
-def greedy(step: Callable[[torch.Tensor], torch.Tensor], batch: int, bos: int, eos: int,
-           max_len: int) -> list[torch.Tensor]:
-    """Greedy tokens per utterance: ``step(prev_tokens (B, t))`` -> (B, t, V) scores (codes or
-    floats on one grid: argmax takes the first of tied tokens); stops at ``eos`` or ``max_len``
-    tokens. Returns each utterance's tokens without ``eos``."""
-    prev = torch.full((batch, 1), bos, dtype=torch.long)
-    done = torch.zeros(batch, dtype=torch.bool)
-    for _ in range(max_len):
-        nxt = torch.where(done, eos, step(prev)[:, -1].argmax(-1))  # (B,)
-        prev = torch.cat([prev, nxt[:, None]], dim=1)
-        done |= nxt == eos
-        if bool(done.all()):
-            break
-    return [row[1:][row[1:] != eos] for row in prev]
-
-
-def greedy_prefix_rerun(imodel, net_input: dict, bos: int, eos: int, max_len: int) -> list[torch.Tensor]:
-    """Greedy decoding of an integer S2T model (``IntegerS2TTransformerModel``): the declared
-    float step on the features, the integer encoder once, then the integer decoder on the whole
-    prefix at every step (logits codes, argmax). ``max_len`` is capped by the decoder's integer
-    position table."""
-    decoder = imodel.decoder
-    max_len = min(max_len, decoder.positions.shape[0] - decoder.padding_idx - 2)
-    with torch.no_grad():
-        codes = imodel.encoder.quantize_input(net_input["src_tokens"])
-        memory, padding = imodel.encoder.forward_codes(codes, net_input["src_lengths"])
-        return greedy(lambda prev: decoder(prev, memory, padding), len(net_input["src_lengths"]), bos, eos, max_len)
+DECODE_METHOD = "beam search"
 
 
 def task_config(cfg) -> dict:
@@ -96,12 +65,10 @@ def exported_task(exported, data: str | Path):
     return task
 
 
-def decode_exported(task, exported, samples: Iterable[dict], *, max_len_b: int = 200,
+def decode_exported(task, exported, samples: Iterable[dict], *, beam: int = 5, max_len_b: int = 200,
                     progress: Callable[[int], None] | None = None) -> DecodeResult:
-    """Decode ``samples`` with an exported integer S2T model (``greedy_prefix_rerun``)."""
+    """Decode ``samples`` with an exported integer S2T model (fairseq's SequenceGenerator, ``beam``)."""
     if not callable(getattr(exported.model, "encoder", None)) or not hasattr(exported.model, "decoder"):
         raise ExportError(f"{exported.path}: a {type(exported.model).__name__} has no integer decoding yet "
                           f"(only the S2T transformer's encoder-decoder)")
-    eos = exported.decoding["eos"]
-    return decode_with(task, lambda s: greedy_prefix_rerun(exported.model, s["net_input"], eos, eos, max_len_b),
-                       samples, progress)
+    return decode(task, exported.model, samples, beam=beam, max_len_b=max_len_b, progress=progress)

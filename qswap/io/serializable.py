@@ -16,7 +16,7 @@ Field specs: ``INT``, ``FLOAT``, ``BOOL``, ``STR`` (JSON scalars; a float is fin
 any declared class), ``Opt(spec)`` (None or spec), ``List(spec)`` / ``List(spec, tuple_=True)``,
 ``Tuple(*specs)`` (fixed length), ``Either(*specs)`` (the first that fits), ``Choice(*values)``
 (one of a few scalars), ``Named(table)`` (one of a fixed table of objects, e.g. functions, stored
-by key).
+by key), ``NOT_STORED`` (a runtime object, written as null and rebuilt as None).
 """
 from __future__ import annotations
 
@@ -264,6 +264,22 @@ class Obj(Spec):
 
 
 ANY = Obj()
+
+
+class NotStored(Spec):
+    """A runtime object the file does not carry (fairseq's target ``Dictionary``: decoding does
+    not read it, the export keeps the dictionary file beside): written as null, read back as None."""
+
+    def encode(self, value, where, codec):
+        return None
+
+    def decode(self, obj, where, codec):
+        if obj is not None:
+            raise SpecMismatch(where, f"expected null (a value that is not stored), got {_shown(obj)}")
+        return None
+
+
+NOT_STORED = NotStored()
 
 
 @dataclass(frozen=True)

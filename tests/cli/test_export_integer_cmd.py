@@ -14,8 +14,7 @@ import qswap  # noqa: E402
 from qswap.cli import main  # noqa: E402
 from qswap.export.integer_format import JSON_FILE, TENSOR_FILE  # noqa: E402
 from qswap.integration import data as fdata  # noqa: E402
-from qswap.integration.decode import decode_with  # noqa: E402
-from qswap.integration.integer_decode import greedy_prefix_rerun  # noqa: E402
+from qswap.integration.decode import decode  # noqa: E402
 from qswap.io.checkpoint import save_qswap_checkpoint  # noqa: E402
 from qswap.models import s2t_net_input  # noqa: E402
 
@@ -26,9 +25,8 @@ def integer_transcripts(qckpt, data, subset, shards) -> dict[int, str]:
     """Transcripts of the integer model made from ``qckpt`` before any export (same decoding)."""
     model, task = fdata.load_model_and_task(qckpt, data)
     imodel = qswap.integerize(model)
-    eos = task.target_dictionary.eos()
     samples = fdata.batches(task, subset, max_sentences=3, num_shards=shards[0], shard_id=shards[1])
-    result = decode_with(task, lambda s: greedy_prefix_rerun(imodel, s["net_input"], eos, eos, 200), samples)
+    result = decode(task, imodel, samples, beam=5)
     return {u.id: u.hyp for u in result.utterances}
 
 
@@ -39,7 +37,7 @@ def export_and_eval(qckpt, data, out, subset, shards, capsys):
     result = out.parent / "eval.json"
     assert main(["eval", str(out), "--data", str(data), "--subset", subset, "--max-sentences", "3",
                  "--num-shards", str(shards[0]), "--shard-id", str(shards[1]), "--json", str(result)]) == 0
-    assert "integer export (greedy, prefix rerun)" in capsys.readouterr().out
+    assert "integer export (beam search, beam 5)" in capsys.readouterr().out
     return {u["id"]: u["hyp"] for u in json.loads(result.read_text())["utterances"]}
 
 

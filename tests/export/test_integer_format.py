@@ -14,7 +14,6 @@ from export_testkit import calibrated
 from qswap.export.integer_format import FORMAT_VERSION, JSON_FILE, TENSOR_FILE, write_integer_model
 from qswap.export.integer_load import is_integer_export, load_integer_model
 from qswap.honesty.integer import check_integer
-from qswap.integration.integer_decode import greedy_prefix_rerun
 from qswap.models import s2t_net_input
 
 
@@ -48,8 +47,6 @@ def test_round_trip_is_bit_exact(integer_model, tmp_path):
     assert codes[0].dtype in (torch.int8, torch.uint8, torch.int32) and torch.equal(codes[0], codes[1])
     for a, b in zip(memory[0][0], memory[1][0]):
         assert a.dtype == b.dtype and torch.equal(a, b)
-    tokens = [greedy_prefix_rerun(m, net, 2, 2, 12) for m in (integer_model, loaded)]
-    assert all(torch.equal(a, b) for a, b in zip(*tokens))
 
 
 def test_the_description_names_format_hash_float_steps_and_every_tensor(qmodel, tmp_path):

@@ -1,5 +1,5 @@
-"""qswap.integration.integer_decode: greedy decoding by prefix rerun, and the task and dictionary
-an export records to decode again."""
+"""qswap.integration.integer_decode: the task and dictionary an export records to decode again,
+and decoding an export with fairseq's beam search."""
 import warnings
 from pathlib import Path
 
@@ -13,35 +13,10 @@ from qswap.errors import DataError, ExportError, LoadError  # noqa: E402
 from qswap.export.integer_format import write_integer_model  # noqa: E402
 from qswap.export.integer_load import load_integer_model  # noqa: E402
 from qswap.integration import data as fdata  # noqa: E402
-from qswap.integration.integer_decode import (decode_exported, dictionary_facts, exported_task,  # noqa: E402
-                                              greedy, greedy_prefix_rerun, task_config)
+from qswap.integration.integer_decode import decode_exported, dictionary_facts, exported_task, task_config  # noqa: E402
 from qswap.models import build_s2t_transformer, s2t_net_input  # noqa: E402
 
 ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
-
-
-def test_greedy_stops_each_utterance_at_eos_and_at_max_len():
-    eos = 2
-    # utterance 0 says 5 then eos; utterance 1 never says eos
-    plan = [torch.tensor([5, 7]), torch.tensor([eos, 7]), torch.tensor([9, 7]), torch.tensor([9, 7])]
-
-    def step(prev):
-        scores = torch.zeros(2, prev.shape[1], 12)
-        scores[torch.arange(2), -1, plan[prev.shape[1] - 1]] = 1.0
-        return scores
-
-    out = greedy(step, 2, eos, eos, max_len=3)
-    assert [t.tolist() for t in out] == [[5], [7, 7, 7]]
-
-
-def test_prefix_rerun_is_capped_by_the_integer_position_table():
-    q = qswap.convert(build_s2t_transformer(max_target_positions=8), "w8a8")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qswap.calibrate(q, [s2t_net_input(2, 60, seed=s) for s in range(2)])
-    imodel = qswap.integerize(q)
-    tokens = greedy_prefix_rerun(imodel, s2t_net_input(2, 60), 2, -1, max_len=50)  # eos never chosen
-    assert [len(t) for t in tokens] == [imodel.decoder.positions.shape[0] - imodel.decoder.padding_idx - 2] * 2
 
 
 @pytest.fixture(scope="module")

@@ -225,10 +225,10 @@ class QTransformerDecoderLayer(QuantModule):
         return x, attn, None
 
     def to_integer(self, stream_scale: float) -> "IntegerTransformerDecoderLayer":
-        """The integer form of this (pre-norm) layer for a batch (teacher-forced) forward: as
+        """The integer form of this (pre-norm) layer (batch forward and incremental decoding): as
         ``QTransformerEncoderLayer.to_integer``, with the encoder-decoder attention between the
-        two (its keys and values: encoder output codes on its ``key_in`` grid). No incremental
-        decoding and no NormFormer scales yet (issue 16)."""
+        two (its keys and values: encoder output codes on its ``key_in`` grid); incremental
+        decoding keeps both attentions' keys and values as codes. No NormFormer scales yet (issue 16)."""
         from qswap.errors import IntegerizeError
         from qswap.quant.integer import AddParams, Grid, build_lut
         if not self.normalize_before or self.encoder_attn is None or any(
@@ -303,7 +303,8 @@ class IntegerTransformerEncoderLayer(torch.nn.Module):
               fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT),
               fc2=Obj("IntegerLinear"), zero_points=List(Tuple(INT, INT)))
 class IntegerTransformerDecoderLayer(torch.nn.Module):
-    """A pre-norm decoder layer on integers (batch forward): int32 residual stream in and out."""
+    """A pre-norm decoder layer on integers (batch forward, or one step of incremental decoding):
+    int32 residual stream in and out."""
 
     def __init__(self, *, norms_in, norms, attns, residuals, adds, fc1, act, fc2, zero_points):
         super().__init__()
@@ -318,16 +319,21 @@ class IntegerTransformerDecoderLayer(torch.nn.Module):
         return self.act_table, self.act_qmin
 
     def forward(self, stream: Tensor, memory: Tensor, encoder_padding_mask: Optional[Tensor],
-                self_attn_mask: Optional[Tensor] = None, self_attn_padding_mask: Optional[Tensor] = None) -> Tensor:
+                self_attn_mask: Optional[Tensor] = None, self_attn_padding_mask: Optional[Tensor] = None,
+                incremental_state=None) -> Tensor:
         """stream: (T, B, C) int32; memory: (S, B, C) encoder output codes on the cross-attention's
-        key_in grid; masks bool (True = blocked / padding). Returns (T, B, C) int32."""
+        key_in grid; masks bool (True = blocked / padding); incremental_state: fairseq's decoding
+        cache (stream is then one step, T = 1; the attentions keep their keys and values as codes
+        in it). Returns (T, B, C) int32."""
         from qswap.quant.integer import apply_lut, rescaled_sum
         for i in range(3):
             x = self.norms[i](self.norms_in[i](stream))
             if i == 0:
-                x = self.attns[0](x, self_attn_padding_mask, attn_mask=self_attn_mask)  # attn_out codes
+                x = self.attns[0](x, self_attn_padding_mask, attn_mask=self_attn_mask,
+                                  incremental_state=incremental_state)  # attn_out codes
             elif i == 1:
-                x = self.attns[1](x, encoder_padding_mask, memory=memory)  # cross_out codes
+                x = self.attns[1](x, encoder_padding_mask, memory=memory,
+                                  incremental_state=incremental_state)  # cross_out codes
             else:
                 x = self.fc2(apply_lut(self.fc1(x), self.act_table, self.act_qmin))  # ffn_out codes
             z_res, z_out = self.zero_points[i]

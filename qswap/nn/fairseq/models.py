@@ -14,13 +14,14 @@ module's children and settings, never by re-running the fairseq constructors.
 """
 from __future__ import annotations
 
+import sys
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from fairseq import utils
 from fairseq.data.data_utils import lengths_to_padding_mask
-from fairseq.models import FairseqEncoder
+from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel
 from fairseq.models.speech_to_text.s2t_conformer import S2TConformerEncoder, S2TConformerModel
 from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerEncoder, S2TTransformerModel
 from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc
@@ -264,13 +265,17 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
 @serializable(subsample=ANY, embed_zero_point=INT, stream_bits=INT, positions=Tensor("int32"), padding_idx=INT,
               layers=List(ANY), norm_in=Obj("Requant"), norms=List(Obj("IntegerLayerNorm")),
               out_grid=Either(Obj("Grid"), List(Obj("Grid"))))
-class IntegerS2TTransformerEncoder(torch.nn.Module):
+class IntegerS2TTransformerEncoder(FairseqEncoder):
     """The S2T transformer encoder on integers: subsampler, positions, layers, final norm.
-    ``quantize_input`` and ``dequantize_output`` are its declared float steps."""
+    ``input`` (a ``QuantizeStep``) is its declared float step; ``forward`` is fairseq's encoder
+    interface (float features in, an encoder_out dict of codes out), ``forward_codes`` the
+    integer part."""
 
     def __init__(self, subsample, embed_zero_point: int, stream_bits: int, positions: Tensor, padding_idx: int,
                  layers: list, norm_in, norms: list, out_grid):
-        super().__init__()
+        super().__init__(None)
+        from qswap.nn.integer_steps import QuantizeStep
+        self.input = QuantizeStep(subsample.input_grid)
         self.subsample, self.layers, self.norms = subsample, torch.nn.ModuleList(layers), torch.nn.ModuleList(norms)
         self.embed_zero_point, self.stream_bits, self.padding_idx = embed_zero_point, stream_bits, padding_idx
         self.norm_in, self.out_grid = norm_in, out_grid
@@ -278,13 +283,11 @@ class IntegerS2TTransformerEncoder(torch.nn.Module):
 
     def quantize_input(self, src_tokens: Tensor) -> Tensor:
         """Declared float step: features (B, T, C*D) onto the first conv's input grid."""
-        return self.subsample.input_grid.quantize(src_tokens)
+        return self.input(src_tokens)
 
     def forward_codes(self, codes: Tensor, src_lengths: Tensor) -> tuple:
         """codes (B, T, C*D) -> (output codes (T', B, C) (a list of them, one per output grid,
         when built with a list), padding mask (B, T'))."""
-        from fairseq import utils
-        from fairseq.data.data_utils import lengths_to_padding_mask
         from qswap.errors import IntegerizeError
         x, lengths = self.subsample(codes, src_lengths)  # (T', B, C) embed codes
         padding_mask = lengths_to_padding_mask(lengths)  # (B, T')
@@ -299,8 +302,22 @@ class IntegerS2TTransformerEncoder(torch.nn.Module):
         outs = [norm(normed) for norm in self.norms]
         return (outs if isinstance(self.out_grid, list) else outs[0]), padding_mask
 
+    def forward(self, src_tokens: Tensor, src_lengths: Tensor, **unused) -> Dict[str, List[Tensor]]:
+        """fairseq's encoder interface: {"encoder_out": codes (T', B, C) per decoder layer (its
+        key_in grid), "encoder_padding_mask": [(B, T') bool]}."""
+        outs, padding_mask = self.forward_codes(self.input(src_tokens), src_lengths)
+        return {"encoder_out": outs if isinstance(outs, list) else [outs], "encoder_padding_mask": [padding_mask]}
+
+    def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order: Tensor):
+        """Select beams (``new_order``: int64 batch indices) of the codes and the mask."""
+        return {"encoder_out": [codes.index_select(1, new_order) for codes in encoder_out["encoder_out"]],
+                "encoder_padding_mask": [m.index_select(0, new_order) for m in encoder_out["encoder_padding_mask"]]}
+
+    def max_positions(self) -> int:
+        return sys.maxsize  # the subsampled length is checked against the position table per call
+
     def dequantize_output(self, codes: Tensor) -> Tensor:
-        """Declared float step: output codes (of a single output grid) to float."""
+        """Build-time and test use: output codes (of a single output grid) to float."""
         return self.out_grid.dequantize(codes)
 
 
@@ -308,25 +325,27 @@ class IntegerS2TTransformerEncoder(torch.nn.Module):
     "quantize_input": "features (B, T, C*D) onto the first conv's input grid (encoder.subsample.input_grid)",
     "dequantize_output": "logits codes on decoder.out_grid to float, or without one the int32 accumulator times "
                          "decoder.output_projection.acc_scale (what beam search's log-softmax reads)"})
-class IntegerS2TTransformerModel(torch.nn.Module):
-    """An S2T transformer on integers, batch forward. ``forward`` returns float logits (the
-    declared end step); ``quantize_input`` / ``forward_codes`` / ``dequantize_output`` split it
-    for ``qswap.honesty.integer.check_integer``."""
+class IntegerS2TTransformerModel(FairseqEncoderDecoderModel):
+    """An S2T transformer on integers, with fairseq's encoder-decoder interface: fairseq's
+    SequenceGenerator decodes it (batch forward, incremental decoding with integer caches, beam
+    reorder). ``forward`` returns (float logits, None) through the declared end step;
+    ``get_normalized_probs`` is the float log-softmax on them (the declared step beam search
+    needs); ``quantize_input`` / ``forward_codes`` / ``dequantize_output`` split the batch forward
+    for ``qswap.honesty.integer.check_integer``.
 
-    def __init__(self, encoder: IntegerS2TTransformerEncoder, decoder):
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
+    >>> imodel = qswap.integerize(qmodel)
+    >>> SequenceGenerator([imodel], tgt_dict, beam_size=5).generate([imodel], sample)
+    """
 
     def quantize_input(self, net_input: dict) -> dict:
         return dict(net_input, src_tokens=self.encoder.quantize_input(net_input["src_tokens"]))
 
     def forward_codes(self, net_input: dict) -> Tensor:
         memory, padding = self.encoder.forward_codes(net_input["src_tokens"], net_input["src_lengths"])
-        return self.decoder(net_input["prev_output_tokens"], memory, padding)  # (B, T, V) logits codes
+        return self.decoder.forward_codes(net_input["prev_output_tokens"], memory, padding)  # (B, T, V) codes
 
     def dequantize_output(self, acc: Tensor) -> Tensor:
         return self.decoder.dequantize_output(acc)
 
-    def forward(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor) -> Tensor:
-        net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths, "prev_output_tokens": prev_output_tokens}
-        return self.dequantize_output(self.forward_codes(self.quantize_input(net_input)))
+    def max_decoder_positions(self) -> int:
+        return self.decoder.max_positions()
