@@ -83,10 +83,11 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         (constant, rounded half to even). Its two declared float steps: quantizing the features,
         dequantizing the output codes."""
         from qswap.errors import IntegerizeError
+        from qswap.nn.fairseq.layers import StreamOut, stream_to
         from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
-        from qswap.quant.integer import Grid, Requant
-        if not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding) or self.layer_norm is None:
-            raise IntegerizeError("only sinusoidal positions and a final LayerNorm have integer forms so far")
+        from qswap.quant.integer import Grid
+        if not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding):
+            raise IntegerizeError("only sinusoidal positions have integer forms so far")
         embed = Grid.of(self.embed_quant)
         scale = self.embed_scale * embed.scale * 2.0 ** -stream_bits
         with torch.no_grad():
@@ -96,12 +97,15 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         for layer in self.transformer_layers:
             layers.append(layer.to_integer(scale))
             scale = layers[-1].stream_scale
-        norm_grid = Grid.of(self.layer_norm.input_quant)
-        norm_in = Requant.from_scales(scale / norm_grid.scale, norm_grid.zero_point, norm_grid.qmin, norm_grid.qmax)
         outs = out if isinstance(out, list) else [out]
+        if self.layer_norm is None:  # post-norm: the last layer's norm accumulator is read directly
+            norm_in, norms = torch.nn.Identity(), [StreamOut(stream_to(scale, o)) for o in outs]
+        else:
+            norm_in = stream_to(scale, self.layer_norm.input_quant)
+            norms = [self.layer_norm.to_integer(o) for o in outs]
         return IntegerS2TTransformerEncoder(self.subsample.to_integer(embed), embed.zero_point, stream_bits,
                                             positions, self.embed_positions.padding_idx, layers, norm_in,
-                                            [self.layer_norm.to_integer(o) for o in outs], out)
+                                            norms, out)
 
 
 @register(S2TConformerEncoder)

@@ -251,13 +251,6 @@ def test_decoder_layers_run_on_integers_and_agree_with_fake_quant(calibrated):
         assert float((diff == 0).double().mean()) > 0.9
 
 
-def test_post_norm_layers_are_refused():
-    model, net_input = build("s2t_transformer", encoder_normalize_before=False)
-    qmodel = convert_calibrated(model, net_input)
-    with pytest.raises(IntegerizeError, match="post-norm"):
-        qmodel.encoder.transformer_layers[0].to_integer(1e-6)
-
-
 def test_the_whole_model_runs_on_integers(calibrated):
     """``qswap.integerize`` of the S2T transformer: a teacher-forced batch forward whose compute
     ops are all integer, whose logits are the fake-quant model's within the spread of near-tie
