@@ -239,6 +239,22 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
         out = super().forward(**kwargs)
         return {**out, "encoder_out": self.logits_quant(out["encoder_out"])}
 
+    def to_integer_model(self) -> "IntegerWav2VecCtc":
+        """The integer form of this CTC model (inference path): the integer wav2vec 2.0 model
+        writing onto the CTC projection's input grid, the projection onto ``logits_quant``'s grid.
+        Declared float steps: the waveform in, the logits codes out (greedy CTC takes their
+        argmax; the log-softmax stays float)."""
+        from qswap.errors import IntegerizeError
+        from qswap.nn.fairseq.wav2vec2 import QWav2Vec2Model
+        from qswap.quant.integer import Grid
+        encoder = self.w2v_encoder
+        if self.blank_weight != 0 or encoder.proj is None or not isinstance(encoder.w2v_model, QWav2Vec2Model):
+            raise IntegerizeError("only a wav2vec 2.0 CTC model with a CTC projection and blank_weight 0 has an "
+                                  "integer form so far")
+        logits = Grid.of(self.logits_quant)
+        return IntegerWav2VecCtc(encoder.w2v_model.to_integer(Grid.of(encoder.proj.input_quant)),
+                                 encoder.proj.to_integer(logits), logits)
+
     def get_logits(self, net_output, normalize: bool = False) -> Tensor:
         """net_output["encoder_out"]: (T, B, V) -> (T, B, V) logits (log-probs if normalize)."""
         logits = self.logits_quant(net_output["encoder_out"])
@@ -325,4 +341,32 @@ class IntegerS2TTransformerModel(torch.nn.Module):
 
     def forward(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor) -> Tensor:
         net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths, "prev_output_tokens": prev_output_tokens}
+        return self.dequantize_output(self.forward_codes(self.quantize_input(net_input)))
+
+
+class IntegerWav2VecCtc(torch.nn.Module):
+    """A wav2vec 2.0 CTC model on integers. ``forward`` takes fairseq's ``net_input`` and returns
+    what the fake-quant model's forward returns for greedy CTC: ``{"encoder_out": (T, B, V) float
+    logits, "padding_mask": (B, T) or None}`` (``qswap.integration.decode`` decodes it);
+    ``quantize_input`` / ``forward_codes`` / ``dequantize_output`` split it for
+    ``qswap.honesty.integer.check_integer``."""
+
+    def __init__(self, w2v_model, proj, logits_grid):
+        super().__init__()
+        self.w2v_model, self.proj, self.logits_grid = w2v_model, proj, logits_grid
+
+    def quantize_input(self, net_input: dict) -> dict:
+        """Declared float step: the waveform (B, S) onto the first conv's input grid."""
+        return dict(net_input, source=self.w2v_model.input_grid.quantize(net_input["source"]))
+
+    def forward_codes(self, net_input: dict) -> dict:
+        x, padding_mask = self.w2v_model(net_input["source"], net_input.get("padding_mask"))  # (B, T, C)
+        return {"encoder_out": self.proj(x.transpose(0, 1)), "padding_mask": padding_mask}  # (T, B, V) codes
+
+    def dequantize_output(self, out: dict) -> dict:
+        """Declared float step: the logits codes to float."""
+        return dict(out, encoder_out=self.logits_grid.dequantize(out["encoder_out"]))
+
+    def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, **kwargs) -> dict:
+        net_input = {"source": source, "padding_mask": padding_mask}
         return self.dequantize_output(self.forward_codes(self.quantize_input(net_input)))
