@@ -14,6 +14,8 @@ rounding_divide_by_pot         half away from zero           int32, never overfl
 requantize                     single: once, ties toward     int32 in, int64 product; saturates
                                +inf; double: the two above   to [qmin, qmax]
 rescaled_add                   the two above, per operand    int32, bound in its docstring
+add_constant                   constant: half to even;       int32, bound checked when built
+                               then requantize (single)
 isqrt                          floor (exact)                 int64 in [0, 2^62]
 build_lut / apply_lut          half to even (like the grid)  table of the output dtype
 integer_softmax                exp table: half to even;      int32 row sum, int64 division
@@ -255,6 +257,38 @@ def rescaled_add(qa: torch.Tensor, zp_a: int, qb: torch.Tensor, zp_b: int, param
     if params.out is None:
         raise IntegerizeError("rescaled_add needs AddParams built with an output scale")
     return params.out(rescaled_sum(qa, zp_a, qb, zp_b, params))
+
+
+CONSTANT_ADD_BITS = 16  # fraction bits of the input grid a folded constant keeps
+
+
+@dataclass(frozen=True)
+class ConstantAddParams:
+    """``codes + constant`` (a per-channel constant of the last axis, e.g. rel-pos attention's
+    ``pos_bias_u``) onto an output grid: the constant folded once onto the grid
+    ``s_in 2^-CONSTANT_ADD_BITS`` (``folded``, int32, rounded half to even), and the requantization
+    of that grid onto the output grid."""
+
+    zero_point: int
+    folded: torch.Tensor
+    out: Requant
+
+    @classmethod
+    def build(cls, grid_in: "Grid", constant: torch.Tensor, grid_out: "Grid") -> "ConstantAddParams":
+        fine = grid_in.scale * 2.0 ** -CONSTANT_ADD_BITS
+        folded = torch.round(constant.detach().double().flatten() / fine)
+        span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
+        check_bound("a constant add", (span << CONSTANT_ADD_BITS) + int(folded.abs().max()) if folded.numel() else 0)
+        return cls(grid_in.zero_point, folded.to(torch.int32),
+                   Requant.from_scales(fine / grid_out.scale, grid_out.zero_point, grid_out.qmin, grid_out.qmax))
+
+
+def add_constant(codes: torch.Tensor, params: ConstantAddParams) -> torch.Tensor:
+    """``((q - zp) << 16) + folded`` in int32 (below 2^31: checked when built, ``|q - zp| << 16`` <
+    2^24 for 8-bit codes), requantized onto the output grid (single rounding, saturating). The
+    constant's own rounding onto the fine grid moves the sum by at most 2^-17 input steps."""
+    _check_int("codes", codes)
+    return params.out((codes.to(torch.int32) - params.zero_point) * (1 << CONSTANT_ADD_BITS) + params.folded)
 
 
 # -- integer square root -------------------------------------------------------------------------------

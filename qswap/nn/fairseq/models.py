@@ -146,6 +146,42 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
                 states.append(x)
         return _encoder_out(x, padding_mask, states)
 
+    def to_integer(self, out, stream_bits: int = 16) -> "IntegerS2TTransformerEncoder":
+        """The integer form of this encoder writing codes of ``out`` (a grid, or a list of grids:
+        one per decoder layer's ``key_in``). As the transformer encoder's: the embedded features
+        enter an int32 stream exactly, absolute positions folded onto it (rel_pos: none; the table
+        goes to each layer's attention), then ``linear`` (its int32 accumulator is the stream the
+        first layer reads), the conformer layers, each reader requantizing the last layer's norm
+        accumulator. Rotary attention has no integer form yet."""
+        from qswap.errors import IntegerizeError
+        from qswap.nn.fairseq.layers import StreamOut, stream_to
+        from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
+        from qswap.quant.integer import Grid
+        if self.pos_enc_type not in ("abs", "rel_pos") or (
+                self.pos_enc_type == "abs" and not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding)):
+            raise IntegerizeError(f"conformer positions {self.pos_enc_type!r} have no integer form yet "
+                                  f"(integerized: abs with sinusoidal positions, rel_pos)")
+        if not callable(getattr(self.subsample, "to_integer", None)):
+            raise IntegerizeError(f"subsample ({type(self.subsample).__name__}): no integer form yet")
+        embed = Grid.of(self.embed_quant)
+        scale = self.embed_scale * embed.scale * 2.0 ** -stream_bits
+        positions, extra = None, {}
+        with torch.no_grad():
+            if self.pos_enc_type == "abs":
+                table = self.embed_positions.weights_quant(self.embed_positions.weights)
+                positions = torch.round(table.double() / scale).to(torch.int32)  # (P, C)
+            else:
+                extra = {"pos_table": self.embed_positions.pe}
+        linear = self.linear.to_integer(None)
+        entry = torch.nn.Sequential(StreamOut(stream_to(scale, self.linear.input_quant)), linear)
+        scale, layers = linear.stream_scale, []
+        for layer in self.conformer_layers:
+            layers.append(layer.to_integer(scale, **extra))
+            scale = layers[-1].stream_scale
+        outs = [StreamOut(stream_to(scale, o)) for o in (out if isinstance(out, list) else [out])]
+        return IntegerS2TTransformerEncoder(self.subsample.to_integer(embed), embed.zero_point, stream_bits, positions,
+                                            self.padding_idx, layers, torch.nn.Identity(), outs, out, entry=entry)
+
 
 class _QuantizedLogits:
     """``get_normalized_probs`` on logits quantized by ``self.logits_quant``. ``forward``
@@ -208,6 +244,8 @@ class QS2TConformerModel(QuantModule, _QuantizedLogits, S2TConformerModel):
     @classmethod
     def from_float(cls, module: S2TConformerModel, config: QuantConfig):
         return cls(module, config)
+
+    to_integer_model = QS2TTransformerModel.to_integer_model  # integer conformer encoder, the same decoder
 
 
 @register(Wav2VecCtc)
@@ -281,16 +319,17 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
 class IntegerS2TTransformerEncoder(torch.nn.Module):
-    """The S2T transformer encoder on integers: subsampler, positions, layers, final norm.
-    ``quantize_input`` and ``dequantize_output`` are its declared float steps."""
+    """An S2T encoder on integers: subsampler, positions, (the conformer's ``linear``: ``entry``),
+    layers, final norm (or the readers of the last layer's stream). ``quantize_input`` and
+    ``dequantize_output`` are its declared float steps."""
 
-    def __init__(self, subsample, embed_zero_point: int, stream_bits: int, positions: Tensor, padding_idx: int,
-                 layers: list, norm_in, norms: list, out_grid):
+    def __init__(self, subsample, embed_zero_point: int, stream_bits: int, positions: Optional[Tensor],
+                 padding_idx: int, layers: list, norm_in, norms: list, out_grid, entry=None):
         super().__init__()
         self.subsample, self.layers, self.norms = subsample, torch.nn.ModuleList(layers), torch.nn.ModuleList(norms)
         self.embed_zero_point, self.stream_bits, self.padding_idx = embed_zero_point, stream_bits, padding_idx
-        self.norm_in, self.out_grid = norm_in, out_grid
-        self.register_buffer("positions", positions)  # (P, C) int32 on the stream grid
+        self.norm_in, self.out_grid, self.entry = norm_in, out_grid, entry  # entry: the conformer's linear
+        self.register_buffer("positions", positions)  # (P, C) int32 on the stream grid, or None (rel_pos)
 
     def quantize_input(self, src_tokens: Tensor) -> Tensor:
         """Declared float step: features (B, T, C*D) onto the first conv's input grid."""
@@ -304,11 +343,15 @@ class IntegerS2TTransformerEncoder(torch.nn.Module):
         from qswap.errors import IntegerizeError
         x, lengths = self.subsample(codes, src_lengths)  # (T', B, C) embed codes
         padding_mask = lengths_to_padding_mask(lengths)  # (B, T')
-        positions = utils.make_positions(padding_mask, self.padding_idx)  # (B, T')
-        if int(positions.max()) >= self.positions.shape[0]:
-            raise IntegerizeError(f"{x.shape[0]} frames after subsampling exceed the integer position table "
-                                  f"({self.positions.shape[0] - self.padding_idx - 1}); rebuild it longer")
-        stream = ((x.to(torch.int32) - self.embed_zero_point) << self.stream_bits) + self.positions[positions.T]
+        stream = (x.to(torch.int32) - self.embed_zero_point) << self.stream_bits
+        if self.positions is not None:
+            positions = utils.make_positions(padding_mask, self.padding_idx)  # (B, T')
+            if int(positions.max()) >= self.positions.shape[0]:
+                raise IntegerizeError(f"{x.shape[0]} frames after subsampling exceed the integer position table "
+                                      f"({self.positions.shape[0] - self.padding_idx - 1}); rebuild it longer")
+            stream = stream + self.positions[positions.T]
+        if self.entry is not None:
+            stream = self.entry(stream)
         for layer in self.layers:
             stream = layer(stream, padding_mask)  # (T', B, C) int32
         normed = self.norm_in(stream)

@@ -23,7 +23,7 @@ from fairseq.models.wav2vec.wav2vec2 import (
     TransformerSentenceEncoderWithAdapterLayer,
     Wav2Vec2Model,
 )
-from fairseq.modules import GradMultiply, SamePad, TransposeLast
+from fairseq.modules import GradMultiply
 from fairseq.models.wav2vec.utils import pad_to_multiple
 from fairseq.utils import index_put
 
@@ -159,6 +159,7 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         onto ``pos_conv_out``'s grid, ``x + pos_conv(x)`` as a rescaled sum, the encoder norm
         (post-norm: first, as the stream; pre-norm: last, onto ``out``), the layers."""
         from qswap.errors import IntegerizeError
+        from qswap.nn.fairseq.chain import integer_chain
         from qswap.nn.fairseq.layers import StreamOut, stream_to
         from qswap.quant.integer import AddParams, Grid
         if not (isinstance(self.pos_conv, torch.nn.Sequential) and len(self.pos_conv) == 3):
@@ -238,6 +239,7 @@ class QWav2Vec2Model(QuantModule):
         tables (``integer_chain``), the feature LayerNorm onto the feature projection's input
         grid, the projection's int32 accumulator as the encoder's input stream (without a
         projection: the norm's accumulator), the encoder."""
+        from qswap.nn.fairseq.chain import integer_chain
         from qswap.quant.integer import Grid
         if self.post_extract_proj is None:  # the norm's accumulator is the encoder's input stream
             norm = self.layer_norm.to_integer(None)
@@ -308,39 +310,6 @@ def feature_padding_mask(conv_strides: tuple, padding_mask: torch.Tensor, frames
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
-
-_MOVES_DATA = (SamePad, TransposeLast)  # applied as they are to codes: slicing, transposing
-
-
-def _ops(module: torch.nn.Module, prefix: str):
-    """(name, module) of the ops below ``module`` in order: counterparts and leaves, not their insides."""
-    for name, child in module.named_children():
-        if isinstance(child, QuantModule) or not list(child.children()):
-            yield prefix + name, child
-        else:
-            yield from _ops(child, f"{prefix}{name}.")
-
-
-def integer_chain(container: torch.nn.Module, out) -> torch.nn.Sequential:
-    """The integer forms of ``container``'s leaf modules in order (wav2vec 2.0's feature extractor
-    blocks, its positional conv): each op writes codes onto the input grid of the next op that
-    has one (the last onto ``out``); dropout is skipped, ``SamePad`` / ``TransposeLast`` (they only
-    move data) are kept as they are. Raises ``IntegerizeError`` naming a leaf without an integer
-    form."""
-    from qswap.errors import IntegerizeError
-    from qswap.quant.integer import Grid
-    leaves = [(name, m) for name, m in _ops(container, "") if not isinstance(m, torch.nn.Dropout)]
-    forms = []
-    for i, (name, m) in enumerate(leaves):
-        if isinstance(m, _MOVES_DATA):
-            forms.append(m)
-            continue
-        if not callable(getattr(m, "to_integer", None)):
-            raise IntegerizeError(f"{name} ({type(m).__name__}): no integer form yet")
-        nxt = next((n for _, n in leaves[i + 1:] if hasattr(n, "input_quant")), None)
-        forms.append(m.to_integer(out if nxt is None else Grid.of(nxt.input_quant)))
-    return torch.nn.Sequential(*forms)
-
 
 class IntegerWav2Vec2TransformerEncoder(torch.nn.Module):
     """wav2vec 2.0's transformer encoder on integers: int32 stream (B, T, C) in, codes out."""
