@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from qswap.errors import IntegerizeError
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.integer import (INT32_MAX, INT32_MIN, ISQRT_MAX, AddParams, GluParams, Grid, GroupNormParams,
-                                 LayerNormParams, integer_group_norm, integer_layer_norm_acc,
+                                 ConstantAddParams, LayerNormParams, add_constant, integer_group_norm,
+                                 integer_layer_norm_acc,
                                  Requant, SoftmaxParams, apply_lut, build_lut, integer_glu, integer_layer_norm,
                                  integer_softmax, isqrt, quantize_multiplier, requantize, rescaled_add,
                                  rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
@@ -337,6 +338,35 @@ def test_integer_layer_norm_acc_is_what_it_requantizes():
     bare = LayerNormParams(params.eps_int, params.gamma, params.beta, None, params.acc_scale)
     with pytest.raises(IntegerizeError, match="output grid"):
         integer_layer_norm(codes, bare)
+
+
+# -- constant add -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_add_constant_agrees_with_the_fake_quant_add(seed):
+    """``q + u`` (rel-pos attention's bias) onto an output grid: the constant folded 2^-16 of an
+    input step, one rounding; off the fake-quant codes only within 1e-4 of a tie."""
+    torch.manual_seed(seed)
+    x, u = torch.randn(30, 16) * 2, torch.randn(16) * 0.7
+    q_in = grid_of(x)
+    q_out = grid_of(q_in(x) + u)
+    params = ConstantAddParams.build(Grid.of(q_in), u, Grid.of(q_out))
+    codes = add_constant(Grid.of(q_in).quantize(x), params)
+    reference = Grid.of(q_out).quantize(q_out(q_in(x) + u))
+    exact = (q_in(x).double() + u.double()) / Grid.of(q_out).scale
+    diff = (codes.long() - reference.long()).abs()
+    assert int(diff.max()) <= 1
+    frac = (exact - exact.floor() - 0.5).abs()
+    assert bool((frac[diff > 0] < 1e-4).all())
+
+
+def test_add_constant_bound():
+    """``|q - zp| << 16`` plus the folded constant must stay in int32: a constant of 2^15 input
+    steps is refused."""
+    grid = Grid(1.0, 0, -128, 127)
+    ConstantAddParams.build(grid, torch.tensor([2.0 ** 14]), grid)
+    with pytest.raises(IntegerizeError, match="constant add"):
+        ConstantAddParams.build(grid, torch.tensor([2.0 ** 15]), grid)
 
 
 # -- GroupNorm ----------------------------------------------------------------------------------------
