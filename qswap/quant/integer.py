@@ -569,12 +569,13 @@ GN_MAX_ELEMENTS = 2 ** 22  # values normalized together (a group's channels time
 @dataclass(frozen=True)
 class GroupNormParams:
     """Integer GroupNorm constants for (B, C, ...) codes in ``groups`` groups of channels: the
-    epsilon in code units ``eps / s_in^2`` as an exact fraction (each call rounds
-    ``N^2 eps / s_in^2`` for its group size N in Python integers), per-channel ``gamma`` codes and
-    ``beta`` on the affine accumulator's grid (as ``LayerNormParams``), the requantization."""
+    epsilon in code units ``eps / s_in^2`` as an exact ratio of integers ``eps_ratio`` (each call
+    rounds ``N^2 eps / s_in^2`` for its group size N in Python integers), the input code span,
+    per-channel ``gamma`` codes and ``beta`` on the affine accumulator's grid (as
+    ``LayerNormParams``), the requantization (None: the accumulator)."""
 
     groups: int
-    eps_units: Fraction
+    eps_ratio: tuple[int, int]
     span: int
     gamma: torch.Tensor
     beta: torch.Tensor
@@ -588,7 +589,7 @@ class GroupNormParams:
             raise IntegerizeError(f"GroupNorm of {channels} channels in {groups} groups: not a whole number per group")
         acc_scale, beta_int, out = _affine_constants(channels, gamma_scale, beta, grid_out)
         eps_units = Fraction(eps) / (Fraction(grid_in.scale) ** 2)
-        return cls(groups, eps_units, grid_in.qmax - grid_in.qmin, gamma_codes.to(torch.int32), beta_int, out,
+        return cls(groups, (eps_units.numerator, eps_units.denominator), grid_in.qmax - grid_in.qmin, gamma_codes.to(torch.int32), beta_int, out,
                    acc_scale)
 
 
@@ -612,7 +613,7 @@ def integer_group_norm(codes: torch.Tensor, params: GroupNormParams) -> torch.Te
     n = q.shape[-1]
     if n > GN_MAX_ELEMENTS:
         raise IntegerizeError(f"integer_group_norm normalizes at most {GN_MAX_ELEMENTS} values per group, got {n}")
-    eps_int = round(params.eps_units * n * n)
+    eps_int = round(Fraction(*params.eps_ratio) * n * n)
     bound = (n * n * params.span * params.span) // 4 + eps_int
     sqrt_bits = max(0, min(_LN_SQRT_BITS, (62 - bound.bit_length()) // 2))
     y = _normalized(q, eps_int, sqrt_bits).reshape(codes.shape)  # (B, C, ...)

@@ -404,7 +404,7 @@ def test_integer_group_norm_of_one_group_per_row_is_the_layer_norm():
     and the same eps (rounded half to even): the same codes."""
     codes, params, _ = group_norm_case(8, steps=64)
     ln = LayerNormParams.build(64, 1e-5, 1.0, params.gamma[:1].expand(64), 1.0, None, None)
-    gn = GroupNormParams(8, Fraction(ln.eps_int, 64 * 64), params.span, params.gamma[:1].expand(8).contiguous(),
+    gn = GroupNormParams(8, (ln.eps_int, 64 * 64), params.span, params.gamma[:1].expand(8).contiguous(),
                          torch.zeros(8, dtype=torch.int32), None, 1.0)
     assert torch.equal(integer_group_norm(codes, gn), integer_layer_norm_acc(codes, ln))
 

@@ -278,10 +278,15 @@ class IntegerRelPosAttention(torch.nn.Module):
     def __init__(self, num_heads: int, projections: list, bias_u, bias_v, table: Tensor, pos_proj, bd,
                  zero_points: tuple, core, out_proj):
         super().__init__()
-        self.h, (self.q_proj, self.k_proj, self.v_proj) = num_heads, projections
+        self.num_heads = self.h = num_heads
+        self.q_proj, self.k_proj, self.v_proj = projections
         self.bias_u, self.bias_v, self.bd, self.zero_points = bias_u, bias_v, bd, zero_points
         self.pos_proj, self.core, self.out_proj = pos_proj, core, out_proj
         self.register_buffer("table", table)  # (2L-1, C) codes of the position table
+
+    @property
+    def projections(self) -> list:
+        return [self.q_proj, self.k_proj, self.v_proj]
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """x: (T, B, C) input codes; key_padding_mask: (B, T). Returns (T, B, C) codes."""

@@ -333,6 +333,10 @@ class IntegerPostNormEncoderLayer(torch.nn.Module):
         self.register_buffer("act_table", act[0])
         self.stream_scale = norm2.stream_scale
 
+    @property
+    def act(self) -> tuple:
+        return self.act_table, self.act_qmin
+
     def forward(self, stream: Tensor, encoder_padding_mask: Optional[Tensor]) -> Tensor:
         """stream: (T, B, C) int32; encoder_padding_mask: (B, T) bool or None. Returns (T, B, C) int32."""
         from qswap.quant.integer import apply_lut, rescaled_sum

@@ -169,11 +169,10 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         residual, conv_out = Grid.of(self.pos_residual_quant), Grid.of(self.pos_conv_out_quant)
         add = AddParams.build(residual.scale, conv_out.scale)
         scale = add.sum_scale
-        norm = None
+        norm_in = norm = None
         if not self.layer_norm_first:
-            norm = self.layer_norm.to_integer(None)
-            norm = (stream_to(scale, self.layer_norm.input_quant), norm)
-            scale = norm[1].stream_scale
+            norm_in, norm = stream_to(scale, self.layer_norm.input_quant), self.layer_norm.to_integer(None)
+            scale = norm.stream_scale
         layers = []
         for layer in self.layers:
             layers.append(layer.to_integer(scale))
@@ -185,7 +184,7 @@ class QWav2Vec2TransformerEncoder(QuantModule):
             final = StreamOut(stream_to(scale, out))
         return IntegerWav2Vec2TransformerEncoder(
             stream_to(stream_scale, self.pos_residual_quant), stream_to(stream_scale, first.input_quant),
-            integer_chain(self.pos_conv, conv_out), add, (residual.zero_point, conv_out.zero_point), norm,
+            integer_chain(self.pos_conv, conv_out), add, (residual.zero_point, conv_out.zero_point), norm_in, norm,
             layers, final, self.required_seq_len_multiple)
 
 
@@ -314,12 +313,12 @@ def feature_padding_mask(conv_strides: tuple, padding_mask: torch.Tensor, frames
 class IntegerWav2Vec2TransformerEncoder(torch.nn.Module):
     """wav2vec 2.0's transformer encoder on integers: int32 stream (B, T, C) in, codes out."""
 
-    def __init__(self, residual_in, conv_in, pos_conv, add, zero_points: tuple, norm, layers: list, final,
+    def __init__(self, residual_in, conv_in, pos_conv, add, zero_points: tuple, norm_in, norm, layers: list, final,
                  seq_multiple: int):
         super().__init__()
         self.residual_in, self.conv_in, self.pos_conv, self.add = residual_in, conv_in, pos_conv, add
         self.zero_points, self.seq_multiple, self.final = zero_points, seq_multiple, final
-        self.norm_in, self.norm = (None, None) if norm is None else norm
+        self.norm_in, self.norm = norm_in, norm  # post-norm: the encoder norm before the layers; else None
         self.layers = torch.nn.ModuleList(layers)
 
     def forward(self, stream: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
