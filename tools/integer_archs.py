@@ -118,7 +118,7 @@ def model_rows() -> list:
     for recipe in RECIPES:
         rows.append(_s2t("s2t_transformer, post-norm encoder (2+2 layers, dim 64)",
                          lambda: build_s2t_transformer(encoder_normalize_before=False), recipe))
-    for label, over in (("rel_pos", {}), ("ESPnet abs", {"pos_enc_type": "abs"}),
+    for label, over in (("rel_pos", {}), ("rope", {"pos_enc_type": "rope"}), ("ESPnet abs", {"pos_enc_type": "abs"}),
                         ("fairseq attention, abs", {"pos_enc_type": "abs", "attn_type": None})):
         for recipe in RECIPES:
             rows.append(_s2t(f"s2t_conformer, {label} (2+2 layers, dim 64)",

@@ -32,6 +32,8 @@ from qswap.nn.fairseq.attention import Projection, attention_core
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
 
+ROPE_POSITIONS = 2048  # frames of an integer rotary table: the integer softmax's longest row
+
 
 def rel_shift(x: Tensor, zero_triu: bool = False) -> Tensor:
     """(B, H, T, 2T-1) -> (B, H, T, T): score of query i and key j at relative offset i-j (moves
@@ -232,6 +234,41 @@ class QRotaryPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         v = self.linear_v(xv, vq)
         return self._attend(q, k, v, key_padding_mask), None
 
+    def to_integer(self, out, max_positions: int = ROPE_POSITIONS) -> "IntegerRotaryAttention":
+        """The integer form of this self-attention writing codes of ``out``, for up to
+        ``max_positions`` frames. The cos and signed-sin tables (fairseq's formula, computed here
+        for ``max_positions`` rows without touching the module's cache) are quantized once by
+        ``rotary_table``'s quantizers; the fake-quant model derives that grid from the table cached
+        for the longest input it has seen (the cos grid is the same, max |cos| = cos 0; the sin
+        grid's max is within 1e-4 of 1 from 12 positions on). The rotation: ``(x - zp) * cos`` and
+        ``swapped(x - zp) * sin`` in int32, requantized onto ``rope_cos`` / ``rope_sin``'s grids
+        (per position when the table grid is per channel), a rescaled add onto ``rope_out``'s."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import AddParams, Grid, Requant, weight_codes
+        if self.rotary_ndims != self.d_k:
+            raise IntegerizeError("rotary attention over part of the head (rotary_ndims < d_k) has no integer form yet")
+        with torch.no_grad():
+            t = torch.arange(max_positions).type_as(self.rotary_emb.inv_freq)
+            freqs = torch.einsum("i,j->ij", t, self.rotary_emb.inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1).view(max_positions, 1, 1, -1)  # (L, 1, 1, D)
+            half = emb.size(-1) // 2
+            sin = emb.sin()
+            cos_codes, cos_scale = weight_codes(self.cos_quant, emb.cos())
+            sin_codes, sin_scale = weight_codes(self.sin_quant, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
+        grid_in, rope_out = Grid.of(self.input_quant), Grid.of(self.rope_out_quant)
+        rope_cos, rope_sin = Grid.of(self.rope_cos_quant), Grid.of(self.rope_sin_quant)
+        rotate = [Requant.from_scales(grid_in.scale * scale / g.scale, g.zero_point, g.qmin, g.qmax)
+                  for scale, g in ((cos_scale, rope_cos), (sin_scale, rope_sin))]
+        add = AddParams.build(rope_cos.scale, rope_sin.scale, *_out_of(rope_out))
+        core = self.core.to_integer(self.d_k ** -0.5, Grid.of(self.linear_out.input_quant))
+        projections = [self.linear_q.to_integer(rope_out, Grid.of(self.core.q_quant)),
+                       self.linear_k.to_integer(rope_out, Grid.of(self.core.k_quant)),
+                       self.linear_v.to_integer(grid_in, Grid.of(self.core.v_quant))]
+        return IntegerRotaryAttention(self.h, projections, cos_codes.reshape(max_positions, -1),
+                                      sin_codes.reshape(max_positions, -1), rotate, add,
+                                      (grid_in.zero_point, rope_cos.zero_point, rope_sin.zero_point), core,
+                                      self.linear_out.to_integer(out))
+
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
@@ -305,4 +342,51 @@ class IntegerRelPosAttention(torch.nn.Module):
         bd = self.bd(rel_shift(torch.matmul(qv, pp))).reshape(bsz * self.h, t, t)  # (B*H, T, T) codes
         k, v = (split_heads(proj(x), self.h) for proj in (self.k_proj, self.v_proj))  # (B*H, T, D)
         context = self.core(split_heads(q_u, self.h), k, v, bd, _blocked(key_padding_mask, bsz, self.h))
+        return self.out_proj(merge_heads(context, bsz))  # (T, B, C)
+
+
+class IntegerRotaryAttention(torch.nn.Module):
+    """Rotary self-attention on codes (see ``QRotaryPositionMultiHeadedAttention.to_integer``)."""
+
+    def __init__(self, num_heads: int, projections: list, cos: Tensor, sin: Tensor, rotate: list, add,
+                 zero_points: tuple, core, out_proj):
+        super().__init__()
+        self.num_heads, self.rotate, self.add, self.zero_points = num_heads, rotate, add, zero_points
+        self.q_proj, self.k_proj, self.v_proj = projections
+        self.core, self.out_proj = core, out_proj
+        self.register_buffer("cos", cos)  # (L, D) codes
+        self.register_buffer("sin", sin)  # (L, D) codes, rotate_half's sign folded in
+
+    @property
+    def projections(self) -> list:
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+    def _rotated(self, x: Tensor) -> Tensor:
+        """x: (T, B, C) input codes -> (T, B, C) rope_out codes."""
+        from dataclasses import replace
+
+        from qswap.quant.integer import rescaled_add
+        t, bsz, c = x.shape
+        h = self.num_heads
+        z_in, z_cos, z_sin = self.zero_points
+        xh = (x.to(torch.int32) - z_in).view(t, bsz, h, c // h)  # (T, B, H, D)
+        half = xh.size(-1) // 2
+        swapped = torch.cat([xh[..., half:], xh[..., :half]], dim=-1)  # rotate_half without the sign
+        parts = []
+        for table, requant, operand in ((self.cos, self.rotate[0], xh), (self.sin, self.rotate[1], swapped)):
+            if isinstance(requant.m0, Tensor) and requant.m0.numel() > 1:  # per position
+                requant = replace(requant, m0=requant.m0[:t], shift=requant.shift[:t])
+            parts.append(requant(operand * table[:t].to(torch.int32).view(t, 1, 1, -1), axis=0))
+        return rescaled_add(parts[0], z_cos, parts[1], z_sin, self.add).flatten(2)
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """x: (T, B, C) input codes; key_padding_mask: (B, T). Returns (T, B, C) codes."""
+        from qswap.errors import IntegerizeError
+        t, bsz, _ = x.shape
+        if t > self.cos.shape[0]:
+            raise IntegerizeError(f"{t} frames exceed the integer rotary table ({self.cos.shape[0]}); rebuild it longer")
+        r = self._rotated(x)
+        q, k = split_heads(self.q_proj(r), self.num_heads), split_heads(self.k_proj(r), self.num_heads)
+        v = split_heads(self.v_proj(x), self.num_heads)  # (B*H, T, D)
+        context, _ = self.core(q, k, v, _blocked(key_padding_mask, bsz, self.num_heads))
         return self.out_proj(merge_heads(context, bsz))  # (T, B, C)

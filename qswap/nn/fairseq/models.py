@@ -152,15 +152,13 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
         enter an int32 stream exactly, absolute positions folded onto it (rel_pos: none; the table
         goes to each layer's attention), then ``linear`` (its int32 accumulator is the stream the
         first layer reads), the conformer layers, each reader requantizing the last layer's norm
-        accumulator. Rotary attention has no integer form yet."""
+        accumulator. Rotary attention: no positions added, each attention rotates its input."""
         from qswap.errors import IntegerizeError
         from qswap.nn.fairseq.layers import StreamOut, stream_to
         from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
         from qswap.quant.integer import Grid
-        if self.pos_enc_type not in ("abs", "rel_pos") or (
-                self.pos_enc_type == "abs" and not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding)):
-            raise IntegerizeError(f"conformer positions {self.pos_enc_type!r} have no integer form yet "
-                                  f"(integerized: abs with sinusoidal positions, rel_pos)")
+        if self.pos_enc_type == "abs" and not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding):
+            raise IntegerizeError("conformer abs positions other than sinusoidal have no integer form yet")
         if not callable(getattr(self.subsample, "to_integer", None)):
             raise IntegerizeError(f"subsample ({type(self.subsample).__name__}): no integer form yet")
         embed = Grid.of(self.embed_quant)
@@ -170,7 +168,7 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
             if self.pos_enc_type == "abs":
                 table = self.embed_positions.weights_quant(self.embed_positions.weights)
                 positions = torch.round(table.double() / scale).to(torch.int32)  # (P, C)
-            else:
+            elif self.pos_enc_type == "rel_pos":
                 extra = {"pos_table": self.embed_positions.pe}
         linear = self.linear.to_integer(None)
         entry = torch.nn.Sequential(StreamOut(stream_to(scale, self.linear.input_quant)), linear)

@@ -1,5 +1,5 @@
 """Integer execution of the S2T conformer (issue 16): each block of each conformer layer (the
-half-step feed-forwards, ESPnet abs / rel_pos and fairseq's attention, the convolution module)
+half-step feed-forwards, ESPnet abs / rel_pos / rope and fairseq's attention, the convolution module)
 against the fake-quant block on the same input codes, whole layers, and ``qswap.integerize`` of
 small and registered fairseq conformers (its decoder is the transformer decoder's integer form)."""
 import pytest
@@ -15,8 +15,8 @@ from qswap.models import build_s2t_registered, s2t_net_input  # noqa: E402
 from qswap.nn.fairseq.conformer import IntegerConformerLayer  # noqa: E402
 from qswap.quant.integer import Grid, Requant  # noqa: E402
 
-ATTENTIONS = {"rel_pos": {}, "espnet_abs": {"pos_enc_type": "abs"}, "fairseq_abs": {"pos_enc_type": "abs",
-                                                                                   "attn_type": None}}
+ATTENTIONS = {"rel_pos": {}, "rope": {"pos_enc_type": "rope"}, "espnet_abs": {"pos_enc_type": "abs"},
+              "fairseq_abs": {"pos_enc_type": "abs", "attn_type": None}}
 RECIPES = ("w8a8", "w8a8_per_channel", "w4a8")
 STREAM_BITS = 16
 
@@ -58,7 +58,8 @@ def test_each_block_on_the_fake_quant_codes_gives_its_codes(attention, recipe):
     """Given the codes the fake-quant layer rounds at a block's input, the integer block writes
     the codes it rounds at the block's output: within one step on near-ties (float32 LayerNorm,
     softmax and requantization products in fake-quant, fixed point here; the relative-position
-    biases folded onto a grid 2^-16 of q's; measured >= 99 % equal)."""
+    biases folded onto a grid 2^-16 of q's; the rotary sin table's grid taken over 2048 positions,
+    the fake-quant one over the positions it has cached; measured >= 99 % equal)."""
     qmodel, net_input = small(attention, recipe)
     pos_table = getattr(qmodel.encoder.embed_positions, "pe", None)
     for layer, _, mask, _ in layer_inputs(qmodel, net_input):
@@ -79,7 +80,9 @@ def test_each_block_on_the_fake_quant_codes_gives_its_codes(attention, recipe):
             diff = (out.long() - codes[site].long()).abs()
             # the convolution module chains seven ops: a GLU gate near-tie (2^-15 table) moves the
             # depthwise conv's and BatchNorm's outputs in every tap it reaches (measured >= 91 %)
-            steps, equal = (2, 0.85) if site == "conv_out" else (1, 0.99)
+            # rope: a rotation near-tie (one code in 2000, test below) moves a q and a k row, so every
+            # score of its head (measured >= 95.8 %)
+            steps, equal = (2, 0.85) if site == "conv_out" else (1, 0.9 if attention == "rope" else 0.99)
             assert int(diff.max()) <= steps, site
             assert float((diff == 0).double().mean()) > equal, site
 
@@ -108,7 +111,7 @@ def test_each_convolution_module_op_gives_the_fake_quant_codes(recipe):
 def test_conformer_layers_agree_with_fake_quant(attention):
     """From the fake-quant layer's input, the integer layer's output stream on the next reader's
     grid (the next layer's first norm, or the first decoder layer's key grid): near-tie flips
-    spread by the later blocks (measured >= 93 % equal, <= 2 steps)."""
+    spread by the later blocks (asserted: > 90 % equal, rope > 85 %, <= 3 steps)."""
     qmodel, net_input = small(attention, "w8a8")
     runs = layer_inputs(qmodel, net_input)
     layers = qmodel.encoder.conformer_layers
@@ -124,7 +127,7 @@ def test_conformer_layers_agree_with_fake_quant(attention):
         codes = Requant.from_scales(integer.stream_scale / grid.scale, grid.zero_point, grid.qmin, grid.qmax)(stream)
         diff = (codes.long() - grid.quantize(out).long()).abs()
         assert int(diff.max()) <= 3
-        assert float((diff == 0).double().mean()) > 0.9
+        assert float((diff == 0).double().mean()) > (0.85 if attention == "rope" else 0.9)  # rope: 89.3 % measured
 
 
 def assert_close_to_fake_quant(qmodel, imodel, net_input, steps: int, tokens_equal: float) -> None:
@@ -159,6 +162,7 @@ REGISTERED = {  # fairseq's registered s2t_conformer (abs positions, fairseq att
     "s2t_conformer": {},
     "espnet_abs": {"attn_type": "espnet", "pos_enc_type": "abs"},
     "espnet_rel_pos": {"attn_type": "espnet", "pos_enc_type": "rel_pos"},
+    "espnet_rope": {"attn_type": "espnet", "pos_enc_type": "rope"},
 }
 
 
@@ -175,9 +179,36 @@ def test_registered_conformers_run_on_integers(name):
     assert report.ok, [str(r) for r in report.findings[:5]]
 
 
-def test_rotary_attention_is_refused_by_name():
-    qmodel, _ = small("rel_pos", "w8a8")
-    model, net_input = build("s2t_conformer", pos_enc_type="rope")
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_rotation_gives_the_fake_quant_codes(recipe):
+    """The integer rotation (cos and signed-sin products requantized, a rescaled add) on the
+    fake-quant attention input codes writes its ``rope_out`` codes within one step on near-ties
+    (measured >= 99.9 % equal)."""
+    qmodel, net_input = small("rope", recipe)
+    attention = qmodel.encoder.conformer_layers[0].self_attn
+    codes = record(qmodel, net_input, {"in": attention.input_quant, "out": attention.rope_out_quant})
+    integer = attention.to_integer(Grid.of(qmodel.encoder.conformer_layers[0].attn_out_quant))
+    diff = (integer._rotated(codes["in"]).long() - codes["out"].long()).abs()
+    assert int(diff.max()) <= 1 and float((diff == 0).double().mean()) > 0.995
+
+
+def test_a_conv2d_subsampler_is_refused_by_name():
+    """``conv_version="convtransformer"`` (fairseq's Conv2dSubsampler) has no integer form yet."""
+    model, net_input = build("s2t_conformer", conv_version="convtransformer")
     qmodel = convert_calibrated(model, net_input)
-    with pytest.raises(IntegerizeError, match="rope"):
+    with pytest.raises(IntegerizeError, match="subsample"):
         qswap.integerize(qmodel)
+
+
+def test_building_the_rotary_form_leaves_the_model_as_it_was():
+    """The integer rotary tables are computed apart: the fake-quant attention's cached table (whose
+    length sets its sin grid) is not grown to the integer table's 2048 positions."""
+    qmodel, net_input = small("rope", "w8a8")
+    attention = qmodel.encoder.conformer_layers[0].self_attn
+    cached = attention.rotary_emb.seq_len_cached
+    with torch.no_grad():
+        before = qmodel(**net_input)[0]
+    qswap.integerize(qmodel)
+    with torch.no_grad():
+        after = qmodel(**net_input)[0]
+    assert attention.rotary_emb.seq_len_cached == cached and torch.equal(before, after)
