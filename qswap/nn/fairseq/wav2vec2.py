@@ -163,7 +163,7 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         from qswap.nn.fairseq.layers import StreamOut, stream_to
         from qswap.quant.integer import AddParams, Grid
         if not (isinstance(self.pos_conv, torch.nn.Sequential) and len(self.pos_conv) == 3):
-            raise IntegerizeError("only the single weight-normed positional conv (conv_pos_layers=1, no batch "
+            raise IntegerizeError("only the single weight-normed positional conv (pos_conv_depth=1, no batch "
                                   "norm) has an integer form so far")
         first = next(m for m in self.pos_conv if hasattr(m, "input_quant"))
         residual, conv_out = Grid.of(self.pos_residual_quant), Grid.of(self.pos_conv_out_quant)
