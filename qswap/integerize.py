@@ -1,15 +1,18 @@
 """``qswap.integerize``: a calibrated qswap model as integer forms (issue 16, work in progress).
 
-What runs today: a converted fairseq S2T transformer (pre-norm; a batch, teacher-forced
-forward: ``QS2TTransformerModel.to_integer_model``), and an ``nn.Sequential`` chain of counterparts
+What runs today: a converted fairseq S2T transformer (pre- or post-norm encoder, pre-norm
+decoder; a batch, teacher-forced forward: ``QS2TTransformerModel.to_integer_model``), the S2T
+conformer (abs or rel_pos positions; ``QS2TConformerModel.to_integer_model``), wav2vec 2.0 CTC
+(``QWav2VecCtc.to_integer_model``: waveform in, logits for greedy CTC out), and an
+``nn.Sequential`` chain of counterparts
 with integer forms (``QLinear``, ``QConv1d``/``QConv2d``, ``QLayerNorm``, elementwise
 activations, ``QGLU``, ``QSoftmax``; ``QEmbedding`` first), ending in a ``QLinear``. Each op writes codes directly onto the grid of the next op's input
 quantizer (the grid the fake-quant model rounds onto there), so codes flow from op to op with
 no float in between. There are two declared float steps, one at each end: quantizing the
 input onto the first op's input grid, and scaling the last linear's int32 accumulator to float.
 
-Every other model (the conformer and wav2vec2 among them) raises ``IntegerizeError`` naming
-each module that has no integer form yet.
+Every other model raises ``IntegerizeError`` naming each module that has no integer form yet
+(and a whole model names the part it cannot integerize: rotary attention, a post-norm decoder...).
 
 >>> imodel = qswap.integerize(qmodel)      # qmodel: converted and calibrated
 >>> y = imodel(x)                          # float in, float out; integers in between
@@ -89,10 +92,11 @@ def integerize(qmodel: nn.Module) -> nn.Module:
     integer form, an uncalibrated or float operand, a chain that does not end in a linear)."""
     problems: list[str] = []
     if callable(getattr(qmodel, "to_integer_model", None)):
-        return qmodel.to_integer_model()  # a whole model with its own integer form (the S2T transformer)
+        return qmodel.to_integer_model()  # a whole model with its own integer form (S2T, wav2vec 2.0 CTC)
     if not isinstance(qmodel, nn.Sequential):
         problems.append(f"(root) ({type(qmodel).__name__}): no whole-model integer form yet; integerized so far: "
-                        f"nn.Sequential chains of counterparts and the S2T transformer (issue 16)")
+                        f"nn.Sequential chains of counterparts, the S2T transformer and conformer, wav2vec 2.0 "
+                        f"CTC (issue 16)")
         problems += [f"{p}: no integer form yet" for p in _unsupported(qmodel)]
         raise IntegerizeError(_message(problems))
     chain = [(name, m) for name, m in qmodel.named_children() if not _skipped(m)]

@@ -123,12 +123,17 @@ class _QConvNd(_Weighted):
     def to_integer(self, out: "Grid | None") -> "IntegerConv":
         """The integer form writing codes of ``out`` (its consumer's input grid): as
         ``QLinear.to_integer``, the convolution itself on int32 (``torch`` convolves int32 on
-        CPU). Zero padding and plain weights only (no weight norm yet)."""
+        CPU). A weight-normed conv's codes are those of ``g * v / ||v||`` (its weight
+        preprocessing, constant at inference). Zero padding only."""
         from qswap.errors import IntegerizeError
         from qswap.quant.integer import Grid
-        if self.weight is None or self.padding_mode != "zeros":
-            raise IntegerizeError("a weight-normed or non-zero-padded convolution has no integer form yet")
-        return integer_linear(self.weight_quant, self.weight, self.bias, Grid.of(self.input_quant), out,
+        if self.padding_mode != "zeros":
+            raise IntegerizeError(f"a convolution with padding_mode={self.padding_mode!r} has no integer form yet")
+        weight = self.weight
+        if weight is None:
+            with torch.no_grad():
+                weight = torch._weight_norm(self.weight_v, self.weight_g, self.weight_norm_dim)
+        return integer_linear(self.weight_quant, weight, self.bias, Grid.of(self.input_quant), out,
                               IntegerConv, conv_fn=type(self).conv_fn, stride=self.stride, padding=self.padding,
                               dilation=self.dilation, groups=self.groups)
 
@@ -181,6 +186,11 @@ class IntegerLinear(nn.Module):
         self.register_buffer("weight", weight)  # (out, in) int8 (int16 above 8 bits)
         self.register_buffer("bias", bias)  # (out,) int32 or None
         self.register_buffer("acc_scale", acc_scale)  # () or (out,) float32: build/output use only
+
+    @property
+    def stream_scale(self) -> float | torch.Tensor:
+        """The accumulator's grid as a stream's scale: a float, or (out,) float64 per channel."""
+        return float(self.acc_scale) if self.acc_scale.numel() == 1 else self.acc_scale.double()
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         x = codes.to(torch.int32) - self.zero_point_in  # (..., in)

@@ -237,20 +237,21 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
                 if self.encoder_decoder_attention else "generic")
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, {kind}"
 
-    def to_integer(self, out) -> "IntegerFairseqAttention":
+    def to_integer(self, out, *, key_is_query: bool = False) -> "IntegerFairseqAttention":
         """The integer form of a self- or encoder-decoder attention writing codes of ``out`` (the
         layer's attention-output grid): q/k/v projections onto the core's grids (k and v from
         the ``key_in`` grid for encoder-decoder attention), ``QuantAttentionCore.to_integer``, the
         out projection. Batch forward with bool masks; no incremental state, bias_kv or zero
-        attention yet (issue 16)."""
+        attention yet (issue 16). ``key_is_query``: a generic attention its caller always runs with
+        key = value = query (the conformer's), integerized as self-attention."""
         from qswap.errors import IntegerizeError
         from qswap.quant.integer import Grid
-        if not (self.self_attention or self.encoder_decoder_attention) or self.bias_k is not None \
+        if not (self.self_attention or self.encoder_decoder_attention or key_is_query) or self.bias_k is not None \
                 or self.add_zero_attn:
             raise IntegerizeError("only plain self- and encoder-decoder attention have integer forms so far "
                                   "(issue 16)")
         grid_q, core = Grid.of(self.input_quant), self.core
-        grid_kv = grid_q if self.self_attention else Grid.of(self.key_quant)
+        grid_kv = grid_q if self.self_attention or key_is_query else Grid.of(self.key_quant)
         projections = [p.to_integer(grid, Grid.of(quant)) for p, grid, quant in
                        ((self.q_proj, grid_q, core.q_quant), (self.k_proj, grid_kv, core.k_quant),
                         (self.v_proj, grid_kv, core.v_quant))]
