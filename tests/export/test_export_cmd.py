@@ -68,11 +68,15 @@ def test_float_checkpoint_is_a_typed_error(tmp_path):
         export_cmd.run(parse(ASSET / "checkpoint.pt", "--onnx", "-o", tmp_path, "--data", ASSET))
 
 
-def test_eval_with_onnxruntime_decodes_the_export_directory(checkpoints, tmp_path, capsys):
-    root, _ = checkpoints
-    assert main(["export", str(root / "w8a8.pt"), "--onnx", "-o", str(tmp_path / "out"), "--data", str(ASSET)]) == 0
-    capsys.readouterr()
-    assert main(["eval", str(tmp_path / "out"), "--backend", "onnxruntime", "--data", str(ASSET),
+@pytest.fixture(scope="module")
+def export_dir(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deploy")
+    assert main(["export", str(checkpoints[0] / "w8a8.pt"), "--onnx", "-o", str(out), "--data", str(ASSET)]) == 0
+    return out
+
+
+def test_eval_with_onnxruntime_decodes_the_export_directory(export_dir, tmp_path, capsys):
+    assert main(["eval", str(export_dir), "--backend", "onnxruntime", "--data", str(ASSET),
                  "--subset", "train_calib", "--beam", "2", "--json", str(tmp_path / "r.json")]) == 0
     assert "w8a8 (onnxruntime): 32 utterances of train_calib" in capsys.readouterr().out
     result = json.loads((tmp_path / "r.json").read_text())
@@ -85,3 +89,30 @@ def test_eval_onnxruntime_rejects_a_recipe_and_a_directory_without_export(tmp_pa
     assert "--recipe" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--backend", "onnxruntime", "--data", str(ASSET)]) == 2
     assert "no export.json" in capsys.readouterr().err
+
+
+def test_audit_onnx_lists_float_nodes_and_says_the_honest_claim_deploys_float(export_dir, tmp_path, capsys):
+    code = main(["audit", str(export_dir), "--onnx", "--optimized-dir", str(tmp_path / "opt"),
+                 "--json", str(tmp_path / "a.json"), "--markdown", str(tmp_path / "a.md"), "--max-rows", "3"])
+    assert code == 1  # LayerNorm, Softmax and residual adds stay float in onnxruntime's CPU graph
+    printed = capsys.readouterr().out
+    assert "CLAIMS HONEST, DEPLOYS FLOAT" in printed and "float nodes" in printed
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["recipe"] == "w8a8" and report["claims_honest"] is True
+    assert [g["graph"] for g in report["graphs"]] == ["encoder.onnx", "cross_kv.onnx", "decoder_step.onnx"]
+    assert report["float_count"] == sum(len(g["float_nodes"]) for g in report["graphs"]) > 0
+    assert report["integer_count"] > 0 and report["graphs"][0]["integer_ops"]["QLinearConv"] == 2
+    sites = {n["site"] for g in report["graphs"] for n in g["float_nodes"]}
+    assert any(s.startswith("encoder.transformer_layers.") for s in sites)
+    assert any(s.startswith("decoder.layers.") for s in sites)
+    md = (tmp_path / "a.md").read_text()
+    assert md.startswith("# qswap deploy audit") and "## Deploy honesty: decoder_step.onnx" in md
+    assert sorted(p.name for p in (tmp_path / "opt").iterdir()) == [
+        "cross_kv.all.onnx", "decoder_step.all.onnx", "encoder.all.onnx"]
+    onnx = pytest.importorskip("onnx")
+    onnx.load(str(tmp_path / "opt" / "encoder.all.onnx"))  # a complete graph
+
+
+def test_audit_onnx_rejects_fake_quant_options(export_dir, capsys):
+    assert main(["audit", str(export_dir), "--onnx", "--recipe", "w8a8", "--values"]) == 2
+    assert "--recipe, --values" in capsys.readouterr().err
