@@ -62,7 +62,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default=str(ROOT / "docs" / "deploy.md"))
     ap.add_argument("--json", default=str(ROOT / "docs" / "deploy.json"))
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite --out from the measurements already in --json (no measuring)")
     args = ap.parse_args(argv)
+    if args.render_only:
+        result = json.loads(Path(args.json).read_text())
+        atomic_write_text(args.out, render(result))
+        return result
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     model, cfg, task = fdata.load_model_cfg_task(ASSET / "checkpoint.pt", ASSET)
@@ -70,17 +76,26 @@ def main(argv=None) -> dict:
     result = {"command": "PYTHONPATH=$PWD python tools/deploy_doc.py " + " ".join(argv or sys.argv[1:]),
               "threads": args.threads, "repeats": args.repeats, "beam": BEAM,
               "torch": torch.__version__, "onnxruntime": _ort().__version__}
+    result["targets"] = TARGETS
+    result["partial"] = True
     with tempfile.TemporaryDirectory(prefix="qswap-deploy-") as tmp:
         tmp = Path(tmp)
         exports = export_recipes(model, cfg, task, calib, tmp)
         result["honesty"] = {name: e["audit"] for name, e in exports.items()}
-        result["wer"] = wer_rows(task, exports, args.threads)
+        write(result, args)  # each section as it is done: a run cut short still shows what it measured
         result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, tmp, args)
-    result["s_model"] = s_model(args)
-    result["targets"] = TARGETS
+        write(result, args)
+        result["s_model"] = s_model(args)
+        write(result, args)
+        result["wer"] = wer_rows(task, exports, args.threads)
+    result.pop("partial")
+    write(result, args)
+    return result
+
+
+def write(result: dict, args) -> None:
     atomic_write_text(args.json, json.dumps(result, indent=1, sort_keys=True) + "\n")
     atomic_write_text(args.out, render(result))
-    return result
 
 
 def calibrated(model, recipe, calib):
@@ -99,7 +114,9 @@ def export_recipes(model, cfg, task, calib, tmp: Path) -> dict:
     for name in [*shipped_recipe_names(), "searched"]:
         recipe = WER_RECIPES.get(name, name)
         log(f"export {name}")
-        qmodel = calibrated(model, recipe, calib)
+        # the deploy audit does not depend on the ranges: one batch calibrates the recipes
+        # exported for it alone, the WER recipes get the demo's four
+        qmodel = calibrated(model, recipe, calib if name in WER_RECIPES else calib[:1])
         directory = tmp / name
         try:
             manifest = export_model(qmodel, directory, task_cfg=cfg.task)
@@ -158,7 +175,7 @@ def shipped_speed(model, cfg, task, calib, exports, tmp: Path, args) -> dict:
     export_model(qswap.convert(copy.deepcopy(model), NO_QUANT), float_dir, task_cfg=cfg.task, audit=False,
                  allow_float=True)
     static_dir = ort_static(float_dir, task.target_dictionary, calib, tmp / "ort_static", args.threads)
-    dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    dynamic = quantize_dynamic(model)
     systems = {"torch_fp32": model, "ort_int8": load_exported(exports["w8a8"]["dir"], task.target_dictionary,
                                                                  threads=args.threads),
                "ort_fp32": load_exported(float_dir, task.target_dictionary, threads=args.threads),
@@ -195,6 +212,19 @@ def shipped_speed(model, cfg, task, calib, exports, tmp: Path, args) -> dict:
                            "float_ops": _merge(g.float_ops for g in static_audit.graphs)},
             "quantize_dynamic": {"linear_modules": sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
                                                        for m in dynamic.modules())}}
+
+
+def quantize_dynamic(model):
+    """torch.ao's dynamic int8 Linear on a copy of ``model``. fairseq's attention passes its
+    projections' ``weight`` tensors to torch's fused attention, which a dynamic Linear does not
+    have: ``skip_embed_dim_check`` sends it down fairseq's own path, which calls the projections."""
+    from fairseq.modules import MultiheadAttention
+
+    dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    for m in dynamic.modules():
+        if isinstance(m, MultiheadAttention):
+            m.skip_embed_dim_check = True
+    return dynamic
 
 
 def ort_static(float_dir: Path, dictionary, calib, out: Path, threads: int) -> Path:
@@ -278,9 +308,18 @@ def met(value: float, target: float, at_least: bool = True) -> str:
 
 
 def render(r: dict) -> str:
-    sp, s, t = r["shipped_speed"], r["s_model"], r["targets"]
-    enc, dec = sp["encoder_s"], sp["decode"]
-    lines = ["# Deployment: qswap's exported graphs in onnxruntime", "",
+    lines = header(r)
+    if "shipped_speed" in r and "s_model" in r:
+        lines += speed_section(r)
+    else:
+        lines += ["## Speed and size", "", "Not measured: the run stopped before this section.", ""]
+    lines += wer_section(r) if "wer" in r else ["## WER", "", "Not measured: the run stopped before this section.", ""]
+    return "\n".join(lines + honesty_section(r))
+
+
+def header(r: dict) -> list[str]:
+    partial = ["**Partial run**: the sections marked not measured were not reached.", ""] if r.get("partial") else []
+    return partial + ["# Deployment: qswap's exported graphs in onnxruntime", "",
              f"Written by `tools/deploy_doc.py` (`{r['command']}`), one run: torch {r['torch']}, "
              f"onnxruntime {r['onnxruntime']}, {r['threads']} threads, beam {r['beam']}. The machine is "
              f"shared and was loaded while it ran: the timings are what this one run measured.", "",
@@ -293,8 +332,13 @@ def render(r: dict) -> str:
              "`deploy/` holds `encoder.onnx`, `cross_kv.onnx` (the encoder-decoder keys and values of every "
              "decoder layer, computed once per utterance), `decoder_step.onnx` (one incremental step, its "
              "self-attention keys and values as inputs and outputs) and `export.json`. fairseq's own "
-             "`SequenceGenerator` drives the beam search over them (`qswap.export.runtime`).", "",
-             "## Speed and size (targets of issue 18)", "",
+             "`SequenceGenerator` drives the beam search over them (`qswap.export.runtime`).", ""]
+
+
+def speed_section(r: dict) -> list[str]:
+    sp, s, t = r["shipped_speed"], r["s_model"], r["targets"]
+    enc, dec = sp["encoder_s"], sp["decode"]
+    lines = ["## Speed and size (targets of issue 18)", "",
              f"Shipped model, encoder on the first {sp['encoder_batch'][0]} test utterances "
              f"({sp['encoder_batch'][1]} frames padded), median of {r['repeats']} interleaved runs; full "
              f"decoding of the 100 `test` utterances, one run each.", "",
@@ -337,8 +381,21 @@ def render(r: dict) -> str:
               + ", ".join(f"{k} {v}" for k, v in sp["ort_static"]["float_ops"].items()) + ".", "",
               f"s2t_transformer_s-sized model ({s['model']}), encoder: torch fp32 {s['seconds']['torch_fp32'] * 1e3:.1f} ms, "
               f"onnxruntime int8 {s['seconds']['ort_int8'] * 1e3:.1f} ms, onnxruntime fp32 {s['seconds']['ort_fp32'] * 1e3:.1f} ms "
-              f"(`tools/onnx_bench.py`, random calibration: speed only).", ""]
-    lines += ["## WER: onnxruntime on the exported graphs vs the fake-quant model", "",
+              f"(`tools/onnx_bench.py`, random calibration: speed only).", "",
+              "How far to trust this run: the machine's 2 cores were shared with other jobs the whole time. "
+              "torch's OpenMP thread pool loses far more than onnxruntime's under such oversubscription (torch "
+              "fp32 eager took seconds for an encoder batch that takes tens of milliseconds on an idle core), "
+              "so the ratios against torch eager overstate what an idle machine shows; the ratios within "
+              "onnxruntime (int8 vs fp32 of the same graph) are the comparable ones. In full decoding, "
+              "onnxruntime int8 was not faster than onnxruntime fp32 in this run: the decoder step's "
+              "attention over the float caches stays float, and its Q/DQ pairs cost per step on this small "
+              "model. Re-run the command on an idle machine before quoting a speed-up.", ""]
+    return lines
+
+
+def wer_section(r: dict) -> list[str]:
+    t = r["targets"]
+    lines = ["## WER: onnxruntime on the exported graphs vs the fake-quant model", "",
               f"Both decode with fairseq's SequenceGenerator, beam {r['beam']}; ΔWER = onnxruntime − fake-quant with "
               "the paired bootstrap 95 % interval (2,000 resamples over utterances). Target: |ΔWER| ≤ 0.3.", "",
               "| recipe | subset | fake-quant WER % | onnxruntime WER % | ΔWER [95 % CI] | same transcripts | target |",
@@ -364,7 +421,16 @@ def render(r: dict) -> str:
               "accumulate in int32 and rescale in float32 once, where fake-quant computes the float product of "
               "dequantized operands; a value near a rounding boundary of the next quantizer lands one step "
               "apart, and such flips propagate through later layers (the encoder output's steps grow with depth).",
-              "", "## Deploy honesty of each shipped recipe", "",
+              "The beam search itself is not the cause: the float export decodes to fairseq's own transcripts "
+              "(`tests/export/test_runtime.py`). Where a row misses the 0.3 target, the deployed int8 model is "
+              "a measurably different model from the fake-quant one qswap evaluated (in either direction); "
+              "making onnxruntime compute what fake-quant computes (or the reverse, the integer-execution "
+              "work) is what closes it.", ""]
+    return lines
+
+
+def honesty_section(r: dict) -> list[str]:
+    lines = ["## Deploy honesty of each shipped recipe", "",
               "`qswap audit DIR --onnx` on each recipe's export (onnxruntime CPU, optimization `all`): nodes that "
               "run integer kernels and nodes that still compute in float, with the fake-quant audit's verdict.", "",
               "| recipe | fake-quant audit | integer nodes | float nodes | float ops | verdict |", "|---|---|---:|---:|---|---|"]
@@ -377,10 +443,15 @@ def render(r: dict) -> str:
         lines.append(f"| {name} | {claims} | {h['integer']} | {h['float']} | {ops} | {h['verdict']} |")
     lines += ["", "No recipe deploys integer-only: residual adds, LayerNorm and softmax run in float in "
               "onnxruntime's CPU graph whatever the recipe says (they are integer in qswap's integer forms, "
-              "`docs/integer.md`, which onnxruntime's QDQ fusions do not express).", ""]
-    return "\n".join(lines)
+              "`docs/integer.md`, which onnxruntime's QDQ fusions do not express). The decoder step's 6 "
+              "`MatMul` / `FusedMatMul` are its self-attention scores and context over the cached keys and "
+              "values: the caches enter the graph as float tensors holding grid values, with no "
+              "DequantizeLinear for onnxruntime to fuse (int8 cache inputs would make them integer; not done). "
+              "A recipe without activation quantizers (fp32, w8_weight_only) is not exported: the export "
+              "needs calibrated activation grids.", ""]
+    return lines
 
 
 if __name__ == "__main__":
     out = main()
-    print(json.dumps({k: out[k] for k in ("wer",)}, indent=1, default=str)[:2000])
+    print(f"wrote the deploy doc ({'partial' if out.get('partial') else 'complete'} run)")

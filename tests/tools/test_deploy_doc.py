@@ -35,3 +35,10 @@ def test_onnxruntime_static_quantization_of_the_float_export_decodes(tmp_path):
     hyps = SequenceGenerator([ort], dictionary, beam_size=2, max_len_a=0, max_len_b=5).generate(
         [ort], {"net_input": {k: net[k] for k in ("src_tokens", "src_lengths")}})
     assert len(hyps) == 2 and all(h[0]["tokens"].numel() >= 1 for h in hyps)
+
+
+def test_docs_deploy_md_is_its_json_rendered():
+    import json
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    result = json.loads((docs / "deploy.json").read_text())
+    assert deploy_doc.render(result) == (docs / "deploy.md").read_text()
