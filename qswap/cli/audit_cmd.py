@@ -10,6 +10,12 @@ input error. ``--integer``: the integer audit level instead (``qswap.honesty.int
 calibrated model is integerized and every path (batch forward, incremental decoding, beam
 reorders) must compute on integer dtypes outside the declared float steps; exit 0 when it does,
 1 when not, 2 when the model cannot be integerized (the error names each module).
+
+``qswap audit DIR --onnx [--optimization all] [--optimized-dir D]``: the deploy audit of an
+export directory (``qswap export --onnx``): every graph optimized as onnxruntime's CPU session
+optimizes it (the optimized graphs saved, by default under DIR/optimized), every node that
+still computes in float listed with its qswap site, integer nodes counted. Exit code 0 when no
+node computes in float, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -21,7 +27,14 @@ DEFAULT_SYNTHETIC = 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="float fairseq checkpoint")
+    p.add_argument("checkpoint", help="float fairseq checkpoint (with --onnx: an export directory)")
+    p.add_argument("--onnx", action="store_true",
+                   help="audit the deployed graphs of an export directory (qswap export --onnx)")
+    p.add_argument("--optimization", choices=("basic", "extended", "all"), default="all",
+                   help="with --onnx: onnxruntime's graph optimization level (default: all, a "
+                        "CPU session's default)")
+    p.add_argument("--optimized-dir", metavar="D",
+                   help="with --onnx: where to save the optimized graphs (default: DIR/optimized)")
     p.add_argument("--recipe", help="shipped recipe name or YAML path (needed for a float checkpoint)")
     p.add_argument("--data", help="fairseq data directory (config.yaml, manifests)")
     p.add_argument("--subset", help="subset of --data whose first utterances are audited")
@@ -53,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from qswap.integration import data as fdata
 
     _check_args(args)
+    if args.onnx:
+        return _run_onnx(args)
     model, cfg, task = fdata.load_model_cfg_task(args.checkpoint, args.data,
                                                  trust_checkpoint=args.trust_checkpoint)
     model = model.float()
@@ -78,6 +93,22 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK if honest else EXIT_VERDICT
 
 
+def _run_onnx(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qswap.cli.render import console
+    from qswap.cli.render_audit import print_deploy_audit
+    from qswap.export.onnx_audit import audit_export
+
+    optimized = args.optimized_dir or Path(args.checkpoint) / "optimized"
+    audit = audit_export(args.checkpoint, level=args.optimization, save_optimized=optimized)
+    print_deploy_audit(console(), audit, max_rows=args.max_rows)
+    console().print(f"optimized graphs saved in {optimized}")
+    _write(args.json, audit.to_json())
+    _write(args.markdown, audit.to_markdown())
+    return EXIT_OK if audit.integer_only else EXIT_VERDICT
+
+
 def _quantized(model, recipe: str | None, data: list):
     """The model converted with ``recipe`` (``data``: for transforms that need activation
     statistics, the audited batch, as its calibration), or a saved qswap model as it is."""
@@ -98,6 +129,15 @@ def _quantized(model, recipe: str | None, data: list):
 def _check_args(args: argparse.Namespace) -> None:
     from qswap.errors import AuditError, DataError
 
+    if args.onnx:
+        given = [flag for flag, on in (("--recipe", args.recipe), ("--data", args.data), ("--subset", args.subset),
+                                       ("--synthetic", args.synthetic is not None), ("--values", args.values),
+                                       ("--strict", args.strict), ("--integer", args.integer)) if on]
+        if given:
+            raise AuditError(f"--onnx audits the graphs of an export directory as exported; "
+                             f"{', '.join(given)} apply to a checkpoint's fake-quant audit")
+    elif args.optimized_dir:
+        raise AuditError("--optimized-dir goes with --onnx (the deploy audit)")
     if args.subset and args.synthetic is not None:
         raise AuditError("give either --data DIR --subset S or --synthetic N, not both")
     if args.integer and (args.values or args.strict):

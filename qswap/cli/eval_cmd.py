@@ -9,7 +9,11 @@ from qswap.cli.render import console, interactive, progress_bar
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="fairseq or qswap checkpoint, or a directory written by "
-                                                 "'qswap export' (the integer model, decoded greedily)")
+                                                 "'qswap export' (the integer model; with --backend "
+                                                 "onnxruntime, one written by 'qswap export --onnx')")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="run the checkpoint in torch (default) or the exported graphs in onnxruntime")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: 1)")
     p.add_argument("--data", help="fairseq data directory (config.yaml, TSV manifests)")
     p.add_argument("--subset", default="test", help="subset to decode (default: test)")
     p.add_argument("--recipe", help="convert the model with this recipe first (calibrated on --calib-subset)")
@@ -54,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.checkpoint or not args.data:
         raise DataError("qswap eval needs CHECKPOINT and --data DIR (or --merge JSON...)")
+    if args.backend == "onnxruntime" and (args.recipe or args.vs_float):
+        raise DataError("--backend onnxruntime decodes an export directory as exported; "
+                        "--recipe and --vs-float apply to torch checkpoints")
     if args.vs_float and not args.recipe:
         raise DataError("--vs-float compares a --recipe with the float model; pass --recipe R")
     baseline = _read_baseline(args.baseline) if args.baseline else None
@@ -142,8 +149,14 @@ def evaluate(args):
     from qswap.integration.decode import decode
     from qswap.integration.metrics import error_counts
 
+    if args.backend == "onnxruntime":
+        from qswap.export.runtime import load_deployed
+        model, task = load_deployed(args.checkpoint, args.data, threads=args.threads)
+        label = f"{model.recipe} (onnxruntime)"
+        result = _decode(args, task, model, label)
+        counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
+        return counts, result, label, None
     from qswap.export.integer_load import is_integer_export
-
     if is_integer_export(args.checkpoint):
         return _evaluate_exported(args)
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
