@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.py setup.cfg constraints.txt Makefile
 	$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
 	  && $(PIP) --no-build-isolation --no-deps fairseq-fixed==0.12.3.1 \
 	  || $(PIP) --no-build-isolation --no-deps fairseq==0.12.2
-	$(PIP) pyyaml sentencepiece jiwer rich kaldi-native-fbank soundfile onnx onnxruntime pytest hypothesis scipy matplotlib
+	$(PIP) pyyaml sentencepiece jiwer rich kaldi-native-fbank soundfile onnx onnxruntime safetensors pytest hypothesis scipy matplotlib
 	$(PIP) --no-build-isolation --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 

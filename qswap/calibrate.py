@@ -64,8 +64,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
                                f"{count} batch(es) were empty; pass batches with real inputs")
     if unseen and logger.isEnabledFor(logging.INFO):
         # sites the batches never reach (an additive-mask path, say) keep observing if they ever run
-        logger.info(f"{len(unseen)} activation quantizer(s) saw no data during calibration and keep "
-                    f"observing at run time: {', '.join(_names(model, unseen)[:6])}")
+        logger.info(f"{len(unseen)} activation quantizer(s) saw no data during calibration (the "
+                    f"calibrated paths never run them; an input that reached one would make it "
+                    f"compute its range at run time, which the audit reports): "
+                    f"{', '.join(_names(model, unseen)[:6])}")
     return count
 
 
@@ -94,6 +96,21 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
         return model(batch)
     raise CalibrationError(f"a calibration batch is a net_input dict, a tuple or a tensor, got "
                            f"{type(batch).__name__}; pass forward=... to run other batch types")
+
+
+def run_observed(model: nn.Module, batches: Iterable[Any], handles: list) -> None:
+    """Run ``batches`` as calibration runs them (eval mode, no grad), then remove ``handles``
+    (the hooks that observed the run) and restore the training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                _default_forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
 
 
 def freeze_observed(model: nn.Module) -> int:

@@ -25,6 +25,7 @@ from qswap.nn.registry import REGISTRY, find, is_passthrough
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.recipe import Recipe, Rule, load_recipe
 from qswap.report import ConvertReport, ModuleEntry
+from qswap.transforms import apply_transforms
 
 
 class QswapWarning(UserWarning):
@@ -42,7 +43,7 @@ class _Plan:
 
 
 def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplace: bool = False,
-            strict: bool | None = None) -> nn.Module:
+            strict: bool | None = None, *, data: Any = None) -> nn.Module:
     """Return ``model`` with every module the recipe covers replaced by its counterpart.
 
     The caller's model is untouched unless ``inplace=True``. The result carries the recipe and
@@ -63,6 +64,7 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
                            "(or load the quantized checkpoint as it is)")
     target = model if inplace else _deepcopy(model)
     report = ConvertReport(recipe=recipe.name, float_ok=dict(recipe.float_ok))
+    report.notes += apply_transforms(target, recipe.transforms, data)
     plans, hit_rules = _walk(target, recipe, report)
     _check_rules(recipe, hit_rules, report, strict)
     _check_sites(recipe, plans, hit_rules)

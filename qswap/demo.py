@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 ASSET = Path(__file__).parent / "assets" / "s2t_demo"
-RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w4a4", "w8_weight_only"]
+RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w4a4", "w4a4_edges8_stream_smoothquant",
+           "w8_weight_only"]
 # the mixed-precision recipe `qswap search` found for this model at w4a8_edges8's weight size
 # (written by tools/sensitivity_doc.py; docs/sensitivity.md shows how)
 SEARCHED = ASSET / "searched.yaml"

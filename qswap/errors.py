@@ -78,3 +78,12 @@ class ExportError(QswapError):
 class IntegerizeError(QswapError, ValueError):
     """A model or op cannot run in integer arithmetic as asked (a module without an integer form,
     an uncalibrated grid, a value beyond an integer op's stated overflow bound)."""
+
+
+class LoadError(ExportError):
+    """An exported integer model cannot be read: ``kind`` says why ("missing", "truncated",
+    "corrupted", "version", "edited"), the message names the file and the field."""
+
+    def __init__(self, message: str, *, kind: str):
+        super().__init__(message)
+        self.kind = kind

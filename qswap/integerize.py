@@ -1,15 +1,18 @@
 """``qswap.integerize``: a calibrated qswap model as integer forms (issue 16, work in progress).
 
-What runs today: a converted fairseq S2T transformer (pre-norm; a batch, teacher-forced
-forward: ``QS2TTransformerModel.to_integer_model``), and an ``nn.Sequential`` chain of counterparts
+What runs today: a converted fairseq S2T transformer (pre- or post-norm encoder, pre-norm
+decoder; a batch, teacher-forced forward: ``QS2TTransformerModel.to_integer_model``), the S2T
+conformer (abs or rel_pos positions; ``QS2TConformerModel.to_integer_model``), wav2vec 2.0 CTC
+(``QWav2VecCtc.to_integer_model``: waveform in, logits for greedy CTC out), and an
+``nn.Sequential`` chain of counterparts
 with integer forms (``QLinear``, ``QConv1d``/``QConv2d``, ``QLayerNorm``, elementwise
 activations, ``QGLU``, ``QSoftmax``; ``QEmbedding`` first), ending in a ``QLinear``. Each op writes codes directly onto the grid of the next op's input
 quantizer (the grid the fake-quant model rounds onto there), so codes flow from op to op with
 no float in between. There are two declared float steps, one at each end: quantizing the
 input onto the first op's input grid, and scaling the last linear's int32 accumulator to float.
 
-Every other model (the conformer and wav2vec2 among them) raises ``IntegerizeError`` naming
-each module that has no integer form yet.
+Every other model raises ``IntegerizeError`` naming each module that has no integer form yet
+(and a whole model names the part it cannot integerize: rotary attention, a post-norm decoder...).
 
 >>> imodel = qswap.integerize(qmodel)      # qmodel: converted and calibrated
 >>> y = imodel(x)                          # float in, float out; integers in between
@@ -20,13 +23,18 @@ import torch
 from torch import nn
 
 from qswap.errors import IntegerizeError
+from qswap.io.serializable import ANY, STR, List, Obj, Opt, serializable
 from qswap.nn.base import QuantModule
 from qswap.nn.embedding import QEmbedding
+from qswap.nn.integer_steps import DequantizeStep, QuantizeStep
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import is_passthrough
 from qswap.quant.integer import Grid
 
 
+@serializable(input_grid=Opt(Obj("Grid")), layers=List(ANY), names=List(STR), float_steps={
+    "quantize_input": "float input onto the first op's input grid (input_grid; token ids pass)",
+    "dequantize_output": "the last linear's int32 accumulator times its acc_scale"})
 class IntegerModel(nn.Module):
     """Integer forms run in sequence. ``quantize_input`` and ``dequantize_output`` are the declared
     float steps; ``forward_codes`` is integer arithmetic only (``qswap.honesty.integer`` checks it).
@@ -38,10 +46,12 @@ class IntegerModel(nn.Module):
         super().__init__()
         self.input_grid, self.names = input_grid, names
         self.layers = nn.ModuleList(layers)
+        self.input = None if input_grid is None else QuantizeStep(input_grid)
+        self.output = DequantizeStep(acc_scale=getattr(layers[-1], "acc_scale", None))  # a linear's, last
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Declared float step: float features onto the first op's input grid (token ids pass)."""
-        return x if self.input_grid is None else self.input_grid.quantize(x)
+        return x if self.input is None else self.input(x)
 
     def forward_codes(self, codes: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -50,7 +60,7 @@ class IntegerModel(nn.Module):
 
     def dequantize_output(self, acc: torch.Tensor) -> torch.Tensor:
         """Declared float step: the last accumulator times its scale."""
-        return acc.to(torch.float32) * self.layers[-1].acc_scale
+        return self.output(acc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dequantize_output(self.forward_codes(self.quantize_input(x)))
@@ -82,10 +92,11 @@ def integerize(qmodel: nn.Module) -> nn.Module:
     integer form, an uncalibrated or float operand, a chain that does not end in a linear)."""
     problems: list[str] = []
     if callable(getattr(qmodel, "to_integer_model", None)):
-        return qmodel.to_integer_model()  # a whole model with its own integer form (the S2T transformer)
+        return qmodel.to_integer_model()  # a whole model with its own integer form (S2T, wav2vec 2.0 CTC)
     if not isinstance(qmodel, nn.Sequential):
         problems.append(f"(root) ({type(qmodel).__name__}): no whole-model integer form yet; integerized so far: "
-                        f"nn.Sequential chains of counterparts and the S2T transformer (issue 16)")
+                        f"nn.Sequential chains of counterparts, the S2T transformer and conformer, wav2vec 2.0 "
+                        f"CTC (issue 16)")
         problems += [f"{p}: no integer form yet" for p in _unsupported(qmodel)]
         raise IntegerizeError(_message(problems))
     chain = [(name, m) for name, m in qmodel.named_children() if not _skipped(m)]

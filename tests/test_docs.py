@@ -71,3 +71,18 @@ def test_float_wer_in_prose_is_metrics_json(text):
     held_out = f"**{METRICS['test_heldout']['wer']:.2f} %**"
     assert re.search(re.escape(in_voice) + r"\s+on\s+the\s+in-voice\s+test\s+set", text), in_voice
     assert re.search(re.escape(held_out) + r"\s+on\s+the\s+(two\s+)?held-out\s+voices", text), held_out
+
+
+def test_integer_doc_decode_table_is_its_json():
+    """docs/integer.md's beam-decode table (integer against fake-quant on the shipped model) is
+    tools/integer_doc.py's rendering of the JSON its run wrote."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("integer_doc", REPO / "tools" / "integer_doc.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    results = {s: json.loads((REPO / "docs" / f"integer_{s}.json").read_text()) for s in tool.SUBSETS}
+    assert all(p["settings"]["integer"] and p["settings"]["beam"] == 5 for p in results.values())
+    layers = json.loads(tool.LAYERS.read_text())
+    assert tool.table(results, layers) in (REPO / "docs" / "integer.md").read_text()
+    assert "\n".join(tool.rows_table(results)) in README and "tools/integer_doc.py" in README

@@ -14,8 +14,8 @@ Times (median of ``--repeats``, timed round-robin after one warm-up of each):
 * w8a8 audit with the value-level check on (``qswap.audit(..., values=True)``), which is off by
   default and not part of the 3x target.
 
-The first audit in a process also imports ``torch._dynamo`` (torch's dispatch-mode machinery
-loads it lazily); that one-time cost is reported apart.
+The first audit in a process pays one-time set-up (imports, the op tables); that cost is
+reported apart.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def markdown(r: dict) -> str:
         f"{x('w8a8_audit_values', 'w8a8_forward')} | {x('w8a8_audit_values', 'w8a8_paths')} |", "",
         f"w8a8 audit / float forward: **{x('w8a8_audit', 'float_forward')}** (the target: at most "
         f"3x; with the value-level check on: {x('w8a8_audit_values', 'float_forward')}). The first audit "
-        f"in a process took {ms(r['first_audit_s'])} (it imports torch._dynamo once).", ""])
+        f"in a process took {ms(r['first_audit_s'])} (one-time set-up).", ""])
 
 
 def write_docs(text: str) -> None:

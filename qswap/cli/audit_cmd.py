@@ -1,12 +1,21 @@
 """Audit a checkpoint: did every op on the inference path run on quantized values?
 
 ``qswap audit CHECKPOINT --recipe R [--data DIR --subset S | --synthetic N] [--strict]
-[--values] [--json F] [--markdown F]``: converts the checkpoint's float model with the recipe, calibrates
+[--values] [--integer] [--json F] [--markdown F]``: converts the checkpoint's float model with the recipe, calibrates
 it on the audit batch, audits it and prints the report. A saved qswap checkpoint is audited as
 it was saved (``--recipe`` may then only repeat its recipe). Exit code 0 when honest, 1 when
 not (with ``--strict``, declared float_ok exceptions and undeclared dynamic ranges count as
 not honest), 2 on a usage or
-input error.
+input error. ``--integer``: the integer audit level instead (``qswap.honesty.integer``): the
+calibrated model is integerized and every path (batch forward, incremental decoding, beam
+reorders) must compute on integer dtypes outside the declared float steps; exit 0 when it does,
+1 when not, 2 when the model cannot be integerized (the error names each module).
+
+``qswap audit DIR --onnx [--optimization all] [--optimized-dir D]``: the deploy audit of an
+export directory (``qswap export --onnx``): every graph optimized as onnxruntime's CPU session
+optimizes it (the optimized graphs saved, by default under DIR/optimized), every node that
+still computes in float listed with its qswap site, integer nodes counted. Exit code 0 when no
+node computes in float, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -18,7 +27,14 @@ DEFAULT_SYNTHETIC = 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="float fairseq checkpoint")
+    p.add_argument("checkpoint", help="float fairseq checkpoint (with --onnx: an export directory)")
+    p.add_argument("--onnx", action="store_true",
+                   help="audit the deployed graphs of an export directory (qswap export --onnx)")
+    p.add_argument("--optimization", choices=("basic", "extended", "all"), default="all",
+                   help="with --onnx: onnxruntime's graph optimization level (default: all, a "
+                        "CPU session's default)")
+    p.add_argument("--optimized-dir", metavar="D",
+                   help="with --onnx: where to save the optimized graphs (default: DIR/optimized)")
     p.add_argument("--recipe", help="shipped recipe name or YAML path (needed for a float checkpoint)")
     p.add_argument("--data", help="fairseq data directory (config.yaml, manifests)")
     p.add_argument("--subset", help="subset of --data whose first utterances are audited")
@@ -31,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="declared float_ok exceptions and undeclared dynamic ranges fail too")
     p.add_argument("--values", action="store_true",
                    help="also run the value-level check (operands on uniform grids; slower)")
+    p.add_argument("--integer", action="store_true",
+                   help="integer audit level: integerize the calibrated model and prove every path computes "
+                        "on integer dtypes outside the declared float steps")
     p.add_argument("--json", metavar="F", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="F", help="write the report as Markdown")
     p.add_argument("--max-rows", type=int, default=40, help="violation rows printed (default 40)")
@@ -47,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from qswap.integration import data as fdata
 
     _check_args(args)
+    if args.onnx:
+        return _run_onnx(args)
     model, cfg, task = fdata.load_model_cfg_task(args.checkpoint, args.data,
                                                  trust_checkpoint=args.trust_checkpoint)
     model = model.float()
@@ -55,19 +76,42 @@ def run(args: argparse.Namespace) -> int:
     else:
         count = DEFAULT_SYNTHETIC if args.synthetic is None else args.synthetic
         net_input = synthetic_net_input(model, count, cfg)
-    qmodel = _quantized(model, args.recipe)
+    qmodel = _quantized(model, args.recipe, [net_input])
     if qmodel is not model and activation_quantizers(qmodel):
         qswap.calibrate(qmodel, [net_input], forward=run_paths)  # the audited paths, unobserved
-    report = qswap.audit(qmodel, net_input, decode_steps=args.decode_steps, values=args.values)
-    print_report(console(), report, max_rows=args.max_rows)
+    report = qswap.audit(qmodel, net_input, decode_steps=args.decode_steps, values=args.values,
+                         integer=args.integer)
+    if args.integer:
+        from qswap.cli.render_integer import print_integer_report
+        print_integer_report(console(), report, max_rows=args.max_rows)
+        honest = report.integer_only
+    else:
+        print_report(console(), report, max_rows=args.max_rows)
+        honest = report.honest_strict if args.strict else report.honest
     _write(args.json, report.to_json())
     _write(args.markdown, report.to_markdown())
-    honest = report.honest_strict if args.strict else report.honest
     return EXIT_OK if honest else EXIT_VERDICT
 
 
-def _quantized(model, recipe: str | None):
-    """The model converted with ``recipe``, or a saved qswap model as it is."""
+def _run_onnx(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qswap.cli.render import console
+    from qswap.cli.render_audit import print_deploy_audit
+    from qswap.export.onnx_audit import audit_export
+
+    optimized = args.optimized_dir or Path(args.checkpoint) / "optimized"
+    audit = audit_export(args.checkpoint, level=args.optimization, save_optimized=optimized)
+    print_deploy_audit(console(), audit, max_rows=args.max_rows)
+    console().print(f"optimized graphs saved in {optimized}")
+    _write(args.json, audit.to_json())
+    _write(args.markdown, audit.to_markdown())
+    return EXIT_OK if audit.integer_only else EXIT_VERDICT
+
+
+def _quantized(model, recipe: str | None, data: list):
+    """The model converted with ``recipe`` (``data``: for transforms that need activation
+    statistics, the audited batch, as its calibration), or a saved qswap model as it is."""
     import qswap
     from qswap.errors import AuditError
 
@@ -75,7 +119,7 @@ def _quantized(model, recipe: str | None):
     if stored is None:
         if recipe is None:
             raise AuditError("a float checkpoint needs --recipe R (a shipped name or a YAML path)")
-        return qswap.convert(model, recipe)
+        return qswap.convert(model, recipe, data=data)
     if recipe is not None and qswap.load_recipe(recipe).name != stored:
         raise AuditError(f"this checkpoint is already quantized with recipe {stored!r}; audit it "
                          f"without --recipe (or convert the float checkpoint with {recipe!r})")
@@ -85,8 +129,20 @@ def _quantized(model, recipe: str | None):
 def _check_args(args: argparse.Namespace) -> None:
     from qswap.errors import AuditError, DataError
 
+    if args.onnx:
+        given = [flag for flag, on in (("--recipe", args.recipe), ("--data", args.data), ("--subset", args.subset),
+                                       ("--synthetic", args.synthetic is not None), ("--values", args.values),
+                                       ("--strict", args.strict), ("--integer", args.integer)) if on]
+        if given:
+            raise AuditError(f"--onnx audits the graphs of an export directory as exported; "
+                             f"{', '.join(given)} apply to a checkpoint's fake-quant audit")
+    elif args.optimized_dir:
+        raise AuditError("--optimized-dir goes with --onnx (the deploy audit)")
     if args.subset and args.synthetic is not None:
         raise AuditError("give either --data DIR --subset S or --synthetic N, not both")
+    if args.integer and (args.values or args.strict):
+        raise AuditError("--values and --strict apply to the honesty audit; --integer has its own verdict "
+                         "(every op outside the declared float steps on integer dtypes)")
     if args.subset and not args.data:
         raise DataError("--subset needs --data DIR (the data directory the subset is in)")
     for name in ("count", "decode_steps", "max_rows", "synthetic"):

@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches (default: 8)")
     p.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
     p.add_argument("--max-sentences", type=int, default=32, help="utterances per batch")
+    p.add_argument("--integer", action="store_true",
+                   help="also integerize each quantized recipe, audit and decode the integer model: integer WER, "
+                        "integer - fake-quant with a paired interval, integer-only (slower)")
     p.add_argument("--markdown", help="write the table as Markdown here")
     p.add_argument("--json", dest="json_out", help="write the table as JSON here ('-': to stdout, "
                                                    "instead of the terminal table and without progress)")
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         table = compare(args.checkpoint, args.data, args.recipes, subset=args.subset,
                         calib_subset=args.calib_subset, calib_batches=args.calib_batches, beam=args.beam,
                         max_sentences=args.max_sentences, trust_checkpoint=args.trust_checkpoint,
-                        progress=progress)
+                        integer=args.integer, progress=progress)
     if to_stdout:
         print(json_text(table.to_dict()), end="")
     else:
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 def render_comparison(table):
     from rich.table import Table
 
-    from qswap.integration.compare import delta_cell, significance_cell, wer_cell
+    from qswap.integration.compare import INTEGER_COLUMNS, delta_cell, integer_cells, significance_cell, wer_cell
 
     boot = table.settings.get("bootstrap", {})
     t = Table(title=f"{table.checkpoint} on {table.subset}",
@@ -56,9 +59,13 @@ def render_comparison(table):
     for col in ("recipe", "WER % [95 % CI]", "ΔWER [95 % CI]", "significant", "CER %", "honest", "weights MB",
                 "MMACs/s", "GBOPs/s"):
         t.add_column(col, justify="left" if col in ("recipe", "honest", "significant") else "right")
+    integer = table.settings.get("integer")
+    for col in INTEGER_COLUMNS if integer else ():
+        t.add_column(col, justify="left" if col == "integer-only" else "right")
     for r in table.rows:
         honest = "[green]yes" if r.honest else f"[red]no ({r.float_ops} float ops)"
         sig = significance_cell(r)
         t.add_row(r.recipe, wer_cell(r), delta_cell(r), f"[bold]{sig}" if sig == "yes" else f"[dim]{sig}",
-                  f"{r.cer:.2f}", honest, f"{r.weight_mb:.2f}", f"{r.mmacs_per_s:.1f}", f"{r.gbops_per_s:.1f}")
+                  f"{r.cer:.2f}", honest, f"{r.weight_mb:.2f}", f"{r.mmacs_per_s:.1f}", f"{r.gbops_per_s:.1f}",
+                  *(integer_cells(r) if integer else ()))
     return t

@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if args.calib_batches and not args.data:
         raise DataError("--calib-batches needs --data DIR to read calibration batches from")
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
-    qmodel = qswap.convert(model, args.recipe, strict=args.strict or None)
+    data = fdata.transform_data(args.recipe, task, args.calib_subset, args.calib_batches,
+                                max_sentences=args.max_sentences) if args.calib_batches else None
+    qmodel = qswap.convert(model, args.recipe, strict=args.strict or None, data=data)
     n_act = len(activation_quantizers(qmodel))
     if n_act and not args.calib_batches and not args.no_calibrate:
         raise ConvertError(f"recipe {qmodel.qswap_recipe.name} has {n_act} activation quantizers and "

@@ -8,7 +8,12 @@ from qswap.cli.render import console, interactive, progress_bar
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", nargs="?", help="fairseq or qswap checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="fairseq or qswap checkpoint, or a directory written by "
+                                                 "'qswap export' (the integer model; with --backend "
+                                                 "onnxruntime, one written by 'qswap export --onnx')")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="run the checkpoint in torch (default) or the exported graphs in onnxruntime")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: 1)")
     p.add_argument("--data", help="fairseq data directory (config.yaml, TSV manifests)")
     p.add_argument("--subset", default="test", help="subset to decode (default: test)")
     p.add_argument("--recipe", help="convert the model with this recipe first (calibrated on --calib-subset)")
@@ -25,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --recipe: decode the float model too and report ΔWER with a paired interval")
     p.add_argument("--baseline", metavar="JSON",
                    help="a result of 'qswap eval --json' on the same subset: report ΔWER against it")
+    p.add_argument("--integer", action="store_true",
+                   help="decode the quantized model (--recipe R, or a checkpoint written by 'qswap convert') "
+                        "with integer execution (qswap.integerize), same beam search and WER")
     p.add_argument("--markdown", help="write the result row as Markdown here")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
@@ -50,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.checkpoint or not args.data:
         raise DataError("qswap eval needs CHECKPOINT and --data DIR (or --merge JSON...)")
+    if args.backend == "onnxruntime" and (args.recipe or args.vs_float):
+        raise DataError("--backend onnxruntime decodes an export directory as exported; "
+                        "--recipe and --vs-float apply to torch checkpoints")
     if args.vs_float and not args.recipe:
         raise DataError("--vs-float compares a --recipe with the float model; pass --recipe R")
     baseline = _read_baseline(args.baseline) if args.baseline else None
@@ -138,20 +149,67 @@ def evaluate(args):
     from qswap.integration.decode import decode
     from qswap.integration.metrics import error_counts
 
+    if args.backend == "onnxruntime":
+        from qswap.export.runtime import load_deployed
+        model, task = load_deployed(args.checkpoint, args.data, threads=args.threads)
+        label = f"{model.recipe} (onnxruntime)"
+        result = _decode(args, task, model, label)
+        counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
+        return counts, result, label, None
+    from qswap.export.integer_load import is_integer_export
+    if is_integer_export(args.checkpoint):
+        return _evaluate_exported(args)
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     label = getattr(getattr(model, "qswap_recipe", None), "name", "float")
     float_result = _decode(args, task, copy.deepcopy(model), "float") if args.vs_float else None
     if args.recipe:
-        model = qswap.convert(model, args.recipe)
+        model = qswap.convert(model, args.recipe, data=fdata.transform_data(
+            args.recipe, task, args.calib_subset, args.calib_batches, max_sentences=args.max_sentences))
         label = model.qswap_recipe.name
         if activation_quantizers(model):
             with progress_bar("calibrating", args.calib_batches, enabled=_progress(args)) as advance:
                 qswap.calibrate(model, fdata.net_inputs(task, args.calib_subset, args.calib_batches,
                                                         max_sentences=args.max_sentences),
                                 progress=lambda n: advance(1))
+    if args.integer:
+        model, label = integer_model(model), f"{label} (integer)"
     result = _decode(args, task, model, label)
     counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
     return counts, result, label, float_result
+
+
+def _evaluate_exported(args):
+    """``evaluate`` for an integer model written by ``qswap export``: integer execution
+    (fairseq's beam search, ``qswap.integration.integer_decode``), no float model to compare with."""
+    from qswap.errors import DataError
+    from qswap.export.integer_load import load_integer_model
+    from qswap.integration import data as fdata
+    from qswap.integration.integer_decode import DECODE_METHOD, decode_exported, exported_task
+    from qswap.integration.metrics import error_counts
+
+    if args.recipe or args.vs_float:
+        raise DataError(f"{args.checkpoint} is an exported integer model: it is already quantized; drop "
+                        f"--recipe and --vs-float (compare with --baseline EVAL.json)")
+    exported = load_integer_model(args.checkpoint)
+    task = exported_task(exported, args.data)
+    label = f"integer export ({DECODE_METHOD}, beam {args.beam})"
+    samples = fdata.batches(task, args.subset, max_sentences=args.max_sentences,
+                            num_shards=args.num_shards, shard_id=args.shard_id)
+    with progress_bar(f"{label}: decoding {args.subset}", None, enabled=_progress(args)) as advance:
+        result = decode_exported(task, exported, samples, beam=args.beam, progress=advance)
+    counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
+    return counts, result, label, None
+
+
+def integer_model(model):
+    """``qswap.integerize(model)`` of a quantized model; IntegerizeError for a float one."""
+    import qswap
+    from qswap.errors import IntegerizeError
+
+    if getattr(model, "qswap_recipe", None) is None:
+        raise IntegerizeError("--integer runs a quantized model on integers: pass --recipe R, or a checkpoint "
+                              "written by 'qswap convert'")
+    return qswap.integerize(model)
 
 
 def _decode(args, task, model, label: str):

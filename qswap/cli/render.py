@@ -111,7 +111,7 @@ class recipe_progress:
             if self.current is not None and recipe != self.current[0]:
                 self.progress.advance(self.overall)
             self.current = (recipe, stage)
-            unit = "utterances" if stage == "decode" else "batches"
+            unit = "utterances" if stage.endswith("decode") else "batches"
             self.progress.reset(self.stage, total=total, description=f"{recipe}: {stage} ({unit})")
         self.progress.advance(self.stage, n)
 

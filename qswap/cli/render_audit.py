@@ -82,3 +82,32 @@ def print_report(out, report: HonestyReport, max_rows: int | None = 40) -> None:
     for note in report.notes:
         out.print(f"note: {note}")
     out.print(verdict_line(report))
+
+
+def print_deploy_audit(out, audit, max_rows: int | None = 40) -> None:
+    """The deploy audit (``qswap.export.onnx_audit.DeployAudit``): nodes per graph, the float
+    nodes with their qswap sites, the verdict."""
+    from rich.table import Table
+
+    graphs = Table(title=f"deployed graphs (onnxruntime CPU, optimization {audit.graphs[0].optimization})")
+    for col in ("graph", "nodes", "integer", "quantize", "movement", "index", "float", "float ops"):
+        graphs.add_column(col, justify="left" if col in ("graph", "float ops") else "right")
+    for g in audit.graphs:
+        ops = ", ".join(f"{op} {n}" for op, n in sorted(g.float_ops.items(), key=lambda kv: -kv[1]))
+        float_cell = f"[red]{g.float_count}" if g.float_count else "0"
+        graphs.add_row(g.graph, str(g.nodes), *(str(g.buckets.get(b, 0)) for b in ("integer", "quantize",
+                       "movement", "index")), float_cell, ops or "-")
+    out.print(graphs)
+    nodes = [(g.graph, n) for g in audit.graphs for n in g.float_nodes]
+    if nodes:
+        table = Table(title="float nodes")
+        for col in ("graph", "node", "op", "qswap site", "why"):
+            table.add_column(col, overflow="fold")
+        shown = nodes if max_rows is None else nodes[:max_rows]
+        for graph, n in shown:
+            table.add_row(graph, n.name, n.op_type, n.site or "-", n.reason)
+        if len(shown) < len(nodes):
+            table.caption = f"{len(nodes) - len(shown)} more rows: write them with --json or --markdown"
+        out.print(table)
+    style = "green" if audit.integer_only else "red"
+    out.print(f"[bold {style}]{audit.verdict}[/] (recipe {audit.recipe}; {audit.integer_count} integer nodes)")

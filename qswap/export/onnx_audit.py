@@ -29,6 +29,8 @@ from typing import Any
 
 from qswap.errors import DependencyError
 from qswap.export.onnx import load_session
+from qswap.honesty.markdown import _table as markdown_table
+from qswap.io.atomic import atomic_write_bytes
 
 REPORT_VERSION = 1
 INTEGER_OPS = frozenset({
@@ -95,30 +97,35 @@ class DeployReport:
     def to_json(self, indent: int = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
-    def to_markdown(self, max_rows: int | None = None) -> str:
-        lines = [f"# Deploy honesty: {self.graph}", "",
+    def to_markdown(self, max_rows: int | None = None, heading: str = "#") -> str:
+        lines = [f"{heading} Deploy honesty: {self.graph}", "",
                  f"onnxruntime CPU, optimization {self.optimization}: **{self.verdict}**; "
-                 f"{self.nodes} nodes, {self.integer_count} integer.", "",
-                 "| bucket | nodes |", "|---|---:|"]
-        lines += [f"| {k} | {v} |" for k, v in self.buckets.items()]
-        lines += ["", "| float node | op | qswap site | why |", "|---|---|---|---|"]
+                 f"{self.nodes} nodes, {self.integer_count} integer.", ""]
+        lines += markdown_table(["bucket", "nodes"], [[k, v] for k, v in self.buckets.items()])
+        lines += markdown_table(["float op", "nodes"], [[k, v] for k, v in sorted(self.float_ops.items())])
         rows = self.float_nodes if max_rows is None else self.float_nodes[:max_rows]
-        lines += [f"| `{n.name}` | {n.op_type} | `{n.site}` | {n.reason} |" for n in rows]
+        lines += markdown_table(["float node", "op", "qswap site", "why"],
+                                [[f"`{n.name}`", n.op_type, f"`{n.site}`" if n.site else "-", n.reason]
+                                 for n in rows])
         if len(rows) < len(self.float_nodes):
-            lines.append(f"| ... {len(self.float_nodes) - len(rows)} more | | | |")
+            lines += [f"... {len(self.float_nodes) - len(rows)} more (see the JSON report)", ""]
         return "\n".join(lines) + "\n"
 
 
 def audit_onnx(path: "str | os.PathLike[str]", *, level: str = "extended", site_prefix: str = "",
-               claims_honest: bool | None = None) -> DeployReport:
+               claims_honest: bool | None = None,
+               save_optimized: "str | os.PathLike[str] | None" = None) -> DeployReport:
     """Optimize the graph at ``path`` as an onnxruntime CPU session does (``level``: "basic",
-    "extended" or "all"), save the optimized graph, and classify its nodes. ``site_prefix`` is put
-    before the module path read from a node's name (``"encoder."`` for an exported encoder).
+    "extended" or "all"), and classify the optimized graph's nodes; ``save_optimized``: also
+    write the optimized graph there (atomically). ``site_prefix`` is put before the module path
+    read from a node's name (``"encoder."`` for an exported encoder).
     Raises ExportError for a missing or unreadable graph file."""
     onnx = _onnx()
     with tempfile.TemporaryDirectory(prefix="qswap-ort-") as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         load_session(path, optimized_path=str(optimized), level=level)
+        if save_optimized is not None:
+            atomic_write_bytes(save_optimized, optimized.read_bytes())
         model = onnx.load(str(optimized))
     model = onnx.shape_inference.infer_shapes(model)  # dtypes of the standard ops' tensors
     dtypes = _tensor_types(model)
@@ -185,3 +192,74 @@ def _onnx():
     except ImportError as e:
         raise DependencyError("the deploy audit needs onnx: pip install onnx==1.23.2") from e
     return onnx
+
+
+@dataclass
+class DeployAudit:
+    """The deploy honesty of every graph of an export directory (``qswap audit DIR --onnx``)."""
+
+    directory: str
+    recipe: str
+    claims_honest: bool | None
+    graphs: list[DeployReport]
+    version: int = REPORT_VERSION
+
+    @property
+    def float_count(self) -> int:
+        return sum(g.float_count for g in self.graphs)
+
+    @property
+    def integer_count(self) -> int:
+        return sum(g.integer_count for g in self.graphs)
+
+    @property
+    def integer_only(self) -> bool:
+        return self.float_count == 0
+
+    @property
+    def verdict(self) -> str:
+        if self.integer_only:
+            return "INTEGER: every compute node runs an integer kernel"
+        if self.claims_honest:
+            return (f"CLAIMS HONEST, DEPLOYS FLOAT: the fake-quant audit says honest, the deployed "
+                    f"graphs compute {self.float_count} nodes in float")
+        return f"FLOAT NODES: the deployed graphs compute {self.float_count} nodes in float"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"directory": self.directory, "recipe": self.recipe, "claims_honest": self.claims_honest,
+                "verdict": self.verdict, "integer_count": self.integer_count,
+                "float_count": self.float_count, "version": self.version,
+                "graphs": [g.to_dict() for g in self.graphs]}
+
+    def to_json(self, indent: int = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent) + "\n"
+
+    def to_markdown(self, max_rows: int | None = None) -> str:
+        claims = {True: "honest", False: "not honest", None: "not audited"}[self.claims_honest]
+        lines = [f"# qswap deploy audit: {self.directory}", "",
+                 f"Verdict: **{self.verdict}** (recipe: {self.recipe}; fake-quant audit: {claims})", ""]
+        lines += markdown_table(["graph", "nodes", "integer", "float"],
+                                [[g.graph, g.nodes, g.integer_count, g.float_count] for g in self.graphs])
+        return "\n".join(lines) + "\n" + "".join(g.to_markdown(max_rows, heading="##") for g in self.graphs)
+
+
+def audit_export(directory: "str | os.PathLike[str]", *, level: str = "all",
+                 save_optimized: "str | os.PathLike[str] | None" = None) -> DeployAudit:
+    """``audit_onnx`` of every graph of an export directory (``qswap export --onnx``), with the
+    recipe and the fake-quant audit's verdict recorded at export; ``save_optimized``: a folder to
+    write each optimized graph into (``<graph>.<level>.onnx``)."""
+    from qswap.export.package import SITE_PREFIX, graph_paths, read_manifest
+
+    manifest = read_manifest(directory)
+    out = None
+    if save_optimized is not None:
+        out = Path(save_optimized)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            from qswap.errors import OutputError
+            raise OutputError(f"cannot create {out} for the optimized graphs: {e.strerror}") from e
+    graphs = [audit_onnx(path, level=level, site_prefix=SITE_PREFIX[name], claims_honest=manifest.claims_honest,
+                         save_optimized=None if out is None else out / f"{name}.{level}.onnx")
+              for name, path in graph_paths(directory, manifest).items()]
+    return DeployAudit(str(directory), manifest.recipe, manifest.claims_honest, graphs)

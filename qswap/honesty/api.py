@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,11 +16,15 @@ from qswap.errors import AuditError, QswapError
 from qswap.nn.base import QuantModule
 from qswap.quant.fake_quantize import FakeQuantize
 
+if TYPE_CHECKING:
+    from qswap.honesty.integer import IntegerAuditReport
+
 _MODEL_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError)
 
 
 def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = None,
-          decode_steps: int = 3, values: bool = False) -> HonestyReport:
+          decode_steps: int = 3, values: bool = False, integer: bool = False
+          ) -> "HonestyReport | IntegerAuditReport":
     """Check that every op on the executed inference path ran on quantized values.
 
     ``inputs`` is a fairseq ``net_input`` dict (encoder-decoder models also get incremental
@@ -32,9 +36,19 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
     The model runs in eval mode under ``torch.no_grad``; its modes and any still-observing
     quantizer's state are restored afterwards.
 
+    ``integer=True`` is the integer audit level instead (``qswap.honesty.integer.audit_integer``):
+    the model is integerized and every path proven to compute on integer dtypes outside its
+    declared float steps; it returns an ``IntegerAuditReport`` (``float_ok`` and ``values`` do not
+    apply to it).
+
     >>> report = qswap.audit(qmodel, net_input)
     >>> report.honest, [(v.module, v.op) for v in report.violations][:3]
     """
+    if integer:
+        if float_ok or values:
+            raise AuditError("float_ok and values apply to the honesty audit, not to integer=True")
+        from qswap.honesty.integer import audit_integer
+        return audit_integer(model, inputs, decode_steps=decode_steps)
     if not isinstance(model, nn.Module):
         raise AuditError(f"audit() takes a torch.nn.Module, got {type(model).__name__}")
     check_inputs(inputs)
@@ -49,10 +63,11 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
             kind = _run(model, inputs, tracker, decode_steps)
     finally:
         tracker.detach()
-        restore()
-    _check_executed(model, tracker)
-    _check_dynamic(model, tracker, {id(q) for q in observing})
-    return _report(model, tracker, kind)
+        restore(tracker.ran_quantizers, tracker.hooked)
+    named = list(model.named_modules())  # the run may have changed the tree (checks walk it again)
+    _check_executed(named, tracker)
+    _check_dynamic(model, named, tracker, {id(q) for q in observing})
+    return _report(model, tracker, kind, [m for _, m in named])
 
 
 def _run(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int) -> str:
@@ -68,26 +83,30 @@ def _run(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int) -> 
 
 def _prepare(model: nn.Module, modules: list[nn.Module]):
     """Eval mode, and a snapshot of quantizers that would observe (and so change) on the run."""
-    modes = [(m, m.training) for m in modules]
+    training = [m for m in modules if m.training]  # eval() and restore touch only these
     observing = [q for q in modules if isinstance(q, FakeQuantize) and q.kind == "activation"
                  and q.enabled and not bool(q.frozen)]
     saved = [(q, {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                   for k, v in q.state_dict().items()}) for q in observing]
-    model.eval()
+    if training:
+        model.eval()
 
-    def restore() -> None:
+    def restore(ran: set[int], hooked: dict[int, tuple]) -> None:
+        """``ran``: id() of every hooked quantizer that ran (only those, and quantizers the audit
+        did not hook, can have observed)."""
         for q, state in saved:
-            q.load_state_dict(state)
-        for m, training in modes:
-            m.training = training
+            if id(q) in ran or id(q) not in hooked:
+                q.load_state_dict(state)
+        for m in training:
+            m.training = True
 
     return restore, observing
 
 
-def _check_executed(model: nn.Module, tracker: Tracker) -> None:
+def _check_executed(named: list, tracker: Tracker) -> None:
     """Every swapped module must have run; report the outermost ones that did not."""
     reported: list[str] = []
-    for path, module in model.named_modules():
+    for path, module in named:
         if not isinstance(module, QuantModule) or tracker.call_counts[id(module)]:
             continue
         if any(path.startswith(p + ".") for p in reported) or "" in reported:
@@ -102,18 +121,18 @@ def _values_bits(model: nn.Module) -> int:
                 and q.spec.bits <= MAX_CHECKED_BITS), default=8)
 
 
-def _check_dynamic(model: nn.Module, tracker: Tracker, observing: set[int]) -> None:
+def _check_dynamic(model: nn.Module, named: list, tracker: Tracker, observing: set[int]) -> None:
     """An activation quantizer that was still observing when it ran computed its range from
     that very input: dynamic quantization, a finding unless the recipe declares it."""
     recipe = getattr(model, "qswap_recipe", None)
     declared = ("the recipe declares dynamic activation quantization (dynamic_activations: true)"
                 if getattr(recipe, "dynamic_activations", False) else None)
-    for path, q in model.named_modules():
+    for path, q in named:
         if id(q) in observing and id(q) in tracker.ran_quantizers:
             tracker.findings.dynamic_range(path, q, declared)
 
 
-def _report(model: nn.Module, tracker: Tracker, kind: str) -> HonestyReport:
+def _report(model: nn.Module, tracker: Tracker, kind: str, modules: list[nn.Module]) -> HonestyReport:
     f = tracker.findings
     violations = list(f.violations.values())
     recipe = getattr(model, "qswap_recipe", None)
@@ -128,13 +147,13 @@ def _report(model: nn.Module, tracker: Tracker, kind: str) -> HonestyReport:
         value_disagreements=f.disagreements,
         kernel_internal=sorted(f.kernel_internal.values(), key=lambda r: -r.count),
         constant_fold=sorted(f.constant_fold.values(), key=lambda r: -r.count),
-        float_ok=dict(f.float_ok.entries), notes=_notes(model, f, kind))
+        float_ok=dict(f.float_ok.entries), notes=_notes(modules, f, kind))
     return report
 
 
-def _notes(model: nn.Module, f, kind: str) -> list[str]:
+def _notes(modules: list[nn.Module], f, kind: str) -> list[str]:
     notes = [f"model kind: {kind}; paths audited: {', '.join(p.name for p in f.paths)}"]
-    if not any(isinstance(m, FakeQuantize) for m in model.modules()):
+    if not any(isinstance(m, FakeQuantize) for m in modules):
         notes.append("the model has no qswap quantizers: every compute op runs on float values")
     notes += [f"float_ok key {k!r} matched no finding" for k in f.float_ok.unused()]
     return notes

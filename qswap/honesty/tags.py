@@ -32,6 +32,7 @@ QUANT, ACC, KERNEL, FLOAT, PARAM, CONST, INDEX = "quant", "acc", "kernel", "floa
 # Tolerance of the on-grid check, in units of the grid step (codes): |code - round(code)| must
 # be at most ATOL + RTOL * |code| (float32 rounding of (code - zp) * scale, read back).
 ATOL, RTOL = 1e-3, 2.0 ** -18
+_ZERO = torch.zeros(())  # + steps * scale: a product without casting a Python float per call
 
 
 @dataclass(frozen=True)
@@ -131,16 +132,20 @@ def off_grid_count(y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return int(codes.numel() - ok.sum())
 
 
-def on_grid_per_tensor(y: torch.Tensor, scale: float, zp: float, qmin: int, qmax: int) -> bool:
+def on_grid_per_tensor(y: torch.Tensor, scale: float, zp: float, qmin: int, qmax: int,
+                       inverse: torch.Tensor | None = None) -> bool:
     """A quick proof that every value of a float32 ``y`` is ``(code - zp) * scale`` for an
     integer code in [qmin, qmax] (False: not proven; count with ``off_grid_count``). Five
     kernels and no host sync: rounding ``y / scale`` to a code, clamping it into the range and
     multiplying back gives a grid point, so ``y`` equal to that everywhere is on the grid (a
-    value out of range is clamped, changes, and fails the comparison)."""
+    value out of range is clamped, changes, and fails the comparison). ``inverse``: ``1 / scale``
+    as a 0-d float32 tensor (a quantizer's own, saving a cast per call); whatever its value, only
+    grid points pass."""
     if y.dtype != torch.float32 or zp != round(zp) or not 0 < scale < math.inf or qmax - qmin >= 2 ** 24:
         return False
-    steps = torch.mul(y.detach(), 1.0 / scale).round_().clamp_(qmin - zp, qmax - zp)
-    return torch.equal(steps.mul_(scale), y)
+    steps = torch.mul(y.detach(), 1.0 / scale if inverse is None else inverse)
+    steps.round_().clamp_(qmin - zp, qmax - zp)
+    return torch.equal(torch.add(_ZERO, steps, alpha=scale, out=steps), y)  # steps * scale, no cast
 
 
 def _on_grid_per_tensor(values: torch.Tensor, scale: float, zp: float, qmin: int, qmax: int) -> bool:

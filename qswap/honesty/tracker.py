@@ -13,13 +13,13 @@ hooks that tell it where it is.
 """
 from __future__ import annotations
 
-import functools
 import weakref
 from collections import Counter
 from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qswap.honesty import classify as C
@@ -43,6 +43,14 @@ _OWN_QUANTIZERS = (FakeQuantize, BiasQuantize)  # exact classes: their internals
 class Tracker(TorchDispatchMode):
     """Use as ``tracker.attach(model)``, then ``with tracker, tracker.path("name"): ...``."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """torch wraps a mode's ``__torch_dispatch__`` in ``torch._dynamo.disable`` unless this
+        says False (``TorchDispatchMode._should_skip_dynamo``): two frames and two eval-frame
+        switches per op, and an import of torch._dynamo on the first audit. The audit never
+        compiles, and runs the model eagerly."""
+        return False
+
     def __init__(self, float_ok: dict[str, str] | None = None, values_bits: int | None = None):
         """``values_bits``: run the value-level check (``qswap.honesty.values``) too, with this
         bound for operands whose tag claims no width; None: tags only."""
@@ -62,30 +70,46 @@ class Tracker(TorchDispatchMode):
         self._next_call = 0
         self._verified = _TagMap()  # quantizer output -> (path, _version) checked
         self._handles: list = []
-        self._rules: dict = {}
+        self.hooked: dict[int, tuple] = {}  # id(module) -> (path, module) of every module attach hooked
+        self._rules: dict = {}  # id(OpOverload) -> its rule (OpOverload.__hash__ is Python code)
         self._labels: dict = {}  # QuantSpec -> its short label
-        self._inplace: dict = {}  # OpOverload -> whether it writes its first argument
+        self._inplace: dict = {}  # id(OpOverload) -> whether it writes its first argument
 
     # -- module hooks ----------------------------------------------------------------------------
     def attach(self, model: nn.Module, named: list | None = None) -> None:
         """Hook every module (but a quantizer's own children) and tag every parameter, buffer
-        and tensor attribute. ``named``: ``list(model.named_modules())``, if the caller has it."""
-        inside: tuple[str, ...] = ()  # paths of quantizers: their observers are theirs
+        and tensor attribute. ``named``: ``list(model.named_modules())``, if the caller has it.
+
+        Two global module hooks (``torch.nn.modules.module.register_module_forward_*``) that look
+        the module up, rather than two hooks per module: the same calls at a fraction of the set-up
+        cost (a model has thousands of modules). A global pre-hook runs before a module's own
+        pre-hooks; the global forward hook runs before its own forward hooks, which therefore
+        run watched (their ops are classified like the model's)."""
+        inside = None  # the path prefix of the last quantizer: its observers are its own
         for path, module in model.named_modules() if named is None else named:
-            if inside and path.startswith(inside):
-                continue
+            if inside is not None and path.startswith(inside):
+                continue  # named_modules is pre-order: a quantizer's children follow it
             if isinstance(module, (FakeQuantize, BiasQuantize)):
-                inside += (path + ".",)
-            pre = functools.partial(self._pre, path)
-            post = functools.partial(self._post, path)
-            self._handles.append(module.register_forward_pre_hook(pre, prepend=True))
-            self._handles.append(module.register_forward_hook(post, always_call=True))
+                inside = f"{path}." if path else ""
+            self.hooked[id(module)] = (path, module)
             self._tag_module_tensors(path, module)
+        self._handles.append(register_module_forward_pre_hook(self._global_pre))
+        self._handles.append(register_module_forward_hook(self._global_post, always_call=True))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def _global_pre(self, module: nn.Module, args) -> None:
+        entry = self.hooked.get(id(module))
+        if entry is not None and entry[1] is module:
+            self._pre(entry[0], module, args)
+
+    def _global_post(self, module: nn.Module, args, output) -> None:
+        entry = self.hooked.get(id(module))
+        if entry is not None and entry[1] is module:
+            self._post(entry[0], module, args, output)
 
     def _tag_module_tensors(self, path: str, module: nn.Module) -> None:
         prefix = f"{path}." if path else ""
@@ -94,6 +118,8 @@ class Tracker(TorchDispatchMode):
         for name, b in _own(module._buffers):  # noqa: SLF001
             if b.is_floating_point():
                 self._set([b], Tag(PARAM, f"buffer {prefix}{name}"))
+        if type(module) in _OWN_QUANTIZERS:
+            return  # their tensor attributes are their own caches, read only with dispatch off
         for name, v in vars(module).items():  # tensors kept as state (a derived weight's cache)
             if name in _MODULE_TABLES or isinstance(v, _SCALARS):
                 continue
@@ -168,9 +194,12 @@ class Tracker(TorchDispatchMode):
             return
         if self._verified.get(out) == (path, out._version):
             return  # a cached weight, already checked
+        # every audit reads a kept weight output again: one written through ``.data`` (which
+        # bumps no version counter) since an earlier audit must not pass on that audit's proof
         with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the check is not the model's)
             step = (float(scale), 0.0 if zp is None else float(zp)) if scale.numel() == 1 else (None, 0.0)
-            if step[0] is not None and on_grid_per_tensor(out, step[0], step[1], qmin, qmax):
+            if step[0] is not None and on_grid_per_tensor(out, step[0], step[1], qmin, qmax,
+                                                          _inverse(q, step[0])):
                 off = 0
             else:
                 zp = torch.zeros_like(scale) if zp is None else zp
@@ -202,11 +231,11 @@ class Tracker(TorchDispatchMode):
         return out
 
     def _rule(self, func):
-        hit = self._rules.get(func)
+        hit = self._rules.get(id(func))  # an OpOverload lives as long as torch
         if hit is None:
             name = O.op_name(func)
             refined = name in O.ARGUMENT_RULES or name in O.VALUE_FACTORIES
-            hit = self._rules[func] = (name, O.lookup(func), f"{func.namespace}.{func.overloadpacket.__name__}",
+            hit = self._rules[id(func)] = (name, O.lookup(func), f"{func.namespace}.{func.overloadpacket.__name__}",
                                        refined)
         return hit
 
@@ -269,9 +298,9 @@ class Tracker(TorchDispatchMode):
         """Tag an op's outputs with the version they will have once the op returns: a view
         shares its base's counter, and an in-place op bumps the counter after this handler."""
         base = args[0] if func.is_view and args and isinstance(args[0], torch.Tensor) else None
-        mutated = self._inplace.get(func)
+        mutated = self._inplace.get(id(func))
         if mutated is None:
-            mutated = self._inplace[func] = O.is_inplace(func)
+            mutated = self._inplace[id(func)] = O.is_inplace(func)
         for t in outputs:
             if base is not None:
                 version = base._version
@@ -382,6 +411,14 @@ class Tracker(TorchDispatchMode):
     def _unclassified(self, func, op, args, kwargs, operands, outputs) -> None:
         self.findings.unclassified(self.stack[-1], op, func, operands)
         self._set_out(func, args, kwargs, outputs, Tag(FLOAT, f"output of unclassified {self._where(op)}"))
+
+
+def _inverse(q: nn.Module, step: float) -> torch.Tensor | None:
+    """The 0-d float32 ``1 / step`` a frozen FakeQuantize keeps for its own passes (None: none
+    kept for this step). Any value is sound for ``on_grid_per_tensor``: its last comparison is
+    against grid points of ``step`` itself."""
+    grid = q.kept_grid if isinstance(q, FakeQuantize) else None
+    return grid.inverse if grid is not None and grid.scale == step else None
 
 
 def _scalar_rescale(name: str, args, kwargs, n_tensors: int) -> float | None:

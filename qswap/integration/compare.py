@@ -6,6 +6,7 @@ function: it returns rows; the CLI renders them."""
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import asdict, astuple, dataclass, field
 from typing import Callable
 
@@ -40,6 +41,22 @@ class Row:
     wer_ci: tuple[float, float] | None = None
     delta_wer_ci: tuple[float, float] | None = None
     significant: bool | None = None  # None for the reference row itself
+    integer: "IntegerResult | None" = None  # with compare(..., integer=True)
+
+
+@dataclass
+class IntegerResult:
+    """The recipe's integer model (``qswap.integerize``) decoded like the fake-quant model:
+    its WER, the paired difference integer - fake-quant with its interval, the integer audit's
+    verdict; or why there is no integer model (``note``)."""
+    wer: float | None = None
+    delta_vs_fake: float | None = None
+    delta_vs_fake_ci: tuple[float, float] | None = None
+    integer_only: bool | None = None
+    decode_s: float | None = None
+    same_transcripts: int | None = None  # utterances whose integer transcript is the fake-quant one
+    note: str | None = None
+    utterance_errors: list[int] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -55,13 +72,30 @@ class Comparison:
 
     def markdown(self) -> str:
         head = ("| recipe | WER % [95 % CI] | ΔWER [95 % CI] | significant | CER % | honest (float ops) | "
-                "weights MB | MMACs/s | GBOPs/s |\n|---|---|---|---|---|---|---|---|---|")
-        lines = [head]
+                "weights MB | MMACs/s | GBOPs/s |")
+        if self.settings.get("integer"):
+            head += " " + " | ".join(INTEGER_COLUMNS) + " |"
+        lines = [head, "|" + "---|" * head.count(" |")]
         for r in self.rows:
             verdict = "yes" if r.honest else f"no ({r.float_ops})"
-            lines.append(f"| {r.recipe} | {wer_cell(r)} | {delta_cell(r)} | {significance_cell(r)} | "
-                         f"{r.cer:.2f} | {verdict} | {r.weight_mb:.2f} | {r.mmacs_per_s:.1f} | {r.gbops_per_s:.1f} |")
+            line = (f"| {r.recipe} | {wer_cell(r)} | {delta_cell(r)} | {significance_cell(r)} | "
+                    f"{r.cer:.2f} | {verdict} | {r.weight_mb:.2f} | {r.mmacs_per_s:.1f} | {r.gbops_per_s:.1f} |")
+            if self.settings.get("integer"):
+                line += " " + " | ".join(integer_cells(r)) + " |"
+            lines.append(line)
         return "\n".join(lines) + "\n"
+
+
+INTEGER_COLUMNS = ("integer WER %", "integer - fake [95 % CI]", "integer-only")
+
+
+def integer_cells(row: Row) -> tuple[str, str, str]:
+    """The integer columns of a row: '-' (with the reason as the last cell) without an integer model."""
+    i = row.integer
+    if i is None or i.wer is None:
+        return "-", "-", f"- ({i.note})" if i is not None and i.note else "-"
+    return (f"{i.wer:.2f}", with_interval(i.delta_vs_fake, i.delta_vs_fake_ci, "+"),
+            "yes" if i.integer_only else "no")
 
 
 def interval_suffix(ci, sign: str = "") -> str:
@@ -106,21 +140,43 @@ def add_intervals(rows: list[Row], bootstrap: Bootstrap = Bootstrap()) -> None:
         delta = delta_interval(row.utterance_errors, reference.utterance_errors, row.utterance_words, bootstrap)
         row.delta_wer_ci = astuple(delta)
         row.significant = significant(delta)
+    for row in rows:
+        if row.integer is not None and row.integer.wer is not None:
+            row.integer.delta_vs_fake = row.integer.wer - row.wer
+            row.integer.delta_vs_fake_ci = astuple(delta_interval(
+                row.integer.utterance_errors, row.utterance_errors, row.utterance_words, bootstrap))
 
 
 def evaluate_recipe(float_model, task, recipe, *, subset: str, calib_subset: str, calib_batches: int,
-                    beam: int, max_sentences: int = 32,
+                    beam: int, max_sentences: int = 32, batches: int | None = None, integer: bool = False,
                     progress: Callable[[str, int, int], None] | None = None) -> tuple[Row, torch.nn.Module]:
     """Convert, calibrate, audit and decode one recipe; delta_wer is left 0 for the caller.
-    ``progress(stage, n, total)``: n more batches calibrated or utterances decoded, of total."""
-    tick = (lambda stage, total: (lambda n: progress(stage, n, total))) if progress else (lambda *_: None)
-    qmodel = qswap.convert(float_model, recipe)
-    name = qmodel.qswap_recipe.name
+    ``integer``: also integerize it, audit the integer model and decode it (``Row.integer``).
+    ``progress(stage, n, total)``: n more batches calibrated or utterances decoded, of total;
+    ``batches``: decode only the subset's first ``batches`` batches (all when None)."""
+    tick = _ticker(progress)
+    data = fdata.transform_data(recipe, task, calib_subset, calib_batches, max_sentences=max_sentences)
+    qmodel = qswap.convert(float_model, recipe, data=data)
     if activation_quantizers(qmodel):
         qswap.calibrate(qmodel, fdata.net_inputs(task, calib_subset, calib_batches, max_sentences=max_sentences),
                         progress=tick("calibrate", calib_batches))
-    report = qswap.audit(qmodel, fdata.first_net_input(task, subset))
-    samples = list(fdata.batches(task, subset, max_sentences=max_sentences))
+    row = score(qmodel, task, qmodel.qswap_recipe.name, subset=subset, beam=beam, max_sentences=max_sentences,
+                batches=batches, integer=integer, progress=progress)
+    return row, qmodel
+
+
+def _ticker(progress):
+    return (lambda stage, total: (lambda n: progress(stage, n, total))) if progress else (lambda *_: None)
+
+
+def score(qmodel, task, name: str, *, subset: str, beam: int, max_sentences: int = 32, batches: int | None = None,
+          integer: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Row:
+    """Audit and decode a converted (and calibrated) model: its Row, delta_wer left 0.
+    ``integer``: also integerize, audit and decode the integer model (``Row.integer``)."""
+    tick = _ticker(progress)
+    audit_input = fdata.first_net_input(task, subset)
+    report = qswap.audit(qmodel, audit_input)
+    samples = list(itertools.islice(fdata.batches(task, subset, max_sentences=max_sentences), batches))
     result = decode(task, qmodel, samples, beam=beam, progress=tick("decode", sum(len(s["id"]) for s in samples)))
     refs, hyps = [u.ref for u in result.utterances], [u.hyp for u in result.utterances]
     counts = error_counts(refs, hyps)
@@ -130,25 +186,52 @@ def evaluate_recipe(float_model, task, recipe, *, subset: str, calib_subset: str
     row = Row(name, counts.wer, counts.cer, 0.0, report.honest, len(report.violations), weight_bytes / 1e6,
               cost.macs_per_second / 1e6, cost.bops_per_second / 1e9, result.seconds, counts.utterances,
               per_errors, per_words)
-    return row, qmodel
+    if integer:
+        row.integer = evaluate_integer(qmodel, task, samples, audit_input, hyps, beam=beam,
+                                       progress=tick("integer decode", len(refs)))
+    return row
+
+
+def evaluate_integer(qmodel, task, samples: list[dict], audit_input: dict, fake_hyps: list[str], *, beam: int,
+                     progress: Callable[[int], None] | None = None) -> IntegerResult:
+    """Integerize ``qmodel``, audit the integer model on ``audit_input`` (a net_input),
+    decode ``samples`` with it (the same beam search) and count the transcripts equal to
+    ``fake_hyps`` (the fake-quant model's, by utterance id); the interval is added by ``add_intervals``.
+    A model without an integer form (float, weight-only, an architecture not done yet) gives a
+    result with only ``note``, the first line of its ``IntegerizeError``."""
+    from qswap.errors import IntegerizeError
+    from qswap.honesty.integer import audit_integer
+    try:
+        imodel = qswap.integerize(qmodel)
+    except IntegerizeError as exc:
+        return IntegerResult(note=f"no integer form: {str(exc).splitlines()[-1].strip()}")
+    report = audit_integer(imodel, audit_input)
+    result = decode(task, imodel, samples, beam=beam, progress=progress)
+    refs, hyps = [u.ref for u in result.utterances], [u.hyp for u in result.utterances]
+    errors, _ = utterance_word_errors(refs, hyps)
+    counts = error_counts(refs, hyps)
+    return IntegerResult(wer=counts.wer, integer_only=report.integer_only, decode_s=result.seconds,
+                         same_transcripts=sum(a == b for a, b in zip(hyps, fake_hyps)), utterance_errors=errors)
 
 
 def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "test",
             calib_subset: str = "train", calib_batches: int = 8, beam: int = 5,
             max_sentences: int = 32, trust_checkpoint: bool = False, bootstrap: Bootstrap = Bootstrap(),
-            progress: Callable[[str, str, int, int], None] | None = None) -> Comparison:
+            integer: bool = False, progress: Callable[[str, str, int, int], None] | None = None) -> Comparison:
     """One row per recipe; the float model (recipe fp32) is always evaluated first as the reference.
+    ``integer``: each quantized row also gets its integer model's WER, the paired difference
+    integer - fake-quant and the integer audit's verdict (``Row.integer``).
     ``progress(recipe, stage, n, total)`` as in ``evaluate_recipe``."""
     model, task = fdata.load_model_and_task(checkpoint, data, trust_checkpoint=trust_checkpoint)
     names = ["fp32"] + [r for r in recipes if r != "fp32"]
     table = Comparison(str(checkpoint), subset, settings={
         "calib_subset": calib_subset, "calib_batches": calib_batches, "beam": beam,
-        "bootstrap": bootstrap.to_dict()})
+        "bootstrap": bootstrap.to_dict(), "integer": integer})
     for recipe in names:
         cb = (lambda stage, n, total, r=recipe: progress(r, stage, n, total)) if progress else None
         row, _ = evaluate_recipe(copy.deepcopy(model), task, recipe, subset=subset, calib_subset=calib_subset,
                                  calib_batches=calib_batches, beam=beam, max_sentences=max_sentences,
-                                 progress=cb)
+                                 integer=integer and recipe != "fp32", progress=cb)
         table.rows.append(row)
     add_intervals(table.rows, bootstrap)
     return table

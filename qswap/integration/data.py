@@ -107,6 +107,15 @@ def net_inputs(task, subset: str, count: int | None = None, **kwargs) -> Iterato
     return (s["net_input"] for s in itertools.islice(batches(task, subset, **kwargs), count))
 
 
+def transform_data(recipe, task, subset: str, count: int | None, **kwargs) -> list[dict] | None:
+    """The calibration batches, as a list, when the recipe's transforms need activation statistics
+    (``qswap.convert(..., data=)``: smoothquant); None otherwise."""
+    from qswap.recipe import load_recipe
+    from qswap.transforms import needs_data
+
+    return list(net_inputs(task, subset, count, **kwargs)) if needs_data(load_recipe(recipe).transforms) else None
+
+
 def first_net_input(task, subset: str, count: int = 2) -> dict:
     """A small batch of the first ``count`` utterances of a subset (for the audit)."""
     dataset = load_subset(task, subset)

@@ -44,19 +44,26 @@ def decode(task, model, samples: Iterable[dict], *, beam: int = 5, max_len_b: in
            progress: Callable[[int], None] | None = None) -> DecodeResult:
     """Decode every sample; returns references and hypotheses as text."""
     dictionary = task.target_dictionary
-    post = _post_process(task)
-    ctc = is_ctc(model)
-    generator = None
-    if not ctc:
-        from fairseq.sequence_generator import SequenceGenerator
-        generator = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=max_len_b)
-    utterances, audio, start = [], 0.0, time.perf_counter()
     model.eval()
+    if is_ctc(model):
+        return decode_with(task, lambda sample: _ctc_greedy(model, sample, dictionary), samples, progress)
+    from fairseq.sequence_generator import SequenceGenerator
+    generator = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=max_len_b)
+    return decode_with(task, lambda sample: [h[0]["tokens"] for h in generator.generate([model], sample)],
+                       samples, progress)
+
+
+def decode_with(task, hypothesize: Callable[[dict], list[torch.Tensor]], samples: Iterable[dict],
+                progress: Callable[[int], None] | None = None) -> DecodeResult:
+    """Every sample's hypothesis tokens from ``hypothesize(sample)`` (one 1-d tensor per
+    utterance), as text beside the reference, timed."""
+    dictionary = task.target_dictionary
+    post = _post_process(task)
+    utterances, audio, start = [], 0.0, time.perf_counter()
     with torch.no_grad():
         for sample in samples:
             audio += audio_seconds(sample)
-            hyps = _ctc_greedy(model, sample, dictionary) if ctc else \
-                [h[0]["tokens"] for h in generator.generate([model], sample)]
+            hyps = hypothesize(sample)
             for i, sid in enumerate(sample["id"].tolist()):
                 target = sample["target"][i]
                 target = target[target != dictionary.pad()]

@@ -23,6 +23,7 @@ from fairseq.tasks.speech_to_text import SpeechToTextTask
 from omegaconf import OmegaConf
 
 import qswap
+from qswap.transforms import STRUCTURE_ONLY
 from qswap.calibrate import activation_quantizers, freeze_observed
 from qswap.integration.data import resolve_audio_root
 
@@ -52,7 +53,10 @@ class QswapTaskMixin:
             return model
         if OmegaConf.is_config(recipe):  # a qswap checkpoint stores the recipe itself in its cfg
             recipe = OmegaConf.to_container(recipe, resolve=True)
-        model = qswap.convert(model, recipe, inplace=True, strict=getattr(opts, "qswap_strict", False) or None)
+        # a checkpoint's state holds transformed weights; a recipe whose transforms need activation
+        # statistics cannot be applied to a freshly built model here (ConvertError says so)
+        model = qswap.convert(model, recipe, inplace=True, strict=getattr(opts, "qswap_strict", False) or None,
+                              data=STRUCTURE_ONLY if from_checkpoint else None)
         counts = model.qswap_report.counts()
         logger.info(f"qswap: converted with recipe {model.qswap_recipe.name}: {counts['quantized']} "
                     f"modules quantized, {counts['float']} left float, {counts['skipped']} skipped")

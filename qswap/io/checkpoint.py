@@ -61,7 +61,7 @@ def load_fairseq_model(path: "str | os.PathLike[str]", *, trust_checkpoint: bool
     state = _prepare_state(path, state, arg_overrides)
     cfg = state["cfg"]
     _check_registered(path, cfg)
-    task = _setup_task(path, cfg)
+    task = setup_task(path, cfg)
     try:
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
             [str(path)], task=task, state=state)
@@ -142,7 +142,8 @@ def _cfg_name(node: Any, legacy: str) -> Any:
     return name if name is not None else getattr(node, legacy, None)
 
 
-def _setup_task(path: Path, cfg: Any):
+def setup_task(path: Path, cfg: Any):
+    """fairseq's task for ``cfg.task`` (it reads its data directory); DataError naming ``path``."""
     from fairseq import tasks
 
     data = getattr(cfg.task, "data", None)
@@ -270,7 +271,7 @@ def _load_qswap(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None
     except Exception as exc:
         raise CheckpointError(f"{path}: malformed cfg in qswap checkpoint ({first_line(exc)})") from None
     _check_registered(path, cfg)
-    task = _setup_task(path, cfg)
+    task = setup_task(path, cfg)
     model = _build_float_model(path, cfg, task)
     qmodel = _convert_stored(path, model, meta["recipe"])
     _load_quantized_state(path, qmodel, state["model"])
@@ -290,6 +291,7 @@ def _build_float_model(path: Path, cfg: Any, task: Any) -> nn.Module:
 def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
     from qswap.convert import QswapWarning, convert
     from qswap.quant import FakeQuantize
+    from qswap.transforms import STRUCTURE_ONLY
 
     if getattr(model, "qswap_recipe", None) is not None and any(
             isinstance(m, FakeQuantize) for m in model.modules()):
@@ -297,7 +299,8 @@ def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
     try:
         with warnings.catch_warnings():  # they were shown when the model was first converted
             warnings.simplefilter("ignore", QswapWarning)
-            return convert(model, dict(recipe), inplace=True)
+            # the stored state holds the transformed weights: only module insertions are redone
+            return convert(model, dict(recipe), inplace=True, data=STRUCTURE_ONLY)
     except RecipeError as exc:
         raise CheckpointError(f"{path}: the recipe stored in this qswap checkpoint is invalid "
                               f"({exc}); the file is damaged") from None

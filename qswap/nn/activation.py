@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qswap.io.serializable import INT, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 from qswap.nn.simulate import cached, codes_of, grid_of, simulates, straight_through, value_of
@@ -105,6 +106,7 @@ class QLogSoftmax(_QElementwise):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
+@serializable(table=Tensor("int8", "uint8", "int16", "int32"), qmin=INT)
 class IntegerLookup(nn.Module):
     """An elementwise op on codes: ``table[codes - qmin]`` (no arithmetic on values)."""
 
@@ -118,6 +120,7 @@ class IntegerLookup(nn.Module):
         return apply_lut(codes, self.table, self.qmin)
 
 
+@serializable(params=Obj("SoftmaxParams"), dim=Opt(INT))
 class IntegerSoftmax(nn.Module):
     """Softmax on codes: ``qswap.quant.integer.integer_softmax`` along ``dim``."""
 
@@ -130,6 +133,7 @@ class IntegerSoftmax(nn.Module):
         return integer_softmax(codes, self.params, blocked, self.dim)
 
 
+@serializable(params=Obj("GluParams"), dim=INT)
 class IntegerGLU(nn.Module):
     """GLU on codes: ``qswap.quant.integer.integer_glu`` along ``dim``."""
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
@@ -251,6 +252,8 @@ def _span(grid) -> int:
     return max(grid.qmax - grid.zero_point, grid.zero_point - grid.qmin)
 
 
+@serializable(zero_points=Tuple(INT, INT, INT, INT), scores=Obj("Requant"), softmax=Obj("SoftmaxParams"),
+              context=Obj("Requant"), qk_span=INT, pv_span=INT)
 class IntegerAttentionCore(nn.Module):
     """The attention core on codes. ``q @ k^T`` accumulates D products of at most
     ``max|q - zq| * max|k - zk|`` in int32, ``probs @ v`` S of at most ``max|p - zp| * max|v - zv|``

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import Obj, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
@@ -46,6 +47,7 @@ class QEmbedding(QuantModule):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
+@serializable(codes=Tensor("int8", "uint8", "int16"), zero_point=Tensor("int32"), requant=Obj("Requant"))
 class IntegerEmbedding(nn.Module):
     """A lookup of code rows, each requantized to the output grid with its row's multiplier
     (per-row grids) or the table's (per tensor). int32 operand ``code - zero_point`` (< 2^16)."""

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
@@ -122,12 +123,17 @@ class _QConvNd(_Weighted):
     def to_integer(self, out: "Grid | None") -> "IntegerConv":
         """The integer form writing codes of ``out`` (its consumer's input grid): as
         ``QLinear.to_integer``, the convolution itself on int32 (``torch`` convolves int32 on
-        CPU). Zero padding and plain weights only (no weight norm yet)."""
+        CPU). A weight-normed conv's codes are those of ``g * v / ||v||`` (its weight
+        preprocessing, constant at inference). Zero padding only."""
         from qswap.errors import IntegerizeError
         from qswap.quant.integer import Grid
-        if self.weight is None or self.padding_mode != "zeros":
-            raise IntegerizeError("a weight-normed or non-zero-padded convolution has no integer form yet")
-        return integer_linear(self.weight_quant, self.weight, self.bias, Grid.of(self.input_quant), out,
+        if self.padding_mode != "zeros":
+            raise IntegerizeError(f"a convolution with padding_mode={self.padding_mode!r} has no integer form yet")
+        weight = self.weight
+        if weight is None:
+            with torch.no_grad():
+                weight = torch._weight_norm(self.weight_v, self.weight_g, self.weight_norm_dim)
+        return integer_linear(self.weight_quant, weight, self.bias, Grid.of(self.input_quant), out,
                               IntegerConv, conv_fn=type(self).conv_fn, stride=self.stride, padding=self.padding,
                               dilation=self.dilation, groups=self.groups)
 
@@ -164,6 +170,8 @@ def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Te
     return (form or IntegerLinear)(grid_in.zero_point, w_codes, codes, requant, acc_scale, **conv)
 
 
+@serializable(zero_point_in=INT, weight=Tensor("int8", "int16"), bias=Opt(Tensor("int32")),
+              requant=Opt(Obj("Requant")), acc_scale=Tensor("float32"))
 class IntegerLinear(nn.Module):
     """``y = requant(sum_k (x_k - zp_in) w_k + b)``: int8 weights, int32 accumulation and bias
     (bound checked when built: in_features * max|x - zp| * max|w| + max|b| < 2^31), gemmlowp
@@ -179,12 +187,21 @@ class IntegerLinear(nn.Module):
         self.register_buffer("bias", bias)  # (out,) int32 or None
         self.register_buffer("acc_scale", acc_scale)  # () or (out,) float32: build/output use only
 
+    @property
+    def stream_scale(self) -> float | torch.Tensor:
+        """The accumulator's grid as a stream's scale: a float, or (out,) float64 per channel."""
+        return float(self.acc_scale) if self.acc_scale.numel() == 1 else self.acc_scale.double()
+
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         x = codes.to(torch.int32) - self.zero_point_in  # (..., in)
         acc = F.linear(x, self.weight.to(torch.int32), self.bias)  # (..., out) int32
         return acc if self.requant is None else self.requant(acc, axis=-1)
 
 
+@serializable(zero_point_in=INT, weight=Tensor("int8", "int16"), bias=Opt(Tensor("int32")),
+              requant=Opt(Obj("Requant")), acc_scale=Tensor("float32"),
+              conv_fn=Named({"conv1d": F.conv1d, "conv2d": F.conv2d}), stride=List(INT, tuple_=True),
+              padding=Either(List(INT, tuple_=True), STR), dilation=List(INT, tuple_=True), groups=INT)
 class IntegerConv(IntegerLinear):
     """A convolution on codes: ``conv_fn`` on ``codes - zp_in`` (zero padding is then the input's
     zero point, as the fake-quant conv pads its quantized input with 0.0), int32 accumulation,
@@ -194,6 +211,7 @@ class IntegerConv(IntegerLinear):
                  dilation, groups):
         super().__init__(zero_point_in, weight, bias, requant, acc_scale)
         self.conv_fn, self.conv_args = conv_fn, (stride, padding, dilation, groups)
+        self.stride, self.padding, self.dilation, self.groups = self.conv_args
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         x = codes.to(torch.int32) - self.zero_point_in  # (B, C, ...)

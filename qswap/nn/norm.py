@@ -1,7 +1,7 @@
 """Normalization counterparts: quantized input and affine parameters, one norm kernel.
 
 The statistics and normalization run inside one kernel on quantized operands: LayerNorm as its
-integer form computes them (``qswap.quant.integer.layer_norm_accumulator``, the recipe's
+integer form computes them (``qswap.quant.integer.integer_layer_norm_acc``, the recipe's
 ``simulate: integer``, see ``qswap.nn.simulate``) or as ``native_layer_norm`` does in float32
 (``simulate: float``); GroupNorm in ``native_group_norm``.
 """
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import Obj, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
 from qswap.nn.simulate import cached, codes_of, grid_of, row_isqrt, simulates, value_of
@@ -85,6 +86,24 @@ class _QNorm(QuantModule):
         b = self.bias_quant(self.bias) if self.bias is not None else None
         return w, b
 
+    def integer_affine(self, channels: int) -> tuple:
+        """(gamma codes (C,), gamma scale (float or (C,)), beta values on their grid or None) for an
+        integer form: gamma 1 (scale 1) without a weight; a float bias is refused."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.fake_quantize import FakeQuantize
+        from qswap.quant.integer import weight_codes
+        if self.weight is None:
+            gamma, gamma_scale = torch.ones(channels, dtype=torch.int32), 1.0
+        else:
+            gamma, gamma_scale = weight_codes(self.weight_quant, self.weight)
+            gamma_scale = gamma_scale if gamma_scale.numel() > 1 else float(gamma_scale)
+        beta = None
+        if self.bias is not None:
+            if not isinstance(self.bias_quant, FakeQuantize):
+                raise IntegerizeError(f"{type(self).__name__} bias (site norm_bias) is float; quantize it in the recipe")
+            beta = self.bias_quant(self.bias).detach()
+        return gamma, gamma_scale, beta
+
 
 @register(nn.LayerNorm)
 class QLayerNorm(_QNorm):
@@ -114,13 +133,13 @@ class QLayerNorm(_QNorm):
         """The integer LayerNorm's affine accumulator of ``xq``'s codes, as its value (float32);
         ``beta``: the quantized bias. None where the integer form is not defined
         (``_integer_params``)."""
-        from qswap.quant.integer import layer_norm_accumulator
+        from qswap.quant.integer import integer_layer_norm_acc
         grid = grid_of(self.input_quant)
         params = None if grid is None else self._integer_params(grid, beta)
         if params is None:
             return None
         with torch.no_grad():
-            acc = layer_norm_accumulator(codes_of(xq, grid), params, row_isqrt)
+            acc = integer_layer_norm_acc(codes_of(xq, grid), params, row_isqrt)
             return value_of(acc, params.acc_scale, xq.dtype)
 
     def _integer_params(self, grid, beta: torch.Tensor | None):
@@ -155,30 +174,19 @@ class QLayerNorm(_QNorm):
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
 
-    def to_integer(self, out: "Grid") -> "IntegerLayerNorm":
-        """The integer form writing codes of ``out`` (its consumer's input grid): integer mean and
-        variance, Newton isqrt, fixed-point gamma (its codes) and beta (on the affine
+    def to_integer(self, out: "Grid | None") -> "IntegerLayerNorm":
+        """The integer form writing codes of ``out`` (its consumer's input grid; None: the int32
+        affine accumulator on ``IntegerLayerNorm.stream_scale``, for several consumers): integer
+        mean and variance, Newton isqrt, fixed-point gamma (its codes) and beta (on the affine
         accumulator's grid); see ``qswap.quant.integer.integer_layer_norm``. One normalized axis;
         gamma and beta quantized (norm_weight / norm_bias sites)."""
         from qswap.errors import IntegerizeError
-        from qswap.quant.fake_quantize import FakeQuantize
-        from qswap.quant.integer import Grid, LayerNormParams, weight_codes
+        from qswap.quant.integer import Grid, LayerNormParams
         if len(self.normalized_shape) != 1:
             raise IntegerizeError(f"LayerNorm over {self.normalized_shape}: integer form normalizes one axis")
         n = self.normalized_shape[0]
-        if self.weight is None:
-            gamma, gamma_scale = torch.ones(n, dtype=torch.int32), 1.0
-        else:
-            gamma, gamma_scale = weight_codes(self.weight_quant, self.weight)
-            gamma_scale = gamma_scale if gamma_scale.numel() > 1 else float(gamma_scale)
-        beta = None
-        if self.bias is not None:
-            if not isinstance(self.bias_quant, FakeQuantize):
-                raise IntegerizeError("LayerNorm bias (site norm_bias) is float; quantize it in the recipe")
-            beta = self.bias_quant(self.bias).detach()
-        params = LayerNormParams.build(n, self.eps, Grid.of(self.input_quant).scale, gamma, gamma_scale, beta, out)
+        params = LayerNormParams.build(n, self.eps, Grid.of(self.input_quant).scale, *self.integer_affine(n), out)
         return IntegerLayerNorm(params)
-
 
 @register(nn.GroupNorm)
 class QGroupNorm(_QNorm):
@@ -196,6 +204,19 @@ class QGroupNorm(_QNorm):
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, eps={self.eps}"
+
+    def to_integer(self, out: "Grid | None") -> "IntegerGroupNorm":
+        """The integer form on (B, C, ...) codes writing codes of ``out`` (its consumer's input
+        grid): ``qswap.quant.integer.integer_group_norm`` (integer mean and variance over each
+        group, Newton isqrt, fixed-point gamma and beta per channel)."""
+        from qswap.quant.integer import GroupNormParams, Grid
+        channels = self.weight.numel() if self.weight is not None else None
+        if channels is None:
+            from qswap.errors import IntegerizeError
+            raise IntegerizeError("a GroupNorm without affine parameters has no integer form yet")
+        params = GroupNormParams.build(self.num_groups, channels, self.eps, Grid.of(self.input_quant),
+                                       *self.integer_affine(channels), out)
+        return IntegerGroupNorm(params)
 
 
 @register(nn.BatchNorm1d)
@@ -265,16 +286,44 @@ class QBatchNorm1d(QuantModule):
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, folded"
 
+    def to_integer(self, out: "Grid | None") -> "IntegerConv":
+        """The integer form of the folded inference BatchNorm: a depthwise 1x1 ``IntegerConv`` on
+        (B, C, L) codes with the folded scale's codes and the shift on the int32 grid of
+        ``s_in * s_w`` (``BiasQuantize``'s rounding), requantized per channel onto ``out``."""
+        from qswap.nn.linear import IntegerConv, integer_linear
+        from qswap.quant.integer import Grid
+        w, b = self.folded(self.running_mean, self.running_var)
+        with torch.no_grad():
+            return integer_linear(self.weight_quant, w.detach().view(-1, 1, 1), b.detach(), Grid.of(self.input_quant),
+                                  out, IntegerConv, conv_fn=F.conv1d, stride=1, padding=0, dilation=1,
+                                  groups=self.num_features)
+
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
+@serializable(params=Obj("LayerNormParams"))
 class IntegerLayerNorm(nn.Module):
-    """LayerNorm on codes: ``qswap.quant.integer.integer_layer_norm`` with built constants."""
+    """LayerNorm on codes: ``qswap.quant.integer.integer_layer_norm`` with built constants (the
+    int32 affine accumulator on ``stream_scale`` when built without an output grid)."""
 
     def __init__(self, params):
         super().__init__()
-        self.params = params
+        self.params, self.stream_scale = params, params.acc_scale
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        from qswap.quant.integer import integer_layer_norm
+        from qswap.quant.integer import integer_layer_norm, integer_layer_norm_acc
+        if self.params.out is None:
+            return integer_layer_norm_acc(codes, self.params)
         return integer_layer_norm(codes, self.params)
+
+
+class IntegerGroupNorm(nn.Module):
+    """GroupNorm on (B, C, ...) codes: ``qswap.quant.integer.integer_group_norm``."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params, self.stream_scale = params, params.acc_scale
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        from qswap.quant.integer import integer_group_norm
+        return integer_group_norm(codes, self.params)

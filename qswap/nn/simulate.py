@@ -42,8 +42,9 @@ def grid_of(quant: nn.Module):
     if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.initialized
             and quant.scale.numel() == 1 and quant.spec.granularity == "per_tensor"):
         return None
-    _, frozen = quant.frozen_grid()  # Python numbers kept while frozen: no read per call
-    scale, zero_point = frozen if frozen is not None else (float(quant.scale), int(quant.zero_point))
+    _, kept = quant.frozen_grid()  # a PassGrid of Python numbers kept while frozen: no read per call
+    scale, zero_point = (kept.scale, kept.zero_point) if kept is not None else (float(quant.scale),
+                                                                                int(quant.zero_point))
     return Grid(scale, zero_point, quant.spec.qmin, quant.spec.qmax)
 
 

@@ -35,10 +35,11 @@ class BiasQuantize(nn.Module):
             return bias  # nothing to align to: the bias stays float, and the audit says so
         key = None  # a call with autograd (training) clears the cache
         if not (bias.requires_grad and torch.is_grad_enabled()):
-            key = _stamp(bias, input_quant, weight_quant, rows)
-            if self._key is not None and key[0] == self._key[0] and unchanged(self._key[1], *_sources(
-                    bias, input_quant, weight_quant)):
+            which = (input_quant, weight_quant, None if rows is None else (rows.start, rows.stop, rows.step))
+            sources = _sources(bias, input_quant, weight_quant)
+            if self._key is not None and which == self._key[0] and unchanged(self._key[1], *sources):
                 return self._cached
+            key = (which, stamp(*sources))  # what the result is computed from
         w_scale = weight_quant.scale.detach()
         if w_scale.dim() > 1:  # per-group: rows of the weight, finest group grid of each row
             w_scale = w_scale.reshape(weight_quant.observer.min_val.shape[0], -1).amin(dim=1)
@@ -58,11 +59,6 @@ def _sources(bias: torch.Tensor, input_quant: FakeQuantize, weight_quant: FakeQu
     """The tensors the bias grid depends on. A quantizer's grid changes with its ``zero_point``:
     ``_set_qparams`` and ``load_state_dict`` copy into it even when only the scale moves (a scale
     written through ``.data`` keeps its version)."""
-    return bias, input_quant.scale, input_quant.zero_point, weight_quant.scale, weight_quant.zero_point
-
-
-def _stamp(bias: torch.Tensor, input_quant: FakeQuantize, weight_quant: FakeQuantize,
-           rows: slice | None) -> tuple:
-    """(the quantizers and rows, a stamp of the tensors): what the cached result was computed from."""
-    part = None if rows is None else (rows.start, rows.stop, rows.step)
-    return (input_quant, weight_quant, part), stamp(*_sources(bias, input_quant, weight_quant))
+    in_scale, in_zero_point, _ = input_quant.grid_tensors()
+    w_scale, w_zero_point, _ = weight_quant.grid_tensors()
+    return bias, in_scale, in_zero_point, w_scale, w_zero_point

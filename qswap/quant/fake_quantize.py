@@ -26,8 +26,8 @@ from torch import nn
 from qswap.errors import CalibrationError, SpecError
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
-from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_passes,
-                                    passes_apply)
+from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_grid,
+                                    fake_quantize_passes, pass_grid, passes_apply)
 from qswap.quant.spec import QuantSpec
 from qswap.quant.stamp import stamp, unchanged
 
@@ -105,17 +105,35 @@ class FakeQuantize(LazyStateModule):
         self.frozen.fill_(False)
         self._cached = None
 
+    def grid_tensors(self) -> tuple:
+        """(scale, zero_point, frozen) read from the module's own tables: per call, three
+        ``Module.__getattr__`` calls cost more than the checks they feed."""
+        buffers = self._buffers
+        scale = buffers.get("scale")
+        if scale is None:  # a learnable (LSQ) scale is a Parameter
+            scale = self._parameters["scale"]
+        return scale, buffers["zero_point"], buffers["frozen"]
+
     def frozen_grid(self) -> tuple:
-        """(frozen, (scale, zero_point) as Python numbers or None): the buffers read once per change
+        """(frozen, the grid as a ``PassGrid`` or None): the buffers read once per change
         (``qswap.quant.stamp``: freeze, calibration and load_state_dict write in place, and every
-        write of the scale writes the zero point too), not per call."""
-        scale, zero_point, frozen = self.scale, self.zero_point, self.frozen
+        write of the scale writes the zero point too), not per call. The grid is given for a
+        frozen per-tensor quantizer that rounds half to even (what ``fake_quantize_grid`` does)."""
+        scale, zero_point, frozen = self.grid_tensors()
         if not unchanged(self._state_stamp, frozen, scale, zero_point):
             is_frozen = bool(frozen)
-            per_tensor = is_frozen and scale.numel() == 1 and self.spec.granularity == "per_tensor"
-            grid = (float(scale), int(zero_point)) if per_tensor else None
+            spec = self.spec
+            passes = (is_frozen and scale.numel() == 1 and spec.granularity == "per_tensor"
+                      and spec.rounding == "half_even")
+            grid = pass_grid(scale.item(), int(zero_point), spec) if passes else None
             self._state_stamp, self._state = stamp(frozen, scale, zero_point), (is_frozen, grid)
         return self._state
+
+    @property
+    def kept_grid(self):
+        """The ``PassGrid`` the last ``frozen_grid`` read (None: none), without re-reading the
+        buffers: for a reader that checks its values itself (the honesty audit's grid proof)."""
+        return self._state[1]
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,8 +142,9 @@ class FakeQuantize(LazyStateModule):
         if self.kind == "weight":
             return self._forward_weight(x)
         frozen, grid = self.frozen_grid()
-        if grid is not None and self._passes_ok(x):
-            return fake_quantize_passes(x, grid[0], grid[1], self.spec)  # frozen inference
+        if grid is not None and x.dtype == torch.float32 and x.is_cpu and not (
+                torch.is_grad_enabled() and (x.requires_grad or (self.spec.learnable and self.training))):
+            return fake_quantize_grid(x, grid)  # frozen inference: _passes_ok, spec-level parts in frozen_grid
         if not frozen and self._scalar_calibration():
             observed = self.observer.observe_scalar(x)
             if observed is not None:
@@ -156,10 +175,12 @@ class FakeQuantize(LazyStateModule):
             self._weight_stamp, self._cached = None if training else stamp(w), None
         if training:
             return fake_quantize(w, self._scale_for_forward(w), self.zero_point, self.spec)
-        if self._cached is None or not unchanged(self._cached[1], self.scale, self.zero_point):
-            out = fake_quantize(w, self.scale, self.zero_point, self.spec).detach()
-            self._cached = (out, stamp(self.scale, self.zero_point))
-        return self._cached[0]
+        cached = self._cached
+        scale, zero_point, _ = self.grid_tensors()
+        if cached is None or not unchanged(cached[1], scale, zero_point):
+            cached = self._cached = (fake_quantize(w, scale, zero_point, self.spec).detach(),
+                                     stamp(scale, zero_point))
+        return cached[0]
 
     def _scale_for_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.spec.learnable and self.training):

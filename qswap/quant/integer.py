@@ -14,24 +14,30 @@ rounding_divide_by_pot         half away from zero           int32, never overfl
 requantize                     single: once, ties toward     int32 in, int64 product; saturates
                                +inf; double: the two above   to [qmin, qmax]
 rescaled_add                   the two above, per operand    int32, bound in its docstring
+add_constant                   constant: half to even;       int32, bound checked when built
+                               then requantize (single)
 isqrt                          floor (exact)                 int64 in [0, 2^62]
 build_lut / apply_lut          half to even (like the grid)  table of the output dtype
 integer_softmax                exp table: half to even;      int32 row sum, int64 division
                                division: half up
-integer_layer_norm             mean exact (N*q - sum);       int64 variance, int32 affine
+integer_layer_norm(_acc)       mean exact (N*q - sum);       int64 variance, int32 affine
                                isqrt floor; division half    accumulator
                                away from zero
+integer_group_norm             as LayerNorm; eps rounded     int64 variance (N <= 2^22),
+                               half to even (exact)          int32 affine, saturating
 =============================  ============================  ====================================
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 import torch
 
 from qswap.errors import IntegerizeError
+from qswap.io.serializable import FLOAT, INT, Choice, Either, Obj, Opt, Tensor, Tuple, serializable
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.primitives import quantize
 
@@ -144,6 +150,8 @@ def multiply_by_quantized_multiplier_single(x: torch.Tensor, m0: torch.Tensor | 
 ROUNDINGS = ("single", "double")
 
 
+@serializable(m0=Either(INT, Tensor("int64")), shift=Either(INT, Tensor("int64")), zero_point=INT, qmin=INT,
+              qmax=INT, rounding=Choice(*ROUNDINGS))
 @dataclass(frozen=True)
 class Requant:
     """A fixed-point rescaling to an output grid: ``M0`` and ``shift`` (Python ints per tensor,
@@ -205,6 +213,7 @@ def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | 
 
 # -- rescaled add ------------------------------------------------------------------------------------
 
+@serializable(left_shift=INT, a=Tuple(INT, INT), b=Tuple(INT, INT), sum_scale=FLOAT, out=Opt(Obj("Requant")))
 @dataclass(frozen=True)
 class AddParams:
     """TFLite's quantized ADD: both operands shifted left by ``left_shift``, rescaled to the grid
@@ -254,6 +263,38 @@ def rescaled_add(qa: torch.Tensor, zp_a: int, qb: torch.Tensor, zp_b: int, param
     return params.out(rescaled_sum(qa, zp_a, qb, zp_b, params))
 
 
+CONSTANT_ADD_BITS = 16  # fraction bits of the input grid a folded constant keeps
+
+
+@dataclass(frozen=True)
+class ConstantAddParams:
+    """``codes + constant`` (a per-channel constant of the last axis, e.g. rel-pos attention's
+    ``pos_bias_u``) onto an output grid: the constant folded once onto the grid
+    ``s_in 2^-CONSTANT_ADD_BITS`` (``folded``, int32, rounded half to even), and the requantization
+    of that grid onto the output grid."""
+
+    zero_point: int
+    folded: torch.Tensor
+    out: Requant
+
+    @classmethod
+    def build(cls, grid_in: "Grid", constant: torch.Tensor, grid_out: "Grid") -> "ConstantAddParams":
+        fine = grid_in.scale * 2.0 ** -CONSTANT_ADD_BITS
+        folded = torch.round(constant.detach().double().flatten() / fine)
+        span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
+        check_bound("a constant add", (span << CONSTANT_ADD_BITS) + int(folded.abs().max()) if folded.numel() else 0)
+        return cls(grid_in.zero_point, folded.to(torch.int32),
+                   Requant.from_scales(fine / grid_out.scale, grid_out.zero_point, grid_out.qmin, grid_out.qmax))
+
+
+def add_constant(codes: torch.Tensor, params: ConstantAddParams) -> torch.Tensor:
+    """``((q - zp) << 16) + folded`` in int32 (below 2^31: checked when built, ``|q - zp| << 16`` <
+    2^24 for 8-bit codes), requantized onto the output grid (single rounding, saturating). The
+    constant's own rounding onto the fine grid moves the sum by at most 2^-17 input steps."""
+    _check_int("codes", codes)
+    return params.out((codes.to(torch.int32) - params.zero_point) * (1 << CONSTANT_ADD_BITS) + params.folded)
+
+
 # -- integer square root -------------------------------------------------------------------------------
 
 ISQRT_MAX = 2 ** 62
@@ -288,6 +329,7 @@ def isqrt(n: torch.Tensor) -> torch.Tensor:
 
 # -- lookup tables --------------------------------------------------------------------------------------
 
+@serializable(scale=FLOAT, zero_point=INT, qmin=INT, qmax=INT)
 @dataclass(frozen=True)
 class Grid:
     """A per-tensor affine grid: ``value = scale * (code - zero_point)``, codes in [qmin, qmax]."""
@@ -352,6 +394,7 @@ def apply_lut(codes: torch.Tensor, table: torch.Tensor, qmin: int) -> torch.Tens
 GLU_GATE_BITS = 15  # the gate sigmoid(b) in [0, 2^15]
 
 
+@serializable(gate=Tensor("int32"), zero_point=INT, qmin=INT, out=Opt(Obj("Requant")), acc_scale=FLOAT)
 @dataclass(frozen=True)
 class GluParams:
     """Integer GLU constants: ``gate[b - qmin]`` = round(2^15 sigmoid(b's value)) over every input
@@ -401,6 +444,7 @@ EXP_BITS = 20
 DIV_BITS = 16  # fraction bits of the output reciprocal
 
 
+@serializable(exp_table=Tensor("int32"), out_mult=INT, out=Obj("Grid"))
 @dataclass(frozen=True)
 class SoftmaxParams:
     """Integer softmax tables: ``exp_table[d]`` = round(2^EXP_BITS * exp(s_in * -d)) for the
@@ -460,69 +504,150 @@ LN_FRAC_BITS = 16  # fraction bits of the normalized value
 _LN_SQRT_BITS = 10  # extra fraction bits of the standard deviation
 
 
+@serializable(eps_int=INT, gamma=Tensor("int32"), beta=Tensor("int32"), out=Opt(Obj("Requant")),
+              acc_scale=Either(FLOAT, Tensor("float64")))
 @dataclass(frozen=True)
 class LayerNormParams:
     """Integer LayerNorm constants: ``eps_int`` = round(N^2 eps / s_in^2) (the variance's epsilon in
     the units of ``N^2 (q - mean)^2``), ``gamma`` codes (int32) and ``beta`` on the int32 grid of
-    the affine accumulator (scale ``s_gamma * 2^-LN_FRAC_BITS``, half to even), and the
-    requantization of that accumulator to the output grid."""
+    the affine accumulator (``acc_scale`` = ``s_gamma * 2^-LN_FRAC_BITS``, half to even), and the
+    requantization of that accumulator to the output grid (``out``; None keeps the int32
+    accumulator, e.g. a post-norm layer's output stream read by several consumers)."""
 
     eps_int: int
     gamma: torch.Tensor
     beta: torch.Tensor
     out: Requant | None
-    acc_scale: float | torch.Tensor = 0.0  # the affine accumulator's grid (float64; (N,) per channel)
+    acc_scale: float | torch.Tensor = 0.0
 
     @classmethod
     def build(cls, n: int, eps: float, scale_in: float, gamma_codes: torch.Tensor,
-              gamma_scale: float | torch.Tensor, beta: torch.Tensor | None,
-              grid_out: Grid | None) -> "LayerNormParams":
+              gamma_scale: float | torch.Tensor, beta: torch.Tensor | None, grid_out: Grid | None) -> "LayerNormParams":
         """``gamma_scale``: a float (per tensor) or a (N,) tensor (per channel); ``beta``: float
-        values (already on their own grid) or None; ``grid_out`` None: no requantization
-        (``layer_norm_accumulator`` only: the fake-quant simulation)."""
+        values (already on their own grid) or None; ``grid_out`` None: no requantization."""
         if not 1 <= n <= LN_MAX_DIM:
             raise IntegerizeError(f"integer_layer_norm normalizes 1 to {LN_MAX_DIM} features, got {n}")
-        acc_scale = torch.as_tensor(gamma_scale, dtype=torch.float64) * 2.0 ** -LN_FRAC_BITS
-        beta_int = torch.zeros(n, dtype=torch.int64) if beta is None else torch.round(beta.double() / acc_scale)
-        if beta_int.numel() and beta_int.abs().max() > 2 ** 30:
-            raise IntegerizeError("LayerNorm bias is beyond 2^30 steps of the affine accumulator; "
-                                  "gamma's grid is too fine for this beta")
-        out = None if grid_out is None else Requant.from_scales(acc_scale / grid_out.scale, grid_out.zero_point,
-                                                                grid_out.qmin, grid_out.qmax)
+        acc_scale, beta_int, out = _affine_constants(n, gamma_scale, beta, grid_out)
         eps_int = int(round(n * n * eps / (scale_in * scale_in)))
-        return cls(eps_int, gamma_codes.to(torch.int32), beta_int.to(torch.int32), out,
-                   acc_scale if acc_scale.numel() > 1 else float(acc_scale))
+        return cls(eps_int, gamma_codes.to(torch.int32), beta_int, out, acc_scale)
+
+
+def _affine_constants(channels: int, gamma_scale: float | torch.Tensor, beta: torch.Tensor | None,
+                      grid_out: Grid | None) -> tuple:
+    """(acc_scale (float or (C,) float64), beta (C,) int32 on it (half to even), Requant or None)
+    of a norm's fixed-point affine ``y * gamma + beta`` (``y`` with ``LN_FRAC_BITS`` fraction bits)."""
+    acc_scale = torch.as_tensor(gamma_scale, dtype=torch.float64) * 2.0 ** -LN_FRAC_BITS
+    beta_int = torch.zeros(channels, dtype=torch.int64) if beta is None else torch.round(beta.double() / acc_scale)
+    if beta_int.numel() and beta_int.abs().max() > 2 ** 30:
+        raise IntegerizeError("the norm's bias is beyond 2^30 steps of the affine accumulator; "
+                              "gamma's grid is too fine for this beta")
+    out = None if grid_out is None else Requant.from_scales(acc_scale / grid_out.scale, grid_out.zero_point,
+                                                            grid_out.qmin, grid_out.qmax)
+    scale = float(acc_scale) if acc_scale.numel() == 1 else acc_scale
+    return scale, beta_int.to(torch.int32), out
+
+
+def _normalized(q: torch.Tensor, eps_int: int, sqrt_bits: int,
+                root: Callable[[torch.Tensor], torch.Tensor] = isqrt) -> torch.Tensor:
+    """``round((q - mean) / sqrt(var + eps) * 2^LN_FRAC_BITS)`` over the last axis (N values) of
+    int64 codes, in integers: ``c = N q - sum(q)`` (exact, = N (q - mean)), ``V = N sum(q^2) -
+    sum(q)^2`` (exact, = sum(c^2) / N = N^2 var; int64 below N^2 2^16 for 8-bit codes),
+    ``D = isqrt((V + eps_int) << 2 sqrt_bits)`` (floor; ~ 2^sqrt_bits N sqrt(var + eps) in code
+    units), ``y = round(c 2^(LN_FRAC_BITS + sqrt_bits) / D)`` (int64, half away from zero).
+    The caller picks ``sqrt_bits`` so that ``(V + eps_int) << 2 sqrt_bits`` stays within 2^62.
+    ``root``: another exact ``floor(sqrt)`` of int64 values in place of ``isqrt`` (the same
+    result; the fake-quant simulation's per-row one, ``qswap.nn.simulate.row_isqrt``)."""
+    n = q.shape[-1]
+    total = q.sum(dim=-1, keepdim=True)
+    c = n * q - total
+    var = n * (q * q).sum(dim=-1, keepdim=True) - total * total + eps_int
+    d = root(var << (2 * sqrt_bits)).clamp(min=1)
+    num = c << (LN_FRAC_BITS + sqrt_bits)
+    return torch.sign(num) * torch.div(num.abs() + (d >> 1), d, rounding_mode="floor")
+
+
+def integer_layer_norm_acc(codes: torch.Tensor, params: LayerNormParams,
+                           root: Callable[[torch.Tensor], torch.Tensor] = isqrt) -> torch.Tensor:
+    """LayerNorm over the last axis (N features) of input codes, as the int32 affine accumulator
+    on the grid ``params.acc_scale`` (what ``integer_layer_norm`` requantizes).
+
+    ``_normalized`` with 10 extra fraction bits of the standard deviation (``V + eps_int`` <
+    N^2 2^16 + eps_int < 2^41 for N <= 4096, so ``<< 20`` stays below 2^61); ``|y| < sqrt(N) 2^16
+    <= 2^22``; affine accumulator ``y gamma + beta`` (|y gamma| < 2^29 for 8-bit gamma,
+    |beta| <= 2^30: the sum saturates to int32 beyond). The input zero point cancels in ``c``.
+    ``root``: as ``_normalized``'s (the fake-quant simulation passes its per-row one)."""
+    _check_int("codes", codes)
+    y = _normalized(codes.to(torch.int64), params.eps_int, _LN_SQRT_BITS, root)
+    acc = y * params.gamma.to(torch.int64) + params.beta.to(torch.int64)
+    return acc.clamp(INT32_MIN, INT32_MAX).to(torch.int32)
 
 
 def integer_layer_norm(codes: torch.Tensor, params: LayerNormParams) -> torch.Tensor:
-    """LayerNorm over the last axis (N features) of input codes, as output codes:
-    ``layer_norm_accumulator`` requantized onto the output grid (saturating to [qmin, qmax])."""
-    return params.out(layer_norm_accumulator(codes, params))
+    """LayerNorm over the last axis of input codes, as output codes: ``integer_layer_norm_acc``
+    then ``requantize`` onto the output grid (single rounding, saturating to [qmin, qmax])."""
+    if params.out is None:
+        raise IntegerizeError("integer_layer_norm needs LayerNormParams built with an output grid")
+    return params.out(integer_layer_norm_acc(codes, params))
 
 
-def layer_norm_accumulator(codes: torch.Tensor, params: LayerNormParams,
-                           root: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """LayerNorm over the last axis (N features) of input codes, as the int32 affine accumulator
-    on the grid ``params.acc_scale``.
+GN_MAX_ELEMENTS = 2 ** 22  # values normalized together (a group's channels times the time steps)
 
-    ``c = N q - sum(q)`` (exact, = N (q - mean); |c| < N 2^bits <= 2^20 for 8-bit inputs,
-    N <= 4096); ``V = sum(c^2) // N + eps_int`` (int64, floor; <= N^2 2^16 + eps_int < 2^41);
-    ``D = isqrt(V << 20)`` (floor; ~ 2^10 N sqrt(var + eps) / s_in); normalized value
-    ``y = round(c 2^(16 + 10) / D)`` (int64, half away from zero; |y| < sqrt(N) 2^16 <= 2^22);
-    affine accumulator ``y gamma + beta`` in int32 (|y gamma| < 2^29 for 8-bit gamma,
-    |beta| <= 2^30: the sum saturates to int32 beyond). The input zero point cancels in ``c``: it
-    is not needed. ``root``: another exact ``floor(sqrt)`` of int64 values in place of ``isqrt``
-    (the same result; the fake-quant simulation's per-row one, ``qswap.nn.simulate.row_isqrt``)."""
+
+@dataclass(frozen=True)
+class GroupNormParams:
+    """Integer GroupNorm constants for (B, C, ...) codes in ``groups`` groups of channels: the
+    epsilon in code units ``eps / s_in^2`` as an exact ratio of integers ``eps_ratio`` (each call
+    rounds ``N^2 eps / s_in^2`` for its group size N in Python integers), the input code span,
+    per-channel ``gamma`` codes and ``beta`` on the affine accumulator's grid (as
+    ``LayerNormParams``), the requantization (None: the accumulator)."""
+
+    groups: int
+    eps_ratio: tuple[int, int]
+    span: int
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    out: Requant | None
+    acc_scale: float | torch.Tensor
+
+    @classmethod
+    def build(cls, groups: int, channels: int, eps: float, grid_in: Grid, gamma_codes: torch.Tensor,
+              gamma_scale: float | torch.Tensor, beta: torch.Tensor | None, grid_out: Grid | None) -> "GroupNormParams":
+        if channels % groups:
+            raise IntegerizeError(f"GroupNorm of {channels} channels in {groups} groups: not a whole number per group")
+        acc_scale, beta_int, out = _affine_constants(channels, gamma_scale, beta, grid_out)
+        eps_units = Fraction(eps) / (Fraction(grid_in.scale) ** 2)
+        return cls(groups, (eps_units.numerator, eps_units.denominator), grid_in.qmax - grid_in.qmin, gamma_codes.to(torch.int32), beta_int, out,
+                   acc_scale)
+
+
+def integer_group_norm(codes: torch.Tensor, params: GroupNormParams) -> torch.Tensor:
+    """GroupNorm of (B, C, ...) input codes (each group of C/G channels normalized over its
+    channels and every position), then the per-channel affine, as output codes (or the int32
+    accumulator when built without an output grid).
+
+    ``_normalized`` over the N = C/G * positions values of a group (N <= 2^22; ``V`` <= N^2
+    span^2 / 4 <= 2^58 for 8-bit codes), with ``eps_int = round(N^2 eps / s_in^2)`` (half to even,
+    exact rational arithmetic) and the largest number of standard-deviation fraction bits, at most
+    10, that keeps ``(V + eps_int) << 2 bits`` within 2^62 (10 up to N = 2^13 for 8-bit codes,
+    fewer beyond, when ``D`` has more bits anyway). ``|y| <=
+    sqrt(N) 2^16``; the accumulator ``y gamma + beta`` saturates to int32 beyond 2^31 (a value
+    more than 2^15 / max|gamma| standard deviations from its group's mean). Requantized per
+    channel (axis 1) when gamma's grid is per channel."""
     _check_int("codes", codes)
-    n = codes.shape[-1]
-    q = codes.to(torch.int64)
-    c = n * q - q.sum(dim=-1, keepdim=True)  # (..., N)
-    var = torch.div((c * c).sum(dim=-1, keepdim=True), n, rounding_mode="floor") + params.eps_int
-    d = (root or isqrt)(var << (2 * _LN_SQRT_BITS)).clamp(min=1)
-    num = c << (LN_FRAC_BITS + _LN_SQRT_BITS)
-    y = torch.sign(num) * torch.div(num.abs() + (d >> 1), d, rounding_mode="floor")
-    acc = (y * params.gamma.to(torch.int64) + params.beta.to(torch.int64)).clamp(INT32_MIN, INT32_MAX)
-    return acc.to(torch.int32)
+    b, c = codes.shape[:2]
+    g = params.groups
+    q = codes.to(torch.int64).reshape(b, g, -1)  # (B, G, N)
+    n = q.shape[-1]
+    if n > GN_MAX_ELEMENTS:
+        raise IntegerizeError(f"integer_group_norm normalizes at most {GN_MAX_ELEMENTS} values per group, got {n}")
+    eps_int = round(Fraction(*params.eps_ratio) * n * n)
+    bound = (n * n * params.span * params.span) // 4 + eps_int
+    sqrt_bits = max(0, min(_LN_SQRT_BITS, (62 - bound.bit_length()) // 2))
+    y = _normalized(q, eps_int, sqrt_bits).reshape(codes.shape)  # (B, C, ...)
+    shape = (1, c) + (1,) * (codes.dim() - 2)
+    acc = y * params.gamma.to(torch.int64).reshape(shape) + params.beta.to(torch.int64).reshape(shape)
+    acc = acc.clamp(INT32_MIN, INT32_MAX).to(torch.int32)
+    return acc if params.out is None else params.out(acc, axis=1)
 
 
 # -- from fake-quant modules (build time) ----------------------------------------------------------------

@@ -20,6 +20,9 @@ def stamp(*tensors: torch.Tensor) -> Stamp:
 
 def unchanged(old: Stamp | None, *tensors: torch.Tensor) -> bool:
     """Whether ``tensors`` are, one by one, the very tensors ``old`` stamped, unwritten since."""
-    return old is not None and len(old) == len(tensors) and all(
-        src is t and version == t._version and ptr == t.data_ptr() and shape == t.shape
-        for (src, version, ptr, shape), t in zip(old, tensors))
+    if old is None or len(old) != len(tensors):
+        return False
+    for (src, version, ptr, shape), t in zip(old, tensors):  # a loop, not all(generator): per call
+        if src is not t or version != t._version or ptr != t.data_ptr() or shape != t.shape:
+            return False
+    return True

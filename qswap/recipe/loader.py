@@ -18,9 +18,10 @@ from qswap.quant.spec import QuantSpec
 from qswap.recipe.match import Match, PatternError
 from qswap.recipe.schema import SCHEMA_VERSION, Recipe, Rule
 from qswap.recipe.yaml_lines import LineDict, load as load_yaml
+from qswap.transforms import Step, make_step
 
 TOP_KEYS = {"version", "name", "description", "defaults", "rules", "float_ok", "strict",
-            "dynamic_activations", "simulate"}
+            "dynamic_activations", "simulate", "transforms"}
 DEFAULT_KEYS = {"weight", "activation", "sites"}
 RULE_KEYS = {"match", "weight", "activation", "sites", "skip", "float_ok", "note"}
 MATCH_KEYS = {"path", "class"}
@@ -118,6 +119,7 @@ def parse_recipe(data: Any, source: str = "<dict>") -> Recipe:
     return Recipe(name=name, defaults=defaults, rules=rules,
                   float_ok=ctx.float_ok(data), strict=ctx.boolean(data, "strict", False),
                   dynamic_activations=ctx.boolean(data, "dynamic_activations", False), simulate=ctx.simulate,
+                  transforms=ctx.transforms(data),
                   description=ctx.string(data, "description", default=""),
                   version=version, source=source, raw=data)
 
@@ -210,6 +212,23 @@ class _Ctx:
                                                        sites_raw.get(site)) for base in (w, a)))
         return QuantConfig(weight=self.to_spec(node, "weight", w), activation=self.to_spec(node, "activation", a),
                            sites=sites, simulate=self.simulate)
+
+    def transforms(self, node: Mapping) -> tuple[Step, ...]:
+        """``transforms:``: a list of one-key mappings, ``{name: {parameter: value}}``."""
+        value = node.get("transforms") or []
+        if not isinstance(value, list):
+            raise self.error(node, "transforms", f"must be a list of {{name: {{parameters}}}}, got {_tname(value)}")
+        steps = []
+        for item in value:
+            if not isinstance(item, Mapping) or len(item) != 1:
+                raise self.error(node, "transforms", "each transform is a mapping with one key, its name "
+                                 "(e.g. {smoothquant: {alpha: 0.5}})")
+            (name, params), = item.items()
+            try:
+                steps.append(make_step(name, params))
+            except RecipeError as exc:
+                raise self.error(item, str(name), exc.args[0]) from None
+        return tuple(steps)
 
     def float_ok(self, node: Mapping) -> dict[str, str]:
         value = node.get("float_ok") or {}

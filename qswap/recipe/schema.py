@@ -15,6 +15,7 @@ from torch import nn
 
 from qswap.nn.base import QuantConfig
 from qswap.recipe.match import Match
+from qswap.transforms import Step
 
 SCHEMA_VERSION = 1
 
@@ -47,6 +48,7 @@ class Recipe:
     description: str = ""
     dynamic_activations: bool = False  # activation ranges computed at run time, declared (audit)
     simulate: str = "integer"  # the insides of softmax/LayerNorm/GLU: "integer" or "float" (qswap.nn.simulate)
+    transforms: tuple[Step, ...] = ()  # offline transforms convert applies first, in order
     version: int = SCHEMA_VERSION
     source: str = "<dict>"
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)

@@ -10,7 +10,7 @@ from qswap.models import build_s2t_transformer, s2t_net_input
 pytest.importorskip("fairseq")
 pytest.importorskip("onnxruntime")
 
-from qswap.export.decoder_step import empty_cache, export_decoder_step, names  # noqa: E402
+from qswap.export.decoder_step import CrossKVGraph, empty_cache, export_cross_kv, export_decoder_step, names  # noqa: E402
 from qswap.export.onnx import load_session  # noqa: E402
 
 
@@ -22,16 +22,19 @@ def setup(qmodel, tmp_path_factory):
         encoder_out = qmodel.encoder(net["src_tokens"], net["src_lengths"])
     path = export_decoder_step(qmodel, tmp_path_factory.mktemp("onnx") / "decoder_step.onnx",
                                encoder_out["encoder_out"][0], encoder_out["encoder_padding_mask"][0])
-    return qmodel, encoder_out, path
+    with torch.no_grad():
+        cross = [c.numpy() for c in CrossKVGraph(qmodel)(encoder_out["encoder_out"][0])]
+    return qmodel, encoder_out, path, cross
 
 
 def test_step_graph_matches_fairseqs_incremental_decoder(setup):
-    qmodel, encoder_out, path = setup
+    qmodel, encoder_out, path, cross = setup
     session = load_session(path)
     inputs, outputs = names(len(qmodel.decoder.layers))
+    layers = len(qmodel.decoder.layers)
     tokens = torch.tensor([[2, 5, 9, 11, 7, 4], [2, 6, 6, 30, 8, 9], [2, 40, 12, 5, 5, 5]])
-    feeds = {"encoder_out": encoder_out["encoder_out"][0].numpy(),
-             "encoder_padding_mask": encoder_out["encoder_padding_mask"][0].numpy()}
+    feeds = {"encoder_padding_mask": encoder_out["encoder_padding_mask"][0].numpy(),
+             **dict(zip(inputs[2 + 2 * layers:], cross))}
     cache = [c.numpy() for c in empty_cache(qmodel, 3)]
     state, worst = {}, 0.0
     for t in range(1, tokens.shape[1] + 1):
@@ -39,7 +42,7 @@ def test_step_graph_matches_fairseqs_incremental_decoder(setup):
             ref, _ = qmodel.decoder(tokens[:, :t], encoder_out=encoder_out, incremental_state=state)
             ref = qmodel.logits_quant(ref)  # (B, 1, V)
         logits, *cache = session.run(list(outputs), {"tokens": tokens[:, :t].numpy(), **feeds,
-                                                      **dict(zip(inputs[3:], cache))})
+                                                      **dict(zip(inputs[2:2 + 2 * layers], cache))})
         assert cache[0].shape[2] == t  # the keys of every token so far
         steps = (torch.from_numpy(logits) - ref).abs() / qmodel.logits_quant.scale
         worst = max(worst, float(steps.max()))
@@ -48,14 +51,14 @@ def test_step_graph_matches_fairseqs_incremental_decoder(setup):
 
 
 def test_cached_keys_are_the_quantized_projections(setup):
-    qmodel, encoder_out, path = setup
+    qmodel, encoder_out, path, cross = setup
     session = load_session(path)
     inputs, outputs = names(len(qmodel.decoder.layers))
     tokens = torch.tensor([[2], [2], [2]])
+    past = [c.numpy() for c in empty_cache(qmodel, 3)]
     res = session.run(list(outputs), {"tokens": tokens.numpy(),
-                                      "encoder_out": encoder_out["encoder_out"][0].numpy(),
                                       "encoder_padding_mask": encoder_out["encoder_padding_mask"][0].numpy(),
-                                      **dict(zip(inputs[3:], (c.numpy() for c in empty_cache(qmodel, 3))))})
+                                      **dict(zip(inputs[2:], past + cross))})
     k_quant = qmodel.decoder.layers[0].self_attn.core.k_quant
     codes = torch.from_numpy(res[1]) / k_quant.scale  # key_0 on its grid
     assert torch.allclose(codes, codes.round(), atol=1e-3)
@@ -65,3 +68,22 @@ def test_uncalibrated_decoder_is_a_typed_error(tmp_path):
     qmodel = qswap.convert(build_s2t_transformer(), "w8a8")
     with pytest.raises(ExportError, match="not calibrated"):
         export_decoder_step(qmodel, tmp_path / "d.onnx", torch.zeros(5, 1, 64), torch.zeros(1, 5, dtype=torch.bool))
+
+
+def test_cross_kv_graph_gives_the_keys_fairseqs_decoder_caches(setup, tmp_path):
+    qmodel, encoder_out, _, _ = setup
+    path = export_cross_kv(qmodel, tmp_path / "cross_kv.onnx", encoder_out["encoder_out"][0])
+    layers = len(qmodel.decoder.layers)
+    session = load_session(path)
+    assert [i.name for i in session.get_inputs()] == ["encoder_out"]
+    got = session.run(None, {"encoder_out": encoder_out["encoder_out"][0].numpy()})
+    state: dict = {}  # fairseq's incremental decoder fills its static caches at the first step
+    with torch.no_grad():
+        qmodel.decoder(torch.full((3, 1), 2), encoder_out=encoder_out, incremental_state=state)
+    for i, layer in enumerate(qmodel.decoder.layers):
+        saved = layer.encoder_attn._get_input_buffer(state)
+        for j, (kind, grid) in enumerate((("prev_key", layer.encoder_attn.core.k_quant),
+                                          ("prev_value", layer.encoder_attn.core.v_quant))):
+            steps = (torch.from_numpy(got[2 * i + j]) - saved[kind]).abs() / grid.scale
+            assert got[2 * i + j].shape == tuple(saved[kind].shape) and float(steps.max()) <= 1.0
+    assert len(got) == 2 * layers

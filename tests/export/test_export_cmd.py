@@ -1,5 +1,6 @@
 """``qswap export QCKPT --onnx -o DIR`` on a quantized checkpoint of the shipped model."""
 import argparse
+import json
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from qswap.models import s2t_net_input
 pytest.importorskip("fairseq")
 pytest.importorskip("onnxruntime")
 
-from qswap.cli import export_cmd  # noqa: E402
+from qswap.cli import export_cmd, main  # noqa: E402
 from qswap.export import load_session, run_encoder  # noqa: E402
 from qswap.io.checkpoint import load_fairseq_model, save_qswap_checkpoint  # noqa: E402
 
@@ -45,7 +46,8 @@ def test_export_writes_an_encoder_graph_onnxruntime_runs(checkpoints, tmp_path, 
     root, qmodel = checkpoints
     assert export_cmd.run(parse(root / "w8a8.pt", "--onnx", "-o", tmp_path / "out", "--data", ASSET)) == 0
     printed = capsys.readouterr().out
-    assert "encoder.onnx" in printed and "decoder_step.onnx" in printed
+    assert all(f"{g}.onnx" in printed for g in ("encoder", "cross_kv", "decoder_step"))
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["claims_honest"] is True
     assert load_session(tmp_path / "out" / "decoder_step.onnx").get_inputs()[0].name == "tokens"
     net = s2t_net_input(2, 150, 80, 2, 200, seed=9)
     out, padding = run_encoder(load_session(tmp_path / "out" / "encoder.onnx"), net["src_tokens"],
@@ -64,3 +66,53 @@ def test_uncalibrated_checkpoint_is_a_typed_error(checkpoints, tmp_path):
 def test_float_checkpoint_is_a_typed_error(tmp_path):
     with pytest.raises(ExportError, match="float checkpoint"):
         export_cmd.run(parse(ASSET / "checkpoint.pt", "--onnx", "-o", tmp_path, "--data", ASSET))
+
+
+@pytest.fixture(scope="module")
+def export_dir(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deploy")
+    assert main(["export", str(checkpoints[0] / "w8a8.pt"), "--onnx", "-o", str(out), "--data", str(ASSET)]) == 0
+    return out
+
+
+def test_eval_with_onnxruntime_decodes_the_export_directory(export_dir, tmp_path, capsys):
+    assert main(["eval", str(export_dir), "--backend", "onnxruntime", "--data", str(ASSET),
+                 "--subset", "train_calib", "--beam", "2", "--json", str(tmp_path / "r.json")]) == 0
+    assert "w8a8 (onnxruntime): 32 utterances of train_calib" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["model"] == "w8a8 (onnxruntime)" and result["counts"]["wer"] < 100
+    assert sum(bool(u["hyp"]) for u in result["utterances"]) == 32
+
+
+def test_eval_onnxruntime_rejects_a_recipe_and_a_directory_without_export(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--backend", "onnxruntime", "--data", str(ASSET), "--recipe", "w8a8"]) == 2
+    assert "--recipe" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--backend", "onnxruntime", "--data", str(ASSET)]) == 2
+    assert "no export.json" in capsys.readouterr().err
+
+
+def test_audit_onnx_lists_float_nodes_and_says_the_honest_claim_deploys_float(export_dir, tmp_path, capsys):
+    code = main(["audit", str(export_dir), "--onnx", "--optimized-dir", str(tmp_path / "opt"),
+                 "--json", str(tmp_path / "a.json"), "--markdown", str(tmp_path / "a.md"), "--max-rows", "3"])
+    assert code == 1  # LayerNorm, Softmax and residual adds stay float in onnxruntime's CPU graph
+    printed = capsys.readouterr().out
+    assert "CLAIMS HONEST, DEPLOYS FLOAT" in printed and "float nodes" in printed
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["recipe"] == "w8a8" and report["claims_honest"] is True
+    assert [g["graph"] for g in report["graphs"]] == ["encoder.onnx", "cross_kv.onnx", "decoder_step.onnx"]
+    assert report["float_count"] == sum(len(g["float_nodes"]) for g in report["graphs"]) > 0
+    assert report["integer_count"] > 0 and report["graphs"][0]["integer_ops"]["QLinearConv"] == 2
+    sites = {n["site"] for g in report["graphs"] for n in g["float_nodes"]}
+    assert any(s.startswith("encoder.transformer_layers.") for s in sites)
+    assert any(s.startswith("decoder.layers.") for s in sites)
+    md = (tmp_path / "a.md").read_text()
+    assert md.startswith("# qswap deploy audit") and "## Deploy honesty: decoder_step.onnx" in md
+    assert sorted(p.name for p in (tmp_path / "opt").iterdir()) == [
+        "cross_kv.all.onnx", "decoder_step.all.onnx", "encoder.all.onnx"]
+    onnx = pytest.importorskip("onnx")
+    onnx.load(str(tmp_path / "opt" / "encoder.all.onnx"))  # a complete graph
+
+
+def test_audit_onnx_rejects_fake_quant_options(export_dir, capsys):
+    assert main(["audit", str(export_dir), "--onnx", "--recipe", "w8a8", "--values"]) == 2
+    assert "--recipe, --values" in capsys.readouterr().err

@@ -148,3 +148,27 @@ def test_calibration_runs_the_incremental_decoding_path_of_a_seq2seq_model():
     net_input = s2t_net_input()
     report = qswap.audit(qmodel, net_input)
     assert report.honest_strict and report.dynamic == []
+
+
+def test_after_calibration_no_quantizer_observes_during_beam_search():
+    """The quantizers calibration leaves unseen (an attention core's score and additive-bias
+    quantizers: fairseq's masks here are 0/-inf, taken as bool masks) never run when fairseq's
+    SequenceGenerator decodes with beam 5: no quantizer computes its range at run time."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    model = build_s2t_transformer(seed=0)
+    qmodel = _quantized(model, "w8a8", s2t_net_input())
+    unseen = [q for q in activation_quantizers(qmodel) if not q.initialized]
+    assert unseen and all(name.rsplit(".", 1)[-1] in ("scores_quant", "attn_bias_quant")
+                          for name, q in qmodel.named_modules() if q in unseen)
+    ran = []
+    handles = [q.register_forward_pre_hook(lambda m, args: ran.append(m)) for q in unseen]
+    try:
+        sample = {"net_input": {k: v for k, v in s2t_net_input().items() if k != "prev_output_tokens"}}
+        generator = SequenceGenerator([qmodel], model.decoder.dictionary, beam_size=5, max_len_b=6)
+        hypos = generator.generate([qmodel], sample)
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [] and all(len(h) == 5 for h in hypos)
+    assert all(not q.initialized for q in unseen)

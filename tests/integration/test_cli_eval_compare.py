@@ -182,3 +182,22 @@ def test_convert_weight_only_needs_no_calibration(tmp_path):
 def test_convert_calibration_flags_that_contradict_exit_2(tmp_path, capsys, extra, message):
     assert main(["convert", *ASSET_CKPT, "--recipe", "w8a8", "-o", str(tmp_path / "q.pt"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_transformed_recipe_converts_saves_and_reloads_honest_in_fairseq_generate(float_checkpoint, tmp_path):
+    """smoothquant reads the --calib-batches; the saved checkpoint holds the folded weights and
+    the rotated fc2, which loading rebuilds (structure only) before the state is read."""
+    root, data, ckpt = float_checkpoint
+    recipe = tmp_path / "w8a8_rot.yaml"
+    recipe.write_text("version: 1\ndefaults:\n  weight: {bits: 8}\n  activation: {bits: 8, symmetric: false}\n"
+                      "rules:\n  - match: {class: Hadamard}\n    weight: {bits: 2, observer: minmax}\n"
+                      "transforms:\n  - smoothquant: {alpha: 0.5}\n  - hadamard: {block: 16}\n")
+    out = tmp_path / "rot.pt"
+    assert main(["convert", str(ckpt), "--recipe", str(recipe), "--data", str(data), "--calib-batches", "2",
+                 "--max-sentences", "4", "-o", str(out)]) == 0
+    stored = torch.load(out, weights_only=True)["model"]
+    assert any(k.endswith("fc2.rotate.matrix") for k in stored)
+    log = run_tool("fairseq-generate", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+                   "--path", out, "--gen-subset", "test", "--beam", "2", "--max-tokens", "4000", "--cpu",
+                   "--required-batch-size-multiple", "1", "--qswap-audit", cwd=root)
+    assert "qswap audit: HONEST" in log

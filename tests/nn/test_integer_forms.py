@@ -7,6 +7,7 @@ from torch import nn
 import qswap
 from helpers import assert_only_near_ties_differ, core_codes
 from qswap.errors import IntegerizeError
+from qswap.nn.norm import IntegerGroupNorm, IntegerLayerNorm
 from qswap.quant.integer import Grid
 
 RECIPES = ["w8a8", "w8a8_per_channel", "w4a8"]
@@ -159,3 +160,73 @@ def test_attention_core():
     diff = steps(context, reference)
     assert int(diff.max()) <= 2
     assert float((diff == 0).float().mean()) > 0.9
+
+
+# -- GroupNorm, folded BatchNorm1d, weight-normed conv, LayerNorm accumulator -------------------------
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_group_norm(recipe, groups):
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 50) * torch.linspace(0.5, 2, 16).view(1, -1, 1)
+    norm = nn.GroupNorm(groups, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.2, 0.2)
+    q = converted(nn.Sequential(norm, nn.GELU()), x, recipe)
+    integer, reference = agreement(q[0], q[1].input_quant, x)
+    diff = steps(integer, reference)
+    assert int(diff.max()) <= 1  # near-ties: float32 statistics in F.group_norm
+    assert float((diff == 0).float().mean()) > 0.99
+    assert isinstance(q[0].to_integer(None), IntegerGroupNorm)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_folded_batch_norm(recipe):
+    """The inference BatchNorm folded into a depthwise 1x1 conv: the same weight codes and int32
+    shift as the fake-quant fold, so it differs only on requantization near-ties."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 12, 30) * 2 + 0.5
+    bn = nn.BatchNorm1d(12)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 3), bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.3, 0.3)
+    q = converted(nn.Sequential(bn, nn.SiLU()), x, recipe)
+    integer, reference = agreement(q[0], q[1].input_quant, x)
+    diff = steps(integer, reference)
+    assert int(diff.max()) <= 1
+    assert float((diff == 0).float().mean()) > 0.99
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")  # fairseq's own positional conv uses it
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_weight_normed_conv(recipe):
+    """``g * v / ||v||`` is constant at inference: its codes are the fake-quant conv's."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 8, 40)
+    conv = nn.utils.weight_norm(nn.Conv1d(8, 8, 5, padding=2, groups=2), name="weight", dim=2)
+    q = converted(nn.Sequential(conv, nn.GELU()), x, recipe)
+    assert q[0].weight is None
+    integer, reference = agreement(q[0], q[1].input_quant, x)
+    diff = steps(integer, reference)
+    assert int(diff.max()) <= 1
+    assert float((diff == 0).float().mean()) > 0.99
+
+
+def test_layer_norm_without_an_output_grid_gives_its_accumulator():
+    torch.manual_seed(3)
+    x = torch.randn(6, 32)
+    q = converted(nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 4)), x, "w8a8")
+    form = q[0].to_integer(None)
+    assert isinstance(form, IntegerLayerNorm)
+    acc = form(Grid.of(q[0].input_quant).quantize(x))
+    assert acc.dtype == torch.int32
+    with torch.no_grad():
+        exact = q[0](x)
+    assert float((acc.double() * form.stream_scale - exact.double()).abs().max()) < 0.02
+
+
+def test_group_norm_without_affine_is_refused():
+    x = torch.randn(2, 4, 10)
+    q = converted(nn.Sequential(nn.GroupNorm(2, 4, affine=False), nn.GELU()), x, "w8a8")
+    with pytest.raises(IntegerizeError, match="affine"):
+        q[0].to_integer(Grid.of(q[1].input_quant))

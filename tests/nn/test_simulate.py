@@ -134,7 +134,7 @@ def test_small_s2t_transformer_logits_are_the_integer_models(recipe):
         qswap.calibrate(q, [net_input])
     with torch.no_grad():
         reference = q(**net_input)[0]
-    integer = qswap.integerize(q)(**net_input)
+    integer = qswap.integerize(q)(**net_input)[0]
     assert torch.equal(integer, reference)
 
 

@@ -140,3 +140,21 @@ def test_per_group_activation_quantizer_is_refused_with_the_fix():
     with pytest.raises(SpecError, match="axis -1"):
         FakeQuantize(QuantSpec(bits=8, granularity="per_group", group_size=4), kind="activation")
     FakeQuantize(QuantSpec(bits=4, granularity="per_group", group_size=4), kind="weight")  # weights may
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8), QuantSpec(bits=8, symmetric=False),
+                                  QuantSpec(bits=4, narrow_range=True)], ids=lambda s: s.short())
+def test_a_frozen_quantizer_gives_the_kernel_bits_and_follows_a_written_grid(spec):
+    """The frozen path (the grid read once per change) computes torch's fused kernel's bits, and a
+    grid written in place afterwards (load_state_dict, copy_) is used from the next call on."""
+    fq = FakeQuantize(spec)
+    fq(torch.randn(64, 16))
+    fq.freeze()
+    x = torch.randn(5, 16) * 3
+    for _ in range(2):
+        with torch.no_grad():
+            out = fq(x)
+        expected = torch.fake_quantize_per_tensor_affine(x, fq.scale.reshape(()), fq.zero_point.reshape(()),
+                                                         spec.qmin, spec.qmax)
+        assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+        fq.scale.mul_(0.5)  # a written grid

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from qswap.errors import IntegerizeError
 from qswap.quant.fake_quantize import FakeQuantize
-from qswap.quant.integer import (INT32_MAX, INT32_MIN, ISQRT_MAX, AddParams, GluParams, Grid, LayerNormParams,
+from qswap.quant.integer import (INT32_MAX, INT32_MIN, ISQRT_MAX, AddParams, GluParams, Grid, GroupNormParams,
+                                 ConstantAddParams, LayerNormParams, add_constant, integer_group_norm,
+                                 integer_layer_norm_acc,
                                  Requant, SoftmaxParams, apply_lut, build_lut, integer_glu, integer_layer_norm,
                                  integer_softmax, isqrt, quantize_multiplier, requantize, rescaled_add,
                                  rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
@@ -324,6 +326,106 @@ def test_integer_layer_norm_at_its_bound():
     assert out.tolist() == [[-64, 64] * (n // 2)]  # +-1 exactly (eps is negligible), times gamma 1
     with pytest.raises(IntegerizeError):
         LayerNormParams.build(n + 1, 1e-5, 0.05, gamma, 1 / 127, None, Grid(1 / 64, 0, -128, 127))
+
+
+def test_integer_layer_norm_acc_is_what_it_requantizes():
+    """Without an output grid the norm gives its int32 affine accumulator (a post-norm layer's
+    stream, on ``acc_scale``); requantized, it is ``integer_layer_norm``'s output."""
+    codes, params, _ = layer_norm_case()
+    acc = integer_layer_norm_acc(codes, params)
+    assert acc.dtype == torch.int32
+    assert torch.equal(params.out(acc), integer_layer_norm(codes, params))
+    bare = LayerNormParams(params.eps_int, params.gamma, params.beta, None, params.acc_scale)
+    with pytest.raises(IntegerizeError, match="output grid"):
+        integer_layer_norm(codes, bare)
+
+
+# -- constant add -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_add_constant_agrees_with_the_fake_quant_add(seed):
+    """``q + u`` (rel-pos attention's bias) onto an output grid: the constant folded 2^-16 of an
+    input step, one rounding; off the fake-quant codes only within 1e-4 of a tie."""
+    torch.manual_seed(seed)
+    x, u = torch.randn(30, 16) * 2, torch.randn(16) * 0.7
+    q_in = grid_of(x)
+    q_out = grid_of(q_in(x) + u)
+    params = ConstantAddParams.build(Grid.of(q_in), u, Grid.of(q_out))
+    codes = add_constant(Grid.of(q_in).quantize(x), params)
+    reference = Grid.of(q_out).quantize(q_out(q_in(x) + u))
+    exact = (q_in(x).double() + u.double()) / Grid.of(q_out).scale
+    diff = (codes.long() - reference.long()).abs()
+    assert int(diff.max()) <= 1
+    frac = (exact - exact.floor() - 0.5).abs()
+    assert bool((frac[diff > 0] < 1e-4).all())
+
+
+def test_add_constant_bound():
+    """``|q - zp| << 16`` plus the folded constant must stay in int32: a constant of 2^15 input
+    steps is refused."""
+    grid = Grid(1.0, 0, -128, 127)
+    ConstantAddParams.build(grid, torch.tensor([2.0 ** 14]), grid)
+    with pytest.raises(IntegerizeError, match="constant add"):
+        ConstantAddParams.build(grid, torch.tensor([2.0 ** 15]), grid)
+
+
+# -- GroupNorm ----------------------------------------------------------------------------------------
+
+def group_norm_case(groups, channels=8, steps=300, seed=0, per_channel=False):
+    torch.manual_seed(seed)
+    x = torch.randn(2, channels, steps) * torch.linspace(0.5, 3, channels).view(1, -1, 1) + 0.3
+    gamma, beta = torch.rand(channels) + 0.5, torch.randn(channels) * 0.1
+    q_in = grid_of(x)
+    wspec = QuantSpec(bits=8, granularity="per_channel", axis=0) if per_channel else QuantSpec(bits=8)
+    q_gamma, q_beta = FakeQuantize(wspec, kind="weight"), FakeQuantize(QuantSpec(bits=8), kind="weight")
+    g, b = q_gamma(gamma), q_beta(beta)
+    y = F.group_norm(q_in(x), groups, g, b, 1e-5)
+    q_out = grid_of(y)
+    reference = Grid.of(q_out).quantize(q_out(y))
+    gamma_scale = q_gamma.scale if per_channel else float(q_gamma.scale)
+    params = GroupNormParams.build(groups, channels, 1e-5, Grid.of(q_in), torch.round(g / q_gamma.scale).to(torch.int32),
+                                   gamma_scale, b, Grid.of(q_out))
+    return Grid.of(q_in).quantize(x), params, reference
+
+
+@pytest.mark.parametrize("groups,per_channel", [(8, False), (8, True), (2, False), (1, True)])
+def test_integer_group_norm_agrees_with_the_fake_quant_group_norm(groups, per_channel):
+    """Within one step on near-ties (float32 statistics in ``F.group_norm``), per channel and
+    per tensor gamma, one channel per group (wav2vec 2.0's extractor) or several."""
+    codes, params, reference = group_norm_case(groups, per_channel=per_channel)
+    out = integer_group_norm(codes, params)
+    diff = (out.to(torch.int64) - reference.to(torch.int64)).abs()
+    assert int(diff.max()) <= 1
+    assert float((diff == 0).float().mean()) > 0.99
+
+
+def test_integer_group_norm_of_one_group_per_row_is_the_layer_norm():
+    """Over a few values both compute the same ``_normalized`` with 10 deviation fraction bits,
+    and the same eps (rounded half to even): the same codes."""
+    codes, params, _ = group_norm_case(8, steps=64)
+    ln = LayerNormParams.build(64, 1e-5, 1.0, params.gamma[:1].expand(64), 1.0, None, None)
+    gn = GroupNormParams(8, (ln.eps_int, 64 * 64), params.span, params.gamma[:1].expand(8).contiguous(),
+                         torch.zeros(8, dtype=torch.int32), None, 1.0)
+    assert torch.equal(integer_group_norm(codes, gn), integer_layer_norm_acc(codes, ln))
+
+
+def test_integer_group_norm_at_its_bound():
+    """2^22 values in one group at the largest variance of 8-bit codes: ``V = N^2 255^2 / 4``
+    is 2^58, the deviation keeps 2 fraction bits, and every value is exactly +-1 (times gamma);
+    one more value is refused."""
+    n = GN_MAX = 2 ** 22
+    codes = torch.tensor([0, 255], dtype=torch.uint8).repeat(n // 2).reshape(1, 1, n)
+    params = GroupNormParams.build(1, 1, 1e-5, Grid(0.05, 128, 0, 255), torch.tensor([127], dtype=torch.int32),
+                                   1 / 127, None, Grid(1 / 64, 0, -128, 127))
+    out = integer_group_norm(codes, params)
+    assert out[0, 0, :4].tolist() == [-64, 64, -64, 64] and int(out.to(torch.int64).abs().min()) == 64
+    with pytest.raises(IntegerizeError, match="at most"):
+        integer_group_norm(torch.zeros(1, 1, GN_MAX + 1, dtype=torch.uint8), params)
+
+
+def test_integer_group_norm_needs_whole_groups():
+    with pytest.raises(IntegerizeError, match="whole number"):
+        GroupNormParams.build(3, 8, 1e-5, Grid(0.05, 0, -128, 127), torch.ones(8, dtype=torch.int32), 1.0, None, None)
 
 
 # -- GLU ------------------------------------------------------------------------------------------------

@@ -162,3 +162,31 @@ def test_per_channel_activation_grid_on_a_time_axis_is_a_typed_error():
     fq.freeze()
     with pytest.raises(SpecError, match="feature axis"):
         fq(torch.randn(9, 2, 16))  # frozen grid of 7 scales on 9 frames
+
+
+def _passes_with_python_floats(x, scale, zero_point, spec):
+    """The per-tensor passes as they were written before the prepared grid: a Python float
+    ``1 / scale`` (torch wraps it as a float64 tensor and casts it to float32 per call)."""
+    out = torch.mul(x, 1.0 / scale)
+    out.round_().clamp_(spec.qmin - zero_point, spec.qmax - zero_point)
+    return torch.add(torch.zeros(()), out, alpha=scale, out=out)
+
+
+@pytest.mark.parametrize("spec", PER_TENSOR, ids=lambda s: s.short())
+def test_the_prepared_grid_gives_the_python_float_passes_bit_for_bit(spec):
+    """``fake_quantize_grid`` multiplies by a 0-d float32 ``1 / scale`` made once: the same float32
+    multiplier the Python float became per call, so the same bits, on 200 scales from 1e-30 to
+    1e4 (many whose ``1 / scale`` float32 cannot hold exactly), ties, zeros and +-inf."""
+    from qswap.quant.primitives import fake_quantize_grid, pass_grid
+
+    g = torch.Generator().manual_seed(2)
+    scales = (10 ** (torch.rand(200, generator=g, dtype=torch.float64) * 34 - 30)).float().tolist()
+    for scale in scales + [1 / 3, 0.1, MIN_SCALE]:
+        zero_point = 0 if spec.symmetric else int(torch.randint(spec.qmin, spec.qmax + 1, (), generator=g))
+        x = torch.randn(8, 33, generator=g) * scale * spec.qmax
+        codes = torch.randint(spec.qmin - 2, spec.qmax + 2, (33,), generator=g).float()
+        x[0] = (codes - zero_point + 0.5) * scale  # halfway between codes
+        x[1, :4] = torch.tensor([float("inf"), -float("inf"), -0.0, -scale * 0.49])
+        out = fake_quantize_grid(x, pass_grid(scale, zero_point, spec))
+        expected = _passes_with_python_floats(x.clone(), scale, zero_point, spec)
+        assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), scale

@@ -6,7 +6,8 @@ import qswap
 from qswap.errors import RecipeError
 from qswap.recipe import load_recipe, parse_recipe, parse_yaml, shipped_recipe_names
 
-SHIPPED = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w4a4", "w8_weight_only"]
+SHIPPED = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w4a4", "w4a4_edges8",
+           "w4a4_edges8_stream_smoothquant", "w8_weight_only"]
 
 
 def test_every_required_recipe_is_shipped():

@@ -22,6 +22,7 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.attention import CORE_SITES, QuantAttentionCore, maps_elementwise, merge_heads, split_heads
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
@@ -236,20 +237,21 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
                 if self.encoder_decoder_attention else "generic")
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, {kind}"
 
-    def to_integer(self, out) -> "IntegerFairseqAttention":
+    def to_integer(self, out, *, key_is_query: bool = False) -> "IntegerFairseqAttention":
         """The integer form of a self- or encoder-decoder attention writing codes of ``out`` (the
         layer's attention-output grid): q/k/v projections onto the core's grids (k and v from
         the ``key_in`` grid for encoder-decoder attention), ``QuantAttentionCore.to_integer``, the
         out projection. Batch forward with bool masks; no incremental state, bias_kv or zero
-        attention yet (issue 16)."""
+        attention yet (issue 16). ``key_is_query``: a generic attention its caller always runs with
+        key = value = query (the conformer's), integerized as self-attention."""
         from qswap.errors import IntegerizeError
         from qswap.quant.integer import Grid
-        if not (self.self_attention or self.encoder_decoder_attention) or self.bias_k is not None \
+        if not (self.self_attention or self.encoder_decoder_attention or key_is_query) or self.bias_k is not None \
                 or self.add_zero_attn:
             raise IntegerizeError("only plain self- and encoder-decoder attention have integer forms so far "
                                   "(issue 16)")
         grid_q, core = Grid.of(self.input_quant), self.core
-        grid_kv = grid_q if self.self_attention else Grid.of(self.key_quant)
+        grid_kv = grid_q if self.self_attention or key_is_query else Grid.of(self.key_quant)
         projections = [p.to_integer(grid, Grid.of(quant)) for p, grid, quant in
                        ((self.q_proj, grid_q, core.q_quant), (self.k_proj, grid_kv, core.k_quant),
                         (self.v_proj, grid_kv, core.v_quant))]
@@ -259,8 +261,13 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
-class IntegerFairseqAttention(nn.Module):
-    """Attention on codes: projections, integer core, out projection (all int32 inside)."""
+@serializable(num_heads=INT, projections=Tuple(*[Obj("IntegerLinear")] * 3), core=Obj("IntegerAttentionCore"),
+              out_proj=Obj("IntegerLinear"))
+class IntegerFairseqAttention(FairseqIncrementalState, nn.Module):
+    """Attention on codes: projections, integer core, out projection (all int32 inside).
+    Incremental decoding keeps the projected keys and values as codes in fairseq's
+    ``incremental_state`` (``prev_key`` / ``prev_value``: (B, H, S, D) codes of the core's k/v
+    grids); ``reorder_incremental_state`` selects their beams (an int64 index on the batch axis)."""
 
     def __init__(self, num_heads: int, projections: list, core: nn.Module, out_proj: nn.Module):
         super().__init__()
@@ -268,15 +275,52 @@ class IntegerFairseqAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = projections
         self.core, self.out_proj = core, out_proj
 
+    @property
+    def projections(self) -> tuple:
+        return self.q_proj, self.k_proj, self.v_proj
+
+    def _keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """memory (S, B, E) codes -> k, v (B, H, S, D) codes."""
+        length, bsz = memory.shape[:2]
+        k, v = (split_heads(p(memory), self.num_heads) for p in (self.k_proj, self.v_proj))  # (B*H, S, D)
+        return k.reshape(bsz, self.num_heads, length, -1), v.reshape(bsz, self.num_heads, length, -1)
+
+    def _cached(self, x: Tensor, memory: Optional[Tensor], incremental_state) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, H, S, D) with the cache: self-attention appends the new rows' codes,
+        encoder-decoder attention projects ``memory`` once and reuses it."""
+        saved = self.get_incremental_state(incremental_state, "attn_state")
+        if memory is None:  # self-attention: append this step's keys and values
+            k, v = self._keys_values(x)
+            if saved is not None:
+                k, v = torch.cat([saved["prev_key"], k], dim=2), torch.cat([saved["prev_value"], v], dim=2)
+        elif saved is not None:  # encoder-decoder attention: the encoder's keys and values, cached
+            return saved["prev_key"], saved["prev_value"]
+        else:
+            k, v = self._keys_values(memory)
+        self.set_incremental_state(incremental_state, "attn_state", {"prev_key": k, "prev_value": v})
+        return k, v
+
+    def reorder_incremental_state(self, incremental_state, new_order: Tensor) -> None:
+        """Select the cached codes' beams: ``new_order`` (B',) int64 on the batch axis."""
+        saved = self.get_incremental_state(incremental_state, "attn_state")
+        if saved is not None:
+            self.set_incremental_state(incremental_state, "attn_state",
+                                       {name: t.index_select(0, new_order) for name, t in saved.items()})
+
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, memory: Optional[Tensor] = None,
-                attn_mask: Optional[Tensor] = None) -> Tensor:
+                attn_mask: Optional[Tensor] = None, incremental_state=None) -> Tensor:
         """x: (T, B, E) query codes; memory: (S, B, E) key/value codes (None: self-attention,
         S = T); key_padding_mask: (B, S) bool, True = padding; attn_mask: (T, S) bool, True =
-        blocked. Returns (T, B, E) codes on the output grid."""
-        memory = x if memory is None else memory
-        length, bsz = memory.shape[:2]
+        blocked; incremental_state: fairseq's decoding cache (x is then this step's row, T = 1,
+        and self-attention attends to every cached row). Returns (T, B, E) codes on the output grid."""
+        bsz = x.shape[1]
         q = split_heads(self.q_proj(x), self.num_heads)  # (B*H, T, D)
-        k, v = (split_heads(p(memory), self.num_heads) for p in (self.k_proj, self.v_proj))  # (B*H, S, D)
+        if incremental_state is None:
+            k, v = self._keys_values(x if memory is None else memory)  # (B, H, S, D)
+        else:
+            k, v = self._cached(x, memory, incremental_state)
+        length = k.shape[2]
+        k, v = (t.reshape(bsz * self.num_heads, length, -1) for t in (k, v))  # (B*H, S, D)
         blocked = None if attn_mask is None else attn_mask.unsqueeze(0)  # (1, T, S)
         if key_padding_mask is not None:
             pad = key_padding_mask.to(torch.bool).view(bsz, 1, 1, length)  # (B, 1, 1, S)

@@ -52,6 +52,18 @@ class QConformerEncoderLayer(QuantModule):
         x = self.ffn2_out_quant(layer_result) * 0.5 + self.ffn2_residual_quant(x)
         return self.final_layer_norm(x), (attn, layer_result)
 
+    def to_integer(self, stream_scale, **attn_extra) -> "IntegerConformerLayer":
+        """The integer form of this layer, inference only. The residual stream is int32 (``stream_scale``
+        in: a float, or a (C,) tensor per channel); each of its readers (a block's first norm, the
+        residual quantizer) requantizes it onto its own grid, as the fake-quant layer rounds the float
+        value onto each. The blocks: feed-forward (LayerNorm, Linear, SiLU table, Linear), the
+        attention (``attn_extra``: the rel-pos table for rel_pos attention), the convolution module
+        (LayerNorm, pointwise conv, integer GLU, depthwise conv, folded BatchNorm, SiLU table,
+        pointwise conv), the second feed-forward; the half-step residuals fold their 0.5 into the
+        rescaled add's multiplier. The final LayerNorm's int32 accumulator is the output stream
+        (``IntegerConformerLayer.stream_scale``)."""
+        return _integer_conformer_layer(self, stream_scale, attn_extra)
+
 
 @register(ConformerWav2Vec2EncoderLayer)
 class QConformerWav2Vec2EncoderLayer(QConformerEncoderLayer):
@@ -60,3 +72,74 @@ class QConformerWav2Vec2EncoderLayer(QConformerEncoderLayer):
     def forward(self, x, self_attn_mask=None, self_attn_padding_mask=None, need_weights=False,
                 att_args=None, position_emb=None):
         return super().forward(x, self_attn_padding_mask, position_emb)
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+_FFN_OPS = ("layer_norm", "w_1", "activation", "w_2")  # FeedForwardModule's forward order
+_CONV_OPS = ("pointwise_conv1", "glu", "depthwise_conv", "batch_norm", "activation", "pointwise_conv2")
+
+
+def _integer_conformer_layer(layer: QConformerEncoderLayer, stream_scale, attn_extra: dict) -> "IntegerConformerLayer":
+    """See ``QConformerEncoderLayer.to_integer``."""
+    from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
+    from qswap.nn.fairseq.chain import integer_chain
+    from qswap.nn.fairseq.layers import stream_to
+    from qswap.quant.integer import AddParams, Grid
+    grids = {site: Grid.of(getattr(layer, f"{site}_quant")) for site in layer.sites}
+    halves = {"ffn1": 0.5, "attn": 1.0, "conv": 1.0, "ffn2": 0.5}  # the half-step feed-forward residuals
+    adds = [AddParams.build(halves[p] * grids[f"{p}_out"].scale, grids[f"{p}_residual"].scale) for p in halves]
+    scales = [stream_scale] + [a.sum_scale for a in adds]
+    readers = (layer.ffn1.layer_norm, layer.self_attn_layer_norm, layer.conv_module.layer_norm, layer.ffn2.layer_norm)
+    conv = layer.conv_module
+    if isinstance(layer.self_attn, QFairseqMultiheadAttention):  # called with key = value = query
+        attn_extra = {**attn_extra, "key_is_query": True}
+    blocks = [
+        integer_chain([(n, getattr(layer.ffn1, n)) for n in _FFN_OPS], grids["ffn1_out"]),
+        torch.nn.Sequential(layer.self_attn_layer_norm.to_integer(Grid.of(layer.self_attn.input_quant)),
+                            layer.self_attn.to_integer(grids["attn_out"], **attn_extra)),
+        IntegerConvolutionModule(conv.layer_norm.to_integer(Grid.of(conv.pointwise_conv1.input_quant)),
+                                 integer_chain([(n, getattr(conv, n)) for n in _CONV_OPS], grids["conv_out"])),
+        integer_chain([(n, getattr(layer.ffn2, n)) for n in _FFN_OPS], grids["ffn2_out"]),
+    ]
+    return IntegerConformerLayer(
+        readers=[stream_to(s, r.input_quant) for s, r in zip(scales, readers)], blocks=blocks,
+        residuals=[stream_to(s, getattr(layer, f"{p}_residual_quant")) for s, p in zip(scales, halves)], adds=adds,
+        zero_points=[(grids[f"{p}_out"].zero_point, grids[f"{p}_residual"].zero_point) for p in halves],
+        norm_in=stream_to(scales[-1], layer.final_layer_norm.input_quant), norm=layer.final_layer_norm.to_integer(None))
+
+
+class IntegerConvolutionModule(torch.nn.Module):
+    """The conformer's convolution module on codes: LayerNorm over C on (T, B, C), then the convs
+    on (B, C, T)."""
+
+    def __init__(self, norm, convs):
+        super().__init__()
+        self.norm, self.convs = norm, convs
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: (T, B, C) -> (T, B, C) conv_out codes."""
+        return self.convs(self.norm(codes).permute(1, 2, 0)).permute(2, 0, 1)
+
+
+class IntegerConformerLayer(torch.nn.Module):
+    """A conformer layer on integers: int32 stream in, the final norm's int32 accumulator out."""
+
+    def __init__(self, *, readers, blocks, residuals, adds, zero_points, norm_in, norm):
+        super().__init__()
+        self.readers, self.residuals, self.adds, self.zero_points = readers, residuals, adds, zero_points
+        self.blocks, self.norm_in, self.norm = torch.nn.ModuleList(blocks), norm_in, norm
+        self.stream_scale = norm.stream_scale
+
+    def forward(self, stream: torch.Tensor, encoder_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """stream: (T, B, C) int32; encoder_padding_mask: (B, T) bool or None. Returns (T, B, C) int32."""
+        from qswap.quant.integer import rescaled_sum
+        for i, block in enumerate(self.blocks):
+            x = self.readers[i](stream)
+            if i == 1:
+                x = block[1](block[0](x), encoder_padding_mask)  # norm, attention
+            else:
+                x = block(x)
+            z_out, z_res = self.zero_points[i]
+            stream = rescaled_sum(x, z_out, self.residuals[i](stream), z_res, self.adds[i])
+        return self.norm(self.norm_in(stream))

@@ -32,6 +32,20 @@ from qswap.nn.fairseq.attention import Projection, attention_core
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
 
+ROPE_POSITIONS = 2048  # frames of an integer rotary table: the integer softmax's longest row
+
+
+def rel_shift(x: Tensor, zero_triu: bool = False) -> Tensor:
+    """(B, H, T, 2T-1) -> (B, H, T, T): score of query i and key j at relative offset i-j (moves
+    data only; works on integer tensors too)."""
+    b, h, t, p = x.shape
+    padded = torch.cat([x.new_zeros(b, h, t, 1), x], dim=-1)  # (B, H, T, 2T)
+    x = padded.view(b, h, p + 1, t)[:, :, 1:].reshape(b, h, t, p)[..., : p // 2 + 1]
+    if zero_triu:
+        keep = torch.ones(x.size(2), x.size(3), dtype=torch.bool, device=x.device)
+        x = x.masked_fill(~keep.tril(x.size(3) - x.size(2)), 0)
+    return x
+
 
 @register(ESPNETMultiHeadedAttention)
 class QESPNETMultiHeadedAttention(QuantModule):
@@ -84,6 +98,26 @@ class QESPNETMultiHeadedAttention(QuantModule):
         q, k, v = self._qkv(query, key, value)
         return self._attend(q, k, v, key_padding_mask), None
 
+    def _integer_projections(self, q_out) -> list:
+        """q/k/v ``IntegerLinear`` from the input grid (self-attention) onto ``q_out`` / the core's k, v grids."""
+        from qswap.quant.integer import Grid
+        grid, core = Grid.of(self.input_quant), self.core
+        return [p.to_integer(grid, out) for p, out in ((self.linear_q, q_out), (self.linear_k, Grid.of(core.k_quant)),
+                                                        (self.linear_v, Grid.of(core.v_quant)))]
+
+    def to_integer(self, out) -> torch.nn.Module:
+        """The integer form of this (self-)attention writing codes of ``out``: the projections, the
+        integer core (``QuantAttentionCore.to_integer`` with ``1/sqrt(d_k)``), the out projection;
+        ``qswap.nn.fairseq.attention.IntegerFairseqAttention`` runs them (the same arithmetic)."""
+        from qswap.errors import IntegerizeError
+        from qswap.nn.fairseq.attention import IntegerFairseqAttention
+        from qswap.quant.integer import Grid
+        if type(self) is not QESPNETMultiHeadedAttention:
+            raise IntegerizeError(f"{type(self).__name__} has no integer form yet")
+        core = self.core.to_integer(self.d_k ** -0.5, Grid.of(self.linear_out.input_quant))
+        return IntegerFairseqAttention(self.h, self._integer_projections(Grid.of(self.core.q_quant)), core,
+                                       self.linear_out.to_integer(out))
+
 
 @register(RelPositionMultiHeadedAttention)
 class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
@@ -104,14 +138,7 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         self.pos_quant = quantizer(config, self.sites, "pos")
 
     def rel_shift(self, x: Tensor) -> Tensor:
-        """(B, H, T, 2T-1) -> (B, H, T, T): score of query i and key j at relative offset i-j."""
-        b, h, t, p = x.shape
-        padded = torch.cat([x.new_zeros(b, h, t, 1), x], dim=-1)  # (B, H, T, 2T)
-        x = padded.view(b, h, p + 1, t)[:, :, 1:].reshape(b, h, t, p)[..., : p // 2 + 1]
-        if self.zero_triu:
-            keep = torch.ones(x.size(2), x.size(3), dtype=torch.bool, device=x.device)
-            x = x.masked_fill(~keep.tril(x.size(3) - x.size(2)), 0.0)
-        return x
+        return rel_shift(x, self.zero_triu)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, pos_emb: Tensor,
                 key_padding_mask: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, None]:
@@ -127,6 +154,40 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         bd = self.rel_shift(torch.matmul(q_v, p))  # (B, H, T, T)
         bd = bd.reshape(bsz * self.h, tgt_len, -1)  # (B*H, T, T)
         return self._attend(q_u.reshape(tgt_len, bsz, -1), k, v, key_padding_mask, scores_bias=bd), None
+
+    def to_integer(self, out, pos_table: Optional[Tensor] = None) -> "IntegerRelPosAttention":
+        """The integer form writing codes of ``out``, given the encoder's constant position table
+        ``pos_table`` (1, 2L-1, C) (``RelPositionalEncoding.pe``): its codes on ``linear_pos``'s
+        input grid are built once (constant folding) and sliced per length as fairseq slices the
+        table. ``q + u`` and ``q + v``: ``add_constant`` (the quantized biases folded onto a grid
+        2^-16 of ``q_proj``'s); ``bd``: int32 ``(q_v - z) (p - z)^T``, ``rel_shift`` (moves data),
+        requantized onto ``scores_bias``'s grid; the core adds it to the requantized ``q_u k^T``
+        (``rescaled_add`` onto ``softmax_in``'s grid)."""
+        from qswap.errors import IntegerizeError
+        from qswap.nn.attention import _span
+        from qswap.quant.integer import AddParams, ConstantAddParams, Grid, Requant, check_bound
+        if pos_table is None or self.zero_triu:
+            raise IntegerizeError("rel_pos attention integerizes with the encoder's position table and "
+                                  "zero_triu=False only")
+        core, q_proj, q_pos, pos = self.core, Grid.of(self.q_proj_quant), Grid.of(self.q_pos_quant), Grid.of(self.pos_quant)
+        with torch.no_grad():
+            bias_u = ConstantAddParams.build(q_proj, self.pos_bias_u_quant(self.pos_bias_u), Grid.of(core.q_quant))
+            bias_v = ConstantAddParams.build(q_proj, self.pos_bias_v_quant(self.pos_bias_v), q_pos)
+            table = Grid.of(self.linear_pos.input_quant).quantize(pos_table[0])  # (2L-1, C) codes
+        check_bound("rel-pos q_v @ p^T", self.d_k * _span(q_pos) * _span(pos))
+        scores, bias = Grid.of(core.scores_quant), Grid.of(core.scores_bias_quant)
+        base = core.to_integer(self.d_k ** -0.5, Grid.of(self.linear_out.input_quant))
+        q, k = Grid.of(core.q_quant), Grid.of(core.k_quant)
+        integer_core = IntegerRelPosCore(
+            base, Requant.from_scales(q.scale * self.d_k ** -0.5 * k.scale / scores.scale, scores.zero_point,
+                                      scores.qmin, scores.qmax),
+            AddParams.build(scores.scale, bias.scale, *_out_of(Grid.of(core.softmax_in_quant))),
+            (scores.zero_point, bias.zero_point))
+        bd = Requant.from_scales(q_pos.scale * self.d_k ** -0.5 * pos.scale / bias.scale, bias.zero_point, bias.qmin,
+                                 bias.qmax)
+        return IntegerRelPosAttention(self.h, self._integer_projections(q_proj), bias_u, bias_v, table,
+                                      self.linear_pos.to_integer(pos), bd, (q_pos.zero_point, pos.zero_point),
+                                      integer_core, self.linear_out.to_integer(out))
 
 
 @register(RotaryPositionMultiHeadedAttention)
@@ -172,3 +233,160 @@ class QRotaryPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         k = self.linear_k(rk, self.rope_out_quant)
         v = self.linear_v(xv, vq)
         return self._attend(q, k, v, key_padding_mask), None
+
+    def to_integer(self, out, max_positions: int = ROPE_POSITIONS) -> "IntegerRotaryAttention":
+        """The integer form of this self-attention writing codes of ``out``, for up to
+        ``max_positions`` frames. The cos and signed-sin tables (fairseq's formula, computed here
+        for ``max_positions`` rows without touching the module's cache) are quantized once by
+        ``rotary_table``'s quantizers; the fake-quant model derives that grid from the table cached
+        for the longest input it has seen (the cos grid is the same, max |cos| = cos 0; the sin
+        grid's max is within 1e-4 of 1 from 12 positions on). The rotation: ``(x - zp) * cos`` and
+        ``swapped(x - zp) * sin`` in int32, requantized onto ``rope_cos`` / ``rope_sin``'s grids
+        (per position when the table grid is per channel), a rescaled add onto ``rope_out``'s."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import AddParams, Grid, Requant, weight_codes
+        if self.rotary_ndims != self.d_k:
+            raise IntegerizeError("rotary attention over part of the head (rotary_ndims < d_k) has no integer form yet")
+        with torch.no_grad():
+            t = torch.arange(max_positions).type_as(self.rotary_emb.inv_freq)
+            freqs = torch.einsum("i,j->ij", t, self.rotary_emb.inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1).view(max_positions, 1, 1, -1)  # (L, 1, 1, D)
+            half = emb.size(-1) // 2
+            sin = emb.sin()
+            cos_codes, cos_scale = weight_codes(self.cos_quant, emb.cos())
+            sin_codes, sin_scale = weight_codes(self.sin_quant, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
+        grid_in, rope_out = Grid.of(self.input_quant), Grid.of(self.rope_out_quant)
+        rope_cos, rope_sin = Grid.of(self.rope_cos_quant), Grid.of(self.rope_sin_quant)
+        rotate = [Requant.from_scales(grid_in.scale * scale / g.scale, g.zero_point, g.qmin, g.qmax)
+                  for scale, g in ((cos_scale, rope_cos), (sin_scale, rope_sin))]
+        add = AddParams.build(rope_cos.scale, rope_sin.scale, *_out_of(rope_out))
+        core = self.core.to_integer(self.d_k ** -0.5, Grid.of(self.linear_out.input_quant))
+        projections = [self.linear_q.to_integer(rope_out, Grid.of(self.core.q_quant)),
+                       self.linear_k.to_integer(rope_out, Grid.of(self.core.k_quant)),
+                       self.linear_v.to_integer(grid_in, Grid.of(self.core.v_quant))]
+        return IntegerRotaryAttention(self.h, projections, cos_codes.reshape(max_positions, -1),
+                                      sin_codes.reshape(max_positions, -1), rotate, add,
+                                      (grid_in.zero_point, rope_cos.zero_point, rope_sin.zero_point), core,
+                                      self.linear_out.to_integer(out))
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+def _out_of(grid) -> tuple:
+    """(scale, zero point, qmin, qmax) of a grid, as ``AddParams.build`` takes an output grid."""
+    return grid.scale, grid.zero_point, grid.qmin, grid.qmax
+
+
+def _blocked(key_padding_mask: Optional[Tensor], bsz: int, heads: int) -> Optional[Tensor]:
+    """(B, S) padding -> (B*H, 1, S) bool blocked positions, or None."""
+    if key_padding_mask is None:
+        return None
+    length = key_padding_mask.shape[1]
+    pad = key_padding_mask.to(torch.bool).view(bsz, 1, 1, length).expand(bsz, heads, 1, length)
+    return pad.reshape(bsz * heads, 1, length)
+
+
+class IntegerRelPosCore(torch.nn.Module):
+    """The attention core with a relative-position score term, on codes: ``q_u k^T`` in int32
+    requantized onto the ``scores`` grid, plus the ``scores_bias`` codes (``rescaled_add`` onto the
+    softmax input grid), integer softmax, ``probs v`` in int32 requantized (as ``IntegerAttentionCore``)."""
+
+    def __init__(self, base, scores, add, zero_points: tuple):
+        super().__init__()
+        self.base, self.scores, self.add, self.zero_points = base, scores, add, zero_points
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, blocked: Optional[Tensor]) -> Tensor:
+        """q: (B*H, T, D), k and v: (B*H, S, D) codes; bias: (B*H, T, S) scores_bias codes. Returns
+        context codes (B*H, T, D)."""
+        from qswap.quant.integer import check_bound, integer_softmax, rescaled_add
+        base = self.base
+        zq, zk, zv, zp = base.zero_points
+        check_bound("attention q @ k^T", q.shape[-1] * base.qk_span)
+        check_bound("attention probs @ v", k.shape[1] * base.pv_span)
+        acc = torch.bmm(q.to(torch.int32) - zq, (k.to(torch.int32) - zk).transpose(1, 2))  # (B*H, T, S)
+        scores = rescaled_add(self.scores(acc), self.zero_points[0], bias, self.zero_points[1], self.add)
+        probs = integer_softmax(scores, base.softmax, blocked)  # (B*H, T, S)
+        return base.context(torch.bmm(probs.to(torch.int32) - zp, v.to(torch.int32) - zv))
+
+
+class IntegerRelPosAttention(torch.nn.Module):
+    """Rel-pos self-attention on codes (see ``QRelPositionMultiHeadedAttention.to_integer``)."""
+
+    def __init__(self, num_heads: int, projections: list, bias_u, bias_v, table: Tensor, pos_proj, bd,
+                 zero_points: tuple, core, out_proj):
+        super().__init__()
+        self.num_heads = self.h = num_heads
+        self.q_proj, self.k_proj, self.v_proj = projections
+        self.bias_u, self.bias_v, self.bd, self.zero_points = bias_u, bias_v, bd, zero_points
+        self.pos_proj, self.core, self.out_proj = pos_proj, core, out_proj
+        self.register_buffer("table", table)  # (2L-1, C) codes of the position table
+
+    @property
+    def projections(self) -> list:
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """x: (T, B, C) input codes; key_padding_mask: (B, T). Returns (T, B, C) codes."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import add_constant
+        t, bsz, c = x.shape
+        d, center = c // self.h, self.table.shape[0] // 2
+        if t > center + 1:
+            raise IntegerizeError(f"{t} frames exceed the integer rel-pos table ({center + 1}); rebuild it longer")
+        p = self.pos_proj(self.table[center - t + 1: center + t])  # (2T-1, C) pos codes
+        qp = self.q_proj(x)  # (T, B, C) q_proj codes
+        q_u, q_v = add_constant(qp, self.bias_u), add_constant(qp, self.bias_v)
+        z_qv, z_p = self.zero_points
+        qv = (q_v.to(torch.int32) - z_qv).view(t, bsz, self.h, d).permute(1, 2, 0, 3)  # (B, H, T, D)
+        pp = (p.to(torch.int32) - z_p).view(2 * t - 1, self.h, d).permute(1, 2, 0)  # (H, D, 2T-1)
+        bd = self.bd(rel_shift(torch.matmul(qv, pp))).reshape(bsz * self.h, t, t)  # (B*H, T, T) codes
+        k, v = (split_heads(proj(x), self.h) for proj in (self.k_proj, self.v_proj))  # (B*H, T, D)
+        context = self.core(split_heads(q_u, self.h), k, v, bd, _blocked(key_padding_mask, bsz, self.h))
+        return self.out_proj(merge_heads(context, bsz))  # (T, B, C)
+
+
+class IntegerRotaryAttention(torch.nn.Module):
+    """Rotary self-attention on codes (see ``QRotaryPositionMultiHeadedAttention.to_integer``)."""
+
+    def __init__(self, num_heads: int, projections: list, cos: Tensor, sin: Tensor, rotate: list, add,
+                 zero_points: tuple, core, out_proj):
+        super().__init__()
+        self.num_heads, self.rotate, self.add, self.zero_points = num_heads, rotate, add, zero_points
+        self.q_proj, self.k_proj, self.v_proj = projections
+        self.core, self.out_proj = core, out_proj
+        self.register_buffer("cos", cos)  # (L, D) codes
+        self.register_buffer("sin", sin)  # (L, D) codes, rotate_half's sign folded in
+
+    @property
+    def projections(self) -> list:
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+    def _rotated(self, x: Tensor) -> Tensor:
+        """x: (T, B, C) input codes -> (T, B, C) rope_out codes."""
+        from dataclasses import replace
+
+        from qswap.quant.integer import rescaled_add
+        t, bsz, c = x.shape
+        h = self.num_heads
+        z_in, z_cos, z_sin = self.zero_points
+        xh = (x.to(torch.int32) - z_in).view(t, bsz, h, c // h)  # (T, B, H, D)
+        half = xh.size(-1) // 2
+        swapped = torch.cat([xh[..., half:], xh[..., :half]], dim=-1)  # rotate_half without the sign
+        parts = []
+        for table, requant, operand in ((self.cos, self.rotate[0], xh), (self.sin, self.rotate[1], swapped)):
+            if isinstance(requant.m0, Tensor) and requant.m0.numel() > 1:  # per position
+                requant = replace(requant, m0=requant.m0[:t], shift=requant.shift[:t])
+            parts.append(requant(operand * table[:t].to(torch.int32).view(t, 1, 1, -1), axis=0))
+        return rescaled_add(parts[0], z_cos, parts[1], z_sin, self.add).flatten(2)
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """x: (T, B, C) input codes; key_padding_mask: (B, T). Returns (T, B, C) codes."""
+        from qswap.errors import IntegerizeError
+        t, bsz, _ = x.shape
+        if t > self.cos.shape[0]:
+            raise IntegerizeError(f"{t} frames exceed the integer rotary table ({self.cos.shape[0]}); rebuild it longer")
+        r = self._rotated(x)
+        q, k = split_heads(self.q_proj(r), self.num_heads), split_heads(self.k_proj(r), self.num_heads)
+        v = split_heads(self.v_proj(x), self.num_heads)  # (B*H, T, D)
+        context, _ = self.core(q, k, v, _blocked(key_padding_mask, bsz, self.num_heads))
+        return self.out_proj(merge_heads(context, bsz))  # (T, B, C)

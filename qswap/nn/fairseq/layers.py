@@ -18,6 +18,7 @@ from fairseq.modules.transformer_layer import (
 from torch import Tensor
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import INT, List, Obj, Tensor, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
@@ -71,39 +72,9 @@ class QTransformerEncoderLayer(QuantModule):
             return x, fc_result
         return x
 
-    def to_integer(self, stream_scale: float) -> "IntegerTransformerEncoderLayer":
-        """The integer form of this (pre-norm) layer, inference only. The residual stream between
-        layers is int32 on a fine grid (``stream_scale`` in, ``IntegerTransformerEncoderLayer.
-        stream_scale`` out: the grid of the residual add's sum), requantized onto the grid of each
-        of its consumers (the norm's input and the residual quantizer), as the fake-quant layer
-        rounds the float sum onto each. The FFN activation is a table."""
-        from qswap.errors import IntegerizeError
-        from qswap.nn.linear import QLinear
-        from qswap.nn.norm import QLayerNorm
-        from qswap.quant.integer import AddParams, Grid, build_lut
-        if not self.normalize_before:
-            raise IntegerizeError("post-norm encoder layers have no integer form yet (issue 16)")
-        parts = (self.self_attn_layer_norm, self.final_layer_norm, self.fc1, self.fc2)
-        if not all(isinstance(m, c) for m, c in zip(parts, (QLayerNorm, QLayerNorm, QLinear, QLinear))):
-            raise IntegerizeError("the layer's norms and linears must be converted to have an integer form")
-
-        grids = {site: Grid.of(getattr(self, f"{site}_quant"))
-                 for site in ("attn_residual", "attn_out", "ffn_act", "ffn_residual", "ffn_out")}
-        add1 = AddParams.build(grids["attn_residual"].scale, grids["attn_out"].scale)
-        add2 = AddParams.build(grids["ffn_residual"].scale, grids["ffn_out"].scale)
-        with torch.no_grad():
-            act = build_lut(self.activation_fn, grids["ffn_act"], Grid.of(self.fc2.input_quant))
-        return IntegerTransformerEncoderLayer(
-            norm1_in=stream_to(stream_scale, self.self_attn_layer_norm.input_quant),
-            norm1=self.self_attn_layer_norm.to_integer(Grid.of(self.self_attn.input_quant)),
-            attn=self.self_attn.to_integer(grids["attn_out"]),
-            residual1=stream_to(stream_scale, self.attn_residual_quant), add1=add1,
-            norm2_in=stream_to(add1.sum_scale, self.final_layer_norm.input_quant),
-            norm2=self.final_layer_norm.to_integer(Grid.of(self.fc1.input_quant)),
-            fc1=self.fc1.to_integer(grids["ffn_act"]), act=(act, grids["ffn_act"].qmin),
-            fc2=self.fc2.to_integer(grids["ffn_out"]),
-            residual2=stream_to(add1.sum_scale, self.ffn_residual_quant), add2=add2,
-            zero_points=tuple(grids[s].zero_point for s in ("attn_residual", "attn_out", "ffn_residual", "ffn_out")))
+    def to_integer(self, stream_scale: float | torch.Tensor) -> torch.nn.Module:
+        """The integer form of this layer, inference only (``integer_encoder_layer``)."""
+        return integer_encoder_layer(self, stream_scale, self.normalize_before)
 
 
 @register(TransformerDecoderLayerBase)
@@ -224,10 +195,10 @@ class QTransformerDecoderLayer(QuantModule):
         return x, attn, None
 
     def to_integer(self, stream_scale: float) -> "IntegerTransformerDecoderLayer":
-        """The integer form of this (pre-norm) layer for a batch (teacher-forced) forward: as
+        """The integer form of this (pre-norm) layer (batch forward and incremental decoding): as
         ``QTransformerEncoderLayer.to_integer``, with the encoder-decoder attention between the
-        two (its keys and values: encoder output codes on its ``key_in`` grid). No incremental
-        decoding and no NormFormer scales yet (issue 16)."""
+        two (its keys and values: encoder output codes on its ``key_in`` grid); incremental
+        decoding keeps both attentions' keys and values as codes. No NormFormer scales yet (issue 16)."""
         from qswap.errors import IntegerizeError
         from qswap.quant.integer import AddParams, Grid, build_lut
         if not self.normalize_before or self.encoder_attn is None or any(
@@ -256,13 +227,67 @@ class QTransformerDecoderLayer(QuantModule):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
-def stream_to(scale: float, quant) -> "Requant":
-    """The requantization of an int32 residual stream on grid ``scale`` onto ``quant``'s grid."""
+def stream_to(scale: float | torch.Tensor, quant) -> "Requant":
+    """The requantization of an int32 residual stream on grid ``scale`` (a float, or a (C,) tensor
+    per channel of the last axis) onto ``quant``'s grid (or onto a ``Grid``)."""
     from qswap.quant.integer import Grid, Requant
-    grid = Grid.of(quant)
+    grid = quant if isinstance(quant, Grid) else Grid.of(quant)
     return Requant.from_scales(scale / grid.scale, grid.zero_point, grid.qmin, grid.qmax)
 
 
+_ENCODER_SITES = ("attn_residual", "attn_out", "ffn_act", "ffn_residual", "ffn_out")
+
+
+def integer_encoder_layer(layer, stream_scale: float | torch.Tensor, pre_norm: bool) -> torch.nn.Module:
+    """The integer form of an encoder layer counterpart with fairseq's transformer layout
+    (``QTransformerEncoderLayer``, wav2vec 2.0's ``QTransformerSentenceEncoderLayer``: self_attn,
+    self_attn_layer_norm, fc1, activation_fn, fc2, final_layer_norm and the five residual and
+    activation sites), inference only. The residual stream between layers is int32 on a fine grid
+    (``stream_scale`` in, the form's ``stream_scale`` out; a float, or a (C,) tensor per channel),
+    requantized onto the grid of each of its consumers, as the fake-quant layer rounds the float
+    value onto each. Pre-norm: the stream is the second residual add's sum
+    (``IntegerTransformerEncoderLayer``). Post-norm: each norm's int32 affine accumulator is the
+    stream its consumers read (``IntegerPostNormEncoderLayer``). The FFN activation is a table."""
+    from qswap.errors import IntegerizeError
+    from qswap.nn.linear import QLinear
+    from qswap.nn.norm import QLayerNorm
+    from qswap.quant.integer import AddParams, Grid, build_lut
+    parts = (layer.self_attn_layer_norm, layer.final_layer_norm, layer.fc1, layer.fc2)
+    if not all(isinstance(m, c) for m, c in zip(parts, (QLayerNorm, QLayerNorm, QLinear, QLinear))):
+        raise IntegerizeError("the layer's norms and linears must be converted to have an integer form")
+    grids = {site: Grid.of(getattr(layer, f"{site}_quant")) for site in _ENCODER_SITES}
+    add1 = AddParams.build(grids["attn_residual"].scale, grids["attn_out"].scale)
+    add2 = AddParams.build(grids["ffn_residual"].scale, grids["ffn_out"].scale)
+    with torch.no_grad():
+        act = build_lut(layer.activation_fn, grids["ffn_act"], Grid.of(layer.fc2.input_quant))
+    zero_points = tuple(grids[s].zero_point for s in ("attn_residual", "attn_out", "ffn_residual", "ffn_out"))
+    common = dict(attn=layer.self_attn.to_integer(grids["attn_out"]), add1=add1,
+                  fc1=layer.fc1.to_integer(grids["ffn_act"]), act=(act, grids["ffn_act"].qmin),
+                  fc2=layer.fc2.to_integer(grids["ffn_out"]), add2=add2, zero_points=zero_points)
+    norm1, norm2 = layer.self_attn_layer_norm, layer.final_layer_norm
+    if pre_norm:
+        return IntegerTransformerEncoderLayer(
+            norm1_in=stream_to(stream_scale, norm1.input_quant),
+            norm1=norm1.to_integer(Grid.of(layer.self_attn.input_quant)),
+            residual1=stream_to(stream_scale, layer.attn_residual_quant),
+            norm2_in=stream_to(add1.sum_scale, norm2.input_quant),
+            norm2=norm2.to_integer(Grid.of(layer.fc1.input_quant)),
+            residual2=stream_to(add1.sum_scale, layer.ffn_residual_quant), **common)
+    norm1_int = norm1.to_integer(None)
+    return IntegerPostNormEncoderLayer(
+        attn_in=stream_to(stream_scale, layer.self_attn.input_quant),
+        residual1=stream_to(stream_scale, layer.attn_residual_quant),
+        norm1_in=stream_to(add1.sum_scale, norm1.input_quant), norm1=norm1_int,
+        fc1_in=stream_to(norm1_int.stream_scale, layer.fc1.input_quant),
+        residual2=stream_to(norm1_int.stream_scale, layer.ffn_residual_quant),
+        norm2_in=stream_to(add2.sum_scale, norm2.input_quant), norm2=norm2.to_integer(None), **common)
+
+
+@serializable(norm1_in=Obj("Requant"), norm1=Obj("IntegerLayerNorm"), attn=Obj("IntegerFairseqAttention"),
+              residual1=Obj("Requant"), add1=Obj("AddParams"), norm2_in=Obj("Requant"), norm2=Obj("IntegerLayerNorm"),
+              fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT),
+              fc2=Obj("IntegerLinear"), residual2=Obj("Requant"), add2=Obj("AddParams"),
+              zero_points=Tuple(INT, INT, INT, INT))
 class IntegerTransformerEncoderLayer(torch.nn.Module):
     """A pre-norm encoder layer on integers: int32 residual stream in and out (``stream_scale``:
     the output stream's grid), int8/uint8 codes between the ops inside."""
@@ -277,6 +302,10 @@ class IntegerTransformerEncoderLayer(torch.nn.Module):
         self.register_buffer("act_table", act[0])
         self.stream_scale = add2.sum_scale
 
+    @property
+    def act(self) -> tuple:
+        return self.act_table, self.act_qmin
+
     def forward(self, stream: Tensor, encoder_padding_mask: Optional[Tensor]) -> Tensor:
         """stream: (T, B, C) int32; encoder_padding_mask: (B, T) bool or None. Returns (T, B, C) int32."""
         from qswap.quant.integer import apply_lut, rescaled_sum
@@ -288,8 +317,60 @@ class IntegerTransformerEncoderLayer(torch.nn.Module):
         return rescaled_sum(self.residual2(stream), z_res2, x, z_out2, self.add2)
 
 
+@serializable(requant=Obj("Requant"))
+class StreamOut(torch.nn.Module):
+    """An int32 stream requantized onto one output grid (a stream's reader without an op of its own)."""
+
+    def __init__(self, requant):
+        super().__init__()
+        self.requant = requant
+
+    def forward(self, stream: Tensor) -> Tensor:
+        return self.requant(stream)
+
+
+@serializable(attn_in=Obj("Requant"), attn=Obj("IntegerFairseqAttention"), residual1=Obj("Requant"),
+              add1=Obj("AddParams"), norm1_in=Obj("Requant"), norm1=Obj("IntegerLayerNorm"), fc1_in=Obj("Requant"),
+              fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT),
+              fc2=Obj("IntegerLinear"), residual2=Obj("Requant"), add2=Obj("AddParams"), norm2_in=Obj("Requant"),
+              norm2=Obj("IntegerLayerNorm"), zero_points=Tuple(INT, INT, INT, INT))
+class IntegerPostNormEncoderLayer(torch.nn.Module):
+    """A post-norm encoder layer on integers: int32 stream in (read by the attention and the first
+    residual), each norm writes its int32 affine accumulator (the stream read by the FFN and the
+    second residual; the layer's output stream, ``stream_scale``: the last norm's accumulator grid)."""
+
+    def __init__(self, *, attn_in, attn, residual1, add1, norm1_in, norm1, fc1_in, fc1, act, fc2, residual2,
+                 add2, norm2_in, norm2, zero_points):
+        super().__init__()
+        self.attn_in, self.attn, self.residual1, self.add1 = attn_in, attn, residual1, add1
+        self.norm1_in, self.norm1, self.fc1_in, self.fc1, self.fc2 = norm1_in, norm1, fc1_in, fc1, fc2
+        self.residual2, self.add2, self.norm2_in, self.norm2 = residual2, add2, norm2_in, norm2
+        self.zero_points, self.act_qmin = zero_points, act[1]
+        self.register_buffer("act_table", act[0])
+        self.stream_scale = norm2.stream_scale
+
+    @property
+    def act(self) -> tuple:
+        return self.act_table, self.act_qmin
+
+    def forward(self, stream: Tensor, encoder_padding_mask: Optional[Tensor]) -> Tensor:
+        """stream: (T, B, C) int32; encoder_padding_mask: (B, T) bool or None. Returns (T, B, C) int32."""
+        from qswap.quant.integer import apply_lut, rescaled_sum
+        z_res1, z_out1, z_res2, z_out2 = self.zero_points
+        x = self.attn(self.attn_in(stream), encoder_padding_mask)  # (T, B, C) attn_out codes
+        stream = self.norm1(self.norm1_in(rescaled_sum(self.residual1(stream), z_res1, x, z_out1, self.add1)))
+        x = self.fc1(self.fc1_in(stream))  # (T, B, F) ffn_act codes
+        x = self.fc2(apply_lut(x, self.act_table, self.act_qmin))  # (T, B, C) ffn_out codes
+        return self.norm2(self.norm2_in(rescaled_sum(self.residual2(stream), z_res2, x, z_out2, self.add2)))
+
+
+@serializable(norms_in=List(Obj("Requant")), norms=List(Obj("IntegerLayerNorm")),
+              attns=List(Obj("IntegerFairseqAttention")), residuals=List(Obj("Requant")), adds=List(Obj("AddParams")),
+              fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT),
+              fc2=Obj("IntegerLinear"), zero_points=List(Tuple(INT, INT)))
 class IntegerTransformerDecoderLayer(torch.nn.Module):
-    """A pre-norm decoder layer on integers (batch forward): int32 residual stream in and out."""
+    """A pre-norm decoder layer on integers (batch forward, or one step of incremental decoding):
+    int32 residual stream in and out."""
 
     def __init__(self, *, norms_in, norms, attns, residuals, adds, fc1, act, fc2, zero_points):
         super().__init__()
@@ -299,17 +380,26 @@ class IntegerTransformerDecoderLayer(torch.nn.Module):
         self.register_buffer("act_table", act[0])
         self.stream_scale = adds[-1].sum_scale
 
+    @property
+    def act(self) -> tuple:
+        return self.act_table, self.act_qmin
+
     def forward(self, stream: Tensor, memory: Tensor, encoder_padding_mask: Optional[Tensor],
-                self_attn_mask: Optional[Tensor] = None, self_attn_padding_mask: Optional[Tensor] = None) -> Tensor:
+                self_attn_mask: Optional[Tensor] = None, self_attn_padding_mask: Optional[Tensor] = None,
+                incremental_state=None) -> Tensor:
         """stream: (T, B, C) int32; memory: (S, B, C) encoder output codes on the cross-attention's
-        key_in grid; masks bool (True = blocked / padding). Returns (T, B, C) int32."""
+        key_in grid; masks bool (True = blocked / padding); incremental_state: fairseq's decoding
+        cache (stream is then one step, T = 1; the attentions keep their keys and values as codes
+        in it). Returns (T, B, C) int32."""
         from qswap.quant.integer import apply_lut, rescaled_sum
         for i in range(3):
             x = self.norms[i](self.norms_in[i](stream))
             if i == 0:
-                x = self.attns[0](x, self_attn_padding_mask, attn_mask=self_attn_mask)  # attn_out codes
+                x = self.attns[0](x, self_attn_padding_mask, attn_mask=self_attn_mask,
+                                  incremental_state=incremental_state)  # attn_out codes
             elif i == 1:
-                x = self.attns[1](x, encoder_padding_mask, memory=memory)  # cross_out codes
+                x = self.attns[1](x, encoder_padding_mask, memory=memory,
+                                  incremental_state=incremental_state)  # cross_out codes
             else:
                 x = self.fc2(apply_lut(self.fc1(x), self.act_table, self.act_qmin))  # ffn_out codes
             z_res, z_out = self.zero_points[i]

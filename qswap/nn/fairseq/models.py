@@ -14,19 +14,21 @@ module's children and settings, never by re-running the fairseq constructors.
 """
 from __future__ import annotations
 
+import sys
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from fairseq import utils
 from fairseq.data.data_utils import lengths_to_padding_mask
-from fairseq.models import FairseqEncoder
+from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel
 from fairseq.models.speech_to_text.s2t_conformer import S2TConformerEncoder, S2TConformerModel
 from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerEncoder, S2TTransformerModel
 from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc
 from torch import Tensor
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import ANY, INT, Either, List, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
@@ -83,10 +85,11 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         (constant, rounded half to even). Its two declared float steps: quantizing the features,
         dequantizing the output codes."""
         from qswap.errors import IntegerizeError
+        from qswap.nn.fairseq.layers import StreamOut, stream_to
         from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
-        from qswap.quant.integer import Grid, Requant
-        if not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding) or self.layer_norm is None:
-            raise IntegerizeError("only sinusoidal positions and a final LayerNorm have integer forms so far")
+        from qswap.quant.integer import Grid
+        if not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding):
+            raise IntegerizeError("only sinusoidal positions have integer forms so far")
         embed = Grid.of(self.embed_quant)
         scale = self.embed_scale * embed.scale * 2.0 ** -stream_bits
         with torch.no_grad():
@@ -96,12 +99,15 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         for layer in self.transformer_layers:
             layers.append(layer.to_integer(scale))
             scale = layers[-1].stream_scale
-        norm_grid = Grid.of(self.layer_norm.input_quant)
-        norm_in = Requant.from_scales(scale / norm_grid.scale, norm_grid.zero_point, norm_grid.qmin, norm_grid.qmax)
         outs = out if isinstance(out, list) else [out]
+        if self.layer_norm is None:  # post-norm: the last layer's norm accumulator is read directly
+            norm_in, norms = torch.nn.Identity(), [StreamOut(stream_to(scale, o)) for o in outs]
+        else:
+            norm_in = stream_to(scale, self.layer_norm.input_quant)
+            norms = [self.layer_norm.to_integer(o) for o in outs]
         return IntegerS2TTransformerEncoder(self.subsample.to_integer(embed), embed.zero_point, stream_bits,
                                             positions, self.embed_positions.padding_idx, layers, norm_in,
-                                            [self.layer_norm.to_integer(o) for o in outs], out)
+                                            norms, out)
 
 
 @register(S2TConformerEncoder)
@@ -141,6 +147,40 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
             if return_all_hiddens:
                 states.append(x)
         return _encoder_out(x, padding_mask, states)
+
+    def to_integer(self, out, stream_bits: int = 16) -> "IntegerS2TTransformerEncoder":
+        """The integer form of this encoder writing codes of ``out`` (a grid, or a list of grids:
+        one per decoder layer's ``key_in``). As the transformer encoder's: the embedded features
+        enter an int32 stream exactly, absolute positions folded onto it (rel_pos: none; the table
+        goes to each layer's attention), then ``linear`` (its int32 accumulator is the stream the
+        first layer reads), the conformer layers, each reader requantizing the last layer's norm
+        accumulator. Rotary attention: no positions added, each attention rotates its input."""
+        from qswap.errors import IntegerizeError
+        from qswap.nn.fairseq.layers import StreamOut, stream_to
+        from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
+        from qswap.quant.integer import Grid
+        if self.pos_enc_type == "abs" and not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding):
+            raise IntegerizeError("conformer abs positions other than sinusoidal have no integer form yet")
+        if not callable(getattr(self.subsample, "to_integer", None)):
+            raise IntegerizeError(f"subsample ({type(self.subsample).__name__}): no integer form yet")
+        embed = Grid.of(self.embed_quant)
+        scale = self.embed_scale * embed.scale * 2.0 ** -stream_bits
+        positions, extra = None, {}
+        with torch.no_grad():
+            if self.pos_enc_type == "abs":
+                table = self.embed_positions.weights_quant(self.embed_positions.weights)
+                positions = torch.round(table.double() / scale).to(torch.int32)  # (P, C)
+            elif self.pos_enc_type == "rel_pos":
+                extra = {"pos_table": self.embed_positions.pe}
+        linear = self.linear.to_integer(None)
+        entry = torch.nn.Sequential(StreamOut(stream_to(scale, self.linear.input_quant)), linear)
+        scale, layers = linear.stream_scale, []
+        for layer in self.conformer_layers:
+            layers.append(layer.to_integer(scale, **extra))
+            scale = layers[-1].stream_scale
+        outs = [StreamOut(stream_to(scale, o)) for o in (out if isinstance(out, list) else [out])]
+        return IntegerS2TTransformerEncoder(self.subsample.to_integer(embed), embed.zero_point, stream_bits, positions,
+                                            self.padding_idx, layers, torch.nn.Identity(), outs, out, entry=entry)
 
 
 class _QuantizedLogits:
@@ -205,6 +245,8 @@ class QS2TConformerModel(QuantModule, _QuantizedLogits, S2TConformerModel):
     def from_float(cls, module: S2TConformerModel, config: QuantConfig):
         return cls(module, config)
 
+    to_integer_model = QS2TTransformerModel.to_integer_model  # integer conformer encoder, the same decoder
+
 
 @register(Wav2VecCtc)
 class QWav2VecCtc(QuantModule, Wav2VecCtc):
@@ -235,6 +277,22 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
         out = super().forward(**kwargs)
         return {**out, "encoder_out": self.logits_quant(out["encoder_out"])}
 
+    def to_integer_model(self) -> "IntegerWav2VecCtc":
+        """The integer form of this CTC model (inference path): the integer wav2vec 2.0 model
+        writing onto the CTC projection's input grid, the projection onto ``logits_quant``'s grid.
+        Declared float steps: the waveform in, the logits codes out (greedy CTC takes their
+        argmax; the log-softmax stays float)."""
+        from qswap.errors import IntegerizeError
+        from qswap.nn.fairseq.wav2vec2 import QWav2Vec2Model
+        from qswap.quant.integer import Grid
+        encoder = self.w2v_encoder
+        if self.blank_weight != 0 or encoder.proj is None or not isinstance(encoder.w2v_model, QWav2Vec2Model):
+            raise IntegerizeError("only a wav2vec 2.0 CTC model with a CTC projection and blank_weight 0 has an "
+                                  "integer form so far")
+        logits = Grid.of(self.logits_quant)
+        return IntegerWav2VecCtc(encoder.w2v_model.to_integer(Grid.of(encoder.proj.input_quant)),
+                                 encoder.proj.to_integer(logits), logits)
+
     def get_logits(self, net_output, normalize: bool = False) -> Tensor:
         """net_output["encoder_out"]: (T, B, V) -> (T, B, V) logits (log-probs if normalize)."""
         logits = self.logits_quant(net_output["encoder_out"])
@@ -260,65 +318,122 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
-class IntegerS2TTransformerEncoder(torch.nn.Module):
-    """The S2T transformer encoder on integers: subsampler, positions, layers, final norm.
-    ``quantize_input`` and ``dequantize_output`` are its declared float steps."""
+@serializable(subsample=ANY, embed_zero_point=INT, stream_bits=INT, positions=Opt(Tensor("int32")), padding_idx=INT,
+              layers=List(ANY), norm_in=Opt(Obj("Requant")), norms=List(ANY),
+              out_grid=Either(Obj("Grid"), List(Obj("Grid"))), entry=Opt(ANY))
+class IntegerS2TTransformerEncoder(FairseqEncoder):
+    """An S2T encoder on integers: subsampler, positions, (the conformer's ``linear``: ``entry``),
+    layers, final norm (or the readers of the last layer's stream). ``input`` (a ``QuantizeStep``)
+    is its declared float step; ``forward`` is fairseq's encoder interface (float features in, an
+    encoder_out dict of codes out), ``forward_codes`` the integer part."""
 
-    def __init__(self, subsample, embed_zero_point: int, stream_bits: int, positions: Tensor, padding_idx: int,
-                 layers: list, norm_in, norms: list, out_grid):
-        super().__init__()
+    def __init__(self, subsample, embed_zero_point: int, stream_bits: int, positions: Optional[Tensor],
+                 padding_idx: int, layers: list, norm_in, norms: list, out_grid, entry=None):
+        super().__init__(None)
+        from qswap.nn.integer_steps import QuantizeStep
+        self.input = QuantizeStep(subsample.input_grid)
         self.subsample, self.layers, self.norms = subsample, torch.nn.ModuleList(layers), torch.nn.ModuleList(norms)
         self.embed_zero_point, self.stream_bits, self.padding_idx = embed_zero_point, stream_bits, padding_idx
-        self.norm_in, self.out_grid = norm_in, out_grid
-        self.register_buffer("positions", positions)  # (P, C) int32 on the stream grid
+        self.norm_in, self.out_grid, self.entry = norm_in, out_grid, entry  # entry: the conformer's linear
+        self.register_buffer("positions", positions)  # (P, C) int32 on the stream grid, or None (rel_pos)
 
     def quantize_input(self, src_tokens: Tensor) -> Tensor:
         """Declared float step: features (B, T, C*D) onto the first conv's input grid."""
-        return self.subsample.input_grid.quantize(src_tokens)
+        return self.input(src_tokens)
 
     def forward_codes(self, codes: Tensor, src_lengths: Tensor) -> tuple:
         """codes (B, T, C*D) -> (output codes (T', B, C) (a list of them, one per output grid,
         when built with a list), padding mask (B, T'))."""
-        from fairseq import utils
-        from fairseq.data.data_utils import lengths_to_padding_mask
         from qswap.errors import IntegerizeError
         x, lengths = self.subsample(codes, src_lengths)  # (T', B, C) embed codes
         padding_mask = lengths_to_padding_mask(lengths)  # (B, T')
-        positions = utils.make_positions(padding_mask, self.padding_idx)  # (B, T')
-        if int(positions.max()) >= self.positions.shape[0]:
-            raise IntegerizeError(f"{x.shape[0]} frames after subsampling exceed the integer position table "
-                                  f"({self.positions.shape[0] - self.padding_idx - 1}); rebuild it longer")
-        stream = ((x.to(torch.int32) - self.embed_zero_point) << self.stream_bits) + self.positions[positions.T]
+        stream = (x.to(torch.int32) - self.embed_zero_point) << self.stream_bits
+        if self.positions is not None:
+            positions = utils.make_positions(padding_mask, self.padding_idx)  # (B, T')
+            if int(positions.max()) >= self.positions.shape[0]:
+                raise IntegerizeError(f"{x.shape[0]} frames after subsampling exceed the integer position table "
+                                      f"({self.positions.shape[0] - self.padding_idx - 1}); rebuild it longer")
+            stream = stream + self.positions[positions.T]
+        if self.entry is not None:
+            stream = self.entry(stream)
         for layer in self.layers:
             stream = layer(stream, padding_mask)  # (T', B, C) int32
         normed = self.norm_in(stream)
         outs = [norm(normed) for norm in self.norms]
         return (outs if isinstance(self.out_grid, list) else outs[0]), padding_mask
 
+    def forward(self, src_tokens: Tensor, src_lengths: Tensor, **unused) -> Dict[str, List[Tensor]]:
+        """fairseq's encoder interface: {"encoder_out": codes (T', B, C) per decoder layer (its
+        key_in grid), "encoder_padding_mask": [(B, T') bool]}."""
+        outs, padding_mask = self.forward_codes(self.input(src_tokens), src_lengths)
+        return {"encoder_out": outs if isinstance(outs, list) else [outs], "encoder_padding_mask": [padding_mask]}
+
+    def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order: Tensor):
+        """Select beams (``new_order``: int64 batch indices) of the codes and the mask."""
+        return {"encoder_out": [codes.index_select(1, new_order) for codes in encoder_out["encoder_out"]],
+                "encoder_padding_mask": [m.index_select(0, new_order) for m in encoder_out["encoder_padding_mask"]]}
+
+    def max_positions(self) -> int:
+        return sys.maxsize  # the subsampled length is checked against the position table per call
+
     def dequantize_output(self, codes: Tensor) -> Tensor:
-        """Declared float step: output codes (of a single output grid) to float."""
+        """Build-time and test use: output codes (of a single output grid) to float."""
         return self.out_grid.dequantize(codes)
 
 
-class IntegerS2TTransformerModel(torch.nn.Module):
-    """An S2T transformer on integers, batch forward. ``forward`` returns float logits (the
-    declared end step); ``quantize_input`` / ``forward_codes`` / ``dequantize_output`` split it
-    for ``qswap.honesty.integer.check_integer``."""
+@serializable(encoder=ANY, decoder=ANY, float_steps={
+    "quantize_input": "features (B, T, C*D) onto the first conv's input grid (encoder.subsample.input_grid)",
+    "dequantize_output": "logits codes on decoder.out_grid to float, or without one the int32 accumulator times "
+                         "decoder.output_projection.acc_scale (what beam search's log-softmax reads)"})
+class IntegerS2TTransformerModel(FairseqEncoderDecoderModel):
+    """An S2T transformer on integers, with fairseq's encoder-decoder interface: fairseq's
+    SequenceGenerator decodes it (batch forward, incremental decoding with integer caches, beam
+    reorder). ``forward`` returns (float logits, None) through the declared end step;
+    ``get_normalized_probs`` is the float log-softmax on them (the declared step beam search
+    needs); ``quantize_input`` / ``forward_codes`` / ``dequantize_output`` split the batch forward
+    for ``qswap.honesty.integer.check_integer``.
 
-    def __init__(self, encoder: IntegerS2TTransformerEncoder, decoder):
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
+    >>> imodel = qswap.integerize(qmodel)
+    >>> SequenceGenerator([imodel], tgt_dict, beam_size=5).generate([imodel], sample)
+    """
 
     def quantize_input(self, net_input: dict) -> dict:
         return dict(net_input, src_tokens=self.encoder.quantize_input(net_input["src_tokens"]))
 
     def forward_codes(self, net_input: dict) -> Tensor:
         memory, padding = self.encoder.forward_codes(net_input["src_tokens"], net_input["src_lengths"])
-        return self.decoder(net_input["prev_output_tokens"], memory, padding)  # (B, T, V) logits codes
+        return self.decoder.forward_codes(net_input["prev_output_tokens"], memory, padding)  # (B, T, V) codes
 
     def dequantize_output(self, acc: Tensor) -> Tensor:
         return self.decoder.dequantize_output(acc)
 
-    def forward(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor) -> Tensor:
-        net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths, "prev_output_tokens": prev_output_tokens}
+    def max_decoder_positions(self) -> int:
+        return self.decoder.max_positions()
+
+
+class IntegerWav2VecCtc(torch.nn.Module):
+    """A wav2vec 2.0 CTC model on integers. ``forward`` takes fairseq's ``net_input`` and returns
+    what the fake-quant model's forward returns for greedy CTC: ``{"encoder_out": (T, B, V) float
+    logits, "padding_mask": (B, T) or None}`` (``qswap.integration.decode`` decodes it);
+    ``quantize_input`` / ``forward_codes`` / ``dequantize_output`` split it for
+    ``qswap.honesty.integer.check_integer``."""
+
+    def __init__(self, w2v_model, proj, logits_grid):
+        super().__init__()
+        self.w2v_model, self.proj, self.logits_grid = w2v_model, proj, logits_grid
+
+    def quantize_input(self, net_input: dict) -> dict:
+        """Declared float step: the waveform (B, S) onto the first conv's input grid."""
+        return dict(net_input, source=self.w2v_model.input_grid.quantize(net_input["source"]))
+
+    def forward_codes(self, net_input: dict) -> dict:
+        x, padding_mask = self.w2v_model(net_input["source"], net_input.get("padding_mask"))  # (B, T, C)
+        return {"encoder_out": self.proj(x.transpose(0, 1)), "padding_mask": padding_mask}  # (T, B, V) codes
+
+    def dequantize_output(self, out: dict) -> dict:
+        """Declared float step: the logits codes to float."""
+        return dict(out, encoder_out=self.logits_grid.dequantize(out["encoder_out"]))
+
+    def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, **kwargs) -> dict:
+        net_input = {"source": source, "padding_mask": padding_mask}
         return self.dequantize_output(self.forward_codes(self.quantize_input(net_input)))

@@ -7,6 +7,7 @@ import torch
 from fairseq.models.speech_to_text.modules.convolution import Conv1dSubsampler
 from torch import nn
 
+from qswap.io.serializable import INT, List, Obj, serializable
 from qswap.nn.activation import glu_value
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
@@ -34,11 +35,7 @@ class QConv1dSubsampler(QuantModule):
         return {f"glu.{i}": q for i, q in enumerate(self.glu_quant) if isinstance(q, FakeQuantize)}
 
     def get_out_seq_lens_tensor(self, in_seq_lens_tensor: torch.Tensor) -> torch.Tensor:
-        """floor((L - 1) / 2 + 1) per layer, as fairseq computes it in float, in integers."""
-        out = in_seq_lens_tensor.clone()
-        for _ in range(self.n_layers):
-            out = torch.div(out - 1, 2, rounding_mode="floor") + 1
-        return out
+        return subsampled_lengths(in_seq_lens_tensor, self.n_layers)
 
     def forward(self, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
         """src_tokens: (B, T, C*D) features -> ((T', B, C_out), lengths (B,))."""
@@ -56,18 +53,19 @@ class QConv1dSubsampler(QuantModule):
         nexts = [Grid.of(conv.input_quant) for conv in self.conv_layers[1:]] + [out]
         convs = [conv.to_integer(grid) for conv, grid in zip(self.conv_layers, grids)]
         return IntegerConv1dSubsampler(convs, [GluParams.build(g, n) for g, n in zip(grids, nexts)],
-                                       Grid.of(self.conv_layers[0].input_quant), self.get_out_seq_lens_tensor)
+                                       Grid.of(self.conv_layers[0].input_quant), self.n_layers)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
+@serializable(convs=List(Obj("IntegerConv")), glus=List(Obj("GluParams")), input_grid=Obj("Grid"), n_layers=INT)
 class IntegerConv1dSubsampler(nn.Module):
     """(Conv1d stride 2 -> GLU) x n on codes; ``input_grid``: the first conv's input grid."""
 
-    def __init__(self, convs: list, glus: list, input_grid, out_lengths):
+    def __init__(self, convs: list, glus: list, input_grid, n_layers: int):
         super().__init__()
         self.convs, self.glus = nn.ModuleList(convs), glus
-        self.input_grid, self.out_lengths = input_grid, out_lengths
+        self.input_grid, self.n_layers = input_grid, n_layers
 
     def forward(self, codes: torch.Tensor, src_lengths: torch.Tensor):
         """codes: (B, T, C*D) on ``input_grid`` -> ((T', B, C_out) codes, lengths (B,))."""
@@ -75,4 +73,12 @@ class IntegerConv1dSubsampler(nn.Module):
         x = codes.transpose(1, 2)  # (B, C*D, T)
         for conv, glu in zip(self.convs, self.glus):
             x = integer_glu(conv(x), glu, dim=1)  # (B, C_i, T_i)
-        return x.permute(2, 0, 1).contiguous(), self.out_lengths(src_lengths)  # (T', B, C_out)
+        return x.permute(2, 0, 1).contiguous(), subsampled_lengths(src_lengths, self.n_layers)  # (T', B, C_out)
+
+
+def subsampled_lengths(lengths: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """floor((L - 1) / 2 + 1) per layer, as fairseq computes it in float, in integers."""
+    out = lengths.clone()
+    for _ in range(n_layers):
+        out = torch.div(out - 1, 2, rounding_mode="floor") + 1
+    return out

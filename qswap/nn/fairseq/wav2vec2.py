@@ -84,6 +84,12 @@ class QTransformerSentenceEncoderLayer(QuantModule):
             x = self.final_layer_norm(x)
         return x, (attn, layer_result)
 
+    def to_integer(self, stream_scale: float | torch.Tensor) -> torch.nn.Module:
+        """The integer form of this (post- or pre-norm) layer, inference only
+        (``qswap.nn.fairseq.layers.integer_encoder_layer``)."""
+        from qswap.nn.fairseq.layers import integer_encoder_layer
+        return integer_encoder_layer(self, stream_scale, self.layer_norm_first)
+
 
 @register(TransformerEncoder)
 class QWav2Vec2TransformerEncoder(QuantModule):
@@ -146,6 +152,41 @@ class QWav2Vec2TransformerEncoder(QuantModule):
                              for a, b, c in layer_results]
         return x, layer_results
 
+    def to_integer(self, stream_scale: float | torch.Tensor, out) -> "IntegerWav2Vec2TransformerEncoder":
+        """The integer form reading an int32 stream (B, T, C) on ``stream_scale`` (the feature
+        projection's accumulator) and writing codes of ``out`` (the CTC projection's input grid):
+        padded frames zeroed, the positional conv chain (weight-normed conv, SamePad, GELU table)
+        onto ``pos_conv_out``'s grid, ``x + pos_conv(x)`` as a rescaled sum, the encoder norm
+        (post-norm: first, as the stream; pre-norm: last, onto ``out``), the layers."""
+        from qswap.errors import IntegerizeError
+        from qswap.nn.fairseq.chain import integer_chain
+        from qswap.nn.fairseq.layers import StreamOut, stream_to
+        from qswap.quant.integer import AddParams, Grid
+        if not (isinstance(self.pos_conv, torch.nn.Sequential) and len(self.pos_conv) == 3):
+            raise IntegerizeError("only the single weight-normed positional conv (pos_conv_depth=1, no batch "
+                                  "norm) has an integer form so far")
+        first = next(m for m in self.pos_conv if hasattr(m, "input_quant"))
+        residual, conv_out = Grid.of(self.pos_residual_quant), Grid.of(self.pos_conv_out_quant)
+        add = AddParams.build(residual.scale, conv_out.scale)
+        scale = add.sum_scale
+        norm_in = norm = None
+        if not self.layer_norm_first:
+            norm_in, norm = stream_to(scale, self.layer_norm.input_quant), self.layer_norm.to_integer(None)
+            scale = norm.stream_scale
+        layers = []
+        for layer in self.layers:
+            layers.append(layer.to_integer(scale))
+            scale = layers[-1].stream_scale
+        if self.layer_norm_first:
+            final = torch.nn.Sequential(StreamOut(stream_to(scale, self.layer_norm.input_quant)),
+                                        self.layer_norm.to_integer(out))
+        else:
+            final = StreamOut(stream_to(scale, out))
+        return IntegerWav2Vec2TransformerEncoder(
+            stream_to(stream_scale, self.pos_residual_quant), stream_to(stream_scale, first.input_quant),
+            integer_chain(self.pos_conv, conv_out), add, (residual.zero_point, conv_out.zero_point), norm_in, norm,
+            layers, final, self.required_seq_len_multiple)
+
 
 def _conv_strides(conv_feature_layers: str) -> tuple[tuple[int, int], ...]:
     """((kernel, stride), ...) of fairseq's ``conv_feature_layers`` expression [(dim, k, stride)]."""
@@ -186,17 +227,30 @@ class QWav2Vec2Model(QuantModule):
         return cls(module, config)
 
     def _output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
-        """floor((L - k) / stride + 1) per conv layer, in integers."""
-        for kernel, stride in self.conv_strides:
-            input_lengths = torch.div(input_lengths - kernel, stride, rounding_mode="floor") + 1
-        return input_lengths
+        return output_lengths(self.conv_strides, input_lengths)
 
     def _feature_padding_mask(self, padding_mask: torch.Tensor, frames: int) -> torch.Tensor:
-        """(B, samples) padding -> (B, frames) padding, as fairseq builds it."""
-        output_lengths = self._output_lengths((1 - padding_mask.long()).sum(-1))
-        marks = torch.zeros((padding_mask.size(0), frames), dtype=torch.long, device=padding_mask.device)
-        marks[torch.arange(marks.size(0), device=marks.device), output_lengths - 1] = 1
-        return (1 - marks.flip([-1]).cumsum(-1).flip([-1])).bool()
+        return feature_padding_mask(self.conv_strides, padding_mask, frames)
+
+    def to_integer(self, out) -> "IntegerWav2Vec2Model":
+        """The integer form of the inference path (``features_only``, no masking) writing codes of
+        ``out`` (the CTC projection's input grid): the feature extractor's convs, norms and GELU
+        tables (``integer_chain``), the feature LayerNorm onto the feature projection's input
+        grid, the projection's int32 accumulator as the encoder's input stream (without a
+        projection: the norm's accumulator), the encoder."""
+        from qswap.nn.fairseq.chain import integer_chain
+        from qswap.quant.integer import Grid
+        if self.post_extract_proj is None:  # the norm's accumulator is the encoder's input stream
+            norm = self.layer_norm.to_integer(None)
+            proj, scale = torch.nn.Identity(), norm.stream_scale
+        else:
+            norm = self.layer_norm.to_integer(Grid.of(self.post_extract_proj.input_quant))
+            proj = self.post_extract_proj.to_integer(None)
+            scale = proj.stream_scale
+        features = integer_chain(self.feature_extractor.conv_layers, Grid.of(self.layer_norm.input_quant))
+        first = next(m for m in self.feature_extractor.modules() if hasattr(m, "input_quant"))
+        return IntegerWav2Vec2Model(Grid.of(first.input_quant), features, self.conv_strides, self.crop_seq_to_multiple,
+                                    norm, proj, self.encoder.to_integer(scale, out))
 
     def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 mask: bool = True, features_only: bool = False, layer=None, mask_indices=None,
@@ -237,3 +291,77 @@ class QWav2Vec2Model(QuantModule):
     def extract_features(self, source, padding_mask, mask=False, layer=None, corpus_key=None):
         return self(source, padding_mask, mask=mask, features_only=True, layer=layer,
                     corpus_key=corpus_key)
+
+
+def output_lengths(conv_strides: tuple, input_lengths: torch.Tensor) -> torch.Tensor:
+    """floor((L - k) / stride + 1) per conv layer ((kernel, stride), ...), in integers."""
+    for kernel, stride in conv_strides:
+        input_lengths = torch.div(input_lengths - kernel, stride, rounding_mode="floor") + 1
+    return input_lengths
+
+
+def feature_padding_mask(conv_strides: tuple, padding_mask: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, samples) padding -> (B, frames) padding, as fairseq builds it."""
+    lengths = output_lengths(conv_strides, (1 - padding_mask.long()).sum(-1))
+    marks = torch.zeros((padding_mask.size(0), frames), dtype=torch.long, device=padding_mask.device)
+    marks[torch.arange(marks.size(0), device=marks.device), lengths - 1] = 1
+    return (1 - marks.flip([-1]).cumsum(-1).flip([-1])).bool()
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+class IntegerWav2Vec2TransformerEncoder(torch.nn.Module):
+    """wav2vec 2.0's transformer encoder on integers: int32 stream (B, T, C) in, codes out."""
+
+    def __init__(self, residual_in, conv_in, pos_conv, add, zero_points: tuple, norm_in, norm, layers: list, final,
+                 seq_multiple: int):
+        super().__init__()
+        self.residual_in, self.conv_in, self.pos_conv, self.add = residual_in, conv_in, pos_conv, add
+        self.zero_points, self.seq_multiple, self.final = zero_points, seq_multiple, final
+        self.norm_in, self.norm = norm_in, norm  # post-norm: the encoder norm before the layers; else None
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, stream: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """stream: (B, T, C) int32; padding_mask: (B, T) bool or None. Returns (B, T, C) codes."""
+        from qswap.quant.integer import rescaled_sum
+        if padding_mask is not None:
+            stream = stream.masked_fill(padding_mask.unsqueeze(-1), 0)  # fairseq's index_put(x, mask, 0)
+        conv = self.pos_conv(self.conv_in(stream).transpose(1, 2)).transpose(1, 2)  # (B, T, C) pos_conv_out codes
+        stream = rescaled_sum(self.residual_in(stream), self.zero_points[0], conv, self.zero_points[1], self.add)
+        if self.norm is not None:
+            stream = self.norm(self.norm_in(stream))  # post-norm: the norm's accumulator
+        frames = stream.size(1)
+        pad = (-frames) % self.seq_multiple
+        if pad:
+            stream = torch.nn.functional.pad(stream, (0, 0, 0, pad))  # zeros: the value 0
+            extra = torch.ones(stream.size(0), pad, dtype=torch.bool)
+            padding_mask = torch.cat([torch.zeros(stream.size(0), frames, dtype=torch.bool)
+                                      if padding_mask is None else padding_mask, extra], dim=1)
+        stream = stream.transpose(0, 1)  # (T, B, C)
+        for layer in self.layers:
+            stream = layer(stream, padding_mask)
+        return self.final(stream.transpose(0, 1)[:, :frames])  # (B, T, C)
+
+
+class IntegerWav2Vec2Model(torch.nn.Module):
+    """wav2vec 2.0's inference path on integers: waveform codes (B, S) in, codes (B, T, C) out."""
+
+    def __init__(self, input_grid, features, conv_strides: tuple, crop_multiple: int, feature_norm, proj, encoder):
+        super().__init__()
+        self.input_grid, self.features, self.conv_strides = input_grid, features, conv_strides
+        self.crop_multiple, self.feature_norm, self.proj, self.encoder = crop_multiple, feature_norm, proj, encoder
+
+    def forward(self, codes: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> tuple:
+        """codes: (B, S) on ``input_grid``; padding_mask: (B, S) bool or None. Returns (codes (B, T, C),
+        padding mask (B, T) or None)."""
+        x = self.features(codes.unsqueeze(1)).transpose(1, 2)  # (B, T, C) feature norm's input codes
+        if padding_mask is not None and padding_mask.any():
+            padding_mask = feature_padding_mask(self.conv_strides, padding_mask, x.size(1))
+        else:
+            padding_mask = None
+        drop = x.size(1) % self.crop_multiple
+        if drop:
+            x = x[:, :-drop]
+            padding_mask = None if padding_mask is None else padding_mask[:, :-drop]
+        stream = self.proj(self.feature_norm(x))  # (B, T, C) int32 accumulator
+        return self.encoder(stream, padding_mask), padding_mask

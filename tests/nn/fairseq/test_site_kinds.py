@@ -21,6 +21,7 @@ from qswap.nn.base import SITE_KINDS, QuantModule, param_quantizer  # noqa: E402
 from qswap.nn.registry import REGISTRY  # noqa: E402
 from qswap.quant.bias import BiasQuantize  # noqa: E402
 from qswap.quant.fake_quantize import FakeQuantize  # noqa: E402
+from qswap.transforms.hadamard import Hadamard  # noqa: E402
 
 W_BITS, A_BITS = 4, 8  # a quantizer's bits tell which spec it took
 
@@ -51,6 +52,7 @@ def _torch_cases():
         "LayerNorm": (nn.LayerNorm(E), {"input": _seq(3, E)}),
         "GroupNorm": (nn.GroupNorm(4, E), {"input": _seq(2, E, 6)}),
         "BatchNorm1d": (bn, {"input": _seq(2, E, 6)}),
+        "Hadamard": (Hadamard(E, 4), {"input": _seq(3, E)}),
         "MultiheadAttention": (mha, {"query": _seq(5, 2, E), "key": _seq(5, 2, E), "value": _seq(5, 2, E),
                                      "attn_mask": lambda: float_mask}),
     }

@@ -1,0 +1,81 @@
+"""Write an integer model (what ``qswap.integerize`` returns) as safetensors tensors plus a JSON
+description: the declared object tree (``qswap.io.serializable``), its declared float steps, a
+format version and the sha256 of the tensor file. ``qswap.export.integer_load`` reads it back.
+
+>>> write_integer_model(qswap.integerize(qmodel), "out/")   # out/model.json, out/model.safetensors
+
+JSON fields: ``format`` ("qswap-integer-model"), ``format_version`` (``FORMAT_VERSION``),
+``qswap_version``, ``tensor_file`` (``name``, ``bytes``, ``sha256``), ``float_steps`` (method ->
+what it does), ``model`` (``{"class": name, "args": {...}}``; a tensor is
+``{"tensor": key, "dtype": ..., "shape": [...]}``), ``task`` (the fairseq task config, plain
+data, or null) and ``decoding`` (target dictionary facts, or null), ``source`` (free text).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from qswap.errors import ExportError, OutputError
+from qswap.io.atomic import atomic_write_bytes, atomic_write_text
+from qswap.io.serializable import ANY, Codec, SpecMismatch
+
+FORMAT = "qswap-integer-model"
+FORMAT_VERSION = 1
+JSON_FILE, TENSOR_FILE = "model.json", "model.safetensors"
+
+
+class _Collect(Codec):
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        # a fresh contiguous copy: safetensors refuses tensors that share storage
+        self.tensors[key] = tensor.detach().cpu().contiguous().clone()
+
+
+def describe(model: torch.nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the ``model`` entry of the JSON, its tensors by key). Raises ExportError naming the first
+    value that no declaration covers."""
+    collect = _Collect()
+    try:
+        entry = ANY.encode(model, "model", collect)
+    except SpecMismatch as exc:
+        raise ExportError(f"cannot export the integer model: {exc}; every integer form must be declared "
+                          f"with @serializable (qswap.io.serializable)") from None
+    return entry, collect.tensors
+
+
+def write_integer_model(model: torch.nn.Module, out: str | Path, *, task: Mapping | None = None,
+                        decoding: Mapping | None = None, source: str = "") -> Path:
+    """Write ``model`` into the directory ``out`` (made if missing): the tensor file first, then
+    the JSON that names its hash, each atomically. Returns the JSON's path."""
+    from safetensors.torch import save
+
+    from qswap import __version__
+    from qswap.io.serializable import SERIALIZABLE
+
+    entry, tensors = describe(model)
+    blob = save(tensors)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "qswap_version": __version__,
+            "tensor_file": {"name": TENSOR_FILE, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
+            "float_steps": SERIALIZABLE[entry["class"]].float_steps, "model": entry,
+            "task": None if task is None else dict(task), "decoding": None if decoding is None else dict(decoding),
+            "source": source}
+    try:
+        text = json.dumps(meta, indent=1, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"cannot write the model description as JSON: {exc} (task and decoding must be "
+                          f"plain data with finite numbers)") from None
+    directory = Path(out)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output directory {directory}: {exc.strerror}") from None
+    atomic_write_bytes(directory / TENSOR_FILE, blob)
+    atomic_write_text(directory / JSON_FILE, text + "\n")
+    return directory / JSON_FILE
+

@@ -1,0 +1,135 @@
+"""A deployable directory: the three ONNX graphs of a qswap S2T transformer and ``export.json``,
+what ``qswap eval DIR --backend onnxruntime`` and ``qswap audit DIR --onnx`` read.
+
+``export.json`` (format 1) records the recipe, whether the fake-quant model's honesty audit
+called it honest, the fairseq task config (so the deployed directory decodes a data directory
+without the checkpoint), the decoder's size and the graph files.
+
+>>> export_model(qmodel, "deploy/", task_cfg=cfg.task)
+>>> manifest = read_manifest("deploy/")
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qswap.errors import ExportError
+from qswap.io.atomic import atomic_write_text
+
+MANIFEST = "export.json"
+FORMAT = 1
+GRAPHS = {"encoder": "encoder.onnx", "cross_kv": "cross_kv.onnx", "decoder_step": "decoder_step.onnx"}
+SITE_PREFIX = {"encoder": "encoder.", "cross_kv": "decoder.", "decoder_step": ""}
+# a recipe with no quantizers: qswap's modules computing in float, the float graph of the same
+# structure as a quantized export (the reference of speed and transcript comparisons)
+NO_QUANT = {"version": 1, "name": "no_quant", "defaults": {"weight": None, "activation": None}}
+EXAMPLE_FRAMES = 100  # the traced example's length; the graphs' batch and time axes are dynamic
+
+
+@dataclass
+class Manifest:
+    """What an export directory holds (``export.json``)."""
+
+    recipe: str
+    claims_honest: bool | None  # the fake-quant model's audit verdict (None: not audited)
+    task: dict[str, Any]  # the fairseq task config, plain data
+    decoder_layers: int
+    max_target_positions: int
+    graphs: dict[str, str] = field(default_factory=lambda: dict(GRAPHS))
+    format: int = FORMAT
+
+
+def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg: Any = None,
+                 audit: bool = True, allow_float: bool = False) -> Manifest:
+    """Write ``qmodel`` (a calibrated qswap S2T transformer) to ``directory`` as its encoder,
+    cross-attention and decoder-step graphs plus ``export.json``. ``task_cfg``: the fairseq task
+    config the model was loaded with (needed to decode with the export). ``audit``: run
+    ``qswap.audit`` on the example batch and record its verdict. ``allow_float``: export a
+    conversion with identity quantizers (recipe fp32, the float reference of the same graph)."""
+    from qswap.export.decoder_step import export_cross_kv, export_decoder_step
+    from qswap.export.onnx import export_encoder
+
+    out = Path(directory)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from qswap.errors import OutputError
+        raise OutputError(f"cannot create the output directory {out}: {e.strerror}") from e
+    example = example_input(qmodel)
+    export_encoder(qmodel, out / GRAPHS["encoder"], example, allow_float=allow_float)
+    with torch.no_grad():
+        encoded = qmodel.encoder(example["src_tokens"], example["src_lengths"])
+    args = (encoded["encoder_out"][0], encoded["encoder_padding_mask"][0])
+    export_cross_kv(qmodel, out / GRAPHS["cross_kv"], args[0], allow_float=allow_float)
+    export_decoder_step(qmodel, out / GRAPHS["decoder_step"], *args, allow_float=allow_float)
+    recipe = getattr(getattr(qmodel, "qswap_recipe", None), "name", "float")
+    claims = _audit_verdict(qmodel, example) if audit else None
+    manifest = Manifest(recipe, claims, _plain_task(task_cfg), len(qmodel.decoder.layers),
+                        int(qmodel.decoder.max_positions()))
+    atomic_write_text(out / MANIFEST, json.dumps(asdict(manifest), indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
+    """The manifest of an export directory; ExportError naming what is missing or malformed."""
+    path = Path(directory) / MANIFEST
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{directory}: no {MANIFEST} there; write the directory with "
+                          f"'qswap export QCKPT --onnx -o DIR'") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: unreadable ({type(e).__name__}: {e}); re-export the directory") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ExportError(f"{path}: export format {payload.get('format') if isinstance(payload, dict) else None!r};"
+                          f" this qswap reads format {FORMAT}: re-export the directory")
+    try:
+        manifest = Manifest(**payload)
+    except TypeError as e:
+        raise ExportError(f"{path}: malformed manifest ({e}); re-export the directory") from None
+    for graph in GRAPHS:
+        if graph not in manifest.graphs:
+            raise ExportError(f"{path}: names no {graph} graph; re-export the directory")
+    return manifest
+
+
+def graph_paths(directory: "str | os.PathLike[str]", manifest: Manifest) -> dict[str, Path]:
+    """Each graph's file in the export directory (a missing file is an error when it is loaded)."""
+    return {name: Path(directory) / manifest.graphs[name] for name in GRAPHS}
+
+
+def example_input(model) -> dict:
+    """A padded two-utterance batch of the features the model's encoder reads."""
+    from qswap.models import s2t_net_input
+
+    conv = model.encoder.subsample.conv_layers[0]
+    return s2t_net_input(2, EXAMPLE_FRAMES, conv.weight.shape[1] * conv.groups,
+                         vocab=len(model.decoder.dictionary))
+
+
+def _audit_verdict(qmodel: nn.Module, example: dict) -> bool | None:
+    import warnings
+
+    import qswap
+    if getattr(qmodel, "qswap_recipe", None) is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bool(qswap.audit(qmodel, example, decode_steps=2).honest)
+
+
+def _plain_task(task_cfg: Any) -> dict[str, Any]:
+    if task_cfg is None:
+        return {}
+    from omegaconf import DictConfig, OmegaConf
+
+    from qswap.io.checkpoint import to_plain
+    if isinstance(task_cfg, DictConfig):
+        task_cfg = OmegaConf.to_container(task_cfg, resolve=True)
+    return to_plain(task_cfg, "task")

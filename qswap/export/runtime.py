@@ -1,0 +1,175 @@
+"""Decoding with exported graphs: a fairseq encoder-decoder model whose encoder and incremental
+decoder run onnxruntime sessions, so fairseq's own SequenceGenerator drives the beam search.
+
+The encoder runs ``encoder.onnx`` and, once per utterance, ``cross_kv.onnx`` (the encoder-decoder
+keys and values of every decoder layer); both travel in the encoder output and are reordered
+with it when the generator expands or prunes beams. The decoder runs ``decoder_step.onnx`` on
+the tokens so far and the self-attention caches kept in fairseq's ``incremental_state``,
+reordered by beam with ``index_select`` as fairseq's own attention reorders its cache.
+
+>>> model = load_exported("deploy/", threads=2)
+>>> SequenceGenerator([model], model.decoder.dictionary, beam_size=5).generate([model], sample)
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel, FairseqIncrementalDecoder
+
+from qswap.errors import ExportError
+from qswap.export.decoder_step import cross_names, names
+from qswap.export.onnx import OUTPUTS, load_session
+from qswap.export.package import graph_paths, read_manifest
+
+CACHE = "caches"  # the incremental_state key of the self-attention caches
+
+
+class OrtEncoder(FairseqEncoder):
+    """``encoder.onnx`` then ``cross_kv.onnx``: fairseq's encoder output dict, plus ``cross_kv``
+    (per layer key, value: (B, H, S, D) tensors)."""
+
+    def __init__(self, dictionary, encoder, cross_kv, layers: int):
+        super().__init__(dictionary)
+        self.encoder, self.cross_kv = encoder, cross_kv
+        self.cross_outputs = list(cross_names(layers))
+
+    def forward(self, src_tokens, src_lengths, **kwargs):
+        out, padding = self.encoder.run(list(OUTPUTS), {"src_tokens": _np(src_tokens.float()),
+                                                        "src_lengths": _np(src_lengths.long())})
+        cross = self.cross_kv.run(self.cross_outputs, {"encoder_out": out})
+        return {"encoder_out": [torch.from_numpy(out)], "encoder_padding_mask": [torch.from_numpy(padding)],
+                "encoder_embedding": [], "encoder_states": [], "src_tokens": [], "src_lengths": [],
+                "cross_kv": [torch.from_numpy(c) for c in cross]}
+
+    def forward_torchscript(self, net_input: Dict[str, torch.Tensor]):
+        return self.forward(net_input["src_tokens"], net_input["src_lengths"])
+
+    def reorder_encoder_out(self, encoder_out: Dict[str, List[torch.Tensor]], new_order):
+        return {**encoder_out,
+                "encoder_out": [encoder_out["encoder_out"][0].index_select(1, new_order)],
+                "encoder_padding_mask": [encoder_out["encoder_padding_mask"][0].index_select(0, new_order)],
+                "cross_kv": [c.index_select(0, new_order) for c in encoder_out["cross_kv"]]}
+
+    def max_positions(self):
+        return int(1e6)
+
+
+class OrtDecoder(FairseqIncrementalDecoder):
+    """``decoder_step.onnx`` as fairseq's incremental decoder: (B, 1, V) logits (on the logits
+    grid) per call, the self-attention caches in ``incremental_state``."""
+
+    def __init__(self, dictionary, step, layers: int, heads: list[int], head_dim: list[int],
+                 max_positions: int):
+        super().__init__(dictionary)
+        self.step, self.layers, self._max_positions = step, layers, max_positions
+        self.inputs, self.outputs = names(layers)
+        self.heads, self.head_dim = heads, head_dim
+
+    def forward(self, prev_output_tokens, encoder_out: Optional[Dict[str, List[torch.Tensor]]] = None,
+                incremental_state: Optional[Dict[str, Dict[str, Optional[torch.Tensor]]]] = None, **kwargs):
+        if incremental_state is None or encoder_out is None:
+            raise ExportError("the exported decoder runs one incremental step at a time; decode with "
+                              "fairseq's SequenceGenerator (incremental_state), not a teacher-forced forward")
+        batch = prev_output_tokens.shape[0]
+        state = self.get_incremental_state(incremental_state, CACHE)
+        past = state["past"] if state is not None else [np.zeros((batch, h, 0, d), np.float32)
+                                                        for h, d in zip(self.heads, self.head_dim)
+                                                        for _ in range(2)]
+        feeds = {"tokens": _np(prev_output_tokens.long()),
+                 "encoder_padding_mask": _np(encoder_out["encoder_padding_mask"][0])}
+        feeds.update(zip(self.inputs[2:], past))
+        feeds.update(zip(self.inputs[2 + 2 * self.layers:], (_np(c) for c in encoder_out["cross_kv"])))
+        logits, *caches = self.step.run(list(self.outputs), feeds)
+        self.set_incremental_state(incremental_state, CACHE, {"past": caches})
+        return torch.from_numpy(logits), {"attn": [None], "inner_states": None}
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        state = self.get_incremental_state(incremental_state, CACHE)
+        if state is not None:
+            order = new_order.numpy()
+            self.set_incremental_state(incremental_state, CACHE, {"past": [c[order] for c in state["past"]]})
+
+    def max_positions(self):
+        return self._max_positions
+
+
+class OrtS2TModel(FairseqEncoderDecoderModel):
+    """The exported graphs of a qswap S2T transformer as a fairseq encoder-decoder model
+    (``recipe``: the recipe name recorded at export)."""
+
+    recipe = "unknown"
+
+    def max_decoder_positions(self):
+        return self.decoder.max_positions()
+
+
+def load_exported(directory: "str | os.PathLike[str]", dictionary, *, threads: int = 1) -> OrtS2TModel:
+    """An ``OrtS2TModel`` of an export directory (``qswap export --onnx``); ``dictionary`` is the
+    target dictionary of the task. ExportError for a missing or malformed file."""
+    manifest = read_manifest(directory)
+    paths = graph_paths(directory, manifest)
+    sessions = {name: load_session(path, threads=threads) for name, path in paths.items()}
+    heads, head_dim = _cache_shapes(sessions["decoder_step"], manifest.decoder_layers)
+    vocab = sessions["decoder_step"].get_outputs()[0].shape[-1]
+    if isinstance(vocab, int) and vocab != len(dictionary):
+        raise ExportError(f"{directory}: the decoder graph scores {vocab} tokens, the task's dictionary "
+                          f"has {len(dictionary)}; decode with the data directory the model was trained on")
+    encoder = OrtEncoder(dictionary, sessions["encoder"], sessions["cross_kv"], manifest.decoder_layers)
+    decoder = OrtDecoder(dictionary, sessions["decoder_step"], manifest.decoder_layers, heads, head_dim,
+                         manifest.max_target_positions)
+    model = OrtS2TModel(encoder, decoder).eval()
+    model.recipe = manifest.recipe
+    return model
+
+
+def _cache_shapes(step, layers: int) -> tuple[list[int], list[int]]:
+    """Heads and head size of each layer's self-attention cache, from the step graph's inputs."""
+    shapes = {i.name: i.shape for i in step.get_inputs()}
+    heads, dims = [], []
+    for i in range(layers):
+        shape = shapes.get(f"past_key_{i}")
+        if shape is None or not all(isinstance(n, int) for n in (shape[1], shape[3])):
+            raise ExportError(f"the decoder step graph has no past_key_{i} input of static heads and "
+                              f"head size; re-export the directory")
+        heads.append(shape[1])
+        dims.append(shape[3])
+    return heads, dims
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def load_deployed(directory: "str | os.PathLike[str]", data: "str | os.PathLike[str]", *, threads: int = 1):
+    """``(OrtS2TModel, fairseq task)`` of an export directory, the task set up from the config
+    recorded at export time and pointed at the data directory ``data``."""
+    from pathlib import Path
+
+    from fairseq import tasks
+    from omegaconf import OmegaConf
+
+    from qswap.errors import DataError
+    from qswap.integration.data import resolve_audio_root
+    from qswap.integration.fairseq_task import register_tasks
+
+    manifest = read_manifest(directory)
+    if not manifest.task:
+        raise ExportError(f"{directory}: export.json records no fairseq task; export the directory with "
+                          f"'qswap export QCKPT --onnx -o DIR' (or export_model(..., task_cfg=cfg.task))")
+    if not Path(data).is_dir():
+        raise DataError(f"data directory {data} does not exist; pass --data DIR with the config.yaml, "
+                        f"dictionary and TSV manifests the model was trained with")
+    register_tasks()
+    cfg = OmegaConf.create({**manifest.task, "data": str(Path(data).resolve())})
+    try:
+        task = tasks.setup_task(cfg)
+    except Exception as e:  # fairseq reads the data directory's config and dictionary: no typed errors
+        raise DataError(f"cannot set up fairseq task {manifest.task.get('_name')!r} on {data} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); point --data at the "
+                        f"folder with the task's config and dictionary") from None
+    if getattr(task, "data_cfg", None) is not None:
+        resolve_audio_root(task.data_cfg)
+    return load_exported(directory, task.target_dictionary, threads=threads), task

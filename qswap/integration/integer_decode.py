@@ -1,0 +1,74 @@
+"""What an exported integer model records to decode again, and decoding it.
+
+The integer S2T model is a fairseq encoder-decoder model (incremental decoding on integer
+caches), so ``decode_exported`` runs fairseq's own SequenceGenerator on it, the same beam search
+as ``qswap eval --integer``. ``decode_exported`` is what ``qswap eval EXPORT_DIR`` runs.
+
+>>> task = exported_task(load_integer_model(out), "data/")
+>>> result = decode_exported(task, load_integer_model(out), fdata.batches(task, "test"), beam=5)
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Iterable
+
+from qswap.errors import DataError, ExportError, LoadError
+from qswap.integration.decode import DecodeResult, decode
+
+DECODE_METHOD = "beam search"
+
+
+def task_config(cfg) -> dict:
+    """The fairseq task config of a loaded checkpoint's ``cfg`` as plain data (what an export
+    records, so that decoding it again builds the task without the model)."""
+    from omegaconf import OmegaConf
+
+    from qswap.io.checkpoint import to_plain
+    task = cfg.task
+    if OmegaConf.is_config(task):
+        task = OmegaConf.to_container(task, resolve=True, enum_to_str=True)
+    return to_plain(task, "task")
+
+
+def dictionary_facts(dictionary) -> dict:
+    """The target dictionary's special indices, size and a hash of its symbols."""
+    symbols = "\n".join(dictionary.symbols).encode("utf-8")
+    return {"bos": dictionary.bos(), "eos": dictionary.eos(), "pad": dictionary.pad(), "unk": dictionary.unk(),
+            "size": len(dictionary), "symbols_sha256": hashlib.sha256(symbols).hexdigest()}
+
+
+def exported_task(exported, data: str | Path):
+    """fairseq's task from an export's recorded task config, reading ``data``; its target
+    dictionary must be the one the model was exported with."""
+    from omegaconf import OmegaConf
+
+    from qswap.integration.data import resolve_audio_root
+    from qswap.integration.fairseq_task import register_tasks
+    from qswap.io.checkpoint import setup_task
+
+    if exported.task is None or exported.decoding is None:
+        raise LoadError(f"{exported.path}: records no fairseq task or target dictionary; export a fairseq "
+                        f"checkpoint with 'qswap export QCKPT -o DIR' to decode it", kind="edited")
+    if not Path(data).is_dir():
+        raise DataError(f"data directory {data} does not exist; pass --data DIR with the config.yaml, "
+                        f"dictionary and TSV manifests")
+    register_tasks()
+    task = setup_task(exported.path, OmegaConf.create({"task": {**exported.task, "data": str(Path(data).resolve())}}))
+    if getattr(task, "data_cfg", None) is not None:
+        resolve_audio_root(task.data_cfg)
+    found = dictionary_facts(task.target_dictionary)
+    if found != exported.decoding:
+        raise DataError(f"the target dictionary in {data} ({found['size']} symbols) is not the one the model was "
+                        f"exported with ({exported.decoding.get('size')} symbols, recorded in {exported.path}); "
+                        f"pass the data directory of the model's training")
+    return task
+
+
+def decode_exported(task, exported, samples: Iterable[dict], *, beam: int = 5, max_len_b: int = 200,
+                    progress: Callable[[int], None] | None = None) -> DecodeResult:
+    """Decode ``samples`` with an exported integer S2T model (fairseq's SequenceGenerator, ``beam``)."""
+    if not callable(getattr(exported.model, "encoder", None)) or not hasattr(exported.model, "decoder"):
+        raise ExportError(f"{exported.path}: a {type(exported.model).__name__} has no integer decoding yet "
+                          f"(only the S2T transformer's encoder-decoder)")
+    return decode(task, exported.model, samples, beam=beam, max_len_b=max_len_b, progress=progress)

@@ -1,0 +1,46 @@
+"""Integer forms of a chain of ops (issue 16): each op writes codes onto the input grid of the
+next op that has one, so codes flow from op to op with no float in between. Used for fairseq's
+containers whose children run in order: wav2vec 2.0's feature extractor blocks and positional
+conv, the conformer's feed-forward and convolution modules."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+from fairseq.modules import SamePad, TransposeLast
+from torch import nn
+
+from qswap.nn.base import QuantModule
+
+MOVES_DATA = (SamePad, TransposeLast)  # applied as they are to codes: slicing, transposing
+
+
+def ops_of(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of the ops below ``module`` in order: counterparts and leaves, not their insides."""
+    for name, child in module.named_children():
+        if isinstance(child, QuantModule) or not list(child.children()):
+            yield prefix + name, child
+        else:
+            yield from ops_of(child, f"{prefix}{name}.")
+
+
+def integer_chain(ops: nn.Module | Iterable[tuple[str, nn.Module]], out) -> nn.Sequential:
+    """The integer forms of ``ops`` (a container's ``ops_of``, or (name, module) pairs) in order:
+    each op writes codes onto the input grid of the next op that has one (the last onto ``out``,
+    a ``Grid``, or None for an int32 accumulator); dropout is skipped, ``SamePad`` /
+    ``TransposeLast`` are kept as they are. Raises ``IntegerizeError`` naming an op without an
+    integer form."""
+    from qswap.errors import IntegerizeError
+    from qswap.quant.integer import Grid
+    ops = list(ops_of(ops) if isinstance(ops, nn.Module) else ops)
+    ops = [(name, m) for name, m in ops if not isinstance(m, nn.Dropout)]
+    forms = []
+    for i, (name, m) in enumerate(ops):
+        if isinstance(m, MOVES_DATA):
+            forms.append(m)
+            continue
+        if not callable(getattr(m, "to_integer", None)):
+            raise IntegerizeError(f"{name} ({type(m).__name__}): no integer form yet")
+        nxt = next((n for _, n in ops[i + 1:] if hasattr(n, "input_quant")), None)
+        forms.append(m.to_integer(out if nxt is None else Grid.of(nxt.input_quant)))
+    return nn.Sequential(*forms)

@@ -1,0 +1,70 @@
+"""Find the pieces the transforms fold into, by fairseq's attribute names (fairseq is not
+imported): pre-norm transformer layers, their attentions, norms and FFN linears."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from torch import nn
+
+_MHA = "fairseq.modules.multihead_attention.MultiheadAttention"
+
+
+@dataclass
+class Block:
+    """A pre-norm sublayer: ``norm`` feeds ``linears`` (they all read its output)."""
+    path: str
+    norm: nn.Module
+    linears: list[nn.Linear]
+
+
+@dataclass
+class Ffn:
+    path: str
+    fc1: nn.Linear
+    fc2: nn.Module  # a Linear, or the rotated Sequential(rotate, linear)
+    activation: str
+
+
+def _qualname(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def plain_attentions(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """fairseq MultiheadAttention modules (no rotary or relative positions: a per-head rotation
+    of q and k commutes with their dot product only then) with separate q/k/v projections."""
+    for path, m in model.named_modules():
+        if _qualname(m) == _MHA and all(isinstance(getattr(m, p, None), nn.Linear)
+                                        for p in ("q_proj", "k_proj", "v_proj", "out_proj")):
+            yield path, m
+
+
+def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for path, m in model.named_modules():
+        if all(hasattr(m, a) for a in ("self_attn", "self_attn_layer_norm", "fc1", "fc2", "final_layer_norm")):
+            yield path, m
+
+
+def activation_name(layer: nn.Module) -> str:
+    fn = getattr(layer, "activation_fn", None)
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def prenorm_blocks(model: nn.Module) -> Iterator[Block]:
+    """Each pre-norm layer's norms with the linears that read them: self-attention's q/k/v,
+    cross-attention's q (its k/v read the encoder output), the FFN's fc1. Post-norm layers are
+    skipped (their norms feed the residual stream too)."""
+    for path, layer in _layers(model):
+        if not getattr(layer, "normalize_before", False):
+            continue
+        sa = layer.self_attn
+        yield Block(f"{path}.self_attn_layer_norm", layer.self_attn_layer_norm, [sa.q_proj, sa.k_proj, sa.v_proj])
+        if getattr(layer, "encoder_attn", None) is not None:
+            yield Block(f"{path}.encoder_attn_layer_norm", layer.encoder_attn_layer_norm, [layer.encoder_attn.q_proj])
+        yield Block(f"{path}.final_layer_norm", layer.final_layer_norm, [layer.fc1])
+
+
+def ffns(model: nn.Module) -> Iterator[Ffn]:
+    for path, layer in _layers(model):
+        if isinstance(layer.fc1, nn.Linear):
+            yield Ffn(path, layer.fc1, layer.fc2, activation_name(layer))

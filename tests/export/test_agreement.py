@@ -1,0 +1,27 @@
+"""The exported w8a8 graphs against the fake-quant model, graph by graph, in grid steps."""
+import pytest
+import torch
+
+from qswap.models import s2t_net_input
+
+pytest.importorskip("fairseq")
+pytest.importorskip("onnxruntime")
+
+from qswap.export.agreement import agreement  # noqa: E402
+from qswap.export.package import export_model  # noqa: E402
+
+
+def test_each_graph_agrees_with_fake_quant_within_a_few_grid_steps(qmodel, tmp_path):
+    export_model(qmodel, tmp_path, audit=False)
+    net = s2t_net_input(3, 80, seed=7)
+    net["src_lengths"][1] = 52  # padding in the middle of the batch
+    tokens = torch.tensor([[2, 5, 9, 11, 7], [2, 6, 6, 30, 8], [2, 40, 12, 5, 5]])
+    found = agreement(qmodel, tmp_path, net, tokens)
+    assert found["padding_mask_equal"]
+    assert {found[g]["unit"] for g in ("encoder", "cross_kv", "decoder_step")} == {"grid steps"}
+    # onnxruntime's integer kernels requantize at other rounding boundaries now and then (this
+    # model, measured: encoder 0.96 steps max, cross_kv 0, decoder_step 2; the shipped model's
+    # 12-layer encoder reaches ~14 steps max, 0.5 mean: a flip early moves later values)
+    assert found["cross_kv"]["max"] <= 1.0 + 1e-4
+    assert found["encoder"]["max"] <= 2 and found["encoder"]["mean"] < 0.05
+    assert found["decoder_step"]["max"] <= 4

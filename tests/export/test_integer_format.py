@@ -1,0 +1,106 @@
+"""The integer model export (issue 16 item 5): safetensors + JSON written and read back bit-exact
+on a small real fairseq s2t_transformer and on an integerized chain, without pickle."""
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import qswap
+from export_testkit import calibrated
+from qswap.export.integer_format import FORMAT_VERSION, JSON_FILE, TENSOR_FILE, write_integer_model
+from qswap.export.integer_load import is_integer_export, load_integer_model
+from qswap.honesty.integer import check_integer
+from qswap.models import s2t_net_input
+
+
+@pytest.fixture(scope="module", params=["w8a8", "w8a8_per_channel", "w4a8"])
+def integer_model(request, qmodel):
+    """The integer form of the small s2t_transformer under each recipe (w8a8: the shared fixture)."""
+    from qswap.models import build_s2t_transformer
+    q = qmodel if request.param == "w8a8" else calibrated(build_s2t_transformer(), request.param)
+    return qswap.integerize(q)
+
+
+def same_tree(a: nn.Module, b: nn.Module) -> None:
+    """Same classes at the same paths, every buffer equal in dtype, shape and value."""
+    assert [(n, type(m)) for n, m in a.named_modules()] == [(n, type(m)) for n, m in b.named_modules()]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+def test_round_trip_is_bit_exact(integer_model, tmp_path):
+    path = write_integer_model(integer_model, tmp_path)
+    assert path == tmp_path / JSON_FILE and (tmp_path / TENSOR_FILE).is_file() and is_integer_export(tmp_path)
+    loaded = load_integer_model(tmp_path).model
+    same_tree(integer_model, loaded)
+    net = s2t_net_input(3, 70, seed=5)
+    with torch.no_grad():
+        codes = [m.forward_codes(m.quantize_input(net)) for m in (integer_model, loaded)]
+        memory = [m.encoder.forward_codes(m.encoder.quantize_input(net["src_tokens"]), net["src_lengths"])
+                  for m in (integer_model, loaded)]
+    assert codes[0].dtype in (torch.int8, torch.uint8, torch.int32) and torch.equal(codes[0], codes[1])
+    for a, b in zip(memory[0][0], memory[1][0]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_the_description_names_format_hash_float_steps_and_every_tensor(qmodel, tmp_path):
+    imodel = qswap.integerize(qmodel)
+    write_integer_model(imodel, tmp_path, source="test")
+    meta = json.loads((tmp_path / JSON_FILE).read_text())
+    assert meta["format_version"] == FORMAT_VERSION and meta["tensor_file"]["name"] == TENSOR_FILE
+    assert set(meta["float_steps"]) == {"quantize_input", "dequantize_output"}
+    # the loaded model computes on integers everywhere but in the float steps the JSON declares
+    report = check_integer(load_integer_model(tmp_path).model, s2t_net_input(2, 60, seed=1))
+    assert report.ok, [str(r) for r in report.findings[:5]]
+    assert {r.phase for r in report.declared} == set(meta["float_steps"])
+    q_proj = meta["model"]["args"]["encoder"]["args"]["layers"][0]["args"]["attn"]["args"]["projections"][0]
+    assert q_proj["class"] == "IntegerLinear"
+    assert q_proj["args"]["weight"] == {"tensor": "model.encoder.layers.0.attn.projections.0.weight",
+                                        "dtype": "int8", "shape": [64, 64]}
+    assert set(q_proj["args"]["requant"]["args"]) == {"m0", "shift", "zero_point", "qmin", "qmax", "rounding"}
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / TENSOR_FILE), "pt") as f:
+        floats = [k for k in f.keys() if f.get_tensor(k).dtype.is_floating_point]
+    assert floats and all(k.endswith(".acc_scale") for k in floats)  # the declared output step's scale only
+
+
+def mlp_chain():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    x = torch.randn(8, 16)
+    q = qswap.convert(model, "w8a8")
+    qswap.calibrate(q, [x, x.flip(0)])
+    return qswap.integerize(q), x
+
+
+def test_a_chain_round_trips_and_loads_without_pickle_or_fairseq(tmp_path):
+    imodel, x = mlp_chain()
+    write_integer_model(imodel, tmp_path)
+    code = (
+        "import pickle, sys, torch\n"
+        "def refuse(*a, **k): raise AssertionError('pickle used')\n"
+        "pickle.load = pickle.loads = torch.load = refuse\n"
+        "from qswap.export.integer_load import load_integer_model\n"
+        f"m = load_integer_model({str(tmp_path)!r}).model\n"
+        "assert 'fairseq' not in sys.modules, 'fairseq imported'\n"
+        "print(type(m).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "IntegerModel"
+    loaded = load_integer_model(tmp_path).model
+    same_tree(imodel, loaded)
+    assert torch.equal(imodel.forward_codes(imodel.quantize_input(x)), loaded.forward_codes(loaded.quantize_input(x)))
+    assert torch.equal(imodel(x), loaded(x))
+
+
+def test_loading_builds_no_fairseq_module(qmodel, tmp_path, monkeypatch):
+    write_integer_model(qswap.integerize(qmodel), tmp_path)
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("pickle used"))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used"))
+    loaded = load_integer_model(tmp_path).model
+    assert all(type(m).__module__.startswith(("qswap.", "torch.nn.")) for m in loaded.modules())

@@ -1,0 +1,224 @@
+"""Bad exported integer models: each gives a LoadError whose kind and message say what is wrong
+(missing, truncated, corrupted, wrong version, hand-edited JSON)."""
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+import qswap
+from qswap.errors import ExportError, LoadError, QswapError
+from qswap.export.integer_format import JSON_FILE, TENSOR_FILE, write_integer_model
+from qswap.export.integer_load import load_integer_model
+
+
+@pytest.fixture(scope="module")
+def exported(qmodel, tmp_path_factory):
+    root = tmp_path_factory.mktemp("integer_export")
+    write_integer_model(qswap.integerize(qmodel), root)
+    return root
+
+
+@pytest.fixture
+def copy(exported, tmp_path):
+    out = tmp_path / "model"
+    shutil.copytree(exported, out)
+    return out
+
+
+def load_meta(d):
+    return json.loads((d / JSON_FILE).read_text())
+
+
+def save_meta(d, meta):
+    (d / JSON_FILE).write_text(json.dumps(meta))
+
+
+def out_proj(meta):
+    """The JSON args of the decoder's output projection (an IntegerLinear)."""
+    return meta["model"]["args"]["decoder"]["args"]["output_projection"]["args"]
+
+
+def replace_tensor_file(d, blob):
+    """A new tensor file with its size and hash written into the JSON, as a hand-made file would be."""
+    (d / TENSOR_FILE).write_bytes(blob)
+    meta = load_meta(d)
+    meta["tensor_file"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    save_meta(d, meta)
+
+
+def attention(meta):
+    return meta["model"]["args"]["encoder"]["args"]["layers"][0]["args"]["attn"]["args"]
+
+
+def fails(d, kind, match):
+    with pytest.raises(LoadError, match=match) as info:
+        load_integer_model(d)
+    assert info.value.kind == kind and isinstance(info.value, (ExportError, QswapError))
+    return info.value
+
+
+# -- the files: missing, truncated, corrupted ----------------------------------------------------------
+
+def test_missing_json(tmp_path):
+    fails(tmp_path / "nothing" / JSON_FILE, "missing", "does not exist")
+
+
+def test_missing_tensor_file(copy):
+    (copy / TENSOR_FILE).unlink()
+    fails(copy, "missing", f"{TENSOR_FILE} does not exist")
+
+
+def test_truncated_json(copy):
+    text = (copy / JSON_FILE).read_text()
+    (copy / JSON_FILE).write_text(text[: len(text) // 2])
+    fails(copy, "truncated", "truncated JSON")
+
+
+def test_truncated_tensor_file(copy):
+    blob = (copy / TENSOR_FILE).read_bytes()
+    (copy / TENSOR_FILE).write_bytes(blob[: len(blob) - 100])
+    fails(copy, "truncated", f"is truncated: {len(blob) - 100} bytes of the {len(blob)}")
+
+
+def test_a_changed_byte_fails_the_hash(copy):
+    blob = bytearray((copy / TENSOR_FILE).read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    (copy / TENSOR_FILE).write_bytes(bytes(blob))
+    fails(copy, "corrupted", "corrupted: its sha256 is")
+
+
+def test_appended_bytes(copy):
+    with open(copy / TENSOR_FILE, "ab") as f:
+        f.write(b"\0" * 8)
+    fails(copy, "corrupted", "has .* bytes, model.json records")
+
+
+def test_an_unreadable_tensor_file_with_a_matching_hash(copy):
+    replace_tensor_file(copy, b"not safetensors at all")
+    fails(copy, "corrupted", "not a readable safetensors file")
+
+
+# -- format and version ----------------------------------------------------------------------------------
+
+def test_a_newer_format_version(copy):
+    meta = load_meta(copy)
+    meta["format_version"] = 2
+    save_meta(copy, meta)
+    fails(copy, "version", "format version 2 .* this qswap reads version 1")
+
+
+def test_another_format(copy):
+    save_meta(copy, {"format": "something-else"})
+    fails(copy, "edited", "not a qswap integer model")
+
+
+# -- hand-edited JSON ------------------------------------------------------------------------------------
+
+def _unknown_class(meta):
+    meta["model"]["args"]["decoder"]["args"]["output_projection"]["class"] = "os.system"
+
+
+def _missing_tensor(meta):
+    out_proj(meta)["weight"]["tensor"] = "model.nowhere"
+
+
+def _wrong_dtype(meta):
+    out_proj(meta)["weight"]["dtype"] = "int16"
+
+
+def _disallowed_dtype(meta):
+    out_proj(meta)["weight"]["dtype"] = "float32"
+
+
+def _wrong_shape(meta):
+    out_proj(meta)["weight"]["shape"][0] += 1
+
+
+def _string_for_int(meta):
+    attention(meta)["num_heads"] = "4"
+
+
+def _bool_for_int(meta):
+    out_proj(meta)["zero_point_in"] = True
+
+
+def _float_for_int(meta):
+    out_proj(meta)["zero_point_in"] = 0.0
+
+
+def _missing_field(meta):
+    del out_proj(meta)["bias"]
+
+
+def _extra_field(meta):
+    out_proj(meta)["scale_hint"] = 1
+
+
+def _bad_choice(meta):
+    attention(meta)["core"]["args"]["scores"]["args"]["rounding"] = "stochastic"
+
+
+def _extra_top_level(meta):
+    meta["comment"] = "added by hand"
+
+
+def _bad_tensor_name(meta):
+    meta["tensor_file"]["name"] = "../model.safetensors"
+
+
+def _float_steps(meta):
+    meta["float_steps"]["softmax"] = "float softmax"
+
+
+def _tensor_entry_shape(meta):
+    out_proj(meta)["weight"] = [1, 2, 3]
+
+
+EDITS = [
+    (_unknown_class, "unknown class 'os.system'"),
+    (_missing_tensor, "tensor 'model.nowhere' is not in the tensor file"),
+    (_wrong_dtype, "is int8 .* in the tensor file, but the JSON says int16"),
+    (_disallowed_dtype, "dtype 'float32' is not allowed here"),
+    (_wrong_shape, r"is int8 \[(\d+), 64\] in the tensor file, but the JSON says int8 \[(?!\1\])\d+, 64\]"),
+    (_string_for_int, "num_heads: expected an integer, got str"),
+    (_bool_for_int, "zero_point_in: expected an integer, got bool"),
+    (_float_for_int, "zero_point_in: expected an integer, got float"),
+    (_missing_field, "missing: bias"),
+    (_extra_field, "unknown: scale_hint"),
+    (_bad_choice, "rounding: expected one of 'single', 'double'"),
+    (_extra_top_level, "unknown field.s. comment"),
+    (_bad_tensor_name, "tensor_file must be"),
+    (_float_steps, "float_steps are"),
+    (_tensor_entry_shape, "expected a tensor entry"),
+]
+
+
+@pytest.mark.parametrize("edit,match", EDITS, ids=[e.__name__.strip("_") for e, _ in EDITS])
+def test_hand_edited_json(copy, edit, match):
+    meta = load_meta(copy)
+    edit(meta)
+    save_meta(copy, meta)
+    error = fails(copy, "edited", match)
+    assert "export the model again" in str(error)
+
+
+def test_a_nan_is_refused(copy):
+    text = (copy / JSON_FILE).read_text()
+    meta = load_meta(copy)
+    scale = meta["model"]["args"]["decoder"]["args"]["out_grid"]["args"]["scale"]
+    (copy / JSON_FILE).write_text(text.replace(f'"scale": {json.dumps(scale)}', '"scale": NaN', 1))
+    fails(copy, "edited", "NaN is not a number JSON allows")
+
+
+def test_an_extra_tensor_in_a_rehashed_file(copy):
+    from safetensors.torch import load, save
+    tensors = load((copy / TENSOR_FILE).read_bytes())
+    tensors["model.payload"] = torch.zeros(4, dtype=torch.int8)
+    replace_tensor_file(copy, save(tensors))
+    fails(copy, "edited", "tensors no field uses: model.payload")
+
+
+def test_the_untouched_copy_loads(copy):
+    assert type(load_integer_model(copy).model).__name__ == "IntegerS2TTransformerModel"

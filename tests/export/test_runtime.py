@@ -1,0 +1,89 @@
+"""fairseq's SequenceGenerator driving the exported graphs in onnxruntime (qswap.export.runtime):
+the float export gives fairseq's transcripts, padded batches decode as their utterances alone,
+and bad export directories give typed errors."""
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import qswap
+from qswap.errors import ExportError
+
+pytest.importorskip("fairseq")
+pytest.importorskip("onnxruntime")
+
+from qswap.export.package import MANIFEST, NO_QUANT, export_model  # noqa: E402
+from qswap.export.runtime import load_deployed, load_exported  # noqa: E402
+from qswap.integration import data as fdata  # noqa: E402
+from qswap.integration.decode import decode  # noqa: E402
+
+ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
+
+
+@pytest.fixture(scope="module")
+def shipped_float(tmp_path_factory):
+    """The shipped model, its task, and its float export (qswap's modules, no quantizers)."""
+    torch.set_num_threads(1)
+    model, cfg, task = fdata.load_model_cfg_task(ASSET / "checkpoint.pt", ASSET)
+    out = tmp_path_factory.mktemp("float")
+    export_model(qswap.convert(model, NO_QUANT), out, task_cfg=cfg.task, audit=False, allow_float=True)
+    return model, task, out
+
+
+def test_float_export_beam_search_gives_fairseqs_transcripts(shipped_float):
+    model, task, out = shipped_float
+    samples = list(itertools.islice(fdata.batches(task, "test", max_sentences=8), 3))  # padded batches
+    ours = decode(task, load_exported(out, task.target_dictionary), samples, beam=5)
+    fairseq = decode(task, model, samples, beam=5)
+    assert [u.hyp for u in ours.utterances] == [u.hyp for u in fairseq.utterances]
+    assert len(ours.utterances) == 24 and all(u.hyp for u in ours.utterances)
+
+
+def test_a_padded_batch_decodes_as_its_utterances_alone(shipped_float):
+    _, task, out = shipped_float
+    ort = load_exported(out, task.target_dictionary)
+    batch = next(iter(fdata.batches(task, "test", max_sentences=4)))
+    lengths = batch["net_input"]["src_lengths"]
+    assert lengths.min() < lengths.max()  # the shorter utterances are padded
+    together = {u.id: u.hyp for u in decode(task, ort, [batch], beam=3).utterances}
+    for i in range(4):
+        n = int(lengths[i])
+        alone = {"id": batch["id"][i:i + 1], "target": batch["target"][i:i + 1],
+                 "net_input": {"src_tokens": batch["net_input"]["src_tokens"][i:i + 1, :n],
+                               "src_lengths": lengths[i:i + 1]}}
+        assert decode(task, ort, [alone], beam=3).utterances[0].hyp == together[int(batch["id"][i])]
+
+
+def test_load_deployed_sets_up_the_task_from_the_manifest(shipped_float):
+    _, task, out = shipped_float
+    ort, task2 = load_deployed(out, ASSET)
+    assert len(task2.target_dictionary) == len(task.target_dictionary) and ort.recipe == "no_quant"
+
+
+def test_teacher_forced_forward_is_a_typed_error(shipped_float):
+    _, task, out = shipped_float
+    ort = load_exported(out, task.target_dictionary)
+    with pytest.raises(ExportError, match="incremental step"):
+        ort.decoder(torch.full((1, 3), 2))
+
+
+@pytest.mark.parametrize("damage", ["no_manifest", "no_graph", "truncated", "bad_format"])
+def test_damaged_export_directory_is_a_typed_error(shipped_float, tmp_path, damage):
+    _, task, out = shipped_float
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    if damage == "no_manifest":
+        (copy / MANIFEST).unlink()
+    elif damage == "no_graph":
+        (copy / "cross_kv.onnx").unlink()
+    elif damage == "truncated":
+        data = (copy / "decoder_step.onnx").read_bytes()
+        (copy / "decoder_step.onnx").write_bytes(data[: len(data) // 3])
+    else:
+        manifest = json.loads((copy / MANIFEST).read_text())
+        (copy / MANIFEST).write_text(json.dumps({**manifest, "format": 99}))
+    with pytest.raises(ExportError):
+        load_exported(copy, task.target_dictionary)

@@ -1,0 +1,74 @@
+"""What the audit keeps and how it is hooked never hides a change: a kept weight output is read
+again by every audit (even one written through ``.data``); a forward hook of the user's on a
+quantizer runs watched; observing quantizers the run never reached keep their state; a second
+audit reports what the first did."""
+import pytest
+import torch
+from torch import nn
+
+import qswap
+from qswap.honesty.kinds import OFF_GRID
+from qswap.quant.fake_quantize import FakeQuantize
+
+
+def _calibrated(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    qmodel = qswap.convert(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), "w8a8")
+    x = torch.randn(6, 8)
+    qswap.calibrate(qmodel, [(x,)])
+    return qmodel.eval(), x
+
+
+@pytest.mark.parametrize("through_data", [False, True], ids=["in_place", "through_data"])
+def test_a_kept_weight_output_written_after_an_audit_is_caught_by_the_next(through_data):
+    """Each audit reads every kept weight output again: a write through ``.data`` bumps no
+    version counter, so no proof from an earlier audit may stand in for the values."""
+    qmodel, x = _calibrated()
+    assert qswap.audit(qmodel, (x,)).honest
+    wq = qmodel[0].weight_quant
+    with torch.no_grad():
+        kept = wq(qmodel[0].weight)
+        target = kept.data if through_data else kept
+        target[0, :3] += wq.scale * 0.3  # the kept output, off its grid
+        assert wq(qmodel[0].weight) is kept  # the model itself still uses it
+    report = qswap.audit(qmodel, (x,))
+    assert not report.honest
+    assert any(v.kind == OFF_GRID and v.module == "0.weight_quant" for v in report.violations)
+
+
+def test_a_users_forward_hook_on_a_quantizer_runs_watched():
+    """The audit's hooks are global module hooks: they run before a module's own forward hooks,
+    so float compute a hook of the user's adds to a quantizer's output runs as ops the audit
+    classifies (not inside the quantizer, where dispatch is off), and its result reaches the
+    matmul unrequantized."""
+    qmodel, x = _calibrated()
+    handle = qmodel[2].input_quant.register_forward_hook(lambda m, args, out: out + torch.exp(out))
+    try:
+        report = qswap.audit(qmodel, (x,))
+    finally:
+        handle.remove()
+    assert not report.honest  # exp and add inside the counterpart's call: one unrequantized kernel
+    assert [(v.module, v.op) for v in report.violations] == [("2", "aten.addmm")]
+
+
+def test_quantizers_the_run_never_reached_are_left_as_they_were():
+    """Only quantizers that ran are restored (an observing one the paths never reach, like an
+    attention core's score quantizers without an additive mask, is never written)."""
+    qmodel, x = _calibrated()
+    unused = FakeQuantize(qmodel[0].input_quant.spec)
+    qmodel[1].add_module("unused_quant", unused)  # a child no forward calls
+    before = {k: v.clone() for k, v in unused.state_dict().items()}
+    assert qswap.audit(qmodel, (x,)).honest
+    after = unused.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not unused.initialized
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8_per_channel"])
+def test_a_second_audit_gives_the_first_ones_report(recipe):
+    torch.manual_seed(1)
+    qmodel = qswap.convert(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)), recipe)
+    x = torch.randn(6, 8)
+    qswap.calibrate(qmodel, [(x,)])
+    first, second = qswap.audit(qmodel, (x,)), qswap.audit(qmodel, (x,))
+    assert first.to_dict() == second.to_dict()

@@ -1,0 +1,106 @@
+"""The integer audit level (``qswap.audit(model, inputs, integer=True)``, i.e.
+``qswap.honesty.integer.audit_integer``): on a real fairseq s2t_transformer every path fairseq's
+SequenceGenerator runs computes on integer dtypes outside the declared float steps; a float op
+anywhere else is a finding naming its path, module and op; models without an integer form raise
+IntegerizeError naming their modules."""
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("fairseq")
+
+import qswap  # noqa: E402
+from qswap.errors import AuditError, IntegerizeError  # noqa: E402
+from qswap.honesty.integer import audit_integer  # noqa: E402
+from qswap.models import build_s2t_conformer, build_s2t_transformer, s2t_net_input  # noqa: E402
+
+PATHS = {"batch forward (teacher-forced)", "get_normalized_probs (batch)", "encoder forward",
+         "incremental decoding (3 steps)", "get_normalized_probs (incremental)",
+         "reorder_incremental_state (beam reorder)", "reorder_encoder_out"}
+
+
+def calibrated(builder):
+    net_input = s2t_net_input()
+    qmodel = qswap.convert(builder(seed=0), "w8a8")
+    qswap.calibrate(qmodel, [net_input])
+    return qmodel, net_input
+
+
+@pytest.fixture(scope="module")
+def s2t():
+    return calibrated(build_s2t_transformer)
+
+
+def test_every_path_of_the_integer_s2t_model_is_integer(s2t):
+    qmodel, net_input = s2t
+    report = qswap.audit(qmodel, net_input, integer=True)
+    assert report.integer_only and report.verdict == "integer-only" and report.recipe == "w8a8"
+    assert {p.name for p in report.paths} == PATHS
+    assert all(p.integer_ops > 0 for p in report.paths if not p.name.startswith("get_normalized_probs"))
+    assert set(report.dtypes) <= {"bool", "int8", "uint8", "int16", "int32", "int64"}
+    steps = {d.module: d for d in report.declared}
+    assert set(steps) == {"encoder.input", "decoder.output", "get_normalized_probs"}
+    assert steps["get_normalized_probs"].ops == ("_log_softmax",)
+
+
+def float_detour(module, args, output):
+    """The same codes, through float: what a float op hidden in an integer form looks like."""
+    return (output.float() * 1.0).to(output.dtype)
+
+
+def test_a_float_op_on_the_incremental_path_is_named_with_path_module_and_op(s2t):
+    qmodel, net_input = s2t
+    imodel = qswap.integerize(qmodel)
+    imodel.decoder.layers[0].attns[0].core.register_forward_hook(
+        lambda m, args, out: (float_detour(m, args, out[0]), out[1]))
+    report = audit_integer(imodel, net_input)
+    assert not report.integer_only
+    found = {(f.path, f.module, f.op) for f in report.findings}
+    assert ("incremental decoding (3 steps)", "decoder.layers.0.attns.0.core", "mul") in found
+    assert ("batch forward (teacher-forced)", "decoder.layers.0.attns.0.core", "mul") in found
+    assert "decoder.layers.0.attns.0.core" in report.to_markdown() and '"integer_only": false' in report.to_json()
+
+
+def test_a_float_op_in_the_beam_reorder_is_a_finding(s2t):
+    qmodel, net_input = s2t
+    imodel = qswap.integerize(qmodel)
+    attn = imodel.decoder.layers[0].attns[1]
+    plain = attn.reorder_incremental_state
+
+    def through_float(state, order):
+        plain(state, order.float().long())
+    attn.reorder_incremental_state = through_float
+    report = audit_integer(imodel, net_input)
+    assert {(f.path, f.op) for f in report.findings} == {("reorder_incremental_state (beam reorder)", "_to_copy")}
+    assert report.findings[0].module == "decoder.reorder_incremental_state_scripting"
+
+
+def test_a_float_encoder_output_reorder_is_a_finding(s2t):
+    qmodel, net_input = s2t
+    imodel = qswap.integerize(qmodel)
+    plain = imodel.encoder.reorder_encoder_out
+    imodel.encoder.reorder_encoder_out = lambda out, order: plain(out, (order * 1.0).long())
+    report = audit_integer(imodel, net_input)
+    assert {f.path for f in report.findings} == {"reorder_encoder_out"}
+
+
+def test_models_without_an_integer_form_raise_naming_modules():
+    qmodel, net_input = calibrated(build_s2t_conformer)
+    with pytest.raises(IntegerizeError, match="encoder \\(QS2TConformerEncoder\\)"):
+        qswap.audit(qmodel, net_input, integer=True)
+
+
+def test_an_integer_chain_is_audited_on_its_forward():
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    q = qswap.convert(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval(), "w8a8")
+    qswap.calibrate(q, [x])
+    report = qswap.audit(q, x, integer=True)
+    assert report.integer_only and [p.name for p in report.paths] == ["forward"]
+    assert {d.module for d in report.declared} == {"input", "output"}
+
+
+def test_honesty_options_do_not_apply_to_the_integer_level(s2t):
+    qmodel, net_input = s2t
+    with pytest.raises(AuditError, match="apply to the honesty audit"):
+        qswap.audit(qmodel, net_input, integer=True, values=True)

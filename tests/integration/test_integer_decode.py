@@ -1,0 +1,61 @@
+"""qswap.integration.integer_decode: the task and dictionary an export records to decode again,
+and decoding an export with fairseq's beam search."""
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+
+import qswap  # noqa: E402
+from qswap.errors import DataError, ExportError, LoadError  # noqa: E402
+from qswap.export.integer_format import write_integer_model  # noqa: E402
+from qswap.export.integer_load import load_integer_model  # noqa: E402
+from qswap.integration import data as fdata  # noqa: E402
+from qswap.integration.integer_decode import decode_exported, dictionary_facts, exported_task, task_config  # noqa: E402
+from qswap.models import build_s2t_transformer, s2t_net_input  # noqa: E402
+
+ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
+
+
+@pytest.fixture(scope="module")
+def tiny_export(float_checkpoint, tmp_path_factory):
+    """The tiny fairseq-trained model, w8a8, exported with its task and dictionary."""
+    _, data, ckpt = float_checkpoint
+    model, cfg, task = fdata.load_model_cfg_task(ckpt, data)
+    q = qswap.convert(model, "w8a8")
+    qswap.calibrate(q, fdata.net_inputs(task, "train", 2, max_sentences=4))
+    out = tmp_path_factory.mktemp("tiny_export")
+    write_integer_model(qswap.integerize(q), out, task=task_config(cfg),
+                        decoding=dictionary_facts(task.target_dictionary))
+    return out, data
+
+
+def test_an_export_decodes_with_the_data_directory_it_names(tiny_export):
+    out, data = tiny_export
+    exported = load_integer_model(out)
+    assert exported.task["_name"] == "speech_to_text" and exported.decoding["size"] > 4
+    task = exported_task(exported, data)
+    result = decode_exported(task, exported, fdata.batches(task, "test", max_sentences=3))
+    assert len(result.utterances) == 6 and all(u.ref for u in result.utterances)
+
+
+def test_another_dictionary_is_a_data_error(tiny_export):
+    out, _ = tiny_export
+    with pytest.raises(DataError, match="target dictionary in .* is not the one the model was exported with"):
+        exported_task(load_integer_model(out), ASSET)
+    with pytest.raises(DataError, match="does not exist"):
+        exported_task(load_integer_model(out), ASSET / "missing")
+
+
+def test_an_export_without_task_or_encoder_decoder_cannot_be_decoded(tmp_path):
+    torch.manual_seed(0)
+    q = qswap.convert(torch.nn.Sequential(torch.nn.Linear(4, 3)), "w8a8")
+    qswap.calibrate(q, [torch.randn(5, 4)])
+    write_integer_model(qswap.integerize(q), tmp_path)
+    exported = load_integer_model(tmp_path)
+    with pytest.raises(LoadError, match="records no fairseq task"):
+        exported_task(exported, ASSET)
+    with pytest.raises(ExportError, match="IntegerModel has no integer decoding yet"):
+        decode_exported(None, exported, [])

@@ -1,0 +1,44 @@
+"""tools/deploy_doc.py's comparison system: onnxruntime's own static quantization of qswap's float
+export, calibrated on the feeds each graph sees while the float export beam-decodes."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qswap
+
+pytest.importorskip("fairseq")
+pytest.importorskip("onnxruntime")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import deploy_doc  # noqa: E402
+
+from qswap.export.onnx_audit import audit_export  # noqa: E402
+from qswap.export.package import NO_QUANT, export_model  # noqa: E402
+from qswap.export.runtime import load_exported  # noqa: E402
+from qswap.models import build_s2t_transformer, s2t_net_input  # noqa: E402
+
+
+def test_onnxruntime_static_quantization_of_the_float_export_decodes(tmp_path):
+    torch.set_num_threads(1)
+    model = build_s2t_transformer()
+    dictionary = model.decoder.dictionary
+    export_model(qswap.convert(model, NO_QUANT), tmp_path / "float", audit=False, allow_float=True)
+    calib = [s2t_net_input(2, 60, seed=s) for s in range(2)]
+    out = deploy_doc.ort_static(tmp_path / "float", dictionary, calib, tmp_path / "static", threads=1)
+    audit = audit_export(out)
+    assert audit.integer_count > 0 and audit.float_count > 0  # MatMul/Conv only: the rest stays float
+    ort = load_exported(out, dictionary)
+    from fairseq.sequence_generator import SequenceGenerator
+    net = s2t_net_input(2, 60, seed=5)
+    hyps = SequenceGenerator([ort], dictionary, beam_size=2, max_len_a=0, max_len_b=5).generate(
+        [ort], {"net_input": {k: net[k] for k in ("src_tokens", "src_lengths")}})
+    assert len(hyps) == 2 and all(h[0]["tokens"].numel() >= 1 for h in hyps)
+
+
+def test_docs_deploy_md_is_its_json_rendered():
+    import json
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    result = json.loads((docs / "deploy.json").read_text())
+    assert deploy_doc.render(result) == (docs / "deploy.md").read_text()

@@ -1,0 +1,55 @@
+"""tools/qat_train.py: the fairseq-train command of the QAT run, its checkpoints and its curve."""
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import qat_train  # noqa: E402
+
+# lines as fairseq-train's simple log format writes them
+LOG = """\
+2026-12-04 06:09:11 | INFO | qswap | qswap: calibrated and froze 186 activation quantizers (the calibration steps applied no update)
+2026-12-04 06:12:00 | INFO | train_inner | epoch 001:     10 / 299 loss=1.548, nll_loss=1.857, ppl=3.62, wps=14.1, ups=0.04, wpb=354.6, bsz=23.4, num_updates=10, lr=0.00015, gnorm=91.981, clip=50, train_wall=287, wall=298
+2026-12-04 06:17:57 | INFO | train_inner | epoch 001:     20 / 299 loss=2.577, nll_loss=1.796, ppl=3.47, wps=10.1, ups=0.03, wpb=360.3, bsz=23.8, num_updates=20, lr=0.0003, gnorm=112.645, clip=100, train_wall=355, wall=655
+2026-12-04 06:19:00 | INFO | valid | epoch 001 | valid on 'dev' subset | loss 2.41 | nll_loss 1.62 | ppl 3.07 | wps 40.1 | wpb 1458 | bsz 200 | num_updates 20
+"""
+
+
+def test_curve_reads_train_and_dev_loss_by_update():
+    train, valid = qat_train.curve(LOG)
+    assert train == [(10, 1.548), (20, 2.577)]
+    assert valid == [(20, 2.41)]
+
+
+def test_train_command_fine_tunes_the_shipped_model_with_the_plugin(tmp_path):
+    a = Namespace(data=tmp_path / "data", save_dir=tmp_path / "run", recipe="w4a4_edges8_lsq", calib_batches=4,
+                  lr=3e-4, warmup=20, max_tokens=6000, max_update=100, hours=0.5, save_every=50)
+    cmd = qat_train.train_command(a)
+    flag = {k: v for k, v in zip(cmd, cmd[1:]) if k.startswith("--")}
+    assert Path(cmd[0]).name == "fairseq-train" and cmd[1] == str(a.data)
+    assert flag["--task"] == "speech_to_text_qswap" and flag["--qswap-recipe"] == "w4a4_edges8_lsq"
+    assert flag["--qswap-calib-batches"] == "4"
+    assert Path(flag["--finetune-from-model"]) == qat_train.ASSET / "checkpoint.pt"
+    assert flag["--valid-subset"] == "dev" and flag["--train-subset"] == "train"  # never a test set
+    assert flag["--encoder-embed-dim"] == "176"  # the shipped model's architecture, read from it
+
+
+def test_checkpoints_are_ordered_by_update(tmp_path):
+    for name in ("checkpoint_1_100.pt", "checkpoint_1_50.pt", "checkpoint_best.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [u for u, _ in qat_train.checkpoints(tmp_path)] == [50, 100]
+
+
+def test_a_corpus_with_another_dictionary_is_refused(tmp_path):
+    (tmp_path / "spm_unigram200.txt").write_text("a 1\n")
+    with pytest.raises(SystemExit, match="not the shipped model's"):
+        qat_train.use_shipped_tokenizer(tmp_path)
+
+
+def test_docs_qat_comparison_is_the_committed_eval_results():
+    """docs/qat.md's QAT-vs-PTQ rows are those of the qswap eval JSONs committed beside it."""
+    docs = Path(qat_train.REPO) / "docs"
+    rows, _ = qat_train.comparison(docs / "qat")
+    assert len(rows) == 2 and all(row in (docs / "qat.md").read_text() for row in rows)

@@ -1,0 +1,85 @@
+"""tools/strategies.py: every method x column recipe loads, converts a real fairseq model
+(pre-norm s2t_transformer, small) and audits honest; the page is written from rows."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+
+import qswap  # noqa: E402
+from qswap.models import build_s2t_transformer, s2t_net_input  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("strategies", REPO / "tools" / "strategies.py")
+strategies = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(strategies)
+
+
+def _model():
+    return build_s2t_transformer(encoder_normalize_before=True, decoder_normalize_before=True,
+                                 encoder_embed_dim=64, decoder_embed_dim=64, encoder_ffn_embed_dim=256,
+                                 decoder_ffn_embed_dim=256, encoder_attention_heads=4, decoder_attention_heads=4)
+
+
+@pytest.mark.parametrize("column", ["w8a8", "w4a4_edges8"])
+@pytest.mark.parametrize("method", list(strategies.METHODS))
+def test_every_cell_is_a_recipe_that_converts_and_audits_honest(method, column):
+    picks = {"softmax_out": "minmax", "attn_residual": "percentile"} if method == "per_site" else None
+    recipe = qswap.load_recipe(strategies.recipe_for(column, method, picks))
+    assert recipe.name == (column if method == "shipped" else f"{column}_{method}")
+    x = s2t_net_input(vocab=40, frames=48)
+    qmodel = qswap.convert(_model(), recipe, data=[x])
+    qswap.calibrate(qmodel, [x])
+    assert qswap.audit(qmodel, x).honest
+
+
+def test_per_site_sets_each_sites_observer():
+    qmodel = qswap.convert(_model(), strategies.recipe_for("w4a4_edges8", "per_site", {"softmax_out": "minmax"}))
+    core = qmodel.encoder.transformer_layers[0].self_attn.core
+    assert core.softmax_out_quant.spec.observer == "minmax" and core.q_quant.spec.observer == "mse"
+    assert core.softmax_out_quant.spec.bits == 4
+
+
+def test_stream_per_channel_grids_are_per_embedding_channel():
+    qmodel = qswap.convert(_model(), strategies.recipe_for("w4a4_edges8", "stream_per_channel"))
+    layer = qmodel.encoder.transformer_layers[0]
+    for q in (layer.attn_residual_quant, layer.ffn_out_quant, layer.final_layer_norm.input_quant):
+        assert (q.spec.granularity, q.spec.axis, q.spec.bits) == ("per_channel", -1, 4)
+    assert layer.fc1.input_quant.spec.granularity == "per_tensor"  # a matmul's input stays per tensor
+
+
+def _cell(errors, words, honest=True, mb=1.0):
+    wer = 100 * sum(errors) / sum(words)
+    return {"wer": wer, "utterance_errors": errors, "utterance_words": words, "honest": honest,
+            "weight_mb": mb, "utterances": len(words)}
+
+
+def test_page_reads_the_intervals():
+    words = [10] * 40
+    cells = {"float/fp32": _cell([1] * 40, words), "shipped/w4a4_edges8": _cell([5] * 40, words),
+             "smoothquant/w4a4_edges8": _cell([1] * 39 + [2], words)}
+    payload = {"settings": {"calib_subset": "train_calib", "calib_batches": 4, "beam": 5, "batches": None},
+               "cells": {s: cells for s in strategies.SUBSETS}}
+    text = strategies.page(payload)
+    assert "| smoothquant | +0.25 [+0.00, +0.75] |" in text
+    assert "lowest mean ΔWER: `smoothquant`" in text and "(better)" in text
+    assert "Target (within +2.0) met on both sets" in text
+
+
+def test_the_shipped_choice_is_the_study_cell():
+    """recipes/w4a4_edges8_stream_smoothquant.yaml is what the study evaluated as that cell."""
+    def plain(recipe):
+        d = {k: v for k, v in qswap.load_recipe(recipe).to_dict().items() if k not in ("name", "description")}
+        d["rules"] = [{k: v for k, v in r.items() if k != "note"} for r in d["rules"]]
+        return d
+    study = strategies.recipe_for("w4a4_edges8", "stream_per_channel_smoothquant")
+    assert plain(study) == plain("w4a4_edges8_stream_smoothquant")
+
+
+def test_the_committed_page_is_its_json():
+    """docs/strategies.md is what the tool writes from docs/strategies_<subset>.json."""
+    payload = strategies.load(str(REPO / "docs" / "strategies"))
+    assert set(payload["cells"]) == set(strategies.SUBSETS)
+    assert (REPO / "docs" / "strategies.md").read_text() == strategies.page(payload)

@@ -1,0 +1,148 @@
+"""Offline transforms (qswap.transforms): exact in float on real fairseq models, declared in a
+recipe, and the quantized model audits honest."""
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+
+import qswap  # noqa: E402
+from qswap.errors import ConvertError, RecipeError  # noqa: E402
+from qswap.models import build_s2t_transformer, s2t_net_input  # noqa: E402
+from qswap.transforms import STRUCTURE_ONLY, apply_transforms, make_step  # noqa: E402
+from qswap.transforms.hadamard import Hadamard, hadamard_matrix  # noqa: E402
+
+DIMS = dict(encoder_embed_dim=64, decoder_embed_dim=64, encoder_ffn_embed_dim=192, decoder_ffn_embed_dim=192,
+            encoder_attention_heads=4, decoder_attention_heads=4)  # head 16 (Sylvester), FFN 192 = 16 x 12 (Paley 11)
+W4A4 = {"version": 1, "name": "w4a4_t",
+        "defaults": {"weight": {"bits": 4, "granularity": "per_channel", "axis": 0, "observer": "mse"},
+                     "activation": {"bits": 4, "symmetric": False, "observer": "mse"}},
+        "rules": [{"match": {"class": ["LayerNorm", "Fp32LayerNorm"]},
+                   "weight": {"bits": 8, "granularity": "per_tensor", "axis": None, "observer": "minmax"}},
+                  {"match": {"class": "Hadamard"},
+                   "weight": {"bits": 2, "granularity": "per_tensor", "axis": None, "observer": "minmax"}}]}
+
+
+def _model(seed=0):
+    return build_s2t_transformer(seed=seed, encoder_normalize_before=True, decoder_normalize_before=True, **DIMS)
+
+
+def _outputs(model, net_input):
+    with torch.no_grad():
+        return model(**net_input)[0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 12, 16, 44, 64, 176, 192, 704])
+def test_hadamard_matrix_is_hadamard(n):
+    h = hadamard_matrix(n)
+    assert set(h.unique().tolist()) <= {-1.0, 1.0}
+    torch.testing.assert_close(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+
+
+def test_no_hadamard_matrix_is_a_convert_error():
+    with pytest.raises(ConvertError, match="no Hadamard matrix of order 22"):
+        hadamard_matrix(22)
+
+
+@pytest.mark.parametrize("steps", [
+    [("hadamard", {})], [("hadamard", {"block": 192})], [("hadamard", {"ffn": False})],
+    [("smoothquant", {"alpha": 0.5})], [("smoothquant", {"alpha": 0.8, "ffn": False})],
+    [("smoothquant", {}), ("hadamard", {"block": 16})]])
+def test_transformed_float_model_equals_the_original(steps):
+    model, x = _model(), s2t_net_input(vocab=40, frames=48)
+    before = _outputs(model, x)
+    # make LayerNorm affine and fc biases non-trivial, so a wrong fold shows
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.2, 3.0)
+                m.bias.normal_(0, 0.5)
+    before = _outputs(model, x)
+    apply_transforms(model, [make_step(n, p) for n, p in steps], data=[x])
+    after = _outputs(model, x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_smoothquant_flattens_the_norm_output_channels():
+    model, x = _model(), s2t_net_input(vocab=40, frames=48)
+    layer = model.encoder.transformer_layers[0]
+    with torch.no_grad():
+        layer.final_layer_norm.weight[:4] = 40.0  # four outlier channels feeding fc1
+
+    def spread():
+        out = {}
+        h = layer.final_layer_norm.register_forward_hook(lambda m, a, o: out.setdefault("y", o))
+        _outputs(model, x)
+        h.remove()
+        amax = out["y"].abs().reshape(-1, out["y"].shape[-1]).amax(0)
+        return float(amax.max() / amax.median())
+
+    ratio_before = spread()
+    apply_transforms(model, [make_step("smoothquant", {"alpha": 0.5})], data=[x])
+    assert spread() < ratio_before / 3
+
+
+def test_smoothquant_needs_data_and_says_how():
+    with pytest.raises(ConvertError, match="data=batches"):
+        qswap.convert(_model(), {**W4A4, "transforms": [{"smoothquant": {"alpha": 0.5}}]})
+
+
+def test_smoothquant_after_hadamard_is_refused():
+    x = s2t_net_input(vocab=40)
+    with pytest.raises(ConvertError, match="before hadamard"):
+        apply_transforms(_model(), [make_step("hadamard", {}), make_step("smoothquant", {})], data=[x])
+
+
+@pytest.mark.parametrize("transforms", [[{"hadamard": {"block": 64}}], [{"smoothquant": {"alpha": 0.5}}],
+                                        [{"smoothquant": {"alpha": 0.5}}, {"hadamard": {"block": 64}}]])
+def test_quantized_transformed_model_audits_honest(transforms):
+    model, x = _model(), s2t_net_input(vocab=40, frames=48)
+    qmodel = qswap.convert(model, {**W4A4, "transforms": transforms}, data=[x])
+    qswap.calibrate(qmodel, [x])
+    report = qswap.audit(qmodel, x)
+    assert report.honest, report.violations[:3]
+    assert any(n.startswith("transform ") for n in qmodel.qswap_report.notes)
+    # the caller's float model keeps its weights and structure
+    assert isinstance(model.encoder.transformer_layers[0].fc2, torch.nn.Linear)
+
+
+def test_online_hadamard_is_a_visible_quantized_op():
+    qmodel = qswap.convert(_model(), {**W4A4, "transforms": [{"hadamard": {"block": 64}}]})
+    rotate = qmodel.encoder.transformer_layers[0].fc2.rotate
+    assert type(rotate).__name__ == "QHadamard"
+    assert rotate.input_quant.spec.bits == 4 and rotate.matrix_quant.spec.bits == 2
+    codes = rotate.matrix_quant(rotate.matrix) / rotate.matrix_quant.scale
+    assert set(codes.unique().tolist()) == {-1.0, 1.0}  # additions and subtractions of input codes
+
+
+def test_stored_state_reloads_onto_the_structure_only_transform():
+    model, x = _model(), s2t_net_input(vocab=40, frames=48)
+    recipe = {**W4A4, "transforms": [{"smoothquant": {}}, {"hadamard": {"block": 64}}]}
+    qmodel = qswap.convert(model, recipe, data=[x])
+    qswap.calibrate(qmodel, [x])
+    again = qswap.convert(_model(seed=1), recipe, data=STRUCTURE_ONLY)
+    again.load_state_dict(qmodel.state_dict())
+    torch.testing.assert_close(_outputs(again.eval(), x), _outputs(qmodel.eval(), x))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([{"rotate": {}}], "unknown transform 'rotate'; registered: hadamard, smoothquant"),
+    ([{"smoothquant": {"beta": 1}}], "unknown parameter 'beta'"),
+    ([{"smoothquant": {"alpha": "high"}}], "alpha must be float"),
+    ([{"hadamard": {"block": 6.5}}], "block must be int"),
+    ([{"hadamard": {}, "smoothquant": {}}], "one key"),
+    ({"hadamard": {}}, "must be a list")])
+def test_bad_transforms_are_recipe_errors(bad, message):
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
+        qswap.load_recipe({**W4A4, "transforms": bad})
+
+
+def test_transforms_round_trip_through_to_dict():
+    recipe = qswap.load_recipe({**W4A4, "transforms": [{"smoothquant": {"alpha": 0.6}}, {"hadamard": None}]})
+    assert [(s.name, dict(s.params)) for s in recipe.transforms] == [("smoothquant", {"alpha": 0.6}), ("hadamard", {})]
+    assert qswap.load_recipe(recipe.to_dict()).transforms == recipe.transforms
+
+
+def test_hadamard_module_rotation_matches_its_forward():
+    h = Hadamard(48, 16)
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(h(x).double(), x.double() @ h.rotation().T, atol=1e-5, rtol=1e-5)
