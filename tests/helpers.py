@@ -58,3 +58,9 @@ def core_codes(mha: nn.Module, run) -> tuple[list, float, dict]:
     core = mha.core
     codes = [Grid.of(quant).quantize(t) for quant, t in ((core.q_quant, q), (core.k_quant, k), (core.v_quant, v))]
     return codes, scaling, seen
+
+
+def recipe_with(name: str, simulate: str):
+    """The shipped recipe ``name`` with its ``simulate`` key set (qswap.nn.simulate)."""
+    import qswap
+    return qswap.load_recipe(dict(qswap.load_recipe(name).to_dict(), simulate=simulate))

@@ -1,6 +1,6 @@
 """Softmax and elementwise activations: one kernel on a quantized input (a lookup table on
-integer hardware). Their outputs are quantized by whatever consumes them. GLU computes its gate
-as its integer form does (``simulate: integer``, ``glu_value``)."""
+integer hardware). Their outputs are quantized by whatever consumes them. With ``simulate:
+integer`` GLU computes its gate as its integer form does (``glu_value``)."""
 from __future__ import annotations
 
 import torch

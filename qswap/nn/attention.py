@@ -11,8 +11,8 @@ both matmuls run on quantized operands:
 Multiplying a quantized tensor by the constant ``scaling`` keeps it on a (rescaled) grid; integer
 hardware folds that constant into the requantization multiplier. The softmax computes what the
 integer form does (exponent table, integer row sum and division, onto the softmax_out grid:
-``qswap.quant.integer.integer_softmax``) unless the recipe says ``simulate: float``
-(``qswap.nn.simulate``).
+``qswap.quant.integer.integer_softmax``) when the recipe says ``simulate: integer``
+(``qswap.nn.simulate``); ``F.softmax`` otherwise (the default).
 """
 from __future__ import annotations
 

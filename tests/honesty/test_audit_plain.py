@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qswap
-from helpers import Residual
+from helpers import Residual, recipe_with
 from qswap import AuditError, QuantSpec
 from qswap.nn.base import QuantModule
 from qswap.quant.fake_quantize import FakeQuantize
@@ -43,17 +43,19 @@ COUNTERPARTS = {
 
 @pytest.mark.parametrize("name", sorted(COUNTERPARTS))
 @pytest.mark.parametrize("recipe", ["w8a8", "w8a8_per_channel"])
-def test_every_torch_counterpart_audits_honest_and_its_float_module_does_not(name, recipe):
+@pytest.mark.parametrize("simulate", ["float", "integer"])
+def test_every_torch_counterpart_audits_honest_and_its_float_module_does_not(name, recipe, simulate):
     build, make_input = COUNTERPARTS[name]
     module, x = build().eval(), make_input()
     if name != "Embedding":  # a lookup alone computes nothing
         assert not qswap.audit(module, (x,)).honest
-    report = qswap.audit(_quantized(module, (x,), recipe), (x,))
+    report = qswap.audit(_quantized(module, (x,), recipe_with(recipe, simulate)), (x,))
     assert report.honest, [(v.module, v.op, v.operand) for v in report.violations]
-    # GLU and LayerNorm simulate their integer forms (qswap.nn.simulate): the int32 accumulator's
-    # value (its scale a Python number) is the kernel's own
-    assert report.totals["compute"] == report.totals["quantized"] + report.totals["kernel_internal"]
-    assert report.totals["kernel_internal"] == (1 if name in ("GLU", "LayerNorm") else 0)
+    # with simulate: integer, GLU and LayerNorm compute their integer forms (qswap.nn.simulate):
+    # the int32 accumulator's value (its scale a Python number) is the kernel's own
+    internal = 1 if simulate == "integer" and name in ("GLU", "LayerNorm") else 0
+    assert report.totals["kernel_internal"] == internal
+    assert report.totals["compute"] == report.totals["quantized"] + internal
     assert report.totals["compute"] > 0 or name == "Embedding"
 
 

@@ -117,11 +117,10 @@ def test_qat_gradient_of_the_shipped_model_stays_near_float_with_a_silent_block(
     float_norm, r = result["float"], result["recipes"]
     assert 0.3 * float_norm < r["w8a8"]["bounded"] < 3 * float_norm, result
     # 4-bit activations: the rows that collapse in this model. The model itself is broken there
-    # (93 % WER in the demo), so its loss and gradient are larger than float's; bounded means
-    # hundreds of times float's (about 33x with float softmax/LayerNorm/GLU insides, 650x with the
-    # integer ones, simulate: integer, whose forward this broken model's loss follows), not the 1e15
-    # or inf of LayerNorm's exact gradient (docs/fairseq.md)
-    assert 0.3 * float_norm < r["w4a4"]["bounded"] < 1000 * float_norm, result
+    # (93 % WER in the demo), so its loss and gradient are larger than float's; bounded means tens of times
+    # float's (about 33x since calibration also covers incremental decoding), not the 1e15 or inf of
+    # LayerNorm's exact gradient (docs/fairseq.md)
+    assert 0.3 * float_norm < r["w4a4"]["bounded"] < 100 * float_norm, result
 
 
 def test_batch_norm_trains_the_folded_quantized_map_with_batch_statistics():

@@ -1,7 +1,9 @@
 """The fake-quant counterparts compute what their integer forms compute (qswap.nn.simulate, issue 16
-item 4): codes equal in every step where both define the arithmetic the same way; the float
-insides only under ``simulate: float``; QAT gets the float op's gradient."""
+item 4) under the recipe's ``simulate: integer``: codes equal in every step where both define the
+arithmetic the same way; the float insides under ``simulate: float`` (the default); QAT gets the
+float op's gradient."""
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,18 +15,16 @@ from qswap.errors import RecipeError
 from qswap.nn.attention import QuantAttentionCore
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.simulate import simulating
-from helpers import core_codes
+from helpers import core_codes, recipe_with
 from qswap.quant.integer import Grid, integer_softmax
+from qswap.recipe import shipped_recipe_names
 
 RECIPES = ["w8a8", "w8a8_per_channel", "w4a8"]
 
 
-def recipe_with(name: str, simulate: str):
-    return qswap.load_recipe(dict(qswap.load_recipe(name).to_dict(), simulate=simulate))
-
-
-def calibrated(model: nn.Module, x: torch.Tensor, recipe, run=None) -> nn.Module:
-    q = qswap.convert(model.eval(), recipe)
+def calibrated(model: nn.Module, x: torch.Tensor, recipe: str, run=None) -> nn.Module:
+    """``model`` converted by the shipped ``recipe`` with ``simulate: integer``, calibrated."""
+    q = qswap.convert(model.eval(), recipe_with(recipe, "integer"))
     qswap.calibrate(q, [x, x.flip(0)], forward=run or (lambda m, b: m(b)))
     return q
 
@@ -114,7 +114,7 @@ def test_long_rows_are_simulated_beyond_the_int32_row_sum():
     assert wide.shape == codes.shape and int(wide.max()) > 0
     short = codes[:, :2000]
     assert torch.equal(integer_softmax(short, params), integer_softmax(short, params, long_rows=True))
-    core = QuantAttentionCore(qswap.load_recipe("w8a8").defaults)
+    core = QuantAttentionCore(recipe_with("w8a8", "integer").defaults)
     q = torch.randn(1, 2, 4)
     k = torch.randn(1, 2100, 4)
     qswap_core = core.eval()
@@ -130,7 +130,7 @@ def test_small_s2t_transformer_logits_are_the_integer_models(recipe):
     net_input = s2t_net_input()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = qswap.convert(build_s2t_transformer(seed=0), recipe)
+        q = qswap.convert(build_s2t_transformer(seed=0), recipe_with(recipe, "integer"))
         qswap.calibrate(q, [net_input])
     with torch.no_grad():
         reference = q(**net_input)[0]
@@ -169,14 +169,49 @@ def test_training_sees_the_simulated_value_and_the_float_gradient():
 
 
 def test_recipe_key_selects_the_arithmetic_and_rejects_others():
-    assert qswap.load_recipe("w8a8").simulate == "integer"
-    q = qswap.convert(nn.Sequential(nn.LayerNorm(8)), recipe_with("w8a8", "float"))
-    assert q[0].simulate == "float" and isinstance(q[0], QLayerNorm)
-    assert qswap.convert(nn.Sequential(nn.LayerNorm(8)), "w8a8")[0].simulate == "integer"
-    with pytest.raises(RecipeError, match="simulate.*integer, float"):
+    assert {qswap.load_recipe(name).simulate for name in shipped_recipe_names()} == {"float"}  # the default
+    q = qswap.convert(nn.Sequential(nn.LayerNorm(8)), recipe_with("w8a8", "integer"))
+    assert q[0].simulate == "integer" and isinstance(q[0], QLayerNorm)
+    assert qswap.convert(nn.Sequential(nn.LayerNorm(8)), "w8a8")[0].simulate == "float"
+    with pytest.raises(RecipeError, match="simulate.*float, integer"):
         qswap.load_recipe({"version": 1, "simulate": "fixed_point"})
-    with pytest.raises(RecipeError, match="simulate.*integer, float"), simulating(q, "fixed_point"):
+    with pytest.raises(RecipeError, match="simulate.*float, integer"), simulating(q, "fixed_point"):
         pass
+
+
+SIMULATING = {"QuantAttentionCore", "QLayerNorm", "QGLU", "QConv1dSubsampler"}  # the counterparts with insides
+
+
+def _simulate_settings(recipe) -> dict[str, set[str]]:
+    """class name -> the ``simulate`` settings of its counterparts, in a small fairseq S2T
+    transformer and a LayerNorm -> GLU chain converted by ``recipe``."""
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    found: dict[str, set[str]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, batch in ((build_s2t_transformer(seed=0), s2t_net_input()),
+                             (nn.Sequential(nn.LayerNorm(16), nn.GLU()), torch.randn(2, 3, 16))):
+            for m in qswap.convert(model, recipe, data=[batch]).modules():  # data: a recipe's transforms
+                if hasattr(m, "simulate"):
+                    found.setdefault(type(m).__name__, set()).add(m.simulate)
+    return found
+
+
+@pytest.mark.parametrize("name", [n for n in shipped_recipe_names() if n != "fp32"])
+def test_shipped_recipes_run_the_float_insides_and_a_yaml_key_reaches_every_counterpart(name, tmp_path):
+    """Every shipped recipe computes as before the simulation (``simulate: float``, the default);
+    ``simulate: integer`` written in a recipe file reaches the defaults, every rule and every
+    counterpart that has insides to simulate."""
+    shipped = qswap.load_recipe(name)
+    assert {shipped.simulate, shipped.defaults.simulate, *(r.config.simulate for r in shipped.rules)} == {"float"}
+    defaults = _simulate_settings(name)
+    assert SIMULATING <= set(defaults) and all(v == {"float"} for v in defaults.values()), defaults
+    path = tmp_path / f"{name}_integer.yaml"
+    path.write_text(Path(shipped.source).read_text(encoding="utf-8") + "simulate: integer\n", encoding="utf-8")
+    recipe = qswap.load_recipe(path)
+    assert {recipe.simulate, recipe.defaults.simulate, *(r.config.simulate for r in recipe.rules)} == {"integer"}
+    integer = _simulate_settings(path)
+    assert set(integer) == set(defaults) and all(v == {"integer"} for v in integer.values()), integer
 
 
 def test_row_isqrt_is_the_integer_isqrt():
