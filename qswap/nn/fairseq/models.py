@@ -28,7 +28,7 @@ from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc
 from torch import Tensor
 
 from qswap.errors import ConvertError
-from qswap.io.serializable import ANY, INT, Either, List, Obj, Tensor, serializable
+from qswap.io.serializable import ANY, INT, Either, List, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
