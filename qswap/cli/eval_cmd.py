@@ -146,7 +146,6 @@ def evaluate(args):
     import qswap
     from qswap.calibrate import activation_quantizers
     from qswap.integration import data as fdata
-    from qswap.integration.decode import decode
     from qswap.integration.metrics import error_counts
 
     if args.backend == "onnxruntime":

@@ -1,6 +1,5 @@
 """qswap.integration.integer_decode: the task and dictionary an export records to decode again,
 and decoding an export with fairseq's beam search."""
-import warnings
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from qswap.export.integer_format import write_integer_model  # noqa: E402
 from qswap.export.integer_load import load_integer_model  # noqa: E402
 from qswap.integration import data as fdata  # noqa: E402
 from qswap.integration.integer_decode import decode_exported, dictionary_facts, exported_task, task_config  # noqa: E402
-from qswap.models import build_s2t_transformer, s2t_net_input  # noqa: E402
 
 ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
 
