@@ -6,7 +6,8 @@ and ``<!-- agreement:end -->`` markers. Small torch models, fixed seeds, CPU, on
     python tools/integer_agreement.py            # rewrite the table
     python tools/integer_agreement.py --print    # print it only
     python tools/integer_agreement.py --simulate integer   # print it with the integer insides
-    python tools/integer_agreement.py --shipped 100        # the shipped model, both insides, printed
+    python tools/integer_agreement.py --shipped 10         # the shipped model, both insides, printed
+    python tools/integer_agreement.py --decode             # its beam decode, both insides, printed
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "integer.md"
+ASSET = REPO / "qswap" / "assets" / "s2t_demo"
 BEGIN, END = "<!-- agreement:begin -->", "<!-- agreement:end -->"
 SIMULATE = {"mode": "float"}  # the fake-quant model's insides (--simulate)
 
@@ -153,10 +155,8 @@ def shipped(recipe: str, simulate: str, count: int, calib_batches: int = 8) -> t
     model under ``simulate`` (the recipe's key)."""
     import qswap
     from qswap.integration import data as fdata
-    from qswap.integration.data import load_model_and_task
     from qswap.quant.integer import Grid
-    asset = REPO / "qswap" / "assets" / "s2t_demo"
-    model, task = load_model_and_task(asset / "checkpoint.pt", asset)
+    model, task = fdata.load_model_and_task(ASSET / "checkpoint.pt", ASSET)
     q = qswap.convert(model, _recipe(recipe, simulate))
     qswap.calibrate(q, fdata.net_inputs(task, "train_calib", calib_batches, max_sentences=32))
     dataset = fdata.load_subset(task, "test")
@@ -173,6 +173,31 @@ def shipped(recipe: str, simulate: str, count: int, calib_batches: int = 8) -> t
     integer_logits = logits_grid.quantize(qswap.integerize(q)(**net_input)[0])
     valid, tokens = ~padding.T, target != task.tgt_dict.pad()
     return (codes[valid], reference[valid]), (integer_logits[tokens], logits[tokens])
+
+
+def decoded(recipe: str, simulate: str):
+    """The shipped model's ``qswap.integration.compare`` row (``recipe`` under ``simulate``) on the
+    whole test set, calibrated and decoded as tools/integer_doc.py does (``train_calib``, 4
+    batches of 32; beam 5): fake-quant WER, integer WER, transcripts the same."""
+    from qswap.integration import data as fdata
+    from qswap.integration.compare import evaluate_recipe
+    model, task = fdata.load_model_and_task(ASSET / "checkpoint.pt", ASSET)
+    row, _ = evaluate_recipe(model, task, _recipe(recipe, simulate), subset="test", calib_subset="train_calib",
+                             calib_batches=4, beam=5, integer=True)
+    return row
+
+
+def render_decoded() -> str:
+    """Rows of the shipped model's beam decode under both ``simulate`` settings (w8a8, w4a8)."""
+    lines = ["Shipped model, `test` (100 utterances), beam 5 "
+             "(`python tools/integer_agreement.py --decode`):", "",
+             "| recipe | simulate | fake-quant WER % | integer WER % | same transcripts |", "|---|---|---|---|---|"]
+    for recipe in ("w8a8", "w4a8"):
+        for simulate in ("integer", "float"):
+            row = decoded(recipe, simulate)
+            lines.append(f"| {recipe} | {simulate} | {row.wer:.2f} | {row.integer.wer:.2f} | "
+                         f"{row.integer.same_transcripts} of {row.utterances} |")
+    return "\n".join(lines)
 
 
 def measure() -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
@@ -253,11 +278,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the fake-quant model's insides (the recipe key); the doc shows the default, float")
     parser.add_argument("--shipped", type=int, metavar="N", default=0,
                         help="print the shipped model's agreement on N test utterances instead")
+    parser.add_argument("--decode", action="store_true",
+                        help="print the shipped model's beam-5 decode of the test set under both settings instead")
     args = parser.parse_args(argv)
     _setup()
     SIMULATE["mode"] = args.simulate
-    if args.shipped:
-        print(render_shipped(args.shipped))
+    if args.shipped or args.decode:
+        print(render_shipped(args.shipped) if args.shipped else render_decoded())
         return 0
     table = render(measure(), [_s2t_model(r) for r in ("w8a8", "w8a8_per_channel", "w4a8")])
     return write_between(table, BEGIN, END, print_only=args.print or args.simulate != "float")

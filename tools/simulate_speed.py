@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Time the fake-quant forward with the integer insides (``simulate: integer``, the default)
-against the float ones (``simulate: float``, qswap before issue 16 item 4) and the float model:
+"""Time the fake-quant forward with the integer insides (``simulate: integer``) against the float
+ones (``simulate: float``, the default) and the float model:
 teacher-forced batch forward of tools/bench.py's inputs, median of interleaved repeats, one
 thread.
 
@@ -31,13 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         b = bench.make_bench(args.model, sizes)
         qmodel = bench.converted(b, args.recipe)
 
-        def float_insides():
-            with simulating(qmodel, "float"):
+        def integer_insides():
+            with simulating(qmodel, "integer"):
                 return qmodel(**b.net_input)
         t = bench.interleaved_medians({
             "float model": bench.no_grad(lambda: b.model(**b.net_input)),
-            "simulate: integer": bench.no_grad(lambda: qmodel(**b.net_input)),
-            "simulate: float": bench.no_grad(float_insides),
+            "simulate: integer": bench.no_grad(integer_insides),
+            "simulate: float": bench.no_grad(lambda: qmodel(**b.net_input)),
         }, args.repeats)
     print(f"{b.label}, {args.recipe}, batch {sizes.batch} x {b.frames} frames, median of {args.repeats}")
     for name, seconds in t.items():
