@@ -29,7 +29,7 @@ import torch
 
 from qswap.errors import RegistryError
 
-DTYPES = ("int8", "uint8", "int16", "int32", "int64", "float32")  # what a Tensor spec may allow
+DTYPES = ("int8", "uint8", "int16", "int32", "int64", "float32", "float64")  # what a Tensor spec may allow
 T = TypeVar("T", bound=type)
 
 

@@ -491,7 +491,8 @@ LN_FRAC_BITS = 16  # fraction bits of the normalized value
 _LN_SQRT_BITS = 10  # extra fraction bits of the standard deviation
 
 
-@serializable(eps_int=INT, gamma=Tensor("int32"), beta=Tensor("int32"), out=Obj("Requant"))
+@serializable(eps_int=INT, gamma=Tensor("int32"), beta=Tensor("int32"), out=Opt(Obj("Requant")),
+              acc_scale=Either(FLOAT, Tensor("float64")))
 @dataclass(frozen=True)
 class LayerNormParams:
     """Integer LayerNorm constants: ``eps_int`` = round(N^2 eps / s_in^2) (the variance's epsilon in

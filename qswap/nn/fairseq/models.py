@@ -28,7 +28,8 @@ from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc
 from torch import Tensor
 
 from qswap.errors import ConvertError
-from qswap.io.serializable import ANY, INT, Either, List, Obj, Tensor, serializable
+from qswap.io.serializable import ANY, INT, Either, Obj, Opt, serializable
+from qswap.io.serializable import List as ListOf, Tensor as TensorOf
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
@@ -318,9 +319,9 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
-@serializable(subsample=ANY, embed_zero_point=INT, stream_bits=INT, positions=Opt(Tensor("int32")), padding_idx=INT,
-              layers=List(ANY), norm_in=Opt(Obj("Requant")), norms=List(ANY),
-              out_grid=Either(Obj("Grid"), List(Obj("Grid"))), entry=Opt(ANY))
+@serializable(subsample=ANY, embed_zero_point=INT, stream_bits=INT, positions=Opt(TensorOf("int32")), padding_idx=INT,
+              layers=ListOf(ANY), norm_in=Opt(Obj("Requant")), norms=ListOf(ANY),
+              out_grid=Either(Obj("Grid"), ListOf(Obj("Grid"))), entry=Opt(ANY))
 class IntegerS2TTransformerEncoder(FairseqEncoder):
     """An S2T encoder on integers: subsampler, positions, (the conformer's ``linear``: ``entry``),
     layers, final norm (or the readers of the last layer's stream). ``input`` (a ``QuantizeStep``)
