@@ -266,6 +266,7 @@ class IntegerLayerNorm(nn.Module):
         return integer_layer_norm(codes, self.params)
 
 
+@serializable(params=Obj("GroupNormParams"))
 class IntegerGroupNorm(nn.Module):
     """GroupNorm on (B, C, ...) codes: ``qswap.quant.integer.integer_group_norm``."""
 
