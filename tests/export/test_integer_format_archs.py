@@ -2,7 +2,11 @@
 transformer: the S2T conformer (ESPnet abs, rel_pos and rope attention) and wav2vec 2.0 CTC
 (GroupNorm and LayerNorm feature extractors, with and without ``post_extract_proj``), each a
 small real fairseq model, written and read back bit-exact: the same declared tree and the same
-codes on a batch, and the loaded model still integer-only outside its declared float steps."""
+codes on a batch, and the loaded model still integer-only outside its declared float steps;
+a fresh interpreter loads them (importing only what the loader imports), and ``qswap export``
+writes a fairseq-trained conformer checkpoint."""
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -12,6 +16,7 @@ pytest.importorskip("fairseq")
 
 import qswap  # noqa: E402
 from export_testkit import same_description, same_tree  # noqa: E402
+from qswap.cli import main  # noqa: E402
 from qswap.export.integer_format import write_integer_model  # noqa: E402
 from qswap.export.integer_load import load_integer_model  # noqa: E402
 from qswap.honesty.integer import audit_integer  # noqa: E402
@@ -82,3 +87,51 @@ def test_loaded_models_are_integer_only_outside_their_declared_steps(tmp_path):
     conformer = qswap.integerize(calibrated(build_s2t_conformer(seed=1), [s2t_net_input(seed=1)], "w8a8"))
     report = audit_integer(exported(conformer, tmp_path / "conformer"), s2t_net_input(seed=2))
     assert report.integer_only, [(f.path, f.module, f.op) for f in report.findings[:5]]
+
+
+def test_a_fresh_interpreter_loads_the_conformer_and_wav2vec2_exports(tmp_path):
+    """Loading imports the modules that declare the forms (``IntegerChain`` included), nothing
+    the file names."""
+    models = {"conformer": (build_s2t_conformer(seed=2), [s2t_net_input(seed=2)]),
+              "w2v": (build_wav2vec2_ctc(seed=2), [wav2vec2_net_input(seed=2)])}
+    for name, (model, batches) in models.items():
+        write_integer_model(qswap.integerize(calibrated(model, batches, "w8a8")), tmp_path / name)
+    code = ("from qswap.export.integer_load import load_integer_model\n"
+            f"print([type(load_integer_model(d).model).__name__ for d in {[str(tmp_path / n) for n in models]!r}])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "['IntegerS2TTransformerModel', 'IntegerWav2VecCtc']"
+
+
+@pytest.fixture(scope="module")
+def conformer_checkpoint(tmp_path_factory):
+    """(data dir, w8a8 checkpoint): a tiny rel_pos s2t_conformer trained 2 updates by fairseq-train
+    on a real data directory, converted and calibrated by ``qswap convert``."""
+    from datadir import make_s2t_datadir
+    from fairseq_run import SMALL, TRAIN, run_tool
+
+    root = tmp_path_factory.mktemp("conformer")
+    data = make_s2t_datadir(root / "data")
+    arch = [("s2t_conformer" if a == "s2t_transformer" else a) for a in SMALL]
+    run_tool("fairseq-train", data, "--task", "speech_to_text", *arch, "--attn-type", "espnet", "--pos-enc-type",
+             "rel_pos", "--depthwise-conv-kernel-size", "7", *TRAIN, "--max-update", "2", "--save-dir",
+             root / "float", cwd=root)
+    assert main(["convert", str(root / "float" / "checkpoint_last.pt"), "--recipe", "w8a8", "--data", str(data),
+                 "--calib-batches", "2", "--max-sentences", "4", "-o", str(root / "w8a8.pt")]) == 0
+    return data, root / "w8a8.pt"
+
+
+def test_qswap_export_writes_a_conformer_checkpoint(conformer_checkpoint, tmp_path):
+    from qswap.integration import data as fdata
+
+    data, qckpt = conformer_checkpoint
+    assert main(["export", str(qckpt), "-o", str(tmp_path / "export"), "--data", str(data)]) == 0
+    exported = load_integer_model(tmp_path / "export")
+    model, task = fdata.load_model_and_task(qckpt, data)
+    imodel = qswap.integerize(model)
+    same_description(imodel, exported.model)
+    assert exported.task["_name"] == "speech_to_text" and exported.decoding["size"] == len(task.target_dictionary)
+    net = next(iter(fdata.batches(task, "test", max_sentences=3)))["net_input"]
+    with torch.no_grad():
+        codes = [m.forward_codes(m.quantize_input(net)) for m in (imodel, exported.model)]
+    assert torch.equal(codes[0], codes[1])
