@@ -30,8 +30,8 @@ def integer_chain(ops: nn.Module | Iterable[tuple[str, nn.Module]], out) -> "Int
     """The integer forms of ``ops`` (a container's ``ops_of``, or (name, module) pairs) in order:
     each op writes codes onto the input grid of the next op that has one (the last onto ``out``,
     a ``Grid``, or None for an int32 accumulator); dropout is skipped, ``SamePad`` /
-    ``TransposeLast`` become ``IntegerSamePad`` / ``IntegerTransposeLast`` (the same data moves). Raises ``IntegerizeError`` naming an op without an
-    integer form."""
+    ``TransposeLast`` become ``IntegerSamePad`` / ``IntegerTransposeLast`` (the same data moves).
+    Raises ``IntegerizeError`` naming an op without an integer form."""
     from qswap.errors import IntegerizeError
     from qswap.quant.integer import Grid
     ops = list(ops_of(ops) if isinstance(ops, nn.Module) else ops)

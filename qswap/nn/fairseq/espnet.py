@@ -290,7 +290,8 @@ def _blocked(key_padding_mask: Optional[Tensor], bsz: int, heads: int) -> Option
     return pad.reshape(bsz * heads, 1, length)
 
 
-@serializable(base=Obj("IntegerAttentionCore"), scores=Obj("Requant"), add=Obj("AddParams"), zero_points=Tuple(INT, INT))
+@serializable(base=Obj("IntegerAttentionCore"), scores=Obj("Requant"), add=Obj("AddParams"),
+              zero_points=Tuple(INT, INT))
 class IntegerRelPosCore(torch.nn.Module):
     """The attention core with a relative-position score term, on codes: ``q_u k^T`` in int32
     requantized onto the ``scores`` grid, plus the ``scores_bias`` codes (``rescaled_add`` onto the

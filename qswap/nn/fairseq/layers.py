@@ -366,9 +366,10 @@ class IntegerPostNormEncoderLayer(torch.nn.Module):
 
 
 @serializable(norms_in=ListOf(Obj("Requant")), norms=ListOf(Obj("IntegerLayerNorm")),
-              attns=ListOf(Obj("IntegerFairseqAttention")), residuals=ListOf(Obj("Requant")), adds=ListOf(Obj("AddParams")),
-              fc1=Obj("IntegerLinear"), act=Tuple(TensorOf("int8", "uint8", "int16", "int32"), INT),
-              fc2=Obj("IntegerLinear"), zero_points=ListOf(Tuple(INT, INT)))
+              attns=ListOf(Obj("IntegerFairseqAttention")), residuals=ListOf(Obj("Requant")),
+              adds=ListOf(Obj("AddParams")), fc1=Obj("IntegerLinear"),
+              act=Tuple(TensorOf("int8", "uint8", "int16", "int32"), INT), fc2=Obj("IntegerLinear"),
+              zero_points=ListOf(Tuple(INT, INT)))
 class IntegerTransformerDecoderLayer(torch.nn.Module):
     """A pre-norm decoder layer on integers (batch forward, or one step of incremental decoding):
     int32 residual stream in and out."""
