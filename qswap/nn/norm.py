@@ -295,7 +295,7 @@ class QBatchNorm1d(QuantModule):
         w, b = self.folded(self.running_mean, self.running_var)
         with torch.no_grad():
             return integer_linear(self.weight_quant, w.detach().view(-1, 1, 1), b.detach(), Grid.of(self.input_quant),
-                                  out, IntegerConv, conv_fn=F.conv1d, stride=1, padding=0, dilation=1,
+                                  out, IntegerConv, conv_fn=F.conv1d, stride=(1,), padding=(0,), dilation=(1,),
                                   groups=self.num_features)
 
 
@@ -317,6 +317,7 @@ class IntegerLayerNorm(nn.Module):
         return integer_layer_norm(codes, self.params)
 
 
+@serializable(params=Obj("GroupNormParams"))
 class IntegerGroupNorm(nn.Module):
     """GroupNorm on (B, C, ...) codes: ``qswap.quant.integer.integer_group_norm``."""
 

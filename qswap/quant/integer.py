@@ -266,6 +266,7 @@ def rescaled_add(qa: torch.Tensor, zp_a: int, qb: torch.Tensor, zp_b: int, param
 CONSTANT_ADD_BITS = 16  # fraction bits of the input grid a folded constant keeps
 
 
+@serializable(zero_point=INT, folded=Tensor("int32"), out=Obj("Requant"))
 @dataclass(frozen=True)
 class ConstantAddParams:
     """``codes + constant`` (a per-channel constant of the last axis, e.g. rel-pos attention's
@@ -593,6 +594,8 @@ def integer_layer_norm(codes: torch.Tensor, params: LayerNormParams) -> torch.Te
 GN_MAX_ELEMENTS = 2 ** 22  # values normalized together (a group's channels times the time steps)
 
 
+@serializable(groups=INT, eps_ratio=Tuple(INT, INT), span=INT, gamma=Tensor("int32"), beta=Tensor("int32"),
+              out=Opt(Obj("Requant")), acc_scale=Either(FLOAT, Tensor("float64")))
 @dataclass(frozen=True)
 class GroupNormParams:
     """Integer GroupNorm constants for (B, C, ...) codes in ``groups`` groups of channels: the

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import qswap
-from export_testkit import calibrated
+from export_testkit import calibrated, same_tree
 from qswap.export.integer_format import FORMAT_VERSION, JSON_FILE, TENSOR_FILE, write_integer_model
 from qswap.export.integer_load import is_integer_export, load_integer_model
 from qswap.honesty.integer import check_integer
@@ -23,15 +23,6 @@ def integer_model(request, qmodel):
     from qswap.models import build_s2t_transformer
     q = qmodel if request.param == "w8a8" else calibrated(build_s2t_transformer(), request.param)
     return qswap.integerize(q)
-
-
-def same_tree(a: nn.Module, b: nn.Module) -> None:
-    """Same classes at the same paths, every buffer equal in dtype, shape and value."""
-    assert [(n, type(m)) for n, m in a.named_modules()] == [(n, type(m)) for n, m in b.named_modules()]
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
 
 
 def test_round_trip_is_bit_exact(integer_model, tmp_path):

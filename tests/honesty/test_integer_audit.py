@@ -1,8 +1,11 @@
 """The integer audit level (``qswap.audit(model, inputs, integer=True)``, i.e.
-``qswap.honesty.integer.audit_integer``): on a real fairseq s2t_transformer every path fairseq's
-SequenceGenerator runs computes on integer dtypes outside the declared float steps; a float op
-anywhere else is a finding naming its path, module and op; models without an integer form raise
-IntegerizeError naming their modules."""
+``qswap.honesty.integer.audit_integer``): on a real fairseq s2t_transformer and s2t_conformer
+(rel_pos) every path fairseq's SequenceGenerator runs computes on integer dtypes outside the
+declared float steps, and so does a wav2vec 2.0 CTC model's forward; a float op anywhere else is
+a finding naming its path, module and op; models without an integer form raise IntegerizeError
+naming their modules."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -12,17 +15,23 @@ pytest.importorskip("fairseq")
 import qswap  # noqa: E402
 from qswap.errors import AuditError, IntegerizeError  # noqa: E402
 from qswap.honesty.integer import audit_integer  # noqa: E402
-from qswap.models import build_s2t_conformer, build_s2t_transformer, s2t_net_input  # noqa: E402
+from qswap.models import (build_s2t_conformer, build_s2t_transformer, build_wav2vec2_ctc,  # noqa: E402
+                          s2t_net_input, wav2vec2_net_input)
 
 PATHS = {"batch forward (teacher-forced)", "get_normalized_probs (batch)", "encoder forward",
          "incremental decoding (3 steps)", "get_normalized_probs (incremental)",
          "reorder_incremental_state (beam reorder)", "reorder_encoder_out"}
 
 
-def calibrated(builder):
-    net_input = s2t_net_input()
-    qmodel = qswap.convert(builder(seed=0), "w8a8")
-    qswap.calibrate(qmodel, [net_input])
+INTEGER_DTYPES = {"bool", "int8", "uint8", "int16", "int32", "int64"}
+
+
+def calibrated(builder, make_input=s2t_net_input, **overrides):
+    net_input = make_input()
+    qmodel = qswap.convert(builder(seed=0, **overrides), "w8a8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantizers on paths the batch never takes keep observing
+        qswap.calibrate(qmodel, [net_input])
     return qmodel, net_input
 
 
@@ -84,9 +93,43 @@ def test_a_float_encoder_output_reorder_is_a_finding(s2t):
     assert {f.path for f in report.findings} == {"reorder_encoder_out"}
 
 
+def test_every_path_of_the_integer_rel_pos_conformer_is_integer():
+    qmodel, net_input = calibrated(build_s2t_conformer)  # ESPnet rel_pos attention
+    report = qswap.audit(qmodel, net_input, integer=True)
+    assert report.integer_only, [(f.path, f.module, f.op) for f in report.findings[:5]]
+    assert {p.name for p in report.paths} == PATHS and set(report.dtypes) <= INTEGER_DTYPES
+    assert {d.module for d in report.declared} == {"encoder.input", "decoder.output", "get_normalized_probs"}
+
+
+@pytest.fixture(scope="module")
+def wav2vec2():
+    return calibrated(build_wav2vec2_ctc, wav2vec2_net_input)
+
+
+def test_a_wav2vec2_ctc_integer_model_is_integer_only(wav2vec2):
+    """The waveform in (``input``: a QuantizeStep) and the logits out (``output``: a
+    DequantizeStep) are its only float steps; feature extractor, encoder and CTC projection run
+    on integers, the padding mask included."""
+    qmodel, net_input = wav2vec2
+    report = qswap.audit(qmodel, net_input, integer=True)
+    assert report.integer_only and [p.name for p in report.paths] == ["forward"]
+    assert set(report.dtypes) <= INTEGER_DTYPES
+    steps = {d.module: d.step for d in report.declared}
+    assert steps == {"input": "quantize the input", "output": "output codes to float scores"}
+
+
+def test_a_float_op_inside_the_wav2vec2_encoder_is_named(wav2vec2):
+    qmodel, net_input = wav2vec2
+    imodel = qswap.integerize(qmodel)
+    imodel.w2v_model.encoder.layers[0].register_forward_hook(float_detour)
+    report = audit_integer(imodel, net_input)
+    assert not report.integer_only
+    assert ("forward", "w2v_model.encoder.layers.0", "mul") in {(f.path, f.module, f.op) for f in report.findings}
+
+
 def test_models_without_an_integer_form_raise_naming_modules():
-    qmodel, net_input = calibrated(build_s2t_conformer)
-    with pytest.raises(IntegerizeError, match="encoder \\(QS2TConformerEncoder\\)"):
+    qmodel, net_input = calibrated(build_s2t_conformer, conv_version="convtransformer")  # a Conv2d subsampler
+    with pytest.raises(IntegerizeError, match=r"subsample \(Conv2dSubsampler\): no integer form yet"):
         qswap.audit(qmodel, net_input, integer=True)
 
 

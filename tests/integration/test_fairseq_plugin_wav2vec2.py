@@ -134,6 +134,28 @@ def test_qswap_eval_decodes_the_qat_checkpoint(trained, tmp_path):
     assert result["counts"]["utterances"] == 2
 
 
+def test_qswap_export_writes_the_qat_checkpoint_as_an_integer_model(trained, tmp_path):
+    """``qswap export QCKPT -o DIR`` on the fairseq-trained checkpoint: the loaded integer wav2vec 2.0
+    CTC model gives the codes of ``qswap.integerize`` of the checkpoint on a real batch."""
+    from qswap.cli import main
+    from qswap.export.integer_load import load_integer_model
+    from qswap.integration.data import batches, load_model_and_task
+
+    _, data, ckpt, _ = trained
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "export"), "--data", str(data)]) == 0
+    exported = load_integer_model(tmp_path / "export")
+    assert type(exported.model).__name__ == "IntegerWav2VecCtc" and set(exported.float_steps) == {
+        "quantize_input", "dequantize_output"}
+    model, task = load_model_and_task(ckpt, data)
+    imodel = qswap.integerize(model)
+    net_input = next(batches(task, "valid"))["net_input"]
+    with torch.no_grad():
+        codes = [m.forward_codes(m.quantize_input(net_input)) for m in (imodel, exported.model)]
+    assert codes[0]["encoder_out"].dtype in (torch.int8, torch.uint8)
+    assert torch.equal(codes[0]["encoder_out"], codes[1]["encoder_out"])
+    assert exported.decoding["size"] == len(task.target_dictionary)
+
+
 def test_fairseq_resumes_qat_from_the_saved_checkpoint(trained, tmp_path):
     """fairseq's own torch.load (with the plugin's allowlist) resumes from checkpoint_last.pt:
     the model is converted again, the frozen grids load and are not recalibrated, though a few

@@ -22,7 +22,8 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
 
 from qswap.errors import ConvertError
-from qswap.io.serializable import INT, Obj, Tuple, serializable
+from qswap.io.serializable import INT, Obj, serializable
+from qswap.io.serializable import Tuple as TupleOf
 from qswap.nn.attention import CORE_SITES, QuantAttentionCore, maps_elementwise, merge_heads, split_heads
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
@@ -261,7 +262,7 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
-@serializable(num_heads=INT, projections=Tuple(*[Obj("IntegerLinear")] * 3), core=Obj("IntegerAttentionCore"),
+@serializable(num_heads=INT, projections=TupleOf(*[Obj("IntegerLinear")] * 3), core=Obj("IntegerAttentionCore"),
               out_proj=Obj("IntegerLinear"))
 class IntegerFairseqAttention(FairseqIncrementalState, nn.Module):
     """Attention on codes: projections, integer core, out projection (all int32 inside).

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from fairseq.modules.conformer_layer import ConformerEncoderLayer, ConformerWav2Vec2EncoderLayer
 
+from qswap.io.serializable import ANY, INT, List, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
@@ -83,7 +84,7 @@ _CONV_OPS = ("pointwise_conv1", "glu", "depthwise_conv", "batch_norm", "activati
 def _integer_conformer_layer(layer: QConformerEncoderLayer, stream_scale, attn_extra: dict) -> "IntegerConformerLayer":
     """See ``QConformerEncoderLayer.to_integer``."""
     from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
-    from qswap.nn.fairseq.chain import integer_chain
+    from qswap.nn.fairseq.chain import IntegerChain, integer_chain
     from qswap.nn.fairseq.layers import stream_to
     from qswap.quant.integer import AddParams, Grid
     grids = {site: Grid.of(getattr(layer, f"{site}_quant")) for site in layer.sites}
@@ -96,8 +97,8 @@ def _integer_conformer_layer(layer: QConformerEncoderLayer, stream_scale, attn_e
         attn_extra = {**attn_extra, "key_is_query": True}
     blocks = [
         integer_chain([(n, getattr(layer.ffn1, n)) for n in _FFN_OPS], grids["ffn1_out"]),
-        torch.nn.Sequential(layer.self_attn_layer_norm.to_integer(Grid.of(layer.self_attn.input_quant)),
-                            layer.self_attn.to_integer(grids["attn_out"], **attn_extra)),
+        IntegerChain([layer.self_attn_layer_norm.to_integer(Grid.of(layer.self_attn.input_quant)),
+                      layer.self_attn.to_integer(grids["attn_out"], **attn_extra)]),
         IntegerConvolutionModule(conv.layer_norm.to_integer(Grid.of(conv.pointwise_conv1.input_quant)),
                                  integer_chain([(n, getattr(conv, n)) for n in _CONV_OPS], grids["conv_out"])),
         integer_chain([(n, getattr(layer.ffn2, n)) for n in _FFN_OPS], grids["ffn2_out"]),
@@ -109,6 +110,7 @@ def _integer_conformer_layer(layer: QConformerEncoderLayer, stream_scale, attn_e
         norm_in=stream_to(scales[-1], layer.final_layer_norm.input_quant), norm=layer.final_layer_norm.to_integer(None))
 
 
+@serializable(norm=Obj("IntegerLayerNorm"), convs=Obj("IntegerChain"))
 class IntegerConvolutionModule(torch.nn.Module):
     """The conformer's convolution module on codes: LayerNorm over C on (T, B, C), then the convs
     on (B, C, T)."""
@@ -122,6 +124,9 @@ class IntegerConvolutionModule(torch.nn.Module):
         return self.convs(self.norm(codes).permute(1, 2, 0)).permute(2, 0, 1)
 
 
+@serializable(readers=List(Obj("Requant")), blocks=List(ANY), residuals=List(Obj("Requant")),
+              adds=List(Obj("AddParams")), zero_points=List(Tuple(INT, INT)), norm_in=Obj("Requant"),
+              norm=Obj("IntegerLayerNorm"))
 class IntegerConformerLayer(torch.nn.Module):
     """A conformer layer on integers: int32 stream in, the final norm's int32 accumulator out."""
 

@@ -26,12 +26,16 @@ from fairseq.modules.espnet_multihead_attention import (
 )
 from torch import Tensor
 
+from qswap.io.serializable import INT, List, Obj, Tuple, serializable
+from qswap.io.serializable import Tensor as TensorOf
 from qswap.nn.attention import CORE_SITES, merge_heads, split_heads
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.fairseq.attention import Projection, attention_core
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
 
+CODES = TensorOf("int8", "uint8", "int16", "int32")  # a table of codes, as a spec
+PROJECTIONS = Tuple(*[Obj("IntegerLinear")] * 3)  # q, k, v
 ROPE_POSITIONS = 2048  # frames of an integer rotary table: the integer softmax's longest row
 
 
@@ -286,6 +290,8 @@ def _blocked(key_padding_mask: Optional[Tensor], bsz: int, heads: int) -> Option
     return pad.reshape(bsz * heads, 1, length)
 
 
+@serializable(base=Obj("IntegerAttentionCore"), scores=Obj("Requant"), add=Obj("AddParams"),
+              zero_points=Tuple(INT, INT))
 class IntegerRelPosCore(torch.nn.Module):
     """The attention core with a relative-position score term, on codes: ``q_u k^T`` in int32
     requantized onto the ``scores`` grid, plus the ``scores_bias`` codes (``rescaled_add`` onto the
@@ -309,6 +315,9 @@ class IntegerRelPosCore(torch.nn.Module):
         return base.context(torch.bmm(probs.to(torch.int32) - zp, v.to(torch.int32) - zv))
 
 
+@serializable(num_heads=INT, projections=PROJECTIONS, bias_u=Obj("ConstantAddParams"),
+              bias_v=Obj("ConstantAddParams"), table=CODES, pos_proj=Obj("IntegerLinear"), bd=Obj("Requant"),
+              zero_points=Tuple(INT, INT), core=Obj("IntegerRelPosCore"), out_proj=Obj("IntegerLinear"))
 class IntegerRelPosAttention(torch.nn.Module):
     """Rel-pos self-attention on codes (see ``QRelPositionMultiHeadedAttention.to_integer``)."""
 
@@ -345,6 +354,9 @@ class IntegerRelPosAttention(torch.nn.Module):
         return self.out_proj(merge_heads(context, bsz))  # (T, B, C)
 
 
+@serializable(num_heads=INT, projections=PROJECTIONS, cos=CODES, sin=CODES, rotate=List(Obj("Requant")),
+              add=Obj("AddParams"), zero_points=Tuple(INT, INT, INT), core=Obj("IntegerAttentionCore"),
+              out_proj=Obj("IntegerLinear"))
 class IntegerRotaryAttention(torch.nn.Module):
     """Rotary self-attention on codes (see ``QRotaryPositionMultiHeadedAttention.to_integer``)."""
 

@@ -18,7 +18,8 @@ from fairseq.modules.transformer_layer import (
 from torch import Tensor
 
 from qswap.errors import ConvertError
-from qswap.io.serializable import INT, List, Obj, Tensor, Tuple, serializable
+from qswap.io.serializable import INT, Obj, Tuple, serializable
+from qswap.io.serializable import List as ListOf, Tensor as TensorOf
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
@@ -285,7 +286,7 @@ def integer_encoder_layer(layer, stream_scale: float | torch.Tensor, pre_norm: b
 
 @serializable(norm1_in=Obj("Requant"), norm1=Obj("IntegerLayerNorm"), attn=Obj("IntegerFairseqAttention"),
               residual1=Obj("Requant"), add1=Obj("AddParams"), norm2_in=Obj("Requant"), norm2=Obj("IntegerLayerNorm"),
-              fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT),
+              fc1=Obj("IntegerLinear"), act=Tuple(TensorOf("int8", "uint8", "int16", "int32"), INT),
               fc2=Obj("IntegerLinear"), residual2=Obj("Requant"), add2=Obj("AddParams"),
               zero_points=Tuple(INT, INT, INT, INT))
 class IntegerTransformerEncoderLayer(torch.nn.Module):
@@ -331,7 +332,7 @@ class StreamOut(torch.nn.Module):
 
 @serializable(attn_in=Obj("Requant"), attn=Obj("IntegerFairseqAttention"), residual1=Obj("Requant"),
               add1=Obj("AddParams"), norm1_in=Obj("Requant"), norm1=Obj("IntegerLayerNorm"), fc1_in=Obj("Requant"),
-              fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT),
+              fc1=Obj("IntegerLinear"), act=Tuple(TensorOf("int8", "uint8", "int16", "int32"), INT),
               fc2=Obj("IntegerLinear"), residual2=Obj("Requant"), add2=Obj("AddParams"), norm2_in=Obj("Requant"),
               norm2=Obj("IntegerLayerNorm"), zero_points=Tuple(INT, INT, INT, INT))
 class IntegerPostNormEncoderLayer(torch.nn.Module):
@@ -364,10 +365,11 @@ class IntegerPostNormEncoderLayer(torch.nn.Module):
         return self.norm2(self.norm2_in(rescaled_sum(self.residual2(stream), z_res2, x, z_out2, self.add2)))
 
 
-@serializable(norms_in=List(Obj("Requant")), norms=List(Obj("IntegerLayerNorm")),
-              attns=List(Obj("IntegerFairseqAttention")), residuals=List(Obj("Requant")), adds=List(Obj("AddParams")),
-              fc1=Obj("IntegerLinear"), act=Tuple(Tensor("int8", "uint8", "int16", "int32"), INT),
-              fc2=Obj("IntegerLinear"), zero_points=List(Tuple(INT, INT)))
+@serializable(norms_in=ListOf(Obj("Requant")), norms=ListOf(Obj("IntegerLayerNorm")),
+              attns=ListOf(Obj("IntegerFairseqAttention")), residuals=ListOf(Obj("Requant")),
+              adds=ListOf(Obj("AddParams")), fc1=Obj("IntegerLinear"),
+              act=Tuple(TensorOf("int8", "uint8", "int16", "int32"), INT), fc2=Obj("IntegerLinear"),
+              zero_points=ListOf(Tuple(INT, INT)))
 class IntegerTransformerDecoderLayer(torch.nn.Module):
     """A pre-norm decoder layer on integers (batch forward, or one step of incremental decoding):
     int32 residual stream in and out."""

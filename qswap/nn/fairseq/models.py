@@ -28,7 +28,8 @@ from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc
 from torch import Tensor
 
 from qswap.errors import ConvertError
-from qswap.io.serializable import ANY, INT, Either, List, Obj, Opt, Tensor, serializable
+from qswap.io.serializable import ANY, INT, Either, Obj, Opt, serializable
+from qswap.io.serializable import List as ListOf, Tensor as TensorOf
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
@@ -101,7 +102,7 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
             scale = layers[-1].stream_scale
         outs = out if isinstance(out, list) else [out]
         if self.layer_norm is None:  # post-norm: the last layer's norm accumulator is read directly
-            norm_in, norms = torch.nn.Identity(), [StreamOut(stream_to(scale, o)) for o in outs]
+            norm_in, norms = None, [StreamOut(stream_to(scale, o)) for o in outs]
         else:
             norm_in = stream_to(scale, self.layer_norm.input_quant)
             norms = [self.layer_norm.to_integer(o) for o in outs]
@@ -156,6 +157,7 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
         first layer reads), the conformer layers, each reader requantizing the last layer's norm
         accumulator. Rotary attention: no positions added, each attention rotates its input."""
         from qswap.errors import IntegerizeError
+        from qswap.nn.fairseq.chain import IntegerChain
         from qswap.nn.fairseq.layers import StreamOut, stream_to
         from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
         from qswap.quant.integer import Grid
@@ -173,14 +175,14 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
             elif self.pos_enc_type == "rel_pos":
                 extra = {"pos_table": self.embed_positions.pe}
         linear = self.linear.to_integer(None)
-        entry = torch.nn.Sequential(StreamOut(stream_to(scale, self.linear.input_quant)), linear)
+        entry = IntegerChain([StreamOut(stream_to(scale, self.linear.input_quant)), linear])
         scale, layers = linear.stream_scale, []
         for layer in self.conformer_layers:
             layers.append(layer.to_integer(scale, **extra))
             scale = layers[-1].stream_scale
         outs = [StreamOut(stream_to(scale, o)) for o in (out if isinstance(out, list) else [out])]
         return IntegerS2TTransformerEncoder(self.subsample.to_integer(embed), embed.zero_point, stream_bits, positions,
-                                            self.padding_idx, layers, torch.nn.Identity(), outs, out, entry=entry)
+                                            self.padding_idx, layers, None, outs, out, entry=entry)
 
 
 class _QuantizedLogits:
@@ -318,9 +320,9 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
-@serializable(subsample=ANY, embed_zero_point=INT, stream_bits=INT, positions=Opt(Tensor("int32")), padding_idx=INT,
-              layers=List(ANY), norm_in=Opt(Obj("Requant")), norms=List(ANY),
-              out_grid=Either(Obj("Grid"), List(Obj("Grid"))), entry=Opt(ANY))
+@serializable(subsample=ANY, embed_zero_point=INT, stream_bits=INT, positions=Opt(TensorOf("int32")), padding_idx=INT,
+              layers=ListOf(ANY), norm_in=Opt(Obj("Requant")), norms=ListOf(ANY),
+              out_grid=Either(Obj("Grid"), ListOf(Obj("Grid"))), entry=Opt(ANY))
 class IntegerS2TTransformerEncoder(FairseqEncoder):
     """An S2T encoder on integers: subsampler, positions, (the conformer's ``linear``: ``entry``),
     layers, final norm (or the readers of the last layer's stream). ``input`` (a ``QuantizeStep``)
@@ -358,7 +360,7 @@ class IntegerS2TTransformerEncoder(FairseqEncoder):
             stream = self.entry(stream)
         for layer in self.layers:
             stream = layer(stream, padding_mask)  # (T', B, C) int32
-        normed = self.norm_in(stream)
+        normed = stream if self.norm_in is None else self.norm_in(stream)  # None: the last layer's norm
         outs = [norm(normed) for norm in self.norms]
         return (outs if isinstance(self.out_grid, list) else outs[0]), padding_mask
 
@@ -411,20 +413,27 @@ class IntegerS2TTransformerModel(FairseqEncoderDecoderModel):
         return self.decoder.max_positions()
 
 
+@serializable(w2v_model=Obj("IntegerWav2Vec2Model"), proj=Obj("IntegerLinear"), logits_grid=Obj("Grid"), float_steps={
+    "quantize_input": "the waveform (B, S) onto the first conv's input grid (w2v_model.input_grid)",
+    "dequantize_output": "the logits codes on logits_grid to float (what greedy CTC's argmax reads)"})
 class IntegerWav2VecCtc(torch.nn.Module):
     """A wav2vec 2.0 CTC model on integers. ``forward`` takes fairseq's ``net_input`` and returns
     what the fake-quant model's forward returns for greedy CTC: ``{"encoder_out": (T, B, V) float
     logits, "padding_mask": (B, T) or None}`` (``qswap.integration.decode`` decodes it);
     ``quantize_input`` / ``forward_codes`` / ``dequantize_output`` split it for
-    ``qswap.honesty.integer.check_integer``."""
+    ``qswap.honesty.integer.check_integer``. Its declared float steps are the modules ``input``
+    (a ``QuantizeStep``) and ``output`` (a ``DequantizeStep``), which the integer audit tells
+    apart from the integer compute."""
 
     def __init__(self, w2v_model, proj, logits_grid):
         super().__init__()
+        from qswap.nn.integer_steps import DequantizeStep, QuantizeStep
         self.w2v_model, self.proj, self.logits_grid = w2v_model, proj, logits_grid
+        self.input, self.output = QuantizeStep(w2v_model.input_grid), DequantizeStep(logits_grid)
 
     def quantize_input(self, net_input: dict) -> dict:
         """Declared float step: the waveform (B, S) onto the first conv's input grid."""
-        return dict(net_input, source=self.w2v_model.input_grid.quantize(net_input["source"]))
+        return dict(net_input, source=self.input(net_input["source"]))
 
     def forward_codes(self, net_input: dict) -> dict:
         x, padding_mask = self.w2v_model(net_input["source"], net_input.get("padding_mask"))  # (B, T, C)
@@ -432,7 +441,7 @@ class IntegerWav2VecCtc(torch.nn.Module):
 
     def dequantize_output(self, out: dict) -> dict:
         """Declared float step: the logits codes to float."""
-        return dict(out, encoder_out=self.logits_grid.dequantize(out["encoder_out"]))
+        return dict(out, encoder_out=self.output(out["encoder_out"]))
 
     def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, **kwargs) -> dict:
         net_input = {"source": source, "padding_mask": padding_mask}

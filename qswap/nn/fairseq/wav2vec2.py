@@ -28,6 +28,7 @@ from fairseq.models.wav2vec.utils import pad_to_multiple
 from fairseq.utils import index_put
 
 from qswap.errors import ConvertError
+from qswap.io.serializable import ANY, INT, List, Obj, Opt, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.fairseq.config_expr import eval_config_expr
 from qswap.nn.registry import register
@@ -159,7 +160,7 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         onto ``pos_conv_out``'s grid, ``x + pos_conv(x)`` as a rescaled sum, the encoder norm
         (post-norm: first, as the stream; pre-norm: last, onto ``out``), the layers."""
         from qswap.errors import IntegerizeError
-        from qswap.nn.fairseq.chain import integer_chain
+        from qswap.nn.fairseq.chain import IntegerChain, integer_chain
         from qswap.nn.fairseq.layers import StreamOut, stream_to
         from qswap.quant.integer import AddParams, Grid
         if not (isinstance(self.pos_conv, torch.nn.Sequential) and len(self.pos_conv) == 3):
@@ -178,8 +179,8 @@ class QWav2Vec2TransformerEncoder(QuantModule):
             layers.append(layer.to_integer(scale))
             scale = layers[-1].stream_scale
         if self.layer_norm_first:
-            final = torch.nn.Sequential(StreamOut(stream_to(scale, self.layer_norm.input_quant)),
-                                        self.layer_norm.to_integer(out))
+            final = IntegerChain([StreamOut(stream_to(scale, self.layer_norm.input_quant)),
+                                  self.layer_norm.to_integer(out)])
         else:
             final = StreamOut(stream_to(scale, out))
         return IntegerWav2Vec2TransformerEncoder(
@@ -237,12 +238,12 @@ class QWav2Vec2Model(QuantModule):
         ``out`` (the CTC projection's input grid): the feature extractor's convs, norms and GELU
         tables (``integer_chain``), the feature LayerNorm onto the feature projection's input
         grid, the projection's int32 accumulator as the encoder's input stream (without a
-        projection: the norm's accumulator), the encoder."""
+        projection: the norm's accumulator, ``proj`` None), the encoder."""
         from qswap.nn.fairseq.chain import integer_chain
         from qswap.quant.integer import Grid
         if self.post_extract_proj is None:  # the norm's accumulator is the encoder's input stream
             norm = self.layer_norm.to_integer(None)
-            proj, scale = torch.nn.Identity(), norm.stream_scale
+            proj, scale = None, norm.stream_scale
         else:
             norm = self.layer_norm.to_integer(Grid.of(self.post_extract_proj.input_quant))
             proj = self.post_extract_proj.to_integer(None)
@@ -310,6 +311,9 @@ def feature_padding_mask(conv_strides: tuple, padding_mask: torch.Tensor, frames
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
+@serializable(residual_in=Obj("Requant"), conv_in=Obj("Requant"), pos_conv=Obj("IntegerChain"), add=Obj("AddParams"),
+              zero_points=Tuple(INT, INT), norm_in=Opt(Obj("Requant")), norm=Opt(Obj("IntegerLayerNorm")),
+              layers=List(ANY), final=ANY, seq_multiple=INT)
 class IntegerWav2Vec2TransformerEncoder(torch.nn.Module):
     """wav2vec 2.0's transformer encoder on integers: int32 stream (B, T, C) in, codes out."""
 
@@ -343,8 +347,12 @@ class IntegerWav2Vec2TransformerEncoder(torch.nn.Module):
         return self.final(stream.transpose(0, 1)[:, :frames])  # (B, T, C)
 
 
+@serializable(input_grid=Obj("Grid"), features=Obj("IntegerChain"), conv_strides=List(Tuple(INT, INT), tuple_=True),
+              crop_multiple=INT, feature_norm=Obj("IntegerLayerNorm"), proj=Opt(Obj("IntegerLinear")),
+              encoder=Obj("IntegerWav2Vec2TransformerEncoder"))
 class IntegerWav2Vec2Model(torch.nn.Module):
-    """wav2vec 2.0's inference path on integers: waveform codes (B, S) in, codes (B, T, C) out."""
+    """wav2vec 2.0's inference path on integers: waveform codes (B, S) in, codes (B, T, C) out
+    (``proj`` None: the feature norm's accumulator is the encoder's input stream)."""
 
     def __init__(self, input_grid, features, conv_strides: tuple, crop_multiple: int, feature_norm, proj, encoder):
         super().__init__()
@@ -363,5 +371,7 @@ class IntegerWav2Vec2Model(torch.nn.Module):
         if drop:
             x = x[:, :-drop]
             padding_mask = None if padding_mask is None else padding_mask[:, :-drop]
-        stream = self.proj(self.feature_norm(x))  # (B, T, C) int32 accumulator
+        stream = self.feature_norm(x)  # (B, T, C) int32 accumulator without a projection
+        if self.proj is not None:
+            stream = self.proj(stream)  # (B, T, C) int32 accumulator
         return self.encoder(stream, padding_mask), padding_mask

@@ -136,7 +136,7 @@ def assert_close_to_fake_quant(qmodel, imodel, net_input, steps: int, tokens_equ
     twice the largest difference of its own best (a near-tie of an untrained model)."""
     with torch.no_grad():
         reference = qmodel(**net_input)[0]
-    logits = imodel(**net_input)
+    logits = imodel(**net_input)[0]  # fairseq's (logits, extra)
     diff = float((logits - reference).abs().max())
     assert diff <= steps * Grid.of(qmodel.logits_quant).scale + 1e-6
     best = logits.argmax(-1)
