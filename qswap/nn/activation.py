@@ -74,13 +74,13 @@ def glu_value(owner: nn.Module, slot: str, xq: torch.Tensor, quant: nn.Module, d
     and ``quant`` a per-tensor grid, the integer GLU's accumulator ``(a - zp) * gate[b]``
     (``qswap.quant.integer.glu_accumulator``, 2^-15 gate table kept in ``owner.<slot>``) as its
     value, with the float GLU's gradient; otherwise ``F.glu``."""
-    from qswap.quant.integer import GluParams, glu_accumulator
+    from qswap.quant.integer import GluParams, glu_acc_scale, glu_accumulator
     grid = grid_of(quant) if simulates(owner) else None
     if grid is None:
         return F.glu(xq, dim=dim)
     params = cached(owner, slot, lambda: GluParams.build(grid, None), quant.scale, quant.zero_point)
     with torch.no_grad():
-        value = value_of(glu_accumulator(codes_of(xq, grid), params, dim), params.acc_scale, xq.dtype)
+        value = value_of(glu_accumulator(codes_of(xq, grid), params, dim), glu_acc_scale(grid), xq.dtype)
     return straight_through(value, F.glu(xq, dim=dim)) if xq.requires_grad else value
 
 

@@ -395,7 +395,7 @@ def apply_lut(codes: torch.Tensor, table: torch.Tensor, qmin: int) -> torch.Tens
 GLU_GATE_BITS = 15  # the gate sigmoid(b) in [0, 2^15]
 
 
-@serializable(gate=Tensor("int32"), zero_point=INT, qmin=INT, out=Opt(Obj("Requant")), acc_scale=FLOAT)
+@serializable(gate=Tensor("int32"), zero_point=INT, qmin=INT, out=Opt(Obj("Requant")))
 @dataclass(frozen=True)
 class GluParams:
     """Integer GLU constants: ``gate[b - qmin]`` = round(2^15 sigmoid(b's value)) over every input
@@ -406,7 +406,6 @@ class GluParams:
     zero_point: int
     qmin: int
     out: Requant | None
-    acc_scale: float = 0.0  # the accumulator's grid: s_in 2^-15
 
     @classmethod
     def build(cls, grid_in: Grid, grid_out: Grid | None) -> "GluParams":
@@ -414,15 +413,19 @@ class GluParams:
         simulation, whose consumer rounds the accumulator's value)."""
         values = (grid_in.codes() - grid_in.zero_point).double() * grid_in.scale
         gate = torch.round(torch.sigmoid(values) * 2 ** GLU_GATE_BITS).to(torch.int32)
-        acc_scale = grid_in.scale * 2.0 ** -GLU_GATE_BITS
-        out = None if grid_out is None else Requant.from_scales(acc_scale / grid_out.scale, grid_out.zero_point,
-                                                                grid_out.qmin, grid_out.qmax)
-        return cls(gate, grid_in.zero_point, grid_in.qmin, out, acc_scale)
+        out = None if grid_out is None else Requant.from_scales(glu_acc_scale(grid_in) / grid_out.scale,
+                                                                grid_out.zero_point, grid_out.qmin, grid_out.qmax)
+        return cls(gate, grid_in.zero_point, grid_in.qmin, out)
+
+
+def glu_acc_scale(grid_in: Grid) -> float:
+    """The grid of the GLU accumulator ``(a - zp) * gate[b]`` of inputs on ``grid_in``: s_in 2^-15."""
+    return grid_in.scale * 2.0 ** -GLU_GATE_BITS
 
 
 def glu_accumulator(codes: torch.Tensor, params: GluParams, dim: int = -1) -> torch.Tensor:
     """``(a - zp) * gate[b]`` in int32 (|a - zp| < 2^16 for inputs of at most 16 bits, gate <=
-    2^15: below 2^31), on the grid ``params.acc_scale``: ``a`` the first half of ``codes`` along
+    2^15: below 2^31), on the grid ``glu_acc_scale(grid_in)``: ``a`` the first half of ``codes`` along
     ``dim``, ``b`` the second."""
     _check_int("codes", codes)
     a, b = codes.chunk(2, dim=dim)
