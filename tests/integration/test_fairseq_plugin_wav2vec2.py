@@ -134,6 +134,25 @@ def test_qswap_eval_decodes_the_qat_checkpoint(trained, tmp_path):
     assert result["counts"]["utterances"] == 2
 
 
+def test_qswap_eval_integer_decodes_the_integer_wav2vec2_ctc_model(trained, tmp_path):
+    """qswap eval QCKPT --integer: the integer wav2vec 2.0 CTC model, greedy CTC, every utterance;
+    its transcripts are those of decoding ``qswap.integerize`` of the checkpoint directly."""
+    from qswap.cli import main
+    from qswap.integration.data import batches, load_model_and_task
+    from qswap.integration.decode import decode
+
+    _, data, ckpt, _ = trained
+    out = tmp_path / "eval_integer.json"
+    assert main(["eval", str(ckpt), "--data", str(data), "--subset", "valid", "--integer",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "w8a8 (integer)" and result["counts"]["utterances"] == 2
+    model, task = load_model_and_task(ckpt, data)
+    direct = decode(task, qswap.integerize(model), batches(task, "valid"))
+    assert sorted((u["id"], u["hyp"]) for u in result["utterances"]) == sorted(
+        (u.id, u.hyp) for u in direct.utterances)
+
+
 def test_qswap_export_writes_the_qat_checkpoint_as_an_integer_model(trained, tmp_path):
     """``qswap export QCKPT -o DIR`` on the fairseq-trained checkpoint: the loaded integer wav2vec 2.0
     CTC model gives the codes of ``qswap.integerize`` of the checkpoint on a real batch."""
