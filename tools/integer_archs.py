@@ -80,7 +80,7 @@ def _s2t(name: str, build, recipe: str) -> tuple:
     q = _calibrated(build(), net_input, recipe)
     with torch.no_grad():
         reference = q(**net_input)[0]
-    logits = qswap.integerize(q)(**net_input)
+    logits = qswap.integerize(q)(**net_input)[0]  # (logits, extra), as fairseq models return
     equal = 100 * float((logits.argmax(-1) == reference.argmax(-1)).double().mean())
     steps = float((logits - reference).abs().max()) / Grid.of(q.logits_quant).scale
     return name, recipe, reference.shape[0] * reference.shape[1], equal, steps, ""
