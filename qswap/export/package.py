@@ -1,4 +1,5 @@
-"""A deployable directory: the three ONNX graphs of a qswap S2T transformer and ``export.json``,
+"""A deployable directory: the three ONNX graphs of a qswap S2T transformer or
+conformer and ``export.json``,
 what ``qswap eval DIR --backend onnxruntime`` and ``qswap audit DIR --onnx`` read.
 
 ``export.json`` (format 1) records the recipe, whether the fake-quant model's honesty audit
@@ -47,7 +48,7 @@ class Manifest:
 
 def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg: Any = None,
                  audit: bool = True, allow_float: bool = False) -> Manifest:
-    """Write ``qmodel`` (a calibrated qswap S2T transformer) to ``directory`` as its encoder,
+    """Write ``qmodel`` (a calibrated qswap S2T transformer or conformer) to ``directory`` as its encoder,
     cross-attention and decoder-step graphs plus ``export.json``. ``task_cfg``: the fairseq task
     config the model was loaded with (needed to decode with the export). ``audit``: run
     ``qswap.audit`` on the example batch and record its verdict. ``allow_float``: export a

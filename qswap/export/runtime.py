@@ -97,7 +97,7 @@ class OrtDecoder(FairseqIncrementalDecoder):
 
 
 class OrtS2TModel(FairseqEncoderDecoderModel):
-    """The exported graphs of a qswap S2T transformer as a fairseq encoder-decoder model
+    """The exported graphs of a qswap S2T transformer or conformer as a fairseq encoder-decoder model
     (``recipe``: the recipe name recorded at export)."""
 
     recipe = "unknown"

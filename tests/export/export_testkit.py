@@ -1,5 +1,7 @@
-"""Shared pieces of the export tests: a converted and calibrated small s2t_transformer, and the
-comparison of an integer model with its exported and loaded copy."""
+"""Shared pieces of the export tests: a converted and calibrated small s2t model, padded batches,
+the encoder graph's distance from the fake-quant encoder in grid steps, the values every
+QuantizeLinear of a graph reads, and the comparison of an integer model with its exported and
+loaded copy."""
 from __future__ import annotations
 
 import warnings
@@ -9,6 +11,7 @@ from torch import nn
 
 import qswap
 from qswap.models import s2t_net_input
+from qswap.nn.simulate import simulating
 
 
 def calibrated(model, recipe="w8a8"):
@@ -37,3 +40,42 @@ def same_description(a: nn.Module, b: nn.Module) -> None:
     assert entry_a == entry_b and tensors_a.keys() == tensors_b.keys()
     for key, t in tensors_a.items():
         assert t.dtype == tensors_b[key].dtype and torch.equal(t, tensors_b[key]), key
+
+
+def padded_batch(batch, frames, seed):
+    """Features of ``batch`` utterances, the first filling ``frames``, the others shorter."""
+    net = s2t_net_input(batch, frames, seed=seed)
+    for i in range(1, batch):
+        net["src_lengths"][i] = frames - 7 * i
+        net["src_tokens"][i, frames - 7 * i:] = 0.0
+    return net
+
+
+def output_steps(qmodel, session, net):
+    """|onnxruntime - fake-quant| of the encoder output, in steps of the grid its consumer (the
+    decoder's encoder-attention input quantizer) puts it on; and both padding masks. The graph
+    runs ONNX's float LayerNorm and Softmax: the fake-quant model is run with those insides too
+    (``simulate: float``), not the integer ones."""
+    from qswap.export import run_encoder
+
+    with torch.no_grad(), simulating(qmodel, "float"):
+        ref = qmodel.encoder(net["src_tokens"], net["src_lengths"])
+    out, padding = run_encoder(session, net["src_tokens"], net["src_lengths"])
+    step = qmodel.decoder.layers[0].encoder_attn.key_quant.scale
+    return (out - ref["encoder_out"][0]).abs() / step, padding, ref["encoder_padding_mask"]
+
+
+def quantizer_inputs(graph_path, net) -> tuple[list, list[int]]:
+    """What every QuantizeLinear of the encoder graph at ``graph_path`` reads on ``net`` (numpy
+    arrays), and the graph inputs' ONNX element types."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(graph_path))
+    inputs = [n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    for name in inputs:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run(inputs, {"src_tokens": net["src_tokens"].numpy(),
+                                  "src_lengths": net["src_lengths"].numpy()})
+    return values, [i.type.tensor_type.elem_type for i in model.graph.input]
