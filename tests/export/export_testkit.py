@@ -65,9 +65,14 @@ def output_steps(qmodel, session, net):
     return (out - ref["encoder_out"][0]).abs() / step, padding, ref["encoder_padding_mask"]
 
 
-def quantizer_inputs(graph_path, net) -> tuple[list, list[int]]:
-    """What every QuantizeLinear of the encoder graph at ``graph_path`` reads on ``net`` (numpy
-    arrays), and the graph inputs' ONNX element types."""
+def encoder_feeds(net: dict) -> dict:
+    """The encoder graph's inputs of a ``net_input``."""
+    return {"src_tokens": net["src_tokens"], "src_lengths": net["src_lengths"]}
+
+
+def quantizer_inputs(graph_path, feeds: dict) -> tuple[list, list[int]]:
+    """What every QuantizeLinear of the graph at ``graph_path`` reads on ``feeds`` (input name ->
+    tensor), as numpy arrays, and the graph inputs' ONNX element types."""
     import onnx
     import onnxruntime as ort
 
@@ -76,6 +81,5 @@ def quantizer_inputs(graph_path, net) -> tuple[list, list[int]]:
     for name in inputs:
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    values = session.run(inputs, {"src_tokens": net["src_tokens"].numpy(),
-                                  "src_lengths": net["src_lengths"].numpy()})
+    values = session.run(inputs, {name: value.numpy() for name, value in feeds.items()})
     return values, [i.type.tensor_type.elem_type for i in model.graph.input]

@@ -25,7 +25,7 @@ from qswap.export.runtime import load_exported  # noqa: E402
 from qswap.integration import data as fdata  # noqa: E402
 from qswap.integration.decode import decode  # noqa: E402
 
-from export_testkit import calibrated, output_steps, padded_batch, quantizer_inputs  # noqa: E402
+from export_testkit import calibrated, encoder_feeds, output_steps, padded_batch, quantizer_inputs  # noqa: E402
 
 ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
 POSITIONS = ["abs", "rel_pos", "rope"]
@@ -67,7 +67,7 @@ def test_every_graph_of_the_export_agrees_with_the_fake_quant_model(exported):
 
 def test_no_quantizer_of_the_conformer_sees_infinity_with_padding(exported):
     _, out = exported
-    values, input_types = quantizer_inputs(out / GRAPHS["encoder"], padded_batch(3, 80, seed=7))
+    values, input_types = quantizer_inputs(out / GRAPHS["encoder"], encoder_feeds(padded_batch(3, 80, seed=7)))
     assert len(values) >= 40 and all(np.isfinite(v).all() for v in values)
     assert input_types == [1, 7]  # float features, int64 lengths
 

@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 
 from qswap.export import export_encoder, load_session, run_encoder  # noqa: E402
 
-from export_testkit import calibrated, output_steps, padded_batch, quantizer_inputs  # noqa: E402
+from export_testkit import calibrated, encoder_feeds, output_steps, padded_batch, quantizer_inputs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_graph_carries_qswaps_scales_and_integer_weights(qmodel, graph_path):
 def test_no_quantizer_sees_infinity_with_padding(qmodel, graph_path):
     """The padding mask enters as booleans: every QuantizeLinear input is finite on a padded
     batch (fairseq's -inf fill happens after the softmax input quantizer)."""
-    values, input_types = quantizer_inputs(graph_path, padded_batch(3, 80, seed=7))
+    values, input_types = quantizer_inputs(graph_path, encoder_feeds(padded_batch(3, 80, seed=7)))
     assert values and all(np.isfinite(v).all() for v in values)
     assert input_types == [1, 7]  # float, int64
 
