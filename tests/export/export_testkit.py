@@ -1,4 +1,4 @@
-"""Shared pieces of the export tests: a converted and calibrated small s2t model, padded batches,
+"""Shared pieces of the export tests: converted and calibrated small s2t and wav2vec 2.0 CTC models, padded batches,
 the encoder graph's distance from the fake-quant encoder in grid steps, the values every
 QuantizeLinear of a graph reads, and the comparison of an integer model with its exported and
 loaded copy."""
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import qswap
-from qswap.models import s2t_net_input
+from qswap.models import build_wav2vec2_ctc, s2t_net_input, wav2vec2_net_input
 from qswap.nn.simulate import simulating
 
 
@@ -21,6 +21,25 @@ def calibrated(model, recipe="w8a8"):
         warnings.simplefilter("ignore")  # quantizers on paths the batches never take keep observing
         qswap.calibrate(qmodel, [s2t_net_input(2, 60, seed=s) for s in range(3)])
     return qmodel
+
+
+def calibrated_ctc(recipe="w8a8", **overrides):
+    """A small fairseq wav2vec 2.0 CTC model (``overrides``: Wav2Vec2Config fields) converted with
+    ``recipe`` and calibrated on three small padded batches."""
+    qmodel = qswap.convert(build_wav2vec2_ctc(**overrides), recipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(qmodel, [wav2vec2_net_input(2, 4000, seed=s) for s in range(3)])
+    return qmodel
+
+
+def padded_waveforms(batch: int, samples: int, seed: int) -> dict:
+    """Waveforms of ``batch`` utterances, the first filling ``samples``, each next 1000 shorter."""
+    net = wav2vec2_net_input(batch, samples, seed=seed, ragged=False)
+    for i in range(1, batch):
+        net["padding_mask"][i, samples - 1000 * i:] = True
+        net["source"][i, samples - 1000 * i:] = 0.0
+    return net
 
 
 def same_tree(a: nn.Module, b: nn.Module) -> None:

@@ -4,7 +4,6 @@ calibrated w8a8; onnxruntime's logits against the fake-quant model's in steps of
 on padded batches, the padding mask, greedy CTC through ``qswap.export.runtime``, the deploy
 audit, and typed errors for what the graph does not cover."""
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -26,17 +25,9 @@ from qswap.export.runtime import OrtCtcModel, load_exported  # noqa: E402
 from qswap.export.wav2vec2 import export_ctc, run_ctc  # noqa: E402
 from qswap.integration.decode import _ctc_greedy  # noqa: E402
 
-from export_testkit import quantizer_inputs  # noqa: E402
+from export_testkit import calibrated_ctc, padded_waveforms as padded, quantizer_inputs  # noqa: E402
 
 VARIANTS = {"post_norm": {}, "pre_norm": {"extractor_mode": "layer_norm", "layer_norm_first": True}}
-
-
-def calibrated_ctc(recipe="w8a8", **overrides):
-    qmodel = qswap.convert(build_wav2vec2_ctc(**overrides), recipe)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantizers on paths the batches never take keep observing
-        qswap.calibrate(qmodel, [wav2vec2_net_input(2, 4000, seed=s) for s in range(3)])
-    return qmodel
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -46,15 +37,6 @@ def exported(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"ctc_{request.param}")
     export_model(qmodel, out)
     return qmodel, out
-
-
-def padded(batch: int, samples: int, seed: int) -> dict:
-    """Waveforms of ``batch`` utterances, the first filling ``samples``, each next 1000 shorter."""
-    net = wav2vec2_net_input(batch, samples, seed=seed, ragged=False)
-    for i in range(1, batch):
-        net["padding_mask"][i, samples - 1000 * i:] = True
-        net["source"][i, samples - 1000 * i:] = 0.0
-    return net
 
 
 @pytest.mark.parametrize("batch,samples", [(3, 5000), (1, 3000), (2, 4010), (1, 4010)])  # 249, 149, 200, 200 frames
