@@ -1,5 +1,6 @@
-"""The decoder of a calibrated qswap S2T transformer (or conformer: the same decoder) as two ONNX QDQ graphs: the encoder-decoder
-attention's keys and values (computed once per utterance) and one decoding step.
+"""The decoder of a calibrated qswap S2T transformer (or conformer: the same decoder) as two ONNX
+QDQ graphs: the encoder-decoder attention's keys and values (computed once per utterance) and
+one decoding step.
 
 ``cross_kv.onnx``: ``encoder_out`` (S, B, E) -> per decoder layer i ``cross_key_i`` / ``cross_value_i`` (B, H, S, D), the projections fairseq's
 incremental decoder caches at its first step (``static_kv``).

@@ -106,3 +106,14 @@ def test_eval_with_onnxruntime_decodes_a_conformer_export(asset, tmp_path, capsy
     assert main(["eval", str(tmp_path), "--backend", "onnxruntime", "--data", str(ASSET), "--subset",
                  "train_calib", "--beam", "2"]) == 0
     assert "w8a8 (onnxruntime): 32 utterances of train_calib: WER" in capsys.readouterr().out
+
+
+def test_a_conv2d_subsampler_is_a_typed_error(tmp_path):
+    from qswap.errors import ExportError
+    from qswap.export import export_encoder
+    from qswap.models import s2t_net_input
+
+    qmodel = calibrated(build_s2t_conformer(conv_version="convtransformer", conv_out_channels=64, input_channels=1))
+    with pytest.raises(ExportError, match="Conv2dSubsampler subsampler is not supported"):
+        export_encoder(qmodel, tmp_path / "e.onnx", s2t_net_input())
+    assert not (tmp_path / "e.onnx").exists()
