@@ -127,10 +127,23 @@ _LEVELS = {
 }
 
 
+def run_graph(session, outputs: list[str], feeds: dict) -> list:
+    """``session.run(outputs, feeds)``; ExportError with onnxruntime's reason when it rejects the
+    inputs (a dtype or rank the graph does not take, an input longer than a position table the
+    graph holds)."""
+    try:
+        return session.run(outputs, feeds)
+    except Exception as e:  # onnxruntime raises its own InvalidArgument / RuntimeException / Fail types
+        shapes = ", ".join(f"{k} {getattr(v, 'dtype', '?')}{list(getattr(v, 'shape', []))}" for k, v in feeds.items())
+        raise ExportError(f"onnxruntime cannot run the exported graph on these inputs ({shapes}): "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}; pass inputs of the dtypes "
+                          f"and ranks the graph declares, no longer than its position tables") from None
+
+
 def run_encoder(session, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
     """The encoder graph's outputs as torch tensors: (T', B, E) floats and (B, T') booleans."""
-    out, padding = session.run(list(OUTPUTS), {"src_tokens": src_tokens.numpy(),
-                                               "src_lengths": src_lengths.numpy()})
+    out, padding = run_graph(session, list(OUTPUTS), {"src_tokens": src_tokens.numpy(),
+                                                      "src_lengths": src_lengths.numpy()})
     return torch.from_numpy(out), torch.from_numpy(padding)
 
 

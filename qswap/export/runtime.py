@@ -25,7 +25,7 @@ from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel, FairseqIn
 
 from qswap.errors import ExportError
 from qswap.export.decoder_step import cross_names, names
-from qswap.export.onnx import OUTPUTS, load_session
+from qswap.export.onnx import OUTPUTS, load_session, run_graph
 from qswap.export.package import graph_paths, read_manifest
 
 CACHE = "caches"  # the incremental_state key of the self-attention caches
@@ -41,9 +41,9 @@ class OrtEncoder(FairseqEncoder):
         self.cross_outputs = list(cross_names(layers))
 
     def forward(self, src_tokens, src_lengths, **kwargs):
-        out, padding = self.encoder.run(list(OUTPUTS), {"src_tokens": _np(src_tokens.float()),
-                                                        "src_lengths": _np(src_lengths.long())})
-        cross = self.cross_kv.run(self.cross_outputs, {"encoder_out": out})
+        out, padding = run_graph(self.encoder, list(OUTPUTS), {"src_tokens": _np(src_tokens.float()),
+                                                               "src_lengths": _np(src_lengths.long())})
+        cross = run_graph(self.cross_kv, self.cross_outputs, {"encoder_out": out})
         return {"encoder_out": [torch.from_numpy(out)], "encoder_padding_mask": [torch.from_numpy(padding)],
                 "encoder_embedding": [], "encoder_states": [], "src_tokens": [], "src_lengths": [],
                 "cross_kv": [torch.from_numpy(c) for c in cross]}
@@ -86,7 +86,7 @@ class OrtDecoder(FairseqIncrementalDecoder):
                  "encoder_padding_mask": _np(encoder_out["encoder_padding_mask"][0])}
         feeds.update(zip(self.inputs[2:], past))
         feeds.update(zip(self.inputs[2 + 2 * self.layers:], (_np(c) for c in encoder_out["cross_kv"])))
-        logits, *caches = self.step.run(list(self.outputs), feeds)
+        logits, *caches = run_graph(self.step, list(self.outputs), feeds)
         self.set_incremental_state(incremental_state, CACHE, {"past": caches})
         return torch.from_numpy(logits), {"attn": [None], "inner_states": None}
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ExportError
-from qswap.export.onnx import OPSET, check_calibrated, trace_to_onnx
+from qswap.export.onnx import OPSET, check_calibrated, run_graph, trace_to_onnx
 
 INPUTS = ("source", "padding_mask")
 OUTPUTS = ("logits", "logits_padding_mask")
@@ -117,6 +117,7 @@ def export_ctc(qmodel: nn.Module, path: "str | os.PathLike[str]", example: dict,
 
 def run_ctc(session, source: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The CTC graph's outputs as torch tensors: (T, B, V) logits and the (B, T) padding mask."""
-    logits, padding = session.run(list(OUTPUTS), {"source": source.detach().float().contiguous().numpy(),
-                                                  "padding_mask": padding_mask.detach().bool().contiguous().numpy()})
+    logits, padding = run_graph(session, list(OUTPUTS), {
+        "source": source.detach().float().contiguous().numpy(),
+        "padding_mask": padding_mask.detach().bool().contiguous().numpy()})
     return torch.from_numpy(logits), torch.from_numpy(padding)

@@ -117,3 +117,19 @@ def test_a_conv2d_subsampler_is_a_typed_error(tmp_path):
     with pytest.raises(ExportError, match="Conv2dSubsampler subsampler is not supported"):
         export_encoder(qmodel, tmp_path / "e.onnx", s2t_net_input())
     assert not (tmp_path / "e.onnx").exists()
+
+
+def test_an_input_longer_than_the_rotary_table_is_a_typed_error(tmp_path):
+    """The rope graph holds its tables for ROPE_POSITIONS subsampled frames (4x subsampling here)."""
+    from qswap.errors import ExportError
+    from qswap.export import export_encoder, run_encoder
+    from qswap.models import s2t_net_input
+    from qswap.nn.fairseq.espnet import ROPE_POSITIONS
+
+    qmodel = calibrated(build_s2t_conformer(pos_enc_type="rope"))
+    session = load_session(export_encoder(qmodel, tmp_path / "e.onnx", s2t_net_input()))
+    net = s2t_net_input(1, 4 * ROPE_POSITIONS)
+    assert run_encoder(session, net["src_tokens"], net["src_lengths"])[0].shape[0] == ROPE_POSITIONS
+    net = s2t_net_input(1, 4 * ROPE_POSITIONS + 8)
+    with pytest.raises(ExportError, match="onnxruntime cannot run the exported graph on these inputs"):
+        run_encoder(session, net["src_tokens"], net["src_lengths"])

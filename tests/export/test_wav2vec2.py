@@ -126,3 +126,10 @@ def test_a_four_bit_activation_grid_names_the_site(tmp_path):
     qmodel = calibrated_ctc("w4a4")
     with pytest.raises(ExportError, match=r"feature_extractor\.conv_layers\.0\..*input_quant: .*4-bit"):
         export_ctc(qmodel, tmp_path / "e.onnx", wav2vec2_net_input(2, 4000))
+
+
+def test_inputs_the_graph_does_not_take_are_a_typed_error(exported):
+    _, out = exported
+    session = load_session(out / CTC_GRAPHS["ctc"])
+    with pytest.raises(ExportError, match=r"cannot run the exported graph on these inputs \(source float32\[4000\]"):
+        run_ctc(session, torch.zeros(4000), torch.zeros(4000, dtype=torch.bool))  # no batch axis
