@@ -518,7 +518,7 @@ def architecture_section(r: dict) -> list[str]:
              "table sliced per length and `rel_shift`, which exports as ONNX slicing and reshapes) and "
              "`rope` (fairseq caches its cos/sin tables for the longest input seen and quantizes the cached "
              "table: the graph holds them for 2048 subsampled frames, the fake-quant model after an input "
-             "that long; onnxruntime rejects a longer input). Its decoder is the transformer's: the same "
+             "that long; a longer input is an `ExportError`). Its decoder is the transformer's: the same "
              "cross_kv and decoder_step graphs.",
              "- **wav2vec 2.0 CTC** (`Wav2VecCtc`): one graph, `ctc.onnx`: waveforms (B, S) float and their "
              "padding mask (B, S) bool in; logits (T, B, V) on the logits grid and the output padding mask "

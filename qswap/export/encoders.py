@@ -58,7 +58,8 @@ class ConformerEncoderGraph(nn.Module):
     ``rope``: fairseq's rotary attention caches its cos/sin tables for the longest input seen and
     quantizes the cached table; the graph holds them for ``ROPE_POSITIONS`` (2048) subsampled
     frames, as the integer form does: the fake-quant model after it has seen an input that long
-    (onnxruntime rejects a longer input: the table slice comes out short).
+    (onnxruntime rejects a longer input, the table slice coming out short: ``run_graph`` raises
+    ExportError).
     """
 
     def __init__(self, encoder: nn.Module):
