@@ -83,10 +83,9 @@ def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task
     args = (encoded["encoder_out"][0], encoded["encoder_padding_mask"][0])
     export_cross_kv(qmodel, out / GRAPHS["cross_kv"], args[0], allow_float=allow_float)
     export_decoder_step(qmodel, out / GRAPHS["decoder_step"], *args, allow_float=allow_float)
-    recipe = getattr(getattr(qmodel, "qswap_recipe", None), "name", "float")
     claims = _audit_verdict(qmodel, example) if audit else None
-    return _write_manifest(out, Manifest(recipe, claims, _plain_task(task_cfg), len(qmodel.decoder.layers),
-                                         int(qmodel.decoder.max_positions())))
+    return _write_manifest(out, Manifest(_recipe_name(qmodel), claims, _plain_task(task_cfg),
+                                         len(qmodel.decoder.layers), int(qmodel.decoder.max_positions())))
 
 
 def _is_ctc(qmodel: nn.Module) -> bool:
@@ -100,10 +99,13 @@ def _export_ctc(qmodel: nn.Module, out: Path, task_cfg: Any, audit: bool, allow_
 
     example = wav2vec2_net_input(2, EXAMPLE_SAMPLES)
     export_ctc(qmodel, out / CTC_GRAPHS["ctc"], example, allow_float=allow_float)
-    recipe = getattr(getattr(qmodel, "qswap_recipe", None), "name", "float")
     claims = _audit_verdict(qmodel, example) if audit else None
-    return _write_manifest(out, Manifest(recipe, claims, _plain_task(task_cfg), 0, 0, dict(CTC_GRAPHS),
-                                         kind="ctc"))
+    return _write_manifest(out, Manifest(_recipe_name(qmodel), claims, _plain_task(task_cfg), 0, 0,
+                                         dict(CTC_GRAPHS), kind="ctc"))
+
+
+def _recipe_name(qmodel: nn.Module) -> str:
+    return getattr(getattr(qmodel, "qswap_recipe", None), "name", "float")
 
 
 def _write_manifest(out: Path, manifest: Manifest) -> Manifest:
@@ -128,7 +130,7 @@ def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
         manifest = Manifest(**payload)
     except TypeError as e:
         raise ExportError(f"{path}: malformed manifest ({e}); re-export the directory") from None
-    if manifest.kind not in KIND_GRAPHS:
+    if not isinstance(manifest.kind, str) or manifest.kind not in KIND_GRAPHS:
         raise ExportError(f"{path}: kind {manifest.kind!r}; this qswap reads {', '.join(KIND_GRAPHS)}: "
                           f"re-export the directory")
     for graph in KIND_GRAPHS[manifest.kind]:
