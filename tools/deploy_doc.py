@@ -14,6 +14,12 @@ demo does; beam 5):
   same batches), with their WER and float-node counts; file sizes.
 On an s2t_transformer_s-sized model (random weights, random calibration): encoder latency and
 file sizes (tools/onnx_bench.py). The machine may be loaded: the numbers are one run's.
+
+``--architectures`` measures only the architecture table (seconds): small random fairseq models
+of each exported architecture (s2t_transformer; s2t_conformer with abs, rel_pos and rope
+positions; wav2vec 2.0 CTC post- and pre-norm), w8a8 calibrated on random inputs, each graph's
+agreement with the fake-quant model and the deploy audit's node counts; it is stored in --json
+beside the other sections and the page re-rendered.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from bench import interleaved_medians  # noqa: E402
 
 import qswap  # noqa: E402
 from qswap.errors import ExportError  # noqa: E402
-from qswap.export.agreement import agreement  # noqa: E402
+from qswap.export.agreement import agreement, ctc_agreement  # noqa: E402
 from qswap.export.onnx_audit import audit_export, audit_onnx  # noqa: E402
 from qswap.export.package import GRAPHS, NO_QUANT, export_model  # noqa: E402
 from qswap.export.onnx import run_encoder  # noqa: E402
@@ -64,9 +70,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=str(ROOT / "docs" / "deploy.json"))
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite --out from the measurements already in --json (no measuring)")
+    ap.add_argument("--architectures", action="store_true",
+                    help="measure only the architecture table into --json, then re-render --out")
     args = ap.parse_args(argv)
-    if args.render_only:
+    if args.render_only or args.architectures:
         result = json.loads(Path(args.json).read_text())
+        if args.architectures:
+            torch.set_num_threads(args.threads)
+            warnings.simplefilter("ignore")
+            result["architectures"] = {"command": "PYTHONPATH=$PWD python tools/deploy_doc.py " + " ".join(
+                argv or sys.argv[1:]), "rows": architecture_rows()}
+            atomic_write_text(args.json, json.dumps(result, indent=1, sort_keys=True) + "\n")
         atomic_write_text(args.out, render(result))
         return result
     torch.set_num_threads(args.threads)
@@ -251,6 +265,47 @@ def ort_static(float_dir: Path, dictionary, calib, out: Path, threads: int) -> P
     return out
 
 
+ARCHITECTURES = {  # name: (builder, overrides)
+    "s2t_transformer": ("build_s2t_transformer", {}),
+    "s2t_conformer, abs positions": ("build_s2t_conformer", {"pos_enc_type": "abs"}),
+    "s2t_conformer, rel_pos": ("build_s2t_conformer", {"pos_enc_type": "rel_pos"}),
+    "s2t_conformer, rope": ("build_s2t_conformer", {"pos_enc_type": "rope"}),
+    "wav2vec 2.0 CTC, post-norm": ("build_wav2vec2_ctc", {}),
+    "wav2vec 2.0 CTC, pre-norm (layer_norm extractor)": ("build_wav2vec2_ctc", {"extractor_mode": "layer_norm",
+                                                                               "layer_norm_first": True}),
+}
+
+
+def architecture_rows() -> list[dict]:
+    """Per architecture (``qswap.models`` builders, small dims, random weights): w8a8 calibrated on
+    three random padded batches, exported, each graph's agreement on a padded batch, deploy audit."""
+    from qswap import models
+
+    rows = []
+    for name, (builder, overrides) in ARCHITECTURES.items():
+        log(f"architecture {name}")
+        ctc = builder == "build_wav2vec2_ctc"
+        make = (lambda s: models.wav2vec2_net_input(2, 4000, seed=s)) if ctc else (
+            lambda s: models.s2t_net_input(2, 60, seed=s))
+        qmodel = qswap.convert(getattr(models, builder)(**overrides), "w8a8")  # a fresh model: no copy
+        qswap.calibrate(qmodel, [make(s) for s in range(3)])
+        with tempfile.TemporaryDirectory(prefix="qswap-arch-") as tmp:
+            manifest = export_model(qmodel, tmp)
+            if ctc:
+                net = models.wav2vec2_net_input(3, 5000, seed=7, ragged=False)
+                net["padding_mask"][1:, 4000:] = True
+                net["source"][1:, 4000:] = 0.0
+                found = ctc_agreement(qmodel, tmp, net)
+            else:
+                net = models.s2t_net_input(3, 80, seed=7)
+                found = agreement(qmodel, tmp, net, net["prev_output_tokens"])
+            audit = audit_export(tmp)
+        rows.append({"architecture": name, "graphs": list(manifest.graphs.values()), "agreement": found,
+                     "claims_honest": manifest.claims_honest, "integer": audit.integer_count,
+                     "float": audit.float_count})
+    return rows
+
+
 def record_feeds(float_dir: Path, dictionary, calib, threads: int, max_steps: int = 64) -> dict:
     """The inputs every graph of the float export receives while it beam-decodes ``calib``."""
     model = load_exported(float_dir, dictionary, threads=threads)
@@ -314,7 +369,7 @@ def render(r: dict) -> str:
     else:
         lines += ["## Speed and size", "", "Not measured: the run stopped before this section.", ""]
     lines += wer_section(r) if "wer" in r else ["## WER", "", "Not measured: the run stopped before this section.", ""]
-    return "\n".join(lines + honesty_section(r))
+    return "\n".join(lines + honesty_section(r) + architecture_section(r))
 
 
 def header(r: dict) -> list[str]:
@@ -451,6 +506,48 @@ def honesty_section(r: dict) -> list[str]:
               "needs calibrated activation grids.", ""]
     return lines
 
+
+
+def architecture_section(r: dict) -> list[str]:
+    lines = ["## Architecture coverage", "",
+             "`qswap export QCKPT --onnx` covers three of fairseq's speech architectures:", "",
+             "- **s2t_transformer**: `encoder.onnx`, `cross_kv.onnx`, `decoder_step.onnx` (above).",
+             "- **s2t_conformer** (fairseq's registered `s2t_conformer`, `conv_version` s2t_transformer): the "
+             "same three graphs; the conformer encoder (`qswap.export.encoders`) with each of fairseq's "
+             "position encodings: `abs` (the quantized sinusoidal table added), `rel_pos` (the constant "
+             "table sliced per length and `rel_shift`, which exports as ONNX slicing and reshapes) and "
+             "`rope` (fairseq caches its cos/sin tables for the longest input seen and quantizes the cached "
+             "table: the graph holds them for 2048 subsampled frames, the fake-quant model after an input "
+             "that long; a longer input is an `ExportError`). Its decoder is the transformer's: the same "
+             "cross_kv and decoder_step graphs.",
+             "- **wav2vec 2.0 CTC** (`Wav2VecCtc`): one graph, `ctc.onnx`: waveforms (B, S) float and their "
+             "padding mask (B, S) bool in; logits (T, B, V) on the logits grid and the output padding mask "
+             "(B, T) bool out (`qswap.export.wav2vec2`). `qswap eval DIR --backend onnxruntime` decodes it "
+             "with greedy CTC, as `qswap eval` decodes the torch model. Not covered (typed errors): "
+             "`blank_weight` other than 0, `crop_seq_to_multiple` other than 1, the conformer wav2vec 2.0 "
+             "encoder.",
+             "", "In every graph the padding mask enters as booleans (attention masks with `Where` after the "
+             "softmax input quantizer; wav2vec 2.0 zeroes padded frames before its positional convolution), "
+             "so no quantizer reads -inf. Other encoders (a `Conv2dSubsampler`, fairseq's unconverted "
+             "modules) are refused with an `ExportError` naming them.", ""]
+    arch = r.get("architectures")
+    if not arch:
+        return lines + ["Per-architecture agreement: not measured (`tools/deploy_doc.py --architectures`).", ""]
+    lines += [f"Each architecture's graphs against its fake-quant model (`{arch['command']}`): small random "
+              "fairseq models (`qswap.models` builders), w8a8 calibrated on three random padded batches, "
+              "compared on one padded batch of 3 in steps of the grid each output lands on (max / mean; "
+              "`qswap.export.agreement`); node counts of the deploy audit (optimization `all`).", "",
+              "| architecture | graphs | encoder / ctc | cross_kv | decoder_step | padding masks equal | "
+              "integer nodes | float nodes |", "|---|---|---|---|---|---|---:|---:|"]
+    for row in arch["rows"]:
+        a = row["agreement"]
+        cells = [f"{a[g]['max']:.2f} / {a[g]['mean']:.4f}" if g in a else "-"
+                 for g in ("ctc" if "ctc" in a else "encoder", "cross_kv", "decoder_step")]
+        lines.append(f"| {row['architecture']} | {', '.join(row['graphs'])} | " + " | ".join(cells)
+                     + f" | {'yes' if a['padding_mask_equal'] else '**no**'} | {row['integer']} | {row['float']} |")
+    return lines + ["", "These models are small and random: the agreement says the graphs compute what the "
+                    "fake-quant model computes, not what a trained model's WER does (the WER section is the "
+                    "shipped s2t_transformer's).", ""]
 
 if __name__ == "__main__":
     out = main()

@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="directory to write into: model.json and model.safetensors (the integer model, "
                         "which 'qswap eval DIR' decodes), or with --onnx encoder.onnx, cross_kv.onnx, "
-                        "decoder_step.onnx and export.json (which 'qswap eval DIR --backend onnxruntime' runs)")
+                        "decoder_step.onnx (wav2vec 2.0 CTC: ctc.onnx) and export.json (which "
+                        "'qswap eval DIR --backend onnxruntime' runs)")
     p.add_argument("--data", help="fairseq data directory (default: the one the checkpoint names)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 

@@ -10,6 +10,8 @@ cross_kv       the keys/values fairseq's incremental decoder        each layer's
                caches, on the fake-quant encoder output             ``core.v_quant``
 decoder_step   ``qmodel.decoder`` stepped incrementally on the      ``logits_quant``
                same tokens, each side with its own caches
+ctc            ``qmodel(**net_input)["encoder_out"]`` (wav2vec 2.0  ``logits_quant``
+               CTC, unpadded frames)
 =============  ===================================================  ===============================
 
 A grid that is not frozen per tensor (no scalar scale) is measured in its float values instead
@@ -54,6 +56,25 @@ def agreement(qmodel: nn.Module, directory: "str | os.PathLike[str]", net_input:
         result["decoder_step"] = _step_distance(qmodel, sessions["decoder_step"], ref, tokens,
                                                 [torch.from_numpy(c) for c in cross])
     return result
+
+
+def ctc_agreement(qmodel: nn.Module, directory: "str | os.PathLike[str]", net_input: dict) -> dict[str, dict]:
+    """The CTC graph of the export ``directory`` against ``qmodel`` (a wav2vec 2.0 CTC model) on
+    ``net_input`` (``source``, ``padding_mask``): the logits' distance on unpadded frames, whether
+    the output padding masks agree, and the fraction of unpadded frames with the same argmax."""
+    from qswap.export.wav2vec2 import run_ctc
+
+    paths = graph_paths(directory, read_manifest(directory))
+    source, mask = net_input["source"], net_input["padding_mask"]
+    with torch.no_grad():
+        ref = qmodel(source=source, padding_mask=mask)
+    logits, padding = run_ctc(load_session(paths["ctc"]), source, mask)
+    ref_padding = ref["padding_mask"] if ref["padding_mask"] is not None else torch.zeros_like(padding)
+    keep = ~padding.transpose(0, 1)  # (T, B): unpadded frames
+    same = logits.argmax(-1)[keep] == ref["encoder_out"].argmax(-1)[keep]
+    return {"ctc": _distance(logits, ref["encoder_out"], qmodel.logits_quant, keep.unsqueeze(-1)),
+            "padding_mask_equal": bool(torch.equal(padding, ref_padding)),
+            "same_argmax": float(same.float().mean()) if same.numel() else 1.0}
 
 
 def _step_distance(qmodel, session, encoder_out: dict, tokens: torch.Tensor, cross) -> dict:

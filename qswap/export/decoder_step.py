@@ -1,5 +1,6 @@
-"""The decoder of a calibrated qswap S2T transformer as two ONNX QDQ graphs: the encoder-decoder
-attention's keys and values (computed once per utterance) and one decoding step.
+"""The decoder of a calibrated qswap S2T transformer (or conformer: the same decoder) as two ONNX
+QDQ graphs: the encoder-decoder attention's keys and values (computed once per utterance) and
+one decoding step.
 
 ``cross_kv.onnx``: ``encoder_out`` (S, B, E) -> per decoder layer i ``cross_key_i`` / ``cross_value_i`` (B, H, S, D), the projections fairseq's
 incremental decoder caches at its first step (``static_kv``).
@@ -120,7 +121,7 @@ def _check_decoder(qmodel: nn.Module, allow_float: bool) -> None:
         check_calibrated(qmodel)
     if not hasattr(qmodel, "logits_quant"):
         raise ExportError(f"exporting the decoder of a {type(qmodel).__name__} is not supported yet; "
-                          f"the step graph covers qswap's S2T transformer model")
+                          f"the step graph covers qswap's S2T transformer and conformer models")
 
 
 def export_cross_kv(qmodel: nn.Module, path: "str | os.PathLike[str]", encoder_out: torch.Tensor,
@@ -138,8 +139,8 @@ def export_cross_kv(qmodel: nn.Module, path: "str | os.PathLike[str]", encoder_o
 def export_decoder_step(qmodel: nn.Module, path: "str | os.PathLike[str]", encoder_out: torch.Tensor,
                         encoder_padding_mask: torch.Tensor, opset: int = OPSET, *,
                         allow_float: bool = False) -> Path:
-    """Write one incremental decoding step of ``qmodel`` (a calibrated qswap S2T transformer) to
-    ``path``. ``encoder_out`` (S, B, E) and ``encoder_padding_mask`` (B, S) are an example the
+    """Write one incremental decoding step of ``qmodel`` (a calibrated qswap S2T transformer or
+    conformer) to ``path``. ``encoder_out`` (S, B, E) and ``encoder_padding_mask`` (B, S) are an example the
     trace runs on (with a two-token prefix); batch, source and cache lengths are dynamic.
     ``allow_float``: a conversion with identity quantizers (recipe fp32) exports too."""
     _check_decoder(qmodel, allow_float)

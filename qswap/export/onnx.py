@@ -1,4 +1,5 @@
-"""Export a calibrated qswap speech-to-text encoder as an ONNX QDQ graph with qswap's own grids.
+"""Export a calibrated qswap speech-to-text encoder (transformer or conformer,
+``qswap.export.encoders``) as an ONNX QDQ graph with qswap's own grids.
 
 Every quantized operand of the fake-quant model becomes QuantizeLinear -> DequantizeLinear with the
 frozen scale and zero point of its qswap quantizer (no re-calibration by onnxruntime); weights
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from qswap.errors import DependencyError, ExportError
+from qswap.export.encoders import encoder_graph
 from qswap.export.graph_passes import fold_constant_scales
 from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
 from qswap.io.atomic import atomic_write_bytes
@@ -30,41 +32,6 @@ from qswap.quant.fake_quantize import FakeQuantize
 OPSET = 17
 INPUTS = ("src_tokens", "src_lengths")
 OUTPUTS = ("encoder_out", "encoder_padding_mask")
-
-
-class EncoderGraph(nn.Module):
-    """qswap's S2T transformer encoder counterpart as a graph of tensors: (B, T, F) features and
-    (B,) lengths -> the encoder output (T', B, E) and its padding mask (B, T') as booleans (True
-    = padding).
-
-    The steps are ``QS2TTransformerEncoder._forward`` (eval mode, no intermediate states) but for
-    the padding mask, which fairseq sizes with ``max(lengths).item()`` (a constant in a trace):
-    here it is sized by the subsampled time axis, the same in every batch fairseq accepts (the
-    longest utterance fills the padded time axis).
-    """
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        from qswap.nn.fairseq.models import QS2TTransformerEncoder
-
-        if not isinstance(encoder, QS2TTransformerEncoder):
-            raise ExportError(f"exporting a {type(encoder).__name__} encoder is not supported yet; "
-                              f"the ONNX export covers qswap's conversion of fairseq's "
-                              f"S2TTransformerEncoder (convert the model with qswap.convert first)")
-        self.encoder = encoder
-
-    def forward(self, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
-        enc = self.encoder
-        x, lengths = enc.subsample(src_tokens, src_lengths)  # (T', B, C), (B,)
-        x = enc.embed_scale * enc.embed_quant(x)
-        frames = torch.arange(x.shape[0], device=x.device)  # (T',)
-        padding = frames.unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T') bool
-        x = x + enc.embed_positions(padding).transpose(0, 1)  # (T', B, C)
-        for layer in enc.transformer_layers:
-            x = layer(x, padding)
-        if enc.layer_norm is not None:
-            x = enc.layer_norm(x)
-        return x, padding
 
 
 def check_calibrated(model: nn.Module) -> None:
@@ -92,7 +59,7 @@ def export_encoder(qmodel: nn.Module, path: "str | os.PathLike[str]", example: d
     reference of speed comparisons)."""
     if not allow_float:
         check_calibrated(qmodel)
-    graph = EncoderGraph(copy.deepcopy(qmodel.encoder)).eval()
+    graph = encoder_graph(copy.deepcopy(qmodel.encoder)).eval()
     return trace_to_onnx(graph, tuple(example[k] for k in INPUTS), path, INPUTS, OUTPUTS,
                          {"src_tokens": {0: "batch", 1: "frames"}, "src_lengths": {0: "batch"},
                           "encoder_out": {0: "out_frames", 1: "batch"},
@@ -160,10 +127,23 @@ _LEVELS = {
 }
 
 
+def run_graph(session, outputs: list[str], feeds: dict) -> list:
+    """``session.run(outputs, feeds)``; ExportError with onnxruntime's reason when it rejects the
+    inputs (a dtype or rank the graph does not take, an input longer than a position table the
+    graph holds)."""
+    try:
+        return session.run(outputs, feeds)
+    except Exception as e:  # onnxruntime raises its own InvalidArgument / RuntimeException / Fail types
+        shapes = ", ".join(f"{k} {getattr(v, 'dtype', '?')}{list(getattr(v, 'shape', []))}" for k, v in feeds.items())
+        raise ExportError(f"onnxruntime cannot run the exported graph on these inputs ({shapes}): "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}; pass inputs of the dtypes "
+                          f"and ranks the graph declares, no longer than its position tables") from None
+
+
 def run_encoder(session, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
     """The encoder graph's outputs as torch tensors: (T', B, E) floats and (B, T') booleans."""
-    out, padding = session.run(list(OUTPUTS), {"src_tokens": src_tokens.numpy(),
-                                               "src_lengths": src_lengths.numpy()})
+    out, padding = run_graph(session, list(OUTPUTS), {"src_tokens": src_tokens.numpy(),
+                                                      "src_lengths": src_lengths.numpy()})
     return torch.from_numpy(out), torch.from_numpy(padding)
 
 

@@ -1,9 +1,17 @@
-"""A deployable directory: the three ONNX graphs of a qswap S2T transformer and ``export.json``,
-what ``qswap eval DIR --backend onnxruntime`` and ``qswap audit DIR --onnx`` read.
+"""A deployable directory: the ONNX graphs of a qswap model and ``export.json``, what
+``qswap eval DIR --backend onnxruntime`` and ``qswap audit DIR --onnx`` read.
 
-``export.json`` (format 1) records the recipe, whether the fake-quant model's honesty audit
-called it honest, the fairseq task config (so the deployed directory decodes a data directory
-without the checkpoint), the decoder's size and the graph files.
+===========  =================================  ============================================
+kind         models                             graphs
+===========  =================================  ============================================
+seq2seq      S2T transformer, S2T conformer     encoder.onnx, cross_kv.onnx, decoder_step.onnx
+ctc          wav2vec 2.0 CTC                    ctc.onnx (``qswap.export.wav2vec2``)
+===========  =================================  ============================================
+
+``export.json`` (format 1) records the kind, the recipe, whether the fake-quant model's honesty
+audit called it honest, the fairseq task config (so the deployed directory decodes a data
+directory without the checkpoint), the decoder's size (0 for CTC) and the graph files. A
+manifest without ``kind`` (written before CTC exports existed) is seq2seq.
 
 >>> export_model(qmodel, "deploy/", task_cfg=cfg.task)
 >>> manifest = read_manifest("deploy/")
@@ -25,11 +33,14 @@ from qswap.io.atomic import atomic_write_text
 MANIFEST = "export.json"
 FORMAT = 1
 GRAPHS = {"encoder": "encoder.onnx", "cross_kv": "cross_kv.onnx", "decoder_step": "decoder_step.onnx"}
-SITE_PREFIX = {"encoder": "encoder.", "cross_kv": "decoder.", "decoder_step": ""}
+CTC_GRAPHS = {"ctc": "ctc.onnx"}
+KIND_GRAPHS = {"seq2seq": GRAPHS, "ctc": CTC_GRAPHS}
+SITE_PREFIX = {"encoder": "encoder.", "cross_kv": "decoder.", "decoder_step": "", "ctc": ""}
 # a recipe with no quantizers: qswap's modules computing in float, the float graph of the same
 # structure as a quantized export (the reference of speed and transcript comparisons)
 NO_QUANT = {"version": 1, "name": "no_quant", "defaults": {"weight": None, "activation": None}}
 EXAMPLE_FRAMES = 100  # the traced example's length; the graphs' batch and time axes are dynamic
+EXAMPLE_SAMPLES = 16000  # the traced CTC example's length (1 s at 16 kHz), dynamic too
 
 
 @dataclass
@@ -43,12 +54,14 @@ class Manifest:
     max_target_positions: int
     graphs: dict[str, str] = field(default_factory=lambda: dict(GRAPHS))
     format: int = FORMAT
+    kind: str = "seq2seq"  # a key of KIND_GRAPHS
 
 
 def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg: Any = None,
                  audit: bool = True, allow_float: bool = False) -> Manifest:
-    """Write ``qmodel`` (a calibrated qswap S2T transformer) to ``directory`` as its encoder,
-    cross-attention and decoder-step graphs plus ``export.json``. ``task_cfg``: the fairseq task
+    """Write ``qmodel`` (a calibrated qswap S2T transformer or conformer, or wav2vec 2.0 CTC model)
+    to ``directory`` as its encoder, cross-attention and decoder-step graphs (CTC: its one graph)
+    plus ``export.json``. ``task_cfg``: the fairseq task
     config the model was loaded with (needed to decode with the export). ``audit``: run
     ``qswap.audit`` on the example batch and record its verdict. ``allow_float``: export a
     conversion with identity quantizers (recipe fp32, the float reference of the same graph)."""
@@ -61,6 +74,8 @@ def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task
     except OSError as e:
         from qswap.errors import OutputError
         raise OutputError(f"cannot create the output directory {out}: {e.strerror}") from e
+    if _is_ctc(qmodel):
+        return _export_ctc(qmodel, out, task_cfg, audit, allow_float)
     example = example_input(qmodel)
     export_encoder(qmodel, out / GRAPHS["encoder"], example, allow_float=allow_float)
     with torch.no_grad():
@@ -68,10 +83,32 @@ def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task
     args = (encoded["encoder_out"][0], encoded["encoder_padding_mask"][0])
     export_cross_kv(qmodel, out / GRAPHS["cross_kv"], args[0], allow_float=allow_float)
     export_decoder_step(qmodel, out / GRAPHS["decoder_step"], *args, allow_float=allow_float)
-    recipe = getattr(getattr(qmodel, "qswap_recipe", None), "name", "float")
     claims = _audit_verdict(qmodel, example) if audit else None
-    manifest = Manifest(recipe, claims, _plain_task(task_cfg), len(qmodel.decoder.layers),
-                        int(qmodel.decoder.max_positions()))
+    return _write_manifest(out, Manifest(_recipe_name(qmodel), claims, _plain_task(task_cfg),
+                                         len(qmodel.decoder.layers), int(qmodel.decoder.max_positions())))
+
+
+def _is_ctc(qmodel: nn.Module) -> bool:
+    from qswap.integration.decode import is_ctc
+    return is_ctc(qmodel)
+
+
+def _export_ctc(qmodel: nn.Module, out: Path, task_cfg: Any, audit: bool, allow_float: bool) -> Manifest:
+    from qswap.export.wav2vec2 import export_ctc
+    from qswap.models import wav2vec2_net_input
+
+    example = wav2vec2_net_input(2, EXAMPLE_SAMPLES)
+    export_ctc(qmodel, out / CTC_GRAPHS["ctc"], example, allow_float=allow_float)
+    claims = _audit_verdict(qmodel, example) if audit else None
+    return _write_manifest(out, Manifest(_recipe_name(qmodel), claims, _plain_task(task_cfg), 0, 0,
+                                         dict(CTC_GRAPHS), kind="ctc"))
+
+
+def _recipe_name(qmodel: nn.Module) -> str:
+    return getattr(getattr(qmodel, "qswap_recipe", None), "name", "float")
+
+
+def _write_manifest(out: Path, manifest: Manifest) -> Manifest:
     atomic_write_text(out / MANIFEST, json.dumps(asdict(manifest), indent=1, sort_keys=True) + "\n")
     return manifest
 
@@ -93,7 +130,10 @@ def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
         manifest = Manifest(**payload)
     except TypeError as e:
         raise ExportError(f"{path}: malformed manifest ({e}); re-export the directory") from None
-    for graph in GRAPHS:
+    if not isinstance(manifest.kind, str) or manifest.kind not in KIND_GRAPHS:
+        raise ExportError(f"{path}: kind {manifest.kind!r}; this qswap reads {', '.join(KIND_GRAPHS)}: "
+                          f"re-export the directory")
+    for graph in KIND_GRAPHS[manifest.kind]:
         if graph not in manifest.graphs:
             raise ExportError(f"{path}: names no {graph} graph; re-export the directory")
     return manifest
@@ -101,7 +141,7 @@ def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
 
 def graph_paths(directory: "str | os.PathLike[str]", manifest: Manifest) -> dict[str, Path]:
     """Each graph's file in the export directory (a missing file is an error when it is loaded)."""
-    return {name: Path(directory) / manifest.graphs[name] for name in GRAPHS}
+    return {name: Path(directory) / manifest.graphs[name] for name in KIND_GRAPHS[manifest.kind]}
 
 
 def example_input(model) -> dict:

@@ -7,6 +7,10 @@ with it when the generator expands or prunes beams. The decoder runs ``decoder_s
 the tokens so far and the self-attention caches kept in fairseq's ``incremental_state``,
 reordered by beam with ``index_select`` as fairseq's own attention reorders its cache.
 
+A CTC export (wav2vec 2.0) loads as ``OrtCtcModel``: its forward returns the logits and the
+output padding mask as the fake-quant model's forward does, and ``qswap.integration.decode``
+decodes it with greedy CTC.
+
 >>> model = load_exported("deploy/", threads=2)
 >>> SequenceGenerator([model], model.decoder.dictionary, beam_size=5).generate([model], sample)
 """
@@ -21,7 +25,7 @@ from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel, FairseqIn
 
 from qswap.errors import ExportError
 from qswap.export.decoder_step import cross_names, names
-from qswap.export.onnx import OUTPUTS, load_session
+from qswap.export.onnx import OUTPUTS, load_session, run_graph
 from qswap.export.package import graph_paths, read_manifest
 
 CACHE = "caches"  # the incremental_state key of the self-attention caches
@@ -37,9 +41,9 @@ class OrtEncoder(FairseqEncoder):
         self.cross_outputs = list(cross_names(layers))
 
     def forward(self, src_tokens, src_lengths, **kwargs):
-        out, padding = self.encoder.run(list(OUTPUTS), {"src_tokens": _np(src_tokens.float()),
-                                                        "src_lengths": _np(src_lengths.long())})
-        cross = self.cross_kv.run(self.cross_outputs, {"encoder_out": out})
+        out, padding = run_graph(self.encoder, list(OUTPUTS), {"src_tokens": _np(src_tokens.float()),
+                                                               "src_lengths": _np(src_lengths.long())})
+        cross = run_graph(self.cross_kv, self.cross_outputs, {"encoder_out": out})
         return {"encoder_out": [torch.from_numpy(out)], "encoder_padding_mask": [torch.from_numpy(padding)],
                 "encoder_embedding": [], "encoder_states": [], "src_tokens": [], "src_lengths": [],
                 "cross_kv": [torch.from_numpy(c) for c in cross]}
@@ -82,7 +86,7 @@ class OrtDecoder(FairseqIncrementalDecoder):
                  "encoder_padding_mask": _np(encoder_out["encoder_padding_mask"][0])}
         feeds.update(zip(self.inputs[2:], past))
         feeds.update(zip(self.inputs[2 + 2 * self.layers:], (_np(c) for c in encoder_out["cross_kv"])))
-        logits, *caches = self.step.run(list(self.outputs), feeds)
+        logits, *caches = run_graph(self.step, list(self.outputs), feeds)
         self.set_incremental_state(incremental_state, CACHE, {"past": caches})
         return torch.from_numpy(logits), {"attn": [None], "inner_states": None}
 
@@ -97,7 +101,7 @@ class OrtDecoder(FairseqIncrementalDecoder):
 
 
 class OrtS2TModel(FairseqEncoderDecoderModel):
-    """The exported graphs of a qswap S2T transformer as a fairseq encoder-decoder model
+    """The exported graphs of a qswap S2T transformer or conformer as a fairseq encoder-decoder model
     (``recipe``: the recipe name recorded at export)."""
 
     recipe = "unknown"
@@ -106,23 +110,54 @@ class OrtS2TModel(FairseqEncoderDecoderModel):
         return self.decoder.max_positions()
 
 
-def load_exported(directory: "str | os.PathLike[str]", dictionary, *, threads: int = 1) -> OrtS2TModel:
-    """An ``OrtS2TModel`` of an export directory (``qswap export --onnx``); ``dictionary`` is the
-    target dictionary of the task. ExportError for a missing or malformed file."""
+class OrtCtcModel(torch.nn.Module):
+    """``ctc.onnx`` as a CTC model: ``forward(source, padding_mask)`` returns ``{"encoder_out":
+    (T, B, V) logits, "padding_mask": (B, T) or None}``, what greedy CTC reads (``recipe``: the
+    recipe name recorded at export)."""
+
+    recipe = "unknown"
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+
+    def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, **kwargs) -> dict:
+        from qswap.export.wav2vec2 import run_ctc
+
+        if padding_mask is None:
+            padding_mask = torch.zeros(source.shape, dtype=torch.bool)
+        logits, padding = run_ctc(self.session, source, padding_mask)
+        return {"encoder_out": logits, "padding_mask": padding if bool(padding.any()) else None}
+
+
+def load_exported(directory: "str | os.PathLike[str]", dictionary, *,
+                  threads: int = 1) -> "OrtS2TModel | OrtCtcModel":
+    """An ``OrtS2TModel`` (an ``OrtCtcModel`` for a CTC export) of an export directory
+    (``qswap export --onnx``); ``dictionary`` is the target dictionary of the task. ExportError
+    for a missing or malformed file, or a graph scoring another vocabulary."""
     manifest = read_manifest(directory)
     paths = graph_paths(directory, manifest)
     sessions = {name: load_session(path, threads=threads) for name, path in paths.items()}
+    if manifest.kind == "ctc":
+        _check_vocabulary(directory, sessions["ctc"], dictionary)
+        model = OrtCtcModel(sessions["ctc"]).eval()
+        model.recipe = manifest.recipe
+        return model
     heads, head_dim = _cache_shapes(sessions["decoder_step"], manifest.decoder_layers)
-    vocab = sessions["decoder_step"].get_outputs()[0].shape[-1]
-    if isinstance(vocab, int) and vocab != len(dictionary):
-        raise ExportError(f"{directory}: the decoder graph scores {vocab} tokens, the task's dictionary "
-                          f"has {len(dictionary)}; decode with the data directory the model was trained on")
+    _check_vocabulary(directory, sessions["decoder_step"], dictionary)
     encoder = OrtEncoder(dictionary, sessions["encoder"], sessions["cross_kv"], manifest.decoder_layers)
     decoder = OrtDecoder(dictionary, sessions["decoder_step"], manifest.decoder_layers, heads, head_dim,
                          manifest.max_target_positions)
     model = OrtS2TModel(encoder, decoder).eval()
     model.recipe = manifest.recipe
     return model
+
+
+def _check_vocabulary(directory, session, dictionary) -> None:
+    vocab = session.get_outputs()[0].shape[-1]
+    if isinstance(vocab, int) and vocab != len(dictionary):
+        raise ExportError(f"{directory}: the exported graph scores {vocab} tokens, the task's dictionary "
+                          f"has {len(dictionary)}; decode with the data directory the model was trained on")
 
 
 def _cache_shapes(step, layers: int) -> tuple[list[int], list[int]]:

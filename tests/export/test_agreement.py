@@ -7,8 +7,10 @@ from qswap.models import s2t_net_input
 pytest.importorskip("fairseq")
 pytest.importorskip("onnxruntime")
 
-from qswap.export.agreement import agreement  # noqa: E402
+from qswap.export.agreement import agreement, ctc_agreement  # noqa: E402
 from qswap.export.package import export_model  # noqa: E402
+
+from export_testkit import calibrated_ctc, padded_waveforms  # noqa: E402
 
 
 def test_each_graph_agrees_with_fake_quant_within_a_few_grid_steps(qmodel, tmp_path):
@@ -25,3 +27,11 @@ def test_each_graph_agrees_with_fake_quant_within_a_few_grid_steps(qmodel, tmp_p
     assert found["cross_kv"]["max"] <= 1.0 + 1e-4
     assert found["encoder"]["max"] <= 2 and found["encoder"]["mean"] < 0.05
     assert found["decoder_step"]["max"] <= 4
+
+
+def test_the_ctc_graph_agrees_with_the_fake_quant_wav2vec2_model(tmp_path):
+    qmodel = calibrated_ctc()
+    export_model(qmodel, tmp_path, audit=False)
+    found = ctc_agreement(qmodel, tmp_path, padded_waveforms(3, 5000, seed=2))
+    assert found["padding_mask_equal"] and found["ctc"]["unit"] == "grid steps"
+    assert found["ctc"]["max"] <= 4 and found["same_argmax"] >= 0.99  # measured: 0 steps, all equal

@@ -175,6 +175,30 @@ def test_qswap_export_writes_the_qat_checkpoint_as_an_integer_model(trained, tmp
     assert exported.decoding["size"] == len(task.target_dictionary)
 
 
+def test_qswap_export_onnx_and_eval_onnxruntime_on_the_qat_checkpoint(trained, tmp_path):
+    """``qswap export QCKPT --onnx`` writes the fairseq-trained CTC model as one QDQ graph;
+    ``qswap eval DIR --backend onnxruntime`` greedy-CTC decodes every valid utterance with it
+    (the task set up from export.json), giving the fake-quant model's transcripts; ``qswap
+    audit DIR --onnx`` audits the graph."""
+    pytest.importorskip("onnxruntime")
+    from qswap.cli import main
+
+    _, data, ckpt, _ = trained
+    deploy = tmp_path / "deploy"
+    assert main(["export", str(ckpt), "--onnx", "-o", str(deploy), "--data", str(data)]) == 0
+    assert sorted(p.name for p in deploy.iterdir()) == ["ctc.onnx", "export.json"]
+    out = tmp_path / "eval_onnx.json"
+    assert main(["eval", str(deploy), "--backend", "onnxruntime", "--data", str(data), "--subset", "valid",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "w8a8 (onnxruntime)" and result["counts"]["utterances"] == 2
+    assert main(["eval", str(ckpt), "--data", str(data), "--subset", "valid", "--json", str(tmp_path / "fq.json")]) == 0
+    fake_quant = json.loads((tmp_path / "fq.json").read_text())
+    assert [u["hyp"] for u in result["utterances"]] == [u["hyp"] for u in fake_quant["utterances"]]
+    assert main(["audit", str(deploy), "--onnx", "--json", str(tmp_path / "audit.json")]) == 1  # float LayerNorms
+    assert json.loads((tmp_path / "audit.json").read_text())["graphs"][0]["graph"] == "ctc.onnx"
+
+
 def test_fairseq_resumes_qat_from_the_saved_checkpoint(trained, tmp_path):
     """fairseq's own torch.load (with the plugin's allowlist) resumes from checkpoint_last.pt:
     the model is converted again, the frozen grids load and are not recalibrated, though a few

@@ -1,0 +1,104 @@
+"""The S2T encoders qswap exports, as graphs of tensors: (B, T, F) features and (B,) lengths ->
+the encoder output (T', B, E) and its padding mask (B, T') as booleans (True = padding).
+
+==========================  =====================================================================
+qswap encoder               graph
+==========================  =====================================================================
+QS2TTransformerEncoder      ``EncoderGraph``: subsampler, scaled features + sinusoidal positions,
+                            transformer layers, final LayerNorm
+QS2TConformerEncoder        ``ConformerEncoderGraph``: subsampler, scaled features (+ positions
+                            for ``abs``), ``linear``, conformer layers; ``rel_pos`` hands its
+                            constant table to every attention, ``rope`` rotates inside it
+==========================  =====================================================================
+
+The steps are the counterparts' ``_forward`` (eval mode, no intermediate states) but for the
+padding mask, which fairseq sizes with ``max(lengths).item()`` (a constant in a trace): here it
+is sized by the subsampled time axis, the same in every batch fairseq accepts (the longest
+utterance fills the padded time axis). Sinusoidal and rel_pos tables are exported at their
+current size (``max_source_positions``): longer inputs are outside the graph, as they are
+outside the model's trained range.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qswap.errors import ExportError
+
+
+def _subsampled(encoder: nn.Module, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
+    """The subsampler's (T', B, C) output and the (B, T') boolean padding mask."""
+    x, lengths = encoder.subsample(src_tokens, src_lengths)  # (T', B, C), (B,)
+    frames = torch.arange(x.shape[0], device=x.device)  # (T',)
+    return x, frames.unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T') bool
+
+
+class EncoderGraph(nn.Module):
+    """qswap's S2T transformer encoder counterpart as a graph (``QS2TTransformerEncoder._forward``)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
+        enc = self.encoder
+        x, padding = _subsampled(enc, src_tokens, src_lengths)
+        x = enc.embed_scale * enc.embed_quant(x)
+        x = x + enc.embed_positions(padding).transpose(0, 1)  # (T', B, C)
+        for layer in enc.transformer_layers:
+            x = layer(x, padding)
+        if enc.layer_norm is not None:
+            x = enc.layer_norm(x)
+        return x, padding
+
+
+class ConformerEncoderGraph(nn.Module):
+    """qswap's S2T conformer encoder counterpart as a graph (``QS2TConformerEncoder._forward``).
+
+    ``rope``: fairseq's rotary attention caches its cos/sin tables for the longest input seen and
+    quantizes the cached table; the graph holds them for ``ROPE_POSITIONS`` (2048) subsampled
+    frames, as the integer form does: the fake-quant model after it has seen an input that long
+    (onnxruntime rejects a longer input, the table slice coming out short: ``run_graph`` raises
+    ExportError).
+    """
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        from qswap.nn.fairseq.espnet import ROPE_POSITIONS
+
+        self.encoder = encoder
+        if encoder.pos_enc_type == "rope":
+            for layer in encoder.conformer_layers:  # fill each table cache once, on the copy
+                layer.self_attn.rotary_emb(torch.zeros(1), seq_len=ROPE_POSITIONS)
+
+    def forward(self, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
+        enc = self.encoder
+        x, padding = _subsampled(enc, src_tokens, src_lengths)
+        x = enc.embed_scale * enc.embed_quant(x)
+        positions = None
+        if enc.pos_enc_type == "rel_pos":
+            positions = enc.embed_positions(x)  # (2T'-1, 1, C), a slice of the constant table
+        elif enc.pos_enc_type != "rope":
+            x = x + enc.embed_positions(padding).transpose(0, 1)  # (T', B, C)
+        x = enc.linear(x)
+        for layer in enc.conformer_layers:
+            x, _ = layer(x, padding, positions)
+        return x, padding
+
+
+def encoder_graph(encoder: nn.Module) -> nn.Module:
+    """The graph of a converted S2T encoder (pass a copy: a rope encoder's table cache is filled);
+    ExportError for an encoder the export does not cover, naming what to do."""
+    from qswap.nn.fairseq.models import QS2TConformerEncoder, QS2TTransformerEncoder
+    from qswap.nn.fairseq.subsample import QConv1dSubsampler
+
+    if not isinstance(encoder, (QS2TTransformerEncoder, QS2TConformerEncoder)):
+        raise ExportError(f"exporting a {type(encoder).__name__} encoder is not supported yet; the ONNX "
+                          f"export covers qswap's conversions of fairseq's S2TTransformerEncoder and "
+                          f"S2TConformerEncoder (convert the model with qswap.convert first)")
+    if not isinstance(encoder.subsample, QConv1dSubsampler):
+        raise ExportError(f"exporting an encoder with a {type(encoder.subsample).__name__} subsampler is not "
+                          f"supported; the export covers conv_version s2t_transformer (Conv1dSubsampler)")
+    if isinstance(encoder, QS2TTransformerEncoder):
+        return EncoderGraph(encoder)
+    return ConformerEncoderGraph(encoder)
