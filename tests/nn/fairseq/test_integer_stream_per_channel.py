@@ -24,8 +24,8 @@ W8A8_STREAM = {  # w8a8 with tools/strategies.py's stream_per_channel change
     "rules": [{"match": {"class": "LayerNorm"}, "activation": PER_CHANNEL}]}
 
 
-def calibrated(recipe):
-    model, net_input = build("s2t_transformer")
+def calibrated(recipe, arch="s2t_transformer"):
+    model, net_input = build(arch)
     qmodel = qswap.convert(model, recipe, data=[net_input])  # data: SmoothQuant's statistics
     qswap.calibrate(qmodel, [net_input])
     return qmodel, net_input
@@ -154,6 +154,16 @@ def test_the_whole_model_runs_on_integers(stream8):
     same_best, worst = whole_model_agreement(*stream8)
     assert same_best >= 0.9  # measured: 1.0
     assert worst < 0.05  # measured: 0.006
+
+
+def test_the_conformer_runs_on_integers_with_a_per_channel_stream():
+    """The conformer's four residual adds and its LayerNorms (feed-forward, attention, convolution
+    module, final) read per-channel grids too."""
+    qmodel, net_input = calibrated(W8A8_STREAM, "s2t_conformer")
+    assert isinstance(stream_grid(qmodel.encoder.conformer_layers[0].attn_residual_quant), ChannelGrid)
+    same_best, worst = whole_model_agreement(qmodel, net_input)
+    assert same_best >= 0.9  # measured: 1.0
+    assert worst < 0.05  # measured: 0.011
 
 
 def test_the_shipped_stream_recipe_integerizes():
