@@ -67,8 +67,9 @@ def layer_agreement(recipe: str = "w8a8", count: int = 8) -> list[dict]:
     from qswap.nn.fairseq.layers import stream_to
 
     model, task = fdata.load_model_and_task(ASSET / "checkpoint.pt", ASSET)
-    qmodel = qswap.convert(model, recipe)
-    qswap.calibrate(qmodel, fdata.net_inputs(task, "train_calib", 4, max_sentences=32))
+    calibration = list(fdata.net_inputs(task, "train_calib", 4, max_sentences=32))
+    qmodel = qswap.convert(model, recipe, data=calibration)  # data: a recipe's transforms (SmoothQuant)
+    qswap.calibrate(qmodel, calibration)
     encoder, layers = qmodel.encoder, list(qmodel.encoder.transformer_layers)
     integer = qswap.integerize(qmodel).encoder
     net_input = fdata.first_net_input(task, "test", count)
@@ -90,7 +91,8 @@ def layer_agreement(recipe: str = "w8a8", count: int = 8) -> list[dict]:
             norm_in = layer.self_attn_layer_norm.input_quant
             chained = stream_to(scale, norm_in)(stream)
             stream, scale = integer_layer(stream, padding), integer_layer.stream_scale
-            fine = min(float(norm_in.scale), float(layer.attn_residual_quant.scale)) * 2.0 ** -integer.stream_bits
+            fine = min(float(norm_in.scale.min()), float(layer.attn_residual_quant.scale.min())) \
+                * 2.0 ** -integer.stream_bits  # the finest channel of per-channel grids
             alone_layer = layer.to_integer(fine)
             alone = stream_to(alone_layer.stream_scale, nxt)(alone_layer(torch.round(x_in / fine).to(torch.int32), padding))
             rows.append({"chained": _equal(chained, x_in, norm_in, valid), "alone": _equal(alone, out, nxt, valid)})
@@ -99,13 +101,13 @@ def layer_agreement(recipe: str = "w8a8", count: int = 8) -> list[dict]:
 
 def _equal(codes, fake, quant, valid) -> float:
     """Share of ``codes`` equal to the codes of the fake-quant values ``fake`` on ``quant``'s grid."""
-    from qswap.quant.integer import Grid
-    reference = Grid.of(quant).quantize(fake)
+    from qswap.quant.integer import stream_grid
+    reference = stream_grid(quant).quantize(fake)
     return float((codes.long() == reference.long())[valid].double().mean())
 
 
-def layers_table(rows: list[dict]) -> list[str]:
-    head = "| w8a8, shipped model, first 8 test utterances: encoder layer | " + " | ".join(
+def layers_table(rows: list[dict], recipe: str = "w8a8") -> list[str]:
+    head = f"| {recipe}, shipped model, first 8 test utterances: encoder layer | " + " | ".join(
         str(i + 1) for i in range(len(rows))) + " |"
     return ["", "Where the differences come from: each integer op agrees with its fake-quant form up to "
             "near-ties (table below, \"Agreement with the fake-quant counterparts\"), and the model "
@@ -169,12 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", action="store_true", help="rewrite the table from docs/integer_<subset>.json")
     parser.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=list(SUBSETS))
     parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--layers", metavar="RECIPE", help="only the per-layer agreement of RECIPE, as JSON to "
+                                                           "--layers-json (the docs are left as they are)")
+    parser.add_argument("--layers-json", type=Path, help="where --layers writes its JSON")
     args = parser.parse_args(argv)
     import torch
 
     from qswap.cli.quiet import held_back
     from qswap.io import atomic_write_text
     torch.set_num_threads(1)
+    if args.layers:
+        if args.layers_json is None:
+            parser.error("--layers needs --layers-json")
+        with held_back(verbose=False):
+            rows = layer_agreement(args.layers)
+        atomic_write_text(args.layers_json, json.dumps({"recipe": args.layers, "rows": rows}, indent=1) + "\n")
+        print("\n".join(layers_table(rows, args.layers)))
+        return 0
     results = {}
     for subset in args.subsets:
         path = REPO / "docs" / f"integer_{subset}.json"

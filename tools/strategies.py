@@ -11,6 +11,7 @@ word errors included; one file per set, cells saved as they finish, ``--resume``
 
     .venv/bin/python tools/strategies.py                      # decode everything, write the page
     .venv/bin/python tools/strategies.py --from-json          # rewrite the page from the JSON
+    .venv/bin/python tools/strategies.py --refresh-integer-form   # only the "integer form" column (no decoding)
     .venv/bin/python tools/strategies.py --qat w4a4_edges8=checkpoints/qat/checkpoint_best.pt
     .venv/bin/python tools/strategies.py --methods shipped smoothquant --columns w4a4_edges8 --batches 1
 """
@@ -249,6 +250,36 @@ def run(payload: dict, prefix: str, subsets: list[str], methods: list[str], colu
                       f"({cells[key]['seconds']:.0f} s)", flush=True)
 
 
+def refresh_integer_forms(payload: dict, prefix: str) -> list[str]:
+    """Recompute the "integer form" of every PTQ cell that did not have one (convert and calibrate
+    as the decode did, no decoding), in every set's cells; returns "method/column: form" lines."""
+    from qswap.cli.quiet import held_back
+    from qswap.integration import data as fdata
+    import qswap
+
+    first = next(iter(SUBSETS))
+    keys = [k for k, c in payload["cells"][first].items()
+            if c.get("integer_form") not in (None, "yes") and not k.startswith(("float/", "qat/"))]
+    done = []
+    with held_back(verbose=False):
+        model, task = fdata.load_model_and_task(str(ASSET / "checkpoint.pt"), str(ASSET))
+        for key in keys:
+            method, column = key.split("/")
+            picks = payload.get("per_site", {}).get(column, {}).get("pick") if method == "per_site" else None
+            recipe = recipe_for(column, method, picks)
+            data = fdata.transform_data(recipe, task, "train_calib", 4, max_sentences=32)
+            qmodel = qswap.convert(copy.deepcopy(model), recipe, data=data)
+            qswap.calibrate(qmodel, fdata.net_inputs(task, "train_calib", 4, max_sentences=32))
+            form = integer_form(qmodel)
+            for subset, cells in payload["cells"].items():
+                if key in cells:
+                    cells[key]["integer_form"] = form
+            done.append(f"{key}: {form}")
+    for subset in payload["cells"]:
+        _save(prefix, payload, subset)
+    return done
+
+
 def with_intervals(payload: dict) -> dict[str, dict[str, dict]]:
     """Per subset, per cell: WER interval and the paired ΔWER interval against float."""
     from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, wer_interval
@@ -441,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--from-json", action="store_true", help="rewrite the page from the JSON only")
     p.add_argument("--resume", action="store_true", help="keep the cells already in the JSON")
+    p.add_argument("--refresh-integer-form", action="store_true",
+                   help="recompute only the integer-form column of the cells without one (no decoding), then "
+                        "rewrite the page")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--columns", nargs="+", default=COLUMNS, choices=COLUMNS)
     p.add_argument("--qat", action="append", default=[], metavar="RECIPE=CKPT",
@@ -458,8 +492,10 @@ def main(argv: list[str] | None = None) -> int:
         if column not in COLUMNS or not ckpt:
             p.error(f"--qat takes RECIPE=CHECKPOINT with RECIPE one of {', '.join(COLUMNS)}; got {item!r}")
         qat[column] = ckpt
-    payload = load(args.json) if (args.resume or args.from_json) else {"cells": {}}
-    if not args.from_json:
+    payload = load(args.json) if (args.resume or args.from_json or args.refresh_integer_form) else {"cells": {}}
+    if args.refresh_integer_form:
+        print("\n".join(refresh_integer_forms(payload, args.json)), flush=True)
+    elif not args.from_json:
         run(payload, args.json, args.subsets, args.methods, args.columns, qat, args.batches, args.beam)
         payload = load(args.json)  # both sets, whichever process decoded them
     if set(payload["cells"]) != set(SUBSETS):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.errors import ConvertError
-from qswap.io.serializable import Obj, serializable
+from qswap.io.serializable import Obj, Opt, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
 from qswap.nn.simulate import cached, codes_of, grid_of, row_isqrt, simulates, value_of
@@ -179,14 +179,21 @@ class QLayerNorm(_QNorm):
         affine accumulator on ``IntegerLayerNorm.stream_scale``, for several consumers): integer
         mean and variance, Newton isqrt, fixed-point gamma (its codes) and beta (on the affine
         accumulator's grid); see ``qswap.quant.integer.integer_layer_norm``. One normalized axis;
-        gamma and beta quantized (norm_weight / norm_bias sites)."""
+        gamma and beta quantized (norm_weight / norm_bias sites). An input grid per channel (of the
+        normalized axis, ``qswap.quant.integer.ChannelGrid``) is first put on one int32 grid
+        (``common_grid``), which the integer LayerNorm then normalizes."""
         from qswap.errors import IntegerizeError
-        from qswap.quant.integer import Grid, LayerNormParams
+        from qswap.quant.integer import ChannelGrid, CommonGridParams, LayerNormParams, stream_grid
         if len(self.normalized_shape) != 1:
             raise IntegerizeError(f"LayerNorm over {self.normalized_shape}: integer form normalizes one axis")
         n = self.normalized_shape[0]
-        params = LayerNormParams.build(n, self.eps, Grid.of(self.input_quant).scale, *self.integer_affine(n), out)
-        return IntegerLayerNorm(params)
+        grid = stream_grid(self.input_quant)
+        if not isinstance(grid, ChannelGrid):
+            return IntegerLayerNorm(LayerNormParams.build(n, self.eps, grid.scale, *self.integer_affine(n), out))
+        common = CommonGridParams.build(grid)
+        params = LayerNormParams.build(n, self.eps, common.scale, *self.integer_affine(n), out,
+                                       input_bound=common.bound)
+        return IntegerLayerNorm(params, common)
 
 @register(nn.GroupNorm)
 class QGroupNorm(_QNorm):
@@ -301,17 +308,20 @@ class QBatchNorm1d(QuantModule):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
-@serializable(params=Obj("LayerNormParams"))
+@serializable(params=Obj("LayerNormParams"), common=Opt(Obj("CommonGridParams")))
 class IntegerLayerNorm(nn.Module):
     """LayerNorm on codes: ``qswap.quant.integer.integer_layer_norm`` with built constants (the
-    int32 affine accumulator on ``stream_scale`` when built without an output grid)."""
+    int32 affine accumulator on ``stream_scale`` when built without an output grid). ``common``:
+    codes per channel (an input ``ChannelGrid``) first put on one int32 grid (``common_grid``)."""
 
-    def __init__(self, params):
+    def __init__(self, params, common=None):
         super().__init__()
-        self.params, self.stream_scale = params, params.acc_scale
+        self.params, self.common, self.stream_scale = params, common, params.acc_scale
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        from qswap.quant.integer import integer_layer_norm, integer_layer_norm_acc
+        from qswap.quant.integer import common_grid, integer_layer_norm, integer_layer_norm_acc
+        if self.common is not None:
+            codes = common_grid(codes, self.common)  # (..., N) int32, |value| <= 2^16
         if self.params.out is None:
             return integer_layer_norm_acc(codes, self.params)
         return integer_layer_norm(codes, self.params)

@@ -21,8 +21,10 @@ build_lut / apply_lut          half to even (like the grid)  table of the output
 integer_softmax                exp table: half to even;      int32 row sum, int64 division
                                division: half up
 integer_layer_norm(_acc)       mean exact (N*q - sum);       int64 variance, int32 affine
-                               isqrt floor; division half    accumulator
-                               away from zero
+                               isqrt floor; division half    accumulator; sqrt_bits chosen
+                               away from zero                when built (wide inputs)
+common_grid                    once, ties toward +inf        int64 product; |out| <= 2^16
+rescaled_sum per channel       as rescaled_add, per channel  int32, as rescaled_add
 integer_group_norm             as LayerNorm; eps rounded     int64 variance (N <= 2^22),
                                half to even (exact)          int32 affine, saturating
 =============================  ============================  ====================================
@@ -147,35 +149,53 @@ def multiply_by_quantized_multiplier_single(x: torch.Tensor, m0: torch.Tensor | 
     return ((prod + (torch.ones_like(total) << (total - 1))) >> total).clamp(INT32_MIN, INT32_MAX).to(torch.int32)
 
 
+def quantize_multipliers(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_multiplier`` of each value of a 1-d tensor: (M0, shift) as two int64 tensors."""
+    pairs = [quantize_multiplier(float(r)) for r in real.double().flatten()]
+    return (torch.tensor([p[0] for p in pairs], dtype=torch.int64),
+            torch.tensor([p[1] for p in pairs], dtype=torch.int64))
+
+
+def channel_shape(t: torch.Tensor | int, dim: int, axis: int) -> torch.Tensor | int:
+    """A per-channel 1-d tensor reshaped to broadcast along ``axis`` of a ``dim``-d tensor (an int
+    or a one-value tensor is returned as is)."""
+    if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() > 1):
+        return t
+    shape = [1] * dim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
 ROUNDINGS = ("single", "double")
 
 
-@serializable(m0=Either(INT, Tensor("int64")), shift=Either(INT, Tensor("int64")), zero_point=INT, qmin=INT,
-              qmax=INT, rounding=Choice(*ROUNDINGS))
+@serializable(m0=Either(INT, Tensor("int64")), shift=Either(INT, Tensor("int64")),
+              zero_point=Either(INT, Tensor("int64")), qmin=INT, qmax=INT, rounding=Choice(*ROUNDINGS))
 @dataclass(frozen=True)
 class Requant:
     """A fixed-point rescaling to an output grid: ``M0`` and ``shift`` (Python ints per tensor,
-    int64 tensors per channel), the output zero point and code range, and the rounding
-    (``requantize``)."""
+    int64 tensors per channel), the output zero point (an int, or an int64 tensor per channel of
+    a ``ChannelGrid``) and code range, and the rounding (``requantize``)."""
 
     m0: torch.Tensor | int
     shift: torch.Tensor | int
-    zero_point: int
+    zero_point: torch.Tensor | int
     qmin: int
     qmax: int
     rounding: str = "single"
 
     @classmethod
-    def from_scales(cls, real: float | torch.Tensor, zero_point: int, qmin: int, qmax: int,
+    def from_scales(cls, real: float | torch.Tensor, zero_point: int | torch.Tensor, qmin: int, qmax: int,
                     rounding: str = "single") -> "Requant":
-        """``real`` = input scale / output scale (a Python float, or a 1-d tensor per channel)."""
+        """``real`` = input scale / output scale (a Python float, or a 1-d tensor per channel);
+        ``zero_point``: an int, or a 1-d tensor per channel."""
+        zp = zero_point.to(torch.int64) if isinstance(zero_point, torch.Tensor) and zero_point.numel() > 1 \
+            else int(zero_point)
         if isinstance(real, torch.Tensor) and real.numel() > 1:
-            pairs = [quantize_multiplier(float(r)) for r in real.double().flatten()]
-            m0 = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
-            shift = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
-            return cls(m0, shift, int(zero_point), int(qmin), int(qmax), rounding)
+            m0, shift = quantize_multipliers(real)
+            return cls(m0, shift, zp, int(qmin), int(qmax), rounding)
         m0, shift = quantize_multiplier(float(real))
-        return cls(m0, shift, int(zero_point), int(qmin), int(qmax), rounding)
+        return cls(m0, shift, zp, int(qmin), int(qmax), rounding)
 
     def __call__(self, acc: torch.Tensor, axis: int = -1) -> torch.Tensor:
         return requantize(acc, self.m0, self.shift, self.zero_point, self.qmin, self.qmax, axis, self.rounding)
@@ -194,7 +214,8 @@ def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | 
     the high multiply, then half away from zero in the shift; within one output step of
     ``acc * real`` but it can differ from its single rounding (263 * 0.15 = 39.45 gives 40:
     157.8 -> 158, 158 / 4 = 39.5 -> 40). The input must fit int32 (a larger value raises); the
-    zero point is added in int64 and the sum saturates to [qmin, qmax]."""
+    zero point (an int, or per channel of ``axis``: a ``ChannelGrid``'s) is added in int64 and
+    the sum saturates to [qmin, qmax]."""
     if rounding not in ROUNDINGS:
         raise IntegerizeError(f"requantize rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     _check_int("acc", acc)
@@ -202,39 +223,51 @@ def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | 
         raise IntegerizeError("requantize got an accumulator outside int32; the op overflowed its "
                               "stated bound (reduce the reduction length or the bit widths)")
     m0, shift = torch.as_tensor(m0, dtype=torch.int64), torch.as_tensor(shift, dtype=torch.int64)
-    if m0.dim() == 1 and m0.numel() > 1:
-        shape = [1] * acc.dim()
-        shape[axis] = -1
-        m0, shift = m0.reshape(shape), shift.reshape(shape)
+    m0, shift = channel_shape(m0, acc.dim(), axis), channel_shape(shift, acc.dim(), axis)
     multiply = multiply_by_quantized_multiplier_single if rounding == "single" else multiply_by_quantized_multiplier
     scaled = multiply(acc, m0, shift).to(torch.int64)
-    return (scaled + zero_point).clamp(qmin, qmax).to(code_dtype(qmin, qmax))
+    return (scaled + channel_shape(zero_point, acc.dim(), axis)).clamp(qmin, qmax).to(code_dtype(qmin, qmax))
 
 
 # -- rescaled add ------------------------------------------------------------------------------------
 
-@serializable(left_shift=INT, a=Tuple(INT, INT), b=Tuple(INT, INT), sum_scale=FLOAT, out=Opt(Obj("Requant")))
+_MULTIPLIER = Either(INT, Tensor("int64"))
+
+
+@serializable(left_shift=INT, a=Tuple(_MULTIPLIER, _MULTIPLIER), b=Tuple(_MULTIPLIER, _MULTIPLIER),
+              sum_scale=Either(FLOAT, Tensor("float64")), out=Opt(Obj("Requant")))
 @dataclass(frozen=True)
 class AddParams:
     """TFLite's quantized ADD: both operands shifted left by ``left_shift``, rescaled to the grid
     of twice the larger input scale, added in int32 (the sum's grid: ``sum_scale``), then
     requantized to the output grid (``out``; None keeps the int32 sum, e.g. a residual stream
-    read by several consumers)."""
+    read by several consumers). Per channel (an operand on a ``ChannelGrid``, channels on the last
+    axis): the same per channel, each channel's sum on the grid of twice its larger input scale
+    (``sum_scale`` and the multipliers ``a``, ``b`` are then (C,) tensors)."""
 
     left_shift: int
-    a: tuple[int, int]
-    b: tuple[int, int]
-    sum_scale: float
+    a: tuple[int, int] | tuple[torch.Tensor, torch.Tensor]
+    b: tuple[int, int] | tuple[torch.Tensor, torch.Tensor]
+    sum_scale: float | torch.Tensor
     out: Requant | None
 
     @classmethod
-    def build(cls, scale_a: float, scale_b: float, scale_out: float | None = None, zero_point_out: int = 0,
-              qmin: int = INT32_MIN, qmax: int = INT32_MAX, input_bits: int = 8) -> "AddParams":
+    def build(cls, scale_a: float | torch.Tensor, scale_b: float | torch.Tensor, scale_out: float | None = None,
+              zero_point_out: int = 0, qmin: int = INT32_MIN, qmax: int = INT32_MAX,
+              input_bits: int = 8) -> "AddParams":
         """``left_shift = 28 - input_bits`` (20 for 8-bit inputs, TFLite's value) keeps
-        ``|q - zp| << left_shift`` below 2^28: inputs of at most 16 bits."""
+        ``|q - zp| << left_shift`` below 2^28: inputs of at most 16 bits. A scale may be a (C,)
+        tensor (a ``ChannelGrid``'s): the multipliers and the sum's grid are then per channel."""
         if not 2 <= input_bits <= 16:
             raise IntegerizeError(f"rescaled_add takes inputs of 2 to 16 bits, got {input_bits}")
         left = 28 - input_bits
+        if isinstance(scale_a, torch.Tensor) or isinstance(scale_b, torch.Tensor):
+            sa, sb = torch.as_tensor(scale_a, dtype=torch.float64), torch.as_tensor(scale_b, dtype=torch.float64)
+            sa, sb = torch.broadcast_tensors(sa.reshape(-1), sb.reshape(-1))
+            twice = 2.0 * torch.maximum(sa, sb)
+            sum_scale = twice / 2 ** left
+            out = None if scale_out is None else Requant.from_scales(sum_scale / scale_out, zero_point_out, qmin, qmax)
+            return cls(left, quantize_multipliers(sa / twice), quantize_multipliers(sb / twice), sum_scale, out)
         twice_max = 2.0 * max(scale_a, scale_b)
         sum_scale = twice_max / 2 ** left
         out = None if scale_out is None else Requant.from_scales(sum_scale / scale_out, zero_point_out, qmin, qmax)
@@ -242,18 +275,26 @@ class AddParams:
                    sum_scale, out)
 
 
-def rescaled_sum(qa: torch.Tensor, zp_a: int, qb: torch.Tensor, zp_b: int, params: AddParams) -> torch.Tensor:
+def rescaled_sum(qa: torch.Tensor, zp_a: int | torch.Tensor, qb: torch.Tensor, zp_b: int | torch.Tensor,
+                 params: AddParams) -> torch.Tensor:
     """``s_a (qa - zp_a) + s_b (qb - zp_b)`` as int32 on the grid ``params.sum_scale``.
 
     Each operand: ``(q - zp) << left_shift`` (exact: |q - zp| < 2^input_bits, so the value is
     below 2^28), times its multiplier (<= 0.5, so below 2^27 in magnitude; gemmlowp rounding:
-    ties toward +inf then half away from zero); the int32 sum is below 2^28 (no overflow)."""
+    ties toward +inf then half away from zero); the int32 sum is below 2^28 (no overflow).
+    Per channel (zero points and multipliers (C,) tensors, channels on the last axis): the same
+    arithmetic, rounding and bound in every channel, each on its own sum grid."""
     _check_int("qa", qa)
     _check_int("qb", qb)
     left = params.left_shift
-    a = multiply_by_quantized_multiplier((qa.to(torch.int32) - zp_a) << left, *params.a)
-    b = multiply_by_quantized_multiplier((qb.to(torch.int32) - zp_b) << left, *params.b)
+    a = multiply_by_quantized_multiplier(_centered(qa, zp_a) << left, *params.a)
+    b = multiply_by_quantized_multiplier(_centered(qb, zp_b) << left, *params.b)
     return a + b
+
+
+def _centered(q: torch.Tensor, zero_point: int | torch.Tensor) -> torch.Tensor:
+    """``q - zero_point`` in int32 (a per-channel zero point: of the last axis)."""
+    return q.to(torch.int32) - torch.as_tensor(zero_point, dtype=torch.int32)
 
 
 def rescaled_add(qa: torch.Tensor, zp_a: int, qb: torch.Tensor, zp_b: int, params: AddParams) -> torch.Tensor:
@@ -368,6 +409,90 @@ class Grid:
         t = torch.round(x.to(torch.float32) * (1.0 / torch.tensor(self.scale, dtype=torch.float32)))
         return (t.clamp(self.qmin - self.zero_point, self.qmax - self.zero_point).to(torch.int64)
                 + self.zero_point).to(self.dtype)
+
+
+@serializable(scale=Tensor("float64"), zero_point=Tensor("int64"), qmin=INT, qmax=INT)
+@dataclass(frozen=True)
+class ChannelGrid:
+    """A per-channel affine grid of the last axis: ``value[..., c] = scale[c] * (code - zero_point[c])``,
+    codes in [qmin, qmax]. Only the ops that take it say so (``stream_grid``): requantization onto
+    it, the residual add (``AddParams``), the LayerNorm's input (``CommonGridParams``)."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return code_dtype(self.qmin, self.qmax)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """Build-time only (tests): the float32 values of ``codes`` (channels last)."""
+        return (codes.to(torch.float32) - self.zero_point.to(torch.float32)) * self.scale.to(torch.float32)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Build-time only: float ``x`` (channels last) onto the grid as ``FakeQuantize`` does
+        (``x * (1/scale)`` in float32, half to even), as codes."""
+        zp = self.zero_point.to(torch.float32)
+        t = torch.round(x.to(torch.float32) * (1.0 / self.scale.to(torch.float32)))
+        t = torch.maximum(torch.minimum(t, self.qmax - zp), self.qmin - zp)
+        return (t.to(torch.int64) + self.zero_point).to(self.dtype)
+
+
+def stream_grid(quantizer) -> "Grid | ChannelGrid":
+    """The grid of a calibrated quantizer of the residual stream: a ``Grid`` per tensor, a
+    ``ChannelGrid`` per channel of the last axis (any other per-channel axis raises)."""
+    if not (isinstance(quantizer, FakeQuantize) and quantizer.enabled and quantizer.initialized) \
+            or quantizer.scale.numel() == 1:
+        return Grid.of(quantizer)
+    spec = quantizer.spec
+    if spec.granularity != "per_channel" or spec.axis != -1:
+        raise IntegerizeError(f"a residual-stream grid must be per tensor or per channel of the last axis "
+                              f"(axis: -1), got {spec.short()}")
+    return ChannelGrid(quantizer.scale.detach().double().reshape(-1), quantizer.zero_point.detach().to(
+        torch.int64).reshape(-1), spec.qmin, spec.qmax)
+
+
+COMMON_GRID_BITS = 16  # |value| < 2^16 steps of the common grid a per-channel norm input is put on
+
+
+@serializable(m0=Tensor("int64"), shift=Tensor("int64"), zero_point=Tensor("int64"), scale=FLOAT)
+@dataclass(frozen=True)
+class CommonGridParams:
+    """Per-channel codes of a ``ChannelGrid`` onto one int32 grid ``scale`` (a norm mixes the
+    channels, so their values must share a grid): ``scale = max_c(s_c span_c) 2^-COMMON_GRID_BITS``
+    (``span_c`` = the largest ``|q - zp_c|`` of channel c), and per channel the multiplier
+    ``s_c / scale`` as (M0, shift)."""
+
+    m0: torch.Tensor
+    shift: torch.Tensor
+    zero_point: torch.Tensor
+    scale: float
+
+    @classmethod
+    def build(cls, grid: ChannelGrid) -> "CommonGridParams":
+        zp = grid.zero_point
+        span = torch.maximum(grid.qmax - zp, zp - grid.qmin).double()  # (C,)
+        scale = float((grid.scale * span).max()) * 2.0 ** -COMMON_GRID_BITS
+        m0, shift = quantize_multipliers(grid.scale / scale)
+        return cls(m0, shift, zp, scale)
+
+    @property
+    def bound(self) -> int:
+        """The largest ``|value|`` ``common_grid`` writes."""
+        return 2 ** COMMON_GRID_BITS
+
+
+def common_grid(codes: torch.Tensor, params: CommonGridParams) -> torch.Tensor:
+    """Per-channel codes (channels last) as int32 values on the common grid ``params.scale``:
+    ``(q - zp_c) * s_c / scale`` by ``multiply_by_quantized_multiplier_single`` (int64 product,
+    rounded once, ties toward +inf; the fake-quant value ``s_c (q - zp_c)`` is a float32 product,
+    so the two differ by at most half a common step, ``max_c(s_c span_c) 2^-17``). ``|q - zp_c|
+    <= span_c`` and ``s_c / scale <= 2^16 / span_c`` keep ``|value| <= 2^16`` (no overflow; int32)."""
+    _check_int("codes", codes)
+    x = codes.to(torch.int32) - params.zero_point.to(torch.int32)
+    return multiply_by_quantized_multiplier_single(x, params.m0, params.shift)
 
 
 LUT_MAX_BITS = 16
@@ -509,31 +634,46 @@ _LN_SQRT_BITS = 10  # extra fraction bits of the standard deviation
 
 
 @serializable(eps_int=INT, gamma=Tensor("int32"), beta=Tensor("int32"), out=Opt(Obj("Requant")),
-              acc_scale=Either(FLOAT, Tensor("float64")))
+              acc_scale=Either(FLOAT, Tensor("float64")), sqrt_bits=INT)
 @dataclass(frozen=True)
 class LayerNormParams:
     """Integer LayerNorm constants: ``eps_int`` = round(N^2 eps / s_in^2) (the variance's epsilon in
     the units of ``N^2 (q - mean)^2``), ``gamma`` codes (int32) and ``beta`` on the int32 grid of
     the affine accumulator (``acc_scale`` = ``s_gamma * 2^-LN_FRAC_BITS``, half to even), and the
     requantization of that accumulator to the output grid (``out``; None keeps the int32
-    accumulator, e.g. a post-norm layer's output stream read by several consumers)."""
+    accumulator, e.g. a post-norm layer's output stream read by several consumers), and the
+    standard deviation's extra fraction bits (``sqrt_bits``: 10 for codes of up to 8 bits, fewer
+    for wider inputs such as ``common_grid``'s, so that ``_normalized`` stays within int64)."""
 
     eps_int: int
     gamma: torch.Tensor
     beta: torch.Tensor
     out: Requant | None
     acc_scale: float | torch.Tensor = 0.0
+    sqrt_bits: int = 10
 
     @classmethod
     def build(cls, n: int, eps: float, scale_in: float, gamma_codes: torch.Tensor,
-              gamma_scale: float | torch.Tensor, beta: torch.Tensor | None, grid_out: Grid | None) -> "LayerNormParams":
+              gamma_scale: float | torch.Tensor, beta: torch.Tensor | None, grid_out: Grid | None,
+              input_bound: int | None = None) -> "LayerNormParams":
         """``gamma_scale``: a float (per tensor) or a (N,) tensor (per channel); ``beta``: float
-        values (already on their own grid) or None; ``grid_out`` None: no requantization."""
+        values (already on their own grid) or None; ``grid_out`` None: no requantization;
+        ``input_bound``: the largest ``|code|`` of a wider input than 8-bit codes (then
+        ``sqrt_bits`` is the most, at most 10, that keeps ``(V + eps_int) << 2 sqrt_bits`` within
+        2^62, with ``V <= N^2 input_bound^2``)."""
         if not 1 <= n <= LN_MAX_DIM:
             raise IntegerizeError(f"integer_layer_norm normalizes 1 to {LN_MAX_DIM} features, got {n}")
         acc_scale, beta_int, out = _affine_constants(n, gamma_scale, beta, grid_out)
         eps_int = int(round(n * n * eps / (scale_in * scale_in)))
-        return cls(eps_int, gamma_codes.to(torch.int32), beta_int, out, acc_scale)
+        sqrt_bits = _LN_SQRT_BITS
+        if input_bound is not None:
+            bound = n * n * input_bound * input_bound + eps_int
+            sqrt_bits = (62 - bound.bit_length()) // 2
+            if sqrt_bits < 0 or n * input_bound * 2 ** (1 + LN_FRAC_BITS + sqrt_bits) > 2 ** 62:
+                raise IntegerizeError(f"integer_layer_norm of {n} features of |code| <= {input_bound}: the "
+                                      f"variance leaves int64; use fewer features or a coarser input")
+            sqrt_bits = min(_LN_SQRT_BITS, sqrt_bits)
+        return cls(eps_int, gamma_codes.to(torch.int32), beta_int, out, acc_scale, sqrt_bits)
 
 
 def _affine_constants(channels: int, gamma_scale: float | torch.Tensor, beta: torch.Tensor | None,
@@ -575,13 +715,14 @@ def integer_layer_norm_acc(codes: torch.Tensor, params: LayerNormParams,
     """LayerNorm over the last axis (N features) of input codes, as the int32 affine accumulator
     on the grid ``params.acc_scale`` (what ``integer_layer_norm`` requantizes).
 
-    ``_normalized`` with 10 extra fraction bits of the standard deviation (``V + eps_int`` <
-    N^2 2^16 + eps_int < 2^41 for N <= 4096, so ``<< 20`` stays below 2^61); ``|y| < sqrt(N) 2^16
+    ``_normalized`` with ``params.sqrt_bits`` extra fraction bits of the standard deviation (10
+    for 8-bit codes: ``V + eps_int`` < N^2 2^16 + eps_int < 2^41 for N <= 4096, so ``<< 20``
+    stays below 2^61; fewer for a wider input, chosen when built); ``|y| < sqrt(N) 2^16
     <= 2^22``; affine accumulator ``y gamma + beta`` (|y gamma| < 2^29 for 8-bit gamma,
     |beta| <= 2^30: the sum saturates to int32 beyond). The input zero point cancels in ``c``.
     ``root``: as ``_normalized``'s (the fake-quant simulation passes its per-row one)."""
     _check_int("codes", codes)
-    y = _normalized(codes.to(torch.int64), params.eps_int, _LN_SQRT_BITS, root)
+    y = _normalized(codes.to(torch.int64), params.eps_int, params.sqrt_bits, root)
     acc = y * params.gamma.to(torch.int64) + params.beta.to(torch.int64)
     return acc.clamp(INT32_MIN, INT32_MAX).to(torch.int32)
 

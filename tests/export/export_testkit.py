@@ -16,10 +16,11 @@ from qswap.nn.simulate import simulating
 
 def calibrated(model, recipe="w8a8"):
     """``model`` converted with ``recipe`` and calibrated on three small padded batches."""
-    qmodel = qswap.convert(model, recipe)
+    batches = [s2t_net_input(2, 60, seed=s) for s in range(3)]
+    qmodel = qswap.convert(model, recipe, data=batches)  # data: a recipe's transforms' statistics
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantizers on paths the batches never take keep observing
-        qswap.calibrate(qmodel, [s2t_net_input(2, 60, seed=s) for s in range(3)])
+        qswap.calibrate(qmodel, batches)
     return qmodel
 
 

@@ -17,9 +17,10 @@ from qswap.honesty.integer import check_integer
 from qswap.models import s2t_net_input
 
 
-@pytest.fixture(scope="module", params=["w8a8", "w8a8_per_channel", "w4a8"])
+@pytest.fixture(scope="module", params=["w8a8", "w8a8_per_channel", "w4a8", "w4a4_edges8_stream_smoothquant"])
 def integer_model(request, qmodel):
-    """The integer form of the small s2t_transformer under each recipe (w8a8: the shared fixture)."""
+    """The integer form of the small s2t_transformer under each recipe (w8a8: the shared fixture;
+    the last: per-channel residual-stream grids, ``ChannelGrid`` and ``CommonGridParams``)."""
     from qswap.models import build_s2t_transformer
     q = qmodel if request.param == "w8a8" else calibrated(build_s2t_transformer(), request.param)
     return qswap.integerize(q)

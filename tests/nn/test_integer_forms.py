@@ -8,7 +8,7 @@ import qswap
 from helpers import assert_only_near_ties_differ, core_codes
 from qswap.errors import IntegerizeError
 from qswap.nn.norm import IntegerGroupNorm, IntegerLayerNorm
-from qswap.quant.integer import Grid
+from qswap.quant.integer import Grid, stream_grid
 
 RECIPES = ["w8a8", "w8a8_per_channel", "w4a8"]
 
@@ -210,6 +210,34 @@ def test_weight_normed_conv(recipe):
     diff = steps(integer, reference)
     assert int(diff.max()) <= 1
     assert float((diff == 0).float().mean()) > 0.99
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_layer_norm_of_a_per_channel_input_grid(bits):
+    """A LayerNorm whose input grid is per channel (the residual stream's, recipe
+    w4a4_edges8_stream_smoothquant): channels of very different ranges put on one int32 grid
+    (``CommonGridParams``), then the integer LayerNorm; the fake-quant codes up to near-ties."""
+    torch.manual_seed(1)
+    x = torch.randn(8, 10, 64) * torch.logspace(-1.5, 1, 64) + 0.3
+    ln = nn.LayerNorm(64)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_(0, 0.2)
+    recipe = {"version": 1, "name": "ln_per_channel",
+              "defaults": {"weight": {"bits": 8, "symmetric": True, "observer": "minmax"},
+                           "activation": {"bits": 8, "symmetric": False, "observer": "minmax"}},
+              "rules": [{"match": {"class": "LayerNorm"},
+                         "activation": {"bits": bits, "granularity": "per_channel", "axis": -1}}]}
+    q = converted(nn.Sequential(ln, nn.Linear(64, 8)), x, recipe)
+    grid_out = Grid.of(q[1].input_quant)
+    form = q[0].to_integer(grid_out)
+    assert form.common is not None
+    with torch.no_grad():
+        reference = grid_out.quantize(q[1].input_quant(q[0](x)))
+        integer = form(stream_grid(q[0].input_quant).quantize(x))
+    diff = steps(integer, reference)
+    assert int(diff.max()) <= 1
+    assert float((diff == 0).float().mean()) > 0.97
 
 
 def test_layer_norm_without_an_output_grid_gives_its_accumulator():

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from qswap.errors import IntegerizeError
 from qswap.quant.fake_quantize import FakeQuantize
-from qswap.quant.integer import (INT32_MAX, INT32_MIN, ISQRT_MAX, AddParams, GluParams, Grid, GroupNormParams,
+from qswap.quant.integer import (INT32_MAX, INT32_MIN, ISQRT_MAX, AddParams, ChannelGrid, CommonGridParams,
+                                 GluParams, Grid, GroupNormParams, common_grid, rescaled_sum, stream_grid,
                                  ConstantAddParams, LayerNormParams, add_constant, integer_group_norm,
                                  integer_layer_norm_acc,
                                  Requant, SoftmaxParams, apply_lut, build_lut, integer_glu, integer_layer_norm,
@@ -449,3 +450,132 @@ def test_integer_glu_at_its_bound():
     codes = torch.tensor([[32767, 32767]], dtype=torch.int16)  # a = b = 65535 steps above zp
     assert int(params.gate[-1]) == 2 ** 15
     assert integer_glu(codes, params).tolist() == [[65535]]
+
+
+# -- per-channel residual stream (ChannelGrid): requantize, add, common grid, LayerNorm ----------------
+
+CHANNEL_SPEC = QuantSpec(bits=4, symmetric=False, granularity="per_channel", axis=-1)
+
+
+def channel_case(bits=4, seed=0, n=32):
+    """Channels of very different ranges (outlier channels, as the residual stream has), their
+    per-channel FakeQuantize (frozen) and ChannelGrid."""
+    torch.manual_seed(seed)
+    x = torch.randn(200, n) * torch.logspace(-2, 1, n) + torch.linspace(-1, 1, n)
+    fq = grid_of(x, CHANNEL_SPEC.replace(bits=bits))
+    return x, fq, stream_grid(fq)
+
+
+def test_stream_grid_is_per_tensor_or_per_channel_of_the_last_axis():
+    x, fq, grid = channel_case()
+    assert isinstance(grid, ChannelGrid) and grid.scale.shape == (32,) and grid.zero_point.dtype == torch.int64
+    assert torch.equal(grid.quantize(x).to(torch.int64), torch.round(fq(x) / fq.scale).to(torch.int64) + fq.zero_point)
+    assert isinstance(stream_grid(grid_of(x)), Grid)
+    with pytest.raises(IntegerizeError, match="axis: -1"):
+        stream_grid(grid_of(x.T.contiguous(), CHANNEL_SPEC.replace(axis=0)))
+
+
+def test_requantize_onto_a_channel_grid_agrees_with_its_quantizer():
+    """An int32 stream (a fine per-tensor grid) onto per-channel codes with per-channel zero
+    points: single rounding, so the fake-quant codes except within 2^-30 of a tie."""
+    x, fq, grid = channel_case()
+    fine = float(grid.scale.min()) * 2.0 ** -16
+    stream = torch.round(x.double() / fine).to(torch.int32)
+    codes = Requant.from_scales(fine / grid.scale, grid.zero_point, grid.qmin, grid.qmax)(stream)
+    reference = grid.quantize((stream.double() * fine).float())
+    assert codes.dtype == grid.dtype == torch.int8  # 4-bit affine codes in [-8, 7]
+    diff = (codes.to(torch.int64) - reference.to(torch.int64)).abs()
+    assert int(diff.max()) <= 1 and float((diff == 0).double().mean()) > 0.999
+
+
+def test_per_channel_rescaled_sum_is_the_fake_quant_sum_in_grid_steps():
+    """``s_a[c] (qa - zp_a[c]) + s_b[c] (qb - zp_b[c])`` per channel on ``sum_scale[c]``: within one
+    step of the exact sum (two roundings per operand), and requantized onto the next per-channel
+    grid, the fake-quant codes of that sum except at near-ties."""
+    x, fq_a, ga = channel_case(seed=0)
+    y, fq_b, gb = channel_case(seed=1)
+    params = AddParams.build(ga.scale, gb.scale, input_bits=4)
+    assert params.sum_scale.shape == (32,) and params.a[0].dtype == torch.int64
+    qa, qb = ga.quantize(x), gb.quantize(y)
+    total = rescaled_sum(qa, ga.zero_point, qb, gb.zero_point, params)
+    assert total.dtype == torch.int32
+    exact = (qa.double() - ga.zero_point) * ga.scale + (qb.double() - gb.zero_point) * gb.scale  # float64
+    assert float((total.double() - exact / params.sum_scale).abs().max()) <= 1.0
+    fq_out = grid_of(fq_a(x) + fq_b(y), CHANNEL_SPEC)
+    g_out = stream_grid(fq_out)
+    codes = Requant.from_scales(params.sum_scale / g_out.scale, g_out.zero_point, g_out.qmin, g_out.qmax)(total)
+    diff = (codes.to(torch.int64) - g_out.quantize(fq_a(x) + fq_b(y)).to(torch.int64)).abs()
+    assert int(diff.max()) <= 1 and float((diff == 0).double().mean()) > 0.99
+
+
+def test_per_channel_rescaled_sum_at_its_bound():
+    """The largest operands of 8-bit inputs, in each channel on its own scale: every channel's
+    sum is ``(|qa - zp| + |qb - zp|) 2^19`` exactly, below 2^28."""
+    scales = torch.tensor([1e-3, 1.0, 50.0], dtype=torch.float64)
+    params = AddParams.build(scales, scales)
+    zp = torch.tensor([0, 255, 0])
+    qa = torch.tensor([[255, 0, 255]], dtype=torch.uint8)
+    out = rescaled_sum(qa, zp, qa, zp, params)
+    assert out.tolist() == [[510 * 2 ** 19, -510 * 2 ** 19, 510 * 2 ** 19]]
+    assert int(out.abs().max()) < 2 ** 28
+
+
+def test_common_grid_is_the_fake_quant_value_within_half_a_step():
+    x, fq, grid = channel_case()
+    params = CommonGridParams.build(grid)
+    values = common_grid(grid.quantize(x), params)
+    assert values.dtype == torch.int32
+    err = (values.double() - fq(x).double() / params.scale).abs()
+    assert float(err.max()) <= 0.5 + 1e-3  # float32 value of the fake-quant product: ~1e-7 relative
+
+
+def test_common_grid_at_its_bound():
+    """Each channel's extreme codes: the widest channel lands on +-2^16 (the bound), the others
+    inside; ties of the single rounding go toward +inf."""
+    grid = ChannelGrid(torch.tensor([0.5, 0.25, 2.0 ** -20], dtype=torch.float64), torch.tensor([0, 15, 8]), 0, 15)
+    params = CommonGridParams.build(grid)
+    assert params.scale == 0.5 * 15 * 2.0 ** -16
+    values = common_grid(torch.tensor([[15, 0, 0], [0, 15, 15]], dtype=torch.uint8), params)
+    assert values[0, 0] == 2 ** 16 and values[1, 1] == 0
+    assert int(values.abs().max()) <= params.bound
+    assert values[0, 2].item() == round(-8 * 2.0 ** -20 / params.scale)  # a far finer channel keeps its value
+
+
+def per_channel_layer_norm_case(n=64, seed=0):
+    """A LayerNorm reading per-channel codes (the stream recipe's norm input), 8-bit output."""
+    torch.manual_seed(seed)
+    x = torch.randn(50, n) * torch.logspace(-1, 1, n)
+    gamma, beta = torch.rand(n) + 0.5, torch.randn(n) * 0.1
+    q_in = grid_of(x, CHANNEL_SPEC)
+    q_gamma, q_beta = FakeQuantize(QuantSpec(bits=8), kind="weight"), FakeQuantize(QuantSpec(bits=8), kind="weight")
+    g, b = q_gamma(gamma), q_beta(beta)
+    fake = F.layer_norm(q_in(x), (n,), g, b, 1e-5)
+    q_out = grid_of(fake)
+    grid = stream_grid(q_in)
+    common = CommonGridParams.build(grid)
+    params = LayerNormParams.build(n, 1e-5, common.scale, torch.round(g / q_gamma.scale).to(torch.int32),
+                                   float(q_gamma.scale), b, Grid.of(q_out), input_bound=common.bound)
+    return grid.quantize(x), common, params, Grid.of(q_out).quantize(q_out(fake))
+
+
+def test_layer_norm_of_per_channel_codes_agrees_with_the_fake_quant_layer_norm():
+    codes, common, params, reference = per_channel_layer_norm_case()
+    assert params.sqrt_bits == 8  # N = 64 values of |v| <= 2^16: V + eps_int < 2^45, so (62 - 45) // 2
+    out = integer_layer_norm(common_grid(codes, common), params)
+    diff = (out.to(torch.int64) - reference.to(torch.int64)).abs()
+    assert int(diff.max()) <= 1
+    assert float((diff == 0).float().mean()) > 0.97
+
+
+def test_layer_norm_of_common_grid_values_at_its_bound():
+    """4096 features at +-2^16 (the common grid's bound, the largest variance): the variance
+    stays within int64 (sqrt_bits 2) and the result is +-1 exactly."""
+    n = 4096
+    values = torch.tensor([-(2 ** 16), 2 ** 16] * (n // 2), dtype=torch.int32).reshape(1, n)
+    gamma = torch.full((n,), 127, dtype=torch.int32)
+    params = LayerNormParams.build(n, 1e-5, 1e-3, gamma, 1 / 127, None, Grid(1 / 64, 0, -128, 127),
+                                   input_bound=2 ** 16)
+    assert params.sqrt_bits == 2
+    assert integer_layer_norm(values, params).tolist() == [[-64, 64] * (n // 2)]
+    with pytest.raises(IntegerizeError, match="int64"):
+        LayerNormParams.build(n, 1e-5, 1e-3, gamma, 1 / 127, None, None, input_bound=2 ** 20)

@@ -14,6 +14,7 @@ from fairseq.modules.conformer_layer import ConformerEncoderLayer, ConformerWav2
 from qswap.io.serializable import ANY, INT, List, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
+from qswap.nn.fairseq.layers import ZERO_POINT
 
 
 @register(ConformerEncoderLayer)
@@ -85,9 +86,9 @@ def _integer_conformer_layer(layer: QConformerEncoderLayer, stream_scale, attn_e
     """See ``QConformerEncoderLayer.to_integer``."""
     from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
     from qswap.nn.fairseq.chain import IntegerChain, integer_chain
-    from qswap.nn.fairseq.layers import stream_to
+    from qswap.nn.fairseq.layers import site_grids, stream_to
     from qswap.quant.integer import AddParams, Grid
-    grids = {site: Grid.of(getattr(layer, f"{site}_quant")) for site in layer.sites}
+    grids = site_grids(layer, layer.sites)  # the residual adds' operands: per tensor or per channel
     halves = {"ffn1": 0.5, "attn": 1.0, "conv": 1.0, "ffn2": 0.5}  # the half-step feed-forward residuals
     adds = [AddParams.build(halves[p] * grids[f"{p}_out"].scale, grids[f"{p}_residual"].scale) for p in halves]
     scales = [stream_scale] + [a.sum_scale for a in adds]
@@ -125,7 +126,7 @@ class IntegerConvolutionModule(torch.nn.Module):
 
 
 @serializable(readers=List(Obj("Requant")), blocks=List(ANY), residuals=List(Obj("Requant")),
-              adds=List(Obj("AddParams")), zero_points=List(Tuple(INT, INT)), norm_in=Obj("Requant"),
+              adds=List(Obj("AddParams")), zero_points=List(Tuple(ZERO_POINT, ZERO_POINT)), norm_in=Obj("Requant"),
               norm=Obj("IntegerLayerNorm"))
 class IntegerConformerLayer(torch.nn.Module):
     """A conformer layer on integers: int32 stream in, the final norm's int32 accumulator out."""

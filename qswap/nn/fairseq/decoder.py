@@ -67,7 +67,7 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         from qswap.nn.embedding import QEmbedding
         from qswap.nn.fairseq.layers import stream_to
         from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
-        from qswap.quant.integer import Grid, check_bound
+        from qswap.quant.integer import Grid, check_bound, stream_grid
         if not (isinstance(self.embed_tokens, QEmbedding) and isinstance(self.embed_positions,
                                                                         QSinusoidalPositionalEmbedding)) \
                 or self.layer_norm is None or self.project_in_dim is not None or self.project_out_dim is not None \
@@ -75,7 +75,8 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
             raise IntegerizeError("only a decoder with quantized token and sinusoidal position tables, a "
                                   "final LayerNorm and no projections around it has an integer form so far")
         first = self.layers[0]
-        scale = min(Grid.of(q).scale for q in (first.self_attn_layer_norm.input_quant, first.attn_residual_quant))
+        scale = min(float(torch.as_tensor(stream_grid(q).scale).min())
+                    for q in (first.self_attn_layer_norm.input_quant, first.attn_residual_quant))
         scale *= 2.0 ** -stream_bits
         with torch.no_grad():
             tokens = torch.round(self.embed_scale * self.embed_tokens.weight_quant(self.embed_tokens.weight).double()

@@ -18,12 +18,13 @@ from fairseq.modules.transformer_layer import (
 from torch import Tensor
 
 from qswap.errors import ConvertError
-from qswap.io.serializable import INT, Obj, Tuple, serializable
+from qswap.io.serializable import INT, Either, Obj, Tuple, serializable
 from qswap.io.serializable import List as ListOf, Tensor as TensorOf
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
+ZERO_POINT = Either(INT, TensorOf("int64"))  # a residual add operand's: per tensor, or per channel
 
 
 @register(TransformerEncoderLayerBase)
@@ -206,8 +207,8 @@ class QTransformerDecoderLayer(QuantModule):
                 m is not None for m in (self.c_attn, self.attn_ln, self.ffn_layernorm, self.w_resid)):
             raise IntegerizeError("only pre-norm decoder layers with encoder attention and no NormFormer "
                                   "parts have an integer form so far (issue 16)")
-        grids = {site: Grid.of(getattr(self, f"{site}_quant")) for site in
-                 ("attn_residual", "attn_out", "cross_residual", "cross_out", "ffn_act", "ffn_residual", "ffn_out")}
+        grids = site_grids(self, ("attn_residual", "attn_out", "cross_residual", "cross_out", "ffn_act",
+                                  "ffn_residual", "ffn_out"))
         adds = [AddParams.build(grids[f"{part}_residual"].scale, grids[f"{part}_out"].scale)
                 for part in ("attn", "cross", "ffn")]
         scales = [stream_scale] + [a.sum_scale for a in adds[:2]]
@@ -230,10 +231,19 @@ class QTransformerDecoderLayer(QuantModule):
 
 def stream_to(scale: float | torch.Tensor, quant) -> "Requant":
     """The requantization of an int32 residual stream on grid ``scale`` (a float, or a (C,) tensor
-    per channel of the last axis) onto ``quant``'s grid (or onto a ``Grid``)."""
-    from qswap.quant.integer import Grid, Requant
-    grid = quant if isinstance(quant, Grid) else Grid.of(quant)
+    per channel of the last axis) onto ``quant``'s grid (or onto a ``Grid`` / ``ChannelGrid``;
+    a quantizer per channel of the last axis gives per-channel multipliers and zero points)."""
+    from qswap.quant.integer import ChannelGrid, Grid, Requant, stream_grid
+    grid = quant if isinstance(quant, (Grid, ChannelGrid)) else stream_grid(quant)
     return Requant.from_scales(scale / grid.scale, grid.zero_point, grid.qmin, grid.qmax)
+
+
+def site_grids(layer, sites) -> dict:
+    """Grid of each ``<site>_quant`` of ``layer``: the residual adds' operands may be per channel
+    (``stream_grid``), every other site per tensor."""
+    from qswap.quant.integer import Grid, stream_grid
+    return {site: (stream_grid if site.endswith(("_residual", "_out")) else Grid.of)(getattr(layer, f"{site}_quant"))
+            for site in sites}
 
 
 _ENCODER_SITES = ("attn_residual", "attn_out", "ffn_act", "ffn_residual", "ffn_out")
@@ -256,7 +266,7 @@ def integer_encoder_layer(layer, stream_scale: float | torch.Tensor, pre_norm: b
     parts = (layer.self_attn_layer_norm, layer.final_layer_norm, layer.fc1, layer.fc2)
     if not all(isinstance(m, c) for m, c in zip(parts, (QLayerNorm, QLayerNorm, QLinear, QLinear))):
         raise IntegerizeError("the layer's norms and linears must be converted to have an integer form")
-    grids = {site: Grid.of(getattr(layer, f"{site}_quant")) for site in _ENCODER_SITES}
+    grids = site_grids(layer, _ENCODER_SITES)
     add1 = AddParams.build(grids["attn_residual"].scale, grids["attn_out"].scale)
     add2 = AddParams.build(grids["ffn_residual"].scale, grids["ffn_out"].scale)
     with torch.no_grad():
@@ -288,7 +298,7 @@ def integer_encoder_layer(layer, stream_scale: float | torch.Tensor, pre_norm: b
               residual1=Obj("Requant"), add1=Obj("AddParams"), norm2_in=Obj("Requant"), norm2=Obj("IntegerLayerNorm"),
               fc1=Obj("IntegerLinear"), act=Tuple(TensorOf("int8", "uint8", "int16", "int32"), INT),
               fc2=Obj("IntegerLinear"), residual2=Obj("Requant"), add2=Obj("AddParams"),
-              zero_points=Tuple(INT, INT, INT, INT))
+              zero_points=Tuple(*[ZERO_POINT] * 4))
 class IntegerTransformerEncoderLayer(torch.nn.Module):
     """A pre-norm encoder layer on integers: int32 residual stream in and out (``stream_scale``:
     the output stream's grid), int8/uint8 codes between the ops inside."""
@@ -334,7 +344,7 @@ class StreamOut(torch.nn.Module):
               add1=Obj("AddParams"), norm1_in=Obj("Requant"), norm1=Obj("IntegerLayerNorm"), fc1_in=Obj("Requant"),
               fc1=Obj("IntegerLinear"), act=Tuple(TensorOf("int8", "uint8", "int16", "int32"), INT),
               fc2=Obj("IntegerLinear"), residual2=Obj("Requant"), add2=Obj("AddParams"), norm2_in=Obj("Requant"),
-              norm2=Obj("IntegerLayerNorm"), zero_points=Tuple(INT, INT, INT, INT))
+              norm2=Obj("IntegerLayerNorm"), zero_points=Tuple(*[ZERO_POINT] * 4))
 class IntegerPostNormEncoderLayer(torch.nn.Module):
     """A post-norm encoder layer on integers: int32 stream in (read by the attention and the first
     residual), each norm writes its int32 affine accumulator (the stream read by the FFN and the
@@ -369,7 +379,7 @@ class IntegerPostNormEncoderLayer(torch.nn.Module):
               attns=ListOf(Obj("IntegerFairseqAttention")), residuals=ListOf(Obj("Requant")),
               adds=ListOf(Obj("AddParams")), fc1=Obj("IntegerLinear"),
               act=Tuple(TensorOf("int8", "uint8", "int16", "int32"), INT), fc2=Obj("IntegerLinear"),
-              zero_points=ListOf(Tuple(INT, INT)))
+              zero_points=ListOf(Tuple(ZERO_POINT, ZERO_POINT)))
 class IntegerTransformerDecoderLayer(torch.nn.Module):
     """A pre-norm decoder layer on integers (batch forward, or one step of incremental decoding):
     int32 residual stream in and out."""
