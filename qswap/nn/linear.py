@@ -9,6 +9,7 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
+from qswap.nn.simulate import codes_of, grid_of, onto_grid, simulates, straight_through
 from qswap.quant.bias import BiasQuantize
 
 
@@ -25,6 +26,7 @@ class _Weighted(QuantModule):
         self.input_quant = quantizer(config, self.sites, "input") if quantize_input else nn.Identity()
         self.weight_quant = quantizer(config, self.sites, "weight")
         self.bias_quant = BiasQuantize()
+        self.simulate = config.simulate
 
     def quantized_params(self, input_quant: nn.Module | None = None) -> tuple:
         w = self.weight_quant(self.weight)
@@ -51,6 +53,18 @@ class QLinear(_Weighted):
         x = self.input_quant(x)
         w, b = self.quantized_params()
         return F.linear(x, w, b)
+
+    def forward_onto(self, x: torch.Tensor, out_quant: nn.Module) -> torch.Tensor:
+        """``forward(x)`` as its consumer ``out_quant`` reads it. With ``simulate: integer``: the
+        integer form's output codes on ``out_quant``'s grid (exact int32 accumulation, its
+        fixed-point requantization: ``onto_grid``) as values, with ``forward``'s gradient;
+        otherwise ``forward(x)``."""
+        xq = self.input_quant(x)
+        value = onto_linear(self, xq, self.input_quant, out_quant)
+        if value is not None and not torch.is_grad_enabled():
+            return value
+        y = F.linear(xq, *self.quantized_params())
+        return y if value is None else straight_through(value, y)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -146,6 +160,31 @@ class QConv1d(_QConvNd):
 @register(nn.Conv2d)
 class QConv2d(_QConvNd):
     conv_fn = staticmethod(F.conv2d)
+
+
+def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_quant: nn.Module,
+                projection: nn.Module | None = None) -> torch.Tensor | None:
+    """The integer form of the linear ``projection`` (default ``owner``: a ``weight``,
+    ``weight_quant`` and ``bias``) on ``xq``, the output of ``input_quant``, writing onto
+    ``out_quant``'s grid, as values (``onto_grid``); None without integer simulation, per-tensor
+    grids or an integer form (e.g. per-group weights)."""
+    from qswap.errors import IntegerizeError
+    from qswap.quant.integer import Grid
+    projection = projection or owner
+    grid_in = grid_of(input_quant) if simulates(owner) else None
+    if grid_in is None:
+        return None
+
+    def build(grid_out):
+        try:
+            return integer_linear(projection.weight_quant, projection.weight, projection.bias, Grid.of(input_quant),
+                                  grid_out)
+        except IntegerizeError:
+            return None
+    sources = [input_quant.scale, input_quant.zero_point, projection.weight] + [
+        t for t in (projection.bias, getattr(projection.weight_quant, "scale", None)) if t is not None]
+    return onto_grid(owner, "_integer_onto", build, out_quant, lambda form: form and form(codes_of(xq, grid_in)),
+                     *sources)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------

@@ -26,6 +26,20 @@ from qswap.nn.registry import register
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 
 
+def onto(linear: torch.nn.Module, x: Tensor, out_quant: torch.nn.Module) -> Tensor:
+    """``linear(x)`` as ``out_quant`` reads it (``QLinear.forward_onto``: the integer form's
+    requantization with ``simulate: integer``); ``linear(x)`` for a module without it."""
+    forward_onto = getattr(linear, "forward_onto", None)
+    return linear(x) if forward_onto is None else forward_onto(x, out_quant)
+
+
+def read_by(attention: torch.nn.Module, out_quant: Optional[torch.nn.Module]) -> dict:
+    """The keyword telling a ``QFairseqMultiheadAttention`` the quantizer that reads its output
+    (``out_quant``, for ``simulate: integer``); none for another attention module."""
+    from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
+    return {"out_quant": out_quant} if out_quant is not None and isinstance(attention, QFairseqMultiheadAttention) else {}
+
+
 @register(TransformerEncoderLayerBase)
 @register(TransformerEncoderLayer)
 class QTransformerEncoderLayer(QuantModule):
@@ -57,15 +71,15 @@ class QTransformerEncoderLayer(QuantModule):
         if self.normalize_before:
             x = self.self_attn_layer_norm(x)
         x, _ = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
-                              need_weights=False, attn_mask=attn_mask)
+                              need_weights=False, attn_mask=attn_mask, **read_by(self.self_attn, self.attn_out_quant))
         x = self.attn_residual_quant(residual) + self.attn_out_quant(self.dropout_module(x))
         if not self.normalize_before:
             x = self.self_attn_layer_norm(x)
         residual = x
         if self.normalize_before:
             x = self.final_layer_norm(x)
-        x = self.activation_fn(self.ffn_act_quant(self.fc1(x)))
-        fc_result = x = self.fc2(self.activation_dropout_module(x))
+        x = self.activation_fn(self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant)))
+        fc_result = x = onto(self.fc2, self.activation_dropout_module(x), self.ffn_out_quant)
         x = self.ffn_residual_quant(residual) + self.ffn_out_quant(self.dropout_module(x))
         if not self.normalize_before:
             x = self.final_layer_norm(x)
@@ -153,7 +167,8 @@ class QTransformerDecoderLayer(QuantModule):
         self._restore(self.self_attn, incremental_state, prev_self_attn_state)
         x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=self_attn_padding_mask,
                                  incremental_state=incremental_state, need_weights=False,
-                                 attn_mask=self_attn_mask)
+                                 attn_mask=self_attn_mask, **read_by(self.self_attn, None if (
+                                     self.c_attn is not None or self.attn_ln is not None) else self.attn_out_quant))
         if self.c_attn is not None:
             x = self._scale_heads(x)
         if self.attn_ln is not None:
@@ -170,17 +185,18 @@ class QTransformerDecoderLayer(QuantModule):
                                         key_padding_mask=encoder_padding_mask,
                                         incremental_state=incremental_state, static_kv=True,
                                         need_weights=need_attn or (not self.training and self.need_attn),
-                                        need_head_weights=need_head_weights)
+                                        need_head_weights=need_head_weights,
+                                        **read_by(self.encoder_attn, self.cross_out_quant))
             x = self.cross_residual_quant(residual) + self.cross_out_quant(self.dropout_module(x))
             if not self.normalize_before:
                 x = self.encoder_attn_layer_norm(x)
         residual = x
         if self.normalize_before:
             x = self.final_layer_norm(x)
-        x = self.activation_dropout_module(self.activation_fn(self.ffn_act_quant(self.fc1(x))))
+        x = self.activation_dropout_module(self.activation_fn(self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant))))
         if self.ffn_layernorm is not None:
             x = self.ffn_layernorm(x)
-        x = self.ffn_out_quant(self.dropout_module(self.fc2(x)))
+        x = self.ffn_out_quant(self.dropout_module(onto(self.fc2, x, self.ffn_out_quant)))
         residual = self.ffn_residual_quant(residual)
         if self.w_resid is not None:
             residual = self.scaled_residual_quant(self.w_resid_quant(self.w_resid) * residual)

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Site by site: where the integer encoder of the shipped S2T model (issue 16) writes other codes
+than the fake-quant encoder for the SAME input codes.
+
+The fake-quant encoder runs once on the first N test utterances with a hook on every quantizer
+(its output codes); each integer op of ``qswap.integerize`` then runs on the fake-quant codes of
+its own inputs, and its output codes are compared with the fake-quant codes of its consumer's
+quantizer (valid frames only). Printed, one row per site kind and encoder layer span:
+
+    python tools/integer_sites.py --recipe w8a8 --simulate integer --count 8
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ASSET = REPO / "qswap" / "assets" / "s2t_demo"
+
+
+def _capture(model: torch.nn.Module) -> tuple[dict, list]:
+    """Forward hooks on every enabled FakeQuantize of ``model``: {module: last output}."""
+    from qswap.quant.fake_quantize import FakeQuantize
+    seen, hooks = {}, []
+    for module in model.modules():
+        if isinstance(module, FakeQuantize) and module.enabled:
+            hooks.append(module.register_forward_hook(lambda m, args, out: seen.__setitem__(m, out.detach())))
+    return seen, hooks
+
+
+def _codes(seen: dict, quant) -> torch.Tensor:
+    from qswap.quant.integer import Grid
+    return Grid.of(quant).quantize(seen[quant]).to(torch.int64)
+
+
+class Tally:
+    """Differences per site: {site: [outputs, different, largest |difference|]}."""
+
+    def __init__(self):
+        self.rows: "OrderedDict[str, list]" = OrderedDict()
+
+    def add(self, site: str, integer: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor | None = None):
+        diff = (integer.to(torch.int64) - reference.to(torch.int64)).abs()
+        if keep is not None:
+            diff = diff[keep.expand_as(diff)]
+        row = self.rows.setdefault(site, [0, 0, 0])
+        row[0] += diff.numel()
+        row[1] += int((diff != 0).sum())
+        row[2] = max(row[2], int(diff.max()) if diff.numel() else 0)
+
+    def render(self, title: str) -> str:
+        lines = [title, "", "| site | outputs | different | different % | largest (steps) |", "|---|---|---|---|---|"]
+        for site, (n, d, big) in self.rows.items():
+            lines.append(f"| {site} | {n} | {d} | {100 * d / max(n, 1):.3f} | {big} |")
+        return "\n".join(lines)
+
+
+def encoder_sites(q, net_input: dict, tally: Tally) -> None:
+    """Every integer op of ``q``'s pre-norm S2T transformer encoder on the fake-quant codes of
+    its inputs, against the fake-quant codes of its output (``tally``)."""
+    from qswap.nn.fairseq.layers import stream_to
+    from qswap.quant.integer import Grid, apply_lut, rescaled_sum
+    from qswap.nn.attention import split_heads
+    enc = q.encoder
+    key_grid = Grid.of(q.decoder.layers[0].encoder_attn.key_quant)
+    integer = enc.to_integer(key_grid)
+    seen, hooks = _capture(enc)
+    src, lengths = net_input["src_tokens"], net_input["src_lengths"]
+    try:
+        with torch.no_grad():
+            out = enc(src, lengths)["encoder_out"][0]
+    finally:
+        for h in hooks:
+            h.remove()
+    padding = out.new_zeros(out.shape[1], out.shape[0], dtype=torch.bool)
+    _, padding = integer.forward_codes(integer.quantize_input(src), lengths)
+    frames = (~padding.T).unsqueeze(-1)  # (T, B, 1) valid frames
+    with torch.no_grad():
+        # subsampler: each conv on its fake-quant input codes, each GLU on its fake-quant input codes
+        sub, isub = enc.subsample, integer.subsample
+        from qswap.quant.integer import integer_glu
+        for i, (conv, iconv, glu) in enumerate(zip(sub.conv_layers, isub.convs, isub.glus)):
+            tally.add(f"subsample conv{i} (requant onto GLU grid)", iconv(_codes(seen, conv.input_quant)),
+                      _codes(seen, sub.glu_quant[i]))
+            nxt = sub.conv_layers[i + 1].input_quant if i + 1 < len(sub.conv_layers) else enc.embed_quant
+            glu_out = integer_glu(_codes(seen, sub.glu_quant[i]), glu, dim=1)  # (B, C, T)
+            tally.add(f"subsample GLU{i}", glu_out if i + 1 < len(sub.conv_layers) else glu_out.permute(2, 0, 1),
+                      _codes(seen, nxt))
+        # the stream: embedded codes plus positions
+        embed = _codes(seen, enc.embed_quant)
+        stream = (embed.to(torch.int32) - integer.embed_zero_point) << integer.stream_bits
+        from fairseq import utils
+        positions = utils.make_positions(padding, integer.padding_idx)
+        stream = stream + integer.positions[positions.T]
+        for n, (layer, ilayer) in enumerate(zip(enc.transformer_layers, integer.layers)):
+            attn, iattn = layer.self_attn, ilayer.attn
+            tally.add("stream -> LayerNorm input (requant)", ilayer.norm1_in(stream),
+                      _codes(seen, layer.self_attn_layer_norm.input_quant), frames)
+            tally.add("stream -> residual (requant)", ilayer.residual1(stream), _codes(seen, layer.attn_residual_quant),
+                      frames)
+            tally.add("LayerNorm", ilayer.norm1(_codes(seen, layer.self_attn_layer_norm.input_quant)),
+                      _codes(seen, attn.input_quant), frames)
+            x = _codes(seen, attn.input_quant)
+            for name, proj, quant in (("q", iattn.q_proj, attn.core.q_quant), ("k", iattn.k_proj, attn.core.k_quant),
+                                      ("v", iattn.v_proj, attn.core.v_quant)):
+                ref = _codes(seen, quant)  # (B*H, T, D)
+                tally.add(f"{name} projection", split_heads(proj(x), attn.num_heads), ref)
+            qc, kc, vc = (_codes(seen, quant) for quant in (attn.core.q_quant, attn.core.k_quant, attn.core.v_quant))
+            core = iattn.core
+            zq, zk, zv, zp = core.zero_points
+            acc = torch.bmm(qc.to(torch.int32) - zq, (kc.to(torch.int32) - zk).transpose(1, 2))
+            tally.add("attention scores q k^T (requant)", core.scores(acc), _codes(seen, attn.core.softmax_in_quant))
+            bsz, length = padding.shape
+            pad = padding.view(bsz, 1, 1, length).expand(bsz, attn.num_heads, 1, length).reshape(-1, 1, length)
+            from qswap.quant.integer import integer_softmax
+            probs_ref = _codes(seen, attn.core.softmax_out_quant)
+            tally.add("softmax", integer_softmax(_codes(seen, attn.core.softmax_in_quant), core.softmax, pad), probs_ref,
+                      ~pad)
+            ctx = torch.bmm(probs_ref.to(torch.int32) - zp, vc.to(torch.int32) - zv)
+            from qswap.nn.attention import merge_heads
+            tally.add("attention context p v (requant)", merge_heads(core.context(ctx), bsz),
+                      _codes(seen, attn.out_proj.input_quant), frames)
+            tally.add("out projection", iattn.out_proj(_codes(seen, attn.out_proj.input_quant)),
+                      _codes(seen, layer.attn_out_quant), frames)
+            z_res1, z_out1, z_res2, z_out2 = ilayer.zero_points
+            mid = rescaled_sum(_codes(seen, layer.attn_residual_quant), z_res1, _codes(seen, layer.attn_out_quant),
+                               z_out1, ilayer.add1)
+            tally.add("residual add -> LayerNorm input (requant)", ilayer.norm2_in(mid),
+                      _codes(seen, layer.final_layer_norm.input_quant), frames)
+            tally.add("residual add -> residual (requant)", ilayer.residual2(mid),
+                      _codes(seen, layer.ffn_residual_quant), frames)
+            tally.add("LayerNorm", ilayer.norm2(_codes(seen, layer.final_layer_norm.input_quant)),
+                      _codes(seen, layer.fc1.input_quant), frames)
+            tally.add("fc1", ilayer.fc1(_codes(seen, layer.fc1.input_quant)), _codes(seen, layer.ffn_act_quant), frames)
+            tally.add("activation table", apply_lut(_codes(seen, layer.ffn_act_quant), *ilayer.act),
+                      _codes(seen, layer.fc2.input_quant), frames)
+            tally.add("fc2", ilayer.fc2(_codes(seen, layer.fc2.input_quant)), _codes(seen, layer.ffn_out_quant), frames)
+            stream = rescaled_sum(_codes(seen, layer.ffn_residual_quant), z_res2, _codes(seen, layer.ffn_out_quant),
+                                  z_out2, ilayer.add2)
+        if integer.norm_in is not None:
+            tally.add("stream -> final LayerNorm input (requant)", integer.norm_in(stream),
+                      _codes(seen, enc.layer_norm.input_quant), frames)
+            tally.add("final LayerNorm (onto key grid)", integer.norms[0](_codes(seen, enc.layer_norm.input_quant)),
+                      key_grid.quantize(out).to(torch.int64), frames)
+    del stream_to
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="w8a8", help="a shipped recipe name or a recipe YAML path")
+    parser.add_argument("--simulate", choices=("float", "integer"), default="integer")
+    parser.add_argument("--count", type=int, default=8, help="test utterances")
+    parser.add_argument("--calib-batches", type=int, default=4)
+    args = parser.parse_args(argv)
+    sys.path[:0] = [str(REPO), str(REPO / "tools")]
+    torch.set_num_threads(1)
+    import qswap
+    from qswap.integration import data as fdata
+    model, task = fdata.load_model_and_task(ASSET / "checkpoint.pt", ASSET)
+    recipe = qswap.load_recipe(args.recipe)
+    q = qswap.convert(model, qswap.load_recipe(dict(recipe.to_dict(), simulate=args.simulate)))
+    qswap.calibrate(q, fdata.net_inputs(task, "train_calib", args.calib_batches, max_sentences=32))
+    dataset = fdata.load_subset(task, "test")
+    sample = dataset.collater([dataset[i] for i in range(min(args.count, len(dataset)))])
+    tally = Tally()
+    encoder_sites(q, sample["net_input"], tally)
+    print(tally.render(f"{args.recipe}, simulate {args.simulate}, first {args.count} test utterances, "
+                       f"encoder sites (`python tools/integer_sites.py --recipe {args.recipe} "
+                       f"--simulate {args.simulate} --count {args.count}`):"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
