@@ -33,6 +33,18 @@ class _Weighted(QuantModule):
         b = self.bias_quant(self.bias, input_quant or self.input_quant, self.weight_quant)
         return w, b
 
+    def forward_onto(self, x: torch.Tensor, out_quant: nn.Module) -> torch.Tensor:
+        """``forward(x)`` as its consumer ``out_quant`` reads it. With ``simulate: integer``: the
+        integer form's output codes on ``out_quant``'s grid (exact int32 accumulation, its
+        fixed-point requantization: ``onto_grid``) as values, with ``forward``'s gradient;
+        otherwise ``forward(x)``."""
+        xq = self.input_quant(x)
+        value = onto_linear(self, xq, self.input_quant, out_quant, lambda grid_in, grid_out: self.to_integer(grid_out))
+        if value is not None and not torch.is_grad_enabled():
+            return value
+        y = self.op(xq)
+        return y if value is None else straight_through(value, y)
+
 
 @register(nn.Linear)
 class QLinear(_Weighted):
@@ -49,22 +61,12 @@ class QLinear(_Weighted):
     def from_float(cls, module: nn.Linear, config: QuantConfig) -> "QLinear":
         return cls(module.weight, module.bias, config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quant(x)
-        w, b = self.quantized_params()
-        return F.linear(x, w, b)
+    def op(self, xq: torch.Tensor) -> torch.Tensor:
+        """The op on an input ``input_quant`` has quantized."""
+        return F.linear(xq, *self.quantized_params())
 
-    def forward_onto(self, x: torch.Tensor, out_quant: nn.Module) -> torch.Tensor:
-        """``forward(x)`` as its consumer ``out_quant`` reads it. With ``simulate: integer``: the
-        integer form's output codes on ``out_quant``'s grid (exact int32 accumulation, its
-        fixed-point requantization: ``onto_grid``) as values, with ``forward``'s gradient;
-        otherwise ``forward(x)``."""
-        xq = self.input_quant(x)
-        value = onto_linear(self, xq, self.input_quant, out_quant)
-        if value is not None and not torch.is_grad_enabled():
-            return value
-        y = F.linear(xq, *self.quantized_params())
-        return y if value is None else straight_through(value, y)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(self.input_quant(x))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -121,7 +123,10 @@ class _QConvNd(_Weighted):
         return cls(module, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quant(x)
+        return self.op(self.input_quant(x))
+
+    def op(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of an input ``input_quant`` has quantized."""
         w, b = self.quantized_params()
         padding = self.padding
         if self.padding_mode != "zeros":  # reflect/replicate/circular padding only moves data
@@ -163,28 +168,26 @@ class QConv2d(_QConvNd):
 
 
 def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_quant: nn.Module,
-                projection: nn.Module | None = None) -> torch.Tensor | None:
-    """The integer form of the linear ``projection`` (default ``owner``: a ``weight``,
-    ``weight_quant`` and ``bias``) on ``xq``, the output of ``input_quant``, writing onto
-    ``out_quant``'s grid, as values (``onto_grid``); None without integer simulation, per-tensor
-    grids or an integer form (e.g. per-group weights)."""
+                to_integer) -> torch.Tensor | None:
+    """The integer form ``to_integer(grid_in, grid_out)`` of ``owner``, a weighted op (its
+    ``weight`` or ``weight_v`` and ``weight_g``, ``weight_quant`` and ``bias``), on ``xq``, the
+    output of ``input_quant``, writing onto ``out_quant``'s grid, as values (``onto_grid``); None
+    without integer simulation, per-tensor grids or an integer form (e.g. per-group weights)."""
     from qswap.errors import IntegerizeError
-    from qswap.quant.integer import Grid
-    projection = projection or owner
     grid_in = grid_of(input_quant) if simulates(owner) else None
     if grid_in is None:
         return None
 
     def build(grid_out):
         try:
-            return integer_linear(projection.weight_quant, projection.weight, projection.bias, Grid.of(input_quant),
-                                  grid_out)
+            return to_integer(grid_in, grid_out)
         except IntegerizeError:
             return None
-    sources = [input_quant.scale, input_quant.zero_point, projection.weight] + [
-        t for t in (projection.bias, getattr(projection.weight_quant, "scale", None)) if t is not None]
-    return onto_grid(owner, "_integer_onto", build, out_quant, lambda form: form and form(codes_of(xq, grid_in)),
-                     *sources)
+    weights = (getattr(owner, name, None) for name in ("weight", "weight_v", "weight_g", "bias"))
+    sources = [input_quant.scale, input_quant.zero_point, *(t for t in weights if t is not None)]
+    if getattr(owner.weight_quant, "scale", None) is not None:
+        sources.append(owner.weight_quant.scale)
+    return onto_grid(owner, "_integer_onto", build, out_quant, lambda form: form(codes_of(xq, grid_in)), *sources)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------

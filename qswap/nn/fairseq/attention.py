@@ -69,7 +69,7 @@ class Projection(nn.Module):
         """x: (..., in) already quantized by ``x_quant`` -> (..., out). With ``simulate: integer``
         and ``out_quant`` (the core's q/k/v quantizer that reads the result): the integer form's
         codes on its grid as values (``qswap.nn.linear.onto_linear``), with the float gradient."""
-        value = None if out_quant is None else onto_linear(self, x, x_quant, out_quant)
+        value = None if out_quant is None else onto_linear(self, x, x_quant, out_quant, self.to_integer)
         if value is not None and not torch.is_grad_enabled():
             return value
         w = self.weight_quant(self.weight)

@@ -45,7 +45,8 @@ class QConv1dSubsampler(QuantModule):
         readers = [conv.input_quant for conv in self.conv_layers[1:]] + [out_quant]
         for i, (conv, glu_quant, reader) in enumerate(zip(self.conv_layers, self.glu_quant, readers)):
             reader = reader if isinstance(reader, FakeQuantize) else None
-            x = glu_value(self, f"_integer_glu{i}", glu_quant(conv(x)), glu_quant, 1, reader)  # (B, C_i, T_i)
+            x = conv.forward_onto(x, glu_quant) if hasattr(conv, "forward_onto") else conv(x)
+            x = glu_value(self, f"_integer_glu{i}", glu_quant(x), glu_quant, 1, reader)  # (B, C_i, T_i)
         x = x.transpose(1, 2).transpose(0, 1).contiguous()  # (T', B, C_out)
         return x, self.get_out_seq_lens_tensor(src_lengths)
 
