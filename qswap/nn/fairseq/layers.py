@@ -26,11 +26,18 @@ from qswap.nn.registry import register
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 
 
-def onto(linear: torch.nn.Module, x: Tensor, out_quant: torch.nn.Module) -> Tensor:
-    """``linear(x)`` as ``out_quant`` reads it (``QLinear.forward_onto``: the integer form's
-    requantization with ``simulate: integer``); ``linear(x)`` for a module without it."""
-    forward_onto = getattr(linear, "forward_onto", None)
-    return linear(x) if forward_onto is None else forward_onto(x, out_quant)
+def onto(module: torch.nn.Module, x: Tensor, out_quant: Optional[torch.nn.Module]) -> Tensor:
+    """``module(x)`` as ``out_quant`` reads it (``forward_onto`` of a QLinear or QLayerNorm: the
+    integer form's requantization with ``simulate: integer``); ``module(x)`` for a module without
+    it, or without a reader."""
+    forward_onto = getattr(module, "forward_onto", None)
+    return module(x) if forward_onto is None or out_quant is None else forward_onto(x, out_quant)
+
+
+def reader(attention: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The quantizer that reads an attention's query (its ``input_quant``), if it has one."""
+    from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
+    return attention.input_quant if isinstance(attention, QFairseqMultiheadAttention) else None
 
 
 def read_by(attention: torch.nn.Module, out_quant: Optional[torch.nn.Module]) -> dict:
@@ -69,7 +76,7 @@ class QTransformerEncoderLayer(QuantModule):
             attn_mask = attn_mask.to(torch.bool)
         residual = x
         if self.normalize_before:
-            x = self.self_attn_layer_norm(x)
+            x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         x, _ = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
                               need_weights=False, attn_mask=attn_mask, **read_by(self.self_attn, self.attn_out_quant))
         x = self.attn_residual_quant(residual) + self.attn_out_quant(self.dropout_module(x))
@@ -77,7 +84,7 @@ class QTransformerEncoderLayer(QuantModule):
             x = self.self_attn_layer_norm(x)
         residual = x
         if self.normalize_before:
-            x = self.final_layer_norm(x)
+            x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
         x = self.activation_fn(self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant)))
         fc_result = x = onto(self.fc2, self.activation_dropout_module(x), self.ffn_out_quant)
         x = self.ffn_residual_quant(residual) + self.ffn_out_quant(self.dropout_module(x))
@@ -163,7 +170,7 @@ class QTransformerDecoderLayer(QuantModule):
         need_attn = need_attn or need_head_weights
         residual = x
         if self.normalize_before:
-            x = self.self_attn_layer_norm(x)
+            x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         self._restore(self.self_attn, incremental_state, prev_self_attn_state)
         x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=self_attn_padding_mask,
                                  incremental_state=incremental_state, need_weights=False,
@@ -179,7 +186,7 @@ class QTransformerDecoderLayer(QuantModule):
         if self.encoder_attn is not None and encoder_out is not None:
             residual = x
             if self.normalize_before:
-                x = self.encoder_attn_layer_norm(x)
+                x = onto(self.encoder_attn_layer_norm, x, reader(self.encoder_attn))
             self._restore(self.encoder_attn, incremental_state, prev_attn_state)
             x, attn = self.encoder_attn(query=x, key=encoder_out, value=encoder_out,
                                         key_padding_mask=encoder_padding_mask,
@@ -192,7 +199,7 @@ class QTransformerDecoderLayer(QuantModule):
                 x = self.encoder_attn_layer_norm(x)
         residual = x
         if self.normalize_before:
-            x = self.final_layer_norm(x)
+            x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
         x = self.activation_dropout_module(self.activation_fn(self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant))))
         if self.ffn_layernorm is not None:
             x = self.ffn_layernorm(x)
