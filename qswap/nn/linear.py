@@ -33,13 +33,14 @@ class _Weighted(QuantModule):
         b = self.bias_quant(self.bias, input_quant or self.input_quant, self.weight_quant)
         return w, b
 
-    def forward_onto(self, x: torch.Tensor, out_quant: nn.Module) -> torch.Tensor:
-        """``forward(x)`` as its consumer ``out_quant`` reads it. With ``simulate: integer``: the
-        integer form's output codes on ``out_quant``'s grid (exact int32 accumulation, its
-        fixed-point requantization: ``onto_grid``) as values, with ``forward``'s gradient;
-        otherwise ``forward(x)``."""
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
+        """``op(input_quant(x))``. ``out_quant``: the quantizer that reads the result; with
+        ``simulate: integer`` the result is then the integer form's output codes on its grid
+        (exact int32 accumulation, its fixed-point requantization: ``onto_grid``) as values, with
+        the op's gradient."""
         xq = self.input_quant(x)
-        value = onto_linear(self, xq, self.input_quant, out_quant, lambda grid_in, grid_out: self.to_integer(grid_out))
+        value = None if out_quant is None else onto_linear(
+            self, xq, self.input_quant, out_quant, lambda grid_in, grid_out: self.to_integer(grid_out))
         if value is not None and not torch.is_grad_enabled():
             return value
         y = self.op(xq)
@@ -64,9 +65,6 @@ class QLinear(_Weighted):
     def op(self, xq: torch.Tensor) -> torch.Tensor:
         """The op on an input ``input_quant`` has quantized."""
         return F.linear(xq, *self.quantized_params())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(self.input_quant(x))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -121,9 +119,6 @@ class _QConvNd(_Weighted):
     @classmethod
     def from_float(cls, module, config):
         return cls(module, config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(self.input_quant(x))
 
     def op(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution of an input ``input_quant`` has quantized."""

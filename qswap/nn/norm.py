@@ -116,17 +116,14 @@ class QLayerNorm(_QNorm):
     def from_float(cls, module: nn.LayerNorm, config: QuantConfig) -> "QLayerNorm":
         return cls(module.normalized_shape, module.weight, module.bias, module.eps, config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._normed(self.input_quant(x))
-
-    def forward_onto(self, x: torch.Tensor, out_quant: nn.Module) -> torch.Tensor:
-        """``forward(x)`` as its reader ``out_quant`` reads it. With ``simulate: integer``: the
-        integer LayerNorm's output codes on ``out_quant``'s grid (its fixed-point requantization
-        of the affine accumulator: ``onto_grid``) as values, with ``forward``'s gradient;
-        otherwise ``forward(x)``."""
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
+        """The norm of ``input_quant(x)``. ``out_quant``: the quantizer that reads the result;
+        with ``simulate: integer`` the result is then the integer LayerNorm's output codes on its
+        grid (its fixed-point requantization of the affine accumulator: ``onto_grid``) as values,
+        with the norm's gradient."""
         from qswap.errors import IntegerizeError
         xq = self.input_quant(x)
-        grid = grid_of(self.input_quant) if simulates(self) else None
+        grid = grid_of(self.input_quant) if simulates(self) and out_quant is not None else None
         if grid is None:
             return self._normed(xq)
 

@@ -226,7 +226,7 @@ def test_row_isqrt_is_the_integer_isqrt():
         row_isqrt(torch.tensor([-1]))
 
 
-# -- requantization onto the reader's grid (forward_onto / out_quant) ------------------------------
+# -- requantization onto the reader's grid (``out_quant``) ------------------------------
 
 def _set_grid(quant, scale: float, zero_point: int = 0) -> None:
     with torch.no_grad():
@@ -237,8 +237,8 @@ def _set_grid(quant, scale: float, zero_point: int = 0) -> None:
 
 def test_a_linear_rounds_an_exact_tie_as_its_integer_form():
     """Scales in a ratio of 1/2 put every odd accumulator on a tie: the fixed-point requantization
-    rounds it toward +inf, float32 ``x * (1 / s)`` half to even. ``forward_onto`` (the reader's
-    grid given) gives the integer form's codes; without it (or under simulate: float) the ties
+    rounds it toward +inf, float32 ``x * (1 / s)`` half to even. Told its reader's
+    quantizer (``out_quant``), it gives the integer form's codes; without it (or under simulate: float) the ties
     round to even."""
     q = calibrated(nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2)), torch.randn(8, 4), "w8a8")
     with torch.no_grad():
@@ -250,10 +250,10 @@ def test_a_linear_rounds_an_exact_tie_as_its_integer_form():
     grid = Grid.of(q[1].input_quant)
     integer = q[0].to_integer(grid)(codes.to(torch.int8))
     with torch.no_grad():
-        onto = grid.quantize(q[1].input_quant(q[0].forward_onto(x, q[1].input_quant)))
+        onto = grid.quantize(q[1].input_quant(q[0](x, out_quant=q[1].input_quant)))
         plain = grid.quantize(q[1].input_quant(q[0](x)))
         with simulating(q, "float"):
-            float_onto = grid.quantize(q[1].input_quant(q[0].forward_onto(x, q[1].input_quant)))
+            float_onto = grid.quantize(q[1].input_quant(q[0](x, out_quant=q[1].input_quant)))
     assert torch.equal(onto, integer)
     assert torch.equal(float_onto, plain)  # simulate: float computes as before
     with torch.no_grad():
@@ -273,7 +273,7 @@ def test_linear_conv_layer_norm_and_glu_write_their_integer_forms_codes_onto_the
     for q, data in ((lin, x), (conv, xc), (norm, xl)):
         grid_in, grid = Grid.of(q[0].input_quant), Grid.of(q[1].input_quant)
         with torch.no_grad():
-            value = q[0].forward_onto(data, q[1].input_quant)
+            value = q[0](data, out_quant=q[1].input_quant)
         assert torch.equal(grid.quantize(value), q[0].to_integer(grid)(grid_in.quantize(data)))
         assert torch.equal(grid.dequantize(grid.quantize(value)), value)  # on the reader's grid: kept as is
 
@@ -298,7 +298,7 @@ def test_subsampler_glus_and_attention_write_onto_their_readers():
         assert torch.equal(codes[~padding.T], reference[~padding.T])
 
 
-def test_forward_onto_trains_with_the_float_gradient():
+def test_a_told_reader_trains_with_the_float_gradient():
     torch.manual_seed(0)
     x = torch.randn(6, 2, 32) * 2
     q = calibrated(nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 4)), x, "w8a8")
@@ -308,7 +308,7 @@ def test_forward_onto_trains_with_the_float_gradient():
     for simulate in ("integer", "float"):
         with simulating(q, simulate):
             xg = x.clone().requires_grad_()
-            out = q[0].forward_onto(xg, q[1].input_quant)
+            out = q[0](xg, out_quant=q[1].input_quant)
             (out * torch.linspace(-1, 1, 32)).sum().backward()  # a gradient that does not depend on the value
             grads[simulate] = xg.grad
     assert grads["integer"].abs().sum() > 0

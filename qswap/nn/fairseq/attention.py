@@ -201,7 +201,7 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
                 out_quant: Optional[nn.Module] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """query: (T, B, E); key, value: (S, B, E); key_padding_mask: (B, S), True/1 = padding;
         attn_mask: (T, S) bool or additive; ``out_quant``: the quantizer that reads the output (with
-        ``simulate: integer`` the out projection writes onto its grid: ``QLinear.forward_onto``). Returns (T, B, E) and the attention weights
+        ``simulate: integer`` the out projection writes onto its grid: ``QLinear.forward``). Returns (T, B, E) and the attention weights
         ((B, T, S) averaged over heads, (H, B, T, S) with need_head_weights, or None)."""
         if before_softmax:
             raise NotImplementedError("before_softmax returns raw float scores; the quantized "
@@ -239,7 +239,7 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
                                    kv_quantized=quantized_cache,
                                    out_quant=self.out_proj.input_quant)  # (B*H, T, D), (B*H, T, S)
         merged = merge_heads(context, bsz)
-        out = self.out_proj(merged) if out_quant is None else self.out_proj.forward_onto(merged, out_quant)  # (T, B, E)
+        out = self.out_proj(merged, out_quant=out_quant)  # (T, B, E)
         if not need_weights:
             return out, None
         weights = probs.view(bsz, self.num_heads, tgt_len, -1).transpose(1, 0)  # (H, B, T, S)

@@ -27,11 +27,14 @@ IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 
 
 def onto(module: torch.nn.Module, x: Tensor, out_quant: Optional[torch.nn.Module]) -> Tensor:
-    """``module(x)`` as ``out_quant`` reads it (``forward_onto`` of a QLinear or QLayerNorm: the
-    integer form's requantization with ``simulate: integer``); ``module(x)`` for a module without
-    it, or without a reader."""
-    forward_onto = getattr(module, "forward_onto", None)
-    return module(x) if forward_onto is None or out_quant is None else forward_onto(x, out_quant)
+    """``module(x)`` as ``out_quant`` reads it (a QLinear or QLayerNorm told its reader: the
+    integer form's requantization with ``simulate: integer``); ``module(x)`` for another module,
+    or without a reader."""
+    from qswap.nn.linear import QLinear
+    from qswap.nn.norm import QLayerNorm
+    if out_quant is None or not isinstance(module, (QLinear, QLayerNorm)):
+        return module(x)
+    return module(x, out_quant=out_quant)
 
 
 def reader(attention: torch.nn.Module) -> Optional[torch.nn.Module]:

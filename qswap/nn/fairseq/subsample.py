@@ -10,6 +10,7 @@ from torch import nn
 from qswap.io.serializable import INT, List, Obj, serializable
 from qswap.nn.activation import glu_value
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
+from qswap.nn.linear import QConv1d
 from qswap.nn.registry import register
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -45,7 +46,7 @@ class QConv1dSubsampler(QuantModule):
         readers = [conv.input_quant for conv in self.conv_layers[1:]] + [out_quant]
         for i, (conv, glu_quant, reader) in enumerate(zip(self.conv_layers, self.glu_quant, readers)):
             reader = reader if isinstance(reader, FakeQuantize) else None
-            x = conv.forward_onto(x, glu_quant) if hasattr(conv, "forward_onto") else conv(x)
+            x = conv(x, out_quant=glu_quant) if isinstance(conv, QConv1d) else conv(x)
             x = glu_value(self, f"_integer_glu{i}", glu_quant(x), glu_quant, 1, reader)  # (B, C_i, T_i)
         x = x.transpose(1, 2).transpose(0, 1).contiguous()  # (T', B, C_out)
         return x, self.get_out_seq_lens_tensor(src_lengths)
