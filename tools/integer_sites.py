@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="w8a8", help="a shipped recipe name or a recipe YAML path")
     parser.add_argument("--simulate", choices=("float", "integer"), default="integer")
-    parser.add_argument("--count", type=int, default=8, help="test utterances")
+    parser.add_argument("--count", type=int, default=8, help="utterances")
+    parser.add_argument("--subset", default="test", help="the shipped test set (test, test_heldout)")
+    parser.add_argument("--skip", type=int, default=0, help="start after this many utterances")
     parser.add_argument("--calib-batches", type=int, default=4)
     args = parser.parse_args(argv)
     sys.path[:0] = [str(REPO), str(REPO / "tools")]
@@ -161,16 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     import qswap
     from qswap.integration import data as fdata
     model, task = fdata.load_model_and_task(ASSET / "checkpoint.pt", ASSET)
-    recipe = qswap.load_recipe(args.recipe)
+    recipe = qswap.load_recipe(str(ASSET / "searched.yaml") if args.recipe == "searched" else args.recipe)
     q = qswap.convert(model, qswap.load_recipe(dict(recipe.to_dict(), simulate=args.simulate)))
     qswap.calibrate(q, fdata.net_inputs(task, "train_calib", args.calib_batches, max_sentences=32))
-    dataset = fdata.load_subset(task, "test")
-    sample = dataset.collater([dataset[i] for i in range(min(args.count, len(dataset)))])
+    dataset = fdata.load_subset(task, args.subset)
+    sample = dataset.collater([dataset[i] for i in range(args.skip, min(args.skip + args.count, len(dataset)))])
     tally = Tally()
     encoder_sites(q, sample["net_input"], tally)
-    print(tally.render(f"{args.recipe}, simulate {args.simulate}, first {args.count} test utterances, "
-                       f"encoder sites (`python tools/integer_sites.py --recipe {args.recipe} "
-                       f"--simulate {args.simulate} --count {args.count}`):"))
+    print(tally.render(f"{args.recipe}, simulate {args.simulate}, {args.subset} utterances {args.skip} to "
+                       f"{args.skip + args.count - 1}, encoder sites:"))
     return 0
 
 
