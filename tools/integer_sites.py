@@ -8,6 +8,7 @@ its own inputs, and its output codes are compared with the fake-quant codes of i
 quantizer (valid frames only). Printed, one row per site kind and encoder layer span:
 
     python tools/integer_sites.py --recipe w8a8 --simulate integer --count 8
+    python tools/integer_sites.py --recipe searched --subset test_heldout --skip 60 --count 30 --decoder
 """
 from __future__ import annotations
 
@@ -149,6 +150,54 @@ def encoder_sites(q, net_input: dict, tally: Tally) -> None:
     del stream_to
 
 
+def decoder_sites(q, net_input: dict, tally: Tally) -> None:
+    """The integer decoder's residual stream, norms, encoder-output readers and output projection
+    of ``q``'s pre-norm S2T decoder, teacher-forced, on the fake-quant codes of their inputs,
+    against the fake-quant codes of their readers (``tally``; target positions only). The
+    attentions and FFNs inside are the encoder's forms (``encoder_sites``)."""
+    from fairseq import utils
+
+    from qswap.quant.integer import rescaled_sum
+    import qswap
+    imodel = qswap.integerize(q)
+    dec, idec, enc, ienc = q.decoder, imodel.decoder, q.encoder, imodel.encoder
+    seen, hooks = _capture(q)
+    try:
+        with torch.no_grad():
+            q(**net_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    prev = net_input["prev_output_tokens"]
+    tokens = (prev != dec.padding_idx).T.unsqueeze(-1)  # (T, B, 1)
+    stream = (idec.tokens[prev] + idec.positions[utils.make_positions(prev, dec.padding_idx)]).transpose(0, 1)
+    with torch.no_grad():
+        for n, (layer, ilayer) in enumerate(zip(dec.layers, idec.layers)):
+            norms = (layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm)
+            readers = (layer.self_attn.input_quant, layer.encoder_attn.input_quant, layer.fc1.input_quant)
+            residuals = (layer.attn_residual_quant, layer.cross_residual_quant, layer.ffn_residual_quant)
+            outs = (layer.attn_out_quant, layer.cross_out_quant, layer.ffn_out_quant)
+            where = "decoder stream (tokens + positions)" if n == 0 else "decoder stream"
+            for i in range(3):
+                tally.add(f"{where if i == 0 else 'decoder stream'} -> LayerNorm input (requant)",
+                          ilayer.norms_in[i](stream), _codes(seen, norms[i].input_quant), tokens)
+                tally.add(f"{where if i == 0 else 'decoder stream'} -> residual (requant)",
+                          ilayer.residuals[i](stream), _codes(seen, residuals[i]), tokens)
+                tally.add("decoder LayerNorm", ilayer.norms[i](_codes(seen, norms[i].input_quant)),
+                          _codes(seen, readers[i]), tokens)
+                z_res, z_out = ilayer.zero_points[i]
+                stream = rescaled_sum(_codes(seen, residuals[i]), z_res, _codes(seen, outs[i]), z_out, ilayer.adds[i])
+            tally.add("encoder final LayerNorm -> each decoder layer's key grid",
+                      ienc.norms[n](_codes(seen, enc.layer_norm.input_quant)), _codes(seen, layer.encoder_attn.key_quant))
+        tally.add("decoder stream -> final LayerNorm input (requant)", idec.norm_in(stream),
+                  _codes(seen, dec.layer_norm.input_quant), tokens)
+        tally.add("decoder final LayerNorm", idec.norm(_codes(seen, dec.layer_norm.input_quant)),
+                  _codes(seen, dec.output_projection.input_quant).transpose(0, 1), tokens)
+        tally.add("output projection (onto the logits grid)",
+                  idec.output_projection(_codes(seen, dec.output_projection.input_quant)),
+                  _codes(seen, q.logits_quant), tokens.transpose(0, 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="w8a8", help="a shipped recipe name or a recipe YAML path")
@@ -156,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=8, help="utterances")
     parser.add_argument("--subset", default="test", help="the shipped test set (test, test_heldout)")
     parser.add_argument("--skip", type=int, default=0, help="start after this many utterances")
+    parser.add_argument("--decoder", action="store_true", help="the decoder's sites too (teacher-forced)")
     parser.add_argument("--calib-batches", type=int, default=4)
     args = parser.parse_args(argv)
     sys.path[:0] = [str(REPO), str(REPO / "tools")]
@@ -170,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     sample = dataset.collater([dataset[i] for i in range(args.skip, min(args.skip + args.count, len(dataset)))])
     tally = Tally()
     encoder_sites(q, sample["net_input"], tally)
+    if args.decoder:
+        decoder_sites(q, sample["net_input"], tally)
     print(tally.render(f"{args.recipe}, simulate {args.simulate}, {args.subset} utterances {args.skip} to "
-                       f"{args.skip + args.count - 1}, encoder sites:"))
+                       f"{args.skip + args.count - 1}, sites:"))
     return 0
 
 
