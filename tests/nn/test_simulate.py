@@ -278,26 +278,6 @@ def test_linear_conv_layer_norm_and_glu_write_their_integer_forms_codes_onto_the
         assert torch.equal(grid.dequantize(grid.quantize(value)), value)  # on the reader's grid: kept as is
 
 
-def test_subsampler_glus_and_attention_write_onto_their_readers():
-    """The fairseq S2T encoder's subsampler (each conv onto its GLU's grid, each GLU onto the
-    next conv's and the embed grid) and attention (q/k/v projections, both matmuls, the out
-    projection onto the layer's grid): the encoder's output codes are its integer form's."""
-    from qswap.models import build_s2t_transformer, s2t_net_input
-    net_input = s2t_net_input()
-    for recipe in ("w8a8", "w4a8"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            q = qswap.convert(build_s2t_transformer(seed=0), recipe_with(recipe, "integer"))
-            qswap.calibrate(q, [net_input])
-        grid = Grid.of(q.decoder.layers[0].encoder_attn.key_quant)
-        encoder = q.encoder.to_integer(grid)
-        src, lengths = net_input["src_tokens"], net_input["src_lengths"]
-        codes, padding = encoder.forward_codes(encoder.quantize_input(src), lengths)
-        with torch.no_grad():
-            reference = grid.quantize(q.encoder(src, lengths)["encoder_out"][0])
-        assert torch.equal(codes[~padding.T], reference[~padding.T])
-
-
 def test_a_told_reader_trains_with_the_float_gradient():
     torch.manual_seed(0)
     x = torch.randn(6, 2, 32) * 2
