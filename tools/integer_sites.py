@@ -63,7 +63,6 @@ class Tally:
 def encoder_sites(q, net_input: dict, tally: Tally) -> None:
     """Every integer op of ``q``'s pre-norm S2T transformer encoder on the fake-quant codes of
     its inputs, against the fake-quant codes of its output (``tally``)."""
-    from qswap.nn.fairseq.layers import stream_to
     from qswap.quant.integer import Grid, apply_lut, rescaled_sum
     from qswap.nn.attention import split_heads
     enc = q.encoder
@@ -77,8 +76,9 @@ def encoder_sites(q, net_input: dict, tally: Tally) -> None:
     finally:
         for h in hooks:
             h.remove()
-    padding = out.new_zeros(out.shape[1], out.shape[0], dtype=torch.bool)
-    _, padding = integer.forward_codes(integer.quantize_input(src), lengths)
+    from fairseq.data.data_utils import lengths_to_padding_mask
+    from qswap.nn.fairseq.subsample import subsampled_lengths
+    padding = lengths_to_padding_mask(subsampled_lengths(lengths, enc.subsample.n_layers))  # (B, T')
     frames = (~padding.T).unsqueeze(-1)  # (T, B, 1) valid frames
     with torch.no_grad():
         # subsampler: each conv on its fake-quant input codes, each GLU on its fake-quant input codes
@@ -119,8 +119,8 @@ def encoder_sites(q, net_input: dict, tally: Tally) -> None:
             pad = padding.view(bsz, 1, 1, length).expand(bsz, attn.num_heads, 1, length).reshape(-1, 1, length)
             from qswap.quant.integer import integer_softmax
             probs_ref = _codes(seen, attn.core.softmax_out_quant)
-            tally.add("softmax", integer_softmax(_codes(seen, attn.core.softmax_in_quant), core.softmax, pad), probs_ref,
-                      ~pad)
+            softmax = integer_softmax(_codes(seen, attn.core.softmax_in_quant), core.softmax, pad)
+            tally.add("softmax", softmax, probs_ref, ~pad)
             ctx = torch.bmm(probs_ref.to(torch.int32) - zp, vc.to(torch.int32) - zv)
             from qswap.nn.attention import merge_heads
             tally.add("attention context p v (requant)", merge_heads(core.context(ctx), bsz),
@@ -147,7 +147,6 @@ def encoder_sites(q, net_input: dict, tally: Tally) -> None:
                       _codes(seen, enc.layer_norm.input_quant), frames)
             tally.add("final LayerNorm (onto key grid)", integer.norms[0](_codes(seen, enc.layer_norm.input_quant)),
                       key_grid.quantize(out).to(torch.int64), frames)
-    del stream_to
 
 
 def decoder_sites(q, net_input: dict, tally: Tally) -> None:
@@ -188,7 +187,8 @@ def decoder_sites(q, net_input: dict, tally: Tally) -> None:
                 z_res, z_out = ilayer.zero_points[i]
                 stream = rescaled_sum(_codes(seen, residuals[i]), z_res, _codes(seen, outs[i]), z_out, ilayer.adds[i])
             tally.add("encoder final LayerNorm -> each decoder layer's key grid",
-                      ienc.norms[n](_codes(seen, enc.layer_norm.input_quant)), _codes(seen, layer.encoder_attn.key_quant))
+                      ienc.norms[n](_codes(seen, enc.layer_norm.input_quant)),
+                      _codes(seen, layer.encoder_attn.key_quant))
         tally.add("decoder stream -> final LayerNorm input (requant)", idec.norm_in(stream),
                   _codes(seen, dec.layer_norm.input_quant), tokens)
         tally.add("decoder final LayerNorm", idec.norm(_codes(seen, dec.layer_norm.input_quant)),

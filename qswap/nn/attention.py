@@ -73,7 +73,8 @@ class QuantAttentionCore(nn.Module):
         ``kv_quantized``: k and v already come from ``k_quant`` / ``v_quant`` (a decoding cache).
         ``out_quant``: the quantizer that reads the context (the out projection's input); with
         ``simulate: integer`` both matmuls then accumulate codes in int32 and requantize as the
-        integer core does (onto ``softmax_in`` and onto ``out_quant``'s grid). Returns the context (B*H, T, D) and the attention probabilities (B*H, T, S)."""
+        integer core does (onto ``softmax_in`` and onto ``out_quant``'s grid). Returns the context
+        (B*H, T, D) and the attention probabilities (B*H, T, S)."""
         qq = self.q_quant(q)
         q = qq * scaling
         k = quantize_shared(self.k_quant, k, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)

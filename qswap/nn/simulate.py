@@ -122,10 +122,10 @@ def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *so
     """An op's integer form writing codes onto ``out_quant``'s grid (its consumer's), as values of
     that grid, which ``out_quant`` then keeps as they are: ``build(grid_out)`` makes the form
     (kept in ``owner.<slot>`` while the output grid and ``sources`` are unchanged) and
-    ``run(form)`` runs it on the op's input codes (``build`` may return None: no integer form). So the simulation requantizes the exact integer
-    accumulator with the form's fixed-point multiplier and rounding, instead of rounding the
-    float32 result by ``x * (1 / s)``. None where ``owner`` does not simulate integers or
-    ``out_quant`` has no per-tensor grid."""
+    ``run(form)`` runs it on the op's input codes (``build`` may return None: no integer form).
+    So the simulation requantizes the exact integer accumulator with the form's fixed-point
+    multiplier and rounding, instead of rounding the float32 result by ``x * (1 / s)``. None where
+    ``owner`` does not simulate integers or ``out_quant`` has no per-tensor grid."""
     grid_out = grid_of(out_quant) if simulates(owner) else None
     if grid_out is None:
         return None

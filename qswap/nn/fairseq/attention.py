@@ -201,7 +201,8 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
                 out_quant: Optional[nn.Module] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """query: (T, B, E); key, value: (S, B, E); key_padding_mask: (B, S), True/1 = padding;
         attn_mask: (T, S) bool or additive; ``out_quant``: the quantizer that reads the output (with
-        ``simulate: integer`` the out projection writes onto its grid: ``QLinear.forward``). Returns (T, B, E) and the attention weights
+        ``simulate: integer`` the out projection writes onto its grid: ``QLinear.forward``).
+        Returns (T, B, E) and the attention weights
         ((B, T, S) averaged over heads, (H, B, T, S) with need_head_weights, or None)."""
         if before_softmax:
             raise NotImplementedError("before_softmax returns raw float scores; the quantized "

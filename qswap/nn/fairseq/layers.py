@@ -47,7 +47,8 @@ def read_by(attention: torch.nn.Module, out_quant: Optional[torch.nn.Module]) ->
     """The keyword telling a ``QFairseqMultiheadAttention`` the quantizer that reads its output
     (``out_quant``, for ``simulate: integer``); none for another attention module."""
     from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
-    return {"out_quant": out_quant} if out_quant is not None and isinstance(attention, QFairseqMultiheadAttention) else {}
+    told = out_quant is not None and isinstance(attention, QFairseqMultiheadAttention)
+    return {"out_quant": out_quant} if told else {}
 
 
 @register(TransformerEncoderLayerBase)
@@ -203,7 +204,8 @@ class QTransformerDecoderLayer(QuantModule):
         residual = x
         if self.normalize_before:
             x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
-        x = self.activation_dropout_module(self.activation_fn(self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant))))
+        x = self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant))
+        x = self.activation_dropout_module(self.activation_fn(x))
         if self.ffn_layernorm is not None:
             x = self.ffn_layernorm(x)
         x = self.ffn_out_quant(self.dropout_module(onto(self.fc2, x, self.ffn_out_quant)))
