@@ -10,7 +10,7 @@ from torch import nn
 from qswap.io.serializable import INT, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, grid_of, simulates, straight_through, value_of
+from qswap.nn.simulate import cached, codes_of, grid_of, onto_grid, simulates, straight_through, value_of
 
 
 class _QElementwise(QuantModule):
@@ -69,15 +69,23 @@ class QGLU(_QElementwise):
         return glu_value(self, "_integer_glu", xq, self.input_quant, self.op.dim)
 
 
-def glu_value(owner: nn.Module, slot: str, xq: torch.Tensor, quant: nn.Module, dim: int) -> torch.Tensor:
+def glu_value(owner: nn.Module, slot: str, xq: torch.Tensor, quant: nn.Module, dim: int,
+              out_quant: nn.Module | None = None) -> torch.Tensor:
     """GLU of ``xq`` (the output of ``quant``) along ``dim``: with ``owner`` simulating integers
     and ``quant`` a per-tensor grid, the integer GLU's accumulator ``(a - zp) * gate[b]``
     (``qswap.quant.integer.glu_accumulator``, 2^-15 gate table kept in ``owner.<slot>``) as its
-    value, with the float GLU's gradient; otherwise ``F.glu``."""
-    from qswap.quant.integer import GluParams, glu_acc_scale, glu_accumulator
+    value, or with ``out_quant`` (the quantizer that reads the result) the integer GLU's codes
+    on its grid (``integer_glu``: the fixed-point requantization, ``onto_grid``), with the float
+    GLU's gradient; otherwise ``F.glu``."""
+    from qswap.quant.integer import GluParams, glu_acc_scale, glu_accumulator, integer_glu
     grid = grid_of(quant) if simulates(owner) else None
     if grid is None:
         return F.glu(xq, dim=dim)
+    value = None if out_quant is None else onto_grid(
+        owner, f"{slot}_onto", lambda out: GluParams.build(grid, out), out_quant,
+        lambda params: integer_glu(codes_of(xq, grid), params, dim), quant.scale, quant.zero_point)
+    if value is not None:
+        return straight_through(value, F.glu(xq, dim=dim)) if xq.requires_grad else value
     params = cached(owner, slot, lambda: GluParams.build(grid, None), quant.scale, quant.zero_point)
     with torch.no_grad():
         value = value_of(glu_accumulator(codes_of(xq, grid), params, dim), glu_acc_scale(grid), xq.dtype)

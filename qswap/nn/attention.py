@@ -25,7 +25,7 @@ from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, dequantized, grid_of, simulates, straight_through
+from qswap.nn.simulate import cached, codes_of, dequantized, grid_of, onto_grid, simulates, straight_through
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -65,17 +65,24 @@ class QuantAttentionCore(nn.Module):
                 attn_mask: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
                 num_heads: int = 1, dropout_p: float = 0.0,
                 scores_bias: torch.Tensor | None = None, kv_repeat: int = 1,
-                kv_quantized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_quantized: bool = False, out_quant: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (B*H, T, D), k and v: (B*H, S, D); attn_mask: (T, S) or (B*H, T, S);
         key_padding_mask: (B, S) bool, True = padding; scores_bias: (B*H, T, S) extra score term
         (relative positions), added to the already scaled q @ k^T scores. With ``kv_repeat`` > 1
         (beam search) k and v are (B/kv_repeat*H, S, D), one per sentence, shared by its beams.
         ``kv_quantized``: k and v already come from ``k_quant`` / ``v_quant`` (a decoding cache).
-        Returns the context (B*H, T, D) and the attention probabilities (B*H, T, S)."""
-        q = self.q_quant(q) * scaling
+        ``out_quant``: the quantizer that reads the context (the out projection's input); with
+        ``simulate: integer`` both matmuls then accumulate codes in int32 and requantize as the
+        integer core does (onto ``softmax_in`` and onto ``out_quant``'s grid). Returns the context
+        (B*H, T, D) and the attention probabilities (B*H, T, S)."""
+        qq = self.q_quant(q)
+        q = qq * scaling
         k = quantize_shared(self.k_quant, k, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)
         scores = torch.bmm(q, k.transpose(1, 2))  # (B*H, T, S)
         blocked, additive = as_bool_mask(attn_mask)
+        if scores_bias is None and additive is None:
+            scores = self._integer_matmul("scores", qq, self.q_quant, k, self.k_quant, scaling,
+                                          self.softmax_in_quant, scores)
         if scores_bias is not None or additive is not None:  # an add: both operands quantized
             scores = self.scores_quant(scores)
             if scores_bias is not None:
@@ -100,7 +107,35 @@ class QuantAttentionCore(nn.Module):
             probs = F.dropout(probs, p=dropout_p)
         v = quantize_shared(self.v_quant, v, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)
         context = torch.bmm(probs, v)  # (B*H, T, D)
+        if out_quant is not None:
+            context = self._integer_matmul("context", probs, self.softmax_out_quant, v.transpose(1, 2), self.v_quant,
+                                           1.0, out_quant, context)
         return context, probs
+
+    def _integer_matmul(self, name: str, a: torch.Tensor, a_quant: nn.Module, b: torch.Tensor, b_quant: nn.Module,
+                        factor: float, out_quant: nn.Module, product: torch.Tensor) -> torch.Tensor:
+        """``product`` (= ``factor * a @ b^T`` in float) as the integer core computes it with
+        ``simulate: integer``: ``(a - za)(b - zb)^T`` in int32, requantized by
+        ``s_a factor s_b / s_out`` onto ``out_quant``'s grid (``onto_grid``), as values, with the
+        float product's gradient; ``product`` itself where a grid is missing."""
+        from qswap.quant.integer import Requant
+        grid_a, grid_b = grid_of(a_quant), grid_of(b_quant)
+        if grid_a is None or grid_b is None:
+            return product
+
+        def build(out):
+            return Requant.from_scales(grid_a.scale * factor * grid_b.scale / out.scale, out.zero_point, out.qmin,
+                                       out.qmax)
+
+        def run(requant):
+            acc = torch.bmm(codes_of(a, grid_a) - grid_a.zero_point,
+                            (codes_of(b, grid_b) - grid_b.zero_point).transpose(1, 2))
+            return requant(acc)
+        value = onto_grid(self, f"_integer_{name}", build, out_quant, run, a_quant.scale, a_quant.zero_point,
+                          b_quant.scale, b_quant.zero_point)  # factor: the attention's constant scaling
+        if value is None:
+            return product
+        return straight_through(value, product) if product.requires_grad else value
 
     def _integer_softmax(self, scores: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
         """The integer softmax of the ``softmax_in`` codes of ``scores`` (positions where ``masked``

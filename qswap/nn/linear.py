@@ -9,6 +9,7 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
+from qswap.nn.simulate import codes_of, grid_of, onto_grid, simulates, straight_through
 from qswap.quant.bias import BiasQuantize
 
 
@@ -25,11 +26,25 @@ class _Weighted(QuantModule):
         self.input_quant = quantizer(config, self.sites, "input") if quantize_input else nn.Identity()
         self.weight_quant = quantizer(config, self.sites, "weight")
         self.bias_quant = BiasQuantize()
+        self.simulate = config.simulate
 
     def quantized_params(self, input_quant: nn.Module | None = None) -> tuple:
         w = self.weight_quant(self.weight)
         b = self.bias_quant(self.bias, input_quant or self.input_quant, self.weight_quant)
         return w, b
+
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
+        """``op(input_quant(x))``. ``out_quant``: the quantizer that reads the result; with
+        ``simulate: integer`` the result is then the integer form's output codes on its grid
+        (exact int32 accumulation, its fixed-point requantization: ``onto_grid``) as values, with
+        the op's gradient."""
+        xq = self.input_quant(x)
+        value = None if out_quant is None else onto_linear(
+            self, xq, self.input_quant, out_quant, lambda grid_in, grid_out: self.to_integer(grid_out))
+        if value is not None and not torch.is_grad_enabled():
+            return value
+        y = self.op(xq)
+        return y if value is None else straight_through(value, y)
 
 
 @register(nn.Linear)
@@ -47,10 +62,9 @@ class QLinear(_Weighted):
     def from_float(cls, module: nn.Linear, config: QuantConfig) -> "QLinear":
         return cls(module.weight, module.bias, config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quant(x)
-        w, b = self.quantized_params()
-        return F.linear(x, w, b)
+    def op(self, xq: torch.Tensor) -> torch.Tensor:
+        """The op on an input ``input_quant`` has quantized."""
+        return F.linear(xq, *self.quantized_params())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -106,8 +120,8 @@ class _QConvNd(_Weighted):
     def from_float(cls, module, config):
         return cls(module, config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quant(x)
+    def op(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of an input ``input_quant`` has quantized."""
         w, b = self.quantized_params()
         padding = self.padding
         if self.padding_mode != "zeros":  # reflect/replicate/circular padding only moves data
@@ -146,6 +160,29 @@ class QConv1d(_QConvNd):
 @register(nn.Conv2d)
 class QConv2d(_QConvNd):
     conv_fn = staticmethod(F.conv2d)
+
+
+def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_quant: nn.Module,
+                to_integer) -> torch.Tensor | None:
+    """The integer form ``to_integer(grid_in, grid_out)`` of ``owner``, a weighted op (its
+    ``weight`` or ``weight_v`` and ``weight_g``, ``weight_quant`` and ``bias``), on ``xq``, the
+    output of ``input_quant``, writing onto ``out_quant``'s grid, as values (``onto_grid``); None
+    without integer simulation, per-tensor grids or an integer form (e.g. per-group weights)."""
+    from qswap.errors import IntegerizeError
+    grid_in = grid_of(input_quant) if simulates(owner) else None
+    if grid_in is None:
+        return None
+
+    def build(grid_out):
+        try:
+            return to_integer(grid_in, grid_out)
+        except IntegerizeError:
+            return None
+    weights = (getattr(owner, name, None) for name in ("weight", "weight_v", "weight_g", "bias"))
+    sources = [input_quant.scale, input_quant.zero_point, *(t for t in weights if t is not None)]
+    if getattr(owner.weight_quant, "scale", None) is not None:
+        sources.append(owner.weight_quant.scale)
+    return onto_grid(owner, "_integer_onto", build, out_quant, lambda form: form(codes_of(xq, grid_in)), *sources)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------

@@ -15,7 +15,7 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import Obj, Opt, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, grid_of, row_isqrt, simulates, value_of
+from qswap.nn.simulate import cached, codes_of, grid_of, onto_grid, row_isqrt, simulates, straight_through, value_of
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -116,9 +116,34 @@ class QLayerNorm(_QNorm):
     def from_float(cls, module: nn.LayerNorm, config: QuantConfig) -> "QLayerNorm":
         return cls(module.normalized_shape, module.weight, module.bias, module.eps, config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.affine()
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
+        """The norm of ``input_quant(x)``. ``out_quant``: the quantizer that reads the result;
+        with ``simulate: integer`` the result is then the integer LayerNorm's output codes on its
+        grid (its fixed-point requantization of the affine accumulator: ``onto_grid``) as values,
+        with the norm's gradient."""
+        from qswap.errors import IntegerizeError
         xq = self.input_quant(x)
+        grid = grid_of(self.input_quant) if simulates(self) and out_quant is not None else None
+        if grid is None:
+            return self._normed(xq)
+
+        def build(grid_out):
+            try:
+                return self.to_integer(grid_out)
+            except IntegerizeError:
+                return None
+        sources = [self.input_quant.scale, self.input_quant.zero_point] + [
+            t for t in (self.weight, self.bias) if t is not None] + [
+            q.scale for q in (self.weight_quant, self.bias_quant) if isinstance(q, FakeQuantize)]
+        value = onto_grid(self, "_integer_onto", build, out_quant, lambda form: form(codes_of(xq, grid)), *sources)
+        if value is not None and not torch.is_grad_enabled():
+            return value
+        y = self._normed(xq)
+        return y if value is None else straight_through(value, y)
+
+    def _normed(self, xq: torch.Tensor) -> torch.Tensor:
+        """The norm of an input ``input_quant`` has quantized."""
+        w, b = self.affine()
         y = self._integer_value(xq, b) if simulates(self) else None
         if y is None:
             y = F.layer_norm(xq, self.normalized_shape, w, b, self.eps)

@@ -5,16 +5,22 @@ from float32 (softmax's exponent table and integer division, LayerNorm's integer
 and square root, GLU's gate table), the counterpart computes those insides as the integer form
 does, on the codes of its quantized input, and returns the integer result's value: the integer
 accumulator times its scale (LayerNorm, GLU), or the output codes dequantized (the attention's
-softmax, whose output grid is the core's own). The consumer's quantizer then rounds that value
-as it rounds any input, so simulation and integer execution give the same codes except where
-the value lies within float32 rounding of a tie of the consumer's grid (the requantization
-itself stays float, see docs/integer.md).
+softmax, whose output grid is the core's own).
+
+The requantization too: where the caller knows the quantizer that reads an op's result (its
+``out_quant``: a layer's linears, norms and attention, the attention's projections and both
+matmuls, the subsampler's convs and GLUs), the op runs its integer form onto that reader's grid
+(``onto_grid``: exact int32 accumulation, the fixed-point multiplier, ties toward +inf) and
+returns those codes' values, which the reader keeps as they are. Rounding the float32 result by
+``x * (1 / s)`` half to even instead flips exact ties, which scales in a simple ratio make common
+on a trained model, and the layers amplify each flip (docs/integer.md). With both, the shipped
+S2T transformer's fake-quant model computes the codes of its integer model bit for bit.
 
 A recipe picks the arithmetic with its top-level key ``simulate``: ``float`` (the default, and
-what every shipped recipe and every number in the README and docs use: ``F.layer_norm``,
-``F.softmax``, ``F.glu``) or ``integer`` (opt-in: the insides above). On the shipped model the
-integer insides did not bring the fake-quant and integer models closer and cost more per forward
-(docs/integer.md, "The integer insides in the fake-quant model"). A counterpart simulates only where its integer form is defined (its input
+what every shipped recipe and every number in the README and docs outside the ``simulate:
+integer`` rows use: ``F.layer_norm``, ``F.softmax``, ``F.glu``, float32 matmuls and the readers'
+float rounding) or ``integer`` (opt-in: the above; several times the float forward's cost,
+docs/integer.md). A counterpart simulates only where its integer form is defined (its input
 quantized on a per-tensor grid, its weights symmetric); elsewhere it computes in float, as its
 integer form would refuse to build.
 
@@ -110,6 +116,24 @@ def cached(owner: nn.Module, slot: str, build, *sources: torch.Tensor):
     value = _constant_fold(build)
     owner.__dict__[slot] = (value, stamp(*sources))
     return value
+
+
+def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *sources: torch.Tensor):
+    """An op's integer form writing codes onto ``out_quant``'s grid (its consumer's), as values of
+    that grid, which ``out_quant`` then keeps as they are: ``build(grid_out)`` makes the form
+    (kept in ``owner.<slot>`` while the output grid and ``sources`` are unchanged) and
+    ``run(form)`` runs it on the op's input codes (``build`` may return None: no integer form).
+    So the simulation requantizes the exact integer accumulator with the form's fixed-point
+    multiplier and rounding, instead of rounding the float32 result by ``x * (1 / s)``. None where
+    ``owner`` does not simulate integers or ``out_quant`` has no per-tensor grid."""
+    grid_out = grid_of(out_quant) if simulates(owner) else None
+    if grid_out is None:
+        return None
+    form = cached(owner, slot, lambda: build(grid_out), out_quant.scale, out_quant.zero_point, *sources)
+    if form is None:
+        return None
+    with torch.no_grad():
+        return dequantized(run(form), grid_out)
 
 
 def simulates(owner: nn.Module) -> bool:

@@ -224,3 +224,72 @@ def test_row_isqrt_is_the_integer_isqrt():
     assert torch.equal(row_isqrt(n), isqrt(n))
     with pytest.raises(IntegerizeError, match="2\\^62"):
         row_isqrt(torch.tensor([-1]))
+
+
+# -- requantization onto the reader's grid (``out_quant``) ------------------------------
+
+def _set_grid(quant, scale: float, zero_point: int = 0) -> None:
+    with torch.no_grad():
+        quant.scale.fill_(scale)
+        quant.zero_point.fill_(zero_point)
+    quant.freeze()
+
+
+def test_a_linear_rounds_an_exact_tie_as_its_integer_form():
+    """Scales in a ratio of 1/2 put every odd accumulator on a tie: the fixed-point requantization
+    rounds it toward +inf, float32 ``x * (1 / s)`` half to even. Told its reader's
+    quantizer (``out_quant``), it gives the integer form's codes; without it (or under simulate: float) the ties
+    round to even."""
+    q = calibrated(nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2)), torch.randn(8, 4), "w8a8")
+    with torch.no_grad():
+        q[0].weight.copy_(torch.tensor([[63.5, 1.0, 0.5, -0.5], [0.5, 1.5, -2.0, 3.5], [-0.5, 0.0, 2.5, 1.0]]))
+    _set_grid(q[0].input_quant, 0.25)  # weight scale 63.5 / 127 = 0.5: accumulator scale 1/8
+    _set_grid(q[1].input_quant, 0.25)  # requantization by exactly 1/2
+    codes = torch.randint(-20, 20, (64, 4))
+    x = codes.float() * 0.25
+    grid = Grid.of(q[1].input_quant)
+    integer = q[0].to_integer(grid)(codes.to(torch.int8))
+    with torch.no_grad():
+        onto = grid.quantize(q[1].input_quant(q[0](x, out_quant=q[1].input_quant)))
+        plain = grid.quantize(q[1].input_quant(q[0](x)))
+        with simulating(q, "float"):
+            float_onto = grid.quantize(q[1].input_quant(q[0](x, out_quant=q[1].input_quant)))
+    assert torch.equal(onto, integer)
+    assert torch.equal(float_onto, plain)  # simulate: float computes as before
+    with torch.no_grad():
+        tie = (codes.double() @ (q[0].weight.double().T * 2)) % 2 == 1  # odd accumulators (units of 1/8)
+    assert (plain != integer).any() and not ((plain != integer) & ~tie).any()  # the old value flips ties only
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_linear_conv_layer_norm_and_glu_write_their_integer_forms_codes_onto_the_reader(recipe):
+    torch.manual_seed(2)
+    x = torch.randn(16, 10, 48) * 2
+    lin = calibrated(nn.Sequential(nn.Linear(48, 32), nn.Linear(32, 4)), x, recipe)
+    xc = torch.randn(4, 8, 30)
+    conv = calibrated(nn.Sequential(nn.Conv1d(8, 12, 3, stride=2, padding=1), nn.Conv1d(12, 4, 1)), xc, recipe)
+    xl = torch.randn(16, 10, 64) * 3 + 1
+    norm = layer_norm_model(xl, recipe)
+    for q, data in ((lin, x), (conv, xc), (norm, xl)):
+        grid_in, grid = Grid.of(q[0].input_quant), Grid.of(q[1].input_quant)
+        with torch.no_grad():
+            value = q[0](data, out_quant=q[1].input_quant)
+        assert torch.equal(grid.quantize(value), q[0].to_integer(grid)(grid_in.quantize(data)))
+        assert torch.equal(grid.dequantize(grid.quantize(value)), value)  # on the reader's grid: kept as is
+
+
+def test_a_told_reader_trains_with_the_float_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 32) * 2
+    q = calibrated(nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 4)), x, "w8a8")
+    for quant in (q[0].input_quant, q[1].input_quant):
+        quant.freeze()
+    grads = {}
+    for simulate in ("integer", "float"):
+        with simulating(q, simulate):
+            xg = x.clone().requires_grad_()
+            out = q[0](xg, out_quant=q[1].input_quant)
+            (out * torch.linspace(-1, 1, 32)).sum().backward()  # a gradient that does not depend on the value
+            grads[simulate] = xg.grad
+    assert grads["integer"].abs().sum() > 0
+    torch.testing.assert_close(grads["integer"], grads["float"])

@@ -26,7 +26,8 @@ from qswap.io.serializable import INT, Obj, serializable
 from qswap.io.serializable import Tuple as TupleOf
 from qswap.nn.attention import CORE_SITES, QuantAttentionCore, maps_elementwise, merge_heads, split_heads
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
-from qswap.nn.linear import QLinear
+from qswap.nn.linear import QLinear, onto_linear
+from qswap.nn.simulate import straight_through
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize
 
@@ -62,11 +63,18 @@ class Projection(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         self.weight_quant = quantizer(config, self.sites, "weight")
         self.bias_quant = BiasQuantize()
+        self.simulate = config.simulate
 
-    def forward(self, x: Tensor, x_quant: nn.Module) -> Tensor:
-        """x: (..., in) already quantized by ``x_quant`` -> (..., out)."""
+    def forward(self, x: Tensor, x_quant: nn.Module, out_quant: Optional[nn.Module] = None) -> Tensor:
+        """x: (..., in) already quantized by ``x_quant`` -> (..., out). With ``simulate: integer``
+        and ``out_quant`` (the core's q/k/v quantizer that reads the result): the integer form's
+        codes on its grid as values (``qswap.nn.linear.onto_linear``), with the float gradient."""
+        value = None if out_quant is None else onto_linear(self, x, x_quant, out_quant, self.to_integer)
+        if value is not None and not torch.is_grad_enabled():
+            return value
         w = self.weight_quant(self.weight)
-        return F.linear(x, w, self.bias_quant(self.bias, x_quant, self.weight_quant))
+        y = F.linear(x, w, self.bias_quant(self.bias, x_quant, self.weight_quant))
+        return y if value is None else straight_through(value, y)
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
@@ -133,7 +141,8 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
                      key_padding_mask: Optional[Tensor]):
         """query (T, B, E), key/value (S, B', E') -> q (T, B, E), k and v (S, B', E) or None."""
         xq = self.input_quant(query)
-        q = self.q_proj(xq, self.input_quant)
+        core = self.core
+        q = self.q_proj(xq, self.input_quant, core.q_quant)
         if self.self_attention:
             key = value = query
         elif self.encoder_decoder_attention:
@@ -152,7 +161,7 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
             xv, v_quant = xk, k_quant
         else:
             xv, v_quant = self.value_quant(value), self.value_quant
-        return q, self.k_proj(xk, k_quant), self.v_proj(xv, v_quant), key_padding_mask
+        return q, self.k_proj(xk, k_quant, core.k_quant), self.v_proj(xv, v_quant, core.v_quant), key_padding_mask
 
     def _quantized_cache(self, saved: Dict[str, Optional[Tensor]]) -> bool:
         """Whether this decoding cache holds quantized k/v; a new cache does when that gives the
@@ -188,10 +197,12 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
     def forward(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
                 key_padding_mask: Optional[Tensor] = None, incremental_state: IncrementalState = None,
                 need_weights: bool = True, static_kv: bool = False, attn_mask: Optional[Tensor] = None,
-                before_softmax: bool = False, need_head_weights: bool = False
-                ) -> Tuple[Tensor, Optional[Tensor]]:
+                before_softmax: bool = False, need_head_weights: bool = False,
+                out_quant: Optional[nn.Module] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """query: (T, B, E); key, value: (S, B, E); key_padding_mask: (B, S), True/1 = padding;
-        attn_mask: (T, S) bool or additive. Returns (T, B, E) and the attention weights
+        attn_mask: (T, S) bool or additive; ``out_quant``: the quantizer that reads the output (with
+        ``simulate: integer`` the out projection writes onto its grid: ``QLinear.forward``).
+        Returns (T, B, E) and the attention weights
         ((B, T, S) averaged over heads, (H, B, T, S) with need_head_weights, or None)."""
         if before_softmax:
             raise NotImplementedError("before_softmax returns raw float scores; the quantized "
@@ -226,8 +237,10 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
             key_padding_mask = key_padding_mask.repeat_interleave(beam, dim=0)  # (B, S)
         context, probs = self.core(q, k, v, self.scaling, attn_mask, key_padding_mask, self.num_heads,
                                    self.dropout_module.p, kv_repeat=beam,
-                                   kv_quantized=quantized_cache)  # (B*H, T, D), (B*H, T, S)
-        out = self.out_proj(merge_heads(context, bsz))  # (T, B, E)
+                                   kv_quantized=quantized_cache,
+                                   out_quant=self.out_proj.input_quant)  # (B*H, T, D), (B*H, T, S)
+        merged = merge_heads(context, bsz)
+        out = self.out_proj(merged, out_quant=out_quant)  # (T, B, E)
         if not need_weights:
             return out, None
         weights = probs.view(bsz, self.num_heads, tgt_len, -1).transpose(1, 0)  # (H, B, T, S)

@@ -27,6 +27,31 @@ IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 ZERO_POINT = Either(INT, TensorOf("int64"))  # a residual add operand's: per tensor, or per channel
 
 
+def onto(module: torch.nn.Module, x: Tensor, out_quant: Optional[torch.nn.Module]) -> Tensor:
+    """``module(x)`` as ``out_quant`` reads it (a QLinear or QLayerNorm told its reader: the
+    integer form's requantization with ``simulate: integer``); ``module(x)`` for another module,
+    or without a reader."""
+    from qswap.nn.linear import QLinear
+    from qswap.nn.norm import QLayerNorm
+    if out_quant is None or not isinstance(module, (QLinear, QLayerNorm)):
+        return module(x)
+    return module(x, out_quant=out_quant)
+
+
+def reader(attention: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The quantizer that reads an attention's query (its ``input_quant``), if it has one."""
+    from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
+    return attention.input_quant if isinstance(attention, QFairseqMultiheadAttention) else None
+
+
+def read_by(attention: torch.nn.Module, out_quant: Optional[torch.nn.Module]) -> dict:
+    """The keyword telling a ``QFairseqMultiheadAttention`` the quantizer that reads its output
+    (``out_quant``, for ``simulate: integer``); none for another attention module."""
+    from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
+    told = out_quant is not None and isinstance(attention, QFairseqMultiheadAttention)
+    return {"out_quant": out_quant} if told else {}
+
+
 @register(TransformerEncoderLayerBase)
 @register(TransformerEncoderLayer)
 class QTransformerEncoderLayer(QuantModule):
@@ -56,17 +81,17 @@ class QTransformerEncoderLayer(QuantModule):
             attn_mask = attn_mask.to(torch.bool)
         residual = x
         if self.normalize_before:
-            x = self.self_attn_layer_norm(x)
+            x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         x, _ = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
-                              need_weights=False, attn_mask=attn_mask)
+                              need_weights=False, attn_mask=attn_mask, **read_by(self.self_attn, self.attn_out_quant))
         x = self.attn_residual_quant(residual) + self.attn_out_quant(self.dropout_module(x))
         if not self.normalize_before:
             x = self.self_attn_layer_norm(x)
         residual = x
         if self.normalize_before:
-            x = self.final_layer_norm(x)
-        x = self.activation_fn(self.ffn_act_quant(self.fc1(x)))
-        fc_result = x = self.fc2(self.activation_dropout_module(x))
+            x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
+        x = self.activation_fn(self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant)))
+        fc_result = x = onto(self.fc2, self.activation_dropout_module(x), self.ffn_out_quant)
         x = self.ffn_residual_quant(residual) + self.ffn_out_quant(self.dropout_module(x))
         if not self.normalize_before:
             x = self.final_layer_norm(x)
@@ -150,11 +175,12 @@ class QTransformerDecoderLayer(QuantModule):
         need_attn = need_attn or need_head_weights
         residual = x
         if self.normalize_before:
-            x = self.self_attn_layer_norm(x)
+            x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         self._restore(self.self_attn, incremental_state, prev_self_attn_state)
         x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=self_attn_padding_mask,
                                  incremental_state=incremental_state, need_weights=False,
-                                 attn_mask=self_attn_mask)
+                                 attn_mask=self_attn_mask, **read_by(self.self_attn, None if (
+                                     self.c_attn is not None or self.attn_ln is not None) else self.attn_out_quant))
         if self.c_attn is not None:
             x = self._scale_heads(x)
         if self.attn_ln is not None:
@@ -165,23 +191,25 @@ class QTransformerDecoderLayer(QuantModule):
         if self.encoder_attn is not None and encoder_out is not None:
             residual = x
             if self.normalize_before:
-                x = self.encoder_attn_layer_norm(x)
+                x = onto(self.encoder_attn_layer_norm, x, reader(self.encoder_attn))
             self._restore(self.encoder_attn, incremental_state, prev_attn_state)
             x, attn = self.encoder_attn(query=x, key=encoder_out, value=encoder_out,
                                         key_padding_mask=encoder_padding_mask,
                                         incremental_state=incremental_state, static_kv=True,
                                         need_weights=need_attn or (not self.training and self.need_attn),
-                                        need_head_weights=need_head_weights)
+                                        need_head_weights=need_head_weights,
+                                        **read_by(self.encoder_attn, self.cross_out_quant))
             x = self.cross_residual_quant(residual) + self.cross_out_quant(self.dropout_module(x))
             if not self.normalize_before:
                 x = self.encoder_attn_layer_norm(x)
         residual = x
         if self.normalize_before:
-            x = self.final_layer_norm(x)
-        x = self.activation_dropout_module(self.activation_fn(self.ffn_act_quant(self.fc1(x))))
+            x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
+        x = self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant))
+        x = self.activation_dropout_module(self.activation_fn(x))
         if self.ffn_layernorm is not None:
             x = self.ffn_layernorm(x)
-        x = self.ffn_out_quant(self.dropout_module(self.fc2(x)))
+        x = self.ffn_out_quant(self.dropout_module(onto(self.fc2, x, self.ffn_out_quant)))
         residual = self.ffn_residual_quant(residual)
         if self.w_resid is not None:
             residual = self.scaled_residual_quant(self.w_resid_quant(self.w_resid) * residual)

@@ -25,7 +25,7 @@ from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel
 from fairseq.models.speech_to_text.s2t_conformer import S2TConformerEncoder, S2TConformerModel
 from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerEncoder, S2TTransformerModel
 from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc
-from torch import Tensor
+from torch import Tensor, nn
 
 from qswap.errors import ConvertError
 from qswap.io.serializable import ANY, INT, Either, Obj, Opt, serializable
@@ -40,6 +40,15 @@ _S2T_ENCODER_ATTRS = ("encoder_freezing_updates", "num_updates", "embed_scale", 
 def _encoder_out(x: Tensor, padding_mask: Tensor, states: List[Tensor]) -> Dict[str, List[Tensor]]:
     return {"encoder_out": [x], "encoder_padding_mask": [padding_mask] if padding_mask.any() else [],
             "encoder_embedding": [], "encoder_states": states, "src_tokens": [], "src_lengths": []}
+
+
+def subsample(module: nn.Module, src_tokens: Tensor, src_lengths: Tensor, out_quant: nn.Module) -> tuple:
+    """``module(src_tokens, src_lengths)``; a ``QConv1dSubsampler`` is told its reader ``out_quant``
+    (its last GLU then writes onto that grid with ``simulate: integer``)."""
+    from qswap.nn.fairseq.subsample import QConv1dSubsampler
+    if isinstance(module, QConv1dSubsampler):
+        return module(src_tokens, src_lengths, out_quant)
+    return module(src_tokens, src_lengths)
 
 
 @register(S2TTransformerEncoder)
@@ -64,7 +73,7 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
 
     def _forward(self, src_tokens: Tensor, src_lengths: Tensor, return_all_hiddens: bool = False):
         """src_tokens: (B, T, C*D) features, src_lengths: (B,) -> fairseq's encoder_out dict."""
-        x, input_lengths = self.subsample(src_tokens, src_lengths)  # (T', B, C)
+        x, input_lengths = subsample(self.subsample, src_tokens, src_lengths, self.embed_quant)  # (T', B, C)
         x = self.embed_scale * self.embed_quant(x)
         padding_mask = lengths_to_padding_mask(input_lengths)  # (B, T')
         x = self.dropout_module(x + self.embed_positions(padding_mask).transpose(0, 1))

@@ -10,6 +10,7 @@ from torch import nn
 from qswap.io.serializable import INT, List, Obj, serializable
 from qswap.nn.activation import glu_value
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
+from qswap.nn.linear import QConv1d
 from qswap.nn.registry import register
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -37,11 +38,16 @@ class QConv1dSubsampler(QuantModule):
     def get_out_seq_lens_tensor(self, in_seq_lens_tensor: torch.Tensor) -> torch.Tensor:
         return subsampled_lengths(in_seq_lens_tensor, self.n_layers)
 
-    def forward(self, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
-        """src_tokens: (B, T, C*D) features -> ((T', B, C_out), lengths (B,))."""
+    def forward(self, src_tokens: torch.Tensor, src_lengths: torch.Tensor, out_quant: nn.Module | None = None):
+        """src_tokens: (B, T, C*D) features -> ((T', B, C_out), lengths (B,)). ``out_quant``: the
+        quantizer that reads the output (the encoder's embed quantizer): with ``simulate:
+        integer`` each GLU then writes its integer form's codes on its reader's grid."""
         x = src_tokens.transpose(1, 2).contiguous()  # (B, C*D, T)
-        for i, (conv, glu_quant) in enumerate(zip(self.conv_layers, self.glu_quant)):
-            x = glu_value(self, f"_integer_glu{i}", glu_quant(conv(x)), glu_quant, 1)  # (B, C_i, T_i)
+        readers = [conv.input_quant for conv in self.conv_layers[1:]] + [out_quant]
+        for i, (conv, glu_quant, reader) in enumerate(zip(self.conv_layers, self.glu_quant, readers)):
+            reader = reader if isinstance(reader, FakeQuantize) else None
+            x = conv(x, out_quant=glu_quant) if isinstance(conv, QConv1d) else conv(x)
+            x = glu_value(self, f"_integer_glu{i}", glu_quant(x), glu_quant, 1, reader)  # (B, C_i, T_i)
         x = x.transpose(1, 2).transpose(0, 1).contiguous()  # (T', B, C_out)
         return x, self.get_out_seq_lens_tensor(src_lengths)
 

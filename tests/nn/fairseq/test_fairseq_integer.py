@@ -266,3 +266,30 @@ def test_the_whole_model_runs_on_integers(calibrated):
     report = check_integer(imodel, net_input)
     assert report.ok, [str(r) for r in report.findings[:5]]
     assert {r.phase for r in report.declared} == {"quantize_input", "dequantize_output"}
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
+def test_shipped_model_with_integer_simulation_is_bit_exact_with_the_integer_model(recipe):
+    """The shipped model under ``simulate: integer`` (every op requantized onto its reader's grid
+    as the integer form does: qswap.nn.simulate.onto_grid), teacher-forced on its first 4 test
+    utterances: every encoder output code and every logit code is the integer model's. (Under
+    the default ``simulate: float`` about 40 % of the encoder's codes are: docs/integer.md.)"""
+    from pathlib import Path
+
+    from qswap.integration import data as fdata
+    asset = Path(qswap.__file__).parent / "assets" / "s2t_demo"
+    model, task = fdata.load_model_and_task(asset / "checkpoint.pt", asset)
+    q = qswap.convert(model, qswap.load_recipe(dict(qswap.load_recipe(recipe).to_dict(), simulate="integer")))
+    qswap.calibrate(q, fdata.net_inputs(task, "train_calib", 2, max_sentences=8))
+    dataset = fdata.load_subset(task, "test")
+    net_input = dataset.collater([dataset[i] for i in range(4)])["net_input"]
+    grid, logits_grid = Grid.of(q.decoder.layers[0].encoder_attn.key_quant), Grid.of(q.logits_quant)
+    imodel = qswap.integerize(q)
+    src, lengths = net_input["src_tokens"], net_input["src_lengths"]
+    codes, padding = imodel.encoder.forward_codes(imodel.encoder.quantize_input(src), lengths)
+    with torch.no_grad():
+        reference = grid.quantize(q.encoder(src, lengths)["encoder_out"][0])
+        logits = logits_grid.quantize(q(**net_input)[0])
+    assert torch.equal(codes[0][~padding.T] if isinstance(codes, list) else codes[~padding.T],
+                       reference[~padding.T])
+    assert torch.equal(logits_grid.quantize(imodel(**net_input)[0]), logits)
