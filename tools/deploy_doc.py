@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from bench import interleaved_medians  # noqa: E402
 import qswap  # noqa: E402
 from qswap.errors import ExportError  # noqa: E402
 from qswap.export.agreement import agreement, ctc_agreement  # noqa: E402
-from qswap.export.onnx_audit import audit_export, audit_onnx  # noqa: E402
+from qswap.export.onnx_audit import audit_export  # noqa: E402
 from qswap.export.package import GRAPHS, NO_QUANT, export_model  # noqa: E402
 from qswap.export.onnx import run_encoder  # noqa: E402
 from qswap.export.runtime import OrtS2TModel, load_exported  # noqa: E402

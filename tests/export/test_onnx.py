@@ -14,7 +14,7 @@ pytest.importorskip("fairseq")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from qswap.export import export_encoder, load_session, run_encoder  # noqa: E402
+from qswap.export import export_encoder, load_session  # noqa: E402
 
 from export_testkit import calibrated, encoder_feeds, output_steps, padded_batch, quantizer_inputs  # noqa: E402
 

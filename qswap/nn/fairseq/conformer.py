@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from fairseq.modules.conformer_layer import ConformerEncoderLayer, ConformerWav2Vec2EncoderLayer
 
-from qswap.io.serializable import ANY, INT, List, Obj, Tuple, serializable
+from qswap.io.serializable import ANY, List, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 from qswap.nn.fairseq.layers import ZERO_POINT
