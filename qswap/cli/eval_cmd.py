@@ -179,11 +179,12 @@ def evaluate(args):
 
 def _evaluate_exported(args):
     """``evaluate`` for an integer model written by ``qswap export``: integer execution
-    (fairseq's beam search, ``qswap.integration.integer_decode``), no float model to compare with."""
+    (fairseq's beam search, or greedy CTC for wav2vec 2.0: ``qswap.integration.integer_decode``),
+    no float model to compare with."""
     from qswap.errors import DataError
     from qswap.export.integer_load import load_integer_model
     from qswap.integration import data as fdata
-    from qswap.integration.integer_decode import DECODE_METHOD, decode_exported, exported_task
+    from qswap.integration.integer_decode import BEAM_SEARCH, decode_exported, decoding_method, exported_task
     from qswap.integration.metrics import error_counts
 
     if args.recipe or args.vs_float:
@@ -191,7 +192,8 @@ def _evaluate_exported(args):
                         f"--recipe and --vs-float (compare with --baseline EVAL.json)")
     exported = load_integer_model(args.checkpoint)
     task = exported_task(exported, args.data)
-    label = f"integer export ({DECODE_METHOD}, beam {args.beam})"
+    method = decoding_method(exported)
+    label = f"integer export ({method}, beam {args.beam})" if method == BEAM_SEARCH else f"integer export ({method})"
     samples = fdata.batches(task, args.subset, max_sentences=args.max_sentences,
                             num_shards=args.num_shards, shard_id=args.shard_id)
     with progress_bar(f"{label}: decoding {args.subset}", None, enabled=_progress(args)) as advance:

@@ -1,8 +1,10 @@
 """What an exported integer model records to decode again, and decoding it.
 
-The integer S2T model is a fairseq encoder-decoder model (incremental decoding on integer
-caches), so ``decode_exported`` runs fairseq's own SequenceGenerator on it, the same beam search
-as ``qswap eval --integer``. ``decode_exported`` is what ``qswap eval EXPORT_DIR`` runs.
+The integer S2T models (transformer, conformer) are fairseq encoder-decoder models (incremental
+decoding on integer caches), so ``decode_exported`` runs fairseq's own SequenceGenerator on them,
+the same beam search as ``qswap eval --integer``; the integer wav2vec 2.0 CTC model returns
+fairseq's ``encoder_out`` logits, decoded with greedy CTC as ``qswap eval --integer`` decodes it.
+``decode_exported`` is what ``qswap eval EXPORT_DIR`` runs.
 
 >>> task = exported_task(load_integer_model(out), "data/")
 >>> result = decode_exported(task, load_integer_model(out), fdata.batches(task, "test"), beam=5)
@@ -16,7 +18,7 @@ from typing import Callable, Iterable
 from qswap.errors import DataError, ExportError, LoadError
 from qswap.integration.decode import DecodeResult, decode
 
-DECODE_METHOD = "beam search"
+BEAM_SEARCH, GREEDY_CTC = "beam search", "greedy CTC"
 
 
 def task_config(cfg) -> dict:
@@ -65,10 +67,22 @@ def exported_task(exported, data: str | Path):
     return task
 
 
+def decoding_method(exported) -> str:
+    """How an exported integer model decodes: ``BEAM_SEARCH`` (an encoder-decoder model) or
+    ``GREEDY_CTC`` (the integer wav2vec 2.0 CTC model); ExportError for any other model."""
+    from qswap.nn.fairseq.models import IntegerWav2VecCtc
+
+    if isinstance(exported.model, IntegerWav2VecCtc):
+        return GREEDY_CTC
+    if callable(getattr(exported.model, "encoder", None)) and hasattr(exported.model, "decoder"):
+        return BEAM_SEARCH
+    raise ExportError(f"{exported.path}: a {type(exported.model).__name__} has no integer decoding yet "
+                      f"(only the S2T encoder-decoder models and wav2vec 2.0 CTC)")
+
+
 def decode_exported(task, exported, samples: Iterable[dict], *, beam: int = 5, max_len_b: int = 200,
                     progress: Callable[[int], None] | None = None) -> DecodeResult:
-    """Decode ``samples`` with an exported integer S2T model (fairseq's SequenceGenerator, ``beam``)."""
-    if not callable(getattr(exported.model, "encoder", None)) or not hasattr(exported.model, "decoder"):
-        raise ExportError(f"{exported.path}: a {type(exported.model).__name__} has no integer decoding yet "
-                          f"(only the S2T transformer's encoder-decoder)")
+    """Decode ``samples`` with an exported integer model: fairseq's SequenceGenerator (``beam``)
+    for an S2T model, greedy CTC for wav2vec 2.0 (``decoding_method``)."""
+    decoding_method(exported)  # refuses a model without a decoding
     return decode(task, exported.model, samples, beam=beam, max_len_b=max_len_b, progress=progress)

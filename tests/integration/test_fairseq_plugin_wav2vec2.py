@@ -175,6 +175,22 @@ def test_qswap_export_writes_the_qat_checkpoint_as_an_integer_model(trained, tmp
     assert exported.decoding["size"] == len(task.target_dictionary)
 
 
+def test_qswap_eval_decodes_the_exported_integer_wav2vec2_ctc_model(trained, tmp_path):
+    """``qswap eval EXPORT_DIR``: greedy CTC on the exported integer model, the task set up from
+    the export's record; the transcripts of ``qswap eval QCKPT --integer``."""
+    from qswap.cli import main
+
+    _, data, ckpt, _ = trained
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "export"), "--data", str(data)]) == 0
+    for args, out in ((["--integer"], "direct.json"), ([], "exported.json")):
+        source = str(ckpt) if args else str(tmp_path / "export")
+        assert main(["eval", source, *args, "--data", str(data), "--subset", "valid",
+                     "--json", str(tmp_path / out)]) == 0
+    direct, exported = (json.loads((tmp_path / out).read_text()) for out in ("direct.json", "exported.json"))
+    assert exported["model"] == "integer export (greedy CTC)" and exported["counts"]["utterances"] == 2
+    assert [(u["id"], u["hyp"]) for u in exported["utterances"]] == [(u["id"], u["hyp"]) for u in direct["utterances"]]
+
+
 def test_qswap_export_onnx_and_eval_onnxruntime_on_the_qat_checkpoint(trained, tmp_path):
     """``qswap export QCKPT --onnx`` writes the fairseq-trained CTC model as one QDQ graph;
     ``qswap eval DIR --backend onnxruntime`` greedy-CTC decodes every valid utterance with it
