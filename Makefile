@@ -1,6 +1,8 @@
 # qswap: one place that knows how to install and run things on a CPU-only machine.
 #   make demo   - install everything, then run the demo on the bundled model
 #   make test   - install everything, then run the test suite
+#   make docs   - regenerate every generated page of docs/ (and the README rows they feed) from
+#                 the shipped model, in the order the pages depend on each other (hours on 2 cores)
 # The install never lets pip pick a torch: torch==2.13.0 (the local CPU build) goes in first,
 # fairseq is built against it without build isolation, and fairseq's torchaudio requirement is
 # left out (the PyPI torchaudio is a CUDA build that does not import next to the CPU torch).
@@ -11,7 +13,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 FAIRSEQ_DEPS := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex "sacrebleu>=1.4.12" tqdm bitarray scikit-learn packaging editdistance
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench docs clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +36,29 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
+	$(PY) tools/bench.py
+
+# Order: the sensitivity page writes the searched recipe that the demo, the accuracy, integer,
+# strategy and deploy pages evaluate; the QAT page's evals compare against PTQ as the demo runs it.
+# Not repeated here: the QAT training run (tools/qat_train.py train, hours; its evals against PTQ
+# are, then `tools/qat_train.py doc --save-dir RUN --evals docs/qat` rewrites docs/qat.md from the
+# run's folder) and docs/reliability.md (tools/reliability_table.py reads the training corpus).
+docs: install
+	$(PY) tools/sensitivity_doc.py
+	$(PY) -m qswap.demo
+	$(PY) tools/accuracy_doc.py
+	$(PY) tools/integer_doc.py
+	$(PY) tools/integer_doc.py --layers w4a4_edges8_stream_smoothquant --layers-json docs/stream_integer_layers.json
+	$(PY) tools/strategies.py --qat w4a4_edges8=qswap/assets/s2t_demo/qat_w4a4_edges8.pt
+	for s in test test_heldout; do \
+	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe w4a4_edges8 --data qswap/assets/s2t_demo \
+	    --subset $$s --calib-subset train_calib --calib-batches 4 --json docs/qat/ptq_$$s.json && \
+	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/qat_w4a4_edges8.pt --data qswap/assets/s2t_demo --subset $$s \
+	    --baseline docs/qat/ptq_$$s.json --json docs/qat/qat_$$s.json || exit 1; done
+	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --threads 2 --repeats 5
+	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --architectures --threads 1
+	$(PY) tools/fairseq_walkthrough.py
+	$(PY) tools/bench_audit.py --write-docs
 	$(PY) tools/bench.py
 
 clean:
