@@ -131,8 +131,9 @@ def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metri
     float_model = copy.deepcopy(model).eval()
     with torch.no_grad():
         reference = [model_output(float_model, b) for b in batches]
-    qmodel = qswap.convert(model, recipe).eval()
-    qswap.calibrate(qmodel, list(calib_batches) if calib_batches is not None else batches)
+    calib = list(calib_batches) if calib_batches is not None else batches
+    qmodel = qswap.convert(model, recipe, data=calib).eval()  # data: the statistics transforms fold (smoothquant)
+    qswap.calibrate(qmodel, calib)
     sites = quantizer_sites(qmodel)
     full = output_sqnr(reference, qmodel, batches)
     report = SensitivityReport(qmodel.qswap_recipe.name, metric, full)

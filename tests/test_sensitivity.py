@@ -163,3 +163,14 @@ def test_gain_of_a_site_is_a_number_when_outputs_break():
     assert _gain(-inf, -inf) == 0.0 and _gain(inf, inf) == 0.0
     assert _gain(20.0, -inf) == inf  # this site alone breaks the output
     assert _gain(12.5, 11.0) == pytest.approx(1.5)
+
+
+def test_a_recipe_with_a_data_transform_is_probed_with_the_calibration_batches():
+    """SmoothQuant folds statistics of the calibration batches: sensitivity converts with them
+    (as ``qswap eval`` does) and probes the transformed model's sites."""
+    recipe = {"version": 1, "name": "w4a8_sq", "transforms": [{"smoothquant": {"alpha": 0.5}}],
+              "defaults": {"weight": {"bits": 4}, "activation": {"bits": 8}}}
+    batch, calib = s2t_net_input(batch=2, frames=32, num_tokens=5), s2t_net_input(batch=2, frames=40, num_tokens=5, seed=1)
+    result = qswap.sensitivity(_tiny(), recipe, [batch], calib_batches=[calib])
+    assert result.recipe == "w4a8_sq" and result.sites
+    assert all(math.isfinite(s.alone_sqnr) for s in result.sites)
