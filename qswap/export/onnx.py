@@ -3,7 +3,8 @@
 
 Every quantized operand of the fake-quant model becomes QuantizeLinear -> DequantizeLinear with the
 frozen scale and zero point of its qswap quantizer (no re-calibration by onnxruntime); weights
-are int8 initializers and biases int32 initializers, each read by a DequantizeLinear. The padding
+are int8 initializers (INT4, two codes a byte, where the weight quantizer is 4-bit) and biases
+int32 initializers, each read by a DequantizeLinear. The padding
 mask enters the graph only through the source lengths: attention masks it with a boolean
 ``Where``/masked fill after the softmax input quantizer, so -inf never reaches a quantizer.
 
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from qswap.errors import DependencyError, ExportError
+from qswap.export.compact import (drop_zero_points, inline_identities, pack_int4, shared_constants,
+                                  short_value_names)
 from qswap.export.encoders import encoder_graph
 from qswap.export.graph_passes import fold_constant_scales
 from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
@@ -69,7 +72,9 @@ def export_encoder(qmodel: nn.Module, path: "str | os.PathLike[str]", example: d
 def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]", inputs: tuple,
                   outputs: tuple, dynamic_axes: dict, opset: int = OPSET) -> Path:
     """Swap ``graph``'s quantizers for their ONNX stand-ins (in place: pass a copy), record the
-    weight and bias codes with one eager forward on ``args``, trace, and write ``path`` atomically."""
+    weight and bias codes with one eager forward on ``args``, trace, compact the graph without
+    changing its values (``qswap.export.compact``: 4-bit weight codes stored as INT4, opset 21)
+    and write ``path`` atomically."""
     stand_ins = swap_in_stand_ins(graph)
     with torch.no_grad(), warnings.catch_warnings():
         # the Python booleans the trace fixes (beam size 1, the position table's size) are
@@ -81,6 +86,12 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
                           input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic_axes)
     model = _onnx_module().load_model_from_string(buffer.getvalue())
     fold_constant_scales(model)
+    short_value_names(model)
+    shared_constants(model)
+    inline_identities(model)
+    drop_zero_points(model)
+    pack_int4(model, {f"{name}.codes" for name, m in graph.named_modules(remove_duplicate=False)
+                      if isinstance(m, WeightDQ) and m.four_bit})
     path = Path(path)
     atomic_write_bytes(path, model.SerializeToString())
     return path
