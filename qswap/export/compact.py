@@ -30,8 +30,7 @@ INT4 needs opset 21: ``pack_int4`` upgrades the model with ONNX's version conver
 operators qswap's graphs use keep their semantics from opset 17 to 21) and drops the
 ``value_info`` the converter adds.
 
->>> short_value_names(model); shared_constants(model); inline_identities(model); drop_zero_points(model)
->>> pack_int4(model, {"encoder.transformer_layers.0.fc1.weight_quant.codes"})
+>>> compact(model, {"encoder.transformer_layers.0.fc1.weight_quant.codes"})  # every pass, in order
 """
 from __future__ import annotations
 
@@ -41,6 +40,16 @@ from qswap.errors import ExportError
 
 INT4_OPSET = 21
 _RANGES = {"int8": (-8, 7, "int4"), "uint8": (0, 15, "uint4")}
+
+
+def compact(model, four_bit: "set[str]") -> None:
+    """Every pass, in an order where each sees what the previous left (in place); ``four_bit``:
+    the initializers of 4-bit weight codes (``pack_int4``)."""
+    short_value_names(model)
+    shared_constants(model)
+    inline_identities(model)
+    drop_zero_points(model)
+    pack_int4(model, four_bit)
 
 
 def inline_identities(model) -> int:
