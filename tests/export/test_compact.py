@@ -1,12 +1,12 @@
-"""qswap.export.compact: the compacted encoder graph computes exactly what torch's traced graph
-computes (onnxruntime, every optimization level, the same integer and float node counts), in
+"""qswap.export.compact: the compacted encoder graph (s2t_transformer; s2t_conformer with rel_pos)
+computes exactly what torch's traced graph computes (onnxruntime, every optimization level, the same integer and float node counts), in
 fewer bytes; 4-bit weight codes are stored as INT4 / UINT4 (per-channel and per-tensor grids),
 each equal to the traced graph's int8 codes."""
 import numpy as np
 import pytest
 
 from qswap.errors import ExportError
-from qswap.models import build_s2t_transformer, s2t_net_input
+from qswap.models import build_s2t_conformer, build_s2t_transformer, s2t_net_input
 
 pytest.importorskip("fairseq")
 onnx = pytest.importorskip("onnx")
@@ -36,7 +36,8 @@ def exports(tmp_path_factory, qmodel):
     root = tmp_path_factory.mktemp("compact")
     (root / "w4pt.yaml").write_text(PER_TENSOR_W4)
     models = {"w8a8": qmodel, "w4a8": calibrated(build_s2t_transformer(), "w4a8"),
-              "w4_per_tensor": calibrated(build_s2t_transformer(), str(root / "w4pt.yaml"))}
+              "w4_per_tensor": calibrated(build_s2t_transformer(), str(root / "w4pt.yaml")),
+              "w4a8_conformer_rel_pos": calibrated(build_s2t_conformer(pos_enc_type="rel_pos"), "w4a8")}
     out = {}
     for name, model in models.items():
         plain = export_encoder(model, root / f"{name}.plain.onnx", s2t_net_input(), compact=False)
@@ -45,7 +46,7 @@ def exports(tmp_path_factory, qmodel):
     return out
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "w4_per_tensor"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "w4_per_tensor", "w4a8_conformer_rel_pos"])
 @pytest.mark.parametrize("level", ["disabled", "all"])
 def test_compacted_graph_computes_what_the_traced_graph_computes(exports, recipe, level):
     _, plain, small = exports[recipe]
@@ -55,7 +56,7 @@ def test_compacted_graph_computes_what_the_traced_graph_computes(exports, recipe
     assert all(np.array_equal(a, b) for a, b in zip(expected, got))
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "w4_per_tensor"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "w4_per_tensor", "w4a8_conformer_rel_pos"])
 def test_compacted_graph_runs_the_same_integer_kernels_in_fewer_bytes(exports, recipe):
     _, plain, small = exports[recipe]
     before, after = audit_onnx(plain, level="all"), audit_onnx(small, level="all")
@@ -63,7 +64,7 @@ def test_compacted_graph_runs_the_same_integer_kernels_in_fewer_bytes(exports, r
     assert after.integer_count > 0
     assert [n.site for n in after.float_nodes] == [n.site for n in before.float_nodes]  # sites kept
     ratio = small.stat().st_size / plain.stat().st_size
-    assert ratio < (0.6 if recipe.startswith("w4") else 0.97)
+    assert ratio < {"w8a8": 0.97, "w4a8_conformer_rel_pos": 0.97}.get(recipe, 0.6)  # rel_pos: a float table
 
 
 @pytest.mark.parametrize("recipe,packed_type,int_type", [("w4a8", TensorProto.INT4, TensorProto.INT8),
