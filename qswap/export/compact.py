@@ -23,8 +23,8 @@ constant ``Cast`` at load (graph optimization ``basic`` and up), so its Dequanti
 the same int8 initializer as in the int8-stored graph and its QDQ fusions run the same integer
 kernels (``MatMulIntegerToFloat``, ``QLinearConv``) on the same codes: the outputs are equal. An
 INT4 input to DequantizeLinear it runs too, but it does not fuse it: the matmuls and
-convolutions of such a graph run in float (measured on the shipped w4a8 encoder: 24 integer
-nodes instead of 62), a different computation from the int8-stored graph's.
+convolutions of such a graph run in float, a different computation from the int8-stored graph's
+(``tests/export/test_compact.py`` checks both).
 
 INT4 needs opset 21: ``pack_int4`` upgrades the model with ONNX's version converter (the
 operators qswap's graphs use keep their semantics from opset 17 to 21) and drops the

@@ -107,3 +107,29 @@ def test_codes_outside_four_bits_are_a_typed_error():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(ExportError, match=r"w\.codes: codes outside \[-8, 7\]"):
         pack_int4(model, {"w.codes"})
+
+
+def test_onnxruntime_does_not_fuse_an_int4_dequantize_which_is_why_a_cast_feeds_it(exports, tmp_path):
+    """The same graph with each DequantizeLinear reading the INT4 codes (and INT4 zero points)
+    directly: onnxruntime 1.32 runs it, with fewer integer nodes (its matmuls run in float). If
+    this starts failing, onnxruntime fuses INT4 weights and the Cast can go."""
+    _, _, small = exports["w4a8"]
+    model = onnx.load(str(small))
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    casts = {n.output[0]: n for n in graph.node if n.op_type == "Cast" and n.input[0] in initializers
+             and initializers[n.input[0]].data_type == TensorProto.INT4}
+    for node in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in casts]:
+        node.input[0] = casts[node.input[0]].input[0]
+        if len(node.input) > 2:  # a zero point of the input's type
+            zero = numpy_helper.to_array(initializers[node.input[2]])
+            graph.initializer.append(numpy_helper.from_array(zero.astype(np.int8).astype(
+                numpy_helper.to_array(initializers[node.input[0]]).dtype), f"{node.name}/zero_point_int4"))
+            node.input[2] = f"{node.name}/zero_point_int4"
+    for cast in casts.values():
+        graph.node.remove(cast)
+    direct = tmp_path / "direct_int4.onnx"
+    onnx.save(model, str(direct))
+    feeds = {k: v.numpy() for k, v in encoder_feeds(padded_batch(2, 60, seed=3)).items()}
+    assert run_graph(load_session(direct, level="all"), list(OUTPUTS), feeds)[0].shape[1] == 2  # it runs
+    assert audit_onnx(direct, level="all").integer_count < audit_onnx(small, level="all").integer_count
