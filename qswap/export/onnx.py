@@ -3,7 +3,8 @@
 
 Every quantized operand of the fake-quant model becomes QuantizeLinear -> DequantizeLinear with the
 frozen scale and zero point of its qswap quantizer (no re-calibration by onnxruntime); weights
-are int8 initializers and biases int32 initializers, each read by a DequantizeLinear. The padding
+are int8 initializers (INT4, two codes a byte, where the weight quantizer is 4-bit) and biases
+int32 initializers, each read by a DequantizeLinear. The padding
 mask enters the graph only through the source lengths: attention masks it with a boolean
 ``Where``/masked fill after the softmax input quantizer, so -inf never reaches a quantizer.
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from qswap.errors import DependencyError, ExportError
+from qswap.export.compact import compact as compact_graph
 from qswap.export.encoders import encoder_graph
 from qswap.export.graph_passes import fold_constant_scales
 from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
@@ -47,7 +49,7 @@ def check_calibrated(model: nn.Module) -> None:
 
 
 def export_encoder(qmodel: nn.Module, path: "str | os.PathLike[str]", example: dict,
-                   opset: int = OPSET, *, allow_float: bool = False) -> Path:
+                   opset: int = OPSET, *, allow_float: bool = False, compact: bool = True) -> Path:
     """Write ``qmodel.encoder`` (a calibrated qswap conversion of a fairseq s2t model) to ``path``
     as an ONNX QDQ graph with dynamic batch and time axes. ``example`` is a ``net_input`` (its
     ``src_tokens`` and ``src_lengths`` are traced). The caller's model is not modified. The
@@ -56,20 +58,23 @@ def export_encoder(qmodel: nn.Module, path: "str | os.PathLike[str]", example: d
     Raises ExportError naming the site for an uncalibrated quantizer on the encoder's path or
     a grid ONNX QDQ cannot express. ``allow_float`` exports a model without quantizers too (a
     conversion with identity quantizers gives the float graph of the same structure, the
-    reference of speed comparisons)."""
+    reference of speed comparisons). ``compact``: see ``trace_to_onnx``."""
     if not allow_float:
         check_calibrated(qmodel)
     graph = encoder_graph(copy.deepcopy(qmodel.encoder)).eval()
     return trace_to_onnx(graph, tuple(example[k] for k in INPUTS), path, INPUTS, OUTPUTS,
                          {"src_tokens": {0: "batch", 1: "frames"}, "src_lengths": {0: "batch"},
                           "encoder_out": {0: "out_frames", 1: "batch"},
-                          "encoder_padding_mask": {0: "batch", 1: "out_frames"}}, opset)
+                          "encoder_padding_mask": {0: "batch", 1: "out_frames"}}, opset, compact=compact)
 
 
 def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]", inputs: tuple,
-                  outputs: tuple, dynamic_axes: dict, opset: int = OPSET) -> Path:
+                  outputs: tuple, dynamic_axes: dict, opset: int = OPSET, *, compact: bool = True) -> Path:
     """Swap ``graph``'s quantizers for their ONNX stand-ins (in place: pass a copy), record the
-    weight and bias codes with one eager forward on ``args``, trace, and write ``path`` atomically."""
+    weight and bias codes with one eager forward on ``args``, trace, compact the graph without
+    changing its values (``qswap.export.compact``: 4-bit weight codes stored as INT4, opset 21)
+    and write ``path`` atomically. ``compact=False`` writes torch's graph as traced (int8 codes,
+    opset ``opset``): the reference the compaction is tested against."""
     stand_ins = swap_in_stand_ins(graph)
     with torch.no_grad(), warnings.catch_warnings():
         # the Python booleans the trace fixes (beam size 1, the position table's size) are
@@ -81,6 +86,9 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
                           input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic_axes)
     model = _onnx_module().load_model_from_string(buffer.getvalue())
     fold_constant_scales(model)
+    if compact:
+        compact_graph(model, {f"{name}.codes" for name, m in graph.named_modules(remove_duplicate=False)
+                              if isinstance(m, WeightDQ) and m.four_bit})
     path = Path(path)
     atomic_write_bytes(path, model.SerializeToString())
     return path

@@ -7,7 +7,7 @@ qswap module       stand-in                                    ONNX nodes
 FakeQuantize       ``ActivationQDQ`` (frozen 8-bit grid, as    QuantizeLinear -> DequantizeLinear
 (activation)       uint8 codes: zero point + 128 if signed)
 FakeQuantize       ``WeightDQ`` (codes of the weight, <= 8     int8 initializer -> DequantizeLinear
-(weight)           bits, per tensor or per channel)
+(weight)           bits, per tensor or per channel)            (<= 4 bits: INT4 -> Cast -> DQ)
 BiasQuantize       ``BiasDQ`` (int32 codes at s_in * s_w)      int32 initializer -> DequantizeLinear
 =================  ==========================================  ===================================
 
@@ -112,6 +112,11 @@ class WeightDQ(nn.Module):
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
 
+    @property
+    def four_bit(self) -> bool:
+        """Whether the graph stores this weight's codes as INT4 / UINT4 (``qswap.export.compact``)."""
+        return self.source.enabled and self.problem is None and self.source.spec.bits <= 4
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.source.enabled:
             return w
@@ -165,10 +170,11 @@ class BiasDQ(nn.Module):
         if out is bias or bias is None:  # nothing to align to: the bias stays float
             self.float_bias = True
             return bias
-        scale = self.source.last_scale.detach().float()
-        scale = scale.expand(bias.numel()).clone() if scale.numel() == 1 else scale.clone()
+        # one scale per tensor (a per-tensor weight) stays a scalar: the graph stores it once
+        scale = self.source.last_scale.detach().float().clone()
+        scale = scale.reshape(()) if scale.numel() == 1 else scale
         self.codes = torch.round(out.detach() / scale).to(torch.int32)
-        self.scale, self.zero_point = scale, torch.zeros_like(self.codes)
+        self.scale, self.zero_point = scale, torch.zeros(scale.shape, dtype=torch.int32)
         return out
 
 

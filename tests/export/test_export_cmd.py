@@ -34,11 +34,12 @@ def checkpoints(tmp_path_factory):
     model, _cfg, _task = load_fairseq_model(ASSET / "checkpoint.pt", arg_overrides={"data": str(ASSET)})
     uncalibrated = qswap.convert(model.float().eval(), "w8a8")
     save_qswap_checkpoint(root / "uncalibrated.pt", uncalibrated, str(ASSET / "checkpoint.pt"))
-    qmodel = qswap.convert(model.float().eval(), "w8a8")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qswap.calibrate(qmodel, [s2t_net_input(2, 120, 80, 2, 200, seed=s) for s in range(2)])
-    save_qswap_checkpoint(root / "w8a8.pt", qmodel, str(ASSET / "checkpoint.pt"))
+    for recipe in ("w4a8", "w8a8"):  # the w8a8 model is the one the tests compare with
+        qmodel = qswap.convert(model.float().eval(), recipe)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qswap.calibrate(qmodel, [s2t_net_input(2, 120, 80, 2, 200, seed=s) for s in range(2)])
+        save_qswap_checkpoint(root / f"{recipe}.pt", qmodel, str(ASSET / "checkpoint.pt"))
     return root, qmodel
 
 
@@ -82,6 +83,21 @@ def test_eval_with_onnxruntime_decodes_the_export_directory(export_dir, tmp_path
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["model"] == "w8a8 (onnxruntime)" and result["counts"]["wer"] < 100
     assert sum(bool(u["hyp"]) for u in result["utterances"]) == 32
+
+
+def test_eval_with_onnxruntime_decodes_a_w4a8_export_stored_as_int4(checkpoints, tmp_path, capsys):
+    import onnx
+
+    out = tmp_path / "w4a8"
+    assert main(["export", str(checkpoints[0] / "w4a8.pt"), "--onnx", "-o", str(out), "--data", str(ASSET)]) == 0
+    for graph in ("encoder", "cross_kv", "decoder_step"):
+        model = onnx.load(str(out / f"{graph}.onnx"))
+        assert any(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer), graph
+    assert main(["eval", str(out), "--backend", "onnxruntime", "--data", str(ASSET), "--subset", "train_calib",
+                 "--beam", "2", "--json", str(tmp_path / "r.json")]) == 0
+    assert "w4a8 (onnxruntime): 32 utterances of train_calib" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["counts"]["wer"] < 100 and sum(bool(u["hyp"]) for u in result["utterances"]) == 32
 
 
 def test_eval_onnxruntime_rejects_a_recipe_and_a_directory_without_export(tmp_path, capsys):

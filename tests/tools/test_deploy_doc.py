@@ -42,3 +42,22 @@ def test_docs_deploy_md_is_its_json_rendered():
     docs = Path(__file__).resolve().parents[2] / "docs"
     result = json.loads((docs / "deploy.json").read_text())
     assert deploy_doc.render(result) == (docs / "deploy.md").read_text()
+
+
+def test_byte_breakdown_accounts_for_every_byte_of_a_w4a8_export(tmp_path):
+    import warnings
+
+    torch.set_num_threads(1)
+    model = build_s2t_transformer()
+    export_model(qswap.convert(model, NO_QUANT), tmp_path / "float", audit=False, allow_float=True)
+    qmodel = qswap.convert(model, "w4a8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(qmodel, [s2t_net_input(2, 60, seed=s) for s in range(2)])
+    export_model(qmodel, tmp_path / "w4a8", audit=False)
+    sizes = deploy_doc.shipped_sizes(model, tmp_path / "float", {"w4a8": tmp_path / "w4a8"})
+    row = sizes["recipes"]["w4a8"]
+    assert sum(row["breakdown"].values()) == row["total"] == sum(row[g] for g in ("encoder", "cross_kv", "decoder_step"))
+    assert sum(sizes["fp32_breakdown"].values()) == sizes["fp32_onnx"]["total"]
+    assert row["breakdown"]["4-bit weight codes (INT4)"] > row["breakdown"].get("8-bit weight codes", 0)
+    assert row["ratio"] == row["total"] / sizes["fp32_onnx"]["total"] < 0.25
