@@ -15,7 +15,7 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import Obj, Opt, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, grid_of, onto_grid, row_isqrt, simulates, straight_through, value_of
+from qswap.nn.simulate import cached, codes_of, dequantized, grid_of, onto_grid, row_isqrt, simulates, straight_through, value_of
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -140,6 +140,37 @@ class QLayerNorm(_QNorm):
             return value
         y = self._normed(xq)
         return y if value is None else straight_through(value, y)
+
+    def onto_each(self, x: torch.Tensor, readers: list) -> list:
+        """The norm of ``input_quant(x)`` as each of ``readers`` (quantizers) reads it: with
+        ``simulate: integer``, the integer LayerNorm's int32 affine accumulator computed once and
+        requantized onto each reader's grid (what the integer model computes for a norm whose
+        result several grids read: the S2T encoder's final norm, read by every decoder layer's
+        ``key_in``), as values with the norm's gradient; else the norm's value for each."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import Requant
+        xq = self.input_quant(x)
+        grids = [grid_of(r) for r in readers]
+        grid = grid_of(self.input_quant) if simulates(self) and None not in grids else None
+
+        def build():
+            try:
+                form = self.to_integer(None)
+            except IntegerizeError:
+                return None
+            return form, [Requant.from_scales(form.stream_scale / g.scale, g.zero_point, g.qmin, g.qmax) for g in grids]
+        sources = [self.input_quant.scale, self.input_quant.zero_point, *(r.scale for r in readers),
+                   *(r.zero_point for r in readers)] + [t for t in (self.weight, self.bias) if t is not None] + [
+            q.scale for q in (self.weight_quant, self.bias_quant) if isinstance(q, FakeQuantize)]
+        built = None if grid is None else cached(self, "_integer_onto_each", build, *sources)
+        y = self._normed(xq) if built is None or torch.is_grad_enabled() else None
+        if built is None:
+            return [y for _ in readers]
+        form, requants = built
+        with torch.no_grad():
+            acc = form(codes_of(xq, grid))  # (..., C) int32 on form.stream_scale
+            values = [dequantized(requant(acc), g) for requant, g in zip(requants, grids)]
+        return values if y is None else [straight_through(v, y) for v in values]
 
     def _normed(self, xq: torch.Tensor) -> torch.Tensor:
         """The norm of an input ``input_quant`` has quantized."""
