@@ -135,7 +135,8 @@ class QLayerNorm(_QNorm):
         sources = [self.input_quant.scale, self.input_quant.zero_point] + [
             t for t in (self.weight, self.bias) if t is not None] + [
             q.scale for q in (self.weight_quant, self.bias_quant) if isinstance(q, FakeQuantize)]
-        value = onto_grid(self, "_integer_onto", build, out_quant, lambda form: form(codes_of(xq, grid)), *sources)
+        value = onto_grid(self, "_integer_onto", build, out_quant, lambda form, out: form.simulated(
+            codes_of(xq, grid), out.scale), *sources)
         if value is not None and not torch.is_grad_enabled():
             return value
         y = self._normed(xq)
@@ -381,6 +382,14 @@ class IntegerLayerNorm(nn.Module):
         if self.params.out is None:
             return integer_layer_norm_acc(codes, self.params)
         return integer_layer_norm(codes, self.params)
+
+    def simulated(self, codes: torch.Tensor, scale: float) -> torch.Tensor:
+        """``forward``'s output codes' values on the output grid of ``scale``, for the fake-quant
+        simulation (per-tensor input codes; the exact per-row square root ``row_isqrt``, the same
+        integers as the Newton iteration; ``requantized_values``)."""
+        from qswap.quant.integer import integer_layer_norm_acc, requantized_values
+        acc = integer_layer_norm_acc(codes, self.params, row_isqrt)
+        return requantized_values(self.params.out, acc, scale)
 
 
 @serializable(params=Obj("GroupNormParams"))
