@@ -878,17 +878,36 @@ def check_bound(what: str, bound: int, limit: int = INT32_MAX) -> None:
 
 def exact_float_dtype(bound: int, device: torch.device) -> torch.dtype:
     """The float dtype whose GEMM computes an integer GEMM exactly when no partial sum can exceed
-    ``bound`` in magnitude (``exact_gemm``): float32 below 2^24, where float32 matmuls run in full
-    precision (``torch.get_float32_matmul_precision() == "highest"``; on CUDA also TF32 off for
-    matmuls and cuDNN convolutions), else float64 below 2^53; IntegerizeError beyond."""
-    if bound < FLOAT32_EXACT and torch.get_float32_matmul_precision() == "highest" and (
-            device.type == "cpu" or (device.type == "cuda" and not torch.backends.cuda.matmul.allow_tf32
-                                     and not torch.backends.cudnn.allow_tf32)):
+    ``bound`` in magnitude (``exact_gemm``): float32 below 2^24 where float32 GEMMs and
+    convolutions run in IEEE float32 (``_ieee_float32``), else float64 below 2^53;
+    IntegerizeError beyond."""
+    if bound < FLOAT32_EXACT and _ieee_float32(device):
         return torch.float32
     if bound < FLOAT64_EXACT:
         return torch.float64
     raise IntegerizeError(f"an integer GEMM whose partial sums can reach {bound} has no exact float form "
                           f"(float64 is exact below 2^53)")
+
+
+_FP32_SETTINGS = {"cpu": ("fp32_precision", "mkldnn.fp32_precision", "mkldnn.matmul.fp32_precision",
+                          "mkldnn.conv.fp32_precision"),
+                  "cuda": ("fp32_precision", "cuda.matmul.fp32_precision", "cudnn.fp32_precision",
+                           "cudnn.conv.fp32_precision")}
+
+
+def _ieee_float32(device: torch.device) -> bool:
+    """Whether float32 matmuls and convolutions on ``device`` compute in IEEE float32: torch's
+    ``float32_matmul_precision`` "highest", no backend set to TF32 or bf16 (``fp32_precision``
+    "none" or "ieee"), and on CUDA TF32 off for matmuls and cuDNN. Other devices: no."""
+    if device.type not in _FP32_SETTINGS or torch.get_float32_matmul_precision() != "highest":
+        return False
+    for name in _FP32_SETTINGS[device.type]:
+        setting = torch.backends
+        for part in name.split("."):
+            setting = getattr(setting, part, None)
+        if setting not in (None, "none", "ieee"):
+            return False
+    return device.type == "cpu" or not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
 
 
 def exact_gemm(op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor, fan_in: int,

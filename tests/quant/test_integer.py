@@ -664,3 +664,18 @@ def test_short_requantize_at_ties_and_saturation():
     assert requantize(i32(1, 3, -1), m0, shift, 0, -128, 127).tolist() == [1, 2, 0]  # ties toward +inf
     values = requantized_values(Requant(m0, shift, 3, 0, 255), acc, 0.5)
     assert torch.equal(values, (expected.to(torch.int32) - 3).to(torch.float32) * 0.5)
+
+
+def test_exact_gemm_leaves_float32_when_float32_matmuls_may_round():
+    """A reduced-precision float32 matmul setting (TF32 / bf16 inside float32 GEMMs) would round
+    the partial sums: then every bound goes to float64."""
+    from qswap.quant.integer import exact_float_dtype
+    cpu = torch.device("cpu")
+    assert exact_float_dtype(1000, cpu) == torch.float32
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert exact_float_dtype(1000, cpu) == torch.float64
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert exact_float_dtype(1000, torch.device("meta")) == torch.float64
