@@ -25,7 +25,7 @@ from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, centered_of, codes_of, dequantized, grid_of, onto_grid, simulates, straight_through
+from qswap.nn.simulate import cached, codes_of, dequantized, grid_of, onto_grid, simulates, straight_through
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -128,10 +128,10 @@ class QuantAttentionCore(nn.Module):
                                        out.qmax)
 
         def run(requant, out):
-            from qswap.quant.integer import exact_gemm_float, requantized_values
-            acc, bound = exact_gemm_float(torch.bmm, centered_of(a, grid_a), centered_of(b, grid_b).transpose(1, 2),
-                                          a.shape[-1])  # (B*H, T, S) the accumulator, exact in floats
-            return requantized_values(requant, acc, out.scale, bound=bound)
+            from qswap.quant.integer import requantized_values
+            acc = torch.bmm(codes_of(a, grid_a) - grid_a.zero_point,
+                            (codes_of(b, grid_b) - grid_b.zero_point).transpose(1, 2))  # int32 accumulator
+            return requantized_values(requant, acc, out.scale)
         value = onto_grid(self, f"_integer_{name}", build, out_quant, run, a_quant.scale, a_quant.zero_point,
                           b_quant.scale, b_quant.zero_point)  # factor: the attention's constant scaling
         if value is None:

@@ -9,7 +9,7 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import centered_of, grid_of, onto_grid, simulates, straight_through
+from qswap.nn.simulate import codes_of, grid_of, onto_grid, simulates, straight_through
 from qswap.quant.bias import BiasQuantize
 
 
@@ -182,8 +182,7 @@ def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_
     sources = [input_quant.scale, input_quant.zero_point, *(t for t in weights if t is not None)]
     if getattr(owner.weight_quant, "scale", None) is not None:
         sources.append(owner.weight_quant.scale)
-    return onto_grid(owner, "_integer_onto", build, out_quant, lambda form, out: form.simulated(
-        centered_of(xq, grid_in), out.scale),
+    return onto_grid(owner, "_integer_onto", build, out_quant, lambda form, out: form(codes_of(xq, grid_in)),
                      *sources)
 
 

@@ -116,12 +116,14 @@ class QLayerNorm(_QNorm):
     def from_float(cls, module: nn.LayerNorm, config: QuantConfig) -> "QLayerNorm":
         return cls(module.normalized_shape, module.weight, module.bias, module.eps, config)
 
-    def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | list | None = None) -> torch.Tensor | list:
         """The norm of ``input_quant(x)``. ``out_quant``: the quantizer that reads the result;
         with ``simulate: integer`` the result is then the integer LayerNorm's output codes on its
         grid (its fixed-point requantization of the affine accumulator: ``onto_grid``) as values,
-        with the norm's gradient."""
+        with the norm's gradient. A list of quantizers: a list of results, one each (``onto_each``)."""
         from qswap.errors import IntegerizeError
+        if isinstance(out_quant, list):
+            return self.onto_each(x, out_quant)
         xq = self.input_quant(x)
         grid = grid_of(self.input_quant) if simulates(self) and out_quant is not None else None
         if grid is None:

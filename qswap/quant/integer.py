@@ -225,7 +225,7 @@ def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | 
                               "stated bound (reduce the reduction length or the bit widths)")
     fast = _single_per_tensor(acc, m0, shift, zero_point, qmin, qmax) if rounding == "single" else None
     if fast is not None:
-        return fast.add_(zero_point).to(code_dtype(qmin, qmax))
+        return (fast + zero_point).to(code_dtype(qmin, qmax))
     m0, shift = torch.as_tensor(m0, dtype=torch.int64), torch.as_tensor(shift, dtype=torch.int64)
     m0, shift = channel_shape(m0, acc.dim(), axis), channel_shape(shift, acc.dim(), axis)
     multiply = multiply_by_quantized_multiplier_single if rounding == "single" else multiply_by_quantized_multiplier
@@ -244,8 +244,8 @@ def _single_per_tensor(acc: torch.Tensor, m0, shift, zero_point, qmin: int, qmax
     total, low, high = 31 - shift, max(qmin - zero_point, INT32_MIN), min(qmax - zero_point, INT32_MAX)
     if not (1 <= total <= 62 and low <= high):
         return None
-    out = acc.to(torch.int64) * m0
-    return out.add_(1 << (total - 1)).bitwise_right_shift_(total).clamp_(low, high)
+    return ((acc.to(torch.int64) * m0 + (1 << (total - 1))) >> total).clamp(low, high)  # out of place: the
+    # honesty audit follows integer data through its ops (an in-place op would lose its origin)
 
 
 def requantized_values(requant: Requant, acc: torch.Tensor, scale: float, axis: int = -1,
@@ -269,7 +269,7 @@ def requantized_values(requant: Requant, acc: torch.Tensor, scale: float, axis: 
             acc = acc.to(torch.int32)
         fast = _single_per_tensor(acc, m0, shift, zp, requant.qmin, requant.qmax)
         if fast is not None:
-            return fast.to(torch.float32).mul_(scale)
+            return fast.to(torch.float32) * scale
     codes = requant(acc.to(torch.int32) if acc.is_floating_point() else acc, axis)
     return (codes.to(torch.float32) - requant.zero_point) * scale
 

@@ -75,7 +75,7 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         defined: ``to_integer``): the token and position tables folded onto the int32 stream and
         their sum requantized onto the first layer's two readers, as the integer decoder does
         (``entry_values``); each residual add requantized onto its readers' grids
-        (``QTransformerDecoderLayer.forward_onto``); each layer reads its own encoder output (the
+        (``QTransformerDecoderLayer.forward`` told its ``next_readers``); each layer reads its own encoder output (the
         encoder writes one per decoder layer's key_in grid); the final norm writes onto the
         output projection's grid."""
         from qswap.nn.fairseq.layers import onto
@@ -97,7 +97,7 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
             nxt = self.layers[idx + 1] if idx + 1 < len(self.layers) else None
             readers = (self.layer_norm.input_quant,) if nxt is None else (
                 getattr(nxt.self_attn_layer_norm, "input_quant", None), nxt.attn_residual_quant)
-            x, residual, layer_attn = layer.forward_onto(
+            x, layer_attn, residual = layer(
                 x, enc, padding, incremental_state, self_attn_mask=mask, self_attn_padding_mask=self_attn_padding_mask,
                 need_attn=idx == alignment_layer, need_head_weights=idx == alignment_layer, residual=residual,
                 next_readers=readers)  # x, residual: the stream as the next layer's norm and residual read it
@@ -112,62 +112,64 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
     def entry_values(self, prev_output_tokens, incremental_state=None):
         """With ``simulate: integer`` at inference: (the value the first layer's norm reads, the
         value its residual reads), (T', B, C) each, as the integer decoder computes them: the
-        token and position tables folded onto the int32 stream grid (``folded_tables``), looked
-        up and added, the sum requantized onto each reader's grid. None where that is not defined
-        (float simulation, training, a structure ``to_integer`` refuses, a per-channel reader, a
-        target longer than the position table): then fairseq's float add runs."""
-        from qswap.errors import IntegerizeError
+        quantized token rows (times ``embed_scale``) and position rows, looked up by the modules as
+        fairseq does, rounded half to even onto the int32 stream grid (each the integer decoder's
+        folded table entry, ``folded_tables``), added in int32, the sum requantized onto each
+        reader's grid. None where that is not defined (float simulation, training, a structure
+        ``to_integer`` refuses, a per-channel reader): then fairseq's float add runs."""
         from qswap.nn.fairseq.layers import QTransformerDecoderLayer, stream_to
         from qswap.nn.simulate import cached, dequantized, grid_of, simulates
-        if not simulates(self) or self.training or torch.is_grad_enabled() or not all(
-                isinstance(layer, QTransformerDecoderLayer) for layer in self.layers) \
-                or not isinstance(self.layer_norm, QLayerNorm):
+        if not simulates(self) or self.training or torch.is_grad_enabled() or not self._has_integer_entry() \
+                or not all(isinstance(layer, QTransformerDecoderLayer) for layer in self.layers):
             return None
         first = self.layers[0]
         readers = (first.self_attn_layer_norm.input_quant, first.attn_residual_quant)
         grids = [grid_of(r) for r in readers]
-        positions = self.embed_positions
-        if None in grids or not hasattr(positions, "weights") or (
-                positions.padding_idx + 1 + prev_output_tokens.shape[1] > positions.weights.shape[0]):
+        if None in grids:
             return None
 
         def build():
-            try:
-                tokens, table, scale = self.folded_tables()
-            except IntegerizeError:
-                return None
-            return tokens, table, [stream_to(scale, g) for g in grids]
-        sources = [self.embed_tokens.weight, positions.weights, *(r.scale for r in readers),
-                   *(r.zero_point for r in readers)] + [
-            getattr(q, "scale", None) for q in (getattr(self.embed_tokens, "weight_quant", None),
-                                                getattr(positions, "weights_quant", None))]
-        built = cached(self, "_integer_entry", build, *[t for t in sources if isinstance(t, torch.Tensor)])
-        if built is None:
-            return None
-        tokens, table, requants = built
-        stream = decoder_stream(tokens, table, self.padding_idx, prev_output_tokens, incremental_state is not None)
+            scale = self.entry_scale()
+            return scale, [stream_to(scale, g) for g in grids]
+        scale, requants = cached(self, "_integer_entry", build, *(r.scale for r in readers),
+                                 *(r.zero_point for r in readers))
+        tokens = prev_output_tokens[:, -1:] if incremental_state is not None else prev_output_tokens
+        rows = self.embed_tokens(tokens)  # (B, T', C) quantized rows
+        positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)  # (B, T', C)
+        stream = (torch.round(self.embed_scale * rows.double() / scale).to(torch.int32)
+                  + torch.round(positions.double() / scale).to(torch.int32)).transpose(0, 1)  # (T', B, C)
         return tuple(dequantized(requant(stream), g) for requant, g in zip(requants, grids))
 
-    def folded_tables(self, stream_bits: int = 16) -> tuple:
-        """(token table (V, C) int32, position table (P, C) int32, their grid): the quantized tables
-        (tokens times ``embed_scale``) rounded half to even onto the int32 residual stream's grid,
-        2^-stream_bits of the finest grid of the first layer's two readers. IntegerizeError where
-        the decoder has no integer form (``to_integer``)."""
-        from qswap.errors import IntegerizeError
+    def _has_integer_entry(self) -> bool:
+        """Whether the decoder's entry has an integer form: quantized token and sinusoidal position
+        tables, a final LayerNorm, no projections or norm around them (``to_integer``)."""
         from qswap.nn.embedding import QEmbedding
         from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
-        from qswap.quant.integer import check_bound, stream_grid
-        if not (isinstance(self.embed_tokens, QEmbedding) and isinstance(self.embed_positions,
-                                                                        QSinusoidalPositionalEmbedding)) \
-                or self.layer_norm is None or self.project_in_dim is not None or self.project_out_dim is not None \
-                or self.layernorm_embedding is not None or self.adaptive_softmax is not None \
-                or self.quant_noise is not None:
-            raise IntegerizeError("only a decoder with quantized token and sinusoidal position tables, a "
-                                  "final LayerNorm and no projections around it has an integer form so far")
+        return (isinstance(self.embed_tokens, QEmbedding) and isinstance(self.embed_positions,
+                                                                        QSinusoidalPositionalEmbedding)
+                and isinstance(self.layer_norm, QLayerNorm) and self.project_in_dim is None
+                and self.project_out_dim is None and self.layernorm_embedding is None
+                and self.adaptive_softmax is None and self.quant_noise is None)
+
+    def entry_scale(self, stream_bits: int = 16) -> float:
+        """The int32 residual stream's grid at the decoder's entry: 2^-stream_bits of the finest
+        grid of the first layer's two readers."""
+        from qswap.quant.integer import stream_grid
         first = self.layers[0]
         scale = min(float(torch.as_tensor(stream_grid(q).scale).min())
                     for q in (first.self_attn_layer_norm.input_quant, first.attn_residual_quant))
-        scale *= 2.0 ** -stream_bits
+        return scale * 2.0 ** -stream_bits
+
+    def folded_tables(self, stream_bits: int = 16) -> tuple:
+        """(token table (V, C) int32, position table (P, C) int32, their grid ``entry_scale``): the
+        quantized tables (tokens times ``embed_scale``) rounded half to even onto the int32
+        residual stream's grid. IntegerizeError where the decoder has no integer form."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import check_bound
+        if not self._has_integer_entry():
+            raise IntegerizeError("only a decoder with quantized token and sinusoidal position tables, a "
+                                  "final LayerNorm and no projections around it has an integer form so far")
+        scale = self.entry_scale(stream_bits)
         with torch.no_grad():
             tokens = torch.round(self.embed_scale * self.embed_tokens.weight_quant(self.embed_tokens.weight).double()
                                  / scale)

@@ -170,12 +170,17 @@ class QTransformerDecoderLayer(QuantModule):
                 prev_self_attn_state: Optional[List[Tensor]] = None,
                 prev_attn_state: Optional[List[Tensor]] = None, self_attn_mask: Optional[Tensor] = None,
                 self_attn_padding_mask: Optional[Tensor] = None, need_attn: bool = False,
-                need_head_weights: bool = False):
+                need_head_weights: bool = False, residual: Optional[Tensor] = None, next_readers: tuple = ()):
         """x: (T, B, C) (T = 1 when decoding incrementally); encoder_out: (S, B, C).
-        Returns (x (T, B, C), encoder attention or None, cached self-attention state or None)."""
-        x, _, attn = self.forward_onto(x, encoder_out, encoder_padding_mask, incremental_state, prev_self_attn_state,
-                                       prev_attn_state, self_attn_mask, self_attn_padding_mask, need_attn,
-                                       need_head_weights)
+        Returns (x (T, B, C), encoder attention or None, cached self-attention state or None).
+        ``residual``, ``next_readers``: see ``forward_onto`` (the S2T decoder's ``simulate:
+        integer`` loop); with ``next_readers`` the third element is the value ``next_readers[1]``
+        reads (or None)."""
+        x, nxt, attn = self.forward_onto(x, encoder_out, encoder_padding_mask, incremental_state, prev_self_attn_state,
+                                         prev_attn_state, self_attn_mask, self_attn_padding_mask, need_attn,
+                                         need_head_weights, residual, next_readers)
+        if next_readers:
+            return x, attn, nxt
         if self.onnx_trace and incremental_state is not None:
             saved = self.self_attn._get_input_buffer(incremental_state)
             state = [saved["prev_key"], saved["prev_value"]]

@@ -88,7 +88,7 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
                 states.append(x)
         if self.out_readers and simulates(self) and isinstance(self.layer_norm, QLayerNorm):
             # one output per decoder layer, on its key_in grid (the integer encoder's outputs)
-            outs = self.layer_norm.onto_each(x, self.out_readers)
+            outs = self.layer_norm(x, out_quant=list(self.out_readers))
             return dict(_encoder_out(outs[0], padding_mask, states), encoder_out=outs)
         if self.layer_norm is not None:
             x = self.layer_norm(x)

@@ -359,3 +359,13 @@ def test_simulated_logits_codes_are_the_integer_models_batch_and_incremental(sim
         for t in range(prev.size(1)):
             step = qmodel.decoder(prev[:, : t + 1], encoder_out=encoder_out, incremental_state=state)[0]
             assert torch.equal(grid.quantize(step).to(torch.int64), forced[:, t:t + 1]), f"step {t}"
+
+
+def test_simulated_model_audits_honest(simulated):
+    """``simulate: integer`` with every site on its reader's grid (the encoder's per-layer outputs,
+    the decoder's entry stream and residual adds, the logits) is honest: its integer kernels run
+    on integer dtypes from quantized codes, every swapped module runs."""
+    qmodel, _, net_input = simulated
+    report = qswap.audit(qmodel, net_input)
+    assert report.honest, [(v.module, v.op, v.operand) for v in report.violations[:5]]
+    assert report.totals["kernel_internal"] > 0
