@@ -240,7 +240,11 @@ class IntegerLinear(nn.Module):
         ``centered`` holds the input's ``code - zp`` (a float tensor of integers), and the op runs
         on the float kernel, exactly (the bound of ``qswap.quant.integer.exact_gemm`` from the
         input's actual largest magnitude; the weights kept as floats of each dtype used). With
-        the output grid's ``scale``: the output codes' values (``requantized_values``)."""
+        the output grid's ``scale``: the output codes' values (``requantized_values``).
+
+        Not yet what ``simulate: integer`` runs (``onto_linear`` runs ``forward``): the honesty
+        audit reports float math on integer data ("float made from integer data") and has no rule
+        for an exact float GEMM on codes; with one, this cuts the simulated forward's cost."""
         from qswap.quant.integer import requantized_values
         acc, bound = self._exact_acc(centered)
         if self.requant is None or scale is None:

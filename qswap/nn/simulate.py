@@ -71,13 +71,7 @@ def row_isqrt(n: torch.Tensor) -> torch.Tensor:
 def codes_of(xq: torch.Tensor, grid) -> torch.Tensor:
     """The int32 codes of ``xq``, a tensor its quantizer put on ``grid`` (``(code - zp) * scale``
     in float32): exact, the float32 error of the product is far below half a step."""
-    return centered_of(xq, grid).to(torch.int32) + grid.zero_point
-
-
-def centered_of(xq: torch.Tensor, grid) -> torch.Tensor:
-    """``code - zp`` of ``xq`` (as ``codes_of``), as a float32 tensor of integers: what an exact
-    float GEMM (``qswap.quant.integer.exact_gemm``) takes."""
-    return torch.round(xq.detach() * _inverse(grid.scale))
+    return torch.round(xq.detach() * _inverse(grid.scale)).to(torch.int32) + grid.zero_point
 
 
 @functools.lru_cache(maxsize=4096)
