@@ -209,6 +209,9 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.M
             continue
         parent_path, _, name = path.rpartition(".")
         setattr(root.get_submodule(parent_path), name, new)
+    for _, new in built:  # every counterpart is in place: a parent may now tell its children their readers
+        if isinstance(new, QuantModule):
+            new.bind_readers()
     report.entries.sort(key=lambda e: e.path)
     return root
 

@@ -77,13 +77,14 @@ def glu_value(owner: nn.Module, slot: str, xq: torch.Tensor, quant: nn.Module, d
     value, or with ``out_quant`` (the quantizer that reads the result) the integer GLU's codes
     on its grid (``integer_glu``: the fixed-point requantization, ``onto_grid``), with the float
     GLU's gradient; otherwise ``F.glu``."""
-    from qswap.quant.integer import GluParams, glu_acc_scale, glu_accumulator, integer_glu
+    from qswap.quant.integer import GluParams, glu_acc_scale, glu_accumulator, requantized_values
     grid = grid_of(quant) if simulates(owner) else None
     if grid is None:
         return F.glu(xq, dim=dim)
     value = None if out_quant is None else onto_grid(
         owner, f"{slot}_onto", lambda out: GluParams.build(grid, out), out_quant,
-        lambda params: integer_glu(codes_of(xq, grid), params, dim), quant.scale, quant.zero_point)
+        lambda params, out: requantized_values(params.out, glu_accumulator(codes_of(xq, grid), params, dim),
+                                               out.scale, axis=dim), quant.scale, quant.zero_point)
     if value is not None:
         return straight_through(value, F.glu(xq, dim=dim)) if xq.requires_grad else value
     params = cached(owner, slot, lambda: GluParams.build(grid, None), quant.scale, quant.zero_point)

@@ -127,10 +127,11 @@ class QuantAttentionCore(nn.Module):
             return Requant.from_scales(grid_a.scale * factor * grid_b.scale / out.scale, out.zero_point, out.qmin,
                                        out.qmax)
 
-        def run(requant):
+        def run(requant, out):
+            from qswap.quant.integer import requantized_values
             acc = torch.bmm(codes_of(a, grid_a) - grid_a.zero_point,
-                            (codes_of(b, grid_b) - grid_b.zero_point).transpose(1, 2))
-            return requant(acc)
+                            (codes_of(b, grid_b) - grid_b.zero_point).transpose(1, 2))  # int32 accumulator
+            return requantized_values(requant, acc, out.scale)
         value = onto_grid(self, f"_integer_{name}", build, out_quant, run, a_quant.scale, a_quant.zero_point,
                           b_quant.scale, b_quant.zero_point)  # factor: the attention's constant scaling
         if value is None:

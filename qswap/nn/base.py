@@ -95,6 +95,12 @@ class QuantModule(nn.Module):
     def from_float(cls, module: nn.Module, config: QuantConfig) -> "QuantModule":
         raise NotImplementedError(f"{cls.__name__} must implement from_float")
 
+    def bind_readers(self) -> None:
+        """Tell children the quantizers that read their results where those live outside the child
+        (the S2T model: its encoder's output is read by every decoder layer, its decoder's logits
+        by the model's ``logits_quant``), for ``simulate: integer``'s requantization onto the
+        readers' grids. ``convert`` calls it once every counterpart is in place. Default: none."""
+
 
 def param_quantizer(module: nn.Module, pname: str) -> nn.Module | None:
     """The quantizer of ``module``'s own parameter ``pname`` (see ``QuantModule``), or None."""

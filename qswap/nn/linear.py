@@ -182,7 +182,8 @@ def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_
     sources = [input_quant.scale, input_quant.zero_point, *(t for t in weights if t is not None)]
     if getattr(owner.weight_quant, "scale", None) is not None:
         sources.append(owner.weight_quant.scale)
-    return onto_grid(owner, "_integer_onto", build, out_quant, lambda form: form(codes_of(xq, grid_in)), *sources)
+    return onto_grid(owner, "_integer_onto", build, out_quant, lambda form, out: form(codes_of(xq, grid_in)),
+                     *sources)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
@@ -234,6 +235,77 @@ class IntegerLinear(nn.Module):
         acc = F.linear(x, self.weight.to(torch.int32), self.bias)  # (..., out) int32
         return acc if self.requant is None else self.requant(acc, axis=-1)
 
+    def simulated(self, centered: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """``forward(centered + zero_point_in)``, the same integers, for the fake-quant simulation:
+        ``centered`` holds the input's ``code - zp`` (a float tensor of integers), and the op runs
+        on the float kernel, exactly (the bound of ``qswap.quant.integer.exact_gemm`` from the
+        input's actual largest magnitude; the weights kept as floats of each dtype used). With
+        the output grid's ``scale``: the output codes' values (``requantized_values``).
+
+        Not yet what ``simulate: integer`` runs (``onto_linear`` runs ``forward``): the honesty
+        audit reports float math on integer data ("float made from integer data") and has no rule
+        for an exact float GEMM on codes; with one, this cuts the simulated forward's cost."""
+        from qswap.quant.integer import requantized_values
+        acc, bound = self._exact_acc(centered)
+        if self.requant is None or scale is None:
+            acc = acc.to(torch.int32)
+            return acc if self.requant is None else self.requant(acc, axis=self._channel_axis)
+        return requantized_values(self.requant, acc, scale, self._channel_axis, bound)
+
+    _channel_axis = -1
+    _max_parts = 8  # split-K: at most this many float32 GEMMs before float64
+
+    def _exact_acc(self, centered: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The accumulator of ``centered`` (int32, or floats holding it exactly) and its bound, by
+        exact float GEMMs: one float32 GEMM where the
+        bound of ``exact_gemm`` is below 2^24; else the reduction split into 2, 4 or 8 equal parts
+        (split-K) that each stay below 2^24 (each part exact, their int32 sum exact: the build-time
+        bound keeps it below 2^31), a float32 GEMM each; else one float64 GEMM."""
+        from qswap.quant.integer import FLOAT32_EXACT, exact_float_dtype, magnitude
+        k, per_product, bias_max = self.weight[0].numel(), magnitude(centered) * self._weight_max(), self._bias_max()
+        dtype = exact_float_dtype(k * per_product + bias_max, centered.device)
+        parts = 1
+        if dtype == torch.float64:
+            while parts < self._max_parts and -(-k // parts) * per_product + bias_max >= FLOAT32_EXACT:
+                parts *= 2
+            chunk = -(-k // parts)
+            if chunk * per_product + bias_max < FLOAT32_EXACT and exact_float_dtype(
+                    chunk * per_product + bias_max, centered.device) == torch.float32:
+                dtype = torch.float32
+            else:
+                parts = 1
+        kept = self.__dict__.setdefault("_float_params", {})
+        if (dtype, parts) not in kept:
+            w, b = self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
+            chunk = -(-k // parts)
+            kept[(dtype, parts)] = [(w[:, i:i + chunk].contiguous(), b if i == 0 else None)
+                                    for i in range(0, k, chunk)]
+        x = centered.to(dtype)
+        bound = k * per_product + bias_max
+        if parts == 1:
+            return self._op(x, *kept[(dtype, parts)][0]), bound
+        chunk, acc = -(-k // parts), None
+        for i, (w, b) in zip(range(0, k, chunk), kept[(dtype, parts)]):
+            part = self._op(x[..., i:i + chunk], w, b).to(torch.int32)
+            acc = part if acc is None else acc.add_(part)
+        return acc, bound
+
+    @staticmethod
+    def _op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    def _weight_max(self) -> int:
+        """max |weight code|, kept (the form's weights are constants)."""
+        if "_w_max" not in self.__dict__:
+            self.__dict__["_w_max"] = int(self.weight.to(torch.int64).abs().max()) if self.weight.numel() else 0
+        return self.__dict__["_w_max"]
+
+    def _bias_max(self) -> int:
+        if "_b_max" not in self.__dict__:
+            self.__dict__["_b_max"] = 0 if self.bias is None or not self.bias.numel() else int(
+                self.bias.to(torch.int64).abs().max())
+        return self.__dict__["_b_max"]
+
 
 @serializable(zero_point_in=INT, weight=Tensor("int8", "int16"), bias=Opt(Tensor("int32")),
               requant=Opt(Obj("Requant")), acc_scale=Tensor("float32"),
@@ -254,3 +326,16 @@ class IntegerConv(IntegerLinear):
         x = codes.to(torch.int32) - self.zero_point_in  # (B, C, ...)
         acc = self.conv_fn(x, self.weight.to(torch.int32), self.bias, *self.conv_args)  # (B, O, ...) int32
         return acc if self.requant is None else self.requant(acc, axis=1)
+
+    _channel_axis = 1
+    _max_parts = 1  # no split-K: one GEMM, float32 or float64
+
+    def simulated(self, centered: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """As ``IntegerLinear.simulated`` on CPU (a direct or im2col convolution: sums of products);
+        elsewhere ``forward`` on the codes (cuDNN may pick FFT or Winograd algorithms, which round)."""
+        if centered.device.type != "cpu":
+            return self.forward(centered.to(torch.int32) + self.zero_point_in)
+        return super().simulated(centered, scale)
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv_fn(x, w, b, *self.conv_args)

@@ -15,7 +15,7 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import Obj, Opt, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, grid_of, onto_grid, row_isqrt, simulates, straight_through, value_of
+from qswap.nn.simulate import cached, codes_of, dequantized, grid_of, onto_grid, row_isqrt, simulates, straight_through, value_of
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -116,12 +116,14 @@ class QLayerNorm(_QNorm):
     def from_float(cls, module: nn.LayerNorm, config: QuantConfig) -> "QLayerNorm":
         return cls(module.normalized_shape, module.weight, module.bias, module.eps, config)
 
-    def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | list | None = None) -> torch.Tensor | list:
         """The norm of ``input_quant(x)``. ``out_quant``: the quantizer that reads the result;
         with ``simulate: integer`` the result is then the integer LayerNorm's output codes on its
         grid (its fixed-point requantization of the affine accumulator: ``onto_grid``) as values,
-        with the norm's gradient."""
+        with the norm's gradient. A list of quantizers: a list of results, one each (``onto_each``)."""
         from qswap.errors import IntegerizeError
+        if isinstance(out_quant, list):
+            return self.onto_each(x, out_quant)
         xq = self.input_quant(x)
         grid = grid_of(self.input_quant) if simulates(self) and out_quant is not None else None
         if grid is None:
@@ -135,11 +137,43 @@ class QLayerNorm(_QNorm):
         sources = [self.input_quant.scale, self.input_quant.zero_point] + [
             t for t in (self.weight, self.bias) if t is not None] + [
             q.scale for q in (self.weight_quant, self.bias_quant) if isinstance(q, FakeQuantize)]
-        value = onto_grid(self, "_integer_onto", build, out_quant, lambda form: form(codes_of(xq, grid)), *sources)
+        value = onto_grid(self, "_integer_onto", build, out_quant, lambda form, out: form.simulated(
+            codes_of(xq, grid), out.scale), *sources)
         if value is not None and not torch.is_grad_enabled():
             return value
         y = self._normed(xq)
         return y if value is None else straight_through(value, y)
+
+    def onto_each(self, x: torch.Tensor, readers: list) -> list:
+        """The norm of ``input_quant(x)`` as each of ``readers`` (quantizers) reads it: with
+        ``simulate: integer``, the integer LayerNorm's int32 affine accumulator computed once and
+        requantized onto each reader's grid (what the integer model computes for a norm whose
+        result several grids read: the S2T encoder's final norm, read by every decoder layer's
+        ``key_in``), as values with the norm's gradient; else the norm's value for each."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import Requant
+        xq = self.input_quant(x)
+        grids = [grid_of(r) for r in readers]
+        grid = grid_of(self.input_quant) if simulates(self) and None not in grids else None
+
+        def build():
+            try:
+                form = self.to_integer(None)
+            except IntegerizeError:
+                return None
+            return form, [Requant.from_scales(form.stream_scale / g.scale, g.zero_point, g.qmin, g.qmax) for g in grids]
+        sources = [self.input_quant.scale, self.input_quant.zero_point, *(r.scale for r in readers),
+                   *(r.zero_point for r in readers)] + [t for t in (self.weight, self.bias) if t is not None] + [
+            q.scale for q in (self.weight_quant, self.bias_quant) if isinstance(q, FakeQuantize)]
+        built = None if grid is None else cached(self, "_integer_onto_each", build, *sources)
+        y = self._normed(xq) if built is None or torch.is_grad_enabled() else None
+        if built is None:
+            return [y for _ in readers]
+        form, requants = built
+        with torch.no_grad():
+            acc = form(codes_of(xq, grid))  # (..., C) int32 on form.stream_scale
+            values = [dequantized(requant(acc), g) for requant, g in zip(requants, grids)]
+        return values if y is None else [straight_through(v, y) for v in values]
 
     def _normed(self, xq: torch.Tensor) -> torch.Tensor:
         """The norm of an input ``input_quant`` has quantized."""
@@ -350,6 +384,14 @@ class IntegerLayerNorm(nn.Module):
         if self.params.out is None:
             return integer_layer_norm_acc(codes, self.params)
         return integer_layer_norm(codes, self.params)
+
+    def simulated(self, codes: torch.Tensor, scale: float) -> torch.Tensor:
+        """``forward``'s output codes' values on the output grid of ``scale``, for the fake-quant
+        simulation (per-tensor input codes; the exact per-row square root ``row_isqrt``, the same
+        integers as the Newton iteration; ``requantized_values``)."""
+        from qswap.quant.integer import integer_layer_norm_acc, requantized_values
+        acc = integer_layer_norm_acc(codes, self.params, row_isqrt)
+        return requantized_values(self.params.out, acc, scale)
 
 
 @serializable(params=Obj("GroupNormParams"))

@@ -30,6 +30,7 @@ In training (autograd), the value is the simulated one and the gradient the floa
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Iterator
 
@@ -70,8 +71,13 @@ def row_isqrt(n: torch.Tensor) -> torch.Tensor:
 def codes_of(xq: torch.Tensor, grid) -> torch.Tensor:
     """The int32 codes of ``xq``, a tensor its quantizer put on ``grid`` (``(code - zp) * scale``
     in float32): exact, the float32 error of the product is far below half a step."""
-    inverse = _constant_fold(lambda: float(1.0 / torch.tensor(grid.scale, dtype=torch.float32)))  # in float32
-    return torch.round(xq.detach() * inverse).to(torch.int32) + grid.zero_point
+    return torch.round(xq.detach() * _inverse(grid.scale)).to(torch.int32) + grid.zero_point
+
+
+@functools.lru_cache(maxsize=4096)
+def _inverse(scale: float) -> float:
+    """``1 / scale`` computed in float32, as the fake-quant rounding computes it (a constant)."""
+    return _constant_fold(lambda: float(1.0 / torch.tensor(scale, dtype=torch.float32)))
 
 
 def dequantized(codes: torch.Tensor, grid) -> torch.Tensor:
@@ -122,8 +128,9 @@ def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *so
     """An op's integer form writing codes onto ``out_quant``'s grid (its consumer's), as values of
     that grid, which ``out_quant`` then keeps as they are: ``build(grid_out)`` makes the form
     (kept in ``owner.<slot>`` while the output grid and ``sources`` are unchanged) and
-    ``run(form)`` runs it on the op's input codes (``build`` may return None: no integer form).
-    So the simulation requantizes the exact integer accumulator with the form's fixed-point
+    ``run(form, grid_out)`` runs it on the op's input codes and returns the output codes, or their
+    values as a float tensor (``qswap.quant.integer.requantized_values``, which skips forming the
+    codes) (``build`` may return None: no integer form). So the simulation requantizes the exact integer accumulator with the form's fixed-point
     multiplier and rounding, instead of rounding the float32 result by ``x * (1 / s)``. None where
     ``owner`` does not simulate integers or ``out_quant`` has no per-tensor grid."""
     grid_out = grid_of(out_quant) if simulates(owner) else None
@@ -133,7 +140,8 @@ def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *so
     if form is None:
         return None
     with torch.no_grad():
-        return dequantized(run(form), grid_out)
+        out = run(form, grid_out)
+        return out if out.is_floating_point() else dequantized(out, grid_out)
 
 
 def simulates(owner: nn.Module) -> bool:

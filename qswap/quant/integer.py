@@ -44,6 +44,7 @@ from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.primitives import quantize
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+FLOAT32_EXACT, FLOAT64_EXACT = 2 ** 24, 2 ** 53  # every integer of at most this magnitude is representable
 _INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
@@ -219,14 +220,58 @@ def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | 
     if rounding not in ROUNDINGS:
         raise IntegerizeError(f"requantize rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     _check_int("acc", acc)
-    if acc.numel() and (int(acc.min()) < INT32_MIN or int(acc.max()) > INT32_MAX):
+    if acc.numel() and acc.dtype == torch.int64 and (int(acc.min()) < INT32_MIN or int(acc.max()) > INT32_MAX):
         raise IntegerizeError("requantize got an accumulator outside int32; the op overflowed its "
                               "stated bound (reduce the reduction length or the bit widths)")
+    fast = _single_per_tensor(acc, m0, shift, zero_point, qmin, qmax) if rounding == "single" else None
+    if fast is not None:
+        return (fast + zero_point).to(code_dtype(qmin, qmax))
     m0, shift = torch.as_tensor(m0, dtype=torch.int64), torch.as_tensor(shift, dtype=torch.int64)
     m0, shift = channel_shape(m0, acc.dim(), axis), channel_shape(shift, acc.dim(), axis)
     multiply = multiply_by_quantized_multiplier_single if rounding == "single" else multiply_by_quantized_multiplier
     scaled = multiply(acc, m0, shift).to(torch.int64)
     return (scaled + channel_shape(zero_point, acc.dim(), axis)).clamp(qmin, qmax).to(code_dtype(qmin, qmax))
+
+
+def _single_per_tensor(acc: torch.Tensor, m0, shift, zero_point, qmin: int, qmax: int) -> torch.Tensor | None:
+    """``requantize``'s single rounding with one multiplier (Python ints), minus the zero point:
+    ``clamp((acc M0 + 2^(n-1)) >> n, qmin - zp, qmax - zp)`` with ``n = 31 - shift``, as int64, in
+    five passes over the tensor (the general path takes a dozen; the same integers: the int32
+    saturation and then the output range's clamp are one clamp to their intersection). None
+    where the general path applies (per-channel multipliers or zero point, a shift outside it)."""
+    if not all(isinstance(v, int) for v in (m0, shift, zero_point)):
+        return None
+    total, low, high = 31 - shift, max(qmin - zero_point, INT32_MIN), min(qmax - zero_point, INT32_MAX)
+    if not (1 <= total <= 62 and low <= high):
+        return None
+    return ((acc.to(torch.int64) * m0 + (1 << (total - 1))) >> total).clamp(low, high)  # out of place: the
+    # honesty audit follows integer data through its ops (an in-place op would lose its origin)
+
+
+def requantized_values(requant: Requant, acc: torch.Tensor, scale: float, axis: int = -1,
+                       bound: int | None = None) -> torch.Tensor:
+    """The float32 values ``(code - zp) * scale`` of ``requant(acc)``'s codes on a grid of ``scale``
+    (``qswap.nn.simulate.dequantized`` of them), without forming the codes where the single
+    per-tensor rounding applies: the fake-quant simulation's requantization. ``acc``: an integer
+    tensor, or a float tensor holding integers (an exact float GEMM's result) of magnitude at most
+    ``bound``; then, where ``bound * M0 + 2^(n-1) < 2^53`` (``n = 31 - shift``), in float64:
+    ``floor(acc * (M0 2^-n) + 1/2)`` is ``(acc M0 + 2^(n-1)) >> n`` exactly (the product of an
+    integer below 2^53 / M0 and ``M0 2^-n``, a float64 exactly, and the added half are exact),
+    which skips the int64 multiply."""
+    if requant.rounding == "single" and acc.dtype != torch.int64:
+        m0, shift, zp = requant.m0, requant.shift, requant.zero_point
+        if acc.is_floating_point() and bound is not None and all(isinstance(v, int) for v in (m0, shift, zp)):
+            total, low, high = 31 - shift, max(requant.qmin - zp, INT32_MIN), min(requant.qmax - zp, INT32_MAX)
+            if 1 <= total <= 62 and low <= high and bound * m0 + 2 ** (total - 1) < FLOAT64_EXACT:
+                x = acc.to(torch.float64).mul_(m0 * 2.0 ** -total).add_(0.5).floor_().clamp_(low, high)
+                return x.to(torch.float32).mul_(scale)
+        if acc.is_floating_point():
+            acc = acc.to(torch.int32)
+        fast = _single_per_tensor(acc, m0, shift, zp, requant.qmin, requant.qmax)
+        if fast is not None:
+            return fast.to(torch.float32) * scale
+    codes = requant(acc.to(torch.int32) if acc.is_floating_point() else acc, axis)
+    return (codes.to(torch.float32) - requant.zero_point) * scale
 
 
 # -- rescaled add ------------------------------------------------------------------------------------
@@ -825,3 +870,90 @@ def check_bound(what: str, bound: int, limit: int = INT32_MAX) -> None:
     if bound > limit:
         raise IntegerizeError(f"{what} can reach {bound} in its accumulator, beyond {limit}; "
                               f"reduce the reduction length or the bit widths")
+
+
+# -- exact integer GEMMs on float units (the fake-quant simulation's, never the integer model's) --------
+
+
+
+def exact_float_dtype(bound: int, device: torch.device) -> torch.dtype:
+    """The float dtype whose GEMM computes an integer GEMM exactly when no partial sum can exceed
+    ``bound`` in magnitude (``exact_gemm``): float32 below 2^24 where float32 GEMMs and
+    convolutions run in IEEE float32 (``_ieee_float32``), else float64 below 2^53;
+    IntegerizeError beyond."""
+    if bound < FLOAT32_EXACT and _ieee_float32(device):
+        return torch.float32
+    if bound < FLOAT64_EXACT:
+        return torch.float64
+    raise IntegerizeError(f"an integer GEMM whose partial sums can reach {bound} has no exact float form "
+                          f"(float64 is exact below 2^53)")
+
+
+_FP32_SETTINGS = {"cpu": ("fp32_precision", "mkldnn.fp32_precision", "mkldnn.matmul.fp32_precision",
+                          "mkldnn.conv.fp32_precision"),
+                  "cuda": ("fp32_precision", "cuda.matmul.fp32_precision", "cudnn.fp32_precision",
+                           "cudnn.conv.fp32_precision")}
+
+
+def _ieee_float32(device: torch.device) -> bool:
+    """Whether float32 matmuls and convolutions on ``device`` compute in IEEE float32: torch's
+    ``float32_matmul_precision`` "highest", no backend set to TF32 or bf16 (``fp32_precision``
+    "none" or "ieee"), and on CUDA TF32 off for matmuls and cuDNN. Other devices: no."""
+    if device.type not in _FP32_SETTINGS or torch.get_float32_matmul_precision() != "highest":
+        return False
+    for name in _FP32_SETTINGS[device.type]:
+        setting = torch.backends
+        for part in name.split("."):
+            setting = getattr(setting, part, None)
+        if setting not in (None, "none", "ieee"):
+            return False
+    return device.type == "cpu" or not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+
+
+def exact_gemm(op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor, fan_in: int,
+               bias: torch.Tensor | None = None, *, b_max: int | None = None, bias_max: int = 0,
+               **kwargs) -> torch.Tensor:
+    """``op(a, b[, bias], **kwargs)`` of integer-valued operands, computed by the float kernel
+    of ``op`` and returned as the exact int32 result. ``op``: a sum of products (``F.linear``,
+    ``torch.bmm``, ``F.conv1d``/``F.conv2d``) in which each output sums at most ``fan_in``
+    products ``a_i b_i`` (plus ``bias``); ``a``, ``b``, ``bias``: integer tensors, or float
+    tensors holding integers (centered codes); ``b_max``/``bias_max``: their largest magnitude
+    when the caller knows it (a constant weight), else measured.
+
+    Exactness: a binary float type of p significand bits holds every integer of magnitude at
+    most 2^p (p = 24 for float32, 53 for float64), and the sum, product or fused multiply-add of
+    two such integers is computed exactly when the exact result is again an integer within 2^p
+    (IEEE 754: the result is the exact value rounded, and it needs no rounding). Every product
+    of the GEMM is at most ``max|a| max|b|``, every partial sum, in whatever order or blocking
+    the kernel accumulates, at most ``fan_in max|a| max|b| + max|bias|`` (the ``bound``, from the
+    operands' actual maxima, measured per call): so when the bound is below 2^p no operation
+    rounds, the float result is the integer result, and its conversion to int32 is exact. float32
+    is used below 2^24 (``exact_float_dtype``), float64 below 2^53 (beyond every int32 result).
+    The same holds for the integer op this replaces (int32 accumulation without overflow), so
+    both give the same integers. Used by the fake-quant simulation (``simulate: integer``) in
+    place of torch's generic int32 kernels; ``qswap.integerize``'s model keeps integer dtypes."""
+    out, _ = exact_gemm_float(op, a, b, fan_in, bias, b_max=b_max, bias_max=bias_max, **kwargs)
+    return out.to(torch.int32)
+
+
+def exact_gemm_float(op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor, fan_in: int,
+                     bias: torch.Tensor | None = None, *, b_max: int | None = None, bias_max: int = 0,
+                     **kwargs) -> tuple[torch.Tensor, int]:
+    """``exact_gemm``'s result before its int32 conversion (a float tensor of exact integers, for
+    ``requantized_values``) and its bound (``fan_in max|a| max|b| + max|bias|``)."""
+    a_max = magnitude(a)
+    b_max = magnitude(b) if b_max is None else b_max
+    if bias is not None and bias_max == 0:
+        bias_max = magnitude(bias)
+    bound = fan_in * a_max * b_max + bias_max
+    dtype = exact_float_dtype(bound, a.device)
+    args = (a.to(dtype), b.to(dtype)) + (() if bias is None else (bias.to(dtype),))
+    return op(*args, **kwargs), bound
+
+
+def magnitude(t: torch.Tensor) -> int:
+    """``max |t|`` as a Python int (0 for an empty tensor), in one pass (``aminmax``)."""
+    if not t.numel():
+        return 0
+    low, high = torch.aminmax(t)
+    return int(max(-low, high))

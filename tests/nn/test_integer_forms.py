@@ -258,3 +258,34 @@ def test_group_norm_without_affine_is_refused():
     q = converted(nn.Sequential(nn.GroupNorm(2, 4, affine=False), nn.GELU()), x, "w8a8")
     with pytest.raises(IntegerizeError, match="affine"):
         q[0].to_integer(Grid.of(q[1].input_quant))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("width", [48, 2048])  # float32 GEMMs; partial sums beyond 2^24: float64
+def test_simulated_linear_and_conv_are_their_integer_forms(recipe, width):
+    """``IntegerLinear.simulated`` / ``IntegerConv.simulated`` (the fake-quant simulation's exact
+    float GEMMs on centered codes) give ``forward``'s int32 results: the codes, and their values."""
+    from qswap.nn.simulate import dequantized
+    from qswap.quant.integer import exact_float_dtype
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, width) * 3
+    q = converted(nn.Sequential(nn.Linear(width, 16), nn.Linear(16, 4)), x, recipe)
+    grid_in, grid_out = Grid.of(q[0].input_quant), Grid.of(q[1].input_quant)
+    codes = grid_in.quantize(x)
+    centered = (codes.to(torch.int32) - grid_in.zero_point).float()
+    form = q[0].to_integer(grid_out)
+    bound = width * int(centered.abs().max()) * int(form.weight.to(torch.int64).abs().max())
+    wide = width == 2048 and recipe != "w4a8"  # 8-bit weights: partial sums beyond 2^24
+    assert exact_float_dtype(bound, x.device) == (torch.float64 if wide else torch.float32)
+    assert torch.equal(form.simulated(centered), form(codes))
+    assert torch.equal(form.simulated(centered, grid_out.scale), dequantized(form(codes), grid_out))
+    accumulator = q[0].to_integer(None)
+    assert torch.equal(accumulator.simulated(centered), accumulator(codes))
+    signal = torch.randn(2, 8, 30)
+    conv = converted(nn.Sequential(nn.Conv1d(8, 12, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(12 * 15, 4)),
+                     signal, recipe)
+    grid_in, grid_out = Grid.of(conv[0].input_quant), Grid.of(conv[2].input_quant)
+    codes, form = grid_in.quantize(signal), conv[0].to_integer(grid_out)
+    centered = (codes.to(torch.int32) - grid_in.zero_point).float()  # zero padding: the input's zero point
+    assert torch.equal(form.simulated(centered), form(codes))
+    assert torch.equal(form.simulated(centered, grid_out.scale), dequantized(form(codes), grid_out))

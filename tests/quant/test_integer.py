@@ -579,3 +579,103 @@ def test_layer_norm_of_common_grid_values_at_its_bound():
     assert integer_layer_norm(values, params).tolist() == [[-64, 64] * (n // 2)]
     with pytest.raises(IntegerizeError, match="int64"):
         LayerNormParams.build(n, 1e-5, 1e-3, gamma, 1 / 127, None, None, input_bound=2 ** 20)
+
+
+# -- exact integer GEMMs on float kernels (the simulation's) and the short requantization ------------
+
+def _int_op(op, a, b, bias=None, **kwargs):
+    """The reference: ``op`` on int32 operands (torch's integer kernels), as the integer model runs it."""
+    args = (a.to(torch.int32), b.to(torch.int32)) + (() if bias is None else (bias.to(torch.int32),))
+    return op(*args, **kwargs)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_exact_gemm_is_the_int32_gemm_on_random_codes(seed):
+    from qswap.quant.integer import exact_gemm
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-128, 128, (3, 5, 96), generator=g).float()  # centered codes as floats
+    w = torch.randint(-127, 128, (40, 96), generator=g, dtype=torch.int8)
+    bias = torch.randint(-2 ** 20, 2 ** 20, (40,), generator=g, dtype=torch.int32)
+    out = exact_gemm(F.linear, x, w, 96, bias)
+    assert out.dtype == torch.int32 and torch.equal(out, _int_op(F.linear, x, w, bias))
+    a, b = torch.randint(-255, 256, (2, 7, 64), generator=g), torch.randint(-255, 256, (2, 64, 9), generator=g)
+    assert torch.equal(exact_gemm(torch.bmm, a.float(), b.float(), 64), _int_op(torch.bmm, a, b))
+    signal, kernel = torch.randint(-128, 128, (2, 6, 30), generator=g), torch.randint(-127, 128, (8, 6, 5), generator=g)
+    assert torch.equal(exact_gemm(F.conv1d, signal.float(), kernel, 30, padding=2, stride=2),
+                       _int_op(F.conv1d, signal, kernel, padding=2, stride=2))
+
+
+@pytest.mark.parametrize("k, expected", [(256, torch.float32), (1040, torch.float32), (1041, torch.float64),
+                                         (2 ** 16, torch.float64)])
+def test_exact_gemm_at_extreme_codes_picks_float32_below_2_24_and_float64_above(k, expected):
+    """Every code at its extreme (the largest partial sums: k * 127 * 127 = 2^24 - 1 at k = 1040,
+    one more row crosses it): float32 rounds above 2^24, so the bound must send it to float64;
+    the result is the int32 GEMM's, exactly, on both sides, with signs alternating and not."""
+    from qswap.quant.integer import FLOAT32_EXACT, exact_float_dtype, exact_gemm
+    assert (k * 127 * 127 < FLOAT32_EXACT) == (expected == torch.float32)
+    assert exact_float_dtype(k * 127 * 127, torch.device("cpu")) == expected
+    a = torch.full((2, k), 127.0)
+    a[1, ::2] = -127.0
+    w = torch.full((3, k), 127, dtype=torch.int8)
+    w[1] = -127
+    w[2, 1::3] = -127
+    bias = torch.tensor([1, -1, 0], dtype=torch.int32)
+    out = exact_gemm(F.linear, a, w, k, bias)
+    assert torch.equal(out, _int_op(F.linear, a, w, bias))
+    assert int(out[0, 0]) == k * 127 * 127 + 1
+    if expected == torch.float64:  # the reason: float32 itself rounds this sum
+        one_odd = torch.full((1, k), 127.0)
+        one_odd[0, 0] = 1.0  # k 127^2 - 16128: odd, beyond 2^24 for large k
+        exact = int(_int_op(F.linear, one_odd, w[:1]).item())
+        assert int(exact_gemm(F.linear, one_odd, w[:1], k).item()) == exact
+        if exact > FLOAT32_EXACT:
+            assert int(F.linear(one_odd, w[:1].float()).item()) != exact
+
+
+def test_exact_gemm_refuses_a_bound_beyond_float64():
+    from qswap.quant.integer import exact_float_dtype
+    with pytest.raises(IntegerizeError, match="2\\^53"):
+        exact_float_dtype(2 ** 53, torch.device("cpu"))
+
+
+@given(st.lists(INT32, min_size=1, max_size=40), st.floats(1e-6, 0.99), st.integers(-128, 127))
+@settings(max_examples=200, deadline=None)
+def test_short_single_rounding_requantize_is_the_general_one(accs, real, zero_point):
+    """requantize's five-pass per-tensor path gives the general path's codes (per-tensor ints take the
+    short path; the same multiplier as 1-element tensors takes the general one), and
+    ``requantized_values`` their dequantized values, bit for bit."""
+    from qswap.quant.integer import requantized_values
+    m0, shift = quantize_multiplier(real)
+    acc = torch.tensor(accs, dtype=torch.int32)
+    short = requantize(acc, m0, shift, zero_point, -128, 127)
+    general = requantize(acc, torch.tensor([m0]), torch.tensor([shift]), zero_point, -128, 127)
+    assert short.dtype == general.dtype == torch.int8 and torch.equal(short, general)
+    requant, scale = Requant(m0, shift, zero_point, -128, 127), 0.0371
+    values = requantized_values(requant, acc, scale)
+    assert torch.equal(values, (short.to(torch.int32) - zero_point).to(torch.float32) * scale)
+
+
+def test_short_requantize_at_ties_and_saturation():
+    from qswap.quant.integer import requantized_values
+    m0, shift = quantize_multiplier(0.5)
+    acc = i32(-3, -1, 1, 3, INT32_MIN, INT32_MAX, 255, 256)
+    expected = requantize(acc, torch.tensor([m0]), torch.tensor([shift]), 3, 0, 255)  # general path
+    assert torch.equal(requantize(acc, m0, shift, 3, 0, 255), expected)
+    assert requantize(i32(1, 3, -1), m0, shift, 0, -128, 127).tolist() == [1, 2, 0]  # ties toward +inf
+    values = requantized_values(Requant(m0, shift, 3, 0, 255), acc, 0.5)
+    assert torch.equal(values, (expected.to(torch.int32) - 3).to(torch.float32) * 0.5)
+
+
+def test_exact_gemm_leaves_float32_when_float32_matmuls_may_round():
+    """A reduced-precision float32 matmul setting (TF32 / bf16 inside float32 GEMMs) would round
+    the partial sums: then every bound goes to float64."""
+    from qswap.quant.integer import exact_float_dtype
+    cpu = torch.device("cpu")
+    assert exact_float_dtype(1000, cpu) == torch.float32
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert exact_float_dtype(1000, cpu) == torch.float64
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert exact_float_dtype(1000, torch.device("meta")) == torch.float64

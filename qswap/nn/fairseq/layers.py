@@ -123,6 +123,7 @@ class QTransformerDecoderLayer(QuantModule):
         self.normalize_before, self.activation_fn = module.normalize_before, module.activation_fn
         self.need_attn, self.onnx_trace = module.need_attn, module.onnx_trace
         self.cross_self_attention = module.cross_self_attention
+        self.simulate = config.simulate
         for name in ("dropout_module", "activation_dropout_module", "self_attn", "attn_ln",
                      "self_attn_layer_norm", "encoder_attn", "encoder_attn_layer_norm",
                      "ffn_layernorm", "fc1", "fc2", "final_layer_norm"):
@@ -169,11 +170,41 @@ class QTransformerDecoderLayer(QuantModule):
                 prev_self_attn_state: Optional[List[Tensor]] = None,
                 prev_attn_state: Optional[List[Tensor]] = None, self_attn_mask: Optional[Tensor] = None,
                 self_attn_padding_mask: Optional[Tensor] = None, need_attn: bool = False,
-                need_head_weights: bool = False):
+                need_head_weights: bool = False, residual: Optional[Tensor] = None, next_readers: tuple = ()):
         """x: (T, B, C) (T = 1 when decoding incrementally); encoder_out: (S, B, C).
-        Returns (x (T, B, C), encoder attention or None, cached self-attention state or None)."""
+        Returns (x (T, B, C), encoder attention or None, cached self-attention state or None).
+        ``residual``, ``next_readers``: see ``forward_onto`` (the S2T decoder's ``simulate:
+        integer`` loop); with ``next_readers`` the third element is the value ``next_readers[1]``
+        reads (or None)."""
+        x, nxt, attn = self.forward_onto(x, encoder_out, encoder_padding_mask, incremental_state, prev_self_attn_state,
+                                         prev_attn_state, self_attn_mask, self_attn_padding_mask, need_attn,
+                                         need_head_weights, residual, next_readers)
+        if next_readers:
+            return x, attn, nxt
+        if self.onnx_trace and incremental_state is not None:
+            saved = self.self_attn._get_input_buffer(incremental_state)
+            state = [saved["prev_key"], saved["prev_value"]]
+            if self_attn_padding_mask is not None:
+                state.append(saved["prev_key_padding_mask"])
+            return x, attn, state
+        return x, attn, None
+
+    def forward_onto(self, x: Tensor, encoder_out: Optional[Tensor] = None,
+                     encoder_padding_mask: Optional[Tensor] = None, incremental_state: IncrementalState = None,
+                     prev_self_attn_state: Optional[List[Tensor]] = None,
+                     prev_attn_state: Optional[List[Tensor]] = None, self_attn_mask: Optional[Tensor] = None,
+                     self_attn_padding_mask: Optional[Tensor] = None, need_attn: bool = False,
+                     need_head_weights: bool = False, residual: Optional[Tensor] = None,
+                     next_readers: tuple = ()) -> tuple:
+        """``forward``'s arithmetic, for a caller that knows the readers of the layer's residual
+        stream (the S2T decoder with ``simulate: integer``): ``residual``: what the first residual
+        add reads in place of ``x`` (x and residual: the stream requantized onto the first norm's
+        and the first residual's grids); ``next_readers``: the quantizers that read the layer's
+        output (the next layer's norm and residual, or the final norm). With ``simulate: integer``
+        each residual add is then the integer layer's (``_stream_onto``). Returns (x, the value
+        for ``next_readers[1]`` or None, encoder attention or None)."""
         need_attn = need_attn or need_head_weights
-        residual = x
+        residual = x if residual is None else residual
         if self.normalize_before:
             x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         self._restore(self.self_attn, incremental_state, prev_self_attn_state)
@@ -185,11 +216,14 @@ class QTransformerDecoderLayer(QuantModule):
             x = self._scale_heads(x)
         if self.attn_ln is not None:
             x = self.attn_ln(x)
-        x = self.attn_residual_quant(residual) + self.attn_out_quant(self.dropout_module(x))
+        cross = self.encoder_attn is not None and encoder_out is not None
+        x, residual = self._stream_onto("attn", self.attn_residual_quant(residual),
+                                        self.attn_out_quant(self.dropout_module(x)),
+                                        self._norm_and_residual("cross" if cross else "ffn"))
         if not self.normalize_before:
             x = self.self_attn_layer_norm(x)
-        if self.encoder_attn is not None and encoder_out is not None:
-            residual = x
+        if cross:
+            residual = x if residual is None else residual
             if self.normalize_before:
                 x = onto(self.encoder_attn_layer_norm, x, reader(self.encoder_attn))
             self._restore(self.encoder_attn, incremental_state, prev_attn_state)
@@ -199,10 +233,12 @@ class QTransformerDecoderLayer(QuantModule):
                                         need_weights=need_attn or (not self.training and self.need_attn),
                                         need_head_weights=need_head_weights,
                                         **read_by(self.encoder_attn, self.cross_out_quant))
-            x = self.cross_residual_quant(residual) + self.cross_out_quant(self.dropout_module(x))
+            x, residual = self._stream_onto("cross", self.cross_residual_quant(residual),
+                                            self.cross_out_quant(self.dropout_module(x)),
+                                            self._norm_and_residual("ffn"))
             if not self.normalize_before:
                 x = self.encoder_attn_layer_norm(x)
-        residual = x
+        residual = x if residual is None else residual
         if self.normalize_before:
             x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
         x = self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant))
@@ -213,16 +249,41 @@ class QTransformerDecoderLayer(QuantModule):
         residual = self.ffn_residual_quant(residual)
         if self.w_resid is not None:
             residual = self.scaled_residual_quant(self.w_resid_quant(self.w_resid) * residual)
-        x = residual + x
+        x, residual = self._stream_onto("ffn", residual, x, next_readers)
         if not self.normalize_before:
             x = self.final_layer_norm(x)
-        if self.onnx_trace and incremental_state is not None:
-            saved = self.self_attn._get_input_buffer(incremental_state)
-            state = [saved["prev_key"], saved["prev_value"]]
-            if self_attn_padding_mask is not None:
-                state.append(saved["prev_key_padding_mask"])
-            return x, attn, state
-        return x, attn, None
+        return x, residual, attn
+
+    def _norm_and_residual(self, part: str) -> tuple:
+        """The two quantizers that read the residual stream entering ``part`` ("cross", "ffn")."""
+        norm = self.encoder_attn_layer_norm if part == "cross" else self.final_layer_norm
+        return getattr(norm, "input_quant", None), getattr(self, f"{part}_residual_quant")
+
+    def _stream_onto(self, part: str, a: Tensor, b: Tensor, readers: tuple) -> tuple:
+        """The residual add ``part`` of its operands ``a`` and ``b`` (values of the
+        ``<part>_residual`` and ``<part>_out`` grids), as (the value ``readers[0]`` reads, the value
+        ``readers[1]`` reads or None). With ``simulate: integer`` at inference, in a layer whose
+        integer form is defined (pre-norm, per-tensor grids), as the integer layer computes it: the
+        operands' codes rescaled into the int32 stream (``rescaled_sum``), requantized onto each
+        reader's grid; elsewhere the float sum, which every reader rounds."""
+        from qswap.nn.simulate import cached, codes_of, dequantized, grid_of, simulates
+        from qswap.quant.integer import AddParams, rescaled_sum
+        quants = (getattr(self, f"{part}_residual_quant"), getattr(self, f"{part}_out_quant"), *readers)
+        grids = [grid_of(q) if q is not None else None for q in quants]
+        if not (readers and simulates(self) and self.normalize_before and not torch.is_grad_enabled()
+                and None not in grids and self.w_resid is None):
+            return a + b, None
+
+        def build():
+            add = AddParams.build(grids[0].scale, grids[1].scale)
+            return add, [stream_to(add.sum_scale, g) for g in grids[2:]]
+        add, requants = cached(self, f"_integer_{part}_add", build, *(q.scale for q in quants),
+                               *(q.zero_point for q in quants))
+        with torch.no_grad():
+            stream = rescaled_sum(codes_of(a, grids[0]), grids[0].zero_point, codes_of(b, grids[1]),
+                                  grids[1].zero_point, add)  # (T, B, C) int32 on add.sum_scale
+            values = [dequantized(requant(stream), g) for requant, g in zip(requants, grids[2:])]
+        return values[0], (values[1] if len(values) > 1 else None)
 
     def to_integer(self, stream_scale: float) -> "IntegerTransformerDecoderLayer":
         """The integer form of this (pre-norm) layer (batch forward and incremental decoding): as

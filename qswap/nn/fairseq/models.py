@@ -31,7 +31,9 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import ANY, INT, Either, Obj, Opt, serializable
 from qswap.io.serializable import List as ListOf, Tensor as TensorOf
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
+from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
+from qswap.nn.simulate import simulates
 
 _S2T_ENCODER_ATTRS = ("encoder_freezing_updates", "num_updates", "embed_scale", "padding_idx",
                       "conv_version")
@@ -66,6 +68,8 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
                      "layer_norm", "ctc_proj"):
             setattr(self, name, getattr(module, name))
         self.embed_quant = quantizer(config, self.sites, "embed")
+        self.simulate = config.simulate
+        self.out_readers: List[nn.Module] = []  # told by the model (bind_readers): each decoder layer's key_in
 
     @classmethod
     def from_float(cls, module: S2TTransformerEncoder, config: QuantConfig):
@@ -82,6 +86,10 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
             x = layer(x, padding_mask)
             if return_all_hiddens:
                 states.append(x)
+        if self.out_readers and simulates(self) and isinstance(self.layer_norm, QLayerNorm):
+            # one output per decoder layer, on its key_in grid (the integer encoder's outputs)
+            outs = self.layer_norm(x, out_quant=list(self.out_readers))
+            return dict(_encoder_out(outs[0], padding_mask, states), encoder_out=outs)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return _encoder_out(x, padding_mask, states)
@@ -194,6 +202,21 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
                                             self.padding_idx, layers, None, outs, out, entry=entry)
 
 
+def bind_s2t_readers(model: nn.Module) -> None:
+    """Tell an S2T model's converted decoder its logits reader (``model.logits_quant``) and its
+    converted transformer encoder the quantizers that read its output (each decoder layer's
+    ``key_in``): both are outside the module that computes the value."""
+    from qswap.nn.fairseq.decoder import QTransformerDecoderScriptable
+    from qswap.nn.fairseq.layers import QTransformerDecoderLayer
+    if isinstance(model.decoder, QTransformerDecoderScriptable):
+        model.decoder.logits_readers = [model.logits_quant]
+    layers = list(getattr(model.decoder, "layers", []))
+    if isinstance(model.encoder, QS2TTransformerEncoder) and layers and all(
+            isinstance(layer, QTransformerDecoderLayer) and hasattr(layer.encoder_attn, "key_quant")
+            for layer in layers):
+        model.encoder.out_readers = [layer.encoder_attn.key_quant for layer in layers]
+
+
 class _QuantizedLogits:
     """``get_normalized_probs`` on logits quantized by ``self.logits_quant``. ``forward``
     returns them quantized too, so calibrating with the plain forward sets their grid (fairseq's
@@ -228,6 +251,11 @@ class QS2TTransformerModel(QuantModule, _QuantizedLogits, S2TTransformerModel):
     def from_float(cls, module: S2TTransformerModel, config: QuantConfig):
         return cls(module, config)
 
+    def bind_readers(self) -> None:
+        """The decoder's logits are read by ``logits_quant``; the encoder's output by every decoder
+        layer's ``key_in`` quantizer (``simulate: integer`` then requantizes onto each)."""
+        bind_s2t_readers(self)
+
     def to_integer_model(self) -> "IntegerS2TTransformerModel":
         """The integer form of this model for a batch (teacher-forced) forward: the integer
         encoder writing onto every decoder layer's ``key_in`` grid, the integer decoder. Declared
@@ -256,6 +284,7 @@ class QS2TConformerModel(QuantModule, _QuantizedLogits, S2TConformerModel):
     def from_float(cls, module: S2TConformerModel, config: QuantConfig):
         return cls(module, config)
 
+    bind_readers = QS2TTransformerModel.bind_readers  # the decoder's logits reader (a transformer encoder's too)
     to_integer_model = QS2TTransformerModel.to_integer_model  # integer conformer encoder, the same decoder
 
 

@@ -293,3 +293,79 @@ def test_shipped_model_with_integer_simulation_is_bit_exact_with_the_integer_mod
     assert torch.equal(codes[0][~padding.T] if isinstance(codes, list) else codes[~padding.T],
                        reference[~padding.T])
     assert torch.equal(logits_grid.quantize(imodel(**net_input)[0]), logits)
+
+
+# -- simulate: integer, the sites whose reader lives outside the op (docs/integer.md) ---------------------
+
+@pytest.fixture(scope="module", params=["w8a8", "w4a8"])
+def simulated(request):
+    """A small s2t_transformer converted with ``simulate: integer``, calibrated, and its integer model."""
+    from qswap.models import s2t_net_input
+    model, _ = build("s2t_transformer")
+    net_input = s2t_net_input(num_tokens=6)
+    recipe = qswap.load_recipe(dict(qswap.load_recipe(request.param).to_dict(), simulate="integer"))
+    qmodel = convert_calibrated(model, net_input, recipe)
+    return qmodel, qswap.integerize(qmodel), net_input
+
+
+def test_simulated_encoder_output_is_each_decoder_layers_integer_codes(simulated):
+    """The encoder's final LayerNorm is read by every decoder layer's key_in quantizer: with
+    ``simulate: integer`` the encoder gives one output per decoder layer, its integer accumulator
+    requantized onto that layer's grid, which are the integer encoder's codes (``simulate: float``:
+    one float output, as fairseq's)."""
+    from qswap.nn.simulate import simulating
+    qmodel, imodel, net_input = simulated
+    src, lengths = net_input["src_tokens"], net_input["src_lengths"]
+    codes, padding = imodel.encoder.forward_codes(imodel.encoder.quantize_input(src), lengths)
+    with torch.no_grad():
+        outs = qmodel.encoder(src, lengths)["encoder_out"]
+        with simulating(qmodel, "float"):
+            assert len(qmodel.encoder(src, lengths)["encoder_out"]) == 1
+    layers = qmodel.decoder.layers
+    assert len(outs) == len(layers) == len(codes) > 1
+    for layer, value, code in zip(layers, outs, codes):
+        fake = Grid.of(layer.encoder_attn.key_quant).quantize(value).to(torch.int64)
+        assert torch.equal(fake[~padding.T], code.to(torch.int64)[~padding.T])
+
+
+def test_simulated_decoder_entry_is_the_integer_decoders_stream(simulated):
+    """The token and position tables added in the decoder: with ``simulate: integer`` the first
+    layer's norm and residual read the integer decoder's folded int32 stream, requantized onto
+    each one's grid (fairseq's float add rounded by each reader flips near-ties)."""
+    from qswap.nn.fairseq.decoder import decoder_stream
+    qmodel, imodel, net_input = simulated
+    prev, first = net_input["prev_output_tokens"], imodel.decoder.layers[0]
+    stream = decoder_stream(imodel.decoder.tokens, imodel.decoder.positions, imodel.decoder.padding_idx, prev, False)
+    with torch.no_grad():
+        x, residual = qmodel.decoder.entry_values(prev)
+    layer = qmodel.decoder.layers[0]
+    assert torch.equal(Grid.of(layer.self_attn_layer_norm.input_quant).quantize(x), first.norms_in[0](stream))
+    assert torch.equal(Grid.of(layer.attn_residual_quant).quantize(residual), first.residuals[0](stream))
+
+
+def test_simulated_logits_codes_are_the_integer_models_batch_and_incremental(simulated):
+    """Teacher-forced, and step by step with fairseq's incremental state: every logits code of the
+    fake-quant decoder under ``simulate: integer`` (its residual adds, final norm and output
+    projection onto their readers' grids, the output projection onto the model's logits grid)
+    is the integer model's."""
+    qmodel, imodel, net_input = simulated
+    grid, prev = Grid.of(qmodel.logits_quant), net_input["prev_output_tokens"]
+    src, lengths = net_input["src_tokens"], net_input["src_lengths"]
+    memory, padding = imodel.encoder.forward_codes(imodel.encoder.quantize_input(src), lengths)
+    forced = imodel.decoder.forward_codes(prev, memory, padding).to(torch.int64)  # (B, T, V)
+    with torch.no_grad():
+        assert torch.equal(grid.quantize(qmodel(**net_input)[0]).to(torch.int64), forced)
+        encoder_out, state = qmodel.encoder(src, lengths), {}
+        for t in range(prev.size(1)):
+            step = qmodel.decoder(prev[:, : t + 1], encoder_out=encoder_out, incremental_state=state)[0]
+            assert torch.equal(grid.quantize(step).to(torch.int64), forced[:, t:t + 1]), f"step {t}"
+
+
+def test_simulated_model_audits_honest(simulated):
+    """``simulate: integer`` with every site on its reader's grid (the encoder's per-layer outputs,
+    the decoder's entry stream and residual adds, the logits) is honest: its integer kernels run
+    on integer dtypes from quantized codes, every swapped module runs."""
+    qmodel, _, net_input = simulated
+    report = qswap.audit(qmodel, net_input)
+    assert report.honest, [(v.module, v.op, v.operand) for v in report.violations[:5]]
+    assert report.totals["kernel_internal"] > 0
