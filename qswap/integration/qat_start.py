@@ -26,12 +26,14 @@ def convert_command(recipe_arg: Any, float_checkpoint: Any = None, data: Any = N
             f"--data {data or 'DATA'} --calib-batches 4 -o QCKPT")
 
 
-def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = None, data: Any = None) -> Any:
+def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = None, data: Any = None,
+                    float_checkpoint: Any = None) -> Any:
     """``data=`` for ``qswap.convert`` of a model fairseq-train builds for QAT: None when the
     recipe's transforms need no statistics; ``STRUCTURE_ONLY`` when ``finetune_from`` is a qswap
     checkpoint written with this very recipe (its state holds the folded weights and the
     calibrated quantizers). Otherwise a ConvertError naming the ``qswap convert`` command to run
-    (``recipe_arg``, ``data``: the recipe name or path and the data directory it shows)."""
+    (``recipe_arg``, ``data``, ``float_checkpoint``: the recipe name or path, the data directory
+    and the float checkpoint it shows)."""
     if not needs_data(recipe.transforms):
         return None
     recipe_arg = recipe_arg or recipe.name
@@ -40,7 +42,7 @@ def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = Non
             f"model fairseq-train builds (random weights) does not have")
     if not finetune_from:
         raise ConvertError(f"{what}; convert the trained float checkpoint first, "
-                           f"`{convert_command(recipe_arg, data=data)}`, and fine-tune from it "
+                           f"`{convert_command(recipe_arg, float_checkpoint, data)}`, and fine-tune from it "
                            f"(--finetune-from-model QCKPT)")
     stored = _stored_recipe(finetune_from)
     if stored is None:
@@ -51,7 +53,7 @@ def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = Non
         raise ConvertError(f"{what}; --finetune-from-model {finetune_from} was converted with recipe "
                            f"{stored.name}, not with this one (its folded weights and grids would not "
                            f"be this recipe's); convert the float checkpoint with this recipe, "
-                           f"`{convert_command(recipe_arg, data=data)}`")
+                           f"`{convert_command(recipe_arg, float_checkpoint, data)}`")
     return STRUCTURE_ONLY
 
 
