@@ -23,7 +23,7 @@ import torch
 from fairseq.tasks import TASK_REGISTRY, register_task
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
 from fairseq.tasks.speech_to_text import SpeechToTextTask
-from omegaconf import OmegaConf
+from omegaconf import II, OmegaConf
 
 import qswap
 from qswap.transforms import STRUCTURE_ONLY
@@ -155,6 +155,9 @@ class AudioFinetuningQswapConfig(AudioFinetuningConfig):
     qswap_calib_batches: int = field(default=0, metadata={"help": HELP["calib"]})
     qswap_audit: bool = field(default=False, metadata={"help": HELP["audit"]})
     qswap_strict: bool = field(default=False, metadata={"help": HELP["strict"]})
+    # fairseq's own --finetune-from-model (no option of its own: fairseq skips an interpolated
+    # field without help), which build_model reads for a recipe with data-dependent transforms
+    finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
 
 
 class AudioFinetuningQswapTask(QswapTaskMixin, AudioFinetuningTask):
