@@ -11,9 +11,21 @@ what comes after it: dev WER of the saved checkpoints, the shipped QAT checkpoin
 ``train`` fine-tunes the shipped float checkpoint converted with ``--recipe`` (default
 ``w4a4_edges8_lsq``: w4a4_edges8 with learned activation scales): the first ``--calib-batches``
 training batches calibrate every activation grid (zero gradient), then fairseq's Adam trains the
-weights and the LSQ scales together. ``ship`` picks the checkpoint with the lowest dev WER (never
-a test set) and stores it as a qswap checkpoint (float16 storage of the float weights, quantizer
-state in float32) that ``qswap eval`` loads as it is.
+weights and the LSQ scales together. A recipe whose transforms need activation statistics
+(``w4a4_edges8_stream_smoothquant_lsq``: SmoothQuant folded offline) cannot be applied to the
+model fairseq-train builds: ``--from-qckpt QCKPT`` fine-tunes from the checkpoint ``qswap convert``
+wrote with that recipe (transforms folded into the shipped weights with real calibration
+statistics, every grid calibrated; those grids are the LSQ start, ``--calib-batches`` is skipped);
+without it ``train`` stops and names the command. Calibrated as the PTQ row it is compared with::
+
+    qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe w4a4_edges8_stream_smoothquant_lsq \
+        --data qswap/assets/s2t_demo --calib-subset train_calib --calib-batches 4 -o QCKPT
+    .venv/bin/python tools/qat_train.py train --data DATA --save-dir RUN \
+        --recipe w4a4_edges8_stream_smoothquant_lsq --from-qckpt QCKPT
+
+``ship`` picks the checkpoint with the lowest dev WER (never a test set) and stores it as a
+qswap checkpoint (float16 storage of the float weights, quantizer state in float32) that
+``qswap eval`` loads as it is.
 """
 from __future__ import annotations
 
@@ -42,7 +54,7 @@ def train_command(a: argparse.Namespace) -> list[str]:
     """The fairseq-train command line of the QAT run."""
     import qswap
 
-    ckpt = ASSET / "checkpoint.pt"
+    ckpt = Path(getattr(a, "from_qckpt", None) or ASSET / "checkpoint.pt")
     return [str(BIN / "fairseq-train"), str(a.data), "--user-dir", qswap.plugin_dir(),
             "--task", "speech_to_text_qswap", "--qswap-recipe", a.recipe,
             "--qswap-calib-batches", str(a.calib_batches), "--finetune-from-model", str(ckpt),
@@ -70,7 +82,22 @@ def use_shipped_tokenizer(data: Path) -> None:
     shutil.copyfile(ASSET / MODEL_FILES[0], data / MODEL_FILES[0])
 
 
+def check_start(a: argparse.Namespace) -> None:
+    """Refuse (ConvertError naming the qswap convert command) a recipe whose transforms need
+    activation statistics unless ``--from-qckpt`` is a checkpoint converted with it."""
+    import qswap
+    from qswap.errors import ConvertError
+    from qswap.integration.qat_start import converted_start
+
+    try:
+        converted_start(qswap.load_recipe(a.recipe), a.from_qckpt, recipe_arg=a.recipe, data=a.data,
+                        float_checkpoint=ASSET / "checkpoint.pt")
+    except ConvertError as exc:
+        raise ConvertError(f"{exc}; then run train with --from-qckpt QCKPT") from None
+
+
 def do_train(a: argparse.Namespace) -> int:
+    check_start(a)
     use_shipped_tokenizer(Path(a.data))
     Path(a.save_dir).mkdir(parents=True, exist_ok=True)
     cmd = train_command(a)
@@ -329,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--data", required=True, type=Path)
     t.add_argument("--save-dir", required=True)
     t.add_argument("--recipe", default=str(REPO / "recipes" / "w4a4_edges8_lsq.yaml"))
+    t.add_argument("--from-qckpt", type=Path, help="fine-tune from this qswap checkpoint (qswap convert with "
+                   "--recipe) instead of the shipped float one; needed when the recipe's transforms need data")
     t.add_argument("--calib-batches", type=int, default=4)
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--warmup", type=int, default=20)
@@ -351,7 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--out", default=str(REPO / "docs" / "qat.md"))
     o.add_argument("--log-out", default=str(REPO / "docs" / "qat_w4a4_edges8.log"))
     a = p.parse_args(argv)
-    return {"train": do_train, "dev": do_dev, "ship": do_ship, "doc": do_doc}[a.cmd](a)
+    from qswap.errors import QswapError
+    try:
+        return {"train": do_train, "dev": do_dev, "ship": do_ship, "doc": do_doc}[a.cmd](a)
+    except QswapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

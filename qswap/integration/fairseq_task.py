@@ -3,9 +3,12 @@
 
 ``build_model`` converts the freshly built model with ``--qswap-recipe`` (so ``fairseq-train``
 trains the fake-quant model: QAT with straight-through / LSQ gradients, and a checkpoint it saves
-loads back into the same quantized model in ``fairseq-generate``); ``train_step`` calibrates
-the activation quantizers on the first ``--qswap-calib-batches`` training batches, then freezes
-them (synchronized across DDP workers); ``build_generator`` prints the honesty verdict first
+loads back into the same quantized model in ``fairseq-generate``); a recipe whose transforms need
+activation statistics (smoothquant) trains only from ``--finetune-from-model QCKPT``, a checkpoint
+``qswap convert`` wrote with that recipe (``qswap.integration.qat_start``). ``train_step``
+calibrates the activation quantizers on the first ``--qswap-calib-batches`` training batches,
+then freezes them (synchronized across DDP workers); a model whose grids are already calibrated
+and frozen (such a QCKPT, a resumed run) skips it: its LSQ scales start from the stored grids; ``build_generator`` prints the honesty verdict first
 when ``--qswap-audit`` is given.
 """
 # no ``from __future__ import annotations`` here: fairseq builds the command-line options of
@@ -20,12 +23,13 @@ import torch
 from fairseq.tasks import TASK_REGISTRY, register_task
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
 from fairseq.tasks.speech_to_text import SpeechToTextTask
-from omegaconf import OmegaConf
+from omegaconf import II, OmegaConf
 
 import qswap
 from qswap.transforms import STRUCTURE_ONLY
 from qswap.calibrate import activation_quantizers, freeze_observed
 from qswap.integration.data import resolve_audio_root
+from qswap.integration.qat_start import converted_start
 
 logger = logging.getLogger("qswap")
 
@@ -54,9 +58,13 @@ class QswapTaskMixin:
         if OmegaConf.is_config(recipe):  # a qswap checkpoint stores the recipe itself in its cfg
             recipe = OmegaConf.to_container(recipe, resolve=True)
         # a checkpoint's state holds transformed weights; a recipe whose transforms need activation
-        # statistics cannot be applied to a freshly built model here (ConvertError says so)
+        # statistics is applied to a freshly built model only to fine-tune from a qswap checkpoint
+        # converted with it (--finetune-from-model QCKPT; else a ConvertError saying what to run)
+        data = STRUCTURE_ONLY if from_checkpoint else converted_start(
+            qswap.load_recipe(recipe), getattr(opts, "finetune_from_model", None),
+            recipe_arg=recipe if isinstance(recipe, str) else None, data=getattr(opts, "data", None))
         model = qswap.convert(model, recipe, inplace=True, strict=getattr(opts, "qswap_strict", False) or None,
-                              data=STRUCTURE_ONLY if from_checkpoint else None)
+                              data=data)
         counts = model.qswap_report.counts()
         logger.info(f"qswap: converted with recipe {model.qswap_recipe.name}: {counts['quantized']} "
                     f"modules quantized, {counts['float']} left float, {counts['skipped']} skipped")
@@ -147,6 +155,9 @@ class AudioFinetuningQswapConfig(AudioFinetuningConfig):
     qswap_calib_batches: int = field(default=0, metadata={"help": HELP["calib"]})
     qswap_audit: bool = field(default=False, metadata={"help": HELP["audit"]})
     qswap_strict: bool = field(default=False, metadata={"help": HELP["strict"]})
+    # fairseq's own --finetune-from-model (no option of its own: fairseq skips an interpolated
+    # field without help), which build_model reads for a recipe with data-dependent transforms
+    finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
 
 
 class AudioFinetuningQswapTask(QswapTaskMixin, AudioFinetuningTask):

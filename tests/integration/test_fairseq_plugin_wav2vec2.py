@@ -249,6 +249,24 @@ def test_audio_finetuning_options_parse_from_the_dataclass():
     assert "qswap recipe (shipped name such as w8a8" in parser.format_help()
 
 
+def test_audio_finetuning_task_sees_fairseqs_finetune_from_model(tmp_path):
+    """build_model reads --finetune-from-model (a recipe with data-dependent transforms trains only
+    from a qswap convert checkpoint): the dataclass task's cfg takes it from fairseq's checkpoint
+    section, through the config fairseq-train builds."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf, merge_with_parent
+    from fairseq.tasks import TASK_DATACLASS_REGISTRY
+
+    from qswap.integration.fairseq_task import register_tasks
+    register_tasks()
+    argv = [str(tmp_path), "--task", "audio_finetuning_qswap", "--arch", "wav2vec_ctc", "--labels", "ltr"]
+    for extra, want in (([], None), (["--finetune-from-model", "qckpt.pt"], "qckpt.pt")):
+        parser = options.get_training_parser()
+        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv + extra))
+        task_cfg = merge_with_parent(TASK_DATACLASS_REGISTRY["audio_finetuning_qswap"](), cfg.task)
+        assert task_cfg.finetune_from_model == want
+
+
 def test_qswap_loads_the_checkpoint_without_trust(trained):
     from qswap.integration.data import load_model_and_task
 

@@ -53,3 +53,30 @@ def test_docs_qat_comparison_is_the_committed_eval_results():
     docs = Path(qat_train.REPO) / "docs"
     rows, _ = qat_train.comparison(docs / "qat")
     assert len(rows) == 2 and all(row in (docs / "qat.md").read_text() for row in rows)
+
+
+def test_train_refuses_a_smoothquant_recipe_without_a_converted_checkpoint(tmp_path, capsys):
+    """SmoothQuant's factors come from activation statistics: train names the qswap convert command
+    (from the shipped float checkpoint) and --from-qckpt instead of starting fairseq-train."""
+    recipe = "w4a4_edges8_stream_smoothquant_lsq"
+    code = qat_train.main(["train", "--data", str(tmp_path / "data"), "--save-dir", str(tmp_path / "run"),
+                           "--recipe", recipe])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: recipe w4a4_edges8_stream_smoothquant_lsq: its transforms")
+    assert f"qswap convert {qat_train.ASSET / 'checkpoint.pt'} --recipe {recipe} --data {tmp_path / 'data'}" in err
+    assert "--from-qckpt QCKPT" in err
+    assert not (tmp_path / "run").exists()
+    code = qat_train.main(["train", "--data", str(tmp_path / "data"), "--save-dir", str(tmp_path / "run"),
+                           "--recipe", recipe, "--from-qckpt", str(qat_train.ASSET / "checkpoint.pt")])
+    assert code == 2 and "is a float checkpoint; convert it first" in capsys.readouterr().err
+
+
+def test_train_command_fine_tunes_from_the_converted_checkpoint(tmp_path):
+    qckpt = qat_train.SHIPPED_QAT  # a qswap checkpoint of the shipped architecture
+    a = Namespace(data=tmp_path / "data", save_dir=tmp_path / "run", recipe="w4a4_edges8_stream_smoothquant_lsq",
+                  calib_batches=4, lr=3e-4, warmup=20, max_tokens=6000, max_update=100, hours=0.5, save_every=50,
+                  from_qckpt=qckpt)
+    cmd = qat_train.train_command(a)
+    flag = {k: v for k, v in zip(cmd, cmd[1:]) if k.startswith("--")}
+    assert Path(flag["--finetune-from-model"]) == qckpt
+    assert flag["--encoder-embed-dim"] == "176"  # read from the qswap checkpoint's cfg

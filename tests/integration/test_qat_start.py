@@ -1,0 +1,99 @@
+"""QAT of a recipe with a data-dependent transform (smoothquant) through fairseq-train: the run
+fine-tunes from a checkpoint `qswap convert` wrote with the recipe (folded weights, calibrated
+grids), the plugin converts the built model with the transforms' structure only and does not
+re-calibrate; without such a checkpoint the run stops with a ConvertError naming the command."""
+import os
+import subprocess
+
+import pytest
+import torch
+
+import qswap
+from fairseq_run import BIN, SMALL, TRAIN, run_tool
+from qswap.errors import ConvertError
+from qswap.integration.qat_start import converted_start
+from qswap.transforms import STRUCTURE_ONLY
+
+RECIPE = "w4a4_edges8_stream_smoothquant_lsq"
+LR = 1e-3  # TRAIN's Adam learning rate: two updates move no weight by much more than 2 * LR
+
+
+def _train_args(root, data, save_dir, finetune_from):
+    return [data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap", "--qswap-recipe", RECIPE,
+            "--qswap-calib-batches", "2", *SMALL, *TRAIN, "--batch-size", "3", "--max-update", "2",
+            "--finetune-from-model", finetune_from, "--save-dir", save_dir]
+
+
+@pytest.fixture(scope="module")
+def converted(float_checkpoint, tmp_path_factory):
+    from qswap.cli import main
+
+    root, data, float_ckpt = float_checkpoint
+    qckpt = tmp_path_factory.mktemp("qat_start") / "smoothquant_lsq.pt"
+    assert main(["convert", str(float_ckpt), "--recipe", RECIPE, "--data", str(data), "--calib-batches", "2",
+                 "--max-sentences", "4", "-o", str(qckpt)]) == 0
+    return root, data, float_ckpt, qckpt
+
+
+def _state(path):
+    return torch.load(path, weights_only=False, map_location="cpu")["model"]
+
+
+def test_fine_tunes_the_converted_weights_and_keeps_their_grids(converted, tmp_path):
+    from qswap.cli import main
+    from qswap.integration.data import load_model_and_task
+
+    root, data, float_ckpt, qckpt = converted
+    log = run_tool("fairseq-train", *_train_args(root, data, tmp_path / "qat", qckpt), cwd=root)
+    assert f"qswap: converted with recipe {RECIPE}" in log
+    assert "calibrated and froze" not in log  # the converted checkpoint's grids are the LSQ start
+    assert "num_updates 2" in log or "num_updates=2" in log
+    flt, conv, qat = _state(float_ckpt), _state(qckpt), _state(tmp_path / "qat" / "checkpoint_last.pt")
+    # the pre-norm LayerNorms hold SmoothQuant's factors: folded by qswap convert (far from the
+    # float weights), then trained (moved, a little) from those, not folded again nor random
+    norms = [k for k in flt if k.endswith("self_attn_layer_norm.weight")]
+    assert norms
+    for k in norms:
+        folded = (conv[k] - flt[k]).abs().max()
+        trained = (qat[k] - conv[k]).abs().max()
+        assert folded > 20 * LR, k
+        assert 0 < trained < 5 * LR, (k, float(trained), float(folded))
+    # the learned (LSQ) activation scales moved from the calibrated ones; the activation ranges
+    # observed by qswap convert did not (weight and bias grids follow their parameters)
+    scales = [k for k in conv if k.endswith("input_quant.scale") and conv[k].numel()]
+    assert scales and any(not torch.equal(qat[k], conv[k]) for k in scales)
+    assert all((qat[k] - conv[k]).abs().max() < 5 * LR for k in scales)
+    observed = [k for k in conv if k.endswith(("observer.min_val", "observer.max_val"))
+                and not k.split(".observer")[0].endswith(("weight_quant", "bias_quant"))]
+    assert observed and all(torch.equal(qat[k], conv[k]) for k in observed)
+    assert all(bool(qat[k]) for k in qat if k.endswith("input_quant.frozen"))
+    # the saved checkpoint loads back as the quantized model, and qswap eval decodes with it
+    model, _ = load_model_and_task(tmp_path / "qat" / "checkpoint_last.pt", data)
+    assert model.qswap_recipe.name == RECIPE
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], qat[k].to(loaded[k].dtype)) for k in norms)
+    assert main(["eval", str(tmp_path / "qat" / "checkpoint_last.pt"), "--data", str(data), "--beam", "2",
+                 "--json", str(tmp_path / "qat.json")]) == 0
+
+
+def test_fairseq_train_from_the_float_checkpoint_names_the_convert_command(converted, tmp_path):
+    root, data, float_ckpt, _ = converted
+    proc = subprocess.run([str(BIN / "fairseq-train"), *map(str, _train_args(root, data, tmp_path / "qat", float_ckpt))],
+                          cwd=root, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("qswap.errors.ConvertError: ")
+    assert f"qswap convert {float_ckpt} --recipe {RECIPE} --data {data}" in last
+    assert not (tmp_path / "qat" / "checkpoint_last.pt").exists()
+
+
+def test_a_checkpoint_converted_with_another_recipe_is_refused(converted):
+    _, _, float_ckpt, qckpt = converted
+    recipe = qswap.load_recipe(RECIPE)
+    assert converted_start(recipe, qckpt) is STRUCTURE_ONLY
+    with pytest.raises(ConvertError, match=f"first, `qswap convert FLOAT_CHECKPOINT --recipe {RECIPE} .*`, and fine-tune from it"):
+        converted_start(recipe, None)
+    other = qswap.load_recipe("w4a4_edges8_stream_smoothquant")  # the same fold, fixed activation scales
+    with pytest.raises(ConvertError, match=f"converted with recipe {RECIPE}, not with this one"):
+        converted_start(other, qckpt)
+    assert converted_start(qswap.load_recipe("w4a4_edges8_lsq"), None) is None  # no statistics needed
