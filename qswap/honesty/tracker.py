@@ -26,8 +26,8 @@ from qswap.honesty import classify as C
 from qswap.honesty import ops as O
 from qswap.honesty.findings import Findings
 from qswap.honesty.values import MAX_CHECKED_BITS, on_uniform_grid
-from qswap.honesty.tags import (ACC, CONST, FLOAT, KERNEL, PARAM, QUANT, UNSEEN, GridInfo, Tag, off_grid_count,
-                                on_grid_per_tensor)
+from qswap.honesty.tags import (ACC, CONST, FLOAT, KERNEL, PARAM, QUANT, UNSEEN, GridInfo, Scratch, Tag,
+                                off_grid_count, on_grid_per_tensor)
 from qswap.nn.base import QuantModule
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
@@ -69,6 +69,7 @@ class Tracker(TorchDispatchMode):
         self._unobserved = None  # the guard that switches dispatch off inside a quantizer
         self._next_call = 0
         self._verified = _TagMap()  # quantizer output -> (path, _version) checked
+        self._scratch = Scratch()  # the on-grid checks' buffer
         self._handles: list = []
         self.hooked: dict[int, tuple] = {}  # id(module) -> (path, module) of every module attach hooked
         self._rules: dict = {}  # id(OpOverload) -> its rule (OpOverload.__hash__ is Python code)
@@ -199,7 +200,7 @@ class Tracker(TorchDispatchMode):
         with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the check is not the model's)
             step = (float(scale), 0.0 if zp is None else float(zp)) if scale.numel() == 1 else (None, 0.0)
             if step[0] is not None and on_grid_per_tensor(out, step[0], step[1], qmin, qmax,
-                                                          _inverse(q, step[0])):
+                                                          _inverse(q, step[0]), self._scratch):
                 off = 0
             else:
                 zp = torch.zeros_like(scale) if zp is None else zp
