@@ -574,20 +574,27 @@ def _decode_profile(b: Bench, steps: int) -> str:
 
 
 # -- running and reporting ---------------------------------------------------------------------------
-def run_model(key: str, sizes: Sizes, log: Callable[[str], None]) -> dict:
+def run_model(key: str, sizes: Sizes, log: Callable[[str], None], only: list[str] | None = None) -> dict:
+    """Every measure on model ``key`` (``only``: just these, without the honesty verdicts and the
+    profiles of missed targets)."""
     b = make_bench(key, sizes)
     log(f"{b.label}: {b.parameters / 1e6:.1f}M parameters")
     result: dict[str, Any] = {"label": b.label, "parameters": b.parameters, "frames": b.frames}
-    for name, fn in (("convert", measure_convert), ("forward", measure_forward),
-                     ("decode", measure_decode), ("qat_decode", measure_qat_decode),
-                     ("calibration", measure_calibration),
-                     ("audit", measure_audit), ("integer", measure_integer)):
+    for name, fn in MEASURES.items():
+        if only is not None and name not in only:
+            continue
         t0 = time.perf_counter()
         result.update(fn(b, sizes))
         log(f"  {name}: done in {time.perf_counter() - t0:.0f} s")
-    result["honesty"] = honesty(b)
-    result["profiles"] = profiles_for_misses(b, result)
+    if only is None:
+        result["honesty"] = honesty(b)
+        result["profiles"] = profiles_for_misses(b, result)
     return result
+
+
+MEASURES = {"convert": measure_convert, "forward": measure_forward, "decode": measure_decode,
+            "qat_decode": measure_qat_decode, "calibration": measure_calibration, "audit": measure_audit,
+            "integer": measure_integer}
 
 
 def table(results: dict[str, dict]) -> str:
@@ -595,6 +602,8 @@ def table(results: dict[str, dict]) -> str:
     head = "| measure | target | " + " | ".join(results[k]["label"] for k in keys) + " | met? |"
     lines = [head, "|---|---|" + "---|" * len(keys) + "---|"]
     for name, t in TARGETS.items():
+        if any(name not in results[k] for k in keys):
+            continue  # not measured (``--only``)
         values = [results[k][name] for k in keys]
         met = "yes" if all(t.ok(v, k) for v, k in zip(values, keys)) else "**no**"
         lines.append(f"| {t.measure} | {t.target} | " + " | ".join(t.fmt.format(v) for v in values)
@@ -676,7 +685,7 @@ def explain(name: str, r: dict) -> str:
                  f"({paths_w8a8 / r['audit_float_forward_s']:.2f}× one float forward: a batch forward, "
                  "`get_normalized_probs` and 3 decoding steps); the rest is the audit's own work "
                  "(`qswap/honesty`: module hooks, a Python dispatch-mode handler per aten op, the "
-                 "on-grid check of every quantizer output in 5 passes, kept weights included: "
+                 "on-grid check of every quantizer output in 5 or 6 vectorized passes, kept weights included: "
                  "one written through `.data` bumps no version counter). By Python function:",
         "convert": "By Python function:",
         "convert_memory": "",
@@ -719,6 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="first wait up to this long for no other process to use a fifth of a core")
+    ap.add_argument("--only", metavar="MEASURES",
+                    help=f"comma-separated measures to run, of: {', '.join(MEASURES)} (prints only; "
+                         "e.g. --only audit --models s: the audit time against one float forward)")
     ap.add_argument("--convert-memory", metavar="MODEL", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.convert_memory:
@@ -735,7 +747,18 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     busy = wait_idle(args.wait_idle, log)
     snapshot, wall0 = cpu_snapshot(), time.perf_counter()
-    results = {key: run_model(key, sizes, log) for key in args.models.split(",")}
+    only = args.only.split(",") if args.only else None
+    if only is not None and not set(only) <= set(MEASURES):
+        ap.error(f"--only takes measures of: {', '.join(MEASURES)}")
+    results = {key: run_model(key, sizes, log, only) for key in args.models.split(",")}
+    if only is not None:
+        print(table(results))
+        if "audit" in only:
+            print("\n".join(f"{r['label']}: audit {_ms(r['audit_s'])}, float forward "
+                            f"{_ms(r['audit_float_forward_s'])}, {r['audit']:.2f}x" for r in results.values()))
+        if args.json:
+            args.json.write_text(json.dumps({"results": results}, indent=1, default=str) + "\n")
+        return 0
     env = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "wall_s": time.perf_counter() - wall0, "others_cpu_s": others_cpu_seconds(snapshot, cpu_snapshot()),
            "busy_before": busy, "busy_after": busy_processes()}

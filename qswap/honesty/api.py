@@ -1,7 +1,9 @@
 """``qswap.audit(model, inputs)``: run the inference paths under the tracker, return a report."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,7 +61,7 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
     try:
         tracker.attach(model, named)
         tracker.tag_inputs(inputs)
-        with torch.no_grad(), tracker, watch_threads(tracker):
+        with torch.no_grad(), _collector_paused(), tracker, watch_threads(tracker):
             kind = _run(model, inputs, tracker, decode_steps)
     finally:
         tracker.detach()
@@ -79,6 +81,23 @@ def _run(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int) -> 
         where = tracker.findings.paths[-1].name if tracker.findings.paths else "setup"
         raise AuditError(f"the model failed on the '{where}' path with these inputs: "
                          f"{type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for the run, as it was afterwards. The audit keeps a
+    tag per tensor the run makes, alive until the run ends: thousands of objects that survive
+    the young collections and so trigger, every few audits, a full one, which walks every
+    object of the process (a fairseq model's thousands of modules too) and can cost a large
+    share of an audit. Garbage in reference cycles the run makes waits for the first
+    collection after it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _prepare(model: nn.Module, modules: list[nn.Module]):

@@ -33,6 +33,7 @@ QUANT, ACC, KERNEL, FLOAT, PARAM, CONST, INDEX = "quant", "acc", "kernel", "floa
 # be at most ATOL + RTOL * |code| (float32 rounding of (code - zp) * scale, read back).
 ATOL, RTOL = 1e-3, 2.0 ** -18
 _ZERO = torch.zeros(())  # + steps * scale: a product without casting a Python float per call
+_LARGE = 4096  # elements from which ``on_grid_per_tensor`` compares by min/max in a reused buffer
 
 
 @dataclass(frozen=True)
@@ -133,19 +134,52 @@ def off_grid_count(y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 
 
 def on_grid_per_tensor(y: torch.Tensor, scale: float, zp: float, qmin: int, qmax: int,
-                       inverse: torch.Tensor | None = None) -> bool:
+                       inverse: torch.Tensor | None = None, scratch: "Scratch | None" = None) -> bool:
     """A quick proof that every value of a float32 ``y`` is ``(code - zp) * scale`` for an
-    integer code in [qmin, qmax] (False: not proven; count with ``off_grid_count``). Five
-    kernels and no host sync: rounding ``y / scale`` to a code, clamping it into the range and
-    multiplying back gives a grid point, so ``y`` equal to that everywhere is on the grid (a
-    value out of range is clamped, changes, and fails the comparison). ``inverse``: ``1 / scale``
-    as a 0-d float32 tensor (a quantizer's own, saving a cast per call); whatever its value, only
-    grid points pass."""
+    integer code in [qmin, qmax] (False: not proven; count with ``off_grid_count``). Rounding
+    ``y / scale`` to a code, clamping it into the range and multiplying back gives a grid point,
+    so ``y`` equal to that everywhere is on the grid (a value out of range is clamped, changes,
+    and fails the comparison). No host sync for a small ``y``; a large one is compared by the
+    difference's minimum and maximum, both exactly 0 (a NaN or an infinity in ``y`` makes them
+    NaN or infinite): ``torch.equal`` is a scalar loop, several times slower there, and a large
+    ``y``'s passes write into ``scratch`` (``Scratch``), if given, rather than a fresh buffer.
+    ``inverse``: ``1 / scale`` as a 0-d float32 tensor (a quantizer's own, saving a cast per
+    call); whatever its value, only grid points pass."""
     if y.dtype != torch.float32 or zp != round(zp) or not 0 < scale < math.inf or qmax - qmin >= 2 ** 24:
         return False
-    steps = torch.mul(y.detach(), 1.0 / scale if inverse is None else inverse)
+    y = y.detach()
+    large = y.numel() >= _LARGE
+    out = scratch.like(y) if large and scratch is not None else None
+    steps = torch.mul(y, 1.0 / scale if inverse is None else inverse, out=out)
     steps.round_().clamp_(qmin - zp, qmax - zp)
-    return torch.equal(torch.add(_ZERO, steps, alpha=scale, out=steps), y)  # steps * scale, no cast
+    torch.add(_ZERO, steps, alpha=scale, out=steps)  # the grid points: steps * scale, no cast
+    if not large:
+        return torch.equal(steps, y)
+    lo, hi = torch.aminmax(steps.sub_(y))  # a - b is 0 only where a == b (gradual underflow, torch's default)
+    return lo.item() == 0 and hi.item() == 0
+
+
+class Scratch:
+    """One float32 buffer that the on-grid checks of an audit write into: a fresh
+    multi-megabyte tensor per check costs more in page faults than the check's arithmetic.
+    Its views are kept per shape (making a view costs more than a small check)."""
+
+    __slots__ = ("_buffer", "_views")
+
+    def __init__(self):
+        self._buffer = torch.empty(0)
+        self._views: dict = {}
+
+    def like(self, y: torch.Tensor) -> torch.Tensor:
+        """A contiguous float32 tensor of ``y``'s shape on its device, its values undefined."""
+        view = self._views.get((y.shape, y.device))
+        if view is None:
+            n = y.numel()
+            if self._buffer.numel() < n or self._buffer.device != y.device:
+                self._buffer = torch.empty(n, dtype=torch.float32, device=y.device)
+                self._views.clear()
+            view = self._views[(y.shape, y.device)] = self._buffer[:n].view(y.shape)
+        return view
 
 
 def _on_grid_per_tensor(values: torch.Tensor, scale: float, zp: float, qmin: int, qmax: int) -> bool:

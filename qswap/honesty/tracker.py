@@ -26,8 +26,8 @@ from qswap.honesty import classify as C
 from qswap.honesty import ops as O
 from qswap.honesty.findings import Findings
 from qswap.honesty.values import MAX_CHECKED_BITS, on_uniform_grid
-from qswap.honesty.tags import (ACC, CONST, FLOAT, KERNEL, PARAM, QUANT, UNSEEN, GridInfo, Tag, off_grid_count,
-                                on_grid_per_tensor)
+from qswap.honesty.tags import (ACC, CONST, FLOAT, KERNEL, PARAM, QUANT, UNSEEN, GridInfo, Scratch, Tag,
+                                off_grid_count, on_grid_per_tensor)
 from qswap.nn.base import QuantModule
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
@@ -69,10 +69,12 @@ class Tracker(TorchDispatchMode):
         self._unobserved = None  # the guard that switches dispatch off inside a quantizer
         self._next_call = 0
         self._verified = _TagMap()  # quantizer output -> (path, _version) checked
+        self._scratch = Scratch()  # the on-grid checks' buffer
         self._handles: list = []
         self.hooked: dict[int, tuple] = {}  # id(module) -> (path, module) of every module attach hooked
         self._rules: dict = {}  # id(OpOverload) -> its rule (OpOverload.__hash__ is Python code)
         self._labels: dict = {}  # QuantSpec -> its short label
+        self._grid_tags: dict = {}  # what a checked quantizer output's tag says -> that tag
         self._inplace: dict = {}  # id(OpOverload) -> whether it writes its first argument
 
     # -- module hooks ----------------------------------------------------------------------------
@@ -177,8 +179,9 @@ class Tracker(TorchDispatchMode):
         if isinstance(q, FakeQuantize):
             if not q.enabled:
                 return  # a disabled quantizer returns its input: that site is float
-            spec, scale, zp, qmin, qmax = q.spec, q.scale, q.zero_point, q.spec.qmin, q.spec.qmax
-            bits, label = spec.bits, self._labels.get(spec)
+            spec = q.spec
+            scale, zp = q.grid_tensors()[:2] if type(q) is FakeQuantize else (q.scale, q.zero_point)
+            qmin, qmax, bits, label = spec.qmin, spec.qmax, spec.bits, self._labels.get(spec)
             if label is None:
                 label = self._labels[spec] = spec.short()  # one string per spec, not per call
         else:
@@ -189,7 +192,8 @@ class Tracker(TorchDispatchMode):
                 return
             spec, scale, qmin, qmax, bits, label = None, q.last_scale, q.qmin, q.qmax, 32, "int32 bias"
             zp = None
-        if out.numel() == 0:
+        numel = out.numel()
+        if numel == 0:
             self._set([out], Tag(QUANT, path, GridInfo(path, bits, label)))
             return
         if self._verified.get(out) == (path, out._version):
@@ -199,16 +203,26 @@ class Tracker(TorchDispatchMode):
         with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the check is not the model's)
             step = (float(scale), 0.0 if zp is None else float(zp)) if scale.numel() == 1 else (None, 0.0)
             if step[0] is not None and on_grid_per_tensor(out, step[0], step[1], qmin, qmax,
-                                                          _inverse(q, step[0])):
+                                                          _inverse(q, step[0]), self._scratch):
                 off = 0
             else:
                 zp = torch.zeros_like(scale) if zp is None else zp
                 off = off_grid_count(out, scale, zp, spec, qmin, qmax)
         self._verified[out] = (path, out._version)
-        self._set([out], Tag(QUANT, path, GridInfo(path, bits, label, off == 0, off, out.numel(),
-                                                   step[0], step[1], qmin, qmax)))
+        self._set([out], self._grid_tag(path, bits, label, off, numel, step, qmin, qmax))
         if off:
             self.findings.quantizer_off_grid(path, self.last_quant_op, out, off, label)
+
+    def _grid_tag(self, path: str, bits: int, label: str, off: int, numel: int, step: tuple,
+                  qmin: int, qmax: int) -> Tag:
+        """The tag of a checked quantizer output; one object per distinct tag (tags are frozen):
+        a quantizer's outputs of one size on one grid share it."""
+        key = (path, bits, label, off, numel, step, qmin, qmax)
+        tag = self._grid_tags.get(key)
+        if tag is None:
+            tag = self._grid_tags[key] = Tag(QUANT, path, GridInfo(path, bits, label, off == 0, off, numel,
+                                                                   step[0], step[1], qmin, qmax))
+        return tag
 
     # -- paths -----------------------------------------------------------------------------------
     def path(self, name: str, scope: str = ""):
@@ -349,8 +363,7 @@ class Tracker(TorchDispatchMode):
         fills: tuple = ()
         if O.grid_rule(name, rule) == O.FILL:
             operands, fills = self._fill_values(func, args, kwargs, operands)
-        has_index = any(isinstance(a, torch.Tensor) and not a.is_floating_point()
-                        and a.dtype != torch.bool for a in _flat(args))
+        has_index = _has_index(args)
         tags = [self._tag_of(t) for _, t in operands]
         unseen = [(o, tag) for o, tag in zip(operands, tags) if tag.unseen]
         if unseen:
@@ -359,7 +372,10 @@ class Tracker(TorchDispatchMode):
             if not all(t.kind == C.INDEX for t in tags):
                 self._taint(_int_outputs(out), _rounded(tags[0], self._where(op)))
             return
-        tag = C.combine_movement(tags, has_index, self._where(op), fills)
+        if len(tags) == 1 and not fills and not has_index:
+            tag = tags[0]  # one tensor moved keeps its tag: combine_movement's answer, without its work
+        else:
+            tag = C.combine_movement(tags, has_index, self._where(op), fills)
         if not tags and tainted:  # integers rounded from float data, cast back to float
             tag = self._tag_of(tainted[0][1])
         elif not tags and rule.family == "copy" and any(
@@ -477,6 +493,15 @@ def _int_outputs(out) -> list[torch.Tensor]:
     outs = out if isinstance(out, (list, tuple)) else (out,)
     return [t for t in outs if isinstance(t, torch.Tensor) and not t.is_floating_point()
             and t.dtype != torch.bool]
+
+
+def _has_index(args) -> bool:
+    """Whether an argument (or an element of a list argument) is an integer tensor: an index."""
+    for a in args:
+        for t in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dtype != torch.bool:
+                return True
+    return False
 
 
 def _flat(args):

@@ -72,3 +72,21 @@ def test_a_second_audit_gives_the_first_ones_report(recipe):
     qswap.calibrate(qmodel, [(x,)])
     first, second = qswap.audit(qmodel, (x,)), qswap.audit(qmodel, (x,))
     assert first.to_dict() == second.to_dict()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_audit_leaves_the_garbage_collector_as_it_found_it(enabled):
+    """The collector is paused for the run only (``_collector_paused``), also when the run fails."""
+    import gc
+
+    qmodel, x = _calibrated()
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        assert qswap.audit(qmodel, (x,)).honest
+        assert gc.isenabled() == enabled
+        with pytest.raises(qswap.errors.AuditError):
+            qswap.audit(qmodel, (torch.randn(6, 3),))  # the wrong width: the run fails
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -1,7 +1,7 @@
 """The on-grid check: integer codes within [qmin, qmax], at every granularity."""
 import torch
 
-from qswap.honesty.tags import off_grid_count, on_grid_per_tensor
+from qswap.honesty.tags import _LARGE, Scratch, off_grid_count, on_grid_per_tensor
 from qswap.quant import QuantSpec, choose_qparams, fake_quantize, reduce_min_max
 
 
@@ -62,3 +62,23 @@ def test_the_quick_per_tensor_proof_accepts_only_what_the_exact_count_accepts():
         assert not on_grid_per_tensor(bad, s, z, spec.qmin, spec.qmax)
     assert not on_grid_per_tensor(y.double(), s, z, spec.qmin, spec.qmax)  # float32 only
     assert not on_grid_per_tensor(y, s, z + 0.5, spec.qmin, spec.qmax)  # a fractional zero point
+
+
+def test_the_quick_proof_of_a_large_tensor_in_a_reused_buffer_accepts_only_grid_points():
+    """Large tensors are compared by the difference's min/max in one buffer reused across calls
+    (``Scratch``): each kind of bad value is still caught, whatever the buffer held before."""
+    spec = QuantSpec(bits=8, symmetric=False)
+    scratch = Scratch()
+    for shape in ((64, 128), (3, 50, 100), (64, 128), (5000,)):  # grows, then reuses a view
+        y, scale, zp = _quantized(torch.randn(shape) * 3, spec)
+        s, z = float(scale), float(zp)
+        assert y.numel() >= _LARGE
+        assert on_grid_per_tensor(y, s, z, spec.qmin, spec.qmax, scratch=scratch)
+        flat = y.reshape(-1)
+        for i, bad_value in enumerate((flat[7] + 0.4 * s, (spec.qmax + 3 - z) * s, (spec.qmin - 1 - z) * s,
+                                       float("nan"), float("inf"), float("-inf"))):
+            bad = y.clone()
+            bad.reshape(-1)[-1 - i] = bad_value
+            assert not on_grid_per_tensor(bad, s, z, spec.qmin, spec.qmax, scratch=scratch), bad_value
+            assert off_grid_count(bad, scale, zp, spec, spec.qmin, spec.qmax) == 1
+        assert on_grid_per_tensor(y.t() if y.dim() == 2 else y, s, z, spec.qmin, spec.qmax, scratch=scratch)

@@ -239,3 +239,18 @@ def test_integer_codes_cast_back_are_an_accumulator_a_quantizer_must_take():
     assert found["kept"] == []
     assert found["lost"] and "accumulator" in found["lost"][0].operand
     assert found["raw"] and "accumulator" not in found["raw"][0].operand
+
+
+def test_one_moved_tensor_keeps_its_tag_as_combine_movement_says():
+    """The tracker's shortcut for a movement op of one float operand, no index argument and no
+    fill value (its tag, unchanged) is ``combine_movement``'s answer for every kind of tag."""
+    from qswap.honesty.classify import combine_movement
+    from qswap.honesty.tags import ACC, CONST, FLOAT, INDEX, KERNEL, PARAM, QUANT, UNSEEN, GridInfo, Tag
+
+    grid = GridInfo("q", 8, "int8", step=0.5, qmin=-128, qmax=127)
+    tags = [Tag(QUANT, "q", grid), Tag(QUANT, "q", GridInfo("q", 8, "int8", False, 3, 10)),
+            Tag(ACC, "mm", call=1), Tag(KERNEL, "add", call=2), Tag(FLOAT, "x"), UNSEEN,
+            Tag(PARAM, "w"), Tag(PARAM, "w", lookup=True), Tag(CONST, "c"), Tag(CONST, "c", zero=True),
+            Tag(INDEX, "lengths"), Tag(INDEX, "mask", binary=True)]
+    for tag in tags:
+        assert combine_movement([tag], False, "aten.view at m") == tag, tag
