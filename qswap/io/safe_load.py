@@ -73,7 +73,12 @@ def allowed_globals() -> list:
 
 @contextlib.contextmanager
 def _safe_globals() -> Iterator[None]:
-    with torch.serialization.safe_globals(allowed_globals()):
+    """The allowlist for one load. Only the entries not already allowed are added and removed
+    again: torch's ``safe_globals`` removes on exit every entry it was given, so giving it ones the
+    process had allowed before (the fairseq plugin's ``add_safe_globals``) would take them away
+    from fairseq's own later loads (a fairseq-train run resuming from checkpoint_last.pt)."""
+    before = torch.serialization.get_safe_globals()
+    with torch.serialization.safe_globals([g for g in allowed_globals() if g not in before]):
         yield
 
 

@@ -46,6 +46,20 @@ def test_the_allowlist_is_scoped_to_the_load(shared):
     assert not (after - before) & ours  # none of qswap's entries outlive the load
 
 
+def test_a_load_keeps_what_the_process_allowed_before(shared):
+    """The fairseq plugin allows fairseq's checkpoint classes for the whole process; a qswap load
+    in that process (e.g. the QAT start reading its converted checkpoint) must leave them allowed,
+    or fairseq-train's later resume from checkpoint_last.pt fails on argparse.Namespace."""
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        load_checkpoint(shared.checkpoint("dictconfig"))
+        assert argparse.Namespace in torch.serialization.get_safe_globals()
+    finally:  # the process's allowlist as it was
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
 def test_trust_checkpoint_is_the_opt_in(tmp_path):
     path = tmp_path / "c.pt"
     torch.save({"note": argparse.ArgumentParser}, path)  # a class no checkpoint needs
