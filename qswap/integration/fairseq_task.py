@@ -8,8 +8,8 @@ activation statistics (smoothquant) trains only from ``--finetune-from-model QCK
 ``qswap convert`` wrote with that recipe (``qswap.integration.qat_start``). ``train_step``
 calibrates the activation quantizers on the first ``--qswap-calib-batches`` training batches,
 then freezes them (synchronized across DDP workers); a model whose grids are already calibrated
-and frozen (such a QCKPT, a resumed run) skips it: its LSQ scales start from the stored grids; ``build_generator`` prints the honesty verdict first
-when ``--qswap-audit`` is given.
+and frozen (such a QCKPT, a resumed run) skips it: its LSQ scales start from the stored grids.
+``build_generator`` prints the honesty verdict first when ``--qswap-audit`` is given.
 """
 # no ``from __future__ import annotations`` here: fairseq builds the command-line options of
 # AudioFinetuningQswapConfig from its fields' types and refuses string annotations
