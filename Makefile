@@ -39,7 +39,8 @@ bench: install
 	$(PY) tools/bench.py
 
 # Order: the sensitivity page writes the searched recipe that the demo, the accuracy, integer,
-# strategy and deploy pages evaluate; the QAT page's evals compare against PTQ as the demo runs it.
+# strategy and deploy pages evaluate; the QAT page's evals compare against PTQ of the QAT run's own
+# recipe (the checkpoint `qswap convert` writes, which the run starts from).
 # Not repeated here: the QAT training run (tools/qat_train.py train, hours; its evals against PTQ
 # are, then `tools/qat_train.py doc --save-dir RUN --evals docs/qat` rewrites docs/qat.md from the
 # run's folder) and docs/reliability.md (tools/reliability_table.py reads the training corpus).
@@ -50,9 +51,13 @@ docs: install
 	$(PY) tools/integer_doc.py
 	$(PY) tools/integer_doc.py --layers w4a4_edges8_stream_smoothquant --layers-json docs/stream_integer_layers.json
 	$(PY) tools/strategies.py --qat w4a4_edges8=qswap/assets/s2t_demo/qat_w4a4_edges8.pt
+	$(VENV)/bin/qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe w4a4_edges8_stream_smoothquant_lsq \
+	  --data qswap/assets/s2t_demo --calib-subset train_calib --calib-batches 4 -o build/qat_ptq.pt
 	for s in test test_heldout; do \
-	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe w4a4_edges8 --data qswap/assets/s2t_demo \
-	    --subset $$s --calib-subset train_calib --calib-batches 4 --json docs/qat/ptq_$$s.json && \
+	  $(VENV)/bin/qswap eval build/qat_ptq.pt --data qswap/assets/s2t_demo --subset $$s \
+	    --json docs/qat/ptq_$$s.json && \
+	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe fp32 --data qswap/assets/s2t_demo \
+	    --subset $$s --json docs/qat/float_$$s.json && \
 	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/qat_w4a4_edges8.pt --data qswap/assets/s2t_demo --subset $$s \
 	    --baseline docs/qat/ptq_$$s.json --json docs/qat/qat_$$s.json || exit 1; done
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --threads 2 --repeats 5

@@ -30,7 +30,7 @@ def test_the_file_is_small_and_stores_float16_weights():
 
 def test_it_loads_quantized_with_learned_frozen_scales(loaded):
     model, _ = loaded
-    assert model.qswap_recipe.name == "w4a4_edges8_lsq"
+    assert model.qswap_recipe.name == "w4a4_edges8_stream_smoothquant_lsq"
     quantizers = activation_quantizers(model)
     assert quantizers and all(isinstance(q.scale, torch.nn.Parameter) for q in quantizers)
     assert all(bool(q.frozen) for q in quantizers if q.initialized)

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--integer", action="store_true",
                    help="also integerize each quantized recipe, audit and decode the integer model: integer WER, "
                         "integer - fake-quant with a paired interval, integer-only (slower)")
+    p.add_argument("--quantized", action="append", default=[], metavar="NAME=QCKPT",
+                   help="also a row NAME for a quantized checkpoint (written by qswap convert, or a QAT run's), "
+                        "evaluated as it is; repeatable")
     p.add_argument("--markdown", help="write the table as Markdown here")
     p.add_argument("--json", dest="json_out", help="write the table as JSON here ('-': to stdout, "
                                                    "instead of the terminal table and without progress)")
@@ -30,12 +33,13 @@ def run(args: argparse.Namespace) -> int:
     from qswap.io.atomic import atomic_write_text
 
     to_stdout = args.json_out == "-"
-    names = ["fp32"] + [r for r in args.recipes if r != "fp32"]
+    quantized = quantized_rows(args.quantized)
+    names = ["fp32"] + [r for r in args.recipes if r != "fp32"] + list(quantized)
     with recipe_progress(names, enabled=interactive() and not to_stdout) as progress:
         table = compare(args.checkpoint, args.data, args.recipes, subset=args.subset,
                         calib_subset=args.calib_subset, calib_batches=args.calib_batches, beam=args.beam,
                         max_sentences=args.max_sentences, trust_checkpoint=args.trust_checkpoint,
-                        integer=args.integer, progress=progress)
+                        integer=args.integer, quantized=quantized, progress=progress)
     if to_stdout:
         print(json_text(table.to_dict()), end="")
     else:
@@ -45,6 +49,26 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out and not to_stdout:
         atomic_write_text(args.json_out, json_text(table.to_dict()))
     return 0
+
+
+def quantized_rows(items: list[str]) -> dict[str, str]:
+    """``--quantized NAME=QCKPT`` arguments as {name: path}; a UsageError names a malformed one or a
+    missing file."""
+    from pathlib import Path
+
+    from qswap.errors import DataError
+
+    rows: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DataError(f"--quantized takes NAME=QCKPT (a row name and a quantized checkpoint), got {item!r}")
+        if name in rows:
+            raise DataError(f"--quantized: the row name {name!r} is given twice")
+        if not Path(path).is_file():
+            raise DataError(f"--quantized {item}: no file {path}; write one with qswap convert CKPT --recipe R -o QCKPT")
+        rows[name] = path
+    return rows
 
 
 def render_comparison(table):

@@ -217,10 +217,14 @@ def evaluate_integer(qmodel, task, samples: list[dict], audit_input: dict, fake_
 def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "test",
             calib_subset: str = "train", calib_batches: int = 8, beam: int = 5,
             max_sentences: int = 32, trust_checkpoint: bool = False, bootstrap: Bootstrap = Bootstrap(),
-            integer: bool = False, progress: Callable[[str, str, int, int], None] | None = None) -> Comparison:
+            integer: bool = False, quantized: dict[str, str] | None = None,
+            progress: Callable[[str, str, int, int], None] | None = None) -> Comparison:
     """One row per recipe; the float model (recipe fp32) is always evaluated first as the reference.
     ``integer``: each quantized row also gets its integer model's WER, the paired difference
     integer - fake-quant and the integer audit's verdict (``Row.integer``).
+    ``quantized``: row name -> a quantized checkpoint (``qswap convert``'s, or a QAT run's): rows
+    after the recipes', each loaded as it is (its own recipe and grids, no calibration), audited
+    and decoded as the others.
     ``progress(recipe, stage, n, total)`` as in ``evaluate_recipe``."""
     model, task = fdata.load_model_and_task(checkpoint, data, trust_checkpoint=trust_checkpoint)
     names = ["fp32"] + [r for r in recipes if r != "fp32"]
@@ -233,5 +237,10 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
                                  calib_batches=calib_batches, beam=beam, max_sentences=max_sentences,
                                  integer=integer and recipe != "fp32", progress=cb)
         table.rows.append(row)
+    for name, path in (quantized or {}).items():
+        cb = (lambda stage, n, total, r=name: progress(r, stage, n, total)) if progress else None
+        qmodel, _ = fdata.load_model_and_task(path, data, trust_checkpoint=trust_checkpoint)
+        table.rows.append(score(qmodel, task, name, subset=subset, beam=beam, max_sentences=max_sentences,
+                                integer=integer, progress=cb))
     add_intervals(table.rows, bootstrap)
     return table

@@ -107,6 +107,31 @@ def test_compare_table_is_internally_consistent(float_checkpoint, tmp_path):
     assert "| significant |" in md.read_text()
 
 
+def test_compare_adds_a_row_for_a_quantized_checkpoint_as_it_is(float_checkpoint, tmp_path):
+    """--quantized NAME=QCKPT: a checkpoint qswap convert wrote is a row of its own, after the
+    recipes, evaluated as it is (its grids, no recalibration): the same WER as the same recipe
+    converted with the same calibration, with its interval against fp32."""
+    _, data, ckpt = float_checkpoint
+    qckpt, js = tmp_path / "w8a8.pt", tmp_path / "table.json"
+    common = ["--data", str(data), "--calib-batches", "2", "--max-sentences", "4"]
+    assert main(["convert", str(ckpt), "--recipe", "w8a8", *common, "-o", str(qckpt)]) == 0
+    assert main(["compare", str(ckpt), "--recipes", "w8a8", *common, "--beam", "2",
+                 "--quantized", f"converted={qckpt}", "--json", str(js)]) == 0
+    rows = {r["recipe"]: r for r in json.loads(js.read_text())["rows"]}
+    assert list(rows) == ["fp32", "w8a8", "converted"]
+    assert rows["converted"]["honest"]
+    assert rows["converted"]["utterance_errors"] == rows["w8a8"]["utterance_errors"]
+    assert rows["converted"]["delta_wer"] == pytest.approx(rows["converted"]["wer"] - rows["fp32"]["wer"])
+    assert rows["converted"]["delta_wer_ci"] is not None
+
+
+@pytest.mark.parametrize("item, message", [("converted", "takes NAME=QCKPT"), ("q=missing.pt", "no file missing.pt")])
+def test_compare_refuses_a_malformed_quantized_row(float_checkpoint, capsys, item, message):
+    _, data, ckpt = float_checkpoint
+    assert main(["compare", str(ckpt), "--data", str(data), "--quantized", item]) == 2
+    assert message in capsys.readouterr().err
+
+
 def _shard(tmp_path, name, shard_id, num_shards, subset="test", model="w8a8", words=10):
     path = tmp_path / name
     counts = {"word_errors": 1, "words": words, "char_errors": 2, "chars": 5 * words, "utterances": 2}

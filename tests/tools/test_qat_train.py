@@ -80,3 +80,31 @@ def test_train_command_fine_tunes_from_the_converted_checkpoint(tmp_path):
     flag = {k: v for k, v in zip(cmd, cmd[1:]) if k.startswith("--")}
     assert Path(flag["--finetune-from-model"]) == qckpt
     assert flag["--encoder-embed-dim"] == "176"  # read from the qswap checkpoint's cfg
+
+
+def test_run_facts_read_the_recipe_start_and_hyperparameters_of_the_last_command():
+    """A resumed run's log holds one command line per invocation; the doc describes the last."""
+    cmd = ("$ /venv/bin/fairseq-train DATA --user-dir P --task speech_to_text_qswap --qswap-recipe {recipe} "
+           "--qswap-calib-batches 4 --finetune-from-model {start} --lr 0.0003 --warmup-updates 20 "
+           "--max-tokens 6000 --stop-time-hours {hours} --save-interval-updates 50 --save-dir RUN")
+    log = "\n".join([cmd.format(recipe="w4a4_edges8_stream_smoothquant_lsq", start="/tmp/q.pt", hours=0.7), LOG,
+                     cmd.format(recipe="w4a4_edges8_stream_smoothquant_lsq", start="/tmp/q.pt", hours=3.0)])
+    facts = qat_train.run_facts(log)
+    assert facts["recipe"] == "w4a4_edges8_stream_smoothquant_lsq" and facts["converted"]
+    assert facts["invocations"] == 2 and facts["hours"] == 3.0 and facts["lr"] == 3e-4
+    plain = qat_train.run_facts(cmd.format(recipe="recipes/w4a4_edges8_lsq.yaml", start="A/checkpoint.pt", hours=1))
+    assert plain["recipe"] == "w4a4_edges8_lsq" and not plain["converted"] and plain["invocations"] == 1
+    with pytest.raises(SystemExit, match="no fairseq-train command line"):
+        qat_train.run_facts(LOG)
+
+
+def test_docs_qat_against_float_is_the_committed_eval_results():
+    """docs/qat.md's rows against the float model (issue 19's +2.0 target) come from the committed
+    qswap eval JSONs, and the verdict follows the numbers."""
+    docs = Path(qat_train.REPO) / "docs"
+    rows, met = qat_train.against_float(docs / "qat")
+    text = (docs / "qat.md").read_text()
+    assert len(rows) == 2 and all(row in text for row in rows)
+    for row in rows:
+        subset, flt, qat = (cell.strip() for cell in row.strip("|").split("|")[:3])
+        assert (float(qat) - float(flt) <= qat_train.TARGET) == (subset in met)
