@@ -13,6 +13,7 @@ hooks that tell it where it is.
 """
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections import Counter
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from qswap.honesty import classify as C
 from qswap.honesty import ops as O
 from qswap.honesty.findings import Findings
+from qswap.honesty.gemm import IntegerGemms
 from qswap.honesty.values import MAX_CHECKED_BITS, on_uniform_grid
 from qswap.honesty.tags import (ACC, CONST, FLOAT, KERNEL, PARAM, QUANT, UNSEEN, GridInfo, Scratch, Tag,
                                 off_grid_count, on_grid_per_tensor)
@@ -70,6 +72,7 @@ class Tracker(TorchDispatchMode):
         self._next_call = 0
         self._verified = _TagMap()  # quantizer output -> (path, _version) checked
         self._scratch = Scratch()  # the on-grid checks' buffer
+        self._gemms = IntegerGemms(_TagMap())  # the integer-GEMM rule (qswap.honesty.gemm)
         self._handles: list = []
         self.hooked: dict[int, tuple] = {}  # id(module) -> (path, module) of every module attach hooked
         self._rules: dict = {}  # id(OpOverload) -> its rule (OpOverload.__hash__ is Python code)
@@ -330,10 +333,13 @@ class Tracker(TorchDispatchMode):
             self.findings.count("ignored")
             self._set_out(func, args, kwargs, outputs, Tag(C.INDEX, self._where(op)))
             return
+        if name in O.INTEGER_GEMMS and self._integer_gemm(func, name, op, args, kwargs, operands, tags, outputs):
+            return
         scalars = tuple(a for a in args if isinstance(a, _NUMBER) and not isinstance(a, bool))
         rescale = _scalar_rescale(name, args, kwargs, len(tags))
         d = C.decide_compute(name, rule, tags, self.calls[-1], self._where(op), rescale, scalars)
-        self._set_out(func, args, kwargs, outputs, d.out)
+        # compute makes no integers the audit can vouch for (only the integer-GEMM rule does)
+        self._set_out(func, args, kwargs, outputs, _not_integral(d.out))
         module = self.stack[-1]
         if d.bucket == C.FLOAT_BUCKET:
             self.findings.operand_findings(module, op, func, operands, tags, d.findings)
@@ -341,6 +347,23 @@ class Tracker(TorchDispatchMode):
             self.findings.bucket(d.bucket, module, op, d.bits)
         if self.values_bits is not None and d.bucket in (C.QUANTIZED, C.FLOAT_BUCKET):
             self._check_values(module, op, func, operands, tags, {i for i, _ in d.findings})
+
+    def _integer_gemm(self, func, name, op, args, kwargs, operands, tags, outputs) -> bool:
+        """A float GEMM on integer data (``qswap.honesty.gemm``): counted as ``integer_gemm``
+        (its output: codes) when proven exact, an ``inexact_gemm`` finding when not; False where
+        the rule does not cover it (decided as any compute op)."""
+        verdict = self._gemms.decide(func, name, args, kwargs, tags, operands)
+        if verdict is None:
+            return False
+        module, where = self.stack[-1], self._where(op)
+        if verdict.exact:
+            self._set_out(func, args, kwargs, outputs, Tag(ACC, f"exact integer GEMM {where}", call=self.calls[-1],
+                                                           integral=True))
+            self.findings.bucket(C.INTEGER_GEMM, module, op, [])
+        else:
+            self._set_out(func, args, kwargs, outputs, Tag(FLOAT, f"output of {where}: {verdict.why}"))
+            self.findings.inexact_gemm(module, op, operands[0][1], verdict.why)
+        return True
 
     def _check_values(self, module, op, func, operands, tags, flagged: set[int]) -> None:
         """The value-level line: is each operand on a uniform grid, and do the tags agree?"""
@@ -358,8 +381,9 @@ class Tracker(TorchDispatchMode):
 
     def _movement(self, func, name, rule, op, args, kwargs, operands, outputs, out, tainted) -> None:
         self.findings.count("movement")
-        if name == "copy" and O.is_inplace(func) and len(operands) > 1:
-            operands = operands[1:]  # copy_(dst, src): dst is fully overwritten
+        if name == "copy" and O.is_inplace(func) and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            # copy_(dst, src): dst is fully overwritten; by integers when src is an integer tensor
+            operands = [(pos, t) for pos, t in operands if pos != 0]
         fills: tuple = ()
         if O.grid_rule(name, rule) == O.FILL:
             operands, fills = self._fill_values(func, args, kwargs, operands)
@@ -381,6 +405,10 @@ class Tracker(TorchDispatchMode):
         elif not tags and rule.family == "copy" and any(
                 isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in _flat(args)):
             tag = Tag(C.INDEX, self._where(op), binary=True)  # a bool mask cast to float: 0/1
+        if not tags or tag.integral:  # floats made from integers, or integers moved: still integers?
+            integral = all(t.integral for t in tags) and all(float(v).is_integer() for v in fills)
+            if integral != tag.integral:
+                tag = dataclasses.replace(tag, integral=integral)
         self._set_out(func, args, kwargs, outputs, tag)
 
     def _fill_values(self, func, args, kwargs, operands):
@@ -437,6 +465,11 @@ def _inverse(q: nn.Module, step: float) -> torch.Tensor | None:
     return grid.inverse if grid is not None and grid.scale == step else None
 
 
+def _not_integral(tag: Tag) -> Tag:
+    """``tag`` without the ``integral`` mark."""
+    return dataclasses.replace(tag, integral=False) if tag.integral else tag
+
+
 def _scalar_rescale(name: str, args, kwargs, n_tensors: int) -> float | None:
     """The Python number a mul/div multiplies its one tensor operand by; None otherwise."""
     if n_tensors != 1 or len(args) < 2 or kwargs.get("rounding_mode") is not None:
@@ -474,10 +507,12 @@ def _own(table: dict):
 
 
 def _tensors(value) -> list:
-    """Every tensor in ``value`` and the dicts, lists and tuples inside it, in order."""
+    """Every tensor in ``value`` and the dicts, lists and tuples inside it, in order, and the
+    parameters, buffers and tensor attributes of a module held there (not a registered child:
+    e.g. an integer form a simulation keeps, with its float copies of weight codes)."""
     if isinstance(value, torch.Tensor):
         return [value]
-    found, stack = [], [value]
+    found, stack, seen = [], [value], set()
     while stack:
         v = stack.pop()
         if isinstance(v, torch.Tensor):
@@ -486,6 +521,11 @@ def _tensors(value) -> list:
             stack.extend(reversed(v))
         elif isinstance(v, (dict, Mapping)):
             stack.extend(reversed(list(v.values())))
+        elif isinstance(v, nn.Module) and id(v) not in seen:
+            seen.add(id(v))
+            state = [*v._parameters.values(), *v._buffers.values(), *v._modules.values(),  # noqa: SLF001
+                     *(x for k, x in vars(v).items() if k not in _MODULE_TABLES and not isinstance(x, _SCALARS))]
+            stack.extend(reversed(state))
     return found
 
 

@@ -25,7 +25,8 @@ from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, dequantized, grid_of, onto_grid, simulates, straight_through
+from qswap.nn.simulate import (cached, centered_codes, codes_of, dequantized, grid_of, onto_grid, simulates,
+                                straight_through)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -115,7 +116,8 @@ class QuantAttentionCore(nn.Module):
     def _integer_matmul(self, name: str, a: torch.Tensor, a_quant: nn.Module, b: torch.Tensor, b_quant: nn.Module,
                         factor: float, out_quant: nn.Module, product: torch.Tensor) -> torch.Tensor:
         """``product`` (= ``factor * a @ b^T`` in float) as the integer core computes it with
-        ``simulate: integer``: ``(a - za)(b - zb)^T`` in int32, requantized by
+        ``simulate: integer``: the int32 accumulator ``(a - za)(b - zb)^T`` (by an exact float GEMM,
+        ``qswap.quant.integer.exact_gemm``), requantized by
         ``s_a factor s_b / s_out`` onto ``out_quant``'s grid (``onto_grid``), as values, with the
         float product's gradient; ``product`` itself where a grid is missing."""
         from qswap.quant.integer import Requant
@@ -128,9 +130,9 @@ class QuantAttentionCore(nn.Module):
                                        out.qmax)
 
         def run(requant, out):
-            from qswap.quant.integer import requantized_values
-            acc = torch.bmm(codes_of(a, grid_a) - grid_a.zero_point,
-                            (codes_of(b, grid_b) - grid_b.zero_point).transpose(1, 2))  # int32 accumulator
+            from qswap.quant.integer import exact_gemm, requantized_values
+            acc = exact_gemm(torch.bmm, centered_codes(a, grid_a), centered_codes(b, grid_b).transpose(1, 2),
+                             a.shape[-1])  # (B*H, T, S) int32 accumulator, by an exact float GEMM
             return requantized_values(requant, acc, out.scale)
         value = onto_grid(self, f"_integer_{name}", build, out_quant, run, a_quant.scale, a_quant.zero_point,
                           b_quant.scale, b_quant.zero_point)  # factor: the attention's constant scaling

@@ -74,6 +74,13 @@ def codes_of(xq: torch.Tensor, grid) -> torch.Tensor:
     return torch.round(xq.detach() * _inverse(grid.scale)).to(torch.int32) + grid.zero_point
 
 
+def centered_codes(xq: torch.Tensor, grid) -> torch.Tensor:
+    """``codes_of(xq, grid) - grid.zero_point`` as float32 integers (cast from int32, which the
+    honesty audit proves integral): the operand of an exact float GEMM (``qswap.quant.integer.
+    exact_gemm``, ``IntegerLinear.simulated``) standing for the integer model's int32 GEMM."""
+    return torch.round(xq.detach() * _inverse(grid.scale)).to(torch.int32).to(torch.float32)
+
+
 @functools.lru_cache(maxsize=4096)
 def _inverse(scale: float) -> float:
     """``1 / scale`` computed in float32, as the fake-quant rounding computes it (a constant)."""

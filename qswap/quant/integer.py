@@ -32,6 +32,7 @@ integer_group_norm             as LayerNorm; eps rounded     int64 variance (N <
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
@@ -271,7 +272,7 @@ def requantized_values(requant: Requant, acc: torch.Tensor, scale: float, axis: 
         if fast is not None:
             return fast.to(torch.float32) * scale
     codes = requant(acc.to(torch.int32) if acc.is_floating_point() else acc, axis)
-    return (codes.to(torch.float32) - requant.zero_point) * scale
+    return (codes.to(torch.int32) - requant.zero_point).to(torch.float32) * scale  # integer subtraction: exact
 
 
 # -- rescaled add ------------------------------------------------------------------------------------
@@ -910,6 +911,21 @@ def _ieee_float32(device: torch.device) -> bool:
     return device.type == "cpu" or not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
 
 
+def winograd_may_run(x: torch.Tensor) -> bool:
+    """Whether torch may convolve an input of ``x``'s shape and device in float32 with an
+    algorithm that rounds (not a sum of products): NNPACK's Winograd and FFT, which torch may pick
+    on CPU for a 4-D float32 input with a batch of 16 or more while NNPACK is available and
+    enabled (``torch.backends.nnpack``), and the depthwise 3x3 Winograd kernel of ARM builds; on
+    other devices, always (cuDNN may pick FFT or Winograd). Float64 never runs them: an exact
+    float convolution then uses float64."""
+    if x.device.type != "cpu":
+        return True
+    if x.dim() != 4:
+        return False
+    nnpack = x.shape[0] >= 16 and torch._nnpack_available() and torch._C._get_nnpack_enabled()  # noqa: SLF001
+    return nnpack or platform.machine().lower() in ("arm64", "aarch64")
+
+
 def exact_gemm(op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor, fan_in: int,
                bias: torch.Tensor | None = None, *, b_max: int | None = None, bias_max: int = 0,
                **kwargs) -> torch.Tensor:
@@ -952,8 +968,12 @@ def exact_gemm_float(op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.
 
 
 def magnitude(t: torch.Tensor) -> int:
-    """``max |t|`` as a Python int (0 for an empty tensor), in one pass (``aminmax``)."""
+    """``max |t|`` as a Python int (0 for an empty tensor), in one pass (``aminmax``). Read
+    outside any torch dispatch mode: it only picks an exact GEMM's kernel (``exact_float_dtype``),
+    and the honesty audit proves that GEMM's exactness from the operands' values itself
+    (``qswap.honesty.gemm``)."""
     if not t.numel():
         return 0
-    low, high = torch.aminmax(t)
-    return int(max(-low, high))
+    with torch._C._DisableTorchDispatch():  # noqa: SLF001
+        low, high = torch.aminmax(t)
+        return int(max(-low, high))
