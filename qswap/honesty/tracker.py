@@ -264,7 +264,7 @@ class Tracker(TorchDispatchMode):
         if not operands and not outputs:
             self.findings.count("ignored")  # integer / bool ops
             if tainted:
-                self._taint(_int_outputs(out), self._tag_of(tainted[0][1]))
+                self._taint(_int_outputs(out), self._tag_of(tainted[0][1]), func, args)
             return
         if refined and rule is not None:
             rule = O.refine(func, name, rule, args, kwargs)
@@ -281,12 +281,22 @@ class Tracker(TorchDispatchMode):
         else:
             self.findings.count("ignored")  # predicates, metadata reads
 
-    def _taint(self, int_outputs: list, source: Tag) -> None:
+    def _taint(self, int_outputs: list, source: Tag, func=None, args=()) -> None:
         """Integers made from float data carry where they came from: cast back to float, they
-        are that data rounded (not a qswap quantizer), never index math."""
+        are that data rounded (not a qswap quantizer), never index math. An in-place op
+        (``func`` on ``args``) writes its first argument, whose version counter moves after this
+        handler: its tag is kept for the version it will have."""
+        mutated = func is not None and self._mutates(func)
         for t in int_outputs:
-            self.tags[t] = (source, t._version)
+            self.tags[t] = (source, t._version + 1 if mutated and args and t is args[0] else t._version)
             self._tainted = True
+
+    def _mutates(self, func) -> bool:
+        """Whether an op writes its first argument in place (``add_``), kept per op."""
+        mutated = self._inplace.get(id(func))
+        if mutated is None:
+            mutated = self._inplace[id(func)] = O.is_inplace(func)
+        return mutated
 
     def tag_inputs(self, inputs) -> None:
         """The model's inputs are the one float data the audit does not see made."""
@@ -315,9 +325,7 @@ class Tracker(TorchDispatchMode):
         """Tag an op's outputs with the version they will have once the op returns: a view
         shares its base's counter, and an in-place op bumps the counter after this handler."""
         base = args[0] if func.is_view and args and isinstance(args[0], torch.Tensor) else None
-        mutated = self._inplace.get(id(func))
-        if mutated is None:
-            mutated = self._inplace[id(func)] = O.is_inplace(func)
+        mutated = self._mutates(func)
         for t in outputs:
             if base is not None:
                 version = base._version
