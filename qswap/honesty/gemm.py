@@ -70,11 +70,8 @@ def role(tag: Tag) -> str | None:
 
 
 class IntegerGemms:
-    """The rule's state for one audit: the magnitudes read so far, per tensor and version
-    (``cache``: a map by tensor identity, e.g. the tracker's ``_TagMap``)."""
-
-    def __init__(self, cache):
-        self._cache = cache
+    """The rule, applied call by call. Operands are read on every call, constants included: a
+    cache by version would miss a write through ``.data`` (which bumps no version counter)."""
 
     def decide(self, func, name: str, args, kwargs, tags: list[Tag], operands: list) -> Verdict | None:
         """The verdict on a GEMM-family op (``name`` in ``INTEGER_GEMMS``) whose float operands
@@ -82,15 +79,17 @@ class IntegerGemms:
         roles = [role(t) for t in tags]
         if CODES not in roles or None in roles:
             return None
+        magnitudes = {}
         for (_, t), r in zip(operands, roles):
-            if r == CONSTANT and self._magnitude(t, check_integers=True) is None:
+            magnitudes[id(t)] = self._magnitude(t, check_integers=r == CONSTANT)
+            if magnitudes[id(t)] is None:
                 return None  # a constant that is not all integers: float data
         a_name, b_name, c_name = O.INTEGER_GEMMS[name]
         a, b = O.argument(func, args, kwargs, a_name), O.argument(func, args, kwargs, b_name)
         c = O.argument(func, args, kwargs, c_name) if c_name else None
         conv = "conv" in name
         fan_in = b[0].numel() if conv else a.shape[-1]
-        bound = fan_in * self._magnitude(a) * self._magnitude(b) + (0 if c is None else self._magnitude(c))
+        bound = fan_in * magnitudes[id(a)] * magnitudes[id(b)] + (0 if c is None else magnitudes[id(c)])
         why = _unproven(func, name, args, kwargs, a, conv)
         limit, label = _LIMITS.get(a.dtype, (0, ""))
         if why is None and not bound < limit:
@@ -99,20 +98,19 @@ class IntegerGemms:
             return Verdict(False, bound, f"float GEMM on integer data not exact: {why}")
         return Verdict(True, bound)
 
-    def _magnitude(self, t: torch.Tensor, check_integers: bool = False) -> float | None:
-        """``max |t|`` (inf for a non-finite value); with ``check_integers``, None unless every
-        value of ``t`` is an integer. Read with the dispatch mode off (the audit's own reads)."""
-        kept = self._cache.get(t)
-        if kept is None or kept[0] != t._version or (check_integers and kept[2] is None):
-            with torch._C._DisableTorchDispatch(), torch.no_grad():  # noqa: SLF001
-                integers = bool(torch.equal(torch.trunc(t), t)) if check_integers else None
-                magnitude = 0.0
-                if t.numel():
-                    low, high = torch.aminmax(t)
-                    magnitude = max(-float(low), float(high))
-            kept = (t._version, math.ceil(magnitude) if math.isfinite(magnitude) else math.inf, integers)
-            self._cache[t] = kept
-        return None if check_integers and not kept[2] else kept[1]
+    @staticmethod
+    def _magnitude(t: torch.Tensor, check_integers: bool = False) -> float | None:
+        """``max |t|`` (an int, or inf for a non-finite value); with ``check_integers``, None
+        unless every value of ``t`` is an integer. Read with the dispatch mode off (the audit's
+        own reads, not the model's ops)."""
+        with torch._C._DisableTorchDispatch(), torch.no_grad():  # noqa: SLF001
+            if check_integers and not torch.equal(torch.trunc(t), t):  # NaN too: never equal
+                return None
+            if not t.numel():
+                return 0
+            low, high = torch.aminmax(t)
+            magnitude = max(-float(low), float(high))
+        return math.ceil(magnitude) if math.isfinite(magnitude) else math.inf
 
 
 def _unproven(func, name: str, args, kwargs, a: torch.Tensor, conv: bool) -> str | None:

@@ -72,8 +72,9 @@ class Tracker(TorchDispatchMode):
         self._next_call = 0
         self._verified = _TagMap()  # quantizer output -> (path, _version) checked
         self._scratch = Scratch()  # the on-grid checks' buffer
-        self._gemms = IntegerGemms(_TagMap())  # the integer-GEMM rule (qswap.honesty.gemm)
+        self._gemms = IntegerGemms()  # the integer-GEMM rule (qswap.honesty.gemm)
         self._handles: list = []
+        self._tree: set = set()  # id() of every module of the attached model
         self.hooked: dict[int, tuple] = {}  # id(module) -> (path, module) of every module attach hooked
         self._rules: dict = {}  # id(OpOverload) -> its rule (OpOverload.__hash__ is Python code)
         self._labels: dict = {}  # QuantSpec -> its short label
@@ -91,7 +92,9 @@ class Tracker(TorchDispatchMode):
         pre-hooks; the global forward hook runs before its own forward hooks, which therefore
         run watched (their ops are classified like the model's)."""
         inside = None  # the path prefix of the last quantizer: its observers are its own
-        for path, module in model.named_modules() if named is None else named:
+        named = list(model.named_modules()) if named is None else named
+        self._tree = {id(m) for _, m in named}  # modules tagged as themselves, never as an attribute
+        for path, module in named:
             if inside is not None and path.startswith(inside):
                 continue  # named_modules is pre-order: a quantizer's children follow it
             if isinstance(module, (FakeQuantize, BiasQuantize)):
@@ -128,7 +131,7 @@ class Tracker(TorchDispatchMode):
         for name, v in vars(module).items():  # tensors kept as state (a derived weight's cache)
             if name in _MODULE_TABLES or isinstance(v, _SCALARS):
                 continue
-            for t in _tensors(v):
+            for t in _tensors(v, self._tree):
                 if t.is_floating_point() and t not in self.tags:
                     self._set([t], Tag(CONST, f"tensor attribute {prefix}{name}"))
 
@@ -514,10 +517,11 @@ def _own(table: dict):
             yield name, t
 
 
-def _tensors(value) -> list:
+def _tensors(value, tree: set = frozenset()) -> list:
     """Every tensor in ``value`` and the dicts, lists and tuples inside it, in order, and the
-    parameters, buffers and tensor attributes of a module held there (not a registered child:
-    e.g. an integer form a simulation keeps, with its float copies of weight codes)."""
+    parameters, buffers and tensor attributes of a module held there that is not one of
+    ``tree`` (ids of the model's own modules, tagged as themselves): e.g. an integer form a
+    simulation keeps, with its float copies of weight codes."""
     if isinstance(value, torch.Tensor):
         return [value]
     found, stack, seen = [], [value], set()
@@ -529,7 +533,7 @@ def _tensors(value) -> list:
             stack.extend(reversed(v))
         elif isinstance(v, (dict, Mapping)):
             stack.extend(reversed(list(v.values())))
-        elif isinstance(v, nn.Module) and id(v) not in seen:
+        elif isinstance(v, nn.Module) and id(v) not in seen and id(v) not in tree:
             seen.add(id(v))
             state = [*v._parameters.values(), *v._buffers.values(), *v._modules.values(),  # noqa: SLF001
                      *(x for k, x in vars(v).items() if k not in _MODULE_TABLES and not isinstance(x, _SCALARS))]

@@ -113,7 +113,8 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
                                                 ("", "aten.mm", "float_operand")),
     "a float GEMM on codes beyond 2^24": (lambda s, h, g: _codes(s.ra, h) @ torch.full((8, 8), 2.0 ** 16),
                                           ("", "aten.mm", "inexact_gemm")),
-    "a float GEMM of codes and float data": (lambda s, h, g: _codes(s.ra, h).T @ s.rc(h), ("", "aten.mm", "float_operand")),
+    "a float GEMM of codes and float data": (lambda s, h, g: _codes(s.ra, h).T @ s.rc(h),
+                                             ("", "aten.mm", "float_operand")),
 }
 
 

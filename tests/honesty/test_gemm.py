@@ -65,8 +65,9 @@ def test_an_exact_gemm_on_codes_is_integer_arithmetic(name, dtype):
 
 
 def test_a_float32_gemm_whose_bound_reaches_2_24_is_flagged_and_float64_is_exact():
-    """1024 products of |code| <= 255 and |w| <= 127: up to 33M, beyond float32's 2^24."""
-    x, w = torch.randn(4, 1024) * 3, _int(8, 1024)
+    """4096 products of |code| >= 128 (a min-max grid of 8 bits reaches 128 on one side) and
+    |w| = 127: at least 66M, beyond float32's 2^24."""
+    x, w = torch.randn(4, 4096, generator=torch.Generator().manual_seed(1)), _int(8, 4096)
     report = _audit(_Codes(lambda c, w: c @ w.T, w), x)
     hit = [v for v in report.violations if v.kind == "inexact_gemm"]
     assert len(hit) == 1 and (hit[0].module, hit[0].op) == ("", "aten.mm"), _rows(report)
