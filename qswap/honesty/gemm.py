@@ -69,51 +69,49 @@ def role(tag: Tag) -> str | None:
     return None
 
 
-class IntegerGemms:
-    """The rule, applied call by call. Operands are read on every call, constants included: a
-    cache by version would miss a write through ``.data`` (which bumps no version counter)."""
+def decide(func, name: str, args, kwargs, tags: list[Tag], operands: list) -> Verdict | None:
+    """The verdict on a GEMM-family op (``name`` in ``INTEGER_GEMMS``) whose float operands
+    (``operands``: (position, tensor)) carry ``tags``; None where the rule does not cover it.
+    Operands are read on every call, constants included: a cache by version would miss a write
+    through ``.data`` (which bumps no version counter)."""
+    roles = [role(t) for t in tags]
+    if CODES not in roles or None in roles:
+        return None
+    magnitudes = {}
+    for (_, t), r in zip(operands, roles):
+        magnitudes[id(t)] = _magnitude(t, check_integers=r == CONSTANT)
+        if magnitudes[id(t)] is None:
+            return None  # a constant that is not all integers: float data
+    a_name, b_name, c_name = O.INTEGER_GEMMS[name]
+    a, b = O.argument(func, args, kwargs, a_name), O.argument(func, args, kwargs, b_name)
+    c = O.argument(func, args, kwargs, c_name) if c_name else None
+    conv = "conv" in name
+    fan_in = b[0].numel() if conv else a.shape[-1]
+    bound = fan_in * magnitudes[id(a)] * magnitudes[id(b)] + (0 if c is None else magnitudes[id(c)])
+    why = _unproven(func, args, kwargs, a, conv)
+    limit, label = _LIMITS.get(a.dtype, (0, ""))
+    if why is None and not bound < limit:
+        why = f"bound {_number(bound)} >= {label} ({str(a.dtype).removeprefix('torch.')})"
+    if why is not None:
+        return Verdict(False, bound, f"float GEMM on integer data not exact: {why}")
+    return Verdict(True, bound)
 
-    def decide(self, func, name: str, args, kwargs, tags: list[Tag], operands: list) -> Verdict | None:
-        """The verdict on a GEMM-family op (``name`` in ``INTEGER_GEMMS``) whose float operands
-        (``operands``: (position, tensor)) carry ``tags``; None where the rule does not cover it."""
-        roles = [role(t) for t in tags]
-        if CODES not in roles or None in roles:
+
+def _magnitude(t: torch.Tensor, check_integers: bool = False) -> float | None:
+    """``max |t|`` (an int, or inf for a non-finite value); with ``check_integers``, None unless
+    every value of ``t`` is an integer. Read with the dispatch mode off (the audit's own reads,
+    not the model's ops)."""
+    with torch._C._DisableTorchDispatch(), torch.no_grad():  # noqa: SLF001
+        if check_integers and not torch.equal(torch.trunc(t), t):  # NaN too: never equal
             return None
-        magnitudes = {}
-        for (_, t), r in zip(operands, roles):
-            magnitudes[id(t)] = self._magnitude(t, check_integers=r == CONSTANT)
-            if magnitudes[id(t)] is None:
-                return None  # a constant that is not all integers: float data
-        a_name, b_name, c_name = O.INTEGER_GEMMS[name]
-        a, b = O.argument(func, args, kwargs, a_name), O.argument(func, args, kwargs, b_name)
-        c = O.argument(func, args, kwargs, c_name) if c_name else None
-        conv = "conv" in name
-        fan_in = b[0].numel() if conv else a.shape[-1]
-        bound = fan_in * magnitudes[id(a)] * magnitudes[id(b)] + (0 if c is None else magnitudes[id(c)])
-        why = _unproven(func, name, args, kwargs, a, conv)
-        limit, label = _LIMITS.get(a.dtype, (0, ""))
-        if why is None and not bound < limit:
-            why = f"bound {_number(bound)} >= {label} ({str(a.dtype).removeprefix('torch.')})"
-        if why is not None:
-            return Verdict(False, bound, f"float GEMM on integer data not exact: {why}")
-        return Verdict(True, bound)
-
-    @staticmethod
-    def _magnitude(t: torch.Tensor, check_integers: bool = False) -> float | None:
-        """``max |t|`` (an int, or inf for a non-finite value); with ``check_integers``, None
-        unless every value of ``t`` is an integer. Read with the dispatch mode off (the audit's
-        own reads, not the model's ops)."""
-        with torch._C._DisableTorchDispatch(), torch.no_grad():  # noqa: SLF001
-            if check_integers and not torch.equal(torch.trunc(t), t):  # NaN too: never equal
-                return None
-            if not t.numel():
-                return 0
-            low, high = torch.aminmax(t)
-            magnitude = max(-float(low), float(high))
-        return math.ceil(magnitude) if math.isfinite(magnitude) else math.inf
+        if not t.numel():
+            return 0
+        low, high = torch.aminmax(t)
+        magnitude = max(-float(low), float(high))
+    return math.ceil(magnitude) if math.isfinite(magnitude) else math.inf
 
 
-def _unproven(func, name: str, args, kwargs, a: torch.Tensor, conv: bool) -> str | None:
+def _unproven(func, args, kwargs, a: torch.Tensor, conv: bool) -> str | None:
     """Why this call's kernel is not proven to add exactly, besides the bound (None: it is)."""
     from qswap.quant.integer import _ieee_float32, winograd_may_run
     if a.dtype not in _LIMITS:

@@ -24,9 +24,9 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qswap.honesty import classify as C
+from qswap.honesty import gemm as G
 from qswap.honesty import ops as O
 from qswap.honesty.findings import Findings
-from qswap.honesty.gemm import IntegerGemms
 from qswap.honesty.values import MAX_CHECKED_BITS, on_uniform_grid
 from qswap.honesty.tags import (ACC, CONST, FLOAT, KERNEL, PARAM, QUANT, UNSEEN, GridInfo, Scratch, Tag,
                                 off_grid_count, on_grid_per_tensor)
@@ -72,7 +72,6 @@ class Tracker(TorchDispatchMode):
         self._next_call = 0
         self._verified = _TagMap()  # quantizer output -> (path, _version) checked
         self._scratch = Scratch()  # the on-grid checks' buffer
-        self._gemms = IntegerGemms()  # the integer-GEMM rule (qswap.honesty.gemm)
         self._handles: list = []
         self._tree: set = set()  # id() of every module of the attached model
         self.hooked: dict[int, tuple] = {}  # id(module) -> (path, module) of every module attach hooked
@@ -363,7 +362,7 @@ class Tracker(TorchDispatchMode):
         """A float GEMM on integer data (``qswap.honesty.gemm``): counted as ``integer_gemm``
         (its output: codes) when proven exact, an ``inexact_gemm`` finding when not; False where
         the rule does not cover it (decided as any compute op)."""
-        verdict = self._gemms.decide(func, name, args, kwargs, tags, operands)
+        verdict = G.decide(func, name, args, kwargs, tags, operands)
         if verdict is None:
             return False
         module, where = self.stack[-1], self._where(op)
