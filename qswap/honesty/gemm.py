@@ -9,9 +9,9 @@ values, and never from a name.
 An op of ``INTEGER_GEMMS`` (``ops.py``: mm, bmm, addmm, baddbmm, linear, convolution) is covered
 when every float operand is one of
 
-* **codes**: integers of quantized data (a tag of kind ``acc`` marked ``integral``: a quantized
-  tensor's codes cast back to float from an integer dtype, or an exact integer GEMM's output);
-  at least one operand must be;
+* **codes**: integers of quantized data (a tag of kind ``acc`` or ``kernel`` marked
+  ``integral``: a quantized tensor's codes, rounded, or cast back to float from an integer
+  dtype, or an exact integer GEMM's output); at least one operand must be;
 * **integers**: an ``integral`` float made from integer data with no float origin (``index``):
   a weight's int8 codes or a bias's int32 codes cast to float;
 * **constants**: a parameter, buffer or module tensor attribute (not looked up by index) whose
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from qswap.honesty import ops as O
-from qswap.honesty.tags import ACC, CONST, INDEX, PARAM, Tag
+from qswap.honesty.tags import ACC, CONST, INDEX, KERNEL, PARAM, Tag
 
 CODES, INTEGERS, CONSTANT = "codes", "integers", "constant"
 _LIMITS = {torch.float32: (2 ** 24, "2^24"), torch.float64: (2 ** 53, "2^53")}
@@ -60,7 +60,7 @@ class Verdict:
 
 def role(tag: Tag) -> str | None:
     """What an operand with this tag is to the rule (None: not integer data it vouches for)."""
-    if tag.integral and tag.kind == ACC:
+    if tag.integral and tag.kind in (ACC, KERNEL):
         return CODES
     if tag.integral and tag.kind == INDEX:
         return INTEGERS

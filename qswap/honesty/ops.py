@@ -222,6 +222,10 @@ def refine(func, name: str, rule: OpRule, args, kwargs) -> OpRule:
     return rule
 
 
+# Ops whose every output value is an integer (``round`` without ``decimals``): their output on
+# codes is codes again (the ``integral`` mark of ``qswap.honesty.tags``).
+ROUNDINGS = frozenset({"round", "floor", "ceil", "trunc"})
+
 # GEMM-family ops the integer-GEMM rule covers (``qswap.honesty.gemm``): op -> (the two
 # multiplied arguments, the added argument or None), by schema name. Each output sums at most
 # ``fan_in`` products of the two (the last axis of the first; a convolution's weight[0].numel())

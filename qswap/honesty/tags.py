@@ -18,8 +18,9 @@ index      a float tensor converted from integer/bool data (lengths, masks)
 =========  ==============================================================================
 
 ``integral`` marks a float tensor whose values are proven integers: cast from an integer dtype
-(every float of an integer is an integer), moved from such tensors, or the output of an exact
-integer GEMM (``qswap.honesty.gemm``). Compute clears it.
+(every float of an integer is an integer), moved from such tensors, rounded (``round``,
+``floor``, ``ceil``, ``trunc`` of codes or a kernel intermediate), or the output of an exact
+integer GEMM (``qswap.honesty.gemm``). Other compute clears it.
 """
 from __future__ import annotations
 

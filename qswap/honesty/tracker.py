@@ -348,8 +348,7 @@ class Tracker(TorchDispatchMode):
         scalars = tuple(a for a in args if isinstance(a, _NUMBER) and not isinstance(a, bool))
         rescale = _scalar_rescale(name, args, kwargs, len(tags))
         d = C.decide_compute(name, rule, tags, self.calls[-1], self._where(op), rescale, scalars)
-        # compute makes no integers the audit can vouch for (only the integer-GEMM rule does)
-        self._set_out(func, args, kwargs, outputs, _not_integral(d.out))
+        self._set_out(func, args, kwargs, outputs, _integral(name, func, d.out))
         module = self.stack[-1]
         if d.bucket == C.FLOAT_BUCKET:
             self.findings.operand_findings(module, op, func, operands, tags, d.findings)
@@ -475,8 +474,13 @@ def _inverse(q: nn.Module, step: float) -> torch.Tensor | None:
     return grid.inverse if grid is not None and grid.scale == step else None
 
 
-def _not_integral(tag: Tag) -> Tag:
-    """``tag`` without the ``integral`` mark."""
+def _integral(name: str, func, tag: Tag) -> Tag:
+    """The tag of a compute op's output: marked ``integral`` after a rounding to integers
+    (``round`` without decimals, ``floor``, ``ceil``, ``trunc``) of codes or a kernel
+    intermediate (its tag says which: a float operand's output is float), unmarked after any
+    other compute (its values are integers only if the integer-GEMM rule proves them so)."""
+    if name in O.ROUNDINGS and func._overloadname != "decimals" and tag.kind in (ACC, KERNEL):
+        return tag if tag.integral else dataclasses.replace(tag, integral=True)
     return dataclasses.replace(tag, integral=False) if tag.integral else tag
 
 

@@ -81,10 +81,10 @@ def codes_of(xq: torch.Tensor, grid) -> torch.Tensor:
 
 
 def centered_codes(xq: torch.Tensor, grid) -> torch.Tensor:
-    """``codes_of(xq, grid) - grid.zero_point`` as float32 integers (cast from int32, which the
-    honesty audit proves integral): the operand of an exact float GEMM (``qswap.quant.integer.
-    exact_gemm``, ``IntegerLinear.simulated``) standing for the integer model's int32 GEMM."""
-    return torch.round(xq.detach() * _inverse(grid.scale)).to(torch.int32).to(torch.float32)
+    """``codes_of(xq, grid) - grid.zero_point`` as float32 integers (rounded, which the honesty
+    audit marks integral): the operand of an exact float GEMM (``qswap.quant.integer.exact_gemm``,
+    ``IntegerLinear.simulated``) standing for the integer model's int32 GEMM."""
+    return torch.round(xq.detach() * _inverse(grid.scale))
 
 
 @functools.lru_cache(maxsize=4096)

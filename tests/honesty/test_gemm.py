@@ -175,3 +175,17 @@ def test_a_scaled_addmm_is_not_covered():
     report = _audit(_Codes(lambda c, w: torch.addmm(w[:, 0], c, w.T, alpha=2), _int(16, 16)), torch.randn(4, 16))
     hit = [v for v in report.violations if v.kind == "inexact_gemm"]
     assert hit and "alpha is not 1" in hit[0].operand, _rows(report)
+
+
+@pytest.mark.parametrize("name, codes, exact", [
+    ("round of codes", lambda s, c, x: torch.round(s.q(x) * (1 / float(s.q.scale))), True),
+    # only round is a quantized tensor's codes (floor of its values over the step may fall a code low)
+    ("floor of quantized data", lambda s, c, x: torch.floor(s.q(x) * (1 / float(s.q.scale))), False),
+    ("round to decimals", lambda s, c, x: torch.round(s.q(x) * (1 / float(s.q.scale)), decimals=1), False),
+    ("round of float data", lambda s, c, x: torch.round(x * 20), False),
+])
+def test_a_rounding_of_quantized_data_gives_codes_and_nothing_else_does(name, codes, exact):
+    """``round`` of a quantized tensor (rescaled) is its codes without a cast through an integer
+    dtype; a rounding to decimals, a floor, or a rounding of float data is not."""
+    report = _audit(_Codes(lambda c, w: c @ w.T, _int(8, 16), codes=codes), torch.randn(4, 16))
+    assert (report.totals["integer_gemm"] == 1) == exact and report.honest == exact, _rows(report)
