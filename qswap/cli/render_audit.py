@@ -4,7 +4,7 @@ from __future__ import annotations
 from qswap.honesty.markdown import TOTAL_LABELS
 from qswap.honesty.report import KINDS, HonestyReport
 
-TOTALS_SHOWN = ("compute", "quantized", "kernel_internal", "constant_fold", "declared", "float",
+TOTALS_SHOWN = ("compute", "quantized", "kernel_internal", "integer_gemm", "constant_fold", "declared", "float",
                 "unclassified")
 
 

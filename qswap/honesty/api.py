@@ -166,6 +166,7 @@ def _report(model: nn.Module, tracker: Tracker, kind: str, modules: list[nn.Modu
         value_disagreements=f.disagreements,
         kernel_internal=sorted(f.kernel_internal.values(), key=lambda r: -r.count),
         constant_fold=sorted(f.constant_fold.values(), key=lambda r: -r.count),
+        integer_gemm=sorted(f.integer_gemm.values(), key=lambda r: -r.count),
         float_ok=dict(f.float_ok.entries), notes=_notes(modules, f, kind))
     return report
 

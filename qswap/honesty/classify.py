@@ -12,7 +12,9 @@ Rules beyond "every float operand of compute is quantized" (docs/honesty.md expl
   bias added to that call's accumulator is the accumulator's own bias add;
 * compute whose operands are all parameters/buffers/constants is constant-foldable weight
   preprocessing; its result is honest only once it passes a quantizer;
-* compute whose operands all come from integer data (lengths cast to float) is index math.
+* compute whose operands all come from integer data (lengths cast to float) is index math;
+* a float GEMM on integer data (codes), proven exact from its operands' values, is integer
+  arithmetic (``qswap.honesty.gemm``; the tracker applies it before these decisions).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from qswap.honesty.tags import ACC, CONST, FLOAT, INDEX, KERNEL, PARAM, QUANT, T
 
 QUANTIZED, KERNEL_INTERNAL, FLOAT_BUCKET, CONSTANT_FOLD, IGNORED = (
     "quantized", "kernel_internal", "float", "constant_fold", "ignored")
+INTEGER_GEMM = "integer_gemm"  # a float GEMM on integer data, proven exact (qswap.honesty.gemm)
 
 
 

@@ -12,8 +12,8 @@ from collections import Counter
 import torch
 
 from qswap.honesty import classify as C
-from qswap.honesty.kinds import (DYNAMIC_RANGE, FUSED, KINDS, NOT_EXECUTED, UNCLASSIFIED, UNSEEN_ORIGIN,
-                                 VALUES_DISAGREE)
+from qswap.honesty.kinds import (DYNAMIC_RANGE, FUSED, INEXACT_GEMM, KINDS, NOT_EXECUTED, UNCLASSIFIED,
+                                 UNSEEN_ORIGIN, VALUES_DISAGREE)
 from qswap.honesty.ops import aliases
 from qswap.honesty.report import OpCount, PathCoverage, Violation
 from qswap.honesty.tags import QUANT, Tag
@@ -35,6 +35,7 @@ class Findings:
         self.violations: dict[tuple, Violation] = {}
         self.kernel_internal: dict[tuple, OpCount] = {}
         self.constant_fold: dict[tuple, OpCount] = {}
+        self.integer_gemm: dict[tuple, OpCount] = {}
         self.paths: list[PathCoverage] = []
         self.current: PathCoverage | None = None
         self.float_ok = FloatOk(float_ok)
@@ -71,7 +72,8 @@ class Findings:
         self._compute()
         self.totals[bucket] += 1
         self.bits.update(bits)
-        table = {C.KERNEL_INTERNAL: self.kernel_internal, C.CONSTANT_FOLD: self.constant_fold}.get(bucket)
+        table = {C.KERNEL_INTERNAL: self.kernel_internal, C.CONSTANT_FOLD: self.constant_fold,
+                 C.INTEGER_GEMM: self.integer_gemm}.get(bucket)
         if table is not None:
             row = table.setdefault((module, op), OpCount(module, op))
             row.count += 1
@@ -84,6 +86,11 @@ class Findings:
         self._compute()
         declared = [self.record(module, op, func, operands[i], tags[i], kind) for i, kind in findings]
         self.totals["declared" if all(declared) else "float"] += 1
+
+    def inexact_gemm(self, module, op, t: torch.Tensor, why: str) -> None:
+        """A float GEMM on integer data not proven exact (``qswap.honesty.gemm``)."""
+        self._compute()
+        self.totals["declared" if self._add(module, op, why, INEXACT_GEMM, t) else "float"] += 1
 
     def fused(self, module, op, func, operands, tags: list[Tag]) -> None:
         self._compute()

@@ -14,6 +14,7 @@ FLOAT_OPERAND, RAW_PARAMETER, FLOAT_CONSTANT, OFF_GRID = (
     "float_operand", "raw_parameter", "float_constant", "off_grid")
 FUSED, UNCLASSIFIED, NOT_EXECUTED = "fused_kernel", "unclassified_op", "not_executed"
 UNSEEN_ORIGIN, DYNAMIC_RANGE, VALUES_DISAGREE = "unseen_origin", "dynamic_range", "values_disagree"
+INEXACT_GEMM = "inexact_gemm"
 
 KINDS: dict[str, Kind] = {
     FLOAT_OPERAND: Kind(
@@ -47,6 +48,12 @@ KINDS: dict[str, Kind] = {
         "a float tensor entered the audited path without the audit seeing it made (a thread "
         "started before the audit, an extension or numpy computation, a global tensor, a hook "
         "outside dispatch): whatever computed it is unchecked"),
+    INEXACT_GEMM: Kind(
+        "a float GEMM on integer data not proven exact",
+        "a float GEMM on integer data (codes) whose exactness is not proven: a partial sum may "
+        "exceed the float type's exact integers (2^24 in float32, 2^53 in float64), or the "
+        "kernel may round (reduced-precision float32 matmuls, Winograd/FFT convolutions); use "
+        "float64, split the reduction, or an integer dtype"),
     DYNAMIC_RANGE: Kind(
         "dynamic range, computed at run time",
         "an activation quantizer was still observing at inference: its range is computed from "

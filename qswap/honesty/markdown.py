@@ -7,6 +7,7 @@ TOTAL_LABELS = {
     "compute": "compute ops executed",
     "quantized": "on quantized operands",
     "kernel_internal": "kernel-internal float math (simulated)",
+    "integer_gemm": "exact integer GEMMs on float kernels",
     "constant_fold": "constant-foldable weight preprocessing",
     "declared": "declared exceptions (float_ok)",
     "float": "on float operands (violations)",
@@ -73,6 +74,10 @@ def render(report: HonestyReport, max_rows: int | None = None) -> str:
     out += ["## Kernel-internal float math (simulated)", ""]
     out += _table(["module", "op", "count"], [[r.module or "<model>", f"`{r.op}`", r.count]
                                               for r in report.kernel_internal] or [["-", "-", 0]])
+    if report.integer_gemm:
+        out += ["## Exact integer GEMMs on float kernels", ""]
+        out += _table(["module", "op", "count"], [[r.module or "<model>", f"`{r.op}`", r.count]
+                                                  for r in report.integer_gemm])
     if report.constant_fold:
         out += ["## Constant-foldable weight preprocessing", ""]
         out += _table(["module", "op", "count"], [[r.module or "<model>", f"`{r.op}`", r.count]

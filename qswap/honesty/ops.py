@@ -222,6 +222,23 @@ def refine(func, name: str, rule: OpRule, args, kwargs) -> OpRule:
     return rule
 
 
+# Ops whose every output value is an integer (``round`` without ``decimals``): their output on
+# codes is codes again (the ``integral`` mark of ``qswap.honesty.tags``).
+ROUNDINGS = frozenset({"round", "floor", "ceil", "trunc"})
+
+# GEMM-family ops the integer-GEMM rule covers (``qswap.honesty.gemm``): op -> (the two
+# multiplied arguments, the added argument or None), by schema name. Each output sums at most
+# ``fan_in`` products of the two (the last axis of the first; a convolution's weight[0].numel())
+# plus one term of the added one; ``alpha``/``beta`` other than 1 and transposed convolutions
+# are not covered.
+INTEGER_GEMMS: dict[str, tuple[str, str, str | None]] = {
+    "mm": ("self", "mat2", None), "bmm": ("self", "mat2", None), "addmm": ("mat1", "mat2", "self"),
+    "baddbmm": ("batch1", "batch2", "self"), "linear": ("input", "weight", "bias"),
+    "convolution": ("input", "weight", "bias"), "_convolution": ("input", "weight", "bias"),
+    "conv1d": ("input", "weight", "bias"), "conv2d": ("input", "weight", "bias"),
+}
+
+
 # Factories that wrap a tensor made outside dispatch (``torch.tensor(data)``,
 # ``torch.from_numpy``): whatever computed the data is unseen, so the output is an unseen origin;
 # a 0-d one is a Python number (``x[mask] = 0``), a constant whose value the audit reads.

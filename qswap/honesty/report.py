@@ -12,7 +12,7 @@ from qswap.honesty.kinds import KINDS as _KINDS
 REPORT_VERSION = 1
 KINDS = {kind: k.label for kind, k in _KINDS.items()}
 DYNAMIC = "dynamic ranges (computed at run time)"
-TOTAL_KEYS = ("ops", "compute", "quantized", "kernel_internal", "constant_fold", "declared",
+TOTAL_KEYS = ("ops", "compute", "quantized", "kernel_internal", "integer_gemm", "constant_fold", "declared",
               "float", "movement", "factory", "ignored", "unclassified", "quantizer_calls")
 
 
@@ -41,7 +41,8 @@ class Violation:
 
 @dataclass
 class OpCount:
-    """Ops counted apart, by module and op: kernel-internal math, constant folding."""
+    """Ops counted apart, by module and op: kernel-internal math, constant folding, exact
+    integer GEMMs on float kernels."""
 
     module: str
     op: str
@@ -79,6 +80,7 @@ class HonestyReport:
     value_disagreements: list[Violation] = field(default_factory=list)
     kernel_internal: list[OpCount] = field(default_factory=list)
     constant_fold: list[OpCount] = field(default_factory=list)
+    integer_gemm: list[OpCount] = field(default_factory=list)  # exact float GEMMs on integers
     float_ok: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 

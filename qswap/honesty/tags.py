@@ -16,6 +16,11 @@ param      a parameter or buffer, or computed from parameters/buffers/constants 
 const      a constant made at run time (factory op, tensor attribute of a module)
 index      a float tensor converted from integer/bool data (lengths, masks)
 =========  ==============================================================================
+
+``integral`` marks a float tensor whose values are proven integers: cast from an integer dtype
+(every float of an integer is an integer), moved from such tensors, rounded (``round``,
+``floor``, ``ceil``, ``trunc`` of codes or a kernel intermediate), or the output of an exact
+integer GEMM (``qswap.honesty.gemm``). Other compute clears it.
 """
 from __future__ import annotations
 
@@ -84,6 +89,7 @@ class Tag:
     binary: bool = False  # index: values in {0, 1} (a mask)
     lookup: bool = False  # param/const: rows picked by an integer tensor (data-dependent)
     unseen: bool = False  # float: made where the audit does not watch ("unseen_origin")
+    integral: bool = False  # its values are integers (cast from an integer dtype, or an exact integer GEMM)
 
     def describe(self) -> str:
         if self.kind == QUANT:

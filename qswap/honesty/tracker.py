@@ -13,6 +13,7 @@ hooks that tell it where it is.
 """
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections import Counter
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qswap.honesty import classify as C
+from qswap.honesty import gemm as G
 from qswap.honesty import ops as O
 from qswap.honesty.findings import Findings
 from qswap.honesty.values import MAX_CHECKED_BITS, on_uniform_grid
@@ -71,6 +73,7 @@ class Tracker(TorchDispatchMode):
         self._verified = _TagMap()  # quantizer output -> (path, _version) checked
         self._scratch = Scratch()  # the on-grid checks' buffer
         self._handles: list = []
+        self._tree: set = set()  # id() of every module of the attached model
         self.hooked: dict[int, tuple] = {}  # id(module) -> (path, module) of every module attach hooked
         self._rules: dict = {}  # id(OpOverload) -> its rule (OpOverload.__hash__ is Python code)
         self._labels: dict = {}  # QuantSpec -> its short label
@@ -88,7 +91,9 @@ class Tracker(TorchDispatchMode):
         pre-hooks; the global forward hook runs before its own forward hooks, which therefore
         run watched (their ops are classified like the model's)."""
         inside = None  # the path prefix of the last quantizer: its observers are its own
-        for path, module in model.named_modules() if named is None else named:
+        named = list(model.named_modules()) if named is None else named
+        self._tree = {id(m) for _, m in named}  # modules tagged as themselves, never as an attribute
+        for path, module in named:
             if inside is not None and path.startswith(inside):
                 continue  # named_modules is pre-order: a quantizer's children follow it
             if isinstance(module, (FakeQuantize, BiasQuantize)):
@@ -125,7 +130,7 @@ class Tracker(TorchDispatchMode):
         for name, v in vars(module).items():  # tensors kept as state (a derived weight's cache)
             if name in _MODULE_TABLES or isinstance(v, _SCALARS):
                 continue
-            for t in _tensors(v):
+            for t in _tensors(v, self._tree):
                 if t.is_floating_point() and t not in self.tags:
                     self._set([t], Tag(CONST, f"tensor attribute {prefix}{name}"))
 
@@ -261,7 +266,7 @@ class Tracker(TorchDispatchMode):
         if not operands and not outputs:
             self.findings.count("ignored")  # integer / bool ops
             if tainted:
-                self._taint(_int_outputs(out), self._tag_of(tainted[0][1]))
+                self._taint(_int_outputs(out), self._tag_of(tainted[0][1]), func, args)
             return
         if refined and rule is not None:
             rule = O.refine(func, name, rule, args, kwargs)
@@ -278,12 +283,22 @@ class Tracker(TorchDispatchMode):
         else:
             self.findings.count("ignored")  # predicates, metadata reads
 
-    def _taint(self, int_outputs: list, source: Tag) -> None:
+    def _taint(self, int_outputs: list, source: Tag, func=None, args=()) -> None:
         """Integers made from float data carry where they came from: cast back to float, they
-        are that data rounded (not a qswap quantizer), never index math."""
+        are that data rounded (not a qswap quantizer), never index math. An in-place op
+        (``func`` on ``args``) writes its first argument, whose version counter moves after this
+        handler: its tag is kept for the version it will have."""
+        mutated = func is not None and self._mutates(func)
         for t in int_outputs:
-            self.tags[t] = (source, t._version)
+            self.tags[t] = (source, t._version + 1 if mutated and args and t is args[0] else t._version)
             self._tainted = True
+
+    def _mutates(self, func) -> bool:
+        """Whether an op writes its first argument in place (``add_``), kept per op."""
+        mutated = self._inplace.get(id(func))
+        if mutated is None:
+            mutated = self._inplace[id(func)] = O.is_inplace(func)
+        return mutated
 
     def tag_inputs(self, inputs) -> None:
         """The model's inputs are the one float data the audit does not see made."""
@@ -312,9 +327,7 @@ class Tracker(TorchDispatchMode):
         """Tag an op's outputs with the version they will have once the op returns: a view
         shares its base's counter, and an in-place op bumps the counter after this handler."""
         base = args[0] if func.is_view and args and isinstance(args[0], torch.Tensor) else None
-        mutated = self._inplace.get(id(func))
-        if mutated is None:
-            mutated = self._inplace[id(func)] = O.is_inplace(func)
+        mutated = self._mutates(func)
         for t in outputs:
             if base is not None:
                 version = base._version
@@ -330,10 +343,12 @@ class Tracker(TorchDispatchMode):
             self.findings.count("ignored")
             self._set_out(func, args, kwargs, outputs, Tag(C.INDEX, self._where(op)))
             return
+        if name in O.INTEGER_GEMMS and self._integer_gemm(func, name, op, args, kwargs, operands, tags, outputs):
+            return
         scalars = tuple(a for a in args if isinstance(a, _NUMBER) and not isinstance(a, bool))
         rescale = _scalar_rescale(name, args, kwargs, len(tags))
         d = C.decide_compute(name, rule, tags, self.calls[-1], self._where(op), rescale, scalars)
-        self._set_out(func, args, kwargs, outputs, d.out)
+        self._set_out(func, args, kwargs, outputs, _integral(name, func, d.out))
         module = self.stack[-1]
         if d.bucket == C.FLOAT_BUCKET:
             self.findings.operand_findings(module, op, func, operands, tags, d.findings)
@@ -341,6 +356,23 @@ class Tracker(TorchDispatchMode):
             self.findings.bucket(d.bucket, module, op, d.bits)
         if self.values_bits is not None and d.bucket in (C.QUANTIZED, C.FLOAT_BUCKET):
             self._check_values(module, op, func, operands, tags, {i for i, _ in d.findings})
+
+    def _integer_gemm(self, func, name, op, args, kwargs, operands, tags, outputs) -> bool:
+        """A float GEMM on integer data (``qswap.honesty.gemm``): counted as ``integer_gemm``
+        (its output: codes) when proven exact, an ``inexact_gemm`` finding when not; False where
+        the rule does not cover it (decided as any compute op)."""
+        verdict = G.decide(func, name, args, kwargs, tags, operands)
+        if verdict is None:
+            return False
+        module, where = self.stack[-1], self._where(op)
+        if verdict.exact:
+            self._set_out(func, args, kwargs, outputs, Tag(ACC, f"exact integer GEMM {where}", call=self.calls[-1],
+                                                           integral=True))
+            self.findings.bucket(C.INTEGER_GEMM, module, op, [])
+        else:
+            self._set_out(func, args, kwargs, outputs, Tag(FLOAT, f"output of {where}: {verdict.why}"))
+            self.findings.inexact_gemm(module, op, operands[0][1], verdict.why)
+        return True
 
     def _check_values(self, module, op, func, operands, tags, flagged: set[int]) -> None:
         """The value-level line: is each operand on a uniform grid, and do the tags agree?"""
@@ -358,8 +390,9 @@ class Tracker(TorchDispatchMode):
 
     def _movement(self, func, name, rule, op, args, kwargs, operands, outputs, out, tainted) -> None:
         self.findings.count("movement")
-        if name == "copy" and O.is_inplace(func) and len(operands) > 1:
-            operands = operands[1:]  # copy_(dst, src): dst is fully overwritten
+        if name == "copy" and O.is_inplace(func) and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            # copy_(dst, src): dst is fully overwritten; by integers when src is an integer tensor
+            operands = [(pos, t) for pos, t in operands if pos != 0]
         fills: tuple = ()
         if O.grid_rule(name, rule) == O.FILL:
             operands, fills = self._fill_values(func, args, kwargs, operands)
@@ -381,6 +414,10 @@ class Tracker(TorchDispatchMode):
         elif not tags and rule.family == "copy" and any(
                 isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in _flat(args)):
             tag = Tag(C.INDEX, self._where(op), binary=True)  # a bool mask cast to float: 0/1
+        if not tags or tag.integral:  # floats made from integers, or integers moved: still integers?
+            integral = all(t.integral for t in tags) and all(float(v).is_integer() for v in fills)
+            if integral != tag.integral:
+                tag = dataclasses.replace(tag, integral=integral)
         self._set_out(func, args, kwargs, outputs, tag)
 
     def _fill_values(self, func, args, kwargs, operands):
@@ -437,6 +474,16 @@ def _inverse(q: nn.Module, step: float) -> torch.Tensor | None:
     return grid.inverse if grid is not None and grid.scale == step else None
 
 
+def _integral(name: str, func, tag: Tag) -> Tag:
+    """The tag of a compute op's output: marked ``integral`` after a rounding to integers
+    (``round`` without decimals, ``floor``, ``ceil``, ``trunc``) of codes or a kernel
+    intermediate (its tag says which: a float operand's output is float), unmarked after any
+    other compute (its values are integers only if the integer-GEMM rule proves them so)."""
+    if name in O.ROUNDINGS and func._overloadname != "decimals" and tag.kind in (ACC, KERNEL):
+        return tag if tag.integral else dataclasses.replace(tag, integral=True)
+    return dataclasses.replace(tag, integral=False) if tag.integral else tag
+
+
 def _scalar_rescale(name: str, args, kwargs, n_tensors: int) -> float | None:
     """The Python number a mul/div multiplies its one tensor operand by; None otherwise."""
     if n_tensors != 1 or len(args) < 2 or kwargs.get("rounding_mode") is not None:
@@ -473,11 +520,14 @@ def _own(table: dict):
             yield name, t
 
 
-def _tensors(value) -> list:
-    """Every tensor in ``value`` and the dicts, lists and tuples inside it, in order."""
+def _tensors(value, tree: set = frozenset()) -> list:
+    """Every tensor in ``value`` and the dicts, lists and tuples inside it, in order, and the
+    parameters, buffers and tensor attributes of a module held there that is not one of
+    ``tree`` (ids of the model's own modules, tagged as themselves): e.g. an integer form a
+    simulation keeps, with its float copies of weight codes."""
     if isinstance(value, torch.Tensor):
         return [value]
-    found, stack = [], [value]
+    found, stack, seen = [], [value], set()
     while stack:
         v = stack.pop()
         if isinstance(v, torch.Tensor):
@@ -486,6 +536,11 @@ def _tensors(value) -> list:
             stack.extend(reversed(v))
         elif isinstance(v, (dict, Mapping)):
             stack.extend(reversed(list(v.values())))
+        elif isinstance(v, nn.Module) and id(v) not in seen and id(v) not in tree:
+            seen.add(id(v))
+            state = [*v._parameters.values(), *v._buffers.values(), *v._modules.values(),  # noqa: SLF001
+                     *(x for k, x in vars(v).items() if k not in _MODULE_TABLES and not isinstance(x, _SCALARS))]
+            stack.extend(reversed(state))
     return found
 
 

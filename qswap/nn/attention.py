@@ -25,7 +25,8 @@ from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, dequantized, grid_of, onto_grid, simulates, straight_through
+from qswap.nn.simulate import (cached, centered_codes, codes_of, dequantized, grid_of, onto_grid, simulates,
+                                straight_through)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -76,13 +77,16 @@ class QuantAttentionCore(nn.Module):
         integer core does (onto ``softmax_in`` and onto ``out_quant``'s grid). Returns the context
         (B*H, T, D) and the attention probabilities (B*H, T, S)."""
         qq = self.q_quant(q)
-        q = qq * scaling
         k = quantize_shared(self.k_quant, k, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)
-        scores = torch.bmm(q, k.transpose(1, 2))  # (B*H, T, S)
+
+        def float_scores():
+            return torch.bmm(qq * scaling, k.transpose(1, 2))  # (B*H, T, S)
         blocked, additive = as_bool_mask(attn_mask)
         if scores_bias is None and additive is None:
             scores = self._integer_matmul("scores", qq, self.q_quant, k, self.k_quant, scaling,
-                                          self.softmax_in_quant, scores)
+                                          self.softmax_in_quant, float_scores)
+        else:
+            scores = float_scores()
         if scores_bias is not None or additive is not None:  # an add: both operands quantized
             scores = self.scores_quant(scores)
             if scores_bias is not None:
@@ -106,36 +110,42 @@ class QuantAttentionCore(nn.Module):
         if dropout_p > 0.0 and self.training:
             probs = F.dropout(probs, p=dropout_p)
         v = quantize_shared(self.v_quant, v, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)
-        context = torch.bmm(probs, v)  # (B*H, T, D)
-        if out_quant is not None:
+        if out_quant is None:
+            context = torch.bmm(probs, v)  # (B*H, T, D)
+        else:
             context = self._integer_matmul("context", probs, self.softmax_out_quant, v.transpose(1, 2), self.v_quant,
-                                           1.0, out_quant, context)
+                                           1.0, out_quant, lambda: torch.bmm(probs, v))
         return context, probs
 
     def _integer_matmul(self, name: str, a: torch.Tensor, a_quant: nn.Module, b: torch.Tensor, b_quant: nn.Module,
-                        factor: float, out_quant: nn.Module, product: torch.Tensor) -> torch.Tensor:
-        """``product`` (= ``factor * a @ b^T`` in float) as the integer core computes it with
-        ``simulate: integer``: ``(a - za)(b - zb)^T`` in int32, requantized by
+                        factor: float, out_quant: nn.Module, product) -> torch.Tensor:
+        """``product()`` (= ``factor * a @ b^T`` in float, computed only where it is returned or
+        its gradient is needed) as the integer core computes it with
+        ``simulate: integer``: the int32 accumulator ``(a - za)(b - zb)^T`` (by an exact float GEMM,
+        ``qswap.quant.integer.exact_gemm``), requantized by
         ``s_a factor s_b / s_out`` onto ``out_quant``'s grid (``onto_grid``), as values, with the
-        float product's gradient; ``product`` itself where a grid is missing."""
+        float product's gradient; ``product()`` itself where a grid is missing."""
         from qswap.quant.integer import Requant
         grid_a, grid_b = grid_of(a_quant), grid_of(b_quant)
         if grid_a is None or grid_b is None:
-            return product
+            return product()
 
         def build(out):
             return Requant.from_scales(grid_a.scale * factor * grid_b.scale / out.scale, out.zero_point, out.qmin,
                                        out.qmax)
 
         def run(requant, out):
-            from qswap.quant.integer import requantized_values
-            acc = torch.bmm(codes_of(a, grid_a) - grid_a.zero_point,
-                            (codes_of(b, grid_b) - grid_b.zero_point).transpose(1, 2))  # int32 accumulator
+            from qswap.quant.integer import exact_gemm, requantized_values
+            acc = exact_gemm(torch.bmm, centered_codes(a, grid_a), centered_codes(b, grid_b).transpose(1, 2),
+                             a.shape[-1])  # (B*H, T, S) int32 accumulator, by an exact float GEMM
             return requantized_values(requant, acc, out.scale)
         value = onto_grid(self, f"_integer_{name}", build, out_quant, run, a_quant.scale, a_quant.zero_point,
                           b_quant.scale, b_quant.zero_point)  # factor: the attention's constant scaling
         if value is None:
-            return product
+            return product()
+        if not torch.is_grad_enabled():
+            return value
+        product = product()
         return straight_through(value, product) if product.requires_grad else value
 
     def _integer_softmax(self, scores: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:

@@ -9,7 +9,7 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import codes_of, grid_of, onto_grid, simulates, straight_through
+from qswap.nn.simulate import centered_codes, grid_of, onto_grid, simulates, straight_through
 from qswap.quant.bias import BiasQuantize
 
 
@@ -182,8 +182,8 @@ def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_
     sources = [input_quant.scale, input_quant.zero_point, *(t for t in weights if t is not None)]
     if getattr(owner.weight_quant, "scale", None) is not None:
         sources.append(owner.weight_quant.scale)
-    return onto_grid(owner, "_integer_onto", build, out_quant, lambda form, out: form(codes_of(xq, grid_in)),
-                     *sources)
+    return onto_grid(owner, "_integer_onto", build, out_quant,
+                     lambda form, out: form.simulated(centered_codes(xq, grid_in), out.scale), *sources)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
@@ -236,21 +236,19 @@ class IntegerLinear(nn.Module):
         return acc if self.requant is None else self.requant(acc, axis=-1)
 
     def simulated(self, centered: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-        """``forward(centered + zero_point_in)``, the same integers, for the fake-quant simulation:
-        ``centered`` holds the input's ``code - zp`` (a float tensor of integers), and the op runs
-        on the float kernel, exactly (the bound of ``qswap.quant.integer.exact_gemm`` from the
-        input's actual largest magnitude; the weights kept as floats of each dtype used). With
-        the output grid's ``scale``: the output codes' values (``requantized_values``).
-
-        Not yet what ``simulate: integer`` runs (``onto_linear`` runs ``forward``): the honesty
-        audit reports float math on integer data ("float made from integer data") and has no rule
-        for an exact float GEMM on codes; with one, this cuts the simulated forward's cost."""
+        """``forward(centered + zero_point_in)``, the same integers, for the fake-quant simulation
+        (``simulate: integer`` runs it: ``onto_linear``): ``centered`` holds the input's
+        ``code - zp`` (a float tensor of integers), and the op runs on the float kernel, exactly
+        (the bound of ``qswap.quant.integer.exact_gemm`` from the input's actual largest
+        magnitude; the weights kept as floats of each dtype used), which the honesty audit
+        proves per call (``qswap.honesty.gemm``). With the output grid's ``scale``: the output
+        codes' values (``requantized_values``, from the accumulator cast to int32: the audit
+        follows integer data through integer ops, not float arithmetic on an accumulator)."""
         from qswap.quant.integer import requantized_values
-        acc, bound = self._exact_acc(centered)
+        acc = self._exact_acc(centered)[0].to(torch.int32)
         if self.requant is None or scale is None:
-            acc = acc.to(torch.int32)
             return acc if self.requant is None else self.requant(acc, axis=self._channel_axis)
-        return requantized_values(self.requant, acc, scale, self._channel_axis, bound)
+        return requantized_values(self.requant, acc, scale, self._channel_axis)
 
     _channel_axis = -1
     _max_parts = 8  # split-K: at most this many float32 GEMMs before float64
@@ -263,9 +261,10 @@ class IntegerLinear(nn.Module):
         bound keeps it below 2^31), a float32 GEMM each; else one float64 GEMM."""
         from qswap.quant.integer import FLOAT32_EXACT, exact_float_dtype, magnitude
         k, per_product, bias_max = self.weight[0].numel(), magnitude(centered) * self._weight_max(), self._bias_max()
-        dtype = exact_float_dtype(k * per_product + bias_max, centered.device)
+        f32 = self._float32_exact(centered)  # else float64 whatever the bound
+        dtype = exact_float_dtype(k * per_product + bias_max if f32 else FLOAT32_EXACT, centered.device)
         parts = 1
-        if dtype == torch.float64:
+        if dtype == torch.float64 and f32:
             while parts < self._max_parts and -(-k // parts) * per_product + bias_max >= FLOAT32_EXACT:
                 parts *= 2
             chunk = -(-k // parts)
@@ -287,12 +286,22 @@ class IntegerLinear(nn.Module):
         chunk, acc = -(-k // parts), None
         for i, (w, b) in zip(range(0, k, chunk), kept[(dtype, parts)]):
             part = self._op(x[..., i:i + chunk], w, b).to(torch.int32)
-            acc = part if acc is None else acc.add_(part)
+            acc = part if acc is None else acc + part  # out of place: the audit follows integer data
         return acc, bound
 
     @staticmethod
     def _op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, w, b)
+        """``F.linear`` as one GEMM with its bias (``addmm``): on a non-contiguous input of more than
+        two dims ``F.linear`` runs a matmul and then adds the bias apart, a float add on integers
+        the audit does not cover."""
+        if x.dim() == 2:
+            return F.linear(x, w, b)
+        return F.linear(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[0])  # (..., out)
+
+    @staticmethod
+    def _float32_exact(x: torch.Tensor) -> bool:
+        """Whether the float32 kernel of ``_op`` sums products on ``x`` (a GEMM always does)."""
+        return True
 
     def _weight_max(self) -> int:
         """max |weight code|, kept (the form's weights are constants)."""
@@ -339,3 +348,9 @@ class IntegerConv(IntegerLinear):
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return self.conv_fn(x, w, b, *self.conv_args)
+
+    @staticmethod
+    def _float32_exact(x: torch.Tensor) -> bool:
+        """Not where torch may pick a Winograd or FFT convolution in float32 (then float64)."""
+        from qswap.quant.integer import winograd_may_run
+        return not winograd_may_run(x)

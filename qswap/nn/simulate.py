@@ -48,13 +48,19 @@ def grid_of(quant: nn.Module):
     """The ``qswap.quant.integer.Grid`` of a calibrated per-tensor ``FakeQuantize`` (enabled, with
     a grid); None for anything else (an Identity: the site is float; a per-channel grid)."""
     from qswap.quant.integer import Grid
-    if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.initialized
-            and quant.scale.numel() == 1 and quant.spec.granularity == "per_tensor"):
+    if not (isinstance(quant, FakeQuantize) and quant.enabled):
         return None
     _, kept = quant.frozen_grid()  # a PassGrid of Python numbers kept while frozen: no read per call
-    scale, zero_point = (kept.scale, kept.zero_point) if kept is not None else (float(quant.scale),
-                                                                                int(quant.zero_point))
-    return Grid(scale, zero_point, quant.spec.qmin, quant.spec.qmax)
+    if kept is not None:  # frozen, per tensor: the Grid is kept beside it, made once per PassGrid
+        hit = quant.__dict__.get("_simulated_grid")
+        if hit is not None and hit[0] is kept:
+            return hit[1]
+        grid = Grid(kept.scale, kept.zero_point, quant.spec.qmin, quant.spec.qmax)
+        quant.__dict__["_simulated_grid"] = (kept, grid)
+        return grid
+    if not (quant.initialized and quant.scale.numel() == 1 and quant.spec.granularity == "per_tensor"):
+        return None
+    return Grid(float(quant.scale), int(quant.zero_point), quant.spec.qmin, quant.spec.qmax)
 
 
 def row_isqrt(n: torch.Tensor) -> torch.Tensor:
@@ -72,6 +78,13 @@ def codes_of(xq: torch.Tensor, grid) -> torch.Tensor:
     """The int32 codes of ``xq``, a tensor its quantizer put on ``grid`` (``(code - zp) * scale``
     in float32): exact, the float32 error of the product is far below half a step."""
     return torch.round(xq.detach() * _inverse(grid.scale)).to(torch.int32) + grid.zero_point
+
+
+def centered_codes(xq: torch.Tensor, grid) -> torch.Tensor:
+    """``codes_of(xq, grid) - grid.zero_point`` as float32 integers (rounded, which the honesty
+    audit marks integral): the operand of an exact float GEMM (``qswap.quant.integer.exact_gemm``,
+    ``IntegerLinear.simulated``) standing for the integer model's int32 GEMM."""
+    return torch.round(xq.detach() * _inverse(grid.scale))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -32,6 +32,7 @@ integer_group_norm             as LayerNorm; eps rounded     int64 variance (N <
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
@@ -244,8 +245,9 @@ def _single_per_tensor(acc: torch.Tensor, m0, shift, zero_point, qmin: int, qmax
     total, low, high = 31 - shift, max(qmin - zero_point, INT32_MIN), min(qmax - zero_point, INT32_MAX)
     if not (1 <= total <= 62 and low <= high):
         return None
-    return ((acc.to(torch.int64) * m0 + (1 << (total - 1))) >> total).clamp(low, high)  # out of place: the
-    # honesty audit follows integer data through its ops (an in-place op would lose its origin)
+    out = acc.to(torch.int64, copy=True)  # a fresh tensor the passes write in place (half the time of
+    # fresh tensors per pass; the honesty audit follows integer data through in-place ops too)
+    return out.mul_(m0).add_(1 << (total - 1)).bitwise_right_shift_(total).clamp_(low, high)
 
 
 def requantized_values(requant: Requant, acc: torch.Tensor, scale: float, axis: int = -1,
@@ -269,9 +271,9 @@ def requantized_values(requant: Requant, acc: torch.Tensor, scale: float, axis: 
             acc = acc.to(torch.int32)
         fast = _single_per_tensor(acc, m0, shift, zp, requant.qmin, requant.qmax)
         if fast is not None:
-            return fast.to(torch.float32) * scale
+            return fast.to(torch.float32).mul_(scale)
     codes = requant(acc.to(torch.int32) if acc.is_floating_point() else acc, axis)
-    return (codes.to(torch.float32) - requant.zero_point) * scale
+    return (codes.to(torch.int32) - requant.zero_point).to(torch.float32) * scale  # integer subtraction: exact
 
 
 # -- rescaled add ------------------------------------------------------------------------------------
@@ -910,6 +912,21 @@ def _ieee_float32(device: torch.device) -> bool:
     return device.type == "cpu" or not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
 
 
+def winograd_may_run(x: torch.Tensor) -> bool:
+    """Whether torch may convolve an input of ``x``'s shape and device in float32 with an
+    algorithm that rounds (not a sum of products): NNPACK's Winograd and FFT, which torch may pick
+    on CPU for a 4-D float32 input with a batch of 16 or more while NNPACK is available and
+    enabled (``torch.backends.nnpack``), and the depthwise 3x3 Winograd kernel of ARM builds; on
+    other devices, always (cuDNN may pick FFT or Winograd). Float64 never runs them: an exact
+    float convolution then uses float64."""
+    if x.device.type != "cpu":
+        return True
+    if x.dim() != 4:
+        return False
+    nnpack = x.shape[0] >= 16 and torch._nnpack_available() and torch._C._get_nnpack_enabled()  # noqa: SLF001
+    return nnpack or platform.machine().lower() in ("arm64", "aarch64")
+
+
 def exact_gemm(op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor, fan_in: int,
                bias: torch.Tensor | None = None, *, b_max: int | None = None, bias_max: int = 0,
                **kwargs) -> torch.Tensor:
@@ -952,8 +969,12 @@ def exact_gemm_float(op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.
 
 
 def magnitude(t: torch.Tensor) -> int:
-    """``max |t|`` as a Python int (0 for an empty tensor), in one pass (``aminmax``)."""
+    """``max |t|`` as a Python int (0 for an empty tensor), in one pass (``aminmax``). Read
+    outside any torch dispatch mode: it only picks an exact GEMM's kernel (``exact_float_dtype``),
+    and the honesty audit proves that GEMM's exactness from the operands' values itself
+    (``qswap.honesty.gemm``)."""
     if not t.numel():
         return 0
-    low, high = torch.aminmax(t)
-    return int(max(-low, high))
+    with torch._C._DisableTorchDispatch():  # noqa: SLF001
+        low, high = torch.aminmax(t)
+        return int(max(-low, high))

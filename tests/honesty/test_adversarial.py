@@ -109,7 +109,23 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
     "a random constant": (lambda s, h, g: s.ra(h) * torch.rand(8), ("", "aten.mul", "float_constant")),
     "a fill with a computed value": (lambda s, h, g: torch.empty(4, 8).fill_(h.sum()), ("", "aten.sum", "float_operand")),
     "log_softmax": (lambda s, h, g: torch.log_softmax(h, -1), ("", "aten._log_softmax", "float_operand")),
+    "integers copied into a quantized tensor": (lambda s, h, g: s.rc(h).T @ _copied(s.ra(h), (g * 20).long()),
+                                                ("", "aten.mm", "float_operand")),
+    "a float GEMM on codes beyond 2^24": (lambda s, h, g: _codes(s.ra, h) @ torch.full((8, 8), 2.0 ** 16),
+                                          ("", "aten.mm", "inexact_gemm")),
+    "a float GEMM of codes and float data": (lambda s, h, g: _codes(s.ra, h).T @ s.rc(h),
+                                             ("", "aten.mm", "float_operand")),
 }
+
+
+def _copied(q, ints):
+    """``q`` overwritten in place with integers made from float data (not a qswap quantizer)."""
+    return q.copy_(ints)
+
+
+def _codes(relu, h):
+    """The codes of ``relu(h)`` (its input quantizer's grid) as float32 integers."""
+    return torch.round(relu(h) * (1 / relu.input_quant.scale.item())).to(torch.int32).to(torch.float32)
 
 
 def _undispatched(fn, *args):
@@ -160,6 +176,20 @@ class _Clamped(_Masked):
         return self.out(torch.maximum(q, q.flip(0)).clamp(max=5 * step) * 0.5)
 
 
+class _IntegerGemm(nn.Module):
+    """A simulated integer linear: the codes of a quantized tensor times integer weight codes
+    kept as a float buffer, on the float kernel (exact), the accumulator requantized."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.r, self.out = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)
+        self.register_buffer("w", torch.randint(-127, 128, (8, 8)).float(), persistent=False)
+
+    def forward(self, x):
+        acc = _codes(self.r, self.a(x)) @ self.w.T
+        return self.out(acc.to(torch.int32).to(torch.float32) * 0.01)
+
+
 HONEST = {
     "linear": (lambda: nn.Linear(8, 8), lambda: torch.randn(4, 8)),
     "mlp": (lambda: nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)), lambda: torch.randn(4, 8)),
@@ -170,6 +200,7 @@ HONEST = {
     "attention": (lambda: _SelfAttention(), lambda: torch.randn(5, 2, 8)),
     "masks and a shared grid": (_Masked, lambda: torch.randn(4, 8)),
     "clamp to grid points": (_Clamped, lambda: torch.randn(4, 8)),
+    "an exact integer GEMM on codes": (_IntegerGemm, lambda: torch.randn(4, 8)),
 }
 
 

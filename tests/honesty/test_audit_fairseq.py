@@ -172,3 +172,26 @@ def test_after_calibration_no_quantizer_observes_during_beam_search():
             h.remove()
     assert ran == [] and all(len(h) == 5 for h in hypos)
     assert all(not q.initialized for q in unseen)
+
+
+@pytest.mark.parametrize("arch", ["s2t_transformer", "s2t_conformer", "wav2vec2_ctc"])
+def test_simulate_integer_is_honest_with_its_gemms_proven_exact_integer_gemms(arch):
+    """``simulate: integer`` runs the integer model's GEMMs on float kernels holding the codes
+    (qswap.nn.simulate): the audit proves each exact (qswap.honesty.gemm) and counts it as an
+    integer GEMM; with ``simulate: float`` there are none."""
+    from helpers import recipe_with
+    from qswap.models import build_s2t_conformer, build_wav2vec2_ctc, wav2vec2_net_input
+    from qswap.nn.simulate import simulating
+    build, make_input = {"s2t_transformer": (build_s2t_transformer, s2t_net_input),
+                         "s2t_conformer": (build_s2t_conformer, s2t_net_input),
+                         "wav2vec2_ctc": (build_wav2vec2_ctc, wav2vec2_net_input)}[arch]
+    net_input = make_input()
+    qmodel = _quantized(build(), recipe_with("w8a8", "integer"), net_input)
+    report = qswap.audit(qmodel, net_input)
+    assert report.honest, [(v.module, v.op, v.operand) for v in report.violations[:5]]
+    assert report.totals["float"] == 0 and report.totals["integer_gemm"] > 0
+    ops = {r.op for r in report.integer_gemm}
+    assert {"aten.addmm", "aten.bmm"} <= ops, ops  # linears, the attention's matmuls
+    assert ("aten.convolution" in ops) == arch.startswith("s2t"), ops  # the S2T subsampler's convs
+    with simulating(qmodel, "float"):
+        assert qswap.audit(qmodel, net_input).totals["integer_gemm"] == 0

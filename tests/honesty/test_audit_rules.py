@@ -213,16 +213,17 @@ class _CodesBack(nn.Module):
     to codes, integer arithmetic, cast back to float and rescale; requantized (``qv``) or not
     before a matmul with a quantized weight. ``raw``: the same on the float input's values."""
 
-    def __init__(self, requantize: bool, raw: bool = False):
+    def __init__(self, requantize: bool, raw: bool = False, inplace: bool = False):
         super().__init__()
-        self.requantize, self.raw = requantize, raw
+        self.requantize, self.raw, self.inplace = requantize, raw, inplace
         self.qa, self.qv = FakeQuantize(A8), FakeQuantize(A8)
         self.w = nn.Parameter(torch.randn(8, 8))
         self.wq = FakeQuantize(W8, kind="weight")
 
     def forward(self, x):
         codes = torch.round((x if self.raw else self.qa(x)) * 7.0).to(torch.int32)
-        value = ((codes * 3 + 1).to(torch.float64) * 0.01).to(torch.float32)
+        ints = codes.to(torch.int64, copy=True).mul_(3).add_(1) if self.inplace else codes * 3 + 1
+        value = (ints.to(torch.float64) * 0.01).to(torch.float32)
         return (self.qv(value) if self.requantize else value) @ self.wq(self.w)
 
 
@@ -239,6 +240,17 @@ def test_integer_codes_cast_back_are_an_accumulator_a_quantizer_must_take():
     assert found["kept"] == []
     assert found["lost"] and "accumulator" in found["lost"][0].operand
     assert found["raw"] and "accumulator" not in found["raw"][0].operand
+
+
+def test_integer_ops_in_place_keep_the_origin_of_their_integers():
+    """In-place integer ops on codes (the simulation's requantization writes a fresh int64 tensor
+    in place) keep the integers' origin: cast back, rescaled and requantized, they feed the
+    matmul honestly (the tag is kept for the version the op leaves)."""
+    x = torch.randn(4, 8)
+    model = _CodesBack(True, inplace=True)
+    qswap.calibrate(model, [(x,)])
+    report = qswap.audit(model, (x,))
+    assert report.honest, [(v.module, v.op, v.operand) for v in report.violations]
 
 
 def test_one_moved_tensor_keeps_its_tag_as_combine_movement_says():

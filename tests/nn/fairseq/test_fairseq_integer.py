@@ -364,8 +364,9 @@ def test_simulated_logits_codes_are_the_integer_models_batch_and_incremental(sim
 def test_simulated_model_audits_honest(simulated):
     """``simulate: integer`` with every site on its reader's grid (the encoder's per-layer outputs,
     the decoder's entry stream and residual adds, the logits) is honest: its integer kernels run
-    on integer dtypes from quantized codes, every swapped module runs."""
+    on integer dtypes from quantized codes, its GEMMs on float kernels holding the codes, each
+    proven exact (qswap.honesty.gemm), and every swapped module runs."""
     qmodel, _, net_input = simulated
     report = qswap.audit(qmodel, net_input)
     assert report.honest, [(v.module, v.op, v.operand) for v in report.violations[:5]]
-    assert report.totals["kernel_internal"] > 0
+    assert report.totals["kernel_internal"] > 0 and report.totals["integer_gemm"] > 0
