@@ -6,6 +6,17 @@ becomes ``DequantizeLinear(q, s * c, z)``: the product stays on a grid, rescaled
 ``qswap.nn.attention`` says integer hardware folds it into the requantization multiplier. The
 values differ from the fake-quant model's ``(q - z) * s * c`` only by float32 rounding of
 ``s * c`` (one ulp), and onnxruntime can then run the following matmul on integers.
+
+``float_softmax``: a ``DequantizeLinear -> Softmax -> QuantizeLinear`` group (the decoder step's
+self-attention, which has no padding mask between its scores and its softmax) would become
+onnxruntime's ``QLinearSoftmax``, whose table-driven exp is not the softmax the fake-quant model
+computes: it puts some of the probabilities one step away from float ``Softmax`` then
+``QuantizeLinear`` on the same codes, far more often than rounding ties do (a few percent with
+a handful of keys: ``tests/export/test_graph_passes.py``), and the decoder amplifies every such
+step (``tools/onnx_sites.py`` finds the first). The pass stores the softmax output's codes as int8 (zero point ``z - 128``:
+the same grid, the same values), which onnxruntime's QDQ fusion only leaves float when the
+session allows int8 QDQ (``session.qdqisint8allowed``, set by ``qswap.export.load_session``;
+without it onnxruntime turns the pair back into uint8 and fuses it).
 """
 from __future__ import annotations
 
@@ -74,3 +85,42 @@ def _constants(graph, producer):
             return value(node.input[0])
         return None
     return value
+
+
+def float_softmax(model) -> int:
+    """Give the QuantizeLinear after every Softmax that reads a DequantizeLinear (and the
+    DequantizeLinear nodes reading it) an int8 zero point ``z - 128`` in place of its uint8 ``z``:
+    the same grid, which onnxruntime's QDQ fusion leaves to a float Softmax (module docstring).
+    Returns the number of softmaxes kept float."""
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    values = _constants(graph, producer)
+    kept = 0
+    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+        source = producer.get(softmax.input[0])
+        quants = readers.get(softmax.output[0], [])
+        if source is None or source.op_type != "DequantizeLinear" or not quants or any(
+                q.op_type != "QuantizeLinear" or len(q.input) < 3 for q in quants):
+            continue
+        for q in quants:
+            zero = values(q.input[2])
+            if zero is None or zero.dtype != np.uint8 or zero.size != 1:
+                continue
+            signed = numpy_helper.from_array((zero.astype(np.int16) - 128).astype(np.int8),
+                                             f"{q.name}/zero_point_int8")
+            graph.initializer.append(signed)
+            q.input[2] = signed.name
+            for dq in readers.get(q.output[0], []):
+                if dq.op_type == "DequantizeLinear" and dq.input[0] == q.output[0]:
+                    dq.input[2] = signed.name
+            for info in graph.value_info:  # an inferred uint8 type of the codes is stale now
+                if info.name == q.output[0]:
+                    info.type.tensor_type.elem_type = TensorProto.INT8
+        kept += 1
+    return kept
