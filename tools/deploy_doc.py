@@ -93,11 +93,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     command = "PYTHONPATH=$PWD python tools/deploy_doc.py " + " ".join(argv or sys.argv[1:])
     if args.sizes_only:
-        result = json.loads(Path(args.json).read_text())
-        torch.set_num_threads(args.threads)
-        warnings.simplefilter("ignore")
-        model, cfg, task = fdata.load_model_cfg_task(ASSET / "checkpoint.pt", ASSET)
-        calib = list(fdata.net_inputs(task, "train_calib", CALIB_BATCHES))
+        result, (model, cfg, task, calib) = json.loads(Path(args.json).read_text()), shipped_model(args)
         with tempfile.TemporaryDirectory(prefix="qswap-sizes-") as tmp:
             tmp = Path(tmp)
             float_dir = export_float(model, cfg, tmp / "float")
@@ -111,11 +107,7 @@ def main(argv=None) -> dict:
         write(result, args)
         return result
     if args.wer_only:
-        result = json.loads(Path(args.json).read_text())
-        torch.set_num_threads(args.threads)
-        warnings.simplefilter("ignore")
-        model, cfg, task = fdata.load_model_cfg_task(ASSET / "checkpoint.pt", ASSET)
-        calib = list(fdata.net_inputs(task, "train_calib", CALIB_BATCHES))
+        result, (model, cfg, task, calib) = json.loads(Path(args.json).read_text()), shipped_model(args)
         with tempfile.TemporaryDirectory(prefix="qswap-wer-") as tmp:
             exports = export_recipes(model, cfg, task, calib, Path(tmp))
             result["honesty"] = {name: e["audit"] for name, e in exports.items()}
@@ -134,10 +126,7 @@ def main(argv=None) -> dict:
             atomic_write_text(args.json, json.dumps(result, indent=1, sort_keys=True) + "\n")
         atomic_write_text(args.out, render(result))
         return result
-    torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")
-    model, cfg, task = fdata.load_model_cfg_task(ASSET / "checkpoint.pt", ASSET)
-    calib = list(fdata.net_inputs(task, "train_calib", CALIB_BATCHES))
+    model, cfg, task, calib = shipped_model(args)
     result = {"command": command, "threads": args.threads, "repeats": args.repeats, "beam": BEAM,
               "torch": torch.__version__, "onnxruntime": _ort().__version__}
     result["targets"] = TARGETS
@@ -160,6 +149,14 @@ def main(argv=None) -> dict:
     result.pop("partial")
     write(result, args)
     return result
+
+
+def shipped_model(args) -> tuple:
+    """(model, cfg, task, calibration batches) of the shipped model, torch at ``args.threads``."""
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    model, cfg, task = fdata.load_model_cfg_task(ASSET / "checkpoint.pt", ASSET)
+    return model, cfg, task, list(fdata.net_inputs(task, "train_calib", CALIB_BATCHES))
 
 
 def write(result: dict, args) -> None:

@@ -29,12 +29,7 @@ def fold_constant_scales(model) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    values = _constants(graph, producer)
+    producer, readers, values = _index(graph)
     folded = []
     for mul in graph.node:
         if mul.op_type != "Mul":
@@ -61,6 +56,16 @@ def fold_constant_scales(model) -> int:
     for mul in folded:
         graph.node.remove(mul)
     return len(folded)
+
+
+def _index(graph):
+    """The node producing each value, the nodes reading each value, and the constant lookup."""
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return producer, readers, _constants(graph, producer)
 
 
 def _positive_scalar(c) -> bool:
@@ -95,12 +100,7 @@ def float_softmax(model) -> int:
     from onnx import TensorProto, numpy_helper
 
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    values = _constants(graph, producer)
+    producer, readers, values = _index(graph)
     kept = 0
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
         source = producer.get(softmax.input[0])
