@@ -728,16 +728,19 @@ def sites_lines(r: dict) -> list[str]:
             lines.append(f"| {row['recipe']} | {graph} | {g['same']} of {g['sites']} | {g['first_different'] or '-'} | "
                          f"{g['first_beyond_one'] or '-'} | {g['largest']:g} |")
     return lines + [
-        "", "With onnxruntime's optimizations off (`tools/onnx_sites.py --level disabled`) the graphs compute the "
-        "fake-quant model's ops in float32, and with them on its fused integer kernels (`MatMulIntegerToFloat`, "
-        "`QLinearMatMul`, `QLinearAdd`, `QLinearConv`: int32 accumulation, one float rescale) give the same codes "
-        "up to rounding ties (the first differing sites above differ by one step, in a few codes). Such a one-step flip is what the model then "
-        "amplifies: a LayerNorm whose input moved one step moves its output several, attention spreads it over "
-        "the frames, and by the last encoder layers most codes differ. One fused kernel was not a rounding "
-        "tie: onnxruntime's `QLinearSoftmax` (a table-driven exp) put some of the decoder step's "
-        "self-attention probabilities one step away on the same input codes, far more often than ties do "
-        "(`tests/export/test_graph_passes.py`); the export keeps that softmax "
-        "float (`qswap.export.graph_passes.float_softmax`), and the step graph gives the fake-quant codes."]
+        "", "Each `QuantizeLinear` of the graphs multiplies by `float32(1 / s)` before rounding, as torch's fake "
+        "quantization does (`qswap.export.graph_passes.quantize_by_inverse`): ONNX's own `QuantizeLinear` divides "
+        "by `s`, which breaks rounding ties the other way, and ties are frequent where a quantizer reads another "
+        "quantizer's grid (`tests/export/test_graph_passes.py`). With onnxruntime's optimizations off "
+        "(`tools/onnx_sites.py --level disabled`) the graphs then compute the fake-quant model's ops in float32 "
+        "and give its codes at nearly every site. With them on (the rows above), the fused integer kernels "
+        "(`MatMulIntegerToFloat`, `QLinearAdd`, `QLinearConv`: int32 accumulation, one float rescale, where the "
+        "fake-quant model sums float products) give the same codes up to rounding ties: the first differing "
+        "sites differ by one step, in a few codes. Such a one-step flip is what the model then amplifies: a "
+        "LayerNorm whose input moved one step moves its output several, attention spreads it over the frames, "
+        "and by the last encoder layers most codes differ. onnxruntime's `QLinearSoftmax` (a table-driven exp) "
+        "was not a rounding tie either: it put some of the decoder step's self-attention probabilities one "
+        "step away on the same input codes; that softmax now stays float."]
 
 
 def ulp_lines(r: dict) -> list[str]:
@@ -784,7 +787,9 @@ def honesty_section(r: dict) -> list[str]:
               "values: the caches enter the graph as float tensors holding grid values, with no "
               "DequantizeLinear for onnxruntime to fuse (int8 cache inputs would make them integer; not done). "
               "Its self-attention `Softmax` is float by choice: onnxruntime's `QLinearSoftmax` computes another "
-              "softmax than the fake-quant model (WER section). "
+              "softmax than the fake-quant model (WER section). The `Mul` by `1 / s` before each "
+              "`QuantizeLinear` counts as the quantizer's; a `Relu` before one stays a float node (onnxruntime "
+              "folded it into the `QuantizeLinear` before the `Mul` was there). "
               "A recipe without activation quantizers (fp32, w8_weight_only) is not exported: the export "
               "needs calibrated activation grids.", ""]
     return lines

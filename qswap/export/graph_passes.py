@@ -7,16 +7,20 @@ becomes ``DequantizeLinear(q, s * c, z)``: the product stays on a grid, rescaled
 values differ from the fake-quant model's ``(q - z) * s * c`` only by float32 rounding of
 ``s * c`` (one ulp), and onnxruntime can then run the following matmul on integers.
 
-``float_softmax``: a ``DequantizeLinear -> Softmax -> QuantizeLinear`` group (the decoder step's
-self-attention, which has no padding mask between its scores and its softmax) would become
-onnxruntime's ``QLinearSoftmax``, whose table-driven exp is not the softmax the fake-quant model
-computes: it puts some of the probabilities one step away from float ``Softmax`` then
-``QuantizeLinear`` on the same codes, far more often than rounding ties do (a few percent with
-a handful of keys: ``tests/export/test_graph_passes.py``), and the decoder amplifies every such
-step (``tools/onnx_sites.py`` finds the first). The pass stores the softmax output's codes as int8 (zero point ``z - 128``:
-the same grid, the same values), which onnxruntime's QDQ fusion only leaves float when the
-session allows int8 QDQ (``session.qdqisint8allowed``, set by ``qswap.export.load_session``;
-without it onnxruntime turns the pair back into uint8 and fuses it).
+``quantize_by_inverse``: onnxruntime's ``QuantizeLinear`` divides by the scale (``x / s``,
+ONNX's definition); the fake-quant model's quantizer multiplies by the float32 reciprocal
+(``x * (1 / s)``, torch's ``fake_quantize_per_tensor_affine``). The two differ by an ulp now and
+then, and a value on a rounding tie lands one step apart: rare for an arbitrary float, frequent
+where a quantizer reads another quantizer's grid values (``fc2.input_quant`` after
+``ffn_act_quant``: with a scale ratio of 85/38 every 38th code is an exact tie). The pass makes
+every ``QuantizeLinear`` onnxruntime runs as one ``Mul`` by ``float32(1 / s)`` and a
+``QuantizeLinear`` of unit scale (``round(y / 1)`` is ``round(y)``): the fake-quant codes bit for
+bit. A ``QuantizeLinear`` that closes a group onnxruntime fuses into an integer kernel (an
+``Add``, ``MatMul``, ``Conv`` or ``Mul`` all of whose inputs are DequantizeLinear outputs:
+``QLinearAdd``, ``QLinearMatMul``, ``QLinearConv``, ``QLinearMul``) is left: the kernel
+requantizes on its own. A ``Softmax`` is not left: onnxruntime's ``QLinearSoftmax`` (a
+table-driven exp) is not the fake-quant softmax (it puts some probabilities one step away on the
+same input codes, far more often than ties do), and the ``Mul`` keeps the softmax float.
 """
 from __future__ import annotations
 
@@ -92,35 +96,40 @@ def _constants(graph, producer):
     return value
 
 
-def float_softmax(model) -> int:
-    """Give the QuantizeLinear after every Softmax that reads a DequantizeLinear (and the
-    DequantizeLinear nodes reading it) an int8 zero point ``z - 128`` in place of its uint8 ``z``:
-    the same grid, which onnxruntime's QDQ fusion leaves to a float Softmax (module docstring).
-    Returns the number of softmaxes kept float."""
-    from onnx import TensorProto, numpy_helper
+
+FUSED_GROUPS = frozenset({"Add", "MatMul", "Conv", "Mul", "Gemm"})
+
+
+def quantize_by_inverse(model) -> int:
+    """Rewrite every per-tensor ``QuantizeLinear(x, s, z)`` (a constant scalar scale) that does
+    not close a fusable group as ``QuantizeLinear(x * float32(1 / s), 1, z)`` (in place; module
+    docstring). Returns the number rewritten."""
+    from onnx import helper, numpy_helper
 
     graph = model.graph
-    producer, readers, values = _index(graph)
-    kept = 0
-    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
-        source = producer.get(softmax.input[0])
-        quants = readers.get(softmax.output[0], [])
-        if source is None or source.op_type != "DequantizeLinear" or not quants or any(
-                q.op_type != "QuantizeLinear" or len(q.input) < 3 for q in quants):
+    producer, _, values = _index(graph)
+    rewritten: list[tuple] = []
+    for q in graph.node:
+        scale = values(q.input[1]) if q.op_type == "QuantizeLinear" and len(q.input) > 1 else None
+        if scale is None or scale.size != 1 or scale.dtype != np.float32 or _closes_fused_group(q, producer, values):
             continue
-        for q in quants:
-            zero = values(q.input[2])
-            if zero is None or zero.dtype != np.uint8 or zero.size != 1:
-                continue
-            signed = numpy_helper.from_array((zero.astype(np.int16) - 128).astype(np.int8),
-                                             f"{q.name}/zero_point_int8")
-            graph.initializer.append(signed)
-            q.input[2] = signed.name
-            for dq in readers.get(q.output[0], []):
-                if dq.op_type == "DequantizeLinear" and dq.input[0] == q.output[0]:
-                    dq.input[2] = signed.name
-            for info in graph.value_info:  # an inferred uint8 type of the codes is stale now
-                if info.name == q.output[0]:
-                    info.type.tensor_type.elem_type = TensorProto.INT8
-        kept += 1
-    return kept
+        inverse = numpy_helper.from_array(np.float32(1) / scale.reshape(()), f"{q.name}/inverse_scale")
+        unit = numpy_helper.from_array(np.array(1, np.float32), f"{q.name}/unit_scale")
+        graph.initializer.extend([inverse, unit])
+        mul = helper.make_node("Mul", [q.input[0], inverse.name], [f"{q.name}/times_inverse_scale"],
+                               name=f"{q.name}/Mul")
+        q.input[0], q.input[1] = mul.output[0], unit.name
+        rewritten.append((q, mul))
+    for q, mul in rewritten:  # each Mul right before its QuantizeLinear: the graph stays sorted
+        graph.node.insert(list(graph.node).index(q), mul)
+    return len(rewritten)
+
+
+def _closes_fused_group(q, producer: dict, values) -> bool:
+    """Whether ``q`` quantizes the output of an op onnxruntime fuses with its DequantizeLinear
+    inputs and ``q`` into one integer kernel."""
+    op = producer.get(q.input[0])
+    if op is None or op.op_type not in FUSED_GROUPS:
+        return False
+    inputs = [name for name in op.input if name and values(name) is None]
+    return bool(inputs) and all(name in producer and producer[name].op_type == "DequantizeLinear" for name in inputs)

@@ -26,7 +26,7 @@ from torch import nn
 from qswap.errors import DependencyError, ExportError
 from qswap.export.compact import compact as compact_graph
 from qswap.export.encoders import encoder_graph
-from qswap.export.graph_passes import float_softmax, fold_constant_scales
+from qswap.export.graph_passes import fold_constant_scales, quantize_by_inverse
 from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
 from qswap.io.atomic import atomic_write_bytes
 from qswap.quant.fake_quantize import FakeQuantize
@@ -86,7 +86,7 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
                           input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic_axes)
     model = _onnx_module().load_model_from_string(buffer.getvalue())
     fold_constant_scales(model)
-    float_softmax(model)
+    quantize_by_inverse(model)
     if compact:
         compact_graph(model, {f"{name}.codes" for name, m in graph.named_modules(remove_duplicate=False)
                               if isinstance(m, WeightDQ) and m.four_bit})
@@ -118,10 +118,6 @@ def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_pat
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = threads
     options.graph_optimization_level = _LEVELS[level](ort)
-    # int8 QDQ pairs stay int8: the softmax outputs ``float_softmax`` stores as int8 then keep
-    # onnxruntime's float Softmax (qswap.export.graph_passes); every other pair is uint8 and
-    # fuses as without the option
-    options.add_session_config_entry("session.qdqisint8allowed", "1")
     options.log_severity_level = 3  # errors only: onnxruntime's warnings go to stderr, not to logging
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)

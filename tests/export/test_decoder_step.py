@@ -52,7 +52,8 @@ def test_step_graph_matches_fairseqs_incremental_decoder(setup):
 
 
 def test_step_graph_softmaxes_run_float_softmax(setup, tmp_path):
-    """onnxruntime's QLinearSoftmax is not the fake-quant softmax (qswap.export.graph_passes):
+    """onnxruntime's QLinearSoftmax is not the fake-quant softmax (qswap.export.graph_passes,
+    quantize_by_inverse):
     the graph onnxruntime optimizes runs float Softmax for every attention of every layer."""
     import onnx
 
