@@ -224,7 +224,7 @@ def site_rows(task, exports: dict) -> list[dict]:
     first ``test`` utterance (onnxruntime's optimizations as decoding runs them; tools/onnx_sites.py)."""
     import onnx_sites
 
-    net = next(iter(fdata.batches(task, "test", max_sentences=1)))["net_input"]
+    net = onnx_sites.first_utterances(task, "test", 1)
     rows = []
     for name in WER_RECIPES:
         e = exports[name]

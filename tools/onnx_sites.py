@@ -210,6 +210,19 @@ def with_padding_mask(encoder_out: dict) -> dict:
     return {**encoder_out, "encoder_padding_mask": [torch.zeros(out.shape[1], out.shape[0], dtype=torch.bool)]}
 
 
+def first_utterances(task, subset: str, count: int) -> dict:
+    """The ``net_input`` of the first ``count`` utterances of ``subset``'s first batch, cut to the
+    longest of them (fairseq reuses a subset's batch iterator within a process, whatever batch size
+    a later call asks for: slicing the batch gives the same utterances either way)."""
+    from qswap.integration import data as fdata
+
+    net = next(iter(fdata.batches(task, subset)))["net_input"]
+    lengths = net["src_lengths"][:count]
+    frames = int(lengths.max())
+    return {"src_tokens": net["src_tokens"][:count, :frames], "src_lengths": lengths,
+            "prev_output_tokens": net["prev_output_tokens"][:count]}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="w8a8", help="a shipped recipe, or 'searched'")
@@ -230,7 +243,7 @@ def main(argv=None) -> None:
     model, cfg, task = fdata.load_model_cfg_task(ASSET / "checkpoint.pt", ASSET)
     calib = list(fdata.net_inputs(task, "train_calib", deploy_doc.CALIB_BATCHES))
     qmodel = deploy_doc.calibrated(model, deploy_doc.WER_RECIPES.get(args.recipe, args.recipe), calib)
-    net = next(iter(fdata.batches(task, args.subset, max_sentences=args.utterances)))["net_input"]
+    net = first_utterances(task, args.subset, args.utterances)
     with tempfile.TemporaryDirectory(prefix="qswap-sites-") as tmp:
         export_model(qmodel, tmp, audit=False)
         path = Path(tmp) / f"{args.graph}.onnx"
