@@ -98,6 +98,7 @@ def _constants(graph, producer):
 
 
 FUSED_GROUPS = frozenset({"Add", "MatMul", "Conv", "Mul", "Gemm"})
+UNIT_SCALE = "unit_scale"
 
 
 def quantize_by_inverse(model) -> int:
@@ -109,16 +110,19 @@ def quantize_by_inverse(model) -> int:
     graph = model.graph
     producer, _, values = _index(graph)
     rewritten: list[tuple] = []
+    inverses: dict[str, str] = {}  # scale initializer -> its inverse's (one per grid, short names)
     for q in graph.node:
         scale = values(q.input[1]) if q.op_type == "QuantizeLinear" and len(q.input) > 1 else None
         if scale is None or scale.size != 1 or scale.dtype != np.float32 or _closes_fused_group(q, producer, values):
             continue
-        inverse = numpy_helper.from_array(np.float32(1) / scale.reshape(()), f"{q.name}/inverse_scale")
-        unit = numpy_helper.from_array(np.array(1, np.float32), f"{q.name}/unit_scale")
-        graph.initializer.extend([inverse, unit])
-        mul = helper.make_node("Mul", [q.input[0], inverse.name], [f"{q.name}/times_inverse_scale"],
-                               name=f"{q.name}/Mul")
-        q.input[0], q.input[1] = mul.output[0], unit.name
+        if not inverses:
+            graph.initializer.append(numpy_helper.from_array(np.array(1, np.float32), UNIT_SCALE))
+        if q.input[1] not in inverses:
+            inverses[q.input[1]] = f"inverse_scale_{len(inverses)}"
+            graph.initializer.append(numpy_helper.from_array(np.float32(1) / scale.reshape(()), inverses[q.input[1]]))
+        # unnamed: the file stays small; the QuantizeLinear it feeds carries the site
+        mul = helper.make_node("Mul", [q.input[0], inverses[q.input[1]]], [f"{q.output[0]}/times_inverse_scale"])
+        q.input[0], q.input[1] = mul.output[0], UNIT_SCALE
         rewritten.append((q, mul))
     for q, mul in rewritten:  # each Mul right before its QuantizeLinear: the graph stays sorted
         graph.node.insert(list(graph.node).index(q), mul)

@@ -138,7 +138,7 @@ def audit_onnx(path: "str | os.PathLike[str]", *, level: str = "extended", site_
     float_ops: Counter = Counter()
     quantizer_muls = _quantizer_muls(model.graph)
     for node in model.graph.node:
-        bucket, reason = ("quantize", "") if node.name in quantizer_muls else _classify(node, dtypes)
+        bucket, reason = ("quantize", "") if node.output[0] in quantizer_muls else _classify(node, dtypes)
         buckets[bucket] += 1
         if bucket == "integer":
             integer_ops[node.op_type] += 1
@@ -167,7 +167,7 @@ def _classify(node, dtypes: dict[str, int]) -> tuple[str, str]:
 
 
 def _quantizer_muls(graph) -> set[str]:
-    """Names of the ``Mul`` nodes by a constant whose every reader is a QuantizeLinear of unit
+    """Outputs of the ``Mul`` nodes by a constant whose every reader is a QuantizeLinear of unit
     scale: the quantizer's multiplication by ``1 / s`` (``quantize_by_inverse``)."""
     from onnx import numpy_helper
 
@@ -181,7 +181,7 @@ def _quantizer_muls(graph) -> set[str]:
         scale = constants.get(node.input[1]) if node.op_type == "QuantizeLinear" and len(node.input) > 1 else None
         return scale is not None and scale.size == 1 and float(scale.reshape(())) == 1.0
 
-    return {node.name for node in graph.node if node.op_type == "Mul" and any(i in constants for i in node.input)
+    return {node.output[0] for node in graph.node if node.op_type == "Mul" and any(i in constants for i in node.input)
             and readers.get(node.output[0]) and all(unit_quantize(r) for r in readers[node.output[0]])}
 
 

@@ -136,4 +136,6 @@ def test_a_group_onnxruntime_fuses_is_left():
     inits = [scalar("s", 0.05, np.float32), scalar("s2", 0.03, np.float32), scalar("z", 128, np.uint8)]
     model = one_input_model(nodes, inits, 4)
     assert quantize_by_inverse(model) == 2  # the two input quantizers, not the Add's (QLinearAdd)
-    assert [n.name for n in model.graph.node if n.op_type == "Mul"] == ["a/QuantizeLinear/Mul", "b/QuantizeLinear/Mul"]
+    muls = [n.output[0] for n in model.graph.node if n.op_type == "Mul"]
+    assert [q.input[0] for q in model.graph.node if q.name in ("a/QuantizeLinear", "b/QuantizeLinear")] == muls
+    assert next(q for q in model.graph.node if q.name == "out/QuantizeLinear").input[:2] == ["sum", "s"]
