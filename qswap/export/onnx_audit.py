@@ -8,7 +8,9 @@ Every node of the optimized graph falls in one bucket:
 bucket       nodes
 ===========  ===============================================================================
 integer      integer kernels (QLinear*, MatMulInteger, ConvInteger, MatMulIntegerToFloat...)
-quantize     QuantizeLinear / DequantizeLinear (conversions between the grid and floats)
+quantize     QuantizeLinear / DequantizeLinear (conversions between the grid and floats), and a
+             ``Mul`` by a constant read only by QuantizeLinear nodes of unit scale (the
+             quantizer's ``x * (1 / s)``: ``qswap.export.graph_passes.quantize_by_inverse``)
 movement     data movement and selection (Reshape, Transpose, Gather, Concat, Where...)
 index        arithmetic on integer or boolean tensors only (shapes, lengths, masks)
 float        everything else: compute on float tensors, or an op this audit has no rule for
@@ -134,8 +136,9 @@ def audit_onnx(path: "str | os.PathLike[str]", *, level: str = "extended", site_
     buckets: Counter = Counter()
     integer_ops: Counter = Counter()
     float_ops: Counter = Counter()
+    quantizer_muls = _quantizer_muls(model.graph)
     for node in model.graph.node:
-        bucket, reason = _classify(node, dtypes)
+        bucket, reason = ("quantize", "") if node.output[0] in quantizer_muls else _classify(node, dtypes)
         buckets[bucket] += 1
         if bucket == "integer":
             integer_ops[node.op_type] += 1
@@ -161,6 +164,25 @@ def _classify(node, dtypes: dict[str, int]) -> tuple[str, str]:
     if types and all(t is not None for t in types):
         return "index", ""
     return "float", "no rule for this op"  # an unknown op on tensors of unknown type: a finding
+
+
+def _quantizer_muls(graph) -> set[str]:
+    """Outputs of the ``Mul`` nodes by a constant whose every reader is a QuantizeLinear of unit
+    scale: the quantizer's multiplication by ``1 / s`` (``quantize_by_inverse``)."""
+    from onnx import numpy_helper
+
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def unit_quantize(node) -> bool:
+        scale = constants.get(node.input[1]) if node.op_type == "QuantizeLinear" and len(node.input) > 1 else None
+        return scale is not None and scale.size == 1 and float(scale.reshape(())) == 1.0
+
+    return {node.output[0] for node in graph.node if node.op_type == "Mul" and any(i in constants for i in node.input)
+            and readers.get(node.output[0]) and all(unit_quantize(r) for r in readers[node.output[0]])}
 
 
 def _tensor_types(model) -> dict[str, int]:

@@ -55,12 +55,21 @@ def test_graph_carries_qswaps_scales_and_integer_weights(qmodel, graph_path):
     model, values = _quant_nodes(graph_path)
     modules = dict(qmodel.encoder.named_modules())
     checked = 0
+    producer = {out: node for node in model.graph.node for out in node.output}
+    readers = {name: node for node in model.graph.node for name in node.input[:1]}
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear":
             continue
         site = ".".join(p for p in node.name.split("/")[1:-1])
         fq = modules[site]
-        assert values[node.input[1]] == pytest.approx(float(fq.scale), rel=0, abs=0)
+        scale = np.float32(fq.scale)
+        if values[node.input[1]] == 1:  # quantize_by_inverse: x * float32(1 / s), then unit scale
+            mul = producer[node.input[0]]
+            assert mul.op_type == "Mul" and values[mul.input[1]] == np.float32(1) / scale
+            dq_scale = readers[node.output[0]].input[1]  # its DequantizeLinear: the grid (or folded)
+            assert values[dq_scale] == scale or "/scale_times_" in dq_scale
+        else:
+            assert values[node.input[1]] == scale
         offset = 128 if fq.spec.signed else 0  # the same grid as uint8 codes
         assert int(values[node.input[2]]) == int(fq.zero_point) + offset
         assert values[node.input[2]].dtype == np.uint8

@@ -61,3 +61,26 @@ def test_byte_breakdown_accounts_for_every_byte_of_a_w4a8_export(tmp_path):
     assert sum(sizes["fp32_breakdown"].values()) == sizes["fp32_onnx"]["total"]
     assert row["breakdown"]["4-bit weight codes (INT4)"] > row["breakdown"].get("8-bit weight codes", 0)
     assert row["ratio"] == row["total"] / sizes["fp32_onnx"]["total"] < 0.25
+
+
+def test_ulp_moved_moves_each_activation_scale_by_at_most_one_ulp_on_a_copy():
+    import warnings
+
+    from qswap.quant.fake_quantize import FakeQuantize
+
+    torch.set_num_threads(1)
+    qmodel = qswap.convert(build_s2t_transformer(), "w8a8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(qmodel, [s2t_net_input(2, 60, seed=0)])
+    before = {n: m.scale.clone() for n, m in qmodel.named_modules()
+              if isinstance(m, FakeQuantize) and m.kind == "activation" and m.initialized}
+    moved = dict(deploy_doc.ulp_moved(qmodel, seed=0).named_modules())
+    ulps = []
+    for name, scale in before.items():
+        assert torch.equal(dict(qmodel.named_modules())[name].scale, scale)  # the caller's model untouched
+        new = moved[name].scale
+        up, down = torch.nextafter(scale, scale * 2), torch.nextafter(scale, scale * 0)
+        assert bool(((new == scale) | (new == up) | (new == down)).all()), name
+        ulps.append(bool((new != scale).any()))
+    assert any(ulps) and not all(ulps)  # up, down or kept at random

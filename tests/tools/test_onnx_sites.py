@@ -1,0 +1,74 @@
+"""tools/onnx_sites.py: every activation site of an exported graph against the fake-quant model
+(small real fairseq s2t_transformer, w8a8). The step graph as exported gives the fake-quant codes
+at every site under onnxruntime's optimizations; exported without ``quantize_by_inverse`` (ONNX's
+``x / s`` quantizers, the softmaxes fused into QLinearSoftmax) its sites differ."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from qswap.export.decoder_step import export_decoder_step  # noqa: E402
+from qswap.export.onnx import export_encoder  # noqa: E402
+from qswap.models import s2t_net_input  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "export"))
+sys.path.insert(0, str(REPO / "tools"))
+import onnx_sites  # noqa: E402
+from export_testkit import calibrated  # noqa: E402
+
+TOKENS = torch.tensor([[2, 5, 9, 11, 7, 4, 8, 8], [2, 6, 6, 30, 8, 9, 3, 12]])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from qswap.models import build_s2t_transformer
+
+    torch.set_num_threads(1)
+    qmodel = calibrated(build_s2t_transformer())
+    net = s2t_net_input(2, 72, seed=4)
+    net["src_lengths"][1] = 50
+    with torch.no_grad():
+        encoder_out = qmodel.encoder(net["src_tokens"], net["src_lengths"])
+    path = export_decoder_step(qmodel, tmp_path_factory.mktemp("onnx") / "decoder_step.onnx",
+                               encoder_out["encoder_out"][0], encoder_out["encoder_padding_mask"][0])
+    return qmodel, encoder_out, path
+
+
+def test_step_graph_gives_the_fake_quant_codes_at_every_site(setup):
+    qmodel, encoder_out, path = setup
+    table = onnx_sites.decoder_step_table(qmodel, path, encoder_out, TOKENS, "all")
+    layers = len(qmodel.decoder.layers)
+    assert len(table.sites) >= 20 * layers and all(s.codes > 0 for s in table.sites)
+    assert "logits_quant" in [s.name for s in table.sites]
+    # the self-attention cache quantizers run inside the attention: named after it in the graph
+    assert sorted(table.missing) == sorted(f"decoder.layers.{i}.self_attn.{k}_quant"
+                                           for i in range(layers) for k in "kv")
+    assert table.first_beyond(1.0) is None
+    assert sum(s.different for s in table.sites) <= 2  # measured: 0 (near-ties of the integer kernels)
+
+
+def test_the_export_without_quantize_by_inverse_differs(setup, tmp_path, monkeypatch):
+    import qswap.export.onnx as export_onnx
+
+    qmodel, encoder_out, _ = setup
+    monkeypatch.setattr(export_onnx, "quantize_by_inverse", lambda model: 0)  # the export before the pass
+    path = export_decoder_step(qmodel, tmp_path / "decoder_step.onnx", encoder_out["encoder_out"][0],
+                               encoder_out["encoder_padding_mask"][0])
+    table = onnx_sites.decoder_step_table(qmodel, path, encoder_out, TOKENS, "all")
+    assert sum(s.different for s in table.sites) > 2
+
+
+def test_encoder_sites_in_node_order(setup, tmp_path):
+    qmodel, _, _ = setup
+    net = s2t_net_input(1, 64, seed=7)
+    path = export_encoder(qmodel, tmp_path / "encoder.onnx", net)
+    table = onnx_sites.encoder_table(qmodel, path, net, "disabled")
+    assert table.sites[0].name == "encoder.subsample.conv_layers.0.input_quant"
+    assert not table.missing and table.first_beyond(1.0) is None
+    assert "first site more than one step away: none" in table.render("title")
