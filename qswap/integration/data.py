@@ -89,13 +89,16 @@ def without_training_augmentation(dataset, data_cfg) -> None:
 
 def batches(task, subset: str, *, max_tokens: int = 40000, max_sentences: int | None = 32,
             num_shards: int = 1, shard_id: int = 0) -> Iterator[dict]:
-    """fairseq samples (dicts with ``net_input``, ``target``, ``id``) of a subset, in order."""
+    """fairseq samples (dicts with ``net_input``, ``target``, ``id``) of a subset, in order, batched
+    as asked on every call: fairseq's task keeps one batch iterator per dataset and would hand the
+    first call's batches (its sizes, its shard) to every later one, so none is kept."""
     if not 0 <= shard_id < num_shards:
         raise DataError(f"--shard-id must be in [0, {num_shards}), got {shard_id}")
     dataset = load_subset(task, subset)
     itr = task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_sentences=max_sentences,
                                   max_positions=None, ignore_invalid_inputs=False,
-                                  num_shards=num_shards, shard_id=shard_id, num_workers=0, seed=1)
+                                  num_shards=num_shards, shard_id=shard_id, num_workers=0, seed=1,
+                                  disable_iterator_cache=True)
     with _reading(subset):
         for sample in itr.next_epoch_itr(shuffle=False):
             if sample:  # fairseq pads shards with empty batches

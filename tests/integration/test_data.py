@@ -25,3 +25,17 @@ def test_a_train_named_subset_is_read_without_training_augmentation():
     assert repr(test_style.feature_transforms) == repr(ours.feature_transforms)
     torch.manual_seed(0)
     assert not torch.equal(augmented[0].source, first)  # SpecAugment's masks change the features
+
+
+def test_batches_are_batched_as_asked_on_every_call():
+    """fairseq's task keeps a batch iterator per dataset; a second call for the same subset with
+    another batch size (or shard) must not get the first call's batches."""
+    from qswap.integration.data import batches
+
+    _, task = load_model_and_task(f"{ASSET}/checkpoint.pt", ASSET)
+    sizes = lambda **kw: [len(s["id"]) for s in batches(task, "train_calib", **kw)]  # noqa: E731
+    assert sizes(max_sentences=4) == [4] * 8
+    assert sizes(max_sentences=32) == [32]
+    assert sizes(max_sentences=16, num_shards=2, shard_id=1) == [16]
+    ids = lambda **kw: [i for s in batches(task, "train_calib", **kw) for i in s["id"].tolist()]  # noqa: E731
+    assert sorted(ids(max_sentences=8)) == list(range(32))
