@@ -49,7 +49,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import interleaved_medians  # noqa: E402
+from bench import busy_processes, interleaved_medians  # noqa: E402
 
 import qswap  # noqa: E402
 from qswap.errors import ExportError  # noqa: E402
@@ -88,6 +88,9 @@ def main(argv=None) -> dict:
                     help="measure only the graphs' sizes into --json, then re-render --out")
     ap.add_argument("--wer-only", action="store_true",
                     help="measure only the WER section and the deploy audit into --json, then re-render --out")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="measure only the speed sections (shipped model and s2t_transformer_s) into --json, "
+                         "then re-render --out")
     ap.add_argument("--ulp-seeds", type=int, default=5,
                     help="fake-quant decodes with activation scales moved by one ulp, per recipe and subset")
     args = ap.parse_args(argv)
@@ -117,6 +120,18 @@ def main(argv=None) -> dict:
         result["wer_command"] = command
         write(result, args)
         return result
+    if args.speed_only:
+        result, (model, cfg, task, calib) = json.loads(Path(args.json).read_text()), shipped_model(args)
+        result.update({"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+                       "onnxruntime": _ort().__version__, "speed_command": command})
+        with tempfile.TemporaryDirectory(prefix="qswap-speed-") as tmp:
+            exports = export_recipes(model, cfg, task, calib, Path(tmp))
+            result["busy_at_start"] = busy_processes()
+            result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, Path(tmp), args)
+            write(result, args)
+            result["s_model"] = s_model(args)
+        write(result, args)
+        return result
     if args.render_only or args.architectures:
         result = json.loads(Path(args.json).read_text())
         if args.architectures:
@@ -136,6 +151,7 @@ def main(argv=None) -> dict:
         exports = export_recipes(model, cfg, task, calib, tmp)
         result["honesty"] = {name: e["audit"] for name, e in exports.items()}
         write(result, args)  # each section as it is done: a run cut short still shows what it measured
+        result["busy_at_start"] = busy_processes()
         result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, tmp, args)
         write(result, args)
         result["sizes"] = {"command": command, "s_model": s_model_sizes(), **shipped_sizes(
@@ -567,9 +583,11 @@ def render(r: dict) -> str:
 def header(r: dict) -> list[str]:
     partial = ["**Partial run**: the sections marked not measured were not reached.", ""] if r.get("partial") else []
     return partial + ["# Deployment: qswap's exported graphs in onnxruntime", "",
-             f"Written by `tools/deploy_doc.py` (`{r['command']}`), one run: torch {r['torch']}, "
-             f"onnxruntime {r['onnxruntime']}, {r['threads']} threads, beam {r['beam']}. The machine is "
-             f"shared and was loaded while it ran: the timings are what this one run measured.", "",
+             f"Written by `tools/deploy_doc.py` (`{r['command']}`"
+             + (f"; speed sections re-measured by `{r['speed_command']}`" if r.get("speed_command") else "")
+             + f"), one run: torch {r['torch']}, "
+             f"onnxruntime {r['onnxruntime']}, {r['threads']} threads, beam {r['beam']}. {machine_state(r)} "
+             f"The timings are what this one run measured.", "",
              "Export and decode with the exported graphs:", "", "```",
              "qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe w8a8 --data qswap/assets/s2t_demo "
              "--calib-subset train_calib --calib-batches 4 -o w8a8.pt",
@@ -627,15 +645,35 @@ def speed_section(r: dict) -> list[str]:
               f"s2t_transformer_s-sized model ({s['model']}), encoder: torch fp32 {s['seconds']['torch_fp32'] * 1e3:.1f} ms, "
               f"onnxruntime int8 {s['seconds']['ort_int8'] * 1e3:.1f} ms, onnxruntime fp32 {s['seconds']['ort_fp32'] * 1e3:.1f} ms "
               f"(`tools/onnx_bench.py`, random calibration: speed only).", "",
-              "How far to trust this run: the machine's 2 cores were shared with other jobs the whole time. "
-              "torch's OpenMP thread pool loses far more than onnxruntime's under such oversubscription (torch "
-              "fp32 eager took seconds for an encoder batch that takes tens of milliseconds on an idle core), "
-              "so the ratios against torch eager overstate what an idle machine shows; the ratios within "
-              "onnxruntime (int8 vs fp32 of the same graph) are the comparable ones. In full decoding, "
-              "onnxruntime int8 was not faster than onnxruntime fp32 in this run: the decoder step's "
-              "attention over the float caches stays float, and its Q/DQ pairs cost per step on this small "
-              "model. Re-run the command on an idle machine before quoting a speed-up.", ""]
+              trust_note(r, sp), ""]
     return lines
+
+
+def machine_state(r: dict) -> str:
+    """What the machine was doing when the speed run started (``busy_at_start``: other processes
+    using more than a fifth of a core, ``tools/bench.py``'s ``busy_processes``)."""
+    busy = r.get("busy_at_start")
+    if busy is None:
+        return "The machine is shared and was loaded while it ran (not sampled)."
+    if not busy:
+        return "No other process used more than a fifth of a core when the speed run started."
+    return f"Other processes were busy when the speed run started: {', '.join(busy)}."
+
+
+def trust_note(r: dict, sp: dict) -> str:
+    """How far the speed ratios carry, from the run's own numbers."""
+    seconds = {k: v["seconds"] for k, v in sp["decode"].items()}
+    slower = seconds["ort_int8"] > seconds["ort_fp32"]
+    note = ("How far to trust this run: " + ("the machine was idle when it started; " if r.get("busy_at_start") == []
+                                            else "the machine's 2 cores were shared with other jobs; torch's OpenMP "
+                                                 "thread pool loses far more than onnxruntime's under oversubscription, "
+                                                 "so ratios against torch eager overstate what an idle machine shows; ")
+            + "the ratios within onnxruntime (int8 vs fp32 of the same graph) are the comparable ones.")
+    if slower:
+        note += (" In full decoding, onnxruntime int8 was not faster than onnxruntime fp32 in this run (the "
+                 "decoder step's attention over the cached keys and values stays float; where the step's time "
+                 "goes is not measured here).")
+    return note
 
 
 def size_section(r: dict) -> list[str]:

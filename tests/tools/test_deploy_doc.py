@@ -84,3 +84,18 @@ def test_ulp_moved_moves_each_activation_scale_by_at_most_one_ulp_on_a_copy():
         assert bool(((new == scale) | (new == up) | (new == down)).all()), name
         ulps.append(bool((new != scale).any()))
     assert any(ulps) and not all(ulps)  # up, down or kept at random
+
+
+def test_the_page_says_what_the_machine_was_doing_when_the_speed_run_started():
+    """The speed paragraphs follow the run's own sample of busy processes and decode times, not a
+    fixed sentence: an idle start is said as such, a busy one names the processes."""
+    sp = {"decode": {"ort_int8": {"seconds": 3.0}, "ort_fp32": {"seconds": 2.0}}}
+    idle, busy = {"busy_at_start": []}, {"busy_at_start": ["python at 95% of a core"]}
+    assert deploy_doc.machine_state(idle).startswith("No other process")
+    assert "python at 95% of a core" in deploy_doc.machine_state(busy)
+    assert "not sampled" in deploy_doc.machine_state({})
+    assert "idle when it started" in deploy_doc.trust_note(idle, sp)
+    assert "oversubscription" in deploy_doc.trust_note(busy, sp)
+    assert "not faster" in deploy_doc.trust_note(idle, sp)
+    sp["decode"]["ort_int8"]["seconds"] = 1.0
+    assert "not faster" not in deploy_doc.trust_note(idle, sp)
