@@ -57,6 +57,23 @@ def test_a_padded_batch_decodes_as_its_utterances_alone(shipped_float):
         assert decode(task, ort, [alone], beam=3).utterances[0].hyp == together[int(batch["id"][i])]
 
 
+def test_cross_attention_keys_and_values_are_reordered_only_when_the_batch_changes(shipped_float):
+    """SequenceGenerator reorders every step within each sentence's beams (rows with the same
+    encoder output): like fairseq's own static encoder-decoder keys and values, the exported
+    decoder's are then kept as they are; a batch that drops finished sentences selects rows."""
+    _, task, out = shipped_float
+    ort = load_exported(out, task.target_dictionary)
+    net = next(iter(fdata.batches(task, "test", max_sentences=2)))["net_input"]
+    beams = 3
+    enc = ort.encoder.reorder_encoder_out(ort.encoder(**net), torch.arange(2).repeat_interleave(beams))
+    within = torch.tensor([2, 0, 0, 3, 5, 4])  # each row takes a row of its own sentence's beams
+    kept = ort.encoder.reorder_encoder_out(enc, within)
+    assert all(a is b for a, b in zip(kept["cross_kv"], enc["cross_kv"]))
+    assert torch.equal(kept["encoder_padding_mask"][0], enc["encoder_padding_mask"][0][within])
+    dropped = ort.encoder.reorder_encoder_out(enc, torch.tensor([3, 4, 5]))  # sentence 0 finished
+    assert all(torch.equal(a, b[3:]) for a, b in zip(dropped["cross_kv"], enc["cross_kv"]))
+
+
 def test_load_deployed_sets_up_the_task_from_the_manifest(shipped_float):
     _, task, out = shipped_float
     ort, task2 = load_deployed(out, ASSET)
