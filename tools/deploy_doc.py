@@ -641,7 +641,8 @@ def speed_section(r: dict) -> list[str]:
               "onnxruntime's static quantization runs on qswap's float export (boolean masks: fairseq's own "
               "-inf masks are what breaks it when it quantizes every op) and re-calibrates with its own ranges: "
               "its deployed model is not the one qswap evaluated. Its float ops: "
-              + ", ".join(f"{k} {v}" for k, v in sp["ort_static"]["float_ops"].items()) + ".", "",
+              + ", ".join(f"{k} {v}" for k, v in sorted(sp["ort_static"]["float_ops"].items(),
+                                                        key=lambda kv: (-kv[1], kv[0]))) + ".", "",
               f"s2t_transformer_s-sized model ({s['model']}), encoder: torch fp32 {s['seconds']['torch_fp32'] * 1e3:.1f} ms, "
               f"onnxruntime int8 {s['seconds']['ort_int8'] * 1e3:.1f} ms, onnxruntime fp32 {s['seconds']['ort_fp32'] * 1e3:.1f} ms "
               f"(`tools/onnx_bench.py`, random calibration: speed only).", "",
