@@ -245,8 +245,8 @@ def _single_per_tensor(acc: torch.Tensor, m0, shift, zero_point, qmin: int, qmax
     total, low, high = 31 - shift, max(qmin - zero_point, INT32_MIN), min(qmax - zero_point, INT32_MAX)
     if not (1 <= total <= 62 and low <= high):
         return None
-    out = acc.to(torch.int64, copy=True)  # a fresh tensor the passes write in place (half the time of
-    # fresh tensors per pass; the honesty audit follows integer data through in-place ops too)
+    out = acc.to(torch.int64, copy=True)  # one fresh tensor the passes write in place (not a fresh
+    # tensor per pass; the honesty audit follows integer data through in-place ops too)
     return out.mul_(m0).add_(1 << (total - 1)).bitwise_right_shift_(total).clamp_(low, high)
 
 
