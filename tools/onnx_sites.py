@@ -211,9 +211,8 @@ def with_padding_mask(encoder_out: dict) -> dict:
 
 
 def first_utterances(task, subset: str, count: int) -> dict:
-    """The ``net_input`` of the first ``count`` utterances of ``subset``'s first batch, cut to the
-    longest of them (fairseq reuses a subset's batch iterator within a process, whatever batch size
-    a later call asks for: slicing the batch gives the same utterances either way)."""
+    """The ``net_input`` of the first ``count`` utterances of ``subset``'s first batch (of the
+    default size, as the WER decodes batch it), cut to the longest of them."""
     from qswap.integration import data as fdata
 
     net = next(iter(fdata.batches(task, subset)))["net_input"]

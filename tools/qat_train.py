@@ -240,7 +240,8 @@ def run_facts(log_text: str) -> dict:
     last = commands[-1]
     flag = {k: v for k, v in zip(last, last[1:]) if k.startswith("--")}
     start = Path(flag["--finetune-from-model"])
-    return {"recipe": Path(flag["--qswap-recipe"]).stem, "converted": start.name != "checkpoint.pt",
+    converted = start.resolve() != (ASSET / "checkpoint.pt").resolve()  # not the shipped float checkpoint
+    return {"recipe": Path(flag["--qswap-recipe"]).stem, "converted": converted,
             "invocations": len(commands), "lr": float(flag["--lr"]), "warmup": int(flag["--warmup-updates"]),
             "max_tokens": int(flag["--max-tokens"]), "hours": float(flag["--stop-time-hours"]),
             "save_every": int(flag["--save-interval-updates"]), "calib_batches": int(flag["--qswap-calib-batches"])}

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def quantized_rows(items: list[str]) -> dict[str, str]:
-    """``--quantized NAME=QCKPT`` arguments as {name: path}; a UsageError names a malformed one or a
+    """``--quantized NAME=QCKPT`` arguments as {name: path}; a DataError names a malformed one or a
     missing file."""
     from pathlib import Path
 

@@ -59,11 +59,11 @@ def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = Non
 
 def _stored_recipe(path: Any) -> "Recipe | None":
     """The recipe a qswap checkpoint stores; None for a fairseq checkpoint without one."""
-    from qswap.io.checkpoint import QSWAP_KEY
+    from qswap.io.checkpoint import QSWAP_KEY, qswap_entry
     from qswap.io.safe_load import load_checkpoint
     from qswap.recipe import load_recipe
 
     state = load_checkpoint(os.fspath(path))  # qswap checkpoints load with weights_only, no allowlist
     if QSWAP_KEY not in state:
         return None
-    return load_recipe(dict(state[QSWAP_KEY]["recipe"]))
+    return load_recipe(dict(qswap_entry(path, state)["recipe"]))

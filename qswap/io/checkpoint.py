@@ -250,9 +250,9 @@ def to_plain(obj: Any, where: str) -> Any:
                           f"only (str, numbers, lists, dicts)")
 
 
-def _load_qswap(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None):
-    from omegaconf import OmegaConf
-
+def qswap_entry(path, state: dict) -> Mapping:
+    """The checked ``qswap`` entry of a loaded qswap checkpoint (its format and stored recipe);
+    CheckpointError for a malformed entry or another format."""
     meta = state[QSWAP_KEY]
     if not isinstance(meta, Mapping) or not isinstance(meta.get("recipe"), Mapping):
         raise CheckpointError(f"{path}: malformed qswap entry (expected a mapping with 'format' and "
@@ -260,6 +260,13 @@ def _load_qswap(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None
     if meta.get("format") != QSWAP_FORMAT:
         raise CheckpointError(f"{path}: qswap checkpoint format {meta.get('format')!r}; this qswap "
                               f"reads format {QSWAP_FORMAT} (written by qswap {meta.get('version')!r})")
+    return meta
+
+
+def _load_qswap(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None):
+    from omegaconf import OmegaConf
+
+    meta = qswap_entry(path, state)
     if not isinstance(state.get("cfg"), Mapping) or not isinstance(state.get("model"), Mapping):
         raise CheckpointError(f"{path}: qswap checkpoint without 'cfg' or 'model'; the file is damaged")
     _check_weights(path, state["model"])

@@ -245,7 +245,7 @@ class IntegerLinear(nn.Module):
         codes' values (``requantized_values``, from the accumulator cast to int32: the audit
         follows integer data through integer ops, not float arithmetic on an accumulator)."""
         from qswap.quant.integer import requantized_values
-        acc = self._exact_acc(centered)[0].to(torch.int32)
+        acc = self._exact_acc(centered).to(torch.int32)
         if self.requant is None or scale is None:
             return acc if self.requant is None else self.requant(acc, axis=self._channel_axis)
         return requantized_values(self.requant, acc, scale, self._channel_axis)
@@ -253,8 +253,8 @@ class IntegerLinear(nn.Module):
     _channel_axis = -1
     _max_parts = 8  # split-K: at most this many float32 GEMMs before float64
 
-    def _exact_acc(self, centered: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The accumulator of ``centered`` (int32, or floats holding it exactly) and its bound, by
+    def _exact_acc(self, centered: torch.Tensor) -> torch.Tensor:
+        """The accumulator of ``centered`` (int32, or floats holding it exactly), by
         exact float GEMMs: one float32 GEMM where the
         bound of ``exact_gemm`` is below 2^24; else the reduction split into 2, 4 or 8 equal parts
         (split-K) that each stay below 2^24 (each part exact, their int32 sum exact: the build-time
@@ -280,14 +280,13 @@ class IntegerLinear(nn.Module):
             kept[(dtype, parts)] = [(w[:, i:i + chunk].contiguous(), b if i == 0 else None)
                                     for i in range(0, k, chunk)]
         x = centered.to(dtype)
-        bound = k * per_product + bias_max
         if parts == 1:
-            return self._op(x, *kept[(dtype, parts)][0]), bound
+            return self._op(x, *kept[(dtype, parts)][0])
         chunk, acc = -(-k // parts), None
         for i, (w, b) in zip(range(0, k, chunk), kept[(dtype, parts)]):
             part = self._op(x[..., i:i + chunk], w, b).to(torch.int32)
             acc = part if acc is None else acc + part  # out of place: the audit follows integer data
-        return acc, bound
+        return acc
 
     @staticmethod
     def _op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

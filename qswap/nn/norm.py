@@ -389,7 +389,11 @@ class IntegerLayerNorm(nn.Module):
         """``forward``'s output codes' values on the output grid of ``scale``, for the fake-quant
         simulation (per-tensor input codes; the exact per-row square root ``row_isqrt``, the same
         integers as the Newton iteration; ``requantized_values``)."""
+        from qswap.errors import IntegerizeError
         from qswap.quant.integer import integer_layer_norm_acc, requantized_values
+        if self.common is not None:
+            raise IntegerizeError("IntegerLayerNorm.simulated takes per-tensor input codes; this form "
+                                  "rescales per-channel inputs onto a common grid first: run forward")
         acc = integer_layer_norm_acc(codes, self.params, row_isqrt)
         return requantized_values(self.params.out, acc, scale)
 

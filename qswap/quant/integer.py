@@ -250,23 +250,13 @@ def _single_per_tensor(acc: torch.Tensor, m0, shift, zero_point, qmin: int, qmax
     return out.mul_(m0).add_(1 << (total - 1)).bitwise_right_shift_(total).clamp_(low, high)
 
 
-def requantized_values(requant: Requant, acc: torch.Tensor, scale: float, axis: int = -1,
-                       bound: int | None = None) -> torch.Tensor:
+def requantized_values(requant: Requant, acc: torch.Tensor, scale: float, axis: int = -1) -> torch.Tensor:
     """The float32 values ``(code - zp) * scale`` of ``requant(acc)``'s codes on a grid of ``scale``
     (``qswap.nn.simulate.dequantized`` of them), without forming the codes where the single
     per-tensor rounding applies: the fake-quant simulation's requantization. ``acc``: an integer
-    tensor, or a float tensor holding integers (an exact float GEMM's result) of magnitude at most
-    ``bound``; then, where ``bound * M0 + 2^(n-1) < 2^53`` (``n = 31 - shift``), in float64:
-    ``floor(acc * (M0 2^-n) + 1/2)`` is ``(acc M0 + 2^(n-1)) >> n`` exactly (the product of an
-    integer below 2^53 / M0 and ``M0 2^-n``, a float64 exactly, and the added half are exact),
-    which skips the int64 multiply."""
+    tensor, or a float tensor holding integers (cast to int32 first)."""
     if requant.rounding == "single" and acc.dtype != torch.int64:
         m0, shift, zp = requant.m0, requant.shift, requant.zero_point
-        if acc.is_floating_point() and bound is not None and all(isinstance(v, int) for v in (m0, shift, zp)):
-            total, low, high = 31 - shift, max(requant.qmin - zp, INT32_MIN), min(requant.qmax - zp, INT32_MAX)
-            if 1 <= total <= 62 and low <= high and bound * m0 + 2 ** (total - 1) < FLOAT64_EXACT:
-                x = acc.to(torch.float64).mul_(m0 * 2.0 ** -total).add_(0.5).floor_().clamp_(low, high)
-                return x.to(torch.float32).mul_(scale)
         if acc.is_floating_point():
             acc = acc.to(torch.int32)
         fast = _single_per_tensor(acc, m0, shift, zp, requant.qmin, requant.qmax)

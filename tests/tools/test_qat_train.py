@@ -92,7 +92,8 @@ def test_run_facts_read_the_recipe_start_and_hyperparameters_of_the_last_command
     facts = qat_train.run_facts(log)
     assert facts["recipe"] == "w4a4_edges8_stream_smoothquant_lsq" and facts["converted"]
     assert facts["invocations"] == 2 and facts["hours"] == 3.0 and facts["lr"] == 3e-4
-    plain = qat_train.run_facts(cmd.format(recipe="recipes/w4a4_edges8_lsq.yaml", start="A/checkpoint.pt", hours=1))
+    plain = qat_train.run_facts(cmd.format(recipe="recipes/w4a4_edges8_lsq.yaml", start=qat_train.ASSET / "checkpoint.pt",
+                                             hours=1))
     assert plain["recipe"] == "w4a4_edges8_lsq" and not plain["converted"] and plain["invocations"] == 1
     with pytest.raises(SystemExit, match="no fairseq-train command line"):
         qat_train.run_facts(LOG)
