@@ -46,7 +46,6 @@ from fairseq_walkthrough import arch_args  # noqa: E402  (tools/fairseq_walkthro
 
 ASSET = REPO / "qswap" / "assets" / "s2t_demo"
 SHIPPED_QAT = ASSET / "qat_w4a4_edges8.pt"
-BIN = Path(sys.executable).parent
 MODEL_FILES = ("spm_unigram200.model", "spm_unigram200.txt")
 
 
@@ -55,17 +54,18 @@ def train_command(a: argparse.Namespace) -> list[str]:
     import qswap
 
     ckpt = Path(getattr(a, "from_qckpt", None) or ASSET / "checkpoint.pt")
-    return [str(BIN / "fairseq-train"), str(a.data), "--user-dir", qswap.plugin_dir(),
+    return [sys.executable, "-m", "fairseq_cli.train", str(a.data), "--user-dir", qswap.plugin_dir(),
             "--task", "speech_to_text_qswap", "--qswap-recipe", a.recipe,
             "--qswap-calib-batches", str(a.calib_batches), "--finetune-from-model", str(ckpt),
-            *arch_args(ckpt), "--train-subset", "train", "--valid-subset", "dev",
+            *arch_args(ckpt), "--train-subset", getattr(a, "train_subset", "train"), "--valid-subset", "dev",
             "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
             "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(a.lr),
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(a.warmup), "--clip-norm", "10",
             "--max-tokens", str(a.max_tokens), "--max-update", str(a.max_update),
             "--stop-time-hours", str(a.hours), "--save-interval-updates", str(a.save_every),
             "--validate-interval-updates", str(a.save_every), "--keep-interval-updates", "20",
-            "--no-epoch-checkpoints", "--cpu", "--num-workers", "0", "--log-format", "simple",
+            "--no-epoch-checkpoints", *(["--cpu"] if getattr(a, "device", "cpu") == "cpu" else []), "--num-workers", "0",
+            "--log-format", "simple",
             "--log-interval", "10", "--required-batch-size-multiple", "1", "--seed", "1",
             "--save-dir", str(a.save_dir)]
 
@@ -131,19 +131,71 @@ def qswap_eval(checkpoint: Path, data: Path, subset: str, out: Path, *extra: str
     cmd = [sys.executable, "-m", "qswap.cli", "eval", str(checkpoint), "--data", str(data), "--subset", subset,
            "--json", str(out), *extra]
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(out.read_text())
 
 
 def do_dev(a: argparse.Namespace) -> int:
+    """Dev WER of each kept checkpoint, ``--jobs`` evaluations at a time (one thread each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     save_dir = Path(a.save_dir)
-    for updates, path in checkpoints(save_dir):
-        if a.updates and updates not in a.updates:
+    kept = checkpoints(save_dir)[-a.last:] if a.last else checkpoints(save_dir)
+    todo = [(u, path) for u, path in kept
+            if (not a.updates or u in a.updates) and not (save_dir / f"dev_{u}.json").exists()]
+
+    def one(item):
+        updates, path = item
+        r = qswap_eval(path, Path(a.data), "dev", save_dir / f"dev_{updates}.json")
+        print(f"update {updates}: dev WER {r['counts']['wer']:.2f}", flush=True)
+
+    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        list(pool.map(one, todo))
+    return 0
+
+
+def do_pack(a: argparse.Namespace) -> int:
+    """The corpus's ``--splits`` in compact form (``qswap.integration.compact``: features rounded to
+    0.08 of each channel's std, about a seventh of the bytes), ``train`` cut into ``--parts``
+    manifests ``train_1`` ... so that each travels on its own; ``unpack`` restores a fairseq
+    data directory (training then reads ``--train-subset train_1,train_2,...``)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from qswap.integration.compact import pack
+
+    src, out = Path(a.data), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for split in a.splits:
+        lines = (src / f"{split}.tsv").read_text().splitlines(keepends=True)
+        parts = a.parts if split == "train" else 1
+        if parts == 1:
+            names.append(split)
             continue
-        out = save_dir / f"dev_{updates}.json"
-        if not out.exists():
-            r = qswap_eval(path, Path(a.data), "dev", out)
-            print(f"update {updates}: dev WER {r['counts']['wer']:.2f}", flush=True)
+        rows, size = lines[1:], -(-(len(lines) - 1) // parts)
+        for i in range(parts):
+            names.append(f"{split}_{i + 1}")
+            (src / f"{names[-1]}.tsv").write_text(lines[0] + "".join(rows[i * size:(i + 1) * size]))
+    with ProcessPoolExecutor(max(1, a.jobs)) as pool:
+        for target in pool.map(pack, [src] * len(names), names, [out] * len(names)):
+            print(target, flush=True)
+    return 0
+
+
+def do_unpack(a: argparse.Namespace) -> int:
+    """A fairseq data directory at ``--out`` from ``pack``'s folder(s) and the shipped model's
+    config, sentencepiece and global CMVN files."""
+    import shutil
+
+    from qswap.integration.compact import MODEL_FILES as COPY, materialize
+
+    out = Path(a.out)
+    for folder in a.compact:
+        for z in sorted(Path(folder).glob("fbank80_*.q8.zip")):
+            split = z.name[len("fbank80_"):-len(".q8.zip")]
+            materialize(folder, split, ASSET, out, copy=COPY)
+            print(f"{split}: {out}", flush=True)
+    shutil.copyfile(ASSET / "gcmvn.npz", out / "gcmvn.npz")
     return 0
 
 
@@ -438,10 +490,23 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--hours", type=float, default=0.75, help="fairseq's --stop-time-hours")
     t.add_argument("--save-every", type=int, default=40, help="updates between checkpoints/validations")
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: fairseq-train on the GPU")
+    t.add_argument("--train-subset", default="train", help="fairseq's --train-subset (unpack: train_1,train_2,...)")
     d = sub.add_parser("dev", help="dev WER of each saved checkpoint (qswap eval)")
     d.add_argument("--data", required=True, type=Path)
     d.add_argument("--save-dir", required=True)
     d.add_argument("--updates", type=int, nargs="*", help="only these checkpoints")
+    d.add_argument("--jobs", type=int, default=1, help="evaluations at a time")
+    d.add_argument("--last", type=int, help="only the last N checkpoints")
+    k = sub.add_parser("pack", help="the corpus in compact form, to carry it to another machine")
+    k.add_argument("--data", required=True, type=Path)
+    k.add_argument("--out", required=True, type=Path)
+    k.add_argument("--splits", nargs="+", default=["dev", "train"])
+    k.add_argument("--parts", type=int, default=1, help="cut train into this many parts")
+    k.add_argument("--jobs", type=int, default=1, help="parts packed at a time")
+    u = sub.add_parser("unpack", help="a fairseq data directory from pack's folders")
+    u.add_argument("--compact", required=True, nargs="+", type=Path)
+    u.add_argument("--out", required=True, type=Path)
     s = sub.add_parser("ship", help="store the dev-best checkpoint as the shipped QAT checkpoint")
     s.add_argument("--save-dir", required=True)
     s.add_argument("--out", default=str(SHIPPED_QAT))
@@ -454,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from qswap.errors import QswapError
     try:
-        return {"train": do_train, "dev": do_dev, "ship": do_ship, "doc": do_doc}[a.cmd](a)
+        return {"train": do_train, "dev": do_dev, "ship": do_ship, "doc": do_doc, "pack": do_pack,
+                "unpack": do_unpack}[a.cmd](a)
     except QswapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,10 +5,12 @@ deviation (float32) and int8 codes ``round((x - mean) / (std * step))`` (step 0.
 deviations; the error is at most step / 2 = 0.04 of a channel's std), differenced along time
 and LZMA-compressed in a zip: about 0.56 bytes per value instead of 4. The shipped model
 normalizes each utterance per channel (``utterance_cmvn``), and the stored mean and std are
-exact, so what the model sees moves by at most 0.04 of a unit.
+exact, so what the model sees moves by at most 0.04 of a unit. An utterance with a value more
+than 127 steps (10.2 standard deviations) from its channel's mean keeps its codes as int16
+differences instead (no wrap-around); its error bound is the same.
 
-Layout of ``fbank80_<split>.q8.zip``: per utterance ``<id>.codes.npy`` (int8, (T, 80), time
-differences of the codes) and ``<id>.norm.npy`` (float32, (2, 80): mean, std); the step is
+Layout of ``fbank80_<split>.q8.zip``: per utterance ``<id>.codes.npy`` (int8, or int16 for an
+outlier utterance; (T, 80), time differences of the codes) and ``<id>.norm.npy`` (float32, (2, 80): mean, std); the step is
 written in ``step.npy``. fairseq reads only its own layout, so ``materialize`` writes a fairseq
 data directory (float32 ``fbank80_<split>.zip`` and ``<split>.tsv``, next to the model's
 config and sentencepiece files) that every qswap command and fairseq-generate read.
@@ -33,17 +35,19 @@ def encode(feats: np.ndarray, step: float = STEP) -> tuple[np.ndarray, np.ndarra
     feats = np.asarray(feats, dtype=np.float32)
     mean, std = feats.mean(0), feats.std(0) + np.float32(1e-5)
     z = np.round((feats - mean) / (std * step))
-    if np.abs(z).max(initial=0) > 127:
+    if np.abs(z).max(initial=0) > np.iinfo(np.int16).max // 2:
         raise DataError(f"a feature lies {np.abs(z).max() * step:.1f} standard deviations from its "
-                        f"channel's mean; int8 codes at step {step} reach 127 * {step}")
+                        f"channel's mean; codes at step {step} reach {np.iinfo(np.int16).max // 2} * {step}")
     codes = z.astype(np.int16)
-    deltas = np.diff(codes, axis=0, prepend=0).astype(np.int8)  # wraps; decode wraps back
-    return deltas, np.stack([mean, std]).astype(np.float32)
+    deltas = np.diff(codes, axis=0, prepend=0).astype(np.int16)  # |codes| <= 16383: no wrap
+    narrow = np.abs(codes).max(initial=0) <= 127
+    return (deltas.astype(np.int8) if narrow else deltas), np.stack([mean, std]).astype(np.float32)
 
 
 def decode(deltas: np.ndarray, norm: np.ndarray, step: float = STEP) -> np.ndarray:
     """The float32 (T, 80) features ``encode`` stored."""
-    codes = np.cumsum(deltas.astype(np.int8), axis=0, dtype=np.int8).astype(np.float32)
+    wide = np.dtype(deltas.dtype) == np.int16  # int8 differences wrap, and their sum wraps back
+    codes = np.cumsum(deltas, axis=0, dtype=np.int16 if wide else np.int8).astype(np.float32)
     return (codes * (norm[1] * np.float32(step)) + norm[0]).astype(np.float32)
 
 

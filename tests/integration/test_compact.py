@@ -70,3 +70,14 @@ def test_compact_storage_moves_float_wer_by_at_most_one_word(tmp_path):
                      "--json", str(tmp_path / f"{name}.json")]) == 0
         errors[name] = json.loads((tmp_path / f"{name}.json").read_text())["counts"]["word_errors"]
     assert abs(errors["compact"] - errors["float32"]) <= 1, errors
+
+
+def test_outlier_utterance_keeps_int16_codes_within_the_same_bound():
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(500, 80)).astype(np.float32)
+    feats[7, 3] = 40.0  # about 240 steps of its channel's std
+    deltas, norm = encode(feats)
+    assert deltas.dtype == np.int16
+    back = decode(deltas, norm)
+    assert np.all(np.abs(back - feats) <= norm[1] * STEP / 2 * 1.001)
+    assert encode(rng.normal(size=(50, 80)).astype(np.float32))[0].dtype == np.int8

@@ -28,7 +28,8 @@ def test_train_command_fine_tunes_the_shipped_model_with_the_plugin(tmp_path):
                   lr=3e-4, warmup=20, max_tokens=6000, max_update=100, hours=0.5, save_every=50)
     cmd = qat_train.train_command(a)
     flag = {k: v for k, v in zip(cmd, cmd[1:]) if k.startswith("--")}
-    assert Path(cmd[0]).name == "fairseq-train" and cmd[1] == str(a.data)
+    assert cmd[1:3] == ["-m", "fairseq_cli.train"] and cmd[3] == str(a.data)  # fairseq-train's module
+    assert "--cpu" in cmd and "--cpu" not in qat_train.train_command(Namespace(**{**vars(a), "device": "cuda"}))
     assert flag["--task"] == "speech_to_text_qswap" and flag["--qswap-recipe"] == "w4a4_edges8_lsq"
     assert flag["--qswap-calib-batches"] == "4"
     assert Path(flag["--finetune-from-model"]) == qat_train.ASSET / "checkpoint.pt"
@@ -109,3 +110,27 @@ def test_docs_qat_against_float_is_the_committed_eval_results():
     for row in rows:
         subset, flt, qat = (cell.strip() for cell in row.strip("|").split("|")[:3])
         assert (float(qat) - float(flt) <= qat_train.TARGET) == (subset in met)
+
+
+def test_pack_and_unpack_carry_a_split_in_parts_within_the_compact_bound(tmp_path):
+    """pack cuts train into parts (each its own compact zip), unpack rebuilds a fairseq data
+    directory whose features are the corpus's within half a compact step of each channel's std."""
+    import numpy as np
+
+    from qswap.integration.compact import STEP, _read_features, _read_manifest
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "fbank80_train_calib.zip").write_bytes((qat_train.ASSET / "fbank80_train_calib.zip").read_bytes())
+    (data / "train.tsv").write_bytes((qat_train.ASSET / "train_calib.tsv").read_bytes())
+    assert qat_train.main(["pack", "--data", str(data), "--out", str(tmp_path / "q8"), "--splits", "train",
+                           "--parts", "2", "--jobs", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "q8").glob("*.q8.zip")) == ["fbank80_train_1.q8.zip",
+                                                                         "fbank80_train_2.q8.zip"]
+    assert qat_train.main(["unpack", "--compact", str(tmp_path / "q8"), "--out", str(tmp_path / "out")]) == 0
+    rows = {r["id"]: r for r in _read_manifest(data / "train.tsv")}
+    back = [*_read_manifest(tmp_path / "out" / "train_1.tsv"), *_read_manifest(tmp_path / "out" / "train_2.tsv")]
+    assert sorted(r["id"] for r in back) == sorted(rows)
+    for r in back[:5]:
+        x, y = _read_features(data, rows[r["id"]]["audio"]), _read_features(tmp_path / "out", r["audio"])
+        assert np.all(np.abs(x - y) <= (x.std(0) + 1e-5) * STEP / 2 * 1.001)
