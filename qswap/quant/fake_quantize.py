@@ -65,8 +65,8 @@ class FakeQuantize(LazyStateModule):
     @torch.no_grad()
     def _set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         if self.scale.shape != scale.shape:
-            self.scale.data = torch.empty_like(scale)
-            self.zero_point = torch.empty_like(zero_point)
+            self.scale.data = torch.empty_like(scale, device=self.scale.device)
+            self.zero_point = torch.empty_like(zero_point, device=self.zero_point.device)
         self.scale.data.copy_(scale)
         self.zero_point.copy_(zero_point)
         self._cached = None

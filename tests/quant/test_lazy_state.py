@@ -1,0 +1,20 @@
+import torch
+
+from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.spec import QuantSpec
+
+
+def test_loading_a_checkpoint_keeps_lazy_state_on_the_modules_device():
+    """fairseq-train moves the model to the GPU before it loads the checkpoint it fine-tunes from:
+    the per-channel grid and observer ranges loaded from a CPU state_dict must land on the
+    module's device, not the checkpoint's (a CPU zero point beside CUDA activations fails)."""
+    spec = QuantSpec(bits=4, granularity="per_channel", axis=0)
+    trained = FakeQuantize(spec, kind="weight")
+    trained(torch.randn(6, 5))
+    state = trained.state_dict()
+    assert state["zero_point"].shape == (6,) and state["zero_point"].device.type == "cpu"
+    fresh = FakeQuantize(spec, kind="weight").to("meta")  # stands for the GPU: any non-CPU device
+    fresh.load_state_dict(state)
+    for name in ("scale", "zero_point", "observer.min_val", "observer.max_val"):
+        t = fresh.get_buffer(name) if name != "scale" else fresh.scale
+        assert t.device.type == "meta" and t.shape == state[name].shape, name
