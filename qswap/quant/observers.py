@@ -134,10 +134,12 @@ class MSEObserver(Observer):
 
     def batch_range(self, x):
         lo, hi = reduce_min_max(x, self.spec)
+        if not all_finite(lo, hi):  # forward refuses it; scaled candidates of a finite range are finite
+            return lo, hi
         best_err, best = None, (lo, hi)
         for r in _MSE_RATIOS.tolist():
             cand_lo, cand_hi = lo * r, hi * r
-            scale, zp = choose_qparams(cand_lo, cand_hi, self.spec)
+            scale, zp = choose_qparams(cand_lo, cand_hi, self.spec, finite=True)
             xq = fake_quantize(x, scale, zp, self.spec.replace(learnable=False))
             err = _mean_at((x - xq).pow(2), self.spec)
             if best_err is None:

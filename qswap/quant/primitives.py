@@ -73,12 +73,14 @@ def reduce_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
 
 
 def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor,
-                   spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+                   spec: QuantSpec, *, finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float32) and zero point (int32) that cover [min_val, max_val] (always including 0).
 
-    A zero or constant range gets the smallest finite scale, never 0, inf or NaN.
+    A zero or constant range gets the smallest finite scale, never 0, inf or NaN. ``finite``: the
+    caller has already checked the range (the check reads the tensors back: on a GPU, a wait for
+    every kernel queued before it).
     """
-    if not all_finite(min_val, max_val):
+    if not finite and not all_finite(min_val, max_val):
         raise CalibrationError("cannot choose quantization parameters for non-finite values "
                                "(NaN or inf in the observed tensor); check the input data")
     lo = torch.clamp(min_val.float(), min=-MAX_RANGE, max=0.0)
