@@ -134,3 +134,27 @@ def test_pack_and_unpack_carry_a_split_in_parts_within_the_compact_bound(tmp_pat
     for r in back[:5]:
         x, y = _read_features(data, rows[r["id"]]["audio"]), _read_features(tmp_path / "out", r["audio"])
         assert np.all(np.abs(x - y) <= (x.std(0) + 1e-5) * STEP / 2 * 1.001)
+
+
+def test_run_facts_of_a_gpu_run_on_another_machine():
+    """fairseq-train run as its module, without --cpu, from the shipped float checkpoint copied
+    to another machine's checkout: a cuda run, not from a converted checkpoint."""
+    log = ("$ /opt/venv/bin/python3 -m fairseq_cli.train /tmp/w/data --qswap-recipe w4a8_lsq --qswap-calib-batches 4 "
+           "--finetune-from-model /tmp/w/repo/qswap/assets/s2t_demo/checkpoint.pt --train-subset train_1,train_2 "
+           "--lr 0.0003 --warmup-updates 30 --max-tokens 24000 --stop-time-hours 0.07 --save-interval-updates 25")
+    facts = qat_train.run_facts(log)
+    assert facts["device"] == "cuda" and not facts["converted"] and facts["train_subset"] == "train_1,train_2"
+    assert qat_train.run_facts(log + " --cpu")["device"] == "cpu"
+
+
+@pytest.mark.parametrize("doc, evals, target", [("qat.md", "qat", 2.0), ("qat_w4a8.md", "qat_w4a8", 0.5)])
+def test_each_qat_page_shows_its_committed_eval_results(doc, evals, target):
+    """Every QAT page's rows (against PTQ, against float with its own target) are those of the
+    qswap eval JSONs committed beside it."""
+    docs = Path(qat_train.REPO) / "docs"
+    text = (docs / doc).read_text()
+    cmp_rows, _ = qat_train.comparison(docs / evals)
+    float_rows, met = qat_train.against_float(docs / evals, target)
+    assert cmp_rows and float_rows and all(row in text for row in cmp_rows + float_rows)
+    assert f"within +{target:.1f} absolute WER" in text
+    assert (f"Within +{target:.1f} of float on: {', '.join(met)}." if met else "on none of the sets") in text
