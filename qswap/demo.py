@@ -3,7 +3,7 @@
 On the shipped model (``qswap/assets/s2t_demo``: a small s2t_transformer trained by
 ``tools/train_s2t.py`` on synthesized speech): evaluate float, then convert + calibrate + audit
 + evaluate every shipped recipe (and the model's searched mixed-precision recipe), audit and
-evaluate the shipped QAT checkpoint as it is, print the
+evaluate the shipped QAT checkpoints as they are, print the
 comparison table and write it to ``docs/demo.md``
 (or ``--markdown PATH``). This is ``qswap compare`` with the shipped model's paths filled in.
 """
@@ -19,8 +19,9 @@ RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w4a4", "w
 # the mixed-precision recipe `qswap search` found for this model at w4a8_edges8's weight size
 # (written by tools/sensitivity_doc.py; docs/sensitivity.md shows how)
 SEARCHED = ASSET / "searched.yaml"
-# the QAT checkpoint for W4A4 with 8-bit edges (tools/qat_train.py; docs/qat.md), a row as it is
-QAT = ASSET / "qat_w4a4_edges8.pt"
+# the QAT checkpoints (tools/qat_train.py), each a row as it is: W4A4 with 8-bit edges (docs/qat.md)
+# and W4A8 (docs/qat_w4a8.md)
+QAT = {"qat_w4a4_edges8": ASSET / "qat_w4a4_edges8.pt", "qat_w4a8": ASSET / "qat_w4a8.pt"}
 # the large evaluation sets (1,000 in-voice, 600 held-out-voice utterances), stored compactly
 # (qswap.integration.compact) and materialized as a fairseq data directory on first use
 EVAL_LARGE = ASSET / "eval_large"
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     return cli([*(["--verbose"] if args.verbose else []), "compare", str(checkpoint),
                 "--data", str(data_dir(args.subset)), "--subset", args.subset, "--calib-subset", "train_calib", "--calib-batches", "4", "--beam", str(args.beam),
                 "--recipes", *RECIPES, *([str(SEARCHED)] if SEARCHED.exists() else []),
-                *(["--quantized", f"qat_w4a4_edges8={QAT}"] if QAT.exists() else []),
+                *[arg for name, path in QAT.items() if path.exists() for arg in ("--quantized", f"{name}={path}")],
                 "--markdown", markdown, "--json", str(Path(markdown).with_suffix(".json"))])
 
 
