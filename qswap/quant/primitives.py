@@ -53,10 +53,13 @@ def groups_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def all_finite(*tensors: torch.Tensor) -> bool:
-    """No NaN or inf in any of the tensors (a one-element tensor is read as a number: one
-    ``item()`` instead of two kernels)."""
-    return all(math.isfinite(t.item()) if t.numel() == 1 else bool(torch.isfinite(t).all())
-               for t in tensors)
+    """No NaN or inf in any of the tensors. On the CPU a one-element tensor is read as a number
+    (one ``item()`` instead of two kernels); elsewhere the tensors are read back once together
+    (each read-back waits for the device)."""
+    if all(t.device.type == "cpu" and t.numel() == 1 for t in tensors):
+        return all(math.isfinite(t.item()) for t in tensors)
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(flags[0] if len(flags) == 1 else torch.stack(flags).all())
 
 
 def reduce_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ def test_mse_search_reads_the_range_back_once_not_per_candidate():
     obs = MSEObserver(SPEC)
     with _ReadBacks() as reads:
         obs(torch.randn(16, 8))
-    assert obs.has_range and reads.count <= 4
+    assert obs.has_range and reads.count <= 2
 
 
 def test_mse_observer_refuses_non_finite_values():
@@ -35,3 +35,37 @@ def test_mse_observer_refuses_non_finite_values():
     x[3, 2] = float("nan")
     with pytest.raises(CalibrationError, match="NaN or inf"):
         MSEObserver(SPEC)(x)
+
+
+def _loop_range(obs, x):
+    """The candidate loop alone (what batch_range does for any granularity)."""
+    from qswap.quant import observers
+
+    saved, observers._MSE_BATCHED_MAX = observers._MSE_BATCHED_MAX, -1
+    try:
+        return obs.batch_range(x)
+    finally:
+        observers._MSE_BATCHED_MAX = saved
+
+
+@pytest.mark.parametrize("shape", [(16, 8), (64, 33), (12, 5, 3), (7, 1)])
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, True), (4, False)])
+def test_batched_mse_search_is_the_candidate_loop_bit_for_bit(shape, bits, symmetric):
+    torch.manual_seed(sum(shape) + bits)
+    x = torch.randn(shape) * torch.rand(shape[0], *[1] * (len(shape) - 1)) * 3
+    x[0] = 0.0  # a constant channel
+    obs = MSEObserver(QuantSpec(bits=bits, symmetric=symmetric, granularity="per_channel", axis=0, observer="mse"))
+    for got, want in zip(obs.batch_range(x), _loop_range(obs, x)):
+        assert torch.equal(got, want)
+
+
+def test_batched_mse_search_equals_the_loop_on_the_shipped_models_weights():
+    from qswap.demo import ASSET
+
+    state = torch.load(ASSET / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    obs = MSEObserver(SPEC)
+    weights = [w.float() for k, w in state.items() if k.endswith(".weight") and w.dim() >= 2]
+    assert len(weights) > 20
+    for w in weights:
+        for got, want in zip(obs.batch_range(w), _loop_range(obs, w)):
+            assert torch.equal(got, want)
