@@ -1,6 +1,8 @@
 """Linear and convolution counterparts: quantized input, weight and (int32-grid) bias."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,7 +11,7 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import centered_codes, grid_of, onto_grid, simulates, straight_through
+from qswap.nn.simulate import centered_codes, form_or_none, grid_of, onto_grid, simulates, straight_through
 from qswap.quant.bias import BiasQuantize
 
 
@@ -168,21 +170,14 @@ def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_
     ``weight`` or ``weight_v`` and ``weight_g``, ``weight_quant`` and ``bias``), on ``xq``, the
     output of ``input_quant``, writing onto ``out_quant``'s grid, as values (``onto_grid``); None
     without integer simulation, per-tensor grids or an integer form (e.g. per-group weights)."""
-    from qswap.errors import IntegerizeError
     grid_in = grid_of(input_quant) if simulates(owner) else None
     if grid_in is None:
         return None
-
-    def build(grid_out):
-        try:
-            return to_integer(grid_in, grid_out)
-        except IntegerizeError:
-            return None
     weights = (getattr(owner, name, None) for name in ("weight", "weight_v", "weight_g", "bias"))
     sources = [input_quant.scale, input_quant.zero_point, *(t for t in weights if t is not None)]
     if getattr(owner.weight_quant, "scale", None) is not None:
         sources.append(owner.weight_quant.scale)
-    return onto_grid(owner, "_integer_onto", build, out_quant,
+    return onto_grid(owner, "_integer_onto", functools.partial(form_or_none, to_integer, grid_in), out_quant,
                      lambda form, out: form.simulated(centered_codes(xq, grid_in), out.scale), *sources)
 
 

@@ -7,6 +7,8 @@ integer form computes them (``qswap.quant.integer.integer_layer_norm_acc``, the 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,8 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import Obj, Opt, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, dequantized, grid_of, onto_grid, row_isqrt, simulates, straight_through, value_of
+from qswap.nn.simulate import (cached, codes_of, dequantized, form_or_none, grid_of, onto_grid, row_isqrt, simulates,
+                                straight_through, value_of)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -121,24 +124,14 @@ class QLayerNorm(_QNorm):
         with ``simulate: integer`` the result is then the integer LayerNorm's output codes on its
         grid (its fixed-point requantization of the affine accumulator: ``onto_grid``) as values,
         with the norm's gradient. A list of quantizers: a list of results, one each (``onto_each``)."""
-        from qswap.errors import IntegerizeError
         if isinstance(out_quant, list):
             return self.onto_each(x, out_quant)
         xq = self.input_quant(x)
         grid = grid_of(self.input_quant) if simulates(self) and out_quant is not None else None
         if grid is None:
             return self._normed(xq)
-
-        def build(grid_out):
-            try:
-                return self.to_integer(grid_out)
-            except IntegerizeError:
-                return None
-        sources = [self.input_quant.scale, self.input_quant.zero_point] + [
-            t for t in (self.weight, self.bias) if t is not None] + [
-            q.scale for q in (self.weight_quant, self.bias_quant) if isinstance(q, FakeQuantize)]
-        value = onto_grid(self, "_integer_onto", build, out_quant, lambda form, out: form.simulated(
-            codes_of(xq, grid), out.scale), *sources)
+        value = onto_grid(self, "_integer_onto", functools.partial(form_or_none, self.to_integer), out_quant,
+                          lambda form, out: form.simulated(codes_of(xq, grid), out.scale), *self._form_sources())
         if value is not None and not torch.is_grad_enabled():
             return value
         y = self._normed(xq)
@@ -150,21 +143,16 @@ class QLayerNorm(_QNorm):
         requantized onto each reader's grid (what the integer model computes for a norm whose
         result several grids read: the S2T encoder's final norm, read by every decoder layer's
         ``key_in``), as values with the norm's gradient; else the norm's value for each."""
-        from qswap.errors import IntegerizeError
         from qswap.quant.integer import Requant
         xq = self.input_quant(x)
         grids = [grid_of(r) for r in readers]
         grid = grid_of(self.input_quant) if simulates(self) and None not in grids else None
 
         def build():
-            try:
-                form = self.to_integer(None)
-            except IntegerizeError:
-                return None
-            return form, [Requant.from_scales(form.stream_scale / g.scale, g.zero_point, g.qmin, g.qmax) for g in grids]
-        sources = [self.input_quant.scale, self.input_quant.zero_point, *(r.scale for r in readers),
-                   *(r.zero_point for r in readers)] + [t for t in (self.weight, self.bias) if t is not None] + [
-            q.scale for q in (self.weight_quant, self.bias_quant) if isinstance(q, FakeQuantize)]
+            form = form_or_none(self.to_integer, None)
+            return None if form is None else (form, [
+                Requant.from_scales(form.stream_scale / g.scale, g.zero_point, g.qmin, g.qmax) for g in grids])
+        sources = [*self._form_sources(), *(r.scale for r in readers), *(r.zero_point for r in readers)]
         built = None if grid is None else cached(self, "_integer_onto_each", build, *sources)
         y = self._normed(xq) if built is None or torch.is_grad_enabled() else None
         if built is None:
@@ -174,6 +162,13 @@ class QLayerNorm(_QNorm):
             acc = form(codes_of(xq, grid))  # (..., C) int32 on form.stream_scale
             values = [dequantized(requant(acc), g) for requant, g in zip(requants, grids)]
         return values if y is None else [straight_through(v, y) for v in values]
+
+    def _form_sources(self) -> list:
+        """What the integer form is built from: the input grid, the affine parameters and their
+        grids (a cached form is rebuilt when one of them changes)."""
+        return [self.input_quant.scale, self.input_quant.zero_point] + [
+            t for t in (self.weight, self.bias) if t is not None] + [
+            q.scale for q in (self.weight_quant, self.bias_quant) if isinstance(q, FakeQuantize)]
 
     def _normed(self, xq: torch.Tensor) -> torch.Tensor:
         """The norm of an input ``input_quant`` has quantized."""

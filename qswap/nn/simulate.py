@@ -137,6 +137,15 @@ def cached(owner: nn.Module, slot: str, build, *sources: torch.Tensor):
     return value
 
 
+def form_or_none(to_integer, *args):
+    """``to_integer(*args)``, a module's integer form, or None where it has none (e.g. per-group
+    weights): its simulation then computes in float, as without ``simulate: integer``."""
+    try:
+        return to_integer(*args)
+    except IntegerizeError:
+        return None
+
+
 def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *sources: torch.Tensor):
     """An op's integer form writing codes onto ``out_quant``'s grid (its consumer's), as values of
     that grid, which ``out_quant`` then keeps as they are: ``build(grid_out)`` makes the form
