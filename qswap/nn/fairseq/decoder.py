@@ -114,11 +114,12 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         value its residual reads), (T', B, C) each, as the integer decoder computes them: the
         quantized token rows (times ``embed_scale``) and position rows, looked up by the modules as
         fairseq does, rounded half to even onto the int32 stream grid (each the integer decoder's
-        folded table entry, ``folded_tables``), added in int32, the sum requantized onto each
-        reader's grid. None where that is not defined (float simulation, training, a structure
-        ``to_integer`` refuses, a per-channel reader): then fairseq's float add runs."""
+        folded table entry, ``folded_tables``, whose bound check covers every sum), added in
+        int32, the sum requantized onto each reader's grid. None where that is not defined (float
+        simulation, training, a structure ``to_integer`` refuses, tables whose sum could overflow
+        int32, a per-channel reader): then fairseq's float add runs."""
         from qswap.nn.fairseq.layers import QTransformerDecoderLayer, stream_to
-        from qswap.nn.simulate import cached, dequantized, grid_of, simulates
+        from qswap.nn.simulate import cached, dequantized, form_or_none, grid_of, simulates
         if not simulates(self) or self.training or torch.is_grad_enabled() or not self._has_integer_entry() \
                 or not all(isinstance(layer, QTransformerDecoderLayer) for layer in self.layers):
             return None
@@ -128,11 +129,13 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         if None in grids:
             return None
 
-        def build():
-            scale = self.entry_scale()
-            return scale, [stream_to(scale, g) for g in grids]
-        scale, requants = cached(self, "_integer_entry", build, *(r.scale for r in readers),
-                                 *(r.zero_point for r in readers))
+        def build():  # the folded tables bound the int32 sum of any token row and position row
+            folded = form_or_none(self.folded_tables)
+            return None if folded is None else (folded[2], [stream_to(folded[2], g) for g in grids])
+        built = cached(self, "_integer_entry", build, *(r.scale for r in readers), *(r.zero_point for r in readers))
+        if built is None:
+            return None
+        scale, requants = built
         tokens = prev_output_tokens[:, -1:] if incremental_state is not None else prev_output_tokens
         rows = self.embed_tokens(tokens)  # (B, T', C) quantized rows
         positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)  # (B, T', C)

@@ -343,6 +343,22 @@ def test_simulated_decoder_entry_is_the_integer_decoders_stream(simulated):
     assert torch.equal(Grid.of(layer.attn_residual_quant).quantize(residual), first.residuals[0](stream))
 
 
+def test_simulated_decoder_entry_falls_back_to_float_where_the_tables_overflow_int32(simulated):
+    """The folded tables' bound check covers every token row plus position row the simulation
+    adds in int32: where it fails (here an embedding scale of 2^40), the entry has no integer form
+    (the integer model refuses it too) and fairseq's float add runs instead of a wrapped sum."""
+    import copy
+
+    from qswap.errors import IntegerizeError
+    qmodel, _, net_input = simulated
+    big = copy.deepcopy(qmodel)
+    big.decoder.embed_scale = 2.0 ** 40
+    with pytest.raises(IntegerizeError, match="beyond"):
+        big.decoder.folded_tables()
+    with torch.no_grad():
+        assert big.decoder.entry_values(net_input["prev_output_tokens"]) is None
+
+
 def test_simulated_logits_codes_are_the_integer_models_batch_and_incremental(simulated):
     """Teacher-forced, and step by step with fairseq's incremental state: every logits code of the
     fake-quant decoder under ``simulate: integer`` (its residual adds, final norm and output
