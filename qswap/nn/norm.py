@@ -17,7 +17,7 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import Obj, Opt, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import (cached, codes_of, dequantized, form_or_none, grid_of, onto_grid, row_isqrt, simulates,
+from qswap.nn.simulate import (cached, codes_of, form_or_none, grid_of, onto_grid, row_isqrt, simulates,
                                 straight_through, value_of)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
@@ -143,7 +143,7 @@ class QLayerNorm(_QNorm):
         requantized onto each reader's grid (what the integer model computes for a norm whose
         result several grids read: the S2T encoder's final norm, read by every decoder layer's
         ``key_in``), as values with the norm's gradient; else the norm's value for each."""
-        from qswap.quant.integer import Requant
+        from qswap.quant.integer import Requant, requantized_values
         xq = self.input_quant(x)
         grids = [grid_of(r) for r in readers]
         grid = grid_of(self.input_quant) if simulates(self) and None not in grids else None
@@ -160,7 +160,7 @@ class QLayerNorm(_QNorm):
         form, requants = built
         with torch.no_grad():
             acc = form(codes_of(xq, grid))  # (..., C) int32 on form.stream_scale
-            values = [dequantized(requant(acc), g) for requant, g in zip(requants, grids)]
+            values = [requantized_values(requant, acc, g.scale) for requant, g in zip(requants, grids)]
         return values if y is None else [straight_through(v, y) for v in values]
 
     def _form_sources(self) -> list:

@@ -119,7 +119,8 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         simulation, training, a structure ``to_integer`` refuses, tables whose sum could overflow
         int32, a per-channel reader): then fairseq's float add runs."""
         from qswap.nn.fairseq.layers import QTransformerDecoderLayer, stream_to
-        from qswap.nn.simulate import cached, dequantized, form_or_none, grid_of, simulates
+        from qswap.nn.simulate import cached, form_or_none, grid_of, simulates
+        from qswap.quant.integer import requantized_values
         if not simulates(self) or self.training or torch.is_grad_enabled() or not self._has_integer_entry() \
                 or not all(isinstance(layer, QTransformerDecoderLayer) for layer in self.layers):
             return None
@@ -141,7 +142,7 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)  # (B, T', C)
         stream = (torch.round(self.embed_scale * rows.double() / scale).to(torch.int32)
                   + torch.round(positions.double() / scale).to(torch.int32)).transpose(0, 1)  # (T', B, C)
-        return tuple(dequantized(requant(stream), g) for requant, g in zip(requants, grids))
+        return tuple(requantized_values(requant, stream, g.scale) for requant, g in zip(requants, grids))
 
     def _has_integer_entry(self) -> bool:
         """Whether the decoder's entry has an integer form: quantized token and sinusoidal position

@@ -266,8 +266,8 @@ class QTransformerDecoderLayer(QuantModule):
         integer form is defined (pre-norm, per-tensor grids), as the integer layer computes it: the
         operands' codes rescaled into the int32 stream (``rescaled_sum``), requantized onto each
         reader's grid; elsewhere the float sum, which every reader rounds."""
-        from qswap.nn.simulate import cached, codes_of, dequantized, grid_of, simulates
-        from qswap.quant.integer import AddParams, rescaled_sum
+        from qswap.nn.simulate import cached, codes_of, grid_of, simulates
+        from qswap.quant.integer import AddParams, requantized_values, rescaled_sum
         quants = (getattr(self, f"{part}_residual_quant"), getattr(self, f"{part}_out_quant"), *readers)
         grids = [grid_of(q) if q is not None else None for q in quants]
         if not (readers and simulates(self) and self.normalize_before and not torch.is_grad_enabled()
@@ -282,7 +282,7 @@ class QTransformerDecoderLayer(QuantModule):
         with torch.no_grad():
             stream = rescaled_sum(codes_of(a, grids[0]), grids[0].zero_point, codes_of(b, grids[1]),
                                   grids[1].zero_point, add)  # (T, B, C) int32 on add.sum_scale
-            values = [dequantized(requant(stream), g) for requant, g in zip(requants, grids[2:])]
+            values = [requantized_values(requant, stream, g.scale) for requant, g in zip(requants, grids[2:])]
         return values[0], (values[1] if len(values) > 1 else None)
 
     def to_integer(self, stream_scale: float) -> "IntegerTransformerDecoderLayer":
