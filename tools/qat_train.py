@@ -97,6 +97,12 @@ def check_start(a: argparse.Namespace) -> None:
 
 
 def do_train(a: argparse.Namespace) -> int:
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no GPU on this machine; train with --device cpu, or on a "
+                             "machine with one (pack the corpus there: 'qat_train.py pack', then 'unpack')")
     check_start(a)
     use_shipped_tokenizer(Path(a.data))
     Path(a.save_dir).mkdir(parents=True, exist_ok=True)

@@ -158,3 +158,11 @@ def test_each_qat_page_shows_its_committed_eval_results(doc, evals, target):
     assert cmp_rows and float_rows and all(row in text for row in cmp_rows + float_rows)
     assert f"within +{target:.1f} absolute WER" in text
     assert (f"Within +{target:.1f} of float on: {', '.join(met)}." if met else "on none of the sets") in text
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_train_on_cuda_without_a_gpu_says_so_before_fairseq_starts(tmp_path):
+    with pytest.raises(SystemExit, match="torch sees no GPU"):
+        qat_train.main(["train", "--data", str(tmp_path / "data"), "--save-dir", str(tmp_path / "run"),
+                        "--device", "cuda"])
+    assert not (tmp_path / "run").exists()
