@@ -254,6 +254,15 @@ class QTransformerDecoderLayer(QuantModule):
             x = self.final_layer_norm(x)
         return x, residual, attn
 
+    def _integer_refusal(self) -> str | None:
+        """Why this layer has no integer form (``to_integer`` raises it; the ``simulate: integer``
+        residual adds then stay float), or None."""
+        if not self.normalize_before or self.encoder_attn is None or any(
+                m is not None for m in (self.c_attn, self.attn_ln, self.ffn_layernorm, self.w_resid)):
+            return ("only pre-norm decoder layers with encoder attention and no NormFormer parts have an "
+                    "integer form so far (issue 16)")
+        return None
+
     def _norm_and_residual(self, part: str) -> tuple:
         """The two quantizers that read the residual stream entering ``part`` ("cross", "ffn")."""
         norm = self.encoder_attn_layer_norm if part == "cross" else self.final_layer_norm
@@ -270,8 +279,8 @@ class QTransformerDecoderLayer(QuantModule):
         from qswap.quant.integer import AddParams, requantized_values, rescaled_sum
         quants = (getattr(self, f"{part}_residual_quant"), getattr(self, f"{part}_out_quant"), *readers)
         grids = [grid_of(q) if q is not None else None for q in quants]
-        if not (readers and simulates(self) and self.normalize_before and not torch.is_grad_enabled()
-                and None not in grids and self.w_resid is None):
+        if not (readers and simulates(self) and not torch.is_grad_enabled() and None not in grids
+                and self._integer_refusal() is None):
             return a + b, None
 
         def build():
@@ -292,10 +301,9 @@ class QTransformerDecoderLayer(QuantModule):
         decoding keeps both attentions' keys and values as codes. No NormFormer scales yet (issue 16)."""
         from qswap.errors import IntegerizeError
         from qswap.quant.integer import AddParams, Grid, build_lut
-        if not self.normalize_before or self.encoder_attn is None or any(
-                m is not None for m in (self.c_attn, self.attn_ln, self.ffn_layernorm, self.w_resid)):
-            raise IntegerizeError("only pre-norm decoder layers with encoder attention and no NormFormer "
-                                  "parts have an integer form so far (issue 16)")
+        refusal = self._integer_refusal()
+        if refusal is not None:
+            raise IntegerizeError(refusal)
         grids = site_grids(self, ("attn_residual", "attn_out", "cross_residual", "cross_out", "ffn_act",
                                   "ffn_residual", "ffn_out"))
         adds = [AddParams.build(grids[f"{part}_residual"].scale, grids[f"{part}_out"].scale)

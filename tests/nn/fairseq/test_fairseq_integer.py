@@ -359,6 +359,26 @@ def test_simulated_decoder_entry_falls_back_to_float_where_the_tables_overflow_i
         assert big.decoder.entry_values(net_input["prev_output_tokens"]) is None
 
 
+def test_a_layer_without_integer_form_keeps_float_residual_adds_under_simulate_integer(simulated):
+    """One refusal decides both: a decoder layer with a NormFormer part has no integer form
+    (``to_integer`` raises), and its ``simulate: integer`` residual adds stay fairseq's float sums."""
+    import copy
+
+    from qswap.errors import IntegerizeError
+    qmodel, _, _ = simulated
+    layer = copy.deepcopy(qmodel.decoder.layers[0])
+    readers = layer._norm_and_residual("cross")
+    a, b = torch.randn(3, 2, layer.embed_dim), torch.randn(3, 2, layer.embed_dim)
+    a, b = layer.attn_residual_quant(a), layer.attn_out_quant(b)
+    with torch.no_grad():
+        assert layer._stream_onto("attn", a, b, readers)[1] is not None  # integer: one value per reader
+        layer.ffn_layernorm = torch.nn.LayerNorm(layer.fc1.out_features)
+        total, second = layer._stream_onto("attn", a, b, readers)
+    assert second is None and torch.equal(total, a + b)
+    with pytest.raises(IntegerizeError, match="NormFormer"):
+        layer.to_integer(1e-3)
+
+
 def test_simulated_logits_codes_are_the_integer_models_batch_and_incremental(simulated):
     """Teacher-forced, and step by step with fairseq's incremental state: every logits code of the
     fake-quant decoder under ``simulate: integer`` (its residual adds, final norm and output
