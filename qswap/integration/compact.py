@@ -33,11 +33,15 @@ _DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: byte-identical zips for the s
 def encode(feats: np.ndarray, step: float = STEP) -> tuple[np.ndarray, np.ndarray]:
     """(codes, norm): int8 time differences of the quantized codes, and (mean, std) per channel."""
     feats = np.asarray(feats, dtype=np.float32)
+    if not np.isfinite(feats).all():
+        raise DataError("features with NaN or inf values cannot be stored compactly; check the feature "
+                        "extraction of this utterance")
     mean, std = feats.mean(0), feats.std(0) + np.float32(1e-5)
     z = np.round((feats - mean) / (std * step))
     if np.abs(z).max(initial=0) > np.iinfo(np.int16).max // 2:
         raise DataError(f"a feature lies {np.abs(z).max() * step:.1f} standard deviations from its "
-                        f"channel's mean; codes at step {step} reach {np.iinfo(np.int16).max // 2} * {step}")
+                        f"channel's mean; codes at step {step} reach {np.iinfo(np.int16).max // 2} * {step}: "
+                        f"store this split with a larger step")
     codes = z.astype(np.int16)
     deltas = np.diff(codes, axis=0, prepend=0).astype(np.int16)  # |codes| <= 16383: no wrap
     narrow = np.abs(codes).max(initial=0) <= 127

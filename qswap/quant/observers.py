@@ -159,12 +159,12 @@ class MSEObserver(Observer):
         each one every update), all candidates in one pass: the candidates' channels stacked
         along axis 0 (R * C channels), each element's arithmetic and each channel's mean the
         loop's, and ``argmin``'s first minimum the loop's strict ``<``. Same ranges, bit for bit
-        (``tests/quant/test_observers.py``), in a few dozen ops instead of hundreds."""
+        on the CPU (``tests/quant/test_observers.py``), in a few dozen ops instead of hundreds."""
         ratios = _MSE_RATIOS.to(lo.device)[:, None]  # (R, 1): float32, as lo * r computes
         cand_lo, cand_hi = (lo[None] * ratios).reshape(-1), (hi[None] * ratios).reshape(-1)  # (R * C,)
         scale, zp = choose_qparams(cand_lo, cand_hi, self.spec, finite=True)
         rows = x.reshape(1, x.shape[0], -1).expand(len(ratios), -1, -1).reshape(-1, x[0].numel())
-        xq = fake_quantize(rows, scale, zp, self.spec.replace(learnable=False))  # per channel, axis 0
+        xq = fake_quantize(rows, scale, zp, self.spec.replace(axis=0, learnable=False))  # the spec's axis may be -1
         err = (rows - xq).pow(2).mean(dim=1).reshape(len(ratios), -1)  # (R, C)
         pick = err.argmin(dim=0, keepdim=True)  # the first minimum, as the loop's strict <
         return (cand_lo.reshape(len(ratios), -1).gather(0, pick)[0],

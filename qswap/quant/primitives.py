@@ -59,7 +59,7 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     if all(t.device.type == "cpu" and t.numel() == 1 for t in tensors):
         return all(math.isfinite(t.item()) for t in tensors)
     flags = [torch.isfinite(t).all() for t in tensors]
-    return bool(flags[0] if len(flags) == 1 else torch.stack(flags).all())
+    return bool(flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
 def reduce_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,3 +81,12 @@ def test_outlier_utterance_keeps_int16_codes_within_the_same_bound():
     back = decode(deltas, norm)
     assert np.all(np.abs(back - feats) <= norm[1] * STEP / 2 * 1.001)
     assert encode(rng.normal(size=(50, 80)).astype(np.float32))[0].dtype == np.int8
+
+
+def test_non_finite_features_are_refused_with_a_data_error():
+    from qswap.errors import DataError
+
+    feats = np.zeros((20, 80), dtype=np.float32)
+    feats[3, 4] = np.nan
+    with pytest.raises(DataError, match="NaN or inf"):
+        encode(feats)

@@ -21,9 +21,10 @@ class _ReadBacks(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_mse_search_reads_the_range_back_once_not_per_candidate():
+def test_mse_search_reads_the_range_back_per_observation_not_per_candidate():
     """QAT re-observes every weight each update: the 15 clipping candidates of the MSE search are
-    finite when the range is, so the finiteness check runs once per observation."""
+    finite when the range is, so the range is checked (one read-back each) by the search and by
+    the observer, not per candidate."""
     obs = MSEObserver(SPEC)
     with _ReadBacks() as reads:
         obs(torch.randn(16, 8))
@@ -69,3 +70,16 @@ def test_batched_mse_search_equals_the_loop_on_the_shipped_models_weights():
     for w in weights:
         for got, want in zip(obs.batch_range(w), _loop_range(obs, w)):
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape, axis", [((60,), -1), ((6, 4, 3), -3), ((6, 4), 0)])
+def test_batched_mse_search_takes_the_spec_axis_in_any_spelling(shape, axis):
+    """A negative axis naming dim 0 (a 1-D weight's -1, a conv weight's -3) takes the batched
+    search too, and gives the loop's ranges."""
+    torch.manual_seed(5)
+    x = torch.randn(shape)
+    obs = MSEObserver(QuantSpec(bits=4, granularity="per_channel", axis=axis, observer="mse"))
+    got = obs.batch_range(x)
+    assert got[0].shape == (shape[0],)
+    for g, want in zip(got, _loop_range(obs, x)):
+        assert torch.equal(g, want)

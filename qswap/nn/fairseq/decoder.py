@@ -132,8 +132,14 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
 
         def build():  # the folded tables bound the int32 sum of any token row and position row
             folded = form_or_none(self.folded_tables)
-            return None if folded is None else (folded[2], [stream_to(folded[2], g) for g in grids])
-        built = cached(self, "_integer_entry", build, *(r.scale for r in readers), *(r.zero_point for r in readers))
+            return self.embed_scale, None if folded is None else (folded[2], [stream_to(folded[2], g) for g in grids])
+        tables = (self.embed_tokens.weight, self.embed_tokens.weight_quant.scale, self.embed_positions.weights,
+                  self.embed_positions.weights_quant.scale)
+        sources = (*(r.scale for r in readers), *(r.zero_point for r in readers), *tables)
+        embed_scale, built = cached(self, "_integer_entry", build, *sources)
+        if embed_scale != self.embed_scale:  # a plain attribute: no stamp sees it change
+            self.__dict__.pop("_integer_entry")
+            embed_scale, built = cached(self, "_integer_entry", build, *sources)
         if built is None:
             return None
         scale, requants = built

@@ -352,7 +352,9 @@ def test_simulated_decoder_entry_falls_back_to_float_where_the_tables_overflow_i
     from qswap.errors import IntegerizeError
     qmodel, _, net_input = simulated
     big = copy.deepcopy(qmodel)
-    big.decoder.embed_scale = 2.0 ** 40
+    with torch.no_grad():
+        assert big.decoder.entry_values(net_input["prev_output_tokens"]) is not None  # cached first
+    big.decoder.embed_scale = 2.0 ** 40  # a plain attribute the cache must notice
     with pytest.raises(IntegerizeError, match="beyond"):
         big.decoder.folded_tables()
     with torch.no_grad():
