@@ -42,8 +42,8 @@ bench: install
 # strategy and deploy pages evaluate; the QAT page's evals compare against PTQ of the QAT run's own
 # recipe (the checkpoint `qswap convert` writes, which the run starts from).
 # Not repeated here: the QAT training run (tools/qat_train.py train, hours; its evals against PTQ
-# are, then `tools/qat_train.py doc --save-dir RUN --evals docs/qat` rewrites docs/qat.md from the
-# run's folder) and docs/reliability.md (tools/reliability_table.py reads the training corpus).
+# are, then `tools/qat_train.py doc --save-dir RUN --evals docs/qat ...` rewrites docs/qat.md from the
+# run's folder, with the command written on the page) and docs/reliability.md (tools/reliability_table.py reads the training corpus).
 docs: install
 	$(PY) tools/sensitivity_doc.py
 	$(PY) -m qswap.demo

@@ -5,8 +5,13 @@ what comes after it: dev WER of the saved checkpoints, the shipped QAT checkpoin
     .venv/bin/python tools/make_corpus.py --out DATA --num-train 7000 --num-dev 200 --num-test 100 --seed 1
     .venv/bin/python tools/qat_train.py train --data DATA --save-dir RUN        # fairseq-train (LSQ)
     .venv/bin/python tools/qat_train.py dev --data DATA --save-dir RUN         # dev WER per checkpoint
-    .venv/bin/python tools/qat_train.py ship --save-dir RUN                    # best on dev -> asset
-    .venv/bin/python tools/qat_train.py doc --save-dir RUN --evals docs/qat    # docs/qat.md
+    .venv/bin/python tools/qat_train.py ship --save-dir RUN --out ASSET.pt     # best on dev -> asset
+    .venv/bin/python tools/qat_train.py doc --save-dir RUN --evals EVALS --shipped ASSET.pt --target T \
+        --out PAGE.md --log-out PAGE.log                                          # the run's page
+
+On a GPU machine (``train --device cuda``): ``pack`` writes the corpus in compact form in parts
+small enough to carry there, ``unpack`` rebuilds a fairseq data directory from them, and
+``--train-subset train_1,train_2,...`` trains on the parts (docs/qat_w4a8.md was made so).
 
 ``train`` fine-tunes the shipped float checkpoint converted with ``--recipe`` (default
 ``w4a4_edges8_lsq``: w4a4_edges8 with learned activation scales): the first ``--calib-batches``
@@ -46,6 +51,8 @@ from fairseq_walkthrough import arch_args  # noqa: E402  (tools/fairseq_walkthro
 
 ASSET = REPO / "qswap" / "assets" / "s2t_demo"
 SHIPPED_QAT = ASSET / "qat_w4a4_edges8.pt"
+KEEP = 20  # fairseq-train's --keep-interval-updates in train_command
+TRAIN_DEFAULTS = {"lr": 3e-4, "warmup": 20, "max_tokens": 6000, "max_update": 3000, "calib_batches": 4}
 MODEL_FILES = ("spm_unigram200.model", "spm_unigram200.txt")
 
 
@@ -63,7 +70,7 @@ def train_command(a: argparse.Namespace) -> list[str]:
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(a.warmup), "--clip-norm", "10",
             "--max-tokens", str(a.max_tokens), "--max-update", str(a.max_update),
             "--stop-time-hours", str(a.hours), "--save-interval-updates", str(a.save_every),
-            "--validate-interval-updates", str(a.save_every), "--keep-interval-updates", "20",
+            "--validate-interval-updates", str(a.save_every), "--keep-interval-updates", str(KEEP),
             "--no-epoch-checkpoints", *(["--cpu"] if getattr(a, "device", "cpu") == "cpu" else []), "--num-workers", "0",
             "--log-format", "simple",
             "--log-interval", "10", "--required-batch-size-multiple", "1", "--seed", "1",
@@ -168,6 +175,7 @@ def do_pack(a: argparse.Namespace) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
     from qswap.integration.compact import pack
+    from qswap.io.atomic import atomic_write_text
 
     src, out = Path(a.data), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +189,8 @@ def do_pack(a: argparse.Namespace) -> int:
         rows, size = lines[1:], -(-(len(lines) - 1) // parts)
         for i in range(parts):
             names.append(f"{split}_{i + 1}")
-            (src / f"{names[-1]}.tsv").write_text(lines[0] + "".join(rows[i * size:(i + 1) * size]))
+            # the part's manifest beside the corpus's (compact.pack reads a split of DATA)
+            atomic_write_text(src / f"{names[-1]}.tsv", lines[0] + "".join(rows[i * size:(i + 1) * size]))
     with ProcessPoolExecutor(max(1, a.jobs)) as pool:
         for target in pool.map(pack, [src] * len(names), names, [out] * len(names)):
             print(target, flush=True)
@@ -191,17 +200,18 @@ def do_pack(a: argparse.Namespace) -> int:
 def do_unpack(a: argparse.Namespace) -> int:
     """A fairseq data directory at ``--out`` from ``pack``'s folder(s) and the shipped model's
     config, sentencepiece and global CMVN files."""
-    import shutil
-
-    from qswap.integration.compact import MODEL_FILES as COPY, materialize
+    from qswap.errors import DataError
+    from qswap.integration.compact import MODEL_FILES, materialize
 
     out = Path(a.out)
     for folder in a.compact:
-        for z in sorted(Path(folder).glob("fbank80_*.q8.zip")):
+        zips = sorted(Path(folder).glob("fbank80_*.q8.zip"))
+        if not zips:
+            raise DataError(f"{folder}: no fbank80_<split>.q8.zip; pass the folder 'qat_train.py pack' wrote")
+        for z in zips:
             split = z.name[len("fbank80_"):-len(".q8.zip")]
-            materialize(folder, split, ASSET, out, copy=COPY)
+            materialize(folder, split, ASSET, out, copy=(*MODEL_FILES, "gcmvn.npz"))
             print(f"{split}: {out}", flush=True)
-    shutil.copyfile(ASSET / "gcmvn.npz", out / "gcmvn.npz")
     return 0
 
 
@@ -304,6 +314,7 @@ def run_facts(log_text: str) -> dict:
             "device": "cpu" if "--cpu" in last else "cuda", "train_subset": flag.get("--train-subset", "train"),
             "invocations": len(commands), "lr": float(flag["--lr"]), "warmup": int(flag["--warmup-updates"]),
             "max_tokens": int(flag["--max-tokens"]), "hours": float(flag["--stop-time-hours"]),
+            "max_update": int(flag.get("--max-update", TRAIN_DEFAULTS["max_update"])),
             "save_every": int(flag["--save-interval-updates"]), "calib_batches": int(flag["--qswap-calib-batches"])}
 
 
@@ -325,7 +336,7 @@ def do_doc(a: argparse.Namespace) -> int:
 
 TARGET = 2.0  # issue 19: honest W4A4 with 8-bit first/last layers within +2.0 absolute WER of float
 SUBSETS = ("test", "test_heldout", "test_large", "test_heldout_large")  # those with results are shown
-LARGE = "python -c \"import qswap.demo as d; print(d.data_dir('test_large'))\""
+LARGE = "python -c \"import qswap.demo as d; print(d.data_dir('SUBSET'))\""
 
 
 def _rel(path: Path) -> str:
@@ -351,19 +362,28 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
     recipe, qckpt = run["recipe"], "QCKPT"
     gpu = run.get("device") == "cuda"
     nice = "" if gpu else "nice -n 5 "
+    changed = [k for k in ("lr", "warmup", "max_tokens") + (() if run["converted"] else ("calib_batches",))
+               if run[k] != TRAIN_DEFAULTS[k]]
+    stopped_early = last < run["max_update"]  # by --hours: a rerun stops at the same update with --max-update
     flags = (f"--hours {run['hours']:g} --save-every {run['save_every']}"
-             + (f" --lr {run['lr']:g} --warmup {run['warmup']} --max-tokens {run['max_tokens']}"
-                if (run["lr"], run["warmup"], run["max_tokens"]) != (3e-4, 20, 6000) else "")
+             + "".join(f" --{k.replace('_', '-')} {run[k]:g}" for k in changed)
+             + (f" --max-update {last}" if stopped_early and run["invocations"] == 1 else "")
              + (f" \\\n    --device cuda --train-subset {run['train_subset']}" if gpu else ""))
-    carry = ("python tools/qat_train.py pack --data DATA --out PACKED --parts 3 --jobs 3   # to the GPU machine\n"
-             "python tools/qat_train.py unpack --compact PACKED --out DATA     # there: a fairseq data directory\n"
-             if gpu else "")
+    parts = len(run["train_subset"].split(","))
+    carry = (f"python tools/qat_train.py pack --data DATA --out PACKED --parts {parts} --jobs {parts}   # to the GPU "
+             f"machine\npython tools/qat_train.py unpack --compact PACKED --out DATA     # there: a fairseq data "
+             f"directory\n" if gpu else "")
+    kept = sorted(u for u in valid_at if u % run["save_every"] == 0)[-KEEP:]  # the interval checkpoints kept
+    dev_cmd = ("python tools/qat_train.py dev --data DATA --save-dir RUN" + (
+        "" if set(kept) <= set(dev) else " --updates " + " ".join(str(u) for u in sorted(dev))))
+    large = [sub for sub in SUBSETS[2:] if (evals / f"qat_{sub}.json").exists()]
+    data = "SET" if large else "qswap/assets/s2t_demo"
     if run["converted"]:
         start = (f"qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe {recipe} \\\n"
                  f"    --data qswap/assets/s2t_demo --calib-subset train_calib --calib-batches 4 -o {qckpt}\n")
         train_cmd = (f"{nice}python tools/qat_train.py train --data DATA --save-dir RUN --recipe {recipe} \\\n"
                      f"    --from-qckpt {qckpt} {flags}")
-        ptq_cmd = f"qswap eval {qckpt} --data SET --subset SUBSET --json {ev}/ptq_SUBSET.json"
+        ptq_cmd = f"qswap eval {qckpt} --data {data} --subset SUBSET --json {ev}/ptq_SUBSET.json"
         ptq_text = (f"PTQ: the checkpoint `qswap convert` wrote with `{recipe}` (transforms folded with "
                     f"calibration statistics, every grid calibrated on `train_calib`, 4 batches), the start of "
                     f"the QAT run")
@@ -371,14 +391,19 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
         start = ""
         train_cmd = (f"{nice}python tools/qat_train.py train --data DATA --save-dir RUN --recipe {recipe} \\\n"
                      f"    {flags}")
-        ptq_cmd = (f"qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe {recipe} --data SET \\\n"
+        ptq_cmd = (f"qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe {recipe} --data {data} \\\n"
                    f"    --subset SUBSET --calib-subset train_calib --calib-batches 4 --json {ev}/ptq_SUBSET.json")
         ptq_text = (f"PTQ: the float checkpoint converted with `{recipe}`, calibrated on `train_calib` "
                     f"(4 batches), as the demo does")
+    calib_note = ("" if run["converted"] else f", the first {run['calib_batches']} of them calibration steps "
+                  "that change no weight")
     runs = ("one fairseq-train invocation" if run["invocations"] == 1 else
             f"{run['invocations']} fairseq-train invocations, the later ones resuming from `checkpoint_last.pt`")
     text = TEMPLATE.format(
-        shipped_path=out, evals=ev, log_path=_rel(log_path), doc_path=_rel(doc_path), carry=carry, large=LARGE,
+        shipped_path=out, evals=ev, log_path=_rel(log_path), doc_path=_rel(doc_path), carry=carry,
+        dev_cmd=dev_cmd, calib_note=calib_note, data=data,
+        sets=("" if not large else f" (SET: `qswap/assets/s2t_demo` for `test` and `test_heldout`; for "
+              f"{' and '.join(f'`{x}`' for x in large)}, the folder `{LARGE}` prints)"),
         where=("on one GPU (`--device cuda`), the corpus carried there in compact form (`pack` and `unpack`: "
                "features within 0.04 of each channel's standard deviation; the dev WERs below are on that dev "
                "set)" if gpu else "2 shared CPU cores, one thread, `nice -n 5`"),
@@ -431,18 +456,17 @@ def against_float(evals: Path, target: float = TARGET) -> tuple[list[str], list[
 TEMPLATE = """# QAT of the shipped model (fairseq-train, LSQ scales): `{recipe}`
 
 Written by `tools/qat_train.py doc` from the run's log (`{log_path}`, the filtered
-fairseq-train log) and `qswap eval` results. Reproduce (SET: `qswap/assets/s2t_demo` for `test` and
-`test_heldout`; for `test_large` and `test_heldout_large`, the folder `{large}` prints):
+fairseq-train log) and `qswap eval` results. Reproduce{sets}:
 
 ```sh
 python tools/make_corpus.py --out DATA --num-train 7000 --num-dev 200 --num-test 100 --seed 1 --jobs 1
 {carry}{start}{train_cmd}
-python tools/qat_train.py dev --data DATA --save-dir RUN
+{dev_cmd}
 python tools/qat_train.py ship --save-dir RUN --out {shipped_path}    # the dev-best checkpoint
 {ptq_cmd}
-qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe fp32 --data SET --subset SUBSET \\
+qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe fp32 --data {data} --subset SUBSET \\
     --json {evals}/float_SUBSET.json
-qswap eval {shipped_path} --data SET --subset SUBSET \\
+qswap eval {shipped_path} --data {data} --subset SUBSET \\
     --baseline {evals}/ptq_SUBSET.json --json {evals}/qat_SUBSET.json
 python tools/qat_train.py doc --save-dir RUN --evals {evals} --shipped {shipped_path} --target {target:g} \\
     --out {doc_path} --log-out {log_path}
@@ -453,11 +477,11 @@ batches of at most {max_tokens:,} frames, {calib}; fairseq's label-smoothed cros
 
 ## Training curve
 
-The run made {updates} updates in {runs} (an invocation ends at fairseq's `--stop-time-hours`
-or when the session running it ends; {where}). Rows: every 50th update and every update with a dev
+The run made {updates} updates in {runs}{calib_note} (an invocation ends at fairseq's
+`--stop-time-hours` or when the session running it ends; {where}). Rows: every 50th update and every update with a dev
 measurement. Train loss: fairseq's `train_inner` (label-smoothed cross entropy, mean over the last
 10 updates); dev loss: fairseq's validation on `dev`; dev WER: `qswap eval CKPT --subset dev`
-(beam 5). fairseq-train keeps the last 20 interval checkpoints: dev WER exists for those.
+(beam 5), for the checkpoints `dev` evaluated (fairseq-train keeps the last 20 interval checkpoints).
 
 | update | train loss | dev loss | dev WER % |
 |---|---|---|---|
@@ -518,11 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--recipe", default=str(REPO / "recipes" / "w4a4_edges8_lsq.yaml"))
     t.add_argument("--from-qckpt", type=Path, help="fine-tune from this qswap checkpoint (qswap convert with "
                    "--recipe) instead of the shipped float one; needed when the recipe's transforms need data")
-    t.add_argument("--calib-batches", type=int, default=4)
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--warmup", type=int, default=20)
-    t.add_argument("--max-tokens", type=int, default=6000)
-    t.add_argument("--max-update", type=int, default=3000)
+    t.add_argument("--calib-batches", type=int, default=TRAIN_DEFAULTS["calib_batches"])
+    t.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"])
+    t.add_argument("--warmup", type=int, default=TRAIN_DEFAULTS["warmup"])
+    t.add_argument("--max-tokens", type=int, default=TRAIN_DEFAULTS["max_tokens"])
+    t.add_argument("--max-update", type=int, default=TRAIN_DEFAULTS["max_update"])
     t.add_argument("--hours", type=float, default=0.75, help="fairseq's --stop-time-hours")
     t.add_argument("--save-every", type=int, default=40, help="updates between checkpoints/validations")
     t.add_argument("--threads", type=int, default=1)
@@ -545,17 +569,19 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--out", required=True, type=Path)
     s = sub.add_parser("ship", help="store the dev-best checkpoint as the shipped QAT checkpoint")
     s.add_argument("--save-dir", required=True)
-    s.add_argument("--out", default=str(SHIPPED_QAT))
+    s.add_argument("--out", required=True, help=f"the qswap checkpoint to write (W4A4's: {_rel(SHIPPED_QAT)})")
     o = sub.add_parser("doc", help="write docs/qat.md (or --out) and the run's filtered log")
     o.add_argument("--save-dir", required=True)
     o.add_argument("--log", help="the run's log (default: SAVE_DIR/train.log)")
     o.add_argument("--evals", required=True, help="folder with ptq_<subset>.json and qat_<subset>.json")
-    o.add_argument("--out", default=str(REPO / "docs" / "qat.md"))
-    o.add_argument("--log-out", default=str(REPO / "docs" / "qat_w4a4_edges8.log"))
-    o.add_argument("--shipped", default=str(SHIPPED_QAT), help="the checkpoint 'ship' wrote (named in the page)")
-    o.add_argument("--target", type=float, default=TARGET, help="issue 19's target for this recipe: WER "
+    o.add_argument("--out", required=True, help="the page (docs/qat.md, docs/qat_w4a8.md)")
+    o.add_argument("--log-out", required=True, help="the filtered log beside it")
+    o.add_argument("--shipped", required=True, help="the checkpoint 'ship' wrote (named in the page)")
+    o.add_argument("--target", type=float, required=True, help="issue 19's target for this recipe: WER "
                    "within +TARGET of float (2.0: W4A4 with 8-bit edges; 0.5: W4A8)")
     a = p.parse_args(argv)
+    if a.cmd == "pack" and a.parts < 1:
+        p.error(f"--parts takes a count of at least 1; got {a.parts}")
     from qswap.errors import QswapError
     try:
         return {"train": do_train, "dev": do_dev, "ship": do_ship, "doc": do_doc, "pack": do_pack,

@@ -166,3 +166,27 @@ def test_train_on_cuda_without_a_gpu_says_so_before_fairseq_starts(tmp_path):
         qat_train.main(["train", "--data", str(tmp_path / "data"), "--save-dir", str(tmp_path / "run"),
                         "--device", "cuda"])
     assert not (tmp_path / "run").exists()
+
+
+def test_render_writes_the_commands_the_run_took(tmp_path):
+    """The reproduce block names what differs from the train defaults, the update a run stopped
+    by --hours reached (so a rerun stops there), the part count a GPU run trained on, the dev
+    updates that were evaluated when not all kept checkpoints were, and SET only where large
+    sets have results."""
+    log = ("$ /opt/venv/bin/python3 -m fairseq_cli.train /tmp/w/data --qswap-recipe w4a8_lsq --qswap-calib-batches 4 "
+           "--finetune-from-model /tmp/w/repo/qswap/assets/s2t_demo/checkpoint.pt --train-subset train_1,train_2 "
+           "--lr 0.0003 --warmup-updates 30 --max-tokens 24000 --max-update 1000000 --stop-time-hours 0.07 "
+           "--save-interval-updates 25")
+    run = qat_train.run_facts(log)
+    valid = [(25, 1.4), (50, 1.3), (75, 1.3), (80, 1.3)]
+    shipped = {"update": 50, "dev_wer": 7.0, "float16": {"changed": 1, "values": 10}}
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    text = qat_train.render([(10, 1.5)], valid, {50: 7.0, 80: 7.5}, evals, shipped, run,
+                            tmp_path / "q.pt", tmp_path / "q.log", 0.5, tmp_path / "q.md")
+    assert "--warmup 30 --max-tokens 24000 --max-update 80" in text and "--lr" not in text
+    assert "pack --data DATA --out PACKED --parts 2" in text and "--train-subset train_1,train_2" in text
+    assert "dev --data DATA --save-dir RUN --updates 50 80" in text
+    assert "the first 4 of them calibration steps" in text
+    assert "--data qswap/assets/s2t_demo --subset SUBSET" in text and "SET:" not in text
+    assert "Decoding speed of a QAT checkpoint" not in text  # that section is the W4A4 checkpoint's page's
