@@ -402,6 +402,10 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
     text = TEMPLATE.format(
         shipped_path=out, evals=ev, log_path=_rel(log_path), doc_path=_rel(doc_path), carry=carry,
         dev_cmd=dev_cmd, calib_note=calib_note, data=data,
+        further=("" if not any(" | -" in row for row in target_rows) else
+                 " QAT is also further training of the float model on its own corpus: where it lands below "
+                 "float, the cost of quantization alone is measured against a float fine-tune of the same "
+                 "length, which was not run."),
         sets=("" if not large else f" (SET: `qswap/assets/s2t_demo` for `test` and `test_heldout`; for "
               f"{' and '.join(f'`{x}`' for x in large)}, the folder `{LARGE}` prints)"),
         where=("on one GPU (`--device cuda`), the corpus carried there in compact form (`pack` and `unpack`: "
@@ -506,7 +510,7 @@ interval excludes 0.
 |---|---|---|---|---|
 {target_rows}
 
-{target_verdict}
+{target_verdict}{further}
 
 The shipped checkpoint is `{shipped_path}`: a qswap checkpoint (recipe
 `{recipe}` inside) whose float weights are stored as float16 and whose quantizer state
