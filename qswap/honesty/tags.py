@@ -153,7 +153,8 @@ def on_grid_per_tensor(y: torch.Tensor, scale: float, zp: float, qmin: int, qmax
     call); whatever its value, only grid points pass."""
     if y.dtype != torch.float32 or zp != round(zp) or not 0 < scale < math.inf or qmax - qmin >= 2 ** 24:
         return False
-    y = y.detach()
+    if y.requires_grad:
+        y = y.detach()
     large = y.numel() >= _LARGE
     out = scratch.like(y) if large and scratch is not None else None
     steps = torch.mul(y, 1.0 / scale if inverse is None else inverse, out=out)
