@@ -64,3 +64,24 @@ def recipe_with(name: str, simulate: str):
     """The shipped recipe ``name`` with its ``simulate`` key set (qswap.nn.simulate)."""
     import qswap
     return qswap.load_recipe(dict(qswap.load_recipe(name).to_dict(), simulate=simulate))
+
+
+def reports_with_and_without_shortcuts(monkeypatch, audit) -> tuple[dict, dict]:
+    """``audit()``'s report (``to_dict``), then the same with the tracker's view shortcut off
+    (every movement op decided by ``Tracker._movement``: qswap.honesty.tracker ``_one_move``).
+    A first audit runs before both: a model may make state on its first call (fairseq's
+    decoder keeps its future mask), which the next audit sees as a tensor attribute. Worker
+    threads' names (``Thread-7``: a process-wide count) are read as ``Thread-N``."""
+    import json
+    import re
+
+    from qswap.honesty import tracker
+
+    def report() -> dict:
+        return json.loads(re.sub(r"Thread-\d+", "Thread-N", json.dumps(audit().to_dict())))
+
+    audit()
+    fast = report()
+    with monkeypatch.context() as m:
+        m.setattr(tracker, "_one_move", lambda func, name, rule, refined: None)
+        return fast, report()

@@ -55,13 +55,18 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
         raise AuditError(f"audit() takes a torch.nn.Module, got {type(model).__name__}")
     check_inputs(inputs)
     declared = {**getattr(getattr(model, "qswap_report", None), "float_ok", {}), **(float_ok or {})}
-    tracker = Tracker(declared, _values_bits(model) if values else None)
+    with _collector_paused():  # the tracker and its tags die inside, before a collection sees them
+        return _audited(model, inputs, Tracker(declared, _values_bits(model) if values else None),
+                        decode_steps)
+
+
+def _audited(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int) -> HonestyReport:
     named = list(model.named_modules())  # one walk for the set-up (checks after the run walk again)
     restore, observing = _prepare(model, [m for _, m in named])
     try:
         tracker.attach(model, named)
         tracker.tag_inputs(inputs)
-        with torch.no_grad(), _collector_paused(), tracker, watch_threads(tracker):
+        with torch.no_grad(), tracker, watch_threads(tracker):
             kind = _run(model, inputs, tracker, decode_steps)
     finally:
         tracker.detach()
@@ -85,12 +90,13 @@ def _run(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int) -> 
 
 @contextlib.contextmanager
 def _collector_paused():
-    """Python's cyclic garbage collector off for the run, as it was afterwards. The audit keeps a
-    tag per tensor the run makes, alive until the run ends: thousands of objects that survive
-    the young collections and so trigger, every few audits, a full one, which walks every
-    object of the process (a fairseq model's thousands of modules too) and can cost a large
-    share of an audit. Garbage in reference cycles the run makes waits for the first
-    collection after it."""
+    """Python's cyclic garbage collector off for the audit (set-up, run, checks and report), as
+    it was afterwards. The audit keeps a tag per parameter and per tensor the run makes, alive
+    until it returns: thousands of objects that would survive the young collections and so
+    trigger, every few audits, a full one, which walks every object of the process (a fairseq
+    model's thousands of modules too) and can cost a large share of an audit. Paused for the
+    whole audit, they are freed (by reference counting) before any collection sees them.
+    Garbage in reference cycles the audit makes waits for the first collection after it."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -83,7 +83,7 @@ def _derived(name: str) -> str:
 
 def _decide_data(name: str, rule: OpRule, tags: list[Tag], call: int, where: str,
                  scalars: tuple) -> Decision:
-    d = Decision(QUANTIZED, Tag(FLOAT, f"output of {where}"))
+    d = Decision(QUANTIZED, None)  # its out tag: below, once the bucket is known
     internal = False
     bias_add = name == "add" and _is_bias_add(tags, call)
     mask_mul = name == "mul" and any(t.kind == QUANT for t in tags)
@@ -104,7 +104,7 @@ def _decide_data(name: str, rule: OpRule, tags: list[Tag], call: int, where: str
         else:
             d.findings.append((i, finding_kind(t)))
     if d.findings:
-        d.bucket = FLOAT_BUCKET
+        d.bucket, d.out = FLOAT_BUCKET, Tag(FLOAT, f"output of {where}")
         return d
     if internal:
         d.bucket = KERNEL_INTERNAL

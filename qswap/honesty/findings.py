@@ -72,6 +72,8 @@ class Findings:
         self._compute()
         self.totals[bucket] += 1
         self.bits.update(bits)
+        if bucket == C.QUANTIZED:
+            return  # counted only: the other buckets are tabled by (module, op)
         table = {C.KERNEL_INTERNAL: self.kernel_internal, C.CONSTANT_FOLD: self.constant_fold,
                  C.INTEGER_GEMM: self.integer_gemm}.get(bucket)
         if table is not None:

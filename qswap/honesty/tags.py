@@ -25,6 +25,7 @@ integer GEMM (``qswap.honesty.gemm``). Other compute clears it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -150,19 +151,37 @@ def on_grid_per_tensor(y: torch.Tensor, scale: float, zp: float, qmin: int, qmax
     NaN or infinite): ``torch.equal`` is a scalar loop, several times slower there, and a large
     ``y``'s passes write into ``scratch`` (``Scratch``), if given, rather than a fresh buffer.
     ``inverse``: ``1 / scale`` as a 0-d float32 tensor (a quantizer's own, saving a cast per
-    call); whatever its value, only grid points pass."""
-    if y.dtype != torch.float32 or zp != round(zp) or not 0 < scale < math.inf or qmax - qmin >= 2 ** 24:
+    call); whatever its value, only grid points pass. A range of 2^24 codes or more (an int32
+    bias) is clamped to the float32 numbers inside it (``_inside``): a code the clamp cannot
+    reach fails the comparison, and is counted exactly."""
+    if y.dtype != torch.float32 or zp != round(zp) or not 0 < scale < math.inf:
         return False
-    y = y.detach()
+    lo, hi = qmin - zp, qmax - zp
+    if qmax - qmin >= 2 ** 24:
+        lo, hi = _inside(lo, hi)
+    if y.requires_grad:
+        y = y.detach()
     large = y.numel() >= _LARGE
     out = scratch.like(y) if large and scratch is not None else None
     steps = torch.mul(y, 1.0 / scale if inverse is None else inverse, out=out)
-    steps.round_().clamp_(qmin - zp, qmax - zp)
+    steps.round_().clamp_(lo, hi)
     torch.add(_ZERO, steps, alpha=scale, out=steps)  # the grid points: steps * scale, no cast
     if not large:
         return torch.equal(steps, y)
     lo, hi = torch.aminmax(steps.sub_(y))  # a - b is 0 only where a == b (gradual underflow, torch's default)
     return lo.item() == 0 and hi.item() == 0
+
+
+@functools.lru_cache(maxsize=64)  # a pure function of two numbers: a few ranges per model
+def _inside(lo: float, hi: float) -> tuple[float, float]:
+    """The float32 numbers nearest to ``lo`` and ``hi`` that lie within [lo, hi]: clamp bounds a
+    float32 tensor's clamp keeps as they are (float32(2^31 - 1) is 2^31, one code too far)."""
+    exact = torch.tensor([lo, hi], dtype=torch.float64)
+    bounds = exact.to(torch.float32)  # nearest: may lie outside
+    outside = torch.tensor([bounds[0].double() < lo, bounds[1].double() > hi])
+    inward = torch.nextafter(bounds, torch.tensor([math.inf, -math.inf], dtype=torch.float32))
+    bounds = torch.where(outside, inward, bounds)
+    return bounds[0].item(), bounds[1].item()
 
 
 class Scratch:

@@ -40,6 +40,7 @@ _NUMBER = (int, float)
 _MODULE_TABLES = frozenset(vars(nn.Module()))
 _SCALARS = (type(None), bool, int, float, str)
 _OWN_QUANTIZERS = (FakeQuantize, BiasQuantize)  # exact classes: their internals are trusted code
+_PLAIN, _COUNTERPART, _QUANTIZER, _OWN_QUANTIZER = range(4)  # what the module hooks do (Tracker._role)
 
 
 class Tracker(TorchDispatchMode):
@@ -76,7 +77,8 @@ class Tracker(TorchDispatchMode):
         self._tree: set = set()  # id() of every module of the attached model
         self.hooked: dict[int, tuple] = {}  # id(module) -> (path, module) of every module attach hooked
         self._rules: dict = {}  # id(OpOverload) -> its rule (OpOverload.__hash__ is Python code)
-        self._labels: dict = {}  # QuantSpec -> its short label
+        self._roles: dict = {}  # module class -> its role for the hooks (_role)
+        self._specs: dict = {}  # id(QuantSpec) -> (the spec, qmin, qmax, bits, short label)
         self._grid_tags: dict = {}  # what a checked quantizer output's tag says -> that tag
         self._inplace: dict = {}  # id(OpOverload) -> whether it writes its first argument
 
@@ -118,13 +120,26 @@ class Tracker(TorchDispatchMode):
         if entry is not None and entry[1] is module:
             self._post(entry[0], module, args, output)
 
+    def _role(self, cls: type) -> int:
+        """What the hooks do for a module of class ``cls`` (``_PLAIN``, ``_COUNTERPART``,
+        ``_QUANTIZER``, ``_OWN_QUANTIZER``), worked out once per class: read from the class of
+        the module at each call, so a module whose class changes is handled as its new class."""
+        role = self._roles.get(cls)
+        if role is None:
+            role = self._roles[cls] = (
+                (_OWN_QUANTIZER if cls in _OWN_QUANTIZERS else _QUANTIZER)
+                if issubclass(cls, (FakeQuantize, BiasQuantize))
+                else _COUNTERPART if issubclass(cls, QuantModule) else _PLAIN)
+        return role
+
     def _tag_module_tensors(self, path: str, module: nn.Module) -> None:
         prefix = f"{path}." if path else ""
+        tags = self.tags
         for name, p in _own(module._parameters):  # noqa: SLF001  (named_parameters walks every module)
-            self._set([p], Tag(PARAM, f"parameter {prefix}{name}"))
+            tags[p] = (Tag(PARAM, f"parameter {prefix}{name}"), p._version)
         for name, b in _own(module._buffers):  # noqa: SLF001
             if b.is_floating_point():
-                self._set([b], Tag(PARAM, f"buffer {prefix}{name}"))
+                tags[b] = (Tag(PARAM, f"buffer {prefix}{name}"), b._version)
         if type(module) in _OWN_QUANTIZERS:
             return  # their tensor attributes are their own caches, read only with dispatch off
         for name, v in vars(module).items():  # tensors kept as state (a derived weight's cache)
@@ -136,17 +151,18 @@ class Tracker(TorchDispatchMode):
 
     def _pre(self, path: str, module: nn.Module, args) -> None:
         self.stack.append(path)
-        if isinstance(module, (FakeQuantize, BiasQuantize)):
+        role = self._role(type(module))
+        if role >= _QUANTIZER:
             if not self.in_quantizer:
                 self._check_seen(path, args)
             self.in_quantizer += 1
             self.last_quant_op = None
             self.ran_quantizers.add(id(module))
             self.findings.count("quantizer_calls")
-            if self.in_quantizer == 1 and type(module) in _OWN_QUANTIZERS:
+            if self.in_quantizer == 1 and role == _OWN_QUANTIZER:
                 self._unobserved = torch._C._DisableTorchDispatch()  # noqa: SLF001
                 self._unobserved.__enter__()
-        elif isinstance(module, QuantModule) and not self.in_quantizer:
+        elif role == _COUNTERPART and not self.in_quantizer:
             self.call_counts[id(module)] += 1
             self._next_call += 1
             # only a leaf counterpart is one kernel: a container's own ops (a layer's residual
@@ -164,7 +180,8 @@ class Tracker(TorchDispatchMode):
 
     def _post(self, path: str, module: nn.Module, args, output) -> None:
         self.stack.pop()
-        if isinstance(module, (FakeQuantize, BiasQuantize)):
+        role = self._role(type(module))
+        if role >= _QUANTIZER:
             self.in_quantizer -= 1
             if self.in_quantizer:
                 return
@@ -175,7 +192,7 @@ class Tracker(TorchDispatchMode):
                 if self._unobserved is not None:
                     self._unobserved.__exit__(None, None, None)
                     self._unobserved = None
-        elif isinstance(module, QuantModule) and not self.in_quantizer:
+        elif role == _COUNTERPART and not self.in_quantizer:
             self.calls.pop()
 
     def _tag_quantizer_output(self, path: str, q: nn.Module, args, out: torch.Tensor) -> None:
@@ -186,9 +203,7 @@ class Tracker(TorchDispatchMode):
                 return  # a disabled quantizer returns its input: that site is float
             spec = q.spec
             scale, zp = q.grid_tensors()[:2] if type(q) is FakeQuantize else (q.scale, q.zero_point)
-            qmin, qmax, bits, label = spec.qmin, spec.qmax, spec.bits, self._labels.get(spec)
-            if label is None:
-                label = self._labels[spec] = spec.short()  # one string per spec, not per call
+            qmin, qmax, bits, label = self._spec_facts(spec)
         else:
             if args and out is args[0]:
                 return  # the bias stays float, and keeps its own tag
@@ -201,22 +216,31 @@ class Tracker(TorchDispatchMode):
         if numel == 0:
             self._set([out], Tag(QUANT, path, GridInfo(path, bits, label)))
             return
-        if self._verified.get(out) == (path, out._version):
+        version = out._version
+        if self._verified.get(out) == (path, version):
             return  # a cached weight, already checked
         # every audit reads a kept weight output again: one written through ``.data`` (which
         # bumps no version counter) since an earlier audit must not pass on that audit's proof
         with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the check is not the model's)
-            step = (float(scale), 0.0 if zp is None else float(zp)) if scale.numel() == 1 else (None, 0.0)
+            step = (scale.item(), 0.0 if zp is None else float(zp.item())) if scale.numel() == 1 else (None, 0.0)
             if step[0] is not None and on_grid_per_tensor(out, step[0], step[1], qmin, qmax,
                                                           _inverse(q, step[0]), self._scratch):
                 off = 0
             else:
                 zp = torch.zeros_like(scale) if zp is None else zp
                 off = off_grid_count(out, scale, zp, spec, qmin, qmax)
-        self._verified[out] = (path, out._version)
-        self._set([out], self._grid_tag(path, bits, label, off, numel, step, qmin, qmax))
+        self._verified[out] = (path, version)
+        self.tags[out] = (self._grid_tag(path, bits, label, off, numel, step, qmin, qmax), version)
         if off:
             self.findings.quantizer_off_grid(path, self.last_quant_op, out, off, label)
+
+    def _spec_facts(self, spec) -> tuple:
+        """(qmin, qmax, bits, short label) of a spec, worked out once per spec object (a frozen
+        dataclass: hashing one hashes every field)."""
+        facts = self._specs.get(id(spec))
+        if facts is None or facts[0] is not spec:
+            facts = self._specs[id(spec)] = (spec, spec.qmin, spec.qmax, spec.bits, spec.short())
+        return facts[1:]
 
     def _grid_tag(self, path: str, bits: int, label: str, off: int, numel: int, step: tuple,
                   qmin: int, qmax: int) -> Tag:
@@ -250,16 +274,24 @@ class Tracker(TorchDispatchMode):
         return out
 
     def _rule(self, func):
+        """(table name, rule, "aten.op", whether its arguments refine the rule, ``_one_move``'s
+        answer), made once per op."""
         hit = self._rules.get(id(func))  # an OpOverload lives as long as torch
         if hit is None:
-            name = O.op_name(func)
+            name, rule = O.op_name(func), O.lookup(func)
             refined = name in O.ARGUMENT_RULES or name in O.VALUE_FACTORIES
-            hit = self._rules[id(func)] = (name, O.lookup(func), f"{func.namespace}.{func.overloadpacket.__name__}",
-                                       refined)
+            hit = self._rules[id(func)] = (name, rule, f"{func.namespace}.{func.overloadpacket.__name__}",
+                                           refined, _one_move(func, name, rule, refined))
         return hit
 
     def _observe(self, func, args, kwargs, out) -> None:
-        name, rule, op, refined = self._rule(func)
+        name, rule, op, refined, one_move = self._rule(func)
+        if one_move is not None and not kwargs and out.is_floating_point() and args[0].is_floating_point():
+            tag = self._tag_of(args[0])  # a view (or copy) of one float tensor: it keeps that tag
+            if not tag.unseen:  # what ``_movement`` does for it, without its general work
+                self.findings.count("movement")
+                self.tags[out] = (tag, args[0]._version if one_move else out._version)
+                return
         operands, ints = _operands(args, kwargs)
         outputs = _float_outputs(out)
         tainted = [(i, t) for i, t in ints if t in self.tags] if self._tainted else []  # rounded data
@@ -474,6 +506,22 @@ def _inverse(q: nn.Module, step: float) -> torch.Tensor | None:
     return grid.inverse if grid is not None and grid.scale == step else None
 
 
+def _one_move(func, name: str, rule, refined: bool) -> bool | None:
+    """For an op that moves the data of its one tensor argument and nothing else (``view``,
+    ``transpose``, ``t``, ``expand``, ``slice``, ...: a movement rule that writes no numbers, its
+    first argument its only tensor, one tensor out, not in place): whether its output is a
+    view (it shares the argument's version counter). None for any other op: ``_movement``
+    decides it."""
+    schema = func._schema
+    if (rule is None or rule.cls != O.MOVEMENT or refined or name == "copy" or O.is_inplace(func)
+            or O.grid_rule(name, rule) == O.FILL or len(schema.returns) != 1
+            or str(schema.returns[0].type) != "Tensor" or not schema.arguments
+            or str(schema.arguments[0].type) != "Tensor"
+            or any("Tensor" in str(a.type) for a in schema.arguments[1:])):
+        return None
+    return bool(func.is_view)
+
+
 def _integral(name: str, func, tag: Tag) -> Tag:
     """The tag of a compute op's output: marked ``integral`` after a rounding to integers
     (``round`` without decimals, ``floor``, ``ceil``, ``trunc``) of codes or a kernel
@@ -510,14 +558,18 @@ def _rounded(source: Tag, where: str) -> Tag:
     return Tag(FLOAT, f"{source.describe()}, rounded to integers by {where} (not a qswap quantizer)")
 
 
-def _own(table: dict):
+def _own(table: dict) -> list:
     """(name, tensor) of a module's own parameter or buffer table, first name of each tensor (as
     ``named_parameters(recurse=False)``), without walking the module tree."""
+    if len(table) < 2:  # most modules hold at most one: nothing to deduplicate
+        return [(name, t) for name, t in table.items() if t is not None]
     seen: set[int] = set()
+    found = []
     for name, t in table.items():
         if t is not None and id(t) not in seen:
             seen.add(id(t))
-            yield name, t
+            found.append((name, t))
+    return found
 
 
 def _tensors(value, tree: set = frozenset()) -> list:

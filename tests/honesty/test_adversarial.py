@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qswap
+from helpers import reports_with_and_without_shortcuts
 
 torch.manual_seed(0)
 ROWS = torch.arange(4)
@@ -223,3 +224,27 @@ def test_honest_models_are_not_flagged(name):
 
 def test_at_least_8_honest_models():
     assert len(HONEST) >= 8
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_hidden_float_op_gets_the_same_report_without_the_view_shortcut(monkeypatch, name):
+    """The tracker's view shortcut (``_one_move``) is only a faster ``_movement``."""
+    torch.manual_seed(0)
+    qmodel = qswap.convert(_Hide(CASES[name][0]), "w8a8")
+    x = torch.randn(4, 8)
+    qswap.calibrate(qmodel, [(x,)])
+    report, general = reports_with_and_without_shortcuts(monkeypatch, lambda: qswap.audit(qmodel, (x,), values=True))
+    assert report == general
+    assert not report["honest"]
+
+
+@pytest.mark.parametrize("name", sorted(HONEST))
+def test_honest_models_get_the_same_report_without_the_view_shortcut(monkeypatch, name):
+    torch.manual_seed(0)
+    build, make_input = HONEST[name]
+    qmodel = qswap.convert(build().eval(), "w8a8")
+    x = make_input()
+    qswap.calibrate(qmodel, [(x,)])
+    report, general = reports_with_and_without_shortcuts(monkeypatch, lambda: qswap.audit(qmodel, (x,), values=True))
+    assert report == general
+    assert report["honest"]

@@ -82,3 +82,26 @@ def test_the_quick_proof_of_a_large_tensor_in_a_reused_buffer_accepts_only_grid_
             assert not on_grid_per_tensor(bad, s, z, spec.qmin, spec.qmax, scratch=scratch), bad_value
             assert off_grid_count(bad, scale, zp, spec, spec.qmin, spec.qmax) == 1
         assert on_grid_per_tensor(y.t() if y.dim() == 2 else y, s, z, spec.qmin, spec.qmax, scratch=scratch)
+
+
+def test_the_quick_proof_of_an_int32_bias_accepts_only_what_the_exact_count_accepts():
+    """A range of 2^24 codes or more (an int32 bias) is clamped to the float32 numbers inside
+    it: float32(2^31 - 1) is 2^31, a code beyond qmax, which must not pass."""
+    qmin, qmax = -(2 ** 31), 2 ** 31 - 1
+    s = 2.0 ** -10  # a power of two: every code below 2^24 times s is exact
+    codes = torch.tensor([0.0, 3.0, -7.0, 1000.0, -(2.0 ** 20), 2.0 ** 23])
+    bias = codes * s
+    assert on_grid_per_tensor(bias, s, 0.0, qmin, qmax)
+    assert off_grid_count(bias, torch.tensor(s), torch.zeros(()), None, qmin, qmax) == 0
+    for bad_value in (bias[1] + 0.4 * s, float("nan"), float("inf")):
+        bad = bias.clone()
+        bad[-1] = bad_value
+        assert not on_grid_per_tensor(bad, s, 0.0, qmin, qmax), bad_value
+        assert off_grid_count(bad, torch.tensor(s), torch.zeros(()), None, qmin, qmax) == 1, bad_value
+    for beyond in (2.0 ** 31 * s, -(2.0 ** 31 + 256) * s):  # codes 2^31 and -2^31 - 256: outside the range
+        bad = bias.clone()
+        bad[-1] = beyond
+        assert not on_grid_per_tensor(bad, s, 0.0, qmin, qmax), beyond  # left to the exact count
+    edge = torch.tensor([(2.0 ** 31 - 128) * s, -(2.0 ** 31) * s])  # the float32 codes nearest the ends, inside
+    assert on_grid_per_tensor(edge, s, 0.0, qmin, qmax)
+    assert off_grid_count(edge, torch.tensor(s), torch.zeros(()), None, qmin, qmax) == 0
