@@ -51,6 +51,33 @@ def test_step_graph_matches_fairseqs_incremental_decoder(setup):
     assert worst <= 1.0
 
 
+def test_step_graph_serves_each_sentences_beams_from_its_cross_row(setup):
+    """The encoder-decoder keys, values and padding mask enter once per sentence, the tokens and
+    self-attention caches once per beam (sentence by sentence): the logits of fairseq's
+    incremental decoder on the encoder output repeated per beam, at every step."""
+    qmodel, encoder_out, path, cross = setup
+    session = load_session(path)
+    inputs, outputs = names(len(qmodel.decoder.layers))
+    layers = len(qmodel.decoder.layers)
+    assert [i.shape[0] for i in session.get_inputs()[1:3]] == ["sentences", "batch"]
+    beams = 4
+    rows = qmodel.encoder.reorder_encoder_out(encoder_out, torch.arange(3).repeat_interleave(beams))
+    tokens = torch.randint(4, 30, (3 * beams, 5), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 2
+    feeds = {"encoder_padding_mask": encoder_out["encoder_padding_mask"][0].numpy(),
+             **dict(zip(inputs[2 + 2 * layers:], cross))}  # (3, S), (3, H, S, D): per sentence
+    cache = [c.numpy() for c in empty_cache(qmodel, 3 * beams)]
+    state, worst = {}, 0.0
+    for t in range(1, tokens.shape[1] + 1):
+        with torch.no_grad():
+            ref = qmodel.logits_quant(qmodel.decoder(tokens[:, :t], encoder_out=rows, incremental_state=state)[0])
+        logits, *cache = session.run(list(outputs), {"tokens": tokens[:, :t].numpy(), **feeds,
+                                                      **dict(zip(inputs[2:2 + 2 * layers], cache))})
+        assert logits.shape[0] == cache[0].shape[0] == 3 * beams
+        worst = max(worst, float(((torch.from_numpy(logits) - ref).abs() / qmodel.logits_quant.scale).max()))
+    assert worst <= 1.0  # measured: 0 steps
+
+
 def test_step_graph_softmaxes_run_float_softmax(setup, tmp_path):
     """onnxruntime's QLinearSoftmax is not the fake-quant softmax (qswap.export.graph_passes,
     quantize_by_inverse):
