@@ -2,9 +2,9 @@
 decoder run onnxruntime sessions, so fairseq's own SequenceGenerator drives the beam search.
 
 The encoder runs ``encoder.onnx`` and, once per utterance, ``cross_kv.onnx`` (the encoder-decoder
-keys and values of every decoder layer); both travel in the encoder output, the keys and values
-one row per sentence (the step graph serves each sentence's beams from its row), and are
-reordered with it when the generator expands or prunes beams. The decoder runs ``decoder_step.onnx`` on
+keys and values of every decoder layer); both travel in the encoder output, one row per
+sentence (the step graph serves each sentence's beams from its row), which follows the
+sentences that remain when the generator prunes finished ones. The decoder runs ``decoder_step.onnx`` on
 the tokens so far and the self-attention caches kept in fairseq's ``incremental_state``,
 reordered by beam with ``index_select`` as fairseq's own attention reorders its cache.
 
@@ -33,11 +33,11 @@ CACHE = "caches"  # the incremental_state key of the self-attention caches
 
 
 class OrtEncoder(FairseqEncoder):
-    """``encoder.onnx`` then ``cross_kv.onnx``: fairseq's encoder output dict (``encoder_out`` and
-    ``encoder_padding_mask`` one row per hypothesis, as fairseq reorders them), plus one row per
-    sentence of what the step graph reads: ``cross_kv`` (per layer key, value: (N, H, S, D)
-    tensors) and ``cross_padding_mask`` ((N, S)). The hypotheses are the sentences' rows in
-    groups of equal size, sentence by sentence (the beams of SequenceGenerator)."""
+    """``encoder.onnx`` then ``cross_kv.onnx``: fairseq's encoder output dict plus ``cross_kv``
+    (per layer key, value: (N, H, S, D) tensors), one row per SENTENCE (N), not per hypothesis:
+    the hypotheses the decoder steps are the sentences' beams, in groups of equal size, sentence
+    by sentence (as SequenceGenerator orders them), and the step graph serves each group from
+    its sentence's row. ``hypotheses`` holds their number."""
 
     def __init__(self, dictionary, encoder, cross_kv, layers: int):
         super().__init__(dictionary)
@@ -48,35 +48,31 @@ class OrtEncoder(FairseqEncoder):
         out, padding = run_graph(self.encoder, list(OUTPUTS), {"src_tokens": _np(src_tokens.float()),
                                                                "src_lengths": _np(src_lengths.long())})
         cross = run_graph(self.cross_kv, self.cross_outputs, {"encoder_out": out})
-        padding = torch.from_numpy(padding)
-        return {"encoder_out": [torch.from_numpy(out)], "encoder_padding_mask": [padding],
+        return {"encoder_out": [torch.from_numpy(out)], "encoder_padding_mask": [torch.from_numpy(padding)],
                 "encoder_embedding": [], "encoder_states": [], "src_tokens": [], "src_lengths": [],
-                "cross_kv": [torch.from_numpy(c) for c in cross], "cross_padding_mask": [padding]}
+                "cross_kv": [torch.from_numpy(c) for c in cross], "hypotheses": [torch.tensor(padding.shape[0])]}
 
     def forward_torchscript(self, net_input: Dict[str, torch.Tensor]):
         return self.forward(net_input["src_tokens"], net_input["src_lengths"])
 
     def reorder_encoder_out(self, encoder_out: Dict[str, List[torch.Tensor]], new_order):
-        """The encoder output in ``new_order``, reordered only when the number of hypotheses
-        changes, as fairseq's MultiheadAttention reorders its static encoder-decoder keys and values
-        (``reorder_incremental_state``): SequenceGenerator reorders every step within each
-        sentence's beams, whose rows are equal, so a reorder of the same size leaves every row
-        as it was (copying the (S, B x beam, E) encoder output every step was the decode's
-        largest cost outside onnxruntime's runs). When the size changes (the beams made, finished
-        sentences dropped) the per-sentence rows follow the sentences that remain
-        (``sentence_rows``)."""
-        padding = encoder_out["encoder_padding_mask"][0]
-        if padding.size(0) == new_order.numel():
+        """The encoder output for the hypotheses ``new_order`` selects: the same rows when their
+        number is unchanged, as fairseq's MultiheadAttention keeps its static encoder-decoder keys
+        and values (``reorder_incremental_state``; SequenceGenerator reorders every step within
+        each sentence's beams, which share its row), the rows of the sentences that remain when
+        it changes (the beams made, finished sentences dropped; ``sentence_rows``). A copy of the
+        (S, B x beam, E) encoder output every step was the decode's largest cost outside
+        onnxruntime's runs."""
+        hypotheses, rows = int(encoder_out["hypotheses"][0]), encoder_out["cross_kv"][0].size(0)
+        if hypotheses == new_order.numel():
             return encoder_out
-        cross = encoder_out["cross_kv"]
-        sentences = sentence_rows(new_order, padding.size(0) // cross[0].size(0))
-        if not torch.equal(sentences, torch.arange(cross[0].size(0))):
-            cross = [c.index_select(0, sentences) for c in cross]
-            encoder_out = {**encoder_out, "cross_padding_mask": [
-                encoder_out["cross_padding_mask"][0].index_select(0, sentences)]}
-        return {**encoder_out,
-                "encoder_out": [encoder_out["encoder_out"][0].index_select(1, new_order)],
-                "encoder_padding_mask": [padding.index_select(0, new_order)], "cross_kv": cross}
+        reordered = {**encoder_out, "hypotheses": [torch.tensor(new_order.numel())]}
+        sentences = sentence_rows(new_order, hypotheses // rows)
+        if torch.equal(sentences, torch.arange(rows)):
+            return reordered
+        return {**reordered, "encoder_out": [encoder_out["encoder_out"][0].index_select(1, sentences)],
+                "encoder_padding_mask": [encoder_out["encoder_padding_mask"][0].index_select(0, sentences)],
+                "cross_kv": [c.index_select(0, sentences) for c in encoder_out["cross_kv"]]}
 
     def max_positions(self):
         return int(1e6)
@@ -113,7 +109,7 @@ class OrtDecoder(FairseqIncrementalDecoder):
                                                         for h, d in zip(self.heads, self.head_dim)
                                                         for _ in range(2)]
         feeds = {"tokens": _np(prev_output_tokens.long()),
-                 "encoder_padding_mask": _np(encoder_out["cross_padding_mask"][0])}
+                 "encoder_padding_mask": _np(encoder_out["encoder_padding_mask"][0])}
         feeds.update(zip(self.inputs[2:], past))
         feeds.update(zip(self.inputs[2 + 2 * self.layers:], (_np(c) for c in encoder_out["cross_kv"])))
         logits, *caches = run_graph(self.step, list(self.outputs), feeds)

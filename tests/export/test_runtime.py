@@ -57,26 +57,26 @@ def test_a_padded_batch_decodes_as_its_utterances_alone(shipped_float):
         assert decode(task, ort, [alone], beam=3).utterances[0].hyp == together[int(batch["id"][i])]
 
 
-def test_encoder_output_is_reordered_only_when_the_batch_changes(shipped_float):
-    """SequenceGenerator reorders every step within each sentence's beams (rows with the same
-    encoder output): like fairseq's own static encoder-decoder keys and values, the exported
-    encoder's output is then kept as it is; the cross-attention keys and values stay one row per
-    sentence, through the beams' expansion, and follow the sentences a batch that drops finished
-    ones keeps."""
+def test_encoder_output_keeps_one_row_per_sentence(shipped_float):
+    """SequenceGenerator reorders every step within each sentence's beams: like fairseq's own
+    static encoder-decoder keys and values, the exported encoder's output is then kept as it is.
+    It stays one row per sentence through the beams' expansion, and follows the sentences a
+    batch that drops finished ones keeps."""
     _, task, out = shipped_float
     ort = load_exported(out, task.target_dictionary)
     net = next(iter(fdata.batches(task, "test", max_sentences=2)))["net_input"]
     beams = 3
     enc = ort.encoder(**net)
     expanded = ort.encoder.reorder_encoder_out(enc, torch.arange(2).repeat_interleave(beams))
-    assert all(a is b for a, b in zip(expanded["cross_kv"], enc["cross_kv"]))  # (2, H, S, D): per sentence
-    assert torch.equal(expanded["encoder_padding_mask"][0], enc["encoder_padding_mask"][0].repeat_interleave(beams, 0))
+    assert all(a is b for a, b in zip(expanded["cross_kv"], enc["cross_kv"]))  # (2, H, S, D)
+    assert expanded["encoder_out"][0] is enc["encoder_out"][0] and int(expanded["hypotheses"][0]) == 2 * beams
     within = torch.tensor([2, 0, 0, 3, 5, 4])  # each row takes a row of its own sentence's beams
     assert ort.encoder.reorder_encoder_out(expanded, within) is expanded
     dropped = ort.encoder.reorder_encoder_out(expanded, torch.tensor([3, 5, 5]))  # sentence 0 finished
     assert all(torch.equal(a, b[1:]) for a, b in zip(dropped["cross_kv"], enc["cross_kv"]))
-    assert torch.equal(dropped["cross_padding_mask"][0], enc["encoder_padding_mask"][0][1:])
-    assert torch.equal(dropped["encoder_out"][0], expanded["encoder_out"][0][:, [3, 5, 5]])
+    assert torch.equal(dropped["encoder_padding_mask"][0], enc["encoder_padding_mask"][0][1:])
+    assert torch.equal(dropped["encoder_out"][0], enc["encoder_out"][0][:, 1:])
+    assert int(dropped["hypotheses"][0]) == 3
 
 
 @pytest.mark.parametrize("order, beam, rows", [
