@@ -74,8 +74,7 @@ class SentenceCrossAttention(QFairseqMultiheadAttention):
     so each sentence's keys meet all its beams' queries in one product and are never repeated
     per beam (fairseq's beamable attention repeats them: a copy of every layer's keys and values
     per step). Each query row meets the same keys, mask and quantizers, so it computes the values
-    of the per-beam attention wherever its quantizers map each value on their own
-    (``groups_beams``)."""
+    of the per-beam attention where its grids are per tensor (``beam_grouping_problem``)."""
 
     def forward(self, query, key, value, key_padding_mask=None, incremental_state=None, **kwargs):
         saved = self._get_input_buffer(incremental_state) if incremental_state is not None else {}
@@ -91,23 +90,29 @@ class SentenceCrossAttention(QFairseqMultiheadAttention):
         return out, weights
 
 
-def groups_beams(attn: nn.Module) -> bool:
-    """Whether ``attn`` computes the same values with a sentence's beams as query positions: a
-    qswap fairseq attention without a frozen grid other than per tensor, so the rows' layout
-    reaches no grid. (A quantizer that observes still has no grid: it runs in no exported graph,
-    where it would be an ExportError; the score terms' quantizers of an attention without masks
-    or position biases never run.)"""
-    return type(attn) is QFairseqMultiheadAttention and not any(
-        m.enabled and bool(m.frozen) and m.spec.granularity != "per_tensor"
-        for m in attn.modules() if isinstance(m, FakeQuantize) and m.kind == "activation")
+def beam_grouping_problem(attn: nn.Module, site: str) -> str | None:
+    """Why ``attn`` would not compute the same values with a sentence's beams as query positions
+    (``SentenceCrossAttention``), or None: it must be qswap's fairseq attention, without a frozen
+    grid other than per tensor (the rows' layout reaches no per-tensor grid). A quantizer that
+    observes has no grid: it runs in no exported graph (there it is an ExportError), and the
+    score terms' quantizers of an attention without masks or position biases never run."""
+    if type(attn) is not QFairseqMultiheadAttention:
+        return f"{site}: a {type(attn).__name__}; the step graph exports qswap's fairseq MultiheadAttention"
+    for name, m in attn.named_modules():
+        if isinstance(m, FakeQuantize) and m.kind == "activation" and m.enabled and bool(m.frozen) \
+                and m.spec.granularity != "per_tensor":
+            return (f"{site}.{name}: a {m.spec.granularity} activation grid; the step graph serves a "
+                    f"sentence's beams as query positions of its keys and values, which needs per-tensor "
+                    f"grids in the encoder-decoder attention: quantize this site per tensor")
+    return None
 
 
 class DecoderStepGraph(nn.Module):
     """fairseq's incremental decoding step (``decoder(tokens, encoder_out, incremental_state)``)
     with the incremental state built from, and returned as, tensors; the encoder-decoder keys,
-    values and padding mask per sentence. Each encoder-decoder attention that ``groups_beams``
-    becomes a ``SentenceCrossAttention`` (its class swapped, in place: pass a copy of the model);
-    another keeps fairseq's beamable path, which repeats the keys and values per beam."""
+    values and padding mask per sentence. Each encoder-decoder attention becomes a
+    ``SentenceCrossAttention`` (its class swapped, in place: pass a copy of the model);
+    ExportError where that would change a value (``beam_grouping_problem``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -116,9 +121,11 @@ class DecoderStepGraph(nn.Module):
         self.embed_dim = model.decoder.embed_dim
         self.self_attns = [layer.self_attn for layer in self.decoder.layers]
         self.cross_attns = [layer.encoder_attn for layer in self.decoder.layers]
-        for attn in self.cross_attns:
-            if groups_beams(attn):
-                attn.__class__ = SentenceCrossAttention  # the same module, its forward groups beams
+        for i, attn in enumerate(self.cross_attns):
+            problem = beam_grouping_problem(attn, f"decoder.layers.{i}.encoder_attn")
+            if problem is not None:
+                raise ExportError(problem)
+            attn.__class__ = SentenceCrossAttention  # the same module, its forward groups beams
 
     def forward(self, tokens, encoder_padding_mask, *caches):
         layers = len(self.self_attns)
