@@ -124,8 +124,8 @@ def main(argv=None) -> dict:
         result, (model, cfg, task, calib) = json.loads(Path(args.json).read_text()), shipped_model(args)
         result.update({"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
                        "onnxruntime": _ort().__version__, "speed_command": command})
-        with tempfile.TemporaryDirectory(prefix="qswap-speed-") as tmp:
-            exports = export_recipes(model, cfg, task, calib, Path(tmp))
+        with tempfile.TemporaryDirectory(prefix="qswap-speed-") as tmp:  # w8a8: the int8 system measured
+            exports = export_recipes(model, cfg, task, calib, Path(tmp), names=("w8a8",))
             result["busy_at_start"] = busy_processes()
             result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, Path(tmp), args)
             write(result, args)
@@ -189,11 +189,11 @@ def calibrated(model, recipe, calib):
     return qmodel
 
 
-def export_recipes(model, cfg, task, calib, tmp: Path) -> dict:
-    """Every shipped recipe and the searched one, calibrated, exported and deploy-audited (an
-    export the format cannot express is recorded with its error)."""
+def export_recipes(model, cfg, task, calib, tmp: Path, names: tuple[str, ...] | None = None) -> dict:
+    """Every shipped recipe and the searched one (``names``: these alone), calibrated, exported and
+    deploy-audited (an export the format cannot express is recorded with its error)."""
     out = {}
-    for name in [*shipped_recipe_names(), "searched"]:
+    for name in names or [*shipped_recipe_names(), "searched"]:
         recipe = WER_RECIPES.get(name, name)
         log(f"export {name}")
         # the deploy audit does not depend on the ranges: one batch calibrates the recipes
