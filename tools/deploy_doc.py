@@ -128,6 +128,7 @@ def main(argv=None) -> dict:
             exports = export_recipes(model, cfg, task, calib, Path(tmp), names=("w8a8",))
             result["busy_at_start"] = busy_processes()
             result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, Path(tmp), args)
+            result["busy_at_end"] = busy_processes()
             write(result, args)
             result["s_model"] = s_model(args)
         write(result, args)
@@ -153,6 +154,7 @@ def main(argv=None) -> dict:
         write(result, args)  # each section as it is done: a run cut short still shows what it measured
         result["busy_at_start"] = busy_processes()
         result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, tmp, args)
+        result["busy_at_end"] = busy_processes()
         write(result, args)
         result["sizes"] = {"command": command, "s_model": s_model_sizes(), **shipped_sizes(
             model, tmp / "float", {n: exports[n]["dir"] for n in SIZE_RECIPES if "dir" in exports[n]})}
@@ -343,7 +345,7 @@ def shipped_speed(model, cfg, task, calib, exports, tmp: Path, args) -> dict:
         decoded[name] = {"seconds": seconds[name], "wer": counts.wer}
     static_audit = audit_export(static_dir)
     return {"encoder_batch": [int(src.shape[0]), int(src.shape[1])], "encoder_s": enc, "decode": decoded,
-            "decode_interleaved": True,
+            "decode_interleaved": True, "ort_spinning": False,
             "encoder_vs_torch": enc["torch_fp32"] / enc["ort_int8"],
             "encoder_vs_ort_fp32": enc["ort_fp32"] / enc["ort_int8"],
             "decode_vs_torch": decoded["torch_fp32"]["seconds"] / decoded["ort_int8"]["seconds"],
@@ -669,19 +671,31 @@ def machine_state(r: dict) -> str:
     if busy is None:
         return "The machine is shared and was loaded while it ran (not sampled)."
     if not busy:
-        return "No other process used more than a fifth of a core when the speed run started."
-    return f"Other processes were busy when the speed run started: {', '.join(busy)}."
+        said = "No other process used more than a fifth of a core when the speed run started."
+    else:
+        said = f"Other processes were busy when the speed run started: {', '.join(busy)}."
+    end = r.get("busy_at_end")  # sampled again after the shipped model's timings (runs since this was added)
+    if end:
+        said += f" When its shipped-model timings ended: {', '.join(end)}."
+    elif end is not None:
+        said += " None did when its shipped-model timings ended."
+    return said
 
 
 def trust_note(r: dict, sp: dict) -> str:
     """How far the speed ratios carry, from the run's own numbers."""
     seconds = {k: v["seconds"] for k, v in sp["decode"].items()}
     slower = seconds["ort_int8"] > seconds["ort_fp32"]
-    note = ("How far to trust this run: " + ("the machine was idle when it started; " if r.get("busy_at_start") == []
+    idle = r.get("busy_at_start") == [] and not r.get("busy_at_end")
+    note = ("How far to trust this run: " + ("the machine was idle when it started"
+                                            + (" and when its timings ended; " if "busy_at_end" in r else "; ") if idle
                                             else "the machine's 2 cores were shared with other jobs; torch's OpenMP "
                                                  "thread pool loses far more than onnxruntime's under oversubscription, "
                                                  "so ratios against torch eager overstate what an idle machine shows; ")
             + "the ratios within onnxruntime (int8 vs fp32 of the same graph) are the comparable ones.")
+    if sp.get("ort_spinning") is False:  # recorded since the sessions stopped spinning by default
+        note += (" onnxruntime's threads yielded their cores between runs (`load_session`, `spinning` off): "
+                 "spinning, they slow the torch run interleaved after them.")
     if slower:
         note += (" In full decoding, onnxruntime int8 was not faster than onnxruntime fp32 in this run (the "
                  "decoder step's attention over the cached keys and values stays float; where the step's time "
