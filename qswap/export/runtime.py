@@ -4,8 +4,8 @@ decoder run onnxruntime sessions, so fairseq's own SequenceGenerator drives the 
 The encoder runs ``encoder.onnx`` and, once per utterance, ``cross_kv.onnx`` (the encoder-decoder
 keys and values of every decoder layer); both travel in the encoder output, one row per
 sentence (the step graph serves each sentence's beams from its row), which follows the
-sentences that remain when the generator prunes finished ones. The decoder runs ``decoder_step.onnx`` on
-the tokens so far and the self-attention caches kept in fairseq's ``incremental_state``,
+sentences that remain when the generator prunes finished ones. The decoder runs
+``decoder_step.onnx`` on the tokens so far and the self-attention caches kept in fairseq's ``incremental_state``,
 reordered by beam with ``index_select`` as fairseq's own attention reorders its cache.
 
 A CTC export (wav2vec 2.0) loads as ``OrtCtcModel``: its forward returns the logits and the

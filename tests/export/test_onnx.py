@@ -137,7 +137,8 @@ def test_other_encoders_are_a_typed_error(tmp_path):
 @pytest.mark.parametrize("spinning", [False, True])
 def test_sessions_spin_only_when_asked(graph_path, spinning):
     """A decode runs torch's beam search between the steps: by default the pool's threads yield."""
-    options = (load_session(graph_path, spinning=spinning) if spinning else load_session(graph_path)).get_session_options()
+    session = load_session(graph_path, spinning=True) if spinning else load_session(graph_path)  # the default
+    options = session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
 
 
