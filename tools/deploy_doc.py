@@ -178,8 +178,11 @@ def shipped_model(args) -> tuple:
 
 
 def write(result: dict, args) -> None:
-    atomic_write_text(args.json, json.dumps(result, indent=1, sort_keys=True) + "\n")
-    atomic_write_text(args.out, render(result))
+    """--json, and --out rendered from what --json holds (its keys sorted: the page a re-render of
+    the JSON gives, whatever order the run filled the dicts in)."""
+    text = json.dumps(result, indent=1, sort_keys=True) + "\n"
+    atomic_write_text(args.json, text)
+    atomic_write_text(args.out, render(json.loads(text)))
 
 
 def calibrated(model, recipe, calib):
