@@ -8,7 +8,7 @@ demo does; beam 5):
   the searched recipe, on ``test`` and ``test_heldout``, with the paired bootstrap interval of the
   difference (qswap.integration.bootstrap), and each graph's agreement in grid steps;
 - the deploy audit (``qswap audit DIR --onnx``) of every shipped recipe;
-- encoder latency (interleaved medians) and full decoding of ``test``: onnxruntime int8 vs torch
+- encoder latency and full decoding of ``test`` (interleaved medians): onnxruntime int8 vs torch
   fp32 eager and vs onnxruntime fp32 of the same graph, beside ``torch.ao`` ``quantize_dynamic``
   and onnxruntime's own static quantization (MatMul/Gemm/Conv only, its own calibration on the
   same batches), with their WER and float-node counts; file sizes.
@@ -124,10 +124,11 @@ def main(argv=None) -> dict:
         result, (model, cfg, task, calib) = json.loads(Path(args.json).read_text()), shipped_model(args)
         result.update({"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
                        "onnxruntime": _ort().__version__, "speed_command": command})
-        with tempfile.TemporaryDirectory(prefix="qswap-speed-") as tmp:
-            exports = export_recipes(model, cfg, task, calib, Path(tmp))
+        with tempfile.TemporaryDirectory(prefix="qswap-speed-") as tmp:  # w8a8: the int8 system measured
+            exports = export_recipes(model, cfg, task, calib, Path(tmp), names=("w8a8",))
             result["busy_at_start"] = busy_processes()
             result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, Path(tmp), args)
+            result["busy_at_end"] = busy_processes()
             write(result, args)
             result["s_model"] = s_model(args)
         write(result, args)
@@ -153,6 +154,7 @@ def main(argv=None) -> dict:
         write(result, args)  # each section as it is done: a run cut short still shows what it measured
         result["busy_at_start"] = busy_processes()
         result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, tmp, args)
+        result["busy_at_end"] = busy_processes()
         write(result, args)
         result["sizes"] = {"command": command, "s_model": s_model_sizes(), **shipped_sizes(
             model, tmp / "float", {n: exports[n]["dir"] for n in SIZE_RECIPES if "dir" in exports[n]})}
@@ -176,8 +178,11 @@ def shipped_model(args) -> tuple:
 
 
 def write(result: dict, args) -> None:
-    atomic_write_text(args.json, json.dumps(result, indent=1, sort_keys=True) + "\n")
-    atomic_write_text(args.out, render(result))
+    """--json, and --out rendered from what --json holds (its keys sorted: the page a re-render of
+    the JSON gives, whatever order the run filled the dicts in)."""
+    text = json.dumps(result, indent=1, sort_keys=True) + "\n"
+    atomic_write_text(args.json, text)
+    atomic_write_text(args.out, render(json.loads(text)))
 
 
 def calibrated(model, recipe, calib):
@@ -189,11 +194,11 @@ def calibrated(model, recipe, calib):
     return qmodel
 
 
-def export_recipes(model, cfg, task, calib, tmp: Path) -> dict:
-    """Every shipped recipe and the searched one, calibrated, exported and deploy-audited (an
-    export the format cannot express is recorded with its error)."""
+def export_recipes(model, cfg, task, calib, tmp: Path, names: tuple[str, ...] | None = None) -> dict:
+    """Every shipped recipe and the searched one (``names``: these alone), calibrated, exported and
+    deploy-audited (an export the format cannot express is recorded with its error)."""
     out = {}
-    for name in [*shipped_recipe_names(), "searched"]:
+    for name in names or [*shipped_recipe_names(), "searched"]:
         recipe = WER_RECIPES.get(name, name)
         log(f"export {name}")
         # the deploy audit does not depend on the ranges: one batch calibrates the recipes
@@ -331,15 +336,19 @@ def shipped_speed(model, cfg, task, calib, exports, tmp: Path, args) -> dict:
     with torch.no_grad():
         enc = interleaved_medians({k: encoder(m) for k, m in systems.items()}, args.repeats)
     samples = list(fdata.batches(task, "test"))
+    log(f"decode test with {', '.join(systems)}, {args.repeats} times each, interleaved")
+    results: dict = {}
+
+    def decoding(name, m):  # every decode gives the same transcripts: the last one's are kept
+        return lambda: results.__setitem__(name, decode(task, m, samples, beam=BEAM))
+    seconds = interleaved_medians({name: decoding(name, m) for name, m in systems.items()}, args.repeats)
     decoded = {}
-    for name, m in systems.items():
-        log(f"decode test with {name}")
-        t0 = time.perf_counter()
-        result = decode(task, m, samples, beam=BEAM)
+    for name, result in results.items():
         counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
-        decoded[name] = {"seconds": time.perf_counter() - t0, "wer": counts.wer}
+        decoded[name] = {"seconds": seconds[name], "wer": counts.wer}
     static_audit = audit_export(static_dir)
     return {"encoder_batch": [int(src.shape[0]), int(src.shape[1])], "encoder_s": enc, "decode": decoded,
+            "decode_interleaved": True, "ort_spinning": False,
             "encoder_vs_torch": enc["torch_fp32"] / enc["ort_int8"],
             "encoder_vs_ort_fp32": enc["ort_fp32"] / enc["ort_int8"],
             "decode_vs_torch": decoded["torch_fp32"]["seconds"] / decoded["ort_int8"]["seconds"],
@@ -596,7 +605,8 @@ def header(r: dict) -> list[str]:
              "qswap audit deploy/ --onnx --markdown deploy_audit.md", "```", "",
              "`deploy/` holds `encoder.onnx`, `cross_kv.onnx` (the encoder-decoder keys and values of every "
              "decoder layer, computed once per utterance), `decoder_step.onnx` (one incremental step, its "
-             "self-attention keys and values as inputs and outputs) and `export.json`. fairseq's own "
+             "self-attention keys and values as inputs and outputs, one row per hypothesis; the encoder-decoder "
+             "keys, values and padding mask one row per sentence, shared by its beams) and `export.json`. fairseq's own "
              "`SequenceGenerator` drives the beam search over them (`qswap.export.runtime`).", ""]
 
 
@@ -606,7 +616,7 @@ def speed_section(r: dict) -> list[str]:
     lines = ["## Speed (targets of issue 18)", "",
              f"Shipped model, encoder on the first {sp['encoder_batch'][0]} test utterances "
              f"({sp['encoder_batch'][1]} frames padded), median of {r['repeats']} interleaved runs; full "
-             f"decoding of the 100 `test` utterances, one run each.", "",
+             f"decoding of the 100 `test` utterances, {decode_runs(sp, r)}.", "",
              "| measure | value | target | |", "|---|---:|---:|---|",
              f"| encoder: onnxruntime int8 vs torch fp32 eager | {sp['encoder_vs_torch']:.2f}x | ≥ {t['encoder_vs_torch']}x | "
              f"{met(sp['encoder_vs_torch'], t['encoder_vs_torch'])} |",
@@ -650,6 +660,13 @@ def speed_section(r: dict) -> list[str]:
     return lines
 
 
+def decode_runs(sp: dict, r: dict) -> str:
+    """How the run timed full decoding (a run before the decodes were interleaved timed each once)."""
+    if sp.get("decode_interleaved"):
+        return f"median of {r['repeats']} interleaved runs each, after one warm-up"
+    return "one run each"
+
+
 def machine_state(r: dict) -> str:
     """What the machine was doing when the speed run started (``busy_at_start``: other processes
     using more than a fifth of a core, ``tools/bench.py``'s ``busy_processes``)."""
@@ -657,19 +674,31 @@ def machine_state(r: dict) -> str:
     if busy is None:
         return "The machine is shared and was loaded while it ran (not sampled)."
     if not busy:
-        return "No other process used more than a fifth of a core when the speed run started."
-    return f"Other processes were busy when the speed run started: {', '.join(busy)}."
+        said = "No other process used more than a fifth of a core when the speed run started."
+    else:
+        said = f"Other processes were busy when the speed run started: {', '.join(busy)}."
+    end = r.get("busy_at_end")  # sampled again after the shipped model's timings (runs since this was added)
+    if end:
+        said += f" When its shipped-model timings ended: {', '.join(end)}."
+    elif end is not None:
+        said += " None did when its shipped-model timings ended."
+    return said
 
 
 def trust_note(r: dict, sp: dict) -> str:
     """How far the speed ratios carry, from the run's own numbers."""
     seconds = {k: v["seconds"] for k, v in sp["decode"].items()}
     slower = seconds["ort_int8"] > seconds["ort_fp32"]
-    note = ("How far to trust this run: " + ("the machine was idle when it started; " if r.get("busy_at_start") == []
+    idle = r.get("busy_at_start") == [] and not r.get("busy_at_end")
+    note = ("How far to trust this run: " + ("the machine was idle when it started"
+                                            + (" and when its timings ended; " if "busy_at_end" in r else "; ") if idle
                                             else "the machine's 2 cores were shared with other jobs; torch's OpenMP "
                                                  "thread pool loses far more than onnxruntime's under oversubscription, "
                                                  "so ratios against torch eager overstate what an idle machine shows; ")
             + "the ratios within onnxruntime (int8 vs fp32 of the same graph) are the comparable ones.")
+    if sp.get("ort_spinning") is False:  # recorded since the sessions stopped spinning by default
+        note += (" onnxruntime's threads yielded their cores between runs (`load_session`, `spinning` off): "
+                 "spinning, they slow the torch run interleaved after them.")
     if slower:
         note += (" In full decoding, onnxruntime int8 was not faster than onnxruntime fp32 in this run (the "
                  "decoder step's attention over the cached keys and values stays float; where the step's time "

@@ -6,8 +6,11 @@ one decoding step.
 incremental decoder caches at its first step (``static_kv``).
 
 ``decoder_step.onnx``: ``tokens`` (B, t) int64 (every token so far; the step reads the last one
-and its position t), ``encoder_padding_mask`` (B, S), per layer ``past_key_i`` / ``past_value_i``
-(B, H, t-1, D) (empty at the first step) and ``cross_key_i`` / ``cross_value_i``. Outputs:
+and its position t), per layer ``past_key_i`` / ``past_value_i`` (B, H, t-1, D) (empty at the
+first step), and per SENTENCE (N of them, B = N x beam, rows grouped sentence by sentence as
+fairseq's SequenceGenerator orders them) ``encoder_padding_mask`` (N, S) and ``cross_key_i`` /
+``cross_value_i`` (N, H, S, D), what ``cross_kv.onnx`` writes: the beams of a sentence share its
+keys and values, which are never copied per beam (``SentenceCrossAttention``). Outputs:
 ``logits`` (B, 1, V) on the model's logits grid and ``key_i`` / ``value_i`` (B, H, t, D), the
 self-attention caches of the next step. A cache holds the quantized projections where qswap's
 attention keeps a quantized cache (frozen per-tensor k/v grids), float projections otherwise:
@@ -27,6 +30,8 @@ from torch import nn
 
 from qswap.errors import ExportError
 from qswap.export.onnx import OPSET, check_calibrated, trace_to_onnx
+from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
+from qswap.quant.fake_quantize import FakeQuantize
 
 STEP_INPUTS = ("tokens", "encoder_padding_mask")
 
@@ -62,9 +67,52 @@ class CrossKVGraph(nn.Module):
         return tuple(out)
 
 
+class SentenceCrossAttention(QFairseqMultiheadAttention):
+    """An encoder-decoder attention whose cached keys and values hold one row per sentence while
+    the query holds one per beam (B = N x beam rows, sentence by sentence): the beams of a
+    sentence run as ``beam`` more query positions of that sentence, (T, B, E) -> (beam x T, N, E),
+    so each sentence's keys meet all its beams' queries in one product and are never repeated
+    per beam (fairseq's beamable attention repeats them: a copy of every layer's keys and values
+    per step). Each query row meets the same keys, mask and quantizers, so it computes the values
+    of the per-beam attention where its grids are per tensor (``beam_grouping_problem``)."""
+
+    def forward(self, query, key, value, key_padding_mask=None, incremental_state=None, **kwargs):
+        saved = self._get_input_buffer(incremental_state) if incremental_state is not None else {}
+        if "prev_key" not in saved or not kwargs.get("static_kv"):
+            return super().forward(query, key, value, key_padding_mask, incremental_state, **kwargs)
+        steps, rows, embed = query.shape
+        sentences = saved["prev_key"].size(0)
+        grouped = query.unflatten(1, (sentences, -1)).permute(2, 0, 1, 3).reshape(-1, sentences, embed)
+        out, weights = super().forward(grouped, key, value, key_padding_mask, incremental_state, **kwargs)
+        out = out.unflatten(0, (-1, steps)).permute(1, 2, 0, 3).reshape(steps, rows, embed)  # (T, B, E)
+        if weights is not None:  # (..., N, beam x T, S) -> (..., B, T, S)
+            weights = weights.unflatten(-2, (-1, steps)).flatten(-4, -3)
+        return out, weights
+
+
+def beam_grouping_problem(attn: nn.Module, site: str) -> str | None:
+    """Why ``attn`` would not compute the same values with a sentence's beams as query positions
+    (``SentenceCrossAttention``), or None: it must be qswap's fairseq attention, without a frozen
+    grid other than per tensor (the rows' layout reaches no per-tensor grid). A quantizer that
+    observes has no grid: it runs in no exported graph (there it is an ExportError), and the
+    score terms' quantizers of an attention without masks or position biases never run."""
+    if type(attn) is not QFairseqMultiheadAttention:
+        return f"{site}: a {type(attn).__name__}; the step graph exports qswap's fairseq MultiheadAttention"
+    for name, m in attn.named_modules():
+        if isinstance(m, FakeQuantize) and m.kind == "activation" and m.enabled and bool(m.frozen) \
+                and m.spec.granularity != "per_tensor":
+            return (f"{site}.{name}: a {m.spec.granularity} activation grid; the step graph serves a "
+                    f"sentence's beams as query positions of its keys and values, which needs per-tensor "
+                    f"grids in the encoder-decoder attention: quantize this site per tensor")
+    return None
+
+
 class DecoderStepGraph(nn.Module):
     """fairseq's incremental decoding step (``decoder(tokens, encoder_out, incremental_state)``)
-    with the incremental state built from, and returned as, tensors."""
+    with the incremental state built from, and returned as, tensors; the encoder-decoder keys,
+    values and padding mask per sentence. Each encoder-decoder attention becomes a
+    ``SentenceCrossAttention`` (its class swapped, in place: pass a copy of the model);
+    ExportError where that would change a value (``beam_grouping_problem``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -73,6 +121,11 @@ class DecoderStepGraph(nn.Module):
         self.embed_dim = model.decoder.embed_dim
         self.self_attns = [layer.self_attn for layer in self.decoder.layers]
         self.cross_attns = [layer.encoder_attn for layer in self.decoder.layers]
+        for i, attn in enumerate(self.cross_attns):
+            problem = beam_grouping_problem(attn, f"decoder.layers.{i}.encoder_attn")
+            if problem is not None:
+                raise ExportError(problem)
+            attn.__class__ = SentenceCrossAttention  # the same module, its forward groups beams
 
     def forward(self, tokens, encoder_padding_mask, *caches):
         layers = len(self.self_attns)
@@ -140,23 +193,24 @@ def export_decoder_step(qmodel: nn.Module, path: "str | os.PathLike[str]", encod
                         encoder_padding_mask: torch.Tensor, opset: int = OPSET, *,
                         allow_float: bool = False) -> Path:
     """Write one incremental decoding step of ``qmodel`` (a calibrated qswap S2T transformer or
-    conformer) to ``path``. ``encoder_out`` (S, B, E) and ``encoder_padding_mask`` (B, S) are an example the
-    trace runs on (with a two-token prefix); batch, source and cache lengths are dynamic.
-    ``allow_float``: a conversion with identity quantizers (recipe fp32) exports too."""
+    conformer) to ``path``. ``encoder_out`` (S, N, E) and ``encoder_padding_mask`` (N, S) are an
+    example the trace runs on (N sentences, two beams each, a two-token prefix); sentences, beams,
+    source and cache lengths are dynamic. ``allow_float``: a conversion with identity quantizers
+    (recipe fp32) exports too."""
     _check_decoder(qmodel, allow_float)
     model = copy.deepcopy(qmodel).eval()
-    batch = encoder_out.shape[1]
+    rows = 2 * encoder_out.shape[1]  # two beams per sentence: the rows are not the sentences
     with torch.no_grad():
         cross = CrossKVGraph(model)(encoder_out)
-        tokens = torch.full((batch, 2), model.decoder.dictionary.eos(), dtype=torch.long)
+        tokens = torch.full((rows, 2), model.decoder.dictionary.eos(), dtype=torch.long)
         # the caches after one step: the example traced is the second step
-        first = DecoderStepGraph(model)(tokens[:, :1], encoder_padding_mask, *empty_cache(model, batch), *cross)
+        first = DecoderStepGraph(model)(tokens[:, :1], encoder_padding_mask, *empty_cache(model, rows), *cross)
     inputs, outputs = names(len(model.decoder.layers))
     layers = len(model.decoder.layers)
-    axes = {"tokens": {0: "batch", 1: "steps"}, "encoder_padding_mask": {0: "batch", 1: "src"},
+    axes = {"tokens": {0: "batch", 1: "steps"}, "encoder_padding_mask": {0: "sentences", 1: "src"},
             "logits": {0: "batch"}}
     axes.update({n: {0: "batch", 2: "past"} for n in inputs[2:2 + 2 * layers]})
-    axes.update({n: {0: "batch", 2: "src"} for n in inputs[2 + 2 * layers:]})
+    axes.update({n: {0: "sentences", 2: "src"} for n in inputs[2 + 2 * layers:]})
     axes.update({n: {0: "batch", 2: "steps"} for n in outputs[1:]})
     graph = DecoderStepGraph(copy.deepcopy(qmodel).eval())
     return trace_to_onnx(graph, (tokens, encoder_padding_mask, *first[1:], *cross), path,

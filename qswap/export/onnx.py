@@ -108,9 +108,12 @@ def _record(graph: nn.Module, stand_ins: list[nn.Module], args: tuple) -> None:
 
 
 def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_path: str | None = None,
-                 level: str = "extended"):
+                 level: str = "extended", spinning: bool = False):
     """An onnxruntime CPU session of the graph at ``path``; ExportError for a missing or
-    unreadable graph file, DependencyError when onnxruntime is not installed."""
+    unreadable graph file, DependencyError when onnxruntime is not installed. ``spinning``: the
+    pool's threads spin between runs, waiting for the next (onnxruntime's default); off, they
+    yield the cores, which a decode needs between its steps: fairseq's beam search runs torch's
+    own threads there."""
     ort = _onnxruntime()
     path = Path(path)
     if not path.is_file():
@@ -119,6 +122,7 @@ def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_pat
     options.intra_op_num_threads = options.inter_op_num_threads = threads
     options.graph_optimization_level = _LEVELS[level](ort)
     options.log_severity_level = 3  # errors only: onnxruntime's warnings go to stderr, not to logging
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     try:

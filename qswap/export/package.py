@@ -8,7 +8,7 @@ seq2seq      S2T transformer, S2T conformer     encoder.onnx, cross_kv.onnx, dec
 ctc          wav2vec 2.0 CTC                    ctc.onnx (``qswap.export.wav2vec2``)
 ===========  =================================  ============================================
 
-``export.json`` (format 1) records the kind, the recipe, whether the fake-quant model's honesty
+``export.json`` (format 2) records the kind, the recipe, whether the fake-quant model's honesty
 audit called it honest, the fairseq task config (so the deployed directory decodes a data
 directory without the checkpoint), the decoder's size (0 for CTC) and the graph files. A
 manifest without ``kind`` (written before CTC exports existed) is seq2seq.
@@ -31,7 +31,9 @@ from qswap.errors import ExportError
 from qswap.io.atomic import atomic_write_text
 
 MANIFEST = "export.json"
-FORMAT = 1
+# 2: the decoder step reads the encoder-decoder keys, values and padding mask once per sentence
+# (format 1's, once per hypothesis, would not run with this runtime)
+FORMAT = 2
 GRAPHS = {"encoder": "encoder.onnx", "cross_kv": "cross_kv.onnx", "decoder_step": "decoder_step.onnx"}
 CTC_GRAPHS = {"ctc": "ctc.onnx"}
 KIND_GRAPHS = {"seq2seq": GRAPHS, "ctc": CTC_GRAPHS}

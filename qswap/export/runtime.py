@@ -2,9 +2,10 @@
 decoder run onnxruntime sessions, so fairseq's own SequenceGenerator drives the beam search.
 
 The encoder runs ``encoder.onnx`` and, once per utterance, ``cross_kv.onnx`` (the encoder-decoder
-keys and values of every decoder layer); both travel in the encoder output and are reordered
-with it when the generator expands or prunes beams. The decoder runs ``decoder_step.onnx`` on
-the tokens so far and the self-attention caches kept in fairseq's ``incremental_state``,
+keys and values of every decoder layer); both travel in the encoder output, one row per
+sentence (the step graph serves each sentence's beams from its row), which follows the
+sentences that remain when the generator prunes finished ones. The decoder runs
+``decoder_step.onnx`` on the tokens so far and the self-attention caches kept in fairseq's ``incremental_state``,
 reordered by beam with ``index_select`` as fairseq's own attention reorders its cache.
 
 A CTC export (wav2vec 2.0) loads as ``OrtCtcModel``: its forward returns the logits and the
@@ -32,8 +33,11 @@ CACHE = "caches"  # the incremental_state key of the self-attention caches
 
 
 class OrtEncoder(FairseqEncoder):
-    """``encoder.onnx`` then ``cross_kv.onnx``: fairseq's encoder output dict, plus ``cross_kv``
-    (per layer key, value: (B, H, S, D) tensors)."""
+    """``encoder.onnx`` then ``cross_kv.onnx``: fairseq's encoder output dict plus ``cross_kv``
+    (per layer key, value: (N, H, S, D) tensors), one row per SENTENCE (N), not per hypothesis:
+    the hypotheses the decoder steps are the sentences' beams, in groups of equal size, sentence
+    by sentence (as SequenceGenerator orders them), and the step graph serves each group from
+    its sentence's row. ``hypotheses`` holds their number."""
 
     def __init__(self, dictionary, encoder, cross_kv, layers: int):
         super().__init__(dictionary)
@@ -46,28 +50,41 @@ class OrtEncoder(FairseqEncoder):
         cross = run_graph(self.cross_kv, self.cross_outputs, {"encoder_out": out})
         return {"encoder_out": [torch.from_numpy(out)], "encoder_padding_mask": [torch.from_numpy(padding)],
                 "encoder_embedding": [], "encoder_states": [], "src_tokens": [], "src_lengths": [],
-                "cross_kv": [torch.from_numpy(c) for c in cross]}
+                "cross_kv": [torch.from_numpy(c) for c in cross], "hypotheses": [torch.tensor(padding.shape[0])]}
 
     def forward_torchscript(self, net_input: Dict[str, torch.Tensor]):
         return self.forward(net_input["src_tokens"], net_input["src_lengths"])
 
     def reorder_encoder_out(self, encoder_out: Dict[str, List[torch.Tensor]], new_order):
-        """The encoder output in ``new_order``. The cross-attention keys and values are reordered
-        only when the batch changes size, as fairseq's MultiheadAttention does for its static
-        encoder-decoder keys and values (``reorder_incremental_state``): SequenceGenerator reorders
-        every step, within each sentence's beams, whose rows hold the same encoder output, so a
-        reorder of the same size leaves them equal, and copying every layer's keys and values on
-        every step was the decode's largest cost outside onnxruntime's own runs."""
-        cross = encoder_out["cross_kv"]
-        if cross and cross[0].size(0) != new_order.numel():
-            cross = [c.index_select(0, new_order) for c in cross]
-        return {**encoder_out,
-                "encoder_out": [encoder_out["encoder_out"][0].index_select(1, new_order)],
-                "encoder_padding_mask": [encoder_out["encoder_padding_mask"][0].index_select(0, new_order)],
-                "cross_kv": cross}
+        """The encoder output for the hypotheses ``new_order`` selects: the same rows when their
+        number is unchanged, as fairseq's MultiheadAttention keeps its static encoder-decoder keys
+        and values (``reorder_incremental_state``; SequenceGenerator reorders every step within
+        each sentence's beams, which share its row), the rows of the sentences that remain when
+        it changes (the beams made, finished sentences dropped; ``sentence_rows``). A copy of the
+        (S, B x beam, E) encoder output every step was the decode's largest cost outside
+        onnxruntime's runs."""
+        hypotheses, rows = int(encoder_out["hypotheses"][0]), encoder_out["cross_kv"][0].size(0)
+        if hypotheses == new_order.numel():
+            return encoder_out
+        reordered = {**encoder_out, "hypotheses": [torch.tensor(new_order.numel())]}
+        sentences = sentence_rows(new_order, hypotheses // rows)
+        if torch.equal(sentences, torch.arange(rows)):
+            return reordered
+        return {**reordered, "encoder_out": [encoder_out["encoder_out"][0].index_select(1, sentences)],
+                "encoder_padding_mask": [encoder_out["encoder_padding_mask"][0].index_select(0, sentences)],
+                "cross_kv": [c.index_select(0, sentences) for c in encoder_out["cross_kv"]]}
 
     def max_positions(self):
         return int(1e6)
+
+
+def sentence_rows(new_order: torch.Tensor, beam: int) -> torch.Tensor:
+    """The per-sentence rows of the hypotheses ``new_order`` selects from hypotheses grouped ``beam``
+    by ``beam``: each run of hypotheses of one sentence, when the runs are of one length (the new
+    beam), gives one row; otherwise each hypothesis gets its own (a beam of one)."""
+    sentence = torch.div(new_order, beam, rounding_mode="floor")
+    runs, counts = torch.unique_consecutive(sentence, return_counts=True)
+    return runs if bool((counts == counts[0]).all()) else sentence
 
 
 class OrtDecoder(FairseqIncrementalDecoder):

@@ -7,6 +7,8 @@ import qswap
 from qswap.errors import ExportError
 from qswap.models import build_s2t_transformer, s2t_net_input
 
+from export_testkit import calibrated
+
 pytest.importorskip("fairseq")
 pytest.importorskip("onnxruntime")
 
@@ -49,6 +51,55 @@ def test_step_graph_matches_fairseqs_incremental_decoder(setup):
     # measured: 0 steps (2 while onnxruntime fused the self-attention softmax into its
     # QLinearSoftmax); one step leaves room for a near-tie of another CPU's integer kernels
     assert worst <= 1.0
+
+
+def beams_against_fairseq(qmodel, encoder_out, path, cross, beams: int = 4) -> float:
+    """The step graph fed the encoder-decoder keys, values and padding mask once per sentence,
+    the tokens and self-attention caches once per beam (sentence by sentence), against fairseq's
+    incremental decoder on the encoder output repeated per beam: the largest logits difference
+    over every step, in grid steps."""
+    session = load_session(path)
+    inputs, outputs = names(len(qmodel.decoder.layers))
+    layers = len(qmodel.decoder.layers)
+    sentences = encoder_out["encoder_padding_mask"][0].shape[0]
+    rows = qmodel.encoder.reorder_encoder_out(encoder_out, torch.arange(sentences).repeat_interleave(beams))
+    tokens = torch.randint(4, 30, (sentences * beams, 5), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 2
+    feeds = {"encoder_padding_mask": encoder_out["encoder_padding_mask"][0].numpy(),
+             **dict(zip(inputs[2 + 2 * layers:], cross))}  # (N, S), (N, H, S, D): per sentence
+    cache = [c.numpy() for c in empty_cache(qmodel, sentences * beams)]
+    state, worst = {}, 0.0
+    for t in range(1, tokens.shape[1] + 1):
+        with torch.no_grad():
+            ref = qmodel.logits_quant(qmodel.decoder(tokens[:, :t], encoder_out=rows, incremental_state=state)[0])
+        logits, *cache = session.run(list(outputs), {"tokens": tokens[:, :t].numpy(), **feeds,
+                                                      **dict(zip(inputs[2:2 + 2 * layers], cache))})
+        assert logits.shape[0] == cache[0].shape[0] == sentences * beams
+        worst = max(worst, float(((torch.from_numpy(logits) - ref).abs() / qmodel.logits_quant.scale).max()))
+    return worst
+
+
+def test_step_graph_serves_each_sentences_beams_from_its_cross_row(setup):
+    qmodel, encoder_out, path, cross = setup
+    inputs = {i.name: i.shape for i in load_session(path).get_inputs()}
+    assert inputs["encoder_padding_mask"][0] == inputs["cross_key_0"][0] == "sentences"
+    assert inputs["tokens"][0] == inputs["past_key_0"][0] == "batch"
+    assert beams_against_fairseq(qmodel, encoder_out, path, cross) <= 1.0  # measured: 0 steps
+
+
+def test_a_per_channel_grid_in_the_encoder_decoder_attention_is_a_typed_error(tmp_path):
+    """Its beams grouped as query positions would meet another layout on that grid."""
+    recipe = {"version": 1, "name": "w8a8_q_per_channel",
+              "defaults": {"weight": {"bits": 8, "symmetric": True, "granularity": "per_tensor", "observer": "minmax"},
+                           "activation": {"bits": 8, "symmetric": False, "observer": "moving_average"}},
+              "rules": [{"match": {"path": "decoder.layers.*.encoder_attn"},
+                         "sites": {"q": {"granularity": "per_channel", "axis": 2}}}]}  # (B*H, T, D): per D
+    qmodel = calibrated(build_s2t_transformer(), qswap.load_recipe(recipe))
+    with torch.no_grad():
+        encoder_out = qmodel.encoder(**{k: v for k, v in s2t_net_input(2, 60).items() if k != "prev_output_tokens"})
+    with pytest.raises(ExportError, match=r"decoder\.layers\.0\.encoder_attn\.core\.q_quant: a per_channel"):
+        export_decoder_step(qmodel, tmp_path / "decoder_step.onnx", encoder_out["encoder_out"][0],
+                            encoder_out["encoder_padding_mask"][0])
 
 
 def test_step_graph_softmaxes_run_float_softmax(setup, tmp_path):

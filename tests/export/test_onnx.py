@@ -134,6 +134,14 @@ def test_other_encoders_are_a_typed_error(tmp_path):
         export_encoder(qmodel, tmp_path / "e.onnx", s2t_net_input())
 
 
+@pytest.mark.parametrize("spinning", [False, True])
+def test_sessions_spin_only_when_asked(graph_path, spinning):
+    """A decode runs torch's beam search between the steps: by default the pool's threads yield."""
+    session = load_session(graph_path, spinning=True) if spinning else load_session(graph_path)  # the default
+    options = session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+
+
 def test_missing_graph_file_is_a_typed_error(tmp_path):
     with pytest.raises(ExportError, match="no ONNX graph there"):
         load_session(tmp_path / "absent.onnx")

@@ -16,7 +16,7 @@ pytest.importorskip("fairseq")
 pytest.importorskip("onnxruntime")
 
 from qswap.export.package import MANIFEST, NO_QUANT, export_model  # noqa: E402
-from qswap.export.runtime import load_deployed, load_exported  # noqa: E402
+from qswap.export.runtime import load_deployed, load_exported, sentence_rows  # noqa: E402
 from qswap.integration import data as fdata  # noqa: E402
 from qswap.integration.decode import decode  # noqa: E402
 
@@ -57,21 +57,36 @@ def test_a_padded_batch_decodes_as_its_utterances_alone(shipped_float):
         assert decode(task, ort, [alone], beam=3).utterances[0].hyp == together[int(batch["id"][i])]
 
 
-def test_cross_attention_keys_and_values_are_reordered_only_when_the_batch_changes(shipped_float):
-    """SequenceGenerator reorders every step within each sentence's beams (rows with the same
-    encoder output): like fairseq's own static encoder-decoder keys and values, the exported
-    decoder's are then kept as they are; a batch that drops finished sentences selects rows."""
+def test_encoder_output_keeps_one_row_per_sentence(shipped_float):
+    """SequenceGenerator reorders every step within each sentence's beams: like fairseq's own
+    static encoder-decoder keys and values, the exported encoder's output is then kept as it is.
+    It stays one row per sentence through the beams' expansion, and follows the sentences a
+    batch that drops finished ones keeps."""
     _, task, out = shipped_float
     ort = load_exported(out, task.target_dictionary)
     net = next(iter(fdata.batches(task, "test", max_sentences=2)))["net_input"]
     beams = 3
-    enc = ort.encoder.reorder_encoder_out(ort.encoder(**net), torch.arange(2).repeat_interleave(beams))
+    enc = ort.encoder(**net)
+    expanded = ort.encoder.reorder_encoder_out(enc, torch.arange(2).repeat_interleave(beams))
+    assert all(a is b for a, b in zip(expanded["cross_kv"], enc["cross_kv"]))  # (2, H, S, D)
+    assert expanded["encoder_out"][0] is enc["encoder_out"][0] and int(expanded["hypotheses"][0]) == 2 * beams
     within = torch.tensor([2, 0, 0, 3, 5, 4])  # each row takes a row of its own sentence's beams
-    kept = ort.encoder.reorder_encoder_out(enc, within)
-    assert all(a is b for a, b in zip(kept["cross_kv"], enc["cross_kv"]))
-    assert torch.equal(kept["encoder_padding_mask"][0], enc["encoder_padding_mask"][0][within])
-    dropped = ort.encoder.reorder_encoder_out(enc, torch.tensor([3, 4, 5]))  # sentence 0 finished
-    assert all(torch.equal(a, b[3:]) for a, b in zip(dropped["cross_kv"], enc["cross_kv"]))
+    assert ort.encoder.reorder_encoder_out(expanded, within) is expanded
+    dropped = ort.encoder.reorder_encoder_out(expanded, torch.tensor([3, 5, 5]))  # sentence 0 finished
+    assert all(torch.equal(a, b[1:]) for a, b in zip(dropped["cross_kv"], enc["cross_kv"]))
+    assert torch.equal(dropped["encoder_padding_mask"][0], enc["encoder_padding_mask"][0][1:])
+    assert torch.equal(dropped["encoder_out"][0], enc["encoder_out"][0][:, 1:])
+    assert int(dropped["hypotheses"][0]) == 3
+
+
+@pytest.mark.parametrize("order, beam, rows", [
+    ([0, 0, 0, 1, 1, 1], 1, [0, 1]),  # the beams made: one row per sentence
+    ([3, 5, 4, 6, 8, 8], 3, [1, 2]),  # sentence 0 dropped, beams reordered within the others
+    ([0, 1, 2, 3], 2, [0, 1]),  # beams of 2 kept
+    ([0, 0, 3, 5, 5], 2, [0, 0, 1, 2, 2]),  # runs of unequal length: a row per hypothesis
+])
+def test_sentence_rows(order, beam, rows):
+    assert sentence_rows(torch.tensor(order), beam).tolist() == rows
 
 
 def test_load_deployed_sets_up_the_task_from_the_manifest(shipped_float):

@@ -99,3 +99,8 @@ def test_the_page_says_what_the_machine_was_doing_when_the_speed_run_started():
     assert "not faster" in deploy_doc.trust_note(idle, sp)
     sp["decode"]["ort_int8"]["seconds"] = 1.0
     assert "not faster" not in deploy_doc.trust_note(idle, sp)
+    # sampled again when the timings end: a job that started meanwhile is said too
+    busy_later = {"busy_at_start": [], "busy_at_end": ["python at 99% of a core"]}
+    assert "ended: python at 99% of a core" in deploy_doc.machine_state(busy_later)
+    assert "oversubscription" in deploy_doc.trust_note(busy_later, sp)
+    assert "idle when it started and when its timings ended" in deploy_doc.trust_note({**idle, "busy_at_end": []}, sp)
