@@ -33,7 +33,9 @@ class _QDQFunction(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):
         if scale.dim() == 0:
             return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
-        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis % x.dim(), qmin, qmax)
+        # torch's kernel takes an int32 zero point; the uint8 one is what QuantizeLinear reads
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point.to(torch.int32), axis % x.dim(),
+                                                      qmin, qmax)
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, qmin, qmax, axis):

@@ -9,7 +9,8 @@ from qswap.quant.spec import QuantSpec
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=8, symmetric=False), QuantSpec(bits=8),
-                                  QuantSpec(bits=8, signed=False, symmetric=False)])
+                                  QuantSpec(bits=8, signed=False, symmetric=False),
+                                  QuantSpec(bits=8, symmetric=False, granularity="per_channel", axis=-1)])
 def test_activation_stand_in_gives_the_quantizers_values(spec):
     fq = FakeQuantize(spec)
     x = torch.randn(4, 300) * 3
