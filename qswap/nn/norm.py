@@ -159,7 +159,8 @@ class QLayerNorm(_QNorm):
             return [y for _ in readers]
         form, requants = built
         with torch.no_grad():
-            acc = form(codes_of(xq, grid))  # (..., C) int32 on form.stream_scale
+            codes = codes_of(xq, grid)
+            acc = form(codes) if form.common is not None else form.simulated_acc(codes)  # (..., C) int32
             values = [requantized_values(requant, acc, g.scale) for requant, g in zip(requants, grids)]
         return values if y is None else [straight_through(v, y) for v in values]
 
@@ -380,17 +381,22 @@ class IntegerLayerNorm(nn.Module):
             return integer_layer_norm_acc(codes, self.params)
         return integer_layer_norm(codes, self.params)
 
-    def simulated(self, codes: torch.Tensor, scale: float) -> torch.Tensor:
-        """``forward``'s output codes' values on the output grid of ``scale``, for the fake-quant
-        simulation (per-tensor input codes; the exact per-row square root ``row_isqrt``, the same
-        integers as the Newton iteration; ``requantized_values``)."""
+    def simulated_acc(self, codes: torch.Tensor) -> torch.Tensor:
+        """The int32 affine accumulator ``forward`` computes without an output grid, for the
+        fake-quant simulation (per-tensor input codes; the exact per-row square root
+        ``row_isqrt``, the same integers as the Newton iteration)."""
         from qswap.errors import IntegerizeError
-        from qswap.quant.integer import integer_layer_norm_acc, requantized_values
+        from qswap.quant.integer import integer_layer_norm_acc
         if self.common is not None:
             raise IntegerizeError("IntegerLayerNorm.simulated takes per-tensor input codes; this form "
                                   "rescales per-channel inputs onto a common grid first: run forward")
-        acc = integer_layer_norm_acc(codes, self.params, row_isqrt)
-        return requantized_values(self.params.out, acc, scale)
+        return integer_layer_norm_acc(codes, self.params, row_isqrt)
+
+    def simulated(self, codes: torch.Tensor, scale: float) -> torch.Tensor:
+        """``forward``'s output codes' values on the output grid of ``scale``, for the fake-quant
+        simulation (``simulated_acc`` requantized: ``requantized_values``)."""
+        from qswap.quant.integer import requantized_values
+        return requantized_values(self.params.out, self.simulated_acc(codes), scale)
 
 
 @serializable(params=Obj("GroupNormParams"))
