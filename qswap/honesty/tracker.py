@@ -72,6 +72,11 @@ class Tracker(TorchDispatchMode):
         self._unobserved = None  # the guard that switches dispatch off inside a quantizer
         self._next_call = 0
         self._verified = _TagMap()  # quantizer output -> (path, _version) checked
+        # tensors that share storage without sharing a version counter (``_unsafe_view``): each ->
+        # a weak reference to the other; a write through one is a change of the other that its
+        # own counter does not show
+        self._shared = _TagMap()
+        self._any_shared = False
         self._scratch = Scratch()  # the on-grid checks' buffer
         self._handles: list = []
         self._tree: set = set()  # id() of every module of the attached model
@@ -286,11 +291,14 @@ class Tracker(TorchDispatchMode):
 
     def _observe(self, func, args, kwargs, out) -> None:
         name, rule, op, refined, one_move = self._rule(func)
-        if one_move is not None and not kwargs and out.is_floating_point() and args[0].is_floating_point():
+        if (one_move is not None and not kwargs and out.is_floating_point() and args[0].is_floating_point()
+                and out.dtype == args[0].dtype):
             tag = self._tag_of(args[0])  # a view (or copy) of one float tensor: it keeps that tag
             if not tag.unseen:  # what ``_movement`` does for it, without its general work
                 self.findings.count("movement")
                 self.tags[out] = (tag, args[0]._version if one_move else out._version)
+                if not one_move and rule.family == "view":
+                    self._link_storage(out, args[0])
                 return
         operands, ints = _operands(args, kwargs)
         outputs = _float_outputs(out)
@@ -347,6 +355,15 @@ class Tracker(TorchDispatchMode):
             return Tag(FLOAT, f"changed in place after it was tagged ({tag.describe()})")
         return tag
 
+    def _link_storage(self, out: torch.Tensor, src: torch.Tensor) -> None:
+        """``out`` made from ``src`` by a reshape that is not a view (``_unsafe_view``): when they
+        share storage, a write through either changes the other without its version counter
+        (``_set_out`` then re-tags the other)."""
+        if out.numel() and out.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+            self._shared[out] = weakref.ref(src)  # weak: a dead tensor is read no more
+            self._shared[src] = weakref.ref(out)
+            self._any_shared = True
+
     def _where(self, op: str) -> str:
         return f"{op} at {self.stack[-1] or '<model>'}"
 
@@ -360,6 +377,13 @@ class Tracker(TorchDispatchMode):
         shares its base's counter, and an in-place op bumps the counter after this handler."""
         base = args[0] if func.is_view and args and isinstance(args[0], torch.Tensor) else None
         mutated = self._mutates(func)
+        written = args[0] if mutated and args else kwargs.get("out")
+        if self._any_shared and isinstance(written, torch.Tensor):
+            other = self._shared.get(written)
+            other = None if other is None else other()
+            if other is not None:
+                self.tags[other] = (Tag(FLOAT, f"its storage was written by {func.name()} through another tensor "
+                                               f"sharing it ({self._tag_of(other).describe()})"), other._version)
         for t in outputs:
             if base is not None:
                 version = base._version
@@ -441,11 +465,16 @@ class Tracker(TorchDispatchMode):
             tag = tags[0]  # one tensor moved keeps its tag: combine_movement's answer, without its work
         else:
             tag = C.combine_movement(tags, has_index, self._where(op), fills)
+        retyped = _retyped(operands, outputs, name) if tags and tag.kind != FLOAT else None
+        if retyped is not None:  # another float dtype: the values are not the grid's any more
+            tag = Tag(FLOAT, f"{tag.describe()}, {retyped} by {self._where(op)}")
         if not tags and tainted:  # integers rounded from float data, cast back to float
             tag = self._tag_of(tainted[0][1])
         elif not tags and rule.family == "copy" and any(
                 isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in _flat(args)):
             tag = Tag(C.INDEX, self._where(op), binary=True)  # a bool mask cast to float: 0/1
+        if rule.family == "view" and not func.is_view and outputs and operands:
+            self._link_storage(outputs[0], operands[0][1])
         if not tags or tag.integral:  # floats made from integers, or integers moved: still integers?
             integral = all(t.integral for t in tags) and all(float(v).is_integer() for v in fills)
             if integral != tag.integral:
@@ -543,6 +572,29 @@ def _scalar_rescale(name: str, args, kwargs, n_tensors: int) -> float | None:
     if (name in ("div", "true_divide") and isinstance(a, torch.Tensor) and isinstance(b, _NUMBER)
             and not isinstance(b, bool) and b != 0):
         return 1.0 / float(b)
+    return None
+
+
+# float dtype changes that keep every value (a conversion, not a reinterpretation of the bits)
+_EXACT_WIDENING = frozenset({(torch.float16, torch.float32), (torch.float16, torch.float64),
+                             (torch.bfloat16, torch.float32), (torch.bfloat16, torch.float64),
+                             (torch.float32, torch.float64)})
+
+
+def _retyped(operands: list, outputs: list, name: str) -> str | None:
+    """How a data movement changed its float values by changing their dtype, or None: a view of
+    the bits as another dtype (``view(dtype)``), or a conversion to a dtype that does not hold
+    every value of the source (``half()``, ``to(bfloat16)``, ``copy_`` into a narrower tensor).
+    The same dtype, or an exact widening (``float16 -> float32``), keeps the values."""
+    sources = {t.dtype for _, t in operands if t.is_floating_point()}
+    for o in outputs:
+        for src in sources:
+            if o.dtype == src:
+                continue
+            if name == "view":
+                return f"its bits reinterpreted as {o.dtype}"
+            if (src, o.dtype) not in _EXACT_WIDENING:
+                return f"rounded to {o.dtype}"
     return None
 
 

@@ -25,6 +25,14 @@ def _double(x: torch.Tensor) -> torch.Tensor:
     return x * 2.0
 
 
+def _write_through_unsafe_view(a, h):
+    """``_unsafe_view`` shares ``a``'s storage with its own version counter: overwriting ``a``
+    with the accumulator ``h`` changes the view's values, and the view's counter does not move."""
+    view = torch.ops.aten._unsafe_view(a, list(a.shape))
+    a.copy_(h)
+    return view
+
+
 def _on_thread(fn, *args):
     out = []
     worker = threading.Thread(target=lambda: out.append(fn(*args)))
@@ -67,6 +75,11 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
                            ("", "aten.scatter_reduce", "float_operand")),
     "scatter reduce=multiply": (lambda s, h, g: h.scatter(0, IDX, g, reduce="multiply"),
                                 ("", "aten.scatter", "float_operand")),
+    "write through a tensor sharing storage (_unsafe_view)": (
+        lambda s, h, g: _write_through_unsafe_view(s.ra(h).clone(), h) * s.rb(g), ("", "aten.mul", "float_operand")),
+    "float16 round trip": (lambda s, h, g: s.ra(h).half().float() * s.rb(g), ("", "aten.mul", "float_operand")),
+    "bits reinterpreted as bfloat16": (
+        lambda s, h, g: s.ra(h).view(torch.bfloat16)[:, 1::2].float() * s.rb(g), ("", "aten.mul", "float_operand")),
     "cast round trip": (lambda s, h, g: torch.softmax((h * 20).long().float() * 0.05, -1),
                         ("", "aten._softmax", "float_operand")),
     "cast round trip through integer math": (
