@@ -71,6 +71,20 @@ def padded_batch(batch, frames, seed):
     return net
 
 
+def exported_step(qmodel, folder, batch: int) -> tuple:
+    """(the encoder output of ``batch`` utterances of 72 frames, the last one 50, and
+    ``decoder_step.onnx`` exported for ``qmodel`` into ``folder`` with it)."""
+    from qswap.export.decoder_step import export_decoder_step
+
+    net = s2t_net_input(batch, 72, seed=4)
+    net["src_lengths"][batch - 1] = 50
+    with torch.no_grad():
+        encoder_out = qmodel.encoder(net["src_tokens"], net["src_lengths"])
+    path = export_decoder_step(qmodel, folder / "decoder_step.onnx", encoder_out["encoder_out"][0],
+                               encoder_out["encoder_padding_mask"][0])
+    return encoder_out, path
+
+
 def output_steps(qmodel, session, net):
     """|onnxruntime - fake-quant| of the encoder output, in steps of the grid its consumer (the
     decoder's encoder-attention input quantizer) puts it on; and both padding masks. The graph

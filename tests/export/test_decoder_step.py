@@ -7,7 +7,7 @@ import qswap
 from qswap.errors import ExportError
 from qswap.models import build_s2t_transformer, s2t_net_input
 
-from export_testkit import calibrated
+from export_testkit import calibrated, exported_step
 
 pytest.importorskip("fairseq")
 pytest.importorskip("onnxruntime")
@@ -18,12 +18,7 @@ from qswap.export.onnx import load_session  # noqa: E402
 
 @pytest.fixture(scope="module")
 def setup(qmodel, tmp_path_factory):
-    net = s2t_net_input(3, 72, seed=4)
-    net["src_lengths"][2] = 50
-    with torch.no_grad():
-        encoder_out = qmodel.encoder(net["src_tokens"], net["src_lengths"])
-    path = export_decoder_step(qmodel, tmp_path_factory.mktemp("onnx") / "decoder_step.onnx",
-                               encoder_out["encoder_out"][0], encoder_out["encoder_padding_mask"][0])
+    encoder_out, path = exported_step(qmodel, tmp_path_factory.mktemp("onnx"), 3)
     with torch.no_grad():
         cross = [c.numpy() for c in CrossKVGraph(qmodel)(encoder_out["encoder_out"][0])]
     return qmodel, encoder_out, path, cross

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "export"))
 sys.path.insert(0, str(REPO / "tools"))
 import onnx_sites  # noqa: E402
-from export_testkit import calibrated  # noqa: E402
+from export_testkit import calibrated, exported_step  # noqa: E402
 
 TOKENS = torch.tensor([[2, 5, 9, 11, 7, 4, 8, 8], [2, 6, 6, 30, 8, 9, 3, 12]])
 
@@ -31,12 +31,7 @@ def setup(tmp_path_factory):
 
     torch.set_num_threads(1)
     qmodel = calibrated(build_s2t_transformer())
-    net = s2t_net_input(2, 72, seed=4)
-    net["src_lengths"][1] = 50
-    with torch.no_grad():
-        encoder_out = qmodel.encoder(net["src_tokens"], net["src_lengths"])
-    path = export_decoder_step(qmodel, tmp_path_factory.mktemp("onnx") / "decoder_step.onnx",
-                               encoder_out["encoder_out"][0], encoder_out["encoder_padding_mask"][0])
+    encoder_out, path = exported_step(qmodel, tmp_path_factory.mktemp("onnx"), 2)
     return qmodel, encoder_out, path
 
 
