@@ -174,6 +174,7 @@ def do_pack(a: argparse.Namespace) -> int:
     data directory (training then reads ``--train-subset train_1,train_2,...``)."""
     from concurrent.futures import ProcessPoolExecutor
 
+    from qswap.errors import DataError
     from qswap.integration.compact import pack
     from qswap.io.atomic import atomic_write_text
 
@@ -181,6 +182,8 @@ def do_pack(a: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = []
     for split in a.splits:
+        if not (src / f"{split}.tsv").is_file():
+            raise DataError(f"{src}: no {split}.tsv; pass the corpus folder tools/make_corpus.py wrote, or --splits")
         lines = (src / f"{split}.tsv").read_text().splitlines(keepends=True)
         parts = a.parts if split == "train" else 1
         if parts == 1:

@@ -190,3 +190,8 @@ def test_render_writes_the_commands_the_run_took(tmp_path):
     assert "the first 4 of them calibration steps" in text
     assert "--data qswap/assets/s2t_demo --subset SUBSET" in text and "SET:" not in text
     assert "Decoding speed of a QAT checkpoint" not in text  # that section is the W4A4 checkpoint's page's
+
+
+def test_pack_of_a_folder_without_the_split_is_a_data_error(tmp_path, capsys):
+    assert qat_train.main(["pack", "--data", str(tmp_path), "--out", str(tmp_path / "q8"), "--splits", "dev"]) == 2
+    assert "no dev.tsv" in capsys.readouterr().err
