@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -88,22 +89,42 @@ def _run(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int) -> 
                          f"{type(exc).__name__}: {exc}") from exc
 
 
-@contextlib.contextmanager
-def _collector_paused():
-    """Python's cyclic garbage collector off for the audit (set-up, run, checks and report), as
-    it was afterwards. The audit keeps a tag per parameter and per tensor the run makes, alive
-    until it returns: thousands of objects that would survive the young collections and so
-    trigger, every few audits, a full one, which walks every object of the process (a fairseq
-    model's thousands of modules too) and can cost a large share of an audit. Paused for the
-    whole audit, they are freed (by reference counting) before any collection sees them.
-    Garbage in reference cycles the audit makes waits for the first collection after it."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+class _CollectorPause:
+    """Python's cyclic garbage collector off while at least one audit runs (set-up, run, checks
+    and report), and back as the first of them found it when the last one ends. The audit keeps a
+    tag per parameter and per tensor the run makes, alive until it returns: thousands of objects
+    that would survive the young collections and so trigger, every few audits, a full one, which
+    walks every object of the process (a fairseq model's thousands of modules too) and can cost a
+    large share of an audit. Paused for the whole audit, they are freed (by reference counting)
+    before any collection sees them. Garbage in reference cycles the audit makes waits for the
+    first collection after it.
+
+    The collector's switch is one per process, so the pause counts the audits running (in any
+    thread, nested or overlapping) under a lock: the collector resumes only when the last one
+    ends, not when the first one that paused it does."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._was_enabled = False
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self._lock:
+            if self._running == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0 and self._was_enabled:
+                    gc.enable()
+
+
+_collector_paused = _CollectorPause()  # the process's one collector switch, counted
 
 
 def _prepare(model: nn.Module, modules: list[nn.Module]):

@@ -90,3 +90,34 @@ def test_the_audit_leaves_the_garbage_collector_as_it_found_it(enabled):
         assert gc.isenabled() == enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_overlapping_audits_in_two_threads_keep_the_collector_paused_until_the_last_ends():
+    """Audit A pauses the collector, audit B (another thread) starts, A ends: the collector
+    stays off until B ends, and then is back on as A found it."""
+    import gc
+    import threading
+
+    from qswap.honesty.api import _collector_paused
+
+    was = gc.isenabled()
+    b_inside, a_done, seen = threading.Event(), threading.Event(), {}
+
+    def audit_b():
+        with _collector_paused():
+            b_inside.set()
+            a_done.wait(10)
+            seen["after A ended, inside B"] = gc.isenabled()
+
+    try:
+        gc.enable()
+        worker = threading.Thread(target=audit_b)
+        with _collector_paused():
+            worker.start()
+            assert b_inside.wait(10)
+        a_done.set()
+        worker.join(10)
+        assert seen == {"after A ended, inside B": False}
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
