@@ -96,7 +96,7 @@ def beam_grouping_problem(attn: nn.Module, site: str) -> str | None:
     grid other than per tensor (the rows' layout reaches no per-tensor grid). A quantizer that
     observes has no grid: it runs in no exported graph (there it is an ExportError), and the
     score terms' quantizers of an attention without masks or position biases never run."""
-    if type(attn) is not QFairseqMultiheadAttention:
+    if type(attn) not in (QFairseqMultiheadAttention, SentenceCrossAttention):  # the latter: a step graph's already
         return f"{site}: a {type(attn).__name__}; the step graph exports qswap's fairseq MultiheadAttention"
     for name, m in attn.named_modules():
         if isinstance(m, FakeQuantize) and m.kind == "activation" and m.enabled and bool(m.frozen) \
@@ -111,8 +111,9 @@ class DecoderStepGraph(nn.Module):
     """fairseq's incremental decoding step (``decoder(tokens, encoder_out, incremental_state)``)
     with the incremental state built from, and returned as, tensors; the encoder-decoder keys,
     values and padding mask per sentence. Each encoder-decoder attention becomes a
-    ``SentenceCrossAttention`` (its class swapped, in place: pass a copy of the model);
-    ExportError where that would change a value (``beam_grouping_problem``)."""
+    ``SentenceCrossAttention`` (its class swapped, in place: pass a copy of the model; a second
+    step graph on the same model shares them); ExportError where that would change a value
+    (``beam_grouping_problem``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()

@@ -147,3 +147,25 @@ def test_cross_kv_graph_gives_the_keys_fairseqs_decoder_caches(setup, tmp_path):
             steps = (torch.from_numpy(got[2 * i + j]) - saved[kind]).abs() / grid.scale
             assert got[2 * i + j].shape == tuple(saved[kind].shape) and float(steps.max()) <= 1.0
     assert len(got) == 2 * layers
+
+
+def test_a_second_step_graph_on_the_same_model_computes_the_same_step(setup):
+    """The first DecoderStepGraph swaps each encoder-decoder attention's class in place; a second
+    one on the same (copied) model accepts the swapped attentions and computes the same logits
+    and caches (before, it was an ExportError naming a SentenceCrossAttention)."""
+    import copy
+
+    from qswap.export.decoder_step import DecoderStepGraph, SentenceCrossAttention
+    qmodel, encoder_out, _, cross = setup
+    model = copy.deepcopy(qmodel).eval()
+    first = DecoderStepGraph(model)
+    assert all(type(a) is SentenceCrossAttention for a in first.cross_attns)
+    second = DecoderStepGraph(model)
+    rows = 2 * encoder_out["encoder_padding_mask"][0].shape[0]
+    tokens = torch.full((rows, 1), qmodel.decoder.dictionary.eos(), dtype=torch.long)
+    args = (tokens, encoder_out["encoder_padding_mask"][0], *empty_cache(qmodel, rows),
+            *(torch.from_numpy(c) for c in cross))
+    with torch.no_grad():
+        out_first, out_second = first(*args), second(*args)
+    assert len(out_first) == len(out_second)
+    assert all(torch.equal(a, b) for a, b in zip(out_first, out_second))
