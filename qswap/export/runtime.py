@@ -60,16 +60,18 @@ class OrtEncoder(FairseqEncoder):
         number is unchanged, as fairseq's MultiheadAttention keeps its static encoder-decoder keys
         and values (``reorder_incremental_state``; SequenceGenerator reorders every step within
         each sentence's beams, which share its row), the rows of the sentences that remain when
-        it changes (the beams made, finished sentences dropped; ``sentence_rows``). A copy of the
+        it changes (the beams made, finished sentences dropped; ``sentence_rows``), and of any
+        other order (checked each step: one that moves hypotheses across sentences, which
+        SequenceGenerator never asks for, selects their rows too). A copy of the
         (S, B x beam, E) encoder output every step was the decode's largest cost outside
         onnxruntime's runs."""
         hypotheses, rows = int(encoder_out["hypotheses"][0]), encoder_out["cross_kv"][0].size(0)
-        if hypotheses == new_order.numel():
-            return encoder_out
-        reordered = {**encoder_out, "hypotheses": [torch.tensor(new_order.numel())]}
         sentences = sentence_rows(new_order, hypotheses // rows)
-        if torch.equal(sentences, torch.arange(rows)):
-            return reordered
+        if torch.equal(sentences, torch.arange(rows)):  # every sentence keeps its row
+            if hypotheses == new_order.numel():
+                return encoder_out
+            return {**encoder_out, "hypotheses": [torch.tensor(new_order.numel())]}
+        reordered = {**encoder_out, "hypotheses": [torch.tensor(new_order.numel())]}
         return {**reordered, "encoder_out": [encoder_out["encoder_out"][0].index_select(1, sentences)],
                 "encoder_padding_mask": [encoder_out["encoder_padding_mask"][0].index_select(0, sentences)],
                 "cross_kv": [c.index_select(0, sentences) for c in encoder_out["cross_kv"]]}

@@ -77,6 +77,11 @@ def test_encoder_output_keeps_one_row_per_sentence(shipped_float):
     assert torch.equal(dropped["encoder_padding_mask"][0], enc["encoder_padding_mask"][0][1:])
     assert torch.equal(dropped["encoder_out"][0], enc["encoder_out"][0][:, 1:])
     assert int(dropped["hypotheses"][0]) == 3
+    swapped = ort.encoder.reorder_encoder_out(expanded, torch.tensor([3, 4, 5, 0, 1, 2]))  # across sentences
+    assert all(torch.equal(a, b.flip(0)) for a, b in zip(swapped["cross_kv"], enc["cross_kv"]))
+    assert torch.equal(swapped["encoder_padding_mask"][0], enc["encoder_padding_mask"][0].flip(0))
+    mixed = ort.encoder.reorder_encoder_out(expanded, torch.tensor([0, 3, 1, 4, 2, 5]))  # one per row
+    assert torch.equal(mixed["encoder_out"][0], enc["encoder_out"][0][:, [0, 1, 0, 1, 0, 1]])
 
 
 @pytest.mark.parametrize("order, beam, rows", [
