@@ -1,6 +1,7 @@
 """fairseq's SequenceGenerator driving the exported graphs in onnxruntime (qswap.export.runtime):
 the float export gives fairseq's transcripts, padded batches decode as their utterances alone,
-and bad export directories give typed errors."""
+bad export directories give typed errors, and the beam search shapes the shipped decode does
+not use (beam 1, one utterance, forced prefix tokens) give fairseq's own hypotheses."""
 import itertools
 import json
 import shutil
@@ -19,6 +20,7 @@ from qswap.export.package import MANIFEST, NO_QUANT, export_model  # noqa: E402
 from qswap.export.runtime import load_deployed, load_exported, sentence_rows  # noqa: E402
 from qswap.integration import data as fdata  # noqa: E402
 from qswap.integration.decode import decode  # noqa: E402
+from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
 ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
 
@@ -124,3 +126,59 @@ def test_damaged_export_directory_is_a_typed_error(shipped_float, tmp_path, dama
         (copy / MANIFEST).write_text(json.dumps({**manifest, "format": 99}))
     with pytest.raises(ExportError):
         load_exported(copy, task.target_dictionary)
+
+
+# -- beam search shapes the shipped decode does not use: beam 1 and 2, one utterance, forced prefix
+def _search_setup(shipped_float):
+    """The float model, its export in onnxruntime, the target dictionary, two padded test batches."""
+    model, task, out = shipped_float
+    batches = list(itertools.islice(fdata.batches(task, "test", max_sentences=3), 2))
+    return model.eval(), load_exported(out, task.target_dictionary).eval(), task.target_dictionary, batches
+
+
+def _search(model, dictionary, sample, beam, prefix_tokens=None):
+    generator = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=60)
+    with torch.no_grad():
+        hypos = generator.generate([model], sample, prefix_tokens=prefix_tokens)
+    return [[(h["tokens"].tolist(), float(h["score"])) for h in sentence] for sentence in hypos]
+
+
+def _assert_same(ours, fairseqs):
+    """The same hypotheses, in the same order, with scores equal up to float32 summation order."""
+    assert [[tokens for tokens, _ in s] for s in ours] == [[tokens for tokens, _ in s] for s in fairseqs]
+    for s_ours, s_fairseq in zip(ours, fairseqs):
+        for (_, a), (_, b) in zip(s_ours, s_fairseq):
+            assert a == pytest.approx(b, abs=1e-3)
+
+
+def _one(sample, i):
+    n = int(sample["net_input"]["src_lengths"][i])
+    return {"id": sample["id"][i:i + 1],
+            "net_input": {"src_tokens": sample["net_input"]["src_tokens"][i:i + 1, :n],
+                          "src_lengths": sample["net_input"]["src_lengths"][i:i + 1]}}
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_small_beams_give_fairseqs_hypotheses(shipped_float, beam):
+    model, ort, dictionary, batches = _search_setup(shipped_float)
+    for sample in batches:
+        _assert_same(_search(ort, dictionary, sample, beam), _search(model, dictionary, sample, beam))
+
+
+@pytest.mark.parametrize("beam", [1, 5])
+def test_a_batch_of_one_utterance_gives_fairseqs_hypotheses(shipped_float, beam):
+    model, ort, dictionary, batches = _search_setup(shipped_float)
+    sample = _one(batches[0], 1)
+    _assert_same(_search(ort, dictionary, sample, beam), _search(model, dictionary, sample, beam))
+
+
+def test_forced_prefix_tokens_give_fairseqs_hypotheses(shipped_float):
+    """Prefix tokens (fairseq-generate's --prefix-size): the reference's first two tokens forced;
+    the continuation is searched over the graphs."""
+    model, ort, dictionary, batches = _search_setup(shipped_float)
+    sample = batches[0]
+    prefix = sample["target"][:, :2]
+    assert (prefix != dictionary.pad()).all()
+    ours = _search(ort, dictionary, sample, 3, prefix_tokens=prefix)
+    _assert_same(ours, _search(model, dictionary, sample, 3, prefix_tokens=prefix))
+    assert all(h[0][:2] == row.tolist() for s, row in zip(ours, prefix) for h in s)
