@@ -29,7 +29,7 @@ from qswap.quant.observers import make_observer
 from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_grid,
                                     fake_quantize_passes, pass_grid, passes_apply)
 from qswap.quant.spec import QuantSpec
-from qswap.quant.stamp import stamp, unchanged
+from qswap.quant.stamp import fingerprint, stamp, unchanged
 
 KINDS = ("weight", "activation")
 
@@ -53,7 +53,7 @@ class FakeQuantize(LazyStateModule):
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self.enabled = True  # False only while a sensitivity probe keeps this site in float
         self._weight_stamp: tuple | None = None  # the weight the current grid was derived from
-        self._cached: tuple | None = None  # (eval-mode output, stamp of the grid it used)
+        self._cached: tuple | None = None  # (eval-mode output, stamp of the weight and grid it used)
         self._state_stamp: tuple | None = None
         self._state: tuple = (False, None)
 
@@ -120,7 +120,8 @@ class FakeQuantize(LazyStateModule):
         write of the scale writes the zero point too), not per call. The grid is given for a
         frozen per-tensor quantizer that rounds half to even (what ``fake_quantize_grid`` does)."""
         scale, zero_point, frozen = self.grid_tensors()
-        if not unchanged(self._state_stamp, frozen, scale, zero_point):
+        kept = self._state_stamp  # ``unchanged`` inlined: a frame less on every activation call
+        if kept is None or kept[1] != fingerprint(frozen, scale, zero_point):
             is_frozen = bool(frozen)
             spec = self.spec
             passes = (is_frozen and scale.numel() == 1 and spec.granularity == "per_tensor"
@@ -165,6 +166,11 @@ class FakeQuantize(LazyStateModule):
 
     def _forward_weight(self, w: torch.Tensor) -> torch.Tensor:
         training = self.training or (torch.is_grad_enabled() and w.requires_grad)
+        cached = self._cached
+        if cached is not None and not training:  # inference on a kept weight: one fingerprint compare
+            scale, zero_point, _ = self.grid_tensors()
+            if cached[1][1] == fingerprint(w, scale, zero_point):
+                return cached[0]
         # optimizers may update p.data in place without bumping the version counter (fairseq's
         # Adam): a training forward always re-derives the grid and drops the eval cache
         if training or not unchanged(self._weight_stamp, w):
@@ -177,9 +183,9 @@ class FakeQuantize(LazyStateModule):
             return fake_quantize(w, self._scale_for_forward(w), self.zero_point, self.spec)
         cached = self._cached
         scale, zero_point, _ = self.grid_tensors()
-        if cached is None or not unchanged(cached[1], scale, zero_point):
+        if cached is None or not unchanged(cached[1], w, scale, zero_point):
             cached = self._cached = (fake_quantize(w, scale, zero_point, self.spec).detach(),
-                                     stamp(scale, zero_point))
+                                     stamp(w, scale, zero_point))
         return cached[0]
 
     def _scale_for_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -277,10 +277,11 @@ class QTransformerDecoderLayer(QuantModule):
         reader's grid; elsewhere the float sum, which every reader rounds."""
         from qswap.nn.simulate import cached, codes_of, grid_of, simulates
         from qswap.quant.integer import AddParams, requantized_values, rescaled_sum
+        if not (readers and simulates(self) and not torch.is_grad_enabled()):
+            return a + b, None
         quants = (getattr(self, f"{part}_residual_quant"), getattr(self, f"{part}_out_quant"), *readers)
         grids = [grid_of(q) if q is not None else None for q in quants]
-        if not (readers and simulates(self) and not torch.is_grad_enabled() and None not in grids
-                and self._integer_refusal() is None):
+        if None in grids or self._integer_refusal() is not None:
             return a + b, None
 
         def build():
