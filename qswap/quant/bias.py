@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qswap.quant.direct_call import DirectCall
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.stamp import stamp, unchanged
 
 QMIN, QMAX = -(2 ** 31), 2 ** 31 - 1
 
 
-class BiasQuantize(nn.Module):
+class BiasQuantize(DirectCall):
     qmin, qmax, bits = QMIN, QMAX, 32
     kind = "bias"  # no spec of its own: the grid of the accumulator it is added to
 

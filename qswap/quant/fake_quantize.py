@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from qswap.errors import CalibrationError, SpecError
+from qswap.quant.direct_call import DirectCall
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
 from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_grid,
@@ -34,7 +35,7 @@ from qswap.quant.stamp import fingerprint, stamp, unchanged
 KINDS = ("weight", "activation")
 
 
-class FakeQuantize(LazyStateModule):
+class FakeQuantize(DirectCall, LazyStateModule):
     def __init__(self, spec: QuantSpec, kind: str = "activation"):
         super().__init__()
         if kind not in KINDS:
@@ -119,8 +120,12 @@ class FakeQuantize(LazyStateModule):
         (``qswap.quant.stamp``: freeze, calibration and load_state_dict write in place, and every
         write of the scale writes the zero point too), not per call. The grid is given for a
         frozen per-tensor quantizer that rounds half to even (what ``fake_quantize_grid`` does)."""
-        scale, zero_point, frozen = self.grid_tensors()
-        kept = self._state_stamp  # ``unchanged`` inlined: a frame less on every activation call
+        buffers = self._buffers  # ``grid_tensors`` and ``unchanged`` inlined: called on every activation
+        scale = buffers.get("scale")
+        if scale is None:
+            scale = self._parameters["scale"]
+        zero_point, frozen = buffers["zero_point"], buffers["frozen"]
+        kept = self._state_stamp
         if kept is None or kept[1] != fingerprint(frozen, scale, zero_point):
             is_frozen = bool(frozen)
             spec = self.spec
