@@ -19,11 +19,18 @@ from torch.nn.modules import module as torch_module
 _MODULE_CALL = nn.Module.__call__
 
 
+def watched(module: nn.Module) -> bool:
+    """Whether a call of ``module`` must go through ``nn.Module.__call__``: a hook of its own, a
+    global module hook, a JIT trace, ``torch.compile`` of it, or ``nn.Module.__call__`` patched."""
+    return bool(nn.Module.__call__ is not _MODULE_CALL or module._forward_hooks or module._forward_pre_hooks
+                or module._backward_hooks or module._backward_pre_hooks or module._compiled_call_impl is not None
+                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks
+                or torch._C._get_tracing_state())
+
+
 class DirectCall(nn.Module):
     def __call__(self, *args, **kwargs):
-        if (nn.Module.__call__ is not _MODULE_CALL or self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
-                or self._compiled_call_impl is not None or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks
-                or torch_module._global_backward_pre_hooks or torch._C._get_tracing_state()):
+        if watched(self):
             return nn.Module.__call__(self, *args, **kwargs)
         return self.forward(*args, **kwargs)

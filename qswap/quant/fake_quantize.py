@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qswap.errors import CalibrationError, SpecError
-from qswap.quant.direct_call import DirectCall
+from qswap.quant.direct_call import DirectCall, watched
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
 from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_grid,
@@ -142,6 +142,31 @@ class FakeQuantize(DirectCall, LazyStateModule):
         return self._state[1]
 
     # -- forward ---------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` (``DirectCall``). Unwatched, an enabled quantizer at inference first
+        takes what it kept, checked as ``forward`` checks it, without its frames (a decoding step
+        calls a quantizer on every tensor it makes): an activation quantizer its frozen grid
+        (``frozen_grid``), a weight quantizer its output (``_forward_weight``)."""
+        if watched(self):
+            return nn.Module.__call__(self, x)
+        if self.enabled:
+            buffers = self._buffers
+            scale = buffers.get("scale")
+            if scale is None:  # a learnable (LSQ) scale is a Parameter
+                scale = self._parameters["scale"]
+            if self.kind == "weight":
+                cached = self._cached
+                if (cached is not None and not self.training and not (x.requires_grad and torch.is_grad_enabled())
+                        and cached[1][1] == fingerprint(x, scale, buffers["zero_point"])):
+                    return cached[0]
+            else:
+                kept, grid = self._state_stamp, self._state[1]  # a grid: frozen, per tensor, half to even
+                if (grid is not None and kept is not None and kept[1] == fingerprint(buffers["frozen"], scale, buffers["zero_point"])
+                        and x.dtype == torch.float32 and x.is_cpu and not (torch.is_grad_enabled() and (
+                            x.requires_grad or (self.spec.learnable and self.training)))):
+                    return fake_quantize_grid(x, grid)
+        return self.forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
@@ -171,11 +196,6 @@ class FakeQuantize(DirectCall, LazyStateModule):
 
     def _forward_weight(self, w: torch.Tensor) -> torch.Tensor:
         training = self.training or (torch.is_grad_enabled() and w.requires_grad)
-        cached = self._cached
-        if cached is not None and not training:  # inference on a kept weight: one fingerprint compare
-            scale, zero_point, _ = self.grid_tensors()
-            if cached[1][1] == fingerprint(w, scale, zero_point):
-                return cached[0]
         # optimizers may update p.data in place without bumping the version counter (fairseq's
         # Adam): a training forward always re-derives the grid and drops the eval cache
         if training or not unchanged(self._weight_stamp, w):
