@@ -51,10 +51,10 @@ class BiasQuantize(DirectCall):
         scale = (input_quant.scale.detach().reshape(()) * w_scale).reshape(-1)
         if scale.numel() not in (1, bias.numel()):
             scale = scale.amin().reshape(1)
-        self.last_scale = scale
         codes = torch.clamp(torch.round(bias / scale), QMIN, QMAX)
         out = bias + (codes * scale - bias).detach()  # straight-through for QAT
-        self._key, self._cached = key, None if key is None else out
+        # plain attributes written past Module.__setattr__ (per call while calibrating)
+        self.__dict__.update(last_scale=scale, _key=key, _cached=None if key is None else out)
         return out
 
 

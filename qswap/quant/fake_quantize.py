@@ -85,14 +85,20 @@ class FakeQuantize(DirectCall, LazyStateModule):
         return (spec.granularity == "per_tensor" and spec.scale_type != "pow2"
                 and self.observer.scalar_path)
 
-    @torch.no_grad()
     def _set_scalar_qparams(self, scale: float, zero_point: int) -> None:
-        if self.scale.shape != ():
-            self.scale.data = torch.empty((), dtype=torch.float32, device=self.scale.device)
-            self.zero_point = torch.empty((), dtype=torch.int32, device=self.zero_point.device)
-        self.scale.data.fill_(scale)
-        self.zero_point.fill_(zero_point)
-        self._cached = None
+        """Per calibration call: writes through ``.data`` and into a buffer need no ``no_grad``, and
+        an activation quantizer keeps no output to drop."""
+        buffers = self._buffers
+        own_scale = buffers.get("scale")
+        if own_scale is None:
+            own_scale = self._parameters["scale"]
+        if own_scale.shape != ():
+            own_scale.data = torch.empty((), dtype=torch.float32, device=own_scale.device)
+            self.zero_point = torch.empty((), dtype=torch.int32, device=buffers["zero_point"].device)
+        own_scale.data.fill_(scale)
+        buffers["zero_point"].fill_(zero_point)
+        if self._cached is not None:
+            self._cached = None
 
     def freeze(self) -> None:
         """Stop observing; the current grid is used from now on."""
@@ -132,7 +138,9 @@ class FakeQuantize(DirectCall, LazyStateModule):
             passes = (is_frozen and scale.numel() == 1 and spec.granularity == "per_tensor"
                       and spec.rounding == "half_even")
             grid = pass_grid(scale.item(), int(zero_point), spec) if passes else None
-            self._state_stamp, self._state = stamp(frozen, scale, zero_point), (is_frozen, grid)
+            state = (is_frozen, grid)  # written past Module.__setattr__ (rebuilt per calibration call)
+            self.__dict__.update(_state_stamp=stamp(frozen, scale, zero_point), _state=state)
+            return state
         return self._state
 
     @property
