@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qswap.quant.direct_call import DirectCall
+from qswap.quant.direct_call import DirectCall, watched
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.stamp import fingerprint, stamp
 
@@ -65,3 +65,28 @@ def _sources(bias: torch.Tensor, input_quant: FakeQuantize, weight_quant: FakeQu
     in_scale, in_zero_point, _ = input_quant.grid_tensors()
     w_scale, w_zero_point, _ = weight_quant.grid_tensors()
     return bias, in_scale, in_zero_point, w_scale, w_zero_point
+
+
+def quantized_pair(owner: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, input_quant: nn.Module,
+                   weight_quant: nn.Module, bias_quant: BiasQuantize) -> tuple:
+    """``(weight_quant(weight), bias_quant(bias, input_quant, weight_quant))`` of a weighted op
+    (``owner``: a linear, a projection). Without autograd, with an eval-mode weight quantizer, and
+    both quantizers unwatched (``watched``: no hook, as the honesty audit's, sees them skipped), the
+    pair is kept in ``owner`` and returned while the weight, the bias, both grids and both enabled
+    flags are what it was computed from: one fingerprint per call instead of one per quantizer (a
+    decoding step runs every linear on a few rows)."""
+    fast = not torch.is_grad_enabled() and isinstance(weight_quant, FakeQuantize) and isinstance(
+        input_quant, FakeQuantize) and not weight_quant.training
+    if fast:
+        if watched(weight_quant) or watched(bias_quant):
+            fast = False
+        else:
+            flags = (input_quant, input_quant.enabled, weight_quant.enabled)
+            sources = (weight, *weight_quant.grid_tensors()[:2], *input_quant.grid_tensors()[:2]) + (
+                () if bias is None else (bias,))
+            kept = owner.__dict__.get("_quantized_pair")
+            if kept is not None and kept[1] == flags and kept[2][1] == fingerprint(*sources):
+                return kept[0]
+    pair = weight_quant(weight), bias_quant(bias, input_quant, weight_quant)
+    owner.__dict__["_quantized_pair"] = (pair, flags, stamp(*sources)) if fast else None
+    return pair
