@@ -675,8 +675,11 @@ def explain(name: str, r: dict) -> str:
                    "aten op:",
         "per_channel": "By aten op, per-channel against per-tensor:",
         "decode": "A decoding step works on a few rows per tensor, so per-call overhead dominates: "
-                  "each quantizer call costs a Python frame and four dispatches whatever the tensor "
-                  "size, where the float decoder runs a few kernels per layer. By aten op:",
+                  "each activation quantizer call costs four dispatches whatever the tensor size "
+                  "(torch's one fused fake-quantize kernel is a scalar loop, slower at a step's sizes: "
+                  "`qswap/quant/primitives.py`) and a check that its kept grid is current, each linear "
+                  "one check of its kept weight and bias, where the float decoder runs a few kernels "
+                  "per layer. By aten op:",
         "calibration": f"Calibrating is a fake-quant forward ({r['calib_frozen_s'] / r['calib_float_s']:.2f}× "
                        f"float on these batches) plus observing, "
                        f"{_ms((r['calib_s'] - r['calib_frozen_s']) / r['calib_batches'])} per batch: each "

@@ -125,6 +125,8 @@ class QuantAttentionCore(nn.Module):
         ``qswap.quant.integer.exact_gemm``), requantized by
         ``s_a factor s_b / s_out`` onto ``out_quant``'s grid (``onto_grid``), as values, with the
         float product's gradient; ``product()`` itself where a grid is missing."""
+        if not simulates(self):  # onto_grid's own answer, before reading two grids per call
+            return product()
         from qswap.quant.integer import Requant
         grid_a, grid_b = grid_of(a_quant), grid_of(b_quant)
         if grid_a is None or grid_b is None:

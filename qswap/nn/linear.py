@@ -12,7 +12,7 @@ from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tenso
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
 from qswap.nn.simulate import centered_codes, form_or_none, grid_of, onto_grid, simulates, straight_through
-from qswap.quant.bias import BiasQuantize
+from qswap.quant.bias import BiasQuantize, quantized_pair
 
 
 class _Weighted(QuantModule):
@@ -31,9 +31,8 @@ class _Weighted(QuantModule):
         self.simulate = config.simulate
 
     def quantized_params(self, input_quant: nn.Module | None = None) -> tuple:
-        w = self.weight_quant(self.weight)
-        b = self.bias_quant(self.bias, input_quant or self.input_quant, self.weight_quant)
-        return w, b
+        return quantized_pair(self, self.weight, self.bias, input_quant or self.input_quant, self.weight_quant,
+                              self.bias_quant)
 
     def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
         """``op(input_quant(x))``. ``out_quant``: the quantizer that reads the result; with

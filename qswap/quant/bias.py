@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qswap.quant.direct_call import DirectCall, watched
 from qswap.quant.fake_quantize import FakeQuantize
-from qswap.quant.stamp import stamp, unchanged
+from qswap.quant.stamp import fingerprint, stamp
 
 QMIN, QMAX = -(2 ** 31), 2 ** 31 - 1
 
 
-class BiasQuantize(nn.Module):
+class BiasQuantize(DirectCall):
     qmin, qmax, bits = QMIN, QMAX, 32
     kind = "bias"  # no spec of its own: the grid of the accumulator it is added to
 
@@ -30,16 +31,18 @@ class BiasQuantize(nn.Module):
                 rows: slice | None = None) -> torch.Tensor | None:
         """``rows`` picks the weight-scale rows of this bias (a fused q/k/v projection)."""
         if bias is None or not (isinstance(input_quant, FakeQuantize) and input_quant.enabled
-                                and isinstance(weight_quant, FakeQuantize) and weight_quant.enabled
-                                and input_quant.initialized):  # an empty input: no grid yet
+                                and isinstance(weight_quant, FakeQuantize) and weight_quant.enabled):
             return bias  # nothing to align to: the bias stays float, and the audit says so
         key = None  # a call with autograd (training) clears the cache
         if not (bias.requires_grad and torch.is_grad_enabled()):
             which = (input_quant, weight_quant, None if rows is None else (rows.start, rows.stop, rows.step))
             sources = _sources(bias, input_quant, weight_quant)
-            if self._key is not None and which == self._key[0] and unchanged(self._key[1], *sources):
+            kept = self._key  # checked first: per call in a decoding step
+            if kept is not None and which == kept[0] and kept[1][1] == fingerprint(*sources):
                 return self._cached
             key = (which, stamp(*sources))  # what the result is computed from
+        if not input_quant.initialized:  # an empty input: no grid yet
+            return bias  # the bias stays float, and the audit says so
         w_scale = weight_quant.scale.detach()
         if w_scale.dim() > 1:  # per-group: rows of the weight, finest group grid of each row
             w_scale = w_scale.reshape(weight_quant.observer.min_val.shape[0], -1).amin(dim=1)
@@ -48,10 +51,10 @@ class BiasQuantize(nn.Module):
         scale = (input_quant.scale.detach().reshape(()) * w_scale).reshape(-1)
         if scale.numel() not in (1, bias.numel()):
             scale = scale.amin().reshape(1)
-        self.last_scale = scale
         codes = torch.clamp(torch.round(bias / scale), QMIN, QMAX)
         out = bias + (codes * scale - bias).detach()  # straight-through for QAT
-        self._key, self._cached = key, None if key is None else out
+        # plain attributes written past Module.__setattr__ (per call while calibrating)
+        self.__dict__.update(last_scale=scale, _key=key, _cached=None if key is None else out)
         return out
 
 
@@ -62,3 +65,28 @@ def _sources(bias: torch.Tensor, input_quant: FakeQuantize, weight_quant: FakeQu
     in_scale, in_zero_point, _ = input_quant.grid_tensors()
     w_scale, w_zero_point, _ = weight_quant.grid_tensors()
     return bias, in_scale, in_zero_point, w_scale, w_zero_point
+
+
+def quantized_pair(owner: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, input_quant: nn.Module,
+                   weight_quant: nn.Module, bias_quant: BiasQuantize) -> tuple:
+    """``(weight_quant(weight), bias_quant(bias, input_quant, weight_quant))`` of a weighted op
+    (``owner``: a linear, a projection). Without autograd, with an eval-mode weight quantizer, and
+    both quantizers unwatched (``watched``: no hook, as the honesty audit's, sees them skipped), the
+    pair is kept in ``owner`` and returned while the weight, the bias, both grids and both enabled
+    flags are what it was computed from: one fingerprint per call instead of one per quantizer (a
+    decoding step runs every linear on a few rows)."""
+    fast = not torch.is_grad_enabled() and isinstance(weight_quant, FakeQuantize) and isinstance(
+        input_quant, FakeQuantize) and not weight_quant.training
+    if fast:
+        if watched(weight_quant) or watched(bias_quant):
+            fast = False
+        else:
+            flags = (input_quant, input_quant.enabled, weight_quant.enabled)
+            sources = (weight, *weight_quant.grid_tensors()[:2], *input_quant.grid_tensors()[:2]) + (
+                () if bias is None else (bias,))
+            kept = owner.__dict__.get("_quantized_pair")
+            if kept is not None and kept[1] == flags and kept[2][1] == fingerprint(*sources):
+                return kept[0]
+    pair = weight_quant(weight), bias_quant(bias, input_quant, weight_quant)
+    owner.__dict__["_quantized_pair"] = (pair, flags, stamp(*sources)) if fast else None
+    return pair

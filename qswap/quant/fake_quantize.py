@@ -24,17 +24,18 @@ import torch
 from torch import nn
 
 from qswap.errors import CalibrationError, SpecError
+from qswap.quant.direct_call import DirectCall, watched
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
 from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_grid,
                                     fake_quantize_passes, pass_grid, passes_apply)
 from qswap.quant.spec import QuantSpec
-from qswap.quant.stamp import stamp, unchanged
+from qswap.quant.stamp import fingerprint, stamp, unchanged
 
 KINDS = ("weight", "activation")
 
 
-class FakeQuantize(LazyStateModule):
+class FakeQuantize(DirectCall, LazyStateModule):
     def __init__(self, spec: QuantSpec, kind: str = "activation"):
         super().__init__()
         if kind not in KINDS:
@@ -53,7 +54,7 @@ class FakeQuantize(LazyStateModule):
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self.enabled = True  # False only while a sensitivity probe keeps this site in float
         self._weight_stamp: tuple | None = None  # the weight the current grid was derived from
-        self._cached: tuple | None = None  # (eval-mode output, stamp of the grid it used)
+        self._cached: tuple | None = None  # (eval-mode output, stamp of the weight and grid it used)
         self._state_stamp: tuple | None = None
         self._state: tuple = (False, None)
 
@@ -84,14 +85,20 @@ class FakeQuantize(LazyStateModule):
         return (spec.granularity == "per_tensor" and spec.scale_type != "pow2"
                 and self.observer.scalar_path)
 
-    @torch.no_grad()
     def _set_scalar_qparams(self, scale: float, zero_point: int) -> None:
-        if self.scale.shape != ():
-            self.scale.data = torch.empty((), dtype=torch.float32, device=self.scale.device)
-            self.zero_point = torch.empty((), dtype=torch.int32, device=self.zero_point.device)
-        self.scale.data.fill_(scale)
-        self.zero_point.fill_(zero_point)
-        self._cached = None
+        """Per calibration call: writes through ``.data`` and into a buffer need no ``no_grad``, and
+        an activation quantizer keeps no output to drop."""
+        buffers = self._buffers
+        own_scale = buffers.get("scale")
+        if own_scale is None:
+            own_scale = self._parameters["scale"]
+        if own_scale.shape != ():
+            own_scale.data = torch.empty((), dtype=torch.float32, device=own_scale.device)
+            self.zero_point = torch.empty((), dtype=torch.int32, device=buffers["zero_point"].device)
+        own_scale.data.fill_(scale)
+        buffers["zero_point"].fill_(zero_point)
+        if self._cached is not None:
+            self._cached = None
 
     def freeze(self) -> None:
         """Stop observing; the current grid is used from now on."""
@@ -119,14 +126,21 @@ class FakeQuantize(LazyStateModule):
         (``qswap.quant.stamp``: freeze, calibration and load_state_dict write in place, and every
         write of the scale writes the zero point too), not per call. The grid is given for a
         frozen per-tensor quantizer that rounds half to even (what ``fake_quantize_grid`` does)."""
-        scale, zero_point, frozen = self.grid_tensors()
-        if not unchanged(self._state_stamp, frozen, scale, zero_point):
+        buffers = self._buffers  # ``grid_tensors`` and ``unchanged`` inlined: called on every activation
+        scale = buffers.get("scale")
+        if scale is None:
+            scale = self._parameters["scale"]
+        zero_point, frozen = buffers["zero_point"], buffers["frozen"]
+        kept = self._state_stamp
+        if kept is None or kept[1] != fingerprint(frozen, scale, zero_point):
             is_frozen = bool(frozen)
             spec = self.spec
             passes = (is_frozen and scale.numel() == 1 and spec.granularity == "per_tensor"
                       and spec.rounding == "half_even")
             grid = pass_grid(scale.item(), int(zero_point), spec) if passes else None
-            self._state_stamp, self._state = stamp(frozen, scale, zero_point), (is_frozen, grid)
+            state = (is_frozen, grid)  # written past Module.__setattr__ (rebuilt per calibration call)
+            self.__dict__.update(_state_stamp=stamp(frozen, scale, zero_point), _state=state)
+            return state
         return self._state
 
     @property
@@ -136,6 +150,31 @@ class FakeQuantize(LazyStateModule):
         return self._state[1]
 
     # -- forward ---------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` (``DirectCall``). Unwatched, an enabled quantizer at inference first
+        takes what it kept, checked as ``forward`` checks it, without its frames (a decoding step
+        calls a quantizer on every tensor it makes): an activation quantizer its frozen grid
+        (``frozen_grid``), a weight quantizer its output (``_forward_weight``)."""
+        if watched(self):
+            return nn.Module.__call__(self, x)
+        if self.enabled:
+            buffers = self._buffers
+            scale = buffers.get("scale")
+            if scale is None:  # a learnable (LSQ) scale is a Parameter
+                scale = self._parameters["scale"]
+            if self.kind == "weight":
+                cached = self._cached
+                if (cached is not None and not self.training and not (x.requires_grad and torch.is_grad_enabled())
+                        and cached[1][1] == fingerprint(x, scale, buffers["zero_point"])):
+                    return cached[0]
+            else:
+                kept, grid = self._state_stamp, self._state[1]  # a grid: frozen, per tensor, half to even
+                if (grid is not None and kept is not None and kept[1] == fingerprint(buffers["frozen"], scale, buffers["zero_point"])
+                        and x.dtype == torch.float32 and x.is_cpu and not (torch.is_grad_enabled() and (
+                            x.requires_grad or (self.spec.learnable and self.training)))):
+                    return fake_quantize_grid(x, grid)
+        return self.forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
@@ -177,9 +216,9 @@ class FakeQuantize(LazyStateModule):
             return fake_quantize(w, self._scale_for_forward(w), self.zero_point, self.spec)
         cached = self._cached
         scale, zero_point, _ = self.grid_tensors()
-        if cached is None or not unchanged(cached[1], scale, zero_point):
+        if cached is None or not unchanged(cached[1], w, scale, zero_point):
             cached = self._cached = (fake_quantize(w, scale, zero_point, self.spec).detach(),
-                                     stamp(scale, zero_point))
+                                     stamp(w, scale, zero_point))
         return cached[0]
 
     def _scale_for_forward(self, x: torch.Tensor) -> torch.Tensor:

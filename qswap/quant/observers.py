@@ -76,11 +76,11 @@ class Observer(LazyStateModule):
 
     scalar_path = True  # min/max-family observers: ``observe_scalar`` computes what forward does
 
-    @torch.no_grad()
     def observe_scalar(self, x: torch.Tensor) -> tuple[float, float] | None:
         """``forward`` for a per-tensor spec, with the new range returned as Python numbers: one
         ``aminmax`` and a few scalar reads instead of a dozen 0-d tensor ops (calibration runs
-        this for every activation quantizer on every batch). None for an empty tensor."""
+        this for every activation quantizer on every batch; no ``no_grad`` needed: it reads a
+        detached input and writes buffers). None for an empty tensor."""
         if x.numel() == 0:
             return None
         lo_t, hi_t = torch.aminmax(x.detach().float())
@@ -89,14 +89,16 @@ class Observer(LazyStateModule):
             raise CalibrationError("observed a tensor with NaN or inf values; quantization ranges "
                                    "need finite data (check the input features or the model)")
         lo, hi = np.float32(lo), np.float32(hi)
-        if self.has_range:
-            lo, hi = self.combine(np.float32(self.min_val.item()), np.float32(self.max_val.item()), lo, hi)
-            self.min_val.fill_(float(lo))
-            self.max_val.fill_(float(hi))
+        buffers = self._buffers  # read once: ``Module.__getattr__`` per buffer costs more, per call
+        min_val, max_val = buffers["min_val"], buffers["max_val"]
+        if min_val.numel() > 0:  # has_range
+            lo, hi = self.combine(np.float32(min_val.item()), np.float32(max_val.item()), lo, hi)
+            min_val.fill_(float(lo))
+            max_val.fill_(float(hi))
         else:
             self.min_val = torch.tensor(float(lo), device=x.device)
             self.max_val = torch.tensor(float(hi), device=x.device)
-        self.num_batches.add_(1)
+        buffers["num_batches"].add_(1)
         return float(lo), float(hi)
 
     def extra_repr(self) -> str:

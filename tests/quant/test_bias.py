@@ -62,3 +62,39 @@ def test_a_call_with_autograd_is_not_cached():
     assert out.requires_grad and q.bias_quant._cached is None
     out.sum().backward()
     assert torch.equal(q.bias.grad, torch.ones(4))  # straight-through
+
+
+def _reference_linear(q, x):
+    """F.linear on what the two quantizers compute afresh (no kept pair, no kept weight)."""
+    wq = q.weight_quant
+    saved, wq._cached, wq._weight_stamp = (wq._cached, wq._weight_stamp), None, None
+    try:
+        return torch.nn.functional.linear(q.input_quant(x), wq(q.weight), _fresh(q))
+    finally:
+        wq._cached, wq._weight_stamp = saved
+
+
+def test_the_kept_weight_and_bias_pair_follows_flags_writes_and_hooks():
+    """``quantized_pair``: a QLinear at inference keeps (weight, bias) and checks one fingerprint;
+    a sensitivity probe's enabled flag, an in-place write of the weight, the bias or a grid, and a
+    hook on either quantizer are each seen on the next call."""
+    from qswap.quant.switch import enabled_only
+
+    q, x = _qlinear()
+    q.input_quant.freeze()
+    with torch.no_grad():
+        first = q(x)
+        assert q.__dict__["_quantized_pair"] is not None and torch.equal(q(x), first)
+        with enabled_only([q.weight_quant], keep=[]):  # the weight in float: the bias stays float too
+            assert torch.equal(q(x), torch.nn.functional.linear(q.input_quant(x), q.weight, q.bias))
+        assert torch.equal(q(x), first)
+        for write in (lambda: q.weight.mul_(-1.0), lambda: q.bias.add_(0.5),
+                      lambda: q.input_quant.scale.mul_(2.0), lambda: q.weight_quant.zero_point.add_(0)):
+            write()
+            assert torch.equal(q(x), _reference_linear(q, x))
+        seen = []
+        for quant in (q.weight_quant, q.bias_quant):
+            handle = quant.register_forward_hook(lambda module, args, out: seen.append(module))
+            q(x)
+            handle.remove()
+        assert seen == [q.weight_quant, q.bias_quant]

@@ -109,7 +109,8 @@ def test_weight_grid_follows_in_place_data_updates_after_a_training_forward():
 SCALAR_SPECS = [QuantSpec(bits=8, symmetric=False, observer="moving_average"),
                 QuantSpec(bits=8, observer="minmax"), QuantSpec(bits=4, narrow_range=True, observer="minmax"),
                 QuantSpec(bits=8, signed=False, observer="minmax"),
-                QuantSpec(bits=16, symmetric=False, observer="moving_average", momentum=0.3)]
+                QuantSpec(bits=16, symmetric=False, observer="moving_average", momentum=0.3),
+                QuantSpec(bits=4, symmetric=False, observer="minmax", learnable=True)]  # LSQ: a Parameter scale
 
 
 @pytest.mark.parametrize("spec", SCALAR_SPECS, ids=lambda s: f"{s.short()}-{s.observer}")

@@ -92,3 +92,22 @@ def test_cached_model_follows_every_change_of_its_tensors(change):
         after = q(x)
     torch.testing.assert_close(after, _uncached(q, x), rtol=0, atol=1e-6)
     assert not torch.equal(after, before)
+
+
+def test_the_fingerprint_of_three_tensors_is_the_general_one_and_sees_each_change():
+    """Three tensors (a grid, a weight and its grid: checked per call) have their own unrolled
+    fingerprint: the same list as the loop's, and it changes with a write, a new storage, a new
+    tensor in any place."""
+    from qswap.quant.stamp import fingerprint, stamp, unchanged
+
+    a, b, c = torch.ones(2), torch.zeros(()), torch.ones(3, dtype=torch.int32)
+    assert fingerprint(a, b, c) == fingerprint(a, b) + fingerprint(c)
+    kept = stamp(a, b, c)
+    assert unchanged(kept, a, b, c)
+    b.add_(1.0)  # an in-place write
+    assert not unchanged(kept, a, b, c)
+    kept = stamp(a, b, c)
+    c.data = torch.ones(3, dtype=torch.int32)  # a new storage, no version bump
+    assert not unchanged(kept, a, b, c)
+    kept = stamp(a, b, c)
+    assert not unchanged(kept, a, b.clone(), c) and not unchanged(kept, a, b)

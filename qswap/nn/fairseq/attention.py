@@ -29,7 +29,7 @@ from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear, onto_linear
 from qswap.nn.simulate import straight_through
 from qswap.nn.registry import register
-from qswap.quant.bias import BiasQuantize
+from qswap.quant.bias import BiasQuantize, quantized_pair
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 QUANTIZED_CACHE = "qswap_quantized_kv"  # a None entry: beam reordering skips it
@@ -72,8 +72,7 @@ class Projection(nn.Module):
         value = None if out_quant is None else onto_linear(self, x, x_quant, out_quant, self.to_integer)
         if value is not None and not torch.is_grad_enabled():
             return value
-        w = self.weight_quant(self.weight)
-        y = F.linear(x, w, self.bias_quant(self.bias, x_quant, self.weight_quant))
+        y = F.linear(x, *quantized_pair(self, self.weight, self.bias, x_quant, self.weight_quant, self.bias_quant))
         return y if value is None else straight_through(value, y)
 
     def extra_repr(self) -> str:

@@ -63,8 +63,8 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
     def output_layer(self, features):
         """(B, T, C) -> (B, T, V) logits; with ``simulate: integer`` the output projection's
         integer form onto the logits reader's grid (``onto``)."""
-        from qswap.nn.fairseq.layers import onto
         if self.logits_readers and self.adaptive_softmax is None:
+            from qswap.nn.fairseq.layers import onto
             return onto(self.output_projection, features, self.logits_readers[0])
         return super().output_layer(features)
 

@@ -21,7 +21,11 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import INT, Either, Obj, Tuple, serializable
 from qswap.io.serializable import List as ListOf, Tensor as TensorOf
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
+from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
+from qswap.nn.linear import QLinear
+from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
+from qswap.nn.simulate import cached, codes_of, grid_of, simulates
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 ZERO_POINT = Either(INT, TensorOf("int64"))  # a residual add operand's: per tensor, or per channel
@@ -31,8 +35,6 @@ def onto(module: torch.nn.Module, x: Tensor, out_quant: Optional[torch.nn.Module
     """``module(x)`` as ``out_quant`` reads it (a QLinear or QLayerNorm told its reader: the
     integer form's requantization with ``simulate: integer``); ``module(x)`` for another module,
     or without a reader."""
-    from qswap.nn.linear import QLinear
-    from qswap.nn.norm import QLayerNorm
     if out_quant is None or not isinstance(module, (QLinear, QLayerNorm)):
         return module(x)
     return module(x, out_quant=out_quant)
@@ -40,14 +42,12 @@ def onto(module: torch.nn.Module, x: Tensor, out_quant: Optional[torch.nn.Module
 
 def reader(attention: torch.nn.Module) -> Optional[torch.nn.Module]:
     """The quantizer that reads an attention's query (its ``input_quant``), if it has one."""
-    from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
     return attention.input_quant if isinstance(attention, QFairseqMultiheadAttention) else None
 
 
 def read_by(attention: torch.nn.Module, out_quant: Optional[torch.nn.Module]) -> dict:
     """The keyword telling a ``QFairseqMultiheadAttention`` the quantizer that reads its output
     (``out_quant``, for ``simulate: integer``); none for another attention module."""
-    from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
     told = out_quant is not None and isinstance(attention, QFairseqMultiheadAttention)
     return {"out_quant": out_quant} if told else {}
 
@@ -275,12 +275,12 @@ class QTransformerDecoderLayer(QuantModule):
         integer form is defined (pre-norm, per-tensor grids), as the integer layer computes it: the
         operands' codes rescaled into the int32 stream (``rescaled_sum``), requantized onto each
         reader's grid; elsewhere the float sum, which every reader rounds."""
-        from qswap.nn.simulate import cached, codes_of, grid_of, simulates
+        if not (readers and simulates(self) and not torch.is_grad_enabled()):
+            return a + b, None
         from qswap.quant.integer import AddParams, requantized_values, rescaled_sum
         quants = (getattr(self, f"{part}_residual_quant"), getattr(self, f"{part}_out_quant"), *readers)
         grids = [grid_of(q) if q is not None else None for q in quants]
-        if not (readers and simulates(self) and not torch.is_grad_enabled() and None not in grids
-                and self._integer_refusal() is None):
+        if None in grids or self._integer_refusal() is not None:
             return a + b, None
 
         def build():
@@ -357,8 +357,6 @@ def integer_encoder_layer(layer, stream_scale: float | torch.Tensor, pre_norm: b
     (``IntegerTransformerEncoderLayer``). Post-norm: each norm's int32 affine accumulator is the
     stream its consumers read (``IntegerPostNormEncoderLayer``). The FFN activation is a table."""
     from qswap.errors import IntegerizeError
-    from qswap.nn.linear import QLinear
-    from qswap.nn.norm import QLayerNorm
     from qswap.quant.integer import AddParams, Grid, build_lut
     parts = (layer.self_attn_layer_norm, layer.final_layer_norm, layer.fc1, layer.fc2)
     if not all(isinstance(m, c) for m, c in zip(parts, (QLayerNorm, QLayerNorm, QLinear, QLinear))):
