@@ -26,7 +26,8 @@ from torch import nn
 from qswap.errors import DependencyError, ExportError
 from qswap.export.compact import compact as compact_graph
 from qswap.export.encoders import encoder_graph
-from qswap.export.graph_passes import fold_constant_scales, quantize_by_inverse
+from qswap.export.graph_passes import (fold_constant_scales, gather_codes, linear_as_gemm, quantize_by_inverse,
+                                        shapes_of_codes)
 from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
 from qswap.io.atomic import atomic_write_bytes
 from qswap.quant.fake_quantize import FakeQuantize
@@ -87,6 +88,9 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
     model = _onnx_module().load_model_from_string(buffer.getvalue())
     fold_constant_scales(model)
     quantize_by_inverse(model)
+    shapes_of_codes(model)
+    gather_codes(model)
+    linear_as_gemm(model)
     if compact:
         compact_graph(model, {f"{name}.codes" for name, m in graph.named_modules(remove_duplicate=False)
                               if isinstance(m, WeightDQ) and m.four_bit})
