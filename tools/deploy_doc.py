@@ -49,7 +49,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import busy_processes, interleaved_medians  # noqa: E402
+from bench import busy_processes, interleaved_medians, wait_idle  # noqa: E402
 
 import qswap  # noqa: E402
 from qswap.errors import ExportError  # noqa: E402
@@ -91,6 +91,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--speed-only", action="store_true",
                     help="measure only the speed sections (shipped model and s2t_transformer_s) into --json, "
                          "then re-render --out")
+    ap.add_argument("--wait-idle", type=float, default=0,
+                    help="--speed-only: wait up to this many seconds for no other process to use a fifth of a core "
+                         "before timing (the 2 cores are shared; torch's thread pool slows many times when one is busy)")
     ap.add_argument("--ulp-seeds", type=int, default=5,
                     help="fake-quant decodes with activation scales moved by one ulp, per recipe and subset "
                          "(--wer-only --ulp-seeds 0 keeps the stored ones)")
@@ -130,7 +133,7 @@ def main(argv=None) -> dict:
                        "onnxruntime": _ort().__version__, "speed_command": command})
         with tempfile.TemporaryDirectory(prefix="qswap-speed-") as tmp:  # w8a8: the int8 system measured
             exports = export_recipes(model, cfg, task, calib, Path(tmp), names=("w8a8",))
-            result["busy_at_start"] = busy_processes()
+            result["busy_at_start"] = wait_idle(args.wait_idle, log) if args.wait_idle else busy_processes()
             result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, Path(tmp), args)
             result["busy_at_end"] = busy_processes()
             write(result, args)
