@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
                        "onnxruntime": _ort().__version__, "speed_command": command})
         with tempfile.TemporaryDirectory(prefix="qswap-speed-") as tmp:  # w8a8: the int8 system measured
             exports = export_recipes(model, cfg, task, calib, Path(tmp), names=("w8a8",))
-            result["busy_at_start"] = wait_idle(args.wait_idle, log) if args.wait_idle else busy_processes()
+            result["busy_at_start"] = settled_idle(args.wait_idle) if args.wait_idle else busy_processes()
             result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, Path(tmp), args)
             result["busy_at_end"] = busy_processes()
             write(result, args)
@@ -557,6 +557,21 @@ class _Recording:
         return self.session.get_outputs()
 
 
+def settled_idle(seconds: float, gap: float = 10.0) -> list[str]:
+    """The busy processes once the machine was idle at two samples ``gap`` seconds apart (another
+    tool's runs come one process after another: one idle sample can fall between two), or once
+    ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        busy = wait_idle(max(0.0, deadline - time.monotonic()), log)
+        if busy or time.monotonic() >= deadline:
+            return busy
+        time.sleep(gap)
+        busy = busy_processes()
+        if not busy or time.monotonic() >= deadline:
+            return busy
+
+
 def s_model(args) -> dict:
     import onnx_bench
     return onnx_bench.main(["--model", "s", "--threads", str(args.threads), "--repeats", str(args.repeats)])
@@ -673,8 +688,11 @@ def time_lines(s: dict, top: int = 9) -> list[str]:
     if "profile" not in s:
         return []
     int8, fp32 = s["profile"]["ort_int8"], s["profile"]["ort_fp32"]
-    ops = [k for k in int8["ops"]][:top] + [k for k in fp32["ops"]][:top]
-    ops = list(dict.fromkeys(sorted(ops, key=lambda k: -max(g["ops"].get(k, {}).get("ms", 0) for g in (int8, fp32)))))
+
+    def slowest(g):  # the JSON holds the ops sorted by name
+        return sorted(g["ops"], key=lambda k: -g["ops"][k]["ms"])[:top]
+    ops = sorted(set(slowest(int8) + slowest(fp32)),
+                 key=lambda k: (-max(g["ops"].get(k, {}).get("ms", 0) for g in (int8, fp32)), k))
 
     def cell(g, k):
         op = g["ops"].get(k)
