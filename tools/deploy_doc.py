@@ -134,7 +134,9 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="qswap-speed-") as tmp:  # w8a8: the int8 system measured
             exports = export_recipes(model, cfg, task, calib, Path(tmp), names=("w8a8",))
             result["busy_at_start"] = settled_idle(args.wait_idle) if args.wait_idle else busy_processes()
+            before = cpu_accounts()
             result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, Path(tmp), args)
+            result["other_cores_during_timing"] = other_cores(before, cpu_accounts())
             result["busy_at_end"] = busy_processes()
             write(result, args)
             result["s_model"] = s_model(args)
@@ -557,19 +559,39 @@ class _Recording:
         return self.session.get_outputs()
 
 
-def settled_idle(seconds: float, gap: float = 10.0) -> list[str]:
+def settled_idle(seconds: float, gap: float = 10.0, most: float = 0.2) -> list[str]:
     """The busy processes once the machine was idle at two samples ``gap`` seconds apart (another
-    tool's runs come one process after another: one idle sample can fall between two), or once
+    tool's runs come one process after another: one idle sample can fall between two) and other
+    processes, short-lived ones included, used at most ``most`` of a core over the gap; or once
     ``seconds`` have passed."""
     deadline = time.monotonic() + seconds
     while True:
         busy = wait_idle(max(0.0, deadline - time.monotonic()), log)
         if busy or time.monotonic() >= deadline:
             return busy
+        before = cpu_accounts()
         time.sleep(gap)
-        busy = busy_processes()
-        if not busy or time.monotonic() >= deadline:
+        busy, others = busy_processes(), other_cores(before, cpu_accounts())
+        if (not busy and others <= most) or time.monotonic() >= deadline:
             return busy
+        log(f"waiting for an idle machine: other processes used {others:.2f} cores")
+
+
+def cpu_accounts() -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of every process, of this one), from /proc/stat and /proc/self/stat."""
+    import os
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    busy = sum(total) - total[3] - total[4]  # all but idle and iowait
+    own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return time.monotonic(), busy / ticks, (int(own[11]) + int(own[12])) / ticks  # utime, stime
+
+
+def other_cores(before: tuple, after: tuple) -> float:
+    """Cores other processes (short-lived ones included) used on average between two accounts."""
+    wall = after[0] - before[0]
+    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / wall if wall > 0 else 0.0
 
 
 def s_model(args) -> dict:
@@ -746,6 +768,10 @@ def machine_state(r: dict) -> str:
         said += f" When its shipped-model timings ended: {', '.join(end)}."
     elif end is not None:
         said += " None did when its shipped-model timings ended."
+    others = r.get("other_cores_during_timing")
+    if others is not None:
+        said += (f" Other processes, short-lived ones included, used {others:.2f} cores on average while the "
+                 f"shipped-model timings ran.")
     return said
 
 
@@ -753,7 +779,7 @@ def trust_note(r: dict, sp: dict) -> str:
     """How far the speed ratios carry, from the run's own numbers."""
     seconds = {k: v["seconds"] for k, v in sp["decode"].items()}
     slower = seconds["ort_int8"] > seconds["ort_fp32"]
-    idle = r.get("busy_at_start") == [] and not r.get("busy_at_end")
+    idle = r.get("busy_at_start") == [] and not r.get("busy_at_end") and r.get("other_cores_during_timing", 0) <= 0.2
     note = ("How far to trust this run: " + ("the machine was idle when it started"
                                             + (" and when its timings ended; " if "busy_at_end" in r else "; ") if idle
                                             else "the machine's 2 cores were shared with other jobs; torch's OpenMP "
