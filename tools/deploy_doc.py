@@ -357,7 +357,7 @@ def shipped_speed(model, cfg, task, calib, exports, tmp: Path, args) -> dict:
         decoded[name] = {"seconds": seconds[name], "wer": counts.wer}
     static_audit = audit_export(static_dir)
     return {"encoder_batch": [int(src.shape[0]), int(src.shape[1])], "encoder_s": enc, "decode": decoded,
-            "decode_interleaved": True, "ort_spinning": False, "ort_spin_within_run": True,
+            "decode_interleaved": True, "ort_spinning": False,
             "encoder_vs_torch": enc["torch_fp32"] / enc["ort_int8"],
             "encoder_vs_ort_fp32": enc["ort_fp32"] / enc["ort_int8"],
             "decode_vs_torch": decoded["torch_fp32"]["seconds"] / decoded["ort_int8"]["seconds"],
@@ -786,11 +786,7 @@ def trust_note(r: dict, sp: dict) -> str:
                                                  "thread pool loses far more than onnxruntime's under oversubscription, "
                                                  "so ratios against torch eager overstate what an idle machine shows; ")
             + "the ratios within onnxruntime (int8 vs fp32 of the same graph) are the comparable ones.")
-    if sp.get("ort_spin_within_run"):  # recorded since the sessions spin while a run lasts
-        note += (" onnxruntime's threads spun while each run lasted and yielded their cores when it ended "
-                 "(`load_session`: `session.force_spinning_stop`); spinning between runs, they slow the torch "
-                 "run interleaved after them.")
-    elif sp.get("ort_spinning") is False:  # recorded since the sessions stopped spinning by default
+    if sp.get("ort_spinning") is False:  # recorded since the sessions stopped spinning by default
         note += (" onnxruntime's threads yielded their cores between runs (`load_session`, `spinning` off): "
                  "spinning, they slow the torch run interleaved after them.")
     if slower:

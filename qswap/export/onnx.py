@@ -114,12 +114,10 @@ def _record(graph: nn.Module, stand_ins: list[nn.Module], args: tuple) -> None:
 def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_path: str | None = None,
                  level: str = "extended", spinning: bool = False, profile_prefix: str | None = None):
     """An onnxruntime CPU session of the graph at ``path``; ExportError for a missing or
-    unreadable graph file, DependencyError when onnxruntime is not installed. The pool's threads
-    spin while a run lasts (a graph of many small nodes hands them work every few microseconds:
-    woken from sleep each time, they cost more than the nodes). ``spinning``: they spin between
-    runs too, waiting for the next (onnxruntime's default); off, they yield the cores when a run
-    ends (``session.force_spinning_stop``), which a decode needs between its steps: fairseq's beam
-    search runs torch's own threads there. ``profile_prefix``: onnxruntime's profiler on, its JSON (the time of every
+    unreadable graph file, DependencyError when onnxruntime is not installed. ``spinning``: the
+    pool's threads spin between runs, waiting for the next (onnxruntime's default); off, they
+    yield the cores, which a decode needs between its steps: fairseq's beam search runs torch's
+    own threads there. ``profile_prefix``: onnxruntime's profiler on, its JSON (the time of every
     node of every run) written under this prefix by ``session.end_profiling()``."""
     ort = _onnxruntime()
     path = Path(path)
@@ -129,8 +127,7 @@ def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_pat
     options.intra_op_num_threads = options.inter_op_num_threads = threads
     options.graph_optimization_level = _LEVELS[level](ort)
     options.log_severity_level = 3  # errors only: onnxruntime's warnings go to stderr, not to logging
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    options.add_session_config_entry("session.force_spinning_stop", "0" if spinning else "1")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     if profile_prefix is not None:

@@ -147,21 +147,11 @@ def test_other_encoders_are_a_typed_error(tmp_path):
 
 
 @pytest.mark.parametrize("spinning", [False, True])
-def test_sessions_spin_between_runs_only_when_asked(graph_path, spinning):
-    """A decode runs torch's beam search between the steps: by default the pool's threads spin
-    while a run lasts and yield their cores when it ends."""
-    import time
-
-    session = load_session(graph_path, threads=2, spinning=True) if spinning else load_session(graph_path, threads=2)
+def test_sessions_spin_only_when_asked(graph_path, spinning):
+    """A decode runs torch's beam search between the steps: by default the pool's threads yield."""
+    session = load_session(graph_path, spinning=True) if spinning else load_session(graph_path)  # the default
     options = session.get_session_options()
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
-    assert options.get_session_config_entry("session.force_spinning_stop") == ("0" if spinning else "1")
-    feeds = {k: v.numpy() for k, v in encoder_feeds(padded_batch(2, 60, seed=1)).items()}
-    session.run(None, feeds)
-    cpu = time.process_time()
-    time.sleep(0.3)
-    if not spinning:  # the pool's other thread takes no CPU between runs
-        assert time.process_time() - cpu < 0.01
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
 
 
 def test_missing_graph_file_is_a_typed_error(tmp_path):
