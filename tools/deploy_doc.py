@@ -49,7 +49,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import busy_processes, interleaved_medians  # noqa: E402
+from bench import busy_processes, interleaved_medians, wait_idle  # noqa: E402
 
 import qswap  # noqa: E402
 from qswap.errors import ExportError  # noqa: E402
@@ -91,8 +91,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--speed-only", action="store_true",
                     help="measure only the speed sections (shipped model and s2t_transformer_s) into --json, "
                          "then re-render --out")
+    ap.add_argument("--wait-idle", type=float, default=0,
+                    help="--speed-only: wait up to this many seconds for no other process to use a fifth of a core "
+                         "before timing (the 2 cores are shared; torch's thread pool slows many times when one is busy)")
     ap.add_argument("--ulp-seeds", type=int, default=5,
-                    help="fake-quant decodes with activation scales moved by one ulp, per recipe and subset")
+                    help="fake-quant decodes with activation scales moved by one ulp, per recipe and subset "
+                         "(--wer-only --ulp-seeds 0 keeps the stored ones)")
     args = ap.parse_args(argv)
     command = "PYTHONPATH=$PWD python tools/deploy_doc.py " + " ".join(argv or sys.argv[1:])
     if args.sizes_only:
@@ -116,7 +120,10 @@ def main(argv=None) -> dict:
             result["honesty"] = {name: e["audit"] for name, e in exports.items()}
             result["wer"] = wer_rows(task, exports, args.threads)
             result["wer_sites"] = site_rows(task, exports)
-            result["wer_ulp"] = ulp_rows(task, exports, args.ulp_seeds)
+            if args.ulp_seeds:  # 0: the stored rows stay (the fake-quant model's own, no export in them)
+                result["wer_ulp"], result["wer_ulp_command"] = ulp_rows(task, exports, args.ulp_seeds), command
+            else:
+                result.setdefault("wer_ulp_command", result.get("wer_command", result["command"]))
         result["wer_command"] = command
         write(result, args)
         return result
@@ -126,8 +133,10 @@ def main(argv=None) -> dict:
                        "onnxruntime": _ort().__version__, "speed_command": command})
         with tempfile.TemporaryDirectory(prefix="qswap-speed-") as tmp:  # w8a8: the int8 system measured
             exports = export_recipes(model, cfg, task, calib, Path(tmp), names=("w8a8",))
-            result["busy_at_start"] = busy_processes()
+            result["busy_at_start"] = settled_idle(args.wait_idle) if args.wait_idle else busy_processes()
+            before = cpu_accounts()
             result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, Path(tmp), args)
+            result["other_cores_during_timing"] = other_cores(before, cpu_accounts())
             result["busy_at_end"] = busy_processes()
             write(result, args)
             result["s_model"] = s_model(args)
@@ -550,6 +559,41 @@ class _Recording:
         return self.session.get_outputs()
 
 
+def settled_idle(seconds: float, gap: float = 10.0, most: float = 0.2) -> list[str]:
+    """The busy processes once the machine was idle at two samples ``gap`` seconds apart (another
+    tool's runs come one process after another: one idle sample can fall between two) and other
+    processes, short-lived ones included, used at most ``most`` of a core over the gap; or once
+    ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        busy = wait_idle(max(0.0, deadline - time.monotonic()), log)
+        if busy or time.monotonic() >= deadline:
+            return busy
+        before = cpu_accounts()
+        time.sleep(gap)
+        busy, others = busy_processes(), other_cores(before, cpu_accounts())
+        if (not busy and others <= most) or time.monotonic() >= deadline:
+            return busy
+        log(f"waiting for an idle machine: other processes used {others:.2f} cores")
+
+
+def cpu_accounts() -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of every process, of this one), from /proc/stat and /proc/self/stat."""
+    import os
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    busy = sum(total) - total[3] - total[4]  # all but idle and iowait
+    own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return time.monotonic(), busy / ticks, (int(own[11]) + int(own[12])) / ticks  # utime, stime
+
+
+def other_cores(before: tuple, after: tuple) -> float:
+    """Cores other processes (short-lived ones included) used on average between two accounts."""
+    wall = after[0] - before[0]
+    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / wall if wall > 0 else 0.0
+
+
 def s_model(args) -> dict:
     import onnx_bench
     return onnx_bench.main(["--model", "s", "--threads", str(args.threads), "--repeats", str(args.repeats)])
@@ -657,6 +701,48 @@ def speed_section(r: dict) -> list[str]:
               f"onnxruntime int8 {s['seconds']['ort_int8'] * 1e3:.1f} ms, onnxruntime fp32 {s['seconds']['ort_fp32'] * 1e3:.1f} ms "
               f"(`tools/onnx_bench.py`, random calibration: speed only).", "",
               trust_note(r, sp), ""]
+    return lines + time_lines(s)
+
+
+def time_lines(s: dict, top: int = 9) -> list[str]:
+    """Where the s2t_transformer_s-sized encoder's time goes in onnxruntime (``onnx_bench``'s
+    ``profile``): kernel milliseconds per run of each op type of the optimized int8 and fp32 graphs."""
+    if "profile" not in s:
+        return []
+    int8, fp32 = s["profile"]["ort_int8"], s["profile"]["ort_fp32"]
+
+    def slowest(g):  # the JSON holds the ops sorted by name
+        return sorted(g["ops"], key=lambda k: -g["ops"][k]["ms"])[:top]
+    ops = sorted(set(slowest(int8) + slowest(fp32)),
+                 key=lambda k: (-max(g["ops"].get(k, {}).get("ms", 0) for g in (int8, fp32)), k))
+
+    def cell(g, k):
+        op = g["ops"].get(k)
+        return f"{op['ms']:.2f} | {op['nodes']}" if op else "- | -"
+    lines = ["### Where the encoder time goes", "",
+             f"The s2t_transformer_s-sized encoder above under onnxruntime's profiler ({s['threads']} threads, "
+             f"{int8['runs']} runs after a warm-up, `tools/onnx_bench.py`): kernel time per run of each op type "
+             f"of the optimized graphs (onnxruntime's fusions applied), with its node count.", "",
+             "| op | int8 ms | int8 nodes | fp32 ms | fp32 nodes |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {cell(int8, k)} | {cell(fp32, k)} |" for k in ops]
+    rest = [sum(v["ms"] for k, v in g["ops"].items() if k not in ops) for g in (int8, fp32)]
+    lines += [f"| other ops | {rest[0]:.2f} | {sum(v['nodes'] for k, v in int8['ops'].items() if k not in ops)} | "
+              f"{rest[1]:.2f} | {sum(v['nodes'] for k, v in fp32['ops'].items() if k not in ops)} |",
+              f"| all kernels | {int8['kernel_ms']:.2f} | {sum(v['nodes'] for v in int8['ops'].values())} | "
+              f"{fp32['kernel_ms']:.2f} | {sum(v['nodes'] for v in fp32['ops'].values())} |",
+              f"| wall time of a profiled run | {int8['wall_ms']:.2f} | | {fp32['wall_ms']:.2f} | |", ""]
+    gemm = {"QGemm", "MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv"}
+    int8_gemm = sum(v["ms"] for k, v in int8["ops"].items() if k in gemm)
+    fp32_gemm = sum(v["ms"] for k, v in fp32["ops"].items() if k in {"MatMul", "FusedMatMul", "Gemm", "Conv"})
+    lines += [f"The integer kernels (QGemm, MatMulIntegerToFloat, QLinearMatMul, QLinearConv) take {int8_gemm:.1f} ms "
+              f"where the float graph's matmuls and convolutions take {fp32_gemm:.1f} ms "
+              f"({fp32_gemm / max(int8_gemm, 1e-9):.1f}x); the rest of the int8 graph, "
+              f"{int8['kernel_ms'] - int8_gemm:.1f} ms of kernels (float LayerNorm and softmax, the quantizers "
+              f"around them, data movement, shape arithmetic) against the float graph's "
+              f"{fp32['kernel_ms'] - fp32_gemm:.1f} ms, and the per-node cost between kernels "
+              f"({int8['wall_ms'] - int8['kernel_ms']:.1f} ms for the int8 graph's "
+              f"{sum(v['nodes'] for v in int8['ops'].values())} nodes, {fp32['wall_ms'] - fp32['kernel_ms']:.1f} ms "
+              f"for the float graph's) are what keeps the whole encoder from the kernels' ratio.", ""]
     return lines
 
 
@@ -682,6 +768,10 @@ def machine_state(r: dict) -> str:
         said += f" When its shipped-model timings ended: {', '.join(end)}."
     elif end is not None:
         said += " None did when its shipped-model timings ended."
+    others = r.get("other_cores_during_timing")
+    if others is not None:
+        said += (f" Other processes, short-lived ones included, used {others:.2f} cores on average while the "
+                 f"shipped-model timings ran.")
     return said
 
 
@@ -689,7 +779,7 @@ def trust_note(r: dict, sp: dict) -> str:
     """How far the speed ratios carry, from the run's own numbers."""
     seconds = {k: v["seconds"] for k, v in sp["decode"].items()}
     slower = seconds["ort_int8"] > seconds["ort_fp32"]
-    idle = r.get("busy_at_start") == [] and not r.get("busy_at_end")
+    idle = r.get("busy_at_start") == [] and not r.get("busy_at_end") and r.get("other_cores_during_timing", 0) <= 0.2
     note = ("How far to trust this run: " + ("the machine was idle when it started"
                                             + (" and when its timings ended; " if "busy_at_end" in r else "; ") if idle
                                             else "the machine's 2 cores were shared with other jobs; torch's OpenMP "
@@ -796,15 +886,20 @@ def sites_lines(r: dict) -> list[str]:
             lines.append(f"| {row['recipe']} | {graph} | {g['same']} of {g['sites']} | {g['first_different'] or '-'} | "
                          f"{g['first_beyond_one'] or '-'} | {g['largest']:g} |")
     return lines + [
-        "", "Each `QuantizeLinear` of the graphs multiplies by `float32(1 / s)` before rounding, as torch's fake "
-        "quantization does (`qswap.export.graph_passes.quantize_by_inverse`): ONNX's own `QuantizeLinear` divides "
-        "by `s`, which breaks rounding ties the other way, and ties are frequent where a quantizer reads another "
-        "quantizer's grid (`tests/export/test_graph_passes.py`). With onnxruntime's optimizations off "
-        "(`tools/onnx_sites.py --level disabled`) the graphs then compute the fake-quant model's ops in float32 "
-        "and give its codes at nearly every site. With them on (the rows above), the fused integer kernels "
-        "(`MatMulIntegerToFloat`, `QLinearAdd`, `QLinearConv`: int32 accumulation, one float rescale, where the "
-        "fake-quant model sums float products) give the same codes up to rounding ties: the first differing "
-        "sites differ by one step, in a few codes. Such a one-step flip is what the model then amplifies: a "
+        "", "A `QuantizeLinear` that reads another quantizer's grid (through data movement or a `Relu`) rounds as "
+        "torch's fake quantization does, `x * float32(1 / s)` (`qswap.export.graph_passes.quantize_by_inverse`): "
+        "ONNX's own `QuantizeLinear` divides by `s`, which breaks rounding ties the other way, and ties are "
+        "frequent there (`tests/export/test_graph_passes.py`). Where a float32 a few ulps from `s` rounds every "
+        "value of that grid alike the quantizer divides by it (no extra node); else a `Mul` by `1 / s` comes "
+        "before it. A quantizer of a computed value (a matmul, a sum, a LayerNorm) keeps ONNX's division: a "
+        "continuous value falls within an ulp of a tie about once in 10^5, as often as the integer kernels "
+        "before it round differently from the fake-quant model's float sums. With onnxruntime's optimizations "
+        "off (`tools/onnx_sites.py --level disabled`) the graphs compute the fake-quant model's ops in float32, "
+        "in another summation order. With them on (the rows above), the fused integer kernels (`QGemm`, "
+        "`MatMulIntegerToFloat`, `QLinearMatMul`, `QLinearAdd`, `QLinearConv`: int32 accumulation, one float "
+        "rescale, where the fake-quant model sums float products) give the same codes up to rounding ties: the "
+        "first differing sites differ by one step, in a few codes. Such a one-step flip is what the model then "
+        "amplifies: a "
         "LayerNorm whose input moved one step moves its output several, attention spreads it over the frames, "
         "and by the last encoder layers most codes differ. onnxruntime's `QLinearSoftmax` (a table-driven exp) "
         "was not a rounding tie either: it put some of the decoder step's self-attention probabilities one "
@@ -833,7 +928,10 @@ def ulp_lines(r: dict) -> list[str]:
         "differently by design), so the rows above miss it by the model's own rounding spread, not by a "
         "different computation. The beam search is not a cause: the float export decodes to fairseq's own "
         "transcripts (`tests/export/test_runtime.py`).", "",
-        f"Measured by `{r.get('wer_command', r['command'])}`.", ""]
+        f"Measured by `{r.get('wer_command', r['command'])}`" + (
+            f"; the one-ulp rows (the fake-quant model alone: no exported graph in them) by "
+            f"`{r['wer_ulp_command']}`" if r.get("wer_ulp_command", r.get("wer_command")) != r.get("wer_command") else "")
+        + ".", ""]
 
 
 def honesty_section(r: dict) -> list[str]:
@@ -848,16 +946,18 @@ def honesty_section(r: dict) -> list[str]:
         claims = {True: "honest", False: "not honest", None: "-"}[h["claims_honest"]]
         ops = ", ".join(f"{k} {v}" for k, v in h["float_ops"].items())
         lines.append(f"| {name} | {claims} | {h['integer']} | {h['float']} | {ops} | {h['verdict']} |")
-    lines += ["", "No recipe deploys integer-only: residual adds, LayerNorm and softmax run in float in "
+    lines += ["", "No recipe deploys integer-only: LayerNorm and softmax run in float in "
               "onnxruntime's CPU graph whatever the recipe says (they are integer in qswap's integer forms, "
               "`docs/integer.md`, which onnxruntime's QDQ fusions do not express). The decoder step's 6 "
               "`MatMul` / `FusedMatMul` are its self-attention scores and context over the cached keys and "
               "values: the caches enter the graph as float tensors holding grid values, with no "
               "DequantizeLinear for onnxruntime to fuse (int8 cache inputs would make them integer; not done). "
               "Its self-attention `Softmax` is float by choice: onnxruntime's `QLinearSoftmax` computes another "
-              "softmax than the fake-quant model (WER section). The `Mul` by `1 / s` before each "
-              "`QuantizeLinear` counts as the quantizer's; a `Relu` before one stays a float node (onnxruntime "
-              "folded it into the `QuantizeLinear` before the `Mul` was there). "
+              "softmax than the fake-quant model (WER section). A `Mul` by `1 / s` before a `QuantizeLinear` "
+              "counts as the quantizer's; a `Relu` before one stays a float node (onnxruntime folds a `Relu` "
+              "into a `QuantizeLinear` it reads directly). Linear layers are exported as a `Gemm` on their "
+              "flattened rows (`qswap.export.graph_passes.linear_as_gemm`): onnxruntime fuses each, with its "
+              "int32 bias, into one `QGemm`; the `MatMul` and `Add` torch traces left the bias add in float. "
               "A recipe without activation quantizers (fp32, w8_weight_only) is not exported: the export "
               "needs calibrated activation grids.", ""]
     return lines

@@ -1,7 +1,8 @@
 """Encoder latency of one model three ways, measured in one run, interleaved: torch fp32 eager,
 onnxruntime on qswap's exported w8a8 QDQ graph, onnxruntime on the float graph of the same
 structure; plus the graphs' sizes, the deploy audit's counts and the int8 graph's agreement with
-the fake-quant model in output grid steps. Prints one JSON object.
+the fake-quant model in output grid steps; and where each graph's time goes (onnxruntime's
+profiler: the kernel time of each op type of the optimized graph, per run). Prints one JSON object.
 
     PYTHONPATH=$PWD python tools/onnx_bench.py --model shipped --threads 2
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -54,6 +56,8 @@ def main(argv=None) -> dict:
         int8, fp32 = (load_session(p, threads=args.threads, level="all") for p in (int8_path, fp32_path))
         audit = audit_onnx(int8_path, level="all", site_prefix="encoder.")
         sizes = {"int8_bytes": int8_path.stat().st_size, "fp32_bytes": fp32_path.stat().st_size}
+        profile = {name: op_times(path, net, args.threads, Path(tmp) / name, PROFILE_RUNS)
+                   for name, path in (("ort_int8", int8_path), ("ort_fp32", fp32_path))}
     src, lengths = net["src_tokens"], net["src_lengths"]
     with torch.no_grad():
         ref = qmodel.encoder(src, lengths)["encoder_out"][0]
@@ -74,7 +78,35 @@ def main(argv=None) -> dict:
         "output_steps_max": float(steps.max()), "output_steps_mean": float(steps.mean()),
         "deploy_audit": {"integer": audit.integer_count, "float": audit.float_count,
                          "float_ops": audit.float_ops, "integer_ops": audit.integer_ops},
+        "profile": profile,
     }
+
+
+PROFILE_RUNS = 5
+
+
+def op_times(path: Path, net: dict, threads: int, prefix: Path, runs: int) -> dict:
+    """onnxruntime's profile of ``runs`` runs of the graph at ``path`` after a warm-up run (left
+    out): per op type of the optimized graph, its nodes and their kernel milliseconds per run; the
+    sum over all kernels and the wall time per run (the profiler's own cost included)."""
+    session = load_session(path, threads=threads, level="all", profile_prefix=str(prefix))
+    feeds = {"src_tokens": net["src_tokens"].numpy(), "src_lengths": net["src_lengths"].numpy()}
+    session.run(None, feeds)
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        session.run(None, feeds)
+    wall = (time.perf_counter() - t0) / runs
+    events = json.loads(Path(session.end_profiling()).read_text())
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    first_timed = starts[1] if len(starts) > 1 else 0  # the warm-up run's nodes are left out
+    ops: dict = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_timed:
+            op = ops.setdefault(e["args"]["op_name"], {"nodes": set(), "ms": 0.0})
+            op["nodes"].add(e["name"])
+            op["ms"] += e["dur"] / 1e3 / runs
+    ops = {k: {"nodes": len(v["nodes"]), "ms": v["ms"]} for k, v in sorted(ops.items(), key=lambda kv: -kv[1]["ms"])}
+    return {"ops": ops, "kernel_ms": sum(v["ms"] for v in ops.values()), "wall_ms": wall * 1e3, "runs": runs}
 
 
 if __name__ == "__main__":

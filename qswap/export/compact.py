@@ -144,7 +144,7 @@ def short_value_names(model) -> int:
 
 def pack_int4(model, names: "set[str]") -> int:
     """Store the int8 (uint8) initializers ``names`` (4-bit weight codes, each read only by
-    DequantizeLinear as its input) as INT4 (UINT4) with a ``Cast`` back to int8 (uint8) before
+    DequantizeLinear as its input, or by a Gather of rows before one: ``graph_passes.gather_codes``) as INT4 (UINT4) with a ``Cast`` back to int8 (uint8) before
     their readers; upgrade the model to opset 21 when one is packed (in place). ExportError for a
     code outside the 4-bit range. Returns the number packed."""
     from onnx import TensorProto, helper, numpy_helper
@@ -154,7 +154,7 @@ def pack_int4(model, names: "set[str]") -> int:
         for i, name in enumerate(node.input):
             readers.setdefault(name, []).append(node.op_type if i == 0 else "")
     chosen = {t.name for t in model.graph.initializer
-              if t.name in names and set(readers.get(t.name, [])) == {"DequantizeLinear"}}
+              if t.name in names and readers.get(t.name) and set(readers[t.name]) <= {"DequantizeLinear", "Gather"}}
     if not chosen:
         return 0
     _upgrade(model)  # replaces the model's messages: read the graph after it

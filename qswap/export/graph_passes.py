@@ -10,17 +10,42 @@ values differ from the fake-quant model's ``(q - z) * s * c`` only by float32 ro
 ``quantize_by_inverse``: onnxruntime's ``QuantizeLinear`` divides by the scale (``x / s``,
 ONNX's definition); the fake-quant model's quantizer multiplies by the float32 reciprocal
 (``x * (1 / s)``, torch's ``fake_quantize_per_tensor_affine``). The two differ by an ulp now and
-then, and a value on a rounding tie lands one step apart: rare for an arbitrary float, frequent
-where a quantizer reads another quantizer's grid values (``fc2.input_quant`` after
-``ffn_act_quant``: with a scale ratio of 85/38 every 38th code is an exact tie). The pass makes
-every ``QuantizeLinear`` onnxruntime runs as one ``Mul`` by ``float32(1 / s)`` and a
-``QuantizeLinear`` of unit scale (``round(y / 1)`` is ``round(y)``): the fake-quant codes bit for
-bit. A ``QuantizeLinear`` that closes a group onnxruntime fuses into an integer kernel (an
-``Add``, ``MatMul``, ``Conv`` or ``Mul`` all of whose inputs are DequantizeLinear outputs:
-``QLinearAdd``, ``QLinearMatMul``, ``QLinearConv``, ``QLinearMul``) is left: the kernel
-requantizes on its own. A ``Softmax`` is not left: onnxruntime's ``QLinearSoftmax`` (a
-table-driven exp) is not the fake-quant softmax (it puts some probabilities one step away on the
-same input codes, far more often than ties do), and the ``Mul`` keeps the softmax float.
+then, and a value on a rounding tie lands one step apart: frequent where a quantizer reads
+another quantizer's grid values (``fc2.input_quant`` after ``ffn_act_quant``: with a scale ratio
+of 85/38 every 38th code is an exact tie), next to never elsewhere (a continuous value falls
+within an ulp of a tie about once in 10^5, and onnxruntime's integer kernels, int32 sums scaled
+once, already differ from the fake-quant model's float sums by as much). The pass makes a
+``QuantizeLinear`` that reads a grid (its input comes from a DequantizeLinear through data
+movement, ``Relu`` or a constant ``Mul``) one ``Mul`` by ``float32(1 / s)`` and a
+``QuantizeLinear`` of unit scale (``round(y / 1)`` is ``round(y)``): the fake-quant codes bit
+for bit. One that quantizes a computed value (a matmul, a sum, a LayerNorm) is left dividing:
+the ``Mul`` there would cost a float pass over the tensor and keep onnxruntime from fusing the
+quantizer into the kernel before it, for codes that do not change. A ``Softmax`` is not left:
+onnxruntime's ``QLinearSoftmax`` (a table-driven exp) is not the fake-quant softmax (it puts
+some probabilities one step away on the same input codes, far more often than ties do), and
+the ``Mul`` keeps the softmax float.
+
+Two passes that move no value and save onnxruntime a float pass over a tensor on every run
+(it keeps each DequantizeLinear where the graph puts it), and one that lets it fuse a linear layer
+whole:
+
+``shapes_of_codes``: a ``Shape`` that reads a DequantizeLinear's output reads its codes instead
+(the same shape; torch's trace sizes attention's reshapes by the dequantized scores, and
+onnxruntime gave each ``Shape`` its own copy of the DequantizeLinear).
+
+``gather_codes``: ``Gather(DequantizeLinear(codes, s, z), i)`` of a constant table with a
+per-tensor grid becomes ``DequantizeLinear(Gather(codes, i), s, z)``: the rows the input reads
+are dequantized, not the whole table (the sinusoidal positions: 6002 rows on every run).
+
+``linear_as_gemm``: a linear layer traces to ``MatMul(x, Transpose(W))`` and an ``Add`` of the
+bias, on (T, B, C) inputs. onnxruntime fuses the QDQ MatMul alone (``MatMulIntegerToFloat``: a
+float output, then the bias added and the output quantized in two more float passes); a 2-D
+``Gemm`` with the int32 bias it fuses whole (``QGemm``: the bias added in int32, the output
+requantized in the kernel), as it does itself when the shapes are static. The pass writes
+``Reshape(Gemm(DequantizeLinear(Flatten(codes)), W, bias), (*leading, N))``: the same
+products and bias on the same grids; the output rounds from the int32 sum scaled once, where
+``MatMulIntegerToFloat`` scales it and adds the float bias before rounding (codes equal but
+for near-ties, measured by ``tools/onnx_sites.py``).
 """
 from __future__ import annotations
 
@@ -98,12 +123,17 @@ def _constants(graph, producer):
 
 
 FUSED_GROUPS = frozenset({"Add", "MatMul", "Conv", "Mul", "Gemm"})
+# ops whose output holds values of their (first) input, or a fixed function of each one: a
+# quantizer reading their output reads the grid of the DequantizeLinear before them
+GRID_KEEPING = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice",
+                          "Gather", "Expand", "Relu", "MaxPool", "Where", "Mul"})
+READS_A_GRID = frozenset({"DequantizeLinear", "Softmax", "constant"})  # Softmax: see the module docstring
 UNIT_SCALE = "unit_scale"
 
 
 def quantize_by_inverse(model) -> int:
-    """Rewrite every per-tensor ``QuantizeLinear(x, s, z)`` (a constant scalar scale) that does
-    not close a fusable group as ``QuantizeLinear(x * float32(1 / s), 1, z)`` (in place; module
+    """Rewrite every per-tensor ``QuantizeLinear(x, s, z)`` (a constant scalar scale) that reads
+    a grid or a softmax as ``QuantizeLinear(x * float32(1 / s), 1, z)`` (in place; module
     docstring). Returns the number rewritten."""
     from onnx import helper, numpy_helper
 
@@ -113,7 +143,14 @@ def quantize_by_inverse(model) -> int:
     inverses: dict[str, str] = {}  # scale initializer -> its inverse's (one per grid, short names)
     for q in graph.node:
         scale = values(q.input[1]) if q.op_type == "QuantizeLinear" and len(q.input) > 1 else None
-        if scale is None or scale.size != 1 or scale.dtype != np.float32 or _closes_fused_group(q, producer, values):
+        if (scale is None or scale.size != 1 or scale.dtype != np.float32 or _closes_fused_group(q, producer, values)
+                or _source(q.input[0], producer, values) not in READS_A_GRID):
+            continue
+        divisor = _exact_divisor(q, scale.reshape(()), producer, values)
+        if divisor is not None:  # x / divisor rounds as x * (1 / s) on every value the grid holds
+            if divisor != scale.reshape(()):
+                graph.initializer.append(numpy_helper.from_array(divisor, f"{q.input[1]}/divisor"))
+                q.input[1] = f"{q.input[1]}/divisor"
             continue
         if not inverses:
             graph.initializer.append(numpy_helper.from_array(np.array(1, np.float32), UNIT_SCALE))
@@ -137,3 +174,185 @@ def _closes_fused_group(q, producer: dict, values) -> bool:
         return False
     inputs = [name for name in op.input if name and values(name) is None]
     return bool(inputs) and all(name in producer and producer[name].op_type == "DequantizeLinear" for name in inputs)
+
+
+def _source(name: str, producer: dict, values) -> str:
+    """The op a value comes from, looking through GRID_KEEPING ops with one computed data input
+    (a ``Mul`` by a constant, a ``Where`` filling with a constant): ``DequantizeLinear`` for a
+    grid, "constant" for a constant, "input" for a graph input."""
+    if values(name) is not None:
+        return "constant"
+    node = producer.get(name)
+    while node is not None and node.op_type in GRID_KEEPING:
+        data = [i for i in _data_inputs(node) if i and values(i) is None]
+        if len(data) != 1:
+            break
+        node = producer.get(data[0])
+    return "input" if node is None else node.op_type
+
+
+def _data_inputs(node) -> list[str]:
+    if node.op_type == "Where":  # condition, then the two branches
+        return list(node.input[1:])
+    return list(node.input[:2] if node.op_type == "Mul" else node.input[:1])
+
+
+def shapes_of_codes(model) -> int:
+    """Point every ``Shape`` of a DequantizeLinear output at the DequantizeLinear's codes (in
+    place; module docstring). Returns the number rewired."""
+    producer, _, _ = _index(model.graph)
+    rewired = 0
+    for node in model.graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "Shape" else None
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            node.input[0] = dq.input[0]
+            rewired += 1
+    _drop_unread(model.graph)
+    return rewired
+
+
+def gather_codes(model) -> int:
+    """Rewrite ``Gather(DequantizeLinear(codes, s, z), i)`` of a constant per-tensor table as
+    ``DequantizeLinear(Gather(codes, i), s, z)`` (in place; module docstring). Returns the
+    number rewritten."""
+    from onnx import helper
+
+    graph = model.graph
+    producer, readers, values = _index(graph)
+    rewritten = 0
+    for gather in list(graph.node):
+        dq = producer.get(gather.input[0]) if gather.op_type == "Gather" else None
+        if (dq is None or dq.op_type != "DequantizeLinear" or values(dq.input[0]) is None
+                or any(values(name) is None or values(name).size != 1 for name in dq.input[1:] if name)):
+            continue
+        codes = f"{gather.output[0]}/codes"
+        name = dq.name if len(readers[dq.output[0]]) == 1 else f"{dq.name}/{gather.name}"
+        new_dq = helper.make_node("DequantizeLinear", [codes, *dq.input[1:]], [gather.output[0]], name=name)
+        gather.input[0], gather.output[0] = dq.input[0], codes
+        graph.node.insert(list(graph.node).index(gather) + 1, new_dq)
+        rewritten += 1
+    _drop_unread(graph)
+    return rewritten
+
+
+def _drop_unread(graph) -> None:
+    """Remove the nodes no node and no graph output reads (a DequantizeLinear a rewrite bypassed)."""
+    outputs = {out.name for out in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        unread = [node for node in graph.node if not any(out in read for out in node.output)]
+        if not unread:
+            return
+        for node in unread:
+            graph.node.remove(node)
+
+
+def linear_as_gemm(model) -> int:
+    """Rewrite each ``MatMul(DequantizeLinear(codes), [Transpose] DequantizeLinear(W))`` of a
+    constant 2-D weight, with the ``Add`` of a constant 1-D DequantizeLinear bias after it, as
+    Flatten -> Gemm -> Reshape (in place; module docstring). Returns the number rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    producer, readers, values = _index(graph)
+    replaced: list[tuple] = []
+    rows: dict[str, str] = {}  # codes -> their flattened DequantizeLinear's output
+    for mm in graph.node:
+        linear = _linear(mm, producer, readers, values) if mm.op_type == "MatMul" else None
+        if linear is None:
+            continue
+        x_dq, weight, trans_b, add, bias = linear
+        codes, p = x_dq.input[0], mm.name  # (..., K) codes; p names the new values
+        n_out = numpy_helper.from_array(np.array([values(weight.input[0]).shape[0 if trans_b else 1]], np.int64),
+                                        f"{p}/out_features")
+        graph.initializer.append(n_out)
+        out = add.output[0] if add is not None else mm.output[0]
+        nodes = []
+        if codes not in rows:  # one flattened input for the layers that read the same codes (q, k, v)
+            rows[codes] = f"{codes}/rows"
+            nodes += [helper.make_node("Flatten", [codes], [f"{codes}/rows_codes"], axis=-1),  # (rows, K)
+                      helper.make_node("DequantizeLinear", [f"{codes}/rows_codes", *x_dq.input[1:]], [rows[codes]],
+                                       name=f"{x_dq.name}/rows")]
+        nodes += [helper.make_node("Gemm", [rows[codes], weight.output[0]] + ([bias] if bias else []), [f"{p}/y"],
+                                   name=f"{p}/Gemm", transB=int(trans_b)),  # (rows, N)
+                  helper.make_node("Shape", [codes], [f"{p}/leading"], end=-1),
+                  helper.make_node("Concat", [f"{p}/leading", n_out.name], [f"{p}/shape"], axis=0),
+                  helper.make_node("Reshape", [f"{p}/y", f"{p}/shape"], [out], name=f"{p}/Reshape")]  # (..., N)
+        replaced.append((add if add is not None else mm, nodes))
+        mm.output[0] = f"{p}/unread"
+    for last, nodes in replaced:  # in place of the Add (or MatMul): every input is computed before it
+        at = list(graph.node).index(last)
+        graph.node.remove(last)
+        for i, node in enumerate(nodes):
+            graph.node.insert(at + i, node)
+    _drop_unread(graph)
+    return len(replaced)
+
+
+def _linear(mm, producer: dict, readers: dict, values):
+    """(input DequantizeLinear, weight DequantizeLinear, transB, bias Add or None, bias name) of
+    a MatMul with a constant 2-D weight on a grid, or None."""
+    x_dq, w = producer.get(mm.input[0]), producer.get(mm.input[1])
+    trans_b = w is not None and w.op_type == "Transpose" and list(w.attribute[0].ints) == [1, 0]
+    if trans_b:
+        w = producer.get(w.input[0])
+    if (x_dq is None or x_dq.op_type != "DequantizeLinear" or w is None or w.op_type != "DequantizeLinear"
+            or values(w.input[0]) is None or values(w.input[0]).ndim != 2):
+        return None
+    add = readers.get(mm.output[0], [])
+    add = add[0] if len(add) == 1 and add[0].op_type == "Add" else None
+    bias = None if add is None else next(i for i in add.input if i != mm.output[0])
+    b_dq = producer.get(bias) if bias else None
+    if b_dq is None or b_dq.op_type != "DequantizeLinear" or values(b_dq.input[0]) is None or values(b_dq.input[0]).ndim != 1:
+        add = bias = None
+    return x_dq, w, trans_b, add, bias
+
+
+def _exact_divisor(q, scale: np.float32, producer: dict, values) -> "np.float32 | None":
+    """For a QuantizeLinear reading a grid: a divisor ``d`` (``s`` itself, else a float32 a few
+    ulps away) with ``round(x / d) == round(x * float32(1 / s))`` for every value ``x`` the grid
+    can bring it (its 256 codes through the ops between), so that onnxruntime's division gives
+    the fake-quant codes without the ``Mul``; None when there is none or the values are unknown."""
+    x = _grid_values(q.input[0], producer, values)
+    if x is None:
+        return None
+    wanted = np.rint(x * (np.float32(1) / scale))
+    candidates = [scale] + [np.float32(c) for k in range(1, 5)
+                            for c in (_ulps(scale, k), _ulps(scale, -k))]
+    return next((d for d in candidates if np.array_equal(np.rint(x / d), wanted)), None)
+
+
+def _ulps(x: np.float32, k: int) -> np.float32:
+    return (np.array(x, np.float32).view(np.int32) + np.int32(k)).view(np.float32)[()]
+
+
+def _grid_values(name: str, producer: dict, values) -> "np.ndarray | None":
+    """Every float32 value ``name`` can hold when it comes from a per-tensor DequantizeLinear
+    through ``Relu``, a scalar constant ``Mul``, a constant-filling ``Where`` and data movement;
+    None for anything else."""
+    node = producer.get(name)
+    if node is None:
+        return None
+    if node.op_type == "DequantizeLinear":
+        scale, zero = values(node.input[1]), values(node.input[2]) if len(node.input) > 2 else np.uint8(0)
+        if scale is None or zero is None or scale.size != 1 or zero.size != 1 or zero.dtype not in (np.int8, np.uint8):
+            return None
+        info = np.iinfo(zero.dtype)
+        codes = np.arange(info.min, info.max + 1, dtype=np.int32)
+        return ((codes - np.int32(zero.reshape(()))).astype(np.float32) * np.float32(scale.reshape(())))
+    if node.op_type not in GRID_KEEPING:
+        return None
+    data = [i for i in _data_inputs(node) if i and values(i) is None]
+    constants = [values(i) for i in _data_inputs(node) if i and values(i) is not None]
+    if len(data) != 1 or any(c.size != 1 for c in constants):
+        return None
+    x = _grid_values(data[0], producer, values)
+    if x is None:
+        return None
+    if node.op_type == "Relu":
+        return np.maximum(x, np.float32(0))
+    if node.op_type == "Mul":
+        return x * np.float32(constants[0].reshape(()))
+    if node.op_type == "Where":
+        return np.concatenate([x, np.float32(constants[0].reshape((1,)))]) if constants else x
+    return x

@@ -26,7 +26,8 @@ from torch import nn
 from qswap.errors import DependencyError, ExportError
 from qswap.export.compact import compact as compact_graph
 from qswap.export.encoders import encoder_graph
-from qswap.export.graph_passes import fold_constant_scales, quantize_by_inverse
+from qswap.export.graph_passes import (fold_constant_scales, gather_codes, linear_as_gemm, quantize_by_inverse,
+                                        shapes_of_codes)
 from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
 from qswap.io.atomic import atomic_write_bytes
 from qswap.quant.fake_quantize import FakeQuantize
@@ -87,6 +88,9 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
     model = _onnx_module().load_model_from_string(buffer.getvalue())
     fold_constant_scales(model)
     quantize_by_inverse(model)
+    shapes_of_codes(model)
+    gather_codes(model)
+    linear_as_gemm(model)
     if compact:
         compact_graph(model, {f"{name}.codes" for name, m in graph.named_modules(remove_duplicate=False)
                               if isinstance(m, WeightDQ) and m.four_bit})
@@ -108,12 +112,13 @@ def _record(graph: nn.Module, stand_ins: list[nn.Module], args: tuple) -> None:
 
 
 def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_path: str | None = None,
-                 level: str = "extended", spinning: bool = False):
+                 level: str = "extended", spinning: bool = False, profile_prefix: str | None = None):
     """An onnxruntime CPU session of the graph at ``path``; ExportError for a missing or
     unreadable graph file, DependencyError when onnxruntime is not installed. ``spinning``: the
     pool's threads spin between runs, waiting for the next (onnxruntime's default); off, they
     yield the cores, which a decode needs between its steps: fairseq's beam search runs torch's
-    own threads there."""
+    own threads there. ``profile_prefix``: onnxruntime's profiler on, its JSON (the time of every
+    node of every run) written under this prefix by ``session.end_profiling()``."""
     ort = _onnxruntime()
     path = Path(path)
     if not path.is_file():
@@ -125,6 +130,8 @@ def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_pat
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        options.enable_profiling, options.profile_file_prefix = True, str(profile_prefix)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException types

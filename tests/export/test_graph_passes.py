@@ -1,8 +1,10 @@
 """fold_constant_scales: DequantizeLinear * positive scalar -> DequantizeLinear with the scale
 times it (values to float32 rounding), and nothing else folded. quantize_by_inverse: every
-QuantizeLinear onnxruntime runs gives torch's fake-quant codes bit for bit (``x * (1 / s)``, not
-ONNX's ``x / s``), a Q/DQ-wrapped Softmax stays float (not onnxruntime's QLinearSoftmax), and a
-group onnxruntime fuses into an integer kernel is left to it."""
+QuantizeLinear that reads another grid gives torch's fake-quant codes bit for bit (``x * (1 / s)``
+or a divisor that rounds the same on every grid value, not ONNX's ``x / s``), a Q/DQ-wrapped
+Softmax stays float (not onnxruntime's QLinearSoftmax), and a quantizer of a computed value (a
+group onnxruntime fuses into an integer kernel, a graph input) is left dividing.
+shapes_of_codes, gather_codes, linear_as_gemm: the same values, fewer float passes."""
 import numpy as np
 import pytest
 
@@ -11,7 +13,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from qswap.export.graph_passes import fold_constant_scales, quantize_by_inverse  # noqa: E402
+from qswap.export.graph_passes import (UNIT_SCALE, fold_constant_scales, gather_codes,  # noqa: E402
+                                      linear_as_gemm, quantize_by_inverse, shapes_of_codes)
 from qswap.export.onnx import load_session  # noqa: E402
 
 
@@ -75,12 +78,18 @@ def softmax_graph(keys: int):
     return one_input_model(nodes, inits, keys)
 
 
-def requantize_graph():
-    """x -> Q/DQ on one grid -> Q/DQ on a grid 85/38 times finer: every 38th code of the first
-    lands on a rounding tie of the second (fc2.input_quant reading ffn_act_quant)."""
+# (s_a, z_a, s_b): fc2.input_quant reading ffn_act_quant, a grid 85/38 times finer (every 38th
+# code of the first on a rounding tie of the second; a divisor a few ulps from s_b rounds them
+# as x * (1 / s_b) does), and a grid pair 31/40 apart whose ties no such divisor rounds alike
+GRID_PAIRS = {"divisor": (0.05088728293776512, 141, 0.022749608382582664),
+              "no_divisor": (0.03728753328323364, 147, 0.04811294749379158)}
+
+
+def requantize_graph(s_a, z_a, s_b):
+    """x -> Q/DQ on one grid -> Q/DQ on another."""
     nodes = qdq("a", "x", "s_a", "z_a") + qdq("y", "a", "s_b", "z_b")
-    inits = [scalar("s_a", 0.05088728293776512, np.float32), scalar("z_a", 141, np.uint8),
-             scalar("s_b", 0.022749608382582664, np.float32), scalar("z_b", 0, np.uint8)]
+    inits = [scalar("s_a", s_a, np.float32), scalar("z_a", z_a, np.uint8),
+             scalar("s_b", s_b, np.float32), scalar("z_b", 0, np.uint8)]
     return one_input_model(nodes, inits, 255)
 
 
@@ -111,20 +120,24 @@ def test_softmax_kept_float_gives_the_fake_quant_codes(keys, tmp_path):
     fused, ops = outputs(model, x, tmp_path, "all")
     assert "QLinearSoftmax" in ops  # without the pass: onnxruntime's table-driven softmax ...
     assert 0 < np.mean(fused != reference) and np.abs(fused - reference).max() * 255 < 1.01  # ... steps off
-    assert quantize_by_inverse(model) == 2
+    assert quantize_by_inverse(model) == 1  # the softmax's output quantizer (its input's reads x)
     kept, ops = outputs(model, x, tmp_path, "all")
     assert "QLinearSoftmax" not in ops and "Softmax" in ops
     np.testing.assert_array_equal(kept, reference)
 
 
-def test_a_grid_read_by_another_grid_gives_the_fake_quant_codes(tmp_path):
-    x = np.tile((np.arange(255, dtype=np.float32) - 141) * np.float32(0.05088728293776512), (2, 1))
-    a = fake_quantize(x, np.float32(0.05088728293776512), 141)
-    reference = fake_quantize(a, np.float32(0.022749608382582664), 0)
-    model = requantize_graph()
+@pytest.mark.parametrize("pair", sorted(GRID_PAIRS))
+def test_a_grid_read_by_another_grid_gives_the_fake_quant_codes(pair, tmp_path):
+    s_a, z_a, s_b = GRID_PAIRS[pair]
+    x = np.tile((np.arange(256, dtype=np.float32) - z_a) * np.float32(s_a), (2, 1))[:, :255]
+    a = fake_quantize(x, np.float32(s_a), z_a)
+    reference = fake_quantize(a, np.float32(s_b), 0)
+    model = requantize_graph(s_a, z_a, s_b)
     divided, _ = outputs(model, x, tmp_path, "all")
     assert np.any(divided != reference)  # ONNX's x / s and torch's x * (1 / s) break ties apart
-    assert quantize_by_inverse(model) == 2
+    assert quantize_by_inverse(model) == (pair == "no_divisor")  # a Mul only where no divisor does it
+    scale = {n.name: n.input[1] for n in model.graph.node}["y/QuantizeLinear"]
+    assert scale == ("s_b/divisor" if pair == "divisor" else UNIT_SCALE)
     np.testing.assert_array_equal(outputs(model, x, tmp_path, "all")[0], reference)
     np.testing.assert_array_equal(outputs(model, x, tmp_path, "disabled")[0], reference)
 
@@ -135,7 +148,66 @@ def test_a_group_onnxruntime_fuses_is_left():
               helper.make_node("DequantizeLinear", ["y_q", "s", "z"], ["y"], name="out/DequantizeLinear")]
     inits = [scalar("s", 0.05, np.float32), scalar("s2", 0.03, np.float32), scalar("z", 128, np.uint8)]
     model = one_input_model(nodes, inits, 4)
-    assert quantize_by_inverse(model) == 2  # the two input quantizers, not the Add's (QLinearAdd)
-    muls = [n.output[0] for n in model.graph.node if n.op_type == "Mul"]
-    assert [q.input[0] for q in model.graph.node if q.name in ("a/QuantizeLinear", "b/QuantizeLinear")] == muls
+    assert quantize_by_inverse(model) == 0  # the Add's quantizer (QLinearAdd), and two of a graph input
+    assert "Mul" not in [n.op_type for n in model.graph.node]
     assert next(q for q in model.graph.node if q.name == "out/QuantizeLinear").input[:2] == ["sum", "s"]
+
+
+def linear_graph(bias: bool):
+    """(T, B, 6) input codes -> a linear layer traced as torch does (MatMul with the transposed
+    weight, then the bias Add) -> Q/DQ; the attention-scores shape read from the dequantized input."""
+    rng = np.random.default_rng(0)
+    nodes = qdq("x_dq", "x", "s", "z") + [
+        helper.make_node("DequantizeLinear", ["w_codes", "s_w", "z_w"], ["w"], name="fc/weight_quant/DequantizeLinear"),
+        helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0], name="fc/Transpose"),
+        helper.make_node("MatMul", ["x_dq", "w_t"], ["mm"], name="fc/MatMul")]
+    inits = [scalar("s", 0.05, np.float32), scalar("z", 128, np.uint8), scalar("s_w", 0.01, np.float32),
+             scalar("z_w", 0, np.int8),
+             scalar("s_y", 0.04, np.float32), scalar("z_y", 120, np.uint8),
+             numpy_helper.from_array(rng.integers(-127, 128, (5, 6)).astype(np.int8), "w_codes")]
+    if bias:
+        nodes += [helper.make_node("DequantizeLinear", ["b_codes", "s_b"], ["b"], name="fc/bias_quant/DequantizeLinear"),
+                  helper.make_node("Add", ["b", "mm"], ["lin"], name="fc/Add")]
+        inits += [numpy_helper.from_array(rng.integers(-3000, 3000, 5).astype(np.int32), "b_codes"),
+                  scalar("s_b", 0.05 * 0.01, np.float32)]
+    nodes += qdq("y", "lin" if bias else "mm", "s_y", "z_y")
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, 5])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_linear_layer_becomes_one_integer_gemm(bias, tmp_path):
+    x = np.random.default_rng(1).normal(0, 2, (7, 3, 6)).astype(np.float32)
+    model = linear_graph(bias)
+    before, ops = outputs(model, x, tmp_path, "all")
+    assert "MatMulIntegerToFloat" in ops or "QLinearMatMul" in ops
+    assert linear_as_gemm(model) == 1
+    assert "MatMul" not in [n.op_type for n in model.graph.node]
+    for level in ("disabled", "all"):
+        after, ops = outputs(model, x, tmp_path, level)
+        assert after.shape == (7, 3, 5)
+        # the same products and bias; the output rounds from the int32 sum scaled once
+        assert np.abs(after - before).max() <= np.float32(0.04) * 1.001 and np.mean(after != before) < 0.05
+    assert "QGemm" in ops and not ops & {"MatMulIntegerToFloat", "QLinearMatMul", "MatMul", "Gemm"}
+
+
+def test_shapes_read_codes_and_a_table_is_dequantized_after_its_gather(tmp_path):
+    table = np.random.default_rng(2).integers(-128, 128, (50, 4)).astype(np.int8)
+    nodes = [helper.make_node("DequantizeLinear", ["table", "s", "z"], ["table_dq"], name="pos/DequantizeLinear"),
+             helper.make_node("Cast", ["x"], ["idx"], to=TensorProto.INT64),
+             helper.make_node("Gather", ["table_dq", "idx"], ["rows"], name="pos/Gather"),
+             helper.make_node("Shape", ["rows"], ["shape"]),
+             helper.make_node("Reshape", ["rows", "shape"], ["y"])]
+    inits = [numpy_helper.from_array(table, "table"), scalar("s", 0.1, np.float32), scalar("z", 0, np.int8)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6, 4])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array([[0, 3, 49, 7, 7, 1]], np.float32)
+    before, _ = outputs(model, x, tmp_path, "all")
+    assert gather_codes(model) == 1 and shapes_of_codes(model) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.index("Gather") < ops.index("DequantizeLinear")  # the rows, not the table
+    assert [n.input[0] for n in model.graph.node if n.op_type == "Shape"] == ["rows/codes"]
+    for level in ("disabled", "all"):
+        np.testing.assert_array_equal(outputs(model, x, tmp_path, level)[0], before)

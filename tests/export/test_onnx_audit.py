@@ -31,15 +31,17 @@ def test_buckets_cover_every_node_of_the_optimized_graph(report):
 
 
 def test_integer_kernels_are_counted(report):
-    # onnxruntime fuses the QDQ convs into QLinearConv, and the q/k/v/out projections, fc1, fc2
-    # and probs @ v into MatMulIntegerToFloat (2 layers): uint8 activation codes let it take the
-    # shared input quantizer of q, k and v
+    # onnxruntime fuses the QDQ convs into QLinearConv, the q/k/v/out projections, fc1 and fc2
+    # with their int32 biases into QGemm (graph_passes.linear_as_gemm; 2 layers): uint8 activation
+    # codes let it take the shared input quantizer of q, k and v
     assert report.integer_ops.get("QLinearConv") == 2
-    # and q @ k^T once the constant `* scaling` is folded into q's DequantizeLinear scale (its
-    # output quantizer multiplies by 1 / s: quantize_by_inverse), 2 layers
-    assert report.integer_ops.get("MatMulIntegerToFloat", 0) >= 16
-    # the residual adds of two quantized operands onto the next grid
-    assert report.integer_ops.get("QLinearAdd") == 4
+    assert report.integer_ops.get("QGemm") == 12
+    # probs @ v and q @ k^T (once the constant `* scaling` is folded into q's DequantizeLinear
+    # scale) into MatMulIntegerToFloat or, quantized right after, QLinearMatMul
+    assert report.integer_ops.get("MatMulIntegerToFloat", 0) + report.integer_ops.get("QLinearMatMul", 0) == 4
+    # the residual adds of two quantized operands onto the next grid, and the positions added to
+    # the scaled features (the table's rows dequantized after their Gather: gather_codes)
+    assert report.integer_ops.get("QLinearAdd") == 5
     assert report.integer_count == sum(report.integer_ops.values())
 
 
