@@ -81,13 +81,11 @@ def _bits(quantizers: list[FakeQuantize], bits: int) -> Iterator[None]:
     saved = [(q.spec, q.observer.spec) for q in quantizers]
     try:
         for q in quantizers:
-            q.spec = q.observer.spec = q.spec.replace(bits=bits)
-            q._weight_key, q._cached = None, None
+            q.spec = q.observer.spec = q.spec.replace(bits=bits)  # drops the grid kept (FakeQuantize.spec)
         yield
     finally:
         for q, (spec, obs_spec) in zip(quantizers, saved):
             q.spec, q.observer.spec = spec, obs_spec
-            q._weight_key, q._cached = None, None
 
 
 def rank_candidates(model: nn.Module, high: Any, batches: list, low_bits: int = 4) -> list[Candidate]:

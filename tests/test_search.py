@@ -91,3 +91,34 @@ def test_added_noise_and_loss_are_ordered_numbers_for_broken_outputs():
     assert _added_noise(-inf, -inf) == inf
     assert _added_noise(inf, inf) == 0.0  # no noise either way
     assert _loss_db(-inf, -inf) == 0.0 and _loss_db(30.0, -inf) == inf
+
+
+def test_low_bit_probe_regrids_the_weights_a_linear_keeps():
+    """``_bits`` replaces weight specs, which changes no tensor: a linear that keeps its quantized
+    (weight, bias) pair must compute the low-bit output, the same as a fresh 2-bit conversion."""
+    import torch
+    from torch import nn
+
+    from qswap.nn.base import QuantConfig
+    from qswap.nn.linear import QLinear
+    from qswap.quant.spec import QuantSpec
+    from qswap.search import _bits
+
+    def linear(bits):
+        torch.manual_seed(0)
+        q = QLinear.from_float(nn.Linear(64, 32), QuantConfig(QuantSpec(bits=bits), QuantSpec(bits=8, symmetric=False)))
+        return q.eval()
+
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    q, fresh = linear(8), linear(2)
+    with torch.no_grad():
+        for m in (q, fresh):
+            m(x)
+            m.input_quant.freeze()
+        high = q(x)
+        q(x)  # the pair kept
+        with _bits([q.weight_quant], 2):
+            low = q(x)
+        back = q(x)
+        assert torch.equal(low, fresh(x)) and not torch.equal(low, high)
+        assert torch.equal(back, high)

@@ -72,8 +72,8 @@ def quantized_pair(owner: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
     """``(weight_quant(weight), bias_quant(bias, input_quant, weight_quant))`` of a weighted op
     (``owner``: a linear, a projection). Without autograd, with an eval-mode weight quantizer, and
     both quantizers unwatched (``watched``: no hook, as the honesty audit's, sees them skipped), the
-    pair is kept in ``owner`` and returned while the weight, the bias, both grids and both enabled
-    flags are what it was computed from: one fingerprint per call instead of one per quantizer (a
+    pair is kept in ``owner`` and returned while the weight, the bias, both grids, both enabled
+    flags and the weight's spec are what it was computed from (a forward with autograd drops it): one fingerprint per call instead of one per quantizer (a
     decoding step runs every linear on a few rows)."""
     fast = not torch.is_grad_enabled() and isinstance(weight_quant, FakeQuantize) and isinstance(
         input_quant, FakeQuantize) and not weight_quant.training
@@ -81,7 +81,8 @@ def quantized_pair(owner: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
         if watched(weight_quant) or watched(bias_quant):
             fast = False
         else:
-            flags = (input_quant, input_quant.enabled, weight_quant.enabled)
+            flags = (input_quant, input_quant.enabled, weight_quant.enabled, weight_quant.spec)  # a spec held
+            # and compared (``qswap.search`` swaps weight specs, which changes no tensor)
             sources = (weight, *weight_quant.grid_tensors()[:2], *input_quant.grid_tensors()[:2]) + (
                 () if bias is None else (bias,))
             kept = owner.__dict__.get("_quantized_pair")

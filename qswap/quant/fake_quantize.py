@@ -60,6 +60,17 @@ class FakeQuantize(DirectCall, LazyStateModule):
 
     # -- state ---------------------------------------------------------------------------------
     @property
+    def spec(self) -> QuantSpec:
+        return self.__dict__["_spec"]
+
+    @spec.setter
+    def spec(self, spec: QuantSpec) -> None:
+        """A new spec (``qswap.search`` re-grids weights at other widths) drops what the old one
+        computed: the weight's grid and output and the frozen activation grid, re-derived at the
+        next call (their stamps see tensors, not the spec)."""
+        self.__dict__.update(_spec=spec, _cached=None, _weight_stamp=None, _state_stamp=None)
+
+    @property
     def initialized(self) -> bool:
         return self.scale.numel() > 0
 
@@ -181,6 +192,10 @@ class FakeQuantize(DirectCall, LazyStateModule):
         if self.kind == "weight":
             return self._forward_weight(x)
         frozen, grid = self.frozen_grid()
+        if self.spec.learnable and self.training and torch.is_grad_enabled():
+            # a training step's optimizer may write the learned scale through ``.data`` (fairseq's
+            # Adam), which no stamp sees: the next inference call re-reads the grid
+            self.__dict__["_state_stamp"] = None
         if grid is not None and x.dtype == torch.float32 and x.is_cpu and not (
                 torch.is_grad_enabled() and (x.requires_grad or (self.spec.learnable and self.training))):
             return fake_quantize_grid(x, grid)  # frozen inference: _passes_ok, spec-level parts in frozen_grid

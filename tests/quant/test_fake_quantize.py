@@ -106,6 +106,43 @@ def test_weight_grid_follows_in_place_data_updates_after_a_training_forward():
         torch.testing.assert_close(fq(w), before * 2)
 
 
+def test_learned_activation_scale_written_through_data_is_used_at_the_next_inference():
+    """A QAT step of a learned (LSQ) activation scale with fairseq's Adam, which writes it through
+    ``.data`` (no version bump): the next inference call uses the new grid, not the one it kept
+    before the training forward."""
+    fq = FakeQuantize(QuantSpec(bits=4, symmetric=False, learnable=True))
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fq(x)
+    fq.freeze()
+    fq.eval()
+    with torch.no_grad():
+        fq(x)  # the frozen grid kept
+    fq.train()
+    fq(x.clone().requires_grad_()).square().sum().backward()
+    fq.scale.data.mul_(0.75)  # the optimizer's write
+    fq.eval()
+    with torch.no_grad():
+        expected = torch.fake_quantize_per_tensor_affine(x, float(fq.scale), int(fq.zero_point),
+                                                         fq.spec.qmin, fq.spec.qmax)
+        assert torch.equal(fq(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["weight", "activation"])
+def test_a_new_spec_drops_the_grid_kept_for_the_old_one(kind):
+    """``qswap.search`` re-grids quantizers by replacing their spec, which changes no tensor."""
+    fq = FakeQuantize(QuantSpec(bits=8, symmetric=kind == "weight"), kind=kind).eval()
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if kind == "activation":
+            fq(x)
+            fq.freeze()
+        high = fq(x)
+        fq.spec = fq.observer.spec = fq.spec.replace(bits=2)
+        low = fq(x)
+    assert len(torch.unique(low)) <= 4 < len(torch.unique(high))
+
+
 SCALAR_SPECS = [QuantSpec(bits=8, symmetric=False, observer="moving_average"),
                 QuantSpec(bits=8, observer="minmax"), QuantSpec(bits=4, narrow_range=True, observer="minmax"),
                 QuantSpec(bits=8, signed=False, observer="minmax"),

@@ -75,9 +75,32 @@ def _to(q):
         q.fc.weight.mul_(-1.0)
 
 
+def _narrowed_view(q):
+    """``.data`` set to a narrower view of the same storage (the tensor, its version and its
+    storage address kept): the fc's weight and bias cut to fewer outputs, as pruning does."""
+    with torch.no_grad():
+        q.fc.weight.data = q.fc.weight.data[:2]
+        q.fc.bias.data = q.fc.bias.data[:2]
+
+
+def _square_transpose(q):
+    """``.data`` set to a transposed view of a (4, 4, 3) weight: the same shape, new strides."""
+    with torch.no_grad():
+        q.conv.weight_v.data = q.conv.weight_v.data.transpose(0, 1)
+
+
+def _new_storages_twice(q):
+    """Two ``.data`` assignments in a row: the storage freed by the first may be handed to the
+    second (the same address), unless the stamp holds it."""
+    with torch.no_grad():
+        for _ in range(2):
+            q.fc.weight.data = torch.randn_like(q.fc.weight)
+
+
 CHANGES = {"load_state_dict": _load_state_dict, "copy_": _copy_,
            "torch_sgd_step": _step(torch.optim.SGD, lr=0.5), "fairseq_adam_step": _fairseq_adam_step,
-           "to": _to}
+           "to": _to, "narrowed_view": _narrowed_view, "square_transpose": _square_transpose,
+           "new_storages_twice": _new_storages_twice}
 
 
 @pytest.mark.parametrize("change", CHANGES)
@@ -91,7 +114,21 @@ def test_cached_model_follows_every_change_of_its_tensors(change):
     with torch.no_grad():
         after = q(x)
     torch.testing.assert_close(after, _uncached(q, x), rtol=0, atol=1e-6)
-    assert not torch.equal(after, before)
+    assert after.shape != before.shape or not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("size", [8, 64, 256])
+def test_a_freed_storage_handed_back_at_the_same_address_is_not_taken_for_the_old_one(size):
+    """``.data = new`` frees the old storage; the allocator may give its address to the next
+    tensor of the same size, with the same id and version: the stamp holds the old storage, so
+    the address cannot come back while the stamp lives (20 tries each; the old stamp missed most)."""
+    from qswap.quant.stamp import stamp, unchanged
+    w = nn.Parameter(torch.randn(size, size))
+    for _ in range(20):
+        kept = stamp(w)
+        w.data = torch.empty_like(w).normal_()
+        w.data = torch.empty_like(w).normal_()
+        assert not unchanged(kept, w)
 
 
 def test_the_fingerprint_of_three_tensors_is_the_general_one_and_sees_each_change():
