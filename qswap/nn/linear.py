@@ -31,7 +31,7 @@ class _Weighted(QuantModule):
         self.simulate = config.simulate
 
     def quantized_params(self, input_quant: nn.Module | None = None) -> tuple:
-        return quantized_pair(self, self.weight, self.bias, input_quant or self.input_quant, self.weight_quant,
+        return quantized_pair(self.weight, self.bias, input_quant or self.input_quant, self.weight_quant,
                               self.bias_quant)
 
     def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:

@@ -7,6 +7,8 @@ its own; ``last_scale`` keeps the grid of the latest call for the honesty audit.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -21,11 +23,23 @@ class BiasQuantize(DirectCall):
     qmin, qmax, bits = QMIN, QMAX, 32
     kind = "bias"  # no spec of its own: the grid of the accumulator it is added to
 
+    _KEPT = ("_key", "_cached", "_pair")  # what a copy or a pickle leaves behind (rebuilt on use)
+
     def __init__(self) -> None:
         super().__init__()
         self.last_scale: torch.Tensor | None = None
         self._key: tuple | None = None
         self._cached: torch.Tensor | None = None
+        self._pair: tuple | None = None  # quantized_pair's kept (weight, bias) of its op
+
+    def __deepcopy__(self, memo):
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update({k: None if k in self._KEPT else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
+
+    def __getstate__(self):
+        return {k: None if k in self._KEPT else v for k, v in self.__dict__.items()}
 
     def forward(self, bias: torch.Tensor | None, input_quant: nn.Module, weight_quant: nn.Module,
                 rows: slice | None = None) -> torch.Tensor | None:
@@ -67,14 +81,15 @@ def _sources(bias: torch.Tensor, input_quant: FakeQuantize, weight_quant: FakeQu
     return bias, in_scale, in_zero_point, w_scale, w_zero_point
 
 
-def quantized_pair(owner: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, input_quant: nn.Module,
+def quantized_pair(weight: torch.Tensor, bias: torch.Tensor | None, input_quant: nn.Module,
                    weight_quant: nn.Module, bias_quant: BiasQuantize) -> tuple:
-    """``(weight_quant(weight), bias_quant(bias, input_quant, weight_quant))`` of a weighted op
-    (``owner``: a linear, a projection). Without autograd, with an eval-mode weight quantizer, and
-    both quantizers unwatched (``watched``: no hook, as the honesty audit's, sees them skipped), the
-    pair is kept in ``owner`` and returned while the weight, the bias, both grids, both enabled
-    flags and the weight's spec are what it was computed from (a forward with autograd drops it): one fingerprint per call instead of one per quantizer (a
-    decoding step runs every linear on a few rows)."""
+    """``(weight_quant(weight), bias_quant(bias, input_quant, weight_quant))`` of a weighted op (a
+    linear, a projection: ``bias_quant`` is its own). Without autograd, with an eval-mode weight
+    quantizer, and both quantizers unwatched (``watched``: no hook, as the honesty audit's, sees
+    them skipped), the pair is kept in ``bias_quant`` and returned while the weight, the bias, both
+    grids, both enabled flags and the weight's spec are what it was computed from (a forward with
+    autograd drops it): one fingerprint per call instead of one per quantizer (a decoding step
+    runs every linear on a few rows). A copy of the module does not copy it."""
     fast = not torch.is_grad_enabled() and isinstance(weight_quant, FakeQuantize) and isinstance(
         input_quant, FakeQuantize) and not weight_quant.training
     if fast:
@@ -85,9 +100,9 @@ def quantized_pair(owner: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
             # and compared (``qswap.search`` swaps weight specs, which changes no tensor)
             sources = (weight, *weight_quant.grid_tensors()[:2], *input_quant.grid_tensors()[:2]) + (
                 () if bias is None else (bias,))
-            kept = owner.__dict__.get("_quantized_pair")
+            kept = bias_quant.__dict__.get("_pair")
             if kept is not None and kept[1] == flags and kept[2][1] == fingerprint(*sources):
                 return kept[0]
     pair = weight_quant(weight), bias_quant(bias, input_quant, weight_quant)
-    owner.__dict__["_quantized_pair"] = (pair, flags, stamp(*sources)) if fast else None
+    bias_quant.__dict__["_pair"] = (pair, flags, stamp(*sources)) if fast else None
     return pair

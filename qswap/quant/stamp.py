@@ -32,10 +32,26 @@ def fingerprint(*tensors: torch.Tensor) -> list:
     return out
 
 
+class _Held:
+    """The storages a stamp keeps alive (a freed storage's address could be handed to the next
+    allocation, the same tensor's new storage). A copy or a pickle of a stamp holds none: its
+    fingerprint names the original tensors, which a copy's never match."""
+
+    __slots__ = ("storages",)
+
+    def __init__(self, storages: tuple = ()):
+        self.storages = storages
+
+    def __reduce__(self):
+        return _Held, ()
+
+    def __deepcopy__(self, memo):
+        return _Held()
+
+
 def stamp(*tensors: torch.Tensor) -> Stamp:
-    """The stamp of ``tensors``: the fingerprint, and the tensors and their storages held (a freed
-    storage's address could be handed to the next allocation, the same tensor's new storage)."""
-    return tensors, fingerprint(*tensors), tuple(t.untyped_storage() for t in tensors)
+    """The stamp of ``tensors``: the fingerprint, and the tensors and their storages held."""
+    return tensors, fingerprint(*tensors), _Held(tuple(t.untyped_storage() for t in tensors))
 
 
 def unchanged(old: Stamp | None, *tensors: torch.Tensor) -> bool:

@@ -84,7 +84,7 @@ def test_the_kept_weight_and_bias_pair_follows_flags_writes_and_hooks():
     q.input_quant.freeze()
     with torch.no_grad():
         first = q(x)
-        assert q.__dict__["_quantized_pair"] is not None and torch.equal(q(x), first)
+        assert q.bias_quant._pair is not None and torch.equal(q(x), first)
         with enabled_only([q.weight_quant], keep=[]):  # the weight in float: the bias stays float too
             assert torch.equal(q(x), torch.nn.functional.linear(q.input_quant(x), q.weight, q.bias))
         assert torch.equal(q(x), first)
@@ -98,3 +98,20 @@ def test_the_kept_weight_and_bias_pair_follows_flags_writes_and_hooks():
             q(x)
             handle.remove()
         assert seen == [q.weight_quant, q.bias_quant]
+
+
+def test_a_copy_or_a_pickle_leaves_the_kept_values_behind():
+    """The kept pair and bias grid are rebuilt on use: a deep copy (the export copies models) and
+    a pickle do not carry them, and the copy computes what the original does."""
+    import copy
+    import pickle
+
+    q, x = _qlinear()
+    q.input_quant.freeze()
+    with torch.no_grad():
+        first = q(x)
+    assert q.bias_quant._pair is not None and q.bias_quant._cached is not None
+    for other in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):
+        assert (other.bias_quant._pair, other.bias_quant._key, other.bias_quant._cached) == (None, None, None)
+        with torch.no_grad():
+            assert torch.equal(other(x), first)

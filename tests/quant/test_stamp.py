@@ -148,3 +148,18 @@ def test_the_fingerprint_of_three_tensors_is_the_general_one_and_sees_each_chang
     assert not unchanged(kept, a, b, c)
     kept = stamp(a, b, c)
     assert not unchanged(kept, a, b.clone(), c) and not unchanged(kept, a, b)
+
+
+def test_a_model_with_filled_caches_pickles_and_copies():
+    """Every cache filled (a frozen grid, a weight's output, a bias grid, derived weights): the
+    model pickles and deep-copies (a stamp's held storages are left behind), and both compute
+    what the original does."""
+    import pickle
+
+    q = _converted(seed=0)
+    x = torch.randn(2, 4, 6)
+    with torch.no_grad():
+        q(x)
+        expected = q(x)
+        for other in (pickle.loads(pickle.dumps(q)), copy.deepcopy(q)):
+            assert torch.equal(other(x), expected)

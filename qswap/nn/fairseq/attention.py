@@ -72,7 +72,7 @@ class Projection(nn.Module):
         value = None if out_quant is None else onto_linear(self, x, x_quant, out_quant, self.to_integer)
         if value is not None and not torch.is_grad_enabled():
             return value
-        y = F.linear(x, *quantized_pair(self, self.weight, self.bias, x_quant, self.weight_quant, self.bias_quant))
+        y = F.linear(x, *quantized_pair(self.weight, self.bias, x_quant, self.weight_quant, self.bias_quant))
         return y if value is None else straight_through(value, y)
 
     def extra_repr(self) -> str:
