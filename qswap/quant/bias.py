@@ -7,19 +7,17 @@ its own; ``last_scale`` keeps the grid of the latest call for the honesty audit.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from qswap.quant.direct_call import DirectCall, watched
 from qswap.quant.fake_quantize import FakeQuantize
-from qswap.quant.stamp import fingerprint, stamp
+from qswap.quant.stamp import LeavesCaches, fingerprint, stamp
 
 QMIN, QMAX = -(2 ** 31), 2 ** 31 - 1
 
 
-class BiasQuantize(DirectCall):
+class BiasQuantize(LeavesCaches, DirectCall):
     qmin, qmax, bits = QMIN, QMAX, 32
     kind = "bias"  # no spec of its own: the grid of the accumulator it is added to
 
@@ -31,15 +29,6 @@ class BiasQuantize(DirectCall):
         self._key: tuple | None = None
         self._cached: torch.Tensor | None = None
         self._pair: tuple | None = None  # quantized_pair's kept (weight, bias) of its op
-
-    def __deepcopy__(self, memo):
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        new.__dict__.update({k: None if k in self._KEPT else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
-        return new
-
-    def __getstate__(self):
-        return {k: None if k in self._KEPT else v for k, v in self.__dict__.items()}
 
     def forward(self, bias: torch.Tensor | None, input_quant: nn.Module, weight_quant: nn.Module,
                 rows: slice | None = None) -> torch.Tensor | None:

@@ -17,7 +17,6 @@ the weight or the grid changes (``qswap.quant.stamp``).
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -30,12 +29,14 @@ from qswap.quant.observers import make_observer
 from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_grid,
                                     fake_quantize_passes, pass_grid, passes_apply)
 from qswap.quant.spec import QuantSpec
-from qswap.quant.stamp import fingerprint, stamp, unchanged
+from qswap.quant.stamp import LeavesCaches, fingerprint, stamp, unchanged
 
 KINDS = ("weight", "activation")
 
 
-class FakeQuantize(DirectCall, LazyStateModule):
+class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
+    _KEPT = ("_cached", "_weight_stamp", "_state_stamp")  # a copy or a pickle rebuilds them on use
+
     def __init__(self, spec: QuantSpec, kind: str = "activation"):
         super().__init__()
         if kind not in KINDS:
@@ -252,10 +253,3 @@ class FakeQuantize(DirectCall, LazyStateModule):
             state = "disabled"
         return f"{self.kind}, {self.spec.short()}, observer={self.spec.observer}, {state}"
 
-    def __deepcopy__(self, memo):
-        """Copies everything but the eval-mode weight cache (rebuilt on the copy's first use)."""
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            setattr(new, k, None if k in ("_cached", "_weight_stamp", "_state_stamp") else copy.deepcopy(v, memo))
-        return new

@@ -14,6 +14,8 @@ forward with autograd (a training step) drops them (``FakeQuantize``, ``derived_
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 Stamp = tuple  # (the source tensors, their fingerprint, their storages)
@@ -57,3 +59,20 @@ def stamp(*tensors: torch.Tensor) -> Stamp:
 def unchanged(old: Stamp | None, *tensors: torch.Tensor) -> bool:
     """Whether ``tensors`` are, one by one, the very tensors ``old`` stamped, unwritten since."""
     return old is not None and old[1] == fingerprint(*tensors)
+
+
+class LeavesCaches:
+    """A mixin for a module whose attributes named in ``_KEPT`` are caches (each with its stamp):
+    a deep copy (the export copies models) or a pickle leaves them behind, as ``None``, and the
+    copy rebuilds them on use (a stamp names the original's tensors, which a copy's never match)."""
+
+    _KEPT: tuple = ()
+
+    def __deepcopy__(self, memo):
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update({k: None if k in self._KEPT else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
+
+    def __getstate__(self):
+        return {k: None if k in self._KEPT else v for k, v in self.__dict__.items()}
