@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from qswap.errors import ExportError
+from qswap.export.graph_passes import set_nodes
 
 INT4_OPSET = 21
 _RANGES = {"int8": (-8, 7, "int4"), "uint8": (0, 15, "uint4")}
@@ -61,10 +62,11 @@ def inline_identities(model) -> int:
     alias = {n.output[0]: n.input[0] for n in graph.node
              if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in outputs}
     _rename_inputs(graph, alias)
-    dropped = [n for n in graph.node if n.op_type == "Identity" and n.output and n.output[0] in alias]
-    for node in dropped:
-        graph.node.remove(node)
-    return len(dropped)
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in alias)]
+    dropped = len(graph.node) - len(kept)
+    if dropped:
+        set_nodes(graph, kept)
+    return dropped
 
 
 def shared_constants(model) -> int:
@@ -77,15 +79,18 @@ def shared_constants(model) -> int:
     outputs = {o.name for o in graph.output}
     stored: dict[tuple, str] = {}
     alias: dict[str, str] = {}
-    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in outputs
-                 and len(n.attribute) == 1 and n.attribute[0].name == "value"]:
+    replaced = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in outputs
+                and len(n.attribute) == 1 and n.attribute[0].name == "value"]
+    for node in replaced:
         value = numpy_helper.to_array(node.attribute[0].t)
         key = (value.dtype.str, value.shape, value.tobytes())
         if key not in stored:
             stored[key] = node.output[0]
             graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
         alias[node.output[0]] = stored[key]
-        graph.node.remove(node)
+    if replaced:
+        gone = {id(node) for node in replaced}  # ``replaced`` holds each node: its id names it
+        set_nodes(graph, [node for node in graph.node if id(node) not in gone])
     _rename_inputs(graph, alias)
     return len(alias)
 

@@ -58,7 +58,7 @@ def fold_constant_scales(model) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    producer, readers, values = _index(graph)
+    producer, readers, values = index_graph(graph)
     folded = []
     for mul in graph.node:
         if mul.op_type != "Mul":
@@ -82,12 +82,13 @@ def fold_constant_scales(model) -> int:
                     dq.output[0] = out.name  # keep the graph output's name
             folded.append(mul)
             break
-    for mul in folded:
-        graph.node.remove(mul)
+    if folded:
+        gone = {id(mul) for mul in folded}  # ``folded`` holds each Mul: its id names it
+        set_nodes(graph, [node for node in graph.node if id(node) not in gone])
     return len(folded)
 
 
-def _index(graph):
+def index_graph(graph):
     """The node producing each value, the nodes reading each value, and the constant lookup."""
     producer = {out: node for node in graph.node for out in node.output}
     readers: dict[str, list] = {}
@@ -138,7 +139,7 @@ def quantize_by_inverse(model) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    producer, _, values = _index(graph)
+    producer, _, values = index_graph(graph)
     rewritten: list[tuple] = []
     inverses: dict[str, str] = {}  # scale initializer -> its inverse's (one per grid, short names)
     for q in graph.node:
@@ -161,8 +162,10 @@ def quantize_by_inverse(model) -> int:
         mul = helper.make_node("Mul", [q.input[0], inverses[q.input[1]]], [f"{q.output[0]}/times_inverse_scale"])
         q.input[0], q.input[1] = mul.output[0], UNIT_SCALE
         rewritten.append((q, mul))
-    for q, mul in rewritten:  # each Mul right before its QuantizeLinear: the graph stays sorted
-        graph.node.insert(list(graph.node).index(q), mul)
+    if rewritten:  # each Mul right before its QuantizeLinear: the graph stays sorted
+        before = {id(q): mul for q, mul in rewritten}  # ``rewritten`` holds each q: its id names it
+        set_nodes(graph, [n for node in graph.node for n in ((before[id(node)], node) if id(node) in before
+                                                               else (node,))])
     return len(rewritten)
 
 
@@ -200,7 +203,7 @@ def _data_inputs(node) -> list[str]:
 def shapes_of_codes(model) -> int:
     """Point every ``Shape`` of a DequantizeLinear output at the DequantizeLinear's codes (in
     place; module docstring). Returns the number rewired."""
-    producer, _, _ = _index(model.graph)
+    producer, _, _ = index_graph(model.graph)
     rewired = 0
     for node in model.graph.node:
         dq = producer.get(node.input[0]) if node.op_type == "Shape" else None
@@ -218,9 +221,9 @@ def gather_codes(model) -> int:
     from onnx import helper
 
     graph = model.graph
-    producer, readers, values = _index(graph)
-    rewritten = 0
-    for gather in list(graph.node):
+    producer, readers, values = index_graph(graph)
+    after: dict[int, tuple] = {}  # id of a Gather -> (the Gather, the DequantizeLinear to put after it)
+    for gather in graph.node:
         dq = producer.get(gather.input[0]) if gather.op_type == "Gather" else None
         if (dq is None or dq.op_type != "DequantizeLinear" or values(dq.input[0]) is None
                 or any(values(name) is None or values(name).size != 1 for name in dq.input[1:] if name)):
@@ -229,22 +232,39 @@ def gather_codes(model) -> int:
         name = dq.name if len(readers[dq.output[0]]) == 1 else f"{dq.name}/{gather.name}"
         new_dq = helper.make_node("DequantizeLinear", [codes, *dq.input[1:]], [gather.output[0]], name=name)
         gather.input[0], gather.output[0] = dq.input[0], codes
-        graph.node.insert(list(graph.node).index(gather) + 1, new_dq)
-        rewritten += 1
+        after[id(gather)] = (gather, new_dq)  # the Gather held: its id names it while it lives
+    if after:  # each new DequantizeLinear right after its Gather
+        set_nodes(graph, [n for node in graph.node for n in (after[id(node)] if id(node) in after else (node,))])
     _drop_unread(graph)
-    return rewritten
+    return len(after)
 
 
 def _drop_unread(graph) -> None:
-    """Remove the nodes no node and no graph output reads (a DequantizeLinear a rewrite bypassed)."""
-    outputs = {out.name for out in graph.output}
-    while True:
-        read = {name for node in graph.node for name in node.input} | outputs
-        unread = [node for node in graph.node if not any(out in read for out in node.output)]
-        if not unread:
-            return
-        for node in unread:
-            graph.node.remove(node)
+    """Remove the nodes no kept node and no graph output reads (a DequantizeLinear a rewrite
+    bypassed, and what only it read): one sweep from the last node back, the graph being sorted."""
+    read = {out.name for out in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(out in read for out in node.output):
+            kept.append(node)
+            read.update(node.input)
+    if len(kept) < len(graph.node):
+        set_nodes(graph, kept[::-1])
+
+
+def set_nodes(graph, nodes: list) -> None:
+    """Make ``graph.node`` the list ``nodes`` (messages of it, or new ones), in that order."""
+    nodes = [_copy(node) for node in nodes]  # the repeated field's own messages go when it is cleared
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _copy(node):
+    from onnx import NodeProto
+
+    out = NodeProto()
+    out.CopyFrom(node)
+    return out
 
 
 def linear_as_gemm(model) -> int:
@@ -254,7 +274,7 @@ def linear_as_gemm(model) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    producer, readers, values = _index(graph)
+    producer, readers, values = index_graph(graph)
     replaced: list[tuple] = []
     rows: dict[str, str] = {}  # codes -> their flattened DequantizeLinear's output
     for mm in graph.node:
@@ -280,11 +300,9 @@ def linear_as_gemm(model) -> int:
                   helper.make_node("Reshape", [f"{p}/y", f"{p}/shape"], [out], name=f"{p}/Reshape")]  # (..., N)
         replaced.append((add if add is not None else mm, nodes))
         mm.output[0] = f"{p}/unread"
-    for last, nodes in replaced:  # in place of the Add (or MatMul): every input is computed before it
-        at = list(graph.node).index(last)
-        graph.node.remove(last)
-        for i, node in enumerate(nodes):
-            graph.node.insert(at + i, node)
+    if replaced:  # in place of the Add (or MatMul): every input is computed before it
+        instead = {id(last): nodes for last, nodes in replaced}  # ``replaced`` holds each: ids name them
+        set_nodes(graph, [n for node in graph.node for n in instead.get(id(node), (node,))])
     _drop_unread(graph)
     return len(replaced)
 

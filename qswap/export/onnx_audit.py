@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from qswap.errors import DependencyError
+from qswap.export.graph_passes import index_graph
 from qswap.export.onnx import load_session
 from qswap.honesty.markdown import _table as markdown_table
 from qswap.io.atomic import atomic_write_bytes
@@ -172,10 +173,7 @@ def _quantizer_muls(graph) -> set[str]:
     from onnx import numpy_helper
 
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    _, readers, _ = index_graph(graph)
 
     def unit_quantize(node) -> bool:
         scale = constants.get(node.input[1]) if node.op_type == "QuantizeLinear" and len(node.input) > 1 else None

@@ -36,6 +36,8 @@ class BiasQuantize(LeavesCaches, DirectCall):
         if bias is None or not (isinstance(input_quant, FakeQuantize) and input_quant.enabled
                                 and isinstance(weight_quant, FakeQuantize) and weight_quant.enabled):
             return bias  # nothing to align to: the bias stays float, and the audit says so
+        if not input_quant.initialized:  # an empty input: no grid yet
+            return bias  # the bias stays float, and the audit says so
         key = None  # a call with autograd (training) clears the cache
         if not (bias.requires_grad and torch.is_grad_enabled()):
             which = (input_quant, weight_quant, None if rows is None else (rows.start, rows.stop, rows.step))
@@ -44,8 +46,6 @@ class BiasQuantize(LeavesCaches, DirectCall):
             if kept is not None and which == kept[0] and kept[1][1] == fingerprint(*sources):
                 return self._cached
             key = (which, stamp(*sources))  # what the result is computed from
-        if not input_quant.initialized:  # an empty input: no grid yet
-            return bias  # the bias stays float, and the audit says so
         w_scale = weight_quant.scale.detach()
         if w_scale.dim() > 1:  # per-group: rows of the weight, finest group grid of each row
             w_scale = w_scale.reshape(weight_quant.observer.min_val.shape[0], -1).amin(dim=1)

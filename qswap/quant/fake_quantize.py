@@ -40,7 +40,8 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
     def __init__(self, spec: QuantSpec, kind: str = "activation"):
         super().__init__()
         if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+            raise SpecError(f"a quantizer's kind says what it holds and must be one of {', '.join(KINDS)}, "
+                            f"got {kind!r}")
         if kind == "activation" and spec.granularity == "per_group":
             raise SpecError("an activation quantizer keeps one static grid, and per_group grids of an "
                             "activation would change with its number of rows (frames, batch): use "

@@ -180,6 +180,13 @@ def test_per_group_activation_quantizer_is_refused_with_the_fix():
     FakeQuantize(QuantSpec(bits=4, granularity="per_group", group_size=4), kind="weight")  # weights may
 
 
+def test_an_unknown_kind_is_a_typed_error_naming_the_kinds():
+    from qswap.errors import SpecError
+
+    with pytest.raises(SpecError, match="weight, activation.*'bias'"):
+        FakeQuantize(QuantSpec(bits=8), kind="bias")
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(bits=8), QuantSpec(bits=8, symmetric=False),
                                   QuantSpec(bits=4, narrow_range=True)], ids=lambda s: s.short())
 def test_a_frozen_quantizer_gives_the_kernel_bits_and_follows_a_written_grid(spec):
