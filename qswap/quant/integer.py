@@ -245,6 +245,7 @@ def _single_per_tensor(acc: torch.Tensor, m0, shift, zero_point, qmin: int, qmax
     total, low, high = 31 - shift, max(qmin - zero_point, INT32_MIN), min(qmax - zero_point, INT32_MAX)
     if not (1 <= total <= 62 and low <= high):
         return None
+    # a float accumulator holds integers (an exact GEMM's): converted to int64 exactly
     out = acc.to(torch.int64, copy=True)  # one fresh tensor the passes write in place (not a fresh
     # tensor per pass; the honesty audit follows integer data through in-place ops too)
     return out.mul_(m0).add_(1 << (total - 1)).bitwise_right_shift_(total).clamp_(low, high)
@@ -254,11 +255,9 @@ def requantized_values(requant: Requant, acc: torch.Tensor, scale: float, axis: 
     """The float32 values ``(code - zp) * scale`` of ``requant(acc)``'s codes on a grid of ``scale``
     (``qswap.nn.simulate.dequantized`` of them), without forming the codes where the single
     per-tensor rounding applies: the fake-quant simulation's requantization. ``acc``: an integer
-    tensor, or a float tensor holding integers (cast to int32 first)."""
+    tensor, or a float tensor holding integers (converted to integers exactly)."""
     if requant.rounding == "single" and acc.dtype != torch.int64:
         m0, shift, zp = requant.m0, requant.shift, requant.zero_point
-        if acc.is_floating_point():
-            acc = acc.to(torch.int32)
         fast = _single_per_tensor(acc, m0, shift, zp, requant.qmin, requant.qmax)
         if fast is not None:
             return fast.to(torch.float32).mul_(scale)
