@@ -98,11 +98,11 @@ class QuantAttentionCore(nn.Module):
         if blocked is not None:
             masked = masked.masked_fill(blocked if blocked.dim() == 3 else blocked.unsqueeze(0),
                                         float("-inf"))
-        if key_padding_mask is not None:
-            bh, t, s = masked.shape
-            pad = key_padding_mask.to(torch.bool).view(bh // num_heads, 1, 1, s)  # (B, 1, 1, S)
-            masked = masked.view(bh // num_heads, num_heads, t, s).masked_fill(pad, float("-inf"))
-            masked = masked.view(bh, t, s)
+        if key_padding_mask is not None:  # row b*H + h of the scores is sentence b's: (B*H, 1, S)
+            # (tiled and flattened, not a view of the scores as (B, H, T, S): an ONNX trace of that
+            # computes the scores' shapes on every call)
+            pad = key_padding_mask.to(torch.bool).unsqueeze(1).repeat(1, num_heads, 1).flatten(0, 1)
+            masked = masked.masked_fill(pad.unsqueeze(1), float("-inf"))
         probs = self._integer_softmax(scores, masked) if simulates(self) else None
         if probs is None:
             probs = F.softmax(masked, dim=-1)  # (B*H, T, S)
@@ -205,15 +205,17 @@ def quantize_shared(quant: nn.Module, t: torch.Tensor, repeat: int, num_heads: i
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(L, B, E) -> (B*H, L, D)."""
-    length, batch, embed = x.shape
-    return x.reshape(length, batch * num_heads, embed // num_heads).transpose(0, 1)
+    """(L, B, E) -> (B*H, L, D). The feature sizes are Python ints and B*H is left to the reshape
+    (-1): an ONNX trace then sizes it by L alone, a dimension of the same tensor at the same
+    place, and onnxruntime's reshape fusion makes the shape a constant (0, -1, D): no shape
+    arithmetic is left to run per call."""
+    return x.reshape(x.shape[0], -1, int(x.shape[-1]) // num_heads).transpose(0, 1)
 
 
-def merge_heads(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """(B*H, L, D) -> (L, B, E)."""
-    bh, length, dim = x.shape
-    return x.transpose(0, 1).reshape(length, batch, (bh // batch) * dim)
+def merge_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B*H, L, D) -> (L, B, E) (as ``split_heads``: B by the reshape, E = H * D an int)."""
+    x = x.transpose(0, 1)
+    return x.reshape(x.shape[0], -1, num_heads * int(x.shape[-1]))
 
 
 @register(nn.MultiheadAttention)
@@ -284,7 +286,7 @@ class QMultiheadAttention(QuantModule):
             key_padding_mask, _ = as_bool_mask(key_padding_mask)
         context, probs = self.core(q, k, v, self.head_dim ** -0.5, attn_mask, key_padding_mask,
                                    self.num_heads, self.dropout)
-        out = self.out_proj(merge_heads(context, bsz))  # (T, B, E)
+        out = self.out_proj(merge_heads(context, self.num_heads))  # (T, B, E)
         if self.batch_first:
             out = out.transpose(0, 1)
         if not need_weights:

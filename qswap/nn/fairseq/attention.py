@@ -238,7 +238,7 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
                                    self.dropout_module.p, kv_repeat=beam,
                                    kv_quantized=quantized_cache,
                                    out_quant=self.out_proj.input_quant)  # (B*H, T, D), (B*H, T, S)
-        merged = merge_heads(context, bsz)
+        merged = merge_heads(context, self.num_heads)
         out = self.out_proj(merged, out_quant=out_quant)  # (T, B, E)
         if not need_weights:
             return out, None
@@ -340,4 +340,4 @@ class IntegerFairseqAttention(FairseqIncrementalState, nn.Module):
             pad = pad.expand(bsz, self.num_heads, 1, length).reshape(bsz * self.num_heads, 1, length)
             blocked = pad if blocked is None else blocked | pad  # (B*H, T or 1, S)
         context, _ = self.core(q, k, v, blocked)  # (B*H, T, D)
-        return self.out_proj(merge_heads(context, bsz))  # (T, B, E)
+        return self.out_proj(merge_heads(context, self.num_heads))  # (T, B, E)

@@ -90,11 +90,10 @@ class QESPNETMultiHeadedAttention(QuantModule):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
                 scores_bias: Optional[Tensor] = None) -> Tensor:
         """q (T, B, C), k and v (S, B, C), key_padding_mask (B, S) -> output (T, B, C)."""
-        bsz = q.size(1)
         q, k, v = (split_heads(t, self.h) for t in (q, k, v))  # (B*H, L, D)
         context, _ = self.core(q, k, v, self.d_k ** -0.5, None, key_padding_mask, self.h,
                                self.dropout.p, scores_bias=scores_bias)  # (B*H, T, D)
-        return self.linear_out(merge_heads(context, bsz))  # (T, B, C)
+        return self.linear_out(merge_heads(context, self.h))  # (T, B, C)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, None]:
@@ -351,7 +350,7 @@ class IntegerRelPosAttention(torch.nn.Module):
         bd = self.bd(rel_shift(torch.matmul(qv, pp))).reshape(bsz * self.h, t, t)  # (B*H, T, T) codes
         k, v = (split_heads(proj(x), self.h) for proj in (self.k_proj, self.v_proj))  # (B*H, T, D)
         context = self.core(split_heads(q_u, self.h), k, v, bd, _blocked(key_padding_mask, bsz, self.h))
-        return self.out_proj(merge_heads(context, bsz))  # (T, B, C)
+        return self.out_proj(merge_heads(context, self.h))  # (T, B, C)
 
 
 @serializable(num_heads=INT, projections=PROJECTIONS, cos=CODES, sin=CODES, rotate=List(Obj("Requant")),
@@ -401,4 +400,4 @@ class IntegerRotaryAttention(torch.nn.Module):
         q, k = split_heads(self.q_proj(r), self.num_heads), split_heads(self.k_proj(r), self.num_heads)
         v = split_heads(self.v_proj(x), self.num_heads)  # (B*H, T, D)
         context, _ = self.core(q, k, v, _blocked(key_padding_mask, bsz, self.num_heads))
-        return self.out_proj(merge_heads(context, bsz))  # (T, B, C)
+        return self.out_proj(merge_heads(context, self.num_heads))  # (T, B, C)
