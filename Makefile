@@ -43,14 +43,19 @@ bench: install
 # recipe (the checkpoint `qswap convert` writes, which the run starts from).
 # Not repeated here: the QAT training run (tools/qat_train.py train, hours; its evals against PTQ
 # are, then `tools/qat_train.py doc --save-dir RUN --evals docs/qat ...` rewrites docs/qat.md from the
-# run's folder, with the command written on the page) and docs/reliability.md (tools/reliability_table.py reads the training corpus).
+# run's folder (`refresh`, below, only its PTQ and float comparisons from the evals), with the command written on the page) and docs/reliability.md (tools/reliability_table.py reads the training corpus).
 docs: install
 	$(PY) tools/sensitivity_doc.py
 	$(PY) -m qswap.demo
 	$(PY) tools/accuracy_doc.py
 	$(PY) tools/integer_doc.py
 	$(PY) tools/integer_doc.py --layers w4a4_edges8_stream_smoothquant --layers-json docs/stream_integer_layers.json
-	$(PY) tools/strategies.py --qat w4a4_edges8=qswap/assets/s2t_demo/qat_w4a4_edges8.pt
+	$(PY) tools/integer_doc.py --stream
+	$(PY) tools/integer_agreement.py --simulate integer --decode --subsets test test_heldout
+	$(PY) tools/integer_agreement.py --shipped 10
+	$(PY) tools/strategies.py --qat w4a4_edges8=qswap/assets/s2t_demo/qat_w4a4_edges8.pt \
+	  --qat w4a8=qswap/assets/s2t_demo/qat_w4a8.pt
+	mkdir -p build
 	$(VENV)/bin/qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe w4a4_edges8_stream_smoothquant_lsq \
 	  --data qswap/assets/s2t_demo --calib-subset train_calib --calib-batches 4 -o build/qat_ptq.pt
 	for s in test test_heldout; do \
@@ -60,6 +65,7 @@ docs: install
 	    --subset $$s --json docs/qat/float_$$s.json && \
 	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/qat_w4a4_edges8.pt --data qswap/assets/s2t_demo --subset $$s \
 	    --baseline docs/qat/ptq_$$s.json --json docs/qat/qat_$$s.json || exit 1; done
+	$(PY) tools/qat_train.py refresh --page docs/qat.md --evals docs/qat --target 2
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --threads 2 --repeats 5
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --architectures --threads 1
 	$(PY) tools/fairseq_walkthrough.py

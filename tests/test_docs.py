@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from qswap.demo import RECIPES
+
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 ASSET = REPO / "qswap" / "assets" / "s2t_demo"
@@ -48,7 +50,7 @@ def test_readme_large_set_table_is_the_accuracy_doc():
     doc = (REPO / "docs" / "accuracy.md").read_text()
     header = "| recipe | In-voice: ΔWER [95 % CI] | significant | Held-out voices: ΔWER [95 % CI]"
     rows = _table_rows(README, header)
-    assert len(rows) == 8 and rows == _table_rows(doc, header)
+    assert len(rows) == len(RECIPES) + 1 and rows == _table_rows(doc, header)  # + the searched recipe
     assert "(docs/accuracy.md)" in README
 
 
@@ -57,7 +59,7 @@ def test_accuracy_doc_is_its_json_and_states_set_sizes():
     for subset, minimum in (("test_large", 1000), ("test_heldout_large", 600)):
         payload = json.loads((REPO / "docs" / f"accuracy_{subset}.json").read_text())
         rows = payload["rows"]
-        assert rows[0]["utterances"] >= minimum and len(rows) == 8
+        assert rows[0]["utterances"] >= minimum and len(rows) == len(RECIPES) + 1
         assert f"{rows[0]['utterances']:,} utterances, {sum(rows[0]['utterance_words']):,} words, " in doc
         for row in rows[1:]:
             low, high = row["delta_wer_ci"]
@@ -86,3 +88,18 @@ def test_integer_doc_decode_table_is_its_json():
     layers = json.loads(tool.LAYERS.read_text())
     assert tool.table(results, layers) in (REPO / "docs" / "integer.md").read_text()
     assert "\n".join(tool.rows_table(results)) in README and "tools/integer_doc.py" in README
+
+
+def test_integer_doc_stream_tables_are_their_json():
+    """docs/integer.md's per-channel stream recipe tables (decode, layer agreement) are
+    tools/integer_doc.py --stream's rendering of the JSON its runs wrote."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("integer_doc", REPO / "tools" / "integer_doc.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    results = {s: json.loads((REPO / "docs" / f"stream_integer_{s}.json").read_text()) for s in tool.SUBSETS}
+    assert all([Path(r["recipe"]).stem for r in p["rows"]] == ["fp32", tool.STREAM] for p in results.values())
+    doc = (REPO / "docs" / "integer.md").read_text()
+    assert tool.stream_table(results) in doc
+    assert tool.stream_layers_table(json.loads(tool.STREAM_LAYERS.read_text())) in doc

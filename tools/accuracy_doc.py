@@ -3,7 +3,7 @@ with paired bootstrap confidence intervals.
 
 For each of ``test_large`` (in-voice) and ``test_heldout_large`` (held-out voices) this runs
 ``qswap compare`` (the library function) on the shipped model exactly as the demo does (calibration
-on the shipped ``train_calib`` subset, 4 batches of 32; beam 5), writes the full result to
+on the shipped ``train_calib`` subset: its 32 utterances, one batch; beam 5), writes the full result to
 ``docs/accuracy_<subset>.json`` (rows with per-utterance word errors) and then the Markdown page.
 
     .venv/bin/python tools/accuracy_doc.py               # decode and write (about 15 min on 2 cores)
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qswap.demo import ASSET, EVAL_LARGE, RECIPES, SEARCHED, data_dir  # noqa: E402
+from qswap.demo import ASSET, EVAL_LARGE, RECIPES, SEARCHED, calibration_text, data_dir  # noqa: E402
 
 SUBSETS = {"test_large": "In-voice", "test_heldout_large": "Held-out voices"}
 DOCS = REPO / "docs"
@@ -121,7 +121,7 @@ def page(results: dict[str, dict]) -> str:
         "# Accuracy on the large evaluation sets\n",
         "Written by `.venv/bin/python tools/accuracy_doc.py` (do not edit by hand). Every shipped recipe and "
         "the searched one (`qswap/assets/s2t_demo/searched.yaml`) on the shipped model, converted, "
-        f"calibrated (shipped `train_calib` subset, {first['settings']['calib_batches']} batches of 32) "
+        f"calibrated (shipped {calibration_text(first['settings']['calib_batches'])}) "
         f"and decoded with beam {first['settings']['beam']}, as `make demo` does on the 100-utterance set.\n",
         f"**Intervals**: {boot['method']}, {boot['resamples']:,} resamples, seed {boot['seed']}, "
         f"{100 * boot['confidence']:.0f} % percentile intervals (`qswap/integration/bootstrap.py`). "

@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python tools/deploy_doc.py --threads 2
 
-On the shipped model (calibrated on the shipped ``train_calib`` subset, 4 batches of 32, as the
+On the shipped model (calibrated on the shipped ``train_calib`` subset, its 32 utterances, as the
 demo does; beam 5):
 - WER of onnxruntime on qswap's exported graphs vs the fake-quant torch model, for w8a8, w4a8 and
   the searched recipe, on ``test`` and ``test_heldout``, with the paired bootstrap interval of the
@@ -49,7 +49,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import busy_processes, interleaved_medians, wait_idle  # noqa: E402
+from bench import busy_processes, interleaved_medians, machine, wait_idle  # noqa: E402
 
 import qswap  # noqa: E402
 from qswap.errors import ExportError  # noqa: E402
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     if args.speed_only:
         result, (model, cfg, task, calib) = json.loads(Path(args.json).read_text()), shipped_model(args)
         result.update({"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
-                       "onnxruntime": _ort().__version__, "speed_command": command})
+                       "onnxruntime": _ort().__version__, "speed_command": command, "cpu": machine()["cpu"]})
         with tempfile.TemporaryDirectory(prefix="qswap-speed-") as tmp:  # w8a8: the int8 system measured
             exports = export_recipes(model, cfg, task, calib, Path(tmp), names=("w8a8",))
             result["busy_at_start"] = settled_idle(args.wait_idle) if args.wait_idle else busy_processes()
@@ -660,7 +660,9 @@ def speed_section(r: dict) -> list[str]:
     lines = ["## Speed (targets of issue 18)", "",
              f"Shipped model, encoder on the first {sp['encoder_batch'][0]} test utterances "
              f"({sp['encoder_batch'][1]} frames padded), median of {r['repeats']} interleaved runs; full "
-             f"decoding of the 100 `test` utterances, {decode_runs(sp, r)}.", "",
+             f"decoding of the 100 `test` utterances, {decode_runs(sp, r)}."
+             + (f" CPU: {r['cpu']} (int8 and fp32 kernels, and so these ratios, differ from one CPU to another)."
+                if r.get("cpu") else ""), "",
              "| measure | value | target | |", "|---|---:|---:|---|",
              f"| encoder: onnxruntime int8 vs torch fp32 eager | {sp['encoder_vs_torch']:.2f}x | ≥ {t['encoder_vs_torch']}x | "
              f"{met(sp['encoder_vs_torch'], t['encoder_vs_torch'])} |",

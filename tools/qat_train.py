@@ -49,6 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fairseq_walkthrough import arch_args  # noqa: E402  (tools/fairseq_walkthrough.py)
 
+from qswap.demo import calibration_text  # noqa: E402
+
 ASSET = REPO / "qswap" / "assets" / "s2t_demo"
 SHIPPED_QAT = ASSET / "qat_w4a4_edges8.pt"
 KEEP = 20  # fairseq-train's --keep-interval-updates in train_command
@@ -337,6 +339,7 @@ def do_doc(a: argparse.Namespace) -> int:
     return 0
 
 
+CALIBRATION = calibration_text(4)  # the PTQ checkpoints' calibration (--calib-subset train_calib --calib-batches 4)
 TARGET = 2.0  # issue 19: honest W4A4 with 8-bit first/last layers within +2.0 absolute WER of float
 SUBSETS = ("test", "test_heldout", "test_large", "test_heldout_large")  # those with results are shown
 LARGE = "python -c \"import qswap.demo as d; print(d.data_dir('SUBSET'))\""
@@ -359,8 +362,7 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
     target_rows, met = against_float(evals, target)
     out, ev = _rel(shipped_path), _rel(evals)
     f16 = shipped["float16"]
-    verdict = (f"QAT beats PTQ by more than the interval on: {', '.join(wins)}." if wins else
-               "QAT does not beat PTQ by more than the interval on any of the sets.")
+    verdict = ptq_verdict(wins)
     last = max([u for u, _ in train] + [u for u, _ in valid] + list(dev), default=0)
     recipe, qckpt = run["recipe"], "QCKPT"
     gpu = run.get("device") == "cuda"
@@ -388,7 +390,7 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
                      f"    --from-qckpt {qckpt} {flags}")
         ptq_cmd = f"qswap eval {qckpt} --data {data} --subset SUBSET --json {ev}/ptq_SUBSET.json"
         ptq_text = (f"PTQ: the checkpoint `qswap convert` wrote with `{recipe}` (transforms folded with "
-                    f"calibration statistics, every grid calibrated on `train_calib`, 4 batches), the start of "
+                    f"calibration statistics, every grid calibrated on {CALIBRATION}), the start of "
                     f"the QAT run")
     else:
         start = ""
@@ -396,8 +398,8 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
                      f"    {flags}")
         ptq_cmd = (f"qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe {recipe} --data {data} \\\n"
                    f"    --subset SUBSET --calib-subset train_calib --calib-batches 4 --json {ev}/ptq_SUBSET.json")
-        ptq_text = (f"PTQ: the float checkpoint converted with `{recipe}`, calibrated on `train_calib` "
-                    f"(4 batches), as the demo does")
+        ptq_text = (f"PTQ: the float checkpoint converted with `{recipe}`, calibrated on {CALIBRATION}, "
+                    f"as the demo does")
     calib_note = ("" if run["converted"] else f", the first {run['calib_batches']} of them calibration steps "
                   "that change no weight")
     runs = ("one fairseq-train invocation" if run["invocations"] == 1 else
@@ -416,8 +418,7 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
                "set)" if gpu else "2 shared CPU cores, one thread, `nice -n 5`"),
         recipe=recipe, verdict=verdict, updates=last, runs=runs, curve="\n".join(rows),
         comparison="\n".join(cmp_rows), target_rows="\n".join(target_rows), target=target,
-        target_verdict=(f"Within +{target:.1f} of float on: {', '.join(met)}." if met else
-                        f"Within +{target:.1f} of float on none of the sets."),
+        target_verdict=float_verdict(met, target),
         update=shipped["update"], dev_wer=shipped["dev_wer"], changed=f16["changed"], values=f16["values"],
         percent=100.0 * f16["changed"] / max(f16["values"], 1), start=start, train_cmd=train_cmd, ptq_cmd=ptq_cmd,
         ptq_text=ptq_text, lr=run["lr"], warmup=run["warmup"], max_tokens=run["max_tokens"],
@@ -459,6 +460,55 @@ def against_float(evals: Path, target: float = TARGET) -> tuple[list[str], list[
             met.append(subset)
     return rows, met
 
+
+
+def ptq_verdict(wins: list[str]) -> str:
+    return (f"QAT beats PTQ by more than the interval on: {', '.join(wins)}." if wins else
+            "QAT does not beat PTQ by more than the interval on any of the sets.")
+
+
+def float_verdict(met: list[str], target: float) -> str:
+    return (f"Within +{target:.1f} of float on: {', '.join(met)}." if met else
+            f"Within +{target:.1f} of float on none of the sets.")
+
+
+_OLD_CALIBRATION = ("`train_calib`, 4 batches)", "`train_calib` (4 batches)")  # pages written before CALIBRATION
+
+
+def refreshed(page: str, evals: Path, target: float) -> str:
+    """``page`` (written by ``doc``) with its two comparison tables and their verdicts rendered
+    again from the eval JSONs in ``evals`` (PTQ, QAT and float ``qswap eval`` results; the run
+    itself is not needed): what ``doc`` writes when only those evaluations change."""
+    cmp_rows, wins = comparison(evals)
+    target_rows, met = against_float(evals, target)
+    page = _rows_after(page, "| subset | PTQ WER % [95 % CI] |", cmp_rows)
+    page = _rows_after(page, "| subset | float WER % | QAT WER % |", target_rows)
+    page = re.sub(r"QAT (beats PTQ by more than the interval on: [^\n]*?\.|does not beat PTQ by more than the "
+                  r"interval on any of the sets\.)", lambda m: ptq_verdict(wins), page, count=1)
+    page = re.sub(r"Within \+[0-9.]+ of float on(:[^\n]*?| none of the sets)\.", lambda m: float_verdict(met, target),
+                  page, count=1)
+    page = page.replace(_OLD_CALIBRATION[0], f"{CALIBRATION})").replace(_OLD_CALIBRATION[1], CALIBRATION)
+    return page
+
+
+def _rows_after(page: str, header: str, rows: list[str]) -> str:
+    """The rows of the table whose header line starts with ``header`` replaced by ``rows``."""
+    lines = page.split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
+    if start is None:
+        raise SystemExit(f"the page has no table headed {header!r}; write it with 'doc' first")
+    end = start + 2
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "\n".join(lines[:start + 2] + rows + lines[end:])
+
+
+def do_refresh(a: argparse.Namespace) -> int:
+    from qswap.io.atomic import atomic_write_text
+
+    atomic_write_text(a.page, refreshed(Path(a.page).read_text(), Path(a.evals), a.target))
+    print(f"wrote {a.page}")
+    return 0
 
 TEMPLATE = """# QAT of the shipped model (fairseq-train, LSQ scales): `{recipe}`
 
@@ -586,13 +636,18 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--shipped", required=True, help="the checkpoint 'ship' wrote (named in the page)")
     o.add_argument("--target", type=float, required=True, help="issue 19's target for this recipe: WER "
                    "within +TARGET of float (2.0: W4A4 with 8-bit edges; 0.5: W4A8)")
+    r = sub.add_parser("refresh", help="render a page's PTQ and float comparisons again from --evals (the "
+                                       "evaluations changed, the run did not)")
+    r.add_argument("--page", required=True, help="the page 'doc' wrote (docs/qat.md, docs/qat_w4a8.md)")
+    r.add_argument("--evals", required=True, help="folder with ptq_, qat_ and float_<subset>.json")
+    r.add_argument("--target", type=float, required=True, help="as doc's --target")
     a = p.parse_args(argv)
     if a.cmd == "pack" and a.parts < 1:
         p.error(f"--parts takes a count of at least 1; got {a.parts}")
     from qswap.errors import QswapError
     try:
         return {"train": do_train, "dev": do_dev, "ship": do_ship, "doc": do_doc, "pack": do_pack,
-                "unpack": do_unpack}[a.cmd](a)
+                "unpack": do_unpack, "refresh": do_refresh}[a.cmd](a)
     except QswapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 Rows are methods (a way of building the recipe), columns bit budgets (the shipped recipes w8a8,
 w4a8, w4a4 and w4a4_edges8). Each cell is the column's recipe changed as the method says,
-converted, calibrated (shipped ``train_calib`` subset, 4 batches of 32, as ``make demo``),
+converted, calibrated (shipped ``train_calib`` subset: its 32 utterances, one batch, as ``make demo``),
 audited and decoded with beam 5 on both shipped 100-utterance sets (``test`` in-voice,
 ``test_heldout`` held-out voices), with paired bootstrap intervals against float
 (``qswap/integration/bootstrap.py``). Writes ``docs/strategies_<subset>.json`` (every row, per-utterance
@@ -28,7 +28,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qswap.demo import ASSET  # noqa: E402
+from qswap.demo import ASSET, calibration_text  # noqa: E402
 
 SUBSETS = {"test": "In-voice (`test`)", "test_heldout": "Held-out voices (`test_heldout`)"}
 COLUMNS = ["w8a8", "w4a8", "w4a4", "w4a4_edges8"]
@@ -435,7 +435,7 @@ def page(payload: dict) -> str:
         "# Strategy study: methods against bit budgets\n",
         "Written by `.venv/bin/python tools/strategies.py` (do not edit by hand; `--from-json` rewrites "
         "it from `docs/strategies_<subset>.json`). Every cell: the column's shipped recipe changed by the row's "
-        f"method, converted, calibrated (shipped `{st['calib_subset']}`, {st['calib_batches']} batches of 32), "
+        f"method, converted, calibrated (shipped {calibration_text(st['calib_batches'], st['calib_subset'])}), "
         f"audited (`qswap.audit`) and decoded with beam {st['beam']} on the shipped model "
         f"(`qswap/assets/s2t_demo`). Sets: {', '.join(f'`{s}` ({n} utterances)' for s, n in utts.items())}. "
         "Intervals: paired percentile bootstrap over utterances, 2,000 resamples, seed 0, 95 % "

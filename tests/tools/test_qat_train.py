@@ -195,3 +195,33 @@ def test_render_writes_the_commands_the_run_took(tmp_path):
 def test_pack_of_a_folder_without_the_split_is_a_data_error(tmp_path, capsys):
     assert qat_train.main(["pack", "--data", str(tmp_path), "--out", str(tmp_path / "q8"), "--splits", "dev"]) == 2
     assert "no dev.tsv" in capsys.readouterr().err
+
+
+def _eval_json(path: Path, wer: float, ci: tuple, delta=None, delta_ci=None) -> None:
+    import json
+    payload = {"counts": {"wer": wer}, "wer_ci": list(ci)}
+    if delta is not None:
+        payload.update(delta_wer=delta, delta_wer_ci=list(delta_ci), significant=not delta_ci[0] <= 0 <= delta_ci[1])
+    path.write_text(json.dumps(payload))
+
+
+def test_refresh_renders_the_comparisons_a_new_doc_would(tmp_path):
+    """``refresh`` (the evaluations changed, the run did not) gives the page ``doc`` would write
+    from the same run and the new evaluations: tables, verdicts and all."""
+    run = qat_train.run_facts("$ python -m fairseq_cli.train d --qswap-recipe w4a8_lsq --qswap-calib-batches 4 "
+                              "--finetune-from-model ck.pt --lr 0.0003 --warmup-updates 20 --max-tokens 6000 --max-update 100 "
+                              "--stop-time-hours 1 --save-interval-updates 25")
+    shipped = {"update": 50, "dev_wer": 7.0, "float16": {"changed": 1, "values": 10}}
+    args = ([(10, 1.5)], [(25, 1.4), (50, 1.3)], {50: 7.0}, tmp_path, shipped, run, tmp_path / "q.pt",
+            tmp_path / "q.log", 0.5, tmp_path / "q.md")
+    for subset in ("test", "test_heldout"):
+        _eval_json(tmp_path / f"float_{subset}.json", 9.0, (7.0, 11.0))
+        _eval_json(tmp_path / f"ptq_{subset}.json", 10.0, (8.0, 12.0))
+        _eval_json(tmp_path / f"qat_{subset}.json", 9.4, (7.5, 11.5), -0.6, (-1.5, 0.3))
+    old = qat_train.render(*args)
+    _eval_json(tmp_path / "ptq_test.json", 12.0, (10.0, 14.0))
+    _eval_json(tmp_path / "qat_test.json", 9.4, (7.5, 11.5), -2.6, (-4.0, -1.0))
+    _eval_json(tmp_path / "qat_test_heldout.json", 9.6, (7.5, 11.5), -0.4, (-1.3, 0.4))
+    new = qat_train.render(*args)
+    assert new != old and "beats PTQ by more than the interval on: test." in new
+    assert qat_train.refreshed(old, tmp_path, 0.5) == new
