@@ -65,7 +65,7 @@ docs: install
 	    --subset $$s --json docs/qat/float_$$s.json && \
 	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/qat_w4a4_edges8.pt --data qswap/assets/s2t_demo --subset $$s \
 	    --baseline docs/qat/ptq_$$s.json --json docs/qat/qat_$$s.json || exit 1; done
-	$(PY) tools/qat_train.py refresh --page docs/qat.md --evals docs/qat --target 2
+	$(PY) tools/qat_train.py refresh --page docs/qat.md --evals docs/qat
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --threads 2 --repeats 5
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --architectures --threads 1
 	$(PY) tools/fairseq_walkthrough.py

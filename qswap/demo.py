@@ -32,7 +32,7 @@ def calibration_text(calib_batches: int, subset: str = "train_calib", batch: int
     """What a page says of the shipped model's calibration: the utterances and batches it used.
     ``--calib-batches N`` asks for at most N batches of ``batch`` utterances; the shipped
     ``train_calib`` holds 32, so 4 asked for are one batch."""
-    utterances = sum(1 for _ in open(ASSET / f"{subset}.tsv", encoding="utf-8")) - 1  # less the header
+    utterances = len((ASSET / f"{subset}.tsv").read_text(encoding="utf-8").splitlines()) - 1  # less the header
     used = min(calib_batches, -(-utterances // batch))
     return (f"`{subset}`: its {utterances} utterances, {used} batch{'' if used == 1 else 'es'} of at most {batch} "
             f"(`--calib-batches {calib_batches}`)")

@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
         return result
     model, cfg, task, calib = shipped_model(args)
     result = {"command": command, "threads": args.threads, "repeats": args.repeats, "beam": BEAM,
-              "torch": torch.__version__, "onnxruntime": _ort().__version__}
+              "torch": torch.__version__, "onnxruntime": _ort().__version__, "cpu": machine()["cpu"]}
     result["targets"] = TARGETS
     result["partial"] = True
     with tempfile.TemporaryDirectory(prefix="qswap-deploy-") as tmp:

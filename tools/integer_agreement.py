@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="--shipped / --decode: recipe names (searched: the shipped model's searched.yaml)")
     parser.add_argument("--subsets", nargs="+", default=["test"], help="--decode: the shipped test sets")
     parser.add_argument("--shipped", type=int, metavar="N", default=0,
-                        help="print the shipped model's agreement on N test utterances instead")
+                        help="the shipped model's agreement on N test utterances instead: written into the doc "
+                             "(its shipped-agreement markers) with the default recipes and both settings, else printed")
     parser.add_argument("--decode", action="store_true",
                         help="print the shipped model's beam-5 decode of the test set under both settings instead")
     args = parser.parse_args(argv)

@@ -123,7 +123,7 @@ def encoder_sites(q, net_input: dict, tally: Tally) -> None:
             tally.add("softmax", softmax, probs_ref, ~pad)
             ctx = torch.bmm(probs_ref.to(torch.int32) - zp, vc.to(torch.int32) - zv)
             from qswap.nn.attention import merge_heads
-            tally.add("attention context p v (requant)", merge_heads(core.context(ctx), bsz),
+            tally.add("attention context p v (requant)", merge_heads(core.context(ctx), attn.num_heads),
                       _codes(seen, attn.out_proj.input_quant), frames)
             tally.add("out projection", iattn.out_proj(_codes(seen, attn.out_proj.input_quant)),
                       _codes(seen, layer.attn_out_quant), frames)

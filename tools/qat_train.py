@@ -49,8 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fairseq_walkthrough import arch_args  # noqa: E402  (tools/fairseq_walkthrough.py)
 
-from qswap.demo import calibration_text  # noqa: E402
-
 ASSET = REPO / "qswap" / "assets" / "s2t_demo"
 SHIPPED_QAT = ASSET / "qat_w4a4_edges8.pt"
 KEEP = 20  # fairseq-train's --keep-interval-updates in train_command
@@ -339,7 +337,12 @@ def do_doc(a: argparse.Namespace) -> int:
     return 0
 
 
-CALIBRATION = calibration_text(4)  # the PTQ checkpoints' calibration (--calib-subset train_calib --calib-batches 4)
+def calibration() -> str:
+    """How the PTQ checkpoints were calibrated (--calib-subset train_calib --calib-batches 4)."""
+    from qswap.demo import calibration_text  # qswap (torch) only where a page is written
+    return calibration_text(4)
+
+
 TARGET = 2.0  # issue 19: honest W4A4 with 8-bit first/last layers within +2.0 absolute WER of float
 SUBSETS = ("test", "test_heldout", "test_large", "test_heldout_large")  # those with results are shown
 LARGE = "python -c \"import qswap.demo as d; print(d.data_dir('SUBSET'))\""
@@ -390,7 +393,7 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
                      f"    --from-qckpt {qckpt} {flags}")
         ptq_cmd = f"qswap eval {qckpt} --data {data} --subset SUBSET --json {ev}/ptq_SUBSET.json"
         ptq_text = (f"PTQ: the checkpoint `qswap convert` wrote with `{recipe}` (transforms folded with "
-                    f"calibration statistics, every grid calibrated on {CALIBRATION}), the start of "
+                    f"calibration statistics, every grid calibrated on {calibration()}), the start of "
                     f"the QAT run")
     else:
         start = ""
@@ -398,7 +401,7 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
                      f"    {flags}")
         ptq_cmd = (f"qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe {recipe} --data {data} \\\n"
                    f"    --subset SUBSET --calib-subset train_calib --calib-batches 4 --json {ev}/ptq_SUBSET.json")
-        ptq_text = (f"PTQ: the float checkpoint converted with `{recipe}`, calibrated on {CALIBRATION}, "
+        ptq_text = (f"PTQ: the float checkpoint converted with `{recipe}`, calibrated on {calibration()}, "
                     f"as the demo does")
     calib_note = ("" if run["converted"] else f", the first {run['calib_batches']} of them calibration steps "
                   "that change no weight")
@@ -407,10 +410,7 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
     text = TEMPLATE.format(
         shipped_path=out, evals=ev, log_path=_rel(log_path), doc_path=_rel(doc_path), carry=carry,
         dev_cmd=dev_cmd, calib_note=calib_note, data=data,
-        further=("" if not any(" | -" in row for row in target_rows) else
-                 " QAT is also further training of the float model on its own corpus: where it lands below "
-                 "float, the cost of quantization alone is measured against a float fine-tune of the same "
-                 "length, which was not run."),
+        further=further(target_rows),
         sets=("" if not large else f" (SET: `qswap/assets/s2t_demo` for `test` and `test_heldout`; for "
               f"{' and '.join(f'`{x}`' for x in large)}, the folder `{LARGE}` prints)"),
         where=("on one GPU (`--device cuda`), the corpus carried there in compact form (`pack` and `unpack`: "
@@ -461,7 +461,6 @@ def against_float(evals: Path, target: float = TARGET) -> tuple[list[str], list[
     return rows, met
 
 
-
 def ptq_verdict(wins: list[str]) -> str:
     return (f"QAT beats PTQ by more than the interval on: {', '.join(wins)}." if wins else
             "QAT does not beat PTQ by more than the interval on any of the sets.")
@@ -472,23 +471,41 @@ def float_verdict(met: list[str], target: float) -> str:
             f"Within +{target:.1f} of float on none of the sets.")
 
 
-_OLD_CALIBRATION = ("`train_calib`, 4 batches)", "`train_calib` (4 batches)")  # pages written before CALIBRATION
+_OLD_CALIBRATION = ("`train_calib`, 4 batches)", "`train_calib` (4 batches)")  # pages written before calibration()
+FURTHER = (" QAT is also further training of the float model on its own corpus: where it lands below "
+           "float, the cost of quantization alone is measured against a float fine-tune of the same "
+           "length, which was not run.")
 
 
-def refreshed(page: str, evals: Path, target: float) -> str:
-    """``page`` (written by ``doc``) with its two comparison tables and their verdicts rendered
-    again from the eval JSONs in ``evals`` (PTQ, QAT and float ``qswap eval`` results; the run
-    itself is not needed): what ``doc`` writes when only those evaluations change."""
+def further(target_rows: list[str]) -> str:
+    """The sentence after the float verdict where QAT lands below float on some set."""
+    return FURTHER if any(" | -" in row for row in target_rows) else ""
+
+
+def refreshed(page: str, evals: Path) -> str:
+    """``page`` (written by ``doc``) with its two comparison tables, their verdicts and the
+    sentence after them rendered again from the eval JSONs in ``evals`` (PTQ, QAT and float
+    ``qswap eval`` results; the run itself is not needed), against the target the page states:
+    what ``doc`` writes when only those evaluations change. Sets with results must be the ones
+    the page shows (a new set changes the commands too: run ``doc``)."""
+    found = re.search(r"within \+([0-9.]+) absolute WER\)", page)
+    if found is None:
+        raise SystemExit("the page states no target ('within +T absolute WER'); write it with 'doc' first")
+    target = float(found.group(1))
     cmp_rows, wins = comparison(evals)
     target_rows, met = against_float(evals, target)
+    shown = set(re.findall(r"^\| (test\w*) \|", page, flags=re.M))
+    if shown != {row.split(" | ")[0][2:] for row in cmp_rows + target_rows}:
+        raise SystemExit(f"{evals} has results for other sets than the page shows ({', '.join(sorted(shown))}); "
+                         "write the page with 'doc'")
     page = _rows_after(page, "| subset | PTQ WER % [95 % CI] |", cmp_rows)
     page = _rows_after(page, "| subset | float WER % | QAT WER % |", target_rows)
     page = re.sub(r"QAT (beats PTQ by more than the interval on: [^\n]*?\.|does not beat PTQ by more than the "
                   r"interval on any of the sets\.)", lambda m: ptq_verdict(wins), page, count=1)
-    page = re.sub(r"Within \+[0-9.]+ of float on(:[^\n]*?| none of the sets)\.", lambda m: float_verdict(met, target),
-                  page, count=1)
-    page = page.replace(_OLD_CALIBRATION[0], f"{CALIBRATION})").replace(_OLD_CALIBRATION[1], CALIBRATION)
-    return page
+    page = page.replace(FURTHER, "", 1)
+    page = re.sub(r"Within \+[0-9.]+ of float on(:[^\n]*?| none of the sets)\.",
+                  lambda m: float_verdict(met, target) + further(target_rows), page, count=1)
+    return page.replace(_OLD_CALIBRATION[0], f"{calibration()})").replace(_OLD_CALIBRATION[1], calibration())
 
 
 def _rows_after(page: str, header: str, rows: list[str]) -> str:
@@ -506,9 +523,10 @@ def _rows_after(page: str, header: str, rows: list[str]) -> str:
 def do_refresh(a: argparse.Namespace) -> int:
     from qswap.io.atomic import atomic_write_text
 
-    atomic_write_text(a.page, refreshed(Path(a.page).read_text(), Path(a.evals), a.target))
+    atomic_write_text(a.page, refreshed(Path(a.page).read_text(), Path(a.evals)))
     print(f"wrote {a.page}")
     return 0
+
 
 TEMPLATE = """# QAT of the shipped model (fairseq-train, LSQ scales): `{recipe}`
 
@@ -639,8 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("refresh", help="render a page's PTQ and float comparisons again from --evals (the "
                                        "evaluations changed, the run did not)")
     r.add_argument("--page", required=True, help="the page 'doc' wrote (docs/qat.md, docs/qat_w4a8.md)")
-    r.add_argument("--evals", required=True, help="folder with ptq_, qat_ and float_<subset>.json")
-    r.add_argument("--target", type=float, required=True, help="as doc's --target")
+    r.add_argument("--evals", required=True, help="folder with ptq_, qat_ and float_<subset>.json (against "
+                                                  "the target the page states)")
     a = p.parse_args(argv)
     if a.cmd == "pack" and a.parts < 1:
         p.error(f"--parts takes a count of at least 1; got {a.parts}")

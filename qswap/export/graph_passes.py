@@ -59,6 +59,7 @@ def fold_constant_scales(model) -> int:
 
     graph = model.graph
     producer, readers, values = index_graph(graph)
+    outputs = {out.name for out in graph.output}
     folded = []
     for mul in graph.node:
         if mul.op_type != "Mul":
@@ -73,13 +74,13 @@ def fold_constant_scales(model) -> int:
                                           f"{dq.name}/scale_times_{mul.name}")
             graph.initializer.append(new)
             dq.input[1] = new.name
-            for reader in readers.get(mul.output[0], []):
-                for i, name in enumerate(reader.input):
-                    if name == mul.output[0]:
-                        reader.input[i] = dq.output[0]
-            for i, out in enumerate(graph.output):
-                if out.name == mul.output[0]:
-                    dq.output[0] = out.name  # keep the graph output's name
+            if mul.output[0] in outputs:  # keep the graph output's name: the DequantizeLinear (the Mul
+                dq.output[0] = mul.output[0]  # its only reader) writes it, for every reader of it
+            else:
+                for reader in readers.get(mul.output[0], []):
+                    for i, name in enumerate(reader.input):
+                        if name == mul.output[0]:
+                            reader.input[i] = dq.output[0]
             folded.append(mul)
             break
     if folded:

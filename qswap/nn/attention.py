@@ -205,17 +205,24 @@ def quantize_shared(quant: nn.Module, t: torch.Tensor, repeat: int, num_heads: i
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(L, B, E) -> (B*H, L, D). The feature sizes are Python ints and B*H is left to the reshape
-    (-1): an ONNX trace then sizes it by L alone, a dimension of the same tensor at the same
-    place, and onnxruntime's reshape fusion makes the shape a constant (0, -1, D): no shape
-    arithmetic is left to run per call."""
-    return x.reshape(x.shape[0], -1, int(x.shape[-1]) // num_heads).transpose(0, 1)
+    """(L, B, E) -> (B*H, L, D). Traced for ONNX, B*H is left to the reshape (-1) and D is a Python
+    int: the trace then sizes the reshape by L alone, a dimension of the same tensor at the same
+    place, and onnxruntime's reshape fusion makes the shape a constant (0, -1, D), with no shape
+    arithmetic left to run per call. Eager, every size is explicit (an empty sequence reshapes,
+    and a head count that does not divide E fails here)."""
+    length, batch, embed = x.shape
+    if torch.jit.is_tracing():
+        return x.reshape(length, -1, int(embed) // num_heads).transpose(0, 1)
+    return x.reshape(length, batch * num_heads, embed // num_heads).transpose(0, 1)
 
 
 def merge_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B*H, L, D) -> (L, B, E) (as ``split_heads``: B by the reshape, E = H * D an int)."""
+    """(B*H, L, D) -> (L, B, E), E = H * D (traced: B left to the reshape, as ``split_heads``)."""
+    bh, length, dim = x.shape
     x = x.transpose(0, 1)
-    return x.reshape(x.shape[0], -1, num_heads * int(x.shape[-1]))
+    if torch.jit.is_tracing():
+        return x.reshape(length, -1, num_heads * int(dim))
+    return x.reshape(length, bh // num_heads, num_heads * dim)
 
 
 @register(nn.MultiheadAttention)

@@ -46,6 +46,23 @@ def test_positive_scalar_is_folded_into_the_scale():
     np.testing.assert_allclose(run(model, q), before, rtol=2 ** -23, atol=0)
 
 
+def test_a_folded_graph_output_that_other_nodes_read_keeps_its_readers():
+    """The Mul's output is a graph output and a Relu reads it too: after the fold the
+    DequantizeLinear writes that name, which both still read."""
+    model = graph(0.25)
+    model.graph.node.append(helper.make_node("Relu", ["y"], ["r"], name="relu"))
+    model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [None]))
+    q = np.arange(256, dtype=np.uint8)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["y", "r"], {"q": q})
+    assert fold_constant_scales(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["y", "r"], {"q": q})
+    for a, b in zip(after, before):
+        np.testing.assert_allclose(a, b, rtol=2 ** -23, atol=0)
+
+
 @pytest.mark.parametrize("c,extra_reader", [(-0.5, False), (0.25, True)])
 def test_negative_scalars_and_shared_dequantize_are_left(c, extra_reader):
     model = graph(c, extra_reader)

@@ -224,4 +224,13 @@ def test_refresh_renders_the_comparisons_a_new_doc_would(tmp_path):
     _eval_json(tmp_path / "qat_test_heldout.json", 9.6, (7.5, 11.5), -0.4, (-1.3, 0.4))
     new = qat_train.render(*args)
     assert new != old and "beats PTQ by more than the interval on: test." in new
-    assert qat_train.refreshed(old, tmp_path, 0.5) == new
+    assert qat_train.refreshed(old, tmp_path) == new
+    _eval_json(tmp_path / "qat_test.json", 8.8, (7.0, 10.5), -3.2, (-4.5, -1.9))  # below float: the
+    below = qat_train.render(*args)  # page adds that QAT is also further training
+    assert qat_train.FURTHER in below and qat_train.refreshed(new, tmp_path) == below
+    assert qat_train.refreshed(below, tmp_path) == below
+    (tmp_path / "qat_test_large.json").write_text((tmp_path / "qat_test.json").read_text())
+    for kind in ("ptq", "float"):
+        (tmp_path / f"{kind}_test_large.json").write_text((tmp_path / f"{kind}_test.json").read_text())
+    with pytest.raises(SystemExit, match="other sets"):  # a new set changes the commands: doc
+        qat_train.refreshed(below, tmp_path)
