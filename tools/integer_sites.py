@@ -115,8 +115,8 @@ def encoder_sites(q, net_input: dict, tally: Tally) -> None:
             zq, zk, zv, zp = core.zero_points
             acc = torch.bmm(qc.to(torch.int32) - zq, (kc.to(torch.int32) - zk).transpose(1, 2))
             tally.add("attention scores q k^T (requant)", core.scores(acc), _codes(seen, attn.core.softmax_in_quant))
-            bsz, length = padding.shape
-            pad = padding.view(bsz, 1, 1, length).expand(bsz, attn.num_heads, 1, length).reshape(-1, 1, length)
+            from qswap.nn.attention import heads_padding
+            pad = heads_padding(padding, attn.num_heads)
             from qswap.quant.integer import integer_softmax
             probs_ref = _codes(seen, attn.core.softmax_out_quant)
             softmax = integer_softmax(_codes(seen, attn.core.softmax_in_quant), core.softmax, pad)

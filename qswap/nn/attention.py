@@ -98,11 +98,8 @@ class QuantAttentionCore(nn.Module):
         if blocked is not None:
             masked = masked.masked_fill(blocked if blocked.dim() == 3 else blocked.unsqueeze(0),
                                         float("-inf"))
-        if key_padding_mask is not None:  # row b*H + h of the scores is sentence b's: (B*H, 1, S)
-            # (tiled and flattened, not a view of the scores as (B, H, T, S): an ONNX trace of that
-            # computes the scores' shapes on every call)
-            pad = key_padding_mask.to(torch.bool).unsqueeze(1).repeat(1, num_heads, 1).flatten(0, 1)
-            masked = masked.masked_fill(pad.unsqueeze(1), float("-inf"))
+        if key_padding_mask is not None:
+            masked = masked.masked_fill(heads_padding(key_padding_mask, num_heads), float("-inf"))
         probs = self._integer_softmax(scores, masked) if simulates(self) else None
         if probs is None:
             probs = F.softmax(masked, dim=-1)  # (B*H, T, S)
@@ -202,6 +199,15 @@ def quantize_shared(quant: nn.Module, t: torch.Tensor, repeat: int, num_heads: i
         return quant(repeat_kv(t, repeat, num_heads) if repeat > 1 else t)
     t = t if quantized else quant(t)
     return repeat_kv(t, repeat, num_heads) if repeat > 1 else t
+
+
+def heads_padding(key_padding_mask: torch.Tensor | None, num_heads: int) -> torch.Tensor | None:
+    """(B, S) padding (True or nonzero: padded) -> (B*H, 1, S) bool, row b*H + h sentence b's (the
+    rows ``split_heads`` makes); None for None. Tiled and flattened, not the scores viewed as
+    (B, H, T, S): an ONNX trace of that computes the scores' shapes on every call."""
+    if key_padding_mask is None:
+        return None
+    return key_padding_mask.to(torch.bool).unsqueeze(1).repeat(1, num_heads, 1).flatten(0, 1).unsqueeze(1)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

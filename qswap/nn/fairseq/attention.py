@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from qswap.errors import ConvertError
 from qswap.io.serializable import INT, Obj, serializable
 from qswap.io.serializable import Tuple as TupleOf
-from qswap.nn.attention import CORE_SITES, QuantAttentionCore, maps_elementwise, merge_heads, split_heads
+from qswap.nn.attention import (CORE_SITES, QuantAttentionCore, heads_padding, maps_elementwise, merge_heads,
+                                 split_heads)
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear, onto_linear
 from qswap.nn.simulate import straight_through
@@ -336,8 +337,7 @@ class IntegerFairseqAttention(FairseqIncrementalState, nn.Module):
         k, v = (t.reshape(bsz * self.num_heads, length, -1) for t in (k, v))  # (B*H, S, D)
         blocked = None if attn_mask is None else attn_mask.unsqueeze(0)  # (1, T, S)
         if key_padding_mask is not None:
-            pad = key_padding_mask.to(torch.bool).view(bsz, 1, 1, length)  # (B, 1, 1, S)
-            pad = pad.expand(bsz, self.num_heads, 1, length).reshape(bsz * self.num_heads, 1, length)
+            pad = heads_padding(key_padding_mask, self.num_heads)  # (B*H, 1, S)
             blocked = pad if blocked is None else blocked | pad  # (B*H, T or 1, S)
         context, _ = self.core(q, k, v, blocked)  # (B*H, T, D)
         return self.out_proj(merge_heads(context, self.num_heads))  # (T, B, E)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from qswap.io.serializable import INT, List, Obj, Tuple, serializable
 from qswap.io.serializable import Tensor as TensorOf
-from qswap.nn.attention import CORE_SITES, merge_heads, split_heads
+from qswap.nn.attention import CORE_SITES, heads_padding, merge_heads, split_heads
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.fairseq.attention import Projection, attention_core
 from qswap.nn.linear import QLinear
@@ -280,15 +280,6 @@ def _out_of(grid) -> tuple:
     return grid.scale, grid.zero_point, grid.qmin, grid.qmax
 
 
-def _blocked(key_padding_mask: Optional[Tensor], bsz: int, heads: int) -> Optional[Tensor]:
-    """(B, S) padding -> (B*H, 1, S) bool blocked positions, or None."""
-    if key_padding_mask is None:
-        return None
-    length = key_padding_mask.shape[1]
-    pad = key_padding_mask.to(torch.bool).view(bsz, 1, 1, length).expand(bsz, heads, 1, length)
-    return pad.reshape(bsz * heads, 1, length)
-
-
 @serializable(base=Obj("IntegerAttentionCore"), scores=Obj("Requant"), add=Obj("AddParams"),
               zero_points=Tuple(INT, INT))
 class IntegerRelPosCore(torch.nn.Module):
@@ -349,7 +340,7 @@ class IntegerRelPosAttention(torch.nn.Module):
         pp = (p.to(torch.int32) - z_p).view(2 * t - 1, self.h, d).permute(1, 2, 0)  # (H, D, 2T-1)
         bd = self.bd(rel_shift(torch.matmul(qv, pp))).reshape(bsz * self.h, t, t)  # (B*H, T, T) codes
         k, v = (split_heads(proj(x), self.h) for proj in (self.k_proj, self.v_proj))  # (B*H, T, D)
-        context = self.core(split_heads(q_u, self.h), k, v, bd, _blocked(key_padding_mask, bsz, self.h))
+        context = self.core(split_heads(q_u, self.h), k, v, bd, heads_padding(key_padding_mask, self.h))
         return self.out_proj(merge_heads(context, self.h))  # (T, B, C)
 
 
@@ -399,5 +390,5 @@ class IntegerRotaryAttention(torch.nn.Module):
         r = self._rotated(x)
         q, k = split_heads(self.q_proj(r), self.num_heads), split_heads(self.k_proj(r), self.num_heads)
         v = split_heads(self.v_proj(x), self.num_heads)  # (B*H, T, D)
-        context, _ = self.core(q, k, v, _blocked(key_padding_mask, bsz, self.num_heads))
+        context, _ = self.core(q, k, v, heads_padding(key_padding_mask, self.num_heads))
         return self.out_proj(merge_heads(context, self.num_heads))  # (T, B, C)
