@@ -471,7 +471,6 @@ def float_verdict(met: list[str], target: float) -> str:
             f"Within +{target:.1f} of float on none of the sets.")
 
 
-_OLD_CALIBRATION = ("`train_calib`, 4 batches)", "`train_calib` (4 batches)")  # pages written before calibration()
 FURTHER = (" QAT is also further training of the float model on its own corpus: where it lands below "
            "float, the cost of quantization alone is measured against a float fine-tune of the same "
            "length, which was not run.")
@@ -505,7 +504,7 @@ def refreshed(page: str, evals: Path) -> str:
     page = page.replace(FURTHER, "", 1)
     page = re.sub(r"Within \+[0-9.]+ of float on(:[^\n]*?| none of the sets)\.",
                   lambda m: float_verdict(met, target) + further(target_rows), page, count=1)
-    return page.replace(_OLD_CALIBRATION[0], f"{calibration()})").replace(_OLD_CALIBRATION[1], calibration())
+    return page
 
 
 def _rows_after(page: str, header: str, rows: list[str]) -> str:
