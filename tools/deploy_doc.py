@@ -195,8 +195,12 @@ def write(result: dict, args) -> None:
 
 
 def calibrated(model, recipe, calib):
+    """``model`` converted by ``recipe`` with ``simulate: float`` whatever the recipe says: the
+    fake-quant model every onnxruntime number here is compared with computes what a QDQ graph
+    computes (each op in float between DQ and Q, rounded onto its reader's grid)."""
     from qswap.calibrate import activation_quantizers
 
+    recipe = qswap.load_recipe(dict(qswap.load_recipe(recipe).to_dict(), simulate="float"))
     qmodel = qswap.convert(copy.deepcopy(model), recipe, data=calib)  # data: a recipe transform's statistics
     if activation_quantizers(qmodel):  # a weight-only or fp32 recipe has nothing to calibrate
         qswap.calibrate(qmodel, calib)

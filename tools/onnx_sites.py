@@ -159,10 +159,12 @@ def compare(table: SiteTable, graph: dict, reference: dict) -> None:
 def encoder_table(qmodel, graph_path, net_input: dict, level: str) -> SiteTable:
     """The encoder graph's sites against ``qmodel.encoder`` on ``net_input`` (all frames: pass
     one utterance, or utterances of one length, to leave padding out)."""
+    from qswap.nn.simulate import simulating
+
     graph = GraphCodes(graph_path, level, prefix="encoder.")
     reference = FakeQuantCodes(qmodel.encoder, prefix="encoder.")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), simulating(qmodel, "float"):  # what a QDQ graph computes
             qmodel.encoder(net_input["src_tokens"], net_input["src_lengths"])
     finally:
         reference.remove()
@@ -178,6 +180,7 @@ def decoder_step_table(qmodel, graph_path, encoder_out: dict, tokens: torch.Tens
     through ``tokens`` (B, T), each side feeding back its own caches; ``encoder_out`` is the
     fake-quant encoder's output (its padding mask present)."""
     from qswap.export.decoder_step import CrossKVGraph, empty_cache, names
+    from qswap.nn.simulate import simulating
 
     layers = len(qmodel.decoder.layers)
     inputs, outputs = names(layers)
@@ -190,7 +193,7 @@ def decoder_step_table(qmodel, graph_path, encoder_out: dict, tokens: torch.Tens
     try:
         for t in range(1, tokens.shape[1] + 1):
             reference.clear()
-            with torch.no_grad():
+            with torch.no_grad(), simulating(qmodel, "float"):  # what a QDQ graph computes
                 logits, _ = qmodel.decoder(tokens[:, :t], encoder_out=encoder_out, incremental_state=state)
                 qmodel.logits_quant(logits)
             feeds = {"tokens": tokens[:, :t].numpy(),

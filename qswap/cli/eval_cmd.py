@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--integer", action="store_true",
                    help="decode the quantized model (--recipe R, or a checkpoint written by 'qswap convert') "
                         "with integer execution (qswap.integerize), same beam search and WER")
+    p.add_argument("--simulate", choices=("float", "integer"),  # qswap.nn.simulate.SIMULATIONS (torch not imported here)
+                   help="the fake-quant model's arithmetic (qswap.nn.simulate), in place of its recipe's "
+                        "'simulate': float (what onnxruntime's QDQ graphs compute) or integer (what "
+                        "qswap.integerize computes); calibration with --recipe runs it too")
     p.add_argument("--markdown", help="write the result row as Markdown here")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
@@ -63,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
                         "--recipe and --vs-float apply to torch checkpoints")
     if args.vs_float and not args.recipe:
         raise DataError("--vs-float compares a --recipe with the float model; pass --recipe R")
+    if args.simulate and (args.backend == "onnxruntime" or args.integer):
+        raise DataError("--simulate picks the fake-quant model's arithmetic; drop it with --integer "
+                        "and --backend onnxruntime, which run integer or onnxruntime kernels")
     baseline = _read_baseline(args.baseline) if args.baseline else None
     counts, result, label, float_result = evaluate(args)
     utterances = [u.__dict__ for u in result.utterances]
@@ -165,14 +172,17 @@ def evaluate(args):
         model = qswap.convert(model, args.recipe, data=fdata.transform_data(
             args.recipe, task, args.calib_subset, args.calib_batches, max_sentences=args.max_sentences))
         label = model.qswap_recipe.name
-        if activation_quantizers(model):
+    with _simulation(args, model):
+        if args.recipe and activation_quantizers(model):
             with progress_bar("calibrating", args.calib_batches, enabled=_progress(args)) as advance:
                 qswap.calibrate(model, fdata.net_inputs(task, args.calib_subset, args.calib_batches,
                                                         max_sentences=args.max_sentences),
                                 progress=lambda n: advance(1))
-    if args.integer:
-        model, label = integer_model(model), f"{label} (integer)"
-    result = _decode(args, task, model, label)
+        if args.integer:
+            model, label = integer_model(model), f"{label} (integer)"
+        if args.simulate:
+            label = f"{label} (simulate: {args.simulate})"
+        result = _decode(args, task, model, label)
     counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
     return counts, result, label, float_result
 
@@ -200,6 +210,22 @@ def _evaluate_exported(args):
         result = decode_exported(task, exported, samples, beam=args.beam, progress=advance)
     counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
     return counts, result, label, None
+
+
+def _simulation(args, model):
+    """``qswap.nn.simulate.simulating(model, --simulate)``, or nothing without the option; a
+    DataError for a model with no fake-quant counterparts (a float checkpoint without --recipe)."""
+    import contextlib
+
+    from qswap.errors import DataError
+    from qswap.nn.simulate import simulating
+
+    if not args.simulate:
+        return contextlib.nullcontext(model)
+    if getattr(model, "qswap_recipe", None) is None:
+        raise DataError("--simulate picks a quantized model's arithmetic: pass --recipe R, or a checkpoint "
+                        "written by 'qswap convert'")
+    return simulating(model, args.simulate)
 
 
 def integer_model(model):

@@ -17,6 +17,11 @@ ctc            ``qmodel(**net_input)["encoder_out"]`` (wav2vec 2.0  ``logits_qua
 A grid that is not frozen per tensor (no scalar scale) is measured in its float values instead
 (``unit`` says which).
 
+The fake-quant side runs with ``simulate: float`` whatever its recipe says
+(``qswap.nn.simulate``): a QDQ graph computes each op in float between its DequantizeLinear and
+QuantizeLinear nodes and rounds the result onto the reader's grid, as that simulation does; the
+integer insides (``simulate: integer``) are what ``qswap.integerize`` computes instead.
+
 >>> agreement(qmodel, "deploy/", net_input, tokens)
 {'encoder': {'max': 1.0, 'mean': 0.02, 'unit': 'grid steps'}, ...}
 """
@@ -30,6 +35,7 @@ from torch import nn
 from qswap.export.decoder_step import CrossKVGraph, cross_names, empty_cache, names
 from qswap.export.onnx import load_session, run_encoder
 from qswap.export.package import graph_paths, read_manifest
+from qswap.nn.simulate import simulating
 
 
 def agreement(qmodel: nn.Module, directory: "str | os.PathLike[str]", net_input: dict,
@@ -39,7 +45,7 @@ def agreement(qmodel: nn.Module, directory: "str | os.PathLike[str]", net_input:
     paths = graph_paths(directory, read_manifest(directory))
     sessions = {name: load_session(path) for name, path in paths.items()}
     src, lengths = net_input["src_tokens"], net_input["src_lengths"]
-    with torch.no_grad():
+    with torch.no_grad(), simulating(qmodel, "float"):
         ref = qmodel.encoder(src, lengths)
         ref_out, ref_mask = ref["encoder_out"][0], ref["encoder_padding_mask"][0]
         out, mask = run_encoder(sessions["encoder"], src, lengths)
@@ -66,7 +72,7 @@ def ctc_agreement(qmodel: nn.Module, directory: "str | os.PathLike[str]", net_in
 
     paths = graph_paths(directory, read_manifest(directory))
     source, mask = net_input["source"], net_input["padding_mask"]
-    with torch.no_grad():
+    with torch.no_grad(), simulating(qmodel, "float"):
         ref = qmodel(source=source, padding_mask=mask)
     logits, padding = run_ctc(load_session(paths["ctc"]), source, mask)
     ref_padding = ref["padding_mask"] if ref["padding_mask"] is not None else torch.zeros_like(padding)

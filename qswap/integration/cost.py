@@ -19,6 +19,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qswap.nn.base import param_quantizer
+from qswap.nn.simulate import simulating
 from qswap.quant.fake_quantize import FakeQuantize
 
 FLOAT_BITS = 32
@@ -81,11 +82,14 @@ class _CostMode(TorchDispatchMode):
 
 
 def measure(model: torch.nn.Module, run, audio_seconds: float) -> Cost:
-    """Count MACs and BOPs of ``run(model)`` (one forward), normalized to ``audio_seconds``."""
+    """Count MACs and BOPs of ``run(model)`` (one forward), normalized to ``audio_seconds``.
+    The forward runs with ``simulate: float`` (``qswap.nn.simulate``): the operand widths are the
+    quantizers' whatever the simulation, and ``simulate: integer`` feeds its exact GEMMs codes it
+    derives from the quantizers' outputs (which this count would read as float operands)."""
     mode = _CostMode()
     handles = [m.register_forward_hook(_tag(mode)) for m in model.modules() if isinstance(m, FakeQuantize)]
     try:  # the hooks live only for this measurement and are removed whatever happens
-        with torch.no_grad(), mode:
+        with torch.no_grad(), simulating(model, "float"), mode:
             run(model)
     finally:
         for h in handles:

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from qswap.calibrate import activation_quantizers, run_observed
+from qswap.nn.simulate import simulating
 
 
 def site_names(qmodel: nn.Module) -> dict[int, str]:
@@ -31,7 +32,10 @@ def site_names(qmodel: nn.Module) -> dict[int, str]:
 def site_sqnr(qmodel: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
     """SQNR in dB per site name: 10 log10(sum x^2 / sum (q(x) - x)^2) over every module's
     quantizer of that site and every batch (run as ``calibrate`` runs them). The quantizers are
-    observed by hooks removed before returning; the model is run in eval mode without grad."""
+    observed by hooks removed before returning; the model is run in eval mode without grad, with
+    ``simulate: float`` (``qswap.nn.simulate.simulating``): under ``simulate: integer`` an op
+    writes its result onto its reader's grid itself, so the reader would see no rounding to
+    measure (the same rounding of the same kind of value, done inside the op)."""
     sites = site_names(qmodel)
     quantizers = [q for q in activation_quantizers(qmodel) if id(q) in sites]
     power: dict[str, list[float]] = {}
@@ -44,6 +48,7 @@ def site_sqnr(qmodel: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
             acc[1] += float(((out.detach().double() - x) ** 2).sum())
         return observe
 
-    run_observed(qmodel, batches, [q.register_forward_hook(hook(sites[id(q)])) for q in quantizers])
+    with simulating(qmodel, "float"):
+        run_observed(qmodel, batches, [q.register_forward_hook(hook(sites[id(q)])) for q in quantizers])
     return {site: (math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise))
             for site, (signal, noise) in sorted(power.items())}

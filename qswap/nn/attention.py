@@ -25,7 +25,7 @@ from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
-from qswap.nn.simulate import (cached, centered_codes, codes_of, dequantized, grid_of, onto_grid, simulates,
+from qswap.nn.simulate import (cached, centered_codes, codes_of, dequantized, grid_of, onto_grid, reader_grid, simulates,
                                 straight_through)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
@@ -152,7 +152,7 @@ class QuantAttentionCore(nn.Module):
         is -inf blocked) onto the ``softmax_out`` grid, as values, with the gradient of the float
         softmax of ``masked``; None where either grid is not per tensor (no integer form)."""
         from qswap.quant.integer import SoftmaxParams, integer_softmax
-        grid_in, grid_out = grid_of(self.softmax_in_quant), grid_of(self.softmax_out_quant)
+        grid_in, grid_out = grid_of(self.softmax_in_quant), reader_grid(self.softmax_out_quant)
         if grid_in is None or grid_out is None:
             return None
         params = cached(self, "_integer_softmax_params", lambda: SoftmaxParams.build(grid_in, grid_out),

@@ -17,7 +17,7 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import Obj, Opt, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import (cached, codes_of, form_or_none, grid_of, onto_grid, row_isqrt, simulates,
+from qswap.nn.simulate import (cached, codes_of, form_or_none, grid_of, onto_grid, reader_grid, row_isqrt, simulates,
                                 straight_through, value_of)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
@@ -145,15 +145,16 @@ class QLayerNorm(_QNorm):
         ``key_in``), as values with the norm's gradient; else the norm's value for each."""
         from qswap.quant.integer import Requant, requantized_values
         xq = self.input_quant(x)
-        grids = [grid_of(r) for r in readers]
+        grids = [reader_grid(r) for r in readers]
         grid = grid_of(self.input_quant) if simulates(self) and None not in grids else None
 
         def build():
             form = form_or_none(self.to_integer, None)
             return None if form is None else (form, [
                 Requant.from_scales(form.stream_scale / g.scale, g.zero_point, g.qmin, g.qmax) for g in grids])
-        sources = [*self._form_sources(), *(r.scale for r in readers), *(r.zero_point for r in readers)]
-        built = None if grid is None else cached(self, "_integer_onto_each", build, *sources)
+        built = None if grid is None else cached(
+            self, "_integer_onto_each", build,
+            *self._form_sources(), *(r.scale for r in readers), *(r.zero_point for r in readers))
         y = self._normed(xq) if built is None or torch.is_grad_enabled() else None
         if built is None:
             return [y for _ in readers]

@@ -63,6 +63,17 @@ def grid_of(quant: nn.Module):
     return Grid(float(quant.scale), int(quant.zero_point), quant.spec.qmin, quant.spec.qmax)
 
 
+def reader_grid(quant: nn.Module):
+    """``grid_of(quant)`` for the quantizer that reads an op's result, where that op would write
+    its codes onto the reader's grid (``onto_grid``): only once the reader is frozen. While it
+    calibrates, the reader must observe the op's own result, not one already clamped onto the
+    grid of its earlier batches (its range could then never grow); the op then computes as
+    ``simulate: float`` does and the reader observes and rounds."""
+    if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.frozen_grid()[0]):
+        return None
+    return grid_of(quant)
+
+
 def row_isqrt(n: torch.Tensor) -> torch.Tensor:
     """``floor(sqrt(n))`` of int64 values in [0, 2^62], exactly (Python's ``math.isqrt`` on each
     value): ``qswap.quant.integer.isqrt``'s result in two ops instead of its Newton loop, for the
@@ -155,7 +166,7 @@ def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *so
     codes) (``build`` may return None: no integer form). So the simulation requantizes the exact integer accumulator with the form's fixed-point
     multiplier and rounding, instead of rounding the float32 result by ``x * (1 / s)``. None where
     ``owner`` does not simulate integers or ``out_quant`` has no per-tensor grid."""
-    grid_out = grid_of(out_quant) if simulates(owner) else None
+    grid_out = reader_grid(out_quant) if simulates(owner) else None
     if grid_out is None:
         return None
     form = cached(owner, slot, lambda: build(grid_out), out_quant.scale, out_quant.zero_point, *sources)

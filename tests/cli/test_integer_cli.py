@@ -113,3 +113,44 @@ def test_audit_integer_of_a_weight_only_recipe_is_exit_2_naming_modules(float_ch
     err = capsys.readouterr().err
     assert err.startswith("qswap audit: error: cannot integerize") or "has no grid" in err
     assert "Traceback" not in err
+
+
+def test_eval_simulate_integer_decodes_what_the_integer_model_decodes(quantized_checkpoint, float_checkpoint,
+                                                                       tmp_path):
+    """``--simulate integer`` runs the fake-quant model with the integer insides (the checkpoint's
+    recipe has the default); its transcripts are the integer model's, and ``--simulate float`` is
+    the default's."""
+    from qswap.nn.simulate import SIMULATIONS
+    _, data, _ = float_checkpoint
+    common = [str(quantized_checkpoint), "--data", str(data)]
+    hyps = {name: [u["hyp"] for u in eval_json([*common, *extra], tmp_path / f"{name.replace(' ', '_')}.json")["utterances"]]
+            for name, extra in (("integer", ["--integer"]), ("simulate integer", ["--simulate", "integer"]),
+                                ("simulate float", ["--simulate", "float"]), ("default", []))}
+    assert hyps["simulate integer"] == hyps["integer"]
+    assert hyps[f"simulate {SIMULATIONS[0]}"] == hyps["default"]
+    out = eval_json([*common, "--simulate", "float"], tmp_path / "label.json")
+    assert out["model"] == "w8a8 (simulate: float)"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--integer"], "--simulate picks the fake-quant model's arithmetic"),
+    ([], "--simulate picks a quantized model's arithmetic: pass --recipe R"),
+])
+def test_eval_simulate_without_a_fake_quant_model_is_exit_2(float_checkpoint, capsys, extra, message):
+    _, data, ckpt = float_checkpoint
+    args = ["eval", str(ckpt), "--data", str(data), "--simulate", "integer", *extra]
+    if extra:
+        args += ["--recipe", "w8a8"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_eval_simulate_choices_are_the_simulations():
+    from qswap.cli import eval_cmd
+    from qswap.nn.simulate import SIMULATIONS
+    import argparse
+    parser = argparse.ArgumentParser()
+    eval_cmd.add_arguments(parser)
+    choices = next(a.choices for a in parser._actions if a.dest == "simulate")
+    assert set(choices) == set(SIMULATIONS)

@@ -14,10 +14,18 @@ from qswap.models import build_wav2vec2_ctc, s2t_net_input, wav2vec2_net_input
 from qswap.nn.simulate import simulating
 
 
+def float_insides(recipe):
+    """``recipe`` (a name, path or Recipe) with ``simulate: float``: the fake-quant model these
+    tests compare onnxruntime with computes what a QDQ graph computes (each op in float between
+    DQ and Q, rounded onto its reader's grid), whatever the default simulation."""
+    return qswap.load_recipe(dict(qswap.load_recipe(recipe).to_dict(), simulate="float"))
+
+
 def calibrated(model, recipe="w8a8"):
-    """``model`` converted with ``recipe`` and calibrated on three small padded batches."""
+    """``model`` converted with ``recipe`` (``float_insides``) and calibrated on three small
+    padded batches."""
     batches = [s2t_net_input(2, 60, seed=s) for s in range(3)]
-    qmodel = qswap.convert(model, recipe, data=batches)  # data: a recipe's transforms' statistics
+    qmodel = qswap.convert(model, float_insides(recipe), data=batches)  # data: a recipe's transforms' statistics
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantizers on paths the batches never take keep observing
         qswap.calibrate(qmodel, batches)
@@ -26,8 +34,8 @@ def calibrated(model, recipe="w8a8"):
 
 def calibrated_ctc(recipe="w8a8", **overrides):
     """A small fairseq wav2vec 2.0 CTC model (``overrides``: Wav2Vec2Config fields) converted with
-    ``recipe`` and calibrated on three small padded batches."""
-    qmodel = qswap.convert(build_wav2vec2_ctc(**overrides), recipe)
+    ``recipe`` (``float_insides``) and calibrated on three small padded batches."""
+    qmodel = qswap.convert(build_wav2vec2_ctc(**overrides), float_insides(recipe))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qswap.calibrate(qmodel, [wav2vec2_net_input(2, 4000, seed=s) for s in range(3)])

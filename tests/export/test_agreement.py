@@ -35,3 +35,16 @@ def test_the_ctc_graph_agrees_with_the_fake_quant_wav2vec2_model(tmp_path):
     found = ctc_agreement(qmodel, tmp_path, padded_waveforms(3, 5000, seed=2))
     assert found["padding_mask_equal"] and found["ctc"]["unit"] == "grid steps"
     assert found["ctc"]["max"] <= 4 and found["same_argmax"] >= 0.99  # measured: 0 steps, all equal
+
+
+def test_the_reference_is_the_float_insides_whatever_the_recipe_simulates(qmodel, tmp_path):
+    """A QDQ graph computes each op in float between DQ and Q: its agreement is measured against
+    the fake-quant model's ``simulate: float``, also where the recipe says ``simulate: integer``."""
+    from qswap.nn.simulate import simulating
+    export_model(qmodel, tmp_path, audit=False)
+    net = s2t_net_input(2, 60, seed=3)
+    tokens = torch.tensor([[2, 5, 9, 11], [2, 6, 6, 30]])
+    found = agreement(qmodel, tmp_path, net, tokens)
+    with simulating(qmodel, "integer"):
+        assert agreement(qmodel, tmp_path, net, tokens) == found
+    assert all(m.simulate == "float" for m in qmodel.modules() if hasattr(m, "simulate"))  # restored

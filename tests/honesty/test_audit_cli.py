@@ -60,7 +60,8 @@ def test_w8a8_is_honest_exit_0_with_json_and_markdown(checkpoint, tmp_path, caps
     assert report["verdict"] == "honest" and report["honest"] and report["recipe"] == "w8a8"
     assert report["paths"][2].startswith("incremental decoding")
     assert report["totals"]["float"] == 0 and report["totals"]["quantized"] > 0
-    assert set(report["bits_histogram"]) == {"8", "32"}
+    # 32: the bias quantizers, which run with the float insides (the integer ones use int32 bias codes)
+    assert "8" in report["bits_histogram"] and set(report["bits_histogram"]) <= {"8", "32"}
     markdown = out_md.read_text()
     assert "Verdict: **HONEST**" in markdown and "## Paths covered" in markdown
 

@@ -194,8 +194,9 @@ def test_qswap_eval_decodes_the_exported_integer_wav2vec2_ctc_model(trained, tmp
 def test_qswap_export_onnx_and_eval_onnxruntime_on_the_qat_checkpoint(trained, tmp_path):
     """``qswap export QCKPT --onnx`` writes the fairseq-trained CTC model as one QDQ graph;
     ``qswap eval DIR --backend onnxruntime`` greedy-CTC decodes every valid utterance with it
-    (the task set up from export.json), giving the fake-quant model's transcripts; ``qswap
-    audit DIR --onnx`` audits the graph."""
+    (the task set up from export.json), giving the transcripts of the fake-quant model with the
+    float insides (``--simulate float``: what a QDQ graph computes); ``qswap audit DIR --onnx``
+    audits the graph."""
     pytest.importorskip("onnxruntime")
     from qswap.cli import main
 
@@ -208,7 +209,8 @@ def test_qswap_export_onnx_and_eval_onnxruntime_on_the_qat_checkpoint(trained, t
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["model"] == "w8a8 (onnxruntime)" and result["counts"]["utterances"] == 2
-    assert main(["eval", str(ckpt), "--data", str(data), "--subset", "valid", "--json", str(tmp_path / "fq.json")]) == 0
+    assert main(["eval", str(ckpt), "--data", str(data), "--subset", "valid", "--simulate", "float",
+                 "--json", str(tmp_path / "fq.json")]) == 0
     fake_quant = json.loads((tmp_path / "fq.json").read_text())
     assert [u["hyp"] for u in result["utterances"]] == [u["hyp"] for u in fake_quant["utterances"]]
     assert main(["audit", str(deploy), "--onnx", "--json", str(tmp_path / "audit.json")]) == 1  # float LayerNorms

@@ -32,3 +32,14 @@ def test_fewer_bits_lose_about_six_db_a_bit_on_every_site():
     assert set(w8) == set(w4)
     for site in w8:
         assert w8[site] > w4[site] + 10, site  # 4 bits fewer: about 24 dB on a uniform grid
+
+
+def test_integer_insides_measure_the_same_rounding():
+    """Under ``simulate: integer`` an op writes onto its reader's grid itself; the measure still
+    sees each quantizer round (run with the float insides), so no site reads as noiseless: each
+    within 1 dB of the float insides' (the calibration ran the integer insides: its grids differ
+    a little)."""
+    from helpers import recipe_with
+    integer, float_ = _sqnr(recipe_with("w8a8", "integer")), _sqnr("w8a8")
+    assert integer.keys() == float_.keys()
+    assert all(abs(integer[site] - float_[site]) < 1 for site in float_), (integer, float_)

@@ -14,7 +14,7 @@ import qswap
 from qswap.errors import RecipeError
 from qswap.nn.attention import QuantAttentionCore
 from qswap.nn.norm import QLayerNorm
-from qswap.nn.simulate import simulating
+from qswap.nn.simulate import SIMULATIONS, simulating
 from helpers import core_codes, recipe_with
 from qswap.quant.integer import Grid, integer_softmax
 from qswap.recipe import shipped_recipe_names
@@ -169,10 +169,12 @@ def test_training_sees_the_simulated_value_and_the_float_gradient():
 
 
 def test_recipe_key_selects_the_arithmetic_and_rejects_others():
-    assert {qswap.load_recipe(name).simulate for name in shipped_recipe_names()} == {"float"}  # the default
-    q = qswap.convert(nn.Sequential(nn.LayerNorm(8)), recipe_with("w8a8", "integer"))
-    assert q[0].simulate == "integer" and isinstance(q[0], QLayerNorm)
-    assert qswap.convert(nn.Sequential(nn.LayerNorm(8)), "w8a8")[0].simulate == "float"
+    default = SIMULATIONS[0]
+    assert {qswap.load_recipe(name).simulate for name in shipped_recipe_names()} == {default}  # no key: the default
+    for mode in SIMULATIONS:
+        q = qswap.convert(nn.Sequential(nn.LayerNorm(8)), recipe_with("w8a8", mode))
+        assert q[0].simulate == mode and isinstance(q[0], QLayerNorm)
+    assert qswap.convert(nn.Sequential(nn.LayerNorm(8)), "w8a8")[0].simulate == default
     with pytest.raises(RecipeError, match="simulate.*float, integer"):
         qswap.load_recipe({"version": 1, "simulate": "fixed_point"})
     with pytest.raises(RecipeError, match="simulate.*float, integer"), simulating(q, "fixed_point"):
@@ -198,20 +200,21 @@ def _simulate_settings(recipe) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("name", [n for n in shipped_recipe_names() if n != "fp32"])
-def test_shipped_recipes_run_the_float_insides_and_a_yaml_key_reaches_every_counterpart(name, tmp_path):
-    """Every shipped recipe computes as before the simulation (``simulate: float``, the default);
-    ``simulate: integer`` written in a recipe file reaches the defaults, every rule and every
-    counterpart that has insides to simulate."""
+def test_shipped_recipes_run_the_default_and_a_yaml_key_reaches_every_counterpart(name, tmp_path):
+    """Every shipped recipe, which has no ``simulate`` key, computes with the default
+    (``SIMULATIONS[0]``); the other setting written in a recipe file reaches the defaults, every
+    rule and every counterpart that has insides to simulate."""
+    default, other = SIMULATIONS
     shipped = qswap.load_recipe(name)
-    assert {shipped.simulate, shipped.defaults.simulate, *(r.config.simulate for r in shipped.rules)} == {"float"}
+    assert {shipped.simulate, shipped.defaults.simulate, *(r.config.simulate for r in shipped.rules)} == {default}
     defaults = _simulate_settings(name)
-    assert SIMULATING <= set(defaults) and all(v == {"float"} for v in defaults.values()), defaults
-    path = tmp_path / f"{name}_integer.yaml"
-    path.write_text(Path(shipped.source).read_text(encoding="utf-8") + "simulate: integer\n", encoding="utf-8")
+    assert SIMULATING <= set(defaults) and all(v == {default} for v in defaults.values()), defaults
+    path = tmp_path / f"{name}_{other}.yaml"
+    path.write_text(Path(shipped.source).read_text(encoding="utf-8") + f"simulate: {other}\n", encoding="utf-8")
     recipe = qswap.load_recipe(path)
-    assert {recipe.simulate, recipe.defaults.simulate, *(r.config.simulate for r in recipe.rules)} == {"integer"}
-    integer = _simulate_settings(path)
-    assert set(integer) == set(defaults) and all(v == {"integer"} for v in integer.values()), integer
+    assert {recipe.simulate, recipe.defaults.simulate, *(r.config.simulate for r in recipe.rules)} == {other}
+    found = _simulate_settings(path)
+    assert set(found) == set(defaults) and all(v == {other} for v in found.values()), found
 
 
 def test_row_isqrt_is_the_integer_isqrt():
@@ -293,3 +296,45 @@ def test_a_told_reader_trains_with_the_float_gradient():
             grads[simulate] = xg.grad
     assert grads["integer"].abs().sum() > 0
     torch.testing.assert_close(grads["integer"], grads["float"])
+
+
+def test_calibration_observes_each_ops_own_result_not_one_clamped_onto_earlier_batches():
+    """While a reader calibrates, an op does not write onto its grid: the reader observes the
+    op's result (with the grid of its earlier batches it could never widen its range). A second
+    batch four times larger gives the readers (min/max observers) the ranges that ``simulate:
+    float`` gives them, within what the integer insides change (LayerNorm, softmax, GLU)."""
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    from qswap.quant.fake_quantize import FakeQuantize
+    net_input = s2t_net_input()
+    big = dict(net_input, src_tokens=net_input["src_tokens"] * 4)
+    scales = {}
+    for simulate in ("float", "integer"):
+        recipe = qswap.load_recipe(dict(qswap.load_recipe("w8a8").to_dict(), simulate=simulate, defaults={
+            "weight": {"bits": 8, "symmetric": True, "observer": "minmax"},
+            "activation": {"bits": 8, "symmetric": False, "observer": "minmax"}}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = qswap.convert(build_s2t_transformer(seed=0), recipe)
+            qswap.calibrate(q, [net_input, big])
+        scales[simulate] = {n: float(m.scale) for n, m in q.named_modules()
+                            if isinstance(m, FakeQuantize) and m.kind == "activation" and m.initialized}
+    assert scales["float"].keys() == scales["integer"].keys() and len(scales["float"]) > 50
+    ratios = [scales["integer"][n] / scales["float"][n] for n in scales["float"]]
+    assert 0.9 < min(ratios) and max(ratios) < 1.1, sorted(ratios)[:3]
+
+
+def test_float_activation_sites_compute_as_simulate_float():
+    """Where activations stay float (no input grid: an Identity quantizer), ``simulate: integer``
+    has no integer form to run: the model computes what ``simulate: float`` computes (the
+    encoder's final norm, read by every decoder layer, included)."""
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    net_input = s2t_net_input()
+    outs = []
+    for simulate in ("integer", "float"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = qswap.convert(build_s2t_transformer(seed=0), recipe_with("w8_weight_only", simulate))
+            qswap.calibrate(q, [net_input])
+        with torch.no_grad():
+            outs.append(q(**net_input)[0])
+    assert torch.equal(outs[0], outs[1])

@@ -25,7 +25,7 @@ from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
 from qswap.nn.linear import QLinear
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, grid_of, simulates
+from qswap.nn.simulate import cached, codes_of, grid_of, reader_grid, simulates
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 ZERO_POINT = Either(INT, TensorOf("int64"))  # a residual add operand's: per tensor, or per channel
@@ -279,7 +279,7 @@ class QTransformerDecoderLayer(QuantModule):
             return a + b, None
         from qswap.quant.integer import AddParams, requantized_values, rescaled_sum
         quants = (getattr(self, f"{part}_residual_quant"), getattr(self, f"{part}_out_quant"), *readers)
-        grids = [grid_of(q) if q is not None else None for q in quants]
+        grids = [None if q is None else grid_of(q) if i < 2 else reader_grid(q) for i, q in enumerate(quants)]
         if None in grids or self._integer_refusal() is not None:
             return a + b, None
 
