@@ -136,7 +136,7 @@ class QuantAttentionCore(nn.Module):
         def run(requant, out):
             from qswap.quant.integer import exact_gemm, requantized_values
             acc = exact_gemm(torch.bmm, centered_codes(a, grid_a), centered_codes(b, grid_b).transpose(1, 2),
-                             a.shape[-1])  # (B*H, T, S) int32 accumulator, by an exact float GEMM
+                             a.shape[-1], spans=(grid_a.span, grid_b.span))  # (B*H, T, S) int32, exact
             return requantized_values(requant, acc, out.scale)
         value = onto_grid(self, f"_integer_{name}", build, out_quant, run, a_quant.scale, a_quant.zero_point,
                           b_quant.scale, b_quant.zero_point)  # factor: the attention's constant scaling

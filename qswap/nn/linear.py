@@ -177,7 +177,8 @@ def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_
     if getattr(owner.weight_quant, "scale", None) is not None:
         sources.append(owner.weight_quant.scale)
     return onto_grid(owner, "_integer_onto", functools.partial(form_or_none, to_integer, grid_in), out_quant,
-                     lambda form, out: form.simulated(centered_codes(xq, grid_in), out.scale), *sources)
+                     lambda form, out: form.simulated(centered_codes(xq, grid_in), out.scale, grid_in.span),
+                     *sources)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
@@ -229,7 +230,7 @@ class IntegerLinear(nn.Module):
         acc = F.linear(x, self.weight.to(torch.int32), self.bias)  # (..., out) int32
         return acc if self.requant is None else self.requant(acc, axis=-1)
 
-    def simulated(self, centered: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    def simulated(self, centered: torch.Tensor, scale: float | None = None, span: int | None = None) -> torch.Tensor:
         """``forward(centered + zero_point_in)``, the same integers, for the fake-quant simulation
         (``simulate: integer`` runs it: ``onto_linear``): ``centered`` holds the input's
         ``code - zp`` (a float tensor of integers), and the op runs on the float kernel, exactly
@@ -237,9 +238,11 @@ class IntegerLinear(nn.Module):
         magnitude; the weights kept as floats of each dtype used), which the honesty audit
         proves per call (``qswap.honesty.gemm``). With the output grid's ``scale``: the output
         codes' values (``requantized_values``, from the accumulator cast to int32: the audit
-        follows integer data through integer ops, not float arithmetic on an accumulator)."""
+        follows integer data through integer ops, not float arithmetic on an accumulator).
+        ``span``: a bound of ``|centered|`` (the input grid's ``Grid.span``), which spares
+        measuring the input where it already bounds the GEMM below 2^24."""
         from qswap.quant.integer import requantized_values
-        acc = self._exact_acc(centered).to(torch.int32)
+        acc = self._exact_acc(centered, span).to(torch.int32)
         if self.requant is None or scale is None:
             return acc if self.requant is None else self.requant(acc, axis=self._channel_axis)
         return requantized_values(self.requant, acc, scale, self._channel_axis)
@@ -247,14 +250,16 @@ class IntegerLinear(nn.Module):
     _channel_axis = -1
     _max_parts = 8  # split-K: at most this many float32 GEMMs before float64
 
-    def _exact_acc(self, centered: torch.Tensor) -> torch.Tensor:
+    def _exact_acc(self, centered: torch.Tensor, span: int | None = None) -> torch.Tensor:
         """The accumulator of ``centered`` (int32, or floats holding it exactly), by
         exact float GEMMs: one float32 GEMM where the
         bound of ``exact_gemm`` is below 2^24; else the reduction split into 2, 4 or 8 equal parts
         (split-K) that each stay below 2^24 (each part exact, their int32 sum exact: the build-time
         bound keeps it below 2^31), a float32 GEMM each; else one float64 GEMM."""
         from qswap.quant.integer import FLOAT32_EXACT, exact_float_dtype, magnitude
-        k, per_product, bias_max = self.weight[0].numel(), magnitude(centered) * self._weight_max(), self._bias_max()
+        k, w_max, bias_max = self.weight[0].numel(), self._weight_max(), self._bias_max()
+        small = span is not None and k * span * w_max + bias_max < FLOAT32_EXACT  # no need to measure
+        per_product = (span if small else magnitude(centered)) * w_max
         f32 = self._float32_exact(centered)  # else float64 whatever the bound
         dtype = exact_float_dtype(k * per_product + bias_max if f32 else FLOAT32_EXACT, centered.device)
         parts = 1
@@ -332,12 +337,12 @@ class IntegerConv(IntegerLinear):
     _channel_axis = 1
     _max_parts = 1  # no split-K: one GEMM, float32 or float64
 
-    def simulated(self, centered: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    def simulated(self, centered: torch.Tensor, scale: float | None = None, span: int | None = None) -> torch.Tensor:
         """As ``IntegerLinear.simulated`` on CPU (a direct or im2col convolution: sums of products);
         elsewhere ``forward`` on the codes (cuDNN may pick FFT or Winograd algorithms, which round)."""
         if centered.device.type != "cpu":
             return self.forward(centered.to(torch.int32) + self.zero_point_in)
-        return super().simulated(centered, scale)
+        return super().simulated(centered, scale, span)
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return self.conv_fn(x, w, b, *self.conv_args)

@@ -134,10 +134,33 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor | int,
     ``rounding_divide_by_pot`` (half away from zero). ``m0`` and ``shift`` may be tensors
     broadcasting against ``x`` (per channel). Returns int32."""
     _check_int("x", x)
+    if isinstance(m0, int) and isinstance(shift, int) and 0 <= m0 <= INT32_MAX and -31 <= shift <= 30:
+        return _multiply_scalar(x, m0, shift)
     shift = torch.as_tensor(shift, dtype=torch.int64)
     left, right = shift.clamp(min=0), (-shift).clamp(min=0)
     shifted = (x.to(torch.int64) << left).clamp(INT32_MIN, INT32_MAX)
     return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, m0), right)
+
+
+def _multiply_scalar(x: torch.Tensor, m0: int, shift: int) -> torch.Tensor:
+    """``multiply_by_quantized_multiplier`` with one multiplier (Python ints, ``m0`` in [0,
+    2^31)): the same integers in fewer passes. ``a == b == INT32_MIN`` cannot occur (``m0`` >= 0),
+    so the high multiply needs no saturation case; its truncating division by 2^31 is an
+    arithmetic shift of ``v + (2^31 - 1)`` for negative ``v`` (exact: ``trunc(v / 2^k) = (v + (v <
+    0) (2^k - 1)) >> k``); the rounding shift takes its mask and threshold as Python ints."""
+    v = x.to(torch.int64, copy=True)
+    if shift > 0:
+        v.bitwise_left_shift_(shift).clamp_(INT32_MIN, INT32_MAX)
+    v.mul_(m0)  # |v| < 2^31 * 2^31: int64
+    negative = v < 0
+    v.add_(torch.where(negative, 1 - (1 << 30) + (1 << 31) - 1, 1 << 30))  # the nudge, and the trunc bias
+    v.bitwise_right_shift_(31)
+    right = -shift if shift < 0 else 0
+    if right:
+        mask = (1 << right) - 1
+        up = (v & mask) > ((v < 0).to(torch.int64) + (mask >> 1))
+        v.bitwise_right_shift_(right).add_(up)
+    return v.to(torch.int32)
 
 
 def multiply_by_quantized_multiplier_single(x: torch.Tensor, m0: torch.Tensor | int,
@@ -430,6 +453,11 @@ class Grid:
     @property
     def dtype(self) -> torch.dtype:
         return code_dtype(self.qmin, self.qmax)
+
+    @property
+    def span(self) -> int:
+        """The largest ``|code - zero_point|`` of the grid."""
+        return max(self.qmax - self.zero_point, self.zero_point - self.qmin)
 
     def codes(self) -> torch.Tensor:
         """Every code of the grid, ascending (int64)."""
@@ -918,7 +946,7 @@ def winograd_may_run(x: torch.Tensor) -> bool:
 
 def exact_gemm(op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor, fan_in: int,
                bias: torch.Tensor | None = None, *, b_max: int | None = None, bias_max: int = 0,
-               **kwargs) -> torch.Tensor:
+               spans: tuple[int, int] | None = None, **kwargs) -> torch.Tensor:
     """``op(a, b[, bias], **kwargs)`` of integer-valued operands, computed by the float kernel
     of ``op`` and returned as the exact int32 result. ``op``: a sum of products (``F.linear``,
     ``torch.bmm``, ``F.conv1d``/``F.conv2d``) in which each output sums at most ``fan_in``
@@ -937,16 +965,23 @@ def exact_gemm(op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor
     is used below 2^24 (``exact_float_dtype``), float64 below 2^53 (beyond every int32 result).
     The same holds for the integer op this replaces (int32 accumulation without overflow), so
     both give the same integers. Used by the fake-quant simulation (``simulate: integer``) in
-    place of torch's generic int32 kernels; ``qswap.integerize``'s model keeps integer dtypes."""
-    out, _ = exact_gemm_float(op, a, b, fan_in, bias, b_max=b_max, bias_max=bias_max, **kwargs)
+    place of torch's generic int32 kernels; ``qswap.integerize``'s model keeps integer dtypes.
+    ``spans``: bounds of ``|a|`` and ``|b|`` the caller knows (the grids' ``Grid.span``): where
+    they already put the bound below 2^24, float32 is used without measuring the operands."""
+    out, _ = exact_gemm_float(op, a, b, fan_in, bias, b_max=b_max, bias_max=bias_max, spans=spans, **kwargs)
     return out.to(torch.int32)
 
 
 def exact_gemm_float(op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor, fan_in: int,
                      bias: torch.Tensor | None = None, *, b_max: int | None = None, bias_max: int = 0,
-                     **kwargs) -> tuple[torch.Tensor, int]:
+                     spans: tuple[int, int] | None = None, **kwargs) -> tuple[torch.Tensor, int]:
     """``exact_gemm``'s result before its int32 conversion (a float tensor of exact integers, for
-    ``requantized_values``) and its bound (``fan_in max|a| max|b| + max|bias|``)."""
+    ``requantized_values``) and its bound (``fan_in max|a| max|b| + max|bias|``, or the one of
+    ``spans`` where that is below 2^24)."""
+    if spans is not None and bias is None:
+        bound = fan_in * spans[0] * spans[1]
+        if bound < FLOAT32_EXACT and _ieee_float32(a.device):
+            return op(a.to(torch.float32), b.to(torch.float32), **kwargs), bound
     a_max = magnitude(a)
     b_max = magnitude(b) if b_max is None else b_max
     if bias is not None and bias_max == 0:

@@ -16,7 +16,7 @@ from qswap.quant.integer import (INT32_MAX, INT32_MIN, ISQRT_MAX, AddParams, Cha
                                  ConstantAddParams, LayerNormParams, add_constant, integer_group_norm,
                                  integer_layer_norm_acc,
                                  Requant, SoftmaxParams, apply_lut, build_lut, integer_glu, integer_layer_norm,
-                                 integer_softmax, isqrt, quantize_multiplier, requantize, rescaled_add,
+                                 integer_softmax, isqrt, multiply_by_quantized_multiplier, quantize_multiplier, requantize, rescaled_add,
                                  rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
 from qswap.quant.spec import QuantSpec
 
@@ -679,3 +679,17 @@ def test_exact_gemm_leaves_float32_when_float32_matmuls_may_round():
     finally:
         torch.set_float32_matmul_precision(saved)
     assert exact_float_dtype(1000, torch.device("meta")) == torch.float64
+
+
+def test_one_multiplier_takes_the_same_integers_as_per_channel_multipliers():
+    """``multiply_by_quantized_multiplier`` with Python-int M0 and shift (its scalar passes) equals
+    the general path (one-value tensors), at the int32 extremes, on ties and for every shift."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([i32(INT32_MIN, INT32_MAX, 0, -1, 1, 2 ** 30, -(2 ** 30)),
+                   torch.randint(-(2 ** 31), 2 ** 31 - 1, (500,), generator=g, dtype=torch.int64).to(torch.int32),
+                   torch.arange(-300, 300, dtype=torch.int32)])
+    for m0 in (0, 1, 2 ** 30, 2 ** 31 - 1, 1518500250, 1276901417):
+        for shift in range(-31, 31):
+            scalar = multiply_by_quantized_multiplier(x, m0, shift)
+            general = multiply_by_quantized_multiplier(x, torch.tensor([m0]), torch.tensor([shift]))
+            assert scalar.dtype == general.dtype == torch.int32 and torch.equal(scalar, general), (m0, shift)
