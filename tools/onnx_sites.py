@@ -187,7 +187,7 @@ def decoder_step_table(qmodel, graph_path, encoder_out: dict, tokens: torch.Tens
     graph = GraphCodes(graph_path, level)
     reference = FakeQuantCodes(qmodel)
     table, state = SiteTable(), {}
-    with torch.no_grad():
+    with torch.no_grad(), simulating(qmodel, "float"):  # what a QDQ graph computes
         cross = [c.numpy() for c in CrossKVGraph(qmodel)(encoder_out["encoder_out"][0])]
     cache = [c.numpy() for c in empty_cache(qmodel, tokens.shape[0])]
     try:
@@ -241,6 +241,7 @@ def main(argv=None) -> None:
 
     from qswap.export.package import export_model
     from qswap.integration import data as fdata
+    from qswap.nn.simulate import simulating
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -254,7 +255,7 @@ def main(argv=None) -> None:
         if args.graph == "encoder":
             table = encoder_table(qmodel, path, net, args.level)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), simulating(qmodel, "float"):  # what a QDQ graph computes
                 encoder_out = with_padding_mask(qmodel.encoder(net["src_tokens"], net["src_lengths"]))
             table = decoder_step_table(qmodel, path, encoder_out, net["prev_output_tokens"][:, :args.steps], args.level)
     print(table.render(f"{args.recipe}, {args.graph}, onnxruntime level {args.level}, first {args.utterances} "

@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.vs_float and not args.recipe:
         raise DataError("--vs-float compares a --recipe with the float model; pass --recipe R")
     if args.simulate and (args.backend == "onnxruntime" or args.integer):
-        raise DataError("--simulate picks the fake-quant model's arithmetic; drop it with --integer "
-                        "and --backend onnxruntime, which run integer or onnxruntime kernels")
+        other = "--integer (integer kernels)" if args.integer else "--backend onnxruntime (onnxruntime's kernels)"
+        raise DataError(f"--simulate picks the fake-quant model's arithmetic; drop it with {other}")
     baseline = _read_baseline(args.baseline) if args.baseline else None
     counts, result, label, float_result = evaluate(args)
     utterances = [u.__dict__ for u in result.utterances]
@@ -197,9 +197,10 @@ def _evaluate_exported(args):
     from qswap.integration.integer_decode import BEAM_SEARCH, decode_exported, decoding_method, exported_task
     from qswap.integration.metrics import error_counts
 
-    if args.recipe or args.vs_float:
-        raise DataError(f"{args.checkpoint} is an exported integer model: it is already quantized; drop "
-                        f"--recipe and --vs-float (compare with --baseline EVAL.json)")
+    if args.recipe or args.vs_float or args.simulate:
+        raise DataError(f"{args.checkpoint} is an exported integer model: it is already quantized and runs "
+                        f"integer kernels; drop --recipe, --vs-float and --simulate (compare with --baseline "
+                        f"EVAL.json)")
     exported = load_integer_model(args.checkpoint)
     task = exported_task(exported, args.data)
     method = decoding_method(exported)

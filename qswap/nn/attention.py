@@ -104,10 +104,11 @@ class QuantAttentionCore(nn.Module):
         if probs is None:
             probs = F.softmax(masked, dim=-1)  # (B*H, T, S)
         probs = self.softmax_out_quant(probs)
-        if dropout_p > 0.0 and self.training:
+        dropped = dropout_p > 0.0 and self.training
+        if dropped:
             probs = F.dropout(probs, p=dropout_p)
         v = quantize_shared(self.v_quant, v, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)
-        if out_quant is None:
+        if out_quant is None or dropped:  # dropout's 1/(1-p) takes probs off their grid: no integer form
             context = torch.bmm(probs, v)  # (B*H, T, D)
         else:
             context = self._integer_matmul("context", probs, self.softmax_out_quant, v.transpose(1, 2), self.v_quant,

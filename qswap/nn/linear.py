@@ -234,8 +234,9 @@ class IntegerLinear(nn.Module):
         """``forward(centered + zero_point_in)``, the same integers, for the fake-quant simulation
         (``simulate: integer`` runs it: ``onto_linear``): ``centered`` holds the input's
         ``code - zp`` (a float tensor of integers), and the op runs on the float kernel, exactly
-        (the bound of ``qswap.quant.integer.exact_gemm`` from the input's actual largest
-        magnitude; the weights kept as floats of each dtype used), which the honesty audit
+        (the bound of ``qswap.quant.integer.exact_gemm`` from ``span`` where that is below 2^24,
+        else from the input's actual largest magnitude; the weights kept as floats of each dtype
+        used), which the honesty audit
         proves per call (``qswap.honesty.gemm``). With the output grid's ``scale``: the output
         codes' values (``requantized_values``, from the accumulator cast to int32: the audit
         follows integer data through integer ops, not float arithmetic on an accumulator).

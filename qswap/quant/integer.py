@@ -134,7 +134,8 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor | int,
     ``rounding_divide_by_pot`` (half away from zero). ``m0`` and ``shift`` may be tensors
     broadcasting against ``x`` (per channel). Returns int32."""
     _check_int("x", x)
-    if isinstance(m0, int) and isinstance(shift, int) and 0 <= m0 <= INT32_MAX and -31 <= shift <= 30:
+    if (isinstance(m0, int) and isinstance(shift, int) and 0 <= m0 <= INT32_MAX and -31 <= shift <= 30
+            and x.dtype != torch.int64):
         return _multiply_scalar(x, m0, shift)
     shift = torch.as_tensor(shift, dtype=torch.int64)
     left, right = shift.clamp(min=0), (-shift).clamp(min=0)
@@ -143,18 +144,17 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor | int,
 
 
 def _multiply_scalar(x: torch.Tensor, m0: int, shift: int) -> torch.Tensor:
-    """``multiply_by_quantized_multiplier`` with one multiplier (Python ints, ``m0`` in [0,
-    2^31)): the same integers in fewer passes. ``a == b == INT32_MIN`` cannot occur (``m0`` >= 0),
-    so the high multiply needs no saturation case; its truncating division by 2^31 is an
-    arithmetic shift of ``v + (2^31 - 1)`` for negative ``v`` (exact: ``trunc(v / 2^k) = (v + (v <
-    0) (2^k - 1)) >> k``); the rounding shift takes its mask and threshold as Python ints."""
+    """``multiply_by_quantized_multiplier`` of int32 (or narrower) ``x`` with one multiplier (Python
+    ints, ``m0`` in [0, 2^31)): the same integers in fewer passes. ``a == b == INT32_MIN`` cannot
+    occur (``m0`` >= 0), so the high multiply needs no saturation case, and it is ``(v + 2^30) >>
+    31`` (round half toward +inf): for ``v`` >= 0 the nudge 2^30 then truncation; for ``v`` < 0
+    the nudge ``1 - 2^30`` then truncation toward zero, ``trunc(w / 2^31) = (w + 2^31 - 1) >> 31``
+    for ``w`` < 0, and ``1 - 2^30 + 2^31 - 1 = 2^30``. The rounding shift takes its mask and
+    threshold as Python ints."""
     v = x.to(torch.int64, copy=True)
     if shift > 0:
         v.bitwise_left_shift_(shift).clamp_(INT32_MIN, INT32_MAX)
-    v.mul_(m0)  # |v| < 2^31 * 2^31: int64
-    negative = v < 0
-    v.add_(torch.where(negative, 1 - (1 << 30) + (1 << 31) - 1, 1 << 30))  # the nudge, and the trunc bias
-    v.bitwise_right_shift_(31)
+    v.mul_(m0).add_(1 << 30).bitwise_right_shift_(31)  # |v m0| < 2^62: int64
     right = -shift if shift < 0 else 0
     if right:
         mask = (1 << right) - 1
@@ -960,7 +960,7 @@ def exact_gemm(op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.Tensor
     (IEEE 754: the result is the exact value rounded, and it needs no rounding). Every product
     of the GEMM is at most ``max|a| max|b|``, every partial sum, in whatever order or blocking
     the kernel accumulates, at most ``fan_in max|a| max|b| + max|bias|`` (the ``bound``, from the
-    operands' actual maxima, measured per call): so when the bound is below 2^p no operation
+    operands' actual maxima, measured per call, or from ``spans``, bounds of them): so when the bound is below 2^p no operation
     rounds, the float result is the integer result, and its conversion to int32 is exact. float32
     is used below 2^24 (``exact_float_dtype``), float64 below 2^53 (beyond every int32 result).
     The same holds for the integer op this replaces (int32 accumulation without overflow), so

@@ -89,6 +89,8 @@ def test_eval_of_an_export_refuses_a_recipe_and_a_damaged_file(shipped_w8a8, tmp
     assert main(["export", str(shipped_w8a8), "-o", str(out), "--data", str(ASSET)]) == 0
     assert main(["eval", str(out), "--data", str(ASSET), "--recipe", "w4a8"]) == 2
     assert "already quantized" in capsys.readouterr().err
+    assert main(["eval", str(out), "--data", str(ASSET), "--simulate", "float"]) == 2  # not silently ignored
+    assert "drop --recipe, --vs-float and --simulate" in capsys.readouterr().err
     blob = (out / TENSOR_FILE).read_bytes()
     (out / TENSOR_FILE).write_bytes(blob[:-10])
     assert main(["eval", str(out), "--data", str(ASSET)]) == 2

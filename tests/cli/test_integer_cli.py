@@ -133,7 +133,7 @@ def test_eval_simulate_integer_decodes_what_the_integer_model_decodes(quantized_
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--integer"], "--simulate picks the fake-quant model's arithmetic"),
+    (["--integer"], "--simulate picks the fake-quant model's arithmetic; drop it with --integer"),
     ([], "--simulate picks a quantized model's arithmetic: pass --recipe R"),
 ])
 def test_eval_simulate_without_a_fake_quant_model_is_exit_2(float_checkpoint, capsys, extra, message):

@@ -303,7 +303,8 @@ def test_calibration_observes_each_ops_own_result_not_one_clamped_onto_earlier_b
     """While a reader calibrates, an op does not write onto its grid: the reader observes the
     op's result (with the grid of its earlier batches it could never widen its range). A second
     batch four times larger gives the readers (min/max observers) the ranges that ``simulate:
-    float`` gives them, within what the integer insides change (LayerNorm, softmax, GLU)."""
+    float`` gives them, within what the integer insides change (the LayerNorm's and GLU's
+    accumulators, which run while the readers calibrate)."""
     from qswap.models import build_s2t_transformer, s2t_net_input
     from qswap.quant.fake_quantize import FakeQuantize
     net_input = s2t_net_input()
@@ -339,3 +340,20 @@ def test_float_activation_sites_compute_as_simulate_float():
         with torch.no_grad():
             outs.append(q(**net_input)[0])
     assert torch.equal(outs[0], outs[1])
+
+
+def test_a_learned_scale_in_training_is_read_as_the_optimizer_left_it():
+    """fairseq's optimizers step a learned (LSQ) scale through ``.data``, which no stamp sees: in
+    training the integer insides read the scale as it is now, not a grid kept from the last step."""
+    from qswap.nn.simulate import grid_of
+    from qswap.quant.fake_quantize import FakeQuantize
+    from qswap.quant.spec import QuantSpec
+    quant = FakeQuantize(QuantSpec(bits=8, symmetric=False, learnable=True))
+    quant(torch.randn(64) * 3)
+    quant.freeze()
+    quant.train()
+    before = grid_of(quant).scale
+    with torch.no_grad():
+        quant(torch.randn(8))  # a no-grad call keeps the frozen grid
+    quant.scale.data.mul_(2.0)  # an optimizer step
+    assert grid_of(quant).scale == pytest.approx(2 * before)

@@ -693,3 +693,6 @@ def test_one_multiplier_takes_the_same_integers_as_per_channel_multipliers():
             scalar = multiply_by_quantized_multiplier(x, m0, shift)
             general = multiply_by_quantized_multiplier(x, torch.tensor([m0]), torch.tensor([shift]))
             assert scalar.dtype == general.dtype == torch.int32 and torch.equal(scalar, general), (m0, shift)
+    wide = torch.tensor([2 ** 40, -(2 ** 40), 3], dtype=torch.int64)  # int64 beyond int32: the saturating path
+    assert torch.equal(multiply_by_quantized_multiplier(wide, 2 ** 30, 0),
+                       multiply_by_quantized_multiplier(wide, torch.tensor([2 ** 30]), torch.tensor([0])))
