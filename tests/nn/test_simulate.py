@@ -357,3 +357,17 @@ def test_a_learned_scale_in_training_is_read_as_the_optimizer_left_it():
         quant(torch.randn(8))  # a no-grad call keeps the frozen grid
     quant.scale.data.mul_(2.0)  # an optimizer step
     assert grid_of(quant).scale == pytest.approx(2 * before)
+
+
+def test_attention_dropout_in_training_keeps_the_float_context_product():
+    """Dropout scales the kept probabilities by 1/(1-p): they leave the ``softmax_out`` grid, so
+    the context matmul has no integer form there and stays the float product of what it got."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 3, 32)
+    mha = calibrated(nn.MultiheadAttention(32, 4), x, "w8a8", run=lambda m, b: m(b, b, b)[0])
+    core = mha.core.train()
+    q, k, v = (torch.randn(12, 9, 8) for _ in range(3))
+    with torch.no_grad():
+        context, probs = core(q, k, v, 0.35, num_heads=4, dropout_p=0.5, out_quant=mha.out_proj.input_quant)
+        assert (probs == 0).any()  # dropout ran
+        assert torch.equal(context, torch.bmm(probs, core.v_quant(v)))
