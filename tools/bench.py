@@ -192,15 +192,27 @@ def converted(b: Bench, recipe: str) -> Any:
 
 
 # -- measures ----------------------------------------------------------------------------------------
+def integer_insides(model: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with ``model``'s integer insides (``simulate: integer``, qswap.nn.simulate)."""
+    from qswap.nn.simulate import simulating
+
+    def run():
+        with simulating(model, "integer"):
+            return fn()
+    return run
+
+
 def measure_forward(b: Bench, sizes: Sizes) -> dict:
     w8a8, per_channel = converted(b, "w8a8"), converted(b, "w8a8_per_channel")
     t = interleaved_medians({
         "float": no_grad(lambda: b.model(**b.net_input)),
         "w8a8": no_grad(lambda: w8a8(**b.net_input)),
         "w8a8_per_channel": no_grad(lambda: per_channel(**b.net_input)),
+        "w8a8_integer": no_grad(integer_insides(w8a8, lambda: w8a8(**b.net_input))),
     }, sizes.repeats)
     return {"float_s": t["float"], "w8a8_s": t["w8a8"], "per_channel_s": t["w8a8_per_channel"],
-            "forward": t["w8a8"] / t["float"], "per_channel": t["w8a8_per_channel"] / t["w8a8"]}
+            "forward": t["w8a8"] / t["float"], "per_channel": t["w8a8_per_channel"] / t["w8a8"],
+            "w8a8_integer_s": t["w8a8_integer"]}
 
 
 def measure_decode(b: Bench, sizes: Sizes) -> dict:
@@ -213,10 +225,11 @@ def measure_decode(b: Bench, sizes: Sizes) -> dict:
     gens = {name: SequenceGenerator([m], b.tgt_dict, beam_size=5, max_len_a=0, max_len_b=steps,
                                     min_len=steps)
             for name, m in (("float", b.model), ("w8a8", w8a8))}
-    t = interleaved_medians({name: (lambda g=g: g.generate(g.model.models, b.decode_sample))
-                             for name, g in gens.items()}, sizes.repeats)
+    runs = {name: (lambda g=g: g.generate(g.model.models, b.decode_sample)) for name, g in gens.items()}
+    runs["w8a8_integer"] = integer_insides(w8a8, runs["w8a8"])
+    t = interleaved_medians(runs, sizes.repeats)
     return {"decode_float_s": t["float"], "decode_w8a8_s": t["w8a8"], "decode": t["w8a8"] / t["float"],
-            "decode_utts": sizes.decode_utts, "decode_steps": steps}
+            "decode_w8a8_integer_s": t["w8a8_integer"], "decode_utts": sizes.decode_utts, "decode_steps": steps}
 
 
 QAT_RECIPE = "w4a4_edges8_lsq"  # learned (LSQ) activation scales: Parameters after training
@@ -630,8 +643,12 @@ def details(r: dict, sizes: Sizes) -> list[str]:
            f"{r['forward']:.2f}× |",
            f"| the same, `w8a8_per_channel` | | {_ms(r['per_channel_s'])} | {r['per_channel']:.2f}× "
            f"of w8a8 |",
+           f"| the same, w8a8 with the integer insides (`simulate: integer`, no target) | | "
+           f"{_ms(r['w8a8_integer_s'])} | {r['w8a8_integer_s'] / r['float_s']:.2f}× |",
            f"| `SequenceGenerator.generate` | {_ms(r['decode_float_s'])} | {_ms(r['decode_w8a8_s'])} | "
            f"{r['decode']:.2f}× |",
+           f"| the same, w8a8 with the integer insides (`simulate: integer`, no target) | | "
+           f"{_ms(r['decode_w8a8_integer_s'])} | {r['decode_w8a8_integer_s'] / r['decode_float_s']:.2f}× |",
            f"| the same, {QAT_RECIPE}: PTQ (calibrated) / QAT (3 Adam updates of weights and LSQ "
            f"scales) | {_ms(r['decode_ptq_s'])} | {_ms(r['decode_qat_s'])} | {r['qat_decode']:.2f}× |",
            f"| `qswap.calibrate`, {r['calib_batches']} batches (float: forwards of the same batches) | "
