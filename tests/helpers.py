@@ -62,8 +62,8 @@ def core_codes(mha: nn.Module, run) -> tuple[list, float, dict]:
 
 def recipe_with(name: str, simulate: str):
     """The shipped recipe ``name`` with its ``simulate`` key set (qswap.nn.simulate)."""
-    import qswap
-    return qswap.load_recipe(dict(qswap.load_recipe(name).to_dict(), simulate=simulate))
+    from qswap.recipe import with_simulate
+    return with_simulate(name, simulate)
 
 
 def reports_with_and_without_shortcuts(monkeypatch, audit) -> tuple[dict, dict]:

@@ -200,7 +200,9 @@ def calibrated(model, recipe, calib):
     computes (each op in float between DQ and Q, rounded onto its reader's grid)."""
     from qswap.calibrate import activation_quantizers
 
-    recipe = qswap.load_recipe(dict(qswap.load_recipe(recipe).to_dict(), simulate="float"))
+    from qswap.recipe import with_simulate
+
+    recipe = with_simulate(recipe, "float")
     qmodel = qswap.convert(copy.deepcopy(model), recipe, data=calib)  # data: a recipe transform's statistics
     if activation_quantizers(qmodel):  # a weight-only or fp32 recipe has nothing to calibrate
         qswap.calibrate(qmodel, calib)

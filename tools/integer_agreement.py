@@ -37,8 +37,8 @@ def _shipped_recipe(name: str) -> str:
 
 def _recipe(name: str, simulate: str | None = None):
     """The shipped recipe ``name`` with the ``simulate`` key ``simulate`` (None: this run's)."""
-    import qswap
-    return qswap.load_recipe(dict(qswap.load_recipe(name).to_dict(), simulate=simulate or SIMULATE["mode"]))
+    from qswap.recipe import with_simulate
+    return with_simulate(name, simulate or SIMULATE["mode"])
 
 
 def _calibrated(model: nn.Module, batches: list, recipe: str) -> nn.Module:

@@ -212,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     import qswap
     from qswap.integration import data as fdata
+    from qswap.recipe import with_simulate
     model, task = fdata.load_model_and_task(ASSET / "checkpoint.pt", ASSET)
     recipe = qswap.load_recipe(str(ASSET / "searched.yaml") if args.recipe == "searched" else args.recipe)
-    q = qswap.convert(model, qswap.load_recipe(dict(recipe.to_dict(), simulate=args.simulate)))
+    q = qswap.convert(model, with_simulate(recipe, args.simulate))
     qswap.calibrate(q, fdata.net_inputs(task, "train_calib", args.calib_batches, max_sentences=32))
     dataset = fdata.load_subset(task, args.subset)
     sample = dataset.collater([dataset[i] for i in range(args.skip, min(args.skip + args.count, len(dataset)))])

@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from qswap.errors import ExportError
-from qswap.export.graph_passes import set_nodes
+from qswap.export.graph_passes import rewrite_nodes
 
 INT4_OPSET = 21
 _RANGES = {"int8": (-8, 7, "int4"), "uint8": (0, 15, "uint4")}
@@ -62,11 +62,9 @@ def inline_identities(model) -> int:
     alias = {n.output[0]: n.input[0] for n in graph.node
              if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in outputs}
     _rename_inputs(graph, alias)
-    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in alias)]
-    dropped = len(graph.node) - len(kept)
-    if dropped:
-        set_nodes(graph, kept)
-    return dropped
+    dropped = [(n, ()) for n in graph.node if n.op_type == "Identity" and n.output and n.output[0] in alias]
+    rewrite_nodes(graph, dropped)
+    return len(dropped)
 
 
 def shared_constants(model) -> int:
@@ -88,9 +86,7 @@ def shared_constants(model) -> int:
             stored[key] = node.output[0]
             graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
         alias[node.output[0]] = stored[key]
-    if replaced:
-        gone = {id(node) for node in replaced}  # ``replaced`` holds each node: its id names it
-        set_nodes(graph, [node for node in graph.node if id(node) not in gone])
+    rewrite_nodes(graph, [(node, ()) for node in replaced])
     _rename_inputs(graph, alias)
     return len(alias)
 

@@ -83,9 +83,7 @@ def fold_constant_scales(model) -> int:
                             reader.input[i] = dq.output[0]
             folded.append(mul)
             break
-    if folded:
-        gone = {id(mul) for mul in folded}  # ``folded`` holds each Mul: its id names it
-        set_nodes(graph, [node for node in graph.node if id(node) not in gone])
+    rewrite_nodes(graph, [(mul, ()) for mul in folded])
     return len(folded)
 
 
@@ -163,11 +161,8 @@ def quantize_by_inverse(model) -> int:
         mul = helper.make_node("Mul", [q.input[0], inverses[q.input[1]]], [f"{q.output[0]}/times_inverse_scale"])
         q.input[0], q.input[1] = mul.output[0], UNIT_SCALE
         rewritten.append((q, mul))
-    if rewritten:  # each Mul right before its QuantizeLinear: the graph stays sorted
-        before = {id(q): mul for q, mul in rewritten}  # ``rewritten`` holds each q: its id names it
-        set_nodes(graph, [n for node in graph.node for n in ((before[id(node)], node) if id(node) in before
-                                                               else (node,))])
-    return len(rewritten)
+    rewrite_nodes(graph, [(q, (mul, q)) for q, mul in rewritten])  # each Mul right before its
+    return len(rewritten)  # QuantizeLinear: the graph stays sorted
 
 
 def _closes_fused_group(q, producer: dict, values) -> bool:
@@ -223,7 +218,7 @@ def gather_codes(model) -> int:
 
     graph = model.graph
     producer, readers, values = index_graph(graph)
-    after: dict[int, tuple] = {}  # id of a Gather -> (the Gather, the DequantizeLinear to put after it)
+    after: list[tuple] = []  # (a Gather, (the Gather, the DequantizeLinear put after it))
     for gather in graph.node:
         dq = producer.get(gather.input[0]) if gather.op_type == "Gather" else None
         if (dq is None or dq.op_type != "DequantizeLinear" or values(dq.input[0]) is None
@@ -233,9 +228,8 @@ def gather_codes(model) -> int:
         name = dq.name if len(readers[dq.output[0]]) == 1 else f"{dq.name}/{gather.name}"
         new_dq = helper.make_node("DequantizeLinear", [codes, *dq.input[1:]], [gather.output[0]], name=name)
         gather.input[0], gather.output[0] = dq.input[0], codes
-        after[id(gather)] = (gather, new_dq)  # the Gather held: its id names it while it lives
-    if after:  # each new DequantizeLinear right after its Gather
-        set_nodes(graph, [n for node in graph.node for n in (after[id(node)] if id(node) in after else (node,))])
+        after.append((gather, (gather, new_dq)))
+    rewrite_nodes(graph, after)
     _drop_unread(graph)
     return len(after)
 
@@ -251,6 +245,17 @@ def _drop_unread(graph) -> None:
             read.update(node.input)
     if len(kept) < len(graph.node):
         set_nodes(graph, kept[::-1])
+
+
+def rewrite_nodes(graph, instead: list[tuple]) -> None:
+    """For each ``(node, new)`` of ``instead``: put ``new`` (a tuple of nodes, ``node`` itself
+    among them or not; ``()`` drops it) in the place of ``node``, a node of ``graph``, in one
+    rebuild of the node list (``set_nodes``). Nodes are matched by identity: protobuf gives the
+    same Python object for an element while one is alive (``instead`` holds them), and may reuse
+    the id of one that is not."""
+    if instead:
+        by_id = {id(node): new for node, new in instead}
+        set_nodes(graph, [n for node in graph.node for n in by_id.get(id(node), (node,))])
 
 
 def set_nodes(graph, nodes: list) -> None:
@@ -301,10 +306,8 @@ def linear_as_gemm(model) -> int:
                   helper.make_node("Reshape", [f"{p}/y", f"{p}/shape"], [out], name=f"{p}/Reshape")]  # (..., N)
         replaced.append((add if add is not None else mm, nodes))
         mm.output[0] = f"{p}/unread"
-    if replaced:  # in place of the Add (or MatMul): every input is computed before it
-        instead = {id(last): nodes for last, nodes in replaced}  # ``replaced`` holds each: ids name them
-        set_nodes(graph, [n for node in graph.node for n in instead.get(id(node), (node,))])
-    _drop_unread(graph)
+    rewrite_nodes(graph, replaced)  # the new nodes in place of the Add (or
+    _drop_unread(graph)  # MatMul): every input is computed before it
     return len(replaced)
 
 

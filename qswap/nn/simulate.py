@@ -44,18 +44,20 @@ from qswap.quant.stamp import stamp, unchanged
 SIMULATIONS = ("float", "integer")  # the first is the default
 
 
-def grid_of(quant: nn.Module):
+def grid_of(quant: nn.Module, frozen_only: bool = False):
     """The ``qswap.quant.integer.Grid`` of a calibrated per-tensor ``FakeQuantize`` (enabled, with
-    a grid); None for anything else (an Identity: the site is float; a per-channel grid). A
-    learned (LSQ) scale in training is read as it is now: an optimizer writes it through
-    ``.data``, which no stamp sees, so the kept grid could be the previous step's."""
+    a grid); None for anything else (an Identity: the site is float; a per-channel grid), and
+    with ``frozen_only`` for a quantizer still calibrating (``reader_grid``). A learned (LSQ)
+    scale in training is read as it is now: an optimizer writes it through ``.data``, which no
+    stamp sees, so the kept grid could be the previous step's."""
     from qswap.quant.integer import Grid
     if not (isinstance(quant, FakeQuantize) and quant.enabled):
         return None
+    frozen, kept = quant.frozen_grid()  # a PassGrid of Python numbers kept while frozen: no read per call
+    if frozen_only and not frozen:
+        return None
     if quant.spec.learnable and quant.training and torch.is_grad_enabled():
         kept = None
-    else:
-        _, kept = quant.frozen_grid()  # a PassGrid of Python numbers kept while frozen: no read per call
     if kept is not None:  # frozen, per tensor: the Grid is kept beside it, made once per PassGrid
         hit = quant.__dict__.get("_simulated_grid")
         if hit is not None and hit[0] is kept:
@@ -75,9 +77,7 @@ def reader_grid(quant: nn.Module):
     grid of its earlier batches (its range could then never grow). The op then computes without
     writing onto the reader's grid (its integer insides, where it has them, still run: the
     LayerNorm's and GLU's accumulators) and the reader observes and rounds the result."""
-    if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.frozen_grid()[0]):
-        return None
-    return grid_of(quant)
+    return grid_of(quant, frozen_only=True)
 
 
 def row_isqrt(n: torch.Tensor) -> torch.Tensor:

@@ -978,14 +978,12 @@ def exact_gemm_float(op: Callable[..., torch.Tensor], a: torch.Tensor, b: torch.
     """``exact_gemm``'s result before its int32 conversion (a float tensor of exact integers, for
     ``requantized_values``) and its bound (``fan_in max|a| max|b| + max|bias|``, or the one of
     ``spans`` where that is below 2^24)."""
-    if spans is not None and bias is None:
-        bound = fan_in * spans[0] * spans[1]
-        if bound < FLOAT32_EXACT and _ieee_float32(a.device):
-            return op(a.to(torch.float32), b.to(torch.float32), **kwargs), bound
-    a_max = magnitude(a)
-    b_max = magnitude(b) if b_max is None else b_max
     if bias is not None and bias_max == 0:
         bias_max = magnitude(bias)
+    if spans is not None and fan_in * spans[0] * spans[1] + bias_max < FLOAT32_EXACT:
+        a_max, b_max = spans  # bound enough for float32: the operands are not measured
+    else:
+        a_max, b_max = magnitude(a), magnitude(b) if b_max is None else b_max
     bound = fan_in * a_max * b_max + bias_max
     dtype = exact_float_dtype(bound, a.device)
     args = (a.to(dtype), b.to(dtype)) + (() if bias is None else (bias.to(dtype),))

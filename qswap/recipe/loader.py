@@ -42,6 +42,13 @@ def _recipe_dir():
         return Path(__file__).resolve().parents[2] / "recipes"
 
 
+def with_simulate(recipe: "str | Path | Mapping[str, Any] | Recipe", simulate: str) -> Recipe:
+    """``recipe`` (anything ``load_recipe`` takes) with its top-level ``simulate`` key set to
+    ``simulate`` (``qswap.nn.simulate``: ``"float"`` or ``"integer"``; another value is a
+    RecipeError), every rule taking it as a recipe file's key would give it."""
+    return load_recipe(dict(load_recipe(recipe).to_dict(), simulate=simulate))
+
+
 def load_recipe(name_or_path: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:
     """A Recipe from a shipped name (``"w8a8"``), a YAML path, a dict, or a Recipe (returned)."""
     if isinstance(name_or_path, Recipe):

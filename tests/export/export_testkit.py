@@ -12,13 +12,14 @@ from torch import nn
 import qswap
 from qswap.models import build_wav2vec2_ctc, s2t_net_input, wav2vec2_net_input
 from qswap.nn.simulate import simulating
+from qswap.recipe import with_simulate
 
 
 def float_insides(recipe):
     """``recipe`` (a name, path or Recipe) with ``simulate: float``: the fake-quant model these
     tests compare onnxruntime with computes what a QDQ graph computes (each op in float between
     DQ and Q, rounded onto its reader's grid), whatever the default simulation."""
-    return qswap.load_recipe(dict(qswap.load_recipe(recipe).to_dict(), simulate="float"))
+    return with_simulate(recipe, "float")
 
 
 def calibrated(model, recipe="w8a8"):

@@ -228,3 +228,16 @@ def test_shapes_read_codes_and_a_table_is_dequantized_after_its_gather(tmp_path)
     assert [n.input[0] for n in model.graph.node if n.op_type == "Shape"] == ["rows/codes"]
     for level in ("disabled", "all"):
         np.testing.assert_array_equal(outputs(model, x, tmp_path, level)[0], before)
+
+
+def test_rewrite_nodes_replaces_exactly_the_nodes_it_is_given():
+    """Nodes are matched by identity while held: the ids of unheld protobuf elements repeat."""
+    from qswap.export.graph_passes import rewrite_nodes
+    graph = helper.make_graph([helper.make_node("Identity", ["a"], [f"v{i}"], name=f"n{i}") for i in range(8)],
+                              "g", [], [])
+    nodes = list(graph.node)
+    extra = helper.make_node("Neg", ["a"], ["w"], name="neg")
+    rewrite_nodes(graph, [(nodes[1], ()), (nodes[4], (extra, nodes[4])), (nodes[6], ())])
+    assert [n.name for n in graph.node] == ["n0", "n2", "n3", "neg", "n4", "n5", "n7"]
+    rewrite_nodes(graph, [])
+    assert len(graph.node) == 7

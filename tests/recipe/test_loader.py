@@ -132,3 +132,13 @@ def test_a_site_entry_is_merged_over_the_spec_of_the_kind_its_counterpart_declar
     scores_bias, pos_bias_u = config.spec("scores_bias", "activation"), config.spec("pos_bias_u", "weight")
     assert (scores_bias.bits, scores_bias.symmetric, scores_bias.rounding) == (8, False, "floor")
     assert (pos_bias_u.bits, pos_bias_u.granularity, pos_bias_u.rounding) == (4, "per_channel", "floor")
+
+
+def test_with_simulate_sets_the_key_on_every_rule_and_refuses_other_values():
+    from qswap.recipe import with_simulate
+    recipe = with_simulate("w4a8_edges8", "integer")
+    assert recipe.name == "w4a8_edges8" and recipe.rules
+    assert {recipe.simulate, recipe.defaults.simulate, *(r.config.simulate for r in recipe.rules)} == {"integer"}
+    assert with_simulate(recipe, "float").simulate == "float"
+    with pytest.raises(RecipeError, match="simulate"):
+        with_simulate("w8a8", "fixed_point")

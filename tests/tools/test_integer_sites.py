@@ -11,6 +11,7 @@ pytest.importorskip("fairseq")
 
 import qswap  # noqa: E402
 from qswap.models import build_s2t_transformer, s2t_net_input  # noqa: E402
+from qswap.recipe import with_simulate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("integer_sites", REPO / "tools" / "integer_sites.py")
@@ -24,7 +25,7 @@ def test_no_site_differs_under_integer_simulation(recipe):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = qswap.convert(build_s2t_transformer(encoder_normalize_before=True, decoder_normalize_before=True, seed=0),
-                          qswap.load_recipe(dict(qswap.load_recipe(recipe).to_dict(), simulate="integer")))
+                          with_simulate(recipe, "integer"))
         qswap.calibrate(q, [net_input])
     tally = integer_sites.Tally()
     integer_sites.encoder_sites(q, net_input, tally)

@@ -13,6 +13,7 @@ import qswap  # noqa: E402
 from fairseq_testkit import build, convert_calibrated  # noqa: E402
 from qswap.honesty.integer import check_integer  # noqa: E402
 from qswap.quant.integer import Grid, Requant, apply_lut  # noqa: E402
+from qswap.recipe import with_simulate  # noqa: E402
 
 STREAM_BITS = 16  # the test's input stream: 2^16 steps finer than the finest consumer grid
 MOVED_RATE = 0.01  # one-step flips the whole-encoder test compares the integer encoder with
@@ -279,7 +280,7 @@ def test_shipped_model_with_integer_simulation_is_bit_exact_with_the_integer_mod
     from qswap.integration import data as fdata
     asset = Path(qswap.__file__).parent / "assets" / "s2t_demo"
     model, task = fdata.load_model_and_task(asset / "checkpoint.pt", asset)
-    q = qswap.convert(model, qswap.load_recipe(dict(qswap.load_recipe(recipe).to_dict(), simulate="integer")))
+    q = qswap.convert(model, with_simulate(recipe, "integer"))
     qswap.calibrate(q, fdata.net_inputs(task, "train_calib", 2, max_sentences=8))
     dataset = fdata.load_subset(task, "test")
     net_input = dataset.collater([dataset[i] for i in range(4)])["net_input"]
@@ -303,7 +304,7 @@ def simulated(request):
     from qswap.models import s2t_net_input
     model, _ = build("s2t_transformer")
     net_input = s2t_net_input(num_tokens=6)
-    recipe = qswap.load_recipe(dict(qswap.load_recipe(request.param).to_dict(), simulate="integer"))
+    recipe = with_simulate(request.param, "integer")
     qmodel = convert_calibrated(model, net_input, recipe)
     return qmodel, qswap.integerize(qmodel), net_input
 
