@@ -179,13 +179,22 @@ def make_bench(key: str, sizes: Sizes) -> Bench:
     return b
 
 
+def fast(recipe: str) -> Any:
+    """``recipe`` with ``simulate: float``, the fast option the fake-quant targets (issue 18 item 5)
+    are held to; the default integer insides (``simulate: integer``) are timed beside them
+    (``integer_insides``), with no target."""
+    from qswap.recipe import with_simulate
+    return with_simulate(recipe, "float")
+
+
 def converted(b: Bench, recipe: str) -> Any:
-    """``b.model`` converted with ``recipe`` and calibrated on every path the audit runs."""
+    """``b.model`` converted with ``recipe`` (``simulate: float``: ``fast``) and calibrated on every
+    path the audit runs."""
     import qswap
     from qswap.honesty.paths import run_paths
 
     if recipe not in b.qmodels:
-        qmodel = qswap.convert(b.model, recipe)
+        qmodel = qswap.convert(b.model, fast(recipe))
         qswap.calibrate(qmodel, b.calib, forward=run_paths)
         b.qmodels[recipe] = qmodel
     return b.qmodels[recipe]
@@ -244,7 +253,7 @@ def qat_trained(b: Bench, steps: int = 3) -> Any:
     import qswap
     from qswap.honesty.paths import run_paths
 
-    qmodel = qswap.convert(b.model, QAT_RECIPE)
+    qmodel = qswap.convert(b.model, fast(QAT_RECIPE))
     qswap.calibrate(qmodel, b.calib, forward=run_paths)
     optimizer = torch.optim.Adam(qmodel.parameters(), lr=1e-4)
     qmodel.train()
@@ -333,7 +342,7 @@ def measure_calibration(b: Bench, sizes: Sizes) -> dict:
     fake-quant forward and what observing adds."""
     import qswap
 
-    qmodel, frozen = qswap.convert(b.model, "w8a8"), converted(b, "w8a8")
+    qmodel, frozen = qswap.convert(b.model, fast("w8a8")), converted(b, "w8a8")
 
     def forwards(model):
         def run():
@@ -562,7 +571,7 @@ def profiles_for_misses(b: Bench, result: dict) -> dict[str, str]:
     if missed("decode"):
         out["decode"] = _decode_profile(b, result["decode_steps"])
     if missed("calibration"):
-        qmodel = qswap.convert(b.model, "w8a8")
+        qmodel = qswap.convert(b.model, fast("w8a8"))
         out["calibration"] = python_profile(lambda: qswap.calibrate(qmodel, b.calib))
     if missed("audit"):
         out["audit"] = python_profile(lambda: qswap.audit(w8a8, b.net_input))
@@ -643,11 +652,11 @@ def details(r: dict, sizes: Sizes) -> list[str]:
            f"{r['forward']:.2f}× |",
            f"| the same, `w8a8_per_channel` | | {_ms(r['per_channel_s'])} | {r['per_channel']:.2f}× "
            f"of w8a8 |",
-           f"| the same, w8a8 with the integer insides (`simulate: integer`, no target) | | "
+           f"| the same, w8a8 with the default integer insides (`simulate: integer`, no target) | | "
            f"{_ms(r['w8a8_integer_s'])} | {r['w8a8_integer_s'] / r['float_s']:.2f}× |",
            f"| `SequenceGenerator.generate` | {_ms(r['decode_float_s'])} | {_ms(r['decode_w8a8_s'])} | "
            f"{r['decode']:.2f}× |",
-           f"| the same, w8a8 with the integer insides (`simulate: integer`, no target) | | "
+           f"| the same, w8a8 with the default integer insides (`simulate: integer`, no target) | | "
            f"{_ms(r['decode_w8a8_integer_s'])} | {r['decode_w8a8_integer_s'] / r['decode_float_s']:.2f}× |",
            f"| the same, {QAT_RECIPE}: PTQ (calibrated) / QAT (3 Adam updates of weights and LSQ "
            f"scales) | {_ms(r['decode_ptq_s'])} | {_ms(r['decode_qat_s'])} | {r['qat_decode']:.2f}× |",
@@ -735,6 +744,10 @@ def markdown(results: dict[str, dict], env: dict, sizes: Sizes, args: argparse.N
         "the targets are ratios measured in this one run. Peak memory is the growth of the "
         "process's peak RSS (`VmHWM`, reset before the convert) in a fresh process, so torch's "
         "tensor memory counts (tracemalloc does not see it).", "",
+        "The fake-quant models are converted with `simulate: float` (float32 softmax, LayerNorm and GLU "
+        "insides, float rounding onto each grid): the fast option, which the targets (issue 18 item 5) "
+        "are held to. The default, `simulate: integer` (the integer model's arithmetic, bit for bit on "
+        "the shipped model: docs/integer.md), is timed in its own rows, with no target.", "",
         table(results), "",
         *[line for r in results.values() for line in details(r, sizes)]])
 

@@ -59,8 +59,9 @@ def run(subset: str, beam: int, recipes: list[str] = RECIPES) -> dict:
 
 
 def layer_agreement(recipe: str = "w8a8", count: int = 8) -> list[dict]:
-    """Per encoder layer of the shipped model (``recipe``, calibrated as above; the first ``count``
-    test utterances), the share of equal codes between the integer and the fake-quant encoder:
+    """Per encoder layer of the shipped model (``recipe`` with ``simulate: float``, calibrated as
+    above; the first ``count`` test utterances), the share of equal codes between the integer and
+    the fake-quant encoder (the default ``simulate: integer`` computes the integer encoder's codes):
     ``chained``: on the layer's input (its norm's grid), both run from the features; ``alone``: on
     the layer's output (the next consumer's grid), the integer layer given the fake-quant layer's
     input (onto a stream 2^16 times finer than the input's grids)."""
@@ -71,10 +72,11 @@ def layer_agreement(recipe: str = "w8a8", count: int = 8) -> list[dict]:
     import qswap
     from qswap.integration import data as fdata
     from qswap.nn.fairseq.layers import stream_to
+    from qswap.recipe import with_simulate
 
     model, task = fdata.load_model_and_task(ASSET / "checkpoint.pt", ASSET)
     calibration = list(fdata.net_inputs(task, "train_calib", 4, max_sentences=32))
-    qmodel = qswap.convert(model, recipe, data=calibration)  # data: a recipe's transforms (SmoothQuant)
+    qmodel = qswap.convert(model, with_simulate(recipe, "float"), data=calibration)  # data: a recipe's transforms (SmoothQuant)
     qswap.calibrate(qmodel, calibration)
     encoder, layers = qmodel.encoder, list(qmodel.encoder.transformer_layers)
     integer = qswap.integerize(qmodel).encoder
@@ -115,9 +117,10 @@ def _equal(codes, fake, quant, valid) -> float:
 def layers_table(rows: list[dict], recipe: str = "w8a8") -> list[str]:
     head = f"| {recipe}, shipped model, first 8 test utterances: encoder layer | " + " | ".join(
         str(i + 1) for i in range(len(rows))) + " |"
-    return ["", "Where the differences come from: each integer op agrees with its fake-quant form up to "
-            "near-ties (table below, \"Agreement with the fake-quant counterparts\"), and the model "
-            "amplifies every one-step flip as it travels through the layers:", "",
+    return ["", "Where the differences of `simulate: float` come from (its decode table is below, under "
+            "\"The float insides\"): each op of the float insides agrees with its integer form up to "
+            "near-ties, and the model amplifies every one-step flip as it travels through the layers "
+            "(with the default `simulate: integer` the two encoders compute the same codes):", "",
             head, "|---|" + "---|" * len(rows),
             "| codes entering the layer equal %, both encoders run from the features | "
             + " | ".join(f"{100 * r['chained']:.1f}" for r in rows) + " |",

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Time the fake-quant forward with the integer insides (``simulate: integer``) against the float
-ones (``simulate: float``, the default) and the float model:
+"""Time the fake-quant forward with the integer insides (``simulate: integer``, the default) against
+the float ones (``simulate: float``, the fast option) and the float model:
 teacher-forced batch forward of tools/bench.py's inputs, median of interleaved repeats, one
 thread; with ``--decode``, fairseq's SequenceGenerator instead (tools/bench.py's decoding:
 beam 5, exactly its number of steps).

@@ -11,8 +11,8 @@ both matmuls run on quantized operands:
 Multiplying a quantized tensor by the constant ``scaling`` keeps it on a (rescaled) grid; integer
 hardware folds that constant into the requantization multiplier. The softmax computes what the
 integer form does (exponent table, integer row sum and division, onto the softmax_out grid:
-``qswap.quant.integer.integer_softmax``) when the recipe says ``simulate: integer``
-(``qswap.nn.simulate``); ``F.softmax`` otherwise (the default).
+``qswap.quant.integer.integer_softmax``) with the recipe's ``simulate: integer`` (the default,
+``qswap.nn.simulate``); ``F.softmax`` with ``simulate: float``.
 """
 from __future__ import annotations
 

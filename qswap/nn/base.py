@@ -10,6 +10,7 @@ from torch import nn
 from qswap.quant.fake_quantize import KINDS, FakeQuantize
 from qswap.quant.spec import QuantSpec
 from qswap.quant.stamp import stamp, unchanged
+from qswap.nn.simulate import SIMULATIONS
 
 
 SITE_KINDS = KINDS  # what a site's declared kind can be: a FakeQuantize's kind
@@ -35,15 +36,16 @@ class QuantConfig:
     ``weight`` / ``activation`` apply to every weight and every activation site of the module;
     ``sites`` overrides single sites by name (``softmax_in``, ``q``, ``norm_weight``...) with a
     QuantSpec, a SiteSpecs (a recipe's entry, resolved by the site's declared kind), or None:
-    the site stays float (the audit will say so). ``simulate`` (the recipe's key): "float"
-    (the default) computes the insides of softmax, LayerNorm and GLU as float32 kernels,
-    "integer" as their integer forms do (``qswap.nn.simulate``).
+    the site stays float (the audit will say so). ``simulate`` (the recipe's key): "integer"
+    (the default) computes the insides of softmax, LayerNorm and GLU as their integer forms do
+    and requantizes onto each reader's grid in fixed point, "float" as float32 kernels with
+    float rounding (``qswap.nn.simulate``).
     """
 
     weight: QuantSpec | None = None
     activation: QuantSpec | None = None
     sites: Mapping[str, QuantSpec | SiteSpecs | None] = field(default_factory=dict)
-    simulate: str = "float"
+    simulate: str = SIMULATIONS[0]  # "integer"
 
     def spec(self, site: str, kind: str, *, nonnegative: bool = False) -> QuantSpec | None:
         """The spec of ``site``, whose declared kind is ``kind`` ("weight" or "activation");

@@ -2,8 +2,8 @@
 
 The statistics and normalization run inside one kernel on quantized operands: LayerNorm as its
 integer form computes them (``qswap.quant.integer.integer_layer_norm_acc``, the recipe's
-``simulate: integer``, see ``qswap.nn.simulate``) or as ``native_layer_norm`` does in float32
-(``simulate: float``, the default); GroupNorm in ``native_group_norm``.
+``simulate: integer``, the default, see ``qswap.nn.simulate``) or as ``native_layer_norm`` does
+in float32 (``simulate: float``); GroupNorm in ``native_group_norm``.
 """
 from __future__ import annotations
 

@@ -16,13 +16,14 @@ returns those codes' values, which the reader keeps as they are. Rounding the fl
 on a trained model, and the layers amplify each flip (docs/integer.md). With both, the shipped
 S2T transformer's fake-quant model computes the codes of its integer model bit for bit.
 
-A recipe picks the arithmetic with its top-level key ``simulate``: ``float`` (the default, and
+A recipe picks the arithmetic with its top-level key ``simulate``: ``integer`` (the default, and
 what every shipped recipe and every number in the README and docs outside the ``simulate:
-integer`` rows use: ``F.layer_norm``, ``F.softmax``, ``F.glu``, float32 matmuls and the readers'
-float rounding) or ``integer`` (opt-in: the above; several times the float forward's cost,
-docs/integer.md). A counterpart simulates only where its integer form is defined (its input
-quantized on a per-tensor grid, its weights symmetric); elsewhere it computes in float, as its
-integer form would refuse to build.
+float`` rows use: the above; several times the float forward's cost, docs/integer.md) or
+``float`` (the fast option: ``F.layer_norm``, ``F.softmax``, ``F.glu``, float32 matmuls and the
+readers' float rounding, which a QDQ graph in onnxruntime also computes: qswap.export compares
+with it). A counterpart simulates only where its integer form is defined (its input quantized
+on a per-tensor grid, its weights symmetric); elsewhere it computes in float, as its integer
+form would refuse to build.
 
 In training (autograd), the value is the simulated one and the gradient the float op's
 (``straight_through``): QAT trains on what inference computes.
@@ -41,7 +42,7 @@ from qswap.errors import IntegerizeError, RecipeError
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.stamp import stamp, unchanged
 
-SIMULATIONS = ("float", "integer")  # the first is the default
+SIMULATIONS = ("integer", "float")  # the first is the default
 
 
 def grid_of(quant: nn.Module, frozen_only: bool = False):

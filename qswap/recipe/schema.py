@@ -47,7 +47,7 @@ class Recipe:
     strict: bool = False
     description: str = ""
     dynamic_activations: bool = False  # activation ranges computed at run time, declared (audit)
-    simulate: str = "float"  # the insides of softmax/LayerNorm/GLU: "float" or "integer" (qswap.nn.simulate)
+    simulate: str = "integer"  # the insides of softmax/LayerNorm/GLU: "float" or "integer" (qswap.nn.simulate)
     transforms: tuple[Step, ...] = ()  # offline transforms convert applies first, in order
     version: int = SCHEMA_VERSION
     source: str = "<dict>"
