@@ -64,9 +64,13 @@ class QSiLU(_QElementwise):
 
 @register(nn.GLU)
 class QGLU(_QElementwise):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_reader = True
+
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
+        """GLU of ``input_quant(x)``; ``out_quant``: the quantizer that reads the result
+        (``glu_value``)."""
         xq = self.input_quant(x)
-        return glu_value(self, "_integer_glu", xq, self.input_quant, self.op.dim)
+        return glu_value(self, "_integer_glu", xq, self.input_quant, self.op.dim, out_quant)
 
 
 def glu_value(owner: nn.Module, slot: str, xq: torch.Tensor, quant: nn.Module, dim: int,

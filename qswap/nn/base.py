@@ -86,10 +86,15 @@ class QuantModule(nn.Module):
     BiasQuantize for a bias added to an integer accumulator). ``param_quantizers`` names the
     exceptions, ``p`` -> the dotted path of its quantizer (a weight-normed conv's ``weight_g`` and
     ``weight_v`` -> ``weight_quant``), or None for a parameter inference never reads.
+
+    ``takes_reader`` says that ``forward`` takes ``out_quant``, the quantizer that reads the result,
+    and with ``simulate: integer`` writes onto its grid as the integer form does
+    (``qswap.nn.simulate.onto_grid``); a container calls it so (``qswap.nn.fairseq.layers.onto``).
     """
 
     float_class: ClassVar[type]
     converts_children: ClassVar[bool] = False
+    takes_reader: ClassVar[bool] = False  # forward(x, out_quant=...): writes onto its reader's grid
     sites: ClassVar[Mapping[str, str]] = {}
     param_quantizers: ClassVar[Mapping[str, str | None]] = {}
 

@@ -11,7 +11,8 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import centered_codes, form_or_none, grid_of, onto_grid, simulates, straight_through
+from qswap.nn.simulate import (cached, centered_codes, form_or_none, grid_of, onto_grid, reader_grid, simulates,
+                                straight_through)
 from qswap.quant.bias import BiasQuantize, quantized_pair
 
 
@@ -19,6 +20,7 @@ class _Weighted(QuantModule):
     """Shared shape of a weighted op: input_quant -> op(x, weight_quant(W), bias_quant(b))."""
 
     sites = {"input": "activation", "weight": "weight"}
+    takes_reader = True
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, config: QuantConfig,
                  quantize_input: bool = True):
@@ -34,18 +36,56 @@ class _Weighted(QuantModule):
         return quantized_pair(self.weight, self.bias, input_quant or self.input_quant, self.weight_quant,
                               self.bias_quant)
 
-    def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
+    def float_weight(self) -> torch.Tensor:
+        """The float weight ``weight_quant`` quantizes (a weight-normed conv's is derived)."""
+        return self.weight
+
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | list | None = None) -> torch.Tensor | list:
         """``op(input_quant(x))``. ``out_quant``: the quantizer that reads the result; with
         ``simulate: integer`` the result is then the integer form's output codes on its grid
         (exact int32 accumulation, its fixed-point requantization: ``onto_grid``) as values, with
-        the op's gradient."""
+        the op's gradient. A list of quantizers: a list of results, one each (``onto_each``)."""
+        if isinstance(out_quant, list):
+            return self.onto_each(x, out_quant)
         xq = self.input_quant(x)
+        if out_quant is not None:
+            self.float_weight()  # a derived weight computed here, in the forward (the audit sees it derived)
         value = None if out_quant is None else onto_linear(
             self, xq, self.input_quant, out_quant, lambda grid_in, grid_out: self.to_integer(grid_out))
         if value is not None and not torch.is_grad_enabled():
             return value
         y = self.op(xq)
         return y if value is None else straight_through(value, y)
+
+    def onto_each(self, x: torch.Tensor, readers) -> list:
+        """``op(input_quant(x))`` as each of ``readers`` (quantizers) reads it: with ``simulate:
+        integer`` at inference, the integer form's int32 accumulator (``to_integer(None)``) computed
+        once and requantized onto each reader's grid in fixed point, as values (what the integer
+        model computes for a result several grids read: wav2vec 2.0's feature projection, read by
+        the positional conv and its residual); else the op's result for each."""
+        from qswap.nn.fairseq.layers import stream_to
+        from qswap.quant.integer import requantized_values
+        xq = self.input_quant(x)
+        grid_in = grid_of(self.input_quant) if simulates(self) and not torch.is_grad_enabled() else None
+        grids = [reader_grid(r) for r in readers] if grid_in is not None else [None]
+        built = None
+        if None not in grids:
+            def build():
+                form = form_or_none(self.to_integer, None)
+                return None if form is None else (form, [stream_to(form.stream_scale, g) for g in grids])
+            weights = [t for t in (getattr(self, n, None) for n in ("weight", "weight_v", "weight_g", "bias"))
+                       if t is not None]
+            if getattr(self.weight_quant, "scale", None) is not None:
+                weights.append(self.weight_quant.scale)
+            built = cached(self, "_integer_onto_each", build, self.input_quant.scale, self.input_quant.zero_point,
+                           *weights, *(r.scale for r in readers), *(r.zero_point for r in readers))
+        if built is None:
+            y = self.op(xq)
+            return [y for _ in readers]
+        form, requants = built
+        with torch.no_grad():
+            acc = form.simulated(centered_codes(xq, grid_in), None, grid_in.span)  # int32 accumulator
+            return [requantized_values(r, acc, g.scale, form._channel_axis) for r, g in zip(requants, grids)]
 
 
 @register(nn.Linear)
@@ -112,10 +152,16 @@ class _QConvNd(_Weighted):
     def quantized_params(self, input_quant: nn.Module | None = None) -> tuple:
         if self.weight is not None:
             return super().quantized_params(input_quant)
-        w = derived_weight(self, "_normed_weight", lambda: torch._weight_norm(
-            self.weight_v, self.weight_g, self.weight_norm_dim), self.weight_g, self.weight_v)
-        w = self.weight_quant(w)
+        w = self.weight_quant(self.float_weight())
         return w, self.bias_quant(self.bias, input_quant or self.input_quant, self.weight_quant)
+
+    def float_weight(self) -> torch.Tensor:
+        """``weight``, or a weight-normed conv's ``g * v / ||v||`` (a derived weight, kept while
+        ``weight_g`` and ``weight_v`` are unchanged: ``derived_weight``)."""
+        if self.weight is not None:
+            return self.weight
+        return derived_weight(self, "_normed_weight", lambda: torch._weight_norm(
+            self.weight_v, self.weight_g, self.weight_norm_dim), self.weight_g, self.weight_v)
 
     @classmethod
     def from_float(cls, module, config):
@@ -144,10 +190,8 @@ class _QConvNd(_Weighted):
         from qswap.quant.integer import Grid
         if self.padding_mode != "zeros":
             raise IntegerizeError(f"a convolution with padding_mode={self.padding_mode!r} has no integer form yet")
-        weight = self.weight
-        if weight is None:
-            with torch.no_grad():
-                weight = torch._weight_norm(self.weight_v, self.weight_g, self.weight_norm_dim)
+        with torch.no_grad():
+            weight = self.float_weight()
         return integer_linear(self.weight_quant, weight, self.bias, Grid.of(self.input_quant), out,
                               IntegerConv, conv_fn=type(self).conv_fn, stride=self.stride, padding=self.padding,
                               dilation=self.dilation, groups=self.groups)
@@ -184,12 +228,17 @@ def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
 def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, grid_in,
-                   out, form: type | None = None, **conv) -> "IntegerLinear":
+                   out, form: type | None = None, weight_shape: tuple | None = None, **conv) -> "IntegerLinear":
     """``IntegerLinear`` of ``F.linear(x, weight_quant(weight), bias)`` with ``x`` on ``grid_in``
     writing onto ``out`` (or the int32 accumulator when ``out`` is None); ``form=IntegerConv``
-    and the conv's arguments for a convolution (the fan-in is ``weight[0].numel()``)."""
+    and the conv's arguments for a convolution (the fan-in is ``weight[0].numel()``).
+    ``weight_shape``: the codes' shape in the form where ``weight`` is quantized in another one
+    (a folded BatchNorm's (C,) scale, quantized as the fake-quant forward quantizes it, as a
+    depthwise 1x1 convolution's (C, 1, 1) weight)."""
     from qswap.quant.integer import Requant, check_bound, weight_codes
     w_codes, w_scale = weight_codes(weight_quant, weight)
+    if weight_shape is not None:
+        w_codes, weight = w_codes.reshape(weight_shape), weight.reshape(weight_shape)
     acc_scale = torch.tensor(grid_in.scale, dtype=torch.float32) * w_scale  # float32, as BiasQuantize
     codes = None
     if bias is not None:

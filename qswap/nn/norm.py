@@ -3,7 +3,10 @@
 The statistics and normalization run inside one kernel on quantized operands: LayerNorm as its
 integer form computes them (``qswap.quant.integer.integer_layer_norm_acc``, the recipe's
 ``simulate: integer``, the default, see ``qswap.nn.simulate``) or as ``native_layer_norm`` does
-in float32 (``simulate: float``); GroupNorm in ``native_group_norm``.
+in float32 (``simulate: float``); GroupNorm in ``native_group_norm``, or, told its reader under
+``simulate: integer`` at inference, as its integer form (``integer_group_norm``) onto the reader's
+grid. BatchNorm1d folds into a depthwise 1x1 convolution (its integer form likewise, told its
+reader).
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import Obj, Opt, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import (cached, codes_of, form_or_none, grid_of, onto_grid, reader_grid, row_isqrt, simulates,
-                                straight_through, value_of)
+from qswap.nn.simulate import (cached, centered_codes, codes_of, form_or_none, grid_of, onto_grid, reader_grid,
+                                row_isqrt, simulates, straight_through, value_of)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -110,6 +113,8 @@ class _QNorm(QuantModule):
 
 @register(nn.LayerNorm)
 class QLayerNorm(_QNorm):
+    takes_reader = True
+
     def __init__(self, normalized_shape, weight, bias, eps, config):
         super().__init__(weight, bias, eps, config)
         self.normalized_shape = tuple(normalized_shape)
@@ -253,6 +258,8 @@ class QLayerNorm(_QNorm):
 
 @register(nn.GroupNorm)
 class QGroupNorm(_QNorm):
+    takes_reader = True
+
     def __init__(self, num_groups, weight, bias, eps, config):
         super().__init__(weight, bias, eps, config)
         self.num_groups = num_groups
@@ -261,9 +268,23 @@ class QGroupNorm(_QNorm):
     def from_float(cls, module: nn.GroupNorm, config: QuantConfig) -> "QGroupNorm":
         return cls(module.num_groups, module.weight, module.bias, module.eps, config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
+        """The group norm of ``input_quant(x)``. ``out_quant``: the quantizer that reads the
+        result; with ``simulate: integer`` at inference the integer GroupNorm's codes on its grid
+        (``to_integer``: integer statistics and isqrt, fixed-point requantization; ``onto_grid``)
+        as values; otherwise (and in training) ``F.group_norm`` in float32."""
+        xq = self.input_quant(x)
+        grid = grid_of(self.input_quant) if simulates(self) and out_quant is not None else None
+        if grid is not None and not torch.is_grad_enabled():
+            quants = [q for q in (self.weight_quant, self.bias_quant) if getattr(q, "scale", None) is not None]
+            value = onto_grid(self, "_integer_onto", functools.partial(form_or_none, self.to_integer), out_quant,
+                              lambda form, out: form(codes_of(xq, grid)), self.input_quant.scale,
+                              self.input_quant.zero_point, *(q.scale for q in quants),
+                              *(t for t in (self.weight, self.bias) if t is not None))
+            if value is not None:
+                return value
         w, b = self.affine()
-        return F.group_norm(self.input_quant(x), self.num_groups, w, b, self.eps)
+        return F.group_norm(xq, self.num_groups, w, b, self.eps)
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, eps={self.eps}"
@@ -294,6 +315,7 @@ class QBatchNorm1d(QuantModule):
     """
 
     sites = {"input": "activation", "weight": "weight"}
+    takes_reader = True
 
     def __init__(self, module: nn.BatchNorm1d, config: QuantConfig):
         super().__init__()
@@ -305,6 +327,7 @@ class QBatchNorm1d(QuantModule):
         self.input_quant = quantizer(config, self.sites, "input")
         self.weight_quant = quantizer(config, self.sites, "weight")
         self.bias_quant = BiasQuantize()
+        self.simulate = config.simulate
 
     @classmethod
     def from_float(cls, module: nn.BatchNorm1d, config: QuantConfig) -> "QBatchNorm1d":
@@ -332,14 +355,43 @@ class QBatchNorm1d(QuantModule):
             self.running_var.lerp_(var * n / max(n - 1, 1), factor)  # unbiased, as torch keeps it
         return mean, var
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
+        """The folded BatchNorm of ``input_quant(x)``. ``out_quant``: the quantizer that reads the
+        result; with ``simulate: integer`` in eval mode (running statistics), the integer form's
+        codes on its grid (``to_integer``, ``onto_grid``) as values, with the op's gradient."""
         x = self.input_quant(x)  # (B, C) or (B, C, L)
-        if self.training:
-            w, b = self.folded(*self._batch_statistics(x))
-        else:
-            sources = [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
-            w, b = derived_weight(self, "_folded", lambda: self.folded(self.running_mean, self.running_var),
-                                  *sources)
+        value = None if out_quant is None or self.training or x.dim() != 3 else self._onto(x, out_quant)
+        if value is not None and not torch.is_grad_enabled():
+            return value
+        y = self._folded_conv(x)
+        return y if value is None else straight_through(value, y)
+
+
+    def _onto(self, xq: torch.Tensor, out_quant: nn.Module) -> torch.Tensor | None:
+        """The integer form on ``xq`` (B, C, L) writing onto ``out_quant``'s grid (``onto_grid``),
+        kept while the input grid, the statistics, the affine parameters and the weight grid are
+        unchanged; None without integer simulation or per-tensor grids."""
+        grid_in = grid_of(self.input_quant) if simulates(self) else None
+        if grid_in is None:
+            return None
+        self._running_fold()  # the folded weight computed here, in the forward (the audit sees it derived)
+        sources = [self.input_quant.scale, self.input_quant.zero_point, self.running_mean, self.running_var,
+                   *(t for t in (self.weight, self.bias) if t is not None)]
+        if getattr(self.weight_quant, "scale", None) is not None:
+            sources.append(self.weight_quant.scale)
+        return onto_grid(self, "_integer_onto", lambda grid_out: form_or_none(self.to_integer, grid_out), out_quant,
+                         lambda form, out: form.simulated(centered_codes(xq, grid_in), out.scale, grid_in.span),
+                         *sources)
+
+    def _running_fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``folded`` with the running statistics: a derived weight, kept while its sources are
+        unchanged (``derived_weight``: the honesty audit reads the kept one as a constant)."""
+        sources = [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
+        return derived_weight(self, "_folded", lambda: self.folded(self.running_mean, self.running_var), *sources)
+
+    def _folded_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The folded affine map of quantized ``x`` (batch statistics in training)."""
+        w, b = self.folded(*self._batch_statistics(x)) if self.training else self._running_fold()
         wq = self.weight_quant(w)
         bq = self.bias_quant(b, self.input_quant, self.weight_quant)
         x3 = x.unsqueeze(-1) if x.dim() == 2 else x  # (B, C, L)
@@ -355,11 +407,11 @@ class QBatchNorm1d(QuantModule):
         ``s_in * s_w`` (``BiasQuantize``'s rounding), requantized per channel onto ``out``."""
         from qswap.nn.linear import IntegerConv, integer_linear
         from qswap.quant.integer import Grid
-        w, b = self.folded(self.running_mean, self.running_var)
+        w, b = self._running_fold()
         with torch.no_grad():
-            return integer_linear(self.weight_quant, w.detach().view(-1, 1, 1), b.detach(), Grid.of(self.input_quant),
-                                  out, IntegerConv, conv_fn=F.conv1d, stride=(1,), padding=(0,), dilation=(1,),
-                                  groups=self.num_features)
+            return integer_linear(self.weight_quant, w, b.detach(), Grid.of(self.input_quant), out, IntegerConv,
+                                  weight_shape=(-1, 1, 1), conv_fn=F.conv1d, stride=(1,), padding=(0,),
+                                  dilation=(1,), groups=self.num_features)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------

@@ -1,7 +1,7 @@
 """The fake-quant counterparts compute what their integer forms compute (qswap.nn.simulate, issue 16
 item 4) under the recipe's ``simulate: integer``: codes equal in every step where both define the
-arithmetic the same way; the float insides under ``simulate: float`` (the default); QAT gets the
-float op's gradient."""
+arithmetic the same way; the float insides under ``simulate: float`` (the fast option; the
+default is ``integer``); QAT gets the float op's gradient."""
 import warnings
 from pathlib import Path
 
@@ -274,12 +274,73 @@ def test_linear_conv_layer_norm_and_glu_write_their_integer_forms_codes_onto_the
     conv = calibrated(nn.Sequential(nn.Conv1d(8, 12, 3, stride=2, padding=1), nn.Conv1d(12, 4, 1)), xc, recipe)
     xl = torch.randn(16, 10, 64) * 3 + 1
     norm = layer_norm_model(xl, recipe)
-    for q, data in ((lin, x), (conv, xc), (norm, xl)):
+    xg = torch.randn(16, 10, 32) * 2
+    glu = calibrated(nn.Sequential(nn.GLU(dim=-1), nn.Linear(16, 4)), xg, recipe)
+    xn = torch.randn(4, 12, 30) * 2 + 0.5
+    group, batch = nn.GroupNorm(4, 12), nn.BatchNorm1d(12).eval()
+    with torch.no_grad():
+        for m in (group, batch):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.2)
+        batch.running_mean.normal_(0.5, 0.3)
+        batch.running_var.uniform_(2, 6)
+    group = calibrated(nn.Sequential(group, nn.Conv1d(12, 4, 1)), xn, recipe)
+    batch = calibrated(nn.Sequential(batch, nn.Conv1d(12, 4, 1)), xn, recipe)
+    for q, data in ((lin, x), (conv, xc), (norm, xl), (glu, xg), (group, xn), (batch, xn)):
+        assert q[0].takes_reader
         grid_in, grid = Grid.of(q[0].input_quant), Grid.of(q[1].input_quant)
         with torch.no_grad():
             value = q[0](data, out_quant=q[1].input_quant)
-        assert torch.equal(grid.quantize(value), q[0].to_integer(grid)(grid_in.quantize(data)))
+        assert torch.equal(grid.quantize(value), q[0].to_integer(grid)(grid_in.quantize(data))), type(q[0])
         assert torch.equal(grid.dequantize(grid.quantize(value)), value)  # on the reader's grid: kept as is
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_linear_told_several_readers_requantizes_its_accumulator_onto_each(recipe):
+    """A list of readers (wav2vec 2.0's feature projection, read by the positional conv and its
+    residual): the int32 accumulator computed once, requantized onto each grid as the integer
+    model's readers do."""
+    from qswap.nn.fairseq.layers import stream_to
+    torch.manual_seed(3)
+    x = torch.randn(16, 10, 48) * 2
+    q = calibrated(nn.Sequential(nn.Linear(48, 32), nn.Linear(32, 4), nn.Linear(32, 4)), x, recipe,
+                   run=lambda m, b: (m[1](m[0](b)), m[2](m[0](b) * 3)))
+    readers = [q[1].input_quant, q[2].input_quant]
+    assert Grid.of(readers[0]).scale != Grid.of(readers[1]).scale
+    with torch.no_grad():
+        values = q[0](x, out_quant=readers)
+    form = q[0].to_integer(None)
+    acc = form(Grid.of(q[0].input_quant).quantize(x))  # int32 accumulator
+    for value, quant in zip(values, readers):
+        grid = Grid.of(quant)
+        assert torch.equal(grid.quantize(value), stream_to(form.stream_scale, grid)(acc))
+    with simulating(q, "float"), torch.no_grad():
+        assert all(torch.equal(v, q[0](x)) for v in q[0](x, out_quant=readers))
+
+
+def test_a_chain_runs_only_containers_that_run_their_children_in_order():
+    """``run_chain`` tells each op of a Sequential its reader (as ``integer_chain`` builds the
+    integer forms) and refuses a container with a forward of its own (None: run it as it is)."""
+    from qswap.nn.fairseq.chain import run_chain
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(self.lin(x))
+
+    torch.manual_seed(4)
+    x = torch.randn(6, 8)
+    q = calibrated(nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.GELU()), nn.Linear(8, 2)), x, "w8a8")
+    with torch.no_grad():
+        chained = run_chain(q[0], x, q[1].input_quant)
+        grid = Grid.of(q[1].input_quant)
+        integer = q[0][1].to_integer(grid)(q[0][0].to_integer(Grid.of(q[0][1].input_quant))(
+            Grid.of(q[0][0].input_quant).quantize(x)))
+    assert torch.equal(grid.quantize(chained), integer)
+    assert run_chain(qswap.convert(nn.Sequential(Twice()), "w8a8"), x, None) is None
 
 
 def test_a_told_reader_trains_with_the_float_gradient():

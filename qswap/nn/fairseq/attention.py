@@ -96,6 +96,7 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
 
     sites = {"input": "activation", "key_in": "activation", "value_in": "activation", "weight": "weight",
              **CORE_SITES}
+    takes_reader = True  # forward(..., out_quant=): the out projection writes onto its reader's grid
     param_quantizers = {"bias_k": "core.k_quant", "bias_v": "core.v_quant"}  # appended to k and v
 
     # fairseq's own incremental-state and beam plumbing: they only read the attributes kept below

@@ -26,6 +26,29 @@ def ops_of(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module
             yield from ops_of(child, f"{prefix}{name}.")
 
 
+def run_chain(ops: nn.Module, x: torch.Tensor, out_quant: nn.Module | None) -> torch.Tensor | None:
+    """``ops`` (a container that runs its ``ops_of`` in order: nested ``nn.Sequential`` /
+    ``nn.ModuleList`` only) on ``x``, each op told the quantizer that reads its result, as
+    ``integer_chain`` builds the integer forms: the ``input_quant`` of the next op that has one,
+    the last ``out_quant`` (``qswap.nn.fairseq.layers.onto``: with ``simulate: integer`` each op
+    writes onto that grid). None for another container (the caller runs it as it is)."""
+    from qswap.nn.fairseq.layers import onto
+    if not _sequential(ops):
+        return None
+    ops = list(ops_of(ops))
+    for i, (_, m) in enumerate(ops):
+        x = onto(m, x, next((n.input_quant for _, n in ops[i + 1:] if hasattr(n, "input_quant")), out_quant))
+    return x
+
+
+def _sequential(module: nn.Module) -> bool:
+    """Whether every container below ``module`` (itself included) that ``ops_of`` descends into
+    runs its children in order."""
+    if isinstance(module, QuantModule) or not list(module.children()):
+        return True
+    return isinstance(module, (nn.Sequential, nn.ModuleList)) and all(_sequential(c) for c in module.children())
+
+
 def integer_chain(ops: nn.Module | Iterable[tuple[str, nn.Module]], out) -> "IntegerChain":
     """The integer forms of ``ops`` (a container's ``ops_of``, or (name, module) pairs) in order:
     each op writes codes onto the input grid of the next op that has one (the last onto ``out``,

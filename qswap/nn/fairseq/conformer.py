@@ -14,7 +14,27 @@ from fairseq.modules.conformer_layer import ConformerEncoderLayer, ConformerWav2
 from qswap.io.serializable import ANY, List, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
-from qswap.nn.fairseq.layers import ZERO_POINT
+from qswap.nn.fairseq.layers import ZERO_POINT, add_onto, onto, read_by, reader
+
+
+def feed_forward(ffn: torch.nn.Module, x: torch.Tensor, out_quant: torch.nn.Module) -> torch.Tensor:
+    """fairseq's ``FeedForwardModule.forward`` (LayerNorm, w_1, activation, dropout, w_2,
+    dropout), each op told the quantizer that reads its result (``onto``: with ``simulate:
+    integer`` each writes onto that grid as the integer chain does; otherwise each op as fairseq
+    runs it). x: (T, B, C)."""
+    x = onto(ffn.layer_norm, x, reader(ffn.w_1))
+    x = ffn.dropout1(ffn.activation(onto(ffn.w_1, x, reader(ffn.activation))))
+    return ffn.dropout2(onto(ffn.w_2, x, out_quant))
+
+
+def convolution(conv: torch.nn.Module, x: torch.Tensor, out_quant: torch.nn.Module) -> torch.Tensor:
+    """fairseq's ``ConvolutionModule.forward`` as ``feed_forward``: x (B, T, C) -> (B, T, C)."""
+    x = onto(conv.layer_norm, x, reader(conv.pointwise_conv1)).transpose(1, 2)  # (B, C, T)
+    x = onto(conv.pointwise_conv1, x, reader(conv.glu))
+    x = onto(conv.glu, x, reader(conv.depthwise_conv))
+    x = onto(conv.depthwise_conv, x, reader(conv.batch_norm))
+    x = conv.activation(onto(conv.batch_norm, x, reader(conv.activation)))
+    return conv.dropout(onto(conv.pointwise_conv2, x, out_quant)).transpose(1, 2)
 
 
 @register(ConformerEncoderLayer)
@@ -26,6 +46,7 @@ class QConformerEncoderLayer(QuantModule):
     def __init__(self, module: ConformerEncoderLayer, config: QuantConfig):
         super().__init__()
         self.pos_enc_type = module.pos_enc_type
+        self.simulate = config.simulate
         for name in ("ffn1", "self_attn_layer_norm", "self_attn_dropout", "self_attn", "conv_module",
                      "ffn2", "final_layer_norm"):
             setattr(self, name, getattr(module, name))
@@ -40,19 +61,36 @@ class QConformerEncoderLayer(QuantModule):
                 position_emb: Optional[torch.Tensor] = None):
         """x: (T, B, C); encoder_padding_mask: (B, T); position_emb: (2T-1, 1, C) for rel_pos.
         Returns (T, B, C) and (None, the second feed-forward's output)."""
-        x = self.ffn1_out_quant(self.ffn1(x)) * 0.5 + self.ffn1_residual_quant(x)
-        residual = x
-        x = self.self_attn_layer_norm(x)
+        x, residual = self._add("ffn1", self.ffn1_out_quant(feed_forward(self.ffn1, x, self.ffn1_out_quant)),
+                                self.ffn1_residual_quant(x), (reader(self.self_attn_layer_norm), self.attn_residual_quant))
+        x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         extra = {"pos_emb": position_emb} if self.pos_enc_type == "rel_pos" else {}
         x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
-                                 need_weights=False, **extra)
-        x = self.attn_out_quant(self.self_attn_dropout(x)) + self.attn_residual_quant(residual)
-        residual = x
-        x = self.conv_module(x.transpose(0, 1)).transpose(0, 1)  # (B, T, C) inside, (T, B, C) out
-        x = self.conv_residual_quant(residual) + self.conv_out_quant(x)
-        layer_result = self.ffn2(x)
-        x = self.ffn2_out_quant(layer_result) * 0.5 + self.ffn2_residual_quant(x)
+                                 need_weights=False, **extra, **read_by(self.self_attn, self.attn_out_quant))
+        x, residual = self._add("attn", self.attn_out_quant(self.self_attn_dropout(x)),
+                                self.attn_residual_quant(residual),
+                                (reader(self.conv_module.layer_norm), self.conv_residual_quant))
+        x = convolution(self.conv_module, x.transpose(0, 1), self.conv_out_quant).transpose(0, 1)  # (B, T, C) inside
+        x, _ = self._add("conv", self.conv_out_quant(x), self.conv_residual_quant(residual),
+                         (reader(self.ffn2.layer_norm), self.ffn2_residual_quant))
+        layer_result = feed_forward(self.ffn2, x, self.ffn2_out_quant)
+        x, _ = self._add("ffn2", self.ffn2_out_quant(layer_result), self.ffn2_residual_quant(x),
+                         (reader(self.final_layer_norm),))
         return self.final_layer_norm(x), (attn, layer_result)
+
+    def _add(self, block: str, out: torch.Tensor, residual: torch.Tensor, readers: tuple) -> tuple:
+        """The residual add after ``block`` (``out`` and ``residual``: values of its ``<block>_out``
+        and ``<block>_residual`` grids; the feed-forwards' halved), as (the value ``readers[0]``
+        reads, the value ``readers[1]`` reads or the same): with ``simulate: integer`` at inference
+        the integer layer's rescaled add onto each reader's grid (``add_onto``), else the float
+        sum, which each reader rounds."""
+        half = 0.5 if block in ("ffn1", "ffn2") else 1.0
+        values = add_onto(self, f"_integer_{block}_add", out, getattr(self, f"{block}_out_quant"), residual,
+                          getattr(self, f"{block}_residual_quant"), readers, weight_a=half)
+        if values is None:
+            x = out * half + residual
+            return x, x
+        return values[0], values[-1]
 
     def to_integer(self, stream_scale, **attn_extra) -> "IntegerConformerLayer":
         """The integer form of this layer, inference only. The residual stream is int32 (``stream_scale``

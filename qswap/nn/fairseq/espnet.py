@@ -57,6 +57,7 @@ class QESPNETMultiHeadedAttention(QuantModule):
 
     sites = {"input": "activation", "key_in": "activation", "value_in": "activation", "weight": "weight",
              **CORE_SITES}
+    takes_reader = True
 
     def __init__(self, module: ESPNETMultiHeadedAttention, config: QuantConfig):
         super().__init__()
@@ -82,24 +83,31 @@ class QESPNETMultiHeadedAttention(QuantModule):
         v_in = q_in if value is query else k_in if value is key else (self.value_quant(value), self.value_quant)
         return q_in, k_in, v_in
 
-    def _qkv(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(T, B, C) inputs -> q (T, B, C), k and v (S, B, C) projections."""
+    def _qkv(self, query: Tensor, key: Tensor, value: Tensor, q_out: Optional[torch.nn.Module] = None) -> tuple:
+        """(T, B, C) inputs -> q (T, B, C), k and v (S, B, C) projections, each told the quantizer
+        that reads it (``q_out``, default the core's q quantizer; the core's k and v quantizers)."""
         (xq, qq), (xk, kq), (xv, vq) = self._inputs(query, key, value)
-        return self.linear_q(xq, qq), self.linear_k(xk, kq), self.linear_v(xv, vq)
+        return (self.linear_q(xq, qq, q_out or self.core.q_quant), self.linear_k(xk, kq, self.core.k_quant),
+                self.linear_v(xv, vq, self.core.v_quant))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                scores_bias: Optional[Tensor] = None) -> Tensor:
-        """q (T, B, C), k and v (S, B, C), key_padding_mask (B, S) -> output (T, B, C)."""
+                scores_bias: Optional[Tensor] = None, out_quant: Optional[torch.nn.Module] = None) -> Tensor:
+        """q (T, B, C), k and v (S, B, C), key_padding_mask (B, S) -> output (T, B, C); ``out_quant``:
+        the quantizer that reads the output (``simulate: integer``: the out projection's integer
+        form writes onto its grid, as the core writes onto the out projection's input grid)."""
         q, k, v = (split_heads(t, self.h) for t in (q, k, v))  # (B*H, L, D)
         context, _ = self.core(q, k, v, self.d_k ** -0.5, None, key_padding_mask, self.h,
-                               self.dropout.p, scores_bias=scores_bias)  # (B*H, T, D)
-        return self.linear_out(merge_heads(context, self.h))  # (T, B, C)
+                               self.dropout.p, scores_bias=scores_bias,
+                               out_quant=self.linear_out.input_quant)  # (B*H, T, D)
+        return self.linear_out(merge_heads(context, self.h), out_quant=out_quant)  # (T, B, C)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
-                key_padding_mask: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, None]:
-        """query, key, value: (T, B, C); key_padding_mask: (B, T), True = padding."""
+                key_padding_mask: Optional[Tensor] = None, out_quant: Optional[torch.nn.Module] = None,
+                **kwargs) -> tuple[Tensor, None]:
+        """query, key, value: (T, B, C); key_padding_mask: (B, T), True = padding; ``out_quant``: the
+        quantizer that reads the output (``_attend``)."""
         q, k, v = self._qkv(query, key, value)
-        return self._attend(q, k, v, key_padding_mask), None
+        return self._attend(q, k, v, key_padding_mask, out_quant=out_quant), None
 
     def _integer_projections(self, q_out) -> list:
         """q/k/v ``IntegerLinear`` from the input grid (self-attention) onto ``q_out`` / the core's k, v grids."""
@@ -144,10 +152,12 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         return rel_shift(x, self.zero_triu)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, pos_emb: Tensor,
-                key_padding_mask: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, None]:
-        """query, key, value: (T, B, C); pos_emb: (2T-1, 1, C); key_padding_mask: (B, T)."""
+                key_padding_mask: Optional[Tensor] = None, out_quant: Optional[torch.nn.Module] = None,
+                **kwargs) -> tuple[Tensor, None]:
+        """query, key, value: (T, B, C); pos_emb: (2T-1, 1, C); key_padding_mask: (B, T); ``out_quant``:
+        the quantizer that reads the output."""
         tgt_len, bsz, _ = query.shape
-        q, k, v = self._qkv(query, key, value)
+        q, k, v = self._qkv(query, key, value, q_out=self.q_proj_quant)
         q = self.q_proj_quant(q).view(tgt_len, bsz, self.h, self.d_k)  # (T, B, H, D)
         q_u = q + self.pos_bias_u_quant(self.pos_bias_u)  # (T, B, H, D)
         q_v = self.q_pos_quant(q + self.pos_bias_v_quant(self.pos_bias_v))
@@ -156,7 +166,8 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         q_v = q_v.permute(1, 2, 0, 3) * self.d_k ** -0.5  # (B, H, T, D)
         bd = self.rel_shift(torch.matmul(q_v, p))  # (B, H, T, T)
         bd = bd.reshape(bsz * self.h, tgt_len, -1)  # (B*H, T, T)
-        return self._attend(q_u.reshape(tgt_len, bsz, -1), k, v, key_padding_mask, scores_bias=bd), None
+        return self._attend(q_u.reshape(tgt_len, bsz, -1), k, v, key_padding_mask, scores_bias=bd,
+                            out_quant=out_quant), None
 
     def to_integer(self, out, pos_table: Optional[Tensor] = None) -> "IntegerRelPosAttention":
         """The integer form writing codes of ``out``, given the encoder's constant position table
@@ -219,10 +230,13 @@ class QRotaryPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         return self.rope_out_quant(rotated.flatten(2))
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
-                key_padding_mask: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, None]:
-        """query, key, value: (T, B, C); key_padding_mask: (B, T)."""
+                key_padding_mask: Optional[Tensor] = None, out_quant: Optional[torch.nn.Module] = None,
+                **kwargs) -> tuple[Tensor, None]:
+        """query, key, value: (T, B, C); key_padding_mask: (B, T); ``out_quant``: the quantizer that
+        reads the output."""
         tgt_len, bsz, _ = value.shape
-        cos, sin = self.rotary_emb(value, seq_len=tgt_len)  # (T', 1, 1, D) cached tables, T' >= T
+        # (T', 1, 1, D) cached tables, T' >= ROPE_POSITIONS: the table grid is the integer form's
+        cos, sin = self.rotary_emb(value, seq_len=max(tgt_len, ROPE_POSITIONS))
         half = sin.size(-1) // 2
         signed_sin = derived_weight(self, "_signed_sin", lambda: torch.cat(
             [-sin[..., :half], sin[..., half:]], dim=-1), sin)  # rotate_half's sign, folded
@@ -232,18 +246,17 @@ class QRotaryPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         heads = (tgt_len, bsz, self.h, self.d_k)
         rq = self._rotate(xq.view(heads), cos, sin)  # (T, B, C)
         rk = rq if xk is xq else self._rotate(xk.view(heads), cos, sin)
-        q = self.linear_q(rq, self.rope_out_quant)
-        k = self.linear_k(rk, self.rope_out_quant)
-        v = self.linear_v(xv, vq)
-        return self._attend(q, k, v, key_padding_mask), None
+        q = self.linear_q(rq, self.rope_out_quant, self.core.q_quant)
+        k = self.linear_k(rk, self.rope_out_quant, self.core.k_quant)
+        v = self.linear_v(xv, vq, self.core.v_quant)
+        return self._attend(q, k, v, key_padding_mask, out_quant=out_quant), None
 
     def to_integer(self, out, max_positions: int = ROPE_POSITIONS) -> "IntegerRotaryAttention":
         """The integer form of this self-attention writing codes of ``out``, for up to
         ``max_positions`` frames. The cos and signed-sin tables (fairseq's formula, computed here
         for ``max_positions`` rows without touching the module's cache) are quantized once by
-        ``rotary_table``'s quantizers; the fake-quant model derives that grid from the table cached
-        for the longest input it has seen (the cos grid is the same, max |cos| = cos 0; the sin
-        grid's max is within 1e-4 of 1 from 12 positions on). The rotation: ``(x - zp) * cos`` and
+        ``rotary_table``'s quantizers; the fake-quant forward quantizes the same rows (it extends
+        fairseq's cached table to ``max_positions`` rows), so both take the same grid. The rotation: ``(x - zp) * cos`` and
         ``swapped(x - zp) * sin`` in int32, requantized onto ``rope_cos`` / ``rope_sin``'s grids
         (per position when the table grid is per channel), a rescaled add onto ``rope_out``'s."""
         from qswap.errors import IntegerizeError

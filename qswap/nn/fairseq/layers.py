@@ -21,7 +21,6 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import INT, Either, Obj, Tuple, serializable
 from qswap.io.serializable import List as ListOf, Tensor as TensorOf
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
-from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
 from qswap.nn.linear import QLinear
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
@@ -32,23 +31,35 @@ ZERO_POINT = Either(INT, TensorOf("int64"))  # a residual add operand's: per ten
 
 
 def onto(module: torch.nn.Module, x: Tensor, out_quant: Optional[torch.nn.Module]) -> Tensor:
-    """``module(x)`` as ``out_quant`` reads it (a QLinear or QLayerNorm told its reader: the
-    integer form's requantization with ``simulate: integer``); ``module(x)`` for another module,
-    or without a reader."""
-    if out_quant is None or not isinstance(module, (QLinear, QLayerNorm)):
+    """``module(x)`` as ``out_quant`` reads it (a counterpart that ``takes_reader`` told its reader:
+    the integer form's requantization with ``simulate: integer``); ``module(x)`` for another
+    module, or without a reader."""
+    if out_quant is None or not getattr(module, "takes_reader", False):
         return module(x)
     return module(x, out_quant=out_quant)
 
 
-def reader(attention: torch.nn.Module) -> Optional[torch.nn.Module]:
-    """The quantizer that reads an attention's query (its ``input_quant``), if it has one."""
-    return attention.input_quant if isinstance(attention, QFairseqMultiheadAttention) else None
+def onto_each(module: torch.nn.Module, x: Tensor, readers) -> list:
+    """``module(x)`` as each of ``readers`` (quantizers) reads it: a ``QLayerNorm``'s or
+    ``QLinear``'s ``onto_each`` (its integer accumulator requantized onto each grid with
+    ``simulate: integer``), else ``module(x)`` once for each."""
+    if isinstance(module, (QLayerNorm, QLinear)):
+        return module(x, out_quant=list(readers))
+    y = module(x)
+    return [y for _ in readers]
+
+
+def reader(module: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The quantizer that reads ``module``'s input (an attention's query: its ``input_quant``), or
+    None (a float module)."""
+    return getattr(module, "input_quant", None)
 
 
 def read_by(attention: torch.nn.Module, out_quant: Optional[torch.nn.Module]) -> dict:
-    """The keyword telling a ``QFairseqMultiheadAttention`` the quantizer that reads its output
-    (``out_quant``, for ``simulate: integer``); none for another attention module."""
-    told = out_quant is not None and isinstance(attention, QFairseqMultiheadAttention)
+    """The keyword telling an attention counterpart that ``takes_reader`` (fairseq's, ESPnet's) the
+    quantizer that reads its output (``out_quant``, for ``simulate: integer``); none for another
+    attention module."""
+    told = out_quant is not None and getattr(attention, "takes_reader", False)
     return {"out_quant": out_quant} if told else {}
 
 
@@ -275,23 +286,11 @@ class QTransformerDecoderLayer(QuantModule):
         integer form is defined (pre-norm, per-tensor grids), as the integer layer computes it: the
         operands' codes rescaled into the int32 stream (``rescaled_sum``), requantized onto each
         reader's grid; elsewhere the float sum, which every reader rounds."""
-        if not (readers and simulates(self) and not torch.is_grad_enabled()):
+        values = None if self._integer_refusal() is not None else add_onto(
+            self, f"_integer_{part}_add", a, getattr(self, f"{part}_residual_quant"), b,
+            getattr(self, f"{part}_out_quant"), readers)
+        if values is None:
             return a + b, None
-        from qswap.quant.integer import AddParams, requantized_values, rescaled_sum
-        quants = (getattr(self, f"{part}_residual_quant"), getattr(self, f"{part}_out_quant"), *readers)
-        grids = [None if q is None else grid_of(q) if i < 2 else reader_grid(q) for i, q in enumerate(quants)]
-        if None in grids or self._integer_refusal() is not None:
-            return a + b, None
-
-        def build():
-            add = AddParams.build(grids[0].scale, grids[1].scale)
-            return add, [stream_to(add.sum_scale, g) for g in grids[2:]]
-        add, requants = cached(self, f"_integer_{part}_add", build, *(q.scale for q in quants),
-                               *(q.zero_point for q in quants))
-        with torch.no_grad():
-            stream = rescaled_sum(codes_of(a, grids[0]), grids[0].zero_point, codes_of(b, grids[1]),
-                                  grids[1].zero_point, add)  # (T, B, C) int32 on add.sum_scale
-            values = [requantized_values(requant, stream, g.scale) for requant, g in zip(requants, grids[2:])]
         return values[0], (values[1] if len(values) > 1 else None)
 
     def to_integer(self, stream_scale: float) -> "IntegerTransformerDecoderLayer":
@@ -322,6 +321,33 @@ class QTransformerDecoderLayer(QuantModule):
             fc2=self.fc2.to_integer(grids["ffn_out"]),
             zero_points=[(grids[f"{p}_residual"].zero_point, grids[f"{p}_out"].zero_point)
                          for p in ("attn", "cross", "ffn")])
+
+
+def add_onto(owner: torch.nn.Module, slot: str, a: Tensor, quant_a: torch.nn.Module, b: Tensor,
+             quant_b: torch.nn.Module, readers, weight_a: float = 1.0) -> Optional[list]:
+    """``weight_a * a + b`` (``a``, ``b``: values of ``quant_a``'s and ``quant_b``'s grids) as each of
+    ``readers`` (quantizers) reads it, computed as the integer layer's residual add does: the
+    operands' codes rescaled into an int32 stream (``rescaled_sum``; ``weight_a`` folded into its
+    multiplier, e.g. the conformer's half-step 0.5), requantized onto each reader's grid in fixed
+    point; the form kept in ``owner.<slot>``. None where that is not simulated: ``owner`` without
+    ``simulate: integer``, in autograd, no readers, or a grid that is not per tensor (a reader
+    still calibrating: ``reader_grid``); the caller then adds in float and each reader rounds."""
+    if not (readers and simulates(owner) and not torch.is_grad_enabled()):
+        return None
+    from qswap.quant.integer import AddParams, requantized_values, rescaled_sum
+    quants = (quant_a, quant_b, *readers)
+    grids = [None if q is None else grid_of(q) if i < 2 else reader_grid(q) for i, q in enumerate(quants)]
+    if None in grids:
+        return None
+
+    def build():
+        add = AddParams.build(weight_a * grids[0].scale, grids[1].scale)
+        return add, [stream_to(add.sum_scale, g) for g in grids[2:]]
+    add, requants = cached(owner, slot, build, *(q.scale for q in quants), *(q.zero_point for q in quants))
+    with torch.no_grad():
+        stream = rescaled_sum(codes_of(a, grids[0]), grids[0].zero_point, codes_of(b, grids[1]),
+                              grids[1].zero_point, add)  # int32 on add.sum_scale
+        return [requantized_values(requant, stream, g.scale) for requant, g in zip(requants, grids[2:])]
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------

@@ -7,35 +7,41 @@ input. fairseq's ``LayerNorm(...)`` factory returns a plain ``torch.nn.LayerNorm
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 from fairseq.modules import layer_norm as fairseq_layer_norm
 from fairseq.modules.fp32_group_norm import Fp32GroupNorm
 from fairseq.modules.layer_norm import Fp32LayerNorm
 
-from qswap.nn.norm import QGroupNorm, QLayerNorm, layer_norm_bounded_grad, norm_ste
+from qswap.nn.norm import QGroupNorm, QLayerNorm
 from qswap.nn.registry import register
 
 
 @register(Fp32LayerNorm)
 class QFp32LayerNorm(QLayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.affine()
-        w, b = None if w is None else w.float(), None if b is None else b.float()
-        xq = self.input_quant(x.float())
-        y = F.layer_norm(xq, self.normalized_shape, w, b, self.eps)
-        if y.requires_grad:  # QAT: QLayerNorm's gradient path
-            y = norm_ste(y, layer_norm_bounded_grad(xq, self.normalized_shape, w, b, self.eps,
-                                                    self.grad_std_floor))
-        return y.type_as(x)
+    """fairseq's Fp32LayerNorm: QLayerNorm's arithmetic (its integer insides and reader with
+    ``simulate: integer``) on the input and affine parameters cast to float32; the result in the
+    input's dtype."""
+
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | list | None = None) -> torch.Tensor | list:
+        y = super().forward(x.float(), out_quant)
+        return [v.type_as(x) for v in y] if isinstance(y, list) else y.type_as(x)
+
+    def affine(self) -> tuple:
+        w, b = super().affine()
+        return None if w is None else w.float(), None if b is None else b.float()
 
 
 @register(Fp32GroupNorm)
 class QFp32GroupNorm(QGroupNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.affine()
-        y = F.group_norm(self.input_quant(x.float()), self.num_groups,
-                         None if w is None else w.float(), None if b is None else b.float(), self.eps)
-        return y.type_as(x)
+    """fairseq's Fp32GroupNorm: QGroupNorm's arithmetic on the input and affine parameters cast to
+    float32; the result in the input's dtype."""
+
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
+        return super().forward(x.float(), out_quant).type_as(x)
+
+    def affine(self) -> tuple:
+        w, b = super().affine()
+        return None if w is None else w.float(), None if b is None else b.float()
 
 
 if getattr(fairseq_layer_norm, "has_fused_layernorm", False):

@@ -31,6 +31,9 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import ANY, INT, List, Obj, Opt, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.fairseq.config_expr import eval_config_expr
+from qswap.nn.fairseq.chain import run_chain
+from qswap.nn.fairseq.layers import add_onto, onto, onto_each, read_by, reader
+from qswap.nn.simulate import simulates
 from qswap.nn.registry import register
 
 _MASK_ATTRS = ("mask_prob", "mask_selection", "mask_other", "mask_length", "no_mask_overlap",
@@ -56,34 +59,59 @@ class QTransformerSentenceEncoderLayer(QuantModule):
             setattr(self, name, getattr(module, name))
         for site in self.sites:
             setattr(self, f"{site}_quant", quantizer(config, self.sites, site))
+        self.simulate = config.simulate
 
     @classmethod
     def from_float(cls, module: TransformerSentenceEncoderLayer, config: QuantConfig):
         return cls(module, config)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout2(self.activation_fn(self.ffn_act_quant(self.fc1(x))))
-        return self.fc2(x)
+        x = self.dropout2(self.activation_fn(self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant))))
+        return onto(self.fc2, x, self.ffn_out_quant)
 
     def forward(self, x: torch.Tensor, self_attn_mask: Optional[torch.Tensor] = None,
                 self_attn_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
-                att_args=None):
-        """x: (T, B, C); self_attn_padding_mask: (B, T). Returns (T, B, C), (attn, ffn output)."""
-        residual = x
+                att_args=None, residual: Optional[torch.Tensor] = None, next_readers: tuple = ()):
+        """x: (T, B, C); self_attn_padding_mask: (B, T). Returns (T, B, C), (attn, ffn output).
+        Each op is told the quantizer that reads its result, and the residual adds are the
+        integer layer's onto their readers (``onto``, ``add_onto``: with ``simulate: integer``, as
+        ``qswap.nn.fairseq.layers.integer_encoder_layer`` computes). For the encoder's loop:
+        ``residual``: what the first residual add reads in place of ``x`` (the stream on its own
+        grid); ``next_readers``: the quantizers that read the layer's output (the next layer's
+        first reader and its ``attn_residual_quant``), which then gives a list of values, one each."""
+        residual = x if residual is None else residual
         if self.layer_norm_first:
-            x = self.self_attn_layer_norm(x)
+            x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=self_attn_padding_mask,
                                  attn_mask=self_attn_mask if self.layer_norm_first else None,
-                                 need_weights=False)
-        x = self.attn_residual_quant(residual) + self.attn_out_quant(self.dropout1(x))
+                                 need_weights=False, **read_by(self.self_attn, self.attn_out_quant))
+        readers = (reader(self.final_layer_norm), self.ffn_residual_quant) if self.layer_norm_first else (
+            reader(self.self_attn_layer_norm),)
+        x, residual = self._add("attn", self.attn_residual_quant(residual), self.attn_out_quant(self.dropout1(x)),
+                                readers)
         if not self.layer_norm_first:
-            x = self.self_attn_layer_norm(x)
-        residual = x
-        layer_result = self._ffn(self.final_layer_norm(x) if self.layer_norm_first else x)
-        x = self.ffn_residual_quant(residual) + self.ffn_out_quant(self.dropout3(layer_result))
-        if not self.layer_norm_first:
-            x = self.final_layer_norm(x)
-        return x, (attn, layer_result)
+            x, residual = onto_each(self.self_attn_layer_norm, x, (reader(self.fc1), self.ffn_residual_quant))
+        layer_result = self._ffn(onto(self.final_layer_norm, x, reader(self.fc1)) if self.layer_norm_first else x)
+        readers = tuple(next_readers) if self.layer_norm_first else (reader(self.final_layer_norm),)
+        values = self._add("ffn", self.ffn_residual_quant(residual), self.ffn_out_quant(self.dropout3(layer_result)),
+                           readers, every=True)
+        if self.layer_norm_first:
+            return (values if next_readers else values[0]), (attn, layer_result)
+        x = values[0]
+        if next_readers:
+            return onto_each(self.final_layer_norm, x, next_readers), (attn, layer_result)
+        return self.final_layer_norm(x), (attn, layer_result)
+
+    def _add(self, part: str, residual: torch.Tensor, out: torch.Tensor, readers: tuple, every: bool = False):
+        """The residual add ``part`` as (the value ``readers[0]`` reads, the value the last reader
+        reads), or with ``every`` a list of one value per reader (at least one): the integer
+        layer's rescaled add onto each reader's grid (``add_onto``), or the float sum, which each
+        reader rounds."""
+        values = add_onto(self, f"_integer_{part}_add", residual, getattr(self, f"{part}_residual_quant"), out,
+                          getattr(self, f"{part}_out_quant"), readers)
+        if values is None:
+            values = [residual + out] * max(len(readers), 1)
+        return values if every else (values[0], values[-1])
 
     def to_integer(self, stream_scale: float | torch.Tensor) -> torch.nn.Module:
         """The integer form of this (post- or pre-norm) layer, inference only
@@ -107,28 +135,45 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         self.pos_conv, self.layers, self.layer_norm = module.pos_conv, module.layers, module.layer_norm
         self.pos_residual_quant = quantizer(config, self.sites, "pos_residual")
         self.pos_conv_out_quant = quantizer(config, self.sites, "pos_conv_out")
+        self.simulate = config.simulate
 
     @classmethod
     def from_float(cls, module: TransformerEncoder, config: QuantConfig):
         return cls(module, config)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, layer=None,
-                corpus_key=None):
-        x, layer_results = self.extract_features(x, padding_mask, layer, corpus_key=corpus_key)
+                corpus_key=None, conv_input: Optional[torch.Tensor] = None):
+        """x: (B, T, C); ``conv_input``: what the positional conv reads in place of ``x`` (the input
+        on its own grid: ``QWav2Vec2Model.encoder_readers``)."""
+        x, layer_results = self.extract_features(x, padding_mask, layer, corpus_key=corpus_key, conv_input=conv_input)
         if self.layer_norm_first and layer is None:
             x = self.layer_norm(x)
         return x, layer_results
 
     def extract_features(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-                         tgt_layer: Optional[int] = None, min_layer: int = 0, corpus_key=None):
+                         tgt_layer: Optional[int] = None, min_layer: int = 0, corpus_key=None,
+                         conv_input: Optional[torch.Tensor] = None):
         """x: (B, T, C); padding_mask: (B, T). Returns (B, T, C) and per-layer results."""
+        conv_input = x if conv_input is None else conv_input
         if padding_mask is not None:
-            x = index_put(x, padding_mask, 0)
-        x_conv = self.pos_conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
-        x = self.pos_residual_quant(x) + self.pos_conv_out_quant(x_conv)
+            x, conv_input = index_put(x, padding_mask, 0), index_put(conv_input, padding_mask, 0)
+        x_conv = run_chain(self.pos_conv, conv_input.transpose(1, 2), self.pos_conv_out_quant)  # (B, C, T)
+        x_conv = (self.pos_conv(conv_input.transpose(1, 2)) if x_conv is None else x_conv).transpose(1, 2)
+        streams = self._streams(tgt_layer, corpus_key)  # the quantizers that read each layer's output, or None
+        first = self._first_readers() if streams is not None else ()
+        a, b = self.pos_residual_quant(x), self.pos_conv_out_quant(x_conv)
+        values = add_onto(self, "_integer_pos_add", a, self.pos_residual_quant, b, self.pos_conv_out_quant,
+                          first if self.layer_norm_first else (reader(self.layer_norm),))
+        x = a + b if values is None else values[0]
+        residual = values[-1] if values is not None and self.layer_norm_first else None
         if not self.layer_norm_first:
-            x = self.layer_norm(x)
+            if first:
+                x, residual = onto_each(self.layer_norm, x, first)
+            else:
+                x = self.layer_norm(x)
         x, pad_length = pad_to_multiple(x, self.required_seq_len_multiple, dim=-2, value=0)
+        if residual is not None:
+            residual = pad_to_multiple(residual, self.required_seq_len_multiple, dim=-2, value=0)[0].transpose(0, 1)
         if pad_length > 0 and padding_mask is None:
             padding_mask = x.new_zeros((x.size(0), x.size(1)), dtype=torch.bool)
             padding_mask[:, -pad_length:] = True
@@ -140,7 +185,11 @@ class QWav2Vec2TransformerEncoder(QuantModule):
             if not self.training or self.layerdrop == 0 or np.random.random() > self.layerdrop:
                 adapter = corpus_key is not None and isinstance(layer, TransformerSentenceEncoderWithAdapterLayer)
                 extra = {"corpus_key": corpus_key} if adapter else {}
+                if streams is not None:
+                    extra.update(residual=residual, next_readers=streams[i])
                 x, (z, lr) = layer(x, self_attn_padding_mask=padding_mask, need_weights=False, **extra)
+                if streams is not None and streams[i]:
+                    x, residual = x[0], x[-1]
                 if i >= min_layer:
                     layer_results.append((x, z, lr))
             if i == tgt_layer:
@@ -152,6 +201,28 @@ class QWav2Vec2TransformerEncoder(QuantModule):
             layer_results = [(a[:-pad_length], b if b is None else b[:-pad_length], c[:-pad_length])
                              for a, b, c in layer_results]
         return x, layer_results
+
+    def _first_readers(self) -> tuple:
+        """The two quantizers that read the first layer's input (its first reader and its
+        ``attn_residual_quant``), or () where one is missing."""
+        layer = self.layers[0]
+        readers = (reader(layer.self_attn_layer_norm if layer.layer_norm_first else layer.self_attn),
+                   layer.attn_residual_quant)
+        return readers if None not in readers else ()
+
+    def _streams(self, tgt_layer: Optional[int], corpus_key) -> Optional[list]:
+        """With ``simulate: integer`` at inference, every layer a ``QTransformerSentenceEncoderLayer``
+        and all of them run: the quantizers that read each layer's output (the next layer's first
+        reader and ``attn_residual_quant``; after the last, pre-norm: the encoder's norm; post-norm:
+        none, its reader is the CTC head's), for the layers' ``next_readers``; else None."""
+        layers = list(self.layers)
+        if not (simulates(self) and not self.training and not torch.is_grad_enabled() and tgt_layer is None
+                and corpus_key is None and all(isinstance(m, QTransformerSentenceEncoderLayer) for m in layers)):
+            return None
+        first = [reader(m.self_attn_layer_norm if m.layer_norm_first else m.self_attn) for m in layers]
+        nexts = [(first[i + 1], layers[i + 1].attn_residual_quant) for i in range(len(layers) - 1)]
+        last = (reader(self.layer_norm),) if self.layer_norm_first else ()
+        return [readers if None not in readers else () for readers in nexts + [last]]
 
     def to_integer(self, stream_scale: float | torch.Tensor, out) -> "IntegerWav2Vec2TransformerEncoder":
         """The integer form reading an int32 stream (B, T, C) on ``stream_scale`` (the feature
@@ -253,6 +324,26 @@ class QWav2Vec2Model(QuantModule):
         return IntegerWav2Vec2Model(Grid.of(first.input_quant), features, self.conv_strides, self.crop_seq_to_multiple,
                                     norm, proj, self.encoder.to_integer(scale, out))
 
+    def encoder_readers(self) -> tuple:
+        """With ``simulate: integer`` at inference: the two quantizers that read the encoder's input
+        (its ``pos_residual_quant`` and the positional conv's first input quantizer), where the
+        op before them (the feature projection, else the feature LayerNorm) writes onto each as
+        the integer model requantizes its accumulator; else ()."""
+        from qswap.nn.linear import QLinear
+        from qswap.nn.norm import QLayerNorm
+        encoder, source = self.encoder, self.post_extract_proj if self.post_extract_proj is not None else self.layer_norm
+        if not (isinstance(encoder, QWav2Vec2TransformerEncoder) and isinstance(source, (QLinear, QLayerNorm))
+                and simulates(encoder) and not self.training and not torch.is_grad_enabled()):
+            return ()
+        first = next((m.input_quant for m in encoder.pos_conv.modules() if hasattr(m, "input_quant")), None)
+        return () if first is None else (encoder.pos_residual_quant, first)
+
+    def _features(self, source: torch.Tensor) -> torch.Tensor:
+        """fairseq's ``ConvFeatureExtractionModel.forward``: (B, samples) -> (B, C, T), each op told
+        the quantizer that reads its result (``run_chain``, the last the feature LayerNorm's)."""
+        x = run_chain(self.feature_extractor.conv_layers, source.unsqueeze(1), reader(self.layer_norm))
+        return self.feature_extractor(source) if x is None else x
+
     def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 mask: bool = True, features_only: bool = False, layer=None, mask_indices=None,
                 mask_channel_indices=None, padding_count=None, corpus_key=None):
@@ -261,13 +352,14 @@ class QWav2Vec2Model(QuantModule):
             raise NotImplementedError("the converted wav2vec 2.0 model runs the features_only path "
                                       "(fine-tuning / inference); the pretraining objective is not converted")
         if self.feature_grad_mult > 0:
-            features = self.feature_extractor(source)  # (B, C, T)
+            features = self._features(source)  # (B, C, T)
             if self.feature_grad_mult != 1.0:
                 features = GradMultiply.apply(features, self.feature_grad_mult)
         else:
             with torch.no_grad():
-                features = self.feature_extractor(source)
-        features = self.layer_norm(features.transpose(1, 2))  # (B, T, C)
+                features = self._features(source)
+        normed_in = features.transpose(1, 2)  # (B, T, C)
+        features = onto(self.layer_norm, normed_in, reader(self.post_extract_proj))
         unmasked_features = features.clone()
         if padding_mask is not None and padding_mask.any():
             padding_mask = self._feature_padding_mask(padding_mask, features.size(1))
@@ -276,8 +368,14 @@ class QWav2Vec2Model(QuantModule):
         drop = features.size(1) % self.crop_seq_to_multiple
         if drop != 0:
             features, unmasked_features = features[:, :-drop], unmasked_features[:, :-drop]
+            normed_in = normed_in[:, :-drop]
             padding_mask = None if padding_mask is None else padding_mask[:, :-drop]
-        if self.post_extract_proj is not None:
+        entry = () if mask else self.encoder_readers()
+        conv_input = None
+        if entry:  # the encoder's input as the positional conv and its residual each read it
+            source = self.post_extract_proj if self.post_extract_proj is not None else self.layer_norm
+            features, conv_input = onto_each(source, features if source is self.post_extract_proj else normed_in, entry)
+        elif self.post_extract_proj is not None:
             features = self.post_extract_proj(features)
         features = self.dropout_input(features)
         unmasked_features = self.dropout_features(unmasked_features)
@@ -285,7 +383,8 @@ class QWav2Vec2Model(QuantModule):
         if mask:
             x, _ = self.apply_mask(features, padding_mask, mask_indices=mask_indices,
                                    mask_channel_indices=mask_channel_indices)
-        x, layer_results = self.encoder(x, padding_mask=padding_mask, layer=layer, corpus_key=corpus_key)
+        extra = {} if conv_input is None else {"conv_input": conv_input}
+        x, layer_results = self.encoder(x, padding_mask=padding_mask, layer=layer, corpus_key=corpus_key, **extra)
         return {"x": x, "padding_mask": padding_mask, "features": unmasked_features,
                 "layer_results": layer_results}
 

@@ -22,12 +22,12 @@ RECIPES = ("w8a8", "w8a8_per_channel", "w4a8")
 STREAM_BITS = 16
 
 
-def small(attention: str, recipe: str):
-    """A small conformer converted by ``recipe`` with ``simulate: float``: the agreement bounds
-    below are those of the float insides against the integer blocks (the integer insides do not
-    yet write the conformer's block outputs onto their readers: docs/integer.md)."""
+def small(attention: str, recipe: str, simulate: str = "float"):
+    """A small conformer converted by ``recipe`` with ``simulate`` (``float`` by default: the
+    agreement bounds below are those of the float insides against the integer blocks; the default
+    ``simulate: integer`` computes the integer model's codes: the tests at the end)."""
     model, net_input = build("s2t_conformer", **ATTENTIONS[attention])
-    return convert_calibrated(model, net_input, recipe_with(recipe, "float")), net_input
+    return convert_calibrated(model, net_input, recipe_with(recipe, simulate)), net_input
 
 
 def record(qmodel, net_input, quants: dict) -> dict:
@@ -216,3 +216,48 @@ def test_building_the_rotary_form_leaves_the_model_as_it_was():
     with torch.no_grad():
         after = qmodel(**net_input)[0]
     assert attention.rotary_emb.seq_len_cached == cached and torch.equal(before, after)
+
+
+# -- simulate: integer (the default): the fake-quant conformer computes the integer model's codes ------
+
+def assert_logits_codes_equal(qmodel, imodel, net_input) -> None:
+    """Teacher-forced logits of the fake-quant and the integer model on the same codes."""
+    grid = Grid.of(qmodel.logits_quant)
+    with torch.no_grad():
+        reference = grid.quantize(qmodel(**net_input)[0])
+    assert torch.equal(grid.quantize(imodel(**net_input)[0]), reference)
+
+
+@pytest.mark.parametrize("attention", sorted(ATTENTIONS))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_simulate_integer_gives_the_integer_models_codes(attention, recipe):
+    """Under ``simulate: integer`` every op of each conformer block writes onto its reader's grid
+    as the integer chain does (the feed-forward and convolution modules' ops, the attention's
+    projections, core and output, the four residual adds: ``qswap.nn.fairseq.conformer``), and
+    the rotary table takes the integer form's grid: each block's output codes and the logits
+    are the integer model's, bit for bit (with ``simulate: float`` they differ on near-ties:
+    the tests above)."""
+    qmodel, net_input = small(attention, recipe, "integer")
+    pos_table = getattr(qmodel.encoder.embed_positions, "pe", None)
+    for layer, _, mask, _ in layer_inputs(qmodel, net_input):
+        conv = layer.conv_module
+        codes = record(qmodel, net_input, {
+            "ffn1_in": layer.ffn1.layer_norm.input_quant, "ffn1_out": layer.ffn1_out_quant,
+            "attn_in": layer.self_attn_layer_norm.input_quant, "attn_out": layer.attn_out_quant,
+            "conv_in": conv.layer_norm.input_quant, "conv_out": layer.conv_out_quant,
+            "ffn2_in": layer.ffn2.layer_norm.input_quant, "ffn2_out": layer.ffn2_out_quant})
+        ffn1, attn, conv_block, ffn2 = layer.to_integer(1e-6, **(
+            {"pos_table": pos_table} if attention == "rel_pos" else {})).blocks
+        outputs = {"ffn1_out": ffn1(codes["ffn1_in"]), "attn_out": attn[1](attn[0](codes["attn_in"]), mask),
+                   "conv_out": conv_block(codes["conv_in"].transpose(0, 1)), "ffn2_out": ffn2(codes["ffn2_in"])}
+        for site, out in outputs.items():
+            assert torch.equal(out.long(), codes[site].long()), site
+    assert_logits_codes_equal(qmodel, qswap.integerize(qmodel), net_input)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTERED))
+def test_registered_conformers_under_simulate_integer_give_the_integer_models_codes(name):
+    model = build_s2t_registered("s2t_conformer", encoder_layers=1, decoder_layers=1, **REGISTERED[name])
+    net_input = s2t_net_input(frames=40, num_tokens=4)
+    qmodel = convert_calibrated(model, net_input, recipe_with("w8a8", "integer"))
+    assert_logits_codes_equal(qmodel, qswap.integerize(qmodel), net_input)

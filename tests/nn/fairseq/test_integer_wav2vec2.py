@@ -11,6 +11,7 @@ pytest.importorskip("fairseq")
 
 import qswap  # noqa: E402
 from fairseq_testkit import convert_calibrated  # noqa: E402
+from helpers import recipe_with  # noqa: E402
 from qswap.errors import IntegerizeError  # noqa: E402
 from qswap.honesty.integer import check_integer  # noqa: E402
 from qswap.integration.decode import _ctc_greedy  # noqa: E402
@@ -23,9 +24,12 @@ EXTRACTORS = {"group_norm": {}, "layer_norm": {"extractor_mode": "layer_norm", "
 RECIPES = ("w8a8", "w8a8_per_channel", "w4a8")
 
 
-def small(mode: str, recipe: str, seed: int = 0):
+def small(mode: str, recipe: str, seed: int = 0, simulate: str = "float"):
+    """A small wav2vec 2.0 CTC model converted by ``recipe`` with ``simulate`` (``float`` by default:
+    the bounds of the tests below are the float insides'; ``simulate: integer``, the default,
+    computes the integer model's codes: the tests at the end)."""
     model, net_input = build_wav2vec2_ctc(seed=seed, **EXTRACTORS[mode]), wav2vec2_net_input(seed=seed)
-    return convert_calibrated(model, net_input, recipe), net_input
+    return convert_calibrated(model, net_input, recipe_with(recipe, simulate)), net_input
 
 
 def quantizer_inputs(qmodel, net_input, modules) -> dict:
@@ -179,3 +183,38 @@ def test_a_float_feature_norm_is_refused_by_name():
     qmodel = convert_calibrated(model, net_input, recipe)
     with pytest.raises(IntegerizeError, match="GroupNorm"):
         qswap.integerize(qmodel)
+
+
+# -- simulate: integer (the default): the fake-quant model computes the integer model's codes ---------
+
+def assert_logits_codes_equal(qmodel, imodel, net_input) -> None:
+    """The CTC logits of the fake-quant and the integer model on the same codes (valid frames)."""
+    grid = Grid.of(qmodel.logits_quant)
+    with torch.no_grad():
+        reference = qmodel(**net_input)
+    out = imodel(**net_input)
+    assert torch.equal(out["padding_mask"], reference["padding_mask"])
+    valid = ~reference["padding_mask"].T  # (T, B)
+    assert torch.equal(grid.quantize(out["encoder_out"][valid]), grid.quantize(reference["encoder_out"][valid]))
+
+
+@pytest.mark.parametrize("mode", sorted(EXTRACTORS))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_simulate_integer_gives_the_integer_models_codes(mode, recipe):
+    """Under ``simulate: integer`` each op writes onto its reader's grid as the integer model does:
+    the feature extractor's chain (``run_chain``: convs, GroupNorm or LayerNorm, GELU), the
+    feature norm's accumulator onto the positional conv's and its residual's grids, the
+    positional conv chain, every residual add and norm onto the next layer's readers. Post-norm
+    (GroupNorm extractor) and pre-norm (LayerNorm extractor): the logits codes are the integer
+    model's, bit for bit."""
+    qmodel, net_input = small(mode, recipe, simulate="integer")
+    assert_logits_codes_equal(qmodel, qswap.integerize(qmodel), net_input)
+
+
+def test_fairseqs_base_config_under_simulate_integer_gives_the_integer_models_codes():
+    """fairseq's registered base widths, with the feature projection (its int32 accumulator
+    requantized onto both of the encoder's input grids: ``QLinear.onto_each``)."""
+    net_input = wav2vec2_net_input(samples=4000)
+    qmodel = convert_calibrated(REGISTERED["base"](), net_input, recipe_with("w8a8", "integer"))
+    assert qmodel.w2v_encoder.w2v_model.post_extract_proj is not None
+    assert_logits_codes_equal(qmodel, qswap.integerize(qmodel), net_input)
