@@ -54,6 +54,7 @@ docs: install
 	$(PY) tools/integer_agreement.py --simulate float --decode --subsets test test_heldout
 	$(PY) tools/integer_agreement.py --shipped 10
 	$(PY) tools/integer_agreement.py
+	$(PY) tools/integer_archs.py
 	$(PY) tools/strategies.py --qat w4a4_edges8=qswap/assets/s2t_demo/qat_w4a4_edges8.pt \
 	  --qat w4a8=qswap/assets/s2t_demo/qat_w4a8.pt
 	mkdir -p build

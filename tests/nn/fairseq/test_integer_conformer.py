@@ -56,15 +56,9 @@ def layer_inputs(qmodel, net_input) -> list:
     return seen[:len(qmodel.encoder.conformer_layers)]
 
 
-@pytest.mark.parametrize("attention", sorted(ATTENTIONS))
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_each_block_on_the_fake_quant_codes_gives_its_codes(attention, recipe):
-    """Given the codes the fake-quant layer rounds at a block's input, the integer block writes
-    the codes it rounds at the block's output: within one step on near-ties (float32 LayerNorm,
-    softmax and requantization products in fake-quant, fixed point here; the relative-position
-    biases folded onto a grid 2^-16 of q's; the rotary sin table's grid taken over 2048 positions,
-    the fake-quant one over the positions it has cached; measured >= 99 % equal)."""
-    qmodel, net_input = small(attention, recipe)
+def block_codes(qmodel, net_input, attention: str):
+    """Per conformer layer: (the codes the fake-quant forward rounds at each block's input and
+    output, {block output site: the integer block's codes on the fake-quant block's input codes})."""
     pos_table = getattr(qmodel.encoder.embed_positions, "pe", None)
     for layer, _, mask, _ in layer_inputs(qmodel, net_input):
         conv = layer.conv_module
@@ -73,13 +67,23 @@ def test_each_block_on_the_fake_quant_codes_gives_its_codes(attention, recipe):
             "attn_in": layer.self_attn_layer_norm.input_quant, "attn_out": layer.attn_out_quant,
             "conv_in": conv.layer_norm.input_quant, "conv_out": layer.conv_out_quant,
             "ffn2_in": layer.ffn2.layer_norm.input_quant, "ffn2_out": layer.ffn2_out_quant})
-        extra = {"pos_table": pos_table} if attention == "rel_pos" else {}
-        integer = layer.to_integer(1e-6, **extra)
+        integer = layer.to_integer(1e-6, **({"pos_table": pos_table} if attention == "rel_pos" else {}))
         assert isinstance(integer, IntegerConformerLayer)
         ffn1, attn, conv_block, ffn2 = integer.blocks
-        outputs = {"ffn1_out": ffn1(codes["ffn1_in"]), "attn_out": attn[1](attn[0](codes["attn_in"]), mask),
-                   "conv_out": conv_block(codes["conv_in"].transpose(0, 1)),  # its norm reads (B, T, C)
-                   "ffn2_out": ffn2(codes["ffn2_in"])}
+        yield codes, {"ffn1_out": ffn1(codes["ffn1_in"]), "attn_out": attn[1](attn[0](codes["attn_in"]), mask),
+                      "conv_out": conv_block(codes["conv_in"].transpose(0, 1)),  # its norm reads (B, T, C)
+                      "ffn2_out": ffn2(codes["ffn2_in"])}
+
+
+@pytest.mark.parametrize("attention", sorted(ATTENTIONS))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_block_on_the_fake_quant_codes_gives_its_codes(attention, recipe):
+    """Given the codes the fake-quant layer rounds at a block's input, the integer block writes
+    the codes it rounds at the block's output: within one step on near-ties (float32 LayerNorm,
+    softmax and requantization products in fake-quant, fixed point here; the relative-position
+    biases folded onto a grid 2^-16 of q's; measured >= 99 % equal)."""
+    qmodel, net_input = small(attention, recipe)
+    for codes, outputs in block_codes(qmodel, net_input, attention):
         for site, out in outputs.items():
             diff = (out.long() - codes[site].long()).abs()
             # the convolution module chains seven ops: a GLU gate near-tie (2^-15 table) moves the
@@ -238,18 +242,7 @@ def test_simulate_integer_gives_the_integer_models_codes(attention, recipe):
     are the integer model's, bit for bit (with ``simulate: float`` they differ on near-ties:
     the tests above)."""
     qmodel, net_input = small(attention, recipe, "integer")
-    pos_table = getattr(qmodel.encoder.embed_positions, "pe", None)
-    for layer, _, mask, _ in layer_inputs(qmodel, net_input):
-        conv = layer.conv_module
-        codes = record(qmodel, net_input, {
-            "ffn1_in": layer.ffn1.layer_norm.input_quant, "ffn1_out": layer.ffn1_out_quant,
-            "attn_in": layer.self_attn_layer_norm.input_quant, "attn_out": layer.attn_out_quant,
-            "conv_in": conv.layer_norm.input_quant, "conv_out": layer.conv_out_quant,
-            "ffn2_in": layer.ffn2.layer_norm.input_quant, "ffn2_out": layer.ffn2_out_quant})
-        ffn1, attn, conv_block, ffn2 = layer.to_integer(1e-6, **(
-            {"pos_table": pos_table} if attention == "rel_pos" else {})).blocks
-        outputs = {"ffn1_out": ffn1(codes["ffn1_in"]), "attn_out": attn[1](attn[0](codes["attn_in"]), mask),
-                   "conv_out": conv_block(codes["conv_in"].transpose(0, 1)), "ffn2_out": ffn2(codes["ffn2_in"])}
+    for codes, outputs in block_codes(qmodel, net_input, attention):
         for site, out in outputs.items():
             assert torch.equal(out.long(), codes[site].long()), site
     assert_logits_codes_equal(qmodel, qswap.integerize(qmodel), net_input)
