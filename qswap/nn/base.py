@@ -102,6 +102,18 @@ class QuantModule(nn.Module):
     def from_float(cls, module: nn.Module, config: QuantConfig) -> "QuantModule":
         raise NotImplementedError(f"{cls.__name__} must implement from_float")
 
+    def train(self, mode: bool = True) -> "QuantModule":
+        """``nn.Module.train``; entering training also drops this module's kept integer forms
+        (``qswap.nn.simulate.cached``'s ``_integer*`` slots): the optimizer writes learned scales and
+        weights through ``.data``, which no stamp sees, and a path that runs only at inference
+        (a residual add onto the next layer's readers) would otherwise keep a form built from the
+        values before training."""
+        super().train(mode)
+        if mode:
+            for slot in [k for k in vars(self) if k.startswith("_integer")]:
+                del self.__dict__[slot]
+        return self
+
     def bind_readers(self) -> None:
         """Tell children the quantizers that read their results where those live outside the child
         (the S2T model: its encoder's output is read by every decoder layer, its decoder's logits

@@ -11,8 +11,8 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import (cached, centered_codes, form_or_none, grid_of, onto_grid, reader_grid, simulates,
-                                straight_through)
+from qswap.nn.simulate import (cached, centered_codes, forget, form_or_none, grid_of, onto_grid, reader_grid,
+                                simulates, straight_through)
 from qswap.quant.bias import BiasQuantize, quantized_pair
 
 
@@ -48,7 +48,7 @@ class _Weighted(QuantModule):
         if isinstance(out_quant, list):
             return self.onto_each(x, out_quant)
         xq = self.input_quant(x)
-        if out_quant is not None:
+        if out_quant is not None and simulates(self) and not torch.is_grad_enabled():
             self.float_weight()  # a derived weight computed here, in the forward (the audit sees it derived)
         value = None if out_quant is None else onto_linear(
             self, xq, self.input_quant, out_quant, lambda grid_in, grid_out: self.to_integer(grid_out))
@@ -66,7 +66,7 @@ class _Weighted(QuantModule):
         from qswap.nn.fairseq.layers import stream_to
         from qswap.quant.integer import requantized_values
         xq = self.input_quant(x)
-        grid_in = grid_of(self.input_quant) if simulates(self) and not torch.is_grad_enabled() else None
+        grid_in = grid_of(self.input_quant) if simulates(self) and not forget(self, "_integer_onto_each") else None
         grids = [reader_grid(r) for r in readers] if grid_in is not None else [None]
         built = None
         if None not in grids:

@@ -20,8 +20,8 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import Obj, Opt, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import (cached, centered_codes, codes_of, form_or_none, grid_of, onto_grid, reader_grid,
-                                row_isqrt, simulates, straight_through, value_of)
+from qswap.nn.simulate import (cached, centered_codes, codes_of, forget, form_or_none, grid_of, onto_grid,
+                                reader_grid, row_isqrt, simulates, straight_through, value_of)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -149,6 +149,7 @@ class QLayerNorm(_QNorm):
         result several grids read: the S2T encoder's final norm, read by every decoder layer's
         ``key_in``), as values with the norm's gradient; else the norm's value for each."""
         from qswap.quant.integer import Requant, requantized_values
+        forget(self, "_integer_onto_each")
         xq = self.input_quant(x)
         grids = [reader_grid(r) for r in readers]
         grid = grid_of(self.input_quant) if simulates(self) and None not in grids else None
@@ -275,7 +276,7 @@ class QGroupNorm(_QNorm):
         as values; otherwise (and in training) ``F.group_norm`` in float32."""
         xq = self.input_quant(x)
         grid = grid_of(self.input_quant) if simulates(self) and out_quant is not None else None
-        if grid is not None and not torch.is_grad_enabled():
+        if grid is not None and not forget(self, "_integer_onto"):
             quants = [q for q in (self.weight_quant, self.bias_quant) if getattr(q, "scale", None) is not None]
             value = onto_grid(self, "_integer_onto", functools.partial(form_or_none, self.to_integer), out_quant,
                               lambda form, out: form(codes_of(xq, grid)), self.input_quant.scale,
@@ -360,12 +361,12 @@ class QBatchNorm1d(QuantModule):
         result; with ``simulate: integer`` in eval mode (running statistics), the integer form's
         codes on its grid (``to_integer``, ``onto_grid``) as values, with the op's gradient."""
         x = self.input_quant(x)  # (B, C) or (B, C, L)
-        value = None if out_quant is None or self.training or x.dim() != 3 else self._onto(x, out_quant)
+        skip = forget(self, "_integer_onto") or self.training or out_quant is None or x.dim() != 3
+        value = None if skip else self._onto(x, out_quant)
         if value is not None and not torch.is_grad_enabled():
             return value
         y = self._folded_conv(x)
         return y if value is None else straight_through(value, y)
-
 
     def _onto(self, xq: torch.Tensor, out_quant: nn.Module) -> torch.Tensor | None:
         """The integer form on ``xq`` (B, C, L) writing onto ``out_quant``'s grid (``onto_grid``),

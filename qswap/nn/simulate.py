@@ -26,7 +26,9 @@ on a per-tensor grid, its weights symmetric); elsewhere it computes in float, as
 form would refuse to build.
 
 In training (autograd), the value is the simulated one and the gradient the float op's
-(``straight_through``): QAT trains on what inference computes.
+(``straight_through``) where an op writes onto its reader's grid or computes its integer
+insides; the residual adds (``add_onto``), the ops told several readers (``onto_each``) and the
+GroupNorm's and folded BatchNorm's readers compute in float there, as their own readers round.
 """
 from __future__ import annotations
 
@@ -153,6 +155,18 @@ def cached(owner: nn.Module, slot: str, build, *sources: torch.Tensor):
     value = _constant_fold(build)
     owner.__dict__[slot] = (value, stamp(*sources))
     return value
+
+
+def forget(owner: nn.Module, *slots: str) -> bool:
+    """Whether autograd is on; if so, drop ``owner``'s kept forms ``slots`` (``cached``): a
+    training step may write their sources through ``.data``, which no stamp sees, so a form kept
+    across it could be stale. For the paths that skip their integer form under autograd, and so
+    never reach ``cached`` there."""
+    if not torch.is_grad_enabled():
+        return False
+    for slot in slots:
+        owner.__dict__.pop(slot, None)
+    return True
 
 
 def form_or_none(to_integer, *args):

@@ -87,8 +87,8 @@ class QConformerEncoderLayer(QuantModule):
         half = 0.5 if block in ("ffn1", "ffn2") else 1.0
         values = add_onto(self, f"_integer_{block}_add", out, getattr(self, f"{block}_out_quant"), residual,
                           getattr(self, f"{block}_residual_quant"), readers, weight_a=half)
-        if values is None:
-            x = out * half + residual
+        if values is None:  # the float sums as before: halved feed-forwards, conv's residual first
+            x = out * half + residual if half != 1.0 else residual + out if block == "conv" else out + residual
             return x, x
         return values[0], values[-1]
 

@@ -119,9 +119,9 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         simulation, training, a structure ``to_integer`` refuses, tables whose sum could overflow
         int32, a per-channel reader): then fairseq's float add runs."""
         from qswap.nn.fairseq.layers import QTransformerDecoderLayer, stream_to
-        from qswap.nn.simulate import cached, form_or_none, reader_grid, simulates
+        from qswap.nn.simulate import cached, forget, form_or_none, reader_grid, simulates
         from qswap.quant.integer import requantized_values
-        if not simulates(self) or self.training or torch.is_grad_enabled() or not self._has_integer_entry() \
+        if forget(self, "_integer_entry") or not simulates(self) or self.training or not self._has_integer_entry() \
                 or not all(isinstance(layer, QTransformerDecoderLayer) for layer in self.layers):
             return None
         first = self.layers[0]

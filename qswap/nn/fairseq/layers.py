@@ -24,7 +24,7 @@ from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, grid_of, reader_grid, simulates
+from qswap.nn.simulate import cached, codes_of, forget, grid_of, reader_grid, simulates
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 ZERO_POINT = Either(INT, TensorOf("int64"))  # a residual add operand's: per tensor, or per channel
@@ -332,7 +332,7 @@ def add_onto(owner: torch.nn.Module, slot: str, a: Tensor, quant_a: torch.nn.Mod
     point; the form kept in ``owner.<slot>``. None where that is not simulated: ``owner`` without
     ``simulate: integer``, in autograd, no readers, or a grid that is not per tensor (a reader
     still calibrating: ``reader_grid``); the caller then adds in float and each reader rounds."""
-    if not (readers and simulates(owner) and not torch.is_grad_enabled()):
+    if forget(owner, slot) or not (readers and simulates(owner)):
         return None
     from qswap.quant.integer import AddParams, requantized_values, rescaled_sum
     quants = (quant_a, quant_b, *readers)

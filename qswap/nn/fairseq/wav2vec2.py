@@ -188,8 +188,8 @@ class QWav2Vec2TransformerEncoder(QuantModule):
                 if streams is not None:
                     extra.update(residual=residual, next_readers=streams[i])
                 x, (z, lr) = layer(x, self_attn_padding_mask=padding_mask, need_weights=False, **extra)
-                if streams is not None and streams[i]:
-                    x, residual = x[0], x[-1]
+                if streams is not None:  # the next layer's two inputs, or its plain x where a reader is missing
+                    x, residual = (x[0], x[-1]) if streams[i] else (x, None)
                 if i >= min_layer:
                     layer_results.append((x, z, lr))
             if i == tgt_layer:
@@ -358,8 +358,14 @@ class QWav2Vec2Model(QuantModule):
         else:
             with torch.no_grad():
                 features = self._features(source)
-        normed_in = features.transpose(1, 2)  # (B, T, C)
-        features = onto(self.layer_norm, normed_in, reader(self.post_extract_proj))
+        # the encoder's input as the positional conv and its residual each read it (``encoder_readers``):
+        # written by the feature projection, else by the feature LayerNorm itself
+        entry = () if mask else self.encoder_readers()
+        conv_input = None
+        if entry and self.post_extract_proj is None:
+            features, conv_input = onto_each(self.layer_norm, features.transpose(1, 2), entry)  # (B, T, C)
+        else:
+            features = onto(self.layer_norm, features.transpose(1, 2), reader(self.post_extract_proj))
         unmasked_features = features.clone()
         if padding_mask is not None and padding_mask.any():
             padding_mask = self._feature_padding_mask(padding_mask, features.size(1))
@@ -368,15 +374,13 @@ class QWav2Vec2Model(QuantModule):
         drop = features.size(1) % self.crop_seq_to_multiple
         if drop != 0:
             features, unmasked_features = features[:, :-drop], unmasked_features[:, :-drop]
-            normed_in = normed_in[:, :-drop]
+            conv_input = None if conv_input is None else conv_input[:, :-drop]
             padding_mask = None if padding_mask is None else padding_mask[:, :-drop]
-        entry = () if mask else self.encoder_readers()
-        conv_input = None
-        if entry:  # the encoder's input as the positional conv and its residual each read it
-            source = self.post_extract_proj if self.post_extract_proj is not None else self.layer_norm
-            features, conv_input = onto_each(source, features if source is self.post_extract_proj else normed_in, entry)
-        elif self.post_extract_proj is not None:
-            features = self.post_extract_proj(features)
+        if self.post_extract_proj is not None:
+            if entry:
+                features, conv_input = onto_each(self.post_extract_proj, features, entry)
+            else:
+                features = self.post_extract_proj(features)
         features = self.dropout_input(features)
         unmasked_features = self.dropout_features(unmasked_features)
         x = features

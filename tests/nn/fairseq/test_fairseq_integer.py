@@ -274,7 +274,7 @@ def test_shipped_model_with_integer_simulation_is_bit_exact_with_the_integer_mod
     """The shipped model under ``simulate: integer`` (every op requantized onto its reader's grid
     as the integer form does: qswap.nn.simulate.onto_grid), teacher-forced on its first 4 test
     utterances: every encoder output code and every logit code is the integer model's. (Under
-    the default ``simulate: float`` about 40 % of the encoder's codes are: docs/integer.md.)"""
+    ``simulate: float`` about 40 % of the encoder's codes are: docs/integer.md.)"""
     from pathlib import Path
 
     from qswap.integration import data as fdata

@@ -218,3 +218,71 @@ def test_fairseqs_base_config_under_simulate_integer_gives_the_integer_models_co
     qmodel = convert_calibrated(REGISTERED["base"](), net_input, recipe_with("w8a8", "integer"))
     assert qmodel.w2v_encoder.w2v_model.post_extract_proj is not None
     assert_logits_codes_equal(qmodel, qswap.integerize(qmodel), net_input)
+
+
+def _recipe(name: str, simulate: str, rules: list | None = None):
+    """The shipped recipe ``name`` with ``simulate`` and extra ``rules`` in front of its own."""
+    from qswap.recipe import load_recipe
+    data = load_recipe(name).to_dict()
+    return load_recipe(dict(data, simulate=simulate, rules=list(rules or []) + list(data.get("rules", []))))
+
+
+def test_a_layer_whose_reader_stays_float_takes_its_own_input_under_simulate_integer():
+    """A float norm in the middle layer (a skip rule): the first layer cannot write onto it, so
+    the middle layer reads its plain input as its residual, not the residual the encoder's entry
+    handed the first layer; the layers then agree with the float arithmetic up to grid steps."""
+    net_input = wav2vec2_net_input(seed=0)
+    skip = [{"match": {"path": "w2v_encoder.w2v_model.encoder.layers.1.self_attn_layer_norm"}, "skip": True}]
+    outs, given = {}, []
+    for simulate in ("integer", "float"):
+        qmodel = convert_calibrated(build_wav2vec2_ctc(extractor_mode="layer_norm", layer_norm_first=True,
+                                                       conv_bias=True, encoder_layers=3), net_input,
+                                    _recipe("w8a8", simulate, skip))
+        layers = qmodel.w2v_encoder.w2v_model.encoder.layers
+        assert type(layers[1].self_attn_layer_norm) is torch.nn.LayerNorm
+        hook = layers[1].register_forward_pre_hook(lambda m, args, kwargs: given.append(kwargs.get("residual")),
+                                                   with_kwargs=True)
+        with torch.no_grad():
+            out = qmodel(**net_input)
+        hook.remove()
+        outs[simulate] = out["encoder_out"][~out["padding_mask"].T]  # valid frames
+    assert given[0] is None  # simulate: integer: the middle layer's residual is its own input
+    step = float(outs["float"].abs().max()) / 127
+    assert float((outs["integer"] - outs["float"]).abs().max()) <= 8 * step
+
+
+def test_calibration_observes_the_feature_norm_once_per_batch_under_either_arithmetic():
+    """Without a feature projection the feature LayerNorm writes onto the encoder's two input
+    grids itself (``onto_each``): one norm per batch, so its quantizers calibrate as under
+    ``simulate: float`` (a moving average over two different batches)."""
+    scales = {}
+    for simulate in ("integer", "float"):
+        qmodel = qswap.convert(build_wav2vec2_ctc(seed=0), _recipe("w8a8", simulate))
+        qswap.calibrate(qmodel, [wav2vec2_net_input(seed=0), wav2vec2_net_input(seed=1)])
+        norm = qmodel.w2v_encoder.w2v_model.layer_norm
+        assert qmodel.w2v_encoder.w2v_model.post_extract_proj is None
+        scales[simulate] = [float(q.scale) for q in (norm.input_quant, norm.weight_quant, norm.bias_quant)]
+    assert scales["integer"] == scales["float"]
+
+
+def test_a_training_step_leaves_no_stale_integer_form():
+    """A training forward drops every kept integer form (the residual adds', the norms' several
+    readers'...): the optimizer writes learned scales through ``.data``, which no stamp sees, so
+    the next evaluation must rebuild them (it equals the same model with every form dropped)."""
+    net_input = wav2vec2_net_input(seed=0)
+    qmodel = convert_calibrated(build_wav2vec2_ctc(seed=0), net_input, _recipe("w4a8_lsq", "integer"))
+    with torch.no_grad():
+        qmodel(**net_input)  # builds the kept forms
+    qmodel.train()
+    qmodel(**net_input)["encoder_out"].sum().backward()
+    with torch.no_grad():
+        for name, p in qmodel.named_parameters():
+            if name.endswith("scale"):
+                p.data.mul_(1.03)  # as an optimizer step writes
+    qmodel.eval()
+    with torch.no_grad():
+        after = qmodel(**net_input)["encoder_out"]
+        for m in qmodel.modules():
+            for slot in [k for k in vars(m) if k.startswith("_integer")]:
+                del m.__dict__[slot]
+        assert torch.equal(after, qmodel(**net_input)["encoder_out"])
