@@ -508,8 +508,9 @@ ARCHITECTURES = {  # name: (builder, overrides)
 
 
 def architecture_rows() -> list[dict]:
-    """Per architecture (``qswap.models`` builders, small dims, random weights): w8a8 calibrated on
-    three random padded batches, exported, each graph's agreement on a padded batch, deploy audit."""
+    """Per architecture (``qswap.models`` builders, small dims, random weights): w8a8 with
+    ``simulate: float`` (as ``calibrated``) calibrated on three random padded batches, exported,
+    each graph's agreement on a padded batch, deploy audit."""
     from qswap import models
 
     rows = []
@@ -518,7 +519,9 @@ def architecture_rows() -> list[dict]:
         ctc = builder == "build_wav2vec2_ctc"
         make = (lambda s: models.wav2vec2_net_input(2, 4000, seed=s)) if ctc else (
             lambda s: models.s2t_net_input(2, 60, seed=s))
-        qmodel = qswap.convert(getattr(models, builder)(**overrides), "w8a8")  # a fresh model: no copy
+        from qswap.recipe import with_simulate
+        # a fresh model: no copy (a weight-normed conv cannot be deep-copied); simulate: float as `calibrated`
+        qmodel = qswap.convert(getattr(models, builder)(**overrides), with_simulate("w8a8", "float"))
         qswap.calibrate(qmodel, [make(s) for s in range(3)])
         with tempfile.TemporaryDirectory(prefix="qswap-arch-") as tmp:
             manifest = export_model(qmodel, tmp)
@@ -856,7 +859,10 @@ def wer_section(r: dict) -> list[str]:
     t = r["targets"]
     lines = ["## WER: onnxruntime on the exported graphs vs the fake-quant model", "",
               f"Both decode with fairseq's SequenceGenerator, beam {r['beam']}; ΔWER = onnxruntime − fake-quant with "
-              "the paired bootstrap 95 % interval (2,000 resamples over utterances). Target: |ΔWER| ≤ 0.3.", "",
+              "the paired bootstrap 95 % interval (2,000 resamples over utterances). Target: |ΔWER| ≤ 0.3. The "
+              "fake-quant model here computes with `simulate: float` (float32 insides, float rounding onto each "
+              "grid), which a QDQ graph computes; with the default `simulate: integer` it computes the integer "
+              "model's codes (docs/integer.md), whose WER docs/demo.md and docs/integer.md give.", "",
               "| recipe | subset | fake-quant WER % | onnxruntime WER % | ΔWER [95 % CI] | same transcripts | target |",
               "|---|---|---:|---:|---:|---:|---|"]
     for row in r["wer"]:
@@ -1010,8 +1016,12 @@ def architecture_section(r: dict) -> list[str]:
         lines.append(f"| {row['architecture']} | {', '.join(row['graphs'])} | " + " | ".join(cells)
                      + f" | {'yes' if a['padding_mask_equal'] else '**no**'} | {row['integer']} | {row['float']} |")
     return lines + ["", "These models are small and random: the agreement says the graphs compute what the "
-                    "fake-quant model computes, not what a trained model's WER does (the WER section is the "
-                    "shipped s2t_transformer's).", ""]
+                    "fake-quant model (`simulate: float`) computes up to rounding ties, not what a trained "
+                    "model's WER does (the WER section is the shipped s2t_transformer's). A row whose maximum "
+                    "is a few steps is a rounding tie that flipped (onnxruntime's integer kernels sum in another order, \"Where they differ\" above) "
+                    "and that the random layers amplified: calibrated with the integer insides instead (one ad "
+                    "hoc run), the same builders gave such rows for the S2T transformer and the abs conformer "
+                    "and none for rel_pos and rope.", ""]
 
 if __name__ == "__main__":
     out = main()

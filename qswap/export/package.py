@@ -66,7 +66,19 @@ def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task
     plus ``export.json``. ``task_cfg``: the fairseq task
     config the model was loaded with (needed to decode with the export). ``audit``: run
     ``qswap.audit`` on the example batch and record its verdict. ``allow_float``: export a
-    conversion with identity quantizers (recipe fp32, the float reference of the same graph)."""
+    conversion with identity quantizers (recipe fp32, the float reference of the same graph).
+    The graphs are traced with the float insides (``simulate: float``) whatever the recipe says: a
+    QDQ graph computes each op in float between its DequantizeLinear and QuantizeLinear, and the
+    integer insides' codes would otherwise be traced as float arithmetic on codes."""
+    from qswap.nn.simulate import simulating
+
+    with simulating(qmodel, "float"):
+        return _export(qmodel, directory, task_cfg=task_cfg, audit=audit, allow_float=allow_float)
+
+
+def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg: Any, audit: bool,
+            allow_float: bool) -> Manifest:
+    """``export_model`` under the float insides."""
     from qswap.export.decoder_step import export_cross_kv, export_decoder_step
     from qswap.export.onnx import export_encoder
 

@@ -48,3 +48,21 @@ def test_the_reference_is_the_float_insides_whatever_the_recipe_simulates(qmodel
     with simulating(qmodel, "integer"):
         assert agreement(qmodel, tmp_path, net, tokens) == found
     assert all(m.simulate == "float" for m in qmodel.modules() if hasattr(m, "simulate"))  # restored
+
+
+def test_a_model_simulating_integers_exports_the_float_insides_graphs(qmodel, tmp_path):
+    """``export_model`` traces with ``simulate: float`` whatever the model simulates (a QDQ graph
+    computes each op in float between DQ and Q): the graphs of a model under the default integer
+    insides run as the float-insides model's, and the model's own setting is restored after."""
+    import onnxruntime as ort
+    from export_testkit import encoder_feeds
+    from qswap.nn.simulate import simulating
+    net = s2t_net_input(2, 60, seed=3)
+    outputs = {}
+    for mode in ("float", "integer"):
+        with simulating(qmodel, mode):
+            export_model(qmodel, tmp_path / mode, audit=False)
+            assert all(m.simulate == mode for m in qmodel.modules() if hasattr(m, "simulate"))  # restored
+        session = ort.InferenceSession(str(tmp_path / mode / "encoder.onnx"), providers=["CPUExecutionProvider"])
+        outputs[mode] = session.run(None, {k: v.numpy() for k, v in encoder_feeds(net).items()})
+    assert all((a == b).all() for a, b in zip(outputs["float"], outputs["integer"]))
