@@ -17,8 +17,8 @@ on a trained model, and the layers amplify each flip (docs/integer.md). With bot
 S2T transformer's fake-quant model computes the codes of its integer model bit for bit.
 
 A recipe picks the arithmetic with its top-level key ``simulate``: ``integer`` (the default, and
-what every shipped recipe and every number in the README and docs outside the ``simulate:
-float`` rows use: the above; several times the float forward's cost, docs/integer.md) or
+what every shipped recipe and the README's and docs' fake-quant numbers use, docs/recipes.md
+says which do not: the above; several times the float forward's cost, docs/integer.md) or
 ``float`` (the fast option: ``F.layer_norm``, ``F.softmax``, ``F.glu``, float32 matmuls and the
 readers' float rounding, which a QDQ graph in onnxruntime also computes: qswap.export compares
 with it). A counterpart simulates only where its integer form is defined (its input quantized
