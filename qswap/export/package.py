@@ -68,8 +68,10 @@ def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task
     ``qswap.audit`` on the example batch and record its verdict. ``allow_float``: export a
     conversion with identity quantizers (recipe fp32, the float reference of the same graph).
     The graphs are traced with the float insides (``simulate: float``) whatever the recipe says: a
-    QDQ graph computes each op in float between its DequantizeLinear and QuantizeLinear, and the
-    integer insides' codes would otherwise be traced as float arithmetic on codes."""
+    QDQ graph computes each op in float between its DequantizeLinear and QuantizeLinear. (The ONNX
+    stand-ins that replace the quantizers for the trace carry no grid the integer paths read, so
+    they fall back to float anyway; the setting makes that explicit, and holds for the example
+    forward and the audit too.)"""
     from qswap.nn.simulate import simulating
 
     with simulating(qmodel, "float"):
