@@ -21,6 +21,9 @@ class _Weighted(QuantModule):
 
     sites = {"input": "activation", "weight": "weight"}
     takes_reader = True
+    # whether the output's channels are its last axis (a linear's, not a convolution's (B, C, T)):
+    # the integer form then requantizes onto a reader's grid per channel of that axis too
+    channels_last = False
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, config: QuantConfig,
                  quantize_input: bool = True):
@@ -51,7 +54,8 @@ class _Weighted(QuantModule):
         if out_quant is not None and simulates(self) and not torch.is_grad_enabled():
             self.float_weight()  # a derived weight computed here, in the forward (the audit sees it derived)
         value = None if out_quant is None else onto_linear(
-            self, xq, self.input_quant, out_quant, lambda grid_in, grid_out: self.to_integer(grid_out))
+            self, xq, self.input_quant, out_quant, lambda grid_in, grid_out: self.to_integer(grid_out),
+            channels=self.channels_last)
         if value is not None and not torch.is_grad_enabled():
             return value
         y = self.op(xq)
@@ -94,6 +98,8 @@ class QLinear(_Weighted):
 
     >>> QLinear.from_float(nn.Linear(4, 8), QuantConfig(QuantSpec(), QuantSpec()))
     """
+
+    channels_last = True
 
     def __init__(self, weight, bias, config, quantize_input=True):
         super().__init__(weight, bias, config, quantize_input)
@@ -208,11 +214,13 @@ class QConv2d(_QConvNd):
 
 
 def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_quant: nn.Module,
-                to_integer) -> torch.Tensor | None:
+                to_integer, channels: bool = False) -> torch.Tensor | None:
     """The integer form ``to_integer(grid_in, grid_out)`` of ``owner``, a weighted op (its
     ``weight`` or ``weight_v`` and ``weight_g``, ``weight_quant`` and ``bias``), on ``xq``, the
     output of ``input_quant``, writing onto ``out_quant``'s grid, as values (``onto_grid``); None
-    without integer simulation, per-tensor grids or an integer form (e.g. per-group weights)."""
+    without integer simulation, per-tensor grids or an integer form (e.g. per-group weights).
+    ``channels``: ``out_quant``'s grid may be per channel of the last axis (the op's output
+    channels: a linear's)."""
     grid_in = grid_of(input_quant) if simulates(owner) else None
     if grid_in is None:
         return None
@@ -221,8 +229,9 @@ def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_
     if getattr(owner.weight_quant, "scale", None) is not None:
         sources.append(owner.weight_quant.scale)
     return onto_grid(owner, "_integer_onto", functools.partial(form_or_none, to_integer, grid_in), out_quant,
-                     lambda form, out: form.simulated(centered_codes(xq, grid_in), out.scale, grid_in.span),
-                     *sources)
+                     lambda form, out: form.simulated(centered_codes(xq, grid_in),
+                                                      out.scale if isinstance(out.scale, float) else None, grid_in.span),
+                     *sources, channels=channels)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------

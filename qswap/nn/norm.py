@@ -20,8 +20,9 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import Obj, Opt, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import (cached, centered_codes, codes_of, forget, form_or_none, grid_of, onto_grid,
-                                reader_grid, row_isqrt, simulates, straight_through, value_of)
+from qswap.nn.simulate import (cached, centered_codes, channel_codes, codes_of, forget, form_or_none, grid_of,
+                                onto_grid, row_isqrt, simulates, straight_through, stream_grid_of, value_of,
+                                values_onto)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -132,11 +133,12 @@ class QLayerNorm(_QNorm):
         if isinstance(out_quant, list):
             return self.onto_each(x, out_quant)
         xq = self.input_quant(x)
-        grid = grid_of(self.input_quant) if simulates(self) and out_quant is not None else None
+        grid = stream_grid_of(self.input_quant) if simulates(self) and out_quant is not None else None
         if grid is None:
             return self._normed(xq)
         value = onto_grid(self, "_integer_onto", functools.partial(form_or_none, self.to_integer), out_quant,
-                          lambda form, out: form.simulated(codes_of(xq, grid), out.scale), *self._form_sources())
+                          lambda form, out: form.simulated(channel_codes(self.input_quant, xq, grid), out.scale),
+                          *self._form_sources())
         if value is not None and not torch.is_grad_enabled():
             return value
         y = self._normed(xq)
@@ -148,16 +150,17 @@ class QLayerNorm(_QNorm):
         requantized onto each reader's grid (what the integer model computes for a norm whose
         result several grids read: the S2T encoder's final norm, read by every decoder layer's
         ``key_in``), as values with the norm's gradient; else the norm's value for each."""
-        from qswap.quant.integer import Requant, requantized_values
+        from qswap.quant.integer import Requant
         forget(self, "_integer_onto_each")
         xq = self.input_quant(x)
-        grids = [reader_grid(r) for r in readers]
-        grid = grid_of(self.input_quant) if simulates(self) and None not in grids else None
+        grids = [stream_grid_of(r, frozen_only=True) for r in readers]
+        grid = stream_grid_of(self.input_quant) if simulates(self) and None not in grids else None
 
         def build():
             form = form_or_none(self.to_integer, None)
-            return None if form is None else (form, [
+            requants = None if form is None else form_or_none(lambda: [
                 Requant.from_scales(form.stream_scale / g.scale, g.zero_point, g.qmin, g.qmax) for g in grids])
+            return None if requants is None else (form, requants)
         built = None if grid is None else cached(
             self, "_integer_onto_each", build,
             *self._form_sources(), *(r.scale for r in readers), *(r.zero_point for r in readers))
@@ -166,9 +169,8 @@ class QLayerNorm(_QNorm):
             return [y for _ in readers]
         form, requants = built
         with torch.no_grad():
-            codes = codes_of(xq, grid)
-            acc = form(codes) if form.common is not None else form.simulated_acc(codes)  # (..., C) int32
-            values = [requantized_values(requant, acc, g.scale) for requant, g in zip(requants, grids)]
+            acc = form.simulated_acc(channel_codes(self.input_quant, xq, grid))  # (..., C) int32
+            values = [values_onto(r, requant, acc, g) for r, requant, g in zip(readers, requants, grids)]
         return values if y is None else [straight_through(v, y) for v in values]
 
     def _form_sources(self) -> list:
@@ -195,8 +197,15 @@ class QLayerNorm(_QNorm):
         """The integer LayerNorm's affine accumulator of ``xq``'s codes, as its value (float32);
         ``beta``: the quantized bias. None where the integer form is not defined
         (``_integer_params``)."""
-        from qswap.quant.integer import integer_layer_norm_acc
-        grid = grid_of(self.input_quant)
+        from qswap.quant.integer import ChannelGrid, integer_layer_norm_acc
+        grid = stream_grid_of(self.input_quant)
+        if isinstance(grid, ChannelGrid):  # per-channel input codes: the form puts them on a common grid
+            form = cached(self, "_integer_ln_channels", lambda: form_or_none(self.to_integer, None),
+                          *self._form_sources())
+            if form is None:
+                return None
+            with torch.no_grad():
+                return value_of(form.simulated_acc(self.input_quant.codes(xq)), form.stream_scale, xq.dtype)
         params = None if grid is None else self._integer_params(grid, beta)
         if params is None:
             return None
@@ -437,13 +446,11 @@ class IntegerLayerNorm(nn.Module):
 
     def simulated_acc(self, codes: torch.Tensor) -> torch.Tensor:
         """The int32 affine accumulator ``forward`` computes without an output grid, for the
-        fake-quant simulation (per-tensor input codes; the exact per-row square root
-        ``row_isqrt``, the same integers as the Newton iteration)."""
-        from qswap.errors import IntegerizeError
-        from qswap.quant.integer import integer_layer_norm_acc
+        fake-quant simulation (per-channel input codes put on the common grid first, as ``forward``;
+        the exact per-row square root ``row_isqrt``, the same integers as the Newton iteration)."""
+        from qswap.quant.integer import common_grid, integer_layer_norm_acc
         if self.common is not None:
-            raise IntegerizeError("IntegerLayerNorm.simulated takes per-tensor input codes; this form "
-                                  "rescales per-channel inputs onto a common grid first: run forward")
+            codes = common_grid(codes, self.common)  # (..., N) int32, as forward
         return integer_layer_norm_acc(codes, self.params, row_isqrt)
 
     def simulated(self, codes: torch.Tensor, scale: float) -> torch.Tensor:

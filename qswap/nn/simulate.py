@@ -23,7 +23,12 @@ says which do not: the above; several times the float forward's cost, docs/integ
 readers' float rounding, which a QDQ graph in onnxruntime also computes: qswap.export compares
 with it). A counterpart simulates only where its integer form is defined (its input quantized
 on a per-tensor grid, its weights symmetric); elsewhere it computes in float, as its integer
-form would refuse to build.
+form would refuse to build. Grids per channel of the last axis (a per-channel residual stream:
+the residual adds' operands, the LayerNorms' inputs) are simulated where the integer layers take
+them: the residual adds (``add_onto``), the LayerNorm's input (put on one common grid, as the
+integer LayerNorm does), a linear's requantization onto a per-channel reader, the S2T encoder's
+and decoder's entry streams; such a grid's codes are read and written by its own quantizer
+(``FakeQuantize.codes`` / ``values``, quantizer calls the honesty audit checks).
 
 In training (autograd), the value is the simulated one and the gradient the float op's
 (``straight_through``) where an op writes onto its reader's grid or computes its integer
@@ -56,11 +61,14 @@ def grid_of(quant: nn.Module, frozen_only: bool = False):
     from qswap.quant.integer import Grid
     if not (isinstance(quant, FakeQuantize) and quant.enabled):
         return None
-    frozen, kept = quant.frozen_grid()  # a PassGrid of Python numbers kept while frozen: no read per call
+    if quant.spec.learnable and quant.training and torch.is_grad_enabled():
+        # not frozen_grid(): it would stamp the grid that the optimizer then writes through .data,
+        # and the next inference call would take that stale grid as current
+        frozen, kept = bool(quant.frozen), None
+    else:
+        frozen, kept = quant.frozen_grid()  # a PassGrid of Python numbers kept while frozen: no read per call
     if frozen_only and not frozen:
         return None
-    if quant.spec.learnable and quant.training and torch.is_grad_enabled():
-        kept = None
     if kept is not None:  # frozen, per tensor: the Grid is kept beside it, made once per PassGrid
         hit = quant.__dict__.get("_simulated_grid")
         if hit is not None and hit[0] is kept:
@@ -70,7 +78,47 @@ def grid_of(quant: nn.Module, frozen_only: bool = False):
         return grid
     if not (quant.initialized and quant.scale.numel() == 1 and quant.spec.granularity == "per_tensor"):
         return None
-    return Grid(float(quant.scale), int(quant.zero_point), quant.spec.qmin, quant.spec.qmax)
+    return Grid(float(quant.scale.detach()), int(quant.zero_point), quant.spec.qmin, quant.spec.qmax)
+
+
+def stream_grid_of(quant: nn.Module, frozen_only: bool = False):
+    """``grid_of(quant)``, and for a quantizer per channel of the last axis (a residual-stream
+    site, a LayerNorm's input: ``qswap.quant.integer.stream_grid``) its ``ChannelGrid``, kept
+    while its scale and zero point are unchanged: for the ops whose integer forms take one (the
+    residual add, the LayerNorm's input, a linear's output requantization, the stream's
+    requantization onto a reader). None where ``grid_of`` gives None and the grid is not one
+    per channel of the last axis. The ``ChannelGrid`` is read from the quantizer's buffers on each
+    call, in the data path: the honesty audit sees its tensors made from them (a copy kept from
+    an earlier call would be a tensor of unseen origin)."""
+    grid = grid_of(quant, frozen_only)
+    if grid is not None or not (isinstance(quant, FakeQuantize) and quant.enabled and quant.initialized):
+        return grid
+    spec = quant.spec
+    if spec.granularity != "per_channel" or spec.axis != -1 or quant.scale.numel() < 2:
+        return None
+    if frozen_only and not bool(quant.frozen):
+        return None
+    from qswap.quant.integer import stream_grid
+    return stream_grid(quant)
+
+
+def channel_codes(quant: nn.Module, x: torch.Tensor, grid) -> torch.Tensor:
+    """The int32 codes of ``x``, a value of ``quant``'s ``grid`` (``grid_of`` or
+    ``stream_grid_of``): ``codes_of`` per tensor; per channel ``quant.codes(x)``, the quantizer's
+    own reading, which the honesty audit sees as a quantizer call (its per-channel scales are
+    tensors, not the numbers a per-tensor grid's arithmetic takes)."""
+    from qswap.quant.integer import ChannelGrid
+    return quant.codes(x) if isinstance(grid, ChannelGrid) else codes_of(x, grid)
+
+
+def values_onto(quant: nn.Module, requant, acc: torch.Tensor, grid, axis: int = -1) -> torch.Tensor:
+    """``requant(acc)``'s codes as values of ``quant``'s ``grid`` (``requant`` writes onto it):
+    ``requantized_values`` per tensor; per channel the codes and then ``quant.values(codes)``, the
+    quantizer's own dequantization (a quantizer call, as ``channel_codes``)."""
+    from qswap.quant.integer import ChannelGrid, requantized_values
+    if isinstance(grid, ChannelGrid):
+        return quant.values(requant(acc.to(torch.int32) if acc.is_floating_point() else acc, axis))
+    return requantized_values(requant, acc, grid.scale, axis)
 
 
 def reader_grid(quant: nn.Module):
@@ -157,6 +205,17 @@ def cached(owner: nn.Module, slot: str, build, *sources: torch.Tensor):
     return value
 
 
+def cached_entry(owner: nn.Module, build, *sources: torch.Tensor):
+    """``cached(owner, "_integer_entry", build, *sources)`` for a model's entry stream, whose
+    ``build`` returns (``owner.embed_scale`` as it read it, the form): ``embed_scale`` is a plain
+    attribute, which no stamp sees change, so the form is rebuilt when it differs."""
+    embed_scale, built = cached(owner, "_integer_entry", build, *sources)
+    if embed_scale != owner.embed_scale:
+        owner.__dict__.pop("_integer_entry")
+        embed_scale, built = cached(owner, "_integer_entry", build, *sources)
+    return built
+
+
 def forget(owner: nn.Module, *slots: str) -> bool:
     """Whether autograd is on; if so, drop ``owner``'s kept forms ``slots`` (``cached``): a
     training step may write their sources through ``.data``, which no stamp sees, so a form kept
@@ -178,7 +237,8 @@ def form_or_none(to_integer, *args):
         return None
 
 
-def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *sources: torch.Tensor):
+def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *sources: torch.Tensor,
+              channels: bool = False):
     """An op's integer form writing codes onto ``out_quant``'s grid (its consumer's), as values of
     that grid, which ``out_quant`` then keeps as they are: ``build(grid_out)`` makes the form
     (kept in ``owner.<slot>`` while the output grid and ``sources`` are unchanged) and
@@ -186,8 +246,12 @@ def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *so
     values as a float tensor (``qswap.quant.integer.requantized_values``, which skips forming the
     codes) (``build`` may return None: no integer form). So the simulation requantizes the exact integer accumulator with the form's fixed-point
     multiplier and rounding, instead of rounding the float32 result by ``x * (1 / s)``. None where
-    ``owner`` does not simulate integers or ``out_quant`` has no per-tensor grid."""
-    grid_out = reader_grid(out_quant) if simulates(owner) else None
+    ``owner`` does not simulate integers or ``out_quant`` has no per-tensor grid (``channels``: nor
+    one per channel of the last axis, ``stream_grid_of``, for a form whose requantization writes
+    per channel of that axis: a linear's)."""
+    if not simulates(owner):
+        return None
+    grid_out = stream_grid_of(out_quant, frozen_only=True) if channels else reader_grid(out_quant)
     if grid_out is None:
         return None
     form = cached(owner, slot, lambda: build(grid_out), out_quant.scale, out_quant.zero_point, *sources)
@@ -195,7 +259,9 @@ def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *so
         return None
     with torch.no_grad():
         out = run(form, grid_out)
-        return out if out.is_floating_point() else dequantized(out, grid_out)
+        if out.is_floating_point():
+            return out
+        return dequantized(out, grid_out) if isinstance(grid_out.scale, float) else out_quant.values(out)
 
 
 def simulates(owner: nn.Module) -> bool:

@@ -34,6 +34,12 @@ from qswap.quant.stamp import LeavesCaches, fingerprint, stamp, unchanged
 KINDS = ("weight", "activation")
 
 
+def codes_int32(codes: torch.Tensor) -> torch.Tensor:
+    if codes.is_floating_point():
+        raise SpecError(f"a quantizer's values come from integer codes, got {codes.dtype}")
+    return codes.to(torch.int32)
+
+
 class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
     _KEPT = ("_cached", "_weight_stamp", "_state_stamp")  # a copy or a pickle rebuilds them on use
 
@@ -71,6 +77,12 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         computed: the weight's grid and output and the frozen activation grid, re-derived at the
         next call (their stamps see tensors, not the spec)."""
         self.__dict__.update(_spec=spec, _cached=None, _weight_stamp=None, _state_stamp=None)
+
+    def train(self, mode: bool = True) -> "FakeQuantize":
+        """``nn.Module.train``; a change of mode also drops the kept frozen grid (read again at the
+        next call): an optimizer writes a learned scale through ``.data``, which no stamp sees."""
+        self.__dict__["_state_stamp"] = None
+        return super().train(mode)
 
     @property
     def initialized(self) -> bool:
@@ -188,7 +200,43 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
                     return fake_quantize_grid(x, grid)
         return self.forward(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The int32 codes of ``x``, a tensor on this quantizer's grid (its output): ``round(x *
+        (1 / scale)) + zero_point``, per tensor or per channel, exact for values of the grid. A call
+        of the quantizer (``forward(x, "codes")``): hooks and the honesty audit see it, which
+        checks its input's origin; its output is integers."""
+        return nn.Module.__call__(self, x, "codes") if watched(self) else self.forward(x, "codes")
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """The float32 values ``(codes - zero_point) * scale`` of integer ``codes`` of this
+        quantizer's grid (per tensor or per channel): its own dequantization, a call of the
+        quantizer (``forward(codes, "values")``) whose output the honesty audit checks on its grid,
+        as every quantizer output. For a fake-quant simulation that computed integer codes (an
+        integer form's requantization onto this grid)."""
+        return nn.Module.__call__(self, codes, "values") if watched(self) else self.forward(codes, "values")
+
+    def _converted(self, x: torch.Tensor, to: str) -> torch.Tensor:
+        from qswap.quant.primitives import channel_axis
+        if to not in ("codes", "values"):
+            raise SpecError(f"a quantizer converts to 'codes' or 'values', got {to!r}")
+        if not self.initialized:
+            raise CalibrationError("a quantizer without a grid has no codes; calibrate the model first")
+        scale, zero_point, _ = self.grid_tensors()
+        scale, zero_point = scale.detach(), zero_point.to(torch.int32)
+        if scale.numel() > 1:
+            shape = [1] * x.dim()
+            shape[channel_axis(x, self.spec)] = -1
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        if to == "codes":
+            with torch.no_grad():
+                return torch.round(x.detach() * (1.0 / scale)).to(torch.int32) + zero_point
+        return (codes_int32(x) - zero_point).to(torch.float32) * scale
+
+    def forward(self, x: torch.Tensor, to: str | None = None) -> torch.Tensor:
+        """``x`` fake-quantized (observed first while calibrating); ``to``: ``codes`` and
+        ``values``, what they say."""
+        if to is not None:
+            return self._converted(x, to)
         if not self.enabled:
             return x
         if self.kind == "weight":

@@ -432,3 +432,26 @@ def test_attention_dropout_in_training_keeps_the_float_context_product():
         context, probs = core(q, k, v, 0.35, num_heads=4, dropout_p=0.5, out_quant=mha.out_proj.input_quant)
         assert (probs == 0).any()  # dropout ran
         assert torch.equal(context, torch.bmm(probs, core.v_quant(v)))
+
+
+def test_a_learned_scale_written_after_a_training_simulation_is_read_at_inference():
+    """A QAT step: the training forward and the simulation read the learned (LSQ) scale, then the
+    optimizer writes it through ``.data`` (no version bump, no stamp sees it): the next
+    inference reads the written scale, not a grid kept from the training step."""
+    from qswap.nn.simulate import grid_of
+    from qswap.quant.fake_quantize import FakeQuantize
+    from qswap.quant.primitives import fake_quantize_passes
+    from qswap.quant.spec import QuantSpec
+    spec = QuantSpec(bits=8, symmetric=False, learnable=True)
+    fq = FakeQuantize(spec)
+    fq(torch.randn(256))
+    fq.freeze()
+    fq.train()
+    fq(torch.randn(64, requires_grad=True))
+    assert grid_of(fq).scale == float(fq.scale)
+    fq.scale.data.mul_(1.5)  # the optimizer's step
+    fq.eval()
+    y = torch.randn(64) * 3
+    with torch.no_grad():
+        assert grid_of(fq).scale == float(fq.scale)
+        assert torch.equal(fq(y), fake_quantize_passes(y, float(fq.scale), int(fq.zero_point), spec))

@@ -203,3 +203,33 @@ def test_a_frozen_quantizer_gives_the_kernel_bits_and_follows_a_written_grid(spe
                                                          spec.qmin, spec.qmax)
         assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
         fq.scale.mul_(0.5)  # a written grid
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, symmetric=False),
+                                  QuantSpec(bits=4, symmetric=False, granularity="per_channel", axis=-1),
+                                  QuantSpec(bits=8, granularity="per_channel", axis=-1)])
+def test_codes_and_values_are_the_quantizers_own_grid(spec):
+    """``codes(out)`` reads the integer codes of an output of the quantizer (``quantize``'s
+    codes), ``values(codes)`` gives the output back bit for bit; both are quantizer calls (a hook
+    sees them). Float codes are refused."""
+    from qswap.errors import SpecError
+    fq = FakeQuantize(spec)
+    x = torch.randn(5, 3, 16) * torch.linspace(0.1, 4, 16)
+    fq(x)
+    fq.freeze()
+    out = fq(torch.randn(5, 3, 16) * 2)
+    scale, zero_point = fq.scale, fq.zero_point
+    if scale.numel() > 1:
+        scale, zero_point = scale.reshape(1, 1, -1), zero_point.reshape(1, 1, -1)
+    expected = torch.round(out / scale).to(torch.int32) + zero_point  # exact for values of the grid
+    codes = fq.codes(out)
+    assert codes.dtype == torch.int32 and torch.equal(codes, expected)
+    assert int(codes.min()) >= spec.qmin and int(codes.max()) <= spec.qmax
+    assert torch.equal(fq.values(codes), out)
+    seen = []
+    handle = fq.register_forward_hook(lambda m, args, output: seen.append(output.dtype))
+    fq.values(fq.codes(out))
+    handle.remove()
+    assert seen == [torch.int32, torch.float32]
+    with pytest.raises(SpecError, match="integer codes"):
+        fq.values(codes.float())

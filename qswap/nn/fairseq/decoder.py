@@ -25,6 +25,7 @@ from qswap.io.serializable import ANY, INT, NOT_STORED, List, Obj, Opt, Tensor, 
 from qswap.nn.base import QuantConfig, QuantModule
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
+from qswap.quant.fake_quantize import FakeQuantize
 
 
 @register(TransformerDecoderScriptable)
@@ -117,29 +118,28 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         folded table entry, ``folded_tables``, whose bound check covers every sum), added in
         int32, the sum requantized onto each reader's grid. None where that is not defined (float
         simulation, training, a structure ``to_integer`` refuses, tables whose sum could overflow
-        int32, a per-channel reader): then fairseq's float add runs."""
+        int32): then fairseq's float add runs. A reader per channel of the last axis (a
+        per-channel stream) gets the codes of its channels (``values_onto``)."""
         from qswap.nn.fairseq.layers import QTransformerDecoderLayer, stream_to
-        from qswap.nn.simulate import cached, forget, form_or_none, reader_grid, simulates
-        from qswap.quant.integer import requantized_values
+        from qswap.nn.simulate import cached_entry, forget, form_or_none, simulates, stream_grid_of, values_onto
         if forget(self, "_integer_entry") or not simulates(self) or self.training or not self._has_integer_entry() \
                 or not all(isinstance(layer, QTransformerDecoderLayer) for layer in self.layers):
             return None
         first = self.layers[0]
         readers = (first.self_attn_layer_norm.input_quant, first.attn_residual_quant)
-        grids = [reader_grid(r) for r in readers]
+        grids = [stream_grid_of(r, frozen_only=True) for r in readers]
         if None in grids:
             return None
 
         def build():  # the folded tables bound the int32 sum of any token row and position row
             folded = form_or_none(self.folded_tables)
-            return self.embed_scale, None if folded is None else (folded[2], [stream_to(folded[2], g) for g in grids])
-        tables = (self.embed_tokens.weight, self.embed_tokens.weight_quant.scale, self.embed_positions.weights,
-                  self.embed_positions.weights_quant.scale)
+            requants = None if folded is None else form_or_none(lambda: [stream_to(folded[2], g) for g in grids])
+            return self.embed_scale, None if requants is None else (folded[2], requants)
+        tables = (self.embed_tokens.weight, self.embed_positions.weights, *(
+            q.scale for q in (self.embed_tokens.weight_quant, self.embed_positions.weights_quant)
+            if isinstance(q, FakeQuantize)))
         sources = (*(r.scale for r in readers), *(r.zero_point for r in readers), *tables)
-        embed_scale, built = cached(self, "_integer_entry", build, *sources)
-        if embed_scale != self.embed_scale:  # a plain attribute: no stamp sees it change
-            self.__dict__.pop("_integer_entry")
-            embed_scale, built = cached(self, "_integer_entry", build, *sources)
+        built = cached_entry(self, build, *sources)
         if built is None:
             return None
         scale, requants = built
@@ -148,7 +148,7 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)  # (B, T', C)
         stream = (torch.round(self.embed_scale * rows.double() / scale).to(torch.int32)
                   + torch.round(positions.double() / scale).to(torch.int32)).transpose(0, 1)  # (T', B, C)
-        return tuple(requantized_values(requant, stream, g.scale) for requant, g in zip(requants, grids))
+        return tuple(values_onto(r, requant, stream, g) for r, requant, g in zip(readers, requants, grids))
 
     def _has_integer_entry(self) -> bool:
         """Whether the decoder's entry has an integer form: quantized token and sinusoidal position

@@ -24,7 +24,7 @@ from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, forget, grid_of, reader_grid, simulates
+from qswap.nn.simulate import cached, channel_codes, forget, form_or_none, simulates, stream_grid_of, values_onto
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 ZERO_POINT = Either(INT, TensorOf("int64"))  # a residual add operand's: per tensor, or per channel
@@ -80,35 +80,75 @@ class QTransformerEncoderLayer(QuantModule):
         self.fc1, self.fc2, self.final_layer_norm = module.fc1, module.fc2, module.final_layer_norm
         for site in self.sites:
             setattr(self, f"{site}_quant", quantizer(config, self.sites, site))
+        self.simulate = config.simulate
 
     @classmethod
     def from_float(cls, module: TransformerEncoderLayerBase, config: QuantConfig):
         return cls(module, config)
 
-    def forward(self, x: Tensor, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None):
+    def forward(self, x: Tensor, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None,
+                residual: Optional[Tensor] = None, next_readers: tuple = ()):
         """x: (T, B, C); encoder_padding_mask: (B, T), True = padding; attn_mask: (T, T), nonzero
-        = blocked (fairseq fills those with -1e8: a block). Returns (T, B, C)."""
+        = blocked (fairseq fills those with -1e8: a block). Returns (T, B, C). ``residual``,
+        ``next_readers``: see ``forward_onto`` (the S2T encoder's ``simulate: integer`` loop); with
+        ``next_readers`` it returns (x, the value ``next_readers[1]`` reads or None)."""
+        x, nxt, fc_result = self.forward_onto(x, encoder_padding_mask, attn_mask, residual, next_readers)
+        if next_readers:
+            return x, nxt
+        if self.return_fc and not torch.jit.is_scripting():
+            return x, fc_result
+        return x
+
+    def forward_onto(self, x: Tensor, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None,
+                     residual: Optional[Tensor] = None, next_readers: tuple = ()) -> tuple:
+        """``forward``'s arithmetic, for a caller that knows the readers of the layer's residual
+        stream (the S2T encoder with ``simulate: integer``): ``residual``: what the first residual
+        add reads in place of ``x`` (x and residual: the stream requantized onto the first norm's
+        and the first residual's grids); ``next_readers``: the quantizers that read the layer's
+        output (the next layer's norm and residual, or the final norm). With ``simulate: integer``
+        each residual add of a layer with an integer form is then the integer layer's
+        (``add_onto``: per tensor, or per channel of a per-channel stream). Returns (x, the value
+        for ``next_readers[1]`` or None, fc2's result)."""
         if attn_mask is not None:
             attn_mask = attn_mask.to(torch.bool)
-        residual = x
+        residual = x if residual is None else residual
         if self.normalize_before:
             x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         x, _ = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
                               need_weights=False, attn_mask=attn_mask, **read_by(self.self_attn, self.attn_out_quant))
-        x = self.attn_residual_quant(residual) + self.attn_out_quant(self.dropout_module(x))
+        x, residual = self._stream_onto("attn", self.attn_residual_quant(residual),
+                                        self.attn_out_quant(self.dropout_module(x)),
+                                        (getattr(self.final_layer_norm, "input_quant", None), self.ffn_residual_quant))
         if not self.normalize_before:
             x = self.self_attn_layer_norm(x)
-        residual = x
+        residual = x if residual is None else residual
         if self.normalize_before:
             x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
         x = self.activation_fn(self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant)))
         fc_result = x = onto(self.fc2, self.activation_dropout_module(x), self.ffn_out_quant)
-        x = self.ffn_residual_quant(residual) + self.ffn_out_quant(self.dropout_module(x))
+        x, residual = self._stream_onto("ffn", self.ffn_residual_quant(residual),
+                                        self.ffn_out_quant(self.dropout_module(x)), next_readers)
         if not self.normalize_before:
             x = self.final_layer_norm(x)
-        if self.return_fc and not torch.jit.is_scripting():
-            return x, fc_result
-        return x
+        return x, residual, fc_result
+
+    def integer_refusal(self) -> str | None:
+        """Why this layer's residual adds are not the integer layer's under ``simulate: integer``
+        (they stay fairseq's float sums, which each reader rounds), or None."""
+        if not self.normalize_before:
+            return "a post-norm layer's adds are read by its norms, which the float sum feeds as before"
+        if not all(isinstance(m, c) for m, c in ((self.self_attn_layer_norm, QLayerNorm),
+                                                 (self.final_layer_norm, QLayerNorm),
+                                                 (self.fc1, QLinear), (self.fc2, QLinear))):
+            return "the layer's norms and linears must be converted to have an integer form"
+        return None
+
+    def _stream_onto(self, part: str, a: Tensor, b: Tensor, readers: tuple) -> tuple:
+        """The residual add ``part`` ("attn", "ffn") of ``a`` and ``b`` (values of the
+        ``<part>_residual`` and ``<part>_out`` grids) as (the value ``readers[0]`` reads, the value
+        ``readers[1]`` reads or None): the integer layer's add (``add_onto``) with ``simulate:
+        integer`` at inference where the layer has an integer form, else the float sum."""
+        return residual_onto(self, part, a, b, readers, self.integer_refusal())
 
     def to_integer(self, stream_scale: float | torch.Tensor) -> torch.nn.Module:
         """The integer form of this layer, inference only (``integer_encoder_layer``)."""
@@ -286,12 +326,7 @@ class QTransformerDecoderLayer(QuantModule):
         integer form is defined (pre-norm, per-tensor grids), as the integer layer computes it: the
         operands' codes rescaled into the int32 stream (``rescaled_sum``), requantized onto each
         reader's grid; elsewhere the float sum, which every reader rounds."""
-        values = None if self._integer_refusal() is not None else add_onto(
-            self, f"_integer_{part}_add", a, getattr(self, f"{part}_residual_quant"), b,
-            getattr(self, f"{part}_out_quant"), readers)
-        if values is None:
-            return a + b, None
-        return values[0], (values[1] if len(values) > 1 else None)
+        return residual_onto(self, part, a, b, readers, self._integer_refusal())
 
     def to_integer(self, stream_scale: float) -> "IntegerTransformerDecoderLayer":
         """The integer form of this (pre-norm) layer (batch forward and incremental decoding): as
@@ -323,6 +358,21 @@ class QTransformerDecoderLayer(QuantModule):
                          for p in ("attn", "cross", "ffn")])
 
 
+def residual_onto(layer: torch.nn.Module, part: str, a: Tensor, b: Tensor, readers: tuple,
+                  refusal: Optional[str]) -> tuple:
+    """A transformer layer's residual add ``part`` of ``a`` and ``b`` (values of its
+    ``<part>_residual`` and ``<part>_out`` grids) as (the value ``readers[0]`` reads, the value
+    ``readers[1]`` reads or None): ``add_onto`` (the integer layer's add, with ``simulate:
+    integer`` at inference) unless the layer has no integer form (``refusal``), else the float
+    sum, which each reader rounds."""
+    values = None if refusal is not None else add_onto(
+        layer, f"_integer_{part}_add", a, getattr(layer, f"{part}_residual_quant"), b,
+        getattr(layer, f"{part}_out_quant"), readers)
+    if values is None:
+        return a + b, None
+    return values[0], (values[1] if len(values) > 1 else None)
+
+
 def add_onto(owner: torch.nn.Module, slot: str, a: Tensor, quant_a: torch.nn.Module, b: Tensor,
              quant_b: torch.nn.Module, readers, weight_a: float = 1.0) -> Optional[list]:
     """``weight_a * a + b`` (``a``, ``b``: values of ``quant_a``'s and ``quant_b``'s grids) as each of
@@ -331,23 +381,30 @@ def add_onto(owner: torch.nn.Module, slot: str, a: Tensor, quant_a: torch.nn.Mod
     multiplier, e.g. the conformer's half-step 0.5), requantized onto each reader's grid in fixed
     point; the form kept in ``owner.<slot>``. None where that is not simulated: ``owner`` without
     ``simulate: integer``, in autograd, no readers, or a grid that is not per tensor (a reader
-    still calibrating: ``reader_grid``); the caller then adds in float and each reader rounds."""
+    still calibrating: ``reader_grid``); the caller then adds in float and each reader rounds.
+    Per channel of the last axis (operands and readers: ``stream_grid_of``), the same arithmetic
+    in each channel, as the integer layer's per-channel stream."""
     if forget(owner, slot) or not (readers and simulates(owner)):
         return None
-    from qswap.quant.integer import AddParams, requantized_values, rescaled_sum
+    from qswap.quant.integer import AddParams, rescaled_sum
     quants = (quant_a, quant_b, *readers)
-    grids = [None if q is None else grid_of(q) if i < 2 else reader_grid(q) for i, q in enumerate(quants)]
+    grids = [None if q is None else stream_grid_of(q, frozen_only=i >= 2) for i, q in enumerate(quants)]
     if None in grids:
         return None
 
-    def build():
-        add = AddParams.build(weight_a * grids[0].scale, grids[1].scale)
-        return add, [stream_to(add.sum_scale, g) for g in grids[2:]]
-    add, requants = cached(owner, slot, build, *(q.scale for q in quants), *(q.zero_point for q in quants))
+    def build():  # None where the scales have no integer form (e.g. a learned scale trained below 0)
+        def make():
+            add = AddParams.build(weight_a * grids[0].scale, grids[1].scale)
+            return add, [stream_to(add.sum_scale, g) for g in grids[2:]]
+        return form_or_none(make)
+    built = cached(owner, slot, build, *(q.scale for q in quants), *(q.zero_point for q in quants))
+    if built is None:
+        return None
+    add, requants = built
     with torch.no_grad():
-        stream = rescaled_sum(codes_of(a, grids[0]), grids[0].zero_point, codes_of(b, grids[1]),
-                              grids[1].zero_point, add)  # int32 on add.sum_scale
-        return [requantized_values(requant, stream, g.scale) for requant, g in zip(requants, grids[2:])]
+        stream = rescaled_sum(channel_codes(quant_a, a, grids[0]), grids[0].zero_point,
+                              channel_codes(quant_b, b, grids[1]), grids[1].zero_point, add)  # int32 on add.sum_scale
+        return [values_onto(q, requant, stream, g) for q, requant, g in zip(readers, requants, grids[2:])]
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------

@@ -34,6 +34,9 @@ from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
 from qswap.nn.simulate import simulates
+from qswap.quant.fake_quantize import FakeQuantize
+
+STREAM_BITS = 16  # the integer encoder's stream grid: 2^-16 of the embedded features' step
 
 _S2T_ENCODER_ATTRS = ("encoder_freezing_updates", "num_updates", "embed_scale", "padding_idx",
                       "conv_version")
@@ -76,14 +79,27 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         return cls(module, config)
 
     def _forward(self, src_tokens: Tensor, src_lengths: Tensor, return_all_hiddens: bool = False):
-        """src_tokens: (B, T, C*D) features, src_lengths: (B,) -> fairseq's encoder_out dict."""
+        """src_tokens: (B, T, C*D) features, src_lengths: (B,) -> fairseq's encoder_out dict.
+        With ``simulate: integer`` at inference the layers run onto their readers
+        (``_threads_stream``): each layer is called with ``residual`` and ``next_readers`` and
+        returns (x, residual), the stream requantized onto the next layer's norm and residual
+        grids, and ``encoder_states`` (``return_all_hiddens``) hold the values the next norm reads
+        (the integer model's stream on that grid), not fairseq's float sums."""
         x, input_lengths = subsample(self.subsample, src_tokens, src_lengths, self.embed_quant)  # (T', B, C)
-        x = self.embed_scale * self.embed_quant(x)
+        embedded = self.embed_quant(x)
+        x = self.embed_scale * embedded
         padding_mask = lengths_to_padding_mask(input_lengths)  # (B, T')
-        x = self.dropout_module(x + self.embed_positions(padding_mask).transpose(0, 1))
+        positions = self.embed_positions(padding_mask).transpose(0, 1)  # (T', B, C)
+        layers = list(self.transformer_layers)
+        threaded = bool(layers) and self._threads_stream(layers)
+        entry = self.entry_values(embedded, positions, layers[0]) if threaded else None
+        x, residual = entry if entry is not None else (self.dropout_module(x + positions), None)
         states = []
-        for layer in self.transformer_layers:
-            x = layer(x, padding_mask)
+        for i, layer in enumerate(layers):
+            if threaded:  # each layer's last add onto the next layer's norm and residual grids
+                x, residual = layer(x, padding_mask, residual=residual, next_readers=self._next_readers(layers, i))
+            else:
+                x = layer(x, padding_mask)
             if return_all_hiddens:
                 states.append(x)
         if self.out_readers and simulates(self) and isinstance(self.layer_norm, QLayerNorm):
@@ -94,7 +110,66 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
             x = self.layer_norm(x)
         return _encoder_out(x, padding_mask, states)
 
-    def to_integer(self, out, stream_bits: int = 16) -> "IntegerS2TTransformerEncoder":
+    def _threads_stream(self, layers: list) -> bool:
+        """Whether the layers run onto their readers (``simulate: integer`` at inference, every
+        layer a ``QTransformerEncoderLayer`` with an integer form): each layer's last residual add
+        then writes the integer layer's stream onto the next layer's norm and residual grids
+        (``QTransformerEncoderLayer.forward_onto``) instead of a float sum each reader rounds."""
+        from qswap.nn.fairseq.layers import QTransformerEncoderLayer
+        return (simulates(self) and not self.training and not torch.is_grad_enabled() and all(
+            isinstance(layer, QTransformerEncoderLayer) and layer.integer_refusal() is None for layer in layers))
+
+    def _next_readers(self, layers: list, i: int) -> tuple:
+        """The quantizers that read layer ``i``'s output: the next layer's first norm and first
+        residual, or the final norm's input (none without a quantized final norm)."""
+        if i + 1 < len(layers):
+            return layers[i + 1].self_attn_layer_norm.input_quant, layers[i + 1].attn_residual_quant
+        return (self.layer_norm.input_quant,) if isinstance(self.layer_norm, QLayerNorm) else ()
+
+    def entry_values(self, embedded: Tensor, positions: Tensor, first) -> Optional[tuple]:
+        """With ``simulate: integer``: (the value the first layer's norm reads, the value its
+        residual reads), (T', B, C) each, as the integer encoder computes them: the embedded
+        features' codes shifted onto the int32 stream grid (``embed_scale * s_embed *
+        2^-STREAM_BITS``, exactly), plus the quantized position rows rounded onto that grid half
+        to even (the integer encoder's folded table entries), requantized onto each reader's grid
+        (per tensor, or per channel of a per-channel stream). None where that is not defined (no
+        quantized sinusoidal positions, a reader still calibrating, a sum that could overflow
+        int32): fairseq's float add then runs and each reader rounds it. ``embedded``:
+        ``embed_quant``'s output (T', B, C); ``positions``: the position rows (T', B, C)."""
+        from qswap.nn.fairseq.layers import stream_to
+        from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
+        from qswap.nn.simulate import cached_entry, codes_of, forget, form_or_none, grid_of, stream_grid_of, values_onto
+        if forget(self, "_integer_entry") or not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding):
+            return None
+        readers = (first.self_attn_layer_norm.input_quant, first.attn_residual_quant)
+        embed = grid_of(self.embed_quant)
+        grids = [stream_grid_of(r, frozen_only=True) for r in readers]
+        if embed is None or None in grids:
+            return None
+        table_quant = self.embed_positions.weights_quant
+
+        def build():
+            scale = self.embed_scale * embed.scale * 2.0 ** -STREAM_BITS
+            with torch.no_grad():
+                table = table_quant(self.embed_positions.weights)
+            bound = float(table.abs().max()) / scale + 2.0 ** STREAM_BITS * max(embed.qmax - embed.zero_point,
+                                                                                embed.zero_point - embed.qmin)
+            fits = bound < 2.0 ** 31 - 2 ** 8  # the rounded table entry and the shifted code add in int32
+            requants = form_or_none(lambda: [stream_to(scale, g) for g in grids]) if fits else None
+            return self.embed_scale, None if requants is None else (scale, requants)
+        sources = (self.embed_quant.scale, self.embed_quant.zero_point, *(r.scale for r in readers),
+                   *(r.zero_point for r in readers), self.embed_positions.weights,
+                   *((table_quant.scale,) if isinstance(table_quant, FakeQuantize) else ()))
+        built = cached_entry(self, build, *sources)
+        if built is None:
+            return None
+        scale, requants = built
+        with torch.no_grad():
+            stream = ((codes_of(embedded, embed) - embed.zero_point) << STREAM_BITS) + torch.round(
+                positions.double() / scale).to(torch.int32)  # (T', B, C) int32
+            return tuple(values_onto(r, requant, stream, g) for r, requant, g in zip(readers, requants, grids))
+
+    def to_integer(self, out, stream_bits: int = STREAM_BITS) -> "IntegerS2TTransformerEncoder":
         """The integer form of this encoder writing codes of ``out`` (the grid its output is read
         on, e.g. a decoder layer's ``key_in`` grid; a list of grids gives a list of codes, one per
         reader, each normalized and rounded onto its grid as the fake-quant readers do). The residual stream is int32 on the grid
@@ -261,7 +336,6 @@ class QS2TTransformerModel(QuantModule, _QuantizedLogits, S2TTransformerModel):
         encoder writing onto every decoder layer's ``key_in`` grid, the integer decoder. Declared
         float steps: the features in, the logits codes out (on ``logits_quant``'s grid, when the
         recipe quantizes logits; log-softmax, what beam search needs, stays float)."""
-        from qswap.quant.fake_quantize import FakeQuantize
         from qswap.quant.integer import Grid
         keys = [layer.encoder_attn.key_quant for layer in self.decoder.layers]
         logits = Grid.of(self.logits_quant) if isinstance(self.logits_quant, FakeQuantize) else None

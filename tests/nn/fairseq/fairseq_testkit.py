@@ -130,3 +130,20 @@ def transformer_config(**extra):
     for key, value in extra.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def assert_logits_codes_are_the_integer_models(qmodel, imodel, net_input) -> None:
+    """Teacher-forced, and step by step with fairseq's incremental state: every logits code of the
+    fake-quant model (on its logits grid) is the integer model's."""
+    import torch
+    from qswap.quant.integer import Grid
+    grid, prev = Grid.of(qmodel.logits_quant), net_input["prev_output_tokens"]
+    src, lengths = net_input["src_tokens"], net_input["src_lengths"]
+    memory, padding = imodel.encoder.forward_codes(imodel.encoder.quantize_input(src), lengths)
+    forced = imodel.decoder.forward_codes(prev, memory, padding).to(torch.int64)  # (B, T, V)
+    with torch.no_grad():
+        assert torch.equal(grid.quantize(qmodel(**net_input)[0]).to(torch.int64), forced)
+        encoder_out, state = qmodel.encoder(src, lengths), {}
+        for t in range(prev.size(1)):
+            step = qmodel.decoder(prev[:, : t + 1], encoder_out=encoder_out, incremental_state=state)[0]
+            assert torch.equal(grid.quantize(step).to(torch.int64), forced[:, t:t + 1]), f"step {t}"

@@ -10,7 +10,7 @@ from torch import nn
 pytest.importorskip("fairseq")
 
 import qswap  # noqa: E402
-from fairseq_testkit import build, convert_calibrated  # noqa: E402
+from fairseq_testkit import assert_logits_codes_are_the_integer_models, build, convert_calibrated  # noqa: E402
 from qswap.honesty.integer import check_integer  # noqa: E402
 from qswap.quant.integer import Grid, Requant, apply_lut  # noqa: E402
 from qswap.recipe import with_simulate  # noqa: E402
@@ -36,7 +36,9 @@ def encoder_layer_runs(qmodel, net_input):
     for h in hooks:
         h.remove()
     nexts = [layer.self_attn_layer_norm.input_quant for layer in layers[1:]] + [encoder.layer_norm.input_quant]
-    return [(m, x, mask, out, Grid.of(nxt)) for (m, x, mask, out), nxt in zip(seen[:len(layers)], nexts)]
+    # under simulate: integer the encoder runs its layers onto their readers: (x, residual) out
+    return [(m, x, mask, out[0] if isinstance(out, tuple) else out, Grid.of(nxt))
+            for (m, x, mask, out), nxt in zip(seen[:len(layers)], nexts)]
 
 
 class LayerProbe(nn.Module):
@@ -122,11 +124,13 @@ def fake_encoder_with_moved_inputs(qmodel, net_input, rate: float, seed: int = 0
     step = Grid.of(first.self_attn_layer_norm.input_quant).scale
     g = torch.Generator().manual_seed(seed)
 
-    def move(module, args):
+    def move(module, args, kwargs):
         x = args[0]
         moved = (torch.rand(x.shape, generator=g) < rate) * torch.where(torch.rand(x.shape, generator=g) < 0.5, -1, 1)
-        return (x + moved * step,) + tuple(args[1:])
-    hook = first.register_forward_pre_hook(move)
+        if kwargs.get("residual") is not None:  # simulate: integer hands the residual's value apart
+            kwargs = {**kwargs, "residual": kwargs["residual"] + moved * step}
+        return (x + moved * step,) + tuple(args[1:]), kwargs
+    hook = first.register_forward_pre_hook(move, with_kwargs=True)
     try:
         with torch.no_grad():
             return encoder(net_input["src_tokens"], net_input["src_lengths"])["encoder_out"][0]
@@ -387,17 +391,7 @@ def test_simulated_logits_codes_are_the_integer_models_batch_and_incremental(sim
     fake-quant decoder under ``simulate: integer`` (its residual adds, final norm and output
     projection onto their readers' grids, the output projection onto the model's logits grid)
     is the integer model's."""
-    qmodel, imodel, net_input = simulated
-    grid, prev = Grid.of(qmodel.logits_quant), net_input["prev_output_tokens"]
-    src, lengths = net_input["src_tokens"], net_input["src_lengths"]
-    memory, padding = imodel.encoder.forward_codes(imodel.encoder.quantize_input(src), lengths)
-    forced = imodel.decoder.forward_codes(prev, memory, padding).to(torch.int64)  # (B, T, V)
-    with torch.no_grad():
-        assert torch.equal(grid.quantize(qmodel(**net_input)[0]).to(torch.int64), forced)
-        encoder_out, state = qmodel.encoder(src, lengths), {}
-        for t in range(prev.size(1)):
-            step = qmodel.decoder(prev[:, : t + 1], encoder_out=encoder_out, incremental_state=state)[0]
-            assert torch.equal(grid.quantize(step).to(torch.int64), forced[:, t:t + 1]), f"step {t}"
+    assert_logits_codes_are_the_integer_models(*simulated)
 
 
 def test_simulated_model_audits_honest(simulated):

@@ -254,3 +254,18 @@ def test_registered_conformers_under_simulate_integer_give_the_integer_models_co
     net_input = s2t_net_input(frames=40, num_tokens=4)
     qmodel = convert_calibrated(model, net_input, recipe_with("w8a8", "integer"))
     assert_logits_codes_equal(qmodel, qswap.integerize(qmodel), net_input)
+
+
+def test_feed_forward_and_convolution_restate_fairseqs_forwards():
+    """``feed_forward`` and ``convolution`` restate fairseq's FeedForwardModule and
+    ConvolutionModule forwards op by op (so that each op can be told its reader): on fairseq's own
+    float modules, with no readers, they compute fairseq's forwards bit for bit."""
+    from qswap.nn.fairseq.conformer import convolution, feed_forward
+    model, _ = build("s2t_conformer")
+    layer = model.encoder.conformer_layers[0].eval()
+    x = torch.randn(7, 2, layer.ffn1.layer_norm.normalized_shape[0])  # (T, B, C)
+    with torch.no_grad():
+        assert torch.equal(feed_forward(layer.ffn1, x, None), layer.ffn1(x))
+        assert torch.equal(feed_forward(layer.ffn2, x, None), layer.ffn2(x))
+        batch_first = x.transpose(0, 1)  # (B, T, C), as the layer hands it to the module
+        assert torch.equal(convolution(layer.conv_module, batch_first, None), layer.conv_module(batch_first))

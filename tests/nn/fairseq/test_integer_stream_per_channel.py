@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("fairseq")
 
 import qswap  # noqa: E402
-from fairseq_testkit import build  # noqa: E402
+from fairseq_testkit import assert_logits_codes_are_the_integer_models, build  # noqa: E402
 from qswap.honesty.integer import check_integer  # noqa: E402
 from qswap.quant.integer import ChannelGrid, Requant, stream_grid  # noqa: E402
 
@@ -106,7 +106,7 @@ def test_encoder_layer_parts_on_the_fake_quant_codes_give_its_codes(stream8):
                    "fc1_in": il.norm2(codes["ln2_in"]),
                    "ffn_out": il.fc2(apply_lut(il.fc1(codes["fc1_in"]), il.act_table, il.act_qmin)),
                    "res2": il.residual2(sum1), "out": on_grid(sum2, il.stream_scale, next_grid)}
-        codes["out"] = next_grid.quantize(out)
+        codes["out"] = next_grid.quantize(out[0] if isinstance(out, tuple) else out)  # threaded: (x, residual)
         assert integer_equal(outputs, codes)
 
 
@@ -173,3 +173,79 @@ def test_the_shipped_stream_recipe_integerizes():
     same_best, worst = whole_model_agreement(*calibrated("w4a4_edges8_stream_smoothquant"))
     assert same_best >= 0.75  # measured: 0.857
     assert worst < 0.25  # measured: 0.11
+
+
+# -- simulate: integer with per-channel stream grids ---------------------------------------------------
+
+@pytest.fixture(scope="module", params=["w8a8_stream", "w4a4_edges8_stream_smoothquant"])
+def simulated_stream(request):
+    """A small s2t_transformer converted with ``simulate: integer`` and a per-channel residual
+    stream, calibrated, and its integer model."""
+    from qswap.recipe import with_simulate
+    recipe = W8A8_STREAM if request.param == "w8a8_stream" else request.param
+    qmodel, net_input = calibrated(with_simulate(recipe, "integer"))
+    return qmodel, qswap.integerize(qmodel), net_input
+
+
+def test_simulated_stream_encoder_output_is_the_integer_encoders(simulated_stream):
+    """Every encoder output code, on each decoder layer's key_in grid, is the integer encoder's:
+    the entry (features and positions folded onto the int32 stream), each residual add and the
+    LayerNorms read per-channel grids, onto which the simulation requantizes as the integer
+    layers do (``simulate: float`` rounds float sums there and flips the exact ties that
+    commensurate per-channel grids make common)."""
+    from qswap.quant.integer import Grid
+    qmodel, imodel, net_input = simulated_stream
+    src, lengths = net_input["src_tokens"], net_input["src_lengths"]
+    codes, padding = imodel.encoder.forward_codes(imodel.encoder.quantize_input(src), lengths)
+    with torch.no_grad():
+        outs = qmodel.encoder(src, lengths)["encoder_out"]
+    for layer, value, code in zip(qmodel.decoder.layers, outs, codes):
+        fake = Grid.of(layer.encoder_attn.key_quant).quantize(value).to(torch.int64)
+        assert torch.equal(fake[~padding.T], code.to(torch.int64)[~padding.T])
+
+
+def test_simulated_stream_logits_codes_are_the_integer_models(simulated_stream):
+    """Teacher-forced and step by step: every logits code of the fake-quant model under
+    ``simulate: integer`` with a per-channel stream is the integer model's."""
+    assert_logits_codes_are_the_integer_models(*simulated_stream)
+
+
+def test_simulated_stream_model_audits_honest(simulated_stream):
+    qmodel, _, net_input = simulated_stream
+    report = qswap.audit(qmodel, net_input)
+    assert report.honest, [(v.module, v.op, v.operand) for v in report.violations[:5]]
+
+
+def test_a_stream_scale_without_integer_form_keeps_the_float_add(simulated_stream):
+    """A learned (LSQ) per-channel scale can train below zero (fairseq-train's validation after two
+    QAT updates did): the integer layer refuses such a grid, and the simulation's residual add is
+    then fairseq's float sum, which each reader rounds, instead of an error."""
+    import copy
+    qmodel, _, net_input = simulated_stream
+    q = copy.deepcopy(qmodel)
+    layer, nxt = q.encoder.transformer_layers[0], q.encoder.transformer_layers[1]
+    readers = (nxt.self_attn_layer_norm.input_quant, nxt.attn_residual_quant)
+    a = layer.ffn_residual_quant(torch.randn(3, 2, layer.embed_dim))
+    b = layer.ffn_out_quant(torch.randn(3, 2, layer.embed_dim))
+    with torch.no_grad():
+        assert layer._stream_onto("ffn", a, b, readers)[1] is not None  # integer: one value per reader
+        layer.ffn_out_quant.scale[0] = -layer.ffn_out_quant.scale[0]
+        total, second = layer._stream_onto("ffn", a, b, readers)
+        assert second is None and torch.equal(total, a + b)
+        assert torch.isfinite(q(**net_input)[0]).all()
+
+
+@pytest.mark.parametrize("case", ["no encoder layers", "float position table"])
+def test_the_integer_simulation_runs_the_encoder_without_layers_or_a_quantized_position_table(case):
+    """Structures the integer entry stream does not need: an encoder with no layers, a recipe that
+    leaves the sinusoidal position table float (the entry then adds the float table's rows,
+    rounded onto the stream)."""
+    overrides = {"encoder_layers": 0} if case == "no encoder layers" else {}
+    recipe = dict(W8A8_STREAM, simulate="integer")
+    if case == "float position table":
+        recipe["rules"] = [*recipe["rules"], {"match": {"class": "SinusoidalPositionalEmbedding"}, "weight": None}]
+    model, net_input = build("s2t_transformer", **overrides)
+    qmodel = qswap.convert(model, recipe)
+    qswap.calibrate(qmodel, [net_input])
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(**net_input)[0]).all()
