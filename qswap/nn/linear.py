@@ -12,7 +12,7 @@ from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tenso
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
 from qswap.nn.simulate import (cached, centered_codes, forget, form_or_none, grid_of, onto_grid, reader_grid,
-                                simulates, straight_through)
+                                simulates, straight_through, stream_grid_of, values_onto)
 from qswap.quant.bias import BiasQuantize, quantized_pair
 
 
@@ -68,15 +68,18 @@ class _Weighted(QuantModule):
         model computes for a result several grids read: wav2vec 2.0's feature projection, read by
         the positional conv and its residual); else the op's result for each."""
         from qswap.nn.fairseq.layers import stream_to
-        from qswap.quant.integer import requantized_values
         xq = self.input_quant(x)
         grid_in = grid_of(self.input_quant) if simulates(self) and not forget(self, "_integer_onto_each") else None
-        grids = [reader_grid(r) for r in readers] if grid_in is not None else [None]
+        # a linear's readers may be per channel of its output axis (a conformer's per-channel stream)
+        grids = [stream_grid_of(r, frozen_only=True) if self.channels_last else reader_grid(r) for r in readers] \
+            if grid_in is not None else [None]
         built = None
         if None not in grids:
             def build():
                 form = form_or_none(self.to_integer, None)
-                return None if form is None else (form, [stream_to(form.stream_scale, g) for g in grids])
+                requants = None if form is None else form_or_none(
+                    lambda: [stream_to(form.stream_scale, g) for g in grids])
+                return None if requants is None else (form, requants)
             weights = [t for t in (getattr(self, n, None) for n in ("weight", "weight_v", "weight_g", "bias"))
                        if t is not None]
             if getattr(self.weight_quant, "scale", None) is not None:
@@ -89,7 +92,7 @@ class _Weighted(QuantModule):
         form, requants = built
         with torch.no_grad():
             acc = form.simulated(centered_codes(xq, grid_in), None, grid_in.span)  # int32 accumulator
-            return [requantized_values(r, acc, g.scale, form._channel_axis) for r, g in zip(requants, grids)]
+            return [values_onto(q, r, acc, g, form._channel_axis) for q, r, g in zip(readers, requants, grids)]
 
 
 @register(nn.Linear)

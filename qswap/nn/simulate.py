@@ -26,8 +26,9 @@ on a per-tensor grid, its weights symmetric); elsewhere it computes in float, as
 form would refuse to build. Grids per channel of the last axis (a per-channel residual stream:
 the residual adds' operands, the LayerNorms' inputs) are simulated where the integer layers take
 them: the residual adds (``add_onto``), the LayerNorm's input (put on one common grid, as the
-integer LayerNorm does), a linear's requantization onto a per-channel reader, the S2T encoder's
-and decoder's entry streams; such a grid's codes are read and written by its own quantizer
+integer LayerNorm does), a linear's requantization onto a per-channel reader, the S2T
+transformer's and conformer's encoder entry and layer-to-layer streams and the decoder's entry (not
+yet wav2vec 2.0's stream); such a grid's codes are read and written by its own quantizer
 (``FakeQuantize.codes`` / ``values``, quantizer calls the honesty audit checks).
 
 In training (autograd), the value is the simulated one and the gradient the float op's

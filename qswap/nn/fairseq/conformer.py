@@ -14,7 +14,7 @@ from fairseq.modules.conformer_layer import ConformerEncoderLayer, ConformerWav2
 from qswap.io.serializable import ANY, List, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
-from qswap.nn.fairseq.layers import ZERO_POINT, add_onto, onto, read_by, reader
+from qswap.nn.fairseq.layers import ZERO_POINT, add_onto, onto, onto_each, read_by, reader
 
 
 def feed_forward(ffn: torch.nn.Module, x: torch.Tensor, out_quant: torch.nn.Module) -> torch.Tensor:
@@ -58,11 +58,18 @@ class QConformerEncoderLayer(QuantModule):
         return cls(module, config)
 
     def forward(self, x: torch.Tensor, encoder_padding_mask: Optional[torch.Tensor],
-                position_emb: Optional[torch.Tensor] = None):
+                position_emb: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                next_readers: tuple = ()):
         """x: (T, B, C); encoder_padding_mask: (B, T); position_emb: (2T-1, 1, C) for rel_pos.
-        Returns (T, B, C) and (None, the second feed-forward's output)."""
+        Returns (T, B, C) and (None, the second feed-forward's output). For the S2T encoder's
+        ``simulate: integer`` loop: ``residual``, what the first residual reads in place of ``x``
+        (the stream on its grid; x: on the first norm's); ``next_readers``, the quantizers that
+        read the layer's output: then the first value returned is a list, the final norm's
+        integer accumulator requantized onto each (``QLayerNorm.onto_each``)."""
+        residual = x if residual is None else residual
         x, residual = self._add("ffn1", self.ffn1_out_quant(feed_forward(self.ffn1, x, self.ffn1_out_quant)),
-                                self.ffn1_residual_quant(x), (reader(self.self_attn_layer_norm), self.attn_residual_quant))
+                                self.ffn1_residual_quant(residual),
+                                (reader(self.self_attn_layer_norm), self.attn_residual_quant))
         x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         extra = {"pos_emb": position_emb} if self.pos_enc_type == "rel_pos" else {}
         x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
@@ -71,11 +78,13 @@ class QConformerEncoderLayer(QuantModule):
                                 self.attn_residual_quant(residual),
                                 (reader(self.conv_module.layer_norm), self.conv_residual_quant))
         x = convolution(self.conv_module, x.transpose(0, 1), self.conv_out_quant).transpose(0, 1)  # (B, T, C) inside
-        x, _ = self._add("conv", self.conv_out_quant(x), self.conv_residual_quant(residual),
-                         (reader(self.ffn2.layer_norm), self.ffn2_residual_quant))
+        x, residual = self._add("conv", self.conv_out_quant(x), self.conv_residual_quant(residual),
+                                (reader(self.ffn2.layer_norm), self.ffn2_residual_quant))
         layer_result = feed_forward(self.ffn2, x, self.ffn2_out_quant)
-        x, _ = self._add("ffn2", self.ffn2_out_quant(layer_result), self.ffn2_residual_quant(x),
+        x, _ = self._add("ffn2", self.ffn2_out_quant(layer_result), self.ffn2_residual_quant(residual),
                          (reader(self.final_layer_norm),))
+        if next_readers:
+            return onto_each(self.final_layer_norm, x, next_readers), (attn, layer_result)
         return self.final_layer_norm(x), (attn, layer_result)
 
     def _add(self, block: str, out: torch.Tensor, residual: torch.Tensor, readers: tuple) -> tuple:

@@ -92,7 +92,8 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         positions = self.embed_positions(padding_mask).transpose(0, 1)  # (T', B, C)
         layers = list(self.transformer_layers)
         threaded = bool(layers) and self._threads_stream(layers)
-        entry = self.entry_values(embedded, positions, layers[0]) if threaded else None
+        first = (layers[0].self_attn_layer_norm.input_quant, layers[0].attn_residual_quant) if threaded else ()
+        entry = entry_values(self, embedded, positions, first) if threaded else None
         x, residual = entry if entry is not None else (self.dropout_module(x + positions), None)
         states = []
         for i, layer in enumerate(layers):
@@ -125,49 +126,6 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         if i + 1 < len(layers):
             return layers[i + 1].self_attn_layer_norm.input_quant, layers[i + 1].attn_residual_quant
         return (self.layer_norm.input_quant,) if isinstance(self.layer_norm, QLayerNorm) else ()
-
-    def entry_values(self, embedded: Tensor, positions: Tensor, first) -> Optional[tuple]:
-        """With ``simulate: integer``: (the value the first layer's norm reads, the value its
-        residual reads), (T', B, C) each, as the integer encoder computes them: the embedded
-        features' codes shifted onto the int32 stream grid (``embed_scale * s_embed *
-        2^-STREAM_BITS``, exactly), plus the quantized position rows rounded onto that grid half
-        to even (the integer encoder's folded table entries), requantized onto each reader's grid
-        (per tensor, or per channel of a per-channel stream). None where that is not defined (no
-        quantized sinusoidal positions, a reader still calibrating, a sum that could overflow
-        int32): fairseq's float add then runs and each reader rounds it. ``embedded``:
-        ``embed_quant``'s output (T', B, C); ``positions``: the position rows (T', B, C)."""
-        from qswap.nn.fairseq.layers import stream_to
-        from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
-        from qswap.nn.simulate import cached_entry, codes_of, forget, form_or_none, grid_of, stream_grid_of, values_onto
-        if forget(self, "_integer_entry") or not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding):
-            return None
-        readers = (first.self_attn_layer_norm.input_quant, first.attn_residual_quant)
-        embed = grid_of(self.embed_quant)
-        grids = [stream_grid_of(r, frozen_only=True) for r in readers]
-        if embed is None or None in grids:
-            return None
-        table_quant = self.embed_positions.weights_quant
-
-        def build():
-            scale = self.embed_scale * embed.scale * 2.0 ** -STREAM_BITS
-            with torch.no_grad():
-                table = table_quant(self.embed_positions.weights)
-            bound = float(table.abs().max()) / scale + 2.0 ** STREAM_BITS * max(embed.qmax - embed.zero_point,
-                                                                                embed.zero_point - embed.qmin)
-            fits = bound < 2.0 ** 31 - 2 ** 8  # the rounded table entry and the shifted code add in int32
-            requants = form_or_none(lambda: [stream_to(scale, g) for g in grids]) if fits else None
-            return self.embed_scale, None if requants is None else (scale, requants)
-        sources = (self.embed_quant.scale, self.embed_quant.zero_point, *(r.scale for r in readers),
-                   *(r.zero_point for r in readers), self.embed_positions.weights,
-                   *((table_quant.scale,) if isinstance(table_quant, FakeQuantize) else ()))
-        built = cached_entry(self, build, *sources)
-        if built is None:
-            return None
-        scale, requants = built
-        with torch.no_grad():
-            stream = ((codes_of(embedded, embed) - embed.zero_point) << STREAM_BITS) + torch.round(
-                positions.double() / scale).to(torch.int32)  # (T', B, C) int32
-            return tuple(values_onto(r, requant, stream, g) for r, requant, g in zip(readers, requants, grids))
 
     def to_integer(self, out, stream_bits: int = STREAM_BITS) -> "IntegerS2TTransformerEncoder":
         """The integer form of this encoder writing codes of ``out`` (the grid its output is read
@@ -203,6 +161,53 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
                                             norms, out)
 
 
+def entry_values(encoder: nn.Module, embedded: Tensor, positions: Optional[Tensor], readers: tuple) -> Optional[tuple]:
+    """An S2T encoder's entry stream as each of ``readers`` (quantizers) reads it, with
+    ``simulate: integer``, as the integer encoder computes it: the embedded features' codes
+    shifted onto the int32 stream grid (``embed_scale * s_embed * 2^-STREAM_BITS``, exactly),
+    plus the quantized position rows rounded onto that grid half to even (the integer encoder's
+    folded table entries), requantized onto each reader's grid (per tensor, or per channel of a
+    per-channel stream). ``embedded``: ``embed_quant``'s output (T', B, C); ``positions``: the
+    sinusoidal position rows (T', B, C), or None (no positions added: a conformer's rel_pos and
+    rope). None where that is not defined (a reader still calibrating, a sum that could overflow
+    int32, a grid without integer form): fairseq's float add then runs and each reader rounds it."""
+    from qswap.nn.fairseq.layers import stream_to
+    from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
+    from qswap.nn.simulate import cached_entry, codes_of, forget, form_or_none, grid_of, stream_grid_of, values_onto
+    if forget(encoder, "_integer_entry") or (
+            positions is not None and not isinstance(encoder.embed_positions, QSinusoidalPositionalEmbedding)):
+        return None
+    embed = grid_of(encoder.embed_quant)
+    grids = [stream_grid_of(r, frozen_only=True) for r in readers]
+    if embed is None or None in grids:
+        return None
+    table_quant = getattr(encoder.embed_positions, "weights_quant", None) if positions is not None else None
+
+    def build():
+        scale = encoder.embed_scale * embed.scale * 2.0 ** -STREAM_BITS
+        table_max = 0.0
+        if positions is not None:
+            with torch.no_grad():
+                table_max = float(table_quant(encoder.embed_positions.weights).abs().max())
+        bound = table_max / scale + 2.0 ** STREAM_BITS * max(embed.qmax - embed.zero_point, embed.zero_point - embed.qmin)
+        fits = bound < 2.0 ** 31 - 2 ** 8  # the rounded table entry and the shifted code add in int32
+        requants = form_or_none(lambda: [stream_to(scale, g) for g in grids]) if fits else None
+        return encoder.embed_scale, None if requants is None else (scale, requants)
+    tables = () if positions is None else (encoder.embed_positions.weights, *(
+        (table_quant.scale,) if isinstance(table_quant, FakeQuantize) else ()))
+    sources = (encoder.embed_quant.scale, encoder.embed_quant.zero_point, *(r.scale for r in readers),
+               *(r.zero_point for r in readers), *tables)
+    built = cached_entry(encoder, build, *sources)
+    if built is None:
+        return None
+    scale, requants = built
+    with torch.no_grad():
+        stream = (codes_of(embedded, embed) - embed.zero_point) << STREAM_BITS  # (T', B, C) int32
+        if positions is not None:
+            stream = stream + torch.round(positions.double() / scale).to(torch.int32)
+        return tuple(values_onto(r, requant, stream, g) for r, requant, g in zip(readers, requants, grids))
+
+
 @register(S2TConformerEncoder)
 class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
     """S2T conformer encoder: ``embed_scale * embed_quant(subsample(x))`` (+ quantized absolute
@@ -218,6 +223,8 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
         for name in ("subsample", "embed_positions", "linear", "dropout", "conformer_layers"):
             setattr(self, name, getattr(module, name))
         self.embed_quant = quantizer(config, self.sites, "embed")
+        self.simulate = config.simulate
+        self.out_readers: List[nn.Module] = []  # told by the model (bind_readers): each decoder layer's key_in
 
     @classmethod
     def from_float(cls, module: S2TConformerEncoder, config: QuantConfig):
@@ -227,19 +234,48 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
         """src_tokens: (B, T, C*D) features, src_lengths: (B,) -> fairseq's encoder_out dict."""
         x, input_lengths = self.subsample(src_tokens, src_lengths)  # (T', B, C)
         padding_mask = lengths_to_padding_mask(input_lengths)  # (B, T')
-        x = self.embed_scale * self.embed_quant(x)
-        positions = None
+        embedded = self.embed_quant(x)
+        x = self.embed_scale * embedded
+        positions, rows = None, None
         if self.pos_enc_type == "rel_pos":
             positions = self.embed_positions(x)  # (2T'-1, 1, C)
         elif self.pos_enc_type != "rope":
-            x = x + self.embed_positions(padding_mask).transpose(0, 1)
-        x = self.dropout(self.linear(x))
+            rows = self.embed_positions(padding_mask).transpose(0, 1)  # (T', B, C)
+        layers = list(self.conformer_layers)
+        if not (layers and self._threads_stream(layers)):
+            x = self.dropout(self.linear(x if rows is None else x + rows))
+            states = []
+            for layer in layers:
+                x, _ = layer(x, padding_mask, positions)
+                if return_all_hiddens:
+                    states.append(x)
+            return _encoder_out(x, padding_mask, states)
+        # simulate: integer at inference: the integer encoder's stream, each value onto its readers
+        entry = entry_values(self, embedded, rows, (self.linear.input_quant,))
+        x = entry[0] if entry is not None else x if rows is None else x + rows
+        x, residual = self.linear(x, out_quant=list(_conformer_readers(layers[0])))
         states = []
-        for layer in self.conformer_layers:
-            x, _ = layer(x, padding_mask, positions)
+        for i, layer in enumerate(layers):
+            last = i + 1 == len(layers)
+            nxt = tuple(self.out_readers) if last else _conformer_readers(layers[i + 1])
+            result, _ = layer(x, padding_mask, positions, residual=residual, next_readers=nxt)
+            outs = list(result) if nxt else [result]
+            x, residual = outs[0], (None if last else outs[1])
             if return_all_hiddens:
                 states.append(x)
+        if len(outs) > 1:  # one output per decoder layer, on its key_in grid (the integer encoder's outputs)
+            return dict(_encoder_out(outs[0], padding_mask, states), encoder_out=list(outs))
         return _encoder_out(x, padding_mask, states)
+
+    def _threads_stream(self, layers: list) -> bool:
+        """Whether the entry, the layers and the output run onto their readers (``simulate:
+        integer`` at inference, a converted ``linear`` and conformer layers): each writes the
+        integer encoder's stream onto the grids that read it, instead of a float value each reader
+        rounds; with per-channel stream grids the two differ on exact ties."""
+        from qswap.nn.fairseq.conformer import QConformerEncoderLayer
+        from qswap.nn.linear import QLinear
+        return (simulates(self) and not self.training and not torch.is_grad_enabled()
+                and isinstance(self.linear, QLinear) and all(isinstance(l, QConformerEncoderLayer) for l in layers))
 
     def to_integer(self, out, stream_bits: int = 16) -> "IntegerS2TTransformerEncoder":
         """The integer form of this encoder writing codes of ``out`` (a grid, or a list of grids:
@@ -277,6 +313,12 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
                                             self.padding_idx, layers, None, outs, out, entry=entry)
 
 
+def _conformer_readers(layer: nn.Module) -> tuple:
+    """The quantizers that read a conformer layer's input: its first feed-forward's norm and its
+    first residual."""
+    return getattr(layer.ffn1.layer_norm, "input_quant", None), layer.ffn1_residual_quant
+
+
 def bind_s2t_readers(model: nn.Module) -> None:
     """Tell an S2T model's converted decoder its logits reader (``model.logits_quant``) and its
     converted transformer encoder the quantizers that read its output (each decoder layer's
@@ -286,7 +328,7 @@ def bind_s2t_readers(model: nn.Module) -> None:
     if isinstance(model.decoder, QTransformerDecoderScriptable):
         model.decoder.logits_readers = [model.logits_quant]
     layers = list(getattr(model.decoder, "layers", []))
-    if isinstance(model.encoder, QS2TTransformerEncoder) and layers and all(
+    if isinstance(model.encoder, (QS2TTransformerEncoder, QS2TConformerEncoder)) and layers and all(
             isinstance(layer, QTransformerDecoderLayer) and hasattr(layer.encoder_attn, "key_quant")
             for layer in layers):
         model.encoder.out_readers = [layer.encoder_attn.key_quant for layer in layers]

@@ -177,13 +177,17 @@ def test_the_shipped_stream_recipe_integerizes():
 
 # -- simulate: integer with per-channel stream grids ---------------------------------------------------
 
-@pytest.fixture(scope="module", params=["w8a8_stream", "w4a4_edges8_stream_smoothquant"])
+@pytest.fixture(scope="module", params=[("s2t_transformer", "w8a8_stream"),
+                                        ("s2t_transformer", "w4a4_edges8_stream_smoothquant"),
+                                        ("s2t_conformer", "w8a8_stream"),
+                                        ("s2t_conformer", "w4a4_edges8_stream_smoothquant")])
 def simulated_stream(request):
-    """A small s2t_transformer converted with ``simulate: integer`` and a per-channel residual
-    stream, calibrated, and its integer model."""
+    """A small s2t_transformer or s2t_conformer (rel_pos attention) converted with ``simulate:
+    integer`` and a per-channel residual stream, calibrated, and its integer model."""
     from qswap.recipe import with_simulate
-    recipe = W8A8_STREAM if request.param == "w8a8_stream" else request.param
-    qmodel, net_input = calibrated(with_simulate(recipe, "integer"))
+    arch, name = request.param
+    recipe = W8A8_STREAM if name == "w8a8_stream" else name
+    qmodel, net_input = calibrated(with_simulate(recipe, "integer"), arch)
     return qmodel, qswap.integerize(qmodel), net_input
 
 
@@ -222,6 +226,8 @@ def test_a_stream_scale_without_integer_form_keeps_the_float_add(simulated_strea
     then fairseq's float sum, which each reader rounds, instead of an error."""
     import copy
     qmodel, _, net_input = simulated_stream
+    if not hasattr(qmodel.encoder, "transformer_layers"):
+        pytest.skip("the transformer encoder's layers")
     q = copy.deepcopy(qmodel)
     layer, nxt = q.encoder.transformer_layers[0], q.encoder.transformer_layers[1]
     readers = (nxt.self_attn_layer_norm.input_quant, nxt.attn_residual_quant)
