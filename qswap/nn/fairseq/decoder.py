@@ -78,7 +78,10 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         (``entry_values``); each residual add requantized onto its readers' grids
         (``QTransformerDecoderLayer.forward`` told its ``next_readers``); each layer reads its own encoder output (the
         encoder writes one per decoder layer's key_in grid); the final norm writes onto the
-        output projection's grid."""
+        output projection's grid. Where the entry has no integer form, fairseq's loop runs and gives
+        every layer ``encoder_out[0]``, the first layer's key_in values, which another layer's
+        key_in grid rounds again (the same values while the layers' key_in grids are equal, as
+        calibration on the same encoder output makes them)."""
         from qswap.nn.fairseq.layers import onto
         entry = self.entry_values(prev_output_tokens, incremental_state)
         if entry is None:

@@ -271,7 +271,10 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
         """Whether the entry, the layers and the output run onto their readers (``simulate:
         integer`` at inference, a converted ``linear`` and conformer layers): each writes the
         integer encoder's stream onto the grids that read it, instead of a float value each reader
-        rounds; with per-channel stream grids the two differ on exact ties."""
+        rounds; with per-channel stream grids the two differ on exact ties. Then each layer returns
+        a list (its output on the next layer's two grids, or on each decoder layer's ``key_in``),
+        ``encoder_states`` hold the values the next layer's norm reads, and ``encoder_out`` holds
+        one output per decoder layer."""
         from qswap.nn.fairseq.conformer import QConformerEncoderLayer
         from qswap.nn.linear import QLinear
         return (simulates(self) and not self.training and not torch.is_grad_enabled()

@@ -24,8 +24,8 @@ W8A8_STREAM = {  # w8a8 with tools/strategies.py's stream_per_channel change
     "rules": [{"match": {"class": "LayerNorm"}, "activation": PER_CHANNEL}]}
 
 
-def calibrated(recipe, arch="s2t_transformer"):
-    model, net_input = build(arch)
+def calibrated(recipe, arch="s2t_transformer", **overrides):
+    model, net_input = build(arch, **overrides)
     qmodel = qswap.convert(model, recipe, data=[net_input])  # data: SmoothQuant's statistics
     qswap.calibrate(qmodel, [net_input])
     return qmodel, net_input
@@ -180,14 +180,19 @@ def test_the_shipped_stream_recipe_integerizes():
 @pytest.fixture(scope="module", params=[("s2t_transformer", "w8a8_stream"),
                                         ("s2t_transformer", "w4a4_edges8_stream_smoothquant"),
                                         ("s2t_conformer", "w8a8_stream"),
-                                        ("s2t_conformer", "w4a4_edges8_stream_smoothquant")])
+                                        ("s2t_conformer", "w4a4_edges8_stream_smoothquant"),
+                                        ("s2t_conformer/abs", "w4a4_edges8_stream_smoothquant"),
+                                        ("s2t_conformer/rope", "w4a4_edges8_stream_smoothquant")])
 def simulated_stream(request):
-    """A small s2t_transformer or s2t_conformer (rel_pos attention) converted with ``simulate:
-    integer`` and a per-channel residual stream, calibrated, and its integer model."""
+    """A small s2t_transformer or s2t_conformer (rel_pos attention; abs and rope positions too)
+    converted with ``simulate: integer`` and a per-channel residual stream, calibrated, and its
+    integer model."""
     from qswap.recipe import with_simulate
     arch, name = request.param
+    arch, _, positions = arch.partition("/")
     recipe = W8A8_STREAM if name == "w8a8_stream" else name
-    qmodel, net_input = calibrated(with_simulate(recipe, "integer"), arch)
+    qmodel, net_input = calibrated(with_simulate(recipe, "integer"), arch, **(
+        {"pos_enc_type": positions} if positions else {}))
     return qmodel, qswap.integerize(qmodel), net_input
 
 
