@@ -79,9 +79,9 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         (``QTransformerDecoderLayer.forward`` told its ``next_readers``); each layer reads its own encoder output (the
         encoder writes one per decoder layer's key_in grid); the final norm writes onto the
         output projection's grid. Where the entry has no integer form, fairseq's loop runs and gives
-        every layer ``encoder_out[0]``, the first layer's key_in values, which another layer's
-        key_in grid rounds again (the same values while the layers' key_in grids are equal, as
-        calibration on the same encoder output makes them)."""
+        every layer ``encoder_out[0]`` (the model then binds no per-layer encoder outputs:
+        ``bind_s2t_readers``; at run time, e.g. readers still calibrating, the encoder's outputs
+        are one float value for every layer)."""
         from qswap.nn.fairseq.layers import onto
         entry = self.entry_values(prev_output_tokens, incremental_state)
         if entry is None:

@@ -324,14 +324,17 @@ def _conformer_readers(layer: nn.Module) -> tuple:
 
 def bind_s2t_readers(model: nn.Module) -> None:
     """Tell an S2T model's converted decoder its logits reader (``model.logits_quant``) and its
-    converted transformer encoder the quantizers that read its output (each decoder layer's
-    ``key_in``): both are outside the module that computes the value."""
+    converted transformer or conformer encoder the quantizers that read its output (each decoder
+    layer's ``key_in``): both are outside the module that computes the value. Only a decoder whose
+    entry has an integer form runs its own layer loop, which hands layer i the encoder's output i;
+    fairseq's loop would hand every layer the first one, rounded again by each other layer's grid."""
     from qswap.nn.fairseq.decoder import QTransformerDecoderScriptable
     from qswap.nn.fairseq.layers import QTransformerDecoderLayer
     if isinstance(model.decoder, QTransformerDecoderScriptable):
         model.decoder.logits_readers = [model.logits_quant]
     layers = list(getattr(model.decoder, "layers", []))
-    if isinstance(model.encoder, (QS2TTransformerEncoder, QS2TConformerEncoder)) and layers and all(
+    own_loop = isinstance(model.decoder, QTransformerDecoderScriptable) and model.decoder._has_integer_entry()
+    if isinstance(model.encoder, (QS2TTransformerEncoder, QS2TConformerEncoder)) and own_loop and layers and all(
             isinstance(layer, QTransformerDecoderLayer) and hasattr(layer.encoder_attn, "key_quant")
             for layer in layers):
         model.encoder.out_readers = [layer.encoder_attn.key_quant for layer in layers]

@@ -260,3 +260,19 @@ def test_the_integer_simulation_runs_the_encoder_without_layers_or_a_quantized_p
     qswap.calibrate(qmodel, [net_input])
     with torch.no_grad():
         assert torch.isfinite(qmodel(**net_input)[0]).all()
+
+
+@pytest.mark.parametrize("arch", ["s2t_transformer", "s2t_conformer"])
+def test_a_decoder_without_integer_entry_reads_one_encoder_output(arch):
+    """With learned decoder positions the decoder's entry has no integer form and fairseq's layer
+    loop runs, which hands every layer ``encoder_out[0]``: the encoder then writes one output
+    (not one per decoder layer's key_in grid, which the other layers would round again), and a
+    layer whose key_in grid differs from the first's reads the float value on its own grid."""
+    from qswap.recipe import with_simulate
+    model, net_input = build(arch, decoder_learned_pos=True)
+    qmodel = qswap.convert(model, with_simulate("w8a8", "integer"))
+    qswap.calibrate(qmodel, [net_input])
+    assert qmodel.encoder.out_readers == []
+    with torch.no_grad():
+        assert len(qmodel.encoder(net_input["src_tokens"], net_input["src_lengths"])["encoder_out"]) == 1
+        assert torch.isfinite(qmodel(**net_input)[0]).all()
