@@ -744,6 +744,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     voices = available_voices()
     if args.no_festival:
         voices.pop("festival", None)
+    elif "festival" not in voices:
+        print(f"make_corpus: no festival voices found: the corpus (sentences, voices, dictionary) differs from "
+              f"the shipped model's, which was built with them; install {' '.join(FESTIVAL_PACKAGES)} "
+              f"(--install-deps), or pass --no-festival to build without them on purpose", file=sys.stderr)
     if args.eval_large:
         num = dict(zip(LARGE_SPLITS, args.eval_large))
         utts = plan_eval_large(*args.eval_large, args.seed, voices, BASE_NUM)

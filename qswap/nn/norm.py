@@ -205,7 +205,8 @@ class QLayerNorm(_QNorm):
             if form is None:
                 return None
             with torch.no_grad():
-                return value_of(form.simulated_acc(self.input_quant.codes(xq)), form.stream_scale, xq.dtype)
+                return value_of(form.simulated_acc(channel_codes(self.input_quant, xq, grid)), form.stream_scale,
+                                xq.dtype)
         params = None if grid is None else self._integer_params(grid, beta)
         if params is None:
             return None

@@ -84,8 +84,8 @@ def grid_of(quant: nn.Module, frozen_only: bool = False):
 
 def stream_grid_of(quant: nn.Module, frozen_only: bool = False):
     """``grid_of(quant)``, and for a quantizer per channel of the last axis (a residual-stream
-    site, a LayerNorm's input: ``qswap.quant.integer.stream_grid``) its ``ChannelGrid``, kept
-    while its scale and zero point are unchanged: for the ops whose integer forms take one (the
+    site, a LayerNorm's input: ``qswap.quant.integer.stream_grid``) its ``ChannelGrid``: for the
+    ops whose integer forms take one (the
     residual add, the LayerNorm's input, a linear's output requantization, the stream's
     requantization onto a reader). None where ``grid_of`` gives None and the grid is not one
     per channel of the last axis. The ``ChannelGrid`` is read from the quantizer's buffers on each

@@ -26,18 +26,12 @@ from qswap.errors import CalibrationError, SpecError
 from qswap.quant.direct_call import DirectCall, watched
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
-from qswap.quant.primitives import (choose_qparams, choose_qparams_scalar, fake_quantize, fake_quantize_grid,
-                                    fake_quantize_passes, pass_grid, passes_apply)
+from qswap.quant.primitives import (channel_axis, choose_qparams, choose_qparams_scalar, fake_quantize,
+                                    fake_quantize_grid, fake_quantize_passes, pass_grid, passes_apply)
 from qswap.quant.spec import QuantSpec
 from qswap.quant.stamp import LeavesCaches, fingerprint, stamp, unchanged
 
 KINDS = ("weight", "activation")
-
-
-def codes_int32(codes: torch.Tensor) -> torch.Tensor:
-    if codes.is_floating_point():
-        raise SpecError(f"a quantizer's values come from integer codes, got {codes.dtype}")
-    return codes.to(torch.int32)
 
 
 class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
@@ -216,9 +210,10 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         return nn.Module.__call__(self, codes, "values") if watched(self) else self.forward(codes, "values")
 
     def _converted(self, x: torch.Tensor, to: str) -> torch.Tensor:
-        from qswap.quant.primitives import channel_axis
         if to not in ("codes", "values"):
             raise SpecError(f"a quantizer converts to 'codes' or 'values', got {to!r}")
+        if to == "values" and x.is_floating_point():
+            raise SpecError(f"a quantizer's values come from integer codes, got {x.dtype}")
         if not self.initialized:
             raise CalibrationError("a quantizer without a grid has no codes; calibrate the model first")
         scale, zero_point, _ = self.grid_tensors()
@@ -230,7 +225,7 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         if to == "codes":
             with torch.no_grad():
                 return torch.round(x.detach() * (1.0 / scale)).to(torch.int32) + zero_point
-        return (codes_int32(x) - zero_point).to(torch.float32) * scale
+        return (x.to(torch.int32) - zero_point).to(torch.float32) * scale
 
     def forward(self, x: torch.Tensor, to: str | None = None) -> torch.Tensor:
         """``x`` fake-quantized (observed first while calibrating); ``to``: ``codes`` and
