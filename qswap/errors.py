@@ -87,3 +87,8 @@ class LoadError(ExportError):
     def __init__(self, message: str, *, kind: str):
         super().__init__(message)
         self.kind = kind
+
+
+class TrainingError(QswapError, ValueError):
+    """A training option qswap adds to fairseq-train (the distillation criterion's teacher,
+    weight or temperature) is missing or out of range (names the option and what to pass)."""

@@ -5,6 +5,7 @@ what comes after it: dev WER of the saved checkpoints, the shipped QAT checkpoin
     .venv/bin/python tools/make_corpus.py --out DATA --num-train 7000 --num-dev 200 --num-test 100 --seed 1
     .venv/bin/python tools/qat_train.py train --data DATA --save-dir RUN        # fairseq-train (LSQ)
     .venv/bin/python tools/qat_train.py dev --data DATA --save-dir RUN         # dev WER per checkpoint
+    .venv/bin/python tools/qat_train.py average --save-dir RUN --last 5       # mean of the last 5 (optional)
     .venv/bin/python tools/qat_train.py ship --save-dir RUN --out ASSET.pt     # best on dev -> asset
     .venv/bin/python tools/qat_train.py doc --save-dir RUN --evals EVALS --shipped ASSET.pt --target T \
         --out PAGE.md --log-out PAGE.log                                          # the run's page
@@ -52,6 +53,7 @@ from fairseq_walkthrough import arch_args  # noqa: E402  (tools/fairseq_walkthro
 ASSET = REPO / "qswap" / "assets" / "s2t_demo"
 SHIPPED_QAT = ASSET / "qat_w4a4_edges8.pt"
 KEEP = 20  # fairseq-train's --keep-interval-updates in train_command
+DISTILL_DEFAULTS = {"alpha": 0.5, "temperature": 1.0}
 TRAIN_DEFAULTS = {"lr": 3e-4, "warmup": 20, "max_tokens": 6000, "max_update": 3000, "calib_batches": 4}
 MODEL_FILES = ("spm_unigram200.model", "spm_unigram200.txt")
 
@@ -65,7 +67,7 @@ def train_command(a: argparse.Namespace) -> list[str]:
             "--task", "speech_to_text_qswap", "--qswap-recipe", a.recipe,
             "--qswap-calib-batches", str(a.calib_batches), "--finetune-from-model", str(ckpt),
             *arch_args(ckpt), "--train-subset", getattr(a, "train_subset", "train"), "--valid-subset", "dev",
-            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            *criterion_args(a), "--label-smoothing", "0.1",
             "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(a.lr),
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(a.warmup), "--clip-norm", "10",
             "--max-tokens", str(a.max_tokens), "--max-update", str(a.max_update),
@@ -75,6 +77,17 @@ def train_command(a: argparse.Namespace) -> list[str]:
             "--log-format", "simple",
             "--log-interval", "10", "--required-batch-size-multiple", "1", "--seed", "1",
             "--save-dir", str(a.save_dir)]
+
+
+def criterion_args(a: argparse.Namespace) -> list[str]:
+    """fairseq's label-smoothed cross entropy, or with ``--distill TEACHER`` qswap's distillation
+    criterion (``qswap.integration.distill``: the same cross entropy mixed with the teacher's
+    distributions)."""
+    teacher = getattr(a, "distill", None)
+    if not teacher:
+        return ["--criterion", "label_smoothed_cross_entropy"]
+    return ["--criterion", "qswap_distill", "--distill-teacher", str(teacher),
+            "--distill-alpha", str(a.distill_alpha), "--distill-temperature", str(a.distill_temperature)]
 
 
 def use_shipped_tokenizer(data: Path) -> None:
@@ -103,6 +116,20 @@ def check_start(a: argparse.Namespace) -> None:
         raise ConvertError(f"{exc}; then run train with --from-qckpt QCKPT") from None
 
 
+def check_distill(a: argparse.Namespace) -> None:
+    """``--distill``'s settings checked before fairseq-train starts (``TrainingError``); a weight or
+    temperature without ``--distill`` would be ignored: refused."""
+    from qswap.integration.distill import check_settings
+
+    if getattr(a, "distill", None):
+        check_settings(str(a.distill), a.distill_alpha, a.distill_temperature)
+        if not Path(a.distill).is_file():
+            raise SystemExit(f"--distill {a.distill}: no such checkpoint; pass the teacher's checkpoint "
+                             f"(the float model: {_rel(ASSET / 'checkpoint.pt')})")
+    elif (a.distill_alpha, a.distill_temperature) != (DISTILL_DEFAULTS["alpha"], DISTILL_DEFAULTS["temperature"]):
+        raise SystemExit("--distill-alpha and --distill-temperature weigh the distillation term: pass --distill TEACHER")
+
+
 def do_train(a: argparse.Namespace) -> int:
     if a.device == "cuda":
         import torch
@@ -111,6 +138,7 @@ def do_train(a: argparse.Namespace) -> int:
             raise SystemExit("--device cuda: torch sees no GPU on this machine; train with --device cpu, or on a "
                              "machine with one (pack the corpus there: 'qat_train.py pack', then 'unpack')")
     check_start(a)
+    check_distill(a)
     use_shipped_tokenizer(Path(a.data))
     Path(a.save_dir).mkdir(parents=True, exist_ok=True)
     cmd = train_command(a)
@@ -218,6 +246,69 @@ def do_unpack(a: argparse.Namespace) -> int:
     return 0
 
 
+AVERAGE_KEEPS_LAST = ("num_batches_tracked", "observer.num_batches", "weight_quant.zero_point")
+
+
+def average_states(paths: list[Path]) -> dict:
+    """The fairseq-train checkpoint at ``paths[-1]`` with its model state replaced by the mean over
+    ``paths`` of each floating-point tensor (weights, biases, learned scales, observed ranges:
+    summed in float64, stored in the tensor's own dtype). Counters (BatchNorm's
+    ``num_batches_tracked``, an observer's ``num_batches``) are the last checkpoint's; every other
+    tensor (activation zero points, frozen flags) must be the same in all of them, or there is no
+    average to take. A weight quantizer's zero point is the last checkpoint's: it follows the
+    averaged weights at the next forward, as the weight grids do."""
+    import torch
+
+    from qswap.integration.fairseq_task import allow_fairseq_checkpoints
+    from qswap.io.safe_load import load_checkpoint
+
+    allow_fairseq_checkpoints()
+    if len(paths) < 2:
+        raise SystemExit(f"average needs two checkpoints or more, got {len(paths)}; pass --last N with N >= 2")
+    states = [load_checkpoint(p)["model"] for p in paths]
+    out = load_checkpoint(paths[-1])
+    keys = list(states[-1])
+    for p, st in zip(paths, states):
+        if list(st) != keys:
+            raise SystemExit(f"{p}: its model state names other tensors than {paths[-1]}'s; average "
+                             f"checkpoints of one run")
+    model = {}
+    for k in keys:
+        values = [st[k] for st in states]
+        if values[-1].is_floating_point():
+            model[k] = (sum(v.double() for v in values) / len(values)).to(values[-1].dtype)
+        elif k.endswith(AVERAGE_KEEPS_LAST) or all(torch.equal(v, values[-1]) for v in values):
+            model[k] = values[-1]
+        else:
+            raise SystemExit(f"{k} ({values[-1].dtype}) differs between the checkpoints; an integer or "
+                             f"bool tensor has no average (average checkpoints with the same grids)")
+    out["model"] = model
+    return out
+
+
+def do_average(a: argparse.Namespace) -> int:
+    """The mean of the last ``--last`` interval checkpoints as ``average_FIRST_LAST.pt`` in the run
+    folder (not an interval checkpoint's name: ``dev`` and ``ship`` leave it alone)."""
+    import torch
+
+    from qswap.io.atomic import atomic_open
+
+    save_dir = Path(a.save_dir)
+    if a.last < 2:
+        raise SystemExit(f"--last {a.last}: average at least the last 2 checkpoints")
+    interval = [(u, p) for u, p in checkpoints(save_dir) if p.name != "checkpoint_last.pt"]
+    if len(interval) < 2:
+        raise SystemExit(f"{save_dir} has {len(interval)} interval checkpoint(s) (checkpoint_EPOCH_UPDATE.pt); "
+                         f"average needs two or more")
+    kept = interval[-a.last:]
+    state = average_states([p for _, p in kept])
+    out = save_dir / f"average_{kept[0][0]}_{kept[-1][0]}.pt"
+    with atomic_open(out, "wb") as f:
+        torch.save(state, f)
+    print(f"{len(kept)} checkpoints (updates {kept[0][0]} to {kept[-1][0]}) -> {out}")
+    return 0
+
+
 def dev_scores(save_dir: Path) -> dict[int, float]:
     scores = {}
     for p in save_dir.glob("dev_*.json"):
@@ -313,12 +404,15 @@ def run_facts(log_text: str) -> dict:
     flag = {k: v for k, v in zip(last, last[1:]) if k.startswith("--")}
     start = Path(flag["--finetune-from-model"])
     converted = start.parts[-2:] != ASSET.parts[-1:] + ("checkpoint.pt",)  # not the shipped float checkpoint
-    return {"recipe": Path(flag["--qswap-recipe"]).stem, "converted": converted,
+    return {"recipe": Path(flag["--qswap-recipe"]).stem, "converted": converted, "start": str(start),
             "device": "cpu" if "--cpu" in last else "cuda", "train_subset": flag.get("--train-subset", "train"),
             "invocations": len(commands), "lr": float(flag["--lr"]), "warmup": int(flag["--warmup-updates"]),
             "max_tokens": int(flag["--max-tokens"]), "hours": float(flag["--stop-time-hours"]),
             "max_update": int(flag.get("--max-update", TRAIN_DEFAULTS["max_update"])),
-            "save_every": int(flag["--save-interval-updates"]), "calib_batches": int(flag["--qswap-calib-batches"])}
+            "save_every": int(flag["--save-interval-updates"]), "calib_batches": int(flag["--qswap-calib-batches"]),
+            "distill": ({"teacher": flag["--distill-teacher"], "alpha": float(flag["--distill-alpha"]),
+                         "temperature": float(flag["--distill-temperature"])}
+                        if flag.get("--criterion") == "qswap_distill" else None)}
 
 
 def do_doc(a: argparse.Namespace) -> int:
@@ -332,7 +426,7 @@ def do_doc(a: argparse.Namespace) -> int:
     dev = dev_scores(save_dir)
     shipped = json.loads((save_dir / "shipped.json").read_text())
     atomic_write_text(a.out, render(train, valid, dev, evals, shipped, run_facts(log_text),
-                                    Path(a.shipped), Path(a.log_out), a.target, Path(a.out)))
+                                    Path(a.shipped), Path(a.log_out), a.target, Path(a.out), a.continues))
     print(f"wrote {a.out} and {a.log_out}")
     return 0
 
@@ -355,7 +449,9 @@ def _rel(path: Path) -> str:
 
 def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_path: Path = SHIPPED_QAT,
            log_path: Path = REPO / "docs" / "qat_w4a4_edges8.log", target: float = TARGET,
-           doc_path: Path = REPO / "docs" / "qat.md") -> str:
+           doc_path: Path = REPO / "docs" / "qat.md", continues: str | None = None) -> str:
+    """The page of the run. ``continues``: the git commit at which the run's start (``--from-qckpt``)
+    was the shipped QAT checkpoint, which the run fine-tunes further (a second stage)."""
     train_at, valid_at = dict(train), dict(valid)
     shown = sorted({u for u in train_at if u % 50 == 0} | set(valid_at) | set(dev))
     cell = lambda table, u, fmt: fmt.format(table[u]) if u in table else ""  # noqa: E731
@@ -376,7 +472,8 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
     flags = (f"--hours {run['hours']:g} --save-every {run['save_every']}"
              + "".join(f" --{k.replace('_', '-')} {run[k]:g}" for k in changed)
              + (f" --max-update {last}" if stopped_early and run["invocations"] == 1 else "")
-             + (f" \\\n    --device cuda --train-subset {run['train_subset']}" if gpu else ""))
+             + (f" \\\n    --device cuda --train-subset {run['train_subset']}" if gpu else "")
+             + _distill_flags(run.get("distill")))
     parts = len(run["train_subset"].split(","))
     carry = (f"python tools/qat_train.py pack --data DATA --out PACKED --parts {parts} --jobs {parts}   # to the GPU "
              f"machine\npython tools/qat_train.py unpack --compact PACKED --out DATA     # there: a fairseq data "
@@ -386,7 +483,11 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
         "" if set(kept) <= set(dev) else " --updates " + " ".join(str(u) for u in sorted(dev))))
     large = [sub for sub in SUBSETS[2:] if (evals / f"qat_{sub}.json").exists()]
     data = "SET" if large else "qswap/assets/s2t_demo"
-    if run["converted"]:
+    if continues:
+        start, ptq_cmd, ptq_text = _continued(recipe, run, continues, data, ev)
+        train_cmd = (f"{nice}python tools/qat_train.py train --data DATA --save-dir RUN --recipe {recipe} \\\n"
+                     f"    --from-qckpt START.pt {flags}")
+    elif run["converted"]:
         start = (f"qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe {recipe} \\\n"
                  f"    --data qswap/assets/s2t_demo --calib-subset train_calib --calib-batches 4 -o {qckpt}\n")
         train_cmd = (f"{nice}python tools/qat_train.py train --data DATA --save-dir RUN --recipe {recipe} \\\n"
@@ -422,9 +523,53 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
         update=shipped["update"], dev_wer=shipped["dev_wer"], changed=f16["changed"], values=f16["values"],
         percent=100.0 * f16["changed"] / max(f16["values"], 1), start=start, train_cmd=train_cmd, ptq_cmd=ptq_cmd,
         ptq_text=ptq_text, lr=run["lr"], warmup=run["warmup"], max_tokens=run["max_tokens"],
-        calib=("grids from the converted checkpoint (no calibration batches)" if run["converted"] else
+        loss=_loss_text(run.get("distill")),
+        loss_column=("the criterion's loss (the mixture above)" if run.get("distill") else "label-smoothed cross entropy"),
+        calib=("grids from the start checkpoint (no calibration batches)" if continues else
+               "grids from the converted checkpoint (no calibration batches)" if run["converted"] else
                f"{run['calib_batches']} calibration batches"))
     return text + (SPEED_NOTE if Path(shipped_path).resolve() == SHIPPED_QAT.resolve() else "")
+
+
+def _continued(recipe: str, run: dict, commit: str, data: str, ev: str) -> tuple[str, str, str]:
+    """(the start's commands, the PTQ eval command, the PTQ sentence) of a run that fine-tunes the
+    QAT checkpoint shipped at git ``commit`` further: the start comes out of git, PTQ is the
+    recipe's as for a first-stage run (its own conversion where its transforms need statistics)."""
+    import qswap
+    from qswap.transforms import needs_data
+
+    start = Path(run["start"])
+    rel = start.resolve().relative_to(REPO) if start.resolve().is_relative_to(REPO) else start
+    lines = f"git show {commit}:{rel} > START.pt    # the QAT checkpoint shipped at git {commit}, the start\n"
+    if needs_data(qswap.load_recipe(recipe).transforms):
+        lines += (f"qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe {recipe} \\\n"
+                  f"    --data qswap/assets/s2t_demo --calib-subset train_calib --calib-batches 4 -o QCKPT\n")
+        ptq_cmd = f"qswap eval QCKPT --data {data} --subset SUBSET --json {ev}/ptq_SUBSET.json"
+        ptq = (f"PTQ: the checkpoint `qswap convert` wrote with `{recipe}` (transforms folded with calibration "
+               f"statistics, every grid calibrated on {calibration()})")
+    else:
+        ptq_cmd = (f"qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe {recipe} --data {data} \\\n"
+                   f"    --subset SUBSET --calib-subset train_calib --calib-batches 4 --json {ev}/ptq_SUBSET.json")
+        ptq = f"PTQ: the float checkpoint converted with `{recipe}`, calibrated on {calibration()}, as the demo does"
+    ptq += (f". The run is a second stage: it fine-tunes `{rel}` as shipped at git {commit} (a QAT run of its "
+            f"own, which the page of that commit describes) further")
+    return lines, ptq_cmd, ptq
+
+
+def _distill_flags(distill: dict | None) -> str:
+    if not distill:
+        return ""
+    return (f" \\\n    --distill {distill['teacher']} --distill-alpha {distill['alpha']:g} "
+            f"--distill-temperature {distill['temperature']:g}")
+
+
+def _loss_text(distill: dict | None) -> str:
+    """The run's loss, as the page's settings line names it."""
+    if not distill:
+        return "fairseq's label-smoothed cross entropy (0.1)"
+    return (f"qswap's distillation criterion (`qswap_distill`): {distill['alpha']:g} x the KL divergence to the "
+            f"output distributions of `{distill['teacher']}` (temperature {distill['temperature']:g}) + "
+            f"{1 - distill['alpha']:g} x fairseq's label-smoothed cross entropy (0.1)")
 
 
 def comparison(evals: Path) -> tuple[list[str], list[str]]:
@@ -547,13 +692,13 @@ python tools/qat_train.py doc --save-dir RUN --evals {evals} --shipped {shipped_
 ```
 
 (lr {lr:g}, inverse square root schedule with {warmup} warm-up updates, Adam (0.9, 0.98), clip 10,
-batches of at most {max_tokens:,} frames, {calib}; fairseq's label-smoothed cross entropy (0.1).)
+batches of at most {max_tokens:,} frames, {calib}; {loss}.)
 
 ## Training curve
 
 The run made {updates} updates in {runs}{calib_note} (an invocation ends at fairseq's
 `--stop-time-hours` or when the session running it ends; {where}). Rows: every 50th update and every update with a dev
-measurement. Train loss: fairseq's `train_inner` (label-smoothed cross entropy, mean over the last
+measurement. Train loss: fairseq's `train_inner` ({loss_column}, mean over the last
 10 updates); dev loss: fairseq's validation on `dev`; dev WER: `qswap eval CKPT --subset dev`
 (beam 5), for the checkpoints `dev` evaluated (fairseq-train keeps the last 20 interval checkpoints).
 
@@ -624,6 +769,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--hours", type=float, default=0.75, help="fairseq's --stop-time-hours")
     t.add_argument("--save-every", type=int, default=40, help="updates between checkpoints/validations")
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--distill", type=Path, metavar="TEACHER", help="distil from this checkpoint (the float "
+                   "model: qswap/assets/s2t_demo/checkpoint.pt) with qswap's criterion qswap_distill")
+    t.add_argument("--distill-alpha", type=float, default=DISTILL_DEFAULTS["alpha"], help="weight of the distillation term")
+    t.add_argument("--distill-temperature", type=float, default=DISTILL_DEFAULTS["temperature"],
+                   help="softmax temperature of the term")
     t.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: fairseq-train on the GPU")
     t.add_argument("--train-subset", default="train", help="fairseq's --train-subset (unpack: train_1,train_2,...)")
     d = sub.add_parser("dev", help="dev WER of each saved checkpoint (qswap eval)")
@@ -641,6 +791,9 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("unpack", help="a fairseq data directory from pack's folders")
     u.add_argument("--compact", required=True, nargs="+", type=Path)
     u.add_argument("--out", required=True, type=Path)
+    v = sub.add_parser("average", help="the mean of the last N interval checkpoints (weights and learned scales)")
+    v.add_argument("--save-dir", required=True)
+    v.add_argument("--last", type=int, default=5)
     s = sub.add_parser("ship", help="store the dev-best checkpoint as the shipped QAT checkpoint")
     s.add_argument("--save-dir", required=True)
     s.add_argument("--out", required=True, help=f"the qswap checkpoint to write (W4A4's: {_rel(SHIPPED_QAT)})")
@@ -651,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--out", required=True, help="the page (docs/qat.md, docs/qat_w4a8.md)")
     o.add_argument("--log-out", required=True, help="the filtered log beside it")
     o.add_argument("--shipped", required=True, help="the checkpoint 'ship' wrote (named in the page)")
+    o.add_argument("--continues", metavar="COMMIT", help="the run fine-tuned the QAT checkpoint shipped at this "
+                   "git commit (--from-qckpt): the page says so and takes the start out of git")
     o.add_argument("--target", type=float, required=True, help="issue 19's target for this recipe: WER "
                    "within +TARGET of float (2.0: W4A4 with 8-bit edges; 0.5: W4A8)")
     r = sub.add_parser("refresh", help="render a page's PTQ and float comparisons again from --evals (the "
@@ -663,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--parts takes a count of at least 1; got {a.parts}")
     from qswap.errors import QswapError
     try:
-        return {"train": do_train, "dev": do_dev, "ship": do_ship, "doc": do_doc, "pack": do_pack,
+        return {"train": do_train, "dev": do_dev, "average": do_average, "ship": do_ship, "doc": do_doc, "pack": do_pack,
                 "unpack": do_unpack, "refresh": do_refresh}[a.cmd](a)
     except QswapError as exc:
         print(f"error: {exc}", file=sys.stderr)

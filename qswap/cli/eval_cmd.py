@@ -41,6 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
 
+def _decoding_options(args: argparse.Namespace) -> list[str]:
+    """The options given that only decoding reads (``--merge`` would ignore them)."""
+    given = {"CHECKPOINT": args.checkpoint, "--data": args.data, "--recipe": args.recipe,
+             "--simulate": args.simulate, "--integer": args.integer, "--vs-float": args.vs_float,
+             "--baseline": args.baseline, "--backend onnxruntime": args.backend == "onnxruntime"}
+    return [name for name, value in given.items() if value]
+
+
 def run(args: argparse.Namespace) -> int:
     from qswap.errors import DataError
     from qswap.integration.metrics import merge
@@ -48,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     # --json -: the JSON alone on stdout, no progress (a file path: the terminal line as well)
     out = console(stderr=True) if args.json_out == "-" else console()
     if args.merge:
+        decoding = _decoding_options(args)
+        if decoding:
+            raise DataError(f"--merge adds up shard results as they were decoded; {', '.join(decoding)} "
+                            f"apply when decoding: pass them to each shard's 'qswap eval ... --shard-id I'")
         shards = [_read_shard(path) for path in args.merge]
         _check_shards(shards)
         total = merge(shard["counts"] for shard in shards)

@@ -164,6 +164,16 @@ def test_merge_refuses_shards_of_different_runs_or_an_incomplete_set(tmp_path, c
     assert not (tmp_path / "merged.json").exists()
 
 
+@pytest.mark.parametrize("extra, named", [(["--simulate", "float"], "--simulate"), (["--integer"], "--integer"),
+                                          (["--recipe", "w8a8"], "--recipe")])
+def test_merge_refuses_options_that_only_decoding_reads(tmp_path, capsys, extra, named):
+    paths = [_shard(tmp_path, f"s{i}.json", i, 2) for i in (0, 1)]
+    assert main(["eval", "--merge", *paths, *extra, "--json", str(tmp_path / "merged.json")]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "each shard's" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "merged.json").exists()
+
+
 def test_merge_refuses_a_file_without_shard_information(tmp_path, capsys):
     bad = tmp_path / "old.json"
     bad.write_text(json.dumps({"counts": {"word_errors": 0, "words": 1, "char_errors": 0, "chars": 1,

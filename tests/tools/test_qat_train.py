@@ -37,6 +37,20 @@ def test_train_command_fine_tunes_the_shipped_model_with_the_plugin(tmp_path):
     assert flag["--encoder-embed-dim"] == "176"  # the shipped model's architecture, read from it
 
 
+def test_train_command_distils_with_qswaps_criterion(tmp_path):
+    a = Namespace(data=tmp_path / "data", save_dir=tmp_path / "run", recipe="w4a4_edges8_lsq", calib_batches=4,
+                  lr=3e-4, warmup=20, max_tokens=6000, max_update=100, hours=0.5, save_every=50)
+    plain = qat_train.train_command(a)
+    assert plain[plain.index("--criterion") + 1] == "label_smoothed_cross_entropy"
+    assert "--distill-teacher" not in plain
+    teacher = qat_train.ASSET / "checkpoint.pt"
+    cmd = qat_train.train_command(Namespace(**vars(a), distill=teacher, distill_alpha=0.9, distill_temperature=2.0))
+    flag = {k: v for k, v in zip(cmd, cmd[1:]) if k.startswith("--")}
+    assert flag["--criterion"] == "qswap_distill" and flag["--distill-teacher"] == str(teacher)
+    assert flag["--distill-alpha"] == "0.9" and flag["--distill-temperature"] == "2.0"
+    assert flag["--label-smoothing"] == "0.1"  # the cross-entropy term as in the plain run
+
+
 def test_checkpoints_are_ordered_by_update(tmp_path):
     for name in ("checkpoint_1_100.pt", "checkpoint_1_50.pt", "checkpoint_best.pt"):
         (tmp_path / name).write_bytes(b"")
@@ -234,3 +248,113 @@ def test_refresh_renders_the_comparisons_a_new_doc_would(tmp_path):
         (tmp_path / f"{kind}_test_large.json").write_text((tmp_path / f"{kind}_test.json").read_text())
     with pytest.raises(SystemExit, match="other sets"):  # a new set changes the commands: doc
         qat_train.refreshed(below, tmp_path)
+
+
+def test_average_is_the_mean_of_a_real_runs_checkpoints(float_checkpoint, tmp_path):
+    """``average`` on three interval checkpoints of a real fairseq-train QAT run (plugin, LSQ
+    scales): every float tensor the mean of the three, the rest as they were, and the average
+    loads back as the quantized model; a checkpoint whose integer state differs has no average."""
+    import torch
+
+    import qswap
+    from fairseq_run import SMALL, TRAIN, run_tool
+    from qswap.integration.data import load_model_and_task
+
+    root, data, ckpt = float_checkpoint
+    run = tmp_path / "run"
+    run_tool("fairseq-train", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+             "--qswap-recipe", "w4a8_lsq", "--qswap-calib-batches", "1", *SMALL, *TRAIN, "--batch-size", "4",
+             "--max-update", "4", "--save-interval-updates", "1", "--keep-interval-updates", "3",
+             "--finetune-from-model", ckpt, "--save-dir", run, cwd=root)
+    assert qat_train.main(["average", "--save-dir", str(run), "--last", "3"]) == 0
+    # 12 training utterances in batches of 4: update 3 ends epoch 1, which keeps no interval checkpoint
+    paths = [run / "checkpoint_1_1.pt", run / "checkpoint_1_2.pt", run / "checkpoint_2_4.pt"]
+    out = run / "average_1_4.pt"
+    states = [torch.load(p, weights_only=False, map_location="cpu")["model"] for p in paths]
+    avg = torch.load(out, weights_only=False, map_location="cpu")
+    assert avg["optimizer_history"] == torch.load(paths[-1], weights_only=False)["optimizer_history"]
+    moved = 0
+    for k, v in avg["model"].items():
+        if v.is_floating_point():
+            mean = sum(s[k].double() for s in states) / 3
+            assert torch.equal(v, mean.to(v.dtype)), k
+            moved += not torch.equal(v, states[-1][k])
+        else:
+            assert torch.equal(v, states[-1][k]), k
+    assert moved > 10  # weights and learned scales moved between the updates
+    assert any(k.endswith("input_quant.scale") and not torch.equal(avg["model"][k], states[-1][k])
+               for k in avg["model"])
+    model, _ = load_model_and_task(out, data)
+    assert model.qswap_recipe.name == "w4a8_lsq"
+    broken = torch.load(paths[0], weights_only=False)
+    zp = next(k for k, v in broken["model"].items() if k.endswith("zero_point") and not v.is_floating_point())
+    broken["model"][zp] = broken["model"][zp] + 1
+    torch.save(broken, paths[0])
+    with pytest.raises(SystemExit, match="no average"):
+        qat_train.average_states(paths)
+    with pytest.raises(SystemExit, match="two checkpoints or more"):
+        qat_train.average_states(paths[:1])
+
+
+def test_the_page_of_a_distilled_run_names_its_criterion_and_teacher(tmp_path):
+    line = ("$ python -m fairseq_cli.train d --qswap-recipe w4a8_lsq --qswap-calib-batches 4 --finetune-from-model "
+            "ck.pt --lr 0.0003 --warmup-updates 20 --max-tokens 6000 --max-update 100 --stop-time-hours 1 "
+            "--save-interval-updates 25 --criterion {crit} --label-smoothing 0.1")
+    plain = qat_train.run_facts(line.format(crit="label_smoothed_cross_entropy"))
+    run = qat_train.run_facts(line.format(crit="qswap_distill") + " --distill-teacher t.pt --distill-alpha 0.9 "
+                              "--distill-temperature 2.0")
+    assert plain["distill"] is None
+    assert run["distill"] == {"teacher": "t.pt", "alpha": 0.9, "temperature": 2.0}
+    shipped = {"update": 50, "dev_wer": 7.0, "float16": {"changed": 1, "values": 10}}
+    for subset in ("test", "test_heldout"):
+        _eval_json(tmp_path / f"float_{subset}.json", 9.0, (7.0, 11.0))
+        _eval_json(tmp_path / f"ptq_{subset}.json", 10.0, (8.0, 12.0))
+        _eval_json(tmp_path / f"qat_{subset}.json", 9.4, (7.5, 11.5), -0.6, (-1.5, 0.3))
+    pages = {name: qat_train.render([(10, 1.5)], [(25, 1.4)], {25: 7.0}, tmp_path, shipped, facts,
+                                    tmp_path / "q.pt", tmp_path / "q.log", 0.5, tmp_path / "q.md")
+             for name, facts in (("plain", plain), ("distill", run))}
+    assert "--distill t.pt --distill-alpha 0.9 --distill-temperature 2" in pages["distill"]
+    assert "`qswap_distill`): 0.9 x the KL divergence" in pages["distill"] and "0.1 x fairseq's" in pages["distill"]
+    assert "--distill" not in pages["plain"] and "qswap_distill" not in pages["plain"] and "; fairseq's label-smoothed cross entropy (0.1).)" in pages["plain"]
+
+
+def test_train_checks_the_distillation_settings_before_fairseq_train(tmp_path):
+    from qswap.errors import TrainingError
+
+    base = dict(distill=None, distill_alpha=0.5, distill_temperature=1.0)
+    qat_train.check_distill(Namespace(**base))  # no distillation, defaults: nothing to check
+    with pytest.raises(SystemExit, match="pass --distill TEACHER"):
+        qat_train.check_distill(Namespace(**{**base, "distill_alpha": 0.9}))
+    teacher = qat_train.ASSET / "checkpoint.pt"
+    qat_train.check_distill(Namespace(**{**base, "distill": teacher, "distill_alpha": 0.9}))
+    with pytest.raises(TrainingError, match="between 0 and 1"):
+        qat_train.check_distill(Namespace(**{**base, "distill": teacher, "distill_alpha": 2.0}))
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        qat_train.check_distill(Namespace(**{**base, "distill": tmp_path / "none.pt"}))
+    with pytest.raises(SystemExit, match="at least the last 2"):
+        qat_train.main(["average", "--save-dir", str(tmp_path), "--last", "1"])
+    with pytest.raises(SystemExit, match="0 interval checkpoint"):
+        qat_train.main(["average", "--save-dir", str(tmp_path), "--last", "3"])
+
+
+def test_the_page_of_a_second_stage_takes_its_start_out_of_git(tmp_path):
+    run = qat_train.run_facts(
+        "$ python -m fairseq_cli.train d --qswap-recipe w4a8_lsq --qswap-calib-batches 4 --finetune-from-model "
+        "qswap/assets/s2t_demo/qat_w4a8.pt --lr 0.0001 --warmup-updates 50 --max-tokens 6000 --max-update 3000 "
+        "--stop-time-hours 1 --save-interval-updates 50 --criterion qswap_distill --distill-teacher "
+        "qswap/assets/s2t_demo/checkpoint.pt --distill-alpha 0.9 --distill-temperature 1.0")
+    shipped = {"update": 50, "dev_wer": 7.0, "float16": {"changed": 1, "values": 10}}
+    for subset in ("test", "test_heldout"):
+        _eval_json(tmp_path / f"float_{subset}.json", 9.0, (7.0, 11.0))
+        _eval_json(tmp_path / f"ptq_{subset}.json", 10.0, (8.0, 12.0))
+        _eval_json(tmp_path / f"qat_{subset}.json", 9.4, (7.5, 11.5), -0.6, (-1.5, 0.3))
+    page = qat_train.render([(10, 1.5)], [(50, 1.4)], {50: 7.0}, tmp_path, shipped, run, tmp_path / "q.pt",
+                            tmp_path / "q.log", 0.5, tmp_path / "q.md", continues="abc1234")
+    assert "git show abc1234:qswap/assets/s2t_demo/qat_w4a8.pt > START.pt" in page
+    assert "--from-qckpt START.pt" in page and "--distill qswap/assets/s2t_demo/checkpoint.pt" in page
+    assert "second stage" in page and "grids from the start checkpoint" in page
+    # w4a8_lsq needs no statistics: PTQ is the float checkpoint converted as the demo does
+    assert "qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe w4a8_lsq" in page and "-o QCKPT" not in page
+    first = qat_train.render([(10, 1.5)], [(50, 1.4)], {50: 7.0}, tmp_path, shipped, run, tmp_path / "q.pt",
+                             tmp_path / "q.log", 0.5, tmp_path / "q.md")
+    assert "git show" not in first and "second stage" not in first

@@ -305,7 +305,7 @@ class QTransformerDecoderLayer(QuantModule):
             x = self.final_layer_norm(x)
         return x, residual, attn
 
-    def _integer_refusal(self) -> str | None:
+    def integer_refusal(self) -> str | None:
         """Why this layer has no integer form (``to_integer`` raises it; the ``simulate: integer``
         residual adds then stay float), or None."""
         if not self.normalize_before or self.encoder_attn is None or any(
@@ -326,7 +326,7 @@ class QTransformerDecoderLayer(QuantModule):
         integer form is defined (pre-norm, per-tensor grids), as the integer layer computes it: the
         operands' codes rescaled into the int32 stream (``rescaled_sum``), requantized onto each
         reader's grid; elsewhere the float sum, which every reader rounds."""
-        return residual_onto(self, part, a, b, readers, self._integer_refusal())
+        return residual_onto(self, part, a, b, readers, self.integer_refusal())
 
     def to_integer(self, stream_scale: float) -> "IntegerTransformerDecoderLayer":
         """The integer form of this (pre-norm) layer (batch forward and incremental decoding): as
@@ -335,7 +335,7 @@ class QTransformerDecoderLayer(QuantModule):
         decoding keeps both attentions' keys and values as codes. No NormFormer scales yet (issue 16)."""
         from qswap.errors import IntegerizeError
         from qswap.quant.integer import AddParams, Grid, build_lut
-        refusal = self._integer_refusal()
+        refusal = self.integer_refusal()
         if refusal is not None:
             raise IntegerizeError(refusal)
         grids = site_grids(self, ("attn_residual", "attn_out", "cross_residual", "cross_out", "ffn_act",

@@ -1,0 +1,155 @@
+"""Knowledge distillation for QAT: the fairseq criterion ``qswap_distill``.
+
+fairseq-train with ``--criterion qswap_distill --distill-teacher CKPT`` trains the quantized
+model on a mixture of fairseq's label-smoothed cross entropy and the distance of its output
+distributions from a teacher's (usually the float model the quantized one was converted from):
+
+    loss = (1 - alpha) * label_smoothed_ce  +  alpha * tau^2 * sum_t KL(p_teacher,t || p_student,t)
+
+summed over the target tokens that are not padding (fairseq's convention: the trainer divides
+by the sample size), with ``p = softmax(logits / tau)`` for both models at every teacher-forced
+position. The student's term reads its logits (``net_output[0]``, on the logits grid when the
+recipe quantizes them), the teacher's are computed under ``torch.no_grad`` in eval mode (no
+dropout). ``alpha = 0`` is fairseq's ``label_smoothed_cross_entropy``, to the last bit.
+
+The teacher is loaded once per process from a fairseq or qswap checkpoint with the task's data
+directory (so over the task's dictionary), and is kept out of the criterion's modules:
+its parameters are neither trained nor saved into the run's checkpoints (the run's saved config
+names the teacher: ``fairseq-validate`` on a checkpoint loads it again). The log shows the two
+terms per sample-size unit (per token; per sentence with ``--sentence-avg``, as fairseq's
+``loss``), ``ce_loss`` and ``kd_loss``, in base 2 beside the mixture; the validation ``loss``, by
+which fairseq picks ``checkpoint_best.pt``, is the mixture.
+"""
+# no ``from __future__ import annotations``: fairseq builds the criterion's command-line options
+# from the config dataclass's field types and refuses string annotations
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from fairseq.criterions import CRITERION_REGISTRY, register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
+from fairseq.logging import metrics
+
+from qswap.errors import CheckpointError, TrainingError
+
+NAME = "qswap_distill"
+BUILD_FAILED = "fairseq could not build the model"  # qswap.io.checkpoint's words for a state that does not fit
+
+
+@dataclass
+class DistillConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    distill_teacher: str = field(default="", metadata={
+        "help": "checkpoint of the teacher (the float model the quantized one was converted from)"})
+    distill_alpha: float = field(default=0.5, metadata={
+        "help": "weight of the distillation term; 1 - alpha weighs the label-smoothed cross entropy"})
+    distill_temperature: float = field(default=1.0, metadata={
+        "help": "softmax temperature of both models' distributions in the distillation term"})
+
+
+class DistillCriterion(LabelSmoothedCrossEntropyCriterion):
+    def __init__(self, task, sentence_avg, label_smoothing, distill_teacher, distill_alpha=0.5,
+                 distill_temperature=1.0, ignore_prefix_size=0, report_accuracy=False):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        check_settings(distill_teacher, distill_alpha, distill_temperature)
+        self.alpha = float(distill_alpha)
+        self.temperature = float(distill_temperature)
+        teacher = load_teacher(distill_teacher, task)
+        # a tuple, not a submodule: the trainer would otherwise save the teacher's weights in
+        # every checkpoint (it saves a criterion that has parameters) and move them with the model
+        self._teacher = (teacher,)
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        return self._teacher[0]
+
+    def forward(self, model, sample, reduce=True):
+        net_output = model(**sample["net_input"])
+        ce, nll = self.compute_loss(model, net_output, sample, reduce=reduce)
+        kd = self.distill_loss(net_output[0], sample, reduce=reduce)
+        if not reduce:
+            kd = kd.view_as(ce)  # fairseq's unreduced cross entropy is one row per position: (B * T, 1)
+        loss = (1.0 - self.alpha) * ce + self.alpha * kd
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {"loss": loss.data, "nll_loss": nll.data, "ce_loss": ce.data, "kd_loss": kd.data,
+                          "ntokens": sample["ntokens"], "nsentences": sample["target"].size(0),
+                          "sample_size": sample_size}
+        if self.report_accuracy:
+            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            logging_output["n_correct"] = n_correct.item()
+            logging_output["total"] = total.item()
+        return loss, sample_size, logging_output
+
+    def distill_loss(self, student_logits: torch.Tensor, sample, reduce=True) -> torch.Tensor:
+        """``tau^2 * KL(teacher || student)`` per target token that is not padding, summed
+        (``reduce``) or one per token position (B * T, padding positions 0)."""
+        teacher = self.teacher
+        if next(teacher.parameters()).device != student_logits.device:
+            teacher.to(student_logits.device)
+        dtype = next(teacher.parameters()).dtype  # fp16 training halves the samples, not the teacher
+        net_input = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                     for k, v in sample["net_input"].items()}
+        with torch.no_grad():
+            teacher_logits = teacher(**net_input)[0]
+        if teacher_logits.shape != student_logits.shape:
+            raise CheckpointError(f"the distillation teacher's output has shape {tuple(teacher_logits.shape)}, "
+                                  f"the model's {tuple(student_logits.shape)}: distill from a model trained "
+                                  f"with the same dictionary")
+        tau = self.temperature
+        student = F.log_softmax(student_logits.float() / tau, dim=-1)
+        target = F.log_softmax(teacher_logits.float() / tau, dim=-1)
+        per_token = F.kl_div(student, target, log_target=True, reduction="none").sum(-1) * (tau * tau)
+        start = self.ignore_prefix_size
+        per_token = per_token[:, start:]
+        pad = sample["target"][:, start:].eq(self.padding_idx)
+        per_token = per_token.masked_fill(pad, 0.0).reshape(-1)
+        return per_token.sum() if reduce else per_token
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+        for key in ("ce_loss", "kd_loss"):
+            total = sum(log.get(key, 0) for log in logging_outputs)
+            metrics.log_scalar(key, total / sample_size / math.log(2), sample_size, round=3)
+
+
+def check_settings(teacher: str, alpha: float, temperature: float) -> None:
+    if not teacher:
+        raise TrainingError(f"--criterion {NAME} needs --distill-teacher CKPT: the checkpoint of the model "
+                          f"to distill from (the float model the quantized one was converted from)")
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise TrainingError(f"--distill-alpha {alpha}: pick a weight between 0 and 1 (0 trains on the "
+                          f"cross entropy alone, 1 on the distillation term alone)")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise TrainingError(f"--distill-temperature {temperature}: pick a positive temperature (1 compares "
+                          f"the models' own distributions)")
+
+
+def load_teacher(path: str, task) -> torch.nn.Module:
+    """The teacher model in eval mode with frozen parameters, built with the task's data
+    directory (its dictionary: a teacher trained with another one does not load, a typed error
+    that says so)."""
+    from qswap.integration.data import load_model_and_task
+
+    opts = getattr(task, "args", None) or getattr(task, "cfg", None)
+    try:
+        teacher, _ = load_model_and_task(path, getattr(opts, "data", None))
+    except CheckpointError as exc:
+        if type(exc) is not CheckpointError or BUILD_FAILED not in str(exc):
+            raise  # a missing, unreadable or unsafe file: its own error says what to change
+        raise CheckpointError(f"the distillation teacher does not load with this run's data directory "
+                              f"and dictionary: {exc}; distill from a model trained with the same "
+                              f"dictionary") from None
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def register_criterions() -> None:
+    """Register ``qswap_distill`` once; importing the plugin twice must not crash."""
+    if NAME not in CRITERION_REGISTRY:
+        register_criterion(NAME, dataclass=DistillConfig)(DistillCriterion)
