@@ -90,7 +90,7 @@ def glu_value(owner: nn.Module, slot: str, xq: torch.Tensor, quant: nn.Module, d
         lambda params, out: requantized_values(params.out, glu_accumulator(codes_of(xq, grid), params, dim),
                                                out.scale, axis=dim), quant.scale, quant.zero_point)
     if value is not None:
-        return straight_through(value, F.glu(xq, dim=dim)) if xq.requires_grad else value
+        return straight_through(value, F.glu(xq, dim=dim), out_quant) if torch.is_grad_enabled() else value
     params = cached(owner, slot, lambda: GluParams.build(grid, None), quant.scale, quant.zero_point)
     with torch.no_grad():
         value = value_of(glu_accumulator(codes_of(xq, grid), params, dim), glu_acc_scale(grid), xq.dtype)

@@ -146,7 +146,7 @@ class QuantAttentionCore(nn.Module):
         if not torch.is_grad_enabled():
             return value
         product = product()
-        return straight_through(value, product) if product.requires_grad else value
+        return straight_through(value, product, out_quant)
 
     def _integer_softmax(self, scores: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
         """The integer softmax of the ``softmax_in`` codes of ``scores`` (positions where ``masked``
@@ -161,7 +161,7 @@ class QuantAttentionCore(nn.Module):
         with torch.no_grad():
             codes = integer_softmax(codes_of(scores, grid_in), params, torch.isneginf(masked), long_rows=True)
             value = dequantized(codes, grid_out)
-        return straight_through(value, F.softmax(masked, dim=-1)) if masked.requires_grad else value
+        return straight_through(value, F.softmax(masked, dim=-1), self.softmax_out_quant) if torch.is_grad_enabled() else value
 
     def to_integer(self, scaling: float, out: "Grid") -> "IntegerAttentionCore":
         """The integer form writing context codes of ``out`` (the out projection's input grid):

@@ -59,7 +59,7 @@ class _Weighted(QuantModule):
         if value is not None and not torch.is_grad_enabled():
             return value
         y = self.op(xq)
-        return y if value is None else straight_through(value, y)
+        return y if value is None else straight_through(value, y, out_quant)
 
     def onto_each(self, x: torch.Tensor, readers) -> list:
         """``op(input_quant(x))`` as each of ``readers`` (quantizers) reads it: with ``simulate:

@@ -142,7 +142,7 @@ class QLayerNorm(_QNorm):
         if value is not None and not torch.is_grad_enabled():
             return value
         y = self._normed(xq)
-        return y if value is None else straight_through(value, y)
+        return y if value is None else straight_through(value, y, out_quant)
 
     def onto_each(self, x: torch.Tensor, readers: list) -> list:
         """The norm of ``input_quant(x)`` as each of ``readers`` (quantizers) reads it: with
@@ -171,7 +171,7 @@ class QLayerNorm(_QNorm):
         with torch.no_grad():
             acc = form.simulated_acc(channel_codes(self.input_quant, xq, grid))  # (..., C) int32
             values = [values_onto(r, requant, acc, g) for r, requant, g in zip(readers, requants, grids)]
-        return values if y is None else [straight_through(v, y) for v in values]
+        return values if y is None else [straight_through(v, y, r) for v, r in zip(values, readers)]
 
     def _form_sources(self) -> list:
         """What the integer form is built from: the input grid, the affine parameters and their
@@ -376,7 +376,7 @@ class QBatchNorm1d(QuantModule):
         if value is not None and not torch.is_grad_enabled():
             return value
         y = self._folded_conv(x)
-        return y if value is None else straight_through(value, y)
+        return y if value is None else straight_through(value, y, out_quant)
 
     def _onto(self, xq: torch.Tensor, out_quant: nn.Module) -> torch.Tensor | None:
         """The integer form on ``xq`` (B, C, L) writing onto ``out_quant``'s grid (``onto_grid``),

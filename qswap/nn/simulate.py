@@ -175,12 +175,24 @@ def value_of(acc: torch.Tensor, scale, dtype: torch.dtype = torch.float32) -> to
     return (acc.to(torch.float64) * scale).to(dtype)
 
 
-def straight_through(value: torch.Tensor, differentiable: torch.Tensor) -> torch.Tensor:
+def straight_through(value: torch.Tensor, differentiable: torch.Tensor, reader: nn.Module | None = None) -> torch.Tensor:
     """``value`` forward, the gradient of ``differentiable`` (the float op on the same quantized
-    operands); ``value`` itself when there is no gradient to carry."""
+    operands); ``value`` itself when there is no gradient to carry. ``reader``: the quantizer whose
+    grid ``value`` was written onto (an op's integer form requantizing onto its consumer's grid):
+    the gradient is then that of ``reader(differentiable)``, the float result as the reader rounds
+    it, which is what reaches a learned (LSQ) reader scale under ``simulate: float``. The reader's
+    own call on ``value`` gives its scale none: ``value`` is on its grid, where the rounding error
+    whose derivative LSQ trains on is zero."""
+    if reader is not None and torch.is_grad_enabled() and (differentiable.requires_grad or learns(reader)):
+        differentiable = reader(differentiable)
     if not differentiable.requires_grad:
         return value
     return differentiable + (value - differentiable).detach()
+
+
+def learns(quant: nn.Module) -> bool:
+    """Whether ``quant`` has a parameter being trained (a learned scale)."""
+    return any(p.requires_grad for p in quant.parameters(recurse=False))
 
 
 def _constant_fold(build):

@@ -74,7 +74,7 @@ class Projection(nn.Module):
         if value is not None and not torch.is_grad_enabled():
             return value
         y = F.linear(x, *quantized_pair(self.weight, self.bias, x_quant, self.weight_quant, self.bias_quant))
-        return y if value is None else straight_through(value, y)
+        return y if value is None else straight_through(value, y, out_quant)
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
