@@ -10,7 +10,7 @@ from torch import nn
 from qswap.io.serializable import INT, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, grid_of, onto_grid, simulates, straight_through, value_of
+from qswap.nn.simulate import cached, codes_of, form_or_none, grid_of, onto_grid, simulates, straight_through, value_of
 
 
 class _QElementwise(QuantModule):
@@ -86,12 +86,14 @@ def glu_value(owner: nn.Module, slot: str, xq: torch.Tensor, quant: nn.Module, d
     if grid is None:
         return F.glu(xq, dim=dim)
     value = None if out_quant is None else onto_grid(
-        owner, f"{slot}_onto", lambda out: GluParams.build(grid, out), out_quant,
+        owner, f"{slot}_onto", lambda out: form_or_none(GluParams.build, grid, out), out_quant,
         lambda params, out: requantized_values(params.out, glu_accumulator(codes_of(xq, grid), params, dim),
                                                out.scale, axis=dim), quant.scale, quant.zero_point)
     if value is not None:
         return straight_through(value, F.glu(xq, dim=dim), out_quant) if torch.is_grad_enabled() else value
-    params = cached(owner, slot, lambda: GluParams.build(grid, None), quant.scale, quant.zero_point)
+    params = cached(owner, slot, lambda: form_or_none(GluParams.build, grid, None), quant.scale, quant.zero_point)
+    if params is None:  # e.g. a learned scale trained to zero or below: no integer form
+        return F.glu(xq, dim=dim)
     with torch.no_grad():
         value = value_of(glu_accumulator(codes_of(xq, grid), params, dim), glu_acc_scale(grid), xq.dtype)
     return straight_through(value, F.glu(xq, dim=dim)) if xq.requires_grad else value

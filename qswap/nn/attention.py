@@ -25,8 +25,8 @@ from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
-from qswap.nn.simulate import (cached, centered_codes, codes_of, dequantized, grid_of, onto_grid, reader_grid, simulates,
-                                straight_through)
+from qswap.nn.simulate import (cached, centered_codes, codes_of, dequantized, form_or_none, grid_of, onto_grid,
+                                reader_grid, simulates, straight_through)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -130,9 +130,9 @@ class QuantAttentionCore(nn.Module):
         if grid_a is None or grid_b is None:
             return product()
 
-        def build(out):
-            return Requant.from_scales(grid_a.scale * factor * grid_b.scale / out.scale, out.zero_point, out.qmin,
-                                       out.qmax)
+        def build(out):  # None where the scales have no integer form (a learned scale trained below 0)
+            return form_or_none(lambda: Requant.from_scales(grid_a.scale * factor * grid_b.scale / out.scale,
+                                                            out.zero_point, out.qmin, out.qmax))
 
         def run(requant, out):
             from qswap.quant.integer import exact_gemm, requantized_values
@@ -156,8 +156,10 @@ class QuantAttentionCore(nn.Module):
         grid_in, grid_out = grid_of(self.softmax_in_quant), reader_grid(self.softmax_out_quant)
         if grid_in is None or grid_out is None:
             return None
-        params = cached(self, "_integer_softmax_params", lambda: SoftmaxParams.build(grid_in, grid_out),
+        params = cached(self, "_integer_softmax_params", lambda: form_or_none(SoftmaxParams.build, grid_in, grid_out),
                         self.softmax_in_quant.scale, self.softmax_out_quant.scale, self.softmax_out_quant.zero_point)
+        if params is None:
+            return None
         with torch.no_grad():
             codes = integer_softmax(codes_of(scores, grid_in), params, torch.isneginf(masked), long_rows=True)
             value = dequantized(codes, grid_out)

@@ -493,3 +493,32 @@ def test_learned_reader_scales_train_under_integer_simulation():
     assert [n for n, g in grads["integer"].items() if not g.abs().sum() > 0] == []
     flat = {k: torch.cat([g.flatten() for g in v.values()]) for k, v in grads.items()}
     assert F.cosine_similarity(flat["integer"], flat["float"], dim=0) > 0.8
+
+
+def test_learned_reader_scales_trained_below_zero_fall_back_to_float():
+    """Once reader scales train (above), one can train to zero or below, as fairseq-train's QAT of a
+    tiny model with lr 1e-3 did to the subsampler GLU's reader: the integer forms of the GLU, the
+    attention's products and its softmax then have no fixed-point multiplier, and the simulation
+    computes those ops in float (as without ``simulate: integer``), in training and at inference,
+    instead of raising ``IntegerizeError``."""
+    from qswap.models import build_s2t_transformer, s2t_net_input
+
+    torch.manual_seed(0)
+    net = s2t_net_input(2, 60, 80, 7, 40, seed=1)
+    q = qswap.convert(build_s2t_transformer(), "w4a8_lsq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(q, [net])
+    layer = q.encoder.transformer_layers[0]
+    readers = [q.encoder.subsample.conv_layers[1].input_quant,  # the first GLU's reader
+               layer.self_attn.core.softmax_in_quant, layer.self_attn.core.softmax_out_quant,
+               layer.self_attn.out_proj.input_quant]
+    with torch.no_grad():
+        for r in readers:
+            r.scale.neg_()
+    with torch.no_grad():
+        assert torch.isfinite(q.eval()(**net)[0]).all()
+    q.train()
+    out = q(**net)[0]
+    out.float().pow(2).mean().backward()
+    assert torch.isfinite(out).all() and all(r.scale.grad is not None for r in readers)
