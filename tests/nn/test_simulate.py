@@ -522,3 +522,37 @@ def test_learned_reader_scales_trained_below_zero_fall_back_to_float():
     out = q(**net)[0]
     out.float().pow(2).mean().backward()
     assert torch.isfinite(out).all() and all(r.scale.grad is not None for r in readers)
+
+
+@pytest.mark.parametrize("recipe", ["w4a8_lsq", "w4a4_edges8_stream_smoothquant_lsq"])
+def test_training_residual_adds_are_the_integer_layers_with_the_float_sums_gradient(recipe):
+    """A pre-norm encoder layer's residual add in training (autograd) under ``simulate: integer``:
+    the value each reader reads is the integer layer's rescaled add (as at inference), and each
+    reader's learned scale gets the gradient of the float sum as it rounds it (per tensor, and per
+    channel of a residual stream)."""
+    from qswap.models import build_s2t_transformer, s2t_net_input
+
+    torch.manual_seed(0)
+    net = s2t_net_input(2, 60, 80, 7, 40, seed=1)
+    model = build_s2t_transformer(encoder_normalize_before=True, decoder_normalize_before=True)
+    data = [net] if "smoothquant" in recipe else None
+    q = qswap.convert(model, recipe, data=data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(q, [net])
+    layer, nxt = q.encoder.transformer_layers[0], q.encoder.transformer_layers[1]
+    readers = (layer.final_layer_norm.input_quant, layer.ffn_residual_quant)
+    torch.manual_seed(1)
+    a = layer.attn_residual_quant(torch.randn(5, 2, layer.embed_dim))
+    b = layer.attn_out_quant(torch.randn(5, 2, layer.embed_dim))
+    with torch.no_grad():
+        expected = layer._stream_onto("attn", a, b, readers)
+    assert expected[1] is not None  # the integer add, one value per reader
+    q.train()  # learned scales get their gradient in training
+    a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+    x, residual = layer._stream_onto("attn", a, b, readers)
+    assert torch.equal(x.detach(), expected[0]) and torch.equal(residual.detach(), expected[1])
+    assert not torch.equal(x.detach(), (a + b).detach())  # not the float sum
+    (readers[0](x).pow(2).sum() + readers[1](residual).pow(2).sum()).backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+    assert all(r.scale.grad is not None and r.scale.grad.abs().sum() > 0 for r in readers)

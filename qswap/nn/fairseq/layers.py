@@ -24,7 +24,8 @@ from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, channel_codes, forget, form_or_none, simulates, stream_grid_of, values_onto
+from qswap.nn.simulate import (cached, channel_codes, form_or_none, simulates, straight_through,
+                               stream_grid_of, values_onto)
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 ZERO_POINT = Either(INT, TensorOf("int64"))  # a residual add operand's: per tensor, or per channel
@@ -380,11 +381,13 @@ def add_onto(owner: torch.nn.Module, slot: str, a: Tensor, quant_a: torch.nn.Mod
     operands' codes rescaled into an int32 stream (``rescaled_sum``; ``weight_a`` folded into its
     multiplier, e.g. the conformer's half-step 0.5), requantized onto each reader's grid in fixed
     point; the form kept in ``owner.<slot>``. None where that is not simulated: ``owner`` without
-    ``simulate: integer``, in autograd, no readers, or a grid that is not per tensor (a reader
-    still calibrating: ``reader_grid``); the caller then adds in float and each reader rounds.
+    ``simulate: integer``, no readers, or a grid that is not per tensor (a reader still
+    calibrating: ``reader_grid``); the caller then adds in float and each reader rounds.
     Per channel of the last axis (operands and readers: ``stream_grid_of``), the same arithmetic
-    in each channel, as the integer layer's per-channel stream."""
-    if forget(owner, slot) or not (readers and simulates(owner)):
+    in each channel, as the integer layer's per-channel stream. In training (autograd) each value
+    carries the gradient of the float sum as its reader rounds it (``straight_through``), so the
+    forward is the integer layer's and learned scales train as under ``simulate: float``."""
+    if not (readers and simulates(owner)):
         return None
     from qswap.quant.integer import AddParams, rescaled_sum
     quants = (quant_a, quant_b, *readers)
@@ -404,7 +407,11 @@ def add_onto(owner: torch.nn.Module, slot: str, a: Tensor, quant_a: torch.nn.Mod
     with torch.no_grad():
         stream = rescaled_sum(channel_codes(quant_a, a, grids[0]), grids[0].zero_point,
                               channel_codes(quant_b, b, grids[1]), grids[1].zero_point, add)  # int32 on add.sum_scale
-        return [values_onto(q, requant, stream, g) for q, requant, g in zip(readers, requants, grids[2:])]
+        values = [values_onto(q, requant, stream, g) for q, requant, g in zip(readers, requants, grids[2:])]
+    if not torch.is_grad_enabled():
+        return values
+    total = a * weight_a + b if weight_a != 1.0 else a + b
+    return [straight_through(v, total, q) for v, q in zip(values, readers)]
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
