@@ -32,9 +32,13 @@ yet wav2vec 2.0's stream); such a grid's codes are read and written by its own q
 (``FakeQuantize.codes`` / ``values``, quantizer calls the honesty audit checks).
 
 In training (autograd), the value is the simulated one and the gradient the float op's
-(``straight_through``) where an op writes onto its reader's grid or computes its integer
-insides; the residual adds (``add_onto``), the ops told several readers (``onto_each``) and the
-GroupNorm's and folded BatchNorm's readers compute in float there, as their own readers round.
+(``straight_through``) where an op computes its integer insides, writes onto its reader's grid,
+or adds a residual inside a layer (``add_onto``); onto a reader's grid, the gradient is that of
+the float result as the reader rounds it, so a learned (LSQ) reader scale trains as under
+``simulate: float``. A linear told several readers (``QLinear.onto_each``), the GroupNorm's and
+folded BatchNorm's readers, an op whose reader reads it through an active dropout
+(``qswap.nn.fairseq.layers.past``) and the encoders' entry and layer-to-layer streams compute in
+float there, as their own readers round.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from fairseq.modules.conformer_layer import ConformerEncoderLayer, ConformerWav2
 from qswap.io.serializable import ANY, List, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
-from qswap.nn.fairseq.layers import ZERO_POINT, add_onto, onto, onto_each, read_by, reader
+from qswap.nn.fairseq.layers import ZERO_POINT, add_onto, onto, onto_each, past, read_by, reader
 
 
 def feed_forward(ffn: torch.nn.Module, x: torch.Tensor, out_quant: torch.nn.Module) -> torch.Tensor:
@@ -24,7 +24,7 @@ def feed_forward(ffn: torch.nn.Module, x: torch.Tensor, out_quant: torch.nn.Modu
     runs it). x: (T, B, C)."""
     x = onto(ffn.layer_norm, x, reader(ffn.w_1))
     x = ffn.dropout1(ffn.activation(onto(ffn.w_1, x, reader(ffn.activation))))
-    return ffn.dropout2(onto(ffn.w_2, x, out_quant))
+    return ffn.dropout2(onto(ffn.w_2, x, past(ffn.dropout2, out_quant)))
 
 
 def convolution(conv: torch.nn.Module, x: torch.Tensor, out_quant: torch.nn.Module) -> torch.Tensor:
@@ -34,7 +34,7 @@ def convolution(conv: torch.nn.Module, x: torch.Tensor, out_quant: torch.nn.Modu
     x = onto(conv.glu, x, reader(conv.depthwise_conv))
     x = onto(conv.depthwise_conv, x, reader(conv.batch_norm))
     x = conv.activation(onto(conv.batch_norm, x, reader(conv.activation)))
-    return conv.dropout(onto(conv.pointwise_conv2, x, out_quant)).transpose(1, 2)
+    return conv.dropout(onto(conv.pointwise_conv2, x, past(conv.dropout, out_quant))).transpose(1, 2)
 
 
 @register(ConformerEncoderLayer)
@@ -73,7 +73,8 @@ class QConformerEncoderLayer(QuantModule):
         x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         extra = {"pos_emb": position_emb} if self.pos_enc_type == "rel_pos" else {}
         x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
-                                 need_weights=False, **extra, **read_by(self.self_attn, self.attn_out_quant))
+                                 need_weights=False, **extra,
+                                 **read_by(self.self_attn, past(self.self_attn_dropout, self.attn_out_quant)))
         x, residual = self._add("attn", self.attn_out_quant(self.self_attn_dropout(x)),
                                 self.attn_residual_quant(residual),
                                 (reader(self.conv_module.layer_norm), self.conv_residual_quant))

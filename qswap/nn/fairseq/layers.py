@@ -56,6 +56,16 @@ def reader(module: torch.nn.Module) -> Optional[torch.nn.Module]:
     return getattr(module, "input_quant", None)
 
 
+def past(dropout: torch.nn.Module, out_quant: Optional[torch.nn.Module]) -> Optional[torch.nn.Module]:
+    """``out_quant``, the reader an op may write onto when ``dropout`` runs between the two, or None
+    while ``dropout`` drops (training, p > 0): its 1/(1-p) scaling takes the op's values off the
+    reader's grid, so the op cannot compute what the reader reads, and a reader told would get
+    the LSQ gradient of the op's result once more on top of its own (on the dropped values)."""
+    p = getattr(dropout, "p", 0.0)
+    dropping = p > 0 and (dropout.training or getattr(dropout, "apply_during_inference", False))
+    return None if dropping else out_quant
+
+
 def read_by(attention: torch.nn.Module, out_quant: Optional[torch.nn.Module]) -> dict:
     """The keyword telling an attention counterpart that ``takes_reader`` (fairseq's, ESPnet's) the
     quantizer that reads its output (``out_quant``, for ``simulate: integer``); none for another
@@ -116,7 +126,8 @@ class QTransformerEncoderLayer(QuantModule):
         if self.normalize_before:
             x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         x, _ = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
-                              need_weights=False, attn_mask=attn_mask, **read_by(self.self_attn, self.attn_out_quant))
+                              need_weights=False, attn_mask=attn_mask,
+                              **read_by(self.self_attn, past(self.dropout_module, self.attn_out_quant)))
         x, residual = self._stream_onto("attn", self.attn_residual_quant(residual),
                                         self.attn_out_quant(self.dropout_module(x)),
                                         (getattr(self.final_layer_norm, "input_quant", None), self.ffn_residual_quant))
@@ -126,7 +137,7 @@ class QTransformerEncoderLayer(QuantModule):
         if self.normalize_before:
             x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
         x = self.activation_fn(self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant)))
-        fc_result = x = onto(self.fc2, self.activation_dropout_module(x), self.ffn_out_quant)
+        fc_result = x = onto(self.fc2, self.activation_dropout_module(x), past(self.dropout_module, self.ffn_out_quant))
         x, residual = self._stream_onto("ffn", self.ffn_residual_quant(residual),
                                         self.ffn_out_quant(self.dropout_module(x)), next_readers)
         if not self.normalize_before:
@@ -263,7 +274,8 @@ class QTransformerDecoderLayer(QuantModule):
         x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=self_attn_padding_mask,
                                  incremental_state=incremental_state, need_weights=False,
                                  attn_mask=self_attn_mask, **read_by(self.self_attn, None if (
-                                     self.c_attn is not None or self.attn_ln is not None) else self.attn_out_quant))
+                                     self.c_attn is not None or self.attn_ln is not None) else past(
+                                         self.dropout_module, self.attn_out_quant)))
         if self.c_attn is not None:
             x = self._scale_heads(x)
         if self.attn_ln is not None:
@@ -284,7 +296,7 @@ class QTransformerDecoderLayer(QuantModule):
                                         incremental_state=incremental_state, static_kv=True,
                                         need_weights=need_attn or (not self.training and self.need_attn),
                                         need_head_weights=need_head_weights,
-                                        **read_by(self.encoder_attn, self.cross_out_quant))
+                                        **read_by(self.encoder_attn, past(self.dropout_module, self.cross_out_quant)))
             x, residual = self._stream_onto("cross", self.cross_residual_quant(residual),
                                             self.cross_out_quant(self.dropout_module(x)),
                                             self._norm_and_residual("ffn"))
@@ -297,7 +309,7 @@ class QTransformerDecoderLayer(QuantModule):
         x = self.activation_dropout_module(self.activation_fn(x))
         if self.ffn_layernorm is not None:
             x = self.ffn_layernorm(x)
-        x = self.ffn_out_quant(self.dropout_module(onto(self.fc2, x, self.ffn_out_quant)))
+        x = self.ffn_out_quant(self.dropout_module(onto(self.fc2, x, past(self.dropout_module, self.ffn_out_quant))))
         residual = self.ffn_residual_quant(residual)
         if self.w_resid is not None:
             residual = self.scaled_residual_quant(self.w_resid_quant(self.w_resid) * residual)

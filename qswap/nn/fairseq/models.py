@@ -103,8 +103,11 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
                 x = layer(x, padding_mask)
             if return_all_hiddens:
                 states.append(x)
-        if self.out_readers and simulates(self) and isinstance(self.layer_norm, QLayerNorm):
-            # one output per decoder layer, on its key_in grid (the integer encoder's outputs)
+        if self.out_readers and simulates(self) and isinstance(self.layer_norm, QLayerNorm) \
+                and not torch.is_grad_enabled():
+            # one output per decoder layer, on its key_in grid (the integer encoder's outputs); not
+            # in training, where the decoder's integer entry is off and fairseq's loop hands every
+            # layer encoder_out[0]: a layer's key_in would round the first layer's grid values
             outs = self.layer_norm(x, out_quant=list(self.out_readers))
             return dict(_encoder_out(outs[0], padding_mask, states), encoder_out=outs)
         if self.layer_norm is not None:

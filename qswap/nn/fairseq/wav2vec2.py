@@ -32,7 +32,7 @@ from qswap.io.serializable import ANY, INT, List, Obj, Opt, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.fairseq.config_expr import eval_config_expr
 from qswap.nn.fairseq.chain import run_chain
-from qswap.nn.fairseq.layers import add_onto, onto, onto_each, read_by, reader
+from qswap.nn.fairseq.layers import add_onto, onto, onto_each, past, read_by, reader
 from qswap.nn.simulate import simulates
 from qswap.nn.registry import register
 
@@ -67,7 +67,7 @@ class QTransformerSentenceEncoderLayer(QuantModule):
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout2(self.activation_fn(self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant))))
-        return onto(self.fc2, x, self.ffn_out_quant)
+        return onto(self.fc2, x, past(self.dropout3, self.ffn_out_quant))
 
     def forward(self, x: torch.Tensor, self_attn_mask: Optional[torch.Tensor] = None,
                 self_attn_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
@@ -84,7 +84,7 @@ class QTransformerSentenceEncoderLayer(QuantModule):
             x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=self_attn_padding_mask,
                                  attn_mask=self_attn_mask if self.layer_norm_first else None,
-                                 need_weights=False, **read_by(self.self_attn, self.attn_out_quant))
+                                 need_weights=False, **read_by(self.self_attn, past(self.dropout1, self.attn_out_quant)))
         readers = (reader(self.final_layer_norm), self.ffn_residual_quant) if self.layer_norm_first else (
             reader(self.self_attn_layer_norm),)
         x, residual = self._add("attn", self.attn_residual_quant(residual), self.attn_out_quant(self.dropout1(x)),
