@@ -457,13 +457,9 @@ def test_a_learned_scale_written_after_a_training_simulation_is_read_at_inferenc
         assert torch.equal(fq(y), fake_quantize_passes(y, float(fq.scale), int(fq.zero_point), spec))
 
 
-def test_learned_reader_scales_train_under_integer_simulation():
-    """QAT of an LSQ recipe with ``simulate: integer``: where an op's integer form writes onto its
-    reader's grid (linears, norms, attention's products and softmax, the conv subsampler's GLU),
-    the reader's learned scale gets the gradient of the float result as the reader rounds it, the
-    one ``simulate: float`` gives it. (The reader's own call on a grid value gives none: 26 of the
-    93 learned scales of this model got exactly zero before.) The forward value stays the
-    integer one."""
+def _lsq_s2t_model():
+    """A small fairseq S2T transformer converted with ``w4a8_lsq`` (learned activation scales) and
+    calibrated on one batch, with that batch."""
     from qswap.models import build_s2t_transformer, s2t_net_input
 
     torch.manual_seed(0)
@@ -472,6 +468,18 @@ def test_learned_reader_scales_train_under_integer_simulation():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qswap.calibrate(q, [net])
+    return q, net
+
+
+def test_learned_reader_scales_train_under_integer_simulation():
+    """QAT of an LSQ recipe with ``simulate: integer``: where an op's integer form writes onto its
+    reader's grid (linears, norms, attention's products and softmax, the conv subsampler's GLU),
+    the reader's learned scale gets the gradient of the float result as the reader rounds it, the
+    one ``simulate: float`` gives it. (The reader's own call on a grid value gives none: 65 of the
+    93 learned scales of this model got less than 1e-3 of their float gradient before, 26 exactly
+    zero; one more, the second decoder layer's key grid, read the first layer's grid values.) The
+    forward value stays the integer one."""
+    q, net = _lsq_s2t_model()
     for m in q.modules():  # no dropout: the training forward is the eval one
         if isinstance(getattr(m, "p", None), float):
             m.p = 0.0
@@ -498,18 +506,11 @@ def test_learned_reader_scales_train_under_integer_simulation():
 
 def test_learned_reader_scales_trained_below_zero_fall_back_to_float():
     """Once reader scales train (above), one can train below zero, as fairseq-train's QAT of a
-    tiny model with lr 1e-3 did to the subsampler GLU's reader: the integer forms of the GLU, the
-    attention's products and its softmax then have no fixed-point multiplier, and the simulation
-    computes those ops in float (as without ``simulate: integer``), in training and at inference,
-    instead of raising ``IntegerizeError``."""
-    from qswap.models import build_s2t_transformer, s2t_net_input
-
-    torch.manual_seed(0)
-    net = s2t_net_input(2, 60, 80, 7, 40, seed=1)
-    q = qswap.convert(build_s2t_transformer(), "w4a8_lsq")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qswap.calibrate(q, [net])
+    tiny model with lr 1e-3 did to the subsampler GLU's reader: the integer forms of the GLU and
+    of the attention's products then have no fixed-point multiplier, and the simulation computes
+    those ops in float (as without ``simulate: integer``), in training and at inference, instead
+    of raising ``IntegerizeError``. (The integer softmax takes such a grid as it is.)"""
+    q, net = _lsq_s2t_model()
     layer = q.encoder.transformer_layers[0]
     readers = [q.encoder.subsample.conv_layers[1].input_quant,  # the first GLU's reader
                layer.self_attn.core.softmax_in_quant, layer.self_attn.core.softmax_out_quant,
