@@ -46,6 +46,11 @@ class CheckpointError(QswapError):
     """A checkpoint is missing, corrupt, not a fairseq/qswap checkpoint, or unsafe to load."""
 
 
+class ModelBuildError(CheckpointError):
+    """fairseq could not build the model from a checkpoint that loaded (its state does not fit the
+    model its cfg and task build: e.g. another dictionary's embedding size)."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint needs a pickle global outside the allowlist; opt in with trust_checkpoint."""
 

@@ -265,8 +265,8 @@ def average_states(paths: list[Path]) -> dict:
     allow_fairseq_checkpoints()
     if len(paths) < 2:
         raise SystemExit(f"average needs two checkpoints or more, got {len(paths)}; pass --last N with N >= 2")
-    states = [load_checkpoint(p)["model"] for p in paths]
     out = load_checkpoint(paths[-1])
+    states = [load_checkpoint(p)["model"] for p in paths[:-1]] + [out["model"]]
     keys = list(states[-1])
     for p, st in zip(paths, states):
         if list(st) != keys:

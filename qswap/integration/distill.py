@@ -34,10 +34,9 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.logging import metrics
 
-from qswap.errors import CheckpointError, TrainingError
+from qswap.errors import CheckpointError, ModelBuildError, TrainingError
 
 NAME = "qswap_distill"
-BUILD_FAILED = "fairseq could not build the model"  # qswap.io.checkpoint's words for a state that does not fit
 
 
 @dataclass
@@ -87,9 +86,10 @@ class DistillCriterion(LabelSmoothedCrossEntropyCriterion):
         """``tau^2 * KL(teacher || student)`` per target token that is not padding, summed
         (``reduce``) or one per token position (B * T, padding positions 0)."""
         teacher = self.teacher
-        if next(teacher.parameters()).device != student_logits.device:
+        first = next(teacher.parameters())
+        if first.device != student_logits.device:
             teacher.to(student_logits.device)
-        dtype = next(teacher.parameters()).dtype  # fp16 training halves the samples, not the teacher
+        dtype = first.dtype  # fp16 training halves the samples, not the teacher
         net_input = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
                      for k, v in sample["net_input"].items()}
         with torch.no_grad():
@@ -138,9 +138,7 @@ def load_teacher(path: str, task) -> torch.nn.Module:
     opts = getattr(task, "args", None) or getattr(task, "cfg", None)
     try:
         teacher, _ = load_model_and_task(path, getattr(opts, "data", None))
-    except CheckpointError as exc:
-        if type(exc) is not CheckpointError or BUILD_FAILED not in str(exc):
-            raise  # a missing, unreadable or unsafe file: its own error says what to change
+    except ModelBuildError as exc:  # a missing, unreadable or unsafe file: its own error says what to change
         raise CheckpointError(f"the distillation teacher does not load with this run's data directory "
                               f"and dictionary: {exc}; distill from a model trained with the same "
                               f"dictionary") from None

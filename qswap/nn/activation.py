@@ -86,7 +86,7 @@ def glu_value(owner: nn.Module, slot: str, xq: torch.Tensor, quant: nn.Module, d
     if grid is None:
         return F.glu(xq, dim=dim)
     value = None if out_quant is None else onto_grid(
-        owner, f"{slot}_onto", lambda out: form_or_none(GluParams.build, grid, out), out_quant,
+        owner, f"{slot}_onto", lambda out: GluParams.build(grid, out), out_quant,
         lambda params, out: requantized_values(params.out, glu_accumulator(codes_of(xq, grid), params, dim),
                                                out.scale, axis=dim), quant.scale, quant.zero_point)
     if value is not None:

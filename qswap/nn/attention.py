@@ -130,9 +130,9 @@ class QuantAttentionCore(nn.Module):
         if grid_a is None or grid_b is None:
             return product()
 
-        def build(out):  # None where the scales have no integer form (a learned scale trained below 0)
-            return form_or_none(lambda: Requant.from_scales(grid_a.scale * factor * grid_b.scale / out.scale,
-                                                            out.zero_point, out.qmin, out.qmax))
+        def build(out):
+            return Requant.from_scales(grid_a.scale * factor * grid_b.scale / out.scale, out.zero_point, out.qmin,
+                                       out.qmax)
 
         def run(requant, out):
             from qswap.quant.integer import exact_gemm, requantized_values

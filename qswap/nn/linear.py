@@ -231,7 +231,7 @@ def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_
     sources = [input_quant.scale, input_quant.zero_point, *(t for t in weights if t is not None)]
     if getattr(owner.weight_quant, "scale", None) is not None:
         sources.append(owner.weight_quant.scale)
-    return onto_grid(owner, "_integer_onto", functools.partial(form_or_none, to_integer, grid_in), out_quant,
+    return onto_grid(owner, "_integer_onto", functools.partial(to_integer, grid_in), out_quant,
                      lambda form, out: form.simulated(centered_codes(xq, grid_in),
                                                       out.scale if isinstance(out.scale, float) else None, grid_in.span),
                      *sources, channels=channels)

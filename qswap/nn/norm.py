@@ -10,7 +10,6 @@ reader).
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +135,7 @@ class QLayerNorm(_QNorm):
         grid = stream_grid_of(self.input_quant) if simulates(self) and out_quant is not None else None
         if grid is None:
             return self._normed(xq)
-        value = onto_grid(self, "_integer_onto", functools.partial(form_or_none, self.to_integer), out_quant,
+        value = onto_grid(self, "_integer_onto", self.to_integer, out_quant,
                           lambda form, out: form.simulated(channel_codes(self.input_quant, xq, grid), out.scale),
                           *self._form_sources())
         if value is not None and not torch.is_grad_enabled():
@@ -288,7 +287,7 @@ class QGroupNorm(_QNorm):
         grid = grid_of(self.input_quant) if simulates(self) and out_quant is not None else None
         if grid is not None and not forget(self, "_integer_onto"):
             quants = [q for q in (self.weight_quant, self.bias_quant) if getattr(q, "scale", None) is not None]
-            value = onto_grid(self, "_integer_onto", functools.partial(form_or_none, self.to_integer), out_quant,
+            value = onto_grid(self, "_integer_onto", self.to_integer, out_quant,
                               lambda form, out: form(codes_of(xq, grid)), self.input_quant.scale,
                               self.input_quant.zero_point, *(q.scale for q in quants),
                               *(t for t in (self.weight, self.bias) if t is not None))
@@ -390,7 +389,7 @@ class QBatchNorm1d(QuantModule):
                    *(t for t in (self.weight, self.bias) if t is not None)]
         if getattr(self.weight_quant, "scale", None) is not None:
             sources.append(self.weight_quant.scale)
-        return onto_grid(self, "_integer_onto", lambda grid_out: form_or_none(self.to_integer, grid_out), out_quant,
+        return onto_grid(self, "_integer_onto", self.to_integer, out_quant,
                          lambda form, out: form.simulated(centered_codes(xq, grid_in), out.scale, grid_in.span),
                          *sources)
 

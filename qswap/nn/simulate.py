@@ -261,7 +261,8 @@ def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *so
     (kept in ``owner.<slot>`` while the output grid and ``sources`` are unchanged) and
     ``run(form, grid_out)`` runs it on the op's input codes and returns the output codes, or their
     values as a float tensor (``qswap.quant.integer.requantized_values``, which skips forming the
-    codes) (``build`` may return None: no integer form). So the simulation requantizes the exact integer accumulator with the form's fixed-point
+    codes) (``build`` may return None or raise ``IntegerizeError``, e.g. for a learned scale trained
+    below 0: no integer form, the op in float). So the simulation requantizes the exact integer accumulator with the form's fixed-point
     multiplier and rounding, instead of rounding the float32 result by ``x * (1 / s)``. None where
     ``owner`` does not simulate integers or ``out_quant`` has no per-tensor grid (``channels``: nor
     one per channel of the last axis, ``stream_grid_of``, for a form whose requantization writes
@@ -271,7 +272,8 @@ def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *so
     grid_out = stream_grid_of(out_quant, frozen_only=True) if channels else reader_grid(out_quant)
     if grid_out is None:
         return None
-    form = cached(owner, slot, lambda: build(grid_out), out_quant.scale, out_quant.zero_point, *sources)
+    # a form the scales do not admit (a learned scale trained below 0): None, the op in float
+    form = cached(owner, slot, lambda: form_or_none(build, grid_out), out_quant.scale, out_quant.zero_point, *sources)
     if form is None:
         return None
     with torch.no_grad():

@@ -283,7 +283,7 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
         return (simulates(self) and not self.training and not torch.is_grad_enabled()
                 and isinstance(self.linear, QLinear) and all(isinstance(l, QConformerEncoderLayer) for l in layers))
 
-    def to_integer(self, out, stream_bits: int = 16) -> "IntegerS2TTransformerEncoder":
+    def to_integer(self, out, stream_bits: int = STREAM_BITS) -> "IntegerS2TTransformerEncoder":
         """The integer form of this encoder writing codes of ``out`` (a grid, or a list of grids:
         one per decoder layer's ``key_in``). As the transformer encoder's: the embedded features
         enter an int32 stream exactly, absolute positions folded onto it (rel_pos: none; the table
