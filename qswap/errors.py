@@ -43,12 +43,14 @@ class AuditError(QswapError):
 
 
 class CheckpointError(QswapError):
-    """A checkpoint is missing, corrupt, not a fairseq/qswap checkpoint, or unsafe to load."""
+    """A checkpoint is missing, corrupt, not a fairseq/qswap checkpoint, or unsafe to load.
+    ``kind``: "build" where fairseq could not build the model from a checkpoint that loaded (its
+    state does not fit the model its cfg and task build, e.g. another dictionary's embedding
+    size); None otherwise."""
 
-
-class ModelBuildError(CheckpointError):
-    """fairseq could not build the model from a checkpoint that loaded (its state does not fit the
-    model its cfg and task build: e.g. another dictionary's embedding size)."""
+    def __init__(self, message: str, *, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind
 
 
 class UnsafeCheckpointError(CheckpointError):

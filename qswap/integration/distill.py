@@ -34,7 +34,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.logging import metrics
 
-from qswap.errors import CheckpointError, ModelBuildError, TrainingError
+from qswap.errors import CheckpointError, TrainingError
 
 NAME = "qswap_distill"
 
@@ -138,7 +138,9 @@ def load_teacher(path: str, task) -> torch.nn.Module:
     opts = getattr(task, "args", None) or getattr(task, "cfg", None)
     try:
         teacher, _ = load_model_and_task(path, getattr(opts, "data", None))
-    except ModelBuildError as exc:  # a missing, unreadable or unsafe file: its own error says what to change
+    except CheckpointError as exc:
+        if exc.kind != "build":
+            raise  # a missing, unreadable or unsafe file: its own error says what to change
         raise CheckpointError(f"the distillation teacher does not load with this run's data directory "
                               f"and dictionary: {exc}; distill from a model trained with the same "
                               f"dictionary") from None

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from qswap.errors import CheckpointError, DataError, ModelBuildError, QswapError, RecipeError
+from qswap.errors import CheckpointError, DataError, QswapError, RecipeError
 from qswap.io.atomic import atomic_open
 from qswap.io.safe_load import TRUST_FLAG, allowed_globals, first_line, load_checkpoint
 
@@ -68,8 +68,8 @@ def load_fairseq_model(path: "str | os.PathLike[str]", *, trust_checkpoint: bool
     except QswapError:
         raise
     except Exception as exc:
-        raise ModelBuildError(f"{path}: fairseq could not build the model from this checkpoint "
-                              f"({type(exc).__name__}: {first_line(exc)})") from None
+        raise CheckpointError(f"{path}: fairseq could not build the model from this checkpoint "
+                              f"({type(exc).__name__}: {first_line(exc)})", kind="build") from None
     return models[0].eval(), cfg, task
 
 
@@ -291,8 +291,8 @@ def _build_float_model(path: Path, cfg: Any, task: Any) -> nn.Module:
             return task.build_model(cfg.model, from_checkpoint=True)
         return task.build_model(cfg.model)
     except Exception as exc:
-        raise ModelBuildError(f"{path}: fairseq could not build the model from the stored cfg "
-                              f"({type(exc).__name__}: {first_line(exc)})") from None
+        raise CheckpointError(f"{path}: fairseq could not build the model from the stored cfg "
+                              f"({type(exc).__name__}: {first_line(exc)})", kind="build") from None
 
 
 def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
