@@ -71,7 +71,7 @@ def layer_agreement(recipe: str = "w8a8", count: int = 8) -> list[dict]:
 
     import qswap
     from qswap.integration import data as fdata
-    from qswap.nn.fairseq.layers import stream_to
+    from qswap.nn.simulate import stream_to
     from qswap.recipe import with_simulate
 
     model, task = fdata.load_model_and_task(ASSET / "checkpoint.pt", ASSET)

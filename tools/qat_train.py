@@ -50,10 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fairseq_walkthrough import arch_args  # noqa: E402  (tools/fairseq_walkthrough.py)
 
+from qswap.errors import CheckpointError, DataError, QswapError, TrainingError  # noqa: E402
+
 ASSET = REPO / "qswap" / "assets" / "s2t_demo"
 SHIPPED_QAT = ASSET / "qat_w4a4_edges8.pt"
 KEEP = 20  # fairseq-train's --keep-interval-updates in train_command
-DISTILL_DEFAULTS = {"alpha": 0.5, "temperature": 1.0}
 TRAIN_DEFAULTS = {"lr": 3e-4, "warmup": 20, "max_tokens": 6000, "max_update": 3000, "calib_batches": 4}
 MODEL_FILES = ("spm_unigram200.model", "spm_unigram200.txt")
 
@@ -86,8 +87,18 @@ def criterion_args(a: argparse.Namespace) -> list[str]:
     teacher = getattr(a, "distill", None)
     if not teacher:
         return ["--criterion", "label_smoothed_cross_entropy"]
+    alpha, temperature = distill_settings(a)
     return ["--criterion", "qswap_distill", "--distill-teacher", str(teacher),
-            "--distill-alpha", str(a.distill_alpha), "--distill-temperature", str(a.distill_temperature)]
+            "--distill-alpha", str(alpha), "--distill-temperature", str(temperature)]
+
+
+def distill_settings(a: argparse.Namespace) -> tuple[float, float]:
+    """``--distill-alpha`` and ``--distill-temperature``, each the criterion's default where not
+    given (``qswap.integration.distill``)."""
+    from qswap.integration.distill import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
+
+    return (DEFAULT_ALPHA if a.distill_alpha is None else a.distill_alpha,
+            DEFAULT_TEMPERATURE if a.distill_temperature is None else a.distill_temperature)
 
 
 def use_shipped_tokenizer(data: Path) -> None:
@@ -97,7 +108,7 @@ def use_shipped_tokenizer(data: Path) -> None:
     import shutil
 
     if (data / MODEL_FILES[1]).read_text() != (ASSET / MODEL_FILES[1]).read_text():
-        raise SystemExit(f"{data}: its dictionary is not the shipped model's; rebuild the corpus "
+        raise DataError(f"{data}: its dictionary is not the shipped model's; rebuild the corpus "
                          f"with the parameters in {ASSET / 'README.md'}")
     shutil.copyfile(ASSET / MODEL_FILES[0], data / MODEL_FILES[0])
 
@@ -122,12 +133,12 @@ def check_distill(a: argparse.Namespace) -> None:
     from qswap.integration.distill import check_settings
 
     if getattr(a, "distill", None):
-        check_settings(str(a.distill), a.distill_alpha, a.distill_temperature)
+        check_settings(str(a.distill), *distill_settings(a))
         if not Path(a.distill).is_file():
-            raise SystemExit(f"--distill {a.distill}: no such checkpoint; pass the teacher's checkpoint "
+            raise CheckpointError(f"--distill {a.distill}: no such checkpoint; pass the teacher's checkpoint "
                              f"(the float model: {_rel(ASSET / 'checkpoint.pt')})")
-    elif (a.distill_alpha, a.distill_temperature) != (DISTILL_DEFAULTS["alpha"], DISTILL_DEFAULTS["temperature"]):
-        raise SystemExit("--distill-alpha and --distill-temperature weigh the distillation term: pass --distill TEACHER")
+    elif a.distill_alpha is not None or a.distill_temperature is not None:
+        raise TrainingError("--distill-alpha and --distill-temperature weigh the distillation term: pass --distill TEACHER")
 
 
 def do_train(a: argparse.Namespace) -> int:
@@ -135,7 +146,7 @@ def do_train(a: argparse.Namespace) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: torch sees no GPU on this machine; train with --device cpu, or on a "
+            raise TrainingError("--device cuda: torch sees no GPU on this machine; train with --device cpu, or on a "
                              "machine with one (pack the corpus there: 'qat_train.py pack', then 'unpack')")
     check_start(a)
     check_distill(a)
@@ -264,13 +275,13 @@ def average_states(paths: list[Path]) -> dict:
 
     allow_fairseq_checkpoints()
     if len(paths) < 2:
-        raise SystemExit(f"average needs two checkpoints or more, got {len(paths)}; pass --last N with N >= 2")
+        raise TrainingError(f"average needs two checkpoints or more, got {len(paths)}; pass --last N with N >= 2")
     out = load_checkpoint(paths[-1])
     states = [load_checkpoint(p)["model"] for p in paths[:-1]] + [out["model"]]
     keys = list(states[-1])
     for p, st in zip(paths, states):
         if list(st) != keys:
-            raise SystemExit(f"{p}: its model state names other tensors than {paths[-1]}'s; average "
+            raise CheckpointError(f"{p}: its model state names other tensors than {paths[-1]}'s; average "
                              f"checkpoints of one run")
     model = {}
     for k in keys:
@@ -280,7 +291,7 @@ def average_states(paths: list[Path]) -> dict:
         elif k.endswith(AVERAGE_KEEPS_LAST) or all(torch.equal(v, values[-1]) for v in values):
             model[k] = values[-1]
         else:
-            raise SystemExit(f"{k} ({values[-1].dtype}) differs between the checkpoints; an integer or "
+            raise CheckpointError(f"{k} ({values[-1].dtype}) differs between the checkpoints; an integer or "
                              f"bool tensor has no average (average checkpoints with the same grids)")
     out["model"] = model
     return out
@@ -295,10 +306,10 @@ def do_average(a: argparse.Namespace) -> int:
 
     save_dir = Path(a.save_dir)
     if a.last < 2:
-        raise SystemExit(f"--last {a.last}: average at least the last 2 checkpoints")
+        raise TrainingError(f"--last {a.last}: average at least the last 2 checkpoints")
     interval = [(u, p) for u, p in checkpoints(save_dir) if p.name != "checkpoint_last.pt"]
     if len(interval) < 2:
-        raise SystemExit(f"{save_dir} has {len(interval)} interval checkpoint(s) (checkpoint_EPOCH_UPDATE.pt); "
+        raise TrainingError(f"{save_dir} has {len(interval)} interval checkpoint(s) (checkpoint_EPOCH_UPDATE.pt); "
                          f"average needs two or more")
     kept = interval[-a.last:]
     state = average_states([p for _, p in kept])
@@ -321,7 +332,7 @@ def do_ship(a: argparse.Namespace) -> int:
     save_dir = Path(a.save_dir)
     scores = dev_scores(save_dir)
     if not scores:
-        raise SystemExit(f"no dev results in {save_dir}; run the 'dev' step first")
+        raise TrainingError(f"no dev results in {save_dir}; run the 'dev' step first")
     best = min(scores, key=lambda u: (scores[u], u))
     path = dict(checkpoints(save_dir))[best]
     effect = ship(path, Path(a.out))
@@ -398,7 +409,7 @@ def run_facts(log_text: str) -> dict:
     commands = [ln[2:].split() for ln in log_text.splitlines()
                 if ln.startswith("$ ") and ("fairseq-train" in ln or "fairseq_cli.train" in ln)]
     if not commands:
-        raise SystemExit("the log has no fairseq-train command line ('$ fairseq-train ...'); pass the "
+        raise TrainingError("the log has no fairseq-train command line ('$ fairseq-train ...'); pass the "
                          "train.log that 'qat_train.py train' wrote")
     last = commands[-1]
     flag = {k: v for k, v in zip(last, last[1:]) if k.startswith("--")}
@@ -634,13 +645,13 @@ def refreshed(page: str, evals: Path) -> str:
     the page shows (a new set changes the commands too: run ``doc``)."""
     found = re.search(r"within \+([0-9.]+) absolute WER\)", page)
     if found is None:
-        raise SystemExit("the page states no target ('within +T absolute WER'); write it with 'doc' first")
+        raise TrainingError("the page states no target ('within +T absolute WER'); write it with 'doc' first")
     target = float(found.group(1))
     cmp_rows, wins = comparison(evals)
     target_rows, met = against_float(evals, target)
     shown = set(re.findall(r"^\| (test\w*) \|", page, flags=re.M))
     if shown != {row.split(" | ")[0][2:] for row in cmp_rows + target_rows}:
-        raise SystemExit(f"{evals} has results for other sets than the page shows ({', '.join(sorted(shown))}); "
+        raise TrainingError(f"{evals} has results for other sets than the page shows ({', '.join(sorted(shown))}); "
                          "write the page with 'doc'")
     page = _rows_after(page, "| subset | PTQ WER % [95 % CI] |", cmp_rows)
     page = _rows_after(page, "| subset | float WER % | QAT WER % |", target_rows)
@@ -657,7 +668,7 @@ def _rows_after(page: str, header: str, rows: list[str]) -> str:
     lines = page.split("\n")
     start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
     if start is None:
-        raise SystemExit(f"the page has no table headed {header!r}; write it with 'doc' first")
+        raise TrainingError(f"the page has no table headed {header!r}; write it with 'doc' first")
     end = start + 2
     while end < len(lines) and lines[end].startswith("|"):
         end += 1
@@ -771,9 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--distill", type=Path, metavar="TEACHER", help="distil from this checkpoint (the float "
                    "model: qswap/assets/s2t_demo/checkpoint.pt) with qswap's criterion qswap_distill")
-    t.add_argument("--distill-alpha", type=float, default=DISTILL_DEFAULTS["alpha"], help="weight of the distillation term")
-    t.add_argument("--distill-temperature", type=float, default=DISTILL_DEFAULTS["temperature"],
-                   help="softmax temperature of the term")
+    t.add_argument("--distill-alpha", type=float, help="weight of the distillation term (default: the criterion's)")
+    t.add_argument("--distill-temperature", type=float,
+                   help="softmax temperature of the term (default: the criterion's)")
     t.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: fairseq-train on the GPU")
     t.add_argument("--train-subset", default="train", help="fairseq's --train-subset (unpack: train_1,train_2,...)")
     d = sub.add_parser("dev", help="dev WER of each saved checkpoint (qswap eval)")
@@ -816,7 +827,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "pack" and a.parts < 1:
         p.error(f"--parts takes a count of at least 1; got {a.parts}")
-    from qswap.errors import QswapError
     try:
         return {"train": do_train, "dev": do_dev, "average": do_average, "ship": do_ship, "doc": do_doc, "pack": do_pack,
                 "unpack": do_unpack, "refresh": do_refresh}[a.cmd](a)

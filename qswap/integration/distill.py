@@ -37,21 +37,23 @@ from fairseq.logging import metrics
 from qswap.errors import CheckpointError, TrainingError
 
 NAME = "qswap_distill"
+DEFAULT_ALPHA = 0.5  # the distillation term's weight
+DEFAULT_TEMPERATURE = 1.0
 
 
 @dataclass
 class DistillConfig(LabelSmoothedCrossEntropyCriterionConfig):
     distill_teacher: str = field(default="", metadata={
         "help": "checkpoint of the teacher (the float model the quantized one was converted from)"})
-    distill_alpha: float = field(default=0.5, metadata={
+    distill_alpha: float = field(default=DEFAULT_ALPHA, metadata={
         "help": "weight of the distillation term; 1 - alpha weighs the label-smoothed cross entropy"})
-    distill_temperature: float = field(default=1.0, metadata={
+    distill_temperature: float = field(default=DEFAULT_TEMPERATURE, metadata={
         "help": "softmax temperature of both models' distributions in the distillation term"})
 
 
 class DistillCriterion(LabelSmoothedCrossEntropyCriterion):
-    def __init__(self, task, sentence_avg, label_smoothing, distill_teacher, distill_alpha=0.5,
-                 distill_temperature=1.0, ignore_prefix_size=0, report_accuracy=False):
+    def __init__(self, task, sentence_avg, label_smoothing, distill_teacher, distill_alpha=DEFAULT_ALPHA,
+                 distill_temperature=DEFAULT_TEMPERATURE, ignore_prefix_size=0, report_accuracy=False):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         check_settings(distill_teacher, distill_alpha, distill_temperature)
         self.alpha = float(distill_alpha)

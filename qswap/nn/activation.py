@@ -10,7 +10,8 @@ from torch import nn
 from qswap.io.serializable import INT, Obj, Opt, Tensor, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import cached, codes_of, form_or_none, grid_of, onto_grid, simulates, straight_through, value_of
+from qswap.nn.simulate import (carries_grad, cached, codes_of, form_or_none, grid_of, onto_grid, simulates,
+                                straight_through, value_of)
 
 
 class _QElementwise(QuantModule):
@@ -90,7 +91,7 @@ def glu_value(owner: nn.Module, slot: str, xq: torch.Tensor, quant: nn.Module, d
         lambda params, out: requantized_values(params.out, glu_accumulator(codes_of(xq, grid), params, dim),
                                                out.scale, axis=dim), quant.scale, quant.zero_point)
     if value is not None:
-        return straight_through(value, F.glu(xq, dim=dim), out_quant) if torch.is_grad_enabled() else value
+        return straight_through(value, F.glu(xq, dim=dim), out_quant) if carries_grad(out_quant, xq) else value
     params = cached(owner, slot, lambda: form_or_none(GluParams.build, grid, None), quant.scale, quant.zero_point)
     if params is None:  # e.g. a learned scale trained to zero or below: no integer form
         return F.glu(xq, dim=dim)

@@ -25,8 +25,8 @@ from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
-from qswap.nn.simulate import (cached, centered_codes, codes_of, dequantized, form_or_none, grid_of, onto_grid,
-                                reader_grid, simulates, straight_through)
+from qswap.nn.simulate import (cached, carries_grad, centered_codes, codes_of, dequantized, form_or_none, grid_of,
+                                onto_grid, reader_grid, simulates, straight_through)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -143,7 +143,7 @@ class QuantAttentionCore(nn.Module):
                           b_quant.scale, b_quant.zero_point)  # factor: the attention's constant scaling
         if value is None:
             return product()
-        if not torch.is_grad_enabled():
+        if not carries_grad(out_quant, a, b):
             return value
         product = product()
         return straight_through(value, product, out_quant)
@@ -163,7 +163,8 @@ class QuantAttentionCore(nn.Module):
         with torch.no_grad():
             codes = integer_softmax(codes_of(scores, grid_in), params, torch.isneginf(masked), long_rows=True)
             value = dequantized(codes, grid_out)
-        return straight_through(value, F.softmax(masked, dim=-1), self.softmax_out_quant) if torch.is_grad_enabled() else value
+        reader = self.softmax_out_quant
+        return straight_through(value, F.softmax(masked, dim=-1), reader) if carries_grad(reader, masked) else value
 
     def to_integer(self, scaling: float, out: "Grid") -> "IntegerAttentionCore":
         """The integer form writing context codes of ``out`` (the out projection's input grid):

@@ -12,7 +12,7 @@ from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tenso
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
 from qswap.nn.simulate import (cached, centered_codes, forget, form_or_none, grid_of, onto_grid, reader_grid,
-                                simulates, straight_through, stream_grid_of, values_onto)
+                                requants_to, simulates, straight_through, stream_grid_of, values_onto)
 from qswap.quant.bias import BiasQuantize, quantized_pair
 
 
@@ -67,7 +67,6 @@ class _Weighted(QuantModule):
         once and requantized onto each reader's grid in fixed point, as values (what the integer
         model computes for a result several grids read: wav2vec 2.0's feature projection, read by
         the positional conv and its residual); else the op's result for each."""
-        from qswap.nn.fairseq.layers import stream_to
         xq = self.input_quant(x)
         grid_in = grid_of(self.input_quant) if simulates(self) and not forget(self, "_integer_onto_each") else None
         # a linear's readers may be per channel of its output axis (a conformer's per-channel stream)
@@ -77,8 +76,7 @@ class _Weighted(QuantModule):
         if None not in grids:
             def build():
                 form = form_or_none(self.to_integer, None)
-                requants = None if form is None else form_or_none(
-                    lambda: [stream_to(form.stream_scale, g) for g in grids])
+                requants = None if form is None else requants_to(form.stream_scale, grids)
                 return None if requants is None else (form, requants)
             weights = [t for t in (getattr(self, n, None) for n in ("weight", "weight_v", "weight_g", "bias"))
                        if t is not None]

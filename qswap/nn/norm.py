@@ -20,8 +20,8 @@ from qswap.io.serializable import Obj, Opt, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
 from qswap.nn.simulate import (cached, centered_codes, channel_codes, codes_of, forget, form_or_none, grid_of,
-                                onto_grid, row_isqrt, simulates, straight_through, stream_grid_of, value_of,
-                                values_onto)
+                                onto_grid, requants_to, row_isqrt, simulates, straight_through, stream_grid_of,
+                                value_of, values_onto)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -149,28 +149,27 @@ class QLayerNorm(_QNorm):
         requantized onto each reader's grid (what the integer model computes for a norm whose
         result several grids read: the S2T encoder's final norm, read by every decoder layer's
         ``key_in``), as values with the norm's gradient; else the norm's value for each."""
-        from qswap.quant.integer import Requant
         forget(self, "_integer_onto_each")
         xq = self.input_quant(x)
         grids = [stream_grid_of(r, frozen_only=True) for r in readers]
         grid = stream_grid_of(self.input_quant) if simulates(self) and None not in grids else None
-
-        def build():
-            form = form_or_none(self.to_integer, None)
-            requants = None if form is None else form_or_none(lambda: [
-                Requant.from_scales(form.stream_scale / g.scale, g.zero_point, g.qmin, g.qmax) for g in grids])
-            return None if requants is None else (form, requants)
-        built = None if grid is None else cached(
-            self, "_integer_onto_each", build,
+        form = None if grid is None else self._common_form()  # in the caller's grad mode: see ``cached``
+        requants = None if form is None else cached(
+            self, "_integer_onto_each", lambda: requants_to(form.stream_scale, grids),
             *self._form_sources(), *(r.scale for r in readers), *(r.zero_point for r in readers))
-        y = self._normed(xq) if built is None or torch.is_grad_enabled() else None
-        if built is None:
+        y = self._normed(xq) if requants is None or torch.is_grad_enabled() else None
+        if requants is None:
             return [y for _ in readers]
-        form, requants = built
         with torch.no_grad():
             acc = form.simulated_acc(channel_codes(self.input_quant, xq, grid))  # (..., C) int32
             values = [values_onto(r, requant, acc, g) for r, requant, g in zip(readers, requants, grids)]
         return values if y is None else [straight_through(v, y, r) for v, r in zip(values, readers)]
+
+    def _common_form(self):
+        """The integer form that puts the input codes on one common grid and keeps the int32
+        affine accumulator (``to_integer(None)``), kept in ``_integer_form``; None where it has
+        none. Read by a per-channel input's simulation and by ``onto_each``."""
+        return cached(self, "_integer_form", lambda: form_or_none(self.to_integer, None), *self._form_sources())
 
     def _form_sources(self) -> list:
         """What the integer form is built from: the input grid, the affine parameters and their
@@ -199,8 +198,7 @@ class QLayerNorm(_QNorm):
         from qswap.quant.integer import ChannelGrid, integer_layer_norm_acc
         grid = stream_grid_of(self.input_quant)
         if isinstance(grid, ChannelGrid):  # per-channel input codes: the form puts them on a common grid
-            form = cached(self, "_integer_ln_channels", lambda: form_or_none(self.to_integer, None),
-                          *self._form_sources())
+            form = self._common_form()
             if form is None:
                 return None
             with torch.no_grad():

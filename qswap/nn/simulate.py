@@ -126,6 +126,21 @@ def values_onto(quant: nn.Module, requant, acc: torch.Tensor, grid, axis: int = 
     return requantized_values(requant, acc, grid.scale, axis)
 
 
+def stream_to(scale: float | torch.Tensor, quant) -> "Requant":
+    """The requantization of an int32 residual stream on grid ``scale`` (a float, or a (C,) tensor
+    per channel of the last axis) onto ``quant``'s grid (or onto a ``Grid`` / ``ChannelGrid``;
+    a quantizer per channel of the last axis gives per-channel multipliers and zero points)."""
+    from qswap.quant.integer import ChannelGrid, Grid, Requant, stream_grid
+    grid = quant if isinstance(quant, (Grid, ChannelGrid)) else stream_grid(quant)
+    return Requant.from_scales(scale / grid.scale, grid.zero_point, grid.qmin, grid.qmax)
+
+
+def requants_to(scale: float | torch.Tensor, grids) -> list | None:
+    """``stream_to(scale, g)`` for each of ``grids`` (an int32 result on grid ``scale`` that several
+    readers requantize), or None where one of them has no integer form (``form_or_none``)."""
+    return form_or_none(lambda: [stream_to(scale, g) for g in grids])
+
+
 def reader_grid(quant: nn.Module):
     """``grid_of(quant)`` for the quantizer that reads an op's result, where that op would write
     its codes onto the reader's grid (``onto_grid``): only once the reader is frozen. While it
@@ -197,6 +212,15 @@ def straight_through(value: torch.Tensor, differentiable: torch.Tensor, reader: 
 def learns(quant: nn.Module) -> bool:
     """Whether ``quant`` has a parameter being trained (a learned scale)."""
     return any(p.requires_grad for p in quant.parameters(recurse=False))
+
+
+def carries_grad(reader: nn.Module | None, *inputs: torch.Tensor) -> bool:
+    """Whether a simulated op of ``inputs`` (its only differentiable operands) needs its float
+    result for the gradient (``straight_through``): autograd is on and an input requires grad, or
+    ``reader`` learns its scale. Grad mode alone is not enough: a model whose parameters are
+    frozen, run without ``torch.no_grad()``, keeps the simulated value alone."""
+    return torch.is_grad_enabled() and (any(t.requires_grad for t in inputs)
+                                        or (reader is not None and learns(reader)))
 
 
 def _constant_fold(build):

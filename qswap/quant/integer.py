@@ -364,6 +364,9 @@ def rescaled_add(qa: torch.Tensor, zp_a: int, qb: torch.Tensor, zp_b: int, param
 
 
 CONSTANT_ADD_BITS = 16  # fraction bits of the input grid a folded constant keeps
+# The int32 residual stream's grid of the integer encoders and decoder: 2^-STREAM_BITS of the step
+# of the grid it starts from (the encoder's embedded features, the decoder's finest table grid).
+STREAM_BITS = 16
 
 
 @serializable(zero_point=INT, folded=Tensor("int32"), out=Obj("Requant"))

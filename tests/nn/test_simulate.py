@@ -300,7 +300,7 @@ def test_a_linear_told_several_readers_requantizes_its_accumulator_onto_each(rec
     """A list of readers (wav2vec 2.0's feature projection, read by the positional conv and its
     residual): the int32 accumulator computed once, requantized onto each grid as the integer
     model's readers do."""
-    from qswap.nn.fairseq.layers import stream_to
+    from qswap.nn.simulate import stream_to
     torch.manual_seed(3)
     x = torch.randn(16, 10, 48) * 2
     q = calibrated(nn.Sequential(nn.Linear(48, 32), nn.Linear(32, 4), nn.Linear(32, 4)), x, recipe,

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from qswap.errors import CheckpointError, DataError, TrainingError
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import qat_train  # noqa: E402
 
@@ -59,7 +61,7 @@ def test_checkpoints_are_ordered_by_update(tmp_path):
 
 def test_a_corpus_with_another_dictionary_is_refused(tmp_path):
     (tmp_path / "spm_unigram200.txt").write_text("a 1\n")
-    with pytest.raises(SystemExit, match="not the shipped model's"):
+    with pytest.raises(DataError, match="not the shipped model's"):
         qat_train.use_shipped_tokenizer(tmp_path)
 
 
@@ -110,7 +112,7 @@ def test_run_facts_read_the_recipe_start_and_hyperparameters_of_the_last_command
     plain = qat_train.run_facts(cmd.format(recipe="recipes/w4a4_edges8_lsq.yaml", start=qat_train.ASSET / "checkpoint.pt",
                                              hours=1))
     assert plain["recipe"] == "w4a4_edges8_lsq" and not plain["converted"] and plain["invocations"] == 1
-    with pytest.raises(SystemExit, match="no fairseq-train command line"):
+    with pytest.raises(TrainingError, match="no fairseq-train command line"):
         qat_train.run_facts(LOG)
 
 
@@ -175,10 +177,10 @@ def test_each_qat_page_shows_its_committed_eval_results(doc, evals, target):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
-def test_train_on_cuda_without_a_gpu_says_so_before_fairseq_starts(tmp_path):
-    with pytest.raises(SystemExit, match="torch sees no GPU"):
-        qat_train.main(["train", "--data", str(tmp_path / "data"), "--save-dir", str(tmp_path / "run"),
-                        "--device", "cuda"])
+def test_train_on_cuda_without_a_gpu_says_so_before_fairseq_starts(tmp_path, capsys):
+    assert qat_train.main(["train", "--data", str(tmp_path / "data"), "--save-dir", str(tmp_path / "run"),
+                           "--device", "cuda"]) == 2
+    assert "torch sees no GPU" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -246,7 +248,7 @@ def test_refresh_renders_the_comparisons_a_new_doc_would(tmp_path):
     (tmp_path / "qat_test_large.json").write_text((tmp_path / "qat_test.json").read_text())
     for kind in ("ptq", "float"):
         (tmp_path / f"{kind}_test_large.json").write_text((tmp_path / f"{kind}_test.json").read_text())
-    with pytest.raises(SystemExit, match="other sets"):  # a new set changes the commands: doc
+    with pytest.raises(TrainingError, match="other sets"):  # a new set changes the commands: doc
         qat_train.refreshed(below, tmp_path)
 
 
@@ -290,9 +292,9 @@ def test_average_is_the_mean_of_a_real_runs_checkpoints(float_checkpoint, tmp_pa
     zp = next(k for k, v in broken["model"].items() if k.endswith("zero_point") and not v.is_floating_point())
     broken["model"][zp] = broken["model"][zp] + 1
     torch.save(broken, paths[0])
-    with pytest.raises(SystemExit, match="no average"):
+    with pytest.raises(CheckpointError, match="no average"):
         qat_train.average_states(paths)
-    with pytest.raises(SystemExit, match="two checkpoints or more"):
+    with pytest.raises(TrainingError, match="two checkpoints or more"):
         qat_train.average_states(paths[:1])
 
 
@@ -318,23 +320,22 @@ def test_the_page_of_a_distilled_run_names_its_criterion_and_teacher(tmp_path):
     assert "--distill" not in pages["plain"] and "qswap_distill" not in pages["plain"] and "; fairseq's label-smoothed cross entropy (0.1).)" in pages["plain"]
 
 
-def test_train_checks_the_distillation_settings_before_fairseq_train(tmp_path):
-    from qswap.errors import TrainingError
-
-    base = dict(distill=None, distill_alpha=0.5, distill_temperature=1.0)
+def test_train_checks_the_distillation_settings_before_fairseq_train(tmp_path, capsys):
+    base = dict(distill=None, distill_alpha=None, distill_temperature=None)
     qat_train.check_distill(Namespace(**base))  # no distillation, defaults: nothing to check
-    with pytest.raises(SystemExit, match="pass --distill TEACHER"):
+    with pytest.raises(TrainingError, match="pass --distill TEACHER"):
         qat_train.check_distill(Namespace(**{**base, "distill_alpha": 0.9}))
     teacher = qat_train.ASSET / "checkpoint.pt"
     qat_train.check_distill(Namespace(**{**base, "distill": teacher, "distill_alpha": 0.9}))
     with pytest.raises(TrainingError, match="between 0 and 1"):
         qat_train.check_distill(Namespace(**{**base, "distill": teacher, "distill_alpha": 2.0}))
-    with pytest.raises(SystemExit, match="no such checkpoint"):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
         qat_train.check_distill(Namespace(**{**base, "distill": tmp_path / "none.pt"}))
-    with pytest.raises(SystemExit, match="at least the last 2"):
-        qat_train.main(["average", "--save-dir", str(tmp_path), "--last", "1"])
-    with pytest.raises(SystemExit, match="0 interval checkpoint"):
-        qat_train.main(["average", "--save-dir", str(tmp_path), "--last", "3"])
+    # the command line prints a typed error's message and exits 2
+    assert qat_train.main(["average", "--save-dir", str(tmp_path), "--last", "1"]) == 2
+    assert "error: --last 1: average at least the last 2" in capsys.readouterr().err
+    assert qat_train.main(["average", "--save-dir", str(tmp_path), "--last", "3"]) == 2
+    assert "0 interval checkpoint" in capsys.readouterr().err
 
 
 def test_the_page_of_a_second_stage_takes_its_start_out_of_git(tmp_path):

@@ -134,7 +134,8 @@ def _integer_conformer_layer(layer: QConformerEncoderLayer, stream_scale, attn_e
     """See ``QConformerEncoderLayer.to_integer``."""
     from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
     from qswap.nn.fairseq.chain import IntegerChain, integer_chain
-    from qswap.nn.fairseq.layers import site_grids, stream_to
+    from qswap.nn.fairseq.layers import site_grids
+    from qswap.nn.simulate import stream_to
     from qswap.quant.integer import AddParams, Grid
     grids = site_grids(layer, layer.sites)  # the residual adds' operands: per tensor or per channel
     halves = {"ffn1": 0.5, "attn": 1.0, "conv": 1.0, "ffn2": 0.5}  # the half-step feed-forward residuals

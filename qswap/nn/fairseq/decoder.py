@@ -26,6 +26,7 @@ from qswap.nn.base import QuantConfig, QuantModule
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
 from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.integer import STREAM_BITS
 
 
 @register(TransformerDecoderScriptable)
@@ -123,8 +124,8 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         simulation, training, a structure ``to_integer`` refuses, tables whose sum could overflow
         int32): then fairseq's float add runs. A reader per channel of the last axis (a
         per-channel stream) gets the codes of its channels (``values_onto``)."""
-        from qswap.nn.fairseq.layers import QTransformerDecoderLayer, stream_to
-        from qswap.nn.simulate import cached_entry, forget, form_or_none, simulates, stream_grid_of, values_onto
+        from qswap.nn.fairseq.layers import QTransformerDecoderLayer
+        from qswap.nn.simulate import cached_entry, forget, form_or_none, requants_to, simulates, stream_grid_of, values_onto
         if forget(self, "_integer_entry") or not simulates(self) or self.training or not self._has_integer_entry() \
                 or not all(isinstance(layer, QTransformerDecoderLayer) for layer in self.layers):
             return None
@@ -136,7 +137,7 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
 
         def build():  # the folded tables bound the int32 sum of any token row and position row
             folded = form_or_none(self.folded_tables)
-            requants = None if folded is None else form_or_none(lambda: [stream_to(folded[2], g) for g in grids])
+            requants = None if folded is None else requants_to(folded[2], grids)
             return self.embed_scale, None if requants is None else (folded[2], requants)
         tables = (self.embed_tokens.weight, self.embed_positions.weights, *(
             q.scale for q in (self.embed_tokens.weight_quant, self.embed_positions.weights_quant)
@@ -164,7 +165,7 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
                 and self.project_out_dim is None and self.layernorm_embedding is None
                 and self.adaptive_softmax is None and self.quant_noise is None)
 
-    def entry_scale(self, stream_bits: int = 16) -> float:
+    def entry_scale(self, stream_bits: int = STREAM_BITS) -> float:
         """The int32 residual stream's grid at the decoder's entry: 2^-stream_bits of the finest
         grid of the first layer's two readers."""
         from qswap.quant.integer import stream_grid
@@ -173,7 +174,7 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
                     for q in (first.self_attn_layer_norm.input_quant, first.attn_residual_quant))
         return scale * 2.0 ** -stream_bits
 
-    def folded_tables(self, stream_bits: int = 16) -> tuple:
+    def folded_tables(self, stream_bits: int = STREAM_BITS) -> tuple:
         """(token table (V, C) int32, position table (P, C) int32, their grid ``entry_scale``): the
         quantized tables (tokens times ``embed_scale``) rounded half to even onto the int32
         residual stream's grid. IntegerizeError where the decoder has no integer form."""
@@ -191,7 +192,7 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
                     int(tokens.abs().max()) + int(positions.abs().max()))
         return tokens.to(torch.int32), positions.to(torch.int32), scale
 
-    def to_integer(self, out=None, stream_bits: int = 16) -> "IntegerS2TDecoder":
+    def to_integer(self, out=None, stream_bits: int = STREAM_BITS) -> "IntegerS2TDecoder":
         """The integer form of this decoder (batch forward and incremental decoding inside fairseq's
         SequenceGenerator: a ``FairseqIncrementalDecoder`` whose cache holds codes). The token and
         position tables are folded once onto the int32 residual stream's grid (their quantized
@@ -200,7 +201,7 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         the final norm onto the output projection's input grid, and the output projection onto
         ``out`` (the model's logits grid) or, without one, its int32 accumulator (its float scale:
         the declared end step)."""
-        from qswap.nn.fairseq.layers import stream_to
+        from qswap.nn.simulate import stream_to
         from qswap.quant.integer import Grid
         tokens, positions, scale = self.folded_tables(stream_bits)
         layers = []

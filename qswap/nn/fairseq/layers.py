@@ -24,8 +24,8 @@ from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
-from qswap.nn.simulate import (cached, channel_codes, form_or_none, simulates, straight_through,
-                               stream_grid_of, values_onto)
+from qswap.nn.simulate import (cached, channel_codes, form_or_none, simulates, straight_through, stream_grid_of,
+                               stream_to, values_onto)
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 ZERO_POINT = Either(INT, TensorOf("int64"))  # a residual add operand's: per tensor, or per channel
@@ -160,7 +160,7 @@ class QTransformerEncoderLayer(QuantModule):
         ``<part>_residual`` and ``<part>_out`` grids) as (the value ``readers[0]`` reads, the value
         ``readers[1]`` reads or None): the integer layer's add (``add_onto``) with ``simulate:
         integer`` at inference where the layer has an integer form, else the float sum."""
-        return residual_onto(self, part, a, b, readers, self.integer_refusal())
+        return residual_onto(self, part, a, b, readers)
 
     def to_integer(self, stream_scale: float | torch.Tensor) -> torch.nn.Module:
         """The integer form of this layer, inference only (``integer_encoder_layer``)."""
@@ -339,7 +339,7 @@ class QTransformerDecoderLayer(QuantModule):
         integer form is defined (pre-norm, per-tensor grids), as the integer layer computes it: the
         operands' codes rescaled into the int32 stream (``rescaled_sum``), requantized onto each
         reader's grid; elsewhere the float sum, which every reader rounds."""
-        return residual_onto(self, part, a, b, readers, self.integer_refusal())
+        return residual_onto(self, part, a, b, readers)
 
     def to_integer(self, stream_scale: float) -> "IntegerTransformerDecoderLayer":
         """The integer form of this (pre-norm) layer (batch forward and incremental decoding): as
@@ -371,16 +371,17 @@ class QTransformerDecoderLayer(QuantModule):
                          for p in ("attn", "cross", "ffn")])
 
 
-def residual_onto(layer: torch.nn.Module, part: str, a: Tensor, b: Tensor, readers: tuple,
-                  refusal: Optional[str]) -> tuple:
+def residual_onto(layer: torch.nn.Module, part: str, a: Tensor, b: Tensor, readers: tuple) -> tuple:
     """A transformer layer's residual add ``part`` of ``a`` and ``b`` (values of its
     ``<part>_residual`` and ``<part>_out`` grids) as (the value ``readers[0]`` reads, the value
     ``readers[1]`` reads or None): ``add_onto`` (the integer layer's add, with ``simulate:
-    integer`` at inference) unless the layer has no integer form (``refusal``), else the float
+    integer`` at inference) unless the layer has no integer form (``layer.integer_refusal()``,
+    asked only where the add would be simulated: it runs on every residual add), else the float
     sum, which each reader rounds."""
-    values = None if refusal is not None else add_onto(
-        layer, f"_integer_{part}_add", a, getattr(layer, f"{part}_residual_quant"), b,
-        getattr(layer, f"{part}_out_quant"), readers)
+    values = None
+    if readers and simulates(layer) and layer.integer_refusal() is None:
+        values = add_onto(layer, f"_integer_{part}_add", a, getattr(layer, f"{part}_residual_quant"), b,
+                          getattr(layer, f"{part}_out_quant"), readers)
     if values is None:
         return a + b, None
     return values[0], (values[1] if len(values) > 1 else None)
@@ -427,15 +428,6 @@ def add_onto(owner: torch.nn.Module, slot: str, a: Tensor, quant_a: torch.nn.Mod
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
-
-def stream_to(scale: float | torch.Tensor, quant) -> "Requant":
-    """The requantization of an int32 residual stream on grid ``scale`` (a float, or a (C,) tensor
-    per channel of the last axis) onto ``quant``'s grid (or onto a ``Grid`` / ``ChannelGrid``;
-    a quantizer per channel of the last axis gives per-channel multipliers and zero points)."""
-    from qswap.quant.integer import ChannelGrid, Grid, Requant, stream_grid
-    grid = quant if isinstance(quant, (Grid, ChannelGrid)) else stream_grid(quant)
-    return Requant.from_scales(scale / grid.scale, grid.zero_point, grid.qmin, grid.qmax)
-
 
 def site_grids(layer, sites) -> dict:
     """Grid of each ``<site>_quant`` of ``layer``: the residual adds' operands may be per channel

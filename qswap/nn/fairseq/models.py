@@ -35,8 +35,8 @@ from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
 from qswap.nn.simulate import simulates
 from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.integer import STREAM_BITS
 
-STREAM_BITS = 16  # the integer encoder's stream grid: 2^-16 of the embedded features' step
 
 _S2T_ENCODER_ATTRS = ("encoder_freezing_updates", "num_updates", "embed_scale", "padding_idx",
                       "conv_version")
@@ -139,7 +139,8 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         (constant, rounded half to even). Its two declared float steps: quantizing the features,
         dequantizing the output codes."""
         from qswap.errors import IntegerizeError
-        from qswap.nn.fairseq.layers import StreamOut, stream_to
+        from qswap.nn.fairseq.layers import StreamOut
+        from qswap.nn.simulate import stream_to
         from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
         from qswap.quant.integer import Grid
         if not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding):
@@ -174,9 +175,8 @@ def entry_values(encoder: nn.Module, embedded: Tensor, positions: Optional[Tenso
     sinusoidal position rows (T', B, C), or None (no positions added: a conformer's rel_pos and
     rope). None where that is not defined (a reader still calibrating, a sum that could overflow
     int32, a grid without integer form): fairseq's float add then runs and each reader rounds it."""
-    from qswap.nn.fairseq.layers import stream_to
     from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
-    from qswap.nn.simulate import cached_entry, codes_of, forget, form_or_none, grid_of, stream_grid_of, values_onto
+    from qswap.nn.simulate import cached_entry, codes_of, forget, grid_of, requants_to, stream_grid_of, values_onto
     if forget(encoder, "_integer_entry") or (
             positions is not None and not isinstance(encoder.embed_positions, QSinusoidalPositionalEmbedding)):
         return None
@@ -194,7 +194,7 @@ def entry_values(encoder: nn.Module, embedded: Tensor, positions: Optional[Tenso
                 table_max = float(table_quant(encoder.embed_positions.weights).abs().max())
         bound = table_max / scale + 2.0 ** STREAM_BITS * max(embed.qmax - embed.zero_point, embed.zero_point - embed.qmin)
         fits = bound < 2.0 ** 31 - 2 ** 8  # the rounded table entry and the shifted code add in int32
-        requants = form_or_none(lambda: [stream_to(scale, g) for g in grids]) if fits else None
+        requants = requants_to(scale, grids) if fits else None
         return encoder.embed_scale, None if requants is None else (scale, requants)
     tables = () if positions is None else (encoder.embed_positions.weights, *(
         (table_quant.scale,) if isinstance(table_quant, FakeQuantize) else ()))
@@ -292,7 +292,8 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
         accumulator. Rotary attention: no positions added, each attention rotates its input."""
         from qswap.errors import IntegerizeError
         from qswap.nn.fairseq.chain import IntegerChain
-        from qswap.nn.fairseq.layers import StreamOut, stream_to
+        from qswap.nn.fairseq.layers import StreamOut
+        from qswap.nn.simulate import stream_to
         from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
         from qswap.quant.integer import Grid
         if self.pos_enc_type == "abs" and not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding):

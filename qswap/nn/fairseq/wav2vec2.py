@@ -232,7 +232,8 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         (post-norm: first, as the stream; pre-norm: last, onto ``out``), the layers."""
         from qswap.errors import IntegerizeError
         from qswap.nn.fairseq.chain import IntegerChain, integer_chain
-        from qswap.nn.fairseq.layers import StreamOut, stream_to
+        from qswap.nn.fairseq.layers import StreamOut
+        from qswap.nn.simulate import stream_to
         from qswap.quant.integer import AddParams, Grid
         if not (isinstance(self.pos_conv, torch.nn.Sequential) and len(self.pos_conv) == 3):
             raise IntegerizeError("only the single weight-normed positional conv (pos_conv_depth=1, no batch "
