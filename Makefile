@@ -17,7 +17,7 @@ FAIRSEQ_DEPS := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex "sacrebleu>=1.4.12
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py setup.cfg constraints.txt Makefile
+$(VENV)/.installed: setup.py setup.cfg constraints.txt Makefile qswap/quant/_fused.c
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch==2.13.0 "numpy>=1.21.3" cython

@@ -28,7 +28,7 @@ from qswap.nn.registry import register
 from qswap.nn.simulate import (cached, carries_grad, centered_codes, codes_of, dequantized, form_or_none, grid_of,
                                 onto_grid, reader_grid, simulates, straight_through)
 from qswap.quant.bias import BiasQuantize
-from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.fake_quantize import FakeQuantize, consume
 
 CORE_SITES = dict.fromkeys(("q", "k", "v", "scores", "scores_bias", "attn_bias", "softmax_in", "softmax_out"),
                            "activation")
@@ -93,7 +93,7 @@ class QuantAttentionCore(nn.Module):
                 scores = scores + self.scores_bias_quant(scores_bias)
             if additive is not None:
                 scores = scores + self.attn_bias_quant(additive)
-        scores = self.softmax_in_quant(scores)
+        scores = consume(self.softmax_in_quant, scores)  # a new tensor: the product or the sums
         masked = scores
         if blocked is not None:
             masked = masked.masked_fill(blocked if blocked.dim() == 3 else blocked.unsqueeze(0),
@@ -103,7 +103,7 @@ class QuantAttentionCore(nn.Module):
         probs = self._integer_softmax(scores, masked) if simulates(self) else None
         if probs is None:
             probs = F.softmax(masked, dim=-1)  # (B*H, T, S)
-        probs = self.softmax_out_quant(probs)
+        probs = consume(self.softmax_out_quant, probs)  # the softmax's new tensor
         dropped = dropout_p > 0.0 and self.training
         if dropped:
             probs = F.dropout(probs, p=dropout_p)

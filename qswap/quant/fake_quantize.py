@@ -26,8 +26,9 @@ from qswap.errors import CalibrationError, SpecError
 from qswap.quant.direct_call import DirectCall, watched
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
-from qswap.quant.primitives import (channel_axis, choose_qparams, choose_qparams_scalar, fake_quantize,
-                                    fake_quantize_grid, fake_quantize_passes, pass_grid, passes_apply)
+from qswap.quant.primitives import (PassGrid, channel_axis, choose_qparams, choose_qparams_scalar, fake_quantize,
+                                    fake_quantize_grid, fake_quantize_grid_, fake_quantize_passes, pass_grid,
+                                    passes_apply)
 from qswap.quant.spec import QuantSpec
 from qswap.quant.stamp import LeavesCaches, fingerprint, stamp, unchanged
 
@@ -187,12 +188,36 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
                         and cached[1][1] == fingerprint(x, scale, buffers["zero_point"])):
                     return cached[0]
             else:
-                kept, grid = self._state_stamp, self._state[1]  # a grid: frozen, per tensor, half to even
-                if (grid is not None and kept is not None and kept[1] == fingerprint(buffers["frozen"], scale, buffers["zero_point"])
-                        and x.dtype == torch.float32 and x.is_cpu and not (torch.is_grad_enabled() and (
-                            x.requires_grad or (self.spec.learnable and self.training)))):
+                grid = self._fast_grid(x, buffers, scale)
+                if grid is not None:
                     return fake_quantize_grid(x, grid)
         return self.forward(x)
+
+    def consume(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` for a temporary ``x`` the caller hands over (the result of an op that nothing
+        else reads): on ``__call__``'s fast path (an activation quantizer at inference, unwatched,
+        its grid frozen per tensor) the result is written into ``x`` itself, a contiguous float32
+        tensor, and no new tensor is allocated (at a batch's sizes the allocation costs more than
+        the four passes: docs/benchmarks.md). Everywhere else exactly ``self(x)``: the same values
+        either way, ``fake_quantize_grid_``."""
+        if self.enabled and self.kind == "activation" and x.is_contiguous() and not watched(self):
+            buffers = self._buffers
+            scale = buffers.get("scale")
+            grid = self._fast_grid(x, buffers, scale if scale is not None else self._parameters["scale"])
+            if grid is not None:
+                return fake_quantize_grid_(x, grid)
+        return self(x)
+
+    def _fast_grid(self, x: torch.Tensor, buffers: dict, scale: torch.Tensor) -> PassGrid | None:
+        """The kept ``PassGrid`` the fast path rounds ``x`` onto (``frozen_grid``'s, unchanged since
+        it was kept: frozen, per tensor, half to even) where ``x`` is float32 on the CPU and no
+        gradient is to be carried through it or into a learned scale; else None."""
+        kept, grid = self._state_stamp, self._state[1]
+        if (grid is not None and kept is not None and kept[1] == fingerprint(buffers["frozen"], scale, buffers["zero_point"])
+                and x.dtype == torch.float32 and x.is_cpu and not (torch.is_grad_enabled() and (
+                    x.requires_grad or (self.spec.learnable and self.training)))):
+            return grid
+        return None
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The int32 codes of ``x``, a tensor on this quantizer's grid (its output): ``round(x *
@@ -297,3 +322,9 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
             state = "disabled"
         return f"{self.kind}, {self.spec.short()}, observer={self.spec.observer}, {state}"
 
+
+def consume(quant: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``quant(x)`` for a temporary ``x`` the caller gives up: ``FakeQuantize.consume`` (the result
+    written into ``x`` where it can); any other module at a quantizer site (an ``Identity``: the
+    recipe leaves the site in float) is called as it is."""
+    return quant.consume(x) if isinstance(quant, FakeQuantize) else quant(x)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from qswap.errors import CalibrationError, SpecError
+from qswap.quant import fused
 from qswap.quant.spec import QuantSpec
 
 # Smallest scale we ever emit: keeps all-zero or constant tensors finite (never 0 or NaN).
@@ -166,12 +167,13 @@ class PassGrid(NamedTuple):
     inverse: torch.Tensor  # 0-d float32: 1 / scale rounded to float32 (what the kernel multiplies by)
     lo: int  # qmin - zero_point: the lowest code minus the zero point
     hi: int  # qmax - zero_point
+    inverse_value: float  # ``inverse`` as a Python number (exactly: a float32), for the C kernel
 
 
 def pass_grid(scale: float, zero_point: int, spec: QuantSpec) -> PassGrid:
     """The ``PassGrid`` of a per-tensor ``scale`` and ``zero_point`` given as Python numbers."""
     inverse = torch.tensor(1.0 / scale, dtype=torch.float32)  # float32(1 / s), as a float32 op gets it
-    return PassGrid(scale, zero_point, inverse, spec.qmin - zero_point, spec.qmax - zero_point)
+    return PassGrid(scale, zero_point, inverse, spec.qmin - zero_point, spec.qmax - zero_point, inverse.item())
 
 
 def passes_apply(x: torch.Tensor, spec: QuantSpec) -> bool:
@@ -193,11 +195,31 @@ def fake_quantize_passes(x: torch.Tensor, scale: float, zero_point: int, spec: Q
 
 
 def fake_quantize_grid(x: torch.Tensor, grid: PassGrid) -> torch.Tensor:
-    """``fake_quantize_passes`` on a prepared grid: four dispatches, none of them a cast (a Python
-    float operand would be wrapped as a float64 tensor and cast to float32 on every call)."""
+    """``fake_quantize_passes`` on a prepared grid: one pass of the C kernel where it may run
+    (``qswap.quant.fused``), else ``grid_passes``; the same values either way."""
+    if fused.applies(x):
+        return fused.fake_quantize_into(x, torch.empty_like(x), grid.inverse_value, grid.lo, grid.hi, grid.scale)
+    return grid_passes(x, grid)
+
+
+def grid_passes(x: torch.Tensor, grid: PassGrid) -> torch.Tensor:
+    """``fake_quantize_grid`` as four torch dispatches, none of them a cast (a Python float operand
+    would be wrapped as a float64 tensor and cast to float32 on every call): the definition the
+    C kernel is tested against, and what runs where it may not (a dispatch mode watching, a trace,
+    autograd, another dtype or device)."""
     out = torch.mul(x, grid.inverse)  # the float32 product with 1 / s, which the kernel multiplies by
     out.round_().clamp_(grid.lo, grid.hi)
     return torch.add(_ZERO, out, alpha=grid.scale, out=out)
+
+
+def fake_quantize_grid_(x: torch.Tensor, grid: PassGrid) -> torch.Tensor:
+    """``fake_quantize_grid`` written into ``x`` (a contiguous tensor its caller gives up), which
+    it returns: the same operations on the same values, so the same result bit for bit, and no
+    output allocated (a batch's activation is a fresh block of memory for every new tensor)."""
+    if fused.applies(x):
+        return fused.fake_quantize_into(x, x, grid.inverse_value, grid.lo, grid.hi, grid.scale)
+    x.mul_(grid.inverse).round_().clamp_(grid.lo, grid.hi)
+    return torch.add(_ZERO, x, alpha=grid.scale, out=x)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

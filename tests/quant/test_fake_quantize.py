@@ -233,3 +233,32 @@ def test_codes_and_values_are_the_quantizers_own_grid(spec):
     assert seen == [torch.int32, torch.float32]
     with pytest.raises(SpecError, match="integer codes"):
         fq.values(codes.float())
+
+
+def test_consume_writes_into_a_handed_over_temporary_only_on_the_fast_path():
+    from qswap.quant.fake_quantize import consume
+
+    fq = FakeQuantize(QuantSpec(bits=8, symmetric=False))
+    fq(torch.randn(32, 8) * 3)
+    fq.freeze()
+    x = torch.randn(16, 8) * 4
+    expected = fq(x)
+    temp = x.clone()
+    out = fq.consume(temp)
+    assert out.data_ptr() == temp.data_ptr() and torch.equal(out, expected)
+    # everywhere else it is the call itself and leaves its argument as it was
+    for case, make in {"not contiguous": lambda: x.t().contiguous().t(),
+                       "autograd": lambda: x.clone().requires_grad_()}.items():
+        temp = make()
+        before = temp.detach().clone()
+        out = fq.consume(temp)
+        assert torch.equal(temp.detach(), before) and torch.equal(out.detach(), expected), case
+    handle = fq.register_forward_hook(lambda module, args, output: None)  # watched (a hook, the audit)
+    temp = x.clone()
+    assert torch.equal(fq.consume(temp), expected) and torch.equal(temp, x)
+    handle.remove()
+    observing = FakeQuantize(QuantSpec(bits=8, symmetric=False))
+    temp = x.clone()
+    observing.consume(temp)
+    assert torch.equal(temp, x) and observing.initialized
+    assert consume(torch.nn.Identity(), x) is x  # a site the recipe leaves in float

@@ -15,6 +15,7 @@ from qswap.io.serializable import ANY, List, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 from qswap.nn.fairseq.layers import ZERO_POINT, add_onto, onto, onto_each, past, read_by, reader
+from qswap.quant.fake_quantize import consume
 
 
 def feed_forward(ffn: torch.nn.Module, x: torch.Tensor, out_quant: torch.nn.Module) -> torch.Tensor:
@@ -75,7 +76,7 @@ class QConformerEncoderLayer(QuantModule):
         x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
                                  need_weights=False, **extra,
                                  **read_by(self.self_attn, past(self.self_attn_dropout, self.attn_out_quant)))
-        x, residual = self._add("attn", self.attn_out_quant(self.self_attn_dropout(x)),
+        x, residual = self._add("attn", consume(self.attn_out_quant, self.self_attn_dropout(x)),
                                 self.attn_residual_quant(residual),
                                 (reader(self.conv_module.layer_norm), self.conv_residual_quant))
         x = convolution(self.conv_module, x.transpose(0, 1), self.conv_out_quant).transpose(0, 1)  # (B, T, C) inside

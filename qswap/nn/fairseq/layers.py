@@ -26,6 +26,7 @@ from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
 from qswap.nn.simulate import (cached, channel_codes, form_or_none, simulates, straight_through, stream_grid_of,
                                stream_to, values_onto)
+from qswap.quant.fake_quantize import consume
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 ZERO_POINT = Either(INT, TensorOf("int64"))  # a residual add operand's: per tensor, or per channel
@@ -129,14 +130,14 @@ class QTransformerEncoderLayer(QuantModule):
                               need_weights=False, attn_mask=attn_mask,
                               **read_by(self.self_attn, past(self.dropout_module, self.attn_out_quant)))
         x, residual = self._stream_onto("attn", self.attn_residual_quant(residual),
-                                        self.attn_out_quant(self.dropout_module(x)),
+                                        consume(self.attn_out_quant, self.dropout_module(x)),
                                         (getattr(self.final_layer_norm, "input_quant", None), self.ffn_residual_quant))
         if not self.normalize_before:
             x = self.self_attn_layer_norm(x)
         residual = x if residual is None else residual
         if self.normalize_before:
             x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
-        x = self.activation_fn(self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant)))
+        x = self.activation_fn(consume(self.ffn_act_quant, onto(self.fc1, x, self.ffn_act_quant)))
         fc_result = x = onto(self.fc2, self.activation_dropout_module(x), past(self.dropout_module, self.ffn_out_quant))
         x, residual = self._stream_onto("ffn", self.ffn_residual_quant(residual),
                                         self.ffn_out_quant(self.dropout_module(x)), next_readers)
@@ -282,7 +283,7 @@ class QTransformerDecoderLayer(QuantModule):
             x = self.attn_ln(x)
         cross = self.encoder_attn is not None and encoder_out is not None
         x, residual = self._stream_onto("attn", self.attn_residual_quant(residual),
-                                        self.attn_out_quant(self.dropout_module(x)),
+                                        consume(self.attn_out_quant, self.dropout_module(x)),
                                         self._norm_and_residual("cross" if cross else "ffn"))
         if not self.normalize_before:
             x = self.self_attn_layer_norm(x)
@@ -298,14 +299,14 @@ class QTransformerDecoderLayer(QuantModule):
                                         need_head_weights=need_head_weights,
                                         **read_by(self.encoder_attn, past(self.dropout_module, self.cross_out_quant)))
             x, residual = self._stream_onto("cross", self.cross_residual_quant(residual),
-                                            self.cross_out_quant(self.dropout_module(x)),
+                                            consume(self.cross_out_quant, self.dropout_module(x)),
                                             self._norm_and_residual("ffn"))
             if not self.normalize_before:
                 x = self.encoder_attn_layer_norm(x)
         residual = x if residual is None else residual
         if self.normalize_before:
             x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
-        x = self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant))
+        x = consume(self.ffn_act_quant, onto(self.fc1, x, self.ffn_act_quant))
         x = self.activation_dropout_module(self.activation_fn(x))
         if self.ffn_layernorm is not None:
             x = self.ffn_layernorm(x)

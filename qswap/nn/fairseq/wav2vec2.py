@@ -35,6 +35,7 @@ from qswap.nn.fairseq.chain import run_chain
 from qswap.nn.fairseq.layers import add_onto, onto, onto_each, past, read_by, reader
 from qswap.nn.simulate import simulates
 from qswap.nn.registry import register
+from qswap.quant.fake_quantize import consume
 
 _MASK_ATTRS = ("mask_prob", "mask_selection", "mask_other", "mask_length", "no_mask_overlap",
                "mask_min_space", "mask_channel_prob", "mask_channel_before",
@@ -66,7 +67,7 @@ class QTransformerSentenceEncoderLayer(QuantModule):
         return cls(module, config)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout2(self.activation_fn(self.ffn_act_quant(onto(self.fc1, x, self.ffn_act_quant))))
+        x = self.dropout2(self.activation_fn(consume(self.ffn_act_quant, onto(self.fc1, x, self.ffn_act_quant))))
         return onto(self.fc2, x, past(self.dropout3, self.ffn_out_quant))
 
     def forward(self, x: torch.Tensor, self_attn_mask: Optional[torch.Tensor] = None,
@@ -87,7 +88,7 @@ class QTransformerSentenceEncoderLayer(QuantModule):
                                  need_weights=False, **read_by(self.self_attn, past(self.dropout1, self.attn_out_quant)))
         readers = (reader(self.final_layer_norm), self.ffn_residual_quant) if self.layer_norm_first else (
             reader(self.self_attn_layer_norm),)
-        x, residual = self._add("attn", self.attn_residual_quant(residual), self.attn_out_quant(self.dropout1(x)),
+        x, residual = self._add("attn", self.attn_residual_quant(residual), consume(self.attn_out_quant, self.dropout1(x)),
                                 readers)
         if not self.layer_norm_first:
             x, residual = onto_each(self.self_attn_layer_norm, x, (reader(self.fc1), self.ffn_residual_quant))

@@ -1,0 +1,71 @@
+/* qswap.quant._fused: per-tensor fake quantization of float32 values in one pass.
+ *
+ * fake_quantize_f32(src, dst, n, inverse, lo, hi, scale) writes, for i < n,
+ *
+ *     dst[i] = clamp(nearbyint(src[i] * inverse), lo, hi) * scale + 0.0
+ *
+ * in float32: the same operations, in the same order, as qswap.quant.primitives'
+ * four vectorized torch passes (multiply by the float32 1/s, round half to even, clamp to the
+ * codes' range minus the zero point, times s, +0.0 so that a zero code is +0.0), so the same
+ * result bit for bit on every input: an exact tie rounds to even (nearbyint in the default
+ * rounding mode), +-inf lands on the grid's ends and a NaN stays NaN (both comparisons fail).
+ * No fused multiply-add (-ffp-contract=off in setup.py) and no fast-math: each product rounds
+ * once, as torch's kernels do. src and dst may be the same buffer (in place).
+ *
+ * src and dst are addresses of contiguous float32 buffers (torch's data_ptr()); the Python
+ * caller (qswap.quant.fused) checks dtype, device, layout and size. Single-threaded; the GIL is
+ * released while it runs. Compiled for AVX2, SSE4.1 (hardware rounding) and baseline x86-64, the
+ * best picked at load time (gcc's target_clones); other architectures compile the plain loop.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "sse4.1", "default")))
+#endif
+static void fake_quantize_loop(const float *src, float *dst, int64_t n, float inverse, float lo, float hi,
+                               float scale) {
+    for (int64_t i = 0; i < n; i++) {
+        float t = nearbyintf(src[i] * inverse);
+        t = t < lo ? lo : t;
+        t = t > hi ? hi : t;
+        dst[i] = t * scale + 0.0f;
+    }
+}
+
+static PyObject *fake_quantize_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "fake_quantize_f32(src, dst, n, inverse, lo, hi, scale): 7 arguments");
+        return NULL;
+    }
+    void *src = PyLong_AsVoidPtr(args[0]);
+    void *dst = PyLong_AsVoidPtr(args[1]);
+    long long n = PyLong_AsLongLong(args[2]);
+    double inverse = PyFloat_AsDouble(args[3]), lo = PyFloat_AsDouble(args[4]);
+    double hi = PyFloat_AsDouble(args[5]), scale = PyFloat_AsDouble(args[6]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (n < 0 || (n > 0 && (src == NULL || dst == NULL))) {
+        PyErr_SetString(PyExc_ValueError, "fake_quantize_f32: a negative size or a null buffer");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    fake_quantize_loop((const float *)src, (float *)dst, (int64_t)n, (float)inverse, (float)lo, (float)hi,
+                       (float)scale);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"fake_quantize_f32", (PyCFunction)(void (*)(void))fake_quantize_f32, METH_FASTCALL,
+     "fake_quantize_f32(src, dst, n, inverse, lo, hi, scale): one-pass per-tensor fake quantization"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }

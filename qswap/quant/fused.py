@@ -1,0 +1,46 @@
+"""The one-pass fake-quantization kernel (``qswap/quant/_fused.c``) and when it may run.
+
+A frozen per-tensor activation quantizer at inference rounds every tensor a model computes.
+torch has no one-pass kernel for it that is fast (``torch.fake_quantize_per_tensor_affine`` is a
+scalar loop on the CPU), so ``qswap.quant.primitives.fake_quantize_grid`` runs four vectorized
+passes (multiply, round, clamp, scale). The C kernel does the same float32 operations in one pass
+over the tensor, so it gives the same values bit for bit (``tests/quant/test_fused.py`` checks it
+against the passes: ties, +-0, +-inf, NaN, the grids' ends, in place).
+
+It runs only where nothing needs to see the arithmetic as torch ops: a contiguous float32 CPU
+tensor (not a subclass, not a functorch-wrapped tensor), no autograd graph to record, no JIT
+trace and no ``TorchDispatchMode`` (the honesty audit watches the quantizers through one: it then
+sees the four passes, as before). Everywhere else the four passes run.
+
+The kernel is built by ``pip install`` (``setup.py``, an optional extension): without a C compiler
+the install goes on and ``AVAILABLE`` is False, which only costs speed.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # built by setup.py (optional extension)
+    from qswap.quant._fused import fake_quantize_f32 as _kernel
+except ImportError:  # no compiler at install: the four torch passes run instead
+    _kernel = None
+
+AVAILABLE = _kernel is not None
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa: SLF001  (vmap, grad transforms)
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # noqa: SLF001
+_tracing = torch._C._get_tracing_state  # noqa: SLF001
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the kernel may compute a fake quantization of ``x`` (module docstring)."""
+    return (_kernel is not None and type(x) is torch.Tensor and x.dtype == torch.float32 and x.is_cpu
+            and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())
+            and not _dispatch_modes() and not _tracing() and not _is_wrapped(x))
+
+
+def fake_quantize_into(x: torch.Tensor, out: torch.Tensor, inverse: float, lo: int, hi: int, scale: float) -> torch.Tensor:
+    """``out`` (contiguous float32, ``x``'s size, or ``x`` itself) set to ``x`` fake-quantized:
+    ``clamp(round_half_even(x * inverse), lo, hi) * scale`` in float32, ``inverse`` the float32
+    1 / scale. For an ``x`` that ``applies`` accepts."""
+    _kernel(x.data_ptr(), out.data_ptr(), x.numel(), inverse, float(lo), float(hi), scale)
+    return out
