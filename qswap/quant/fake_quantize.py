@@ -24,6 +24,7 @@ from torch import nn
 
 from qswap.errors import CalibrationError, SpecError
 from qswap.quant.direct_call import DirectCall, watched
+from qswap.quant.fused import dense
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
 from qswap.quant.primitives import (PassGrid, channel_axis, choose_qparams, choose_qparams_scalar, fake_quantize,
@@ -196,11 +197,11 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
     def consume(self, x: torch.Tensor) -> torch.Tensor:
         """``self(x)`` for a temporary ``x`` the caller hands over (the result of an op that nothing
         else reads): on ``__call__``'s fast path (an activation quantizer at inference, unwatched,
-        its grid frozen per tensor) the result is written into ``x`` itself, a contiguous float32
-        tensor, and no new tensor is allocated (at a batch's sizes the allocation costs more than
+        its grid frozen per tensor) the result is written into ``x`` itself, a float32 tensor
+        whose elements fill one block of memory (``qswap.quant.fused.dense``), and no new tensor is allocated (at a batch's sizes the allocation costs more than
         the four passes: docs/benchmarks.md). Everywhere else exactly ``self(x)``: the same values
         either way, ``fake_quantize_grid_``."""
-        if self.enabled and self.kind == "activation" and x.is_contiguous() and not watched(self):
+        if self.enabled and self.kind == "activation" and dense(x) and not watched(self):
             buffers = self._buffers
             scale = buffers.get("scale")
             grid = self._fast_grid(x, buffers, scale if scale is not None else self._parameters["scale"])

@@ -7,8 +7,8 @@ passes (multiply, round, clamp, scale). The C kernel does the same float32 opera
 over the tensor, so it gives the same values bit for bit (``tests/quant/test_fused.py`` checks it
 against the passes: ties, +-0, +-inf, NaN, the grids' ends, in place).
 
-It runs only where nothing needs to see the arithmetic as torch ops: a contiguous float32 CPU
-tensor (not a subclass, not a functorch-wrapped tensor), no autograd graph to record, no JIT
+It runs only where nothing needs to see the arithmetic as torch ops: a dense float32 CPU
+tensor (contiguous, or a permutation of one) (not a subclass, not a functorch-wrapped tensor), no autograd graph to record, no JIT
 trace and no ``TorchDispatchMode`` (the honesty audit watches the quantizers through one: it then
 sees the four passes, as before). Everywhere else the four passes run.
 
@@ -34,12 +34,28 @@ _tracing = torch._C._get_tracing_state  # noqa: SLF001
 def applies(x: torch.Tensor) -> bool:
     """Whether the kernel may compute a fake quantization of ``x`` (module docstring)."""
     return (_kernel is not None and type(x) is torch.Tensor and x.dtype == torch.float32 and x.is_cpu
-            and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())
+            and dense(x) and not (x.requires_grad and torch.is_grad_enabled())
             and not _dispatch_modes() and not _tracing() and not _is_wrapped(x))
 
 
+def dense(x: torch.Tensor) -> bool:
+    """Whether ``x``'s elements fill one block of memory from ``x.data_ptr()`` on, each once:
+    contiguous, or a permutation of a contiguous tensor (an attention's head split is a transpose).
+    ``torch.empty_like`` then lays its result out the same way, so one pass over both blocks pairs
+    each element with its own."""
+    if x.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride()), key=lambda pair: pair[1]):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
 def fake_quantize_into(x: torch.Tensor, out: torch.Tensor, inverse: float, lo: int, hi: int, scale: float) -> torch.Tensor:
-    """``out`` (contiguous float32, ``x``'s size, or ``x`` itself) set to ``x`` fake-quantized:
+    """``out`` (float32 laid out as ``x``: ``torch.empty_like(x)``, or ``x`` itself) set to ``x`` fake-quantized:
     ``clamp(round_half_even(x * inverse), lo, hi) * scale`` in float32, ``inverse`` the float32
     1 / scale. For an ``x`` that ``applies`` accepts."""
     _kernel(x.data_ptr(), out.data_ptr(), x.numel(), inverse, float(lo), float(hi), scale)

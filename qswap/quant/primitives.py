@@ -213,7 +213,7 @@ def grid_passes(x: torch.Tensor, grid: PassGrid) -> torch.Tensor:
 
 
 def fake_quantize_grid_(x: torch.Tensor, grid: PassGrid) -> torch.Tensor:
-    """``fake_quantize_grid`` written into ``x`` (a contiguous tensor its caller gives up), which
+    """``fake_quantize_grid`` written into ``x`` (a dense tensor its caller gives up: ``fused.dense``), which
     it returns: the same operations on the same values, so the same result bit for bit, and no
     output allocated (a batch's activation is a fresh block of memory for every new tensor)."""
     if fused.applies(x):

@@ -79,7 +79,8 @@ def test_the_four_passes_run_where_something_watches_or_the_tensor_does_not_fit(
     with _Ops() as ops:  # the honesty audit watches through a dispatch mode: it sees the arithmetic
         watched = fake_quantize_grid(x, grid)
     assert {"mul", "round_", "clamp_", "add"} <= set(ops.seen) and torch.equal(watched, grid_passes(x, grid))
-    assert not fused.applies(x.t())  # not contiguous
+    assert not fused.applies(x[:, ::2])  # gaps between its elements
+    assert not fused.applies(torch.randn(1, 33).expand(64, 33))  # elements shared
     assert not fused.applies(x.double())
     leaf = x.clone().requires_grad_()
     assert not fused.applies(leaf)
@@ -88,7 +89,20 @@ def test_the_four_passes_run_where_something_watches_or_the_tensor_does_not_fit(
     traced = torch.jit.trace(lambda t: fake_quantize_grid(t, grid), x)
     y = torch.randn(64, 33) * 10
     assert torch.equal(traced(y), grid_passes(y, grid))  # the trace recorded the passes, not a constant
-    assert torch.equal(fake_quantize_grid(x.t(), grid), grid_passes(x.t(), grid))
+    for strided in (x[:, ::2], torch.randn(1, 33).expand(64, 33)):
+        assert torch.equal(fake_quantize_grid(strided, grid), grid_passes(strided, grid))
+
+
+@needs_kernel
+def test_a_permuted_tensor_is_one_block_the_kernel_walks_in_storage_order():
+    grid = _grid(0, 15, 0.3, 7)
+    heads = torch.randn(5, 6, 4, 3).permute(2, 0, 3, 1)  # a head split's transpose: dense, not contiguous
+    assert not heads.is_contiguous() and fused.dense(heads) and fused.applies(heads)
+    out = fake_quantize_grid(heads, grid)
+    assert out.stride() == heads.stride() and _same_bits(out, grid_passes(heads, grid))
+    expected = grid_passes(heads, grid)
+    assert _same_bits(fake_quantize_grid_(heads, grid), expected) and _same_bits(heads, expected)
+    assert not fused.dense(torch.randn(4, 6)[:, 1:]) and fused.dense(torch.randn(4, 1, 6).transpose(0, 1))
 
 
 @needs_kernel
