@@ -725,7 +725,8 @@ def explain(name: str, r: dict) -> str:
                  f"({paths_w8a8 / r['audit_float_forward_s']:.2f}× one float forward: a batch forward, "
                  "`get_normalized_probs` and 3 decoding steps); the rest is the audit's own work "
                  "(`qswap/honesty`: module hooks, a Python dispatch-mode handler per aten op, the "
-                 "on-grid check of every quantizer output in 5 or 6 vectorized passes, kept weights included: "
+                 "on-grid check of every quantizer output, one read by qswap's C kernel (5 or 6 torch "
+                 "passes where it is not built), kept weights included: "
                  "one written through `.data` bumps no version counter). By Python function:",
         "convert": "By Python function:",
         "convert_memory": "",

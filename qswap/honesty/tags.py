@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qswap.quant import fused
 from qswap.quant.primitives import groups_view
 from qswap.quant.spec import QuantSpec
 
@@ -153,7 +154,8 @@ def on_grid_per_tensor(y: torch.Tensor, scale: float, zp: float, qmin: int, qmax
     ``inverse``: ``1 / scale`` as a 0-d float32 tensor (a quantizer's own, saving a cast per
     call); whatever its value, only grid points pass. A range of 2^24 codes or more (an int32
     bias) is clamped to the float32 numbers inside it (``_inside``): a code the clamp cannot
-    reach fails the comparison, and is counted exactly."""
+    reach fails the comparison, and is counted exactly. Where qswap's C kernel is built and ``y`` is
+    a dense CPU tensor, the same comparison runs in it, reading ``y`` once (``fused.grid_mismatches``)."""
     if y.dtype != torch.float32 or zp != round(zp) or not 0 < scale < math.inf:
         return False
     lo, hi = qmin - zp, qmax - zp
@@ -161,6 +163,9 @@ def on_grid_per_tensor(y: torch.Tensor, scale: float, zp: float, qmin: int, qmax
         lo, hi = _inside(lo, hi)
     if y.requires_grad:
         y = y.detach()
+    mismatches = fused.grid_mismatches(y, 1.0 / scale if inverse is None else float(inverse), lo, hi, scale)
+    if mismatches is not None:
+        return mismatches == 0
     large = y.numel() >= _LARGE
     out = scratch.like(y) if large and scratch is not None else None
     steps = torch.mul(y, 1.0 / scale if inverse is None else inverse, out=out)

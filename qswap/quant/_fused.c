@@ -12,6 +12,9 @@
  * No fused multiply-add (-ffp-contract=off in setup.py) and no fast-math: each product rounds
  * once, as torch's kernels do. src and dst may be the same buffer (in place).
  *
+ * grid_mismatches_f32(src, None, n, inverse, lo, hi, scale) counts the values that differ from
+ * that (the honesty audit's proof that a quantizer's output lies on its grid: 0), reading src once.
+ *
  * src and dst are addresses of contiguous float32 buffers (torch's data_ptr()); the Python
  * caller (qswap.quant.fused) checks dtype, device, layout and size. Single-threaded; the GIL is
  * released while it runs. Compiled for AVX2, SSE4.1 (hardware rounding) and baseline x86-64, the
@@ -35,34 +38,84 @@ static void fake_quantize_loop(const float *src, float *dst, int64_t n, float in
     }
 }
 
+/* How many of src[0..n) differ from their own fake quantization (the loop above): 0 proves every
+ * value is a grid point in range. A NaN differs from everything; -0.0 equals +0.0 (== compares). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "sse4.1", "default")))
+#endif
+static int64_t grid_mismatches_loop(const float *src, int64_t n, float inverse, float lo, float hi, float scale) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float t = nearbyintf(src[i] * inverse);
+        t = t < lo ? lo : t;
+        t = t > hi ? hi : t;
+        count += !(t * scale + 0.0f == src[i]);
+    }
+    return count;
+}
+
+/* The arguments both functions take: (src, dst or None, n, inverse, lo, hi, scale). */
+static int parse(const char *name, PyObject *const *args, Py_ssize_t nargs, void **src, void **dst, long long *n,
+                 float *grid) {
+    if (nargs != 7) {
+        PyErr_Format(PyExc_TypeError, "%s(src, dst, n, inverse, lo, hi, scale): 7 arguments", name);
+        return 0;
+    }
+    *src = PyLong_AsVoidPtr(args[0]);
+    *dst = args[1] == Py_None ? NULL : PyLong_AsVoidPtr(args[1]);
+    *n = PyLong_AsLongLong(args[2]);
+    for (int i = 0; i < 4; i++) {
+        grid[i] = (float)PyFloat_AsDouble(args[3 + i]);  /* inverse, lo, hi, scale: float32 values */
+    }
+    if (PyErr_Occurred()) {
+        return 0;
+    }
+    if (*n < 0 || (*n > 0 && *src == NULL)) {
+        PyErr_Format(PyExc_ValueError, "%s: a negative size or a null buffer", name);
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *fake_quantize_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "fake_quantize_f32(src, dst, n, inverse, lo, hi, scale): 7 arguments");
+    void *src, *dst;
+    long long n;
+    float g[4];
+    if (!parse("fake_quantize_f32", args, nargs, &src, &dst, &n, g)) {
         return NULL;
     }
-    void *src = PyLong_AsVoidPtr(args[0]);
-    void *dst = PyLong_AsVoidPtr(args[1]);
-    long long n = PyLong_AsLongLong(args[2]);
-    double inverse = PyFloat_AsDouble(args[3]), lo = PyFloat_AsDouble(args[4]);
-    double hi = PyFloat_AsDouble(args[5]), scale = PyFloat_AsDouble(args[6]);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    if (n < 0 || (n > 0 && (src == NULL || dst == NULL))) {
+    if (n > 0 && dst == NULL) {
         PyErr_SetString(PyExc_ValueError, "fake_quantize_f32: a negative size or a null buffer");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    fake_quantize_loop((const float *)src, (float *)dst, (int64_t)n, (float)inverse, (float)lo, (float)hi,
-                       (float)scale);
+    fake_quantize_loop((const float *)src, (float *)dst, (int64_t)n, g[0], g[1], g[2], g[3]);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
+}
+
+static PyObject *grid_mismatches_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    void *src, *dst;
+    long long n;
+    float g[4];
+    if (!parse("grid_mismatches_f32", args, nargs, &src, &dst, &n, g)) {
+        return NULL;
+    }
+    int64_t count;
+    Py_BEGIN_ALLOW_THREADS
+    count = grid_mismatches_loop((const float *)src, (int64_t)n, g[0], g[1], g[2], g[3]);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)count);
 }
 
 static PyMethodDef methods[] = {
     {"fake_quantize_f32", (PyCFunction)(void (*)(void))fake_quantize_f32, METH_FASTCALL,
      "fake_quantize_f32(src, dst, n, inverse, lo, hi, scale): one-pass per-tensor fake quantization"},
+    {"grid_mismatches_f32", (PyCFunction)(void (*)(void))grid_mismatches_f32, METH_FASTCALL,
+     "grid_mismatches_f32(src, None, n, inverse, lo, hi, scale): how many values differ from their "
+     "fake quantization"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -7,10 +7,12 @@ passes (multiply, round, clamp, scale). The C kernel does the same float32 opera
 over the tensor, so it gives the same values bit for bit (``tests/quant/test_fused.py`` checks it
 against the passes: ties, +-0, +-inf, NaN, the grids' ends, in place).
 
-It runs only where nothing needs to see the arithmetic as torch ops: a dense float32 CPU
-tensor (contiguous, or a permutation of one) (not a subclass, not a functorch-wrapped tensor), no autograd graph to record, no JIT
-trace and no ``TorchDispatchMode`` (the honesty audit watches the quantizers through one: it then
-sees the four passes, as before). Everywhere else the four passes run.
+It runs only where nothing needs to see the arithmetic as torch ops: a dense float32 CPU tensor
+(contiguous, or a permutation of one; not a subclass, not a functorch-wrapped tensor), no
+autograd graph to record, no JIT trace and no ``TorchDispatchMode`` watching (one on the stack
+with Python dispatch switched off, as the honesty audit runs qswap's own quantizers, watches
+nothing). Everywhere else the four passes run. The audit's proof that a quantizer's output lies
+on its grid reads the output once with the kernel's twin, ``grid_mismatches``.
 
 The kernel is built by ``pip install`` (``setup.py``, an optional extension): without a C compiler
 the install goes on and ``AVAILABLE`` is False, which only costs speed.
@@ -20,22 +22,24 @@ from __future__ import annotations
 import torch
 
 try:  # built by setup.py (optional extension)
-    from qswap.quant._fused import fake_quantize_f32 as _kernel
+    from qswap.quant._fused import fake_quantize_f32 as _kernel, grid_mismatches_f32 as _mismatches
 except ImportError:  # no compiler at install: the four torch passes run instead
-    _kernel = None
+    _kernel = _mismatches = None
 
 AVAILABLE = _kernel is not None
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa: SLF001  (vmap, grad transforms)
 _dispatch_modes = torch._C._len_torch_dispatch_stack  # noqa: SLF001
 _tracing = torch._C._get_tracing_state  # noqa: SLF001
+_excluded = torch._C._dispatch_tls_is_dispatch_key_excluded  # noqa: SLF001
+_PYTHON = torch._C.DispatchKey.Python
 
 
 def applies(x: torch.Tensor) -> bool:
     """Whether the kernel may compute a fake quantization of ``x`` (module docstring)."""
     return (_kernel is not None and type(x) is torch.Tensor and x.dtype == torch.float32 and x.is_cpu
             and dense(x) and not (x.requires_grad and torch.is_grad_enabled())
-            and not _dispatch_modes() and not _tracing() and not _is_wrapped(x))
+            and (not _dispatch_modes() or _excluded(_PYTHON)) and not _tracing() and not _is_wrapped(x))
 
 
 def dense(x: torch.Tensor) -> bool:
@@ -52,6 +56,18 @@ def dense(x: torch.Tensor) -> bool:
                 return False
             expected *= size
     return True
+
+
+def grid_mismatches(y: torch.Tensor, inverse: float, lo: float, hi: float, scale: float) -> int | None:
+    """How many values of ``y`` differ from their fake quantization (``clamp(round_half_even(y *
+    inverse), lo, hi) * scale`` in float32, each number rounded to float32 first; a NaN always
+    differs, -0.0 equals +0.0), read in one pass: 0 proves every value a grid point in range
+    (whatever ``inverse`` is: the right-hand side is always one). None where the kernel cannot read ``y``
+    (not built, not a dense float32 CPU tensor): the caller checks in torch."""
+    if _mismatches is None or type(y) is not torch.Tensor or y.dtype != torch.float32 or not y.is_cpu \
+            or not dense(y):
+        return None
+    return _mismatches(y.data_ptr(), None, y.numel(), inverse, lo, hi, scale)
 
 
 def fake_quantize_into(x: torch.Tensor, out: torch.Tensor, inverse: float, lo: int, hi: int, scale: float) -> torch.Tensor:

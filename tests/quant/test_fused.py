@@ -112,3 +112,35 @@ def test_the_kernel_refuses_a_bad_call_with_a_python_error():
         kernel(0, 0, 1)
     with pytest.raises(ValueError, match="negative size or a null buffer"):
         kernel(0, 0, 4, 1.0, 0.0, 255.0, 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qmin, qmax, scale, zero_point", GRIDS)
+def test_grid_mismatches_counts_what_the_passes_change(qmin, qmax, scale, zero_point):
+    """The audit's one-read proof: the count of values that their own fake quantization changes
+    (a NaN always; -0.0 never), as torch's passes count them."""
+    grid = _grid(qmin, qmax, scale, zero_point)
+    on_grid = grid_passes(_values(scale), grid)
+    on_grid = on_grid[~on_grid.isnan()]
+    args = (grid.inverse_value, grid.lo, grid.hi, grid.scale)
+    assert fused.grid_mismatches(on_grid, *args) == 0
+    moved = on_grid.clone()
+    moved[::97] = torch.nextafter(moved[::97], torch.tensor(math.inf))  # one float32 step off the grid
+    moved[5], moved[6], moved[7] = math.nan, -0.0, (qmax - zero_point + 2) * scale  # NaN, on grid, out of range
+    expected = int((grid_passes(moved, grid) != moved).sum())  # NaN != NaN: counted
+    assert fused.grid_mismatches(moved, *args) == expected > 0
+    assert fused.grid_mismatches(moved.view(-1, 1).expand(-1, 2), *args) is None  # not one block: torch checks
+
+
+@needs_kernel
+def test_the_audit_proof_reads_a_quantizer_output_once_with_the_same_verdict():
+    from qswap.honesty.tags import on_grid_per_tensor
+
+    grid = _grid(0, 255, 0.05, 3)
+    y = grid_passes(torch.randn(5000) * 4, grid)
+    assert on_grid_per_tensor(y, 0.05, 3.0, 0, 255)
+    for bad in (math.nan, math.inf, 0.051, 300 * 0.05):
+        z = y.clone()
+        z[17] = bad
+        assert not on_grid_per_tensor(z, 0.05, 3.0, 0, 255)
+        assert not on_grid_per_tensor(z.double(), 0.05, 3.0, 0, 255)  # float64: not a float32 grid value
