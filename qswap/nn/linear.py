@@ -14,6 +14,7 @@ from qswap.nn.registry import register
 from qswap.nn.simulate import (cached, centered_codes, forget, form_or_none, grid_of, onto_grid, reader_grid,
                                 requants_to, simulates, straight_through, stream_grid_of, values_onto)
 from qswap.quant.bias import BiasQuantize, quantized_pair
+from qswap.quant.fake_quantize import consume
 
 
 class _Weighted(QuantModule):
@@ -43,14 +44,17 @@ class _Weighted(QuantModule):
         """The float weight ``weight_quant`` quantizes (a weight-normed conv's is derived)."""
         return self.weight
 
-    def forward(self, x: torch.Tensor, out_quant: nn.Module | list | None = None) -> torch.Tensor | list:
+    def forward(self, x: torch.Tensor, out_quant: nn.Module | list | None = None, *,
+                owned: bool = False) -> torch.Tensor | list:
         """``op(input_quant(x))``. ``out_quant``: the quantizer that reads the result; with
         ``simulate: integer`` the result is then the integer form's output codes on its grid
         (exact int32 accumulation, its fixed-point requantization: ``onto_grid``) as values, with
-        the op's gradient. A list of quantizers: a list of results, one each (``onto_each``)."""
+        the op's gradient. A list of quantizers: a list of results, one each (``onto_each``).
+        ``owned``: ``x`` is a temporary the caller hands over, which the input quantizer may round
+        in place (``consume``)."""
         if isinstance(out_quant, list):
             return self.onto_each(x, out_quant)
-        xq = self.input_quant(x)
+        xq = consume(self.input_quant, x) if owned else self.input_quant(x)
         if out_quant is not None and simulates(self) and not torch.is_grad_enabled():
             self.float_weight()  # a derived weight computed here, in the forward (the audit sees it derived)
         value = None if out_quant is None else onto_linear(

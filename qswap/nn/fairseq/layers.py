@@ -32,13 +32,15 @@ IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 ZERO_POINT = Either(INT, TensorOf("int64"))  # a residual add operand's: per tensor, or per channel
 
 
-def onto(module: torch.nn.Module, x: Tensor, out_quant: Optional[torch.nn.Module]) -> Tensor:
+def onto(module: torch.nn.Module, x: Tensor, out_quant: Optional[torch.nn.Module], owned: bool = False) -> Tensor:
     """``module(x)`` as ``out_quant`` reads it (a counterpart that ``takes_reader`` told its reader:
     the integer form's requantization with ``simulate: integer``); ``module(x)`` for another
-    module, or without a reader."""
+    module, or without a reader. ``owned``: ``x`` is a temporary the caller hands over, which a
+    ``QLinear``'s input quantizer may round in place (``consume``)."""
+    kwargs = {"owned": True} if owned and isinstance(module, QLinear) else {}
     if out_quant is None or not getattr(module, "takes_reader", False):
-        return module(x)
-    return module(x, out_quant=out_quant)
+        return module(x, **kwargs)
+    return module(x, out_quant=out_quant, **kwargs)
 
 
 def onto_each(module: torch.nn.Module, x: Tensor, readers) -> list:
@@ -138,7 +140,8 @@ class QTransformerEncoderLayer(QuantModule):
         if self.normalize_before:
             x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
         x = self.activation_fn(consume(self.ffn_act_quant, onto(self.fc1, x, self.ffn_act_quant)))
-        fc_result = x = onto(self.fc2, self.activation_dropout_module(x), past(self.dropout_module, self.ffn_out_quant))
+        fc_result = x = onto(self.fc2, self.activation_dropout_module(x), past(self.dropout_module, self.ffn_out_quant),
+                             owned=True)  # the activation's new tensor
         x, residual = self._stream_onto("ffn", self.ffn_residual_quant(residual),
                                         self.ffn_out_quant(self.dropout_module(x)), next_readers)
         if not self.normalize_before:
@@ -310,7 +313,8 @@ class QTransformerDecoderLayer(QuantModule):
         x = self.activation_dropout_module(self.activation_fn(x))
         if self.ffn_layernorm is not None:
             x = self.ffn_layernorm(x)
-        x = self.ffn_out_quant(self.dropout_module(onto(self.fc2, x, past(self.dropout_module, self.ffn_out_quant))))
+        x = consume(self.ffn_out_quant, self.dropout_module(onto(self.fc2, x, past(self.dropout_module, self.ffn_out_quant),
+                                                                 owned=True)))  # new tensors: the activation's, fc2's
         residual = self.ffn_residual_quant(residual)
         if self.w_resid is not None:
             residual = self.scaled_residual_quant(self.w_resid_quant(self.w_resid) * residual)

@@ -68,7 +68,7 @@ class QTransformerSentenceEncoderLayer(QuantModule):
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout2(self.activation_fn(consume(self.ffn_act_quant, onto(self.fc1, x, self.ffn_act_quant))))
-        return onto(self.fc2, x, past(self.dropout3, self.ffn_out_quant))
+        return onto(self.fc2, x, past(self.dropout3, self.ffn_out_quant), owned=True)  # the activation's new tensor
 
     def forward(self, x: torch.Tensor, self_attn_mask: Optional[torch.Tensor] = None,
                 self_attn_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
