@@ -54,60 +54,49 @@ static int64_t grid_mismatches_loop(const float *src, int64_t n, float inverse, 
     return count;
 }
 
-/* The arguments both functions take: (src, dst or None, n, inverse, lo, hi, scale). */
-static int parse(const char *name, PyObject *const *args, Py_ssize_t nargs, void **src, void **dst, long long *n,
-                 float *grid) {
+/* Both functions: fake_quantize_f32 (write: src's values fake-quantized into dst) and
+ * grid_mismatches_f32 (count: dst is None), arguments (src, dst, n, inverse, lo, hi, scale). */
+static PyObject *run(const char *name, PyObject *const *args, Py_ssize_t nargs, int write) {
     if (nargs != 7) {
         PyErr_Format(PyExc_TypeError, "%s(src, dst, n, inverse, lo, hi, scale): 7 arguments", name);
-        return 0;
+        return NULL;
     }
-    *src = PyLong_AsVoidPtr(args[0]);
-    *dst = args[1] == Py_None ? NULL : PyLong_AsVoidPtr(args[1]);
-    *n = PyLong_AsLongLong(args[2]);
+    void *src = PyLong_AsVoidPtr(args[0]);
+    void *dst = args[1] == Py_None ? NULL : PyLong_AsVoidPtr(args[1]);
+    long long n = PyLong_AsLongLong(args[2]);
+    float g[4];  /* inverse, lo, hi, scale: float32 values */
     for (int i = 0; i < 4; i++) {
-        grid[i] = (float)PyFloat_AsDouble(args[3 + i]);  /* inverse, lo, hi, scale: float32 values */
+        g[i] = (float)PyFloat_AsDouble(args[3 + i]);
     }
     if (PyErr_Occurred()) {
-        return 0;
+        return NULL;
     }
-    if (*n < 0 || (*n > 0 && *src == NULL)) {
+    if (n < 0 || (n > 0 && (src == NULL || (write && dst == NULL)))) {
         PyErr_Format(PyExc_ValueError, "%s: a negative size or a null buffer", name);
-        return 0;
+        return NULL;
     }
-    return 1;
+    int64_t count = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (write) {
+        fake_quantize_loop((const float *)src, (float *)dst, (int64_t)n, g[0], g[1], g[2], g[3]);
+    } else {
+        count = grid_mismatches_loop((const float *)src, (int64_t)n, g[0], g[1], g[2], g[3]);
+    }
+    Py_END_ALLOW_THREADS
+    if (write) {
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromLongLong((long long)count);
 }
 
 static PyObject *fake_quantize_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    void *src, *dst;
-    long long n;
-    float g[4];
-    if (!parse("fake_quantize_f32", args, nargs, &src, &dst, &n, g)) {
-        return NULL;
-    }
-    if (n > 0 && dst == NULL) {
-        PyErr_SetString(PyExc_ValueError, "fake_quantize_f32: a negative size or a null buffer");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    fake_quantize_loop((const float *)src, (float *)dst, (int64_t)n, g[0], g[1], g[2], g[3]);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return run("fake_quantize_f32", args, nargs, 1);
 }
 
 static PyObject *grid_mismatches_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    void *src, *dst;
-    long long n;
-    float g[4];
-    if (!parse("grid_mismatches_f32", args, nargs, &src, &dst, &n, g)) {
-        return NULL;
-    }
-    int64_t count;
-    Py_BEGIN_ALLOW_THREADS
-    count = grid_mismatches_loop((const float *)src, (int64_t)n, g[0], g[1], g[2], g[3]);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLongLong((long long)count);
+    return run("grid_mismatches_f32", args, nargs, 0);
 }
 
 static PyMethodDef methods[] = {
