@@ -120,6 +120,12 @@ class QLayerNorm(_QNorm):
         self.normalized_shape = tuple(normalized_shape)
         self.grad_std_floor = STD_FLOOR_RATIO  # QAT gradient bound (layer_norm_bounded_grad)
 
+    # The integer forms a call may keep (``cached``), all dropped by any call with autograd on: a
+    # training step writes the affine parameters through ``.data``, which no stamp sees, and a
+    # step that skips the integer path (a reader still calibrating, ``simulate: float``) would
+    # otherwise leave a form kept before it for the next inference.
+    KEPT_FORMS = ("_integer_onto", "_integer_onto_each", "_integer_form", "_integer_ln")
+
     @classmethod
     def from_float(cls, module: nn.LayerNorm, config: QuantConfig) -> "QLayerNorm":
         return cls(module.normalized_shape, module.weight, module.bias, module.eps, config)
@@ -129,6 +135,7 @@ class QLayerNorm(_QNorm):
         with ``simulate: integer`` the result is then the integer LayerNorm's output codes on its
         grid (its fixed-point requantization of the affine accumulator: ``onto_grid``) as values,
         with the norm's gradient. A list of quantizers: a list of results, one each (``onto_each``)."""
+        forget(self, *self.KEPT_FORMS)  # with autograd, whichever path runs: see ``KEPT_FORMS``
         if isinstance(out_quant, list):
             return self.onto_each(x, out_quant)
         xq = self.input_quant(x)
@@ -149,7 +156,7 @@ class QLayerNorm(_QNorm):
         requantized onto each reader's grid (what the integer model computes for a norm whose
         result several grids read: the S2T encoder's final norm, read by every decoder layer's
         ``key_in``), as values with the norm's gradient; else the norm's value for each."""
-        forget(self, "_integer_onto_each")
+        forget(self, *self.KEPT_FORMS)
         xq = self.input_quant(x)
         grids = [stream_grid_of(r, frozen_only=True) for r in readers]
         grid = stream_grid_of(self.input_quant) if simulates(self) and None not in grids else None

@@ -62,10 +62,13 @@ static PyObject *run(const char *name, PyObject *const *args, Py_ssize_t nargs, 
         return NULL;
     }
     void *src = PyLong_AsVoidPtr(args[0]);
-    void *dst = args[1] == Py_None ? NULL : PyLong_AsVoidPtr(args[1]);
-    long long n = PyLong_AsLongLong(args[2]);
-    float g[4];  /* inverse, lo, hi, scale: float32 values */
-    for (int i = 0; i < 4; i++) {
+    void *dst = NULL;
+    if (!PyErr_Occurred() && args[1] != Py_None) {
+        dst = PyLong_AsVoidPtr(args[1]);
+    }
+    long long n = PyErr_Occurred() ? 0 : PyLong_AsLongLong(args[2]);
+    float g[4] = {0.0f, 0.0f, 0.0f, 0.0f};  /* inverse, lo, hi, scale: float32 values */
+    for (int i = 0; i < 4 && !PyErr_Occurred(); i++) {
         g[i] = (float)PyFloat_AsDouble(args[3 + i]);
     }
     if (PyErr_Occurred()) {

@@ -200,8 +200,10 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         its grid frozen per tensor) the result is written into ``x`` itself, a float32 tensor
         whose elements fill one block of memory (``qswap.quant.fused.dense``), and no new tensor is allocated (at a batch's sizes the allocation costs more than
         the four passes: docs/benchmarks.md). Everywhere else exactly ``self(x)``: the same values
-        either way, ``fake_quantize_grid_``."""
-        if self.enabled and self.kind == "activation" and dense(x) and not watched(self):
+        either way, ``fake_quantize_grid_``. Only a hook of the quantizer itself or a global one
+        sees the call (it then does not write in place): a hook of the module that made ``x``, if
+        it keeps its output, finds it rounded afterwards."""
+        if self.enabled and self.kind == "activation" and not watched(self) and dense(x):
             buffers = self._buffers
             scale = buffers.get("scale")
             grid = self._fast_grid(x, buffers, scale if scale is not None else self._parameters["scale"])

@@ -8,7 +8,7 @@ over the tensor, so it gives the same values bit for bit (``tests/quant/test_fus
 against the passes: ties, +-0, +-inf, NaN, the grids' ends, in place).
 
 It runs only where nothing needs to see the arithmetic as torch ops: a dense float32 CPU tensor
-(contiguous, or a permutation of one; not a subclass, not a functorch-wrapped tensor), no
+(contiguous, or a permutation of one; not a subclass, a functorch-wrapped tensor or a negated view), no
 autograd graph to record, no JIT trace and no ``TorchDispatchMode`` watching (one on the stack
 with Python dispatch switched off, as the honesty audit runs qswap's own quantizers, watches
 nothing). Everywhere else the four passes run. The audit's proof that a quantizer's output lies
@@ -38,7 +38,7 @@ _PYTHON = torch._C.DispatchKey.Python
 def applies(x: torch.Tensor) -> bool:
     """Whether the kernel may compute a fake quantization of ``x`` (module docstring)."""
     return (_kernel is not None and type(x) is torch.Tensor and x.dtype == torch.float32 and x.is_cpu
-            and dense(x) and not (x.requires_grad and torch.is_grad_enabled())
+            and x.layout == torch.strided and not x.is_neg() and dense(x) and not (x.requires_grad and torch.is_grad_enabled())
             and (not _dispatch_modes() or _excluded(_PYTHON)) and not _tracing() and not _is_wrapped(x))
 
 
@@ -65,7 +65,7 @@ def grid_mismatches(y: torch.Tensor, inverse: float, lo: float, hi: float, scale
     (whatever ``inverse`` is: the right-hand side is always one). None where the kernel cannot read ``y``
     (not built, not a dense float32 CPU tensor): the caller checks in torch."""
     if _mismatches is None or type(y) is not torch.Tensor or y.dtype != torch.float32 or not y.is_cpu \
-            or not dense(y):
+            or y.layout != torch.strided or y.is_neg() or not dense(y):
         return None
     return _mismatches(y.data_ptr(), None, y.numel(), inverse, lo, hi, scale)
 

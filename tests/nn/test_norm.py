@@ -143,3 +143,33 @@ def test_batch_norm_trains_the_folded_quantized_map_with_batch_statistics():
     for grad in (q.weight.grad, q.bias.grad, x.grad):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert int(q.num_batches_tracked) == 1
+
+
+def test_a_training_call_that_skips_the_integer_path_drops_the_kept_forms():
+    """A LayerNorm told several readers keeps its integer form at inference. A training step whose
+    forward takes the float path (``simulate: float``) and whose optimizer writes the affine
+    parameters through ``.data`` (no version bump, as fairseq's Adam) must not leave that form
+    for the next inference: every call with autograd drops the kept forms (``KEPT_FORMS``)."""
+    import copy
+
+    from helpers import recipe_with
+    from qswap.nn.simulate import simulating
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 6, 32) * 2
+    model = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 4), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5)
+    q = qswap.convert(model.eval(), recipe_with("w8a8", "integer"))
+    qswap.calibrate(q, [x], forward=lambda m, b: (m[1](m[0](b)), m[2](m[0](b) * 2)))
+    readers = [q[1].input_quant, q[2].input_quant]
+    with torch.no_grad():
+        q[0](x, out_quant=readers)  # keeps the integer form
+    assert "_integer_form" in q[0].__dict__
+    with simulating(q, "float"):
+        q[0](x, out_quant=readers)[0].sum().backward()  # a training forward on the float path
+    q[0].weight.data.mul_(1.5)  # the optimizer's write: no version bump
+    with torch.no_grad():
+        after = q[0](x, out_quant=readers)
+        fresh = copy.deepcopy(q[0])(x, out_quant=[copy.deepcopy(r) for r in readers])  # nothing kept
+    assert all(torch.equal(a, b) for a, b in zip(after, fresh))

@@ -81,6 +81,7 @@ def test_the_four_passes_run_where_something_watches_or_the_tensor_does_not_fit(
     assert {"mul", "round_", "clamp_", "add"} <= set(ops.seen) and torch.equal(watched, grid_passes(x, grid))
     assert not fused.applies(x[:, ::2])  # gaps between its elements
     assert not fused.applies(torch.randn(1, 33).expand(64, 33))  # elements shared
+    assert not fused.applies(torch._neg_view(x))  # a negated view: its memory holds -x
     assert not fused.applies(x.double())
     leaf = x.clone().requires_grad_()
     assert not fused.applies(leaf)
