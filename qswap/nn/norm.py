@@ -19,9 +19,9 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import Obj, Opt, serializable
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import (cached, centered_codes, channel_codes, codes_of, forget, form_or_none, grid_of,
-                                onto_grid, requants_to, row_isqrt, simulates, straight_through, stream_grid_of,
-                                value_of, values_onto)
+from qswap.nn.simulate import (cached, centered_codes, channel_codes, codes_of, forget, forget_all, form_or_none,
+                                grid_of, onto_grid, requants_to, row_isqrt, simulates, straight_through,
+                                stream_grid_of, value_of, values_onto)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -120,12 +120,6 @@ class QLayerNorm(_QNorm):
         self.normalized_shape = tuple(normalized_shape)
         self.grad_std_floor = STD_FLOOR_RATIO  # QAT gradient bound (layer_norm_bounded_grad)
 
-    # The integer forms a call may keep (``cached``), all dropped by any call with autograd on: a
-    # training step writes the affine parameters through ``.data``, which no stamp sees, and a
-    # step that skips the integer path (a reader still calibrating, ``simulate: float``) would
-    # otherwise leave a form kept before it for the next inference.
-    KEPT_FORMS = ("_integer_onto", "_integer_onto_each", "_integer_form", "_integer_ln")
-
     @classmethod
     def from_float(cls, module: nn.LayerNorm, config: QuantConfig) -> "QLayerNorm":
         return cls(module.normalized_shape, module.weight, module.bias, module.eps, config)
@@ -135,7 +129,7 @@ class QLayerNorm(_QNorm):
         with ``simulate: integer`` the result is then the integer LayerNorm's output codes on its
         grid (its fixed-point requantization of the affine accumulator: ``onto_grid``) as values,
         with the norm's gradient. A list of quantizers: a list of results, one each (``onto_each``)."""
-        forget(self, *self.KEPT_FORMS)  # with autograd, whichever path runs: see ``KEPT_FORMS``
+        forget_all(self)  # with autograd, whichever path this call takes
         if isinstance(out_quant, list):
             return self.onto_each(x, out_quant)
         xq = self.input_quant(x)
@@ -156,7 +150,7 @@ class QLayerNorm(_QNorm):
         requantized onto each reader's grid (what the integer model computes for a norm whose
         result several grids read: the S2T encoder's final norm, read by every decoder layer's
         ``key_in``), as values with the norm's gradient; else the norm's value for each."""
-        forget(self, *self.KEPT_FORMS)
+        forget_all(self)
         xq = self.input_quant(x)
         grids = [stream_grid_of(r, frozen_only=True) for r in readers]
         grid = stream_grid_of(self.input_quant) if simulates(self) and None not in grids else None

@@ -269,6 +269,23 @@ def forget(owner: nn.Module, *slots: str) -> bool:
     return True
 
 
+def kept_forms(owner: nn.Module) -> list:
+    """The slots in which ``owner`` keeps integer forms (``cached``): its ``_integer*`` attributes."""
+    return [slot for slot in vars(owner) if slot.startswith("_integer")]
+
+
+def forget_all(owner: nn.Module) -> bool:
+    """``forget`` of every form ``owner`` keeps (``kept_forms``), for a module whose training call
+    may take a path that reaches none of them (a reader still calibrating, ``simulate: float``):
+    the forms kept before it must not outlive the step's writes through ``.data``, whichever
+    path the step took. ``QuantModule.train`` drops them too, on entering training mode."""
+    if not torch.is_grad_enabled():
+        return False
+    for slot in kept_forms(owner):
+        del owner.__dict__[slot]
+    return True
+
+
 def form_or_none(to_integer, *args):
     """``to_integer(*args)``, a module's integer form, or None where it has none (e.g. per-group
     weights): its simulation then computes in float, as without ``simulate: integer``."""

@@ -149,7 +149,7 @@ def test_a_training_call_that_skips_the_integer_path_drops_the_kept_forms():
     """A LayerNorm told several readers keeps its integer form at inference. A training step whose
     forward takes the float path (``simulate: float``) and whose optimizer writes the affine
     parameters through ``.data`` (no version bump, as fairseq's Adam) must not leave that form
-    for the next inference: every call with autograd drops the kept forms (``KEPT_FORMS``)."""
+    for the next inference: every call with autograd drops the kept forms (``forget_all``)."""
     import copy
 
     from helpers import recipe_with
