@@ -704,8 +704,11 @@ def explain(name: str, r: dict) -> str:
                    "Every activation quantizer reads and writes its tensor once more (multiply by 1/s, "
                    "round, clamp, times s: one pass of qswap's C kernel, `qswap/quant/fused.py`, or "
                    "torch's four where it is not built), into a new tensor, or into the temporary a "
-                   "layer hands over (attention scores and probabilities, fc1's and the activation's "
-                   "results, the attention outputs, the decoder's fc2 result: `consume`); attention runs unfused (bmm, softmax, bmm on quantized operands) "
+                   "layer hands over (attention scores and probabilities, fc1's result, the attention "
+                   "outputs, the decoder's fc2 result: `consume`; the attention masks are then filled in "
+                   "place); a ReLU after a quantizer runs in that quantizer's pass, and the quantizer of "
+                   "fc2's input joins the same pass (`consume_twice`, one read of fc1's result for both "
+                   "grids); attention runs unfused (bmm, softmax, bmm on quantized operands) "
                    "where the float model calls one fused SDPA kernel; by aten op (the kernel's pass is "
                    "not an aten op: it shows in the wall time, not here):",
         "per_channel": "By aten op, per-channel against per-tensor:",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from qswap.errors import ConvertError
 from qswap.io.serializable import INT, Obj, Tuple, serializable
@@ -93,13 +93,17 @@ class QuantAttentionCore(nn.Module):
                 scores = scores + self.scores_bias_quant(scores_bias)
             if additive is not None:
                 scores = scores + self.attn_bias_quant(additive)
+        product = scores
         scores = consume(self.softmax_in_quant, scores)  # a new tensor: the product or the sums
+        # rounded in place (consume's fast path: unwatched inference) and not read again unmasked
+        # (the float softmax): the masks are filled in place too, with no copy of the scores
+        fill = Tensor.masked_fill_ if (scores is product and isinstance(self.softmax_in_quant, FakeQuantize)
+                                       and self.softmax_in_quant.enabled and not simulates(self)) else Tensor.masked_fill
         masked = scores
         if blocked is not None:
-            masked = masked.masked_fill(blocked if blocked.dim() == 3 else blocked.unsqueeze(0),
-                                        float("-inf"))
+            masked = fill(masked, blocked if blocked.dim() == 3 else blocked.unsqueeze(0), float("-inf"))
         if key_padding_mask is not None:
-            masked = masked.masked_fill(heads_padding(key_padding_mask, num_heads), float("-inf"))
+            masked = fill(masked, heads_padding(key_padding_mask, num_heads), float("-inf"))
         probs = self._integer_softmax(scores, masked) if simulates(self) else None
         if probs is None:
             probs = F.softmax(masked, dim=-1)  # (B*H, T, S)

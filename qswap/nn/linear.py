@@ -45,16 +45,17 @@ class _Weighted(QuantModule):
         return self.weight
 
     def forward(self, x: torch.Tensor, out_quant: nn.Module | list | None = None, *,
-                owned: bool = False) -> torch.Tensor | list:
+                owned: bool = False, quantized: bool = False) -> torch.Tensor | list:
         """``op(input_quant(x))``. ``out_quant``: the quantizer that reads the result; with
         ``simulate: integer`` the result is then the integer form's output codes on its grid
         (exact int32 accumulation, its fixed-point requantization: ``onto_grid``) as values, with
         the op's gradient. A list of quantizers: a list of results, one each (``onto_each``).
         ``owned``: ``x`` is a temporary the caller hands over, which the input quantizer may round
-        in place (``consume``)."""
+        in place (``consume``). ``quantized``: ``x`` is the input quantizer's output already (the
+        layer rounded it onto both its grid and the one before in one pass: ``consume_twice``)."""
         if isinstance(out_quant, list):
             return self.onto_each(x, out_quant)
-        xq = consume(self.input_quant, x) if owned else self.input_quant(x)
+        xq = x if quantized else consume(self.input_quant, x) if owned else self.input_quant(x)
         if out_quant is not None and simulates(self) and not torch.is_grad_enabled():
             self.float_weight()  # a derived weight computed here, in the forward (the audit sees it derived)
         value = None if out_quant is None else onto_linear(

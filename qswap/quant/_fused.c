@@ -12,6 +12,9 @@
  * No fused multiply-add (-ffp-contract=off in setup.py) and no fast-math: each product rounds
  * once, as torch's kernels do. src and dst may be the same buffer (in place).
  *
+ * fake_quantize_twice_f32(src, dst, n, inverse1, lo1, hi1, scale1, inverse2, lo2, hi2, scale2) does
+ * that twice per value, the second grid reading the first's result: two quantizers in a row.
+ *
  * grid_mismatches_f32(src, None, n, inverse, lo, hi, scale) counts the values that differ from
  * that (the honesty audit's proof that a quantizer's output lies on its grid: 0), reading src once.
  *
@@ -35,6 +38,26 @@ static void fake_quantize_loop(const float *src, float *dst, int64_t n, float in
         t = t < lo ? lo : t;
         t = t > hi ? hi : t;
         dst[i] = t * scale + 0.0f;
+    }
+}
+
+/* fake_quantize_loop twice, the second grid reading the first's output (two quantizers in a row,
+ * a ReLU between them folded into the first's lo): the same float32 operations in the same order
+ * as two calls of the loop above, so the same bits, with one read and one write of the tensor. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "sse4.1", "default")))
+#endif
+static void fake_quantize_twice_loop(const float *src, float *dst, int64_t n, const float *g1, const float *g2) {
+    const float inverse1 = g1[0], lo1 = g1[1], hi1 = g1[2], scale1 = g1[3];
+    const float inverse2 = g2[0], lo2 = g2[1], hi2 = g2[2], scale2 = g2[3];
+    for (int64_t i = 0; i < n; i++) {
+        float t = nearbyintf(src[i] * inverse1);
+        t = t < lo1 ? lo1 : t;
+        t = t > hi1 ? hi1 : t;
+        float u = nearbyintf((t * scale1 + 0.0f) * inverse2);
+        u = u < lo2 ? lo2 : u;
+        u = u > hi2 ? hi2 : u;
+        dst[i] = u * scale2 + 0.0f;
     }
 }
 
@@ -92,6 +115,34 @@ static PyObject *run(const char *name, PyObject *const *args, Py_ssize_t nargs, 
     return PyLong_FromLongLong((long long)count);
 }
 
+/* fake_quantize_twice_f32(src, dst, n, inverse1, lo1, hi1, scale1, inverse2, lo2, hi2, scale2). */
+static PyObject *fake_quantize_twice_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "fake_quantize_twice_f32(src, dst, n, inverse1, lo1, hi1, scale1, "
+                                         "inverse2, lo2, hi2, scale2): 11 arguments");
+        return NULL;
+    }
+    void *src = PyLong_AsVoidPtr(args[0]);
+    void *dst = PyErr_Occurred() ? NULL : PyLong_AsVoidPtr(args[1]);
+    long long n = PyErr_Occurred() ? 0 : PyLong_AsLongLong(args[2]);
+    float g[8] = {0.0f};  /* the two grids: inverse, lo, hi, scale each, as float32 values */
+    for (int i = 0; i < 8 && !PyErr_Occurred(); i++) {
+        g[i] = (float)PyFloat_AsDouble(args[3 + i]);
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (n < 0 || (n > 0 && (src == NULL || dst == NULL))) {
+        PyErr_SetString(PyExc_ValueError, "fake_quantize_twice_f32: a negative size or a null buffer");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    fake_quantize_twice_loop((const float *)src, (float *)dst, (int64_t)n, g, g + 4);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *fake_quantize_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     return run("fake_quantize_f32", args, nargs, 1);
@@ -105,6 +156,9 @@ static PyObject *grid_mismatches_f32(PyObject *self, PyObject *const *args, Py_s
 static PyMethodDef methods[] = {
     {"fake_quantize_f32", (PyCFunction)(void (*)(void))fake_quantize_f32, METH_FASTCALL,
      "fake_quantize_f32(src, dst, n, inverse, lo, hi, scale): one-pass per-tensor fake quantization"},
+    {"fake_quantize_twice_f32", (PyCFunction)(void (*)(void))fake_quantize_twice_f32, METH_FASTCALL,
+     "fake_quantize_twice_f32(src, dst, n, inverse1, lo1, hi1, scale1, inverse2, lo2, hi2, scale2): two "
+     "per-tensor fake quantizations in a row, in one pass"},
     {"grid_mismatches_f32", (PyCFunction)(void (*)(void))grid_mismatches_f32, METH_FASTCALL,
      "grid_mismatches_f32(src, None, n, inverse, lo, hi, scale): how many values differ from their "
      "fake quantization"},

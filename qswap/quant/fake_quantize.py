@@ -24,6 +24,7 @@ from torch import nn
 
 from qswap.errors import CalibrationError, SpecError
 from qswap.quant.direct_call import DirectCall, watched
+from qswap.quant import fused
 from qswap.quant.fused import dense
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
@@ -194,22 +195,40 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
                     return fake_quantize_grid(x, grid)
         return self.forward(x)
 
-    def consume(self, x: torch.Tensor) -> torch.Tensor:
+    def consume(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         """``self(x)`` for a temporary ``x`` the caller hands over (the result of an op that nothing
         else reads): on ``__call__``'s fast path (an activation quantizer at inference, unwatched,
         its grid frozen per tensor) the result is written into ``x`` itself, a float32 tensor
-        whose elements fill one block of memory (``qswap.quant.fused.dense``), and no new tensor is allocated (at a batch's sizes the allocation costs more than
-        the four passes: docs/benchmarks.md). Everywhere else exactly ``self(x)``: the same values
-        either way, ``fake_quantize_grid_``. Only a hook of the quantizer itself or a global one
-        sees the call (it then does not write in place): a hook of the module that made ``x``, if
-        it keeps its output, finds it rounded afterwards."""
+        whose elements fill one block of memory (``qswap.quant.fused.dense``), and no new tensor is
+        allocated (at a batch's sizes the allocation costs more than the four passes:
+        docs/benchmarks.md). Everywhere else exactly ``self(x)``: the same values either way,
+        ``fake_quantize_grid_``. Only a hook of the quantizer itself or a global one sees the call
+        (it then does not write in place): a hook of the module that made ``x``, if it keeps its
+        output, finds it rounded afterwards.
+
+        ``relu``: ``F.relu(self(x))`` (a ReLU that reads this quantizer's output, as fairseq's FFN
+        does). On the fast path in the same pass: a grid whose codes run from ``lo <= 0`` to ``hi >=
+        0`` (relative to the zero point) clamped from ``max(lo, 0)`` instead gives ReLU's values bit
+        for bit (a negative code becomes code 0, whose value is +0.0; NaN stays NaN), so the ReLU
+        neither reads the tensor again nor allocates one (``tests/quant/test_fake_quantize.py``)."""
+        grid = self._consumable(x)
+        if grid is not None:
+            if not relu:
+                return fake_quantize_grid_(x, grid)
+            if grid.lo <= 0 <= grid.hi:
+                return fake_quantize_grid_(x, grid._replace(lo=0))
+            return torch.relu_(fake_quantize_grid_(x, grid))
+        y = self(x)
+        return torch.relu(y) if relu else y
+
+    def _consumable(self, x: torch.Tensor) -> PassGrid | None:
+        """The grid ``consume`` rounds ``x`` onto in place (an enabled activation quantizer,
+        unwatched, ``x`` dense, and ``_fast_grid``'s conditions), or None: not in place."""
         if self.enabled and self.kind == "activation" and not watched(self) and dense(x):
             buffers = self._buffers
             scale = buffers.get("scale")
-            grid = self._fast_grid(x, buffers, scale if scale is not None else self._parameters["scale"])
-            if grid is not None:
-                return fake_quantize_grid_(x, grid)
-        return self(x)
+            return self._fast_grid(x, buffers, scale if scale is not None else self._parameters["scale"])
+        return None
 
     def _fast_grid(self, x: torch.Tensor, buffers: dict, scale: torch.Tensor) -> PassGrid | None:
         """The kept ``PassGrid`` the fast path rounds ``x`` onto (``frozen_grid``'s, unchanged since
@@ -326,8 +345,30 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         return f"{self.kind}, {self.spec.short()}, observer={self.spec.observer}, {state}"
 
 
-def consume(quant: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def consume(quant: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """``quant(x)`` for a temporary ``x`` the caller gives up: ``FakeQuantize.consume`` (the result
     written into ``x`` where it can); any other module at a quantizer site (an ``Identity``: the
-    recipe leaves the site in float) is called as it is."""
-    return quant.consume(x) if isinstance(quant, FakeQuantize) else quant(x)
+    recipe leaves the site in float) is called as it is. ``relu``: ``F.relu(quant(x))``, on the
+    fast path in the quantizer's own pass."""
+    if isinstance(quant, FakeQuantize):
+        return quant.consume(x, relu)
+    y = quant(x)
+    return torch.relu(y) if relu else y
+
+
+def consume_twice(first: nn.Module, x: torch.Tensor, second: nn.Module | None, relu: bool = False) -> tuple:
+    """``second(relu(first(x)))`` for a temporary ``x`` the caller gives up (``relu``: the ReLU
+    between the two; without it ``second(first(x))``), where both quantizers take
+    ``consume``'s fast path and the kernel is built: rounded onto both grids in one pass of the
+    kernel (``qswap.quant.fused.fake_quantize_twice_into``, the same bits as two passes), written
+    into ``x``. Returns (the value, True) then: ``second``'s output, which the caller hands on
+    without calling ``second`` again. Else (``consume(first, x, relu)``, False): the caller lets
+    ``second`` read it as usual (a watched quantizer, autograd, observing, no kernel)."""
+    if isinstance(first, FakeQuantize) and isinstance(second, FakeQuantize) and fused.applies(x):
+        grid = first._consumable(x)
+        then = second._consumable(x) if grid is not None else None  # its input has x's dtype, layout, grad
+        if then is not None and (not relu or grid.lo <= 0 <= grid.hi):
+            lo = 0 if relu else grid.lo  # the ReLU folded into the first grid's clamp (``consume``)
+            return fused.fake_quantize_twice_into(x, x, (grid.inverse_value, lo, grid.hi, grid.scale),
+                                                  (then.inverse_value, then.lo, then.hi, then.scale)), True
+    return consume(first, x, relu), False

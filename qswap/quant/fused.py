@@ -12,7 +12,9 @@ It runs only where nothing needs to see the arithmetic as torch ops: a dense flo
 autograd graph to record, no JIT trace and no ``TorchDispatchMode`` watching (one on the stack
 with Python dispatch switched off, as the honesty audit runs qswap's own quantizers, watches
 nothing). Everywhere else the four passes run. The audit's proof that a quantizer's output lies
-on its grid reads the output once with the kernel's twin, ``grid_mismatches``.
+on its grid reads the output once with the kernel's twin, ``grid_mismatches``. Two quantizers in a
+row (the FFN's activation input and, past a ReLU, fc2's input) can round in one pass,
+``fake_quantize_twice_into``.
 
 The kernel is built by ``pip install`` (``setup.py``, an optional extension): without a C compiler
 the install goes on and ``AVAILABLE`` is False, which only costs speed.
@@ -22,9 +24,10 @@ from __future__ import annotations
 import torch
 
 try:  # built by setup.py (optional extension)
-    from qswap.quant._fused import fake_quantize_f32 as _kernel, grid_mismatches_f32 as _mismatches
+    from qswap.quant._fused import (fake_quantize_f32 as _kernel, fake_quantize_twice_f32 as _twice,
+                                    grid_mismatches_f32 as _mismatches)
 except ImportError:  # no compiler at install: the four torch passes run instead
-    _kernel = _mismatches = None
+    _kernel = _twice = _mismatches = None
 
 AVAILABLE = _kernel is not None
 
@@ -75,4 +78,13 @@ def fake_quantize_into(x: torch.Tensor, out: torch.Tensor, inverse: float, lo: i
     ``clamp(round_half_even(x * inverse), lo, hi) * scale`` in float32, ``inverse`` the float32
     1 / scale. For an ``x`` that ``applies`` accepts."""
     _kernel(x.data_ptr(), out.data_ptr(), x.numel(), inverse, float(lo), float(hi), scale)
+    return out
+
+
+def fake_quantize_twice_into(x: torch.Tensor, out: torch.Tensor, first: tuple, second: tuple) -> torch.Tensor:
+    """``fake_quantize_into`` with grid ``first`` and then with grid ``second`` on its result (two
+    quantizers in a row), in one pass: the same float32 operations, so the same bits. ``first``
+    and ``second``: (inverse, lo, hi, scale) each. For an ``x`` that ``applies`` accepts."""
+    _twice(x.data_ptr(), out.data_ptr(), x.numel(), first[0], float(first[1]), float(first[2]), first[3],
+           second[0], float(second[1]), float(second[2]), second[3])
     return out

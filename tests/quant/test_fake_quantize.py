@@ -262,3 +262,74 @@ def test_consume_writes_into_a_handed_over_temporary_only_on_the_fast_path():
     observing.consume(temp)
     assert torch.equal(temp, x) and observing.initialized
     assert consume(torch.nn.Identity(), x) is x  # a site the recipe leaves in float
+
+
+def test_consume_with_relu_gives_relu_of_the_quantizer_bit_for_bit():
+    """``consume(x, relu=True)`` clamps the codes from max(lo, 0) in the quantizer's own pass: the
+    bits of ``F.relu(fq(x))`` (ties, +-0, +-inf, NaN, both ends of the grid), in place on the fast
+    path, and the call itself followed by a ReLU everywhere else."""
+    import torch.nn.functional as F
+
+    from qswap.quant.fake_quantize import consume
+
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3e38, -3e38, 1e-42, -1e-42])
+    for spec, lo, hi in ((QuantSpec(bits=8, symmetric=False), -2.0, 5.0), (QuantSpec(bits=8, symmetric=True), -3.0, 3.0),
+                         (QuantSpec(bits=4, symmetric=False), -0.5, 7.0), (QuantSpec(bits=8, symmetric=False), 0.0, 4.0)):
+        fq = FakeQuantize(spec)
+        fq(torch.tensor([lo, hi]))
+        fq.freeze()
+        scale = float(fq.scale)
+        ties = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * scale
+        x = torch.cat([torch.randn(4099) * 4, ties, special])
+        expected = F.relu(fq(x))
+        temp = x.clone()
+        out = fq.consume(temp, relu=True)
+        assert out.data_ptr() == temp.data_ptr()
+        assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), spec  # the bits, +0.0 and NaN included
+        watched_out = None
+        handle = fq.register_forward_hook(lambda module, args, output: None)  # off the fast path
+        temp = x.clone()
+        watched_out = consume(fq, temp, relu=True)
+        handle.remove()
+        assert torch.equal(temp.view(torch.int32), x.view(torch.int32))  # left as it was
+        assert torch.equal(watched_out.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(consume(torch.nn.Identity(), torch.tensor([-1.0, 2.0]), relu=True), torch.tensor([0.0, 2.0]))
+
+
+def test_consume_twice_rounds_onto_both_grids_in_one_pass_only_on_both_fast_paths():
+    """``consume_twice(first, x, second, relu)`` is ``second(relu(first(x)))`` bit for bit, written
+    into ``x`` where both quantizers would round in place (and the kernel is built); else it is
+    ``consume(first, x, relu)`` and says so (the caller calls ``second``)."""
+    import torch.nn.functional as F
+
+    from qswap.quant import fused
+    from qswap.quant.fake_quantize import consume_twice
+
+    first, second = FakeQuantize(QuantSpec(bits=8, symmetric=False)), FakeQuantize(QuantSpec(bits=8, symmetric=False))
+    first(torch.tensor([-2.0, 5.0]))
+    second(torch.tensor([0.0, 3.0]))
+    first.freeze()
+    second.freeze()
+    x = torch.cat([torch.randn(5003) * 3, (torch.arange(-200, 200, dtype=torch.float32) + 0.5) * float(first.scale),
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])])
+    for relu in (False, True):
+        one = F.relu(first(x)) if relu else first(x)
+        expected = second(one)
+        temp = x.clone()
+        out, both = consume_twice(first, temp, second, relu)
+        assert both == fused.AVAILABLE
+        if both:
+            assert out.data_ptr() == temp.data_ptr()
+            assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+        else:
+            assert torch.equal(out.view(torch.int32), one.view(torch.int32))
+    handle = second.register_forward_hook(lambda module, args, output: None)  # the reader watched
+    temp = x.clone()
+    out, both = consume_twice(first, temp, second, relu=True)
+    handle.remove()
+    assert not both and torch.equal(out.view(torch.int32), F.relu(first(x)).view(torch.int32))
+    out, both = consume_twice(first, x.clone(), None, relu=True)  # no quantizer reads it next
+    assert not both and torch.equal(out.view(torch.int32), F.relu(first(x)).view(torch.int32))
+    temp = x.clone().requires_grad_()  # autograd: the calls themselves, nothing written in place
+    out, both = consume_twice(first, temp, second)
+    assert not both and torch.equal(temp.detach().view(torch.int32), x.view(torch.int32))

@@ -44,6 +44,27 @@ needs_kernel = pytest.mark.skipif(not fused.AVAILABLE, reason="the kernel is not
 
 
 @needs_kernel
+@pytest.mark.parametrize("first", GRIDS[:5])
+@pytest.mark.parametrize("second", [GRIDS[0], GRIDS[2], GRIDS[4]])
+def test_two_grids_in_one_pass_give_two_passes_values(first, second):
+    """``fake_quantize_twice_into`` is the kernel twice (the second grid reading the first's
+    result), bit for bit, in place or not, with the first grid's low end raised to 0 (a ReLU
+    folded in) as well."""
+    g1, g2 = _grid(*first), _grid(*second)
+    x = _values(first[2])
+    for lo in (g1.lo, 0):
+        one = g1._replace(lo=lo)
+        expected = grid_passes(grid_passes(x, one), g2)
+        out = fused.fake_quantize_twice_into(x, torch.empty_like(x), (one.inverse_value, one.lo, one.hi, one.scale),
+                                             (g2.inverse_value, g2.lo, g2.hi, g2.scale))
+        assert _same_bits(out, expected)
+        inplace = x.clone()
+        fused.fake_quantize_twice_into(inplace, inplace, (one.inverse_value, one.lo, one.hi, one.scale),
+                                       (g2.inverse_value, g2.lo, g2.hi, g2.scale))
+        assert _same_bits(inplace, expected)
+
+
+@needs_kernel
 @pytest.mark.parametrize("qmin, qmax, scale, zero_point", GRIDS)
 def test_one_pass_gives_the_four_passes_values(qmin, qmax, scale, zero_point):
     grid = _grid(qmin, qmax, scale, zero_point)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayer,
     TransformerDecoderLayerBase,
@@ -26,21 +27,39 @@ from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
 from qswap.nn.simulate import (cached, channel_codes, form_or_none, simulates, straight_through, stream_grid_of,
                                stream_to, values_onto)
-from qswap.quant.fake_quantize import consume
+from qswap.quant.fake_quantize import consume, consume_twice
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 ZERO_POINT = Either(INT, TensorOf("int64"))  # a residual add operand's: per tensor, or per channel
 
 
-def onto(module: torch.nn.Module, x: Tensor, out_quant: Optional[torch.nn.Module], owned: bool = False) -> Tensor:
+def onto(module: torch.nn.Module, x: Tensor, out_quant: Optional[torch.nn.Module], owned: bool = False,
+         quantized: bool = False) -> Tensor:
     """``module(x)`` as ``out_quant`` reads it (a counterpart that ``takes_reader`` told its reader:
     the integer form's requantization with ``simulate: integer``); ``module(x)`` for another
     module, or without a reader. ``owned``: ``x`` is a temporary the caller hands over, which a
-    ``QLinear``'s input quantizer may round in place (``consume``)."""
-    kwargs = {"owned": True} if owned and isinstance(module, QLinear) else {}
+    ``QLinear``'s input quantizer may round in place (``consume``); ``quantized``: ``x`` is that
+    quantizer's output already (``activated``)."""
+    kwargs = {}
+    if isinstance(module, QLinear):
+        kwargs = {"quantized": True} if quantized else {"owned": True} if owned else {}
     if out_quant is None or not getattr(module, "takes_reader", False):
         return module(x, **kwargs)
     return module(x, out_quant=out_quant, **kwargs)
+
+
+def activated(activation_fn, quant: torch.nn.Module, x: Tensor, fc2: torch.nn.Module,
+              dropout: torch.nn.Module) -> tuple:
+    """``activation_fn(consume(quant, x))``: the FFN's activation of its quantized input ``x``, a
+    temporary (fc1's result) the caller hands over, as (the value, whether it is ``fc2``'s input
+    quantizer's output already). A ReLU (fairseq's ``F.relu``) runs in the quantizer's own pass
+    where that is in place (``FakeQuantize.consume(relu=True)``): the same values, one read and
+    no new tensor; and where ``fc2``'s input quantizer would round it in place next, with
+    ``dropout`` (run between the two) not dropping, that rounding joins the same pass
+    (``consume_twice``): the caller then hands the value to fc2 as ``quantized``."""
+    if activation_fn is not F.relu:
+        return activation_fn(consume(quant, x)), False
+    return consume_twice(quant, x, past(dropout, reader(fc2)), relu=True)
 
 
 def onto_each(module: torch.nn.Module, x: Tensor, readers) -> list:
@@ -139,9 +158,10 @@ class QTransformerEncoderLayer(QuantModule):
         residual = x if residual is None else residual
         if self.normalize_before:
             x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
-        x = self.activation_fn(consume(self.ffn_act_quant, onto(self.fc1, x, self.ffn_act_quant)))
+        x, read = activated(self.activation_fn, self.ffn_act_quant, onto(self.fc1, x, self.ffn_act_quant), self.fc2,
+                            self.activation_dropout_module)
         fc_result = x = onto(self.fc2, self.activation_dropout_module(x), past(self.dropout_module, self.ffn_out_quant),
-                             owned=True)  # the activation's new tensor
+                             owned=True, quantized=read)  # the activation's new tensor (or fc1's, a ReLU in place)
         x, residual = self._stream_onto("ffn", self.ffn_residual_quant(residual),
                                         self.ffn_out_quant(self.dropout_module(x)), next_readers)
         if not self.normalize_before:
@@ -309,12 +329,13 @@ class QTransformerDecoderLayer(QuantModule):
         residual = x if residual is None else residual
         if self.normalize_before:
             x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
-        x = consume(self.ffn_act_quant, onto(self.fc1, x, self.ffn_act_quant))
-        x = self.activation_dropout_module(self.activation_fn(x))
+        x, read = activated(self.activation_fn, self.ffn_act_quant, onto(self.fc1, x, self.ffn_act_quant),
+                            None if self.ffn_layernorm is not None else self.fc2, self.activation_dropout_module)
+        x = self.activation_dropout_module(x)
         if self.ffn_layernorm is not None:
             x = self.ffn_layernorm(x)
         x = consume(self.ffn_out_quant, self.dropout_module(onto(self.fc2, x, past(self.dropout_module, self.ffn_out_quant),
-                                                                 owned=True)))  # new tensors: the activation's, fc2's
+                                                                 owned=True, quantized=read)))  # new tensors: the activation's (or fc1's), fc2's
         residual = self.ffn_residual_quant(residual)
         if self.w_resid is not None:
             residual = self.scaled_residual_quant(self.w_resid_quant(self.w_resid) * residual)

@@ -32,7 +32,7 @@ from qswap.io.serializable import ANY, INT, List, Obj, Opt, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.fairseq.config_expr import eval_config_expr
 from qswap.nn.fairseq.chain import run_chain
-from qswap.nn.fairseq.layers import add_onto, onto, onto_each, past, read_by, reader
+from qswap.nn.fairseq.layers import activated, add_onto, onto, onto_each, past, read_by, reader
 from qswap.nn.simulate import simulates
 from qswap.nn.registry import register
 from qswap.quant.fake_quantize import consume
@@ -67,8 +67,10 @@ class QTransformerSentenceEncoderLayer(QuantModule):
         return cls(module, config)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout2(self.activation_fn(consume(self.ffn_act_quant, onto(self.fc1, x, self.ffn_act_quant))))
-        return onto(self.fc2, x, past(self.dropout3, self.ffn_out_quant), owned=True)  # the activation's new tensor
+        x, read = activated(self.activation_fn, self.ffn_act_quant, onto(self.fc1, x, self.ffn_act_quant), self.fc2,
+                            self.dropout2)
+        return onto(self.fc2, self.dropout2(x), past(self.dropout3, self.ffn_out_quant), owned=True,
+                    quantized=read)  # the activation's new tensor (or fc1's)
 
     def forward(self, x: torch.Tensor, self_attn_mask: Optional[torch.Tensor] = None,
                 self_attn_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
