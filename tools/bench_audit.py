@@ -32,6 +32,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tools.bench import interleaved_medians  # noqa: E402  (one timing helper for both benchmarks)
+from qswap.errors import OutputError, QswapError  # noqa: E402
+from qswap.io.atomic import atomic_write_text  # noqa: E402
 
 DOC = REPO / "docs" / "honesty.md"
 START, END = "<!-- bench_audit:start -->", "<!-- bench_audit:end -->"
@@ -108,8 +110,9 @@ def write_docs(text: str) -> None:
     doc = DOC.read_text()
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     if not pattern.search(doc):
-        raise SystemExit(f"{DOC} has no {START} ... {END} section to update")
-    DOC.write_text(pattern.sub(lambda _: f"{START}\n{text}{END}", doc))
+        raise OutputError(f"{DOC} has no {START} ... {END} section to update; put those two marker lines "
+                          f"back around the benchmark section (or run without --write-docs)")
+    atomic_write_text(DOC, pattern.sub(lambda _: f"{START}\n{text}{END}", doc))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,10 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args)
     text = markdown(result)
     print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    if args.write_docs:
-        write_docs(text)
+    try:
+        if args.json:
+            atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
+        if args.write_docs:
+            write_docs(text)
+    except QswapError as exc:  # one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qswap.demo import ASSET, calibration_text  # noqa: E402
+from qswap.errors import DataError, QswapError  # noqa: E402
 
 SUBSETS = {"test": "In-voice (`test`)", "test_heldout": "Held-out voices (`test_heldout`)"}
 COLUMNS = ["w8a8", "w4a8", "w4a4", "w4a4_edges8"]
@@ -206,7 +207,8 @@ def run(payload: dict, prefix: str, subsets: list[str], methods: list[str], colu
 
     settings = {"calib_subset": "train_calib", "calib_batches": 4, "beam": beam, "batches": batches}
     if payload.get("settings", settings) != settings:
-        raise SystemExit(f"{prefix}_*.json were written with {payload['settings']}; rerun without --resume or with those")
+        raise DataError(f"{prefix}_*.json were written with {payload['settings']}; rerun without --resume or with "
+                        f"those settings")
     payload["settings"] = settings
     for subset in subsets:
         cells = payload.setdefault("cells", {}).setdefault(subset, {})
@@ -493,11 +495,15 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--qat takes RECIPE=CHECKPOINT with RECIPE one of {', '.join(COLUMNS)}; got {item!r}")
         qat[column] = ckpt
     payload = load(args.json) if (args.resume or args.from_json or args.refresh_integer_form) else {"cells": {}}
-    if args.refresh_integer_form:
-        print("\n".join(refresh_integer_forms(payload, args.json)), flush=True)
-    elif not args.from_json:
-        run(payload, args.json, args.subsets, args.methods, args.columns, qat, args.batches, args.beam)
-        payload = load(args.json)  # both sets, whichever process decoded them
+    try:
+        if args.refresh_integer_form:
+            print("\n".join(refresh_integer_forms(payload, args.json)), flush=True)
+        elif not args.from_json:
+            run(payload, args.json, args.subsets, args.methods, args.columns, qat, args.batches, args.beam)
+            payload = load(args.json)  # both sets, whichever process decoded them
+    except QswapError as exc:  # a typed input error: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if set(payload["cells"]) != set(SUBSETS):
         print(f"not writing {args.markdown}: {', '.join(set(SUBSETS) - set(payload['cells']))} not decoded yet")
         return 0

@@ -129,9 +129,9 @@ class QLayerNorm(_QNorm):
         with ``simulate: integer`` the result is then the integer LayerNorm's output codes on its
         grid (its fixed-point requantization of the affine accumulator: ``onto_grid``) as values,
         with the norm's gradient. A list of quantizers: a list of results, one each (``onto_each``)."""
-        forget_all(self)  # with autograd, whichever path this call takes
         if isinstance(out_quant, list):
-            return self.onto_each(x, out_quant)
+            return self.onto_each(x, out_quant)  # which forgets the kept forms itself
+        forget_all(self)  # with autograd, whichever path this call takes
         xq = self.input_quant(x)
         grid = stream_grid_of(self.input_quant) if simulates(self) and out_quant is not None else None
         if grid is None:

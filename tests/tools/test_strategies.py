@@ -1,6 +1,7 @@
 """tools/strategies.py: every method x column recipe loads, converts a real fairseq model
 (pre-norm s2t_transformer, small) and audits honest; the page is written from rows."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,18 @@ def test_the_committed_page_is_its_json():
     payload = strategies.load(str(REPO / "docs" / "strategies"))
     assert set(payload["cells"]) == set(strategies.SUBSETS)
     assert (REPO / "docs" / "strategies.md").read_text() == strategies.page(payload)
+
+
+def test_resuming_with_other_settings_is_a_typed_one_line_error(tmp_path, capsys):
+    """--resume over JSON written with other decoding settings: a DataError saying what to change,
+    printed as one ``error:`` line with exit status 2, and no cell decoded."""
+    from qswap.errors import DataError
+
+    payload = {"cells": {}, "settings": {"calib_subset": "train_calib", "calib_batches": 4, "beam": 1, "batches": None}}
+    with pytest.raises(DataError, match="rerun without --resume"):
+        strategies.run(payload, str(tmp_path / "s"), ["test"], ["shipped"], ["w8a8"], {}, None, 5)
+    for subset in strategies.SUBSETS:
+        (tmp_path / f"s_{subset}.json").write_text(json.dumps({"settings": payload["settings"], "cells": {subset: {}}}))
+    assert strategies.main(["--resume", "--json", str(tmp_path / "s"), "--markdown", str(tmp_path / "s.md")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "s.md").exists()
