@@ -204,7 +204,7 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         docs/benchmarks.md). Everywhere else exactly ``self(x)``: the same values either way,
         ``fake_quantize_grid_``. Only a hook of the quantizer itself or a global one sees the call
         (it then does not write in place): a hook of the module that made ``x``, if it keeps its
-        output, finds it rounded afterwards.
+        output, finds it rounded afterwards (by ``consume_twice``: onto the next quantizer's grid too).
 
         ``relu``: ``F.relu(self(x))`` (a ReLU that reads this quantizer's output, as fairseq's FFN
         does). On the fast path in the same pass: a grid whose codes run from ``lo <= 0`` to ``hi >=
@@ -364,7 +364,7 @@ def consume_twice(first: nn.Module, x: torch.Tensor, second: nn.Module | None, r
     into ``x``. Returns (the value, True) then: ``second``'s output, which the caller hands on
     without calling ``second`` again. Else (``consume(first, x, relu)``, False): the caller lets
     ``second`` read it as usual (a watched quantizer, autograd, observing, no kernel)."""
-    if isinstance(first, FakeQuantize) and isinstance(second, FakeQuantize) and fused.applies(x):
+    if isinstance(first, FakeQuantize) and isinstance(second, FakeQuantize) and fused.TWICE and fused.applies(x):
         grid = first._consumable(x)
         then = second._consumable(x) if grid is not None else None  # its input has x's dtype, layout, grad
         if then is not None and (not relu or grid.lo <= 0 <= grid.hi):

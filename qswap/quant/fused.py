@@ -24,12 +24,15 @@ from __future__ import annotations
 import torch
 
 try:  # built by setup.py (optional extension)
-    from qswap.quant._fused import (fake_quantize_f32 as _kernel, fake_quantize_twice_f32 as _twice,
-                                    grid_mismatches_f32 as _mismatches)
+    from qswap.quant import _fused as _built
 except ImportError:  # no compiler at install: the four torch passes run instead
-    _kernel = _twice = _mismatches = None
+    _built = None
+# each function on its own: a build from an older qswap (without the two-grid pass) keeps the others
+_kernel, _twice, _mismatches = (getattr(_built, name, None)
+                                for name in ("fake_quantize_f32", "fake_quantize_twice_f32", "grid_mismatches_f32"))
 
 AVAILABLE = _kernel is not None
+TWICE = _twice is not None  # the two-grid pass (``fake_quantize_twice_into``)
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa: SLF001  (vmap, grad transforms)
 _dispatch_modes = torch._C._len_torch_dispatch_stack  # noqa: SLF001

@@ -286,7 +286,6 @@ def test_consume_with_relu_gives_relu_of_the_quantizer_bit_for_bit():
         out = fq.consume(temp, relu=True)
         assert out.data_ptr() == temp.data_ptr()
         assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), spec  # the bits, +0.0 and NaN included
-        watched_out = None
         handle = fq.register_forward_hook(lambda module, args, output: None)  # off the fast path
         temp = x.clone()
         watched_out = consume(fq, temp, relu=True)
@@ -317,7 +316,7 @@ def test_consume_twice_rounds_onto_both_grids_in_one_pass_only_on_both_fast_path
         expected = second(one)
         temp = x.clone()
         out, both = consume_twice(first, temp, second, relu)
-        assert both == fused.AVAILABLE
+        assert both == (fused.AVAILABLE and fused.TWICE)
         if both:
             assert out.data_ptr() == temp.data_ptr()
             assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
@@ -333,3 +332,35 @@ def test_consume_twice_rounds_onto_both_grids_in_one_pass_only_on_both_fast_path
     temp = x.clone().requires_grad_()  # autograd: the calls themselves, nothing written in place
     out, both = consume_twice(first, temp, second)
     assert not both and torch.equal(temp.detach().view(torch.int32), x.view(torch.int32))
+
+
+def test_relu_on_a_grid_without_zero_and_twice_with_a_reader_not_ready():
+    """A grid whose codes do not reach zero (a zero point outside the codes: lo > 0 or hi < 0) takes
+    the ReLU after the rounding, in place; ``consume_twice`` with such a first grid, or with a
+    second quantizer still observing, rounds once and leaves the second to its own call."""
+    import torch.nn.functional as F
+
+    from qswap.quant.fake_quantize import consume_twice
+
+    x = torch.cat([torch.randn(1001) * 3, torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])])
+    for zero_point in (-5, 300):  # lo = 5 > 0; hi = 255 - 300 < 0
+        fq = FakeQuantize(QuantSpec(bits=8, symmetric=False))
+        fq(torch.tensor([-2.0, 5.0]))
+        fq.freeze()
+        fq.zero_point.fill_(zero_point)
+        expected = F.relu(fq(x))
+        temp = x.clone()
+        out = fq.consume(temp, relu=True)
+        assert out.data_ptr() == temp.data_ptr() and torch.equal(out.view(torch.int32), expected.view(torch.int32))
+        second = FakeQuantize(QuantSpec(bits=8, symmetric=False))
+        second(torch.tensor([0.0, 3.0]))
+        second.freeze()
+        out, both = consume_twice(fq, x.clone(), second, relu=True)
+        assert not both and torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    first = FakeQuantize(QuantSpec(bits=8, symmetric=False))
+    first(torch.tensor([-2.0, 5.0]))
+    first.freeze()
+    observing = FakeQuantize(QuantSpec(bits=8, symmetric=False))  # not frozen: it must see its input
+    out, both = consume_twice(first, x.clone(), observing, relu=True)
+    assert not both and not observing.initialized
+    assert torch.equal(out.view(torch.int32), F.relu(first(x)).view(torch.int32))

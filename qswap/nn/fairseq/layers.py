@@ -27,6 +27,7 @@ from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
 from qswap.nn.simulate import (cached, channel_codes, form_or_none, simulates, straight_through, stream_grid_of,
                                stream_to, values_onto)
+from qswap.quant.direct_call import watched
 from qswap.quant.fake_quantize import consume, consume_twice
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
@@ -56,10 +57,13 @@ def activated(activation_fn, quant: torch.nn.Module, x: Tensor, fc2: torch.nn.Mo
     where that is in place (``FakeQuantize.consume(relu=True)``): the same values, one read and
     no new tensor; and where ``fc2``'s input quantizer would round it in place next, with
     ``dropout`` (run between the two) not dropping, that rounding joins the same pass
-    (``consume_twice``): the caller then hands the value to fc2 as ``quantized``."""
+    (``consume_twice``): the caller then hands the value to fc2 as ``quantized``. Not where a
+    hook watches fc2 or the dropout (a pre-hook of fc2 may change its input, which its input
+    quantizer must then round). Only fairseq's ``F.relu`` is recognized as a ReLU."""
     if activation_fn is not F.relu:
         return activation_fn(consume(quant, x)), False
-    return consume_twice(quant, x, past(dropout, reader(fc2)), relu=True)
+    fused = isinstance(fc2, QLinear) and not watched(fc2) and not watched(dropout)
+    return consume_twice(quant, x, past(dropout, reader(fc2)) if fused else None, relu=True)
 
 
 def onto_each(module: torch.nn.Module, x: Tensor, readers) -> list:
