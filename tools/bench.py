@@ -138,6 +138,7 @@ class Bench:
     feat: int
     frames: int
     net_input: dict = field(default_factory=dict)
+    tiny_input: dict = field(default_factory=dict)
     calib: list = field(default_factory=list)
     decode_sample: dict = field(default_factory=dict)
     qmodels: dict = field(default_factory=dict)
@@ -164,6 +165,9 @@ def load_model(key: str) -> tuple[Any, Any, str, int]:
     return model, model.decoder.dictionary, label, 80
 
 
+TINY_FRAMES = 16  # one utterance of 16 fbank frames (4 after subsampling), 2 target tokens
+
+
 def make_bench(key: str, sizes: Sizes) -> Bench:
     from qswap.models import s2t_net_input
 
@@ -172,6 +176,7 @@ def make_bench(key: str, sizes: Sizes) -> Bench:
     b = Bench(key, label, model, tgt_dict, feat, frames)
     vocab = len(tgt_dict)
     b.net_input = s2t_net_input(sizes.batch, frames, feat, sizes.tokens, vocab, seed=1)
+    b.tiny_input = s2t_net_input(1, TINY_FRAMES, feat, 2, vocab, seed=3)  # little arithmetic: the per-call cost
     b.calib = [s2t_net_input(sizes.batch, frames, feat, sizes.tokens, vocab, seed=10 + i)
                for i in range(sizes.calib_batches)]
     utts = s2t_net_input(sizes.decode_utts, frames, feat, 2, vocab, seed=2)
@@ -219,9 +224,11 @@ def measure_forward(b: Bench, sizes: Sizes) -> dict:
         "w8a8_per_channel": no_grad(lambda: per_channel(**b.net_input)),
         "w8a8_integer": no_grad(integer_insides(w8a8, lambda: w8a8(**b.net_input))),
     }, sizes.repeats)
+    tiny = interleaved_medians({"float": no_grad(lambda: b.model(**b.tiny_input)),  # apart: the ratio's runs
+                                "w8a8": no_grad(lambda: w8a8(**b.tiny_input))}, sizes.repeats)  # stay as they were
     return {"float_s": t["float"], "w8a8_s": t["w8a8"], "per_channel_s": t["w8a8_per_channel"],
             "forward": t["w8a8"] / t["float"], "per_channel": t["w8a8_per_channel"] / t["w8a8"],
-            "w8a8_integer_s": t["w8a8_integer"]}
+            "w8a8_integer_s": t["w8a8_integer"], "tiny_float_s": tiny["float"], "tiny_w8a8_s": tiny["w8a8"]}
 
 
 def measure_decode(b: Bench, sizes: Sizes) -> dict:
@@ -658,6 +665,9 @@ def details(r: dict, sizes: Sizes) -> list[str]:
            f"{r['forward']:.2f}× |",
            f"| the same, `w8a8_per_channel` | | {_ms(r['per_channel_s'])} | {r['per_channel']:.2f}× "
            f"of w8a8 |",
+           *([f"| the same on one {TINY_FRAMES}-frame utterance (little arithmetic: what the modules' "
+              f"Python calls cost per forward) | {r['tiny_float_s'] * 1e3:.1f} ms | {r['tiny_w8a8_s'] * 1e3:.1f} ms | "
+              f"{r['tiny_w8a8_s'] / r['tiny_float_s']:.2f}× |"] if "tiny_w8a8_s" in r else []),
            f"| the same, w8a8 with the default integer insides (`simulate: integer`, no target) | | "
            f"{_ms(r['w8a8_integer_s'])} | {r['w8a8_integer_s'] / r['float_s']:.2f}× |",
            f"| `SequenceGenerator.generate` | {_ms(r['decode_float_s'])} | {_ms(r['decode_w8a8_s'])} | "
@@ -700,7 +710,11 @@ def explain(name: str, r: dict) -> str:
     """The measured decomposition behind a missed target, in a sentence or two."""
     paths_w8a8 = sum(r["paths"]["w8a8"].values())
     return {
-        "forward": f"The w8a8 forward takes {_ms(r['w8a8_s'] - r['float_s'])} more than the float one. "
+        "forward": f"The w8a8 forward takes {_ms(r['w8a8_s'] - r['float_s'])} more than the float one"
+                   + (f"; on one {TINY_FRAMES}-frame utterance, with little arithmetic to do, "
+                      f"{(r['tiny_w8a8_s'] - r['tiny_float_s']) * 1e3:.1f} ms more: the Python calls of the "
+                      f"quantizers and the counterparts' checks of what they keep, whatever the input's "
+                      f"size. " if "tiny_w8a8_s" in r else ". ") +
                    "Every activation quantizer reads and writes its tensor once more (multiply by 1/s, "
                    "round, clamp, times s: one pass of qswap's C kernel, `qswap/quant/fused.py`, or "
                    "torch's four where it is not built), into a new tensor, or into the temporary a "
