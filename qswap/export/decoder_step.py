@@ -13,10 +13,8 @@ fairseq's SequenceGenerator orders them) ``encoder_padding_mask`` (N, S) and ``c
 keys and values, which are never copied per beam (``SentenceCrossAttention``). Outputs:
 ``logits`` (B, 1, V) on the model's logits grid and ``key_i`` / ``value_i`` (B, H, t, D), the
 self-attention caches of the next step. A cache holds the quantized projections where qswap's
-attention keeps a quantized cache (frozen per-tensor k/v grids), float projections otherwise;
-the graph's attentions quantize every cached key and value as they read them (the same values:
-a grid maps its own values to themselves), so that each attention matmul reads a
-DequantizeLinear and onnxruntime runs it as an integer matmul.
+attention keeps a quantized cache (frozen per-tensor k/v grids), float projections otherwise:
+the graph reads it as the fake-quant model does.
 
 >>> export_cross_kv(qmodel, "cross_kv.onnx", encoder_out, encoder_padding_mask)
 >>> export_decoder_step(qmodel, "decoder_step.onnx", encoder_out, encoder_padding_mask)
@@ -38,23 +36,13 @@ from qswap.quant.fake_quantize import FakeQuantize
 STEP_INPUTS = ("tokens", "encoder_padding_mask")
 
 
-def _cache(key: torch.Tensor, value: torch.Tensor, padding) -> dict:
-    """A restored fairseq attention cache, unmarked: the attention quantizes all its keys and
-    values (the cached rows too) as it reads them. The same values as reading a quantized cache
-    (a frozen per-tensor grid maps a value on it to itself), and in the graph each attention
-    matmul then reads a DequantizeLinear, which onnxruntime fuses into an integer matmul (a cache
-    marked quantized would enter the matmul as a float input)."""
-    return {"prev_key": key, "prev_value": value, "prev_key_padding_mask": padding}
-
-
-def _cache_out(attn: nn.Module, saved: dict) -> list:
-    """The self-attention cache a step writes: its keys and values rounded onto their grids where
-    the attention keeps a quantized cache (``_quantized_cache``: the fake-quant model's cache
-    holds those values), as computed otherwise."""
-    key, value = saved["prev_key"], saved["prev_value"]
-    if attn._quantized_cache({}):
-        return [attn.core.k_quant(key), attn.core.v_quant(value)]
-    return [key, value]
+def _cache(attn: nn.Module, key: torch.Tensor, value: torch.Tensor, padding) -> dict:
+    """A restored fairseq attention cache, marked quantized where the attention quantizes its own."""
+    state = {"prev_key": key, "prev_value": value, "prev_key_padding_mask": padding}
+    fresh: dict = {}
+    if attn._quantized_cache(fresh):  # a new cache of this attention would be quantized: mark it
+        state.update(fresh)
+    return state
 
 
 class CrossKVGraph(nn.Module):
@@ -145,8 +133,9 @@ class DecoderStepGraph(nn.Module):
         past, cross = caches[:2 * layers], caches[2 * layers:]
         state: dict = {}
         for i, (attn, cross_attn) in enumerate(zip(self.self_attns, self.cross_attns)):
-            attn._set_input_buffer(state, _cache(past[2 * i], past[2 * i + 1], None))
-            cross_attn._set_input_buffer(state, _cache(cross[2 * i], cross[2 * i + 1], encoder_padding_mask))
+            attn._set_input_buffer(state, _cache(attn, past[2 * i], past[2 * i + 1], None))
+            cross_attn._set_input_buffer(state, _cache(cross_attn, cross[2 * i], cross[2 * i + 1],
+                                                       encoder_padding_mask))
         # the encoder-decoder attentions read their cached keys and values (static_kv), never
         # encoder_out: a placeholder of its shape stands in for it
         placeholder = torch.zeros(encoder_padding_mask.shape[1], tokens.shape[0], self.embed_dim)
@@ -154,7 +143,8 @@ class DecoderStepGraph(nn.Module):
         logits, _ = self.decoder(tokens, encoder_out=encoder, incremental_state=state)
         out = []
         for attn in self.self_attns:
-            out += _cache_out(attn, attn._get_input_buffer(state))  # (B, H, t, D)
+            saved = attn._get_input_buffer(state)
+            out += [saved["prev_key"], saved["prev_value"]]  # (B, H, t, D)
         return (self.logits_quant(logits), *out)
 
 
