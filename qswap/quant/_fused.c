@@ -28,16 +28,26 @@
 #include <math.h>
 #include <stdint.h>
 
+/* A grid: inverse (the float32 1/s), lo and hi (the codes' range minus the zero point), scale. */
+typedef struct {
+    float inverse, lo, hi, scale;
+} grid_t;
+
+/* The value of x on grid g: clamp(nearbyint(x * inverse), lo, hi) * scale + 0.0, in float32. Inlined
+ * into each loop (and each of its target clones), so every loop runs the same operations. */
+static inline __attribute__((always_inline)) float on_grid(float x, grid_t g) {
+    float t = nearbyintf(x * g.inverse);
+    t = t < g.lo ? g.lo : t;
+    t = t > g.hi ? g.hi : t;
+    return t * g.scale + 0.0f;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "sse4.1", "default")))
 #endif
-static void fake_quantize_loop(const float *src, float *dst, int64_t n, float inverse, float lo, float hi,
-                               float scale) {
+static void fake_quantize_loop(const float *src, float *dst, int64_t n, grid_t g) {
     for (int64_t i = 0; i < n; i++) {
-        float t = nearbyintf(src[i] * inverse);
-        t = t < lo ? lo : t;
-        t = t > hi ? hi : t;
-        dst[i] = t * scale + 0.0f;
+        dst[i] = on_grid(src[i], g);
     }
 }
 
@@ -47,110 +57,98 @@ static void fake_quantize_loop(const float *src, float *dst, int64_t n, float in
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "sse4.1", "default")))
 #endif
-static void fake_quantize_twice_loop(const float *src, float *dst, int64_t n, const float *g1, const float *g2) {
-    const float inverse1 = g1[0], lo1 = g1[1], hi1 = g1[2], scale1 = g1[3];
-    const float inverse2 = g2[0], lo2 = g2[1], hi2 = g2[2], scale2 = g2[3];
+static void fake_quantize_twice_loop(const float *src, float *dst, int64_t n, grid_t g1, grid_t g2) {
     for (int64_t i = 0; i < n; i++) {
-        float t = nearbyintf(src[i] * inverse1);
-        t = t < lo1 ? lo1 : t;
-        t = t > hi1 ? hi1 : t;
-        float u = nearbyintf((t * scale1 + 0.0f) * inverse2);
-        u = u < lo2 ? lo2 : u;
-        u = u > hi2 ? hi2 : u;
-        dst[i] = u * scale2 + 0.0f;
+        dst[i] = on_grid(on_grid(src[i], g1), g2);
     }
 }
 
-/* How many of src[0..n) differ from their own fake quantization (the loop above): 0 proves every
- * value is a grid point in range. A NaN differs from everything; -0.0 equals +0.0 (== compares). */
+/* How many of src[0..n) differ from their own fake quantization (on_grid): 0 proves every value is
+ * a grid point in range. A NaN differs from everything; -0.0 equals +0.0 (== compares). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "sse4.1", "default")))
 #endif
-static int64_t grid_mismatches_loop(const float *src, int64_t n, float inverse, float lo, float hi, float scale) {
+static int64_t grid_mismatches_loop(const float *src, int64_t n, grid_t g) {
     int64_t count = 0;
     for (int64_t i = 0; i < n; i++) {
-        float t = nearbyintf(src[i] * inverse);
-        t = t < lo ? lo : t;
-        t = t > hi ? hi : t;
-        count += !(t * scale + 0.0f == src[i]);
+        count += !(on_grid(src[i], g) == src[i]);
     }
     return count;
 }
 
-/* Both functions: fake_quantize_f32 (write: src's values fake-quantized into dst) and
- * grid_mismatches_f32 (count: dst is None), arguments (src, dst, n, inverse, lo, hi, scale). */
-static PyObject *run(const char *name, PyObject *const *args, Py_ssize_t nargs, int write) {
-    if (nargs != 7) {
-        PyErr_Format(PyExc_TypeError, "%s(src, dst, n, inverse, lo, hi, scale): 7 arguments", name);
-        return NULL;
+/* The arguments of every function: (src, dst, n, then `grids` grids of inverse, lo, hi, scale);
+ * dst may be None where `write` is 0. Returns 0, or -1 with a Python exception set. */
+static int parse(const char *name, PyObject *const *args, Py_ssize_t nargs, int grids, int write,
+                 void **src, void **dst, int64_t *n, grid_t *g) {
+    if (nargs != 3 + 4 * grids) {
+        PyErr_Format(PyExc_TypeError, "%s(src, dst, n, %s): %d arguments", name,
+                     grids == 1 ? "inverse, lo, hi, scale" : "inverse1, lo1, hi1, scale1, inverse2, lo2, hi2, scale2",
+                     3 + 4 * grids);
+        return -1;
     }
-    void *src = PyLong_AsVoidPtr(args[0]);
-    void *dst = NULL;
+    *src = PyLong_AsVoidPtr(args[0]);
+    *dst = NULL;
     if (!PyErr_Occurred() && args[1] != Py_None) {
-        dst = PyLong_AsVoidPtr(args[1]);
+        *dst = PyLong_AsVoidPtr(args[1]);
     }
-    long long n = PyErr_Occurred() ? 0 : PyLong_AsLongLong(args[2]);
-    float g[4] = {0.0f, 0.0f, 0.0f, 0.0f};  /* inverse, lo, hi, scale: float32 values */
-    for (int i = 0; i < 4 && !PyErr_Occurred(); i++) {
-        g[i] = (float)PyFloat_AsDouble(args[3 + i]);
+    long long size = PyErr_Occurred() ? 0 : PyLong_AsLongLong(args[2]);
+    for (int i = 0; i < grids && !PyErr_Occurred(); i++) {  /* float32 values */
+        g[i].inverse = (float)PyFloat_AsDouble(args[3 + 4 * i]);
+        g[i].lo = (float)PyFloat_AsDouble(args[4 + 4 * i]);
+        g[i].hi = (float)PyFloat_AsDouble(args[5 + 4 * i]);
+        g[i].scale = (float)PyFloat_AsDouble(args[6 + 4 * i]);
     }
     if (PyErr_Occurred()) {
-        return NULL;
+        return -1;
     }
-    if (n < 0 || (n > 0 && (src == NULL || (write && dst == NULL)))) {
+    if (size < 0 || (size > 0 && (*src == NULL || (write && *dst == NULL)))) {
         PyErr_Format(PyExc_ValueError, "%s: a negative size or a null buffer", name);
-        return NULL;
+        return -1;
     }
-    int64_t count = 0;
-    Py_BEGIN_ALLOW_THREADS
-    if (write) {
-        fake_quantize_loop((const float *)src, (float *)dst, (int64_t)n, g[0], g[1], g[2], g[3]);
-    } else {
-        count = grid_mismatches_loop((const float *)src, (int64_t)n, g[0], g[1], g[2], g[3]);
-    }
-    Py_END_ALLOW_THREADS
-    if (write) {
-        Py_RETURN_NONE;
-    }
-    return PyLong_FromLongLong((long long)count);
+    *n = (int64_t)size;
+    return 0;
 }
 
-/* fake_quantize_twice_f32(src, dst, n, inverse1, lo1, hi1, scale1, inverse2, lo2, hi2, scale2). */
 static PyObject *fake_quantize_twice_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "fake_quantize_twice_f32(src, dst, n, inverse1, lo1, hi1, scale1, "
-                                         "inverse2, lo2, hi2, scale2): 11 arguments");
-        return NULL;
-    }
-    void *src = PyLong_AsVoidPtr(args[0]);
-    void *dst = PyErr_Occurred() ? NULL : PyLong_AsVoidPtr(args[1]);
-    long long n = PyErr_Occurred() ? 0 : PyLong_AsLongLong(args[2]);
-    float g[8] = {0.0f};  /* the two grids: inverse, lo, hi, scale each, as float32 values */
-    for (int i = 0; i < 8 && !PyErr_Occurred(); i++) {
-        g[i] = (float)PyFloat_AsDouble(args[3 + i]);
-    }
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    if (n < 0 || (n > 0 && (src == NULL || dst == NULL))) {
-        PyErr_SetString(PyExc_ValueError, "fake_quantize_twice_f32: a negative size or a null buffer");
+    void *src, *dst;
+    int64_t n;
+    grid_t g[2];
+    if (parse("fake_quantize_twice_f32", args, nargs, 2, 1, &src, &dst, &n, g) < 0) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    fake_quantize_twice_loop((const float *)src, (float *)dst, (int64_t)n, g, g + 4);
+    fake_quantize_twice_loop((const float *)src, (float *)dst, n, g[0], g[1]);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyObject *fake_quantize_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    return run("fake_quantize_f32", args, nargs, 1);
+    void *src, *dst;
+    int64_t n;
+    grid_t g;
+    if (parse("fake_quantize_f32", args, nargs, 1, 1, &src, &dst, &n, &g) < 0) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    fake_quantize_loop((const float *)src, (float *)dst, n, g);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
 }
 
 static PyObject *grid_mismatches_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    return run("grid_mismatches_f32", args, nargs, 0);
+    void *src, *dst;
+    int64_t n, count = 0;
+    grid_t g;
+    if (parse("grid_mismatches_f32", args, nargs, 1, 0, &src, &dst, &n, &g) < 0) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    count = grid_mismatches_loop((const float *)src, n, g);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)count);
 }
 
 static PyMethodDef methods[] = {

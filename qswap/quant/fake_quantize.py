@@ -207,16 +207,15 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         output, finds it rounded afterwards (by ``consume_twice``: onto the next quantizer's grid too).
 
         ``relu``: ``F.relu(self(x))`` (a ReLU that reads this quantizer's output, as fairseq's FFN
-        does). On the fast path in the same pass: a grid whose codes run from ``lo <= 0`` to ``hi >=
-        0`` (relative to the zero point) clamped from ``max(lo, 0)`` instead gives ReLU's values bit
-        for bit (a negative code becomes code 0, whose value is +0.0; NaN stays NaN), so the ReLU
-        neither reads the tensor again nor allocates one (``tests/quant/test_fake_quantize.py``)."""
+        does). On the fast path in the same pass (``relu_folded``), so the ReLU neither reads the
+        tensor again nor allocates one (``tests/quant/test_fake_quantize.py``)."""
         grid = self._consumable(x)
         if grid is not None:
             if not relu:
                 return fake_quantize_grid_(x, grid)
-            if grid.lo <= 0 <= grid.hi:
-                return fake_quantize_grid_(x, grid._replace(lo=0))
+            folded = relu_folded(grid)
+            if folded is not None:
+                return fake_quantize_grid_(x, folded)
             return torch.relu_(fake_quantize_grid_(x, grid))
         y = self(x)
         return torch.relu(y) if relu else y
@@ -345,6 +344,14 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         return f"{self.kind}, {self.spec.short()}, observer={self.spec.observer}, {state}"
 
 
+def relu_folded(grid: PassGrid) -> PassGrid | None:
+    """``grid`` with a ReLU after it folded into its clamp: its codes clamped from 0 (relative to
+    the zero point) instead of ``lo``, which gives ``F.relu`` of its values bit for bit (a
+    negative code becomes code 0, whose value is +0.0; NaN stays NaN). None where its codes do
+    not reach zero (``lo > 0`` or ``hi < 0``): the ReLU then runs after the rounding."""
+    return grid._replace(lo=0) if grid.lo <= 0 <= grid.hi else None
+
+
 def consume(quant: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """``quant(x)`` for a temporary ``x`` the caller gives up: ``FakeQuantize.consume`` (the result
     written into ``x`` where it can); any other module at a quantizer site (an ``Identity``: the
@@ -367,8 +374,9 @@ def consume_twice(first: nn.Module, x: torch.Tensor, second: nn.Module | None, r
     if isinstance(first, FakeQuantize) and isinstance(second, FakeQuantize) and fused.TWICE and fused.applies(x):
         grid = first._consumable(x)
         then = second._consumable(x) if grid is not None else None  # its input has x's dtype, layout, grad
-        if then is not None and (not relu or grid.lo <= 0 <= grid.hi):
-            lo = 0 if relu else grid.lo  # the ReLU folded into the first grid's clamp (``consume``)
-            return fused.fake_quantize_twice_into(x, x, (grid.inverse_value, lo, grid.hi, grid.scale),
+        if then is not None and relu:
+            grid = relu_folded(grid)
+        if then is not None and grid is not None:
+            return fused.fake_quantize_twice_into(x, x, (grid.inverse_value, grid.lo, grid.hi, grid.scale),
                                                   (then.inverse_value, then.lo, then.hi, then.scale)), True
     return consume(first, x, relu), False
