@@ -659,7 +659,9 @@ def header(r: dict) -> list[str]:
              "`deploy/` holds `encoder.onnx`, `cross_kv.onnx` (the encoder-decoder keys and values of every "
              "decoder layer, computed once per utterance), `decoder_step.onnx` (one incremental step, its "
              "self-attention keys and values as inputs and outputs, one row per hypothesis; the encoder-decoder "
-             "keys, values and padding mask one row per sentence, shared by its beams) and `export.json`. fairseq's own "
+             "keys, values and padding mask one row per sentence, shared by its beams) and `export.json`. "
+             "The cached keys and values travel as uint8 codes on their quantizers' grids where the recipe "
+             "quantizes them per tensor, as float values otherwise. fairseq's own "
              "`SequenceGenerator` drives the beam search over them (`qswap.export.runtime`).", ""]
 
 
@@ -962,14 +964,13 @@ def honesty_section(r: dict) -> list[str]:
         lines.append(f"| {name} | {claims} | {h['integer']} | {h['float']} | {ops} | {h['verdict']} |")
     lines += ["", "No recipe deploys integer-only: LayerNorm and softmax run in float in "
               "onnxruntime's CPU graph whatever the recipe says (they are integer in qswap's integer forms, "
-              "`docs/integer.md`, which onnxruntime's QDQ fusions do not express). The decoder step's "
-              "`MatMul` / `FusedMatMul` nodes are its attentions' scores and context over the cached keys and "
-              "values (self- and encoder-decoder attention, two per attention): the caches enter the graph as "
-              "float tensors holding grid values, with no DequantizeLinear for onnxruntime to fuse. Quantizing "
-              "the caches again in the graph as the attentions read them would make these matmuls integer, "
-              "at the cost of quantize passes at every step over each growing self-attention cache and "
-              "over the constant encoder-decoder caches (not done); caches passed in and out as int8 codes "
-              "would make them integer without those passes (not done either). "
+              "`docs/integer.md`, which onnxruntime's QDQ fusions do not express). The attention matmuls "
+              "of the decoder step run on integers: the self- and encoder-decoder attention caches go in and out "
+              "of the graphs as uint8 codes (`qswap.export.decoder_step`), the step appends the new row's codes "
+              "to the cache's and its matmuls read them through a `DequantizeLinear` "
+              "(`qswap.export.graph_passes.code_caches`), which onnxruntime fuses. Carried as float tensors of "
+              "grid values, as qswap exported them before, the caches left every one of these matmuls a float "
+              "`MatMul`. "
               "Its self-attention `Softmax` is float by choice: onnxruntime's `QLinearSoftmax` computes another "
               "softmax than the fake-quant model (WER section). A `Mul` by `1 / s` before a `QuantizeLinear` "
               "counts as the quantizer's; a `Relu` before one stays a float node (onnxruntime folds a `Relu` "

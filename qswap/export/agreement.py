@@ -32,7 +32,7 @@ import os
 import torch
 from torch import nn
 
-from qswap.export.decoder_step import CrossKVGraph, cross_names, empty_cache, names
+from qswap.export.decoder_step import CrossKVGraph, cache_values, cross_names, empty_cache, names
 from qswap.export.onnx import load_session, run_encoder
 from qswap.export.package import graph_paths, read_manifest
 from qswap.nn.simulate import simulating
@@ -53,12 +53,13 @@ def agreement(qmodel: nn.Module, directory: "str | os.PathLike[str]", net_input:
         result = {"encoder": _distance(out, ref_out, qmodel.decoder.layers[0].encoder_attn.key_quant, keep)}
         result["padding_mask_equal"] = bool(torch.equal(mask, ref_mask))
         layers = len(qmodel.decoder.layers)
-        cross_ref = CrossKVGraph(qmodel)(ref_out)
+        cross_ref = cache_values(qmodel, CrossKVGraph(qmodel)(ref_out), cross=True)
         cross = sessions["cross_kv"].run(list(cross_names(layers)), {"encoder_out": ref_out.numpy()})
         grids = [q for layer in qmodel.decoder.layers
                  for q in (layer.encoder_attn.core.k_quant, layer.encoder_attn.core.v_quant)]
-        result["cross_kv"] = _worst(_distance(torch.from_numpy(c), r, g)
-                                    for c, r, g in zip(cross, cross_ref, grids))
+        # compared as values: a cache of codes (uint8) holds no differences
+        result["cross_kv"] = _worst(_distance(c, r, g)
+                                    for c, r, g in zip(cache_values(qmodel, cross, cross=True), cross_ref, grids))
         result["decoder_step"] = _step_distance(qmodel, sessions["decoder_step"], ref, tokens,
                                                 [torch.from_numpy(c) for c in cross])
     return result

@@ -14,7 +14,10 @@ keys and values, which are never copied per beam (``SentenceCrossAttention``). O
 ``logits`` (B, 1, V) on the model's logits grid and ``key_i`` / ``value_i`` (B, H, t, D), the
 self-attention caches of the next step. A cache holds the quantized projections where qswap's
 attention keeps a quantized cache (frozen per-tensor k/v grids), float projections otherwise:
-the graph reads it as the fake-quant model does.
+the graph reads it as the fake-quant model does. A quantized cache goes in and out as its uint8
+codes (``cache_grids``; cross_kv writes codes too): the step appends the new codes to the old
+(``graph_passes.code_caches``) and its attention matmuls read codes, which onnxruntime runs as
+integer kernels; a float cache would keep them float, and carry four bytes a value.
 
 >>> export_cross_kv(qmodel, "cross_kv.onnx", encoder_out, encoder_padding_mask)
 >>> export_decoder_step(qmodel, "decoder_step.onnx", encoder_out, encoder_padding_mask)
@@ -30,10 +33,46 @@ from torch import nn
 
 from qswap.errors import ExportError
 from qswap.export.onnx import OPSET, check_calibrated, trace_to_onnx
+from qswap.export.qdq import ActivationQDQ, _activation_problem, activation_grid, from_codes, to_codes
 from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
 from qswap.quant.fake_quantize import FakeQuantize
 
 STEP_INPUTS = ("tokens", "encoder_padding_mask")
+
+
+Grid = "tuple[torch.Tensor, torch.Tensor] | None"  # (scale, uint8 zero point) of codes; None: float
+
+
+def _code_grid(quant: nn.Module) -> Grid:
+    """The grid a cache quantized by ``quant`` is kept on as codes, or None (kept as floats): a
+    frozen per-tensor activation grid the graph can hold (``ActivationQDQ``'s, or its stand-in's)."""
+    if isinstance(quant, ActivationQDQ):
+        ok = quant.source.enabled and quant.problem is None and quant.scale.dim() == 0
+        return (quant.scale, quant.zero_point) if ok else None
+    if (isinstance(quant, FakeQuantize) and quant.enabled and quant.spec.granularity == "per_tensor"
+            and _activation_problem(quant, "") is None):
+        return activation_grid(quant)
+    return None
+
+
+def cache_grids(attn: nn.Module) -> "tuple[Grid, Grid]":
+    """(key grid, value grid) of the codes ``attn``'s decoding cache goes in and out of the graphs
+    as, or (None, None): where the attention keeps a quantized cache (``_quantized_cache``) on
+    grids ONNX holds, its codes; float values otherwise."""
+    grids = (_code_grid(attn.core.k_quant), _code_grid(attn.core.v_quant))
+    if None in grids or not attn._quantized_cache({}):
+        return None, None
+    return grids
+
+
+def as_values(cache: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """A cache tensor's values: its codes dequantized, or itself where it is float."""
+    return cache if grid is None else from_codes(cache, grid)
+
+
+def as_codes(values: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """A cache tensor as the graphs carry it: codes on ``grid``, or the values where it is float."""
+    return values if grid is None else to_codes(values, grid)
 
 
 def _cache(attn: nn.Module, key: torch.Tensor, value: torch.Tensor, padding) -> dict:
@@ -54,16 +93,17 @@ class CrossKVGraph(nn.Module):
         super().__init__()
         self.attentions = [layer.encoder_attn for layer in model.decoder.layers]
         self.layers = nn.ModuleList(self.attentions)
+        self.grids = [cache_grids(attn) for attn in self.attentions]  # before the stand-ins come in
 
     def forward(self, encoder_out):
         query = encoder_out[:1]  # (1, B, E): any query fills the static cache the same way
         out = []
-        for attn in self.attentions:  # the keys and values do not depend on the padding mask
-            state: dict = {}
+        for attn, (key_grid, value_grid) in zip(self.attentions, self.grids):
+            state: dict = {}  # the keys and values do not depend on the padding mask
             attn(query, encoder_out, encoder_out, incremental_state=state, static_kv=True,
                  need_weights=False)
             saved = attn._get_input_buffer(state)
-            out += [saved["prev_key"], saved["prev_value"]]  # (B, H, S, D)
+            out += [as_codes(saved["prev_key"], key_grid), as_codes(saved["prev_value"], value_grid)]  # (B, H, S, D)
         return tuple(out)
 
 
@@ -122,6 +162,8 @@ class DecoderStepGraph(nn.Module):
         self.embed_dim = model.decoder.embed_dim
         self.self_attns = [layer.self_attn for layer in self.decoder.layers]
         self.cross_attns = [layer.encoder_attn for layer in self.decoder.layers]
+        self.self_grids = [cache_grids(attn) for attn in self.self_attns]  # before the stand-ins come in
+        self.cross_grids = [cache_grids(attn) for attn in self.cross_attns]
         for i, attn in enumerate(self.cross_attns):
             problem = beam_grouping_problem(attn, f"decoder.layers.{i}.encoder_attn")
             if problem is not None:
@@ -133,8 +175,11 @@ class DecoderStepGraph(nn.Module):
         past, cross = caches[:2 * layers], caches[2 * layers:]
         state: dict = {}
         for i, (attn, cross_attn) in enumerate(zip(self.self_attns, self.cross_attns)):
-            attn._set_input_buffer(state, _cache(attn, past[2 * i], past[2 * i + 1], None))
-            cross_attn._set_input_buffer(state, _cache(cross_attn, cross[2 * i], cross[2 * i + 1],
+            (key, value), (cross_key, cross_value) = self.self_grids[i], self.cross_grids[i]
+            attn._set_input_buffer(state, _cache(attn, as_values(past[2 * i], key),
+                                                 as_values(past[2 * i + 1], value), None))
+            cross_attn._set_input_buffer(state, _cache(cross_attn, as_values(cross[2 * i], cross_key),
+                                                       as_values(cross[2 * i + 1], cross_value),
                                                        encoder_padding_mask))
         # the encoder-decoder attentions read their cached keys and values (static_kv), never
         # encoder_out: a placeholder of its shape stands in for it
@@ -142,9 +187,9 @@ class DecoderStepGraph(nn.Module):
         encoder = {"encoder_out": [placeholder], "encoder_padding_mask": [encoder_padding_mask]}
         logits, _ = self.decoder(tokens, encoder_out=encoder, incremental_state=state)
         out = []
-        for attn in self.self_attns:
+        for attn, (key, value) in zip(self.self_attns, self.self_grids):
             saved = attn._get_input_buffer(state)
-            out += [saved["prev_key"], saved["prev_value"]]  # (B, H, t, D)
+            out += [as_codes(saved["prev_key"], key), as_codes(saved["prev_value"], value)]  # (B, H, t, D)
         return (self.logits_quant(logits), *out)
 
 
@@ -161,13 +206,23 @@ def cross_names(layers: int) -> tuple[str, ...]:
 
 
 def empty_cache(qmodel: nn.Module, batch: int, length: int = 0) -> list[torch.Tensor]:
-    """Zero self-attention caches (B, H, length, D) for every decoder layer, keys then values."""
+    """Zero self-attention caches (B, H, length, D) for every decoder layer, keys then values,
+    each of the dtype the step graph carries it in (uint8 codes or float: ``cache_grids``)."""
     caches = []
     for layer in qmodel.decoder.layers:
         attn = layer.self_attn
         shape = (batch, attn.num_heads, length, attn.head_dim)
-        caches += [torch.zeros(shape), torch.zeros(shape)]
+        caches += [torch.zeros(shape, dtype=torch.float32 if grid is None else torch.uint8)
+                   for grid in cache_grids(attn)]
     return caches
+
+
+def cache_values(qmodel: nn.Module, caches, cross: bool = False) -> list[torch.Tensor]:
+    """The values of the caches a graph exchanges (``cross``: cross_kv's outputs; else the step
+    graph's self-attention caches), per layer key then value: codes dequantized, floats as they are."""
+    grids = [g for layer in qmodel.decoder.layers
+             for g in cache_grids(layer.encoder_attn if cross else layer.self_attn)]
+    return [as_values(torch.as_tensor(c), g) for c, g in zip(caches, grids)]
 
 
 def _check_decoder(qmodel: nn.Module, allow_float: bool) -> None:

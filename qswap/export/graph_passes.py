@@ -37,6 +37,15 @@ onnxruntime gave each ``Shape`` its own copy of the DequantizeLinear).
 per-tensor grid becomes ``DequantizeLinear(Gather(codes, i), s, z)``: the rows the input reads
 are dequantized, not the whole table (the sinusoidal positions: 6002 rows on every run).
 
+``code_caches``: a decoding cache kept as codes (``qswap.export.decoder_step``) enters as
+``DequantizeLinear(codes)``, meets the new rows' ``DequantizeLinear(QuantizeLinear(k))`` in a
+``Concat`` (through a ``Reshape`` or two) and leaves through a ``QuantizeLinear`` on the same grid.
+The pass writes ``DequantizeLinear(Concat(codes, QuantizeLinear(k)))`` and the codes themselves
+as the output: the same values (concatenating codes, then dequantizing, is dequantizing, then
+concatenating; a grid value quantized on its own grid is its code), one dequantization of the
+whole cache instead of a float copy, and attention matmuls that read a DequantizeLinear, which
+onnxruntime runs on integers.
+
 ``linear_as_gemm``: a linear layer traces to ``MatMul(x, Transpose(W))`` and an ``Add`` of the
 bias, on (T, B, C) inputs. onnxruntime fuses the QDQ MatMul alone (``MatMulIntegerToFloat``: a
 float output, then the bias added and the output quantized in two more float passes); a 2-D
@@ -120,6 +129,87 @@ def _constants(graph, producer):
         return None
     return value
 
+
+
+MOVES_VALUES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"})  # each value kept as is
+
+
+def code_caches(model) -> int:
+    """Concatenate codes, not their values, and let a ``QuantizeLinear`` of values on its own grid
+    read the codes they came from (in place; module docstring). Only per-tensor grids with
+    constant scales and zero points, through ``MOVES_VALUES`` ops and ``Concat``. Returns the
+    number of Concat and QuantizeLinear nodes rewritten."""
+    from onnx import helper
+
+    graph = model.graph
+    producer, _, values = index_graph(graph)
+    made: dict[tuple, str] = {}  # (value name, grid) -> the name of its codes
+
+    def grid(node) -> "tuple | None":
+        """A per-tensor (De)QuantizeLinear's constant scale and zero point, as a key."""
+        consts = [values(name) for name in node.input[1:3]]
+        if len(consts) < 2 or any(c is None or c.size != 1 for c in consts):
+            return None
+        return tuple((c.dtype.str, c.reshape(()).tobytes()) for c in consts)
+
+    def dequantized(name: str):
+        """The DequantizeLinear whose values ``name`` moves or concatenates (its first part), or None."""
+        node = producer.get(name)
+        while node is not None and (node.op_type in MOVES_VALUES or node.op_type == "Concat"):
+            node = producer.get(node.input[0])
+        return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+    def codes_of(name: str, key: tuple, new: list) -> "str | None":
+        """The name of codes that dequantize on ``key`` to ``name``'s values, or None; the nodes
+        that compute them are appended to ``new``."""
+        node, codes = producer.get(name), None
+        if (name, key) in made or node is None:
+            return made.get((name, key))
+        if node.op_type == "DequantizeLinear":
+            codes = node.input[0] if grid(node) == key else None
+        elif node.op_type in MOVES_VALUES or node.op_type == "Concat":
+            moved = node.input[:1] if node.op_type in MOVES_VALUES else node.input  # the rest: shapes
+            inner = [codes_of(i, key, new) for i in moved]
+            if None not in inner:
+                codes = f"{name}/codes"
+                new.append(helper.make_node(node.op_type, [*inner, *node.input[len(moved):]], [codes],
+                                            name=f"{node.name}/codes", **_attributes(node)))
+        if codes is not None:
+            made[(name, key)] = codes
+        return codes
+
+    instead: list[tuple] = []
+    renames: dict[str, str] = {}  # codes a new node writes -> the QuantizeLinear output they replace
+    for node in graph.node:
+        new: list = []
+        if node.op_type == "Concat":
+            dq = dequantized(node.input[0])
+            codes = codes_of(node.output[0], grid(dq), new) if dq is not None and grid(dq) else None
+            if codes is not None:
+                new.append(helper.make_node("DequantizeLinear", [codes, *dq.input[1:]], [node.output[0]],
+                                            name=f"{node.name}/dequantize"))
+                instead.append((node, tuple(new)))
+        elif node.op_type == "QuantizeLinear" and grid(node) is not None:
+            codes = codes_of(node.input[0], grid(node), new)
+            if codes is not None and new:
+                renames[codes] = node.output[0]
+                instead.append((node, tuple(new)))
+            elif codes is not None:  # codes the graph has already: handed out as they are
+                instead.append((node, (helper.make_node("Identity", [codes], [node.output[0]],
+                                                        name=f"{node.name}/codes"),)))
+    if instead:
+        rewrite_nodes(graph, instead)
+        for n in graph.node:
+            n.input[:] = [renames.get(i, i) for i in n.input]
+            n.output[:] = [renames.get(o, o) for o in n.output]
+        _drop_unread(graph)
+    return len(instead)
+
+
+def _attributes(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 FUSED_GROUPS = frozenset({"Add", "MatMul", "Conv", "Mul", "Gemm"})

@@ -26,7 +26,7 @@ from torch import nn
 from qswap.errors import DependencyError, ExportError
 from qswap.export.compact import compact as compact_graph
 from qswap.export.encoders import encoder_graph
-from qswap.export.graph_passes import (fold_constant_scales, gather_codes, linear_as_gemm, quantize_by_inverse,
+from qswap.export.graph_passes import (code_caches, fold_constant_scales, gather_codes, linear_as_gemm, quantize_by_inverse,
                                         shapes_of_codes)
 from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
 from qswap.io.atomic import atomic_write_bytes
@@ -86,6 +86,7 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
         torch.onnx.export(graph, args, buffer, dynamo=False, opset_version=opset,
                           input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic_axes)
     model = _onnx_module().load_model_from_string(buffer.getvalue())
+    code_caches(model)
     fold_constant_scales(model)
     quantize_by_inverse(model)
     shapes_of_codes(model)

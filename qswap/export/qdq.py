@@ -58,11 +58,46 @@ class _DQFunction(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
 
 
+UINT8_OFFSET = 128  # a signed 8-bit grid's codes as uint8: zero point + 128
+
+
+class _CodesFunction(torch.autograd.Function):
+    """uint8 codes of ``x``, values on the grid ``(scale, zero_point)`` (per tensor, uint8 zero
+    point): ``round(x / scale) + zero_point``, exact for grid values whatever the rounding;
+    traces to QuantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point):
+        return torch.clamp(torch.round(x / scale) + zero_point.float(), 0, 255).to(torch.uint8)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point):
+        return g.op("QuantizeLinear", x, scale, zero_point)
+
+
+def to_codes(values: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The uint8 codes of ``values`` that lie on ``grid`` (``activation_grid``'s scale and zero
+    point); a QuantizeLinear in a trace."""
+    return _CodesFunction.apply(values, *grid)
+
+
+def from_codes(codes: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The values of uint8 ``codes`` on ``grid``, as the fake-quant model computes them
+    (``(codes - zero_point) * scale`` in float32); a DequantizeLinear in a trace."""
+    return _DQFunction.apply(codes, *grid, 0)
+
+
+def activation_grid(source: FakeQuantize) -> tuple[torch.Tensor, torch.Tensor]:
+    """A frozen activation quantizer's grid as the graph holds it: its float32 scale and its zero
+    point as uint8 (+ 128 on a signed grid: codes 0..255 hold the values of codes -128..127)."""
+    offset = UINT8_OFFSET if source.spec.signed else 0
+    scale = source.scale.detach().float().clone()
+    scale = scale.reshape(()) if source.spec.granularity == "per_tensor" else scale
+    return scale, (source.zero_point.detach() + offset).to(torch.uint8).reshape(scale.shape).clone()
+
+
 def _zero_point_dtype(spec: QuantSpec) -> torch.dtype:
     return torch.int8 if spec.signed else torch.uint8
-
-
-UINT8_OFFSET = 128
 
 
 class ActivationQDQ(nn.Module):
@@ -82,10 +117,9 @@ class ActivationQDQ(nn.Module):
         offset = UINT8_OFFSET if spec.signed else 0
         self.qmin, self.qmax = spec.qmin + offset, spec.qmax + offset
         self.axis = spec.channel_axis if spec.channel_axis is not None else 1
-        scale = source.scale.detach().float().clone()
-        self.register_buffer("scale", scale.reshape(()) if spec.granularity == "per_tensor" else scale)
-        self.register_buffer("zero_point", (source.zero_point.detach() + offset).to(torch.uint8)
-                             .reshape(self.scale.shape).clone())
+        scale, zero_point = activation_grid(source)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.source.enabled:

@@ -6,7 +6,9 @@ keys and values of every decoder layer); both travel in the encoder output, one 
 sentence (the step graph serves each sentence's beams from its row), which follows the
 sentences that remain when the generator prunes finished ones. The decoder runs
 ``decoder_step.onnx`` on the tokens so far and the self-attention caches kept in fairseq's ``incremental_state``,
-reordered by beam with ``index_select`` as fairseq's own attention reorders its cache.
+reordered by beam with ``index_select`` as fairseq's own attention reorders its cache. Caches hold
+what the graphs exchange: uint8 codes where the graph declares them (``decoder_step.cache_grids``),
+float values otherwise; the first step's empty caches take the dtype of the graph's inputs.
 
 A CTC export (wav2vec 2.0) loads as ``OrtCtcModel``: its forward returns the logits and the
 output padding mask as the fake-quant model's forward does, and ``qswap.integration.decode``
@@ -94,11 +96,13 @@ class OrtDecoder(FairseqIncrementalDecoder):
     grid) per call, the self-attention caches in ``incremental_state``."""
 
     def __init__(self, dictionary, step, layers: int, heads: list[int], head_dim: list[int],
-                 max_positions: int):
+                 max_positions: int, dtypes: "list[np.dtype] | None" = None):
         super().__init__(dictionary)
         self.step, self.layers, self._max_positions = step, layers, max_positions
         self.inputs, self.outputs = names(layers)
         self.heads, self.head_dim = heads, head_dim
+        # each self-attention cache's dtype (keys then values per layer): uint8 codes or float32
+        self.dtypes = dtypes if dtypes is not None else [np.dtype(np.float32)] * (2 * layers)
 
     def forward(self, prev_output_tokens, encoder_out: Optional[Dict[str, List[torch.Tensor]]] = None,
                 incremental_state: Optional[Dict[str, Dict[str, Optional[torch.Tensor]]]] = None, **kwargs):
@@ -107,9 +111,9 @@ class OrtDecoder(FairseqIncrementalDecoder):
                               "fairseq's SequenceGenerator (incremental_state), not a teacher-forced forward")
         batch = prev_output_tokens.shape[0]
         state = self.get_incremental_state(incremental_state, CACHE)
-        past = state["past"] if state is not None else [np.zeros((batch, h, 0, d), np.float32)
-                                                        for h, d in zip(self.heads, self.head_dim)
-                                                        for _ in range(2)]
+        past = state["past"] if state is not None else [
+            np.zeros((batch, self.heads[i // 2], 0, self.head_dim[i // 2]), dtype)
+            for i, dtype in enumerate(self.dtypes)]
         feeds = {"tokens": _np(prev_output_tokens.long()),
                  "encoder_padding_mask": _np(encoder_out["encoder_padding_mask"][0])}
         feeds.update(zip(self.inputs[2:], past))
@@ -171,11 +175,11 @@ def load_exported(directory: "str | os.PathLike[str]", dictionary, *,
         model = OrtCtcModel(sessions["ctc"]).eval()
         model.recipe = manifest.recipe
         return model
-    heads, head_dim = _cache_shapes(sessions["decoder_step"], manifest.decoder_layers)
+    heads, head_dim, dtypes = _cache_shapes(sessions["decoder_step"], manifest.decoder_layers)
     _check_vocabulary(directory, sessions["decoder_step"], dictionary)
     encoder = OrtEncoder(dictionary, sessions["encoder"], sessions["cross_kv"], manifest.decoder_layers)
     decoder = OrtDecoder(dictionary, sessions["decoder_step"], manifest.decoder_layers, heads, head_dim,
-                         manifest.max_target_positions)
+                         manifest.max_target_positions, dtypes)
     model = OrtS2TModel(encoder, decoder).eval()
     model.recipe = manifest.recipe
     return model
@@ -188,18 +192,29 @@ def _check_vocabulary(directory, session, dictionary) -> None:
                           f"has {len(dictionary)}; decode with the data directory the model was trained on")
 
 
-def _cache_shapes(step, layers: int) -> tuple[list[int], list[int]]:
-    """Heads and head size of each layer's self-attention cache, from the step graph's inputs."""
-    shapes = {i.name: i.shape for i in step.get_inputs()}
-    heads, dims = [], []
+CACHE_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(uint8)": np.dtype(np.uint8)}
+
+
+def _cache_shapes(step, layers: int) -> tuple[list[int], list[int], list[np.dtype]]:
+    """Heads and head size of each layer's self-attention cache, and the dtype of each cache
+    (keys then values per layer: float32, or uint8 codes), from the step graph's inputs."""
+    declared = {i.name: i for i in step.get_inputs()}
+    heads, dims, dtypes = [], [], []
     for i in range(layers):
-        shape = shapes.get(f"past_key_{i}")
+        shape = declared[f"past_key_{i}"].shape if f"past_key_{i}" in declared else None
         if shape is None or not all(isinstance(n, int) for n in (shape[1], shape[3])):
             raise ExportError(f"the decoder step graph has no past_key_{i} input of static heads and "
                               f"head size; re-export the directory")
         heads.append(shape[1])
         dims.append(shape[3])
-    return heads, dims
+        for kind in ("key", "value"):
+            cache = declared.get(f"past_{kind}_{i}")
+            if cache is None or cache.type not in CACHE_TYPES:
+                raise ExportError(f"the decoder step graph's past_{kind}_{i} input is "
+                                  f"{'missing' if cache is None else cache.type}, not a float32 or uint8 "
+                                  f"cache; re-export the directory")
+            dtypes.append(CACHE_TYPES[cache.type])
+    return heads, dims, dtypes
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The decoder's step graph against fairseq's incremental decoder on the fake-quant model: the
 same quantized logits (in grid steps) at every step, its caches fed back step after step."""
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ from export_testkit import calibrated, exported_step
 pytest.importorskip("fairseq")
 pytest.importorskip("onnxruntime")
 
-from qswap.export.decoder_step import CrossKVGraph, empty_cache, export_cross_kv, export_decoder_step, names  # noqa: E402
+from qswap.export.decoder_step import (CrossKVGraph, cache_values, empty_cache, export_cross_kv,  # noqa: E402
+                                       export_decoder_step, names)
 from qswap.export.onnx import load_session  # noqa: E402
 
 
@@ -110,18 +112,54 @@ def test_step_graph_softmaxes_run_float_softmax(setup, tmp_path):
     assert ops.count("Softmax") == 2 * len(qmodel.decoder.layers)  # self- and encoder-attention
 
 
-def test_cached_keys_are_the_quantized_projections(setup):
+def test_cached_keys_go_in_and_out_as_the_codes_of_the_quantized_projections(setup):
+    """A quantized cache leaves the step graph as uint8 codes whose values are the keys and values
+    fairseq's incremental decoder caches on the fake-quant model, bit for bit."""
     qmodel, encoder_out, path, cross = setup
     session = load_session(path)
     inputs, outputs = names(len(qmodel.decoder.layers))
-    tokens = torch.tensor([[2], [2], [2]])
-    past = [c.numpy() for c in empty_cache(qmodel, 3)]
-    res = session.run(list(outputs), {"tokens": tokens.numpy(),
-                                      "encoder_padding_mask": encoder_out["encoder_padding_mask"][0].numpy(),
-                                      **dict(zip(inputs[2:], past + cross))})
-    k_quant = qmodel.decoder.layers[0].self_attn.core.k_quant
-    codes = torch.from_numpy(res[1]) / k_quant.scale  # key_0 on its grid
-    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert {i.type for i in session.get_inputs() if i.name.startswith(("past_", "cross_"))} == {"tensor(uint8)"}
+    tokens = torch.tensor([[2, 7], [2, 9], [2, 30]])
+    feeds = {"encoder_padding_mask": encoder_out["encoder_padding_mask"][0].numpy(), **dict(zip(inputs[2 + 2 * len(
+        qmodel.decoder.layers):], cross))}
+    past, state = [c.numpy() for c in empty_cache(qmodel, 3)], {}
+    for t in (1, 2):
+        _, *past = session.run(list(outputs), {"tokens": tokens[:, :t].numpy(), **feeds,
+                                               **dict(zip(inputs[2:2 + 2 * len(qmodel.decoder.layers)], past))})
+        with torch.no_grad():
+            qmodel.decoder(tokens[:, :t], encoder_out=encoder_out, incremental_state=state)
+    assert all(c.dtype == np.uint8 and c.shape[2] == 2 for c in past)
+    ref = [layer.self_attn._get_input_buffer(state)[kind] for layer in qmodel.decoder.layers
+           for kind in ("prev_key", "prev_value")]
+    assert all(torch.equal(got, want) for got, want in zip(cache_values(qmodel, past), ref))
+
+
+def test_float_caches_stay_float_where_the_attention_keeps_no_quantized_cache(tmp_path):
+    """A per-channel k grid: the fake-quant attention caches float projections (re-quantized as it
+    reads them), and the step graph carries them as floats."""
+    recipe = {"version": 1, "name": "w8a8_k_per_channel",
+              "defaults": {"weight": {"bits": 8, "symmetric": True, "granularity": "per_tensor", "observer": "minmax"},
+                           "activation": {"bits": 8, "symmetric": False, "observer": "moving_average"}},
+              "rules": [{"match": {"path": "decoder.layers.*.self_attn"},
+                         "sites": {"k": {"granularity": "per_channel", "axis": 2}}}]}
+    qmodel = calibrated(build_s2t_transformer(), qswap.load_recipe(recipe))
+    assert [c.dtype for c in empty_cache(qmodel, 1)[:2]] == [torch.float32, torch.float32]
+    encoder_out, path = exported_step(qmodel, tmp_path, 2)
+    types = {i.name: i.type for i in load_session(path).get_inputs()}
+    assert types["past_key_0"] == types["past_value_0"] == "tensor(float)"
+    assert types["cross_key_0"] == "tensor(uint8)"  # the encoder-decoder attention's grids are per tensor
+
+
+def test_onnxruntime_runs_every_attention_matmul_of_the_step_on_integers(setup, tmp_path):
+    """The caches' codes reach the attention matmuls through DequantizeLinear (graph_passes.code_caches):
+    onnxruntime fuses each into an integer kernel, none stays a float MatMul."""
+    import onnx
+
+    qmodel, _, path, _ = setup
+    load_session(path, level="all", optimized_path=str(tmp_path / "optimized.onnx"))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "MatMul" not in ops and "FusedMatMul" not in ops
+    assert ops.count("QLinearMatMul") + ops.count("MatMulIntegerToFloat") == 4 * len(qmodel.decoder.layers)
 
 
 def test_uncalibrated_decoder_is_a_typed_error(tmp_path):
@@ -136,7 +174,9 @@ def test_cross_kv_graph_gives_the_keys_fairseqs_decoder_caches(setup, tmp_path):
     layers = len(qmodel.decoder.layers)
     session = load_session(path)
     assert [i.name for i in session.get_inputs()] == ["encoder_out"]
-    got = session.run(None, {"encoder_out": encoder_out["encoder_out"][0].numpy()})
+    codes = session.run(None, {"encoder_out": encoder_out["encoder_out"][0].numpy()})
+    assert all(c.dtype == np.uint8 for c in codes)  # per-tensor k/v grids: the caches' codes
+    got = [c.numpy() for c in cache_values(qmodel, codes, cross=True)]
     state: dict = {}  # fairseq's incremental decoder fills its static caches at the first step
     with torch.no_grad():
         qmodel.decoder(torch.full((3, 1), 2), encoder_out=encoder_out, incremental_state=state)

@@ -4,7 +4,9 @@ QuantizeLinear that reads another grid gives torch's fake-quant codes bit for bi
 or a divisor that rounds the same on every grid value, not ONNX's ``x / s``), a Q/DQ-wrapped
 Softmax stays float (not onnxruntime's QLinearSoftmax), and a quantizer of a computed value (a
 group onnxruntime fuses into an integer kernel, a graph input) is left dividing.
-shapes_of_codes, gather_codes, linear_as_gemm: the same values, fewer float passes."""
+shapes_of_codes, gather_codes, linear_as_gemm: the same values, fewer float passes. code_caches:
+a cache of codes concatenated as codes and handed out as codes, the same values, its matmul on
+integers."""
 import numpy as np
 import pytest
 
@@ -13,8 +15,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from qswap.export.graph_passes import (UNIT_SCALE, fold_constant_scales, gather_codes,  # noqa: E402
-                                      linear_as_gemm, quantize_by_inverse, shapes_of_codes)
+from qswap.export.graph_passes import (UNIT_SCALE, code_caches, fold_constant_scales,  # noqa: E402
+                                      gather_codes, linear_as_gemm, quantize_by_inverse, shapes_of_codes)
 from qswap.export.onnx import load_session  # noqa: E402
 
 
@@ -241,3 +243,64 @@ def test_rewrite_nodes_replaces_exactly_the_nodes_it_is_given():
     assert [n.name for n in graph.node] == ["n0", "n2", "n3", "neg", "n4", "n5", "n7"]
     rewrite_nodes(graph, [])
     assert len(graph.node) == 7
+
+
+def cache_graph(s_new: float):
+    """The decoder step's self-attention cache as torch traces it: past codes (B*H... as (B, H, t, D))
+    -> DequantizeLinear -> Reshape (B*H, t, D) -> Concat with the new row's Q/DQ (on a grid of
+    scale ``s_new``) -> Reshape (B, H, t+1, D) -> QuantizeLinear on the cache's grid: ``present``;
+    and the scores ``q @ k^T`` read the concatenation."""
+    nodes = [helper.make_node("DequantizeLinear", ["past", "s", "z"], ["past_dq"], name="attn/DequantizeLinear"),
+             helper.make_node("Reshape", ["past_dq", "rows"], ["past_rows"], name="attn/Reshape"),
+             *qdq("new", "x", "s_new", "z"),
+             helper.make_node("Concat", ["past_rows", "new"], ["k"], axis=1, name="attn/Concat"),
+             helper.make_node("Reshape", ["k", "heads"], ["k_heads"], name="attn/Reshape_1"),
+             helper.make_node("QuantizeLinear", ["k_heads", "s", "z"], ["present"], name="attn/QuantizeLinear"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="attn/core/Transpose"),
+             *qdq("q", "query", "s_q", "z"),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="attn/core/MatMul")]
+    inits = [scalar("s", 0.05, np.float32), scalar("z", 131, np.uint8), scalar("s_new", s_new, np.float32),
+             scalar("s_q", 0.03, np.float32), numpy_helper.from_array(np.array([6, -1, 4], np.int64), "rows"),
+             numpy_helper.from_array(np.array([2, 3, -1, 4], np.int64), "heads")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("past", TensorProto.UINT8, [2, 3, None, 4]),
+                                       helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 1, 4]),
+                                       helper.make_tensor_value_info("query", TensorProto.FLOAT, [6, 1, 4])],
+                          [helper.make_tensor_value_info("present", TensorProto.UINT8, [2, 3, None, 4]),
+                           helper.make_tensor_value_info("scores", TensorProto.FLOAT, [6, 1, None])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run_cache(model, tmp_path, level):
+    rng = np.random.default_rng(3)
+    feeds = {"past": rng.integers(0, 256, (2, 3, 5, 4)).astype(np.uint8),
+             "x": rng.normal(0, 3, (6, 1, 4)).astype(np.float32),
+             "query": rng.normal(0, 2, (6, 1, 4)).astype(np.float32)}
+    path, optimized = tmp_path / "m.onnx", tmp_path / f"m.{level}.onnx"
+    onnx.save(model, str(path))
+    out = load_session(path, level=level, optimized_path=str(optimized)).run(["present", "scores"], feeds)
+    return out, [n.op_type for n in onnx.load(str(optimized)).graph.node]
+
+
+def test_a_cache_of_codes_is_concatenated_as_codes_and_its_matmul_runs_on_integers(tmp_path):
+    model = cache_graph(0.05)
+    (present, scores), ops = run_cache(model, tmp_path, "disabled")
+    assert code_caches(model) == 2  # the Concat and the cache's QuantizeLinear
+    onnx.checker.check_model(model, full_check=True)
+    rewritten = [n.op_type for n in model.graph.node]
+    assert rewritten.count("QuantizeLinear") == 2  # the new row's and the query's: no requantized cache
+    producer = {o: n for n in model.graph.node for o in n.output}
+    assert producer["present"].op_type == "Reshape" and producer["k"].op_type == "DequantizeLinear"
+    for level in ("disabled", "all"):
+        (present_after, scores_after), ops = run_cache(model, tmp_path, level)
+        np.testing.assert_array_equal(present_after, present)  # the same codes
+        if level == "disabled":
+            np.testing.assert_array_equal(scores_after, scores)
+    assert "MatMul" not in ops and ({"QLinearMatMul", "MatMulIntegerToFloat"} & set(ops))
+
+
+def test_rows_on_another_grid_are_not_concatenated_as_codes(tmp_path):
+    """The new row's grid differs from the cache's: concatenated codes would mean other values."""
+    model = cache_graph(0.07)
+    before = [n.op_type for n in model.graph.node]
+    assert code_caches(model) == 0
+    assert [n.op_type for n in model.graph.node] == before
