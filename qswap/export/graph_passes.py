@@ -182,6 +182,7 @@ def code_caches(model) -> int:
     renames: dict[str, str] = {}  # codes a new node writes -> the QuantizeLinear output they replace
     for node in graph.node:
         new: list = []
+        known = dict(made)  # a failed attempt's codes are never written: forget them
         if node.op_type == "Concat":
             dq = dequantized(node.input[0])
             codes = codes_of(node.output[0], grid(dq), new) if dq is not None and grid(dq) else None
@@ -197,6 +198,9 @@ def code_caches(model) -> int:
             elif codes is not None:  # codes the graph has already: handed out as they are
                 instead.append((node, (helper.make_node("Identity", [codes], [node.output[0]],
                                                         name=f"{node.name}/codes"),)))
+        if not instead or instead[-1][0] is not node:
+            made.clear()
+            made.update(known)
     if instead:
         rewrite_nodes(graph, instead)
         for n in graph.node:

@@ -304,3 +304,32 @@ def test_rows_on_another_grid_are_not_concatenated_as_codes(tmp_path):
     before = [n.op_type for n in model.graph.node]
     assert code_caches(model) == 0
     assert [n.op_type for n in model.graph.node] == before
+
+
+def test_a_concatenation_that_fails_halfway_leaves_no_codes_behind(tmp_path):
+    """The Concat's first two parts have codes on the grid, its third is computed: no rewrite, and
+    the QuantizeLinear after the second part's Reshape still finds codes that exist in the graph."""
+    nodes = [helper.make_node("DequantizeLinear", ["a", "s", "z"], ["a_dq"], name="a/DequantizeLinear"),
+             helper.make_node("DequantizeLinear", ["b", "s", "z"], ["b_dq"], name="b/DequantizeLinear"),
+             helper.make_node("Reshape", ["b_dq", "shape"], ["b_rows"], name="b/Reshape"),
+             helper.make_node("Relu", ["x"], ["x_relu"], name="relu"),
+             helper.make_node("Concat", ["a_dq", "b_rows", "x_relu"], ["y"], axis=0, name="concat"),
+             helper.make_node("QuantizeLinear", ["b_rows", "s", "z"], ["codes"], name="b/QuantizeLinear")]
+    inits = [scalar("s", 0.05, np.float32), scalar("z", 7, np.uint8),
+             numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, 4]),
+                                       helper.make_tensor_value_info("b", TensorProto.UINT8, [None, 2]),
+                                       helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4]),
+                           helper.make_tensor_value_info("codes", TensorProto.UINT8, [None, 4])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"a": np.arange(8, dtype=np.uint8).reshape(2, 4), "b": np.arange(8, dtype=np.uint8).reshape(4, 2) * 30,
+             "x": np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        ["y", "codes"], feeds)
+    before = run(model)
+    assert code_caches(model) == 1  # the QuantizeLinear alone
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node].count("Concat") == 1
+    for got, want in zip(run(model), before):
+        np.testing.assert_array_equal(got, want)
