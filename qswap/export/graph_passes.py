@@ -46,6 +46,15 @@ concatenating; a grid value quantized on its own grid is its code), one dequanti
 whole cache instead of a float copy, and attention matmuls that read a DequantizeLinear, which
 onnxruntime runs on integers.
 
+``relu_lookups``: the FFN's ``DequantizeLinear`` (the activation's grid) -> ``Relu`` ->
+``QuantizeLinear`` (fc2's input grid) requantizes every hidden value from one grid to another in
+two float passes. The ``Relu`` becomes ``LeakyRelu(alpha=0)``, which onnxruntime fuses with the
+two into ``QLinearLeakyRelu``: a table of the 256 codes' results, built by the same dequantize,
+max(x, 0) (``-0.0`` for a negative value, which quantizes as ``0.0`` does) and quantize
+(division by the scale, as the ``QuantizeLinear`` did), one read of the codes and one write. Only
+where the ``QuantizeLinear`` divides (``quantize_by_inverse`` found it a divisor, or left it
+dividing): a ``Mul`` by ``1 / s`` before it keeps the float passes.
+
 ``linear_as_gemm``: a linear layer traces to ``MatMul(x, Transpose(W))`` and an ``Add`` of the
 bias, on (T, B, C) inputs. onnxruntime fuses the QDQ MatMul alone (``MatMulIntegerToFloat``: a
 float output, then the bias added and the output quantized in two more float passes); a 2-D
@@ -208,6 +217,35 @@ def code_caches(model) -> int:
             n.output[:] = [renames.get(o, o) for o in n.output]
         _drop_unread(graph)
     return len(instead)
+
+
+def relu_lookups(model) -> int:
+    """Make each ``DequantizeLinear -> Relu -> QuantizeLinear`` (constant per-tensor grids, each
+    value read by the next node alone) a ``LeakyRelu(alpha=0)`` between them (in place; module
+    docstring). Returns the number rewritten."""
+    from onnx import helper
+
+    producer, readers, values = index_graph(model.graph)
+    outputs = {o.name for o in model.graph.output}
+
+    def per_tensor(node) -> bool:
+        consts = [values(name) for name in node.input[1:3]]
+        return len(consts) == 2 and all(c is not None and c.size == 1 for c in consts)
+
+    rewritten = 0
+    for node in model.graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "Relu" else None
+        quantizers = readers.get(node.output[0], [])
+        # onnxruntime fuses a chain whose values nothing else reads; elsewhere a LeakyRelu would
+        # stay float where it folds a Relu into the QuantizeLinear after it
+        if (dq is None or dq.op_type != "DequantizeLinear" or not per_tensor(dq) or len(quantizers) != 1
+                or len(readers.get(dq.output[0], [])) != 1 or node.output[0] in outputs
+                or quantizers[0].op_type != "QuantizeLinear" or not per_tensor(quantizers[0])):
+            continue
+        node.op_type = "LeakyRelu"
+        node.attribute.append(helper.make_attribute("alpha", 0.0))
+        rewritten += 1
+    return rewritten
 
 
 def _attributes(node) -> dict:

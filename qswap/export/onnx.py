@@ -27,7 +27,7 @@ from qswap.errors import DependencyError, ExportError
 from qswap.export.compact import compact as compact_graph
 from qswap.export.encoders import encoder_graph
 from qswap.export.graph_passes import (code_caches, fold_constant_scales, gather_codes, linear_as_gemm, quantize_by_inverse,
-                                        shapes_of_codes)
+                                        relu_lookups, shapes_of_codes)
 from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
 from qswap.io.atomic import atomic_write_bytes
 from qswap.quant.fake_quantize import FakeQuantize
@@ -89,6 +89,7 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
     code_caches(model)
     fold_constant_scales(model)
     quantize_by_inverse(model)
+    relu_lookups(model)
     shapes_of_codes(model)
     gather_codes(model)
     linear_as_gemm(model)

@@ -6,7 +6,8 @@ Softmax stays float (not onnxruntime's QLinearSoftmax), and a quantizer of a com
 group onnxruntime fuses into an integer kernel, a graph input) is left dividing.
 shapes_of_codes, gather_codes, linear_as_gemm: the same values, fewer float passes. code_caches:
 a cache of codes concatenated as codes and handed out as codes, the same values, its matmul on
-integers."""
+integers. relu_lookups: the FFN's requantization through its ReLU as one table of codes, the
+fake-quant codes bit for bit."""
 import numpy as np
 import pytest
 
@@ -16,7 +17,8 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from qswap.export.graph_passes import (UNIT_SCALE, code_caches, fold_constant_scales,  # noqa: E402
-                                      gather_codes, linear_as_gemm, quantize_by_inverse, shapes_of_codes)
+                                      gather_codes, linear_as_gemm, quantize_by_inverse, relu_lookups,
+                                      shapes_of_codes)
 from qswap.export.onnx import load_session  # noqa: E402
 
 
@@ -159,6 +161,36 @@ def test_a_grid_read_by_another_grid_gives_the_fake_quant_codes(pair, tmp_path):
     assert scale == ("s_b/divisor" if pair == "divisor" else UNIT_SCALE)
     np.testing.assert_array_equal(outputs(model, x, tmp_path, "all")[0], reference)
     np.testing.assert_array_equal(outputs(model, x, tmp_path, "disabled")[0], reference)
+
+
+@pytest.mark.parametrize("pair", sorted(GRID_PAIRS))
+def test_a_relu_between_two_grids_runs_as_a_table_of_codes(pair, tmp_path):
+    """x -> Q/DQ on the activation's grid -> Relu -> Q/DQ on fc2's input grid (the FFN): where the
+    second quantizer divides, the Relu becomes a LeakyRelu that onnxruntime fuses into
+    QLinearLeakyRelu (no float pass), and every code of the first grid (ties included) lands
+    where torch's fake quantization puts it; where a Mul by 1 / s comes first, it stays."""
+    s_a, z_a, s_b = GRID_PAIRS[pair]
+    x = np.tile((np.arange(256, dtype=np.float32) - z_a) * np.float32(s_a), (2, 1))[:, :255]
+    reference = fake_quantize(np.maximum(fake_quantize(x, np.float32(s_a), z_a), 0), np.float32(s_b), 0)
+    nodes = qdq("a", "x", "s_a", "z_a") + [helper.make_node("Relu", ["a"], ["r"], name="relu")] + qdq("y", "r", "s_b", "z_b")
+    model = one_input_model(nodes, [scalar("s_a", s_a, np.float32), scalar("z_a", z_a, np.uint8),
+                                    scalar("s_b", s_b, np.float32), scalar("z_b", 0, np.uint8)], 255)
+    quantize_by_inverse(model)
+    assert relu_lookups(model) == (pair == "divisor")
+    onnx.checker.check_model(model, full_check=True)
+    for level in ("disabled", "all"):
+        got, ops = outputs(model, x, tmp_path, level)
+        np.testing.assert_array_equal(got, reference)
+    assert ("QLinearLeakyRelu" in ops) == (pair == "divisor")
+
+
+def test_a_relu_whose_input_another_node_reads_is_left():
+    """onnxruntime would not fuse the chain: the Relu stays one it folds into its QuantizeLinear."""
+    nodes = qdq("a", "x", "s", "z") + [helper.make_node("Relu", ["a"], ["r"], name="relu"),
+                                       helper.make_node("Neg", ["a"], ["n"], name="neg")] + qdq("y", "r", "s", "z")
+    model = one_input_model(nodes, [scalar("s", 0.05, np.float32), scalar("z", 0, np.uint8)], 4)
+    assert relu_lookups(model) == 0
+    assert "Relu" in [n.op_type for n in model.graph.node]
 
 
 def test_a_group_onnxruntime_fuses_is_left():
