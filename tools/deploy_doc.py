@@ -751,7 +751,7 @@ def time_lines(s: dict, top: int = 9) -> list[str]:
               f"where the float graph's matmuls and convolutions take {fp32_gemm:.1f} ms "
               f"({fp32_gemm / max(int8_gemm, 1e-9):.1f}x); the rest of the int8 graph, "
               f"{int8['kernel_ms'] - int8_gemm:.1f} ms of kernels (float LayerNorm and softmax, the quantizers "
-              f"around them, data movement, shape arithmetic) against the float graph's "
+              f"around them, the FFN's ReLU tables, data movement, shape arithmetic) against the float graph's "
               f"{fp32['kernel_ms'] - fp32_gemm:.1f} ms, and the per-node cost between kernels "
               f"({int8['wall_ms'] - int8['kernel_ms']:.1f} ms for the int8 graph's "
               f"{sum(v['nodes'] for v in int8['ops'].values())} nodes, {fp32['wall_ms'] - fp32['kernel_ms']:.1f} ms "
@@ -803,9 +803,8 @@ def trust_note(r: dict, sp: dict) -> str:
         note += (" onnxruntime's threads yielded their cores between runs (`load_session`, `spinning` off): "
                  "spinning, they slow the torch run interleaved after them.")
     if slower:
-        note += (" In full decoding, onnxruntime int8 was not faster than onnxruntime fp32 in this run (the "
-                 "decoder step's attention over the cached keys and values stays float; where the step's time "
-                 "goes is not measured here).")
+        note += (" In full decoding, onnxruntime int8 was not faster than onnxruntime fp32 in this run (where "
+                 "the step's time goes is not measured here).")
     return note
 
 
@@ -973,8 +972,11 @@ def honesty_section(r: dict) -> list[str]:
               "`MatMul`. "
               "Its self-attention `Softmax` is float by choice: onnxruntime's `QLinearSoftmax` computes another "
               "softmax than the fake-quant model (WER section). A `Mul` by `1 / s` before a `QuantizeLinear` "
-              "counts as the quantizer's; a `Relu` before one stays a float node (onnxruntime folds a `Relu` "
-              "into a `QuantizeLinear` it reads directly). Linear layers are exported as a `Gemm` on their "
+              "counts as the quantizer's. The FFN's ReLU between the activation's grid and fc2's input grid runs "
+              "as `QLinearLeakyRelu`, a table of the 256 codes' results (`qswap.export.graph_passes.relu_lookups`: "
+              "the same codes, without two float passes over the hidden layer). Where no float32 divisor "
+              "rounds fc2's input grid as the fake-quant model does, a `Mul` by `1 / s` comes between them "
+              "(above) and that layer's `Relu` stays a float node. Linear layers are exported as a `Gemm` on their "
               "flattened rows (`qswap.export.graph_passes.linear_as_gemm`): onnxruntime fuses each, with its "
               "int32 bias, into one `QGemm`; the `MatMul` and `Add` torch traces left the bias add in float. "
               "A recipe without activation quantizers (fp32, w8_weight_only) is not exported: the export "

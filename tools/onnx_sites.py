@@ -63,8 +63,9 @@ class SiteTable:
 
 def graph_sites(graph_path) -> list[tuple[str, str, str]]:
     """(site, codes value name, zero point name) of every activation QuantizeLinear (one read by a
-    DequantizeLinear, or by the Flatten before a linear layer's: ``graph_passes.linear_as_gemm``),
-    in node order; ``site`` is the qswap module path in the node's name."""
+    DequantizeLinear, by the Flatten before a linear layer's: ``graph_passes.linear_as_gemm``, or
+    by the Concat of a cache's codes: ``graph_passes.code_caches``), in node order; ``site`` is the
+    qswap module path in the node's name."""
     import onnx
 
     from qswap.export.onnx_audit import site_of
@@ -72,6 +73,8 @@ def graph_sites(graph_path) -> list[tuple[str, str, str]]:
     graph = onnx.load(str(graph_path)).graph
     readers = {name for node in graph.node if node.op_type == "DequantizeLinear" for name in node.input[:1]}
     readers |= {node.input[0] for node in graph.node if node.op_type == "Flatten" and node.output[0] in readers}
+    readers |= {name for node in graph.node if node.op_type == "Concat" and node.output[0] in readers
+                for name in node.input}
     return [(site_of(n.name), n.output[0], n.input[2]) for n in graph.node
             if n.op_type == "QuantizeLinear" and n.output[0] in readers and len(n.input) > 2]
 

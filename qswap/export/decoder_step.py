@@ -206,13 +206,13 @@ def cross_names(layers: int) -> tuple[str, ...]:
 
 
 def empty_cache(qmodel: nn.Module, batch: int, length: int = 0) -> list[torch.Tensor]:
-    """Zero self-attention caches (B, H, length, D) for every decoder layer, keys then values,
-    each of the dtype the step graph carries it in (uint8 codes or float: ``cache_grids``)."""
+    """Self-attention caches (B, H, length, D) of zeros for every decoder layer, keys then values,
+    each as the step graph carries it (``cache_grids``): floats, or the codes of 0 (the zero point)."""
     caches = []
     for layer in qmodel.decoder.layers:
         attn = layer.self_attn
         shape = (batch, attn.num_heads, length, attn.head_dim)
-        caches += [torch.zeros(shape, dtype=torch.float32 if grid is None else torch.uint8)
+        caches += [torch.zeros(shape) if grid is None else torch.full(shape, int(grid[1]), dtype=torch.uint8)
                    for grid in cache_grids(attn)]
     return caches
 

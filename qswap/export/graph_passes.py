@@ -240,7 +240,8 @@ def relu_lookups(model) -> int:
         # stay float where it folds a Relu into the QuantizeLinear after it
         if (dq is None or dq.op_type != "DequantizeLinear" or not per_tensor(dq) or len(quantizers) != 1
                 or len(readers.get(dq.output[0], [])) != 1 or node.output[0] in outputs
-                or quantizers[0].op_type != "QuantizeLinear" or not per_tensor(quantizers[0])):
+                or quantizers[0].op_type != "QuantizeLinear" or not per_tensor(quantizers[0])
+                or values(dq.input[2]).dtype != values(quantizers[0].input[2]).dtype):  # fused: one code type
             continue
         node.op_type = "LeakyRelu"
         node.attribute.append(helper.make_attribute("alpha", 0.0))

@@ -170,11 +170,11 @@ def test_a_relu_between_two_grids_runs_as_a_table_of_codes(pair, tmp_path):
     QLinearLeakyRelu (no float pass), and every code of the first grid (ties included) lands
     where torch's fake quantization puts it; where a Mul by 1 / s comes first, it stays."""
     s_a, z_a, s_b = GRID_PAIRS[pair]
-    x = np.tile((np.arange(256, dtype=np.float32) - z_a) * np.float32(s_a), (2, 1))[:, :255]
+    x = np.tile((np.arange(256, dtype=np.float32) - z_a) * np.float32(s_a), (2, 1))  # every code
     reference = fake_quantize(np.maximum(fake_quantize(x, np.float32(s_a), z_a), 0), np.float32(s_b), 0)
     nodes = qdq("a", "x", "s_a", "z_a") + [helper.make_node("Relu", ["a"], ["r"], name="relu")] + qdq("y", "r", "s_b", "z_b")
     model = one_input_model(nodes, [scalar("s_a", s_a, np.float32), scalar("z_a", z_a, np.uint8),
-                                    scalar("s_b", s_b, np.float32), scalar("z_b", 0, np.uint8)], 255)
+                                    scalar("s_b", s_b, np.float32), scalar("z_b", 0, np.uint8)], 256)
     quantize_by_inverse(model)
     assert relu_lookups(model) == (pair == "divisor")
     onnx.checker.check_model(model, full_check=True)
