@@ -96,6 +96,11 @@ class LoadError(ExportError):
         self.kind = kind
 
 
+class CommandError(QswapError):
+    """A command a documentation tool runs (fairseq-train, fairseq-generate, ``qswap``) exited with
+    an error; the message names it and carries the end of its output."""
+
+
 class TrainingError(QswapError, ValueError):
     """A training option qswap adds to fairseq-train (the distillation criterion's teacher,
     weight or temperature) is missing or out of range (names the option and what to pass)."""

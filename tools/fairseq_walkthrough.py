@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import qswap
+from qswap.errors import CommandError, QswapError
 from qswap.io.atomic import atomic_write_text
 from qswap.io.safe_load import load_checkpoint
 
@@ -51,8 +52,7 @@ def run(cmd: list[str], keep: "re.Pattern[str] | None", tail: int, cwd: Path, th
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "140", "OMP_NUM_THREADS": str(threads)})
     lines = (proc.stdout + proc.stderr).splitlines()
     if proc.returncode != 0:
-        print("\n".join(lines[-40:]), file=sys.stderr)
-        raise SystemExit(f"command failed with exit code {proc.returncode}")
+        raise CommandError(f"{shown} failed with exit code {proc.returncode}:\n" + "\n".join(lines[-40:]))
     if keep is not None:
         lines = [ln for ln in lines if keep.search(ln)]
     return shown, "\n".join(lines[-tail:])
@@ -198,5 +198,14 @@ one shard (the same sharding as fairseq-generate); `qswap eval --merge shard_*.j
 error counts, giving exactly the single-process WER (tested with two shards).
 """
 
+def cli() -> int:
+    """``main``; a failed command is one ``error:`` message (with the end of its output), exit 2."""
+    try:
+        return main()
+    except QswapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

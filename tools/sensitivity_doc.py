@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import qswap
+from qswap.errors import CommandError, QswapError
 from qswap.io.checkpoint import load_fairseq_model
 
 ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
@@ -29,7 +30,8 @@ def run(args: list[str]) -> str:
     print("$ qswap " + " ".join(args), flush=True)
     proc = subprocess.run([QSWAP, *args], capture_output=True, text=True, env={"COLUMNS": "150", "PATH": ""})
     if proc.returncode != 0:
-        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise CommandError(f"{shown(args)} failed with exit code {proc.returncode}:\n"
+                           + proc.stdout[-3000:] + proc.stderr[-3000:])
     return proc.stdout
 
 
@@ -131,5 +133,14 @@ a difference is more than noise.
     return 0
 
 
+def cli() -> int:
+    """``main``; a failed command is one ``error:`` message (with the end of its output), exit 2."""
+    try:
+        return main()
+    except QswapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())
