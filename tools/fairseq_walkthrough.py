@@ -20,12 +20,13 @@ import tempfile
 from pathlib import Path
 
 import qswap
-from qswap.errors import CommandError, QswapError
+from qswap.errors import CommandError
 from qswap.io.atomic import atomic_write_text
 from qswap.io.safe_load import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qat_gradients  # noqa: E402  (tools/qat_gradients.py)
+from tool_cli import exit_status  # noqa: E402  (tools/tool_cli.py)
 
 ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
 BIN = Path(sys.executable).parent
@@ -200,11 +201,7 @@ error counts, giving exactly the single-process WER (tested with two shards).
 
 def cli() -> int:
     """``main``; a failed command is one ``error:`` message (with the end of its output), exit 2."""
-    try:
-        return main()
-    except QswapError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(main)
 
 
 if __name__ == "__main__":

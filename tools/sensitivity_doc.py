@@ -18,8 +18,11 @@ import sys
 from pathlib import Path
 
 import qswap
-from qswap.errors import CommandError, QswapError
+from qswap.errors import CommandError
 from qswap.io.checkpoint import load_fairseq_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tool_cli import exit_status  # noqa: E402  (tools/tool_cli.py)
 
 ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
 QSWAP = str(Path(sys.executable).parent / "qswap")
@@ -135,11 +138,7 @@ a difference is more than noise.
 
 def cli() -> int:
     """``main``; a failed command is one ``error:`` message (with the end of its output), exit 2."""
-    try:
-        return main()
-    except QswapError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(main)
 
 
 if __name__ == "__main__":
