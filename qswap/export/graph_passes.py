@@ -1,7 +1,9 @@
 """Rewrites of an exported ONNX graph before it is written.
 
 ``fold_constant_scales``: ``DequantizeLinear(q, s, z) * c`` with a positive scalar constant
-``c`` (attention's ``q_quant(q) * scaling``, the encoder's ``embed_scale * embed_quant(x)``)
+``c`` (attention's ``q_quant(q) * scaling``, the encoder's ``embed_scale * embed_quant(x)``, the
+decoder's ``embed_scale`` times its token embedding's rows, dequantized after their ``Gather`` by
+``gather_codes``, which runs first)
 becomes ``DequantizeLinear(q, s * c, z)``: the product stays on a grid, rescaled, as
 ``qswap.nn.attention`` says integer hardware folds it into the requantization multiplier. The
 values differ from the fake-quant model's ``(q - z) * s * c`` only by float32 rounding of

@@ -87,11 +87,11 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
                           input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic_axes)
     model = _onnx_module().load_model_from_string(buffer.getvalue())
     code_caches(model)
+    gather_codes(model)  # before the fold: a table's rows times a constant (embed_scale) fold into their scale
     fold_constant_scales(model)
     quantize_by_inverse(model)
     relu_lookups(model)
     shapes_of_codes(model)
-    gather_codes(model)
     linear_as_gemm(model)
     if compact:
         compact_graph(model, {f"{name}.codes" for name, m in graph.named_modules(remove_duplicate=False)

@@ -159,6 +159,11 @@ def test_onnxruntime_runs_every_attention_matmul_of_the_step_on_integers(setup, 
     load_session(path, level="all", optimized_path=str(tmp_path / "optimized.onnx"))
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert "MatMul" not in ops and "FusedMatMul" not in ops
+    # the token embedding's embed_scale is in its DequantizeLinear's scale (gather_codes, then
+    # fold_constant_scales): no float Mul reads dequantized values in the step
+    nodes = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    assert not [n.name for n in nodes if n.op_type == "Mul" and dequantized & set(n.input)]
     assert ops.count("QLinearMatMul") + ops.count("MatMulIntegerToFloat") == 4 * len(qmodel.decoder.layers)
 
 
