@@ -33,7 +33,7 @@ from torch import nn
 
 from qswap.errors import ExportError
 from qswap.export.onnx import OPSET, check_calibrated, trace_to_onnx
-from qswap.export.qdq import ActivationQDQ, _activation_problem, activation_grid, from_codes, to_codes
+from qswap.export.qdq import ActivationQDQ, activation_grid, activation_problem, from_codes, to_codes
 from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -50,7 +50,7 @@ def _code_grid(quant: nn.Module) -> Grid:
         ok = quant.source.enabled and quant.problem is None and quant.scale.dim() == 0
         return (quant.scale, quant.zero_point) if ok else None
     if (isinstance(quant, FakeQuantize) and quant.enabled and quant.spec.granularity == "per_tensor"
-            and _activation_problem(quant, "") is None):
+            and activation_problem(quant, "") is None):
         return activation_grid(quant)
     return None
 

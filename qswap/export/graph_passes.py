@@ -141,7 +141,6 @@ def _constants(graph, producer):
     return value
 
 
-
 MOVES_VALUES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"})  # each value kept as is
 
 

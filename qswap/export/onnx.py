@@ -26,8 +26,8 @@ from torch import nn
 from qswap.errors import DependencyError, ExportError
 from qswap.export.compact import compact as compact_graph
 from qswap.export.encoders import encoder_graph
-from qswap.export.graph_passes import (code_caches, fold_constant_scales, gather_codes, linear_as_gemm, quantize_by_inverse,
-                                        relu_lookups, shapes_of_codes)
+from qswap.export.graph_passes import (code_caches, fold_constant_scales, gather_codes, linear_as_gemm,
+                                        quantize_by_inverse, relu_lookups, shapes_of_codes)
 from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
 from qswap.io.atomic import atomic_write_bytes
 from qswap.quant.fake_quantize import FakeQuantize

@@ -108,7 +108,7 @@ class ActivationQDQ(nn.Module):
         super().__init__()
         spec = source.spec
         self.source, self.site = source, site
-        self.problem = _activation_problem(source, site)  # raised if the stand-in runs
+        self.problem = activation_problem(source, site)  # raised if the stand-in runs
         if self.problem is not None:
             return
         # a signed grid as uint8 codes: scale s, zero point z + 128, codes 0..255 hold exactly the
@@ -214,7 +214,7 @@ class BiasDQ(nn.Module):
         return out
 
 
-def _activation_problem(source: FakeQuantize, site: str) -> str | None:
+def activation_problem(source: FakeQuantize, site: str) -> str | None:
     """Why this activation quantizer cannot be exported, or None."""
     spec = source.spec
     if not (source.initialized and bool(source.frozen)):
