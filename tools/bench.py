@@ -91,13 +91,17 @@ TARGETS = {
 
 
 # -- timing ------------------------------------------------------------------------------------------
-def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function after one warm-up each, timed round-robin."""
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, pause: float = 0.0) -> dict[str, float]:
+    """Median seconds of each function after one warm-up each, timed round-robin. ``pause``:
+    seconds of sleep before each timed call, not timed: the worker threads a run leaves spinning
+    (onnxruntime's default thread pool, OpenMP's) go idle before the next system's run starts."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
+            if pause:
+                time.sleep(pause)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

@@ -1,6 +1,7 @@
 """Encoder latency of one model three ways, measured in one run, interleaved: torch fp32 eager,
 onnxruntime on qswap's exported w8a8 QDQ graph, onnxruntime on the float graph of the same
-structure; plus the graphs' sizes, the deploy audit's counts and the int8 graph's agreement with
+structure (each onnxruntime graph twice: its threads yielding their cores when idle, qswap's
+``load_session`` default, and spinning, onnxruntime's own default; a pause before each timed run); plus the graphs' sizes, the deploy audit's counts and the int8 graph's agreement with
 the fake-quant model in output grid steps; and where each graph's time goes (onnxruntime's
 profiler: the kernel time of each op type of the optimized graph, per run). Prints one JSON object.
 
@@ -39,6 +40,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--calib-batches", type=int, default=4)
+    ap.add_argument("--pause", type=float, default=PAUSE,
+                    help="seconds of sleep before each timed run (not timed), so one system's spinning "
+                         "threads are idle when the next one's run starts")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tgt_dict, label, feat = load_model(args.model)
@@ -54,6 +58,9 @@ def main(argv=None) -> dict:
         fp32_path = export_encoder(qswap.convert(model, NO_QUANT), Path(tmp) / "encoder_fp32.onnx", net,
                                    allow_float=True)
         int8, fp32 = (load_session(p, threads=args.threads, level="all") for p in (int8_path, fp32_path))
+        # onnxruntime's default thread pool: its threads spin while they wait for the next node
+        int8_spin, fp32_spin = (load_session(p, threads=args.threads, level="all", spinning=True)
+                                for p in (int8_path, fp32_path))
         audit = audit_onnx(int8_path, level="all", site_prefix="encoder.")
         sizes = {"int8_bytes": int8_path.stat().st_size, "fp32_bytes": fp32_path.stat().st_size}
         profile = {name: op_times(path, net, args.threads, Path(tmp) / name, PROFILE_RUNS)
@@ -68,12 +75,16 @@ def main(argv=None) -> dict:
             "torch_fp32": lambda: model.encoder(src, lengths),
             "ort_int8": lambda: run_encoder(int8, src, lengths),
             "ort_fp32": lambda: run_encoder(fp32, src, lengths),
-        }, args.repeats)
+            "ort_int8_spinning": lambda: run_encoder(int8_spin, src, lengths),
+            "ort_fp32_spinning": lambda: run_encoder(fp32_spin, src, lengths),
+        }, args.repeats, pause=args.pause)
     return {
         "model": label, "threads": args.threads, "batch": args.batch, "frames": args.frames,
-        "repeats": args.repeats, "seconds": t,
+        "repeats": args.repeats, "pause_s": args.pause, "seconds": t,
         "ort_int8_vs_torch_fp32": t["torch_fp32"] / t["ort_int8"],
         "ort_int8_vs_ort_fp32": t["ort_fp32"] / t["ort_int8"],
+        "ort_int8_spinning_vs_torch_fp32": t["torch_fp32"] / t["ort_int8_spinning"],
+        "ort_int8_spinning_vs_ort_fp32_spinning": t["ort_fp32_spinning"] / t["ort_int8_spinning"],
         **sizes, "size_ratio": sizes["int8_bytes"] / sizes["fp32_bytes"],
         "output_steps_max": float(steps.max()), "output_steps_mean": float(steps.mean()),
         "deploy_audit": {"integer": audit.integer_count, "float": audit.float_count,
@@ -83,6 +94,7 @@ def main(argv=None) -> dict:
 
 
 PROFILE_RUNS = 5
+PAUSE = 0.1  # seconds before each timed encoder run: longer than the thread pools spin after a run
 
 
 def op_times(path: Path, net: dict, threads: int, prefix: Path, runs: int) -> dict:
