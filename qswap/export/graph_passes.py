@@ -144,6 +144,15 @@ def _constants(graph, producer):
 MOVES_VALUES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"})  # each value kept as is
 
 
+def _per_tensor_grid(node, values) -> "tuple | None":
+    """A (De)QuantizeLinear's constant per-tensor scale and zero point as a comparable key
+    ((dtype, bytes) of each: equal keys, the same grid and code type), or None."""
+    consts = [values(name) for name in node.input[1:3]]
+    if len(consts) < 2 or any(c is None or c.size != 1 for c in consts):
+        return None
+    return tuple((c.dtype.str, c.reshape(()).tobytes()) for c in consts)
+
+
 def code_caches(model) -> int:
     """Concatenate codes, not their values, and let a ``QuantizeLinear`` of values on its own grid
     read the codes they came from (in place; module docstring). Only per-tensor grids with
@@ -156,11 +165,7 @@ def code_caches(model) -> int:
     made: dict[tuple, str] = {}  # (value name, grid) -> the name of its codes
 
     def grid(node) -> "tuple | None":
-        """A per-tensor (De)QuantizeLinear's constant scale and zero point, as a key."""
-        consts = [values(name) for name in node.input[1:3]]
-        if len(consts) < 2 or any(c is None or c.size != 1 for c in consts):
-            return None
-        return tuple((c.dtype.str, c.reshape(()).tobytes()) for c in consts)
+        return _per_tensor_grid(node, values)
 
     def dequantized(name: str):
         """The DequantizeLinear whose values ``name`` moves or concatenates (its first part), or None."""
@@ -191,6 +196,8 @@ def code_caches(model) -> int:
     instead: list[tuple] = []
     renames: dict[str, str] = {}  # codes a new node writes -> the QuantizeLinear output they replace
     for node in graph.node:
+        if node.op_type not in ("Concat", "QuantizeLinear"):
+            continue
         new: list = []
         known = dict(made)  # a failed attempt's codes are never written: forget them
         if node.op_type == "Concat":
@@ -200,7 +207,7 @@ def code_caches(model) -> int:
                 new.append(helper.make_node("DequantizeLinear", [codes, *dq.input[1:]], [node.output[0]],
                                             name=f"{node.name}/dequantize"))
                 instead.append((node, tuple(new)))
-        elif node.op_type == "QuantizeLinear" and grid(node) is not None:
+        elif grid(node) is not None:
             codes = codes_of(node.input[0], grid(node), new)
             if codes is not None and new:
                 renames[codes] = node.output[0]
@@ -228,21 +235,18 @@ def relu_lookups(model) -> int:
 
     producer, readers, values = index_graph(model.graph)
     outputs = {o.name for o in model.graph.output}
-
-    def per_tensor(node) -> bool:
-        consts = [values(name) for name in node.input[1:3]]
-        return len(consts) == 2 and all(c is not None and c.size == 1 for c in consts)
-
     rewritten = 0
     for node in model.graph.node:
         dq = producer.get(node.input[0]) if node.op_type == "Relu" else None
         quantizers = readers.get(node.output[0], [])
         # onnxruntime fuses a chain whose values nothing else reads; elsewhere a LeakyRelu would
         # stay float where it folds a Relu into the QuantizeLinear after it
-        if (dq is None or dq.op_type != "DequantizeLinear" or not per_tensor(dq) or len(quantizers) != 1
+        if (dq is None or dq.op_type != "DequantizeLinear" or len(quantizers) != 1
                 or len(readers.get(dq.output[0], [])) != 1 or node.output[0] in outputs
-                or quantizers[0].op_type != "QuantizeLinear" or not per_tensor(quantizers[0])
-                or values(dq.input[2]).dtype != values(quantizers[0].input[2]).dtype):  # fused: one code type
+                or quantizers[0].op_type != "QuantizeLinear"):
+            continue
+        grids = _per_tensor_grid(dq, values), _per_tensor_grid(quantizers[0], values)
+        if None in grids or grids[0][1][0] != grids[1][1][0]:  # fused: one code type (the zero points')
             continue
         node.op_type = "LeakyRelu"
         node.attribute.append(helper.make_attribute("alpha", 0.0))

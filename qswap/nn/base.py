@@ -10,7 +10,7 @@ from torch import nn
 from qswap.quant.fake_quantize import KINDS, FakeQuantize
 from qswap.quant.spec import QuantSpec
 from qswap.quant.stamp import stamp, unchanged
-from qswap.nn.simulate import SIMULATIONS, kept_forms
+from qswap.nn.simulate import SIMULATIONS, drop_kept_forms
 
 
 SITE_KINDS = KINDS  # what a site's declared kind can be: a FakeQuantize's kind
@@ -110,8 +110,7 @@ class QuantModule(nn.Module):
         values before training."""
         super().train(mode)
         if mode:
-            for slot in kept_forms(self):
-                del self.__dict__[slot]
+            drop_kept_forms(self)
         return self
 
     def bind_readers(self) -> None:

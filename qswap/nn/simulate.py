@@ -269,20 +269,20 @@ def forget(owner: nn.Module, *slots: str) -> bool:
     return True
 
 
-def kept_forms(owner: nn.Module) -> list:
-    """The slots in which ``owner`` keeps integer forms (``cached``): its ``_integer*`` attributes."""
-    return [slot for slot in vars(owner) if slot.startswith("_integer")]
+def drop_kept_forms(owner: nn.Module) -> None:
+    """Drop every integer form ``owner`` keeps (``cached``): its ``_integer*`` attributes."""
+    for slot in [slot for slot in vars(owner) if slot.startswith("_integer")]:
+        del owner.__dict__[slot]
 
 
 def forget_all(owner: nn.Module) -> bool:
-    """``forget`` of every form ``owner`` keeps (``kept_forms``), for a module whose training call
-    may take a path that reaches none of them (a reader still calibrating, ``simulate: float``):
-    the forms kept before it must not outlive the step's writes through ``.data``, whichever
-    path the step took. ``QuantModule.train`` drops them too, on entering training mode."""
+    """``forget`` of every form ``owner`` keeps (``drop_kept_forms``), for a module whose training
+    call may take a path that reaches none of them (a reader still calibrating, ``simulate:
+    float``): the forms kept before it must not outlive the step's writes through ``.data``,
+    whichever path the step took. ``QuantModule.train`` drops them too, on entering training mode."""
     if not torch.is_grad_enabled():
         return False
-    for slot in kept_forms(owner):
-        del owner.__dict__[slot]
+    drop_kept_forms(owner)
     return True
 
 
