@@ -1,8 +1,9 @@
 """Encoder latency of one model three ways, measured in one run, interleaved: torch fp32 eager,
 onnxruntime on qswap's exported w8a8 QDQ graph, onnxruntime on the float graph of the same
 structure (each onnxruntime graph twice: its threads yielding their cores when idle, qswap's
-``load_session`` default, and spinning, onnxruntime's own default; a pause before each timed run); plus the graphs' sizes, the deploy audit's counts and the int8 graph's agreement with
-the fake-quant model in output grid steps; and where each graph's time goes (onnxruntime's
+``load_session`` default, and spinning, onnxruntime's own default; a pause before each timed
+run); plus the graphs' sizes, the deploy audit's counts and the int8 graph's agreement with the
+fake-quant model in output grid steps; and where each graph's time goes (onnxruntime's
 profiler: the kernel time of each op type of the optimized graph, per run). Prints one JSON object.
 
     PYTHONPATH=$PWD python tools/onnx_bench.py --model shipped --threads 2
@@ -44,6 +45,8 @@ def main(argv=None) -> dict:
                     help="seconds of sleep before each timed run (not timed), so one system's spinning "
                          "threads are idle when the next one's run starts")
     args = ap.parse_args(argv)
+    if args.pause < 0:
+        ap.error(f"--pause takes seconds of at least 0; got {args.pause}")
     torch.set_num_threads(args.threads)
     model, tgt_dict, label, feat = load_model(args.model)
     vocab = len(tgt_dict)
@@ -94,7 +97,7 @@ def main(argv=None) -> dict:
 
 
 PROFILE_RUNS = 5
-PAUSE = 0.1  # seconds before each timed encoder run: longer than the thread pools spin after a run
+PAUSE = 0.1  # seconds before each timed encoder run (not timed): the threads a run leaves spinning go idle
 
 
 def op_times(path: Path, net: dict, threads: int, prefix: Path, runs: int) -> dict:
