@@ -1,9 +1,9 @@
 """Post-training calibration: run observers over batches, then freeze every quantizer."""
 from __future__ import annotations
 
+import contextlib
 import logging
-
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -19,16 +19,36 @@ def activation_quantizers(model: nn.Module) -> list[FakeQuantize]:
     return [m for m in model.modules() if isinstance(m, FakeQuantize) and m.kind == "activation"]
 
 
+OBSERVE = ("quantized", "float")  # the first is the default
+
+
 def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn.Module, Any], Any] | None = None,
-              progress: Callable[[int], None] | None = None, max_batches: int | None = None) -> int:
+              progress: Callable[[int], None] | None = None, max_batches: int | None = None,
+              observe: str | None = None) -> int:
     """Reset and run every activation observer over ``batches``, then freeze all quantizers.
 
     A batch is a fairseq ``net_input`` dict (called as ``model(**batch)``), a tuple (``model(*batch)``)
     or a tensor; ``forward(model, batch)`` overrides how a batch is run. Returns the number of
     batches used. Runs in eval mode under ``torch.no_grad`` and restores the training flag.
 
+    ``observe`` says what each activation quantizer observes (None: the recipe's top-level
+    ``observe`` key, whose default is ``"quantized"``):
+
+    * ``"quantized"`` (the default, what every shipped recipe's numbers use): the quantized model's
+      own activations. Each quantizer fake-quantizes on the grid of what it has seen so far, so a
+      site observes values computed from quantized inputs, as at inference.
+    * ``"float"``: the activations of the model with its activation sites in float (weights stay
+      quantized), as torch.ao's observers and Brevitas's calibration mode see them. Each
+      quantizer passes its input through unquantized (``FakeQuantize.passthrough``) and takes
+      its grid from the observed range at the end. Faster (no rounding while observing:
+      docs/benchmarks.md), and the grids can differ slightly, since no site sees its inputs'
+      rounding.
+
     >>> qswap.calibrate(qmodel, (s["net_input"] for s in itertools.islice(loader, 16)))
     """
+    if observe is None:
+        observe = recipe_observe(model)
+    check_observe(observe)
     if not any(isinstance(m, FakeQuantize) for m in model.modules()):
         raise CalibrationError("the model has no qswap quantizers to calibrate; convert it first "
                                "(qswap.convert(model, recipe)) with a recipe that quantizes something")
@@ -43,7 +63,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
     if switch:
         model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), observing(quantizers, observe):
             for batch in batches:
                 if max_batches is not None and count >= max_batches:
                     break
@@ -69,6 +89,38 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
                     f"compute its range at run time, which the audit reports): "
                     f"{', '.join(_names(model, unseen)[:6])}")
     return count
+
+
+def recipe_observe(model: nn.Module) -> str:
+    """What the model's recipe says calibration observes (its ``observe`` key; ``"quantized"``
+    for a model without a recipe)."""
+    return getattr(getattr(model, "qswap_recipe", None), "observe", OBSERVE[0])
+
+
+def check_observe(observe: str) -> None:
+    if observe not in OBSERVE:
+        raise CalibrationError(f"observe must be one of {', '.join(OBSERVE)}, got {observe!r}")
+
+
+@contextlib.contextmanager
+def observing(quantizers: list[FakeQuantize], observe: str) -> Iterator[None]:
+    """Calibration forwards inside this block observe what ``observe`` says (``calibrate``). For
+    ``"float"``, each enabled activation quantizer passes its input through unquantized while
+    observing it (``enabled`` False, ``passthrough`` True: its site computes in float), and
+    takes its grid from the observed range when the block ends; a site a sensitivity probe keeps
+    in float (``enabled`` already False) stays out, as it is out of a quantized calibration.
+    ``"quantized"`` changes nothing: each quantizer observes and rounds as it goes."""
+    check_observe(observe)
+    passing = [q for q in quantizers if q.enabled] if observe == "float" else []
+    for q in passing:
+        q.enabled, q.passthrough = False, True
+    try:
+        yield
+    finally:
+        for q in passing:
+            q.enabled, q.passthrough = True, False
+    for q in passing:
+        q.grid_from_observer()
 
 
 def _run_batch(run: Callable[[nn.Module, Any], Any], model: nn.Module, batch: Any, index: int) -> None:

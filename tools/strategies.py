@@ -37,7 +37,7 @@ PRIORITY = ["w4a4_edges8", "w4a8", "w4a4", "w8a8"]
 # the decode order within a column (the page lists METHODS' order): the shipped baseline and the
 # methods that move the most first
 IMPORTANCE = ["shipped", "stream_per_channel_smoothquant", "stream_per_channel", "per_site", "smoothquant", "per_group",
-              "percentile", "minmax", "mse", "hadamard", "smoothquant_hadamard"]
+              "percentile", "minmax", "mse", "observe_float", "hadamard", "smoothquant_hadamard"]
 TARGETS = {"w4a8": 0.5, "w4a4_edges8": 2.0}  # issue 19: honest, within + this absolute WER of float
 HADAMARD_RULE = {"match": {"class": "Hadamard"}, "note": "the online Walsh-Hadamard's +-1 matrix: codes +-1",
                  "weight": {"bits": 2, "granularity": "per_tensor", "axis": None, "observer": "minmax"}}
@@ -100,6 +100,8 @@ METHODS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "minmax": ("activation ranges: min/max over calibration", _observer("minmax")),
     "percentile": ("activation ranges: 99.99th percentile", _observer("percentile")),
     "mse": ("activation ranges: MSE-optimal clipping", _observer("mse")),
+    "observe_float": ("calibration observes float activation sites (`observe: float`), not the quantized model",
+                      lambda r: {**r, "observe": "float"}),
     "per_site": ("per activation site, the observer (minmax, percentile, mse) with the highest SQNR", None),
     "per_group": (f"Linear weights per group of {GROUP} input channels", _per_group),
     "smoothquant": ("SmoothQuant alpha 0.5 folded into norms, fc1/fc2", _transforms({"smoothquant": {"alpha": 0.5}})),
@@ -395,6 +397,26 @@ def reading(payload: dict, stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def observe_table(payload: dict) -> str:
+    """Per column and set: WER of the ``observe_float`` cell minus the shipped cell's (the same
+    recipe, calibration observing float activation sites against the quantized model), paired;
+    empty where a column lacks either cell."""
+    first = payload["cells"][next(iter(SUBSETS))]
+    cols = [c for c in _columns(payload) if f"observe_float/{c}" in first and f"shipped/{c}" in first]
+    if not cols:
+        return ""
+    lines = ["| set | " + " | ".join(f"{c}: observe float − quantized [95 % CI]" for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for s in SUBSETS:
+        cells = []
+        for c in cols:
+            d, ci = pair(payload, s, f"observe_float/{c}", f"shipped/{c}")
+            verdict = "better" if ci[1] < 0 else ("worse" if ci[0] > 0 else "not distinguishable")
+            cells.append(f"{_f(d, ci, '+')} ({verdict})")
+        lines.append(f"| `{s}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _verdicts(payload: dict, a: str, b: str) -> list[str]:
     """Per set: "better" / "worse" / "not distinguishable" for cell a against cell b."""
     out = []
@@ -458,6 +480,13 @@ def page(payload: dict) -> str:
                  "appears with `--qat RECIPE=CHECKPOINT`.\n")
     for s, title in SUBSETS.items():
         parts += [f"## {title}: ΔWER against float\n", table(payload, stats, s)]
+    observed = observe_table(payload)
+    if observed:
+        parts += ["## What calibration observes\n",
+                  "WER of each column's recipe calibrated observing float activation sites (`observe: float`, the "
+                  "`observe_float` row) minus the same recipe calibrated observing the quantized model (`observe: "
+                  "quantized`, the default: the `shipped` row), on the same utterances; \"better\"/\"worse\" only "
+                  "where the paired interval excludes 0.\n", observed]
     for column, choice in payload.get("per_site", {}).items():
         parts += [f"## Per-site calibration choice ({column})\n",
                   "SQNR (dB) of each activation site's quantizer, summed over the modules with that site, on the "

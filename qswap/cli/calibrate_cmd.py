@@ -12,6 +12,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", default="train", help="calibration subset (default: train)")
     p.add_argument("--batches", type=int, default=16, help="calibration batches (default: 16)")
     p.add_argument("--max-sentences", type=int, default=32, help="utterances per batch")
+    p.add_argument("--observe", choices=["quantized", "float"],
+                   help="what each activation quantizer observes: the quantized model's activations "
+                        "(quantized) or those of the model with its activation sites in float, as torch.ao "
+                        "and Brevitas calibrate (float; faster); default: the recipe's observe key "
+                        "(quantized unless it says float)")
     p.add_argument("-o", "--output", required=True, help="calibrated checkpoint to write (atomically)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
@@ -29,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar("calibrating", args.batches) as advance:
         used = qswap.calibrate(model, fdata.net_inputs(task, args.subset, args.batches,
                                                        max_sentences=args.max_sentences),
-                               progress=lambda n: advance(1))
+                               progress=lambda n: advance(1), observe=args.observe)
     save_qswap_checkpoint(args.output, model, args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     console().print(f"calibrated on {used} batches of {args.subset}; wrote {args.output}")
     return 0

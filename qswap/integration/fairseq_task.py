@@ -6,9 +6,10 @@ trains the fake-quant model: QAT with straight-through / LSQ gradients, and a ch
 loads back into the same quantized model in ``fairseq-generate``); a recipe whose transforms need
 activation statistics (smoothquant) trains only from ``--finetune-from-model QCKPT``, a checkpoint
 ``qswap convert`` wrote with that recipe (``qswap.integration.qat_start``). ``train_step``
-calibrates the activation quantizers on the first ``--qswap-calib-batches`` training batches,
-then freezes them (synchronized across DDP workers); a model whose grids are already calibrated
-and frozen (such a QCKPT, a resumed run) skips it: its LSQ scales start from the stored grids.
+calibrates the activation quantizers on the first ``--qswap-calib-batches`` training batches
+(observing what the recipe's ``observe`` key says: ``qswap.calibrate``), then freezes them
+(synchronized across DDP workers); a model whose grids are already calibrated and frozen (such
+a QCKPT, a resumed run) skips it: its LSQ scales start from the stored grids.
 ``build_generator`` prints the honesty verdict first when ``--qswap-audit`` is given.
 """
 # no ``from __future__ import annotations`` here: fairseq builds the command-line options of
@@ -27,7 +28,7 @@ from omegaconf import II, OmegaConf
 
 import qswap
 from qswap.transforms import STRUCTURE_ONLY
-from qswap.calibrate import activation_quantizers, freeze_observed
+from qswap.calibrate import activation_quantizers, freeze_observed, observing, recipe_observe
 from qswap.integration.data import resolve_audio_root
 from qswap.integration.qat_start import converted_start
 
@@ -94,7 +95,7 @@ class QswapTaskMixin:
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), observing(quantizers, recipe_observe(model)):
                 model(**sample["net_input"])
         finally:
             model.train(was_training)

@@ -194,8 +194,9 @@ def repeat_kv(t: torch.Tensor, repeat: int, num_heads: int) -> torch.Tensor:
 def maps_elementwise(quant: nn.Module) -> bool:
     """Whether ``quant`` maps each value on its own, so quantizing parts of a tensor (or one copy
     of repeated rows) gives the values of quantizing the whole: a frozen per-tensor quantizer,
-    or none. (An observing one sees what it is given; a percentile observer weighs copies.)"""
-    return not (isinstance(quant, FakeQuantize) and quant.enabled) or (
+    or none. (An observing one sees what it is given, a passing one too (``passthrough``); a
+    percentile observer weighs copies.)"""
+    return not (isinstance(quant, FakeQuantize) and (quant.enabled or quant.passthrough)) or (
         quant.spec.granularity == "per_tensor" and bool(quant.frozen))
 
 

@@ -18,6 +18,11 @@
  * grid_mismatches_f32(src, None, n, inverse, lo, hi, scale) counts the values that differ from
  * that (the honesty audit's proof that a quantizer's output lies on its grid: 0), reading src once.
  *
+ * min_max_f32(src, n) returns (min, max, nonfinite) of src[0..n), n >= 1: the exact extremes (no
+ * arithmetic, so torch.aminmax's values; of +0.0 and -0.0 either may come back) and whether any value
+ * is +-inf or NaN (read from its exponent bits; the extremes are then meaningless). Calibration's
+ * observers read every activation's range with it.
+ *
  * src and dst are addresses of contiguous float32 buffers (torch's data_ptr()); the Python
  * caller (qswap.quant.fused) checks dtype, device, layout and size. Single-threaded; the GIL is
  * released while it runs. Compiled for AVX2, SSE4.1 (hardware rounding) and baseline x86-64, the
@@ -27,6 +32,10 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 /* A grid: inverse (the float32 1/s), lo and hi (the codes' range minus the zero point), scale. */
 typedef struct {
@@ -74,6 +83,70 @@ static int64_t grid_mismatches_loop(const float *src, int64_t n, grid_t g) {
         count += !(on_grid(src[i], g) == src[i]);
     }
     return count;
+}
+
+/* The extremes of some values, and whether any is +-inf or NaN. */
+typedef struct {
+    float lo, hi;
+    int nonfinite;
+} range_t;
+
+static inline int nonfinite_bits(float v) {
+    uint32_t b;
+    memcpy(&b, &v, sizeof b);
+    return (b & 0x7f800000u) == 0x7f800000u;
+}
+
+/* r widened by src[0..n), one value at a time. */
+static range_t min_max_plain(const float *src, int64_t n, range_t r) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = src[i];
+        r.nonfinite |= nonfinite_bits(v);
+        r.lo = v < r.lo ? v : r.lo;
+        r.hi = v > r.hi ? v : r.hi;
+    }
+    return r;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* The same with AVX2, 16 values a step (gcc does not vectorize a float min/max reduction without
+ * fast-math, which the other loops must not have): minps/maxps keep exact values, as the plain loop. */
+__attribute__((target("avx2")))
+static range_t min_max_avx2(const float *src, int64_t n) {
+    __m256 lo0 = _mm256_set1_ps(src[0]), lo1 = lo0, hi0 = lo0, hi1 = lo0;
+    const __m256i exponent = _mm256_set1_epi32(0x7f800000);
+    __m256i bad = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 a = _mm256_loadu_ps(src + i), b = _mm256_loadu_ps(src + i + 8);
+        lo0 = _mm256_min_ps(lo0, a);
+        hi0 = _mm256_max_ps(hi0, a);
+        lo1 = _mm256_min_ps(lo1, b);
+        hi1 = _mm256_max_ps(hi1, b);
+        __m256i ea = _mm256_and_si256(_mm256_castps_si256(a), exponent);
+        __m256i eb = _mm256_and_si256(_mm256_castps_si256(b), exponent);
+        bad = _mm256_or_si256(bad, _mm256_or_si256(_mm256_cmpeq_epi32(ea, exponent), _mm256_cmpeq_epi32(eb, exponent)));
+    }
+    float lo[8], hi[8];
+    _mm256_storeu_ps(lo, _mm256_min_ps(lo0, lo1));
+    _mm256_storeu_ps(hi, _mm256_max_ps(hi0, hi1));
+    range_t r = {src[0], src[0], !_mm256_testz_si256(bad, bad)};
+    for (int j = 0; j < 8; j++) {
+        r.lo = lo[j] < r.lo ? lo[j] : r.lo;
+        r.hi = hi[j] > r.hi ? hi[j] : r.hi;
+    }
+    return min_max_plain(src + i, n - i, r);
+}
+#endif
+
+static range_t min_max(const float *src, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    if (__builtin_cpu_supports("avx2")) {
+        return min_max_avx2(src, n);
+    }
+#endif
+    range_t r = {src[0], src[0], 0};
+    return min_max_plain(src, n, r);
 }
 
 /* The arguments of every function: (src, dst, n, then `grids` grids of inverse, lo, hi, scale);
@@ -151,6 +224,28 @@ static PyObject *grid_mismatches_f32(PyObject *self, PyObject *const *args, Py_s
     return PyLong_FromLongLong((long long)count);
 }
 
+static PyObject *min_max_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "min_max_f32(src, n): 2 arguments");
+        return NULL;
+    }
+    void *src = PyLong_AsVoidPtr(args[0]);
+    long long size = PyErr_Occurred() ? 0 : PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (size < 1 || src == NULL) {
+        PyErr_SetString(PyExc_ValueError, "min_max_f32: a size below 1 or a null buffer");
+        return NULL;
+    }
+    range_t r;
+    Py_BEGIN_ALLOW_THREADS
+    r = min_max((const float *)src, (int64_t)size);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(ddO)", (double)r.lo, (double)r.hi, r.nonfinite ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
     {"fake_quantize_f32", (PyCFunction)(void (*)(void))fake_quantize_f32, METH_FASTCALL,
      "fake_quantize_f32(src, dst, n, inverse, lo, hi, scale): one-pass per-tensor fake quantization"},
@@ -160,6 +255,8 @@ static PyMethodDef methods[] = {
     {"grid_mismatches_f32", (PyCFunction)(void (*)(void))grid_mismatches_f32, METH_FASTCALL,
      "grid_mismatches_f32(src, None, n, inverse, lo, hi, scale): how many values differ from their "
      "fake quantization"},
+    {"min_max_f32", (PyCFunction)(void (*)(void))min_max_f32, METH_FASTCALL,
+     "min_max_f32(src, n): (min, max, any +-inf or NaN) of n >= 1 float32 values"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -39,6 +39,10 @@ KINDS = ("weight", "activation")
 
 class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
     _KEPT = ("_cached", "_weight_stamp", "_state_stamp")  # a copy or a pickle rebuilds them on use
+    # True only while ``qswap.calibrate(..., observe="float")`` runs (with ``enabled`` False): the
+    # quantizer observes its input and returns it unquantized, its site computing in float. A class
+    # default, so a quantizer pickled before it existed reads False.
+    passthrough = False
 
     def __init__(self, spec: QuantSpec, kind: str = "activation"):
         super().__init__()
@@ -121,6 +125,27 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         buffers["zero_point"].fill_(zero_point)
         if self._cached is not None:
             self._cached = None
+
+    def _observe_passing(self, x: torch.Tensor) -> None:
+        """Record ``x``'s range without quantizing it (a float-observation calibration): the
+        observer's range only; the grid follows once, at the end (``grid_from_observer``)."""
+        if self._scalar_calibration():
+            self.observer.observe_scalar(x)
+        else:
+            self.observer(x)
+
+    def grid_from_observer(self) -> bool:
+        """Set the grid from the observer's range, as a calibrating call sets it after observing
+        (``choose_qparams_scalar`` where ``forward`` uses it, else ``choose_qparams``): the same
+        scale and zero point for the same range. False where the observer has no range."""
+        obs = self.observer
+        if not obs.has_range:
+            return False
+        if self._scalar_calibration():
+            self._set_scalar_qparams(*choose_qparams_scalar(float(obs.min_val), float(obs.max_val), self.spec))
+        else:
+            self._set_qparams(*choose_qparams(obs.min_val, obs.max_val, self.spec))
+        return True
 
     def freeze(self) -> None:
         """Stop observing; the current grid is used from now on."""
@@ -210,6 +235,8 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         does). On the fast path in the same pass (``relu_folded``), so the ReLU neither reads the
         tensor again nor allocates one (``tests/quant/test_fake_quantize.py``)."""
         grid = self._consumable(x)
+        if grid is None:
+            grid = self._calibrating_grid(x)
         if grid is not None:
             if not relu:
                 return fake_quantize_grid_(x, grid)
@@ -228,6 +255,22 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
             scale = buffers.get("scale")
             return self._fast_grid(x, buffers, scale if scale is not None else self._parameters["scale"])
         return None
+
+    def _calibrating_grid(self, x: torch.Tensor) -> PassGrid | None:
+        """For ``consume`` while this quantizer calibrates on Python numbers (an enabled activation
+        quantizer, unwatched, not frozen, ``_scalar_calibration``, ``x`` dense and rounded without
+        autograd): what ``forward`` does before it rounds (observe ``x``, set the grid), and that
+        grid, which ``consume`` rounds ``x`` onto in place (the same values as ``forward``'s new
+        tensor). None: not here (``consume`` calls ``self(x)``)."""
+        if not (self.enabled and self.kind == "activation" and not watched(self) and dense(x)
+                and self._scalar_calibration() and self._passes_ok(x) and not bool(self._buffers["frozen"])):
+            return None
+        observed = self.observer.observe_scalar(x)
+        if observed is None:  # an empty tensor: forward says what it gets
+            return None
+        scale, zero_point = choose_qparams_scalar(*observed, self.spec)
+        self._set_scalar_qparams(scale, zero_point)
+        return pass_grid(scale, zero_point, self.spec)
 
     def _fast_grid(self, x: torch.Tensor, buffers: dict, scale: torch.Tensor) -> PassGrid | None:
         """The kept ``PassGrid`` the fast path rounds ``x`` onto (``frozen_grid``'s, unchanged since
@@ -279,6 +322,8 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         if to is not None:
             return self._converted(x, to)
         if not self.enabled:
+            if self.passthrough:
+                self._observe_passing(x)
             return x
         if self.kind == "weight":
             return self._forward_weight(x)

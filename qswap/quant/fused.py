@@ -12,7 +12,8 @@ It runs only where nothing needs to see the arithmetic as torch ops: a dense flo
 autograd graph to record, no JIT trace and no ``TorchDispatchMode`` watching (one on the stack
 with Python dispatch switched off, as the honesty audit runs qswap's own quantizers, watches
 nothing). Everywhere else the four passes run. The audit's proof that a quantizer's output lies
-on its grid reads the output once with the kernel's twin, ``grid_mismatches``. Two quantizers in a
+on its grid reads the output once with the kernel's twin, ``grid_mismatches``, and calibration's
+observers read each activation's extremes with ``min_max``. Two quantizers in a
 row (the FFN's activation input and, past a ReLU, fc2's input) can round in one pass,
 ``fake_quantize_twice_into``.
 
@@ -28,8 +29,9 @@ try:  # built by setup.py (optional extension)
 except ImportError:  # no compiler at install: the four torch passes run instead
     _built = None
 # each function on its own: a build from an older qswap (without the two-grid pass) keeps the others
-_kernel, _twice, _mismatches = (getattr(_built, name, None)
-                                for name in ("fake_quantize_f32", "fake_quantize_twice_f32", "grid_mismatches_f32"))
+_kernel, _twice, _mismatches, _min_max = (
+    getattr(_built, name, None) for name in ("fake_quantize_f32", "fake_quantize_twice_f32", "grid_mismatches_f32",
+                                             "min_max_f32"))
 
 AVAILABLE = _kernel is not None
 TWICE = _twice is not None  # the two-grid pass (``fake_quantize_twice_into``)
@@ -43,9 +45,26 @@ _PYTHON = torch._C.DispatchKey.Python
 
 def applies(x: torch.Tensor) -> bool:
     """Whether the kernel may compute a fake quantization of ``x`` (module docstring)."""
-    return (_kernel is not None and type(x) is torch.Tensor and x.dtype == torch.float32 and x.is_cpu
-            and x.layout == torch.strided and not x.is_neg() and dense(x) and not (x.requires_grad and torch.is_grad_enabled())
-            and (not _dispatch_modes() or _excluded(_PYTHON)) and not _tracing() and not _is_wrapped(x))
+    return (_kernel is not None and readable(x) and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def readable(x: torch.Tensor) -> bool:
+    """Whether a kernel may read ``x``'s values from its memory with nothing to miss the read: a
+    dense float32 CPU tensor, not a subclass, a functorch-wrapped tensor or a negated view, no
+    JIT trace and no ``TorchDispatchMode`` watching (module docstring)."""
+    return (type(x) is torch.Tensor and x.dtype == torch.float32 and x.is_cpu and x.layout == torch.strided
+            and not x.is_neg() and dense(x) and (not _dispatch_modes() or _excluded(_PYTHON))
+            and not _tracing() and not _is_wrapped(x))
+
+
+def min_max(x: torch.Tensor) -> tuple[float, float, bool] | None:
+    """(min, max, whether any value is +-inf or NaN) of a non-empty ``x`` in one pass of the kernel
+    (the extremes are exact: ``torch.aminmax``'s values; with a non-finite value they mean
+    nothing). None where the kernel cannot read ``x`` (not built, not ``readable``): the caller
+    asks torch."""
+    if _min_max is None or not readable(x):
+        return None
+    return _min_max(x.data_ptr(), x.numel())
 
 
 def dense(x: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from qswap.errors import CalibrationError, SpecError
+from qswap.quant import fused
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.primitives import (all_finite, channel_axis, choose_qparams, fake_quantize, groups_view,
                                     reduce_min_max)
@@ -78,14 +79,20 @@ class Observer(LazyStateModule):
 
     def observe_scalar(self, x: torch.Tensor) -> tuple[float, float] | None:
         """``forward`` for a per-tensor spec, with the new range returned as Python numbers: one
-        ``aminmax`` and a few scalar reads instead of a dozen 0-d tensor ops (calibration runs
-        this for every activation quantizer on every batch; no ``no_grad`` needed: it reads a
-        detached input and writes buffers). None for an empty tensor."""
+        read of the extremes (qswap's kernel, ``fused.min_max``, else ``aminmax``) and a few scalar
+        reads instead of a dozen 0-d tensor ops (calibration runs this for every activation
+        quantizer on every batch; no ``no_grad`` needed: it reads a detached input and writes
+        buffers). None for an empty tensor."""
         if x.numel() == 0:
             return None
-        lo_t, hi_t = torch.aminmax(x.detach().float())
-        lo, hi = lo_t.item(), hi_t.item()
-        if not (math.isfinite(lo) and math.isfinite(hi)):
+        found = fused.min_max(x)  # one pass of qswap's kernel, where it can read x
+        if found is None:
+            lo_t, hi_t = torch.aminmax(x.detach().float())
+            lo, hi = lo_t.item(), hi_t.item()
+            nonfinite = not (math.isfinite(lo) and math.isfinite(hi))
+        else:
+            lo, hi, nonfinite = found
+        if nonfinite:
             raise CalibrationError("observed a tensor with NaN or inf values; quantization ranges "
                                    "need finite data (check the input features or the model)")
         lo, hi = np.float32(lo), np.float32(hi)

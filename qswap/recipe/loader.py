@@ -13,6 +13,7 @@ import yaml
 
 from qswap.errors import RecipeError, SpecError
 from qswap.nn.base import QuantConfig, SiteSpecs
+from qswap.calibrate import OBSERVE
 from qswap.nn.simulate import SIMULATIONS
 from qswap.quant.spec import QuantSpec
 from qswap.recipe.match import Match, PatternError
@@ -21,7 +22,7 @@ from qswap.recipe.yaml_lines import LineDict, load as load_yaml
 from qswap.transforms import Step, make_step
 
 TOP_KEYS = {"version", "name", "description", "defaults", "rules", "float_ok", "strict",
-            "dynamic_activations", "simulate", "transforms"}
+            "dynamic_activations", "simulate", "observe", "transforms"}
 DEFAULT_KEYS = {"weight", "activation", "sites"}
 RULE_KEYS = {"match", "weight", "activation", "sites", "skip", "float_ok", "note"}
 MATCH_KEYS = {"path", "class"}
@@ -126,6 +127,7 @@ def parse_recipe(data: Any, source: str = "<dict>") -> Recipe:
     return Recipe(name=name, defaults=defaults, rules=rules,
                   float_ok=ctx.float_ok(data), strict=ctx.boolean(data, "strict", False),
                   dynamic_activations=ctx.boolean(data, "dynamic_activations", False), simulate=ctx.simulate,
+                  observe=ctx.choice(data, "observe", OBSERVE),
                   transforms=ctx.transforms(data),
                   description=ctx.string(data, "description", default=""),
                   version=version, source=source, raw=data)

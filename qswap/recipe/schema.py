@@ -48,6 +48,7 @@ class Recipe:
     description: str = ""
     dynamic_activations: bool = False  # activation ranges computed at run time, declared (audit)
     simulate: str = "integer"  # the insides of softmax/LayerNorm/GLU: "float" or "integer" (qswap.nn.simulate)
+    observe: str = "quantized"  # what calibration observes: "quantized" or "float" (qswap.calibrate)
     transforms: tuple[Step, ...] = ()  # offline transforms convert applies first, in order
     version: int = SCHEMA_VERSION
     source: str = "<dict>"

@@ -236,3 +236,29 @@ def test_a_transformed_recipe_converts_saves_and_reloads_honest_in_fairseq_gener
                    "--path", out, "--gen-subset", "test", "--beam", "2", "--max-tokens", "4000", "--cpu",
                    "--required-batch-size-multiple", "1", "--qswap-audit", cwd=root)
     assert "qswap audit: HONEST" in log
+
+
+def test_a_recipe_that_observes_float_keeps_its_mode_in_the_checkpoint_and_calibrate_can_override_it(
+        float_checkpoint, tmp_path):
+    """convert with ``observe: float``; ``qswap calibrate`` of the written checkpoint on the same
+    batches reads the mode from the stored recipe (the same grids), and ``--observe quantized``
+    observes the quantized model instead (other grids)."""
+    root, data, ckpt = float_checkpoint
+    recipe = tmp_path / "w8a8_observe_float.yaml"
+    recipe.write_text("version: 1\nobserve: float\ndefaults:\n  weight: {bits: 8}\n"
+                      "  activation: {bits: 8, symmetric: false, observer: minmax}\n")
+    out = tmp_path / "float_observed.pt"
+    batches = ["--data", str(data), "--max-sentences", "4"]
+    assert main(["convert", str(ckpt), "--recipe", str(recipe), "--calib-batches", "2", *batches, "-o", str(out)]) == 0
+    again, other = tmp_path / "again.pt", tmp_path / "quantized.pt"
+    assert main(["calibrate", str(out), "--batches", "2", *batches, "-o", str(again)]) == 0
+    assert main(["calibrate", str(out), "--batches", "2", "--observe", "quantized", *batches, "-o", str(other)]) == 0
+
+    def scales(path):
+        state = torch.load(path, weights_only=True)
+        assert state["qswap"]["recipe"]["observe"] == "float"
+        return {k: v for k, v in state["model"].items() if k.endswith("input_quant.scale") and v.numel()}
+    first, second, third = scales(out), scales(again), scales(other)
+    assert len(first) > 10 and first.keys() == second.keys() == third.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], third[k]) for k in first)

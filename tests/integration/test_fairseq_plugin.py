@@ -151,3 +151,23 @@ def test_two_ddp_workers_freeze_the_grid_of_both_shards(float_checkpoint, tmp_pa
     keys = [f"{FIRST_OBSERVER}.{key}" for key in ("min_val", "max_val")]
     assert all(torch.equal(ddp[k], one[k]) for k in keys)
     assert not all(torch.equal(ddp[k], first[k]) for k in keys)  # rank 0's batch alone: another range
+
+
+def test_qat_calibration_steps_observe_what_the_recipe_says(float_checkpoint, tmp_path):
+    """A recipe with ``observe: float``: fairseq-train's calibration steps pass activations through
+    unquantized while observing (qswap.calibrate.observing), set each grid from its range, and
+    freeze them before the first update."""
+    root, data, _ = float_checkpoint
+    recipe = tmp_path / "w8a8_observe_float.yaml"
+    recipe.write_text("version: 1\nname: w8a8_observe_float\nobserve: float\ndefaults:\n  weight: {bits: 8}\n"
+                      "  activation: {bits: 8, symmetric: false, observer: minmax}\n")
+    log = _run("fairseq-train", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+               "--qswap-recipe", recipe, "--qswap-calib-batches", "2", *SMALL, *TRAIN, "--max-update", "3",
+               "--finetune-from-model", root / "float" / "checkpoint_last.pt", "--save-dir", tmp_path / "qat",
+               cwd=root)
+    assert "qswap: converted with recipe w8a8_observe_float" in log and "qswap: calibrated and froze" in log
+    state = torch.load(tmp_path / "qat" / "checkpoint_last.pt", weights_only=False)
+    scales = [v for k, v in state["model"].items() if k.endswith("input_quant.scale") and v.numel()]
+    frozen = [v for k, v in state["model"].items() if k.endswith("input_quant.frozen")]
+    assert scales and all(torch.isfinite(s).all() and (s > 0).all() for s in scales)
+    assert frozen and all(bool(v) for v in frozen)

@@ -257,11 +257,33 @@ def test_consume_writes_into_a_handed_over_temporary_only_on_the_fast_path():
     temp = x.clone()
     assert torch.equal(fq.consume(temp), expected) and torch.equal(temp, x)
     handle.remove()
-    observing = FakeQuantize(QuantSpec(bits=8, symmetric=False))
-    temp = x.clone()
-    observing.consume(temp)
-    assert torch.equal(temp, x) and observing.initialized
     assert consume(torch.nn.Identity(), x) is x  # a site the recipe leaves in float
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("observer", ["minmax", "moving_average"])
+def test_consume_while_calibrating_observes_and_rounds_in_place_as_the_call_does(relu, observer):
+    """A calibrating quantizer (not frozen) given a temporary: it observes it, sets its grid and
+    rounds it in place, with the values and the grids of the call itself (then a ReLU), batch
+    after batch; a hook (the audit) or a frozen flag puts it back on the call."""
+    import torch.nn.functional as F
+
+    spec = QuantSpec(bits=8, symmetric=False, observer=observer)
+    consumer, caller = FakeQuantize(spec), FakeQuantize(spec)
+    for i in range(5):
+        x = torch.randn(64, 33) * (i + 1) - i  # ranges that widen and move
+        expected = F.relu(caller(x)) if relu else caller(x)
+        temp = x.clone()
+        out = consumer.consume(temp, relu=relu)
+        assert out.data_ptr() == temp.data_ptr()
+        assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), i
+        assert torch.equal(consumer.scale, caller.scale) and torch.equal(consumer.zero_point, caller.zero_point)
+        assert int(consumer.observer.num_batches) == i + 1
+    handle = consumer.register_forward_hook(lambda module, args, output: None)
+    temp = x.clone()
+    consumer.consume(temp)
+    handle.remove()
+    assert torch.equal(temp, x)  # watched: the call itself, its argument left as it was
 
 
 def test_consume_with_relu_gives_relu_of_the_quantizer_bit_for_bit():

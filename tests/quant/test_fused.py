@@ -167,3 +167,60 @@ def test_the_audit_proof_reads_a_quantizer_output_once_with_the_same_verdict():
         z[17] = bad
         assert not on_grid_per_tensor(z, 0.05, 3.0, 0, 255)
         assert not on_grid_per_tensor(z.double(), 0.05, 3.0, 0, 255)  # float64: not a float32 grid value
+
+
+needs_min_max = pytest.mark.skipif(fused._min_max is None, reason="the kernel is not built (no C compiler)")
+
+
+@needs_min_max
+@pytest.mark.parametrize("n", [1, 2, 7, 15, 16, 17, 31, 33, 1000, 65537])
+def test_min_max_reads_the_exact_extremes_at_every_length(n):
+    """Every length around the 16-value vector step (the tail folds in one value at a time), the
+    extremes anywhere in the tensor: torch.aminmax's values."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 3
+    for where in {0, n // 2, n - 1}:
+        y = x.clone()
+        y[where] = -50.0 if where % 2 else 60.0
+        lo, hi, nonfinite = fused.min_max(y)
+        ref_lo, ref_hi = torch.aminmax(y)
+        assert (lo, hi, nonfinite) == (float(ref_lo), float(ref_hi), False)
+
+
+@needs_min_max
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("where", [0, 5, 16, 40])
+def test_min_max_flags_a_nonfinite_value_wherever_it_is(bad, where):
+    x = torch.randn(41)
+    x[where] = bad
+    assert fused.min_max(x)[2] is True
+
+
+@needs_min_max
+def test_min_max_reads_a_permuted_block_and_refuses_what_it_cannot_read():
+    heads = torch.randn(5, 6, 4, 3).permute(2, 0, 3, 1)  # dense, not contiguous: the same values
+    lo, hi, _ = fused.min_max(heads)
+    assert (lo, hi) == tuple(float(v) for v in torch.aminmax(heads))
+    x = torch.randn(64, 33)
+    for unreadable in (x[:, ::2], x.double(), torch._neg_view(x), torch.randn(1, 33).expand(64, 33)):
+        assert fused.min_max(unreadable) is None
+    from qswap.quant.observers import MinMaxObserver
+    from qswap.quant.spec import QuantSpec
+    observer = MinMaxObserver(QuantSpec(bits=8, symmetric=False))
+    with _Ops() as ops:  # a dispatch mode watching: torch computes the range, where the watcher sees it
+        assert fused.min_max(x) is None
+        observed = observer.observe_scalar(x)
+    assert "aminmax" in ops.seen and observed == tuple(float(v) for v in torch.aminmax(x))
+    signed = torch.tensor([-0.0, 0.0, 1.0, -0.0])
+    assert fused.min_max(signed)[:2] == (0.0, 1.0)  # either zero: the same range
+
+
+@needs_min_max
+def test_min_max_refuses_a_bad_call_with_a_python_error():
+    kernel = sys.modules["qswap.quant._fused"].min_max_f32
+    with pytest.raises(TypeError):
+        kernel(0)
+    with pytest.raises(ValueError, match="size below 1 or a null buffer"):
+        kernel(0, 4)
+    with pytest.raises(ValueError, match="size below 1"):
+        kernel(torch.randn(3).data_ptr(), 0)

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fairseq")
 
@@ -67,6 +66,19 @@ def test_page_reads_the_intervals():
     assert "| smoothquant | +0.25 [+0.00, +0.75] |" in text
     assert "lowest mean ΔWER: `smoothquant`" in text and "(better)" in text
     assert "Target (within +2.0) met on both sets" in text
+
+
+def test_the_observe_section_pairs_float_observation_with_the_shipped_cell():
+    words = [10] * 40
+    cells = {"float/fp32": _cell([1] * 40, words), "shipped/w8a8": _cell([2] * 40, words),
+             "observe_float/w8a8": _cell([3] * 40, words)}
+    payload = {"settings": {"calib_subset": "train_calib", "calib_batches": 4, "beam": 5, "batches": None},
+               "cells": {s: cells for s in strategies.SUBSETS}}
+    text = strategies.page(payload)
+    assert "## What calibration observes" in text
+    assert "| `test` | +10.00 [+10.00, +10.00] (worse) |" in text
+    del cells["observe_float/w8a8"]
+    assert "## What calibration observes" not in strategies.page(payload)
 
 
 def test_the_shipped_choice_is_the_study_cell():

@@ -1,0 +1,136 @@
+"""qswap.calibrate on a real fairseq S2T transformer (small): what each observe mode observes, the
+recipe's ``observe`` key, and the quantizers' state after a calibration, finished or not."""
+import warnings
+
+import pytest
+import torch
+
+import qswap
+from qswap.calibrate import activation_quantizers
+from qswap.errors import CalibrationError, RecipeError
+from qswap.models import build_s2t_transformer, s2t_net_input
+from qswap.quant.observers import make_observer
+from qswap.quant.primitives import choose_qparams
+
+
+def recipe(observer="moving_average", **top):
+    base = qswap.load_recipe("w8a8").to_dict()
+    base["defaults"] = dict(base["defaults"], activation={"bits": 8, "symmetric": False, "observer": observer})
+    return qswap.load_recipe(dict(base, **top))
+
+
+def batches():
+    first = s2t_net_input(batch=2, frames=40, seed=1)
+    return [first, dict(first, src_tokens=first["src_tokens"] * 3)]  # the second widens every range
+
+
+def calibrated(rec, **kwargs):
+    model = qswap.convert(build_s2t_transformer(seed=0), rec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(model, batches(), **kwargs)
+    return model
+
+
+def grids(model):
+    return {n: (m.scale.clone(), m.zero_point.clone()) for n, m in model.named_modules()
+            if m in set(activation_quantizers(model)) and m.initialized}
+
+
+def float_site_inputs(rec):
+    """Each activation quantizer's inputs, in call order, over the calibration paths of the model
+    with every activation site in float (quantizers disabled: they return their input; passing,
+    so that a caller hands each the whole tensor an observing quantizer is handed)."""
+    model = qswap.convert(build_s2t_transformer(seed=0), rec)
+    seen, handles = {}, []
+    for name, q in model.named_modules():
+        if q in set(activation_quantizers(model)):
+            q.enabled, q.passthrough = False, True
+            handles.append(q.register_forward_pre_hook(
+                lambda m, args, name=name: seen.setdefault(name, []).append(args[0].detach().clone())))
+    from qswap.calibrate import run_observed
+    run_observed(model, batches(), handles)
+    return model, seen
+
+
+@pytest.mark.parametrize("observer", ["minmax", "moving_average", "percentile"])
+def test_float_observation_grids_are_the_float_sites_ranges(observer):
+    """observe="float": each quantizer's grid is its observer's range over exactly the inputs the
+    float-site model gives it, in the same order (a fresh observer fed those inputs, then
+    choose_qparams): bit for bit, the scalar fast path included."""
+    rec = recipe(observer)
+    model = calibrated(rec, observe="float")
+    reference_model, seen = float_site_inputs(rec)
+    got = grids(model)
+    assert len(got) > 50 and got.keys() == seen.keys()
+    for name, inputs in seen.items():
+        spec = dict(reference_model.named_modules())[name].spec
+        observer_ = make_observer(spec)
+        for x in inputs:
+            observer_(x)
+        scale, zero_point = choose_qparams(observer_.min_val, observer_.max_val, spec)
+        assert torch.equal(got[name][0], scale) and torch.equal(got[name][1], zero_point), name
+
+
+def test_passing_quantizers_leave_the_float_sites_values():
+    """While quantizers pass through, the model computes what it computes with its activation
+    sites in float (the quantizers disabled), observing or not."""
+    model = qswap.convert(build_s2t_transformer(seed=0), recipe())
+    net_input = batches()[0]
+    outs = []
+    for passing in (True, False):
+        for q in activation_quantizers(model):
+            q.enabled, q.passthrough = False, passing
+        with torch.no_grad():
+            outs.append(model(**net_input)[0])
+    assert torch.equal(outs[0], outs[1])
+    assert any(q.observer.has_range for q in activation_quantizers(model))
+
+
+def test_the_two_modes_observe_different_activations_and_restore_every_quantizer():
+    quantized, floating = calibrated(recipe(), observe="quantized"), calibrated(recipe(), observe="float")
+    a, b = grids(quantized), grids(floating)
+    assert a.keys() == b.keys()
+    differ = [n for n in a if not torch.equal(a[n][0], b[n][0])]
+    assert differ  # downstream sites see rounded inputs in one mode only
+    ratios = [float(a[n][0] / b[n][0]) for n in a]
+    assert 0.8 < min(ratios) and max(ratios) < 1.25  # the same activations, give or take the rounding
+    for q in activation_quantizers(floating):
+        assert q.enabled and not q.passthrough
+        assert bool(q.frozen) == q.initialized
+    net_input = batches()[0]
+    with torch.no_grad():
+        out = floating(**net_input)[0]
+    assert torch.isfinite(out).all()
+
+
+def test_the_recipe_key_picks_the_mode_and_an_argument_overrides_it():
+    rec = recipe(observe="float")
+    assert rec.observe == "float" and recipe().observe == "quantized"
+    by_key, by_argument = calibrated(rec), calibrated(recipe(), observe="float")
+    overridden = calibrated(rec, observe="quantized")
+    a, b, c = grids(by_key), grids(by_argument), grids(calibrated(recipe()))
+    assert all(torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]) for n in a)
+    assert all(torch.equal(grids(overridden)[n][0], c[n][0]) for n in c)
+    with pytest.raises(RecipeError, match="observe.*must be one of quantized, float"):
+        recipe(observe="both")
+
+
+def test_a_site_kept_in_float_stays_out_of_a_float_observation():
+    model = qswap.convert(build_s2t_transformer(seed=0), recipe())
+    kept = activation_quantizers(model)[3]
+    kept.enabled = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(model, batches(), observe="float")
+    assert not kept.enabled and not kept.passthrough and not kept.initialized
+
+
+def test_a_bad_mode_or_a_failing_batch_is_a_typed_error_that_leaves_the_quantizers_enabled():
+    model = qswap.convert(build_s2t_transformer(seed=0), recipe())
+    with pytest.raises(CalibrationError, match="observe must be one of quantized, float, got 'floats'"):
+        qswap.calibrate(model, batches(), observe="floats")
+    bad = dict(batches()[0], src_tokens=torch.randn(2, 40, 7))  # the wrong feature count
+    with pytest.raises(CalibrationError, match="calibration batch 1: the model raised"):
+        qswap.calibrate(model, [batches()[0], bad], observe="float")
+    assert all(q.enabled and not q.passthrough for q in activation_quantizers(model))
