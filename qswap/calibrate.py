@@ -97,6 +97,11 @@ def recipe_observe(model: nn.Module) -> str:
     return getattr(getattr(model, "qswap_recipe", None), "observe", OBSERVE[0])
 
 
+def observed_note(observe: str) -> str:
+    """What a calibration message adds for ``observe``: nothing for the default."""
+    return " (observing float activation sites)" if observe == "float" else ""
+
+
 def check_observe(observe: str) -> None:
     if observe not in OBSERVE:
         raise CalibrationError(f"observe must be one of {', '.join(OBSERVE)}, got {observe!r}")

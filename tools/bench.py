@@ -761,8 +761,9 @@ def explain(name: str, r: dict) -> str:
                        f"{_ms((r['calib_s'] - r['calib_frozen_s']) / r['calib_batches'])} per batch: each "
                        "activation quantizer reads its input's extremes (one pass of qswap's C kernel, "
                        "`fused.min_max`), updates its range and grid in float32 scalar arithmetic (four small "
-                       "tensor writes) and rounds onto the new grid (one pass of the kernel) into a new "
-                       "tensor (the frozen model's in-place and two-grid roundings need a fixed grid). With free "
+                       "tensor writes) and rounds onto the new grid (one pass of the kernel; in place where a "
+                       "layer hands the tensor over, `consume`; the frozen model's two-grid pass, "
+                       "`consume_twice`, needs fixed grids). With free "
                        "observers the throughput ratio could not exceed "
                        f"{r['calib_float_s'] / r['calib_frozen_s']:.2f}×. By Python function:",
         "calibration_float": f"Observing float activation sites, calibrating is the converted model with its "

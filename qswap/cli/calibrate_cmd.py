@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import qswap
+    from qswap.calibrate import observed_note, recipe_observe
     from qswap.errors import CalibrationError
     from qswap.integration import data as fdata
     from qswap.io.checkpoint import save_qswap_checkpoint
@@ -36,5 +37,6 @@ def run(args: argparse.Namespace) -> int:
                                                        max_sentences=args.max_sentences),
                                progress=lambda n: advance(1), observe=args.observe)
     save_qswap_checkpoint(args.output, model, args.checkpoint, trust_checkpoint=args.trust_checkpoint)
-    console().print(f"calibrated on {used} batches of {args.subset}; wrote {args.output}")
+    observe = args.observe or recipe_observe(model)
+    console().print(f"calibrated on {used} batches of {args.subset}{observed_note(observe)}; wrote {args.output}")
     return 0

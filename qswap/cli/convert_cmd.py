@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import qswap
-    from qswap.calibrate import activation_quantizers
+    from qswap.calibrate import activation_quantizers, observed_note, recipe_observe
     from qswap.errors import ConvertError, DataError
     from qswap.integration import data as fdata
     from qswap.io.checkpoint import save_qswap_checkpoint
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             used = qswap.calibrate(qmodel, fdata.net_inputs(task, args.calib_subset, args.calib_batches,
                                                             max_sentences=args.max_sentences),
                                    progress=lambda n: advance(1))
-        out.print(f"calibrated on {used} batches of {args.calib_subset}")
+        out.print(f"calibrated on {used} batches of {args.calib_subset}{observed_note(recipe_observe(qmodel))}")
     elif n_act:
         out.print(f"note: --no-calibrate: {n_act} activation quantizers left uncalibrated "
                   f"(their ranges are re-derived from every batch at run time)")

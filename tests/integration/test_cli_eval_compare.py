@@ -239,7 +239,7 @@ def test_a_transformed_recipe_converts_saves_and_reloads_honest_in_fairseq_gener
 
 
 def test_a_recipe_that_observes_float_keeps_its_mode_in_the_checkpoint_and_calibrate_can_override_it(
-        float_checkpoint, tmp_path):
+        float_checkpoint, tmp_path, capsys):
     """convert with ``observe: float``; ``qswap calibrate`` of the written checkpoint on the same
     batches reads the mode from the stored recipe (the same grids), and ``--observe quantized``
     observes the quantized model instead (other grids)."""
@@ -250,9 +250,12 @@ def test_a_recipe_that_observes_float_keeps_its_mode_in_the_checkpoint_and_calib
     out = tmp_path / "float_observed.pt"
     batches = ["--data", str(data), "--max-sentences", "4"]
     assert main(["convert", str(ckpt), "--recipe", str(recipe), "--calib-batches", "2", *batches, "-o", str(out)]) == 0
+    assert "calibrated on 2 batches of train (observing float activation sites)" in capsys.readouterr().out
     again, other = tmp_path / "again.pt", tmp_path / "quantized.pt"
     assert main(["calibrate", str(out), "--batches", "2", *batches, "-o", str(again)]) == 0
+    assert "(observing float activation sites); wrote" in capsys.readouterr().out
     assert main(["calibrate", str(out), "--batches", "2", "--observe", "quantized", *batches, "-o", str(other)]) == 0
+    assert "calibrated on 2 batches of train; wrote" in capsys.readouterr().out
 
     def scales(path):
         state = torch.load(path, weights_only=True)
