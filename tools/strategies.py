@@ -393,6 +393,9 @@ def reading(payload: dict, stats: dict) -> str:
                          f"reaches beyond it, so these sets cannot confirm it.")
             else:
                 line += f" Target (within +{t}) not met."
+            others = _meeting(payload, stats, c, t, exclude=best)
+            if others:
+                line += (f" Other cells whose point estimates meet it on both sets: {others}.")
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -415,6 +418,21 @@ def observe_table(payload: dict) -> str:
             cells.append(f"{_f(d, ci, '+')} ({verdict})")
         lines.append(f"| `{s}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _meeting(payload: dict, stats: dict, column: str, target: float, exclude: str) -> str:
+    """The column's other honest cells (methods and a QAT checkpoint) whose ΔWER point estimates
+    are within ``target`` on both sets, each said with whether its intervals confirm it; empty
+    where there are none."""
+    out = []
+    for m in _rows(payload):
+        cells = [stats[s].get(f"{m}/{column}") for s in SUBSETS]
+        if m == exclude or any(st is None or not st["honest"] for st in cells):
+            continue
+        if all(st["delta"] <= target for st in cells):
+            confirmed = all(st["delta_ci"][1] <= target for st in cells)
+            out.append(f"`{m}` ({'confirmed by the intervals' if confirmed else 'an interval reaches beyond it'})")
+    return ", ".join(out)
 
 
 def _verdicts(payload: dict, a: str, b: str) -> list[str]:

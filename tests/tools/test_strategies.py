@@ -81,6 +81,24 @@ def test_the_observe_section_pairs_float_observation_with_the_shipped_cell():
     assert "## What calibration observes" not in strategies.page(payload)
 
 
+def test_the_reading_names_other_cells_whose_point_estimates_meet_the_target():
+    """w4a8's target (+0.5): the lowest mean ΔWER (``percentile``: far below on one set, above on the
+    other) misses it; ``minmax`` meets it on both sets by its point estimates, not its intervals."""
+    words = [10] * 40
+
+    def errors(extra_words):  # one error per utterance (float), plus extra_words spread over utterances
+        return [1 + (i < extra_words) for i in range(40)]
+    sets = {"test": {"float/fp32": _cell(errors(0), words), "shipped/w4a8": _cell(errors(8), words),
+                     "percentile/w4a8": _cell([0] * 40, words), "minmax/w4a8": _cell(errors(1), words)},
+            "test_heldout": {"float/fp32": _cell(errors(0), words), "shipped/w4a8": _cell(errors(8), words),
+                             "percentile/w4a8": _cell(errors(4), words), "minmax/w4a8": _cell(errors(1), words)}}
+    payload = {"settings": {"calib_subset": "train_calib", "calib_batches": 4, "beam": 5, "batches": None},
+               "cells": sets}
+    text = strategies.page(payload)
+    assert "lowest mean ΔWER: `percentile`" in text and "Target (within +0.5) not met." in text
+    assert "meet it on both sets: `minmax` (an interval reaches beyond it)." in text
+
+
 def test_the_shipped_choice_is_the_study_cell():
     """recipes/w4a4_edges8_stream_smoothquant.yaml is what the study evaluated as that cell."""
     def plain(recipe):
