@@ -38,7 +38,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
       own activations. Each quantizer fake-quantizes on the grid of what it has seen so far, so a
       site observes values computed from quantized inputs, as at inference.
     * ``"float"``: the activations of the model with its activation sites in float (weights stay
-      quantized), as torch.ao's observers and Brevitas's calibration mode see them. Each
+      quantized; biases, aligned to their input's grid, stay float meanwhile), as torch.ao's
+      observers and Brevitas's calibration mode see them. Each
       quantizer passes its input through unquantized (``FakeQuantize.passthrough``) and takes
       its grid from the observed range at the end. Faster (no rounding while observing:
       docs/benchmarks.md), and the grids can differ slightly, since no site sees its inputs'
@@ -112,11 +113,12 @@ def observing(quantizers: list[FakeQuantize], observe: str) -> Iterator[None]:
     """Calibration forwards inside this block observe what ``observe`` says (``calibrate``). For
     ``"float"``, each enabled activation quantizer passes its input through unquantized while
     observing it (``enabled`` False, ``passthrough`` True: its site computes in float), and
-    takes its grid from the observed range when the block ends; a site a sensitivity probe keeps
-    in float (``enabled`` already False) stays out, as it is out of a quantized calibration.
-    ``"quantized"`` changes nothing: each quantizer observes and rounds as it goes."""
+    takes its grid from the observed range when the block ends (however it ends); a site a
+    sensitivity probe keeps in float (``enabled`` already False) and a frozen quantizer stay out,
+    as they are out of a quantized calibration. ``"quantized"`` changes nothing: each quantizer
+    observes and rounds as it goes."""
     check_observe(observe)
-    passing = [q for q in quantizers if q.enabled] if observe == "float" else []
+    passing = [q for q in quantizers if q.enabled and not bool(q.frozen)] if observe == "float" else []
     for q in passing:
         q.enabled, q.passthrough = False, True
     try:
@@ -124,8 +126,7 @@ def observing(quantizers: list[FakeQuantize], observe: str) -> Iterator[None]:
     finally:
         for q in passing:
             q.enabled, q.passthrough = True, False
-    for q in passing:
-        q.grid_from_observer()
+            q.grid_from_observer()  # also after a failed batch: grid and range in step, as when quantized
 
 
 def _run_batch(run: Callable[[nn.Module, Any], Any], model: nn.Module, batch: Any, index: int) -> None:

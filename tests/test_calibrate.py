@@ -126,11 +126,39 @@ def test_a_site_kept_in_float_stays_out_of_a_float_observation():
     assert not kept.enabled and not kept.passthrough and not kept.initialized
 
 
-def test_a_bad_mode_or_a_failing_batch_is_a_typed_error_that_leaves_the_quantizers_enabled():
-    model = qswap.convert(build_s2t_transformer(seed=0), recipe())
+def test_a_bad_mode_or_a_failing_batch_is_a_typed_error_that_leaves_grids_in_step_with_ranges():
+    model = qswap.convert(build_s2t_transformer(seed=0), recipe("minmax"))
     with pytest.raises(CalibrationError, match="observe must be one of quantized, float, got 'floats'"):
         qswap.calibrate(model, batches(), observe="floats")
     bad = dict(batches()[0], src_tokens=torch.randn(2, 40, 7))  # the wrong feature count
     with pytest.raises(CalibrationError, match="calibration batch 1: the model raised"):
         qswap.calibrate(model, [batches()[0], bad], observe="float")
-    assert all(q.enabled and not q.passthrough for q in activation_quantizers(model))
+    observed = [q for q in activation_quantizers(model) if q.observer.has_range]
+    assert len(observed) > 50
+    for q in activation_quantizers(model):
+        assert q.enabled and not q.passthrough and not bool(q.frozen)
+    for q in observed:  # the first batch's ranges, and the grids they give (as a quantized calibration keeps them)
+        scale, zero_point = choose_qparams(q.observer.min_val, q.observer.max_val, q.spec)
+        assert torch.equal(q.scale, scale) and torch.equal(q.zero_point, zero_point)
+
+
+def test_a_frozen_quantizer_keeps_its_grid_through_a_float_observation():
+    """``observing`` (what fairseq-train's calibration steps run) leaves a frozen quantizer out,
+    as a quantized calibration does: it neither observes nor changes its grid."""
+    from qswap.calibrate import observing
+    model = calibrated(recipe())
+    quantizers = activation_quantizers(model)
+    frozen = [q for q in quantizers if bool(q.frozen)][:5]
+    for q in quantizers:
+        if q not in frozen:
+            q.unfreeze()
+    before = [(q.scale.clone(), q.zero_point.clone(), int(q.observer.num_batches)) for q in frozen]
+    others = [q for q in quantizers if q not in frozen and q.initialized]
+    scales = [q.scale.clone() for q in others]
+    big = dict(batches()[0], src_tokens=batches()[0]["src_tokens"] * 10)
+    with torch.no_grad(), observing(quantizers, "float"):
+        model.eval()(**big)
+    for q, (scale, zero_point, seen) in zip(frozen, before):
+        assert torch.equal(q.scale, scale) and torch.equal(q.zero_point, zero_point)
+        assert int(q.observer.num_batches) == seen and q.enabled and not q.passthrough
+    assert sum(not torch.equal(q.scale, s) for q, s in zip(others, scales)) > len(others) // 2  # they observed

@@ -403,9 +403,10 @@ def reading(payload: dict, stats: dict) -> str:
 def observe_table(payload: dict) -> str:
     """Per column and set: WER of the ``observe_float`` cell minus the shipped cell's (the same
     recipe, calibration observing float activation sites against the quantized model), paired;
-    empty where a column lacks either cell."""
-    first = payload["cells"][next(iter(SUBSETS))]
-    cols = [c for c in _columns(payload) if f"observe_float/{c}" in first and f"shipped/{c}" in first]
+    only the columns with both cells on every set (a run decoding one set at a time may not have
+    them yet); empty where there are none."""
+    cols = [c for c in _columns(payload) if all(f"{m}/{c}" in payload["cells"][s]
+                                                 for s in SUBSETS for m in ("observe_float", "shipped"))]
     if not cols:
         return ""
     lines = ["| set | " + " | ".join(f"{c}: observe float − quantized [95 % CI]" for c in cols) + " |",

@@ -223,9 +223,10 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
     def consume(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         """``self(x)`` for a temporary ``x`` the caller hands over (the result of an op that nothing
         else reads): on ``__call__``'s fast path (an activation quantizer at inference, unwatched,
-        its grid frozen per tensor) the result is written into ``x`` itself, a float32 tensor
-        whose elements fill one block of memory (``qswap.quant.fused.dense``), and no new tensor is
-        allocated (at a batch's sizes the allocation costs more than the four passes:
+        its grid frozen per tensor), and while it calibrates on Python numbers (``_calibrating_grid``:
+        observed, then rounded onto its new grid), the result is written into ``x`` itself, a float32
+        tensor whose elements fill one block of memory (``qswap.quant.fused.dense``), and no new
+        tensor is allocated (at a batch's sizes the allocation costs more than the four passes:
         docs/benchmarks.md). Everywhere else exactly ``self(x)``: the same values either way,
         ``fake_quantize_grid_``. Only a hook of the quantizer itself or a global one sees the call
         (it then does not write in place): a hook of the module that made ``x``, if it keeps its

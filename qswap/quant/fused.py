@@ -50,10 +50,11 @@ def applies(x: torch.Tensor) -> bool:
 
 def readable(x: torch.Tensor) -> bool:
     """Whether a kernel may read ``x``'s values from its memory with nothing to miss the read: a
-    dense float32 CPU tensor, not a subclass, a functorch-wrapped tensor or a negated view, no
+    dense float32 CPU tensor, not a subclass, a functorch-wrapped tensor, a negated view or a zero
+    tensor (no memory), no
     JIT trace and no ``TorchDispatchMode`` watching (module docstring)."""
     return (type(x) is torch.Tensor and x.dtype == torch.float32 and x.is_cpu and x.layout == torch.strided
-            and not x.is_neg() and dense(x) and (not _dispatch_modes() or _excluded(_PYTHON))
+            and not x.is_neg() and not x._is_zerotensor() and dense(x) and (not _dispatch_modes() or _excluded(_PYTHON))
             and not _tracing() and not _is_wrapped(x))
 
 

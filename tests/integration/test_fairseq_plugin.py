@@ -156,18 +156,23 @@ def test_two_ddp_workers_freeze_the_grid_of_both_shards(float_checkpoint, tmp_pa
 def test_qat_calibration_steps_observe_what_the_recipe_says(float_checkpoint, tmp_path):
     """A recipe with ``observe: float``: fairseq-train's calibration steps pass activations through
     unquantized while observing (qswap.calibrate.observing), set each grid from its range, and
-    freeze them before the first update."""
+    freeze them before the first update. The same run with ``observe: quantized`` (the same
+    batches: the same seed) observes the quantized model: other grids."""
     root, data, _ = float_checkpoint
-    recipe = tmp_path / "w8a8_observe_float.yaml"
-    recipe.write_text("version: 1\nname: w8a8_observe_float\nobserve: float\ndefaults:\n  weight: {bits: 8}\n"
-                      "  activation: {bits: 8, symmetric: false, observer: minmax}\n")
-    log = _run("fairseq-train", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
-               "--qswap-recipe", recipe, "--qswap-calib-batches", "2", *SMALL, *TRAIN, "--max-update", "3",
-               "--finetune-from-model", root / "float" / "checkpoint_last.pt", "--save-dir", tmp_path / "qat",
-               cwd=root)
-    assert "qswap: converted with recipe w8a8_observe_float" in log and "qswap: calibrated and froze" in log
-    state = torch.load(tmp_path / "qat" / "checkpoint_last.pt", weights_only=False)
-    scales = [v for k, v in state["model"].items() if k.endswith("input_quant.scale") and v.numel()]
-    frozen = [v for k, v in state["model"].items() if k.endswith("input_quant.frozen")]
-    assert scales and all(torch.isfinite(s).all() and (s > 0).all() for s in scales)
-    assert frozen and all(bool(v) for v in frozen)
+    scales = {}
+    for observe in ("float", "quantized"):
+        recipe = tmp_path / f"w8a8_observe_{observe}.yaml"
+        recipe.write_text(f"version: 1\nname: w8a8_observe_{observe}\nobserve: {observe}\ndefaults:\n"
+                          "  weight: {bits: 8}\n  activation: {bits: 8, symmetric: false, observer: minmax}\n")
+        log = _run("fairseq-train", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+                   "--qswap-recipe", recipe, "--qswap-calib-batches", "2", *SMALL, *TRAIN, "--max-update", "2",
+                   "--finetune-from-model", root / "float" / "checkpoint_last.pt",
+                   "--save-dir", tmp_path / observe, cwd=root)
+        assert f"qswap: converted with recipe w8a8_observe_{observe}" in log and "qswap: calibrated and froze" in log
+        state = torch.load(tmp_path / observe / "checkpoint_last.pt", weights_only=False)["model"]
+        frozen = [v for k, v in state.items() if k.endswith("input_quant.frozen")]
+        assert frozen and all(bool(v) for v in frozen)
+        scales[observe] = {k: v for k, v in state.items() if k.endswith("input_quant.scale") and v.numel()}
+    assert scales["float"].keys() == scales["quantized"].keys() and len(scales["float"]) > 5
+    assert all(torch.isfinite(s).all() and (s > 0).all() for s in scales["float"].values())
+    assert any(not torch.equal(scales["float"][k], scales["quantized"][k]) for k in scales["float"])

@@ -265,7 +265,7 @@ def test_consume_writes_into_a_handed_over_temporary_only_on_the_fast_path():
 def test_consume_while_calibrating_observes_and_rounds_in_place_as_the_call_does(relu, observer):
     """A calibrating quantizer (not frozen) given a temporary: it observes it, sets its grid and
     rounds it in place, with the values and the grids of the call itself (then a ReLU), batch
-    after batch; a hook (the audit) or a frozen flag puts it back on the call."""
+    after batch; a hook (the audit) puts it back on the call."""
     import torch.nn.functional as F
 
     spec = QuantSpec(bits=8, symmetric=False, observer=observer)

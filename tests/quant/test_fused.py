@@ -189,7 +189,7 @@ def test_min_max_reads_the_exact_extremes_at_every_length(n):
 
 @needs_min_max
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-@pytest.mark.parametrize("where", [0, 5, 16, 40])
+@pytest.mark.parametrize("where", [0, 5, 11, 16, 27, 40])  # both 8-value loads of a step, the tail
 def test_min_max_flags_a_nonfinite_value_wherever_it_is(bad, where):
     x = torch.randn(41)
     x[where] = bad
@@ -211,6 +211,7 @@ def test_min_max_reads_a_permuted_block_and_refuses_what_it_cannot_read():
         assert fused.min_max(x) is None
         observed = observer.observe_scalar(x)
     assert "aminmax" in ops.seen and observed == tuple(float(v) for v in torch.aminmax(x))
+    assert fused.min_max(torch._efficientzerotensor(8)) is None  # no memory to read
     signed = torch.tensor([-0.0, 0.0, 1.0, -0.0])
     assert fused.min_max(signed)[:2] == (0.0, 1.0)  # either zero: the same range
 
