@@ -378,7 +378,7 @@ def reading(payload: dict, stats: dict) -> str:
             text = f"{s}: ΔWER {_f(st['delta'], st['delta_ci'], '+')}"
             if best != "shipped":
                 d, ci = pair(payload, s, f"{best}/{c}", f"shipped/{c}")
-                verdict = "better" if ci[1] < 0 else ("worse" if ci[0] > 0 else "not distinguishable")
+                verdict = _verdict(ci)
                 text += f", against shipped {_f(d, ci, '+')} ({verdict})"
             parts.append(text)
         line = f"- **{c}**: lowest mean ΔWER: `{best}`; " + "; ".join(parts) + ". " + _pick(payload, c, best)
@@ -415,7 +415,7 @@ def observe_table(payload: dict) -> str:
         cells = []
         for c in cols:
             d, ci = pair(payload, s, f"observe_float/{c}", f"shipped/{c}")
-            verdict = "better" if ci[1] < 0 else ("worse" if ci[0] > 0 else "not distinguishable")
+            verdict = _verdict(ci)
             cells.append(f"{_f(d, ci, '+')} ({verdict})")
         lines.append(f"| `{s}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -436,12 +436,17 @@ def _meeting(payload: dict, stats: dict, column: str, target: float, exclude: st
     return ", ".join(out)
 
 
+def _verdict(ci) -> str:
+    """A paired interval's reading: "better" / "worse" only where it excludes 0."""
+    return "better" if ci[1] < 0 else ("worse" if ci[0] > 0 else "not distinguishable")
+
+
 def _verdicts(payload: dict, a: str, b: str) -> list[str]:
     """Per set: "better" / "worse" / "not distinguishable" for cell a against cell b."""
     out = []
     for s in SUBSETS:
         _, ci = pair(payload, s, a, b)
-        out.append("better" if ci[1] < 0 else ("worse" if ci[0] > 0 else "not distinguishable"))
+        out.append(_verdict(ci))
     return out
 
 

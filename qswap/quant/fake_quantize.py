@@ -266,12 +266,18 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         if not (self.enabled and self.kind == "activation" and not watched(self) and dense(x)
                 and self._scalar_calibration() and self._passes_ok(x) and not bool(self._buffers["frozen"])):
             return None
+        grid = self._observe_scalar(x)
+        return None if grid is None else pass_grid(*grid, self.spec)  # None: an empty tensor, forward's
+
+    def _observe_scalar(self, x: torch.Tensor) -> tuple[float, int] | None:
+        """A calibrating call's observation on Python numbers: ``x``'s range into the observer, the
+        grid set from the new range; returns (scale, zero point), None for an empty ``x``."""
         observed = self.observer.observe_scalar(x)
-        if observed is None:  # an empty tensor: forward says what it gets
+        if observed is None:
             return None
         scale, zero_point = choose_qparams_scalar(*observed, self.spec)
         self._set_scalar_qparams(scale, zero_point)
-        return pass_grid(scale, zero_point, self.spec)
+        return scale, zero_point
 
     def _fast_grid(self, x: torch.Tensor, buffers: dict, scale: torch.Tensor) -> PassGrid | None:
         """The kept ``PassGrid`` the fast path rounds ``x`` onto (``frozen_grid``'s, unchanged since
@@ -337,12 +343,9 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
                 torch.is_grad_enabled() and (x.requires_grad or (self.spec.learnable and self.training))):
             return fake_quantize_grid(x, grid)  # frozen inference: _passes_ok, spec-level parts in frozen_grid
         if not frozen and self._scalar_calibration():
-            observed = self.observer.observe_scalar(x)
-            if observed is not None:
-                scale, zero_point = choose_qparams_scalar(*observed, self.spec)
-                self._set_scalar_qparams(scale, zero_point)
-                if self._passes_ok(x):
-                    return fake_quantize_passes(x, scale, zero_point, self.spec)
+            grid = self._observe_scalar(x)
+            if grid is not None and self._passes_ok(x):
+                return fake_quantize_passes(x, *grid, self.spec)
         elif not frozen:
             self.observer(x)
             if self.observer.has_range:
