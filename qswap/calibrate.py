@@ -196,8 +196,6 @@ def _reduce_ranges(quantizers: list[FakeQuantize]) -> None:
     freezes the same grid. Every worker makes the same collective calls whatever its own batches
     showed: a quantizer one worker never saw data for (an empty batch, a path only some
     utterances take) joins with an empty range and gets the others' grid."""
-    from qswap.quant.primitives import choose_qparams
-
     dist = torch.distributed
     # NCCL reduces CUDA tensors only, gloo CPU ones: ranges travel on the backend's device
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -223,7 +221,7 @@ def _reduce_ranges(quantizers: list[FakeQuantize]) -> None:
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         obs.min_val, obs.max_val = lo.to(home), hi.to(home)
-        q._set_qparams(*choose_qparams(obs.min_val, obs.max_val, q.spec))
+        q.grid_from_observer()  # the grid one calibrating call would set for the joined range
 
 
 def _names(model: nn.Module, quantizers: list[FakeQuantize]) -> list[str]:

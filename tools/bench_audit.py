@@ -32,7 +32,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tools.bench import interleaved_medians  # noqa: E402  (one timing helper for both benchmarks)
-from qswap.errors import OutputError, QswapError  # noqa: E402
+from qswap.errors import OutputError  # noqa: E402
+from tools.tool_cli import exit_status  # noqa: E402  (tools/tool_cli.py)
 from qswap.io.atomic import atomic_write_text  # noqa: E402
 
 DOC = REPO / "docs" / "honesty.md"
@@ -132,15 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args)
     text = markdown(result)
     print(text)
-    try:
+
+    def write() -> int:
         if args.json:
             atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
         if args.write_docs:
             write_docs(text)
-    except QswapError as exc:  # one line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return exit_status(write)  # a QswapError: one line, no traceback, exit 2
 
 
 if __name__ == "__main__":

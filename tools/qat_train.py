@@ -49,8 +49,9 @@ if str(REPO) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fairseq_walkthrough import arch_args  # noqa: E402  (tools/fairseq_walkthrough.py)
+from tool_cli import exit_status  # noqa: E402  (tools/tool_cli.py)
 
-from qswap.errors import CheckpointError, DataError, QswapError, TrainingError  # noqa: E402
+from qswap.errors import CheckpointError, DataError, TrainingError  # noqa: E402
 
 ASSET = REPO / "qswap" / "assets" / "s2t_demo"
 SHIPPED_QAT = ASSET / "qat_w4a4_edges8.pt"
@@ -827,12 +828,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "pack" and a.parts < 1:
         p.error(f"--parts takes a count of at least 1; got {a.parts}")
-    try:
-        return {"train": do_train, "dev": do_dev, "average": do_average, "ship": do_ship, "doc": do_doc, "pack": do_pack,
-                "unpack": do_unpack, "refresh": do_refresh}[a.cmd](a)
-    except QswapError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    command = {"train": do_train, "dev": do_dev, "average": do_average, "ship": do_ship, "doc": do_doc,
+               "pack": do_pack, "unpack": do_unpack, "refresh": do_refresh}[a.cmd]
+    return exit_status(lambda: command(a))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qswap.demo import ASSET, calibration_text  # noqa: E402
-from qswap.errors import DataError, QswapError  # noqa: E402
+from qswap.errors import DataError  # noqa: E402
+from tools.tool_cli import exit_status  # noqa: E402  (tools/tool_cli.py)
 
 SUBSETS = {"test": "In-voice (`test`)", "test_heldout": "Held-out voices (`test_heldout`)"}
 COLUMNS = ["w8a8", "w4a8", "w4a4", "w4a4_edges8"]
@@ -548,15 +549,17 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--qat takes RECIPE=CHECKPOINT with RECIPE one of {', '.join(COLUMNS)}; got {item!r}")
         qat[column] = ckpt
     payload = load(args.json) if (args.resume or args.from_json or args.refresh_integer_form) else {"cells": {}}
-    try:
+    def work() -> int:
         if args.refresh_integer_form:
             print("\n".join(refresh_integer_forms(payload, args.json)), flush=True)
         elif not args.from_json:
             run(payload, args.json, args.subsets, args.methods, args.columns, qat, args.batches, args.beam)
-            payload = load(args.json)  # both sets, whichever process decoded them
-    except QswapError as exc:  # a typed input error: one line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+        return 0
+
+    if exit_status(work):  # a typed input error: one line, no traceback
         return 2
+    if not args.from_json and not args.refresh_integer_form:
+        payload = load(args.json)  # both sets, whichever process decoded them
     if set(payload["cells"]) != set(SUBSETS):
         print(f"not writing {args.markdown}: {', '.join(set(SUBSETS) - set(payload['cells']))} not decoded yet")
         return 0

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from qswap.cli.render import console, interactive, progress_bar
+from qswap.nn.simulate import SIMULATIONS  # `import qswap` has imported torch already: free here
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--integer", action="store_true",
                    help="decode the quantized model (--recipe R, or a checkpoint written by 'qswap convert') "
                         "with integer execution (qswap.integerize), same beam search and WER")
-    p.add_argument("--simulate", choices=("float", "integer"),  # qswap.nn.simulate.SIMULATIONS (torch not imported here)
+    p.add_argument("--simulate", choices=SIMULATIONS,
                    help="the fake-quant model's arithmetic (qswap.nn.simulate), in place of its recipe's "
                         "'simulate': float (what onnxruntime's QDQ graphs compute) or integer (what "
                         "qswap.integerize computes); calibration with --recipe runs it too")

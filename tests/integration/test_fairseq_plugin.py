@@ -151,6 +151,9 @@ def test_two_ddp_workers_freeze_the_grid_of_both_shards(float_checkpoint, tmp_pa
     keys = [f"{FIRST_OBSERVER}.{key}" for key in ("min_val", "max_val")]
     assert all(torch.equal(ddp[k], one[k]) for k in keys)
     assert not all(torch.equal(ddp[k], first[k]) for k in keys)  # rank 0's batch alone: another range
+    # the joined range sets the grid one process's calibrating calls set for it, bit for bit
+    grid = [FIRST_OBSERVER.replace("observer", key) for key in ("scale", "zero_point")]
+    assert all(torch.equal(ddp[k], one[k]) for k in grid)
 
 
 def test_qat_calibration_steps_observe_what_the_recipe_says(float_checkpoint, tmp_path):
