@@ -270,4 +270,28 @@ def export_decoder_step(qmodel: nn.Module, path: "str | os.PathLike[str]", encod
     axes.update({n: {0: "batch", 2: "steps"} for n in outputs[1:]})
     graph = DecoderStepGraph(copy.deepcopy(qmodel).eval())
     return trace_to_onnx(graph, (tokens, encoder_padding_mask, *first[1:], *cross), path,
-                         inputs, outputs, axes, opset)
+                         inputs, outputs, axes, opset, entry=entry_tables(model.decoder))
+
+
+def entry_tables(decoder: nn.Module) -> "tuple[dict, float] | None":
+    """The integer model's folded token and position tables (``folded_tables``: int32, on the
+    grid 2^-16 of the finest grid reading the decoder's entry) by the name of the code table each
+    folds in the step graph, and that grid: what ``graph_passes.integer_entry`` adds in int32.
+    None where the decoder's entry has no integer form (unquantized tables or readers, a
+    structure or bound ``folded_tables`` refuses): the float ``Add`` stays, and the deploy audit
+    lists it."""
+    from qswap.errors import QswapError
+
+    if not hasattr(decoder, "folded_tables") or not decoder._has_integer_entry() or not decoder.layers:
+        return None
+    first = decoder.layers[0]
+    quantizers = (decoder.embed_tokens.weight_quant, decoder.embed_positions.weights_quant,
+                  first.self_attn_layer_norm.input_quant, getattr(first, "attn_residual_quant", None))
+    if not all(isinstance(q, FakeQuantize) and q.initialized for q in quantizers):
+        return None
+    try:
+        tokens, positions, scale = decoder.folded_tables()
+    except QswapError:
+        return None
+    return ({"decoder.embed_tokens.weight_quant.codes": tokens.numpy(),
+             "decoder.embed_positions.weights_quant.codes": positions.numpy()}, float(scale))

@@ -57,6 +57,18 @@ max(x, 0) (``-0.0`` for a negative value, which quantizes as ``0.0`` does) and q
 where the ``QuantizeLinear`` divides (``quantize_by_inverse`` found it a divisor, or left it
 dividing): a ``Mul`` by ``1 / s`` before it keeps the float passes.
 
+``integer_entry`` (the decoder step only: it needs the integer model's tables, which
+``qswap.export.decoder_step`` passes): the decoder's entry, ``embed_scale`` times a token row
+plus a position row, traces to a float ``Add`` of two ``DequantizeLinear`` outputs (their grids
+differ, and the sum lands on neither). The integer model (``QTransformerDecoderScriptable.
+folded_tables``) adds the two rows in int32 on a grid 2^-16 of the finest grid that reads the
+sum, each table rounded onto it once. The pass writes exactly that: each table's codes, looked
+up as before, go through a ``Cast`` to int32 and a ``Gather`` from a table of 256 int32 values
+(the folded value of each code: one per code, or the pass leaves the ``Add`` float), the two
+are added in int32 and one ``DequantizeLinear`` of that grid hands the sum to its readers'
+``QuantizeLinear`` nodes. The lookup keeps the int8 (or INT4) codes in the file: the folded
+tables themselves, int32, would add four bytes per table entry.
+
 ``linear_as_gemm``: a linear layer traces to ``MatMul(x, Transpose(W))`` and an ``Add`` of the
 bias, on (T, B, C) inputs. onnxruntime fuses the QDQ MatMul alone (``MatMulIntegerToFloat``: a
 float output, then the bias added and the output quantized in two more float passes); a 2-D
@@ -516,3 +528,82 @@ def _grid_values(name: str, producer: dict, values) -> "np.ndarray | None":
     if node.op_type == "Where":
         return np.concatenate([x, np.float32(constants[0].reshape((1,)))]) if constants else x
     return x
+
+
+ENTRY_MOVES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Slice"})
+
+
+def integer_entry(model, tables: dict, scale: float) -> int:
+    """Add two table lookups in int32 (in place; module docstring). ``tables``: the name of a
+    per-tensor code table's initializer -> its folded int32 table (same shape: each code's value
+    on the grid ``scale``). An ``Add`` is rewritten where each of its inputs comes from a
+    single-reader ``DequantizeLinear`` of a ``Gather`` from one of these tables, through
+    ``ENTRY_MOVES`` ops only, and each folded table is a function of its codes (a value per
+    code). Returns the number of ``Add`` nodes rewritten."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    producer, readers, values = index_graph(graph)
+    edits: list[tuple] = []
+    rewritten = 0
+    for add in graph.node:
+        if add.op_type != "Add":
+            continue
+        sides = [_table_lookup(name, tables, producer, readers) for name in add.input[:2]]
+        if None in sides:
+            continue
+        luts = [_code_lut(values(gather.input[0]), tables[gather.input[0]]) for gather, _ in sides]
+        if any(lut is None for lut in luts):
+            continue
+        for (gather, dq), lut in zip(sides, luts):
+            lut_name, wide = f"{gather.input[0]}/folded_by_code", f"{gather.output[0]}/int32"
+            if lut_name not in {t.name for t in graph.initializer}:
+                graph.initializer.append(numpy_helper.from_array(lut, lut_name))
+            cast = helper.make_node("Cast", [gather.output[0]], [wide], name=f"{dq.name}/to_int32",
+                                    to=TensorProto.INT32)
+            look = helper.make_node("Gather", [lut_name, wide], [dq.output[0]], name=f"{dq.name}/folded")
+            edits.append((dq, (cast, look)))
+        summed = f"{add.output[0]}/int32"
+        scale_name, zero_name = f"{add.name}/entry_scale", f"{add.name}/entry_zero_point"
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, dtype=np.float32), scale_name),
+                                  numpy_helper.from_array(np.array(0, dtype=np.int32), zero_name)])
+        dq = helper.make_node("DequantizeLinear", [summed, scale_name, zero_name], [add.output[0]],
+                              name=f"{add.name}/DequantizeLinear")
+        add.output[0] = summed
+        edits.append((add, (add, dq)))
+        rewritten += 1
+    rewrite_nodes(graph, edits)
+    return rewritten
+
+
+def _table_lookup(name: str, tables: dict, producer: dict, readers: dict) -> "tuple | None":
+    """(the Gather, the DequantizeLinear after it) where ``name`` is a lookup of one of
+    ``tables``'s codes, dequantized and then only moved; else None."""
+    node = producer.get(name)
+    while node is not None and node.op_type in ENTRY_MOVES:
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "DequantizeLinear" or len(readers.get(node.output[0], [])) != 1:
+        return None
+    gather = producer.get(node.input[0])
+    if gather is None or gather.op_type != "Gather" or gather.input[0] not in tables:
+        return None
+    return gather, node
+
+
+def _code_lut(codes, folded) -> "np.ndarray | None":
+    """The 256 int32 values, indexed by an 8-bit code as ONNX's ``Gather`` indexes (a negative
+    index counts from the end), that map ``codes`` onto ``folded``; None where one code has two
+    folded values (a per-channel grid) or the shapes differ."""
+    folded = np.asarray(folded)
+    if codes is None or codes.shape != folded.shape or codes.dtype not in (np.int8, np.uint8):
+        return None
+    lut = np.zeros(256, dtype=np.int32)
+    flat_codes, flat_folded = codes.reshape(-1).astype(np.int64), folded.reshape(-1).astype(np.int64)
+    order = np.argsort(flat_codes, kind="stable")
+    sorted_codes, sorted_folded = flat_codes[order], flat_folded[order]
+    first = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
+    group = np.cumsum(first) - 1
+    if not np.array_equal(sorted_folded, sorted_folded[first][group]):
+        return None  # a code with two folded values
+    lut[sorted_codes[first] % 256] = sorted_folded[first]
+    return lut

@@ -26,8 +26,8 @@ from torch import nn
 from qswap.errors import DependencyError, ExportError
 from qswap.export.compact import compact as compact_graph
 from qswap.export.encoders import encoder_graph
-from qswap.export.graph_passes import (code_caches, fold_constant_scales, gather_codes, linear_as_gemm,
-                                        quantize_by_inverse, relu_lookups, shapes_of_codes)
+from qswap.export.graph_passes import (code_caches, fold_constant_scales, gather_codes, integer_entry,
+                                        linear_as_gemm, quantize_by_inverse, relu_lookups, shapes_of_codes)
 from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
 from qswap.io.atomic import atomic_write_bytes
 from qswap.quant.fake_quantize import FakeQuantize
@@ -70,12 +70,14 @@ def export_encoder(qmodel: nn.Module, path: "str | os.PathLike[str]", example: d
 
 
 def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]", inputs: tuple,
-                  outputs: tuple, dynamic_axes: dict, opset: int = OPSET, *, compact: bool = True) -> Path:
+                  outputs: tuple, dynamic_axes: dict, opset: int = OPSET, *, compact: bool = True,
+                  entry: "tuple[dict, float] | None" = None) -> Path:
     """Swap ``graph``'s quantizers for their ONNX stand-ins (in place: pass a copy), record the
     weight and bias codes with one eager forward on ``args``, trace, compact the graph without
     changing its values (``qswap.export.compact``: 4-bit weight codes stored as INT4, opset 21)
     and write ``path`` atomically. ``compact=False`` writes torch's graph as traced (int8 codes,
-    opset ``opset``): the reference the compaction is tested against."""
+    opset ``opset``): the reference the compaction is tested against. ``entry``: (code table
+    initializer -> folded int32 table, their grid) for ``graph_passes.integer_entry``."""
     stand_ins = swap_in_stand_ins(graph)
     with torch.no_grad(), warnings.catch_warnings():
         # the Python booleans the trace fixes (beam size 1, the position table's size) are
@@ -93,6 +95,8 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
     relu_lookups(model)
     shapes_of_codes(model)
     linear_as_gemm(model)
+    if entry is not None:
+        integer_entry(model, *entry)
     if compact:
         compact_graph(model, {f"{name}.codes" for name, m in graph.named_modules(remove_duplicate=False)
                               if isinstance(m, WeightDQ) and m.four_bit})

@@ -214,3 +214,56 @@ def test_a_second_step_graph_on_the_same_model_computes_the_same_step(setup):
         out_first, out_second = first(*args), second(*args)
     assert len(out_first) == len(out_second)
     assert all(torch.equal(a, b) for a, b in zip(out_first, out_second))
+
+
+def test_the_step_adds_the_integer_models_entry_tables_in_int32(setup, tmp_path):
+    """The decoder's entry (embed_scale x token row + position row) runs as the integer model
+    defines it (``folded_tables``: int32 rows on the grid 2^-16 of its readers' finest, added):
+    the graph's DequantizeLinear of the sum gives exactly those int32 sums times that grid, at
+    every step, and the deploy audit finds no float ``Add`` in the step graph."""
+    import onnx
+
+    from qswap.export.decoder_step import entry_tables
+    from qswap.export.onnx_audit import audit_onnx
+    from qswap.nn.fairseq.decoder import decoder_stream
+
+    qmodel, encoder_out, path, cross = setup
+    tables, grid = entry_tables(qmodel.decoder)
+    tokens_table, positions_table, scale = qmodel.decoder.folded_tables()
+    assert grid == scale
+    model = onnx.load(str(path))
+    adds = {n.output[0] for n in model.graph.node if n.op_type == "Add"}
+    entry = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in adds]
+    assert len(entry) == 1  # the one Add a DequantizeLinear reads (QuantizeLinear nodes read the residual adds)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(entry[0].output[0], onnx.TensorProto.FLOAT, None))
+    probe = tmp_path / "probe.onnx"
+    onnx.save(model, str(probe))
+    session = load_session(probe, level="disabled")
+    inputs, outputs = names(len(qmodel.decoder.layers))
+    layers = len(qmodel.decoder.layers)
+    tokens = torch.tensor([[2, 5, 9, 11], [2, 6, 6, 30], [2, 40, 12, 5]])
+    feeds = {"encoder_padding_mask": encoder_out["encoder_padding_mask"][0].numpy(),
+             **dict(zip(inputs[2 + 2 * layers:], cross))}
+    cache = [c.numpy() for c in empty_cache(qmodel, 3)]
+    for t in range(1, tokens.shape[1] + 1):
+        *outs, entry_values = session.run([*outputs, entry[0].output[0]], {
+            "tokens": tokens[:, :t].numpy(), **feeds, **dict(zip(inputs[2:2 + 2 * layers], cache))})
+        cache = outs[1:]
+        stream = decoder_stream(tokens_table, positions_table, qmodel.decoder.padding_idx, tokens[:, :t], True)
+        expected = (stream.double() * scale).float().numpy()  # (1, B, C)
+        assert np.array_equal(entry_values.reshape(expected.shape), expected)
+    report = audit_onnx(path, site_prefix="decoder.")
+    assert "Add" not in report.float_ops and report.integer_ops.get("Add") == 1
+
+
+def test_a_decoder_whose_entry_has_no_integer_form_keeps_the_float_add():
+    """Unquantized token or position tables (a recipe that leaves the embedding float): no int32
+    tables to add, ``entry_tables`` says so and the export keeps the float ``Add``."""
+    from qswap.export.decoder_step import entry_tables
+
+    recipe = {"version": 1, "name": "w8a8_float_embeddings",
+              "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8, "symmetric": False}},
+              "rules": [{"match": {"class": ["Embedding"]}, "skip": True}]}
+    model = qswap.convert(build_s2t_transformer(), qswap.load_recipe(recipe))
+    qswap.calibrate(model, [s2t_net_input(2, 40, seed=s) for s in range(2)])
+    assert entry_tables(model.decoder) is None

@@ -17,8 +17,8 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from qswap.export.graph_passes import (UNIT_SCALE, code_caches, fold_constant_scales,  # noqa: E402
-                                      gather_codes, linear_as_gemm, quantize_by_inverse, relu_lookups,
-                                      shapes_of_codes)
+                                      gather_codes, integer_entry, linear_as_gemm, quantize_by_inverse,
+                                      relu_lookups, shapes_of_codes)
 from qswap.export.onnx import load_session  # noqa: E402
 
 
@@ -365,3 +365,67 @@ def test_a_concatenation_that_fails_halfway_leaves_no_codes_behind(tmp_path):
     assert [n.op_type for n in model.graph.node].count("Concat") == 1
     for got, want in zip(run(model), before):
         np.testing.assert_array_equal(got, want)
+
+
+def entry_graph(codes_a, codes_b, s_a: float, s_b: float):
+    """``Gather(a, i) -> DequantizeLinear`` plus ``Gather(b, j) -> DequantizeLinear -> Expand``,
+    added: the decoder entry's shape (token rows times a folded scale, plus position rows)."""
+    zero = np.uint8 if codes_a.dtype == np.uint8 else np.int8
+    nodes = [helper.make_node("Gather", ["a", "i"], ["rows_a"], name="tokens/Gather"),
+             helper.make_node("DequantizeLinear", ["rows_a", "s_a", "z"], ["x_a"], name="tokens/DequantizeLinear"),
+             helper.make_node("Gather", ["b", "j"], ["rows_b"], name="positions/Gather"),
+             helper.make_node("DequantizeLinear", ["rows_b", "s_b", "z"], ["x_b"], name="positions/DequantizeLinear"),
+             helper.make_node("Expand", ["x_b", "shape"], ["x_b_wide"], name="positions/Expand"),
+             helper.make_node("Add", ["x_a", "x_b_wide"], ["y"], name="entry/Add")]
+    inits = [numpy_helper.from_array(codes_a, "a"), numpy_helper.from_array(codes_b, "b"),
+             scalar("s_a", s_a, np.float32), scalar("s_b", s_b, np.float32), scalar("z", 0, zero),
+             numpy_helper.from_array(np.array([3, codes_a.shape[1]], np.int64), "shape")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("i", TensorProto.INT64, [3]),
+                                       helper.make_tensor_value_info("j", TensorProto.INT64, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, codes_a.shape[1]])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def folded(codes, s: float, grid: float) -> np.ndarray:
+    """Each code's value rounded half to even onto ``grid`` (what folded_tables computes)."""
+    return np.round(codes.astype(np.float64) * np.float64(np.float32(s)) / grid).astype(np.int32)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8])
+def test_an_entry_of_two_lookups_is_added_in_int32_on_the_folded_grid(dtype, tmp_path):
+    """The pass looks each code up in a 256-value table of its folded value (negative int8 codes
+    index from the end, as ONNX's Gather does) and adds the rows in int32: the output is the
+    folded rows' sum times the grid, exactly, at every optimization level."""
+    rng = np.random.default_rng(5)
+    low, high = (-128, 128) if dtype == np.int8 else (0, 256)
+    codes_a, codes_b = (rng.integers(low, high, shape).astype(dtype) for shape in ((40, 6), (30, 6)))
+    s_a, s_b, grid = 0.0371, 0.0113, 0.05 * 2.0 ** -16
+    model = entry_graph(codes_a, codes_b, s_a, s_b)
+    tables = {"a": folded(codes_a, s_a, grid), "b": folded(codes_b, s_b, grid)}
+    assert integer_entry(model, tables, grid) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Cast") == 2 and ops.count("DequantizeLinear") == 1 and ops.index("Add") < ops.index(
+        "DequantizeLinear")
+    i, j = np.array([0, 17, 39]), np.array([29])
+    expected = ((tables["a"][i].astype(np.int64) + tables["b"][j]) * np.float32(grid)).astype(np.float32)
+    for level in ("disabled", "all"):
+        path = tmp_path / f"entry_{level}.onnx"
+        onnx.save(model, str(path))
+        got = load_session(path, level=level).run(["y"], {"i": i, "j": j})[0]
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_an_entry_whose_folded_table_is_not_a_function_of_its_codes_stays_float():
+    """One code with two folded values (a table on per-row grids): no lookup can give them, so
+    the pass leaves the float Add; a table of another shape, or a name the pass is not given,
+    likewise."""
+    rng = np.random.default_rng(6)
+    codes_a, codes_b = rng.integers(-128, 128, (40, 6)).astype(np.int8), rng.integers(-128, 128, (30, 6)).astype(np.int8)
+    grid = 2.0 ** -20
+    per_row = folded(codes_a, 0.03, grid) * np.arange(1, 41, dtype=np.int32)[:, None]
+    for tables in ({"a": per_row, "b": folded(codes_b, 0.01, grid)},
+                   {"a": folded(codes_a, 0.03, grid)[:20], "b": folded(codes_b, 0.01, grid)},
+                   {"a": folded(codes_a, 0.03, grid)}):
+        model = entry_graph(codes_a, codes_b, 0.03, 0.01)
+        assert integer_entry(model, tables, grid) == 0
+        assert [n.op_type for n in model.graph.node].count("DequantizeLinear") == 2

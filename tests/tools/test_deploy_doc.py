@@ -104,3 +104,29 @@ def test_the_page_says_what_the_machine_was_doing_when_the_speed_run_started():
     assert "ended: python at 99% of a core" in deploy_doc.machine_state(busy_later)
     assert "oversubscription" in deploy_doc.trust_note(busy_later, sp)
     assert "idle when it started and when its timings ended" in deploy_doc.trust_note({**idle, "busy_at_end": []}, sp)
+
+
+def test_the_large_sets_rows_render_with_the_target_and_the_intervals_that_hold_it():
+    """``--wer-large``'s rows: one table row each, the target judged on |ΔWER|, and the closing
+    count of rows whose whole interval lies within the target (not only their point)."""
+    import copy
+    import json
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    result = json.loads((docs / "deploy.json").read_text())
+    assert "Measured by `cmd-large`" not in deploy_doc.render(result)
+
+    def row(recipe, subset, delta, lo, hi):
+        return {"recipe": recipe, "subset": subset, "wer_fake_quant": 5.0, "wer_onnxruntime": 5.0 + delta,
+                "delta": delta, "delta_ci": [lo, hi], "utterances": 1000, "same_transcripts": 900}
+
+    large = copy.deepcopy(result)
+    large["wer_large"] = {"command": "cmd-large", "rows": [
+        row("w8a8", "test_large", 0.1, -0.2, 0.25), row("w8a8", "test_heldout_large", -0.2, -0.6, 0.2),
+        row("w4a8", "test_large", 0.5, 0.1, 0.9), {"recipe": "searched", "error": "no export"}]}
+    page = deploy_doc.render(large)
+    assert "| w8a8 | test_large | 5.00 | 5.10 | +0.10 [-0.20, +0.25] | 900/1000 | met |" in page
+    assert "| w8a8 | test_heldout_large | 5.00 | 4.80 | -0.20 [-0.60, +0.20] | 900/1000 | met |" in page
+    assert "| w4a8 | test_large | 5.00 | 5.50 | +0.50 [+0.10, +0.90] | 900/1000 | **not met** |" in page
+    assert "2 of 3 rows meet the target by their ΔWER; the 95 % interval lies within ±0.3 in 1 of them" in page
+    assert "Measured by `cmd-large`" in page
+    assert page.index("cmd-large") < page.index("Agreement of each graph")  # beside the 100-utterance rows
