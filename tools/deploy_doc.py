@@ -28,8 +28,8 @@ WER with every activation scale moved by one float32 ulp (how far its WER moves 
 alone), and the deploy audit of every recipe's export; it is stored in --json beside the other
 sections and the page re-rendered.
 
-``--wer-large`` measures only the WER rows on the two large shipped sets (1,000 utterances each,
-``qswap.demo.LARGE_SUBSETS``: 1,000 and 600 utterances; minutes): the same exports and decodes as ``--wer-only``'s
+``--wer-large`` measures only the WER rows on the two large shipped sets
+(``qswap.demo.LARGE_SUBSETS``: 1,000 and 600 utterances; minutes): the same exports and decodes as ``--wer-only``'s
 rows, where the fake-quant model's own rounding spread is smaller than on 100 utterances; stored
 in --json beside the other sections and the page re-rendered.
 
@@ -68,13 +68,13 @@ from qswap.integration import data as fdata  # noqa: E402
 from qswap.integration.bootstrap import Bootstrap, delta_interval, significant  # noqa: E402
 from qswap.integration.decode import decode  # noqa: E402
 from qswap.integration.metrics import error_counts, utterance_word_errors  # noqa: E402
+from qswap.demo import LARGE_SUBSETS  # noqa: E402
 from qswap.io.atomic import atomic_write_text  # noqa: E402
 from qswap.recipe.loader import shipped_recipe_names  # noqa: E402
 
 ASSET = ROOT / "qswap" / "assets" / "s2t_demo"
 WER_RECIPES = {"w8a8": "w8a8", "w4a8": "w4a8", "searched": str(ASSET / "searched.yaml")}
 SUBSETS = ("test", "test_heldout")
-LARGE_SUBSETS = ("test_large", "test_heldout_large")  # qswap.demo.LARGE_SUBSETS
 BEAM = 5
 CALIB_BATCHES = 4
 TARGETS = {"encoder_vs_torch": 2.0, "encoder_vs_ort_fp32": 1.6, "decode_vs_torch": 1.5,

@@ -279,7 +279,9 @@ def entry_tables(decoder: nn.Module) -> "tuple[dict, float] | None":
     folds in the step graph, and that grid: what ``graph_passes.integer_entry`` adds in int32.
     None where the decoder's entry has no integer form (unquantized tables or readers, a
     structure or bound ``folded_tables`` refuses): the float ``Add`` stays, and the deploy audit
-    lists it."""
+    lists it. A sum beyond 2^24 on that grid (256 steps of the finest reader: outside its 8-bit
+    range) reaches the readers as a float32, rounded by a relative 2^-24: a coarser reader's code
+    can differ from the integer model's only at such a value's near-tie."""
     from qswap.errors import QswapError
 
     if not hasattr(decoder, "folded_tables") or not decoder._has_integer_entry() or not decoder.layers:

@@ -62,12 +62,14 @@ dividing): a ``Mul`` by ``1 / s`` before it keeps the float passes.
 plus a position row, traces to a float ``Add`` of two ``DequantizeLinear`` outputs (their grids
 differ, and the sum lands on neither). The integer model (``QTransformerDecoderScriptable.
 folded_tables``) adds the two rows in int32 on a grid 2^-16 of the finest grid that reads the
-sum, each table rounded onto it once. The pass writes exactly that: each table's codes, looked
+sum, each table rounded onto it once. The pass adds exactly that int32 sum: each table's codes, looked
 up as before, go through a ``Cast`` to int32 and a ``Gather`` from a table of 256 int32 values
 (the folded value of each code: one per code, or the pass leaves the ``Add`` float), the two
 are added in int32 and one ``DequantizeLinear`` of that grid hands the sum to its readers'
-``QuantizeLinear`` nodes. The lookup keeps the int8 (or INT4) codes in the file: the folded
-tables themselves, int32, would add four bytes per table entry.
+``QuantizeLinear`` nodes. Those round half to even where the integer model's requantization
+rounds a tie up: the codes differ only where the sum lies exactly halfway between two of a
+reader's steps. The lookup keeps the int8 (or INT4) codes in the file: the folded tables
+themselves, int32, would add four bytes per table entry.
 
 ``linear_as_gemm``: a linear layer traces to ``MatMul(x, Transpose(W))`` and an ``Add`` of the
 bias, on (T, B, C) inputs. onnxruntime fuses the QDQ MatMul alone (``MatMulIntegerToFloat``: a
@@ -537,26 +539,29 @@ def integer_entry(model, tables: dict, scale: float) -> int:
     """Add two table lookups in int32 (in place; module docstring). ``tables``: the name of a
     per-tensor code table's initializer -> its folded int32 table (same shape: each code's value
     on the grid ``scale``). An ``Add`` is rewritten where each of its inputs comes from a
-    single-reader ``DequantizeLinear`` of a ``Gather`` from one of these tables, through
-    ``ENTRY_MOVES`` ops only, and each folded table is a function of its codes (a value per
+    ``DequantizeLinear`` of a ``Gather`` from one of these tables, through ``ENTRY_MOVES`` ops
+    only, every value between them read by the next node alone, and each folded table is a function of its codes (a value per
     code). Returns the number of ``Add`` nodes rewritten."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     producer, readers, values = index_graph(graph)
+    outputs = {out.name for out in graph.output}
     edits: list[tuple] = []
+    retyped: set[str] = set()  # values that were float and are int32 now
     rewritten = 0
     for add in graph.node:
         if add.op_type != "Add":
             continue
-        sides = [_table_lookup(name, tables, producer, readers) for name in add.input[:2]]
+        sides = [_table_lookup(name, tables, producer, readers, outputs) for name in add.input[:2]]
         if None in sides:
             continue
-        luts = [_code_lut(values(gather.input[0]), tables[gather.input[0]]) for gather, _ in sides]
+        luts = [_code_lut(values(gather.input[0]), tables[gather.input[0]]) for gather, _, _ in sides]
         if any(lut is None for lut in luts):
             continue
-        for (gather, dq), lut in zip(sides, luts):
-            lut_name, wide = f"{gather.input[0]}/folded_by_code", f"{gather.output[0]}/int32"
+        for (gather, dq, chain), lut in zip(sides, luts):
+            retyped.update(chain)
+            lut_name, wide = f"{gather.input[0]}/folded_by_code", f"{dq.name}/codes_int32"
             if lut_name not in {t.name for t in graph.initializer}:
                 graph.initializer.append(numpy_helper.from_array(lut, lut_name))
             cast = helper.make_node("Cast", [gather.output[0]], [wide], name=f"{dq.name}/to_int32",
@@ -573,21 +578,31 @@ def integer_entry(model, tables: dict, scale: float) -> int:
         edits.append((add, (add, dq)))
         rewritten += 1
     rewrite_nodes(graph, edits)
+    if retyped:  # a float type recorded for a value that now holds int32 would fail the load
+        kept = [v for v in graph.value_info if v.name not in retyped]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
     return rewritten
 
 
-def _table_lookup(name: str, tables: dict, producer: dict, readers: dict) -> "tuple | None":
-    """(the Gather, the DequantizeLinear after it) where ``name`` is a lookup of one of
-    ``tables``'s codes, dequantized and then only moved; else None."""
+def _table_lookup(name: str, tables: dict, producer: dict, readers: dict, outputs: set) -> "tuple | None":
+    """(the Gather, the DequantizeLinear after it, the values from the DequantizeLinear's output
+    to ``name``) where ``name`` is a lookup of one of ``tables``'s codes, dequantized and then
+    only moved, each value of the chain read by the next node alone (the chain turns int32: no
+    other reader, no graph output); else None."""
+    chain = [name]
     node = producer.get(name)
     while node is not None and node.op_type in ENTRY_MOVES:
+        chain.append(node.input[0])
         node = producer.get(node.input[0])
-    if node is None or node.op_type != "DequantizeLinear" or len(readers.get(node.output[0], [])) != 1:
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    if any(len(readers.get(value, [])) != 1 or value in outputs for value in chain):
         return None
     gather = producer.get(node.input[0])
     if gather is None or gather.op_type != "Gather" or gather.input[0] not in tables:
         return None
-    return gather, node
+    return gather, node, chain
 
 
 def _code_lut(codes, folded) -> "np.ndarray | None":

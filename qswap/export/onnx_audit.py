@@ -8,8 +8,9 @@ Every node of the optimized graph falls in one bucket:
 bucket       nodes
 ===========  ===============================================================================
 integer      integer kernels (QLinear*, MatMulInteger, ConvInteger, MatMulIntegerToFloat...), and
-             arithmetic on integer tensors whose result a DequantizeLinear reads (codes computed
-             in integers: the decoder step's int32 entry, ``graph_passes.integer_entry``)
+             arithmetic (not a ``Cast``, not of constants alone) on integer tensors whose result a
+             DequantizeLinear reads: codes computed in integers (the decoder step's int32
+             entry, ``graph_passes.integer_entry``)
 quantize     QuantizeLinear / DequantizeLinear (conversions between the grid and floats), and a
              ``Mul`` by a constant read only by QuantizeLinear nodes of unit scale (the
              quantizer's ``x * (1 / s)``: ``qswap.export.graph_passes.quantize_by_inverse``)
@@ -142,10 +143,12 @@ def audit_onnx(path: "str | os.PathLike[str]", *, level: str = "extended", site_
     float_ops: Counter = Counter()
     quantizer_muls = _quantizer_muls(model.graph)
     dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    constants = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
         bucket, reason = ("quantize", "") if node.output[0] in quantizer_muls else _classify(node, dtypes)
-        if bucket == "index" and node.output[0] in dequantized:
-            bucket = "integer"  # its integer result is a quantized value's codes
+        if (bucket == "index" and node.output[0] in dequantized and node.op_type != "Cast"
+                and not all(name in constants for name in node.input if name)):
+            bucket = "integer"  # arithmetic whose integer result a DequantizeLinear reads as codes
         buckets[bucket] += 1
         if bucket == "integer":
             integer_ops[node.op_type] += 1

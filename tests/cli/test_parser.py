@@ -6,18 +6,18 @@ from qswap.cli import build_parser
 from qswap.nn.simulate import SIMULATIONS
 
 
-def _choices(command: str, option: str) -> tuple:
+def _choices(command: str, option: str):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-    return tuple(next(a for a in sub._actions if option in a.option_strings).choices)
+    return next(a for a in sub._actions if option in a.option_strings).choices
 
 
 def test_calibrate_observe_offers_the_library_modes():
-    assert _choices("calibrate", "--observe") == OBSERVE
+    assert _choices("calibrate", "--observe") is OBSERVE
 
 
 def test_eval_simulate_offers_the_library_simulations():
-    assert _choices("eval", "--simulate") == SIMULATIONS
+    assert _choices("eval", "--simulate") is SIMULATIONS
 
 
 @pytest.mark.parametrize("argv", [["calibrate", "q.pt", "--data", "d", "-o", "o.pt", "--observe", "fp32"],

@@ -429,3 +429,35 @@ def test_an_entry_whose_folded_table_is_not_a_function_of_its_codes_stays_float(
         model = entry_graph(codes_a, codes_b, 0.03, 0.01)
         assert integer_entry(model, tables, grid) == 0
         assert [n.op_type for n in model.graph.node].count("DequantizeLinear") == 2
+
+
+def test_an_entry_whose_moved_rows_another_node_reads_stays_float():
+    """The moved position rows (the Expand's output) also read by a float Mul: turning them int32
+    would hand that reader integers, so the pass leaves the Add."""
+    rng = np.random.default_rng(7)
+    codes_a, codes_b = rng.integers(-128, 128, (40, 6)).astype(np.int8), rng.integers(-128, 128, (30, 6)).astype(np.int8)
+    grid = 2.0 ** -20
+    model = entry_graph(codes_a, codes_b, 0.03, 0.01)
+    model.graph.node.append(helper.make_node("Mul", ["x_b_wide", "s_b"], ["other"], name="other/Mul"))
+    model.graph.output.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, [3, 6]))
+    assert integer_entry(model, {"a": folded(codes_a, 0.03, grid), "b": folded(codes_b, 0.01, grid)}, grid) == 0
+
+
+def test_an_entry_drops_the_float_types_recorded_for_the_values_it_makes_int32(tmp_path):
+    """A ``value_info`` naming the moved rows FLOAT would make onnxruntime refuse the rewritten
+    graph (they hold int32 now): the pass drops it, keeps the others, and the graph runs."""
+    rng = np.random.default_rng(8)
+    codes_a, codes_b = rng.integers(-128, 128, (40, 6)).astype(np.int8), rng.integers(-128, 128, (30, 6)).astype(np.int8)
+    grid = 2.0 ** -20
+    model = entry_graph(codes_a, codes_b, 0.03, 0.01)
+    model.graph.value_info.extend([helper.make_tensor_value_info("x_b_wide", TensorProto.FLOAT, [3, 6]),
+                                   helper.make_tensor_value_info("x_a", TensorProto.FLOAT, [3, 6]),
+                                   helper.make_tensor_value_info("rows_a", TensorProto.INT8, [3, 6])])
+    tables = {"a": folded(codes_a, 0.03, grid), "b": folded(codes_b, 0.01, grid)}
+    assert integer_entry(model, tables, grid) == 1
+    assert [v.name for v in model.graph.value_info] == ["rows_a"]
+    path = tmp_path / "entry.onnx"
+    onnx.save(model, str(path))
+    i, j = np.array([1, 2, 3]), np.array([4])
+    expected = ((tables["a"][i].astype(np.int64) + tables["b"][j]) * np.float32(grid)).astype(np.float32)
+    np.testing.assert_array_equal(load_session(path, level="all").run(["y"], {"i": i, "j": j})[0], expected)
