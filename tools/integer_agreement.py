@@ -254,6 +254,11 @@ def measure() -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     rows.append(("rescaled add", "int8 affine", *_add()))
     for recipe in ("w8a8", "w8a8_per_channel"):
         rows.append(("fairseq s2t_transformer encoder (2 layers, untrained)", recipe, *_s2t_encoder(recipe)))
+    per_group = {"version": 1, "name": "w4a8_per_group", "defaults": {  # last: the rows above keep their draws
+        "weight": {"bits": 4, "granularity": "per_group", "axis": -1, "group_size": 16},
+        "activation": {"bits": 8, "symmetric": False}}}
+    rows.append(("QLinear 48->32, 4-bit weights per group of 16", "w4a8_per_group",
+                 *_chain(nn.Linear(48, 32), x48, per_group, 32)))
     return rows
 
 

@@ -14,7 +14,7 @@ from qswap.nn.registry import register
 from qswap.nn.simulate import (cached, centered_codes, forget, form_or_none, grid_of, onto_grid, reader_grid,
                                 requants_to, simulates, straight_through, stream_grid_of, values_onto)
 from qswap.quant.bias import BiasQuantize, quantized_pair
-from qswap.quant.fake_quantize import consume
+from qswap.quant.fake_quantize import FakeQuantize, consume
 
 
 class _Weighted(QuantModule):
@@ -250,15 +250,22 @@ def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Te
     ``weight_shape``: the codes' shape in the form where ``weight`` is quantized in another one
     (a folded BatchNorm's (C,) scale, quantized as the fake-quant forward quantizes it, as a
     depthwise 1x1 convolution's (C, 1, 1) weight)."""
-    from qswap.quant.integer import Requant, check_bound, weight_codes
-    w_codes, w_scale = weight_codes(weight_quant, weight)
+    from qswap.errors import IntegerizeError
+    from qswap.quant.integer import Requant, check_bound, group_weight_codes, weight_codes
+    span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
+    if isinstance(weight_quant, FakeQuantize) and weight_quant.enabled and weight_quant.spec.granularity == "per_group":
+        if form is not None or weight_shape is not None:
+            raise IntegerizeError(f"{weight_quant.spec.short()} weights have an integer form in a Linear "
+                                  f"only; use per_tensor or per_channel here")
+        w_codes, w_scale = group_weight_codes(weight_quant, weight, span=span, in_scale=grid_in.scale, bias=bias)
+    else:
+        w_codes, w_scale = weight_codes(weight_quant, weight)
     if weight_shape is not None:
         w_codes, weight = w_codes.reshape(weight_shape), weight.reshape(weight_shape)
     acc_scale = torch.tensor(grid_in.scale, dtype=torch.float32) * w_scale  # float32, as BiasQuantize
     codes = None
     if bias is not None:
         codes = torch.round(bias.detach() / acc_scale).clamp(-(2 ** 31), 2 ** 31 - 1).to(torch.int32)
-    span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
     bias_max = 0 if codes is None else int(codes.to(torch.int64).abs().max())
     check_bound(f"{'Conv' if conv else 'Linear'} of fan-in {weight[0].numel()} -> {weight.shape[0]}",
                 weight[0].numel() * span * int(w_codes.to(torch.int64).abs().max()) + bias_max)

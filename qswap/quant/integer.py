@@ -886,6 +886,59 @@ def weight_codes(quantizer, weight: torch.Tensor, *, symmetric: bool = True) -> 
     return codes, quantizer.scale.detach().reshape(-1) if quantizer.scale.numel() > 1 else quantizer.scale.detach()
 
 
+GROUP_SHIFT_MAX = 14  # fraction bits of a per-group weight's multiplier (codes times it stay int16)
+
+
+def group_weight_codes(quantizer, weight: torch.Tensor, *, span: int, in_scale: float,
+                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear's per-group weight (groups of ``group_size`` along its input axis, group scale
+    ``s[c, g]``, symmetric) as one integer weight on a per-output-channel grid, for ``IntegerLinear``.
+
+    Definition: each row's reference scale ``S[c] = max_g s[c, g]``; each group's multiplier
+    ``m[c, g] = round_half_even(s[c, g] / S[c] * 2^k)``, an integer in [0, 2^k] (a group 2^(k+1)
+    times finer than its row's coarsest gets 0); the integer weight ``code[c, i] * m[c, g(i)]``
+    (int16), on the grid ``S[c] * 2^-k``. The accumulator is then ``sum_g m[c, g] * sum_{i in g}
+    (x_i - zp) code_i`` (each group's int32 partial sum scaled by its multiplier, summed), exact in
+    int32, followed by the per-channel requantization every linear has. ``k`` is the largest of
+    ``GROUP_SHIFT_MAX`` .. 0 with ``max|code| * 2^k <= 32767`` and ``fan_in * span * max|code| * 2^k
+    + max|bias code| < 2^31`` (``span``: the input grid's largest ``|x - zp|``; the bias rounded onto
+    ``in_scale * S[c] * 2^-k``, as ``integer_linear`` rounds it). The effective weight ``code * S[c] *
+    m / 2^k`` differs from the fake-quant model's ``code * s[c, g]`` by the multiplier's rounding:
+    at most ``|code| * S[c] * 2^-(k+1)``. The fake-quant model with ``simulate: integer`` computes
+    this form; with ``simulate: float``, its own per-group weights. Returns (int16 weight (out, in),
+    float32 scales (out,))."""
+    from qswap.quant.primitives import channel_axis
+    spec = quantizer.spec
+    if weight.dim() != 2 or channel_axis(weight, spec) != 1:
+        raise IntegerizeError(f"{spec.short()} weights have an integer form along a Linear's input axis "
+                              f"(axis -1) only; got a {weight.dim()}-d weight grouped along axis {spec.channel_axis}")
+    with torch.no_grad():
+        quantizer(weight)  # (re)derives the grid of the current weight
+        codes = quantize(weight, quantizer.scale, quantizer.zero_point, spec).to(torch.int64)  # (out, in)
+    if bool((quantizer.zero_point != 0).any()):
+        raise IntegerizeError(f"{spec.short()} weights have a zero point; integer forms need "
+                              f"symmetric weights (symmetric: true)")
+    out, fan_in = weight.shape
+    groups = fan_in // spec.group_size
+    scale = quantizer.scale.detach().reshape(out, groups).double()  # float32 values
+    row = scale.amax(dim=1)  # (out,) S[c]
+    w_max = int(codes.abs().max()) if codes.numel() else 0
+    magnitude = None if bias is None else bias.detach().double().abs()
+    for shift in range(GROUP_SHIFT_MAX, -1, -1):
+        if w_max << shift > 32767:
+            continue
+        steps = torch.tensor(in_scale, dtype=torch.float32) * (row * 2.0 ** -shift).float()  # integer_linear's
+        bias_max = 0 if magnitude is None else int(torch.round(magnitude / steps.double()).max())
+        if fan_in * span * (w_max << shift) + bias_max <= INT32_MAX:
+            break
+    else:
+        raise IntegerizeError(f"a Linear of fan-in {fan_in} with {spec.short()} weights overflows int32 even "
+                              f"with whole multipliers; reduce the input or weight bit widths")
+    multipliers = torch.round(scale / row[:, None] * 2.0 ** shift).to(torch.int64)  # (out, groups)
+    wide = codes.reshape(out, groups, spec.group_size) * multipliers[:, :, None]
+    return wide.reshape(out, fan_in).to(torch.int16), (row * 2.0 ** -shift).float()
+
+
 def check_bound(what: str, bound: int, limit: int = INT32_MAX) -> None:
     """Raise when an op's largest accumulator (``bound``, from the shapes and code ranges it was
     built for) exceeds ``limit``."""

@@ -289,3 +289,87 @@ def test_simulated_linear_and_conv_are_their_integer_forms(recipe, width):
     centered = (codes.to(torch.int32) - grid_in.zero_point).float()  # zero padding: the input's zero point
     assert torch.equal(form.simulated(centered), form(codes))
     assert torch.equal(form.simulated(centered, grid_out.scale), dequantized(form(codes), grid_out))
+
+
+def per_group_recipe(bits: int, symmetric: bool = True) -> dict:
+    return {"version": 1, "name": f"w{bits}a8_per_group",
+            "defaults": {"weight": {"bits": bits, "symmetric": symmetric, "granularity": "per_group", "axis": -1,
+                                    "group_size": 16},
+                         "activation": {"bits": 8, "symmetric": False}}}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_with_per_group_weights(bits):
+    """A Linear's per-group weights have an integer form (``group_weight_codes``: each group's
+    scale a multiplier of its row's largest, k fraction bits): its codes against the fake-quant
+    counterpart's (float insides, the exact group scales) differ by at most a step, rarely;
+    the simulation's exact GEMMs give the same integers."""
+    from qswap.nn.simulate import dequantized
+    torch.manual_seed(0)
+    x = torch.randn(8, 10, 64)
+    q = converted(nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)), x, qswap.load_recipe(per_group_recipe(bits)))
+    assert q[0].weight_quant.spec.granularity == "per_group"
+    integer, reference = agreement(q[0], q[1].input_quant, x)
+    diff = steps(integer, reference)
+    assert int(diff.max()) <= 1
+    # the multipliers keep k fraction bits, as many as int16 products allow: 11 or 12 for 4-bit
+    # codes, 8 for 8-bit ones, whose rounding moves a few outputs across a rounding boundary
+    assert float((diff == 0).float().mean()) > (0.99 if bits == 4 else 0.95)
+    grid_in, grid_out = Grid.of(q[0].input_quant), Grid.of(q[1].input_quant)
+    form = q[0].to_integer(grid_out)
+    assert form.weight.dtype == torch.int16 and form.acc_scale.shape == (32,)
+    codes = grid_in.quantize(x)
+    centered = (codes.to(torch.int32) - grid_in.zero_point).float()
+    assert torch.equal(form.simulated(centered), form(codes))
+    assert torch.equal(form.simulated(centered, grid_out.scale), dequantized(form(codes), grid_out))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_per_group_weights_are_their_codes_times_whole_multipliers(bits):
+    """The definition of ``group_weight_codes``: int16 weights ``code * m`` with ``m`` in [0, 2^k]
+    per (row, group), on ``S * 2^-k`` (S: the row's largest group scale); each effective weight
+    within ``|code| * S * 2^-(k+1)`` of the fake-quant weight; k the largest that keeps the
+    products in int16 and the accumulator in int32."""
+    from qswap.quant.integer import GROUP_SHIFT_MAX, INT32_MAX, group_weight_codes
+    from qswap.quant.primitives import quantize
+    torch.manual_seed(1)
+    x = torch.randn(8, 10, 64)
+    lin = nn.Linear(64, 32)
+    with torch.no_grad():
+        lin.weight[:, :16] *= 20  # one group far coarser than the rest of its row
+    q = converted(nn.Sequential(lin, nn.Linear(32, 8)), x, qswap.load_recipe(per_group_recipe(bits)))
+    wq, grid_in = q[0].weight_quant, Grid.of(q[0].input_quant)
+    span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
+    wide, scale = group_weight_codes(wq, q[0].weight, span=span, in_scale=grid_in.scale, bias=q[0].bias)
+    codes = quantize(q[0].weight, wq.scale, wq.zero_point, wq.spec).to(torch.int64)  # (32, 64)
+    group_scale = wq.scale.detach().reshape(32, 4).double()
+    row = group_scale.amax(dim=1)
+    shift = round(float(torch.log2(row / scale.double()).mean()))
+    assert torch.equal(scale.double(), row * 2.0 ** -shift)
+    multipliers = torch.round(group_scale / row[:, None] * 2.0 ** shift).to(torch.int64)
+    assert int(multipliers.min()) >= 0 and int(multipliers.max()) == 2 ** shift
+    assert torch.equal(wide.to(torch.int64), (codes.reshape(32, 4, 16) * multipliers[:, :, None]).reshape(32, 64))
+    effective = wide.double() * scale.double()[:, None]
+    fake = wq(q[0].weight).detach().double()
+    bound = codes.abs().double() * row[:, None] * 2.0 ** -(shift + 1)
+    assert bool(((effective - fake).abs() <= bound + 1e-12).all())
+    w_max = int(codes.abs().max())
+    fits = w_max << (shift + 1) <= 32767 and 64 * span * (w_max << (shift + 1)) < INT32_MAX
+    assert shift == GROUP_SHIFT_MAX or not fits
+
+
+def test_per_group_weights_without_an_integer_form_are_refused():
+    """A per-group convolution weight, and a per-group weight with zero points: IntegerizeError."""
+    signal = torch.randn(2, 8, 32)
+    recipe = per_group_recipe(4)
+    conv = converted(nn.Sequential(nn.Conv1d(16, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 32, 4)),
+                     torch.randn(2, 16, 32), qswap.load_recipe({**recipe, "defaults": {
+                         **recipe["defaults"], "weight": {**recipe["defaults"]["weight"], "axis": 1}}}))
+    with pytest.raises(IntegerizeError, match="Linear"):
+        conv[0].to_integer(Grid.of(conv[2].input_quant))
+    x = torch.randn(8, 64)
+    q = converted(nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)), x,
+                  qswap.load_recipe(per_group_recipe(4, symmetric=False)))
+    with pytest.raises(IntegerizeError, match="zero point"):
+        q[0].to_integer(Grid.of(q[1].input_quant))
+    del signal
