@@ -124,7 +124,9 @@ class QLinear(_Weighted):
 
     def to_integer(self, out: "Grid | None") -> "IntegerLinear":
         """The integer form of this QLinear writing codes of the grid ``out`` (its consumer's input
-        grid): int8 weight codes, int32 bias codes at ``s_in * s_w`` (the BiasQuantize rounding),
+        grid): int8 weight codes (per-group weights: their codes times each group's multiplier,
+        int16, on a per-channel grid: ``group_weight_codes``), int32 bias codes at ``s_in * s_w``
+        (the BiasQuantize rounding),
         requantization by ``s_in * s_w / s_out`` per tensor or per output channel. With ``out``
         None (a model's last op) it returns the int32 accumulator, whose scale is
         ``IntegerLinear.acc_scale``."""
@@ -224,7 +226,8 @@ def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_
     """The integer form ``to_integer(grid_in, grid_out)`` of ``owner``, a weighted op (its
     ``weight`` or ``weight_v`` and ``weight_g``, ``weight_quant`` and ``bias``), on ``xq``, the
     output of ``input_quant``, writing onto ``out_quant``'s grid, as values (``onto_grid``); None
-    without integer simulation, per-tensor grids or an integer form (e.g. per-group weights).
+    without integer simulation, per-tensor grids or an integer form (e.g. a convolution's
+    per-group weights; a Linear's have one, ``qswap.quant.integer.group_weight_codes``).
     ``channels``: ``out_quant``'s grid may be per channel of the last axis (the op's output
     channels: a linear's)."""
     grid_in = grid_of(input_quant) if simulates(owner) else None
@@ -251,24 +254,27 @@ def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Te
     (a folded BatchNorm's (C,) scale, quantized as the fake-quant forward quantizes it, as a
     depthwise 1x1 convolution's (C, 1, 1) weight)."""
     from qswap.errors import IntegerizeError
-    from qswap.quant.integer import Requant, check_bound, group_weight_codes, weight_codes
+    from qswap.quant.integer import Requant, bias_codes, check_bound, group_weight_codes, weight_codes
     span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
+    row_bound = None
     if isinstance(weight_quant, FakeQuantize) and weight_quant.enabled and weight_quant.spec.granularity == "per_group":
         if form is not None or weight_shape is not None:
             raise IntegerizeError(f"{weight_quant.spec.short()} weights have an integer form in a Linear "
                                   f"only; use per_tensor or per_channel here")
-        w_codes, w_scale = group_weight_codes(weight_quant, weight, span=span, in_scale=grid_in.scale, bias=bias)
+        w_codes, w_scale, row_bound = group_weight_codes(weight_quant, weight, span=span, in_scale=grid_in.scale,
+                                                         bias=bias)
     else:
         w_codes, w_scale = weight_codes(weight_quant, weight)
     if weight_shape is not None:
         w_codes, weight = w_codes.reshape(weight_shape), weight.reshape(weight_shape)
     acc_scale = torch.tensor(grid_in.scale, dtype=torch.float32) * w_scale  # float32, as BiasQuantize
-    codes = None
-    if bias is not None:
-        codes = torch.round(bias.detach() / acc_scale).clamp(-(2 ** 31), 2 ** 31 - 1).to(torch.int32)
+    codes = bias_codes(bias, acc_scale)
     bias_max = 0 if codes is None else int(codes.to(torch.int64).abs().max())
+    # per-group weights: the rows' exact worst case (their k was chosen under it); else the
+    # coarser in_features * span * max|w| + max|b|
     check_bound(f"{'Conv' if conv else 'Linear'} of fan-in {weight[0].numel()} -> {weight.shape[0]}",
-                weight[0].numel() * span * int(w_codes.to(torch.int64).abs().max()) + bias_max)
+                row_bound if row_bound is not None
+                else weight[0].numel() * span * int(w_codes.to(torch.int64).abs().max()) + bias_max)
     requant = None if out is None else Requant.from_scales(acc_scale.double() / out.scale, out.zero_point,
                                                            out.qmin, out.qmax)
     return (form or IntegerLinear)(grid_in.zero_point, w_codes, codes, requant, acc_scale, **conv)
@@ -277,7 +283,8 @@ def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Te
 @serializable(zero_point_in=INT, weight=Tensor("int8", "int16"), bias=Opt(Tensor("int32")),
               requant=Opt(Obj("Requant")), acc_scale=Tensor("float32"))
 class IntegerLinear(nn.Module):
-    """``y = requant(sum_k (x_k - zp_in) w_k + b)``: int8 weights, int32 accumulation and bias
+    """``y = requant(sum_k (x_k - zp_in) w_k + b)``: int8 weights (int16 above 8 bits, and a
+    Linear's per-group weights times their multipliers: ``group_weight_codes``), int32 accumulation and bias
     (bound checked when built: in_features * max|x - zp| * max|w| + max|b| < 2^31), gemmlowp
     requantization (see ``qswap.quant.integer.requantize``), saturating to the output grid; or the
     int32 accumulator itself when built without an output grid (``acc_scale``: its float scale,

@@ -287,8 +287,9 @@ def forget_all(owner: nn.Module) -> bool:
 
 
 def form_or_none(to_integer, *args):
-    """``to_integer(*args)``, a module's integer form, or None where it has none (e.g. per-group
-    weights): its simulation then computes in float, as without ``simulate: integer``."""
+    """``to_integer(*args)``, a module's integer form, or None where it has none (e.g. a
+    convolution's per-group weights): its simulation then computes in float, as without
+    ``simulate: integer``."""
     try:
         return to_integer(*args)
     except IntegerizeError:

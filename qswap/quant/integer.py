@@ -889,54 +889,72 @@ def weight_codes(quantizer, weight: torch.Tensor, *, symmetric: bool = True) -> 
 GROUP_SHIFT_MAX = 14  # fraction bits of a per-group weight's multiplier (codes times it stay int16)
 
 
+def bias_codes(bias: torch.Tensor | None, acc_scale: torch.Tensor) -> torch.Tensor | None:
+    """A weighted op's int32 bias codes on its accumulator's grid ``acc_scale`` (float32, per tensor
+    or per output channel): ``round(bias / acc_scale)`` in float32, half to even (as
+    ``BiasQuantize``), saturated to int32. None without a bias."""
+    if bias is None:
+        return None
+    return torch.round(bias.detach() / acc_scale).clamp(INT32_MIN, INT32_MAX).to(torch.int32)
+
+
 def group_weight_codes(quantizer, weight: torch.Tensor, *, span: int, in_scale: float,
-                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A Linear's per-group weight (groups of ``group_size`` along its input axis, group scale
     ``s[c, g]``, symmetric) as one integer weight on a per-output-channel grid, for ``IntegerLinear``.
 
     Definition: each row's reference scale ``S[c] = max_g s[c, g]``; each group's multiplier
-    ``m[c, g] = round_half_even(s[c, g] / S[c] * 2^k)``, an integer in [0, 2^k] (a group 2^(k+1)
-    times finer than its row's coarsest gets 0); the integer weight ``code[c, i] * m[c, g(i)]``
-    (int16), on the grid ``S[c] * 2^-k``. The accumulator is then ``sum_g m[c, g] * sum_{i in g}
-    (x_i - zp) code_i`` (each group's int32 partial sum scaled by its multiplier, summed), exact in
+    ``m[c, g] = round_half_even(s[c, g] / S[c] * 2^k)``, an integer in [0, 2^k] (a group more than
+    2^(k+1) times finer than its row's coarsest gets 0); the integer weight ``code[c, i] * m[c,
+    g(i)]`` (int16), on the grid ``S[c] * 2^-k``. The accumulator is then ``sum_g m[c, g] * sum_{i in
+    g} (x_i - zp) code_i`` (each group's partial sum scaled by its multiplier, summed), exact in
     int32, followed by the per-channel requantization every linear has. ``k`` is the largest of
-    ``GROUP_SHIFT_MAX`` .. 0 with ``max|code| * 2^k <= 32767`` and ``fan_in * span * max|code| * 2^k
-    + max|bias code| < 2^31`` (``span``: the input grid's largest ``|x - zp|``; the bias rounded onto
-    ``in_scale * S[c] * 2^-k``, as ``integer_linear`` rounds it). The effective weight ``code * S[c] *
-    m / 2^k`` differs from the fake-quant model's ``code * s[c, g]`` by the multiplier's rounding:
-    at most ``|code| * S[c] * 2^-(k+1)``. The fake-quant model with ``simulate: integer`` computes
-    this form; with ``simulate: float``, its own per-group weights. Returns (int16 weight (out, in),
-    float32 scales (out,))."""
+    ``GROUP_SHIFT_MAX`` .. 0 with every integer weight within int16 and, row by row, ``span *
+    sum_i |code_i m| + |bias code| < 2^31`` (``span``: the input grid's largest ``|x - zp|``; the
+    bias codes ``bias_codes`` on ``in_scale * S[c] * 2^-k``, as ``integer_linear`` rounds them): the
+    accumulator's exact worst case over every input of the grid. The effective weight ``code *
+    S[c] * m / 2^k`` differs from the fake-quant model's ``code * s[c, g]`` by the multiplier's
+    rounding: at most ``|code| * S[c] * 2^-(k+1)``. The fake-quant model with ``simulate:
+    integer`` computes this form; with ``simulate: float``, its own per-group weights. Returns
+    (int16 weight (out, in), float32 scales (out,), that row bound: the largest over the rows).
+    IntegerizeError for a scale that is not finite and positive (a learned scale trained to 0 or
+    below), a weight grouped along another axis, or no ``k`` that fits."""
     from qswap.quant.primitives import channel_axis
     spec = quantizer.spec
     if weight.dim() != 2 or channel_axis(weight, spec) != 1:
         raise IntegerizeError(f"{spec.short()} weights have an integer form along a Linear's input axis "
                               f"(axis -1) only; got a {weight.dim()}-d weight grouped along axis {spec.channel_axis}")
+    out, fan_in = weight.shape
+    groups = fan_in // spec.group_size
     with torch.no_grad():
         quantizer(weight)  # (re)derives the grid of the current weight
+    scale = quantizer.scale.detach().reshape(out, groups).double()  # float32 values
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise IntegerizeError(f"{spec.short()} weights need finite positive group scales for an integer form; "
+                              f"got scales down to {float(scale.min()):g}")
+    with torch.no_grad():
         codes = quantize(weight, quantizer.scale, quantizer.zero_point, spec).to(torch.int64)  # (out, in)
     if bool((quantizer.zero_point != 0).any()):
         raise IntegerizeError(f"{spec.short()} weights have a zero point; integer forms need "
                               f"symmetric weights (symmetric: true)")
-    out, fan_in = weight.shape
-    groups = fan_in // spec.group_size
-    scale = quantizer.scale.detach().reshape(out, groups).double()  # float32 values
     row = scale.amax(dim=1)  # (out,) S[c]
-    w_max = int(codes.abs().max()) if codes.numel() else 0
-    magnitude = None if bias is None else bias.detach().double().abs()
+    magnitudes = codes.abs().reshape(out, groups, spec.group_size).sum(dim=2)  # (out, groups)
     for shift in range(GROUP_SHIFT_MAX, -1, -1):
-        if w_max << shift > 32767:
+        multipliers = torch.round(scale / row[:, None] * 2.0 ** shift).to(torch.int64)  # (out, groups)
+        wide = codes.reshape(out, groups, spec.group_size) * multipliers[:, :, None]
+        if int(wide.abs().max()) > 32767:
             continue
-        steps = torch.tensor(in_scale, dtype=torch.float32) * (row * 2.0 ** -shift).float()  # integer_linear's
-        bias_max = 0 if magnitude is None else int(torch.round(magnitude / steps.double()).max())
-        if fan_in * span * (w_max << shift) + bias_max <= INT32_MAX:
-            break
-    else:
-        raise IntegerizeError(f"a Linear of fan-in {fan_in} with {spec.short()} weights overflows int32 even "
-                              f"with whole multipliers; reduce the input or weight bit widths")
-    multipliers = torch.round(scale / row[:, None] * 2.0 ** shift).to(torch.int64)  # (out, groups)
-    wide = codes.reshape(out, groups, spec.group_size) * multipliers[:, :, None]
-    return wide.reshape(out, fan_in).to(torch.int16), (row * 2.0 ** -shift).float()
+        w_scale = (row * 2.0 ** -shift).float()
+        acc_scale = torch.tensor(in_scale, dtype=torch.float32) * w_scale  # integer_linear's
+        biases = bias_codes(bias, acc_scale)
+        rows = span * (magnitudes * multipliers).sum(dim=1)
+        if biases is not None:
+            rows = rows + biases.to(torch.int64).abs()
+        bound = int(rows.max())
+        if bound <= INT32_MAX:
+            return wide.reshape(out, fan_in).to(torch.int16), w_scale, bound
+    raise IntegerizeError(f"a Linear of fan-in {fan_in} with {spec.short()} weights overflows int32 even "
+                          f"with whole multipliers; reduce the input or weight bit widths")
 
 
 def check_bound(what: str, bound: int, limit: int = INT32_MAX) -> None:

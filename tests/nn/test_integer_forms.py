@@ -324,43 +324,85 @@ def test_linear_with_per_group_weights(bits):
     assert torch.equal(form.simulated(centered, grid_out.scale), dequantized(form(codes), grid_out))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_per_group_weights_are_their_codes_times_whole_multipliers(bits):
+def group_k(wide: torch.Tensor, scale: torch.Tensor, row: torch.Tensor) -> int:
+    """The k of a per-group form: its grid is the row's largest group scale times 2^-k."""
+    return round(float(torch.log2(row / scale.double()).mean()))
+
+
+def row_bound(codes, group_scale, row, shift, span, bias, in_scale):
+    """The rows' exact accumulator bound at ``shift`` (and its widest integer weight), computed
+    here from the definition: span * sum |code m| + |bias code|."""
+    from qswap.quant.integer import bias_codes
+    multipliers = torch.round(group_scale / row[:, None] * 2.0 ** shift).to(torch.int64)
+    wide = codes.reshape(codes.shape[0], multipliers.shape[1], -1) * multipliers[:, :, None]
+    acc_scale = torch.tensor(in_scale, dtype=torch.float32) * (row * 2.0 ** -shift).float()
+    biases = bias_codes(bias, acc_scale).to(torch.int64).abs()
+    return int((span * wide.abs().sum(dim=(1, 2)) + biases).max()), int(wide.abs().max())
+
+
+@pytest.mark.parametrize("bits,fan_in,bias_scale,limit", [
+    (4, 64, 1.0, "int16"), (8, 64, 1.0, "int16"),  # the products' int16
+    (8, 16384, 1.0, "int32"),  # a wide fan-in: the rows' accumulator
+    (4, 64, 1e6, "int32")])  # a large bias: its codes in the accumulator
+def test_per_group_weights_are_their_codes_times_whole_multipliers(bits, fan_in, bias_scale, limit):
     """The definition of ``group_weight_codes``: int16 weights ``code * m`` with ``m`` in [0, 2^k]
     per (row, group), on ``S * 2^-k`` (S: the row's largest group scale); each effective weight
     within ``|code| * S * 2^-(k+1)`` of the fake-quant weight; k the largest that keeps the
-    products in int16 and the accumulator in int32."""
+    products in int16 and every row's accumulator (span * sum |code m| + |bias code|) in int32,
+    whichever binds (a wide fan-in, a large bias); the Linear builds with it."""
     from qswap.quant.integer import GROUP_SHIFT_MAX, INT32_MAX, group_weight_codes
     from qswap.quant.primitives import quantize
     torch.manual_seed(1)
-    x = torch.randn(8, 10, 64)
-    lin = nn.Linear(64, 32)
+    x = torch.relu(torch.randn(8, 10, fan_in)) * 3  # a ReLU input: the uint8 grid's full span
+    lin = nn.Linear(fan_in, 32)
     with torch.no_grad():
         lin.weight[:, :16] *= 20  # one group far coarser than the rest of its row
+        lin.bias.mul_(bias_scale)
     q = converted(nn.Sequential(lin, nn.Linear(32, 8)), x, qswap.load_recipe(per_group_recipe(bits)))
     wq, grid_in = q[0].weight_quant, Grid.of(q[0].input_quant)
     span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
-    wide, scale = group_weight_codes(wq, q[0].weight, span=span, in_scale=grid_in.scale, bias=q[0].bias)
-    codes = quantize(q[0].weight, wq.scale, wq.zero_point, wq.spec).to(torch.int64)  # (32, 64)
-    group_scale = wq.scale.detach().reshape(32, 4).double()
+    wide, scale, bound = group_weight_codes(wq, q[0].weight, span=span, in_scale=grid_in.scale, bias=q[0].bias)
+    codes = quantize(q[0].weight, wq.scale, wq.zero_point, wq.spec).to(torch.int64)  # (32, fan_in)
+    groups = fan_in // 16
+    group_scale = wq.scale.detach().reshape(32, groups).double()
     row = group_scale.amax(dim=1)
-    shift = round(float(torch.log2(row / scale.double()).mean()))
+    shift = group_k(wide, scale, row)
     assert torch.equal(scale.double(), row * 2.0 ** -shift)
     multipliers = torch.round(group_scale / row[:, None] * 2.0 ** shift).to(torch.int64)
     assert int(multipliers.min()) >= 0 and int(multipliers.max()) == 2 ** shift
-    assert torch.equal(wide.to(torch.int64), (codes.reshape(32, 4, 16) * multipliers[:, :, None]).reshape(32, 64))
+    assert torch.equal(wide.to(torch.int64), (codes.reshape(32, groups, 16) * multipliers[:, :, None]).reshape(32, -1))
     effective = wide.double() * scale.double()[:, None]
     fake = wq(q[0].weight).detach().double()
-    bound = codes.abs().double() * row[:, None] * 2.0 ** -(shift + 1)
-    assert bool(((effective - fake).abs() <= bound + 1e-12).all())
-    w_max = int(codes.abs().max())
-    fits = w_max << (shift + 1) <= 32767 and 64 * span * (w_max << (shift + 1)) < INT32_MAX
-    assert shift == GROUP_SHIFT_MAX or not fits
+    assert bool(((effective - fake).abs() <= codes.abs().double() * row[:, None] * 2.0 ** -(shift + 1) + 1e-12).all())
+    assert (bound, int(wide.abs().max())) == row_bound(codes, group_scale, row, shift, span, q[0].bias, grid_in.scale)
+    assert bound <= INT32_MAX
+    assert shift < GROUP_SHIFT_MAX  # one more fraction bit breaks the limit this case is built for
+    wider_bound, wider_max = row_bound(codes, group_scale, row, shift + 1, span, q[0].bias, grid_in.scale)
+    assert (wider_max > 32767) if limit == "int16" else (wider_bound > INT32_MAX and wider_max <= 32767)
+    form = q[0].to_integer(Grid.of(q[1].input_quant))  # integer_linear's own bound check passes
+    assert torch.equal(form.weight, wide)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_a_per_group_scale_trained_to_zero_or_below_has_no_integer_form(bad):
+    """A learned (LSQ) group scale at 0, negative or not finite: IntegerizeError, so the fake-quant
+    model computes that Linear in float (``form_or_none``) instead of building wrapped weights."""
+    from qswap.quant.integer import group_weight_codes
+    x = torch.randn(8, 64)
+    recipe = per_group_recipe(4)
+    recipe["defaults"]["weight"]["learnable"] = True
+    q = converted(nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)), x, qswap.load_recipe(recipe))
+    wq = q[0].weight_quant
+    assert isinstance(wq.scale, nn.Parameter)
+    with torch.no_grad():
+        wq.scale.view(-1)[5] = bad
+    grid_in = Grid.of(q[0].input_quant)
+    with pytest.raises(IntegerizeError, match="finite positive"):
+        group_weight_codes(wq, q[0].weight, span=255, in_scale=grid_in.scale, bias=q[0].bias)
 
 
 def test_per_group_weights_without_an_integer_form_are_refused():
     """A per-group convolution weight, and a per-group weight with zero points: IntegerizeError."""
-    signal = torch.randn(2, 8, 32)
     recipe = per_group_recipe(4)
     conv = converted(nn.Sequential(nn.Conv1d(16, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 32, 4)),
                      torch.randn(2, 16, 32), qswap.load_recipe({**recipe, "defaults": {
@@ -372,4 +414,3 @@ def test_per_group_weights_without_an_integer_form_are_refused():
                   qswap.load_recipe(per_group_recipe(4, symmetric=False)))
     with pytest.raises(IntegerizeError, match="zero point"):
         q[0].to_integer(Grid.of(q[1].input_quant))
-    del signal
