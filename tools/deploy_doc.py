@@ -29,7 +29,8 @@ alone), and the deploy audit of every recipe's export; it is stored in --json be
 sections and the page re-rendered.
 
 ``--wer-large`` measures only the WER rows on the two large shipped sets
-(``qswap.demo.LARGE_SUBSETS``: 1,000 and 600 utterances; minutes): the same exports and decodes as ``--wer-only``'s
+(``qswap.demo.LARGE_SUBSETS``: 1,000 and 600 utterances; minutes), and with ``--ulp-seeds`` (default
+5) the fake-quant model's one-ulp spread on them: the same exports and decodes as ``--wer-only``'s
 rows, where the fake-quant model's own rounding spread is smaller than on 100 utterances; stored
 in --json beside the other sections and the page re-rendered.
 
@@ -143,6 +144,8 @@ def main(argv=None) -> dict:
             exports = export_recipes(model, cfg, task, calib, Path(tmp), names=tuple(WER_RECIPES))
             result["wer_large"] = {"command": command, "rows": wer_rows(task, exports, args.threads,
                                                                          subsets=LARGE_SUBSETS, with_agreement=False)}
+            if args.ulp_seeds:  # the fake-quant model's own rounding spread on the same sets
+                result["wer_large"]["ulp"] = ulp_rows(task, exports, args.ulp_seeds, subsets=LARGE_SUBSETS)
         write(result, args)
         return result
     if args.speed_only:
@@ -312,19 +315,21 @@ def site_rows(task, exports: dict) -> list[dict]:
     return rows
 
 
-def ulp_rows(task, exports: dict, seeds: int) -> list[dict]:
+def ulp_rows(task, exports: dict, seeds: int, subsets: tuple[str, ...] = SUBSETS) -> list[dict]:
     """Per WER recipe and subset: the fake-quant model's WER with every activation scale moved by
-    one float32 ulp (up, down or kept, at random: seed 0..seeds-1), against the fake-quant WER."""
+    one float32 ulp (up, down or kept, at random: seed 0..seeds-1), against the fake-quant WER
+    (a large subset read as ``wer_rows`` reads it)."""
+    tasks = {subset: task if subset not in LARGE_SUBSETS else subset_task(subset) for subset in subsets}
     rows = []
     for name in WER_RECIPES:
         e = exports[name]
         if "qmodel" not in e:
             continue
-        for subset in SUBSETS:
+        for subset in subsets:
             log(f"ulp {name} {subset}")
-            samples = list(fdata.batches(task, subset))
-            base = decode(task, e["qmodel"], samples, beam=BEAM).utterances
-            moved = [paired(base, decode(task, ulp_moved(e["qmodel"], seed), samples, beam=BEAM).utterances)
+            samples = list(fdata.batches(tasks[subset], subset))
+            base = decode(tasks[subset], e["qmodel"], samples, beam=BEAM).utterances
+            moved = [paired(base, decode(tasks[subset], ulp_moved(e["qmodel"], seed), samples, beam=BEAM).utterances)
                      for seed in range(seeds)]
             rows.append({"recipe": name, "subset": subset, "wer_fake_quant": moved[0]["wer_fake_quant"],
                          "wer_moved": [m["wer_onnxruntime"] for m in moved],
@@ -974,9 +979,21 @@ def large_wer_lines(r: dict) -> list[str]:
                      f"{met(abs(row['delta']), r['targets']['wer_gap'], False)} |")
     inside = [row for row in rows if row["delta_ci"][0] >= -r["targets"]["wer_gap"]
               and row["delta_ci"][1] <= r["targets"]["wer_gap"]]
-    return lines + ["", f"{sum(1 for row in rows if abs(row['delta']) <= r['targets']['wer_gap'])} of {len(rows)} "
-                    f"rows meet the target by their ΔWER; the 95 % interval lies within ±{r['targets']['wer_gap']} "
-                    f"in {len(inside)} of them. Measured by `{r['wer_large']['command']}`."]
+    lines += ["", f"{sum(1 for row in rows if abs(row['delta']) <= r['targets']['wer_gap'])} of {len(rows)} "
+              f"rows meet the target by their ΔWER; the 95 % interval lies within ±{r['targets']['wer_gap']} "
+              f"in {len(inside)} of them."]
+    ulp = r["wer_large"].get("ulp")
+    if ulp:
+        spread = {(u["recipe"], u["subset"]): (min(u["wer_moved"]) - u["wer_fake_quant"],
+                                               max(u["wer_moved"]) - u["wer_fake_quant"]) for u in ulp}
+        within = [row for row in rows if (row["recipe"], row["subset"]) in spread
+                  and spread[(row["recipe"], row["subset"])][0] <= row["delta"] <= spread[(row["recipe"], row["subset"])][1]]
+        lines += ["", f"The fake-quant model's own rounding spread on the same sets (every activation scale moved "
+                  f"by one float32 ulp, {len(ulp[0]['wer_moved'])} draws, as in the table further down):", ""]
+        lines += ulp_table(ulp)
+        lines += ["", f"In {len(within)} of {len(rows)} rows onnxruntime's ΔWER lies within the range the fake-quant "
+                  f"model moves by for a one-ulp change of its scales."]
+    return lines + ["", f"Measured by `{r['wer_large']['command']}`."]
 
 
 def sites_lines(r: dict) -> list[str]:
@@ -1013,20 +1030,26 @@ def sites_lines(r: dict) -> list[str]:
         "step away on the same input codes; that softmax now stays float."]
 
 
+def ulp_table(rows: list[dict]) -> list[str]:
+    """The one-ulp rows (``ulp_rows``) as a table: each draw's WER and their range around the
+    fake-quant WER."""
+    lines = ["| recipe | subset | fake-quant WER % | WER % with scales moved one ulp | range | same transcripts |",
+             "|---|---|---:|---|---:|---|"]
+    for row in rows:
+        moved = row["wer_moved"]
+        lines.append(f"| {row['recipe']} | {row['subset']} | {row['wer_fake_quant']:.2f} | "
+                     f"{', '.join(f'{w:.2f}' for w in moved)} | {min(moved) - row['wer_fake_quant']:+.2f} to "
+                     f"{max(moved) - row['wer_fake_quant']:+.2f} | {', '.join(str(n) for n in row['same_transcripts'])} |")
+    return lines
+
+
 def ulp_lines(r: dict) -> list[str]:
     if "wer_ulp" not in r:
         return [""]
     seeds = len(r["wer_ulp"][0]["wer_moved"]) if r["wer_ulp"] else 0
     lines = ["", f"How far the fake-quant model's own WER moves for rounding alone: the same model with every "
              f"activation quantizer's scale moved by one float32 ulp (up, down or kept at random, a relative "
-             f"1.2e-7; {seeds} draws), decoded the same way:", "",
-             "| recipe | subset | fake-quant WER % | WER % with scales moved one ulp | range | same transcripts |",
-             "|---|---|---:|---|---:|---|"]
-    for row in r["wer_ulp"]:
-        moved = row["wer_moved"]
-        lines.append(f"| {row['recipe']} | {row['subset']} | {row['wer_fake_quant']:.2f} | "
-                     f"{', '.join(f'{w:.2f}' for w in moved)} | {min(moved) - row['wer_fake_quant']:+.2f} to "
-                     f"{max(moved) - row['wer_fake_quant']:+.2f} | {', '.join(str(n) for n in row['same_transcripts'])} |")
+             f"1.2e-7; {seeds} draws), decoded the same way:", ""] + ulp_table(r["wer_ulp"])
     return lines + [
         "", "The fake-quant model moves as far for a one-ulp change of its grids as the deployment does: at "
         "these grids its transcripts depend on which side of a rounding tie a few values fall. A deployment "

@@ -130,3 +130,15 @@ def test_the_large_sets_rows_render_with_the_target_and_the_intervals_that_hold_
     assert "2 of 3 rows meet the target by their ΔWER; the 95 % interval lies within ±0.3 in 1 of them" in page
     assert "Measured by `cmd-large`" in page
     assert page.index("cmd-large") < page.index("Agreement of each graph")  # beside the 100-utterance rows
+    assert "own rounding spread on the same sets" not in page  # measured without --ulp-seeds: no such table
+    large["wer_large"]["ulp"] = [
+        {"recipe": "w8a8", "subset": "test_large", "wer_fake_quant": 5.0, "wer_moved": [4.9, 5.2, 5.0],
+         "same_transcripts": [990, 980, 1000]},  # range -0.10 to +0.20: holds w8a8 test_large's +0.10
+        {"recipe": "w8a8", "subset": "test_heldout_large", "wer_fake_quant": 5.0, "wer_moved": [4.9, 5.1, 5.0],
+         "same_transcripts": [590, 595, 600]},  # -0.10 to +0.10: not w8a8 held-out's -0.20
+        {"recipe": "w4a8", "subset": "test_large", "wer_fake_quant": 5.0, "wer_moved": [4.5, 5.6, 5.0],
+         "same_transcripts": [900, 910, 1000]}]  # -0.50 to +0.60: holds w4a8's +0.50
+    page = deploy_doc.render(large)
+    assert "| w4a8 | test_large | 5.00 | 4.50, 5.60, 5.00 | -0.50 to +0.60 | 900, 910, 1000 |" in page
+    assert "In 2 of 3 rows onnxruntime's ΔWER lies within the range the fake-quant model moves by" in page
+    assert page.index("own rounding spread on the same sets") < page.index("Measured by `cmd-large`")
