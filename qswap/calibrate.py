@@ -11,6 +11,7 @@ from torch import nn
 from qswap.errors import CalibrationError, QswapError
 from qswap.honesty.paths import SEQ2SEQ, model_kind, run_paths
 from qswap.quant.fake_quantize import FakeQuantize
+from qswap.recipe.schema import OBSERVE  # what a recipe's observe key may say; the first is the default
 
 logger = logging.getLogger("qswap")
 
@@ -19,7 +20,6 @@ def activation_quantizers(model: nn.Module) -> list[FakeQuantize]:
     return [m for m in model.modules() if isinstance(m, FakeQuantize) and m.kind == "activation"]
 
 
-OBSERVE = ("quantized", "float")  # the first is the default
 
 
 def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn.Module, Any], Any] | None = None,

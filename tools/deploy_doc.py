@@ -261,7 +261,7 @@ def wer_rows(task, exports: dict, threads: int, subsets: tuple[str, ...] = SUBSE
     (``paired``); with ``with_agreement``, each graph's agreement on the first 8 ``test`` utterances.
     A large subset is read from the folder ``qswap.demo.data_dir`` materializes (the shipped
     model's dictionary and tokenizer beside it)."""
-    tasks = {subset: task if subset not in LARGE_SUBSETS else subset_task(subset) for subset in subsets}
+    tasks = subset_tasks(task, subsets)
     rows = []
     for name in WER_RECIPES:
         e = exports[name]
@@ -283,11 +283,13 @@ def wer_rows(task, exports: dict, threads: int, subsets: tuple[str, ...] = SUBSE
     return rows
 
 
-def subset_task(subset: str):
-    """The shipped model's fairseq task over the folder holding ``subset`` (``qswap.demo.data_dir``)."""
+def subset_tasks(task, subsets: tuple[str, ...]) -> dict:
+    """The fairseq task reading each of ``subsets``: ``task`` for the 100-utterance sets, the
+    shipped model's task over the folder ``qswap.demo.data_dir`` materializes for a large one."""
     from qswap.demo import data_dir
 
-    return fdata.load_model_cfg_task(ASSET / "checkpoint.pt", data_dir(subset))[2]
+    return {subset: task if subset not in LARGE_SUBSETS
+            else fdata.load_model_cfg_task(ASSET / "checkpoint.pt", data_dir(subset))[2] for subset in subsets}
 
 
 def site_rows(task, exports: dict) -> list[dict]:
@@ -319,7 +321,7 @@ def ulp_rows(task, exports: dict, seeds: int, subsets: tuple[str, ...] = SUBSETS
     """Per WER recipe and subset: the fake-quant model's WER with every activation scale moved by
     one float32 ulp (up, down or kept, at random: seed 0..seeds-1), against the fake-quant WER
     (a large subset read as ``wer_rows`` reads it)."""
-    tasks = {subset: task if subset not in LARGE_SUBSETS else subset_task(subset) for subset in subsets}
+    tasks = subset_tasks(task, subsets)
     rows = []
     for name in WER_RECIPES:
         e = exports[name]
@@ -943,10 +945,7 @@ def wer_section(r: dict) -> list[str]:
         if "error" in row:
             lines.append(f"| {row['recipe']} | - | - | - | not exported: {row['error']} | - | - |")
             continue
-        lo, hi = row["delta_ci"]
-        lines.append(f"| {row['recipe']} | {row['subset']} | {row['wer_fake_quant']:.2f} | {row['wer_onnxruntime']:.2f} | "
-                     f"{row['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {row['same_transcripts']}/{row['utterances']} | "
-                     f"{met(abs(row['delta']), t['wer_gap'], False)} |")
+        lines.append(wer_row_line(row, t["wer_gap"]))
     lines += large_wer_lines(r)
     lines += ["", "Agreement of each graph with the fake-quant model on the first 8 `test` utterances, in steps "
               "of the grid its output lands on (max / mean; `qswap.export.agreement`):", "",
@@ -961,6 +960,14 @@ def wer_section(r: dict) -> list[str]:
     return lines
 
 
+def wer_row_line(row: dict, gap: float) -> str:
+    """One paired onnxruntime-vs-fake-quant row (``paired``) of a WER table, judged on |ΔWER|."""
+    lo, hi = row["delta_ci"]
+    return (f"| {row['recipe']} | {row['subset']} | {row['wer_fake_quant']:.2f} | {row['wer_onnxruntime']:.2f} | "
+            f"{row['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {row['same_transcripts']}/{row['utterances']} | "
+            f"{met(abs(row['delta']), gap, False)} |")
+
+
 def large_wer_lines(r: dict) -> list[str]:
     """The same comparison on the two large shipped sets (``--wer-large``), where it was measured."""
     if "wer_large" not in r:
@@ -973,10 +980,7 @@ def large_wer_lines(r: dict) -> list[str]:
              "| recipe | subset | fake-quant WER % | onnxruntime WER % | ΔWER [95 % CI] | same transcripts | target |",
              "|---|---|---:|---:|---:|---:|---|"]
     for row in rows:
-        lo, hi = row["delta_ci"]
-        lines.append(f"| {row['recipe']} | {row['subset']} | {row['wer_fake_quant']:.2f} | {row['wer_onnxruntime']:.2f} | "
-                     f"{row['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {row['same_transcripts']}/{row['utterances']} | "
-                     f"{met(abs(row['delta']), r['targets']['wer_gap'], False)} |")
+        lines.append(wer_row_line(row, r["targets"]["wer_gap"]))
     inside = [row for row in rows if row["delta_ci"][0] >= -r["targets"]["wer_gap"]
               and row["delta_ci"][1] <= r["targets"]["wer_gap"]]
     lines += ["", f"{sum(1 for row in rows if abs(row['delta']) <= r['targets']['wer_gap'])} of {len(rows)} "

@@ -549,6 +549,7 @@ def integer_entry(model, tables: dict, scale: float) -> int:
     outputs = {out.name for out in graph.output}
     edits: list[tuple] = []
     retyped: set[str] = set()  # values that were float and are int32 now
+    added: set[str] = set()  # the lookup tables written
     rewritten = 0
     for add in graph.node:
         if add.op_type != "Add":
@@ -562,8 +563,9 @@ def integer_entry(model, tables: dict, scale: float) -> int:
         for (gather, dq, chain), lut in zip(sides, luts):
             retyped.update(chain)
             lut_name, wide = f"{gather.input[0]}/folded_by_code", f"{dq.name}/codes_int32"
-            if lut_name not in {t.name for t in graph.initializer}:
+            if lut_name not in added:  # a table two entries read: one lookup table
                 graph.initializer.append(numpy_helper.from_array(lut, lut_name))
+                added.add(lut_name)
             cast = helper.make_node("Cast", [gather.output[0]], [wide], name=f"{dq.name}/to_int32",
                                     to=TensorProto.INT32)
             look = helper.make_node("Gather", [lut_name, wide], [dq.output[0]], name=f"{dq.name}/folded")

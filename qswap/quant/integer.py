@@ -876,14 +876,26 @@ def weight_codes(quantizer, weight: torch.Tensor, *, symmetric: bool = True) -> 
                               "to run the op on integers")
     spec = quantizer.spec
     if spec.granularity == "per_group":
-        raise IntegerizeError(f"{spec.short()} weights are not integerized yet; use per_tensor or per_channel")
+        raise IntegerizeError(f"{spec.short()} weights have an integer form in a Linear only "
+                              f"(group_weight_codes); use per_tensor or per_channel here")
+    codes = _grid_codes(quantizer, weight, symmetric)
+    return codes, quantizer.scale.detach().reshape(-1) if quantizer.scale.numel() > 1 else quantizer.scale.detach()
+
+
+def _grid_codes(quantizer, weight: torch.Tensor, symmetric: bool = True,
+                check: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Codes of ``weight`` on its quantizer's grid, re-derived for the current weight (the same
+    rounding as the fake-quant forward); ``check(scale)`` first, on the re-derived scale. A
+    zero point where ``symmetric``: IntegerizeError (integer forms compute no cross terms)."""
     with torch.no_grad():
         quantizer(weight)  # (re)derives the grid of the current weight
-        codes = quantize(weight, quantizer.scale, quantizer.zero_point, spec)
+        if check is not None:
+            check(quantizer.scale.detach())
+        codes = quantize(weight, quantizer.scale, quantizer.zero_point, quantizer.spec)
     if symmetric and bool((quantizer.zero_point != 0).any()):
-        raise IntegerizeError(f"{spec.short()} weights have a zero point; integer forms need "
+        raise IntegerizeError(f"{quantizer.spec.short()} weights have a zero point; integer forms need "
                               f"symmetric weights (symmetric: true)")
-    return codes, quantizer.scale.detach().reshape(-1) if quantizer.scale.numel() > 1 else quantizer.scale.detach()
+    return codes
 
 
 GROUP_SHIFT_MAX = 14  # fraction bits of a per-group weight's multiplier (codes times it stay int16)
@@ -926,17 +938,14 @@ def group_weight_codes(quantizer, weight: torch.Tensor, *, span: int, in_scale: 
                               f"(axis -1) only; got a {weight.dim()}-d weight grouped along axis {spec.channel_axis}")
     out, fan_in = weight.shape
     groups = fan_in // spec.group_size
-    with torch.no_grad():
-        quantizer(weight)  # (re)derives the grid of the current weight
+
+    def positive(scale: torch.Tensor) -> None:
+        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+            raise IntegerizeError(f"{spec.short()} weights need finite positive group scales for an integer "
+                                  f"form; got scales down to {float(scale.min()):g}")
+
+    codes = _grid_codes(quantizer, weight, check=positive).to(torch.int64)  # (out, in)
     scale = quantizer.scale.detach().reshape(out, groups).double()  # float32 values
-    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-        raise IntegerizeError(f"{spec.short()} weights need finite positive group scales for an integer form; "
-                              f"got scales down to {float(scale.min()):g}")
-    with torch.no_grad():
-        codes = quantize(weight, quantizer.scale, quantizer.zero_point, spec).to(torch.int64)  # (out, in)
-    if bool((quantizer.zero_point != 0).any()):
-        raise IntegerizeError(f"{spec.short()} weights have a zero point; integer forms need "
-                              f"symmetric weights (symmetric: true)")
     row = scale.amax(dim=1)  # (out,) S[c]
     magnitudes = codes.abs().reshape(out, groups, spec.group_size).sum(dim=2)  # (out, groups)
     for shift in range(GROUP_SHIFT_MAX, -1, -1):

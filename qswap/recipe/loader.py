@@ -13,11 +13,10 @@ import yaml
 
 from qswap.errors import RecipeError, SpecError
 from qswap.nn.base import QuantConfig, SiteSpecs
-from qswap.calibrate import OBSERVE
 from qswap.nn.simulate import SIMULATIONS
 from qswap.quant.spec import QuantSpec
 from qswap.recipe.match import Match, PatternError
-from qswap.recipe.schema import SCHEMA_VERSION, Recipe, Rule
+from qswap.recipe.schema import OBSERVE, SCHEMA_VERSION, Recipe, Rule
 from qswap.recipe.yaml_lines import LineDict, load as load_yaml
 from qswap.transforms import Step, make_step
 

@@ -17,6 +17,8 @@ from qswap.nn.base import QuantConfig
 from qswap.recipe.match import Match
 from qswap.transforms import Step
 
+OBSERVE = ("quantized", "float")  # a recipe's ``observe`` values (qswap.calibrate); the first is the default
+
 SCHEMA_VERSION = 1
 
 
@@ -48,7 +50,7 @@ class Recipe:
     description: str = ""
     dynamic_activations: bool = False  # activation ranges computed at run time, declared (audit)
     simulate: str = "integer"  # the insides of softmax/LayerNorm/GLU: "float" or "integer" (qswap.nn.simulate)
-    observe: str = "quantized"  # what calibration observes: "quantized" or "float" (qswap.calibrate)
+    observe: str = OBSERVE[0]  # what calibration observes: one of OBSERVE (qswap.calibrate)
     transforms: tuple[Step, ...] = ()  # offline transforms convert applies first, in order
     version: int = SCHEMA_VERSION
     source: str = "<dict>"
