@@ -56,15 +56,19 @@ class _Weighted(QuantModule):
         if isinstance(out_quant, list):
             return self.onto_each(x, out_quant)
         xq = x if quantized else consume(self.input_quant, x) if owned else self.input_quant(x)
-        if out_quant is not None and simulates(self) and not torch.is_grad_enabled():
+        if out_quant is None:
+            return self.op(xq)
+        if torch.is_grad_enabled():  # training: the op first, then its integer form on the grid it derived
+            y = self.op(xq)
+            value = onto_linear(self, xq, self.input_quant, out_quant,
+                                lambda grid_in, grid_out: self.to_integer(grid_out, derived=True),
+                                channels=self.channels_last)
+            return y if value is None else straight_through(value, y, out_quant)
+        if simulates(self):
             self.float_weight()  # a derived weight computed here, in the forward (the audit sees it derived)
-        value = None if out_quant is None else onto_linear(
-            self, xq, self.input_quant, out_quant, lambda grid_in, grid_out: self.to_integer(grid_out),
-            channels=self.channels_last)
-        if value is not None and not torch.is_grad_enabled():
-            return value
-        y = self.op(xq)
-        return y if value is None else straight_through(value, y, out_quant)
+        value = onto_linear(self, xq, self.input_quant, out_quant, lambda grid_in, grid_out: self.to_integer(grid_out),
+                            channels=self.channels_last)
+        return self.op(xq) if value is None else value
 
     def onto_each(self, x: torch.Tensor, readers) -> list:
         """``op(input_quant(x))`` as each of ``readers`` (quantizers) reads it: with ``simulate:
@@ -122,16 +126,18 @@ class QLinear(_Weighted):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
-    def to_integer(self, out: "Grid | None") -> "IntegerLinear":
+    def to_integer(self, out: "Grid | None", derived: bool = False) -> "IntegerLinear":
         """The integer form of this QLinear writing codes of the grid ``out`` (its consumer's input
         grid): int8 weight codes (per-group weights: their codes times each group's multiplier,
         int16, on a per-channel grid: ``group_weight_codes``), int32 bias codes at ``s_in * s_w``
         (the BiasQuantize rounding),
         requantization by ``s_in * s_w / s_out`` per tensor or per output channel. With ``out``
         None (a model's last op) it returns the int32 accumulator, whose scale is
-        ``IntegerLinear.acc_scale``."""
+        ``IntegerLinear.acc_scale``. ``derived``: this forward has just derived the weight's grid
+        (``integer_linear``)."""
         from qswap.quant.integer import Grid
-        return integer_linear(self.weight_quant, self.weight, self.bias, Grid.of(self.input_quant), out)
+        return integer_linear(self.weight_quant, self.weight, self.bias, Grid.of(self.input_quant), out,
+                              derived=derived)
 
 
 def _weight_norm_dim(module: nn.Module) -> int | None:
@@ -195,11 +201,12 @@ class _QConvNd(_Weighted):
         return (f"{shape[1] * self.groups}, {shape[0]}, kernel_size={tuple(shape[2:])}, "
                 f"stride={self.stride}, padding={self.padding}, groups={self.groups}{norm}")
 
-    def to_integer(self, out: "Grid | None") -> "IntegerConv":
+    def to_integer(self, out: "Grid | None", derived: bool = False) -> "IntegerConv":
         """The integer form writing codes of ``out`` (its consumer's input grid): as
         ``QLinear.to_integer``, the convolution itself on int32 (``torch`` convolves int32 on
         CPU). A weight-normed conv's codes are those of ``g * v / ||v||`` (its weight
-        preprocessing, constant at inference). Zero padding only."""
+        preprocessing, constant at inference). Zero padding only. ``derived``: as
+        ``QLinear.to_integer``."""
         from qswap.errors import IntegerizeError
         from qswap.quant.integer import Grid
         if self.padding_mode != "zeros":
@@ -207,8 +214,8 @@ class _QConvNd(_Weighted):
         with torch.no_grad():
             weight = self.float_weight()
         return integer_linear(self.weight_quant, weight, self.bias, Grid.of(self.input_quant), out,
-                              IntegerConv, conv_fn=type(self).conv_fn, stride=self.stride, padding=self.padding,
-                              dilation=self.dilation, groups=self.groups)
+                              IntegerConv, derived=derived, conv_fn=type(self).conv_fn, stride=self.stride,
+                              padding=self.padding, dilation=self.dilation, groups=self.groups)
 
 
 @register(nn.Conv1d)
@@ -229,7 +236,9 @@ def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_
     without integer simulation, per-tensor grids or an integer form (e.g. a convolution's
     per-group weights; a Linear's have one, ``qswap.quant.integer.group_weight_codes``).
     ``channels``: ``out_quant``'s grid may be per channel of the last axis (the op's output
-    channels: a linear's)."""
+    channels: a linear's). Under autograd (a training step) the callers run the float op first,
+    which derives the weight's grid from the current weight, and build the form with
+    ``derived=True``, reading that grid rather than deriving it again (``integer_linear``)."""
     grid_in = grid_of(input_quant) if simulates(owner) else None
     if grid_in is None:
         return None
@@ -246,13 +255,16 @@ def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
 def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, grid_in,
-                   out, form: type | None = None, weight_shape: tuple | None = None, **conv) -> "IntegerLinear":
+                   out, form: type | None = None, weight_shape: tuple | None = None, derived: bool = False,
+                   **conv) -> "IntegerLinear":
     """``IntegerLinear`` of ``F.linear(x, weight_quant(weight), bias)`` with ``x`` on ``grid_in``
     writing onto ``out`` (or the int32 accumulator when ``out`` is None); ``form=IntegerConv``
     and the conv's arguments for a convolution (the fan-in is ``weight[0].numel()``).
     ``weight_shape``: the codes' shape in the form where ``weight`` is quantized in another one
     (a folded BatchNorm's (C,) scale, quantized as the fake-quant forward quantizes it, as a
-    depthwise 1x1 convolution's (C, 1, 1) weight)."""
+    depthwise 1x1 convolution's (C, 1, 1) weight). ``derived``: the caller's forward has just run
+    ``weight_quant(weight)`` on this weight (a training step's float op, before its integer form),
+    so the weight's grid is read, not derived a second time (``qswap.quant.integer._grid_codes``)."""
     from qswap.errors import IntegerizeError
     from qswap.quant.integer import Requant, bias_codes, check_bound, group_weight_codes, weight_codes
     span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
@@ -262,9 +274,9 @@ def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Te
             raise IntegerizeError(f"{weight_quant.spec.short()} weights have an integer form in a Linear "
                                   f"only; use per_tensor or per_channel here")
         w_codes, w_scale, row_bound = group_weight_codes(weight_quant, weight, span=span, in_scale=grid_in.scale,
-                                                         bias=bias)
+                                                         bias=bias, derived=derived)
     else:
-        w_codes, w_scale = weight_codes(weight_quant, weight)
+        w_codes, w_scale = weight_codes(weight_quant, weight, derived=derived)
     if weight_shape is not None:
         w_codes, weight = w_codes.reshape(weight_shape), weight.reshape(weight_shape)
     acc_scale = torch.tensor(grid_in.scale, dtype=torch.float32) * w_scale  # float32, as BiasQuantize

@@ -866,11 +866,14 @@ def integer_group_norm(codes: torch.Tensor, params: GroupNormParams) -> torch.Te
 
 # -- from fake-quant modules (build time) ----------------------------------------------------------------
 
-def weight_codes(quantizer, weight: torch.Tensor, *, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_codes(quantizer, weight: torch.Tensor, *, symmetric: bool = True,
+                 derived: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes of ``weight`` on its ``FakeQuantize`` grid (the same rounding as the fake-quant
     forward) and the float scale per tensor () or per channel (C,), for building integer forms.
     Symmetric weights only unless ``symmetric=False`` (a weight zero point needs cross terms
-    with the input's that integer forms do not compute yet); per-group grids are not supported."""
+    with the input's that integer forms do not compute yet); per-group grids are not supported.
+    ``derived``: the quantizer's grid was derived from this very ``weight`` by the caller's own
+    forward just before (``_grid_codes``)."""
     if not (isinstance(quantizer, FakeQuantize) and quantizer.enabled):
         raise IntegerizeError("a weight without a quantizer stays float; quantize it in the recipe "
                               "to run the op on integers")
@@ -878,17 +881,23 @@ def weight_codes(quantizer, weight: torch.Tensor, *, symmetric: bool = True) -> 
     if spec.granularity == "per_group":
         raise IntegerizeError(f"{spec.short()} weights have an integer form in a Linear only "
                               f"(group_weight_codes); use per_tensor or per_channel here")
-    codes = _grid_codes(quantizer, weight, symmetric)
+    codes = _grid_codes(quantizer, weight, symmetric, derived=derived)
     return codes, quantizer.scale.detach().reshape(-1) if quantizer.scale.numel() > 1 else quantizer.scale.detach()
 
 
 def _grid_codes(quantizer, weight: torch.Tensor, symmetric: bool = True,
-                check: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                check: Callable[[torch.Tensor], None] | None = None, derived: bool = False) -> torch.Tensor:
     """Codes of ``weight`` on its quantizer's grid, re-derived for the current weight (the same
     rounding as the fake-quant forward); ``check(scale)`` first, on the re-derived scale. A
-    zero point where ``symmetric``: IntegerizeError (integer forms compute no cross terms)."""
+    zero point where ``symmetric``: IntegerizeError (integer forms compute no cross terms).
+    ``derived``: the caller's forward has just called ``quantizer(weight)`` on this very tensor
+    (a training step's float op, run before its integer form: ``qswap.nn.linear.onto_linear``),
+    so the grid is that weight's and is read as it is. A training forward re-derives a weight's
+    grid on every call (``FakeQuantize._forward_weight``), a full observer pass (an MSE search for
+    ``observer: mse``); deriving it twice per layer was an eighth of a W4A4 QAT step."""
     with torch.no_grad():
-        quantizer(weight)  # (re)derives the grid of the current weight
+        if not derived:
+            quantizer(weight)  # (re)derives the grid of the current weight
         if check is not None:
             check(quantizer.scale.detach())
         codes = quantize(weight, quantizer.scale, quantizer.zero_point, quantizer.spec)
@@ -911,7 +920,7 @@ def bias_codes(bias: torch.Tensor | None, acc_scale: torch.Tensor) -> torch.Tens
 
 
 def group_weight_codes(quantizer, weight: torch.Tensor, *, span: int, in_scale: float,
-                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                       bias: torch.Tensor | None, derived: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A Linear's per-group weight (groups of ``group_size`` along its input axis, group scale
     ``s[c, g]``, symmetric) as one integer weight on a per-output-channel grid, for ``IntegerLinear``.
 
@@ -944,7 +953,7 @@ def group_weight_codes(quantizer, weight: torch.Tensor, *, span: int, in_scale: 
             raise IntegerizeError(f"{spec.short()} weights need finite positive group scales for an integer "
                                   f"form; got scales down to {float(scale.min()):g}")
 
-    codes = _grid_codes(quantizer, weight, check=positive).to(torch.int64)  # (out, in)
+    codes = _grid_codes(quantizer, weight, check=positive, derived=derived).to(torch.int64)  # (out, in)
     scale = quantizer.scale.detach().reshape(out, groups).double()  # float32 values
     row = scale.amax(dim=1)  # (out,) S[c]
     magnitudes = codes.abs().reshape(out, groups, spec.group_size).sum(dim=2)  # (out, groups)

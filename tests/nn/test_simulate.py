@@ -505,6 +505,40 @@ def test_learned_reader_scales_train_under_integer_simulation():
     assert F.cosine_similarity(flat["integer"], flat["float"], dim=0) > 0.8
 
 
+def test_a_training_step_derives_each_weight_grid_once():
+    """QAT under ``simulate: integer``: a linear, convolution or attention projection that writes
+    onto its reader's grid runs its float op (which derives the weight's grid from the current
+    weight: a whole observer pass, an MSE search for ``w4a8_lsq``'s weights) and then its integer
+    form, which reads that grid rather than deriving it again: one observer pass per weight per
+    training forward (two on the code before, git ed0663d, for each of them), with the values and
+    gradients the two passes gave (a 3-step SGD run of the shipped model, its losses and all 1,110
+    gradients, the same bits as on that code, ad hoc). A weight quantizer that two modules share
+    (the decoder's tied embedding and output projection) runs once per use."""
+    from collections import Counter
+
+    from qswap.nn.fairseq.attention import Projection
+    from qswap.nn.linear import _Weighted
+    from qswap.quant.fake_quantize import FakeQuantize
+
+    q, net = _lsq_s2t_model()
+    users = Counter(id(m.weight_quant) for m in q.modules() if isinstance(getattr(m, "weight_quant", None), FakeQuantize))
+    observed = {name: m.weight_quant.observer for name, m in q.named_modules()
+                if isinstance(m, (_Weighted, Projection)) and isinstance(m.weight_quant, FakeQuantize)
+                and m.weight_quant.enabled and users[id(m.weight_quant)] == 1}
+    calls = Counter()
+    hooks = [obs.register_forward_hook(lambda *_, name=name: calls.update([name])) for name, obs in observed.items()]
+    try:
+        with simulating(q, "integer"):
+            q.train()
+            q(**net)[0].float().pow(2).mean().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        q.eval()
+    assert len(observed) > 20 and any(".subsample." in n for n in observed) and any("_proj" in n for n in observed)
+    assert {n: c for n, c in calls.items() if c != 1} == {} and calls.keys() == observed.keys()
+
+
 def test_learned_reader_scales_trained_below_zero_fall_back_to_float():
     """Once reader scales train (above), one can train below zero, as fairseq-train's QAT of a
     tiny model with lr 1e-3 did to the subsampler GLU's reader: the integer forms of the GLU and

@@ -70,20 +70,27 @@ class Projection(nn.Module):
         """x: (..., in) already quantized by ``x_quant`` -> (..., out). With ``simulate: integer``
         and ``out_quant`` (the core's q/k/v quantizer that reads the result): the integer form's
         codes on its grid as values (``qswap.nn.linear.onto_linear``), with the float gradient."""
-        value = None if out_quant is None else onto_linear(self, x, x_quant, out_quant, self.to_integer)
-        if value is not None and not torch.is_grad_enabled():
-            return value
+        if out_quant is not None and not torch.is_grad_enabled():
+            value = onto_linear(self, x, x_quant, out_quant, self.to_integer)
+            if value is not None:
+                return value
         y = F.linear(x, *quantized_pair(self.weight, self.bias, x_quant, self.weight_quant, self.bias_quant))
+        if out_quant is None or not torch.is_grad_enabled():
+            return y
+        # training: the integer form after the op, on the weight grid the op derived (``onto_linear``)
+        value = onto_linear(self, x, x_quant, out_quant, lambda grid_in, grid_out: self.to_integer(
+            grid_in, grid_out, derived=True))
         return y if value is None else straight_through(value, y, out_quant)
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
 
-    def to_integer(self, grid_in, out):
+    def to_integer(self, grid_in, out, derived: bool = False):
         """``IntegerLinear`` of this projection: input codes on ``grid_in`` (its owner's input
-        quantizer), output codes on ``out`` (the core's q/k/v grid)."""
+        quantizer), output codes on ``out`` (the core's q/k/v grid). ``derived``: this forward has
+        just derived the weight's grid (``integer_linear``)."""
         from qswap.nn.linear import integer_linear
-        return integer_linear(self.weight_quant, self.weight, self.bias, grid_in, out)
+        return integer_linear(self.weight_quant, self.weight, self.bias, grid_in, out, derived=derived)
 
 
 @register(MultiheadAttention)
