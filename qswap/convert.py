@@ -73,10 +73,33 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
         raise ConvertError(f"strict mode: {len(report.by_action('float'))} module(s) left float "
                            f"without a skip rule: {names}")
     target = _replace(target, plans, report)
+    _check_weight_grids(target)
     report.float_bytes, report.quantized_bytes = parameter_bytes(target)
     target.qswap_recipe = recipe
     target.qswap_report = report
     return target
+
+
+def _check_weight_grids(model: nn.Module) -> None:
+    """Every weight's grid fits its shape (a per-channel axis it has, a per-group size that divides
+    that axis): a SpecError naming the weight now, rather than a checkpoint written that fails
+    at its first forward. The weight a quantizer reads has the shape of ``weight`` (``weight_v``
+    for a weight-normed convolution)."""
+    from qswap.errors import SpecError
+    from qswap.nn.base import param_quantizer
+    from qswap.quant.primitives import channel_axis, groups_view
+
+    for path, module in model.named_modules():
+        for pname in ("weight", "weight_v"):
+            weight = module._parameters.get(pname)  # noqa: SLF001  (own parameters only)
+            quant = param_quantizer(module, pname) if weight is not None else None
+            if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.spec.granularity != "per_tensor"):
+                continue
+            try:
+                (groups_view if quant.spec.granularity == "per_group" else channel_axis)(weight.detach(), quant.spec)
+            except SpecError as e:
+                raise SpecError(f"{path}.{pname} (shape {tuple(weight.shape)}): {e}; change the recipe's "
+                                f"weight spec for this module (a rule matching it)") from None
 
 
 def _register_fairseq_counterparts() -> None:

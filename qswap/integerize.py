@@ -28,7 +28,7 @@ from qswap.nn.base import QuantModule
 from qswap.nn.embedding import QEmbedding
 from qswap.nn.integer_steps import DequantizeStep, QuantizeStep
 from qswap.nn.linear import QLinear
-from qswap.nn.registry import is_passthrough
+from qswap.nn.registry import find, is_passthrough
 from qswap.quant.integer import Grid
 
 
@@ -70,6 +70,29 @@ def _skipped(module: nn.Module) -> bool:
     return is_passthrough(module) and not isinstance(module, QuantModule)
 
 
+def _left_float(qmodel: nn.Module) -> list[str]:
+    """'path (Class)' of every module below the root that has a counterpart in the registry but
+    was left in its float class where the walker converts modules (the fp32 recipe leaves them
+    all; a skip rule leaves some): its nearest counterpart above it converts its children (a
+    layer, the model), or there is none. A counterpart that is swapped as a unit holds float
+    modules of its own (an activation's op, attention's projections), which are not listed; nor
+    are the children of a listed module."""
+    found: list[str] = []
+    owners: dict[str, nn.Module] = {}  # path -> the nearest counterpart at or above it
+    for name, m in qmodel.named_modules():
+        parent = owners.get(name.rpartition(".")[0]) if name else None
+        owners[name] = m if isinstance(m, QuantModule) else parent
+        if (name and find(m) is not None and (parent is None or parent.converts_children)
+                and not any(name.startswith(f.split(" ")[0] + ".") for f in found)):
+            found.append(f"{name} ({type(m).__name__})")
+    return found
+
+
+def _recipe_name(qmodel: nn.Module) -> str:
+    recipe = getattr(qmodel, "qswap_recipe", None)
+    return getattr(recipe, "name", "(unknown)")
+
+
 def _unsupported(qmodel: nn.Module) -> list[str]:
     """'path (Class)' of every counterpart below the root without an integer form, not counting
     those inside a module that has one (its integer form covers them)."""
@@ -92,6 +115,11 @@ def integerize(qmodel: nn.Module) -> nn.Module:
     integer form, an uncalibrated or float operand, a chain that does not end in a linear)."""
     problems: list[str] = []
     if callable(getattr(qmodel, "to_integer_model", None)):
+        left = _left_float(qmodel)
+        if left:  # a recipe that leaves modules float (fp32, a skip rule): their integer form is missing
+            raise IntegerizeError(_message([f"{p}: left float by recipe {_recipe_name(qmodel)}; integer execution "
+                                            f"needs it converted and quantized (use a recipe that quantizes "
+                                            f"its weights and activations, e.g. w8a8)" for p in left]))
         return qmodel.to_integer_model()  # a whole model with its own integer form (S2T, wav2vec 2.0 CTC)
     if not isinstance(qmodel, nn.Sequential):
         problems.append(f"(root) ({type(qmodel).__name__}): no whole-model integer form yet; integerized so far: "

@@ -234,3 +234,21 @@ def test_report_shows_the_specs_of_the_kinds_a_counterpart_declares():
     entries = {e.path: e for e in qswap.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), "w8a8").qswap_report.entries}
     assert entries["0"].weight.startswith("int8") and entries["0"].activation.startswith("int8")
     assert entries["1"].weight == "" and entries["1"].activation.startswith("int8")  # a ReLU has no weight
+
+
+def test_a_per_group_size_that_does_not_divide_a_weight_is_refused_at_convert():
+    """``group_size: 7`` on weights whose input axis is not a multiple of 7: SpecError naming the
+    weight and its shape when converting, not a model that fails at its first forward."""
+    import pytest
+    from torch import nn
+
+    import qswap
+    from qswap.errors import SpecError
+
+    recipe = {"version": 1, "name": "g7", "defaults": {"weight": {"bits": 4, "granularity": "per_group",
+                                                                  "group_size": 7}, "activation": None}}
+    model = nn.Sequential(nn.Linear(14, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(SpecError, match=r"^2\.weight \(shape \(4, 8\)\): per_group quantization needs axis 1 "
+                                           r"\(size 8\) divisible by group_size 7"):
+        qswap.convert(model, recipe)
+    assert type(model[0]) is nn.Linear  # the caller's model is untouched

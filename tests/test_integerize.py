@@ -109,6 +109,18 @@ def test_unsupported_modules_are_each_named():
         qswap.integerize(calibrated(nn.Linear(16, 4), x))
 
 
+def test_a_model_the_recipe_left_float_is_refused_naming_its_modules():
+    """A whole model (fairseq's S2T transformer) converted with ``fp32`` keeps its float encoder and
+    decoder: IntegerizeError naming both and the recipe, not an AttributeError from inside."""
+    from qswap.models import build_s2t_transformer
+
+    with pytest.raises(IntegerizeError) as info:
+        qswap.integerize(qswap.convert(build_s2t_transformer(seed=0), "fp32"))
+    message = str(info.value)
+    assert "encoder (S2TTransformerEncoder): left float by recipe fp32" in message
+    assert "decoder (TransformerDecoderScriptable): left float by recipe fp32" in message
+
+
 def test_an_uncalibrated_model_is_refused():
     q = qswap.convert(mlp().eval(), "w8a8")
     with pytest.raises(IntegerizeError, match="no grid"):

@@ -62,7 +62,8 @@ import qswap  # noqa: E402
 from qswap.errors import ExportError  # noqa: E402
 from qswap.export.agreement import agreement, ctc_agreement  # noqa: E402
 from qswap.export.onnx_audit import audit_export  # noqa: E402
-from qswap.export.package import GRAPHS, NO_QUANT, export_model  # noqa: E402
+from qswap.export.package import (GRAPHS, NO_QUANT, export_model, graph_digest, read_manifest,  # noqa: E402
+                                  write_manifest)
 from qswap.export.onnx import load_session, run_encoder  # noqa: E402
 from qswap.export.runtime import OrtS2TModel, load_exported  # noqa: E402
 from qswap.integration import data as fdata  # noqa: E402
@@ -541,7 +542,10 @@ def ort_static(float_dir: Path, dictionary, calib, out: Path, threads: int) -> P
         quantize_static(str(float_dir / file), str(out / file), Reader(feeds[name]), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["MatMul", "Gemm", "Conv"], activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=False)
-    (out / "export.json").write_text((float_dir / "export.json").read_text())
+    # the float export's manifest, with the digests of onnxruntime's graphs (loading checks them)
+    manifest = read_manifest(float_dir)
+    manifest.digests = {name: graph_digest(out / file) for name, file in GRAPHS.items()}
+    write_manifest(out, manifest)
     return out
 
 
@@ -707,7 +711,9 @@ def header(r: dict) -> list[str]:
              "`deploy/` holds `encoder.onnx`, `cross_kv.onnx` (the encoder-decoder keys and values of every "
              "decoder layer, computed once per utterance), `decoder_step.onnx` (one incremental step, its "
              "self-attention keys and values as inputs and outputs, one row per hypothesis; the encoder-decoder "
-             "keys, values and padding mask one row per sentence, shared by its beams) and `export.json`. "
+             "keys, values and padding mask one row per sentence, shared by its beams) and `export.json` "
+             "(each graph's SHA-256, checked whenever the directory is loaded: a directory that mixes two "
+             "exports is refused). "
              "The cached keys and values travel as uint8 codes on their quantizers' grids where the recipe "
              "quantizes them per tensor, as float values otherwise. fairseq's own "
              "`SequenceGenerator` drives the beam search over them (`qswap.export.runtime`).", ""]

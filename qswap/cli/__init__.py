@@ -63,10 +63,25 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+# the options that name a file a command writes ('-': standard output); export's -o is a directory
+OUTPUTS = ("output", "json", "json_out", "markdown")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Each output the command will write, checked before it loads, calibrates or decodes anything."""
+    from qswap.io.atomic import check_output
+
+    for name in OUTPUTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value and value != "-":
+            check_output(value, directory=args.command == "export" and name == "output")
+
+
 def _run(args: argparse.Namespace) -> int:
     from qswap.errors import QswapError
 
     try:
+        _check_outputs(args)
         return args._run(args)
     except QswapError as exc:
         if args.debug:

@@ -88,6 +88,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(console(), report, max_rows=args.max_rows)
         honest = report.honest_strict if args.strict else report.honest
+        if args.strict and report.honest and not honest:  # say why the exit status is 1
+            why = (["declared float exceptions (the recipe's float_ok)"] if report.declared else []) + (
+                ["ranges computed at run time (uncalibrated activation quantizers: run qswap calibrate)"]
+                if report.undeclared_dynamic else [])
+            console().print(f"--strict: NOT STRICTLY HONEST: {' and '.join(why)}; --strict allows neither")
     _write(args.json, report.to_json())
     _write(args.markdown, report.to_markdown())
     return EXIT_OK if honest else EXIT_VERDICT

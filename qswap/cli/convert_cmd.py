@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from qswap.cli.args import COUNT, POSITIVE
 from qswap.cli.render import console, convert_summary, convert_table, progress_bar
 
 
@@ -17,11 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="quantized checkpoint to write (atomically)")
     p.add_argument("--data", help="fairseq data directory (needed for calibration)")
     p.add_argument("--calib-subset", default="train", help="calibration subset (default: train)")
-    p.add_argument("--calib-batches", type=int, default=0,
+    p.add_argument("--calib-batches", type=COUNT, default=0,
                    help="calibration batches; required when the recipe quantizes activations")
     p.add_argument("--no-calibrate", action="store_true",
                    help="write activation quantizers uncalibrated (dynamic ranges, re-derived per batch)")
-    p.add_argument("--max-sentences", type=int, default=32, help="utterances per calibration batch")
+    p.add_argument("--max-sentences", type=POSITIVE, default=32, help="utterances per calibration batch")
     p.add_argument("--strict", action="store_true", help="fail on modules left float without a skip rule")
     p.add_argument("--show-all", action="store_true", help="list passthrough modules too")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
@@ -34,8 +35,6 @@ def run(args: argparse.Namespace) -> int:
     from qswap.integration import data as fdata
     from qswap.io.checkpoint import save_qswap_checkpoint
 
-    if args.calib_batches < 0:
-        raise ConvertError(f"--calib-batches must be 0 or more, got {args.calib_batches}")
     if args.calib_batches and args.no_calibrate:
         raise ConvertError("give either --calib-batches N or --no-calibrate, not both")
     if args.calib_batches and not args.data:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from qswap.cli.args import COUNT, POSITIVE
 from qswap.cli.render import console, interactive, progress_bar
 from qswap.nn.simulate import SIMULATIONS  # `import qswap` has imported torch already: free here
 
@@ -14,16 +15,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "onnxruntime, one written by 'qswap export --onnx')")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                    help="run the checkpoint in torch (default) or the exported graphs in onnxruntime")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: 1)")
+    p.add_argument("--threads", type=POSITIVE, default=1, help="onnxruntime threads (default: 1)")
     p.add_argument("--data", help="fairseq data directory (config.yaml, TSV manifests)")
     p.add_argument("--subset", default="test", help="subset to decode (default: test)")
     p.add_argument("--recipe", help="convert the model with this recipe first (calibrated on --calib-subset)")
     p.add_argument("--calib-subset", default="train", help="subset for calibration (default: train)")
-    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches (default: 8)")
-    p.add_argument("--beam", type=int, default=5, help="beam size for seq2seq models (default: 5)")
-    p.add_argument("--max-sentences", type=int, default=32, help="utterances per batch")
-    p.add_argument("--num-shards", type=int, default=1, help="split the subset into this many shards")
-    p.add_argument("--shard-id", type=int, default=0, help="which shard this process decodes")
+    p.add_argument("--calib-batches", type=COUNT, default=8, help="calibration batches (default: 8)")
+    p.add_argument("--beam", type=POSITIVE, default=5, help="beam size for seq2seq models (default: 5)")
+    p.add_argument("--max-sentences", type=POSITIVE, default=32, help="utterances per batch")
+    p.add_argument("--num-shards", type=POSITIVE, default=1, help="split the subset into this many shards")
+    p.add_argument("--shard-id", type=COUNT, default=0, help="which shard this process decodes")
     p.add_argument("--json", dest="json_out", help="write utterances and error counts here ('-': stdout, "
                                                    "and the summary line goes to stderr)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge shard results written with --json")
@@ -78,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "onnxruntime" and (args.recipe or args.vs_float):
         raise DataError("--backend onnxruntime decodes an export directory as exported; "
                         "--recipe and --vs-float apply to torch checkpoints")
+    if args.backend == "onnxruntime" and args.integer:
+        raise DataError("--integer runs qswap's integer model in torch; with --backend onnxruntime the exported "
+                        "graphs run as they were exported: drop one of the two")
     if args.vs_float and not args.recipe:
         raise DataError("--vs-float compares a --recipe with the float model; pass --recipe R")
     if args.simulate and (args.backend == "onnxruntime" or args.integer):
@@ -89,15 +93,22 @@ def run(args: argparse.Namespace) -> int:
     if float_result is not None:
         baseline = {"model": "float", "utterances": [u.__dict__ for u in float_result.utterances]}
     stats = _intervals(utterances, baseline)
-    delta = (f"  ΔWER vs {stats['baseline']} {stats['delta_wer']:+.2f}{_ci(stats['delta_wer_ci'], '+')} "
-             f"({'significant' if stats['significant'] else 'not significant'})") if baseline else ""
-    out.print(f"{label}: {counts.utterances} utterances of {args.subset}"
-              f"{f' (shard {args.shard_id}/{args.num_shards})' if args.num_shards > 1 else ''}: "
-              f"WER {counts.wer:.2f}%{_ci(stats['wer_ci'])}  CER {counts.cer:.2f}%{delta}  "
-              f"decode {result.seconds:.1f} s ({result.audio_seconds / max(result.seconds, 1e-9):.1f}x real time)")
+    shard = f" (shard {args.shard_id}/{args.num_shards})" if args.num_shards > 1 else ""
+    if not utterances:  # a shard whose batches all went to the others: its (empty) result still merges
+        if args.num_shards == 1:
+            raise DataError(f"subset {args.subset} of {args.data} has no utterances to decode")
+        out.print(f"{label}: 0 utterances of {args.subset}{shard}: fairseq gave every batch to the other "
+                  f"shards (the subset has fewer batches than --num-shards); 'qswap eval --merge' takes this "
+                  f"shard's result as it is")
+    else:
+        delta = (f"  ΔWER vs {stats['baseline']} {stats['delta_wer']:+.2f}{_ci(stats['delta_wer_ci'], '+')} "
+                 f"({'significant' if stats['significant'] else 'not significant'})") if baseline else ""
+        out.print(f"{label}: {counts.utterances} utterances of {args.subset}{shard}: "
+                  f"WER {counts.wer:.2f}%{_ci(stats['wer_ci'])}  CER {counts.cer:.2f}%{delta}  "
+                  f"decode {result.seconds:.1f} s ({result.audio_seconds / max(result.seconds, 1e-9):.1f}x real time)")
     _write(args.json_out, {"counts": counts.to_dict(), "subset": args.subset, "model": label,
                            "shard": [args.shard_id, args.num_shards], **stats, "utterances": utterances})
-    if args.markdown:
+    if args.markdown and utterances:
         from qswap.io.atomic import atomic_write_text
         atomic_write_text(args.markdown, _markdown(label, args.subset, counts, stats))
     return 0

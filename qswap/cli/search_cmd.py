@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from qswap.cli.args import COUNT, POSITIVE
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="float fairseq checkpoint")
@@ -13,12 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--high", default="w8a8_per_channel", help="recipe units start from (default: w8a8_per_channel)")
     p.add_argument("--low-bits", type=int, default=4, help="weight bits of the units moved down (default: 4)")
     p.add_argument("--subset", default="dev", help="subset the search measures on (default: dev)")
-    p.add_argument("--batches", type=int, default=2, help="batches of --subset for SQNR probes")
+    p.add_argument("--batches", type=POSITIVE, default=2, help="batches of --subset for SQNR probes")
     p.add_argument("--eval-subset", default="test", help="subset the final row is measured on")
     p.add_argument("--calib-subset", default="train", help="calibration subset for the final row")
-    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches for the final row")
-    p.add_argument("--beam", type=int, default=5, help="beam size")
-    p.add_argument("--max-sentences", type=int, default=16, help="utterances per batch")
+    p.add_argument("--calib-batches", type=COUNT, default=8, help="calibration batches for the final row")
+    p.add_argument("--beam", type=POSITIVE, default=5, help="beam size")
+    p.add_argument("--max-sentences", type=POSITIVE, default=16, help="utterances per batch")
     p.add_argument("--name", default="searched", help="name of the written recipe")
     p.add_argument("-o", "--output", required=True, help="recipe YAML to write (atomically)")
     p.add_argument("--json", dest="json_out", help="write the measured row and candidate ranking here")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from qswap.cli.args import COUNT, POSITIVE
 from qswap.cli.render import console, json_text, progress_display
 
 
@@ -11,14 +12,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="fairseq data directory")
     p.add_argument("--subset", default="dev", help="subset to measure on (default: dev)")
     p.add_argument("--calib-subset", default="train", help="calibration subset (default: train)")
-    p.add_argument("--calib-batches", type=int, default=4, help="calibration batches (default: 4)")
-    p.add_argument("--batches", type=int, default=1, help="batches of --subset the SQNR is pooled over")
+    p.add_argument("--calib-batches", type=COUNT, default=4, help="calibration batches (default: 4)")
+    p.add_argument("--batches", type=POSITIVE, default=1, help="batches of --subset the SQNR is pooled over")
     p.add_argument("--recipe", default="w4a8", help="recipe whose sites are probed (default: w4a8)")
     p.add_argument("--metric", choices=("sqnr", "wer"), default="sqnr",
                    help="sqnr (cheap) or wer (also decodes --subset for the --top-k sites)")
     p.add_argument("--top-k", type=int, default=10, help="sites measured by delta WER with --metric wer")
-    p.add_argument("--beam", type=int, default=5, help="beam size for --metric wer")
-    p.add_argument("--max-sentences", type=int, default=16, help="utterances per batch")
+    p.add_argument("--beam", type=POSITIVE, default=5, help="beam size for --metric wer")
+    p.add_argument("--max-sentences", type=POSITIVE, default=16, help="utterances per batch")
     p.add_argument("--show", type=int, default=25, help="rows of the ranked table to print")
     p.add_argument("--json", dest="json_out",
                    help="write every site's numbers here (an SQNR of -inf dB, a site that makes the "

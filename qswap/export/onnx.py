@@ -128,7 +128,8 @@ def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_pat
     ort = _onnxruntime()
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"{path}: no ONNX graph there; export one with qswap.export.export_encoder")
+        raise ExportError(f"{path}: no ONNX graph there; write the directory with 'qswap export QCKPT --onnx -o DIR' "
+                          f"(qswap.export.export_model)")
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = threads
     options.graph_optimization_level = _LEVELS[level](ort)

@@ -8,10 +8,16 @@ seq2seq      S2T transformer, S2T conformer     encoder.onnx, cross_kv.onnx, dec
 ctc          wav2vec 2.0 CTC                    ctc.onnx (``qswap.export.wav2vec2``)
 ===========  =================================  ============================================
 
-``export.json`` (format 2) records the kind, the recipe, whether the fake-quant model's honesty
+``export.json`` (format 3) records the kind, the recipe, whether the fake-quant model's honesty
 audit called it honest, the fairseq task config (so the deployed directory decodes a data
-directory without the checkpoint), the decoder's size (0 for CTC) and the graph files. A
-manifest without ``kind`` (written before CTC exports existed) is seq2seq.
+directory without the checkpoint), the decoder's size (0 for CTC), the graph files and each one's
+SHA-256. A manifest without ``kind`` (written before CTC exports existed) is seq2seq.
+
+Writing: each graph is written under a temporary name beside its final one and loaded by
+onnxruntime; only when every graph loads are they renamed into place, and ``export.json`` is
+written last. A failed export leaves the directory as it was (a directory it created is removed
+again). Reading: ``graph_paths`` checks every graph against its digest, so a directory that mixes
+two exports (one interrupted between its renames, or a graph copied in by hand) is refused.
 
 >>> export_model(qmodel, "deploy/", task_cfg=cfg.task)
 >>> manifest = read_manifest("deploy/")
@@ -32,8 +38,8 @@ from qswap.io.atomic import atomic_write_text
 
 MANIFEST = "export.json"
 # 2: the decoder step reads the encoder-decoder keys, values and padding mask once per sentence
-# (format 1's, once per hypothesis, would not run with this runtime)
-FORMAT = 2
+# (format 1's, once per hypothesis, would not run with this runtime); 3: each graph's SHA-256
+FORMAT = 3
 GRAPHS = {"encoder": "encoder.onnx", "cross_kv": "cross_kv.onnx", "decoder_step": "decoder_step.onnx"}
 CTC_GRAPHS = {"ctc": "ctc.onnx"}
 KIND_GRAPHS = {"seq2seq": GRAPHS, "ctc": CTC_GRAPHS}
@@ -57,6 +63,7 @@ class Manifest:
     graphs: dict[str, str] = field(default_factory=lambda: dict(GRAPHS))
     format: int = FORMAT
     kind: str = "seq2seq"  # a key of KIND_GRAPHS
+    digests: dict[str, str] = field(default_factory=dict)  # graph name -> SHA-256 of its file
 
 
 def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg: Any = None,
@@ -85,23 +92,56 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
     from qswap.export.onnx import export_encoder
 
     out = Path(directory)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         from qswap.errors import OutputError
         raise OutputError(f"cannot create the output directory {out}: {e.strerror}") from e
-    if _is_ctc(qmodel):
-        return _export_ctc(qmodel, out, task_cfg, audit, allow_float)
-    example = example_input(qmodel)
-    export_encoder(qmodel, out / GRAPHS["encoder"], example, allow_float=allow_float)
-    with torch.no_grad():
-        encoded = qmodel.encoder(example["src_tokens"], example["src_lengths"])
-    args = (encoded["encoder_out"][0], encoded["encoder_padding_mask"][0])
-    export_cross_kv(qmodel, out / GRAPHS["cross_kv"], args[0], allow_float=allow_float)
-    export_decoder_step(qmodel, out / GRAPHS["decoder_step"], *args, allow_float=allow_float)
-    claims = _audit_verdict(qmodel, example) if audit else None
-    return _write_manifest(out, Manifest(_recipe_name(qmodel), claims, _plain_task(task_cfg),
-                                         len(qmodel.decoder.layers), int(qmodel.decoder.max_positions())))
+    graphs = CTC_GRAPHS if _is_ctc(qmodel) else GRAPHS
+    staged = {name: out / f".{file}.partial" for name, file in graphs.items()}
+    try:
+        if graphs is CTC_GRAPHS:
+            manifest = _export_ctc(qmodel, staged, task_cfg, audit, allow_float)
+        else:
+            example = example_input(qmodel)
+            export_encoder(qmodel, staged["encoder"], example, allow_float=allow_float)
+            with torch.no_grad():
+                encoded = qmodel.encoder(example["src_tokens"], example["src_lengths"])
+            args = (encoded["encoder_out"][0], encoded["encoder_padding_mask"][0])
+            export_cross_kv(qmodel, staged["cross_kv"], args[0], allow_float=allow_float)
+            export_decoder_step(qmodel, staged["decoder_step"], *args, allow_float=allow_float)
+            claims = _audit_verdict(qmodel, example) if audit else None
+            manifest = Manifest(_recipe_name(qmodel), claims, _plain_task(task_cfg), len(qmodel.decoder.layers),
+                                int(qmodel.decoder.max_positions()))
+        manifest.digests = {name: _check_loads(path, graphs[name], out) for name, path in staged.items()}
+        for name, path in staged.items():
+            os.replace(path, out / graphs[name])
+        return write_manifest(out, manifest)
+    except BaseException:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+        if created:
+            try:
+                out.rmdir()  # empty unless something else wrote into it meanwhile: then it stays
+            except OSError:
+                pass
+        raise
+
+
+def _check_loads(path: Path, name: str, out: Path) -> str:
+    """The SHA-256 of a staged graph that onnxruntime loads (optimizing it as ``qswap eval`` does);
+    ExportError otherwise: the grids are ones onnxruntime cannot run, and nothing is written."""
+    from qswap.export.onnx import load_session
+
+    try:
+        load_session(path)
+    except ExportError as e:
+        cause = str(e.__cause__ or e).splitlines()[0][:200]
+        raise ExportError(f"{name}: onnxruntime cannot load the graph qswap made of this model ({cause}); its "
+                          f"grids are not ones onnxruntime runs (e.g. weights below 4 bits: use 4 or 8 bits); "
+                          f"nothing was written to {out}") from None
+    return graph_digest(path)
 
 
 def _is_ctc(qmodel: nn.Module) -> bool:
@@ -109,24 +149,33 @@ def _is_ctc(qmodel: nn.Module) -> bool:
     return is_ctc(qmodel)
 
 
-def _export_ctc(qmodel: nn.Module, out: Path, task_cfg: Any, audit: bool, allow_float: bool) -> Manifest:
+def _export_ctc(qmodel: nn.Module, staged: dict[str, Path], task_cfg: Any, audit: bool,
+                allow_float: bool) -> Manifest:
     from qswap.export.wav2vec2 import export_ctc
     from qswap.models import wav2vec2_net_input
 
     example = wav2vec2_net_input(2, EXAMPLE_SAMPLES)
-    export_ctc(qmodel, out / CTC_GRAPHS["ctc"], example, allow_float=allow_float)
+    export_ctc(qmodel, staged["ctc"], example, allow_float=allow_float)
     claims = _audit_verdict(qmodel, example) if audit else None
-    return _write_manifest(out, Manifest(_recipe_name(qmodel), claims, _plain_task(task_cfg), 0, 0,
-                                         dict(CTC_GRAPHS), kind="ctc"))
+    return Manifest(_recipe_name(qmodel), claims, _plain_task(task_cfg), 0, 0, dict(CTC_GRAPHS), kind="ctc")
 
 
 def _recipe_name(qmodel: nn.Module) -> str:
     return getattr(getattr(qmodel, "qswap_recipe", None), "name", "float")
 
 
-def _write_manifest(out: Path, manifest: Manifest) -> Manifest:
+def write_manifest(out: Path, manifest: Manifest) -> Manifest:
+    """``export.json`` of ``manifest`` in ``out`` (atomically). Its digests must be those of the graph
+    files there (``graph_digest``), or loading the directory refuses it."""
     atomic_write_text(out / MANIFEST, json.dumps(asdict(manifest), indent=1, sort_keys=True) + "\n")
     return manifest
+
+
+def graph_digest(path: Path) -> str:
+    """The SHA-256 (hex) of a graph file, as ``export.json`` records it."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
@@ -152,12 +201,22 @@ def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
     for graph in KIND_GRAPHS[manifest.kind]:
         if graph not in manifest.graphs:
             raise ExportError(f"{path}: names no {graph} graph; re-export the directory")
+        if not isinstance(manifest.digests, dict) or not isinstance(manifest.digests.get(graph), str):
+            raise ExportError(f"{path}: records no digest of the {graph} graph; re-export the directory")
     return manifest
 
 
 def graph_paths(directory: "str | os.PathLike[str]", manifest: Manifest) -> dict[str, Path]:
-    """Each graph's file in the export directory (a missing file is an error when it is loaded)."""
-    return {name: Path(directory) / manifest.graphs[name] for name in KIND_GRAPHS[manifest.kind]}
+    """Each graph's file in the export directory, checked against its digest in the manifest (a
+    missing file is an error when it is loaded): ExportError for a graph that is not the one the
+    manifest describes."""
+    paths = {name: Path(directory) / manifest.graphs[name] for name in KIND_GRAPHS[manifest.kind]}
+    for name, path in paths.items():
+        if path.is_file() and graph_digest(path) != manifest.digests[name]:
+            raise ExportError(f"{path}: not the {name} graph {MANIFEST} describes (its SHA-256 differs): the "
+                              f"directory mixes two exports (one interrupted, or a graph copied in); re-export "
+                              f"it with 'qswap export QCKPT --onnx -o {directory}'")
+    return paths
 
 
 def example_input(model) -> dict:

@@ -227,6 +227,7 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
     and decoded as the others.
     ``progress(recipe, stage, n, total)`` as in ``evaluate_recipe``."""
     model, task = fdata.load_model_and_task(checkpoint, data, trust_checkpoint=trust_checkpoint)
+    loaded = {name: _quantized_checkpoint(name, path, data, trust_checkpoint) for name, path in (quantized or {}).items()}
     names = ["fp32"] + [r for r in recipes if r != "fp32"]
     table = Comparison(str(checkpoint), subset, settings={
         "calib_subset": calib_subset, "calib_batches": calib_batches, "beam": beam,
@@ -237,10 +238,24 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
                                  calib_batches=calib_batches, beam=beam, max_sentences=max_sentences,
                                  integer=integer and recipe != "fp32", progress=cb)
         table.rows.append(row)
-    for name, path in (quantized or {}).items():
+    for name, qmodel in loaded.items():
         cb = (lambda stage, n, total, r=name: progress(r, stage, n, total)) if progress else None
-        qmodel, _ = fdata.load_model_and_task(path, data, trust_checkpoint=trust_checkpoint)
         table.rows.append(score(qmodel, task, name, subset=subset, beam=beam, max_sentences=max_sentences,
                                 integer=integer, progress=cb))
     add_intervals(table.rows, bootstrap)
     return table
+
+
+def _quantized_checkpoint(name: str, path: str, data: str, trust_checkpoint: bool):
+    """The model of ``--quantized NAME=QCKPT``, loaded before any row is decoded: a checkpoint that
+    is not a quantized one (``qswap convert``'s, a QAT run's) is a DataError then, not after the
+    recipes' rows."""
+    from qswap.errors import DataError
+    from qswap.integration import data as fdata
+
+    qmodel, _ = fdata.load_model_and_task(path, data, trust_checkpoint=trust_checkpoint)
+    if getattr(qmodel, "qswap_recipe", None) is None or getattr(qmodel, "qswap_report", None) is None:
+        raise DataError(f"--quantized {name}={path}: a float checkpoint (no qswap recipe inside); pass one that "
+                        f"'qswap convert CKPT --recipe R -o QCKPT' or a QAT run wrote, or add the float model's "
+                        f"recipe to --recipes")
+    return qmodel

@@ -53,7 +53,8 @@ def load_subset(task, subset: str) -> Any:
     except FileNotFoundError as exc:
         raise DataError(f"subset {subset!r} not found: {exc}; the data directory needs "
                         f"{subset}.tsv") from None
-    except (ValueError, KeyError, OSError) as exc:  # fairseq's TSV reader: no typed errors
+    except (ValueError, KeyError, OSError, TypeError) as exc:  # fairseq's TSV reader: no typed errors (a
+        # line cut short leaves fields None)
         raise DataError(f"subset {subset!r}: malformed manifest {subset}.tsv ({type(exc).__name__}: "
                         f"{exc}); it needs a header with id, audio, n_frames and tgt_text and one "
                         f"utterance per line") from None
@@ -102,7 +103,25 @@ def batches(task, subset: str, *, max_tokens: int = 40000, max_sentences: int | 
     with _reading(subset):
         for sample in itr.next_epoch_itr(shuffle=False):
             if sample:  # fairseq pads shards with empty batches
+                _check_finite(sample, subset)
                 yield sample
+
+
+def _check_finite(sample: dict, subset: str) -> None:
+    """A DataError naming the utterances whose input features (or waveform) hold NaN or inf: a
+    model would turn them into a transcript, a calibration range or an audit finding about the
+    model, none of which is about the data at fault."""
+    import torch
+
+    for key in ("src_tokens", "source"):
+        x = sample["net_input"].get(key)
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            bad = ~torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1)
+            if bool(bad.any()):
+                ids = [int(i) for i in sample["id"][bad]]
+                raise DataError(f"subset {subset!r}: utterance(s) {', '.join(map(str, ids[:10]))}"
+                                f"{' ...' if len(ids) > 10 else ''} (their manifest row indices) have NaN or inf "
+                                f"input values; recompute or drop them from {subset}.tsv")
 
 
 def net_inputs(task, subset: str, count: int | None = None, **kwargs) -> Iterator[dict]:
@@ -124,17 +143,22 @@ def first_net_input(task, subset: str, count: int = 2) -> dict:
     dataset = load_subset(task, subset)
     with _reading(subset):
         sample = dataset.collater([dataset[i] for i in range(min(count, len(dataset)))])
+    _check_finite(sample, subset)
     return sample["net_input"]
 
 
 @contextlib.contextmanager
 def _reading(subset: str) -> Iterator[None]:
     """A manifest line whose audio or features cannot be read is a DataError naming the subset."""
+    import zipfile
+
     try:
         yield
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, IndexError, TypeError, zipfile.BadZipFile) as exc:  # fairseq's readers: a
+        # truncated feature zip reads past its end (IndexError), a manifest line cut short leaves None
         raise DataError(f"subset {subset!r}: cannot read an utterance ({type(exc).__name__}: "
-                        f"{exc}); check the audio paths in {subset}.tsv and audio_root") from None
+                        f"{exc}); check the audio paths in {subset}.tsv and audio_root, and that the "
+                        f"feature or audio files are complete") from None
 
 
 def audio_seconds(sample: dict, frame_shift_s: float = 0.01, sample_rate: int = 16000) -> float:

@@ -53,6 +53,28 @@ def atomic_open(path: "str | os.PathLike[str]", mode: str = "wb", *,
     _fsync_dir(target.parent)
 
 
+def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> None:
+    """OutputError now for an output ``atomic_open`` would refuse after the work (a directory where a
+    file goes, a missing or read-only parent directory): the command line checks its outputs
+    before it calibrates or decodes. ``directory``: ``path`` is a directory to write into (made if
+    missing): it must not be a file, and its nearest existing ancestor must be writable."""
+    target = Path(path)
+    if directory:
+        if target.exists() and not target.is_dir():
+            raise OutputError(f"cannot write into {target}: it is a file; pass a directory")
+        parent = target
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+    else:
+        if target.is_dir():
+            raise OutputError(f"cannot write {target}: it is a directory; pass a file path")
+        parent = target.parent
+        if not parent.is_dir():
+            raise OutputError(f"cannot write {target}: no directory {parent}; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {target}: {parent} is not writable")
+
+
 def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)

@@ -154,8 +154,8 @@ def setup_task(path: Path, cfg: Any):
     except Exception as exc:  # the task reads its data directory: config, dictionaries
         raise DataError(f"{path}: cannot set up fairseq task {_cfg_name(cfg.task, 'task')!r} from "
                         f"data directory {data!r} ({type(exc).__name__}: {first_line(exc)}); "
-                        f"point it at the folder with the task's config and dictionary "
-                        f"(arg_overrides={{'data': ...}})") from None
+                        f"point it at the folder with the task's config and dictionary: '--data DIR' on the "
+                        f"command line, arg_overrides={{'data': DIR}} in Python") from None
 
 
 # -- qswap checkpoints -------------------------------------------------------------------------

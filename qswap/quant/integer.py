@@ -447,8 +447,14 @@ class Grid:
     def of(cls, quantizer) -> "Grid":
         """The grid of a calibrated per-tensor ``FakeQuantize``."""
         if not (isinstance(quantizer, FakeQuantize) and quantizer.enabled and quantizer.initialized):
-            raise IntegerizeError(f"{quantizer!r} has no grid: an integer op needs every operand "
-                                  f"quantized and the model calibrated")
+            what = (f"an uncalibrated {quantizer.kind} quantizer ({quantizer.spec.short()})"
+                    if isinstance(quantizer, FakeQuantize) and quantizer.enabled
+                    else f"a site the recipe leaves float ({type(quantizer).__name__})")
+            fix = ("calibrate the model first (qswap calibrate, or qswap convert --calib-batches N --data DIR)"
+                   if isinstance(quantizer, FakeQuantize) and quantizer.enabled
+                   else "use a recipe that quantizes this site's activations (e.g. w8a8)")
+            raise IntegerizeError(f"{what} has no grid: an integer op needs every operand quantized and the "
+                                  f"model calibrated; {fix}")
         if quantizer.scale.numel() != 1:
             raise IntegerizeError(f"an activation grid must be per tensor, got {quantizer.spec.short()}")
         return cls(float(quantizer.scale), int(quantizer.zero_point), quantizer.spec.qmin, quantizer.spec.qmax)

@@ -27,3 +27,36 @@ def test_a_mode_the_library_lacks_is_a_usage_error(argv, capsys):
         build_parser().parse_args(argv)
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, option, low", [
+    (["eval", "q.pt", "--data", "d", "--beam", "0"], "--beam", 1),
+    (["eval", "q.pt", "--data", "d", "--beam", "-1"], "--beam", 1),
+    (["eval", "q.pt", "--data", "d", "--calib-batches", "-1"], "--calib-batches", 0),
+    (["eval", "q.pt", "--data", "d", "--num-shards", "0"], "--num-shards", 1),
+    (["eval", "q.pt", "--data", "d", "--shard-id", "-1"], "--shard-id", 0),
+    (["eval", "q.pt", "--data", "d", "--threads", "0"], "--threads", 1),
+    (["eval", "q.pt", "--data", "d", "--max-sentences", "0"], "--max-sentences", 1),
+    (["compare", "c.pt", "--data", "d", "--beam", "0"], "--beam", 1),
+    (["compare", "c.pt", "--data", "d", "--calib-batches", "-2"], "--calib-batches", 0),
+    (["calibrate", "q.pt", "--data", "d", "-o", "o.pt", "--batches", "-2"], "--batches", 0),
+    (["convert", "c.pt", "--recipe", "w8a8", "-o", "o.pt", "--calib-batches", "-1"], "--calib-batches", 0),
+    (["convert", "c.pt", "--recipe", "w8a8", "-o", "o.pt", "--max-sentences", "-3"], "--max-sentences", 1),
+    (["search", "c.pt", "--data", "d", "--target-mb", "2", "--batches", "0"], "--batches", 1),
+    (["sensitivity", "c.pt", "--data", "d", "--beam", "0"], "--beam", 1),
+])
+def test_a_count_out_of_range_is_a_usage_error_naming_the_option(argv, option, low, capsys):
+    """A beam, batch count, shard, thread count or batch size below what the option takes stops at
+    the parser (exit 2) with the option and its smallest value named: not a traceback from fairseq's
+    beam search (beam 0: a reshape of 0 elements) or itertools (negative batches)."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: must be {low} or more, got " in err and "Traceback" not in err
+
+
+def test_a_count_that_is_not_an_integer_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "q.pt", "--data", "d", "--beam", "five"])
+    assert "argument --beam: must be an integer, got 'five'" in capsys.readouterr().err

@@ -182,3 +182,39 @@ def test_forced_prefix_tokens_give_fairseqs_hypotheses(shipped_float):
     ours = _search(ort, dictionary, sample, 3, prefix_tokens=prefix)
     _assert_same(ours, _search(model, dictionary, sample, 3, prefix_tokens=prefix))
     assert all(h[0][:2] == row.tolist() for s, row in zip(ours, prefix) for h in s)
+
+
+def test_a_directory_that_mixes_two_exports_is_refused(shipped_float, tmp_path):
+    """A graph that is not the one export.json describes (an export interrupted between its renames,
+    a graph copied in by hand): the same graph with other bytes is refused by its SHA-256."""
+    import onnx
+
+    _, task, out = shipped_float
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    graph = onnx.load(str(copy / "encoder.onnx"))
+    graph.doc_string = "another export"
+    onnx.save(graph, str(copy / "encoder.onnx"))
+    with pytest.raises(ExportError, match="not the encoder graph export.json describes .*mixes two exports"):
+        load_exported(copy, task.target_dictionary)
+
+
+def test_a_failed_export_leaves_the_directory_as_it_was(shipped_float, tmp_path):
+    """Weights of 2 bits trace to graphs onnxruntime does not load: the export stops with an
+    ExportError that says so and names the directory; an earlier export there is left byte for
+    byte, with no staged files, and a directory the export would have created is not made."""
+    model, task, out = shipped_float
+    recipe = {"version": 1, "name": "w2a8", "defaults": {"weight": {"bits": 2}, "activation": {"bits": 8}}}
+    qmodel = qswap.convert(model, recipe)
+    qswap.calibrate(qmodel, list(fdata.net_inputs(task, "train_calib", 1, max_sentences=4)))
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    with pytest.raises(ExportError, match="onnxruntime cannot load the graph qswap made of this model.*nothing was "
+                                          "written"):
+        export_model(qmodel, copy, audit=False)
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    fresh = tmp_path / "new" / "deploy"
+    with pytest.raises(ExportError):
+        export_model(qmodel, fresh, audit=False)
+    assert not fresh.exists()

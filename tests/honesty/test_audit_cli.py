@@ -107,6 +107,18 @@ def test_strict_fails_on_declared_exceptions(checkpoint, tmp_path):
     assert main(["audit", str(ckpt), "--recipe", str(recipe), "--strict"]) == 1
 
 
+def test_strict_says_why_an_honest_verdict_fails_it(checkpoint, capsys, tmp_path):
+    """The report headlines HONEST (with declared exceptions); --strict's exit status 1 comes with a
+    line that says what strict mode refused."""
+    ckpt, _ = checkpoint
+    recipe = tmp_path / "weights_only_declared.yaml"
+    recipe.write_text("version: 1\nname: w8_declared\ndefaults:\n  weight: {bits: 8}\n"
+                      "  activation: null\nfloat_ok:\n  '*': weight-only study, activations float\n")
+    assert main(["audit", str(ckpt), "--recipe", str(recipe), "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "--strict: NOT STRICTLY HONEST: declared float exceptions" in " ".join(out.split())
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--recipe", "w8a8", "--synthetic", "2", "--subset", "test"], "not both"),
     (["--recipe", "w8a8", "--subset", "test"], "--subset needs --data"),

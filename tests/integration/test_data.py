@@ -39,3 +39,79 @@ def test_batches_are_batched_as_asked_on_every_call():
     assert sizes(max_sentences=16, num_shards=2, shard_id=1) == [16]
     ids = lambda **kw: [i for s in batches(task, "train_calib", **kw) for i in s["id"].tolist()]  # noqa: E731
     assert sorted(ids(max_sentences=8)) == list(range(32))
+
+
+def _calib_copy(tmp_path):
+    """The shipped data directory's config, tokenizer and ``train_calib`` subset, copied."""
+    import shutil
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("config.yaml", "spm_unigram200.model", "spm_unigram200.txt", "train_calib.tsv",
+                 "fbank80_train_calib.zip"):
+        shutil.copyfile(Path(ASSET) / name, data / name)
+    return data
+
+
+def _read_all(data, subset="train_calib"):
+    from qswap.integration.data import batches
+
+    _, task = load_model_and_task(f"{ASSET}/checkpoint.pt", str(data))
+    return [s["id"] for s in batches(task, subset, max_sentences=8)]
+
+
+def test_a_manifest_line_cut_short_is_a_data_error(tmp_path):
+    """A manifest cut mid-line (its last row lacks n_frames): a DataError naming the manifest,
+    not fairseq's TypeError."""
+    import pytest
+
+    from qswap.errors import DataError
+
+    data = _calib_copy(tmp_path)
+    text = (data / "train_calib.tsv").read_text()
+    (data / "train_calib.tsv").write_text(text[:text.index("\n", 200) + 30])
+    with pytest.raises(DataError, match="malformed manifest train_calib.tsv"):
+        _read_all(data)
+
+
+def test_a_truncated_feature_zip_is_a_data_error(tmp_path):
+    """A feature zip cut short: reading an utterance past its end is a DataError that says to
+    check the files are complete, not an IndexError from fairseq's reader."""
+    import pytest
+
+    from qswap.errors import DataError
+
+    data = _calib_copy(tmp_path)
+    archive = data / "fbank80_train_calib.zip"
+    archive.write_bytes(archive.read_bytes()[:200_000])
+    with pytest.raises(DataError, match="cannot read an utterance.*complete"):
+        _read_all(data)
+
+
+def test_nan_features_are_a_data_error_naming_the_utterance(tmp_path):
+    """NaN in one utterance's features: every reader (decoding, calibration, the audit's batch)
+    stops with a DataError naming that utterance, before a model turns it into a transcript, a
+    range or a finding about the model."""
+    import numpy as np
+    import pytest
+
+    from qswap.errors import DataError
+    from qswap.integration.data import first_net_input
+
+    data = _calib_copy(tmp_path)
+    row = (data / "train_calib.tsv").read_text().splitlines()[4]  # manifest row index 3
+    _, offset, _ = row.split("\t")[1].split(":")
+    with open(data / "fbank80_train_calib.zip", "r+b") as f:
+        f.seek(int(offset))
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        read_header(f)  # the header's length varies; the values follow it
+        f.seek(f.tell() + 4 * 80 * 5)  # frame 5
+        f.write(np.array([np.nan, np.inf], dtype=np.float32).tobytes())
+    with pytest.raises(DataError, match=r"utterance\(s\) 3 .*NaN or inf"):
+        _read_all(data)
+    _, task = load_model_and_task(f"{ASSET}/checkpoint.pt", str(data))
+    with pytest.raises(DataError, match=r"utterance\(s\) 3 "):
+        first_net_input(task, "train_calib", count=5)
+    assert first_net_input(task, "train_calib", count=3)["src_tokens"].isfinite().all()
