@@ -563,8 +563,10 @@ def _continued(recipe: str, run: dict, commit: str, data: str, ev: str) -> tuple
         ptq_cmd = (f"qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe {recipe} --data {data} \\\n"
                    f"    --subset SUBSET --calib-subset train_calib --calib-batches 4 --json {ev}/ptq_SUBSET.json")
         ptq = f"PTQ: the float checkpoint converted with `{recipe}`, calibrated on {calibration()}, as the demo does"
+    simulate = qswap.load_recipe(recipe).simulate
     ptq += (f". The run is a second stage: it fine-tunes `{rel}` as shipped at git {commit} (a QAT run of its "
-            f"own, which the page of that commit describes) further")
+            f"own, which the page of that commit describes) further, computing in training what the evaluations "
+            f"below compute (the recipe's `simulate: {simulate}`, qswap.nn.simulate)")
     return lines, ptq_cmd, ptq
 
 
