@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"subset {args.subset} of {args.data} has no utterances to decode")
         out.print(f"{label}: 0 utterances of {args.subset}{shard}: fairseq gave every batch to the other "
                   f"shards (the subset has fewer batches than --num-shards); 'qswap eval --merge' takes this "
-                  f"shard's result as it is")
+                  f"shard's result as it is{'; no --markdown row (no WER to write)' if args.markdown else ''}")
     else:
         delta = (f"  ΔWER vs {stats['baseline']} {stats['delta_wer']:+.2f}{_ci(stats['delta_wer_ci'], '+')} "
                  f"({'significant' if stats['significant'] else 'not significant'})") if baseline else ""

@@ -15,9 +15,12 @@ SHA-256. A manifest without ``kind`` (written before CTC exports existed) is seq
 
 Writing: each graph is written under a temporary name beside its final one and loaded by
 onnxruntime; only when every graph loads are they renamed into place, and ``export.json`` is
-written last. A failed export leaves the directory as it was (a directory it created is removed
-again). Reading: ``graph_paths`` checks every graph against its digest, so a directory that mixes
-two exports (one interrupted between its renames, or a graph copied in by hand) is refused.
+written last. An export that fails before the renames (a graph onnxruntime cannot load, an
+uncalibrated quantizer) leaves the directory as it was; a directory it created is removed again,
+also after a failure during the renames. One that fails during the renames or the manifest's
+write (a full disk, an interrupt) in a directory that held an export leaves graphs of both, which
+reading refuses: ``graph_paths`` checks every graph against its digest, so a directory that mixes
+two exports (or holds a graph copied in by hand) is refused.
 
 >>> export_model(qmodel, "deploy/", task_cfg=cfg.task)
 >>> manifest = read_manifest("deploy/")
@@ -100,6 +103,7 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
         raise OutputError(f"cannot create the output directory {out}: {e.strerror}") from e
     graphs = CTC_GRAPHS if _is_ctc(qmodel) else GRAPHS
     staged = {name: out / f".{file}.partial" for name, file in graphs.items()}
+    published: list[Path] = []  # graphs renamed into place (a directory this export made loses them again)
     try:
         if graphs is CTC_GRAPHS:
             manifest = _export_ctc(qmodel, staged, task_cfg, audit, allow_float)
@@ -117,9 +121,10 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
         manifest.digests = {name: _check_loads(path, graphs[name], out) for name, path in staged.items()}
         for name, path in staged.items():
             os.replace(path, out / graphs[name])
+            published.append(out / graphs[name])
         return write_manifest(out, manifest)
     except BaseException:
-        for path in staged.values():
+        for path in [*staged.values(), *(published if created else [])]:
             path.unlink(missing_ok=True)
         if created:
             try:

@@ -180,8 +180,11 @@ class _QConvNd(_Weighted):
         ``weight_g`` and ``weight_v`` are unchanged: ``derived_weight``)."""
         if self.weight is not None:
             return self.weight
-        return derived_weight(self, "_normed_weight", lambda: torch._weight_norm(
-            self.weight_v, self.weight_g, self.weight_norm_dim), self.weight_g, self.weight_v)
+        return derived_weight(self, "_normed_weight", self._normed, self.weight_g, self.weight_v)
+
+    def _normed(self) -> torch.Tensor:
+        """A weight-normed conv's ``g * v / ||v||``, computed now."""
+        return torch._weight_norm(self.weight_v, self.weight_g, self.weight_norm_dim)
 
     @classmethod
     def from_float(cls, module, config):
@@ -212,7 +215,9 @@ class _QConvNd(_Weighted):
         if self.padding_mode != "zeros":
             raise IntegerizeError(f"a convolution with padding_mode={self.padding_mode!r} has no integer form yet")
         with torch.no_grad():
-            weight = self.float_weight()
+            # a training forward (``derived``) keeps no derived weight: its optimizer may write
+            # weight_g / weight_v through ``.data``, which no stamp sees (``derived_weight``)
+            weight = self._normed() if derived and self.weight is None else self.float_weight()
         return integer_linear(self.weight_quant, weight, self.bias, Grid.of(self.input_quant), out,
                               IntegerConv, derived=derived, conv_fn=type(self).conv_fn, stride=self.stride,
                               padding=self.padding, dilation=self.dilation, groups=self.groups)

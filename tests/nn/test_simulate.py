@@ -2,6 +2,7 @@
 item 4) under the recipe's ``simulate: integer``: codes equal in every step where both define the
 arithmetic the same way; the float insides under ``simulate: float`` (the fast option; the
 default is ``integer``); QAT gets the float op's gradient."""
+import copy
 import warnings
 from pathlib import Path
 
@@ -537,6 +538,30 @@ def test_a_training_step_derives_each_weight_grid_once():
         q.eval()
     assert len(observed) > 20 and any(".subsample." in n for n in observed) and any("_proj" in n for n in observed)
     assert {n: c for n, c in calls.items() if c != 1} == {} and calls.keys() == observed.keys()
+
+
+def test_a_weight_normed_conv_keeps_no_normed_weight_from_a_training_forward():
+    """A weight-normed convolution's training forward (float op, then its integer form on the grid
+    the op derived) keeps no ``g * v / ||v||``: an optimizer writes weight_g through ``.data``, which
+    no stamp sees, and the next inference forward must compute it from the written weights. (With
+    the integer form built after the op and reading the kept weight, it kept one: the inference
+    output then differed from a fresh model's by 0.64, review of git 3e4ee1f.)"""
+    torch.manual_seed(2)
+    x = torch.randn(2, 8, 40)
+    conv = nn.utils.weight_norm(nn.Conv1d(8, 8, 5, padding=2, groups=2), name="weight", dim=2)
+    q = qswap.convert(nn.Sequential(conv, nn.GELU()).eval(), recipe_with("w8a8", "integer"))
+    qswap.calibrate(q, [x, x.flip(0)], forward=lambda m, b: m(b))
+    c, reader = q[0], q[1].input_quant
+    c.train()
+    c(x, reader).sum().backward()
+    assert "_normed_weight" not in c.__dict__
+    c.weight_g.data.mul_(1.5)  # an optimizer's write through .data (fairseq's Adam)
+    c.eval()
+    with torch.no_grad():
+        after = c(x, reader)
+    fresh = copy.deepcopy(c)  # a copy keeps no caches (LeavesCaches)
+    with torch.no_grad():
+        assert torch.equal(after, fresh(x, reader))
 
 
 def test_learned_reader_scales_trained_below_zero_fall_back_to_float():
