@@ -77,15 +77,15 @@ def _left_float(qmodel: nn.Module) -> list[str]:
     layer, the model), or there is none. A counterpart that is swapped as a unit holds float
     modules of its own (an activation's op, attention's projections), which are not listed; nor
     are the children of a listed module."""
-    found: list[str] = []
+    found: dict[str, str] = {}  # path -> its class's name
     owners: dict[str, nn.Module] = {}  # path -> the nearest counterpart at or above it
     for name, m in qmodel.named_modules():
         parent = owners.get(name.rpartition(".")[0]) if name else None
         owners[name] = m if isinstance(m, QuantModule) else parent
         if (name and find(m) is not None and (parent is None or parent.converts_children)
-                and not any(name.startswith(f.split(" ")[0] + ".") for f in found)):
-            found.append(f"{name} ({type(m).__name__})")
-    return found
+                and not any(name.startswith(f"{path}.") for path in found)):
+            found[name] = type(m).__name__
+    return [f"{path} ({cls})" for path, cls in found.items()]
 
 
 def _recipe_name(qmodel: nn.Module) -> str:

@@ -711,7 +711,7 @@ batches of at most {max_tokens:,} frames, {calib}; {loss}.)
 ## Training curve
 
 The run made {updates} updates in {runs}{calib_note} (an invocation ends at fairseq's
-`--stop-time-hours` or when the session running it ends; {where}). Rows: every 50th update and every update with a dev
+`--stop-time-hours`, or when it is stopped: the session running it ends, or by hand; {where}). Rows: every 50th update and every update with a dev
 measurement. Train loss: fairseq's `train_inner` ({loss_column}, mean over the last
 10 updates); dev loss: fairseq's validation on `dev`; dev WER: `qswap eval CKPT --subset dev`
 (beam 5), for the checkpoints `dev` evaluated (fairseq-train keeps the last 20 interval checkpoints).

@@ -58,17 +58,11 @@ class _Weighted(QuantModule):
         xq = x if quantized else consume(self.input_quant, x) if owned else self.input_quant(x)
         if out_quant is None:
             return self.op(xq)
-        if torch.is_grad_enabled():  # training: the op first, then its integer form on the grid it derived
-            y = self.op(xq)
-            value = onto_linear(self, xq, self.input_quant, out_quant,
-                                lambda grid_in, grid_out: self.to_integer(grid_out, derived=True),
-                                channels=self.channels_last)
-            return y if value is None else straight_through(value, y, out_quant)
-        if simulates(self):
+        if simulates(self) and not torch.is_grad_enabled():
             self.float_weight()  # a derived weight computed here, in the forward (the audit sees it derived)
-        value = onto_linear(self, xq, self.input_quant, out_quant, lambda grid_in, grid_out: self.to_integer(grid_out),
-                            channels=self.channels_last)
-        return self.op(xq) if value is None else value
+        return op_onto(self, xq, self.input_quant, out_quant, lambda: self.op(xq),
+                       lambda grid_in, grid_out, derived=False: self.to_integer(grid_out, derived=derived),
+                       channels=self.channels_last)
 
     def onto_each(self, x: torch.Tensor, readers) -> list:
         """``op(input_quant(x))`` as each of ``readers`` (quantizers) reads it: with ``simulate:
@@ -231,6 +225,22 @@ class QConv1d(_QConvNd):
 @register(nn.Conv2d)
 class QConv2d(_QConvNd):
     conv_fn = staticmethod(F.conv2d)
+
+
+def op_onto(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_quant: nn.Module, op,
+            to_integer, channels: bool = False) -> torch.Tensor:
+    """A weighted op on ``xq`` (``op()``: its float result) as ``out_quant`` reads it: the integer
+    form's values (``onto_linear``; ``to_integer(grid_in, grid_out, derived=...)`` builds it) where
+    there is one, else ``op()``. Under autograd (a training step) ``op()`` runs first, deriving the
+    weight's grid from the current weight, and the form is built on that grid (``derived=True``,
+    not derived a second time); the result is the form's values with ``op()``'s gradient."""
+    if torch.is_grad_enabled():
+        y = op()
+        value = onto_linear(owner, xq, input_quant, out_quant, functools.partial(to_integer, derived=True),
+                            channels=channels)
+        return y if value is None else straight_through(value, y, out_quant)
+    value = onto_linear(owner, xq, input_quant, out_quant, to_integer, channels=channels)
+    return op() if value is None else value
 
 
 def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_quant: nn.Module,

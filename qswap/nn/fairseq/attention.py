@@ -27,8 +27,7 @@ from qswap.io.serializable import Tuple as TupleOf
 from qswap.nn.attention import (CORE_SITES, QuantAttentionCore, heads_padding, maps_elementwise, merge_heads,
                                  split_heads)
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
-from qswap.nn.linear import QLinear, onto_linear
-from qswap.nn.simulate import straight_through
+from qswap.nn.linear import QLinear, op_onto
 from qswap.nn.registry import register
 from qswap.quant.bias import BiasQuantize, quantized_pair
 
@@ -69,18 +68,10 @@ class Projection(nn.Module):
     def forward(self, x: Tensor, x_quant: nn.Module, out_quant: Optional[nn.Module] = None) -> Tensor:
         """x: (..., in) already quantized by ``x_quant`` -> (..., out). With ``simulate: integer``
         and ``out_quant`` (the core's q/k/v quantizer that reads the result): the integer form's
-        codes on its grid as values (``qswap.nn.linear.onto_linear``), with the float gradient."""
-        if out_quant is not None and not torch.is_grad_enabled():
-            value = onto_linear(self, x, x_quant, out_quant, self.to_integer)
-            if value is not None:
-                return value
-        y = F.linear(x, *quantized_pair(self.weight, self.bias, x_quant, self.weight_quant, self.bias_quant))
-        if out_quant is None or not torch.is_grad_enabled():
-            return y
-        # training: the integer form after the op, on the weight grid the op derived (``onto_linear``)
-        value = onto_linear(self, x, x_quant, out_quant, lambda grid_in, grid_out: self.to_integer(
-            grid_in, grid_out, derived=True))
-        return y if value is None else straight_through(value, y, out_quant)
+        codes on its grid as values (``qswap.nn.linear.op_onto``), with the float gradient."""
+        def op():
+            return F.linear(x, *quantized_pair(self.weight, self.bias, x_quant, self.weight_quant, self.bias_quant))
+        return op() if out_quant is None else op_onto(self, x, x_quant, out_quant, op, self.to_integer)
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
