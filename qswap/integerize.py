@@ -120,7 +120,13 @@ def integerize(qmodel: nn.Module) -> nn.Module:
             raise IntegerizeError(_message([f"{p}: left float by recipe {_recipe_name(qmodel)}; integer execution "
                                             f"needs it converted and quantized (use a recipe that quantizes "
                                             f"its weights and activations, e.g. w8a8)" for p in left]))
-        return qmodel.to_integer_model()  # a whole model with its own integer form (S2T, wav2vec 2.0 CTC)
+        try:
+            return qmodel.to_integer_model()  # a whole model with its own integer form (S2T, wav2vec 2.0 CTC)
+        except IntegerizeError as exc:
+            where = raising_module(qmodel, exc)
+            if where is None:
+                raise
+            raise IntegerizeError(_message([f"{where}: {exc}"])) from exc
     if not isinstance(qmodel, nn.Sequential):
         problems.append(f"(root) ({type(qmodel).__name__}): no whole-model integer form yet; integerized so far: "
                         f"nn.Sequential chains of counterparts, the S2T transformer and conformer, wav2vec 2.0 "
@@ -154,6 +160,23 @@ def integerize(qmodel: nn.Module) -> nn.Module:
     first = chain[0][1]
     input_grid = None if isinstance(first, QEmbedding) else Grid.of(first.input_quant)
     return IntegerModel(input_grid, layers, [name for name, _ in chain])
+
+
+def raising_module(model: nn.Module, exc: BaseException) -> str | None:
+    """``path (Type)`` of the innermost module of ``model`` whose method was running when ``exc``
+    was raised (a frame of its traceback whose ``self`` is one of ``model``'s modules), or None:
+    an error raised deep in the integer arithmetic (``qswap.quant.integer``) then names the
+    counterpart that asked for it. For the message only; nothing depends on it."""
+    names = {id(m): name for name, m in model.named_modules()}
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = owner
+        tb = tb.tb_next
+    if found is None:
+        return None
+    return f"{names[id(found)] or '(root)'} ({type(found).__name__})"
 
 
 def _message(problems: list[str]) -> str:

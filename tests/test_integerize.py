@@ -125,3 +125,23 @@ def test_an_uncalibrated_model_is_refused():
     q = qswap.convert(mlp().eval(), "w8a8")
     with pytest.raises(IntegerizeError, match="no grid"):
         qswap.integerize(q)
+
+
+def test_a_whole_model_names_the_module_whose_integer_form_fails():
+    """A form refused deep in the integer arithmetic (16-bit weights: accumulators beyond int32)
+    is reported with the path and type of the counterpart that asked for it."""
+    import re
+
+    from qswap.models import build_s2t_transformer, s2t_net_input
+
+    wide = {"version": 1, "name": "w16a16", "defaults": {
+        "weight": {"bits": 16, "symmetric": True, "granularity": "per_tensor", "observer": "minmax"},
+        "activation": {"bits": 16, "symmetric": False, "granularity": "per_tensor", "observer": "minmax"}}}
+    q = qswap.convert(build_s2t_transformer(seed=0), wide)
+    qswap.calibrate(q, [s2t_net_input(seed=1)])
+    with pytest.raises(IntegerizeError) as info:
+        qswap.integerize(q)
+    match = re.match(r"cannot integerize the model:\n  (\S+) \((\w+)\): \S", str(info.value))
+    assert match, str(info.value)
+    modules = dict(q.named_modules())
+    assert match.group(1) in modules and type(modules[match.group(1)]).__name__ == match.group(2)

@@ -103,7 +103,7 @@ class QuantAttentionCore(nn.Module):
         if blocked is not None:
             masked = fill(masked, blocked if blocked.dim() == 3 else blocked.unsqueeze(0), float("-inf"))
         if key_padding_mask is not None:
-            masked = fill(masked, heads_padding(key_padding_mask, num_heads), float("-inf"))
+            masked = fill_padding(fill, masked, key_padding_mask, num_heads)
         probs = self._integer_softmax(scores, masked) if simulates(self) else None
         if probs is None:
             probs = F.softmax(masked, dim=-1)  # (B*H, T, S)
@@ -217,6 +217,21 @@ def heads_padding(key_padding_mask: torch.Tensor | None, num_heads: int) -> torc
     if key_padding_mask is None:
         return None
     return key_padding_mask.to(torch.bool).unsqueeze(1).repeat(1, num_heads, 1).flatten(0, 1).unsqueeze(1)
+
+
+def fill_padding(fill, scores: torch.Tensor, key_padding_mask: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``fill(scores, heads_padding(key_padding_mask, num_heads), -inf)`` (``fill``:
+    ``masked_fill`` or ``masked_fill_``): scores (B*H, T, S) with each sentence's padded key
+    positions at -inf. Eager, on contiguous scores, the scores are viewed as (B, H, T, S) and the
+    (B, 1, 1, S) mask broadcast over heads and rows, as fairseq does: the same values, with no
+    tiled copy of the mask per call (a decoding step's encoder-decoder attention masks on every
+    step). Traced for ONNX the tiled mask is kept (``heads_padding``)."""
+    bh, length, src = scores.shape
+    batch = key_padding_mask.shape[0]
+    if torch.jit.is_tracing() or not scores.is_contiguous() or batch * num_heads != bh:
+        return fill(scores, heads_padding(key_padding_mask, num_heads), float("-inf"))
+    mask = key_padding_mask.to(torch.bool).view(batch, 1, 1, src)
+    return fill(scores.view(batch, num_heads, length, src), mask, float("-inf")).view(bh, length, src)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -215,8 +215,10 @@ class QLayerNorm(_QNorm):
     def _integer_params(self, grid, beta: torch.Tensor | None):
         """``LayerNormParams`` (no output grid) for input ``grid``, kept while the grid and the
         parameters are unchanged; None unless one axis of at most 4096 features, gamma
-        quantized symmetric (per tensor or channel) and beta quantized, as ``to_integer`` needs.
-        Gamma's codes come from its quantizer's current grid (``affine`` ran it)."""
+        quantized symmetric (per tensor or channel) and beta quantized, as ``to_integer`` needs,
+        and grids the integer form admits (``LayerNormParams.build``: gamma's codes and beta within
+        the int32 affine accumulator). Gamma's codes come from its quantizer's current grid
+        (``affine`` ran it)."""
         from qswap.quant.integer import LN_MAX_DIM, LayerNormParams
         from qswap.quant.primitives import quantize
         n = self.normalized_shape[0]
@@ -236,10 +238,11 @@ class QLayerNorm(_QNorm):
                     gamma = quantize(self.weight, wq.scale, wq.zero_point, wq.spec)
                     gamma_scale = wq.scale.reshape(-1) if wq.scale.numel() > 1 else float(wq.scale)
                 return LayerNormParams.build(n, self.eps, grid.scale, gamma, gamma_scale,
-                                             None if beta is None else beta.detach(), None)
+                                             None if beta is None else beta.detach(), None, input_bound=grid.span)
         sources = [self.input_quant.scale, *(q.scale for q in quants)] + [t for t in (self.weight, self.bias)
                                                                           if t is not None]
-        return cached(self, "_integer_ln", build, *sources)
+        # grids the integer form does not admit (16-bit norm weights: ``to_integer`` says why): float
+        return cached(self, "_integer_ln", lambda: form_or_none(build), *sources)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
@@ -259,7 +262,8 @@ class QLayerNorm(_QNorm):
         n = self.normalized_shape[0]
         grid = stream_grid(self.input_quant)
         if not isinstance(grid, ChannelGrid):
-            return IntegerLayerNorm(LayerNormParams.build(n, self.eps, grid.scale, *self.integer_affine(n), out))
+            return IntegerLayerNorm(LayerNormParams.build(n, self.eps, grid.scale, *self.integer_affine(n), out,
+                                                          input_bound=grid.span))
         common = CommonGridParams.build(grid)
         params = LayerNormParams.build(n, self.eps, common.scale, *self.integer_affine(n), out,
                                        input_bound=common.bound)

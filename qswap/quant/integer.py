@@ -737,6 +737,7 @@ class LayerNormParams:
         if not 1 <= n <= LN_MAX_DIM:
             raise IntegerizeError(f"integer_layer_norm normalizes 1 to {LN_MAX_DIM} features, got {n}")
         acc_scale, beta_int, out = _affine_constants(n, gamma_scale, beta, grid_out)
+        _check_affine_range(n, gamma_codes, beta_int)
         eps_int = int(round(n * n * eps / (scale_in * scale_in)))
         sqrt_bits = _LN_SQRT_BITS
         if input_bound is not None:
@@ -749,6 +750,20 @@ class LayerNormParams:
         return cls(eps_int, gamma_codes.to(torch.int32), beta_int, out, acc_scale, sqrt_bits)
 
 
+def _check_affine_range(n: int, gamma_codes: torch.Tensor, beta_int: torch.Tensor) -> None:
+    """Refuse a LayerNorm whose affine accumulator ``y gamma + beta`` could leave int32: ``|y| <=
+    (isqrt(N) + 1) 2^LN_FRAC_BITS`` (``|y| < sqrt(N) 2^16``), so gamma's codes must stay below
+    ``(2^31 - 1 - max|beta|) / that`` (8-bit gamma always does, for every N <= LN_MAX_DIM; 16-bit
+    gamma does not, and the accumulator would saturate instead of normalizing)."""
+    gamma_max = int(gamma_codes.abs().max()) if gamma_codes.numel() else 0
+    beta_max = int(beta_int.abs().max()) if beta_int.numel() else 0
+    y_max = (math.isqrt(n) + 1) << LN_FRAC_BITS
+    if gamma_max * y_max + beta_max > INT32_MAX:
+        raise IntegerizeError(f"integer_layer_norm's affine accumulator y * gamma + beta can leave int32: gamma's "
+                              f"codes reach {gamma_max} over {n} features (at most 8-bit norm weights fit); "
+                              "quantize the norm_weight site with fewer bits, or set `simulate: float` in the recipe")
+
+
 def _affine_constants(channels: int, gamma_scale: float | torch.Tensor, beta: torch.Tensor | None,
                       grid_out: Grid | None) -> tuple:
     """(acc_scale (float or (C,) float64), beta (C,) int32 on it (half to even), Requant or None)
@@ -756,8 +771,9 @@ def _affine_constants(channels: int, gamma_scale: float | torch.Tensor, beta: to
     acc_scale = torch.as_tensor(gamma_scale, dtype=torch.float64) * 2.0 ** -LN_FRAC_BITS
     beta_int = torch.zeros(channels, dtype=torch.int64) if beta is None else torch.round(beta.double() / acc_scale)
     if beta_int.numel() and beta_int.abs().max() > 2 ** 30:
-        raise IntegerizeError("the norm's bias is beyond 2^30 steps of the affine accumulator; "
-                              "gamma's grid is too fine for this beta")
+        raise IntegerizeError("the norm's bias is beyond 2^30 steps of the affine accumulator (gamma's grid is too "
+                              "fine for this beta): quantize the norm_weight site with fewer bits, or set "
+                              "`simulate: float` in the recipe")
     out = None if grid_out is None else Requant.from_scales(acc_scale / grid_out.scale, grid_out.zero_point,
                                                             grid_out.qmin, grid_out.qmax)
     scale = float(acc_scale) if acc_scale.numel() == 1 else acc_scale
@@ -792,7 +808,8 @@ def integer_layer_norm_acc(codes: torch.Tensor, params: LayerNormParams,
     for 8-bit codes: ``V + eps_int`` < N^2 2^16 + eps_int < 2^41 for N <= 4096, so ``<< 20``
     stays below 2^61; fewer for a wider input, chosen when built); ``|y| < sqrt(N) 2^16
     <= 2^22``; affine accumulator ``y gamma + beta`` (|y gamma| < 2^29 for 8-bit gamma,
-    |beta| <= 2^30: the sum saturates to int32 beyond). The input zero point cancels in ``c``.
+    |beta| <= 2^30; ``LayerNormParams.build`` refuses gamma and beta whose sum could leave int32,
+    and the clamp below is never reached). The input zero point cancels in ``c``.
     ``root``: as ``_normalized``'s (the fake-quant simulation passes its per-row one)."""
     _check_int("codes", codes)
     y = _normalized(codes.to(torch.int64), params.eps_int, params.sqrt_bits, root)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qswap
-from qswap.errors import RecipeError
+from qswap.errors import IntegerizeError, RecipeError
 from qswap.nn.attention import QuantAttentionCore
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.simulate import SIMULATIONS, simulating
@@ -67,6 +67,44 @@ def test_layer_norm_codes_are_the_integer_forms(recipe):
     x = torch.randn(16, 10, 64) * 3 + 1
     assert_integer_then_float(layer_norm_model(x, recipe), x,
                               lambda ln, xq: F.layer_norm(xq, (64,), *ln.affine(), ln.eps))
+
+
+def _recipe(weight_bits: int, activation_bits: int) -> dict:
+    return {"version": 1, "name": f"w{weight_bits}a{activation_bits}", "defaults": {
+        "weight": {"bits": weight_bits, "symmetric": True, "granularity": "per_tensor", "observer": "minmax"},
+        "activation": {"bits": activation_bits, "symmetric": False, "granularity": "per_tensor",
+                       "observer": "minmax"}}}
+
+
+def test_16_bit_layer_norm_inputs_are_the_integer_form_with_fewer_root_bits():
+    """16-bit input codes: the variance's square root keeps fewer fraction bits (the input bound
+    of ``LayerNormParams.build``) instead of leaving isqrt's int64 domain mid-calibration."""
+    torch.manual_seed(1)
+    x = torch.randn(16, 10, 64) * 3 + 1
+    q = layer_norm_model(x, _recipe(8, 16))  # calibrating it ran the simulation on 16-bit codes
+    reader = q[1].input_quant
+    assert q[0].input_quant.spec.bits == 16 and reader.spec.bits == 16
+    form = q[0].to_integer(Grid.of(reader))
+    assert form.params.sqrt_bits < 10
+    with torch.no_grad():  # told its reader, the LayerNorm writes the integer form's codes onto its grid
+        written = Grid.of(reader).quantize(reader(q[0](x, out_quant=reader)))
+    assert torch.equal(written, form(Grid.of(q[0].input_quant).quantize(x)))
+
+
+def test_16_bit_norm_weights_have_no_integer_form_and_simulate_in_float():
+    """Gamma's 16-bit codes would leave the int32 affine accumulator: no integer form (integerize
+    says what to change), and the simulation computes the LayerNorm in float, as everywhere a
+    form is missing."""
+    torch.manual_seed(1)
+    x = torch.randn(16, 10, 64) * 3 + 1
+    q = layer_norm_model(x, _recipe(16, 8))
+    with pytest.raises(IntegerizeError, match="norm_weight site with fewer bits"):
+        q[0].to_integer(Grid.of(q[1].input_quant))
+    with torch.no_grad():
+        simulated = q[0](x)
+        with simulating(q, "float"):
+            assert torch.equal(q[0](x), simulated)
+    assert torch.isfinite(simulated).all()
 
 
 def test_glu_codes_are_the_integer_forms():
