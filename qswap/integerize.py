@@ -163,20 +163,22 @@ def integerize(qmodel: nn.Module) -> nn.Module:
 
 
 def raising_module(model: nn.Module, exc: BaseException) -> str | None:
-    """``path (Type)`` of the innermost module of ``model`` whose method was running when ``exc``
-    was raised (a frame of its traceback whose ``self`` is one of ``model``'s modules), or None:
-    an error raised deep in the integer arithmetic (``qswap.quant.integer``) then names the
-    counterpart that asked for it. For the message only; nothing depends on it."""
+    """``path (Type)`` of the module of ``model`` that the innermost frame of ``exc``'s traceback
+    that holds any of ``model``'s modules (its ``self``, an argument, a local) was working on, the
+    deepest of them where it holds several; None where no frame holds one. An error raised deep
+    in the integer arithmetic (``qswap.quant.integer``) then names the counterpart or the
+    quantizer it was asked about. For the message only; nothing depends on it."""
     names = {id(m): name for name, m in model.named_modules()}
-    found, tb = None, exc.__traceback__
+    frames, tb = [], exc.__traceback__
     while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
-        if owner is not None and id(owner) in names:
-            found = owner
+        frames.append(tb.tb_frame)
         tb = tb.tb_next
-    if found is None:
-        return None
-    return f"{names[id(found)] or '(root)'} ({type(found).__name__})"
+    for frame in reversed(frames):
+        held = [v for v in frame.f_locals.values() if isinstance(v, nn.Module) and id(v) in names]
+        if held:
+            found = max(held, key=lambda m: len(names[id(m)]))
+            return f"{names[id(found)] or '(root)'} ({type(found).__name__})"
+    return None
 
 
 def _message(problems: list[str]) -> str:

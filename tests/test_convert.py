@@ -252,3 +252,26 @@ def test_a_per_group_size_that_does_not_divide_a_weight_is_refused_at_convert():
                                            r"\(size 8\) divisible by group_size 7"):
         qswap.convert(model, recipe)
     assert type(model[0]) is nn.Linear  # the caller's model is untouched
+
+
+def test_per_channel_weights_along_an_input_axis_are_refused_at_convert():
+    """``axis: -1`` on a Linear's or a convolution's per-channel weights: the scale would vary along
+    the accumulated sum, which no int32 accumulator, bias grid or requantization can carry (the
+    converted model crashed at its first forward): SpecError naming the weight, and what to use.
+    An Embedding's rows are no sum: its per-channel axis is free."""
+    import pytest
+    from torch import nn
+
+    import qswap
+    from qswap.errors import SpecError
+
+    recipe = {"version": 1, "name": "axis_last", "defaults": {
+        "weight": {"bits": 6, "granularity": "per_channel", "axis": -1}, "activation": {"bits": 8}}}
+    for model, name in ((nn.Sequential(nn.Linear(16, 8)), "0.weight"),
+                        (nn.Sequential(nn.Conv1d(4, 8, 3)), "0.weight")):
+        with pytest.raises(SpecError, match=rf"^{name} \(shape .*\): per_channel weights along axis -1 .* "
+                                            r"use axis: 0 \(or per_group"):
+            qswap.convert(model, recipe)
+    qswap.convert(nn.Sequential(nn.Embedding(10, 8)), recipe)
+    qswap.convert(nn.Sequential(nn.Linear(16, 8)), {**recipe, "defaults": {**recipe["defaults"], "weight": {
+        "bits": 6, "granularity": "per_channel", "axis": 0}}})

@@ -145,3 +145,26 @@ def test_a_whole_model_names_the_module_whose_integer_form_fails():
     assert match, str(info.value)
     modules = dict(q.named_modules())
     assert match.group(1) in modules and type(modules[match.group(1)]).__name__ == match.group(2)
+
+
+def test_activation_rounding_without_an_integer_form_is_refused_and_simulated_in_float():
+    """``rounding: floor`` (or ``half_away``) on activations: every integer op requantizes to the
+    nearest code, so such grids have no integer form. integerize refuses, naming a quantizer and
+    what to change; ``simulate: integer`` computes every op reading them in float, as ``simulate:
+    float`` does (the integer model and the simulation had differed by up to 0.08 in the logits)."""
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    from qswap.nn.simulate import simulating
+
+    floor = {"version": 1, "name": "w8a8_floor", "defaults": {
+        "weight": {"bits": 8, "granularity": "per_channel", "axis": 0},
+        "activation": {"bits": 8, "symmetric": False, "rounding": "floor"}}}
+    q = qswap.convert(build_s2t_transformer(seed=0), floor)
+    qswap.calibrate(q, [s2t_net_input(seed=1)])
+    with pytest.raises(IntegerizeError, match=r"\n  \S+ \(FakeQuantize\): an activation grid rounding 'floor' has no "
+                                              r"integer form.*use rounding: half_even"):
+        qswap.integerize(q)
+    net_input = s2t_net_input(seed=2)
+    with torch.no_grad():
+        simulated = q(**net_input)[0]
+        with simulating(q, "float"):
+            assert torch.equal(q(**net_input)[0], simulated)

@@ -29,6 +29,7 @@ from qswap.nn.simulate import (cached, carries_grad, centered_codes, codes_of, d
                                 onto_grid, reader_grid, simulates, straight_through)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize, consume
+from qswap.quant.integer import INT32_MAX
 
 CORE_SITES = dict.fromkeys(("q", "k", "v", "scores", "scores_bias", "attn_bias", "softmax_in", "softmax_out"),
                            "activation")
@@ -132,6 +133,10 @@ class QuantAttentionCore(nn.Module):
         from qswap.quant.integer import Requant
         grid_a, grid_b = grid_of(a_quant), grid_of(b_quant)
         if grid_a is None or grid_b is None:
+            return product()
+        if a.shape[-1] * grid_a.span * grid_b.span > INT32_MAX:
+            # an int32 accumulator could overflow (wide codes, a long reduction: the context over S
+            # keys): the integer core refuses it (``check_bound``), and the product stays float
             return product()
 
         def build(out):
@@ -355,10 +360,16 @@ class IntegerAttentionCore(nn.Module):
                 blocked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (B*H, T, D), k and v: (B*H, S, D) codes; blocked: bool, broadcasting to (B*H, T, S).
         Returns context codes (B*H, T, D) and probability codes (B*H, T, S)."""
-        from qswap.quant.integer import check_bound, integer_softmax
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import INT32_MAX, check_bound, integer_softmax
         zq, zk, zv, zp = self.zero_points
         check_bound("attention q @ k^T", q.shape[-1] * self.qk_span)
-        check_bound("attention probs @ v", k.shape[1] * self.pv_span)
+        if k.shape[1] * self.pv_span > INT32_MAX:  # the reduction runs over the S keys: a length limit
+            raise IntegerizeError(f"attention probs @ v over {k.shape[1]} keys can reach {k.shape[1] * self.pv_span} "
+                                  f"in its int32 accumulator; at these grids (softmax_out and v codes spanning "
+                                  f"{self.pv_span} per product) the integer model takes at most "
+                                  f"{INT32_MAX // self.pv_span} keys: shorter inputs, fewer bits at the softmax_out "
+                                  f"or v sites, or the fake-quant model (which computes this product in float)")
         acc = torch.bmm(q.to(torch.int32) - zq, (k.to(torch.int32) - zk).transpose(1, 2))  # (B*H, T, S)
         probs = integer_softmax(self.scores(acc), self.softmax, blocked)  # (B*H, T, S)
         context = torch.bmm(probs.to(torch.int32) - zp, v.to(torch.int32) - zv)  # (B*H, T, D)

@@ -63,9 +63,9 @@ def grid_of(quant: nn.Module, frozen_only: bool = False):
     with ``frozen_only`` for a quantizer still calibrating (``reader_grid``). A learned (LSQ)
     scale in training is read as it is now: an optimizer writes it through ``.data``, which no
     stamp sees, so the kept grid could be the previous step's."""
-    from qswap.quant.integer import Grid
-    if not (isinstance(quant, FakeQuantize) and quant.enabled):
-        return None
+    from qswap.quant.integer import Grid, rounds_to_nearest
+    if not (isinstance(quant, FakeQuantize) and quant.enabled and rounds_to_nearest(quant)):
+        return None  # a float site, or a rounding with no integer form: the op computes in float
     if quant.spec.learnable and quant.training and torch.is_grad_enabled():
         # not frozen_grid(): it would stamp the grid that the optimizer then writes through .data,
         # and the next inference call would take that stale grid as current
@@ -98,12 +98,12 @@ def stream_grid_of(quant: nn.Module, frozen_only: bool = False):
     grid = grid_of(quant, frozen_only)
     if grid is not None or not (isinstance(quant, FakeQuantize) and quant.enabled and quant.initialized):
         return grid
+    from qswap.quant.integer import rounds_to_nearest, stream_grid
     spec = quant.spec
-    if spec.granularity != "per_channel" or spec.axis != -1 or quant.scale.numel() < 2:
+    if spec.granularity != "per_channel" or spec.axis != -1 or quant.scale.numel() < 2 or not rounds_to_nearest(quant):
         return None
     if frozen_only and not bool(quant.frozen):
         return None
-    from qswap.quant.integer import stream_grid
     return stream_grid(quant)
 
 

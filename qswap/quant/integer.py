@@ -334,6 +334,16 @@ class AddParams:
                    sum_scale, out)
 
 
+def add_input_bits(*grids) -> int:
+    """``AddParams.build``'s ``input_bits`` for operands on ``grids`` (``Grid`` or ``ChannelGrid``):
+    the bits of their largest ``|code - zero_point|``, at least 8 (TFLite's 20-bit shift, which
+    every operand of at most 8 bits keeps). A 12-bit operand's 20-bit shift would leave int32
+    (``rescaled_sum``): its ``|q - zp| < 2^input_bits`` is what makes the shift exact."""
+    spans = [int(torch.maximum(g.qmax - torch.as_tensor(g.zero_point), torch.as_tensor(g.zero_point) - g.qmin).max())
+             for g in grids]
+    return max([8] + [span.bit_length() for span in spans])
+
+
 def rescaled_sum(qa: torch.Tensor, zp_a: int | torch.Tensor, qb: torch.Tensor, zp_b: int | torch.Tensor,
                  params: AddParams) -> torch.Tensor:
     """``s_a (qa - zp_a) + s_b (qb - zp_b)`` as int32 on the grid ``params.sum_scale``.
@@ -457,6 +467,7 @@ class Grid:
                                   f"model calibrated; {fix}")
         if quantizer.scale.numel() != 1:
             raise IntegerizeError(f"an activation grid must be per tensor, got {quantizer.spec.short()}")
+        _check_rounding(quantizer)
         return cls(float(quantizer.scale), int(quantizer.zero_point), quantizer.spec.qmin, quantizer.spec.qmax)
 
     @property
@@ -513,6 +524,21 @@ class ChannelGrid:
         return (t.to(torch.int64) + self.zero_point).to(self.dtype)
 
 
+def rounds_to_nearest(quantizer) -> bool:
+    """Whether an activation quantizer's codes are what the integer ops write: the nearest grid
+    point (``rounding: half_even``, the default; requantization breaks exact ties toward +inf, the
+    model's input quantization to even). Another rounding (``floor``, ``half_away``) has no integer
+    form: every requantization of the integer model rounds to the nearest point."""
+    return quantizer.kind != "activation" or quantizer.spec.rounding == "half_even"
+
+
+def _check_rounding(quantizer) -> None:
+    if not rounds_to_nearest(quantizer):
+        raise IntegerizeError(f"an activation grid rounding {quantizer.spec.rounding!r} has no integer form: the "
+                              f"integer ops requantize to the nearest code; use rounding: half_even (the default) "
+                              f"or set `simulate: float` in the recipe")
+
+
 def stream_grid(quantizer) -> "Grid | ChannelGrid":
     """The grid of a calibrated quantizer of the residual stream: a ``Grid`` per tensor, a
     ``ChannelGrid`` per channel of the last axis (any other per-channel axis raises)."""
@@ -523,6 +549,7 @@ def stream_grid(quantizer) -> "Grid | ChannelGrid":
     if spec.granularity != "per_channel" or spec.axis != -1:
         raise IntegerizeError(f"a residual-stream grid must be per tensor or per channel of the last axis "
                               f"(axis: -1), got {spec.short()}")
+    _check_rounding(quantizer)
     return ChannelGrid(quantizer.scale.detach().double().reshape(-1), quantizer.zero_point.detach().to(
         torch.int64).reshape(-1), spec.qmin, spec.qmax)
 

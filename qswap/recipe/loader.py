@@ -191,7 +191,12 @@ class _Ctx:
         except SpecError as exc:
             field_name = str(exc).split(" ")[0].removeprefix("QuantSpec.")
             where = own if isinstance(own, LineDict) and field_name in own else node
-            raise self.error(where, field_name if where is own else key, str(exc)) from None
+            message = str(exc)
+            if isinstance(own, Mapping) and field_name not in own and merged.get(field_name) is not None:
+                # a field this mapping inherits (from the defaults' spec of its kind) clashes with its own
+                message += (f" ({field_name}: {merged[field_name]!r} is inherited from the spec this one is merged "
+                            f"over; set `{field_name}: null` here to drop it)")
+            raise self.error(where, field_name if where is own else key, message) from None
         except TypeError as exc:
             raise self.error(node, key, f"bad quantizer fields: {exc}") from None
 

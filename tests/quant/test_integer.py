@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from qswap.errors import IntegerizeError
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.integer import (INT32_MAX, INT32_MIN, ISQRT_MAX, AddParams, ChannelGrid, CommonGridParams,
-                                 GluParams, Grid, GroupNormParams, common_grid, rescaled_sum, stream_grid,
+                                 GluParams, Grid, GroupNormParams, add_input_bits, common_grid, rescaled_sum, stream_grid,
                                  ConstantAddParams, LayerNormParams, add_constant, integer_group_norm,
                                  integer_layer_norm_acc,
                                  Requant, SoftmaxParams, apply_lut, build_lut, integer_glu, integer_layer_norm,
@@ -182,6 +182,24 @@ def test_rescaled_add_agrees_with_the_fake_quant_add():
     diff = (out.to(torch.int64) - reference.to(torch.int64)).abs()
     assert int(diff.max()) <= 1
     assert float((diff == 0).float().mean()) > 0.99
+
+
+def test_wide_operands_get_a_shift_that_keeps_them_exact():
+    """The 20-bit shift of 8-bit operands would wrap a 12-bit operand's ``(q - zp) << 20`` around
+    int32 (the sums of a model with 14-bit residual grids were garbage); ``add_input_bits`` gives
+    the bits of the operands' largest ``|code - zero point|``, at least 8."""
+    g8, g14 = Grid(0.01, 3, -128, 127), Grid(0.01, 0, -8192, 8191)
+    assert add_input_bits(g8, g8) == 8 and add_input_bits(Grid(0.1, 0, 0, 15), g8) == 8
+    assert add_input_bits(g8, g14) == 14
+    per_channel = ChannelGrid(torch.tensor([0.1, 0.2]), torch.tensor([0, 2000]), 0, 4095)
+    assert add_input_bits(per_channel) == 12
+    codes = torch.tensor([2047, 2048, 3000, -8192, 8191], dtype=torch.int16)
+    wrapped = rescaled_sum(codes, 0, codes * 0, 0, AddParams.build(0.01, 0.01))
+    assert wrapped.tolist() != (codes.to(torch.int64) * 2 ** 19).tolist()  # the 8-bit shift wraps
+    params = AddParams.build(0.01, 0.01, input_bits=add_input_bits(g14, g14))
+    exact = rescaled_sum(codes, 0, codes * 0, 0, params)
+    # each operand's value on the sum's grid: s (q - zp) / sum_scale = (q - zp) 2^left / 2
+    assert exact.tolist() == (codes.to(torch.int64) * 2 ** (params.left_shift - 1)).tolist()
 
 
 def test_rescaled_add_at_its_bound():

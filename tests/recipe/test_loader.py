@@ -142,3 +142,21 @@ def test_with_simulate_sets_the_key_on_every_rule_and_refuses_other_values():
     assert with_simulate(recipe, "float").simulate == "float"
     with pytest.raises(RecipeError, match="simulate"):
         with_simulate("w8a8", "fixed_point")
+
+
+def test_a_clash_with_an_inherited_field_says_how_to_drop_it(tmp_path):
+    """A rule's ``granularity: per_channel`` merged over per_group defaults keeps their
+    ``group_size``, which the rule never wrote: the error says it is inherited and that
+    ``group_size: null`` drops it, which then loads."""
+    import pytest
+
+    from qswap.errors import RecipeError
+
+    text = ("version: 1\ndefaults:\n  weight: {bits: 4, granularity: per_group, group_size: 16}\n"
+            "  activation: {bits: 8}\nrules:\n  - match: {class: Linear}\n    weight: {granularity: per_channel%s}\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(text % "")
+    with pytest.raises(RecipeError, match=r"r\.yaml:7: .*group_size: 16 is inherited .* set `group_size: null` here"):
+        qswap.load_recipe(path)
+    path.write_text(text % ", group_size: null")
+    assert qswap.load_recipe(path).name

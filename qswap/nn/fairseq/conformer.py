@@ -137,10 +137,11 @@ def _integer_conformer_layer(layer: QConformerEncoderLayer, stream_scale, attn_e
     from qswap.nn.fairseq.chain import IntegerChain, integer_chain
     from qswap.nn.fairseq.layers import site_grids
     from qswap.nn.simulate import stream_to
-    from qswap.quant.integer import AddParams, Grid
+    from qswap.quant.integer import AddParams, Grid, add_input_bits
     grids = site_grids(layer, layer.sites)  # the residual adds' operands: per tensor or per channel
     halves = {"ffn1": 0.5, "attn": 1.0, "conv": 1.0, "ffn2": 0.5}  # the half-step feed-forward residuals
-    adds = [AddParams.build(halves[p] * grids[f"{p}_out"].scale, grids[f"{p}_residual"].scale) for p in halves]
+    adds = [AddParams.build(halves[p] * grids[f"{p}_out"].scale, grids[f"{p}_residual"].scale,
+                            input_bits=add_input_bits(grids[f"{p}_out"], grids[f"{p}_residual"])) for p in halves]
     scales = [stream_scale] + [a.sum_scale for a in adds]
     readers = (layer.ffn1.layer_norm, layer.self_attn_layer_norm, layer.conv_module.layer_norm, layer.ffn2.layer_norm)
     conv = layer.conv_module

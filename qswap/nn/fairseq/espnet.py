@@ -179,7 +179,7 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         (``rescaled_add`` onto ``softmax_in``'s grid)."""
         from qswap.errors import IntegerizeError
         from qswap.nn.attention import _span
-        from qswap.quant.integer import AddParams, ConstantAddParams, Grid, Requant, check_bound
+        from qswap.quant.integer import AddParams, ConstantAddParams, Grid, Requant, add_input_bits, check_bound
         if pos_table is None or self.zero_triu:
             raise IntegerizeError("rel_pos attention integerizes with the encoder's position table and "
                                   "zero_triu=False only")
@@ -195,7 +195,8 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         integer_core = IntegerRelPosCore(
             base, Requant.from_scales(q.scale * self.d_k ** -0.5 * k.scale / scores.scale, scores.zero_point,
                                       scores.qmin, scores.qmax),
-            AddParams.build(scores.scale, bias.scale, *_out_of(Grid.of(core.softmax_in_quant))),
+            AddParams.build(scores.scale, bias.scale, *_out_of(Grid.of(core.softmax_in_quant)),
+                            input_bits=add_input_bits(scores, bias)),
             (scores.zero_point, bias.zero_point))
         bd = Requant.from_scales(q_pos.scale * self.d_k ** -0.5 * pos.scale / bias.scale, bias.zero_point, bias.qmin,
                                  bias.qmax)
@@ -260,7 +261,7 @@ class QRotaryPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         ``swapped(x - zp) * sin`` in int32, requantized onto ``rope_cos`` / ``rope_sin``'s grids
         (per position when the table grid is per channel), a rescaled add onto ``rope_out``'s."""
         from qswap.errors import IntegerizeError
-        from qswap.quant.integer import AddParams, Grid, Requant, weight_codes
+        from qswap.quant.integer import AddParams, Grid, Requant, add_input_bits, weight_codes
         if self.rotary_ndims != self.d_k:
             raise IntegerizeError("rotary attention over part of the head (rotary_ndims < d_k) has no integer form yet")
         with torch.no_grad():
@@ -275,7 +276,8 @@ class QRotaryPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         rope_cos, rope_sin = Grid.of(self.rope_cos_quant), Grid.of(self.rope_sin_quant)
         rotate = [Requant.from_scales(grid_in.scale * scale / g.scale, g.zero_point, g.qmin, g.qmax)
                   for scale, g in ((cos_scale, rope_cos), (sin_scale, rope_sin))]
-        add = AddParams.build(rope_cos.scale, rope_sin.scale, *_out_of(rope_out))
+        add = AddParams.build(rope_cos.scale, rope_sin.scale, *_out_of(rope_out),
+                              input_bits=add_input_bits(rope_cos, rope_sin))
         core = self.core.to_integer(self.d_k ** -0.5, Grid.of(self.linear_out.input_quant))
         projections = [self.linear_q.to_integer(rope_out, Grid.of(self.core.q_quant)),
                        self.linear_k.to_integer(rope_out, Grid.of(self.core.k_quant)),

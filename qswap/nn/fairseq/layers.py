@@ -377,13 +377,14 @@ class QTransformerDecoderLayer(QuantModule):
         two (its keys and values: encoder output codes on its ``key_in`` grid); incremental
         decoding keeps both attentions' keys and values as codes. No NormFormer scales yet (issue 16)."""
         from qswap.errors import IntegerizeError
-        from qswap.quant.integer import AddParams, Grid, build_lut
+        from qswap.quant.integer import AddParams, Grid, add_input_bits, build_lut
         refusal = self.integer_refusal()
         if refusal is not None:
             raise IntegerizeError(refusal)
         grids = site_grids(self, ("attn_residual", "attn_out", "cross_residual", "cross_out", "ffn_act",
                                   "ffn_residual", "ffn_out"))
-        adds = [AddParams.build(grids[f"{part}_residual"].scale, grids[f"{part}_out"].scale)
+        adds = [AddParams.build(grids[f"{part}_residual"].scale, grids[f"{part}_out"].scale,
+                                input_bits=add_input_bits(grids[f"{part}_residual"], grids[f"{part}_out"]))
                 for part in ("attn", "cross", "ffn")]
         scales = [stream_scale] + [a.sum_scale for a in adds[:2]]
         norms = (self.self_attn_layer_norm, self.encoder_attn_layer_norm, self.final_layer_norm)
@@ -432,7 +433,7 @@ def add_onto(owner: torch.nn.Module, slot: str, a: Tensor, quant_a: torch.nn.Mod
     forward is the integer layer's and learned scales train as under ``simulate: float``."""
     if not (readers and simulates(owner)):
         return None
-    from qswap.quant.integer import AddParams, rescaled_sum
+    from qswap.quant.integer import AddParams, add_input_bits, rescaled_sum
     quants = (quant_a, quant_b, *readers)
     grids = [None if q is None else stream_grid_of(q, frozen_only=i >= 2) for i, q in enumerate(quants)]
     if None in grids:
@@ -440,7 +441,7 @@ def add_onto(owner: torch.nn.Module, slot: str, a: Tensor, quant_a: torch.nn.Mod
 
     def build():  # None where the scales have no integer form (e.g. a learned scale trained below 0)
         def make():
-            add = AddParams.build(weight_a * grids[0].scale, grids[1].scale)
+            add = AddParams.build(weight_a * grids[0].scale, grids[1].scale, input_bits=add_input_bits(*grids[:2]))
             return add, [stream_to(add.sum_scale, g) for g in grids[2:]]
         return form_or_none(make)
     built = cached(owner, slot, build, *(q.scale for q in quants), *(q.zero_point for q in quants))
@@ -481,13 +482,15 @@ def integer_encoder_layer(layer, stream_scale: float | torch.Tensor, pre_norm: b
     (``IntegerTransformerEncoderLayer``). Post-norm: each norm's int32 affine accumulator is the
     stream its consumers read (``IntegerPostNormEncoderLayer``). The FFN activation is a table."""
     from qswap.errors import IntegerizeError
-    from qswap.quant.integer import AddParams, Grid, build_lut
+    from qswap.quant.integer import AddParams, Grid, add_input_bits, build_lut
     parts = (layer.self_attn_layer_norm, layer.final_layer_norm, layer.fc1, layer.fc2)
     if not all(isinstance(m, c) for m, c in zip(parts, (QLayerNorm, QLayerNorm, QLinear, QLinear))):
         raise IntegerizeError("the layer's norms and linears must be converted to have an integer form")
     grids = site_grids(layer, _ENCODER_SITES)
-    add1 = AddParams.build(grids["attn_residual"].scale, grids["attn_out"].scale)
-    add2 = AddParams.build(grids["ffn_residual"].scale, grids["ffn_out"].scale)
+    add1 = AddParams.build(grids["attn_residual"].scale, grids["attn_out"].scale,
+                           input_bits=add_input_bits(grids["attn_residual"], grids["attn_out"]))
+    add2 = AddParams.build(grids["ffn_residual"].scale, grids["ffn_out"].scale,
+                           input_bits=add_input_bits(grids["ffn_residual"], grids["ffn_out"]))
     with torch.no_grad():
         act = build_lut(layer.activation_fn, grids["ffn_act"], Grid.of(layer.fc2.input_quant))
     zero_points = tuple(grids[s].zero_point for s in ("attn_residual", "attn_out", "ffn_residual", "ffn_out"))

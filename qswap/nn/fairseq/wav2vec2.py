@@ -237,13 +237,13 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         from qswap.nn.fairseq.chain import IntegerChain, integer_chain
         from qswap.nn.fairseq.layers import StreamOut
         from qswap.nn.simulate import stream_to
-        from qswap.quant.integer import AddParams, Grid
+        from qswap.quant.integer import AddParams, Grid, add_input_bits
         if not (isinstance(self.pos_conv, torch.nn.Sequential) and len(self.pos_conv) == 3):
             raise IntegerizeError("only the single weight-normed positional conv (pos_conv_depth=1, no batch "
                                   "norm) has an integer form so far")
         first = next(m for m in self.pos_conv if hasattr(m, "input_quant"))
         residual, conv_out = Grid.of(self.pos_residual_quant), Grid.of(self.pos_conv_out_quant)
-        add = AddParams.build(residual.scale, conv_out.scale)
+        add = AddParams.build(residual.scale, conv_out.scale, input_bits=add_input_bits(residual, conv_out))
         scale = add.sum_scale
         norm_in = norm = None
         if not self.layer_norm_first:

@@ -403,3 +403,69 @@ def test_simulated_model_audits_honest(simulated):
     report = qswap.audit(qmodel, net_input)
     assert report.honest, [(v.module, v.op, v.operand) for v in report.violations[:5]]
     assert report.totals["kernel_internal"] > 0 and report.totals["integer_gemm"] > 0
+
+
+@pytest.mark.parametrize("arch", ["s2t_transformer", "s2t_conformer"])
+def test_residual_adds_of_wide_operands_are_exact(arch):
+    """14-bit residual operands (a recipe's ``sites``): the integer add shifts them by 14 bits, not
+    the 8-bit operands' 20, which wrapped around int32 and made the logits garbage (WER 256 % on
+    the shipped model) in the fake-quant model and the integer model alike. The integer insides
+    now land where the float insides do, and the integer model computes the same codes."""
+    from fairseq_testkit import logits
+
+    wide = {"version": 1, "name": "w8a8_wide_residuals", "defaults": {
+        "weight": {"bits": 8, "symmetric": True, "granularity": "per_channel", "axis": 0},
+        "activation": {"bits": 8, "symmetric": False, "observer": "minmax"},
+        "sites": {"attn_residual": {"bits": 14}, "ffn_residual": {"bits": 14}}}}
+    model, net_input = build(arch)
+    with torch.no_grad():
+        reference = logits(model, net_input)
+    results = {}
+    for simulate in ("integer", "float"):
+        qmodel = convert_calibrated(model, net_input, with_simulate(wide, simulate))
+        results[simulate] = logits(qmodel, net_input)
+    error = {k: float((v - reference).norm() / reference.norm()) for k, v in results.items()}
+    assert error["integer"] < 2 * error["float"] + 0.02, error
+    qmodel = convert_calibrated(model, net_input, with_simulate(wide, "integer"))
+    if arch == "s2t_transformer":
+        assert_logits_codes_are_the_integer_models(qmodel, qswap.integerize(qmodel), net_input)
+
+
+@pytest.mark.parametrize("arch", ["s2t_transformer", "s2t_conformer"])
+def test_16_bit_activations_keep_the_attention_products_an_int32_accumulator_cannot_hold_in_float(arch):
+    """16-bit q, k, softmax and v codes: q @ k^T and probs @ v could overflow int32, so the
+    integer core refuses them and ``simulate: integer`` computes them in float (the exact GEMM
+    wrapped, and the logits were garbage: relative error 0.56 against 0.008 with float insides)."""
+    from fairseq_testkit import logits
+
+    wide = {"version": 1, "name": "w8a16", "defaults": {
+        "weight": {"bits": 8, "symmetric": True, "granularity": "per_channel", "axis": 0},
+        "activation": {"bits": 16, "symmetric": False, "observer": "minmax"}}}
+    model, net_input = build(arch)
+    with torch.no_grad():
+        reference = logits(model, net_input)
+    error = {}
+    for simulate in ("integer", "float"):
+        qmodel = convert_calibrated(model, net_input, with_simulate(wide, simulate))
+        error[simulate] = float((logits(qmodel, net_input) - reference).norm() / reference.norm())
+    assert error["integer"] < 2 * error["float"] + 0.02, error
+
+
+def test_the_integer_attention_says_how_many_keys_it_takes_at_wide_grids():
+    """12-bit softmax and v codes: probs @ v sums over the S keys, so the int32 accumulator bounds
+    the length; the integer core names that length instead of failing mid-decode without one."""
+    from qswap.errors import IntegerizeError
+    from qswap.quant.integer import Grid
+
+    wide = {"version": 1, "name": "w8a12", "defaults": {
+        "weight": {"bits": 8, "symmetric": True, "granularity": "per_channel", "axis": 0},
+        "activation": {"bits": 12, "symmetric": False, "observer": "minmax"}}}
+    model, net_input = build("s2t_transformer")
+    attn = convert_calibrated(model, net_input, wide).encoder.transformer_layers[0].self_attn
+    core = attn.core.to_integer(attn.scaling, Grid.of(attn.out_proj.input_quant))
+    limit = 2 ** 31 // core.pv_span
+    q = torch.zeros(1, 1, attn.head_dim, dtype=torch.int32)
+    core(q, *[torch.zeros(1, limit, attn.head_dim, dtype=torch.int32)] * 2)  # the longest it takes
+    too_long = torch.zeros(1, limit + 1, attn.head_dim, dtype=torch.int32)
+    with pytest.raises(IntegerizeError, match=f"takes at most {limit} keys"):
+        core(q, too_long, too_long)
