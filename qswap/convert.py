@@ -74,7 +74,6 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
                            f"without a skip rule: {names}")
     target = _replace(target, plans, report)
     _check_weight_grids(target)
-    _check_input_grids(target)
     report.float_bytes, report.quantized_bytes = parameter_bytes(target)
     target.qswap_recipe = recipe
     target.qswap_report = report
@@ -88,7 +87,6 @@ def _check_weight_grids(model: nn.Module) -> None:
     for a weight-normed convolution)."""
     from qswap.errors import SpecError
     from qswap.nn.base import param_quantizer
-    from qswap.quant.bias import BiasQuantize
     from qswap.quant.primitives import channel_axis, groups_view
 
     for path, module in model.named_modules():
@@ -98,41 +96,10 @@ def _check_weight_grids(model: nn.Module) -> None:
             if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.spec.granularity != "per_tensor"):
                 continue
             try:
-                axis = (groups_view if quant.spec.granularity == "per_group" else channel_axis)(weight.detach(),
-                                                                                           quant.spec)
+                (groups_view if quant.spec.granularity == "per_group" else channel_axis)(weight.detach(), quant.spec)
             except SpecError as e:
                 raise SpecError(f"{path}.{pname} (shape {tuple(weight.shape)}): {e}; change the recipe's "
                                 f"weight spec for this module (a rule matching it)") from None
-            if quant.spec.granularity == "per_channel" and axis != 0 and isinstance(
-                    getattr(module, "bias_quant", None), BiasQuantize):
-                raise SpecError(f"{path}.{pname} (shape {tuple(weight.shape)}): per_channel weights along axis "
-                                f"{quant.spec.channel_axis} vary their scale along the sum of a product (an input "
-                                f"axis): the int32 accumulator, its bias and its requantization need one scale "
-                                f"per output channel; use axis: 0 (or per_group, whose groups run along the "
-                                f"input) in the recipe's weight spec for this module")
-
-
-def _check_input_grids(model: nn.Module) -> None:
-    """Every quantizer that feeds a weighted op (a linear's or convolution's input, an attention's
-    query, key and value before their projections) is per tensor: the op's int32 accumulator and
-    its bias grid (``BiasQuantize``: input scale times weight scale) take one input scale. A
-    SpecError naming the site now, rather than a model whose first forward fails inside the bias."""
-    from qswap.errors import SpecError
-    from qswap.quant.bias import BiasQuantize
-
-    for path, module in model.named_modules():
-        children = list(module.children())
-        if not any(isinstance(c, BiasQuantize) or isinstance(getattr(c, "bias_quant", None), BiasQuantize)
-                   for c in children):
-            continue
-        for site in ("input_quant", "key_quant", "value_quant"):
-            quant = module._modules.get(site)  # noqa: SLF001  (own submodules only)
-            if isinstance(quant, FakeQuantize) and quant.enabled and quant.spec.granularity != "per_tensor":
-                raise SpecError(f"{path + '.' if path else ''}{site}: {quant.spec.granularity} activations "
-                                f"({quant.spec.short()}) feed a weighted op, whose int32 accumulator and bias take "
-                                f"one input scale; per-channel activation grids are for the residual stream (the "
-                                f"adds' operands, the norms' inputs): make this site per_tensor in the recipe (a "
-                                f"rule's `sites:`)")
 
 
 def _register_fairseq_counterparts() -> None:

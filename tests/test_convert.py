@@ -254,24 +254,36 @@ def test_a_per_group_size_that_does_not_divide_a_weight_is_refused_at_convert():
     assert type(model[0]) is nn.Linear  # the caller's model is untouched
 
 
-def test_per_channel_weights_along_an_input_axis_are_refused_at_convert():
-    """``axis: -1`` on a Linear's or a convolution's per-channel weights: the scale would vary along
-    the accumulated sum, which no int32 accumulator, bias grid or requantization can carry (the
-    converted model crashed at its first forward): SpecError naming the weight, and what to use.
-    An Embedding's rows are no sum: its per-channel axis is free."""
+
+def test_per_channel_grids_along_an_input_axis_run_with_float_insides_and_have_no_integer_form():
+    """Per-channel weights along ``axis: -1`` (the input of a linear, the kernel of a convolution)
+    and per-channel activations into a linear vary their scale along the accumulated sum: no int32
+    accumulator, bias grid or requantization carries that. The fake-quant model runs them (the op
+    in float: the default ``simulate: integer`` crashed in the bias codes, and a per-channel input
+    crashed in the bias grid, which now stays float and the audit names), and integerize refuses,
+    naming the module and what to use."""
     import pytest
+    import torch
     from torch import nn
 
     import qswap
-    from qswap.errors import SpecError
+    from qswap.errors import IntegerizeError
 
-    recipe = {"version": 1, "name": "axis_last", "defaults": {
+    torch.manual_seed(0)
+    x = torch.randn(6, 16)
+    weights = {"version": 1, "name": "axis_last", "defaults": {
         "weight": {"bits": 6, "granularity": "per_channel", "axis": -1}, "activation": {"bits": 8}}}
-    for model, name in ((nn.Sequential(nn.Linear(16, 8)), "0.weight"),
-                        (nn.Sequential(nn.Conv1d(4, 8, 3)), "0.weight")):
-        with pytest.raises(SpecError, match=rf"^{name} \(shape .*\): per_channel weights along axis -1 .* "
-                                            r"use axis: 0 \(or per_group"):
-            qswap.convert(model, recipe)
-    qswap.convert(nn.Sequential(nn.Embedding(10, 8)), recipe)
-    qswap.convert(nn.Sequential(nn.Linear(16, 8)), {**recipe, "defaults": {**recipe["defaults"], "weight": {
-        "bits": 6, "granularity": "per_channel", "axis": 0}}})
+    q = qswap.convert(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), weights)
+    qswap.calibrate(q, [x])
+    with torch.no_grad():
+        assert torch.isfinite(q(x)).all()
+    with pytest.raises(IntegerizeError, match=r"0 \(QLinear\): .*vary their scale along an input axis.*use axis: 0"):
+        qswap.integerize(q)
+    inputs = {"version": 1, "name": "inputs_per_channel", "defaults": {
+        "weight": {"bits": 8}, "activation": {"bits": 8, "granularity": "per_channel", "axis": -1}}}
+    q = qswap.convert(nn.Sequential(nn.Linear(16, 8)), inputs)
+    qswap.calibrate(q, [x])
+    with torch.no_grad():
+        assert torch.isfinite(q(x)).all()
+    report = qswap.audit(q, x)
+    assert not report.honest and any(v.module == "0" for v in report.violations)

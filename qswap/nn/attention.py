@@ -175,7 +175,7 @@ class QuantAttentionCore(nn.Module):
         reader = self.softmax_out_quant
         return straight_through(value, F.softmax(masked, dim=-1), reader) if carries_grad(reader, masked) else value
 
-    def to_integer(self, scaling: float, out: "Grid") -> "IntegerAttentionCore":
+    def to_integer(self, scaling: float, out: "Grid", head_dim: int | None = None) -> "IntegerAttentionCore":
         """The integer form writing context codes of ``out`` (the out projection's input grid):
         ``q @ k^T`` in int32 requantized by ``s_q * scaling * s_k / s_softmax_in``, integer
         softmax onto the softmax_out grid, ``probs @ v`` in int32 requantized by
@@ -185,8 +185,13 @@ class QuantAttentionCore(nn.Module):
         s_in, s_out = Grid.of(self.softmax_in_quant), Grid.of(self.softmax_out_quant)
         scores = Requant.from_scales(q.scale * scaling * k.scale / s_in.scale, s_in.zero_point, s_in.qmin, s_in.qmax)
         context = Requant.from_scales(s_out.scale * v.scale / out.scale, out.zero_point, out.qmin, out.qmax)
-        return IntegerAttentionCore((q.zero_point, k.zero_point, v.zero_point, s_out.zero_point), scores,
+        core = IntegerAttentionCore((q.zero_point, k.zero_point, v.zero_point, s_out.zero_point), scores,
                                     SoftmaxParams.build(s_in, s_out), context, _span(q) * _span(k), _span(s_out) * _span(v))
+        if head_dim is not None:  # q @ k^T sums over the head's D features: known now (probs @ v: per call)
+            from qswap.quant.integer import check_bound
+            check_bound(f"attention q @ k^T over {head_dim} features (q and k codes spanning {core.qk_span} per "
+                        f"product; fewer bits at the q or k sites fit)", head_dim * core.qk_span)
+        return core
 
 
 def repeat_kv(t: torch.Tensor, repeat: int, num_heads: int) -> torch.Tensor:

@@ -291,6 +291,12 @@ def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Te
         w_codes, w_scale, row_bound = group_weight_codes(weight_quant, weight, span=span, in_scale=grid_in.scale,
                                                          bias=bias, derived=derived)
     else:
+        if isinstance(weight_quant, FakeQuantize) and weight_quant.enabled and \
+                weight_quant.spec.granularity == "per_channel" and weight_quant.spec.channel_axis % weight.dim() != 0:
+            raise IntegerizeError(f"{weight_quant.spec.short()} weights vary their scale along an input axis, the "
+                                  f"sum of the product: the int32 accumulator, its bias and its requantization need "
+                                  f"one scale per output channel; use axis: 0 (or per_group along the input) for "
+                                  f"integer execution (the fake-quant model computes this op in float)")
         w_codes, w_scale = weight_codes(weight_quant, weight, derived=derived)
     if weight_shape is not None:
         w_codes, weight = w_codes.reshape(weight_shape), weight.reshape(weight_shape)

@@ -239,8 +239,8 @@ class QLayerNorm(_QNorm):
                     gamma_scale = wq.scale.reshape(-1) if wq.scale.numel() > 1 else float(wq.scale)
                 return LayerNormParams.build(n, self.eps, grid.scale, gamma, gamma_scale,
                                              None if beta is None else beta.detach(), None, input_bound=grid.span)
-        sources = [self.input_quant.scale, *(q.scale for q in quants)] + [t for t in (self.weight, self.bias)
-                                                                          if t is not None]
+        sources = [self.input_quant.scale, self.input_quant.zero_point, *(q.scale for q in quants)] + [
+            t for t in (self.weight, self.bias) if t is not None]  # the zero point: the input bound (grid.span)
         # grids the integer form does not admit (16-bit norm weights: ``to_integer`` says why): float
         return cached(self, "_integer_ln", lambda: form_or_none(build), *sources)
 

@@ -38,6 +38,8 @@ class BiasQuantize(LeavesCaches, DirectCall):
             return bias  # nothing to align to: the bias stays float, and the audit says so
         if not input_quant.initialized:  # an empty input: no grid yet
             return bias  # the bias stays float, and the audit says so
+        if input_quant.scale.numel() != 1:  # a per-channel input grid: no one accumulator scale per output
+            return bias  # the bias stays float, and the audit says so
         key = None  # a call with autograd (training) clears the cache
         if not (bias.requires_grad and torch.is_grad_enabled()):
             which = (input_quant, weight_quant, None if rows is None else (rows.start, rows.stop, rows.step))

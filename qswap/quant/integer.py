@@ -536,7 +536,7 @@ def _check_rounding(quantizer) -> None:
     if not rounds_to_nearest(quantizer):
         raise IntegerizeError(f"an activation grid rounding {quantizer.spec.rounding!r} has no integer form: the "
                               f"integer ops requantize to the nearest code; use rounding: half_even (the default) "
-                              f"or set `simulate: float` in the recipe")
+                              f"for integer execution (the fake-quant model computes the ops reading it in float)")
 
 
 def stream_grid(quantizer) -> "Grid | ChannelGrid":
@@ -787,8 +787,9 @@ def _check_affine_range(n: int, gamma_codes: torch.Tensor, beta_int: torch.Tenso
     y_max = (math.isqrt(n) + 1) << LN_FRAC_BITS
     if gamma_max * y_max + beta_max > INT32_MAX:
         raise IntegerizeError(f"integer_layer_norm's affine accumulator y * gamma + beta can leave int32: gamma's "
-                              f"codes reach {gamma_max} over {n} features (at most 8-bit norm weights fit); "
-                              "quantize the norm_weight site with fewer bits, or set `simulate: float` in the recipe")
+                              f"codes reach {gamma_max} over {n} features (at most 8-bit norm weights fit): "
+                              "quantize the norm_weight site with fewer bits for integer execution (the fake-quant "
+                              "model computes this norm in float)")
 
 
 def _affine_constants(channels: int, gamma_scale: float | torch.Tensor, beta: torch.Tensor | None,
@@ -799,8 +800,8 @@ def _affine_constants(channels: int, gamma_scale: float | torch.Tensor, beta: to
     beta_int = torch.zeros(channels, dtype=torch.int64) if beta is None else torch.round(beta.double() / acc_scale)
     if beta_int.numel() and beta_int.abs().max() > 2 ** 30:
         raise IntegerizeError("the norm's bias is beyond 2^30 steps of the affine accumulator (gamma's grid is too "
-                              "fine for this beta): quantize the norm_weight site with fewer bits, or set "
-                              "`simulate: float` in the recipe")
+                              "fine for this beta): quantize the norm_weight site with fewer bits for integer "
+                              "execution (the fake-quant model computes this norm in float)")
     out = None if grid_out is None else Requant.from_scales(acc_scale / grid_out.scale, grid_out.zero_point,
                                                             grid_out.qmin, grid_out.qmax)
     scale = float(acc_scale) if acc_scale.numel() == 1 else acc_scale
@@ -879,6 +880,12 @@ class GroupNormParams:
         if channels % groups:
             raise IntegerizeError(f"GroupNorm of {channels} channels in {groups} groups: not a whole number per group")
         acc_scale, beta_int, out = _affine_constants(channels, gamma_scale, beta, grid_out)
+        gamma_max = int(gamma_codes.abs().max()) if gamma_codes.numel() else 0
+        if gamma_max > 128:  # N (channels per group times positions) is only known per call: bound gamma
+            raise IntegerizeError(f"integer_group_norm's affine accumulator y * gamma + beta saturates int32 at "
+                                  f"2^15 / max|gamma| standard deviations, and gamma's codes reach {gamma_max}: "
+                                  f"quantize the norm_weight site with at most 8 bits for integer execution (the "
+                                  f"fake-quant model computes this norm in float)")
         eps_units = Fraction(eps) / (Fraction(grid_in.scale) ** 2)
         return cls(groups, (eps_units.numerator, eps_units.denominator), grid_in.qmax - grid_in.qmin, gamma_codes.to(torch.int32), beta_int, out,
                    acc_scale)

@@ -195,7 +195,8 @@ class _Ctx:
             if isinstance(own, Mapping) and field_name not in own and merged.get(field_name) is not None:
                 # a field this mapping inherits (from the defaults' spec of its kind) clashes with its own
                 message += (f" ({field_name}: {merged[field_name]!r} is inherited from the spec this one is merged "
-                            f"over; set `{field_name}: null` here to drop it)")
+                            f"over; " + (f"set `{field_name}: null` here to drop it)" if _nullable(field_name) else
+                                         f"set `{field_name}` here to the value this spec needs)"))
             raise self.error(where, field_name if where is own else key, message) from None
         except TypeError as exc:
             raise self.error(node, key, f"bad quantizer fields: {exc}") from None
@@ -285,3 +286,9 @@ def _tname(value: Any) -> str:
     if isinstance(value, Mapping):
         return "mapping"
     return "null" if value is None else type(value).__name__
+
+
+def _nullable(field_name: str) -> bool:
+    """Whether a QuantSpec field takes ``null`` (its default is None: ``axis``, ``group_size``)."""
+    import dataclasses
+    return any(f.name == field_name and f.default is None for f in dataclasses.fields(QuantSpec))

@@ -268,8 +268,8 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
         projections = [p.to_integer(grid, Grid.of(quant)) for p, grid, quant in
                        ((self.q_proj, grid_q, core.q_quant), (self.k_proj, grid_kv, core.k_quant),
                         (self.v_proj, grid_kv, core.v_quant))]
-        return IntegerFairseqAttention(self.num_heads, projections, core.to_integer(self.scaling, Grid.of(
-            self.out_proj.input_quant)), self.out_proj.to_integer(out))
+        integer_core = core.to_integer(self.scaling, Grid.of(self.out_proj.input_quant), head_dim=self.head_dim)
+        return IntegerFairseqAttention(self.num_heads, projections, integer_core, self.out_proj.to_integer(out))
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------

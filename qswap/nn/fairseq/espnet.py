@@ -125,7 +125,7 @@ class QESPNETMultiHeadedAttention(QuantModule):
         from qswap.quant.integer import Grid
         if type(self) is not QESPNETMultiHeadedAttention:
             raise IntegerizeError(f"{type(self).__name__} has no integer form yet")
-        core = self.core.to_integer(self.d_k ** -0.5, Grid.of(self.linear_out.input_quant))
+        core = self.core.to_integer(self.d_k ** -0.5, Grid.of(self.linear_out.input_quant), head_dim=self.d_k)
         return IntegerFairseqAttention(self.h, self._integer_projections(Grid.of(self.core.q_quant)), core,
                                        self.linear_out.to_integer(out))
 
@@ -190,7 +190,7 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
             table = Grid.of(self.linear_pos.input_quant).quantize(pos_table[0])  # (2L-1, C) codes
         check_bound("rel-pos q_v @ p^T", self.d_k * _span(q_pos) * _span(pos))
         scores, bias = Grid.of(core.scores_quant), Grid.of(core.scores_bias_quant)
-        base = core.to_integer(self.d_k ** -0.5, Grid.of(self.linear_out.input_quant))
+        base = core.to_integer(self.d_k ** -0.5, Grid.of(self.linear_out.input_quant), head_dim=self.d_k)
         q, k = Grid.of(core.q_quant), Grid.of(core.k_quant)
         integer_core = IntegerRelPosCore(
             base, Requant.from_scales(q.scale * self.d_k ** -0.5 * k.scale / scores.scale, scores.zero_point,
@@ -278,7 +278,7 @@ class QRotaryPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
                   for scale, g in ((cos_scale, rope_cos), (sin_scale, rope_sin))]
         add = AddParams.build(rope_cos.scale, rope_sin.scale, *_out_of(rope_out),
                               input_bits=add_input_bits(rope_cos, rope_sin))
-        core = self.core.to_integer(self.d_k ** -0.5, Grid.of(self.linear_out.input_quant))
+        core = self.core.to_integer(self.d_k ** -0.5, Grid.of(self.linear_out.input_quant), head_dim=self.d_k)
         projections = [self.linear_q.to_integer(rope_out, Grid.of(self.core.q_quant)),
                        self.linear_k.to_integer(rope_out, Grid.of(self.core.k_quant)),
                        self.linear_v.to_integer(grid_in, Grid.of(self.core.v_quant))]
