@@ -522,6 +522,7 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
             f"{run['invocations']} fairseq-train invocations, the later ones resuming from `checkpoint_last.pt`")
     text = TEMPLATE.format(
         shipped_path=out, evals=ev, log_path=_rel(log_path), doc_path=_rel(doc_path), carry=carry,
+        continues_flag=f" --continues {continues}" if continues else "",
         dev_cmd=dev_cmd, calib_note=calib_note, data=data,
         further=further(target_rows),
         sets=("" if not large else f" (SET: `qswap/assets/s2t_demo` for `test` and `test_heldout`; for "
@@ -702,7 +703,7 @@ qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe fp32 --data {data} --sub
 qswap eval {shipped_path} --data {data} --subset SUBSET \\
     --baseline {evals}/ptq_SUBSET.json --json {evals}/qat_SUBSET.json
 python tools/qat_train.py doc --save-dir RUN --evals {evals} --shipped {shipped_path} --target {target:g} \\
-    --out {doc_path} --log-out {log_path}
+    --out {doc_path} --log-out {log_path}{continues_flag}
 ```
 
 (lr {lr:g}, inverse square root schedule with {warmup} warm-up updates, Adam (0.9, 0.98), clip 10,

@@ -166,7 +166,8 @@ class QuantAttentionCore(nn.Module):
         if grid_in is None or grid_out is None:
             return None
         params = cached(self, "_integer_softmax_params", lambda: form_or_none(SoftmaxParams.build, grid_in, grid_out),
-                        self.softmax_in_quant.scale, self.softmax_out_quant.scale, self.softmax_out_quant.zero_point)
+                        self.softmax_in_quant.scale, self.softmax_in_quant.zero_point, self.softmax_out_quant.scale,
+                        self.softmax_out_quant.zero_point)  # each zero point: calibration writes scales through .data
         if params is None:
             return None
         with torch.no_grad():
