@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -183,7 +184,10 @@ def integer_form(qmodel) -> str:
     try:
         qswap.integerize(qmodel)
     except IntegerizeError as exc:
-        return str(exc).splitlines()[0][:160]
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if lines[0].startswith("cannot integerize the model:") and len(lines) > 1:
+            lines = lines[1:]  # the first module's problem, without its path (the cell is the method's)
+        return re.sub(r"^\S+ \([\w.]+\): ", "", lines[0])[:160]
     return "yes"
 
 
