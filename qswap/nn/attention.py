@@ -362,20 +362,26 @@ class IntegerAttentionCore(nn.Module):
         self.zero_points, self.scores, self.softmax, self.context = zero_points, scores, softmax, context
         self.qk_span, self.pv_span = qk_span, pv_span
 
+    def check_keys(self, keys: int) -> None:
+        """IntegerizeError where ``probs @ v`` over ``keys`` keys could leave its int32 accumulator:
+        the reduction runs over the keys, so the grids bound the length, which the message names."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import INT32_MAX
+        if keys * self.pv_span > INT32_MAX:
+            raise IntegerizeError(f"attention probs @ v over {keys} keys can reach {keys * self.pv_span} in its int32 "
+                                  f"accumulator; at these grids (softmax_out and v codes spanning {self.pv_span} per "
+                                  f"product) the integer model takes at most {INT32_MAX // self.pv_span} keys: "
+                                  f"shorter inputs, fewer bits at the softmax_out or v sites, or the fake-quant model "
+                                  f"(which computes this product in float)")
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 blocked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (B*H, T, D), k and v: (B*H, S, D) codes; blocked: bool, broadcasting to (B*H, T, S).
         Returns context codes (B*H, T, D) and probability codes (B*H, T, S)."""
-        from qswap.errors import IntegerizeError
-        from qswap.quant.integer import INT32_MAX, check_bound, integer_softmax
+        from qswap.quant.integer import check_bound, integer_softmax
         zq, zk, zv, zp = self.zero_points
         check_bound("attention q @ k^T", q.shape[-1] * self.qk_span)
-        if k.shape[1] * self.pv_span > INT32_MAX:  # the reduction runs over the S keys: a length limit
-            raise IntegerizeError(f"attention probs @ v over {k.shape[1]} keys can reach {k.shape[1] * self.pv_span} "
-                                  f"in its int32 accumulator; at these grids (softmax_out and v codes spanning "
-                                  f"{self.pv_span} per product) the integer model takes at most "
-                                  f"{INT32_MAX // self.pv_span} keys: shorter inputs, fewer bits at the softmax_out "
-                                  f"or v sites, or the fake-quant model (which computes this product in float)")
+        self.check_keys(k.shape[1])
         acc = torch.bmm(q.to(torch.int32) - zq, (k.to(torch.int32) - zk).transpose(1, 2))  # (B*H, T, S)
         probs = integer_softmax(self.scores(acc), self.softmax, blocked)  # (B*H, T, S)
         context = torch.bmm(probs.to(torch.int32) - zp, v.to(torch.int32) - zv)  # (B*H, T, D)

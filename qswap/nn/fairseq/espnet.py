@@ -313,7 +313,7 @@ class IntegerRelPosCore(torch.nn.Module):
         base = self.base
         zq, zk, zv, zp = base.zero_points
         check_bound("attention q @ k^T", q.shape[-1] * base.qk_span)
-        check_bound("attention probs @ v", k.shape[1] * base.pv_span)
+        base.check_keys(k.shape[1])
         acc = torch.bmm(q.to(torch.int32) - zq, (k.to(torch.int32) - zk).transpose(1, 2))  # (B*H, T, S)
         scores = rescaled_add(self.scores(acc), self.zero_points[0], bias, self.zero_points[1], self.add)
         probs = integer_softmax(scores, base.softmax, blocked)  # (B*H, T, S)

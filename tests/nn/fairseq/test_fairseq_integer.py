@@ -405,28 +405,32 @@ def test_simulated_model_audits_honest(simulated):
     assert report.totals["kernel_internal"] > 0 and report.totals["integer_gemm"] > 0
 
 
+def errors_by_insides(model, net_input, recipe) -> tuple[dict, nn.Module]:
+    """The relative logits error against float of ``model`` converted by ``recipe`` with each
+    ``simulate`` setting ({"integer": e, "float": e}), and the ``simulate: integer`` model."""
+    from fairseq_testkit import logits
+    with torch.no_grad():
+        reference = logits(model, net_input)
+    error, qmodels = {}, {}
+    for simulate in ("float", "integer"):
+        qmodels[simulate] = convert_calibrated(model, net_input, with_simulate(recipe, simulate))
+        error[simulate] = float((logits(qmodels[simulate], net_input) - reference).norm() / reference.norm())
+    return error, qmodels["integer"]
+
+
 @pytest.mark.parametrize("arch", ["s2t_transformer", "s2t_conformer"])
 def test_residual_adds_of_wide_operands_are_exact(arch):
     """14-bit residual operands (a recipe's ``sites``): the integer add shifts them by 14 bits, not
     the 8-bit operands' 20, which wrapped around int32 and made the logits garbage (WER 256 % on
     the shipped model) in the fake-quant model and the integer model alike. The integer insides
     now land where the float insides do, and the integer model computes the same codes."""
-    from fairseq_testkit import logits
-
     wide = {"version": 1, "name": "w8a8_wide_residuals", "defaults": {
         "weight": {"bits": 8, "symmetric": True, "granularity": "per_channel", "axis": 0},
         "activation": {"bits": 8, "symmetric": False, "observer": "minmax"},
         "sites": {"attn_residual": {"bits": 14}, "ffn_residual": {"bits": 14}}}}
     model, net_input = build(arch)
-    with torch.no_grad():
-        reference = logits(model, net_input)
-    results = {}
-    for simulate in ("integer", "float"):
-        qmodel = convert_calibrated(model, net_input, with_simulate(wide, simulate))
-        results[simulate] = logits(qmodel, net_input)
-    error = {k: float((v - reference).norm() / reference.norm()) for k, v in results.items()}
+    error, qmodel = errors_by_insides(model, net_input, wide)
     assert error["integer"] < 2 * error["float"] + 0.02, error
-    qmodel = convert_calibrated(model, net_input, with_simulate(wide, "integer"))
     if arch == "s2t_transformer":
         assert_logits_codes_are_the_integer_models(qmodel, qswap.integerize(qmodel), net_input)
 
@@ -436,18 +440,11 @@ def test_16_bit_activations_keep_the_attention_products_an_int32_accumulator_can
     """16-bit q, k, softmax and v codes: q @ k^T and probs @ v could overflow int32, so the
     integer core refuses them and ``simulate: integer`` computes them in float (the exact GEMM
     wrapped, and the logits were garbage: relative error 0.56 against 0.008 with float insides)."""
-    from fairseq_testkit import logits
-
     wide = {"version": 1, "name": "w8a16", "defaults": {
         "weight": {"bits": 8, "symmetric": True, "granularity": "per_channel", "axis": 0},
         "activation": {"bits": 16, "symmetric": False, "observer": "minmax"}}}
     model, net_input = build(arch)
-    with torch.no_grad():
-        reference = logits(model, net_input)
-    error = {}
-    for simulate in ("integer", "float"):
-        qmodel = convert_calibrated(model, net_input, with_simulate(wide, simulate))
-        error[simulate] = float((logits(qmodel, net_input) - reference).norm() / reference.norm())
+    error, _ = errors_by_insides(model, net_input, wide)
     assert error["integer"] < 2 * error["float"] + 0.02, error
 
 
