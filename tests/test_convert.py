@@ -45,8 +45,9 @@ def test_tied_weights_stay_tied_and_share_one_quantizer():
     assert converted.out.weight is converted.embed.weight
     assert converted.out.weight_quant is converted.embed.weight_quant
     assert any("tied" in n for n in converted.qswap_report.notes)
-    # counted once in the size: 20x8 embedding at 8 bits + proj weight 8 bits + proj bias float
-    assert converted.qswap_report.quantized_bytes == 160 + 64 + 8 * 4
+    # counted once in the size: 20x8 embedding at 8 bits + proj weight 8 bits + proj bias float,
+    # and a float32 scale for each of the two (symmetric per-tensor) weight grids
+    assert converted.qswap_report.quantized_bytes == 160 + 64 + 8 * 4 + 2 * 4
 
 
 def test_float_state_dict_loads_into_converted_model():

@@ -12,6 +12,7 @@ word errors included; one file per set, cells saved as they finish, ``--resume``
     .venv/bin/python tools/strategies.py                      # decode everything, write the page
     .venv/bin/python tools/strategies.py --from-json          # rewrite the page from the JSON
     .venv/bin/python tools/strategies.py --refresh-integer-form   # only the "integer form" column (no decoding)
+    .venv/bin/python tools/strategies.py --refresh-size       # only the weights' sizes (no calibration, no decoding)
     .venv/bin/python tools/strategies.py --qat w4a4_edges8=checkpoints/qat/checkpoint_best.pt
     .venv/bin/python tools/strategies.py --methods shipped smoothquant --columns w4a4_edges8 --batches 1
 """
@@ -289,6 +290,41 @@ def refresh_integer_forms(payload: dict, prefix: str) -> list[str]:
     return done
 
 
+def refresh_sizes(payload: dict, prefix: str) -> list[str]:
+    """Recompute every quantized cell's weights MB (``qswap.integration.cost.parameter_bytes``)
+    from the model the cell decoded: the PTQ cells converted as the decode converted them (no
+    calibration: a weight's size is its spec's and its shape's), the QAT cells loaded from their
+    checkpoint; every set's cells. Returns "method/column: old -> new MB" lines."""
+    from qswap.cli.quiet import held_back
+    from qswap.integration import data as fdata
+    from qswap.integration.cost import parameter_bytes
+    import qswap
+
+    first = next(iter(SUBSETS))
+    done = []
+    with held_back(verbose=False):
+        model, task = fdata.load_model_and_task(str(ASSET / "checkpoint.pt"), str(ASSET))
+        for key, cell in payload["cells"][first].items():
+            method, column = key.split("/")
+            if method == "float":
+                continue
+            if method == "qat":
+                qmodel, _ = fdata.load_model_and_task(cell["checkpoint"], str(ASSET))
+            else:
+                picks = payload.get("per_site", {}).get(column, {}).get("pick") if method == "per_site" else None
+                recipe = recipe_for(column, method, picks)
+                data = fdata.transform_data(recipe, task, "train_calib", 4, max_sentences=32)
+                qmodel = qswap.convert(copy.deepcopy(model), recipe, data=data)
+            mb = parameter_bytes(qmodel)[1] / 1e6
+            done.append(f"{key}: {cell['weight_mb']:.3f} -> {mb:.3f} MB")
+            for cells in payload["cells"].values():
+                if key in cells:
+                    cells[key]["weight_mb"] = mb
+    for subset in payload["cells"]:
+        _save(prefix, payload, subset)
+    return done
+
+
 def with_intervals(payload: dict) -> dict[str, dict[str, dict]]:
     """Per subset, per cell: WER interval and the paired ΔWER interval against float."""
     from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, wer_interval
@@ -498,7 +534,7 @@ def page(payload: dict) -> str:
         "Float: " + "; ".join(f"{s} WER {_f(stats[s]['float/fp32']['wer'], stats[s]['float/fp32']['wer_ci'])}"
                               for s in SUBSETS) + ".\n",
         "## Methods, weight size and honesty\n",
-        "Weights MB counts every parameter at its quantizer's width (per-group and per-channel scales are not counted). "
+        "Weights MB counts every parameter at its quantizer's width, and each weight grid's float32 scale and an affine grid's zero point (`qswap.integration.cost.parameter_bytes`: 4-bit weights in groups of 16 store 6 bits a weight). "
         "\"honest\": the audit found no float op outside the recipe's declared exceptions. \"integer form\": "
         "whether `qswap.integerize` builds the quantized model's integer execution (`docs/integer.md`), or "
         "why not.\n",
@@ -535,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refresh-integer-form", action="store_true",
                    help="recompute only the integer-form column of the cells without one (no decoding), then "
                         "rewrite the page")
+    p.add_argument("--refresh-size", action="store_true",
+                   help="recompute only the weights' sizes of every cell (no calibration, no decoding), then "
+                        "rewrite the page")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--columns", nargs="+", default=COLUMNS, choices=COLUMNS)
     p.add_argument("--qat", action="append", default=[], metavar="RECIPE=CKPT",
@@ -552,17 +591,20 @@ def main(argv: list[str] | None = None) -> int:
         if column not in COLUMNS or not ckpt:
             p.error(f"--qat takes RECIPE=CHECKPOINT with RECIPE one of {', '.join(COLUMNS)}; got {item!r}")
         qat[column] = ckpt
-    payload = load(args.json) if (args.resume or args.from_json or args.refresh_integer_form) else {"cells": {}}
+    refresh = args.refresh_integer_form or args.refresh_size
+    payload = load(args.json) if (args.resume or args.from_json or refresh) else {"cells": {}}
     def work() -> int:
         if args.refresh_integer_form:
             print("\n".join(refresh_integer_forms(payload, args.json)), flush=True)
-        elif not args.from_json:
+        if args.refresh_size:
+            print("\n".join(refresh_sizes(payload, args.json)), flush=True)
+        if not refresh and not args.from_json:
             run(payload, args.json, args.subsets, args.methods, args.columns, qat, args.batches, args.beam)
         return 0
 
     if exit_status(work):  # a typed input error: one line, no traceback
         return 2
-    if not args.from_json and not args.refresh_integer_form:
+    if not args.from_json and not refresh:
         payload = load(args.json)  # both sets, whichever process decoded them
     if set(payload["cells"]) != set(SUBSETS):
         print(f"not writing {args.markdown}: {', '.join(set(SUBSETS) - set(payload['cells']))} not decoded yet")

@@ -7,7 +7,10 @@ quantizer that produced it, carried through views, copies, scalar rescaling and 
 other operand counts as 32-bit float.
 
 ``parameter_bytes`` sizes the weights: every parameter at the bit width of its quantizer
-(``qswap.nn.base.param_quantizer``: ``{param}_quant``, or the counterpart's declared exception).
+(``qswap.nn.base.param_quantizer``: ``{param}_quant``, or the counterpart's declared exception),
+plus the grids that decode them (``grid_bits``): a float32 scale per tensor, per channel or per
+group, and an affine grid's zero points at the codes' width. Per-group grids are not free: 4-bit
+weights in groups of 16 store 6 bits a weight.
 """
 from __future__ import annotations
 
@@ -104,16 +107,56 @@ def _tag(mode: _CostMode):
     return hook
 
 
+SCALE_BITS = 32  # a stored scale: float32, as qswap's checkpoints and ONNX exports keep it
+
+
+def grid_count(spec, shape: torch.Size) -> int:
+    """How many grids (scales) a weight of ``shape`` has under ``spec``: 1 per tensor, one per
+    slice along ``axis`` per channel, one per block of ``group_size`` along ``axis`` per group
+    (convert refuses a group size that does not divide that axis)."""
+    if spec.granularity == "per_tensor" or not len(shape):
+        return 1
+    dims = list(shape)
+    if spec.granularity == "per_channel":
+        return dims[spec.axis if spec.axis is not None else 0]
+    axis = spec.axis if spec.axis is not None else -1
+    length = dims[axis]
+    rows = 1
+    for i, d in enumerate(dims):
+        if i != axis % len(dims):
+            rows *= d
+    return rows * -(-length // spec.group_size)
+
+
+def grid_bits(spec, shape: torch.Size) -> int:
+    """Bits that store the grids of one quantized weight: a float32 scale each, and for an affine
+    (asymmetric) grid a zero point each at the codes' width."""
+    per_grid = SCALE_BITS + (0 if spec.symmetric else spec.bits)
+    return grid_count(spec, shape) * per_grid
+
+
 def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes of every unique parameter in float32, bytes at the bit widths their quantizers store);
-    a parameter without an enabled FakeQuantize counts as 32-bit."""
+    """(bytes of every unique parameter in float32, bytes as the quantized model stores them): a
+    parameter with an enabled FakeQuantize at its quantizer's width, plus that quantizer's grids
+    once (``grid_bits`` of the largest parameter it quantizes: a weight-normed convolution's
+    ``weight_v``, not also its ``weight_g``); any other parameter as float32. A quantizer's own
+    parameters (LSQ's learned scales) are grids, not weights: a weight grid's are counted by
+    ``grid_bits``, an activation grid's not at all (as before calibration sets them)."""
     bits: dict[int, int] = {}
     numel: dict[int, int] = {}
+    grids: dict[int, tuple[int, int]] = {}  # quantizer id -> (numel it sized by, grid bits)
     for module in model.modules():
+        if isinstance(module, FakeQuantize):
+            continue  # a learned (LSQ) scale is a grid: counted by grid_bits with the weight it decodes
         for pname, param in module.named_parameters(recurse=False):
             numel[id(param)] = param.numel()
             quant = param_quantizer(module, pname)
-            width = quant.spec.bits if isinstance(quant, FakeQuantize) and quant.enabled else FLOAT_BITS
+            width = FLOAT_BITS
+            if isinstance(quant, FakeQuantize) and quant.enabled:
+                width = quant.spec.bits
+                if param.numel() > grids.get(id(quant), (-1, 0))[0]:
+                    grids[id(quant)] = (param.numel(), grid_bits(quant.spec, param.shape))
             bits[id(param)] = min(bits.get(id(param), FLOAT_BITS), width)
     float_bytes = sum(n * 4 for n in numel.values())
-    return float_bytes, sum(numel[i] * bits[i] for i in numel) // 8
+    stored = sum(numel[i] * bits[i] for i in numel) + sum(g for _, g in grids.values())
+    return float_bytes, stored // 8

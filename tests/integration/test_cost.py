@@ -31,3 +31,52 @@ def test_the_float_model_counts_32_bit_operands():
     cost = measure(model, lambda m: m(**net_input), audio_seconds=2.0)
     assert cost.bops == pytest.approx(32 * 32 * cost.macs)
     assert cost.macs > 0 and cost.macs_per_second == pytest.approx(cost.macs / 2.0)
+
+
+def _linear_recipe(**weight):
+    return {"version": 1, "defaults": {"weight": weight, "activation": {"bits": 8}}}
+
+
+def test_a_weights_stored_size_counts_its_grids():
+    import torch
+    from qswap.integration.cost import grid_count, parameter_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(48, 6, bias=False))
+    sizes = {}
+    for name, weight in {"tensor": {"bits": 4},
+                         "channel": {"bits": 4, "granularity": "per_channel", "axis": 0},
+                         "group": {"bits": 4, "granularity": "per_group", "group_size": 16},
+                         "affine_group": {"bits": 4, "granularity": "per_group", "group_size": 16,
+                                          "symmetric": False}}.items():
+        qmodel = qswap.convert(model, _linear_recipe(**weight))
+        spec = qmodel[0].weight_quant.spec
+        sizes[name] = (grid_count(spec, model[0].weight.shape), parameter_bytes(qmodel)[1])
+    codes = 48 * 6 * 4 // 8  # 144 bytes of 4-bit codes
+    assert sizes["tensor"] == (1, codes + 4)
+    assert sizes["channel"] == (6, codes + 6 * 4)
+    # rows of 48 inputs in blocks of 16: 3 groups a row
+    assert sizes["group"] == (18, codes + 18 * 4)
+    assert sizes["affine_group"] == (18, codes + (18 * (32 + 4)) // 8)
+
+
+def test_groups_of_16_store_six_bits_a_4_bit_weight():
+    import torch
+    from qswap.integration.cost import parameter_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    qmodel = qswap.convert(model, _linear_recipe(bits=4, granularity="per_group", group_size=16))
+    assert parameter_bytes(qmodel)[1] * 8 == 64 * 32 * 6
+
+
+def test_learned_scales_are_sized_as_grids_not_as_float_weights():
+    import torch
+    from qswap.integration.cost import parameter_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(48, 6, bias=False))
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 4, "granularity": "per_channel", "axis": 0},
+                                         "activation": {"bits": 8, "learnable": True}}}
+    qmodel = qswap.convert(model, recipe)
+    before = parameter_bytes(qmodel)
+    qswap.calibrate(qmodel, [torch.randn(3, 48)])  # sets the learned activation scale (a Parameter)
+    assert any(p.numel() for n, p in qmodel.named_parameters() if n.endswith("scale"))
+    assert parameter_bytes(qmodel) == before == (48 * 6 * 4, 48 * 6 * 4 // 8 + 6 * 4)

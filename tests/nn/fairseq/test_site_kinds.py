@@ -16,7 +16,7 @@ from fairseq.modules import PositionalEmbedding  # noqa: E402
 from fairseq.modules.conformer_layer import ConformerWav2Vec2EncoderLayer  # noqa: E402
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase  # noqa: E402
 from fairseq_testkit import E, Call, build, transformer_config  # noqa: E402
-from qswap.integration.cost import parameter_bytes  # noqa: E402
+from qswap.integration.cost import grid_bits, parameter_bytes  # noqa: E402
 from qswap.nn.base import SITE_KINDS, QuantModule, param_quantizer  # noqa: E402
 from qswap.nn.registry import REGISTRY  # noqa: E402
 from qswap.quant.bias import BiasQuantize  # noqa: E402
@@ -179,4 +179,5 @@ def test_weight_normed_positional_conv_is_counted_at_its_quantizer_width(convert
         _, with_float_conv = parameter_bytes(qmodel)
     finally:
         conv.weight_quant.enabled = True
-    assert with_float_conv - quantized == normed * (32 - W_BITS) // 8
+    grids = grid_bits(conv.weight_quant.spec, conv.weight_v.shape)  # once, by the weight it quantizes
+    assert with_float_conv - quantized == (normed * (32 - W_BITS) - grids) // 8
