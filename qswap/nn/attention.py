@@ -25,8 +25,8 @@ from qswap.io.serializable import INT, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
-from qswap.nn.simulate import (cached, carries_grad, centered_codes, codes_of, dequantized, form_or_none, grid_of,
-                                onto_grid, reader_grid, simulates, straight_through)
+from qswap.nn.simulate import (add_onto, cached, carries_grad, centered_codes, codes_of, dequantized, form_or_none,
+                                grid_of, onto_grid, reader_grid, simulates, straight_through)
 from qswap.quant.bias import BiasQuantize
 from qswap.quant.fake_quantize import FakeQuantize, consume
 from qswap.quant.integer import INT32_MAX
@@ -86,12 +86,15 @@ class QuantAttentionCore(nn.Module):
         if scores_bias is None and additive is None:
             scores = self._integer_matmul("scores", qq, self.q_quant, k, self.k_quant, scaling,
                                           self.softmax_in_quant, float_scores)
+        elif additive is None:  # the integer rel-pos core: q @ k^T requantized onto the scores grid
+            scores = self._integer_matmul("scores_only", qq, self.q_quant, k, self.k_quant, scaling,
+                                          self.scores_quant, float_scores)
         else:
             scores = float_scores()
         if scores_bias is not None or additive is not None:  # an add: both operands quantized
             scores = self.scores_quant(scores)
             if scores_bias is not None:
-                scores = scores + self.scores_bias_quant(scores_bias)
+                scores = self._score_add(scores, self.scores_bias_quant(scores_bias), additive is None)
             if additive is not None:
                 scores = scores + self.attn_bias_quant(additive)
         product = scores
@@ -119,6 +122,17 @@ class QuantAttentionCore(nn.Module):
             context = self._integer_matmul("context", probs, self.softmax_out_quant, v.transpose(1, 2), self.v_quant,
                                            1.0, out_quant, lambda: torch.bmm(probs, v))
         return context, probs
+
+    def _score_add(self, scores: torch.Tensor, bias: torch.Tensor, integer: bool) -> torch.Tensor:
+        """``scores + bias`` (values of the ``scores`` and ``scores_bias`` grids); with ``simulate:
+        integer`` and ``integer`` (no additive mask follows) the integer rel-pos core's
+        ``rescaled_add`` onto ``softmax_in``'s grid (``add_onto``), as values."""
+        if integer and simulates(self):
+            values = add_onto(self, "_integer_score_add", scores, self.scores_quant, bias, self.scores_bias_quant,
+                              (self.softmax_in_quant,))
+            if values is not None:
+                return values[0]
+        return scores + bias
 
     def _integer_matmul(self, name: str, a: torch.Tensor, a_quant: nn.Module, b: torch.Tensor, b_quant: nn.Module,
                         factor: float, out_quant: nn.Module, product) -> torch.Tensor:

@@ -325,6 +325,49 @@ def onto_grid(owner: nn.Module, slot: str, build, out_quant: nn.Module, run, *so
         return dequantized(out, grid_out) if isinstance(grid_out.scale, float) else out_quant.values(out)
 
 
+def add_onto(owner: nn.Module, slot: str, a: torch.Tensor, quant_a: nn.Module, b: torch.Tensor,
+             quant_b: nn.Module, readers, weight_a: float = 1.0) -> list | None:
+    """``weight_a * a + b`` (``a``, ``b``: values of ``quant_a``'s and ``quant_b``'s grids) as each of
+    ``readers`` (quantizers) reads it, computed as the integer layer's residual add does: the
+    operands' codes rescaled into an int32 stream (``rescaled_sum``; ``weight_a`` folded into its
+    multiplier, e.g. the conformer's half-step 0.5), requantized onto each reader's grid in fixed
+    point; the form kept in ``owner.<slot>``. None where that is not simulated: ``owner`` without
+    ``simulate: integer``, no readers, or a grid that is not per tensor (a reader still
+    calibrating: ``reader_grid``); the caller then adds in float and each reader rounds.
+    Per channel of the last axis (operands and readers: ``stream_grid_of``), the same arithmetic
+    in each channel, as the integer layer's per-channel stream. In training (autograd) each value
+    carries the gradient of the float sum as its reader rounds it (``straight_through``), so the
+    forward is the integer layer's and learned scales train as under ``simulate: float``."""
+    if not (readers and simulates(owner)):
+        return None
+    from qswap.quant.integer import AddParams, add_input_bits, rescaled_sum
+    quants = (quant_a, quant_b, *readers)
+    grids = [None if q is None else stream_grid_of(q, frozen_only=i >= 2) for i, q in enumerate(quants)]
+    if None in grids:
+        return None
+
+    def build():  # None where the scales have no integer form (e.g. a learned scale trained below 0)
+        def make():
+            add = AddParams.build(weight_a * grids[0].scale, grids[1].scale, input_bits=add_input_bits(*grids[:2]))
+            return add, [stream_to(add.sum_scale, g) for g in grids[2:]]
+        return form_or_none(make)
+    built = cached(owner, slot, build, *(q.scale for q in quants), *(q.zero_point for q in quants))
+    if built is None:
+        return None
+    add, requants = built
+    with torch.no_grad():
+        stream = rescaled_sum(channel_codes(quant_a, a, grids[0]), grids[0].zero_point,
+                              channel_codes(quant_b, b, grids[1]), grids[1].zero_point, add)  # int32 on add.sum_scale
+        values = [values_onto(q, requant, stream, g) for q, requant, g in zip(readers, requants, grids[2:])]
+    if not torch.is_grad_enabled():
+        return values
+    total = a * weight_a + b if weight_a != 1.0 else a + b
+    return [straight_through(v, total, q) for v, q in zip(values, readers)]
+
+
+# -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+
 def simulates(owner: nn.Module) -> bool:
     """Whether ``owner`` (a counterpart built from a recipe) computes the integer insides."""
     return getattr(owner, "simulate", SIMULATIONS[0]) == "integer"

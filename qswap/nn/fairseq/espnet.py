@@ -28,11 +28,13 @@ from torch import Tensor
 
 from qswap.io.serializable import INT, List, Obj, Tuple, serializable
 from qswap.io.serializable import Tensor as TensorOf
-from qswap.nn.attention import CORE_SITES, heads_padding, merge_heads, split_heads
+from qswap.nn.attention import CORE_SITES, _span, heads_padding, merge_heads, split_heads
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.fairseq.attention import Projection, attention_core
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
+from qswap.nn.simulate import carries_grad, centered_codes, codes_of, grid_of, onto_grid, straight_through
+from qswap.quant.integer import ConstantAddParams, Requant, add_constant, exact_gemm, requantized_values
 
 CODES = TensorOf("int8", "uint8", "int16", "int32")  # a table of codes, as a spec
 PROJECTIONS = Tuple(*[Obj("IntegerLinear")] * 3)  # q, k, v
@@ -139,6 +141,7 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
 
     def __init__(self, module: RelPositionMultiHeadedAttention, config: QuantConfig):
         super().__init__(module, config)
+        self.simulate = config.simulate  # the constant adds and the position scores (``_bias_add``, ``_position_scores``)
         self.zero_triu = module.zero_triu
         self.linear_pos = QLinear(module.linear_pos.weight, module.linear_pos.bias, config)
         self.pos_bias_u, self.pos_bias_v = module.pos_bias_u, module.pos_bias_v  # (H, D)
@@ -158,16 +161,59 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         the quantizer that reads the output."""
         tgt_len, bsz, _ = query.shape
         q, k, v = self._qkv(query, key, value, q_out=self.q_proj_quant)
-        q = self.q_proj_quant(q).view(tgt_len, bsz, self.h, self.d_k)  # (T, B, H, D)
-        q_u = q + self.pos_bias_u_quant(self.pos_bias_u)  # (T, B, H, D)
-        q_v = self.q_pos_quant(q + self.pos_bias_v_quant(self.pos_bias_v))
-        p = self.pos_quant(self.linear_pos(pos_emb))  # (2T-1, 1, C)
+        q = self.q_proj_quant(q)  # (T, B, C)
+        q_u = self._bias_add("_integer_bias_u", q, self.pos_bias_u, self.pos_bias_u_quant, self.core.q_quant)
+        q_v = self.q_pos_quant(self._bias_add("_integer_bias_v", q, self.pos_bias_v, self.pos_bias_v_quant,
+                                              self.q_pos_quant))  # (T, B, H, D)
+        p = self.pos_quant(self.linear_pos(pos_emb, out_quant=self.pos_quant))  # (2T-1, 1, C)
         p = p.view(p.size(0), -1, self.h, self.d_k).permute(1, 2, 3, 0)  # (1, H, D, 2T-1)
-        q_v = q_v.permute(1, 2, 0, 3) * self.d_k ** -0.5  # (B, H, T, D)
-        bd = self.rel_shift(torch.matmul(q_v, p))  # (B, H, T, T)
+        q_v = q_v.permute(1, 2, 0, 3)  # (B, H, T, D)
+        bd = self._position_scores(q_v, p)  # (B, H, T, T)
         bd = bd.reshape(bsz * self.h, tgt_len, -1)  # (B*H, T, T)
         return self._attend(q_u.reshape(tgt_len, bsz, -1), k, v, key_padding_mask, scores_bias=bd,
                             out_quant=out_quant), None
+
+    def _bias_add(self, slot: str, q: Tensor, bias: Tensor, bias_quant: torch.nn.Module,
+                  out_quant: torch.nn.Module) -> Tensor:
+        """``q + bias_quant(bias)`` (q: (T, B, C) ``q_proj`` values) as (T, B, H, D); with
+        ``simulate: integer`` the integer form's ``add_constant`` onto ``out_quant``'s grid (the
+        constant folded onto a grid 2^-16 of ``q_proj``'s, ``ConstantAddParams``), as values."""
+        heads = (q.size(0), q.size(1), self.h, self.d_k)
+        total = lambda: q.view(heads) + bias_quant(bias)  # noqa: E731
+        grid_in = grid_of(self.q_proj_quant)
+        value = None if grid_in is None else onto_grid(
+            self, slot, lambda out: ConstantAddParams.build(grid_in, bias_quant(bias), out), out_quant,
+            lambda params, out: add_constant(codes_of(q, grid_in), params), self.q_proj_quant.scale,
+            self.q_proj_quant.zero_point, bias)
+        if value is None:
+            return total()
+        value = value.view(heads)
+        return straight_through(value, total(), out_quant) if carries_grad(out_quant, q, bias) else value
+
+    def _position_scores(self, q_v: Tensor, p: Tensor) -> Tensor:
+        """``rel_shift(q_v * d_k^-0.5 @ p)`` (q_v: (B, H, T, D) ``q_pos`` values, p: (1, H, D, 2T-1)
+        ``pos`` values) -> (B, H, T, T); with ``simulate: integer`` the integer form's: the int32
+        accumulator ``(q_v - z)(p - z)`` (an exact float GEMM), rel-shifted, requantized onto
+        ``scores_bias``'s grid, as values."""
+        product = lambda: self.rel_shift(torch.matmul(q_v * self.d_k ** -0.5, p))  # noqa: E731
+        reader = self.core.scores_bias_quant
+        q_pos, pos = grid_of(self.q_pos_quant), grid_of(self.pos_quant)
+        if q_pos is None or pos is None:
+            return product()
+
+        def build(out):
+            return Requant.from_scales(q_pos.scale * self.d_k ** -0.5 * pos.scale / out.scale, out.zero_point,
+                                       out.qmin, out.qmax)
+
+        def run(requant, out):
+            acc = exact_gemm(torch.matmul, centered_codes(q_v, q_pos), centered_codes(p, pos), self.d_k,
+                             spans=(_span(q_pos), _span(pos)))  # (B, H, T, 2T-1) int32, exact
+            return requantized_values(requant, self.rel_shift(acc), out.scale)
+        value = onto_grid(self, "_integer_bd", build, reader, run, self.q_pos_quant.scale, self.q_pos_quant.zero_point,
+                          self.pos_quant.scale, self.pos_quant.zero_point)
+        if value is None:
+            return product()
+        return straight_through(value, product(), reader) if carries_grad(reader, q_v, p) else value
 
     def to_integer(self, out, pos_table: Optional[Tensor] = None) -> "IntegerRelPosAttention":
         """The integer form writing codes of ``out``, given the encoder's constant position table

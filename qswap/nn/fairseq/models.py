@@ -235,7 +235,7 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
 
     def _forward(self, src_tokens: Tensor, src_lengths: Tensor, return_all_hiddens: bool = False):
         """src_tokens: (B, T, C*D) features, src_lengths: (B,) -> fairseq's encoder_out dict."""
-        x, input_lengths = self.subsample(src_tokens, src_lengths)  # (T', B, C)
+        x, input_lengths = subsample(self.subsample, src_tokens, src_lengths, self.embed_quant)  # (T', B, C)
         padding_mask = lengths_to_padding_mask(input_lengths)  # (B, T')
         embedded = self.embed_quant(x)
         x = self.embed_scale * embedded

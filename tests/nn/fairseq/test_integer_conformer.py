@@ -2,6 +2,8 @@
 half-step feed-forwards, ESPnet abs / rel_pos / rope and fairseq's attention, the convolution module)
 against the fake-quant block on the same input codes, whole layers, and ``qswap.integerize`` of
 small and registered fairseq conformers (its decoder is the transformer decoder's integer form)."""
+import warnings
+
 import pytest
 import torch
 
@@ -269,3 +271,35 @@ def test_feed_forward_and_convolution_restate_fairseqs_forwards():
         assert torch.equal(feed_forward(layer.ffn2, x, None), layer.ffn2(x))
         batch_first = x.transpose(0, 1)  # (B, T, C), as the layer hands it to the module
         assert torch.equal(convolution(layer.conv_module, batch_first, None), layer.conv_module(batch_first))
+
+
+@pytest.mark.parametrize("four_bit", ["every site", "q_pos", "conv_residual"])
+def test_conformer_with_4_bit_symmetric_grids_simulates_its_integer_model(four_bit):
+    """4-bit symmetric activations put values on exact rounding ties (a scale amax / 7 makes a
+    ratio of small accumulators land on k + 1/2 steps). Three ops of the rel-pos conformer rounded
+    such ties as float32 sums rounded half to even, where the integer model rounds its exact
+    fixed-point value: the subsampler's last GLU onto ``embed`` (the conformer encoder passed no
+    reader), ``q + pos_bias_u/v`` (the integer ``add_constant``) and the position scores ``q_v @ p``
+    (an int32 accumulator requantized onto ``scores_bias``), then the score add onto
+    ``softmax_in``. Logits differed by up to 1.72 (every site), 0.10 (``q_pos`` or
+    ``conv_residual`` alone); now ``simulate: integer`` is the integer model's, value for value."""
+    from qswap.models import build_s2t_conformer
+    from qswap.nn.simulate import simulating
+
+    activation = {"bits": 4 if four_bit == "every site" else 8, "symmetric": True}
+    recipe = {"version": 1, "name": "w4a4_symmetric", "defaults": {
+        "weight": {"bits": 4, "granularity": "per_channel", "axis": 0}, "activation": activation,
+        **({} if four_bit == "every site" else {"sites": {four_bit: {"bits": 4}}})}}
+    model = build_s2t_conformer(seed=0).eval()
+    assert model.encoder.conformer_layers[0].self_attn.__class__.__name__ == "RelPositionMultiHeadedAttention"
+    qmodel = qswap.convert(model, recipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(qmodel, [s2t_net_input(seed=s) for s in range(2)])
+    imodel = qswap.integerize(qmodel)
+    for seed in (5, 6, 7):
+        net_input = s2t_net_input(seed=seed)
+        with torch.no_grad(), simulating(qmodel, "integer"):
+            simulated = qmodel(**net_input)[0]
+        with torch.no_grad():
+            assert torch.equal(simulated, imodel(**net_input)[0]), seed
