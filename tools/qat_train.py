@@ -6,6 +6,7 @@ what comes after it: dev WER of the saved checkpoints, the shipped QAT checkpoin
     .venv/bin/python tools/qat_train.py train --data DATA --save-dir RUN        # fairseq-train (LSQ)
     .venv/bin/python tools/qat_train.py dev --data DATA --save-dir RUN         # dev WER per checkpoint
     .venv/bin/python tools/qat_train.py average --save-dir RUN --last 5       # mean of the last 5 (optional)
+    .venv/bin/python tools/qat_train.py dev --data DATA --save-dir RUN         # ... and of the average
     .venv/bin/python tools/qat_train.py ship --save-dir RUN --out ASSET.pt     # best on dev -> asset
     .venv/bin/python tools/qat_train.py doc --save-dir RUN --evals EVALS --shipped ASSET.pt --target T \
         --out PAGE.md --log-out PAGE.log                                          # the run's page
@@ -194,16 +195,18 @@ def do_dev(a: argparse.Namespace) -> int:
 
     save_dir = Path(a.save_dir)
     kept = checkpoints(save_dir)[-a.last:] if a.last else checkpoints(save_dir)
-    todo = [(u, path) for u, path in kept
-            if (not a.updates or u in a.updates) and not (save_dir / f"dev_{u}.json").exists()]
+    todo = [(f"update {u}", path, save_dir / f"dev_{u}.json") for u, path in kept
+            if (not a.updates or u in a.updates)]
+    todo += [(f"average of updates {first} to {last}", path, save_dir / f"dev_average_{first}_{last}.json")
+             for first, last, path in averages(save_dir)]
 
     def one(item):
-        updates, path = item
-        r = qswap_eval(path, Path(a.data), "dev", save_dir / f"dev_{updates}.json")
-        print(f"update {updates}: dev WER {r['counts']['wer']:.2f}", flush=True)
+        name, path, out = item
+        r = qswap_eval(path, Path(a.data), "dev", out)
+        print(f"{name}: dev WER {r['counts']['wer']:.2f}", flush=True)
 
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        list(pool.map(one, todo))
+        list(pool.map(one, [t for t in todo if not t[2].exists()]))
     return 0
 
 
@@ -322,25 +325,64 @@ def do_average(a: argparse.Namespace) -> int:
 
 
 def dev_scores(save_dir: Path) -> dict[int, float]:
+    """Dev WER of each interval checkpoint ``dev`` evaluated, by update."""
     scores = {}
     for p in save_dir.glob("dev_*.json"):
-        scores[int(p.stem.split("_")[1])] = json.loads(p.read_text())["counts"]["wer"]
+        m = re.fullmatch(r"dev_(\d+)", p.stem)
+        if m:
+            scores[int(m.group(1))] = json.loads(p.read_text())["counts"]["wer"]
+    return dict(sorted(scores.items()))
+
+
+def averages(save_dir: Path) -> list[tuple[int, int, Path]]:
+    """(first update, last update, path) of each ``average_FIRST_LAST.pt`` that ``average`` wrote."""
+    found = []
+    for p in save_dir.glob("average_*_*.pt"):
+        m = re.fullmatch(r"average_(\d+)_(\d+)\.pt", p.name)
+        if m:
+            found.append((int(m.group(1)), int(m.group(2)), p))
+    return sorted(found)
+
+
+def average_scores(save_dir: Path) -> dict[tuple[int, int], float]:
+    """Dev WER of each average ``dev`` evaluated, by (first update, last update)."""
+    scores = {}
+    for p in save_dir.glob("dev_average_*_*.json"):
+        m = re.fullmatch(r"dev_average_(\d+)_(\d+)", p.stem)
+        if m:
+            scores[(int(m.group(1)), int(m.group(2)))] = json.loads(p.read_text())["counts"]["wer"]
     return dict(sorted(scores.items()))
 
 
 def do_ship(a: argparse.Namespace) -> int:
-    """Store the dev-best checkpoint as a qswap checkpoint with float16 weights."""
+    """Store the dev-best candidate (``pick``) as a qswap checkpoint with float16 weights."""
     save_dir = Path(a.save_dir)
-    scores = dev_scores(save_dir)
-    if not scores:
-        raise TrainingError(f"no dev results in {save_dir}; run the 'dev' step first")
-    best = min(scores, key=lambda u: (scores[u], u))
-    path = dict(checkpoints(save_dir))[best]
+    path, facts = pick(save_dir)
     effect = ship(path, Path(a.out))
-    (save_dir / "shipped.json").write_text(json.dumps({"update": best, "dev_wer": scores[best], "float16": effect}))
-    print(f"update {best} (dev WER {scores[best]:.2f}) -> {a.out}; float16 storage changed {effect['changed']} "
+    (save_dir / "shipped.json").write_text(json.dumps({**facts, "float16": effect}))
+    print(f"{chosen(facts)} -> {a.out}; float16 storage changed {effect['changed']} "
           f"of {effect['values']} weight codes")
     return 0
+
+
+def pick(save_dir: Path) -> tuple[Path, dict]:
+    """The dev-best candidate of a run folder and what ``shipped.json`` says of it: an interval
+    checkpoint, or an average ``average`` wrote; on a tie the average (it is no single
+    checkpoint's draw of the dev set's noise), then the earlier update."""
+    scores, averaged = dev_scores(save_dir), average_scores(save_dir)
+    if not scores and not averaged:
+        raise TrainingError(f"no dev results in {save_dir}; run the 'dev' step first")
+    candidates = [(wer, 0, first, last) for (first, last), wer in averaged.items()]
+    candidates += [(wer, 1, u, u) for u, wer in scores.items()]
+    wer, single, first, last = min(candidates)
+    interval = dict(checkpoints(save_dir))
+    if single:
+        return interval[first], {"update": first, "dev_wer": wer}
+    best = min(scores, key=lambda u: (scores[u], u)) if scores else None
+    count = sum(1 for u, p in interval.items() if first <= u <= last and p.name != "checkpoint_last.pt")
+    return save_dir / f"average_{first}_{last}.pt", {
+        "update": None, "dev_wer": wer, "average": {"first": first, "last": last, "count": count},
+        "best_single": best, "best_single_wer": scores.get(best)}
 
 
 def ship(path: Path, out: Path) -> dict:
@@ -533,7 +575,10 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
         recipe=recipe, verdict=verdict, updates=last, runs=runs, curve="\n".join(rows),
         comparison="\n".join(cmp_rows), target_rows="\n".join(target_rows), target=target,
         target_verdict=float_verdict(met, target),
-        update=shipped["update"], dev_wer=shipped["dev_wer"], changed=f16["changed"], values=f16["values"],
+        chosen=chosen(shipped), candidate="candidate" if shipped.get("average") else "checkpoint",
+        average_cmd=(f"python tools/qat_train.py average --save-dir RUN --last {shipped['average']['count']}\n"
+                     if shipped.get("average") else ""),
+        changed=f16["changed"], values=f16["values"],
         percent=100.0 * f16["changed"] / max(f16["values"], 1), start=start, train_cmd=train_cmd, ptq_cmd=ptq_cmd,
         ptq_text=ptq_text, lr=run["lr"], warmup=run["warmup"], max_tokens=run["max_tokens"],
         loss=_loss_text(run.get("distill")),
@@ -542,6 +587,19 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
                "grids from the converted checkpoint (no calibration batches)" if run["converted"] else
                f"{run['calib_batches']} calibration batches"))
     return text + (SPEED_NOTE if Path(shipped_path).resolve() == SHIPPED_QAT.resolve() else "")
+
+
+def chosen(shipped: dict) -> str:
+    """Which checkpoint ``ship`` stored (its ``shipped.json``), as the page says it."""
+    if not shipped.get("average"):
+        return f"the dev-best one above (update {shipped['update']}, dev WER {shipped['dev_wer']:.2f} %)"
+    avg = shipped["average"]
+    single = ("" if shipped.get("best_single") is None else
+              f"; the best single checkpoint above: update {shipped['best_single']}, dev WER "
+              f"{shipped['best_single_wer']:.2f} %")
+    return (f"the mean of the {avg['count']} interval checkpoints of updates {avg['first']} to {avg['last']} "
+            f"(`qat_train.py average`: weights and learned scales averaged), dev WER {shipped['dev_wer']:.2f} %, "
+            f"the dev-best candidate{single}")
 
 
 def _continued(recipe: str, run: dict, commit: str, data: str, ev: str) -> tuple[str, str, str]:
@@ -695,8 +753,8 @@ fairseq-train log) and `qswap eval` results. Reproduce{sets}:
 ```sh
 python tools/make_corpus.py --out DATA --num-train 7000 --num-dev 200 --num-test 100 --seed 1 --jobs 1
 {carry}{start}{train_cmd}
-{dev_cmd}
-python tools/qat_train.py ship --save-dir RUN --out {shipped_path}    # the dev-best checkpoint
+{average_cmd}{dev_cmd}
+python tools/qat_train.py ship --save-dir RUN --out {shipped_path}    # the dev-best {candidate}
 {ptq_cmd}
 qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe fp32 --data {data} --subset SUBSET \\
     --json {evals}/float_SUBSET.json
@@ -723,8 +781,7 @@ measurement. Train loss: fairseq's `train_inner` ({loss_column}, mean over the l
 
 ## QAT against PTQ of the same recipe
 
-{ptq_text}. QAT: the shipped checkpoint, the dev-best one above (update {update}, dev WER
-{dev_wer:.2f} %) stored with float16 weights. ΔWER = QAT - PTQ with the paired bootstrap
+{ptq_text}. QAT: the shipped checkpoint, {chosen} stored with float16 weights. ΔWER = QAT - PTQ with the paired bootstrap
 interval (`qswap/integration/bootstrap.py`: 2,000 resamples, 95 %); significant when the
 interval excludes 0.
 

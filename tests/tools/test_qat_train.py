@@ -1,4 +1,5 @@
 """tools/qat_train.py: the fairseq-train command of the QAT run, its checkpoints and its curve."""
+import json
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -364,3 +365,38 @@ def test_the_page_of_a_second_stage_takes_its_start_out_of_git(tmp_path):
     first = qat_train.render([(10, 1.5)], [(50, 1.4)], {50: 7.0}, tmp_path, shipped, run, tmp_path / "q.pt",
                              tmp_path / "q.log", 0.5, tmp_path / "q.md")
     assert "git show" not in first and "second stage" not in first
+
+
+def _dev_json(path, wer):
+    path.write_text(json.dumps({"counts": {"wer": wer}}))
+
+
+def test_ship_picks_an_average_on_a_tie_and_the_page_says_what_was_averaged(tmp_path):
+    """``pick`` weighs interval checkpoints and ``average`` files by their dev WER; an average that
+    ties the best checkpoint is shipped (no single checkpoint's draw of the dev noise), and the
+    page names its updates and count and adds the ``average`` step to the reproduce block."""
+    for u in (40, 80, 120):
+        (tmp_path / f"checkpoint_1_{u}.pt").write_bytes(b"")
+    for u, wer in ((40, 8.0), (80, 7.5), (120, 9.0)):
+        _dev_json(tmp_path / f"dev_{u}.json", wer)
+    path, facts = qat_train.pick(tmp_path)
+    assert path.name == "checkpoint_1_80.pt" and facts == {"update": 80, "dev_wer": 7.5}
+    (tmp_path / "average_40_120.pt").write_bytes(b"")
+    assert [a[:2] for a in qat_train.averages(tmp_path)] == [(40, 120)]
+    _dev_json(tmp_path / "dev_average_40_120.json", 7.5)
+    assert qat_train.dev_scores(tmp_path) == {40: 8.0, 80: 7.5, 120: 9.0}  # the average is not an update
+    path, facts = qat_train.pick(tmp_path)
+    assert path.name == "average_40_120.pt"
+    assert facts["average"] == {"first": 40, "last": 120, "count": 3} and facts["best_single"] == 80
+    _dev_json(tmp_path / "dev_average_40_120.json", 7.6)
+    assert qat_train.pick(tmp_path)[0].name == "checkpoint_1_80.pt"
+
+    log = ("$ python -m fairseq_cli.train DATA --qswap-recipe w4a8_lsq --qswap-calib-batches 4 "
+           "--finetune-from-model /tmp/w/repo/qswap/assets/s2t_demo/checkpoint.pt --lr 0.0003 "
+           "--warmup-updates 20 --max-tokens 6000 --max-update 120 --stop-time-hours 1 --save-interval-updates 40")
+    text = qat_train.render([(10, 1.5)], [(40, 1.4), (80, 1.3), (120, 1.3)], qat_train.dev_scores(tmp_path),
+                            tmp_path, {**facts, "float16": {"changed": 1, "values": 10}}, qat_train.run_facts(log),
+                            tmp_path / "q.pt", tmp_path / "q.log", 0.5, tmp_path / "q.md")
+    assert "python tools/qat_train.py average --save-dir RUN --last 3\n" in text
+    assert "the mean of the 3 interval checkpoints of updates 40 to 120" in text
+    assert "dev WER 7.50 %, the dev-best candidate; the best single checkpoint above: update 80" in text
