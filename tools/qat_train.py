@@ -306,7 +306,7 @@ def do_average(a: argparse.Namespace) -> int:
     folder (not an interval checkpoint's name: ``dev`` and ``ship`` leave it alone)."""
     import torch
 
-    from qswap.io.atomic import atomic_open
+    from qswap.io.atomic import atomic_open, atomic_write_text
 
     save_dir = Path(a.save_dir)
     if a.last < 2:
@@ -320,6 +320,7 @@ def do_average(a: argparse.Namespace) -> int:
     out = save_dir / f"average_{kept[0][0]}_{kept[-1][0]}.pt"
     with atomic_open(out, "wb") as f:
         torch.save(state, f)
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"updates": [u for u, _ in kept]}) + "\n")
     print(f"{len(kept)} checkpoints (updates {kept[0][0]} to {kept[-1][0]}) -> {out}")
     return 0
 
@@ -368,19 +369,25 @@ def do_ship(a: argparse.Namespace) -> int:
 def pick(save_dir: Path) -> tuple[Path, dict]:
     """The dev-best candidate of a run folder and what ``shipped.json`` says of it: an interval
     checkpoint, or an average ``average`` wrote; on a tie the average (it is no single
-    checkpoint's draw of the dev set's noise), then the earlier update."""
-    scores, averaged = dev_scores(save_dir), average_scores(save_dir)
+    checkpoint's draw of the dev set's noise), then the earlier update. Only candidates still on
+    disk count; an average's size is what ``average`` wrote beside it."""
+    interval = dict(checkpoints(save_dir))
+    on_disk = {(first, last): path for first, last, path in averages(save_dir)}
+    scores = {u: wer for u, wer in dev_scores(save_dir).items() if u in interval}
+    averaged = {k: wer for k, wer in average_scores(save_dir).items() if k in on_disk}
     if not scores and not averaged:
-        raise TrainingError(f"no dev results in {save_dir}; run the 'dev' step first")
+        raise TrainingError(f"no dev results for the checkpoints in {save_dir}; run the 'dev' step first")
     candidates = [(wer, 0, first, last) for (first, last), wer in averaged.items()]
     candidates += [(wer, 1, u, u) for u, wer in scores.items()]
     wer, single, first, last = min(candidates)
-    interval = dict(checkpoints(save_dir))
     if single:
         return interval[first], {"update": first, "dev_wer": wer}
     best = min(scores, key=lambda u: (scores[u], u)) if scores else None
-    count = sum(1 for u, p in interval.items() if first <= u <= last and p.name != "checkpoint_last.pt")
-    return save_dir / f"average_{first}_{last}.pt", {
+    path = on_disk[(first, last)]
+    sidecar = path.with_suffix(".json")  # what 'average' averaged (fairseq may have pruned them since)
+    count = (len(json.loads(sidecar.read_text())["updates"]) if sidecar.exists() else
+             sum(1 for u, p in interval.items() if first <= u <= last and p.name != "checkpoint_last.pt"))
+    return path, {
         "update": None, "dev_wer": wer, "average": {"first": first, "last": last, "count": count},
         "best_single": best, "best_single_wer": scores.get(best)}
 

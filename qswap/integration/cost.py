@@ -154,7 +154,9 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
             width = FLOAT_BITS
             if isinstance(quant, FakeQuantize) and quant.enabled:
                 width = quant.spec.bits
-                if param.numel() > grids.get(id(quant), (-1, 0))[0]:
+                if quant.kind == "weight" and param.numel() > grids.get(id(quant), (-1, 0))[0]:
+                    # (an activation quantizer that also reads a parameter, fairseq's bias_k through the
+                    # core's k_quant, keeps one grid for the activations: not the parameter's to store)
                     grids[id(quant)] = (param.numel(), grid_bits(quant.spec, param.shape))
             bits[id(param)] = min(bits.get(id(param), FLOAT_BITS), width)
     float_bytes = sum(n * 4 for n in numel.values())

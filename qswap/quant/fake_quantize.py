@@ -67,6 +67,19 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         self._state_stamp: tuple | None = None
         self._state: tuple = (False, None)
 
+    def switch(self, enabled: bool) -> None:
+        """Turn the site on or off (``enabled``: a sensitivity or search probe keeps it float),
+        marking its grid written where the flag changes: the integer forms a module keeps
+        (``qswap.nn.simulate.cached``) are stamped with its grid tensors, and a form built with
+        this site quantized must not be read with it off, nor the other way round."""
+        enabled = bool(enabled)
+        if enabled == self.enabled:
+            return
+        self.enabled = enabled
+        with torch.no_grad():  # in-place no-ops: each bumps the tensor's version counter
+            self.scale.add_(0)
+            self.zero_point.add_(0)
+
     # -- state ---------------------------------------------------------------------------------
     @property
     def spec(self) -> QuantSpec:

@@ -30,3 +30,38 @@ def test_previous_flags_come_back_even_when_the_probe_raises():
         with enabled_only([a, b], keep=[b]):
             raise RuntimeError("probe failed")
     assert (a.enabled, b.enabled) == (True, False)
+
+
+def test_a_weight_site_switched_off_is_float_in_the_integer_simulation():
+    """Under ``simulate: integer`` a linear keeps its integer form (built with its weights on their
+    grid) between calls. The sensitivity probe "every site but this one" switched a weight site
+    off after that form was kept, and the form was read anyway: 114 of the shipped model's 117
+    weight sites showed a gain of exactly 0 dB. ``switch`` marks the grid written, so the form is
+    rebuilt: the output moves as far as with no form kept, and back when the site comes back."""
+    pytest.importorskip("fairseq")
+    import qswap
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    from qswap.recipe import with_simulate
+
+    qmodel = qswap.convert(build_s2t_transformer(seed=0), with_simulate("w4a8", "integer")).eval()
+    net_input = s2t_net_input(seed=1)
+    qswap.calibrate(qmodel, [net_input])
+    fc1 = qmodel.encoder.transformer_layers[0].fc1
+    everything = [q for _, q in qmodel.named_modules() if isinstance(q, FakeQuantize)]
+
+    def out():
+        with torch.no_grad():
+            return qmodel(**net_input)[0]
+
+    quantized = out()  # every site on: fc1's integer form is kept
+    with enabled_only(everything, keep=[q for q in everything if q is not fc1.weight_quant]):
+        switched = out()
+    for slot in [s for s in vars(fc1) if s.startswith("_integer")]:
+        del fc1.__dict__[slot]
+    fc1.weight_quant.enabled = False
+    fresh = out()  # the same probe with no form kept
+    fc1.weight_quant.enabled = True
+    assert not torch.equal(switched, quantized)
+    torch.testing.assert_close(switched, fresh, rtol=0, atol=0)
+    assert torch.equal(out(), quantized)
+    assert fc1.weight_quant.kind == "weight"

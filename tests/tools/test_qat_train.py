@@ -278,6 +278,7 @@ def test_average_is_the_mean_of_a_real_runs_checkpoints(float_checkpoint, tmp_pa
     # 12 training utterances in batches of 4: update 3 ends epoch 1, which keeps no interval checkpoint
     paths = [run / "checkpoint_1_1.pt", run / "checkpoint_1_2.pt", run / "checkpoint_2_4.pt"]
     out = run / "average_1_4.pt"
+    assert json.loads(out.with_suffix(".json").read_text()) == {"updates": [1, 2, 4]}  # what ship counts
     states = [torch.load(p, weights_only=False, map_location="cpu")["model"] for p in paths]
     avg = torch.load(out, weights_only=False, map_location="cpu")
     assert avg["optimizer_history"] == torch.load(paths[-1], weights_only=False)["optimizer_history"]
@@ -390,6 +391,19 @@ def test_ship_picks_an_average_on_a_tie_and_the_page_says_what_was_averaged(tmp_
     assert facts["average"] == {"first": 40, "last": 120, "count": 3} and facts["best_single"] == 80
     _dev_json(tmp_path / "dev_average_40_120.json", 7.6)
     assert qat_train.pick(tmp_path)[0].name == "checkpoint_1_80.pt"
+    # fairseq pruned updates 40 and 80 after 'average' wrote what it averaged: the count is that
+    _dev_json(tmp_path / "dev_average_40_120.json", 7.0)
+    (tmp_path / "average_40_120.json").write_text(json.dumps({"updates": [40, 80, 120]}))
+    (tmp_path / "checkpoint_1_40.pt").unlink()
+    (tmp_path / "checkpoint_1_80.pt").unlink()
+    path, pruned = qat_train.pick(tmp_path)
+    assert path.name == "average_40_120.pt" and pruned["average"]["count"] == 3
+    assert pruned["best_single"] == 120  # a dev result whose checkpoint is gone is no candidate
+    (tmp_path / "average_40_120.pt").unlink()
+    assert qat_train.pick(tmp_path)[0].name == "checkpoint_1_120.pt"
+    (tmp_path / "checkpoint_1_120.pt").unlink()
+    with pytest.raises(TrainingError, match="no dev results for the checkpoints"):
+        qat_train.pick(tmp_path)
 
     log = ("$ python -m fairseq_cli.train DATA --qswap-recipe w4a8_lsq --qswap-calib-batches 4 "
            "--finetune-from-model /tmp/w/repo/qswap/assets/s2t_demo/checkpoint.pt --lr 0.0003 "

@@ -33,8 +33,10 @@ from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.fairseq.attention import Projection, attention_core
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
-from qswap.nn.simulate import carries_grad, centered_codes, codes_of, grid_of, onto_grid, straight_through
-from qswap.quant.integer import ConstantAddParams, Requant, add_constant, exact_gemm, requantized_values
+from qswap.nn.simulate import (carries_grad, centered_codes, codes_of, grid_of, onto_grid, simulates,
+                                straight_through)
+from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.integer import INT32_MAX, ConstantAddParams, Requant, add_constant, exact_gemm, requantized_values
 
 CODES = TensorOf("int8", "uint8", "int16", "int32")  # a table of codes, as a spec
 PROJECTIONS = Tuple(*[Obj("IntegerLinear")] * 3)  # q, k, v
@@ -132,6 +134,11 @@ class QESPNETMultiHeadedAttention(QuantModule):
                                        self.linear_out.to_integer(out))
 
 
+def _grid_tensors(quant) -> tuple:
+    """A quantizer's grid tensors (scale, zero point) as sources of a kept form; none for a float site."""
+    return (quant.scale, quant.zero_point) if isinstance(quant, FakeQuantize) else ()
+
+
 @register(RelPositionMultiHeadedAttention)
 class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
     """Rel-pos attention (conformer ``pos_enc_type="rel_pos"``)."""
@@ -180,11 +187,11 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         constant folded onto a grid 2^-16 of ``q_proj``'s, ``ConstantAddParams``), as values."""
         heads = (q.size(0), q.size(1), self.h, self.d_k)
         total = lambda: q.view(heads) + bias_quant(bias)  # noqa: E731
-        grid_in = grid_of(self.q_proj_quant)
+        grid_in = grid_of(self.q_proj_quant) if simulates(self) else None
         value = None if grid_in is None else onto_grid(
             self, slot, lambda out: ConstantAddParams.build(grid_in, bias_quant(bias), out), out_quant,
             lambda params, out: add_constant(codes_of(q, grid_in), params), self.q_proj_quant.scale,
-            self.q_proj_quant.zero_point, bias)
+            self.q_proj_quant.zero_point, bias, *_grid_tensors(bias_quant))
         if value is None:
             return total()
         value = value.view(heads)
@@ -197,9 +204,11 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         ``scores_bias``'s grid, as values."""
         product = lambda: self.rel_shift(torch.matmul(q_v * self.d_k ** -0.5, p))  # noqa: E731
         reader = self.core.scores_bias_quant
-        q_pos, pos = grid_of(self.q_pos_quant), grid_of(self.pos_quant)
-        if q_pos is None or pos is None:
+        if not simulates(self):  # onto_grid's own answer, before reading two grids per call
             return product()
+        q_pos, pos = grid_of(self.q_pos_quant), grid_of(self.pos_quant)
+        if q_pos is None or pos is None or self.d_k * _span(q_pos) * _span(pos) > INT32_MAX:
+            return product()  # no grid, or an int32 accumulator could overflow: the integer core refuses it
 
         def build(out):
             return Requant.from_scales(q_pos.scale * self.d_k ** -0.5 * pos.scale / out.scale, out.zero_point,

@@ -303,3 +303,28 @@ def test_conformer_with_4_bit_symmetric_grids_simulates_its_integer_model(four_b
             simulated = qmodel(**net_input)[0]
         with torch.no_grad():
             assert torch.equal(simulated, imodel(**net_input)[0]), seed
+
+
+def test_position_scores_an_int32_accumulator_cannot_hold_stay_float():
+    """16-bit ``q_pos`` and ``pos`` codes: ``q_v @ p`` sums d_k products of up to 2^30, which an
+    int32 accumulator cannot hold (the integer core refuses it), so ``simulate: integer`` computes
+    the position scores in float; cast to int32 they wrapped (-1.02 where the float scores
+    saturate at +1.02, codes at the edge of both grids)."""
+    from qswap.models import build_s2t_conformer
+    from qswap.nn.simulate import grid_of, simulating
+
+    recipe = {"version": 1, "name": "a16_positions", "defaults": {
+        "weight": {"bits": 8}, "activation": {"bits": 8}, "sites": {"q_pos": {"bits": 16}, "pos": {"bits": 16}}}}
+    qmodel = qswap.convert(build_s2t_conformer(seed=0).eval(), recipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(qmodel, [s2t_net_input(seed=s) for s in range(2)])
+    attn = qmodel.encoder.conformer_layers[0].self_attn
+    gq, gp = grid_of(attn.q_pos_quant), grid_of(attn.pos_quant)
+    q_v = torch.full((1, attn.h, 3, attn.d_k), gq.qmax * gq.scale)
+    p = torch.full((1, attn.h, attn.d_k, 5), gp.qmax * gp.scale)
+    with torch.no_grad(), simulating(qmodel, "integer"):
+        integer = attn._position_scores(q_v, p)
+    with torch.no_grad(), simulating(qmodel, "float"):
+        floating = attn._position_scores(q_v, p)
+    assert torch.equal(integer, floating) and bool((integer > 0).all())
