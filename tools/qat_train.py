@@ -361,7 +361,9 @@ def do_ship(a: argparse.Namespace) -> int:
     path, facts = pick(save_dir)
     effect = ship(path, Path(a.out))
     (save_dir / "shipped.json").write_text(json.dumps({**facts, "float16": effect}))
-    print(f"{chosen(facts)} -> {a.out}; float16 storage changed {effect['changed']} "
+    name = (f"update {facts['update']}" if not facts.get("average") else
+            f"the average of updates {facts['average']['first']} to {facts['average']['last']}")
+    print(f"{name} (dev WER {facts['dev_wer']:.2f}) -> {a.out}; float16 storage changed {effect['changed']} "
           f"of {effect['values']} weight codes")
     return 0
 
