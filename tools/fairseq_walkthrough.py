@@ -172,6 +172,39 @@ after `--finetune-from-model`) and no `--weight-decay`, no weight moves before t
 frozen (tested: bit-identical weights); weight decay, if set, does apply on those steps, and the
 learning-rate schedule counts them as updates.
 
+## QAT with a teacher (distillation)
+
+The plugin registers one criterion, `qswap_distill` (`qswap/integration/distill.py`): fairseq's
+label-smoothed cross entropy mixed with the distance of the quantized model's output
+distributions from a teacher's, usually the float model it was converted from:
+
+```
+$ fairseq-train DATA --user-dir $(qswap-plugin-dir) --task speech_to_text_qswap --qswap-recipe w4a8_lsq \\
+    --finetune-from-model QCKPT --criterion qswap_distill --distill-teacher float.pt \\
+    --distill-alpha 0.9 --distill-temperature 1 --label-smoothing 0.1 ...
+```
+
+loss = (1 - alpha) x label-smoothed cross entropy + alpha x tau^2 x KL(teacher || student), the
+KL of the two softmax(logits / tau) distributions at every teacher-forced target position that is
+not padding, summed as fairseq sums its losses. The teacher is loaded once per process with the
+run's data directory (a teacher trained with another dictionary does not load: a
+`CheckpointError` says so), runs in eval mode without gradients, and is not part of the
+criterion's modules, so it is neither trained nor saved in the run's checkpoints (their saved
+config names it: `fairseq-validate` on one loads the teacher again). The log shows both terms per
+token (per sentence with `--sentence-avg`, as fairseq's `loss`), `ce_loss` and `kd_loss`, base 2
+like `loss`, for training and validation; the validation `loss`, by which fairseq keeps
+`checkpoint_best.pt`, is the mixture. `--distill-alpha 0` is fairseq's
+`label_smoothed_cross_entropy` to the last bit; no `--distill-teacher`, an alpha outside [0, 1] or
+a temperature that is not positive is a `TrainingError`, a teacher file that is missing or unsafe
+the `CheckpointError` of any checkpoint load (`tests/integration/test_distill.py`, with
+fairseq-train). `tools/qat_train.py train --distill
+TEACHER [--distill-alpha A --distill-temperature T]` runs the shipped model's QAT with it, and
+`tools/qat_train.py average --save-dir RUN --last N` writes the mean of a run's last N interval
+checkpoints (weights, biases and learned scales averaged; weight zero points and counters taken
+from the last; every other integer state, activation zero points and frozen flags, must agree) as
+`RUN/average_FIRST_LAST.pt`, which `qswap eval` reads like any of them; `qat_train.py dev` evaluates
+it beside the interval checkpoints and `ship` stores whichever has the lowest dev WER.
+
 ## Distributed QAT
 
 fairseq's own distributed training runs unchanged. On CPU, one process per worker with gloo,
