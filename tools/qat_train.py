@@ -542,6 +542,11 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
              f"machine\npython tools/qat_train.py unpack --compact PACKED --out DATA     # there: a fairseq data "
              f"directory\n" if gpu else "")
     kept = sorted(u for u in valid_at if u % run["save_every"] == 0)[-KEEP:]  # the interval checkpoints kept
+    averaged = shipped.get("average")
+    if averaged and kept and averaged["last"] != kept[-1]:
+        raise TrainingError(f"the shipped average ends at update {averaged['last']}, before the run's last interval "
+                            f"checkpoint ({kept[-1]}): the page's 'average --last {averaged['count']}' would average "
+                            f"other checkpoints; run 'average' again at the end of the run, then 'dev' and 'ship'")
     dev_cmd = ("python tools/qat_train.py dev --data DATA --save-dir RUN" + (
         "" if set(kept) <= set(dev) else " --updates " + " ".join(str(u) for u in sorted(dev))))
     large = [sub for sub in SUBSETS[2:] if (evals / f"qat_{sub}.json").exists()]

@@ -414,3 +414,20 @@ def test_ship_picks_an_average_on_a_tie_and_the_page_says_what_was_averaged(tmp_
     assert "python tools/qat_train.py average --save-dir RUN --last 3\n" in text
     assert "the mean of the 3 interval checkpoints of updates 40 to 120" in text
     assert "dev WER 7.50 %, the dev-best candidate; the best single checkpoint above: update 80" in text
+
+
+def test_the_page_refuses_an_average_that_its_reproduce_block_cannot_rebuild(tmp_path):
+    """``average --last N`` averages the run's last N interval checkpoints: an average taken before
+    the run went on has no such command, and ``doc`` says what to do instead of writing a wrong one."""
+    log = ("$ python -m fairseq_cli.train DATA --qswap-recipe w4a8_lsq --qswap-calib-batches 4 "
+           "--finetune-from-model /tmp/w/repo/qswap/assets/s2t_demo/checkpoint.pt --lr 0.0003 "
+           "--warmup-updates 20 --max-tokens 6000 --max-update 160 --stop-time-hours 1 --save-interval-updates 40")
+    shipped = {"update": None, "dev_wer": 7.0, "average": {"first": 40, "last": 120, "count": 3},
+               "best_single": 80, "best_single_wer": 7.5, "float16": {"changed": 1, "values": 10}}
+    valid = [(40, 1.4), (80, 1.3), (120, 1.3), (160, 1.3)]
+    args = ([(10, 1.5)], valid, {80: 7.5}, tmp_path, shipped, qat_train.run_facts(log), tmp_path / "q.pt",
+            tmp_path / "q.log", 0.5, tmp_path / "q.md")
+    with pytest.raises(TrainingError, match="ends at update 120, before the run's last interval checkpoint"):
+        qat_train.render(*args)
+    shipped["average"] = {"first": 80, "last": 160, "count": 3}
+    assert "average --save-dir RUN --last 3" in qat_train.render(*args)
