@@ -263,31 +263,11 @@ def run(payload: dict, prefix: str, subsets: list[str], methods: list[str], colu
 def refresh_integer_forms(payload: dict, prefix: str) -> list[str]:
     """Recompute the "integer form" of every PTQ cell that did not have one (convert and calibrate
     as the decode did, no decoding), in every set's cells; returns "method/column: form" lines."""
-    from qswap.cli.quiet import held_back
-    from qswap.integration import data as fdata
-    import qswap
-
     first = next(iter(SUBSETS))
     keys = [k for k, c in payload["cells"][first].items()
             if c.get("integer_form") not in (None, "yes") and not k.startswith(("float/", "qat/"))]
-    done = []
-    with held_back(verbose=False):
-        model, task = fdata.load_model_and_task(str(ASSET / "checkpoint.pt"), str(ASSET))
-        for key in keys:
-            method, column = key.split("/")
-            picks = payload.get("per_site", {}).get(column, {}).get("pick") if method == "per_site" else None
-            recipe = recipe_for(column, method, picks)
-            data = fdata.transform_data(recipe, task, "train_calib", 4, max_sentences=32)
-            qmodel = qswap.convert(copy.deepcopy(model), recipe, data=data)
-            qswap.calibrate(qmodel, fdata.net_inputs(task, "train_calib", 4, max_sentences=32))
-            form = integer_form(qmodel)
-            for subset, cells in payload["cells"].items():
-                if key in cells:
-                    cells[key]["integer_form"] = form
-            done.append(f"{key}: {form}")
-    for subset in payload["cells"]:
-        _save(prefix, payload, subset)
-    return done
+    return [f"{key}: {form}" for key, _, form in _refresh(payload, prefix, keys, "integer_form", integer_form,
+                                                          calibrated=True)]
 
 
 def refresh_sizes(payload: dict, prefix: str) -> list[str]:
@@ -295,31 +275,42 @@ def refresh_sizes(payload: dict, prefix: str) -> list[str]:
     from the model the cell decoded: the PTQ cells converted as the decode converted them (no
     calibration: a weight's size is its spec's and its shape's), the QAT cells loaded from their
     checkpoint; every set's cells. Returns "method/column: old -> new MB" lines."""
+    from qswap.integration.cost import parameter_bytes
+
+    keys = [k for k in payload["cells"][next(iter(SUBSETS))] if not k.startswith("float/")]
+    return [f"{key}: {old:.3f} -> {mb:.3f} MB" for key, old, mb in _refresh(
+        payload, prefix, keys, "weight_mb", lambda qmodel: parameter_bytes(qmodel)[1] / 1e6, calibrated=False)]
+
+
+def _refresh(payload: dict, prefix: str, keys: list[str], field: str, measure: Callable, calibrated: bool) -> list:
+    """``measure`` of each cell ``keys`` names, written to ``field`` of that cell in every set's
+    file: a PTQ cell's model converted as the decode converted it (and calibrated as it was where
+    ``calibrated``), a QAT cell's loaded from its checkpoint; no decoding. Returns (key, the old
+    value, the new one) per cell."""
     from qswap.cli.quiet import held_back
     from qswap.integration import data as fdata
-    from qswap.integration.cost import parameter_bytes
     import qswap
 
-    first = next(iter(SUBSETS))
+    first = payload["cells"][next(iter(SUBSETS))]
     done = []
     with held_back(verbose=False):
         model, task = fdata.load_model_and_task(str(ASSET / "checkpoint.pt"), str(ASSET))
-        for key, cell in payload["cells"][first].items():
+        for key in keys:
             method, column = key.split("/")
-            if method == "float":
-                continue
             if method == "qat":
-                qmodel, _ = fdata.load_model_and_task(cell["checkpoint"], str(ASSET))
+                qmodel, _ = fdata.load_model_and_task(first[key]["checkpoint"], str(ASSET))
             else:
                 picks = payload.get("per_site", {}).get(column, {}).get("pick") if method == "per_site" else None
                 recipe = recipe_for(column, method, picks)
                 data = fdata.transform_data(recipe, task, "train_calib", 4, max_sentences=32)
                 qmodel = qswap.convert(copy.deepcopy(model), recipe, data=data)
-            mb = parameter_bytes(qmodel)[1] / 1e6
-            done.append(f"{key}: {cell['weight_mb']:.3f} -> {mb:.3f} MB")
+                if calibrated:
+                    qswap.calibrate(qmodel, fdata.net_inputs(task, "train_calib", 4, max_sentences=32))
+            value = measure(qmodel)
+            done.append((key, first[key].get(field), value))
             for cells in payload["cells"].values():
                 if key in cells:
-                    cells[key]["weight_mb"] = mb
+                    cells[key][field] = value
     for subset in payload["cells"]:
         _save(prefix, payload, subset)
     return done

@@ -136,40 +136,10 @@ class QuantAttentionCore(nn.Module):
 
     def _integer_matmul(self, name: str, a: torch.Tensor, a_quant: nn.Module, b: torch.Tensor, b_quant: nn.Module,
                         factor: float, out_quant: nn.Module, product) -> torch.Tensor:
-        """``product()`` (= ``factor * a @ b^T`` in float, computed only where it is returned or
-        its gradient is needed) as the integer core computes it with
-        ``simulate: integer``: the int32 accumulator ``(a - za)(b - zb)^T`` (by an exact float GEMM,
-        ``qswap.quant.integer.exact_gemm``), requantized by
-        ``s_a factor s_b / s_out`` onto ``out_quant``'s grid (``onto_grid``), as values, with the
-        float product's gradient; ``product()`` itself where a grid is missing."""
-        if not simulates(self):  # onto_grid's own answer, before reading two grids per call
-            return product()
-        from qswap.quant.integer import Requant
-        grid_a, grid_b = grid_of(a_quant), grid_of(b_quant)
-        if grid_a is None or grid_b is None:
-            return product()
-        if a.shape[-1] * grid_a.span * grid_b.span > INT32_MAX:
-            # an int32 accumulator could overflow (wide codes, a long reduction: the context over S
-            # keys): the integer core refuses it (``check_bound``), and the product stays float
-            return product()
-
-        def build(out):
-            return Requant.from_scales(grid_a.scale * factor * grid_b.scale / out.scale, out.zero_point, out.qmin,
-                                       out.qmax)
-
-        def run(requant, out):
-            from qswap.quant.integer import exact_gemm, requantized_values
-            acc = exact_gemm(torch.bmm, centered_codes(a, grid_a), centered_codes(b, grid_b).transpose(1, 2),
-                             a.shape[-1], spans=(grid_a.span, grid_b.span))  # (B*H, T, S) int32, exact
-            return requantized_values(requant, acc, out.scale)
-        value = onto_grid(self, f"_integer_{name}", build, out_quant, run, a_quant.scale, a_quant.zero_point,
-                          b_quant.scale, b_quant.zero_point)  # factor: the attention's constant scaling
-        if value is None:
-            return product()
-        if not carries_grad(out_quant, a, b):
-            return value
-        product = product()
-        return straight_through(value, product, out_quant)
+        """``product()`` (= ``factor * a @ b^T`` in float) as the integer core computes it with
+        ``simulate: integer`` (``integer_product``, kept in ``_integer_<name>``)."""
+        return integer_product(self, f"_integer_{name}", a, a_quant, b.transpose(1, 2), b_quant, factor, out_quant,
+                               product, torch.bmm)
 
     def _integer_softmax(self, scores: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
         """The integer softmax of the ``softmax_in`` codes of ``scores`` (positions where ``masked``
@@ -359,6 +329,40 @@ class QMultiheadAttention(QuantModule):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
+def integer_product(owner: nn.Module, slot: str, a: torch.Tensor, a_quant: nn.Module, b: torch.Tensor,
+                    b_quant: nn.Module, factor: float, out_quant: nn.Module, product, matmul,
+                    after=None) -> torch.Tensor:
+    """``product()`` (= ``after(factor * matmul(a, b))`` in float, computed only where it is
+    returned or its gradient is needed) as the integer ops compute it with ``simulate: integer``:
+    the int32 accumulator ``matmul(a - za, b - zb)`` over ``a``'s last axis (an exact float GEMM,
+    ``qswap.quant.integer.exact_gemm``), ``after`` applied to it (a data movement: the rel-pos
+    ``rel_shift``), requantized by ``s_a factor s_b / s_out`` onto ``out_quant``'s grid
+    (``onto_grid``, the form kept in ``owner.<slot>``), as values, with the float product's
+    gradient. ``product()`` itself where ``owner`` does not simulate integers, a grid is missing,
+    or an int32 accumulator could overflow (wide codes, a long reduction: the integer ops refuse
+    it, ``check_bound``)."""
+    if not simulates(owner):  # onto_grid's own answer, before reading two grids per call
+        return product()
+    from qswap.quant.integer import Requant, exact_gemm, requantized_values
+    grid_a, grid_b = grid_of(a_quant), grid_of(b_quant)
+    if grid_a is None or grid_b is None or a.shape[-1] * grid_a.span * grid_b.span > INT32_MAX:
+        return product()
+
+    def build(out):
+        return Requant.from_scales(grid_a.scale * factor * grid_b.scale / out.scale, out.zero_point, out.qmin,
+                                   out.qmax)
+
+    def run(requant, out):
+        acc = exact_gemm(matmul, centered_codes(a, grid_a), centered_codes(b, grid_b), a.shape[-1],
+                         spans=(grid_a.span, grid_b.span))  # int32, exact
+        return requantized_values(requant, acc if after is None else after(acc), out.scale)
+    value = onto_grid(owner, slot, build, out_quant, run, a_quant.scale, a_quant.zero_point, b_quant.scale,
+                      b_quant.zero_point)  # factor: a constant of the owner (the attention's scaling)
+    if value is None:
+        return product()
+    return straight_through(value, product(), out_quant) if carries_grad(out_quant, a, b) else value
+
+
 def _span(grid) -> int:
     """The largest |code - zero_point| of a grid."""
     return max(grid.qmax - grid.zero_point, grid.zero_point - grid.qmin)
@@ -380,7 +384,6 @@ class IntegerAttentionCore(nn.Module):
         """IntegerizeError where ``probs @ v`` over ``keys`` keys could leave its int32 accumulator:
         the reduction runs over the keys, so the grids bound the length, which the message names."""
         from qswap.errors import IntegerizeError
-        from qswap.quant.integer import INT32_MAX
         if keys * self.pv_span > INT32_MAX:
             raise IntegerizeError(f"attention probs @ v over {keys} keys can reach {keys * self.pv_span} in its int32 "
                                   f"accumulator; at these grids (softmax_out and v codes spanning {self.pv_span} per "

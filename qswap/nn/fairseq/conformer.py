@@ -14,8 +14,8 @@ from fairseq.modules.conformer_layer import ConformerEncoderLayer, ConformerWav2
 from qswap.io.serializable import ANY, List, Obj, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
-from qswap.nn.simulate import add_onto
 from qswap.nn.fairseq.layers import ZERO_POINT, onto, onto_each, past, read_by, reader
+from qswap.nn.simulate import add_onto
 from qswap.quant.fake_quantize import consume
 
 

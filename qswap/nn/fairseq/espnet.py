@@ -28,15 +28,14 @@ from torch import Tensor
 
 from qswap.io.serializable import INT, List, Obj, Tuple, serializable
 from qswap.io.serializable import Tensor as TensorOf
-from qswap.nn.attention import CORE_SITES, _span, heads_padding, merge_heads, split_heads
+from qswap.nn.attention import CORE_SITES, heads_padding, integer_product, merge_heads, split_heads
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.fairseq.attention import Projection, attention_core
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
-from qswap.nn.simulate import (carries_grad, centered_codes, codes_of, grid_of, onto_grid, simulates,
-                                straight_through)
+from qswap.nn.simulate import carries_grad, codes_of, grid_of, onto_grid, simulates, straight_through
 from qswap.quant.fake_quantize import FakeQuantize
-from qswap.quant.integer import INT32_MAX, ConstantAddParams, Requant, add_constant, exact_gemm, requantized_values
+from qswap.quant.integer import ConstantAddParams, add_constant
 
 CODES = TensorOf("int8", "uint8", "int16", "int32")  # a table of codes, as a spec
 PROJECTIONS = Tuple(*[Obj("IntegerLinear")] * 3)  # q, k, v
@@ -199,30 +198,11 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
 
     def _position_scores(self, q_v: Tensor, p: Tensor) -> Tensor:
         """``rel_shift(q_v * d_k^-0.5 @ p)`` (q_v: (B, H, T, D) ``q_pos`` values, p: (1, H, D, 2T-1)
-        ``pos`` values) -> (B, H, T, T); with ``simulate: integer`` the integer form's: the int32
-        accumulator ``(q_v - z)(p - z)`` (an exact float GEMM), rel-shifted, requantized onto
-        ``scores_bias``'s grid, as values."""
+        ``pos`` values) -> (B, H, T, T); with ``simulate: integer`` the integer form's
+        (``integer_product``): the int32 accumulator, rel-shifted, requantized onto ``scores_bias``."""
         product = lambda: self.rel_shift(torch.matmul(q_v * self.d_k ** -0.5, p))  # noqa: E731
-        reader = self.core.scores_bias_quant
-        if not simulates(self):  # onto_grid's own answer, before reading two grids per call
-            return product()
-        q_pos, pos = grid_of(self.q_pos_quant), grid_of(self.pos_quant)
-        if q_pos is None or pos is None or self.d_k * _span(q_pos) * _span(pos) > INT32_MAX:
-            return product()  # no grid, or an int32 accumulator could overflow: the integer core refuses it
-
-        def build(out):
-            return Requant.from_scales(q_pos.scale * self.d_k ** -0.5 * pos.scale / out.scale, out.zero_point,
-                                       out.qmin, out.qmax)
-
-        def run(requant, out):
-            acc = exact_gemm(torch.matmul, centered_codes(q_v, q_pos), centered_codes(p, pos), self.d_k,
-                             spans=(_span(q_pos), _span(pos)))  # (B, H, T, 2T-1) int32, exact
-            return requantized_values(requant, self.rel_shift(acc), out.scale)
-        value = onto_grid(self, "_integer_bd", build, reader, run, self.q_pos_quant.scale, self.q_pos_quant.zero_point,
-                          self.pos_quant.scale, self.pos_quant.zero_point)
-        if value is None:
-            return product()
-        return straight_through(value, product(), reader) if carries_grad(reader, q_v, p) else value
+        return integer_product(self, "_integer_bd", q_v, self.q_pos_quant, p, self.pos_quant, self.d_k ** -0.5,
+                               self.core.scores_bias_quant, product, torch.matmul, after=self.rel_shift)
 
     def to_integer(self, out, pos_table: Optional[Tensor] = None) -> "IntegerRelPosAttention":
         """The integer form writing codes of ``out``, given the encoder's constant position table

@@ -32,9 +32,8 @@ from qswap.io.serializable import ANY, INT, List, Obj, Opt, Tuple, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.fairseq.config_expr import eval_config_expr
 from qswap.nn.fairseq.chain import run_chain
-from qswap.nn.simulate import add_onto
 from qswap.nn.fairseq.layers import activated, onto, onto_each, past, read_by, reader
-from qswap.nn.simulate import simulates
+from qswap.nn.simulate import add_onto, simulates
 from qswap.nn.registry import register
 from qswap.quant.fake_quantize import consume
 
