@@ -1134,9 +1134,11 @@ def architecture_section(r: dict) -> list[str]:
              "with greedy CTC, as `qswap eval` decodes the torch model. Not covered (typed errors): "
              "`blank_weight` other than 0, `crop_seq_to_multiple` other than 1, the conformer wav2vec 2.0 "
              "encoder.",
-             "", "In every graph the padding mask enters as booleans (attention masks with `Where` after the "
-             "softmax input quantizer; wav2vec 2.0 zeroes padded frames before its positional convolution), "
-             "so no quantizer reads -inf. Other encoders (a `Conv2dSubsampler`, fairseq's unconverted "
+             "", "In every graph the padding mask enters as booleans (attention adds it to the scores after "
+             "the softmax input quantizer as 0 or -inf, `Where(mask, -inf, 0)`: the masked fill's values, and "
+             "an `Add` onnxruntime runs several times faster than a `Where` on the scores; the deploy audit "
+             "counts it with the data movement; wav2vec 2.0 zeroes padded frames before its positional "
+             "convolution), so no quantizer reads -inf. Other encoders (a `Conv2dSubsampler`, fairseq's unconverted "
              "modules) are refused with an `ExportError` naming them.", ""]
     arch = r.get("architectures")
     if not arch:

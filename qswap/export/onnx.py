@@ -5,8 +5,9 @@ Every quantized operand of the fake-quant model becomes QuantizeLinear -> Dequan
 frozen scale and zero point of its qswap quantizer (no re-calibration by onnxruntime); weights
 are int8 initializers (INT4, two codes a byte, where the weight quantizer is 4-bit) and biases
 int32 initializers, each read by a DequantizeLinear. The padding
-mask enters the graph only through the source lengths: attention masks it with a boolean
-``Where``/masked fill after the softmax input quantizer, so -inf never reaches a quantizer.
+mask enters the graph only through the source lengths: attention adds it to the scores after the
+softmax input quantizer, as 0 or -inf (``qswap.nn.attention.padding_bias``: the masked fill's
+values), so -inf never reaches a quantizer.
 
 >>> export_encoder(qmodel, "encoder.onnx", example_net_input)
 >>> session = load_session("encoder.onnx")

@@ -14,7 +14,9 @@ integer      integer kernels (QLinear*, MatMulInteger, ConvInteger, MatMulIntege
 quantize     QuantizeLinear / DequantizeLinear (conversions between the grid and floats), and a
              ``Mul`` by a constant read only by QuantizeLinear nodes of unit scale (the
              quantizer's ``x * (1 / s)``: ``qswap.export.graph_passes.quantize_by_inverse``)
-movement     data movement and selection (Reshape, Transpose, Gather, Concat, Where...)
+movement     data movement and selection (Reshape, Transpose, Gather, Concat, Where...), and an
+             ``Add`` of a padding mask's additive form, ``Where(mask, -inf, 0)`` of constants:
+             each value kept or set to -inf (``qswap.nn.attention.padding_bias``)
 index        arithmetic on integer or boolean tensors only, not read as codes (shapes, lengths,
              masks, casts of codes)
 float        everything else: compute on float tensors, or an op this audit has no rule for
@@ -141,11 +143,16 @@ def audit_onnx(path: "str | os.PathLike[str]", *, level: str = "extended", site_
     buckets: Counter = Counter()
     integer_ops: Counter = Counter()
     float_ops: Counter = Counter()
-    quantizer_muls = _quantizer_muls(model.graph)
+    quantizer_muls, mask_adds = _quantizer_muls(model.graph), _mask_adds(model.graph)
     dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     constants = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
-        bucket, reason = ("quantize", "") if node.output[0] in quantizer_muls else _classify(node, dtypes)
+        if node.output[0] in quantizer_muls:
+            bucket, reason = "quantize", ""
+        elif node.output[0] in mask_adds:
+            bucket, reason = "movement", ""
+        else:
+            bucket, reason = _classify(node, dtypes)
         if (bucket == "index" and node.output[0] in dequantized and node.op_type != "Cast"
                 and not all(name in constants for name in node.input if name)):
             bucket = "integer"  # arithmetic whose integer result a DequantizeLinear reads as codes
@@ -190,6 +197,28 @@ def _quantizer_muls(graph) -> set[str]:
 
     return {node.output[0] for node in graph.node if node.op_type == "Mul" and any(i in constants for i in node.input)
             and readers.get(node.output[0]) and all(unit_quantize(r) for r in readers[node.output[0]])}
+
+
+def _mask_adds(graph) -> set[str]:
+    """Outputs of the ``Add`` nodes of a value and a ``Where(mask, -inf, 0)`` whose two branches
+    are scalar constants: a padding mask added to the scores (``padding_bias``), which keeps each
+    value or sets it to -inf, the selection a ``Where`` on the scores makes."""
+    from onnx import numpy_helper
+
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+
+    def scalar(name: str) -> float | None:
+        value = constants.get(name)
+        numeric = value is not None and value.size == 1 and value.dtype.kind == "f"
+        return float(value.reshape(())) if numeric else None
+
+    masks = {node.output[0] for node in graph.node if node.op_type == "Where" and len(node.input) == 3
+             and scalar(node.input[1]) == float("-inf") and scalar(node.input[2]) == 0.0}
+    return {node.output[0] for node in graph.node
+            if node.op_type == "Add" and len(node.input) == 2 and sum(i in masks for i in node.input) == 1}
 
 
 def _tensor_types(model) -> dict[str, int]:

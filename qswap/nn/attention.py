@@ -214,16 +214,29 @@ def heads_padding(key_padding_mask: torch.Tensor | None, num_heads: int) -> torc
     return key_padding_mask.to(torch.bool).unsqueeze(1).repeat(1, num_heads, 1).flatten(0, 1).unsqueeze(1)
 
 
+def padding_bias(key_padding_mask: torch.Tensor, num_heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, S) padding -> (B*H, 1, S) of ``dtype``: -inf at each padded key, 0 elsewhere
+    (``heads_padding``'s rows). Added to finite scores it gives ``masked_fill``'s values: each
+    score kept (x + 0 = x; -0.0 becomes +0.0, which a softmax reads alike) or set to -inf."""
+    bias = torch.where(heads_padding(key_padding_mask, num_heads), float("-inf"), 0.0)
+    return bias if bias.dtype == dtype else bias.to(dtype)
+
+
 def fill_padding(fill, scores: torch.Tensor, key_padding_mask: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``fill(scores, heads_padding(key_padding_mask, num_heads), -inf)`` (``fill``:
     ``masked_fill`` or ``masked_fill_``): scores (B*H, T, S) with each sentence's padded key
     positions at -inf. Eager, on contiguous scores, the scores are viewed as (B, H, T, S) and the
     (B, 1, 1, S) mask broadcast over heads and rows, as fairseq does: the same values, with no
     tiled copy of the mask per call (a decoding step's encoder-decoder attention masks on every
-    step). Traced for ONNX the tiled mask is kept (``heads_padding``)."""
+    step). Traced for ONNX the scores get the mask's additive form instead (``padding_bias``):
+    ``Add`` of 0 or -inf, the same values as the fill on the finite scores a grid holds, which
+    onnxruntime's CPU kernels run several times faster than a broadcast ``Where`` (its ``Where``
+    is one thread; ``qswap.export.onnx_audit`` counts that ``Add`` as the selection it is)."""
     bh, length, src = scores.shape
     batch = key_padding_mask.shape[0]
-    if torch.jit.is_tracing() or not scores.is_contiguous() or batch * num_heads != bh:
+    if torch.jit.is_tracing():
+        return scores + padding_bias(key_padding_mask, num_heads, scores.dtype)
+    if not scores.is_contiguous() or batch * num_heads != bh:
         return fill(scores, heads_padding(key_padding_mask, num_heads), float("-inf"))
     mask = key_padding_mask.to(torch.bool).view(batch, 1, 1, src)
     return fill(scores.view(batch, num_heads, length, src), mask, float("-inf")).view(bh, length, src)

@@ -84,3 +84,37 @@ def test_site_of_reads_the_module_path_of_torch_node_names():
 def test_missing_graph_is_a_typed_error(tmp_path):
     with pytest.raises(ExportError, match="no ONNX graph there"):
         audit_onnx(tmp_path / "absent.onnx")
+
+
+def test_the_padding_mask_added_to_the_scores_is_a_selection(exported, report):
+    """The encoder's attention masks padded keys with ``scores + Where(mask, -inf, 0)``
+    (``qswap.nn.attention.padding_bias``): each score kept or set to -inf, counted with the data
+    movement; the softmax after it stays a float node."""
+    graph = onnx.load(str(exported[1])).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    softmax_inputs = [producer[n.input[0]].op_type for n in graph.node if n.op_type == "Softmax"]
+    assert softmax_inputs == ["Add", "Add"]  # 2 layers; no Where on the scores
+    float_sites = [n.site for n in report.float_nodes if n.op_type == "Add"]
+    assert not any(site.endswith("self_attn.core") for site in float_sites)
+    assert report.float_ops.get("Softmax") == 2  # 2 layers
+
+
+@pytest.mark.parametrize("branches, selection", [((float("-inf"), 0.0), True), ((0.0, float("-inf")), False),
+                                                  ((-1e9, 0.0), False)])
+def test_only_an_add_of_minus_inf_or_zero_is_a_selection(tmp_path, branches, selection):
+    """``Add(x, Where(m, -inf, 0))`` keeps each value or sets it to -inf; a finite fill (-1e9
+    moves values: a float sum) or the branches the other way round are float adds."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(b, np.float32), name) for b, name in zip(branches, ("a", "b"))]
+    nodes = [helper.make_node("Where", ["m", "a", "b"], ["bias"], name="/core/Where"),
+             helper.make_node("Add", ["x", "bias"], ["y"], name="/core/Add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+                                           helper.make_tensor_value_info("m", TensorProto.BOOL, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    path = tmp_path / "mask.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    audited = audit_onnx(path, level="all")
+    assert (audited.float_ops.get("Add", 0) == 0) is selection
+    assert audited.buckets["movement"] >= (2 if selection else 1)

@@ -1,11 +1,12 @@
-"""qswap.nn.attention helpers: the key-padding fill's broadcast view against the tiled mask."""
+"""qswap.nn.attention helpers: the key-padding fill's broadcast view against the tiled mask, and the
+additive form a traced (ONNX) graph adds instead."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import Tensor
 
-from qswap.nn.attention import fill_padding, heads_padding
+from qswap.nn.attention import fill_padding, heads_padding, padding_bias
 
 
 def _tiled(fill, scores: Tensor, mask: Tensor, heads: int) -> Tensor:
@@ -56,3 +57,40 @@ def test_a_mask_whose_batch_does_not_match_the_scores_fails_as_the_tiled_fill_do
         _tiled(Tensor.masked_fill, scores, mask, 2)
     with pytest.raises(RuntimeError):
         fill_padding(Tensor.masked_fill, scores, mask, 2)
+
+
+def test_the_additive_mask_gives_the_fills_values_and_the_same_softmax():
+    """What an exported graph computes (``scores + padding_bias``, an ``Add``) against the fill:
+    every finite score kept, every padded key at -inf; -0.0 becomes +0.0, which the softmax
+    reads alike."""
+    torch.manual_seed(2)
+    batch, heads, rows, src = 3, 2, 4, 6
+    mask = torch.rand(batch, src) < 0.4
+    mask[:, 0] = False
+    scores = torch.randn(batch * heads, rows, src)
+    scores[0, 0, 0], scores[1, 1, 0] = -0.0, 0.0
+    bias = padding_bias(mask, heads)
+    assert bias.shape == (batch * heads, 1, src) and bias.dtype == torch.float32
+    added, filled = scores + bias, _tiled(Tensor.masked_fill, scores, mask, heads)
+    assert torch.equal(added, filled)  # -0.0 == +0.0
+    assert torch.equal(torch.isneginf(added), torch.isneginf(filled))
+    assert torch.equal(torch.softmax(added, -1), torch.softmax(filled, -1))
+    half = scores.to(torch.float16)  # the bias takes the scores' dtype, as the fill keeps it
+    assert torch.equal(half + padding_bias(mask, heads, half.dtype), _tiled(Tensor.masked_fill, half, mask, heads))
+    assert (half + padding_bias(mask, heads, half.dtype)).dtype == torch.float16
+
+
+def test_a_traced_fill_adds_the_mask_instead_of_a_where():
+    """Traced for ONNX, the padding is an ``aten::add`` of ``padding_bias`` (onnxruntime runs an
+    ``Add`` several times faster than a broadcast ``Where``), with the fill's values."""
+    batch, heads, rows, src = 2, 2, 3, 5
+    mask = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    scores = torch.randn(batch * heads, rows, src)
+
+    def fill(s, m):
+        return fill_padding(Tensor.masked_fill, s, m, heads)
+    traced = torch.jit.trace(fill, (scores, mask))
+    kinds = {node.kind() for node in traced.graph.nodes()}
+    assert "aten::add" in kinds and "aten::masked_fill" not in kinds
+    other = torch.tensor([[False, True, True, True, True], [False] * 5])  # the mask is an input
+    assert torch.equal(traced(scores, other), _tiled(Tensor.masked_fill, scores, other, heads))

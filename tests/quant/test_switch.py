@@ -65,3 +65,48 @@ def test_a_weight_site_switched_off_is_float_in_the_integer_simulation():
     torch.testing.assert_close(switched, fresh, rtol=0, atol=0)
     assert torch.equal(out(), quantized)
     assert fc1.weight_quant.kind == "weight"
+
+
+def test_assigning_enabled_marks_the_grid_written_as_switch_does():
+    """A user's own probe writes ``q.enabled = False``: the grid tensors' versions move, so a
+    form kept with the site on (stamped with them) is rebuilt; an unchanged flag moves nothing,
+    and the flag stays a plain bool the quantizer's call reads."""
+    q = _frozen(0)
+    before = (q.scale._version, q.zero_point._version)
+    q.enabled = True  # unchanged
+    assert (q.scale._version, q.zero_point._version) == before
+    q.enabled = 0
+    assert q.enabled is False and q.__dict__["enabled"] is False
+    assert q.scale._version > before[0] and q.zero_point._version > before[1]
+    x = torch.linspace(-1, 1, 101)
+    torch.testing.assert_close(q(x), x)
+    q.enabled = True
+    assert not torch.equal(q(x), x)
+
+
+def test_a_weight_site_assigned_off_is_float_in_the_integer_simulation():
+    """The probe of the test above written with plain assignments: no kept form is read stale."""
+    pytest.importorskip("fairseq")
+    import qswap
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    from qswap.recipe import with_simulate
+
+    qmodel = qswap.convert(build_s2t_transformer(seed=0), with_simulate("w4a8", "integer")).eval()
+    net_input = s2t_net_input(seed=1)
+    qswap.calibrate(qmodel, [net_input])
+    fc1 = qmodel.encoder.transformer_layers[0].fc1
+
+    def out():
+        with torch.no_grad():
+            return qmodel(**net_input)[0]
+
+    quantized = out()  # fc1's integer form is kept
+    fc1.weight_quant.enabled = False
+    assigned = out()
+    for slot in [s for s in vars(fc1) if s.startswith("_integer")]:
+        del fc1.__dict__[slot]
+    fresh = out()  # no form kept
+    fc1.weight_quant.enabled = True
+    assert not torch.equal(assigned, quantized)
+    torch.testing.assert_close(assigned, fresh, rtol=0, atol=0)
+    assert torch.equal(out(), quantized)
