@@ -259,6 +259,12 @@ def measure() -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
         "activation": {"bits": 8, "symmetric": False}}}
     rows.append(("QLinear 48->32, 4-bit weights per group of 16", "w4a8_per_group",
                  *_chain(nn.Linear(48, 32), x48, per_group, 32)))
+    from qswap.transforms.hadamard import Hadamard
+    hadamard = {"version": 1, "name": "w8a8_hadamard", "defaults": {  # the strategies' rule for its matrix
+        "weight": {"bits": 8}, "activation": {"bits": 8, "symmetric": False}},
+        "rules": [{"match": {"class": "Hadamard"}, "weight": {"bits": 2, "granularity": "per_tensor", "axis": None}}]}
+    rows.append(("Hadamard 64, blocks of 16 (+-1 codes), after a ReLU", "w8a8_hadamard",
+                 *_chain(Hadamard(64, 16), torch.relu(x64), hadamard, 64)))
     return rows
 
 

@@ -559,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--from-json", action="store_true", help="rewrite the page from the JSON only")
     p.add_argument("--resume", action="store_true", help="keep the cells already in the JSON")
+    p.add_argument("--redo", action="store_true",
+                   help="with --resume: decode again the cells of --methods x --columns in --subsets (e.g. after a "
+                        "change to how those methods compute), keeping every other cell")
     p.add_argument("--refresh-integer-form", action="store_true",
                    help="recompute only the integer-form column of the cells without one (no decoding), then "
                         "rewrite the page")
@@ -583,7 +586,14 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--qat takes RECIPE=CHECKPOINT with RECIPE one of {', '.join(COLUMNS)}; got {item!r}")
         qat[column] = ckpt
     refresh = args.refresh_integer_form or args.refresh_size
+    if args.redo and not args.resume:
+        p.error("--redo drops cells from the JSON that --resume keeps; give both")
     payload = load(args.json) if (args.resume or args.from_json or refresh) else {"cells": {}}
+    if args.redo:
+        for subset in args.subsets:
+            cells = payload.get("cells", {}).get(subset, {})
+            for key in [f"{m}/{c}" for m in args.methods for c in args.columns]:
+                cells.pop(key, None)
     def work() -> int:
         if args.refresh_integer_form:
             print("\n".join(refresh_integer_forms(payload, args.json)), flush=True)

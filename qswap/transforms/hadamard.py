@@ -7,7 +7,7 @@
 - ``ffn``: an online rotation before fc2 (the FFN's down projection; its input follows a ReLU, so
   no rotation folds into fc1): a ``Hadamard`` module (a Walsh-Hadamard transform in blocks of
   ``block`` channels, additions and subtractions of the codes of its quantized input) is inserted
-  and fc2's weight becomes W R^T. Its quantized counterpart (``qswap.nn.hadamard.QHadamard``)
+  and fc2's weight becomes W R^T: fc2 becomes a ``RotatedLinear`` (the transform, then the linear). Its quantized counterpart (``qswap.nn.hadamard.QHadamard``)
   declares an input quantizer and one for its +-1 matrix, so the audit sees the op.
 
 The residual stream is not rotated: LayerNorm's mean subtraction does not commute with a
@@ -117,10 +117,17 @@ def rotate_heads(attn: nn.Module, qk: bool) -> None:
         _rows(attn.k_proj, r)
 
 
-def rotate_ffn(layer_fc2: nn.Linear, block: int) -> nn.Sequential:
+class RotatedLinear(nn.Sequential):
+    """An FFN's fc2 after the online rotation: ``linear(rotate(x))``, children ``rotate`` (a
+    ``Hadamard``) and ``linear`` (fc2, its weight W R^T). A class of its own, so that its quantized
+    counterpart (``qswap.nn.hadamard.QRotatedLinear``) is told the quantizer that reads its result,
+    as a linear is."""
+
+
+def rotate_ffn(layer_fc2: nn.Linear, block: int) -> RotatedLinear:
     rotate = Hadamard(layer_fc2.in_features, block)
     _cols(layer_fc2, rotate.rotation())
-    return nn.Sequential(OrderedDict(rotate=rotate, linear=layer_fc2))
+    return RotatedLinear(OrderedDict(rotate=rotate, linear=layer_fc2))
 
 
 @transform("hadamard")

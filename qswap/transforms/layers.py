@@ -22,7 +22,7 @@ class Block:
 class Ffn:
     path: str
     fc1: nn.Linear
-    fc2: nn.Module  # a Linear, or the rotated Sequential(rotate, linear)
+    fc2: nn.Module  # a Linear, or a RotatedLinear (qswap.transforms.hadamard)
     activation: str
 
 

@@ -26,6 +26,8 @@ def _model():
 @pytest.mark.parametrize("column", ["w8a8", "w4a4_edges8"])
 @pytest.mark.parametrize("method", list(strategies.METHODS))
 def test_every_cell_is_a_recipe_that_converts_and_audits_honest(method, column):
+    """... and has an integer form (issue 19: every method integer-implementable; the Hadamard
+    methods' online rotation before fc2 included, qswap/nn/hadamard.py)."""
     picks = {"softmax_out": "minmax", "attn_residual": "percentile"} if method == "per_site" else None
     recipe = qswap.load_recipe(strategies.recipe_for(column, method, picks))
     assert recipe.name == (column if method == "shipped" else f"{column}_{method}")
@@ -33,6 +35,7 @@ def test_every_cell_is_a_recipe_that_converts_and_audits_honest(method, column):
     qmodel = qswap.convert(_model(), recipe, data=[x])
     qswap.calibrate(qmodel, [x])
     assert qswap.audit(qmodel, x).honest
+    assert strategies.integer_form(qmodel) == "yes"
 
 
 def test_per_site_sets_each_sites_observer():
@@ -130,3 +133,21 @@ def test_resuming_with_other_settings_is_a_typed_one_line_error(tmp_path, capsys
     assert strategies.main(["--resume", "--json", str(tmp_path / "s"), "--markdown", str(tmp_path / "s.md")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert not (tmp_path / "s.md").exists()
+
+
+def test_redo_needs_resume_and_drops_only_the_named_cells(tmp_path, monkeypatch):
+    """--redo decodes again the cells of --methods x --columns (kept by --resume otherwise), and
+    only those: the other cells stay as the JSON has them."""
+    settings = {"calib_subset": "train_calib", "calib_batches": 4, "beam": 5, "batches": None}
+    cells = {"hadamard/w8a8": {"wer": 1.0}, "shipped/w8a8": {"wer": 2.0}}
+    for subset in strategies.SUBSETS:
+        (tmp_path / f"s_{subset}.json").write_text(json.dumps({"settings": settings, "cells": {subset: dict(cells)}}))
+    with pytest.raises(SystemExit):
+        strategies.main(["--redo", "--json", str(tmp_path / "s")])
+    seen = {}
+    monkeypatch.setattr(strategies, "run", lambda payload, *args: seen.update(
+        {s: sorted(payload["cells"][s]) for s in strategies.SUBSETS}))
+    monkeypatch.setattr(strategies, "page", lambda payload: "page")
+    assert strategies.main(["--resume", "--redo", "--methods", "hadamard", "--columns", "w8a8", "--subsets", "test",
+                            "--json", str(tmp_path / "s"), "--markdown", str(tmp_path / "s.md")]) == 0
+    assert seen == {"test": ["shipped/w8a8"], "test_heldout": ["hadamard/w8a8", "shipped/w8a8"]}

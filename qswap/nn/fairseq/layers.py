@@ -22,6 +22,7 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import INT, Either, Obj, Tuple, serializable
 from qswap.io.serializable import List as ListOf, Tensor as TensorOf
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
+from qswap.nn.hadamard import QRotatedLinear
 from qswap.nn.linear import QLinear
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
@@ -176,9 +177,7 @@ class QTransformerEncoderLayer(QuantModule):
         (they stay fairseq's float sums, which each reader rounds), or None."""
         if not self.normalize_before:
             return "a post-norm layer's adds are read by its norms, which the float sum feeds as before"
-        if not all(isinstance(m, c) for m, c in ((self.self_attn_layer_norm, QLayerNorm),
-                                                 (self.final_layer_norm, QLayerNorm),
-                                                 (self.fc1, QLinear), (self.fc2, QLinear))):
+        if not _integer_parts(self):
             return "the layer's norms and linears must be converted to have an integer form"
         return None
 
@@ -426,6 +425,14 @@ def site_grids(layer, sites) -> dict:
 
 
 _ENCODER_SITES = ("attn_residual", "attn_out", "ffn_act", "ffn_residual", "ffn_out")
+FC2 = Either(Obj("IntegerLinear"), Obj("IntegerChain"))  # a linear, or a rotated one (``QRotatedLinear``)
+
+
+def _integer_parts(layer) -> bool:
+    """Whether ``layer``'s norms and FFN linears are counterparts with an integer form (fc2: a
+    ``QLinear``, or a rotated linear's ``QRotatedLinear``)."""
+    return (isinstance(layer.self_attn_layer_norm, QLayerNorm) and isinstance(layer.final_layer_norm, QLayerNorm)
+            and isinstance(layer.fc1, QLinear) and isinstance(layer.fc2, (QLinear, QRotatedLinear)))
 
 
 def integer_encoder_layer(layer, stream_scale: float | torch.Tensor, pre_norm: bool) -> torch.nn.Module:
@@ -440,8 +447,7 @@ def integer_encoder_layer(layer, stream_scale: float | torch.Tensor, pre_norm: b
     stream its consumers read (``IntegerPostNormEncoderLayer``). The FFN activation is a table."""
     from qswap.errors import IntegerizeError
     from qswap.quant.integer import AddParams, Grid, add_input_bits, build_lut
-    parts = (layer.self_attn_layer_norm, layer.final_layer_norm, layer.fc1, layer.fc2)
-    if not all(isinstance(m, c) for m, c in zip(parts, (QLayerNorm, QLayerNorm, QLinear, QLinear))):
+    if not _integer_parts(layer):
         raise IntegerizeError("the layer's norms and linears must be converted to have an integer form")
     grids = site_grids(layer, _ENCODER_SITES)
     add1 = AddParams.build(grids["attn_residual"].scale, grids["attn_out"].scale,
@@ -476,7 +482,7 @@ def integer_encoder_layer(layer, stream_scale: float | torch.Tensor, pre_norm: b
 @serializable(norm1_in=Obj("Requant"), norm1=Obj("IntegerLayerNorm"), attn=Obj("IntegerFairseqAttention"),
               residual1=Obj("Requant"), add1=Obj("AddParams"), norm2_in=Obj("Requant"), norm2=Obj("IntegerLayerNorm"),
               fc1=Obj("IntegerLinear"), act=Tuple(TensorOf("int8", "uint8", "int16", "int32"), INT),
-              fc2=Obj("IntegerLinear"), residual2=Obj("Requant"), add2=Obj("AddParams"),
+              fc2=FC2, residual2=Obj("Requant"), add2=Obj("AddParams"),
               zero_points=Tuple(*[ZERO_POINT] * 4))
 class IntegerTransformerEncoderLayer(torch.nn.Module):
     """A pre-norm encoder layer on integers: int32 residual stream in and out (``stream_scale``:
@@ -522,7 +528,7 @@ class StreamOut(torch.nn.Module):
 @serializable(attn_in=Obj("Requant"), attn=Obj("IntegerFairseqAttention"), residual1=Obj("Requant"),
               add1=Obj("AddParams"), norm1_in=Obj("Requant"), norm1=Obj("IntegerLayerNorm"), fc1_in=Obj("Requant"),
               fc1=Obj("IntegerLinear"), act=Tuple(TensorOf("int8", "uint8", "int16", "int32"), INT),
-              fc2=Obj("IntegerLinear"), residual2=Obj("Requant"), add2=Obj("AddParams"), norm2_in=Obj("Requant"),
+              fc2=FC2, residual2=Obj("Requant"), add2=Obj("AddParams"), norm2_in=Obj("Requant"),
               norm2=Obj("IntegerLayerNorm"), zero_points=Tuple(*[ZERO_POINT] * 4))
 class IntegerPostNormEncoderLayer(torch.nn.Module):
     """A post-norm encoder layer on integers: int32 stream in (read by the attention and the first
@@ -557,7 +563,7 @@ class IntegerPostNormEncoderLayer(torch.nn.Module):
 @serializable(norms_in=ListOf(Obj("Requant")), norms=ListOf(Obj("IntegerLayerNorm")),
               attns=ListOf(Obj("IntegerFairseqAttention")), residuals=ListOf(Obj("Requant")),
               adds=ListOf(Obj("AddParams")), fc1=Obj("IntegerLinear"),
-              act=Tuple(TensorOf("int8", "uint8", "int16", "int32"), INT), fc2=Obj("IntegerLinear"),
+              act=Tuple(TensorOf("int8", "uint8", "int16", "int32"), INT), fc2=FC2,
               zero_points=ListOf(Tuple(ZERO_POINT, ZERO_POINT)))
 class IntegerTransformerDecoderLayer(torch.nn.Module):
     """A pre-norm decoder layer on integers (batch forward, or one step of incremental decoding):

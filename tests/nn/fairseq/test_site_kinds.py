@@ -21,7 +21,7 @@ from qswap.nn.base import SITE_KINDS, QuantModule, param_quantizer  # noqa: E402
 from qswap.nn.registry import REGISTRY  # noqa: E402
 from qswap.quant.bias import BiasQuantize  # noqa: E402
 from qswap.quant.fake_quantize import FakeQuantize  # noqa: E402
-from qswap.transforms.hadamard import Hadamard  # noqa: E402
+from qswap.transforms.hadamard import Hadamard, rotate_ffn  # noqa: E402
 
 W_BITS, A_BITS = 4, 8  # a quantizer's bits tell which spec it took
 
@@ -44,6 +44,8 @@ def _torch_cases():
     float_mask = torch.randn(5, 5)  # an additive float mask: the attn_bias site
     conv = nn.utils.weight_norm(nn.Conv1d(E, E, 5, padding=2, groups=4), name="weight", dim=2)
     bn = nn.BatchNorm1d(E).eval()
+    with torch.no_grad():
+        rotated = rotate_ffn(nn.Linear(E, 8), 4)  # the hadamard transform's fc2: a RotatedLinear
     cases = {
         "Linear": (nn.Linear(E, 8), {"input": _seq(3, E)}),
         "Conv2d": (nn.Conv2d(2, 4, 3), {"input": _seq(1, 2, 8, 8)}),
@@ -53,6 +55,7 @@ def _torch_cases():
         "GroupNorm": (nn.GroupNorm(4, E), {"input": _seq(2, E, 6)}),
         "BatchNorm1d": (bn, {"input": _seq(2, E, 6)}),
         "Hadamard": (Hadamard(E, 4), {"input": _seq(3, E)}),
+        "RotatedLinear": (rotated, {"input": _seq(3, E)}),
         "MultiheadAttention": (mha, {"query": _seq(5, 2, E), "key": _seq(5, 2, E), "value": _seq(5, 2, E),
                                      "attn_mask": lambda: float_mask}),
     }
