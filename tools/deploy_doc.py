@@ -933,7 +933,11 @@ def size_section(r: dict) -> list[str]:
               "the int8 codes of the int8-stored graph and its QDQ fusions run the same integer kernels. An "
               "INT4 DequantizeLinear onnxruntime 1.32 runs as well, but does not fuse: its matmuls and "
               "convolutions would run in float. Sites a recipe keeps at 8 bits (LayerNorm weights, the edges "
-              "of `w4a8_edges8`, `searched`'s 8-bit layers) stay int8.", ""]
+              "of `w4a8_edges8`, `searched`'s 8-bit layers) stay int8. Where onnxruntime cannot optimize the "
+              "packed graph, its codes all stay int8 at opset 17 (the same values, a larger file; "
+              "`qswap.export.onnx.trace_to_onnx`): at opset 21 its QDQ propagation breaks an int8 table's "
+              "rows dequantized after their Gather and then reshaped (a QuantizeLinear whose type and zero "
+              "point disagree), as in a w8a8 recipe with the `hadamard` transform's 2-bit matrix.", ""]
     return lines
 
 

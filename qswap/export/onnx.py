@@ -99,11 +99,38 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
     if entry is not None:
         integer_entry(model, *entry)
     if compact:
-        compact_graph(model, {f"{name}.codes" for name, m in graph.named_modules(remove_duplicate=False)
-                              if isinstance(m, WeightDQ) and m.four_bit})
+        four_bit = {f"{name}.codes" for name, m in graph.named_modules(remove_duplicate=False)
+                    if isinstance(m, WeightDQ) and m.four_bit}
+        packed = copy.deepcopy(model) if four_bit else model
+        compact_graph(packed, four_bit)
+        if four_bit and not _optimizes(packed):
+            # INT4 needs opset 21, where onnxruntime 1.32's QDQ propagation can insert a
+            # QuantizeLinear whose output type and zero point disagree (an int8 table's rows
+            # dequantized after their Gather, then reshaped: docs/deploy.md, sizes); its codes then
+            # stay int8, opset 17: the same values, a larger file
+            compact_graph(model, set())
+        else:
+            model = packed
     path = Path(path)
     atomic_write_bytes(path, model.SerializeToString())
     return path
+
+
+def _optimizes(model) -> bool:
+    """Whether onnxruntime's CPU provider loads ``model`` with its extended optimizations (the
+    QDQ fusions ``qswap eval`` and the deploy audit run); True without onnxruntime (nothing to ask)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return True
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001  (onnxruntime raises its own error types)
+        return False
+    return True
 
 
 def _record(graph: nn.Module, stand_ins: list[nn.Module], args: tuple) -> None:

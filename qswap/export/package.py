@@ -144,7 +144,8 @@ def _check_loads(path: Path, name: str, out: Path) -> str:
     except ExportError as e:
         cause = str(e.__cause__ or e).splitlines()[0][:200]
         raise ExportError(f"{name}: onnxruntime cannot load the graph qswap made of this model ({cause}); its "
-                          f"grids are not ones onnxruntime runs (e.g. weights below 4 bits: use 4 or 8 bits); "
+                          f"grids or ops are not ones onnxruntime runs (8-bit grids at the sites the cause names "
+                          f"are; 'qswap export QCKPT' without --onnx writes the integer model instead); "
                           f"nothing was written to {out}") from None
     return graph_digest(path)
 

@@ -133,3 +133,29 @@ def test_onnxruntime_does_not_fuse_an_int4_dequantize_which_is_why_a_cast_feeds_
     feeds = {k: v.numpy() for k, v in encoder_feeds(padded_batch(2, 60, seed=3)).items()}
     assert run_graph(load_session(direct, level="all"), list(OUTPUTS), feeds)[0].shape[1] == 2  # it runs
     assert audit_onnx(direct, level="all").integer_count < audit_onnx(small, level="all").integer_count
+
+
+def test_a_packed_graph_onnxruntime_cannot_optimize_keeps_its_int8_codes(tmp_path):
+    """w8a8 with the hadamard transform's 2-bit +-1 matrix: packing that matrix as INT4 needs
+    opset 21, where onnxruntime 1.32's QDQ propagation breaks the int8 position table's rows
+    (dequantized after their Gather, then reshaped) with a QuantizeLinear whose type and zero
+    point disagree, and the graph would not load. The exporter then keeps every code int8 at
+    opset 17: the graph loads and computes the fake-quant model's values; a w4a8 graph, which
+    loads packed, stays packed."""
+    import qswap
+    recipe = qswap.load_recipe("w8a8").to_dict()
+    recipe.update(name="w8a8_hadamard", transforms=[{"hadamard": {"block": 16}}], rules=[
+        *recipe.get("rules", []),
+        {"match": {"class": "Hadamard"}, "weight": {"bits": 2, "granularity": "per_tensor", "axis": None}}])
+    model = build_s2t_transformer(encoder_normalize_before=True, decoder_normalize_before=True)
+    qmodel = calibrated(model, recipe)
+    net = s2t_net_input(2, 60, seed=7)
+    path = export_encoder(qmodel, tmp_path / "encoder.onnx", net)  # loads: no ExportError
+    graph = onnx.load(str(path))
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 17
+    assert not any(t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in graph.graph.initializer)
+    traced = export_encoder(qmodel, tmp_path / "traced.onnx", net, compact=False)  # torch's graph as traced
+    feeds = {k: v.numpy() for k, v in encoder_feeds(padded_batch(3, 90, seed=5)).items()}
+    out, reference = (run_graph(load_session(p, level="all"), list(OUTPUTS), feeds) for p in (path, traced))
+    assert all(np.array_equal(a, b) for a, b in zip(out, reference))
+    assert qmodel.encoder.transformer_layers[0].fc2.rotate.matrix_quant.spec.bits == 2
