@@ -937,7 +937,8 @@ def size_section(r: dict) -> list[str]:
               "packed graph, its codes all stay int8 at opset 17 (the same values, a larger file; "
               "`qswap.export.onnx.trace_to_onnx`): at opset 21 its QDQ propagation breaks an int8 table's "
               "rows dequantized after their Gather and then reshaped (a QuantizeLinear whose type and zero "
-              "point disagree), as in a w8a8 recipe with the `hadamard` transform's 2-bit matrix.", ""]
+              "point disagree), as in a w8a8 recipe with the `hadamard` transform's 2-bit matrix; the export "
+              "logs it. Which storage a graph gets thus depends on the onnxruntime that exports it.", ""]
     return lines
 
 

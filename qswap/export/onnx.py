@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -34,6 +35,7 @@ from qswap.io.atomic import atomic_write_bytes
 from qswap.quant.fake_quantize import FakeQuantize
 
 OPSET = 17
+logger = logging.getLogger("qswap")
 INPUTS = ("src_tokens", "src_lengths")
 OUTPUTS = ("encoder_out", "encoder_padding_mask")
 
@@ -103,11 +105,14 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
                     if isinstance(m, WeightDQ) and m.four_bit}
         packed = copy.deepcopy(model) if four_bit else model
         compact_graph(packed, four_bit)
-        if four_bit and not _optimizes(packed):
+        refusal = _refusal(packed) if four_bit else None
+        if refusal is not None:
             # INT4 needs opset 21, where onnxruntime 1.32's QDQ propagation can insert a
             # QuantizeLinear whose output type and zero point disagree (an int8 table's rows
             # dequantized after their Gather, then reshaped: docs/deploy.md, sizes); its codes then
             # stay int8, opset 17: the same values, a larger file
+            logger.info(f"{path}: 4-bit weight codes kept as int8 (opset {opset}): onnxruntime cannot optimize "
+                        f"the INT4-packed graph ({refusal})")
             compact_graph(model, set())
         else:
             model = packed
@@ -116,21 +121,25 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
     return path
 
 
-def _optimizes(model) -> bool:
-    """Whether onnxruntime's CPU provider loads ``model`` with its extended optimizations (the
-    QDQ fusions ``qswap eval`` and the deploy audit run); True without onnxruntime (nothing to ask)."""
+def _refusal(model) -> str | None:
+    """Why onnxruntime's CPU provider does not load ``model`` with its extended optimizations (the
+    QDQ fusions ``qswap eval`` and the deploy audit run; the first line of its error), or None
+    where it does; None without a working onnxruntime too (nothing to ask: loading the written
+    graph then says what is missing)."""
     try:
         import onnxruntime as ort
-    except ImportError:
-        return True
+    except Exception:  # noqa: BLE001  (not installed, or a broken install: OSError from its libraries)
+        return None
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    data = model.SerializeToString()
     try:
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception:  # noqa: BLE001  (onnxruntime raises its own error types)
-        return False
-    return True
+        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  (onnxruntime raises its own error types)
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return None
 
 
 def _record(graph: nn.Module, stand_ins: list[nn.Module], args: tuple) -> None:

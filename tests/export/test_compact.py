@@ -2,6 +2,8 @@
 computes exactly what torch's traced graph computes (onnxruntime, every optimization level, the same integer and float node counts), in
 fewer bytes; 4-bit weight codes are stored as INT4 / UINT4 (per-channel and per-tensor grids),
 each equal to the traced graph's int8 codes."""
+import logging
+
 import numpy as np
 import pytest
 
@@ -135,13 +137,14 @@ def test_onnxruntime_does_not_fuse_an_int4_dequantize_which_is_why_a_cast_feeds_
     assert audit_onnx(direct, level="all").integer_count < audit_onnx(small, level="all").integer_count
 
 
-def test_a_packed_graph_onnxruntime_cannot_optimize_keeps_its_int8_codes(tmp_path):
+def test_a_packed_graph_onnxruntime_cannot_optimize_keeps_its_int8_codes(tmp_path, caplog):
     """w8a8 with the hadamard transform's 2-bit +-1 matrix: packing that matrix as INT4 needs
     opset 21, where onnxruntime 1.32's QDQ propagation breaks the int8 position table's rows
     (dequantized after their Gather, then reshaped) with a QuantizeLinear whose type and zero
     point disagree, and the graph would not load. The exporter then keeps every code int8 at
-    opset 17: the graph loads and computes the fake-quant model's values; a w4a8 graph, which
-    loads packed, stays packed."""
+    opset 17 and says so in qswap's log: the graph loads and computes the traced graph's values (a
+    w4a8 graph, which loads packed, stays packed:
+    ``test_four_bit_weights_are_stored_as_int4_equal_to_the_traced_codes``)."""
     import qswap
     recipe = qswap.load_recipe("w8a8").to_dict()
     recipe.update(name="w8a8_hadamard", transforms=[{"hadamard": {"block": 16}}], rules=[
@@ -150,7 +153,9 @@ def test_a_packed_graph_onnxruntime_cannot_optimize_keeps_its_int8_codes(tmp_pat
     model = build_s2t_transformer(encoder_normalize_before=True, decoder_normalize_before=True)
     qmodel = calibrated(model, recipe)
     net = s2t_net_input(2, 60, seed=7)
-    path = export_encoder(qmodel, tmp_path / "encoder.onnx", net)  # loads: no ExportError
+    with caplog.at_level(logging.INFO, logger="qswap"):
+        path = export_encoder(qmodel, tmp_path / "encoder.onnx", net)
+    assert "4-bit weight codes kept as int8" in caplog.text and "output_dtype" in caplog.text
     graph = onnx.load(str(path))
     assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 17
     assert not any(t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in graph.graph.initializer)
@@ -159,3 +164,16 @@ def test_a_packed_graph_onnxruntime_cannot_optimize_keeps_its_int8_codes(tmp_pat
     out, reference = (run_graph(load_session(p, level="all"), list(OUTPUTS), feeds) for p in (path, traced))
     assert all(np.array_equal(a, b) for a, b in zip(out, reference))
     assert qmodel.encoder.transformer_layers[0].fc2.rotate.matrix_quant.spec.bits == 2
+
+
+def test_two_bit_weights_export_as_int8_codes_onnxruntime_runs(tmp_path):
+    """2-bit weights (codes -2..1) with 8-bit activations: the graph loads with every
+    optimization and computes what torch's traced graph computes."""
+    recipe = {"version": 1, "name": "w2a8", "defaults": {"weight": {"bits": 2}, "activation": {"bits": 8, "symmetric": False}}}
+    qmodel = calibrated(build_s2t_transformer(), recipe)
+    net = s2t_net_input(2, 60, seed=7)
+    path = export_encoder(qmodel, tmp_path / "encoder.onnx", net)
+    traced = export_encoder(qmodel, tmp_path / "traced.onnx", net, compact=False)
+    feeds = {k: v.numpy() for k, v in encoder_feeds(padded_batch(3, 90, seed=5)).items()}
+    out, reference = (run_graph(load_session(p, level="all"), list(OUTPUTS), feeds) for p in (path, traced))
+    assert all(np.array_equal(a, b) for a, b in zip(out, reference))

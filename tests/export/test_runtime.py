@@ -201,8 +201,8 @@ def test_a_directory_that_mixes_two_exports_is_refused(shipped_float, tmp_path):
 
 def test_a_failed_export_leaves_the_directory_as_it_was(shipped_float, tmp_path, monkeypatch):
     """A graph onnxruntime does not load (here its loader refuses the last graph staged, the
-    decoder step: the graphs qswap makes of every shipped recipe load, 2-bit weights included,
-    their codes kept int8): the export stops with an ExportError that says so and names the
+    decoder step; the graphs qswap makes load, 2-bit weights included:
+    tests/export/test_compact.py): the export stops with an ExportError that says so and names the
     directory; an earlier export there is left byte for byte, with no staged files, and a
     directory the export would have created is not made."""
     import qswap.export.onnx as onnx_export
