@@ -143,7 +143,8 @@ def audit_onnx(path: "str | os.PathLike[str]", *, level: str = "extended", site_
     buckets: Counter = Counter()
     integer_ops: Counter = Counter()
     float_ops: Counter = Counter()
-    quantizer_muls, mask_adds = _quantizer_muls(model.graph), _mask_adds(model.graph)
+    index = index_graph(model.graph)  # producers, readers, constants: shared by the two rules
+    quantizer_muls, mask_adds = _quantizer_muls(model.graph, index), _mask_adds(model.graph, index)
     dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     constants = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
@@ -183,35 +184,29 @@ def _classify(node, dtypes: dict[str, int]) -> tuple[str, str]:
     return "float", "no rule for this op"  # an unknown op on tensors of unknown type: a finding
 
 
-def _quantizer_muls(graph) -> set[str]:
+def _quantizer_muls(graph, index) -> set[str]:
     """Outputs of the ``Mul`` nodes by a constant whose every reader is a QuantizeLinear of unit
-    scale: the quantizer's multiplication by ``1 / s`` (``quantize_by_inverse``)."""
-    from onnx import numpy_helper
-
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    _, readers, _ = index_graph(graph)
+    scale: the quantizer's multiplication by ``1 / s`` (``quantize_by_inverse``). ``index``:
+    ``index_graph(graph)``."""
+    _, readers, values = index
 
     def unit_quantize(node) -> bool:
-        scale = constants.get(node.input[1]) if node.op_type == "QuantizeLinear" and len(node.input) > 1 else None
+        scale = values(node.input[1]) if node.op_type == "QuantizeLinear" and len(node.input) > 1 else None
         return scale is not None and scale.size == 1 and float(scale.reshape(())) == 1.0
 
-    return {node.output[0] for node in graph.node if node.op_type == "Mul" and any(i in constants for i in node.input)
-            and readers.get(node.output[0]) and all(unit_quantize(r) for r in readers[node.output[0]])}
+    return {node.output[0] for node in graph.node if node.op_type == "Mul" and readers.get(node.output[0])
+            and all(unit_quantize(r) for r in readers[node.output[0]]) and any(values(i) is not None for i in node.input)}
 
 
-def _mask_adds(graph) -> set[str]:
+def _mask_adds(graph, index) -> set[str]:
     """Outputs of the ``Add`` nodes of a value and a ``Where(mask, -inf, 0)`` whose two branches
     are scalar constants: a padding mask added to the scores (``padding_bias``), which keeps each
-    value or sets it to -inf, the selection a ``Where`` on the scores makes."""
-    from onnx import numpy_helper
-
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    value or sets it to -inf, the selection a ``Where`` on the scores makes. ``index``:
+    ``index_graph(graph)``."""
+    values = index[2]
 
     def scalar(name: str) -> float | None:
-        value = constants.get(name)
+        value = values(name)
         numeric = value is not None and value.size == 1 and value.dtype.kind == "f"
         return float(value.reshape(())) if numeric else None
 

@@ -26,9 +26,8 @@ from torch import nn
 
 from qswap.io.serializable import INT, Obj, serializable
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
-from qswap.nn.linear import integer_linear
+from qswap.nn.linear import integer_linear, op_onto
 from qswap.nn.registry import register
-from qswap.nn.simulate import centered_codes, grid_of, onto_grid, simulates, straight_through
 from qswap.transforms.hadamard import Hadamard, RotatedLinear
 
 
@@ -61,34 +60,16 @@ class QHadamard(QuantModule):
     def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
         """``R input_quant(x)``. ``out_quant``: the quantizer that reads the result (fc2's input);
         with ``simulate: integer`` the result is then the integer form's codes on its grid, as
-        values, with the float op's gradient (as ``QLinear``'s ``op_onto``)."""
+        values, with the float op's gradient (``op_onto``, as a ``QLinear``'s)."""
         xq = self.input_quant(x)
 
         def op() -> torch.Tensor:
             return F.linear(self._blocks(xq), self.matrix_quant(self.matrix)).reshape(xq.shape)
         if out_quant is None:
             return op()
-        if torch.is_grad_enabled():
-            y = op()  # derives the matrix's grid; the form reads it (derived=True)
-            value = self._onto(xq, out_quant, derived=True)
-            return y if value is None else straight_through(value, y, out_quant)
-        value = self._onto(xq, out_quant)
-        return op() if value is None else value
-
-    def _onto(self, xq: torch.Tensor, out_quant: nn.Module, derived: bool = False) -> torch.Tensor | None:
-        """The integer form's output codes on ``out_quant``'s grid, as values; None without
-        integer simulation, a per-tensor input grid and reader, or an integer form."""
-        grid_in = grid_of(self.input_quant) if simulates(self) else None
-        if grid_in is None:
-            return None
-        sources = [self.input_quant.scale, self.input_quant.zero_point, self.matrix]
-        if getattr(self.matrix_quant, "scale", None) is not None:
-            sources.append(self.matrix_quant.scale)
-        return onto_grid(self, "_integer_onto", lambda grid_out: self.to_integer(grid_out, derived=derived), out_quant,
-                         lambda form, out: form.simulated(centered_codes(xq, grid_in),
-                                                          out.scale if isinstance(out.scale, float) else None,
-                                                          grid_in.span),
-                         *sources)
+        return op_onto(self, xq, self.input_quant, out_quant, op,
+                       lambda grid_in, grid_out, derived=False: self.to_integer(grid_out, derived=derived),
+                       weights=(self.matrix, getattr(self.matrix_quant, "scale", None)))
 
     def to_integer(self, out, derived: bool = False) -> "IntegerHadamard":
         """The integer form writing codes of the grid ``out`` (its reader's, per tensor), or the

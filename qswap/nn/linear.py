@@ -228,7 +228,7 @@ class QConv2d(_QConvNd):
 
 
 def op_onto(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_quant: nn.Module, op,
-            to_integer, channels: bool = False) -> torch.Tensor:
+            to_integer, channels: bool = False, weights: tuple | None = None) -> torch.Tensor:
     """A weighted op on ``xq`` (``op()``: its float result) as ``out_quant`` reads it: the integer
     form's values (``onto_linear``; ``to_integer(grid_in, grid_out, derived=...)`` builds it) where
     there is one, else ``op()``. Under autograd (a training step) ``op()`` runs first, deriving the
@@ -237,14 +237,14 @@ def op_onto(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_quan
     if torch.is_grad_enabled():
         y = op()
         value = onto_linear(owner, xq, input_quant, out_quant, functools.partial(to_integer, derived=True),
-                            channels=channels)
+                            channels=channels, weights=weights)
         return y if value is None else straight_through(value, y, out_quant)
-    value = onto_linear(owner, xq, input_quant, out_quant, to_integer, channels=channels)
+    value = onto_linear(owner, xq, input_quant, out_quant, to_integer, channels=channels, weights=weights)
     return op() if value is None else value
 
 
 def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_quant: nn.Module,
-                to_integer, channels: bool = False) -> torch.Tensor | None:
+                to_integer, channels: bool = False, weights: tuple | None = None) -> torch.Tensor | None:
     """The integer form ``to_integer(grid_in, grid_out)`` of ``owner``, a weighted op (its
     ``weight`` or ``weight_v`` and ``weight_g``, ``weight_quant`` and ``bias``), on ``xq``, the
     output of ``input_quant``, writing onto ``out_quant``'s grid, as values (``onto_grid``); None
@@ -253,14 +253,16 @@ def onto_linear(owner: nn.Module, xq: torch.Tensor, input_quant: nn.Module, out_
     ``channels``: ``out_quant``'s grid may be per channel of the last axis (the op's output
     channels: a linear's). Under autograd (a training step) the callers run the float op first,
     which derives the weight's grid from the current weight, and build the form with
-    ``derived=True``, reading that grid rather than deriving it again (``integer_linear``)."""
+    ``derived=True``, reading that grid rather than deriving it again (``integer_linear``).
+    ``weights``: the tensors the form is built from besides the input grid, by whose stamp it is
+    kept (default: ``owner``'s, above, and ``weight_quant``'s scale)."""
     grid_in = grid_of(input_quant) if simulates(owner) else None
     if grid_in is None:
         return None
-    weights = (getattr(owner, name, None) for name in ("weight", "weight_v", "weight_g", "bias"))
+    if weights is None:
+        named = (getattr(owner, name, None) for name in ("weight", "weight_v", "weight_g", "bias"))
+        weights = (*(t for t in named if t is not None), getattr(owner.weight_quant, "scale", None))
     sources = [input_quant.scale, input_quant.zero_point, *(t for t in weights if t is not None)]
-    if getattr(owner.weight_quant, "scale", None) is not None:
-        sources.append(owner.weight_quant.scale)
     return onto_grid(owner, "_integer_onto", functools.partial(to_integer, grid_in), out_quant,
                      lambda form, out: form.simulated(centered_codes(xq, grid_in),
                                                       out.scale if isinstance(out.scale, float) else None, grid_in.span),

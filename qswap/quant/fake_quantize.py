@@ -67,18 +67,13 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         self._state_stamp: tuple | None = None
         self._state: tuple = (False, None)
 
-    def switch(self, enabled: bool) -> None:
-        """Turn the site on or off (``enabled``: a sensitivity or search probe keeps it float),
-        marking its grid written where the flag changes: the integer forms a module keeps
-        (``qswap.nn.simulate.cached``) are stamped with its grid tensors, and a form built with
-        this site quantized must not be read with it off, nor the other way round. Assigning
-        ``enabled`` does the same (``__setattr__``)."""
-        self.enabled = enabled
-
     def __setattr__(self, name: str, value) -> None:
-        """``nn.Module.__setattr__``; a change of ``enabled`` (``q.enabled = False``, as a user's
-        own probe writes it) also marks the grid written, as ``switch`` does. Reading ``enabled``
-        stays a plain attribute read (the quantizer's call reads it on every tensor)."""
+        """``nn.Module.__setattr__``; a change of ``enabled`` (turning the site on or off: a
+        sensitivity or search probe keeps it float, ``qswap.quant.switch``) also marks the grid
+        written: the integer forms a module keeps (``qswap.nn.simulate.cached``) are stamped with
+        its grid tensors, and a form built with this site quantized must not be read with it off,
+        nor the other way round. Reading ``enabled`` stays a plain attribute read (the
+        quantizer's call reads it on every tensor)."""
         if name != "enabled" or "enabled" not in self.__dict__:
             return super().__setattr__(name, value)
         enabled = bool(value)

@@ -1,7 +1,7 @@
 """Turning fake-quant sites on and off for a measurement, and back again.
 
 Sensitivity and search probe a converted model by letting some quantizers pass float values
-through (``FakeQuantize.switch(False)``: the flag, and the grid marked written so that no kept
+through (``FakeQuantize.enabled = False``, which also marks the grid written so that no kept
 integer form built with the site on is read with it off). ``enabled_only`` does that for one
 ``with`` block and restores every flag afterwards, also when the probe raises.
 """
@@ -26,8 +26,8 @@ def enabled_only(quantizers: Iterable[FakeQuantize], keep: Iterable[FakeQuantize
     saved = [q.enabled for q in quantizers]
     try:
         for q in quantizers:
-            q.switch(id(q) in keep_ids)
+            q.enabled = id(q) in keep_ids
         yield
     finally:
         for q, flag in zip(quantizers, saved):
-            q.switch(flag)
+            q.enabled = flag
