@@ -29,7 +29,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
 
     A batch is a fairseq ``net_input`` dict (called as ``model(**batch)``), a tuple (``model(*batch)``)
     or a tensor; ``forward(model, batch)`` overrides how a batch is run. Returns the number of
-    batches used. Runs in eval mode under ``torch.no_grad`` and restores the training flag.
+    batches used. Runs in eval mode under ``torch.no_grad`` and restores each module's training
+    flag. An error leaves every activation quantizer as it was.
 
     ``observe`` says what each activation quantizer observes (None: the recipe's top-level
     ``observe`` key, whose default is ``"quantized"``):
@@ -55,16 +56,13 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
                                "(qswap.convert(model, recipe)) with a recipe that quantizes something")
     quantizers = activation_quantizers(model)  # weight quantizers follow their weights
     run = forward or _default_forward
-    for q in quantizers:
-        q.unfreeze()
-        q.observer.reset()
-    was_training = model.training
-    switch = any(m.training for m in model.modules())  # an all-eval model needs no two mode walks
-    count = 0
-    if switch:
-        model.eval()
+    saved = [(q, {k: v.clone() for k, v in q.state_dict().items()}) for q in quantizers]
     try:
-        with torch.no_grad(), observing(quantizers, observe):
+        for q in quantizers:
+            q.unfreeze()
+            q.observer.reset()
+        count = 0
+        with eval_mode(model), torch.no_grad(), observing(quantizers, observe):
             for batch in batches:
                 if max_batches is not None and count >= max_batches:
                     break
@@ -72,17 +70,20 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
                 count += 1
                 if progress is not None:
                     progress(count)
-    finally:
-        if switch:
-            model.train(was_training)
-    if count == 0:
-        raise CalibrationError("calibration got zero batches; pass at least one batch of "
-                               "representative inputs")
-    _freeze_observed(quantizers)
-    unseen = [q for q in quantizers if not q.initialized]
-    if unseen and len(unseen) == len(quantizers):
-        raise CalibrationError(f"none of the {len(quantizers)} activation quantizers saw data: the "
-                               f"{count} batch(es) were empty; pass batches with real inputs")
+        if count == 0:
+            raise CalibrationError("calibration got zero batches; pass at least one batch of "
+                                   "representative inputs")
+        _freeze_observed(quantizers)
+        unseen = [q for q in quantizers if not q.initialized]
+        if unseen and len(unseen) == len(quantizers):
+            raise CalibrationError(f"none of the {len(quantizers)} activation quantizers saw data: the "
+                                   f"{count} batch(es) were empty; pass batches with real inputs")
+    except BaseException:
+        # a failed calibration leaves every activation quantizer as it found it (its grid, frozen
+        # flag and observed range): not observing afresh at inference, with ranges of a part-run
+        for q, state in saved:
+            q.load_state_dict(state)
+        raise
     if unseen and logger.isEnabledFor(logging.INFO):
         # sites the batches never reach (an additive-mask path, say) keep observing if they ever run
         logger.info(f"{len(unseen)} activation quantizer(s) saw no data during calibration (the "
@@ -156,19 +157,36 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
                            f"{type(batch).__name__}; pass forward=... to run other batch types")
 
 
-def run_observed(model: nn.Module, batches: Iterable[Any], handles: list) -> None:
-    """Run ``batches`` as calibration runs them (eval mode, no grad), then remove ``handles``
-    (the hooks that observed the run) and restore the training flag."""
-    was_training = model.training
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block; after it each module's own training flag as it was
+    (a model training with some module kept in eval, a frozen feature extractor, keeps it so), set
+    after ``model.train(True)``: entering training drops kept forms (``QuantModule.train``). A
+    model all in eval is left alone."""
+    training = [m for m in model.modules() if m.training]
+    if not training:
+        yield
+        return
     model.eval()
     try:
-        with torch.no_grad():
+        yield
+    finally:
+        model.train(True)
+        keep = {id(m) for m in training}
+        for m in model.modules():
+            m.training = id(m) in keep
+
+
+def run_observed(model: nn.Module, batches: Iterable[Any], handles: list) -> None:
+    """Run ``batches`` as calibration runs them (eval mode, no grad), then remove ``handles``
+    (the hooks that observed the run) and restore each module's training flag."""
+    try:
+        with eval_mode(model), torch.no_grad():
             for batch in batches:
                 _default_forward(model, batch)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
 
 
 def freeze_observed(model: nn.Module) -> int:

@@ -4,7 +4,8 @@ Walk, collect, check, then replace: the walk decides every module's fate without
 tree; every check (strict mode, site names) runs before anything changes; the replacement builds
 every counterpart first, then sets them in place shallowest first. A counterpart that keeps its
 children (a transformer layer) holds them under their float names, so a converted child is set
-into the counterpart by the same path. An error leaves an ``inplace`` model as it was.
+into the counterpart by the same path. An error leaves an ``inplace`` model as it was (a recipe's
+transforms, which rewrite weights before the checks, are first tried on a copy).
 """
 from __future__ import annotations
 
@@ -62,6 +63,12 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
     if _already_converted(model):
         raise ConvertError("this model already contains qswap quantizers; convert the float model "
                            "(or load the quantized checkpoint as it is)")
+    if inplace and recipe.transforms:
+        # the transforms rewrite weights before the rules and sites are checked: tried on a copy
+        # first, so that an error leaves the caller's model as it was
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            convert(model, recipe, inplace=False, strict=strict, data=data)
     target = model if inplace else _deepcopy(model)
     report = ConvertReport(recipe=recipe.name, float_ok=dict(recipe.float_ok))
     report.notes += apply_transforms(target, recipe.transforms, data)
@@ -73,23 +80,25 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
         raise ConvertError(f"strict mode: {len(report.by_action('float'))} module(s) left float "
                            f"without a skip rule: {names}")
     target = _replace(target, plans, report)
-    _check_weight_grids(target)
     report.float_bytes, report.quantized_bytes = parameter_bytes(target)
     target.qswap_recipe = recipe
     target.qswap_report = report
     return target
 
 
-def _check_weight_grids(model: nn.Module) -> None:
+def _check_weight_grids(built: list[tuple[str, nn.Module]]) -> None:
     """Every weight's grid fits its shape (a per-channel axis it has, a per-group size that divides
     that axis): a SpecError naming the weight now, rather than a checkpoint written that fails
-    at its first forward. The weight a quantizer reads has the shape of ``weight`` (``weight_v``
-    for a weight-normed convolution)."""
+    at its first forward; checked on the counterparts ``built`` (path, counterpart) before any is
+    set in place. The weight a quantizer reads has the shape of ``weight`` (``weight_v`` for a
+    weight-normed convolution)."""
     from qswap.errors import SpecError
     from qswap.nn.base import param_quantizer
     from qswap.quant.primitives import channel_axis, groups_view
 
-    for path, module in model.named_modules():
+    named = ((".".join(p for p in (root, sub) if p), module) for root, new in built
+             for sub, module in new.named_modules())
+    for path, module in named:
         for pname in ("weight", "weight_v"):
             weight = module._parameters.get(pname)  # noqa: SLF001  (own parameters only)
             quant = param_quantizer(module, pname) if weight is not None else None
@@ -226,6 +235,7 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.M
             plan.path, type(plan.module).__name__, "quantized", plan.rule_label,
             counterpart=type(new).__name__, **_spec_labels(plan.counterpart, plan.config)))
         built.append((plan.path, new))
+    _check_weight_grids(built)  # before anything is set in place
     for path, new in reversed(built):  # shallowest first: a parent counterpart is in place
         if not path:
             root = new

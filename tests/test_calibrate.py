@@ -126,20 +126,58 @@ def test_a_site_kept_in_float_stays_out_of_a_float_observation():
     assert not kept.enabled and not kept.passthrough and not kept.initialized
 
 
-def test_a_bad_mode_or_a_failing_batch_is_a_typed_error_that_leaves_grids_in_step_with_ranges():
+def _states(model):
+    return [{k: v.clone() for k, v in q.state_dict().items()} for q in activation_quantizers(model)]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("observe", ["quantized", "float"])
+def test_a_bad_mode_or_a_failing_batch_is_a_typed_error_that_leaves_every_quantizer_as_it_was(observe):
+    """A calibration that fails part-way (a batch the model cannot take, a batch of NaNs) leaves each
+    activation quantizer as it found it: a fresh model unobserved, a calibrated one frozen on its
+    grids, computing what it computed, not observing afresh at inference with a part-run's ranges."""
     model = qswap.convert(build_s2t_transformer(seed=0), recipe("minmax"))
     with pytest.raises(CalibrationError, match="observe must be one of quantized, float, got 'floats'"):
         qswap.calibrate(model, batches(), observe="floats")
+    fresh = _states(model)
     bad = dict(batches()[0], src_tokens=torch.randn(2, 40, 7))  # the wrong feature count
     with pytest.raises(CalibrationError, match="calibration batch 1: the model raised"):
-        qswap.calibrate(model, [batches()[0], bad], observe="float")
-    observed = [q for q in activation_quantizers(model) if q.observer.has_range]
-    assert len(observed) > 50
+        qswap.calibrate(model, [batches()[0], bad], observe=observe)
+    assert _same(_states(model), fresh)
     for q in activation_quantizers(model):
-        assert q.enabled and not q.passthrough and not bool(q.frozen)
-    for q in observed:  # the first batch's ranges, and the grids they give (as a quantized calibration keeps them)
-        scale, zero_point = choose_qparams(q.observer.min_val, q.observer.max_val, q.spec)
-        assert torch.equal(q.scale, scale) and torch.equal(q.zero_point, zero_point)
+        assert q.enabled and not q.passthrough and not bool(q.frozen) and not q.observer.has_range
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(model, batches(), observe=observe)
+    calibrated = _states(model)
+    with torch.no_grad():
+        before = model.eval()(**batches()[0])[0]
+    nan = dict(batches()[0], src_tokens=torch.full((2, 40, 80), float("nan")))
+    for failing in ([batches()[1], bad], [batches()[1], nan], []):
+        with pytest.raises(CalibrationError):
+            qswap.calibrate(model, failing, observe=observe)
+        assert _same(_states(model), calibrated)
+        assert all(bool(q.frozen) for q in activation_quantizers(model) if q.initialized)
+        with torch.no_grad():
+            assert torch.equal(model(**batches()[0])[0], before)
+
+
+def test_calibration_restores_each_modules_own_training_flag():
+    """A model training with one module held in eval (a frozen part) gets both back as they were."""
+    model = qswap.convert(build_s2t_transformer(seed=0), recipe("minmax")).train()
+    held = model.encoder.transformer_layers[0]
+    held.eval()
+    flags = {n: m.training for n, m in model.named_modules()}
+    assert not all(flags.values()) and any(flags.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(model, batches())
+    assert {n: m.training for n, m in model.named_modules()} == flags
 
 
 def test_a_frozen_quantizer_keeps_its_grid_through_a_float_observation():

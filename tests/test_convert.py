@@ -6,7 +6,7 @@ from torch import nn
 
 import qswap
 from helpers import Residual
-from qswap.errors import ConvertError
+from qswap.errors import ConvertError, SpecError
 from qswap.nn.linear import QLinear
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -204,6 +204,34 @@ def test_a_failing_inplace_convert_leaves_the_model_untouched(case):
         qswap.convert(model, recipe, inplace=True, strict=case == "strict")
     assert _modules(model) == before
     assert not any(isinstance(m, (FakeQuantize, QLinear)) for m in model.modules())
+
+
+def test_a_weight_grid_that_does_not_fit_fails_an_inplace_convert_before_any_module_is_swapped():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 4, "granularity": "per_group", "group_size": 5},
+                                         "activation": {"bits": 8}}}
+    before = _modules(model)
+    with pytest.raises(SpecError, match=r"0.weight \(shape \(32, 16\)\)"):
+        qswap.convert(model, recipe, inplace=True)
+    assert _modules(model) == before
+    assert type(qswap.convert(model, "w8a8", inplace=True)[0]) is QLinear  # and it converts afterwards
+
+
+def test_a_recipe_with_transforms_that_fails_a_check_leaves_the_inplace_models_weights():
+    """smoothquant rescales weights before the rules are checked: a strict recipe with a rule that
+    matches nothing fails, and the caller's weights are the ones it passed."""
+    pytest.importorskip("fairseq")
+    from qswap.models import build_s2t_transformer, s2t_net_input
+
+    model, x = build_s2t_transformer(seed=0), s2t_net_input()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _modules(model)
+    recipe = qswap.load_recipe("w4a4_edges8_stream_smoothquant").to_dict()
+    recipe["rules"] = [{"match": {"path": "encoder.no_such_module"}, "skip": True}] + recipe.get("rules", [])
+    with pytest.raises(ConvertError, match="no_such_module"):
+        qswap.convert(model, recipe, inplace=True, strict=True, data=[x])
+    assert _modules(model) == before
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
 def test_every_module_appears_in_the_report_containers_included():

@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-# the options that name a file a command writes ('-': standard output); export's -o is a directory
-OUTPUTS = ("output", "json", "json_out", "markdown")
+# the options that name a file a command writes ('-': standard output); export's -o and audit's
+# --optimized-dir are directories
+OUTPUTS = ("output", "json", "json_out", "markdown", "plot", "optimized_dir")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -74,7 +75,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     for name in OUTPUTS:
         value = getattr(args, name, None)
         if isinstance(value, str) and value and value != "-":
-            check_output(value, directory=args.command == "export" and name == "output")
+            check_output(value, directory=(args.command == "export" and name == "output") or name == "optimized_dir")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         used = qswap.calibrate(model, fdata.net_inputs(task, args.subset, args.batches,
                                                        max_sentences=args.max_sentences),
                                progress=lambda n: advance(1), observe=args.observe)
-    save_qswap_checkpoint(args.output, model, args.checkpoint, trust_checkpoint=args.trust_checkpoint)
+    save_qswap_checkpoint(args.output, model, args.checkpoint, trust_checkpoint=args.trust_checkpoint,
+                          data=args.data)
     observe = args.observe or recipe_observe(model)
     console().print(f"calibrated on {used} batches of {args.subset}{observed_note(observe)}; wrote {args.output}")
     return 0

@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     elif n_act:
         out.print(f"note: --no-calibrate: {n_act} activation quantizers left uncalibrated "
                   f"(their ranges are re-derived from every batch at run time)")
-    save_qswap_checkpoint(args.output, qmodel, args.checkpoint, trust_checkpoint=args.trust_checkpoint)
+    save_qswap_checkpoint(args.output, qmodel, args.checkpoint, trust_checkpoint=args.trust_checkpoint,
+                          data=args.data)
     out.print(convert_table(qmodel.qswap_report, show_all=args.show_all))
     out.print(convert_summary(qmodel.qswap_report))
     out.print(f"wrote {args.output}")

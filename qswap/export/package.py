@@ -187,11 +187,17 @@ def graph_digest(path: Path) -> str:
 def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
     """The manifest of an export directory; ExportError naming what is missing or malformed."""
     path = Path(directory) / MANIFEST
+    if Path(directory).is_file():
+        raise ExportError(f"{directory} is a file, not an export directory: pass the directory 'qswap export "
+                          f"QCKPT --onnx -o DIR' wrote, or use the checkpoint without --backend onnxruntime / --onnx")
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ExportError(f"{directory}: no {MANIFEST} there; write the directory with "
-                          f"'qswap export QCKPT --onnx -o DIR'") from None
+        integer = (Path(directory) / "model.json").is_file()  # 'qswap export' without --onnx
+        raise ExportError(f"{directory}: no {MANIFEST} there; " + (
+            "it holds an integer model ('qswap export' without --onnx), which 'qswap eval DIR --data D' decodes "
+            "without --backend onnxruntime; write ONNX graphs with 'qswap export QCKPT --onnx -o DIR'"
+            if integer else "write the directory with 'qswap export QCKPT --onnx -o DIR'")) from None
     except (OSError, ValueError) as e:
         raise ExportError(f"{path}: unreadable ({type(e).__name__}: {e}); re-export the directory") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

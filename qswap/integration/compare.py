@@ -1,6 +1,6 @@
 """The comparison table the field reports (Brevitas's QuartzNet table): one row per recipe with
-WER, delta WER vs float, the honesty verdict, weight memory at stored bit widths, and MACs and
-BOPs per second of audio. WER and delta WER carry paired bootstrap confidence intervals
+WER, delta WER vs float, the honesty verdict, weight memory (codes at their bit widths, with their
+grids), and MACs and BOPs per second of audio. WER and delta WER carry paired bootstrap confidence intervals
 (qswap.integration.bootstrap); a delta whose interval contains 0 is not significant. A library
 function: it returns rows; the CLI renders them."""
 from __future__ import annotations
@@ -225,7 +225,14 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
     ``quantized``: row name -> a quantized checkpoint (``qswap convert``'s, or a QAT run's): rows
     after the recipes', each loaded as it is (its own recipe and grids, no calibration), audited
     and decoded as the others.
-    ``progress(recipe, stage, n, total)`` as in ``evaluate_recipe``."""
+    ``progress(recipe, stage, n, total)`` as in ``evaluate_recipe``. Every recipe is loaded before
+    anything is decoded: a name misspelled late in the list is a RecipeError now, not minutes later."""
+    from qswap.errors import RecipeError
+    for recipe in recipes:
+        qswap.load_recipe(recipe)
+    twice = sorted({r for r in recipes if recipes.count(r) > 1})
+    if twice:
+        raise RecipeError(f"{', '.join(twice)} given more than once in the recipes to compare; name each once")
     model, task = fdata.load_model_and_task(checkpoint, data, trust_checkpoint=trust_checkpoint)
     loaded = {name: _quantized_checkpoint(name, path, data, trust_checkpoint) for name, path in (quantized or {}).items()}
     names = ["fp32"] + [r for r in recipes if r != "fp32"]

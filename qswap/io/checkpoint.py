@@ -160,12 +160,16 @@ def setup_task(path: Path, cfg: Any):
 
 # -- qswap checkpoints -------------------------------------------------------------------------
 def save_qswap_checkpoint(path: "str | os.PathLike[str]", model: nn.Module,
-                          state_like_fairseq: Any, *, trust_checkpoint: bool = False) -> Path:
+                          state_like_fairseq: Any, *, trust_checkpoint: bool = False,
+                          data: "str | os.PathLike[str] | None" = None) -> Path:
     """Write a converted (and calibrated) model as a qswap checkpoint, atomically.
 
     ``state_like_fairseq`` gives the fairseq config the float model was built from: the path of
     the checkpoint it was loaded from (read with ``load_checkpoint(path, trust_checkpoint)``), a
     checkpoint state (``{"cfg": ...}`` or ``{"args": ...}``), or a cfg (DictConfig / dict).
+    ``data``: the data directory the model was loaded with (a command's ``--data``), written into
+    the cfg's ``task.data`` as an absolute path, so that a later command (``qswap export``,
+    ``qswap eval``) finds it without ``--data``; None keeps the cfg's own.
     """
     recipe = getattr(model, "qswap_recipe", None)
     if recipe is None:
@@ -176,6 +180,8 @@ def save_qswap_checkpoint(path: "str | os.PathLike[str]", model: nn.Module,
     recipe_data = to_plain(recipe.to_dict(), "recipe")
     cfg = to_plain(_cfg_of(state_like_fairseq, trust_checkpoint), "cfg")
     cfg["model"]["qswap_recipe"] = recipe_data  # for fairseq's loader with the qswap plugin
+    if data is not None:
+        cfg["task"]["data"] = str(Path(data).resolve())
     plain = _canonical({
         "cfg": cfg,
         "args": None,

@@ -119,12 +119,12 @@ def _check_file(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
-        deployed = (path / "export.json").is_file()  # qswap export --onnx's directory
+        if (path / "export.json").is_file():  # qswap export --onnx's directory
+            raise CheckpointError(f"{path} is a directory of ONNX graphs ('qswap export --onnx'), not a "
+                                  f"checkpoint: run them with --backend onnxruntime ('qswap eval'), or audit them "
+                                  f"with --onnx ('qswap audit')")
         raise CheckpointError(f"{path} is a directory; pass the checkpoint file (e.g. "
-                              f"{path / 'checkpoint_best.pt'})" + (
-                                  "; it holds ONNX graphs ('qswap export --onnx'): run them with --backend "
-                                  "onnxruntime ('qswap eval'), or audit them with --onnx ('qswap audit')"
-                                  if deployed else ""))
+                              f"{path / 'checkpoint_best.pt'})")
     try:
         size = path.stat().st_size
     except OSError as exc:

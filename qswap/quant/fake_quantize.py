@@ -80,9 +80,7 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         if enabled == self.__dict__["enabled"]:
             return None
         self.__dict__["enabled"] = enabled
-        with torch.no_grad():  # in-place no-ops: each bumps the tensor's version counter
-            self.scale.add_(0)
-            self.zero_point.add_(0)
+        self._mark_written()
         return None
 
     # -- state ---------------------------------------------------------------------------------
@@ -94,8 +92,20 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
     def spec(self, spec: QuantSpec) -> None:
         """A new spec (``qswap.search`` re-grids weights at other widths) drops what the old one
         computed: the weight's grid and output and the frozen activation grid, re-derived at the
-        next call (their stamps see tensors, not the spec)."""
+        next call (their stamps see tensors, not the spec). A change also marks the grid written,
+        as a change of ``enabled`` does: the integer forms a module keeps are stamped with its
+        grid tensors and must not be read with the old spec's codes."""
+        changed = "_spec" in self.__dict__ and spec != self.__dict__["_spec"]
         self.__dict__.update(_spec=spec, _cached=None, _weight_stamp=None, _state_stamp=None)
+        if changed:
+            self._mark_written()
+
+    def _mark_written(self) -> None:
+        """Bump the grid tensors' version counters (in-place no-ops), so that every kept form
+        stamped with them is rebuilt."""
+        with torch.no_grad():
+            self.scale.add_(0)
+            self.zero_point.add_(0)
 
     def train(self, mode: bool = True) -> "FakeQuantize":
         """``nn.Module.train``; a change of mode also drops the kept frozen grid (read again at the

@@ -12,6 +12,8 @@ from qswap.cli import main
     (["audit", "missing.pt", "--recipe", "w8a8", "--json", "{tmp}/none/a.json"], "no directory {tmp}/none"),
     (["compare", "missing.pt", "--data", "d", "--markdown", "{tmp}/x/t.md"], "no directory {tmp}/x"),
     (["export", "missing.pt", "-o", "{tmp}/file.txt"], "cannot write into {tmp}/file.txt: it is a file"),
+    (["sensitivity", "missing.pt", "--data", "d", "--plot", "{tmp}/no/s.png"], "no directory {tmp}/no"),
+    (["audit", "missing", "--onnx", "--optimized-dir", "{tmp}/file.txt"], "cannot write into {tmp}/file.txt: it is a file"),
 ])
 def test_a_bad_output_path_is_refused_before_the_input_is_read(tmp_path, capsys, argv, message):
     (tmp_path / "file.txt").write_text("x")

@@ -107,6 +107,21 @@ def test_eval_onnxruntime_rejects_a_recipe_and_a_directory_without_export(tmp_pa
     assert "no export.json" in capsys.readouterr().err
 
 
+def test_the_onnx_commands_say_what_to_pass_for_a_checkpoint_file_or_an_integer_export(tmp_path, capsys):
+    """A checkpoint file is not an export directory (not 'unreadable: re-export'); an integer
+    export (model.json) is decoded without --backend onnxruntime."""
+    ckpt = tmp_path / "q.pt"
+    ckpt.write_bytes(b"x")
+    (tmp_path / "int").mkdir()
+    (tmp_path / "int" / "model.json").write_text("{}")
+    for argv in (["eval", str(ckpt), "--backend", "onnxruntime", "--data", str(ASSET)], ["audit", str(ckpt), "--onnx"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is a file, not an export directory" in err and "re-export" not in err
+    assert main(["eval", str(tmp_path / "int"), "--backend", "onnxruntime", "--data", str(ASSET)]) == 2
+    assert "it holds an integer model" in capsys.readouterr().err
+
+
 def test_audit_onnx_lists_float_nodes_and_says_the_honest_claim_deploys_float(export_dir, tmp_path, capsys):
     code = main(["audit", str(export_dir), "--onnx", "--optimized-dir", str(tmp_path / "opt"),
                  "--json", str(tmp_path / "a.json"), "--markdown", str(tmp_path / "a.md"), "--max-rows", "3"])

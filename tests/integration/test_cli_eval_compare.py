@@ -16,6 +16,7 @@ def test_convert_writes_a_checkpoint_fairseq_generate_loads(float_checkpoint, tm
                  "--max-sentences", "4", "-o", str(out)]) == 0
     state = torch.load(out, weights_only=True)  # no opt-in needed for qswap checkpoints
     assert state["qswap"]["recipe"]["name"] == "w8a8"
+    assert state["cfg"]["task"]["data"] == str(data.resolve())  # --data, for a later command without it
     log = run_tool("fairseq-generate", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
                    "--path", out, "--gen-subset", "test", "--beam", "2", "--max-tokens", "4000", "--cpu",
                    "--required-batch-size-multiple", "1", "--qswap-audit", cwd=root)
@@ -157,6 +158,19 @@ def test_compare_refuses_a_float_checkpoint_as_a_quantized_row_before_any_row(fl
     assert main(["compare", str(ckpt), "--data", str(data), "--recipes", "w8a8", "--quantized", f"f={ckpt}"]) == 2
     err = capsys.readouterr().err
     assert "a float checkpoint (no qswap recipe inside)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("recipes, message", [
+    (["w8a8", "w8a9"], "no shipped recipe named 'w8a9'"),
+    (["w8a8", "w4a8", "w8a8"], "w8a8 given more than once"),
+])
+def test_compare_refuses_a_misspelled_or_repeated_recipe_before_it_loads_the_model(tmp_path, capsys, recipes,
+                                                                                   message):
+    """Every recipe is read before anything is loaded or decoded (the checkpoint here does not
+    even exist): a typo late in the list costs no decoding of the rows before it."""
+    assert main(["compare", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--recipes", *recipes]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "missing.pt" not in err and "Traceback" not in err
 
 
 def _shard(tmp_path, name, shard_id, num_shards, subset="test", model="w8a8", words=10):

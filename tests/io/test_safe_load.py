@@ -13,5 +13,6 @@ def test_a_directory_is_refused_naming_a_checkpoint_file_in_it(tmp_path):
 def test_an_onnx_export_directory_is_refused_pointing_at_the_onnxruntime_backend(tmp_path):
     """``qswap eval DIR`` on a 'qswap export --onnx' directory without ``--backend onnxruntime``."""
     (tmp_path / "export.json").write_text("{}")
-    with pytest.raises(CheckpointError, match=r"holds ONNX graphs .*--backend onnxruntime .*--onnx"):
+    with pytest.raises(CheckpointError, match=r"is a directory of ONNX graphs .*--backend onnxruntime .*--onnx") as e:
         load_checkpoint(tmp_path)
+    assert "checkpoint_best.pt" not in str(e.value)  # no checkpoint file to suggest in there

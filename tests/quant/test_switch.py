@@ -110,3 +110,46 @@ def test_a_weight_site_assigned_off_is_float_in_the_integer_simulation():
     assert not torch.equal(assigned, quantized)
     torch.testing.assert_close(assigned, fresh, rtol=0, atol=0)
     assert torch.equal(out(), quantized)
+
+
+def test_a_new_spec_marks_the_grid_written_and_an_equal_one_does_not():
+    """``qswap.search`` re-grids a weight by assigning its quantizer a new spec: the grid tensors'
+    versions move as for ``enabled`` (kept forms are stamped with them); an equal spec moves nothing."""
+    q = _frozen(0)
+    before = (q.scale._version, q.zero_point._version)
+    q.spec = q.spec.replace()  # equal
+    assert (q.scale._version, q.zero_point._version) == before
+    q.spec = q.spec.replace(bits=3)
+    assert q.scale._version > before[0] and q.zero_point._version > before[1]
+
+
+def test_a_weight_respecified_is_read_at_its_new_width_in_the_integer_simulation():
+    """Under ``simulate: integer`` fc1 keeps its integer form, built from its 8-bit weight codes.
+    Its weight quantizer given a 4-bit spec, the next forward reads the 4-bit codes: the output of
+    a model with no form kept, and the 8-bit output again when the spec comes back."""
+    pytest.importorskip("fairseq")
+    import qswap
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    from qswap.recipe import with_simulate
+
+    qmodel = qswap.convert(build_s2t_transformer(seed=0), with_simulate("w8a8", "integer")).eval()
+    net_input = s2t_net_input(seed=1)
+    qswap.calibrate(qmodel, [net_input])
+    fc1 = qmodel.encoder.transformer_layers[0].fc1
+    eight = fc1.weight_quant.spec
+
+    def out():
+        with torch.no_grad():
+            return qmodel(**net_input)[0]
+
+    quantized = out()  # fc1's integer form is kept
+    assert any(s.startswith("_integer") for s in vars(fc1))
+    fc1.weight_quant.spec = eight.replace(bits=4)
+    respecified = out()
+    for slot in [s for s in vars(fc1) if s.startswith("_integer")]:
+        del fc1.__dict__[slot]
+    fresh = out()  # no form kept
+    fc1.weight_quant.spec = eight
+    assert not torch.equal(respecified, quantized)
+    torch.testing.assert_close(respecified, fresh, rtol=0, atol=0)
+    assert torch.equal(out(), quantized)
