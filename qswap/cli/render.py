@@ -50,7 +50,7 @@ def convert_summary(report) -> str:
     mb = lambda b: f"{b / 1e6:.2f} MB"  # noqa: E731
     lines = [f"{c['quantized']} quantized, {c['float']} left float, {c['skipped']} skipped, "
              f"{c['passthrough']} passthrough, {c['container']} containers; weights {mb(report.float_bytes)} float -> "
-             f"{mb(report.quantized_bytes)} at stored bit widths"]
+             f"{mb(report.quantized_bytes)} quantized (codes at their bit widths, with their grids)"]
     lines += [f"note: {n}" for n in report.notes]
     lines += [f"warning: {r} matched no module" for r in report.unmatched_rules]
     lines += [f"declared float: {k}: {v}" for k, v in report.float_ok.items()]

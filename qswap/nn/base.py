@@ -89,7 +89,7 @@ class QuantModule(nn.Module):
 
     ``takes_reader`` says that ``forward`` takes ``out_quant``, the quantizer that reads the result,
     and with ``simulate: integer`` writes onto its grid as the integer form does
-    (``qswap.nn.simulate.onto_grid``); a container calls it so (``qswap.nn.fairseq.layers.onto``).
+    (``qswap.nn.simulate.onto_grid``); a container calls it so (``told``).
     """
 
     float_class: ClassVar[type]
@@ -118,6 +118,14 @@ class QuantModule(nn.Module):
         (the S2T model: its encoder's output is read by every decoder layer, its decoder's logits
         by the model's ``logits_quant``), for ``simulate: integer``'s requantization onto the
         readers' grids. ``convert`` calls it once every counterpart is in place. Default: none."""
+
+
+def told(module: nn.Module, x: torch.Tensor, reader: nn.Module | None, **kwargs) -> torch.Tensor:
+    """``module(x, **kwargs)``, told ``reader`` (``out_quant=reader``), the quantizer that reads its
+    result, where it takes one (``QuantModule.takes_reader``); a container's call of a child."""
+    if reader is None or not getattr(module, "takes_reader", False):
+        return module(x, **kwargs)
+    return module(x, out_quant=reader, **kwargs)
 
 
 def param_quantizer(module: nn.Module, pname: str) -> nn.Module | None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qswap.io.serializable import INT, Obj, serializable
-from qswap.nn.base import QuantConfig, QuantModule, quantizer
+from qswap.nn.base import QuantConfig, QuantModule, quantizer, told
 from qswap.nn.linear import integer_linear, op_onto
 from qswap.nn.registry import register
 from qswap.transforms.hadamard import Hadamard, RotatedLinear
@@ -141,17 +141,10 @@ class QRotatedLinear(QuantModule):
     def forward(self, x: torch.Tensor, out_quant: nn.Module | None = None) -> torch.Tensor:
         """``linear(rotate(x))``; with ``out_quant`` (the reader of the result) each op is told the
         quantizer that reads its own result."""
-        return _told(self.linear, _told(self.rotate, x, getattr(self.linear, "input_quant", None)), out_quant)
+        return told(self.linear, told(self.rotate, x, getattr(self.linear, "input_quant", None)), out_quant)
 
     def to_integer(self, out):
         """The integer form writing onto ``out``: the transform onto the linear's input grid, then
         the linear (``IntegerChain``); ``IntegerizeError`` naming an op without one."""
         from qswap.nn.fairseq.chain import integer_chain
         return integer_chain(self, out)
-
-
-def _told(module: nn.Module, x: torch.Tensor, reader: nn.Module | None) -> torch.Tensor:
-    """``module(x)``, told ``reader`` where it takes one (``QuantModule.takes_reader``)."""
-    if reader is None or not getattr(module, "takes_reader", False):
-        return module(x)
-    return module(x, out_quant=reader)

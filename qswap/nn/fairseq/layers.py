@@ -21,7 +21,7 @@ from torch import Tensor
 from qswap.errors import ConvertError
 from qswap.io.serializable import INT, Either, Obj, Tuple, serializable
 from qswap.io.serializable import List as ListOf, Tensor as TensorOf
-from qswap.nn.base import QuantConfig, QuantModule, quantizer
+from qswap.nn.base import QuantConfig, QuantModule, quantizer, told
 from qswap.nn.hadamard import QRotatedLinear
 from qswap.nn.linear import QLinear
 from qswap.nn.norm import QLayerNorm
@@ -44,9 +44,7 @@ def onto(module: torch.nn.Module, x: Tensor, out_quant: Optional[torch.nn.Module
     kwargs = {}
     if isinstance(module, QLinear):
         kwargs = {"quantized": True} if quantized else {"owned": True} if owned else {}
-    if out_quant is None or not getattr(module, "takes_reader", False):
-        return module(x, **kwargs)
-    return module(x, out_quant=out_quant, **kwargs)
+    return told(module, x, out_quant, **kwargs)
 
 
 def activated(activation_fn, quant: torch.nn.Module, x: Tensor, fc2: torch.nn.Module,
