@@ -86,7 +86,7 @@ def main() -> int:
         ("Decode the PTQ checkpoint with fairseq-generate and the plugin; --qswap-audit prints the verdict",
          [gen, str(ASSET), "--user-dir", plugin, "--task", "speech_to_text_qswap", "--path", str(work / "w8a8.pt"),
           "--qswap-audit", *gen_common], fairseq_line, 8),
-        ("Quantization-aware fine-tuning (QAT) with fairseq-train: w4a8; the first 2 steps calibrate "
+        ("Quantization-aware fine-tuning (QAT) with fairseq-train: w4a8; the first 2 updates calibrate "
          "(zero gradient), then the grids are frozen and the weights train",
          [train, str(ASSET), "--user-dir", plugin, "--task", "speech_to_text_qswap", "--qswap-recipe", "w4a8",
           "--qswap-calib-batches", "2", "--finetune-from-model", str(ckpt), *arch_args(ckpt),
@@ -132,7 +132,7 @@ The plugin folder is `$(qswap-plugin-dir)` (`qswap.plugin_dir()`); it registers 
 | option | meaning |
 |---|---|
 | `--qswap-recipe R` | convert the model right after fairseq builds it (a shipped name or a YAML path); a checkpoint remembers it |
-| `--qswap-calib-batches N` | calibrate the activation quantizers on the first N training batches, then freeze them (ranges reduced across DDP workers) |
+| `--qswap-calib-batches N` | calibrate the activation quantizers on the training batches of the first N updates (with `--update-freq K`, K batches each; zero gradients), then freeze them (ranges reduced across DDP workers); a run resumed during calibration calibrates the updates left, and validation never calibrates |
 | `--qswap-audit` | before decoding, audit a batch of the generation subset and print the verdict |
 | `--qswap-strict` | fail if a recipe rule matches no module or the recipe leaves a module float without a skip rule |
 
@@ -165,7 +165,7 @@ Each quantized LayerNorm's forward value is the norm of its quantized input; its
 that of the float input with the row variance floored at (0.1 x the batch's median row
 deviation)^2, exact for ordinary rows, bounded for collapsed ones
 (`qswap.nn.norm.layer_norm_bounded_grad`, `grad_std_floor` on each module; a test checks the
-shipped model's QAT gradient stays within 3x of float's for w8a8 and 100x for w4a4, whose output is broken anyway). And the calibration steps
+shipped model's QAT gradient stays within 3x of float's for w8a8 and 100x for w4a4, whose output is broken anyway). And the calibration updates
 (`--qswap-calib-batches N`) observe in eval mode with their loss multiplied by 0, so their
 gradient is zero. fairseq still runs its optimizer step on them: with a fresh Adam state (as
 after `--finetune-from-model`) and no `--weight-decay`, no weight moves before the grids are

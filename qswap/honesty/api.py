@@ -47,18 +47,32 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
     >>> report = qswap.audit(qmodel, net_input)
     >>> report.honest, [(v.module, v.op) for v in report.violations][:3]
     """
-    if integer:
-        if float_ok or values:
-            raise AuditError("float_ok and values apply to the honesty audit, not to integer=True")
-        from qswap.honesty.integer import audit_integer
-        return audit_integer(model, inputs, decode_steps=decode_steps)
-    if not isinstance(model, nn.Module):
-        raise AuditError(f"audit() takes a torch.nn.Module, got {type(model).__name__}")
-    check_inputs(inputs)
-    declared = {**getattr(getattr(model, "qswap_report", None), "float_ok", {}), **(float_ok or {})}
-    with _collector_paused():  # the tracker and its tags die inside, before a collection sees them
-        return _audited(model, inputs, Tracker(declared, _values_bits(model) if values else None),
-                        decode_steps)
+    with torch.inference_mode(False):  # a caller's inference mode: its tensors carry no version counter
+        inputs = _normal(inputs)
+        if integer:
+            if float_ok or values:
+                raise AuditError("float_ok and values apply to the honesty audit, not to integer=True")
+            from qswap.honesty.integer import audit_integer
+            return audit_integer(model, inputs, decode_steps=decode_steps)
+        if not isinstance(model, nn.Module):
+            raise AuditError(f"audit() takes a torch.nn.Module, got {type(model).__name__}")
+        check_inputs(inputs)
+        declared = {**getattr(getattr(model, "qswap_report", None), "float_ok", {}), **(float_ok or {})}
+        with _collector_paused():  # the tracker and its tags die inside, before a collection sees them
+            return _audited(model, inputs, Tracker(declared, _values_bits(model) if values else None),
+                            decode_steps)
+
+
+def _normal(inputs: Any) -> Any:
+    """``inputs`` with each inference tensor (made under ``torch.inference_mode``) copied into a
+    normal one: the audit tracks every tensor's version counter, which inference tensors lack."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.clone() if inputs.is_inference() else inputs
+    if isinstance(inputs, dict):
+        return {k: _normal(v) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)) and not hasattr(inputs, "_fields"):
+        return type(inputs)(_normal(v) for v in inputs)
+    return inputs
 
 
 def _audited(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int) -> HonestyReport:
@@ -85,8 +99,11 @@ def _run(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int) -> 
         raise
     except _MODEL_ERRORS as exc:
         where = tracker.findings.paths[-1].name if tracker.findings.paths else "setup"
+        hint = ("; the model runs part of its forward under torch.inference_mode, whose tensors carry no "
+                "version counter, which the audit reads for every tensor: audit it with that mode off "
+                "(torch.no_grad keeps the counters)") if "Inference tensors" in str(exc) else ""
         raise AuditError(f"the model failed on the '{where}' path with these inputs: "
-                         f"{type(exc).__name__}: {exc}") from exc
+                         f"{type(exc).__name__}: {exc}{hint}") from exc
 
 
 class _CollectorPause:

@@ -29,6 +29,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 PHASES = ("quantize_input", "compute", "dequantize_output")
 
 
+def _float_name(dtype: str) -> bool:
+    """Whether a recorded dtype name is a floating type: real (float32, bfloat16, half, ...) or
+    complex (complex64: two floats, computed in float arithmetic)."""
+    return dtype.startswith(("float", "complex")) or dtype in ("bfloat16", "half")
+
+
 @dataclass(frozen=True)
 class OpRecord:
     phase: str
@@ -39,7 +45,7 @@ class OpRecord:
 
     @property
     def touches_float(self) -> bool:
-        return any(d.startswith("float") or d in ("bfloat16", "half") for d in self.inputs + self.outputs)
+        return any(_float_name(d) for d in self.inputs + self.outputs)
 
     def __str__(self) -> str:
         return f"{self.module}: {self.op} ({', '.join(self.inputs)} -> {', '.join(self.outputs)})"
@@ -320,7 +326,7 @@ def audit_integer(model: nn.Module, inputs, *, decode_steps: int = 3) -> Integer
     steps: dict[tuple[str, str], Counter] = {}
     dtypes: set[str] = set()
     for path, module, declared, op, types in recorder.records:
-        float_op = any(d.startswith("float") or d in ("bfloat16", "half") for d in types if d != "->")
+        float_op = any(_float_name(d) for d in types if d != "->")
         kind = "declared" if declared else ("float" if float_op else "integer")
         path_ops.setdefault(path, Counter())[kind] += 1
         if kind == "declared":

@@ -15,7 +15,8 @@ movement           moves or copies values (view, cat, gather, pad, masked_fill..
                    carries its inputs' quantized status
 fused              a fused kernel with unquantized intermediates inside (SDPA, native MHA,
                    matmul+activation epilogues): always a finding
-predicate          float in, bool/int out (comparisons, argmax): ignored
+predicate          float in, bool/int out (comparisons, argmax): no finding of its own; the
+                   result of an unquantized operand carries its float tag (tracker._predicate)
 factory            makes a constant tensor (zeros, arange, randn, fill_): a constant, honest
                    only once it passes a quantizer before data-path compute
 meta               reads a scalar or metadata (``.item()``, sizes): ignored

@@ -143,7 +143,7 @@ class Tracker(TorchDispatchMode):
         for name, p in _own(module._parameters):  # noqa: SLF001  (named_parameters walks every module)
             tags[p] = (Tag(PARAM, f"parameter {prefix}{name}"), p._version)
         for name, b in _own(module._buffers):  # noqa: SLF001
-            if b.is_floating_point():
+            if _floating(b):
                 tags[b] = (Tag(PARAM, f"buffer {prefix}{name}"), b._version)
         if type(module) in _OWN_QUANTIZERS:
             return  # their tensor attributes are their own caches, read only with dispatch off
@@ -151,7 +151,7 @@ class Tracker(TorchDispatchMode):
             if name in _MODULE_TABLES or isinstance(v, _SCALARS):
                 continue
             for t in _tensors(v, self._tree):
-                if t.is_floating_point() and t not in self.tags:
+                if _floating(t) and t not in self.tags:
                     self._set([t], Tag(CONST, f"tensor attribute {prefix}{name}"))
 
     def _pre(self, path: str, module: nn.Module, args) -> None:
@@ -322,6 +322,22 @@ class Tracker(TorchDispatchMode):
             self._fused(func, op, args, kwargs, operands, outputs)
         else:
             self.findings.count("ignored")  # predicates, metadata reads
+            if rule.cls == O.PREDICATE and operands:
+                self._predicate(op, operands, out)
+
+    def _predicate(self, op: str, operands: list, out) -> None:
+        """A comparison or arg-reduction (``argmax``) of float data: its bool or integer result is a
+        fact about that data. Of quantized values, parameters, constants or integer data it is a
+        mask or an index, as any; of unquantized values (an accumulator, float data) it carries
+        their float tag, so that arithmetic on it (cast back to float, or as an operand) is
+        arithmetic on that float data: a finding where the result is computed with."""
+        tags = [self._tag_of(t) for _, t in operands]
+        source = next((t for t in tags if t.kind in (FLOAT, ACC, KERNEL)), None)
+        if source is None:
+            return
+        results = [t for t in (out if isinstance(out, (list, tuple)) else (out,))
+                   if isinstance(t, torch.Tensor) and not _floating(t)]
+        self._taint(results, Tag(FLOAT, f"{source.describe()}, compared by {self._where(op)}"))
 
     def _taint(self, int_outputs: list, source: Tag, func=None, args=()) -> None:
         """Integers made from float data carry where they came from: cast back to float, they
@@ -343,7 +359,7 @@ class Tracker(TorchDispatchMode):
     def tag_inputs(self, inputs) -> None:
         """The model's inputs are the one float data the audit does not see made."""
         for t in _tensors(inputs):
-            if t.is_floating_point():
+            if _floating(t):
                 self._set([t], Tag(FLOAT, "a model input"))
 
     def _tag_of(self, t: torch.Tensor) -> Tag:
@@ -458,7 +474,13 @@ class Tracker(TorchDispatchMode):
         if unseen:
             self.findings.unseen(self.stack[-1], op, func, *map(list, zip(*unseen)))
         if not outputs and operands:  # float -> integer cast: the integers are rounded data
-            if not all(t.kind == C.INDEX for t in tags):
+            if func.overloadpacket is torch.ops.aten.view and func._overloadname == "dtype":
+                # a float's bits read as integers are no rounding of it (nor codes, nor integers
+                # an exact GEMM may multiply): float data, wherever they go
+                self._taint(_int_outputs(out), Tag(FLOAT, f"{tags[0].describe()}, its bits reinterpreted as "
+                                                          f"{outputs[0].dtype if outputs else out.dtype} by "
+                                                          f"{self._where(op)}"))
+            elif not all(t.kind == C.INDEX for t in tags):
                 self._taint(_int_outputs(out), _rounded(tags[0], self._where(op)))
             return
         if len(tags) == 1 and not fills and not has_index:
@@ -500,7 +522,7 @@ class Tracker(TorchDispatchMode):
     def _factory(self, func, name, op, args, kwargs, outputs) -> None:
         self.findings.count("factory")
         value = O.argument(func, args, kwargs, "value")
-        if isinstance(value, torch.Tensor) and value.is_floating_point():  # fill_(self, tensor)
+        if isinstance(value, torch.Tensor) and _floating(value):  # fill_(self, tensor)
             tag = self._tag_of(value)
             if tag.kind not in (CONST, PARAM, QUANT):
                 tag = Tag(FLOAT, f"made by {self._where(op)} from a computed value ({tag.describe()})")
@@ -586,7 +608,7 @@ def _retyped(operands: list, outputs: list, name: str) -> str | None:
     the bits as another dtype (``view(dtype)``), or a conversion to a dtype that does not hold
     every value of the source (``half()``, ``to(bfloat16)``, ``copy_`` into a narrower tensor).
     The same dtype, or an exact widening (``float16 -> float32``), keeps the values."""
-    sources = {t.dtype for _, t in operands if t.is_floating_point()}
+    sources = {t.dtype for _, t in operands if _floating(t)}
     for o in outputs:
         for src in sources:
             if o.dtype == src:
@@ -648,9 +670,15 @@ def _tensors(value, tree: set = frozenset()) -> list:
     return found
 
 
+def _floating(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds floating-point values: a real float dtype, or a complex one (two floats
+    each, computed in float arithmetic)."""
+    return t.is_floating_point() or t.is_complex()
+
+
 def _int_outputs(out) -> list[torch.Tensor]:
     outs = out if isinstance(out, (list, tuple)) else (out,)
-    return [t for t in outs if isinstance(t, torch.Tensor) and not t.is_floating_point()
+    return [t for t in outs if isinstance(t, torch.Tensor) and not _floating(t)
             and t.dtype != torch.bool]
 
 
@@ -658,7 +686,7 @@ def _has_index(args) -> bool:
     """Whether an argument (or an element of a list argument) is an integer tensor: an index."""
     for a in args:
         for t in a if isinstance(a, (list, tuple)) else (a,):
-            if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dtype != torch.bool:
+            if isinstance(t, torch.Tensor) and not _floating(t) and t.dtype != torch.bool:
                 return True
     return False
 
@@ -677,22 +705,22 @@ def _operands(args, kwargs) -> tuple[list, list]:
     floats, ints = [], []
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
-            (floats if a.is_floating_point() else ints).append((i, a))
+            (floats if _floating(a) else ints).append((i, a))
         elif isinstance(a, (list, tuple)):
             for j, t in enumerate(a):
                 if isinstance(t, torch.Tensor):
-                    (floats if t.is_floating_point() else ints).append(((i, j), t))
+                    (floats if _floating(t) else ints).append(((i, j), t))
     for k, v in kwargs.items():
         if isinstance(v, torch.Tensor):
-            (floats if v.is_floating_point() else ints).append((k, v))
+            (floats if _floating(v) else ints).append((k, v))
     return floats, ints
 
 
 def _float_outputs(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
+        return [out] if _floating(out) else []
     if isinstance(out, (list, tuple)):
-        return [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return [t for t in out if isinstance(t, torch.Tensor) and _floating(t)]
     return []
 
 

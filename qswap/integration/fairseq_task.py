@@ -6,10 +6,13 @@ trains the fake-quant model: QAT with straight-through / LSQ gradients, and a ch
 loads back into the same quantized model in ``fairseq-generate``); a recipe whose transforms need
 activation statistics (smoothquant) trains only from ``--finetune-from-model QCKPT``, a checkpoint
 ``qswap convert`` wrote with that recipe (``qswap.integration.qat_start``). ``train_step``
-calibrates the activation quantizers on the first ``--qswap-calib-batches`` training batches
-(observing what the recipe's ``observe`` key says: ``qswap.calibrate``), then freezes them
-(synchronized across DDP workers); a model whose grids are already calibrated and frozen (such
-a QCKPT, a resumed run) skips it: its LSQ scales start from the stored grids.
+calibrates the activation quantizers on the batches of the first ``--qswap-calib-batches``
+updates (each of the ``--update-freq`` batches of an update; observing what the recipe's
+``observe`` key says: ``qswap.calibrate``), with zero gradients, and ``optimizer_step`` freezes
+them after the last of those updates (synchronized across DDP workers). The count is of fairseq's
+updates, so a run resumed from a checkpoint saved during calibration calibrates only the updates
+left. A model whose grids are already calibrated and frozen (such a QCKPT, a run resumed after
+calibration) skips it: its LSQ scales start from the stored grids.
 ``build_generator`` prints the honesty verdict first when ``--qswap-audit`` is given.
 """
 # no ``from __future__ import annotations`` here: fairseq builds the command-line options of
@@ -36,7 +39,8 @@ logger = logging.getLogger("qswap")
 
 HELP = {
     "recipe": "qswap recipe (shipped name such as w8a8, or a YAML path) to convert the model with",
-    "calib": "calibrate activation quantizers on this many training batches before the first update",
+    "calib": "calibrate activation quantizers on the training batches of this many updates (with --update-freq K, "
+             "K batches each; no weight moves) before training starts",
     "audit": "run the qswap honesty audit on a few batches before decoding and print the verdict",
     "strict": "fail if a recipe rule matches no module or the recipe leaves a module float without a skip rule",
 }
@@ -55,6 +59,10 @@ class QswapTaskMixin:
         # (legacy fairseq models keep every training arg in their model cfg)
         recipe = getattr(opts, "qswap_recipe", None) or getattr(cfg, "qswap_recipe", None)
         if not recipe:
+            if int(getattr(opts, "qswap_calib_batches", 0) or 0) or getattr(opts, "qswap_strict", False):
+                from qswap.errors import TrainingError
+                raise TrainingError("--qswap-calib-batches and --qswap-strict apply to a model qswap converts: pass "
+                                    "--qswap-recipe RECIPE (or --path a checkpoint 'qswap convert' wrote)")
             return model
         if OmegaConf.is_config(recipe):  # a qswap checkpoint stores the recipe itself in its cfg
             recipe = OmegaConf.to_container(recipe, resolve=True)
@@ -69,28 +77,44 @@ class QswapTaskMixin:
         counts = model.qswap_report.counts()
         logger.info(f"qswap: converted with recipe {model.qswap_recipe.name}: {counts['quantized']} "
                     f"modules quantized, {counts['float']} left float, {counts['skipped']} skipped")
-        self._qswap_calib_left = int(getattr(opts, "qswap_calib_batches", 0) or 0)
+        self._qswap_calib_updates = int(getattr(opts, "qswap_calib_batches", 0) or 0)
+        self._qswap_calibrating = False
         return model
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        if getattr(self, "_qswap_calib_left", 0) > 0 and self._qswap_calibration_step(model, sample):
-            # a calibration step: the loss is computed (fairseq's trainer and DDP expect a
+        if update_num < getattr(self, "_qswap_calib_updates", 0) and self._qswap_calibration_step(model, sample):
+            # a calibration batch: the loss is computed (fairseq's trainer and DDP expect a
             # backward) but multiplied by 0, so no weight moves before the grids are frozen
             with _grids_held(model):
                 return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad=True)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
+    def valid_step(self, sample, model, criterion):
+        """fairseq's validation, with every calibrated grid held still: a validation between
+        calibration updates (at the end of an epoch) must not observe the validation data."""
+        with _grids_held(model):
+            return super().valid_step(sample, model, criterion)
+
+    def optimizer_step(self, optimizer, model, update_num):
+        """fairseq's step; after the last calibration update (every batch of it observed, all
+        gradients zero), the grids are frozen: training starts at the next update."""
+        super().optimizer_step(optimizer, model, update_num)
+        if getattr(self, "_qswap_calibrating", False) and update_num + 1 >= self._qswap_calib_updates:
+            self._qswap_calibrating = False
+            frozen = freeze_observed(model)
+            n = self._qswap_calib_updates
+            logger.info(f"qswap: calibrated and froze {frozen} activation quantizers on the batches of {n} "
+                        f"update{'s' if n != 1 else ''} (the calibration updates moved no weight)")
+
     def _qswap_calibration_step(self, model, sample) -> bool:
-        """Observe ``sample`` in eval mode (no dropout); freeze after the last calibration batch.
-        False when there is nothing to calibrate (a resumed or already calibrated model: every
-        quantizer with a grid is frozen; one off the forward path never gets a grid, e.g.
-        wav2vec 2.0's attention-bias quantizer, and must not make a resumed run calibrate again,
-        which would spend its first batch on a step whose zero gradients Adam's momentum still
-        turns into an update)."""
+        """Observe ``sample`` in eval mode (no dropout). False when there is nothing to calibrate
+        (a resumed or already calibrated model: every quantizer with a grid is frozen; one off the
+        forward path never gets a grid, e.g. wav2vec 2.0's attention-bias quantizer, and must not
+        make a resumed run calibrate again, which would spend an update on a step whose zero
+        gradients Adam's momentum still turns into an update)."""
         quantizers = activation_quantizers(model)
         observed = [q for q in quantizers if q.initialized]
         if not quantizers or (observed and all(bool(q.frozen) for q in observed)):
-            self._qswap_calib_left = 0
             return False
         was_training = model.training
         model.eval()
@@ -99,14 +123,17 @@ class QswapTaskMixin:
                 model(**sample["net_input"])
         finally:
             model.train(was_training)
-        self._qswap_calib_left -= 1
-        if self._qswap_calib_left == 0:
-            frozen = freeze_observed(model)
-            logger.info(f"qswap: calibrated and froze {frozen} activation quantizers "
-                        f"(the calibration steps applied no update)")
+        self._qswap_calibrating = True
         return True
 
     def build_generator(self, models, args, *a, **kw):
+        quantizers = activation_quantizers(models[0])
+        if quantizers and not any(q.initialized for q in quantizers):
+            logger.warning(f"qswap: none of the model's {len(quantizers)} activation quantizers has a calibrated "
+                           f"grid (a float checkpoint decoded with --qswap-recipe, or one 'qswap convert "
+                           f"--no-calibrate' wrote): their ranges are computed from the decoded batches as they "
+                           f"come; for fixed grids decode a checkpoint 'qswap convert CKPT --recipe R --data D "
+                           f"--calib-batches N' wrote")
         if getattr(self._qswap_opts(), "qswap_audit", False):
             self._qswap_print_audit(models[0], args)
         return super().build_generator(models, args, *a, **kw)
@@ -116,7 +143,9 @@ class QswapTaskMixin:
         subset = getattr(args, "gen_subset", None) or "test"
         net_input = first_net_input(self, subset, count=2)
         report = qswap.audit(model, net_input)
-        verdict = "HONEST" if report.honest else f"NOT HONEST ({len(report.violations)} float ops)"
+        # honest, or honest with declared exceptions or dynamic ranges: the report's own verdict
+        verdict = "HONEST" + report.verdict[len("honest"):] if report.honest else \
+            f"NOT HONEST ({len(report.violations)} float ops)"
         print(f"qswap audit: {verdict}; paths: {', '.join(report.paths)}", flush=True)
         for v in report.violations[:20]:
             print(f"qswap audit:   {v.module}: {v.op} ({v.operand}) {v.reason}", flush=True)

@@ -103,14 +103,22 @@ class QuantModule(nn.Module):
         raise NotImplementedError(f"{cls.__name__} must implement from_float")
 
     def train(self, mode: bool = True) -> "QuantModule":
-        """``nn.Module.train``; entering training also drops this module's kept integer forms
-        (``qswap.nn.simulate.cached``'s ``_integer*`` slots): the optimizer writes learned scales and
+        """``nn.Module.train``; entering training also drops the kept integer forms
+        (``qswap.nn.simulate.cached``'s ``_integer*`` slots) of this module and of the plain modules
+        inside it: the optimizer writes learned scales and
         weights through ``.data``, which no stamp sees, and a path that runs only at inference
         (a residual add onto the next layer's readers) would otherwise keep a form built from the
         values before training."""
         super().train(mode)
-        if mode:
+        if mode:  # its own forms, and those of plain modules inside it (an attention core, a
+            # projection) down to the next counterpart, whose own train (called above) drops its
             drop_kept_forms(self)
+            inside = list(self.children())
+            while inside:
+                module = inside.pop()
+                if not isinstance(module, QuantModule):
+                    drop_kept_forms(module)
+                    inside.extend(module.children())
         return self
 
     def bind_readers(self) -> None:

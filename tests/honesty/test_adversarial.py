@@ -129,7 +129,22 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
                                           ("", "aten.mm", "inexact_gemm")),
     "a float GEMM of codes and float data": (lambda s, h, g: _codes(s.ra, h).T @ s.rc(h),
                                              ("", "aten.mm", "float_operand")),
+    "an accumulator's bits as integers, then a GEMM": (
+        lambda s, h, g: _codes(s.ra, h).T @ h.view(torch.int32).view(torch.float32), ("", "aten.mm", "float_operand")),
+    "a softmax in complex numbers": (lambda s, h, g: torch.view_as_real(_complex_softmax(h))[..., 0],
+                                     ("", "aten.exp", "float_operand")),
+    "an accumulator compared, the comparisons summed": (
+        lambda s, h, g: torch.exp((h[..., None] > torch.linspace(-2, 2, 16)).float().sum(-1) * 0.25),
+        ("", "aten.sum", "float_operand")),
+    "an accumulator's argmax as a number": (
+        lambda s, h, g: torch.exp(h.argmax(-1, keepdim=True).float() * 0.3).expand(4, 8), ("", "aten.mul", "float_operand")),
 }
+
+
+def _complex_softmax(h):
+    z = torch.view_as_complex(torch.stack([h, torch.zeros_like(h)], -1))
+    e = torch.exp(z)
+    return e / e.sum(-1, keepdim=True)
 
 
 def _copied(q, ints):
@@ -180,7 +195,8 @@ class _Masked(nn.Module):
 
     def forward(self, x):
         q = self.r(self.a(x))
-        return self.out(torch.cat([q.masked_fill(MASK, 0.0), q * MASK.float()], 0)[:4])
+        keep = (q > 0).float()  # a mask of quantized values: a selection, as a ReLU's
+        return self.out(torch.cat([q.masked_fill(MASK, 0.0), q * MASK.float()], 0)[:4] * keep)
 
 
 class _Clamped(_Masked):
@@ -237,6 +253,36 @@ def test_honest_models_are_not_flagged(name):
 
 def test_at_least_8_honest_models():
     assert len(HONEST) >= 8
+
+
+def test_an_audit_under_inference_mode_reads_its_inputs_as_any():
+    """Tensors made under ``torch.inference_mode`` carry no version counter, which the audit reads
+    for every tensor: an audit called there (or given such inputs) runs with the mode off."""
+    qmodel = qswap.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), "w8a8")
+    qswap.calibrate(qmodel, [torch.randn(4, 8)])
+    with torch.inference_mode():
+        x = torch.randn(4, 8)
+        assert qswap.audit(qmodel, x).honest
+    assert qswap.audit(qmodel, x).honest  # an inference tensor, outside the mode
+
+
+class _InferenceInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+        self.inside = False
+
+    def forward(self, x):
+        with torch.inference_mode(self.inside):
+            return self.b(self.a(x))
+
+
+def test_a_model_running_under_inference_mode_is_an_audit_error_that_says_so():
+    qmodel = qswap.convert(_InferenceInside(), "w8a8")
+    qswap.calibrate(qmodel, [torch.randn(4, 8)])
+    qmodel.inside = True
+    with pytest.raises(qswap.QswapError, match="runs part of its forward under torch.inference_mode"):
+        qswap.audit(qmodel, torch.randn(4, 8))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

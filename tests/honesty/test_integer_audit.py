@@ -147,3 +147,21 @@ def test_honesty_options_do_not_apply_to_the_integer_level(s2t):
     qmodel, net_input = s2t
     with pytest.raises(AuditError, match="apply to the honesty audit"):
         qswap.audit(qmodel, net_input, integer=True, values=True)
+
+
+class _ComplexMiddle(nn.Module):
+    """An integer model (``forward_codes``) whose middle is float arithmetic carried in complex64:
+    int8 codes in, a softmax in complex numbers, int32 codes out."""
+
+    def forward_codes(self, codes):
+        return self(codes)
+
+    def forward(self, codes):
+        e = (codes.to(torch.complex64) / 16).exp()
+        return ((e / e.sum(-1, keepdim=True)) * 127).to(torch.int32)
+
+
+def test_complex_arithmetic_is_float_arithmetic_to_the_integer_audit():
+    report = qswap.audit(_ComplexMiddle(), torch.randint(-128, 127, (2, 8), dtype=torch.int8), integer=True)
+    assert not report.integer_only
+    assert {f.op for f in report.findings} >= {"exp", "sum", "div"}

@@ -105,15 +105,40 @@ def _model_state(path):
     return torch.load(path, weights_only=False, map_location="cpu")["model"]
 
 
-def test_calibration_steps_apply_no_update(float_checkpoint, tmp_path):
-    """Two calibration batches, two updates: every weight is still the float checkpoint's."""
+def test_calibration_updates_apply_no_update(float_checkpoint, tmp_path):
+    """Two calibration updates of two batches each (--update-freq 2), two updates: every weight is
+    still the float checkpoint's, and each observer saw the four training batches and nothing else
+    (not the validation after each epoch)."""
     root, data, float_ckpt = float_checkpoint
-    log = _run(*_qat(root, data, tmp_path / "qat", "w8a8", 2, 2), cwd=root)
-    assert "calibration steps applied no update" in log
+    log = _run(*_qat(root, data, tmp_path / "qat", "w8a8", 2, 2, "--update-freq", "2"), cwd=root)
+    assert "on the batches of 2 updates (the calibration updates moved no weight)" in log
     before, after = _model_state(float_ckpt), _model_state(tmp_path / "qat" / "checkpoint_last.pt")
     assert set(before) <= set(after)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert bool(after[FIRST_OBSERVER.replace("observer", "frozen")])
+    assert int(after[f"{FIRST_OBSERVER}.num_batches"]) == 4
+
+
+def test_a_run_resumed_during_calibration_calibrates_only_the_updates_left(float_checkpoint, tmp_path):
+    """Three calibration updates: a run stopped after two and resumed from its checkpoint_last.pt
+    calibrates on one more and ends where the run that was never stopped ends, tensor for tensor."""
+    root, data, _ = float_checkpoint
+    _run(*_qat(root, data, tmp_path / "once", "w8a8", 3, 5), cwd=root)
+    _run(*_qat(root, data, tmp_path / "resumed", "w8a8", 3, 2), cwd=root)
+    log = _run(*_qat(root, data, tmp_path / "resumed", "w8a8", 3, 5), cwd=root)
+    assert "on the batches of 3 updates" in log
+    once, resumed = (_model_state(tmp_path / d / "checkpoint_last.pt") for d in ("once", "resumed"))
+    assert int(resumed[f"{FIRST_OBSERVER}.num_batches"]) == 3
+    assert once.keys() == resumed.keys() and all(torch.equal(once[k], resumed[k]) for k in once)
+
+
+def test_calibration_options_without_a_recipe_are_refused(float_checkpoint, tmp_path):
+    root, data, _ = float_checkpoint
+    args = [a for a in _qat(root, data, tmp_path / "none", "w8a8", 2, 1) if a not in ("--qswap-recipe", "w8a8")]
+    result = subprocess.run([str(BIN / args[0]), *map(str, args[1:])], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "TrainingError: --qswap-calib-batches and --qswap-strict apply to a model qswap converts" in result.stderr
 
 
 def test_two_ddp_workers_freeze_the_grid_of_both_shards(float_checkpoint, tmp_path):

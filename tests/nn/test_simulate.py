@@ -529,6 +529,34 @@ def _lsq_s2t_model():
     return q, net
 
 
+def test_a_qat_step_leaves_no_form_kept_in_a_plain_module_of_a_counterpart():
+    """fairseq-train validates in eval mode between updates: the attention core and the q/k/v
+    projections (plain modules inside a counterpart) keep integer forms stamped with the learned
+    scales, which the optimizer then writes through ``.data``. Entering training drops them with
+    the counterpart's own: after a step that writes only learned scales, the validation forward
+    equals that of a copy that never kept a form."""
+    q, net = _lsq_s2t_model()
+    q.eval()
+    with torch.no_grad():
+        q(**net)  # validation: forms kept everywhere
+    assert any(k.startswith("_integer") for m in q.modules() for k in vars(m)
+               if not isinstance(m, qswap.nn.base.QuantModule))
+    q.train()
+    for m in q.modules():  # attention dropout in training: the context product takes no integer form
+        if hasattr(m, "dropout_module") and hasattr(m, "core"):
+            m.dropout_module.p = 0.1
+    q(**net)[0].float().sum().backward()
+    with torch.no_grad():
+        for name, p in q.named_parameters():
+            if name.endswith("quant.scale") and p.grad is not None:
+                p.data.mul_(1.25)  # the optimizer's write: no version counter moves
+    q.eval()
+    with torch.no_grad():
+        after = q(**net)[0]
+        fresh = copy.deepcopy(q)(**net)[0]  # a copy keeps no form: every one built afresh
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+
+
 def test_learned_reader_scales_train_under_integer_simulation():
     """QAT of an LSQ recipe with ``simulate: integer``: where an op's integer form writes onto its
     reader's grid (linears, norms, attention's products and softmax, the conv subsampler's GLU),
