@@ -26,7 +26,7 @@ from qswap.nn.registry import REGISTRY, find, is_passthrough
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.recipe import Recipe, Rule, load_recipe
 from qswap.report import ConvertReport, ModuleEntry
-from qswap.transforms import apply_transforms
+from qswap.transforms import STRUCTURE_ONLY, apply_transforms
 
 
 class QswapWarning(UserWarning):
@@ -65,15 +65,18 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
                            "(or load the quantized checkpoint as it is)")
     if inplace and recipe.transforms:
         # the transforms rewrite weights before the rules and sites are checked: tried on a copy
-        # first, so that an error leaves the caller's model as it was
+        # first, so that an error leaves the caller's model as it was (batches given as an
+        # iterator are read once, for both)
+        if data is not None and data is not STRUCTURE_ONLY and not isinstance(data, (list, tuple)):
+            data = list(data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             convert(model, recipe, inplace=False, strict=strict, data=data)
-    target = model if inplace else _deepcopy(model)
+    target = model if inplace else copy_model(model)
     report = ConvertReport(recipe=recipe.name, float_ok=dict(recipe.float_ok))
     report.notes += apply_transforms(target, recipe.transforms, data)
     plans, hit_rules = _walk(target, recipe, report)
-    _check_rules(recipe, hit_rules, report, strict)
+    _check_rules(recipe, hit_rules, report, strict, plans)
     _check_sites(recipe, plans, hit_rules)
     if strict and report.by_action("float"):
         names = ", ".join(e.path or "<root>" for e in report.by_action("float")[:8])
@@ -118,7 +121,7 @@ def _register_fairseq_counterparts() -> None:
         importlib.import_module("qswap.nn.fairseq")
 
 
-def _deepcopy(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy``, after recomputing ``torch.nn.utils.weight_norm`` weights without grad:
     a weight-normed module built or run with grad enabled (wav2vec 2.0's positional conv) holds
     a non-leaf ``weight``, which deepcopy refuses. The recomputed values are the same."""
@@ -181,10 +184,13 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[
     return plans, hit
 
 
-def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: bool) -> None:
+def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: bool,
+                 plans: list[_Plan] = ()) -> None:
+    units = [p for p in plans if not p.counterpart.converts_children]  # converted whole: their parts unvisited
     for rule in recipe.rules:
         if rule.index in hit:
             continue
+        _refuse_rule_inside_a_unit(recipe, rule, units)
         message = f"{recipe.name}: {rule.label()} matched no module"
         if rule.match.path is None:  # class-only rules are general: this model may lack the class
             report.notes.append(message)
@@ -193,6 +199,25 @@ def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: b
             raise ConvertError(f"strict mode: {message}; fix or remove the rule")
         report.unmatched_rules.append(rule.label())
         warnings.warn(message, QswapWarning, stacklevel=3)
+
+
+def _refuse_rule_inside_a_unit(recipe: Recipe, rule: Rule, units: list[_Plan]) -> None:
+    """A rule naming one module by its exact path that the walk never visits, a part of a
+    counterpart converted as one unit (an attention's q_proj), would be ignored: the unit's
+    quantizers follow the unit's rule. ConvertError saying so, not a 'matched no module' warning
+    that reads as a typo. (A pattern or class rule that reaches only such parts, a recipe's
+    catch-all on a model that is one unit, keeps its warning or note.)"""
+    if not rule.match.exact_path:
+        return
+    for plan in units:
+        for sub, module in plan.module.named_modules():
+            path = f"{plan.path}.{sub}" if plan.path else sub
+            if sub and rule.match.matches(path, module):
+                unit = plan.path or "the root"
+                raise ConvertError(f"{recipe.name}: {rule.label()} matches {path}, a part of {unit} "
+                                   f"({type(plan.module).__name__}), which is converted as one unit (by "
+                                   f"{plan.rule_label}): its parts' quantizers follow the unit's specs; write the "
+                                   f"rule for {unit} instead (a 'sites:' entry there tunes one of its quantizers)")
 
 
 def _check_sites(recipe: Recipe, plans: list[_Plan], hit: set[int]) -> None:

@@ -19,7 +19,6 @@ The result is an ordinary recipe: ``high``'s defaults plus one exact-path rule p
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -27,11 +26,13 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from qswap.convert import copy_model
 from qswap.errors import BudgetError
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.switch import enabled_only
 from qswap.recipe import load_recipe
 from qswap.sensitivity import model_output, output_sqnr
+from qswap.transforms import STRUCTURE_ONLY
 
 
 @dataclass
@@ -93,10 +94,10 @@ def rank_candidates(model: nn.Module, high: Any, batches: list, low_bits: int = 
     weights measured alone (every other quantizer off: float)."""
     import qswap
 
-    float_model = copy.deepcopy(model).eval()
+    float_model = copy_model(model).eval()
     with torch.no_grad():
         reference = [model_output(float_model, b) for b in batches]
-    qmodel = qswap.convert(model, high).eval()
+    qmodel = qswap.convert(model, high, data=batches).eval()  # data: the statistics transforms fold (smoothquant)
     qswap.calibrate(qmodel, batches)
     everything = [m for m in qmodel.modules() if isinstance(m, FakeQuantize)]
     candidates = []
@@ -126,15 +127,37 @@ def _added_noise(high_db: float, low_db: float) -> float:
     return math.inf if math.isnan(noise) else max(noise, 0.0)
 
 
-def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str) -> dict:
-    base = load_recipe(high).to_dict()
-    rules = [{"match": {"path": p}, "weight": {"bits": low_bits, "observer": "mse"},
-              "note": f"searched: alone at {low_bits} bits it costs {c.loss_db:.2f} dB of output SQNR"}
-             for c in low for p in c.paths]
+def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str, model: nn.Module | None = None) -> dict:
+    """``high`` with one exact-path rule per unit moved to ``low_bits`` weights, placed first. Each
+    is the rule ``high`` applies to that module (its own or an ancestor's: with ``model``, whose
+    tree says which) with only the weight's width (and its MSE observer) changed: its activations,
+    sites and float_ok stay what the ranking measured."""
+    recipe = load_recipe(high)
+    base = recipe.to_dict()
+    rules = []
+    for c in low:
+        for p in c.paths:
+            effective = _effective_rule(recipe, model, p) if model is not None else None
+            own = {k: v for k, v in (base["rules"][effective.index] if effective is not None else {}).items()
+                   if k not in ("match", "note", "skip")}
+            weight = own.get("weight", base.get("defaults", {}).get("weight")) or {}
+            rules.append({**own, "match": {"path": p}, "weight": {**weight, "bits": low_bits, "observer": "mse"},
+                          "note": f"searched: alone at {low_bits} bits it costs {c.loss_db:.2f} dB of output SQNR"})
     return {**base, "name": name,
             "description": f"mixed precision searched from {base.get('name', 'recipe')}: "
                            f"{len(low)} units at {low_bits}-bit weights",
             "rules": rules + list(base.get("rules", []))}
+
+
+def _effective_rule(recipe, model: nn.Module, path: str):
+    """The rule of ``recipe`` that convert applies to the module at ``path`` of ``model``: the first
+    rule matching it, else its parent's (``qswap.convert``'s walk); None: the defaults."""
+    parts = path.split(".") if path else []
+    effective = recipe.first_rule("", model)
+    for i in range(1, len(parts) + 1):
+        sub = ".".join(parts[:i])
+        effective = recipe.first_rule(sub, model.get_submodule(sub)) or effective
+    return effective
 
 
 def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", low_bits: int = 4,
@@ -153,10 +176,11 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
     candidates = rank_candidates(model, high, batches, low_bits)
 
     def recipe(n: int) -> dict:
-        return build_recipe(high, candidates[:n], low_bits, name)
+        return build_recipe(high, candidates[:n], low_bits, name, model)
 
     def size_mb(n: int) -> float:
-        return qswap.convert(model, recipe(n)).qswap_report.quantized_bytes / 1e6
+        # the sizes need the transforms' modules, not their folded values
+        return qswap.convert(model, recipe(n), data=STRUCTURE_ONLY).qswap_report.quantized_bytes / 1e6
 
     if target_mb is not None:
         smallest, largest = size_mb(len(candidates)), size_mb(0)
@@ -171,11 +195,11 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
         return SearchResult(recipe(lo), [p for c in candidates[:lo] for p in c.paths], size_mb(lo), candidates)
     if evaluate is None:
         raise BudgetError("max_delta_wer needs an evaluate(model) -> WER function")
-    float_wer = evaluate(copy.deepcopy(model).eval())
+    float_wer = evaluate(copy_model(model).eval())
     evaluations: list[tuple[int, float]] = []
 
     def delta(n: int) -> float:
-        qm = qswap.convert(model, recipe(n)).eval()
+        qm = qswap.convert(model, recipe(n), data=batches).eval()
         qswap.calibrate(qm, batches)
         wer = evaluate(qm)
         evaluations.append((n, wer))

@@ -13,7 +13,6 @@ alone is kept float. The report is data; ``qswap.cli`` renders it, ``plot`` draw
 """
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
@@ -21,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from qswap.convert import copy_model
 from qswap.errors import CalibrationError
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.switch import enabled_only
@@ -128,7 +128,7 @@ def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metri
     batches = list(batches)
     if not batches:
         raise CalibrationError("sensitivity needs at least one batch to compare outputs on")
-    float_model = copy.deepcopy(model).eval()
+    float_model = copy_model(model).eval()
     with torch.no_grad():
         reference = [model_output(float_model, b) for b in batches]
     calib = list(calib_batches) if calib_batches is not None else batches

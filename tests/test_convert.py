@@ -234,6 +234,32 @@ def test_a_recipe_with_transforms_that_fails_a_check_leaves_the_inplace_models_w
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
+def test_an_inplace_convert_with_transforms_reads_batches_given_as_an_iterator_once():
+    """The trial on a copy and the conversion itself both see the batches of a one-pass iterator,
+    and give what a conversion of a copy with the same batches gives."""
+    pytest.importorskip("fairseq")
+    from qswap.models import build_s2t_transformer, s2t_net_input
+
+    x = s2t_net_input()
+    reference = qswap.convert(build_s2t_transformer(seed=0), "w4a4_edges8_stream_smoothquant", data=[x])
+    converted = qswap.convert(build_s2t_transformer(seed=0), "w4a4_edges8_stream_smoothquant", inplace=True,
+                              data=iter([x]))
+    expected = reference.state_dict()
+    assert converted.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in converted.state_dict().items())
+
+
+def test_a_rule_for_a_part_of_a_unit_is_refused_naming_the_unit():
+    """An attention is converted as one unit: a rule for its q_proj would be ignored (its quantizers
+    follow the attention's specs), so it is a ConvertError naming the unit, not a 'matched no
+    module' warning that reads as a typo."""
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"path": "1.out_proj"}, "weight": {"bits": 4}}]}
+    with pytest.raises(ConvertError, match=r"matches 1.out_proj, a part of 1 \(MultiheadAttention\), which is "
+                                           r"converted as one unit .* write the rule for 1 instead"):
+        qswap.convert(_attention_model(), recipe)
+
+
 def test_every_module_appears_in_the_report_containers_included():
     """A user's block with a residual add in its forward has no counterpart: its children are
     converted, the block itself is listed as a container (the audit checks its own ops)."""

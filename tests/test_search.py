@@ -122,3 +122,37 @@ def test_low_bit_probe_regrids_the_weights_a_linear_keeps():
         back = q(x)
         assert torch.equal(low, fresh(x)) and not torch.equal(low, high)
         assert torch.equal(back, high)
+
+
+def test_a_search_starts_from_a_recipe_whose_transforms_read_the_batches():
+    """smoothquant folds activation statistics into the weights: the search converts with its
+    batches (and sizes the structure alone), and the searched recipe converts and audits honest."""
+    model, batches = _tiny(), [s2t_net_input(batch=2, frames=32, num_tokens=5)]
+    high = "w4a4_edges8_stream_smoothquant"
+    largest = qswap.convert(model, high, data=batches).qswap_report.quantized_bytes / 1e6
+    result = search(model, batches, high=high, low_bits=3, target_mb=largest * 0.95)
+    assert result.low_units and result.weight_mb <= largest * 0.95
+    qmodel = qswap.convert(model, result.recipe, data=batches)
+    assert qmodel.qswap_report.quantized_bytes / 1e6 == pytest.approx(result.weight_mb)
+    qswap.calibrate(qmodel, batches)
+    assert qswap.audit(qmodel, batches[0]).honest
+
+
+def test_a_unit_moved_to_low_bits_keeps_the_rest_of_the_high_recipes_rule():
+    """Searching down from a recipe with path rules (w4a4_edges8 keeps its first and last layers
+    at 8 bits): a moved unit's rule is the high recipe's rule for it with only the weight width
+    changed, so its activations stay what the ranking measured."""
+    from qswap.quant.fake_quantize import FakeQuantize
+
+    model, batches = _tiny(), [s2t_net_input(batch=2, frames=32, num_tokens=5)]
+    largest = qswap.convert(model, "w4a4_edges8").qswap_report.quantized_bytes / 1e6
+    result = search(model, batches, high="w4a4_edges8", low_bits=3, target_mb=largest * 0.999)
+    assert result.low_units
+
+    def specs(qmodel, kind):
+        return {n: q.spec for n, q in qmodel.named_modules() if isinstance(q, FakeQuantize) and q.kind == kind
+                and any(n.startswith(f"{u}.") for u in result.low_units)}
+
+    high, searched = qswap.convert(model, "w4a4_edges8"), qswap.convert(model, result.recipe)
+    assert specs(searched, "activation") == specs(high, "activation") and specs(high, "activation")
+    assert {s.bits for s in specs(searched, "weight").values()} == {3}

@@ -174,3 +174,13 @@ def test_a_recipe_with_a_data_transform_is_probed_with_the_calibration_batches()
     result = qswap.sensitivity(_tiny(), recipe, [batch], calib_batches=[calib])
     assert result.recipe == "w4a8_sq" and result.sites
     assert all(math.isfinite(s.alone_sqnr) for s in result.sites)
+
+
+def test_a_wav2vec2_model_with_a_weight_normed_conv_is_probed():
+    """wav2vec 2.0's positional convolution is weight-normed: its ``weight`` is not a leaf, which a
+    plain deepcopy refuses; the probe copies the float model as ``convert`` does."""
+    pytest.importorskip("fairseq")
+    from qswap.models import build_wav2vec2_ctc, wav2vec2_net_input
+
+    report = qswap.sensitivity(build_wav2vec2_ctc(), "w8a8", [wav2vec2_net_input()])
+    assert report.sites and all(math.isfinite(s.gain_db) or s.gain_db == -math.inf for s in report.sites)

@@ -1,13 +1,14 @@
 """Write an integer model (what ``qswap.integerize`` returns) as safetensors tensors plus a JSON
 description: the declared object tree (``qswap.io.serializable``), its declared float steps, a
-format version and the sha256 of the tensor file. ``qswap.export.integer_load`` reads it back.
+format version and the sha256 of the tensor file and of the object tree. ``qswap.export.integer_load`` reads it back.
 
 >>> write_integer_model(qswap.integerize(qmodel), "out/")   # out/model.json, out/model.safetensors
 
 JSON fields: ``format`` ("qswap-integer-model"), ``format_version`` (``FORMAT_VERSION``),
 ``qswap_version``, ``tensor_file`` (``name``, ``bytes``, ``sha256``), ``float_steps`` (method ->
 what it does), ``model`` (``{"class": name, "args": {...}}``; a tensor is
-``{"tensor": key, "dtype": ..., "shape": [...]}``), ``task`` (the fairseq task config, plain
+``{"tensor": key, "dtype": ..., "shape": [...]}``), ``model_sha256`` (of ``model_digest``'s text of
+``model``: an edited multiplier, shift or head count is found, as an edited tensor is), ``task`` (the fairseq task config, plain
 data, or null) and ``decoding`` (target dictionary facts, or null), ``source`` (free text).
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from qswap.io.atomic import atomic_write_bytes, atomic_write_text
 from qswap.io.serializable import ANY, Codec, SpecMismatch
 
 FORMAT = "qswap-integer-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model_sha256
 JSON_FILE, TENSOR_FILE = "model.json", "model.safetensors"
 
 
@@ -49,6 +50,12 @@ def describe(model: torch.nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     return entry, collect.tensors
 
 
+def model_digest(entry: Mapping) -> str:
+    """The sha256 (hex) of the ``model`` entry's canonical JSON text (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False)
+                          .encode("utf-8")).hexdigest()
+
+
 def write_integer_model(model: torch.nn.Module, out: str | Path, *, task: Mapping | None = None,
                         decoding: Mapping | None = None, source: str = "") -> Path:
     """Write ``model`` into the directory ``out`` (made if missing): the tensor file first, then
@@ -62,7 +69,7 @@ def write_integer_model(model: torch.nn.Module, out: str | Path, *, task: Mappin
     blob = save(tensors)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "qswap_version": __version__,
             "tensor_file": {"name": TENSOR_FILE, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
-            "float_steps": SERIALIZABLE[entry["class"]].float_steps, "model": entry,
+            "float_steps": SERIALIZABLE[entry["class"]].float_steps, "model": entry, "model_sha256": model_digest(entry),
             "task": None if task is None else dict(task), "decoding": None if decoding is None else dict(decoding),
             "source": source}
     try:

@@ -20,14 +20,14 @@ from typing import Any, Iterator
 import torch
 
 from qswap.errors import LoadError
-from qswap.export.integer_format import FORMAT, FORMAT_VERSION, JSON_FILE
+from qswap.export.integer_format import FORMAT, FORMAT_VERSION, JSON_FILE, model_digest
 from qswap.io.serializable import ANY, SERIALIZABLE, Codec, SpecMismatch
 
 # qswap's own modules that declare integer forms (imported on demand, never a name from a file);
 # the fairseq ones only when the file names a class the others do not declare
 DECLARING = (("qswap.quant.integer", "qswap.nn", "qswap.integerize"), ("qswap.nn.fairseq",))
-TOP_LEVEL = ("format", "format_version", "qswap_version", "tensor_file", "float_steps", "model", "task",
-             "decoding", "source")
+TOP_LEVEL = ("format", "format_version", "qswap_version", "tensor_file", "float_steps", "model", "model_sha256",
+             "task", "decoding", "source")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -62,6 +62,10 @@ def load_integer_model(path: str | Path) -> ExportedModel:
     except SafetensorError as exc:
         raise LoadError(f"{json_path.parent / meta['tensor_file']['name']}: not a readable safetensors file "
                         f"({exc}); export the model again", kind="corrupted") from None
+    if model_digest(meta["model"]) != meta["model_sha256"]:
+        raise LoadError(f"{json_path}: its model description does not match the sha256 it was written with (a "
+                        f"multiplier, shift, size or class edited after the export); export the model again",
+                        kind="edited")
     _import_declaring(meta["model"])
     take = _Take(tensors)
     try:
@@ -129,6 +133,8 @@ def _check_types(path: Path, meta: dict) -> None:
             and isinstance(tf["bytes"], int) and isinstance(tf["sha256"], str) and _SHA256.fullmatch(tf["sha256"])):
         raise _edited(path, f"tensor_file must be {{\"name\": a file name beside the JSON, \"bytes\": int, "
                             f"\"sha256\": 64 hex digits}}, got {tf!r}")
+    if not (isinstance(meta["model_sha256"], str) and _SHA256.fullmatch(meta["model_sha256"])):
+        raise _edited(path, f"model_sha256 must be 64 hex digits, got {meta['model_sha256']!r}")
     steps = meta["float_steps"]
     if not (isinstance(steps, dict) and all(isinstance(v, str) for v in steps.values())):
         raise _edited(path, f"float_steps must map names to descriptions, got {steps!r}")

@@ -5,7 +5,6 @@ grids), and MACs and BOPs per second of audio. WER and delta WER carry paired bo
 function: it returns rows; the CLI renders them."""
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import asdict, astuple, dataclass, field
 from typing import Callable
@@ -14,6 +13,7 @@ import torch
 
 import qswap
 from qswap.calibrate import activation_quantizers
+from qswap.convert import copy_model
 from qswap.errors import DataError
 from qswap.integration import data as fdata
 from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, wer_interval
@@ -241,7 +241,7 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
         "bootstrap": bootstrap.to_dict(), "integer": integer})
     for recipe in names:
         cb = (lambda stage, n, total, r=recipe: progress(r, stage, n, total)) if progress else None
-        row, _ = evaluate_recipe(copy.deepcopy(model), task, recipe, subset=subset, calib_subset=calib_subset,
+        row, _ = evaluate_recipe(copy_model(model), task, recipe, subset=subset, calib_subset=calib_subset,
                                  calib_batches=calib_batches, beam=beam, max_sentences=max_sentences,
                                  integer=integer and recipe != "fp32", progress=cb)
         table.rows.append(row)

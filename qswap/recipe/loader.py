@@ -215,15 +215,20 @@ class _Ctx:
                default_sites: "Mapping | None" = None) -> QuantConfig:
         """node's config; ``default_sites`` (the defaults' ``sites:``) apply under node's own. A
         site's entry is merged over ``w`` and over ``a`` (node's merged specs): the counterpart
-        that owns the site declares its kind, which picks one (``SiteSpecs``); null keeps it float."""
+        that owns the site declares its kind, which picks one (``SiteSpecs``); null keeps it float.
+        A kind node sets to null itself (``activation: null``: this subtree's activations float)
+        stays float at the sites the defaults name: only node's own ``sites:`` entries quantize
+        them again."""
+        nulled = tuple(kind in node and node[kind] is None for kind in ("weight", "activation"))
         sites = {}
-        for sites_raw in (default_sites or {}, self.sites(node)):
+        for inherited, sites_raw in ((True, default_sites or {}), (False, self.sites(node))):
             for site in sites_raw:
                 if sites_raw[site] is None:
                     sites[site] = None
                     continue
-                sites[site] = SiteSpecs(*(self.to_spec(sites_raw, site, self.spec_dict(sites_raw, site, base),
-                                                       sites_raw.get(site)) for base in (w, a)))
+                sites[site] = SiteSpecs(*(None if inherited and off else self.to_spec(
+                    sites_raw, site, self.spec_dict(sites_raw, site, base), sites_raw.get(site))
+                    for base, off in zip((w, a), nulled)))
         return QuantConfig(weight=self.to_spec(node, "weight", w), activation=self.to_spec(node, "activation", a),
                            sites=sites, simulate=self.simulate)
 
@@ -270,6 +275,10 @@ class _Ctx:
         path = m.get("path")
         if path is not None and not isinstance(path, str):
             raise self.error(m, "path", f"must be a string, got {_tname(path)}")
+        if path is None and not classes:  # {class: []} or {path: null}: no condition, every module
+            raise self.error(raw, "match", f"rule {index}'s match names no path and no class: give a 'path' "
+                                           f"pattern and/or at least one 'class' (with neither it would match "
+                                           f"every module)")
         try:
             match = Match(path=path, classes=tuple(classes))
         except PatternError as exc:

@@ -73,6 +73,11 @@ class Match:
                               f"module path {path!r} (catastrophic backtracking); rewrite it "
                               f"without overlapping repeated alternatives like (.|\\w)*") from None
 
+    @property
+    def exact_path(self) -> bool:
+        """Whether ``path`` names one module (no glob, no regex)."""
+        return self._kind == "exact"
+
     def describe(self) -> str:
         parts = []
         if self.path is not None:

@@ -24,6 +24,7 @@ class Ffn:
     fc1: nn.Linear
     fc2: nn.Module  # a Linear, or a RotatedLinear (qswap.transforms.hadamard)
     activation: str
+    norm_inside: bool = False  # a LayerNorm between the activation and fc2 (NormFormer's ffn_layernorm)
 
 
 def _qualname(module: nn.Module) -> str:
@@ -67,4 +68,5 @@ def prenorm_blocks(model: nn.Module) -> Iterator[Block]:
 def ffns(model: nn.Module) -> Iterator[Ffn]:
     for path, layer in _layers(model):
         if isinstance(layer.fc1, nn.Linear):
-            yield Ffn(path, layer.fc1, layer.fc2, activation_name(layer))
+            yield Ffn(path, layer.fc1, layer.fc2, activation_name(layer),
+                      getattr(layer, "ffn_layernorm", None) is not None)

@@ -67,7 +67,8 @@ def smoothquant(model: nn.Module, data: Any, *, alpha: float = 0.5, norms: bool 
     if data is STRUCTURE_ONLY:
         return ["factors already folded into the stored weights"]
     blocks = list(prenorm_blocks(model)) if norms else []
-    layers = [f for f in ffns(model) if f.activation in _HOMOGENEOUS] if ffn else []
+    # a factor s folded into fc1's rows passes a positively homogeneous activation, not a LayerNorm
+    layers = [f for f in ffns(model) if f.activation in _HOMOGENEOUS and not f.norm_inside] if ffn else []
     if any(not isinstance(f.fc2, nn.Linear) for f in layers):
         raise ConvertError("smoothquant: fc2 is already rotated (hadamard ffn); list smoothquant "
                            "before hadamard in the recipe's transforms")
@@ -87,7 +88,11 @@ def smoothquant(model: nn.Module, data: Any, *, alpha: float = 0.5, norms: bool 
             f.fc1.bias.copy_((f.fc1.bias.double() / s).to(f.fc1.bias.dtype))
             _scale_inputs([fc2], s)
     skipped = sum(1 for f in ffns(model) if f.activation not in _HOMOGENEOUS) if ffn else 0
+    normed = sum(1 for f in ffns(model) if f.activation in _HOMOGENEOUS and f.norm_inside) if ffn else 0
     notes = [f"alpha {alpha}: {len(blocks)} norm(s) and {len(layers)} FFN(s) smoothed"]
     if skipped:
         notes.append(f"{skipped} FFN(s) skipped: their activation is not positively homogeneous")
+    if normed:
+        notes.append(f"{normed} FFN(s) skipped: a LayerNorm between the activation and fc2 (NormFormer's "
+                     f"ffn_layernorm) does not pass a per-channel factor")
     return notes

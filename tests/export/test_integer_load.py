@@ -9,7 +9,7 @@ import torch
 
 import qswap
 from qswap.errors import ExportError, LoadError, QswapError
-from qswap.export.integer_format import JSON_FILE, TENSOR_FILE, write_integer_model
+from qswap.export.integer_format import FORMAT_VERSION, JSON_FILE, TENSOR_FILE, model_digest, write_integer_model
 from qswap.export.integer_load import load_integer_model
 
 
@@ -31,7 +31,11 @@ def load_meta(d):
     return json.loads((d / JSON_FILE).read_text())
 
 
-def save_meta(d, meta):
+def save_meta(d, meta, rehash=True):
+    """Write ``meta``; ``rehash``: with the sha256 of its model entry made afresh, as a hand-made file
+    would be (so that the checks behind the hash are what a test reaches)."""
+    if rehash and isinstance(meta.get("model"), dict):
+        meta["model_sha256"] = model_digest(meta["model"])
     (d / JSON_FILE).write_text(json.dumps(meta))
 
 
@@ -104,9 +108,9 @@ def test_an_unreadable_tensor_file_with_a_matching_hash(copy):
 
 def test_a_newer_format_version(copy):
     meta = load_meta(copy)
-    meta["format_version"] = 2
+    meta["format_version"] = FORMAT_VERSION + 1
     save_meta(copy, meta)
-    fails(copy, "version", "format version 2 .* this qswap reads version 1")
+    fails(copy, "version", f"format version {FORMAT_VERSION + 1} .* this qswap reads version {FORMAT_VERSION}")
 
 
 def test_another_format(copy):
@@ -201,6 +205,31 @@ def test_hand_edited_json(copy, edit, match):
     edit(meta)
     save_meta(copy, meta)
     error = fails(copy, "edited", match)
+    assert "export the model again" in str(error)
+
+
+def _requant(meta):
+    """The JSON args of the output projection's requantization (a Requant), or the first one found."""
+    stack = [meta["model"]]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("class") == "Requant":
+                return node["args"]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    raise AssertionError("no Requant in the model")
+
+
+@pytest.mark.parametrize("field, change", [("shift", 3), ("m0", 2 ** 40)])
+def test_an_edited_number_of_the_model_is_found_by_its_hash(copy, field, change):
+    """A multiplier or shift edited by hand (the model would decode another WER, or wrap in int64)
+    is refused: the model entry no longer has the sha256 it was written with."""
+    meta = load_meta(copy)
+    _requant(meta)[field] += change
+    save_meta(copy, meta, rehash=False)
+    error = fails(copy, "edited", "does not match the sha256 it was written with")
     assert "export the model again" in str(error)
 
 

@@ -58,6 +58,10 @@ BAD = {
     "not a mapping": ("- 1\n- 2\n", "mapping at the top level", None),
     "rules not a list": ("version: 1\nrules: {a: 1}\n", "must be a list", 2),
     "rule without match": ("version: 1\nrules:\n  - skip: true\n", "needs a 'match'", 3),
+    "match with an empty class list": ("version: 1\nrules:\n  - match: {class: []}\n    skip: true\n",
+                                       "names no path and no class", 3),
+    "match with a null path": ("version: 1\nrules:\n  - match: {path: null}\n    skip: true\n",
+                               "names no path and no class", 3),
     "skip not bool": ("version: 1\nrules:\n  - match: {path: a}\n    skip: maybe\n", "true or false", 4),
     "float_ok without reason": ("version: 1\nfloat_ok: {aten.exp: ''}\n", "non-empty reason", 2),
     "duplicate key": ("version: 1\nversion: 1\n", "duplicate key", 2),
@@ -160,3 +164,29 @@ def test_a_clash_with_an_inherited_field_says_how_to_drop_it(tmp_path):
         qswap.load_recipe(path)
     path.write_text(text % ", group_size: null")
     assert qswap.load_recipe(path).name
+
+
+def test_a_rule_that_nulls_a_kind_keeps_the_defaults_sites_of_that_kind_float():
+    """``activation: null`` in a rule (a weight-only subtree) is not undone by the defaults' site
+    entries, which refine a spec the rule no longer has; the rule's own entries still quantize."""
+    recipe = parse_yaml(textwrap.dedent("""
+        version: 1
+        defaults:
+          weight: {bits: 4}
+          activation: {bits: 4, symmetric: false}
+          sites: {attn_residual: {granularity: per_channel, axis: -1}}
+        rules:
+          - match: {path: decoder}
+            activation: null
+          - match: {path: encoder}
+            activation: null
+            sites: {attn_out: {bits: 8}}
+          - match: {class: LayerNorm}
+            weight: {bits: 8}
+    """))
+    decoder, encoder, norm = (r.config for r in recipe.rules)
+    assert decoder.spec("attn_residual", "activation") is None
+    assert decoder.spec("attn_residual", "weight").bits == 4  # the other kind still merges
+    assert encoder.spec("attn_out", "activation").bits == 8
+    residual = norm.spec("attn_residual", "activation")  # a rule that leaves the kind alone
+    assert (residual.bits, residual.granularity) == (4, "per_channel")

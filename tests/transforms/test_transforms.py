@@ -62,6 +62,20 @@ def test_transformed_float_model_equals_the_original(steps):
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("steps", [[("smoothquant", {"alpha": 0.5})], [("hadamard", {"block": 16})]])
+def test_a_normformer_ffn_keeps_the_float_function(steps):
+    """NormFormer (``scale_fc``): fairseq's ffn_layernorm sits between the activation and fc2, which
+    a per-channel factor does not pass: smoothquant leaves those FFNs and says so."""
+    model, x = build_s2t_transformer(seed=0, encoder_normalize_before=True, decoder_normalize_before=True,
+                                     scale_fc=True, **DIMS), s2t_net_input(vocab=40, frames=48)
+    assert model.decoder.layers[0].ffn_layernorm is not None
+    before = _outputs(model, x)
+    notes = apply_transforms(model, [make_step(n, p) for n, p in steps], data=[x])
+    torch.testing.assert_close(_outputs(model, x), before, atol=1e-5, rtol=1e-5)
+    if steps[0][0] == "smoothquant":
+        assert any("LayerNorm between the activation and fc2" in n for n in notes)
+
+
 def test_smoothquant_flattens_the_norm_output_channels():
     model, x = _model(), s2t_net_input(vocab=40, frames=48)
     layer = model.encoder.transformer_layers[0]

@@ -150,6 +150,7 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         with torch.no_grad():
             positions = torch.round(self.embed_positions.weights_quant(self.embed_positions.weights).double()
                                     / scale).to(torch.int32)  # (P, C)
+        check_entry(embed, positions, stream_bits)
         layers = []
         for layer in self.transformer_layers:
             layers.append(layer.to_integer(scale))
@@ -163,6 +164,18 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         return IntegerS2TTransformerEncoder(self.subsample.to_integer(embed), embed.zero_point, stream_bits,
                                             positions, self.embed_positions.padding_idx, layers, norm_in,
                                             norms, out)
+
+
+def check_entry(embed, positions: Optional[Tensor], stream_bits: int) -> None:
+    """IntegerizeError where an integer encoder's entry stream could leave int32: each embedded code
+    (``embed``'s grid) shifted left by ``stream_bits`` plus a folded position entry (``positions``,
+    int32 (P, C), or None), summed in int32. The bound ``entry_values`` tests before it simulates
+    that sum (a 16-bit embed grid reaches it)."""
+    from qswap.quant.integer import check_bound
+    span = max(embed.qmax - embed.zero_point, embed.zero_point - embed.qmin)
+    table = int(positions.abs().max()) if positions is not None and positions.numel() else 0
+    check_bound(f"the encoder's entry stream (embedded codes shifted by {stream_bits} bits plus the position "
+                f"table's entries)", (span << stream_bits) + table, 2 ** 31 - 2 ** 8 - 1)
 
 
 def entry_values(encoder: nn.Module, embedded: Tensor, positions: Optional[Tensor], readers: tuple) -> Optional[tuple]:
@@ -309,6 +322,7 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
                 positions = torch.round(table.double() / scale).to(torch.int32)  # (P, C)
             elif self.pos_enc_type == "rel_pos":
                 extra = {"pos_table": self.embed_positions.pe}
+        check_entry(embed, positions, stream_bits)
         linear = self.linear.to_integer(None)
         entry = IntegerChain([StreamOut(stream_to(scale, self.linear.input_quant)), linear])
         scale, layers = linear.stream_scale, []

@@ -366,6 +366,20 @@ def test_simulated_decoder_entry_falls_back_to_float_where_the_tables_overflow_i
         assert big.decoder.entry_values(net_input["prev_output_tokens"]) is None
 
 
+def test_an_encoder_entry_stream_that_could_leave_int32_has_no_integer_form():
+    """A 16-bit embed site: its codes shifted onto the 16-bit stream grid plus the position table
+    pass 2^31. The simulation adds them in float there (``entry_values``: None), and the integer
+    model is refused (it added them in int32, which wrapped) instead of disagreeing with it."""
+    from qswap.errors import IntegerizeError
+    from qswap.models import build_s2t_transformer, s2t_net_input
+    recipe = qswap.load_recipe("w8a8").to_dict()
+    recipe["defaults"]["sites"] = {**recipe["defaults"].get("sites", {}), "embed": {"bits": 16}}
+    cal = [s2t_net_input(2, 60, seed=s) for s in range(3)]
+    qmodel = convert_calibrated(build_s2t_transformer(), cal[0], with_simulate(recipe, "integer")).eval()
+    with pytest.raises(IntegerizeError, match="entry stream .* beyond"):
+        qswap.integerize(qmodel)
+
+
 def test_a_layer_without_integer_form_keeps_float_residual_adds_under_simulate_integer(simulated):
     """One refusal decides both: a decoder layer with a NormFormer part has no integer form
     (``to_integer`` raises), and its ``simulate: integer`` residual adds stay fairseq's float sums."""
