@@ -68,10 +68,14 @@ def _as_mono_float(waveform: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
         raise AudioError(f"waveform must be a torch.Tensor or numpy array, got {type(waveform).__name__}")
     if arr.dtype.kind not in "fiu":
         raise AudioError(f"waveform has non-numeric dtype {arr.dtype}")
-    if arr.dtype.kind in "iu":
-        # integer PCM: scale to [-1, 1]
+    if arr.dtype.kind == "i":
+        # signed integer PCM: scale to [-1, 1]
         info = np.iinfo(arr.dtype)
         arr = arr.astype(np.float64) / float(max(abs(info.min), info.max))
+    elif arr.dtype.kind == "u":
+        # unsigned integer PCM (8-bit WAV): centred on its midpoint, (x - 2^(b-1)) / 2^(b-1), as load_audio reads it
+        half = float(np.iinfo(arr.dtype).max // 2 + 1)
+        arr = (arr.astype(np.float64) - half) / half
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim == 2:
         if 1 not in arr.shape:

@@ -150,3 +150,17 @@ def test_load_audio_unreadable(tmp_path):
 def test_audio_error_is_qswap_error():
     assert issubclass(AudioError, QswapError)
     assert features.fbank_backend("kaldi_native_fbank") == "kaldi_native_fbank"
+
+
+def test_unsigned_8bit_pcm_is_centred_as_load_audio_reads_it(tmp_path):
+    """An 8-bit WAV's samples are unsigned, centred on 128: fbank of the uint8 array equals fbank
+    of the waveform load_audio reads from the file (not a [0, 1] signal at half the scale)."""
+    codes = np.clip(np.round(_tone(0.5) * 127 + 128), 0, 255).astype(np.uint8)
+    p = tmp_path / "u8.wav"
+    with wave.open(str(p), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(1)
+        w.setframerate(16000)
+        w.writeframes(codes.tobytes())
+    waveform, _ = load_audio(p, expected_sample_rate=16000)
+    torch.testing.assert_close(fbank(codes, 16000), fbank(waveform, 16000), rtol=0, atol=1e-4)

@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if args.simulate and (args.backend == "onnxruntime" or args.integer):
         other = "--integer (integer kernels)" if args.integer else "--backend onnxruntime (onnxruntime's kernels)"
         raise DataError(f"--simulate picks the fake-quant model's arithmetic; drop it with {other}")
+    if args.baseline and args.vs_float:
+        raise DataError("--baseline and --vs-float each give the ΔWER its reference; pass one of them")
     baseline = _read_baseline(args.baseline) if args.baseline else None
     counts, result, label, float_result = evaluate(args)
     utterances = [u.__dict__ for u in result.utterances]
@@ -107,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
                   f"WER {counts.wer:.2f}%{_ci(stats['wer_ci'])}  CER {counts.cer:.2f}%{delta}  "
                   f"decode {result.seconds:.1f} s ({result.audio_seconds / max(result.seconds, 1e-9):.1f}x real time)")
     _write(args.json_out, {"counts": counts.to_dict(), "subset": args.subset, "model": label,
-                           "shard": [args.shard_id, args.num_shards], **stats, "utterances": utterances})
+                           "shard": [args.shard_id, args.num_shards], "settings": _settings(args), **stats,
+                           "utterances": utterances})
     if args.markdown and utterances:
         from qswap.io.atomic import atomic_write_text
         atomic_write_text(args.markdown, _markdown(label, args.subset, counts, stats))
@@ -274,6 +277,16 @@ def _decode(args, task, model, label: str):
         return decode(task, model, samples, beam=args.beam, progress=advance)
 
 
+def _settings(args) -> dict:
+    """What decides which utterances a shard holds and what it decodes them to: shards of one decode
+    agree on all of it (``--merge`` checks)."""
+    from pathlib import Path
+    return {"checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+            "data": str(Path(args.data).resolve()) if args.data else None, "recipe": args.recipe,
+            "beam": args.beam, "max_sentences": args.max_sentences, "backend": args.backend,
+            "integer": bool(args.integer), "simulate": args.simulate}
+
+
 def _read_shard(path: str) -> dict:
     """A shard result written by ``qswap eval --json``: its counts, subset, model and shard."""
     from qswap.errors import DataError
@@ -290,7 +303,8 @@ def _read_shard(path: str) -> dict:
         utterances = [{"id": int(u["id"]), "ref": str(u["ref"]), "hyp": str(u["hyp"])}
                       for u in payload.get("utterances", [])]
         return {"path": path, "counts": counts, "subset": str(payload["subset"]), "utterances": utterances,
-                "model": str(payload["model"]), "shard_id": shard_id, "num_shards": num_shards}
+                "model": str(payload["model"]), "shard_id": shard_id, "num_shards": num_shards,
+                "settings": payload.get("settings")}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path} is not a shard result written by 'qswap eval --json': "
                         f"{type(exc).__name__}: {exc}") from None
@@ -301,7 +315,7 @@ def _check_shards(shards: list[dict]) -> None:
     from qswap.errors import DataError
 
     first = shards[0]
-    for key in ("num_shards", "subset", "model"):
+    for key in ("num_shards", "subset", "model", "settings"):
         for shard in shards[1:]:
             if shard[key] != first[key]:
                 raise DataError(f"cannot merge: {shard['path']} has {key} {shard[key]!r} but "
@@ -321,6 +335,13 @@ def _check_shards(shards: list[dict]) -> None:
     if missing:
         raise DataError(f"cannot merge: shard(s) {', '.join(map(str, missing))} of {k} missing; "
                         f"pass all {k} shard results written with --num-shards {k}")
+    owner: dict[int, str] = {}
+    for shard in shards:
+        for u in shard["utterances"]:
+            if u["id"] in owner:
+                raise DataError(f"cannot merge: utterance {u['id']} is in {owner[u['id']]} and in {shard['path']}; "
+                                f"merge the shards of one 'qswap eval --num-shards K' run")
+            owner[u["id"]] = shard["path"]
 
 
 def _progress(args) -> bool:

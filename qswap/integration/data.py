@@ -6,7 +6,7 @@ import itertools
 from pathlib import Path
 from typing import Any, Iterator
 
-from qswap.errors import DataError
+from qswap.errors import DataError, DependencyError
 
 
 def load_model_and_task(checkpoint: str | Path, data: str | Path | None = None, *,
@@ -96,10 +96,14 @@ def batches(task, subset: str, *, max_tokens: int = 40000, max_sentences: int | 
     if not 0 <= shard_id < num_shards:
         raise DataError(f"--shard-id must be in [0, {num_shards}), got {shard_id}")
     dataset = load_subset(task, subset)
-    itr = task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_sentences=max_sentences,
-                                  max_positions=None, ignore_invalid_inputs=False,
-                                  num_shards=num_shards, shard_id=shard_id, num_workers=0, seed=1,
-                                  disable_iterator_cache=True)
+    try:
+        itr = task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_sentences=max_sentences,
+                                      max_positions=None, ignore_invalid_inputs=False,
+                                      num_shards=num_shards, shard_id=shard_id, num_workers=0, seed=1,
+                                      disable_iterator_cache=True)
+    except AssertionError as exc:  # fairseq's batching asserts every utterance fits max_tokens
+        raise DataError(f"subset {subset!r}: {exc}: an utterance's n_frames in {subset}.tsv is larger than a "
+                        f"batch may hold; check the manifest's n_frames column") from None
     with _reading(subset):
         for sample in itr.next_epoch_itr(shuffle=False):
             if sample:  # fairseq pads shards with empty batches
@@ -154,11 +158,31 @@ def _reading(subset: str) -> Iterator[None]:
 
     try:
         yield
-    except (OSError, ValueError, IndexError, TypeError, zipfile.BadZipFile) as exc:  # fairseq's readers: a
-        # truncated feature zip reads past its end (IndexError), a manifest line cut short leaves None
+    except ImportError as exc:  # fairseq reads waveforms through torchaudio, which may be missing
+        raise DependencyError(f"subset {subset!r}: reading its audio needs torchaudio ({exc}); install a "
+                              f"torchaudio that matches this torch, or give the subset fbank features (a "
+                              f"feature zip, as tools/make_corpus.py writes)") from None
+    except (OSError, ValueError, IndexError, TypeError, RuntimeError, zipfile.BadZipFile) as exc:  # fairseq's
+        # readers: a truncated feature zip reads past its end (IndexError), a manifest line cut short
+        # leaves None, a missing or unreadable wav is soundfile's LibsndfileError (a RuntimeError)
+        if _torchaudio_broken(exc):
+            raise DependencyError(f"subset {subset!r}: torchaudio, which reads its audio, does not load "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); install a torchaudio "
+                                  f"built for this torch, or give the subset fbank features") from None
         raise DataError(f"subset {subset!r}: cannot read an utterance ({type(exc).__name__}: "
                         f"{exc}); check the audio paths in {subset}.tsv and audio_root, and that the "
                         f"feature or audio files are complete") from None
+
+
+def _torchaudio_broken(exc: BaseException) -> bool:
+    """Whether ``exc`` is torchaudio failing to load (its native library next to another torch),
+    not the data: raised from inside torchaudio's own import."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if "torchaudio" in tb.tb_frame.f_code.co_filename and "__init__" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return "torchaudio" in str(exc) and isinstance(exc, OSError)
 
 
 def audio_seconds(sample: dict, frame_shift_s: float = 0.01, sample_rate: int = 16000) -> float:

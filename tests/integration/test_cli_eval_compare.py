@@ -83,6 +83,9 @@ def test_eval_vs_float_reports_a_paired_interval(float_checkpoint, tmp_path, cap
     assert main(["eval", *common, "--baseline", str(tmp_path / "f.json"), "--json", str(tmp_path / "ff.json")]) == 0
     same = json.loads((tmp_path / "ff.json").read_text())
     assert same["delta_wer_ci"] == [0.0, 0.0] and same["significant"] is False
+    # both references at once: refused before anything is decoded, not one silently dropped
+    assert main(["eval", *common, "--recipe", "w8a8", "--vs-float", "--baseline", str(tmp_path / "f.json")]) == 2
+    assert "--baseline and --vs-float each give the ΔWER its reference" in capsys.readouterr().err
 
 
 def test_eval_missing_data_dir_is_exit_2(float_checkpoint, tmp_path, capsys):
@@ -173,11 +176,14 @@ def test_compare_refuses_a_misspelled_or_repeated_recipe_before_it_loads_the_mod
     assert message in err and "missing.pt" not in err and "Traceback" not in err
 
 
-def _shard(tmp_path, name, shard_id, num_shards, subset="test", model="w8a8", words=10):
+def _shard(tmp_path, name, shard_id, num_shards, subset="test", model="w8a8", words=10, beam=5, ids=()):
     path = tmp_path / name
     counts = {"word_errors": 1, "words": words, "char_errors": 2, "chars": 5 * words, "utterances": 2}
-    path.write_text(json.dumps({"counts": counts, "subset": subset, "model": model,
-                                "shard": [shard_id, num_shards], "utterances": []}))
+    settings = {"checkpoint": "/c.pt", "data": "/d", "recipe": model, "beam": beam, "max_sentences": 32,
+                "backend": "torch", "integer": False, "simulate": None}
+    utterances = [{"id": i, "ref": "a b", "hyp": "a b"} for i in ids]
+    path.write_text(json.dumps({"counts": counts, "subset": subset, "model": model, "settings": settings,
+                                "shard": [shard_id, num_shards], "utterances": utterances}))
     return str(path)
 
 
@@ -196,6 +202,8 @@ def test_merge_adds_the_counts_of_all_shards(tmp_path, capsys):
     ([(0, 2), (2, 2)], "outside 0..1"),
     ([(0, 2, "test", "w8a8"), (1, 2, "dev", "w8a8")], "has subset 'dev'"),
     ([(0, 2, "test", "w8a8"), (1, 2, "test", "float")], "has model 'float'"),
+    ([(0, 2, "test", "w8a8", 10, 5), (1, 2, "test", "w8a8", 10, 1)], "has settings"),  # another beam
+    ([(0, 2, "test", "w8a8", 10, 5, (1, 2)), (1, 2, "test", "w8a8", 10, 5, (2, 3))], "utterance 2 is in"),
 ])
 def test_merge_refuses_shards_of_different_runs_or_an_incomplete_set(tmp_path, capsys, shards, message):
     paths = [_shard(tmp_path, f"s{i}.json", *shard) for i, shard in enumerate(shards)]

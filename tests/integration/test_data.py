@@ -115,3 +115,67 @@ def test_nan_features_are_a_data_error_naming_the_utterance(tmp_path):
     with pytest.raises(DataError, match=r"utterance\(s\) 3 "):
         first_net_input(task, "train_calib", count=5)
     assert first_net_input(task, "train_calib", count=3)["src_tokens"].isfinite().all()
+
+
+def _rows_changed(data, change):
+    """train_calib.tsv with each data row's columns passed through ``change`` (a dict of the header's names)."""
+    lines = (data / "train_calib.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+    for row in rows:
+        change(row)
+    (data / "train_calib.tsv").write_text("\n".join(["\t".join(header)] + ["\t".join(r[h] for h in header)
+                                                                             for r in rows]) + "\n")
+
+
+def test_an_utterance_longer_than_a_batch_may_hold_is_a_data_error(tmp_path):
+    """fairseq's batching asserts that every n_frames fits max_tokens: a DataError pointing at the
+    manifest's n_frames column, not a raw AssertionError."""
+    import pytest
+
+    from qswap.errors import DataError
+
+    data = _calib_copy(tmp_path)
+    _rows_changed(data, lambda row: row.update(n_frames="99999"))
+    with pytest.raises(DataError, match="n_frames in train_calib.tsv is larger than a batch may hold"):
+        _read_all(data)
+
+
+def test_a_missing_audio_file_is_a_data_error(tmp_path):
+    """A manifest row naming a WAV that is not there: soundfile's error (a RuntimeError) becomes a
+    DataError naming the subset and the file."""
+    import pytest
+
+    from qswap.errors import DataError
+
+    data = _calib_copy(tmp_path)
+    _rows_changed(data, lambda row: row.update(audio="missing.wav"))
+    with pytest.raises(DataError, match="cannot read an utterance.*missing.wav"):
+        _read_all(data)
+
+
+def test_audio_without_a_working_torchaudio_is_a_dependency_error(tmp_path):
+    """fairseq turns WAV rows into features through torchaudio: where it does not import (not
+    installed, or PyPI's CUDA build next to the CPU torch) that is a DependencyError naming
+    torchaudio, not a traceback or a data error; where it does, the rows are read."""
+    import wave
+
+    import numpy as np
+    import pytest
+
+    from qswap.errors import DependencyError
+
+    data = _calib_copy(tmp_path)
+    with wave.open(str(data / "a.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.sin(np.arange(16000) * 0.05) * 3000).astype("<i2").tobytes())
+    _rows_changed(data, lambda row: row.update(audio="a.wav", n_frames="98"))
+    try:
+        import torchaudio  # noqa: F401
+    except Exception:  # noqa: BLE001
+        with pytest.raises(DependencyError, match="torchaudio"):
+            _read_all(data)
+    else:
+        assert _read_all(data)
