@@ -84,14 +84,16 @@ def test_assigning_enabled_marks_the_grid_written_as_switch_does():
     assert not torch.equal(q(x), x)
 
 
-def test_a_weight_site_assigned_off_is_float_in_the_integer_simulation():
-    """The probe of the test above written with plain assignments: no kept form is read stale."""
+def _kept_form_follows(recipe, change, restore):
+    """fc1 of a small S2T transformer (``recipe`` under ``simulate: integer``, calibrated) keeps its
+    integer form; after ``change(fc1.weight_quant)`` the output moves, and is the output of the same
+    model with no form kept; after ``restore(...)`` it is the first output again."""
     pytest.importorskip("fairseq")
     import qswap
     from qswap.models import build_s2t_transformer, s2t_net_input
     from qswap.recipe import with_simulate
 
-    qmodel = qswap.convert(build_s2t_transformer(seed=0), with_simulate("w4a8", "integer")).eval()
+    qmodel = qswap.convert(build_s2t_transformer(seed=0), with_simulate(recipe, "integer")).eval()
     net_input = s2t_net_input(seed=1)
     qswap.calibrate(qmodel, [net_input])
     fc1 = qmodel.encoder.transformer_layers[0].fc1
@@ -101,15 +103,21 @@ def test_a_weight_site_assigned_off_is_float_in_the_integer_simulation():
             return qmodel(**net_input)[0]
 
     quantized = out()  # fc1's integer form is kept
-    fc1.weight_quant.enabled = False
-    assigned = out()
+    assert any(s.startswith("_integer") for s in vars(fc1))
+    change(fc1.weight_quant)
+    changed = out()
     for slot in [s for s in vars(fc1) if s.startswith("_integer")]:
         del fc1.__dict__[slot]
     fresh = out()  # no form kept
-    fc1.weight_quant.enabled = True
-    assert not torch.equal(assigned, quantized)
-    torch.testing.assert_close(assigned, fresh, rtol=0, atol=0)
+    restore(fc1.weight_quant)
+    assert not torch.equal(changed, quantized)
+    torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
     assert torch.equal(out(), quantized)
+
+
+def test_a_weight_site_assigned_off_is_float_in_the_integer_simulation():
+    """The probe of the test above written with plain assignments: no kept form is read stale."""
+    _kept_form_follows("w4a8", lambda q: setattr(q, "enabled", False), lambda q: setattr(q, "enabled", True))
 
 
 def test_a_new_spec_marks_the_grid_written_and_an_equal_one_does_not():
@@ -127,29 +135,9 @@ def test_a_weight_respecified_is_read_at_its_new_width_in_the_integer_simulation
     """Under ``simulate: integer`` fc1 keeps its integer form, built from its 8-bit weight codes.
     Its weight quantizer given a 4-bit spec, the next forward reads the 4-bit codes: the output of
     a model with no form kept, and the 8-bit output again when the spec comes back."""
-    pytest.importorskip("fairseq")
-    import qswap
-    from qswap.models import build_s2t_transformer, s2t_net_input
-    from qswap.recipe import with_simulate
+    eight = []
 
-    qmodel = qswap.convert(build_s2t_transformer(seed=0), with_simulate("w8a8", "integer")).eval()
-    net_input = s2t_net_input(seed=1)
-    qswap.calibrate(qmodel, [net_input])
-    fc1 = qmodel.encoder.transformer_layers[0].fc1
-    eight = fc1.weight_quant.spec
-
-    def out():
-        with torch.no_grad():
-            return qmodel(**net_input)[0]
-
-    quantized = out()  # fc1's integer form is kept
-    assert any(s.startswith("_integer") for s in vars(fc1))
-    fc1.weight_quant.spec = eight.replace(bits=4)
-    respecified = out()
-    for slot in [s for s in vars(fc1) if s.startswith("_integer")]:
-        del fc1.__dict__[slot]
-    fresh = out()  # no form kept
-    fc1.weight_quant.spec = eight
-    assert not torch.equal(respecified, quantized)
-    torch.testing.assert_close(respecified, fresh, rtol=0, atol=0)
-    assert torch.equal(out(), quantized)
+    def to_four(q):
+        eight.append(q.spec)
+        q.spec = q.spec.replace(bits=4)
+    _kept_form_follows("w8a8", to_four, lambda q: setattr(q, "spec", eight[0]))
