@@ -32,7 +32,7 @@ from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.switch import enabled_only
 from qswap.recipe import load_recipe
 from qswap.sensitivity import model_output, output_sqnr
-from qswap.transforms import STRUCTURE_ONLY
+from qswap.transforms import STRUCTURE_ONLY, apply_transforms
 
 
 @dataclass
@@ -130,8 +130,8 @@ def _added_noise(high_db: float, low_db: float) -> float:
 def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str, model: nn.Module | None = None) -> dict:
     """``high`` with one exact-path rule per unit moved to ``low_bits`` weights, placed first. Each
     is the rule ``high`` applies to that module (its own or an ancestor's: with ``model``, whose
-    tree says which) with only the weight's width (and its MSE observer) changed: its activations,
-    sites and float_ok stay what the ranking measured."""
+    tree, with the recipe's transforms' modules in it, says which) with only the weight's width (and
+    its MSE observer) changed: its activations, sites and float_ok stay what the ranking measured."""
     recipe = load_recipe(high)
     base = recipe.to_dict()
     rules = []
@@ -175,8 +175,13 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
     batches = list(batches)
     candidates = rank_candidates(model, high, batches, low_bits)
 
+    # the tree the rules are matched on: the model with the high recipe's transforms' modules (a
+    # hadamard fc2 becomes a RotatedLinear, whose .linear a candidate names)
+    structure = copy_model(model)
+    apply_transforms(structure, load_recipe(high).transforms, STRUCTURE_ONLY)
+
     def recipe(n: int) -> dict:
-        return build_recipe(high, candidates[:n], low_bits, name, model)
+        return build_recipe(high, candidates[:n], low_bits, name, structure)
 
     def size_mb(n: int) -> float:
         # the sizes need the transforms' modules, not their folded values

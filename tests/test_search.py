@@ -156,3 +156,16 @@ def test_a_unit_moved_to_low_bits_keeps_the_rest_of_the_high_recipes_rule():
     high, searched = qswap.convert(model, "w4a4_edges8"), qswap.convert(model, result.recipe)
     assert specs(searched, "activation") == specs(high, "activation") and specs(high, "activation")
     assert {s.bits for s in specs(searched, "weight").values()} == {3}
+
+
+def test_a_search_from_a_recipe_with_a_hadamard_transform_names_the_rotated_linears():
+    """The hadamard transform turns fc2 into a RotatedLinear: candidates name its ``.linear``, a
+    module of the transformed tree only, which the searched rules are matched on."""
+    high = dict(qswap.load_recipe("w8a8_per_channel").to_dict(), name="w8a8_pc_hadamard",
+                transforms=[{"hadamard": {"block": 16}}])
+    model, batches = _tiny(), [s2t_net_input(batch=2, frames=32, num_tokens=5)]
+    largest = qswap.convert(model, high).qswap_report.quantized_bytes / 1e6
+    result = search(model, batches, high=high, target_mb=largest * 0.9)
+    assert result.low_units and result.weight_mb <= largest * 0.9
+    qmodel = qswap.convert(model, result.recipe)
+    assert qmodel.qswap_report.quantized_bytes / 1e6 == pytest.approx(result.weight_mb)

@@ -283,6 +283,7 @@ def _settings(args) -> dict:
     from pathlib import Path
     return {"checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
             "data": str(Path(args.data).resolve()) if args.data else None, "recipe": args.recipe,
+            "calib_subset": args.calib_subset, "calib_batches": args.calib_batches,
             "beam": args.beam, "max_sentences": args.max_sentences, "backend": args.backend,
             "integer": bool(args.integer), "simulate": args.simulate}
 

@@ -158,10 +158,11 @@ def _reading(subset: str) -> Iterator[None]:
 
     try:
         yield
-    except ImportError as exc:  # fairseq reads waveforms through torchaudio, which may be missing
-        raise DependencyError(f"subset {subset!r}: reading its audio needs torchaudio ({exc}); install a "
-                              f"torchaudio that matches this torch, or give the subset fbank features (a "
-                              f"feature zip, as tools/make_corpus.py writes)") from None
+    except ImportError as exc:  # fairseq reads waveforms with torchaudio and soundfile, either may be missing
+        module = exc.name or next((m for m in ("torchaudio", "soundfile") if m in str(exc)), "a module")
+        raise DependencyError(f"subset {subset!r}: reading its audio needs {module} ({exc}); install a {module} "
+                              f"that matches this torch, or give the subset fbank features (a feature zip, as "
+                              f"tools/make_corpus.py writes)") from None
     except (OSError, ValueError, IndexError, TypeError, RuntimeError, zipfile.BadZipFile) as exc:  # fairseq's
         # readers: a truncated feature zip reads past its end (IndexError), a manifest line cut short
         # leaves None, a missing or unreadable wav is soundfile's LibsndfileError (a RuntimeError)

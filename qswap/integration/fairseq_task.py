@@ -128,6 +128,11 @@ class QswapTaskMixin:
 
     def build_generator(self, models, args, *a, **kw):
         quantizers = activation_quantizers(models[0])
+        observing = [q for q in quantizers if q.initialized and not bool(q.frozen)]
+        if observing:
+            logger.warning(f"qswap: {len(observing)} activation quantizers of the model still observe (a checkpoint "
+                           f"saved before its calibration updates ended: --qswap-calib-batches larger than the "
+                           f"updates run): their ranges move with the decoded batches")
         if quantizers and not any(q.initialized for q in quantizers):
             logger.warning(f"qswap: none of the model's {len(quantizers)} activation quantizers has a calibrated "
                            f"grid (a float checkpoint decoded with --qswap-recipe, or one 'qswap convert "
