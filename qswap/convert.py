@@ -138,6 +138,14 @@ def _already_converted(model: nn.Module) -> bool:
     return any(isinstance(m, (FakeQuantize, QuantModule)) for m in model.modules())
 
 
+def rules_in_effect(model: nn.Module, recipe: Recipe) -> dict[str, Rule | None]:
+    """Module path -> the rule ``convert`` applies to each module it would convert in ``model`` as
+    it is (its own rule or an ancestor's; None: the defaults), from the same walk, with nothing
+    changed. A recipe whose transforms insert modules is asked on a model they were applied to."""
+    plans, _ = _walk(model, recipe, ConvertReport(recipe=recipe.name))
+    return {p.path: p.rule for p in plans}
+
+
 def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[_Plan], set[int]]:
     plans: list[_Plan] = []
     hit: set[int] = set()

@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from qswap.convert import copy_model
+from qswap.convert import copy_model, rules_in_effect
 from qswap.errors import BudgetError
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.switch import enabled_only
@@ -127,37 +127,37 @@ def _added_noise(high_db: float, low_db: float) -> float:
     return math.inf if math.isnan(noise) else max(noise, 0.0)
 
 
-def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str, model: nn.Module | None = None) -> dict:
+def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str,
+                 rules: Mapping[str, Any] | None = None) -> dict:
     """``high`` with one exact-path rule per unit moved to ``low_bits`` weights, placed first. Each
-    is the rule ``high`` applies to that module (its own or an ancestor's: with ``model``, whose
-    tree, with the recipe's transforms' modules in it, says which) with only the weight's width (and
-    its MSE observer) changed: its activations, sites and float_ok stay what the ranking measured."""
-    recipe = load_recipe(high)
-    base = recipe.to_dict()
-    rules = []
+    is the rule ``high`` applies to that module (``rules``: path -> rule, ``qswap.convert.
+    rules_in_effect``; the nearest listed ancestor's for a path not listed; without it, the
+    defaults) with only the weight's width (and its MSE observer) changed: its activations, sites
+    and float_ok stay what the ranking measured."""
+    base = load_recipe(high).to_dict()
+    moved = []
     for c in low:
         for p in c.paths:
-            effective = _effective_rule(recipe, model, p) if model is not None else None
+            effective = _nearest(rules or {}, p)
             own = {k: v for k, v in (base["rules"][effective.index] if effective is not None else {}).items()
                    if k not in ("match", "note", "skip")}
             weight = own.get("weight", base.get("defaults", {}).get("weight")) or {}
-            rules.append({**own, "match": {"path": p}, "weight": {**weight, "bits": low_bits, "observer": "mse"},
+            moved.append({**own, "match": {"path": p}, "weight": {**weight, "bits": low_bits, "observer": "mse"},
                           "note": f"searched: alone at {low_bits} bits it costs {c.loss_db:.2f} dB of output SQNR"})
     return {**base, "name": name,
             "description": f"mixed precision searched from {base.get('name', 'recipe')}: "
                            f"{len(low)} units at {low_bits}-bit weights",
-            "rules": rules + list(base.get("rules", []))}
+            "rules": moved + list(base.get("rules", []))}
 
 
-def _effective_rule(recipe, model: nn.Module, path: str):
-    """The rule of ``recipe`` that convert applies to the module at ``path`` of ``model``: the first
-    rule matching it, else its parent's (``qswap.convert``'s walk); None: the defaults."""
-    parts = path.split(".") if path else []
-    effective = recipe.first_rule("", model)
-    for i in range(1, len(parts) + 1):
-        sub = ".".join(parts[:i])
-        effective = recipe.first_rule(sub, model.get_submodule(sub)) or effective
-    return effective
+def _nearest(rules: Mapping[str, Any], path: str):
+    """``rules``' entry of ``path``, or of its nearest ancestor listed; None: none is."""
+    while True:
+        if path in rules:
+            return rules[path]
+        if not path:
+            return None
+        path = path.rpartition(".")[0]
 
 
 def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", low_bits: int = 4,
@@ -175,13 +175,14 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
     batches = list(batches)
     candidates = rank_candidates(model, high, batches, low_bits)
 
-    # the tree the rules are matched on: the model with the high recipe's transforms' modules (a
-    # hadamard fc2 becomes a RotatedLinear, whose .linear a candidate names)
+    # the rules convert applies, on the model with the high recipe's transforms' modules (a
+    # hadamard fc2 becomes a RotatedLinear, whose .linear a candidate names): worked out once
     structure = copy_model(model)
     apply_transforms(structure, load_recipe(high).transforms, STRUCTURE_ONLY)
+    rules = rules_in_effect(structure, load_recipe(high))
 
     def recipe(n: int) -> dict:
-        return build_recipe(high, candidates[:n], low_bits, name, structure)
+        return build_recipe(high, candidates[:n], low_bits, name, rules)
 
     def size_mb(n: int) -> float:
         # the sizes need the transforms' modules, not their folded values

@@ -31,7 +31,7 @@ from omegaconf import II, OmegaConf
 
 import qswap
 from qswap.transforms import STRUCTURE_ONLY
-from qswap.calibrate import activation_quantizers, freeze_observed, observing, recipe_observe
+from qswap.calibrate import activation_quantizers, eval_mode, freeze_observed, observing, recipe_observe
 from qswap.integration.data import resolve_audio_root
 from qswap.integration.qat_start import converted_start
 
@@ -116,13 +116,8 @@ class QswapTaskMixin:
         observed = [q for q in quantizers if q.initialized]
         if not quantizers or (observed and all(bool(q.frozen) for q in observed)):
             return False
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), observing(quantizers, recipe_observe(model)):
-                model(**sample["net_input"])
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad(), observing(quantizers, recipe_observe(model)):
+            model(**sample["net_input"])
         self._qswap_calibrating = True
         return True
 
