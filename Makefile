@@ -71,6 +71,7 @@ docs: install
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --threads 2 --repeats 5
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --architectures --threads 1
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --wer-large --threads 2
+	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --low-bit --threads 2
 	$(PY) tools/fairseq_walkthrough.py
 	$(PY) tools/bench_audit.py --write-docs
 	$(PY) tools/bench.py

@@ -28,6 +28,12 @@ WER with every activation scale moved by one float32 ulp (how far its WER moves 
 alone), and the deploy audit of every recipe's export; it is stored in --json beside the other
 sections and the page re-rendered.
 
+``--low-bit`` measures only the deploy audit of every shipped recipe (the 4-bit-activation ones
+included) and the shipped 4-bit-activation QAT checkpoint (``qat_w4a4_edges8.pt``) exported as it
+is: its deploy audit and its WER on both subsets as ``qswap eval`` decodes it (integer insides),
+with float insides, and in onnxruntime (minutes); stored in --json beside the other sections and
+the page re-rendered.
+
 ``--wer-large`` measures only the WER rows on the two large shipped sets
 (``qswap.demo.LARGE_SUBSETS``: 1,000 and 600 utterances; minutes), and with ``--ulp-seeds`` (default
 5) the fake-quant model's one-ulp spread on them: the same exports and decodes as ``--wer-only``'s
@@ -100,6 +106,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--wer-large", action="store_true",
                     help="measure only the WER rows on the large shipped sets (test_large, test_heldout_large) "
                          "into --json, then re-render --out")
+    ap.add_argument("--low-bit", action="store_true",
+                    help="measure only the deploy audit of every shipped recipe and the shipped 4-bit-activation QAT "
+                         "checkpoint's export (audit, and WER on test and test_heldout) into --json, then re-render --out")
     ap.add_argument("--speed-only", action="store_true",
                     help="measure only the speed sections (shipped model and s2t_transformer_s) into --json, "
                          "then re-render --out")
@@ -130,6 +139,7 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="qswap-wer-") as tmp:
             exports = export_recipes(model, cfg, task, calib, Path(tmp))
             result["honesty"] = {name: e["audit"] for name, e in exports.items()}
+            result["honesty_command"] = command
             result["wer"] = wer_rows(task, exports, args.threads)
             result["wer_sites"] = site_rows(task, exports)
             if args.ulp_seeds:  # 0: the stored rows stay (the fake-quant model's own, no export in them)
@@ -137,6 +147,15 @@ def main(argv=None) -> dict:
             else:
                 result.setdefault("wer_ulp_command", result.get("wer_command", result["command"]))
         result["wer_command"] = command
+        write(result, args)
+        return result
+    if args.low_bit:
+        result, (model, cfg, task, calib) = json.loads(Path(args.json).read_text()), shipped_model(args)
+        with tempfile.TemporaryDirectory(prefix="qswap-low-bit-") as tmp:
+            exports = export_recipes(model, cfg, task, calib, Path(tmp), names=tuple(shipped_recipe_names()))
+            result["honesty"].update({name: e["audit"] for name, e in exports.items()})
+            result["honesty_command"] = command
+            result["qat"] = {"command": command, **qat_rows(task, Path(tmp), args.threads)}
         write(result, args)
         return result
     if args.wer_large:
@@ -182,6 +201,7 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         exports = export_recipes(model, cfg, task, calib, tmp)
         result["honesty"] = {name: e["audit"] for name, e in exports.items()}
+        result["honesty_command"] = command
         write(result, args)  # each section as it is done: a run cut short still shows what it measured
         result["busy_at_start"] = busy_processes()
         result["shipped_speed"] = shipped_speed(model, cfg, task, calib, exports, tmp, args)
@@ -282,6 +302,40 @@ def wer_rows(task, exports: dict, threads: int, subsets: tuple[str, ...] = SUBSE
             rows.append({"recipe": name, "subset": subset, **paired(fq, ox),
                          "agreement": steps if subset == "test" else None})
     return rows
+
+
+QAT_CHECKPOINT = ASSET / "qat_w4a4_edges8.pt"
+
+
+def qat_rows(task, tmp: Path, threads: int, subsets: tuple[str, ...] = SUBSETS) -> dict:
+    """The shipped 4-bit-activation QAT checkpoint exported as it is (its learned grids), its
+    deploy audit, and per subset: its WER as ``qswap eval`` decodes it (the recipe's ``simulate:
+    integer``), the fake-quant model with float insides (``simulate: float``, what a QDQ graph
+    computes) and onnxruntime on the export, the last two paired (``paired``)."""
+    from qswap.nn.simulate import simulating
+
+    qmodel, qcfg, _ = fdata.load_model_cfg_task(QAT_CHECKPOINT, ASSET)
+    directory = tmp / "qat"
+    log(f"export {QAT_CHECKPOINT.name}")
+    manifest = export_model(qmodel, directory, task_cfg=qcfg.task)
+    audit = audit_export(directory)
+    ort = load_exported(directory, task.target_dictionary, threads=threads)
+    rows = []
+    for subset in subsets:
+        log(f"decode {QAT_CHECKPOINT.name} {subset}")
+        samples = list(fdata.batches(task, subset))
+        integer = decode(task, qmodel, samples, beam=BEAM).utterances
+        with simulating(qmodel, "float"):
+            fq = decode(task, qmodel, samples, beam=BEAM).utterances
+        ox = decode(task, ort, samples, beam=BEAM).utterances
+        errors, words = utterance_word_errors([u.ref for u in integer], [u.hyp for u in integer])
+        rows.append({"subset": subset, "wer_integer": 100.0 * sum(errors) / sum(words), **paired(fq, ox)})
+    return {"checkpoint": str(QAT_CHECKPOINT.relative_to(ROOT)), "recipe": manifest.recipe,
+            "audit": {"claims_honest": manifest.claims_honest, "verdict": audit.verdict,
+                      "integer": audit.integer_count, "float": audit.float_count,
+                      "float_ops": _merge(g.float_ops for g in audit.graphs),
+                      "bytes": graph_bytes(directory)["total"]},
+            "rows": rows}
 
 
 def subset_tasks(task, subsets: tuple[str, ...]) -> dict:
@@ -691,7 +745,41 @@ def render(r: dict) -> str:
         lines += ["## Speed", "", "Not measured: the run stopped before this section.", ""]
     lines += size_section(r)
     lines += wer_section(r) if "wer" in r else ["## WER", "", "Not measured: the run stopped before this section.", ""]
-    return "\n".join(lines + honesty_section(r) + architecture_section(r))
+    return "\n".join(lines + qat_section(r) + honesty_section(r) + architecture_section(r))
+
+
+def qat_section(r: dict) -> list[str]:
+    """The shipped 4-bit-activation QAT checkpoint, exported and decoded (``--low-bit``)."""
+    if "qat" not in r:
+        return []
+    q, t = r["qat"], r["targets"]
+    a = q["audit"]
+    ops = ", ".join(f"{k} {v}" for k, v in a["float_ops"].items())
+    lines = ["## The 4-bit-activation QAT checkpoint, deployed", "",
+             f"`{q['checkpoint']}` (recipe `{q['recipe']}`: every activation on a 4-bit grid but the 8-bit first "
+             "and last layers, its grids learned in QAT, docs/qat.md) exported as it is, with its learned scales "
+             "(`qswap export CKPT --onnx -o DIR`), and decoded three ways, beam "
+             f"{r['beam']}: as `qswap eval` decodes the checkpoint (its recipe's `simulate: integer`, the integer "
+             "model's codes: the WERs of docs/qat.md), the fake-quant model with float insides (`--simulate float`, "
+             "what a QDQ graph computes) and onnxruntime on the export (`--backend onnxruntime`). ΔWER = onnxruntime − "
+             "fake-quant (float insides), paired bootstrap 95 % interval.", "",
+             "| subset | WER % (`simulate: integer`) | fake-quant WER % (float insides) | onnxruntime WER % | "
+             "ΔWER [95 % CI] | same transcripts | target |", "|---|---:|---:|---:|---:|---:|---|"]
+    for row in q["rows"]:
+        lo, hi = row["delta_ci"]
+        lines.append(f"| {row['subset']} | {row['wer_integer']:.2f} | {row['wer_fake_quant']:.2f} | "
+                     f"{row['wer_onnxruntime']:.2f} | {row['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
+                     f"{row['same_transcripts']}/{row['utterances']} | {met(abs(row['delta']), t['wer_gap'], False)} |")
+    lines += ["", "Each 4-bit activation leaves its `QuantizeLinear` as uint8 codes clipped to the grid's 16 "
+              "(`qswap.export.qdq`): onnxruntime's 8-bit integer kernels run on them (int32 accumulation of the "
+              "4-bit codes' products), the codes take a byte each. The graph's float ops are ONNX's LayerNorm "
+              "and softmax, which the QAT model computes in integers (`simulate: integer`): the first column "
+              "against the second is what that difference changes on this model, the second against the third what "
+              "the deployment changes.", "",
+              f"Deploy audit of the export: {a['integer']} integer nodes, {a['float']} float nodes ({ops}); "
+              f"{a['bytes']:,} bytes in its three graphs. Verdict: {a['verdict']}.", "",
+              f"Measured by `{q['command']}`.", ""]
+    return lines
 
 
 def header(r: dict) -> list[str]:
@@ -1082,7 +1170,8 @@ def ulp_lines(r: dict) -> list[str]:
 def honesty_section(r: dict) -> list[str]:
     lines = ["## Deploy honesty of each shipped recipe", "",
               "`qswap audit DIR --onnx` on each recipe's export (onnxruntime CPU, optimization `all`): nodes that "
-              "run integer kernels and nodes that still compute in float, with the fake-quant audit's verdict.", "",
+              "run integer kernels and nodes that still compute in float, with the fake-quant audit's verdict"
+              + (f" (measured by `{r['honesty_command']}`)" if r.get("honesty_command") else "") + ".", "",
               "| recipe | fake-quant audit | integer nodes | float nodes | float ops | verdict |", "|---|---|---:|---:|---|---|"]
     for name, h in r["honesty"].items():
         if not h["exported"]:
@@ -1116,7 +1205,12 @@ def honesty_section(r: dict) -> list[str]:
               "traced a float one of two dequantized rows (per-tensor token and position grids; on per-channel "
               "ones the float `Add` stays). "
               "A recipe without activation quantizers (fp32, w8_weight_only) is not exported: the export "
-              "needs calibrated activation grids.", ""]
+              "needs calibrated activation grids. A 4-bit activation grid exports as the 8-bit `QuantizeLinear` "
+              "and a `Clip` of its uint8 codes to the grid's 16 (`qswap.export.qdq`): integer saturation, which "
+              "keeps onnxruntime's fusions (an INT4 `QuantizeLinear` it runs, but fuses no kernel around, which "
+              "would leave each matmul next to it in float). Where a residual stream's grids are per channel "
+              "(`stream_per_channel`, the `*_stream_smoothquant` recipes) the residual `Add` stays float: "
+              "onnxruntime's `QLinearAdd` takes per-tensor grids.", ""]
     return lines
 
 

@@ -65,7 +65,9 @@ def graph_sites(graph_path) -> list[tuple[str, str, str]]:
     """(site, codes value name, zero point name) of every activation QuantizeLinear (one read by a
     DequantizeLinear, by the Flatten before a linear layer's: ``graph_passes.linear_as_gemm``, or
     by the Concat of a cache's codes: ``graph_passes.code_caches``), in node order; ``site`` is the
-    qswap module path in the node's name."""
+    qswap module path in the node's name. A grid with fewer codes than uint8's (4-bit) has its
+    codes clipped to the grid's after the QuantizeLinear (``qswap.export.qdq``): the site's codes
+    are the Clip's output."""
     import onnx
 
     from qswap.export.onnx_audit import site_of
@@ -75,8 +77,13 @@ def graph_sites(graph_path) -> list[tuple[str, str, str]]:
     readers |= {node.input[0] for node in graph.node if node.op_type == "Flatten" and node.output[0] in readers}
     readers |= {name for node in graph.node if node.op_type == "Concat" and node.output[0] in readers
                 for name in node.input}
-    return [(site_of(n.name), n.output[0], n.input[2]) for n in graph.node
-            if n.op_type == "QuantizeLinear" and n.output[0] in readers and len(n.input) > 2]
+    clipped = {node.input[0]: node.output[0] for node in graph.node if node.op_type == "Clip"}
+    sites = []
+    for n in graph.node:
+        codes = clipped.get(n.output[0], n.output[0]) if n.op_type == "QuantizeLinear" else None
+        if codes is not None and codes in readers and len(n.input) > 2:
+            sites.append((site_of(n.name), codes, n.input[2]))
+    return sites
 
 
 class GraphCodes:

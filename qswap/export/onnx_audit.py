@@ -216,6 +216,12 @@ def _mask_adds(graph, index) -> set[str]:
             if node.op_type == "Add" and len(node.input) == 2 and sum(i in masks for i in node.input) == 1}
 
 
+# ops whose inputs and output share one element type (ONNX's single type T), read from the one
+# that shape inference knows: a Clip of the uint8 codes a fused integer kernel (a contrib op,
+# which onnx's shape inference does not type) wrote, with uint8 bounds (a low-bit activation grid)
+_ONE_TYPE_OPS = frozenset({"Clip"})
+
+
 def _tensor_types(model) -> dict[str, int]:
     graph = model.graph
     types = {t.name: t.data_type for t in graph.initializer}
@@ -223,6 +229,12 @@ def _tensor_types(model) -> dict[str, int]:
         elem = info.type.tensor_type.elem_type
         if elem:
             types[info.name] = elem
+    for node in graph.node:
+        if node.op_type in _ONE_TYPE_OPS:
+            names = [name for name in (*node.input, *node.output) if name]
+            known = {types[name] for name in names if name in types}
+            if len(known) == 1:
+                types.update(dict.fromkeys(names, known.pop()))
     return types
 
 

@@ -4,8 +4,9 @@ traces to ONNX QuantizeLinear / DequantizeLinear nodes that carry the quantizer'
 =================  ==========================================  ===================================
 qswap module       stand-in                                    ONNX nodes
 =================  ==========================================  ===================================
-FakeQuantize       ``ActivationQDQ`` (frozen 8-bit grid, as    QuantizeLinear -> DequantizeLinear
-(activation)       uint8 codes: zero point + 128 if signed)
+FakeQuantize       ``ActivationQDQ`` (frozen grid of <= 8      QuantizeLinear -> DequantizeLinear
+(activation)       bits, as uint8 codes: zero point + 128 if   (fewer codes: QuantizeLinear ->
+                   signed)                                     Clip (uint8) -> DequantizeLinear)
 FakeQuantize       ``WeightDQ`` (codes of the weight, <= 8     int8 initializer -> DequantizeLinear
 (weight)           bits, per tensor or per channel)            (<= 4 bits: INT4 -> Cast -> DQ)
 BiasQuantize       ``BiasDQ`` (int32 codes at s_in * s_w)      int32 initializer -> DequantizeLinear
@@ -13,6 +14,18 @@ BiasQuantize       ``BiasDQ`` (int32 codes at s_in * s_w)      int32 initializer
 
 Weight and bias codes are read once, by an eager ``record`` forward before tracing (the
 stand-ins keep them as buffers, so the trace stores them as integer initializers).
+
+An activation grid with fewer codes than uint8's 256 (4-bit activations: 16 codes; a narrow
+range: 255) is the 8-bit QuantizeLinear followed by a ``Clip`` of its uint8 codes to the grid's
+codes ``[qmin, qmax]`` (``qmin + 128`` on a signed grid). ONNX's QuantizeLinear rounds half to
+even and saturates to 0..255; the clip then saturates to the grid, which together is the fake
+quantizer's ``clamp(round_half_even(x / s) + z, qmin, qmax)``: the same codes, integer arithmetic
+after the rounding. Why not ONNX's INT4 QuantizeLinear (opset 21): onnxruntime 1.32 runs it, but
+its QDQ fusions take 8-bit codes only, so every matmul next to a 4-bit activation would run in
+float; the clipped uint8 codes keep its integer kernels (QGemm, QLinearMatMul, QLinearConv,
+QLinearAdd), which accumulate the 4-bit codes' products in int32 as they do 8-bit ones. The
+graph's codes tensors then hold 4-bit values in 8-bit storage: activations take no less memory
+than at 8 bits.
 """
 from __future__ import annotations
 
@@ -40,6 +53,9 @@ class _QDQFunction(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, scale, zero_point, qmin, qmax, axis):
         q = g.op("QuantizeLinear", x, scale, zero_point, axis_i=axis)
+        if (qmin, qmax) != (0, 255):  # a grid with fewer codes: saturate the uint8 codes to it
+            q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(qmin, dtype=torch.uint8)),
+                     g.op("Constant", value_t=torch.tensor(qmax, dtype=torch.uint8)))
         return g.op("DequantizeLinear", q, scale, zero_point, axis_i=axis)
 
 
@@ -101,8 +117,9 @@ def _zero_point_dtype(spec: QuantSpec) -> torch.dtype:
 
 
 class ActivationQDQ(nn.Module):
-    """A frozen activation FakeQuantize as QuantizeLinear -> DequantizeLinear (8-bit, round half to
-    even: ONNX's QuantizeLinear saturates to the full int8/uint8 range and rounds half to even)."""
+    """A frozen activation FakeQuantize as QuantizeLinear -> DequantizeLinear (at most 8 bits,
+    round half to even, as ONNX's QuantizeLinear rounds; a grid with fewer codes than uint8 has
+    its codes clipped to the grid's between the two: see the module's docstring)."""
 
     def __init__(self, source: FakeQuantize, site: str):
         super().__init__()
@@ -220,10 +237,8 @@ def activation_problem(source: FakeQuantize, site: str) -> str | None:
     if not (source.initialized and bool(source.frozen)):
         return (f"{site}: activation quantizer is not calibrated (no frozen grid); run "
                 f"qswap.calibrate on the model (or load a calibrated checkpoint) first")
-    checks = ((spec.bits == 8, f"a {spec.bits}-bit activation grid; ONNX QuantizeLinear saturates to "
-               f"8 bits: use 8-bit activations for this site"),
-              (not spec.narrow_range, "a narrow-range activation grid (qmin -127); ONNX QuantizeLinear "
-               "saturates at -128: drop narrow_range for this site"),
+    checks = ((spec.bits <= 8, f"a {spec.bits}-bit activation grid; the graph's activation codes are "
+               f"uint8: use 8 bits or fewer for this site"),
               (spec.rounding == "half_even", f"rounding '{spec.rounding}'; ONNX QuantizeLinear rounds "
                f"half to even: use rounding half_even for this site"),
               (spec.granularity != "per_group", "a per_group activation grid"))

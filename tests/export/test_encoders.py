@@ -65,6 +65,19 @@ def test_every_graph_of_the_export_agrees_with_the_fake_quant_model(exported):
     assert found["encoder"]["max"] <= 4.0  # measured below 0.001 step
 
 
+@pytest.mark.parametrize("pos_enc_type", ["rel_pos", "rope"])
+def test_four_bit_activations_of_the_conformer_agree_in_every_graph(tmp_path, pos_enc_type):
+    """w4a4: every activation code clipped to its 4-bit grid (qswap.export.qdq), the depthwise
+    convolution, GLU and position terms included."""
+    qmodel = calibrated(build_s2t_conformer(pos_enc_type=pos_enc_type), "w4a4")
+    export_model(qmodel, tmp_path)
+    net = padded_batch(2, 80, seed=5)
+    found = agreement(qmodel, tmp_path, net, net["prev_output_tokens"])
+    assert found["padding_mask_equal"]
+    # measured: below 2e-6 step (encoder), 0 (cross_kv, decoder_step)
+    assert max(found[g]["max"] for g in ("encoder", "cross_kv", "decoder_step")) <= 1.0
+
+
 def test_no_quantizer_of_the_conformer_sees_infinity_with_padding(exported):
     _, out = exported
     values, input_types = quantizer_inputs(out / GRAPHS["encoder"], encoder_feeds(padded_batch(3, 80, seed=7)))

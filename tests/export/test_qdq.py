@@ -39,3 +39,20 @@ def test_one_weight_quantizer_on_two_weights_is_a_typed_error():
     stand_in(torch.randn(4, 4))
     with pytest.raises(ExportError, match="shared.weight_quant: one weight quantizer quantizes two"):
         stand_in(torch.randn(4, 4))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, symmetric=False), QuantSpec(bits=4),
+                                  QuantSpec(bits=4, signed=False, symmetric=False), QuantSpec(bits=8, narrow_range=True),
+                                  QuantSpec(bits=4, symmetric=False, granularity="per_channel", axis=-1)])
+def test_a_grid_with_fewer_codes_saturates_where_the_quantizer_does(spec):
+    """4-bit and narrow-range grids: the stand-in's codes stay within the grid's (uint8 codes
+    qmin..qmax, + 128 on a signed grid), values beyond the calibrated range included."""
+    fq = FakeQuantize(spec)
+    x = torch.randn(4, 300) * 3
+    fq(x.abs() if not spec.signed else x)
+    fq.freeze()
+    stand_in = ActivationQDQ(fq, "act")
+    assert stand_in.problem is None
+    assert (stand_in.qmax - stand_in.qmin) == spec.qmax - spec.qmin < 255
+    y = torch.randn(4, 300) * 8
+    assert torch.equal(stand_in(y), fq(y))

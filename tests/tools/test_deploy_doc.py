@@ -142,3 +142,24 @@ def test_the_large_sets_rows_render_with_the_target_and_the_intervals_that_hold_
     assert "| w4a8 | test_large | 5.00 | 4.50, 5.60, 5.00 | -0.50 to +0.60 | 900, 910, 1000 |" in page
     assert "In 2 of 3 rows onnxruntime's ΔWER lies within the range the fake-quant model moves by" in page
     assert page.index("own rounding spread on the same sets") < page.index("Measured by `cmd-large`")
+
+
+def test_the_qat_checkpoints_rows_render_beside_its_deploy_audit():
+    """``--low-bit``'s QAT section: one row per subset with the three WERs, the target judged on
+    onnxruntime against the fake-quant model with float insides, and the export's audit."""
+    import copy
+    import json
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    result = copy.deepcopy(json.loads((docs / "deploy.json").read_text()))
+    result["qat"] = {"command": "cmd-low-bit", "checkpoint": "ckpt.pt", "recipe": "w4a4_x",
+                     "audit": {"claims_honest": True, "verdict": "V", "integer": 7, "float": 3,
+                               "float_ops": {"LayerNormalization": 2, "Softmax": 1}, "bytes": 1234567},
+                     "rows": [{"subset": "test", "wer_integer": 10.0, "wer_fake_quant": 11.0, "wer_onnxruntime": 11.5,
+                               "delta": 0.5, "delta_ci": [0.1, 0.9], "utterances": 100, "same_transcripts": 97}]}
+    page = deploy_doc.render(result)
+    assert "| test | 10.00 | 11.00 | 11.50 | +0.50 [+0.10, +0.90] | 97/100 | **not met** |" in page
+    assert "7 integer nodes, 3 float nodes (LayerNormalization 2, Softmax 1); 1,234,567 bytes" in page
+    assert "`ckpt.pt` (recipe `w4a4_x`" in page and "Measured by `cmd-low-bit`" in page
+    assert page.index("cmd-low-bit") < page.index("## Deploy honesty of each shipped recipe")
+    del result["qat"]
+    assert "## The 4-bit-activation QAT checkpoint, deployed" not in deploy_doc.render(result)

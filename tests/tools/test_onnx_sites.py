@@ -69,3 +69,18 @@ def test_encoder_sites_in_node_order(setup, tmp_path):
     assert table.sites[0].name == "encoder.subsample.conv_layers.0.input_quant"
     assert not table.missing and table.first_beyond(1.0) is None
     assert "first site more than one step away: none" in table.render("title")
+
+
+def test_four_bit_sites_read_their_clipped_codes(tmp_path):
+    """w4a4: each site's codes are the Clip's after its QuantizeLinear (qswap.export.qdq), every
+    site is found and gives the fake-quant codes."""
+    from qswap.models import build_s2t_transformer
+
+    qmodel = calibrated(build_s2t_transformer(), "w4a4")
+    net = s2t_net_input(1, 64, seed=7)
+    path = export_encoder(qmodel, tmp_path / "encoder.onnx", net)
+    clips = {n.output[0] for n in onnx.load(str(path)).graph.node if n.op_type == "Clip"}
+    assert {codes for _, codes, _ in onnx_sites.graph_sites(path)} == clips
+    table = onnx_sites.encoder_table(qmodel, path, net, "all")
+    assert len(table.sites) >= 30 and not table.missing
+    assert table.first_beyond(1.0) is None and sum(s.different for s in table.sites) == 0  # measured: 0
