@@ -195,6 +195,7 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[
 def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: bool,
                  plans: list[_Plan] = ()) -> None:
     units = [p for p in plans if not p.counterpart.converts_children]  # converted whole: their parts unvisited
+    _warn_rules_overruled_in_units(recipe, units, report, strict)
     for rule in recipe.rules:
         if rule.index in hit:
             continue
@@ -207,6 +208,38 @@ def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: b
             raise ConvertError(f"strict mode: {message}; fix or remove the rule")
         report.unmatched_rules.append(rule.label())
         warnings.warn(message, QswapWarning, stacklevel=3)
+
+
+def _warn_rules_overruled_in_units(recipe: Recipe, units: list[_Plan], report: ConvertReport,
+                                   strict: bool) -> None:
+    """A pattern or class rule that would be the first rule of a part of a counterpart converted
+    as one unit (``class: Linear`` and an attention's q_proj), with other specs than the unit's
+    rule gives: the part follows the unit's rule, not this one. A QswapWarning (a ConvertError in
+    strict mode) naming the rule, the parts and the unit's rule, not a silent difference between
+    what the recipe says and what the model computes. (A rule naming one part by its exact path
+    is refused by ``_refuse_rule_inside_a_unit``.)"""
+    overruled: dict[int, list[tuple[str, _Plan]]] = {}
+    for plan in units:
+        for sub, module in plan.module.named_modules():
+            if not sub:
+                continue
+            path = f"{plan.path}.{sub}" if plan.path else sub
+            rule = recipe.first_rule(path, module)
+            if (rule is None or rule.match.exact_path or (plan.rule is not None and rule.index == plan.rule.index)
+                    or rule.config == plan.config):
+                continue
+            overruled.setdefault(rule.index, []).append((path, plan))
+    for index, parts in overruled.items():
+        rule = recipe.rules[index]
+        path, plan = parts[0]
+        message = (f"{recipe.name}: {rule.label()} matches {len(parts)} part(s) of modules converted as one "
+                   f"unit, such as {path} of {plan.path or 'the root'} ({type(plan.module).__name__}, by "
+                   f"{plan.rule_label}): they follow their unit's specs, not this rule's; to set them, write "
+                   f"the rule for the units (their path or class; a 'sites:' entry tunes one of their quantizers)")
+        if strict:
+            raise ConvertError(f"strict mode: {message}")
+        report.notes.append(message)
+        warnings.warn(message, QswapWarning, stacklevel=4)
 
 
 def _refuse_rule_inside_a_unit(recipe: Recipe, rule: Rule, units: list[_Plan]) -> None:

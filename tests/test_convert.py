@@ -6,6 +6,7 @@ from torch import nn
 
 import qswap
 from helpers import Residual
+from qswap.convert import QswapWarning
 from qswap.errors import ConvertError, SpecError
 from qswap.nn.linear import QLinear
 from qswap.quant.fake_quantize import FakeQuantize
@@ -258,6 +259,39 @@ def test_a_rule_for_a_part_of_a_unit_is_refused_naming_the_unit():
     with pytest.raises(ConvertError, match=r"matches 1.out_proj, a part of 1 \(MultiheadAttention\), which is "
                                            r"converted as one unit .* write the rule for 1 instead"):
         qswap.convert(_attention_model(), recipe)
+
+
+def test_a_class_rule_that_also_matches_parts_of_a_unit_warns_naming_them():
+    """``class: Linear`` reaches the FFN linears and fairseq's attention projections; the
+    projections follow their attention's rule (the defaults here), not the class rule: a warning
+    naming the rule, the parts and the unit (a ConvertError in strict mode), not a silent 8-bit q_proj."""
+    pytest.importorskip("fairseq")
+    from qswap.models import build_s2t_transformer
+
+    model = build_s2t_transformer()
+    projections = sum(isinstance(m, nn.Linear) for n, m in model.named_modules() if "attn." in n)
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"class": "Linear"}, "weight": {"bits": 4}}]}
+    with pytest.warns(QswapWarning, match=rf"rule 0: class=Linear matches {projections} part\(s\) of modules "
+                                          r"converted as one unit, such as encoder.transformer_layers.0.self_attn.k_proj "
+                                          r"of encoder.transformer_layers.0.self_attn \(MultiheadAttention, by defaults\)"):
+        q = qswap.convert(model, recipe)
+    layer = q.encoder.transformer_layers[0]
+    assert layer.fc1.weight_quant.spec.bits == 4 and layer.self_attn.q_proj.weight_quant.spec.bits == 8
+    assert any("converted as one unit" in n for n in q.qswap_report.notes)
+    with pytest.raises(ConvertError, match=f"strict mode: .* class=Linear matches {projections} part"):
+        qswap.convert(model, recipe, strict=True)
+    same = {**recipe, "rules": [{"match": {"class": "Linear"}, "weight": {"bits": 8}}]}  # the unit's specs: nothing lost
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qswap.convert(model, same)
+    assert not [w for w in caught if "converted as one unit" in str(w.message)]
+    unit = {**recipe, "rules": [{"match": {"class": "MultiheadAttention"}, "weight": {"bits": 4}}, *recipe["rules"]]}
+    with warnings.catch_warnings(record=True) as caught:  # the units' own rule: their parts get 4 bits, as asked
+        warnings.simplefilter("always")
+        q = qswap.convert(model, unit)
+    assert not [w for w in caught if "converted as one unit" in str(w.message)]
+    assert q.encoder.transformer_layers[0].self_attn.q_proj.weight_quant.spec.bits == 4
 
 
 def test_every_module_appears_in_the_report_containers_included():
