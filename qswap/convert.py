@@ -195,9 +195,9 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[
 def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: bool,
                  plans: list[_Plan] = ()) -> None:
     units = [p for p in plans if not p.counterpart.converts_children]  # converted whole: their parts unvisited
-    _warn_rules_overruled_in_units(recipe, units, report, strict)
+    overruled = _warn_rules_overruled_in_units(recipe, units, report, strict)
     for rule in recipe.rules:
-        if rule.index in hit:
+        if rule.index in hit or rule.index in overruled:  # an overruled rule's message says where it reached
             continue
         _refuse_rule_inside_a_unit(recipe, rule, units)
         message = f"{recipe.name}: {rule.label()} matched no module"
@@ -211,35 +211,50 @@ def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: b
 
 
 def _warn_rules_overruled_in_units(recipe: Recipe, units: list[_Plan], report: ConvertReport,
-                                   strict: bool) -> None:
-    """A pattern or class rule that would be the first rule of a part of a counterpart converted
-    as one unit (``class: Linear`` and an attention's q_proj), with other specs than the unit's
-    rule gives: the part follows the unit's rule, not this one. A QswapWarning (a ConvertError in
-    strict mode) naming the rule, the parts and the unit's rule, not a silent difference between
-    what the recipe says and what the model computes. (A rule naming one part by its exact path
-    is refused by ``_refuse_rule_inside_a_unit``.)"""
+                                   strict: bool) -> set[int]:
+    """A pattern or class rule that is the first rule of a part of a counterpart converted as one
+    unit (``class: Linear`` and an attention's q_proj) asks for what the part does not get: the
+    part follows the unit's rule. Reported where the part would compute otherwise: its own sites'
+    specs (those of the part's counterpart, read from the rule's config and from the unit's)
+    differ, or the rule is a ``skip`` (the part is quantized, not left float). Parts with nothing
+    to quantize (a dropout) are left out. A QswapWarning (a ConvertError in strict mode) naming
+    the rule, the number of parts and one unit; returns the indices of the rules reported. (A
+    rule naming one part by its exact path is refused by ``_refuse_rule_inside_a_unit``.)"""
     overruled: dict[int, list[tuple[str, _Plan]]] = {}
     for plan in units:
         for sub, module in plan.module.named_modules():
-            if not sub:
-                continue
             path = f"{plan.path}.{sub}" if plan.path else sub
-            rule = recipe.first_rule(path, module)
-            if (rule is None or rule.match.exact_path or (plan.rule is not None and rule.index == plan.rule.index)
-                    or rule.config == plan.config):
+            rule = recipe.first_rule(path, module) if sub else None
+            if rule is None or rule.match.exact_path or (plan.rule is not None and rule.index == plan.rule.index):
                 continue
-            overruled.setdefault(rule.index, []).append((path, plan))
+            part = find(module)
+            if part is None or is_passthrough(module):  # nothing of it is quantized
+                continue
+            if rule.skip or _site_specs(rule.config, part) != _site_specs(plan.config, part):
+                overruled.setdefault(rule.index, []).append((path, plan))
     for index, parts in overruled.items():
         rule = recipe.rules[index]
         path, plan = parts[0]
-        message = (f"{recipe.name}: {rule.label()} matches {len(parts)} part(s) of modules converted as one "
-                   f"unit, such as {path} of {plan.path or 'the root'} ({type(plan.module).__name__}, by "
-                   f"{plan.rule_label}): they follow their unit's specs, not this rule's; to set them, write "
-                   f"the rule for the units (their path or class; a 'sites:' entry tunes one of their quantizers)")
+        what = ("they are quantized as their unit is, not left float" if rule.skip
+                else "they get their unit's specs, not this rule's")
+        advice = ("to leave them float, skip the units (their path or class)" if rule.skip else
+                  "write the rule for the units (their path or class; a 'sites:' entry tunes one of their "
+                  "quantizers)" if plan.rule is None else
+                  f"give the units' rule ({plan.rule_label}) the specs they should have, or narrow this rule "
+                  f"so that it does not reach their parts")
+        message = (f"{recipe.name}: {rule.label()} is the first rule of {len(parts)} part(s) of modules converted "
+                   f"as one unit, such as {path} of {plan.path or 'the root'} ({type(plan.module).__name__}, by "
+                   f"{plan.rule_label}): {what}; {advice}")
         if strict:
             raise ConvertError(f"strict mode: {message}")
         report.notes.append(message)
         warnings.warn(message, QswapWarning, stacklevel=4)
+    return set(overruled)
+
+
+def _site_specs(config: QuantConfig, counterpart: type) -> dict:
+    """The spec ``config`` gives each site ``counterpart`` declares."""
+    return {site: config.spec(site, kind) for site, kind in counterpart.sites.items()}
 
 
 def _refuse_rule_inside_a_unit(recipe: Recipe, rule: Rule, units: list[_Plan]) -> None:

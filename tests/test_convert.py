@@ -272,14 +272,14 @@ def test_a_class_rule_that_also_matches_parts_of_a_unit_warns_naming_them():
     projections = sum(isinstance(m, nn.Linear) for n, m in model.named_modules() if "attn." in n)
     recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
               "rules": [{"match": {"class": "Linear"}, "weight": {"bits": 4}}]}
-    with pytest.warns(QswapWarning, match=rf"rule 0: class=Linear matches {projections} part\(s\) of modules "
+    with pytest.warns(QswapWarning, match=rf"rule 0: class=Linear is the first rule of {projections} part\(s\) of modules "
                                           r"converted as one unit, such as encoder.transformer_layers.0.self_attn.k_proj "
                                           r"of encoder.transformer_layers.0.self_attn \(MultiheadAttention, by defaults\)"):
         q = qswap.convert(model, recipe)
     layer = q.encoder.transformer_layers[0]
     assert layer.fc1.weight_quant.spec.bits == 4 and layer.self_attn.q_proj.weight_quant.spec.bits == 8
     assert any("converted as one unit" in n for n in q.qswap_report.notes)
-    with pytest.raises(ConvertError, match=f"strict mode: .* class=Linear matches {projections} part"):
+    with pytest.raises(ConvertError, match=f"strict mode: .* class=Linear is the first rule of {projections} part"):
         qswap.convert(model, recipe, strict=True)
     same = {**recipe, "rules": [{"match": {"class": "Linear"}, "weight": {"bits": 8}}]}  # the unit's specs: nothing lost
     with warnings.catch_warnings(record=True) as caught:
@@ -292,6 +292,43 @@ def test_a_class_rule_that_also_matches_parts_of_a_unit_warns_naming_them():
         q = qswap.convert(model, unit)
     assert not [w for w in caught if "converted as one unit" in str(w.message)]
     assert q.encoder.transformer_layers[0].self_attn.q_proj.weight_quant.spec.bits == 4
+    # the units' rule differs from the class rule only in a site no projection has: nothing overruled
+    unit_site = {**recipe, "rules": [{"match": {"class": "MultiheadAttention"}, "weight": {"bits": 4},
+                                      "sites": {"softmax_in": {"bits": 16}}}, *recipe["rules"]]}
+    qswap.convert(model, unit_site, strict=True)
+
+
+def test_a_pattern_rule_reaching_only_parts_of_units_gets_one_message():
+    """``path: "*.q_proj"`` reaches only attention parts: the message says where it reached, not
+    also that it 'matched no module'."""
+    pytest.importorskip("fairseq")
+    from qswap.models import build_s2t_transformer
+
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"path": "*.q_proj"}, "weight": {"bits": 4}}]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = qswap.convert(build_s2t_transformer(), recipe)
+    messages = [str(w.message) for w in caught if issubclass(w.category, QswapWarning)]
+    assert len(messages) == 1 and "is the first rule of" in messages[0] and "q_proj" in messages[0]
+    assert q.qswap_report.unmatched_rules == []
+
+
+def test_a_skip_rule_that_reaches_parts_of_a_unit_warns_that_they_stay_quantized():
+    """``class: Linear, skip: true`` leaves the FFN linears float; the attention projections are
+    quantized with their attention: said so. A skip rule for parts that quantize nothing (the
+    attention's dropouts) says nothing."""
+    pytest.importorskip("fairseq")
+    from qswap.models import build_s2t_transformer
+
+    skip = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+            "rules": [{"match": {"class": "Linear"}, "skip": True}]}
+    with pytest.warns(QswapWarning, match=r"rule 0: class=Linear is the first rule of .* they are quantized as "
+                                          r"their unit is, not left float; to leave them float, skip the units"):
+        q = qswap.convert(build_s2t_transformer(), skip)
+    assert type(q.encoder.transformer_layers[0].fc1) is nn.Linear
+    dropouts = {**skip, "rules": [{"match": {"class": ["Dropout", "FairseqDropout"]}, "skip": True}]}
+    qswap.convert(build_s2t_transformer(), dropouts, strict=True)
 
 
 def test_every_module_appears_in_the_report_containers_included():

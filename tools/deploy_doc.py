@@ -28,7 +28,7 @@ WER with every activation scale moved by one float32 ulp (how far its WER moves 
 alone), and the deploy audit of every recipe's export; it is stored in --json beside the other
 sections and the page re-rendered.
 
-``--low-bit`` measures only the deploy audit of every shipped recipe (the 4-bit-activation ones
+``--low-bit`` measures only the deploy audit of every shipped recipe and the searched one (the 4-bit-activation ones
 included) and the shipped 4-bit-activation QAT checkpoint (``qat_w4a4_edges8.pt``) exported as it
 is: its deploy audit and its WER on both subsets as ``qswap eval`` decodes it (integer insides),
 with float insides, and in onnxruntime (minutes); stored in --json beside the other sections and
@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     if args.low_bit:
         result, (model, cfg, task, calib) = json.loads(Path(args.json).read_text()), shipped_model(args)
         with tempfile.TemporaryDirectory(prefix="qswap-low-bit-") as tmp:
-            exports = export_recipes(model, cfg, task, calib, Path(tmp), names=tuple(shipped_recipe_names()))
+            exports = export_recipes(model, cfg, task, calib, Path(tmp))  # every row of the honesty table
             result["honesty"].update({name: e["audit"] for name, e in exports.items()})
             result["honesty_command"] = command
             result["qat"] = {"command": command, **qat_rows(task, Path(tmp), args.threads)}
@@ -772,10 +772,10 @@ def qat_section(r: dict) -> list[str]:
                      f"{row['same_transcripts']}/{row['utterances']} | {met(abs(row['delta']), t['wer_gap'], False)} |")
     lines += ["", "Each 4-bit activation leaves its `QuantizeLinear` as uint8 codes clipped to the grid's 16 "
               "(`qswap.export.qdq`): onnxruntime's 8-bit integer kernels run on them (int32 accumulation of the "
-              "4-bit codes' products), the codes take a byte each. The graph's float ops are ONNX's LayerNorm "
-              "and softmax, which the QAT model computes in integers (`simulate: integer`): the first column "
-              "against the second is what that difference changes on this model, the second against the third what "
-              "the deployment changes.", "",
+              "4-bit codes' products), the codes take a byte each. Among the graph's float nodes (below) are "
+              "ONNX's LayerNorm and softmax, which the QAT model computes in integers (`simulate: integer`): the "
+              "first column against the second is what that difference changes on this model, the second against "
+              "the third what the deployment changes.", "",
               f"Deploy audit of the export: {a['integer']} integer nodes, {a['float']} float nodes ({ops}); "
               f"{a['bytes']:,} bytes in its three graphs. Verdict: {a['verdict']}.", "",
               f"Measured by `{q['command']}`.", ""]

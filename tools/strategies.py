@@ -58,10 +58,17 @@ def _observer(name: str) -> Callable[[dict], dict]:
     return change
 
 
+# the attention counterparts converted as one unit: their projections are their parts, which a
+# class Linear rule does not reach (qswap.convert warns); the rule names the units too
+ATTENTIONS = ["MultiheadAttention", "ESPNETMultiHeadedAttention", "RelPositionMultiHeadedAttention",
+              "RotaryPositionMultiHeadedAttention"]
+
+
 def _per_group(recipe: dict) -> dict:
-    """Every Linear's weight per group of GROUP input channels (rules before it keep theirs)."""
+    """Every Linear's weight per group of GROUP input channels, the attention projections'
+    included (rules before it keep theirs)."""
     w = {**recipe["defaults"]["weight"], "granularity": "per_group", "axis": -1, "group_size": GROUP}
-    recipe["rules"] = [*recipe.get("rules", []), {"match": {"class": "Linear"}, "weight": w}]
+    recipe["rules"] = [*recipe.get("rules", []), {"match": {"class": ["Linear", *ATTENTIONS]}, "weight": w}]
     return recipe
 
 
@@ -106,7 +113,7 @@ METHODS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "observe_float": ("calibration observes float activation sites (`observe: float`), not the quantized model",
                       lambda r: {**r, "observe": "float"}),
     "per_site": ("per activation site, the observer (minmax, percentile, mse) with the highest SQNR", None),
-    "per_group": (f"Linear weights per group of {GROUP} input channels", _per_group),
+    "per_group": (f"Linear weights (attention projections included) per group of {GROUP} input channels", _per_group),
     "smoothquant": ("SmoothQuant alpha 0.5 folded into norms, fc1/fc2", _transforms({"smoothquant": {"alpha": 0.5}})),
     "hadamard": ("Hadamard: per-head folded, online WHT (64) before fc2", _transforms({"hadamard": {"block": 64}})),
     "smoothquant_hadamard": ("SmoothQuant, then Hadamard", _transforms({"smoothquant": {"alpha": 0.5}},

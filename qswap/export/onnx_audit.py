@@ -174,6 +174,8 @@ def _classify(node, dtypes: dict[str, int]) -> tuple[str, str]:
         return "integer", ""
     if node.op_type in QUANTIZE_OPS:
         return "quantize", ""
+    if node.op_type == "Clip" and _integer_typed(node, dtypes):
+        return "quantize", ""  # codes saturated to a grid with fewer codes (qswap.export.qdq): the quantizer's
     if node.op_type in MOVEMENT_OPS:
         return "movement", ""
     types = [dtypes.get(name) for name in (*node.input, *node.output) if name]
@@ -182,6 +184,11 @@ def _classify(node, dtypes: dict[str, int]) -> tuple[str, str]:
     if types and all(t is not None for t in types):
         return "index", ""
     return "float", "no rule for this op"  # an unknown op on tensors of unknown type: a finding
+
+
+def _integer_typed(node, dtypes: dict[str, int]) -> bool:
+    types = [dtypes.get(name) for name in (*node.input, *node.output) if name]
+    return bool(types) and all(t is not None and t not in _FLOAT_TYPES for t in types)
 
 
 def _quantizer_muls(graph, index) -> set[str]:

@@ -72,8 +72,10 @@ class QswapTaskMixin:
         data = STRUCTURE_ONLY if from_checkpoint else converted_start(
             qswap.load_recipe(recipe), getattr(opts, "finetune_from_model", None),
             recipe_arg=recipe if isinstance(recipe, str) else None, data=getattr(opts, "data", None))
-        model = qswap.convert(model, recipe, inplace=True, strict=getattr(opts, "qswap_strict", False) or None,
-                              data=data)
+        # a model rebuilt from a checkpoint: strict's checks ran when it was first converted (a
+        # later qswap may check more), unless --qswap-strict asks again
+        strict = getattr(opts, "qswap_strict", False) or (False if from_checkpoint else None)
+        model = qswap.convert(model, recipe, inplace=True, strict=strict, data=data)
         counts = model.qswap_report.counts()
         logger.info(f"qswap: converted with recipe {model.qswap_recipe.name}: {counts['quantized']} "
                     f"modules quantized, {counts['float']} left float, {counts['skipped']} skipped")

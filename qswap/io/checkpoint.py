@@ -312,8 +312,10 @@ def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
     try:
         with warnings.catch_warnings():  # they were shown when the model was first converted
             warnings.simplefilter("ignore", QswapWarning)
-            # the stored state holds the transformed weights: only module insertions are redone
-            return convert(model, dict(recipe), inplace=True, data=STRUCTURE_ONLY)
+            # the stored state holds the transformed weights: only module insertions are redone;
+            # strict's checks ran at the first conversion (a later qswap may check more: a
+            # recipe's strict must not make a checkpoint it wrote unloadable)
+            return convert(model, dict(recipe), inplace=True, data=STRUCTURE_ONLY, strict=False)
     except RecipeError as exc:
         raise CheckpointError(f"{path}: the recipe stored in this qswap checkpoint is invalid "
                               f"({exc}); the file is damaged") from None

@@ -160,8 +160,9 @@ def test_four_bit_activations_agree_with_the_fake_quant_model_in_every_graph(w4a
     net = padded_batch(2, 80, seed=5)
     found = agreement(qmodel, out, net, net["prev_output_tokens"])
     assert found["padding_mask_equal"]
-    # measured on this model: below 2e-6 step (encoder), 0 (cross_kv, decoder_step): 4-bit grids
-    # are coarse, a rounding flip of the integer kernels is rarer than on 8-bit ones
+    # measured on this model (asymmetric grids, mse ranges): below 2e-6 step (encoder), 0
+    # (cross_kv, decoder_step). Symmetric min/max 4-bit grids put more values on exact rounding
+    # ties, which onnxruntime's float ops (another summation order) can flip: a few steps there
     assert found["encoder"]["max"] <= 1.0 and found["cross_kv"]["max"] <= 1.0
     assert found["decoder_step"]["max"] <= 1.0
 
@@ -203,7 +204,9 @@ def test_four_bit_activations_keep_onnxruntimes_integer_kernels(w4a4, graph_path
     from qswap.export.onnx_audit import audit_onnx
 
     four, eight = audit_onnx(w4a4[1] / "encoder.onnx", level="all"), audit_onnx(graph_path, level="all")
-    assert four.integer_ops.get("Clip", 0) + four.buckets["index"] >= 30 and "Clip" not in four.float_ops
+    # each Clip of codes counts as its quantizer's (the quantize bucket), whatever reads it
+    assert "Clip" not in four.integer_ops and "Clip" not in four.float_ops
+    assert four.buckets["quantize"] >= eight.buckets["quantize"] + 30 and four.buckets["index"] == eight.buckets["index"]
     for op in ("QGemm", "QLinearMatMul", "QLinearConv", "MatMulIntegerToFloat"):
         assert four.integer_ops.get(op, 0) == eight.integer_ops.get(op, 0) > 0, op
 

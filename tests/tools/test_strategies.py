@@ -36,6 +36,12 @@ def test_every_cell_is_a_recipe_that_converts_and_audits_honest(method, column):
     qswap.calibrate(qmodel, [x])
     assert qswap.audit(qmodel, x).honest
     assert strategies.integer_form(qmodel) == "yes"
+    if method == "per_group":  # the attention projections too, not only the units' neighbours
+        layer = qmodel.encoder.transformer_layers[0]
+        assert layer.self_attn.q_proj.weight_quant.spec.granularity == layer.fc1.weight_quant.spec.granularity
+        assert layer.fc1.weight_quant.spec.granularity == "per_group"
+    notes = " ".join(qmodel.qswap_report.notes)
+    assert "converted as one unit" not in notes  # no method asks a unit's parts for what they do not get
 
 
 def test_per_site_sets_each_sites_observer():

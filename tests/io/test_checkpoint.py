@@ -1,0 +1,34 @@
+"""qswap checkpoints load as they were written: a stored recipe with ``strict: true`` whose
+checks a later qswap makes stricter still loads (the checks ran when it was converted), through
+qswap's loader and through fairseq's with the plugin's task."""
+import warnings
+from pathlib import Path
+
+import pytest
+
+import qswap
+from qswap.convert import QswapWarning
+
+pytest.importorskip("fairseq")
+
+from qswap.io import load_fairseq_model, save_qswap_checkpoint  # noqa: E402
+
+ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
+
+
+def test_a_strict_recipe_the_checks_now_refuse_still_loads(tmp_path):
+    model, cfg, _ = load_fairseq_model(ASSET / "checkpoint.pt", arg_overrides={"data": str(ASSET)})
+    recipe = {"version": 1, "name": "lin4_strict", "strict": True,
+              "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"class": "Linear"}, "weight": {"bits": 4}}]}
+    with pytest.raises(qswap.errors.ConvertError, match="strict mode: .*first rule of"):
+        qswap.convert(model, recipe)  # the recipe's strict refuses it today
+    with pytest.warns(QswapWarning, match="first rule of"):  # as an older qswap converted it: no such check
+        qmodel = qswap.convert(model, recipe, strict=False)
+    path = save_qswap_checkpoint(tmp_path / "q.pt", qmodel, {"cfg": cfg})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded, _, _ = load_fairseq_model(path, arg_overrides={"data": str(ASSET)})
+    assert loaded.qswap_recipe.strict and loaded.qswap_recipe.name == "lin4_strict"
+    layer = loaded.encoder.transformer_layers[0]
+    assert layer.fc1.weight_quant.spec.bits == 4 and layer.self_attn.q_proj.weight_quant.spec.bits == 8
