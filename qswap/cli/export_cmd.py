@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                           f"'qswap convert --recipe R --calib-batches N' first")
     if not args.onnx:
         return _export_integer(args, model, cfg, task)
-    manifest = export_model(model, args.output, task_cfg=cfg.task)
+    manifest = export_model(model, args.output, task_cfg=cfg.task, dictionary=task.target_dictionary)
     for name, path in graph_paths(args.output, manifest).items():
         report = audit_onnx(path, site_prefix=SITE_PREFIX[name])
         console().print(f"wrote {path}: {report.integer_count} integer and {report.float_count} float "

@@ -231,6 +231,14 @@ def _check_decoder(qmodel: nn.Module, allow_float: bool) -> None:
     if not hasattr(qmodel, "logits_quant"):
         raise ExportError(f"exporting the decoder of a {type(qmodel).__name__} is not supported yet; "
                           f"the step graph covers qswap's S2T transformer and conformer models")
+    for i, layer in enumerate(qmodel.decoder.layers):
+        for name in ("self_attn", "encoder_attn"):
+            attn = getattr(layer, name, None)
+            if attn is not None and not hasattr(attn, "core"):  # a recipe's skip left fairseq's own attention
+                raise ExportError(f"decoder.layers.{i}.{name} is fairseq's {type(attn).__name__}, not qswap's "
+                                  f"counterpart (a recipe rule skips it): the step graph exports qswap's "
+                                  f"attention only; to keep it float, give its rule 'weight: null' and "
+                                  f"'activation: null' instead of 'skip: true'")
 
 
 def export_cross_kv(qmodel: nn.Module, path: "str | os.PathLike[str]", encoder_out: torch.Tensor,

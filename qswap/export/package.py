@@ -17,10 +17,14 @@ Writing: each graph is written under a temporary name beside its final one and l
 onnxruntime; only when every graph loads are they renamed into place, and ``export.json`` is
 written last. An export that fails before the renames (a graph onnxruntime cannot load, an
 uncalibrated quantizer) leaves the directory as it was; a directory it created is removed again,
-also after a failure during the renames. One that fails during the renames or the manifest's
-write (a full disk, an interrupt) in a directory that held an export leaves graphs of both, which
-reading refuses: ``graph_paths`` checks every graph against its digest, so a directory that mixes
-two exports (or holds a graph copied in by hand) is refused.
+also after a failure during the renames. Before the renames the old export's ``export.json`` and
+the graphs of the other kind (a CTC export replaced by a seq2seq one) are removed: one that fails
+during the renames or the manifest's write (a full disk, an interrupt) in a directory that held an
+export leaves no manifest, which reading refuses (re-export). ``graph_paths`` checks every graph
+against its digest, so a directory that mixes two exports (or holds a graph copied in by hand) is
+refused too. A directory holding an integer model export (``model.json``, ``qswap export``
+without ``--onnx``) is refused, and the integer writer refuses an ONNX export's: one directory,
+one export.
 
 >>> export_model(qmodel, "deploy/", task_cfg=cfg.task)
 >>> manifest = read_manifest("deploy/")
@@ -67,16 +71,21 @@ class Manifest:
     format: int = FORMAT
     kind: str = "seq2seq"  # a key of KIND_GRAPHS
     digests: dict[str, str] = field(default_factory=dict)  # graph name -> SHA-256 of its file
+    # the target dictionary's facts (``integer_decode.dictionary_facts``): a data directory whose
+    # dictionary differs is refused ({}: not recorded, an export written before they were)
+    dictionary: dict[str, Any] = field(default_factory=dict)
 
 
 def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg: Any = None,
-                 audit: bool = True, allow_float: bool = False) -> Manifest:
+                 audit: bool = True, allow_float: bool = False, dictionary: Any = None) -> Manifest:
     """Write ``qmodel`` (a calibrated qswap S2T transformer or conformer, or wav2vec 2.0 CTC model)
     to ``directory`` as its encoder, cross-attention and decoder-step graphs (CTC: its one graph)
     plus ``export.json``. ``task_cfg``: the fairseq task
     config the model was loaded with (needed to decode with the export). ``audit``: run
     ``qswap.audit`` on the example batch and record its verdict. ``allow_float``: export a
     conversion with identity quantizers (recipe fp32, the float reference of the same graph).
+    ``dictionary``: the task's target dictionary, recorded so that decoding refuses a data
+    directory with another one (default: an S2T decoder's own; a CTC model has none).
     The graphs are traced with the float insides (``simulate: float``) whatever the recipe says: a
     QDQ graph computes each op in float between its DequantizeLinear and QuantizeLinear. (The ONNX
     stand-ins that replace the quantizers for the trace carry no grid the integer paths read, so
@@ -84,17 +93,27 @@ def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task
     forward and the audit too.)"""
     from qswap.nn.simulate import simulating
 
+    from qswap.integration.integer_decode import dictionary_facts
+
+    if dictionary is None:
+        dictionary = getattr(getattr(qmodel, "decoder", None), "dictionary", None)
     with simulating(qmodel, "float"):
-        return _export(qmodel, directory, task_cfg=task_cfg, audit=audit, allow_float=allow_float)
+        manifest = _export(qmodel, directory, task_cfg=task_cfg, audit=audit, allow_float=allow_float,
+                           facts=dictionary_facts(dictionary) if dictionary is not None else {})
+    return manifest
 
 
 def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg: Any, audit: bool,
-            allow_float: bool) -> Manifest:
+            allow_float: bool, facts: dict) -> Manifest:
     """``export_model`` under the float insides."""
     from qswap.export.decoder_step import export_cross_kv, export_decoder_step
     from qswap.export.onnx import export_encoder
 
     out = Path(directory)
+    if (out / "model.json").is_file():  # qswap.export.integer_format.JSON_FILE: an integer model export
+        from qswap.errors import OutputError
+        raise OutputError(f"{out} holds an integer model export (model.json); one directory holds one export: "
+                          f"write the ONNX graphs into another directory (or remove that one first)")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -119,6 +138,14 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
             manifest = Manifest(_recipe_name(qmodel), claims, _plain_task(task_cfg), len(qmodel.decoder.layers),
                                 int(qmodel.decoder.max_positions()))
         manifest.digests = {name: _check_loads(path, graphs[name], out) for name, path in staged.items()}
+        manifest.dictionary = facts
+        # the export being replaced goes first: its manifest (an interrupted publish leaves no
+        # directory that loads as the old export) and the graphs of the other kind
+        (out / MANIFEST).unlink(missing_ok=True)
+        for kind_graphs in KIND_GRAPHS.values():
+            if kind_graphs is not graphs:
+                for file in kind_graphs.values():
+                    (out / file).unlink(missing_ok=True)
         for name, path in staged.items():
             os.replace(path, out / graphs[name])
             published.append(out / graphs[name])
@@ -207,6 +234,15 @@ def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
         manifest = Manifest(**payload)
     except TypeError as e:
         raise ExportError(f"{path}: malformed manifest ({e}); re-export the directory") from None
+    fields = ((isinstance(manifest.graphs, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in manifest.graphs.items()), "graphs"),
+              (isinstance(manifest.task, dict), "task"), (isinstance(manifest.dictionary, dict), "dictionary"),
+              (_count(manifest.decoder_layers), "decoder_layers"),
+              (_count(manifest.max_target_positions), "max_target_positions"))
+    for ok, name in fields:
+        if not ok:
+            raise ExportError(f"{path}: malformed manifest ({name} is {getattr(manifest, name)!r}); re-export the "
+                              f"directory")
     if not isinstance(manifest.kind, str) or manifest.kind not in KIND_GRAPHS:
         raise ExportError(f"{path}: kind {manifest.kind!r}; this qswap reads {', '.join(KIND_GRAPHS)}: "
                           f"re-export the directory")
@@ -215,7 +251,16 @@ def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
             raise ExportError(f"{path}: names no {graph} graph; re-export the directory")
         if not isinstance(manifest.digests, dict) or not isinstance(manifest.digests.get(graph), str):
             raise ExportError(f"{path}: records no digest of the {graph} graph; re-export the directory")
+    if manifest.kind == "seq2seq" and not (manifest.decoder_layers > 0 and manifest.max_target_positions > 0):
+        raise ExportError(f"{path}: malformed manifest (a seq2seq export with decoder_layers "
+                          f"{manifest.decoder_layers} and max_target_positions {manifest.max_target_positions}); "
+                          f"re-export the directory")
     return manifest
+
+
+def _count(value: Any) -> bool:
+    """A non-negative int (not a bool, not a string)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def graph_paths(directory: "str | os.PathLike[str]", manifest: Manifest) -> dict[str, Path]:

@@ -168,6 +168,7 @@ def load_exported(directory: "str | os.PathLike[str]", dictionary, *,
     (``qswap export --onnx``); ``dictionary`` is the target dictionary of the task. ExportError
     for a missing or malformed file, or a graph scoring another vocabulary."""
     manifest = read_manifest(directory)
+    _check_dictionary(directory, manifest, dictionary)
     paths = graph_paths(directory, manifest)
     sessions = {name: load_session(path, threads=threads) for name, path in paths.items()}
     if manifest.kind == "ctc":
@@ -183,6 +184,18 @@ def load_exported(directory: "str | os.PathLike[str]", dictionary, *,
     model = OrtS2TModel(encoder, decoder).eval()
     model.recipe = manifest.recipe
     return model
+
+
+def _check_dictionary(directory, manifest, dictionary) -> None:
+    """The task's target dictionary is the one the model was exported with (its recorded facts:
+    special indices, size, a hash of the symbols); a dictionary of the same size with other
+    symbols would decode other words silently."""
+    from qswap.integration.integer_decode import dictionary_facts
+
+    if manifest.dictionary and dictionary_facts(dictionary) != manifest.dictionary:
+        raise ExportError(f"{directory}: the task's target dictionary ({len(dictionary)} symbols) is not the one the "
+                          f"model was exported with ({manifest.dictionary.get('size')} symbols, recorded in "
+                          f"export.json); decode with the data directory the model was trained on")
 
 
 def _check_vocabulary(directory, session, dictionary) -> None:
@@ -244,10 +257,11 @@ def load_deployed(directory: "str | os.PathLike[str]", data: "str | os.PathLike[
     cfg = OmegaConf.create({**manifest.task, "data": str(Path(data).resolve())})
     try:
         task = tasks.setup_task(cfg)
+        dictionary = task.target_dictionary  # some tasks (audio_finetuning) read it only now
     except Exception as e:  # fairseq reads the data directory's config and dictionary: no typed errors
         raise DataError(f"cannot set up fairseq task {manifest.task.get('_name')!r} on {data} "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); point --data at the "
                         f"folder with the task's config and dictionary") from None
     if getattr(task, "data_cfg", None) is not None:
         resolve_audio_root(task.data_cfg)
-    return load_exported(directory, task.target_dictionary, threads=threads), task
+    return load_exported(directory, dictionary, threads=threads), task

@@ -59,7 +59,13 @@ def exported_task(exported, data: str | Path):
     task = setup_task(exported.path, OmegaConf.create({"task": {**exported.task, "data": str(Path(data).resolve())}}))
     if getattr(task, "data_cfg", None) is not None:
         resolve_audio_root(task.data_cfg)
-    found = dictionary_facts(task.target_dictionary)
+    try:
+        dictionary = task.target_dictionary  # some tasks (audio_finetuning) read it only now
+    except Exception as e:  # fairseq reads the data directory's dictionary: no typed errors
+        raise DataError(f"cannot read the target dictionary of task {exported.task.get('_name')!r} in {data} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass the data directory of the "
+                        f"model's training") from None
+    found = dictionary_facts(dictionary)
     if found != exported.decoding:
         raise DataError(f"the target dictionary in {data} ({found['size']} symbols) is not the one the model was "
                         f"exported with ({exported.decoding.get('size')} symbols, recorded in {exported.path}); "

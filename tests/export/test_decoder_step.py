@@ -99,6 +99,22 @@ def test_a_per_channel_grid_in_the_encoder_decoder_attention_is_a_typed_error(tm
                             encoder_out["encoder_padding_mask"][0])
 
 
+@pytest.mark.parametrize("attention", ["self_attn", "encoder_attn"])
+def test_a_skipped_decoder_attention_is_a_typed_error_naming_the_way_to_keep_it_float(tmp_path, attention):
+    recipe = {"version": 1, "name": "w8a8_skip",
+              "defaults": {"weight": {"bits": 8, "symmetric": True, "granularity": "per_tensor", "observer": "minmax"},
+                           "activation": {"bits": 8, "symmetric": False, "observer": "moving_average"}},
+              "rules": [{"match": {"path": f"decoder.layers.0.{attention}"}, "skip": True}]}
+    qmodel = calibrated(build_s2t_transformer(), qswap.load_recipe(recipe))
+    with torch.no_grad():
+        encoder_out = qmodel.encoder(**{k: v for k, v in s2t_net_input(2, 60).items() if k != "prev_output_tokens"})
+    for export, args in ((export_cross_kv, (encoder_out["encoder_out"][0],)),
+                         (export_decoder_step, (encoder_out["encoder_out"][0], encoder_out["encoder_padding_mask"][0]))):
+        with pytest.raises(ExportError, match=rf"decoder\.layers\.0\.{attention} is fairseq's MultiheadAttention.*"
+                                              r"'weight: null' and 'activation: null' instead of 'skip: true'"):
+            export(qmodel, tmp_path / "g.onnx", *args)
+
+
 def test_step_graph_softmaxes_run_float_softmax(setup, tmp_path):
     """onnxruntime's QLinearSoftmax is not the fake-quant softmax (qswap.export.graph_passes,
     quantize_by_inverse):

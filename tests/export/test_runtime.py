@@ -2,6 +2,7 @@
 the float export gives fairseq's transcripts, padded batches decode as their utterances alone,
 bad export directories give typed errors, and the beam search shapes the shipped decode does
 not use (beam 1, one utterance, forced prefix tokens) give fairseq's own hypotheses."""
+import copy
 import itertools
 import json
 import shutil
@@ -16,7 +17,7 @@ from qswap.errors import ExportError
 pytest.importorskip("fairseq")
 pytest.importorskip("onnxruntime")
 
-from qswap.export.package import MANIFEST, NO_QUANT, export_model  # noqa: E402
+from qswap.export.package import MANIFEST, NO_QUANT, export_model, read_manifest  # noqa: E402
 from qswap.export.runtime import load_deployed, load_exported, sentence_rows  # noqa: E402
 from qswap.integration import data as fdata  # noqa: E402
 from qswap.integration.decode import decode  # noqa: E402
@@ -126,6 +127,78 @@ def test_damaged_export_directory_is_a_typed_error(shipped_float, tmp_path, dama
         (copy / MANIFEST).write_text(json.dumps({**manifest, "format": 99}))
     with pytest.raises(ExportError):
         load_exported(copy, task.target_dictionary)
+
+
+@pytest.mark.parametrize("field, value", [("graphs", ["encoder.onnx"]), ("decoder_layers", "3"), ("task", ["x"]),
+                                          ("max_target_positions", None), ("max_target_positions", 0),
+                                          ("dictionary", "d")])
+def test_a_manifest_field_of_the_wrong_type_is_a_typed_error(shipped_float, tmp_path, field, value):
+    _, task, out = shipped_float
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    (copy / MANIFEST).write_text(json.dumps({**manifest, field: value}))
+    with pytest.raises(ExportError, match=f"malformed manifest \\({field}|malformed manifest \\(a seq2seq"):
+        load_exported(copy, task.target_dictionary)
+
+
+def test_a_dictionary_of_the_same_size_with_other_symbols_is_refused(shipped_float):
+    """The export records the target dictionary's facts: two symbols swapped would decode other
+    words at the same vocabulary size."""
+    _, task, out = shipped_float
+    assert read_manifest(out).dictionary["size"] == len(task.target_dictionary)
+    swapped = copy.deepcopy(task.target_dictionary)
+    swapped.symbols[4], swapped.symbols[5] = swapped.symbols[5], swapped.symbols[4]
+    with pytest.raises(ExportError, match="not the one the model was exported with"):
+        load_exported(out, swapped)
+    load_exported(out, task.target_dictionary)  # its own loads
+
+
+def test_one_directory_holds_one_export(shipped_float, tmp_path):
+    """An ONNX export refuses a directory holding an integer model and the integer writer refuses
+    an ONNX export's; a seq2seq export over a CTC one leaves no CTC graph behind."""
+    from qswap.errors import OutputError
+    from qswap.export.integer_format import write_integer_model
+
+    model, task, out = shipped_float
+    onnx_dir = tmp_path / "onnx"
+    shutil.copytree(out, onnx_dir)
+    with pytest.raises(OutputError, match="holds an ONNX export"):
+        write_integer_model(qswap.integerize(_calibrated_shipped(model, task)), onnx_dir)
+    assert not (onnx_dir / "model.json").exists()
+    integer_dir = tmp_path / "integer"
+    write_integer_model(qswap.integerize(_calibrated_shipped(model, task)), integer_dir)
+    with pytest.raises(OutputError, match="holds an integer model export"):
+        export_model(qswap.convert(model, NO_QUANT), integer_dir, audit=False, allow_float=True)
+    assert not (integer_dir / MANIFEST).exists()
+    (onnx_dir / "ctc.onnx").write_bytes(b"an older CTC export's graph")
+    export_model(qswap.convert(model, NO_QUANT), onnx_dir, task_cfg=None, audit=False, allow_float=True)
+    assert not (onnx_dir / "ctc.onnx").exists() and read_manifest(onnx_dir).kind == "seq2seq"
+
+
+def test_an_interrupted_publish_leaves_no_manifest_to_load(shipped_float, tmp_path, monkeypatch):
+    """Interrupted after the graphs are renamed into place, before the new export.json: the old
+    manifest is gone, so the directory is refused rather than loaded as the old export."""
+    import qswap.export.package as package
+
+    model, task, out = shipped_float
+    directory = tmp_path / "d"
+    shutil.copytree(out, directory)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(package, "write_manifest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(qswap.convert(model, NO_QUANT), directory, audit=False, allow_float=True)
+    with pytest.raises(ExportError, match="no export.json there"):
+        load_exported(directory, task.target_dictionary)
+
+
+def _calibrated_shipped(model, task):
+    batches = list(itertools.islice(fdata.net_inputs(task, "train_calib", 1), 1))
+    qmodel = qswap.convert(model, "w8a8")
+    qswap.calibrate(qmodel, batches)
+    return qmodel
 
 
 # -- beam search shapes the shipped decode does not use: beam 1 and 2, one utterance, forced prefix

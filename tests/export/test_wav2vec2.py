@@ -139,6 +139,23 @@ def test_four_bit_activations_export_onto_their_grids(tmp_path):
     assert len(clips) == sum(1 for n in onnx.load(str(path)).graph.node if n.op_type == "QuantizeLinear") > 20
 
 
+def test_a_ctc_export_with_an_s2t_data_directory_is_a_typed_error(exported):
+    """fairseq's audio_finetuning task reads its dictionary (dict.ltr.txt) only when asked: a data
+    directory without one is a DataError, not fairseq's FileNotFoundError."""
+    from pathlib import Path
+
+    from qswap.errors import DataError
+    from qswap.export.runtime import load_deployed
+
+    qmodel, out = exported
+    copy = out.parent / f"{out.name}_task"
+    export_model(qmodel, copy, task_cfg={"_name": "audio_finetuning", "data": "/nonexistent", "labels": "ltr"},
+                 audit=False)
+    s2t_data = Path(qswap.__file__).parent / "assets" / "s2t_demo"
+    with pytest.raises(DataError, match="point --data at the folder with the task's config and dictionary"):
+        load_deployed(copy, s2t_data)
+
+
 def test_inputs_the_graph_does_not_take_are_a_typed_error(exported):
     _, out = exported
     session = load_session(out / CTC_GRAPHS["ctc"])

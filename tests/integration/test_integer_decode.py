@@ -57,3 +57,22 @@ def test_an_export_without_task_or_encoder_decoder_cannot_be_decoded(tmp_path):
         exported_task(exported, ASSET)
     with pytest.raises(ExportError, match="IntegerModel has no integer decoding yet .only the S2T encoder-decoder models and wav2vec 2.0 CTC"):
         decode_exported(None, exported, [])
+
+
+def test_a_task_that_reads_its_dictionary_late_gives_a_data_error(tmp_path):
+    """fairseq's audio_finetuning task reads dict.ltr.txt only when its dictionary is asked for:
+    an integer CTC export decoded with a data directory without one is a DataError."""
+    import sys
+    import warnings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+    from export_testkit import calibrated_ctc
+    from qswap.models import make_dictionary
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = calibrated_ctc()
+    write_integer_model(qswap.integerize(qmodel), tmp_path, task={"_name": "audio_finetuning", "data": "/x", "labels": "ltr"},
+                        decoding=dictionary_facts(make_dictionary()))
+    with pytest.raises(DataError, match="cannot read the target dictionary of task 'audio_finetuning'"):
+        exported_task(load_integer_model(tmp_path), ASSET)
