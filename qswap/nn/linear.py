@@ -35,6 +35,10 @@ class _Weighted(QuantModule):
         self.weight_quant = quantizer(config, self.sites, "weight")
         self.bias_quant = BiasQuantize()
         self.simulate = config.simulate
+        # the quantizer reading the result where the caller is fairseq's code, which passes no
+        # out_quant (wav2vec 2.0's CTC projection, read by the model's logits_quant): a plain
+        # list, set by the parent's bind_readers, so the reader stays the parent's child only
+        self.bound_readers: list = []
 
     def quantized_params(self, input_quant: nn.Module | None = None) -> tuple:
         return quantized_pair(self.weight, self.bias, input_quant or self.input_quant, self.weight_quant,
@@ -53,6 +57,8 @@ class _Weighted(QuantModule):
         ``owned``: ``x`` is a temporary the caller hands over, which the input quantizer may round
         in place (``consume``). ``quantized``: ``x`` is the input quantizer's output already (the
         layer rounded it onto both its grid and the one before in one pass: ``consume_twice``)."""
+        if out_quant is None and getattr(self, "bound_readers", None):
+            out_quant = self.bound_readers[0]  # a caller outside qswap (fairseq's) passes none
         if isinstance(out_quant, list):
             return self.onto_each(x, out_quant)
         xq = x if quantized else consume(self.input_quant, x) if owned else self.input_quant(x)

@@ -451,6 +451,16 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
             raise ConvertError(f"invalid blank mode {module.blank_mode}")
         return cls(module, config)
 
+    def bind_readers(self) -> None:
+        """The CTC projection's result is read by ``logits_quant``; fairseq's ``Wav2VecEncoder``
+        calls the projection without a reader, so it is bound to it (``simulate: integer`` then
+        requantizes the int32 accumulator onto the logits grid, as the integer model does)."""
+        from qswap.nn.linear import QLinear
+
+        proj = getattr(self.w2v_encoder, "proj", None)
+        if isinstance(proj, QLinear):
+            proj.bound_readers = [self.logits_quant]
+
     def forward(self, **kwargs):
         """Wav2VecEncoder's output dict, its "encoder_out" (T, B, V) logits quantized (see
         ``_QuantizedLogits``: calibrating with the plain forward sets their grid)."""
