@@ -468,6 +468,7 @@ class Grid:
         if quantizer.scale.numel() != 1:
             raise IntegerizeError(f"an activation grid must be per tensor, got {quantizer.spec.short()}")
         _check_rounding(quantizer)
+        _check_scales(quantizer)
         return cls(float(quantizer.scale), int(quantizer.zero_point), quantizer.spec.qmin, quantizer.spec.qmax)
 
     @property
@@ -539,6 +540,19 @@ def _check_rounding(quantizer) -> None:
                               f"for integer execution (the fake-quant model computes the ops reading it in float)")
 
 
+def _check_scales(quantizer) -> None:
+    """A grid's scales are finite and nonzero (a learned scale an optimizer drove to 0 is not):
+    IntegerizeError otherwise, before a multiplier divides by one. (A negative learned scale is
+    refused where its multiplier is made: ``quantize_multiplier``'s typed error.)"""
+    scale = quantizer.scale.detach().reshape(-1)
+    bad = ~torch.isfinite(scale) | (scale == 0)
+    if bool(bad.any()):
+        raise IntegerizeError(f"a grid needs finite nonzero scales, got {float(scale[bad][0])} "
+                              f"({quantizer.spec.short()}; a learned scale trained to 0, or set by hand): "
+                              f"recalibrate the model (qswap calibrate) or retrain its scales with a smaller "
+                              f"learning rate")
+
+
 def stream_grid(quantizer) -> "Grid | ChannelGrid":
     """The grid of a calibrated quantizer of the residual stream: a ``Grid`` per tensor, a
     ``ChannelGrid`` per channel of the last axis (any other per-channel axis raises)."""
@@ -550,6 +564,7 @@ def stream_grid(quantizer) -> "Grid | ChannelGrid":
         raise IntegerizeError(f"a residual-stream grid must be per tensor or per channel of the last axis "
                               f"(axis: -1), got {spec.short()}")
     _check_rounding(quantizer)
+    _check_scales(quantizer)
     return ChannelGrid(quantizer.scale.detach().double().reshape(-1), quantizer.zero_point.detach().to(
         torch.int64).reshape(-1), spec.qmin, spec.qmax)
 

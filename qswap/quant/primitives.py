@@ -171,7 +171,12 @@ class PassGrid(NamedTuple):
 
 
 def pass_grid(scale: float, zero_point: int, spec: QuantSpec) -> PassGrid:
-    """The ``PassGrid`` of a per-tensor ``scale`` and ``zero_point`` given as Python numbers."""
+    """The ``PassGrid`` of a per-tensor ``scale`` and ``zero_point`` given as Python numbers;
+    SpecError for a scale that is 0 or not finite (a learned scale trained to 0)."""
+    if scale == 0 or not math.isfinite(scale):
+        raise SpecError(f"a quantization grid needs a finite nonzero scale, got {scale} ({spec.short()}; a learned "
+                        f"scale trained to 0, or a grid set by hand): recalibrate the model (qswap calibrate) "
+                        f"or retrain its scales with a smaller learning rate")
     inverse = torch.tensor(1.0 / scale, dtype=torch.float32)  # float32(1 / s), as a float32 op gets it
     return PassGrid(scale, zero_point, inverse, spec.qmin - zero_point, spec.qmax - zero_point, inverse.item())
 

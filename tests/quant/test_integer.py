@@ -714,3 +714,20 @@ def test_one_multiplier_takes_the_same_integers_as_per_channel_multipliers():
     wide = torch.tensor([2 ** 40, -(2 ** 40), 3], dtype=torch.int64)  # int64 beyond int32: the saturating path
     assert torch.equal(multiply_by_quantized_multiplier(wide, 2 ** 30, 0),
                        multiply_by_quantized_multiplier(wide, torch.tensor([2 ** 30]), torch.tensor([0])))
+
+
+def test_a_learned_scale_at_zero_is_an_integerize_error():
+    """A calibrated quantizer whose (LSQ) scale was trained to 0: Grid.of and stream_grid refuse it
+    with an IntegerizeError before a multiplier divides by it."""
+    from qswap.errors import IntegerizeError
+    from qswap.quant.fake_quantize import FakeQuantize
+    from qswap.quant.integer import Grid, stream_grid
+    from qswap.quant.spec import QuantSpec
+
+    for spec in (QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_channel", axis=-1)):
+        fq = FakeQuantize(spec)
+        fq(torch.randn(4, 6))
+        fq.freeze()
+        fq.scale.data.zero_()  # what an optimizer step can write
+        with pytest.raises(IntegerizeError, match="needs finite nonzero scales, got 0.0"):
+            stream_grid(fq) if spec.granularity == "per_channel" else Grid.of(fq)

@@ -190,3 +190,12 @@ def test_the_prepared_grid_gives_the_python_float_passes_bit_for_bit(spec):
         out = fake_quantize_grid(x, pass_grid(scale, zero_point, spec))
         expected = _passes_with_python_floats(x.clone(), scale, zero_point, spec)
         assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), scale
+
+
+@pytest.mark.parametrize("scale", [0.0, float("inf"), float("nan")])
+def test_a_grid_with_a_zero_or_nonfinite_scale_is_a_spec_error(scale):
+    """A learned scale an optimizer drove to 0: a SpecError saying so, not a ZeroDivisionError."""
+    from qswap.quant.primitives import pass_grid
+
+    with pytest.raises(SpecError, match="needs a finite nonzero scale"):
+        pass_grid(scale, 0, QuantSpec(bits=8))

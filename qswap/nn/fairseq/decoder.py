@@ -159,8 +159,8 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         tables, a final LayerNorm, no projections or norm around them (``to_integer``)."""
         from qswap.nn.embedding import QEmbedding
         from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
-        return (isinstance(self.embed_tokens, QEmbedding) and isinstance(self.embed_positions,
-                                                                        QSinusoidalPositionalEmbedding)
+        return (len(self.layers) > 0 and isinstance(self.embed_tokens, QEmbedding)
+                and isinstance(self.embed_positions, QSinusoidalPositionalEmbedding)
                 and isinstance(self.layer_norm, QLayerNorm) and self.project_in_dim is None
                 and self.project_out_dim is None and self.layernorm_embedding is None
                 and self.adaptive_softmax is None and self.quant_noise is None)
@@ -201,8 +201,12 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
         the final norm onto the output projection's input grid, and the output projection onto
         ``out`` (the model's logits grid) or, without one, its int32 accumulator (its float scale:
         the declared end step)."""
+        from qswap.errors import IntegerizeError
         from qswap.nn.simulate import stream_to
         from qswap.quant.integer import Grid
+        if not len(self.layers):
+            raise IntegerizeError("a decoder without layers (decoder_layers 0) has no integer form: its entry's "
+                                  "integer add is defined onto the first layer's readers")
         tokens, positions, scale = self.folded_tables(stream_bits)
         layers = []
         for layer in self.layers:

@@ -219,7 +219,7 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         reader and ``attn_residual_quant``; after the last, pre-norm: the encoder's norm; post-norm:
         none, its reader is the CTC head's), for the layers' ``next_readers``; else None."""
         layers = list(self.layers)
-        if not (simulates(self) and not self.training and not torch.is_grad_enabled() and tgt_layer is None
+        if not (layers and simulates(self) and not self.training and not torch.is_grad_enabled() and tgt_layer is None
                 and corpus_key is None and all(isinstance(m, QTransformerSentenceEncoderLayer) for m in layers)):
             return None
         first = [reader(m.self_attn_layer_norm if m.layer_norm_first else m.self_attn) for m in layers]

@@ -480,3 +480,24 @@ def test_the_integer_attention_says_how_many_keys_it_takes_at_wide_grids():
     too_long = torch.zeros(1, limit + 1, attn.head_dim, dtype=torch.int32)
     with pytest.raises(IntegerizeError, match=f"takes at most {limit} keys"):
         core(q, too_long, too_long)
+
+
+def test_models_without_layers_run_converted_and_integerize_or_refuse_typed():
+    """fairseq runs an S2T model with decoder_layers 0 and a wav2vec 2.0 model with encoder_layers
+    0: converted, they run under simulate: integer (the entry's integer add has no first layer to
+    write onto: the float add runs); integerize refuses the layerless decoder with an
+    IntegerizeError and builds the layerless wav2vec 2.0 encoder."""
+    from qswap.errors import IntegerizeError
+    from qswap.models import build_s2t_transformer, build_wav2vec2_ctc, s2t_net_input, wav2vec2_net_input
+
+    net = s2t_net_input()
+    qmodel = convert_calibrated(build_s2t_transformer(decoder_layers=0), net, "w8a8")
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(**net)[0]).all()
+    with pytest.raises(IntegerizeError, match="decoder without layers"):
+        qswap.integerize(qmodel)
+    wave = wav2vec2_net_input()
+    ctc = convert_calibrated(build_wav2vec2_ctc(encoder_layers=0), wave, "w8a8")
+    with torch.no_grad():
+        assert torch.isfinite(ctc(**wave)["encoder_out"]).all()
+    qswap.integerize(ctc)(**wave)
