@@ -276,12 +276,14 @@ class QRotaryPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         half = sin.size(-1) // 2
         signed_sin = derived_weight(self, "_signed_sin", lambda: torch.cat(
             [-sin[..., :half], sin[..., half:]], dim=-1), sin)  # rotate_half's sign, folded
-        cos = self.cos_quant(cos)[:tgt_len]  # (T, 1, 1, D)
-        sin = self.sin_quant(signed_sin)[:tgt_len]
+        cos, sin = self.cos_quant(cos), self.sin_quant(signed_sin)
         (xq, _), (xk, _), (xv, vq) = self._inputs(query, key, value)
         heads = (tgt_len, bsz, self.h, self.d_k)
-        rq = self._rotate(xq.view(heads), cos, sin)  # (T, B, C)
-        rk = rq if xk is xq else self._rotate(xk.view(heads), cos, sin)
+        rq = self._rotate_onto(xq, cos, sin)  # simulate: integer: the integer rotation
+        rk = rq if xk is xq or rq is None else self._rotate_onto(xk, cos, sin)
+        if rq is None or rk is None:
+            rq = self._rotate(xq.view(heads), cos[:tgt_len], sin[:tgt_len])  # (T, B, C)
+            rk = rq if xk is xq else self._rotate(xk.view(heads), cos[:tgt_len], sin[:tgt_len])
         q = self.linear_q(rq, self.rope_out_quant, self.core.q_quant)
         k = self.linear_k(rk, self.rope_out_quant, self.core.k_quant)
         v = self.linear_v(xv, vq, self.core.v_quant)
@@ -295,35 +297,109 @@ class QRotaryPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         fairseq's cached table to ``max_positions`` rows), so both take the same grid. The rotation: ``(x - zp) * cos`` and
         ``swapped(x - zp) * sin`` in int32, requantized onto ``rope_cos`` / ``rope_sin``'s grids
         (per position when the table grid is per channel), a rescaled add onto ``rope_out``'s."""
-        from qswap.errors import IntegerizeError
-        from qswap.quant.integer import AddParams, Grid, Requant, add_input_bits, weight_codes
-        if self.rotary_ndims != self.d_k:
-            raise IntegerizeError("rotary attention over part of the head (rotary_ndims < d_k) has no integer form yet")
-        with torch.no_grad():
-            t = torch.arange(max_positions).type_as(self.rotary_emb.inv_freq)
-            freqs = torch.einsum("i,j->ij", t, self.rotary_emb.inv_freq)
-            emb = torch.cat((freqs, freqs), dim=-1).view(max_positions, 1, 1, -1)  # (L, 1, 1, D)
-            half = emb.size(-1) // 2
-            sin = emb.sin()
-            cos_codes, cos_scale = weight_codes(self.cos_quant, emb.cos())
-            sin_codes, sin_scale = weight_codes(self.sin_quant, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
+        from qswap.quant.integer import Grid
         grid_in, rope_out = Grid.of(self.input_quant), Grid.of(self.rope_out_quant)
-        rope_cos, rope_sin = Grid.of(self.rope_cos_quant), Grid.of(self.rope_sin_quant)
-        rotate = [Requant.from_scales(grid_in.scale * scale / g.scale, g.zero_point, g.qmin, g.qmax)
-                  for scale, g in ((cos_scale, rope_cos), (sin_scale, rope_sin))]
-        add = AddParams.build(rope_cos.scale, rope_sin.scale, *_out_of(rope_out),
-                              input_bits=add_input_bits(rope_cos, rope_sin))
+        rotation = self.rotation(rope_out, max_positions)
         core = self.core.to_integer(self.d_k ** -0.5, Grid.of(self.linear_out.input_quant), head_dim=self.d_k)
         projections = [self.linear_q.to_integer(rope_out, Grid.of(self.core.q_quant)),
                        self.linear_k.to_integer(rope_out, Grid.of(self.core.k_quant)),
                        self.linear_v.to_integer(grid_in, Grid.of(self.core.v_quant))]
-        return IntegerRotaryAttention(self.h, projections, cos_codes.reshape(max_positions, -1),
-                                      sin_codes.reshape(max_positions, -1), rotate, add,
-                                      (grid_in.zero_point, rope_cos.zero_point, rope_sin.zero_point), core,
-                                      self.linear_out.to_integer(out))
+        return IntegerRotaryAttention(self.h, projections, *rotation, core, self.linear_out.to_integer(out))
+
+    def rotation(self, rope_out, max_positions: int = ROPE_POSITIONS, tables: tuple | None = None) -> tuple:
+        """The integer rotation onto ``rope_out`` (a ``Grid``), for up to ``max_positions`` frames:
+        (cos codes (L, D), signed-sin codes (L, D), the two products' requantizations onto
+        ``rope_cos`` / ``rope_sin``, their rescaled add, the zero points (input, rope_cos,
+        rope_sin)); ``rotate_codes`` runs it. ``tables``: ((cos codes, scale), (sin codes, scale))
+        already read (the simulation's, from the quantized tables its forward computed); else
+        fairseq's formula for ``max_positions`` rows, quantized by the table quantizers. The
+        multipliers ``s_in s_table / s_part`` are formed in float64 (a float32 product would move
+        them by about 4e-8, relative)."""
+        from qswap.errors import IntegerizeError
+        from qswap.quant.integer import AddParams, Grid, Requant, add_input_bits, weight_codes
+        if self.rotary_ndims != self.d_k:
+            raise IntegerizeError("rotary attention over part of the head (rotary_ndims < d_k) has no integer form yet")
+        if tables is not None:
+            (cos_codes, cos_scale), (sin_codes, sin_scale) = tables
+        else:
+            with torch.no_grad():
+                t = torch.arange(max_positions).type_as(self.rotary_emb.inv_freq)
+                freqs = torch.einsum("i,j->ij", t, self.rotary_emb.inv_freq)
+                emb = torch.cat((freqs, freqs), dim=-1).view(max_positions, 1, 1, -1)  # (L, 1, 1, D)
+                half = emb.size(-1) // 2
+                sin = emb.sin()
+                cos_codes, cos_scale = weight_codes(self.cos_quant, emb.cos())
+                sin_codes, sin_scale = weight_codes(self.sin_quant,
+                                                    torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
+        grid_in = Grid.of(self.input_quant)
+        rope_cos, rope_sin = Grid.of(self.rope_cos_quant), Grid.of(self.rope_sin_quant)
+        rotate = [Requant.from_scales(torch.as_tensor(scale, dtype=torch.float64) * grid_in.scale / g.scale,
+                                      g.zero_point, g.qmin, g.qmax)
+                  for scale, g in ((cos_scale, rope_cos), (sin_scale, rope_sin))]
+        add = AddParams.build(rope_cos.scale, rope_sin.scale, *_out_of(rope_out),
+                              input_bits=add_input_bits(rope_cos, rope_sin))
+        return (cos_codes.reshape(max_positions, -1), sin_codes.reshape(max_positions, -1), rotate, add,
+                (grid_in.zero_point, rope_cos.zero_point, rope_sin.zero_point))
+
+    def _rotate_onto(self, x: Tensor, cos: Tensor, sin: Tensor) -> Optional[Tensor]:
+        """``_rotate``'s result as the integer model computes it (``simulate: integer`` at
+        inference): x's (T, B, C) input codes times the codes of the quantized tables ``cos``,
+        ``sin`` ((T', 1, 1, D), T' >= ROPE_POSITIONS: the integer form's rows and grid) in int32,
+        requantized onto the ``rope_cos`` / ``rope_sin`` grids, added onto ``rope_out``'s
+        (``rotate_codes``), as values of that grid; None where that is not simulated (the float
+        rotation runs)."""
+        from qswap.nn.simulate import codes_of, grid_of, onto_grid
+        grid_in = grid_of(self.input_quant, frozen_only=True) if not torch.is_grad_enabled() else None
+        if grid_in is None or x.size(0) > ROPE_POSITIONS:
+            return None
+        sources = (self.input_quant.scale, self.input_quant.zero_point, cos, sin, self.cos_quant.scale,
+                   self.sin_quant.scale, self.rope_cos_quant.scale, self.rope_cos_quant.zero_point,
+                   self.rope_sin_quant.scale, self.rope_sin_quant.zero_point)
+        tables = lambda: (_table_codes(cos, self.cos_quant), _table_codes(sin, self.sin_quant))  # noqa: E731
+        value = onto_grid(self, "_integer_rotation", lambda grid_out: self.rotation(grid_out, tables=tables()),
+                          self.rope_out_quant, lambda form, _: rotate_codes(codes_of(x, grid_in), self.h, *form),
+                          *sources)
+        return None if value is None else self.rope_out_quant(value)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
+
+def _table_codes(values: Tensor, quant) -> tuple:
+    """(codes (ROPE_POSITIONS, 1, 1, D) int32, scale () or (ROPE_POSITIONS,)) of a rotary table
+    its quantizer put on its grid (values (T', 1, 1, D), T' >= ROPE_POSITIONS; a per-channel grid
+    is per position, axis 0): exact, each value is a code times its scale."""
+    scale = quant.scale.detach().reshape(-1)
+    rows = values[:ROPE_POSITIONS].double()
+    if scale.numel() > 1:
+        scale = scale[:ROPE_POSITIONS]
+        codes = torch.round(rows / scale.double().view(-1, 1, 1, 1))
+    else:
+        scale = scale.reshape(())
+        codes = torch.round(rows / scale.double())
+    return codes.to(torch.int32), scale
+
+
+def rotate_codes(x: Tensor, heads: int, cos: Tensor, sin: Tensor, rotate: list, add, zero_points: tuple) -> Tensor:
+    """The integer rotary rotation: x (T, B, C) input codes -> (T, B, C) rope_out codes. Per head,
+    ``(x - z_in) * cos`` and ``swapped(x - z_in) * sin`` (the table codes, (L, D); int32 products:
+    |x - z_in| < 2^8 times a table code < 2^8) requantized onto the ``rope_cos`` / ``rope_sin``
+    grids by ``rotate`` (per position where the table grid is), then ``rescaled_add`` onto
+    ``rope_out``'s. The integer model's and ``simulate: integer``'s rotation."""
+    from dataclasses import replace
+
+    from qswap.quant.integer import rescaled_add
+    t, bsz, c = x.shape
+    z_in, z_cos, z_sin = zero_points
+    xh = (x.to(torch.int32) - z_in).view(t, bsz, heads, c // heads)  # (T, B, H, D)
+    half = xh.size(-1) // 2
+    swapped = torch.cat([xh[..., half:], xh[..., :half]], dim=-1)  # rotate_half without the sign
+    parts = []
+    for table, requant, operand in ((cos, rotate[0], xh), (sin, rotate[1], swapped)):
+        if isinstance(requant.m0, Tensor) and requant.m0.numel() > 1:  # per position
+            requant = replace(requant, m0=requant.m0[:t], shift=requant.shift[:t])
+        parts.append(requant(operand * table[:t].to(torch.int32).view(t, 1, 1, -1), axis=0))
+    return rescaled_add(parts[0], z_cos, parts[1], z_sin, add).flatten(2)
+
 
 def _out_of(grid) -> tuple:
     """(scale, zero point, qmin, qmax) of a grid, as ``AddParams.build`` takes an output grid."""
@@ -415,21 +491,7 @@ class IntegerRotaryAttention(torch.nn.Module):
 
     def _rotated(self, x: Tensor) -> Tensor:
         """x: (T, B, C) input codes -> (T, B, C) rope_out codes."""
-        from dataclasses import replace
-
-        from qswap.quant.integer import rescaled_add
-        t, bsz, c = x.shape
-        h = self.num_heads
-        z_in, z_cos, z_sin = self.zero_points
-        xh = (x.to(torch.int32) - z_in).view(t, bsz, h, c // h)  # (T, B, H, D)
-        half = xh.size(-1) // 2
-        swapped = torch.cat([xh[..., half:], xh[..., :half]], dim=-1)  # rotate_half without the sign
-        parts = []
-        for table, requant, operand in ((self.cos, self.rotate[0], xh), (self.sin, self.rotate[1], swapped)):
-            if isinstance(requant.m0, Tensor) and requant.m0.numel() > 1:  # per position
-                requant = replace(requant, m0=requant.m0[:t], shift=requant.shift[:t])
-            parts.append(requant(operand * table[:t].to(torch.int32).view(t, 1, 1, -1), axis=0))
-        return rescaled_add(parts[0], z_cos, parts[1], z_sin, self.add).flatten(2)
+        return rotate_codes(x, self.num_heads, self.cos, self.sin, self.rotate, self.add, self.zero_points)
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """x: (T, B, C) input codes; key_padding_mask: (B, T). Returns (T, B, C) codes."""

@@ -328,3 +328,26 @@ def test_position_scores_an_int32_accumulator_cannot_hold_stay_float():
     with torch.no_grad(), simulating(qmodel, "float"):
         floating = attn._position_scores(q_v, p)
     assert torch.equal(integer, floating) and bool((integer > 0).all())
+
+
+@pytest.mark.parametrize("activation", [{"bits": 4, "symmetric": True}, {"bits": 8, "symmetric": True}])
+def test_rope_rotation_under_simulate_integer_is_the_integer_models(activation):
+    """The rotary rotation under ``simulate: integer`` is the integer model's (``rotate_codes``:
+    int32 products of the input and table codes requantized onto ``rope_cos`` / ``rope_sin``,
+    their rescaled add onto ``rope_out``), not float32 products rounded onto those grids, which a
+    near-tie flips (symmetric grids: logits codes of the default rope conformer had differed)."""
+    from qswap.models import build_s2t_conformer
+    from qswap.nn.simulate import simulating
+
+    recipe = {"version": 1, "name": "symmetric", "defaults": {
+        "weight": {"bits": 4, "granularity": "per_channel", "axis": 0}, "activation": activation}}
+    qmodel = qswap.convert(build_s2t_conformer(seed=0, pos_enc_type="rope").eval(), recipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(qmodel, [s2t_net_input(seed=s) for s in range(2)])
+    imodel = qswap.integerize(qmodel)
+    for seed in (5, 6, 7):
+        net_input = s2t_net_input(seed=seed)
+        with torch.no_grad(), simulating(qmodel, "integer"):
+            fake = qmodel(**net_input)[0]
+        assert torch.equal(fake, imodel(**net_input)[0])
