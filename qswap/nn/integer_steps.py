@@ -24,6 +24,12 @@ class QuantizeStep(nn.Module):
         self.grid = grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes of ``x``; DataError for NaN or +-inf (a NaN would become the zero point's code,
+        an input read silently as silence)."""
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            from qswap.errors import DataError
+            raise DataError("the integer model's input holds NaN or +-inf values; check the features or "
+                            "audio fed to it (a broken file, a division by zero in preprocessing)")
         return self.grid.quantize(x)
 
     def extra_repr(self) -> str:

@@ -209,6 +209,18 @@ class Requant:
     qmax: int
     rounding: str = "single"
 
+    def __post_init__(self) -> None:
+        """The ranges ``requantize``'s arithmetic is defined for (``quantize_multiplier``'s
+        output): M0 in [0, 2^31), shift in [-31, 30], qmin <= qmax; IntegerizeError otherwise,
+        not a silent int64 wrap (a Requant made by hand, or read from an edited file)."""
+        def bounds(v):
+            return (int(v.min()), int(v.max())) if isinstance(v, torch.Tensor) else (int(v), int(v))
+        (m_lo, m_hi), (s_lo, s_hi) = bounds(self.m0), bounds(self.shift)
+        if not (0 <= m_lo and m_hi < 2 ** 31 and -31 <= s_lo and s_hi <= 30 and self.qmin <= self.qmax):
+            raise IntegerizeError(f"a requantization needs M0 in [0, 2^31), shift in [-31, 30] and qmin <= qmax, "
+                                  f"got M0 {m_lo}..{m_hi}, shift {s_lo}..{s_hi}, codes {self.qmin}..{self.qmax}; "
+                                  f"make it with Requant.from_scales")
+
     @classmethod
     def from_scales(cls, real: float | torch.Tensor, zero_point: int | torch.Tensor, qmin: int, qmax: int,
                     rounding: str = "single") -> "Requant":

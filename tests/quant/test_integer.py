@@ -731,3 +731,17 @@ def test_a_learned_scale_at_zero_is_an_integerize_error():
         fq.scale.data.zero_()  # what an optimizer step can write
         with pytest.raises(IntegerizeError, match="needs finite nonzero scales, got 0.0"):
             stream_grid(fq) if spec.granularity == "per_channel" else Grid.of(fq)
+
+
+@pytest.mark.parametrize("m0, shift", [(2 ** 31, 0), (-1, 0), (2 ** 30, 31), (2 ** 30, -32),
+                                       (torch.tensor([2 ** 30, 2 ** 33]), torch.tensor([0, 0]))])
+def test_a_requant_outside_the_defined_ranges_is_an_integerize_error(m0, shift):
+    """``requantize`` is defined for quantize_multiplier's ranges; a Requant made by hand outside
+    them (M0 2^31 had wrapped the int64 product silently) is refused where it is made."""
+    from qswap.errors import IntegerizeError
+    from qswap.quant.integer import Requant
+
+    with pytest.raises(IntegerizeError, match="a requantization needs M0 in"):
+        Requant(m0, shift, 0, -128, 127)
+    Requant(2 ** 31 - 1, 30, 0, -128, 127)  # the ends of the ranges are fine
+    Requant(0, -31, 0, -128, 127)
