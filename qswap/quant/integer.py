@@ -794,6 +794,8 @@ class LayerNormParams:
         _check_affine_range(n, gamma_codes, beta_int)
         eps_int = int(round(n * n * eps / (scale_in * scale_in)))
         sqrt_bits = _LN_SQRT_BITS
+        if input_bound is None and eps_int > 0 and (n * n * 2 ** 16 + eps_int).bit_length() > 62 - 2 * sqrt_bits:
+            input_bound = 2 ** 8  # 8-bit codes, an epsilon large in code units: fewer sqrt bits, as below
         if input_bound is not None:
             bound = n * n * input_bound * input_bound + eps_int
             sqrt_bits = (62 - bound.bit_length()) // 2
@@ -940,6 +942,10 @@ def integer_group_norm(codes: torch.Tensor, params: GroupNormParams) -> torch.Te
         raise IntegerizeError(f"integer_group_norm normalizes at most {GN_MAX_ELEMENTS} values per group, got {n}")
     eps_int = round(Fraction(*params.eps_ratio) * n * n)
     bound = (n * n * params.span * params.span) // 4 + eps_int
+    if bound >= 2 ** 62:  # the variance plus epsilon leaves int64 (an epsilon far above the input's scale)
+        raise IntegerizeError(f"integer_group_norm of {n} values per group: the variance plus epsilon in code "
+                              f"units ({eps_int}) leaves int64; the input grid is far finer than the norm's "
+                              f"epsilon (calibrated on silence?): calibrate on speech, or use fewer samples per group")
     sqrt_bits = max(0, min(_LN_SQRT_BITS, (62 - bound.bit_length()) // 2))
     y = _normalized(q, eps_int, sqrt_bits).reshape(codes.shape)  # (B, C, ...)
     shape = (1, c) + (1,) * (codes.dim() - 2)

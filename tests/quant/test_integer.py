@@ -745,3 +745,31 @@ def test_a_requant_outside_the_defined_ranges_is_an_integerize_error(m0, shift):
         Requant(m0, shift, 0, -128, 127)
     Requant(2 ** 31 - 1, 30, 0, -128, 127)  # the ends of the ranges are fine
     Requant(0, -31, 0, -128, 127)
+
+
+def test_a_layer_norm_epsilon_large_in_code_units_keeps_the_variance_in_int64():
+    """8-bit codes on a grid far finer than the norm's epsilon (s_in 1.95e-7, eps 1e-5): the
+    epsilon in code units is folded into the choice of square-root bits, as an input bound is,
+    so the normalized values stay LayerNorm's (the int64 variance had wrapped: errors of 0.7
+    where the output is below 0.01)."""
+    from qswap.quant import integer as I
+
+    torch.manual_seed(0)
+    n, s_in = 256, 1.95e-7
+    codes = torch.randint(-128, 128, (4, n), dtype=torch.int8)
+    params = I.LayerNormParams.build(n, 1e-5, s_in, torch.full((n,), 127, dtype=torch.int32), 1 / 127, None, None)
+    y = I.integer_layer_norm_acc(codes, params).double() * params.acc_scale
+    reference = torch.nn.functional.layer_norm(codes.double() * s_in, (n,), eps=1e-5)
+    assert float((y - reference).abs().max()) < 1e-4
+
+
+def test_a_group_norm_whose_variance_leaves_int64_is_an_integerize_error():
+    """A group of 160,000 values on a grid far finer than epsilon (wav2vec 2.0's first GroupNorm
+    calibrated on silence): an IntegerizeError, not a raw OverflowError or a wrapped epsilon."""
+    from qswap.errors import IntegerizeError
+    from qswap.quant import integer as I
+
+    params = I.GroupNormParams.build(1, 8, 1e-5, I.Grid(1.19e-7, 0, -128, 127), torch.full((8,), 127, dtype=torch.int32),
+                                     1 / 127, None, None)
+    with pytest.raises(IntegerizeError, match="leaves int64"):
+        I.integer_group_norm(torch.randint(-128, 128, (1, 8, 20000), dtype=torch.int8), params)
