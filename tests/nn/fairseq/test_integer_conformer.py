@@ -284,7 +284,6 @@ def test_conformer_with_4_bit_symmetric_grids_simulates_its_integer_model(four_b
     ``softmax_in``. Logits differed by up to 1.72 (every site), 0.10 (``q_pos`` or
     ``conv_residual`` alone); now ``simulate: integer`` is the integer model's, value for value."""
     from qswap.models import build_s2t_conformer
-    from qswap.nn.simulate import simulating
 
     activation = {"bits": 4 if four_bit == "every site" else 8, "symmetric": True}
     recipe = {"version": 1, "name": "w4a4_symmetric", "defaults": {
@@ -292,17 +291,7 @@ def test_conformer_with_4_bit_symmetric_grids_simulates_its_integer_model(four_b
         **({} if four_bit == "every site" else {"sites": {four_bit: {"bits": 4}}})}}
     model = build_s2t_conformer(seed=0).eval()
     assert model.encoder.conformer_layers[0].self_attn.__class__.__name__ == "RelPositionMultiHeadedAttention"
-    qmodel = qswap.convert(model, recipe)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qswap.calibrate(qmodel, [s2t_net_input(seed=s) for s in range(2)])
-    imodel = qswap.integerize(qmodel)
-    for seed in (5, 6, 7):
-        net_input = s2t_net_input(seed=seed)
-        with torch.no_grad(), simulating(qmodel, "integer"):
-            simulated = qmodel(**net_input)[0]
-        with torch.no_grad():
-            assert torch.equal(simulated, imodel(**net_input)[0]), seed
+    assert_simulates_its_integer_model(qswap.convert(model, recipe))
 
 
 def test_position_scores_an_int32_accumulator_cannot_hold_stay_float():
@@ -337,11 +326,17 @@ def test_rope_rotation_under_simulate_integer_is_the_integer_models(activation):
     their rescaled add onto ``rope_out``), not float32 products rounded onto those grids, which a
     near-tie flips (symmetric grids: logits codes of the default rope conformer had differed)."""
     from qswap.models import build_s2t_conformer
-    from qswap.nn.simulate import simulating
 
     recipe = {"version": 1, "name": "symmetric", "defaults": {
         "weight": {"bits": 4, "granularity": "per_channel", "axis": 0}, "activation": activation}}
-    qmodel = qswap.convert(build_s2t_conformer(seed=0, pos_enc_type="rope").eval(), recipe)
+    assert_simulates_its_integer_model(qswap.convert(build_s2t_conformer(seed=0, pos_enc_type="rope").eval(), recipe))
+
+
+def assert_simulates_its_integer_model(qmodel) -> None:
+    """``qmodel`` calibrated on two inputs: under ``simulate: integer`` its logits are its
+    integer model's, value for value, on three others."""
+    from qswap.nn.simulate import simulating
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qswap.calibrate(qmodel, [s2t_net_input(seed=s) for s in range(2)])
@@ -349,5 +344,6 @@ def test_rope_rotation_under_simulate_integer_is_the_integer_models(activation):
     for seed in (5, 6, 7):
         net_input = s2t_net_input(seed=seed)
         with torch.no_grad(), simulating(qmodel, "integer"):
-            fake = qmodel(**net_input)[0]
-        assert torch.equal(fake, imodel(**net_input)[0])
+            simulated = qmodel(**net_input)[0]
+        with torch.no_grad():
+            assert torch.equal(simulated, imodel(**net_input)[0]), seed
