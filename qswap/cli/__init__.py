@@ -72,8 +72,12 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Each output the command will write, checked before it loads, calibrates or decodes anything."""
     from qswap.io.atomic import check_output
 
+    from qswap.errors import OutputError
+
     for name in OUTPUTS:
         value = getattr(args, name, None)
+        if value == "":
+            raise OutputError(f"--{name.replace('_', '-')} is empty; give the path to write to")
         if isinstance(value, str) and value and value != "-":
             check_output(value, directory=(args.command == "export" and name == "output") or name == "optimized_dir")
 

@@ -164,6 +164,8 @@ def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_pat
     node of every run) written under this prefix by ``session.end_profiling()``."""
     ort = _onnxruntime()
     path = Path(path)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ExportError(f"onnxruntime threads must be a whole number >= 1, got {threads!r}")
     if not path.is_file():
         raise ExportError(f"{path}: no ONNX graph there; write the directory with 'qswap export QCKPT --onnx -o DIR' "
                           f"(qswap.export.export_model)")
@@ -206,8 +208,8 @@ def run_graph(session, outputs: list[str], feeds: dict) -> list:
 
 def run_encoder(session, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
     """The encoder graph's outputs as torch tensors: (T', B, E) floats and (B, T') booleans."""
-    out, padding = run_graph(session, list(OUTPUTS), {"src_tokens": src_tokens.numpy(),
-                                                      "src_lengths": src_lengths.numpy()})
+    out, padding = run_graph(session, list(OUTPUTS), {"src_tokens": src_tokens.detach().cpu().numpy(),
+                                                      "src_lengths": src_lengths.detach().cpu().numpy()})
     return torch.from_numpy(out), torch.from_numpy(padding)
 
 

@@ -323,6 +323,7 @@ def audit_export(directory: "str | os.PathLike[str]", *, level: str = "all",
     from qswap.export.package import SITE_PREFIX, graph_paths, read_manifest
 
     manifest = read_manifest(directory)
+    paths = graph_paths(directory, manifest)  # a directory that mixes exports is refused before anything is made
     out = None
     if save_optimized is not None:
         out = Path(save_optimized)
@@ -333,5 +334,5 @@ def audit_export(directory: "str | os.PathLike[str]", *, level: str = "all",
             raise OutputError(f"cannot create {out} for the optimized graphs: {e.strerror}") from e
     graphs = [audit_onnx(path, level=level, site_prefix=SITE_PREFIX[name], claims_honest=manifest.claims_honest,
                          save_optimized=None if out is None else out / f"{name}.{level}.onnx")
-              for name, path in graph_paths(directory, manifest).items()]
+              for name, path in paths.items()]
     return DeployAudit(str(directory), manifest.recipe, manifest.claims_honest, graphs)

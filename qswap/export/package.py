@@ -142,6 +142,7 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
         # the export being replaced goes first: its manifest (an interrupted publish leaves no
         # directory that loads as the old export) and the graphs of the other kind
         (out / MANIFEST).unlink(missing_ok=True)
+        _drop_optimized(out)
         for kind_graphs in KIND_GRAPHS.values():
             if kind_graphs is not graphs:
                 for file in kind_graphs.values():
@@ -159,6 +160,22 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
             except OSError:
                 pass
         raise
+
+
+OPTIMIZED = "optimized"  # where 'qswap audit DIR --onnx' saves the optimized graphs (qswap.cli)
+
+
+def _drop_optimized(out: Path) -> None:
+    """The optimized graphs ``qswap audit DIR --onnx`` saved of the export being replaced
+    (``DIR/optimized/*.onnx``): they describe that export, which no digest would tell."""
+    folder = out / OPTIMIZED
+    if folder.is_dir():
+        for graph in folder.glob("*.onnx"):
+            graph.unlink(missing_ok=True)
+        try:
+            folder.rmdir()  # empty unless something else lives there: then it stays
+        except OSError:
+            pass
 
 
 def _check_loads(path: Path, name: str, out: Path) -> str:

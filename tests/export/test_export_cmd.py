@@ -147,3 +147,11 @@ def test_audit_onnx_lists_float_nodes_and_says_the_honest_claim_deploys_float(ex
 def test_audit_onnx_rejects_fake_quant_options(export_dir, capsys):
     assert main(["audit", str(export_dir), "--onnx", "--recipe", "w8a8", "--values"]) == 2
     assert "--recipe, --values" in capsys.readouterr().err
+
+
+def test_an_empty_output_path_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """``-o ""`` would write the export into the working directory: refused before anything runs."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(tmp_path / "absent.pt"), "--onnx", "-o", ""]) == 2
+    assert "--output is empty" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -194,6 +194,50 @@ def test_an_interrupted_publish_leaves_no_manifest_to_load(shipped_float, tmp_pa
         load_exported(directory, task.target_dictionary)
 
 
+def test_a_re_export_drops_the_old_exports_optimized_graphs(shipped_float, tmp_path):
+    """``qswap audit DIR --onnx`` saves optimized graphs in DIR/optimized; a new export into DIR
+    removes them (they describe the old one, which no digest would tell)."""
+    from qswap.export.onnx_audit import audit_export
+
+    model, task, out = shipped_float
+    directory = tmp_path / "d"
+    shutil.copytree(out, directory)
+    audit_export(directory, save_optimized=directory / "optimized")
+    assert list((directory / "optimized").glob("*.onnx"))
+    export_model(qswap.convert(model, NO_QUANT), directory, audit=False, allow_float=True)
+    assert not (directory / "optimized").exists()
+
+
+def test_a_refused_audit_makes_no_folder(shipped_float, tmp_path):
+    from qswap.export.onnx_audit import audit_export
+
+    _, _, out = shipped_float
+    directory = tmp_path / "d"
+    shutil.copytree(out, directory)
+    (directory / "cross_kv.onnx").write_bytes((directory / "encoder.onnx").read_bytes())  # two exports mixed
+    with pytest.raises(ExportError, match="SHA-256 differs"):
+        audit_export(directory, save_optimized=directory / "optimized")
+    assert not (directory / "optimized").exists()
+
+
+@pytest.mark.parametrize("threads", [0, -1, 2.5, True])
+def test_threads_that_are_not_a_positive_whole_number_are_a_typed_error(shipped_float, threads):
+    _, task, out = shipped_float
+    with pytest.raises(ExportError, match="threads must be a whole number >= 1"):
+        load_exported(out, task.target_dictionary, threads=threads)
+
+
+def test_run_encoder_takes_tensors_that_require_grad(shipped_float):
+    from qswap.export.onnx import load_session, run_encoder
+
+    _, task, out = shipped_float
+    net = next(iter(fdata.batches(task, "test", max_sentences=2)))["net_input"]
+    feats = net["src_tokens"].clone().requires_grad_(True)
+    encoded, _ = run_encoder(load_session(out / "encoder.onnx"), feats, net["src_lengths"])
+    plain, _ = run_encoder(load_session(out / "encoder.onnx"), net["src_tokens"], net["src_lengths"])
+    assert torch.equal(encoded, plain)
+
+
 def _calibrated_shipped(model, task):
     batches = list(itertools.islice(fdata.net_inputs(task, "train_calib", 1), 1))
     qmodel = qswap.convert(model, "w8a8")
