@@ -104,8 +104,9 @@ def _run_onnx(args: argparse.Namespace) -> int:
     from qswap.cli.render import console
     from qswap.cli.render_audit import print_deploy_audit
     from qswap.export.onnx_audit import audit_export
+    from qswap.export.package import OPTIMIZED
 
-    optimized = args.optimized_dir or Path(args.checkpoint) / "optimized"
+    optimized = args.optimized_dir or Path(args.checkpoint) / OPTIMIZED
     audit = audit_export(args.checkpoint, level=args.optimization, save_optimized=optimized)
     print_deploy_audit(console(), audit, max_rows=args.max_rows)
     console().print(f"optimized graphs saved in {optimized}")

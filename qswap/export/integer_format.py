@@ -77,8 +77,10 @@ def write_integer_model(model: torch.nn.Module, out: str | Path, *, task: Mappin
     except (TypeError, ValueError) as exc:
         raise ExportError(f"cannot write the model description as JSON: {exc} (task and decoding must be "
                           f"plain data with finite numbers)") from None
+    from qswap.export.package import MANIFEST
+
     directory = Path(out)
-    if (directory / "export.json").is_file():  # qswap.export.package.MANIFEST: an ONNX export
+    if (directory / MANIFEST).is_file():  # an ONNX export
         raise OutputError(f"{directory} holds an ONNX export (export.json); one directory holds one export: "
                           f"write the integer model into another directory (or remove that one first)")
     try:

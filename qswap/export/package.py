@@ -98,9 +98,8 @@ def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task
     if dictionary is None:
         dictionary = getattr(getattr(qmodel, "decoder", None), "dictionary", None)
     with simulating(qmodel, "float"):
-        manifest = _export(qmodel, directory, task_cfg=task_cfg, audit=audit, allow_float=allow_float,
-                           facts=dictionary_facts(dictionary) if dictionary is not None else {})
-    return manifest
+        return _export(qmodel, directory, task_cfg=task_cfg, audit=audit, allow_float=allow_float,
+                       facts=dictionary_facts(dictionary) if dictionary is not None else {})
 
 
 def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg: Any, audit: bool,
@@ -109,8 +108,10 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
     from qswap.export.decoder_step import export_cross_kv, export_decoder_step
     from qswap.export.onnx import export_encoder
 
+    from qswap.export.integer_format import JSON_FILE
+
     out = Path(directory)
-    if (out / "model.json").is_file():  # qswap.export.integer_format.JSON_FILE: an integer model export
+    if (out / JSON_FILE).is_file():  # an integer model export
         from qswap.errors import OutputError
         raise OutputError(f"{out} holds an integer model export (model.json); one directory holds one export: "
                           f"write the ONNX graphs into another directory (or remove that one first)")
@@ -162,7 +163,7 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
         raise
 
 
-OPTIMIZED = "optimized"  # where 'qswap audit DIR --onnx' saves the optimized graphs (qswap.cli)
+OPTIMIZED = "optimized"  # where 'qswap audit DIR --onnx' saves the optimized graphs (its default)
 
 
 def _drop_optimized(out: Path) -> None:
