@@ -28,9 +28,9 @@ from qswap.quant import fused
 from qswap.quant.fused import dense
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
-from qswap.quant.primitives import (PassGrid, channel_axis, choose_qparams, choose_qparams_scalar, fake_quantize,
-                                    fake_quantize_grid, fake_quantize_grid_, fake_quantize_passes, pass_grid,
-                                    passes_apply)
+from qswap.quant.primitives import (MIN_SCALE, PassGrid, channel_axis, choose_qparams, choose_qparams_scalar,
+                                    fake_quantize, fake_quantize_grid, fake_quantize_grid_, fake_quantize_passes,
+                                    pass_grid, passes_apply)
 from qswap.quant.spec import QuantSpec
 from qswap.quant.stamp import LeavesCaches, fingerprint, stamp, unchanged
 
@@ -109,9 +109,32 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
 
     def train(self, mode: bool = True) -> "FakeQuantize":
         """``nn.Module.train``; a change of mode also drops the kept frozen grid (read again at the
-        next call): an optimizer writes a learned scale through ``.data``, which no stamp sees."""
+        next call): an optimizer writes a learned scale through ``.data``, which no stamp sees.
+        A learned scale is kept positive here too (``keep_scale_positive``): the last optimizer
+        step before evaluation or saving may have driven it below zero."""
         self.__dict__["_state_stamp"] = None
+        self.keep_scale_positive()
         return super().train(mode)
+
+    def keep_scale_positive(self) -> bool:
+        """Project a learned (LSQ) scale back onto the positive scales: each element ``s`` becomes
+        ``max(|s|, MIN_SCALE)``. An optimizer step moves a scale by about its learning rate whatever
+        the gradient's size (Adam), so a small scale can cross zero; a grid with a negative or zero
+        scale has no integer form (no fixed-point multiplier, ``integerize`` refuses it). The
+        reflection keeps a symmetric grid's values (``-s`` and ``s`` give the same grid, mirrored)
+        where a floor would collapse the channel onto zero. Written in place with its version
+        counter bumped (kept forms stamped with the old grid are rebuilt), and only where an element
+        needs it: the first training call of a forward projects, before autograd keeps the scale.
+        True where it wrote."""
+        scale = self._parameters.get("scale")
+        if scale is None or scale.numel() == 0:
+            return False
+        with torch.no_grad():
+            if not bool((scale < MIN_SCALE).any()):  # NaN compares False: pass_grid refuses it
+                return False
+            scale.copy_(scale.abs().clamp_min(MIN_SCALE))
+        self._cached = None
+        return True
 
     @property
     def initialized(self) -> bool:
@@ -407,6 +430,7 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
     def _scale_for_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.spec.learnable and self.training):
             return self.scale.detach() if self.spec.learnable else self.scale
+        self.keep_scale_positive()  # the last optimizer step may have driven it below zero
         # LSQ gradient scaling: g = 1 / sqrt(numel * qmax)
         g = 1.0 / math.sqrt(max(x.numel() * self.spec.qmax, 1))
         return self.scale * g + (self.scale - self.scale * g).detach()

@@ -73,6 +73,48 @@ def test_lsq_scale_is_learnable():
     assert fq.scale.grad is not None and torch.isfinite(fq.scale.grad).all()
 
 
+@pytest.mark.parametrize("kind", ["activation", "weight"])
+def test_an_optimizer_step_past_zero_leaves_the_learned_scale_positive(kind):
+    # Adam moves a scale by about its learning rate whatever the gradient: a small scale crosses
+    # zero, and a negative scale has no integer form (no fixed-point multiplier)
+    spec = QuantSpec(bits=4, symmetric=True, narrow_range=True, granularity="per_channel", axis=0, learnable=True)
+    fq = FakeQuantize(spec, kind=kind)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    fq(x)
+    fq.freeze()
+    fq.train()
+    with torch.no_grad():
+        fq.scale[1] = 1e-4
+    opt = torch.optim.Adam([fq.scale], lr=1e-3)
+    fq(x).sum().backward()  # dL/ds of channel 1 > 0 or < 0: force the sign of the step below
+    fq.scale.grad = torch.zeros_like(fq.scale)
+    fq.scale.grad[1] = 1.0
+    opt.step()
+    assert float(fq.scale.detach()[1]) < 0  # the step crossed zero
+    crossed = fq.scale.detach().clone()
+    y = fq(x)  # the next training call projects before it rounds: |s|
+    assert (fq.scale > 0).all()
+    torch.testing.assert_close(fq.scale.detach(), crossed.abs())
+    y.sum().backward()  # autograd kept the projected scale
+    assert torch.isfinite(fq.scale.grad).all()
+    assert on_grid(y.detach(), fq.scale.detach(), fq.zero_point, -7, 7, axis=0)
+    with torch.no_grad():
+        fq.scale[2] = -fq.scale[2]  # the last step before evaluation crossed zero
+    fq.eval()  # evaluation (and fairseq's save after validation) sees the projected scale
+    assert (fq.scale > 0).all()
+
+
+def test_keep_scale_positive_leaves_a_positive_scale_and_a_buffer_alone():
+    fq = FakeQuantize(QuantSpec(bits=4, learnable=True))
+    fq(torch.randn(64))
+    fq.freeze()
+    version = fq.scale._version
+    assert not fq.keep_scale_positive() and fq.scale._version == version  # nothing to write
+    fixed = FakeQuantize(QuantSpec(bits=4))
+    fixed(torch.randn(64))
+    assert not fixed.keep_scale_positive()
+
+
 def test_state_dict_round_trip_restores_grid_and_frozen_flag():
     fq = FakeQuantize(QuantSpec(bits=8, granularity="per_channel", axis=1))
     fq(torch.randn(5, 6))
