@@ -126,65 +126,77 @@ class QTransformerEncoderLayer(QuantModule):
         """x: (T, B, C); encoder_padding_mask: (B, T), True = padding; attn_mask: (T, T), nonzero
         = blocked (fairseq fills those with -1e8: a block). Returns (T, B, C). ``residual``,
         ``next_readers``: see ``forward_onto`` (the S2T encoder's ``simulate: integer`` loop); with
-        ``next_readers`` it returns (x, the value ``next_readers[1]`` reads or None)."""
-        x, nxt, fc_result = self.forward_onto(x, encoder_padding_mask, attn_mask, residual, next_readers)
+        ``next_readers`` it returns a tuple of values, one each reader reads."""
+        values, fc_result = self.forward_onto(x, encoder_padding_mask, attn_mask, residual, next_readers)
         if next_readers:
-            return x, nxt
+            return tuple(values)
         if self.return_fc and not torch.jit.is_scripting():
-            return x, fc_result
-        return x
+            return values[0], fc_result
+        return values[0]
 
     def forward_onto(self, x: Tensor, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None,
                      residual: Optional[Tensor] = None, next_readers: tuple = ()) -> tuple:
         """``forward``'s arithmetic, for a caller that knows the readers of the layer's residual
         stream (the S2T encoder with ``simulate: integer``): ``residual``: what the first residual
-        add reads in place of ``x`` (x and residual: the stream requantized onto the first norm's
-        and the first residual's grids); ``next_readers``: the quantizers that read the layer's
-        output (the next layer's norm and residual, or the final norm). With ``simulate: integer``
-        each residual add of a layer with an integer form is then the integer layer's
-        (``add_onto``: per tensor, or per channel of a per-channel stream). Returns (x, the value
-        for ``next_readers[1]`` or None, fc2's result)."""
+        add reads in place of ``x`` (x and residual: the stream requantized onto the grids of the
+        layer's first reader, the first norm (pre-norm) or the attention (post-norm), and of its
+        first residual); ``next_readers``: the quantizers that read the layer's output (the next
+        layer's first reader and residual; the final norm, or after a post-norm last layer the
+        decoder layers' ``key_in``). With ``simulate: integer`` each residual add of a layer with
+        an integer form is then the integer layer's (``add_onto``: per tensor, or per channel of a
+        per-channel stream) onto its readers' grids, and a post-norm layer's norms requantize their
+        int32 accumulators onto theirs (``onto_each``), as ``integer_encoder_layer`` computes.
+        Returns (a list of values, one for each of ``next_readers`` (one value without them), fc2's
+        result)."""
         if attn_mask is not None:
             attn_mask = attn_mask.to(torch.bool)
         residual = x if residual is None else residual
-        if self.normalize_before:
+        post = not self.normalize_before
+        if not post:
             x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         x, _ = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
                               need_weights=False, attn_mask=attn_mask,
                               **read_by(self.self_attn, past(self.dropout_module, self.attn_out_quant)))
-        x, residual = self._stream_onto("attn", self.attn_residual_quant(residual),
-                                        consume(self.attn_out_quant, self.dropout_module(x)),
-                                        (getattr(self.final_layer_norm, "input_quant", None), self.ffn_residual_quant))
-        if not self.normalize_before:
-            x = self.self_attn_layer_norm(x)
-        residual = x if residual is None else residual
-        if self.normalize_before:
-            x = onto(self.final_layer_norm, x, getattr(self.fc1, "input_quant", None))
+        readers = (reader(self.self_attn_layer_norm),) if post else (reader(self.final_layer_norm),
+                                                                     self.ffn_residual_quant)
+        values = self._add("attn", self.attn_residual_quant(residual), consume(self.attn_out_quant, self.dropout_module(x)),
+                           readers)
+        if post:  # the norm's result is read by fc1 and the second residual
+            x, residual = self._post_norm(self.self_attn_layer_norm, values[0], (reader(self.fc1), self.ffn_residual_quant))
+        else:
+            x, residual = onto(self.final_layer_norm, values[0], reader(self.fc1)), values[-1]
         x, read = activated(self.activation_fn, self.ffn_act_quant, onto(self.fc1, x, self.ffn_act_quant), self.fc2,
                             self.activation_dropout_module)
         fc_result = x = onto(self.fc2, self.activation_dropout_module(x), past(self.dropout_module, self.ffn_out_quant),
                              owned=True, quantized=read)  # the activation's new tensor (or fc1's, a ReLU in place)
-        x, residual = self._stream_onto("ffn", self.ffn_residual_quant(residual),
-                                        self.ffn_out_quant(self.dropout_module(x)), next_readers)
-        if not self.normalize_before:
-            x = self.final_layer_norm(x)
-        return x, residual, fc_result
+        values = self._add("ffn", self.ffn_residual_quant(residual), self.ffn_out_quant(self.dropout_module(x)),
+                           (reader(self.final_layer_norm),) if post else tuple(next_readers))
+        if post:
+            values = self._post_norm(self.final_layer_norm, values[0], tuple(next_readers))
+        return values, fc_result
 
     def integer_refusal(self) -> str | None:
         """Why this layer's residual adds are not the integer layer's under ``simulate: integer``
         (they stay fairseq's float sums, which each reader rounds), or None."""
-        if not self.normalize_before:
-            return "a post-norm layer's adds are read by its norms, which the float sum feeds as before"
         if not _integer_parts(self):
             return "the layer's norms and linears must be converted to have an integer form"
         return None
 
-    def _stream_onto(self, part: str, a: Tensor, b: Tensor, readers: tuple) -> tuple:
+    def _add(self, part: str, a: Tensor, b: Tensor, readers: tuple) -> list:
         """The residual add ``part`` ("attn", "ffn") of ``a`` and ``b`` (values of the
-        ``<part>_residual`` and ``<part>_out`` grids) as (the value ``readers[0]`` reads, the value
-        ``readers[1]`` reads or None): the integer layer's add (``add_onto``) with ``simulate:
-        integer`` at inference where the layer has an integer form, else the float sum."""
-        return residual_onto(self, part, a, b, readers)
+        ``<part>_residual`` and ``<part>_out`` grids) as each of ``readers`` reads it (at least one
+        value): ``residual_values``."""
+        return residual_values(self, part, a, b, readers)
+
+    def _post_norm(self, norm: torch.nn.Module, x: Tensor, readers: tuple) -> list:
+        """A post-norm layer's ``norm(x)`` as each of ``readers`` reads it (one value without
+        readers): with ``simulate: integer`` where the layer has an integer form, the integer norm's
+        int32 accumulator requantized onto each reader's grid (``onto_each``); else the norm's
+        value, which each reader rounds."""
+        if readers and simulates(self) and self.integer_refusal() is None:
+            return onto_each(norm, x, readers)
+        y = norm(x)
+        return [y] * max(len(readers), 1)
 
     def to_integer(self, stream_scale: float | torch.Tensor) -> torch.nn.Module:
         """The integer form of this layer, inference only (``integer_encoder_layer``)."""
@@ -398,20 +410,24 @@ class QTransformerDecoderLayer(QuantModule):
                          for p in ("attn", "cross", "ffn")])
 
 
-def residual_onto(layer: torch.nn.Module, part: str, a: Tensor, b: Tensor, readers: tuple) -> tuple:
+def residual_values(layer: torch.nn.Module, part: str, a: Tensor, b: Tensor, readers: tuple) -> list:
     """A transformer layer's residual add ``part`` of ``a`` and ``b`` (values of its
-    ``<part>_residual`` and ``<part>_out`` grids) as (the value ``readers[0]`` reads, the value
-    ``readers[1]`` reads or None): ``add_onto`` (the integer layer's add, with ``simulate:
-    integer`` at inference) unless the layer has no integer form (``layer.integer_refusal()``,
-    asked only where the add would be simulated: it runs on every residual add), else the float
-    sum, which each reader rounds."""
+    ``<part>_residual`` and ``<part>_out`` grids) as each of ``readers`` reads it: ``add_onto``
+    (the integer layer's add, with ``simulate: integer``) unless the layer has no integer form
+    (``layer.integer_refusal()``, asked only where the add would be simulated: it runs on every
+    residual add), else the float sum for each (at least one value), which each reader rounds."""
     values = None
     if readers and simulates(layer) and layer.integer_refusal() is None:
         values = add_onto(layer, f"_integer_{part}_add", a, getattr(layer, f"{part}_residual_quant"), b,
                           getattr(layer, f"{part}_out_quant"), readers)
-    if values is None:
-        return a + b, None
-    return values[0], (values[1] if len(values) > 1 else None)
+    return [a + b] * max(len(readers), 1) if values is None else values
+
+
+def residual_onto(layer: torch.nn.Module, part: str, a: Tensor, b: Tensor, readers: tuple) -> tuple:
+    """``residual_values`` as (the value ``readers[0]`` reads, the value ``readers[1]`` reads, or
+    None where it is the float sum)."""
+    values = residual_values(layer, part, a, b, readers)
+    return values[0], (values[1] if len(values) > 1 and values[1] is not values[0] else None)
 
 
 def site_grids(layer, sites) -> dict:

@@ -92,17 +92,22 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         positions = self.embed_positions(padding_mask).transpose(0, 1)  # (T', B, C)
         layers = list(self.transformer_layers)
         threaded = bool(layers) and self._threads_stream(layers)
-        first = (layers[0].self_attn_layer_norm.input_quant, layers[0].attn_residual_quant) if threaded else ()
-        entry = entry_values(self, embedded, positions, first) if threaded else None
+        entry = entry_values(self, embedded, positions, _first_readers(layers[0])) if threaded else None
         x, residual = entry if entry is not None else (self.dropout_module(x + positions), None)
-        states = []
+        states, outs = [], None
         for i, layer in enumerate(layers):
-            if threaded:  # each layer's last add onto the next layer's norm and residual grids
-                x, residual = layer(x, padding_mask, residual=residual, next_readers=self._next_readers(layers, i))
+            if threaded:  # each layer's output onto the next layer's first reader and residual grids
+                readers = self._next_readers(layers, i)
+                values = layer(x, padding_mask, residual=residual, next_readers=readers) if readers else (
+                    layer(x, padding_mask, residual=residual),)  # no reader told: the layer's float output
+                x, residual = values[0], (values[1] if len(values) > 1 else None)
+                outs = values if i + 1 == len(layers) and self.layer_norm is None and self.out_readers else None
             else:
                 x = layer(x, padding_mask)
             if return_all_hiddens:
                 states.append(x)
+        if outs is not None:  # a post-norm last layer's norm wrote one output per decoder layer's key_in grid
+            return dict(_encoder_out(outs[0], padding_mask, states), encoder_out=list(outs))
         if self.out_readers and simulates(self) and isinstance(self.layer_norm, QLayerNorm) \
                 and not torch.is_grad_enabled():
             # one output per decoder layer, on its key_in grid (the integer encoder's outputs); not
@@ -116,19 +121,24 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
 
     def _threads_stream(self, layers: list) -> bool:
         """Whether the layers run onto their readers (``simulate: integer`` at inference, every
-        layer a ``QTransformerEncoderLayer`` with an integer form): each layer's last residual add
-        then writes the integer layer's stream onto the next layer's norm and residual grids
-        (``QTransformerEncoderLayer.forward_onto``) instead of a float sum each reader rounds."""
+        layer a ``QTransformerEncoderLayer`` with an integer form): each layer's output is then the
+        integer layer's stream (a pre-norm layer's last residual add, a post-norm layer's last
+        norm) onto the next layer's first reader and residual grids
+        (``QTransformerEncoderLayer.forward_onto``) instead of a float value each reader rounds."""
         from qswap.nn.fairseq.layers import QTransformerEncoderLayer
         return (simulates(self) and not self.training and not torch.is_grad_enabled() and all(
             isinstance(layer, QTransformerEncoderLayer) and layer.integer_refusal() is None for layer in layers))
 
     def _next_readers(self, layers: list, i: int) -> tuple:
-        """The quantizers that read layer ``i``'s output: the next layer's first norm and first
-        residual, or the final norm's input (none without a quantized final norm)."""
+        """The quantizers that read layer ``i``'s output: the next layer's first reader and first
+        residual (``_first_readers``); after the last, the final norm's input, or without a final
+        norm (post-norm) the decoder layers' ``key_in`` (``out_readers``, the integer encoder's
+        outputs); none without either."""
         if i + 1 < len(layers):
-            return layers[i + 1].self_attn_layer_norm.input_quant, layers[i + 1].attn_residual_quant
-        return (self.layer_norm.input_quant,) if isinstance(self.layer_norm, QLayerNorm) else ()
+            return _first_readers(layers[i + 1])
+        if isinstance(self.layer_norm, QLayerNorm):
+            return (self.layer_norm.input_quant,)
+        return tuple(self.out_readers) if self.layer_norm is None else ()
 
     def to_integer(self, out, stream_bits: int = STREAM_BITS) -> "IntegerS2TTransformerEncoder":
         """The integer form of this encoder writing codes of ``out`` (the grid its output is read
@@ -164,6 +174,13 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         return IntegerS2TTransformerEncoder(self.subsample.to_integer(embed), embed.zero_point, stream_bits,
                                             positions, self.embed_positions.padding_idx, layers, norm_in,
                                             norms, out)
+
+
+def _first_readers(layer: nn.Module) -> tuple:
+    """The quantizers that read an S2T encoder layer's input stream: its first norm (pre-norm) or its
+    attention (post-norm), and its first residual, as its integer layer requantizes the stream."""
+    first = layer.self_attn_layer_norm if layer.normalize_before else layer.self_attn
+    return first.input_quant, layer.attn_residual_quant
 
 
 def check_entry(embed, positions: Optional[Tensor], stream_bits: int) -> None:
