@@ -115,3 +115,28 @@ def test_a_post_norm_decoder_is_refused_by_name():
     qmodel = convert_calibrated(model, net_input)
     with pytest.raises(IntegerizeError, match="decoder"):
         qswap.integerize(qmodel)
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_an_encoder_whose_last_layer_has_no_quantized_reader_runs_under_simulate_integer(pre_norm):
+    """The encoder's final norm left float (pre-norm), or a post-norm encoder without readers bound
+    (no per-layer outputs): the last layer is told no reader and its float output is the encoder's,
+    not unpacked as (x, residual) (which split a (T, B, C) tensor along T)."""
+    model = build_s2t_transformer(encoder_normalize_before=pre_norm, seed=0)
+    recipe = qswap.load_recipe("w8a8").to_dict()
+    recipe["name"] = "w8a8_float_final_norm"
+    if pre_norm:
+        recipe["rules"] = [{"match": {"path": "encoder.layer_norm"}, "skip": True}, *recipe.get("rules", [])]
+    qmodel = qswap.convert(model, recipe)
+    if not pre_norm:
+        qmodel.encoder.out_readers = []
+    net_input = s2t_net_input(seed=1, frames=120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(qmodel, [net_input])
+    layers = list(qmodel.encoder.transformer_layers)
+    assert qmodel.encoder._threads_stream(layers) or torch.is_grad_enabled()
+    with torch.no_grad(), simulating(qmodel, "integer"):
+        assert qmodel.encoder._next_readers(layers, len(layers) - 1) == ()
+        out = qmodel.encoder(net_input["src_tokens"], net_input["src_lengths"])["encoder_out"]
+    assert len(out) == 1 and out[0].shape[0] > 2 and torch.isfinite(out[0]).all()
