@@ -55,6 +55,29 @@ def _check_int(name: str, t: torch.Tensor) -> None:
                               f"got {t.dtype}; quantize it first")
 
 
+def _bounds(v) -> tuple[int, int]:
+    return (int(v.min()), int(v.max())) if isinstance(v, torch.Tensor) and v.numel() else (int(v), int(v))
+
+
+def check_multiplier(m0: torch.Tensor | int, shift: torch.Tensor | int) -> None:
+    """IntegerizeError unless M0 is in [0, 2^31) and shift in [-31, 30] (``quantize_multiplier``'s
+    range, where the int64 products and shifts of the fixed-point multiply are exact): a multiplier
+    made by hand, or read from an edited file, is refused rather than wrapped silently."""
+    (m_lo, m_hi), (s_lo, s_hi) = _bounds(m0), _bounds(shift)
+    if not (0 <= m_lo and m_hi < 2 ** 31 and -31 <= s_lo and s_hi <= 30):
+        raise IntegerizeError(f"a fixed-point multiplier needs M0 in [0, 2^31) and shift in [-31, 30], got M0 "
+                              f"{m_lo}..{m_hi}, shift {s_lo}..{s_hi}; make it with quantize_multiplier")
+
+
+def _check_int32(name: str, t: torch.Tensor) -> None:
+    """An integer tensor whose values fit int32 (an int64 one is checked: the fixed-point multiply's
+    int64 product of a larger value with M0 could wrap)."""
+    _check_int(name, t)
+    if t.dtype == torch.int64 and t.numel() and (int(t.min()) < INT32_MIN or int(t.max()) > INT32_MAX):
+        raise IntegerizeError(f"{name} must hold int32 values, got {int(t.min())}..{int(t.max())}; the op "
+                              f"before it overflowed its stated bound")
+
+
 def code_dtype(qmin: int, qmax: int) -> torch.dtype:
     """The narrowest torch integer dtype holding every code in [qmin, qmax]."""
     for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
@@ -98,9 +121,9 @@ def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor | int
     product, ``1 - 2^30`` for a negative one, then the int64 quotient is truncated toward zero).
     The product is formed in int64 (|a*b| <= 2^62); the one overflowing case,
     ``a == b == INT32_MIN``, saturates to ``INT32_MAX``. Returns int32."""
-    _check_int("a", a)
+    _check_int32("a", a)
     b = torch.as_tensor(b, dtype=torch.int64)
-    _check_int("b", b)
+    _check_int32("b", b)
     a64, b64 = a.to(torch.int64), b.to(torch.int64)
     prod = a64 * b64
     nudge = torch.where(prod >= 0, 1 << 30, 1 - (1 << 30))
@@ -137,6 +160,7 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor | int,
     if (isinstance(m0, int) and isinstance(shift, int) and 0 <= m0 <= INT32_MAX and -31 <= shift <= 30
             and x.dtype != torch.int64):
         return _multiply_scalar(x, m0, shift)
+    check_multiplier(m0, shift)  # an int64 x beyond int32 is defined: the shift's clamp saturates it
     shift = torch.as_tensor(shift, dtype=torch.int64)
     left, right = shift.clamp(min=0), (-shift).clamp(min=0)
     shifted = (x.to(torch.int64) << left).clamp(INT32_MIN, INT32_MAX)
@@ -167,8 +191,10 @@ def multiply_by_quantized_multiplier_single(x: torch.Tensor, m0: torch.Tensor | 
                                             shift: torch.Tensor | int) -> torch.Tensor:
     """TFLite's single-rounding ``MultiplyByQuantizedMultiplier`` (``TFLITE_SINGLE_ROUNDING``):
     ``(x * M0 + 2^(30 - shift)) >> (31 - shift)`` in int64 (|x * M0| < 2^62), i.e. ``x * real``
-    rounded once, ties toward +inf; the result saturates to int32. Returns int32."""
-    _check_int("x", x)
+    rounded once, ties toward +inf; the result saturates to int32. Returns int32. ``x`` must hold
+    int32 values and the multiplier be ``quantize_multiplier``'s (IntegerizeError otherwise)."""
+    _check_int32("x", x)
+    check_multiplier(m0, shift)
     total = 31 - torch.as_tensor(shift, dtype=torch.int64)
     prod = x.to(torch.int64) * torch.as_tensor(m0, dtype=torch.int64)
     return ((prod + (torch.ones_like(total) << (total - 1))) >> total).clamp(INT32_MIN, INT32_MAX).to(torch.int32)
@@ -213,12 +239,9 @@ class Requant:
         """The ranges ``requantize``'s arithmetic is defined for (``quantize_multiplier``'s
         output): M0 in [0, 2^31), shift in [-31, 30], qmin <= qmax; IntegerizeError otherwise,
         not a silent int64 wrap (a Requant made by hand, or read from an edited file)."""
-        def bounds(v):
-            return (int(v.min()), int(v.max())) if isinstance(v, torch.Tensor) else (int(v), int(v))
-        (m_lo, m_hi), (s_lo, s_hi) = bounds(self.m0), bounds(self.shift)
-        if not (0 <= m_lo and m_hi < 2 ** 31 and -31 <= s_lo and s_hi <= 30 and self.qmin <= self.qmax):
-            raise IntegerizeError(f"a requantization needs M0 in [0, 2^31), shift in [-31, 30] and qmin <= qmax, "
-                                  f"got M0 {m_lo}..{m_hi}, shift {s_lo}..{s_hi}, codes {self.qmin}..{self.qmax}; "
+        check_multiplier(self.m0, self.shift)
+        if self.qmin > self.qmax:
+            raise IntegerizeError(f"a requantization needs qmin <= qmax, got codes {self.qmin}..{self.qmax}; "
                                   f"make it with Requant.from_scales")
 
     @classmethod

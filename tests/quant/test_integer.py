@@ -741,10 +741,36 @@ def test_a_requant_outside_the_defined_ranges_is_an_integerize_error(m0, shift):
     from qswap.errors import IntegerizeError
     from qswap.quant.integer import Requant
 
-    with pytest.raises(IntegerizeError, match="a requantization needs M0 in"):
+    with pytest.raises(IntegerizeError, match="needs M0 in"):
         Requant(m0, shift, 0, -128, 127)
     Requant(2 ** 31 - 1, 30, 0, -128, 127)  # the ends of the ranges are fine
     Requant(0, -31, 0, -128, 127)
+
+
+@pytest.mark.parametrize("m0, shift", [(2 ** 31, 0), (-1, 0), (2 ** 30, 31), (2 ** 30, -32),
+                                       (torch.tensor([2 ** 30, 2 ** 33]), torch.tensor([0, 0]))])
+def test_the_fixed_point_multiplies_refuse_a_multiplier_outside_the_defined_ranges(m0, shift):
+    """Called directly (not through a Requant), both fixed-point multiplies refuse M0 or shift
+    outside quantize_multiplier's ranges: M0 2^33 had wrapped the int64 product silently."""
+    from qswap.errors import IntegerizeError
+    from qswap.quant.integer import multiply_by_quantized_multiplier_single
+
+    x = i32(1000, -1000, 7)
+    for multiply in (multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_single):
+        with pytest.raises(IntegerizeError, match="needs M0 in"):
+            multiply(x, m0, shift)
+
+
+def test_the_single_rounding_multiply_refuses_values_beyond_int32():
+    """Its int64 product ``x * M0`` is exact only for int32 ``x``: a wider int64 value (2^40 * M0
+    wraps past 2^63) is refused; the double-rounding multiply saturates it (its left shift's clamp)."""
+    from qswap.errors import IntegerizeError
+    from qswap.quant.integer import multiply_by_quantized_multiplier_single
+
+    wide = torch.tensor([2 ** 40, 3], dtype=torch.int64)
+    with pytest.raises(IntegerizeError, match="must hold int32 values"):
+        multiply_by_quantized_multiplier_single(wide, 2 ** 30, 0)
+    assert multiply_by_quantized_multiplier(wide, 2 ** 30, 0).tolist() == [2 ** 30, 2]
 
 
 def test_a_layer_norm_epsilon_large_in_code_units_keeps_the_variance_in_int64():
