@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 
 from qswap.errors import ExportError, OutputError
-from qswap.io.atomic import atomic_write_bytes, atomic_write_text
+from qswap.io.atomic import atomic_write_bytes, atomic_write_text, make_directory, remove_made
 from qswap.io.serializable import ANY, Codec, SpecMismatch
 
 FORMAT = "qswap-integer-model"
@@ -83,11 +83,14 @@ def write_integer_model(model: torch.nn.Module, out: str | Path, *, task: Mappin
     if (directory / MANIFEST).is_file():  # an ONNX export
         raise OutputError(f"{directory} holds an ONNX export (export.json); one directory holds one export: "
                           f"write the integer model into another directory (or remove that one first)")
+    made = make_directory(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output directory {directory}: {exc.strerror}") from None
-    atomic_write_bytes(directory / TENSOR_FILE, blob)
-    atomic_write_text(directory / JSON_FILE, text + "\n")
+        atomic_write_bytes(directory / TENSOR_FILE, blob)
+        atomic_write_text(directory / JSON_FILE, text + "\n")
+    except BaseException:
+        if made:  # a folder this export made (and its new parents) holds nothing else
+            (directory / TENSOR_FILE).unlink(missing_ok=True)
+            remove_made(made)
+        raise
     return directory / JSON_FILE
 

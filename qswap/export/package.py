@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from qswap.errors import ExportError
-from qswap.io.atomic import atomic_write_text
+from qswap.io.atomic import atomic_write_text, make_directory, remove_made
 
 MANIFEST = "export.json"
 # 2: the decoder step reads the encoder-decoder keys, values and padding mask once per sentence
@@ -115,12 +115,7 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
         from qswap.errors import OutputError
         raise OutputError(f"{out} holds an integer model export (model.json); one directory holds one export: "
                           f"write the ONNX graphs into another directory (or remove that one first)")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        from qswap.errors import OutputError
-        raise OutputError(f"cannot create the output directory {out}: {e.strerror}") from e
+    made = make_directory(out)  # the folders this export made: a failed one takes them away again
     graphs = CTC_GRAPHS if _is_ctc(qmodel) else GRAPHS
     staged = {name: out / f".{file}.partial" for name, file in graphs.items()}
     published: list[Path] = []  # graphs renamed into place (a directory this export made loses them again)
@@ -153,13 +148,9 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
             published.append(out / graphs[name])
         return write_manifest(out, manifest)
     except BaseException:
-        for path in [*staged.values(), *(published if created else [])]:
+        for path in [*staged.values(), *(published if made else [])]:
             path.unlink(missing_ok=True)
-        if created:
-            try:
-                out.rmdir()  # empty unless something else wrote into it meanwhile: then it stays
-            except OSError:
-                pass
+        remove_made(made)  # each empty unless something else wrote into it meanwhile: then it stays
         raise
 
 
@@ -238,7 +229,8 @@ def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        integer = (Path(directory) / "model.json").is_file()  # 'qswap export' without --onnx
+        from qswap.export.integer_format import JSON_FILE
+        integer = (Path(directory) / JSON_FILE).is_file()  # 'qswap export' without --onnx
         raise ExportError(f"{directory}: no {MANIFEST} there; " + (
             "it holds an integer model ('qswap export' without --onnx), which 'qswap eval DIR --data D' decodes "
             "without --backend onnxruntime; write ONNX graphs with 'qswap export QCKPT --onnx -o DIR'"

@@ -75,6 +75,28 @@ def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> 
         raise OutputError(f"cannot write {target}: {parent} is not writable")
 
 
+def make_directory(path: "str | os.PathLike[str]") -> list[Path]:
+    """``path`` made with its missing parents (OutputError where that fails); returns the folders
+    it made, deepest first, for ``remove_made`` to take away again after a failed write."""
+    directory = Path(path)
+    made = [p for p in (directory, *directory.parents) if not p.exists()]  # the missing ones: deepest first
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the output directory {directory}: {e.strerror}") from e
+    return made
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove the folders ``make_directory`` made, deepest first, while they are empty: a folder
+    something else wrote into meanwhile stays, and so do its parents."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)

@@ -96,3 +96,17 @@ def test_loading_builds_no_fairseq_module(qmodel, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used"))
     loaded = load_integer_model(tmp_path).model
     assert all(type(m).__module__.startswith(("qswap.", "torch.nn.")) for m in loaded.modules())
+
+
+def test_a_failed_write_into_a_fresh_nested_folder_takes_the_folders_back(integer_model, tmp_path, monkeypatch):
+    """A write that fails after the folders were made (a full disk writing the JSON) leaves none of
+    them, nor the tensor file it wrote first."""
+    import qswap.export.integer_format as integer_format
+    from qswap.errors import OutputError
+
+    def full_disk(path, text):
+        raise OutputError(f"cannot write {path}: No space left on device")
+    monkeypatch.setattr(integer_format, "atomic_write_text", full_disk)
+    with pytest.raises(OutputError, match="No space left"):
+        write_integer_model(integer_model, tmp_path / "new" / "deploy")
+    assert not (tmp_path / "new").exists()

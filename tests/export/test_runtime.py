@@ -344,4 +344,4 @@ def test_a_failed_export_leaves_the_directory_as_it_was(shipped_float, tmp_path,
     fresh = tmp_path / "new" / "deploy"
     with pytest.raises(ExportError):
         export_model(qmodel, fresh, audit=False)
-    assert not fresh.exists()
+    assert not fresh.exists() and not (tmp_path / "new").exists()  # the parent it made too

@@ -130,3 +130,17 @@ def test_a_failing_fsync_is_an_output_error_and_keeps_the_previous_file(tmp_path
     with pytest.raises(OutputError, match=f"cannot write {target}: {strerror}$"):
         atomic_write_text(target, "version: 1\n")
     assert target.read_text() == "previous" and not _leftovers(tmp_path, target)
+
+
+def test_make_directory_returns_the_folders_it_made_and_remove_made_takes_back_the_empty_ones(tmp_path):
+    from qswap.io.atomic import make_directory, remove_made
+
+    made = make_directory(tmp_path / "a" / "b" / "c")
+    assert made == [tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"]
+    (tmp_path / "a" / "keep.txt").write_text("someone else's")  # written meanwhile: "a" stays
+    remove_made(made)
+    assert not (tmp_path / "a" / "b").exists() and (tmp_path / "a" / "keep.txt").is_file()
+    assert make_directory(tmp_path / "a") == []  # nothing made: nothing to take back
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot create the output directory"):
+        make_directory(tmp_path / "file" / "sub")
