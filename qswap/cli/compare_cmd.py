@@ -81,7 +81,8 @@ def render_comparison(table):
     boot = table.settings.get("bootstrap", {})
     t = Table(title=f"{table.checkpoint} on {table.subset}",
               caption=(f"[95 % CI]: paired bootstrap over utterances, {boot['resamples']} resamples, seed "
-                       f"{boot['seed']}; significant: the ΔWER interval excludes 0" if boot else None))
+                       f"{boot['seed']}; significant: the ΔWER interval excludes 0"
+                       + (f"\n{table.note}" if table.note else "") if boot else None))
     for col in ("recipe", "WER % [95 % CI]", "ΔWER [95 % CI]", "significant", "CER %", "honest", "weights MB",
                 "MMACs/s", "GBOPs/s"):
         t.add_column(col, justify="left" if col in ("recipe", "honest", "significant") else "right")

@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         out.print(f"merged {len(shards)} shards of {shards[0]['subset']} ({shards[0]['model']}): "
                   f"{total.utterances} utterances, WER {total.wer:.2f}%{_ci(stats.get('wer_ci'))}  "
                   f"CER {total.cer:.2f}%")
+        if "note" in stats:
+            out.print(f"note: {stats['note']}")
         _write(args.json_out, {"counts": total.to_dict(), "subset": shards[0]["subset"],
                                "model": shards[0]["model"], "shards": args.merge, **stats,
                                "utterances": utterances})
@@ -103,11 +105,14 @@ def run(args: argparse.Namespace) -> int:
                   f"shards (the subset has fewer batches than --num-shards); 'qswap eval --merge' takes this "
                   f"shard's result as it is{'; no --markdown row (no WER to write)' if args.markdown else ''}")
     else:
+        verdict = {True: "significant", False: "not significant", None: "significance: -"}
         delta = (f"  ΔWER vs {stats['baseline']} {stats['delta_wer']:+.2f}{_ci(stats['delta_wer_ci'], '+')} "
-                 f"({'significant' if stats['significant'] else 'not significant'})") if baseline else ""
+                 f"({verdict[stats['significant']]})") if baseline else ""
         out.print(f"{label}: {counts.utterances} utterances of {args.subset}{shard}: "
                   f"WER {counts.wer:.2f}%{_ci(stats['wer_ci'])}  CER {counts.cer:.2f}%{delta}  "
                   f"decode {result.seconds:.1f} s ({result.audio_seconds / max(result.seconds, 1e-9):.1f}x real time)")
+        if "note" in stats:
+            out.print(f"note: {stats['note']}")
     _write(args.json_out, {"counts": counts.to_dict(), "subset": args.subset, "model": label,
                            "shard": [args.shard_id, args.num_shards], "settings": _settings(args), **stats,
                            "utterances": utterances})
@@ -125,17 +130,18 @@ def _ci(interval, sign: str = "") -> str:
 def _intervals(utterances: list[dict], baseline: dict | None) -> dict:
     """WER interval, and the paired ΔWER interval against ``baseline``'s utterances (same ids and
     references), as JSON fields; see qswap.integration.bootstrap."""
-    from dataclasses import astuple
-
     from qswap.errors import DataError
-    from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, wer_interval
+    from qswap.integration.bootstrap import (MIN_UTTERANCES, NO_INTERVAL, Bootstrap, bounds, delta_interval,
+                                             significant, wer_interval)
     from qswap.integration.metrics import utterance_word_errors
 
     if not utterances:
         return {}
     bootstrap = Bootstrap()
     errors, words = utterance_word_errors([u["ref"] for u in utterances], [u["hyp"] for u in utterances])
-    stats = {"bootstrap": bootstrap.to_dict(), "wer_ci": astuple(wer_interval(errors, words, bootstrap))}
+    stats = {"bootstrap": bootstrap.to_dict(), "wer_ci": bounds(wer_interval(errors, words, bootstrap))}
+    if len(utterances) < MIN_UTTERANCES:
+        stats["note"] = f"{NO_INTERVAL}, this result has {len(utterances)}"
     if baseline is None:
         return stats
     base = {u["id"]: u for u in baseline["utterances"]}
@@ -145,7 +151,7 @@ def _intervals(utterances: list[dict], baseline: dict | None) -> dict:
     base_errors, _ = utterance_word_errors([u["ref"] for u in utterances], [base[u["id"]]["hyp"] for u in utterances])
     delta = delta_interval(errors, base_errors, words, bootstrap)
     return {**stats, "baseline": baseline["model"], "delta_wer": 100.0 * (sum(errors) - sum(base_errors)) / sum(words),
-            "delta_wer_ci": astuple(delta), "significant": significant(delta)}
+            "delta_wer_ci": bounds(delta), "significant": significant(delta)}
 
 
 def _markdown(label: str, subset: str, counts, stats: dict) -> str:
@@ -157,7 +163,8 @@ def _markdown(label: str, subset: str, counts, stats: dict) -> str:
         head += " ΔWER [95 % CI] | vs | significant |"
         row += (f" {stats['delta_wer']:+.2f}{_ci(stats['delta_wer_ci'], '+')} | {stats['baseline']} | "
                 f"{significance_text(stats['significant'])} |")
-    return f"{head}\n|{'---|' * head.count(' |')}\n{row}\n"
+    note = f"\n{stats['note']}\n" if "note" in stats else ""
+    return f"{head}\n|{'---|' * head.count(' |')}\n{row}\n{note}"
 
 
 def _read_baseline(path: str) -> dict:

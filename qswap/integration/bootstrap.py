@@ -11,7 +11,10 @@ Ney 2004, "Bootstrap estimates for confidence intervals in ASR performance evalu
 - the interval is the percentile interval of the ``resamples`` bootstrap values (numpy's
   ``percentile``, linear interpolation), the same method as
   ``scipy.stats.bootstrap(..., method="percentile")``, which the tests use as the reference;
-- a difference is *significant* at ``confidence`` when its interval does not contain 0.
+- a difference is *significant* at ``confidence`` when its interval does not contain 0;
+- below ``MIN_UTTERANCES`` (2) utterances there is no interval (None) and no verdict: one
+  utterance resamples only to itself, a zero-width interval that would call any nonzero
+  difference significant.
 
 Defaults: 2,000 resamples, 95 %, seed 0: the same inputs give the same interval on every run.
 """
@@ -27,6 +30,8 @@ from qswap.errors import DataError
 RESAMPLES = 2000
 CONFIDENCE = 0.95
 SEED = 0
+MIN_UTTERANCES = 2
+NO_INTERVAL = f"no confidence interval: the paired bootstrap needs at least {MIN_UTTERANCES} utterances"
 
 
 @dataclass(frozen=True)
@@ -74,23 +79,34 @@ def _arrays(errors: Sequence[int], words: Sequence[int]) -> tuple[np.ndarray, np
     return e, w
 
 
-def wer_interval(errors: Sequence[int], words: Sequence[int], bootstrap: Bootstrap = Bootstrap()) -> Interval:
-    """Interval for WER % = 100 * sum(errors) / sum(words), resampling utterances."""
+def wer_interval(errors: Sequence[int], words: Sequence[int],
+                 bootstrap: Bootstrap = Bootstrap()) -> Interval | None:
+    """Interval for WER % = 100 * sum(errors) / sum(words), resampling utterances; None below
+    MIN_UTTERANCES utterances."""
     e, w = _arrays(errors, words)
+    if len(e) < MIN_UTTERANCES:
+        return None
     idx = bootstrap.indices(len(e))
     return bootstrap.percentile_interval(100.0 * e[idx].sum(1) / np.maximum(w[idx].sum(1), 1))
 
 
 def delta_interval(errors: Sequence[int], baseline_errors: Sequence[int], words: Sequence[int],
-                   bootstrap: Bootstrap = Bootstrap()) -> Interval:
+                   bootstrap: Bootstrap = Bootstrap()) -> Interval | None:
     """Interval for WER(system) - WER(baseline) in points, both on the same resampled utterances
-    (``words`` are the shared references' word counts)."""
+    (``words`` are the shared references' word counts); None below MIN_UTTERANCES utterances."""
     e, w = _arrays(errors, words)
     b, _ = _arrays(baseline_errors, words)
+    if len(e) < MIN_UTTERANCES:
+        return None
     idx = bootstrap.indices(len(e))
     return bootstrap.percentile_interval(100.0 * (e[idx].sum(1) - b[idx].sum(1)) / np.maximum(w[idx].sum(1), 1))
 
 
-def significant(interval: Interval) -> bool:
-    """A difference is significant when its interval excludes 0."""
-    return not interval.contains(0.0)
+def significant(interval: Interval | None) -> bool | None:
+    """A difference is significant when its interval excludes 0; None (no verdict) without one."""
+    return None if interval is None else not interval.contains(0.0)
+
+
+def bounds(interval: Interval | None) -> tuple[float, float] | None:
+    """(low, high) as JSON and report rows carry it; None without an interval."""
+    return None if interval is None else (interval.low, interval.high)

@@ -6,7 +6,7 @@ function: it returns rows; the CLI renders them."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -16,7 +16,7 @@ from qswap.calibrate import activation_quantizers
 from qswap.convert import copy_model
 from qswap.errors import DataError
 from qswap.integration import data as fdata
-from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, wer_interval
+from qswap.integration.bootstrap import MIN_UTTERANCES, NO_INTERVAL, Bootstrap, bounds, delta_interval, significant, wer_interval
 from qswap.integration.cost import measure
 from qswap.integration.decode import decode
 from qswap.integration.metrics import error_counts, utterance_word_errors
@@ -40,7 +40,7 @@ class Row:
     utterance_words: list[int] = field(default_factory=list, repr=False)
     wer_ci: tuple[float, float] | None = None
     delta_wer_ci: tuple[float, float] | None = None
-    significant: bool | None = None  # None for the reference row itself
+    significant: bool | None = None  # None for the reference row itself, and without an interval
     integer: "IntegerResult | None" = None  # with compare(..., integer=True)
 
 
@@ -67,8 +67,15 @@ class Comparison:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        note = {"note": self.note} if self.note else {}
         return {"checkpoint": self.checkpoint, "subset": self.subset, "settings": self.settings,
-                "rows": [asdict(r) for r in self.rows]}
+                "rows": [asdict(r) for r in self.rows], **note}
+
+    @property
+    def note(self) -> str | None:
+        """Why the intervals are missing (too few utterances to resample); None when they are there."""
+        return f"{NO_INTERVAL}, {self.subset} gave {self.rows[0].utterances}" if (
+            self.rows and self.rows[0].utterances < MIN_UTTERANCES) else None
 
     def markdown(self) -> str:
         head = ("| recipe | WER % [95 % CI] | ΔWER [95 % CI] | significant | CER % | honest (float ops) | "
@@ -83,7 +90,7 @@ class Comparison:
             if self.settings.get("integer"):
                 line += " " + " | ".join(integer_cells(r)) + " |"
             lines.append(line)
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + ([f"\n{self.note}"] if self.note else [])) + "\n"
 
 
 INTEGER_COLUMNS = ("integer WER %", "integer - fake [95 % CI]", "integer-only")
@@ -134,16 +141,16 @@ def add_intervals(rows: list[Row], bootstrap: Bootstrap = Bootstrap()) -> None:
             raise DataError(f"{row.recipe} and {reference.recipe} were not scored on the same utterances; "
                             f"a paired interval needs both decodes of one subset")
         row.delta_wer = row.wer - reference.wer
-        row.wer_ci = astuple(wer_interval(row.utterance_errors, row.utterance_words, bootstrap))
+        row.wer_ci = bounds(wer_interval(row.utterance_errors, row.utterance_words, bootstrap))
         if row is reference:
             continue
         delta = delta_interval(row.utterance_errors, reference.utterance_errors, row.utterance_words, bootstrap)
-        row.delta_wer_ci = astuple(delta)
+        row.delta_wer_ci = bounds(delta)
         row.significant = significant(delta)
     for row in rows:
         if row.integer is not None and row.integer.wer is not None:
             row.integer.delta_vs_fake = row.integer.wer - row.wer
-            row.integer.delta_vs_fake_ci = astuple(delta_interval(
+            row.integer.delta_vs_fake_ci = bounds(delta_interval(
                 row.integer.utterance_errors, row.utterance_errors, row.utterance_words, bootstrap))
 
 

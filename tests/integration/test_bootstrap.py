@@ -101,3 +101,25 @@ def test_rows_get_intervals_against_the_first_row():
 def test_mismatched_or_empty_inputs_are_data_errors(errors, words):
     with pytest.raises(DataError):
         wer_interval(errors, words)
+
+
+def test_one_utterance_gives_no_interval_and_no_verdict():
+    # one utterance resamples only to itself: a zero-width interval would call any ΔWER significant
+    assert wer_interval([1], [6]) is None and delta_interval([1], [0], [6]) is None
+    assert significant(delta_interval([1], [0], [6])) is None
+    assert delta_interval([1, 0], [0, 0], [6, 4]) is not None  # two utterances: an interval
+
+
+def test_rows_of_one_utterance_render_a_dash_and_say_why():
+    from qswap.cli.compare_cmd import render_comparison
+    from qswap.integration.compare import Comparison
+
+    rows = [Row(name, 100 * e / 6, 0.0, 0.0, True, 0, 1.0, 1.0, 1.0, 1.0, 1, [e], [6])
+            for name, e in (("fp32", 0), ("w4a4", 1))]
+    add_intervals(rows)
+    assert rows[1].wer_ci is None and rows[1].delta_wer_ci is None and rows[1].significant is None
+    table = Comparison("ck.pt", "one", rows, {"bootstrap": Bootstrap().to_dict()})
+    md = table.markdown()
+    assert "| w4a4 | 16.67 | +16.67 | - |" in md and "needs at least 2 utterances, one gave 1" in md
+    assert table.to_dict()["note"] == table.note and table.to_dict()["rows"][1]["significant"] is None
+    assert "needs at least 2 utterances" in render_comparison(table).caption

@@ -88,6 +88,35 @@ def test_eval_vs_float_reports_a_paired_interval(float_checkpoint, tmp_path, cap
     assert "--baseline and --vs-float each give the ΔWER its reference" in capsys.readouterr().err
 
 
+def _one_utterance_data(data, tmp_path):
+    """A data directory whose subset 'one' is the first utterance of ``data``'s test subset."""
+    one = tmp_path / "one_data"
+    one.mkdir()
+    for name in ("config.yaml", "spm.model", "spm.txt"):
+        (one / name).symlink_to(data / name)
+    (one / "one.tsv").write_text("".join((data / "test.tsv").read_text().splitlines(keepends=True)[:2]))
+    return one
+
+
+def test_eval_of_one_utterance_gives_no_interval_and_no_verdict(float_checkpoint, tmp_path, capsys):
+    """One utterance resamples only to itself: no interval, significance '-', and a note saying how
+    many utterances an interval needs (was a zero-width interval calling any ΔWER significant)."""
+    _, data, ckpt = float_checkpoint
+    one = _one_utterance_data(data, tmp_path)
+    common = [str(ckpt), "--data", str(one), "--subset", "one", "--beam", "2", "--calib-subset", "train",
+              "--calib-batches", "1"]
+    (one / "train.tsv").symlink_to(data / "train.tsv")
+    assert main(["eval", *common, "--recipe", "w8a8", "--vs-float", "--json", str(tmp_path / "q.json"),
+                 "--markdown", str(tmp_path / "q.md")]) == 0
+    out = json.loads((tmp_path / "q.json").read_text())
+    assert out["wer_ci"] is None and out["delta_wer_ci"] is None and out["significant"] is None
+    assert "at least 2 utterances" in out["note"]
+    md = (tmp_path / "q.md").read_text()
+    assert "| - |" in md and "at least 2 utterances" in md
+    stdout = capsys.readouterr().out
+    assert "(significance: -)" in stdout and "note: no confidence interval" in stdout
+
+
 def test_eval_missing_data_dir_is_exit_2(float_checkpoint, tmp_path, capsys):
     _, _, ckpt = float_checkpoint
     assert main(["eval", str(ckpt), "--data", str(tmp_path / "nope")]) == 2
