@@ -63,23 +63,68 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-# the options that name a file a command writes ('-': standard output); export's -o and audit's
-# --optimized-dir are directories
+# the options that name a file a command writes; export's -o and audit's --optimized-dir are
+# directories
 OUTPUTS = ("output", "json", "json_out", "markdown", "plot", "optimized_dir")
+# the outputs that take '-' for standard output (the others would write a file named '-')
+STDOUT_OUTPUTS = {("eval", "json_out"), ("compare", "json_out")}
+# the options that name files (or an export directory) a command reads; --quantized is NAME=PATH.
+# A name that is no file (a shipped recipe's) is not compared with the outputs
+INPUTS = ("checkpoint", "recipe", "recipes", "baseline", "merge", "quantized")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """Each output the command will write, checked before it loads, calibrates or decodes anything."""
-    from qswap.io.atomic import check_output
+    """Each output the command will write, checked before it loads, calibrates or decodes anything:
+    a path it can write, not one of its inputs (which the write would replace) and not another
+    output's file (one would silently overwrite the other)."""
+    import os
 
     from qswap.errors import OutputError
+    from qswap.io.atomic import check_output
 
+    inputs = [path for name in INPUTS for v in _values(getattr(args, name, None))
+              for path in [v.partition("=")[2] if name == "quantized" else v] if os.path.exists(path)]
+    written: dict[str, str] = {}
     for name in OUTPUTS:
-        value = getattr(args, name, None)
+        value, option = getattr(args, name, None), _option(name)
         if value == "":
-            raise OutputError(f"--{name.replace('_', '-')} is empty; give the path to write to")
-        if isinstance(value, str) and value and value != "-":
-            check_output(value, directory=(args.command == "export" and name == "output") or name == "optimized_dir")
+            raise OutputError(f"{option} is empty; give the path to write to")
+        if value == "-" and (args.command, name) not in STDOUT_OUTPUTS:
+            raise OutputError(f"{option} -: qswap {args.command} writes {option} to a file, not to standard "
+                              f"output; give a file path")
+        if not isinstance(value, str) or value in ("", "-"):
+            continue
+        check_output(value, directory=(args.command == "export" and name == "output") or name == "optimized_dir")
+        for path in inputs:
+            if _same_file(value, path):
+                raise OutputError(f"{option} {value} is also an input of this command ({path}); writing it would "
+                                  f"replace that file: give another output path")
+        for other, path in written.items():
+            if _same_file(value, path):
+                raise OutputError(f"{other} {path} and {option} {value} are the same file; give each output a "
+                                  f"path of its own")
+        written[option] = value
+
+
+def _option(name: str) -> str:
+    return "--json" if name == "json_out" else f"--{name.replace('_', '-')}"
+
+
+def _values(value) -> list[str]:
+    """An option's value as a list of strings (nargs='+' and append options are lists already)."""
+    return [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v]
+
+
+def _same_file(a: str, b: str) -> bool:
+    """``a`` and ``b`` name one file: the same file where both exist (links included), else the
+    same absolute path."""
+    import os
+    from pathlib import Path
+
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -31,3 +31,50 @@ def test_standard_output_and_a_new_export_directory_pass_the_check(tmp_path, cap
     err = capsys.readouterr().err.splitlines()
     assert err == ["qswap eval: error: data directory d does not exist; pass --data DIR with the config.yaml and "
                    "TSV manifests the model was trained with", "qswap export: error: missing.pt: no such checkpoint file"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["convert", "{tmp}/ck.pt", "--recipe", "w8a8", "-o", "{tmp}/ck.pt"], "--output {tmp}/ck.pt is also an input"),
+    (["convert", "{tmp}/ck.pt", "--recipe", "w8a8", "-o", "{tmp}/link.pt"], "--output {tmp}/link.pt is also an input"),
+    (["eval", "{tmp}/ck.pt", "--data", "d", "--json", "{tmp}/ck.pt"], "--json {tmp}/ck.pt is also an input"),
+    (["convert", "{tmp}/ck.pt", "--recipe", "{tmp}/r.yaml", "-o", "{tmp}/r.yaml"], "--output {tmp}/r.yaml is also"),
+    (["eval", "--merge", "{tmp}/s0.json", "--json", "{tmp}/s0.json"], "--json {tmp}/s0.json is also an input"),
+    (["eval", "{tmp}/ck.pt", "--data", "d", "--json", "{tmp}/r.md", "--markdown", "{tmp}/r.md"],
+     "--json {tmp}/r.md and --markdown {tmp}/r.md are the same file"),
+    (["search", "{tmp}/ck.pt", "--data", "d", "--target-mb", "1", "-o", "{tmp}/a.yaml", "--json", "{tmp}/x/../a.yaml"],
+     "--output {tmp}/a.yaml and --json {tmp}/x/../a.yaml are the same file"),
+])
+def test_an_output_that_is_an_input_or_another_output_is_refused(tmp_path, capsys, argv, message):
+    """Writing an input would replace the caller's file (convert -o onto its own float checkpoint);
+    two outputs naming one file would overwrite each other. Both refused, every file untouched."""
+    for name in ("ck.pt", "r.yaml", "s0.json", "r.md", "a.yaml"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "link.pt").symlink_to(tmp_path / "ck.pt")
+    (tmp_path / "x").mkdir()
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert all((tmp_path / name).read_text() == name for name in ("ck.pt", "r.yaml", "s0.json", "r.md", "a.yaml"))
+
+
+def test_a_shipped_recipe_name_is_not_taken_for_an_output_file(tmp_path, capsys, monkeypatch):
+    """--recipe w8a8 names a shipped recipe, not the file w8a8 the command is asked to write."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "missing.pt", "--recipe", "w8a8", "-o", "w8a8"]) == 2
+    assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["audit", "missing.pt", "--recipe", "w8a8", "--json", "-"], "--json"),
+    (["audit", "missing.pt", "--recipe", "w8a8", "--markdown", "-"], "--markdown"),
+    (["convert", "missing.pt", "--recipe", "w8a8", "-o", "-"], "--output"),
+    (["eval", "missing.pt", "--data", "d", "--markdown", "-"], "--markdown"),
+    (["sensitivity", "missing.pt", "--data", "d", "--json", "-"], "--json"),
+    (["search", "missing.pt", "--data", "d", "--target-mb", "1", "-o", "-"], "--output"),
+])
+def test_standard_output_is_refused_where_the_command_writes_only_files(tmp_path, capsys, monkeypatch, argv, option):
+    """'-' means standard output for eval's and compare's --json only; elsewhere it was a file named '-'."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert f"qswap {argv[0]} writes {option} to a file, not to standard output" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
