@@ -82,6 +82,19 @@ def test_search_cli_writes_a_valid_recipe_and_its_row(float_checkpoint, tmp_path
     assert "| searched |" in (tmp_path / "row.md").read_text()
 
 
+@pytest.mark.parametrize("option", ["--eval-subset", "--calib-subset"])
+def test_search_cli_checks_its_subsets_before_it_writes(float_checkpoint, tmp_path, capsys, option):
+    """A subset the final row reads that does not exist fails before the search, and -o is left as
+    it was (it had been replaced by the searched recipe, then the command failed)."""
+    _, data, ckpt = float_checkpoint
+    out = tmp_path / "mine.yaml"
+    out.write_text("# my hand-tuned recipe\n")
+    assert main(["search", str(ckpt), "--data", str(data), "--target-mb", "0.03", "--calib-batches", "1",
+                 "--max-sentences", "4", "-o", str(out), option, "nosuch"]) == 2
+    assert "subset 'nosuch' not found" in capsys.readouterr().err
+    assert out.read_text() == "# my hand-tuned recipe\n"
+
+
 def test_added_noise_and_loss_are_ordered_numbers_for_broken_outputs():
     from qswap.search import _added_noise, _loss_db
 

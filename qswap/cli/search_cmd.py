@@ -44,13 +44,14 @@ def run(args: argparse.Namespace) -> int:
     from qswap.search import search
 
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
+    for subset in (args.eval_subset, *([args.calib_subset] if args.calib_batches else [])):
+        fdata.load_subset(task, subset)  # read after the search: checked before it
     batches = list(fdata.net_inputs(task, args.subset, args.batches, max_sentences=args.max_sentences))
     evaluate = wer_evaluator(task, args.subset, args.beam, args.max_sentences) if args.max_delta_wer is not None else None
     result = search(model, batches, high=args.high, low_bits=args.low_bits, target_mb=args.target_mb,
                     max_delta_wer=args.max_delta_wer, evaluate=evaluate, name=args.name)
     text = yaml.safe_dump(result.recipe, sort_keys=False)
     load_recipe(result.recipe)  # the written file is a valid recipe
-    atomic_write_text(args.output, f"# written by: qswap search ({len(result.low_units)} units low-bit)\n" + text)
     row_float, _ = evaluate_recipe(model, task, "fp32", subset=args.eval_subset, calib_subset=args.calib_subset,
                                    calib_batches=args.calib_batches, beam=args.beam, max_sentences=args.max_sentences)
     row, _ = evaluate_recipe(model, task, result.recipe, subset=args.eval_subset, calib_subset=args.calib_subset,
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     bootstrap = Bootstrap()
     add_intervals([row_float, row], bootstrap)
     table = Comparison(args.checkpoint, args.eval_subset, [row_float, row], {"bootstrap": bootstrap.to_dict()})
+    # written once the recipe is measured: a failure on the way leaves the caller's -o as it was
+    atomic_write_text(args.output, f"# written by: qswap search ({len(result.low_units)} units low-bit)\n" + text)
     console().print(render_comparison(table))
     console().print(f"wrote {args.output}: {len(result.low_units)} units at {args.low_bits}-bit weights, "
                     f"{result.weight_mb:.3f} MB")
