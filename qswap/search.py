@@ -172,6 +172,10 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
 
     if (target_mb is None) == (max_delta_wer is None):
         raise BudgetError("give exactly one budget: target_mb or max_delta_wer")
+    option, budget = ("target_mb", target_mb) if target_mb is not None else ("max_delta_wer", max_delta_wer)
+    if not math.isfinite(budget):
+        raise BudgetError(f"{option} must be a finite number, got {budget}; pass MB of weights (target_mb) "
+                          f"or WER points above float (max_delta_wer)")
     batches = list(batches)
     candidates = rank_candidates(model, high, batches, low_bits)
 

@@ -52,6 +52,9 @@ def test_impossible_and_ambiguous_budgets_are_clear_errors(sizes):
         search(_tiny(), batches, target_mb=1.0, max_delta_wer=1.0)
     with pytest.raises(BudgetError, match="evaluate"):
         search(_tiny(), batches, max_delta_wer=1.0)
+    for budget in ({"target_mb": float("nan")}, {"max_delta_wer": float("inf")}):
+        with pytest.raises(BudgetError, match="must be a finite number"):  # nan had given a recipe
+            search(_tiny(), batches, evaluate=lambda m: 0.0, **budget)
 
 
 def test_max_delta_wer_search_with_a_measured_metric():

@@ -20,5 +20,20 @@ def at_least(low: int):
     return parse
 
 
+def finite(text: str) -> float:
+    """An argparse ``type``: a finite number (``float`` alone takes nan and inf, which no budget
+    or bound can mean)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+finite.__name__ = "finite number"
 COUNT = at_least(0)  # a number of batches, where 0 means none
 POSITIVE = at_least(1)  # a beam, a batch size, a thread or shard count

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from qswap.cli.args import COUNT, POSITIVE
+from qswap.cli.args import COUNT, POSITIVE, finite
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="float fairseq checkpoint")
     p.add_argument("--data", required=True, help="fairseq data directory")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--target-mb", type=float, help="weight memory budget in MB")
-    budget.add_argument("--max-delta-wer", type=float, help="WER budget (points above float) on --subset")
+    budget.add_argument("--target-mb", type=finite, help="weight memory budget in MB")
+    budget.add_argument("--max-delta-wer", type=finite, help="WER budget (points above float) on --subset")
     p.add_argument("--high", default="w8a8_per_channel", help="recipe units start from (default: w8a8_per_channel)")
     p.add_argument("--low-bits", type=int, default=4, help="weight bits of the units moved down (default: 4)")
     p.add_argument("--subset", default="dev", help="subset the search measures on (default: dev)")

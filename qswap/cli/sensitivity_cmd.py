@@ -17,10 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="w4a8", help="recipe whose sites are probed (default: w4a8)")
     p.add_argument("--metric", choices=("sqnr", "wer"), default="sqnr",
                    help="sqnr (cheap) or wer (also decodes --subset for the --top-k sites)")
-    p.add_argument("--top-k", type=int, default=10, help="sites measured by delta WER with --metric wer")
+    p.add_argument("--top-k", type=POSITIVE, default=10, help="sites measured by delta WER with --metric wer")
     p.add_argument("--beam", type=POSITIVE, default=5, help="beam size for --metric wer")
     p.add_argument("--max-sentences", type=POSITIVE, default=16, help="utterances per batch")
-    p.add_argument("--show", type=int, default=25, help="rows of the ranked table to print")
+    p.add_argument("--show", type=POSITIVE, default=25, help="rows of the ranked table to print")
     p.add_argument("--json", dest="json_out",
                    help="write every site's numbers here (an SQNR of -inf dB, a site that makes the "
                         "output NaN/inf, is written as null)")

@@ -44,6 +44,8 @@ def test_a_mode_the_library_lacks_is_a_usage_error(argv, capsys):
     (["convert", "c.pt", "--recipe", "w8a8", "-o", "o.pt", "--max-sentences", "-3"], "--max-sentences", 1),
     (["search", "c.pt", "--data", "d", "--target-mb", "2", "--batches", "0"], "--batches", 1),
     (["sensitivity", "c.pt", "--data", "d", "--beam", "0"], "--beam", 1),
+    (["sensitivity", "c.pt", "--data", "d", "--show", "-3"], "--show", 1),
+    (["sensitivity", "c.pt", "--data", "d", "--top-k", "-2"], "--top-k", 1),
 ])
 def test_a_count_out_of_range_is_a_usage_error_naming_the_option(argv, option, low, capsys):
     """A beam, batch count, shard, thread count or batch size below what the option takes stops at
@@ -60,3 +62,13 @@ def test_a_count_that_is_not_an_integer_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "q.pt", "--data", "d", "--beam", "five"])
     assert "argument --beam: must be an integer, got 'five'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--target-mb", "--max-delta-wer"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_budget_that_is_not_finite_is_a_usage_error(option, value, capsys):
+    """float() takes nan and inf; a search budget of nan had given a recipe and exit 0."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["search", "c.pt", "--data", "d", "-o", "r.yaml", f"{option}={value}"])
+    assert exc.value.code == 2
+    assert f"argument {option}: must be a finite number, got '{value}'" in capsys.readouterr().err
