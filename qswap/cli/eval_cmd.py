@@ -47,7 +47,8 @@ def _decoding_options(args: argparse.Namespace) -> list[str]:
     """The options given that only decoding reads (``--merge`` would ignore them)."""
     given = {"CHECKPOINT": args.checkpoint, "--data": args.data, "--recipe": args.recipe,
              "--simulate": args.simulate, "--integer": args.integer, "--vs-float": args.vs_float,
-             "--baseline": args.baseline, "--backend onnxruntime": args.backend == "onnxruntime"}
+             "--baseline": args.baseline, "--backend onnxruntime": args.backend == "onnxruntime",
+             "--num-shards": args.num_shards != 1, "--shard-id": args.shard_id != 0}
     return [name for name, value in given.items() if value]
 
 
@@ -75,6 +76,11 @@ def run(args: argparse.Namespace) -> int:
         _write(args.json_out, {"counts": total.to_dict(), "subset": shards[0]["subset"],
                                "model": shards[0]["model"], "shards": args.merge, **stats,
                                "utterances": utterances})
+        if args.markdown and utterances:  # the merged row, as a single decode's --markdown writes it
+            from qswap.io.atomic import atomic_write_text
+            atomic_write_text(args.markdown, _markdown(shards[0]["model"], shards[0]["subset"], total, stats))
+        elif args.markdown:
+            out.print("no --markdown row: the shards hold no utterances (no WER to write)")
         return 0
     if not args.checkpoint or not args.data:
         raise DataError("qswap eval needs CHECKPOINT and --data DIR (or --merge JSON...)")
@@ -304,16 +310,22 @@ def _read_shard(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             payload = json.load(f)
         c = payload["counts"]
+        for name in ("word_errors", "words", "char_errors", "chars", "utterances"):
+            if type(c[name]) is not int or c[name] < 0:  # bool is an int, not a count
+                raise ValueError(f"counts.{name} must be a whole number >= 0, got {c[name]!r}")
         counts = ErrorCounts(c["word_errors"], c["words"], c["char_errors"], c["chars"], c["utterances"])
         shard_id, num_shards = payload["shard"]
         if not (isinstance(shard_id, int) and isinstance(num_shards, int)):
             raise TypeError(f"'shard' must be [shard_id, num_shards], got {payload['shard']!r}")
-        utterances = [{"id": int(u["id"]), "ref": str(u["ref"]), "hyp": str(u["hyp"])}
-                      for u in payload.get("utterances", [])]
+        utterances = [{"id": int(u["id"]), "ref": u["ref"], "hyp": u["hyp"]} for u in payload.get("utterances", [])]
+        for u in utterances:
+            if not (isinstance(u["ref"], str) and u["ref"].strip() and isinstance(u["hyp"], str)):
+                raise ValueError(f"utterance {u['id']}: 'ref' must be a non-empty transcript and 'hyp' a "
+                                 f"transcript, got {u['ref']!r} and {u['hyp']!r}")
         return {"path": path, "counts": counts, "subset": str(payload["subset"]), "utterances": utterances,
                 "model": str(payload["model"]), "shard_id": shard_id, "num_shards": num_shards,
                 "settings": payload.get("settings")}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"{path} is not a shard result written by 'qswap eval --json': "
                         f"{type(exc).__name__}: {exc}") from None
 

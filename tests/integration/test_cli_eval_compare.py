@@ -40,6 +40,56 @@ def test_eval_shards_merge_to_the_single_process_wer(float_checkpoint, tmp_path)
     assert merged["word_errors"] == single["word_errors"] and merged["wer"] == pytest.approx(single["wer"])
 
 
+def test_merge_writes_the_merged_markdown_row_and_refuses_shard_options(float_checkpoint, tmp_path, capsys):
+    """--merge --markdown writes the merged result's row, as one decode of the whole subset writes
+    it (it had been ignored); --num-shards / --shard-id belong to the shards' decodes: refused."""
+    _, data, ckpt = float_checkpoint
+    common = [str(ckpt), "--data", str(data), "--subset", "test", "--beam", "2", "--max-sentences", "2"]
+    assert main(["eval", *common, "--json", str(tmp_path / "all.json"), "--markdown", str(tmp_path / "all.md")]) == 0
+    shards = [str(tmp_path / f"s{i}.json") for i in (0, 1)]
+    for i, path in enumerate(shards):
+        assert main(["eval", *common, "--num-shards", "2", "--shard-id", str(i), "--json", path]) == 0
+    md = tmp_path / "merged.md"
+    assert main(["eval", "--merge", *shards, "--markdown", str(md)]) == 0
+    assert md.read_text() == (tmp_path / "all.md").read_text()
+    capsys.readouterr()
+    for extra in (["--num-shards", "7"], ["--shard-id", "3"]):
+        assert main(["eval", "--merge", *shards, *extra, "--markdown", str(tmp_path / "x.md")]) == 2
+        assert f"{extra[0]} apply when decoding" in capsys.readouterr().err
+    assert not (tmp_path / "x.md").exists()
+
+
+def _edited_shard(tmp_path, name: str, **changes) -> str:
+    """``_shard``'s result of shard 0 of 1 with two utterances, ``changes`` made: counts fields, or
+    'ref' for the first utterance's reference."""
+    path = _shard(tmp_path, name, 0, 1, ids=(0, 1))
+    payload = json.loads(open(path).read())
+    if "ref" in changes:
+        payload["utterances"][0]["ref"] = changes.pop("ref")
+    payload["counts"].update(changes)
+    open(path, "w").write(json.dumps(payload))
+    return path
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"word_errors": None}, "counts.word_errors must be a whole number >= 0, got None"),
+    ({"words": -6}, "counts.words must be a whole number >= 0, got -6"),
+    ({"chars": 2.5}, "counts.chars must be a whole number >= 0, got 2.5"),
+    ({"utterances": True}, "counts.utterances must be a whole number >= 0, got True"),
+    ({"ref": ""}, "utterance 0: 'ref' must be a non-empty transcript"),
+    ({"ref": None}, "utterance 0: 'ref' must be a non-empty transcript"),
+])
+def test_merge_refuses_a_shard_with_malformed_contents(tmp_path, capsys, changes, field):
+    """A shard's counts and transcripts are checked as it is read: a DataError naming the file and
+    the field (null counts had been a raw TypeError, an empty reference a WER interval [0, 2100])."""
+    assert main(["eval", "--merge", _edited_shard(tmp_path, "good.json")]) == 0
+    bad = _edited_shard(tmp_path, "bad.json", **changes)
+    capsys.readouterr()
+    assert main(["eval", "--merge", bad]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} is not a shard result written by 'qswap eval --json'" in err and field in err
+
+
 def test_a_shard_with_no_batches_writes_an_empty_result_that_merges(float_checkpoint, tmp_path, capsys):
     """More shards than batches: fairseq gives some shard nothing to decode. Its run says so, exits
     0 and writes a result with no utterances, and the merge of all shards is the single run's."""
