@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
     import qswap
     from qswap.calibrate import activation_quantizers, observed_note, recipe_observe
     from qswap.errors import ConvertError, DataError
@@ -42,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     data = fdata.transform_data(args.recipe, task, args.calib_subset, args.calib_batches,
                                 max_sentences=args.max_sentences) if args.calib_batches else None
-    qmodel = qswap.convert(model, args.recipe, strict=args.strict or None, data=data)
+    with warnings.catch_warnings():  # its QswapWarnings are in the report, which convert_summary prints
+        warnings.simplefilter("ignore", qswap.QswapWarning)
+        qmodel = qswap.convert(model, args.recipe, strict=args.strict or None, data=data)
     n_act = len(activation_quantizers(qmodel))
     if n_act and not args.calib_batches and not args.no_calibrate:
         raise ConvertError(f"recipe {qmodel.qswap_recipe.name} has {n_act} activation quantizers and "

@@ -1,10 +1,13 @@
 """Third-party chatter (fairseq's log lines, torch's and fairseq's warnings) held back while a
 command runs and summarized once at the end: one line per distinct message with its count.
-``qswap --verbose`` shows them in full as they happen instead. qswap's own log records pass."""
+``qswap --verbose`` shows them in full as they happen instead. qswap's own log records pass, and
+its own warnings (QswapWarning: a recipe rule that matched no module) are printed as they happen
+as ``warning: ...``: they are about the user's input, not chatter."""
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from collections import Counter
 from typing import Iterator
@@ -41,14 +44,20 @@ def held_back(verbose: bool) -> Iterator[Counter]:
     collect = _Collect(saved, seen)
     root.handlers = [collect]
     try:
-        with warnings.catch_warnings(record=True) as caught:  # the active filters still apply
-            try:
-                yield seen
-            finally:
-                for w in caught:
-                    seen[(f"{w.category.__name__} ({_package(w.filename)})", str(w.message))] += 1
+        with warnings.catch_warnings():  # the active filters still apply; showwarning is restored
+            warnings.showwarning = lambda message, category, filename, *_: _show(seen, message, category, filename)
+            yield seen
     finally:
         root.handlers = saved
+
+
+def _show(seen: Counter, message, category: type, filename: str) -> None:
+    """A warning while held back: qswap's own printed now, a third-party one counted."""
+    convert = sys.modules.get("qswap.convert")  # a QswapWarning exists only once it is imported
+    if convert is not None and issubclass(category, convert.QswapWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        seen[(f"{category.__name__} ({_package(filename)})", str(message))] += 1
 
 
 def summary(seen: Counter) -> list[str]:

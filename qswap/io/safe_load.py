@@ -123,6 +123,10 @@ def _check_file(path: Path) -> None:
             raise CheckpointError(f"{path} is a directory of ONNX graphs ('qswap export --onnx'), not a "
                                   f"checkpoint: run them with --backend onnxruntime ('qswap eval'), or audit them "
                                   f"with --onnx ('qswap audit')")
+        if (path / "model.json").is_file():  # qswap export's integer model (integer_format.JSON_FILE)
+            raise CheckpointError(f"{path} is an integer model written by 'qswap export' (model.json, "
+                                  f"model.safetensors), not a checkpoint: 'qswap eval {path} --data DIR' decodes "
+                                  f"it; other commands take the checkpoint it was exported from")
         raise CheckpointError(f"{path} is a directory; pass the checkpoint file (e.g. "
                               f"{path / 'checkpoint_best.pt'})")
     try:

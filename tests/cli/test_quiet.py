@@ -37,6 +37,19 @@ def test_held_back_counts_fairseq_records_and_warnings_and_passes_qswaps_own():
     assert summary(nothing) == []
 
 
+def test_qswaps_own_warnings_are_shown_not_held_back(capsys):
+    """A QswapWarning (a recipe rule that matched no module) is about the user's input: printed as
+    'warning: ...' when it happens, not filed among the third-party messages (it had been)."""
+    import qswap
+
+    with held_back(verbose=False) as seen:
+        warnings.warn("r: rule 0 (line 8): path=encoder.subsampel.* matched no module", qswap.QswapWarning)
+        warnings.warn("a third-party warning", UserWarning)
+    assert capsys.readouterr().err == "warning: r: rule 0 (line 8): path=encoder.subsampel.* matched no module\n"
+    lines = summary(seen)
+    assert lines[0].startswith("1 third-party message held back") and "QswapWarning" not in "".join(lines)
+
+
 def _run(*flags: str, after: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "qswap.cli", *flags, "eval", str(ASSET / "checkpoint.pt"), "--data", str(ASSET),
@@ -64,3 +77,18 @@ def test_cli_output_has_no_third_party_lines_unless_verbose():
     assert quiet.count(AUTO) == 1 and "held back" in quiet and "--verbose" in quiet
     assert "decoding train_calib" not in quiet  # no progress bar in a pipe (CI logs)
     assert f"WARNING fairseq.data.audio.data_cfg: {AUTO}" in verbose and "held back" not in verbose
+
+
+def test_convert_shows_a_rule_that_matched_nothing_once(tmp_path, capsys):
+    """convert's summary lists the rules that matched nothing; the QswapWarning passed through is
+    not printed a second time."""
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("version: 1\nname: typo\ndefaults:\n  weight: {bits: 8}\nrules:\n"
+                      "  - match: {path: \"encoder.subsampel.conv_layers.*\"}\n    skip: true\n")
+    from qswap.cli import main
+
+    assert main(["convert", str(ASSET / "checkpoint.pt"), "--data", str(ASSET), "--recipe", str(recipe),
+                 "--no-calibrate", "-o", str(tmp_path / "q.pt")]) == 0
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert output.count("matched no module") == 1 and "QswapWarning" not in output

@@ -16,3 +16,13 @@ def test_an_onnx_export_directory_is_refused_pointing_at_the_onnxruntime_backend
     with pytest.raises(CheckpointError, match=r"is a directory of ONNX graphs .*--backend onnxruntime .*--onnx") as e:
         load_checkpoint(tmp_path)
     assert "checkpoint_best.pt" not in str(e.value)  # no checkpoint file to suggest in there
+
+
+def test_an_integer_export_directory_is_refused_pointing_at_qswap_eval(tmp_path):
+    """A 'qswap export' directory (model.json + model.safetensors) where a checkpoint file is expected
+    (qswap convert, audit): the hint had named a checkpoint_best.pt that cannot be in there."""
+    (tmp_path / "model.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is an integer model written by 'qswap export' .*'qswap eval ") as e:
+        load_checkpoint(tmp_path)
+    assert "checkpoint_best.pt" not in str(e.value)
