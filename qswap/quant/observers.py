@@ -19,7 +19,6 @@ from qswap.quant.primitives import (all_finite, channel_axis, choose_qparams, fa
                                     reduce_min_max)
 from qswap.quant.spec import QuantSpec
 
-_PERCENTILE_MAX_SAMPLES = 1 << 20  # torch.quantile's input limit is 16M; a strided sample is plenty
 _MSE_RATIOS = torch.linspace(0.3, 1.0, 15)
 _MSE_BATCHED_MAX = 1 << 24  # elements of the all-candidates pass (64 MB of float32); larger: the loop
 
@@ -131,12 +130,30 @@ class PercentileObserver(Observer):
     def batch_range(self, x):
         if self.spec.granularity != "per_tensor":
             return reduce_min_max(x, self.spec)  # percentiles are per-tensor; channels use extremes
-        flat = x.reshape(-1)
-        if flat.numel() > _PERCENTILE_MAX_SAMPLES:
-            flat = flat[:: flat.numel() // _PERCENTILE_MAX_SAMPLES + 1]
-        q = torch.tensor([1.0 - self.spec.percentile / 100.0, self.spec.percentile / 100.0], device=flat.device)
-        lo, hi = torch.quantile(flat, q)
-        return lo, hi
+        p = self.spec.percentile / 100.0
+        return exact_quantiles(x.reshape(-1), torch.tensor([1.0 - p, p]))
+
+
+def exact_quantiles(flat: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.quantile(flat, q)`` for two float32 levels ``q = (q_lo, q_hi)`` with ``q_lo < 0.5 <
+    q_hi``, bit for bit (the same float32 ranks, neighbours and ``lerp``; NaN in, NaN out), for a
+    tensor of any size: the neighbours of each rank come from its own tail (``topk`` of the smaller
+    side) instead of a full sort. ``torch.quantile`` refuses more than 16M elements, and a strided
+    sample of a larger tensor aligns with its feature axis (a stride of 2 over 256 features reads
+    the even channels only: an outlier channel at an odd index was never seen)."""
+    n = flat.numel()
+    if bool(torch.isnan(flat).any()):
+        nan = torch.tensor(float("nan"), device=flat.device)
+        return nan, nan.clone()
+    ranks = q.to(torch.float32) * (n - 1)  # torch.quantile's float32 ranks
+    below, above = ranks.long(), ranks.ceil().long()
+    weights = (ranks - below).to(flat.device)
+    (b_lo, b_hi), (a_lo, a_hi) = below.tolist(), above.tolist()
+    low = torch.topk(flat, a_lo + 1, largest=False).values  # the a_lo + 1 smallest, ascending
+    high = torch.topk(flat, n - b_hi).values  # the n - b_hi largest, descending: [-1] is sorted[b_hi]
+    lo = torch.lerp(low[b_lo], low[a_lo], weights[0])
+    hi = torch.lerp(high[n - 1 - b_hi], high[n - 1 - a_hi], weights[1])
+    return lo, hi
 
 
 class MSEObserver(Observer):

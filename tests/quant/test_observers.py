@@ -83,3 +83,36 @@ def test_batched_mse_search_takes_the_spec_axis_in_any_spelling(shape, axis):
     assert got[0].shape == (shape[0],)
     for g, want in zip(got, _loop_range(obs, x)):
         assert torch.equal(g, want)
+
+
+def test_percentile_of_a_large_activation_reads_every_channel():
+    """Over 2^20 elements the percentile observer took every k-th element: for a (frames, 256)
+    activation a stride of 2, which never read an odd channel (an outlier channel at index 1 was
+    clipped away). Its range is now the exact percentile of the whole tensor (torch.quantile's,
+    bit for bit), wherever the outlier channel is."""
+    from qswap.quant.observers import PercentileObserver
+
+    torch.manual_seed(0)
+    x = torch.randn(4100, 256)  # just over 2^20 elements
+    x[:, 1] = 40 + torch.randn(4100)
+    spec = QuantSpec(bits=8, observer="percentile", percentile=99.99)
+    want = torch.quantile(x.reshape(-1), torch.tensor([1 - 0.9999, 0.9999]))
+    for data in (x, x[:, [0, 2, 1, *range(3, 256)]]):  # the outlier at an odd, then an even index
+        obs = PercentileObserver(spec)
+        obs(data)
+        assert obs.max_val.item() > 39
+        assert torch.equal(torch.stack([obs.min_val, obs.max_val]), want)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 12_345])
+@pytest.mark.parametrize("percentile", [99.99, 90.0, 50.5, 100.0])
+def test_exact_quantiles_are_torch_quantile_bit_for_bit(n, percentile):
+    from qswap.quant.observers import exact_quantiles
+
+    torch.manual_seed(n)
+    x = torch.randn(n) * 3
+    x[::5] = x[0]  # ties
+    q = torch.tensor([1 - percentile / 100, percentile / 100])
+    assert torch.equal(torch.stack(exact_quantiles(x, q)), torch.quantile(x, q))
+    x[n // 2] = float("nan")  # NaN in, NaN out (the observer then refuses the tensor)
+    assert all(torch.isnan(v) for v in exact_quantiles(x, q))
