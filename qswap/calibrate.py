@@ -30,7 +30,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
     A batch is a fairseq ``net_input`` dict (called as ``model(**batch)``), a tuple (``model(*batch)``)
     or a tensor; ``forward(model, batch)`` overrides how a batch is run. Returns the number of
     batches used. Runs in eval mode under ``torch.no_grad`` and restores each module's training
-    flag. An error leaves every activation quantizer as it was.
+    flag. An error leaves every activation quantizer as it was. A quantizer the batches never
+    reach keeps the grid (and frozen flag) of an earlier calibration, if it had one, and is named
+    in the log; an error where none of them sees data, as on a fresh model.
 
     ``observe`` says what each activation quantizer observes (None: the recipe's top-level
     ``observe`` key, whose default is ``"quantized"``):
@@ -63,18 +65,20 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
             q.observer.reset()
         count = 0
         with eval_mode(model), torch.no_grad(), observing(quantizers, observe):
-            for batch in batches:
-                if max_batches is not None and count >= max_batches:
-                    break
+            # no batch is drawn past the last one used (the caller's iterator keeps it)
+            for batch in (batches if max_batches is None or max_batches > 0 else ()):
                 _run_batch(run, model, batch, count)
                 count += 1
                 if progress is not None:
                     progress(count)
+                if max_batches is not None and count >= max_batches:
+                    break
         if count == 0:
             raise CalibrationError("calibration got zero batches; pass at least one batch of "
                                    "representative inputs")
         _freeze_observed(quantizers)
-        unseen = [q for q in quantizers if not q.initialized]
+        # unseen: no range observed in this calibration (a grid of an earlier one does not count)
+        unseen = [q for q in quantizers if not q.observer.has_range]
         if unseen and len(unseen) == len(quantizers):
             raise CalibrationError(f"none of the {len(quantizers)} activation quantizers saw data: the "
                                    f"{count} batch(es) were empty; pass batches with real inputs")
@@ -84,12 +88,19 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
         for q, state in saved:
             q.load_state_dict(state)
         raise
+    # an unseen quantizer calibrated before keeps that grid, frozen as it was (reset and
+    # unfrozen, it would observe at inference and drift)
+    kept = [q for q, state in saved if q in unseen and state["scale"].numel() > 0]
+    for q, state in saved:
+        if q in kept:
+            q.load_state_dict(state)
     if unseen and logger.isEnabledFor(logging.INFO):
         # sites the batches never reach (an additive-mask path, say) keep observing if they ever run
         logger.info(f"{len(unseen)} activation quantizer(s) saw no data during calibration (the "
                     f"calibrated paths never run them; an input that reached one would make it "
-                    f"compute its range at run time, which the audit reports): "
-                    f"{', '.join(_names(model, unseen)[:6])}")
+                    f"compute its range at run time, which the audit reports"
+                    + (f"; {len(kept)} of them keep the grid of their previous calibration" if kept else "")
+                    + f"): {', '.join(_names(model, unseen)[:6])}")
     return count
 
 

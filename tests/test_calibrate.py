@@ -200,3 +200,46 @@ def test_a_frozen_quantizer_keeps_its_grid_through_a_float_observation():
         assert torch.equal(q.scale, scale) and torch.equal(q.zero_point, zero_point)
         assert int(q.observer.num_batches) == seen and q.enabled and not q.passthrough
     assert sum(not torch.equal(q.scale, s) for q, s in zip(others, scales)) > len(others) // 2  # they observed
+
+
+def test_a_recalibration_keeps_the_earlier_grid_of_a_quantizer_its_batches_never_reach(caplog):
+    """Re-calibrating reset and unfroze every activation quantizer: one the new batches never
+    reached kept its old grid, counted as calibrated (no log, no error even when none saw data)
+    and was left observing, its grid drifting at inference. It now keeps its earlier grid and
+    frozen flag and is named in the log; a run where no quantizer sees data is an error."""
+    model = calibrated(recipe("minmax"))
+    quantizers = activation_quantizers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    decoder = [q for q in quantizers if names[id(q)].startswith("decoder.") and bool(q.frozen)]
+    assert decoder
+    before = {id(q): (q.scale.clone(), q.zero_point.clone()) for q in decoder}
+    big = dict(batches()[0], src_tokens=batches()[0]["src_tokens"] * 10)
+    with caplog.at_level("INFO", logger="qswap"):
+        qswap.calibrate(model, [big], forward=lambda m, b: m.encoder(b["src_tokens"], b["src_lengths"]))
+    for q in decoder:
+        assert bool(q.frozen) and torch.equal(q.scale, before[id(q)][0])
+        assert torch.equal(q.zero_point, before[id(q)][1])
+    assert names[id(decoder[0])] in caplog.text and "keep the grid of their previous calibration" in caplog.text
+    states = _states(model)
+    with pytest.raises(CalibrationError, match="none of the .* activation quantizers saw data"):
+        qswap.calibrate(model, [big], forward=lambda m, b: None)
+    assert _same(_states(model), states)
+    assert all(bool(q.frozen) for q in quantizers if q.initialized)
+
+
+def test_max_batches_draws_no_batch_past_the_last_one_used():
+    drawn = []
+
+    def source():
+        for i, b in enumerate(batches() * 2):
+            drawn.append(i)
+            yield b
+
+    model = qswap.convert(build_s2t_transformer(seed=0), recipe("minmax"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert qswap.calibrate(model, source(), max_batches=2) == 2
+    assert drawn == [0, 1]
+    with pytest.raises(CalibrationError, match="zero batches"):
+        qswap.calibrate(model, source(), max_batches=0)
+    assert drawn == [0, 1]
