@@ -31,7 +31,7 @@ from qswap.quant.observers import make_observer
 from qswap.quant.primitives import (MIN_SCALE, PassGrid, channel_axis, choose_qparams, choose_qparams_scalar,
                                     fake_quantize, fake_quantize_grid, fake_quantize_grid_, fake_quantize_passes,
                                     pass_grid, passes_apply)
-from qswap.quant.spec import QuantSpec
+from qswap.quant.spec import WEIGHT_LSQ, QuantSpec
 from qswap.quant.stamp import LeavesCaches, fingerprint, stamp, unchanged
 
 KINDS = ("weight", "activation")
@@ -53,6 +53,8 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
             raise SpecError("an activation quantizer keeps one static grid, and per_group grids of an "
                             "activation would change with its number of rows (frames, batch): use "
                             "per_tensor, or per_channel with axis -1 (the feature axis)")
+        if kind == "weight" and spec.learnable:
+            raise SpecError(WEIGHT_LSQ)
         self.spec, self.kind = spec, kind
         self.observer = make_observer(spec)
         if spec.learnable:
@@ -413,10 +415,9 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         # optimizers may update p.data in place without bumping the version counter (fairseq's
         # Adam): a training forward always re-derives the grid and drops the eval cache
         if training or not unchanged(self._weight_stamp, w):
-            if not (self.spec.learnable and self.initialized and self.frozen):
-                self.observer.reset()
-                self.observer(w)
-                self._set_qparams(*choose_qparams(self.observer.min_val, self.observer.max_val, self.spec))
+            self.observer.reset()
+            self.observer(w)
+            self._set_qparams(*choose_qparams(self.observer.min_val, self.observer.max_val, self.spec))
             self._weight_stamp, self._cached = None if training else stamp(w), None
         if training:
             return fake_quantize(w, self._scale_for_forward(w), self.zero_point, self.spec)
@@ -439,7 +440,7 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
     def extra_repr(self) -> str:
         state = "frozen" if bool(self.frozen) else "observing"
         if self.kind == "weight":
-            state = "learned scale" if self.spec.learnable and bool(self.frozen) else "from weight"
+            state = "from weight"
         if not self.enabled:
             state = "disabled"
         return f"{self.kind}, {self.spec.short()}, observer={self.spec.observer}, {state}"

@@ -12,6 +12,10 @@ SCALE_TYPES = ("float", "pow2")
 ROUNDINGS = ("half_even", "half_away", "floor")
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
 MIN_BITS, MAX_BITS = 2, 16
+# why a weight quantizer refuses a learnable spec (FakeQuantize; the recipe loader with file and line)
+WEIGHT_LSQ = ("learnable: true on a weight spec: LSQ learns activation grids; a weight grid follows its "
+              "weight (re-derived from it at every training step, so a learned weight scale would never "
+              "train): remove learnable from the weight spec and keep it on the activation spec")
 
 
 @dataclass(frozen=True)

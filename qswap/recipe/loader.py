@@ -14,7 +14,7 @@ import yaml
 from qswap.errors import RecipeError, SpecError
 from qswap.nn.base import QuantConfig, SiteSpecs
 from qswap.nn.simulate import SIMULATIONS
-from qswap.quant.spec import QuantSpec
+from qswap.quant.spec import WEIGHT_LSQ, QuantSpec
 from qswap.recipe.match import Match, PatternError
 from qswap.recipe.schema import OBSERVE, SCHEMA_VERSION, Recipe, Rule
 from qswap.recipe.yaml_lines import LineDict, load as load_yaml
@@ -181,6 +181,8 @@ class _Ctx:
             raise self.error(node, key, f"must be a quantizer mapping or null, got {_tname(value)}")
         merged = {**(base or {}), **value}
         self.to_spec(node, key, merged, value)  # validate now, with the line of this mapping
+        if key == "weight" and merged.get("learnable") is True:  # a weight's own, or its defaults' (refused there)
+            raise self.error(value, "learnable", WEIGHT_LSQ)
         return merged
 
     def to_spec(self, node: Mapping, key: str, merged: "dict | None", own: Any = None) -> QuantSpec | None:

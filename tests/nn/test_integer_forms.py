@@ -385,15 +385,13 @@ def test_per_group_weights_are_their_codes_times_whole_multipliers(bits, fan_in,
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
 def test_a_per_group_scale_trained_to_zero_or_below_has_no_integer_form(bad):
-    """A learned (LSQ) group scale at 0, negative or not finite: IntegerizeError, so the fake-quant
-    model computes that Linear in float (``form_or_none``) instead of building wrapped weights."""
+    """A group scale at 0, negative or not finite (one set by hand or loaded): IntegerizeError, so
+    the fake-quant model computes that Linear in float (``form_or_none``) instead of building
+    wrapped weights."""
     from qswap.quant.integer import group_weight_codes
     x = torch.randn(8, 64)
-    recipe = per_group_recipe(4)
-    recipe["defaults"]["weight"]["learnable"] = True
-    q = converted(nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)), x, qswap.load_recipe(recipe))
+    q = converted(nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)), x, qswap.load_recipe(per_group_recipe(4)))
     wq = q[0].weight_quant
-    assert isinstance(wq.scale, nn.Parameter)
     with torch.no_grad():
         wq.scale.view(-1)[5] = bad
     grid_in = Grid.of(q[0].input_quant)

@@ -66,6 +66,11 @@ BAD = {
     "float_ok without reason": ("version: 1\nfloat_ok: {aten.exp: ''}\n", "non-empty reason", 2),
     "duplicate key": ("version: 1\nversion: 1\n", "duplicate key", 2),
     "invalid yaml": ("version: 1\ndefaults: [\n", "invalid YAML", None),
+    # LSQ learns activation grids: a weight's grid is re-derived from it every step and never trained
+    "learnable weight": ("version: 1\ndefaults:\n  weight:\n    bits: 4\n    learnable: true\n",
+                         "key 'learnable'.*LSQ learns activation grids", 5),
+    "learnable rule weight": ("version: 1\nrules:\n  - match: {path: a}\n    weight:\n      learnable: true\n",
+                              "key 'learnable'.*weight grid follows its weight", 5),
 }
 
 
