@@ -67,10 +67,14 @@ class QuantSpec:
                    f"per_group needs a positive integer group_size, got {self.group_size!r}")
         else:
             _check(self.group_size is None, "group_size", "is only allowed with granularity per_group")
-        _check(isinstance(self.percentile, (int, float)) and 50.0 < self.percentile <= 100.0,
+        # a per-tensor grid has one scale: an axis there is a forgotten granularity, not a no-op
+        _check(self.granularity != "per_tensor" or self.axis is None, "axis",
+               "is only allowed with granularity per_channel or per_group (per_tensor has one scale): "
+               "set the granularity, or axis: null")
+        _check(_number(self.percentile) and 50.0 < self.percentile <= 100.0,
                "percentile", f"must be in (50, 100], got {self.percentile!r}")
-        _check(isinstance(self.momentum, (int, float)) and 0.0 < self.momentum <= 1.0, "momentum",
-               f"must be in (0, 1], got {self.momentum!r}")
+        _check(_number(self.momentum) and 0.0 < self.momentum <= 1.0, "momentum",
+               f"must be a number in (0, 1], got {self.momentum!r}")
         _check(not (self.narrow_range and not self.signed), "narrow_range",
                "only applies to signed grids")
 
@@ -121,6 +125,11 @@ class QuantSpec:
             raise SpecError(f"unknown QuantSpec field(s) {sorted(map(str, unknown))}; known fields: "
                             f"{', '.join(f.name for f in dataclasses.fields(cls))}")
         return cls(**data)
+
+
+def _number(value: Any) -> bool:
+    """An int or float; a bool is not a number here (``momentum: true`` is not 1.0)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check(ok: bool, field: str, message: str) -> None:

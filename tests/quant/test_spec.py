@@ -20,6 +20,9 @@ def test_integer_range(bits, signed, narrow, qmin, qmax):
     ({"scale_type": "log"}, "scale_type"), ({"rounding": "up"}, "rounding"),
     ({"observer": "kl"}, "observer"), ({"percentile": 30}, "percentile"), ({"momentum": 0}, "momentum"),
     ({"signed": "yes"}, "signed"), ({"narrow_range": True, "signed": False}, "narrow_range"),
+    # an axis with per_tensor was ignored (one scale: a forgotten granularity); true was momentum 1.0
+    ({"axis": 1}, "axis"), ({"axis": 0, "granularity": "per_tensor"}, "axis"),
+    ({"momentum": True}, "momentum"), ({"percentile": True}, "percentile"),
 ])
 def test_bad_fields_raise_spec_error_naming_the_field(kwargs, field):
     with pytest.raises(SpecError, match=rf"QuantSpec\.{field}"):

@@ -66,6 +66,10 @@ BAD = {
     "float_ok without reason": ("version: 1\nfloat_ok: {aten.exp: ''}\n", "non-empty reason", 2),
     "duplicate key": ("version: 1\nversion: 1\n", "duplicate key", 2),
     "invalid yaml": ("version: 1\ndefaults: [\n", "invalid YAML", None),
+    "axis without granularity": ("version: 1\ndefaults:\n  weight: {bits: 4, axis: 1}\n",
+                                 "key 'axis'.*only allowed with granularity per_channel or per_group", 3),
+    "momentum true": ("version: 1\ndefaults:\n  activation:\n    observer: moving_average\n    momentum: true\n",
+                      "key 'momentum'.*must be a number", 5),
     # LSQ learns activation grids: a weight's grid is re-derived from it every step and never trained
     "learnable weight": ("version: 1\ndefaults:\n  weight:\n    bits: 4\n    learnable: true\n",
                          "key 'learnable'.*LSQ learns activation grids", 5),
@@ -169,6 +173,14 @@ def test_a_clash_with_an_inherited_field_says_how_to_drop_it(tmp_path):
         qswap.load_recipe(path)
     path.write_text(text % ", group_size: null")
     assert qswap.load_recipe(path).name
+    # per_tensor over per_channel defaults: the inherited axis (ignored before) is refused the same way
+    text = ("version: 1\ndefaults:\n  weight: {bits: 4, granularity: per_channel, axis: 0}\n"
+            "rules:\n  - match: {class: Linear}\n    weight: {granularity: per_tensor%s}\n")
+    path.write_text(text % "")
+    with pytest.raises(RecipeError, match=r"r\.yaml:6: .*axis: 0 is inherited .* set `axis: null` here"):
+        qswap.load_recipe(path)
+    path.write_text(text % ", axis: null")
+    assert qswap.load_recipe(path).rules[0].config.weight.channel_axis is None
 
 
 def test_a_rule_that_nulls_a_kind_keeps_the_defaults_sites_of_that_kind_float():
