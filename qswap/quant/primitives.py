@@ -195,7 +195,7 @@ def fake_quantize_passes(x: torch.Tensor, scale: float, zero_point: int, spec: Q
     ``zero_point`` are Python numbers (a frozen quantizer keeps them, no tensor read per call).
 
     A NaN stays NaN (the kernel turns it into the grid's lowest value, hiding a broken input).
-    Per-tensor only: torch's per-channel kernel sends codes beyond int64, +inf too, to qmin."""
+    Per-tensor; per channel: ``fake_quantize_channel_passes``."""
     return fake_quantize_grid(x, pass_grid(scale, zero_point, spec))
 
 
@@ -227,6 +227,19 @@ def fake_quantize_grid_(x: torch.Tensor, grid: PassGrid) -> torch.Tensor:
     return torch.add(_ZERO, x, alpha=grid.scale, out=x)
 
 
+def fake_quantize_channel_passes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                                 spec: QuantSpec) -> torch.Tensor:
+    """``torch.fake_quantize_per_channel_affine`` without autograd, as ``grid_passes`` per channel:
+    ``round(x * float32(1 / scale))`` clamped to the codes' range (relative to the zero point),
+    times ``scale``, plus +0.0 (a zero code is +0.0, as the kernel's integer is). The kernel's
+    values on finite codes; a value beyond the grid, +-inf too, saturates (the kernel's int64 cast
+    wrapped a huge positive one to qmin) and a NaN stays NaN, as in ``fake_quantize_passes``."""
+    inverse = _broadcast(1.0 / scale, x, spec)
+    lo, hi = _broadcast(spec.qmin - zero_point, x, spec), _broadcast(spec.qmax - zero_point, x, spec)
+    out = torch.mul(x, inverse).round_()
+    return torch.clamp(out, lo, hi, out=out).mul_(_broadcast(scale, x, spec)).add_(0.0)
+
+
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                   spec: QuantSpec) -> torch.Tensor:
     """Quantize and dequantize ``x``: floats that lie exactly on the spec's grid.
@@ -247,8 +260,14 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                 return fake_quantize_passes(x, float(scale), int(zero_point), spec)
             return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()),
                                                          qmin, qmax)
-        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, channel_axis(x, spec),
-                                                      qmin, qmax)
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return fake_quantize_channel_passes(x, scale, zero_point, spec)
+        # the kernel casts codes to int64 before clamping: beyond int64 (+inf too) a code wraps to
+        # qmin. Clamped a step beyond the grid first (as _fake_quantize_ref), they saturate
+        # (NaN becomes qmin there, as in torch's per-tensor kernel, which takes gradients too)
+        lo, hi = _broadcast((qmin - zero_point - 1) * scale, x, spec), _broadcast((qmax - zero_point + 1) * scale, x, spec)
+        return torch.fake_quantize_per_channel_affine(torch.clamp(x, lo, hi), scale, zero_point,
+                                                      channel_axis(x, spec), qmin, qmax)
     if spec.granularity == "per_group":
         groups = groups_view(x, spec)  # (rows, G, gs)
         out = _fake_quantize_ref(groups, scale.reshape(groups.shape[:2] + (1,)),

@@ -199,3 +199,29 @@ def test_a_grid_with_a_zero_or_nonfinite_scale_is_a_spec_error(scale):
 
     with pytest.raises(SpecError, match="needs a finite nonzero scale"):
         pass_grid(scale, 0, QuantSpec(bits=8))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, granularity="per_channel", axis=-1),
+                                  QuantSpec(bits=4, symmetric=False, granularity="per_channel", axis=1)],
+                         ids=lambda s: s.short())
+def test_per_channel_saturates_huge_values_and_keeps_nan_as_per_tensor(spec):
+    """torch's per-channel kernel casts codes to int64 before clamping: 1e20 and +inf wrapped to
+    qmin, a huge positive value coming out as the grid's most negative one. Now they saturate,
+    with autograd (clamped before the kernel) and without (the kernel's arithmetic as passes, bit
+    for bit on finite values), and without autograd a NaN stays NaN, as per tensor."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g) * 3
+    scale, zp = choose_qparams(*reduce_min_max(x * 0.8, spec), spec)
+    x[:3, :] = torch.tensor([[1.0, 1e20, float("inf"), -1e20]]).expand(3, 4)
+    x[5] = torch.tensor([-float("inf"), -0.0, 3e38, -3e38])
+    top, bottom = (spec.qmax - zp) * scale, (spec.qmin - zp) * scale
+    want = torch.minimum(torch.maximum(x, bottom), top)
+    finite = x.abs() < 1e19
+    expected = torch.fake_quantize_per_channel_affine(x * finite, scale, zp, 1, spec.qmin, spec.qmax)
+    w = x.clone().requires_grad_()
+    for out in (fake_quantize(x, scale, zp, spec), fake_quantize(w, scale, zp, spec)):
+        assert torch.equal(out[~finite], want[~finite])
+        assert torch.equal(out[finite].view(torch.int32), expected[finite].view(torch.int32))
+    x[6, 2] = float("nan")
+    with_nan = fake_quantize(x, scale, zp, spec)
+    assert torch.isnan(with_nan[6, 2]) and torch.isnan(with_nan).sum() == 1
