@@ -30,7 +30,7 @@ from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
 from qswap.quant.primitives import (MIN_SCALE, PassGrid, channel_axis, choose_qparams, choose_qparams_scalar,
                                     fake_quantize, fake_quantize_grid, fake_quantize_grid_, fake_quantize_passes,
-                                    pass_grid, passes_apply)
+                                    groups_view, pass_grid, passes_apply)
 from qswap.quant.spec import WEIGHT_LSQ, QuantSpec
 from qswap.quant.stamp import LeavesCaches, fingerprint, stamp, unchanged
 
@@ -345,14 +345,14 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The int32 codes of ``x``, a tensor on this quantizer's grid (its output): ``round(x *
-        (1 / scale)) + zero_point``, per tensor or per channel, exact for values of the grid. A call
+        (1 / scale)) + zero_point``, per tensor, channel or group, exact for values of the grid. A call
         of the quantizer (``forward(x, "codes")``): hooks and the honesty audit see it, which
         checks its input's origin; its output is integers."""
         return nn.Module.__call__(self, x, "codes") if watched(self) else self.forward(x, "codes")
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         """The float32 values ``(codes - zero_point) * scale`` of integer ``codes`` of this
-        quantizer's grid (per tensor or per channel): its own dequantization, a call of the
+        quantizer's grid (per tensor, channel or group): its own dequantization, a call of the
         quantizer (``forward(codes, "values")``) whose output the honesty audit checks on its grid,
         as every quantizer output. For a fake-quant simulation that computed integer codes (an
         integer form's requantization onto this grid)."""
@@ -367,14 +367,27 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
             raise CalibrationError("a quantizer without a grid has no codes; calibrate the model first")
         scale, zero_point, _ = self.grid_tensors()
         scale, zero_point = scale.detach(), zero_point.to(torch.int32)
-        if scale.numel() > 1:
+        given = x
+        if self.spec.granularity == "per_group":  # (rows, G, group_size): one scale per (row, group)
+            x = groups_view(x, self.spec)
+            if scale.shape != x.shape[:2]:
+                raise SpecError(f"per_group grid of shape {tuple(scale.shape)} for a tensor of shape "
+                                f"{tuple(given.shape)} ({tuple(x.shape[:2])} groups): convert codes of "
+                                f"the tensor this quantizer's grid was derived from")
+            scale, zero_point = scale[..., None], zero_point[..., None]
+        elif scale.numel() > 1:
             shape = [1] * x.dim()
             shape[channel_axis(x, self.spec)] = -1
             scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
         if to == "codes":
             with torch.no_grad():
-                return torch.round(x.detach() * (1.0 / scale)).to(torch.int32) + zero_point
-        return (x.to(torch.int32) - zero_point).to(torch.float32) * scale
+                out = torch.round(x.detach() * (1.0 / scale)).to(torch.int32) + zero_point
+        else:
+            out = (x.to(torch.int32) - zero_point).to(torch.float32) * scale
+        if x is given:
+            return out
+        axis = channel_axis(given, self.spec)  # the groups back in the tensor's own layout
+        return out.reshape(given.movedim(axis, -1).shape).movedim(-1, axis)
 
     def forward(self, x: torch.Tensor, to: str | None = None) -> torch.Tensor:
         """``x`` fake-quantized (observed first while calibrating); ``to``: ``codes`` and

@@ -435,3 +435,21 @@ def test_relu_on_a_grid_without_zero_and_twice_with_a_reader_not_ready():
     out, both = consume_twice(first, x.clone(), observing, relu=True)
     assert not both and not observing.initialized
     assert torch.equal(out.view(torch.int32), F.relu(first(x)).view(torch.int32))
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_codes_and_values_of_a_per_group_weight_grid(axis):
+    """codes()/values() reshaped a per-group (rows, G) scale table as a per-channel one: a raw
+    RuntimeError. They now use the groups view quantize/dequantize use: the codes are
+    ``quantize``'s, and their values the quantizer's output."""
+    from qswap.errors import SpecError
+    from qswap.quant.primitives import quantize
+    spec = QuantSpec(bits=4, granularity="per_group", group_size=4, axis=axis)
+    w = torch.randn(8, 12, generator=torch.Generator().manual_seed(0))
+    fq = FakeQuantize(spec, kind="weight").eval()
+    y = fq(w)
+    codes = fq.codes(y)
+    assert torch.equal(codes, quantize(w, fq.scale, fq.zero_point, spec).to(torch.int32))
+    assert torch.equal(fq.values(codes), y)
+    with pytest.raises(SpecError, match="per_group grid of shape"):
+        fq.codes(torch.zeros(16, 12))
