@@ -445,9 +445,11 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         if not (self.spec.learnable and self.training):
             return self.scale.detach() if self.spec.learnable else self.scale
         self.keep_scale_positive()  # the last optimizer step may have driven it below zero
-        # LSQ gradient scaling: g = 1 / sqrt(numel * qmax)
+        # LSQ gradient scaling: g = 1 / sqrt(numel * qmax). The value is the scale itself, exactly
+        # (s * g + (s - s * g) is an ulp off for some s: a grid other than evaluation's)
         g = 1.0 / math.sqrt(max(x.numel() * self.spec.qmax, 1))
-        return self.scale * g + (self.scale - self.scale * g).detach()
+        scaled = self.scale * g
+        return (scaled - scaled.detach()) + self.scale.detach()
 
     # -- reporting ---------------------------------------------------------------------------------
     def extra_repr(self) -> str:

@@ -283,9 +283,12 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 def _fake_quantize_ref(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                        spec: QuantSpec) -> torch.Tensor:
     zp = zero_point.to(x.dtype)
-    # x / scale overflows to inf for huge x and a tiny scale, and the straight-through estimator
-    # would turn inf into NaN (inf - inf); values a step beyond the grid are clamped anyway.
-    t = torch.clamp(x / scale, spec.qmin - zp - 1, spec.qmax - zp + 1)
+    # x * (1 / scale), the product every other path rounds (torch's kernels, the passes, codes() and
+    # the integer forms): x / scale rounds a near-tie differently, and an LSQ training forward
+    # then computed other values than evaluation on the same grid (still differentiable in scale).
+    # It overflows to inf for huge x and a tiny scale, and the straight-through estimator would
+    # turn inf into NaN (inf - inf); values a step beyond the grid are clamped anyway.
+    t = torch.clamp(x * (1.0 / scale), spec.qmin - zp - 1, spec.qmax - zp + 1)
     codes = torch.clamp(_round_ste(t, spec.rounding) + zp, spec.qmin, spec.qmax)
     return (codes - zp) * scale
 

@@ -453,3 +453,28 @@ def test_codes_and_values_of_a_per_group_weight_grid(axis):
     assert torch.equal(fq.values(codes), y)
     with pytest.raises(SpecError, match="per_group grid of shape"):
         fq.codes(torch.zeros(16, 12))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, symmetric=False, learnable=True),
+                                  QuantSpec(bits=4, granularity="per_channel", axis=-1, learnable=True)],
+                         ids=lambda s: s.short())
+def test_an_lsq_training_forward_gives_the_evaluation_values_on_the_same_grid(spec):
+    """The LSQ training forward rounded ``x / s`` (and its gradient-scaled scale was an ulp off
+    for some s) where evaluation and the integer forms round ``x * float32(1 / s)``: near-tie
+    inputs came out a step apart. Now the same values, with a gradient for the scale."""
+    g = torch.Generator().manual_seed(0)
+    fq = FakeQuantize(spec).eval()
+    with torch.no_grad():
+        fq(torch.randn(1000, 16, generator=g) * 3)
+    fq.freeze()
+    scale = fq.scale.detach()
+    k = torch.arange(-8, 8, dtype=torch.float32)[:, None]
+    ties = (k + 0.5) * scale + torch.zeros(16)  # half-steps, as earlier grid values times integers give
+    x = torch.cat([ties, torch.randn(200_000, 16, generator=g) * 3])
+    with torch.no_grad():
+        evaluated = fq(x)
+    fq.train()
+    trained = fq(x)
+    assert torch.equal(trained.detach(), evaluated)
+    trained.sum().backward()
+    assert fq.scale.grad is not None and torch.isfinite(fq.scale.grad).all()
