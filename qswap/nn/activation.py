@@ -33,10 +33,16 @@ class _QElementwise(QuantModule):
     def to_integer(self, out: "Grid") -> nn.Module:
         """The integer form writing codes of ``out`` (its consumer's input grid): a lookup table
         over every input code, bit-exact with this module followed by the consumer's quantizer
-        (``qswap.quant.integer.build_lut``). Softmax: ``integer_softmax``; GLU: ``integer_glu``.
-        LogSoftmax has no integer form yet."""
+        (``qswap.quant.integer.build_lut``). Softmax: ``integer_softmax`` (along its explicit dim:
+        ``nn.Softmax()`` is refused); GLU: ``integer_glu``. LogSoftmax has no integer form yet."""
         from qswap.errors import IntegerizeError
         from qswap.quant.integer import GluParams, Grid, SoftmaxParams, build_lut
+        if isinstance(self.op, nn.Softmax) and self.op.dim is None:
+            # torch's implicit axis depends on the input's rank (0 for 1-D and 3-D inputs): the fake-quant
+            # model computes that one, and an integer form along -1 would compute another
+            raise IntegerizeError("nn.Softmax() without dim: torch picks its axis from the input's rank "
+                                  "(dim 0 for a 1-D or 3-D input) and the integer softmax needs a fixed "
+                                  "one; construct it with an explicit dim (nn.Softmax(dim=-1))")
         grid_in = Grid.of(self.input_quant)
         if isinstance(self.op, nn.Softmax):
             return IntegerSoftmax(SoftmaxParams.build(grid_in, out), self.op.dim)

@@ -92,6 +92,22 @@ def test_softmax():
     assert int(steps(integer, reference).max()) <= 1
 
 
+def test_a_softmax_without_dim_has_no_integer_form():
+    """nn.Softmax() (dim None): torch computes along dim 0 for a 3-D input, which the fake-quant
+    model does, while the integer form took -1. Refused, asking for an explicit dim."""
+    import warnings
+    x = torch.randn(4, 6, 10) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's implicit-dim deprecation warning
+        q = converted(nn.Sequential(nn.Linear(10, 10), nn.Softmax(), nn.Linear(10, 4)), x, "w8a8")
+        with torch.no_grad():
+            torch.testing.assert_close(q[1](x).sum(0), torch.ones(6, 10))  # torch's axis: dim 0
+    with pytest.raises(IntegerizeError, match=r"explicit dim \(nn.Softmax\(dim=-1\)\)"):
+        q[1].to_integer(Grid.of(q[2].input_quant))
+    with pytest.raises(IntegerizeError, match="nn.Softmax.. without dim"):
+        qswap.integerize(q)
+
+
 def test_glu():
     torch.manual_seed(0)
     x = torch.randn(8, 10, 32) * 2
