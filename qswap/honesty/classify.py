@@ -64,13 +64,16 @@ def decide_compute(name: str, rule: OpRule, tags: list[Tag], call: int, where: s
 
 
 def _binary(name: str, tags: list[Tag], scalars: tuple) -> bool:
-    """Integer-data math whose result is proven to be 0/1 when its inputs are: a product, a
-    min/max, or ``1 - m`` (``rsub(m, 1)``)."""
+    """Integer-data math whose result is proven to be 0/1 when its inputs are: a product (whose
+    every Python-number factor is 0 or 1: ``m * 0.37`` is no mask), a min/max, or ``1 - m``
+    (``rsub(m, 1)``)."""
     if not all(t.binary for t in tags):
         return False
     if name == "rsub":
         return len(tags) == 1 and tuple(scalars) in ((1,), (1, 1), (1.0,), (1.0, 1))
-    return name in ("mul", "minimum", "maximum", "clone")
+    if name == "mul":
+        return all(v in (0, 1) for v in scalars)
+    return name in ("minimum", "maximum", "clone")
 
 
 def _rescalable(t: Tag) -> bool:

@@ -103,6 +103,9 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
     "clamp off the grid": (lambda s, h, g: s.rc(h).T @ s.ra(h).clamp(max=_off(s, h)),
                            ("", "aten.mm", "float_operand")),
     "a mask that is not 0/1": (lambda s, h, g: s.ra(h) * (2 - MASK.float()), ("", "aten.mul", "float_operand")),
+    "a 0/1 mask times a Python number": (
+        lambda s, h, g: s.rc(h).T @ (s.ra(h) * torch.maximum(MASK.float() * 0.37, (~MASK).float())),
+        ("", "aten.mul", "float_operand")),
     "integer data as a factor": (lambda s, h, g: s.ra(h) * torch.arange(8).float(),
                                  ("", "aten.mul", "float_operand")),
     "in-place add after quantizing": (lambda s, h, g: s.rc(h).T @ s.ra(h).add_(0.01), ("", "aten.mm", "float_operand")),
