@@ -223,6 +223,11 @@ def refine(func, name: str, rule: OpRule, args, kwargs) -> OpRule:
     return rule
 
 
+# Views that address their input's storage rather than the input itself (a size, strides and a
+# storage offset): their output keeps the input's tag only where it reads elements of the input
+# (``tracker._within_footprint``); elsewhere it reads storage the input's tag says nothing about.
+STORAGE_VIEWS = frozenset({"as_strided", "as_strided_copy"})
+
 # Ops whose every output value is an integer (``round`` without ``decimals``): their output on
 # codes is codes again (the ``integral`` mark of ``qswap.honesty.tags``).
 ROUNDINGS = frozenset({"round", "floor", "ceil", "trunc"})

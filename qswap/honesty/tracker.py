@@ -14,6 +14,7 @@ hooks that tell it where it is.
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from collections import Counter
 from collections.abc import Mapping
@@ -487,6 +488,9 @@ class Tracker(TorchDispatchMode):
             tag = tags[0]  # one tensor moved keeps its tag: combine_movement's answer, without its work
         else:
             tag = C.combine_movement(tags, has_index, self._where(op), fills)
+        if name in O.STORAGE_VIEWS and tags and tag.kind != FLOAT and not _within_footprint(func, args, kwargs):
+            tag = Tag(FLOAT, f"{tag.describe()}, re-strided by {self._where(op)}: it reads storage outside "
+                             f"its input")
         retyped = _retyped(operands, outputs, name) if tags and tag.kind != FLOAT else None
         if retyped is not None:  # another float dtype: the values are not the grid's any more
             tag = Tag(FLOAT, f"{tag.describe()}, {retyped} by {self._where(op)}")
@@ -564,13 +568,47 @@ def _one_move(func, name: str, rule, refined: bool) -> bool | None:
     view (it shares the argument's version counter). None for any other op: ``_movement``
     decides it."""
     schema = func._schema
-    if (rule is None or rule.cls != O.MOVEMENT or refined or name == "copy" or O.is_inplace(func)
+    if (rule is None or rule.cls != O.MOVEMENT or refined or name == "copy" or name in O.STORAGE_VIEWS
+            or O.is_inplace(func)
             or O.grid_rule(name, rule) == O.FILL or len(schema.returns) != 1
             or str(schema.returns[0].type) != "Tensor" or not schema.arguments
             or str(schema.arguments[0].type) != "Tensor"
             or any("Tensor" in str(a.type) for a in schema.arguments[1:])):
         return None
     return bool(func.is_view)
+
+
+def _within_footprint(func, args, kwargs) -> bool:
+    """Whether ``as_strided(x, size, stride, storage_offset)`` reads only elements of ``x``: every
+    storage offset its layout addresses is one that ``x``'s own layout addresses. It addresses the
+    storage, not the view: ``x[0].as_strided(...)`` can read ``x[1]``'s memory, which the tag of
+    ``x[0]`` says nothing about."""
+    if O.is_inplace(func):  # as_strided_: x already has the new layout; the old one is gone
+        return False
+    x = args[0]
+    size, stride = O.argument(func, args, kwargs, "size"), O.argument(func, args, kwargs, "stride")
+    offset = O.argument(func, args, kwargs, "storage_offset")
+    offset = x.storage_offset() if offset is None else int(offset)
+    size, stride = [int(v) for v in size], [int(v) for v in stride]
+    if math.prod(size) == 0:
+        return True
+    if x.numel() == 0:
+        return False
+    with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the audit's own arithmetic)
+        wanted = _footprint(size, stride, offset)
+        lo, hi = int(wanted.min()), int(wanted.max())
+        if x.is_contiguous():  # x covers [its offset, its offset + numel) exactly
+            return x.storage_offset() <= lo and hi < x.storage_offset() + x.numel()
+        own = _footprint(list(x.shape), list(x.stride()), x.storage_offset())
+        return bool(torch.isin(wanted, own).all())
+
+
+def _footprint(size: list, stride: list, offset: int) -> torch.Tensor:
+    """The storage offsets a (size, stride, storage_offset) layout addresses, flattened."""
+    offsets = torch.full((), offset, dtype=torch.int64)
+    for n, st in zip(size, stride):
+        offsets = (offsets[..., None] + torch.arange(n, dtype=torch.int64) * st)
+    return offsets.reshape(-1)
 
 
 def _integral(name: str, func, tag: Tag) -> Tag:

@@ -106,6 +106,11 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
     "a 0/1 mask times a Python number": (
         lambda s, h, g: s.rc(h).T @ (s.ra(h) * torch.maximum(MASK.float() * 0.37, (~MASK).float())),
         ("", "aten.mul", "float_operand")),
+    "as_strided beyond its input": (lambda s, h, g: s.rc(h).T @ _restrided(s.ra(h), h),
+                                    ("", "aten.mm", "float_operand")),
+    "as_strided_copy beyond its input": (
+        lambda s, h, g: s.rc(h).T @ _restrided(s.ra(h), h, torch.ops.aten.as_strided_copy),
+        ("", "aten.mm", "float_operand")),
     "integer data as a factor": (lambda s, h, g: s.ra(h) * torch.arange(8).float(),
                                  ("", "aten.mul", "float_operand")),
     "in-place add after quantizing": (lambda s, h, g: s.rc(h).T @ s.ra(h).add_(0.01), ("", "aten.mm", "float_operand")),
@@ -142,6 +147,16 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
     "an accumulator's argmax as a number": (
         lambda s, h, g: torch.exp(h.argmax(-1, keepdim=True).float() * 0.3).expand(4, 8), ("", "aten.mul", "float_operand")),
 }
+
+
+def _restrided(q, h, op=torch.as_strided):
+    """A view of quantized values re-strided (``as_strided`` addresses the storage, not the view)
+    onto the accumulator ``h`` written beside them in one buffer."""
+    buf = torch.empty(2, 4, 8)
+    buf[1] = h
+    top = buf[0]
+    top.copy_(q)
+    return op(top, (4, 8), (8, 1), 32)
 
 
 def _complex_softmax(h):

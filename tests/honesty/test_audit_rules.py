@@ -59,6 +59,13 @@ def _step(a):
     ("index_put of another grid", lambda a, b, x: a.index_put((torch.tensor([0]),), b[0]), False),
     ("amax of one grid", lambda a, b, x: a.amax(0, keepdim=True).expand(4, 8), True),
     ("a grid joined with integer data", lambda a, b, x: torch.cat([a[:2], MASK[2:].float()]), False),
+    # as_strided addresses the storage: its input's grid only where it reads its input's elements
+    ("as_strided within its input", lambda a, b, x: a.as_strided((4, 8), (1, 4)), True),
+    ("as_strided of a row, within it", lambda a, b, x: a[1].as_strided((4, 8), (0, 1)), True),
+    ("as_strided of a transposed view, within it", lambda a, b, x: a.t().as_strided((8, 4), (1, 8), 0).t(), True),
+    ("as_strided of a row, beyond it", lambda a, b, x: a[0].as_strided((4, 8), (8, 1)), False),
+    ("as_strided_copy of a row, beyond it",
+     lambda a, b, x: torch.ops.aten.as_strided_copy(a[0], (4, 8), (8, 1)), False),
     # fill: the written value must be a point of the grid
     ("masked_fill 0", lambda a, b, x: a.masked_fill(MASK, 0.0), True),
     ("masked_fill -inf then back to 0", lambda a, b, x: torch.nan_to_num(a.masked_fill(MASK, -math.inf)), False),
