@@ -304,6 +304,8 @@ class Tracker(TorchDispatchMode):
         operands, ints = _operands(args, kwargs)
         outputs = _float_outputs(out)
         tainted = [(i, t) for i, t in ints if t in self.tags] if self._tainted else []  # rounded data
+        values = _value_ints(func, args, ints) if ints and outputs and rule is not None and rule.family not in (
+            "copy", *O.ACCUMULATING) else []  # integers promoted into the float result as values
         if not operands and not outputs:
             self.findings.count("ignored")  # integer / bool ops
             if tainted:
@@ -314,9 +316,10 @@ class Tracker(TorchDispatchMode):
         if rule is None:
             self._unclassified(func, op, args, kwargs, operands, outputs)
         elif rule.cls in (O.COMPUTE, O.GRID):
-            self._compute(func, name, rule, op, args, kwargs, operands + tainted, outputs)
+            self._compute(func, name, rule, op, args, kwargs, operands + _union(tainted, values), outputs)
         elif rule.cls == O.MOVEMENT:
-            self._movement(func, name, rule, op, args, kwargs, operands, outputs, out, tainted)
+            self._movement(func, name, rule, op, args, kwargs, operands + values, outputs, out, tainted,
+                           len(values) < len(ints))
         elif rule.cls == O.FACTORY:
             self._factory(func, name, op, args, kwargs, outputs)
         elif rule.cls == O.FUSED:
@@ -366,6 +369,8 @@ class Tracker(TorchDispatchMode):
     def _tag_of(self, t: torch.Tensor) -> Tag:
         entry = self.tags.get(t)
         if entry is None:
+            if not _floating(t):  # integer data moved into a float result (``_value_ints``)
+                return _BOOL_DATA if t.dtype == torch.bool else _INT_DATA
             return UNSEEN
         tag, version = entry
         if t._version != version:  # an alias of it was changed in place after it was tagged
@@ -461,7 +466,11 @@ class Tracker(TorchDispatchMode):
                 self.findings.values_disagree(module, op, func, (pos, t), tag, on, bits)
         self._before = None
 
-    def _movement(self, func, name, rule, op, args, kwargs, operands, outputs, out, tainted) -> None:
+    def _movement(self, func, name, rule, op, args, kwargs, operands, outputs, out, tainted,
+                  indexed: bool = True) -> None:
+        """``operands``: the float tensors moved, and the integer tensors moved into the float result
+        as values (``_value_ints``); ``indexed``: whether an integer tensor is an argument otherwise
+        (an index, a mask)."""
         self.findings.count("movement")
         if name == "copy" and O.is_inplace(func) and len(args) > 1 and isinstance(args[1], torch.Tensor):
             # copy_(dst, src): dst is fully overwritten; by integers when src is an integer tensor
@@ -469,7 +478,7 @@ class Tracker(TorchDispatchMode):
         fills: tuple = ()
         if O.grid_rule(name, rule) == O.FILL:
             operands, fills = self._fill_values(func, args, kwargs, operands)
-        has_index = _has_index(args)
+        has_index = indexed and _has_index(args)
         tags = [self._tag_of(t) for _, t in operands]
         unseen = [(o, tag) for o, tag in zip(operands, tags) if tag.unseen]
         if unseen:
@@ -509,14 +518,16 @@ class Tracker(TorchDispatchMode):
 
     def _fill_values(self, func, args, kwargs, operands):
         """The numbers a fill-like op writes (``GRID_RULES`` "fill"): its number arguments, and
-        0-d constants read back; a 0-d tensor of data stays an operand."""
+        0-d constants and 0-d integer tensors (``where(m, q, torch.tensor(0))``) read back; a 0-d
+        float tensor of data stays an operand."""
         named = [*zip(func._schema.arguments, args), *((O.schema_arg(func, k), v) for k, v in kwargs.items())]
         fills = [v for a, v in named if a is not None and "number" in str(a.type)
                  and isinstance(v, _NUMBER) and not isinstance(v, bool)]
         kept = []
         for pos, t in operands:
             tag = self._tag_of(t) if t.dim() == 0 else None
-            if tag is not None and tag.kind in (CONST, PARAM) and not tag.lookup:
+            if tag is not None and ((tag.kind in (CONST, PARAM) and not tag.lookup)
+                                    or (tag.kind == C.INDEX and not _floating(t))):  # a 0-d integer: its value
                 with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the audit's own read)
                     fills.append(float(t))
             else:
@@ -576,6 +587,39 @@ def _one_move(func, name: str, rule, refined: bool) -> bool | None:
             or any("Tensor" in str(a.type) for a in schema.arguments[1:])):
         return None
     return bool(func.is_view)
+
+
+# Arguments that choose, mask or place values rather than being values (``_value_ints``)
+_INDEX_ARGS = frozenset({"condition", "index", "indices", "mask", "offsets", "repeats", "start", "length",
+                         "tensor_indices_or_sections", "el", "sorter", "boundaries", "lengths"})
+# The tags of integer and bool tensors taking part in a float result as values: integer data (as a
+# float cast from them is), a bool tensor a 0/1 mask (as a bool mask cast to float is)
+_INT_DATA = Tag(C.INDEX, "integer data, promoted to float", integral=True)
+_BOOL_DATA = Tag(C.INDEX, "a bool tensor, promoted to float (0/1)", binary=True, integral=True)
+
+
+def _value_ints(func, args, ints: list) -> list:
+    """The integer (and bool) tensors of an op with a float result that type promotion makes
+    values of that result (``q * torch.arange(8)``, ``torch.cat([q, ints])``, ``where(m, q,
+    torch.tensor(10))``, ``clamp(q, min=ints)``): every one but an index, a mask or a condition
+    (``_INDEX_ARGS``) or a tensor the op writes (an ``out=``)."""
+    schema = func._schema.arguments
+    found = []
+    for pos, t in ints:
+        i = pos[0] if isinstance(pos, tuple) else pos
+        a = O.schema_arg(func, i) if isinstance(i, str) else schema[i] if i < len(schema) else None
+        if a is None or a.name in _INDEX_ARGS or (a.alias_info is not None and a.alias_info.is_write):
+            continue
+        found.append((pos, t))
+    return found
+
+
+def _union(first: list, second: list) -> list:
+    """(position, tensor) pairs of both lists, each position once, in order."""
+    if not second:
+        return first
+    seen = {pos for pos, _ in first}
+    return first + [(pos, t) for pos, t in second if pos not in seen]
 
 
 def _within_footprint(func, args, kwargs) -> bool:

@@ -111,6 +111,20 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
     "as_strided_copy beyond its input": (
         lambda s, h, g: s.rc(h).T @ _restrided(s.ra(h), h, torch.ops.aten.as_strided_copy),
         ("", "aten.mm", "float_operand")),
+    "integers joined with quantized data": (
+        lambda s, h, g: s.rc(h).T[:, :4] @ torch.cat([s.ra(h)[:2], torch.arange(16).view(2, 8)]),
+        ("", "aten.mm", "float_operand")),
+    "where with an integer tensor": (lambda s, h, g: s.rc(h).T @ torch.where(MASK, s.ra(h), torch.tensor(10)),
+                                     ("", "aten.mm", "float_operand")),
+    "where with integer data": (lambda s, h, g: s.rc(h).T @ torch.where(MASK, s.ra(h), torch.arange(8)),
+                                ("", "aten.mm", "float_operand")),
+    "masked_fill with an integer tensor": (
+        lambda s, h, g: s.rc(h).T @ s.ra(h).masked_fill(MASK, torch.tensor(10)), ("", "aten.mm", "float_operand")),
+    "quantized data times integers": (lambda s, h, g: s.ra(h) * torch.arange(8), ("", "aten.mul", "float_operand")),
+    "clamp to an integer tensor": (lambda s, h, g: s.ra(h).clamp(min=torch.tensor(10)),
+                                   ("", "aten.clamp", "float_operand")),
+    "maximum with an integer tensor": (lambda s, h, g: torch.maximum(s.ra(h), torch.tensor(10)),
+                                       ("", "aten.maximum", "float_operand")),
     "integer data as a factor": (lambda s, h, g: s.ra(h) * torch.arange(8).float(),
                                  ("", "aten.mul", "float_operand")),
     "in-place add after quantizing": (lambda s, h, g: s.rc(h).T @ s.ra(h).add_(0.01), ("", "aten.mm", "float_operand")),

@@ -59,6 +59,13 @@ def _step(a):
     ("index_put of another grid", lambda a, b, x: a.index_put((torch.tensor([0]),), b[0]), False),
     ("amax of one grid", lambda a, b, x: a.amax(0, keepdim=True).expand(4, 8), True),
     ("a grid joined with integer data", lambda a, b, x: torch.cat([a[:2], MASK[2:].float()]), False),
+    # integer tensors promoted into the result as values are integer data (a bool one a 0/1 mask)
+    ("a grid joined with an integer tensor", lambda a, b, x: torch.cat([a[:2], torch.arange(16).view(2, 8)]),
+     False),
+    ("mul by a bool tensor", lambda a, b, x: a * MASK, True),
+    ("mul by an integer tensor", lambda a, b, x: a * torch.arange(8), False),
+    ("where with a 0-d integer zero", lambda a, b, x: torch.where(MASK, a, torch.tensor(0)), True),
+    ("where with a 0-d integer off the grid", lambda a, b, x: torch.where(MASK, a, torch.tensor(7)), False),
     # as_strided addresses the storage: its input's grid only where it reads its input's elements
     ("as_strided within its input", lambda a, b, x: a.as_strided((4, 8), (1, 4)), True),
     ("as_strided of a row, within it", lambda a, b, x: a[1].as_strided((4, 8), (0, 1)), True),
