@@ -115,6 +115,11 @@ def rotate_heads(attn: nn.Module, qk: bool) -> None:
     if qk:
         _rows(attn.q_proj, r)
         _rows(attn.k_proj, r)
+    # add_bias_kv: fairseq appends bias_k / bias_v (1, 1, E) to the projected k / v: rotated as they are
+    for name in ("bias_v", "bias_k") if qk else ("bias_v",):
+        b = getattr(attn, name, None)
+        if b is not None:
+            b.copy_((b.double() @ r.T).to(b.dtype))
 
 
 class RotatedLinear(nn.Sequential):

@@ -160,3 +160,19 @@ def test_hadamard_module_rotation_matches_its_forward():
     h = Hadamard(48, 16)
     x = torch.randn(3, 48)
     torch.testing.assert_close(h(x).double(), x.double() @ h.rotation().T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qk", [True, False])
+def test_hadamard_heads_rotate_the_bias_kv_fairseq_appends(qk):
+    """add_bias_kv: fairseq appends bias_k / bias_v to the projected k and v; they are rotated with them."""
+    from fairseq.modules import MultiheadAttention
+
+    model, x = _model(), s2t_net_input(vocab=40, frames=48)
+    torch.manual_seed(3)
+    attn = MultiheadAttention(64, 4, self_attention=True, add_bias_kv=True)
+    torch.nn.init.normal_(attn.bias_k)
+    torch.nn.init.normal_(attn.bias_v)
+    model.encoder.transformer_layers[0].self_attn = attn
+    before = _outputs(model, x)
+    apply_transforms(model, [make_step("hadamard", {"block": 16, "qk": qk})])
+    torch.testing.assert_close(_outputs(model, x), before, atol=1e-5, rtol=1e-5)
