@@ -2,7 +2,7 @@
 a per-channel factor s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), folded offline and exact in float:
 
 - a pre-norm LayerNorm and the linears that read it: gamma_j, beta_j <- gamma_j / s_j, beta_j / s_j;
-  each linear's input column j <- W[:, j] * s_j;
+  each linear's input column j <- W[:, j] * s_j (a norm without an affine weight is left, with a note);
 - the FFN (``ffn``): fc1's output row j (and bias) <- / s_j, fc2's input column j <- * s_j; exact
   through ReLU, which is positively homogeneous (relu(x / s) = relu(x) / s for s > 0).
 
@@ -67,6 +67,9 @@ def smoothquant(model: nn.Module, data: Any, *, alpha: float = 0.5, norms: bool 
     if data is STRUCTURE_ONLY:
         return ["factors already folded into the stored weights"]
     blocks = list(prenorm_blocks(model)) if norms else []
+    # a norm without a learned scale (elementwise_affine=False) has no gamma to take 1 / s
+    plain = [b.path for b in blocks if getattr(b.norm, "weight", None) is None]
+    blocks = [b for b in blocks if getattr(b.norm, "weight", None) is not None]
     # a factor s folded into fc1's rows passes a positively homogeneous activation, not a LayerNorm
     layers = [f for f in ffns(model) if f.activation in _HOMOGENEOUS and not f.norm_inside] if ffn else []
     if any(not isinstance(f.fc2, nn.Linear) for f in layers):
@@ -79,17 +82,22 @@ def smoothquant(model: nn.Module, data: Any, *, alpha: float = 0.5, norms: bool 
         for b, act in zip(blocks, maxima):
             s = factors(act, [lin.weight for lin in b.linears], alpha)
             b.norm.weight.copy_((b.norm.weight.double() / s).to(b.norm.weight.dtype))
-            b.norm.bias.copy_((b.norm.bias.double() / s).to(b.norm.bias.dtype))
+            if getattr(b.norm, "bias", None) is not None:
+                b.norm.bias.copy_((b.norm.bias.double() / s).to(b.norm.bias.dtype))
             _scale_inputs(b.linears, s)
         for f, act in zip(layers, maxima[len(blocks):]):
             fc2 = f.fc2
             s = factors(act, [fc2.weight], alpha)
             f.fc1.weight.copy_((f.fc1.weight.double() / s[:, None]).to(f.fc1.weight.dtype))
-            f.fc1.bias.copy_((f.fc1.bias.double() / s).to(f.fc1.bias.dtype))
+            if f.fc1.bias is not None:
+                f.fc1.bias.copy_((f.fc1.bias.double() / s).to(f.fc1.bias.dtype))
             _scale_inputs([fc2], s)
     skipped = sum(1 for f in ffns(model) if f.activation not in _HOMOGENEOUS) if ffn else 0
     normed = sum(1 for f in ffns(model) if f.activation in _HOMOGENEOUS and f.norm_inside) if ffn else 0
     notes = [f"alpha {alpha}: {len(blocks)} norm(s) and {len(layers)} FFN(s) smoothed"]
+    if plain:
+        notes.append(f"{len(plain)} norm(s) skipped: no elementwise affine weight to fold a factor into "
+                     f"({', '.join(plain[:4])}{', ...' if len(plain) > 4 else ''})")
     if skipped:
         notes.append(f"{skipped} FFN(s) skipped: their activation is not positively homogeneous")
     if normed:

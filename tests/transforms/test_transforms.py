@@ -176,3 +176,28 @@ def test_hadamard_heads_rotate_the_bias_kv_fairseq_appends(qk):
     before = _outputs(model, x)
     apply_transforms(model, [make_step("hadamard", {"block": 16, "qk": qk})])
     torch.testing.assert_close(_outputs(model, x), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["norm_without_affine", "norm_without_bias", "fc1_without_bias"])
+def test_smoothquant_keeps_the_float_function_without_affine_norms_or_biases(change):
+    """A norm without a learned scale has nothing to fold a factor into: left, with a note; a missing
+    bias (the norm's or fc1's) has nothing to divide."""
+    model, x = _model(), s2t_net_input(vocab=40, frames=48)
+    layer = model.encoder.transformer_layers[0]
+    if change == "norm_without_affine":
+        layer.self_attn_layer_norm = torch.nn.LayerNorm(64, elementwise_affine=False)
+    elif change == "norm_without_bias":
+        layer.final_layer_norm = torch.nn.LayerNorm(64, bias=False)
+        torch.nn.init.uniform_(layer.final_layer_norm.weight, 0.2, 3.0)
+    else:
+        fc1 = torch.nn.Linear(64, 192, bias=False)
+        with torch.no_grad():
+            fc1.weight.copy_(layer.fc1.weight)
+        layer.fc1 = fc1
+    before = _outputs(model, x)
+    notes = apply_transforms(model, [make_step("smoothquant", {})], data=[x])
+    torch.testing.assert_close(_outputs(model, x), before, atol=1e-5, rtol=1e-5)
+    skipped = [n for n in notes if "norm(s) skipped" in n]
+    assert skipped == ([f"transform smoothquant(): 1 norm(s) skipped: no elementwise affine weight to fold a "
+                        f"factor into (encoder.transformer_layers.0.self_attn_layer_norm)"]
+                       if change == "norm_without_affine" else [])
