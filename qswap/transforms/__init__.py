@@ -9,6 +9,8 @@ quantized one loses less. One dict, one decorator:
 A transform takes the model, the calibration batches (``data``: None when the caller gave none,
 ``STRUCTURE_ONLY`` when a stored checkpoint's state will overwrite the folded weights) and its
 keyword parameters (their defaults give their types); it returns notes for the convert report.
+``check(params)`` (optional) returns what is wrong with a value the types allow, or None: a
+RecipeError when the recipe loads.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class Transform:
     fn: Callable[..., list[str]]
     needs_data: bool
     params: Mapping[str, Any] = field(default_factory=dict)  # parameter -> default
+    check: Callable[[Mapping[str, Any]], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,14 +54,15 @@ class Step:
 TRANSFORMS: dict[str, Transform] = {}
 
 
-def transform(name: str, *, needs_data: bool = False):
-    """Register ``fn(model, data, **params) -> notes`` as the transform ``name``."""
+def transform(name: str, *, needs_data: bool = False, check=None):
+    """Register ``fn(model, data, **params) -> notes`` as the transform ``name``; ``check``: see
+    the module docstring."""
     def decorate(fn):
         if name in TRANSFORMS and TRANSFORMS[name].fn.__qualname__ != fn.__qualname__:
             raise RegistryError(f"transform {name!r} is already registered")
         params = {p.name: p.default for p in inspect.signature(fn).parameters.values()
                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        TRANSFORMS[name] = Transform(name, fn, needs_data, params)
+        TRANSFORMS[name] = Transform(name, fn, needs_data, params, check)
         return fn
     return decorate
 
@@ -87,6 +91,9 @@ def make_step(name: Any, params: Any) -> Step:
             ok, value = True, float(value)
         if not ok:
             raise RecipeError(f"transform {name}: {key} must be {want.__name__}, got {value!r}")
+    problem = known[name].check({**allowed, **params}) if known[name].check else None
+    if problem:
+        raise RecipeError(f"transform {name}: {problem}")
     return Step(name, dict(params))
 
 

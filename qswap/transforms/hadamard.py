@@ -52,6 +52,8 @@ def _paley(q: int) -> torch.Tensor:
 def hadamard_matrix(n: int) -> torch.Tensor:
     """A +-1 matrix H of order ``n`` with H H^T = n I (float64): Sylvester's 2^k, or its Kronecker
     product with a Paley matrix of order m (m - 1 a prime = 3 mod 4). ConvertError otherwise."""
+    if n < 1:
+        raise ConvertError(f"a Hadamard matrix has a positive order, got {n}")
     k = 0
     while n % (2 ** (k + 1)) == 0:
         k += 1
@@ -75,7 +77,7 @@ class Hadamard(nn.Module):
 
     def __init__(self, features: int, block: int):
         super().__init__()
-        if features % block:
+        if block < 1 or features % block:
             raise ConvertError(f"Hadamard block {block} does not divide the width {features}")
         self.features, self.block = features, block
         self.register_buffer("matrix", orthonormal(block).to(torch.float32))
@@ -129,13 +131,19 @@ class RotatedLinear(nn.Sequential):
     as a linear is."""
 
 
+def _check(params) -> str | None:
+    if params["block"] < 1:
+        return f"block must be a positive number of channels (one that divides the FFN width), got {params['block']}"
+    return None
+
+
 def rotate_ffn(layer_fc2: nn.Linear, block: int) -> RotatedLinear:
     rotate = Hadamard(layer_fc2.in_features, block)
     _cols(layer_fc2, rotate.rotation())
     return RotatedLinear(OrderedDict(rotate=rotate, linear=layer_fc2))
 
 
-@transform("hadamard")
+@transform("hadamard", check=_check)
 def hadamard(model: nn.Module, data, *, heads: bool = True, qk: bool = True, ffn: bool = True,
              block: int = 64) -> list[str]:
     """Per-head rotations folded offline (``heads``; ``qk``: q and k too) and an online

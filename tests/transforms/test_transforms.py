@@ -41,6 +41,10 @@ def test_hadamard_matrix_is_hadamard(n):
 def test_no_hadamard_matrix_is_a_convert_error():
     with pytest.raises(ConvertError, match="no Hadamard matrix of order 22"):
         hadamard_matrix(22)
+    with pytest.raises(ConvertError, match="positive order, got 0"):
+        hadamard_matrix(0)
+    with pytest.raises(ConvertError, match="block 0 does not divide"):
+        Hadamard(64, 0)
 
 
 @pytest.mark.parametrize("steps", [
@@ -143,6 +147,8 @@ def test_stored_state_reloads_onto_the_structure_only_transform():
     ([{"smoothquant": {"beta": 1}}], "unknown parameter 'beta'"),
     ([{"smoothquant": {"alpha": "high"}}], "alpha must be float"),
     ([{"hadamard": {"block": 6.5}}], "block must be int"),
+    ([{"hadamard": {"block": 0}}], "block must be a positive number of channels"),
+    ([{"hadamard": {"block": -64}}], "block must be a positive number of channels"),
     ([{"hadamard": {}, "smoothquant": {}}], "one key"),
     ({"hadamard": {}}, "must be a list")])
 def test_bad_transforms_are_recipe_errors(bad, message):
