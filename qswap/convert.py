@@ -94,7 +94,7 @@ def _check_weight_grids(built: list[tuple[str, nn.Module]]) -> None:
     that axis): a SpecError naming the weight now, rather than a checkpoint written that fails
     at its first forward; checked on the counterparts ``built`` (path, counterpart) before any is
     set in place. The weight a quantizer reads has the shape of ``weight`` (``weight_v`` for a
-    weight-normed convolution)."""
+    weight-normed convolution; ``matrix``, a buffer, for an online Hadamard transform)."""
     from qswap.errors import SpecError
     from qswap.nn.base import param_quantizer
     from qswap.quant.primitives import channel_axis, groups_view
@@ -102,8 +102,10 @@ def _check_weight_grids(built: list[tuple[str, nn.Module]]) -> None:
     named = ((".".join(p for p in (root, sub) if p), module) for root, new in built
              for sub, module in new.named_modules())
     for path, module in named:
-        for pname in ("weight", "weight_v"):
+        for pname in ("weight", "weight_v", "matrix"):
             weight = module._parameters.get(pname)  # noqa: SLF001  (own parameters only)
+            if weight is None:
+                weight = module._buffers.get(pname)  # noqa: SLF001  (QHadamard's constant matrix)
             quant = param_quantizer(module, pname) if weight is not None else None
             if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.spec.granularity != "per_tensor"):
                 continue

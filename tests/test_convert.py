@@ -380,6 +380,17 @@ def test_a_per_group_size_that_does_not_divide_a_weight_is_refused_at_convert():
     assert type(model[0]) is nn.Linear  # the caller's model is untouched
 
 
+def test_a_per_group_size_that_does_not_fit_a_hadamard_matrix_is_refused_at_convert():
+    """An online Hadamard transform's matrix (a buffer its ``matrix`` quantizer reads) is checked as
+    a weight is: SpecError naming the module, not one at calibration that does not."""
+    from qswap.transforms.hadamard import Hadamard
+
+    recipe = {"version": 1, "name": "g32", "defaults": {"weight": {"bits": 4, "granularity": "per_group",
+                                                                   "group_size": 32}, "activation": {"bits": 8}}}
+    with pytest.raises(SpecError, match=r"^1\.matrix \(shape \(16, 16\)\): per_group quantization needs axis 1 "
+                                           r"\(size 16\) divisible by group_size 32"):
+        qswap.convert(nn.Sequential(nn.ReLU(), Hadamard(64, 16)), recipe)
+
 
 def test_per_channel_grids_along_an_input_axis_run_with_float_insides_and_have_no_integer_form():
     """Per-channel weights along ``axis: -1`` (the input of a linear, the kernel of a convolution)
