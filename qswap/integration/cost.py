@@ -139,16 +139,23 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes of every unique parameter in float32, bytes as the quantized model stores them): a
     parameter with an enabled FakeQuantize at its quantizer's width, plus that quantizer's grids
     once (``grid_bits`` of the largest parameter it quantizes: a weight-normed convolution's
-    ``weight_v``, not also its ``weight_g``); any other parameter as float32. A quantizer's own
-    parameters (LSQ's learned scales) are grids, not weights: a weight grid's are counted by
-    ``grid_bits``, an activation grid's not at all (as before calibration sets them)."""
+    ``weight_v``, not also its ``weight_g``); any other parameter as float32. A tensor shared by
+    several modules (a tied embedding and output projection) is stored in float32 if any of them
+    reads it without an enabled quantizer (a skipped owner computes with its float values). A
+    buffer a weight quantizer reads and the state dict stores (an online Hadamard transform's
+    ``matrix``; not a sinusoidal position table, recomputed when loaded) is sized as a weight. A quantizer's own parameters (LSQ's learned scales) are grids, not weights: a weight
+    grid's are counted by ``grid_bits``, an activation grid's not at all (as before calibration
+    sets them)."""
     bits: dict[int, int] = {}
     numel: dict[int, int] = {}
     grids: dict[int, tuple[int, int]] = {}  # quantizer id -> (numel it sized by, grid bits)
     for module in model.modules():
         if isinstance(module, FakeQuantize):
             continue  # a learned (LSQ) scale is a grid: counted by grid_bits with the weight it decodes
-        for pname, param in module.named_parameters(recurse=False):
+        quantized_buffers = [(name, b) for name, b in module.named_buffers(recurse=False)
+                             if name not in module._non_persistent_buffers_set  # noqa: SLF001
+                             and _weight_quantizer(module, name) is not None]
+        for pname, param in list(module.named_parameters(recurse=False)) + quantized_buffers:
             numel[id(param)] = param.numel()
             quant = param_quantizer(module, pname)
             width = FLOAT_BITS
@@ -158,7 +165,12 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
                     # (an activation quantizer that also reads a parameter, fairseq's bias_k through the
                     # core's k_quant, keeps one grid for the activations: not the parameter's to store)
                     grids[id(quant)] = (param.numel(), grid_bits(quant.spec, param.shape))
-            bits[id(param)] = min(bits.get(id(param), FLOAT_BITS), width)
+            bits[id(param)] = max(bits.get(id(param), 0), width)  # a float reader keeps it float32
     float_bytes = sum(n * 4 for n in numel.values())
     stored = sum(numel[i] * bits[i] for i in numel) + sum(g for _, g in grids.values())
     return float_bytes, stored // 8
+
+
+def _weight_quantizer(module: torch.nn.Module, name: str) -> FakeQuantize | None:
+    quant = param_quantizer(module, name)
+    return quant if isinstance(quant, FakeQuantize) and quant.enabled and quant.kind == "weight" else None

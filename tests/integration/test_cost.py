@@ -80,3 +80,31 @@ def test_learned_scales_are_sized_as_grids_not_as_float_weights():
     qswap.calibrate(qmodel, [torch.randn(3, 48)])  # sets the learned activation scale (a Parameter)
     assert any(p.numel() for n, p in qmodel.named_parameters() if n.endswith("scale"))
     assert parameter_bytes(qmodel) == before == (48 * 6 * 4, 48 * 6 * 4 // 8 + 6 * 4)
+
+
+def test_a_tied_tensor_a_skipped_owner_reads_in_float_is_stored_in_float():
+    """decoder.embed_tokens skipped, its weight tied to a quantized output projection: the
+    embedding computes with the float32 values, so the model stores them in float32."""
+    from qswap.integration.cost import parameter_bytes
+
+    model = build_s2t_transformer(seed=0)
+    tied = model.decoder.embed_tokens.weight
+    assert tied is model.decoder.output_projection.weight
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8, "granularity": "per_channel", "axis": 0},
+                                         "activation": {"bits": 8}}}
+    quantized = parameter_bytes(qswap.convert(model, recipe))
+    skipped = parameter_bytes(qswap.convert(model, {**recipe, "rules": [
+        {"match": {"path": "decoder.embed_tokens"}, "skip": True}]}))
+    assert skipped[0] == quantized[0]
+    assert skipped[1] == quantized[1] + tied.numel() * (32 - 8) // 8  # the same grid, float32 values
+
+
+def test_an_online_hadamard_matrix_is_sized_as_a_weight():
+    """QHadamard's matrix is a buffer its ``matrix`` quantizer reads: its codes and grid are stored."""
+    import torch
+    from qswap.integration.cost import parameter_bytes
+    from qswap.transforms.hadamard import Hadamard
+
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 2}, "activation": {"bits": 8}}}
+    qmodel = qswap.convert(torch.nn.Sequential(torch.nn.ReLU(), Hadamard(64, 16)), recipe)
+    assert parameter_bytes(qmodel) == (16 * 16 * 4, 16 * 16 * 2 // 8 + 4)  # 2-bit codes, one float32 scale
