@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qswap.nn.base import param_quantizer
@@ -33,6 +33,17 @@ _CARRY = {aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.t, at
           aten.detach, aten._to_copy, aten.index_select, aten.embedding, aten.split_with_sizes,
           aten.unbind, aten.repeat, aten.constant_pad_nd, aten.narrow}
 _SCALAR_RESCALE = {aten.mul, aten.div}
+
+
+def _sdpa_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+# fused attention kernels torch's flop_registry lacks: the CPU one fairseq's float self-attention
+# reaches (F.multi_head_attention_forward -> scaled_dot_product_attention), and the backend-
+# overridable one; counted with torch's formula for the others (the math one decomposes into bmm)
+_FUSED_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+                    aten._scaled_dot_product_fused_attention_overrideable: _sdpa_flops}
 
 
 @dataclass(frozen=True)
@@ -64,8 +75,9 @@ class _CostMode(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func.overloadpacket
-        if packet in flop_registry:
-            macs = flop_registry[packet](*args, **kwargs, out_val=out) / 2
+        flops = flop_registry.get(packet) or _FUSED_ATTENTION.get(packet)
+        if flops is not None:
+            macs = flops(*args, **kwargs, out_val=out) / 2
             tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
             if packet in (aten.addmm, aten.baddbmm):
                 tensors = tensors[1:]

@@ -108,3 +108,16 @@ def test_an_online_hadamard_matrix_is_sized_as_a_weight():
     recipe = {"version": 1, "defaults": {"weight": {"bits": 2}, "activation": {"bits": 8}}}
     qmodel = qswap.convert(torch.nn.Sequential(torch.nn.ReLU(), Hadamard(64, 16)), recipe)
     assert parameter_bytes(qmodel) == (16 * 16 * 4, 16 * 16 * 2 // 8 + 4)  # 2-bit codes, one float32 scale
+
+
+def test_the_float_model_counts_its_fused_attention_as_the_quantized_model_its_bmms():
+    """fairseq's float self-attention runs torch's fused CPU kernel (not in torch's flop_registry);
+    the quantized attention, explicit matmuls: one forward, the same MACs."""
+    net_input = s2t_net_input()
+    model = build_s2t_transformer(seed=0).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = qswap.convert(model, "w8a8")
+        qswap.calibrate(q, [net_input])
+    float_cost = measure(model, lambda m: m(**net_input), audio_seconds=1.0)
+    assert float_cost.macs == measure(q, lambda m: m(**net_input), audio_seconds=1.0).macs
