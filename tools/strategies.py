@@ -532,7 +532,7 @@ def page(payload: dict) -> str:
         "Float: " + "; ".join(f"{s} WER {_f(stats[s]['float/fp32']['wer'], stats[s]['float/fp32']['wer_ci'])}"
                               for s in SUBSETS) + ".\n",
         "## Methods, weight size and honesty\n",
-        "Weights MB counts every parameter at its quantizer's width, and each weight grid's float32 scale and an affine grid's zero point (`qswap.integration.cost.parameter_bytes`: 4-bit weights in groups of 16 store 6 bits a weight). "
+        "Weights MB counts every parameter at its quantizer's width (float32 where a module sharing it reads it unquantized), the online Hadamard matrices at theirs, and each weight grid's float32 scale and an affine grid's zero point (`qswap.integration.cost.parameter_bytes`: 4-bit weights in groups of 16 store 6 bits a weight). "
         "\"honest\": the audit found no float op outside the recipe's declared exceptions. \"integer form\": "
         "whether `qswap.integerize` builds the quantized model's integer execution (`docs/integer.md`), or "
         "why not.\n",
