@@ -70,7 +70,7 @@ OUTPUTS = ("output", "json", "json_out", "markdown", "plot", "optimized_dir")
 STDOUT_OUTPUTS = {("eval", "json_out"), ("compare", "json_out")}
 # the options that name files (or an export directory) a command reads; --quantized is NAME=PATH.
 # A name that is no file (a shipped recipe's) is not compared with the outputs
-INPUTS = ("checkpoint", "recipe", "recipes", "baseline", "merge", "quantized")
+INPUTS = ("checkpoint", "recipe", "recipes", "high", "baseline", "merge", "quantized")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

@@ -78,7 +78,7 @@ def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> 
 def make_directory(path: "str | os.PathLike[str]") -> list[Path]:
     """``path`` made with its missing parents (OutputError where that fails); returns the folders
     it made, deepest first, for ``remove_made`` to take away again after a failed write."""
-    directory = Path(path)
+    directory = Path(os.path.abspath(path))  # normalized: "new/../keep" is keep, which may exist
     made = [p for p in (directory, *directory.parents) if not p.exists()]  # the missing ones: deepest first
     try:
         directory.mkdir(parents=True, exist_ok=True)

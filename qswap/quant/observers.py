@@ -145,8 +145,10 @@ def exact_quantiles(flat: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, 
     if bool(torch.isnan(flat).any()):
         nan = torch.tensor(float("nan"), device=flat.device)
         return nan, nan.clone()
-    ranks = q.to(torch.float32) * (n - 1)  # torch.quantile's float32 ranks
-    below, above = ranks.long(), ranks.ceil().long()
+    # torch.quantile's float32 ranks where float32 holds n - 1 exactly (its own limit is 16M
+    # elements); beyond 2^24 float64, else a rank could round past the last element
+    ranks = q.to(torch.float32 if n <= 2 ** 24 else torch.float64) * (n - 1)
+    below, above = ranks.long().clamp(0, n - 1), ranks.ceil().long().clamp(0, n - 1)
     weights = (ranks - below).to(flat.device)
     (b_lo, b_hi), (a_lo, a_hi) = below.tolist(), above.tolist()
     low = torch.topk(flat, a_lo + 1, largest=False).values  # the a_lo + 1 smallest, ascending

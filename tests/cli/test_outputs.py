@@ -39,6 +39,8 @@ def test_standard_output_and_a_new_export_directory_pass_the_check(tmp_path, cap
     (["eval", "{tmp}/ck.pt", "--data", "d", "--json", "{tmp}/ck.pt"], "--json {tmp}/ck.pt is also an input"),
     (["convert", "{tmp}/ck.pt", "--recipe", "{tmp}/r.yaml", "-o", "{tmp}/r.yaml"], "--output {tmp}/r.yaml is also"),
     (["eval", "--merge", "{tmp}/s0.json", "--json", "{tmp}/s0.json"], "--json {tmp}/s0.json is also an input"),
+    (["search", "{tmp}/ck.pt", "--data", "d", "--target-mb", "1", "--high", "{tmp}/r.yaml", "-o", "{tmp}/r.yaml"],
+     "--output {tmp}/r.yaml is also an input"),
     (["eval", "{tmp}/ck.pt", "--data", "d", "--json", "{tmp}/r.md", "--markdown", "{tmp}/r.md"],
      "--json {tmp}/r.md and --markdown {tmp}/r.md are the same file"),
     (["search", "{tmp}/ck.pt", "--data", "d", "--target-mb", "1", "-o", "{tmp}/a.yaml", "--json", "{tmp}/x/../a.yaml"],

@@ -116,3 +116,15 @@ def test_exact_quantiles_are_torch_quantile_bit_for_bit(n, percentile):
     assert torch.equal(torch.stack(exact_quantiles(x, q)), torch.quantile(x, q))
     x[n // 2] = float("nan")  # NaN in, NaN out (the observer then refuses the tensor)
     assert all(torch.isnan(v) for v in exact_quantiles(x, q))
+
+
+def test_exact_quantiles_of_more_than_2_24_elements_reach_the_extremes():
+    """Beyond 2^24 elements float32 cannot hold n - 1: the ranks are float64 there (percentile 100
+    had rounded past the last element, an IndexError, or fallen short of the maximum)."""
+    from qswap.quant.observers import exact_quantiles
+
+    n = 2 ** 24 + 4  # float32(n - 1) rounds up to n
+    flat = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    flat[n // 2], flat[7] = 50.0, -40.0
+    lo, hi = exact_quantiles(flat, torch.tensor([0.0, 1.0]))
+    assert float(lo) == -40.0 and float(hi) == 50.0

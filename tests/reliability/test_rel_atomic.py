@@ -144,3 +144,18 @@ def test_make_directory_returns_the_folders_it_made_and_remove_made_takes_back_t
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="cannot create the output directory"):
         make_directory(tmp_path / "file" / "sub")
+
+
+def test_make_directory_normalizes_the_path_before_it_lists_what_it_made(tmp_path, monkeypatch):
+    """``new/../keep``, keep existing: only ``new`` is made (and taken back); keep is not listed,
+    so a failed write cannot remove it (nor an export's file in it)."""
+    from qswap.io.atomic import make_directory, remove_made
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "old.txt").write_text("an earlier export")
+    made = make_directory("keep/new/../sub")
+    assert made == [tmp_path / "keep" / "sub"]
+    remove_made(made)
+    assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["old.txt"]
+    assert make_directory("new/../keep") == []
