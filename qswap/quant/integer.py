@@ -124,7 +124,11 @@ def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor | int
     _check_int32("a", a)
     b = torch.as_tensor(b, dtype=torch.int64)
     _check_int32("b", b)
-    a64, b64 = a.to(torch.int64), b.to(torch.int64)
+    return _high_mul(a.to(torch.int64), b)
+
+
+def _high_mul(a64: torch.Tensor, b64: torch.Tensor) -> torch.Tensor:
+    """``saturating_rounding_doubling_high_mul`` of int64 tensors holding int32 values, unchecked."""
     prod = a64 * b64
     nudge = torch.where(prod >= 0, 1 << 30, 1 - (1 << 30))
     out = torch.div(prod + nudge, 1 << 31, rounding_mode="trunc")
@@ -157,14 +161,19 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor | int,
     ``rounding_divide_by_pot`` (half away from zero). ``m0`` and ``shift`` may be tensors
     broadcasting against ``x`` (per channel). Returns int32."""
     _check_int("x", x)
+    check_multiplier(m0, shift)  # an int64 x beyond int32 is defined: the shift's clamp saturates it
+    return _multiply_double(x, m0, shift)
+
+
+def _multiply_double(x: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | int) -> torch.Tensor:
+    """``multiply_by_quantized_multiplier`` of a multiplier already checked (a ``Requant``'s)."""
     if (isinstance(m0, int) and isinstance(shift, int) and 0 <= m0 <= INT32_MAX and -31 <= shift <= 30
             and x.dtype != torch.int64):
         return _multiply_scalar(x, m0, shift)
-    check_multiplier(m0, shift)  # an int64 x beyond int32 is defined: the shift's clamp saturates it
     shift = torch.as_tensor(shift, dtype=torch.int64)
     left, right = shift.clamp(min=0), (-shift).clamp(min=0)
     shifted = (x.to(torch.int64) << left).clamp(INT32_MIN, INT32_MAX)
-    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, m0), right)
+    return rounding_divide_by_pot(_high_mul(shifted, torch.as_tensor(m0, dtype=torch.int64)), right)
 
 
 def _multiply_scalar(x: torch.Tensor, m0: int, shift: int) -> torch.Tensor:
@@ -195,6 +204,11 @@ def multiply_by_quantized_multiplier_single(x: torch.Tensor, m0: torch.Tensor | 
     int32 values and the multiplier be ``quantize_multiplier``'s (IntegerizeError otherwise)."""
     _check_int32("x", x)
     check_multiplier(m0, shift)
+    return _multiply_single(x, m0, shift)
+
+
+def _multiply_single(x: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | int) -> torch.Tensor:
+    """``multiply_by_quantized_multiplier_single`` of int32 values and a checked multiplier."""
     total = 31 - torch.as_tensor(shift, dtype=torch.int64)
     prod = x.to(torch.int64) * torch.as_tensor(m0, dtype=torch.int64)
     return ((prod + (torch.ones_like(total) << (total - 1))) >> total).clamp(INT32_MIN, INT32_MAX).to(torch.int32)
@@ -258,7 +272,8 @@ class Requant:
         return cls(m0, shift, zp, int(qmin), int(qmax), rounding)
 
     def __call__(self, acc: torch.Tensor, axis: int = -1) -> torch.Tensor:
-        return requantize(acc, self.m0, self.shift, self.zero_point, self.qmin, self.qmax, axis, self.rounding)
+        # its multiplier was checked when it was made (``__post_init__``): not again per call
+        return _requantize(acc, self.m0, self.shift, self.zero_point, self.qmin, self.qmax, axis, self.rounding)
 
 
 def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | int, zero_point: int,
@@ -275,7 +290,15 @@ def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | 
     ``acc * real`` but it can differ from its single rounding (263 * 0.15 = 39.45 gives 40:
     157.8 -> 158, 158 / 4 = 39.5 -> 40). The input must fit int32 (a larger value raises); the
     zero point (an int, or per channel of ``axis``: a ``ChannelGrid``'s) is added in int64 and
-    the sum saturates to [qmin, qmax]."""
+    the sum saturates to [qmin, qmax]. A multiplier outside ``quantize_multiplier``'s ranges is
+    an IntegerizeError."""
+    check_multiplier(m0, shift)
+    return _requantize(acc, m0, shift, zero_point, qmin, qmax, axis, rounding)
+
+
+def _requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | int, zero_point: int,
+                qmin: int, qmax: int, axis: int = -1, rounding: str = "single") -> torch.Tensor:
+    """``requantize`` of a checked multiplier (a ``Requant``'s)."""
     if rounding not in ROUNDINGS:
         raise IntegerizeError(f"requantize rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     _check_int("acc", acc)
@@ -287,7 +310,7 @@ def requantize(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | 
         return (fast + zero_point).to(code_dtype(qmin, qmax))
     m0, shift = torch.as_tensor(m0, dtype=torch.int64), torch.as_tensor(shift, dtype=torch.int64)
     m0, shift = channel_shape(m0, acc.dim(), axis), channel_shape(shift, acc.dim(), axis)
-    multiply = multiply_by_quantized_multiplier_single if rounding == "single" else multiply_by_quantized_multiplier
+    multiply = _multiply_single if rounding == "single" else _multiply_double
     scaled = multiply(acc, m0, shift).to(torch.int64)
     return (scaled + channel_shape(zero_point, acc.dim(), axis)).clamp(qmin, qmax).to(code_dtype(qmin, qmax))
 
