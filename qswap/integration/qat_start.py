@@ -13,9 +13,9 @@ and shapes match, and fairseq's loader puts the folded weights and the quantizer
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
-from qswap.errors import ConvertError
+from qswap.errors import CheckpointError, ConvertError, RecipeError
 from qswap.recipe import Recipe
 from qswap.transforms import STRUCTURE_ONLY, needs_data
 
@@ -44,7 +44,7 @@ def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = Non
         raise ConvertError(f"{what}; convert the trained float checkpoint first, "
                            f"`{convert_command(recipe_arg, float_checkpoint, data)}`, and fine-tune from it "
                            f"(--finetune-from-model QCKPT)")
-    stored = _stored_recipe(finetune_from)
+    stored = stored_recipe(finetune_from)
     if stored is None:
         raise ConvertError(f"{what}, and --finetune-from-model {finetune_from} is a float checkpoint; "
                            f"convert it first, `{convert_command(recipe_arg, finetune_from, data)}`, "
@@ -57,13 +57,38 @@ def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = Non
     return STRUCTURE_ONLY
 
 
-def _stored_recipe(path: Any) -> "Recipe | None":
-    """The recipe a qswap checkpoint stores; None for a fairseq checkpoint without one."""
+def stored_recipe(path: Any, state: "dict | None" = None) -> "Recipe | None":
+    """The recipe a checkpoint was converted or trained with: a qswap checkpoint's ``qswap`` entry,
+    else the ``qswap_recipe`` of a fairseq-train checkpoint's cfg.model / cfg.task (or legacy
+    ``args``); None for a float checkpoint. A recipe stored by name or path (a checkpoint of an
+    older qswap) that no longer loads is a CheckpointError naming the checkpoint."""
     from qswap.io.checkpoint import QSWAP_KEY, qswap_entry
     from qswap.io.safe_load import load_checkpoint
-    from qswap.recipe import load_recipe
 
-    state = load_checkpoint(os.fspath(path))  # qswap checkpoints load with weights_only, no allowlist
-    if QSWAP_KEY not in state:
-        return None
-    return load_recipe(dict(qswap_entry(path, state)["recipe"]))
+    if state is None:
+        state = load_checkpoint(os.fspath(path))  # qswap checkpoints load with weights_only, no allowlist
+    if QSWAP_KEY in state:
+        return load_recipe_of(path, dict(qswap_entry(path, state)["recipe"]))
+    cfg = state.get("cfg") or {}
+    for opts in (cfg.get("model"), cfg.get("task"), state.get("args")):
+        value = opts.get("qswap_recipe") if isinstance(opts, Mapping) else getattr(opts, "qswap_recipe", None)
+        if value:
+            return load_recipe_of(path, value)
+    return None
+
+
+def load_recipe_of(path: Any, value: Any) -> Recipe:
+    """``value`` (a recipe, its name or path, or its content) stored in the checkpoint ``path``
+    (None: a checkpoint whose path is not known here)."""
+    from omegaconf import OmegaConf
+
+    from qswap.recipe import load_recipe
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    try:
+        return load_recipe(value)
+    except RecipeError as exc:
+        where = f"{path}: " if path else ""
+        raise CheckpointError(f"{where}cannot load the recipe the checkpoint was trained with ({exc}); it "
+                              f"stores the recipe by name or path only (written by an older qswap): pass the "
+                              f"recipe it was trained with, --qswap-recipe RECIPE") from None

@@ -103,3 +103,14 @@ def test_a_checkpoint_converted_with_another_recipe_is_refused(converted):
     with pytest.raises(ConvertError, match=f"converted with recipe {RECIPE}, not with this one"):
         converted_start(other, qckpt)
     assert converted_start(qswap.load_recipe("w4a4_edges8_lsq"), None) is None  # no statistics needed
+
+
+def test_fine_tunes_again_from_a_checkpoint_fairseq_train_wrote(converted, tmp_path):
+    """A QAT checkpoint of this recipe that fairseq-train wrote (its recipe in its cfg, no qswap
+    entry) is a start like the converted one, not 'a float checkpoint'."""
+    root, data, _, qckpt = converted
+    run_tool("fairseq-train", *_train_args(root, data, tmp_path / "qat1", qckpt), cwd=root)
+    log = run_tool("fairseq-train", *_train_args(root, data, tmp_path / "qat2", tmp_path / "qat1" / "checkpoint_last.pt"),
+                   cwd=root)
+    assert f"qswap: converted with recipe {RECIPE}" in log and "calibrated and froze" not in log
+    assert converted_start(qswap.load_recipe(RECIPE), tmp_path / "qat1" / "checkpoint_last.pt") is STRUCTURE_ONLY
