@@ -131,7 +131,7 @@ The plugin folder is `$(qswap-plugin-dir)` (`qswap.plugin_dir()`); it registers 
 
 | option | meaning |
 |---|---|
-| `--qswap-recipe R` | convert the model right after fairseq builds it (a shipped name or a YAML path); a checkpoint remembers it |
+| `--qswap-recipe R` | convert the model right after fairseq builds it (a shipped name or a YAML path); a checkpoint stores the recipe itself (a later edit or removal of the YAML changes nothing); a checkpoint trained or converted with another recipe is refused (fine-tuning from it, resuming it, decoding it) |
 | `--qswap-calib-batches N` | calibrate the activation quantizers on the training batches of the first N updates (with `--update-freq K`, K batches each; zero gradients), then freeze them (ranges reduced across DDP workers); a run resumed during calibration calibrates the updates left, and validation never calibrates |
 | `--qswap-audit` | before decoding, audit a batch of the generation subset and print the verdict |
 | `--qswap-strict` | fail if a recipe rule matches no module or the recipe leaves a module float without a skip rule |

@@ -53,11 +53,17 @@ class QswapTaskMixin:
         return getattr(self, "args", None) or self.cfg
 
     def build_model(self, cfg, from_checkpoint=False):
+        # the recipe a checkpoint stores in its model cfg (read first: fairseq's dataclass models
+        # drop keys they do not know while building)
+        stored = getattr(cfg, "qswap_recipe", None)
         model = super().build_model(cfg, from_checkpoint)
         opts = self._qswap_opts()
-        # the command line wins; otherwise the recipe the checkpoint was trained/converted with
-        # (legacy fairseq models keep every training arg in their model cfg)
-        recipe = getattr(opts, "qswap_recipe", None) or getattr(cfg, "qswap_recipe", None)
+        named = getattr(opts, "qswap_recipe", None)
+        if from_checkpoint and stored and named and named != stored:
+            _check_same_recipe(named, stored, getattr(opts, "path", None))
+        # a checkpoint's own recipe first; otherwise the command line's (legacy fairseq models keep
+        # every training arg in their model cfg)
+        recipe = (stored or named) if from_checkpoint else (named or stored)
         if not recipe:
             if int(getattr(opts, "qswap_calib_batches", 0) or 0) or getattr(opts, "qswap_strict", False):
                 from qswap.errors import TrainingError
@@ -66,16 +72,27 @@ class QswapTaskMixin:
             return model
         if OmegaConf.is_config(recipe):  # a qswap checkpoint stores the recipe itself in its cfg
             recipe = OmegaConf.to_container(recipe, resolve=True)
+        if from_checkpoint:
+            from qswap.integration.qat_start import load_recipe_of
+            recipe = load_recipe_of(getattr(opts, "path", None), recipe)
+        else:
+            recipe_arg = recipe if isinstance(recipe, str) else None
+            recipe = qswap.load_recipe(recipe)
         # a checkpoint's state holds transformed weights; a recipe whose transforms need activation
         # statistics is applied to a freshly built model only to fine-tune from a qswap checkpoint
         # converted with it (--finetune-from-model QCKPT; else a ConvertError saying what to run)
         data = STRUCTURE_ONLY if from_checkpoint else converted_start(
-            qswap.load_recipe(recipe), getattr(opts, "finetune_from_model", None),
-            recipe_arg=recipe if isinstance(recipe, str) else None, data=getattr(opts, "data", None))
+            recipe, getattr(opts, "finetune_from_model", None),
+            recipe_arg=recipe_arg, data=getattr(opts, "data", None))
+        start = None if from_checkpoint else _start_checkpoint(opts)
+        if start is not None:  # the checkpoint fairseq-train loads next must hold this recipe's grids
+            _check_start(recipe, start)
         # a model rebuilt from a checkpoint: strict's checks ran when it was first converted (a
         # later qswap may check more), unless --qswap-strict asks again
         strict = getattr(opts, "qswap_strict", False) or (False if from_checkpoint else None)
         model = qswap.convert(model, recipe, inplace=True, strict=strict, data=data)
+        if not from_checkpoint:
+            _store_recipe(cfg, recipe.to_dict())
         counts = model.qswap_report.counts()
         logger.info(f"qswap: converted with recipe {model.qswap_recipe.name}: {counts['quantized']} "
                     f"modules quantized, {counts['float']} left float, {counts['skipped']} skipped")
@@ -151,6 +168,53 @@ class QswapTaskMixin:
         print(f"qswap audit: {verdict}; paths: {', '.join(report.paths)}", flush=True)
         for v in report.violations[:20]:
             print(f"qswap audit:   {v.module}: {v.op} ({v.operand}) {v.reason}", flush=True)
+
+
+def _check_same_recipe(named, stored, path):
+    """A ConvertError when --qswap-recipe ``named`` is not the recipe the checkpoint ``path``
+    (--path; None where not known) stores."""
+    from qswap.integration.qat_start import load_recipe_of
+    _refuse_other(qswap.load_recipe(named), load_recipe_of(path, stored), f"the checkpoint {path or ''}".rstrip())
+
+
+def _refuse_other(recipe, stored, where):
+    if stored.to_dict() != recipe.to_dict():
+        from qswap.errors import ConvertError
+        raise ConvertError(f"--qswap-recipe {recipe.name} is not the recipe {stored.name} that {where} was "
+                           f"converted or trained with (its grids and weights are that recipe's): pass the "
+                           f"recipe it was converted with (--qswap-recipe {stored.name}), or start from a "
+                           f"checkpoint converted with {recipe.name}")
+
+
+def _start_checkpoint(opts):
+    """The checkpoint fairseq-train loads into the model it built: the run's own last checkpoint
+    when resuming (--restore-file, default SAVE_DIR/checkpoint_last.pt), else --finetune-from-model;
+    None when neither exists (or a task cfg that does not carry them)."""
+    import os
+    restore, save_dir = getattr(opts, "restore_file", None), getattr(opts, "save_dir", None)
+    if restore and save_dir:
+        path = os.path.join(save_dir, restore) if restore == "checkpoint_last.pt" else restore
+        if os.path.exists(path):
+            return path
+    return getattr(opts, "finetune_from_model", None) or None
+
+
+def _check_start(recipe, start):
+    from qswap.integration.qat_start import stored_recipe
+    stored = stored_recipe(start)
+    if stored is not None:
+        _refuse_other(recipe, stored, f"the checkpoint {start}")
+
+
+def _store_recipe(cfg, content):
+    """Keep the recipe's content (not its name or YAML path) in the model cfg fairseq-train saves,
+    so that its checkpoints rebuild the model they were trained as."""
+    if OmegaConf.is_config(cfg):
+        from omegaconf import open_dict
+        with open_dict(cfg):
+            cfg.qswap_recipe = content
+    elif cfg is not None:
+        setattr(cfg, "qswap_recipe", content)
 
 
 @contextlib.contextmanager

@@ -65,6 +65,10 @@ def load_fairseq_model(path: "str | os.PathLike[str]", *, trust_checkpoint: bool
     try:
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
             [str(path)], task=task, state=state)
+    except CheckpointError as exc:
+        if type(exc) is not CheckpointError or str(path) in str(exc):
+            raise
+        raise CheckpointError(f"{path}: {exc}", kind=exc.kind) from None
     except QswapError:
         raise
     except Exception as exc:
@@ -147,6 +151,11 @@ def setup_task(path: Path, cfg: Any):
     from fairseq import tasks
 
     data = getattr(cfg.task, "data", None)
+    if getattr(cfg.get("model"), "qswap_recipe", None) and getattr(cfg.task, "qswap_recipe", None):
+        # the qswap plugin's task: the model cfg holds the recipe the model was trained or
+        # converted with; the task's is the training command's --qswap-recipe (a name or a YAML
+        # path, which may have changed or gone since)
+        _set(cfg.task, "qswap_recipe", None)
     try:
         return tasks.setup_task(cfg.task, from_checkpoint=True)
     except QswapError:
@@ -156,6 +165,13 @@ def setup_task(path: Path, cfg: Any):
                         f"data directory {data!r} ({type(exc).__name__}: {first_line(exc)}); "
                         f"point it at the folder with the task's config and dictionary: '--data DIR' on the "
                         f"command line, arg_overrides={{'data': DIR}} in Python") from None
+
+
+def _set(opts: Any, key: str, value: Any) -> None:
+    if isinstance(opts, argparse.Namespace):
+        setattr(opts, key, value)
+    else:
+        opts[key] = value
 
 
 # -- qswap checkpoints -------------------------------------------------------------------------
@@ -308,7 +324,13 @@ def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
 
     if getattr(model, "qswap_recipe", None) is not None and any(
             isinstance(m, FakeQuantize) for m in model.modules()):
-        return model  # the task converted it (the qswap plugin's tasks read cfg.model.qswap_recipe)
+        # the task converted it (the qswap plugin's tasks read cfg.model.qswap_recipe)
+        from qswap.recipe import load_recipe
+        if model.qswap_recipe.to_dict() != load_recipe(dict(recipe)).to_dict():
+            raise CheckpointError(f"{path}: the model cfg's recipe ({model.qswap_recipe.name}) is not the "
+                                  f"one in the checkpoint's qswap entry ({recipe.get('name')!r}); the file "
+                                  f"was edited or is damaged: write it again with qswap convert")
+        return model
     try:
         with warnings.catch_warnings():  # they were shown when the model was first converted
             warnings.simplefilter("ignore", QswapWarning)

@@ -29,8 +29,8 @@ def test_qat_converts_calibrates_and_saves_quantizer_state(trained):
     state = torch.load(root / "qat" / "checkpoint_last.pt", weights_only=False)
     keys = state["model"].keys()
     assert any(k.endswith("input_quant.scale") for k in keys)
-    assert state["args"].qswap_recipe == "w4a8" if state.get("args") else \
-        state["cfg"]["model"].qswap_recipe == "w4a8"
+    stored = state["args"].qswap_recipe if state.get("args") else state["cfg"]["model"].qswap_recipe
+    assert stored == qswap.load_recipe("w4a8").to_dict()  # the recipe's content, not its name
     frozen = [v for k, v in state["model"].items() if k.endswith("input_quant.frozen")]
     assert frozen and all(bool(v) for v in frozen)
 
@@ -204,3 +204,103 @@ def test_qat_calibration_steps_observe_what_the_recipe_says(float_checkpoint, tm
     assert scales["float"].keys() == scales["quantized"].keys() and len(scales["float"]) > 5
     assert all(torch.isfinite(s).all() and (s > 0).all() for s in scales["float"].values())
     assert any(not torch.equal(scales["float"][k], scales["quantized"][k]) for k in scales["float"])
+
+
+def _refused(tool, *args, cwd):
+    """stderr of a fairseq command that must fail."""
+    result = subprocess.run([str(BIN / tool), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0, result.stdout[-2000:]
+    return result.stderr
+
+
+@pytest.fixture(scope="module")
+def w8a8(float_checkpoint, tmp_path_factory):
+    from qswap.cli import main
+
+    root, data, float_ckpt = float_checkpoint
+    qckpt = tmp_path_factory.mktemp("w8a8") / "w8a8.pt"
+    assert main(["convert", str(float_ckpt), "--recipe", "w8a8", "--data", str(data), "--calib-batches", "1",
+                 "--max-sentences", "4", "-o", str(qckpt)]) == 0
+    return qckpt
+
+
+def test_a_recipe_other_than_the_checkpoints_is_refused(float_checkpoint, w8a8, tmp_path):
+    """--qswap-recipe w4a4 with a checkpoint trained or converted with w8a8 (fine-tuning from it,
+    resuming it, decoding it) would put 8-bit grids into 4-bit quantizers: a ConvertError naming
+    both recipes and the checkpoint."""
+    root, data, _ = float_checkpoint
+    args = [a if a != "w8a8" else "w4a4" for a in _qat(root, data, tmp_path / "ft", "w8a8", 1, 1)]
+    args[args.index("--finetune-from-model") + 1] = w8a8
+    err = _refused(*args, cwd=root)
+    assert f"ConvertError: --qswap-recipe w4a4 is not the recipe w8a8 that the checkpoint {w8a8} was" in err
+    err = _refused("fairseq-generate", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+                   "--path", w8a8, "--qswap-recipe", "w4a4", "--gen-subset", "test", "--beam", "2",
+                   "--max-tokens", "4000", "--cpu", "--required-batch-size-multiple", "1", cwd=root)
+    assert f"ConvertError: --qswap-recipe w4a4 is not the recipe w8a8 that the checkpoint {w8a8} was" in err
+    _run(*_qat(root, data, tmp_path / "resumed", "w8a8", 1, 1), cwd=root)
+    args = [a if a != "w8a8" else "w4a4" for a in _qat(root, data, tmp_path / "resumed", "w8a8", 1, 2)]
+    err = _refused(*args, cwd=root)
+    last = tmp_path / "resumed" / "checkpoint_last.pt"
+    assert f"ConvertError: --qswap-recipe w4a4 is not the recipe w8a8 that the checkpoint {last} was" in err
+
+
+def test_a_qat_checkpoint_keeps_its_recipe_not_the_yaml_path(float_checkpoint, tmp_path):
+    """fairseq-train --qswap-recipe PATH.yaml stores the recipe's content: editing or removing the
+    YAML later changes nothing in the checkpoint's model (qswap's loader and fairseq-generate)."""
+    from qswap.integration.data import load_model_and_task
+
+    root, data, _ = float_checkpoint
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(MINMAX_RECIPE)
+    _run(*_qat(root, data, tmp_path / "qat", recipe.name, 1, 1), cwd=tmp_path)
+    ckpt = tmp_path / "qat" / "checkpoint_last.pt"
+    assert torch.load(ckpt, weights_only=False)["cfg"]["model"].qswap_recipe["name"] == "w8a8_minmax"
+    recipe.write_text(MINMAX_RECIPE.replace("weight: {bits: 8", "weight: {bits: 2").replace("w8a8_", "w2a8_"))
+    model, _ = load_model_and_task(ckpt, data)
+    assert model.qswap_recipe.name == "w8a8_minmax"
+    assert model.encoder.transformer_layers[0].fc1.weight_quant.spec.bits == 8
+    recipe.unlink()
+    out = _run("fairseq-generate", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+               "--path", ckpt, "--gen-subset", "test", "--beam", "2", "--max-tokens", "4000", "--cpu",
+               "--scoring", "wer", "--required-batch-size-multiple", "1", cwd=root)
+    assert "qswap: converted with recipe w8a8_minmax" in out and "WER:" in out
+
+
+def test_a_checkpoint_naming_a_recipe_file_that_is_gone_says_which_and_what_to_pass(float_checkpoint, tmp_path):
+    """A QAT checkpoint of an older qswap stores --qswap-recipe as the YAML path it was given:
+    once that file is gone, the error names the checkpoint and --qswap-recipe."""
+    from qswap.errors import CheckpointError
+    from qswap.integration.data import load_model_and_task
+
+    root, data, _ = float_checkpoint
+    _run(*_qat(root, data, tmp_path / "qat", "w8a8", 1, 1), cwd=root)
+    state = torch.load(tmp_path / "qat" / "checkpoint_last.pt", weights_only=False)
+    for part in ("model", "task"):
+        state["cfg"][part].qswap_recipe = "gone.yaml"
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    with pytest.raises(CheckpointError, match=f"^{old}: cannot load the recipe the checkpoint was trained with .*gone.yaml: "
+                                              f"recipe file not found.*--qswap-recipe RECIPE"):
+        load_model_and_task(old, data)
+    err = _refused("fairseq-generate", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+                   "--path", old, "--gen-subset", "test", "--beam", "2", "--max-tokens", "4000", "--cpu",
+                   "--required-batch-size-multiple", "1", cwd=root)
+    assert f"CheckpointError: {old}: cannot load the recipe the checkpoint was trained with" in err
+
+
+def test_a_qswap_checkpoint_whose_cfg_recipe_is_not_its_stored_one_is_refused(w8a8, float_checkpoint, tmp_path):
+    from qswap.errors import CheckpointError
+    from qswap.integration.data import load_model_and_task
+
+    _, data, _ = float_checkpoint
+    state = torch.load(w8a8, weights_only=True)
+    # as a qswap checkpoint re-saved from a QAT run: the plugin's task converts it from its cfg
+    state["cfg"]["task"]["_name"] = state["cfg"]["task"]["task"] = "speech_to_text_qswap"
+    state["cfg"]["model"]["qswap_recipe"] = qswap.load_recipe("w4a4").to_dict()
+    edited = tmp_path / "edited.pt"
+    torch.save(state, edited)
+    with pytest.raises(CheckpointError, match=r"the model cfg's recipe \(w4a4\) is not the one in the "
+                                              r"checkpoint's qswap entry \('w8a8'\)"):
+        load_model_and_task(edited, data)
+
