@@ -157,9 +157,14 @@ class QswapTaskMixin:
             self._qswap_print_audit(models[0], args)
         return super().build_generator(models, args, *a, **kw)
 
+    def load_dataset(self, split, *args, **kwargs):
+        self._qswap_subset = split  # fairseq-generate loads its --gen-subset, which the audit reads
+        return super().load_dataset(split, *args, **kwargs)
+
     def _qswap_print_audit(self, model, args):
         from qswap.integration.data import first_net_input
-        subset = getattr(args, "gen_subset", None) or "test"
+        # fairseq-generate passes cfg.generation, which has no gen_subset: the subset it loaded
+        subset = getattr(args, "gen_subset", None) or getattr(self, "_qswap_subset", None) or "test"
         net_input = first_net_input(self, subset, count=2)
         report = qswap.audit(model, net_input)
         # honest, or honest with declared exceptions or dynamic ranges: the report's own verdict

@@ -304,3 +304,15 @@ def test_a_qswap_checkpoint_whose_cfg_recipe_is_not_its_stored_one_is_refused(w8
                                               r"checkpoint's qswap entry \('w8a8'\)"):
         load_model_and_task(edited, data)
 
+
+def test_the_audit_reads_the_subset_fairseq_generates(float_checkpoint, w8a8, tmp_path):
+    """fairseq-generate --gen-subset dev --qswap-audit audits dev (a data directory without test)."""
+    import shutil
+
+    root, data, _ = float_checkpoint
+    shutil.copytree(data, tmp_path / "data")
+    (tmp_path / "data" / "test.tsv").unlink()
+    out = _run("fairseq-generate", tmp_path / "data", "--user-dir", qswap.plugin_dir(), "--task",
+               "speech_to_text_qswap", "--path", w8a8, "--gen-subset", "dev", "--beam", "2", "--max-tokens", "4000",
+               "--cpu", "--qswap-audit", "--scoring", "wer", "--required-batch-size-multiple", "1", cwd=root)
+    assert "qswap audit: HONEST" in out and "Generate dev with beam=2" in out
