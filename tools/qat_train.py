@@ -408,11 +408,22 @@ def ship(path: Path, out: Path) -> dict:
     model, _cfg, _task = load_model_cfg_task(path, ASSET)
     save_qswap_checkpoint(out, model, ASSET / "checkpoint.pt")
     state = torch.load(out, map_location="cpu", weights_only=True)
-    params = {n for n, _ in model.named_parameters() if not n.endswith("_quant.scale")}
+    params = float16_names(model)
     state["model"] = {k: v.half() if k in params and v.is_floating_point() else v for k, v in state["model"].items()}
     with atomic_open(out, "wb") as f:
         torch.save(state, f)
     return float16_effect(model)
+
+
+def float16_names(model) -> set:
+    """The model's parameters ship() stores as float16: all but the quantizers' own (learned
+    scales), told by module type (a quantizer in a ModuleList, ``glu_quant.0.scale``, has no
+    ``_quant.scale`` suffix)."""
+    from qswap.quant.fake_quantize import FakeQuantize
+
+    quantizer = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, FakeQuantize)
+                 for p, _ in m.named_parameters()}
+    return {n for n, _ in model.named_parameters() if n not in quantizer}
 
 
 def float16_effect(model) -> dict:

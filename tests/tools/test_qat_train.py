@@ -431,3 +431,16 @@ def test_the_page_refuses_an_average_that_its_reproduce_block_cannot_rebuild(tmp
         qat_train.render(*args)
     shipped["average"] = {"first": 80, "last": 160, "count": 3}
     assert "average --save-dir RUN --last 3" in qat_train.render(*args)
+
+
+def test_ship_stores_every_quantizer_parameter_as_float32():
+    """ship() halves the float weights only: the learned scales of quantizers in a ModuleList
+    (the subsampler's glu_quant.0 / .1) are quantizer state too."""
+    from qswap.integration.data import load_model_cfg_task
+    from qswap.quant.fake_quantize import FakeQuantize
+
+    model, _, _ = load_model_cfg_task(qat_train.SHIPPED_QAT, qat_train.ASSET)
+    halved = qat_train.float16_names(model)
+    scales = {f"{n}.scale" for n, m in model.named_modules() if isinstance(m, FakeQuantize) and m.spec.learnable}
+    assert "encoder.subsample.glu_quant.0.scale" in scales and not halved & scales
+    assert "encoder.transformer_layers.0.fc1.weight" in halved
