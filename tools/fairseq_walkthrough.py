@@ -142,6 +142,13 @@ fairseq builds for the task (tested). Under torch >= 2.6 fairseq's own `torch.lo
 fairseq checkpoints (`argparse.Namespace`); the plugin adds qswap's allowlist of exactly the
 classes fairseq checkpoints contain, still with `weights_only` loading.
 
+A quantized checkpoint (`qswap convert`'s, or a QAT run's) needs the plugin. Plain fairseq (no
+`--user-dir $(qswap-plugin-dir) --task speech_to_text_qswap`, or `audio_finetuning_qswap`) builds the
+float model and fails on it with `Unexpected key(s) in state_dict: "logits_quant.scale", ...` (the
+quantizers' state), or first, under torch >= 2.6, with `WeightsUnpickler error: Unsupported global:
+GLOBAL argparse.Namespace` (any fairseq-train checkpoint, float ones too); pass the plugin's `--user-dir`
+and task (the recipe comes from the checkpoint), or decode it with `qswap eval`.
+
 """
 
 FOOTER = """
