@@ -22,3 +22,13 @@ def run_tool(tool, *args, cwd):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
+
+
+def convert_small(checkpoint, data, out, recipe="w8a8", batches=2):
+    """``qswap convert CHECKPOINT --recipe RECIPE`` of a tiny model, calibrated on ``batches`` batches
+    of at most 4 utterances; returns ``out``."""
+    from qswap.cli import main
+
+    assert main(["convert", str(checkpoint), "--recipe", str(recipe), "--data", str(data), "--calib-batches",
+                 str(batches), "--max-sentences", "4", "-o", str(out)]) == 0
+    return out

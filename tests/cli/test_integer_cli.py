@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from fairseq_run import convert_small
 from qswap.cli import main
 
 pytest.importorskip("fairseq")
@@ -15,10 +16,7 @@ pytest.importorskip("fairseq")
 @pytest.fixture(scope="module")
 def quantized_checkpoint(float_checkpoint, tmp_path_factory):
     _, data, ckpt = float_checkpoint
-    out = tmp_path_factory.mktemp("integer_cli") / "w8a8.pt"
-    assert main(["convert", str(ckpt), "--recipe", "w8a8", "--data", str(data), "--calib-batches", "2",
-                 "--max-sentences", "4", "-o", str(out)]) == 0
-    return out
+    return convert_small(ckpt, data, tmp_path_factory.mktemp("integer_cli") / "w8a8.pt")
 
 
 def eval_json(args, path) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qswap
-from fairseq_run import BIN, SMALL, TRAIN, run_tool as _run
+from fairseq_run import BIN, SMALL, TRAIN, convert_small, run_tool as _run
 
 @pytest.fixture(scope="module")
 def trained(float_checkpoint):
@@ -216,13 +216,8 @@ def _refused(tool, *args, cwd):
 
 @pytest.fixture(scope="module")
 def w8a8(float_checkpoint, tmp_path_factory):
-    from qswap.cli import main
-
     root, data, float_ckpt = float_checkpoint
-    qckpt = tmp_path_factory.mktemp("w8a8") / "w8a8.pt"
-    assert main(["convert", str(float_ckpt), "--recipe", "w8a8", "--data", str(data), "--calib-batches", "1",
-                 "--max-sentences", "4", "-o", str(qckpt)]) == 0
-    return qckpt
+    return convert_small(float_ckpt, data, tmp_path_factory.mktemp("w8a8") / "w8a8.pt", batches=1)
 
 
 def test_a_recipe_other_than_the_checkpoints_is_refused(float_checkpoint, w8a8, tmp_path):
