@@ -90,10 +90,11 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
         raise
     # an unseen quantizer calibrated before keeps that grid, frozen as it was (reset and
     # unfrozen, it would observe at inference and drift)
-    kept = [q for q, state in saved if q in unseen and state["scale"].numel() > 0]
+    unseen_ids, kept = {id(q) for q in unseen}, []
     for q, state in saved:
-        if q in kept:
+        if id(q) in unseen_ids and state["scale"].numel() > 0:
             q.load_state_dict(state)
+            kept.append(q)
     if unseen and logger.isEnabledFor(logging.INFO):
         # sites the batches never reach (an additive-mask path, say) keep observing if they ever run
         logger.info(f"{len(unseen)} activation quantizer(s) saw no data during calibration (the "

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from qswap.errors import ConvertError
+from qswap.errors import ConvertError, QswapWarning
 from qswap.integration.cost import parameter_bytes
 from qswap.nn.base import QuantConfig, QuantModule
 from qswap.nn.registry import REGISTRY, find, is_passthrough
@@ -27,10 +27,6 @@ from qswap.quant.fake_quantize import FakeQuantize
 from qswap.recipe import Recipe, Rule, load_recipe
 from qswap.report import ConvertReport, ModuleEntry
 from qswap.transforms import STRUCTURE_ONLY, apply_transforms
-
-
-class QswapWarning(UserWarning):
-    """Something a recipe asked for did not happen (a rule matched nothing, a tie conflict)."""
 
 
 @dataclass

@@ -3,6 +3,10 @@ what to change; the CLI turns them into a one-line message and exit code 2."""
 from __future__ import annotations
 
 
+class QswapWarning(UserWarning):
+    """Something a recipe asked for did not happen (a rule matched nothing, a tie conflict)."""
+
+
 class QswapError(Exception):
     """Base class of every error qswap raises on purpose."""
 

@@ -53,8 +53,8 @@ def held_back(verbose: bool) -> Iterator[Counter]:
 
 def _show(seen: Counter, message, category: type, filename: str) -> None:
     """A warning while held back: qswap's own printed now, a third-party one counted."""
-    convert = sys.modules.get("qswap.convert")  # a QswapWarning exists only once it is imported
-    if convert is not None and issubclass(category, convert.QswapWarning):
+    from qswap.errors import QswapWarning
+    if issubclass(category, QswapWarning):
         print(f"warning: {message}", file=sys.stderr)
     else:
         seen[(f"{category.__name__} ({_package(filename)})", str(message))] += 1

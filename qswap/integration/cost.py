@@ -155,9 +155,9 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
     several modules (a tied embedding and output projection) is stored in float32 if any of them
     reads it without an enabled quantizer (a skipped owner computes with its float values). A
     buffer a weight quantizer reads and the state dict stores (an online Hadamard transform's
-    ``matrix``; not a sinusoidal position table, recomputed when loaded) is sized as a weight. A quantizer's own parameters (LSQ's learned scales) are grids, not weights: a weight
-    grid's are counted by ``grid_bits``, an activation grid's not at all (as before calibration
-    sets them)."""
+    ``matrix``; not a sinusoidal position table, recomputed when loaded) is sized as a weight. A
+    quantizer's own parameters (LSQ's learned scales) are grids, not weights: a weight grid's are
+    counted by ``grid_bits``, an activation grid's not at all (as before calibration sets them)."""
     bits: dict[int, int] = {}
     numel: dict[int, int] = {}
     grids: dict[int, tuple[int, int]] = {}  # quantizer id -> (numel it sized by, grid bits)

@@ -59,8 +59,6 @@ class QswapTaskMixin:
         model = super().build_model(cfg, from_checkpoint)
         opts = self._qswap_opts()
         named = getattr(opts, "qswap_recipe", None)
-        if from_checkpoint and stored and named and named != stored:
-            _check_same_recipe(named, stored, getattr(opts, "path", None))
         # a checkpoint's own recipe first; otherwise the command line's (legacy fairseq models keep
         # every training arg in their model cfg)
         recipe = (stored or named) if from_checkpoint else (named or stored)
@@ -74,7 +72,10 @@ class QswapTaskMixin:
             recipe = OmegaConf.to_container(recipe, resolve=True)
         if from_checkpoint:
             from qswap.integration.qat_start import load_recipe_of
-            recipe = load_recipe_of(getattr(opts, "path", None), recipe)
+            path = getattr(opts, "path", None)
+            recipe = load_recipe_of(path, recipe)
+            if stored and named:  # --qswap-recipe must be the recipe the checkpoint holds
+                _refuse_other(qswap.load_recipe(named), recipe, f"the checkpoint {path or ''}".rstrip())
         else:
             recipe_arg = recipe if isinstance(recipe, str) else None
             recipe = qswap.load_recipe(recipe)
@@ -173,13 +174,6 @@ class QswapTaskMixin:
         print(f"qswap audit: {verdict}; paths: {', '.join(report.paths)}", flush=True)
         for v in report.violations[:20]:
             print(f"qswap audit:   {v.module}: {v.op} ({v.operand}) {v.reason}", flush=True)
-
-
-def _check_same_recipe(named, stored, path):
-    """A ConvertError when --qswap-recipe ``named`` is not the recipe the checkpoint ``path``
-    (--path; None where not known) stores."""
-    from qswap.integration.qat_start import load_recipe_of
-    _refuse_other(qswap.load_recipe(named), load_recipe_of(path, stored), f"the checkpoint {path or ''}".rstrip())
 
 
 def _refuse_other(recipe, stored, where):

@@ -119,12 +119,14 @@ def _check_file(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
-        if (path / "export.json").is_file():  # qswap export --onnx's directory
+        from qswap.export.integer_format import JSON_FILE
+        from qswap.export.package import MANIFEST
+        if (path / MANIFEST).is_file():  # qswap export --onnx's directory
             raise CheckpointError(f"{path} is a directory of ONNX graphs ('qswap export --onnx'), not a "
                                   f"checkpoint: run them with --backend onnxruntime ('qswap eval'), or audit them "
                                   f"with --onnx ('qswap audit')")
-        if (path / "model.json").is_file():  # qswap export's integer model (integer_format.JSON_FILE)
-            raise CheckpointError(f"{path} is an integer model written by 'qswap export' (model.json, "
+        if (path / JSON_FILE).is_file():  # qswap export's integer model
+            raise CheckpointError(f"{path} is an integer model written by 'qswap export' ({JSON_FILE}, "
                                   f"model.safetensors), not a checkpoint: 'qswap eval {path} --data DIR' decodes "
                                   f"it; other commands take the checkpoint it was exported from")
         raise CheckpointError(f"{path} is a directory; pass the checkpoint file (e.g. "

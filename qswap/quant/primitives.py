@@ -265,7 +265,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         # the kernel casts codes to int64 before clamping: beyond int64 (+inf too) a code wraps to
         # qmin. Clamped a step beyond the grid first (as _fake_quantize_ref), they saturate
         # (NaN becomes qmin there, as in torch's per-tensor kernel, which takes gradients too)
-        lo, hi = _broadcast((qmin - zero_point - 1) * scale, x, spec), _broadcast((qmax - zero_point + 1) * scale, x, spec)
+        lo = _broadcast((qmin - zero_point - 1) * scale, x, spec)
+        hi = _broadcast((qmax - zero_point + 1) * scale, x, spec)
         return torch.fake_quantize_per_channel_affine(torch.clamp(x, lo, hi), scale, zero_point,
                                                       channel_axis(x, spec), qmin, qmax)
     if spec.granularity == "per_group":
