@@ -18,6 +18,12 @@
  * grid_mismatches_f32(src, None, n, inverse, lo, hi, scale) counts the values that differ from
  * that (the honesty audit's proof that a quantizer's output lies on its grid: 0), reading src once.
  *
+ * fake_quantize_channels_f32(src, dst, n, channels, inverse, lo, hi, scale) does it per channel of the
+ * last axis of a contiguous tensor: value i is rounded onto grid i % channels, whose inverse, lo, hi
+ * and scale are element i % channels of four contiguous float32 arrays of `channels` values each (their
+ * addresses): qswap.quant.primitives' per-channel passes, bit for bit (a frozen per-channel activation
+ * quantizer: a residual stream's grid per feature).
+ *
  * min_max_f32(src, n) returns (min, max, nonfinite) of src[0..n), n >= 1: the exact extremes (no
  * arithmetic, so torch.aminmax's values; of +0.0 and -0.0 either may come back) and whether any value
  * is +-inf or NaN (read from its exponent bits; the extremes are then meaningless). Calibration's
@@ -69,6 +75,25 @@ __attribute__((target_clones("avx2", "sse4.1", "default")))
 static void fake_quantize_twice_loop(const float *src, float *dst, int64_t n, grid_t g1, grid_t g2) {
     for (int64_t i = 0; i < n; i++) {
         dst[i] = on_grid(on_grid(src[i], g1), g2);
+    }
+}
+
+/* fake_quantize_loop with one grid per channel of the last axis: rows of `channels` values, the grids'
+ * parts in four arrays. The same float32 operations in the same order as on_grid. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "sse4.1", "default")))
+#endif
+static void fake_quantize_channels_loop(const float *src, float *dst, int64_t rows, int64_t channels,
+                                        const float *inverse, const float *lo, const float *hi, const float *scale) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *s = src + r * channels;
+        float *d = dst + r * channels;
+        for (int64_t c = 0; c < channels; c++) {
+            float t = nearbyintf(s[c] * inverse[c]);
+            t = t < lo[c] ? lo[c] : t;
+            t = t > hi[c] ? hi[c] : t;
+            d[c] = t * scale[c] + 0.0f;
+        }
     }
 }
 
@@ -224,6 +249,40 @@ static PyObject *grid_mismatches_f32(PyObject *self, PyObject *const *args, Py_s
     return PyLong_FromLongLong((long long)count);
 }
 
+static PyObject *fake_quantize_channels_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "fake_quantize_channels_f32(src, dst, n, channels, inverse, lo, hi, scale): "
+                                         "8 arguments");
+        return NULL;
+    }
+    void *ptr[6];  /* src, dst, then the grids' inverse, lo, hi, scale arrays */
+    const int at[6] = {0, 1, 4, 5, 6, 7};
+    for (int i = 0; i < 6 && !PyErr_Occurred(); i++) {
+        ptr[i] = PyLong_AsVoidPtr(args[at[i]]);
+    }
+    long long size = PyErr_Occurred() ? 0 : PyLong_AsLongLong(args[2]);
+    long long channels = PyErr_Occurred() ? 0 : PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    int null = 0;
+    for (int i = 0; i < 6; i++) {
+        null |= ptr[i] == NULL;
+    }
+    if (size < 0 || channels < 1 || size % channels != 0 || (size > 0 && null)) {
+        PyErr_SetString(PyExc_ValueError, "fake_quantize_channels_f32: a negative size, a size that is not a multiple "
+                                          "of channels >= 1, or a null buffer");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    fake_quantize_channels_loop((const float *)ptr[0], (float *)ptr[1], (int64_t)(size / channels), (int64_t)channels,
+                                (const float *)ptr[2], (const float *)ptr[3], (const float *)ptr[4],
+                                (const float *)ptr[5]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *min_max_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 2) {
@@ -252,6 +311,9 @@ static PyMethodDef methods[] = {
     {"fake_quantize_twice_f32", (PyCFunction)(void (*)(void))fake_quantize_twice_f32, METH_FASTCALL,
      "fake_quantize_twice_f32(src, dst, n, inverse1, lo1, hi1, scale1, inverse2, lo2, hi2, scale2): two "
      "per-tensor fake quantizations in a row, in one pass"},
+    {"fake_quantize_channels_f32", (PyCFunction)(void (*)(void))fake_quantize_channels_f32, METH_FASTCALL,
+     "fake_quantize_channels_f32(src, dst, n, channels, inverse, lo, hi, scale): per-channel fake quantization "
+     "along the last axis of a contiguous tensor, in one pass"},
     {"grid_mismatches_f32", (PyCFunction)(void (*)(void))grid_mismatches_f32, METH_FASTCALL,
      "grid_mismatches_f32(src, None, n, inverse, lo, hi, scale): how many values differ from their "
      "fake quantization"},

@@ -3,7 +3,8 @@
 The bias of ``y = x @ W.T + b`` is added to the int32 accumulator, whose scale is
 ``input_scale * weight_scale`` (per output channel for per-channel weights). It has no state of
 its own; ``last_scale`` keeps the grid of the latest call for the honesty audit. Without autograd
-(eval, calibration) the result is reused while the bias and both quantizers' grids are unchanged.
+and with a frozen input grid (inference) the result is reused while the bias and both quantizers'
+grids are unchanged; a calibrating input grid changes with every call, so nothing is kept then.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ class BiasQuantize(LeavesCaches, DirectCall):
             return bias  # the bias stays float, and the audit says so
         if input_quant.scale.numel() != 1:  # a per-channel input grid: no one accumulator scale per output
             return bias  # the bias stays float, and the audit says so
-        key = None  # a call with autograd (training) clears the cache
-        if not (bias.requires_grad and torch.is_grad_enabled()):
+        key = None  # a call with autograd (training) or a calibrating input grid clears the cache
+        if not (bias.requires_grad and torch.is_grad_enabled()) and bool(input_quant.grid_tensors()[2]):
             which = (input_quant, weight_quant, None if rows is None else (rows.start, rows.stop, rows.step))
             sources = _sources(bias, input_quant, weight_quant)
             kept = self._key  # checked first: per call in a decoding step
@@ -76,13 +77,13 @@ def quantized_pair(weight: torch.Tensor, bias: torch.Tensor | None, input_quant:
                    weight_quant: nn.Module, bias_quant: BiasQuantize) -> tuple:
     """``(weight_quant(weight), bias_quant(bias, input_quant, weight_quant))`` of a weighted op (a
     linear, a projection: ``bias_quant`` is its own). Without autograd, with an eval-mode weight
-    quantizer, and both quantizers unwatched (``watched``: no hook, as the honesty audit's, sees
+    quantizer, a frozen input quantizer (a calibrating one's grid changes per call), and both quantizers unwatched (``watched``: no hook, as the honesty audit's, sees
     them skipped), the pair is kept in ``bias_quant`` and returned while the weight, the bias, both
     grids, both enabled flags and the weight's spec are what it was computed from (a forward with
     autograd drops it): one fingerprint per call instead of one per quantizer (a decoding step
     runs every linear on a few rows). A copy of the module does not copy it."""
     fast = not torch.is_grad_enabled() and isinstance(weight_quant, FakeQuantize) and isinstance(
-        input_quant, FakeQuantize) and not weight_quant.training
+        input_quant, FakeQuantize) and not weight_quant.training and bool(input_quant.grid_tensors()[2])
     if fast:
         if watched(weight_quant) or watched(bias_quant):
             fast = False

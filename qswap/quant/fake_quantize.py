@@ -28,9 +28,9 @@ from qswap.quant import fused
 from qswap.quant.fused import dense
 from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
-from qswap.quant.primitives import (MIN_SCALE, PassGrid, channel_axis, choose_qparams, choose_qparams_scalar,
-                                    fake_quantize, fake_quantize_grid, fake_quantize_grid_, fake_quantize_passes,
-                                    groups_view, pass_grid, passes_apply)
+from qswap.quant.primitives import (MIN_SCALE, ChannelGrid, PassGrid, channel_axis, channel_grid, choose_qparams,
+                                    choose_qparams_scalar, fake_quantize, fake_quantize_channel_grid, fake_quantize_grid,
+                                    fake_quantize_grid_, fake_quantize_passes, groups_view, pass_grid, passes_apply)
 from qswap.quant.spec import WEIGHT_LSQ, QuantSpec
 from qswap.quant.stamp import LeavesCaches, fingerprint, stamp, unchanged
 
@@ -38,11 +38,14 @@ KINDS = ("weight", "activation")
 
 
 class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
-    _KEPT = ("_cached", "_weight_stamp", "_state_stamp")  # a copy or a pickle rebuilds them on use
+    _KEPT = ("_cached", "_weight_stamp", "_state_stamp", "_channels")  # a copy or a pickle rebuilds them on use
     # True only while ``qswap.calibrate(..., observe="float")`` runs (with ``enabled`` False): the
     # quantizer observes its input and returns it unquantized, its site computing in float. A class
     # default, so a quantizer pickled before it existed reads False.
     passthrough = False
+    # a frozen per-channel activation grid of the last axis, made ready (``frozen_grid``, beside
+    # ``_state``); a class default, so a quantizer pickled before it existed reads None
+    _channels: ChannelGrid | None = None
 
     def __init__(self, spec: QuantSpec, kind: str = "activation"):
         super().__init__()
@@ -238,8 +241,11 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
             passes = (is_frozen and scale.numel() == 1 and spec.granularity == "per_tensor"
                       and spec.rounding == "half_even")
             grid = pass_grid(scale.item(), int(zero_point), spec) if passes else None
+            channels = (channel_grid(scale, zero_point, spec) if is_frozen and self.kind == "activation"
+                        and spec.granularity == "per_channel" and spec.channel_axis == -1
+                        and spec.rounding == "half_even" and scale.numel() > 0 else None)
             state = (is_frozen, grid)  # written past Module.__setattr__ (rebuilt per calibration call)
-            self.__dict__.update(_state_stamp=stamp(frozen, scale, zero_point), _state=state)
+            self.__dict__.update(_state_stamp=stamp(frozen, scale, zero_point), _state=state, _channels=channels)
             return state
         return self._state
 
@@ -271,6 +277,9 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
                 grid = self._fast_grid(x, buffers, scale)
                 if grid is not None:
                     return fake_quantize_grid(x, grid)
+                channels = self._fast_channels(x, buffers, scale)
+                if channels is not None:
+                    return fake_quantize_channel_grid(x, channels)
         return self.forward(x)
 
     def consume(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
@@ -343,6 +352,18 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
             return grid
         return None
 
+    def _fast_channels(self, x: torch.Tensor, buffers: dict, scale: torch.Tensor) -> ChannelGrid | None:
+        """``_fast_grid`` for a frozen per-channel activation grid of the last axis (the
+        ``ChannelGrid`` ``frozen_grid`` kept, unchanged since), where ``x``'s last axis has its
+        channels; else None (``forward`` then computes the same values from the buffers)."""
+        channels, kept = self._channels, self._state_stamp
+        if (channels is not None and kept is not None and x.dtype == torch.float32 and x.is_cpu and x.dim() > 0
+                and x.shape[-1] == channels.channels
+                and kept[1] == fingerprint(buffers["frozen"], scale, buffers["zero_point"])
+                and not (torch.is_grad_enabled() and (x.requires_grad or (self.spec.learnable and self.training)))):
+            return channels
+        return None
+
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The int32 codes of ``x``, a tensor on this quantizer's grid (its output): ``round(x *
         (1 / scale)) + zero_point``, per tensor, channel or group, exact for values of the grid. A call
@@ -400,7 +421,9 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
             return x
         if self.kind == "weight":
             return self._forward_weight(x)
-        frozen, grid = self.frozen_grid()
+        # a calibrating quantizer's grid changes with every call: no kept grid to check or restamp
+        frozen = bool(self._buffers["frozen"])
+        grid = self.frozen_grid()[1] if frozen else None
         if self.spec.learnable and self.training and torch.is_grad_enabled():
             # a training step's optimizer may write the learned scale through ``.data`` (fairseq's
             # Adam), which no stamp sees: the next inference call re-reads the grid

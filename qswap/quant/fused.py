@@ -13,7 +13,9 @@ autograd graph to record, no JIT trace and no ``TorchDispatchMode`` watching (on
 with Python dispatch switched off, as the honesty audit runs qswap's own quantizers, watches
 nothing). Everywhere else the four passes run. The audit's proof that a quantizer's output lies
 on its grid reads the output once with the kernel's twin, ``grid_mismatches``, and calibration's
-observers read each activation's extremes with ``min_max``. Two quantizers in a
+observers read each activation's extremes with ``min_max``. A frozen per-channel activation
+quantizer (one grid per feature of the last axis) rounds a contiguous tensor in one pass too,
+``fake_quantize_channels_into``. Two quantizers in a
 row (the FFN's activation input and, past a ReLU, fc2's input) can round in one pass,
 ``fake_quantize_twice_into``.
 
@@ -29,11 +31,12 @@ try:  # built by setup.py (optional extension)
 except ImportError:  # no compiler at install: the four torch passes run instead
     _built = None
 # each function on its own: a build from an older qswap (without the two-grid pass) keeps the others
-_kernel, _twice, _mismatches, _min_max = (
+_kernel, _twice, _mismatches, _min_max, _channels = (
     getattr(_built, name, None) for name in ("fake_quantize_f32", "fake_quantize_twice_f32", "grid_mismatches_f32",
-                                             "min_max_f32"))
+                                             "min_max_f32", "fake_quantize_channels_f32"))
 
 AVAILABLE = _kernel is not None
+CHANNELS = _channels is not None  # the per-channel pass (``fake_quantize_channels_into``)
 TWICE = _twice is not None  # the two-grid pass (``fake_quantize_twice_into``)
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa: SLF001  (vmap, grad transforms)
@@ -110,4 +113,15 @@ def fake_quantize_twice_into(x: torch.Tensor, out: torch.Tensor, first: tuple, s
     and ``second``: (inverse, lo, hi, scale) each. For an ``x`` that ``applies`` accepts."""
     _twice(x.data_ptr(), out.data_ptr(), x.numel(), first[0], float(first[1]), float(first[2]), first[3],
            second[0], float(second[1]), float(second[2]), second[3])
+    return out
+
+
+def fake_quantize_channels_into(x: torch.Tensor, out: torch.Tensor, grid) -> torch.Tensor:
+    """``out`` (float32, contiguous, ``x``'s shape: ``torch.empty_like(x)``, or ``x`` itself) set to
+    ``x`` fake-quantized per channel of its last axis on ``grid`` (a ``ChannelGrid``: four contiguous
+    float32 arrays, one value per channel): ``fake_quantize_into`` with channel ``i % channels``'s
+    grid for value ``i``. For a contiguous ``x`` that ``applies`` accepts, whose last axis has
+    ``grid.channels`` values."""
+    _channels(x.data_ptr(), out.data_ptr(), x.numel(), grid.channels, grid.inverse.data_ptr(), grid.lo.data_ptr(),
+              grid.hi.data_ptr(), grid.scale.data_ptr())
     return out

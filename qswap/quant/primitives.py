@@ -227,6 +227,40 @@ def fake_quantize_grid_(x: torch.Tensor, grid: PassGrid) -> torch.Tensor:
     return torch.add(_ZERO, x, alpha=grid.scale, out=x)
 
 
+class ChannelGrid(NamedTuple):
+    """A frozen per-channel grid of the last axis made ready for ``fake_quantize_channel_grid``,
+    once per change of the grid: each part one contiguous float32 value per channel, computed as
+    ``fake_quantize_channel_passes`` computes it per call."""
+
+    inverse: torch.Tensor  # float32 1 / scale (the float32 division)
+    lo: torch.Tensor  # qmin - zero_point, as float32
+    hi: torch.Tensor  # qmax - zero_point, as float32
+    scale: torch.Tensor
+    channels: int
+
+
+def channel_grid(scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> ChannelGrid:
+    """The ``ChannelGrid`` of per-channel ``scale`` and ``zero_point`` (one value per channel of the
+    last axis); SpecError for a scale that is 0 or not finite, as ``pass_grid``."""
+    scale = scale.detach().to(torch.float32).reshape(-1).contiguous()
+    if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
+        raise SpecError(f"a quantization grid needs finite nonzero scales, got {scale.tolist()} ({spec.short()}): "
+                        f"recalibrate the model (qswap calibrate) or retrain its scales with a smaller learning rate")
+    zero_point = zero_point.reshape(-1)
+    return ChannelGrid((1.0 / scale).contiguous(), (spec.qmin - zero_point).to(torch.float32).contiguous(),
+                       (spec.qmax - zero_point).to(torch.float32).contiguous(), scale.clone(), scale.numel())
+
+
+def fake_quantize_channel_grid(x: torch.Tensor, grid: ChannelGrid) -> torch.Tensor:
+    """``fake_quantize_channel_passes`` along the last axis of ``x`` on a prepared grid: one pass of
+    the C kernel where it may run (a contiguous ``x``, ``qswap.quant.fused``), else the passes on
+    the kept tensors; the same values either way (``tests/quant/test_fused.py``)."""
+    if fused.CHANNELS and fused.applies(x) and x.is_contiguous():
+        return fused.fake_quantize_channels_into(x, torch.empty_like(x, memory_format=torch.contiguous_format), grid)
+    out = torch.mul(x, grid.inverse).round_()
+    return torch.clamp(out, grid.lo, grid.hi, out=out).mul_(grid.scale).add_(0.0)
+
+
 def fake_quantize_channel_passes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                                  spec: QuantSpec) -> torch.Tensor:
     """``torch.fake_quantize_per_channel_affine`` without autograd, as ``grid_passes`` per channel:

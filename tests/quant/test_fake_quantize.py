@@ -478,3 +478,36 @@ def test_an_lsq_training_forward_gives_the_evaluation_values_on_the_same_grid(sp
     assert torch.equal(trained.detach(), evaluated)
     trained.sum().backward()
     assert fq.scale.grad is not None and torch.isfinite(fq.scale.grad).all()
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, symmetric=False, granularity="per_channel", axis=-1),
+                                  QuantSpec(bits=8, granularity="per_channel", axis=-1)])
+def test_a_frozen_per_channel_activation_quantizer_keeps_its_grid_ready(spec):
+    """A frozen per-channel activation quantizer of the last axis keeps its grid prepared
+    (``ChannelGrid``, one pass of the kernel per call where it is built) and gives the values of
+    ``fake_quantize`` on its buffers bit for bit, a decoding step's rows, a batch and a permuted
+    tensor alike; a written grid, a copy and an unfreeze are followed."""
+    import copy
+
+    from qswap.quant.primitives import fake_quantize
+
+    fq = FakeQuantize(spec)
+    fq(torch.randn(6, 5, 16) * torch.linspace(0.1, 4, 16))
+    fq.freeze()
+    fq.eval()
+    for x in (torch.randn(5, 1, 16) * 3, torch.randn(7, 3, 16), torch.randn(3, 16, 7).transpose(1, 2)):
+        with torch.no_grad():
+            expected = fake_quantize(x, fq.scale, fq.zero_point, spec)
+            assert torch.equal(fq(x).view(torch.int32), expected.view(torch.int32))
+            assert fq._channels is not None  # the first call prepared it
+            assert torch.equal(fq(x).view(torch.int32), expected.view(torch.int32))  # the prepared grid's call
+    with torch.no_grad():
+        x = torch.randn(4, 16) * 3
+        fq.scale.mul_(0.5)  # a written grid
+        assert torch.equal(fq(x), fake_quantize(x, fq.scale, fq.zero_point, spec))
+        twin = copy.deepcopy(fq)
+        assert twin._channels is None and torch.equal(twin(x), fq(x))
+        fq.unfreeze()
+        y = fq(torch.randn(4, 16) * 50)  # observing again: a wider range, a new grid
+        assert fq._fast_channels(x, fq._buffers, fq.scale) is None
+        assert torch.equal(y, fake_quantize(y, fq.scale, fq.zero_point, spec))

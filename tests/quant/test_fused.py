@@ -10,7 +10,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qswap.quant import fused
-from qswap.quant.primitives import fake_quantize_grid, fake_quantize_grid_, grid_passes, pass_grid
+from qswap.quant.primitives import (channel_grid, fake_quantize_channel_grid, fake_quantize_channel_passes,
+                                    fake_quantize_grid, fake_quantize_grid_, grid_passes, pass_grid)
+from qswap.quant.spec import QuantSpec
 
 GRIDS = [  # (qmin, qmax, scale, zero point)
     (0, 255, 0.05, 3), (-128, 127, 0.0123, 0), (0, 15, 0.3, 7), (-8, 7, 2.0 ** -5, 0), (0, 255, 1e-3, 128),
@@ -225,3 +227,52 @@ def test_min_max_refuses_a_bad_call_with_a_python_error():
         kernel(0, 4)
     with pytest.raises(ValueError, match="size below 1"):
         kernel(torch.randn(3).data_ptr(), 0)
+
+
+needs_channels = pytest.mark.skipif(not fused.CHANNELS, reason="the kernel is not built (no C compiler)")
+
+
+@needs_channels
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, symmetric=False, granularity="per_channel", axis=-1),
+                                  QuantSpec(bits=4, symmetric=True, granularity="per_channel", axis=-1),
+                                  QuantSpec(bits=4, symmetric=False, granularity="per_channel", axis=-1)])
+@pytest.mark.parametrize("channels", [1, 3, 8, 17, 64])
+def test_the_per_channel_pass_gives_the_per_channel_passes_values(spec, channels):
+    """``fake_quantize_channels_into`` (one grid per channel of the last axis) gives
+    ``fake_quantize_channel_passes``' values bit for bit: ties, +-0, +-inf, NaN, values beyond
+    both ends of each grid, channel counts around the vector widths, in place or not; the
+    prepared grid's torch passes (where the kernel may not run) give them too."""
+    gen = torch.Generator().manual_seed(channels)
+    scale = (torch.rand(channels, generator=gen) * 0.2 + 1e-3).float()
+    scale[0] = 2.0 ** -5
+    if spec.symmetric:
+        zero_point = torch.zeros(channels, dtype=torch.int32)
+    else:
+        zero_point = torch.randint(spec.qmin, spec.qmax + 1, (channels,), generator=gen, dtype=torch.int32)
+    grid = channel_grid(scale, zero_point, spec)
+    codes = torch.arange(-40, 41, dtype=torch.float32)[:, None, None]
+    ties = torch.cat([(codes + 0.5), codes, codes - 0.5], dim=1) * scale  # (81, 3, C)
+    x = torch.cat([ties.reshape(-1, channels), torch.randn(37, channels, generator=gen) * 3]).contiguous()
+    x[0, 0], x[1, -1], x[2, 0], x[3, -1], x[4, 0], x[5, 0] = 0.0, -0.0, math.inf, -math.inf, math.nan, 3e38
+    expected = fake_quantize_channel_passes(x, scale, zero_point, spec)
+    assert fused.applies(x)
+    got = fake_quantize_channel_grid(x, grid)
+    assert got.data_ptr() != x.data_ptr() and _same_bits(got, expected)
+    inplace = x.clone()
+    assert _same_bits(fused.fake_quantize_channels_into(inplace, inplace, grid), expected)
+    strided = torch.stack([x, x], dim=-1)[..., 0]  # not contiguous: the passes on the prepared grid
+    assert not strided.is_contiguous() and _same_bits(fake_quantize_channel_grid(strided, grid), expected)
+    for rows in (0, 1, 3):
+        part = x[:rows].contiguous()
+        assert _same_bits(fake_quantize_channel_grid(part, grid), expected[:rows])
+
+
+@needs_channels
+def test_the_per_channel_pass_refuses_a_bad_call_with_a_python_error():
+    kernel = sys.modules["qswap.quant._fused"].fake_quantize_channels_f32
+    with pytest.raises(TypeError):
+        kernel(0, 0, 1)
+    with pytest.raises(ValueError, match="multiple"):
+        kernel(1, 1, 7, 2, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="null buffer"):
+        kernel(0, 0, 4, 2, 0, 0, 0, 0)
