@@ -137,8 +137,8 @@ def _intervals(utterances: list[dict], baseline: dict | None) -> dict:
     """WER interval, and the paired ΔWER interval against ``baseline``'s utterances (same ids and
     references), as JSON fields; see qswap.integration.bootstrap."""
     from qswap.errors import DataError
-    from qswap.integration.bootstrap import (MIN_UTTERANCES, NO_INTERVAL, Bootstrap, bounds, delta_interval,
-                                             significant, wer_interval)
+    from qswap.integration.bootstrap import (Bootstrap, bounds, delta_interval, no_interval_note, significant,
+                                             wer_interval)
     from qswap.integration.metrics import utterance_word_errors
 
     if not utterances:
@@ -146,8 +146,9 @@ def _intervals(utterances: list[dict], baseline: dict | None) -> dict:
     bootstrap = Bootstrap()
     errors, words = utterance_word_errors([u["ref"] for u in utterances], [u["hyp"] for u in utterances])
     stats = {"bootstrap": bootstrap.to_dict(), "wer_ci": bounds(wer_interval(errors, words, bootstrap))}
-    if len(utterances) < MIN_UTTERANCES:
-        stats["note"] = f"{NO_INTERVAL}, this result has {len(utterances)}"
+    note = no_interval_note(len(utterances), "this result has")
+    if note:
+        stats["note"] = note
     if baseline is None:
         return stats
     base = {u["id"]: u for u in baseline["utterances"]}

@@ -110,3 +110,9 @@ def significant(interval: Interval | None) -> bool | None:
 def bounds(interval: Interval | None) -> tuple[float, float] | None:
     """(low, high) as JSON and report rows carry it; None without an interval."""
     return None if interval is None else (interval.low, interval.high)
+
+
+def no_interval_note(utterances: int, context: str) -> str | None:
+    """Why a result has no interval, ``NO_INTERVAL`` then ``context`` and the count (``"test gave 1"``);
+    None from MIN_UTTERANCES utterances on."""
+    return f"{NO_INTERVAL}, {context} {utterances}" if utterances < MIN_UTTERANCES else None

@@ -16,7 +16,7 @@ from qswap.calibrate import activation_quantizers
 from qswap.convert import copy_model
 from qswap.errors import DataError
 from qswap.integration import data as fdata
-from qswap.integration.bootstrap import MIN_UTTERANCES, NO_INTERVAL, Bootstrap, bounds, delta_interval, significant, wer_interval
+from qswap.integration.bootstrap import Bootstrap, bounds, delta_interval, no_interval_note, significant, wer_interval
 from qswap.integration.cost import measure
 from qswap.integration.decode import decode
 from qswap.integration.metrics import error_counts, utterance_word_errors
@@ -74,8 +74,7 @@ class Comparison:
     @property
     def note(self) -> str | None:
         """Why the intervals are missing (too few utterances to resample); None when they are there."""
-        return f"{NO_INTERVAL}, {self.subset} gave {self.rows[0].utterances}" if (
-            self.rows and self.rows[0].utterances < MIN_UTTERANCES) else None
+        return no_interval_note(self.rows[0].utterances, f"{self.subset} gave") if self.rows else None
 
     def markdown(self) -> str:
         head = ("| recipe | WER % [95 % CI] | ΔWER [95 % CI] | significant | CER % | honest (float ops) | "

@@ -5,7 +5,8 @@ import pytest
 import scipy.stats
 
 from qswap.errors import DataError
-from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, wer_interval
+from qswap.integration.bootstrap import (MIN_UTTERANCES, NO_INTERVAL, Bootstrap, delta_interval, no_interval_note,
+                                         significant, wer_interval)
 from qswap.integration.compare import Row, add_intervals
 from qswap.integration.metrics import error_counts, utterance_word_errors
 
@@ -123,3 +124,18 @@ def test_rows_of_one_utterance_render_a_dash_and_say_why():
     assert "| w4a4 | 16.67 | +16.67 | - |" in md and "needs at least 2 utterances, one gave 1" in md
     assert table.to_dict()["note"] == table.note and table.to_dict()["rows"][1]["significant"] is None
     assert "needs at least 2 utterances" in render_comparison(table).caption
+
+
+def test_the_no_interval_note_is_one_sentence_for_the_comparison_and_for_eval():
+    """compare's table and ``qswap eval`` say why there is no interval with the same helper."""
+    from qswap.cli.eval_cmd import _intervals
+    from qswap.integration.compare import Comparison
+
+    assert no_interval_note(1, "test gave") == f"{NO_INTERVAL}, test gave 1"
+    assert no_interval_note(MIN_UTTERANCES, "test gave") is None
+    row = Row("fp32", 0.0, 0.0, 0.0, True, 0, 1.0, 1.0, 1.0, 1.0, 1, [0], [6])
+    assert Comparison("ck.pt", "test", [row]).note == no_interval_note(1, "test gave")
+    assert Comparison("ck.pt", "test", []).note is None
+    one = [{"id": "a", "ref": "a b c", "hyp": "a b d"}]
+    assert _intervals(one, None)["note"] == no_interval_note(1, "this result has")
+    assert "note" not in _intervals(one + [{"id": "b", "ref": "x y", "hyp": "x y"}], None)
