@@ -52,7 +52,8 @@ def run(subset: str, beam: int) -> dict:
 
 
 from qswap.integration.compare import significance_text  # noqa: E402
-from qswap.integration.compare import with_interval as _cell  # noqa: E402
+from qswap.integration.bootstrap import interval_text  # noqa: E402
+from qswap.integration.bootstrap import value_text as _cell  # noqa: E402
 
 
 def table(payload: dict) -> str:
@@ -99,7 +100,7 @@ def recipe_pairs(results: dict[str, dict]) -> str:
             boot = payload["settings"]["bootstrap"]
             ci = delta_interval(ra["utterance_errors"], rb["utterance_errors"], ra["utterance_words"],
                                 Bootstrap(boot["resamples"], boot["confidence"], boot["seed"]))
-            cells += [f"{ra['wer']:.2f}, {rb['wer']:.2f}", _cell(ra["wer"] - rb["wer"], (ci.low, ci.high), "+"),
+            cells += [f"{ra['wer']:.2f}, {rb['wer']:.2f}", _cell(ra["wer"] - rb["wer"], ci, "+"),
                       significance_text(significant(ci))]
         lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -108,9 +109,7 @@ def recipe_pairs(results: dict[str, dict]) -> str:
 def _small_set_note() -> str:
     """The float WER of the demo's 100-utterance set (docs/demo.json, written by `make demo`)."""
     demo = json.loads((DOCS / "demo.json").read_text())["rows"][0]
-    ci = demo.get("wer_ci")
-    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
-    return (f"the demo's in-voice 100 utterances give fp32 {demo['wer']:.2f} %{interval} WER (`make demo`), "
+    return (f"the demo's in-voice 100 utterances give fp32 {demo['wer']:.2f} %{interval_text(demo.get('wer_ci'))} WER (`make demo`), "
             "a harder sample than the 1,000 below; compare recipes within one set, never across sets.")
 
 

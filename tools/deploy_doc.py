@@ -73,7 +73,7 @@ from qswap.export.package import (GRAPHS, NO_QUANT, export_model, graph_digest, 
 from qswap.export.onnx import load_session, run_encoder  # noqa: E402
 from qswap.export.runtime import OrtS2TModel, load_exported  # noqa: E402
 from qswap.integration import data as fdata  # noqa: E402
-from qswap.integration.bootstrap import Bootstrap, delta_interval, significant  # noqa: E402
+from qswap.integration.bootstrap import Bootstrap, as_interval, bounds, delta_interval, significant, value_text  # noqa: E402
 from qswap.integration.decode import decode  # noqa: E402
 from qswap.integration.metrics import error_counts, utterance_word_errors  # noqa: E402
 from qswap.demo import LARGE_SUBSETS  # noqa: E402
@@ -418,7 +418,7 @@ def paired(base, ours) -> dict:
     our_err, _ = utterance_word_errors(refs, [u.hyp for u in ours])
     interval = delta_interval(our_err, base_err, words, Bootstrap())
     return {"wer_fake_quant": 100.0 * sum(base_err) / sum(words), "wer_onnxruntime": 100.0 * sum(our_err) / sum(words),
-            "delta": 100.0 * (sum(our_err) - sum(base_err)) / sum(words), "delta_ci": [interval.low, interval.high],
+            "delta": 100.0 * (sum(our_err) - sum(base_err)) / sum(words), "delta_ci": bounds(interval),
             "significant": significant(interval), "utterances": len(refs),
             "same_transcripts": sum(a.hyp == b.hyp for a, b in zip(base, ours))}
 
@@ -766,9 +766,8 @@ def qat_section(r: dict) -> list[str]:
              "| subset | WER % (`simulate: integer`) | fake-quant WER % (float insides) | onnxruntime WER % | "
              "ΔWER [95 % CI] | same transcripts | target |", "|---|---:|---:|---:|---:|---:|---|"]
     for row in q["rows"]:
-        lo, hi = row["delta_ci"]
         lines.append(f"| {row['subset']} | {row['wer_integer']:.2f} | {row['wer_fake_quant']:.2f} | "
-                     f"{row['wer_onnxruntime']:.2f} | {row['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
+                     f"{row['wer_onnxruntime']:.2f} | {value_text(row['delta'], row['delta_ci'], '+')} | "
                      f"{row['same_transcripts']}/{row['utterances']} | {met(abs(row['delta']), t['wer_gap'], False)} |")
     lines += ["", "Each 4-bit activation leaves its `QuantizeLinear` as uint8 codes clipped to the grid's 16 "
               "(`qswap.export.qdq`): onnxruntime's 8-bit integer kernels run on them (int32 accumulation of the "
@@ -1061,9 +1060,8 @@ def wer_section(r: dict) -> list[str]:
 
 def wer_row_line(row: dict, gap: float) -> str:
     """One paired onnxruntime-vs-fake-quant row (``paired``) of a WER table, judged on |ΔWER|."""
-    lo, hi = row["delta_ci"]
     return (f"| {row['recipe']} | {row['subset']} | {row['wer_fake_quant']:.2f} | {row['wer_onnxruntime']:.2f} | "
-            f"{row['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {row['same_transcripts']}/{row['utterances']} | "
+            f"{value_text(row['delta'], row['delta_ci'], '+')} | {row['same_transcripts']}/{row['utterances']} | "
             f"{met(abs(row['delta']), gap, False)} |")
 
 
@@ -1080,8 +1078,8 @@ def large_wer_lines(r: dict) -> list[str]:
              "|---|---|---:|---:|---:|---:|---|"]
     for row in rows:
         lines.append(wer_row_line(row, r["targets"]["wer_gap"]))
-    inside = [row for row in rows if row["delta_ci"][0] >= -r["targets"]["wer_gap"]
-              and row["delta_ci"][1] <= r["targets"]["wer_gap"]]
+    gap = r["targets"]["wer_gap"]
+    inside = [row for row in rows if (ci := as_interval(row["delta_ci"])) is not None and -gap <= ci.low and ci.high <= gap]
     lines += ["", f"{sum(1 for row in rows if abs(row['delta']) <= r['targets']['wer_gap'])} of {len(rows)} "
               f"rows meet the target by their ΔWER; the 95 % interval lies within ±{r['targets']['wer_gap']} "
               f"in {len(inside)} of them."]

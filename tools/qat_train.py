@@ -673,17 +673,18 @@ def _loss_text(distill: dict | None) -> str:
 def comparison(evals: Path) -> tuple[list[str], list[str]]:
     """Markdown rows QAT vs PTQ per shipped test set from ``qswap eval --json`` results, and the
     subsets where QAT is better by more than the interval."""
+    from qswap.integration.bootstrap import as_interval, value_text
+
     rows, wins = [], []
     for subset in SUBSETS:
         ptq, qat = evals / f"ptq_{subset}.json", evals / f"qat_{subset}.json"
         if not (ptq.exists() and qat.exists()):
             continue
         p, q = json.loads(ptq.read_text()), json.loads(qat.read_text())
-        lo, hi = q["delta_wer_ci"]
-        rows.append(f"| {subset} | {p['counts']['wer']:.2f} [{p['wer_ci'][0]:.2f}, {p['wer_ci'][1]:.2f}] | "
-                    f"{q['counts']['wer']:.2f} [{q['wer_ci'][0]:.2f}, {q['wer_ci'][1]:.2f}] | "
-                    f"{q['delta_wer']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {'yes' if q['significant'] else 'no'} |")
-        if q["significant"] and hi < 0:
+        rows.append(f"| {subset} | {value_text(p['counts']['wer'], p['wer_ci'])} | "
+                    f"{value_text(q['counts']['wer'], q['wer_ci'])} | "
+                    f"{value_text(q['delta_wer'], q['delta_wer_ci'], '+')} | {'yes' if q['significant'] else 'no'} |")
+        if q["significant"] and as_interval(q["delta_wer_ci"]).high < 0:
             wins.append(subset)
     return rows, wins
 

@@ -325,7 +325,7 @@ def _refresh(payload: dict, prefix: str, keys: list[str], field: str, measure: C
 
 def with_intervals(payload: dict) -> dict[str, dict[str, dict]]:
     """Per subset, per cell: WER interval and the paired ΔWER interval against float."""
-    from qswap.integration.bootstrap import Bootstrap, delta_interval, significant, wer_interval
+    from qswap.integration.bootstrap import Bootstrap, bounds, delta_interval, significant, wer_interval
 
     boot = Bootstrap()
     out = {}
@@ -335,22 +335,28 @@ def with_intervals(payload: dict) -> dict[str, dict[str, dict]]:
         for key, c in cells.items():
             wer = wer_interval(c["utterance_errors"], c["utterance_words"], boot)
             d = delta_interval(c["utterance_errors"], ref["utterance_errors"], c["utterance_words"], boot)
-            out[subset][key] = {"wer": c["wer"], "wer_ci": (wer.low, wer.high), "delta": c["wer"] - ref["wer"],
-                                "delta_ci": (d.low, d.high), "significant": significant(d) if key != "float/fp32" else None,
+            out[subset][key] = {"wer": c["wer"], "wer_ci": bounds(wer), "delta": c["wer"] - ref["wer"],
+                                "delta_ci": bounds(d), "significant": significant(d) if key != "float/fp32" else None,
                                 "honest": c["honest"], "mb": c["weight_mb"], "same_as": c.get("same_as")}
     return out
 
 
 def pair(payload: dict, subset: str, a: str, b: str):
-    """The paired interval of WER(a) - WER(b) on one subset."""
-    from qswap.integration.bootstrap import Bootstrap, delta_interval
+    """The paired interval of WER(a) - WER(b) on one subset (None below MIN_UTTERANCES utterances)."""
+    from qswap.integration.bootstrap import Bootstrap, bounds, delta_interval
     ca, cb = payload["cells"][subset][a], payload["cells"][subset][b]
     d = delta_interval(ca["utterance_errors"], cb["utterance_errors"], ca["utterance_words"], Bootstrap())
-    return ca["wer"] - cb["wer"], (d.low, d.high)
+    return ca["wer"] - cb["wer"], bounds(d)
 
 
 def _f(v: float, ci, sign: str = "") -> str:
-    return f"{v:{sign}.2f} [{ci[0]:{sign}.2f}, {ci[1]:{sign}.2f}]"
+    from qswap.integration.bootstrap import value_text
+    return value_text(v, ci, sign)
+
+
+def _upper_within(ci, target: float) -> bool:
+    """The interval's upper end is within ``target``; False without an interval."""
+    return ci is not None and ci[1] <= target
 
 
 def _rows(payload: dict) -> list[str]:
@@ -423,9 +429,8 @@ def reading(payload: dict, stats: dict) -> str:
         line = f"- **{c}**: lowest mean ΔWER: `{best}`; " + "; ".join(parts) + ". " + _pick(payload, c, best)
         if c in TARGETS:
             t = TARGETS[c]
-            hi = [stats[s][f"{best}/{c}"]["delta_ci"][1] for s in SUBSETS]
             pts = [stats[s][f"{best}/{c}"]["delta"] for s in SUBSETS]
-            if all(h <= t for h in hi):
+            if all(_upper_within(stats[s][f"{best}/{c}"]["delta_ci"], t) for s in SUBSETS):
                 line += f" Target (within +{t}) met on both sets: the intervals' upper ends are below it."
             elif all(p <= t for p in pts):
                 line += (f" Target (within +{t}): the point estimates meet it on both sets, but an interval "
@@ -470,13 +475,15 @@ def _meeting(payload: dict, stats: dict, column: str, target: float, exclude: st
         if m == exclude or any(st is None or not st["honest"] for st in cells):
             continue
         if all(st["delta"] <= target for st in cells):
-            confirmed = all(st["delta_ci"][1] <= target for st in cells)
+            confirmed = all(_upper_within(st["delta_ci"], target) for st in cells)
             out.append(f"`{m}` ({'confirmed by the intervals' if confirmed else 'an interval reaches beyond it'})")
     return ", ".join(out)
 
 
 def _verdict(ci) -> str:
-    """A paired interval's reading: "better" / "worse" only where it excludes 0."""
+    """A paired interval's reading: "better" / "worse" only where it excludes 0; "no verdict" without one."""
+    if ci is None:
+        return "no verdict"
     return "better" if ci[1] < 0 else ("worse" if ci[0] > 0 else "not distinguishable")
 
 

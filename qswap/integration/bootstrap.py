@@ -116,3 +116,23 @@ def no_interval_note(utterances: int, context: str) -> str | None:
     """Why a result has no interval, ``NO_INTERVAL`` then ``context`` and the count (``"test gave 1"``);
     None from MIN_UTTERANCES utterances on."""
     return f"{NO_INTERVAL}, {context} {utterances}" if utterances < MIN_UTTERANCES else None
+
+
+def as_interval(ci: Interval | Sequence[float] | None) -> Interval | None:
+    """An interval from itself or from its (low, high) bounds as JSON carries them; None without one."""
+    if not ci:
+        return None
+    return ci if isinstance(ci, Interval) else Interval(*ci)
+
+
+def interval_text(ci: Interval | Sequence[float] | None, sign: str = "", missing: str = f" ({NO_INTERVAL})") -> str:
+    """`` [6.74, 13.17]`` (``sign="+"`` for differences) of an interval or its bounds; ``missing``
+    without one (by default NO_INTERVAL's wording, for a report that has no note of its own)."""
+    interval = as_interval(ci)
+    return missing if interval is None else f" [{interval.low:{sign}.2f}, {interval.high:{sign}.2f}]"
+
+
+def value_text(value: float, ci: Interval | Sequence[float] | None, sign: str = "",
+               missing: str = f" ({NO_INTERVAL})") -> str:
+    """``9.77 [6.74, 13.17]``: a value and its interval, as ``interval_text`` writes it."""
+    return f"{value:{sign}.2f}" + interval_text(ci, sign, missing)

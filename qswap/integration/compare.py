@@ -16,7 +16,8 @@ from qswap.calibrate import activation_quantizers
 from qswap.convert import copy_model
 from qswap.errors import DataError
 from qswap.integration import data as fdata
-from qswap.integration.bootstrap import Bootstrap, bounds, delta_interval, no_interval_note, significant, wer_interval
+from qswap.integration.bootstrap import (Bootstrap, bounds, delta_interval, interval_text, no_interval_note, significant,
+                                         value_text, wer_interval)
 from qswap.integration.cost import measure
 from qswap.integration.decode import decode
 from qswap.integration.metrics import error_counts, utterance_word_errors
@@ -105,13 +106,14 @@ def integer_cells(row: Row) -> tuple[str, str, str]:
 
 
 def interval_suffix(ci, sign: str = "") -> str:
-    """`` [6.74, 13.17]`` (``sign="+"`` for differences); empty without an interval."""
-    return f" [{ci[0]:{sign}.2f}, {ci[1]:{sign}.2f}]" if ci else ""
+    """`` [6.74, 13.17]`` (``sign="+"`` for differences); empty without an interval (the table's
+    note says why)."""
+    return interval_text(ci, sign, missing="")
 
 
 def with_interval(value: float, ci, sign: str = "") -> str:
     """``9.77 [6.74, 13.17]``; the value alone without an interval."""
-    return f"{value:{sign}.2f}" + interval_suffix(ci, sign)
+    return value_text(value, ci, sign, missing="")
 
 
 def significance_text(significant: bool | None) -> str:

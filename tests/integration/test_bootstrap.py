@@ -5,8 +5,9 @@ import pytest
 import scipy.stats
 
 from qswap.errors import DataError
-from qswap.integration.bootstrap import (MIN_UTTERANCES, NO_INTERVAL, Bootstrap, delta_interval, no_interval_note,
-                                         significant, wer_interval)
+from qswap.integration.bootstrap import (MIN_UTTERANCES, NO_INTERVAL, Bootstrap, Interval, as_interval, bounds,
+                                         delta_interval, interval_text, no_interval_note, significant, value_text,
+                                         wer_interval)
 from qswap.integration.compare import Row, add_intervals
 from qswap.integration.metrics import error_counts, utterance_word_errors
 
@@ -139,3 +140,16 @@ def test_the_no_interval_note_is_one_sentence_for_the_comparison_and_for_eval():
     one = [{"id": "a", "ref": "a b c", "hyp": "a b d"}]
     assert _intervals(one, None)["note"] == no_interval_note(1, "this result has")
     assert "note" not in _intervals(one + [{"id": "b", "ref": "x y", "hyp": "x y"}], None)
+
+
+def test_an_interval_renders_as_its_bounds_and_a_missing_one_as_no_interval():
+    """The doc tools render intervals (or their JSON bounds) with these; without one they say why
+    in NO_INTERVAL's words instead of indexing None."""
+    interval = Interval(-0.25, 1.5)
+    assert as_interval(interval) is interval and as_interval([-0.25, 1.5]) == interval
+    assert as_interval(None) is None and as_interval(bounds(None)) is None
+    assert interval_text(interval, "+") == interval_text((-0.25, 1.5), "+") == " [-0.25, +1.50]"
+    assert value_text(9.771, [6.74, 13.17]) == "9.77 [6.74, 13.17]"
+    one = delta_interval([1], [0], [6])
+    assert value_text(16.67, one, "+") == f"+16.67 ({NO_INTERVAL})"
+    assert value_text(16.67, bounds(one), "+", missing="") == "+16.67"

@@ -163,3 +163,18 @@ def test_the_qat_checkpoints_rows_render_beside_its_deploy_audit():
     assert page.index("cmd-low-bit") < page.index("## Deploy honesty of each shipped recipe")
     del result["qat"]
     assert "## The 4-bit-activation QAT checkpoint, deployed" not in deploy_doc.render(result)
+
+
+def test_one_utterance_pairs_and_renders_without_an_interval():
+    """``paired`` on one utterance: no interval (the bootstrap needs two), and the rows say so."""
+    from types import SimpleNamespace
+
+    from qswap.integration.bootstrap import NO_INTERVAL
+
+    base = [SimpleNamespace(ref="a b c d", hyp="a b c d")]
+    row = {**deploy_doc.paired(base, [SimpleNamespace(ref="a b c d", hyp="a b c x")]), "recipe": "w8a8",
+           "subset": "test_large"}
+    assert row["delta_ci"] is None and row["significant"] is None and row["delta"] == 25.0
+    assert f"| +25.00 ({NO_INTERVAL}) | 0/1 |" in deploy_doc.wer_row_line(row, 0.3)
+    lines = deploy_doc.large_wer_lines({"wer_large": {"rows": [row], "command": "cmd"}, "targets": {"wer_gap": 0.3}})
+    assert "0 of 1 rows meet the target by their ΔWER; the 95 % interval lies within ±0.3 in 0 of them" in "\n".join(lines)

@@ -157,3 +157,21 @@ def test_redo_needs_resume_and_drops_only_the_named_cells(tmp_path, monkeypatch)
     assert strategies.main(["--resume", "--redo", "--methods", "hadamard", "--columns", "w8a8", "--subsets", "test",
                             "--json", str(tmp_path / "s"), "--markdown", str(tmp_path / "s.md")]) == 0
     assert seen == {"test": ["shipped/w8a8"], "test_heldout": ["hadamard/w8a8", "shipped/w8a8"]}
+
+
+def test_a_set_of_one_utterance_renders_no_interval_instead_of_failing():
+    """Below MIN_UTTERANCES utterances the bootstrap gives no interval: the cells say so."""
+    from qswap.integration.bootstrap import NO_INTERVAL
+
+    def cell(errors):
+        return {"utterance_errors": [errors], "utterance_words": [6], "wer": 100 * errors / 6, "honest": True,
+                "weight_mb": 1.0}
+
+    payload = {"cells": {s: {"float/fp32": cell(0), "shipped/w8a8": cell(1)} for s in strategies.SUBSETS}}
+    stats = strategies.with_intervals(payload)
+    subset = next(iter(strategies.SUBSETS))
+    assert stats[subset]["shipped/w8a8"]["delta_ci"] is None and stats[subset]["shipped/w8a8"]["wer_ci"] is None
+    assert f"+16.67 ({NO_INTERVAL})" in strategies.table(payload, stats, subset)
+    delta, ci = strategies.pair(payload, subset, "shipped/w8a8", "float/fp32")
+    assert ci is None and strategies._verdict(ci) == "no verdict"
+    assert "an interval reaches beyond it" in strategies._meeting(payload, stats, "w8a8", 20.0, exclude="")
