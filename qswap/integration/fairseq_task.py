@@ -177,7 +177,8 @@ class QswapTaskMixin:
 
 
 def _refuse_other(recipe, stored, where):
-    if stored.to_dict() != recipe.to_dict():
+    from qswap.recipe import same_recipe
+    if not same_recipe(stored, recipe):
         from qswap.errors import ConvertError
         raise ConvertError(f"--qswap-recipe {recipe.name} is not the recipe {stored.name} that {where} was "
                            f"converted or trained with (its grids and weights are that recipe's): pass the "

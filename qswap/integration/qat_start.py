@@ -16,7 +16,7 @@ import os
 from typing import Any, Mapping
 
 from qswap.errors import CheckpointError, ConvertError, RecipeError
-from qswap.recipe import Recipe
+from qswap.recipe import Recipe, same_recipe
 from qswap.transforms import STRUCTURE_ONLY, needs_data
 
 
@@ -49,7 +49,7 @@ def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = Non
         raise ConvertError(f"{what}, and --finetune-from-model {finetune_from} is a float checkpoint; "
                            f"convert it first, `{convert_command(recipe_arg, finetune_from, data)}`, "
                            f"and fine-tune from QCKPT")
-    if stored.to_dict() != recipe.to_dict():
+    if not same_recipe(stored, recipe):
         raise ConvertError(f"{what}; --finetune-from-model {finetune_from} was converted with recipe "
                            f"{stored.name}, not with this one (its folded weights and grids would not "
                            f"be this recipe's); convert the float checkpoint with this recipe, "

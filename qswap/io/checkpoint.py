@@ -325,8 +325,8 @@ def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
     if getattr(model, "qswap_recipe", None) is not None and any(
             isinstance(m, FakeQuantize) for m in model.modules()):
         # the task converted it (the qswap plugin's tasks read cfg.model.qswap_recipe)
-        from qswap.recipe import load_recipe
-        if model.qswap_recipe.to_dict() != load_recipe(dict(recipe)).to_dict():
+        from qswap.recipe import load_recipe, same_recipe
+        if not same_recipe(model.qswap_recipe, load_recipe(dict(recipe))):
             raise CheckpointError(f"{path}: the model cfg's recipe ({model.qswap_recipe.name}) is not the "
                                   f"one in the checkpoint's qswap entry ({recipe.get('name')!r}); the file "
                                   f"was edited or is damaged: write it again with qswap convert")

@@ -68,6 +68,13 @@ class Recipe:
         return {**_plain(self.raw), "version": self.version, "name": self.name}
 
 
+def same_recipe(a: Recipe, b: Recipe) -> bool:
+    """Recipe equality as qswap checks it (a checkpoint's stored recipe against the one asked for):
+    the same plain data (``to_dict``: what each was loaded from, name and version), not the same file
+    or object."""
+    return a.to_dict() == b.to_dict()
+
+
 def _plain(obj: Any) -> Any:
     if isinstance(obj, Mapping):
         return {k: _plain(v) for k, v in obj.items()}

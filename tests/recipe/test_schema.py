@@ -1,6 +1,6 @@
 import yaml
 
-from qswap.recipe import load_recipe, parse_recipe
+from qswap.recipe import load_recipe, parse_recipe, same_recipe
 
 
 def test_to_dict_keeps_the_name_taken_from_the_file_stem(tmp_path):
@@ -15,3 +15,16 @@ def test_to_dict_keeps_the_name_taken_from_the_file_stem(tmp_path):
     saved.write_text(yaml.safe_dump(data))
     again = load_recipe(saved)
     assert again.name == "my" and again.defaults == recipe.defaults
+
+
+def test_same_recipe_compares_what_the_recipes_were_loaded_from(tmp_path):
+    """One recipe equality for the checks that a checkpoint's stored recipe is the one asked for:
+    the same data from another file or a dict is the same recipe; another name or grid is not."""
+    w8a8 = load_recipe("w8a8")
+    assert same_recipe(w8a8, load_recipe(w8a8.to_dict())) and same_recipe(w8a8, w8a8)
+    copy = tmp_path / "w8a8.yaml"
+    copy.write_text(yaml.safe_dump(w8a8.to_dict()))
+    assert same_recipe(load_recipe(copy), w8a8)
+    assert not same_recipe(w8a8, load_recipe("w4a8"))
+    assert not same_recipe(w8a8, load_recipe({**w8a8.to_dict(), "name": "other"}))
+
