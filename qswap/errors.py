@@ -50,11 +50,13 @@ class CheckpointError(QswapError):
     """A checkpoint is missing, corrupt, not a fairseq/qswap checkpoint, or unsafe to load.
     ``kind``: "build" where fairseq could not build the model from a checkpoint that loaded (its
     state does not fit the model its cfg and task build, e.g. another dictionary's embedding
-    size); None otherwise."""
+    size); None otherwise. ``checkpoint``: the checkpoint the message names, where it was raised
+    by code that knew it (the fairseq loader names the checkpoint in one raised without it)."""
 
-    def __init__(self, message: str, *, kind: str | None = None):
+    def __init__(self, message: str, *, kind: str | None = None, checkpoint: object = None):
         super().__init__(message)
         self.kind = kind
+        self.checkpoint = checkpoint
 
 
 class UnsafeCheckpointError(CheckpointError):

@@ -91,4 +91,4 @@ def load_recipe_of(path: Any, value: Any) -> Recipe:
         where = f"{path}: " if path else ""
         raise CheckpointError(f"{where}cannot load the recipe the checkpoint was trained with ({exc}); it "
                               f"stores the recipe by name or path only (written by an older qswap): pass the "
-                              f"recipe it was trained with, --qswap-recipe RECIPE") from None
+                              f"recipe it was trained with, --qswap-recipe RECIPE", checkpoint=path or None) from None

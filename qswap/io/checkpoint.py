@@ -66,9 +66,9 @@ def load_fairseq_model(path: "str | os.PathLike[str]", *, trust_checkpoint: bool
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
             [str(path)], task=task, state=state)
     except CheckpointError as exc:
-        if type(exc) is not CheckpointError or str(path) in str(exc):
+        if type(exc) is not CheckpointError or exc.checkpoint is not None:
             raise
-        raise CheckpointError(f"{path}: {exc}", kind=exc.kind) from None
+        raise CheckpointError(f"{path}: {exc}", kind=exc.kind, checkpoint=path) from None
     except QswapError:
         raise
     except Exception as exc:

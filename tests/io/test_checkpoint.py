@@ -32,3 +32,34 @@ def test_a_strict_recipe_the_checks_now_refuse_still_loads(tmp_path):
     assert loaded.qswap_recipe.strict and loaded.qswap_recipe.name == "lin4_strict"
     layer = loaded.encoder.transformer_layers[0]
     assert layer.fc1.weight_quant.spec.bits == 4 and layer.self_attn.q_proj.weight_quant.spec.bits == 8
+
+
+@pytest.mark.parametrize("checkpoint", [None, "other.pt"])
+def test_a_checkpoint_error_from_fairseqs_build_names_the_checkpoint_once(monkeypatch, checkpoint):
+    """A CheckpointError raised while fairseq builds the model is re-raised naming the checkpoint,
+    unless it says it names one already (its ``checkpoint``); what its message says is not read."""
+    from fairseq import checkpoint_utils
+
+    from qswap.errors import CheckpointError
+    from qswap.integration.qat_start import load_recipe_of
+
+    path = ASSET / "checkpoint.pt"
+    raised = CheckpointError(f"the recipe file beside {path} is gone", kind="build", checkpoint=checkpoint)
+
+    def build(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(checkpoint_utils, "load_model_ensemble_and_task", build)
+    with pytest.raises(CheckpointError) as info:
+        load_fairseq_model(path, arg_overrides={"data": str(ASSET)})
+    if checkpoint is None:
+        assert str(info.value) == f"{path}: {raised}" and info.value.checkpoint == path
+        assert info.value.kind == "build"
+    else:
+        assert info.value is raised
+    with pytest.raises(CheckpointError) as info:
+        load_recipe_of("q.pt", "gone.yaml")
+    assert info.value.checkpoint == "q.pt" and str(info.value).startswith("q.pt: cannot load the recipe")
+    with pytest.raises(CheckpointError) as info:
+        load_recipe_of(None, "gone.yaml")
+    assert info.value.checkpoint is None
