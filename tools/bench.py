@@ -206,7 +206,7 @@ def converted(b: Bench, recipe: str) -> Any:
     from qswap.honesty.paths import run_paths
 
     if recipe not in b.qmodels:
-        qmodel = qswap.convert(b.model, fast(recipe))
+        qmodel = qswap.convert(b.model, fast(recipe), data=b.calib)  # data: a recipe's transforms (smoothquant)
         qswap.calibrate(qmodel, b.calib, forward=run_paths)
         b.qmodels[recipe] = qmodel
     return b.qmodels[recipe]
@@ -243,19 +243,21 @@ def measure_decode(b: Bench, sizes: Sizes) -> dict:
     (``min_len`` = ``max_len_b``), so float and fake-quant runs do the same number of steps."""
     from fairseq.sequence_generator import SequenceGenerator
 
-    w8a8 = converted(b, "w8a8")
+    w8a8, stream = converted(b, "w8a8"), converted(b, STREAM_RECIPE)
     steps = sizes.decode_steps
     gens = {name: SequenceGenerator([m], b.tgt_dict, beam_size=5, max_len_a=0, max_len_b=steps,
                                     min_len=steps)
-            for name, m in (("float", b.model), ("w8a8", w8a8))}
+            for name, m in (("float", b.model), ("w8a8", w8a8), ("stream", stream))}
     runs = {name: (lambda g=g: g.generate(g.model.models, b.decode_sample)) for name, g in gens.items()}
     runs["w8a8_integer"] = integer_insides(w8a8, runs["w8a8"])
     t = interleaved_medians(runs, sizes.repeats)
     return {"decode_float_s": t["float"], "decode_w8a8_s": t["w8a8"], "decode": t["w8a8"] / t["float"],
+            "decode_stream_s": t["stream"],
             "decode_w8a8_integer_s": t["w8a8_integer"], "decode_utts": sizes.decode_utts, "decode_steps": steps}
 
 
 QAT_RECIPE = "w4a4_edges8_lsq"  # learned (LSQ) activation scales: Parameters after training
+STREAM_RECIPE = "w4a4_edges8_stream_smoothquant"  # per-channel activation grids (the residual stream's)
 
 
 def qat_trained(b: Bench, steps: int = 3) -> Any:
@@ -693,6 +695,9 @@ def details(r: dict, sizes: Sizes) -> list[str]:
            f"{r['decode']:.2f}× |",
            f"| the same, w8a8 with the default integer insides (`simulate: integer`, no target) | | "
            f"{_ms(r['decode_w8a8_integer_s'])} | {r['decode_w8a8_integer_s'] / r['decode_float_s']:.2f}× |",
+           *([f"| the same, `{STREAM_RECIPE}` (per-channel activation grids of the residual stream, "
+              f"`simulate: float`; no target) | | {_ms(r['decode_stream_s'])} | "
+              f"{r['decode_stream_s'] / r['decode_float_s']:.2f}× |"] if "decode_stream_s" in r else []),
            f"| the same, {QAT_RECIPE}: PTQ (calibrated) / QAT (3 Adam updates of weights and LSQ "
            f"scales) | {_ms(r['decode_ptq_s'])} | {_ms(r['decode_qat_s'])} | {r['qat_decode']:.2f}× |",
            f"| `qswap.calibrate`, {r['calib_batches']} batches, `observe: quantized` (float: the same batch "
