@@ -803,7 +803,12 @@ def header(r: dict) -> list[str]:
              "exports is refused). "
              "The cached keys and values travel as uint8 codes on their quantizers' grids where the recipe "
              "quantizes them per tensor, as float values otherwise. fairseq's own "
-             "`SequenceGenerator` drives the beam search over them (`qswap.export.runtime`).", ""]
+             "`SequenceGenerator` drives the beam search over them (`qswap.export.runtime`). "
+             "Each graph records, in its metadata (`qswap.sites`), the module of the quantized model every "
+             "scope of its node names came from, taken from the very module objects the exporter traced "
+             "(`qswap.export.sites`): `qswap audit DIR --onnx` names each float node's module with it "
+             "(the node names alone skip the modules a graph calls past, and number a repeated path); "
+             "a graph exported before qswap recorded it is audited by the path its node names spell.", ""]
 
 
 def speed_section(r: dict) -> list[str]:

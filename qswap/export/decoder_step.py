@@ -249,8 +249,9 @@ def export_cross_kv(qmodel: nn.Module, path: "str | os.PathLike[str]", encoder_o
     outputs = cross_names(len(qmodel.decoder.layers))
     axes = {"encoder_out": {0: "src", 1: "batch"}}
     axes.update({n: {0: "batch", 2: "src"} for n in outputs})
-    return trace_to_onnx(CrossKVGraph(copy.deepcopy(qmodel).eval()), (encoder_out,), path,
-                         ("encoder_out",), outputs, axes, opset)
+    model = copy.deepcopy(qmodel).eval()
+    return trace_to_onnx(CrossKVGraph(model), (encoder_out,), path, ("encoder_out",), outputs, axes, opset,
+                         sites=(model, ""))
 
 
 def export_decoder_step(qmodel: nn.Module, path: "str | os.PathLike[str]", encoder_out: torch.Tensor,
@@ -276,9 +277,10 @@ def export_decoder_step(qmodel: nn.Module, path: "str | os.PathLike[str]", encod
     axes.update({n: {0: "batch", 2: "past"} for n in inputs[2:2 + 2 * layers]})
     axes.update({n: {0: "sentences", 2: "src"} for n in inputs[2 + 2 * layers:]})
     axes.update({n: {0: "batch", 2: "steps"} for n in outputs[1:]})
-    graph = DecoderStepGraph(copy.deepcopy(qmodel).eval())
+    traced = copy.deepcopy(qmodel).eval()
+    graph = DecoderStepGraph(traced)
     return trace_to_onnx(graph, (tokens, encoder_padding_mask, *first[1:], *cross), path,
-                         inputs, outputs, axes, opset, entry=entry_tables(model.decoder))
+                         inputs, outputs, axes, opset, entry=entry_tables(model.decoder), sites=(traced, ""))
 
 
 def entry_tables(decoder: nn.Module) -> "tuple[dict, float] | None":

@@ -69,18 +69,25 @@ def export_encoder(qmodel: nn.Module, path: "str | os.PathLike[str]", example: d
     return trace_to_onnx(graph, tuple(example[k] for k in INPUTS), path, INPUTS, OUTPUTS,
                          {"src_tokens": {0: "batch", 1: "frames"}, "src_lengths": {0: "batch"},
                           "encoder_out": {0: "out_frames", 1: "batch"},
-                          "encoder_padding_mask": {0: "batch", 1: "out_frames"}}, opset, compact=compact)
+                          "encoder_padding_mask": {0: "batch", 1: "out_frames"}}, opset, compact=compact,
+                         sites=(graph.encoder, "encoder."))
 
 
 def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]", inputs: tuple,
                   outputs: tuple, dynamic_axes: dict, opset: int = OPSET, *, compact: bool = True,
-                  entry: "tuple[dict, float] | None" = None) -> Path:
+                  entry: "tuple[dict, float] | None" = None,
+                  sites: "tuple[nn.Module, str] | None" = None) -> Path:
     """Swap ``graph``'s quantizers for their ONNX stand-ins (in place: pass a copy), record the
     weight and bias codes with one eager forward on ``args``, trace, compact the graph without
     changing its values (``qswap.export.compact``: 4-bit weight codes stored as INT4, opset 21)
     and write ``path`` atomically. ``compact=False`` writes torch's graph as traced (int8 codes,
     opset ``opset``): the reference the compaction is tested against. ``entry``: (code table
-    initializer -> folded int32 table, their grid) for ``graph_passes.integer_entry``."""
+    initializer -> folded int32 table, their grid) for ``graph_passes.integer_entry``.
+    ``sites``: (the module holding ``graph``'s modules at their paths in the quantized model, the
+    prefix of those paths): the graph's metadata then maps each scope path of its node names to
+    the module it came from (``qswap.export.sites``; the deploy audit's sites)."""
+    from qswap.export.sites import METADATA_KEY, ScopeRecorder, site_map, to_metadata
+
     stand_ins = swap_in_stand_ins(graph)
     with torch.no_grad(), warnings.catch_warnings():
         # the Python booleans the trace fixes (beam size 1, the position table's size) are
@@ -88,9 +95,13 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         _record(graph, stand_ins, args)
         buffer = io.BytesIO()
-        torch.onnx.export(graph, args, buffer, dynamo=False, opset_version=opset,
-                          input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic_axes)
+        with ScopeRecorder(graph) as recorder:
+            torch.onnx.export(graph, args, buffer, dynamo=False, opset_version=opset,
+                              input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic_axes)
     model = _onnx_module().load_model_from_string(buffer.getvalue())
+    scopes = None  # from torch's node names, before the passes add nodes named after them
+    if sites is not None:
+        scopes = site_map(graph, recorder.calls, sites[0], sites[1], [n.name for n in model.graph.node])
     code_caches(model)
     gather_codes(model)  # before the fold: a table's rows times a constant (embed_scale) fold into their scale
     fold_constant_scales(model)
@@ -116,6 +127,9 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
             compact_graph(model, set())
         else:
             model = packed
+    if scopes is not None:  # after the passes: the opset upgrade of the compaction keeps no metadata
+        prop = model.metadata_props.add()
+        prop.key, prop.value = METADATA_KEY, to_metadata(scopes)
     path = Path(path)
     atomic_write_bytes(path, model.SerializeToString())
     return path

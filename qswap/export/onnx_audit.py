@@ -126,13 +126,18 @@ def audit_onnx(path: "str | os.PathLike[str]", *, level: str = "extended", site_
                save_optimized: "str | os.PathLike[str] | None" = None) -> DeployReport:
     """Optimize the graph at ``path`` as an onnxruntime CPU session does (``level``: "basic",
     "extended" or "all"), and classify the optimized graph's nodes; ``save_optimized``: also
-    write the optimized graph there (atomically). ``site_prefix`` is put before the module path
-    read from a node's name (``"encoder."`` for an exported encoder).
+    write the optimized graph there (atomically). Each float node's site is read from the map of
+    scope paths to module paths qswap's export records in the graph (``qswap.export.sites``); a
+    graph without one (written before qswap recorded it) has the module path read from the node's
+    name (``site_of``), with ``site_prefix`` put before it (``"encoder."`` for an exported encoder).
     Raises ExportError for a missing or unreadable graph file."""
+    from qswap.export.sites import from_metadata, site_in
+
     onnx = _onnx()
     with tempfile.TemporaryDirectory(prefix="qswap-ort-") as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        load_session(path, optimized_path=str(optimized), level=level)
+        session = load_session(path, optimized_path=str(optimized), level=level)
+        sites = from_metadata(session.get_modelmeta().custom_metadata_map)
         if save_optimized is not None:
             atomic_write_bytes(save_optimized, optimized.read_bytes())
         model = onnx.load(str(optimized))
@@ -162,8 +167,8 @@ def audit_onnx(path: "str | os.PathLike[str]", *, level: str = "extended", site_
             integer_ops[node.op_type] += 1
         elif bucket == "float":
             float_ops[node.op_type] += 1
-            report.float_nodes.append(FloatNode(node.name, node.op_type, site_of(node.name, site_prefix),
-                                                reason))
+            site = site_of(node.name, site_prefix) if sites is None else site_in(node.name, sites)
+            report.float_nodes.append(FloatNode(node.name, node.op_type, site, reason))
     report.buckets = {k: buckets.get(k, 0) for k in ("integer", "quantize", "movement", "index", "float")}
     report.integer_ops, report.float_ops = dict(integer_ops), dict(float_ops)
     return report
@@ -249,7 +254,10 @@ def site_of(node_name: str, prefix: str = "") -> str:
     """The qswap module path in a node name written by torch's exporter: the components before
     the first op name (capitalized), ``/transformer_layers.0/self_attn/core/MatMul/MatMulScaleFusion/``
     -> ``transformer_layers.0.self_attn.core``; onnxruntime names a fused node after the node the
-    fusion starts from. "" when the name has no module path."""
+    fusion starts from. "" when the name has no module path. Only right where the traced module
+    called each module through its parent (torch names a node after the calls it ran in, each by
+    the module's last attribute name): the audit's fallback for graphs without qswap's site map
+    (``qswap.export.sites``)."""
     parts = []
     for part in (p for p in node_name.split("/") if p):
         if part[:1].isupper():

@@ -50,6 +50,8 @@ FORMAT = 3
 GRAPHS = {"encoder": "encoder.onnx", "cross_kv": "cross_kv.onnx", "decoder_step": "decoder_step.onnx"}
 CTC_GRAPHS = {"ctc": "ctc.onnx"}
 KIND_GRAPHS = {"seq2seq": GRAPHS, "ctc": CTC_GRAPHS}
+# the deploy audit's sites of a graph without qswap's site map (``qswap.export.sites``: an export
+# written before it was recorded): the module path read from a node's name, after this prefix
 SITE_PREFIX = {"encoder": "encoder.", "cross_kv": "decoder.", "decoder_step": "", "ctc": ""}
 # a recipe with no quantizers: qswap's modules computing in float, the float graph of the same
 # structure as a quantized export (the reference of speed and transcript comparisons)

@@ -112,7 +112,7 @@ def export_ctc(qmodel: nn.Module, path: "str | os.PathLike[str]", example: dict,
     return trace_to_onnx(graph, (example["source"], example["padding_mask"]), path, INPUTS, OUTPUTS,
                          {"source": {0: "batch", 1: "samples"}, "padding_mask": {0: "batch", 1: "samples"},
                           "logits": {0: "frames", 1: "batch"}, "logits_padding_mask": {0: "batch", 1: "frames"}},
-                         opset)
+                         opset, sites=(graph.model, ""))
 
 
 def run_ctc(session, source: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,11 +83,13 @@ def test_no_quantizer_sees_infinity_with_padding(exported):
 
 
 def test_manifest_and_deploy_audit_of_a_ctc_export(exported, tmp_path, capsys):
-    _, out = exported
+    qmodel, out = exported
     manifest = read_manifest(out)
     assert manifest.kind == "ctc" and manifest.graphs == CTC_GRAPHS and manifest.claims_honest is True
     report = audit_export(out)
     assert [g.graph for g in report.graphs] == ["ctc.onnx"] and report.integer_count > 0
+    modules = dict(qmodel.named_modules())  # each float node's site is a module of the model (test_sites.py)
+    assert [n.site for n in report.graphs[0].float_nodes if n.site and n.site not in modules] == []
     assert main(["audit", str(out), "--onnx", "--json", str(tmp_path / "a.json")]) == 1  # float nodes remain
     assert "CLAIMS HONEST, DEPLOYS FLOAT" in capsys.readouterr().out
     payload = json.loads((tmp_path / "a.json").read_text())
