@@ -42,8 +42,18 @@ OUTPUTS = ("encoder_out", "encoder_padding_mask")
 
 def check_calibrated(model: nn.Module) -> None:
     """A typed error unless at least one quantizer of ``model`` has a frozen grid (a model that
-    was converted but never calibrated would export observer defaults)."""
+    was converted but never calibrated would export observer defaults); a conversion whose recipe
+    quantizes weights alone (w8_weight_only) has its own error, naming what to do."""
     quantizers = [m for m in model.modules() if isinstance(m, FakeQuantize) and m.kind == "activation"]
+    recipe = getattr(model, "qswap_recipe", None)
+    if not quantizers and any(isinstance(m, FakeQuantize) for m in model.modules()):  # weight quantizers only
+        name = f"recipe {recipe.name!r}" if getattr(recipe, "name", None) else "the model's recipe"
+        raise ExportError(f"{name} quantizes no activations: a recipe without activation quantizers cannot be "
+                          f"exported as QDQ graphs of qswap's scales (every quantized op reads its inputs on a "
+                          f"calibrated activation grid); convert the model with a recipe that quantizes "
+                          f"activations (w8a8, w4a8...) and calibrate it, or export its graphs with float "
+                          f"activations with allow_float=True (qswap.export.export_model and the export_* "
+                          f"functions; 'qswap export --onnx' has no such option)")
     if not quantizers:
         raise ExportError("the model has no qswap activation quantizers; convert it with a recipe "
                           "(qswap.convert) and calibrate it (qswap.calibrate) before exporting")

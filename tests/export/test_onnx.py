@@ -237,3 +237,15 @@ def test_truncated_graph_file_is_a_typed_error(graph_path, tmp_path):
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ExportError, match="onnxruntime cannot load this graph"):
         load_session(truncated)
+
+
+def test_a_recipe_without_activation_quantizers_is_a_typed_error_naming_what_to_do(tmp_path):
+    """A calibrated conversion whose recipe quantizes weights alone: not 'convert it and
+    calibrate it' (it is both), but a recipe that quantizes activations, or allow_float."""
+    recipe = "w8_weight_only"
+    qmodel = calibrated(build_s2t_transformer(), recipe)
+    with pytest.raises(ExportError, match=rf"recipe '{recipe}' quantizes no activations: .*cannot be exported as "
+                                          r"QDQ graphs of qswap's scales.*quantizes activations.*allow_float=True"):
+        export_encoder(qmodel, tmp_path / "e.onnx", s2t_net_input())
+    assert not (tmp_path / "e.onnx").exists()
+    export_encoder(qmodel, tmp_path / "e.onnx", s2t_net_input(), allow_float=True)  # its float-activation graph
