@@ -1235,7 +1235,12 @@ def architecture_section(r: dict) -> list[str]:
              "(B, T) bool out (`qswap.export.wav2vec2`). `qswap eval DIR --backend onnxruntime` decodes it "
              "with greedy CTC, as `qswap eval` decodes the torch model. Not covered (typed errors): "
              "`blank_weight` other than 0, `crop_seq_to_multiple` other than 1, the conformer wav2vec 2.0 "
-             "encoder.",
+             "encoder. An utterance shorter than the feature extractor's receptive field (400 samples, 25 ms "
+             "at 16 kHz, with fairseq's default extractor) has no frame: in a padded batch the graph masks all "
+             "its frames, and greedy CTC gives it an empty transcript; fairseq's mask construction, which the "
+             "fake-quant model and `qswap eval` on the checkpoint use, indexes with the negative length, which "
+             "wraps around, and masks almost none of its frames (it decodes the padding). Alone in a batch, "
+             "such an utterance is too short for the convolutions: onnxruntime refuses it (an `ExportError`).",
              "", "In every graph the padding mask enters as booleans (attention adds it to the scores after "
              "the softmax input quantizer as 0 or -inf, `Where(mask, -inf, 0)`: the masked fill's values, and "
              "an `Add` onnxruntime runs several times faster than a `Where` on the scores; the deploy audit "

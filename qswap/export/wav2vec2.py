@@ -12,6 +12,14 @@ padding mask enters as booleans and is always computed (fairseq drops an all-Fal
 values are the same); padded frames are zeroed before the positional convolution and masked
 as keys in attention, so -inf never reaches a quantizer.
 
+An utterance shorter than the feature extractor's receptive field (400 samples with fairseq's
+default extractor) has a frame count of 0 or less: in a padded batch the graph masks all its
+frames (``logits_padding_mask`` all True: greedy CTC gives it an empty transcript). Here the
+graph and the fake-quant model differ: fairseq's mask construction
+(``qswap.nn.fairseq.wav2vec2.feature_padding_mask``) marks the frame at ``length - 1``, a
+negative index that wraps around, and masks almost none of that utterance's frames. The graph
+keeps what the length says; the fake-quant model is left as fairseq computes it.
+
 >>> export_ctc(qmodel, "ctc.onnx", wav2vec2_net_input())
 >>> logits, padding = run_ctc(load_session("ctc.onnx"), source, padding_mask)
 """
@@ -47,7 +55,9 @@ class CtcGraph(nn.Module):
         x = w2v.layer_norm(features.transpose(1, 2))  # (B, T, C)
         lengths = output_lengths(w2v.conv_strides, (~padding_mask).long().sum(-1))  # (B,)
         frames = torch.arange(x.shape[1], device=x.device)  # (T,)
-        padding = frames.unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T) bool
+        # (B, T) bool; a length <= 0 (an utterance shorter than the receptive field) masks every
+        # frame, where fairseq's construction wraps its index around and masks almost none (module docstring)
+        padding = frames.unsqueeze(0) >= lengths.unsqueeze(1)
         if w2v.post_extract_proj is not None:
             x = w2v.post_extract_proj(x)
         x = self._encoder(w2v.encoder, x, padding, lengths)  # (T, B, C)

@@ -163,3 +163,20 @@ def test_inputs_the_graph_does_not_take_are_a_typed_error(exported):
     session = load_session(out / CTC_GRAPHS["ctc"])
     with pytest.raises(ExportError, match=r"cannot run the exported graph on these inputs \(source float32\[4000\]"):
         run_ctc(session, torch.zeros(4000), torch.zeros(4000, dtype=torch.bool))  # no batch axis
+
+
+def test_an_utterance_shorter_than_the_receptive_field_has_every_frame_masked(exported):
+    """In a padded batch, an utterance with no frame (fewer samples than the extractor's receptive
+    field): the graph masks all its frames (an empty transcript); fairseq's mask construction, the
+    fake-quant model's, wraps its negative index around and masks almost none (the documented
+    difference, qswap.export.wav2vec2)."""
+    from qswap.nn.fairseq.wav2vec2 import feature_padding_mask, output_lengths
+
+    qmodel, out = exported
+    strides = qmodel.w2v_encoder.w2v_model.conv_strides
+    net = padded(2, 5000, seed=4)
+    net["padding_mask"][1, 5:], net["source"][1, 5:] = True, 0.0
+    assert int(output_lengths(strides, torch.tensor([5]))) <= 0
+    _, padding = run_ctc(load_session(out / "ctc.onnx"), net["source"], net["padding_mask"])
+    assert padding[1].all() and not padding[0].any()  # no frame of it reaches greedy CTC: an empty transcript
+    assert feature_padding_mask(strides, net["padding_mask"], padding.shape[1])[1].sum() <= 1
