@@ -1,6 +1,6 @@
 """Integer primitives: pure functions on integer tensors (int8/int16/int32/int64), no float inside.
 
-Work in progress of issue 16. Floats appear only when a constant is *built* from float scales
+Floats appear only when a constant is *built* from float scales
 (``quantize_multiplier``, ``build_lut``, the ``*_params`` helpers): that is constant folding done
 once before execution. The functions that run on data take and return integer tensors only.
 
@@ -10,12 +10,14 @@ function                       rounding                      accumulator / overf
 quantize_multiplier            half away from zero           M0 in [2^30, 2^31) as a Python int
 saturating_rounding_doubling   ties toward +inf (gemmlowp)   int64 product; saturates INT32_MIN^2
   _high_mul
-rounding_divide_by_pot         half away from zero           int32, never overflows
+rounding_divide_by_pot         half away from zero           int32, never overflows (wider
+                                                             input refused)
 requantize                     single: once, ties toward     int32 in, int64 product; saturates
                                +inf; double: the two above   to [qmin, qmax]
-rescaled_add                   the two above, per operand    int32, bound in its docstring
+rescaled_add                   the two above, per operand    int32, bound in its docstring,
+                                                             checked per call (refused)
 add_constant                   constant: half to even;       int32, bound checked when built
-                               then requantize (single)
+                               then requantize (single)      and per call (refused)
 isqrt                          floor (exact)                 int64 in [0, 2^62]
 build_lut / apply_lut          half to even (like the grid)  table of the output dtype
 integer_softmax                exp table: half to even;      int32 row sum, int64 division
@@ -139,8 +141,9 @@ def _high_mul(a64: torch.Tensor, b64: torch.Tensor) -> torch.Tensor:
 def rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor | int) -> torch.Tensor:
     """gemmlowp's ``RoundingDivideByPOT``: ``x / 2^exponent`` of int32 ``x``, exponent in
     [0, 31] (a tensor broadcasts, per channel), rounded half away from zero. The result's
-    magnitude is at most ``|x|``'s: no overflow. Returns int32."""
-    _check_int("x", x)
+    magnitude is at most ``|x|``'s: no overflow. Returns int32. An int64 ``x`` beyond int32 is
+    refused (IntegerizeError), not wrapped."""
+    _check_int32("x", x)
     e = torch.as_tensor(exponent, dtype=torch.int64)
     if e.numel() and (int(e.min()) < 0 or int(e.max()) > 31):
         raise IntegerizeError(f"rounding_divide_by_pot needs exponents in [0, 31], got "
@@ -410,13 +413,33 @@ def rescaled_sum(qa: torch.Tensor, zp_a: int | torch.Tensor, qb: torch.Tensor, z
     below 2^28), times its multiplier (<= 0.5, so below 2^27 in magnitude; gemmlowp rounding:
     ties toward +inf then half away from zero); the int32 sum is below 2^28 (no overflow).
     Per channel (zero points and multipliers (C,) tensors, channels on the last axis): the same
-    arithmetic, rounding and bound in every channel, each on its own sum grid."""
+    arithmetic, rounding and bound in every channel, each on its own sum grid. An operand with
+    ``|q - zp| >= 2^input_bits`` (codes wider than the add was built for) is refused
+    (IntegerizeError), not shifted past int32."""
     _check_int("qa", qa)
     _check_int("qb", qb)
     left = params.left_shift
+    for name, q, zero_point in (("qa", qa, zp_a), ("qb", qb, zp_b)):
+        _check_centered(f"rescaled_sum's {name}", q, zero_point, 1 << (28 - left),
+                        f"build AddParams with input_bits = add_input_bits(its operands' grids), {29 - left} or more")
     a = multiply_by_quantized_multiplier(_centered(qa, zp_a) << left, *params.a)
     b = multiply_by_quantized_multiplier(_centered(qb, zp_b) << left, *params.b)
     return a + b
+
+
+def _check_centered(name: str, q: torch.Tensor, zero_point: int | torch.Tensor, limit: int, fix: str) -> None:
+    """``|q - zero_point| < limit`` for every code (the shift after the centring stays exact and
+    inside int32), else IntegerizeError saying ``fix``. 8-bit codes are checked by their dtype's
+    range alone (no pass over ``q``) where that range keeps them below ``limit``."""
+    if q.numel() == 0:
+        return
+    zlo, zhi = _bounds(zero_point)
+    if q.dtype in (torch.int8, torch.uint8) and max(255 - zlo, zhi + 128) < limit:
+        return
+    span = int((q.to(torch.int64) - torch.as_tensor(zero_point, dtype=torch.int64)).abs().max())
+    if span >= limit:
+        raise IntegerizeError(f"{name}: a code {span} steps from its zero point, beyond the {limit - 1} the op "
+                              f"keeps exact in int32 (codes wider than it was built for): {fix}")
 
 
 def _centered(q: torch.Tensor, zero_point: int | torch.Tensor) -> torch.Tensor:
@@ -464,6 +487,9 @@ def add_constant(codes: torch.Tensor, params: ConstantAddParams) -> torch.Tensor
     2^24 for 8-bit codes), requantized onto the output grid (single rounding, saturating). The
     constant's own rounding onto the fine grid moves the sum by at most 2^-17 input steps."""
     _check_int("codes", codes)
+    room = INT32_MAX - (int(params.folded.abs().max()) if params.folded.numel() else 0)
+    _check_centered("add_constant's codes", codes, params.zero_point, (room >> CONSTANT_ADD_BITS) + 1,
+                    "pass codes of the grid ConstantAddParams was built for")
     return params.out((codes.to(torch.int32) - params.zero_point) * (1 << CONSTANT_ADD_BITS) + params.folded)
 
 

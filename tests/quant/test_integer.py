@@ -194,8 +194,8 @@ def test_wide_operands_get_a_shift_that_keeps_them_exact():
     per_channel = ChannelGrid(torch.tensor([0.1, 0.2]), torch.tensor([0, 2000]), 0, 4095)
     assert add_input_bits(per_channel) == 12
     codes = torch.tensor([2047, 2048, 3000, -8192, 8191], dtype=torch.int16)
-    wrapped = rescaled_sum(codes, 0, codes * 0, 0, AddParams.build(0.01, 0.01))
-    assert wrapped.tolist() != (codes.to(torch.int64) * 2 ** 19).tolist()  # the 8-bit shift wraps
+    with pytest.raises(IntegerizeError, match="input_bits"):  # the 8-bit shift would wrap: refused
+        rescaled_sum(codes, 0, codes * 0, 0, AddParams.build(0.01, 0.01))
     params = AddParams.build(0.01, 0.01, input_bits=add_input_bits(g14, g14))
     exact = rescaled_sum(codes, 0, codes * 0, 0, params)
     # each operand's value on the sum's grid: s (q - zp) / sum_scale = (q - zp) 2^left / 2
@@ -215,6 +215,32 @@ def test_rescaled_add_at_its_bound():
     assert go.dtype == torch.int8
     with pytest.raises(IntegerizeError):
         AddParams.build(1.0, 1.0, 1.0, 0, -128, 127, input_bits=17)
+
+
+def test_codes_wider_than_an_op_was_built_for_are_refused_not_wrapped():
+    """int32 wraparound is never an answer: codes of 16 bits in an add built for 8-bit inputs
+    (their 20-bit shift would leave int32), codes beyond a constant add's grid, and an int64
+    beyond int32 in rounding_divide_by_pot are refused with IntegerizeError."""
+    params = AddParams.build(1.0, 1.0, 1.0, 0, -128, 127)  # input_bits 8
+    wide = torch.tensor([3000, -5], dtype=torch.int16)
+    with pytest.raises(IntegerizeError, match="input_bits"):
+        rescaled_sum(wide, 0, torch.zeros(2, dtype=torch.int8), 0, params)
+    with pytest.raises(IntegerizeError, match="input_bits"):
+        rescaled_add(torch.zeros(2, dtype=torch.int8), 0, wide, 0, params)
+    assert rescaled_sum(torch.tensor([255, 0], dtype=torch.int16), 0, wide * 0, 0, params).tolist() == [
+        255 << (params.left_shift - 1), 0]  # the widest 8-bit span still passes
+    per_channel = AddParams.build(torch.ones(2), torch.ones(2))
+    with pytest.raises(IntegerizeError, match="steps from its zero point"):
+        rescaled_sum(torch.tensor([[0, 300]], dtype=torch.int16), torch.tensor([0, 0]),
+                     torch.zeros(1, 2, dtype=torch.int16), torch.tensor([0, 0]), per_channel)
+    grid = Grid(1.0, 0, -128, 127)
+    constant = ConstantAddParams.build(grid, torch.tensor([2.0 ** 14]), grid)
+    assert add_constant(torch.tensor([127, -128], dtype=torch.int8), constant).tolist() == [127, 127]  # saturated
+    with pytest.raises(IntegerizeError, match="grid ConstantAddParams was built for"):
+        add_constant(torch.tensor([40000], dtype=torch.int32), constant)
+    with pytest.raises(IntegerizeError, match="int32 values"):
+        rounding_divide_by_pot(torch.tensor([2 ** 40, -(2 ** 33) - 3]), 1)
+    assert rounding_divide_by_pot(torch.tensor([INT32_MAX, INT32_MIN]), 1).tolist() == [2 ** 30, -(2 ** 30)]
 
 
 # -- isqrt --------------------------------------------------------------------------------------------
