@@ -29,6 +29,7 @@ from torch import nn
 from qswap.convert import copy_model, rules_in_effect
 from qswap.errors import BudgetError
 from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.observers import make_observer
 from qswap.quant.switch import enabled_only
 from qswap.recipe import load_recipe
 from qswap.sensitivity import model_output, output_sqnr
@@ -76,22 +77,38 @@ def _units(qmodel: nn.Module) -> list[tuple[list[str], list[FakeQuantize], int]]
     return [(list(k), qs, n) for k, (qs, n) in grouped.items()]
 
 
+# the observer a unit moved to low bits gets (written by ``build_recipe``, probed by ``_bits``)
+LOW_BITS_OBSERVER = "mse"
+
+
+def low_weight_changes(bits: int) -> dict[str, Any]:
+    """What a unit moved to ``bits`` changes in its weight spec: the one source of what the written
+    rule declares (``build_recipe``) and what the ranking measures (``_bits``)."""
+    return {"bits": bits, "observer": LOW_BITS_OBSERVER}
+
+
 @contextlib.contextmanager
 def _bits(quantizers: list[FakeQuantize], bits: int) -> Iterator[None]:
-    """Temporarily re-grid weight quantizers at ``bits`` (restored afterwards, whatever happens)."""
-    saved = [(q.spec, q.observer.spec) for q in quantizers]
+    """Temporarily give weight quantizers the spec a rule moving them to ``bits`` declares (the
+    width and observer of ``low_weight_changes``), with a fresh observer of that spec; the spec
+    and observer objects are restored afterwards, whatever happens (and the grid re-derived)."""
+    saved = [(q.spec, q.observer) for q in quantizers]
     try:
         for q in quantizers:
-            q.spec = q.observer.spec = q.spec.replace(bits=bits)  # drops the grid kept (FakeQuantize.spec)
+            spec = q.spec.replace(**low_weight_changes(bits))
+            q.observer = make_observer(spec)
+            q.spec = spec  # drops the grid kept (FakeQuantize.spec)
         yield
     finally:
-        for q, (spec, obs_spec) in zip(quantizers, saved):
-            q.spec, q.observer.spec = spec, obs_spec
+        for q, (spec, observer) in zip(quantizers, saved):
+            q.observer = observer
+            q.spec = spec
 
 
 def rank_candidates(model: nn.Module, high: Any, batches: list, low_bits: int = 4) -> list[Candidate]:
     """Units ordered by least output noise added per weight moved to ``low_bits``, each unit's
-    weights measured alone (every other quantizer off: float)."""
+    weights measured alone (every other quantizer off: float), with the weight spec the written
+    rule declares (``_bits``: ``low_weight_changes``)."""
     import qswap
 
     float_model = copy_model(model).eval()
@@ -132,8 +149,8 @@ def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str,
     """``high`` with one exact-path rule per unit moved to ``low_bits`` weights, placed first. Each
     is the rule ``high`` applies to that module (``rules``: path -> rule, ``qswap.convert.
     rules_in_effect``; the nearest listed ancestor's for a path not listed; without it, the
-    defaults) with only the weight's width (and its MSE observer) changed: its activations, sites
-    and float_ok stay what the ranking measured."""
+    defaults) with only the weight's width and observer changed (``low_weight_changes``, what the
+    ranking's probe ``_bits`` measured): its activations, sites and float_ok stay as ranked."""
     base = load_recipe(high).to_dict()
     moved = []
     for c in low:
@@ -142,7 +159,7 @@ def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str,
             own = {k: v for k, v in (base["rules"][effective.index] if effective is not None else {}).items()
                    if k not in ("match", "note", "skip")}
             weight = own.get("weight", base.get("defaults", {}).get("weight")) or {}
-            moved.append({**own, "match": {"path": p}, "weight": {**weight, "bits": low_bits, "observer": "mse"},
+            moved.append({**own, "match": {"path": p}, "weight": {**weight, **low_weight_changes(low_bits)},
                           "note": f"searched: alone at {low_bits} bits it costs {c.loss_db:.2f} dB of output SQNR"})
     return {**base, "name": name,
             "description": f"mixed precision searched from {base.get('name', 'recipe')}: "

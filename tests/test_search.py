@@ -111,7 +111,8 @@ def test_added_noise_and_loss_are_ordered_numbers_for_broken_outputs():
 
 def test_low_bit_probe_regrids_the_weights_a_linear_keeps():
     """``_bits`` replaces weight specs, which changes no tensor: a linear that keeps its quantized
-    (weight, bias) pair must compute the low-bit output, the same as a fresh 2-bit conversion."""
+    (weight, bias) pair must compute the low-bit output, the same as a fresh conversion with the
+    spec a searched rule declares (2 bits, mse observer); afterwards the high output again."""
     import torch
     from torch import nn
 
@@ -120,13 +121,14 @@ def test_low_bit_probe_regrids_the_weights_a_linear_keeps():
     from qswap.quant.spec import QuantSpec
     from qswap.search import _bits
 
-    def linear(bits):
+    def linear(weight):
         torch.manual_seed(0)
-        q = QLinear.from_float(nn.Linear(64, 32), QuantConfig(QuantSpec(bits=bits), QuantSpec(bits=8, symmetric=False)))
+        q = QLinear.from_float(nn.Linear(64, 32), QuantConfig(weight, QuantSpec(bits=8, symmetric=False)))
         return q.eval()
 
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
-    q, fresh = linear(8), linear(2)
+    q, fresh = linear(QuantSpec(bits=8)), linear(QuantSpec(bits=2, observer="mse"))
+    spec, observer = q.weight_quant.spec, q.weight_quant.observer
     with torch.no_grad():
         for m in (q, fresh):
             m(x)
@@ -138,6 +140,7 @@ def test_low_bit_probe_regrids_the_weights_a_linear_keeps():
         back = q(x)
         assert torch.equal(low, fresh(x)) and not torch.equal(low, high)
         assert torch.equal(back, high)
+        assert q.weight_quant.spec is spec and q.weight_quant.observer is observer
 
 
 def test_a_search_starts_from_a_recipe_whose_transforms_read_the_batches():
@@ -185,3 +188,35 @@ def test_a_search_from_a_recipe_with_a_hadamard_transform_names_the_rotated_line
     assert result.low_units and result.weight_mb <= largest * 0.9
     qmodel = qswap.convert(model, result.recipe)
     assert qmodel.qswap_report.quantized_bytes / 1e6 == pytest.approx(result.weight_mb)
+
+
+def test_a_units_ranked_loss_is_the_loss_of_the_rule_written_for_it():
+    """The ranking probes a unit at low bits with the spec the written rule declares (its observer
+    too: the rule says mse where the high recipe's weights use minmax): a unit's ranked loss is the
+    loss of the one-unit recipe build_recipe writes, that unit's weights alone quantized."""
+    import torch
+
+    from qswap.convert import copy_model
+    from qswap.quant.fake_quantize import FakeQuantize
+    from qswap.quant.switch import enabled_only
+    from qswap.search import _units, build_recipe, rank_candidates
+    from qswap.sensitivity import model_output, output_sqnr
+
+    torch.manual_seed(0)
+    model, batches = _tiny(), [s2t_net_input(batch=2, frames=32, num_tokens=5)]
+    reference = [model_output(copy_model(model).eval(), b) for b in batches]
+
+    def unit_alone_db(recipe, paths):
+        qmodel = qswap.convert(model, recipe).eval()
+        qswap.calibrate(qmodel, batches)
+        keep = {tuple(p): qs for p, qs, _ in _units(qmodel)}[tuple(paths)]
+        with enabled_only([m for m in qmodel.modules() if isinstance(m, FakeQuantize)], keep=keep):
+            return output_sqnr(reference, qmodel, batches), keep
+
+    candidates = rank_candidates(model, "w8a8_per_channel", batches, 4)
+    assert candidates
+    for c in candidates[:3]:
+        high_db, _ = unit_alone_db("w8a8_per_channel", c.paths)
+        low_db, kept = unit_alone_db(build_recipe("w8a8_per_channel", [c], 4, "one"), c.paths)
+        assert {q.spec.observer for q in kept} == {"mse"} and {q.spec.bits for q in kept} == {4}
+        assert c.loss_db == pytest.approx(high_db - low_db, abs=1e-4)
