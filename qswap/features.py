@@ -188,22 +188,22 @@ def load_audio(
         )
     if sample_rate <= 0:
         raise AudioError(f"{path}: invalid sample rate {sample_rate}")
+    if sampwidth not in (1, 2, 3, 4):
+        raise AudioError(f"{path}: unsupported sample width {sampwidth} bytes")
+    if len(raw) % sampwidth:  # the file was cut short inside a sample (an interrupted copy)
+        raise AudioError(f"{path}: truncated {8 * sampwidth}-bit data: {len(raw)} bytes of samples is not a "
+                         f"whole number of {sampwidth}-byte samples; copy or export the file again")
     if sampwidth == 1:  # unsigned 8-bit
         data = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     elif sampwidth == 2:
         data = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
     elif sampwidth == 3:
-        b = np.frombuffer(raw, dtype=np.uint8)
-        if b.size % 3:
-            raise AudioError(f"{path}: truncated 24-bit data")
-        b = b.reshape(-1, 3).astype(np.int32)
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
         v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
         v = np.where(v >= 1 << 23, v - (1 << 24), v)
         data = v.astype(np.float32) / float(1 << 23)
-    elif sampwidth == 4:
-        data = np.frombuffer(raw, dtype="<i4").astype(np.float64).astype(np.float32) / 2147483648.0
     else:
-        raise AudioError(f"{path}: unsupported sample width {sampwidth} bytes")
+        data = np.frombuffer(raw, dtype="<i4").astype(np.float64).astype(np.float32) / 2147483648.0
     if n_channels < 1:
         raise AudioError(f"{path}: invalid channel count {n_channels}")
     usable = (data.size // n_channels) * n_channels

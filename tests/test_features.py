@@ -164,3 +164,18 @@ def test_unsigned_8bit_pcm_is_centred_as_load_audio_reads_it(tmp_path):
         w.writeframes(codes.tobytes())
     waveform, _ = load_audio(p, expected_sample_rate=16000)
     torch.testing.assert_close(fbank(codes, 16000), fbank(waveform, 16000), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("width, cut", [(2, 1), (3, 1), (3, 2), (4, 1), (4, 3)])
+def test_load_audio_truncated_inside_a_sample_is_an_audio_error(tmp_path, width, cut):
+    """A WAV cut short inside a sample (an interrupted copy) is a typed error at every width (16
+    and 32 bits raised numpy's ValueError; 24 bits already said 'truncated')."""
+    p = tmp_path / f"cut{width}.wav"
+    with wave.open(str(p), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(width)
+        w.setframerate(16000)
+        w.writeframes(bytes(range(256)) * 20 * width)
+    p.write_bytes(p.read_bytes()[:-cut])
+    with pytest.raises(AudioError, match=f"truncated {8 * width}-bit data.*copy or export the file again"):
+        load_audio(p)
