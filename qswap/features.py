@@ -46,10 +46,16 @@ def _torchaudio_kaldi():
     return _TORCHAUDIO_KALDI or None
 
 
+BACKENDS = ("torchaudio", "kaldi_native_fbank")
+MIN_MEL_BINS = 3  # Kaldi's smallest filterbank
+LOW_FREQ_HZ = 20.0  # the lowest mel bin's left edge (both backends); the highest ends at Nyquist
+
+
 def fbank_backend(prefer: Optional[str] = None) -> str:
     """Name of the backend :func:`fbank` will use ("torchaudio" or "kaldi_native_fbank")."""
-    if prefer not in (None, "torchaudio", "kaldi_native_fbank"):
-        raise ValueError(f"unknown fbank backend {prefer!r}")
+    if prefer is not None and (not isinstance(prefer, str) or prefer not in BACKENDS):
+        raise AudioError(f"unknown fbank backend {prefer!r}; pass one of {', '.join(map(repr, BACKENDS))}, "
+                         f"or None (torchaudio where it imports, else kaldi_native_fbank)")
     if prefer == "kaldi_native_fbank":
         return prefer
     if _torchaudio_kaldi() is not None:
@@ -86,9 +92,48 @@ def _as_mono_float(waveform: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
     return arr
 
 
+def _mel_bins_fit(sample_rate: int, num_mel_bins: int) -> bool:
+    """Whether every one of ``num_mel_bins`` triangular mel bins between LOW_FREQ_HZ and Nyquist
+    holds at least one FFT bin of the frame's FFT: Kaldi's condition (kaldi-native-fbank refuses
+    the options otherwise, "You may have set num_mel_bins too large"; torchaudio computes empty
+    bins, features of nothing)."""
+    nyquist = 0.5 * sample_rate
+    if not LOW_FREQ_HZ < nyquist:
+        return False
+    window = int(sample_rate * 0.001 * FRAME_LENGTH_MS)
+    padded = 1 << max(window - 1, 0).bit_length()  # Kaldi rounds the FFT up to a power of two
+
+    def mel(f):
+        return 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+    low, high = mel(LOW_FREQ_HZ), mel(nyquist)
+    delta = (high - low) / (num_mel_bins + 1)
+    fft_mels = mel(np.arange(padded // 2) * (sample_rate / padded))
+    left = low + np.arange(num_mel_bins) * delta
+    inside = (fft_mels[None, :] > left[:, None]) & (fft_mels[None, :] < left[:, None] + 2 * delta)
+    return bool(inside.any(axis=1).all())
+
+
+def _check_options(sample_rate, num_mel_bins) -> None:
+    if isinstance(sample_rate, (bool, np.bool_)) or not isinstance(sample_rate, (int, np.integer)) \
+            or sample_rate <= 0:
+        raise AudioError(f"sample_rate must be a positive integer number of Hz (e.g. 16000), got {sample_rate!r}")
+    if isinstance(num_mel_bins, (bool, np.bool_)) or not isinstance(num_mel_bins, (int, np.integer)) \
+            or num_mel_bins < MIN_MEL_BINS:
+        raise AudioError(f"num_mel_bins must be an integer >= {MIN_MEL_BINS} (fairseq's speech models use "
+                         f"{NUM_MEL_BINS}), got {num_mel_bins!r}")
+    if not _mel_bins_fit(int(sample_rate), int(num_mel_bins)):
+        fit = next((n for n in range(int(num_mel_bins) - 1, MIN_MEL_BINS - 1, -1)
+                    if _mel_bins_fit(int(sample_rate), n)), None)
+        fewer = (f"pass fewer mel bins (num_mel_bins={fit} is the most below {num_mel_bins} that fit)"
+                 if fit is not None else f"no filterbank of {MIN_MEL_BINS} or more bins fits this rate")
+        raise AudioError(f"{num_mel_bins} mel bins do not fit audio at {sample_rate} Hz (between {LOW_FREQ_HZ:g} Hz "
+                         f"and the {0.5 * sample_rate:g} Hz Nyquist frequency some bins would hold no FFT bin): "
+                         f"{fewer}, or resample the audio to a higher rate (e.g. 16000 Hz: "
+                         f"`sox in.wav -r 16000 out.wav`)")
+
+
 def _check_waveform(arr: np.ndarray, sample_rate: int) -> None:
-    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise AudioError(f"sample_rate must be a positive integer, got {sample_rate!r}")
     if arr.size == 0:
         raise AudioError("empty waveform (0 samples)")
     if not np.all(np.isfinite(arr)):
@@ -112,12 +157,15 @@ def fbank(
     ``waveform``: mono float samples in [-1, 1] (shape (N,) or (1, N)); integer PCM arrays are
     scaled to [-1, 1] first. ``backend``: ``None`` (torchaudio if it imports, otherwise
     kaldi_native_fbank), ``"torchaudio"`` or ``"kaldi_native_fbank"``.
-    Raises :class:`qswap.errors.AudioError` for empty / non-finite / too-short input.
+    Raises :class:`qswap.errors.AudioError` for empty / non-finite / too-short input, an unknown
+    backend, a sample rate that is not a positive int, fewer than 3 mel bins, or more mel bins than
+    the sample rate's frequency range holds.
     """
+    _check_options(sample_rate, num_mel_bins)
+    name = fbank_backend(backend)  # a misspelt backend, before any work
     arr = _as_mono_float(waveform)
     _check_waveform(arr, sample_rate)
     scaled = arr * 32768.0  # Kaldi works on the 16-bit integer scale
-    name = fbank_backend(backend)
     if name == "torchaudio":
         ta_kaldi = _torchaudio_kaldi()
         feats = ta_kaldi.fbank(
@@ -127,6 +175,7 @@ def fbank(
             frame_shift=FRAME_SHIFT_MS,
             dither=0.0,
             energy_floor=0.0,
+            low_freq=LOW_FREQ_HZ,
             sample_frequency=float(sample_rate),
         )
         return feats.to(torch.float32).contiguous()
@@ -142,8 +191,8 @@ def fbank(
     opts.frame_opts.remove_dc_offset = True
     opts.frame_opts.preemph_coeff = 0.97
     opts.frame_opts.window_type = "povey"
-    opts.mel_opts.num_bins = num_mel_bins
-    opts.mel_opts.low_freq = 20.0
+    opts.mel_opts.num_bins = int(num_mel_bins)
+    opts.mel_opts.low_freq = LOW_FREQ_HZ
     opts.mel_opts.high_freq = 0.0
     opts.energy_floor = 0.0
     opts.use_energy = False

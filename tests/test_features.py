@@ -179,3 +179,41 @@ def test_load_audio_truncated_inside_a_sample_is_an_audio_error(tmp_path, width,
     p.write_bytes(p.read_bytes()[:-cut])
     with pytest.raises(AudioError, match=f"truncated {8 * width}-bit data.*copy or export the file again"):
         load_audio(p)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"backend": "knf"}, "unknown fbank backend 'knf'; pass one of 'torchaudio', 'kaldi_native_fbank'"),
+    ({"num_mel_bins": 0}, "num_mel_bins must be an integer >= 3"),
+    ({"num_mel_bins": -3}, "num_mel_bins must be an integer >= 3"),
+    ({"num_mel_bins": True}, "num_mel_bins must be an integer >= 3"),
+    ({"sample_rate": True}, "sample_rate must be a positive integer number of Hz"),
+    ({"sample_rate": 16000.0}, "sample_rate must be a positive integer number of Hz"),
+    ({"sample_rate": 4000}, r"80 mel bins do not fit audio at 4000 Hz.*num_mel_bins=66.*resample"),
+    ({"sample_rate": 40}, r"do not fit audio at 40 Hz.*no filterbank of 3 or more bins.*resample"),
+])
+def test_fbank_bad_options_are_audio_errors_that_say_what_to_change(kwargs, match):
+    """A misspelt backend, too few mel bins, a bool or float rate (True passed the int check) and
+    more mel bins than the rate's band holds (kaldi-native-fbank's ValueError) are AudioErrors."""
+    kwargs = {"sample_rate": 16000, **kwargs}
+    x = _tone(1.0, sr=max(kwargs["sample_rate"], 1000))
+    for backend in (None, "kaldi_native_fbank"):
+        with pytest.raises(AudioError, match=match):
+            fbank(x, **{"backend": backend, **kwargs})
+    with pytest.raises(AudioError, match="unknown fbank backend"):
+        features.fbank_backend("knf")
+
+
+@pytest.mark.parametrize("sample_rate, bins", [(4000, 66), (3000, 78), (8000, 80), (22050, 128), (1000, 23)])
+def test_the_mel_bins_that_fit_are_the_ones_kaldi_native_fbank_accepts(sample_rate, bins):
+    """The up-front check is Kaldi's own condition: a count it says fits computes, one more (or the
+    next that does not fit) is refused by the check, not by the backend."""
+    x = _tone(0.5, sr=sample_rate)
+    assert fbank(x, sample_rate, num_mel_bins=bins, backend="kaldi_native_fbank").shape[1] == bins
+    too_many = next(n for n in range(bins + 1, 400) if not features._mel_bins_fit(sample_rate, n))
+    import kaldi_native_fbank as knf
+    opts = knf.FbankOptions()
+    opts.frame_opts.samp_freq, opts.mel_opts.num_bins, opts.mel_opts.low_freq = float(sample_rate), too_many, 20.0
+    with pytest.raises(Exception):
+        knf.OnlineFbank(opts)  # the backend refuses it too
+    with pytest.raises(AudioError, match="do not fit"):
+        fbank(x, sample_rate, num_mel_bins=too_many)
