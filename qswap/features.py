@@ -5,7 +5,9 @@ This module is deliberately small and pure:
 * it never imports fairseq;
 * ``torchaudio`` is only imported lazily (inside :func:`_torchaudio_kaldi`) and any
   failure to import it (ImportError, OSError from a mismatched CUDA build, ...) silently
-  falls back to ``kaldi_native_fbank``;
+  falls back to ``kaldi_native_fbank``; so does a failure of its fbank call when the backend
+  was chosen automatically (torchaudio is then marked unusable, as an import failure marks
+  it); one the caller asked for by name raises :class:`AudioError` naming the cause;
 * WAV files are read with the standard-library :mod:`wave` module plus numpy.
 
 Conventions follow fairseq's ``examples/speech_to_text`` data preparation: the waveform is
@@ -15,6 +17,7 @@ povey window, pre-emphasis 0.97, DC removal, no dither, ``snip_edges=True``).
 """
 from __future__ import annotations
 
+import logging
 import os
 import wave
 from typing import Optional, Tuple, Union
@@ -26,11 +29,20 @@ from qswap.errors import AudioError
 
 __all__ = ["NUM_MEL_BINS", "fbank", "load_audio", "fbank_backend"]
 
+logger = logging.getLogger("qswap")
+
 NUM_MEL_BINS = 80
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 
 _TORCHAUDIO_KALDI = None  # cached: module, or False when torchaudio is unusable
+
+
+def _mark_torchaudio_unusable() -> None:
+    """Record that torchaudio cannot be used (its fbank failed when called, e.g. a build for another
+    torch): the state an import failure sets, so ``fbank_backend()`` says kaldi_native_fbank."""
+    global _TORCHAUDIO_KALDI
+    _TORCHAUDIO_KALDI = False
 
 
 def _torchaudio_kaldi():
@@ -61,7 +73,8 @@ def fbank_backend(prefer: Optional[str] = None) -> str:
     if _torchaudio_kaldi() is not None:
         return "torchaudio"
     if prefer == "torchaudio":
-        raise AudioError("torchaudio backend requested but torchaudio does not import")
+        raise AudioError(f"torchaudio backend requested but torchaudio does not import; install a torchaudio "
+                         f"built for torch {torch.__version__}, or pass backend='kaldi_native_fbank'")
     return "kaldi_native_fbank"
 
 
@@ -167,19 +180,30 @@ def fbank(
     _check_waveform(arr, sample_rate)
     scaled = arr * 32768.0  # Kaldi works on the 16-bit integer scale
     if name == "torchaudio":
-        ta_kaldi = _torchaudio_kaldi()
-        feats = ta_kaldi.fbank(
-            torch.from_numpy(scaled).unsqueeze(0),
-            num_mel_bins=num_mel_bins,
-            frame_length=FRAME_LENGTH_MS,
-            frame_shift=FRAME_SHIFT_MS,
-            dither=0.0,
-            energy_floor=0.0,
-            low_freq=LOW_FREQ_HZ,
-            sample_frequency=float(sample_rate),
-        )
-        return feats.to(torch.float32).contiguous()
+        try:
+            feats = _torchaudio_kaldi().fbank(
+                torch.from_numpy(scaled).unsqueeze(0),
+                num_mel_bins=int(num_mel_bins),
+                frame_length=FRAME_LENGTH_MS,
+                frame_shift=FRAME_SHIFT_MS,
+                dither=0.0,
+                energy_floor=0.0,
+                low_freq=LOW_FREQ_HZ,
+                sample_frequency=float(sample_rate),
+            )
+            return feats.to(torch.float32).contiguous()
+        except Exception as e:  # the input is checked: a torchaudio that imports but cannot run
+            cause = f"{type(e).__name__}: {e}"
+            if backend == "torchaudio":
+                raise AudioError(f"torchaudio backend requested but its fbank failed ({cause}); install a "
+                                 f"torchaudio built for torch {torch.__version__}, or pass "
+                                 f"backend='kaldi_native_fbank'") from e
+            _mark_torchaudio_unusable()
+            logger.info("torchaudio's fbank failed (%s): using kaldi_native_fbank from now on", cause)
+    return _knf_fbank(scaled, sample_rate, num_mel_bins)
 
+
+def _knf_fbank(scaled: np.ndarray, sample_rate: int, num_mel_bins: int) -> torch.Tensor:
     import kaldi_native_fbank as knf  # small C++ extension, no torch/fairseq dependency
 
     opts = knf.FbankOptions()

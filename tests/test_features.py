@@ -217,3 +217,41 @@ def test_the_mel_bins_that_fit_are_the_ones_kaldi_native_fbank_accepts(sample_ra
         knf.OnlineFbank(opts)  # the backend refuses it too
     with pytest.raises(AudioError, match="do not fit"):
         fbank(x, sample_rate, num_mel_bins=too_many)
+
+
+@pytest.fixture
+def broken_torchaudio(tmp_path, monkeypatch):
+    """A torchaudio that imports but whose fbank fails when called (as one built for another torch
+    does): a stand-in package first on sys.path, the module's torchaudio state reset, both undone."""
+    kaldi = tmp_path / "torchaudio" / "compliance"
+    kaldi.mkdir(parents=True)
+    (tmp_path / "torchaudio" / "__init__.py").write_text("")
+    (kaldi / "__init__.py").write_text("")
+    (kaldi / "kaldi.py").write_text("def fbank(*a, **k):\n"
+                                    "    raise RuntimeError('undefined symbol: _ZN3c10 (built for another torch)')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved = {k: v for k, v in sys.modules.items() if k == "torchaudio" or k.startswith("torchaudio.")}
+    for k in saved:
+        monkeypatch.delitem(sys.modules, k)
+    monkeypatch.setattr(features, "_TORCHAUDIO_KALDI", None)
+    yield
+    for k in [k for k in sys.modules if k == "torchaudio" or k.startswith("torchaudio.")]:
+        if k not in saved:
+            del sys.modules[k]
+
+
+def test_a_torchaudio_that_imports_but_fails_falls_back_when_chosen_automatically(broken_torchaudio):
+    """Only an import failure fell back to kaldi-native-fbank; a failing call propagated. Chosen
+    automatically, torchaudio is now marked unusable (the import failure's state) and the features
+    are kaldi-native-fbank's; asked for by name, the failure is an AudioError naming its cause."""
+    x = _tone(0.3)
+    assert features.fbank_backend() == "torchaudio"  # it imports
+    with pytest.raises(AudioError, match=r"torchaudio backend requested but its fbank failed \(RuntimeError: "
+                                         r"undefined symbol.*backend='kaldi_native_fbank'"):
+        fbank(x, 16000, backend="torchaudio")
+    assert features.fbank_backend() == "torchaudio"  # asked for by name: reported, not marked
+    feats = fbank(x, 16000)
+    assert torch.equal(feats, fbank(x, 16000, backend="kaldi_native_fbank"))
+    assert features._TORCHAUDIO_KALDI is False and features.fbank_backend() == "kaldi_native_fbank"
+    with pytest.raises(AudioError, match="torchaudio does not import; install"):
+        fbank(x, 16000, backend="torchaudio")
