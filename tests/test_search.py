@@ -220,3 +220,34 @@ def test_a_units_ranked_loss_is_the_loss_of_the_rule_written_for_it():
         low_db, kept = unit_alone_db(build_recipe("w8a8_per_channel", [c], 4, "one"), c.paths)
         assert {q.spec.observer for q in kept} == {"mse"} and {q.spec.bits for q in kept} == {4}
         assert c.loss_db == pytest.approx(high_db - low_db, abs=1e-4)
+
+
+def test_search_cli_refuses_zero_calibration_batches_before_the_search(float_checkpoint, tmp_path, capsys,
+                                                                      monkeypatch):
+    """--calib-batches 0 with a --high recipe whose activations (or transforms) need calibration is
+    refused before the search runs (it ran to its end, then the final row found zero batches), and
+    -o is left as it was; a weight-only --high recipe needs no calibration and goes on to search."""
+    import importlib
+
+    search_module = importlib.import_module("qswap.search")  # qswap.search is also the function
+
+    class Searched(Exception):
+        pass
+
+    def search_ran(*args, **kwargs):
+        raise Searched
+
+    monkeypatch.setattr(search_module, "search", search_ran)  # qswap's own search, not fairseq
+    _, data, ckpt = float_checkpoint
+    out = tmp_path / "mine.yaml"
+    out.write_text("# my hand-tuned recipe\n")
+    args = ["search", str(ckpt), "--data", str(data), "--target-mb", "0.03", "--calib-batches", "0",
+            "--max-sentences", "4", "-o", str(out)]
+    for high, need in (("w8a8_per_channel", "activation quantizers"),
+                       ("w4a4_edges8_stream_smoothquant", "transforms that read activation statistics")):
+        assert main(args + ["--high", high]) == 2
+        err = capsys.readouterr().err
+        assert f"--high {high}'s {need}" in err and "pass --calib-batches N (at least 1)" in err
+        assert out.read_text() == "# my hand-tuned recipe\n"
+    with pytest.raises(Searched):
+        main(args + ["--high", "w8_weight_only"])

@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from qswap.search import search
 
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
+    if not args.calib_batches:
+        _refuse_uncalibrated(model, args.high)
     for subset in (args.eval_subset, *([args.calib_subset] if args.calib_batches else [])):
         fdata.load_subset(task, subset)  # read after the search: checked before it
     batches = list(fdata.net_inputs(task, args.subset, args.batches, max_sentences=args.max_sentences))
@@ -73,3 +75,26 @@ def run(args: argparse.Namespace) -> int:
                    "candidates": [dataclasses.asdict(c) for c in result.candidates]}
         atomic_write_text(args.json_out, json_text(payload))  # an infinite loss_db as null
     return 0
+
+
+def _refuse_uncalibrated(model, high) -> None:
+    """``--calib-batches 0`` before any work: the final row converts the searched recipe, whose
+    activation quantizers are ``high``'s (moved units change only their weights) and whose
+    transforms are ``high``'s; either needs calibration batches (the search had run to its end,
+    then calibration found zero batches)."""
+    import qswap
+    from qswap.calibrate import activation_quantizers
+    from qswap.errors import CalibrationError
+    from qswap.recipe import load_recipe
+    from qswap.transforms import STRUCTURE_ONLY, needs_data
+
+    recipe = load_recipe(high)
+    if needs_data(recipe.transforms):
+        need = "transforms that read activation statistics"
+    elif activation_quantizers(qswap.convert(model, recipe, data=STRUCTURE_ONLY)):
+        need = "activation quantizers"
+    else:
+        return
+    raise CalibrationError(f"--calib-batches 0: the searched recipe keeps --high {recipe.name}'s {need}, which "
+                           f"need calibration batches for the final row; pass --calib-batches N (at least 1), or a weight-only "
+                           f"--high recipe (e.g. w8_weight_only)")
