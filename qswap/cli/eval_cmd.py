@@ -144,7 +144,8 @@ def _intervals(utterances: list[dict], baseline: dict | None) -> dict:
     if not utterances:
         return {}
     bootstrap = Bootstrap()
-    errors, words = utterance_word_errors([u["ref"] for u in utterances], [u["hyp"] for u in utterances])
+    errors, words = utterance_word_errors([u["ref"] for u in utterances], [u["hyp"] for u in utterances],
+                                          [u["id"] for u in utterances])
     stats = {"bootstrap": bootstrap.to_dict(), "wer_ci": bounds(wer_interval(errors, words, bootstrap))}
     note = no_interval_note(len(utterances), "this result has")
     if note:
@@ -201,7 +202,8 @@ def evaluate(args):
         model, task = load_deployed(args.checkpoint, args.data, threads=args.threads)
         label = f"{model.recipe} (onnxruntime)"
         result = _decode(args, task, model, label)
-        counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
+        counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances],
+                              [u.id for u in result.utterances])
         return counts, result, label, None
     from qswap.export.integer_load import is_integer_export
     if is_integer_export(args.checkpoint):
@@ -224,7 +226,8 @@ def evaluate(args):
         if args.simulate:
             label = f"{label} (simulate: {args.simulate})"
         result = _decode(args, task, model, label)
-    counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
+    counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances],
+                          [u.id for u in result.utterances])
     return counts, result, label, float_result
 
 
@@ -250,7 +253,8 @@ def _evaluate_exported(args):
                             num_shards=args.num_shards, shard_id=args.shard_id)
     with progress_bar(f"{label}: decoding {args.subset}", None, enabled=_progress(args)) as advance:
         result = decode_exported(task, exported, samples, beam=args.beam, progress=advance)
-    counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances])
+    counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances],
+                          [u.id for u in result.utterances])
     return counts, result, label, None
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from qswap.errors import DataError
 
@@ -30,16 +30,30 @@ class ErrorCounts:
         return {**asdict(self), "wer": self.wer, "cer": self.cer}
 
 
-def error_counts(refs: list[str], hyps: list[str]) -> ErrorCounts:
-    """Word and character edit counts over a list of utterances (empty hypotheses allowed)."""
-    import jiwer
-
+def check_pairs(refs: list[str], hyps: list[str], ids: Sequence[object] | None = None) -> None:
+    """The rule every WER count applies (``error_counts``, ``utterance_word_errors``): as many
+    hypotheses as references, and no empty reference (an utterance with no reference words has no
+    WER; all of them empty, the WER divides by zero words). ``ids``: the utterances' ids, named in
+    the message (their positions otherwise)."""
     if len(refs) != len(hyps):
         raise DataError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    empty = [i for i, r in enumerate(refs) if not r.strip()]
+    if empty:
+        names = [ids[i] if ids is not None else i for i in empty]
+        listed = ", ".join(map(str, names[:5])) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise DataError(f"a reference transcript is empty; WER needs non-empty references: {len(empty)} of "
+                        f"{len(refs)} utterances have none (utterance {'ids' if ids is not None else 'positions'} "
+                        f"{listed}); give them a transcript or leave them out of the manifest")
+
+
+def error_counts(refs: list[str], hyps: list[str], ids: Sequence[object] | None = None) -> ErrorCounts:
+    """Word and character edit counts over a list of utterances (empty hypotheses allowed; an empty
+    reference is a DataError, ``check_pairs``)."""
+    import jiwer
+
+    check_pairs(refs, hyps, ids)
     if not refs:
         return ErrorCounts(0, 0, 0, 0, 0)
-    if any(not r.strip() for r in refs):
-        raise DataError("a reference transcript is empty; WER needs non-empty references")
     words = jiwer.process_words(refs, hyps)
     chars = jiwer.process_characters(refs, hyps)
     nw = words.hits + words.substitutions + words.deletions
@@ -55,13 +69,14 @@ def merge(counts: Iterable[ErrorCounts]) -> ErrorCounts:
     return total
 
 
-def utterance_word_errors(refs: list[str], hyps: list[str]) -> tuple[list[int], list[int]]:
+def utterance_word_errors(refs: list[str], hyps: list[str],
+                          ids: Sequence[object] | None = None) -> tuple[list[int], list[int]]:
     """(word errors, reference words) of each utterance, from jiwer's alignment of each pair; they
-    sum to ``error_counts``' totals. The bootstrap resamples these (qswap.integration.bootstrap)."""
+    sum to ``error_counts``' totals (the same pairs refused: ``check_pairs``). The bootstrap
+    resamples these (qswap.integration.bootstrap)."""
     import jiwer
 
-    if len(refs) != len(hyps):
-        raise DataError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    check_pairs(refs, hyps, ids)
     if not refs:
         return [], []
     out = jiwer.process_words(refs, hyps)

@@ -153,3 +153,14 @@ def test_an_interval_renders_as_its_bounds_and_a_missing_one_as_no_interval():
     one = delta_interval([1], [0], [6])
     assert value_text(16.67, one, "+") == f"+16.67 ({NO_INTERVAL})"
     assert value_text(16.67, bounds(one), "+", missing="") == "+16.67"
+
+
+@pytest.mark.parametrize("refs, hyps", [([""], ["a"]), (["  "], ["a"]), (["a", ""], ["a", "b"])])
+def test_an_empty_reference_is_the_same_data_error_for_totals_and_per_utterance_counts(refs, hyps):
+    """error_counts refused an empty reference; utterance_word_errors counted it as 0 words (and
+    eval's paired ΔWER divided by the sum of those words): both apply the one rule now."""
+    for count in (error_counts, utterance_word_errors):
+        with pytest.raises(DataError, match=r"reference transcript is empty.*give them a transcript"):
+            count(refs, hyps)
+    with pytest.raises(DataError, match=r"utterance ids 7\b"):
+        utterance_word_errors(["a", ""], ["a", "b"], ids=[3, 7])

@@ -390,3 +390,20 @@ def test_a_recipe_that_observes_float_keeps_its_mode_in_the_checkpoint_and_calib
     assert len(first) > 10 and first.keys() == second.keys() == third.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], third[k]) for k in first)
+
+
+def test_eval_of_a_subset_whose_references_are_all_empty_is_a_data_error(float_checkpoint, tmp_path, capsys):
+    """No reference words at all: a typed error naming the utterances, not a WER of 0 words."""
+    _, data, ckpt = float_checkpoint
+    blank = tmp_path / "blank_data"
+    blank.mkdir()
+    for name in ("config.yaml", "spm.model", "spm.txt"):
+        (blank / name).symlink_to(data / name)
+    head, *rows = (data / "test.tsv").read_text().splitlines()
+    column = head.split("\t").index("tgt_text")
+    cleared = ["\t".join("" if i == column else f for i, f in enumerate(r.split("\t"))) for r in rows]
+    (blank / "blank.tsv").write_text("\n".join([head, *cleared]) + "\n")
+    assert main(["eval", str(ckpt), "--data", str(blank), "--subset", "blank", "--beam", "1",
+                 "--max-sentences", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"{len(rows)} of {len(rows)} utterances have none (utterance ids" in err and "Traceback" not in err
