@@ -9,7 +9,11 @@ in buffers, so it is saved, loaded and synchronized with the model:
 
 Weight quantizers (``kind="weight"``) derive their grid from the weight itself, whenever the
 weight changes (a QAT step, a loaded state_dict); without autograd their output is kept until
-the weight or the grid changes (``qswap.quant.stamp``).
+the weight or the grid changes (``qswap.quant.stamp``). A frozen activation grid (per tensor, or
+per channel of the last axis) is kept ready the same way. The stamps see every write through the
+buffers themselves (``copy_``, ``fill_``, ``load_state_dict``, an optimizer step on a learned
+scale) and a new storage (``.data = t``); an in-place write through ``.data`` bumps no version
+counter: after one, call ``model.eval()`` (or ``train()``) again, which drops the kept grids.
 
 >>> fq = FakeQuantize(QuantSpec(bits=8, symmetric=False))
 >>> y = fq(torch.randn(4, 16))          # observes, then fake-quantizes

@@ -427,14 +427,21 @@ def rescaled_sum(qa: torch.Tensor, zp_a: int | torch.Tensor, qb: torch.Tensor, z
     return a + b
 
 
+_DTYPE_RANGES = {torch.int8: (-128, 127), torch.uint8: (0, 255)}
+
+
 def _check_centered(name: str, q: torch.Tensor, zero_point: int | torch.Tensor, limit: int, fix: str) -> None:
     """``|q - zero_point| < limit`` for every code (the shift after the centring stays exact and
     inside int32), else IntegerizeError saying ``fix``. 8-bit codes are checked by their dtype's
-    range alone (no pass over ``q``) where that range keeps them below ``limit``."""
+    range alone (no pass over ``q``), wider ones by their extremes (one read); only where those
+    bounds reach ``limit`` is each code's own distance read."""
     if q.numel() == 0:
         return
     zlo, zhi = _bounds(zero_point)
-    if q.dtype in (torch.int8, torch.uint8) and max(255 - zlo, zhi + 128) < limit:
+    lo, hi = _DTYPE_RANGES.get(q.dtype, (None, None))
+    if lo is None:  # wider codes: their extremes (one read, no copy)
+        lo, hi = (int(v) for v in torch.aminmax(q))
+    if max(hi - zlo, zhi - lo) < limit:  # every |q - zp| is at most this
         return
     span = int((q.to(torch.int64) - torch.as_tensor(zero_point, dtype=torch.int64)).abs().max())
     if span >= limit:

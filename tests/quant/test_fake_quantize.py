@@ -507,6 +507,9 @@ def test_a_frozen_per_channel_activation_quantizer_keeps_its_grid_ready(spec):
         assert torch.equal(fq(x), fake_quantize(x, fq.scale, fq.zero_point, spec))
         twin = copy.deepcopy(fq)
         assert twin._channels is None and torch.equal(twin(x), fq(x))
+        fq.scale.data.mul_(0.5)  # through .data: no version bump; eval() again drops the kept grid
+        fq.eval()
+        assert torch.equal(fq(x), fake_quantize(x, fq.scale, fq.zero_point, spec))
         fq.unfreeze()
         y = fq(torch.randn(4, 16) * 50)  # observing again: a wider range, a new grid
         assert fq._fast_channels(x, fq._buffers, fq.scale) is None
