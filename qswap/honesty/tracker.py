@@ -10,11 +10,40 @@ hooks that tell it where it is.
   observers) are not classified: inside qswap's own ``FakeQuantize`` / ``BiasQuantize`` the
   Python dispatch is switched off altogether (their output is checked on its grid anyway), and
   inside other quantizer classes the ops are only counted.
+* Integer tensors need a seen origin too (``Tracker._check_origins``): float math done where the
+  dispatch mode does not watch (numpy, ``.tolist()`` and Python arithmetic, a block with the
+  Python dispatch key excluded) and handed back as integers would otherwise pass as integer data.
+  A seen integer origin is one of:
+
+  - a model input, or an integer parameter, buffer or tensor attribute the model held when the
+    audit attached (model state, not made by the run);
+  - the output of an op the mode watched, but not ``torch.tensor(data)`` / ``torch.from_numpy``
+    (``aten.lift_fresh``) of more than one number (Python or numpy data: ``UNSEEN_LIFT``);
+  - the codes a qswap quantizer (``FakeQuantize`` / ``BiasQuantize``) returns (``codes``);
+  - what qswap's integer simulation declares (``declare_integers``, from ``qswap.nn.simulate``):
+    a constant folded from scales and weights (``_constant_fold``, ``cached``) by a function
+    defined in qswap itself, or exact integer arithmetic done in Python on integer tensors
+    (``row_isqrt``), which carries whatever those carry.
+
+  Any other integer tensor is tagged ``UNSEEN_INT`` where an op first reads it; integer ops pass
+  the tag on, and it is reported (``unseen_origin``, naming the module and op) where it enters
+  float data: cast to float, or promoted into float compute or a float result as values. As an
+  index (``x[idx]``, ``gather``) it only picks values and is not reported; bool tensors are masks,
+  and a 0-d ``torch.tensor(n)`` is a number written in the code.
+
+  Known limit: an in-place write into an integer tensor of seen origin with the Python dispatch
+  key excluded (``codes.copy_(rounded)`` inside ``torch._C._DisableTorchDispatch()``) is not
+  caught: the origin is kept per tensor, not per write (``_int_seen``). The version counters
+  recorded in ``_ints`` do not settle it cheaply: qswap's own quantizers rewrite their integer
+  buffers that way, and aliases share a counter without a ``_base`` (``detach``) or views of one
+  base are written through each other, so a moved counter alone reports honest models.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
 import weakref
 from collections import Counter
 from collections.abc import Mapping
@@ -63,6 +92,14 @@ class Tracker(TorchDispatchMode):
         self._before = None  # (tensor, its values before an in-place op), for the value check
         self._tainted = False  # whether any integer tensor carries a tag (rounded float data)
         self.tags = _TagMap()
+        # integer tensors of a seen origin (``_check_origins``): model inputs, parameters, buffers,
+        # tensor attributes, outputs of watched ops and of qswap's quantizers, and the tables
+        # qswap's integer simulation declares (``declare_integers``)
+        self._ints = _TagMap()
+        # integer buffers of qswap's own quantizers (a zero point), which their own code, run with
+        # dispatch off, rewrites in place (a weight grid derived again): seen whatever their version
+        self._own_ints = _TagMap()
+        self._declared: dict = {}  # id -> each value qswap's own code declared (``declare_integers``)
         self.findings = Findings(float_ok or {})
         self.stack: list[str] = [""]
         self.calls: list[int] = [-1]
@@ -146,13 +183,19 @@ class Tracker(TorchDispatchMode):
         for name, b in _own(module._buffers):  # noqa: SLF001
             if _floating(b):
                 tags[b] = (Tag(PARAM, f"buffer {prefix}{name}"), b._version)
+            elif type(module) in _OWN_QUANTIZERS:
+                self._own_ints[b] = True
+            else:
+                self._seen_int(b)
         if type(module) in _OWN_QUANTIZERS:
             return  # their tensor attributes are their own caches, read only with dispatch off
         for name, v in vars(module).items():  # tensors kept as state (a derived weight's cache)
             if name in _MODULE_TABLES or isinstance(v, _SCALARS):
                 continue
             for t in _tensors(v, self._tree):
-                if _floating(t) and t not in self.tags:
+                if not _floating(t):
+                    self._seen_int(t)  # integer state the model held before it ran
+                elif t not in self.tags:
                     self._set([t], Tag(CONST, f"tensor attribute {prefix}{name}"))
 
     def _pre(self, path: str, module: nn.Module, args) -> None:
@@ -192,6 +235,12 @@ class Tracker(TorchDispatchMode):
             if self.in_quantizer:
                 return
             try:
+                if role == _OWN_QUANTIZER:  # qswap's own, run with dispatch off: its integer buffers
+                    for t in module._buffers.values():  # noqa: SLF001  (a zero point it rewrites in place)
+                        if t is not None and not _floating(t):
+                            self._own_ints[t] = True
+                    if isinstance(output, torch.Tensor) and not _floating(output):
+                        self._seen_int(output)  # its codes (``FakeQuantize.codes``)
                 if isinstance(output, torch.Tensor):
                     self._tag_quantizer_output(path, module, args, output)
             finally:
@@ -303,6 +352,9 @@ class Tracker(TorchDispatchMode):
                 return
         operands, ints = _operands(args, kwargs)
         outputs = _float_outputs(out)
+        if ints and name not in O.LIFTS:  # a lift's argument is its fresh data itself (``_record_ints``)
+            self._check_origins(ints)
+        self._record_ints(func, name, args, kwargs, out)
         tainted = [(i, t) for i, t in ints if t in self.tags] if self._tainted else []  # rounded data
         values = _value_ints(func, args, ints) if ints and outputs and rule is not None and rule.family not in (
             "copy", *O.ACCUMULATING) else []  # integers promoted into the float result as values
@@ -316,6 +368,9 @@ class Tracker(TorchDispatchMode):
         if rule is None:
             self._unclassified(func, op, args, kwargs, operands, outputs)
         elif rule.cls in (O.COMPUTE, O.GRID):
+            if tainted:  # an integer tensor of unseen origin as an index only picks values: reported as a value
+                value_pos = {pos for pos, _ in values}
+                tainted = [(i, t) for i, t in tainted if i in value_pos or not self._tag_of(t).unseen]
             self._compute(func, name, rule, op, args, kwargs, operands + _union(tainted, values), outputs)
         elif rule.cls == O.MOVEMENT:
             self._movement(func, name, rule, op, args, kwargs, operands + values, outputs, out, tainted,
@@ -328,6 +383,79 @@ class Tracker(TorchDispatchMode):
             self.findings.count("ignored")  # predicates, metadata reads
             if rule.cls == O.PREDICATE and operands:
                 self._predicate(op, operands, out)
+
+    def _check_origins(self, ints: list) -> None:
+        """An integer tensor the audit never saw made (``_ints`` does not hold it: numpy data
+        through ``torch.from_numpy``, a tensor made with the Python dispatch key excluded) is
+        tagged ``UNSEEN_INT``, as integers rounded from float data carry their source: what
+        integer ops make of it carries it too, and it is reported (``unseen_origin``) where it
+        is cast to float or promoted into float compute as values. Bool tensors are masks."""
+        for _, t in ints:
+            if t.dtype != torch.bool and t not in self.tags and not self._int_seen(t):
+                self.tags[t] = (UNSEEN_INT if t not in self._ints else UNSEEN_WRITE, t._version)
+                self._tainted = True
+
+    def _int_seen(self, t: torch.Tensor) -> bool:
+        """Whether integer tensor ``t`` has a seen origin. Its version counter is recorded
+        (``_ints``), but a write where the audit does not watch is not checked yet: qswap's own
+        quantizers rewrite their integer buffers with dispatch off, and aliases that share a
+        counter without a ``_base`` (``detach``) make the check report honest models."""
+        return t in self._ints or t in self._own_ints
+
+    def _seen_int(self, t: torch.Tensor, version: int | None = None) -> None:
+        """Record integer tensor ``t`` as of a seen origin, at ``version`` (default: its current one)."""
+        self._ints[t] = (t._version if version is None else version, None)
+
+    def _record_ints(self, func, name: str, args, kwargs, out) -> None:
+        """The integer outputs of a watched op have a seen origin, at the version they have once
+        it returns (an in-place op bumps its first argument's after this handler; the base of a
+        view written is recorded too); but those of ``torch.tensor(data)`` (``lift_fresh``) of
+        more than one number are Python or numpy data, whatever computed it unseen
+        (``UNSEEN_LIFT``). A 0-d one is a number written in the code (``torch.tensor(0)``)."""
+        mutated = self._mutates(func)
+        written = args[0] if mutated and args else kwargs.get("out")
+        for t in (out if isinstance(out, (list, tuple)) else (out,)):
+            if isinstance(t, torch.Tensor) and not _floating(t) and t.dtype != torch.bool:
+                if name in O.LIFTS and t.dim() > 0:
+                    self.tags[t] = (UNSEEN_LIFT, t._version)
+                    self._tainted = True
+                elif t is written:
+                    self._seen_int(t, t._version + 1)
+                    if t._base is not None:
+                        self._seen_int(t._base, t._version + 1)
+                elif func.is_view and args and isinstance(args[0], torch.Tensor):  # shares its counter
+                    self._ints[t] = (t._version, weakref.ref(args[0]))
+                else:
+                    self._seen_int(t)
+
+    def declare_integers(self, value, source=None, derived_from: tuple = ()) -> None:
+        """qswap's integer simulation (``qswap.nn.simulate``) declaring the integer tensors in
+        ``value`` (and the tuples, lists, dicts and dataclasses inside it), which it made outside
+        the dispatcher's view:
+
+        * ``derived_from`` given: exact integer arithmetic of those integer tensors done in
+          Python (``row_isqrt``): each carries what they carry (their taint, or a seen origin);
+        * else a constant folded from scales and weights only (``_constant_fold``) by ``source``,
+          the function that built it: a seen origin where that function is qswap's own code
+          (``qswap.*``), left unseen where it is not (a user module's build is not vouched for)."""
+        if derived_from:
+            self._check_origins([(None, t) for t in derived_from if not _floating(t)])
+            carried = next((self.tags.get(t) for t in derived_from if t in self.tags), None)
+            for t in _held_tensors(value, self._tree):
+                if not _floating(t) and t.dtype != torch.bool:
+                    if carried is not None:
+                        self.tags[t] = (carried[0], t._version)
+                        self._tainted = True
+                    else:
+                        self.tags.pop(t)
+                        self._seen_int(t)
+            return
+        if self._declared.get(id(value)) is value or not _qswap_code(source):
+            return  # declared already (a cached table, at each call): what it held then is seen
+        self._declared[id(value)] = value  # kept, so its id is not reused within the audit
+        for t in _held_tensors(value, self._tree):
+            if not _floating(t) and t not in self.tags:
+                self._seen_int(t)
 
     def _predicate(self, op: str, operands: list, out) -> None:
         """A comparison or arg-reduction (``argmax``) of float data: its bool or integer result is a
@@ -365,6 +493,8 @@ class Tracker(TorchDispatchMode):
         for t in _tensors(inputs):
             if _floating(t):
                 self._set([t], Tag(FLOAT, "a model input"))
+            else:
+                self._seen_int(t)
 
     def _tag_of(self, t: torch.Tensor) -> Tag:
         entry = self.tags.get(t)
@@ -505,6 +635,8 @@ class Tracker(TorchDispatchMode):
             tag = Tag(FLOAT, f"{tag.describe()}, {retyped} by {self._where(op)}")
         if not tags and tainted:  # integers rounded from float data, cast back to float
             tag = self._tag_of(tainted[0][1])
+            if tag.unseen:  # integers of unseen origin cast to float: where they enter float data
+                self.findings.unseen(self.stack[-1], op, func, tainted[:1], [tag])
         elif not tags and rule.family == "copy" and any(
                 isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in _flat(args)):
             tag = Tag(C.INDEX, self._where(op), binary=True)  # a bool mask cast to float: 0/1
@@ -562,6 +694,47 @@ class Tracker(TorchDispatchMode):
     def _unclassified(self, func, op, args, kwargs, operands, outputs) -> None:
         self.findings.unclassified(self.stack[-1], op, func, operands)
         self._set_out(func, args, kwargs, outputs, Tag(FLOAT, f"output of unclassified {self._where(op)}"))
+
+
+# Integer tensors of unseen origin (``Tracker._check_origins``, ``_record_ints``): reported, as float
+# ones are, where they enter float data (cast to float, or promoted into float compute as values)
+UNSEEN_INT = Tag(FLOAT, "an integer tensor of unseen origin (made where the audit does not watch: numpy, "
+                        "torch.from_numpy, the Python dispatch key excluded)", unseen=True)
+UNSEEN_WRITE = Tag(FLOAT, "an integer tensor written where the audit does not watch (its version counter moved "
+                          "without an op it saw)", unseen=True)
+UNSEEN_LIFT = Tag(FLOAT, "integers made from Python or numpy data by aten.lift_fresh (torch.tensor(data): "
+                         "what computed them is not seen)", unseen=True)
+
+
+def _qswap_code(fn, depth: int = 0) -> bool:
+    """Whether ``fn`` (a function, lambda, bound method or ``functools.partial``) is qswap's own
+    code: defined in qswap's package, as is each function, method or partial it closes over or
+    binds (``onto_grid``'s ``lambda: form_or_none(build, grid_out)`` is qswap's only where
+    ``build`` is: a ``to_integer`` a user subclass overrides is not)."""
+    if depth > 8:
+        return False
+    if isinstance(fn, functools.partial):
+        return _qswap_code(fn.func, depth + 1) and all(
+            _qswap_code(a, depth + 1) for a in (*fn.args, *fn.keywords.values()) if _is_code(a))
+    fn = getattr(fn, "__func__", fn)  # a bound method: its function
+    module = getattr(fn, "__module__", None) or ""
+    if not (module == "qswap" or module.startswith("qswap.")):
+        return False
+    cells = getattr(fn, "__closure__", None) or ()
+    return all(_qswap_code(c.cell_contents, depth + 1) for c in cells
+               if _cell_full(c) and _is_code(c.cell_contents))
+
+
+def _is_code(v) -> bool:
+    return isinstance(v, (types.FunctionType, types.MethodType, functools.partial))
+
+
+def _cell_full(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:  # an empty cell (a name not bound yet)
+        return False
+    return True
 
 
 def _inverse(q: nn.Module, step: float) -> torch.Tensor | None:
@@ -752,6 +925,41 @@ def _tensors(value, tree: set = frozenset()) -> list:
     return found
 
 
+def _held_tensors(value, tree: set = frozenset()) -> list:
+    """Every tensor in ``value``: in the tuples, lists and dicts inside it, the fields of the
+    dataclasses and other plain objects there (an integer form's tables), and the parameters,
+    buffers and attributes of a module there that is not one of ``tree`` (the attached model's,
+    tagged as themselves: an ``IntegerLinear`` form), each object once."""
+    found, stack, seen = [], [value], set()
+    while stack:
+        v = stack.pop()
+        if isinstance(v, _SCALARS) or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, (dict, Mapping)):
+            stack.extend(v.values())
+        elif isinstance(v, nn.Module):
+            if id(v) not in tree:
+                stack.extend([*v._parameters.values(), *v._buffers.values(), *v._modules.values(),  # noqa: SLF001
+                              *(x for k, x in vars(v).items() if k not in _MODULE_TABLES)])
+        elif isinstance(v, _CODE):
+            continue  # classes, functions and Python modules hold no tables (a callable object can:
+            # a ``Requant`` holds its per-channel multipliers and zero points)
+        elif dataclasses.is_dataclass(v):
+            stack.extend(getattr(v, f.name) for f in dataclasses.fields(v))
+        elif hasattr(v, "__dict__"):
+            stack.extend(vars(v).values())
+    return found
+
+
+_CODE = (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.BuiltinMethodType,
+         types.ModuleType, functools.partial)
+
+
 def _floating(t: torch.Tensor) -> bool:
     """Whether ``t`` holds floating-point values: a real float dtype, or a complex one (two floats
     each, computed in float arithmetic)."""
@@ -828,6 +1036,10 @@ class _TagMap:
     def __contains__(self, t) -> bool:
         entry = self._d.get(id(t))
         return entry is not None and entry[0]() is t
+
+    def pop(self, t) -> None:
+        if t in self:
+            del self._d[id(t)]
 
 
 class _PathScope:

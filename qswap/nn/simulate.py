@@ -49,6 +49,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from qswap.errors import IntegerizeError, RecipeError
 from qswap.quant.fake_quantize import FakeQuantize
@@ -159,7 +160,10 @@ def row_isqrt(n: torch.Tensor) -> torch.Tensor:
     values = n.flatten().tolist()
     if values and (min(values) < 0 or max(values) > ISQRT_MAX):
         raise IntegerizeError(f"isqrt takes values in [0, 2^62], got [{min(values)}, {max(values)}]")
-    return torch.tensor([math.isqrt(v) for v in values], dtype=torch.int64, device=n.device).view(n.shape)
+    with torch._C._DisableTorchDispatch():  # noqa: SLF001  (Python integer arithmetic: declared below)
+        roots = torch.tensor([math.isqrt(v) for v in values], dtype=torch.int64, device=n.device).view(n.shape)
+    _declare(roots, derived_from=(n,))
+    return roots
 
 
 def codes_of(xq: torch.Tensor, grid) -> torch.Tensor:
@@ -228,7 +232,20 @@ def _constant_fold(build):
     done once before execution) outside any torch dispatch mode: the honesty audit watches the
     data path, which then reads the tables as integer constants."""
     with torch.no_grad(), torch._C._DisableTorchDispatch():  # noqa: SLF001
-        return build()
+        value = build()
+    _declare(value, source=build)
+    return value
+
+
+def _declare(value, source=None, derived_from: tuple = ()):
+    """Tell the honesty audit, if one is running (its dispatch mode's ``declare_integers``), where
+    the integer tensors in ``value`` come from, which qswap made outside its view: a constant
+    folded by ``source`` (``_constant_fold``), or exact integer arithmetic on ``derived_from``
+    (``row_isqrt``). It reports any other integer tensor it never saw made where that enters
+    float data."""
+    declare = getattr(_get_current_dispatch_mode(), "declare_integers", None)
+    if declare is not None:
+        declare(value, source, derived_from)
 
 
 def cached(owner: nn.Module, slot: str, build, *sources: torch.Tensor):
@@ -240,6 +257,7 @@ def cached(owner: nn.Module, slot: str, build, *sources: torch.Tensor):
         return _constant_fold(build)
     kept = owner.__dict__.get(slot)
     if kept is not None and unchanged(kept[1], *sources):
+        _declare(kept[0], source=build)  # it may have been built before the audit began
         return kept[0]
     value = _constant_fold(build)
     owner.__dict__[slot] = (value, stamp(*sources))
