@@ -189,7 +189,8 @@ def _refuse_other(recipe, stored, where):
 def _start_checkpoint(opts):
     """The checkpoint fairseq-train loads into the model it built: the run's own last checkpoint
     when resuming (--restore-file, default SAVE_DIR/checkpoint_last.pt), else --finetune-from-model;
-    None when neither exists (or a task cfg that does not carry them)."""
+    None when neither exists. (audio_finetuning_qswap's dataclass cfg carries them as
+    interpolations of fairseq's checkpoint section.)"""
     import os
     restore, save_dir = getattr(opts, "restore_file", None), getattr(opts, "save_dir", None)
     if restore and save_dir:
@@ -254,6 +255,12 @@ class AudioFinetuningQswapConfig(AudioFinetuningConfig):
     # fairseq's own --finetune-from-model (no option of its own: fairseq skips an interpolated
     # field without help), which build_model reads for a recipe with data-dependent transforms
     finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
+    # and fairseq's --save-dir / --restore-file, so that build_model finds the checkpoint a resumed
+    # run loads (SAVE_DIR/checkpoint_last.pt) and refuses one trained with another recipe, as for
+    # speech_to_text_qswap (whose args carry them); a checkpoint stores them resolved, as plain
+    # values, and one saved without them loads as before (a rebuilt model never reads them)
+    save_dir: str = II("checkpoint.save_dir")
+    restore_file: str = II("checkpoint.restore_file")
 
 
 class AudioFinetuningQswapTask(QswapTaskMixin, AudioFinetuningTask):

@@ -3,15 +3,17 @@ CTC fine-tuning with QAT in fairseq-train (from a tiny pretraining checkpoint ma
 it, and reading the checkpoint it saves back with qswap. No mocks: real 16 kHz wav files read by
 fairseq's FileAudioDataset (which needs soundfile), letter targets, fairseq's CTC criterion."""
 import json
+import os
 import random
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 import qswap
-from fairseq_run import run_tool as _run
+from fairseq_run import BIN, run_tool as _run
 
 WORDS = "set a timer turn on the lights call anna".split()
 FIRST_OBSERVER = "w2v_encoder.w2v_model.feature_extractor.conv_layers.0.0.input_quant.observer"
@@ -64,15 +66,27 @@ def make_pretrained_w2v(path):
     return path
 
 
+def _train_args(root, data, save_dir, updates, recipe="w8a8"):
+    return ["fairseq-train", data, "--user-dir", qswap.plugin_dir(), "--task", "audio_finetuning_qswap",
+            "--labels", "ltr", "--arch", "wav2vec_ctc", "--w2v-path", root / "pre.pt",
+            "--criterion", "ctc", "--post-process", "letter", "--qswap-recipe", recipe,
+            "--qswap-calib-batches", "1", "--optimizer", "adam", "--lr", "1e-4", "--lr-scheduler",
+            "fixed", "--max-update", str(updates), "--max-tokens", "100000", "--cpu",
+            "--num-workers", "0", "--save-dir", save_dir, "--no-epoch-checkpoints",
+            "--train-subset", "train", "--valid-subset", "valid", "--required-batch-size-multiple",
+            "1", "--seed", "1", "--log-format", "simple", "--no-progress-bar"]
+
+
 def _train(root, data, save_dir, updates):
-    return _run("fairseq-train", data, "--user-dir", qswap.plugin_dir(), "--task", "audio_finetuning_qswap",
-                "--labels", "ltr", "--arch", "wav2vec_ctc", "--w2v-path", root / "pre.pt",
-                "--criterion", "ctc", "--post-process", "letter", "--qswap-recipe", "w8a8",
-                "--qswap-calib-batches", "1", "--optimizer", "adam", "--lr", "1e-4", "--lr-scheduler",
-                "fixed", "--max-update", str(updates), "--max-tokens", "100000", "--cpu",
-                "--num-workers", "0", "--save-dir", save_dir, "--no-epoch-checkpoints",
-                "--train-subset", "train", "--valid-subset", "valid", "--required-batch-size-multiple",
-                "1", "--seed", "1", "--log-format", "simple", "--no-progress-bar", cwd=root)
+    return _run(*_train_args(root, data, save_dir, updates), cwd=root)
+
+
+def _refused(tool, *args, cwd):
+    """stderr of a fairseq command that must fail."""
+    result = subprocess.run([str(BIN / tool), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode != 0, result.stdout[-2000:]
+    return result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +249,22 @@ def test_fairseq_resumes_qat_from_the_saved_checkpoint(trained, tmp_path):
     assert bool(after[FIRST_OBSERVER.replace("observer", "frozen")])
 
 
+def test_resuming_with_another_recipe_is_refused(trained, tmp_path):
+    """fairseq-train resuming a w8a8 run (SAVE_DIR/checkpoint_last.pt, or --restore-file PATH) with
+    --qswap-recipe w4a4 would load 8-bit grids into 4-bit quantizers: a ConvertError naming both
+    recipes and the checkpoint, before any update (resuming with w8a8 itself works:
+    test_fairseq_resumes_qat_from_the_saved_checkpoint)."""
+    root, data, ckpt, _ = trained
+    shutil.copytree(ckpt.parent, tmp_path / "qat")
+    last = tmp_path / "qat" / "checkpoint_last.pt"
+    err = _refused(*_train_args(root, data, tmp_path / "qat", 3, recipe="w4a4"), cwd=root)
+    assert f"ConvertError: --qswap-recipe w4a4 is not the recipe w8a8 that the checkpoint {last} was" in err
+    assert torch.load(last, weights_only=False)["optimizer_history"][-1]["num_updates"] == 2
+    err = _refused(*_train_args(root, data, tmp_path / "other", 3, recipe="w4a4"), "--restore-file", ckpt, cwd=root)
+    assert f"ConvertError: --qswap-recipe w4a4 is not the recipe w8a8 that the checkpoint {ckpt} was" in err
+    assert not (tmp_path / "other" / "checkpoint_last.pt").exists()
+
+
 def test_audio_finetuning_options_parse_from_the_dataclass():
     """fairseq builds --qswap-* options from AudioFinetuningQswapConfig's field types (string
     annotations crash it), each with its help text; no audio needed."""
@@ -251,10 +281,11 @@ def test_audio_finetuning_options_parse_from_the_dataclass():
     assert "qswap recipe (shipped name such as w8a8" in parser.format_help()
 
 
-def test_audio_finetuning_task_sees_fairseqs_finetune_from_model(tmp_path):
+def test_audio_finetuning_task_sees_fairseqs_checkpoint_options(tmp_path):
     """build_model reads --finetune-from-model (a recipe with data-dependent transforms trains only
-    from a qswap convert checkpoint): the dataclass task's cfg takes it from fairseq's checkpoint
-    section, through the config fairseq-train builds."""
+    from a qswap convert checkpoint) and --save-dir / --restore-file (the checkpoint a resumed run
+    loads must hold the recipe's grids): the dataclass task's cfg takes them from fairseq's
+    checkpoint section, through the config fairseq-train builds."""
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf, merge_with_parent
     from fairseq.tasks import TASK_DATACLASS_REGISTRY
@@ -267,6 +298,13 @@ def test_audio_finetuning_task_sees_fairseqs_finetune_from_model(tmp_path):
         cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv + extra))
         task_cfg = merge_with_parent(TASK_DATACLASS_REGISTRY["audio_finetuning_qswap"](), cfg.task)
         assert task_cfg.finetune_from_model == want
+    # and the run's --save-dir and --restore-file: build_model checks the checkpoint a resumed run loads
+    run = ["--save-dir", str(tmp_path / "run"), "--restore-file", "mine.pt"]
+    for extra, want in (([], ("checkpoints", "checkpoint_last.pt")), (run, (str(tmp_path / "run"), "mine.pt"))):
+        parser = options.get_training_parser()
+        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv + extra))
+        task_cfg = merge_with_parent(TASK_DATACLASS_REGISTRY["audio_finetuning_qswap"](), cfg.task)
+        assert (task_cfg.save_dir, task_cfg.restore_file) == want
 
 
 def test_qswap_loads_the_checkpoint_without_trust(trained):
@@ -289,3 +327,28 @@ def test_qswap_eval_reads_letter_targets_as_words(trained, tmp_path):
     assert not any(special in u["hyp"] for u in utterances for special in ("<pad>", "</s>", "<s>", "|"))
     letters = (data / "valid.ltr").read_text().splitlines()
     assert refs == [line.replace(" ", "").replace("|", " ").strip() for line in letters]
+
+
+def test_a_checkpoint_without_the_tasks_checkpoint_options_still_loads(trained, tmp_path):
+    """A checkpoint saved before the task cfg carried save_dir and restore_file (or with them
+    removed) loads and decodes as before: the task rebuilt from it never resolves them."""
+    from qswap.cli import main
+    from qswap.integration.data import load_model_and_task
+
+    _, data, ckpt, _ = trained
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")
+    assert state["cfg"]["task"]["save_dir"] == str(ckpt.parent)  # stored resolved, as a plain value
+    assert state["cfg"]["task"]["restore_file"] == "checkpoint_last.pt"
+    for key in ("save_dir", "restore_file", "finetune_from_model"):
+        del state["cfg"]["task"][key]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    model, _ = load_model_and_task(old, data)
+    assert model.qswap_recipe.name == "w8a8"
+    assert main(["eval", str(old), "--data", str(data), "--subset", "valid", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["counts"]["utterances"] == 2
+    # its export records the task cfg without them; decoding the export sets the task up again
+    assert main(["export", str(old), "-o", str(tmp_path / "export"), "--data", str(data)]) == 0
+    assert main(["eval", str(tmp_path / "export"), "--data", str(data), "--subset", "valid",
+                 "--json", str(tmp_path / "x.json")]) == 0
+    assert json.loads((tmp_path / "x.json").read_text())["counts"]["utterances"] == 2
