@@ -303,12 +303,14 @@ def _check_site_names(recipe: Recipe, where: str, names: Iterable[str], covered:
 def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.Module:
     shared: dict[int, tuple[FakeQuantize, str]] = {}  # id(param) -> its first quantizer, owner
     built: list[tuple[str, nn.Module]] = []
+    modes = {id(m): m.training for m in root.modules()}  # every module's own flag, before any swap
+    counterpart_modes: dict[int, bool] = {}  # id(counterpart) -> the flag of the module it replaced
     for plan in sorted(plans, key=lambda p: p.path.count(".") + (1 if p.path else 0), reverse=True):
         try:
             new = plan.counterpart.from_float(plan.module, plan.config)
         except ConvertError as exc:
             raise ConvertError(f"{plan.path or '<root>'}: {exc}") from None
-        new.train(plan.module.training)
+        counterpart_modes[id(new)] = modes[id(plan.module)]
         _share_tied_quantizers(new, plan.path, shared, report)
         report.entries.append(ModuleEntry(
             plan.path, type(plan.module).__name__, "quantized", plan.rule_label,
@@ -321,11 +323,29 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.M
             continue
         parent_path, _, name = path.rpartition(".")
         setattr(root.get_submodule(parent_path), name, new)
+    _restore_modes(root, counterpart_modes, modes)
     for _, new in built:  # every counterpart is in place: a parent may now tell its children their readers
         if isinstance(new, QuantModule):
             new.bind_readers()
     report.entries.sort(key=lambda e: e.path)
     return root
+
+
+def _restore_modes(root: nn.Module, counterpart_modes: dict[int, bool], modes: dict[int, bool]) -> None:
+    """Set every module's training flag once the tree is built: a counterpart takes the flag of
+    the float module it replaced, a float module still in the tree (a dropout, a container, a
+    child a counterpart kept) its own flag from before the swap, and a module the conversion
+    created (a quantizer, a counterpart's part) its nearest such ancestor's. Per module, not
+    ``train(mode)``, which would give a float child its parent's flag (a dropout frozen in
+    eval inside a training model turned back on); nothing built here has state a mode change
+    drops (what the counterparts' and quantizers' ``train`` overrides reset)."""
+    def visit(module: nn.Module, inherited: bool) -> None:
+        mode = counterpart_modes.get(id(module), modes.get(id(module), inherited))
+        module.training = mode
+        for child in module.children():
+            visit(child, mode)
+
+    visit(root, root.training)
 
 
 def _share_tied_quantizers(new: nn.Module, path: str, shared: dict, report: ConvertReport) -> None:

@@ -8,6 +8,7 @@ import qswap
 from helpers import Residual
 from qswap.convert import QswapWarning
 from qswap.errors import ConvertError, SpecError
+from qswap.nn.base import QuantModule
 from qswap.nn.linear import QLinear
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -424,3 +425,56 @@ def test_per_channel_grids_along_an_input_axis_run_with_float_insides_and_have_n
         assert torch.isfinite(q(x)).all()
     report = qswap.audit(q, x)
     assert not report.honest and any(v.module == "0" for v in report.violations)
+
+
+NO_QUANT = {"version": 1, "name": "no_quant", "defaults": {"weight": None, "activation": None}}
+
+
+def _assert_modes_kept(model, converted):
+    """Every module of the float tree has its own flag at the same path in the converted one; a
+    module the conversion created (a quantizer) has the flag of the counterpart that owns it."""
+    for path, module in model.named_modules():
+        assert converted.get_submodule(path).training == module.training, path
+    float_ids = {id(m) for m in model.modules()}
+    for path, module in converted.named_modules():
+        if isinstance(module, QuantModule):
+            for sub, part in module.named_modules():
+                if isinstance(part, FakeQuantize):
+                    assert part.training == module.training, f"{path}.{sub}"
+
+
+def test_each_module_keeps_its_own_training_flag_dropouts_frozen_in_eval_stay_off():
+    # fine-tuning with dropout switched off: a model in train() whose dropouts are in eval(); a
+    # counterpart (a linear) in eval() inside a training container; a training linear inside it
+    pytest.importorskip("fairseq")
+    from qswap.models import build_s2t_conformer, s2t_net_input
+    model = build_s2t_conformer(seed=0, dropout=0.3).train()
+    dropouts = [m for m in model.modules() if "dropout" in type(m).__name__.lower()]
+    assert len(dropouts) > 4
+    for m in dropouts:
+        m.eval()
+    model.encoder.conformer_layers[0].ffn1.w_1.eval()
+    converted = qswap.convert(model, NO_QUANT)
+    _assert_modes_kept(model, converted)
+    net_input = s2t_net_input()
+    torch.manual_seed(0)
+    ref = model(**net_input)[0]
+    torch.manual_seed(0)
+    out = converted(**net_input)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_root_counterpart_keeps_its_float_childrens_own_flags():
+    pytest.importorskip("fairseq")
+    from fairseq.models.transformer import TransformerConfig
+    from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
+    cfg = TransformerConfig()
+    cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, cfg.encoder.attention_heads = 8, 16, 2
+    cfg.dropout = cfg.activation_dropout = 0.5
+    layer = TransformerEncoderLayerBase(cfg).eval()
+    layer.dropout_module.train()  # an eval model with one dropout on: its counterpart too
+    layer.fc1.train()
+    converted = qswap.convert(layer, NO_QUANT)
+    assert type(converted) is not type(layer)
+    _assert_modes_kept(layer, converted)
+    assert not converted.training and converted.dropout_module.training

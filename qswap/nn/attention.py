@@ -67,7 +67,8 @@ class QuantAttentionCore(nn.Module):
                 attn_mask: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
                 num_heads: int = 1, dropout_p: float = 0.0,
                 scores_bias: torch.Tensor | None = None, kv_repeat: int = 1,
-                kv_quantized: bool = False, out_quant: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_quantized: bool = False, out_quant: nn.Module | None = None,
+                dropping: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (B*H, T, D), k and v: (B*H, S, D); attn_mask: (T, S) or (B*H, T, S);
         key_padding_mask: (B, S) bool, True = padding; scores_bias: (B*H, T, S) extra score term
         (relative positions), added to the already scaled q @ k^T scores. With ``kv_repeat`` > 1
@@ -75,8 +76,10 @@ class QuantAttentionCore(nn.Module):
         ``kv_quantized``: k and v already come from ``k_quant`` / ``v_quant`` (a decoding cache).
         ``out_quant``: the quantizer that reads the context (the out projection's input); with
         ``simulate: integer`` both matmuls then accumulate codes in int32 and requantize as the
-        integer core does (onto ``softmax_in`` and onto ``out_quant``'s grid). Returns the context
-        (B*H, T, D) and the attention probabilities (B*H, T, S)."""
+        integer core does (onto ``softmax_in`` and onto ``out_quant``'s grid). ``dropping``: whether
+        ``dropout_p`` applies, as the float attention decides it (the flag of the dropout module it
+        runs, fairseq's and ESPnet's); None: this core's own training flag (torch's attention).
+        Returns the context (B*H, T, D) and the attention probabilities (B*H, T, S)."""
         qq = self.q_quant(q)
         k = quantize_shared(self.k_quant, k, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)
 
@@ -112,7 +115,7 @@ class QuantAttentionCore(nn.Module):
         if probs is None:
             probs = F.softmax(masked, dim=-1)  # (B*H, T, S)
         probs = consume(self.softmax_out_quant, probs)  # the softmax's new tensor
-        dropped = dropout_p > 0.0 and self.training
+        dropped = dropout_p > 0.0 and (self.training if dropping is None else dropping)
         if dropped:
             probs = F.dropout(probs, p=dropout_p)
         v = quantize_shared(self.v_quant, v, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)

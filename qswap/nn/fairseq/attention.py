@@ -234,10 +234,15 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
         beam = bsz // kv_bsz  # beamable enc-dec attention: each sentence's k/v serve its beams
         if beam > 1 and key_padding_mask is not None:
             key_padding_mask = key_padding_mask.repeat_interleave(beam, dim=0)  # (B, S)
+        # fairseq drops attention probabilities on its torch path (no decoding state) by the
+        # attention's own flag, on its own path by its dropout module's
+        drop = self.dropout_module
+        dropping = ((self.training if incremental_state is None and not static_kv else drop.training)
+                    or getattr(drop, "apply_during_inference", False))
         context, probs = self.core(q, k, v, self.scaling, attn_mask, key_padding_mask, self.num_heads,
-                                   self.dropout_module.p, kv_repeat=beam,
-                                   kv_quantized=quantized_cache,
-                                   out_quant=self.out_proj.input_quant)  # (B*H, T, D), (B*H, T, S)
+                                   drop.p, kv_repeat=beam, kv_quantized=quantized_cache,
+                                   out_quant=self.out_proj.input_quant,
+                                   dropping=dropping)  # (B*H, T, D), (B*H, T, S)
         merged = merge_heads(context, self.num_heads)
         out = self.out_proj(merged, out_quant=out_quant)  # (T, B, E)
         if not need_weights:

@@ -101,7 +101,8 @@ class QESPNETMultiHeadedAttention(QuantModule):
         q, k, v = (split_heads(t, self.h) for t in (q, k, v))  # (B*H, L, D)
         context, _ = self.core(q, k, v, self.d_k ** -0.5, None, key_padding_mask, self.h,
                                self.dropout.p, scores_bias=scores_bias,
-                               out_quant=self.linear_out.input_quant)  # (B*H, T, D)
+                               out_quant=self.linear_out.input_quant,
+                               dropping=self.dropout.training)  # ESPnet's own nn.Dropout  # (B*H, T, D)
         return self.linear_out(merge_heads(context, self.h), out_quant=out_quant)  # (T, B, C)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
