@@ -39,12 +39,17 @@ def as_bool_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.
     """Split an attention mask into (bool mask of blocked positions, additive float bias).
 
     A float mask that holds only 0 and -inf (fairseq's future mask) is a bool mask in disguise.
+    A float mask with other values too is an additive bias; its -inf positions, if any, are
+    blocked (filled, as adding -inf to a finite score gives) and 0 in the bias: a quantizer of
+    the bias never reads -inf.
     """
     if mask is None or mask.dtype == torch.bool:
         return mask, None
     blocked = torch.isneginf(mask)
     if bool(((mask == 0) | blocked).all()):
         return blocked, None
+    if bool(blocked.any()):
+        return blocked, mask.masked_fill(blocked, 0.0)
     return None, mask
 
 
@@ -302,6 +307,26 @@ class QMultiheadAttention(QuantModule):
         bias = None if self.in_proj_bias is None else self.in_proj_bias[rows]
         return F.linear(x, w[rows], self.bias_quant(bias, x_quant, self.in_proj_weight_quant, rows))
 
+    def _float_padding(self, key_padding_mask: Tensor, attn_mask: Tensor | None, bsz: int,
+                       tgt_len: int) -> tuple[Tensor | None, Tensor | None]:
+        """A float ``key_padding_mask`` (B, S) as torch applies it, added to the scores: one of 0
+        and -inf only stays a padding mask (bool); any other is joined to ``attn_mask`` (bool: -inf
+        where True, as torch makes it; or additive) as the additive mask (B*H, T, S) the core adds
+        through ``attn_bias_quant`` (its -inf positions filled, not quantized: ``as_bool_mask``).
+        Returns the (key_padding_mask, attn_mask) for the core."""
+        padding, bias = as_bool_mask(key_padding_mask)
+        if bias is None:
+            return padding, attn_mask
+        src = key_padding_mask.shape[1]
+        additive = key_padding_mask.view(bsz, 1, 1, src).expand(bsz, self.num_heads, tgt_len, src)
+        additive = additive.reshape(bsz * self.num_heads, tgt_len, src)  # (B*H, T, S)
+        if attn_mask is None:
+            return None, additive
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=additive.dtype,
+                                    device=attn_mask.device).masked_fill_(attn_mask, float("-inf"))
+        return None, attn_mask + additive
+
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         key_is_query, value_is_query, value_is_key = key is query, value is query, value is key
@@ -331,7 +356,7 @@ class QMultiheadAttention(QuantModule):
             s = k.shape[1]
             attn_mask = torch.ones(tgt_len, s, dtype=torch.bool, device=q.device).triu(1)
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-            key_padding_mask, _ = as_bool_mask(key_padding_mask)
+            key_padding_mask, attn_mask = self._float_padding(key_padding_mask, attn_mask, bsz, tgt_len)
         context, probs = self.core(q, k, v, self.head_dim ** -0.5, attn_mask, key_padding_mask,
                                    self.num_heads, self.dropout)
         out = self.out_proj(merge_heads(context, self.num_heads))  # (T, B, E)

@@ -83,6 +83,53 @@ def test_attention_key_padding_mask_matches_float():
     assert torch.equal(w == 0, ref_w == 0)  # masked positions get exactly zero probability
 
 
+NO_QUANT = {"version": 1, "name": "no_quant", "defaults": {"weight": None, "activation": None}}
+
+
+def _float_padding(kind):
+    pad = torch.zeros(2, 6)
+    pad[1, 0], pad[0, 2] = -2.0, 1.5  # torch adds a float key_padding_mask to the scores
+    if kind == "with_inf":
+        pad[1, -1] = float("-inf")
+    return pad
+
+
+@pytest.mark.parametrize("attn_mask", ["none", "bool", "additive"])
+@pytest.mark.parametrize("kind", ["additive", "with_inf"])
+@pytest.mark.parametrize("extra", [{}, {"batch_first": True}, {"add_bias_kv": True, "add_zero_attn": True}])
+def test_a_float_key_padding_mask_is_added_to_the_scores_as_torch_adds_it(attn_mask, kind, extra):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, **extra).eval()
+    x = torch.randn(2, 6, 8) if extra.get("batch_first") else torch.randn(6, 2, 8)
+    mask = {"none": None, "bool": torch.triu(torch.ones(6, 6, dtype=torch.bool), 1),
+            "additive": torch.randn(2 * 2, 6, 6)}[attn_mask]
+    pad = _float_padding(kind)
+    q = qswap.convert(mha, NO_QUANT).eval()
+    with torch.no_grad():
+        ref, ref_w = mha(x, x, x, key_padding_mask=pad, attn_mask=mask)
+        out, w = q(x, x, x, key_padding_mask=pad, attn_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_float_key_padding_mask_reaches_the_additive_bias_quantizer_without_its_blocked_keys():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2).eval()
+    x, pad = torch.randn(6, 2, 8), _float_padding("with_inf")
+    q = qswap.convert(mha, "w8a8")
+    seen = []
+    hook = q.core.attn_bias_quant.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    qswap.calibrate(q, [(x, pad)], forward=lambda m, b: m(b[0], b[0], b[0], key_padding_mask=b[1]))
+    hook.remove()
+    assert seen and all(torch.isfinite(t).all() for t in seen)  # the -inf key is filled, not quantized
+    assert torch.isfinite(q.core.attn_bias_quant.scale).all()
+    with torch.no_grad():
+        ref, ref_w = mha(x, x, x, key_padding_mask=pad)
+        out, w = q(x, x, x, key_padding_mask=pad)
+    assert sqnr_db(ref, out) > 25.0
+    assert torch.equal(w == 0, ref_w == 0)
+
+
 def test_linear_bias_lies_on_the_int32_accumulator_grid():
     lin = qswap.convert(nn.Linear(8, 4), "w8a8_per_channel")
     x = torch.randn(3, 8)
