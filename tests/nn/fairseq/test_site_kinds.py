@@ -62,7 +62,10 @@ def _torch_cases():
     for act in (nn.ReLU(), nn.GELU(), nn.SiLU(), nn.GLU(), nn.Tanh(), nn.Sigmoid(), nn.Softmax(-1),
                 nn.LogSoftmax(-1)):
         cases[type(act).__name__] = (act, {"input": _seq(3, E)})
-    return {name: (Call(module.eval(), positional=True), inputs) for name, (module, inputs) in cases.items()}
+    # by keyword where a positional call would give the mask to another argument (torch's
+    # attention: key_padding_mask comes before attn_mask)
+    return {name: (Call(module.eval(), positional=name != "MultiheadAttention"), inputs)
+            for name, (module, inputs) in cases.items()}
 
 
 def _first_key_blocked():
