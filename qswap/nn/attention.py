@@ -73,7 +73,7 @@ class QuantAttentionCore(nn.Module):
                 num_heads: int = 1, dropout_p: float = 0.0,
                 scores_bias: torch.Tensor | None = None, kv_repeat: int = 1,
                 kv_quantized: bool = False, out_quant: nn.Module | None = None,
-                dropping: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                dropping: bool | None = None, blocked_fill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (B*H, T, D), k and v: (B*H, S, D); attn_mask: (T, S) or (B*H, T, S);
         key_padding_mask: (B, S) bool, True = padding; scores_bias: (B*H, T, S) extra score term
         (relative positions), added to the already scaled q @ k^T scores. With ``kv_repeat`` > 1
@@ -84,6 +84,15 @@ class QuantAttentionCore(nn.Module):
         integer core does (onto ``softmax_in`` and onto ``out_quant``'s grid). ``dropping``: whether
         ``dropout_p`` applies, as the float attention decides it (the flag of the dropout module it
         runs, fairseq's and ESPnet's); None: this core's own training flag (torch's attention).
+        ``blocked_fill``: what a row that ``attn_mask`` and ``key_padding_mask`` block everywhere
+        gets, where the plain -inf fill would give NaN. A finite value is the score the float model
+        adds where ``attn_mask`` blocks (fairseq's encoder layer: -1e8): the row is then uniform
+        over the keys the padding leaves open, as fairseq's softmax of its scores plus -1e8 is
+        (float32 rounds them onto multiples of 8 next to -1e8: the same value wherever they lie
+        within about 4 of each other; rows of wider scores fairseq makes near uniform). -inf
+        gives the row zero probabilities (torch's attention with a bool mask). Selected from the
+        scores (masked fills), with no add of the fill value: nothing new for a quantizer or the
+        integer form to read. Other rows are masked as without it. None: no such handling.
         Returns the context (B*H, T, D) and the attention probabilities (B*H, T, S)."""
         qq = self.q_quant(q)
         k = quantize_shared(self.k_quant, k, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)
@@ -111,6 +120,12 @@ class QuantAttentionCore(nn.Module):
         # (the float softmax): the masks are filled in place too, with no copy of the scores
         fill = Tensor.masked_fill_ if (scores is product and isinstance(self.softmax_in_quant, FakeQuantize)
                                        and self.softmax_in_quant.enabled and not simulates(self)) else Tensor.masked_fill
+        full_rows = None  # rows the masks block everywhere (attn_mask with blocked_fill given)
+        if blocked_fill is not None and blocked is not None:
+            covered = blocked if key_padding_mask is None else blocked | heads_padding(key_padding_mask, num_heads)
+            full_rows = covered.all(dim=-1, keepdim=True)  # (T, 1) or (B*H, T, 1)
+            if not bool(full_rows.any()):
+                full_rows = None
         masked = scores
         if blocked is not None:
             masked = fill(masked, blocked if blocked.dim() == 3 else blocked.unsqueeze(0), float("-inf"))
@@ -119,6 +134,10 @@ class QuantAttentionCore(nn.Module):
         probs = self._integer_softmax(scores, masked) if simulates(self) else None
         if probs is None:
             probs = F.softmax(masked, dim=-1)  # (B*H, T, S)
+        if full_rows is not None:
+            rows = (probs.new_zeros(()) if blocked_fill == float("-inf") else
+                    self._blocked_rows(scores, blocked, key_padding_mask, num_heads))
+            probs = torch.where(full_rows, rows, probs)
         probs = consume(self.softmax_out_quant, probs)  # the softmax's new tensor
         dropped = dropout_p > 0.0 and (self.training if dropping is None else dropping)
         if dropped:
@@ -130,6 +149,16 @@ class QuantAttentionCore(nn.Module):
             context = self._integer_matmul("context", probs, self.softmax_out_quant, v.transpose(1, 2), self.v_quant,
                                            1.0, out_quant, lambda: torch.bmm(probs, v))
         return context, probs
+
+    @staticmethod
+    def _blocked_rows(scores: Tensor, blocked: Tensor, key_padding_mask: Tensor | None, num_heads: int) -> Tensor:
+        """The probabilities of rows blocked everywhere where the float model fills blocked scores
+        with a finite value: uniform over the keys the padding leaves open (every blocked score
+        set to 0, each padded key to -inf; a row of padding only: NaN, as in the float model)."""
+        filled = scores.masked_fill(blocked if blocked.dim() == 3 else blocked.unsqueeze(0), 0.0)
+        if key_padding_mask is not None:
+            filled = fill_padding(Tensor.masked_fill, filled, key_padding_mask, num_heads)
+        return F.softmax(filled, dim=-1)
 
     def _score_add(self, scores: torch.Tensor, bias: torch.Tensor, integer: bool) -> torch.Tensor:
         """``scores + bias`` (values of the ``scores`` and ``scores_bias`` grids); with ``simulate:

@@ -197,10 +197,13 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
                 key_padding_mask: Optional[Tensor] = None, incremental_state: IncrementalState = None,
                 need_weights: bool = True, static_kv: bool = False, attn_mask: Optional[Tensor] = None,
                 before_softmax: bool = False, need_head_weights: bool = False,
-                out_quant: Optional[nn.Module] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                out_quant: Optional[nn.Module] = None,
+                blocked_fill: Optional[float] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """query: (T, B, E); key, value: (S, B, E); key_padding_mask: (B, S), True/1 = padding;
         attn_mask: (T, S) bool or additive; ``out_quant``: the quantizer that reads the output (with
-        ``simulate: integer`` the out projection writes onto its grid: ``QLinear.forward``).
+        ``simulate: integer`` the out projection writes onto its grid: ``QLinear.forward``);
+        ``blocked_fill``: the finite value fairseq's encoder layer fills a bool attn_mask's blocked
+        positions with (-1e8; ``QuantAttentionCore.forward``: a row blocked everywhere).
         Returns (T, B, E) and the attention weights
         ((B, T, S) averaged over heads, (H, B, T, S) with need_head_weights, or None)."""
         if before_softmax:
@@ -242,7 +245,7 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
         context, probs = self.core(q, k, v, self.scaling, attn_mask, key_padding_mask, self.num_heads,
                                    drop.p, kv_repeat=beam, kv_quantized=quantized_cache,
                                    out_quant=self.out_proj.input_quant,
-                                   dropping=dropping)  # (B*H, T, D), (B*H, T, S)
+                                   dropping=dropping, blocked_fill=blocked_fill)  # (B*H, T, D), (B*H, T, S)
         merged = merge_heads(context, self.num_heads)
         out = self.out_proj(merged, out_quant=out_quant)  # (T, B, E)
         if not need_weights:

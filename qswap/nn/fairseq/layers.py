@@ -22,6 +22,7 @@ from qswap.errors import ConvertError
 from qswap.io.serializable import INT, Either, Obj, Tuple, serializable
 from qswap.io.serializable import List as ListOf, Tensor as TensorOf
 from qswap.nn.base import QuantConfig, QuantModule, quantizer, told
+from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
 from qswap.nn.hadamard import QRotatedLinear
 from qswap.nn.linear import QLinear
 from qswap.nn.norm import QLayerNorm
@@ -134,6 +135,23 @@ class QTransformerEncoderLayer(QuantModule):
             return values[0], fc_result
         return values[0]
 
+    def _attention_mask(self, attn_mask: Optional[Tensor], dtype: torch.dtype) -> tuple[Optional[Tensor], dict]:
+        """fairseq's layer runs ``attn_mask.masked_fill(attn_mask.to(bool), -1e8)`` (-1e4 below
+        float32): a float mask becomes an additive -1e8 at its nonzero positions, a block, and a
+        row blocked everywhere near uniform; a bool mask stays bool, which torch's attention (no
+        weights asked) gives zero probabilities in such a row. The attention counterpart gets the
+        bool mask (a block: no -1e8 for a quantizer to read) and what fairseq's arithmetic gives
+        such rows (``blocked_fill``: that value, or -inf for zero); another attention module
+        fairseq's own mask. Returns (attn_mask, the keyword for the attention)."""
+        if attn_mask is None:
+            return None, {}
+        value = -1e8 if dtype == torch.float32 else -1e4
+        if not isinstance(self.self_attn, QFairseqMultiheadAttention):
+            return attn_mask.masked_fill(attn_mask.to(torch.bool), value), {}
+        if attn_mask.dtype == torch.bool:
+            return attn_mask, {"blocked_fill": float("-inf")}
+        return attn_mask.to(torch.bool), {"blocked_fill": value}
+
     def forward_onto(self, x: Tensor, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None,
                      residual: Optional[Tensor] = None, next_readers: tuple = ()) -> tuple:
         """``forward``'s arithmetic, for a caller that knows the readers of the layer's residual
@@ -148,14 +166,13 @@ class QTransformerEncoderLayer(QuantModule):
         int32 accumulators onto theirs (``onto_each``), as ``integer_encoder_layer`` computes.
         Returns (a list of values, one for each of ``next_readers`` (one value without them), fc2's
         result)."""
-        if attn_mask is not None:
-            attn_mask = attn_mask.to(torch.bool)
+        attn_mask, fill = self._attention_mask(attn_mask, x.dtype)
         residual = x if residual is None else residual
         post = not self.normalize_before
         if not post:
             x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
         x, _ = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
-                              need_weights=False, attn_mask=attn_mask,
+                              need_weights=False, attn_mask=attn_mask, **fill,
                               **read_by(self.self_attn, past(self.dropout_module, self.attn_out_quant)))
         readers = (reader(self.self_attn_layer_norm),) if post else (reader(self.final_layer_norm),
                                                                      self.ffn_residual_quant)

@@ -46,6 +46,29 @@ def test_post_norm_encoder_layer_with_attention_mask_and_fc_result():
     _exact_and_honest(layer, {"x": x, "encoder_padding_mask": pad, "attn_mask": mask})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+@pytest.mark.parametrize("normalize_before", [False, True])
+def test_encoder_layer_attention_mask_blocking_a_whole_row_computes_what_fairseq_does(dtype, normalize_before):
+    """fairseq fills a float mask's nonzero positions with -1e8 (a row blocked everywhere: near
+    uniform) and passes a bool mask on (torch's attention: zero probabilities in such a row); a
+    row blocked by the mask and the padding together too. The counterpart's -inf block would give
+    NaN there, which spreads through the next layers."""
+    cfg = transformer_config()
+    cfg.encoder.normalize_before = normalize_before
+    torch.manual_seed(0)
+    layer = TransformerEncoderLayerBase(cfg)
+    x = torch.randn(6, 2, E)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, -2:] = True
+    mask = torch.zeros(6, 6)
+    mask[0, :] = 1  # row 0 blocked everywhere
+    mask[2, :4] = 1  # row 2: its open keys are sentence 1's padding
+    mask[3, 1] = 1  # a partial row
+    q = _exact_and_honest(layer, {"x": x, "encoder_padding_mask": pad, "attn_mask": mask.to(dtype)})
+    with torch.no_grad():
+        assert torch.isfinite(q(x=x, encoder_padding_mask=pad, attn_mask=mask.to(dtype))).all()
+
+
 def test_normformer_decoder_layer():
     """scale_heads (c_attn), scale_resids (w_resid), scale_attn / scale_fc (extra LayerNorms)."""
     cfg = transformer_config(scale_heads=True, scale_resids=True, scale_attn=True, scale_fc=True)
