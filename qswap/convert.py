@@ -74,6 +74,7 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
     plans, hit_rules = _walk(target, recipe, report)
     _check_rules(recipe, hit_rules, report, strict, plans)
     _check_sites(recipe, plans, hit_rules)
+    _check_hooks(plans)
     if strict and report.by_action("float"):
         names = ", ".join(e.path or "<root>" for e in report.by_action("float")[:8])
         raise ConvertError(f"strict mode: {len(report.by_action('float'))} module(s) left float "
@@ -305,7 +306,8 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.M
     built: list[tuple[str, nn.Module]] = []
     modes = {id(m): m.training for m in root.modules()}  # every module's own flag, before any swap
     counterpart_modes: dict[int, bool] = {}  # id(counterpart) -> the flag of the module it replaced
-    for plan in sorted(plans, key=lambda p: p.path.count(".") + (1 if p.path else 0), reverse=True):
+    sorted_plans = sorted(plans, key=lambda p: p.path.count(".") + (1 if p.path else 0), reverse=True)
+    for plan in sorted_plans:
         try:
             new = plan.counterpart.from_float(plan.module, plan.config)
         except ConvertError as exc:
@@ -317,6 +319,8 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.M
             counterpart=type(new).__name__, **_spec_labels(plan.counterpart, plan.config)))
         built.append((plan.path, new))
     _check_weight_grids(built)  # before anything is set in place
+    for plan, (_, new) in zip(sorted_plans, built):
+        _move_hooks(plan.module, new)
     for path, new in reversed(built):  # shallowest first: a parent counterpart is in place
         if not path:
             root = new
@@ -329,6 +333,70 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.M
             new.bind_readers()
     report.entries.sort(key=lambda e: e.path)
     return root
+
+
+_FORWARD_HOOKS = (("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"),
+                  ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"))
+
+
+def _user_hooks(module: nn.Module) -> list[tuple[str, Any]]:
+    """(kind, hook) of every forward, forward-pre and backward hook of ``module`` but the
+    ``torch.nn.utils.weight_norm`` hooks (conversion computes weight norm itself)."""
+    from torch.nn.utils.weight_norm import WeightNorm
+    kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    return [(kind.strip("_"), hook) for kind in kinds for hook in getattr(module, kind).values()
+            if not isinstance(hook, WeightNorm)]
+
+
+def _hook_name(hook: Any) -> str:
+    return getattr(hook, "__qualname__", None) or type(hook).__name__
+
+
+def _check_hooks(plans: list[_Plan]) -> None:
+    """A hook on a module that conversion replaces moves to its counterpart (``_move_hooks``) if it
+    is a forward or forward-pre hook; a backward hook there, or any hook on a part of a module
+    converted as one unit (an attention's q_proj: the counterpart computes its parts itself), would
+    be lost: a ConvertError naming the module and the hook, before anything changes."""
+    for plan in plans:
+        where = plan.path or "the root"
+        for kind, hook in _user_hooks(plan.module):
+            if kind.startswith("backward"):
+                raise ConvertError(f"{where} ({type(plan.module).__name__}) has a {kind} hook "
+                                   f"({_hook_name(hook)}), which its counterpart would not run: remove it "
+                                   f"before convert and register it on the converted model")
+        if plan.counterpart.converts_children:
+            continue
+        for sub, module in plan.module.named_modules():
+            hooks = _user_hooks(module) if sub else []
+            if hooks:
+                kind, hook = hooks[0]
+                raise ConvertError(f"{where}.{sub} ({type(module).__name__}) has a {kind} hook ({_hook_name(hook)}), "
+                                   f"but it is a part of {where} ({type(plan.module).__name__}), which is converted as "
+                                   f"one unit that computes its parts itself (their hooks would not run): remove the hook before convert, or register it on "
+                                   f"{where} or on the converted model")
+
+
+def _move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """The forward and forward-pre hooks of ``old`` (but weight norm's) move to ``new``, its
+    counterpart, in their order, with their with_kwargs / always_call flags. Where ``new`` has no
+    hooks of its own and ``old`` no weight norm hook, ``new`` takes ``old``'s hook dicts
+    themselves: a handle the caller holds (``inplace=True``) still removes its hook."""
+    from torch.nn.utils.weight_norm import WeightNorm
+    for names in _FORWARD_HOOKS:
+        hooks = getattr(old, names[0])
+        if not hooks or new is old:
+            continue
+        if not any(getattr(new, n) for n in names) and not any(isinstance(h, WeightNorm) for h in hooks.values()):
+            for n in names:
+                setattr(new, n, getattr(old, n))
+            continue
+        for hid, hook in hooks.items():
+            if isinstance(hook, WeightNorm):
+                continue
+            getattr(new, names[0])[hid] = hook
+            for n in names[1:]:
+                if hid in getattr(old, n):
+                    getattr(new, n)[hid] = getattr(old, n)[hid]
 
 
 def _restore_modes(root: nn.Module, counterpart_modes: dict[int, bool], modes: dict[int, bool]) -> None:

@@ -478,3 +478,70 @@ def test_a_root_counterpart_keeps_its_float_childrens_own_flags():
     assert type(converted) is not type(layer)
     _assert_modes_kept(layer, converted)
     assert not converted.training and converted.dropout_module.training
+
+
+def test_forward_hooks_of_a_replaced_module_move_to_its_counterpart_in_order_with_their_flags():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    calls = []
+    model[0].register_forward_hook(lambda mod, inp, out: calls.append("fwd 1"))
+    model[0].register_forward_hook(lambda mod, inp, kw, out: calls.append(f"fwd 2 {sorted(kw)}"), with_kwargs=True)
+    model[0].register_forward_hook(lambda mod, inp, out: calls.append("fwd always"), always_call=True)
+    model[2].register_forward_pre_hook(lambda mod, inp: (inp[0] * 0,))  # the output ignores the input
+    model[2].register_forward_pre_hook(lambda mod, args, kw: calls.append("pre kw") or None, with_kwargs=True)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        ref = model(x)
+    expected, calls[:] = list(calls), []
+    converted = qswap.convert(model, NO_QUANT)
+    assert isinstance(converted[0], QLinear) and isinstance(converted[2], QLinear)
+    with torch.no_grad():
+        out = converted(x)
+    assert calls == expected == ["fwd 1", "fwd 2 []", "fwd always", "pre kw"]
+    torch.testing.assert_close(out, ref)
+    assert len(model[0]._forward_hooks) == 3 and len(model[2]._forward_pre_hooks) == 2  # the caller's stay
+
+
+def test_a_hook_handle_of_an_inplace_converted_module_still_removes_its_hook():
+    model = nn.Sequential(nn.Linear(4, 4))
+    calls = []
+    handle = model[0].register_forward_hook(lambda mod, inp, out: calls.append(1))
+    qswap.convert(model, NO_QUANT, inplace=True)
+    model(torch.randn(2, 4))
+    assert calls == [1]
+    handle.remove()
+    model(torch.randn(2, 4))
+    assert calls == [1] and not model[0]._forward_hooks
+
+
+def test_hooks_inside_a_fairseq_layer_move_and_a_hook_on_a_part_of_a_unit_is_refused():
+    pytest.importorskip("fairseq")
+    from fairseq.models.transformer import TransformerConfig
+    from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
+    cfg = TransformerConfig()
+    cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, cfg.encoder.attention_heads = 8, 16, 2
+    torch.manual_seed(0)
+    layer = TransformerEncoderLayerBase(cfg).eval()
+    seen = []
+    layer.fc1.register_forward_hook(lambda mod, inp, out: seen.append("fc1"))
+    layer.self_attn.register_forward_hook(lambda mod, inp, out: seen.append("attn"))
+    layer.fc2.register_forward_pre_hook(lambda mod, inp: (inp[0] * 0.5,))
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        ref = layer(x, None)
+    expected, seen[:] = list(seen), []
+    converted = qswap.convert(layer, NO_QUANT)
+    with torch.no_grad():
+        out = converted(x, None)
+    assert seen == expected == ["attn", "fc1"]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    layer.self_attn.q_proj.register_forward_hook(lambda mod, inp, out: None)
+    with pytest.raises(ConvertError, match=r"self_attn\.q_proj \(Linear\) has a forward_hooks hook.*part of self_attn"):
+        qswap.convert(layer, NO_QUANT)
+
+
+def test_a_backward_hook_on_a_replaced_module_is_refused_naming_it():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model[0].register_full_backward_hook(lambda mod, gin, gout: None)
+    with pytest.raises(ConvertError, match=r"^0 \(Linear\) has a backward_hooks hook"):
+        qswap.convert(model, NO_QUANT)
