@@ -121,16 +121,20 @@ def _register_fairseq_counterparts() -> None:
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy``, after recomputing ``torch.nn.utils.weight_norm`` weights without grad:
-    a weight-normed module built or run with grad enabled (wav2vec 2.0's positional conv) holds
-    a non-leaf ``weight``, which deepcopy refuses. The recomputed values are the same."""
+    """``copy.deepcopy``, with each ``torch.nn.utils.weight_norm`` weight recomputed without grad
+    for the copy: a weight-normed module built or run with grad enabled (wav2vec 2.0's positional
+    conv) holds a non-leaf ``weight``, which deepcopy refuses. The recomputed values are the same;
+    the caller's model is not written (the recomputed tensors stand for its weights in
+    deepcopy's memo)."""
     from torch.nn.utils.weight_norm import WeightNorm
+    memo: dict[int, Any] = {}
     with torch.no_grad():
         for module in model.modules():
             for hook in module._forward_pre_hooks.values():
-                if isinstance(hook, WeightNorm):
-                    setattr(module, hook.name, hook.compute_weight(module))
-    return copy.deepcopy(model)
+                weight = getattr(module, hook.name, None) if isinstance(hook, WeightNorm) else None
+                if isinstance(weight, torch.Tensor) and id(weight) not in memo:
+                    memo[id(weight)] = hook.compute_weight(module)
+    return copy.deepcopy(model, memo)
 
 
 def _already_converted(model: nn.Module) -> bool:

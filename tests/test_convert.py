@@ -545,3 +545,22 @@ def test_a_backward_hook_on_a_replaced_module_is_refused_naming_it():
     model[0].register_full_backward_hook(lambda mod, gin, gout: None)
     with pytest.raises(ConvertError, match=r"^0 \(Linear\) has a backward_hooks hook"):
         qswap.convert(model, NO_QUANT)
+
+
+def test_copying_a_weight_normed_model_run_with_grad_does_not_write_the_callers_weight():
+    # wav2vec 2.0's positional conv: after a forward with grad, ``weight`` is a non-leaf tensor
+    conv = nn.utils.weight_norm(nn.Conv1d(4, 4, 3, padding=1, groups=2), name="weight", dim=2)
+    model = nn.Sequential(conv)
+    x = torch.randn(2, 4, 7)
+    ref = model(x).detach()
+    weight = conv.weight
+    assert weight.grad_fn is not None
+    converted = qswap.convert(model, NO_QUANT)
+    assert conv.weight is weight and conv.weight.grad_fn is not None  # the caller's tensor, as it was
+    assert not any(p.data_ptr() == q.data_ptr() for p in converted.parameters() for q in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), ref)
+    from qswap.convert import copy_model
+    copy = copy_model(model)
+    assert conv.weight is weight and copy[0].weight is not weight and copy[0].weight.grad_fn is None
+    torch.testing.assert_close(copy[0].weight, weight.detach())
