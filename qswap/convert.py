@@ -71,8 +71,9 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
     target = model if inplace else copy_model(model)
     report = ConvertReport(recipe=recipe.name, float_ok=dict(recipe.float_ok))
     report.notes += apply_transforms(target, recipe.transforms, data)
-    plans, hit_rules = _walk(target, recipe, report)
-    _check_rules(recipe, hit_rules, report, strict, plans)
+    skipped: list[tuple[str, nn.Module, Rule]] = []
+    plans, hit_rules = _walk(target, recipe, report, skipped)
+    _check_rules(recipe, hit_rules, report, strict, plans, skipped)
     _check_sites(recipe, plans, hit_rules)
     _check_hooks(plans)
     if strict and report.by_action("float"):
@@ -149,7 +150,11 @@ def rules_in_effect(model: nn.Module, recipe: Recipe) -> dict[str, Rule | None]:
     return {p.path: p.rule for p in plans}
 
 
-def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[_Plan], set[int]]:
+def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport,
+          skipped: list | None = None) -> tuple[list[_Plan], set[int]]:
+    """Every module's fate, without touching the tree: (the plans of the modules to convert, the
+    indices of the rules that matched). ``skipped`` collects (path, module, rule) of each module a
+    ``skip`` leaves float with its subtree (unvisited)."""
     plans: list[_Plan] = []
     hit: set[int] = set()
 
@@ -165,6 +170,8 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[
         if effective is not None and effective.skip:
             report.entries.append(ModuleEntry(path, cls_name, "skipped", label,
                                               reason=effective.note or "skip: true"))
+            if skipped is not None:
+                skipped.append((path, module, effective))
             return
         config = effective.config if effective else recipe.defaults
         counterpart = find(module)
@@ -196,14 +203,14 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport) -> tuple[list[
 
 
 def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: bool,
-                 plans: list[_Plan] = ()) -> None:
+                 plans: list[_Plan] = (), skipped: list = ()) -> None:
     units = [p for p in plans if not p.counterpart.converts_children]  # converted whole: their parts unvisited
     overruled = _warn_rules_overruled_in_units(recipe, units, report, strict)
     for rule in recipe.rules:
         if rule.index in hit or rule.index in overruled:  # an overruled rule's message says where it reached
             continue
         _refuse_rule_inside_a_unit(recipe, rule, units)
-        message = f"{recipe.name}: {rule.label()} matched no module"
+        message = f"{recipe.name}: {rule.label()} matched no module" + _shadowed_by_skip(rule, skipped)
         if rule.match.path is None:  # class-only rules are general: this model may lack the class
             report.notes.append(message)
             continue
@@ -211,6 +218,19 @@ def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: b
             raise ConvertError(f"strict mode: {message}; fix or remove the rule")
         report.unmatched_rules.append(rule.label())
         warnings.warn(message, QswapWarning, stacklevel=3)
+
+
+def _shadowed_by_skip(rule: Rule, skipped: list) -> str:
+    """Where ``rule`` would match a module inside a subtree a ``skip`` left float (the walk never
+    visits it): what to say after 'matched no module', else ''."""
+    for root_path, root, skip in skipped:
+        for sub, module in root.named_modules():
+            path = f"{root_path}.{sub}" if root_path else sub
+            if sub and rule.match.matches(path, module):
+                return (f": shadowed by rule {skip.index}'s skip at {root_path or 'the root'} ({skip.label()} "
+                        f"leaves {path} float with the rest of that subtree); narrow the skip to let this "
+                        f"rule apply")
+    return ""
 
 
 def _warn_rules_overruled_in_units(recipe: Recipe, units: list[_Plan], report: ConvertReport,

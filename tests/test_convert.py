@@ -564,3 +564,19 @@ def test_copying_a_weight_normed_model_run_with_grad_does_not_write_the_callers_
     copy = copy_model(model)
     assert conv.weight is weight and copy[0].weight is not weight and copy[0].weight.grad_fn is None
     torch.testing.assert_close(copy[0].weight, weight.detach())
+
+
+def test_a_rule_inside_a_subtree_an_ancestors_skip_leaves_float_is_reported_as_shadowed():
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 4))
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"path": "0"}, "skip": True}, {"match": {"path": "0.1"}, "weight": {"bits": 4}}]}
+    shadowed = r"rule 1: path=0\.1 matched no module: shadowed by rule 0's skip at 0 \(rule 0: path=0 leaves 0\.1 float"
+    with pytest.warns(QswapWarning, match=shadowed):
+        converted = qswap.convert(model, recipe)
+    assert type(converted[0][1]) is nn.Linear
+    with pytest.raises(ConvertError, match=shadowed):
+        qswap.convert(model, recipe, strict=True)
+    # a rule that matches nothing anywhere keeps the plain message
+    recipe["rules"][1]["match"]["path"] = "5"
+    with pytest.warns(QswapWarning, match=r"path=5 matched no module$"):
+        qswap.convert(model, recipe)
