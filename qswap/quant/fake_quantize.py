@@ -346,27 +346,33 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         return scale, zero_point
 
     def _fast_grid(self, x: torch.Tensor, buffers: dict, scale: torch.Tensor) -> PassGrid | None:
-        """The kept ``PassGrid`` the fast path rounds ``x`` onto (``frozen_grid``'s, unchanged since
-        it was kept: frozen, per tensor, half to even) where ``x`` is float32 on the CPU and no
-        gradient is to be carried through it or into a learned scale; else None."""
-        kept, grid = self._state_stamp, self._state[1]
-        if (grid is not None and kept is not None and kept[1] == fingerprint(buffers["frozen"], scale, buffers["zero_point"])
-                and x.dtype == torch.float32 and x.is_cpu and not (torch.is_grad_enabled() and (
-                    x.requires_grad or (self.spec.learnable and self.training)))):
-            return grid
-        return None
+        """The kept ``PassGrid`` the fast path rounds ``x`` onto (``frozen_grid``'s: frozen, per
+        tensor, half to even) where ``_kept_fits`` holds; else None."""
+        grid = self._state[1]
+        return grid if grid is not None and self._kept_fits(x, buffers, scale) else None
 
     def _fast_channels(self, x: torch.Tensor, buffers: dict, scale: torch.Tensor) -> ChannelGrid | None:
         """``_fast_grid`` for a frozen per-channel activation grid of the last axis (the
-        ``ChannelGrid`` ``frozen_grid`` kept, unchanged since), where ``x``'s last axis has its
-        channels; else None (``forward`` then computes the same values from the buffers)."""
-        channels, kept = self._channels, self._state_stamp
-        if (channels is not None and kept is not None and x.dtype == torch.float32 and x.is_cpu and x.dim() > 0
-                and x.shape[-1] == channels.channels
-                and kept[1] == fingerprint(buffers["frozen"], scale, buffers["zero_point"])
-                and not (torch.is_grad_enabled() and (x.requires_grad or (self.spec.learnable and self.training)))):
+        ``ChannelGrid`` ``frozen_grid`` kept), where ``x``'s last axis has its channels; else None
+        (``forward`` then computes the same values from the buffers)."""
+        channels = self._channels
+        if (channels is not None and x.dim() > 0 and x.shape[-1] == channels.channels
+                and self._kept_fits(x, buffers, scale)):
             return channels
         return None
+
+    def _kept_fits(self, x: torch.Tensor, buffers: dict, scale: torch.Tensor) -> bool:
+        """Whether the grid ``frozen_grid`` kept is current (its stamp unchanged) and applies to ``x``:
+        float32 on the CPU, no gradient to carry through it or into a learned scale."""
+        kept = self._state_stamp
+        return (kept is not None and kept[1] == fingerprint(buffers["frozen"], scale, buffers["zero_point"])
+                and self._grid_applies(x))
+
+    def _grid_applies(self, x: torch.Tensor) -> bool:
+        """Whether a prepared grid may round ``x``: float32 on the CPU, no gradient to carry through
+        it or into a learned scale."""
+        return x.dtype == torch.float32 and x.is_cpu and not (
+            torch.is_grad_enabled() and (x.requires_grad or (self.spec.learnable and self.training)))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The int32 codes of ``x``, a tensor on this quantizer's grid (its output): ``round(x *
@@ -432,8 +438,7 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
             # a training step's optimizer may write the learned scale through ``.data`` (fairseq's
             # Adam), which no stamp sees: the next inference call re-reads the grid
             self.__dict__["_state_stamp"] = None
-        if grid is not None and x.dtype == torch.float32 and x.is_cpu and not (
-                torch.is_grad_enabled() and (x.requires_grad or (self.spec.learnable and self.training))):
+        if grid is not None and self._grid_applies(x):
             return fake_quantize_grid(x, grid)  # frozen inference: _passes_ok, spec-level parts in frozen_grid
         if not frozen and self._scalar_calibration():
             grid = self._observe_scalar(x)

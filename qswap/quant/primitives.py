@@ -170,13 +170,18 @@ class PassGrid(NamedTuple):
     inverse_value: float  # ``inverse`` as a Python number (exactly: a float32), for the C kernel
 
 
+def _bad_scale(scale, spec: QuantSpec) -> SpecError:
+    """The error for a grid whose scale (or one of its channels' scales) is 0 or not finite."""
+    return SpecError(f"a quantization grid needs a finite nonzero scale, got {scale} ({spec.short()}; a learned "
+                     f"scale trained to 0, or a grid set by hand): recalibrate the model (qswap calibrate) "
+                     f"or retrain its scales with a smaller learning rate")
+
+
 def pass_grid(scale: float, zero_point: int, spec: QuantSpec) -> PassGrid:
     """The ``PassGrid`` of a per-tensor ``scale`` and ``zero_point`` given as Python numbers;
     SpecError for a scale that is 0 or not finite (a learned scale trained to 0)."""
     if scale == 0 or not math.isfinite(scale):
-        raise SpecError(f"a quantization grid needs a finite nonzero scale, got {scale} ({spec.short()}; a learned "
-                        f"scale trained to 0, or a grid set by hand): recalibrate the model (qswap calibrate) "
-                        f"or retrain its scales with a smaller learning rate")
+        raise _bad_scale(scale, spec)
     inverse = torch.tensor(1.0 / scale, dtype=torch.float32)  # float32(1 / s), as a float32 op gets it
     return PassGrid(scale, zero_point, inverse, spec.qmin - zero_point, spec.qmax - zero_point, inverse.item())
 
@@ -244,8 +249,7 @@ def channel_grid(scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec)
     last axis); SpecError for a scale that is 0 or not finite, as ``pass_grid``."""
     scale = scale.detach().to(torch.float32).reshape(-1).contiguous()
     if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
-        raise SpecError(f"a quantization grid needs finite nonzero scales, got {scale.tolist()} ({spec.short()}): "
-                        f"recalibrate the model (qswap calibrate) or retrain its scales with a smaller learning rate")
+        raise _bad_scale(scale.tolist(), spec)
     zero_point = zero_point.reshape(-1)
     return ChannelGrid((1.0 / scale).contiguous(), (spec.qmin - zero_point).to(torch.float32).contiguous(),
                        (spec.qmax - zero_point).to(torch.float32).contiguous(), scale.clone(), scale.numel())
