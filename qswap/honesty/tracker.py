@@ -33,8 +33,8 @@ hooks that tell it where it is.
 
   Known limit: an in-place write into an integer tensor of seen origin with the Python dispatch
   key excluded (``codes.copy_(rounded)`` inside ``torch._C._DisableTorchDispatch()``) is not
-  caught: the origin is kept per tensor, not per write (``_int_seen``). The version counters
-  recorded in ``_ints`` do not settle it cheaply: qswap's own quantizers rewrite their integer
+  caught: the origin is kept per tensor, not per write (``_int_seen``). Version counters do not
+  settle it cheaply: qswap's own quantizers rewrite their integer
   buffers that way, and aliases share a counter without a ``_base`` (``detach``) or views of one
   base are written through each other, so a moved counter alone reports honest models.
 """
@@ -392,24 +392,23 @@ class Tracker(TorchDispatchMode):
         is cast to float or promoted into float compute as values. Bool tensors are masks."""
         for _, t in ints:
             if t.dtype != torch.bool and t not in self.tags and not self._int_seen(t):
-                self.tags[t] = (UNSEEN_INT if t not in self._ints else UNSEEN_WRITE, t._version)
+                self.tags[t] = (UNSEEN_INT, t._version)
                 self._tainted = True
 
     def _int_seen(self, t: torch.Tensor) -> bool:
-        """Whether integer tensor ``t`` has a seen origin. Its version counter is recorded
-        (``_ints``), but a write where the audit does not watch is not checked yet: qswap's own
-        quantizers rewrite their integer buffers with dispatch off, and aliases that share a
-        counter without a ``_base`` (``detach``) make the check report honest models."""
+        """Whether integer tensor ``t`` has a seen origin. A write where the audit does not watch
+        is not checked (the module docstring's known limit): qswap's own quantizers rewrite their
+        integer buffers with dispatch off, and aliases that share a counter without a ``_base``
+        (``detach``) would make a version check report honest models."""
         return t in self._ints or t in self._own_ints
 
-    def _seen_int(self, t: torch.Tensor, version: int | None = None) -> None:
-        """Record integer tensor ``t`` as of a seen origin, at ``version`` (default: its current one)."""
-        self._ints[t] = (t._version if version is None else version, None)
+    def _seen_int(self, t: torch.Tensor) -> None:
+        """Record integer tensor ``t`` as of a seen origin."""
+        self._ints[t] = True
 
     def _record_ints(self, func, name: str, args, kwargs, out) -> None:
-        """The integer outputs of a watched op have a seen origin, at the version they have once
-        it returns (an in-place op bumps its first argument's after this handler; the base of a
-        view written is recorded too); but those of ``torch.tensor(data)`` (``lift_fresh``) of
+        """The integer outputs of a watched op have a seen origin (the base of a view written in
+        place too); but those of ``torch.tensor(data)`` (``lift_fresh``) of
         more than one number are Python or numpy data, whatever computed it unseen
         (``UNSEEN_LIFT``). A 0-d one is a number written in the code (``torch.tensor(0)``)."""
         mutated = self._mutates(func)
@@ -419,14 +418,10 @@ class Tracker(TorchDispatchMode):
                 if name in O.LIFTS and t.dim() > 0:
                     self.tags[t] = (UNSEEN_LIFT, t._version)
                     self._tainted = True
-                elif t is written:
-                    self._seen_int(t, t._version + 1)
-                    if t._base is not None:
-                        self._seen_int(t._base, t._version + 1)
-                elif func.is_view and args and isinstance(args[0], torch.Tensor):  # shares its counter
-                    self._ints[t] = (t._version, weakref.ref(args[0]))
                 else:
                     self._seen_int(t)
+                    if t is written and t._base is not None:
+                        self._seen_int(t._base)
 
     def declare_integers(self, value, source=None, derived_from: tuple = ()) -> None:
         """qswap's integer simulation (``qswap.nn.simulate``) declaring the integer tensors in
@@ -700,8 +695,6 @@ class Tracker(TorchDispatchMode):
 # ones are, where they enter float data (cast to float, or promoted into float compute as values)
 UNSEEN_INT = Tag(FLOAT, "an integer tensor of unseen origin (made where the audit does not watch: numpy, "
                         "torch.from_numpy, the Python dispatch key excluded)", unseen=True)
-UNSEEN_WRITE = Tag(FLOAT, "an integer tensor written where the audit does not watch (its version counter moved "
-                          "without an op it saw)", unseen=True)
 UNSEEN_LIFT = Tag(FLOAT, "integers made from Python or numpy data by aten.lift_fresh (torch.tensor(data): "
                          "what computed them is not seen)", unseen=True)
 
