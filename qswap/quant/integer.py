@@ -33,6 +33,7 @@ integer_group_norm             as LayerNorm; eps rounded     int64 variance (N <
 """
 from __future__ import annotations
 
+import functools
 import math
 import platform
 from dataclasses import dataclass
@@ -479,6 +480,13 @@ class ConstantAddParams:
     folded: torch.Tensor
     out: Requant
 
+    @functools.cached_property
+    def code_limit(self) -> int:
+        """The bound on ``|q - zero_point|`` that keeps ``(q - zp) << 16`` plus the folded constant
+        inside int32 (``add_constant`` checks its codes against it), read once."""
+        room = INT32_MAX - (int(self.folded.abs().max()) if self.folded.numel() else 0)
+        return (room >> CONSTANT_ADD_BITS) + 1
+
     @classmethod
     def build(cls, grid_in: "Grid", constant: torch.Tensor, grid_out: "Grid") -> "ConstantAddParams":
         fine = grid_in.scale * 2.0 ** -CONSTANT_ADD_BITS
@@ -494,8 +502,7 @@ def add_constant(codes: torch.Tensor, params: ConstantAddParams) -> torch.Tensor
     2^24 for 8-bit codes), requantized onto the output grid (single rounding, saturating). The
     constant's own rounding onto the fine grid moves the sum by at most 2^-17 input steps."""
     _check_int("codes", codes)
-    room = INT32_MAX - (int(params.folded.abs().max()) if params.folded.numel() else 0)
-    _check_centered("add_constant's codes", codes, params.zero_point, (room >> CONSTANT_ADD_BITS) + 1,
+    _check_centered("add_constant's codes", codes, params.zero_point, params.code_limit,
                     "pass codes of the grid ConstantAddParams was built for")
     return params.out((codes.to(torch.int32) - params.zero_point) * (1 << CONSTANT_ADD_BITS) + params.folded)
 

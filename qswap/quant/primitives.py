@@ -261,8 +261,7 @@ def fake_quantize_channel_grid(x: torch.Tensor, grid: ChannelGrid) -> torch.Tens
     the kept tensors; the same values either way (``tests/quant/test_fused.py``)."""
     if fused.CHANNELS and fused.applies(x) and x.is_contiguous():
         return fused.fake_quantize_channels_into(x, torch.empty_like(x, memory_format=torch.contiguous_format), grid)
-    out = torch.mul(x, grid.inverse).round_()
-    return torch.clamp(out, grid.lo, grid.hi, out=out).mul_(grid.scale).add_(0.0)
+    return _channel_passes(x, grid.inverse, grid.lo, grid.hi, grid.scale)
 
 
 def fake_quantize_channel_passes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -274,8 +273,15 @@ def fake_quantize_channel_passes(x: torch.Tensor, scale: torch.Tensor, zero_poin
     wrapped a huge positive one to qmin) and a NaN stays NaN, as in ``fake_quantize_passes``."""
     inverse = _broadcast(1.0 / scale, x, spec)
     lo, hi = _broadcast(spec.qmin - zero_point, x, spec), _broadcast(spec.qmax - zero_point, x, spec)
+    return _channel_passes(x, inverse, lo, hi, _broadcast(scale, x, spec))
+
+
+def _channel_passes(x: torch.Tensor, inverse: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    scale: torch.Tensor) -> torch.Tensor:
+    """``round(x * inverse)`` clamped to [lo, hi], times ``scale``, plus +0.0: the per-channel
+    passes, on parts that broadcast against ``x``."""
     out = torch.mul(x, inverse).round_()
-    return torch.clamp(out, lo, hi, out=out).mul_(_broadcast(scale, x, spec)).add_(0.0)
+    return torch.clamp(out, lo, hi, out=out).mul_(scale).add_(0.0)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
