@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 class QswapWarning(UserWarning):
-    """Something a recipe asked for did not happen (a rule matched nothing, a tie conflict)."""
+    """Something asked for did not happen as asked (a recipe rule matched nothing, a tie conflict,
+    an fbank backend that failed and was replaced)."""
 
 
 class QswapError(Exception):

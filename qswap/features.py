@@ -17,19 +17,18 @@ povey window, pre-emphasis 0.97, DC removal, no dither, ``snip_edges=True``).
 """
 from __future__ import annotations
 
-import logging
 import os
+import warnings
 import wave
 from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from qswap.errors import AudioError
+from qswap.errors import AudioError, QswapWarning
 
 __all__ = ["NUM_MEL_BINS", "fbank", "load_audio", "fbank_backend"]
 
-logger = logging.getLogger("qswap")
 
 NUM_MEL_BINS = 80
 FRAME_LENGTH_MS = 25.0
@@ -199,7 +198,8 @@ def fbank(
                                  f"torchaudio built for torch {torch.__version__}, or pass "
                                  f"backend='kaldi_native_fbank'") from e
             _mark_torchaudio_unusable()
-            logger.info("torchaudio's fbank failed (%s): using kaldi_native_fbank from now on", cause)
+            warnings.warn(QswapWarning(f"torchaudio's fbank failed ({cause}): using kaldi_native_fbank from now on "
+                                       f"(Kaldi-compatible features, not bit-identical to torchaudio's)"), stacklevel=2)
     return _knf_fbank(scaled, sample_rate, num_mel_bins)
 
 

@@ -64,7 +64,7 @@ class ScopeRecorder:
         self._handles.clear()
 
     def _enter(self, module: nn.Module, args) -> None:
-        if torch._C._get_tracing_state() is None:
+        if not torch.jit.is_tracing():
             return
         self._stack.append(module)
         self.calls.append(tuple(self._stack))
