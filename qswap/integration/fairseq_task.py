@@ -86,8 +86,10 @@ class QswapTaskMixin:
             recipe, getattr(opts, "finetune_from_model", None),
             recipe_arg=recipe_arg, data=getattr(opts, "data", None))
         start = None if from_checkpoint else _start_checkpoint(opts)
-        if start is not None:  # the checkpoint fairseq-train loads next must hold this recipe's grids
-            _check_start(recipe, start)
+        # converted_start has read --finetune-from-model's recipe and refused another (STRUCTURE_ONLY)
+        checked = getattr(opts, "finetune_from_model", None) if data is STRUCTURE_ONLY else None
+        if start is not None and start != checked:  # the checkpoint fairseq-train loads next must hold
+            _check_start(recipe, start)  # this recipe's grids
         # a model rebuilt from a checkpoint: strict's checks ran when it was first converted (a
         # later qswap may check more), unless --qswap-strict asks again
         strict = getattr(opts, "qswap_strict", False) or (False if from_checkpoint else None)

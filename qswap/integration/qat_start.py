@@ -57,7 +57,7 @@ def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = Non
     return STRUCTURE_ONLY
 
 
-def stored_recipe(path: Any, state: "dict | None" = None) -> "Recipe | None":
+def stored_recipe(path: Any) -> "Recipe | None":
     """The recipe a checkpoint was converted or trained with: a qswap checkpoint's ``qswap`` entry,
     else the ``qswap_recipe`` of a fairseq-train checkpoint's cfg.model / cfg.task (or legacy
     ``args``); None for a float checkpoint. A recipe stored by name or path (a checkpoint of an
@@ -65,8 +65,7 @@ def stored_recipe(path: Any, state: "dict | None" = None) -> "Recipe | None":
     from qswap.io.checkpoint import QSWAP_KEY, qswap_entry
     from qswap.io.safe_load import load_checkpoint
 
-    if state is None:
-        state = load_checkpoint(os.fspath(path))  # qswap checkpoints load with weights_only, no allowlist
+    state = load_checkpoint(os.fspath(path))  # qswap checkpoints load with weights_only, no allowlist
     if QSWAP_KEY in state:
         return load_recipe_of(path, dict(qswap_entry(path, state)["recipe"]))
     cfg = state.get("cfg") or {}
