@@ -29,6 +29,21 @@
  * is +-inf or NaN (read from its exponent bits; the extremes are then meaningless). Calibration's
  * observers read every activation's range with it.
  *
+ * observe_f32(src, n, rule, has_range, min_val, max_val, operand, grid, qmin, qmax, symmetric, signed,
+ * min_scale, max_range) is one calibration step of a per-tensor min/max-family observer, in one call:
+ * min_max_f32's extremes (lo, hi) of src[0..n), the running range (min_val, max_val) combined with
+ * them by `rule` (0: the running mean of per-batch ranges, operand the float32 count of batches
+ * including this one, mn + (lo - mn) / operand; 1: the running extremes, min and max; 2: the moving
+ * average, operand the momentum m, mn + m * (lo - mn); without a range yet (has_range 0) the batch's
+ * range itself), and, for grid 1, the grid of the new range: qswap.quant.primitives'
+ * choose_qparams_scalar, the same float32 operations on numpy float32 scalars in the same order
+ * (Python's min(a, b) is b < a ? b : a, max(a, b) is b > a ? b : a; np.round is nearbyintf), and
+ * the float32 inverse (float)(1.0 / (double)scale) that pass_grid gives the kernel. Returns
+ * (status, min_val, max_val[, scale, zero_point, inverse]): status 0, or 1 where a value of src
+ * is +-inf or NaN, 2 where the combined range is not finite (the caller raises either; the other
+ * numbers then mean nothing). Observers (qswap.quant.observers) call it and write the results into
+ * their buffers; tests/quant/test_fused.py checks it against the Python definitions.
+ *
  * src and dst are addresses of contiguous float32 buffers (torch's data_ptr()); the Python
  * caller (qswap.quant.fused) checks dtype, device, layout and size. Single-threaded; the GIL is
  * released while it runs. Compiled for AVX2, SSE4.1 (hardware rounding) and baseline x86-64, the
@@ -305,6 +320,79 @@ static PyObject *min_max_f32(PyObject *self, PyObject *const *args, Py_ssize_t n
     return Py_BuildValue("(ddO)", (double)r.lo, (double)r.hi, r.nonfinite ? Py_True : Py_False);
 }
 
+/* Python's min(a, b) and max(a, b) of two floats: the first unless the second is below (above) it. */
+static inline float py_min(float a, float b) { return b < a ? b : a; }
+static inline float py_max(float a, float b) { return b > a ? b : a; }
+
+static PyObject *observe_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "observe_f32(src, n, rule, has_range, min_val, max_val, operand, grid, qmin, "
+                                         "qmax, symmetric, signed, min_scale, max_range): 14 arguments");
+        return NULL;
+    }
+    void *src = PyLong_AsVoidPtr(args[0]);
+    long long size = PyErr_Occurred() ? 0 : PyLong_AsLongLong(args[1]);
+    long rule = PyErr_Occurred() ? 0 : PyLong_AsLong(args[2]);
+    int has_range = PyErr_Occurred() ? 0 : PyObject_IsTrue(args[3]);
+    float mn = PyErr_Occurred() ? 0.0f : (float)PyFloat_AsDouble(args[4]);
+    float mx = PyErr_Occurred() ? 0.0f : (float)PyFloat_AsDouble(args[5]);
+    float operand = PyErr_Occurred() ? 0.0f : (float)PyFloat_AsDouble(args[6]);
+    int grid = PyErr_Occurred() ? 0 : PyObject_IsTrue(args[7]);
+    long qmin = PyErr_Occurred() ? 0 : PyLong_AsLong(args[8]);
+    long qmax = PyErr_Occurred() ? 0 : PyLong_AsLong(args[9]);
+    int symmetric = PyErr_Occurred() ? 0 : PyObject_IsTrue(args[10]);
+    int is_signed = PyErr_Occurred() ? 0 : PyObject_IsTrue(args[11]);
+    float min_scale = PyErr_Occurred() ? 0.0f : (float)PyFloat_AsDouble(args[12]);
+    float max_range = PyErr_Occurred() ? 0.0f : (float)PyFloat_AsDouble(args[13]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (size < 1 || src == NULL || rule < 0 || rule > 2 || has_range < 0 || grid < 0 || symmetric < 0 || is_signed < 0
+        || qmax <= qmin) {
+        PyErr_SetString(PyExc_ValueError, "observe_f32: a size below 1, a null buffer, a rule other than 0, 1, 2 or "
+                                          "qmax <= qmin");
+        return NULL;
+    }
+    range_t r;
+    Py_BEGIN_ALLOW_THREADS
+    r = min_max((const float *)src, (int64_t)size);
+    Py_END_ALLOW_THREADS
+    float lo = r.lo, hi = r.hi;
+    if (has_range) {
+        if (rule == 0) {
+            lo = mn + (lo - mn) / operand;
+            hi = mx + (hi - mx) / operand;
+        } else if (rule == 1) {
+            lo = py_min(mn, lo);
+            hi = py_max(mx, hi);
+        } else {
+            lo = mn + operand * (lo - mn);
+            hi = mx + operand * (hi - mx);
+        }
+    }
+    int status = r.nonfinite ? 1 : (isfinite(lo) && isfinite(hi) ? 0 : 2);
+    if (!grid) {
+        return Py_BuildValue("(idd)", status, (double)lo, (double)hi);
+    }
+    float scale = 1.0f, zero_point = 0.0f;
+    if (status == 0) {
+        float lo32 = py_min(py_max(lo, -max_range), 0.0f);
+        float hi32 = py_min(py_max(hi, 0.0f), max_range);
+        if (symmetric) {
+            float amax = is_signed ? py_max(-lo32, hi32) : hi32;
+            scale = py_max(amax / (float)qmax, min_scale);
+        } else {
+            scale = py_max((hi32 - lo32) / (float)(qmax - qmin), min_scale);
+            zero_point = (float)qmin - nearbyintf(lo32 / scale);
+            zero_point = py_min(py_max(zero_point, (float)qmin), (float)qmax);
+        }
+    }
+    float inverse = (float)(1.0 / (double)scale);
+    return Py_BuildValue("(iddddd)", status, (double)lo, (double)hi, (double)scale, (double)zero_point,
+                         (double)inverse);
+}
+
 static PyMethodDef methods[] = {
     {"fake_quantize_f32", (PyCFunction)(void (*)(void))fake_quantize_f32, METH_FASTCALL,
      "fake_quantize_f32(src, dst, n, inverse, lo, hi, scale): one-pass per-tensor fake quantization"},
@@ -319,6 +407,9 @@ static PyMethodDef methods[] = {
      "fake quantization"},
     {"min_max_f32", (PyCFunction)(void (*)(void))min_max_f32, METH_FASTCALL,
      "min_max_f32(src, n): (min, max, any +-inf or NaN) of n >= 1 float32 values"},
+    {"observe_f32", (PyCFunction)(void (*)(void))observe_f32, METH_FASTCALL,
+     "observe_f32(src, n, rule, has_range, min_val, max_val, operand, grid, qmin, qmax, symmetric, signed, min_scale, "
+     "max_range): one calibration step of a per-tensor min/max-family observer"},
     {NULL, NULL, 0, NULL},
 };
 

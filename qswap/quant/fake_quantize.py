@@ -34,7 +34,7 @@ from qswap.quant.lazy_state import LazyStateModule
 from qswap.quant.observers import make_observer
 from qswap.quant.primitives import (MIN_SCALE, ChannelGrid, PassGrid, channel_axis, channel_grid, choose_qparams,
                                     choose_qparams_scalar, fake_quantize, fake_quantize_channel_grid, fake_quantize_grid,
-                                    fake_quantize_grid_, fake_quantize_passes, groups_view, pass_grid, passes_apply)
+                                    fake_quantize_grid_, groups_view, observed_grid, pass_grid, passes_apply)
 from qswap.quant.spec import WEIGHT_LSQ, QuantSpec
 from qswap.quant.stamp import LeavesCaches, fingerprint, stamp, unchanged
 
@@ -332,18 +332,18 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         if not (self.enabled and self.kind == "activation" and not watched(self) and dense(x)
                 and self._scalar_calibration() and self._passes_ok(x) and not bool(self._buffers["frozen"])):
             return None
-        grid = self._observe_scalar(x)
-        return None if grid is None else pass_grid(*grid, self.spec)  # None: an empty tensor, forward's
+        return self._observe_scalar(x)  # None: an empty tensor, forward's
 
-    def _observe_scalar(self, x: torch.Tensor) -> tuple[float, int] | None:
+    def _observe_scalar(self, x: torch.Tensor) -> PassGrid | None:
         """A calibrating call's observation on Python numbers: ``x``'s range into the observer, the
-        grid set from the new range; returns (scale, zero point), None for an empty ``x``."""
-        observed = self.observer.observe_scalar(x)
+        grid set from the new range; returns that grid ready to round ``x`` onto (``observed_grid``),
+        None for an empty ``x``."""
+        observed = self.observer.observe_scalar(x, self.spec)
         if observed is None:
             return None
-        scale, zero_point = choose_qparams_scalar(*observed, self.spec)
+        _, _, scale, zero_point, inverse = observed
         self._set_scalar_qparams(scale, zero_point)
-        return scale, zero_point
+        return observed_grid(scale, zero_point, inverse, self.spec, x)
 
     def _fast_grid(self, x: torch.Tensor, buffers: dict, scale: torch.Tensor) -> PassGrid | None:
         """The kept ``PassGrid`` the fast path rounds ``x`` onto (``frozen_grid``'s: frozen, per
@@ -443,7 +443,7 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         if not frozen and self._scalar_calibration():
             grid = self._observe_scalar(x)
             if grid is not None and self._passes_ok(x):
-                return fake_quantize_passes(x, *grid, self.spec)
+                return fake_quantize_grid(x, grid)
         elif not frozen:
             self.observer(x)
             if self.observer.has_range:

@@ -13,7 +13,8 @@ autograd graph to record, no JIT trace and no ``TorchDispatchMode`` watching (on
 with Python dispatch switched off, as the honesty audit runs qswap's own quantizers, watches
 nothing). Everywhere else the four passes run. The audit's proof that a quantizer's output lies
 on its grid reads the output once with the kernel's twin, ``grid_mismatches``, and calibration's
-observers read each activation's extremes with ``min_max``. A frozen per-channel activation
+observers read each activation's extremes with ``min_max``, or take a whole calibration step
+(extremes, running range and grid) in one call, ``observe``. A frozen per-channel activation
 quantizer (one grid per feature of the last axis) rounds a contiguous tensor in one pass too,
 ``fake_quantize_channels_into``. Two quantizers in a
 row (the FFN's activation input and, past a ReLU, fc2's input) can round in one pass,
@@ -31,9 +32,9 @@ try:  # built by setup.py (optional extension)
 except ImportError:  # no compiler at install: the four torch passes run instead
     _built = None
 # each function on its own: a build from an older qswap (without the two-grid pass) keeps the others
-_kernel, _twice, _mismatches, _min_max, _channels = (
+_kernel, _twice, _mismatches, _min_max, _channels, _observe = (
     getattr(_built, name, None) for name in ("fake_quantize_f32", "fake_quantize_twice_f32", "grid_mismatches_f32",
-                                             "min_max_f32", "fake_quantize_channels_f32"))
+                                             "min_max_f32", "fake_quantize_channels_f32", "observe_f32"))
 
 AVAILABLE = _kernel is not None
 CHANNELS = _channels is not None  # the per-channel pass (``fake_quantize_channels_into``)
@@ -69,6 +70,26 @@ def min_max(x: torch.Tensor) -> tuple[float, float, bool] | None:
     if _min_max is None or not readable(x):
         return None
     return _min_max(x.data_ptr(), x.numel())
+
+
+def observe(x: torch.Tensor, rule: int, running: tuple | None, operand: float, bounds: tuple,
+            grid_of=None) -> tuple | None:
+    """One calibration step of a per-tensor min/max-family observer in one call of the kernel
+    (``observe_f32``, ``_fused.c``): ``x``'s extremes combined with the ``running`` range (min, max;
+    None: none yet) by ``rule`` (0: running mean, ``operand`` the float32 count of batches with this
+    one; 1: extremes; 2: moving average, ``operand`` the momentum), and with ``grid_of`` (a
+    ``QuantSpec``) the new range's grid as ``choose_qparams_scalar`` sets it (``bounds``: its
+    ``MIN_SCALE`` and ``MAX_RANGE``). Returns (status, min,
+    max[, scale, zero point, float32 1 / scale]): status 0, 1 for a non-finite value in ``x``, 2 for a
+    non-finite combined range. None where the kernel cannot read ``x``: the caller computes it."""
+    if _observe is None or not readable(x):
+        return None
+    lo, hi = running if running is not None else (0.0, 0.0)
+    if grid_of is None:
+        return _observe(x.data_ptr(), x.numel(), rule, running is not None, lo, hi, operand, False, 0, 1, True, True,
+                        *bounds)
+    return _observe(x.data_ptr(), x.numel(), rule, running is not None, lo, hi, operand, True, grid_of.qmin,
+                    grid_of.qmax, grid_of.symmetric, grid_of.signed, *bounds)
 
 
 def dense(x: torch.Tensor) -> bool:

@@ -15,10 +15,12 @@ import torch
 from qswap.errors import CalibrationError, SpecError
 from qswap.quant import fused
 from qswap.quant.lazy_state import LazyStateModule
-from qswap.quant.primitives import (all_finite, channel_axis, choose_qparams, fake_quantize, groups_view,
-                                    reduce_min_max)
+from qswap.quant.primitives import (MAX_RANGE, MIN_SCALE, all_finite, channel_axis, choose_qparams,
+                                    choose_qparams_scalar, fake_quantize, groups_view, reduce_min_max)
 from qswap.quant.spec import QuantSpec
 
+NONFINITE_INPUT = ("observed a tensor with NaN or inf values; quantization ranges need finite data (check the "
+                   "input features or the model)")
 _MSE_RATIOS = torch.linspace(0.3, 1.0, 15)
 _MSE_BATCHED_MAX = 1 << 24  # elements of the all-candidates pass (64 MB of float32); larger: the loop
 
@@ -48,8 +50,7 @@ class Observer(LazyStateModule):
             return x
         lo, hi = self.batch_range(x.detach().float())
         if not all_finite(lo, hi):
-            raise CalibrationError("observed a tensor with NaN or inf values; quantization ranges "
-                                   "need finite data (check the input features or the model)")
+            raise CalibrationError(NONFINITE_INPUT)
         if not self.has_range:
             self.min_val, self.max_val = lo.clone(), hi.clone()
         elif lo.shape != self.min_val.shape:
@@ -76,14 +77,50 @@ class Observer(LazyStateModule):
 
     scalar_path = True  # min/max-family observers: ``observe_scalar`` computes what forward does
 
-    def observe_scalar(self, x: torch.Tensor) -> tuple[float, float] | None:
-        """``forward`` for a per-tensor spec, with the new range returned as Python numbers: one
-        read of the extremes (qswap's kernel, ``fused.min_max``, else ``aminmax``) and a few scalar
-        reads instead of a dozen 0-d tensor ops (calibration runs this for every activation
-        quantizer on every batch; no ``no_grad`` needed: it reads a detached input and writes
-        buffers). None for an empty tensor."""
+    def observe_scalar(self, x: torch.Tensor, grid_of: QuantSpec | None = None) -> tuple | None:
+        """``forward`` for a per-tensor spec, with the new range returned as Python numbers (min,
+        max); with ``grid_of`` its grid too, as ``choose_qparams_scalar`` sets it: (min, max, scale,
+        zero point, the float32 1 / scale or None). Calibration runs it for every activation
+        quantizer on every batch: for the observers whose rule the kernel has (``_KERNEL_RULES``),
+        one call of qswap's kernel (``fused.observe``: the extremes, the running range and the grid),
+        else one read of the extremes (``fused.min_max``, else ``aminmax``) and the same float32
+        arithmetic on numpy scalars; the same numbers either way (``tests/quant/test_fused.py``). No
+        ``no_grad`` needed: it reads a detached input and writes buffers. None for an empty tensor."""
         if x.numel() == 0:
             return None
+        buffers = self._buffers  # read once: ``Module.__getattr__`` per buffer costs more, per call
+        min_val, max_val, count = buffers["min_val"], buffers["max_val"], buffers["num_batches"]
+        has_range = min_val.numel() > 0
+        rule = _KERNEL_RULES.get(type(self))  # this very class: a subclass may combine otherwise
+        found = None
+        if rule is not None:
+            operand = float(count.item() + 1) if rule == 0 else self.spec.momentum if rule == 2 else 0.0
+            found = fused.observe(x, rule, (min_val.item(), max_val.item()) if has_range else None, operand,
+                                  (MIN_SCALE, MAX_RANGE), grid_of)
+        if found is not None:
+            if found[0] == 1:
+                raise CalibrationError(NONFINITE_INPUT)
+            lo, hi = found[1], found[2]
+            out = found[1:] if grid_of is None or found[0] == 0 else None
+        else:
+            lo, hi = self._combined_scalar(x, min_val, max_val, has_range)
+            out = None
+        if has_range:
+            min_val.fill_(lo)
+            max_val.fill_(hi)
+        else:
+            self.min_val = torch.tensor(lo, device=x.device)
+            self.max_val = torch.tensor(hi, device=x.device)
+        count.add_(1)
+        if out is None and grid_of is not None:  # raises for a range that is not finite, as the kernel's status 2
+            out = (lo, hi, *choose_qparams_scalar(lo, hi, grid_of), None)
+        return out if out is not None else (lo, hi)
+
+    def _combined_scalar(self, x: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor,
+                         has_range: bool) -> tuple[float, float]:
+        """``observe_scalar``'s new range where the kernel does not compute it: ``x``'s extremes
+        (``fused.min_max``, else ``aminmax``) combined with the running range by ``combine`` on
+        numpy float32 scalars."""
         found = fused.min_max(x)  # one pass of qswap's kernel, where it can read x
         if found is None:
             lo_t, hi_t = torch.aminmax(x.detach().float())
@@ -92,19 +129,10 @@ class Observer(LazyStateModule):
         else:
             lo, hi, nonfinite = found
         if nonfinite:
-            raise CalibrationError("observed a tensor with NaN or inf values; quantization ranges "
-                                   "need finite data (check the input features or the model)")
+            raise CalibrationError(NONFINITE_INPUT)
         lo, hi = np.float32(lo), np.float32(hi)
-        buffers = self._buffers  # read once: ``Module.__getattr__`` per buffer costs more, per call
-        min_val, max_val = buffers["min_val"], buffers["max_val"]
-        if min_val.numel() > 0:  # has_range
+        if has_range:
             lo, hi = self.combine(np.float32(min_val.item()), np.float32(max_val.item()), lo, hi)
-            min_val.fill_(float(lo))
-            max_val.fill_(float(hi))
-        else:
-            self.min_val = torch.tensor(float(lo), device=x.device)
-            self.max_val = torch.tensor(float(hi), device=x.device)
-        buffers["num_batches"].add_(1)
         return float(lo), float(hi)
 
     def extra_repr(self) -> str:
@@ -221,6 +249,11 @@ OBSERVER_CLASSES = {
     "percentile": PercentileObserver,
     "mse": MSEObserver,
 }
+
+
+# The observers whose ``combine`` the kernel computes (``fused.observe``'s rule), by exact class: 0 the
+# running mean of per-batch ranges, 1 the running extremes, 2 the moving average.
+_KERNEL_RULES = {Observer: 0, MinMaxObserver: 1, MovingAverageMinMaxObserver: 2}
 
 
 def make_observer(spec: QuantSpec) -> Observer:

@@ -164,7 +164,8 @@ class PassGrid(NamedTuple):
 
     scale: float
     zero_point: int
-    inverse: torch.Tensor  # 0-d float32: 1 / scale rounded to float32 (what the kernel multiplies by)
+    inverse: torch.Tensor | None  # 0-d float32: 1 / scale rounded to float32 (what the torch passes multiply
+    # by); None in a grid ``observed_grid`` made for a tensor the kernel rounds
     lo: int  # qmin - zero_point: the lowest code minus the zero point
     hi: int  # qmax - zero_point
     inverse_value: float  # ``inverse`` as a Python number (exactly: a float32), for the C kernel
@@ -184,6 +185,17 @@ def pass_grid(scale: float, zero_point: int, spec: QuantSpec) -> PassGrid:
         raise _bad_scale(scale, spec)
     inverse = torch.tensor(1.0 / scale, dtype=torch.float32)  # float32(1 / s), as a float32 op gets it
     return PassGrid(scale, zero_point, inverse, spec.qmin - zero_point, spec.qmax - zero_point, inverse.item())
+
+
+def observed_grid(scale: float, zero_point: int, inverse: float | None, spec: QuantSpec, x: torch.Tensor) -> PassGrid:
+    """``pass_grid(scale, zero_point, spec)`` for a calibration step that rounds ``x`` onto the grid
+    it just set, given the float32 ``inverse`` the kernel computed with it (``fused.observe``;
+    None: not computed): where the kernel rounds ``x`` (``fused.applies``) no 0-d tensor is made
+    (``inverse`` None in the grid: only for ``x`` itself, which ``fake_quantize_grid`` and
+    ``fake_quantize_grid_`` then hand the kernel without checking it again)."""
+    if inverse is None or not fused.applies(x):
+        return pass_grid(scale, zero_point, spec)
+    return PassGrid(scale, zero_point, None, spec.qmin - zero_point, spec.qmax - zero_point, inverse)
 
 
 def passes_apply(x: torch.Tensor, spec: QuantSpec) -> bool:
@@ -207,7 +219,7 @@ def fake_quantize_passes(x: torch.Tensor, scale: float, zero_point: int, spec: Q
 def fake_quantize_grid(x: torch.Tensor, grid: PassGrid) -> torch.Tensor:
     """``fake_quantize_passes`` on a prepared grid: one pass of the C kernel where it may run
     (``qswap.quant.fused``), else ``grid_passes``; the same values either way."""
-    if fused.applies(x):
+    if grid.inverse is None or fused.applies(x):  # None: made for this x, which the kernel rounds (observed_grid)
         return fused.fake_quantize_into(x, torch.empty_like(x), grid.inverse_value, grid.lo, grid.hi, grid.scale)
     return grid_passes(x, grid)
 
@@ -226,7 +238,7 @@ def fake_quantize_grid_(x: torch.Tensor, grid: PassGrid) -> torch.Tensor:
     """``fake_quantize_grid`` written into ``x`` (a dense tensor its caller gives up: ``fused.dense``), which
     it returns: the same operations on the same values, so the same result bit for bit, and no
     output allocated (a batch's activation is a fresh block of memory for every new tensor)."""
-    if fused.applies(x):
+    if grid.inverse is None or fused.applies(x):  # None: made for this x, which the kernel rounds (observed_grid)
         return fused.fake_quantize_into(x, x, grid.inverse_value, grid.lo, grid.hi, grid.scale)
     x.mul_(grid.inverse).round_().clamp_(grid.lo, grid.hi)
     return torch.add(_ZERO, x, alpha=grid.scale, out=x)

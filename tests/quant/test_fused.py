@@ -270,3 +270,105 @@ def test_the_per_channel_pass_gives_the_per_channel_passes_values(spec, channels
     for rows in (0, 1, 3):
         part = x[:rows].contiguous()
         assert _same_bits(fake_quantize_channel_grid(part, grid), expected[:rows])
+
+
+needs_observe = pytest.mark.skipif(fused._observe is None, reason="the kernel is not built (no C compiler)")
+OBSERVE_SPECS = [QuantSpec(bits=8, symmetric=False), QuantSpec(bits=8), QuantSpec(bits=4, narrow_range=True),
+                 QuantSpec(bits=8, signed=False), QuantSpec(bits=16, symmetric=False), QuantSpec(bits=2, symmetric=False),
+                 QuantSpec(bits=3, signed=False, symmetric=False)]
+RANGES = [(-1.3, 2.7), (0.25, 4.0), (-5.0, -0.125), (0.0, 0.0), (-0.0, 0.0), (-1e-30, 1e-30), (-3e38, 3e38),
+          (1e37, 2e38), (-7.0, 7.0), (-0.1, 1e-7)]
+
+
+def _python_step(rule, running, count, momentum, lo, hi, spec):
+    """The definition the kernel's calibration step follows: ``Observer.combine`` of each rule on
+    numpy float32 scalars, then ``choose_qparams_scalar`` and ``pass_grid``'s float32 1 / scale."""
+    import numpy as np
+
+    from qswap.quant.observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer
+    from qswap.quant.primitives import choose_qparams_scalar
+
+    lo, hi = np.float32(lo), np.float32(hi)
+    if running is not None:
+        cls = (Observer, MinMaxObserver, MovingAverageMinMaxObserver)[rule]
+        obs = cls(QuantSpec(observer="minmax", momentum=momentum))
+        obs.num_batches.fill_(count - 1)
+        lo, hi = obs.combine(np.float32(running[0]), np.float32(running[1]), lo, hi)
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return 2, lo, hi
+    scale, zero_point = choose_qparams_scalar(lo, hi, spec)
+    return 0, lo, hi, scale, zero_point, torch.tensor(1.0 / scale, dtype=torch.float32).item()
+
+
+@needs_observe
+@pytest.mark.parametrize("spec", OBSERVE_SPECS, ids=lambda s: s.short())
+@pytest.mark.parametrize("rule", [0, 1, 2])
+def test_the_kernels_calibration_step_is_the_python_definition_bit_for_bit(spec, rule):
+    """``fused.observe``: the extremes, each rule's running range and the grid, the numbers the
+    observers' numpy float32 arithmetic and ``choose_qparams_scalar`` give (status 2 where the
+    combined range overflows)."""
+    from qswap.quant.primitives import MAX_RANGE, MIN_SCALE
+
+    g = torch.Generator().manual_seed(rule * 31 + spec.bits)
+    for (lo, hi), running in zip(RANGES * 2, [None] * len(RANGES) + RANGES[::-1]):
+        x = torch.rand(257, generator=g) * (hi - lo) + lo
+        x[0], x[-1] = lo, hi  # the range itself
+        x = x.clamp(lo, hi)
+        count, momentum = 3, 0.3
+        operand = float(count) if rule == 0 else momentum if rule == 2 else 0.0
+        got = fused.observe(x, rule, running, operand, (MIN_SCALE, MAX_RANGE), spec)
+        want = _python_step(rule, running, count, momentum, x.min().item(), x.max().item(), spec)
+        assert got[0] == want[0]
+        assert got[1:3] == want[1:3]
+        if want[0] == 0:
+            assert got[3:] == (want[3], float(want[4]), want[5])
+        assert fused.observe(x, rule, running, operand, (MIN_SCALE, MAX_RANGE))[:3] == got[:3]  # no grid: the range
+
+
+@needs_observe
+def test_the_kernels_calibration_step_flags_a_nonfinite_input_and_refuses_a_bad_call():
+    from qswap.quant.primitives import MAX_RANGE, MIN_SCALE
+
+    for bad in (math.nan, math.inf, -math.inf):
+        x = torch.randn(40)
+        x[17] = bad
+        assert fused.observe(x, 1, (-1.0, 1.0), 0.0, (MIN_SCALE, MAX_RANGE), QuantSpec(bits=8))[0] == 1
+    kernel = sys.modules["qswap.quant._fused"].observe_f32
+    x = torch.randn(4)
+    with pytest.raises(TypeError):
+        kernel(x.data_ptr(), 4)
+    args = [x.data_ptr(), 4, 1, False, 0.0, 0.0, 0.0, True, -128, 127, True, True, MIN_SCALE, MAX_RANGE]
+    for at, value in ((1, 0), (0, 0), (2, 3), (9, -128)):
+        wrong = list(args)
+        wrong[at] = value
+        with pytest.raises(ValueError, match="observe_f32"):
+            kernel(*wrong)
+
+
+@needs_observe
+@pytest.mark.parametrize("observer", ["minmax", "moving_average"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_an_observer_keeps_the_same_numbers_with_and_without_the_kernel(monkeypatch, observer, symmetric):
+    """Calibration's per-call step, ``Observer.observe_scalar``, through the kernel and through the
+    Python path (the kernel not built): the same buffers, range and grid after every call, and the
+    same typed error for a non-finite input."""
+    from qswap.errors import CalibrationError
+    from qswap.quant.observers import make_observer
+
+    spec = QuantSpec(bits=8, symmetric=symmetric, observer=observer, momentum=0.2)
+    kernel_obs, python_obs = make_observer(spec), make_observer(spec)
+    g = torch.Generator().manual_seed(5)
+    for i in range(7):
+        x = torch.randn(33, 9, generator=g) * (0.5 + i) + (i - 3) * 0.4
+        got = kernel_obs.observe_scalar(x, spec)
+        with monkeypatch.context() as m:
+            m.setattr(fused, "_observe", None)
+            want = python_obs.observe_scalar(x, spec)
+        assert got[:4] == want[:4] and want[4] is None
+        assert got[4] == torch.tensor(1.0 / got[2], dtype=torch.float32).item()
+        for name in ("min_val", "max_val", "num_batches"):
+            assert torch.equal(getattr(kernel_obs, name), getattr(python_obs, name))
+    x[0, 0] = math.nan
+    with pytest.raises(CalibrationError, match="NaN or inf"):
+        kernel_obs.observe_scalar(x, spec)
