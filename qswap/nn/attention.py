@@ -85,14 +85,16 @@ class QuantAttentionCore(nn.Module):
         ``dropout_p`` applies, as the float attention decides it (the flag of the dropout module it
         runs, fairseq's and ESPnet's); None: this core's own training flag (torch's attention).
         ``blocked_fill``: what a row that ``attn_mask`` and ``key_padding_mask`` block everywhere
-        gets, where the plain -inf fill would give NaN. A finite value is the score the float model
-        adds where ``attn_mask`` blocks (fairseq's encoder layer: -1e8): the row is then uniform
-        over the keys the padding leaves open, as fairseq's softmax of its scores plus -1e8 is
-        (float32 rounds them onto multiples of 8 next to -1e8: the same value wherever they lie
-        within about 4 of each other; rows of wider scores fairseq makes near uniform). -inf
-        gives the row zero probabilities (torch's attention with a bool mask). Selected from the
-        scores (masked fills), with no add of the fill value: nothing new for a quantizer or the
-        integer form to read. Other rows are masked as without it. None: no such handling.
+        gets, where the plain -inf fill would give NaN. None or -inf: zero probabilities, what the
+        integer softmax defines for such a row (its zero point: ``integer_softmax``), in both
+        ``simulate`` modes (torch's attention gives 0 or NaN depending on its path, fairseq's NaN);
+        an ONNX trace keeps the plain fill (``blocked_rows``). A finite value is the score the
+        float model adds where ``attn_mask`` blocks (fairseq's encoder layer: -1e8): the row is
+        then uniform over the keys the padding leaves open, as fairseq's softmax of its scores
+        plus -1e8 is (float32 rounds them onto multiples of 8 next to -1e8: the same value
+        wherever they lie within about 4 of each other; rows of wider scores fairseq makes near
+        uniform). Selected from the scores (masked fills), with no add of the fill value: nothing
+        new for a quantizer or the integer form to read. Other rows are masked as without it.
         Returns the context (B*H, T, D) and the attention probabilities (B*H, T, S)."""
         qq = self.q_quant(q)
         k = quantize_shared(self.k_quant, k, kv_repeat, num_heads, kv_quantized)  # (B*H, S, D)
@@ -120,12 +122,9 @@ class QuantAttentionCore(nn.Module):
         # (the float softmax): the masks are filled in place too, with no copy of the scores
         fill = Tensor.masked_fill_ if (scores is product and isinstance(self.softmax_in_quant, FakeQuantize)
                                        and self.softmax_in_quant.enabled and not simulates(self)) else Tensor.masked_fill
-        full_rows = None  # rows the masks block everywhere (attn_mask with blocked_fill given)
-        if blocked_fill is not None and blocked is not None:
-            covered = blocked if key_padding_mask is None else blocked | heads_padding(key_padding_mask, num_heads)
-            full_rows = covered.all(dim=-1, keepdim=True)  # (T, 1) or (B*H, T, 1)
-            if not bool(full_rows.any()):
-                full_rows = None
+        zero_rows = blocked_fill is None or blocked_fill == float("-inf")
+        full_rows = (blocked_rows(blocked, key_padding_mask, num_heads)  # rows the masks block everywhere
+                     if zero_rows or blocked is not None else None)
         masked = scores
         if blocked is not None:
             masked = fill(masked, blocked if blocked.dim() == 3 else blocked.unsqueeze(0), float("-inf"))
@@ -135,7 +134,7 @@ class QuantAttentionCore(nn.Module):
         if probs is None:
             probs = F.softmax(masked, dim=-1)  # (B*H, T, S)
         if full_rows is not None:
-            rows = (probs.new_zeros(()) if blocked_fill == float("-inf") else
+            rows = (probs.new_zeros(()) if zero_rows else
                     self._blocked_rows(scores, blocked, key_padding_mask, num_heads))
             probs = torch.where(full_rows, rows, probs)
         probs = consume(self.softmax_out_quant, probs)  # the softmax's new tensor
@@ -249,6 +248,22 @@ def heads_padding(key_padding_mask: torch.Tensor | None, num_heads: int) -> torc
     if key_padding_mask is None:
         return None
     return key_padding_mask.to(torch.bool).unsqueeze(1).repeat(1, num_heads, 1).flatten(0, 1).unsqueeze(1)
+
+
+def blocked_rows(blocked: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                 num_heads: int) -> torch.Tensor | None:
+    """The rows of the scores (B*H, T, S) that ``blocked`` (a bool attn_mask, (T, S) or (B*H, T,
+    S)) and ``key_padding_mask`` (B, S) block at every key, as a bool mask that broadcasts over
+    them ((B*H, 1, 1), (T, 1) or (B*H, T, 1)); None where no row is (read eagerly: one reduction
+    of the masks, (B, S) for padding alone) or under an ONNX trace (no data-dependent branch)."""
+    if (blocked is None and key_padding_mask is None) or torch.jit.is_tracing():
+        return None
+    if blocked is None:
+        empty = key_padding_mask.to(torch.bool).all(dim=-1)  # (B,): a sentence with every key padded
+        return empty.repeat_interleave(num_heads).view(-1, 1, 1) if bool(empty.any()) else None
+    covered = blocked if key_padding_mask is None else blocked | heads_padding(key_padding_mask, num_heads)
+    full = covered.all(dim=-1, keepdim=True)  # (T, 1) or (B*H, T, 1)
+    return full if bool(full.any()) else None
 
 
 def padding_bias(key_padding_mask: torch.Tensor, num_heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -151,16 +151,41 @@ def test_attention_probabilities_and_context_are_the_integer_forms(recipe):
         assert torch.equal(grid_out.quantize(mha.out_proj.input_quant(seen["out"][0])), context)
 
 
-def test_a_fully_blocked_row_gives_zero_probabilities_not_nan():
-    """The integer softmax's definition (the float one gives NaN)."""
+@pytest.mark.parametrize("masks", ["attn_mask", "padding", "both"])
+def test_a_fully_blocked_row_gives_zero_probabilities_not_nan_in_both_simulations(masks):
+    """The integer softmax's definition (a row blocked at every key: its zero point; the float
+    softmax gives NaN there): ``simulate: float`` gives the same zero rows, a sentence of padding
+    only as an attn_mask row, and every other row as without the blocked ones."""
     torch.manual_seed(0)
     x = torch.randn(5, 2, 16)
     mha = calibrated(nn.MultiheadAttention(16, 2), x, "w8a8", run=lambda m, b: m(b, b, b)[0])
     blocked = torch.zeros(5, 5, dtype=torch.bool)
     blocked[2] = True
-    with torch.no_grad():
-        out, probs = mha(x, x, x, attn_mask=blocked)
-    assert torch.isfinite(out).all() and probs[:, 2].abs().sum() == 0
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1] = True  # sentence 1: every key padded
+    if masks == "both":
+        padding[0, :2] = True
+        blocked[3, 2:] = True  # row 3 of sentence 0: blocked by the two masks together
+    kwargs = {"attn_mask": blocked if masks != "padding" else None,
+              "key_padding_mask": padding if masks != "attn_mask" else None}
+    results = {}
+    for mode in SIMULATIONS:
+        with torch.no_grad(), simulating(mha, mode):
+            results[mode] = mha(x, x, x, average_attn_weights=False, **kwargs)
+    for out, probs in results.values():  # probs: (B, H, T, S)
+        assert torch.isfinite(out).all() and torch.isfinite(probs).all()
+        if masks != "padding":
+            assert probs[:, :, 2].abs().sum() == 0
+        if masks != "attn_mask":
+            assert probs[1].abs().sum() == 0
+        if masks == "both":
+            assert probs[0, :, 3].abs().sum() == 0
+    if masks == "padding":  # sentence 0 gets what it gets beside a sentence with no padding
+        for mode in SIMULATIONS:
+            with torch.no_grad(), simulating(mha, mode):
+                unpadded = mha(x, x, x, average_attn_weights=False)
+            assert torch.equal(unpadded[0][:, 0], results[mode][0][:, 0])
+            assert torch.equal(unpadded[1][0], results[mode][1][0])
 
 
 def test_long_rows_are_simulated_beyond_the_int32_row_sum():

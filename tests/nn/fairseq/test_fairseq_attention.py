@@ -267,3 +267,24 @@ def test_counterpart_keeps_fairseq_incremental_plumbing():
     before = q._get_input_buffer(state)["prev_key"].clone()
     q.reorder_incremental_state(state, order)
     assert torch.equal(q._get_input_buffer(state)["prev_key"], before.index_select(0, order))
+
+
+@pytest.mark.parametrize("simulate", ["float", "integer"])
+def test_a_sentence_of_padding_only_attends_nowhere_instead_of_nan(simulate):
+    """fairseq's softmax gives NaN for a query whose every key is padded; the counterpart gives
+    zero weights and a finite output in both simulations (the integer softmax's definition of
+    such a row), and the other sentence what it gets beside an unpadded one."""
+    from helpers import recipe_with
+
+    x, mem, pad = _inputs()
+    q = qswap.convert(_mha(), recipe_with("w8a8", simulate))
+    qswap.calibrate(q, [(x, mem)], forward=lambda m, b: m(b[0], b[1], b[1], key_padding_mask=pad))
+    empty = pad.clone()
+    empty[1] = True
+    with torch.no_grad():
+        ref, _ = _mha()(x, mem, mem, key_padding_mask=empty)
+        out, w = q(x, mem, mem, key_padding_mask=empty, need_head_weights=True)
+        beside, _ = q(x, mem, mem, key_padding_mask=torch.zeros_like(pad))
+    assert ref[:, 1].isnan().all()  # fairseq's own arithmetic
+    assert torch.isfinite(out).all() and w[:, 1].abs().sum() == 0
+    assert torch.equal(out[:, 0], beside[:, 0])  # sentence 0 has no padding either way
