@@ -10,6 +10,7 @@ transforms, which rewrite weights before the checks, are first tried on a copy).
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib
 import sys
 import warnings
@@ -22,7 +23,7 @@ from torch import nn
 from qswap.errors import ConvertError, QswapWarning
 from qswap.integration.cost import parameter_bytes
 from qswap.nn.base import QuantConfig, QuantModule
-from qswap.nn.registry import REGISTRY, find, is_passthrough
+from qswap.nn.registry import REGISTRY, find, is_passthrough, known_class_names
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.recipe import Recipe, Rule, load_recipe
 from qswap.report import ConvertReport, ModuleEntry
@@ -72,8 +73,9 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
     report = ConvertReport(recipe=recipe.name, float_ok=dict(recipe.float_ok))
     report.notes += apply_transforms(target, recipe.transforms, data)
     skipped: list[tuple[str, nn.Module, Rule]] = []
+    present = _class_names(target)  # the float model's classes, before the walk swaps them
     plans, hit_rules = _walk(target, recipe, report, skipped)
-    _check_rules(recipe, hit_rules, report, strict, plans, skipped)
+    _check_rules(recipe, hit_rules, report, strict, plans, skipped, present)
     _check_sites(recipe, plans, hit_rules)
     _check_hooks(plans)
     if strict and report.by_action("float"):
@@ -203,7 +205,10 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport,
 
 
 def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: bool,
-                 plans: list[_Plan] = (), skipped: list = ()) -> None:
+                 plans: list[_Plan], skipped: list, present: set[str]) -> None:
+    """Each rule that hit nothing: a class-only rule naming a class qswap knows is noted (the
+    model may lack it); any other a QswapWarning, a ConvertError in strict mode. ``present``: the
+    class names of the model (``_class_names``)."""
     units = [p for p in plans if not p.counterpart.converts_children]  # converted whole: their parts unvisited
     overruled = _warn_rules_overruled_in_units(recipe, units, report, strict)
     for rule in recipe.rules:
@@ -211,13 +216,34 @@ def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: b
             continue
         _refuse_rule_inside_a_unit(recipe, rule, units)
         message = f"{recipe.name}: {rule.label()} matched no module" + _shadowed_by_skip(rule, skipped)
-        if rule.match.path is None:  # class-only rules are general: this model may lack the class
-            report.notes.append(message)
-            continue
+        if rule.match.path is None:
+            known = known_class_names() | present
+            unknown = [name for name in rule.match.classes if name not in known]
+            if len(unknown) < len(rule.match.classes):  # it names a class qswap knows: this model may lack it
+                report.notes.append(message)
+                continue
+            message += _unknown_classes_text(unknown, known)
         if strict:
             raise ConvertError(f"strict mode: {message}; fix or remove the rule")
         report.unmatched_rules.append(rule.label())
         warnings.warn(message, QswapWarning, stacklevel=3)
+
+
+def _class_names(model: nn.Module) -> set[str]:
+    """The names and qualified names of the classes of ``model``'s modules."""
+    return {name for m in model.modules() for name in (type(m).__name__, f"{type(m).__module__}.{type(m).__qualname__}")}
+
+
+def _unknown_classes_text(unknown: list[str], known: set[str]) -> str:
+    """What a class-only rule's 'matched no module' adds when none of its classes is ``known``
+    (qswap's float classes and the model's): the names, and the known ones closest to each."""
+    candidates = sorted(n for n in known if "." not in n)
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+        hints.append(f"{name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    return (f": no class of this model and none qswap registers is named {', '.join(hints)}; check the "
+            f"spelling (class names are exact and case-sensitive)")
 
 
 def _shadowed_by_skip(rule: Rule, skipped: list) -> str:

@@ -79,6 +79,16 @@ def is_passthrough(module: nn.Module) -> bool:
     return _name(type(module)) in PASSTHROUGH
 
 
+def known_class_names() -> frozenset[str]:
+    """The float classes qswap knows, which a recipe rule's ``class`` may name: each registered
+    float class and each PASSTHROUGH class, by its name and its qualified name (rules match the
+    float model's modules, never a counterpart)."""
+    names = set(PASSTHROUGH) | {name.rsplit(".", 1)[-1] for name in PASSTHROUGH}
+    for cls in REGISTRY:
+        names.update((cls.__name__, _name(cls)))
+    return frozenset(names)
+
+
 def _same_definition(a: type, b: type) -> bool:
     return a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__
 
