@@ -499,8 +499,9 @@ def do_doc(a: argparse.Namespace) -> int:
     train, valid = curve(log_text)
     dev = dev_scores(save_dir)
     shipped = json.loads((save_dir / "shipped.json").read_text())
-    atomic_write_text(a.out, render(train, valid, dev, evals, shipped, run_facts(log_text),
-                                    Path(a.shipped), Path(a.log_out), a.target, Path(a.out), a.continues))
+    page = render(train, valid, dev, evals, shipped, run_facts(log_text), Path(a.shipped), Path(a.log_out),
+                  a.target, Path(a.out), a.continues)
+    atomic_write_text(a.out, with_training_changes(page, a.trained_with))
     print(f"wrote {a.out} and {a.log_out}")
     return 0
 
@@ -766,9 +767,64 @@ def _rows_after(page: str, header: str, rows: list[str]) -> str:
 def do_refresh(a: argparse.Namespace) -> int:
     from qswap.io.atomic import atomic_write_text
 
-    atomic_write_text(a.page, refreshed(Path(a.page).read_text(), Path(a.evals)))
+    if a.evals is None and a.trained_with is None:
+        raise TrainingError("refresh needs --evals (the comparisons) or --trained-with (the training arithmetic "
+                            "section), or both")
+    page = Path(a.page).read_text()
+    if a.evals is not None:
+        page = refreshed(page, Path(a.evals))
+    if a.trained_with is not None:
+        page = with_training_changes(page, a.trained_with)
+    atomic_write_text(a.page, page)
     print(f"wrote {a.page}")
     return 0
+
+
+# Commits that changed what a training step computes (not what evaluation computes), with what they
+# changed: a page whose run trained before one of them says so (``training_changes``).
+TRAINING_CHANGES = (
+    ("4087de7", "the LSQ training forward rounds `x * float32(1 / s)`, as evaluation, torch's kernels and the "
+                "integer forms do (it computed `x / s`: near-tie inputs came out a step apart between training and "
+                "evaluation on the same grid), and the gradient-scaled scale has the scale's value exactly"),
+)
+CHANGES_HEADER = "## Training arithmetic after this run"
+
+
+def training_changes(trained_with: str, repo: Path = REPO) -> str:
+    """The page's section on ``TRAINING_CHANGES`` the run at git ``trained_with`` did not have
+    (none: ''). Evaluation is unchanged by them: the page's evaluations of the shipped checkpoint
+    reproduce; a rerun of its training commands trains with the current arithmetic."""
+    commit = _git(repo, "rev-parse", "--short", f"{trained_with}^{{commit}}")
+    missing = [(c, what) for c, what in TRAINING_CHANGES
+               if subprocess.run(["git", "-C", str(repo), "merge-base", "--is-ancestor", c, commit],
+                                 capture_output=True).returncode != 0]
+    if not missing:
+        return ""
+    items = "\n".join(f"- {c}: {what}." for c, what in missing)
+    return (f"{CHANGES_HEADER}\n\nThe run trained with qswap as of git {commit}. Since then a training step "
+            f"computes differently (evaluation does not: the evaluations above are of the shipped checkpoint "
+            f"and reproduce; a rerun of the training commands trains with today's arithmetic, so its curve and "
+            f"checkpoint would differ):\n\n{items}\n")
+
+
+def with_training_changes(page: str, trained_with: str) -> str:
+    """``page`` with its training-arithmetic section (``training_changes``) written for a run at
+    ``trained_with``: replaced where the page has one, else added at the end; none where the run
+    had every change."""
+    at = page.find(CHANGES_HEADER)
+    if at >= 0:
+        nxt = page.find("\n## ", at + len(CHANGES_HEADER))
+        page = page[:at].rstrip("\n") + "\n" + (page[nxt:] if nxt >= 0 else "")
+    section = training_changes(trained_with)
+    return page if not section else page.rstrip("\n") + "\n\n" + section
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise TrainingError(f"git {' '.join(args)}: {done.stderr.strip() or 'failed'} (give a commit of this "
+                            f"repository)")
+    return done.stdout.strip()
 
 
 TEMPLATE = """# QAT of the shipped model (fairseq-train, LSQ scales): `{recipe}`
@@ -906,11 +962,15 @@ def main(argv: list[str] | None = None) -> int:
                    "git commit (--from-qckpt): the page says so and takes the start out of git")
     o.add_argument("--target", type=float, required=True, help="issue 19's target for this recipe: WER "
                    "within +TARGET of float (2.0: W4A4 with 8-bit edges; 0.5: W4A8)")
+    o.add_argument("--trained-with", default="HEAD", metavar="COMMIT", help="the qswap commit the run trained "
+                   "with (default HEAD): the page lists the training-arithmetic changes it lacks")
     r = sub.add_parser("refresh", help="render a page's PTQ and float comparisons again from --evals (the "
                                        "evaluations changed, the run did not)")
     r.add_argument("--page", required=True, help="the page 'doc' wrote (docs/qat.md, docs/qat_w4a8.md)")
-    r.add_argument("--evals", required=True, help="folder with ptq_, qat_ and float_<subset>.json (against "
-                                                  "the target the page states)")
+    r.add_argument("--evals", help="folder with ptq_, qat_ and float_<subset>.json (against the target the "
+                                   "page states)")
+    r.add_argument("--trained-with", metavar="COMMIT", help="the qswap commit the run trained with: the page's "
+                   "section on the training-arithmetic changes it lacks is written again")
     a = p.parse_args(argv)
     if a.cmd == "pack" and a.parts < 1:
         p.error(f"--parts takes a count of at least 1; got {a.parts}")

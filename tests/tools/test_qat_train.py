@@ -456,3 +456,24 @@ def test_the_comparison_of_one_utterance_results_says_there_is_no_interval(tmp_p
     rows, wins = qat_train.comparison(tmp_path)
     assert rows == [f"| test | 20.00 ({NO_INTERVAL}) | 10.00 ({NO_INTERVAL}) | -10.00 ({NO_INTERVAL}) | no |"]
     assert wins == []
+
+
+def _have_commit(commit: str) -> bool:
+    import subprocess
+    return subprocess.run(["git", "-C", str(qat_train.REPO), "cat-file", "-e", f"{commit}^{{commit}}"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _have_commit("4087de7"), reason="a clone without the history (shallow)")
+def test_a_page_says_which_training_arithmetic_changes_its_run_lacked():
+    """A run that trained before a change in TRAINING_CHANGES gets a section naming it (and saying
+    the evaluations, of the shipped checkpoint, reproduce); a run with every change gets none; the
+    section is replaced, not repeated, when written again; an unknown commit is a TrainingError."""
+    page = "# QAT\n\ntext\n\n## Decoding speed\n\nmore\n"
+    before = qat_train.with_training_changes(page, "4087de7~1")
+    assert "## Training arithmetic after this run" in before and "- 4087de7: the LSQ training forward" in before
+    assert "evaluations above are of the shipped checkpoint" in before and before.startswith(page.rstrip("\n"))
+    assert qat_train.with_training_changes(before, "4087de7~1") == before
+    assert qat_train.with_training_changes(before, "4087de7") == page  # the run had it: no section
+    with pytest.raises(TrainingError, match="give a commit of this repository"):
+        qat_train.with_training_changes(page, "no-such-commit")
