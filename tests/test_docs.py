@@ -65,6 +65,11 @@ def test_accuracy_doc_is_its_json_and_states_set_sizes():
             low, high = row["delta_wer_ci"]
             assert row["significant"] == (not low <= 0 <= high)
             assert f"| {Path(row['recipe']).stem} | {row['wer']:.2f} [{row['wer_ci'][0]:.2f}, " in doc
+        reference = rows[0]  # fp32: the difference's zero, no interval to give (and no note saying one is missing)
+        assert f"| fp32 | {reference['wer']:.2f} [{reference['wer_ci'][0]:.2f}, {reference['wer_ci'][1]:.2f}] | +0.00 | - |" in doc
+        # quantization changes no multiply-accumulate: every row counts the fp32 model's MACs (its fused
+        # attention included: tools/accuracy_doc.py --refresh-cost)
+        assert len({round(row["mmacs_per_s"], 6) for row in rows}) == 1
 
 
 @pytest.mark.parametrize("text", [README, (ASSET / "README.md").read_text()], ids=["README", "asset-README"])

@@ -8,6 +8,7 @@ on the shipped ``train_calib`` subset: its 32 utterances, one batch; beam 5), wr
 
     .venv/bin/python tools/accuracy_doc.py               # decode and write (about 15 min on 2 cores)
     .venv/bin/python tools/accuracy_doc.py --from-json   # rewrite the page from the JSON files
+    .venv/bin/python tools/accuracy_doc.py --refresh-cost   # only the MMAC/s and GBOP/s of each row (no decoding)
 """
 from __future__ import annotations
 
@@ -51,9 +52,47 @@ def run(subset: str, beam: int) -> dict:
     return payload
 
 
+def refresh_cost(payload: dict, subset: str) -> list[str]:
+    """``payload``'s rows with their MMAC/s and GBOP/s counted again (``compare.row_cost``: one
+    forward of the subset's first batch, each recipe converted and calibrated as ``run`` does),
+    nothing decoded: what a change of the counting (``qswap.integration.cost``) changes. Returns
+    'recipe: old -> new' for each changed row."""
+    import itertools
+
+    import qswap
+    from qswap.calibrate import activation_quantizers
+    from qswap.convert import copy_model
+    from qswap.integration import data as fdata
+    from qswap.integration.compare import row_cost
+
+    model, task = fdata.load_model_and_task(str(ASSET / "checkpoint.pt"), str(data_dir(subset)))
+    sample = next(itertools.islice(fdata.batches(task, subset, max_sentences=32), 1))
+    settings, changed = payload["settings"], []
+    by_name = {row["recipe"]: row for row in payload["rows"]}
+    for recipe in ["fp32"] + [r for r in RECIPES if r != "fp32"] + [str(SEARCHED)]:
+        data = fdata.transform_data(recipe, task, settings["calib_subset"], settings["calib_batches"], max_sentences=32)
+        qmodel = qswap.convert(copy_model(model), recipe, data=data)
+        if activation_quantizers(qmodel):
+            qswap.calibrate(qmodel, fdata.net_inputs(task, settings["calib_subset"], settings["calib_batches"],
+                                                     max_sentences=32))
+        row = by_name[qmodel.qswap_recipe.name]
+        mmacs, gbops = row_cost(qmodel, sample)
+        if (mmacs, gbops) != (row["mmacs_per_s"], row["gbops_per_s"]):
+            changed.append(f"{row['recipe']}: {row['mmacs_per_s']:.1f} -> {mmacs:.1f} MMAC/s, "
+                           f"{row['gbops_per_s']:.1f} -> {gbops:.1f} GBOP/s")
+        row["mmacs_per_s"], row["gbops_per_s"] = mmacs, gbops
+    return changed
+
+
 from qswap.integration.compare import significance_text  # noqa: E402
 from qswap.integration.bootstrap import interval_text  # noqa: E402
 from qswap.integration.bootstrap import value_text as _cell  # noqa: E402
+
+
+def _delta(r: dict) -> str:
+    """A row's ΔWER cell: the reference row (fp32, ``significant`` None) is the difference's zero,
+    with no interval to give; another row's difference with its interval."""
+    return f"{r['delta_wer']:+.2f}" if r["significant"] is None else _cell(r["delta_wer"], r["delta_wer_ci"], "+")
 
 
 def table(payload: dict) -> str:
@@ -62,7 +101,7 @@ def table(payload: dict) -> str:
     for r in payload["rows"]:
         sig = significance_text(r["significant"])
         lines.append(f"| {Path(r['recipe']).stem} | {_cell(r['wer'], r['wer_ci'])} | "
-                     f"{_cell(r['delta_wer'], r['delta_wer_ci'], '+')} | {sig} | "
+                     f"{_delta(r)} | {sig} | "
                      f"{'yes' if r['honest'] else 'no'} | {r['weight_mb']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -77,7 +116,7 @@ def summary_table(results: dict[str, dict]) -> str:
         for rows in by_subset:
             r = rows[name]
             sig = significance_text(r["significant"])
-            cells += [_cell(r["delta_wer"], r["delta_wer_ci"], "+"), sig]
+            cells += [_delta(r), sig]
         r = by_subset[0][name]
         lines.append(f"| {name} | {' | '.join(cells)} | {'yes' if r['honest'] else 'no'} | {r['weight_mb']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -156,6 +195,8 @@ def page(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--from-json", action="store_true", help="rewrite the page from docs/accuracy_*.json")
+    p.add_argument("--refresh-cost", action="store_true", help="count each row's MMAC/s and GBOP/s again in "
+                   "docs/accuracy_*.json (one forward per recipe, no decoding), then rewrite the page")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=list(SUBSETS))
     args = p.parse_args(argv)
@@ -164,7 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for subset in SUBSETS:
         path = DOCS / f"accuracy_{subset}.json"
-        if not args.from_json and subset in args.subsets:
+        if args.refresh_cost and subset in args.subsets and path.is_file():
+            from qswap.cli.quiet import held_back
+
+            payload = json.loads(path.read_text())
+            with held_back(verbose=False):
+                changed = refresh_cost(payload, subset)
+            for line in changed or ["no row changed"]:
+                print(f"{subset}: {line}", flush=True)
+            atomic_write_text(path, json.dumps(payload, separators=(",", ":")) + "\n")
+        elif not args.from_json and not args.refresh_cost and subset in args.subsets:
             payload = run(subset, args.beam)
             atomic_write_text(path, json.dumps(payload, separators=(",", ":")) + "\n")
             print(f"{subset}: {len(payload['rows'])} recipes in {payload['seconds']:.0f} s", flush=True)

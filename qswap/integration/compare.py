@@ -173,6 +173,13 @@ def evaluate_recipe(float_model, task, recipe, *, subset: str, calib_subset: str
     return row, qmodel
 
 
+def row_cost(qmodel, sample: dict) -> tuple[float, float]:
+    """A row's (MMAC/s, GBOP/s): one forward of ``sample`` (the subset's first batch) counted by
+    ``qswap.integration.cost.measure``, per second of its audio."""
+    cost = measure(qmodel, lambda m: m(**sample["net_input"]), fdata.audio_seconds(sample))
+    return cost.macs_per_second / 1e6, cost.bops_per_second / 1e9
+
+
 def _ticker(progress):
     return (lambda stage, total: (lambda n: progress(stage, n, total))) if progress else (lambda *_: None)
 
@@ -189,11 +196,10 @@ def score(qmodel, task, name: str, *, subset: str, beam: int, max_sentences: int
     refs, hyps = [u.ref for u in result.utterances], [u.hyp for u in result.utterances]
     counts = error_counts(refs, hyps)
     per_errors, per_words = utterance_word_errors(refs, hyps)
-    cost = measure(qmodel, lambda m: m(**samples[0]["net_input"]), fdata.audio_seconds(samples[0]))
+    mmacs, gbops = row_cost(qmodel, samples[0])
     weight_bytes = qmodel.qswap_report.quantized_bytes
     row = Row(name, counts.wer, counts.cer, 0.0, report.honest, len(report.violations), weight_bytes / 1e6,
-              cost.macs_per_second / 1e6, cost.bops_per_second / 1e9, result.seconds, counts.utterances,
-              per_errors, per_words)
+              mmacs, gbops, result.seconds, counts.utterances, per_errors, per_words)
     if integer:
         row.integer = evaluate_integer(qmodel, task, samples, audit_input, hyps, beam=beam,
                                        progress=tick("integer decode", len(refs)))
