@@ -436,7 +436,7 @@ class Tracker(TorchDispatchMode):
         if derived_from:
             self._check_origins([(None, t) for t in derived_from if not _floating(t)])
             carried = next((self.tags.get(t) for t in derived_from if t in self.tags), None)
-            for t in _held_tensors(value, self._tree):
+            for t in _tensors(value, self._tree, objects=True):
                 if not _floating(t) and t.dtype != torch.bool:
                     if carried is not None:
                         self.tags[t] = (carried[0], t._version)
@@ -448,7 +448,7 @@ class Tracker(TorchDispatchMode):
         if self._declared.get(id(value)) is value or not _qswap_code(source):
             return  # declared already (a cached table, at each call): what it held then is seen
         self._declared[id(value)] = value  # kept, so its id is not reused within the audit
-        for t in _held_tensors(value, self._tree):
+        for t in _tensors(value, self._tree, objects=True):
             if not _floating(t) and t not in self.tags:
                 self._seen_int(t)
 
@@ -894,58 +894,39 @@ def _own(table: dict) -> list:
     return found
 
 
-def _tensors(value, tree: set = frozenset()) -> list:
-    """Every tensor in ``value`` and the dicts, lists and tuples inside it, in order, and the
-    parameters, buffers and tensor attributes of a module held there that is not one of
-    ``tree`` (ids of the model's own modules, tagged as themselves): e.g. an integer form a
-    simulation keeps, with its float copies of weight codes."""
+def _tensors(value, tree: set = frozenset(), objects: bool = False) -> list:
+    """Every tensor in ``value``, in order, each once: in the tuples, lists and dicts inside it,
+    and the parameters, buffers and attributes of a module there that is not one of ``tree``
+    (ids of the model's own modules, tagged as themselves): e.g. an integer form a simulation
+    keeps, with its float copies of weight codes. ``objects``: also the fields of the
+    dataclasses and other plain objects there (an integer form's tables). Each object is walked
+    once (held while walking, so that its id is not reused by another)."""
     if isinstance(value, torch.Tensor):
         return [value]
-    found, stack, seen = [], [value], set()
+    found, stack, seen = [], [value], {}
     while stack:
         v = stack.pop()
+        if isinstance(v, _SCALARS) or id(v) in seen:
+            continue
+        seen[id(v)] = v
         if isinstance(v, torch.Tensor):
             found.append(v)
         elif isinstance(v, (list, tuple)):
             stack.extend(reversed(v))
         elif isinstance(v, (dict, Mapping)):
             stack.extend(reversed(list(v.values())))
-        elif isinstance(v, nn.Module) and id(v) not in seen and id(v) not in tree:
-            seen.add(id(v))
-            state = [*v._parameters.values(), *v._buffers.values(), *v._modules.values(),  # noqa: SLF001
-                     *(x for k, x in vars(v).items() if k not in _MODULE_TABLES and not isinstance(x, _SCALARS))]
-            stack.extend(reversed(state))
-    return found
-
-
-def _held_tensors(value, tree: set = frozenset()) -> list:
-    """Every tensor in ``value``: in the tuples, lists and dicts inside it, the fields of the
-    dataclasses and other plain objects there (an integer form's tables), and the parameters,
-    buffers and attributes of a module there that is not one of ``tree`` (the attached model's,
-    tagged as themselves: an ``IntegerLinear`` form), each object once."""
-    found, stack, seen = [], [value], set()
-    while stack:
-        v = stack.pop()
-        if isinstance(v, _SCALARS) or id(v) in seen:
-            continue
-        seen.add(id(v))
-        if isinstance(v, torch.Tensor):
-            found.append(v)
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-        elif isinstance(v, (dict, Mapping)):
-            stack.extend(v.values())
         elif isinstance(v, nn.Module):
             if id(v) not in tree:
-                stack.extend([*v._parameters.values(), *v._buffers.values(), *v._modules.values(),  # noqa: SLF001
-                              *(x for k, x in vars(v).items() if k not in _MODULE_TABLES)])
-        elif isinstance(v, _CODE):
+                state = [*v._parameters.values(), *v._buffers.values(), *v._modules.values(),  # noqa: SLF001
+                         *(x for k, x in vars(v).items() if k not in _MODULE_TABLES)]
+                stack.extend(reversed(state))
+        elif not objects or isinstance(v, _CODE):
             continue  # classes, functions and Python modules hold no tables (a callable object can:
             # a ``Requant`` holds its per-channel multipliers and zero points)
         elif dataclasses.is_dataclass(v):
-            stack.extend(getattr(v, f.name) for f in dataclasses.fields(v))
+            stack.extend(reversed([getattr(v, f.name) for f in dataclasses.fields(v)]))
         elif hasattr(v, "__dict__"):
-            stack.extend(vars(v).values())
+            stack.extend(reversed(list(vars(v).values())))
     return found
 
 
