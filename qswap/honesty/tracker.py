@@ -804,20 +804,47 @@ def _within_footprint(func, args, kwargs) -> bool:
         return True
     if x.numel() == 0:
         return False
+    lo, hi = _span(size, stride, offset)
+    own_shape, own_stride, own_offset = list(x.shape), list(x.stride()), x.storage_offset()
+    own_lo, own_hi = _span(own_shape, own_stride, own_offset)
+    if lo < own_lo or hi > own_hi:  # its lowest or highest offset is one x does not address
+        return False
+    if _dense(own_shape, own_stride):  # x addresses [own_lo, own_hi] exactly, every offset in it
+        return True
     with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the audit's own arithmetic)
         wanted = _footprint(size, stride, offset)
-        lo, hi = int(wanted.min()), int(wanted.max())
-        if x.is_contiguous():  # x covers [its offset, its offset + numel) exactly
-            return x.storage_offset() <= lo and hi < x.storage_offset() + x.numel()
-        own = _footprint(list(x.shape), list(x.stride()), x.storage_offset())
+        own = _footprint(own_shape, own_stride, own_offset)
         return bool(torch.isin(wanted, own).all())
 
 
+def _span(size: list, stride: list, offset: int) -> tuple[int, int]:
+    """The lowest and highest storage offsets a (size, stride, storage_offset) layout of at least
+    one element addresses."""
+    lo = hi = offset
+    for n, st in zip(size, stride):
+        lo, hi = lo + min(0, (n - 1) * st), hi + max(0, (n - 1) * st)
+    return lo, hi
+
+
+def _dense(size: list, stride: list) -> bool:
+    """Whether a layout addresses every offset of its span, each once (a contiguous tensor, or a
+    permutation of one: ``x.t()``): its dims of more than one element, by stride, each step over
+    all the ones before it."""
+    step = 1
+    for st, n in sorted((st, n) for n, st in zip(size, stride) if n != 1):
+        if st != step:
+            return False
+        step *= n
+    return True
+
+
 def _footprint(size: list, stride: list, offset: int) -> torch.Tensor:
-    """The storage offsets a (size, stride, storage_offset) layout addresses, flattened."""
+    """The storage offsets a (size, stride, storage_offset) layout addresses, flattened (a dim of
+    one element or of stride 0 adds none: it is left out, not repeated)."""
     offsets = torch.full((), offset, dtype=torch.int64)
     for n, st in zip(size, stride):
-        offsets = (offsets[..., None] + torch.arange(n, dtype=torch.int64) * st)
+        if n != 1 and st != 0:
+            offsets = (offsets[..., None] + torch.arange(n, dtype=torch.int64) * st)
     return offsets.reshape(-1)
 
 
