@@ -130,7 +130,7 @@ class QuantAttentionCore(nn.Module):
             masked = fill(masked, blocked if blocked.dim() == 3 else blocked.unsqueeze(0), float("-inf"))
         if key_padding_mask is not None:
             masked = fill_padding(fill, masked, key_padding_mask, num_heads)
-        probs = self._integer_softmax(scores, masked) if simulates(self) else None
+        probs = self._integer_softmax(scores, masked, full_rows) if simulates(self) else None
         if probs is None:
             probs = F.softmax(masked, dim=-1)  # (B*H, T, S)
         if full_rows is not None:
@@ -177,10 +177,14 @@ class QuantAttentionCore(nn.Module):
         return integer_product(self, f"_integer_{name}", a, a_quant, b.transpose(1, 2), b_quant, factor, out_quant,
                                product, torch.bmm)
 
-    def _integer_softmax(self, scores: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
+    def _integer_softmax(self, scores: torch.Tensor, masked: torch.Tensor,
+                         zero_rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """The integer softmax of the ``softmax_in`` codes of ``scores`` (positions where ``masked``
         is -inf blocked) onto the ``softmax_out`` grid, as values, with the gradient of the float
-        softmax of ``masked``; None where either grid is not per tensor (no integer form)."""
+        softmax of ``masked``, whose rows ``zero_rows`` (``blocked_rows``: every key blocked, NaN
+        in the float softmax; the caller selects what such a row gets afterwards) are zero there:
+        a learned reader scale gets no NaN gradient from them. None where either grid is not per
+        tensor (no integer form)."""
         from qswap.quant.integer import SoftmaxParams, integer_softmax
         grid_in, grid_out = grid_of(self.softmax_in_quant), reader_grid(self.softmax_out_quant)
         if grid_in is None or grid_out is None:
@@ -194,7 +198,12 @@ class QuantAttentionCore(nn.Module):
             codes = integer_softmax(codes_of(scores, grid_in), params, torch.isneginf(masked), long_rows=True)
             value = dequantized(codes, grid_out)
         reader = self.softmax_out_quant
-        return straight_through(value, F.softmax(masked, dim=-1), reader) if carries_grad(reader, masked) else value
+        if not carries_grad(reader, masked):
+            return value
+        float_probs = F.softmax(masked, dim=-1)
+        if zero_rows is not None:
+            float_probs = torch.where(zero_rows, float_probs.new_zeros(()), float_probs)
+        return straight_through(value, float_probs, reader)
 
     def to_integer(self, scaling: float, out: "Grid", head_dim: int | None = None) -> "IntegerAttentionCore":
         """The integer form writing context codes of ``out`` (the out projection's input grid):
