@@ -195,15 +195,13 @@ def evaluate(args):
     import qswap
     from qswap.calibrate import activation_quantizers
     from qswap.integration import data as fdata
-    from qswap.integration.metrics import error_counts
 
     if args.backend == "onnxruntime":
         from qswap.export.runtime import load_deployed
         model, task = load_deployed(args.checkpoint, args.data, threads=args.threads)
         label = f"{model.recipe} (onnxruntime)"
         result = _decode(args, task, model, label)
-        counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances],
-                              [u.id for u in result.utterances])
+        counts = _counts(result)
         return counts, result, label, None
     from qswap.export.integer_load import is_integer_export
     if is_integer_export(args.checkpoint):
@@ -226,8 +224,7 @@ def evaluate(args):
         if args.simulate:
             label = f"{label} (simulate: {args.simulate})"
         result = _decode(args, task, model, label)
-    counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances],
-                          [u.id for u in result.utterances])
+    counts = _counts(result)
     return counts, result, label, float_result
 
 
@@ -239,7 +236,6 @@ def _evaluate_exported(args):
     from qswap.export.integer_load import load_integer_model
     from qswap.integration import data as fdata
     from qswap.integration.integer_decode import BEAM_SEARCH, decode_exported, decoding_method, exported_task
-    from qswap.integration.metrics import error_counts
 
     if args.recipe or args.vs_float or args.simulate:
         raise DataError(f"{args.checkpoint} is an exported integer model: it is already quantized and runs "
@@ -253,9 +249,17 @@ def _evaluate_exported(args):
                             num_shards=args.num_shards, shard_id=args.shard_id)
     with progress_bar(f"{label}: decoding {args.subset}", None, enabled=_progress(args)) as advance:
         result = decode_exported(task, exported, samples, beam=args.beam, progress=advance)
-    counts = error_counts([u.ref for u in result.utterances], [u.hyp for u in result.utterances],
-                          [u.id for u in result.utterances])
+    counts = _counts(result)
     return counts, result, label, None
+
+
+def _counts(result):
+    """Word and character error counts of a decode result's utterances (``error_counts``; a
+    DataError names the utterance with an empty reference)."""
+    from qswap.integration.metrics import error_counts
+
+    utterances = result.utterances
+    return error_counts([u.ref for u in utterances], [u.hyp for u in utterances], [u.id for u in utterances])
 
 
 def _simulation(args, model):
