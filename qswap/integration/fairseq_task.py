@@ -34,6 +34,7 @@ from qswap.transforms import STRUCTURE_ONLY
 from qswap.calibrate import activation_quantizers, eval_mode, freeze_observed, observing, recipe_observe
 from qswap.integration.data import resolve_audio_root
 from qswap.integration.qat_start import converted_start
+from qswap.io.checkpoint import set_cfg_option
 
 logger = logging.getLogger("qswap")
 
@@ -94,8 +95,9 @@ class QswapTaskMixin:
         # later qswap may check more), unless --qswap-strict asks again
         strict = getattr(opts, "qswap_strict", False) or (False if from_checkpoint else None)
         model = qswap.convert(model, recipe, inplace=True, strict=strict, data=data)
-        if not from_checkpoint:
-            _store_recipe(cfg, recipe.to_dict())
+        if not from_checkpoint:  # the recipe's content (not its name or YAML path) in the model cfg
+            # fairseq-train saves, so that its checkpoints rebuild the model they were trained as
+            set_cfg_option(cfg, "qswap_recipe", recipe.to_dict())
         counts = model.qswap_report.counts()
         logger.info(f"qswap: converted with recipe {model.qswap_recipe.name}: {counts['quantized']} "
                     f"modules quantized, {counts['float']} left float, {counts['skipped']} skipped")
@@ -207,17 +209,6 @@ def _check_start(recipe, start):
     stored = stored_recipe(start)
     if stored is not None:
         _refuse_other(recipe, stored, f"the checkpoint {start}")
-
-
-def _store_recipe(cfg, content):
-    """Keep the recipe's content (not its name or YAML path) in the model cfg fairseq-train saves,
-    so that its checkpoints rebuild the model they were trained as."""
-    if OmegaConf.is_config(cfg):
-        from omegaconf import open_dict
-        with open_dict(cfg):
-            cfg.qswap_recipe = content
-    elif cfg is not None:
-        setattr(cfg, "qswap_recipe", content)
 
 
 @contextlib.contextmanager

@@ -155,7 +155,7 @@ def setup_task(path: Path, cfg: Any):
         # the qswap plugin's task: the model cfg holds the recipe the model was trained or
         # converted with; the task's is the training command's --qswap-recipe (a name or a YAML
         # path, which may have changed or gone since)
-        _set(cfg.task, "qswap_recipe", None)
+        set_cfg_option(cfg.task, "qswap_recipe", None)
     try:
         return tasks.setup_task(cfg.task, from_checkpoint=True)
     except QswapError:
@@ -167,11 +167,18 @@ def setup_task(path: Path, cfg: Any):
                         f"command line, arg_overrides={{'data': DIR}} in Python") from None
 
 
-def _set(opts: Any, key: str, value: Any) -> None:
-    if isinstance(opts, argparse.Namespace):
-        setattr(opts, key, value)
-    else:
+def set_cfg_option(opts: Any, key: str, value: Any) -> None:
+    """Set ``key`` in a fairseq options node: a DictConfig (the key added even in struct mode), a
+    dict, or an ``argparse.Namespace`` (legacy args); nothing for None."""
+    from omegaconf import OmegaConf, open_dict
+
+    if OmegaConf.is_config(opts):
+        with open_dict(opts):
+            opts[key] = value
+    elif isinstance(opts, Mapping):
         opts[key] = value
+    elif opts is not None:
+        setattr(opts, key, value)
 
 
 # -- qswap checkpoints -------------------------------------------------------------------------
