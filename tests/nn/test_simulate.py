@@ -188,6 +188,30 @@ def test_a_fully_blocked_row_gives_zero_probabilities_not_nan_in_both_simulation
             assert torch.equal(unpadded[1][0], results[mode][1][0])
 
 
+@pytest.mark.parametrize("simulate", ["float", "integer"])
+@pytest.mark.parametrize("masks", ["padding", "attn_mask"])
+def test_a_fully_blocked_row_gives_a_learned_reader_scale_a_finite_gradient(simulate, masks):
+    """QAT (LSQ scales): the float softmax that carries the gradient under ``simulate: integer``
+    has the fully blocked rows zeroed as the integer softmax has them, so the softmax_out scale's
+    gradient is finite (it was NaN from those rows)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 16)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    blocked = torch.zeros(5, 5, dtype=torch.bool)
+    if masks == "padding":
+        padding[1] = True
+    else:
+        blocked[2] = True
+    run = lambda m, b: m(b, b, b, key_padding_mask=padding, attn_mask=blocked)[0]  # noqa: E731
+    mha = qswap.convert(nn.MultiheadAttention(16, 2), recipe_with("w4a8_lsq", simulate))
+    qswap.calibrate(mha, [x], forward=run)
+    mha.train()
+    out = run(mha, x)
+    out.sum().backward()
+    grad = mha.core.softmax_out_quant.scale.grad
+    assert torch.isfinite(out).all() and grad is not None and torch.isfinite(grad).all()
+
+
 def test_long_rows_are_simulated_beyond_the_int32_row_sum():
     grid_in, grid_out = Grid(0.05, 0, -128, 127), Grid(1 / 255, 0, 0, 255)
     from qswap.quant.integer import SoftmaxParams
