@@ -206,7 +206,8 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport,
 
 def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: bool,
                  plans: list[_Plan], skipped: list, present: set[str]) -> None:
-    """Each rule that hit nothing: a class-only rule naming a class qswap knows is noted (the
+    """Each rule that hit nothing: a class-only rule naming a class that exists (registered or
+    passthrough in qswap, the model's own, or any module class defined so far) is noted (this
     model may lack it); any other a QswapWarning, a ConvertError in strict mode. ``present``: the
     class names of the model (``_class_names``)."""
     units = [p for p in plans if not p.counterpart.converts_children]  # converted whole: their parts unvisited
@@ -217,12 +218,15 @@ def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: b
         _refuse_rule_inside_a_unit(recipe, rule, units)
         message = f"{recipe.name}: {rule.label()} matched no module" + _shadowed_by_skip(rule, skipped)
         if rule.match.path is None:
-            known = known_class_names() | present
-            unknown = [name for name in rule.match.classes if name not in known]
-            if len(unknown) < len(rule.match.classes):  # it names a class qswap knows: this model may lack it
+            likely = known_class_names() | present  # what a rule most often means: the close names offered
+            unknown = [name for name in rule.match.classes if name not in likely]
+            if unknown and len(unknown) == len(rule.match.classes):
+                loaded = _loaded_class_names()
+                unknown = [name for name in unknown if name not in loaded]
+            if len(unknown) < len(rule.match.classes):  # it names a class that exists: this model may lack it
                 report.notes.append(message)
                 continue
-            message += _unknown_classes_text(unknown, known)
+            message += _unknown_classes_text(unknown, likely)
         if strict:
             raise ConvertError(f"strict mode: {message}; fix or remove the rule")
         report.unmatched_rules.append(rule.label())
@@ -234,16 +238,30 @@ def _class_names(model: nn.Module) -> set[str]:
     return {name for m in model.modules() for name in (type(m).__name__, f"{type(m).__module__}.{type(m).__qualname__}")}
 
 
+def _loaded_class_names() -> set[str]:
+    """The names and qualified names of every ``nn.Module`` subclass defined so far (torch's,
+    fairseq's, the user's): a rule may name one that another architecture has (wav2vec 2.0's
+    ``ConvFeatureExtractionModel`` in a recipe also used for S2T models)."""
+    names, stack = set(), [nn.Module]
+    while stack:
+        cls = stack.pop()
+        for sub in cls.__subclasses__():
+            if sub.__name__ not in names or f"{sub.__module__}.{sub.__qualname__}" not in names:
+                names.update((sub.__name__, f"{sub.__module__}.{sub.__qualname__}"))
+                stack.append(sub)
+    return names
+
+
 def _unknown_classes_text(unknown: list[str], known: set[str]) -> str:
-    """What a class-only rule's 'matched no module' adds when none of its classes is ``known``
-    (qswap's float classes and the model's): the names, and the known ones closest to each."""
+    """What a class-only rule's 'matched no module' adds when none of its classes exists: the
+    names, and the closest of ``known`` (qswap's float classes and the model's) to each."""
     candidates = sorted(n for n in known if "." not in n)
     hints = []
     for name in unknown:
         close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
         hints.append(f"{name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
-    return (f": no class of this model and none qswap registers is named {', '.join(hints)}; check the "
-            f"spelling (class names are exact and case-sensitive)")
+    return (f": no module class is named {', '.join(hints)} (none of this model, none qswap registers, "
+            f"none defined so far); check the spelling (class names are exact and case-sensitive)")
 
 
 def _shadowed_by_skip(rule: Rule, skipped: list) -> str:
