@@ -101,7 +101,7 @@ class Observer(LazyStateModule):
             if found[0] == 1:
                 raise CalibrationError(NONFINITE_INPUT)
             lo, hi = found[1], found[2]
-            out = found[1:] if grid_of is None or found[0] == 0 else None
+            out = (lo, hi) if grid_of is None else (lo, hi, found[3], int(found[4]), found[5]) if found[0] == 0 else None
         else:
             lo, hi = self._combined_scalar(x, min_val, max_val, has_range)
             out = None

@@ -366,6 +366,7 @@ def test_an_observer_keeps_the_same_numbers_with_and_without_the_kernel(monkeypa
             m.setattr(fused, "_observe", None)
             want = python_obs.observe_scalar(x, spec)
         assert got[:4] == want[:4] and want[4] is None
+        assert type(got[3]) is int and type(want[3]) is int  # the zero point, as choose_qparams_scalar gives it
         assert got[4] == torch.tensor(1.0 / got[2], dtype=torch.float32).item()
         for name in ("min_val", "max_val", "num_batches"):
             assert torch.equal(getattr(kernel_obs, name), getattr(python_obs, name))
