@@ -795,9 +795,7 @@ def training_changes(trained_with: str, repo: Path = REPO) -> str:
     (none: ''). Evaluation is unchanged by them: the page's evaluations of the shipped checkpoint
     reproduce; a rerun of its training commands trains with the current arithmetic."""
     commit = _git(repo, "rev-parse", "--short", f"{trained_with}^{{commit}}")
-    missing = [(c, what) for c, what in TRAINING_CHANGES
-               if subprocess.run(["git", "-C", str(repo), "merge-base", "--is-ancestor", c, commit],
-                                 capture_output=True).returncode != 0]
+    missing = [(c, what) for c, what in TRAINING_CHANGES if not _has_commit(repo, commit, c)]
     if not missing:
         return ""
     items = "\n".join(f"- {c}: {what}." for c, what in missing)
@@ -817,6 +815,17 @@ def with_training_changes(page: str, trained_with: str) -> str:
         page = page[:at].rstrip("\n") + "\n" + (page[nxt:] if nxt >= 0 else "")
     section = training_changes(trained_with)
     return page if not section else page.rstrip("\n") + "\n\n" + section
+
+
+def _has_commit(repo: Path, commit: str, change: str) -> bool:
+    """Whether git ``commit`` has ``change`` in its history; a TrainingError where git cannot tell
+    (a shallow clone without ``change``)."""
+    done = subprocess.run(["git", "-C", str(repo), "merge-base", "--is-ancestor", change, commit],
+                          capture_output=True, text=True)
+    if done.returncode not in (0, 1):
+        raise TrainingError(f"git cannot tell whether {commit} has {change} ({done.stderr.strip() or 'failed'}): "
+                            f"fetch the whole history (git fetch --unshallow)")
+    return done.returncode == 0
 
 
 def _git(repo: Path, *args: str) -> str:

@@ -477,3 +477,6 @@ def test_a_page_says_which_training_arithmetic_changes_its_run_lacked():
     assert qat_train.with_training_changes(before, "4087de7") == page  # the run had it: no section
     with pytest.raises(TrainingError, match="give a commit of this repository"):
         qat_train.with_training_changes(page, "no-such-commit")
+    # a history without the change (a shallow clone): git cannot tell, and the page is not written
+    with pytest.raises(TrainingError, match="fetch the whole history"):
+        qat_train._has_commit(qat_train.REPO, "HEAD", "0" * 40)
