@@ -82,7 +82,7 @@ def test_a_class_rule_naming_no_known_class_warns_with_the_close_names_and_stric
     closest known classes, a ConvertError in strict mode."""
     typo = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
             "rules": [{"match": {"class": ["LayerNrom"]}, "skip": True}]}
-    with pytest.warns(qswap.QswapWarning, match=r"'LayerNrom' \(did you mean LayerNorm\?\).*spelling"):
+    with pytest.warns(qswap.QswapWarning, match=r"'LayerNrom' \(did you mean LayerNorm\b.*spelling"):
         converted = qswap.convert(TiedLM(), typo)
     assert converted.qswap_report.unmatched_rules == ["rule 0: class=LayerNrom"]
     with pytest.raises(ConvertError, match="strict mode: .*LayerNrom.*did you mean LayerNorm"):
