@@ -93,8 +93,11 @@ def _check_weight_grids(built: list[tuple[str, nn.Module]]) -> None:
     """Every weight's grid fits its shape (a per-channel axis it has, a per-group size that divides
     that axis): a SpecError naming the weight now, rather than a checkpoint written that fails
     at its first forward; checked on the counterparts ``built`` (path, counterpart) before any is
-    set in place. The weight a quantizer reads has the shape of ``weight`` (``weight_v`` for a
-    weight-normed convolution; ``matrix``, a buffer, for an online Hadamard transform)."""
+    set in place. A weight is a module's own parameter, or a buffer the state dict stores (an
+    online Hadamard transform's ``matrix``; not a table recomputed at run time), whose declared
+    quantizer (``param_quantizer``) is an enabled weight FakeQuantize, as ``parameter_bytes``
+    counts them; a quantizer that reads several (a weight-normed convolution's ``weight_g`` and
+    ``weight_v``) reads a weight the shape of the largest (``weight_v``), checked alone."""
     from qswap.errors import SpecError
     from qswap.nn.base import param_quantizer
     from qswap.quant.primitives import channel_axis, groups_view
@@ -102,13 +105,17 @@ def _check_weight_grids(built: list[tuple[str, nn.Module]]) -> None:
     named = ((".".join(p for p in (root, sub) if p), module) for root, new in built
              for sub, module in new.named_modules())
     for path, module in named:
-        for pname in ("weight", "weight_v", "matrix"):
-            weight = module._parameters.get(pname)  # noqa: SLF001  (own parameters only)
-            if weight is None:
-                weight = module._buffers.get(pname)  # noqa: SLF001  (QHadamard's constant matrix)
-            quant = param_quantizer(module, pname) if weight is not None else None
-            if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.spec.granularity != "per_tensor"):
+        stored = [(name, b) for name, b in module.named_buffers(recurse=False)
+                  if name not in module._non_persistent_buffers_set]  # noqa: SLF001  (not a recomputed table)
+        read: dict[int, tuple[str, torch.Tensor, FakeQuantize]] = {}  # id(quantizer) -> its largest weight
+        for pname, weight in list(module.named_parameters(recurse=False)) + stored:
+            quant = param_quantizer(module, pname)
+            if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.kind == "weight"
+                    and quant.spec.granularity != "per_tensor"):
                 continue
+            if id(quant) not in read or weight.numel() >= read[id(quant)][1].numel():
+                read[id(quant)] = (pname, weight, quant)
+        for pname, weight, quant in read.values():
             try:
                 (groups_view if quant.spec.granularity == "per_group" else channel_axis)(weight.detach(), quant.spec)
             except SpecError as e:

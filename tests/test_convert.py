@@ -417,6 +417,21 @@ def test_a_per_group_size_that_does_not_fit_a_hadamard_matrix_is_refused_at_conv
         qswap.convert(nn.Sequential(nn.ReLU(), Hadamard(64, 16)), recipe)
 
 
+def test_a_per_group_size_that_does_not_fit_a_weight_not_named_weight_is_refused_at_convert():
+    """The check reads the counterparts' declared quantizers (``param_quantizer``), not parameter
+    names: rel-pos attention's ``pos_bias_u`` (H, D), a weight site, is checked as a weight is (it
+    converted, then failed at its first forward with a SpecError naming no tensor)."""
+    pytest.importorskip("fairseq")
+    from qswap.models import build_s2t_conformer
+
+    recipe = {"version": 1, "name": "g32", "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"class": "RelPositionMultiHeadedAttention"},
+                         "weight": {"bits": 4, "granularity": "per_group", "group_size": 32}}]}
+    with pytest.raises(SpecError, match=r"^encoder\.conformer_layers\.\d\.self_attn\.pos_bias_u \(shape \(4, 16\)\): "
+                                           r"per_group quantization needs axis 1 \(size 16\) divisible by group_size 32"):
+        qswap.convert(build_s2t_conformer(seed=0), recipe)
+
+
 def test_per_channel_grids_along_an_input_axis_run_with_float_insides_and_have_no_integer_form():
     """Per-channel weights along ``axis: -1`` (the input of a linear, the kernel of a convolution)
     and per-channel activations into a linear vary their scale along the accumulated sum: no int32
