@@ -7,7 +7,10 @@ a per-channel factor s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), folded offline
   through ReLU, which is positively homogeneous (relu(x / s) = relu(x) / s for s > 0).
 
 max|X_j| comes from the float model run over the calibration batches (both decoding paths for a
-seq2seq model, as calibration runs them).
+seq2seq model, as calibration runs them), over every position of each batch: padded frames
+included, as activation calibration reads them (a channel that fires only on padding can set its
+factor: calibrate on batches with little padding, or one utterance per batch). A channel silent
+on that data (``SILENT``) keeps factor 1.
 """
 from __future__ import annotations
 
@@ -46,11 +49,17 @@ def channel_maxima(model: nn.Module, data: list, modules: list[nn.Module], outpu
     return maxima
 
 
+SILENT = 1e-5  # a channel whose largest observed |x| is at most this carries nothing to migrate
+
+
 def factors(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """s_j = max|X_j|^alpha / max_i |W_ij|^(1 - alpha) over every linear reading channel j."""
+    """s_j = max|X_j|^alpha / max_i |W_ij|^(1 - alpha) over every linear reading channel j; 1 for a
+    channel silent on the calibration data (max|X_j| <= SILENT: a ReLU unit that never fires),
+    which has no outlier to move and whose formula factor (about SILENT^alpha) would multiply its
+    weights by up to 1e5, widening a per-tensor weight grid for every other channel."""
     w_max = torch.stack([w.detach().abs().double().amax(0) for w in weights]).amax(0)
-    s = act_max.clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)
-    return s.clamp(min=1e-5)
+    s = act_max.clamp(min=SILENT) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)
+    return torch.where(act_max <= SILENT, torch.ones_like(s), s.clamp(min=1e-5))
 
 
 def _scale_inputs(linears: list[nn.Linear], s: torch.Tensor) -> None:

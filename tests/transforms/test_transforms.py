@@ -99,6 +99,22 @@ def test_smoothquant_flattens_the_norm_output_channels():
     assert spread() < ratio_before / 3
 
 
+def test_smoothquant_leaves_a_channel_that_never_fires_alone():
+    """A ReLU unit silent on the calibration data has no outlier to move: its factor is 1 (fc1's row
+    and fc2's column unchanged) instead of about 1e-5^alpha, which multiplied fc1's row by up to
+    1e5 and widened a per-tensor weight grid for every other channel; the float function holds."""
+    model, x = _model(), s2t_net_input(vocab=40, frames=48)
+    layer = model.encoder.transformer_layers[0]
+    with torch.no_grad():
+        layer.fc1.bias[:8] = -1e3  # 8 units that never fire on this data
+    fc1, fc2 = layer.fc1.weight.detach().clone(), layer.fc2.weight.detach().clone()
+    before = _outputs(model, x)
+    apply_transforms(model, [make_step("smoothquant", {"alpha": 0.5, "norms": False})], data=[x])  # the FFN fold
+    assert torch.equal(layer.fc1.weight[:8], fc1[:8]) and torch.equal(layer.fc2.weight[:, :8], fc2[:, :8])
+    assert layer.fc1.weight.abs().max() < 10 * fc1.abs().max()  # the other rows move by the usual factors
+    torch.testing.assert_close(_outputs(model, x), before, rtol=1e-4, atol=1e-4)
+
+
 def test_smoothquant_needs_data_and_says_how():
     with pytest.raises(ConvertError, match="data=batches"):
         qswap.convert(_model(), {**W4A4, "transforms": [{"smoothquant": {"alpha": 0.5}}]})
