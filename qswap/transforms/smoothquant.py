@@ -9,8 +9,7 @@ a per-channel factor s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), folded offline
 max|X_j| comes from the float model run over the calibration batches (both decoding paths for a
 seq2seq model, as calibration runs them), over every position of each batch: padded frames
 included, as activation calibration reads them (a channel that fires only on padding can set its
-factor: calibrate on batches with little padding, or one utterance per batch). A channel silent
-on that data (``SILENT``) keeps factor 1.
+factor). A channel silent on that data (``SILENT``) keeps factor 1.
 """
 from __future__ import annotations
 
