@@ -69,7 +69,9 @@ OUTPUTS = ("output", "json", "json_out", "markdown", "plot", "optimized_dir")
 # the outputs that take '-' for standard output (the others would write a file named '-')
 STDOUT_OUTPUTS = {("eval", "json_out"), ("compare", "json_out")}
 # the options that name files (or an export directory) a command reads; --quantized is NAME=PATH.
-# A name that is no file (a shipped recipe's) is not compared with the outputs
+# A name that is no file (a shipped recipe's) is not compared with the outputs; a file output
+# inside one that is a directory (an export directory) is refused: it would replace or mix with
+# the files of that input
 INPUTS = ("checkpoint", "recipe", "recipes", "high", "baseline", "merge", "quantized")
 
 
@@ -94,16 +96,27 @@ def _check_outputs(args: argparse.Namespace) -> None:
                               f"output; give a file path")
         if not isinstance(value, str) or value in ("", "-"):
             continue
-        check_output(value, directory=(args.command == "export" and name == "output") or name == "optimized_dir")
+        directory = (args.command == "export" and name == "output") or name == "optimized_dir"
+        check_output(value, directory=directory)
         for path in inputs:
             if _same_file(value, path):
                 raise OutputError(f"{option} {value} is also an input of this command ({path}); writing it would "
                                   f"replace that file: give another output path")
+            if not directory and os.path.isdir(path) and _inside(value, path):
+                raise OutputError(f"{option} {value} is inside {path}, an input directory of this command; writing "
+                                  f"there would replace or add to that input's files: give a path outside it")
         for other, path in written.items():
             if _same_file(value, path):
                 raise OutputError(f"{other} {path} and {option} {value} are the same file; give each output a "
                                   f"path of its own")
         written[option] = value
+
+
+def _inside(path: str, directory: str) -> bool:
+    """``path`` lies inside ``directory`` (links resolved)."""
+    from pathlib import Path
+
+    return Path(directory).resolve() in Path(path).resolve().parents
 
 
 def _option(name: str) -> str:

@@ -80,3 +80,37 @@ def test_standard_output_is_refused_where_the_command_writes_only_files(tmp_path
     assert main(argv) == 2
     assert f"qswap {argv[0]} writes {option} to a file, not to standard output" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "{tmp}/export", "--data", "d", "--json", "{tmp}/export/model.json"],
+     "--json {tmp}/export/model.json is inside {tmp}/export, an input directory"),
+    (["eval", "{tmp}/export", "--data", "d", "--markdown", "{tmp}/export/new.md"],
+     "--markdown {tmp}/export/new.md is inside {tmp}/export, an input directory"),
+    (["audit", "{tmp}/onnx", "--onnx", "--json", "{tmp}/onnx/export.json"],
+     "--json {tmp}/onnx/export.json is inside {tmp}/onnx, an input directory"),
+    (["audit", "{tmp}/onnx", "--onnx", "--json", "{tmp}/link/export.json"],
+     "--json {tmp}/link/export.json is inside {tmp}/onnx, an input directory"),
+])
+def test_an_output_inside_an_input_directory_is_refused(tmp_path, capsys, argv, message):
+    """An export directory is an input: a file written into it replaced the export's own model.json
+    (eval) or export.json (audit --onnx). Refused before anything is read, the files untouched."""
+    for folder, name in (("export", "model.json"), ("onnx", "export.json")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text(name)
+    (tmp_path / "link").symlink_to(tmp_path / "onnx")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.json"]
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["export.json"]
+    assert (tmp_path / "export" / "model.json").read_text() == "model.json"
+    assert (tmp_path / "onnx" / "export.json").read_text() == "export.json"
+
+
+def test_the_optimized_graphs_folder_inside_the_export_passes_the_check(tmp_path, capsys):
+    """--optimized-dir DIR/optimized is audit's own default: a folder of its own, not an input's file."""
+    (tmp_path / "onnx").mkdir()
+    assert main(["audit", str(tmp_path / "onnx"), "--onnx", "--optimized-dir", str(tmp_path / "onnx" / "optimized")]) == 2
+    err = capsys.readouterr().err
+    assert "no export.json there" in err and "input directory" not in err
