@@ -73,6 +73,10 @@ STDOUT_OUTPUTS = {("eval", "json_out"), ("compare", "json_out")}
 # inside one that is a directory (an export directory) is refused: it would replace or mix with
 # the files of that input
 INPUTS = ("checkpoint", "recipe", "recipes", "high", "baseline", "merge", "quantized")
+# --data is an input directory too, but one qswap's own outputs may live in (a searched recipe
+# beside the checkpoint it was searched for: tools/sensitivity_doc.py): an output there is refused
+# when it is a file of the kinds a fairseq data directory holds (what the task reads), new or not
+DATA_FILES = {".tsv", ".zip", ".npy", ".npz", ".wav", ".flac", ".ogg", ".mp3", ".model", ".txt", ".ltr", ".wrd"}
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -105,6 +109,12 @@ def _check_outputs(args: argparse.Namespace) -> None:
             if not directory and os.path.isdir(path) and _inside(value, path):
                 raise OutputError(f"{option} {value} is inside {path}, an input directory of this command; writing "
                                   f"there would replace or add to that input's files: give a path outside it")
+        data = getattr(args, "data", None)
+        if not directory and isinstance(data, str) and os.path.isdir(data) and _inside(value, data) \
+                and _data_file(value):
+            raise OutputError(f"{option} {value} is inside {data}, the --data directory, and names a data file "
+                              f"(config, manifest, features, audio or vocabulary) the task may read: give a path "
+                              f"outside it")
         for other, path in written.items():
             if _same_file(value, path):
                 raise OutputError(f"{other} {path} and {option} {value} are the same file; give each output a "
@@ -117,6 +127,16 @@ def _inside(path: str, directory: str) -> bool:
     from pathlib import Path
 
     return Path(directory).resolve() in Path(path).resolve().parents
+
+
+def _data_file(path: str) -> bool:
+    """``path`` names a file of a fairseq data directory: config.yaml, a manifest or its labels
+    (a file sharing a manifest's stem), features, audio or a vocabulary."""
+    from pathlib import Path
+
+    p = Path(path)
+    return (p.name == "config.yaml" or p.suffix.lower() in DATA_FILES
+            or (p.suffix != "" and p.with_suffix(".tsv").is_file()))
 
 
 def _option(name: str) -> str:

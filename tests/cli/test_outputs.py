@@ -114,3 +114,37 @@ def test_the_optimized_graphs_folder_inside_the_export_passes_the_check(tmp_path
     assert main(["audit", str(tmp_path / "onnx"), "--onnx", "--optimized-dir", str(tmp_path / "onnx" / "optimized")]) == 2
     err = capsys.readouterr().err
     assert "no export.json there" in err and "input directory" not in err
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["convert", "missing.pt", "--recipe", "w8a8", "--data", "{tmp}/d", "--calib-subset", "train_calib",
+      "--calib-batches", "1", "-o", "{tmp}/d/train_calib.tsv"], "train_calib.tsv"),
+    (["eval", "missing.pt", "--data", "{tmp}/d", "--json", "{tmp}/d/config.yaml"], "config.yaml"),
+    (["calibrate", "missing.pt", "--data", "{tmp}/d", "--subset", "test", "-o", "{tmp}/d/sub/../fbank80.zip"],
+     "sub/../fbank80.zip"),
+    (["search", "missing.pt", "--data", "{tmp}/d", "--target-mb", "1", "-o", "r.yaml", "--json", "{tmp}/d/test.ltr"],
+     "test.ltr"),
+    (["compare", "missing.pt", "--data", "{tmp}/d", "--markdown", "{tmp}/d/spm.txt"], "spm.txt"),
+])
+def test_a_data_file_inside_the_data_directory_is_refused(tmp_path, capsys, argv, name):
+    """convert -o D/train_calib.tsv replaced the calibration manifest it was about to read."""
+    data = tmp_path / "d"
+    (data / "sub").mkdir(parents=True)
+    for file in ("train_calib.tsv", "test.tsv", "config.yaml", "fbank80.zip"):
+        (data / file).write_text(file)
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{data / name} is inside {data}, the --data directory" in err and "missing.pt" not in err
+    assert all((data / file).read_text() == file for file in ("train_calib.tsv", "test.tsv", "config.yaml",
+                                                                "fbank80.zip"))
+
+
+def test_a_recipe_or_report_beside_the_data_passes_the_check(tmp_path, capsys):
+    """A searched recipe written beside the data (as tools/sensitivity_doc.py writes searched.yaml
+    into the shipped model's folder) is no data file: the error is then about the checkpoint."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "searched.yaml").write_text("old")
+    assert main(["search", "missing.pt", "--data", str(tmp_path / "d"), "--target-mb", "1",
+                 "-o", str(tmp_path / "d" / "searched.yaml"), "--json", str(tmp_path / "d" / "searched.json")]) == 2
+    assert "the --data directory" not in capsys.readouterr().err
