@@ -33,6 +33,7 @@ def atomic_open(path: "str | os.PathLike[str]", mode: str = "wb", *,
     """
     if mode not in _MODES:
         raise ValueError(f"atomic_open writes whole files; mode must be one of {_MODES}, got {mode!r}")
+    _refuse_directory_syntax(path)
     target = Path(path)
     if target.is_dir():
         raise OutputError(f"cannot write {target}: it is a directory")
@@ -66,6 +67,7 @@ def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> 
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
     else:
+        _refuse_directory_syntax(path)
         if target.is_dir():
             raise OutputError(f"cannot write {target}: it is a directory; pass a file path")
         parent = target.parent
@@ -73,6 +75,16 @@ def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> 
             raise OutputError(f"cannot write {target}: no directory {parent}; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {target}: {parent} is not writable")
+
+
+def _refuse_directory_syntax(path: "str | os.PathLike[str]") -> None:
+    """OutputError for a file path written as a directory's (``out/``): Path drops the trailing
+    separator, so it would write a file named ``out``."""
+    text = os.fspath(path)
+    if isinstance(text, str) and text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        raise OutputError(f"cannot write {text}: a path ending in {text[-1]!r} names a directory, and this output "
+                          f"is a file; pass a file path (for example {text.rstrip(os.sep + (os.altsep or ''))}"
+                          f"{os.sep}NAME)")
 
 
 def make_directory(path: "str | os.PathLike[str]") -> list[Path]:

@@ -148,3 +148,16 @@ def test_a_recipe_or_report_beside_the_data_passes_the_check(tmp_path, capsys):
     assert main(["search", "missing.pt", "--data", str(tmp_path / "d"), "--target-mb", "1",
                  "-o", str(tmp_path / "d" / "searched.yaml"), "--json", str(tmp_path / "d" / "searched.json")]) == 2
     assert "the --data directory" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "missing.pt", "--recipe", "w8a8", "-o", "newout/"],
+    ["eval", "missing.pt", "--data", "d", "--json", "newout/"],
+])
+def test_a_file_output_ending_in_a_separator_is_refused(tmp_path, capsys, monkeypatch, argv):
+    """-o newout/ wrote a file named newout and said 'wrote .../newout/'."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot write newout/: a path ending in '/' names a directory" in err and "missing.pt" not in err
+    assert list(tmp_path.iterdir()) == []
