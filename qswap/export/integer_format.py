@@ -20,7 +20,7 @@ from typing import Mapping
 
 import torch
 
-from qswap.errors import ExportError, OutputError
+from qswap.errors import ExportError
 from qswap.io.atomic import atomic_write_bytes, atomic_write_text, make_directory, remove_made
 from qswap.io.serializable import ANY, Codec, SpecMismatch
 
@@ -77,12 +77,10 @@ def write_integer_model(model: torch.nn.Module, out: str | Path, *, task: Mappin
     except (TypeError, ValueError) as exc:
         raise ExportError(f"cannot write the model description as JSON: {exc} (task and decoding must be "
                           f"plain data with finite numbers)") from None
-    from qswap.export.package import MANIFEST
+    from qswap.export.package import check_export_directory
 
     directory = Path(out)
-    if (directory / MANIFEST).is_file():  # an ONNX export
-        raise OutputError(f"{directory} holds an ONNX export (export.json); one directory holds one export: "
-                          f"write the integer model into another directory (or remove that one first)")
+    check_export_directory(directory, onnx=False)
     made = make_directory(directory)
     try:
         atomic_write_bytes(directory / TENSOR_FILE, blob)

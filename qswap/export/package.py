@@ -24,7 +24,8 @@ export leaves no manifest, which reading refuses (re-export). ``graph_paths`` ch
 against its digest, so a directory that mixes two exports (or holds a graph copied in by hand) is
 refused too. A directory holding an integer model export (``model.json``, ``qswap export``
 without ``--onnx``) is refused, and the integer writer refuses an ONNX export's: one directory,
-one export.
+one export. A non-empty directory that is no export of the kind being written is refused by both
+(``check_export_directory``): its files are not qswap's to replace.
 
 >>> export_model(qmodel, "deploy/", task_cfg=cfg.task)
 >>> manifest = read_manifest("deploy/")
@@ -113,10 +114,7 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
     from qswap.export.integer_format import JSON_FILE
 
     out = Path(directory)
-    if (out / JSON_FILE).is_file():  # an integer model export
-        from qswap.errors import OutputError
-        raise OutputError(f"{out} holds an integer model export (model.json); one directory holds one export: "
-                          f"write the ONNX graphs into another directory (or remove that one first)")
+    check_export_directory(out, onnx=True)
     made = make_directory(out)  # the folders this export made: a failed one takes them away again
     graphs = CTC_GRAPHS if _is_ctc(qmodel) else GRAPHS
     staged = {name: out / f".{file}.partial" for name, file in graphs.items()}
@@ -154,6 +152,42 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
             path.unlink(missing_ok=True)
         remove_made(made)  # each empty unless something else wrote into it meanwhile: then it stays
         raise
+
+
+def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -> None:
+    """OutputError unless ``directory`` may take an export (``onnx``: ONNX graphs, else the integer
+    model): missing, empty, or a qswap export of that kind (its ``export.json`` / ``model.json``
+    reads as qswap's), which the new export replaces. A folder of other files would lose the ones
+    that share the export's names (a model.json, an encoder.onnx qswap did not write)."""
+    from qswap.errors import OutputError
+    from qswap.export.integer_format import FORMAT as INTEGER_FORMAT, JSON_FILE
+
+    out = Path(directory)
+    if not out.is_dir() or next(out.iterdir(), None) is None:
+        return
+    holds_onnx = isinstance(_json_object(out / MANIFEST).get("graphs"), dict)
+    holds_integer = _json_object(out / JSON_FILE).get("format") == INTEGER_FORMAT
+    if onnx and holds_integer:
+        raise OutputError(f"{out} holds an integer model export (model.json); one directory holds one export: "
+                          f"write the ONNX graphs into another directory (or remove that one first)")
+    if not onnx and holds_onnx:
+        raise OutputError(f"{out} holds an ONNX export (export.json); one directory holds one export: "
+                          f"write the integer model into another directory (or remove that one first)")
+    if holds_onnx if onnx else holds_integer:
+        return
+    what = "an ONNX export (an export.json qswap wrote)" if onnx else "an integer model export (a model.json qswap wrote)"
+    raise OutputError(f"{out} is a folder with other files, not {what}; an export writes into a new or empty "
+                      f"folder, or over an export of its kind, never over files qswap did not write: pass a new or "
+                      f"empty folder")
+
+
+def _json_object(path: Path) -> dict:
+    """``path``'s JSON object; {} where it is missing, unreadable or not an object."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
 
 
 OPTIMIZED = "optimized"  # where 'qswap audit DIR --onnx' saves the optimized graphs (its default)

@@ -161,3 +161,17 @@ def test_a_file_output_ending_in_a_separator_is_refused(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert "cannot write newout/: a path ending in '/' names a directory" in err and "missing.pt" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("onnx", [[], ["--onnx"]])
+def test_an_export_into_a_folder_of_other_files_is_refused_before_the_checkpoint_is_read(tmp_path, capsys, onnx):
+    """qswap export -o DIR replaced a model.json / encoder.onnx it had not written."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in ("model.safetensors", "encoder.onnx", "readme.md"):
+        (folder / name).write_text(name)
+    assert main(["export", "missing.pt", *onnx, "-o", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder} is a folder with other files, not an" in err and "missing.pt" not in err
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {n: n for n in ("model.safetensors", "encoder.onnx",
+                                                                                  "readme.md")}

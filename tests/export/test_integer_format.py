@@ -110,3 +110,24 @@ def test_a_failed_write_into_a_fresh_nested_folder_takes_the_folders_back(intege
     with pytest.raises(OutputError, match="No space left"):
         write_integer_model(integer_model, tmp_path / "new" / "deploy")
     assert not (tmp_path / "new").exists()
+
+
+def test_an_export_into_a_folder_of_other_files_is_refused(qmodel, tmp_path):
+    """A folder holding a model.json or model.safetensors qswap did not write lost them to the
+    export; refused, every file kept. A new, an empty, and an earlier integer export's folder take it."""
+    from qswap.errors import OutputError
+
+    imodel = qswap.integerize(qmodel)
+    for files in ({JSON_FILE: '{"weights": "mine"}', TENSOR_FILE: "mine"}, {"notes.txt": "mine"},
+                  {JSON_FILE: "not json"}):
+        folder = tmp_path / f"foreign{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        with pytest.raises(OutputError, match="is a folder with other files, not an integer model export"):
+            write_integer_model(imodel, folder)
+        assert {p.name: p.read_text() for p in folder.iterdir()} == files
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "new", tmp_path / "new"):  # the last: a re-export
+        write_integer_model(imodel, folder, source=folder.name)
+        assert json.loads((folder / JSON_FILE).read_text())["source"] == folder.name

@@ -176,6 +176,27 @@ def test_one_directory_holds_one_export(shipped_float, tmp_path):
     assert not (onnx_dir / "ctc.onnx").exists() and read_manifest(onnx_dir).kind == "seq2seq"
 
 
+def test_an_onnx_export_into_a_folder_of_other_files_is_refused(shipped_float, tmp_path):
+    """A folder whose encoder.onnx qswap did not write lost it to the export; refused, the folder
+    as it was. An earlier ONNX export's folder (its export.json) takes the new export."""
+    from qswap.errors import OutputError
+
+    model, _, out = shipped_float
+    for files in ({"encoder.onnx": "mine", "notes.txt": "mine"}, {MANIFEST: "[1, 2]", "encoder.onnx": "mine"}):
+        folder = tmp_path / f"foreign{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        with pytest.raises(OutputError, match="is a folder with other files, not an ONNX export"):
+            export_model(qswap.convert(model, NO_QUANT), folder, audit=False, allow_float=True)
+        assert {p.name: p.read_text() for p in folder.iterdir()} == files
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    (again / "notes.txt").write_text("mine")
+    export_model(qswap.convert(model, NO_QUANT), again, audit=False, allow_float=True)
+    assert read_manifest(again).kind == "seq2seq" and (again / "notes.txt").read_text() == "mine"
+
+
 def test_an_interrupted_publish_leaves_no_manifest_to_load(shipped_float, tmp_path, monkeypatch):
     """Interrupted after the graphs are renamed into place, before the new export.json: the old
     manifest is gone, so the directory is refused rather than loaded as the old export."""
