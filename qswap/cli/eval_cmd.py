@@ -181,11 +181,21 @@ def _read_baseline(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             payload = json.load(f)
-        utterances = [{"id": int(u["id"]), "ref": str(u["ref"]), "hyp": str(u["hyp"])} for u in payload["utterances"]]
+        utterances = [{"id": _utterance_id(u), "ref": str(u["ref"]), "hyp": str(u["hyp"])}
+                      for u in payload["utterances"]]
         return {"model": str(payload["model"]), "utterances": utterances}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"--baseline {path} is not a result written by 'qswap eval --json': "
                         f"{type(exc).__name__}: {exc}") from None
+
+
+def _utterance_id(utterance: dict) -> int:
+    """An utterance's id as 'qswap eval --json' writes it: a JSON integer (a ValueError for any
+    other, e.g. Infinity, which Python's json reads as a float that int() cannot convert)."""
+    uid = utterance["id"]
+    if type(uid) is not int:  # bool is an int, not an id
+        raise ValueError(f"utterance id must be an integer, got {uid!r}")
+    return uid
 
 
 def evaluate(args):
@@ -313,7 +323,7 @@ def _settings(args) -> dict:
 def _read_shard(path: str) -> dict:
     """A shard result written by ``qswap eval --json``: its counts, subset, model and shard."""
     from qswap.errors import DataError
-    from qswap.integration.metrics import ErrorCounts
+    from qswap.integration.metrics import ErrorCounts, error_counts
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -326,11 +336,20 @@ def _read_shard(path: str) -> dict:
         shard_id, num_shards = payload["shard"]
         if not (isinstance(shard_id, int) and isinstance(num_shards, int)):
             raise TypeError(f"'shard' must be [shard_id, num_shards], got {payload['shard']!r}")
-        utterances = [{"id": int(u["id"]), "ref": u["ref"], "hyp": u["hyp"]} for u in payload.get("utterances", [])]
+        utterances = [{"id": _utterance_id(u), "ref": u["ref"], "hyp": u["hyp"]} for u in payload.get("utterances", [])]
         for u in utterances:
             if not (isinstance(u["ref"], str) and u["ref"].strip() and isinstance(u["hyp"], str)):
                 raise ValueError(f"utterance {u['id']}: 'ref' must be a non-empty transcript and 'hyp' a "
                                  f"transcript, got {u['ref']!r} and {u['hyp']!r}")
+        # the counts are those of the utterances (eval writes both from one decode): a hand-edited
+        # count would otherwise be merged as it is (words 0, word_errors 5: "WER 500%")
+        actual = error_counts([u["ref"] for u in utterances], [u["hyp"] for u in utterances],
+                              [u["id"] for u in utterances])
+        if counts != actual:
+            differ = ", ".join(f"{name} {getattr(counts, name)} (the utterances give {getattr(actual, name)})"
+                               for name in ("word_errors", "words", "char_errors", "chars", "utterances")
+                               if getattr(counts, name) != getattr(actual, name))
+            raise ValueError(f"its counts disagree with its utterances: {differ}")
         return {"path": path, "counts": counts, "subset": str(payload["subset"]), "utterances": utterances,
                 "model": str(payload["model"]), "shard_id": shard_id, "num_shards": num_shards,
                 "settings": payload.get("settings")}

@@ -255,12 +255,19 @@ def test_compare_refuses_a_misspelled_or_repeated_recipe_before_it_loads_the_mod
     assert message in err and "missing.pt" not in err and "Traceback" not in err
 
 
-def _shard(tmp_path, name, shard_id, num_shards, subset="test", model="w8a8", words=10, beam=5, ids=()):
+def _shard(tmp_path, name, shard_id, num_shards, subset="test", model="w8a8", words=10, beam=5, ids=None):
+    """A shard result of two utterances (``ids``; two of its own by default) of ``words`` reference
+    words in all, one of them missed, with the counts 'qswap eval --json' writes for them."""
+    from qswap.integration.metrics import error_counts
+
     path = tmp_path / name
-    counts = {"word_errors": 1, "words": words, "char_errors": 2, "chars": 5 * words, "utterances": 2}
+    ids = (2 * shard_id, 2 * shard_id + 1) if ids is None else ids
+    refs = [" ".join(["word"] * (words // 2)), " ".join(["word"] * (words - words // 2))]
+    hyps = [refs[0].rsplit(" ", 1)[0], refs[1]]
+    counts = error_counts(refs, hyps).to_dict()
     settings = {"checkpoint": "/c.pt", "data": "/d", "recipe": model, "beam": beam, "max_sentences": 32,
                 "backend": "torch", "integer": False, "simulate": None}
-    utterances = [{"id": i, "ref": "a b", "hyp": "a b"} for i in ids]
+    utterances = [{"id": i, "ref": r, "hyp": h} for i, r, h in zip(ids, refs, hyps)]
     path.write_text(json.dumps({"counts": counts, "subset": subset, "model": model, "settings": settings,
                                 "shard": [shard_id, num_shards], "utterances": utterances}))
     return str(path)

@@ -1,0 +1,63 @@
+"""qswap eval's reading of results written by 'qswap eval --json' (--merge shards, --baseline):
+a hand-edited or foreign file is a DataError naming it, before anything is loaded or decoded."""
+import json
+
+import pytest
+
+from qswap.cli import main
+from qswap.integration.metrics import error_counts
+
+UTTERANCES = [{"id": 0, "ref": "a b c", "hyp": "a b"}, {"id": 1, "ref": "d e", "hyp": "d e"}]
+
+
+def _shard(path, held=UTTERANCES, **counts):
+    """A shard 0 of 1 whose counts are its utterances' (``counts``: fields changed after)."""
+    real = error_counts([u["ref"] for u in UTTERANCES], [u["hyp"] for u in UTTERANCES]).to_dict()
+    path.write_text(json.dumps({"counts": {**real, **counts}, "subset": "test", "model": "w8a8", "settings": None,
+                                "shard": [0, 1], "utterances": held}))
+    return str(path)
+
+
+@pytest.mark.parametrize("bad_id", ["Infinity", "-Infinity", "NaN", "1.5", "true", "\"3\"", "null"])
+def test_merge_refuses_an_utterance_id_that_is_no_integer(tmp_path, capsys, bad_id):
+    """json reads Infinity as a float: int() of it had been a raw OverflowError traceback."""
+    path = tmp_path / "s0.json"
+    _shard(path)
+    path.write_text(path.read_text().replace('"id": 0', f'"id": {bad_id}'))
+    assert main(["eval", "--merge", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is not a shard result written by 'qswap eval --json'" in err
+    assert "utterance id must be an integer" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad_id", ["Infinity", "2.0", "false"])
+def test_baseline_refuses_an_utterance_id_that_is_no_integer(tmp_path, capsys, bad_id):
+    """Read before the checkpoint (which does not exist here) is loaded."""
+    base = tmp_path / "b.json"
+    base.write_text(json.dumps({"model": "float", "utterances": UTTERANCES}).replace('"id": 0', f'"id": {bad_id}'))
+    data = f"{__import__('qswap').__path__[0]}/assets/s2t_demo"
+    assert main(["eval", str(tmp_path / "missing.pt"), "--data", data, "--baseline", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert f"--baseline {base} is not a result written by 'qswap eval --json'" in err
+    assert "utterance id must be an integer" in err and "missing.pt" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("counts, named", [
+    ({"words": 0, "word_errors": 5}, "word_errors 5 (the utterances give 1), words 0 (the utterances give 5)"),
+    ({"chars": 100}, "chars 100"),
+    ({"utterances": 7}, "utterances 7 (the utterances give 2)"),
+])
+def test_merge_refuses_counts_that_disagree_with_the_utterances(tmp_path, capsys, counts, named):
+    """A hand-edited count had been merged as it was: words 0, word_errors 5 printed "WER 500%"."""
+    assert main(["eval", "--merge", _shard(tmp_path / "good.json")]) == 0
+    bad = _shard(tmp_path / "bad.json", **counts)
+    capsys.readouterr()
+    assert main(["eval", "--merge", bad, "--json", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} is not a shard result" in err and "counts disagree with its utterances" in err and named in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_merge_refuses_counts_of_utterances_the_shard_does_not_hold(tmp_path, capsys):
+    assert main(["eval", "--merge", _shard(tmp_path / "s.json", held=[])]) == 2
+    assert "counts disagree with its utterances" in capsys.readouterr().err
