@@ -6,8 +6,13 @@ from __future__ import annotations
 import argparse
 
 
-def at_least(low: int):
-    """An argparse ``type``: an integer of ``low`` or more."""
+INT32_MAX = 2**31 - 1  # the largest count fairseq's batching (C longs, int32 tensors) and torch take whole
+
+
+def at_least(low: int, high: int = INT32_MAX, why: str = ""):
+    """An argparse ``type``: an integer from ``low`` to ``high``. ``high`` defaults to ``INT32_MAX``:
+    a larger count had reached fairseq or torch as it was (--max-sentences 10**20: an OverflowError
+    in fairseq's Cython batching); ``why``: the reason for a smaller bound, said when it is passed."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -15,8 +20,10 @@ def at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be {high} or less, got {value}" + (f": {why}" if why else ""))
         return value
-    parse.__name__ = f"integer >= {low}"  # argparse names the type in its own messages
+    parse.__name__ = f"integer from {low} to {high}"  # argparse names the type in its own messages
     return parse
 
 
@@ -36,4 +43,9 @@ def finite(text: str) -> float:
 
 finite.__name__ = "finite number"
 COUNT = at_least(0)  # a number of batches, where 0 means none
-POSITIVE = at_least(1)  # a beam, a batch size, a thread or shard count
+POSITIVE = at_least(1)  # a beam, a batch size or a shard count
+MAX_THREADS = 256
+# onnxruntime starts every thread it is asked for (--threads 100000 had hung eval); more threads than
+# the machine has cores only slow a decode down
+THREADS = at_least(1, MAX_THREADS, why="onnxruntime starts each thread it is given; pass at most the number "
+                                       "of CPU cores")

@@ -22,8 +22,15 @@ from __future__ import annotations
 import argparse
 
 from qswap.cli import EXIT_OK, EXIT_VERDICT
+from qswap.cli.args import at_least
 
 DEFAULT_SYNTHETIC = 2
+# the audited utterances are one batch through every path at once: which ops run, and on what
+# dtypes, does not depend on its size (two utterances already exercise padding), while its memory
+# grows with it (--synthetic 3000000 had asked torch for 115 GB)
+MAX_AUDIT_BATCH = 64
+AUDIT_BATCH = at_least(1, MAX_AUDIT_BATCH, why="the audit runs them as one batch, and which ops run does "
+                                               "not depend on its size (2 already exercise padding)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,11 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="shipped recipe name or YAML path (needed for a float checkpoint)")
     p.add_argument("--data", help="fairseq data directory (config.yaml, manifests)")
     p.add_argument("--subset", help="subset of --data whose first utterances are audited")
-    p.add_argument("--count", type=int, default=2, help="utterances taken from --subset (default 2)")
-    p.add_argument("--synthetic", type=int, metavar="N",
+    p.add_argument("--count", type=AUDIT_BATCH, default=2, help="utterances taken from --subset (default 2)")
+    p.add_argument("--synthetic", type=AUDIT_BATCH, metavar="N",
                    help=f"audit N random utterances shaped for the model (the default: "
                         f"{DEFAULT_SYNTHETIC}, when --subset is not given)")
-    p.add_argument("--decode-steps", type=int, default=3, help="incremental decoding steps audited")
+    p.add_argument("--decode-steps", type=at_least(1), default=3, help="incremental decoding steps audited")
     p.add_argument("--strict", action="store_true",
                    help="declared float_ok exceptions and undeclared dynamic ranges fail too")
     p.add_argument("--values", action="store_true",
@@ -52,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on integer dtypes outside the declared float steps")
     p.add_argument("--json", metavar="F", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="F", help="write the report as Markdown")
-    p.add_argument("--max-rows", type=int, default=40, help="violation rows printed (default 40)")
+    p.add_argument("--max-rows", type=at_least(1), default=40, help="violation rows printed (default 40)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
 
 

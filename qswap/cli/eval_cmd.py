@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qswap.cli.args import COUNT, POSITIVE
+from qswap.cli.args import COUNT, POSITIVE, THREADS
 from qswap.cli.render import console, interactive, progress_bar
 from qswap.nn.simulate import SIMULATIONS  # `import qswap` has imported torch already: free here
 
@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "onnxruntime, one written by 'qswap export --onnx')")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                    help="run the checkpoint in torch (default) or the exported graphs in onnxruntime")
-    p.add_argument("--threads", type=POSITIVE, default=1, help="onnxruntime threads (default: 1)")
+    p.add_argument("--threads", type=THREADS, default=1, help="onnxruntime threads (default: 1)")
     p.add_argument("--data", help="fairseq data directory (config.yaml, TSV manifests)")
     p.add_argument("--subset", default="test", help="subset to decode (default: test)")
     p.add_argument("--recipe", help="convert the model with this recipe first (calibrated on --calib-subset)")

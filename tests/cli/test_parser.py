@@ -46,6 +46,10 @@ def test_a_mode_the_library_lacks_is_a_usage_error(argv, capsys):
     (["sensitivity", "c.pt", "--data", "d", "--beam", "0"], "--beam", 1),
     (["sensitivity", "c.pt", "--data", "d", "--show", "-3"], "--show", 1),
     (["sensitivity", "c.pt", "--data", "d", "--top-k", "-2"], "--top-k", 1),
+    (["audit", "c.pt", "--recipe", "w8a8", "--synthetic", "0"], "--synthetic", 1),
+    (["audit", "c.pt", "--recipe", "w8a8", "--data", "d", "--subset", "test", "--count", "0"], "--count", 1),
+    (["audit", "c.pt", "--recipe", "w8a8", "--decode-steps", "0"], "--decode-steps", 1),
+    (["audit", "c.pt", "--recipe", "w8a8", "--max-rows", "-1"], "--max-rows", 1),
 ])
 def test_a_count_out_of_range_is_a_usage_error_naming_the_option(argv, option, low, capsys):
     """A beam, batch count, shard, thread count or batch size below what the option takes stops at
@@ -72,3 +76,44 @@ def test_a_budget_that_is_not_finite_is_a_usage_error(option, value, capsys):
         build_parser().parse_args(["search", "c.pt", "--data", "d", "-o", "r.yaml", f"{option}={value}"])
     assert exc.value.code == 2
     assert f"argument {option}: must be a finite number, got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, option, high, why", [
+    (["eval", "q.pt", "--data", "d", "--max-sentences", "99999999999999999999"], "--max-sentences", 2**31 - 1, ""),
+    (["eval", "q.pt", "--data", "d", "--beam", str(2**31)], "--beam", 2**31 - 1, ""),
+    (["eval", "q.pt", "--data", "d", "--num-shards", str(2**40)], "--num-shards", 2**31 - 1, ""),
+    (["eval", "q.pt", "--data", "d", "--calib-batches", str(2**31)], "--calib-batches", 2**31 - 1, ""),
+    (["calibrate", "q.pt", "--data", "d", "-o", "o.pt", "--max-sentences", "9" * 30],
+     "--max-sentences", 2**31 - 1, ""),
+    (["convert", "c.pt", "--recipe", "w8a8", "-o", "o.pt", "--calib-batches", str(2**63)], "--calib-batches",
+     2**31 - 1, ""),
+    (["search", "c.pt", "--data", "d", "--target-mb", "2", "--max-sentences", str(2**32)], "--max-sentences",
+     2**31 - 1, ""),
+    (["sensitivity", "c.pt", "--data", "d", "--show", str(2**31)], "--show", 2**31 - 1, ""),
+    (["compare", "c.pt", "--data", "d", "--max-sentences", str(2**31)], "--max-sentences", 2**31 - 1, ""),
+    (["eval", "x", "--data", "d", "--backend", "onnxruntime", "--threads", "100000"], "--threads", 256,
+     "pass at most the number of CPU cores"),
+    (["audit", "c.pt", "--recipe", "w8a8", "--synthetic", "3000000"], "--synthetic", 64, "one batch"),
+    (["audit", "c.pt", "--recipe", "w8a8", "--data", "d", "--subset", "t", "--count", "65"], "--count", 64,
+     "one batch"),
+    (["audit", "c.pt", "--recipe", "w8a8", "--decode-steps", str(2**31)], "--decode-steps", 2**31 - 1, ""),
+    (["audit", "c.pt", "--recipe", "w8a8", "--max-rows", str(2**31)], "--max-rows", 2**31 - 1, ""),
+])
+def test_a_count_too_large_is_a_usage_error_naming_the_option(argv, option, high, why, capsys):
+    """A count beyond what the option takes stops at the parser (exit 2) with the option and its
+    largest value named: --max-sentences 10**20 had been an OverflowError traceback from fairseq's
+    Cython batching, --threads 100000 a hung onnxruntime session, --synthetic 3000000 a 115 GB
+    allocation error from torch."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: must be {high} or less, got " in err and why in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "q.pt", "--data", "d", "--max-sentences", str(2**31 - 1), "--threads", "256"],
+    ["audit", "c.pt", "--recipe", "w8a8", "--synthetic", "64", "--decode-steps", str(2**31 - 1)],
+])
+def test_the_largest_count_an_option_takes_parses(argv):
+    build_parser().parse_args(argv)
