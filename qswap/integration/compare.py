@@ -241,12 +241,16 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
     and decoded as the others.
     ``progress(recipe, stage, n, total)`` as in ``evaluate_recipe``. Every recipe is loaded before
     anything is decoded: a name misspelled late in the list is a RecipeError now, not minutes later."""
-    from qswap.errors import RecipeError
-    for recipe in recipes:
-        qswap.load_recipe(recipe)
+    from qswap.errors import DataError, RecipeError
+    rows = {qswap.load_recipe(recipe).name: recipe for recipe in ["fp32", *recipes]}
     twice = sorted({r for r in recipes if recipes.count(r) > 1})
     if twice:
         raise RecipeError(f"{', '.join(twice)} given more than once in the recipes to compare; name each once")
+    for name, path in (quantized or {}).items():  # two rows of one name: which is which?
+        if name in rows:
+            whose = "the float model's" if name == "fp32" else f"recipe {rows[name]}'s"
+            raise DataError(f"--quantized {name}={path}: {name!r} is already {whose} row name; give this "
+                            f"checkpoint's row another name (--quantized {name}_2={path})")
     model, task = fdata.load_model_and_task(checkpoint, data, trust_checkpoint=trust_checkpoint)
     loaded = {name: _quantized_checkpoint(name, path, data, trust_checkpoint) for name, path in (quantized or {}).items()}
     names = ["fp32"] + [r for r in recipes if r != "fp32"]

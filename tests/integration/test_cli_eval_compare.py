@@ -242,6 +242,22 @@ def test_compare_refuses_a_float_checkpoint_as_a_quantized_row_before_any_row(fl
     assert "a float checkpoint (no qswap recipe inside)" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("recipes, name, whose", [
+    (["w8a8"], "w8a8", "recipe w8a8's"), (["w8a8"], "fp32", "the float model's"),
+    (["fp32", "w4a8"], "fp32", "the float model's"), ([], "w8a8", "recipe w8a8's"),  # the default recipes
+])
+def test_compare_refuses_a_quantized_row_named_as_a_recipe_row(tmp_path, capsys, recipes, name, whose):
+    """--recipes w8a8 --quantized w8a8=QCKPT had given two rows named w8a8; refused before anything
+    is loaded or decoded (the checkpoint here does not even exist)."""
+    qckpt = tmp_path / "q.pt"
+    qckpt.write_bytes(b"")
+    argv = ["compare", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--quantized", f"{name}={qckpt}"]
+    assert main(argv + (["--recipes", *recipes] if recipes else [])) == 2
+    err = capsys.readouterr().err
+    assert f"--quantized {name}={qckpt}: {name!r} is already {whose} row name" in err
+    assert "missing.pt" not in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("recipes, message", [
     (["w8a8", "w8a9"], "no shipped recipe named 'w8a9'"),
     (["w8a8", "w4a8", "w8a8"], "w8a8 given more than once"),
