@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from qswap.cli.args import COUNT, POSITIVE
+from qswap.cli.args import POSITIVE
 from qswap.cli.render import console, interactive, json_text, recipe_progress
 
 DEFAULT_RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w8_weight_only"]
@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, help="recipes (names or YAML paths)")
     p.add_argument("--subset", default="test", help="subset to evaluate (default: test)")
     p.add_argument("--calib-subset", default="train", help="calibration subset (default: train)")
-    p.add_argument("--calib-batches", type=COUNT, default=8, help="calibration batches (default: 8)")
+    p.add_argument("--calib-batches", type=POSITIVE, default=8, help="calibration batches (default: 8)")
     p.add_argument("--beam", type=POSITIVE, default=5, help="beam size (default: 5)")
     p.add_argument("--max-sentences", type=POSITIVE, default=32, help="utterances per batch")
     p.add_argument("--integer", action="store_true",

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", default="test", help="subset to decode (default: test)")
     p.add_argument("--recipe", help="convert the model with this recipe first (calibrated on --calib-subset)")
     p.add_argument("--calib-subset", default="train", help="subset for calibration (default: train)")
-    p.add_argument("--calib-batches", type=COUNT, default=8, help="calibration batches (default: 8)")
+    p.add_argument("--calib-batches", type=POSITIVE, default=8, help="calibration batches (default: 8)")
     p.add_argument("--beam", type=POSITIVE, default=5, help="beam size for seq2seq models (default: 5)")
     p.add_argument("--max-sentences", type=POSITIVE, default=32, help="utterances per batch")
     p.add_argument("--num-shards", type=POSITIVE, default=1, help="split the subset into this many shards")

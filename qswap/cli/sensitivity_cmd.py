@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from qswap.cli.args import COUNT, POSITIVE
+from qswap.cli.args import POSITIVE
 from qswap.cli.render import console, json_text, progress_display
 
 
@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="fairseq data directory")
     p.add_argument("--subset", default="dev", help="subset to measure on (default: dev)")
     p.add_argument("--calib-subset", default="train", help="calibration subset (default: train)")
-    p.add_argument("--calib-batches", type=COUNT, default=4, help="calibration batches (default: 4)")
+    p.add_argument("--calib-batches", type=POSITIVE, default=4, help="calibration batches (default: 4)")
     p.add_argument("--batches", type=POSITIVE, default=1, help="batches of --subset the SQNR is pooled over")
     p.add_argument("--recipe", default="w4a8", help="recipe whose sites are probed (default: w4a8)")
     p.add_argument("--metric", choices=("sqnr", "wer"), default="sqnr",

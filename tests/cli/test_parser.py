@@ -32,14 +32,18 @@ def test_a_mode_the_library_lacks_is_a_usage_error(argv, capsys):
 @pytest.mark.parametrize("argv, option, low", [
     (["eval", "q.pt", "--data", "d", "--beam", "0"], "--beam", 1),
     (["eval", "q.pt", "--data", "d", "--beam", "-1"], "--beam", 1),
-    (["eval", "q.pt", "--data", "d", "--calib-batches", "-1"], "--calib-batches", 0),
+    (["eval", "q.pt", "--data", "d", "--calib-batches", "-1"], "--calib-batches", 1),
+    (["eval", "q.pt", "--data", "d", "--recipe", "w8a8", "--calib-batches", "0"], "--calib-batches", 1),
     (["eval", "q.pt", "--data", "d", "--num-shards", "0"], "--num-shards", 1),
     (["eval", "q.pt", "--data", "d", "--shard-id", "-1"], "--shard-id", 0),
     (["eval", "q.pt", "--data", "d", "--threads", "0"], "--threads", 1),
     (["eval", "q.pt", "--data", "d", "--max-sentences", "0"], "--max-sentences", 1),
     (["compare", "c.pt", "--data", "d", "--beam", "0"], "--beam", 1),
-    (["compare", "c.pt", "--data", "d", "--calib-batches", "-2"], "--calib-batches", 0),
-    (["calibrate", "q.pt", "--data", "d", "-o", "o.pt", "--batches", "-2"], "--batches", 0),
+    (["compare", "c.pt", "--data", "d", "--calib-batches", "-2"], "--calib-batches", 1),
+    (["compare", "c.pt", "--data", "d", "--calib-batches", "0"], "--calib-batches", 1),
+    (["calibrate", "q.pt", "--data", "d", "-o", "o.pt", "--batches", "-2"], "--batches", 1),
+    (["calibrate", "q.pt", "--data", "d", "-o", "o.pt", "--batches", "0"], "--batches", 1),
+    (["sensitivity", "c.pt", "--data", "d", "--calib-batches", "0"], "--calib-batches", 1),
     (["convert", "c.pt", "--recipe", "w8a8", "-o", "o.pt", "--calib-batches", "-1"], "--calib-batches", 0),
     (["convert", "c.pt", "--recipe", "w8a8", "-o", "o.pt", "--max-sentences", "-3"], "--max-sentences", 1),
     (["search", "c.pt", "--data", "d", "--target-mb", "2", "--batches", "0"], "--batches", 1),
@@ -54,7 +58,10 @@ def test_a_mode_the_library_lacks_is_a_usage_error(argv, capsys):
 def test_a_count_out_of_range_is_a_usage_error_naming_the_option(argv, option, low, capsys):
     """A beam, batch count, shard, thread count or batch size below what the option takes stops at
     the parser (exit 2) with the option and its smallest value named: not a traceback from fairseq's
-    beam search (beam 0: a reshape of 0 elements) or itertools (negative batches)."""
+    beam search (beam 0: a reshape of 0 elements) or itertools (negative batches). Calibration
+    batches are 1 or more where the command calibrates (--calib-batches 0 had failed after loading,
+    in compare after the float decode, with "calibration got zero batches", naming no option);
+    convert's and search's 0 means no calibration."""
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)
     assert exc.value.code == 2
