@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from qswap.cli.args import COUNT, POSITIVE, finite
+from qswap.cli.args import COUNT, POSITIVE, at_least, finite
+from qswap.quant.spec import MAX_BITS, MIN_BITS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--target-mb", type=finite, help="weight memory budget in MB")
     budget.add_argument("--max-delta-wer", type=finite, help="WER budget (points above float) on --subset")
     p.add_argument("--high", default="w8a8_per_channel", help="recipe units start from (default: w8a8_per_channel)")
-    p.add_argument("--low-bits", type=int, default=4, help="weight bits of the units moved down (default: 4)")
+    p.add_argument("--low-bits", type=at_least(MIN_BITS, MAX_BITS, why="the weight widths qswap quantizes to"),
+                   default=4, help="weight bits of the units moved down (default: 4)")
     p.add_argument("--subset", default="dev", help="subset the search measures on (default: dev)")
     p.add_argument("--batches", type=POSITIVE, default=2, help="batches of --subset for SQNR probes")
     p.add_argument("--eval-subset", default="test", help="subset the final row is measured on")
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from qswap.recipe import load_recipe
     from qswap.search import search
 
+    _check_low_bits(args.high, args.low_bits)
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     if not args.calib_batches:
         _refuse_uncalibrated(model, args.high)
@@ -75,6 +78,27 @@ def run(args: argparse.Namespace) -> int:
                    "candidates": [dataclasses.asdict(c) for c in result.candidates]}
         atomic_write_text(args.json_out, json_text(payload))  # an infinite loss_db as null
     return 0
+
+
+def _check_low_bits(high, low_bits: int) -> None:
+    """``--low-bits`` below the widest weight ``high`` quantizes (its defaults' or a rule's), before
+    the model is loaded: units move down to fewer bits, and at ``low_bits`` or more none could (the
+    search had ranked an empty list after minutes of probing)."""
+    from qswap.errors import SpecError
+    from qswap.recipe import load_recipe
+
+    recipe = load_recipe(high)
+    widths = [config.weight.bits for config in (recipe.defaults, *(rule.config for rule in recipe.rules))
+              if config is not None and config.weight is not None]
+    if not widths:
+        raise SpecError(f"--high {recipe.name} quantizes no weights, so no unit can move to --low-bits "
+                        f"{low_bits}; start from a recipe with quantized weights (e.g. w8a8_per_channel)")
+    widest = max(widths)
+    if low_bits >= widest:
+        lower = (f"pass --low-bits below {widest} (e.g. {max(MIN_BITS, min(4, widest - 1))})" if widest > MIN_BITS
+                 else f"its weights are at {MIN_BITS} bits, the fewest qswap quantizes to: start from a wider recipe")
+        raise SpecError(f"--low-bits {low_bits}: --high {recipe.name} quantizes weights at {widest} bits at most, "
+                        f"and units move down to fewer bits; {lower}")
 
 
 def _refuse_uncalibrated(model, high) -> None:
