@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qswap.convert import copy_model
-from qswap.errors import CalibrationError
+from qswap.errors import CalibrationError, OutputError
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.switch import enabled_only
 
@@ -157,6 +157,22 @@ def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metri
     return report
 
 
+PLOT_FORMATS = ("png", "svg")  # what ``plot`` writes, named by the path's extension
+
+
+def plot_format(path: str) -> str:
+    """The format ``plot`` writes ``path`` in, from its extension; an OutputError for any other
+    (x.pdf had been written as a PNG named .pdf)."""
+    import os
+
+    suffix = os.path.splitext(str(path))[1].lstrip(".").lower()
+    if suffix not in PLOT_FORMATS:
+        given = f"a .{suffix} file" if suffix else "a path with no extension"
+        raise OutputError(f"--plot {path}: the chart is written as {' or '.join(f'.{f}' for f in PLOT_FORMATS)}, "
+                          f"not {given}; give the path one of those extensions")
+    return suffix
+
+
 def plot(report: SensitivityReport, path: str, top: int = 40) -> None:
     """A horizontal bar chart of the SQNR gain per site, colored by layer, written atomically.
 
@@ -165,6 +181,7 @@ def plot(report: SensitivityReport, path: str, top: int = 40) -> None:
     quantization breaks the model) is drawn at the edge of the axis and labelled."""
     import math
 
+    fmt = plot_format(path)  # before anything is drawn
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -201,6 +218,5 @@ def plot(report: SensitivityReport, path: str, top: int = 40) -> None:
     handles = [Rectangle((0, 0), 1, 1, color=colors[g]) for g in groups]
     ax.legend(handles, groups, fontsize=6, loc="lower right")
     fig.tight_layout()
-    suffix = path.rsplit(".", 1)[-1].lower()
     with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="svg" if suffix == "svg" else "png", dpi=110)
+        fig.savefig(f, format=fmt, dpi=110)

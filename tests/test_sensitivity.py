@@ -184,3 +184,18 @@ def test_a_wav2vec2_model_with_a_weight_normed_conv_is_probed():
 
     report = qswap.sensitivity(build_wav2vec2_ctc(), "w8a8", [wav2vec2_net_input()])
     assert report.sites and all(math.isfinite(s.gain_db) or s.gain_db == -math.inf for s in report.sites)
+
+
+@pytest.mark.parametrize("name", ["s.pdf", "s.jpg", "s", "s.png.txt"])
+def test_plot_refuses_a_format_it_does_not_write(tmp_path, name):
+    """plot writes PNG or SVG: s.pdf had been a PNG named .pdf."""
+    from qswap.errors import OutputError
+
+    with pytest.raises(OutputError, match=r"written as \.png or \.svg"):
+        plot(_broken_report(), str(tmp_path / name))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_takes_an_upper_case_extension(tmp_path):
+    plot(_broken_report(), str(tmp_path / "s.SVG"))
+    assert (tmp_path / "s.SVG").read_bytes().lstrip().startswith(b"<?xml")

@@ -46,10 +46,11 @@ def run(args: argparse.Namespace) -> int:
 
     from qswap.integration import data as fdata
     from qswap.io.atomic import atomic_write_text
-    from qswap.sensitivity import plot, sensitivity
+    from qswap.sensitivity import plot, plot_format, sensitivity
 
-    if args.plot:
-        _require_matplotlib()  # before minutes of probing, not after
+    if args.plot:  # before minutes of probing, not after
+        plot_format(args.plot)
+        _require_matplotlib()
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     batches = list(fdata.net_inputs(task, args.subset, args.batches, max_sentences=args.max_sentences))
     calib = list(fdata.net_inputs(task, args.calib_subset, args.calib_batches, max_sentences=args.max_sentences))
