@@ -27,15 +27,31 @@ def load_model_cfg_task(checkpoint: str | Path, data: str | Path | None = None, 
 
     register_tasks()  # checkpoints trained or converted with the plugin name qswap's own tasks
 
-    if data is not None and not Path(data).is_dir():
-        raise DataError(f"data directory {data} does not exist; pass --data DIR with the "
-                        f"config.yaml and TSV manifests the model was trained with")
+    if data is not None:
+        check_data_dir(data, "the config.yaml and TSV manifests the model was trained with")
     overrides = {"data": str(Path(data).resolve())} if data is not None else None
     model, cfg, task = load_fairseq_model(str(checkpoint), trust_checkpoint=trust_checkpoint,
                                           arg_overrides=overrides)
     if getattr(task, "data_cfg", None) is not None:
         resolve_audio_root(task.data_cfg)
     return model.eval(), cfg, task
+
+
+def check_data_dir(data: str | Path, contents: str) -> None:
+    """A DataError unless ``data`` is a directory: one that says it does not exist, or that it is a
+    file (--data config.yaml had been told it "does not exist"), naming what the directory holds
+    (``contents``)."""
+    path = Path(data)
+    if path.is_dir():
+        return
+    if not path.exists():
+        raise DataError(f"data directory {data} does not exist; pass --data DIR with {contents}")
+    kind = "a file" if path.is_file() else "not a directory"
+    parent = path.resolve().parent
+    holds_config = (parent / "config.yaml").is_file()
+    hint = f" (its directory {parent} holds a config.yaml: --data {parent}?)" if holds_config else ""
+    raise DataError(f"--data {data} is {kind}, not a data directory; pass --data DIR, the directory with "
+                    f"{contents}{hint}")
 
 
 def resolve_audio_root(data_cfg) -> None:

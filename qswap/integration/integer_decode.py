@@ -45,16 +45,14 @@ def exported_task(exported, data: str | Path):
     dictionary must be the one the model was exported with."""
     from omegaconf import OmegaConf
 
-    from qswap.integration.data import resolve_audio_root
+    from qswap.integration.data import check_data_dir, resolve_audio_root
     from qswap.integration.fairseq_task import register_tasks
     from qswap.io.checkpoint import setup_task
 
     if exported.task is None or exported.decoding is None:
         raise LoadError(f"{exported.path}: records no fairseq task or target dictionary; export a fairseq "
                         f"checkpoint with 'qswap export QCKPT -o DIR' to decode it", kind="edited")
-    if not Path(data).is_dir():
-        raise DataError(f"data directory {data} does not exist; pass --data DIR with the config.yaml, "
-                        f"dictionary and TSV manifests")
+    check_data_dir(data, "the config.yaml, dictionary and TSV manifests")
     register_tasks()
     task = setup_task(exported.path, OmegaConf.create({"task": {**exported.task, "data": str(Path(data).resolve())}}))
     if getattr(task, "data_cfg", None) is not None:

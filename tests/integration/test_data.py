@@ -179,3 +179,21 @@ def test_audio_without_a_working_torchaudio_is_a_dependency_error(tmp_path):
             _read_all(data)
     else:
         assert _read_all(data)
+
+
+def test_a_file_given_as_the_data_directory_is_named_a_file(tmp_path):
+    """--data config.yaml had been told "data directory ... does not exist"; the check comes before
+    the checkpoint (missing here) is read."""
+    import pytest
+
+    from qswap.errors import DataError
+
+    with pytest.raises(DataError, match=r"^--data .*config\.yaml is a file, not a data directory; pass --data DIR, "
+                                        r"the directory with the config\.yaml .*\(its directory .*s2t_demo holds a "
+                                        r"config\.yaml: --data .*s2t_demo\?\)$"):
+        load_model_and_task(tmp_path / "missing.pt", f"{ASSET}/config.yaml")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"notes\.txt is a file, not a data directory; pass --data DIR, [^(]*$"):
+        load_model_and_task(tmp_path / "missing.pt", tmp_path / "notes.txt")
+    with pytest.raises(DataError, match=r"^data directory .*nowhere does not exist; pass --data DIR"):
+        load_model_and_task(tmp_path / "missing.pt", tmp_path / "nowhere")

@@ -76,3 +76,13 @@ def test_a_task_that_reads_its_dictionary_late_gives_a_data_error(tmp_path):
                         decoding=dictionary_facts(make_dictionary()))
     with pytest.raises(DataError, match="cannot read the target dictionary of task 'audio_finetuning'"):
         exported_task(load_integer_model(tmp_path), ASSET)
+
+
+def test_a_file_given_as_the_data_directory_of_an_export_is_named_a_file(tmp_path):
+    """exported_task: --data config.yaml had been told "data directory ... does not exist"."""
+    from types import SimpleNamespace
+
+    exported = SimpleNamespace(task={"_name": "speech_to_text"}, decoding={"size": 5}, path=tmp_path)
+    with pytest.raises(DataError, match=r"config\.yaml is a file, not a data directory; pass --data DIR, the "
+                                        r"directory with the config\.yaml, dictionary and TSV manifests"):
+        exported_task(exported, ASSET / "config.yaml")
