@@ -243,16 +243,14 @@ def load_deployed(directory: "str | os.PathLike[str]", data: "str | os.PathLike[
     from omegaconf import OmegaConf
 
     from qswap.errors import DataError
-    from qswap.integration.data import resolve_audio_root
+    from qswap.integration.data import check_data_dir, resolve_audio_root
     from qswap.integration.fairseq_task import register_tasks
 
     manifest = read_manifest(directory)
     if not manifest.task:
         raise ExportError(f"{directory}: export.json records no fairseq task; export the directory with "
                           f"'qswap export QCKPT --onnx -o DIR' (or export_model(..., task_cfg=cfg.task))")
-    if not Path(data).is_dir():
-        raise DataError(f"data directory {data} does not exist; pass --data DIR with the config.yaml, "
-                        f"dictionary and TSV manifests the model was trained with")
+    check_data_dir(data, "the config.yaml, dictionary and TSV manifests the model was trained with")
     register_tasks()
     cfg = OmegaConf.create({**manifest.task, "data": str(Path(data).resolve())})
     try:

@@ -103,6 +103,15 @@ def test_load_deployed_sets_up_the_task_from_the_manifest(shipped_float):
     assert len(task2.target_dictionary) == len(task.target_dictionary) and ort.recipe == "no_quant"
 
 
+def test_load_deployed_says_a_data_file_is_no_data_directory(shipped_float):
+    """--data config.yaml for an ONNX export had been told 'data directory ... does not exist'."""
+    from qswap.errors import DataError
+
+    _, _, out = shipped_float
+    with pytest.raises(DataError, match=r"config\.yaml is a file, not a data directory"):
+        load_deployed(out, ASSET / "config.yaml")
+
+
 def test_teacher_forced_forward_is_a_typed_error(shipped_float):
     _, task, out = shipped_float
     ort = load_exported(out, task.target_dictionary)
