@@ -133,6 +133,10 @@ def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metri
         reference = [model_output(float_model, b) for b in batches]
     calib = list(calib_batches) if calib_batches is not None else batches
     qmodel = qswap.convert(model, recipe, data=calib).eval()  # data: the statistics transforms fold (smoothquant)
+    if not any(isinstance(m, FakeQuantize) for m in qmodel.modules()):
+        raise CalibrationError(f"recipe {qmodel.qswap_recipe.name} quantizes nothing in this model: sensitivity "
+                               f"probes the sites a recipe quantizes; pick one that quantizes something (w4a8, "
+                               f"w8a8, ...)")
     qswap.calibrate(qmodel, calib)
     sites = quantizer_sites(qmodel)
     full = output_sqnr(reference, qmodel, batches)

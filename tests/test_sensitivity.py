@@ -199,3 +199,13 @@ def test_plot_refuses_a_format_it_does_not_write(tmp_path, name):
 def test_plot_takes_an_upper_case_extension(tmp_path):
     plot(_broken_report(), str(tmp_path / "s.SVG"))
     assert (tmp_path / "s.SVG").read_bytes().lstrip().startswith(b"<?xml")
+
+
+def test_a_recipe_that_quantizes_nothing_is_refused_with_a_recipe_to_pick():
+    """sensitivity(model, "fp32") said "convert it first (qswap.convert(model, recipe))", advice for
+    a model that was never converted; the recipe is what to change."""
+    from qswap.models import build_s2t_transformer, s2t_net_input
+
+    x = s2t_net_input()
+    with pytest.raises(CalibrationError, match="recipe fp32 quantizes nothing in this model.*pick one"):
+        qswap.sensitivity(build_s2t_transformer(), "fp32", [x])
