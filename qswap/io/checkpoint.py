@@ -156,6 +156,14 @@ def setup_task(path: Path, cfg: Any):
         # converted with; the task's is the training command's --qswap-recipe (a name or a YAML
         # path, which may have changed or gone since)
         set_cfg_option(cfg.task, "qswap_recipe", None)
+    name = _cfg_name(cfg.task, "task")
+    if isinstance(name, str) and name not in tasks.TASK_REGISTRY:
+        from qswap.integration.fairseq_task import register_tasks
+        register_tasks()  # qswap's own tasks (speech_to_text_qswap, audio_finetuning_qswap)
+        if name not in tasks.TASK_REGISTRY:  # a record edited by hand, or a plugin not imported
+            raise DataError(f"{path}: records fairseq task {name!r}, which is not a registered fairseq task "
+                            f"(known: {', '.join(sorted(tasks.TASK_REGISTRY)[:8])}, ...); the file was edited "
+                            f"or needs a fairseq plugin (--user-dir): re-export or re-save it")
     try:
         return tasks.setup_task(cfg.task, from_checkpoint=True)
     except QswapError:

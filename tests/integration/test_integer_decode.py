@@ -86,3 +86,14 @@ def test_a_file_given_as_the_data_directory_of_an_export_is_named_a_file(tmp_pat
     with pytest.raises(DataError, match=r"config\.yaml is a file, not a data directory; pass --data DIR, the "
                                         r"directory with the config\.yaml, dictionary and TSV manifests"):
         exported_task(exported, ASSET / "config.yaml")
+
+
+def test_an_export_recording_an_unknown_task_says_so_not_that_data_is_wrong(tmp_path):
+    """A hand-edited task name in model.json was blamed on --data ('point it at the folder with
+    the task's config'); it is a task fairseq does not know."""
+    from types import SimpleNamespace
+
+    exported = SimpleNamespace(task={"_name": "no_such_task"}, decoding={"size": 5}, path=tmp_path)
+    with pytest.raises(DataError, match="records fairseq task 'no_such_task', which is not a registered fairseq "
+                                        "task .*edited or needs a fairseq plugin"):
+        exported_task(exported, ASSET)
