@@ -162,15 +162,24 @@ def evaluate_recipe(float_model, task, recipe, *, subset: str, calib_subset: str
     ``integer``: also integerize it, audit the integer model and decode it (``Row.integer``).
     ``progress(stage, n, total)``: n more batches calibrated or utterances decoded, of total;
     ``batches``: decode only the subset's first ``batches`` batches (all when None)."""
-    tick = _ticker(progress)
+    qmodel = prepare_recipe(float_model, task, recipe, calib_subset=calib_subset, calib_batches=calib_batches,
+                            max_sentences=max_sentences, progress=_ticker(progress)("calibrate", calib_batches))
+    row = score(qmodel, task, qmodel.qswap_recipe.name, subset=subset, beam=beam, max_sentences=max_sentences,
+                batches=batches, integer=integer, progress=progress)
+    return row, qmodel
+
+
+def prepare_recipe(float_model, task, recipe, *, calib_subset: str, calib_batches: int, max_sentences: int = 32,
+                   progress: Callable[[int], None] | None = None) -> torch.nn.Module:
+    """``float_model`` converted with ``recipe`` (its transforms fed the calibration batches where
+    they need statistics) and calibrated on ``calib_batches`` batches of ``calib_subset``: the model
+    a row of the comparison scores. ``progress(n)``: n more batches calibrated."""
     data = fdata.transform_data(recipe, task, calib_subset, calib_batches, max_sentences=max_sentences)
     qmodel = qswap.convert(float_model, recipe, data=data)
     if activation_quantizers(qmodel):
         qswap.calibrate(qmodel, fdata.net_inputs(task, calib_subset, calib_batches, max_sentences=max_sentences),
-                        progress=tick("calibrate", calib_batches))
-    row = score(qmodel, task, qmodel.qswap_recipe.name, subset=subset, beam=beam, max_sentences=max_sentences,
-                batches=batches, integer=integer, progress=progress)
-    return row, qmodel
+                        progress=progress)
+    return qmodel
 
 
 def row_cost(qmodel, sample: dict) -> tuple[float, float]:
