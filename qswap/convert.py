@@ -23,7 +23,7 @@ from torch import nn
 from qswap.errors import ConvertError, QswapWarning
 from qswap.integration.cost import parameter_bytes
 from qswap.nn.base import QuantConfig, QuantModule
-from qswap.nn.registry import REGISTRY, find, is_passthrough, known_class_names
+from qswap.nn.registry import REGISTRY, class_names, find, is_passthrough, known_class_names
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.recipe import Recipe, Rule, load_recipe
 from qswap.report import ConvertReport, ModuleEntry
@@ -242,21 +242,20 @@ def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: b
 
 def _class_names(model: nn.Module) -> set[str]:
     """The names and qualified names of the classes of ``model``'s modules."""
-    return {name for m in model.modules() for name in (type(m).__name__, f"{type(m).__module__}.{type(m).__qualname__}")}
+    return {name for m in model.modules() for name in class_names(type(m))}
 
 
 def _loaded_class_names() -> set[str]:
     """The names and qualified names of every ``nn.Module`` subclass defined so far (torch's,
     fairseq's, the user's): a rule may name one that another architecture has (wav2vec 2.0's
     ``ConvFeatureExtractionModel`` in a recipe also used for S2T models)."""
-    names, stack = set(), [nn.Module]
+    seen, stack = set(), [nn.Module]
     while stack:
-        cls = stack.pop()
-        for sub in cls.__subclasses__():
-            if sub.__name__ not in names or f"{sub.__module__}.{sub.__qualname__}" not in names:
-                names.update((sub.__name__, f"{sub.__module__}.{sub.__qualname__}"))
+        for sub in stack.pop().__subclasses__():
+            if sub not in seen:  # a class with two module-class bases is listed under both
+                seen.add(sub)
                 stack.append(sub)
-    return names
+    return {name for cls in seen for name in class_names(cls)}
 
 
 def _unknown_classes_text(unknown: list[str], known: set[str]) -> str:

@@ -85,8 +85,13 @@ def known_class_names() -> frozenset[str]:
     float model's modules, never a counterpart)."""
     names = set(PASSTHROUGH) | {name.rsplit(".", 1)[-1] for name in PASSTHROUGH}
     for cls in REGISTRY:
-        names.update((cls.__name__, _name(cls)))
+        names.update(class_names(cls))
     return frozenset(names)
+
+
+def class_names(cls: type) -> tuple[str, str]:
+    """The two names a recipe rule's ``class`` matches ``cls`` by: its name and its qualified name."""
+    return cls.__name__, _name(cls)
 
 
 def _same_definition(a: type, b: type) -> bool:
