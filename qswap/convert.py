@@ -22,7 +22,7 @@ from torch import nn
 
 from qswap.errors import ConvertError, QswapWarning
 from qswap.integration.cost import parameter_bytes
-from qswap.nn.base import QuantConfig, QuantModule
+from qswap.nn.base import QuantConfig, QuantModule, param_quantizer, param_quantizer_path
 from qswap.nn.registry import REGISTRY, class_names, find, is_passthrough, known_class_names
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.recipe import Recipe, Rule, load_recipe
@@ -99,7 +99,6 @@ def _check_weight_grids(built: list[tuple[str, nn.Module]]) -> None:
     counts them; a quantizer that reads several (a weight-normed convolution's ``weight_g`` and
     ``weight_v``) reads a weight the shape of the largest (``weight_v``), checked alone."""
     from qswap.errors import SpecError
-    from qswap.nn.base import param_quantizer
     from qswap.quant.primitives import channel_axis, groups_view
 
     named = ((".".join(p for p in (root, sub) if p), module) for root, new in built
@@ -493,14 +492,15 @@ def _restore_modes(root: nn.Module, counterpart_modes: dict[int, bool], modes: d
 def _share_tied_quantizers(new: nn.Module, path: str, shared: dict, report: ConvertReport) -> None:
     """A parameter shared by two modules (tied embedding / output projection) gets one quantizer."""
     for pname, param in new.named_parameters(recurse=False):
-        quant = getattr(new, f"{pname}_quant", None)
+        quant = param_quantizer(new, pname)
         if not isinstance(quant, FakeQuantize):
             continue
         if id(param) not in shared:
             shared[id(param)] = (quant, path)
             continue
         first, owner = shared[id(param)]
-        setattr(new, f"{pname}_quant", first)
+        parent, _, leaf = param_quantizer_path(new, pname).rpartition(".")
+        setattr(new.get_submodule(parent) if parent else new, leaf, first)
         note = f"{path}.{pname} is tied to {owner}.{pname}: one quantizer ({first.spec.short()})"
         if first.spec != quant.spec:
             note += f"; this module's rule asked for {quant.spec.short()}, the first one wins"

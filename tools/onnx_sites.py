@@ -61,18 +61,23 @@ class SiteTable:
         return "\n".join(lines)
 
 
-def graph_sites(graph_path) -> list[tuple[str, str, str]]:
+def graph_sites(graph_path, prefix: str = "") -> list[tuple[str, str, str]]:
     """(site, codes value name, zero point name) of every activation QuantizeLinear (one read by a
     DequantizeLinear, by the Flatten before a linear layer's: ``graph_passes.linear_as_gemm``, or
-    by the Concat of a cache's codes: ``graph_passes.code_caches``), in node order; ``site`` is the
-    qswap module path in the node's name. A grid with fewer codes than uint8's (4-bit) has its
+    by the Concat of a cache's codes: ``graph_passes.code_caches``), in node order. ``site`` is the
+    quantized model's module path of the node, as the deploy audit names it: from the graph's
+    recorded site map (``qswap.export.sites``), or for a graph written without one, the path its
+    node name spells after ``prefix``. A grid with fewer codes than uint8's (4-bit) has its
     codes clipped to the grid's after the QuantizeLinear (``qswap.export.qdq``): the site's codes
     are the Clip's output."""
     import onnx
 
     from qswap.export.onnx_audit import site_of
+    from qswap.export.sites import from_metadata, site_in
 
-    graph = onnx.load(str(graph_path)).graph
+    model = onnx.load(str(graph_path))
+    graph = model.graph
+    recorded = from_metadata({p.key: p.value for p in model.metadata_props})
     readers = {name for node in graph.node if node.op_type == "DequantizeLinear" for name in node.input[:1]}
     readers |= {node.input[0] for node in graph.node if node.op_type == "Flatten" and node.output[0] in readers}
     readers |= {name for node in graph.node if node.op_type == "Concat" and node.output[0] in readers
@@ -82,7 +87,8 @@ def graph_sites(graph_path) -> list[tuple[str, str, str]]:
     for n in graph.node:
         codes = clipped.get(n.output[0], n.output[0]) if n.op_type == "QuantizeLinear" else None
         if codes is not None and codes in readers and len(n.input) > 2:
-            sites.append((site_of(n.name), codes, n.input[2]))
+            site = site_of(n.name, prefix) if recorded is None else site_in(n.name, recorded)
+            sites.append((site, codes, n.input[2]))
     return sites
 
 
@@ -98,7 +104,7 @@ class GraphCodes:
 
         model = onnx.load(str(graph_path))
         self.outputs = [o.name for o in model.graph.output]
-        self.sites = [(prefix + site, codes, zero) for site, codes, zero in graph_sites(graph_path)]
+        self.sites = graph_sites(graph_path, prefix)
         for _, codes, _ in self.sites:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(codes))
         initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

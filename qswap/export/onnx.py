@@ -98,7 +98,8 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
     the module it came from (``qswap.export.sites``; the deploy audit's sites)."""
     from qswap.export.sites import METADATA_KEY, ScopeRecorder, site_map, to_metadata
 
-    stand_ins = swap_in_stand_ins(graph)
+    stand_ins = swap_in_stand_ins(graph, *(() if sites is None else (sites[0],)))  # the same stand-ins at
+    # the quantized model's paths: the site map finds each traced module there
     with torch.no_grad(), warnings.catch_warnings():
         # the Python booleans the trace fixes (beam size 1, the position table's size) are
         # constant for one graph: the tracer's warnings about them say nothing to act on

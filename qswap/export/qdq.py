@@ -248,14 +248,18 @@ def activation_problem(source: FakeQuantize, site: str) -> str | None:
     return None
 
 
-def swap_in_stand_ins(model: nn.Module) -> list[nn.Module]:
+def swap_in_stand_ins(model: nn.Module, *beside: nn.Module) -> list[nn.Module]:
     """Replace every FakeQuantize and BiasQuantize of ``model`` (in place: pass a copy) by its
-    stand-in; a quantizer shared by several parents gets one stand-in. Returns the stand-ins."""
+    stand-in; a quantizer shared by several parents gets one stand-in. ``beside``: trees holding
+    some of the same quantizers at other paths (the quantized model a traced wrapper reads its
+    modules from): their parents get the same stand-ins, and their other quantizers stand-ins
+    too. Returns the stand-ins."""
     found: list[tuple[nn.Module, str, nn.Module, str]] = []
-    for parent_name, parent in model.named_modules():
-        for name, child in parent.named_children():
-            if isinstance(child, (FakeQuantize, BiasQuantize)):
-                found.append((parent, name, child, f"{parent_name}.{name}".lstrip(".")))
+    for root in (model, *beside):
+        for parent_name, parent in root.named_modules():
+            for name, child in parent.named_children():
+                if isinstance(child, (FakeQuantize, BiasQuantize)):
+                    found.append((parent, name, child, f"{parent_name}.{name}".lstrip(".")))
     made: dict[int, nn.Module] = {}
     for parent, name, child, site in found:  # walk, collect, then replace
         if id(child) not in made:

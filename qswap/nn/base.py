@@ -136,10 +136,17 @@ def told(module: nn.Module, x: torch.Tensor, reader: nn.Module | None, **kwargs)
     return module(x, out_quant=reader, **kwargs)
 
 
+def param_quantizer_path(module: nn.Module, pname: str) -> str | None:
+    """The dotted path, under ``module``, of the quantizer of its own parameter ``pname``: the
+    class's ``param_quantizers`` entry, else ``{pname}_quant`` (see ``QuantModule``); None for a
+    parameter inference never reads."""
+    declared = getattr(type(module), "param_quantizers", {})
+    return declared[pname] if pname in declared else f"{pname}_quant"
+
+
 def param_quantizer(module: nn.Module, pname: str) -> nn.Module | None:
     """The quantizer of ``module``'s own parameter ``pname`` (see ``QuantModule``), or None."""
-    declared = getattr(type(module), "param_quantizers", {})
-    path = declared[pname] if pname in declared else f"{pname}_quant"
+    path = param_quantizer_path(module, pname)
     if path is None:
         return None
     try:

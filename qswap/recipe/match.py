@@ -9,6 +9,7 @@ import regex
 from torch import nn
 
 from qswap.errors import RecipeError
+from qswap.nn.registry import class_names
 
 MAX_PATTERN_LENGTH = 500
 # Nested quantifiers are refused below, but overlapping alternatives such as (.|\w)*\d{3} also
@@ -88,5 +89,4 @@ class Match:
 
 
 def _class_matches(module: nn.Module, names: tuple[str, ...]) -> bool:
-    cls = type(module)
-    return cls.__name__ in names or f"{cls.__module__}.{cls.__qualname__}" in names
+    return any(name in names for name in class_names(type(module)))

@@ -130,3 +130,20 @@ def test_a_graph_without_the_map_audits_with_the_prefix_read_from_node_names(qmo
     with_map, without = audit_onnx(path, site_prefix="encoder."), audit_onnx(old, site_prefix="encoder.")
     assert [n.site for n in without.float_nodes] == [n.site for n in with_map.float_nodes]
     assert "encoder.transformer_layers.0.self_attn.core" in {n.site for n in without.float_nodes}
+
+
+def test_every_quantizer_of_a_step_graph_has_its_site_the_wrappers_own_calls_too(tmp_path):
+    """The step wrapper calls the model's ``logits_quant`` as its own attribute: the stand-in the
+    trace sees is at the model's path too, so the map names it (it named no site: the model still
+    held the quantizer the stand-in replaced)."""
+    from qswap.models import build_s2t_transformer
+    from export_testkit import exported_step
+
+    torch.set_num_threads(1)
+    qmodel = calibrated(build_s2t_transformer())
+    _, path = exported_step(qmodel, tmp_path, 2)
+    sites = _sites(path)
+    modules = dict(qmodel.named_modules())
+    assert sites.get("logits_quant") == "logits_quant" and set(sites.values()) <= set(modules)
+    quantizers = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "QuantizeLinear"]
+    assert quantizers and [n for n in quantizers if site_in(n, sites) not in modules] == []
