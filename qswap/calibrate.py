@@ -142,16 +142,18 @@ def observing(quantizers: list[FakeQuantize], observe: str) -> Iterator[None]:
             q.grid_from_observer()  # also after a failed batch: grid and range in step, as when quantized
 
 
-def _run_batch(run: Callable[[nn.Module, Any], Any], model: nn.Module, batch: Any, index: int) -> None:
-    """Run one batch; a model that cannot take it is the caller's input error, said in one line."""
+def _run_batch(run: Callable[[nn.Module, Any], Any], model: nn.Module, batch: Any, index: int,
+               error: type[QswapError] = CalibrationError, who: str = "") -> None:
+    """Run one batch; a model that cannot take it is the caller's input error (``error``, its
+    message after ``who``), said in one line."""
     try:
         run(model, batch)
     except QswapError:
         raise
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise CalibrationError(f"calibration batch {index}: the model raised {type(exc).__name__}: "
-                               f"{reason}; check that the batches are what the model takes") from exc
+        raise error(f"{who}calibration batch {index}: the model raised {type(exc).__name__}: "
+                    f"{reason}; check that the batches are what the model takes") from exc
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -189,13 +191,15 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = id(m) in keep
 
 
-def run_observed(model: nn.Module, batches: Iterable[Any], handles: list) -> None:
+def run_observed(model: nn.Module, batches: Iterable[Any], handles: list,
+                 error: type[QswapError] = CalibrationError, who: str = "") -> None:
     """Run ``batches`` as calibration runs them (eval mode, no grad), then remove ``handles``
-    (the hooks that observed the run) and restore each module's training flag."""
+    (the hooks that observed the run) and restore each module's training flag. A batch the model
+    cannot take raises ``error`` (its message after ``who``: the step that ran the batches)."""
     try:
         with eval_mode(model), torch.no_grad():
-            for batch in batches:
-                _default_forward(model, batch)
+            for index, batch in enumerate(batches):
+                _run_batch(_default_forward, model, batch, index, error, who)
     finally:
         for h in handles:
             h.remove()

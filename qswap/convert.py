@@ -54,6 +54,10 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
     """
     if not isinstance(model, nn.Module):
         raise ConvertError(f"convert() takes a torch.nn.Module, got {type(model).__name__}")
+    for name, flag, allowed in (("inplace", inplace, (bool,)), ("strict", strict, (bool, type(None)))):
+        if not isinstance(flag, allowed):  # a truthy string ("no", read from a config) had converted in place
+            raise ConvertError(f"convert()'s {name} takes True or False{' (or None: the recipe says)' if name == 'strict' else ''}, "
+                               f"got {flag!r}")
     recipe = load_recipe(recipe)
     _register_fairseq_counterparts()
     strict = recipe.strict if strict is None else strict

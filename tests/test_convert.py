@@ -38,6 +38,13 @@ def test_caller_model_is_untouched_unless_inplace():
     assert dict(model.named_children()) == children
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(isinstance(m, FakeQuantize) for m in model.modules())
+    for flag in ("no", 0, None):  # a string from a config ("no" is truthy) had converted in place
+        with pytest.raises(ConvertError, match="inplace takes True or False"):
+            qswap.convert(model, "w8a8", inplace=flag)
+    with pytest.raises(ConvertError, match="strict takes True or False"):
+        qswap.convert(model, "w8a8", strict="yes")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, FakeQuantize) for m in model.modules())
     inplace = qswap.convert(model, "w8a8", inplace=True)
     assert inplace is model and isinstance(model.proj, QLinear)
 

@@ -7,9 +7,12 @@ Exit codes: 0 success, 1 a negative verdict (audit found float ops), 2 usage or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 SUBCOMMANDS = {
     "convert": "qswap.cli.convert_cmd",
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return EXIT_USAGE
-    with held_back(args.verbose) as seen:
+    with held_back(args.verbose) as seen, _terminate_as_interrupt():
         code = _run(args)
     for line in summary(seen):
         print(line, file=sys.stderr)
@@ -160,6 +163,31 @@ def _same_file(a: str, b: str) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's or ``kill``'s stop), raised where the command runs, as Ctrl-C's
+    KeyboardInterrupt is: every write's clean-up runs (an export takes its staged graphs and the
+    folder it made away again; an atomic write its temporary file), which the default action, an
+    exit with no Python code run, skipped."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM raises ``Terminated`` inside the block (main thread only: Python runs handlers there);
+    the previous handler afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run(args: argparse.Namespace) -> int:
     from qswap.errors import QswapError
 
@@ -171,6 +199,9 @@ def _run(args: argparse.Namespace) -> int:
             raise
         print(f"qswap {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Terminated:
+        print(f"qswap {args.command}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"qswap {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -20,6 +20,7 @@ node computes in float, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 from qswap.cli import EXIT_OK, EXIT_VERDICT
 from qswap.cli.args import at_least
@@ -100,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
                 ["ranges computed at run time (uncalibrated activation quantizers: run qswap calibrate)"]
                 if report.undeclared_dynamic else [])
             console().print(f"--strict: NOT STRICTLY HONEST: {' and '.join(why)}; --strict allows neither")
-    _write(args.json, report.to_json())
-    _write(args.markdown, report.to_markdown())
+    _write(args.json, report.to_json)
+    _write(args.markdown, report.to_markdown)
     return EXIT_OK if honest else EXIT_VERDICT
 
 
@@ -117,8 +118,8 @@ def _run_onnx(args: argparse.Namespace) -> int:
     audit = audit_export(args.checkpoint, level=args.optimization, save_optimized=optimized)
     print_deploy_audit(console(), audit, max_rows=args.max_rows)
     console().print(f"optimized graphs saved in {optimized}")
-    _write(args.json, audit.to_json())
-    _write(args.markdown, audit.to_markdown())
+    _write(args.json, audit.to_json)
+    _write(args.markdown, audit.to_markdown)
     return EXIT_OK if audit.integer_only else EXIT_VERDICT
 
 
@@ -163,7 +164,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise AuditError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-def _write(path: str | None, text: str) -> None:
+def _write(path: str | None, render: Callable[[], str]) -> None:
+    """``render()`` written to ``path`` (rendered only when asked for)."""
     if path:
         from qswap.io.atomic import atomic_write_text
-        atomic_write_text(path, text)  # OutputError when it cannot be written
+        atomic_write_text(path, render())  # OutputError when it cannot be written

@@ -86,19 +86,28 @@ class ConformerEncoderGraph(nn.Module):
         return x, padding
 
 
-def encoder_graph(encoder: nn.Module) -> nn.Module:
-    """The graph of a converted S2T encoder (pass a copy: a rope encoder's table cache is filled);
-    ExportError for an encoder the export does not cover, naming what to do."""
+def check_encoder(encoder: "nn.Module | None") -> None:
+    """ExportError for an encoder the export does not cover (None: the model has none), naming
+    what to do; the check ``encoder_graph`` makes, for a caller that reads the encoder first."""
     from qswap.nn.fairseq.models import QS2TConformerEncoder, QS2TTransformerEncoder
     from qswap.nn.fairseq.subsample import QConv1dSubsampler
 
     if not isinstance(encoder, (QS2TTransformerEncoder, QS2TConformerEncoder)):
-        raise ExportError(f"exporting a {type(encoder).__name__} encoder is not supported yet; the ONNX "
-                          f"export covers qswap's conversions of fairseq's S2TTransformerEncoder and "
-                          f"S2TConformerEncoder (convert the model with qswap.convert first)")
+        what = "a model without an encoder" if encoder is None else f"a {type(encoder).__name__} encoder"
+        raise ExportError(f"exporting {what} is not supported yet; the ONNX export covers qswap's conversions "
+                          f"of fairseq's S2TTransformerEncoder and S2TConformerEncoder models and wav2vec 2.0 CTC "
+                          f"(convert the model with qswap.convert first)")
     if not isinstance(encoder.subsample, QConv1dSubsampler):
         raise ExportError(f"exporting an encoder with a {type(encoder.subsample).__name__} subsampler is not "
                           f"supported; the export covers conv_version s2t_transformer (Conv1dSubsampler)")
+
+
+def encoder_graph(encoder: nn.Module) -> nn.Module:
+    """The graph of a converted S2T encoder (pass a copy: a rope encoder's table cache is filled);
+    ExportError for an encoder the export does not cover, naming what to do (``check_encoder``)."""
+    from qswap.nn.fairseq.models import QS2TTransformerEncoder
+
+    check_encoder(encoder)
     if isinstance(encoder, QS2TTransformerEncoder):
         return EncoderGraph(encoder)
     return ConformerEncoderGraph(encoder)

@@ -330,17 +330,29 @@ def audit_export(directory: "str | os.PathLike[str]", *, level: str = "all",
     write each optimized graph into (``<graph>.<level>.onnx``)."""
     from qswap.export.package import SITE_PREFIX, graph_paths, read_manifest
 
+    import tempfile
+
     manifest = read_manifest(directory)
-    paths = graph_paths(directory, manifest)  # a directory that mixes exports is refused before anything is made
-    out = None
-    if save_optimized is not None:
-        out = Path(save_optimized)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            from qswap.errors import OutputError
-            raise OutputError(f"cannot create {out} for the optimized graphs: {e.strerror}") from e
-    graphs = [audit_onnx(path, level=level, site_prefix=SITE_PREFIX[name], claims_honest=manifest.claims_honest,
-                         save_optimized=None if out is None else out / f"{name}.{level}.onnx")
-              for name, path in paths.items()]
+    paths = graph_paths(directory, manifest)  # a missing graph, or a directory that mixes exports, is
+    # refused before anything is made
+    with tempfile.TemporaryDirectory(prefix="qswap-optimized-") as staging:
+        graphs = [audit_onnx(path, level=level, site_prefix=SITE_PREFIX[name], claims_honest=manifest.claims_honest,
+                             save_optimized=None if save_optimized is None else Path(staging) / f"{name}.{level}.onnx")
+                  for name, path in paths.items()]
+        if save_optimized is not None:  # every graph audited: only now the folder and its files
+            _publish(Path(staging), Path(save_optimized))
     return DeployAudit(str(directory), manifest.recipe, manifest.claims_honest, graphs)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Copy every optimized graph of ``staging`` into ``out`` (made where missing), each replacing
+    its file atomically; OutputError where the folder cannot be made or written."""
+    from qswap.errors import OutputError
+    from qswap.io.atomic import atomic_write_bytes
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out} for the optimized graphs: {e.strerror}") from e
+    for graph in sorted(staging.iterdir()):
+        atomic_write_bytes(out / graph.name, graph.read_bytes())  # OutputError when it cannot be written

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,11 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
         raise
 
 
+# what a stopped export leaves (killed before its clean-up ran): a staged graph, ``.encoder.onnx.partial``,
+# or an atomic write's temporary file (qswap.io.atomic), ``.model.json.1f2e3d4c.tmp``
+_LEFTOVER = re.compile(r"\.[\w.-]+\.onnx\.partial|\.[\w.-]+\.[0-9a-f]{8}\.tmp")
+
+
 def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -> None:
     """OutputError unless ``directory`` may take an export (``onnx``: ONNX graphs, else the integer
     model): missing, empty, or a qswap export of that kind (its ``export.json`` / ``model.json``
@@ -163,7 +169,12 @@ def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -
     from qswap.export.integer_format import FORMAT as INTEGER_FORMAT, JSON_FILE
 
     out = Path(directory)
-    if not out.is_dir() or next(out.iterdir(), None) is None:
+    if not out.is_dir():
+        return
+    leftovers = [p for p in out.iterdir() if _LEFTOVER.fullmatch(p.name) and p.is_file()]
+    if len(leftovers) == sum(1 for _ in out.iterdir()):  # empty, or what a stopped export of qswap's left
+        for path in leftovers:
+            path.unlink()
         return
     holds_onnx = isinstance(_json_object(out / MANIFEST).get("graphs"), dict)
     holds_integer = _json_object(out / JSON_FILE).get("format") == INTEGER_FORMAT
@@ -174,6 +185,8 @@ def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -
         raise OutputError(f"{out} holds an ONNX export (export.json); one directory holds one export: "
                           f"write the integer model into another directory (or remove that one first)")
     if holds_onnx if onnx else holds_integer:
+        for path in leftovers:  # the files of an export of qswap's that was stopped over this one
+            path.unlink()
         return
     what = "an ONNX export (an export.json qswap wrote)" if onnx else "an integer model export (a model.json qswap wrote)"
     raise OutputError(f"{out} is a folder with other files, not {what}; an export writes into a new or empty "
@@ -280,7 +293,9 @@ def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
         manifest = Manifest(**payload)
     except TypeError as e:
         raise ExportError(f"{path}: malformed manifest ({e}); re-export the directory") from None
-    fields = ((isinstance(manifest.graphs, dict) and all(isinstance(k, str) and isinstance(v, str)
+    fields = ((isinstance(manifest.recipe, str), "recipe"),
+              (manifest.claims_honest is None or isinstance(manifest.claims_honest, bool), "claims_honest"),
+              (isinstance(manifest.graphs, dict) and all(isinstance(k, str) and isinstance(v, str)
                                                           for k, v in manifest.graphs.items()), "graphs"),
               (isinstance(manifest.task, dict), "task"), (isinstance(manifest.dictionary, dict), "dictionary"),
               (_count(manifest.decoder_layers), "decoder_layers"),
@@ -310,10 +325,15 @@ def _count(value: Any) -> bool:
 
 
 def graph_paths(directory: "str | os.PathLike[str]", manifest: Manifest) -> dict[str, Path]:
-    """Each graph's file in the export directory, checked against its digest in the manifest (a
-    missing file is an error when it is loaded): ExportError for a graph that is not the one the
-    manifest describes."""
+    """Each graph's file in the export directory, checked against its digest in the manifest:
+    ExportError for a graph that is missing or not the one the manifest describes, before any of
+    them is loaded (a command that writes per graph, the deploy audit's optimized graphs, writes
+    nothing then)."""
     paths = {name: Path(directory) / manifest.graphs[name] for name in KIND_GRAPHS[manifest.kind]}
+    for name, path in paths.items():
+        if not path.is_file():
+            raise ExportError(f"{path}: no ONNX graph there (the {name} graph {MANIFEST} names); the export is "
+                              f"incomplete: re-export the directory with 'qswap export QCKPT --onnx -o {directory}'")
     for name, path in paths.items():
         if path.is_file() and graph_digest(path) != manifest.digests[name]:
             raise ExportError(f"{path}: not the {name} graph {MANIFEST} describes (its SHA-256 differs): the "
@@ -323,9 +343,12 @@ def graph_paths(directory: "str | os.PathLike[str]", manifest: Manifest) -> dict
 
 
 def example_input(model) -> dict:
-    """A padded two-utterance batch of the features the model's encoder reads."""
+    """A padded two-utterance batch of the features the model's encoder reads; ExportError for an
+    encoder the export does not cover (``check_encoder``)."""
+    from qswap.export.encoders import check_encoder
     from qswap.models import s2t_net_input
 
+    check_encoder(getattr(model, "encoder", None))
     conv = model.encoder.subsample.conv_layers[0]
     return s2t_net_input(2, EXAMPLE_FRAMES, conv.weight.shape[1] * conv.groups,
                          vocab=len(model.decoder.dictionary))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qswap.honesty.paths import check_inputs, run_paths
+from qswap.recipe.schema import float_ok_problem
 from qswap.honesty.report import TOTAL_KEYS, HonestyReport
 from qswap.honesty.threads import watch_threads
 from qswap.honesty.tracker import Tracker
@@ -49,14 +50,21 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
     """
     with torch.inference_mode(False):  # a caller's inference mode: its tensors carry no version counter
         inputs = _normal(inputs)
+        if not isinstance(decode_steps, int) or isinstance(decode_steps, bool) or decode_steps < 0:
+            raise AuditError(f"decode_steps is a number of incremental decoding steps (an int, 0 or more), "
+                             f"got {decode_steps!r}")
+        if not isinstance(model, nn.Module):
+            raise AuditError(f"audit() takes a torch.nn.Module, got {type(model).__name__}")
+        check_inputs(inputs, model)
         if integer:
             if float_ok or values:
                 raise AuditError("float_ok and values apply to the honesty audit, not to integer=True")
             from qswap.honesty.integer import audit_integer
             return audit_integer(model, inputs, decode_steps=decode_steps)
-        if not isinstance(model, nn.Module):
-            raise AuditError(f"audit() takes a torch.nn.Module, got {type(model).__name__}")
-        check_inputs(inputs)
+        problem = None if float_ok is None else float_ok_problem(float_ok)
+        if problem is not None:
+            key, message = problem
+            raise AuditError(f"float_ok{'' if key is None else f' entry {key!r}'}: {message}")
         declared = {**getattr(getattr(model, "qswap_report", None), "float_ok", {}), **(float_ok or {})}
         with _collector_paused():  # the tracker and its tags die inside, before a collection sees them
             return _audited(model, inputs, Tracker(declared, _values_bits(model) if values else None),

@@ -38,13 +38,33 @@ def model_kind(model: nn.Module, inputs: Any) -> str:
     return PLAIN
 
 
-def check_inputs(inputs: Any) -> None:
+def check_inputs(inputs: Any, model: nn.Module | None = None) -> None:
+    """An AuditError for inputs the audit cannot judge the model on: not a net_input dict, a tuple
+    or a tensor; a float input holding NaN or inf (the audit would blame the first quantizer it
+    reaches, off its grid); a float input of another dtype than ``model``'s float parameters (a
+    quantized model runs on float64 features that its float model refuses, and every op then
+    reads off-grid values)."""
     if isinstance(inputs, Mapping):
         if not all(isinstance(k, str) for k in inputs):
             raise AuditError("a net_input dict must have string keys (argument names)")
-    elif not isinstance(inputs, (tuple, list, torch.Tensor)):
+        named = list(inputs.items())
+    elif isinstance(inputs, (tuple, list)):
+        named = [(f"argument {i}", v) for i, v in enumerate(inputs)]
+    elif isinstance(inputs, torch.Tensor):
+        named = [("input", inputs)]
+    else:
         raise AuditError(f"inputs must be a fairseq net_input dict, a tuple of arguments or a "
                          f"tensor; got {type(inputs).__name__}")
+    dtype = None if model is None else next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    for name, value in named:
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+            continue
+        if not bool(torch.isfinite(value).all()):
+            raise AuditError(f"input {name!r} holds NaN or inf values; audit the model on finite inputs "
+                             f"(check the features)")
+        if dtype is not None and value.dtype != dtype:
+            raise AuditError(f"input {name!r} is {value.dtype}, the model's parameters are {dtype}; "
+                             f"pass inputs of the model's dtype (e.g. x.to({dtype}))")
 
 
 class _NoTracker:

@@ -16,7 +16,7 @@ from qswap.nn.base import QuantConfig, SiteSpecs
 from qswap.nn.simulate import SIMULATIONS
 from qswap.quant.spec import WEIGHT_LSQ, QuantSpec
 from qswap.recipe.match import Match, PatternError
-from qswap.recipe.schema import OBSERVE, SCHEMA_VERSION, Recipe, Rule
+from qswap.recipe.schema import OBSERVE, SCHEMA_VERSION, Recipe, Rule, float_ok_problem
 from qswap.recipe.yaml_lines import LineDict, load as load_yaml
 from qswap.transforms import Step, make_step
 
@@ -253,12 +253,10 @@ class _Ctx:
 
     def float_ok(self, node: Mapping) -> dict[str, str]:
         value = node.get("float_ok") or {}
-        if not isinstance(value, Mapping):
-            raise self.error(node, "float_ok", f"must map an op or module to its reason, got {_tname(value)}")
-        for k, reason in value.items():
-            if not isinstance(k, str) or not isinstance(reason, str) or not reason.strip():
-                raise self.error(value, str(k), "each float_ok entry needs a string key and a "
-                                 "non-empty reason")
+        problem = float_ok_problem(value)
+        if problem is not None:
+            key, message = problem
+            raise self.error(node, "float_ok", message) if key is None else self.error(value, key, message)
         return dict(value)
 
     def rule(self, raw: Any, index: int, w_default: "dict | None", a_default: "dict | None",

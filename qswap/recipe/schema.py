@@ -68,6 +68,19 @@ class Recipe:
         return {**_plain(self.raw), "version": self.version, "name": self.name}
 
 
+def float_ok_problem(value: Any) -> "tuple[str | None, str] | None":
+    """What makes ``value`` no float_ok mapping (an op or module name -> the reason it may stay
+    float): (the entry at fault, None for the value itself; the message), or None where it is one.
+    The recipe loader and ``qswap.audit(float_ok=...)`` hold declared exceptions to this rule."""
+    if not isinstance(value, Mapping):
+        kind = "null" if value is None else type(value).__name__
+        return None, f"must map an op or module to its reason, got {kind}"
+    for key, reason in value.items():
+        if not isinstance(key, str) or not isinstance(reason, str) or not reason.strip():
+            return str(key), "each float_ok entry needs a string key and a non-empty reason"
+    return None
+
+
 def same_recipe(a: Recipe, b: Recipe) -> bool:
     """Recipe equality as qswap checks it (a checkpoint's stored recipe against the one asked for):
     the same plain data (``to_dict``: what each was loaded from, name and version), not the same file

@@ -41,10 +41,15 @@ def channel_maxima(model: nn.Module, data: list, modules: list[nn.Module], outpu
         return hook
 
     run_observed(model, data, [m.register_forward_hook(observe(i)) if outputs[i] else m.register_forward_pre_hook(observe(i))
-                               for i, m in enumerate(modules)])
+                               for i, m in enumerate(modules)], ConvertError, "smoothquant: ")
     if any(m is None for m in maxima):
         raise ConvertError("smoothquant: the calibration batches never reached some layers; "
                            "pass batches the model runs on")
+    bad = sum(1 for m in maxima if not bool(torch.isfinite(m).all()))
+    if bad:  # before any weight is touched: a NaN factor would be folded into every weight it scales
+        raise ConvertError(f"smoothquant: the data passed to convert gave NaN or inf activations at {bad} of the "
+                           f"{len(maxima)} observed layers; check the calibration batches' input features for NaN "
+                           f"or inf values (the model is not changed)")
     return maxima
 
 

@@ -130,6 +130,15 @@ def test_a_conv2d_subsampler_is_a_typed_error(tmp_path):
     with pytest.raises(ExportError, match="Conv2dSubsampler subsampler is not supported"):
         export_encoder(qmodel, tmp_path / "e.onnx", s2t_net_input())
     assert not (tmp_path / "e.onnx").exists()
+    # the whole export ('qswap export --onnx'), which reads the subsampler for its example input
+    # first (an AttributeError there)
+    with pytest.raises(ExportError, match="Conv2dSubsampler subsampler is not supported"):
+        export_model(qmodel, tmp_path / "new" / "deploy", audit=False)
+    assert not (tmp_path / "new").exists()
+    unconverted = calibrated(build_s2t_conformer())
+    unconverted.encoder = build_s2t_conformer().encoder  # fairseq's own encoder, never converted
+    with pytest.raises(ExportError, match="S2TConformerEncoder encoder is not supported yet"):
+        export_model(unconverted, tmp_path / "deploy", audit=False)
 
 
 def test_an_input_longer_than_the_rotary_table_is_a_typed_error(tmp_path):

@@ -144,6 +144,28 @@ def test_audit_onnx_lists_float_nodes_and_says_the_honest_claim_deploys_float(ex
     onnx.load(str(tmp_path / "opt" / "encoder.all.onnx"))  # a complete graph
 
 
+def test_audit_onnx_of_an_incomplete_export_writes_no_optimized_graph(export_dir, tmp_path, capsys):
+    """A graph missing: refused before any optimized graph is written (the folder and the graphs
+    before the missing one were left), the manifest names it; claims_honest not a verdict: refused
+    (a KeyError rendering the Markdown no one asked for)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    (copy / "decoder_step.onnx").unlink()
+    assert main(["audit", str(copy), "--onnx"]) == 2
+    assert "decoder_step.onnx: no ONNX graph there (the decoder_step graph export.json names)" in capsys.readouterr().err
+    assert not (copy / "optimized").exists()
+    assert main(["audit", str(copy), "--onnx", "--optimized-dir", str(tmp_path / "new" / "opt")]) == 2
+    assert not (tmp_path / "new").exists()
+    shutil.copy(export_dir / "decoder_step.onnx", copy / "decoder_step.onnx")
+    manifest = json.loads((copy / "export.json").read_text())
+    (copy / "export.json").write_text(json.dumps({**manifest, "claims_honest": "yes"}))
+    assert main(["audit", str(copy), "--onnx"]) == 2
+    assert "malformed manifest (claims_honest is 'yes')" in capsys.readouterr().err
+    assert not (copy / "optimized").exists()
+
+
 def test_audit_onnx_rejects_fake_quant_options(export_dir, capsys):
     assert main(["audit", str(export_dir), "--onnx", "--recipe", "w8a8", "--values"]) == 2
     assert "--recipe, --values" in capsys.readouterr().err
@@ -155,3 +177,53 @@ def test_an_empty_output_path_is_a_usage_error(tmp_path, capsys, monkeypatch):
     assert main(["export", str(tmp_path / "absent.pt"), "--onnx", "-o", ""]) == 2
     assert "--output is empty" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_an_export_stopped_by_sigterm_leaves_nothing_and_its_leftovers_do_not_block_the_next(
+        checkpoints, tmp_path, capsys, monkeypatch):
+    """SIGTERM ended the process with no Python code run: the staged encoder graph stayed in the
+    folder the export made, and the same command was then refused (a folder of other files)."""
+    import os
+    import signal
+    import time
+
+    import qswap.export.decoder_step as decoder_step
+
+    root, _ = checkpoints
+    out = tmp_path / "new" / "deploy"
+
+    def killed(*args, **kwargs):  # the encoder and cross_kv graphs staged: a scheduler stops the job
+        assert (out / ".encoder.onnx.partial").is_file()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this returns
+        raise AssertionError("SIGTERM did not stop the export")
+
+    def guard(signum, frame):  # SIGTERM outside qswap's handler fails the test (and spares pytest)
+        raise AssertionError("SIGTERM reached the test's own handler: the command installed none")
+
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(decoder_step, "export_decoder_step", killed)
+            code = main(["export", str(root / "w8a8.pt"), "--onnx", "-o", str(out), "--data", str(ASSET)])
+        assert signal.getsignal(signal.SIGTERM) is guard  # qswap's handler only while a command runs
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and "terminated (SIGTERM)" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # the folders it made, and the staged graphs, taken away
+    # a process killed outright (SIGKILL) leaves its staged files: qswap's own, which the next export clears
+    out.mkdir(parents=True)
+    (out / ".encoder.onnx.partial").write_bytes(b"half")
+    (out / ".export.json.1f2e3d4c.tmp").write_text("{")
+    assert main(["export", str(root / "w8a8.pt"), "--onnx", "-o", str(out), "--data", str(ASSET)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cross_kv.onnx", "decoder_step.onnx", "encoder.onnx",
+                                                     "export.json"]
+    (out / ".decoder_step.onnx.partial").write_bytes(b"half")  # over an export: cleared too
+    assert main(["export", str(root / "w8a8.pt"), "--onnx", "-o", str(out), "--data", str(ASSET)]) == 0
+    assert not (out / ".decoder_step.onnx.partial").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")  # a file qswap did not write still refuses the folder
+    (other / ".encoder.onnx.partial").write_bytes(b"half")
+    assert main(["export", str(root / "w8a8.pt"), "--onnx", "-o", str(other), "--data", str(ASSET)]) == 2
+    assert sorted(p.name for p in other.iterdir()) == [".encoder.onnx.partial", "notes.txt"]

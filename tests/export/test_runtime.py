@@ -140,7 +140,7 @@ def test_damaged_export_directory_is_a_typed_error(shipped_float, tmp_path, dama
 
 @pytest.mark.parametrize("field, value", [("graphs", ["encoder.onnx"]), ("decoder_layers", "3"), ("task", ["x"]),
                                           ("max_target_positions", None), ("max_target_positions", 0),
-                                          ("dictionary", "d")])
+                                          ("dictionary", "d"), ("claims_honest", "yes"), ("recipe", 3)])
 def test_a_manifest_field_of_the_wrong_type_is_a_typed_error(shipped_float, tmp_path, field, value):
     _, task, out = shipped_float
     copy = tmp_path / "copy"

@@ -303,6 +303,31 @@ def test_report_formats_and_bad_inputs():
         qswap.audit(Residual(), (torch.randn(3, 5),))
 
 
+def test_inputs_and_options_the_audit_cannot_judge_by_are_audit_errors_not_findings():
+    """A NaN input had the honest model reported dishonest (its first quantizer's output off the
+    grid); a float64 input ran on the quantized model (its float model refuses it) with every op
+    off-grid; float_ok and decode_steps of the wrong type were a TypeError or blamed on the model."""
+    x = torch.randn(3, 8)
+    qmodel = _quantized(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), (x,))
+    assert qswap.audit(qmodel, (x,)).honest
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(AuditError, match="'argument 0' holds NaN or inf"):
+        qswap.audit(qmodel, (bad,))
+    with pytest.raises(AuditError, match="'input' holds NaN"):
+        qswap.audit(qmodel, bad)
+    with pytest.raises(AuditError, match="'argument 0' is torch.float64, the model's parameters are torch.float32"):
+        qswap.audit(qmodel, (x.double(),))
+    with pytest.raises(AuditError, match="float_ok: must map an op or module to its reason, got list"):
+        qswap.audit(qmodel, (x,), float_ok=["softmax"])
+    for entry in ({"softmax": ""}, {1: "why"}):
+        with pytest.raises(AuditError, match="float_ok entry .*needs a string key and a non-empty reason"):
+            qswap.audit(qmodel, (x,), float_ok=entry)
+    for steps in ("3", -1, True):
+        with pytest.raises(AuditError, match="decode_steps is a number"):
+            qswap.audit(qmodel, (x,), decode_steps=steps)
+
+
 def test_qswap_audit_is_the_function_after_importing_the_honesty_package():
     import qswap.honesty  # the package has its own name: importing it cannot rebind qswap.audit
     from qswap.honesty import HonestyReport

@@ -89,9 +89,11 @@ class QLearnedPositionalEmbedding(QuantModule):
     def forward(self, input: torch.Tensor, incremental_state=None, positions=None):
         """input: (B, T) tokens; returns (B, T, C) (one step: (B, 1, C))."""
         if positions is None:
-            if incremental_state is not None:
-                positions = torch.zeros((1, 1), device=input.device, dtype=input.dtype).fill_(
-                    int(self.padding_idx + input.size(1)))
+            if incremental_state is not None:  # fairseq's position of the step, padding_idx + T, kept
+                # an expression of the input's length: a trace (the exported decoder step) reads each
+                # step's own (fairseq's int(...) is a constant there: every step one position)
+                positions = torch.zeros((1, 1), device=input.device, dtype=input.dtype) + (
+                    self.padding_idx + input.size(1))
             else:
                 positions = utils.make_positions(input, self.padding_idx)
         return F.embedding(positions, self.weight_quant(self.weight), self.padding_idx)
