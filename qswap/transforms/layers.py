@@ -46,6 +46,19 @@ def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield path, m
 
 
+# The attribute each fairseq layer class says it is pre-norm by (its norms feed only the sublayer's
+# linears; post-norm, they feed the residual stream too). A layer with none of them is post-norm.
+PRENORM_FLAGS = {
+    "normalize_before": "fairseq.modules.transformer_layer's encoder and decoder layers (S2T, transformer)",
+    "layer_norm_first": "wav2vec 2.0's TransformerSentenceEncoderLayer (and its adapter subclass)",
+}
+
+
+def is_prenorm(layer: nn.Module) -> bool:
+    """Whether ``layer`` normalizes before its sublayers, by the flag its class declares it with."""
+    return any(bool(getattr(layer, flag, False)) for flag in PRENORM_FLAGS)
+
+
 def activation_name(layer: nn.Module) -> str:
     fn = getattr(layer, "activation_fn", None)
     return getattr(fn, "__name__", type(fn).__name__)
@@ -56,7 +69,7 @@ def prenorm_blocks(model: nn.Module) -> Iterator[Block]:
     cross-attention's q (its k/v read the encoder output), the FFN's fc1. Post-norm layers are
     skipped (their norms feed the residual stream too)."""
     for path, layer in _layers(model):
-        if not getattr(layer, "normalize_before", False):
+        if not is_prenorm(layer):
             continue
         sa = layer.self_attn
         yield Block(f"{path}.self_attn_layer_norm", layer.self_attn_layer_norm, [sa.q_proj, sa.k_proj, sa.v_proj])

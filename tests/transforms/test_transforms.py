@@ -223,3 +223,50 @@ def test_smoothquant_keeps_the_float_function_without_affine_norms_or_biases(cha
     assert skipped == ([f"transform smoothquant(): 1 norm(s) skipped: no elementwise affine weight to fold a "
                         f"factor into (encoder.transformer_layers.0.self_attn_layer_norm)"]
                        if change == "norm_without_affine" else [])
+
+
+def _ctc_logits(model, net_input):
+    """wav2vec 2.0 CTC logits on the frames that are not padding (padded frames' features are
+    near-constant vectors a LayerNorm blows up; every output masks them)."""
+    with torch.no_grad():
+        out = model(**net_input)
+    logits, padding = out["encoder_out"], out["padding_mask"]  # (T, B, V), (B, T)
+    return logits if padding is None else logits[~padding.T]
+
+
+@pytest.mark.parametrize("layer_norm_first", [True, False])
+def test_smoothquant_folds_wav2vec2s_pre_norm_layers_and_keeps_the_float_function(layer_norm_first):
+    """wav2vec 2.0's TransformerSentenceEncoderLayer says it is pre-norm by ``layer_norm_first``
+    (the large / XLS-R configs), not fairseq's ``normalize_before``: its self_attn_layer_norm
+    feeds only q/k/v and its final_layer_norm only fc1, so both take a factor. Post-norm
+    (the base config), the norms feed the residual stream too and are left."""
+    from qswap.models import build_wav2vec2_ctc, wav2vec2_net_input
+
+    model, x = build_wav2vec2_ctc(layer_norm_first=layer_norm_first, activation_fn="relu"), wav2vec2_net_input()
+    layers = model.w2v_encoder.w2v_model.encoder.layers
+    with torch.no_grad():  # non-trivial affines, so a wrong fold shows
+        for m in layers.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.2, 3.0)
+                m.bias.normal_(0, 0.5)
+    norms = {name: m.weight.detach().clone() for name, m in layers.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    before = _ctc_logits(model, x)
+    notes = apply_transforms(model, [make_step("smoothquant", {"alpha": 0.5})], data=[x])
+    torch.testing.assert_close(_ctc_logits(model, x), before, atol=1e-5, rtol=1e-5)
+    folded = sorted(n for n, w in norms.items() if not torch.equal(layers.get_submodule(n).weight, w))
+    prenorm = sorted(f"{i}.{n}" for i in range(len(layers)) for n in ("self_attn_layer_norm", "final_layer_norm"))
+    assert folded == (prenorm if layer_norm_first else [])
+    assert notes[0] == (f"transform smoothquant(alpha=0.5): alpha 0.5: {len(folded)} norm(s) and "
+                        f"{len(layers)} FFN(s) smoothed")
+
+
+def test_smoothquant_on_a_pre_norm_wav2vec2_audits_honest():
+    from qswap.models import build_wav2vec2_ctc, wav2vec2_net_input
+
+    x = wav2vec2_net_input()
+    model = build_wav2vec2_ctc(layer_norm_first=True, extractor_mode="layer_norm", activation_fn="relu")
+    qmodel = qswap.convert(model, {**W4A4, "transforms": [{"smoothquant": {"alpha": 0.5}}]}, data=[x])
+    assert qmodel.qswap_report.notes[0].endswith("4 norm(s) and 2 FFN(s) smoothed")
+    qswap.calibrate(qmodel, [x])
+    report = qswap.audit(qmodel, x)
+    assert report.honest, report.violations[:3]
