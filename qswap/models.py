@@ -105,12 +105,18 @@ def build_wav2vec2_ctc(dictionary=None, *, seed: int = 0, **overrides: Any):
     default (3 conv feature layers of 32 channels, 2 transformer layers of dim 32), in eval mode.
 
     ``overrides`` are Wav2Vec2Config fields (``extractor_mode="layer_norm"``,
-    ``layer_norm_first=True``...).
+    ``layer_norm_first=True``, ``layer_type="conformer"``...).
     """
     small = dict(conv_feature_layers="[(32, 10, 5), (32, 3, 2), (32, 2, 2)]", encoder_embed_dim=32,
                  encoder_ffn_embed_dim=64, encoder_layers=2, encoder_attention_heads=4, conv_pos=16,
                  conv_pos_groups=4, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     return build_wav2vec2_ctc_registered(None, dictionary, seed=seed, **{**small, **overrides})
+
+
+# Wav2Vec2Config fields fairseq's Wav2VecEncoder overwrites with the Wav2Vec2CtcConfig's own values
+# (wav2vec2_asr.py, ``args_replacement``): the builder hands the CTC config the model's values, or
+# ``layer_type="conformer"`` would build the CTC config's default transformer layers.
+_CTC_REPLACED = ("checkpoint_activations", "layer_type", "adp_num", "adp_dim", "adp_act_fn", "adp_trf_idx")
 
 
 def build_wav2vec2_ctc_registered(config: str | None = None, dictionary=None, *, seed: int = 0,
@@ -126,7 +132,10 @@ def build_wav2vec2_ctc_registered(config: str | None = None, dictionary=None, *,
 
     Builds without a pretrained checkpoint: ``w2v_args`` is a full FairseqConfig whose model is
     the Wav2Vec2Config and whose task is an AudioPretrainingConfig (``tpu``, ``seed`` and
-    ``normalize`` set explicitly: they are interpolations otherwise).
+    ``normalize`` set explicitly: they are interpolations otherwise). The fields fairseq's
+    Wav2VecEncoder replaces with the CTC config's (``layer_type``, ``adp_*``,
+    ``checkpoint_activations``) are passed to the CTC config: ``overrides`` first, then the
+    fine-tuning config's, then the model config's.
     """
     from pathlib import Path
 
@@ -148,6 +157,8 @@ def build_wav2vec2_ctc_registered(config: str | None = None, dictionary=None, *,
         del ctc_fields["_name"], ctc_fields["w2v_path"]  # "wav2vec_ctc"; "???" (no checkpoint here)
     model_cfg = OmegaConf.merge(model_cfg, overrides)
     model_cfg._name = "wav2vec2"
+    ctc_fields.update({key: model_cfg[key] for key in _CTC_REPLACED if key in Wav2Vec2CtcConfig.__dataclass_fields__
+                       and (key in overrides or key not in ctc_fields)})
     task_cfg = AudioPretrainingConfig(data=".", normalize=False, tpu=False, seed=seed)
     task_cfg._name = "audio_pretraining"
     w2v_args = OmegaConf.structured(FairseqConfig(model=model_cfg, task=task_cfg))
