@@ -109,6 +109,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--low-bit", action="store_true",
                     help="measure only the deploy audit of every shipped recipe and the shipped 4-bit-activation QAT "
                          "checkpoint's export (audit, and WER on test and test_heldout) into --json, then re-render --out")
+    ap.add_argument("--sites-only", action="store_true",
+                    help="measure only the site-by-site table (tools/onnx_sites.py on the WER recipes' exports) "
+                         "into --json, then re-render --out")
     ap.add_argument("--speed-only", action="store_true",
                     help="measure only the speed sections (shipped model and s2t_transformer_s) into --json, "
                          "then re-render --out")
@@ -141,12 +144,19 @@ def main(argv=None) -> dict:
             result["honesty"] = {name: e["audit"] for name, e in exports.items()}
             result["honesty_command"] = command
             result["wer"] = wer_rows(task, exports, args.threads)
-            result["wer_sites"] = site_rows(task, exports)
+            result["wer_sites"], result["wer_sites_command"] = site_rows(task, exports), command
             if args.ulp_seeds:  # 0: the stored rows stay (the fake-quant model's own, no export in them)
                 result["wer_ulp"], result["wer_ulp_command"] = ulp_rows(task, exports, args.ulp_seeds), command
             else:
                 result.setdefault("wer_ulp_command", result.get("wer_command", result["command"]))
         result["wer_command"] = command
+        write(result, args)
+        return result
+    if args.sites_only:
+        result, (model, cfg, task, calib) = json.loads(Path(args.json).read_text()), shipped_model(args)
+        with tempfile.TemporaryDirectory(prefix="qswap-sites-") as tmp:
+            exports = export_recipes(model, cfg, task, calib, Path(tmp), names=tuple(WER_RECIPES))
+            result["wer_sites"], result["wer_sites_command"] = site_rows(task, exports), command
         write(result, args)
         return result
     if args.low_bit:
@@ -1115,6 +1125,8 @@ def sites_lines(r: dict) -> list[str]:
             g = row[graph]
             lines.append(f"| {row['recipe']} | {graph} | {g['same']} of {g['sites']} | {g['first_different'] or '-'} | "
                          f"{g['first_beyond_one'] or '-'} | {g['largest']:g} |")
+    if "wer_sites_command" in r:
+        lines += ["", f"Measured by `{r['wer_sites_command']}`."]
     return lines + [
         "", "A `QuantizeLinear` that reads another quantizer's grid (through data movement or a `Relu`) rounds as "
         "torch's fake quantization does, `x * float32(1 / s)` (`qswap.export.graph_passes.quantize_by_inverse`): "
