@@ -600,7 +600,7 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
                "set)" if gpu else "2 shared CPU cores, one thread, `nice -n 5`"),
         recipe=recipe, verdict=verdict, updates=last, runs=runs, curve="\n".join(rows),
         comparison="\n".join(cmp_rows), target_rows="\n".join(target_rows), target=target,
-        target_verdict=float_verdict(met, target),
+        target_verdict=float_verdict(met, target), float_header=FLOAT_HEADER,
         chosen=chosen(shipped), candidate="candidate" if shipped.get("average") else "checkpoint",
         average_cmd=(f"python tools/qat_train.py average --save-dir RUN --last {shipped['average']['count']}\n"
                      if shipped.get("average") else ""),
@@ -690,20 +690,32 @@ def comparison(evals: Path) -> tuple[list[str], list[str]]:
     return rows, wins
 
 
-def against_float(evals: Path, target: float = TARGET) -> tuple[list[str], list[str]]:
+def against_float(evals: Path, target: float = TARGET) -> tuple[list[str], dict[str, list[str]]]:
     """Markdown rows QAT vs the float model per test set (``float_<subset>.json``: ``qswap eval``
-    of the float checkpoint with ``--recipe fp32``), and the subsets within ``target``."""
-    rows, met = [], []
+    of the float checkpoint with ``--recipe fp32``), QAT - float with its paired bootstrap interval
+    (``qswap.integration.bootstrap.paired_delta``), and the sets by verdict: "met" where the whole
+    interval lies at or below +``target``, "not met" where it lies above, "undecided" where it
+    spans the target (the point estimate alone decides nothing there)."""
+    from qswap.integration.bootstrap import Bootstrap, paired_delta, value_text
+
+    rows, verdicts = [], {"met": [], "not met": [], "undecided": []}
     for subset in SUBSETS:
         flt, qat = evals / f"float_{subset}.json", evals / f"qat_{subset}.json"
         if not (flt.exists() and qat.exists()):
             continue
-        f, q = json.loads(flt.read_text())["counts"]["wer"], json.loads(qat.read_text())["counts"]["wer"]
-        ok = q - f <= target
-        rows.append(f"| {subset} | {f:.2f} | {q:.2f} | {q - f:+.2f} | {'met' if ok else '**not met**'} |")
-        if ok:
-            met.append(subset)
-    return rows, met
+        f, q = json.loads(flt.read_text()), json.loads(qat.read_text())
+        bootstrap = Bootstrap(**{k: q["bootstrap"][k] for k in ("resamples", "seed", "confidence")})
+        delta, ci = paired_delta(q["utterances"], f["utterances"], bootstrap, f"{flt.name} (the float model)")
+        verdict = ("undecided" if ci is None or ci.low <= target < ci.high else
+                   "met" if ci.high <= target else "not met")
+        shown = {"met": "met", "not met": "**not met**", "undecided": "undecided"}[verdict]
+        rows.append(f"| {subset} | {f['counts']['wer']:.2f} | {q['counts']['wer']:.2f} | "
+                    f"{value_text(delta, ci, '+')} | {shown} |")
+        verdicts[verdict].append(subset)
+    return rows, verdicts
+
+
+FLOAT_HEADER = "| subset | float WER % | QAT WER % | QAT - float [95 % CI] | target |"
 
 
 def ptq_verdict(wins: list[str]) -> str:
@@ -711,9 +723,17 @@ def ptq_verdict(wins: list[str]) -> str:
             "QAT does not beat PTQ by more than the interval on any of the sets.")
 
 
-def float_verdict(met: list[str], target: float) -> str:
-    return (f"Within +{target:.1f} of float on: {', '.join(met)}." if met else
-            f"Within +{target:.1f} of float on none of the sets.")
+def float_verdict(verdicts: dict[str, list[str]], target: float) -> str:
+    """The sentence under the float table: where the interval puts QAT within +``target`` of
+    float, where above it, and where it cannot tell."""
+    met, missed, open_ = verdicts["met"], verdicts["not met"], verdicts["undecided"]
+    text = (f"Within +{target:.1f} of float (the whole interval) on: {', '.join(met)}." if met else
+            f"Within +{target:.1f} of float (the whole interval) on none of the sets.")
+    if missed:
+        text += f" Beyond it (the whole interval) on: {', '.join(missed)}."
+    if open_:
+        text += f" Undecided (the interval spans +{target:.1f}) on: {', '.join(open_)}."
+    return text
 
 
 FURTHER = (" QAT is also further training of the float model on its own corpus: where it lands below "
@@ -743,11 +763,13 @@ def refreshed(page: str, evals: Path) -> str:
         raise TrainingError(f"{evals} has results for other sets than the page shows ({', '.join(sorted(shown))}); "
                          "write the page with 'doc'")
     page = _rows_after(page, "| subset | PTQ WER % [95 % CI] |", cmp_rows)
-    page = _rows_after(page, "| subset | float WER % | QAT WER % |", target_rows)
+    page = re.sub(r"^\| subset \| float WER % \| QAT WER % \|[^\n]*$", FLOAT_HEADER, page, count=1, flags=re.M)
+    page = _rows_after(page, FLOAT_HEADER, target_rows)
     page = re.sub(r"QAT (beats PTQ by more than the interval on: [^\n]*?\.|does not beat PTQ by more than the "
                   r"interval on any of the sets\.)", lambda m: ptq_verdict(wins), page, count=1)
     page = page.replace(FURTHER, "", 1)
-    page = re.sub(r"Within \+[0-9.]+ of float on(:[^\n]*?| none of the sets)\.",
+    page = re.sub(r"Within \+[0-9.]+ of float (\(the whole interval\) )?on(:[^\n]*?| none of the sets)\."
+                  r"( Beyond it \(the whole interval\) on:[^\n]*?\.)?( Undecided \(the interval spans [^\n]*?\) on:[^\n]*?\.)?",
                   lambda m: float_verdict(met, target) + further(target_rows), page, count=1)
     return page
 
@@ -884,7 +906,7 @@ interval excludes 0.
 
 ## Against the float model (issue 19's target: within +{target:.1f} absolute WER)
 
-| subset | float WER % | QAT WER % | QAT - float | target |
+{float_header}
 |---|---|---|---|---|
 {target_rows}
 

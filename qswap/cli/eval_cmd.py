@@ -136,9 +136,7 @@ def _ci(interval, sign: str = "") -> str:
 def _intervals(utterances: list[dict], baseline: dict | None) -> dict:
     """WER interval, and the paired ΔWER interval against ``baseline``'s utterances (same ids and
     references), as JSON fields; see qswap.integration.bootstrap."""
-    from qswap.errors import DataError
-    from qswap.integration.bootstrap import (Bootstrap, bounds, delta_interval, no_interval_note, significant,
-                                             wer_interval)
+    from qswap.integration.bootstrap import Bootstrap, bounds, no_interval_note, paired_delta, significant, wer_interval
     from qswap.integration.metrics import utterance_word_errors
 
     if not utterances:
@@ -152,14 +150,9 @@ def _intervals(utterances: list[dict], baseline: dict | None) -> dict:
         stats["note"] = note
     if baseline is None:
         return stats
-    base = {u["id"]: u for u in baseline["utterances"]}
-    if sorted(base) != [u["id"] for u in utterances] or any(base[u["id"]]["ref"] != u["ref"] for u in utterances):
-        raise DataError(f"the baseline {baseline['model']} was decoded on other utterances; pass a "
-                        f"'qswap eval --json' result of the same subset and shard")
-    base_errors, _ = utterance_word_errors([u["ref"] for u in utterances], [base[u["id"]]["hyp"] for u in utterances])
-    delta = delta_interval(errors, base_errors, words, bootstrap)
-    return {**stats, "baseline": baseline["model"], "delta_wer": 100.0 * (sum(errors) - sum(base_errors)) / sum(words),
-            "delta_wer_ci": bounds(delta), "significant": significant(delta)}
+    value, delta = paired_delta(utterances, baseline["utterances"], bootstrap, f"the baseline {baseline['model']}")
+    return {**stats, "baseline": baseline["model"], "delta_wer": value, "delta_wer_ci": bounds(delta),
+            "significant": significant(delta)}
 
 
 def _markdown(label: str, subset: str, counts, stats: dict) -> str:

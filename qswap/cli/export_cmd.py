@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", action="store_true",
                    help="write ONNX QDQ graphs instead of the integer model")
     p.add_argument("-o", "--output", required=True,
-                   help="directory to write into: model.json and model.safetensors (the integer model, "
+                   help="directory to write into: model.json and model.<hash>.safetensors (the integer model, "
                         "which 'qswap eval DIR' decodes), or with --onnx encoder.onnx, cross_kv.onnx, "
                         "decoder_step.onnx (wav2vec 2.0 CTC: ctc.onnx) and export.json (which "
                         "'qswap eval DIR --backend onnxruntime' runs)")
@@ -44,15 +44,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _export_integer(args: argparse.Namespace, model, cfg, task) -> int:
     import qswap
-    from qswap.export.integer_format import TENSOR_FILE, write_integer_model
+    from qswap.export.integer_format import tensor_path, write_integer_model
     from qswap.integration.integer_decode import dictionary_facts, task_config
 
     imodel = qswap.integerize(model)
     path = write_integer_model(imodel, args.output, task=task_config(cfg),
                                decoding=dictionary_facts(task.target_dictionary),
                                source=f"qswap export {Path(args.checkpoint).name} (recipe {model.qswap_recipe.name})")
-    size = sum((path.parent / name).stat().st_size for name in (path.name, TENSOR_FILE))
-    console().print(f"wrote the integer model to {path.parent} ({path.name} and {TENSOR_FILE}, "
+    tensors = tensor_path(path.parent)
+    size = path.stat().st_size + tensors.stat().st_size
+    console().print(f"wrote the integer model to {path.parent} ({path.name} and {tensors.name}, "
                     f"{size / 1e6:.1f} MB); decode it with 'qswap eval {path.parent} --data DIR --subset S'")
     return 0
 

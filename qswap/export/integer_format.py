@@ -2,7 +2,7 @@
 description: the declared object tree (``qswap.io.serializable``), its declared float steps, a
 format version and the sha256 of the tensor file and of the object tree. ``qswap.export.integer_load`` reads it back.
 
->>> write_integer_model(qswap.integerize(qmodel), "out/")   # out/model.json, out/model.safetensors
+>>> write_integer_model(qswap.integerize(qmodel), "out/")   # out/model.json, out/model.<hash>.safetensors
 
 JSON fields: ``format`` ("qswap-integer-model"), ``format_version`` (``FORMAT_VERSION``),
 ``qswap_version``, ``tensor_file`` (``name``, ``bytes``, ``sha256``), ``float_steps`` (method ->
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -26,7 +27,25 @@ from qswap.io.serializable import ANY, Codec, SpecMismatch
 
 FORMAT = "qswap-integer-model"
 FORMAT_VERSION = 2  # 2: model_sha256
-JSON_FILE, TENSOR_FILE = "model.json", "model.safetensors"
+JSON_FILE = "model.json"
+# the tensor file: its content's hash in its name (``tensor_file_name``), so a re-export writes a new
+# file beside the old one and replaces model.json last; exports before that named it model.safetensors
+TENSOR_FILES = re.compile(r"model(\.[0-9a-f]{16})?\.safetensors")
+
+
+def tensor_file_name(sha256: str) -> str:
+    """The tensor file's name for content of this SHA-256 (hex)."""
+    return f"model.{sha256[:16]}.safetensors"
+
+
+def tensor_path(directory: "str | Path") -> Path:
+    """The tensor file an integer export's model.json names (ExportError where it names none)."""
+    try:
+        name = json.loads((Path(directory) / JSON_FILE).read_text(encoding="utf-8"))["tensor_file"]["name"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{directory}: no readable {JSON_FILE} naming a tensor file ({type(exc).__name__}); "
+                          f"export the model again") from None
+    return Path(directory) / name
 
 
 class _Collect(Codec):
@@ -58,8 +77,11 @@ def model_digest(entry: Mapping) -> str:
 
 def write_integer_model(model: torch.nn.Module, out: str | Path, *, task: Mapping | None = None,
                         decoding: Mapping | None = None, source: str = "") -> Path:
-    """Write ``model`` into the directory ``out`` (made if missing): the tensor file first, then
-    the JSON that names its hash, each atomically. Returns the JSON's path."""
+    """Write ``model`` into the directory ``out`` (made if missing): the tensor file first, under a
+    name of its own (``tensor_file_name``), then the JSON that names it and its hash, each
+    atomically; the tensor files of an export this one replaces go last. Stopped or failing at any
+    point (a full disk, SIGTERM through the CLI), the folder holds the previous export whole, or
+    this one: never a JSON beside another export's tensors. Returns the JSON's path."""
     from safetensors.torch import save
 
     from qswap import __version__
@@ -67,8 +89,10 @@ def write_integer_model(model: torch.nn.Module, out: str | Path, *, task: Mappin
 
     entry, tensors = describe(model)
     blob = save(tensors)
+    digest = hashlib.sha256(blob).hexdigest()
+    name = tensor_file_name(digest)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "qswap_version": __version__,
-            "tensor_file": {"name": TENSOR_FILE, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
+            "tensor_file": {"name": name, "bytes": len(blob), "sha256": digest},
             "float_steps": SERIALIZABLE[entry["class"]].float_steps, "model": entry, "model_sha256": model_digest(entry),
             "task": None if task is None else dict(task), "decoding": None if decoding is None else dict(decoding),
             "source": source}
@@ -82,13 +106,18 @@ def write_integer_model(model: torch.nn.Module, out: str | Path, *, task: Mappin
     directory = Path(out)
     check_export_directory(directory, onnx=False)
     made = make_directory(directory)
+    previous = [p for p in directory.iterdir() if TENSOR_FILES.fullmatch(p.name)]  # a replaced export's, or
+    # one a killed export left
     try:
-        atomic_write_bytes(directory / TENSOR_FILE, blob)
+        atomic_write_bytes(directory / name, blob)
         atomic_write_text(directory / JSON_FILE, text + "\n")
     except BaseException:
-        if made:  # a folder this export made (and its new parents) holds nothing else
-            (directory / TENSOR_FILE).unlink(missing_ok=True)
-            remove_made(made)
+        if all(p.name != name for p in previous):  # the previous JSON names its own tensor file, not this
+            (directory / name).unlink(missing_ok=True)
+        remove_made(made)  # a folder this export made (and its new parents) holds nothing else now
         raise
+    for path in previous:
+        if path.name != name:
+            path.unlink(missing_ok=True)
     return directory / JSON_FILE
 

@@ -156,8 +156,11 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
 
 
 # what a stopped export leaves (killed before its clean-up ran): a staged graph, ``.encoder.onnx.partial``,
-# or an atomic write's temporary file (qswap.io.atomic), ``.model.json.1f2e3d4c.tmp``
+# or an atomic write's temporary file (qswap.io.atomic), ``.model.json.1f2e3d4c.tmp``; in a folder with
+# nothing else, an integer export's tensor file written before its model.json (``integer_format.
+# tensor_file_name``; beside a model.json it may be the one that JSON names)
 _LEFTOVER = re.compile(r"\.[\w.-]+\.onnx\.partial|\.[\w.-]+\.[0-9a-f]{8}\.tmp")
+_UNNAMED_TENSORS = re.compile(r"model\.[0-9a-f]{16}\.safetensors")
 
 
 def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -> None:
@@ -171,9 +174,10 @@ def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -
     out = Path(directory)
     if not out.is_dir():
         return
-    leftovers = [p for p in out.iterdir() if _LEFTOVER.fullmatch(p.name) and p.is_file()]
-    if len(leftovers) == sum(1 for _ in out.iterdir()):  # empty, or what a stopped export of qswap's left
-        for path in leftovers:
+    entries = list(out.iterdir())
+    leftovers = [p for p in entries if _LEFTOVER.fullmatch(p.name) and p.is_file()]
+    if all(p in leftovers or (_UNNAMED_TENSORS.fullmatch(p.name) and p.is_file()) for p in entries):
+        for path in entries:  # empty, or what a stopped export of qswap's left
             path.unlink()
         return
     holds_onnx = isinstance(_json_object(out / MANIFEST).get("graphs"), dict)

@@ -26,6 +26,9 @@ from torch import nn
 from qswap.errors import AuditError
 
 SEQ2SEQ, CTC, PLAIN = "seq2seq", "ctc", "plain"
+# the net_input keys of fairseq's speech models that hold input features (S2T filterbanks, wav2vec
+# 2.0 waveforms): finite numbers, where other float inputs (an attention mask) may hold -inf
+FEATURE_KEYS = ("src_tokens", "source")
 TEMPERATURE = 1.0  # SequenceGenerator's default; it always divides the last step's logits
 
 
@@ -40,10 +43,10 @@ def model_kind(model: nn.Module, inputs: Any) -> str:
 
 def check_inputs(inputs: Any, model: nn.Module | None = None) -> None:
     """An AuditError for inputs the audit cannot judge the model on: not a net_input dict, a tuple
-    or a tensor; a float input holding NaN or inf (the audit would blame the first quantizer it
-    reaches, off its grid); a float input of another dtype than ``model``'s float parameters (a
-    quantized model runs on float64 features that its float model refuses, and every op then
-    reads off-grid values)."""
+    or a tensor; a float input holding NaN, or features (``FEATURE_KEYS``) holding inf (the audit
+    would blame the first quantizer it reaches, off its grid; a float mask may hold -inf); a float
+    input of another dtype than ``model``'s float parameters (a quantized model runs on float64
+    features that its float model refuses, and every op then reads off-grid values)."""
     if isinstance(inputs, Mapping):
         if not all(isinstance(k, str) for k in inputs):
             raise AuditError("a net_input dict must have string keys (argument names)")
@@ -59,9 +62,9 @@ def check_inputs(inputs: Any, model: nn.Module | None = None) -> None:
     for name, value in named:
         if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
             continue
-        if not bool(torch.isfinite(value).all()):
-            raise AuditError(f"input {name!r} holds NaN or inf values; audit the model on finite inputs "
-                             f"(check the features)")
+        if bool(value.isnan().any()) or (name in FEATURE_KEYS and not bool(torch.isfinite(value).all())):
+            raise AuditError(f"input {name!r} holds {'NaN' if bool(value.isnan().any()) else 'inf'} values; audit the "
+                             f"model on finite inputs (check the features)")
         if dtype is not None and value.dtype != dtype:
             raise AuditError(f"input {name!r} is {value.dtype}, the model's parameters are {dtype}; "
                              f"pass inputs of the model's dtype (e.g. x.to({dtype}))")

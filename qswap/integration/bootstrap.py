@@ -102,6 +102,24 @@ def delta_interval(errors: Sequence[int], baseline_errors: Sequence[int], words:
     return bootstrap.percentile_interval(100.0 * (e[idx].sum(1) - b[idx].sum(1)) / np.maximum(w[idx].sum(1), 1))
 
 
+def paired_delta(utterances: Sequence[dict], baseline: Sequence[dict], bootstrap: Bootstrap = Bootstrap(),
+                 what: str = "the baseline") -> tuple[float, Interval | None]:
+    """WER(system) - WER(baseline) in points and its paired interval (``delta_interval``), from two
+    ``qswap eval --json`` results' utterances (``{"id", "ref", "hyp"}``); DataError unless both
+    decoded the same utterances (ids and references)."""
+    from qswap.integration.metrics import utterance_word_errors
+
+    base = {u["id"]: u for u in baseline}
+    if sorted(base) != sorted(u["id"] for u in utterances) or any(base[u["id"]]["ref"] != u["ref"] for u in utterances):
+        raise DataError(f"{what} was decoded on other utterances; pass a 'qswap eval --json' result of the same "
+                        f"subset and shard")
+    refs = [u["ref"] for u in utterances]
+    errors, words = utterance_word_errors(refs, [u["hyp"] for u in utterances])
+    base_errors, _ = utterance_word_errors(refs, [base[u["id"]]["hyp"] for u in utterances])
+    return 100.0 * (sum(errors) - sum(base_errors)) / max(sum(words), 1), delta_interval(errors, base_errors, words,
+                                                                                          bootstrap)
+
+
 def significant(interval: Interval | None) -> bool | None:
     """A difference is significant when its interval excludes 0; None (no verdict) without one."""
     return None if interval is None else not interval.contains(0.0)

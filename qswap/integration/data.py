@@ -133,7 +133,9 @@ def _check_finite(sample: dict, subset: str) -> None:
     model, none of which is about the data at fault."""
     import torch
 
-    for key in ("src_tokens", "source"):
+    from qswap.honesty.paths import FEATURE_KEYS
+
+    for key in FEATURE_KEYS:
         x = sample["net_input"].get(key)
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             bad = ~torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1)

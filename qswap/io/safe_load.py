@@ -127,7 +127,7 @@ def _check_file(path: Path) -> None:
                                   f"with --onnx ('qswap audit')")
         if (path / JSON_FILE).is_file():  # qswap export's integer model
             raise CheckpointError(f"{path} is an integer model written by 'qswap export' ({JSON_FILE}, "
-                                  f"model.safetensors), not a checkpoint: 'qswap eval {path} --data DIR' decodes "
+                                  f"and its tensor file), not a checkpoint: 'qswap eval {path} --data DIR' decodes "
                                   f"it; other commands take the checkpoint it was exported from")
         raise CheckpointError(f"{path} is a directory; pass the checkpoint file (e.g. "
                               f"{path / 'checkpoint_best.pt'})")

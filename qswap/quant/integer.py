@@ -372,6 +372,16 @@ class AddParams:
     sum_scale: float | torch.Tensor
     out: Requant | None
 
+    def __post_init__(self) -> None:
+        """``build``'s ranges (inputs of 2 to 16 bits: ``left_shift`` 12 to 26, each operand's
+        multiplier a valid ``Requant`` multiplier); IntegerizeError otherwise (made by hand, or read
+        from an edited file), not a negative shift or an int64 wrap when the add runs."""
+        if not 12 <= self.left_shift <= 26:
+            raise IntegerizeError(f"an integer add shifts its operands left by 12 to 26 bits (inputs of 16 to 2 "
+                                  f"bits), got {self.left_shift}")
+        for m0, shift in (self.a, self.b):
+            check_multiplier(m0, shift)
+
     @classmethod
     def build(cls, scale_a: float | torch.Tensor, scale_b: float | torch.Tensor, scale_out: float | None = None,
               zero_point_out: int = 0, qmin: int = INT32_MIN, qmax: int = INT32_MAX,
@@ -550,6 +560,16 @@ class Grid:
     zero_point: int
     qmin: int
     qmax: int
+
+    def __post_init__(self) -> None:
+        """A grid the integer ops are defined on: a finite positive scale, qmin <= zero point <= qmax
+        (every grid a calibrated quantizer has); IntegerizeError otherwise (a grid made by hand, or
+        read from an edited file)."""
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise IntegerizeError(f"a grid needs a finite scale above 0, got {self.scale!r}")
+        if not self.qmin <= self.zero_point <= self.qmax:
+            raise IntegerizeError(f"a grid needs qmin <= zero point <= qmax, got zero point {self.zero_point} "
+                                  f"and codes {self.qmin}..{self.qmax}")
 
     @classmethod
     def of(cls, quantizer) -> "Grid":
@@ -797,6 +817,17 @@ class SoftmaxParams:
     out_mult: int
     out: Grid
 
+    def __post_init__(self) -> None:
+        """``build``'s ranges: a 1-d int32 table of values in [0, 2^EXP_BITS], ``out_mult`` in
+        [1, 2^(62 - EXP_BITS)) (``e * out_mult`` plus the rounding term stays within int64);
+        IntegerizeError otherwise."""
+        table = self.exp_table
+        if not (isinstance(table, torch.Tensor) and table.dtype == torch.int32 and table.dim() == 1
+                and table.numel() > 0 and int(table.min()) >= 0 and int(table.max()) <= 2 ** EXP_BITS):
+            raise IntegerizeError(f"a softmax's exp table is a 1-d int32 table of values 0..2^{EXP_BITS}")
+        if not 1 <= self.out_mult < 2 ** (62 - EXP_BITS):
+            raise IntegerizeError(f"a softmax's output multiplier is 1 to 2^{62 - EXP_BITS} - 1, got {self.out_mult}")
+
     @classmethod
     def build(cls, grid_in: Grid, grid_out: Grid) -> "SoftmaxParams":
         d = torch.arange(0, grid_in.qmax - grid_in.qmin + 1, dtype=torch.float64)
@@ -864,6 +895,15 @@ class LayerNormParams:
     out: Requant | None
     acc_scale: float | torch.Tensor = 0.0
     sqrt_bits: int = 10
+
+    def __post_init__(self) -> None:
+        """``build``'s ranges: ``eps_int`` >= 0, ``sqrt_bits`` 0 to ``_LN_SQRT_BITS``; IntegerizeError
+        otherwise (a negative variance epsilon, or a shift out of the int64 range the arithmetic
+        was sized for)."""
+        if self.eps_int < 0:
+            raise IntegerizeError(f"a LayerNorm's integer epsilon is 0 or more, got {self.eps_int}")
+        if not 0 <= self.sqrt_bits <= _LN_SQRT_BITS:
+            raise IntegerizeError(f"a LayerNorm's sqrt_bits is 0 to {_LN_SQRT_BITS}, got {self.sqrt_bits}")
 
     @classmethod
     def build(cls, n: int, eps: float, scale_in: float, gamma_codes: torch.Tensor,

@@ -12,7 +12,7 @@ pytest.importorskip("fairseq")
 
 import qswap  # noqa: E402
 from qswap.cli import main  # noqa: E402
-from qswap.export.integer_format import JSON_FILE, TENSOR_FILE  # noqa: E402
+from qswap.export.integer_format import JSON_FILE, tensor_path  # noqa: E402
 from qswap.integration import data as fdata  # noqa: E402
 from qswap.integration.decode import decode  # noqa: E402
 from qswap.io.checkpoint import save_qswap_checkpoint  # noqa: E402
@@ -33,7 +33,7 @@ def integer_transcripts(qckpt, data, subset, shards) -> dict[int, str]:
 def export_and_eval(qckpt, data, out, subset, shards, capsys):
     assert main(["export", str(qckpt), "-o", str(out), "--data", str(data)]) == 0
     assert "wrote the integer model" in capsys.readouterr().out
-    assert (out / JSON_FILE).is_file() and (out / TENSOR_FILE).is_file()
+    assert (out / JSON_FILE).is_file() and tensor_path(out).is_file()
     result = out.parent / "eval.json"
     assert main(["eval", str(out), "--data", str(data), "--subset", subset, "--max-sentences", "3",
                  "--num-shards", str(shards[0]), "--shard-id", str(shards[1]), "--json", str(result)]) == 0
@@ -91,7 +91,7 @@ def test_eval_of_an_export_refuses_a_recipe_and_a_damaged_file(shipped_w8a8, tmp
     assert "already quantized" in capsys.readouterr().err
     assert main(["eval", str(out), "--data", str(ASSET), "--simulate", "float"]) == 2  # not silently ignored
     assert "drop --recipe, --vs-float and --simulate" in capsys.readouterr().err
-    blob = (out / TENSOR_FILE).read_bytes()
-    (out / TENSOR_FILE).write_bytes(blob[:-10])
+    blob = tensor_path(out).read_bytes()
+    tensor_path(out).write_bytes(blob[:-10])
     assert main(["eval", str(out), "--data", str(ASSET)]) == 2
     assert "is truncated" in capsys.readouterr().err

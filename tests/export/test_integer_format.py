@@ -11,7 +11,7 @@ from torch import nn
 
 import qswap
 from export_testkit import calibrated, same_tree
-from qswap.export.integer_format import FORMAT_VERSION, JSON_FILE, TENSOR_FILE, write_integer_model
+from qswap.export.integer_format import FORMAT_VERSION, JSON_FILE, tensor_path, write_integer_model
 from qswap.export.integer_load import is_integer_export, load_integer_model
 from qswap.honesty.integer import check_integer
 from qswap.models import s2t_net_input
@@ -28,7 +28,7 @@ def integer_model(request, qmodel):
 
 def test_round_trip_is_bit_exact(integer_model, tmp_path):
     path = write_integer_model(integer_model, tmp_path)
-    assert path == tmp_path / JSON_FILE and (tmp_path / TENSOR_FILE).is_file() and is_integer_export(tmp_path)
+    assert path == tmp_path / JSON_FILE and tensor_path(tmp_path).is_file() and is_integer_export(tmp_path)
     loaded = load_integer_model(tmp_path).model
     same_tree(integer_model, loaded)
     net = s2t_net_input(3, 70, seed=5)
@@ -45,7 +45,7 @@ def test_the_description_names_format_hash_float_steps_and_every_tensor(qmodel, 
     imodel = qswap.integerize(qmodel)
     write_integer_model(imodel, tmp_path, source="test")
     meta = json.loads((tmp_path / JSON_FILE).read_text())
-    assert meta["format_version"] == FORMAT_VERSION and meta["tensor_file"]["name"] == TENSOR_FILE
+    assert meta["format_version"] == FORMAT_VERSION and meta["tensor_file"]["name"] == tensor_path(tmp_path).name == f"model.{meta['tensor_file']['sha256'][:16]}.safetensors"
     assert set(meta["float_steps"]) == {"quantize_input", "dequantize_output"}
     # the loaded model computes on integers everywhere but in the float steps the JSON declares
     report = check_integer(load_integer_model(tmp_path).model, s2t_net_input(2, 60, seed=1))
@@ -57,7 +57,7 @@ def test_the_description_names_format_hash_float_steps_and_every_tensor(qmodel, 
                                         "dtype": "int8", "shape": [64, 64]}
     assert set(q_proj["args"]["requant"]["args"]) == {"m0", "shift", "zero_point", "qmin", "qmax", "rounding"}
     from safetensors import safe_open
-    with safe_open(str(tmp_path / TENSOR_FILE), "pt") as f:
+    with safe_open(str(tensor_path(tmp_path)), "pt") as f:
         floats = [k for k in f.keys() if f.get_tensor(k).dtype.is_floating_point]
     assert floats and all(k.endswith(".acc_scale") for k in floats)  # the declared output step's scale only
 
@@ -112,13 +112,47 @@ def test_a_failed_write_into_a_fresh_nested_folder_takes_the_folders_back(intege
     assert not (tmp_path / "new").exists()
 
 
+def test_a_re_export_stopped_before_its_json_leaves_the_previous_export_whole(qmodel, tmp_path, monkeypatch):
+    """The tensor file was renamed into place first, then the JSON: a re-export stopped between
+    the two (a full disk, SIGTERM) left the new tensors beside the old JSON, and the previous
+    export no longer loaded ("model.safetensors has N bytes, model.json records M")."""
+    import qswap.export.integer_format as integer_format
+    from qswap.cli import Terminated
+
+    old = qswap.integerize(qmodel)
+    write_integer_model(old, tmp_path, source="old")
+    old_tensors = tensor_path(tmp_path)
+    from qswap.models import build_s2t_transformer
+    new = qswap.integerize(calibrated(build_s2t_transformer(), "w4a8"))
+
+    def stopped(path, text):
+        raise Terminated()
+    with monkeypatch.context() as m:
+        m.setattr(integer_format, "atomic_write_text", stopped)
+        with pytest.raises(Terminated):
+            write_integer_model(new, tmp_path, source="new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([JSON_FILE, old_tensors.name])
+    assert load_integer_model(tmp_path).source == "old"
+    write_integer_model(new, tmp_path, source="new")  # completed: the old tensor file goes last
+    assert load_integer_model(tmp_path).source == "new" and not old_tensors.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([JSON_FILE, tensor_path(tmp_path).name])
+    (tmp_path / old_tensors.name).write_bytes(b"left by a killed re-export")  # qswap's name: cleared next time
+    write_integer_model(old, tmp_path, source="old again")
+    assert len(list(tmp_path.iterdir())) == 2 and load_integer_model(tmp_path).source == "old again"
+    killed = tmp_path / "killed"  # a first export killed outright after its tensor file: refused no more
+    killed.mkdir()
+    (killed / "model.0123456789abcdef.safetensors").write_bytes(b"half")
+    write_integer_model(old, killed)
+    assert sorted(p.name for p in killed.iterdir()) == sorted([JSON_FILE, old_tensors.name])
+
+
 def test_an_export_into_a_folder_of_other_files_is_refused(qmodel, tmp_path):
     """A folder holding a model.json or model.safetensors qswap did not write lost them to the
     export; refused, every file kept. A new, an empty, and an earlier integer export's folder take it."""
     from qswap.errors import OutputError
 
     imodel = qswap.integerize(qmodel)
-    for files in ({JSON_FILE: '{"weights": "mine"}', TENSOR_FILE: "mine"}, {"notes.txt": "mine"},
+    for files in ({JSON_FILE: '{"weights": "mine"}', "model.safetensors": "mine"}, {"notes.txt": "mine"},
                   {JSON_FILE: "not json"}):
         folder = tmp_path / f"foreign{len(list(tmp_path.iterdir()))}"
         folder.mkdir()

@@ -9,7 +9,7 @@ import torch
 
 import qswap
 from qswap.errors import ExportError, LoadError, QswapError
-from qswap.export.integer_format import FORMAT_VERSION, JSON_FILE, TENSOR_FILE, model_digest, write_integer_model
+from qswap.export.integer_format import FORMAT_VERSION, JSON_FILE, model_digest, tensor_path, write_integer_model
 from qswap.export.integer_load import load_integer_model
 
 
@@ -46,7 +46,7 @@ def out_proj(meta):
 
 def replace_tensor_file(d, blob):
     """A new tensor file with its size and hash written into the JSON, as a hand-made file would be."""
-    (d / TENSOR_FILE).write_bytes(blob)
+    tensor_path(d).write_bytes(blob)
     meta = load_meta(d)
     meta["tensor_file"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
     save_meta(d, meta)
@@ -70,8 +70,9 @@ def test_missing_json(tmp_path):
 
 
 def test_missing_tensor_file(copy):
-    (copy / TENSOR_FILE).unlink()
-    fails(copy, "missing", f"{TENSOR_FILE} does not exist")
+    tensors = tensor_path(copy)
+    tensors.unlink()
+    fails(copy, "missing", f"{tensors.name} does not exist")
 
 
 def test_truncated_json(copy):
@@ -81,20 +82,20 @@ def test_truncated_json(copy):
 
 
 def test_truncated_tensor_file(copy):
-    blob = (copy / TENSOR_FILE).read_bytes()
-    (copy / TENSOR_FILE).write_bytes(blob[: len(blob) - 100])
+    blob = tensor_path(copy).read_bytes()
+    tensor_path(copy).write_bytes(blob[: len(blob) - 100])
     fails(copy, "truncated", f"is truncated: {len(blob) - 100} bytes of the {len(blob)}")
 
 
 def test_a_changed_byte_fails_the_hash(copy):
-    blob = bytearray((copy / TENSOR_FILE).read_bytes())
+    blob = bytearray(tensor_path(copy).read_bytes())
     blob[len(blob) // 2] ^= 0x01
-    (copy / TENSOR_FILE).write_bytes(bytes(blob))
+    tensor_path(copy).write_bytes(bytes(blob))
     fails(copy, "corrupted", "corrupted: its sha256 is")
 
 
 def test_appended_bytes(copy):
-    with open(copy / TENSOR_FILE, "ab") as f:
+    with open(tensor_path(copy), "ab") as f:
         f.write(b"\0" * 8)
     fails(copy, "corrupted", "has .* bytes, model.json records")
 
@@ -180,7 +181,60 @@ def _tensor_entry_shape(meta):
     out_proj(meta)["weight"] = [1, 2, 3]
 
 
+def _first(meta, cls):
+    """The JSON args of the first ``cls`` object in the model description."""
+    stack = [meta["model"]]
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, dict):
+            if node.get("class") == cls:
+                return node["args"]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    raise AssertionError(f"no {cls} in the model")
+
+
+# values out of the ranges the integer arithmetic is defined for, the hash made afresh (a file
+# edited by hand): refused at load by the objects' own checks (they decoded to wrong transcripts,
+# or raised ZeroDivisionError / ValueError when decoding)
+def _no_heads(meta):
+    attention(meta)["num_heads"] = 0
+
+
+def _zero_scale(meta):
+    _first(meta, "Grid")["scale"] = 0.0
+
+
+def _zero_point_off_the_codes(meta):
+    grid = _first(meta, "Grid")
+    grid["zero_point"] = grid["qmax"] + 1
+
+
+def _add_shift(meta):
+    _first(meta, "AddParams")["left_shift"] = 40
+
+
+def _softmax_multiplier(meta):
+    _first(meta, "SoftmaxParams")["out_mult"] = -1
+
+
+def _negative_epsilon(meta):
+    _first(meta, "LayerNormParams")["eps_int"] = -5
+
+
+def _sqrt_bits(meta):
+    _first(meta, "LayerNormParams")["sqrt_bits"] = 40
+
+
 EDITS = [
+    (_no_heads, "head count divides its width"),
+    (_zero_scale, "finite scale above 0"),
+    (_zero_point_off_the_codes, "qmin <= zero point <= qmax"),
+    (_add_shift, "shifts its operands left by 12 to 26 bits"),
+    (_softmax_multiplier, "output multiplier is 1 to"),
+    (_negative_epsilon, "integer epsilon is 0 or more"),
+    (_sqrt_bits, "sqrt_bits is 0 to"),
     (_unknown_class, "unknown class 'os.system'"),
     (_missing_tensor, "tensor 'model.nowhere' is not in the tensor file"),
     (_wrong_dtype, "is int8 .* in the tensor file, but the JSON says int16"),
@@ -243,7 +297,7 @@ def test_a_nan_is_refused(copy):
 
 def test_an_extra_tensor_in_a_rehashed_file(copy):
     from safetensors.torch import load, save
-    tensors = load((copy / TENSOR_FILE).read_bytes())
+    tensors = load(tensor_path(copy).read_bytes())
     tensors["model.payload"] = torch.zeros(4, dtype=torch.int8)
     replace_tensor_file(copy, save(tensors))
     fails(copy, "edited", "tensors no field uses: model.payload")

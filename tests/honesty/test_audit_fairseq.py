@@ -203,3 +203,18 @@ def test_simulate_integer_is_honest_with_its_gemms_proven_exact_integer_gemms(ar
     assert "aten.convolution" in ops, ops
     with simulating(qmodel, "float"):
         assert qswap.audit(qmodel, net_input).totals["integer_gemm"] == 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_features_holding_nan_or_inf_are_an_audit_error_not_findings(float_model, net_input, value):
+    """One bad feature value had the honest model reported dishonest, its first quantizer's output
+    off the grid; the features are what to check."""
+    from qswap import AuditError
+
+    qmodel = qswap.convert(float_model, "w8a8")
+    qswap.calibrate(qmodel, [net_input])
+    assert qswap.audit(qmodel, net_input).honest
+    bad = dict(net_input, src_tokens=net_input["src_tokens"].clone())
+    bad["src_tokens"][0, 3, 5] = value
+    with pytest.raises(AuditError, match="input 'src_tokens' holds (NaN|inf) values"):
+        qswap.audit(qmodel, bad)

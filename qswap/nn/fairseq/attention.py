@@ -21,7 +21,7 @@ from fairseq.incremental_decoding_utils import FairseqIncrementalState
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor, nn
 
-from qswap.errors import ConvertError
+from qswap.errors import ConvertError, IntegerizeError
 from qswap.io.serializable import INT, Obj, serializable
 from qswap.io.serializable import Tuple as TupleOf
 from qswap.nn.attention import (CORE_SITES, QuantAttentionCore, heads_padding, maps_elementwise, merge_heads,
@@ -292,6 +292,9 @@ class IntegerFairseqAttention(FairseqIncrementalState, nn.Module):
 
     def __init__(self, num_heads: int, projections: list, core: nn.Module, out_proj: nn.Module):
         super().__init__()
+        width = projections[0].weight.shape[0]
+        if not (num_heads >= 1 and width % num_heads == 0):  # made by hand, or read from an edited file
+            raise IntegerizeError(f"an attention's head count divides its width {width}, got {num_heads} heads")
         self.num_heads = num_heads
         self.q_proj, self.k_proj, self.v_proj = projections
         self.core, self.out_proj = core, out_proj
