@@ -59,6 +59,7 @@ SHIPPED_QAT = ASSET / "qat_w4a4_edges8.pt"
 KEEP = 20  # fairseq-train's --keep-interval-updates in train_command
 TRAIN_DEFAULTS = {"lr": 3e-4, "warmup": 20, "max_tokens": 6000, "max_update": 3000, "calib_batches": 4}
 MODEL_FILES = ("spm_unigram200.model", "spm_unigram200.txt")
+CORPUS = "the corpus tools/make_corpus.py wrote (see qswap/assets/s2t_demo/README.md)"
 
 
 def train_command(a: argparse.Namespace) -> list[str]:
@@ -109,6 +110,11 @@ def use_shipped_tokenizer(data: Path) -> None:
     rebuild trains its own on the same sentences; the bytes may differ across versions)."""
     import shutil
 
+    from qswap.integration.data import check_data_dir
+
+    check_data_dir(data, CORPUS)
+    if not (data / MODEL_FILES[1]).is_file():
+        raise DataError(f"{data}: no {MODEL_FILES[1]} (the dictionary); pass --data DIR, {CORPUS}")
     if (data / MODEL_FILES[1]).read_text() != (ASSET / MODEL_FILES[1]).read_text():
         raise DataError(f"{data}: its dictionary is not the shipped model's; rebuild the corpus "
                          f"with the parameters in {ASSET / 'README.md'}")
@@ -194,6 +200,12 @@ def do_dev(a: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     save_dir = Path(a.save_dir)
+    if not checkpoints(save_dir) and not averages(save_dir):
+        what = "no checkpoints (checkpoint_last.pt, checkpoint_E_U.pt, average_F_L.pt)" if save_dir.is_dir() \
+            else "no such directory"
+        raise TrainingError(f"--save-dir {save_dir}: {what}; pass the --save-dir of a train run")
+    from qswap.integration.data import check_data_dir
+    check_data_dir(a.data, CORPUS)
     kept = checkpoints(save_dir)[-a.last:] if a.last else checkpoints(save_dir)
     todo = [(f"update {u}", path, save_dir / f"dev_{u}.json") for u, path in kept
             if (not a.updates or u in a.updates)]

@@ -3,16 +3,22 @@
 
 ``build_model`` converts the freshly built model with ``--qswap-recipe`` (so ``fairseq-train``
 trains the fake-quant model: QAT with straight-through / LSQ gradients, and a checkpoint it saves
-loads back into the same quantized model in ``fairseq-generate``); a recipe whose transforms need
-activation statistics (smoothquant) trains only from ``--finetune-from-model QCKPT``, a checkpoint
-``qswap convert`` wrote with that recipe (``qswap.integration.qat_start``). ``train_step``
+loads back into the same quantized model in ``fairseq-generate``). The checkpoint fairseq-train
+will load into it (found as fairseq finds it: the run's own last checkpoint with
+``--checkpoint-suffix``, ``--restore-file``, ``--continue-once``, ``--finetune-from-model``) must
+hold that recipe's grids, or be a float checkpoint; one that holds a recipe is refused without
+``--qswap-recipe``. A recipe whose transforms need activation statistics (smoothquant) trains only
+from a checkpoint ``qswap convert`` wrote with that recipe (``--finetune-from-model QCKPT``, or
+the run's own checkpoint it resumes: ``qswap.integration.qat_start``), and decodes only such a
+checkpoint, not a float one given ``--qswap-recipe``. ``train_step``
 calibrates the activation quantizers on the batches of the first ``--qswap-calib-batches``
 updates (each of the ``--update-freq`` batches of an update; observing what the recipe's
 ``observe`` key says: ``qswap.calibrate``), with zero gradients, and ``optimizer_step`` freezes
 them after the last of those updates (synchronized across DDP workers). The count is of fairseq's
 updates, so a run resumed from a checkpoint saved during calibration calibrates only the updates
 left. A model whose grids are already calibrated and frozen (such a QCKPT, a run resumed after
-calibration) skips it: its LSQ scales start from the stored grids.
+calibration) skips it: its LSQ scales start from the stored grids. A recipe with learned scales
+and no calibration updates needs such grids (else a TrainingError before the first update).
 ``build_generator`` prints the honesty verdict first when ``--qswap-audit`` is given.
 """
 # no ``from __future__ import annotations`` here: fairseq builds the command-line options of
@@ -20,8 +26,9 @@ calibration) skips it: its LSQ scales start from the stored grids.
 # ("RuntimeError: field should be a type" in fairseq-train --task audio_finetuning_qswap)
 import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from fairseq.tasks import TASK_REGISTRY, register_task
@@ -30,7 +37,7 @@ from fairseq.tasks.speech_to_text import SpeechToTextTask
 from omegaconf import II, OmegaConf
 
 import qswap
-from qswap.transforms import STRUCTURE_ONLY
+from qswap.transforms import STRUCTURE_ONLY, needs_data
 from qswap.calibrate import activation_quantizers, eval_mode, freeze_observed, observing, recipe_observe
 from qswap.integration.data import resolve_audio_root
 from qswap.integration.qat_start import converted_start
@@ -57,40 +64,51 @@ class QswapTaskMixin:
         # the recipe a checkpoint stores in its model cfg (read first: fairseq's dataclass models
         # drop keys they do not know while building)
         stored = getattr(cfg, "qswap_recipe", None)
-        model = super().build_model(cfg, from_checkpoint)
         opts = self._qswap_opts()
+        calib = _calib_updates(opts)
+        model = super().build_model(cfg, from_checkpoint)
         named = getattr(opts, "qswap_recipe", None)
         # a checkpoint's own recipe first; otherwise the command line's (legacy fairseq models keep
         # every training arg in their model cfg)
         recipe = (stored or named) if from_checkpoint else (named or stored)
+        # the checkpoint fairseq-train loads into the model it builds (a model rebuilt from a
+        # checkpoint is that checkpoint's)
+        start = None if from_checkpoint else _start_checkpoint(opts)
         if not recipe:
-            if int(getattr(opts, "qswap_calib_batches", 0) or 0) or getattr(opts, "qswap_strict", False):
+            if start is not None:  # a quantized checkpoint does not load into the float model
+                _refuse_unnamed(start)
+            if calib or getattr(opts, "qswap_strict", False):
                 from qswap.errors import TrainingError
                 raise TrainingError("--qswap-calib-batches and --qswap-strict apply to a model qswap converts: pass "
                                     "--qswap-recipe RECIPE (or --path a checkpoint 'qswap convert' wrote)")
             return model
         if OmegaConf.is_config(recipe):  # a qswap checkpoint stores the recipe itself in its cfg
             recipe = OmegaConf.to_container(recipe, resolve=True)
+        float_start = None
         if from_checkpoint:
-            from qswap.integration.qat_start import load_recipe_of
+            from qswap.integration.qat_start import float_checkpoint_error, load_recipe_of
             path = getattr(opts, "path", None)
             recipe = load_recipe_of(path, recipe)
             if stored and named:  # --qswap-recipe must be the recipe the checkpoint holds
                 _refuse_other(qswap.load_recipe(named), recipe, f"the checkpoint {path or ''}".rstrip())
+            elif not stored and needs_data(recipe.transforms):
+                # a float checkpoint decoded with --qswap-recipe: a checkpoint's state is taken to
+                # hold transformed weights (STRUCTURE_ONLY), which a float one does not
+                raise float_checkpoint_error(recipe, path, recipe_arg=named, data=getattr(opts, "data", None))
+            # a checkpoint's state holds transformed weights
+            data = STRUCTURE_ONLY
         else:
             recipe_arg = recipe if isinstance(recipe, str) else None
             recipe = qswap.load_recipe(recipe)
-        # a checkpoint's state holds transformed weights; a recipe whose transforms need activation
-        # statistics is applied to a freshly built model only to fine-tune from a qswap checkpoint
-        # converted with it (--finetune-from-model QCKPT; else a ConvertError saying what to run)
-        data = STRUCTURE_ONLY if from_checkpoint else converted_start(
-            recipe, getattr(opts, "finetune_from_model", None),
-            recipe_arg=recipe_arg, data=getattr(opts, "data", None))
-        start = None if from_checkpoint else _start_checkpoint(opts)
-        # converted_start has read --finetune-from-model's recipe and refused another (STRUCTURE_ONLY)
-        checked = getattr(opts, "finetune_from_model", None) if data is STRUCTURE_ONLY else None
-        if start is not None and start != checked:  # the checkpoint fairseq-train loads next must hold
-            _check_start(recipe, start)  # this recipe's grids
+            # a recipe whose transforms need activation statistics is applied to a freshly built
+            # model only to load a qswap checkpoint converted (or trained) with it: the start
+            # fairseq-train loads (--finetune-from-model QCKPT, or the run's own checkpoint it
+            # resumes); else a ConvertError saying what to run. converted_start has read that
+            # checkpoint's recipe and refused another (STRUCTURE_ONLY)
+            data = converted_start(recipe, start and start.path, recipe_arg=recipe_arg,
+                                   data=getattr(opts, "data", None), source=start and start.source)
+            if start is not None and data is not STRUCTURE_ONLY:  # the checkpoint fairseq-train loads
+                float_start = _check_start(recipe, start)  # next must hold this recipe's grids
         # a model rebuilt from a checkpoint: strict's checks ran when it was first converted (a
         # later qswap may check more), unless --qswap-strict asks again
         strict = getattr(opts, "qswap_strict", False) or (False if from_checkpoint else None)
@@ -101,9 +119,23 @@ class QswapTaskMixin:
         counts = model.qswap_report.counts()
         logger.info(f"qswap: converted with recipe {model.qswap_recipe.name}: {counts['quantized']} "
                     f"modules quantized, {counts['float']} left float, {counts['skipped']} skipped")
-        self._qswap_calib_updates = int(getattr(opts, "qswap_calib_batches", 0) or 0)
+        self._qswap_calib_updates = calib
         self._qswap_calibrating = False
+        # fairseq-train: with no calibration updates, learned scales need calibrated grids from the
+        # checkpoint it loads (checked once it has loaded it: begin_epoch)
+        self._qswap_check_learned = None if from_checkpoint or calib else (
+            recipe_arg or recipe.name, float_start, getattr(opts, "data", None))
         return model
+
+    def begin_epoch(self, epoch, model):
+        """fairseq-train, before an epoch's first update (the start checkpoint loaded): a recipe
+        with learned activation scales (LSQ) and no calibration updates must start from calibrated,
+        frozen grids; unfrozen, every training forward would set each scale from its observer
+        again and throw away what the optimizer learned (a TrainingError saying what to pass)."""
+        check, self._qswap_check_learned = getattr(self, "_qswap_check_learned", None), None
+        if check is not None:
+            _refuse_unlearnable_scales(model, *check)
+        return super().begin_epoch(epoch, model)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if update_num < getattr(self, "_qswap_calib_updates", 0) and self._qswap_calibration_step(model, sample):
@@ -137,8 +169,7 @@ class QswapTaskMixin:
         make a resumed run calibrate again, which would spend an update on a step whose zero
         gradients Adam's momentum still turns into an update)."""
         quantizers = activation_quantizers(model)
-        observed = [q for q in quantizers if q.initialized]
-        if not quantizers or (observed and all(bool(q.frozen) for q in observed)):
+        if not _to_calibrate(quantizers):
             return False
         with eval_mode(model), torch.no_grad(), observing(quantizers, recipe_observe(model)):
             model(**sample["net_input"])
@@ -190,25 +221,96 @@ def _refuse_other(recipe, stored, where):
                            f"checkpoint converted with {recipe.name}")
 
 
-def _start_checkpoint(opts):
-    """The checkpoint fairseq-train loads into the model it built: the run's own last checkpoint
-    when resuming (--restore-file, default SAVE_DIR/checkpoint_last.pt), else --finetune-from-model;
-    None when neither exists. (audio_finetuning_qswap's dataclass cfg carries them as
-    interpolations of fairseq's checkpoint section.)"""
-    import os
-    restore, save_dir = getattr(opts, "restore_file", None), getattr(opts, "save_dir", None)
-    if restore and save_dir:
-        path = os.path.join(save_dir, restore) if restore == "checkpoint_last.pt" else restore
-        if os.path.exists(path):
-            return path
-    return getattr(opts, "finetune_from_model", None) or None
+class Start(NamedTuple):
+    path: str  # the checkpoint fairseq-train loads into the model it built
+    source: str  # what made fairseq-train load it, as an error message names it
 
 
-def _check_start(recipe, start):
+def _start_checkpoint(opts) -> Optional[Start]:
+    """The checkpoint fairseq-train loads into the model it built, found as fairseq's
+    ``checkpoint_utils.load_checkpoint`` finds it: with the default --restore-file
+    (checkpoint_last.pt), SAVE_DIR/checkpoint_last{--checkpoint-suffix}.pt when it exists; on a
+    first launch (no such file) --continue-once, else --finetune-from-model; another
+    --restore-file as given, with the suffix before its ``.pt``. None where fairseq-train loads
+    nothing (no such file: it trains the model it built); a missing --finetune-from-model is
+    returned (fairseq refuses it, and loading it is a CheckpointError). The --reset-* flags
+    change what of a checkpoint's training state is restored, not whose weights load.
+    (audio_finetuning_qswap's dataclass cfg carries these options as interpolations of fairseq's
+    checkpoint section.) Not followed: the suffixes fairseq adds per worker for model-parallel,
+    base-layers and sharded FSDP training."""
+    restore = getattr(opts, "restore_file", None) or "checkpoint_last.pt"
+    suffix = getattr(opts, "checkpoint_suffix", None) or ""
+    if restore != "checkpoint_last.pt":
+        path = restore.replace(".pt", suffix + ".pt")
+        return Start(path, f"--restore-file {path}") if os.path.isfile(path) else None
+    last = os.path.join(getattr(opts, "save_dir", None) or "checkpoints", f"checkpoint_last{suffix}.pt")
+    if os.path.exists(last):
+        return Start(last, f"the checkpoint {last} that fairseq-train resumes")
+    once = getattr(opts, "continue_once", None)
+    if once is not None:
+        return Start(once, f"--continue-once {once}") if os.path.isfile(once) else None
+    finetune = getattr(opts, "finetune_from_model", None)
+    return Start(finetune, f"--finetune-from-model {finetune}") if finetune else None
+
+
+def _check_start(recipe, start: Start) -> Optional[str]:
+    """Refuse a start checkpoint converted or trained with another recipe; its path when it is a
+    float checkpoint (None otherwise)."""
     from qswap.integration.qat_start import stored_recipe
-    stored = stored_recipe(start)
+    stored = stored_recipe(start.path)
     if stored is not None:
-        _refuse_other(recipe, stored, f"the checkpoint {start}")
+        _refuse_other(recipe, stored, f"the checkpoint {start.path}")
+        return None
+    return start.path
+
+
+def _refuse_unnamed(start: Start) -> None:
+    """No --qswap-recipe: fairseq-train builds the float model, into which a checkpoint qswap
+    converted or trained does not load (fairseq's "Cannot load model parameters" exception)."""
+    from qswap.errors import TrainingError
+    from qswap.integration.qat_start import stored_recipe
+    from qswap.recipe.loader import shipped_recipe_names
+    if not os.path.isfile(start.path):  # fairseq-train says so itself
+        return
+    stored = stored_recipe(start.path)
+    if stored is None:
+        return
+    option = (f"--qswap-recipe {stored.name}" if stored.name in shipped_recipe_names() else
+              f"--qswap-recipe RECIPE.yaml with its recipe {stored.name}")
+    raise TrainingError(f"{start.source} holds a model quantized with qswap recipe {stored.name}, which does not "
+                        f"load into the float model fairseq-train builds without --qswap-recipe: pass {option}, "
+                        f"the recipe it was converted or trained with")
+
+
+def _calib_updates(opts) -> int:
+    calib = int(getattr(opts, "qswap_calib_batches", 0) or 0)
+    if calib < 0:
+        from qswap.errors import TrainingError
+        raise TrainingError(f"--qswap-calib-batches {calib}: pass the number of updates whose batches calibrate "
+                            f"the activation quantizers (0: none)")
+    return calib
+
+
+def _to_calibrate(quantizers) -> bool:
+    """Whether ``quantizers`` (a model's activation quantizers) are to be calibrated: False when
+    there are none or every one with a grid is frozen (one off the forward path never gets a
+    grid, e.g. wav2vec 2.0's attention-bias quantizer, and does not count)."""
+    observed = [q for q in quantizers if q.initialized]
+    return bool(quantizers) and not (observed and all(bool(q.frozen) for q in observed))
+
+
+def _refuse_unlearnable_scales(model, recipe_arg, float_start, data) -> None:
+    quantizers = activation_quantizers(model)
+    if not any(q.spec.learnable for q in quantizers) or not _to_calibrate(quantizers):
+        return
+    from qswap.errors import TrainingError
+    from qswap.integration.qat_start import convert_command
+    raise TrainingError(f"recipe {model.qswap_recipe.name} learns its activation scales (LSQ) from calibrated, "
+                        f"frozen grids, and neither --qswap-calib-batches (0) nor the checkpoint fairseq-train "
+                        f"loaded gives them: every training forward would set each scale from its observer "
+                        f"again, and nothing would be learned. Pass --qswap-calib-batches N (the first N updates "
+                        f"calibrate, e.g. 4), or fine-tune from a calibrated checkpoint, "
+                        f"`{convert_command(recipe_arg, float_start, data)}` (--finetune-from-model QCKPT)")
 
 
 @contextlib.contextmanager
@@ -254,6 +356,9 @@ class AudioFinetuningQswapConfig(AudioFinetuningConfig):
     # values, and one saved without them loads as before (a rebuilt model never reads them)
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
+    # and --checkpoint-suffix / --continue-once, which fairseq's loader reads as well
+    checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
+    continue_once: Optional[str] = II("checkpoint.continue_once")
 
 
 class AudioFinetuningQswapTask(QswapTaskMixin, AudioFinetuningTask):

@@ -26,35 +26,55 @@ def convert_command(recipe_arg: Any, float_checkpoint: Any = None, data: Any = N
             f"--data {data or 'DATA'} --calib-batches 4 -o QCKPT")
 
 
+def _needs_statistics(recipe: Recipe) -> str:
+    steps = ", ".join(s.describe() for s in recipe.transforms)
+    return f"recipe {recipe.name}: its transforms ({steps}) need activation statistics"
+
+
 def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = None, data: Any = None,
-                    float_checkpoint: Any = None) -> Any:
+                    float_checkpoint: Any = None, source: Any = None) -> Any:
     """``data=`` for ``qswap.convert`` of a model fairseq-train builds for QAT: None when the
-    recipe's transforms need no statistics; ``STRUCTURE_ONLY`` when ``finetune_from`` is a qswap
-    checkpoint written with this very recipe (its state holds the folded weights and the
-    calibrated quantizers). Otherwise a ConvertError naming the ``qswap convert`` command to run
-    (``recipe_arg``, ``data``, ``float_checkpoint``: the recipe name or path, the data directory
-    and the float checkpoint it shows)."""
+    recipe's transforms need no statistics; ``STRUCTURE_ONLY`` when ``finetune_from`` (the
+    checkpoint fairseq-train loads into the built model: --finetune-from-model, or the run's own
+    checkpoint it resumes) is a qswap checkpoint written with this very recipe, or a QAT checkpoint
+    trained with it (its state holds the folded weights and the calibrated quantizers). Otherwise
+    a ConvertError naming the ``qswap convert`` command to run (``recipe_arg``, ``data``,
+    ``float_checkpoint``: the recipe name or path, the data directory and the float checkpoint it
+    shows; ``source``: how the message names ``finetune_from``, by default as
+    ``--finetune-from-model``)."""
     if not needs_data(recipe.transforms):
         return None
     recipe_arg = recipe_arg or recipe.name
-    steps = ", ".join(s.describe() for s in recipe.transforms)
-    what = (f"recipe {recipe.name}: its transforms ({steps}) need activation statistics, which a "
-            f"model fairseq-train builds (random weights) does not have")
+    what = f"{_needs_statistics(recipe)}, which a model fairseq-train builds (random weights) does not have"
     if not finetune_from:
         raise ConvertError(f"{what}; convert the trained float checkpoint first, "
                            f"`{convert_command(recipe_arg, float_checkpoint, data)}`, and fine-tune from it "
                            f"(--finetune-from-model QCKPT)")
+    source = source or f"--finetune-from-model {finetune_from}"
     stored = stored_recipe(finetune_from)
     if stored is None:
-        raise ConvertError(f"{what}, and --finetune-from-model {finetune_from} is a float checkpoint; "
+        raise ConvertError(f"{what}, and {source} is a float checkpoint; "
                            f"convert it first, `{convert_command(recipe_arg, finetune_from, data)}`, "
                            f"and fine-tune from QCKPT")
     if not same_recipe(stored, recipe):
-        raise ConvertError(f"{what}; --finetune-from-model {finetune_from} was converted with recipe "
+        raise ConvertError(f"{what}; {source} was converted with recipe "
                            f"{stored.name}, not with this one (its folded weights and grids would not "
                            f"be this recipe's); convert the float checkpoint with this recipe, "
                            f"`{convert_command(recipe_arg, float_checkpoint, data)}`")
     return STRUCTURE_ONLY
+
+
+def float_checkpoint_error(recipe: Recipe, checkpoint: Any, *, recipe_arg: Any = None,
+                           data: Any = None) -> ConvertError:
+    """The ConvertError for a float ``checkpoint`` loaded as a model of ``recipe`` whose transforms
+    need activation statistics (fairseq-generate --path FLOAT --qswap-recipe R): a model built
+    from a checkpoint gets the transforms' structure only, so it would decode the float weights
+    untransformed under the recipe's name. It names the ``qswap convert`` command to run."""
+    return ConvertError(f"{_needs_statistics(recipe)}, which a model loaded from a checkpoint does not "
+                        f"have, and {checkpoint} is a float checkpoint (its weights would be used without "
+                        f"the transforms); convert it first, "
+                        f"`{convert_command(recipe_arg or recipe.name, checkpoint, data)}`, and load QCKPT "
+                        f"(--path QCKPT)")
 
 
 def stored_recipe(path: Any) -> "Recipe | None":

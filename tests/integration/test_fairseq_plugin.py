@@ -311,3 +311,96 @@ def test_the_audit_reads_the_subset_fairseq_generates(float_checkpoint, w8a8, tm
                "speech_to_text_qswap", "--path", w8a8, "--gen-subset", "dev", "--beam", "2", "--max-tokens", "4000",
                "--cpu", "--qswap-audit", "--scoring", "wer", "--required-batch-size-multiple", "1", cwd=root)
     assert "qswap audit: HONEST" in out and "Generate dev with beam=2" in out
+
+
+@pytest.fixture(scope="module")
+def suffixed(float_checkpoint, tmp_path_factory):
+    """A w8a8 QAT run of one update saved with --checkpoint-suffix _x: SAVE_DIR/checkpoint_last_x.pt."""
+    root, data, _ = float_checkpoint
+    save = tmp_path_factory.mktemp("suffixed")
+    _run(*_qat(root, data, save, "w8a8", 1, 1, "--checkpoint-suffix", "_x"), cwd=root)
+    assert not (save / "checkpoint_last.pt").exists()
+    return save / "checkpoint_last_x.pt"
+
+
+def _without(args, *options):
+    """fairseq-train's ``args`` without ``options`` and their values."""
+    out = list(args)
+    for option in options:
+        i = out.index(option)
+        del out[i:i + 2]
+    return out
+
+
+def test_the_recipe_is_checked_on_the_checkpoint_fairseq_train_loads(float_checkpoint, suffixed, tmp_path):
+    """fairseq's loader reads SAVE_DIR/checkpoint_last{--checkpoint-suffix}.pt, a --restore-file with
+    the suffix before its .pt, and --continue-once on a first launch: each such checkpoint of the
+    w8a8 run is refused for --qswap-recipe w4a4, as SAVE_DIR/checkpoint_last.pt is."""
+    root, data, _ = float_checkpoint
+    refused = f"ConvertError: --qswap-recipe w4a4 is not the recipe w8a8 that the checkpoint {suffixed} was"
+    # resuming it (the float --finetune-from-model is what only a first launch loads)
+    assert refused in _refused(*_qat(root, data, suffixed.parent, "w4a4", 1, 2, "--checkpoint-suffix", "_x"),
+                               cwd=root)
+    restore = _without(_qat(root, data, tmp_path / "restore", "w4a4", 1, 2, "--checkpoint-suffix", "_x",
+                            "--restore-file", suffixed.parent / "checkpoint_last.pt"), "--finetune-from-model")
+    assert refused in _refused(*restore, cwd=root)
+    once = _qat(root, data, tmp_path / "once", "w4a4", 1, 2, "--continue-once", suffixed)
+    assert refused in _refused(*_without(once, "--finetune-from-model"), cwd=root)
+    assert not list((tmp_path / "restore").glob("*.pt")) and not list((tmp_path / "once").glob("*.pt"))
+
+
+def test_the_start_checkpoint_is_found_as_fairseq_finds_it(tmp_path):
+    from argparse import Namespace
+
+    from qswap.integration.fairseq_task import _start_checkpoint
+
+    for name in ("checkpoint_last.pt", "checkpoint_last_x.pt", "other_x.pt", "once.pt", "ft.pt"):
+        (tmp_path / name).write_bytes(b"")
+    opts = dict(save_dir=str(tmp_path), restore_file="checkpoint_last.pt", checkpoint_suffix="",
+                continue_once=str(tmp_path / "once.pt"), finetune_from_model=str(tmp_path / "ft.pt"))
+    assert _start_checkpoint(Namespace(**opts)).path == str(tmp_path / "checkpoint_last.pt")
+    assert _start_checkpoint(Namespace(**{**opts, "checkpoint_suffix": "_x"})).path == str(tmp_path / "checkpoint_last_x.pt")
+    first = {**opts, "checkpoint_suffix": "_y"}  # no checkpoint_last_y.pt: a first launch
+    assert _start_checkpoint(Namespace(**first)).source == f"--continue-once {tmp_path / 'once.pt'}"
+    assert _start_checkpoint(Namespace(**{**first, "continue_once": None})).path == str(tmp_path / "ft.pt")
+    assert _start_checkpoint(Namespace(**{**first, "continue_once": str(tmp_path / "gone.pt")})) is None
+    restore = {**opts, "restore_file": str(tmp_path / "other.pt"), "checkpoint_suffix": "_x"}
+    assert _start_checkpoint(Namespace(**restore)).path == str(tmp_path / "other_x.pt")
+    assert _start_checkpoint(Namespace(**{**restore, "checkpoint_suffix": ""})) is None  # no other.pt
+
+
+def test_a_quantized_start_without_a_recipe_names_the_recipe_to_pass(float_checkpoint, suffixed, w8a8, tmp_path):
+    """Resuming a QAT run, or fine-tuning from a qswap checkpoint, without --qswap-recipe builds a
+    float model its state does not fit: a TrainingError naming --qswap-recipe w8a8, not fairseq's
+    "Cannot load model parameters" exception."""
+    root, data, _ = float_checkpoint
+    resume = _without(_qat(root, data, suffixed.parent, "w8a8", 0, 2, "--checkpoint-suffix", "_x"), "--qswap-recipe")
+    err = _refused(*resume, cwd=root)
+    assert (f"TrainingError: the checkpoint {suffixed} that fairseq-train resumes holds a model quantized with "
+            f"qswap recipe w8a8") in err and "pass --qswap-recipe w8a8, the recipe it was converted" in err
+    finetune = _without(_qat(root, data, tmp_path / "ft", "w8a8", 0, 1), "--qswap-recipe")
+    finetune[finetune.index("--finetune-from-model") + 1] = w8a8
+    err = _refused(*finetune, cwd=root)
+    assert f"TrainingError: --finetune-from-model {w8a8} holds a model quantized with qswap recipe w8a8" in err
+
+
+def test_learned_scales_without_calibration_are_refused(float_checkpoint, tmp_path):
+    """LSQ with --qswap-calib-batches 0 from a float checkpoint would reset every scale from its
+    observer at each training forward (nothing learned): a TrainingError before the first update
+    naming both ways out. From a checkpoint qswap convert calibrated, the scales start from its
+    frozen grids and train. A negative count is refused."""
+    root, data, float_ckpt = float_checkpoint
+    err = _refused(*_qat(root, data, tmp_path / "lsq", "w4a8_lsq", 0, 1), cwd=root)
+    assert "TrainingError: recipe w4a8_lsq learns its activation scales (LSQ)" in err
+    assert "Pass --qswap-calib-batches N" in err and f"`qswap convert {float_ckpt} --recipe w4a8_lsq" in err
+    assert not list((tmp_path / "lsq").glob("*.pt"))
+    err = _refused(*_qat(root, data, tmp_path / "neg", "w8a8", -3, 1), cwd=root)
+    assert "TrainingError: --qswap-calib-batches -3: pass the number of updates" in err
+    qckpt = convert_small(float_ckpt, data, tmp_path / "lsq.pt", recipe="w4a8_lsq", batches=1)
+    args = _qat(root, data, tmp_path / "ok", "w4a8_lsq", 0, 1)
+    args[args.index("--finetune-from-model") + 1] = qckpt
+    log = _run(*args, cwd=root)
+    assert "qswap: converted with recipe w4a8_lsq" in log and "calibrated and froze" not in log
+    trained, start = _model_state(tmp_path / "ok" / "checkpoint_last.pt"), _model_state(qckpt)
+    scales = [k for k in start if k.endswith("input_quant.scale") and start[k].numel()]
+    assert scales and any(not torch.equal(trained[k], start[k].to(trained[k].dtype)) for k in scales)

@@ -305,6 +305,13 @@ def test_audio_finetuning_task_sees_fairseqs_checkpoint_options(tmp_path):
         cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv + extra))
         task_cfg = merge_with_parent(TASK_DATACLASS_REGISTRY["audio_finetuning_qswap"](), cfg.task)
         assert (task_cfg.save_dir, task_cfg.restore_file) == want
+    # and --checkpoint-suffix / --continue-once, with which fairseq's loader picks the checkpoint
+    run = ["--checkpoint-suffix", "_x", "--continue-once", "other.pt"]
+    for extra, want in (([], ("", None)), (run, ("_x", "other.pt"))):
+        parser = options.get_training_parser()
+        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv + extra))
+        task_cfg = merge_with_parent(TASK_DATACLASS_REGISTRY["audio_finetuning_qswap"](), cfg.task)
+        assert (task_cfg.checkpoint_suffix, task_cfg.continue_once) == want
 
 
 def test_qswap_loads_the_checkpoint_without_trust(trained):
@@ -339,7 +346,8 @@ def test_a_checkpoint_without_the_tasks_checkpoint_options_still_loads(trained, 
     state = torch.load(ckpt, weights_only=False, map_location="cpu")
     assert state["cfg"]["task"]["save_dir"] == str(ckpt.parent)  # stored resolved, as a plain value
     assert state["cfg"]["task"]["restore_file"] == "checkpoint_last.pt"
-    for key in ("save_dir", "restore_file", "finetune_from_model"):
+    assert (state["cfg"]["task"]["checkpoint_suffix"], state["cfg"]["task"]["continue_once"]) == ("", None)
+    for key in ("save_dir", "restore_file", "finetune_from_model", "checkpoint_suffix", "continue_once"):
         del state["cfg"]["task"][key]
     old = tmp_path / "old.pt"
     torch.save(state, old)

@@ -18,10 +18,10 @@ RECIPE = "w4a4_edges8_stream_smoothquant_lsq"
 LR = 1e-3  # TRAIN's Adam learning rate: two updates move no weight by much more than 2 * LR
 
 
-def _train_args(root, data, save_dir, finetune_from):
+def _train_args(root, data, save_dir, finetune_from, updates=2):
     return [data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap", "--qswap-recipe", RECIPE,
-            "--qswap-calib-batches", "2", *SMALL, *TRAIN, "--batch-size", "3", "--max-update", "2",
-            "--finetune-from-model", finetune_from, "--save-dir", save_dir]
+            "--qswap-calib-batches", "2", *SMALL, *TRAIN, "--batch-size", "3", "--max-update", str(updates),
+            *(["--finetune-from-model", finetune_from] if finetune_from else []), "--save-dir", save_dir]
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,31 @@ def test_fine_tunes_again_from_a_checkpoint_fairseq_train_wrote(converted, tmp_p
                    cwd=root)
     assert f"qswap: converted with recipe {RECIPE}" in log and "calibrated and froze" not in log
     assert converted_start(qswap.load_recipe(RECIPE), tmp_path / "qat1" / "checkpoint_last.pt") is STRUCTURE_ONLY
+
+
+def test_resumes_its_own_checkpoint(converted, tmp_path):
+    """fairseq-train resuming the run from SAVE_DIR/checkpoint_last.pt (no --finetune-from-model on
+    the second launch) loads that checkpoint's folded weights: the structure only, not 'convert
+    the float checkpoint first'."""
+    root, data, _, qckpt = converted
+    run_tool("fairseq-train", *_train_args(root, data, tmp_path / "qat", qckpt, updates=1), cwd=root)
+    log = run_tool("fairseq-train", *_train_args(root, data, tmp_path / "qat", None, updates=2), cwd=root)
+    assert "Loaded checkpoint" in log and f"qswap: converted with recipe {RECIPE}" in log
+    state = torch.load(tmp_path / "qat" / "checkpoint_last.pt", weights_only=False, map_location="cpu")
+    assert state["optimizer_history"][-1]["num_updates"] == 2
+
+
+def test_fairseq_generate_of_a_float_checkpoint_names_the_convert_command(float_checkpoint):
+    """fairseq-generate --qswap-recipe RECIPE of a float checkpoint would decode its weights without
+    the SmoothQuant fold under the recipe's name: a ConvertError naming qswap convert instead."""
+    root, data, float_ckpt = float_checkpoint
+    proc = subprocess.run([str(BIN / "fairseq-generate"), str(data), "--user-dir", qswap.plugin_dir(), "--task",
+                           "speech_to_text_qswap", "--path", str(float_ckpt), "--qswap-recipe", RECIPE,
+                           "--gen-subset", "test", "--beam", "2", "--max-tokens", "4000", "--cpu",
+                           "--required-batch-size-multiple", "1"], cwd=root, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"qswap.errors.ConvertError: recipe {RECIPE}: its transforms")
+    assert f"{float_ckpt} is a float checkpoint" in last
+    assert f"`qswap convert {float_ckpt} --recipe {RECIPE} --data {data} --calib-batches 4 -o QCKPT`" in last

@@ -497,3 +497,21 @@ def test_a_page_says_which_training_arithmetic_changes_its_run_lacked():
     # a history without the change (a shallow clone): git cannot tell, and the page is not written
     with pytest.raises(TrainingError, match="fetch the whole history"):
         qat_train._has_commit(qat_train.REPO, "HEAD", "0" * 40)
+
+
+def test_train_and_dev_say_what_is_missing_from_their_folders(tmp_path, capsys):
+    """train of a missing corpus folder (or one without the dictionary) is a DataError, not
+    FileNotFoundError's traceback, before fairseq-train starts; dev of a save directory without
+    checkpoints is an error, not a silent exit 0."""
+    run = ["--save-dir", str(tmp_path / "run")]
+    assert qat_train.main(["train", "--data", str(tmp_path / "none"), *run]) == 2
+    assert f"error: data directory {tmp_path / 'none'} does not exist" in capsys.readouterr().err
+    (tmp_path / "data").mkdir()
+    assert qat_train.main(["train", "--data", str(tmp_path / "data"), *run]) == 2
+    assert f"error: {tmp_path / 'data'}: no spm_unigram200.txt" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert qat_train.main(["dev", "--data", str(tmp_path / "data"), *run]) == 2
+    assert f"error: --save-dir {tmp_path / 'run'}: no such directory" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    assert qat_train.main(["dev", "--data", str(tmp_path / "data"), *run]) == 2
+    assert f"error: --save-dir {tmp_path / 'run'}: no checkpoints" in capsys.readouterr().err
