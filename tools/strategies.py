@@ -359,6 +359,11 @@ def _upper_within(ci, target: float) -> bool:
     return ci is not None and ci[1] <= target
 
 
+def _lower_beyond(ci, target: float) -> bool:
+    """The whole interval lies above ``target``; False without an interval."""
+    return ci is not None and ci[0] > target
+
+
 def _rows(payload: dict) -> list[str]:
     keys = payload["cells"][next(iter(SUBSETS))]
     return [m for m in [*METHODS, "qat"] if any(k.startswith(f"{m}/") for k in keys)]
@@ -435,8 +440,12 @@ def reading(payload: dict, stats: dict) -> str:
             elif all(p <= t for p in pts):
                 line += (f" Target (within +{t}): the point estimates meet it on both sets, but an interval "
                          f"reaches beyond it, so these sets cannot confirm it.")
+            elif any(_lower_beyond(stats[s][f"{best}/{c}"]["delta_ci"], t) for s in SUBSETS):
+                beyond = [s for s in SUBSETS if _lower_beyond(stats[s][f"{best}/{c}"]["delta_ci"], t)]
+                line += f" Target (within +{t}) not met: on {' and '.join(beyond)} the whole interval lies above it."
             else:
-                line += f" Target (within +{t}) not met."
+                line += (f" Target (within +{t}): a point estimate lies above it, but no interval lies wholly "
+                         f"above it: these sets cannot tell.")
             others = _meeting(payload, stats, c, t, exclude=best)
             if others:
                 line += (f" Other cells whose point estimates meet it on both sets: {others}.")
