@@ -44,6 +44,11 @@ bench: install
 # Not repeated here: the QAT training run (tools/qat_train.py train, hours; its evals against PTQ
 # are, then `tools/qat_train.py doc --save-dir RUN --evals docs/qat ...` rewrites docs/qat.md from the
 # run's folder (`refresh`, below, only its PTQ and float comparisons from the evals), with the command written on the page) and docs/reliability.md (tools/reliability_table.py reads the training corpus).
+# the QAT pages' test sets: the shipped ones, and the large ones qswap.demo materializes
+QAT_SETS := test test_heldout test_large test_heldout_large
+set_dir = case $(1) in *_large) $(PY) -c "import qswap.demo as m; print(m.data_dir('$(1)'))";; \
+	*) echo qswap/assets/s2t_demo;; esac
+
 docs: install
 	$(PY) tools/sensitivity_doc.py
 	$(PY) -m qswap.demo
@@ -60,14 +65,21 @@ docs: install
 	mkdir -p build
 	$(VENV)/bin/qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe w4a4_edges8_stream_smoothquant_lsq \
 	  --data qswap/assets/s2t_demo --calib-subset train_calib --calib-batches 4 -o build/qat_ptq.pt
-	for s in test test_heldout; do \
-	  $(VENV)/bin/qswap eval build/qat_ptq.pt --data qswap/assets/s2t_demo --subset $$s \
+	for s in $(QAT_SETS); do d=$$($(call set_dir,$$s)) && \
+	  $(VENV)/bin/qswap eval build/qat_ptq.pt --data $$d --subset $$s \
 	    --json docs/qat/ptq_$$s.json && \
-	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe fp32 --data qswap/assets/s2t_demo \
+	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe fp32 --data $$d \
 	    --subset $$s --json docs/qat/float_$$s.json && \
-	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/qat_w4a4_edges8.pt --data qswap/assets/s2t_demo --subset $$s \
+	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/qat_w4a4_edges8.pt --data $$d --subset $$s \
 	    --baseline docs/qat/ptq_$$s.json --json docs/qat/qat_$$s.json || exit 1; done
 	$(PY) tools/qat_train.py refresh --page docs/qat.md --evals docs/qat
+	for s in $(QAT_SETS); do d=$$($(call set_dir,$$s)) && \
+	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe w4a8_lsq --data $$d --subset $$s \
+	    --calib-subset train_calib --calib-batches 4 --json docs/qat_w4a8/ptq_$$s.json && \
+	  cp docs/qat/float_$$s.json docs/qat_w4a8/float_$$s.json && \
+	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/qat_w4a8.pt --data $$d --subset $$s \
+	    --baseline docs/qat_w4a8/ptq_$$s.json --json docs/qat_w4a8/qat_$$s.json || exit 1; done
+	$(PY) tools/qat_train.py refresh --page docs/qat_w4a8.md --evals docs/qat_w4a8
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --threads 2 --repeats 5
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --architectures --threads 1
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --wer-large --threads 2
