@@ -30,7 +30,8 @@ FORMAT_VERSION = 2  # 2: model_sha256
 JSON_FILE = "model.json"
 # the tensor file: its content's hash in its name (``tensor_file_name``), so a re-export writes a new
 # file beside the old one and replaces model.json last; exports before that named it model.safetensors
-TENSOR_FILES = re.compile(r"model(\.[0-9a-f]{16})?\.safetensors")
+HASHED_TENSOR_FILE = re.compile(r"model\.[0-9a-f]{16}\.safetensors")  # what tensor_file_name names
+TENSOR_FILES = re.compile(rf"{HASHED_TENSOR_FILE.pattern}|model\.safetensors")
 
 
 def tensor_file_name(sha256: str) -> str:

@@ -160,7 +160,6 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
 # nothing else, an integer export's tensor file written before its model.json (``integer_format.
 # tensor_file_name``; beside a model.json it may be the one that JSON names)
 _LEFTOVER = re.compile(r"\.[\w.-]+\.onnx\.partial|\.[\w.-]+\.[0-9a-f]{8}\.tmp")
-_UNNAMED_TENSORS = re.compile(r"model\.[0-9a-f]{16}\.safetensors")
 
 
 def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -> None:
@@ -169,14 +168,14 @@ def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -
     reads as qswap's), which the new export replaces. A folder of other files would lose the ones
     that share the export's names (a model.json, an encoder.onnx qswap did not write)."""
     from qswap.errors import OutputError
-    from qswap.export.integer_format import FORMAT as INTEGER_FORMAT, JSON_FILE
+    from qswap.export.integer_format import FORMAT as INTEGER_FORMAT, HASHED_TENSOR_FILE, JSON_FILE
 
     out = Path(directory)
     if not out.is_dir():
         return
     entries = list(out.iterdir())
     leftovers = [p for p in entries if _LEFTOVER.fullmatch(p.name) and p.is_file()]
-    if all(p in leftovers or (_UNNAMED_TENSORS.fullmatch(p.name) and p.is_file()) for p in entries):
+    if all(p in leftovers or (HASHED_TENSOR_FILE.fullmatch(p.name) and p.is_file()) for p in entries):
         for path in entries:  # empty, or what a stopped export of qswap's left
             path.unlink()
         return
