@@ -39,7 +39,8 @@ COLUMNS = ["w8a8", "w4a8", "w4a4", "w4a4_edges8"]
 PRIORITY = ["w4a4_edges8", "w4a8", "w4a4", "w8a8"]
 # the decode order within a column (the page lists METHODS' order): the shipped baseline and the
 # methods that move the most first
-IMPORTANCE = ["shipped", "stream_per_channel_smoothquant", "stream_per_channel", "per_site", "smoothquant", "per_group",
+IMPORTANCE = ["shipped", "stream_entry_smoothquant", "stream_per_channel_smoothquant", "stream_per_channel", "per_site",
+              "smoothquant", "per_group",
               "percentile", "minmax", "mse", "observe_float", "hadamard", "smoothquant_hadamard"]
 TARGETS = {"w4a8": 0.5, "w4a4_edges8": 2.0}  # issue 19: honest, within + this absolute WER of float
 HADAMARD_RULE = {"match": {"class": "Hadamard"}, "note": "the online Walsh-Hadamard's +-1 matrix: codes +-1",
@@ -97,6 +98,16 @@ def _stream_per_channel(recipe: dict) -> dict:
     return recipe
 
 
+def _stream_entry(recipe: dict) -> dict:
+    """``_stream_per_channel``, and the stream's entry per channel too: the encoder's embed grid
+    (the conv subsampler's output, which the first layer's residual add and norm read). Integer
+    arithmetic takes it: the subsampler's last GLU requantizes each channel onto it, and the
+    entry stream stays per channel until the first add; no matmul reads it."""
+    recipe = _stream_per_channel(recipe)
+    recipe["defaults"]["sites"]["embed"] = PER_CHANNEL
+    return recipe
+
+
 def _chain(*changes: Callable[[dict], dict]) -> Callable[[dict], dict]:
     def change(recipe: dict) -> dict:
         for c in changes:
@@ -121,6 +132,9 @@ METHODS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "stream_per_channel": ("residual stream grids per channel (adds' operands, norms' inputs)", _stream_per_channel),
     "stream_per_channel_smoothquant": ("residual stream per channel, and SmoothQuant alpha 0.5",
                                        _chain(_stream_per_channel, _transforms({"smoothquant": {"alpha": 0.5}}))),
+    "stream_entry_smoothquant": ("residual stream per channel, its entry (the encoder's embed grid) too, and "
+                                 "SmoothQuant alpha 0.5",
+                                 _chain(_stream_entry, _transforms({"smoothquant": {"alpha": 0.5}}))),
 }
 
 

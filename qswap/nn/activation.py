@@ -81,21 +81,30 @@ class QGLU(_QElementwise):
 
 
 def glu_value(owner: nn.Module, slot: str, xq: torch.Tensor, quant: nn.Module, dim: int,
-              out_quant: nn.Module | None = None) -> torch.Tensor:
+              out_quant: nn.Module | None = None, reader_axis: int | None = None) -> torch.Tensor:
     """GLU of ``xq`` (the output of ``quant``) along ``dim``: with ``owner`` simulating integers
     and ``quant`` a per-tensor grid, the integer GLU's accumulator ``(a - zp) * gate[b]``
     (``qswap.quant.integer.glu_accumulator``, 2^-15 gate table kept in ``owner.<slot>``) as its
     value, or with ``out_quant`` (the quantizer that reads the result) the integer GLU's codes
     on its grid (``integer_glu``: the fixed-point requantization, ``onto_grid``), with the float
-    GLU's gradient; otherwise ``F.glu``."""
-    from qswap.quant.integer import GluParams, glu_acc_scale, glu_accumulator, requantized_values
+    GLU's gradient; otherwise ``F.glu``. ``reader_axis``: the axis of the result that becomes
+    ``out_quant``'s last axis (the conv subsampler's channels, which the encoder's embed quantizer
+    reads after a transpose): with it, a reader grid per channel of its last axis is requantized
+    onto per channel of that axis; without it only a per-tensor reader grid is."""
+    from qswap.quant.integer import ChannelGrid, GluParams, glu_acc_scale, glu_accumulator, requantized_values
     grid = grid_of(quant) if simulates(owner) else None
     if grid is None:
         return F.glu(xq, dim=dim)
+
+    def run(params, out):
+        acc = glu_accumulator(codes_of(xq, grid), params, dim)
+        if isinstance(out, ChannelGrid):
+            codes = params.out(acc, axis=reader_axis).movedim(reader_axis, -1)
+            return out_quant.values(codes).movedim(-1, reader_axis)
+        return requantized_values(params.out, acc, out.scale, axis=dim)
     value = None if out_quant is None else onto_grid(
-        owner, f"{slot}_onto", lambda out: GluParams.build(grid, out), out_quant,
-        lambda params, out: requantized_values(params.out, glu_accumulator(codes_of(xq, grid), params, dim),
-                                               out.scale, axis=dim), quant.scale, quant.zero_point)
+        owner, f"{slot}_onto", lambda out: GluParams.build(grid, out), out_quant, run, quant.scale,
+        quant.zero_point, channels=reader_axis is not None)
     if value is not None:
         return straight_through(value, F.glu(xq, dim=dim), out_quant) if carries_grad(out_quant, xq) else value
     params = cached(owner, slot, lambda: form_or_none(GluParams.build, grid, None), quant.scale, quant.zero_point)

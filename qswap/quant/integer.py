@@ -619,7 +619,8 @@ class Grid:
 class ChannelGrid:
     """A per-channel affine grid of the last axis: ``value[..., c] = scale[c] * (code - zero_point[c])``,
     codes in [qmin, qmax]. Only the ops that take it say so (``stream_grid``): requantization onto
-    it, the residual add (``AddParams``), the LayerNorm's input (``CommonGridParams``)."""
+    it, the residual add (``AddParams``), the LayerNorm's input (``CommonGridParams``), the S2T
+    encoder's entry (its embed grid: the conv subsampler's last GLU writes it, ``GluParams``)."""
 
     scale: torch.Tensor
     zero_point: torch.Tensor
@@ -629,6 +630,11 @@ class ChannelGrid:
     @property
     def dtype(self) -> torch.dtype:
         return code_dtype(self.qmin, self.qmax)
+
+    @property
+    def span(self) -> int:
+        """The largest ``|code - zero_point|`` of any channel (``Grid.span``'s bound, per channel)."""
+        return int(torch.maximum(self.qmax - self.zero_point, self.zero_point - self.qmin).max())
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         """Build-time only (tests): the float32 values of ``codes`` (channels last)."""
@@ -766,9 +772,11 @@ class GluParams:
     out: Requant | None
 
     @classmethod
-    def build(cls, grid_in: Grid, grid_out: Grid | None) -> "GluParams":
+    def build(cls, grid_in: Grid, grid_out: "Grid | ChannelGrid | None") -> "GluParams":
         """``grid_out`` None: no requantization (``glu_accumulator`` only: the fake-quant
-        simulation, whose consumer rounds the accumulator's value)."""
+        simulation, whose consumer rounds the accumulator's value). A ``ChannelGrid`` (the
+        conv subsampler's last GLU onto a per-channel embed grid): one multiplier and zero point
+        per output channel, applied along the GLU's ``dim`` (``integer_glu``)."""
         values = (grid_in.codes() - grid_in.zero_point).double() * grid_in.scale
         gate = torch.round(torch.sigmoid(values) * 2 ** GLU_GATE_BITS).to(torch.int32)
         out = None if grid_out is None else Requant.from_scales(glu_acc_scale(grid_in) / grid_out.scale,

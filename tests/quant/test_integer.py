@@ -487,6 +487,22 @@ def test_integer_glu_agrees_with_the_fake_quant_glu():
     assert int(diff.max()) <= 1 and float((diff == 0).float().mean()) > 0.99
 
 
+def test_integer_glu_onto_a_grid_per_channel_agrees_with_the_fake_quant_glu():
+    """The conv subsampler's last GLU onto a per-channel embed grid (``ChannelGrid``): one
+    multiplier and zero point per output channel along the GLU's axis (``dim=1`` of (B, C, T))."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 16, 30) * torch.linspace(0.2, 6, 8).repeat(2)[None, :, None]  # (B, 2C, T): channels differ
+    q_in = grid_of(x)
+    glu = F.glu(q_in(x), dim=1)  # (B, C, T)
+    q_out = grid_of(glu.transpose(1, 2), QuantSpec(bits=4, symmetric=False, granularity="per_channel", axis=-1))
+    g_in, g_out = Grid.of(q_in), stream_grid(q_out)
+    assert isinstance(g_out, ChannelGrid) and len(set(g_out.scale.tolist())) > 1
+    out = integer_glu(g_in.quantize(x), GluParams.build(g_in, g_out), dim=1)  # (B, C, T) codes
+    reference = g_out.quantize(q_out(glu.transpose(1, 2))).transpose(1, 2)
+    diff = (out.to(torch.int64) - reference.to(torch.int64)).abs()
+    assert int(diff.max()) <= 1 and float((diff == 0).float().mean()) > 0.99  # measured: max 0
+
+
 def test_integer_glu_at_its_bound():
     # 16-bit inputs: |a - zp| = 65535 times a gate of 2^15 is 2^31 - 2^15, the largest product
     g_in = Grid(1.0, -32768, -32768, 32767)

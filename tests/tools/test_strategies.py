@@ -117,13 +117,16 @@ def test_the_reading_names_other_cells_whose_point_estimates_meet_the_target():
 
 
 def test_the_shipped_choice_is_the_study_cell():
-    """recipes/w4a4_edges8_stream_smoothquant.yaml is what the study evaluated as that cell."""
+    """recipes/w4a4_edges8_stream_smoothquant.yaml and w4a4_edges8_stream_embed_smoothquant.yaml are what the
+    study evaluated as those cells."""
     def plain(recipe):
         d = {k: v for k, v in qswap.load_recipe(recipe).to_dict().items() if k not in ("name", "description")}
         d["rules"] = [{k: v for k, v in r.items() if k != "note"} for r in d["rules"]]
         return d
     study = strategies.recipe_for("w4a4_edges8", "stream_per_channel_smoothquant")
     assert plain(study) == plain("w4a4_edges8_stream_smoothquant")
+    entry = strategies.recipe_for("w4a4_edges8", "stream_entry_smoothquant")
+    assert plain(entry) == plain("w4a4_edges8_stream_embed_smoothquant")
 
 
 def test_the_committed_page_is_its_json():

@@ -92,7 +92,7 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         positions = self.embed_positions(padding_mask).transpose(0, 1)  # (T', B, C)
         layers = list(self.transformer_layers)
         threaded = bool(layers) and self._threads_stream(layers)
-        entry = entry_values(self, embedded, positions, _first_readers(layers[0])) if threaded else None
+        entry = entry_values(self, embedded, positions, _first_readers(layers[0]), padding_mask) if threaded else None
         x, residual = entry if entry is not None else (self.dropout_module(x + positions), None)
         states, outs = [], None
         for i, layer in enumerate(layers):
@@ -152,10 +152,10 @@ class QS2TTransformerEncoder(QuantModule, S2TTransformerEncoder):
         from qswap.nn.fairseq.layers import StreamOut
         from qswap.nn.simulate import stream_to
         from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
-        from qswap.quant.integer import Grid
+        from qswap.quant.integer import stream_grid
         if not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding):
             raise IntegerizeError("only sinusoidal positions have integer forms so far")
-        embed = Grid.of(self.embed_quant)
+        embed = stream_grid(self.embed_quant)  # per tensor, or per channel: the stream's grid is then per channel
         scale = self.embed_scale * embed.scale * 2.0 ** -stream_bits
         with torch.no_grad():
             positions = torch.round(self.embed_positions.weights_quant(self.embed_positions.weights).double()
@@ -189,13 +189,13 @@ def check_entry(embed, positions: Optional[Tensor], stream_bits: int) -> None:
     int32 (P, C), or None), summed in int32. The bound ``entry_values`` tests before it simulates
     that sum (a 16-bit embed grid reaches it)."""
     from qswap.quant.integer import check_bound
-    span = max(embed.qmax - embed.zero_point, embed.zero_point - embed.qmin)
     table = int(positions.abs().max()) if positions is not None and positions.numel() else 0
     check_bound(f"the encoder's entry stream (embedded codes shifted by {stream_bits} bits plus the position "
-                f"table's entries)", (span << stream_bits) + table, 2 ** 31 - 2 ** 8 - 1)
+                f"table's entries)", (embed.span << stream_bits) + table, 2 ** 31 - 2 ** 8 - 1)
 
 
-def entry_values(encoder: nn.Module, embedded: Tensor, positions: Optional[Tensor], readers: tuple) -> Optional[tuple]:
+def entry_values(encoder: nn.Module, embedded: Tensor, positions: Optional[Tensor], readers: tuple,
+                 padding_mask: Optional[Tensor] = None) -> Optional[tuple]:
     """An S2T encoder's entry stream as each of ``readers`` (quantizers) reads it, with
     ``simulate: integer``, as the integer encoder computes it: the embedded features' codes
     shifted onto the int32 stream grid (``embed_scale * s_embed * 2^-STREAM_BITS``, exactly),
@@ -203,16 +203,20 @@ def entry_values(encoder: nn.Module, embedded: Tensor, positions: Optional[Tenso
     folded table entries), requantized onto each reader's grid (per tensor, or per channel of a
     per-channel stream). ``embedded``: ``embed_quant``'s output (T', B, C); ``positions``: the
     sinusoidal position rows (T', B, C), or None (no positions added: a conformer's rel_pos and
-    rope). None where that is not defined (a reader still calibrating, a sum that could overflow
-    int32, a grid without integer form): fairseq's float add then runs and each reader rounds it."""
+    rope). With an embed grid per channel the stream's grid is per channel, and the position
+    table is folded onto it once (int32 (P, C), as the integer encoder folds it), whose rows
+    ``padding_mask`` (B, T') selects as fairseq numbers the positions. None where that is not
+    defined (a reader still calibrating, a sum that could overflow int32, a grid without integer
+    form): fairseq's float add then runs and each reader rounds it."""
     from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
-    from qswap.nn.simulate import cached_entry, codes_of, forget, grid_of, requants_to, stream_grid_of, values_onto
+    from qswap.nn.simulate import cached_entry, channel_codes, forget, requants_to, stream_grid_of, values_onto
     if forget(encoder, "_integer_entry") or (
             positions is not None and not isinstance(encoder.embed_positions, QSinusoidalPositionalEmbedding)):
         return None
-    embed = grid_of(encoder.embed_quant)
+    embed = stream_grid_of(encoder.embed_quant)  # per tensor, or per channel (then so is the stream's grid)
     grids = [stream_grid_of(r, frozen_only=True) for r in readers]
-    if embed is None or None in grids:
+    per_channel = isinstance(getattr(embed, "scale", None), Tensor)
+    if embed is None or None in grids or (per_channel and positions is not None and padding_mask is None):
         return None
     table_quant = getattr(encoder.embed_positions, "weights_quant", None) if positions is not None else None
 
@@ -222,10 +226,14 @@ def entry_values(encoder: nn.Module, embedded: Tensor, positions: Optional[Tenso
         if positions is not None:
             with torch.no_grad():
                 table_max = float(table_quant(encoder.embed_positions.weights).abs().max())
-        bound = table_max / scale + 2.0 ** STREAM_BITS * max(embed.qmax - embed.zero_point, embed.zero_point - embed.qmin)
+        finest = float(scale.min()) if isinstance(scale, Tensor) else scale
+        bound = table_max / finest + 2.0 ** STREAM_BITS * embed.span
         fits = bound < 2.0 ** 31 - 2 ** 8  # the rounded table entry and the shifted code add in int32
         requants = requants_to(scale, grids) if fits else None
-        return encoder.embed_scale, None if requants is None else (scale, requants)
+        folded = None
+        if per_channel and positions is not None:  # the integer encoder's table: (P, C) on the stream grid
+            folded = torch.round(table_quant(encoder.embed_positions.weights).double() / scale).to(torch.int32)
+        return encoder.embed_scale, None if requants is None else (scale, requants, folded)
     tables = () if positions is None else (encoder.embed_positions.weights, *(
         (table_quant.scale,) if isinstance(table_quant, FakeQuantize) else ()))
     sources = (encoder.embed_quant.scale, encoder.embed_quant.zero_point, *(r.scale for r in readers),
@@ -233,10 +241,13 @@ def entry_values(encoder: nn.Module, embedded: Tensor, positions: Optional[Tenso
     built = cached_entry(encoder, build, *sources)
     if built is None:
         return None
-    scale, requants = built
+    scale, requants, folded = built
     with torch.no_grad():
-        stream = (codes_of(embedded, embed) - embed.zero_point) << STREAM_BITS  # (T', B, C) int32
-        if positions is not None:
+        stream = ((channel_codes(encoder.embed_quant, embedded, embed) - embed.zero_point)
+                  << STREAM_BITS).to(torch.int32)  # (T', B, C)
+        if folded is not None:
+            stream = stream + folded[utils.make_positions(padding_mask, encoder.embed_positions.padding_idx).T]
+        elif positions is not None:
             stream = stream + torch.round(positions.double() / scale).to(torch.int32)
         return tuple(values_onto(r, requant, stream, g) for r, requant, g in zip(readers, requants, grids))
 
@@ -284,7 +295,7 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
                     states.append(x)
             return _encoder_out(x, padding_mask, states)
         # simulate: integer at inference: the integer encoder's stream, each value onto its readers
-        entry = entry_values(self, embedded, rows, (self.linear.input_quant,))
+        entry = entry_values(self, embedded, rows, (self.linear.input_quant,), padding_mask)
         x = entry[0] if entry is not None else x if rows is None else x + rows
         x, residual = self.linear(x, out_quant=list(_conformer_readers(layers[0])))
         states = []
@@ -325,12 +336,12 @@ class QS2TConformerEncoder(QuantModule, S2TConformerEncoder):
         from qswap.nn.fairseq.layers import StreamOut
         from qswap.nn.simulate import stream_to
         from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
-        from qswap.quant.integer import Grid
+        from qswap.quant.integer import stream_grid
         if self.pos_enc_type == "abs" and not isinstance(self.embed_positions, QSinusoidalPositionalEmbedding):
             raise IntegerizeError("conformer abs positions other than sinusoidal have no integer form yet")
         if not callable(getattr(self.subsample, "to_integer", None)):
             raise IntegerizeError(f"subsample ({type(self.subsample).__name__}): no integer form yet")
-        embed = Grid.of(self.embed_quant)
+        embed = stream_grid(self.embed_quant)  # per tensor, or per channel: the stream's grid is then per channel
         scale = self.embed_scale * embed.scale * 2.0 ** -stream_bits
         positions, extra = None, {}
         with torch.no_grad():
@@ -525,7 +536,8 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------
 
-@serializable(subsample=ANY, embed_zero_point=INT, stream_bits=INT, positions=Opt(TensorOf("int32")), padding_idx=INT,
+@serializable(subsample=ANY, embed_zero_point=Either(INT, TensorOf("int64")), stream_bits=INT,
+              positions=Opt(TensorOf("int32")), padding_idx=INT,
               layers=ListOf(ANY), norm_in=Opt(Obj("Requant")), norms=ListOf(ANY),
               out_grid=Either(Obj("Grid"), ListOf(Obj("Grid"))), entry=Opt(ANY))
 class IntegerS2TTransformerEncoder(FairseqEncoder):
@@ -534,7 +546,7 @@ class IntegerS2TTransformerEncoder(FairseqEncoder):
     is its declared float step; ``forward`` is fairseq's encoder interface (float features in, an
     encoder_out dict of codes out), ``forward_codes`` the integer part."""
 
-    def __init__(self, subsample, embed_zero_point: int, stream_bits: int, positions: Optional[Tensor],
+    def __init__(self, subsample, embed_zero_point: int | Tensor, stream_bits: int, positions: Optional[Tensor],
                  padding_idx: int, layers: list, norm_in, norms: list, out_grid, entry=None):
         super().__init__(None)
         from qswap.nn.integer_steps import QuantizeStep
@@ -554,7 +566,7 @@ class IntegerS2TTransformerEncoder(FairseqEncoder):
         from qswap.errors import IntegerizeError
         x, lengths = self.subsample(codes, src_lengths)  # (T', B, C) embed codes
         padding_mask = lengths_to_padding_mask(lengths)  # (B, T')
-        stream = (x.to(torch.int32) - self.embed_zero_point) << self.stream_bits
+        stream = ((x.to(torch.int32) - self.embed_zero_point) << self.stream_bits).to(torch.int32)
         if self.positions is not None:
             positions = utils.make_positions(padding_mask, self.padding_idx)  # (B, T')
             if int(positions.max()) >= self.positions.shape[0]:

@@ -47,13 +47,16 @@ class QConv1dSubsampler(QuantModule):
         for i, (conv, glu_quant, reader) in enumerate(zip(self.conv_layers, self.glu_quant, readers)):
             reader = reader if isinstance(reader, FakeQuantize) else None
             x = conv(x, out_quant=glu_quant) if isinstance(conv, QConv1d) else conv(x)
-            x = glu_value(self, f"_integer_glu{i}", glu_quant(x), glu_quant, 1, reader)  # (B, C_i, T_i)
+            last = i + 1 == self.n_layers  # its reader, the embed quantizer, reads (T', B, C): channels are dim 1
+            x = glu_value(self, f"_integer_glu{i}", glu_quant(x), glu_quant, 1, reader,
+                          reader_axis=1 if last else None)  # (B, C_i, T_i)
         x = x.transpose(1, 2).transpose(0, 1).contiguous()  # (T', B, C_out)
         return x, self.get_out_seq_lens_tensor(src_lengths)
 
     def to_integer(self, out) -> "IntegerConv1dSubsampler":
-        """The integer form writing codes of ``out`` (the encoder's embed grid): each conv onto its
-        GLU's input grid, each GLU (``integer_glu``) onto the next conv's input grid."""
+        """The integer form writing codes of ``out`` (the encoder's embed grid: a ``Grid``, or a
+        ``ChannelGrid`` per output channel): each conv onto its GLU's input grid, each GLU
+        (``integer_glu``) onto the next conv's input grid."""
         from qswap.quant.integer import GluParams, Grid
         grids = [Grid.of(q) for q in self.glu_quant]
         nexts = [Grid.of(conv.input_quant) for conv in self.conv_layers[1:]] + [out]

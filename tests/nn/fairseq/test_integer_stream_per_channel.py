@@ -175,6 +175,17 @@ def test_the_shipped_stream_recipe_integerizes():
     assert worst < 0.25  # measured: 0.11
 
 
+def test_the_stream_entry_per_channel_integerizes():
+    """w4a4_edges8_stream_embed_smoothquant: the encoder's embed grid (the conv subsampler's
+    output, the stream's entry) per channel too; the subsampler's last GLU writes it channel by
+    channel and the int32 entry stream is per channel until the first add."""
+    qmodel, net_input = calibrated("w4a4_edges8_stream_embed_smoothquant")
+    assert isinstance(stream_grid(qmodel.encoder.embed_quant), ChannelGrid)
+    same_best, worst = whole_model_agreement(qmodel, net_input)
+    assert same_best >= 0.75  # measured: 0.857
+    assert worst < 0.25  # measured: 0.11
+
+
 # -- simulate: integer with per-channel stream grids ---------------------------------------------------
 
 @pytest.fixture(scope="module", params=[("s2t_transformer", "w8a8_stream"),
@@ -182,7 +193,10 @@ def test_the_shipped_stream_recipe_integerizes():
                                         ("s2t_conformer", "w8a8_stream"),
                                         ("s2t_conformer", "w4a4_edges8_stream_smoothquant"),
                                         ("s2t_conformer/abs", "w4a4_edges8_stream_smoothquant"),
-                                        ("s2t_conformer/rope", "w4a4_edges8_stream_smoothquant")])
+                                        ("s2t_conformer/rope", "w4a4_edges8_stream_smoothquant"),
+                                        ("s2t_transformer", "w4a4_edges8_stream_embed_smoothquant"),
+                                        ("s2t_conformer", "w4a4_edges8_stream_embed_smoothquant"),
+                                        ("s2t_conformer/abs", "w4a4_edges8_stream_embed_smoothquant")])
 def simulated_stream(request):
     """A small s2t_transformer or s2t_conformer (rel_pos attention; abs and rope positions too)
     converted with ``simulate: integer`` and a per-channel residual stream, calibrated, and its
