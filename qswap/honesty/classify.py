@@ -12,7 +12,9 @@ Rules beyond "every float operand of compute is quantized" (docs/honesty.md expl
   bias added to that call's accumulator is the accumulator's own bias add;
 * compute whose operands are all parameters/buffers/constants is constant-foldable weight
   preprocessing; its result is honest only once it passes a quantizer;
-* compute whose operands all come from integer data (lengths cast to float) is index math;
+* compute whose operands all come from integer data (lengths cast to float) is index math; not
+  integers computed from activations (a comparison of quantized values: ``Tag.activation``),
+  which may only mask;
 * a float GEMM on integer data (codes), proven exact from its operands' values, is integer
   arithmetic (``qswap.honesty.gemm``; the tracker applies it before these decisions).
 """
@@ -55,12 +57,18 @@ def decide_compute(name: str, rule: OpRule, tags: list[Tag], call: int, where: s
         if t.kind != QUANT:
             return Decision(KERNEL_INTERNAL, t)
         return Decision(QUANTIZED, dataclasses.replace(t, grid=t.grid.rescaled(rescale)), bits=[t.grid.bits])
-    if all(t.kind == INDEX for t in tags):
+    if all(_index_math(t) for t in tags):
         return Decision(IGNORED, Tag(INDEX, where, binary=_binary(name, tags, scalars)))
-    if all(_is_const(t) or t.kind == INDEX for t in tags):
+    if all(_is_const(t) or _index_math(t) for t in tags):
         first = next(t for t in tags if t.kind != INDEX)
         return Decision(CONSTANT_FOLD, Tag(first.kind, _derived(first.where)))
     return _decide_data(name, rule, tags, call, where, scalars)
+
+
+def _index_math(tag: Tag) -> bool:
+    """Integer data from model inputs, integer buffers or factories (lengths, token ids, masks of
+    them): not integers computed from activations, whose float math is math on activations."""
+    return tag.kind == INDEX and not tag.activation
 
 
 def _binary(name: str, tags: list[Tag], scalars: tuple) -> bool:
@@ -201,8 +209,9 @@ def combine_movement(tags: list[Tag], has_index_arg: bool, where: str, fills: tu
         return join_grids(tags, where, fills)
     index = [t for t in tags if t.kind == INDEX]
     if index:
+        first = next((t for t in index if t.activation), index[0])  # a mask of activations stays one
         binary = all(t.binary for t in index) and all(v in (0, 1) for v in fills)
-        return index[0] if binary else Tag(INDEX, index[0].where)
+        return first if binary else Tag(INDEX, first.where, activation=first.activation)
     if any(v != 0 for v in fills):
         return Tag(CONST, tags[0].where)
     return tags[0]  # zero constants

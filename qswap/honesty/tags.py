@@ -14,7 +14,9 @@ kernel     output of other compute on quantized operands inside a counterpart: a
 float      output of compute on float values (or an untracked tensor: a model input)
 param      a parameter or buffer, or computed from parameters/buffers/constants only
 const      a constant made at run time (factory op, tensor attribute of a module)
-index      a float tensor converted from integer/bool data (lengths, masks)
+index      a float tensor converted from integer/bool data (lengths, masks); ``activation``:
+           a mask computed from activations (a comparison of quantized values), which only
+           masks (a product with quantized data), never index math
 =========  ==============================================================================
 
 ``integral`` marks a float tensor whose values are proven integers: cast from an integer dtype
@@ -92,6 +94,7 @@ class Tag:
     lookup: bool = False  # param/const: rows picked by an integer tensor (data-dependent)
     unseen: bool = False  # float: made where the audit does not watch ("unseen_origin")
     integral: bool = False  # its values are integers (cast from an integer dtype, or an exact integer GEMM)
+    activation: bool = False  # index: computed from activations (a mask of quantized values), not index math
 
     def describe(self) -> str:
         if self.kind == QUANT:

@@ -361,17 +361,19 @@ class Tracker(TorchDispatchMode):
         if not operands and not outputs:
             self.findings.count("ignored")  # integer / bool ops
             if tainted:
-                self._taint(_int_outputs(out), self._tag_of(tainted[0][1]), func, args)
+                self._taint(_nonfloat_outputs(out), self._tag_of(tainted[0][1]), func, args)
             return
         if refined and rule is not None:
             rule = O.refine(func, name, rule, args, kwargs)
         if rule is None:
             self._unclassified(func, op, args, kwargs, operands, outputs)
         elif rule.cls in (O.COMPUTE, O.GRID):
-            if tainted:  # an integer tensor of unseen origin as an index only picks values: reported as a value
-                value_pos = {pos for pos, _ in values}
-                tainted = [(i, t) for i, t in tainted if i in value_pos or not self._tag_of(t).unseen]
+            if tainted:  # an integer tensor of unseen origin, or a mask of activations (``_mask_tag``), as an
+                value_pos = {pos for pos, _ in values}  # index or a mask only picks values: reported as a value
+                tainted = [(i, t) for i, t in tainted if i in value_pos or not _picks(self._tag_of(t))]
             self._compute(func, name, rule, op, args, kwargs, operands + _union(tainted, values), outputs)
+            if rule.cls == O.GRID and operands and isinstance(out, (tuple, list)):  # the indices of a sort,
+                self._predicate(op, operands, out)  # a topk, a max(dim): an argmax's
         elif rule.cls == O.MOVEMENT:
             self._movement(func, name, rule, op, args, kwargs, operands + values, outputs, out, tainted,
                            len(values) < len(ints))
@@ -453,27 +455,41 @@ class Tracker(TorchDispatchMode):
                 self._seen_int(t)
 
     def _predicate(self, op: str, operands: list, out) -> None:
-        """A comparison or arg-reduction (``argmax``) of float data: its bool or integer result is a
-        fact about that data. Of quantized values, parameters, constants or integer data it is a
-        mask or an index, as any; of unquantized values (an accumulator, float data) it carries
-        their float tag, so that arithmetic on it (cast back to float, or as an operand) is
-        arithmetic on that float data: a finding where the result is computed with."""
+        """A comparison or arg-reduction (``argmax``, ``bucketize``, a sort's indices) of float
+        data: its bool or integer result is a fact about that data. Of parameters, constants or
+        integer data it is a mask or an index, as any. Of unquantized values (an accumulator,
+        float data) it carries their float tag, so that arithmetic on it (cast back to float, or
+        as an operand) is arithmetic on that float data: a finding where the result is computed
+        with. Of quantized values, integers are that data's integers (``_rounded``: an
+        accumulator once cast back to float, which only a quantizer or a constant rescale may
+        consume), and a bool result a mask of activations (``_mask_tag``): it may mask, and any
+        other float math on it is math on activations, not index math (``bucketize`` gives
+        a quantized tensor's codes back)."""
         tags = [self._tag_of(t) for _, t in operands]
+        where = self._where(op)
         source = next((t for t in tags if t.kind in (FLOAT, ACC, KERNEL)), None)
-        if source is None:
-            return
-        results = [t for t in (out if isinstance(out, (list, tuple)) else (out,))
-                   if isinstance(t, torch.Tensor) and not _floating(t)]
-        self._taint(results, Tag(FLOAT, f"{source.describe()}, compared by {self._where(op)}"))
+        if source is not None:
+            tag = Tag(FLOAT, f"{source.describe()}, compared by {where}")
+        else:
+            source = next((t for t in tags if t.kind == QUANT or t.activation), None)
+            if source is None:
+                return
+            tag = _rounded(source, f"compared by {where}")
+        self._taint(_nonfloat_outputs(out), tag)
 
     def _taint(self, int_outputs: list, source: Tag, func=None, args=()) -> None:
         """Integers made from float data carry where they came from: cast back to float, they
-        are that data rounded (not a qswap quantizer), never index math. An in-place op
-        (``func`` on ``args``) writes its first argument, whose version counter moves after this
-        handler: its tag is kept for the version it will have."""
+        are that data rounded (not a qswap quantizer), never index math; a bool one a mask of it
+        (``_mask_tag``), and integers computed from such a mask (its sum) that data's integers.
+        An in-place op (``func`` on ``args``) writes its first argument, whose version counter
+        moves after this handler: its tag is kept for the version it will have."""
         mutated = func is not None and self._mutates(func)
         for t in int_outputs:
-            self.tags[t] = (source, t._version + 1 if mutated and args and t is args[0] else t._version)
+            tag = _mask_tag(source) if t.dtype == torch.bool else (
+                _rounded(source, "integer ops") if source.kind == C.INDEX else source)
+            if tag is None:
+                continue
+            self.tags[t] = (tag, t._version + 1 if mutated and args and t is args[0] else t._version)
             self._tainted = True
 
     def _mutates(self, func) -> bool:
@@ -612,11 +628,11 @@ class Tracker(TorchDispatchMode):
             if func.overloadpacket is torch.ops.aten.view and func._overloadname == "dtype":
                 # a float's bits read as integers are no rounding of it (nor codes, nor integers
                 # an exact GEMM may multiply): float data, wherever they go
-                self._taint(_int_outputs(out), Tag(FLOAT, f"{tags[0].describe()}, its bits reinterpreted as "
+                self._taint(_nonfloat_outputs(out), Tag(FLOAT, f"{tags[0].describe()}, its bits reinterpreted as "
                                                           f"{outputs[0].dtype if outputs else out.dtype} by "
                                                           f"{self._where(op)}"))
-            elif not all(t.kind == C.INDEX for t in tags):
-                self._taint(_int_outputs(out), _rounded(tags[0], self._where(op)))
+            elif not all(t.kind == C.INDEX and not t.activation for t in tags):
+                self._taint(_nonfloat_outputs(out), _rounded(tags[0], f"cast at {self._where(op)}"))
             return
         if len(tags) == 1 and not fills and not has_index:
             tag = tags[0]  # one tensor moved keeps its tag: combine_movement's answer, without its work
@@ -895,16 +911,37 @@ def _retyped(operands: list, outputs: list, name: str) -> str | None:
     return None
 
 
-def _rounded(source: Tag, where: str) -> Tag:
-    """The tag integers made from float data carry (and the floats they are cast back to)."""
+def _rounded(source: Tag, how: str) -> Tag:
+    """The tag integers made from float data carry (and the floats they are cast back to);
+    ``how``: what made them ("cast at aten._to_copy at fc", "compared by aten.gt at fc")."""
     if source.kind in (PARAM, CONST):
-        return Tag(source.kind, f"{source.where}, rounded to integers by {where}", lookup=source.lookup)
-    if source.kind in (QUANT, KERNEL, ACC) and (source.kind != QUANT or source.grid.on_grid):
-        # codes of quantized data (the integer simulation, qswap.nn.simulate): what integer ops
-        # make of them, cast back to float, is an integer kernel's accumulator, which its
-        # consumer must quantize before any other compute
-        return Tag(ACC, f"integers from {source.describe()}, cast at {where}")
-    return Tag(FLOAT, f"{source.describe()}, rounded to integers by {where} (not a qswap quantizer)")
+        return Tag(source.kind, f"{source.where}, turned into integers ({how})", lookup=source.lookup)
+    if source.kind in (QUANT, KERNEL, ACC, C.INDEX) and (source.kind != QUANT or source.grid.on_grid):
+        # codes of quantized data (the integer simulation, qswap.nn.simulate), or integers of a
+        # mask of them (``_predicate``): what integer ops make of them, cast back to float, is an
+        # integer kernel's accumulator, which its consumer must quantize before any other compute
+        return Tag(ACC, f"integers from {source.describe()}, {how}")
+    return Tag(FLOAT, f"{source.describe()}, turned into integers ({how}; not a qswap quantizer)")
+
+
+def _mask_tag(source: Tag) -> Tag | None:
+    """The tag of a bool tensor made from data tagged ``source`` (a comparison, a cast to bool,
+    integer ops on tagged integers); None: a mask as any (of parameters, constants or integers
+    of unseen origin, which are reported where they enter float data as values). Of float data it
+    is that data; of activations (quantized values, their codes) a mask of activations: cast to
+    float it may mask quantized data (0/1), and any other float math on it is a finding."""
+    if source.unseen or source.kind in (PARAM, CONST):
+        return None
+    if source.kind == FLOAT or (source.activation and source.binary):
+        return source
+    return Tag(C.INDEX, f"a mask computed from {source.describe()}", binary=True, integral=True, activation=True)
+
+
+def _picks(tag: Tag) -> bool:
+    """Whether an integer or bool tensor with this tag, as an index or mask (not a value) of a
+    compute op, only picks values: one of unseen origin, or a mask of activations (as any mask).
+    Integers made from float data (rounded, compared) stay operands there."""
+    return tag.unseen or tag.activation
 
 
 def _own(table: dict) -> list:
@@ -967,10 +1004,10 @@ def _floating(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-def _int_outputs(out) -> list[torch.Tensor]:
+def _nonfloat_outputs(out) -> list[torch.Tensor]:
+    """An op's integer and bool outputs."""
     outs = out if isinstance(out, (list, tuple)) else (out,)
-    return [t for t in outs if isinstance(t, torch.Tensor) and not _floating(t)
-            and t.dtype != torch.bool]
+    return [t for t in outs if isinstance(t, torch.Tensor) and not _floating(t)]
 
 
 def _has_index(args) -> bool:

@@ -160,7 +160,52 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
         ("", "aten.sum", "float_operand")),
     "an accumulator's argmax as a number": (
         lambda s, h, g: torch.exp(h.argmax(-1, keepdim=True).float() * 0.3).expand(4, 8), ("", "aten.mul", "float_operand")),
+    "quantized values bucketized back to their codes, then float math": (
+        lambda s, h, g: torch.softmax(torch.exp(_bucketized(s.ra, h)) * _bucketized(s.ra, h).tanh(), -1),
+        ("", "aten.exp", "float_operand")),
+    "quantized values found by searchsorted, then float math": (
+        lambda s, h, g: torch.exp(_searched(s.ra, h).float() * 0.01),
+        ("", "aten.exp", "float_operand")),
+    "quantized values compared, the comparisons summed": (
+        lambda s, h, g: torch.exp(_thermometer(s.ra, h).float() * _step(s.ra)),
+        ("", "aten.exp", "float_operand")),
+    "masks of quantized values added as floats": (
+        lambda s, h, g: (s.ra(h) > 0).float() + (s.ra(h) > _step(s.ra)).float(), ("", "aten.add", "float_operand")),
+    "a quantized tensor's argmax as a number": (
+        lambda s, h, g: torch.exp(s.ra(h).argmax(-1, keepdim=True).float() * 0.3).expand(4, 8),
+        ("", "aten.exp", "float_operand")),
+    "an accumulator's rounded integers compared, as floats": (
+        lambda s, h, g: torch.exp(((h * 20).long() > 3).float()), ("", "aten.exp", "float_operand")),
+    "a quantized tensor's sort indices as numbers": (
+        lambda s, h, g: torch.exp(s.ra(h).sort(-1).indices.float()), ("", "aten.exp", "float_operand")),
 }
+
+
+def _step(relu) -> float:
+    return relu.input_quant.scale.item()
+
+
+def _levels(relu):
+    """Boundaries halfway between the grid points of ``relu``'s input quantizer: a constant."""
+    return (torch.arange(1, 256) - 0.5) * _step(relu)
+
+
+def _searched(relu, h):
+    q = relu(h)
+    return torch.searchsorted(_levels(relu), q.contiguous())
+
+
+def _thermometer(relu, h):
+    """The codes of ``relu(h)``: how many levels each value exceeds (comparisons, summed)."""
+    q = relu(h)
+    return (q[..., None] > _levels(relu)).sum(-1)
+
+
+def _bucketized(relu, h):
+    """``relu(h)`` (quantized) turned back into its values by integer comparisons with constant
+    levels (``bucketize``), cast to float: exactly ``relu(h)``, with no quantizer's tag."""
+    q = relu(h)
+    return torch.bucketize(q, _levels(relu)).float() * _step(relu)
 
 
 def _restrided(q, h, op=torch.as_strided):
@@ -238,6 +283,13 @@ class _Clamped(_Masked):
         return self.out(torch.maximum(q, q.flip(0)).clamp(max=5 * step) * 0.5)
 
 
+class _Selected(_Masked):
+    def forward(self, x):
+        q = self.r(self.a(x))
+        top = q.gather(-1, q.argmax(-1, keepdim=True)).expand(4, 8)  # an argmax of quantized values as an index
+        return self.out(torch.where(q > top * 0.5, q, 0.0).masked_fill(q.isnan(), 0.0))  # masks of them
+
+
 class _IntegerGemm(nn.Module):
     """A simulated integer linear: the codes of a quantized tensor times integer weight codes
     kept as a float buffer, on the float kernel (exact), the accumulator requantized."""
@@ -262,6 +314,7 @@ HONEST = {
     "attention": (lambda: _SelfAttention(), lambda: torch.randn(5, 2, 8)),
     "masks and a shared grid": (_Masked, lambda: torch.randn(4, 8)),
     "clamp to grid points": (_Clamped, lambda: torch.randn(4, 8)),
+    "masks and indices of quantized values": (_Selected, lambda: torch.randn(4, 8)),
     "an exact integer GEMM on codes": (_IntegerGemm, lambda: torch.randn(4, 8)),
 }
 
