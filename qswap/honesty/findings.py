@@ -13,7 +13,7 @@ import torch
 
 from qswap.honesty import classify as C
 from qswap.honesty.kinds import (DYNAMIC_RANGE, FUSED, INEXACT_GEMM, KINDS, NOT_EXECUTED, UNCLASSIFIED,
-                                 UNSEEN_ORIGIN, VALUES_DISAGREE)
+                                 UNSEEN_ORIGIN, UNTRUSTED_QUANTIZER, VALUES_DISAGREE)
 from qswap.honesty.ops import aliases
 from qswap.honesty.report import OpCount, PathCoverage, Violation
 from qswap.honesty.tags import QUANT, Tag
@@ -116,6 +116,13 @@ class Findings:
             label = _label(func, pos) if func is not None else "input"
             self._add(module, op, f"{label}: {tag.where}", UNSEEN_ORIGIN, t)
 
+    def untrusted_quantizer(self, path: str, cls: type, trusted: tuple) -> None:
+        """A call of a quantizer whose class is not one of ``trusted`` (a subclass of one): the ops
+        it runs are only counted, never classified."""
+        names = " or ".join(c.__name__ for c in trusted)
+        self._add(path, "<quantizer>", f"{cls.__module__}.{cls.__qualname__}, not exactly {names}: its ops "
+                                       f"are not audited", UNTRUSTED_QUANTIZER, None, (_class_source(cls), ""))
+
     def quantizer_off_grid(self, path: str, last_op, out: torch.Tensor, off: int, label: str) -> None:
         op = (f"{last_op.namespace}.{last_op.overloadpacket.__name__}" if last_op
               else "<quantizer output>")
@@ -159,14 +166,16 @@ class Findings:
         pos, t = operand
         return self._add(module, op, f"{_label(func, pos)}: {tag.describe()}", kind, t)
 
-    def _add(self, module: str, op: str, operand: str, kind: str, t: torch.Tensor | None) -> bool:
-        """Record one occurrence; returns whether it is a declared exception."""
+    def _add(self, module: str, op: str, operand: str, kind: str, t: torch.Tensor | None,
+             where: tuple[str, str] | None = None) -> bool:
+        """Record one occurrence; returns whether it is a declared exception. ``where``: its
+        (source, code), when not the call site (a class's definition)."""
         if threading.get_ident() != self.thread:
             operand = f"{operand} [on thread {threading.current_thread().name}]"
         key = (module, op, operand, kind)
         v = self.violations.get(key)
         if v is None:
-            source, code = call_site()
+            source, code = where or call_site()
             v = self.violations[key] = self._declare(Violation(
                 module, op, operand, REASONS[kind], source, kind,
                 shape=list(t.shape) if t is not None else None,

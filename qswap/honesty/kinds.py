@@ -14,7 +14,7 @@ FLOAT_OPERAND, RAW_PARAMETER, FLOAT_CONSTANT, OFF_GRID = (
     "float_operand", "raw_parameter", "float_constant", "off_grid")
 FUSED, UNCLASSIFIED, NOT_EXECUTED = "fused_kernel", "unclassified_op", "not_executed"
 UNSEEN_ORIGIN, DYNAMIC_RANGE, VALUES_DISAGREE = "unseen_origin", "dynamic_range", "values_disagree"
-INEXACT_GEMM = "inexact_gemm"
+INEXACT_GEMM, UNTRUSTED_QUANTIZER = "inexact_gemm", "untrusted_quantizer"
 
 KINDS: dict[str, Kind] = {
     FLOAT_OPERAND: Kind(
@@ -54,6 +54,11 @@ KINDS: dict[str, Kind] = {
         "exceed the float type's exact integers (2^24 in float32, 2^53 in float64), or the "
         "kernel may round (reduced-precision float32 matmuls, Winograd/FFT convolutions); use "
         "float64, split the reduction, or an integer dtype"),
+    UNTRUSTED_QUANTIZER: Kind(
+        "a quantizer of a class the audit does not trust",
+        "a quantizer whose class is not one of qswap's own (exactly FakeQuantize or BiasQuantize): "
+        "the ops it runs are not audited, so float math on its input could hide there; use qswap's "
+        "quantizer classes"),
     DYNAMIC_RANGE: Kind(
         "dynamic range, computed at run time",
         "an activation quantizer was still observing at inference: its range is computed from "

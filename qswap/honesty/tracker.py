@@ -7,9 +7,10 @@ hooks that tell it where it is.
   own modules never use them.
 * ``__torch_dispatch__`` runs each op, then classifies it (``qswap.honesty.ops``), decides it
   (``qswap.honesty.classify``) and tags its outputs. Ops run by a quantizer itself (rounding,
-  observers) are not classified: inside qswap's own ``FakeQuantize`` / ``BiasQuantize`` the
-  Python dispatch is switched off altogether (their output is checked on its grid anyway), and
-  inside other quantizer classes the ops are only counted.
+  observers) are not classified: inside qswap's own ``FakeQuantize`` / ``BiasQuantize`` (exactly
+  those classes) the Python dispatch is switched off altogether (their output is checked on its
+  grid anyway); inside a subclass of one the ops are only counted, and each call of it is an
+  ``untrusted_quantizer`` finding (its own code could hide float math on its input).
 * Integer tensors need a seen origin too (``Tracker._check_origins``): float math done where the
   dispatch mode does not watch (numpy, ``.tolist()`` and Python arithmetic, a block with the
   Python dispatch key excluded) and handed back as integers would otherwise pass as integer data.
@@ -204,6 +205,8 @@ class Tracker(TorchDispatchMode):
         if role >= _QUANTIZER:
             if not self.in_quantizer:
                 self._check_seen(path, args)
+                if role == _QUANTIZER:  # a subclass: what its own code computes is not watched
+                    self.findings.untrusted_quantizer(path, type(module), _OWN_QUANTIZERS)
             self.in_quantizer += 1
             self.last_quant_op = None
             self.ran_quantizers.add(id(module))

@@ -13,6 +13,7 @@ from torch import nn
 
 import qswap
 from helpers import reports_with_and_without_shortcuts
+from qswap.quant.fake_quantize import FakeQuantize
 
 torch.manual_seed(0)
 ROWS = torch.arange(4)
@@ -392,3 +393,25 @@ def test_honest_models_get_the_same_report_without_the_view_shortcut(monkeypatch
     report, general = reports_with_and_without_shortcuts(monkeypatch, lambda: qswap.audit(qmodel, (x,), values=True))
     assert report == general
     assert report["honest"]
+
+
+class _ExpThenQuantize(FakeQuantize):
+    """A quantizer class of the user's own: float math on its (unquantized) input, then
+    qswap's quantization of the result, whose output lies on the grid."""
+
+    def forward(self, x):
+        return super().forward(torch.softmax(torch.exp(x), -1) * 4.0)
+
+
+def test_a_quantizer_class_not_qswaps_own_is_a_violation_naming_it():
+    """The ops a quantizer runs are not classified: qswap's own classes (exactly ``FakeQuantize``,
+    ``BiasQuantize``) are trusted code; a subclass hid float exp and softmax on an accumulator."""
+    x = torch.randn(4, 8)
+    qmodel = qswap.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).eval(), "w8a8")
+    qswap.calibrate(qmodel, [(x,)])
+    qmodel[1].input_quant.__class__ = _ExpThenQuantize
+    report = qswap.audit(qmodel, (x,), values=True)
+    assert not report.honest
+    found = [v for v in report.violations if v.kind == "untrusted_quantizer"]
+    assert [(v.module, v.op) for v in found] == [("1.input_quant", "<quantizer>")]
+    assert "_ExpThenQuantize" in found[0].operand and "FakeQuantize" in found[0].operand
