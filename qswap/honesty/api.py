@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from qswap.honesty.ops import FAMILIES
 from qswap.honesty.paths import check_inputs, run_paths
 from qswap.recipe.schema import float_ok_problem
 from qswap.honesty.report import TOTAL_KEYS, HonestyReport
@@ -227,5 +228,6 @@ def _notes(modules: list[nn.Module], f, kind: str) -> list[str]:
     notes = [f"model kind: {kind}; paths audited: {', '.join(p.name for p in f.paths)}"]
     if not any(isinstance(m, FakeQuantize) for m in modules):
         notes.append("the model has no qswap quantizers: every compute op runs on float values")
-    notes += [f"float_ok key {k!r} matched no finding" for k in f.float_ok.unused()]
+    notes += [f"float_ok key {k!r} matched no finding" + (f" (an op family is keyed 'family:{k}')"
+                                                           if k in FAMILIES else "") for k in f.float_ok.unused()]
     return notes

@@ -8,18 +8,25 @@ import os
 import sys
 import threading
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 
 from qswap.honesty import classify as C
-from qswap.honesty.kinds import (DYNAMIC_RANGE, FUSED, INEXACT_GEMM, KINDS, NOT_EXECUTED, UNCLASSIFIED,
-                                 UNSEEN_ORIGIN, UNTRUSTED_QUANTIZER, VALUES_DISAGREE)
-from qswap.honesty.ops import aliases
+from qswap.honesty.kinds import (DYNAMIC_RANGE, FUSED, INEXACT_GEMM, KINDS, NOT_EXECUTED, OFF_GRID,
+                                 RAW_PARAMETER, UNCLASSIFIED, UNSEEN_ORIGIN, UNTRUSTED_QUANTIZER, VALUES_DISAGREE)
+from qswap.honesty.ops import aliases, family
 from qswap.honesty.report import OpCount, PathCoverage, Violation
 from qswap.honesty.tags import QUANT, Tag
 from qswap.recipe.match import PatternError, compile_path
 
 REASONS = {kind: k.reason for kind, k in KINDS.items()}
+# Findings about the model's integrity rather than one op staying float (a bypassed quantizer, a
+# tensor made out of view, a quantizer off its grid or of an untrusted class, a module that never
+# ran): a float_ok key naming an op or a family never declares them; a module key (a path, or
+# PATH:*) still does, as it declares that module whole
+NOT_BY_OP = frozenset({RAW_PARAMETER, UNSEEN_ORIGIN, OFF_GRID, NOT_EXECUTED, UNTRUSTED_QUANTIZER})
+FAMILY = "family:"  # the prefix of a float_ok key naming an op family (``family:matmul``)
 _TORCH = os.path.dirname(torch.__file__) + os.sep
 _AUDIT = os.path.dirname(__file__) + os.sep
 _PATHS_PY = os.path.join(_AUDIT, "paths.py")  # issues ops itself, as fairseq's generator would
@@ -189,21 +196,23 @@ class Findings:
         return v.declared is not None
 
     def _declare(self, v: Violation) -> Violation:
-        v.declared = self.float_ok.match(v.module, v.op)
+        v.declared = self.float_ok.match(v.module, v.op, v.kind)
         return v
 
 
 class FloatOk:
-    """``float_ok`` keys: an op name (``softmax``, ``aten._softmax``, a family such as ``norm``),
-    a module path (exact = that module and its submodules, glob, or ``re:`` regex), or
-    ``PATH:OP`` (``OP`` may be ``*``; ``re:dec.*:softmax``)."""
+    """``float_ok`` keys: an op name (``softmax``, ``aten._softmax``), an op family
+    (``family:norm``, ``family:matmul``), a module path (exact = that module and its submodules,
+    glob, or ``re:`` regex), or ``PATH:OP`` (``OP`` an op name, ``family:NAME`` or ``*``;
+    ``re:dec.*:softmax``). A key naming an op or a family never declares a finding of
+    ``NOT_BY_OP``."""
 
     def __init__(self, entries: dict[str, str]):
         self.entries = dict(entries)
         self.used: set[str] = set()
 
-    def match(self, module: str, op: str) -> str | None:
-        names = aliases(op)
+    def match(self, module: str, op: str, kind: str) -> str | None:
+        names = _OpNames(aliases(op), family(op), kind in NOT_BY_OP)
         for key, reason in self.entries.items():
             if _key_matches(key, module, names):
                 self.used.add(key)
@@ -214,17 +223,49 @@ class FloatOk:
         return [k for k in self.entries if k not in self.used]
 
 
-def _key_matches(key: str, module: str, names: set[str]) -> bool:
+class _OpNames(NamedTuple):
+    """What a finding's op answers to: its names (``aliases``), its family, and whether the
+    finding is of a kind no op key declares (``NOT_BY_OP``)."""
+
+    names: set[str]
+    family: str | None
+    by_module_only: bool
+
+    def matched_by(self, op_key: str) -> bool:
+        """Whether the op part of a key (an op name, ``family:NAME`` or ``*``) covers the finding."""
+        if op_key == "*":
+            return True
+        if self.by_module_only:
+            return False
+        if op_key.startswith(FAMILY):
+            return self.family is not None and op_key[len(FAMILY):] == self.family
+        return op_key in self.names
+
+
+def _key_matches(key: str, module: str, names: _OpNames) -> bool:
     """``re:REGEX`` is a path regex, ``re:REGEX:OP`` one with an op; the regex may hold a ':'
     of its own (``(?:...)``), so both readings are tried (module paths never contain ':')."""
     if key.startswith("re:"):
-        regex, sep, op_key = key[3:].rpartition(":")
-        with_op = bool(sep and regex) and (op_key == "*" or op_key in names)
+        regex, op_key = _split_op(key[3:])
+        with_op = op_key is not None and bool(regex) and names.matched_by(op_key)
         return _path_matches(key, module) or (with_op and _path_matches("re:" + regex, module))
-    mod, sep, op_key = key.rpartition(":")
-    if sep and mod:
-        return _path_matches(mod, module) and (op_key == "*" or op_key in names)
-    return key in names or _path_matches(key, module)
+    if key.startswith(FAMILY):
+        return names.matched_by(key)
+    mod, op_key = _split_op(key)
+    if op_key is not None and mod:
+        return _path_matches(mod, module) and names.matched_by(op_key)
+    return (names.matched_by(key) and key != "*") or _path_matches(key, module)
+
+
+def _split_op(key: str) -> tuple[str, str | None]:
+    """(path, op) of ``PATH:OP``, where ``OP`` may be ``family:NAME``; (key, None) without a ':'."""
+    rest, sep, op_key = key.rpartition(":")
+    if not sep:
+        return key, None
+    head, _, word = rest.rpartition(":")
+    if word == "family":  # PATH:family:NAME
+        return head, FAMILY + op_key
+    return rest, op_key
 
 
 def _path_matches(pattern: str, path: str) -> bool:

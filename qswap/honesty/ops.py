@@ -22,7 +22,8 @@ factory            makes a constant tensor (zeros, arange, randn, fill_): a cons
 meta               reads a scalar or metadata (``.item()``, sizes): ignored
 =================  ===========================================================================
 
-``family`` groups compute ops for reports and for ``float_ok`` keys (``softmax``, ``norm``...);
+``family`` groups compute ops for reports and for ``float_ok`` keys (``family:softmax``,
+``family:norm``...);
 ``matmul`` and ``conv`` outputs are accumulators (their consumer must quantize them).
 """
 from __future__ import annotations
@@ -134,6 +135,8 @@ OPS: dict[str, OpRule] = {
         rand rand_like randn randn_like randint randint_like randperm normal bernoulli uniform
         exponential geometric cauchy log_normal random multinomial poisson binomial"""),
 }
+
+FAMILIES = frozenset(rule.family for rule in OPS.values())  # what ``family:NAME`` keys may name
 
 _ADD, _MUL, _MEAN, _EXTREME = (OpRule(COMPUTE, "add"), OpRule(COMPUTE, "mul"),
                                OpRule(COMPUTE, "reduction"), OpRule(GRID, "max"))
@@ -275,13 +278,19 @@ def is_inplace(func) -> bool:
 
 def aliases(op: str) -> set[str]:
     """Names a ``float_ok`` key may use for an op: ``_softmax`` -> {_softmax, softmax,
-    aten._softmax, <family>}."""
+    aten._softmax}. Its family is not one of them: a family is keyed ``family:NAME``
+    (``family``)."""
     base = op.removeprefix("aten.").split(".")[0]
-    rule = OPS.get(base)
-    names = {op, base, base.lstrip("_"), f"aten.{base}"}
-    if rule is not None:
-        names.add(rule.family)
-    return names
+    return {op, base, base.lstrip("_"), f"aten.{base}"}
+
+
+def family(op: str) -> str | None:
+    """The family of an aten op (``aten.addmm`` -> ``matmul``), which a ``float_ok`` key names as
+    ``family:matmul``; None for an op with no row (a custom op)."""
+    if not op.startswith("aten."):
+        return None
+    rule = OPS.get(op.removeprefix("aten.").split(".")[0])
+    return None if rule is None else rule.family
 
 
 def class_counts() -> dict[str, int]:

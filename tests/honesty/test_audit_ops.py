@@ -36,7 +36,8 @@ def test_inplace_variants_share_the_rule_of_their_op():
 
 def test_aliases_for_float_ok_keys():
     assert {"_softmax", "softmax", "aten._softmax"} <= ops.aliases("aten._softmax")
-    assert "norm" in ops.aliases("aten.native_layer_norm")
+    assert "norm" not in ops.aliases("aten.native_layer_norm")  # a family is keyed "family:norm"
+    assert ops.family("aten.native_layer_norm") == "norm" and ops.family("qswap_x.op") is None
 
 
 @torch.library.custom_op("qswap_audit_test::mystery_scale", mutates_args=())

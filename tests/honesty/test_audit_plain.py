@@ -257,6 +257,26 @@ def test_float_ok_declarations_are_listed_apart_and_never_counted_as_quantized()
     assert {v.module for v in extra.declared} == {"fc"} and _hits(extra) == {("", "aten.add")}
 
 
+def test_a_float_ok_op_key_declares_that_op_never_its_family_nor_a_bypass():
+    """``matmul`` (a family name) declared every aten.mm/addmm/bmm finding, and any op key a raw
+    weight reaching that op without its quantizer."""
+    x = torch.randn(3, 8)
+    qmodel = _quantized(_Thief(), (x,))
+    for key in ("matmul", "mm", "family:matmul", "*:mm"):
+        report = qswap.audit(qmodel, (x,), float_ok={key: "the matmuls stay float"})
+        assert ("", "aten.mm") in _hits(report, "raw_parameter"), key
+    weight_only = _quantized(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), (x,), "w8_weight_only")
+    stale = qswap.audit(weight_only, (x,), float_ok={"matmul": "float"})
+    assert ("0", "aten.addmm") in _hits(stale)
+    assert "float_ok key 'matmul' matched no finding (an op family is keyed 'family:matmul')" in stale.notes
+    report = qswap.audit(weight_only, (x,), float_ok={"family:matmul": "activations stay float"})
+    assert {(v.module, v.op, v.kind) for v in report.declared} == {
+        ("0", "aten.addmm", "float_operand"), ("1", "aten.addmm", "float_operand")}
+    # the float biases (weight-only leaves them float): only a module key declares them
+    assert {(v.module, v.kind) for v in report.violations} == {("0", "raw_parameter"), ("1", "raw_parameter")}
+    assert qswap.audit(weight_only, (x,), float_ok={"*": "a weight-only study"}).honest
+
+
 def test_the_audit_restores_modes_and_uncalibrated_quantizer_state():
     x = torch.randn(3, 8)
     qmodel = qswap.convert(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 4)), "w8a8")
