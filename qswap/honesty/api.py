@@ -33,7 +33,7 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
     """Check that every op on the executed inference path ran on quantized values.
 
     ``inputs`` is a fairseq ``net_input`` dict (encoder-decoder models also get incremental
-    decoding of ``decode_steps`` steps audited; CTC models their output normalization), a tuple
+    decoding of ``decode_steps`` steps audited, at least 1; CTC models their output normalization), a tuple
     of arguments, or a tensor. ``float_ok`` adds declared exceptions to the recipe's own.
     ``values=True`` also runs the value-level check (``qswap.honesty.values``): every float
     operand of a compute op must lie on a uniform grid of at most 2^bits levels; where it and
@@ -51,9 +51,10 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
     """
     with torch.inference_mode(False):  # a caller's inference mode: its tensors carry no version counter
         inputs = _normal(inputs)
-        if not isinstance(decode_steps, int) or isinstance(decode_steps, bool) or decode_steps < 0:
-            raise AuditError(f"decode_steps is a number of incremental decoding steps (an int, 0 or more), "
-                             f"got {decode_steps!r}")
+        if not isinstance(decode_steps, int) or isinstance(decode_steps, bool) or decode_steps < 1:
+            raise AuditError(f"decode_steps is a number of incremental decoding steps (an int, 1 or more: an "
+                             f"encoder-decoder's incremental decoding is always audited, as the CLI's "
+                             f"--decode-steps), got {decode_steps!r}")
         if not isinstance(model, nn.Module):
             raise AuditError(f"audit() takes a torch.nn.Module, got {type(model).__name__}")
         check_inputs(inputs, model)

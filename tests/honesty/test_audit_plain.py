@@ -343,8 +343,8 @@ def test_inputs_and_options_the_audit_cannot_judge_by_are_audit_errors_not_findi
     for entry in ({"softmax": ""}, {1: "why"}):
         with pytest.raises(AuditError, match="float_ok entry .*needs a string key and a non-empty reason"):
             qswap.audit(qmodel, (x,), float_ok=entry)
-    for steps in ("3", -1, True):
-        with pytest.raises(AuditError, match="decode_steps is a number"):
+    for steps in ("3", -1, True, 0):  # 0 ran one step anyway; the CLI refuses --decode-steps 0
+        with pytest.raises(AuditError, match="decode_steps is a number .*1 or more"):
             qswap.audit(qmodel, (x,), decode_steps=steps)
 
 
