@@ -4,7 +4,8 @@ Walk, collect, check, then replace: the walk decides every module's fate without
 tree; every check (strict mode, site names) runs before anything changes; the replacement builds
 every counterpart first, then sets them in place shallowest first. A counterpart that keeps its
 children (a transformer layer) holds them under their float names, so a converted child is set
-into the counterpart by the same path. An error leaves an ``inplace`` model as it was (a recipe's
+into the counterpart by the same path; the root's counterpart takes over the root object itself,
+so that ``convert(model, recipe, inplace=True) is model``. An error leaves an ``inplace`` model as it was (a recipe's
 transforms, which rewrite weights before the checks, are first tried on a copy).
 """
 from __future__ import annotations
@@ -86,7 +87,7 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
         names = ", ".join(e.path or "<root>" for e in report.by_action("float")[:8])
         raise ConvertError(f"strict mode: {len(report.by_action('float'))} module(s) left float "
                            f"without a skip rule: {names}")
-    target = _replace(target, plans, report)
+    _replace(target, plans, report)
     report.float_bytes, report.quantized_bytes = parameter_bytes(target)
     target.qswap_recipe = recipe
     target.qswap_report = report
@@ -378,7 +379,9 @@ def _check_site_names(recipe: Recipe, where: str, names: Iterable[str], covered:
                            f"it applies to ({have}); fix the site name or remove it")
 
 
-def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.Module:
+def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> None:
+    """Build every counterpart, then set each in place (the root's counterpart takes over the
+    root object itself: ``_take_over``)."""
     shared: dict[int, tuple[FakeQuantize, str]] = {}  # id(param) -> its first quantizer, owner
     built: list[tuple[str, nn.Module]] = []
     modes = {id(m): m.training for m in root.modules()}  # every module's own flag, before any swap
@@ -398,9 +401,9 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.M
     _check_weight_grids(built)  # before anything is set in place
     for plan, (_, new) in zip(sorted_plans, built):
         _move_hooks(plan.module, new)
+    built = [(path, _take_over(root, new) if not path else new) for path, new in built]
     for path, new in reversed(built):  # shallowest first: a parent counterpart is in place
         if not path:
-            root = new
             continue
         parent_path, _, name = path.rpartition(".")
         setattr(root.get_submodule(parent_path), name, new)
@@ -409,6 +412,16 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> nn.M
         if isinstance(new, QuantModule):
             new.bind_readers()
     report.entries.sort(key=lambda e: e.path)
+
+
+def _take_over(root: nn.Module, new: nn.Module) -> nn.Module:
+    """The root's counterpart ``new`` put in place of ``root`` by becoming it: ``root`` takes
+    ``new``'s class and attributes (its module, parameter and buffer tables), so that the object
+    the caller holds (``inplace=True``) is the converted model, not a float root whose children
+    were partly swapped. Returns ``root``."""
+    root.__class__ = type(new)
+    root.__dict__.clear()
+    root.__dict__.update(new.__dict__)
     return root
 
 

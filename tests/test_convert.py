@@ -282,6 +282,35 @@ def test_an_inplace_convert_with_transforms_reads_batches_given_as_an_iterator_o
     assert all(torch.equal(v, expected[k]) for k, v in converted.state_dict().items())
 
 
+@pytest.mark.parametrize("arch", ["s2t_transformer", "s2t_conformer", "wav2vec2_ctc", "linear"])
+def test_an_inplace_convert_of_a_model_whose_root_has_a_counterpart_converts_the_callers_object(arch):
+    """The root's counterpart takes over the caller's object: ``convert(model, inplace=True)`` is
+    ``model``, fully converted (its root's quantizers, its report), and computes what a converted
+    copy computes. The root had been replaced by a new object, leaving the caller a float root
+    whose children were partly swapped."""
+    if arch == "linear":
+        build, net_input = (lambda: torch.manual_seed(0) and nn.Linear(8, 8)), (lambda: torch.randn(2, 8))
+    else:
+        pytest.importorskip("fairseq")
+        from qswap import models
+        build = getattr(models, f"build_{arch}")
+        net_input = models.wav2vec2_net_input if arch == "wav2vec2_ctc" else models.s2t_net_input
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QswapWarning)
+        model = build().eval()
+        reference = qswap.convert(build().eval(), "w8a8")
+        converted = qswap.convert(model, "w8a8", inplace=True)
+    assert converted is model and isinstance(model, QuantModule)
+    assert model.qswap_report.entries == reference.qswap_report.entries
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    x = net_input()
+    with torch.no_grad():
+        out, expected = (model(**x), reference(**x)) if isinstance(x, dict) else (model(x), reference(x))
+    out, expected = (out[0], expected[0]) if isinstance(out, tuple) else (out, expected)
+    out, expected = (out["encoder_out"], expected["encoder_out"]) if isinstance(out, dict) else (out, expected)
+    assert torch.equal(out, expected)
+
+
 def test_a_rule_for_a_part_of_a_unit_is_refused_naming_the_unit():
     """An attention is converted as one unit: a rule for its q_proj would be ignored (its quantizers
     follow the attention's specs), so it is a ConvertError naming the unit, not a 'matched no
