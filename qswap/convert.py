@@ -39,6 +39,7 @@ class _Plan:
     config: QuantConfig
     rule: Rule | None  # the rule in effect (its own or an ancestor's); None: the defaults
     rule_label: str
+    same_as: str | None = None  # the module is also reached under this (first) path: one counterpart
 
 
 def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplace: bool = False,
@@ -167,9 +168,13 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport,
           skipped: list | None = None) -> tuple[list[_Plan], set[int]]:
     """Every module's fate, without touching the tree: (the plans of the modules to convert, the
     indices of the rules that matched). ``skipped`` collects (path, module, rule) of each module a
-    ``skip`` leaves float with its subtree (unvisited)."""
+    ``skip`` leaves float with its subtree (unvisited). A module object reached under several
+    names (``nn.ModuleList([layer] * 3)``, an attribute aliasing another) is visited under each;
+    its plans after the first are marked ``same_as`` the first (one counterpart is set under every
+    name), and a ConvertError says where its names would be converted differently."""
     plans: list[_Plan] = []
     hit: set[int] = set()
+    seen: dict[int, tuple[str, tuple, str]] = {}  # id(module) -> (its first path, its fate, what that is)
 
     def visit(module: nn.Module, path: str, inherited: Rule | None) -> None:
         rule = recipe.first_rule(path, module)
@@ -181,6 +186,9 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport,
         label = effective.label() if effective else "defaults"
         cls_name = type(module).__name__
         if effective is not None and effective.skip:
+            for sub, part in module.named_modules():  # its subtree is left float with it
+                _same_module(seen, part, ".".join(p for p in (path, sub) if p), ("skip",),
+                             f"left float by {label}'s skip" + (f" of {path or 'the root'}" if sub else ""))
             report.entries.append(ModuleEntry(path, cls_name, "skipped", label,
                                               reason=effective.note or "skip: true"))
             if skipped is not None:
@@ -188,10 +196,18 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport,
             return
         config = effective.config if effective else recipe.defaults
         counterpart = find(module)
-        children = list(module.named_children())
+        # every name, aliases too (named_children drops a module's repeats)
+        children = [(name, child) for name, child in module._modules.items() if child is not None]  # noqa: SLF001
+        fate = ("convert", counterpart, config) if counterpart is not None else ("walk",)
+        what = f"converted to {counterpart.__name__} by {label}" if counterpart is not None else f"not skipped ({label})"
+        same_as = _same_module(seen, module, path, fate, what)
         if counterpart is not None:
-            plans.append(_Plan(path, module, counterpart, config, effective, label))
+            plans.append(_Plan(path, module, counterpart, config, effective, label, same_as))
             if not counterpart.converts_children:
+                if same_as is None:  # its parts are computed by the unit: not to be converted elsewhere
+                    for sub, part in list(module.named_modules())[1:]:
+                        _same_module(seen, part, f"{path}.{sub}" if path else sub, ("part", path),
+                                     f"a part of {path or 'the root'} ({cls_name}), converted as one unit")
                 return
         elif is_passthrough(module):
             report.entries.append(ModuleEntry(path, cls_name, "passthrough", label,
@@ -213,6 +229,20 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport,
 
     visit(root, "", None)
     return plans, hit
+
+
+def _same_module(seen: dict, module: nn.Module, path: str, fate: tuple, what: str) -> str | None:
+    """Record that ``module`` is reached under ``path``, its fate there ``fate`` (described by
+    ``what``): the path it was first reached under if that is another (None otherwise). One object
+    can be converted only once: a ConvertError where its fates under two names differ."""
+    first, first_fate, first_what = seen.setdefault(id(module), (path, fate, what))
+    if first == path:
+        return None
+    if first_fate != fate:
+        raise ConvertError(f"{first or 'the root'} and {path} are one {type(module).__name__} object (reached under "
+                           f"both names), {first_what} under the first and {what} under the second; one object is "
+                           f"converted once: give both names the same rule, or make them separate modules")
+    return first
 
 
 def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: bool,
@@ -386,7 +416,7 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> None
     built: list[tuple[str, nn.Module]] = []
     modes = {id(m): m.training for m in root.modules()}  # every module's own flag, before any swap
     counterpart_modes: dict[int, bool] = {}  # id(counterpart) -> the flag of the module it replaced
-    sorted_plans = sorted(plans, key=lambda p: p.path.count(".") + (1 if p.path else 0), reverse=True)
+    sorted_plans = sorted((p for p in plans if p.same_as is None), key=lambda p: _depth(p.path), reverse=True)
     for plan in sorted_plans:
         try:
             new = plan.counterpart.from_float(plan.module, plan.config)
@@ -402,7 +432,8 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> None
     for plan, (_, new) in zip(sorted_plans, built):
         _move_hooks(plan.module, new)
     built = [(path, _take_over(root, new) if not path else new) for path, new in built]
-    for path, new in reversed(built):  # shallowest first: a parent counterpart is in place
+    placed = sorted(built + _aliases(plans, dict(built), report), key=lambda item: _depth(item[0]))
+    for path, new in placed:  # shallowest first: a parent counterpart is in place
         if not path:
             continue
         parent_path, _, name = path.rpartition(".")
@@ -423,6 +454,25 @@ def _take_over(root: nn.Module, new: nn.Module) -> nn.Module:
     root.__dict__.clear()
     root.__dict__.update(new.__dict__)
     return root
+
+
+def _depth(path: str) -> int:
+    return path.count(".") + (1 if path else 0)
+
+
+def _aliases(plans: list[_Plan], built: dict[str, nn.Module], report: ConvertReport) -> list[tuple[str, nn.Module]]:
+    """(path, counterpart) for each further name of a module reached under several: the
+    counterpart built for its first name, with a report entry saying so."""
+    aliases = []
+    for plan in plans:
+        if plan.same_as is not None:
+            new = built[plan.same_as]
+            report.entries.append(ModuleEntry(
+                plan.path, type(plan.module).__name__, "quantized", plan.rule_label, counterpart=type(new).__name__,
+                reason=f"the same module object as {plan.same_as}: one counterpart under both names",
+                **_spec_labels(plan.counterpart, plan.config)))
+            aliases.append((plan.path, new))
+    return aliases
 
 
 _FORWARD_HOOKS = (("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"),

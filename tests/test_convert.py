@@ -311,6 +311,66 @@ def test_an_inplace_convert_of_a_model_whose_root_has_a_counterpart_converts_the
     assert torch.equal(out, expected)
 
 
+class Looped(nn.Module):
+    """A weight-shared stack: one Linear applied three times, under the names layers.0-2."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8)] * 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+class Aliased(nn.Module):
+    """One Linear under three names: ``shared``, ``alias`` (same parent) and ``blocks.0``."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(8, 8)
+        self.alias = self.shared
+        self.blocks = nn.ModuleList([self.shared, nn.Linear(8, 8)])
+
+    def forward(self, x):
+        return self.blocks[1](self.alias(x) + self.shared(x))
+
+
+@pytest.mark.parametrize("build, names", [(Looped, ["layers.0", "layers.1", "layers.2"]),
+                                          (Aliased, ["shared", "alias", "blocks.0"])])
+def test_a_module_reached_under_several_names_gets_one_counterpart_under_every_name(build, names):
+    """The walk had visited one name only (``named_children`` drops repeats): the others stayed
+    float, silently, even in strict mode."""
+    converted = qswap.convert(build(), "w8a8", strict=True)
+    counterparts = [converted.get_submodule(name) for name in names]
+    assert isinstance(counterparts[0], QLinear) and all(c is counterparts[0] for c in counterparts)
+    entries = {e.path: e for e in converted.qswap_report.entries}
+    assert all(entries[name].action == "quantized" for name in names)
+    assert all(f"the same module object as {names[0]}" in entries[name].reason for name in names[1:])
+    converted(torch.randn(2, 8))
+
+
+def test_a_module_reached_under_names_converted_differently_is_an_error_naming_both():
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"path": "alias"}, "skip": True}]}
+    with pytest.raises(ConvertError, match=r"shared and alias are one Linear object .* converted to QLinear by "
+                                           r"defaults under the first and left float by rule 0: path=alias's skip"):
+        qswap.convert(Aliased(), recipe)
+    recipe["rules"] = [{"match": {"path": "blocks.0"}, "weight": {"bits": 4}}]
+    with pytest.raises(ConvertError, match=r"shared and blocks.0 are one Linear object"):
+        qswap.convert(Aliased(), recipe)
+    recipe["rules"] = [{"match": {"path": "blocks"}, "skip": True}]  # leaves its subtree float
+    with pytest.raises(ConvertError, match=r"shared and blocks.0 are one Linear object .* left float by rule 0: "
+                                           r"path=blocks's skip of blocks"):
+        qswap.convert(Aliased(), recipe)
+    model = _attention_model()
+    model.proj = model[1].out_proj  # a part of the attention, which is converted as one unit
+    with pytest.raises(ConvertError, match=r"1.out_proj and proj are one NonDynamicallyQuantizableLinear object .* "
+                                           r"a part of 1 \(MultiheadAttention\)"):
+        qswap.convert(model, "w8a8")
+
+
 def test_a_rule_for_a_part_of_a_unit_is_refused_naming_the_unit():
     """An attention is converted as one unit: a rule for its q_proj would be ignored (its quantizers
     follow the attention's specs), so it is a ConvertError naming the unit, not a 'matched no
