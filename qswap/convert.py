@@ -11,6 +11,7 @@ transforms, which rewrite weights before the checks, are first tried on a copy).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import importlib
 import sys
@@ -423,10 +424,13 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> None
         except ConvertError as exc:
             raise ConvertError(f"{plan.path or '<root>'}: {exc}") from None
         counterpart_modes[id(new)] = modes[id(plan.module)]
-        _share_tied_quantizers(new, plan.path, shared, report)
+        labels = _spec_labels(plan.counterpart, plan.config)
+        tied = _share_tied_quantizers(new, plan.path, shared, report)
+        if tied:  # the weight is read by the first owner's quantizer, not by one of this rule's spec
+            labels["weight"] = "; ".join(tied)
         report.entries.append(ModuleEntry(
             plan.path, type(plan.module).__name__, "quantized", plan.rule_label,
-            counterpart=type(new).__name__, **_spec_labels(plan.counterpart, plan.config)))
+            counterpart=type(new).__name__, **labels))
         built.append((plan.path, new))
     _check_weight_grids(built)  # before anything is set in place
     for plan, (_, new) in zip(sorted_plans, built):
@@ -464,14 +468,13 @@ def _aliases(plans: list[_Plan], built: dict[str, nn.Module], report: ConvertRep
     """(path, counterpart) for each further name of a module reached under several: the
     counterpart built for its first name, with a report entry saying so."""
     aliases = []
+    entries = {e.path: e for e in report.entries}
     for plan in plans:
         if plan.same_as is not None:
-            new = built[plan.same_as]
-            report.entries.append(ModuleEntry(
-                plan.path, type(plan.module).__name__, "quantized", plan.rule_label, counterpart=type(new).__name__,
-                reason=f"the same module object as {plan.same_as}: one counterpart under both names",
-                **_spec_labels(plan.counterpart, plan.config)))
-            aliases.append((plan.path, new))
+            report.entries.append(dataclasses.replace(
+                entries[plan.same_as], path=plan.path, rule=plan.rule_label,
+                reason=f"the same module object as {plan.same_as}: one counterpart under both names"))
+            aliases.append((plan.path, built[plan.same_as]))
     return aliases
 
 
@@ -556,8 +559,11 @@ def _restore_modes(root: nn.Module, counterpart_modes: dict[int, bool], modes: d
     visit(root, root.training)
 
 
-def _share_tied_quantizers(new: nn.Module, path: str, shared: dict, report: ConvertReport) -> None:
-    """A parameter shared by two modules (tied embedding / output projection) gets one quantizer."""
+def _share_tied_quantizers(new: nn.Module, path: str, shared: dict, report: ConvertReport) -> list[str]:
+    """A parameter shared by two modules (tied embedding / output projection) gets one quantizer:
+    the first owner's. Returns the report's weight label of each of ``new``'s parameters so tied
+    (its spec, 'tied to' its first owner's parameter)."""
+    tied = []
     for pname, param in new.named_parameters(recurse=False):
         quant = param_quantizer(new, pname)
         if not isinstance(quant, FakeQuantize):
@@ -568,11 +574,13 @@ def _share_tied_quantizers(new: nn.Module, path: str, shared: dict, report: Conv
         first, owner = shared[id(param)]
         parent, _, leaf = param_quantizer_path(new, pname).rpartition(".")
         setattr(new.get_submodule(parent) if parent else new, leaf, first)
+        tied.append(f"{first.spec.short()}, tied to {owner}.{pname}")
         note = f"{path}.{pname} is tied to {owner}.{pname}: one quantizer ({first.spec.short()})"
         if first.spec != quant.spec:
             note += f"; this module's rule asked for {quant.spec.short()}, the first one wins"
             warnings.warn(note, QswapWarning, stacklevel=4)
         report.notes.append(note)
+    return tied
 
 
 def _spec_labels(counterpart: type, config: QuantConfig) -> dict[str, str]:

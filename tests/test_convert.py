@@ -29,6 +29,19 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def test_the_report_of_a_tied_weight_gives_the_spec_of_the_quantizer_it_shares():
+    """The tied output projection reads the embedding's quantizer (the first owner's): its report
+    row had given its own rule's spec (int4), which no quantizer of the model has."""
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"path": "out"}, "weight": {"bits": 4}}]}
+    with pytest.warns(QswapWarning, match="the first one wins"):
+        converted = qswap.convert(TiedLM(), recipe)
+    entries = {e.path: e for e in converted.qswap_report.entries}
+    assert converted.out.weight_quant.spec.bits == 8
+    assert entries["out"].weight == f"{converted.out.weight_quant.spec.short()}, tied to embed.weight"
+    assert entries["embed"].weight == converted.embed.weight_quant.spec.short()
+
+
 def test_caller_model_is_untouched_unless_inplace():
     model = TiedLM()
     before = _state(model)
