@@ -82,7 +82,7 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
     skipped: list[tuple[str, nn.Module, Rule]] = []
     present = _class_names(target)  # the float model's classes, before the walk swaps them
     plans, hit_rules = _walk(target, recipe, report, skipped)
-    _check_rules(recipe, hit_rules, report, strict, plans, skipped, present)
+    _check_rules(recipe, hit_rules, report, strict, plans, skipped, present, target)
     _check_sites(recipe, plans, hit_rules)
     _check_hooks(plans)
     if strict and report.by_action("float"):
@@ -247,19 +247,26 @@ def _same_module(seen: dict, module: nn.Module, path: str, fate: tuple, what: st
 
 
 def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: bool,
-                 plans: list[_Plan], skipped: list, present: set[str]) -> None:
-    """Each rule that hit nothing: a class-only rule naming a class that exists (registered or
-    passthrough in qswap, the model's own, or any module class defined so far) is noted (this
-    model may lack it); any other a QswapWarning, a ConvertError in strict mode. ``present``: the
-    class names of the model (``_class_names``)."""
+                 plans: list[_Plan], skipped: list, present: set[str], root: nn.Module) -> None:
+    """Each rule that hit nothing: one whose every module an earlier rule matched first
+    (shadowed: first match wins) is a QswapWarning; else a class-only rule naming a class that
+    exists (registered or passthrough in qswap, the model's own, or any module class defined so
+    far) is noted (this model may lack it); any other a QswapWarning. A rule naming a class that
+    does not exist beside ones that do is a QswapWarning too. Each warning is a ConvertError in
+    strict mode. ``present``: the class names of the model (``_class_names``), ``root`` the model
+    before the swap."""
     units = [p for p in plans if not p.counterpart.converts_children]  # converted whole: their parts unvisited
     overruled = _warn_rules_overruled_in_units(recipe, units, report, strict)
+    _warn_unknown_classes(recipe, report, strict, present)
     for rule in recipe.rules:
         if rule.index in hit or rule.index in overruled:  # an overruled rule's message says where it reached
             continue
         _refuse_rule_inside_a_unit(recipe, rule, units)
-        message = f"{recipe.name}: {rule.label()} matched no module" + _shadowed_by_skip(rule, skipped)
-        if rule.match.path is None:
+        by_skip = _shadowed_by_skip(rule, skipped)
+        shadowed = "" if by_skip else _shadowed_by_rule(recipe, rule, root)
+        message = (f"{recipe.name}: {rule.label()} takes no module{shadowed}" if shadowed
+                   else f"{recipe.name}: {rule.label()} matched no module{by_skip}")
+        if rule.match.path is None and not shadowed:
             likely = known_class_names() | present  # what a rule most often means: the close names offered
             unknown = [name for name in rule.match.classes if name not in likely]
             if unknown and len(unknown) == len(rule.match.classes):
@@ -273,6 +280,41 @@ def _check_rules(recipe: Recipe, hit: set[int], report: ConvertReport, strict: b
             raise ConvertError(f"strict mode: {message}; fix or remove the rule")
         report.unmatched_rules.append(rule.label())
         warnings.warn(message, QswapWarning, stacklevel=3)
+
+
+def _shadowed_by_rule(recipe: Recipe, rule: Rule, root: nn.Module) -> str:
+    """Where ``rule`` matches a module of ``root`` that an earlier rule matched first (first
+    match wins: ``rule`` gets none of them): what to say after 'takes no module', else ''."""
+    for path, module in root.named_modules(remove_duplicate=False):
+        if not rule.match.matches(path, module):
+            continue
+        first = recipe.first_rule(path, module)
+        if first is not None and first.index < rule.index:
+            return (f": shadowed by rule {first.index} (first match wins): {first.label()} takes {path or 'the root'}, "
+                    f"and earlier rules every other module this rule matches; move this rule before rule "
+                    f"{first.index}, or narrow rule {first.index}")
+    return ""
+
+
+def _warn_unknown_classes(recipe: Recipe, report: ConvertReport, strict: bool, present: set[str]) -> None:
+    """A rule whose class list names a class that does not exist (a misspelling) beside ones
+    that do: a QswapWarning naming it (a ConvertError in strict mode); the misspelled class alone
+    would never be reported while its neighbours match. (A rule none of whose classes exists
+    matches nothing: ``_check_rules`` reports it.)"""
+    likely = known_class_names() | present
+    loaded = None
+    for rule in recipe.rules:
+        unknown = [name for name in rule.match.classes if name not in likely]
+        if unknown:
+            loaded = _loaded_class_names() if loaded is None else loaded
+            unknown = [name for name in unknown if name not in loaded]
+        if not unknown or len(unknown) == len(rule.match.classes):
+            continue
+        message = f"{recipe.name}: {rule.label()}" + _unknown_classes_text(unknown, likely)
+        if strict:
+            raise ConvertError(f"strict mode: {message}; fix or remove the name")
+        report.notes.append(message)
+        warnings.warn(message, QswapWarning, stacklevel=4)
 
 
 def _class_names(model: nn.Module) -> set[str]:

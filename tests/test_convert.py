@@ -109,14 +109,44 @@ def test_a_class_rule_naming_no_known_class_warns_with_the_close_names_and_stric
         qswap.convert(TiedLM(), typo, strict=True)
     # a class qswap knows, or any module class defined (another architecture's: a recipe shared by
     # wav2vec 2.0 and S2T models keeping the former's feature extractor float): a note
-    for known in (["LayerNorm", "LayerNrom"], ["torch.nn.modules.dropout.Dropout"], ["Dropout"], ["Bilinear"],
-                  ["torch.nn.modules.linear.Bilinear"]):
+    for known in (["torch.nn.modules.dropout.Dropout"], ["Dropout"], ["Bilinear"], ["torch.nn.modules.linear.Bilinear"]):
         rule = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
                 "rules": [{"match": {"class": known}, "skip": True}]}
         with warnings.catch_warnings():
             warnings.simplefilter("error", qswap.QswapWarning)
             converted = qswap.convert(TiedLM(), rule, strict=True)
         assert any("matched no module" in n for n in converted.qswap_report.notes)
+
+
+def test_a_misspelled_class_beside_known_ones_in_a_rule_warns_and_strict_raises():
+    """Every class name of every rule is checked: a misspelled one in a list whose other class
+    matches had never been reported, even in strict mode."""
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"class": ["Linear", "LayerNrom"]}, "weight": {"bits": 4}}]}
+    with pytest.warns(qswap.QswapWarning, match=r"rule 0: class=Linear\|LayerNrom: no module class is named "
+                                                r"'LayerNrom' \(did you mean LayerNorm\b"):
+        qswap.convert(TiedLM(), recipe)
+    with pytest.raises(ConvertError, match="strict mode: .*'LayerNrom' .*did you mean LayerNorm"):
+        qswap.convert(TiedLM(), recipe, strict=True)
+    recipe["rules"][0]["match"]["class"] = ["LayerNorm", "LayerNrom"]  # matching nothing in this model
+    with pytest.raises(ConvertError, match="strict mode: .*'LayerNrom' .*did you mean LayerNorm"):
+        qswap.convert(TiedLM(), recipe, strict=True)
+
+
+@pytest.mark.parametrize("later", [{"class": "Linear"}, {"path": "proj"}])
+def test_a_rule_whose_modules_an_earlier_rule_takes_warns_that_it_is_shadowed(later):
+    """A rule after a catch-all gets none of its modules (first match wins): it had been reported
+    as 'matched no module' (a note only, for a class rule), which reads as a typo and is false."""
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"path": "re:.*"}, "weight": {"bits": 4}},
+                        {"match": later, "weight": {"bits": 8}}]}
+    shadowed = (r"recipe: rule 1: .* takes no module: shadowed by rule 0 \(first match wins\): rule 0: path=re:\.\* takes "
+                r"proj, .*move this rule before rule 0, or narrow rule 0")
+    with pytest.warns(qswap.QswapWarning, match=shadowed):
+        converted = qswap.convert(TiedLM(), recipe)
+    assert not any("matched no module" in n for n in converted.qswap_report.notes)
+    with pytest.raises(ConvertError, match="strict mode: " + shadowed):
+        qswap.convert(TiedLM(), recipe, strict=True)
 
 
 def test_strict_fails_on_modules_left_float():

@@ -30,6 +30,14 @@ PASSTHROUGH: frozenset[str] = frozenset({
     "fairseq.modules.positional_encoding.RelPositionalEncoding",
 })
 
+# Float classes whose counterparts register only where their library imports (fairseq's fp32
+# norms; apex's FusedLayerNorm, which fairseq's LayerNorm returns with apex and CUDA): the shipped
+# recipes' norm rules name them, and a rule naming one is not a misspelling where it is absent.
+OPTIONAL: frozenset[str] = frozenset({
+    "fairseq.modules.layer_norm.Fp32LayerNorm", "fairseq.modules.fp32_group_norm.Fp32GroupNorm",
+    "apex.normalization.fused_layer_norm.FusedLayerNorm",
+})
+
 T = TypeVar("T", bound=type)
 
 
@@ -81,9 +89,9 @@ def is_passthrough(module: nn.Module) -> bool:
 
 def known_class_names() -> frozenset[str]:
     """The float classes qswap knows, which a recipe rule's ``class`` may name: each registered
-    float class and each PASSTHROUGH class, by its name and its qualified name (rules match the
-    float model's modules, never a counterpart)."""
-    names = set(PASSTHROUGH) | {name.rsplit(".", 1)[-1] for name in PASSTHROUGH}
+    float class and each PASSTHROUGH and OPTIONAL class, by its name and its qualified name (rules
+    match the float model's modules, never a counterpart)."""
+    names = set(PASSTHROUGH | OPTIONAL) | {name.rsplit(".", 1)[-1] for name in PASSTHROUGH | OPTIONAL}
     for cls in REGISTRY:
         names.update(class_names(cls))
     return frozenset(names)
