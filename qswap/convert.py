@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from qswap.errors import ConvertError, QswapWarning
+from qswap.errors import ConvertError, QswapError, QswapWarning
 from qswap.integration.cost import parameter_bytes
 from qswap.nn.base import QuantConfig, QuantModule, param_quantizer, param_quantizer_path
 from qswap.nn.registry import REGISTRY, class_names, find, is_passthrough, known_class_names
@@ -461,10 +461,7 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> None
     counterpart_modes: dict[int, bool] = {}  # id(counterpart) -> the flag of the module it replaced
     sorted_plans = sorted((p for p in plans if p.same_as is None), key=lambda p: _depth(p.path), reverse=True)
     for plan in sorted_plans:
-        try:
-            new = plan.counterpart.from_float(plan.module, plan.config)
-        except ConvertError as exc:
-            raise ConvertError(f"{plan.path or '<root>'}: {exc}") from None
+        new = _from_float(plan)
         counterpart_modes[id(new)] = modes[id(plan.module)]
         labels = _spec_labels(plan.counterpart, plan.config)
         tied = _share_tied_quantizers(new, plan.path, shared, report)
@@ -489,6 +486,25 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> None
         if isinstance(new, QuantModule):
             new.bind_readers()
     report.entries.sort(key=lambda e: e.path)
+
+
+def _from_float(plan: _Plan) -> nn.Module:
+    """``plan``'s counterpart built by its ``from_float``; a ConvertError naming the module and the
+    counterpart where it fails (other than with a QswapError of its own) or returns no module."""
+    where, name = plan.path or "<root>", plan.counterpart.__qualname__
+    try:
+        new = plan.counterpart.from_float(plan.module, plan.config)
+    except ConvertError as exc:
+        raise ConvertError(f"{where}: {exc}") from None
+    except QswapError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (a user's counterpart: say whose from_float failed)
+        raise ConvertError(f"{where}: {name}.from_float({type(plan.module).__name__}, config) failed: "
+                           f"{type(exc).__name__}: {exc}; fix the counterpart (or unregister it)") from exc
+    if not isinstance(new, nn.Module):
+        raise ConvertError(f"{where}: {name}.from_float returned {type(new).__name__}, not a module; it must "
+                           f"return the counterpart module built from the float one")
+    return new
 
 
 def _take_over(root: nn.Module, new: nn.Module) -> nn.Module:

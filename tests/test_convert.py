@@ -149,6 +149,33 @@ def test_a_rule_whose_modules_an_earlier_rule_takes_warns_that_it_is_shadowed(la
         qswap.convert(TiedLM(), recipe, strict=True)
 
 
+class Doubler(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+@pytest.mark.parametrize("from_float, message", [
+    (lambda cls, module, config: module.no_such_attribute,
+     r"^0: .*QDoubler.from_float\(Doubler, config\) failed: AttributeError: .*no_such_attribute.*fix the counterpart"),
+    (lambda cls, module, config: None, r"^0: .*QDoubler.from_float returned NoneType, not a module"),
+])
+def test_a_counterpart_whose_from_float_fails_or_returns_no_module_is_a_convert_error_naming_it(from_float, message):
+    """A user's from_float that raised, or returned None, had surfaced as a raw AttributeError from
+    inside convert (None: 'NoneType' object has no attribute 'named_parameters')."""
+    from qswap.nn.registry import register, unregister
+
+    @register(Doubler)
+    class QDoubler(QuantModule):
+        pass
+
+    QDoubler.from_float = classmethod(from_float)
+    try:
+        with pytest.raises(ConvertError, match=message):
+            qswap.convert(nn.Sequential(Doubler()), "w8a8")
+    finally:
+        unregister(Doubler)
+
+
 def test_strict_fails_on_modules_left_float():
     class Odd(nn.Module):
         def forward(self, x):

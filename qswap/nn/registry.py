@@ -13,6 +13,7 @@ such instead of as "left float". Names, not classes: fairseq need not be importe
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, TypeVar
 
 from torch import nn
@@ -47,6 +48,7 @@ def register(float_class: type) -> Callable[[T], T]:
         raise RegistryError(f"register() takes an nn.Module subclass, got {float_class!r}")
 
     def decorate(counterpart: T) -> T:
+        _check_counterpart(float_class, counterpart)
         existing = REGISTRY.get(float_class)
         if existing is not None and existing is not counterpart:
             if _same_definition(existing, counterpart):
@@ -59,6 +61,19 @@ def register(float_class: type) -> Callable[[T], T]:
         return counterpart
 
     return decorate
+
+
+def _check_counterpart(float_class: type, counterpart: object) -> None:
+    """A counterpart is a QuantModule subclass whose ``from_float`` takes (module, config)."""
+    from qswap.nn.base import QuantModule
+    if not (isinstance(counterpart, type) and issubclass(counterpart, QuantModule)):
+        raise RegistryError(f"the counterpart of {_name(float_class)} must be a subclass of qswap.QuantModule "
+                            f"with a from_float(module, config) classmethod, got {counterpart!r}")
+    try:
+        inspect.signature(counterpart.from_float).bind(None, None)
+    except TypeError:
+        raise RegistryError(f"{_name(counterpart)}.from_float{inspect.signature(counterpart.from_float)} must take "
+                            f"(module, config): the float module and its QuantConfig (a classmethod)") from None
 
 
 def unregister(float_class: type) -> type:

@@ -44,6 +44,32 @@ def test_duplicate_registration_is_an_error_naming_both():
             pass
 
 
+class NotQuant(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class OneArgument(QuantModule):
+    @classmethod
+    def from_float(cls, module):
+        return cls()
+
+
+@pytest.mark.parametrize("counterpart, message", [
+    (NotQuant, r"counterpart of .*MyScale must be a subclass of qswap.QuantModule .*NotQuant"),
+    (lambda module, config: module, r"must be a subclass of qswap.QuantModule .*function"),
+    (OneArgument, r"OneArgument.from_float\(module\) must take \(module, config\)"),
+])
+def test_register_refuses_what_is_not_a_counterpart(counterpart, message):
+    """Anything had been accepted; convert then failed with a raw AttributeError or TypeError."""
+    try:
+        with pytest.raises(RegistryError, match=message):
+            register(MyScale)(counterpart)
+        assert MyScale not in REGISTRY
+    finally:
+        REGISTRY.pop(MyScale, None)
+
+
 def test_missing_lookup_lists_what_is_registered():
     with pytest.raises(RegistryError, match=r"MyScale has no registered counterpart; registered: .*Linear"):
         lookup(MyScale)
