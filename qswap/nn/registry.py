@@ -43,19 +43,24 @@ T = TypeVar("T", bound=type)
 
 
 def register(float_class: type) -> Callable[[T], T]:
-    """Class decorator: make the decorated QuantModule the counterpart of ``float_class``."""
+    """Class decorator: make the decorated QuantModule the counterpart of ``float_class``.
+
+    A second counterpart for a registered class is a RegistryError (``unregister`` the first),
+    except that qswap's own counterparts never replace a user's: a user's counterpart of a fairseq
+    class, registered before ``qswap.convert`` imports qswap's fairseq counterparts, stays."""
     if not (isinstance(float_class, type) and issubclass(float_class, nn.Module)):
         raise RegistryError(f"register() takes an nn.Module subclass, got {float_class!r}")
 
     def decorate(counterpart: T) -> T:
         _check_counterpart(float_class, counterpart)
         existing = REGISTRY.get(float_class)
-        if existing is not None and existing is not counterpart:
-            if _same_definition(existing, counterpart):
-                REGISTRY[float_class] = counterpart  # the same module imported twice (a reload)
-                return counterpart
-            raise RegistryError(f"{_name(float_class)} is already registered to {_name(existing)}; "
-                                f"unregister it first to replace it with {_name(counterpart)}")
+        if existing is not None and existing is not counterpart and not _same_definition(existing, counterpart):
+            # (the same definition twice is the same module imported twice: a reload)
+            if _is_builtin(counterpart) and not _is_builtin(existing):
+                counterpart.float_class = float_class
+                return counterpart  # the user's own counterpart wins
+            raise RegistryError(f"{_name(float_class)} is already registered to {_name(existing)}; to replace it "
+                                f"with {_name(counterpart)}, call qswap.nn.unregister({float_class.__name__}) first")
         REGISTRY[float_class] = counterpart
         counterpart.float_class = float_class
         return counterpart
@@ -74,6 +79,10 @@ def _check_counterpart(float_class: type, counterpart: object) -> None:
     except TypeError:
         raise RegistryError(f"{_name(counterpart)}.from_float{inspect.signature(counterpart.from_float)} must take "
                             f"(module, config): the float module and its QuantConfig (a classmethod)") from None
+
+
+def _is_builtin(counterpart: type) -> bool:
+    return counterpart.__module__.split(".")[0] == "qswap"
 
 
 def unregister(float_class: type) -> type:

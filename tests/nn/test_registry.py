@@ -37,11 +37,14 @@ def test_register_lookup_and_unregister_a_user_module():
     assert MyScale not in REGISTRY
 
 
-def test_duplicate_registration_is_an_error_naming_both():
-    with pytest.raises(RegistryError, match="already registered to .*QLinear"):
+def test_duplicate_registration_is_an_error_naming_both_and_the_unregister_function():
+    """The advice had said 'unregister it first', and ``qswap.unregister`` does not exist."""
+    with pytest.raises(RegistryError, match=r"already registered to .*QLinear; to replace it with .*Other, "
+                                            r"call qswap.nn.unregister\(Linear\) first"):
         @register(nn.Linear)
         class Other(QuantModule):
             pass
+    assert callable(qswap.nn.unregister)
 
 
 class NotQuant(nn.Module):
@@ -68,6 +71,32 @@ def test_register_refuses_what_is_not_a_counterpart(counterpart, message):
         assert MyScale not in REGISTRY
     finally:
         REGISTRY.pop(MyScale, None)
+
+
+def test_a_users_counterpart_of_a_fairseq_class_wins_over_qswaps_own():
+    """A user's counterpart of a fairseq class registered before convert imports qswap's fairseq
+    counterparts: that import (qswap's own registration) had failed on it, with advice to
+    unregister it; qswap's own registration now leaves it in place."""
+    pytest.importorskip("fairseq")
+    from fairseq.modules.sinusoidal_positional_embedding import SinusoidalPositionalEmbedding
+
+    from qswap.models import build_s2t_transformer
+    from qswap.nn.fairseq.positional import QSinusoidalPositionalEmbedding
+
+    class FloatPositions(QuantModule):
+        @classmethod
+        def from_float(cls, module, config):
+            return module  # the user keeps positions float
+
+    unregister(SinusoidalPositionalEmbedding)
+    try:
+        register(SinusoidalPositionalEmbedding)(FloatPositions)
+        register(SinusoidalPositionalEmbedding)(QSinusoidalPositionalEmbedding)  # what importing qswap.nn.fairseq does
+        assert lookup(SinusoidalPositionalEmbedding) is FloatPositions
+        converted = qswap.convert(build_s2t_transformer(), "w8a8")
+        assert type(converted.encoder.embed_positions) is SinusoidalPositionalEmbedding
+    finally:
+        REGISTRY[SinusoidalPositionalEmbedding] = QSinusoidalPositionalEmbedding
 
 
 def test_missing_lookup_lists_what_is_registered():
