@@ -61,6 +61,7 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
         if not isinstance(flag, allowed):  # a truthy string ("no", read from a config) had converted in place
             raise ConvertError(f"convert()'s {name} takes True or False{' (or None: the recipe says)' if name == 'strict' else ''}, "
                                f"got {flag!r}")
+    _check_dtypes(model)
     recipe = load_recipe(recipe)
     _register_fairseq_counterparts()
     strict = recipe.strict if strict is None else strict
@@ -94,6 +95,16 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
     target.qswap_recipe = recipe
     target.qswap_report = report
     return target
+
+
+def _check_dtypes(model: nn.Module) -> None:
+    """The quantizers compute in float32 (float64 runs too): a model with float16 or bfloat16
+    parameters would convert, then fail at its first forward (calibration blaming the batches):
+    a ConvertError naming a parameter and its dtype now."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.dtype not in (torch.float32, torch.float64):
+            raise ConvertError(f"convert() takes a float32 model: parameter {name} is {param.dtype}; call "
+                               f"model.float() first (the quantized model computes in float32)")
 
 
 def _check_weight_grids(built: list[tuple[str, nn.Module]]) -> None:

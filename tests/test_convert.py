@@ -176,6 +176,19 @@ def test_a_counterpart_whose_from_float_fails_or_returns_no_module_is_a_convert_
         unregister(Doubler)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_refused_asking_for_float(dtype):
+    """A float16 / bfloat16 model had converted without complaint, then failed at its first
+    forward (calibration blamed the batches)."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
+    with pytest.raises(ConvertError, match=rf"parameter 0.weight is {dtype}; call model.float\(\) first"):
+        qswap.convert(model, "w8a8", inplace=True)
+    assert type(model[0]) is nn.Linear
+    converted = qswap.convert(model.float(), "w8a8")
+    qswap.calibrate(converted, [torch.randn(8, 16)])
+    assert converted(torch.randn(2, 16)).dtype == torch.float32
+
+
 def test_strict_fails_on_modules_left_float():
     class Odd(nn.Module):
         def forward(self, x):
