@@ -13,8 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import importlib
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -25,7 +23,8 @@ from torch import nn
 from qswap.errors import ConvertError, QswapError, QswapWarning
 from qswap.integration.cost import parameter_bytes
 from qswap.nn.base import QuantConfig, QuantModule, param_quantizer, param_quantizer_path
-from qswap.nn.registry import REGISTRY, class_names, find, is_passthrough, known_class_names
+from qswap.nn.registry import (REGISTRY, class_names, find, is_passthrough, known_class_names,
+                                register_fairseq_counterparts)
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.recipe import Recipe, Rule, load_recipe
 from qswap.report import ConvertReport, ModuleEntry
@@ -63,7 +62,7 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
                                f"got {flag!r}")
     _check_dtypes(model)
     recipe = load_recipe(recipe)
-    _register_fairseq_counterparts()
+    register_fairseq_counterparts()
     strict = recipe.strict if strict is None else strict
     if _already_converted(model):
         raise ConvertError("this model already contains qswap quantizers; convert the float model "
@@ -138,13 +137,6 @@ def _check_weight_grids(built: list[tuple[str, nn.Module]]) -> None:
             except SpecError as e:
                 raise SpecError(f"{path}.{pname} (shape {tuple(weight.shape)}): {e}; change the recipe's "
                                 f"weight spec for this module (a rule matching it)") from None
-
-
-def _register_fairseq_counterparts() -> None:
-    """A model can only hold fairseq modules if fairseq is imported: register its counterparts
-    then (``import qswap`` alone never imports fairseq)."""
-    if "fairseq" in sys.modules:
-        importlib.import_module("qswap.nn.fairseq")
 
 
 def copy_model(model: nn.Module) -> nn.Module:

@@ -13,7 +13,9 @@ such instead of as "left float". Names, not classes: fairseq need not be importe
 """
 from __future__ import annotations
 
+import importlib
 import inspect
+import sys
 from typing import Callable, TypeVar
 
 from torch import nn
@@ -104,6 +106,24 @@ def find(module: nn.Module) -> type | None:
     """The counterpart for this module's exact class, or None (subclasses are not matched:
     a subclass may override forward, and a counterpart of its parent would silently drop that)."""
     return REGISTRY.get(type(module))
+
+
+def register_fairseq_counterparts() -> None:
+    """A model can only hold fairseq modules if fairseq is imported: register its counterparts
+    then (``import qswap`` alone never imports fairseq)."""
+    if "fairseq" in sys.modules:
+        importlib.import_module("qswap.nn.fairseq")
+
+
+def site_kinds() -> dict[str, set[str]]:
+    """Site name -> the kinds ("weight", "activation") the registered counterparts declare it as
+    (fairseq's counterparts included where fairseq is imported)."""
+    register_fairseq_counterparts()
+    kinds: dict[str, set[str]] = {}
+    for counterpart in list(REGISTRY.values()):
+        for site, kind in counterpart.sites.items():
+            kinds.setdefault(site, set()).add(kind)
+    return kinds
 
 
 def is_passthrough(module: nn.Module) -> bool:

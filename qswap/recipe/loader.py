@@ -13,6 +13,7 @@ import yaml
 
 from qswap.errors import RecipeError, SpecError
 from qswap.nn.base import QuantConfig, SiteSpecs
+from qswap.nn.registry import site_kinds
 from qswap.nn.simulate import SIMULATIONS
 from qswap.quant.spec import WEIGHT_LSQ, QuantSpec
 from qswap.recipe.match import Match, PatternError
@@ -225,6 +226,7 @@ class _Ctx:
         sites = {}
         for inherited, sites_raw in ((True, default_sites or {}), (False, self.sites(node))):
             for site in sites_raw:
+                self.refuse_weight_lsq(sites_raw, site)
                 if sites_raw[site] is None:
                     sites[site] = None
                     continue
@@ -233,6 +235,14 @@ class _Ctx:
                     for base, off in zip((w, a), nulled)))
         return QuantConfig(weight=self.to_spec(node, "weight", w), activation=self.to_spec(node, "activation", a),
                            sites=sites, simulate=self.simulate)
+
+    def refuse_weight_lsq(self, sites_raw: Mapping, site: str) -> None:
+        """``learnable: true`` in the entry of a site every registered counterpart declares a weight
+        site (``norm_weight``, ``in_proj_weight``) is refused here, with its line, as on a rule's
+        ``weight:``; a site some counterpart reads as an activation keeps it."""
+        entry = sites_raw[site]
+        if isinstance(entry, Mapping) and entry.get("learnable") is True and site_kinds().get(site) == {"weight"}:
+            raise self.error(entry, "learnable", f"site {site!r} is a weight site: {WEIGHT_LSQ}")
 
     def transforms(self, node: Mapping) -> tuple[Step, ...]:
         """``transforms:``: a list of one-key mappings, ``{name: {parameter: value}}``."""

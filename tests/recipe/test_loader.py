@@ -75,6 +75,11 @@ BAD = {
                          "key 'learnable'.*LSQ learns activation grids", 5),
     "learnable rule weight": ("version: 1\nrules:\n  - match: {path: a}\n    weight:\n      learnable: true\n",
                               "key 'learnable'.*weight grid follows its weight", 5),
+    # ... and on a weight site's entry (had passed the loader, then failed at convert with no file or line)
+    "learnable weight site": ("version: 1\ndefaults:\n  sites:\n    norm_weight:\n      bits: 8\n      learnable: true\n",
+                              "key 'learnable': site 'norm_weight' is a weight site: .*LSQ learns activation grids", 6),
+    "learnable rule weight site": ("version: 1\nrules:\n  - match: {path: a}\n    sites:\n      weight: {learnable: true}\n",
+                                   "key 'learnable': site 'weight' is a weight site", 5),
 }
 
 
@@ -88,6 +93,11 @@ def test_bad_recipes_name_file_line_and_key(case, tmp_path):
     assert info.value.source == str(path)
     if line is not None:
         assert info.value.line == line and f"bad.yaml:{line}:" in str(info.value)
+
+
+def test_learnable_on_a_site_some_counterpart_reads_as_an_activation_is_kept():
+    recipe = parse_recipe({"version": 1, "defaults": {"sites": {"input": {"learnable": True}}}})
+    assert recipe.defaults.spec("input", "activation").learnable
 
 
 def test_unknown_name_lists_shipped_recipes():
