@@ -60,14 +60,30 @@ def load_recipe(name_or_path: "str | Path | Mapping[str, Any] | Recipe") -> Reci
         raise RecipeError(f"a recipe is a shipped name, a YAML path, a dict or a Recipe; "
                           f"got {type(name_or_path).__name__}")
     text = str(name_or_path)
+    if not text.strip():
+        raise RecipeError(f"a recipe name or path is empty; shipped recipes: {', '.join(shipped_recipe_names())}")
     path = Path(text)
+    if isinstance(name_or_path, str) and _is_shipped(text):
+        return _load_shipped(text, path)
     if path.suffix in (".yaml", ".yml") or path.exists() or "/" in text:
         return _load_file(path)
-    if _NAME.match(text) and (_recipe_dir() / f"{text}.yaml").is_file():
-        with resources.as_file(_recipe_dir() / f"{text}.yaml") as shipped:
-            return _load_file(Path(shipped))
     raise RecipeError(f"no shipped recipe named {text!r} and no such file; shipped recipes: "
                       f"{', '.join(shipped_recipe_names())}")
+
+
+def _is_shipped(text: str) -> bool:
+    """Whether ``text`` is a bare name (no suffix, no folder) of a shipped recipe."""
+    return bool(_NAME.match(text)) and "." not in text and (_recipe_dir() / f"{text}.yaml").is_file()
+
+
+def _load_shipped(name: str, path: Path) -> Recipe:
+    """The shipped recipe ``name``. A folder of that name in the working directory does not hide
+    it; a file of that name is a RecipeError saying both exist (which did the caller mean?)."""
+    if path.is_file():
+        raise RecipeError(f"{name!r} is both a shipped recipe and a file in the working directory: pass "
+                          f"'./{name}' for the file, or run elsewhere (or rename the file) for the shipped recipe")
+    with resources.as_file(_recipe_dir() / f"{name}.yaml") as shipped:
+        return _load_file(Path(shipped))
 
 
 def _load_file(path: Path) -> Recipe:

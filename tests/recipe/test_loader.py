@@ -105,6 +105,22 @@ def test_unknown_name_lists_shipped_recipes():
         load_recipe("w9a9")
 
 
+def test_a_shipped_name_is_not_hidden_by_a_folder_of_that_name_and_is_ambiguous_with_a_file(tmp_path, monkeypatch):
+    """A folder named w8a8 in the working directory had hidden the shipped recipe ('cannot read
+    recipe file: Is a directory'); a file of that name is a RecipeError naming both; an empty
+    name had read the working directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w8a8").mkdir()
+    assert load_recipe("w8a8").name == "w8a8"
+    (tmp_path / "w4a8").write_text("version: 1\nname: mine\n")
+    with pytest.raises(RecipeError, match=r"'w4a8' is both a shipped recipe and a file .* pass './w4a8' for the file"):
+        load_recipe("w4a8")
+    assert load_recipe("./w4a8").name == "mine"
+    for empty in ("", " "):
+        with pytest.raises(RecipeError, match="a recipe name or path is empty; shipped recipes: .*w8a8"):
+            load_recipe(empty)
+
+
 def test_non_utf8_file(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes(b"version: 1\nname: caf\xe9\n")
