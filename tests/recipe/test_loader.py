@@ -100,6 +100,25 @@ def test_learnable_on_a_site_some_counterpart_reads_as_an_activation_is_kept():
     assert recipe.defaults.spec("input", "activation").learnable
 
 
+def test_a_key_written_beside_a_yaml_merge_overrides_the_merged_one():
+    """``weight: {<<: *w, bits: 4}`` (YAML's merge key) had been refused as a duplicate key."""
+    recipe = parse_yaml(textwrap.dedent("""
+        version: 1
+        defaults:
+          weight: &w {bits: 8, granularity: per_channel}
+        rules:
+          - match: {path: "encoder.*"}
+            weight:
+              <<: *w
+              bits: 4
+    """))
+    weight = recipe.rules[0].config.weight
+    assert (weight.bits, weight.granularity) == (4, "per_channel")
+    with pytest.raises(RecipeError, match="duplicate key 'bits'") as info:  # two of the mapping's own: still refused
+        parse_yaml("version: 1\ndefaults:\n  weight: &w {bits: 8}\n  activation:\n    <<: *w\n    bits: 4\n    bits: 6\n")
+    assert info.value.line == 7
+
+
 def test_unknown_name_lists_shipped_recipes():
     with pytest.raises(RecipeError, match="shipped recipes: .*w8a8"):
         load_recipe("w9a9")
