@@ -63,7 +63,8 @@ class QuantSpec:
         _check(self.axis is None or (isinstance(self.axis, int) and not isinstance(self.axis, bool)),
                "axis", f"must be an integer or null, got {self.axis!r}")
         if self.granularity == "per_group":
-            _check(isinstance(self.group_size, int) and self.group_size >= 1, "group_size",
+            _check(isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size >= 1,
+                   "group_size",
                    f"per_group needs a positive integer group_size, got {self.group_size!r}")
         else:
             _check(self.group_size is None, "group_size", "is only allowed with granularity per_group")

@@ -128,14 +128,14 @@ def parse_recipe(data: Any, source: str = "<dict>") -> Recipe:
         raise ctx.error(data, "version", f"unsupported version {version!r}; this qswap reads "
                         f"version {SCHEMA_VERSION}")
     name = ctx.string(data, "name", default="recipe" if source.startswith("<") else Path(source).stem)
-    defaults_raw = data.get("defaults") or LineDict()
+    defaults_raw = _given(data, "defaults", LineDict())
     if not isinstance(defaults_raw, Mapping):
         raise ctx.error(data, "defaults", f"must be a mapping, got {_tname(defaults_raw)}")
     ctx.check_keys(defaults_raw, DEFAULT_KEYS, "defaults")
     w_default = ctx.spec_dict(defaults_raw, "weight", base={})
     a_default = ctx.spec_dict(defaults_raw, "activation", base={})
     defaults = ctx.config(defaults_raw, w_default, a_default)
-    rules_raw = data.get("rules") or []
+    rules_raw = _given(data, "rules", [])
     if not isinstance(rules_raw, list):
         raise ctx.error(data, "rules", f"must be a list of rules, got {_tname(rules_raw)}")
     default_sites = ctx.sites(defaults_raw)
@@ -222,7 +222,7 @@ class _Ctx:
 
     def sites(self, node: Mapping) -> Mapping:
         """node's ``sites:`` mapping (empty when absent), its keys checked to be strings."""
-        sites_raw = node.get("sites") or {}
+        sites_raw = _given(node, "sites", {})
         if not isinstance(sites_raw, Mapping):
             raise self.error(node, "sites", f"must be a mapping of site -> quantizer, got {_tname(sites_raw)}")
         for site in sites_raw:
@@ -262,7 +262,7 @@ class _Ctx:
 
     def transforms(self, node: Mapping) -> tuple[Step, ...]:
         """``transforms:``: a list of one-key mappings, ``{name: {parameter: value}}``."""
-        value = node.get("transforms") or []
+        value = _given(node, "transforms", [])
         if not isinstance(value, list):
             raise self.error(node, "transforms", f"must be a list of {{name: {{parameters}}}}, got {_tname(value)}")
         steps = []
@@ -278,7 +278,7 @@ class _Ctx:
         return tuple(steps)
 
     def float_ok(self, node: Mapping) -> dict[str, str]:
-        value = node.get("float_ok") or {}
+        value = _given(node, "float_ok", {})
         problem = float_ok_problem(value)
         if problem is not None:
             key, message = problem
@@ -315,6 +315,14 @@ class _Ctx:
                     skip=self.boolean(raw, "skip", False), float_ok=self.float_ok(raw),
                     note=self.string(raw, "note", ""), index=index, own_sites=tuple(self.sites(raw)),
                     line=raw.line if isinstance(raw, LineDict) else None)
+
+
+def _given(node: Mapping, key: str, default: Any) -> Any:
+    """node[key], ``default`` where it is absent or null (``rules:`` with nothing after it); an
+    empty value of the wrong type (``rules: {}``, ``defaults: false``) is returned for the caller's
+    type check to refuse, not taken for the default."""
+    value = node.get(key)
+    return default if value is None else value
 
 
 def _tname(value: Any) -> str:

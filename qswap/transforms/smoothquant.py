@@ -71,7 +71,13 @@ def _scale_inputs(linears: list[nn.Linear], s: torch.Tensor) -> None:
         lin.weight.copy_((lin.weight.double() * s).to(lin.weight.dtype))
 
 
-@transform("smoothquant", needs_data=True)
+def _check(params) -> str | None:
+    if not 0.0 <= params["alpha"] <= 1.0:
+        return f"alpha must be in [0, 1] (the share of each channel's range moved onto the weights), got {params['alpha']}"
+    return None
+
+
+@transform("smoothquant", needs_data=True, check=_check)
 def smoothquant(model: nn.Module, data: Any, *, alpha: float = 0.5, norms: bool = True,
                 ffn: bool = True) -> list[str]:
     """Fold per-channel factors into pre-norm LayerNorms (``norms``) and fc1/fc2 (``ffn``)."""

@@ -76,6 +76,18 @@ BAD = {
     "learnable rule weight": ("version: 1\nrules:\n  - match: {path: a}\n    weight:\n      learnable: true\n",
                               "key 'learnable'.*weight grid follows its weight", 5),
     # ... and on a weight site's entry (had passed the loader, then failed at convert with no file or line)
+    # empty values of the wrong type had been taken for the default, silently
+    "defaults an empty list": ("version: 1\ndefaults: []\n", "key 'defaults': must be a mapping, got list", 2),
+    "defaults false": ("version: 1\ndefaults: false\n", "key 'defaults': must be a mapping, got bool", 2),
+    "rules an empty mapping": ("version: 1\nrules: {}\n", "key 'rules': must be a list of rules, got mapping", 2),
+    "rules 0": ("version: 1\nrules: 0\n", "key 'rules': must be a list of rules, got int", 2),
+    "transforms an empty mapping": ("version: 1\ntransforms: {}\n", "key 'transforms': must be a list", 2),
+    "float_ok an empty list": ("version: 1\nfloat_ok: []\n", "key 'float_ok': must map an op or module", 2),
+    "sites false": ("version: 1\ndefaults:\n  sites: false\n", "key 'sites': must be a mapping of site", 3),
+    "group_size true": ("version: 1\ndefaults:\n  weight: {granularity: per_group, group_size: true}\n",
+                        "key 'group_size': .*positive integer group_size, got True", 3),
+    "smoothquant alpha 2": ("version: 1\ntransforms:\n  - smoothquant: {alpha: 2}\n",
+                            r"key 'smoothquant': transform smoothquant: alpha must be in \[0, 1\]", 3),
     "learnable weight site": ("version: 1\ndefaults:\n  sites:\n    norm_weight:\n      bits: 8\n      learnable: true\n",
                               "key 'learnable': site 'norm_weight' is a weight site: .*LSQ learns activation grids", 6),
     "learnable rule weight site": ("version: 1\nrules:\n  - match: {path: a}\n    sites:\n      weight: {learnable: true}\n",
