@@ -203,7 +203,8 @@ def _walk(root: nn.Module, recipe: Recipe, report: ConvertReport,
         # every name, aliases too (named_children drops a module's repeats)
         children = [(name, child) for name, child in module._modules.items() if child is not None]  # noqa: SLF001
         fate = ("convert", counterpart, config) if counterpart is not None else ("walk",)
-        what = f"converted to {counterpart.__name__} by {label}" if counterpart is not None else f"not skipped ({label})"
+        what = (f"converted to {counterpart.__name__} by {label}" if counterpart is not None
+                else f"not skipped ({label})")
         same_as = _same_module(seen, module, path, fate, what)
         if counterpart is not None:
             plans.append(_Plan(path, module, counterpart, config, effective, label, same_as))

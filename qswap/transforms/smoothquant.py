@@ -73,7 +73,8 @@ def _scale_inputs(linears: list[nn.Linear], s: torch.Tensor) -> None:
 
 def _check(params) -> str | None:
     if not 0.0 <= params["alpha"] <= 1.0:
-        return f"alpha must be in [0, 1] (the share of each channel's range moved onto the weights), got {params['alpha']}"
+        return (f"alpha must be in [0, 1] (the share of each channel's range moved onto the weights), "
+                f"got {params['alpha']}")
     return None
 
 
