@@ -54,24 +54,21 @@ def run(subset: str, beam: int) -> dict:
 
 def refresh_cost(payload: dict, subset: str) -> list[str]:
     """``payload``'s rows with their MMAC/s and GBOP/s counted again (``compare.row_cost``: one
-    forward of the subset's first batch, each recipe converted and calibrated as ``run`` does: ``compare.prepare_recipe``),
+    forward of each of the subset's first utterances alone, each recipe converted and calibrated as ``run`` does: ``compare.prepare_recipe``),
     nothing decoded: what a change of the counting (``qswap.integration.cost``) changes. Returns
     'recipe: old -> new' for each changed row."""
-    import itertools
-
     from qswap.convert import copy_model
     from qswap.integration import data as fdata
     from qswap.integration.compare import prepare_recipe, row_cost
 
     model, task = fdata.load_model_and_task(str(ASSET / "checkpoint.pt"), str(data_dir(subset)))
-    sample = next(itertools.islice(fdata.batches(task, subset, max_sentences=32), 1))
     settings, changed = payload["settings"], []
     by_name = {row["recipe"]: row for row in payload["rows"]}
     for recipe in ["fp32"] + [r for r in RECIPES if r != "fp32"] + [str(SEARCHED)]:
         qmodel = prepare_recipe(copy_model(model), task, recipe, calib_subset=settings["calib_subset"],
                                 calib_batches=settings["calib_batches"])
         row = by_name[qmodel.qswap_recipe.name]
-        mmacs, gbops = row_cost(qmodel, sample)
+        mmacs, gbops = row_cost(qmodel, task, subset)
         if (mmacs, gbops) != (row["mmacs_per_s"], row["gbops_per_s"]):
             changed.append(f"{row['recipe']}: {row['mmacs_per_s']:.1f} -> {mmacs:.1f} MMAC/s, "
                            f"{row['gbops_per_s']:.1f} -> {gbops:.1f} GBOP/s")

@@ -17,7 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-subset", default="train", help="calibration subset (default: train)")
     p.add_argument("--calib-batches", type=POSITIVE, default=8, help="calibration batches (default: 8)")
     p.add_argument("--beam", type=POSITIVE, default=5, help="beam size (default: 5)")
-    p.add_argument("--max-sentences", type=POSITIVE, default=32, help="utterances per batch")
+    p.add_argument("--max-sentences", type=POSITIVE, default=32,
+                   help="utterances per batch, decoding and calibrating (default: 32); MMACs/s and GBOPs/s do "
+                        "not depend on it: one forward of each of the subset's first 32 utterances alone, "
+                        "per second of their audio")
     p.add_argument("--integer", action="store_true",
                    help="also integerize each quantized recipe, audit and decode the integer model: integer WER, "
                         "integer - fake-quant with a paired interval, integer-only (slower)")

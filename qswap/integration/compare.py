@@ -182,11 +182,19 @@ def prepare_recipe(float_model, task, recipe, *, calib_subset: str, calib_batche
     return qmodel
 
 
-def row_cost(qmodel, sample: dict) -> tuple[float, float]:
-    """A row's (MMAC/s, GBOP/s): one forward of ``sample`` (the subset's first batch) counted by
-    ``qswap.integration.cost.measure``, per second of its audio."""
-    cost = measure(qmodel, lambda m: m(**sample["net_input"]), fdata.audio_seconds(sample))
-    return cost.macs_per_second / 1e6, cost.bops_per_second / 1e9
+COST_UTTERANCES = 32  # the utterances a row's MMAC/s and GBOP/s are counted on
+
+
+def row_cost(qmodel, task, subset: str, count: int = COST_UTTERANCES) -> tuple[float, float]:
+    """A row's (MMAC/s, GBOP/s): one forward of each of the subset's first ``count`` utterances,
+    alone (``fdata.single_utterances``), counted by ``qswap.integration.cost.measure``; their MACs
+    (BOPs) summed over the seconds of their audio. No padded frame is counted, so the rate does not
+    depend on --max-sentences (a padded batch's forward computes frames no audio fills)."""
+    macs = bops = seconds = 0.0
+    for sample in fdata.single_utterances(task, subset, count):
+        cost = measure(qmodel, lambda m: m(**sample["net_input"]), fdata.audio_seconds(sample))
+        macs, bops, seconds = macs + cost.macs, bops + cost.bops, seconds + cost.audio_seconds
+    return macs / max(seconds, 1e-9) / 1e6, bops / max(seconds, 1e-9) / 1e9
 
 
 def _ticker(progress):
@@ -205,7 +213,7 @@ def score(qmodel, task, name: str, *, subset: str, beam: int, max_sentences: int
     refs, hyps = [u.ref for u in result.utterances], [u.hyp for u in result.utterances]
     counts = error_counts(refs, hyps)
     per_errors, per_words = utterance_word_errors(refs, hyps)
-    mmacs, gbops = row_cost(qmodel, samples[0])
+    mmacs, gbops = row_cost(qmodel, task, subset)
     weight_bytes = qmodel.qswap_report.quantized_bytes
     row = Row(name, counts.wer, counts.cer, 0.0, report.honest, len(report.violations), weight_bytes / 1e6,
               mmacs, gbops, result.seconds, counts.utterances, per_errors, per_words)

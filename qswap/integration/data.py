@@ -169,6 +169,17 @@ def first_net_input(task, subset: str, count: int = 2) -> dict:
     return sample["net_input"]
 
 
+def single_utterances(task, subset: str, count: int) -> list[dict]:
+    """The first ``count`` utterances of a subset (manifest order), each a fairseq sample of its own:
+    no padding, and the same utterances whatever the batching."""
+    dataset = load_subset(task, subset)
+    with _reading(subset):
+        samples = [dataset.collater([dataset[i]]) for i in range(min(count, len(dataset)))]
+    for sample in samples:
+        _check_finite(sample, subset)
+    return samples
+
+
 @contextlib.contextmanager
 def _reading(subset: str) -> Iterator[None]:
     """A manifest line whose audio or features cannot be read is a DataError naming the subset."""
