@@ -73,12 +73,17 @@ def test_search_cli_writes_a_valid_recipe_and_its_row(float_checkpoint, tmp_path
     _, data, ckpt = float_checkpoint
     out = tmp_path / "searched.yaml"
     assert main(["search", str(ckpt), "--data", str(data), "--target-mb", "0.03", "--beam", "2",
-                 "--calib-batches", "1", "--max-sentences", "4", "-o", str(out),
+                 "--calib-batches", "5", "--max-sentences", "4", "-o", str(out),
                  "--json", str(tmp_path / "row.json"), "--markdown", str(tmp_path / "row.md")]) == 0
     recipe = qswap.load_recipe(out)
     assert recipe.name == "searched" and recipe.rules
     import json
-    row = json.loads((tmp_path / "row.json").read_text())["row"]
+    payload = json.loads((tmp_path / "row.json").read_text())
+    # what the rows ran with (the JSON had no settings): train's 12 utterances make 3 batches of 4, not 5
+    settings = payload["settings"]
+    assert (settings["calib_batches_used"], settings["calib_batches"], settings["max_sentences"]) == (3, 5, 4)
+    assert settings["target_mb"] == 0.03 and settings["eval_subset"] == "test"
+    row = payload["row"]
     assert row["honest"] and row["weight_mb"] <= 0.03
     low, high = row["delta_wer_ci"]  # paired against the float row, on the same utterances
     assert low <= row["delta_wer"] <= high and row["significant"] == (not low <= 0 <= high)

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from qswap.cli.sensitivity_cmd import wer_evaluator
     from qswap.integration import data as fdata
     from qswap.integration.bootstrap import Bootstrap
-    from qswap.integration.compare import Comparison, add_intervals, evaluate_recipe
+    from qswap.integration.compare import Comparison, add_intervals, calibration_settings, evaluate_recipe
     from qswap.io.atomic import atomic_write_text
     from qswap.recipe import load_recipe
     from qswap.search import search
@@ -57,13 +57,15 @@ def run(args: argparse.Namespace) -> int:
                     max_delta_wer=args.max_delta_wer, evaluate=evaluate, name=args.name)
     text = yaml.safe_dump(result.recipe, sort_keys=False)
     load_recipe(result.recipe)  # the written file is a valid recipe
+    settings = search_settings(args, calibration_settings(task, args.calib_subset, args.calib_batches,
+                                                          args.max_sentences))
     row_float, _ = evaluate_recipe(model, task, "fp32", subset=args.eval_subset, calib_subset=args.calib_subset,
                                    calib_batches=args.calib_batches, beam=args.beam, max_sentences=args.max_sentences)
     row, _ = evaluate_recipe(model, task, result.recipe, subset=args.eval_subset, calib_subset=args.calib_subset,
                              calib_batches=args.calib_batches, beam=args.beam, max_sentences=args.max_sentences)
     bootstrap = Bootstrap()
     add_intervals([row_float, row], bootstrap)
-    table = Comparison(args.checkpoint, args.eval_subset, [row_float, row], {"bootstrap": bootstrap.to_dict()})
+    table = Comparison(args.checkpoint, args.eval_subset, [row_float, row], {**settings, "bootstrap": bootstrap.to_dict()})
     # written once the recipe is measured: a failure on the way leaves the caller's -o as it was
     atomic_write_text(args.output, f"# written by: qswap search ({len(result.low_units)} units low-bit)\n" + text)
     console().print(render_comparison(table))
@@ -72,12 +74,21 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         atomic_write_text(args.markdown, table.markdown())
     if args.json_out:
-        payload = {"row": dataclasses.asdict(row), "float": dataclasses.asdict(row_float),
+        payload = {"settings": settings, "row": dataclasses.asdict(row), "float": dataclasses.asdict(row_float),
                    "bootstrap": bootstrap.to_dict(),
                    "low_units": result.low_units, "evaluations": result.evaluations,
                    "candidates": [dataclasses.asdict(c) for c in result.candidates]}
         atomic_write_text(args.json_out, json_text(payload))  # an infinite loss_db as null
     return 0
+
+
+def search_settings(args: argparse.Namespace, calibration: dict) -> dict:
+    """What the search and its measured rows ran with, for the JSON: the budget, the probes'
+    subset and batches, the final rows' subset, beam and calibration (``calibration_settings``:
+    the batches used)."""
+    budget = {"target_mb": args.target_mb} if args.target_mb is not None else {"max_delta_wer": args.max_delta_wer}
+    return {**budget, "high": args.high, "low_bits": args.low_bits, "subset": args.subset, "batches": args.batches,
+            "eval_subset": args.eval_subset, "beam": args.beam, **calibration}
 
 
 def _check_low_bits(high, low_bits: int) -> None:

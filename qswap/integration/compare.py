@@ -6,6 +6,7 @@ function: it returns rows; the CLI renders them."""
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -14,7 +15,7 @@ import torch
 import qswap
 from qswap.calibrate import activation_quantizers
 from qswap.convert import copy_model
-from qswap.errors import DataError
+from qswap.errors import DataError, QswapWarning
 from qswap.integration import data as fdata
 from qswap.integration.bootstrap import (Bootstrap, bounds, delta_interval, interval_text, no_interval_note, significant,
                                          value_text, wer_interval)
@@ -185,6 +186,21 @@ def prepare_recipe(float_model, task, recipe, *, calib_subset: str, calib_batche
 COST_UTTERANCES = 32  # the utterances a row's MMAC/s and GBOP/s are counted on
 
 
+def calibration_settings(task, calib_subset: str, calib_batches: int, max_sentences: int = 32) -> dict:
+    """The calibration a row runs, for a result's settings: ``calib_batches`` as asked,
+    ``calib_batches_used``, fewer (with a QswapWarning) when ``calib_subset`` batched at
+    ``max_sentences`` makes fewer, and ``max_sentences``."""
+    available = fdata.batch_count(task, calib_subset, max_sentences=max_sentences)
+    used = min(calib_batches, available)
+    if used < calib_batches:
+        warnings.warn(QswapWarning(
+            f"--calib-batches {calib_batches}: {calib_subset} makes {available} batch(es) of up to {max_sentences} "
+            f"utterances, so calibration uses {used}; pass --calib-batches {used} to say so, or a smaller "
+            f"--max-sentences for more, smaller batches"), stacklevel=2)
+    return {"calib_subset": calib_subset, "calib_batches": calib_batches, "calib_batches_used": used,
+            "max_sentences": max_sentences}
+
+
 def row_cost(qmodel, task, subset: str, count: int = COST_UTTERANCES) -> tuple[float, float]:
     """A row's (MMAC/s, GBOP/s): one forward of each of the subset's first ``count`` utterances,
     alone (``fdata.single_utterances``), counted by ``qswap.integration.cost.measure``; their MACs
@@ -272,7 +288,7 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
     loaded = {name: _quantized_checkpoint(name, path, data, trust_checkpoint) for name, path in (quantized or {}).items()}
     names = ["fp32"] + [r for r in recipes if r != "fp32"]
     table = Comparison(str(checkpoint), subset, settings={
-        "calib_subset": calib_subset, "calib_batches": calib_batches, "beam": beam,
+        **calibration_settings(task, calib_subset, calib_batches, max_sentences), "beam": beam,
         "bootstrap": bootstrap.to_dict(), "integer": integer})
     for recipe in names:
         cb = (lambda stage, n, total, r=recipe: progress(r, stage, n, total)) if progress else None
@@ -292,7 +308,7 @@ def _quantized_checkpoint(name: str, path: str, data: str, trust_checkpoint: boo
     """The model of ``--quantized NAME=QCKPT``, loaded before any row is decoded: a checkpoint that
     is not a quantized one (``qswap convert``'s, a QAT run's) is a DataError then, not after the
     recipes' rows."""
-    from qswap.errors import DataError
+    from qswap.errors import DataError, QswapWarning
     from qswap.integration import data as fdata
 
     qmodel, _ = fdata.load_model_and_task(path, data, trust_checkpoint=trust_checkpoint)

@@ -111,20 +111,30 @@ def batches(task, subset: str, *, max_tokens: int = 40000, max_sentences: int | 
     first call's batches (its sizes, its shard) to every later one, so none is kept."""
     if not 0 <= shard_id < num_shards:
         raise DataError(f"--shard-id must be in [0, {num_shards}), got {shard_id}")
-    dataset = load_subset(task, subset)
-    try:
-        itr = task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_sentences=max_sentences,
-                                      max_positions=None, ignore_invalid_inputs=False,
-                                      num_shards=num_shards, shard_id=shard_id, num_workers=0, seed=1,
-                                      disable_iterator_cache=True)
-    except AssertionError as exc:  # fairseq's batching asserts every utterance fits max_tokens
-        raise DataError(f"subset {subset!r}: {exc}: an utterance's n_frames in {subset}.tsv is larger than a "
-                        f"batch may hold; check the manifest's n_frames column") from None
+    itr = _batch_iterator(task, subset, max_tokens, max_sentences, num_shards, shard_id)
     with _reading(subset):
         for sample in itr.next_epoch_itr(shuffle=False):
             if sample:  # fairseq pads shards with empty batches
                 _check_finite(sample, subset)
                 yield sample
+
+
+def batch_count(task, subset: str, *, max_tokens: int = 40000, max_sentences: int | None = 32) -> int:
+    """How many batches ``batches(task, subset, ...)`` yields, from the manifest's frame counts
+    (no features read)."""
+    return len(_batch_iterator(task, subset, max_tokens, max_sentences, 1, 0))
+
+
+def _batch_iterator(task, subset: str, max_tokens: int, max_sentences: int | None, num_shards: int, shard_id: int):
+    dataset = load_subset(task, subset)
+    try:
+        return task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_sentences=max_sentences,
+                                       max_positions=None, ignore_invalid_inputs=False,
+                                       num_shards=num_shards, shard_id=shard_id, num_workers=0, seed=1,
+                                       disable_iterator_cache=True)
+    except AssertionError as exc:  # fairseq's batching asserts every utterance fits max_tokens
+        raise DataError(f"subset {subset!r}: {exc}: an utterance's n_frames in {subset}.tsv is larger than a "
+                        f"batch may hold; check the manifest's n_frames column") from None
 
 
 def _check_finite(sample: dict, subset: str) -> None:

@@ -430,3 +430,16 @@ def test_eval_of_a_subset_whose_references_are_all_empty_is_a_data_error(float_c
                  "--max-sentences", "4"]) == 2
     err = capsys.readouterr().err
     assert f"{len(rows)} of {len(rows)} utterances have none (utterance ids" in err and "Traceback" not in err
+
+
+def test_compare_records_the_calibration_batches_it_used(float_checkpoint, tmp_path, capsys):
+    """train holds 12 utterances: --calib-batches 5 at --max-sentences 4 calibrates on 3 batches. The
+    JSON had recorded the 5 asked for (and not the batch size), and nothing said fewer were used."""
+    _, data, ckpt = float_checkpoint
+    js = tmp_path / "table.json"
+    assert main(["compare", str(ckpt), "--data", str(data), "--recipes", "w8a8", "--calib-batches", "5",
+                 "--beam", "1", "--max-sentences", "4", "--json", str(js)]) == 0
+    settings = json.loads(js.read_text())["settings"]
+    assert (settings["calib_batches_used"], settings["calib_batches"], settings["max_sentences"]) == (3, 5, 4)
+    assert "--calib-batches 5: train makes 3 batch(es) of up to 4 utterances, so calibration uses 3" in \
+        capsys.readouterr().err
