@@ -108,3 +108,22 @@ def test_integer_doc_stream_tables_are_their_json():
     doc = (REPO / "docs" / "integer.md").read_text()
     assert tool.stream_table(results) in doc
     assert tool.stream_layers_table(json.loads(tool.STREAM_LAYERS.read_text())) in doc
+
+
+def test_sensitivity_page_says_why_search_and_compare_read_the_searched_recipe_differently():
+    """The page's search row (9.90) and compare row (10.04) of one recipe were calibrated on batches
+    of 16 and one batch of 32; the page said neither. Its commands pin --max-sentences 16 where they
+    ran at search's and sensitivity's old default, so the page reproduces."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sensitivity_doc", REPO / "tools" / "sensitivity_doc.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    page = " ".join((REPO / "docs" / "sensitivity.md").read_text().split())
+    search_row = json.loads((REPO / "docs" / "searched.json").read_text())["row"]
+    compare_rows = json.loads((REPO / "docs" / "searched_compare_test.json").read_text())["rows"]
+    compare_row = next(r for r in compare_rows if Path(r["recipe"]).stem == "searched")
+    assert tool.calibration_note(search_row, compare_row) in page
+    for command in ("qswap sensitivity ", "qswap search "):
+        shown = next(line for line in page.split("$ ")[1:] if line.startswith(command))
+        assert "--max-sentences 16" in shown.split("```")[0]

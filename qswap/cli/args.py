@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 
 
+# utterances per batch, every command's default: search and sensitivity had 16 against the others' 32,
+# and since the same value batches calibration, search's row of a recipe was calibrated differently
+# from compare's row of the same recipe
+MAX_SENTENCES = 32
 INT32_MAX = 2**31 - 1  # the largest count fairseq's batching (C longs, int32 tensors) and torch take whole
 
 

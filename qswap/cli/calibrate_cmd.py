@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from qswap.calibrate import OBSERVE  # `import qswap` has imported torch already: free here
-from qswap.cli.args import POSITIVE
+from qswap.cli.args import MAX_SENTENCES, POSITIVE
 from qswap.cli.render import console, progress_bar
 
 
@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="fairseq data directory")
     p.add_argument("--subset", default="train", help="calibration subset (default: train)")
     p.add_argument("--batches", type=POSITIVE, default=16, help="calibration batches (default: 16)")
-    p.add_argument("--max-sentences", type=POSITIVE, default=32, help="utterances per batch")
+    p.add_argument("--max-sentences", type=POSITIVE, default=MAX_SENTENCES, help="utterances per batch")
     p.add_argument("--observe", choices=OBSERVE,
                    help="what each activation quantizer observes: the quantized model's activations "
                         "(quantized) or those of the model with its activation sites in float, as torch.ao "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from qswap.cli.args import POSITIVE
+from qswap.cli.args import MAX_SENTENCES, POSITIVE
 from qswap.cli.render import console, interactive, json_text, recipe_progress
 
 DEFAULT_RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w8_weight_only"]
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-subset", default="train", help="calibration subset (default: train)")
     p.add_argument("--calib-batches", type=POSITIVE, default=8, help="calibration batches (default: 8)")
     p.add_argument("--beam", type=POSITIVE, default=5, help="beam size (default: 5)")
-    p.add_argument("--max-sentences", type=POSITIVE, default=32,
+    p.add_argument("--max-sentences", type=POSITIVE, default=MAX_SENTENCES,
                    help="utterances per batch, decoding and calibrating (default: 32); MMACs/s and GBOPs/s do "
                         "not depend on it: one forward of each of the subset's first 32 utterances alone, "
                         "per second of their audio")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from qswap.cli.args import COUNT, POSITIVE
+from qswap.cli.args import COUNT, MAX_SENTENCES, POSITIVE
 from qswap.cli.render import console, convert_summary, convert_table, progress_bar
 
 
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration batches; required when the recipe quantizes activations")
     p.add_argument("--no-calibrate", action="store_true",
                    help="write activation quantizers uncalibrated (dynamic ranges, re-derived per batch)")
-    p.add_argument("--max-sentences", type=POSITIVE, default=32, help="utterances per calibration batch")
+    p.add_argument("--max-sentences", type=POSITIVE, default=MAX_SENTENCES, help="utterances per calibration batch")
     p.add_argument("--strict", action="store_true", help="fail on modules left float without a skip rule")
     p.add_argument("--show-all", action="store_true", help="list passthrough modules too")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qswap.cli.args import COUNT, POSITIVE, THREADS
+from qswap.cli.args import COUNT, MAX_SENTENCES, POSITIVE, THREADS
 from qswap.cli.render import console, interactive, progress_bar
 from qswap.nn.simulate import SIMULATIONS  # `import qswap` has imported torch already: free here
 
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-subset", default="train", help="subset for calibration (default: train)")
     p.add_argument("--calib-batches", type=POSITIVE, default=8, help="calibration batches (default: 8)")
     p.add_argument("--beam", type=POSITIVE, default=5, help="beam size for seq2seq models (default: 5)")
-    p.add_argument("--max-sentences", type=POSITIVE, default=32, help="utterances per batch")
+    p.add_argument("--max-sentences", type=POSITIVE, default=MAX_SENTENCES, help="utterances per batch")
     p.add_argument("--num-shards", type=POSITIVE, default=1, help="split the subset into this many shards")
     p.add_argument("--shard-id", type=COUNT, default=0, help="which shard this process decodes")
     p.add_argument("--json", dest="json_out", help="write utterances and error counts here ('-': stdout, "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from qswap.cli.args import COUNT, POSITIVE, at_least, finite
+from qswap.cli.args import COUNT, MAX_SENTENCES, POSITIVE, at_least, finite
 from qswap.quant.spec import MAX_BITS, MIN_BITS
 
 
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-subset", default="train", help="calibration subset for the final row")
     p.add_argument("--calib-batches", type=COUNT, default=8, help="calibration batches for the final row")
     p.add_argument("--beam", type=POSITIVE, default=5, help="beam size")
-    p.add_argument("--max-sentences", type=POSITIVE, default=16, help="utterances per batch")
+    p.add_argument("--max-sentences", type=POSITIVE, default=MAX_SENTENCES, help="utterances per batch")
     p.add_argument("--name", default="searched", help="name of the written recipe")
     p.add_argument("-o", "--output", required=True, help="recipe YAML to write (atomically)")
     p.add_argument("--json", dest="json_out", help="write the measured row and candidate ranking here")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from qswap.cli.args import POSITIVE
+from qswap.cli.args import MAX_SENTENCES, POSITIVE
 from qswap.cli.render import console, json_text, progress_display
 
 
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sqnr (cheap) or wer (also decodes --subset for the --top-k sites)")
     p.add_argument("--top-k", type=POSITIVE, default=10, help="sites measured by delta WER with --metric wer")
     p.add_argument("--beam", type=POSITIVE, default=5, help="beam size for --metric wer")
-    p.add_argument("--max-sentences", type=POSITIVE, default=16, help="utterances per batch")
+    p.add_argument("--max-sentences", type=POSITIVE, default=MAX_SENTENCES, help="utterances per batch")
     p.add_argument("--show", type=POSITIVE, default=25, help="rows of the ranked table to print")
     p.add_argument("--json", dest="json_out",
                    help="write every site's numbers here (an SQNR of -inf dB, a site that makes the "

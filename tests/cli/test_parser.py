@@ -124,3 +124,15 @@ def test_a_count_too_large_is_a_usage_error_naming_the_option(argv, option, high
 ])
 def test_the_largest_count_an_option_takes_parses(argv):
     build_parser().parse_args(argv)
+
+
+def test_every_command_batches_the_same_number_of_utterances_by_default():
+    """search and sensitivity had --max-sentences 16 against the others' 32; the value also batches
+    calibration, so search's row of a recipe was calibrated differently from compare's."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    defaults = {name: next(a.default for a in sub._actions if "--max-sentences" in a.option_strings)
+                for name, sub in commands.items()
+                if any("--max-sentences" in a.option_strings for a in sub._actions)}
+    assert {"search", "sensitivity", "compare", "eval", "convert", "calibrate"} <= set(defaults)
+    assert set(defaults.values()) == {32}, defaults
