@@ -275,10 +275,10 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
     ``progress(recipe, stage, n, total)`` as in ``evaluate_recipe``. Every recipe is loaded before
     anything is decoded: a name misspelled late in the list is a RecipeError now, not minutes later."""
     from qswap.errors import DataError, RecipeError
-    rows = {qswap.load_recipe(recipe).name: recipe for recipe in ["fp32", *recipes]}
     twice = sorted({r for r in recipes if recipes.count(r) > 1})
     if twice:
         raise RecipeError(f"{', '.join(twice)} given more than once in the recipes to compare; name each once")
+    rows = row_names(["fp32", *[r for r in recipes if r != "fp32"]])
     for name, path in (quantized or {}).items():  # two rows of one name: which is which?
         if name in rows:
             whose = "the float model's" if name == "fp32" else f"recipe {rows[name]}'s"
@@ -302,6 +302,22 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
                                 integer=integer, progress=cb))
     add_intervals(table.rows, bootstrap)
     return table
+
+
+def row_names(recipes: list[str]) -> dict[str, str]:
+    """{row name: recipe as given}: each recipe's ``name``, which labels its row. Two recipes of
+    one name (a copy of a recipe file, or a file named like a shipped recipe or fp32) are a
+    RecipeError naming both: their rows could not be told apart."""
+    from qswap.errors import RecipeError
+
+    rows: dict[str, str] = {}
+    for recipe in recipes:
+        name = qswap.load_recipe(recipe).name
+        if name in rows:
+            raise RecipeError(f"recipes {rows[name]} and {recipe} are both named {name!r}, and a row is labelled by "
+                              f"its recipe's name; give one of them another 'name:'")
+        rows[name] = recipe
+    return rows
 
 
 def _quantized_checkpoint(name: str, path: str, data: str, trust_checkpoint: bool):

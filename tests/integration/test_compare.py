@@ -1,8 +1,11 @@
 """qswap.integration.compare's library functions on the shipped model."""
+import pytest
+
 import qswap
 from qswap.convert import copy_model
 from qswap.integration import data as fdata
-from qswap.integration.compare import prepare_recipe, score
+from qswap.errors import RecipeError
+from qswap.integration.compare import compare, prepare_recipe, score
 
 ASSET = f"{qswap.__path__[0]}/assets/s2t_demo"
 
@@ -19,3 +22,16 @@ def test_macs_per_second_do_not_depend_on_the_batching():
     rates = {ms: score(fp32, task, "fp32", subset="test", beam=1, max_sentences=ms, batches=1) for ms in (1, 8)}
     assert rates[1].mmacs_per_s == rates[8].mmacs_per_s
     assert rates[1].gbops_per_s == rates[8].gbops_per_s
+
+
+@pytest.mark.parametrize("name, other", [("w8a8", "w8a8"), ("fp32", "fp32")])
+def test_two_recipes_of_one_name_are_refused_before_any_decoding(tmp_path, name, other):
+    """A copy of w8a8.yaml that keeps `name: w8a8` (4-bit weights inside) had made two rows labelled
+    w8a8 that no reader could tell apart; the checkpoint is not even read."""
+    copy = tmp_path / "w4a8_copy.yaml"
+    copy.write_text(f"version: 1\nname: {name}\n"
+                    "defaults:\n  weight: {bits: 4, symmetric: true, granularity: per_channel, axis: 0}\n")
+    with pytest.raises(RecipeError) as exc:
+        compare(str(tmp_path / "missing.pt"), str(tmp_path), [other, str(copy)] if other != "fp32" else [str(copy)])
+    assert f"both named {name!r}" in str(exc.value) and str(copy) in str(exc.value)
+    assert other in str(exc.value)
