@@ -155,9 +155,7 @@ class MovingAverageMinMaxObserver(Observer):
 class PercentileObserver(Observer):
     scalar_path = False
 
-    def batch_range(self, x):
-        if self.spec.granularity != "per_tensor":
-            return reduce_min_max(x, self.spec)  # percentiles are per-tensor; channels use extremes
+    def batch_range(self, x):  # per tensor only: QuantSpec refuses percentile per channel or group
         p = self.spec.percentile / 100.0
         return exact_quantiles(x.reshape(-1), torch.tensor([1.0 - p, p]))
 

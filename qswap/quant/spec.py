@@ -72,6 +72,12 @@ class QuantSpec:
         _check(self.granularity != "per_tensor" or self.axis is None, "axis",
                "is only allowed with granularity per_channel or per_group (per_tensor has one scale): "
                "set the granularity, or axis: null")
+        # the percentile observer takes one tensor's percentiles: per channel it had kept each
+        # channel's extremes (minmax) whatever the percentile, and said nothing
+        _check(self.observer != "percentile" or self.granularity == "per_tensor", "observer",
+               f"percentile has no {self.granularity} form (it takes the percentiles of the whole tensor); "
+               f"use observer: percentile with granularity: per_tensor, or observer: minmax or mse "
+               f"{self.granularity}")
         _check(_number(self.percentile) and 50.0 < self.percentile <= 100.0,
                "percentile", f"must be in (50, 100], got {self.percentile!r}")
         _check(_number(self.momentum) and 0.0 < self.momentum <= 1.0, "momentum",

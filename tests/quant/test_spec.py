@@ -23,6 +23,9 @@ def test_integer_range(bits, signed, narrow, qmin, qmax):
     # an axis with per_tensor was ignored (one scale: a forgotten granularity); true was momentum 1.0
     ({"axis": 1}, "axis"), ({"axis": 0, "granularity": "per_tensor"}, "axis"),
     ({"momentum": True}, "momentum"), ({"percentile": True}, "percentile"),
+    # percentile per channel or per group had kept each channel's extremes (minmax), silently
+    ({"granularity": "per_channel", "axis": 0, "observer": "percentile"}, "observer"),
+    ({"granularity": "per_group", "group_size": 8, "observer": "percentile"}, "observer"),
 ])
 def test_bad_fields_raise_spec_error_naming_the_field(kwargs, field):
     with pytest.raises(SpecError, match=rf"QuantSpec\.{field}"):
@@ -47,3 +50,15 @@ def test_unsigned_variant_and_label():
     spec = QuantSpec(bits=8, narrow_range=True).unsigned()
     assert (spec.signed, spec.narrow_range, spec.qmin, spec.qmax) == (False, False, 0, 255)
     assert QuantSpec(bits=4, granularity="per_channel").short() == "int4 sym per_channel(0)"
+
+
+def test_percentile_per_channel_in_a_recipe_says_what_to_use_instead():
+    from qswap.errors import RecipeError
+    from qswap.recipe import parse_yaml
+
+    with pytest.raises(RecipeError) as exc:
+        parse_yaml("version: 1\nname: r\ndefaults:\n  weight: {bits: 4, granularity: per_channel, axis: 0, "
+                   "observer: percentile, percentile: 90}\n")
+    message = str(exc.value)
+    assert "percentile has no per_channel form" in message
+    assert "granularity: per_tensor" in message and "minmax or mse per_channel" in message
