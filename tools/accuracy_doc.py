@@ -59,10 +59,12 @@ def refresh_cost(payload: dict, subset: str) -> list[str]:
     'recipe: old -> new' for each changed row."""
     from qswap.convert import copy_model
     from qswap.integration import data as fdata
-    from qswap.integration.compare import prepare_recipe, row_cost
+    from qswap.integration.compare import calibration_settings, prepare_recipe, row_cost
 
     model, task = fdata.load_model_and_task(str(ASSET / "checkpoint.pt"), str(data_dir(subset)))
     settings, changed = payload["settings"], []
+    # the calibration as compare now records it: the batches used, the number asked, the batch size
+    settings.update(calibration_settings(task, settings["calib_subset"], settings["calib_batches"]))
     by_name = {row["recipe"]: row for row in payload["rows"]}
     for recipe in ["fp32"] + [r for r in RECIPES if r != "fp32"] + [str(SEARCHED)]:
         qmodel = prepare_recipe(copy_model(model), task, recipe, calib_subset=settings["calib_subset"],
