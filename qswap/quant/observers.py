@@ -179,9 +179,20 @@ def exact_quantiles(flat: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, 
     (b_lo, b_hi), (a_lo, a_hi) = below.tolist(), above.tolist()
     low = torch.topk(flat, a_lo + 1, largest=False).values  # the a_lo + 1 smallest, ascending
     high = torch.topk(flat, n - b_hi).values  # the n - b_hi largest, descending: [-1] is sorted[b_hi]
-    lo = torch.lerp(low[b_lo], low[a_lo], weights[0])
-    hi = torch.lerp(high[n - 1 - b_hi], high[n - 1 - a_hi], weights[1])
+    lo = _lerp(low[b_lo], low[a_lo], weights[0])
+    hi = _lerp(high[n - 1 - b_hi], high[n - 1 - a_hi], weights[1])
     return lo, hi
+
+
+def _lerp(start: torch.Tensor, end: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``torch.lerp`` (torch.quantile's float32 interpolation, bit for bit), in float64 where the
+    float32 one overflows between finite neighbours (-3e38 and 3e38: ``end - start`` is inf in
+    float32, and the percentile had been refused as 'NaN or inf input'); a value between two
+    finite float32s is one."""
+    value = torch.lerp(start, end, weight)
+    if bool(torch.isfinite(value)) or not (bool(torch.isfinite(start)) and bool(torch.isfinite(end))):
+        return value
+    return torch.lerp(start.double(), end.double(), weight.double()).to(start.dtype)
 
 
 class MSEObserver(Observer):

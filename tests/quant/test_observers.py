@@ -3,7 +3,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qswap.errors import CalibrationError
-from qswap.quant.observers import MSEObserver
+from qswap.quant.observers import MSEObserver, make_observer
 from qswap.quant.spec import QuantSpec
 
 SPEC = QuantSpec(bits=4, granularity="per_channel", axis=0, observer="mse")
@@ -128,3 +128,14 @@ def test_exact_quantiles_of_more_than_2_24_elements_reach_the_extremes():
     flat[n // 2], flat[7] = 50.0, -40.0
     lo, hi = exact_quantiles(flat, torch.tensor([0.0, 1.0]))
     assert float(lo) == -40.0 and float(hi) == 50.0
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_percentile_of_huge_finite_values_is_a_finite_range(symmetric):
+    """[-3e38, 3e38] is finite float32, but the interpolation between them overflowed (end - start)
+    and the observer refused it as 'NaN or inf' input."""
+    obs = make_observer(QuantSpec(bits=8, symmetric=symmetric, observer="percentile", percentile=99.99))
+    obs(torch.tensor([-3e38, 3e38]))
+    lo, hi = obs.min_val.item(), obs.max_val.item()
+    assert -3e38 <= lo < -2.99e38 and 2.99e38 < hi <= 3e38
+    assert lo == pytest.approx(float(torch.tensor(-3e38)) * (1 - 2 * 0.0001), rel=1e-6)
