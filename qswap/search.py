@@ -105,6 +105,16 @@ def _bits(quantizers: list[FakeQuantize], bits: int) -> Iterator[None]:
             q.spec = spec
 
 
+def _movable_units(model: nn.Module, high: Any, low_bits: int) -> list[Candidate]:
+    """The units ``rank_candidates`` orders (those with weights above ``low_bits``), unmeasured and
+    in no order: what the sizes with every unit low need."""
+    import qswap
+
+    qmodel = qswap.convert(model, high, data=STRUCTURE_ONLY)
+    return [Candidate(paths, numel, 0.0) for paths, quantizers, numel in _units(qmodel)
+            if not all(q.spec.bits <= low_bits for q in quantizers)]
+
+
 def rank_candidates(model: nn.Module, high: Any, batches: list, low_bits: int = 4) -> list[Candidate]:
     """Units ordered by least output noise added per weight moved to ``low_bits``, each unit's
     weights measured alone (every other quantizer off: float), with the weight spec the written
@@ -194,27 +204,32 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
         raise BudgetError(f"{option} must be a finite number, got {budget}; pass MB of weights (target_mb) "
                           f"or WER points above float (max_delta_wer)")
     batches = list(batches)
-    candidates = rank_candidates(model, high, batches, low_bits)
-
     # the rules convert applies, on the model with the high recipe's transforms' modules (a
     # hadamard fc2 becomes a RotatedLinear, whose .linear a candidate names): worked out once
     structure = copy_model(model)
     apply_transforms(structure, load_recipe(high).transforms, STRUCTURE_ONLY)
     rules = rules_in_effect(structure, load_recipe(high))
 
+    def sized(units: list[Candidate]) -> float:
+        # the sizes need the transforms' modules, not their folded values
+        recipe = build_recipe(high, units, low_bits, name, rules)
+        return qswap.convert(model, recipe, data=STRUCTURE_ONLY).qswap_report.quantized_bytes / 1e6
+
+    if target_mb is not None:  # before the ranking's minutes of probes: every unit low needs no order
+        smallest = sized(_movable_units(model, high, low_bits))
+        if target_mb < smallest:
+            raise BudgetError(f"no recipe fits {target_mb} MB: with every unit at {low_bits}-bit weights "
+                              f"they take {smallest:.3f} MB ({sized([]):.3f} MB with none); raise the "
+                              f"budget or lower low_bits")
+    candidates = rank_candidates(model, high, batches, low_bits)
+
     def recipe(n: int) -> dict:
         return build_recipe(high, candidates[:n], low_bits, name, rules)
 
     def size_mb(n: int) -> float:
-        # the sizes need the transforms' modules, not their folded values
-        return qswap.convert(model, recipe(n), data=STRUCTURE_ONLY).qswap_report.quantized_bytes / 1e6
+        return sized(candidates[:n])
 
     if target_mb is not None:
-        smallest, largest = size_mb(len(candidates)), size_mb(0)
-        if target_mb < smallest:
-            raise BudgetError(f"no recipe fits {target_mb} MB: with every unit at {low_bits}-bit weights "
-                              f"they take {smallest:.3f} MB ({largest:.3f} MB with none); raise the "
-                              f"budget or lower low_bits")
         lo, hi = 0, len(candidates)  # fewest low-bit units that fit: sizes fall as n grows
         while lo < hi:
             mid = (lo + hi) // 2

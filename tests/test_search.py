@@ -256,3 +256,17 @@ def test_search_cli_refuses_zero_calibration_batches_before_the_search(float_che
         assert out.read_text() == "# my hand-tuned recipe\n"
     with pytest.raises(Searched):
         main(args + ["--high", "w8_weight_only"])
+
+
+def test_an_impossible_target_mb_is_refused_before_the_ranking(sizes, monkeypatch):
+    """The size check ran after every unit had been probed at both widths (minutes on a real model)."""
+    import sys
+
+    search_module = sys.modules["qswap.search"]  # (qswap.search is also the function)
+
+    def ranked(*args, **kwargs):
+        raise AssertionError("the units were ranked before the budget was checked")
+    monkeypatch.setattr(search_module, "rank_candidates", ranked)
+    _, low = sizes
+    with pytest.raises(BudgetError, match=rf"no recipe fits .* MB: with every unit at 4-bit weights they take {low:.3f} MB"):
+        search(_tiny(), [s2t_net_input(batch=1, frames=24, num_tokens=4)], target_mb=low / 3)
