@@ -53,6 +53,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
     if observe is None:
         observe = recipe_observe(model)
     check_observe(observe)
+    check_batches(batches)
     if not any(isinstance(m, FakeQuantize) for m in model.modules()):
         raise CalibrationError("the model has no qswap quantizers to calibrate; convert it first "
                                "(qswap.convert(model, recipe)) with a recipe that quantizes something")
@@ -103,6 +104,17 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
                     + (f"; {len(kept)} of them keep the grid of their previous calibration" if kept else "")
                     + f"): {', '.join(_names(model, unseen)[:6])}")
     return count
+
+
+def check_batches(batches: Any) -> None:
+    """A CalibrationError unless ``batches`` is an iterable of batches: a number had been a raw
+    TypeError from the loop, and one net_input dict, iterated, hands the model its key names."""
+    import collections.abc
+
+    if isinstance(batches, collections.abc.Mapping) or not isinstance(batches, collections.abc.Iterable):
+        raise CalibrationError(f"calibrate takes an iterable of batches (a list, a generator, a DataLoader), got "
+                               f"{'one dict' if isinstance(batches, collections.abc.Mapping) else type(batches).__name__}; "
+                               f"pass [batch] for a single batch")
 
 
 def recipe_observe(model: nn.Module) -> str:

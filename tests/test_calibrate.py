@@ -243,3 +243,14 @@ def test_max_batches_draws_no_batch_past_the_last_one_used():
     with pytest.raises(CalibrationError, match="zero batches"):
         qswap.calibrate(model, source(), max_batches=0)
     assert drawn == [0, 1]
+
+
+@pytest.mark.parametrize("given, named", [(5, "got int"), (None, "got NoneType"), ("batches", None)])
+def test_batches_that_are_not_an_iterable_of_batches_are_a_calibration_error(given, named):
+    """qswap.calibrate(model, 5) had been a raw TypeError ('int' object is not iterable); one
+    net_input dict, iterated, handed the model its key names."""
+    model = qswap.convert(build_s2t_transformer(seed=0), recipe("minmax"))
+    given = batches()[0] if given == "batches" else given
+    with pytest.raises(CalibrationError, match="calibrate takes an iterable of batches") as exc:
+        qswap.calibrate(model, given)
+    assert (named or "got one dict") in str(exc.value) and "pass [batch]" in str(exc.value)
