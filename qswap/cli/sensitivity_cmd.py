@@ -42,8 +42,6 @@ def wer_evaluator(task, subset: str, beam: int, max_sentences: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     from qswap.integration import data as fdata
     from qswap.io.atomic import atomic_write_text
     from qswap.sensitivity import plot, plot_format, sensitivity
@@ -60,20 +58,34 @@ def run(args: argparse.Namespace) -> int:
         report = sensitivity(model, args.recipe, batches, metric=args.metric, evaluate=evaluate,
                              top_k=args.top_k, calib_batches=calib,
                              progress=lambda i, n: bar.update(job, completed=i, total=n))
-    table = Table(title=f"sensitivity of {args.checkpoint} to recipe {report.recipe}: all sites "
-                        f"quantized {report.full_sqnr:.1f} dB" +
-                        (f", WER {report.full_wer:.2f}% (float {report.float_wer:.2f}%)" if report.full_wer is not None else ""))
-    for col in ("rank", "site", "kind", "bits", "alone dB", "all-but dB", "gain dB", "ΔWER"):
-        table.add_column(col, justify="left" if col in ("site", "kind") else "right")
-    for i, s in enumerate(report.ranked()[:args.show], 1):
-        table.add_row(str(i), s.site, s.kind, str(s.bits), f"{s.alone_sqnr:.1f}", f"{s.all_but_sqnr:.1f}",
-                      f"{s.gain_db:+.2f}", "" if s.delta_wer is None else f"{s.delta_wer:+.2f}")
-    console().print(table)
+    console().print(sensitivity_table(report, args.checkpoint, args.show))
     if args.json_out:
         atomic_write_text(args.json_out, json_text(report.to_dict()))
     if args.plot:
         plot(report, args.plot)
     return 0
+
+
+DELTA_WER_COLUMN = "ΔWER (all - all-but)"
+DELTA_WER_LEGEND = (f"{DELTA_WER_COLUMN}: WER with every site quantized minus WER with this site alone kept float, "
+                    f"in points (positive: the site hurts); the opposite of compare's ΔWER (recipe - float)")
+
+
+def sensitivity_table(report, checkpoint: str, show: int):
+    """The ranked sites as a rich Table, its first ``show`` rows; with WER measured, a caption says
+    which way the WER column's difference goes."""
+    from rich.table import Table
+
+    table = Table(title=f"sensitivity of {checkpoint} to recipe {report.recipe}: all sites "
+                        f"quantized {report.full_sqnr:.1f} dB" +
+                        (f", WER {report.full_wer:.2f}% (float {report.float_wer:.2f}%)" if report.full_wer is not None else ""),
+                  caption=DELTA_WER_LEGEND if report.full_wer is not None else None)
+    for col in ("rank", "site", "kind", "bits", "alone dB", "all-but dB", "gain dB", DELTA_WER_COLUMN):
+        table.add_column(col, justify="left" if col in ("site", "kind") else "right")
+    for i, s in enumerate(report.ranked()[:show], 1):
+        table.add_row(str(i), s.site, s.kind, str(s.bits), f"{s.alone_sqnr:.1f}", f"{s.all_but_sqnr:.1f}",
+                      f"{s.gain_db:+.2f}", "" if s.delta_wer is None else f"{s.delta_wer:+.2f}")
+    return table
 
 
 def _require_matplotlib() -> None:

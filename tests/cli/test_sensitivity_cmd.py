@@ -13,3 +13,21 @@ def test_plot_in_a_format_it_does_not_write_is_refused_before_the_run(tmp_path, 
     err = capsys.readouterr().err
     assert f"--plot {plot}: the chart is written as .png or .svg, {given}" in err
     assert "missing.pt" not in err and "Traceback" not in err and not plot.exists()
+
+
+def test_the_wer_column_says_which_way_its_difference_goes():
+    """The column read 'ΔWER' with WER(all quantized) - WER(all but this site) in it: positive where
+    the site hurts, the opposite sign of compare's ΔWER (recipe - float), and nothing said so."""
+    from rich.console import Console
+
+    from qswap.cli.sensitivity_cmd import sensitivity_table
+    from qswap.sensitivity import SensitivityReport, SiteResult
+
+    site = SiteResult("encoder.fc1.weight_quant", "weight", 4, "encoder", 30.0, 20.0, 0.5, delta_wer=1.25)
+    report = SensitivityReport("w4a8", "wer", 19.5, [site], full_wer=12.0, float_wer=10.0)
+    console = Console(width=400, record=True)
+    console.print(sensitivity_table(report, "ckpt.pt", 10))
+    text = console.export_text()
+    assert "ΔWER (all - all-but)" in text and "+1.25" in text
+    assert "WER with every site quantized minus WER with this site alone kept float" in text
+    assert "positive: the site hurts" in text and "opposite of compare's ΔWER" in text
