@@ -106,7 +106,14 @@ def glu_value(owner: nn.Module, slot: str, xq: torch.Tensor, quant: nn.Module, d
         owner, f"{slot}_onto", lambda out: GluParams.build(grid, out), out_quant, run, quant.scale,
         quant.zero_point, channels=reader_axis is not None)
     if value is not None:
-        return straight_through(value, F.glu(xq, dim=dim), out_quant) if carries_grad(out_quant, xq) else value
+        if not carries_grad(out_quant, xq):
+            return value
+        if reader_axis is None:
+            return straight_through(value, F.glu(xq, dim=dim), out_quant)
+        # the reader rounds the float GLU for the gradient in its own layout (channels last)
+        moved = straight_through(value.movedim(reader_axis, -1), F.glu(xq, dim=dim).movedim(reader_axis, -1),
+                                 out_quant)
+        return moved.movedim(-1, reader_axis)
     params = cached(owner, slot, lambda: form_or_none(GluParams.build, grid, None), quant.scale, quant.zero_point)
     if params is None:  # e.g. a learned scale trained to zero or below: no integer form
         return F.glu(xq, dim=dim)

@@ -291,3 +291,17 @@ def test_a_decoder_without_integer_entry_reads_one_encoder_output(arch):
     with torch.no_grad():
         assert len(qmodel.encoder(net_input["src_tokens"], net_input["src_lengths"])["encoder_out"]) == 1
         assert torch.isfinite(qmodel(**net_input)[0]).all()
+
+
+def test_the_lsq_recipe_with_the_entry_per_channel_trains_the_embed_scales():
+    """w4a4_edges8_stream_embed_smoothquant_lsq in training (autograd, ``simulate: integer``):
+    the subsampler's last GLU writes onto the learned per-channel embed grid, whose scales get a
+    finite, nonzero gradient (the float GLU's, straight through), as every other learned scale."""
+    qmodel, net_input = calibrated("w4a4_edges8_stream_embed_smoothquant_lsq")
+    embed = qmodel.encoder.embed_quant
+    assert isinstance(stream_grid(embed), ChannelGrid) and embed.scale.requires_grad
+    qmodel.train()
+    out = qmodel(**net_input)[0]
+    out.float().pow(2).mean().backward()
+    assert torch.isfinite(out).all()
+    assert embed.scale.grad is not None and torch.isfinite(embed.scale.grad).all() and embed.scale.grad.abs().sum() > 0
