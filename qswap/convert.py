@@ -515,7 +515,15 @@ def _take_over(root: nn.Module, new: nn.Module) -> nn.Module:
     """The root's counterpart ``new`` put in place of ``root`` by becoming it: ``root`` takes
     ``new``'s class and attributes (its module, parameter and buffer tables), so that the object
     the caller holds (``inplace=True``) is the converted model, not a float root whose children
-    were partly swapped. Returns ``root``."""
+    were partly swapped. A counterpart that keeps the float module as its child (``QGELU``'s
+    ``op``) would then hold itself: that child becomes a shallow copy of the float root (its own
+    attribute table, the same parameters and children). Returns ``root``."""
+    holders = [(module, name) for module in new.modules() for name, child in module._modules.items()  # noqa: SLF001
+               if child is root]
+    if holders:
+        stand_in = copy.copy(root)  # the float module's state, under a new identity
+        for module, name in holders:
+            module._modules[name] = stand_in  # noqa: SLF001
     root.__class__ = type(new)
     root.__dict__.clear()
     root.__dict__.update(new.__dict__)

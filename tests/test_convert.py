@@ -365,7 +365,7 @@ def test_an_inplace_convert_with_transforms_reads_batches_given_as_an_iterator_o
     assert all(torch.equal(v, expected[k]) for k, v in converted.state_dict().items())
 
 
-@pytest.mark.parametrize("arch", ["s2t_transformer", "s2t_conformer", "wav2vec2_ctc", "linear"])
+@pytest.mark.parametrize("arch", ["s2t_transformer", "s2t_conformer", "wav2vec2_ctc", "linear", "gelu"])
 def test_an_inplace_convert_of_a_model_whose_root_has_a_counterpart_converts_the_callers_object(arch):
     """The root's counterpart takes over the caller's object: ``convert(model, inplace=True)`` is
     ``model``, fully converted (its root's quantizers, its report), and computes what a converted
@@ -373,6 +373,8 @@ def test_an_inplace_convert_of_a_model_whose_root_has_a_counterpart_converts_the
     whose children were partly swapped."""
     if arch == "linear":
         build, net_input = (lambda: torch.manual_seed(0) and nn.Linear(8, 8)), (lambda: torch.randn(2, 8))
+    elif arch == "gelu":  # a counterpart that keeps the float module as its child (QGELU's op): not itself
+        build, net_input = nn.GELU, (lambda: torch.randn(2, 8))
     else:
         pytest.importorskip("fairseq")
         from qswap import models
