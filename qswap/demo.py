@@ -15,7 +15,7 @@ from pathlib import Path
 
 ASSET = Path(__file__).parent / "assets" / "s2t_demo"
 RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w4a4", "w4a4_edges8_stream_smoothquant",
-           "w8_weight_only"]
+           "w4a4_edges8_stream_embed_smoothquant", "w8_weight_only"]
 # the mixed-precision recipe `qswap search` found for this model at w4a8_edges8's weight size
 # (written by tools/sensitivity_doc.py; docs/sensitivity.md shows how)
 SEARCHED = ASSET / "searched.yaml"
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no shipped model at {checkpoint}; build it with tools/train_s2t.py", file=sys.stderr)
         return 2
     return cli([*(["--verbose"] if args.verbose else []), "compare", str(checkpoint),
-                "--data", str(data_dir(args.subset)), "--subset", args.subset, "--calib-subset", "train_calib", "--calib-batches", "4", "--beam", str(args.beam),
+                "--data", str(data_dir(args.subset)), "--subset", args.subset, "--calib-subset", "train_calib", "--calib-batches", "1", "--beam", str(args.beam),
                 "--recipes", *RECIPES, *([str(SEARCHED)] if SEARCHED.exists() else []),
                 *[arg for name, path in QAT.items() if path.exists() for arg in ("--quantized", f"{name}={path}")],
                 "--markdown", markdown, "--json", str(Path(markdown).with_suffix(".json"))])
