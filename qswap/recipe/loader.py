@@ -239,16 +239,19 @@ class _Ctx:
         stays float at the sites the defaults name: only node's own ``sites:`` entries quantize
         them again."""
         nulled = tuple(kind in node and node[kind] is None for kind in ("weight", "activation"))
-        sites = {}
+        sites, declared = {}, site_kinds()
         for inherited, sites_raw in ((True, default_sites or {}), (False, self.sites(node))):
             for site in sites_raw:
                 self.refuse_weight_lsq(sites_raw, site)
                 if sites_raw[site] is None:
                     sites[site] = None
                     continue
-                sites[site] = SiteSpecs(*(None if inherited and off else self.to_spec(
+                # merged over the kinds a registered counterpart declares the site as (both where
+                # none does yet): an activation site's entry is not checked as a weight spec
+                kinds = declared.get(site, {"weight", "activation"})
+                sites[site] = SiteSpecs(*(None if (inherited and off) or kind not in kinds else self.to_spec(
                     sites_raw, site, self.spec_dict(sites_raw, site, base), sites_raw.get(site))
-                    for base, off in zip((w, a), nulled)))
+                    for base, off, kind in zip((w, a), nulled, ("weight", "activation"))))
         return QuantConfig(weight=self.to_spec(node, "weight", w), activation=self.to_spec(node, "activation", a),
                            sites=sites, simulate=self.simulate)
 

@@ -260,7 +260,23 @@ def test_a_rule_that_nulls_a_kind_keeps_the_defaults_sites_of_that_kind_float():
     """))
     decoder, encoder, norm = (r.config for r in recipe.rules)
     assert decoder.spec("attn_residual", "activation") is None
-    assert decoder.spec("attn_residual", "weight").bits == 4  # the other kind still merges
     assert encoder.spec("attn_out", "activation").bits == 8
     residual = norm.spec("attn_residual", "activation")  # a rule that leaves the kind alone
     assert (residual.bits, residual.granularity) == (4, "per_channel")
+
+
+def test_an_activation_sites_entry_is_not_checked_as_a_weight_spec():
+    """A site every registered counterpart declares an activation site is merged over the
+    activation spec only: ``observer: percentile`` there (per tensor, as the activation defaults
+    are) is not refused for the per-channel weight defaults it would have made with the weight
+    spec (tools/strategies.py's ``per_site`` picks did)."""
+    pytest.importorskip("fairseq")
+    import qswap.nn.fairseq  # noqa: F401  (registers the counterparts that declare attn_residual)
+    recipe = parse_yaml(textwrap.dedent("""
+        version: 1
+        defaults:
+          weight: {bits: 4, granularity: per_channel, axis: 0}
+          activation: {bits: 4, symmetric: false}
+          sites: {attn_residual: {observer: percentile}}
+    """))
+    assert recipe.defaults.spec("attn_residual", "activation").observer == "percentile"
