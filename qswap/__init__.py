@@ -15,6 +15,7 @@ from qswap.quant import FakeQuantize, QuantSpec
 from qswap.recipe import Recipe, load_recipe, shipped_recipe_names
 from qswap.convert import QswapWarning, convert
 from qswap.calibrate import calibrate
+from qswap.regrid import Regridded, regrid
 from qswap.sensitivity import sensitivity
 from qswap.search import search
 from qswap.integerize import integerize
@@ -24,8 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AudioError", "AuditError", "BudgetError", "CalibrationError", "CheckpointError", "ConvertError", "DataError",
     "FakeQuantize", "IntegerizeError", "QswapError", "QswapWarning", "QuantConfig", "QuantModule", "QuantSpec",
-    "Recipe", "RecipeError", "RegistryError", "SpecError", "UnsafeCheckpointError",
-    "calibrate", "convert", "integerize", "load_recipe", "plugin_dir", "register", "search", "sensitivity",
+    "Recipe", "RecipeError", "Regridded", "RegistryError", "SpecError", "UnsafeCheckpointError",
+    "calibrate", "convert", "integerize", "load_recipe", "plugin_dir", "regrid", "register", "search", "sensitivity",
     "shipped_recipe_names",
 ]
 

@@ -24,7 +24,7 @@ def activation_quantizers(model: nn.Module) -> list[FakeQuantize]:
 
 def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn.Module, Any], Any] | None = None,
               progress: Callable[[int], None] | None = None, max_batches: int | None = None,
-              observe: str | None = None) -> int:
+              observe: str | None = None, quantizers: Iterable[FakeQuantize] | None = None) -> int:
     """Reset and run every activation observer over ``batches``, then freeze all quantizers.
 
     A batch is a fairseq ``net_input`` dict (called as ``model(**batch)``), a tuple (``model(*batch)``)
@@ -48,6 +48,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
       docs/benchmarks.md), and the grids can differ slightly, since no site sees its inputs'
       rounding.
 
+    ``quantizers``: calibrate only these activation quantizers of ``model`` (the fresh sites of
+    ``qswap.regrid``); every other quantizer keeps its grid, learned scale and frozen flag, and
+    quantizes as it did while they observe.
+
     >>> qswap.calibrate(qmodel, (s["net_input"] for s in itertools.islice(loader, 16)))
     """
     if observe is None:
@@ -57,7 +61,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
     if not any(isinstance(m, FakeQuantize) for m in model.modules()):
         raise CalibrationError("the model has no qswap quantizers to calibrate; convert it first "
                                "(qswap.convert(model, recipe)) with a recipe that quantizes something")
-    quantizers = activation_quantizers(model)  # weight quantizers follow their weights
+    quantizers = _chosen(model, quantizers)  # weight quantizers follow their weights
     run = forward or _default_forward
     saved = [(q, {k: v.clone() for k, v in q.state_dict().items()}) for q in quantizers]
     try:
@@ -104,6 +108,26 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
                     + (f"; {len(kept)} of them keep the grid of their previous calibration" if kept else "")
                     + f"): {', '.join(_names(model, unseen)[:6])}")
     return count
+
+
+def _chosen(model: nn.Module, only: Iterable[FakeQuantize] | None) -> list[FakeQuantize]:
+    """The activation quantizers to calibrate: all of ``model``'s, or ``only`` (each checked to be
+    one of them: a CalibrationError names what to pass)."""
+    every = activation_quantizers(model)
+    if only is None:
+        return every
+    if isinstance(only, (FakeQuantize, str)) or not isinstance(only, Iterable):
+        raise CalibrationError(f"quantizers= takes a list of the model's activation quantizers (FakeQuantize "
+                               f"modules), got {type(only).__name__}")
+    ids, chosen = {id(q) for q in every}, list(only)
+    for q in chosen:
+        if id(q) not in ids:
+            what = (f"a {q.kind} quantizer" if isinstance(q, FakeQuantize) else type(q).__name__)
+            raise CalibrationError(f"quantizers= holds {what} that is not one of the model's activation "
+                                   f"quantizers; pass modules of this model (Regridded.fresh_activations())")
+    if not chosen:
+        raise CalibrationError("quantizers= is empty: nothing to calibrate; pass None to calibrate them all")
+    return chosen
 
 
 def check_batches(batches: Any) -> None:

@@ -1,5 +1,9 @@
 """Convert a fairseq checkpoint with a recipe, calibrate it, and write a quantized checkpoint.
 
+Given a quantized checkpoint (``qswap convert`` or a QAT run wrote it), ``convert`` moves it onto
+the recipe's grids (``qswap.regrid``): the weights and the grids of unchanged sites are kept,
+the sites whose spec changed are calibrated afresh (``--calib-batches``), the others untouched.
+
 A recipe with activation quantizers needs ``--calib-batches N`` (and ``--data DIR``): an
 uncalibrated activation quantizer re-derives its range from every batch at run time, which is
 not what an integer kernel does. ``--no-calibrate`` writes such a dynamic-range model on purpose.
@@ -7,13 +11,14 @@ not what an integer kernel does. ``--no-calibrate`` writes such a dynamic-range 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from qswap.cli.args import COUNT, MAX_SENTENCES, POSITIVE
 from qswap.cli.render import console, convert_summary, convert_table, progress_bar
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="float fairseq checkpoint")
+    p.add_argument("checkpoint", help="float fairseq checkpoint (or a quantized one, to move onto the recipe's grids)")
     p.add_argument("--recipe", required=True, help="shipped recipe name or YAML path")
     p.add_argument("-o", "--output", required=True, help="quantized checkpoint to write (atomically)")
     p.add_argument("--data", help="fairseq data directory (needed for calibration)")
@@ -42,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.calib_batches and not args.data:
         raise DataError("--calib-batches needs --data DIR to read calibration batches from")
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
+    if activation_quantizers(model) or getattr(model, "qswap_recipe", None) is not None:
+        return _regrid(args, model, task)
     data = fdata.transform_data(args.recipe, task, args.calib_subset, args.calib_batches,
                                 max_sentences=args.max_sentences) if args.calib_batches else None
     with warnings.catch_warnings():  # its QswapWarnings are in the report, which convert_summary prints
@@ -66,5 +73,42 @@ def run(args: argparse.Namespace) -> int:
                           data=args.data)
     out.print(convert_table(qmodel.qswap_report, show_all=args.show_all))
     out.print(convert_summary(qmodel.qswap_report))
+    out.print(f"wrote {args.output}")
+    return 0
+
+
+def _regrid(args: argparse.Namespace, qmodel, task) -> int:
+    """``qswap convert QCKPT --recipe R``: the quantized checkpoint moved onto R's grids."""
+    import qswap
+    from qswap.errors import ConvertError
+    from qswap.integration import data as fdata
+    from qswap.io.checkpoint import float_structure, save_qswap_checkpoint
+    from qswap.regrid import regrid
+
+    if args.no_calibrate:
+        raise ConvertError("--no-calibrate: a quantized checkpoint keeps its grids; the sites the recipe changes "
+                           "are calibrated with --calib-batches N --data DIR")
+    overrides = {"data": str(Path(args.data).resolve())} if args.data else None
+    moved = regrid(qmodel, args.recipe, float_structure(args.checkpoint, trust_checkpoint=args.trust_checkpoint,
+                                                          arg_overrides=overrides))
+    fresh = moved.fresh_activations()
+    out = console()
+    out.print(f"moved {args.checkpoint} (recipe {qmodel.qswap_recipe.name}) onto recipe {moved.model.qswap_recipe.name}: "
+              f"{len(moved.kept)} quantizers kept, {len(moved.fresh)} fresh"
+              + (f", {len(moved.dropped)} dropped" if moved.dropped else ""))
+    for name in moved.fresh:
+        out.print(f"  fresh: {name}")
+    if fresh and not args.calib_batches:
+        raise ConvertError(f"recipe {moved.model.qswap_recipe.name} changes {len(fresh)} activation grid(s) of "
+                           f"{args.checkpoint}; calibrate them: --calib-batches N --data DIR (and --calib-subset S)")
+    if fresh:
+        with progress_bar("calibrating", args.calib_batches) as advance:
+            used = qswap.calibrate(moved.model, fdata.net_inputs(task, args.calib_subset, args.calib_batches,
+                                                                 max_sentences=args.max_sentences),
+                                   quantizers=fresh, progress=lambda n: advance(1))
+        out.print(f"calibrated the {len(fresh)} fresh activation grid(s) on {used} batches of {args.calib_subset}")
+    save_qswap_checkpoint(args.output, moved.model, args.checkpoint, trust_checkpoint=args.trust_checkpoint,
+                          data=args.data)
+    out.print(convert_summary(moved.model.qswap_report))
     out.print(f"wrote {args.output}")
     return 0

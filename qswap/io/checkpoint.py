@@ -301,6 +301,17 @@ def qswap_entry(path, state: dict) -> Mapping:
 
 
 def _load_qswap(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None):
+    meta, cfg = _stored_cfg(path, state, arg_overrides)
+    task = setup_task(path, cfg)
+    model = _build_float_model(path, cfg, task)
+    qmodel = _convert_stored(path, model, meta["recipe"])
+    _load_quantized_state(path, qmodel, state["model"])
+    return qmodel.eval(), cfg, task
+
+
+def _stored_cfg(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None) -> tuple[Mapping, Any]:
+    """(the checked qswap entry, the cfg as a DictConfig with ``arg_overrides`` applied) of a
+    loaded qswap checkpoint."""
     from omegaconf import OmegaConf
 
     meta = qswap_entry(path, state)
@@ -315,11 +326,23 @@ def _load_qswap(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None
     except Exception as exc:
         raise CheckpointError(f"{path}: malformed cfg in qswap checkpoint ({first_line(exc)})") from None
     _check_registered(path, cfg)
-    task = setup_task(path, cfg)
-    model = _build_float_model(path, cfg, task)
-    qmodel = _convert_stored(path, model, meta["recipe"])
-    _load_quantized_state(path, qmodel, state["model"])
-    return qmodel.eval(), cfg, task
+    return meta, cfg
+
+
+def float_structure(path: "str | os.PathLike[str]", *, trust_checkpoint: bool = False,
+                    arg_overrides: Mapping[str, Any] | None = None) -> nn.Module:
+    """A float model (fresh weights) of the architecture the qswap checkpoint ``path`` was converted
+    from: what ``qswap.regrid`` converts with another recipe (it loads the checkpoint's weights
+    into it). The recipe the cfg stores is left out, so that the plugin's task builds it float."""
+    path = Path(path)
+    state = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
+    if QSWAP_KEY not in state:
+        raise CheckpointError(f"{path}: not a qswap checkpoint (no qswap entry); a float checkpoint is "
+                              f"converted with qswap convert as it is")
+    _, cfg = _stored_cfg(path, state, arg_overrides)
+    for node in (cfg.get("model"), cfg.get("task")):
+        set_cfg_option(node, "qswap_recipe", None)
+    return _build_float_model(path, cfg, setup_task(path, cfg)).eval()
 
 
 def _build_float_model(path: Path, cfg: Any, task: Any) -> nn.Module:

@@ -1,0 +1,134 @@
+"""qswap.regrid on a real fairseq S2T transformer (small): a quantized model moved onto another
+recipe's grids keeps its weights and every unchanged grid, and only the changed sites are
+calibrated (``qswap.calibrate(..., quantizers=)``); the CLI does it for a quantized checkpoint."""
+import warnings
+
+import pytest
+import torch
+
+import qswap
+from qswap.errors import CalibrationError, ConvertError
+from qswap.models import build_s2t_transformer, s2t_net_input
+from qswap.quant import FakeQuantize
+
+OLD, NEW = "w4a4_edges8_stream_smoothquant", "w4a4_edges8_stream_embed_smoothquant"
+
+
+def batches():
+    return [s2t_net_input(batch=2, frames=40, seed=s) for s in (1, 2)]
+
+
+def quantized(recipe=OLD):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = qswap.convert(build_s2t_transformer(seed=0), recipe, data=batches())
+        qswap.calibrate(model, batches())
+    return model
+
+
+def quantizer_states(model):
+    return {n: {k: v.clone() for k, v in m.state_dict().items()}
+            for n, m in model.named_modules() if isinstance(m, FakeQuantize)}
+
+
+def weights(model):
+    return {k: v for k, v in model.state_dict().items() if not any(
+        k.startswith(f"{n}.") for n in quantizer_states(model))}
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch)[0]
+
+
+@pytest.fixture(scope="module")
+def old():
+    return quantized()
+
+
+def test_moves_only_the_changed_site_and_keeps_every_weight_and_other_grid(old):
+    before = quantizer_states(old)
+    moved = qswap.regrid(old, NEW, build_s2t_transformer(seed=5))  # other weights: replaced
+    assert moved.model.qswap_recipe.name == NEW
+    assert moved.fresh == ["encoder.embed_quant"] and not moved.dropped
+    assert len(moved.kept) == len(before) - 1
+    fresh = moved.fresh_activations()
+    assert [q.spec.granularity for q in fresh] == ["per_channel"]
+    assert fresh[0].scale.numel() == 0  # no state from the old per-tensor grid
+    for k, v in weights(old).items():
+        assert torch.equal(moved.model.state_dict()[k], v), k
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(moved.model, batches(), quantizers=fresh)
+    after = quantizer_states(moved.model)
+    for name in moved.kept:  # calibrating the fresh site left every other grid as it was
+        for k, v in before[name].items():
+            assert torch.equal(after[name][k], v), (name, k)
+    embed = fresh[0]
+    assert bool(embed.frozen) and embed.scale.shape == (old.encoder.transformer_layers[0].fc1.in_features,)
+    out = logits(moved.model, batches()[0])
+    assert torch.isfinite(out).all() and not torch.equal(out, logits(old, batches()[0]))
+    assert qswap.audit(moved.model, batches()[0]).honest
+
+
+def test_the_same_recipe_moves_nothing_and_computes_the_same_logits(old):
+    moved = qswap.regrid(old, OLD, build_s2t_transformer(seed=5))
+    assert moved.fresh == [] and moved.dropped == []
+    assert torch.equal(logits(moved.model, batches()[1]), logits(old, batches()[1]))
+
+
+def test_the_callers_model_is_untouched(old):
+    before, out = quantizer_states(old), logits(old, batches()[0])
+    qswap.regrid(old, NEW, build_s2t_transformer(seed=5))
+    assert all(torch.equal(quantizer_states(old)[n][k], v) for n, s in before.items() for k, v in s.items())
+    assert torch.equal(logits(old, batches()[0]), out)
+
+
+def test_other_transforms_are_refused_naming_the_float_checkpoint(old):
+    with pytest.raises(ConvertError, match="recipe w8a8 folds the transforms none.*smoothquant.*FLOAT_CHECKPOINT"):
+        qswap.regrid(old, "w8a8", build_s2t_transformer(seed=5))
+
+
+def test_a_float_model_or_another_architecture_is_refused(old):
+    flt = build_s2t_transformer(seed=0)
+    with pytest.raises(ConvertError, match="takes a model qswap.convert made"):
+        qswap.regrid(flt, NEW, build_s2t_transformer(seed=5))
+    with pytest.raises(ConvertError, match="float_model already contains qswap quantizers"):
+        qswap.regrid(old, NEW, quantized())
+    with pytest.raises(ConvertError, match="not the same architecture"):
+        qswap.regrid(old, OLD, build_s2t_transformer(seed=5, encoder_layers=1))
+
+
+def test_calibrate_quantizers_must_be_the_models_activation_quantizers(old):
+    other = quantized()
+    weight_q = next(m for m in old.modules() if isinstance(m, FakeQuantize) and m.kind == "weight")
+    for bad, match in ((other.encoder.embed_quant, "takes a list.*got FakeQuantize"),
+                       ([other.encoder.embed_quant], "not one of the model's activation quantizers"),
+                       ([weight_q], "a weight quantizer that is not"), ([], "is empty"),
+                       ("encoder.embed_quant", "takes a list")):
+        with pytest.raises(CalibrationError, match=match):
+            qswap.calibrate(old, batches(), quantizers=bad)
+
+
+def test_the_cli_moves_a_quantized_checkpoint_and_qat_starts_from_it(float_checkpoint, tmp_path):
+    from qswap.cli import main
+    from qswap.integration.data import load_model_and_task
+    from qswap.integration.qat_start import converted_start
+    from qswap.transforms import STRUCTURE_ONLY
+
+    _, data, float_ckpt = float_checkpoint
+    common = ["--data", str(data), "--max-sentences", "4"]
+    assert main(["convert", str(float_ckpt), "--recipe", OLD, "--calib-batches", "2", *common,
+                 "-o", str(tmp_path / "old.pt")]) == 0
+    # a changed activation grid needs calibration batches: refused, nothing written
+    assert main(["convert", str(tmp_path / "old.pt"), "--recipe", NEW, *common, "-o", str(tmp_path / "x.pt")]) == 2
+    assert not (tmp_path / "x.pt").exists()
+    assert main(["convert", str(tmp_path / "old.pt"), "--recipe", NEW, "--calib-batches", "1", *common,
+                 "-o", str(tmp_path / "new.pt")]) == 0
+    old_model, _ = load_model_and_task(tmp_path / "old.pt", data)
+    new_model, _ = load_model_and_task(tmp_path / "new.pt", data)
+    assert new_model.qswap_recipe.name == NEW
+    assert new_model.encoder.embed_quant.scale.ndim == 1 and bool(new_model.encoder.embed_quant.frozen)
+    for k, v in weights(old_model).items():
+        assert torch.equal(new_model.state_dict()[k], v), k
+    assert converted_start(qswap.load_recipe(NEW), tmp_path / "new.pt") is STRUCTURE_ONLY
