@@ -504,6 +504,11 @@ def run_facts(log_text: str) -> dict:
 def do_doc(a: argparse.Namespace) -> int:
     from qswap.io.atomic import atomic_write_text
 
+    moved = None
+    if a.moved_from:
+        if not a.continues:
+            raise TrainingError("--moved-from names a checkpoint shipped at the --continues commit: pass --continues COMMIT")
+        moved = (a.moved_from, recipe_at(a.continues, a.moved_from))
     save_dir, evals = Path(a.save_dir), Path(a.evals)
     log_text = Path(a.log or save_dir / "train.log").read_text()
     keep = [ln for ln in log_text.splitlines() if re.search(r"train_inner|valid on|qswap|done training", ln)]
@@ -512,10 +517,30 @@ def do_doc(a: argparse.Namespace) -> int:
     dev = dev_scores(save_dir)
     shipped = json.loads((save_dir / "shipped.json").read_text())
     page = render(train, valid, dev, evals, shipped, run_facts(log_text), Path(a.shipped), Path(a.log_out),
-                  a.target, Path(a.out), a.continues)
+                  a.target, Path(a.out), a.continues, moved)
     atomic_write_text(a.out, with_training_changes(page, a.trained_with))
     print(f"wrote {a.out} and {a.log_out}")
     return 0
+
+
+def recipe_at(commit: str, path: str) -> str:
+    """The name of the recipe stored in the qswap checkpoint at ``path`` as git ``commit`` has it."""
+    import tempfile
+
+    from qswap.integration.qat_start import stored_recipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "start.pt"
+        with out.open("wb") as f:
+            done = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:{path}"], stdout=f,
+                                  stderr=subprocess.PIPE)
+        if done.returncode:
+            raise TrainingError(f"--moved-from {path}: git has no such file at {commit} "
+                                f"({done.stderr.decode().strip().splitlines()[-1] if done.stderr else 'git failed'})")
+        recipe = stored_recipe(out)
+    if recipe is None:
+        raise TrainingError(f"--moved-from {path}: at git {commit} it is no qswap checkpoint (no recipe stored)")
+    return recipe.name
 
 
 def calibration() -> str:
@@ -536,7 +561,8 @@ def _rel(path: Path) -> str:
 
 def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_path: Path = SHIPPED_QAT,
            log_path: Path = REPO / "docs" / "qat_w4a4_edges8.log", target: float = TARGET,
-           doc_path: Path = REPO / "docs" / "qat.md", continues: str | None = None) -> str:
+           doc_path: Path = REPO / "docs" / "qat.md", continues: str | None = None,
+           moved_from: tuple[str, str] | None = None) -> str:
     """The page of the run. ``continues``: the git commit at which the run's start (``--from-qckpt``)
     was the shipped QAT checkpoint, which the run fine-tunes further (a second stage)."""
     train_at, valid_at = dict(train), dict(valid)
@@ -576,7 +602,7 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
     large = [sub for sub in SUBSETS[2:] if (evals / f"qat_{sub}.json").exists()]
     data = "SET" if large else "qswap/assets/s2t_demo"
     if continues:
-        start, ptq_cmd, ptq_text = _continued(recipe, run, continues, data, ev)
+        start, ptq_cmd, ptq_text = _continued(recipe, run, continues, data, ev, moved_from)
         train_cmd = (f"{nice}python tools/qat_train.py train --data DATA --save-dir RUN --recipe {recipe} \\\n"
                      f"    --from-qckpt START.pt {flags}")
     elif run["converted"]:
@@ -640,16 +666,27 @@ def chosen(shipped: dict) -> str:
             f"the dev-best candidate{single}")
 
 
-def _continued(recipe: str, run: dict, commit: str, data: str, ev: str) -> tuple[str, str, str]:
+def _continued(recipe: str, run: dict, commit: str, data: str, ev: str,
+               moved_from: tuple[str, str] | None = None) -> tuple[str, str, str]:
     """(the start's commands, the PTQ eval command, the PTQ sentence) of a run that fine-tunes the
     QAT checkpoint shipped at git ``commit`` further: the start comes out of git, PTQ is the
-    recipe's as for a first-stage run (its own conversion where its transforms need statistics)."""
+    recipe's as for a first-stage run (its own conversion where its transforms need statistics).
+    ``moved_from``: (its path in the repo, its recipe) where that checkpoint was trained with
+    another recipe and ``qswap convert`` moved it onto this one's grids (``qswap.regrid``) to
+    make the start."""
     import qswap
     from qswap.transforms import needs_data
 
     start = Path(run["start"])
     rel = start.resolve().relative_to(REPO) if start.resolve().is_relative_to(REPO) else start
-    lines = f"git show {commit}:{rel} > START.pt    # the QAT checkpoint shipped at git {commit}, the start\n"
+    if moved_from:
+        rel, old = moved_from
+        lines = (f"git show {commit}:{rel} > SHIPPED.pt    # the QAT checkpoint shipped at git {commit} "
+                 f"(recipe {old})\n"
+                 f"qswap convert SHIPPED.pt --recipe {recipe} \\\n    --data qswap/assets/s2t_demo "
+                 f"--calib-subset train_calib --calib-batches 1 -o START.pt    # moved onto its grids, the start\n")
+    else:
+        lines = f"git show {commit}:{rel} > START.pt    # the QAT checkpoint shipped at git {commit}, the start\n"
     if needs_data(qswap.load_recipe(recipe).transforms):
         lines += (f"qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe {recipe} \\\n"
                   f"    --data qswap/assets/s2t_demo --calib-subset train_calib --calib-batches 4 -o QCKPT\n")
@@ -661,9 +698,13 @@ def _continued(recipe: str, run: dict, commit: str, data: str, ev: str) -> tuple
                    f"    --subset SUBSET --calib-subset train_calib --calib-batches 4 --json {ev}/ptq_SUBSET.json")
         ptq = f"PTQ: the float checkpoint converted with `{recipe}`, calibrated on {calibration()}, as the demo does"
     simulate = qswap.load_recipe(recipe).simulate
+    moved = ("" if not moved_from else
+             f", trained with recipe `{moved_from[1]}` and moved onto this recipe's grids by `qswap convert` "
+             f"(`qswap.regrid`: its weights and learned scales kept, each site whose grid this recipe changes "
+             f"calibrated afresh on `train_calib`, alone)")
     ptq += (f". The run is a second stage: it fine-tunes `{rel}` as shipped at git {commit} (a QAT run of its "
-            f"own, which the page of that commit describes) further, computing in training what the evaluations "
-            f"below compute (the recipe's `simulate: {simulate}`, qswap.nn.simulate)")
+            f"own, which the page of that commit describes{moved}) further, computing in training what the "
+            f"evaluations below compute (the recipe's `simulate: {simulate}`, qswap.nn.simulate)")
     return lines, ptq_cmd, ptq
 
 
@@ -1003,6 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--shipped", required=True, help="the checkpoint 'ship' wrote (named in the page)")
     o.add_argument("--continues", metavar="COMMIT", help="the run fine-tuned the QAT checkpoint shipped at this "
                    "git commit (--from-qckpt): the page says so and takes the start out of git")
+    o.add_argument("--moved-from", metavar="PATH", help="with --continues: the start was this checkpoint (its path "
+                   "in the repo at that commit), trained with another recipe and moved onto the run's grids with "
+                   "'qswap convert SHIPPED.pt --recipe R' (qswap.regrid): the page shows that command")
     o.add_argument("--target", type=float, required=True, help="issue 19's target for this recipe: WER "
                    "within +TARGET of float (2.0: W4A4 with 8-bit edges; 0.5: W4A8)")
     o.add_argument("--trained-with", default="HEAD", metavar="COMMIT", help="the qswap commit the run trained "

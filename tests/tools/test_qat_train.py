@@ -515,3 +515,34 @@ def test_train_and_dev_say_what_is_missing_from_their_folders(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert qat_train.main(["dev", "--data", str(tmp_path / "data"), *run]) == 2
     assert f"error: --save-dir {tmp_path / 'run'}: no checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _have_commit("e3c73e3"), reason="a clone without the history (shallow)")
+def test_the_page_of_a_run_from_a_moved_checkpoint_shows_the_convert_that_moved_it(tmp_path, capsys):
+    """A second stage whose start is the QAT checkpoint of another recipe moved onto the run's grids
+    (qswap convert QCKPT --recipe R, qswap.regrid): the page takes that checkpoint out of git, names
+    its recipe (read from the file at that commit) and shows the convert; --moved-from needs
+    --continues, and a path git does not have at the commit is a TrainingError."""
+    recipe = "w4a4_edges8_stream_embed_smoothquant_lsq"
+    run = qat_train.run_facts(
+        f"$ python -m fairseq_cli.train d --qswap-recipe {recipe} --qswap-calib-batches 4 --finetune-from-model "
+        "/tmp/moved.pt --lr 5e-05 --warmup-updates 50 --max-tokens 6000 --max-update 3000 "
+        "--stop-time-hours 1.4 --save-interval-updates 50")
+    shipped = {"update": 50, "dev_wer": 7.0, "float16": {"changed": 1, "values": 10}}
+    for subset in ("test", "test_heldout"):
+        _eval_json(tmp_path / f"float_{subset}.json", 9.0, (7.0, 11.0))
+        _eval_json(tmp_path / f"ptq_{subset}.json", 10.0, (8.0, 12.0))
+        _eval_json(tmp_path / f"qat_{subset}.json", 9.4, (7.5, 11.5), -0.6, (-1.5, 0.3))
+    path = "qswap/assets/s2t_demo/qat_w4a4_edges8.pt"
+    old = qat_train.recipe_at("e3c73e3", path)
+    assert old == "w4a4_edges8_stream_smoothquant_lsq"
+    page = qat_train.render([(10, 1.5)], [(50, 1.4)], {50: 7.0}, tmp_path, shipped, run, tmp_path / "q.pt",
+                            tmp_path / "q.log", 2.0, tmp_path / "q.md", continues="e3c73e3", moved_from=(path, old))
+    assert f"git show e3c73e3:{path} > SHIPPED.pt" in page and f"(recipe {old})" in page
+    assert f"qswap convert SHIPPED.pt --recipe {recipe}" in page and "-o START.pt" in page
+    assert "--from-qckpt START.pt" in page and "moved onto this recipe's grids" in page
+    with pytest.raises(TrainingError, match="no such file at e3c73e3"):
+        qat_train.recipe_at("e3c73e3", "qswap/assets/s2t_demo/nothing.pt")
+    assert qat_train.main(["doc", "--save-dir", str(tmp_path), "--evals", str(tmp_path), "--out", str(tmp_path / "p.md"),
+                           "--log-out", str(tmp_path / "p.log"), "--shipped", str(tmp_path / "q.pt"), "--target", "2",
+                           "--log", str(tmp_path / "nolog"), "--moved-from", path]) == 2

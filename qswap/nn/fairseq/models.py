@@ -27,7 +27,7 @@ from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerEncoder,
 from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc
 from torch import Tensor, nn
 
-from qswap.errors import ConvertError
+from qswap.errors import ConvertError, SpecError
 from qswap.io.serializable import ANY, INT, Either, Obj, Opt, serializable
 from qswap.io.serializable import List as ListOf, Tensor as TensorOf
 from qswap.nn.base import QuantConfig, QuantModule, quantizer
@@ -195,7 +195,7 @@ def check_entry(embed, positions: Optional[Tensor], stream_bits: int) -> None:
 
 
 def entry_values(encoder: nn.Module, embedded: Tensor, positions: Optional[Tensor], readers: tuple,
-                 padding_mask: Optional[Tensor] = None) -> Optional[tuple]:
+                 padding_mask: Optional[Tensor]) -> Optional[tuple]:
     """An S2T encoder's entry stream as each of ``readers`` (quantizers) reads it, with
     ``simulate: integer``, as the integer encoder computes it: the embedded features' codes
     shifted onto the int32 stream grid (``embed_scale * s_embed * 2^-STREAM_BITS``, exactly),
@@ -216,7 +216,11 @@ def entry_values(encoder: nn.Module, embedded: Tensor, positions: Optional[Tenso
     embed = stream_grid_of(encoder.embed_quant)  # per tensor, or per channel (then so is the stream's grid)
     grids = [stream_grid_of(r, frozen_only=True) for r in readers]
     per_channel = isinstance(getattr(embed, "scale", None), Tensor)
-    if embed is None or None in grids or (per_channel and positions is not None and padding_mask is None):
+    if per_channel and positions is not None and padding_mask is None:
+        # the folded (P, C) table's rows are selected as fairseq numbers the positions, from the mask
+        raise SpecError("entry_values: a per-channel entry grid with positions needs the padding mask (B, T') "
+                        "the encoder computed; pass padding_mask")
+    if embed is None or None in grids:
         return None
     table_quant = getattr(encoder.embed_positions, "weights_quant", None) if positions is not None else None
 

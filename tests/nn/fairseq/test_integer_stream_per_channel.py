@@ -305,3 +305,22 @@ def test_the_lsq_recipe_with_the_entry_per_channel_trains_the_embed_scales():
     out.float().pow(2).mean().backward()
     assert torch.isfinite(out).all()
     assert embed.scale.grad is not None and torch.isfinite(embed.scale.grad).all() and embed.scale.grad.abs().sum() > 0
+
+
+def test_a_per_channel_entry_with_positions_needs_the_padding_mask():
+    """The per-channel entry selects the folded position table's rows from the padding mask, as
+    fairseq numbers the positions: without one it is an error, not a silent float add."""
+    from qswap.errors import SpecError
+    from qswap.nn.fairseq.models import _first_readers, entry_values
+    from qswap.recipe import with_simulate
+    qmodel, net_input = calibrated(with_simulate("w4a4_edges8_stream_embed_smoothquant", "integer"))
+    enc = qmodel.encoder
+    with torch.no_grad():
+        x, lengths = enc.subsample(net_input["src_tokens"], net_input["src_lengths"])
+        embedded = enc.embed_quant(x)
+        padding = torch.arange(embedded.shape[0])[None, :] >= lengths[:, None]
+        positions = enc.embed_positions(padding).transpose(0, 1)
+        readers = _first_readers(enc.transformer_layers[0])
+        assert entry_values(enc, embedded, positions, readers, padding) is not None
+        with pytest.raises(SpecError, match="needs the padding mask"):
+            entry_values(enc, embedded, positions, readers, None)
