@@ -49,8 +49,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
       rounding.
 
     ``quantizers``: calibrate only these activation quantizers of ``model`` (the fresh sites of
-    ``qswap.regrid``); every other quantizer keeps its grid, learned scale and frozen flag, and
-    quantizes as it did while they observe.
+    ``qswap.regrid``); every other quantizer keeps its grid, learned scale and frozen flag (one
+    still observing computes its range from each batch while they observe, and its state is put
+    back after).
 
     >>> qswap.calibrate(qmodel, (s["net_input"] for s in itertools.islice(loader, 16)))
     """
@@ -64,6 +65,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
     quantizers = _chosen(model, quantizers)  # weight quantizers follow their weights
     run = forward or _default_forward
     saved = [(q, {k: v.clone() for k, v in q.state_dict().items()}) for q in quantizers]
+    # with quantizers=, the others still observing (uncalibrated) would move with these batches: put back after
+    chosen = {id(q) for q in quantizers}
+    others = [(q, {k: v.clone() for k, v in q.state_dict().items()}) for q in activation_quantizers(model)
+              if id(q) not in chosen and not bool(q.frozen)]
     try:
         for q in quantizers:
             q.unfreeze()
@@ -90,9 +95,11 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
     except BaseException:
         # a failed calibration leaves every activation quantizer as it found it (its grid, frozen
         # flag and observed range): not observing afresh at inference, with ranges of a part-run
-        for q, state in saved:
+        for q, state in saved + others:
             q.load_state_dict(state)
         raise
+    for q, state in others:
+        q.load_state_dict(state)
     # an unseen quantizer calibrated before keeps that grid, frozen as it was (reset and
     # unfrozen, it would observe at inference and drift)
     unseen_ids, kept = {id(q) for q in unseen}, []

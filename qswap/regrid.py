@@ -6,7 +6,8 @@ grid where ``w4a4_edges8_stream_smoothquant_lsq`` has one scale) would otherwise
 the float checkpoint and lose that training. ``regrid`` converts a float model of the same
 architecture with the new recipe's structure only (its transforms are not computed again), loads
 every weight of the quantized model into it and the state of every quantizer whose spec and kind
-are the same in both recipes (a learned scale, a calibrated grid), and leaves the others fresh:
+are the same in both recipes (a learned scale, a calibrated grid; a site the model's calibration
+never reached stays as it was, observing), and leaves the others fresh:
 a weight quantizer derives its grid from its weight at its next call; an activation quantizer is
 calibrated with ``qswap.calibrate(model, batches, quantizers=fresh)``, which leaves every other
 grid as it is.
@@ -36,7 +37,8 @@ from qswap.transforms import STRUCTURE_ONLY
 class Regridded:
     """``model``: the new recipe's model (``.qswap_recipe``, ``.qswap_report`` as ``convert``
     sets them). ``kept``: the quantizers whose state came from the old model; ``fresh``: those
-    without (a changed spec or kind, or a site the old recipe did not quantize), by name;
+    without (a changed spec or kind, a site the old recipe did not quantize, or every activation
+    site of a model that was never calibrated: none of its activation grids frozen), by name;
     ``dropped``: the old model's quantizers the new recipe has no site for."""
 
     model: nn.Module
@@ -55,6 +57,9 @@ def regrid(qmodel: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", float_
     ``float_model`` (the same architecture, any weights; it becomes the result, converted in
     place) converted with the recipe's structure only, ``qmodel``'s weights and the state of its
     unchanged quantizers loaded into it. ``qmodel`` is untouched."""
+    for name, value in (("qmodel", qmodel), ("float_model", float_model)):
+        if not isinstance(value, nn.Module):
+            raise ConvertError(f"regrid's {name} is a torch.nn.Module, got {type(value).__name__}")
     old = getattr(qmodel, "qswap_recipe", None)
     if old is None or not _quantizers(qmodel):
         raise ConvertError("regrid takes a model qswap.convert made (with its quantizers and "
@@ -63,27 +68,53 @@ def regrid(qmodel: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", float_
         raise ConvertError("regrid's float_model already contains qswap quantizers; pass a float model of "
                            "the same architecture (its weights are replaced)")
     new = load_recipe(recipe)
-    if old.transforms != new.transforms:
+    if _filled(old) != _filled(new):
         raise ConvertError(f"recipe {new.name} folds the transforms {_steps(new)}, and the model's weights hold "
                            f"those of recipe {old.name} ({_steps(old)}); a recipe with other transforms starts "
                            f"from the float checkpoint: qswap convert FLOAT_CHECKPOINT --recipe {new.name}")
     model = convert(float_model, new, inplace=True, data=STRUCTURE_ONLY)
     before, after = _quantizers(qmodel), _quantizers(model)
+    # fresh: no state carried over, as the spec or kind changed, or the old model was never calibrated
+    # (no activation grid frozen: a --no-calibrate checkpoint), unless the new recipe declares dynamic
+    # ranges. A calibrated model's site still observing is one its calibration never reached: kept as is.
+    never = not any(bool(q.frozen) for q in before.values() if q.kind == "activation") and not new.dynamic_activations
     fresh = [n for n, q in after.items()
-             if n not in before or before[n].kind != q.kind or before[n].spec != q.spec]
+             if n not in before or before[n].kind != q.kind or before[n].spec != q.spec
+             or (never and q.kind == "activation")]
     dropped = [n for n in before if n not in after]
-    skip = tuple(f"{n}." for n in (*fresh, *dropped))
+    # every name of a fresh or dropped quantizer (a tied or aliased one has several): its state is not loaded
+    skip = tuple(f"{alias}." for alias in
+                 _aliases(model, fresh) | _aliases(qmodel, fresh) | _aliases(qmodel, dropped))
     state = {k: v for k, v in qmodel.state_dict().items() if not k.startswith(skip)}
-    missing, unexpected = nn.Module.load_state_dict(model, state, strict=False)
+    wrong = ("the quantized model and float_model are not the same architecture: {}; pass a float model "
+             "built from the same config")
+    try:
+        missing, unexpected = nn.Module.load_state_dict(model, state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        raise ConvertError(wrong.format(str(exc).strip().splitlines()[-1].strip())) from None
     missing = [k for k in missing if not k.startswith(skip)]
     if missing or unexpected:
-        raise ConvertError(f"the quantized model and float_model are not the same architecture: "
-                           f"{len(missing)} entries of the new model have no value in the old one "
-                           f"({', '.join(missing[:3])}), {len(unexpected)} of the old one have no place "
-                           f"({', '.join(unexpected[:3])}); pass a float model built from the same config")
+        raise ConvertError(wrong.format(
+            f"{len(missing)} entries of the new model have no value in the old one ({', '.join(missing[:3])}), "
+            f"{len(unexpected)} of the old one have no place ({', '.join(unexpected[:3])})"))
     model.eval()
     kept = [n for n in after if n not in fresh]
     return Regridded(model=model, kept=kept, fresh=fresh, dropped=dropped)
+
+
+def _aliases(model: nn.Module, names: list[str]) -> set[str]:
+    """Every name under which the modules called ``names`` appear in ``model``."""
+    wanted = {id(m) for n, m in model.named_modules() if n in set(names)}
+    return {n for n, m in model.named_modules(remove_duplicate=False) if id(m) in wanted}
+
+
+def _filled(recipe: Recipe) -> list[tuple[str, dict]]:
+    """The recipe's transforms with each parameter's default filled in: ``smoothquant: {alpha: 0.5}``
+    and the same with its defaults written out fold the same weights."""
+    from qswap.transforms import _registered
+
+    known = _registered()
+    return [(s.name, {**known[s.name].params, **s.params}) for s in recipe.transforms]
 
 
 def _quantizers(model: nn.Module) -> dict[str, FakeQuantize]:

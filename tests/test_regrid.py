@@ -132,3 +132,70 @@ def test_the_cli_moves_a_quantized_checkpoint_and_qat_starts_from_it(float_check
     for k, v in weights(old_model).items():
         assert torch.equal(new_model.state_dict()[k], v), k
     assert converted_start(qswap.load_recipe(NEW), tmp_path / "new.pt") is STRUCTURE_ONLY
+
+
+def test_a_site_the_old_model_never_calibrated_is_fresh_and_calibrate_leaves_the_others_observing():
+    """A kept site still observing (a --no-calibrate model) has no grid to keep: it is fresh, and
+    qswap.calibrate(quantizers=) of some sites puts the state of the others still observing back."""
+    dynamic = qswap.convert(build_s2t_transformer(seed=0), "w8a8")  # never calibrated
+    moved = qswap.regrid(dynamic, "w8a8", build_s2t_transformer(seed=5))
+    acts = [n for n, q in moved.model.named_modules() if isinstance(q, FakeQuantize) and q.kind == "activation"]
+    assert set(acts) <= set(moved.fresh) and len(moved.fresh_activations()) == len(acts)
+    first, rest = moved.fresh_activations()[:3], moved.fresh_activations()[3:]
+    before = [{k: v.clone() for k, v in q.state_dict().items()} for q in rest]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(moved.model, batches(), quantizers=first)
+    assert all(bool(q.frozen) for q in first)
+    for q, state in zip(rest, before):
+        assert not bool(q.frozen) and all(torch.equal(q.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_tied_quantizer_whose_spec_changes_keeps_no_old_state_under_any_name():
+    """The decoder's embedding and output projection share one weight quantizer: fresh in
+    w8a8_per_channel (per-channel weights), it carries no per-tensor state through its other name."""
+    old = quantized("w8a8")
+    moved = qswap.regrid(old, "w8a8_per_channel", build_s2t_transformer(seed=5))
+    assert "decoder.embed_tokens.weight_quant" in moved.fresh
+    mods = dict(moved.model.named_modules(remove_duplicate=False))
+    assert mods["decoder.output_projection.weight_quant"] is mods["decoder.embed_tokens.weight_quant"]
+    assert all(mods[n].scale.numel() == 0 for n in moved.fresh)  # nothing of the old grids
+    assert torch.isfinite(logits(moved.model, batches()[0])).all()
+
+
+def test_the_same_transforms_with_their_defaults_written_out_are_the_same(old):
+    spelled = qswap.load_recipe(NEW).to_dict()
+    spelled["transforms"] = [{"smoothquant": {"alpha": 0.5, "norms": True, "ffn": True}}]
+    assert qswap.regrid(old, spelled, build_s2t_transformer(seed=5)).fresh == ["encoder.embed_quant"]
+    spelled["transforms"] = [{"smoothquant": {"alpha": 0.25}}]
+    with pytest.raises(ConvertError, match="folds the transforms"):
+        qswap.regrid(old, spelled, build_s2t_transformer(seed=5))
+
+
+def test_a_wider_model_or_no_model_is_a_convert_error(old):
+    with pytest.raises(ConvertError, match="not the same architecture.*size mismatch"):
+        qswap.regrid(old, OLD, build_s2t_transformer(seed=5, encoder_ffn_embed_dim=256))
+    with pytest.raises(ConvertError, match="float_model is a torch.nn.Module, got NoneType"):
+        qswap.regrid(old, OLD, None)
+
+
+def test_the_cli_moves_a_checkpoint_fairseq_train_wrote_with_the_plugin(float_checkpoint, tmp_path):
+    """A QAT checkpoint as fairseq-train saves it (no qswap entry; the recipe in its cfg)."""
+    from fairseq_run import SMALL, TRAIN, run_tool
+    from qswap.cli import main
+    from qswap.integration.data import load_model_and_task
+
+    root, data, float_ckpt = float_checkpoint
+    run_tool("fairseq-train", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+             "--qswap-recipe", "w4a8_lsq", "--qswap-calib-batches", "1", *SMALL, *TRAIN, "--batch-size", "3",
+             "--max-update", "1", "--finetune-from-model", float_ckpt, "--save-dir", tmp_path / "qat", cwd=root)
+    qat = tmp_path / "qat" / "checkpoint_last.pt"
+    assert main(["convert", str(qat), "--recipe", "w4a4_edges8_lsq", "--data", str(data), "--calib-batches", "1",
+                 "--max-sentences", "4", "-o", str(tmp_path / "moved.pt")]) == 0
+    trained, _ = load_model_and_task(qat, data)
+    moved, _ = load_model_and_task(tmp_path / "moved.pt", data)
+    assert moved.qswap_recipe.name == "w4a4_edges8_lsq"
+    w = "encoder.transformer_layers.0.fc1.weight"
+    assert torch.equal(moved.state_dict()[w], trained.state_dict()[w])
+    assert all(bool(q.frozen) for q in moved.modules() if isinstance(q, FakeQuantize) and q.kind == "activation"
+               and q.initialized)

@@ -85,9 +85,6 @@ def _regrid(args: argparse.Namespace, qmodel, task) -> int:
     from qswap.io.checkpoint import float_structure, save_qswap_checkpoint
     from qswap.regrid import regrid
 
-    if args.no_calibrate:
-        raise ConvertError("--no-calibrate: a quantized checkpoint keeps its grids; the sites the recipe changes "
-                           "are calibrated with --calib-batches N --data DIR")
     overrides = {"data": str(Path(args.data).resolve())} if args.data else None
     moved = regrid(qmodel, args.recipe, float_structure(args.checkpoint, trust_checkpoint=args.trust_checkpoint,
                                                           arg_overrides=overrides))
@@ -96,12 +93,20 @@ def _regrid(args: argparse.Namespace, qmodel, task) -> int:
     out.print(f"moved {args.checkpoint} (recipe {qmodel.qswap_recipe.name}) onto recipe {moved.model.qswap_recipe.name}: "
               f"{len(moved.kept)} quantizers kept, {len(moved.fresh)} fresh"
               + (f", {len(moved.dropped)} dropped" if moved.dropped else ""))
-    for name in moved.fresh:
+    for name in moved.fresh[:10]:
         out.print(f"  fresh: {name}")
-    if fresh and not args.calib_batches:
-        raise ConvertError(f"recipe {moved.model.qswap_recipe.name} changes {len(fresh)} activation grid(s) of "
-                           f"{args.checkpoint}; calibrate them: --calib-batches N --data DIR (and --calib-subset S)")
-    if fresh:
+    if len(moved.fresh) > 10:
+        out.print(f"  ... and {len(moved.fresh) - 10} more")
+    if fresh and not args.calib_batches and not args.no_calibrate:
+        raise ConvertError(f"{len(fresh)} activation grid(s) of recipe {moved.model.qswap_recipe.name} are fresh in "
+                           f"{args.checkpoint} (a changed spec, or never calibrated); calibrate them: --calib-batches N "
+                           f"--data DIR (and --calib-subset S), or --no-calibrate to write them with dynamic ranges")
+    if fresh and args.no_calibrate:
+        out.print(f"note: --no-calibrate: {len(fresh)} fresh activation quantizers left uncalibrated "
+                  f"(their ranges are re-derived from every batch at run time)")
+    elif args.calib_batches and not fresh:
+        out.print("note: no activation grid is fresh; nothing calibrated (--calib-batches is not used)")
+    elif fresh:
         with progress_bar("calibrating", args.calib_batches) as advance:
             used = qswap.calibrate(moved.model, fdata.net_inputs(task, args.calib_subset, args.calib_batches,
                                                                  max_sentences=args.max_sentences),

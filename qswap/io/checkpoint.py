@@ -336,12 +336,20 @@ def float_structure(path: "str | os.PathLike[str]", *, trust_checkpoint: bool = 
     into it). The recipe the cfg stores is left out, so that the plugin's task builds it float."""
     path = Path(path)
     state = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
-    if QSWAP_KEY not in state:
-        raise CheckpointError(f"{path}: not a qswap checkpoint (no qswap entry); a float checkpoint is "
-                              f"converted with qswap convert as it is")
-    _, cfg = _stored_cfg(path, state, arg_overrides)
+    if QSWAP_KEY in state:
+        _, cfg = _stored_cfg(path, state, arg_overrides)
+    else:  # a checkpoint fairseq-train wrote with the plugin (QAT): its cfg names the recipe
+        _check_fairseq_state(path, state)
+        cfg = _prepare_state(path, state, arg_overrides)["cfg"]
+        if cfg is None or not any(getattr(node, "qswap_recipe", None) for node in (cfg.get("model"), cfg.get("task"))):
+            raise CheckpointError(f"{path}: a float checkpoint (no qswap recipe in it); convert it with "
+                                  f"qswap convert as it is")
+        _check_registered(path, cfg)
     for node in (cfg.get("model"), cfg.get("task")):
-        set_cfg_option(node, "qswap_recipe", None)
+        # the training command's plugin options too: they would convert or calibrate the built model
+        for key, value in (("qswap_recipe", None), ("qswap_calib_batches", 0), ("qswap_strict", False)):
+            if key == "qswap_recipe" or getattr(node, key, None) is not None:
+                set_cfg_option(node, key, value)
     return _build_float_model(path, cfg, setup_task(path, cfg)).eval()
 
 
