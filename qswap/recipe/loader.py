@@ -155,6 +155,7 @@ class _Ctx:
     def __init__(self, source: str):
         self.source = source
         self.simulate = SIMULATIONS[0]  # the recipe's ``simulate``, given to every config
+        self._site_kinds: dict[str, set[str]] | None = None
 
     def error(self, node: Any, key: str | None, message: str) -> RecipeError:
         line = None
@@ -239,7 +240,7 @@ class _Ctx:
         stays float at the sites the defaults name: only node's own ``sites:`` entries quantize
         them again."""
         nulled = tuple(kind in node and node[kind] is None for kind in ("weight", "activation"))
-        sites, declared = {}, site_kinds()
+        sites, declared = {}, self.site_kinds()
         for inherited, sites_raw in ((True, default_sites or {}), (False, self.sites(node))):
             for site in sites_raw:
                 self.refuse_weight_lsq(sites_raw, site)
@@ -255,12 +256,19 @@ class _Ctx:
         return QuantConfig(weight=self.to_spec(node, "weight", w), activation=self.to_spec(node, "activation", a),
                            sites=sites, simulate=self.simulate)
 
+    def site_kinds(self) -> dict[str, set[str]]:
+        """``qswap.nn.registry.site_kinds()``, read once per recipe load (it walks every registered
+        counterpart)."""
+        if self._site_kinds is None:
+            self._site_kinds = site_kinds()
+        return self._site_kinds
+
     def refuse_weight_lsq(self, sites_raw: Mapping, site: str) -> None:
         """``learnable: true`` in the entry of a site every registered counterpart declares a weight
         site (``norm_weight``, ``in_proj_weight``) is refused here, with its line, as on a rule's
         ``weight:``; a site some counterpart reads as an activation keeps it."""
         entry = sites_raw[site]
-        if isinstance(entry, Mapping) and entry.get("learnable") is True and site_kinds().get(site) == {"weight"}:
+        if isinstance(entry, Mapping) and entry.get("learnable") is True and self.site_kinds().get(site) == {"weight"}:
             raise self.error(entry, "learnable", f"site {site!r} is a weight site: {WEIGHT_LSQ}")
 
     def transforms(self, node: Mapping) -> tuple[Step, ...]:
