@@ -80,6 +80,15 @@ docs: install
 	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/qat_w4a8.pt --data $$d --subset $$s \
 	    --baseline docs/qat_w4a8/ptq_$$s.json --json docs/qat_w4a8/qat_$$s.json || exit 1; done
 	$(PY) tools/qat_train.py refresh --page docs/qat_w4a8.md --evals docs/qat_w4a8
+	$(VENV)/bin/qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe w4a4_edges8_stream_embed_smoothquant_lsq \
+	  --data qswap/assets/s2t_demo --calib-subset train_calib --calib-batches 4 -o build/qat_embed_ptq.pt
+	for s in $(QAT_SETS); do d=$$($(call set_dir,$$s)) && \
+	  $(VENV)/bin/qswap eval build/qat_embed_ptq.pt --data $$d --subset $$s \
+	    --json docs/qat_w4a4_edges8_embed/ptq_$$s.json && \
+	  cp docs/qat/float_$$s.json docs/qat_w4a4_edges8_embed/float_$$s.json && \
+	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/qat_w4a4_edges8_embed.pt --data $$d --subset $$s \
+	    --baseline docs/qat_w4a4_edges8_embed/ptq_$$s.json --json docs/qat_w4a4_edges8_embed/qat_$$s.json || exit 1; done
+	$(PY) tools/qat_train.py refresh --page docs/qat_w4a4_edges8_embed.md --evals docs/qat_w4a4_edges8_embed
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --threads 2 --repeats 5
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --architectures --threads 1
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --wer-large --threads 2

@@ -1,4 +1,4 @@
-"""The shipped QAT checkpoints (qswap/assets/s2t_demo/qat_w4a4_edges8.pt and qat_w4a8.pt, written
+"""The shipped QAT checkpoints (qswap/assets/s2t_demo/qat_w4a4_edges8.pt, qat_w4a4_edges8_embed.pt and qat_w4a8.pt, written
 by tools/qat_train.py ship): small, each loads as the quantized model it was trained as (learned
 LSQ activation scales, every grid frozen), audits honest and decodes the shipped test utterances."""
 from pathlib import Path
@@ -12,7 +12,8 @@ from qswap.integration.data import first_net_input, load_model_and_task
 from qswap.io.safe_load import load_checkpoint
 
 ASSET = Path(__file__).resolve().parents[1] / "qswap" / "assets" / "s2t_demo"
-SHIPPED = {"qat_w4a4_edges8.pt": "w4a4_edges8_stream_smoothquant_lsq", "qat_w4a8.pt": "w4a8_lsq"}
+SHIPPED = {"qat_w4a4_edges8.pt": "w4a4_edges8_stream_smoothquant_lsq",
+           "qat_w4a4_edges8_embed.pt": "w4a4_edges8_stream_embed_smoothquant_lsq", "qat_w4a8.pt": "w4a8_lsq"}
 
 
 @pytest.fixture(scope="module", params=sorted(SHIPPED))

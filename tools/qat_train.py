@@ -628,7 +628,8 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
             f"{run['invocations']} fairseq-train invocations, the later ones resuming from `checkpoint_last.pt`")
     text = TEMPLATE.format(
         shipped_path=out, evals=ev, log_path=_rel(log_path), doc_path=_rel(doc_path), carry=carry,
-        continues_flag=f" --continues {continues}" if continues else "",
+        continues_flag=(f" --continues {continues}" if continues else "")
+        + (f" --moved-from {moved_from[0]}" if moved_from else ""),
         dev_cmd=dev_cmd, calib_note=calib_note, data=data,
         further=further(target_rows),
         sets=("" if not large else f" (SET: `qswap/assets/s2t_demo` for `test` and `test_heldout`; for "

@@ -174,7 +174,8 @@ def test_run_facts_of_a_gpu_run_on_another_machine():
     assert qat_train.run_facts(log + " --cpu")["device"] == "cpu"
 
 
-@pytest.mark.parametrize("doc, evals, target", [("qat.md", "qat", 2.0), ("qat_w4a8.md", "qat_w4a8", 0.5)])
+@pytest.mark.parametrize("doc, evals, target", [("qat.md", "qat", 2.0), ("qat_w4a8.md", "qat_w4a8", 0.5),
+                                                ("qat_w4a4_edges8_embed.md", "qat_w4a4_edges8_embed", 2.0)])
 def test_each_qat_page_shows_its_committed_eval_results(doc, evals, target):
     """Every QAT page's rows (against PTQ, against float with its own target) are those of the
     qswap eval JSONs committed beside it."""
@@ -541,6 +542,7 @@ def test_the_page_of_a_run_from_a_moved_checkpoint_shows_the_convert_that_moved_
     assert f"git show e3c73e3:{path} > SHIPPED.pt" in page and f"(recipe {old})" in page
     assert f"qswap convert SHIPPED.pt --recipe {recipe}" in page and "-o START.pt" in page
     assert "--from-qckpt START.pt" in page and "moved onto this recipe's grids" in page
+    assert f"--continues e3c73e3 --moved-from {path}" in page  # the doc command that rewrites the page
     with pytest.raises(TrainingError, match="no such file at e3c73e3"):
         qat_train.recipe_at("e3c73e3", "qswap/assets/s2t_demo/nothing.pt")
     assert qat_train.main(["doc", "--save-dir", str(tmp_path), "--evals", str(tmp_path), "--out", str(tmp_path / "p.md"),
