@@ -60,7 +60,7 @@ docs: install
 	$(PY) tools/integer_agreement.py --shipped 10
 	$(PY) tools/integer_agreement.py
 	$(PY) tools/integer_archs.py
-	$(PY) tools/strategies.py --qat w4a4_edges8=qswap/assets/s2t_demo/qat_w4a4_edges8.pt \
+	$(PY) tools/strategies.py --qat w4a4_edges8=qswap/assets/s2t_demo/qat_w4a4_edges8_embed.pt \
 	  --qat w4a8=qswap/assets/s2t_demo/qat_w4a8.pt
 	mkdir -p build
 	$(VENV)/bin/qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe w4a4_edges8_stream_smoothquant_lsq \
