@@ -245,6 +245,15 @@ def _eval_json(path: Path, wer: float, ci: tuple, delta=None, delta_ci=None) -> 
     path.write_text(json.dumps(payload))
 
 
+def _second_stage_evals(folder):
+    """Eval JSONs of a QAT run against PTQ and float on the shipped sets; its shipped.json."""
+    for subset in ("test", "test_heldout"):
+        _eval_json(folder / f"float_{subset}.json", 9.0, (7.0, 11.0))
+        _eval_json(folder / f"ptq_{subset}.json", 10.0, (8.0, 12.0))
+        _eval_json(folder / f"qat_{subset}.json", 9.4, (7.5, 11.5), -0.6, (-1.5, 0.3))
+    return {"update": 50, "dev_wer": 7.0, "float16": {"changed": 1, "values": 10}}
+
+
 def test_refresh_renders_the_comparisons_a_new_doc_would(tmp_path):
     """``refresh`` (the evaluations changed, the run did not) gives the page ``doc`` would write
     from the same run and the new evaluations: tables, verdicts and all."""
@@ -332,11 +341,7 @@ def test_the_page_of_a_distilled_run_names_its_criterion_and_teacher(tmp_path):
                               "--distill-temperature 2.0")
     assert plain["distill"] is None
     assert run["distill"] == {"teacher": "t.pt", "alpha": 0.9, "temperature": 2.0}
-    shipped = {"update": 50, "dev_wer": 7.0, "float16": {"changed": 1, "values": 10}}
-    for subset in ("test", "test_heldout"):
-        _eval_json(tmp_path / f"float_{subset}.json", 9.0, (7.0, 11.0))
-        _eval_json(tmp_path / f"ptq_{subset}.json", 10.0, (8.0, 12.0))
-        _eval_json(tmp_path / f"qat_{subset}.json", 9.4, (7.5, 11.5), -0.6, (-1.5, 0.3))
+    shipped = _second_stage_evals(tmp_path)
     pages = {name: qat_train.render([(10, 1.5)], [(25, 1.4)], {25: 7.0}, tmp_path, shipped, facts,
                                     tmp_path / "q.pt", tmp_path / "q.log", 0.5, tmp_path / "q.md")
              for name, facts in (("plain", plain), ("distill", run))}
@@ -369,11 +374,7 @@ def test_the_page_of_a_second_stage_takes_its_start_out_of_git(tmp_path):
         "qswap/assets/s2t_demo/qat_w4a8.pt --lr 0.0001 --warmup-updates 50 --max-tokens 6000 --max-update 3000 "
         "--stop-time-hours 1 --save-interval-updates 50 --criterion qswap_distill --distill-teacher "
         "qswap/assets/s2t_demo/checkpoint.pt --distill-alpha 0.9 --distill-temperature 1.0")
-    shipped = {"update": 50, "dev_wer": 7.0, "float16": {"changed": 1, "values": 10}}
-    for subset in ("test", "test_heldout"):
-        _eval_json(tmp_path / f"float_{subset}.json", 9.0, (7.0, 11.0))
-        _eval_json(tmp_path / f"ptq_{subset}.json", 10.0, (8.0, 12.0))
-        _eval_json(tmp_path / f"qat_{subset}.json", 9.4, (7.5, 11.5), -0.6, (-1.5, 0.3))
+    shipped = _second_stage_evals(tmp_path)
     page = qat_train.render([(10, 1.5)], [(50, 1.4)], {50: 7.0}, tmp_path, shipped, run, tmp_path / "q.pt",
                             tmp_path / "q.log", 0.5, tmp_path / "q.md", continues="abc1234")
     assert "git show abc1234:qswap/assets/s2t_demo/qat_w4a8.pt > START.pt" in page
@@ -529,11 +530,7 @@ def test_the_page_of_a_run_from_a_moved_checkpoint_shows_the_convert_that_moved_
         f"$ python -m fairseq_cli.train d --qswap-recipe {recipe} --qswap-calib-batches 4 --finetune-from-model "
         "/tmp/moved.pt --lr 5e-05 --warmup-updates 50 --max-tokens 6000 --max-update 3000 "
         "--stop-time-hours 1.4 --save-interval-updates 50")
-    shipped = {"update": 50, "dev_wer": 7.0, "float16": {"changed": 1, "values": 10}}
-    for subset in ("test", "test_heldout"):
-        _eval_json(tmp_path / f"float_{subset}.json", 9.0, (7.0, 11.0))
-        _eval_json(tmp_path / f"ptq_{subset}.json", 10.0, (8.0, 12.0))
-        _eval_json(tmp_path / f"qat_{subset}.json", 9.4, (7.5, 11.5), -0.6, (-1.5, 0.3))
+    shipped = _second_stage_evals(tmp_path)
     path = "qswap/assets/s2t_demo/qat_w4a4_edges8.pt"
     old = qat_train.recipe_at("e3c73e3", path)
     assert old == "w4a4_edges8_stream_smoothquant_lsq"
