@@ -93,6 +93,14 @@ def regrid(qmodel: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", float_
     except RuntimeError as exc:  # a tensor of another shape
         raise ConvertError(wrong.format(str(exc).strip().splitlines()[-1].strip())) from None
     missing = [k for k in missing if not k.startswith(skip)]
+    if not missing and not unexpected:
+        # shapes alone miss what splits a weight: attention heads, per module
+        olds = dict(qmodel.named_modules())
+        for name, module in model.named_modules():
+            for attr in _STRUCTURE:
+                if name in olds and getattr(module, attr, None) != getattr(olds[name], attr, None):
+                    raise ConvertError(wrong.format(f"{name or 'the model'}.{attr} is {getattr(olds[name], attr, None)} "
+                                                    f"in the quantized model and {getattr(module, attr, None)} in float_model"))
     if missing or unexpected:
         raise ConvertError(wrong.format(
             f"{len(missing)} entries of the new model have no value in the old one ({', '.join(missing[:3])}), "
@@ -100,6 +108,10 @@ def regrid(qmodel: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", float_
     model.eval()
     kept = [n for n in after if n not in fresh]
     return Regridded(model=model, kept=kept, fresh=fresh, dropped=dropped)
+
+
+# attributes that change how a module reads weights of the same shapes (fairseq's attention heads)
+_STRUCTURE = ("num_heads", "head_dim", "h", "d_k")
 
 
 def _aliases(model: nn.Module, names: list[str]) -> set[str]:

@@ -175,6 +175,8 @@ def test_the_same_transforms_with_their_defaults_written_out_are_the_same(old):
 def test_a_wider_model_or_no_model_is_a_convert_error(old):
     with pytest.raises(ConvertError, match="not the same architecture.*size mismatch"):
         qswap.regrid(old, OLD, build_s2t_transformer(seed=5, encoder_ffn_embed_dim=256))
+    with pytest.raises(ConvertError, match="self_attn.num_heads is 4 in the quantized model and 8 in float_model"):
+        qswap.regrid(old, OLD, build_s2t_transformer(seed=5, encoder_attention_heads=8))  # weights of the same shapes
     with pytest.raises(ConvertError, match="float_model is a torch.nn.Module, got NoneType"):
         qswap.regrid(old, OLD, None)
 
