@@ -93,18 +93,18 @@ def regrid(qmodel: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", float_
     except RuntimeError as exc:  # a tensor of another shape
         raise ConvertError(wrong.format(str(exc).strip().splitlines()[-1].strip())) from None
     missing = [k for k in missing if not k.startswith(skip)]
-    if not missing and not unexpected:
-        # shapes alone miss what splits a weight: attention heads, per module
-        olds = dict(qmodel.named_modules())
-        for name, module in model.named_modules():
-            for attr in _STRUCTURE:
-                if name in olds and getattr(module, attr, None) != getattr(olds[name], attr, None):
-                    raise ConvertError(wrong.format(f"{name or 'the model'}.{attr} is {getattr(olds[name], attr, None)} "
-                                                    f"in the quantized model and {getattr(module, attr, None)} in float_model"))
     if missing or unexpected:
         raise ConvertError(wrong.format(
             f"{len(missing)} entries of the new model have no value in the old one ({', '.join(missing[:3])}), "
             f"{len(unexpected)} of the old one have no place ({', '.join(unexpected[:3])})"))
+    # shapes alone miss what splits a weight: attention heads, per module
+    olds = dict(qmodel.named_modules())
+    for name, module in model.named_modules():
+        for attr in _STRUCTURE:
+            was, now = getattr(olds.get(name), attr, None), getattr(module, attr, None)
+            if name in olds and was != now:
+                raise ConvertError(wrong.format(f"{name or 'the model'}.{attr} is {was} in the quantized model "
+                                                f"and {now} in float_model"))
     model.eval()
     kept = [n for n in after if n not in fresh]
     return Regridded(model=model, kept=kept, fresh=fresh, dropped=dropped)
@@ -116,7 +116,8 @@ _STRUCTURE = ("num_heads", "head_dim", "h", "d_k")
 
 def _aliases(model: nn.Module, names: list[str]) -> set[str]:
     """Every name under which the modules called ``names`` appear in ``model``."""
-    wanted = {id(m) for n, m in model.named_modules() if n in set(names)}
+    names = set(names)
+    wanted = {id(m) for n, m in model.named_modules() if n in names}
     return {n for n, m in model.named_modules(remove_duplicate=False) if id(m) in wanted}
 
 
