@@ -50,6 +50,11 @@ class Step:
         args = ", ".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.name}({args})"
 
+    def filled(self) -> dict[str, Any]:
+        """The parameters with each one the recipe left out at its declared default: the same fold
+        whether a recipe writes ``smoothquant: {alpha: 0.5}`` or ``smoothquant: {}``."""
+        return {**_registered()[self.name].params, **self.params}
+
 
 TRANSFORMS: dict[str, Transform] = {}
 

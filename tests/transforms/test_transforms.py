@@ -178,6 +178,14 @@ def test_transforms_round_trip_through_to_dict():
     assert qswap.load_recipe(recipe.to_dict()).transforms == recipe.transforms
 
 
+def test_a_step_filled_has_every_declared_parameter_at_its_default_unless_given():
+    bare, written = (qswap.load_recipe({**W4A4, "transforms": t}).transforms[0]
+                     for t in ([{"smoothquant": None}], [{"smoothquant": {"alpha": 0.5}}]))
+    assert bare.params == {} and bare.filled() == written.filled() == {"alpha": 0.5, "norms": True, "ffn": True}
+    changed = qswap.load_recipe({**W4A4, "transforms": [{"smoothquant": {"alpha": 0.6}}]}).transforms[0]
+    assert changed.filled() == {"alpha": 0.6, "norms": True, "ffn": True}
+
+
 def test_hadamard_module_rotation_matches_its_forward():
     h = Hadamard(48, 16)
     x = torch.randn(3, 48)
