@@ -62,6 +62,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
     if not any(isinstance(m, FakeQuantize) for m in model.modules()):
         raise CalibrationError("the model has no qswap quantizers to calibrate; convert it first "
                                "(qswap.convert(model, recipe)) with a recipe that quantizes something")
+    partial = quantizers is not None
     quantizers = _chosen(model, quantizers)  # weight quantizers follow their weights
     run = forward or _default_forward
     saved = [(q, {k: v.clone() for k, v in q.state_dict().items()}) for q in quantizers]
@@ -77,6 +78,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
         with eval_mode(model), torch.no_grad(), observing(quantizers, observe):
             # no batch is drawn past the last one used (the caller's iterator keeps it)
             for batch in (batches if max_batches is None or max_batches > 0 else ()):
+                if partial:
+                    _check_finite(batch, count)
                 _run_batch(run, model, batch, count)
                 count += 1
                 if progress is not None:
@@ -183,6 +186,18 @@ def observing(quantizers: list[FakeQuantize], observe: str) -> Iterator[None]:
         for q in passing:
             q.enabled, q.passthrough = True, False
             q.grid_from_observer()  # also after a failed batch: grid and range in step, as when quantized
+
+
+def _check_finite(batch: Any, index: int) -> None:
+    """With ``quantizers=``, the chosen sites may sit behind frozen grids, which round NaN and inf
+    to finite codes: their inputs, checked here, are where such a batch shows (a full calibration's
+    first quantizer observes them and says the same)."""
+    tensors = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else (batch,)
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            from qswap.quant.observers import NONFINITE_INPUT
+
+            raise CalibrationError(f"calibration batch {index}: {NONFINITE_INPUT}")
 
 
 def _run_batch(run: Callable[[nn.Module, Any], Any], model: nn.Module, batch: Any, index: int,

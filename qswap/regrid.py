@@ -52,18 +52,20 @@ class Regridded:
         return [mods[n] for n in self.fresh if mods[n].kind == "activation"]
 
 
-def regrid(qmodel: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", float_model: nn.Module) -> Regridded:
+def regrid(qmodel: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", float_model: nn.Module, *,
+           strict: bool | None = None) -> Regridded:
     """``qmodel`` (a model ``qswap.convert`` made, calibrated or trained) under ``recipe``:
     ``float_model`` (the same architecture, any weights; it becomes the result, converted in
     place) converted with the recipe's structure only, ``qmodel``'s weights and the state of its
-    unchanged quantizers loaded into it. ``qmodel`` is untouched."""
+    unchanged quantizers loaded into it. ``qmodel`` is untouched. A model of a recipe without
+    quantizers (``fp32``) has every site fresh. ``strict``: as ``qswap.convert``'s."""
     for name, value in (("qmodel", qmodel), ("float_model", float_model)):
         if not isinstance(value, nn.Module):
             raise ConvertError(f"regrid's {name} is a torch.nn.Module, got {type(value).__name__}")
     old = getattr(qmodel, "qswap_recipe", None)
-    if old is None or not _quantizers(qmodel):
-        raise ConvertError("regrid takes a model qswap.convert made (with its quantizers and "
-                           ".qswap_recipe); to quantize a float model, use qswap.convert")
+    if old is None:
+        raise ConvertError("regrid takes a model qswap.convert made (it has .qswap_recipe); to quantize a "
+                           "float model, use qswap.convert")
     if _quantizers(float_model):
         raise ConvertError("regrid's float_model already contains qswap quantizers; pass a float model of "
                            "the same architecture (its weights are replaced)")
@@ -72,7 +74,7 @@ def regrid(qmodel: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", float_
         raise ConvertError(f"recipe {new.name} folds the transforms {_steps(new)}, and the model's weights hold "
                            f"those of recipe {old.name} ({_steps(old)}); a recipe with other transforms starts "
                            f"from the float checkpoint: qswap convert FLOAT_CHECKPOINT --recipe {new.name}")
-    model = convert(float_model, new, inplace=True, data=STRUCTURE_ONLY)
+    model = convert(float_model, new, inplace=True, data=STRUCTURE_ONLY, strict=strict)
     before, after = _quantizers(qmodel), _quantizers(model)
     # fresh: no state carried over, as the spec or kind changed, or the old model was never calibrated
     # (no activation grid frozen: a --no-calibrate checkpoint), unless the new recipe declares dynamic
@@ -124,10 +126,7 @@ def _aliases(model: nn.Module, names: list[str]) -> set[str]:
 def _filled(recipe: Recipe) -> list[tuple[str, dict]]:
     """The recipe's transforms with each parameter's default filled in: ``smoothquant: {alpha: 0.5}``
     and the same with its defaults written out fold the same weights."""
-    from qswap.transforms import _registered
-
-    known = _registered()
-    return [(s.name, {**known[s.name].params, **s.params}) for s in recipe.transforms]
+    return [(s.name, s.filled()) for s in recipe.transforms]
 
 
 def _quantizers(model: nn.Module) -> dict[str, FakeQuantize]:

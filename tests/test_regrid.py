@@ -99,6 +99,23 @@ def test_a_float_model_or_another_architecture_is_refused(old):
         qswap.regrid(old, OLD, build_s2t_transformer(seed=5, encoder_layers=1))
 
 
+def test_a_model_of_a_recipe_without_quantizers_moves_with_every_site_fresh():
+    fp32 = qswap.convert(build_s2t_transformer(seed=0), "fp32")
+    moved = qswap.regrid(fp32, "w8a8", build_s2t_transformer(seed=5))
+    assert not moved.kept and moved.fresh and len(moved.fresh_activations()) > 0
+    for k, v in fp32.state_dict().items():
+        assert torch.equal(moved.model.state_dict()[k], v), k
+    assert qswap.calibrate(moved.model, batches(), quantizers=moved.fresh_activations()) == 2
+    assert all(bool(q.frozen) for q in moved.fresh_activations() if q.initialized)
+
+
+def test_strict_refuses_a_rule_that_matches_nothing_as_convert_does(old):
+    recipe = qswap.load_recipe(OLD).to_dict()
+    recipe["rules"] = [*recipe["rules"], {"match": {"path": "encoder.transformer_layer.*"}, "weight": {"bits": 8}}]
+    with pytest.raises(ConvertError, match="strict.*matched no module"):
+        qswap.regrid(old, recipe, build_s2t_transformer(seed=5), strict=True)
+
+
 def test_calibrate_quantizers_must_be_the_models_activation_quantizers(old):
     other = quantized()
     weight_q = next(m for m in old.modules() if isinstance(m, FakeQuantize) and m.kind == "weight")
@@ -149,6 +166,20 @@ def test_a_site_the_old_model_never_calibrated_is_fresh_and_calibrate_leaves_the
     assert all(bool(q.frozen) for q in first)
     for q, state in zip(rest, before):
         assert not bool(q.frozen) and all(torch.equal(q.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_calibrating_fresh_sites_behind_frozen_grids_refuses_a_batch_that_is_not_finite(old, bad):
+    """The kept grids round NaN and inf to finite codes before the fresh site sees them: the
+    batch itself is checked, as a full calibration's first quantizer does."""
+    moved = qswap.regrid(old, NEW, build_s2t_transformer(seed=5))
+    fresh = moved.fresh_activations()
+    batch = batches()[0]
+    batch["src_tokens"] = batch["src_tokens"].clone()
+    batch["src_tokens"][0, 3, 5] = bad
+    with pytest.raises(CalibrationError, match="calibration batch 1: observed a tensor with NaN or inf"):
+        qswap.calibrate(moved.model, [batches()[1], batch], quantizers=fresh)
+    assert fresh[0].scale.numel() == 0 and not bool(fresh[0].frozen)  # as it was
 
 
 def test_a_tied_quantizer_whose_spec_changes_keeps_no_old_state_under_any_name():

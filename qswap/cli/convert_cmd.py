@@ -49,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     if activation_quantizers(model) or getattr(model, "qswap_recipe", None) is not None:
         return _regrid(args, model, task)
+    from qswap.transforms import needs_data
+
+    recipe = qswap.load_recipe(args.recipe)
+    if not args.calib_batches and needs_data(recipe.transforms):
+        raise ConvertError(f"recipe {recipe.name} folds {', '.join(s.name for s in recipe.transforms)}, which needs "
+                           f"activation statistics: pass --calib-batches N --data DIR (--no-calibrate cannot "
+                           f"convert it)")
     data = fdata.transform_data(args.recipe, task, args.calib_subset, args.calib_batches,
                                 max_sentences=args.max_sentences) if args.calib_batches else None
     with warnings.catch_warnings():  # its QswapWarnings are in the report, which convert_summary prints
@@ -87,7 +94,7 @@ def _regrid(args: argparse.Namespace, qmodel, task) -> int:
 
     overrides = {"data": str(Path(args.data).resolve())} if args.data else None
     moved = regrid(qmodel, args.recipe, float_structure(args.checkpoint, trust_checkpoint=args.trust_checkpoint,
-                                                          arg_overrides=overrides))
+                                                          arg_overrides=overrides), strict=args.strict or None)
     fresh = moved.fresh_activations()
     out = console()
     out.print(f"moved {args.checkpoint} (recipe {qmodel.qswap_recipe.name}) onto recipe {moved.model.qswap_recipe.name}: "

@@ -32,6 +32,12 @@ def run(args: argparse.Namespace) -> int:
     if getattr(model, "qswap_recipe", None) is None:
         raise ExportError(f"{args.checkpoint} is a float checkpoint; convert and calibrate it with "
                           f"'qswap convert --recipe R --calib-batches N' first")
+    from qswap.calibrate import activation_quantizers
+
+    quantizers = activation_quantizers(model)
+    if quantizers and not any(q.initialized and bool(q.frozen) for q in quantizers):
+        raise ExportError(f"{args.checkpoint} is not calibrated (no activation quantizer has a frozen grid); "
+                          f"calibrate it first: qswap calibrate {args.checkpoint} --data DIR -o CALIBRATED.pt")
     if not args.onnx:
         return _export_integer(args, model, cfg, task)
     manifest = export_model(model, args.output, task_cfg=cfg.task, dictionary=task.target_dictionary)

@@ -63,6 +63,8 @@ def resolve_audio_root(data_cfg) -> None:
 
 
 def load_subset(task, subset: str) -> Any:
+    if subset not in task.datasets:
+        check_tokenizer(task)
     try:
         if subset not in task.datasets:
             task.load_dataset(subset)
@@ -79,6 +81,30 @@ def load_subset(task, subset: str) -> Any:
         raise DataError(f"subset {subset!r} is empty")
     without_training_augmentation(dataset, getattr(task, "data_cfg", None))
     return dataset
+
+
+def check_tokenizer(task) -> None:
+    """A DataError naming the file where the SentencePiece model that the data directory's
+    config.yaml names (``bpe_tokenizer.sentencepiece_model``) is missing or does not load; fairseq
+    would fail while reading a manifest, with sentencepiece's untyped error."""
+    cfg = getattr(task, "data_cfg", None)
+    tokenizer = getattr(cfg, "bpe_tokenizer", None) if cfg is not None else None
+    if not isinstance(tokenizer, dict) or tokenizer.get("bpe") != "sentencepiece":
+        return
+    path = Path(str(tokenizer.get("sentencepiece_model", "")))
+    where = "the data directory's config.yaml (bpe_tokenizer: sentencepiece_model)"
+    if not path.is_file():
+        raise DataError(f"SentencePiece model {path} not found: {where} names it; put the model there or "
+                        f"correct the path")
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:
+        from qswap.io.safe_load import first_line
+
+        raise DataError(f"SentencePiece model {path} does not load ({first_line(exc)}): a truncated or "
+                        f"corrupt file? {where} names it; copy it again") from None
 
 
 def without_training_augmentation(dataset, data_cfg) -> None:

@@ -66,12 +66,18 @@ def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> 
         parent = target
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
+        if not parent.is_dir():
+            raise OutputError(f"cannot write into {target}: {parent} is a file, not a directory; pass a directory")
     else:
         _refuse_directory_syntax(path)
         if target.is_dir():
             raise OutputError(f"cannot write {target}: it is a directory; pass a file path")
         parent = target.parent
         if not parent.is_dir():
+            for above in (*reversed(parent.parents), parent):
+                if above.exists() and not above.is_dir():
+                    raise OutputError(f"cannot write {target}: {above} is a file, not a directory; pass a path "
+                                      f"in a directory")
             raise OutputError(f"cannot write {target}: no directory {parent}; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {target}: {parent} is not writable")

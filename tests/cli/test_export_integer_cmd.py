@@ -81,7 +81,14 @@ def test_export_needs_a_calibrated_checkpoint(float_checkpoint, tmp_path, capsys
     assert main(["convert", str(ckpt), "--recipe", "w8a8", "--data", str(data), "--no-calibrate",
                  "-o", str(qckpt)]) == 0
     assert main(["export", str(qckpt), "-o", str(tmp_path / "out"), "--data", str(data)]) == 2
-    assert "calibrated" in capsys.readouterr().err and not (tmp_path / "out" / JSON_FILE).exists()
+    err = capsys.readouterr().err
+    assert "not calibrated" in err and "qswap calibrate" in err and not (tmp_path / "out" / JSON_FILE).exists()
+    # a recipe whose transforms need activation statistics: the CLI's options, not the Python API
+    assert main(["convert", str(ckpt), "--recipe", "w4a4_edges8_stream_smoothquant", "--data", str(data),
+                 "--no-calibrate", "-o", str(tmp_path / "sq.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "folds smoothquant" in err and "--calib-batches N --data DIR" in err and "qswap.convert" not in err
+    assert not (tmp_path / "sq.pt").exists()
 
 
 def test_eval_of_an_export_refuses_a_recipe_and_a_damaged_file(shipped_w8a8, tmp_path, capsys):

@@ -1,4 +1,5 @@
 """Subsets as qswap reads them: evaluation features, the same on every read."""
+import pytest
 import torch
 
 from qswap.assets import __path__ as asset_path
@@ -72,6 +73,23 @@ def test_a_manifest_line_cut_short_is_a_data_error(tmp_path):
     text = (data / "train_calib.tsv").read_text()
     (data / "train_calib.tsv").write_text(text[:text.index("\n", 200) + 30])
     with pytest.raises(DataError, match="malformed manifest train_calib.tsv"):
+        _read_all(data)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_missing_or_truncated_sentencepiece_model_is_a_data_error_naming_it(tmp_path, damage):
+    """The tokenizer config.yaml names, deleted or cut short: a DataError naming the model file and
+    config.yaml, not sentencepiece's RuntimeError nor a complaint about the manifest."""
+    from qswap.errors import DataError
+
+    data = _calib_copy(tmp_path)
+    model = data / "spm_unigram200.model"
+    if damage == "missing":
+        model.unlink()
+    else:
+        model.write_bytes(model.read_bytes()[:1000])
+    match = "not found" if damage == "missing" else "does not load.*truncated or corrupt"
+    with pytest.raises(DataError, match=f"SentencePiece model .*spm_unigram200.model {match}.*config.yaml"):
         _read_all(data)
 
 

@@ -26,3 +26,16 @@ def test_a_directory_output_may_end_in_a_separator(tmp_path):
     atomic_write_text(tmp_path / "a.txt", "x")  # a Path, and a plain file path, still write
     atomic_write_text(f"{tmp_path}/b.txt", "y")
     assert (tmp_path / "a.txt").read_text() == "x" and (tmp_path / "b.txt").read_text() == "y"
+
+
+def test_a_path_through_a_file_names_that_file_not_a_missing_directory(tmp_path):
+    (tmp_path / "victim.pt").write_bytes(b"keep")
+    with pytest.raises(OutputError, match="victim.pt is a file, not a directory"):
+        check_output(tmp_path / "victim.pt" / "r.json")
+    with pytest.raises(OutputError, match="victim.pt is a file, not a directory"):
+        check_output(tmp_path / "victim.pt" / "sub" / "r.json")
+    with pytest.raises(OutputError, match="no directory .*missing; create it first"):
+        check_output(tmp_path / "missing" / "r.json")
+    with pytest.raises(OutputError, match="into .*victim.pt is a file, not a directory"):
+        check_output(tmp_path / "victim.pt" / "export", directory=True)
+    assert (tmp_path / "victim.pt").read_bytes() == b"keep"
