@@ -48,6 +48,12 @@ bench: install
 QAT_SETS := test test_heldout test_large test_heldout_large
 set_dir = case $(1) in *_large) $(PY) -c "import qswap.demo as m; print(m.data_dir('$(1)'))";; \
 	*) echo qswap/assets/s2t_demo;; esac
+# a QAT page's evals on $(QAT_SETS): PTQ checkpoint $(1), QAT checkpoint $(2) against it, into folder $(3)
+qat_evals = for s in $(QAT_SETS); do d=$$($(call set_dir,$$s)) && \
+	  $(VENV)/bin/qswap eval $(1) --data $$d --subset $$s --json $(3)/ptq_$$s.json && \
+	  cp docs/qat/float_$$s.json $(3)/float_$$s.json && \
+	  $(VENV)/bin/qswap eval $(2) --data $$d --subset $$s \
+	    --baseline $(3)/ptq_$$s.json --json $(3)/qat_$$s.json || exit 1; done
 
 docs: install
 	$(PY) tools/sensitivity_doc.py
@@ -82,13 +88,12 @@ docs: install
 	$(PY) tools/qat_train.py refresh --page docs/qat_w4a8.md --evals docs/qat_w4a8
 	$(VENV)/bin/qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe w4a4_edges8_stream_embed_smoothquant_lsq \
 	  --data qswap/assets/s2t_demo --calib-subset train_calib --calib-batches 4 -o build/qat_embed_ptq.pt
-	for s in $(QAT_SETS); do d=$$($(call set_dir,$$s)) && \
-	  $(VENV)/bin/qswap eval build/qat_embed_ptq.pt --data $$d --subset $$s \
-	    --json docs/qat_w4a4_edges8_embed/ptq_$$s.json && \
-	  cp docs/qat/float_$$s.json docs/qat_w4a4_edges8_embed/float_$$s.json && \
-	  $(VENV)/bin/qswap eval qswap/assets/s2t_demo/qat_w4a4_edges8_embed.pt --data $$d --subset $$s \
-	    --baseline docs/qat_w4a4_edges8_embed/ptq_$$s.json --json docs/qat_w4a4_edges8_embed/qat_$$s.json || exit 1; done
+	$(call qat_evals,build/qat_embed_ptq.pt,qswap/assets/s2t_demo/qat_w4a4_edges8_embed.pt,docs/qat_w4a4_edges8_embed)
 	$(PY) tools/qat_train.py refresh --page docs/qat_w4a4_edges8_embed.md --evals docs/qat_w4a4_edges8_embed
+	$(VENV)/bin/qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe w4a4_edgew8_stream_embed_smoothquant_lsq \
+	  --data qswap/assets/s2t_demo --calib-subset train_calib --calib-batches 4 -o build/qat_edgew8_ptq.pt
+	$(call qat_evals,build/qat_edgew8_ptq.pt,qswap/assets/s2t_demo/qat_w4a4_edgew8_embed.pt,docs/qat_w4a4_edgew8_embed)
+	$(PY) tools/qat_train.py refresh --page docs/qat_w4a4_edgew8_embed.md --evals docs/qat_w4a4_edgew8_embed
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --threads 2 --repeats 5
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --architectures --threads 1
 	PYTHONPATH=$(CURDIR) $(PY) tools/deploy_doc.py --wer-large --threads 2

@@ -1,4 +1,5 @@
-"""The shipped QAT checkpoints (qswap/assets/s2t_demo/qat_w4a4_edges8.pt, qat_w4a4_edges8_embed.pt and qat_w4a8.pt, written
+"""The shipped QAT checkpoints (qswap/assets/s2t_demo/qat_w4a4_edges8.pt, qat_w4a4_edges8_embed.pt,
+qat_w4a4_edgew8_embed.pt and qat_w4a8.pt, written
 by tools/qat_train.py ship): small, each loads as the quantized model it was trained as (learned
 LSQ activation scales, every grid frozen), audits honest and decodes the shipped test utterances."""
 from pathlib import Path
@@ -13,7 +14,8 @@ from qswap.io.safe_load import load_checkpoint
 
 ASSET = Path(__file__).resolve().parents[1] / "qswap" / "assets" / "s2t_demo"
 SHIPPED = {"qat_w4a4_edges8.pt": "w4a4_edges8_stream_smoothquant_lsq",
-           "qat_w4a4_edges8_embed.pt": "w4a4_edges8_stream_embed_smoothquant_lsq", "qat_w4a8.pt": "w4a8_lsq"}
+           "qat_w4a4_edges8_embed.pt": "w4a4_edges8_stream_embed_smoothquant_lsq", "qat_w4a8.pt": "w4a8_lsq",
+           "qat_w4a4_edgew8_embed.pt": "w4a4_edgew8_stream_embed_smoothquant_lsq"}
 
 
 @pytest.fixture(scope="module", params=sorted(SHIPPED))

@@ -175,7 +175,8 @@ def test_run_facts_of_a_gpu_run_on_another_machine():
 
 
 @pytest.mark.parametrize("doc, evals, target", [("qat.md", "qat", 2.0), ("qat_w4a8.md", "qat_w4a8", 0.5),
-                                                ("qat_w4a4_edges8_embed.md", "qat_w4a4_edges8_embed", 2.0)])
+                                                ("qat_w4a4_edges8_embed.md", "qat_w4a4_edges8_embed", 2.0),
+                                                ("qat_w4a4_edgew8_embed.md", "qat_w4a4_edgew8_embed", 3.0)])
 def test_each_qat_page_shows_its_committed_eval_results(doc, evals, target):
     """Every QAT page's rows (against PTQ, against float with its own target) are those of the
     qswap eval JSONs committed beside it."""
