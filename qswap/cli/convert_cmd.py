@@ -56,11 +56,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConvertError(f"recipe {recipe.name} folds {', '.join(s.name for s in recipe.transforms)}, which needs "
                            f"activation statistics: pass --calib-batches N --data DIR (--no-calibrate cannot "
                            f"convert it)")
-    data = fdata.transform_data(args.recipe, task, args.calib_subset, args.calib_batches,
+    data = fdata.transform_data(recipe, task, args.calib_subset, args.calib_batches,
                                 max_sentences=args.max_sentences) if args.calib_batches else None
     with warnings.catch_warnings():  # its QswapWarnings are in the report, which convert_summary prints
         warnings.simplefilter("ignore", qswap.QswapWarning)
-        qmodel = qswap.convert(model, args.recipe, strict=args.strict or None, data=data)
+        qmodel = qswap.convert(model, recipe, strict=args.strict or None, data=data)
     n_act = len(activation_quantizers(qmodel))
     if n_act and not args.calib_batches and not args.no_calibrate:
         raise ConvertError(f"recipe {qmodel.qswap_recipe.name} has {n_act} activation quantizers and "

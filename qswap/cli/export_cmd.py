@@ -33,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
         raise ExportError(f"{args.checkpoint} is a float checkpoint; convert and calibrate it with "
                           f"'qswap convert --recipe R --calib-batches N' first")
     from qswap.calibrate import activation_quantizers
+    from qswap.export.onnx import calibrated
 
     quantizers = activation_quantizers(model)
-    if quantizers and not any(q.initialized and bool(q.frozen) for q in quantizers):
+    if quantizers and not calibrated(quantizers):  # the library's check says so too, with the Python API's advice
         raise ExportError(f"{args.checkpoint} is not calibrated (no activation quantizer has a frozen grid); "
                           f"calibrate it first: qswap calibrate {args.checkpoint} --data DIR -o CALIBRATED.pt")
     if not args.onnx:

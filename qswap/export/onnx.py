@@ -40,6 +40,11 @@ INPUTS = ("src_tokens", "src_lengths")
 OUTPUTS = ("encoder_out", "encoder_padding_mask")
 
 
+def calibrated(quantizers: list[FakeQuantize]) -> bool:
+    """Whether any of the activation ``quantizers`` has a frozen grid (calibrated, or loaded so)."""
+    return any(q.initialized and bool(q.frozen) for q in quantizers)
+
+
 def check_calibrated(model: nn.Module) -> None:
     """A typed error unless at least one quantizer of ``model`` has a frozen grid (a model that
     was converted but never calibrated would export observer defaults); a conversion whose recipe
@@ -57,7 +62,7 @@ def check_calibrated(model: nn.Module) -> None:
     if not quantizers:
         raise ExportError("the model has no qswap activation quantizers; convert it with a recipe "
                           "(qswap.convert) and calibrate it (qswap.calibrate) before exporting")
-    if not any(q.initialized and bool(q.frozen) for q in quantizers):
+    if not calibrated(quantizers):
         raise ExportError("the model is not calibrated (no activation quantizer has a frozen grid); "
                           "run qswap.calibrate on it, or load a calibrated checkpoint, then export")
 

@@ -63,9 +63,7 @@ def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> 
     if directory:
         if target.exists() and not target.is_dir():
             raise OutputError(f"cannot write into {target}: it is a file; pass a directory")
-        parent = target
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
+        parent = _nearest_existing(target)
         if not parent.is_dir():
             raise OutputError(f"cannot write into {target}: {parent} is a file, not a directory; pass a directory")
     else:
@@ -74,13 +72,20 @@ def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> 
             raise OutputError(f"cannot write {target}: it is a directory; pass a file path")
         parent = target.parent
         if not parent.is_dir():
-            for above in (*reversed(parent.parents), parent):
-                if above.exists() and not above.is_dir():
-                    raise OutputError(f"cannot write {target}: {above} is a file, not a directory; pass a path "
-                                      f"in a directory")
+            above = _nearest_existing(parent)
+            if not above.is_dir():
+                raise OutputError(f"cannot write {target}: {above} is a file, not a directory; pass a path "
+                                  f"in a directory")
             raise OutputError(f"cannot write {target}: no directory {parent}; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {target}: {parent} is not writable")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (a directory, or a file in the way)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _refuse_directory_syntax(path: "str | os.PathLike[str]") -> None:
