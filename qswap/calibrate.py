@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from qswap.errors import CalibrationError, QswapError
+from qswap.errors import CalibrationError, DataError, QswapError, expect_module
 from qswap.honesty.paths import SEQ2SEQ, model_kind, run_paths
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.recipe.schema import OBSERVE  # what a recipe's observe key may say; the first is the default
@@ -55,6 +55,14 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
 
     >>> qswap.calibrate(qmodel, (s["net_input"] for s in itertools.islice(loader, 16)))
     """
+    expect_module(model, "calibrate()", CalibrationError)
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise CalibrationError(f"calibrate()'s max_batches is a whole number of batches, 1 or more (None: every "
+                               f"batch), got {max_batches!r}")
+    for name, fn in (("forward", forward), ("progress", progress)):
+        if fn is not None and not callable(fn):
+            raise CalibrationError(f"calibrate()'s {name} is a function (or None), got {type(fn).__name__}")
     if observe is None:
         observe = recipe_observe(model)
     check_observe(observe)
@@ -140,13 +148,14 @@ def _chosen(model: nn.Module, only: Iterable[FakeQuantize] | None) -> list[FakeQ
     return chosen
 
 
-def check_batches(batches: Any) -> None:
+def check_batches(batches: Any, who: str = "calibrate") -> None:
     """A CalibrationError unless ``batches`` is an iterable of batches: a number had been a raw
-    TypeError from the loop, and one net_input dict, iterated, hands the model its key names."""
+    TypeError from the loop, and one net_input dict, iterated, hands the model its key names.
+    ``who``: the function that takes them (calibrate, sensitivity, search)."""
     import collections.abc
 
     if isinstance(batches, collections.abc.Mapping) or not isinstance(batches, collections.abc.Iterable):
-        raise CalibrationError(f"calibrate takes an iterable of batches (a list, a generator, a DataLoader), got "
+        raise CalibrationError(f"{who} takes an iterable of batches (a list, a generator, a DataLoader), got "
                                f"{'one dict' if isinstance(batches, collections.abc.Mapping) else type(batches).__name__}; "
                                f"pass [batch] for a single batch")
 
@@ -203,9 +212,12 @@ def _check_finite(batch: Any, index: int) -> None:
 def _run_batch(run: Callable[[nn.Module, Any], Any], model: nn.Module, batch: Any, index: int,
                error: type[QswapError] = CalibrationError, who: str = "") -> None:
     """Run one batch; a model that cannot take it is the caller's input error (``error``, its
-    message after ``who``), said in one line."""
+    message after ``who``), said in one line: also a model refusing the batch's data (NaN or inf
+    features: ``check_finite_input``'s DataError), named by the batch."""
     try:
         run(model, batch)
+    except DataError as exc:
+        raise error(f"{who}calibration batch {index}: {exc}") from exc
     except QswapError:
         raise
     except Exception as exc:

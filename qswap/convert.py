@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from qswap.errors import ConvertError, QswapError, QswapWarning
+from qswap.errors import ConvertError, QswapError, QswapWarning, expect_module
 from qswap.integration.cost import parameter_bytes
 from qswap.nn.base import QuantConfig, QuantModule, param_quantizer, param_quantizer_path
 from qswap.nn.registry import (REGISTRY, class_names, find, is_passthrough, known_class_names,
@@ -54,8 +54,7 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
     >>> qmodel = qswap.convert(model, "w8a8")
     >>> qmodel.qswap_report.counts()
     """
-    if not isinstance(model, nn.Module):
-        raise ConvertError(f"convert() takes a torch.nn.Module, got {type(model).__name__}")
+    expect_module(model, "convert()", ConvertError)
     for name, flag, allowed in (("inplace", inplace, (bool,)), ("strict", strict, (bool, type(None)))):
         if not isinstance(flag, allowed):  # a truthy string ("no", read from a config) had converted in place
             raise ConvertError(f"convert()'s {name} takes True or False{' (or None: the recipe says)' if name == 'strict' else ''}, "
@@ -505,9 +504,11 @@ def _from_float(plan: _Plan) -> nn.Module:
     except Exception as exc:  # noqa: BLE001  (a user's counterpart: say whose from_float failed)
         raise ConvertError(f"{where}: {name}.from_float({type(plan.module).__name__}, config) failed: "
                            f"{type(exc).__name__}: {exc}; fix the counterpart (or unregister it)") from exc
-    if not isinstance(new, nn.Module):
-        raise ConvertError(f"{where}: {name}.from_float returned {type(new).__name__}, not a module; it must "
-                           f"return the counterpart module built from the float one")
+    if not (isinstance(new, QuantModule) or new is plan.module):  # the float module itself: kept float on
+        # purpose (a user's counterpart may say so); another plain module would stand in the model unquantized
+        raise ConvertError(f"{where}: {name}.from_float returned {type(new).__name__}, neither a qswap.QuantModule "
+                           f"nor the float module itself (kept float); it must return the counterpart module built "
+                           f"from the float one (an instance of {name})")
     return new
 
 

@@ -12,6 +12,15 @@ class QswapError(Exception):
     """Base class of every error qswap raises on purpose."""
 
 
+def expect_module(value, what: str, error: type) -> None:
+    """``error`` (a QswapError subclass) where ``value``, the model an API function takes, is not a
+    ``torch.nn.Module``: ``what`` names the function (``calibrate()``)."""
+    from torch import nn
+
+    if not isinstance(value, nn.Module):
+        raise error(f"{what} takes a torch.nn.Module, got {type(value).__name__}")
+
+
 class SpecError(QswapError, ValueError):
     """A QuantSpec field is out of range or inconsistent."""
 

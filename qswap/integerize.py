@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qswap.errors import IntegerizeError
+from qswap.errors import IntegerizeError, expect_module
 from qswap.io.serializable import ANY, STR, List, Obj, Opt, serializable
 from qswap.nn.base import QuantModule
 from qswap.nn.embedding import QEmbedding
@@ -113,6 +113,7 @@ def integerize(qmodel: nn.Module) -> nn.Module:
 
     Raises ``IntegerizeError`` naming every module it cannot integerize (a module without an
     integer form, an uncalibrated or float operand, a chain that does not end in a linear)."""
+    expect_module(qmodel, "integerize()", IntegerizeError)
     problems: list[str] = []
     if callable(getattr(qmodel, "to_integer_model", None)):
         left = _left_float(qmodel)

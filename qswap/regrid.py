@@ -3,10 +3,10 @@
 A QAT run trains the weights of one recipe; a later recipe that changes a few sites' grids
 (``w4a4_edges8_stream_embed_smoothquant_lsq`` puts the residual stream's entry on a per-channel
 grid where ``w4a4_edges8_stream_smoothquant_lsq`` has one scale) would otherwise start again from
-the float checkpoint and lose that training. ``regrid`` converts a float model of the same
-architecture with the new recipe's structure only (its transforms are not computed again), loads
-every weight of the quantized model into it and the state of every quantizer whose spec and kind
-are the same in both recipes (a learned scale, a calibrated grid; a site the model's calibration
+the float checkpoint and lose that training. ``regrid`` converts a copy of a float model of the
+same architecture (the caller's stays as it is) with the new recipe's structure only (its
+transforms are not computed again), loads every weight of the quantized model into it and the
+state of every quantizer whose spec and kind are the same in both recipes (a learned scale, a calibrated grid; a site the model's calibration
 never reached stays as it was, observing), and leaves the others fresh:
 a weight quantizer derives its grid from its weight at its next call; an activation quantizer is
 calibrated with ``qswap.calibrate(model, batches, quantizers=fresh)``, which leaves every other
@@ -54,11 +54,12 @@ class Regridded:
 
 def regrid(qmodel: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", float_model: nn.Module, *,
            strict: bool | None = None) -> Regridded:
-    """``qmodel`` (a model ``qswap.convert`` made, calibrated or trained) under ``recipe``:
-    ``float_model`` (the same architecture, any weights; it becomes the result, converted in
-    place) converted with the recipe's structure only, ``qmodel``'s weights and the state of its
-    unchanged quantizers loaded into it. ``qmodel`` is untouched. A model of a recipe without
-    quantizers (``fp32``) has every site fresh. ``strict``: as ``qswap.convert``'s."""
+    """``qmodel`` (a model ``qswap.convert`` made, calibrated or trained) under ``recipe``: a copy
+    of ``float_model`` (the same architecture, any weights) converted with the recipe's structure
+    only, ``qmodel``'s weights and the state of its unchanged quantizers loaded into it. Neither
+    ``qmodel`` nor ``float_model`` is changed, also where it fails (another architecture: a
+    ConvertError). A model of a recipe without quantizers (``fp32``) has every site fresh.
+    ``strict``: as ``qswap.convert``'s."""
     for name, value in (("qmodel", qmodel), ("float_model", float_model)):
         if not isinstance(value, nn.Module):
             raise ConvertError(f"regrid's {name} is a torch.nn.Module, got {type(value).__name__}")
@@ -74,7 +75,7 @@ def regrid(qmodel: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", float_
         raise ConvertError(f"recipe {new.name} folds the transforms {_steps(new)}, and the model's weights hold "
                            f"those of recipe {old.name} ({_steps(old)}); a recipe with other transforms starts "
                            f"from the float checkpoint: qswap convert FLOAT_CHECKPOINT --recipe {new.name}")
-    model = convert(float_model, new, inplace=True, data=STRUCTURE_ONLY, strict=strict)
+    model = convert(float_model, new, data=STRUCTURE_ONLY, strict=strict)  # a copy: the caller's stays float
     before, after = _quantizers(qmodel), _quantizers(model)
     # fresh: no state carried over, as the spec or kind changed, or the old model was never calibrated
     # (no activation grid frozen: a --no-calibrate checkpoint), unless the new recipe declares dynamic

@@ -26,8 +26,9 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from qswap.calibrate import check_batches
 from qswap.convert import copy_model, rules_in_effect
-from qswap.errors import BudgetError
+from qswap.errors import BudgetError, expect_module
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.observers import make_observer
 from qswap.quant.switch import enabled_only
@@ -197,12 +198,17 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
     """
     import qswap
 
+    expect_module(model, "search()", BudgetError)
     if (target_mb is None) == (max_delta_wer is None):
         raise BudgetError("give exactly one budget: target_mb or max_delta_wer")
     option, budget = ("target_mb", target_mb) if target_mb is not None else ("max_delta_wer", max_delta_wer)
-    if not math.isfinite(budget):
-        raise BudgetError(f"{option} must be a finite number, got {budget}; pass MB of weights (target_mb) "
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+        raise BudgetError(f"{option} must be a finite number, got {budget!r}; pass MB of weights (target_mb) "
                           f"or WER points above float (max_delta_wer)")
+    if isinstance(low_bits, bool) or not isinstance(low_bits, int) or not 2 <= low_bits <= 16:
+        raise BudgetError(f"low_bits is the weight width units move down to: a whole number of bits from 2 to 16, "
+                          f"got {low_bits!r}")
+    check_batches(batches, "search")
     batches = list(batches)
     # the rules convert applies, on the model with the high recipe's transforms' modules (a
     # hadamard fc2 becomes a RotatedLinear, whose .linear a candidate names): worked out once

@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from qswap.calibrate import check_batches
 from qswap.convert import copy_model
-from qswap.errors import CalibrationError, OutputError
+from qswap.errors import CalibrationError, OutputError, expect_module
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.switch import enabled_only
 
@@ -120,6 +121,8 @@ def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metri
     """
     import qswap
 
+    expect_module(model, "sensitivity()", CalibrationError)
+    check_batches(batches, "sensitivity")
     if metric not in ("sqnr", "wer"):
         raise CalibrationError(f"metric must be 'sqnr' or 'wer', got {metric!r}")
     if metric == "wer" and evaluate is None:

@@ -240,9 +240,13 @@ def test_max_batches_draws_no_batch_past_the_last_one_used():
         warnings.simplefilter("ignore")
         assert qswap.calibrate(model, source(), max_batches=2) == 2
     assert drawn == [0, 1]
-    with pytest.raises(CalibrationError, match="zero batches"):
-        qswap.calibrate(model, source(), max_batches=0)
+    for bad in (0, -1, 1.5, "2", True):  # 1.5 had calibrated on 2 batches, "2" had been a raw TypeError
+        with pytest.raises(CalibrationError, match=f"max_batches is a whole number of batches, 1 or more .* got {bad!r}"):
+            qswap.calibrate(model, source(), max_batches=bad)
     assert drawn == [0, 1]
+    for name in ("forward", "progress"):  # 1 had been a raw TypeError ('int' object is not callable)
+        with pytest.raises(CalibrationError, match=f"calibrate\\(\\)'s {name} is a function \\(or None\\), got int"):
+            qswap.calibrate(model, batches(), **{name: 1})
 
 
 @pytest.mark.parametrize("given, named", [(5, "got int"), (None, "got NoneType"), ("batches", None)])

@@ -157,7 +157,9 @@ class Doubler(nn.Module):
 @pytest.mark.parametrize("from_float, message", [
     (lambda cls, module, config: module.no_such_attribute,
      r"^0: .*QDoubler.from_float\(Doubler, config\) failed: AttributeError: .*no_such_attribute.*fix the counterpart"),
-    (lambda cls, module, config: None, r"^0: .*QDoubler.from_float returned NoneType, not a module"),
+    (lambda cls, module, config: None, r"^0: .*QDoubler.from_float returned NoneType, neither a qswap.QuantModule"),
+    # a plain module had stood in the model unquantized, the convert report calling it converted
+    (lambda cls, module, config: nn.Linear(4, 4), r"^0: .*QDoubler.from_float returned Linear, neither a qswap.QuantModule nor the float module itself"),
 ])
 def test_a_counterpart_whose_from_float_fails_or_returns_no_module_is_a_convert_error_naming_it(from_float, message):
     """A user's from_float that raised, or returned None, had surfaced as a raw AttributeError from
@@ -800,3 +802,21 @@ def test_a_rule_inside_a_subtree_an_ancestors_skip_leaves_float_is_reported_as_s
     recipe["rules"][1]["match"]["path"] = "5"
     with pytest.warns(QswapWarning, match=r"path=5 matched no module$"):
         qswap.convert(model, recipe)
+
+
+@pytest.mark.parametrize("call", ["calibrate", "integerize", "sensitivity", "search", "export_model", "export_encoder",
+                                  "convert", "audit"])
+def test_every_api_function_taking_a_model_names_what_it_got_instead(call):
+    """Not a model (a path string, as a caller might pass a checkpoint's): a typed error naming the
+    function, where calibrate, integerize, sensitivity, search and the export functions raised
+    AttributeError from their first use of the model."""
+    import qswap.export
+
+    calls = {"calibrate": lambda m: qswap.calibrate(m, [{}]), "integerize": qswap.integerize,
+             "sensitivity": lambda m: qswap.sensitivity(m, "w4a8", [{}]),
+             "search": lambda m: qswap.search(m, [{}], target_mb=1.0),
+             "export_model": lambda m: qswap.export.export_model(m, "out"),
+             "export_encoder": lambda m: qswap.export.export_encoder(m, "e.onnx", {}),
+             "convert": lambda m: qswap.convert(m, "w8a8"), "audit": lambda m: qswap.audit(m, {})}
+    with pytest.raises(qswap.QswapError, match=rf"{call}\(\) takes a torch.nn.Module, got str"):
+        calls[call]("checkpoint.pt")

@@ -212,6 +212,20 @@ def test_a_wider_model_or_no_model_is_a_convert_error(old):
         qswap.regrid(old, OLD, None)
 
 
+def test_a_failed_regrid_leaves_the_float_model_float_and_unchanged(old):
+    """Another architecture (fewer layers, other heads): a ConvertError, and ``float_model`` is the
+    float model it was, weights included, which a second try with it refuses for the same reason."""
+    for other in ({"encoder_layers": 1}, {"encoder_attention_heads": 8}):
+        float_model = build_s2t_transformer(seed=5, **other)
+        state = {k: v.clone() for k, v in float_model.state_dict().items()}
+        for _ in range(2):
+            with pytest.raises(ConvertError, match="not the same architecture"):
+                qswap.regrid(old, OLD, float_model)
+            assert type(float_model) is type(build_s2t_transformer(seed=5)) and not quantizer_states(float_model)
+            assert float_model.state_dict().keys() == state.keys()
+            assert all(torch.equal(float_model.state_dict()[k], v) for k, v in state.items())
+
+
 def test_the_cli_moves_a_checkpoint_fairseq_train_wrote_with_the_plugin(float_checkpoint, tmp_path):
     """A QAT checkpoint as fairseq-train saves it (no qswap entry; the recipe in its cfg)."""
     from fairseq_run import SMALL, TRAIN, run_tool

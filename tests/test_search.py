@@ -52,9 +52,30 @@ def test_impossible_and_ambiguous_budgets_are_clear_errors(sizes):
         search(_tiny(), batches, target_mb=1.0, max_delta_wer=1.0)
     with pytest.raises(BudgetError, match="evaluate"):
         search(_tiny(), batches, max_delta_wer=1.0)
-    for budget in ({"target_mb": float("nan")}, {"max_delta_wer": float("inf")}):
-        with pytest.raises(BudgetError, match="must be a finite number"):  # nan had given a recipe
+    for budget in ({"target_mb": float("nan")}, {"max_delta_wer": float("inf")}, {"target_mb": "1"}):
+        with pytest.raises(BudgetError, match="must be a finite number"):  # nan had given a recipe, "1" a TypeError
             search(_tiny(), batches, evaluate=lambda m: 0.0, **budget)
+
+
+@pytest.mark.parametrize("low_bits", ["4", 1, 99, True])
+def test_a_low_bits_that_is_no_weight_width_names_low_bits(low_bits):
+    """A string had been a raw TypeError, 1 a RecipeError about a dict's QuantSpec, 99 a recipe of
+    '0 units at 99-bit weights'."""
+    with pytest.raises(BudgetError, match=f"low_bits is the weight width .* got {low_bits!r}"):
+        search(_tiny(), [s2t_net_input(batch=1, frames=24, num_tokens=4)], target_mb=1.0, low_bits=low_bits)
+
+
+@pytest.mark.parametrize("api", ["search", "sensitivity"])
+def test_one_batch_or_a_number_instead_of_batches_is_a_calibration_error(api):
+    """One net_input dict (iterated it hands the model its key names) or a number: the error
+    calibrate gives, naming the function, where both had raised TypeError."""
+    from qswap.errors import CalibrationError
+
+    run = {"search": lambda b: search(_tiny(), b, target_mb=1.0),
+           "sensitivity": lambda b: qswap.sensitivity(_tiny(), "w4a8", b)}[api]
+    for batches in (s2t_net_input(batch=1, frames=24, num_tokens=4), 3):
+        with pytest.raises(CalibrationError, match=f"{api} takes an iterable of batches"):
+            run(batches)
 
 
 def test_max_delta_wer_search_with_a_measured_metric():

@@ -564,7 +564,7 @@ def render(train, valid, dev, evals: Path, shipped: dict, run: dict, shipped_pat
            doc_path: Path = REPO / "docs" / "qat.md", continues: str | None = None,
            moved_from: tuple[str, str] | None = None) -> str:
     """The page of the run. ``continues``: the git commit at which the run's start (``--from-qckpt``)
-    was the shipped QAT checkpoint, which the run fine-tunes further (a second stage)."""
+    was the shipped QAT checkpoint, which the run fine-tunes further (one more stage of QAT)."""
     train_at, valid_at = dict(train), dict(valid)
     shown = sorted({u for u in train_at if u % 50 == 0} | set(valid_at) | set(dev))
     cell = lambda table, u, fmt: fmt.format(table[u]) if u in table else ""  # noqa: E731
@@ -703,8 +703,8 @@ def _continued(recipe: str, run: dict, commit: str, data: str, ev: str,
              f", trained with recipe `{moved_from[1]}` and moved onto this recipe's grids by `qswap convert` "
              f"(`qswap.regrid`: its weights and learned scales kept, each site whose grid this recipe changes "
              f"calibrated afresh on `train_calib`, alone)")
-    ptq += (f". The run is a second stage: it fine-tunes `{rel}` as shipped at git {commit} (a QAT run of its "
-            f"own, which the page of that commit describes{moved}) further, computing in training what the "
+    ptq += (f". The run continues QAT: it fine-tunes `{rel}` as shipped at git {commit} (itself trained by QAT, "
+            f"which the page of that commit describes{moved}) further, computing in training what the "
             f"evaluations below compute (the recipe's `simulate: {simulate}`, qswap.nn.simulate)")
     return lines, ptq_cmd, ptq
 

@@ -25,16 +25,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qswap.errors import DependencyError, ExportError
+from qswap.errors import DependencyError, ExportError, expect_module
 from qswap.export.compact import compact as compact_graph
 from qswap.export.encoders import encoder_graph
 from qswap.export.graph_passes import (code_caches, fold_constant_scales, gather_codes, integer_entry,
                                         linear_as_gemm, quantize_by_inverse, relu_lookups, shapes_of_codes)
 from qswap.export.qdq import BiasDQ, WeightDQ, swap_in_stand_ins
 from qswap.io.atomic import atomic_write_bytes
+from qswap.nn.base import check_finite_input
 from qswap.quant.fake_quantize import FakeQuantize
 
 OPSET = 17
+MIN_OPSET, MAX_OPSET = 13, 20  # per-channel QuantizeLinear; torch's TorchScript exporter's highest
 logger = logging.getLogger("qswap")
 INPUTS = ("src_tokens", "src_lengths")
 OUTPUTS = ("encoder_out", "encoder_padding_mask")
@@ -78,6 +80,11 @@ def export_encoder(qmodel: nn.Module, path: "str | os.PathLike[str]", example: d
     a grid ONNX QDQ cannot express. ``allow_float`` exports a model without quantizers too (a
     conversion with identity quantizers gives the float graph of the same structure, the
     reference of speed comparisons). ``compact``: see ``trace_to_onnx``."""
+    expect_module(qmodel, "export_encoder()", ExportError)
+    if not isinstance(example, dict) or not all(isinstance(example.get(k), torch.Tensor) for k in INPUTS):
+        got = sorted(example) if isinstance(example, dict) else type(example).__name__
+        raise ExportError(f"export_encoder's example is a net_input dict with the tensors {' and '.join(INPUTS)} "
+                          f"(a batch the encoder takes: qswap.models.s2t_net_input(), or one of the data), got {got}")
     if not allow_float:
         check_calibrated(qmodel)
     graph = encoder_graph(copy.deepcopy(qmodel.encoder)).eval()
@@ -103,6 +110,9 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
     the module it came from (``qswap.export.sites``; the deploy audit's sites)."""
     from qswap.export.sites import METADATA_KEY, ScopeRecorder, site_map, to_metadata
 
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset is an ONNX opset version from {MIN_OPSET} (QuantizeLinear per channel) to "
+                          f"{MAX_OPSET} (torch's exporter), got {opset!r}; the default is {OPSET}")
     stand_ins = swap_in_stand_ins(graph, *(() if sites is None else (sites[0],)))  # the same stand-ins at
     # the quantized model's paths: the site map finds each traced module there
     with torch.no_grad(), warnings.catch_warnings():
@@ -173,12 +183,19 @@ def _refusal(model) -> str | None:
 
 
 def _record(graph: nn.Module, stand_ins: list[nn.Module], args: tuple) -> None:
-    """One eager forward that records the integer codes of every weight and bias it uses."""
+    """One eager forward that records the integer codes of every weight and bias it uses. The
+    model failing on ``args`` (another feature dimension, a wrong dtype): an ExportError, before
+    torch's tracer would print the graph it could not trace."""
     recorders = [m for m in stand_ins if isinstance(m, (WeightDQ, BiasDQ))]
     for m in recorders:
         m.recording = True
     try:
         graph(*args)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        shapes = ", ".join(f"{getattr(a, 'dtype', type(a).__name__)}{list(getattr(a, 'shape', []))}" for a in args)
+        raise ExportError(f"the model does not run on the example inputs ({shapes}): {type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}; pass a batch "
+                          f"of the data the model takes") from None
     finally:
         for m in recorders:
             m.recording = False
@@ -196,6 +213,8 @@ def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_pat
     path = Path(path)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ExportError(f"onnxruntime threads must be a whole number >= 1, got {threads!r}")
+    if level not in _LEVELS:
+        raise ExportError(f"onnxruntime's optimization level is one of {', '.join(map(repr, _LEVELS))}, got {level!r}")
     if not path.is_file():
         raise ExportError(f"{path}: no ONNX graph there; write the directory with 'qswap export QCKPT --onnx -o DIR' "
                           f"(qswap.export.export_model)")
@@ -227,6 +246,9 @@ def run_graph(session, outputs: list[str], feeds: dict) -> list:
     """``session.run(outputs, feeds)``; ExportError with onnxruntime's reason when it rejects the
     inputs (a dtype or rank the graph does not take, an input longer than a position table the
     graph holds)."""
+    if not callable(getattr(session, "run", None)):
+        raise ExportError(f"expected an onnxruntime session (qswap.export.load_session(path)), got "
+                          f"{type(session).__name__}")
     try:
         return session.run(outputs, feeds)
     except Exception as e:  # onnxruntime raises its own InvalidArgument / RuntimeException / Fail types
@@ -237,7 +259,10 @@ def run_graph(session, outputs: list[str], feeds: dict) -> list:
 
 
 def run_encoder(session, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
-    """The encoder graph's outputs as torch tensors: (T', B, E) floats and (B, T') booleans."""
+    """The encoder graph's outputs as torch tensors: (T', B, E) floats and (B, T') booleans.
+    Features holding NaN or +-inf: a DataError, as the model it was exported from gives
+    (``check_finite_input``)."""
+    check_finite_input(src_tokens, "the exported encoder")
     out, padding = run_graph(session, list(OUTPUTS), {"src_tokens": src_tokens.detach().cpu().numpy(),
                                                       "src_lengths": src_lengths.detach().cpu().numpy()})
     return torch.from_numpy(out), torch.from_numpy(padding)

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qswap.errors import ExportError
+from qswap.errors import ExportError, expect_module
 from qswap.io.atomic import atomic_write_text, make_directory, remove_made
 
 MANIFEST = "export.json"
@@ -99,6 +99,12 @@ def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task
 
     from qswap.integration.integer_decode import dictionary_facts
 
+    expect_module(qmodel, "export_model()", ExportError)
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ExportError(f"export_model()'s directory is a path (a str or a pathlib.Path), got {type(directory).__name__}")
+    for name, flag in (("audit", audit), ("allow_float", allow_float)):
+        if not isinstance(flag, bool):  # a truthy string ("no", read from a config) had run the audit
+            raise ExportError(f"export_model()'s {name} takes True or False, got {flag!r}")
     if dictionary is None:
         dictionary = getattr(getattr(qmodel, "decoder", None), "dictionary", None)
     with simulating(qmodel, "float"):
@@ -274,6 +280,8 @@ def graph_digest(path: Path) -> str:
 
 def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
     """The manifest of an export directory; ExportError naming what is missing or malformed."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ExportError(f"an export directory is a path (a str or a pathlib.Path), got {type(directory).__name__}")
     path = Path(directory) / MANIFEST
     if Path(directory).is_file():
         raise ExportError(f"{directory} is a file, not an export directory: pass the directory 'qswap export "

@@ -30,6 +30,7 @@ from qswap.errors import ExportError
 from qswap.export.decoder_step import cross_names, names
 from qswap.export.onnx import OUTPUTS, load_session, run_graph
 from qswap.export.package import graph_paths, read_manifest
+from qswap.nn.base import check_finite_input
 
 CACHE = "caches"  # the incremental_state key of the self-attention caches
 
@@ -47,6 +48,7 @@ class OrtEncoder(FairseqEncoder):
         self.cross_outputs = list(cross_names(layers))
 
     def forward(self, src_tokens, src_lengths, **kwargs):
+        check_finite_input(src_tokens, "the exported encoder")
         out, padding = run_graph(self.encoder, list(OUTPUTS), {"src_tokens": _np(src_tokens.float()),
                                                                "src_lengths": _np(src_lengths.long())})
         cross = run_graph(self.cross_kv, self.cross_outputs, {"encoder_out": out})

@@ -35,6 +35,7 @@ from torch import nn
 
 from qswap.errors import ExportError
 from qswap.export.onnx import OPSET, check_calibrated, run_graph, trace_to_onnx
+from qswap.nn.base import check_finite_input
 
 INPUTS = ("source", "padding_mask")
 OUTPUTS = ("logits", "logits_padding_mask")
@@ -126,7 +127,10 @@ def export_ctc(qmodel: nn.Module, path: "str | os.PathLike[str]", example: dict,
 
 
 def run_ctc(session, source: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CTC graph's outputs as torch tensors: (T, B, V) logits and the (B, T) padding mask."""
+    """The CTC graph's outputs as torch tensors: (T, B, V) logits and the (B, T) padding mask.
+    Audio holding NaN or +-inf: a DataError, as the model it was exported from gives
+    (``check_finite_input``)."""
+    check_finite_input(source, "the exported CTC model")
     logits, padding = run_graph(session, list(OUTPUTS), {
         "source": source.detach().float().contiguous().numpy(),
         "padding_mask": padding_mask.detach().bool().contiguous().numpy()})

@@ -17,7 +17,7 @@ from qswap.honesty.report import TOTAL_KEYS, HonestyReport
 from qswap.honesty.threads import watch_threads
 from qswap.honesty.tracker import Tracker
 from qswap.honesty.values import MAX_CHECKED_BITS
-from qswap.errors import AuditError, QswapError
+from qswap.errors import AuditError, QswapError, expect_module
 from qswap.nn.base import QuantModule
 from qswap.quant.fake_quantize import FakeQuantize
 
@@ -55,14 +55,19 @@ def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = No
             raise AuditError(f"decode_steps is a number of incremental decoding steps (an int, 1 or more: an "
                              f"encoder-decoder's incremental decoding is always audited, as the CLI's "
                              f"--decode-steps), got {decode_steps!r}")
-        if not isinstance(model, nn.Module):
-            raise AuditError(f"audit() takes a torch.nn.Module, got {type(model).__name__}")
+        expect_module(model, "audit()", AuditError)
         check_inputs(inputs, model)
         if integer:
             if float_ok or values:
                 raise AuditError("float_ok and values apply to the honesty audit, not to integer=True")
             from qswap.honesty.integer import audit_integer
-            return audit_integer(model, inputs, decode_steps=decode_steps)
+            try:
+                return audit_integer(model, inputs, decode_steps=decode_steps)
+            except QswapError:
+                raise
+            except _MODEL_ERRORS as exc:  # as the honesty audit's run (``_run``): the inputs do not fit the model
+                raise AuditError(f"the integer model failed with these inputs: {type(exc).__name__}: "
+                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
         problem = None if float_ok is None else float_ok_problem(float_ok)
         if problem is not None:
             key, message = problem

@@ -51,6 +51,8 @@ def load_fairseq_model(path: "str | os.PathLike[str]", *, trust_checkpoint: bool
     in fairseq (``{"data": "path/to/data"}`` relocates the data directory). The model is in
     eval mode.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"a checkpoint is a path (a str or a pathlib.Path), got {type(path).__name__}")
     path = Path(path)
     state = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
     if QSWAP_KEY in state:

@@ -16,6 +16,34 @@ from qswap.nn.simulate import SIMULATIONS, drop_kept_forms
 SITE_KINDS = KINDS  # what a site's declared kind can be: a FakeQuantize's kind
 
 
+def check_finite_input(x: torch.Tensor, model: str = "the quantized model") -> None:
+    """DataError where ``x``, a model's input (features, audio), holds NaN or +-inf. The integer
+    model refuses such an input before quantizing it (``qswap.nn.integer_steps.QuantizeStep``): a
+    NaN has no code (cast to an integer it becomes an arbitrary one, and the model decodes it as
+    ordinary speech); its simulation refuses it at the same place, in both ``simulate`` modes. Two
+    passes over the input, of predicates only (``isnan``, ``isinf``: the honesty audit reads no
+    arithmetic in them, where ``isfinite`` computes an ``abs``)."""
+    if x.is_floating_point() and (bool(torch.isnan(x).any()) or bool(torch.isinf(x).any())):
+        from qswap.errors import DataError
+        raise DataError(f"{model}'s input holds NaN or +-inf values; check the features or audio fed to it "
+                        f"(a broken file, a division by zero in preprocessing)")
+
+
+def own(module: nn.Module, *names: str) -> list:
+    """``[module.<name> for name in names]``, read from the module's own tables (parameters,
+    submodules, then its instance dict; anything else, a buffer or a class attribute, by
+    ``getattr``): ``Module.__getattr__`` costs a Python frame per name, and a decoding step reads a
+    linear's weight, bias and quantizers on every call of every linear. The same objects as
+    ``getattr`` wherever no class attribute or descriptor shares a parameter's or submodule's name
+    (``register_parameter`` and ``add_module`` refuse one)."""
+    params, modules, plain = module._parameters, module._modules, module.__dict__
+    out = []
+    for name in names:
+        out.append(params[name] if name in params else modules[name] if name in modules
+                   else plain[name] if name in plain else getattr(module, name))
+    return out
+
+
 @dataclass(frozen=True)
 class SiteSpecs:
     """A recipe's ``sites:`` entry merged over its rule's weight spec and over its activation spec.

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qswap.nn.base import check_finite_input
+
 
 class QuantizeStep(nn.Module):
     """Declared float step: float ``x`` onto ``grid`` (as the fake-quant model's first input
@@ -26,10 +28,7 @@ class QuantizeStep(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Codes of ``x``; DataError for NaN or +-inf (a NaN would become the zero point's code,
         an input read silently as silence)."""
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            from qswap.errors import DataError
-            raise DataError("the integer model's input holds NaN or +-inf values; check the features or "
-                            "audio fed to it (a broken file, a division by zero in preprocessing)")
+        check_finite_input(x, "the integer model")
         return self.grid.quantize(x)
 
     def extra_repr(self) -> str:

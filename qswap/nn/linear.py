@@ -9,7 +9,7 @@ from torch import nn
 
 from qswap.errors import ConvertError
 from qswap.io.serializable import INT, STR, Either, List, Named, Obj, Opt, Tensor, serializable
-from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
+from qswap.nn.base import QuantConfig, QuantModule, derived_weight, own, quantizer
 from qswap.nn.registry import register
 from qswap.nn.simulate import (cached, centered_codes, forget, form_or_none, grid_of, onto_grid, reader_grid,
                                 requants_to, simulates, straight_through, stream_grid_of, values_onto)
@@ -41,8 +41,9 @@ class _Weighted(QuantModule):
         self.bound_readers: list = []
 
     def quantized_params(self, input_quant: nn.Module | None = None) -> tuple:
-        return quantized_pair(self.weight, self.bias, input_quant or self.input_quant, self.weight_quant,
-                              self.bias_quant)
+        weight, bias, own_input, weight_quant, bias_quant = own(self, "weight", "bias", "input_quant", "weight_quant",
+                                                                "bias_quant")
+        return quantized_pair(weight, bias, input_quant or own_input, weight_quant, bias_quant)
 
     def float_weight(self) -> torch.Tensor:
         """The float weight ``weight_quant`` quantizes (a weight-normed conv's is derived)."""
@@ -62,9 +63,9 @@ class _Weighted(QuantModule):
         if isinstance(out_quant, list):
             return self.onto_each(x, out_quant)
         xq = x if quantized else consume(self.input_quant, x) if owned else self.input_quant(x)
-        if out_quant is None:
+        if out_quant is None or not simulates(self):  # op_onto's answer without integer insides
             return self.op(xq)
-        if simulates(self) and not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
             self.float_weight()  # a derived weight computed here, in the forward (the audit sees it derived)
         return op_onto(self, xq, self.input_quant, out_quant, lambda: self.op(xq),
                        lambda grid_in, grid_out, derived=False: self.to_integer(grid_out, derived=derived),

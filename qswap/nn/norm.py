@@ -17,7 +17,7 @@ from torch import nn
 
 from qswap.errors import ConvertError
 from qswap.io.serializable import Obj, Opt, serializable
-from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
+from qswap.nn.base import QuantConfig, QuantModule, derived_weight, own, quantizer
 from qswap.nn.registry import register
 from qswap.nn.simulate import (cached, centered_codes, channel_codes, codes_of, forget, forget_all, form_or_none,
                                 grid_of, onto_grid, requants_to, row_isqrt, simulates, straight_through,
@@ -88,9 +88,8 @@ class _QNorm(QuantModule):
         self.bias_quant = quantizer(config, self.sites, "norm_bias")
 
     def affine(self) -> tuple:
-        w = self.weight_quant(self.weight) if self.weight is not None else None
-        b = self.bias_quant(self.bias) if self.bias is not None else None
-        return w, b
+        weight, bias, weight_quant, bias_quant = own(self, "weight", "bias", "weight_quant", "bias_quant")
+        return (weight_quant(weight) if weight is not None else None, bias_quant(bias) if bias is not None else None)
 
     def integer_affine(self, channels: int) -> tuple:
         """(gamma codes (C,), gamma scale (float or (C,)), beta values on their grid or None) for an

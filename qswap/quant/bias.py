@@ -83,18 +83,18 @@ def quantized_pair(weight: torch.Tensor, bias: torch.Tensor | None, input_quant:
     autograd drops it): one fingerprint per call instead of one per quantizer (a decoding step
     runs every linear on a few rows). A copy of the module does not copy it."""
     fast = not torch.is_grad_enabled() and isinstance(weight_quant, FakeQuantize) and isinstance(
-        input_quant, FakeQuantize) and not weight_quant.training and bool(input_quant.grid_tensors()[2])
+        input_quant, FakeQuantize) and not weight_quant.training
     if fast:
-        if watched(weight_quant) or watched(bias_quant):
-            fast = False
-        else:
-            flags = (input_quant, input_quant.enabled, weight_quant.enabled, weight_quant.spec)  # a spec held
-            # and compared (``qswap.search`` swaps weight specs, which changes no tensor)
-            sources = (weight, *weight_quant.grid_tensors()[:2], *input_quant.grid_tensors()[:2]) + (
-                () if bias is None else (bias,))
-            kept = bias_quant.__dict__.get("_pair")
-            if kept is not None and kept[1] == flags and kept[2][1] == fingerprint(*sources):
-                return kept[0]
+        in_scale, in_zero_point, in_frozen = input_quant.grid_tensors()
+        fast = bool(in_frozen) and not (watched(weight_quant) or watched(bias_quant))
+    if fast:
+        flags = (input_quant, input_quant.enabled, weight_quant.enabled, weight_quant.spec)  # a spec held
+        # and compared (``qswap.search`` swaps weight specs, which changes no tensor)
+        w_scale, w_zero_point, _ = weight_quant.grid_tensors()
+        sources = (weight, w_scale, w_zero_point, in_scale, in_zero_point) + (() if bias is None else (bias,))
+        kept = bias_quant.__dict__.get("_pair")
+        if kept is not None and kept[1] == flags and kept[2][1] == fingerprint(*sources):
+            return kept[0]
     pair = weight_quant(weight), bias_quant(bias, input_quant, weight_quant)
     bias_quant.__dict__["_pair"] = (pair, flags, stamp(*sources)) if fast else None
     return pair

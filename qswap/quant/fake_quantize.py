@@ -278,9 +278,15 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
                         and cached[1][1] == fingerprint(x, scale, buffers["zero_point"])):
                     return cached[0]
             else:
-                grid = self._fast_grid(x, buffers, scale)
-                if grid is not None:
-                    return fake_quantize_grid(x, grid)
+                grid = self._state[1]  # ``_fast_grid`` inlined, and the kernel called as ``fake_quantize_grid``
+                kept = self._state_stamp  # calls it: a decoding step makes this call on every tensor
+                if (grid is not None and kept is not None
+                        and kept[1] == fingerprint(buffers["frozen"], scale, buffers["zero_point"])):
+                    if fused.applies(x) and not (self.training and self.spec.learnable and torch.is_grad_enabled()):
+                        return fused.fake_quantize_into(x, torch.empty_like(x), grid.inverse_value, grid.lo, grid.hi,
+                                                        grid.scale)  # with the scale's test: ``_grid_applies``
+                    if self._grid_applies(x):
+                        return fake_quantize_grid(x, grid)
                 channels = self._fast_channels(x, buffers, scale)
                 if channels is not None:
                     return fake_quantize_channel_grid(x, channels)
@@ -346,8 +352,8 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         return observed_grid(scale, zero_point, inverse, self.spec, x)
 
     def _fast_grid(self, x: torch.Tensor, buffers: dict, scale: torch.Tensor) -> PassGrid | None:
-        """The kept ``PassGrid`` the fast path rounds ``x`` onto (``frozen_grid``'s: frozen, per
-        tensor, half to even) where ``_kept_fits`` holds; else None."""
+        """The kept ``PassGrid`` ``consume`` rounds ``x`` onto (``frozen_grid``'s: frozen, per tensor,
+        half to even) where ``_kept_fits`` holds; else None. (``__call__`` makes the same test inline.)"""
         grid = self._state[1]
         return grid if grid is not None and self._kept_fits(x, buffers, scale) else None
 

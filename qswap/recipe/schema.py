@@ -56,6 +56,32 @@ class Recipe:
     source: str = "<dict>"
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        """A RecipeError naming the field where a Recipe built by hand (not by ``load_recipe``,
+        which checks the YAML's keys) holds something of another kind: ``convert`` would fail on
+        it with an AttributeError from deep inside."""
+        from qswap.errors import RecipeError
+        from qswap.nn.simulate import SIMULATIONS
+
+        kinds = {"name": str, "defaults": QuantConfig, "rules": tuple, "strict": bool, "description": str,
+                 "dynamic_activations": bool, "transforms": tuple, "source": str}
+        for key, kind in kinds.items():
+            value = getattr(self, key)
+            if not isinstance(value, kind):
+                raise RecipeError(f"Recipe.{key} must be a {kind.__name__}, got {type(value).__name__} (build "
+                                  f"recipes with qswap.load_recipe from a name, a YAML file or a dict)", key=key)
+        for key, items, kind in (("rules", self.rules, Rule), ("transforms", self.transforms, Step)):
+            wrong = next((type(item).__name__ for item in items if not isinstance(item, kind)), None)
+            if wrong is not None:
+                raise RecipeError(f"Recipe.{key} holds {kind.__name__}s, got a {wrong}", key=key)
+        for key, value, allowed in (("simulate", self.simulate, SIMULATIONS), ("observe", self.observe, OBSERVE)):
+            if value not in allowed:
+                raise RecipeError(f"must be one of {', '.join(allowed)}, got {value!r}", key=key)
+        problem = float_ok_problem(self.float_ok)
+        if problem is not None:
+            raise RecipeError(f"float_ok{'' if problem[0] is None else f' entry {problem[0]!r}'}: {problem[1]}",
+                              key="float_ok")
+
     def first_rule(self, path: str, module: nn.Module) -> Rule | None:
         for rule in self.rules:
             if rule.match.matches(path, module):

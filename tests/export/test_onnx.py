@@ -231,6 +231,21 @@ def test_missing_graph_file_is_a_typed_error(tmp_path):
         load_session(tmp_path / "absent.onnx")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_nonfinite_features_are_a_data_error_as_in_the_model_and_a_non_session_is_named(graph_path, bad):
+    """The exported encoder, as the model it came from (``check_finite_input``): onnxruntime's
+    QuantizeLinear turned a NaN into a finite code, and the graph gave finite output."""
+    from qswap.errors import DataError
+    from qswap.export import run_encoder
+
+    net = s2t_net_input()
+    net["src_tokens"][1, 5, 7] = bad
+    with pytest.raises(DataError, match="the exported encoder's input holds NaN or \\+-inf"):
+        run_encoder(load_session(graph_path), net["src_tokens"], net["src_lengths"])
+    with pytest.raises(ExportError, match="expected an onnxruntime session .* got NoneType"):
+        run_encoder(None, s2t_net_input()["src_tokens"], net["src_lengths"])
+
+
 def test_truncated_graph_file_is_a_typed_error(graph_path, tmp_path):
     data = graph_path.read_bytes()
     truncated = tmp_path / "truncated.onnx"
@@ -249,3 +264,35 @@ def test_a_recipe_without_activation_quantizers_is_a_typed_error_naming_what_to_
         export_encoder(qmodel, tmp_path / "e.onnx", s2t_net_input())
     assert not (tmp_path / "e.onnx").exists()
     export_encoder(qmodel, tmp_path / "e.onnx", s2t_net_input(), allow_float=True)  # its float-activation graph
+
+
+def test_examples_opsets_and_levels_the_export_cannot_take_are_typed_errors(qmodel, tmp_path, graph_path):
+    """No example, one missing src_lengths, another feature dimension (the model's own RuntimeError,
+    and torch's tracer printing its graph), opsets out of range or not numbers, an unknown
+    optimization level: raw TypeError, KeyError, RuntimeError before."""
+    net = s2t_net_input()
+    cases = [(None, 17, "example is a net_input dict .* got NoneType"),
+             ({"src_tokens": net["src_tokens"]}, 17, r"got \['src_tokens'\]"),
+             (s2t_net_input(feat=40), 17, r"does not run on the example inputs \(torch.float32\[2, 60, 40\]"),
+             (net, 3, "opset is an ONNX opset version from 13 .* got 3"),
+             (net, "x", "got 'x'")]
+    for example, opset, message in cases:
+        with pytest.raises(ExportError, match=message):
+            export_encoder(qmodel, tmp_path / "e.onnx", example, opset=opset)
+        assert not (tmp_path / "e.onnx").exists()
+    with pytest.raises(ExportError, match="optimization level is one of"):
+        load_session(graph_path, level="x")
+
+
+def test_export_model_arguments_of_another_kind_are_typed_errors(qmodel, tmp_path):
+    """``audit="no"`` had run the audit (a truthy string), a None directory had been a raw
+    TypeError from pathlib."""
+    from qswap.export import export_model
+
+    for kwargs, message in (({"audit": "no"}, "audit takes True or False, got 'no'"),
+                            ({"allow_float": 1}, "allow_float takes True or False, got 1")):
+        with pytest.raises(ExportError, match=message):
+            export_model(qmodel, tmp_path / "out", **kwargs)
+    with pytest.raises(ExportError, match="directory is a path .* got NoneType"):
+        export_model(qmodel, None)
+    assert not (tmp_path / "out").exists()

@@ -165,6 +165,16 @@ def test_inputs_the_graph_does_not_take_are_a_typed_error(exported):
         run_ctc(session, torch.zeros(4000), torch.zeros(4000, dtype=torch.bool))  # no batch axis
 
 
+def test_nonfinite_audio_is_a_data_error_as_in_the_model(exported):
+    from qswap.errors import DataError
+
+    _, out = exported
+    source = torch.randn(2, 4000)
+    source[0, 10] = float("nan")
+    with pytest.raises(DataError, match="the exported CTC model's input holds NaN or \\+-inf"):
+        run_ctc(load_session(out / CTC_GRAPHS["ctc"]), source, torch.zeros(2, 4000, dtype=torch.bool))
+
+
 def test_an_utterance_shorter_than_the_receptive_field_has_every_frame_masked(exported):
     """In a padded batch, an utterance with no frame (fewer samples than the extractor's receptive
     field): the graph masks all its frames (an empty transcript); fairseq's mask construction, the

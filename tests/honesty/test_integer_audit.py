@@ -149,6 +149,15 @@ def test_honesty_options_do_not_apply_to_the_integer_level(s2t):
         qswap.audit(qmodel, net_input, integer=True, values=True)
 
 
+def test_inputs_the_model_cannot_run_are_an_audit_error_as_at_the_honesty_level(s2t):
+    """Missing net_input keys, other feature dimensions, a list: the model's own TypeError or
+    RuntimeError reached the caller raw at the integer level."""
+    qmodel, net_input = s2t
+    for bad in ({"src_tokens": net_input["src_tokens"]}, s2t_net_input(feat=40), [net_input]):
+        with pytest.raises(AuditError, match="the integer model failed with these inputs: (TypeError|RuntimeError)"):
+            qswap.audit(qmodel, bad, integer=True)
+
+
 class _ComplexMiddle(nn.Module):
     """An integer model (``forward_codes``) whose middle is float arithmetic carried in complex64:
     int8 codes in, a softmax in complex numbers, int32 codes out."""

@@ -63,3 +63,14 @@ def test_a_checkpoint_error_from_fairseqs_build_names_the_checkpoint_once(monkey
     with pytest.raises(CheckpointError) as info:
         load_recipe_of(None, "gone.yaml")
     assert info.value.checkpoint is None
+
+
+def test_a_path_of_another_kind_is_a_typed_error_for_checkpoints_and_export_directories():
+    """None had been a raw TypeError from pathlib in both."""
+    from qswap.errors import CheckpointError, ExportError
+    from qswap.export.package import read_manifest
+
+    with pytest.raises(CheckpointError, match="a checkpoint is a path .* got NoneType"):
+        load_fairseq_model(None)
+    with pytest.raises(ExportError, match="an export directory is a path .* got int"):
+        read_manifest(5)

@@ -118,6 +118,30 @@ def test_the_four_passes_run_where_something_watches_or_the_tensor_does_not_fit(
         assert torch.equal(fake_quantize_grid(strided, grid), grid_passes(strided, grid))
 
 
+def _tensor_kinds():
+    x = torch.randn(8, 6)
+    return {"dense": x, "transposed": x.t(), "strided": x[:, ::2], "expanded": torch.randn(1, 6).expand(8, 6),
+            "negated": torch._neg_view(x), "float64": x.double(), "float16": x.half(), "int32": x.int(),
+            "needs grad": x.clone().requires_grad_(), "parameter": torch.nn.Parameter(x.clone()),
+            "empty": torch.empty(0, 6), "0-d": torch.tensor(1.5), "zero tensor": torch._efficientzerotensor(3),
+            "sparse": x.to_sparse(), "meta": torch.empty(8, 6, device="meta")}
+
+
+@pytest.mark.parametrize("kind", sorted(_tensor_kinds()))
+def test_applies_is_readable_and_no_gradient_to_carry(kind):
+    """``applies`` inlines ``readable`` (asked per quantizer call): the two stay one condition, with
+    autograd on and off and under a dispatch mode."""
+    x = _tensor_kinds()[kind]
+
+    def expected():
+        return fused._kernel is not None and fused.readable(x) and not (x.requires_grad and torch.is_grad_enabled())
+    assert fused.applies(x) == expected()
+    with torch.no_grad():
+        assert fused.applies(x) == expected()
+    with _Ops():
+        assert fused.applies(x) == expected() and not fused.applies(x)
+
+
 @needs_kernel
 def test_a_permuted_tensor_is_one_block_the_kernel_walks_in_storage_order():
     grid = _grid(0, 15, 0.3, 7)

@@ -28,3 +28,29 @@ def test_same_recipe_compares_what_the_recipes_were_loaded_from(tmp_path):
     assert not same_recipe(w8a8, load_recipe("w4a8"))
     assert not same_recipe(w8a8, load_recipe({**w8a8.to_dict(), "name": "other"}))
 
+
+
+def test_a_recipe_built_by_hand_with_a_field_of_another_kind_is_a_recipe_error_naming_it():
+    """``qswap.Recipe(name="x", defaults=None)`` had converted into an AttributeError from deep
+    inside ``convert``; the loaded recipes build as before."""
+    import dataclasses
+
+    import pytest
+
+    import qswap
+    from qswap.errors import RecipeError
+
+    good = load_recipe("w8a8")
+    cases = [({"defaults": None}, "key 'defaults': Recipe.defaults must be a QuantConfig, got NoneType"),
+             ({"rules": [good.rules]}, "key 'rules': Recipe.rules must be a tuple, got list"),
+             ({"rules": ("r",)}, "key 'rules': Recipe.rules holds Rules"),
+             ({"simulate": "fast"}, "key 'simulate': must be one of integer, float, got 'fast'"),
+             ({"observe": None}, "key 'observe': must be one of quantized, float"),
+             ({"float_ok": {"softmax": ""}}, "key 'float_ok': float_ok entry 'softmax'"),
+             ({"strict": "no"}, "key 'strict': Recipe.strict must be a bool, got str")]
+    for change, message in cases:
+        with pytest.raises(RecipeError, match=message):
+            dataclasses.replace(good, **change)
+    with pytest.raises(RecipeError, match="defaults must be a QuantConfig"):
+        qswap.Recipe(name="x", defaults="x")
+    assert dataclasses.replace(good, name="copy").defaults == good.defaults

@@ -743,6 +743,42 @@ def _(env):
     return _convert(model)(torch.zeros(2, 8))
 
 
+@case("convert", "model-nan-input", "NaN in the features fed to a converted, calibrated S2T transformer",
+      raises=DataError)
+def _(env):
+    import qswap
+    from qswap.models import build_s2t_transformer, s2t_net_input
+
+    x = s2t_net_input(frames=40)
+    qmodel = qswap.convert(build_s2t_transformer(seed=0), "w8a8")
+    qswap.calibrate(qmodel, [x])
+    x["src_tokens"][0, 3, 5] = float("nan")
+    with torch.no_grad():
+        return qmodel(**x)
+
+
+def _float_and_unchanged(result) -> None:
+    model, state = result
+    assert not any(type(m).__module__.startswith("qswap") for m in model.modules()), "float_model was converted"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items()), "float_model's weights changed"
+
+
+@case("convert", "regrid-other-architecture", "qswap.regrid onto a float model with fewer layers",
+      outcome="ConvertError; the float model stays float, its weights unchanged", check=_float_and_unchanged)
+def _(env):
+    import qswap
+    from qswap.models import build_s2t_transformer, s2t_net_input
+
+    qmodel = qswap.convert(build_s2t_transformer(seed=0), "w8a8")
+    qswap.calibrate(qmodel, [s2t_net_input(frames=40)])
+    float_model = build_s2t_transformer(seed=1, encoder_layers=1)
+    state = {k: v.clone() for k, v in float_model.state_dict().items()}
+    with contextlib.suppress(ConvertError):
+        qswap.regrid(qmodel, "w8a8", float_model)
+        raise AssertionError("regrid of another architecture did not raise")
+    return float_model, state
+
+
 @case("convert", "caller-model-untouched", "convert + calibrate, then inspect the float model",
       outcome="same modules, parameters and outputs as before")
 def _(env):

@@ -380,12 +380,12 @@ def test_the_page_of_a_second_stage_takes_its_start_out_of_git(tmp_path):
                             tmp_path / "q.log", 0.5, tmp_path / "q.md", continues="abc1234")
     assert "git show abc1234:qswap/assets/s2t_demo/qat_w4a8.pt > START.pt" in page
     assert "--from-qckpt START.pt" in page and "--distill qswap/assets/s2t_demo/checkpoint.pt" in page
-    assert "second stage" in page and "grids from the start checkpoint" in page
+    assert "The run continues QAT" in page and "grids from the start checkpoint" in page
     # w4a8_lsq needs no statistics: PTQ is the float checkpoint converted as the demo does
     assert "qswap eval qswap/assets/s2t_demo/checkpoint.pt --recipe w4a8_lsq" in page and "-o QCKPT" not in page
     first = qat_train.render([(10, 1.5)], [(50, 1.4)], {50: 7.0}, tmp_path, shipped, run, tmp_path / "q.pt",
                              tmp_path / "q.log", 0.5, tmp_path / "q.md")
-    assert "git show" not in first and "second stage" not in first
+    assert "git show" not in first and "continues QAT" not in first
 
 
 def _dev_json(path, wer):

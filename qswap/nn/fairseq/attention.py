@@ -26,9 +26,10 @@ from qswap.io.serializable import INT, Obj, serializable
 from qswap.io.serializable import Tuple as TupleOf
 from qswap.nn.attention import (CORE_SITES, QuantAttentionCore, heads_padding, maps_elementwise, merge_heads,
                                  split_heads)
-from qswap.nn.base import QuantConfig, QuantModule, quantizer
+from qswap.nn.base import QuantConfig, QuantModule, own, quantizer
 from qswap.nn.linear import QLinear, op_onto
 from qswap.nn.registry import register
+from qswap.nn.simulate import simulates
 from qswap.quant.bias import BiasQuantize, quantized_pair
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
@@ -70,8 +71,11 @@ class Projection(nn.Module):
         and ``out_quant`` (the core's q/k/v quantizer that reads the result): the integer form's
         codes on its grid as values (``qswap.nn.linear.op_onto``), with the float gradient."""
         def op():
-            return F.linear(x, *quantized_pair(self.weight, self.bias, x_quant, self.weight_quant, self.bias_quant))
-        return op() if out_quant is None else op_onto(self, x, x_quant, out_quant, op, self.to_integer)
+            weight, bias, weight_quant, bias_quant = own(self, "weight", "bias", "weight_quant", "bias_quant")
+            return F.linear(x, *quantized_pair(weight, bias, x_quant, weight_quant, bias_quant))
+        if out_quant is None or not simulates(self):  # op_onto's answer without integer insides
+            return op()
+        return op_onto(self, x, x_quant, out_quant, op, self.to_integer)
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from qswap.errors import ConvertError, SpecError
 from qswap.io.serializable import ANY, INT, Either, Obj, Opt, serializable
 from qswap.io.serializable import List as ListOf, Tensor as TensorOf
-from qswap.nn.base import QuantConfig, QuantModule, quantizer
+from qswap.nn.base import QuantConfig, QuantModule, check_finite_input, quantizer
 from qswap.nn.norm import QLayerNorm
 from qswap.nn.registry import register
 from qswap.nn.simulate import simulates
@@ -49,8 +49,10 @@ def _encoder_out(x: Tensor, padding_mask: Tensor, states: List[Tensor]) -> Dict[
 
 def subsample(module: nn.Module, src_tokens: Tensor, src_lengths: Tensor, out_quant: nn.Module) -> tuple:
     """``module(src_tokens, src_lengths)``; a ``QConv1dSubsampler`` is told its reader ``out_quant``
-    (its last GLU then writes onto that grid with ``simulate: integer``)."""
+    (its last GLU then writes onto that grid with ``simulate: integer``). Features holding NaN or
+    +-inf: a DataError, as the integer model's (``check_finite_input``)."""
     from qswap.nn.fairseq.subsample import QConv1dSubsampler
+    check_finite_input(src_tokens)
     if isinstance(module, QConv1dSubsampler):
         return module(src_tokens, src_lengths, out_quant)
     return module(src_tokens, src_lengths)

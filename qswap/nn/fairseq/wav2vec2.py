@@ -29,7 +29,7 @@ from fairseq.utils import index_put
 
 from qswap.errors import ConvertError
 from qswap.io.serializable import ANY, INT, List, Obj, Opt, Tuple, serializable
-from qswap.nn.base import QuantConfig, QuantModule, quantizer
+from qswap.nn.base import QuantConfig, QuantModule, check_finite_input, quantizer
 from qswap.nn.fairseq.config_expr import eval_config_expr
 from qswap.nn.fairseq.chain import run_chain
 from qswap.nn.fairseq.layers import activated, onto, onto_each, past, read_by, reader
@@ -344,7 +344,9 @@ class QWav2Vec2Model(QuantModule):
 
     def _features(self, source: torch.Tensor) -> torch.Tensor:
         """fairseq's ``ConvFeatureExtractionModel.forward``: (B, samples) -> (B, C, T), each op told
-        the quantizer that reads its result (``run_chain``, the last the feature LayerNorm's)."""
+        the quantizer that reads its result (``run_chain``, the last the feature LayerNorm's). Audio
+        holding NaN or +-inf: a DataError, as the integer model's (``check_finite_input``)."""
+        check_finite_input(source)
         x = run_chain(self.feature_extractor.conv_layers, source.unsqueeze(1), reader(self.layer_norm))
         return self.feature_extractor(source) if x is None else x
 

@@ -97,3 +97,20 @@ def test_converted_state_dict_loads_into_another_converted_model(case):
     other.load_state_dict(qmodel.state_dict(), strict=True)
     for a, b in zip(run(qmodel, net_input), run(other, net_input)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_input_is_a_data_error_in_both_simulate_modes(case, bad):
+    """As the integer model's input step refuses it (``qswap.nn.base.check_finite_input``): a NaN
+    has no code, and cast to an integer it became an arbitrary one, which the default ``simulate:
+    integer`` decoded into finite logits as if it were speech."""
+    from qswap.errors import DataError
+    from qswap.nn.simulate import simulating
+    _, _, net_input, qmodel = case
+    key = "source" if "source" in net_input else "src_tokens"
+    broken = dict(net_input, **{key: net_input[key].clone()})
+    broken[key].view(-1)[3] = bad
+    for mode in ("integer", "float"):
+        with simulating(qmodel, mode), pytest.raises(DataError, match="holds NaN or \\+-inf"):
+            logits(qmodel, broken)
+    assert torch.isfinite(logits(qmodel, net_input)).all()
