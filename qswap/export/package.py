@@ -105,6 +105,9 @@ def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task
     for name, flag in (("audit", audit), ("allow_float", allow_float)):
         if not isinstance(flag, bool):  # a truthy string ("no", read from a config) had run the audit
             raise ExportError(f"export_model()'s {name} takes True or False, got {flag!r}")
+    if not isinstance(_plain_task(task_cfg), dict):  # a number had been written into the manifest as the task
+        raise ExportError(f"export_model()'s task_cfg is the fairseq task config the model was loaded with "
+                          f"(cfg.task: a DictConfig, a dict or a Namespace) or None, got {type(task_cfg).__name__}")
     if dictionary is None:
         dictionary = getattr(getattr(qmodel, "decoder", None), "dictionary", None)
     with simulating(qmodel, "float"):

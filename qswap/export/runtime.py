@@ -28,7 +28,7 @@ from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel, FairseqIn
 
 from qswap.errors import ExportError
 from qswap.export.decoder_step import cross_names, names
-from qswap.export.onnx import OUTPUTS, load_session, run_graph
+from qswap.export.onnx import INPUTS, OUTPUTS, load_session, run_graph
 from qswap.export.package import graph_paths, read_manifest
 from qswap.nn.base import check_finite_input
 
@@ -178,6 +178,7 @@ def load_exported(directory: "str | os.PathLike[str]", dictionary, *,
         model = OrtCtcModel(sessions["ctc"]).eval()
         model.recipe = manifest.recipe
         return model
+    _check_graph_inputs(directory, sessions, manifest.decoder_layers)
     heads, head_dim, dtypes = _cache_shapes(sessions["decoder_step"], manifest.decoder_layers)
     _check_vocabulary(directory, sessions["decoder_step"], dictionary)
     encoder = OrtEncoder(dictionary, sessions["encoder"], sessions["cross_kv"], manifest.decoder_layers)
@@ -186,6 +187,21 @@ def load_exported(directory: "str | os.PathLike[str]", dictionary, *,
     model = OrtS2TModel(encoder, decoder).eval()
     model.recipe = manifest.recipe
     return model
+
+
+def _check_graph_inputs(directory, sessions: dict, layers: int) -> None:
+    """Each graph takes the inputs its place in export.json says (the encoder its features, the
+    cross-attention graph the encoder's output, the step graph the caches of ``layers`` decoder
+    layers): an export.json edited or mixed with another export's graphs is named as such, not
+    as inputs the caller passed."""
+    expected = {"encoder": set(INPUTS), "cross_kv": {"encoder_out"}, "decoder_step": set(names(layers)[0])}
+    for role, wanted in expected.items():
+        taken = {i.name for i in sessions[role].get_inputs()}
+        if taken != wanted:
+            raise ExportError(f"{directory}: export.json does not describe its graphs: the graph it names as "
+                              f"{role!r} takes {', '.join(sorted(taken)[:6])}{' ...' if len(taken) > 6 else ''}, "
+                              f"which is not what a {role!r} graph of {layers} decoder layers takes; export the "
+                              f"directory again ('qswap export QCKPT --onnx -o DIR')")
 
 
 def _check_dictionary(directory, manifest, dictionary) -> None:

@@ -39,6 +39,7 @@ from qswap.errors import CheckpointError, TrainingError
 NAME = "qswap_distill"
 DEFAULT_ALPHA = 0.5  # the distillation term's weight
 DEFAULT_TEMPERATURE = 1.0
+TEMPERATURES = (0.01, 100.0)  # the distillation temperatures taken: 1e-45 and 1e30 made the loss NaN
 
 
 @dataclass
@@ -48,7 +49,8 @@ class DistillConfig(LabelSmoothedCrossEntropyCriterionConfig):
     distill_alpha: float = field(default=DEFAULT_ALPHA, metadata={
         "help": "weight of the distillation term; 1 - alpha weighs the label-smoothed cross entropy"})
     distill_temperature: float = field(default=DEFAULT_TEMPERATURE, metadata={
-        "help": "softmax temperature of both models' distributions in the distillation term"})
+        "help": f"softmax temperature of both models' distributions in the distillation term "
+                f"({TEMPERATURES[0]:g} to {TEMPERATURES[1]:g})"})
 
 
 class DistillCriterion(LabelSmoothedCrossEntropyCriterion):
@@ -126,9 +128,10 @@ def check_settings(teacher: str, alpha: float, temperature: float) -> None:
     if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
         raise TrainingError(f"--distill-alpha {alpha}: pick a weight between 0 and 1 (0 trains on the "
                           f"cross entropy alone, 1 on the distillation term alone)")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise TrainingError(f"--distill-temperature {temperature}: pick a positive temperature (1 compares "
-                          f"the models' own distributions)")
+    if not (math.isfinite(temperature) and TEMPERATURES[0] <= temperature <= TEMPERATURES[1]):
+        raise TrainingError(f"--distill-temperature {temperature}: pick a temperature from {TEMPERATURES[0]:g} to "
+                          f"{TEMPERATURES[1]:g} (1 compares the models' own distributions; far outside, the logits "
+                          f"divided by it or its square overflow float32, and the loss is NaN)")
 
 
 def load_teacher(path: str, task) -> torch.nn.Module:

@@ -88,7 +88,8 @@ class QswapTaskMixin:
         if from_checkpoint:
             from qswap.integration.qat_start import float_checkpoint_error, load_recipe_of
             path = getattr(opts, "path", None)
-            recipe = load_recipe_of(path, recipe)
+            # the checkpoint's own recipe, or else --qswap-recipe's (a float checkpoint: its RecipeError as is)
+            recipe = load_recipe_of(path, recipe) if stored else qswap.load_recipe(recipe)
             if stored and named:  # --qswap-recipe must be the recipe the checkpoint holds
                 _refuse_other(qswap.load_recipe(named), recipe, f"the checkpoint {path or ''}".rstrip())
             elif not stored and needs_data(recipe.transforms):

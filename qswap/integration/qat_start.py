@@ -82,10 +82,12 @@ def stored_recipe(path: Any) -> "Recipe | None":
     else the ``qswap_recipe`` of a fairseq-train checkpoint's cfg.model / cfg.task (or legacy
     ``args``); None for a float checkpoint. A recipe stored by name or path (a checkpoint of an
     older qswap) that no longer loads is a CheckpointError naming the checkpoint."""
-    from qswap.io.checkpoint import QSWAP_KEY, qswap_entry
+    from qswap.io.checkpoint import QSWAP_KEY, check_fairseq_state, qswap_entry
     from qswap.io.safe_load import load_checkpoint
 
     state = load_checkpoint(os.fspath(path))  # qswap checkpoints load with weights_only, no allowlist
+    if QSWAP_KEY not in state:  # a torch file of something else: fairseq-train would fail on a missing key
+        check_fairseq_state(path, state)
     if QSWAP_KEY in state:
         return load_recipe_of(path, dict(qswap_entry(path, state)["recipe"]))
     cfg = state.get("cfg") or {}

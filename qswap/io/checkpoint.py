@@ -57,7 +57,7 @@ def load_fairseq_model(path: "str | os.PathLike[str]", *, trust_checkpoint: bool
     state = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
     if QSWAP_KEY in state:
         return _load_qswap(path, state, arg_overrides)
-    _check_fairseq_state(path, state)
+    check_fairseq_state(path, state)
     from fairseq import checkpoint_utils
 
     state = _prepare_state(path, state, arg_overrides)
@@ -79,7 +79,9 @@ def load_fairseq_model(path: "str | os.PathLike[str]", *, trust_checkpoint: bool
     return models[0].eval(), cfg, task
 
 
-def _check_fairseq_state(path: Path, state: dict) -> None:
+def check_fairseq_state(path: Path, state: dict) -> None:
+    """A CheckpointError naming ``path`` where ``state`` (a loaded checkpoint) is not fairseq's:
+    no ``cfg`` or ``args``, no ``model`` state_dict."""
     if state.get("cfg") is None and state.get("args") is None:
         raise CheckpointError(f"{path}: not a fairseq checkpoint: it has neither 'cfg' nor 'args' "
                               f"(top-level keys: {', '.join(map(str, list(state)[:8]))})")
@@ -341,7 +343,7 @@ def float_structure(path: "str | os.PathLike[str]", *, trust_checkpoint: bool = 
     if QSWAP_KEY in state:
         _, cfg = _stored_cfg(path, state, arg_overrides)
     else:  # a checkpoint fairseq-train wrote with the plugin (QAT): its cfg names the recipe
-        _check_fairseq_state(path, state)
+        check_fairseq_state(path, state)
         cfg = _prepare_state(path, state, arg_overrides)["cfg"]
         if cfg is None or not any(getattr(node, "qswap_recipe", None) for node in (cfg.get("model"), cfg.get("task"))):
             raise CheckpointError(f"{path}: a float checkpoint (no qswap recipe in it); convert it with "

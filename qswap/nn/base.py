@@ -22,7 +22,10 @@ def check_finite_input(x: torch.Tensor, model: str = "the quantized model") -> N
     NaN has no code (cast to an integer it becomes an arbitrary one, and the model decodes it as
     ordinary speech); its simulation refuses it at the same place, in both ``simulate`` modes. Two
     passes over the input, of predicates only (``isnan``, ``isinf``: the honesty audit reads no
-    arithmetic in them, where ``isfinite`` computes an ``abs``)."""
+    arithmetic in them, where ``isfinite`` computes an ``abs``). Not while an ONNX export traces the
+    model: a graph holds no Python branch (its runners check what they feed it: ``run_encoder``)."""
+    if torch.jit.is_tracing():
+        return
     if x.is_floating_point() and (bool(torch.isnan(x).any()) or bool(torch.isinf(x).any())):
         from qswap.errors import DataError
         raise DataError(f"{model}'s input holds NaN or +-inf values; check the features or audio fed to it "

@@ -290,7 +290,8 @@ def test_export_model_arguments_of_another_kind_are_typed_errors(qmodel, tmp_pat
     from qswap.export import export_model
 
     for kwargs, message in (({"audit": "no"}, "audit takes True or False, got 'no'"),
-                            ({"allow_float": 1}, "allow_float takes True or False, got 1")):
+                            ({"allow_float": 1}, "allow_float takes True or False, got 1"),
+                            ({"task_cfg": 5}, "task_cfg is the fairseq task config .* got int")):
         with pytest.raises(ExportError, match=message):
             export_model(qmodel, tmp_path / "out", **kwargs)
     with pytest.raises(ExportError, match="directory is a path .* got NoneType"):

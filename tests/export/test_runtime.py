@@ -151,6 +151,26 @@ def test_a_manifest_field_of_the_wrong_type_is_a_typed_error(shipped_float, tmp_
         load_exported(copy, task.target_dictionary)
 
 
+@pytest.mark.parametrize("edit", ["fewer layers", "more layers", "graphs swapped"])
+def test_a_manifest_that_does_not_describe_its_graphs_says_so(shipped_float, tmp_path, edit):
+    """decoder_layers edited, or the encoder's and cross_kv's entries swapped: onnxruntime's
+    missing-input error had told the user to 'pass inputs of the dtypes and ranks the graph
+    declares', inputs they never passed."""
+    _, task, out = shipped_float
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    if edit == "graphs swapped":
+        graphs, digests = manifest["graphs"], manifest["digests"]
+        graphs["encoder"], graphs["cross_kv"] = graphs["cross_kv"], graphs["encoder"]
+        digests["encoder"], digests["cross_kv"] = digests["cross_kv"], digests["encoder"]  # consistent
+    else:
+        manifest["decoder_layers"] += -1 if edit == "fewer layers" else 1
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="export.json does not describe its graphs: the graph it names as"):
+        load_exported(copy, task.target_dictionary)
+
+
 def test_a_dictionary_of_the_same_size_with_other_symbols_is_refused(shipped_float):
     """The export records the target dictionary's facts: two symbols swapped would decode other
     words at the same vocabulary size."""

@@ -240,6 +240,17 @@ def test_a_recipe_other_than_the_checkpoints_is_refused(float_checkpoint, w8a8, 
     assert f"ConvertError: --qswap-recipe w4a4 is not the recipe w8a8 that the checkpoint {last} was" in err
 
 
+def test_a_bad_recipe_given_with_a_float_checkpoint_blames_the_recipe_not_the_checkpoint(float_checkpoint):
+    """fairseq-generate --path FLOAT.pt --qswap-recipe nope: the checkpoint stores no recipe, and
+    the error had blamed it ('cannot load the recipe the checkpoint was trained with ... pass
+    --qswap-recipe RECIPE', the option given)."""
+    root, data, _ = float_checkpoint
+    err = _refused("fairseq-generate", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+                   "--path", root / "float" / "checkpoint_last.pt", "--qswap-recipe", "nope", "--gen-subset", "test",
+                   "--beam", "2", "--max-tokens", "4000", "--cpu", "--required-batch-size-multiple", "1", cwd=root)
+    assert "RecipeError: no shipped recipe named 'nope'" in err and "CheckpointError" not in err
+
+
 def test_a_qat_checkpoint_keeps_its_recipe_not_the_yaml_path(float_checkpoint, tmp_path):
     """fairseq-train --qswap-recipe PATH.yaml stores the recipe's content: editing or removing the
     YAML later changes nothing in the checkpoint's model (qswap's loader and fairseq-generate)."""

@@ -142,3 +142,15 @@ def test_fairseq_generate_of_a_float_checkpoint_names_the_convert_command(float_
     assert last.startswith(f"qswap.errors.ConvertError: recipe {RECIPE}: its transforms")
     assert f"{float_ckpt} is a float checkpoint" in last
     assert f"`qswap convert {float_ckpt} --recipe {RECIPE} --data {data} --calib-batches 4 -o QCKPT`" in last
+
+
+def test_a_torch_file_that_is_no_fairseq_checkpoint_is_named_before_fairseq_train_reads_it(tmp_path):
+    """``--finetune-from-model`` a ``torch.save({"a": 1})`` file: qswap's start check had taken it
+    for a float checkpoint, and fairseq-train then failed with a raw ``KeyError: 'best_loss'``."""
+    from qswap.errors import CheckpointError
+    from qswap.integration.qat_start import stored_recipe
+
+    path = tmp_path / "dict.pt"
+    torch.save({"a": 1}, path)
+    with pytest.raises(CheckpointError, match=f"{path}: not a fairseq checkpoint: it has neither 'cfg' nor 'args'"):
+        stored_recipe(path)
