@@ -105,17 +105,18 @@ def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task
     for name, flag in (("audit", audit), ("allow_float", allow_float)):
         if not isinstance(flag, bool):  # a truthy string ("no", read from a config) had run the audit
             raise ExportError(f"export_model()'s {name} takes True or False, got {flag!r}")
-    if not isinstance(_plain_task(task_cfg), dict):  # a number had been written into the manifest as the task
+    task = _plain_task(task_cfg)  # once: the manifest records it
+    if not isinstance(task, dict):  # a number had been written into the manifest as the task
         raise ExportError(f"export_model()'s task_cfg is the fairseq task config the model was loaded with "
                           f"(cfg.task: a DictConfig, a dict or a Namespace) or None, got {type(task_cfg).__name__}")
     if dictionary is None:
         dictionary = getattr(getattr(qmodel, "decoder", None), "dictionary", None)
     with simulating(qmodel, "float"):
-        return _export(qmodel, directory, task_cfg=task_cfg, audit=audit, allow_float=allow_float,
+        return _export(qmodel, directory, task=task, audit=audit, allow_float=allow_float,
                        facts=dictionary_facts(dictionary) if dictionary is not None else {})
 
 
-def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg: Any, audit: bool,
+def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task: dict, audit: bool,
             allow_float: bool, facts: dict) -> Manifest:
     """``export_model`` under the float insides."""
     from qswap.export.decoder_step import export_cross_kv, export_decoder_step
@@ -131,7 +132,7 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
     published: list[Path] = []  # graphs renamed into place (a directory this export made loses them again)
     try:
         if graphs is CTC_GRAPHS:
-            manifest = _export_ctc(qmodel, staged, task_cfg, audit, allow_float)
+            manifest = _export_ctc(qmodel, staged, task, audit, allow_float)
         else:
             example = example_input(qmodel)
             export_encoder(qmodel, staged["encoder"], example, allow_float=allow_float)
@@ -141,7 +142,7 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg:
             export_cross_kv(qmodel, staged["cross_kv"], args[0], allow_float=allow_float)
             export_decoder_step(qmodel, staged["decoder_step"], *args, allow_float=allow_float)
             claims = _audit_verdict(qmodel, example) if audit else None
-            manifest = Manifest(_recipe_name(qmodel), claims, _plain_task(task_cfg), len(qmodel.decoder.layers),
+            manifest = Manifest(_recipe_name(qmodel), claims, task, len(qmodel.decoder.layers),
                                 int(qmodel.decoder.max_positions()))
         manifest.digests = {name: _check_loads(path, graphs[name], out) for name, path in staged.items()}
         manifest.dictionary = facts
@@ -252,7 +253,7 @@ def _is_ctc(qmodel: nn.Module) -> bool:
     return is_ctc(qmodel)
 
 
-def _export_ctc(qmodel: nn.Module, staged: dict[str, Path], task_cfg: Any, audit: bool,
+def _export_ctc(qmodel: nn.Module, staged: dict[str, Path], task: dict, audit: bool,
                 allow_float: bool) -> Manifest:
     from qswap.export.wav2vec2 import export_ctc
     from qswap.models import wav2vec2_net_input
@@ -260,7 +261,7 @@ def _export_ctc(qmodel: nn.Module, staged: dict[str, Path], task_cfg: Any, audit
     example = wav2vec2_net_input(2, EXAMPLE_SAMPLES)
     export_ctc(qmodel, staged["ctc"], example, allow_float=allow_float)
     claims = _audit_verdict(qmodel, example) if audit else None
-    return Manifest(_recipe_name(qmodel), claims, _plain_task(task_cfg), 0, 0, dict(CTC_GRAPHS), kind="ctc")
+    return Manifest(_recipe_name(qmodel), claims, task, 0, 0, dict(CTC_GRAPHS), kind="ctc")
 
 
 def _recipe_name(qmodel: nn.Module) -> str:

@@ -48,12 +48,8 @@ _PYTHON = torch._C.DispatchKey.Python
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Whether the kernel may compute a fake quantization of ``x`` (module docstring): ``readable``
-    (inlined: asked for every tensor a quantizer rounds) and no gradient to carry."""
-    return (_kernel is not None and type(x) is torch.Tensor and x.dtype == torch.float32 and x.is_cpu
-            and x.layout == torch.strided and not (x.requires_grad and torch.is_grad_enabled()) and not x.is_neg()
-            and not x._is_zerotensor() and dense(x) and (not _dispatch_modes() or _excluded(_PYTHON))
-            and not _tracing() and not _is_wrapped(x))
+    """Whether the kernel may compute a fake quantization of ``x`` (module docstring)."""
+    return (_kernel is not None and readable(x) and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def readable(x: torch.Tensor) -> bool:
