@@ -43,7 +43,7 @@ bench: install
 # recipe (the checkpoint `qswap convert` writes, which the run starts from).
 # Not repeated here: the QAT training run (tools/qat_train.py train, hours; its evals against PTQ
 # are, then `tools/qat_train.py doc --save-dir RUN --evals docs/qat ...` rewrites docs/qat.md from the
-# run's folder (`refresh`, below, only its PTQ and float comparisons from the evals), with the command written on the page) and docs/reliability.md (tools/reliability_table.py reads the training corpus).
+# run's folder (`refresh`, below, only its PTQ and float comparisons from the evals), with the command written on the page) and docs/reliability.md (tools/reliability_table.py reads the bad-input corpus, tests/reliability/rel_cases.py).
 # the QAT pages' test sets: the shipped ones, and the large ones qswap.demo materializes
 QAT_SETS := test test_heldout test_large test_heldout_large
 set_dir = case $(1) in *_large) $(PY) -c "import qswap.demo as m; print(m.data_dir('$(1)'))";; \

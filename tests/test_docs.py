@@ -127,3 +127,27 @@ def test_sensitivity_page_says_why_search_and_compare_read_the_searched_recipe_d
     for command in ("qswap sensitivity ", "qswap search "):
         shown = next(line for line in page.split("$ ")[1:] if line.startswith(command))
         assert "--max-sentences 16" in shown.split("```")[0]
+
+
+def test_readme_python_example_runs():
+    """The README's Python block, run as written on the shipped model (its names bound to the
+    model, a calibration batch and the float model): it had regridded w8a8 to w4a8, whose
+    activation grids are w8a8's, and calibrate refused the empty list of changed sites."""
+    import contextlib
+    import io
+    import logging
+
+    from qswap.integration import data as fdata
+
+    block = re.search(r"## Python\n\n```python\n(.*?)```", README, re.S).group(1)
+    model, task = fdata.load_model_and_task(ASSET / "checkpoint.pt", ASSET)
+    batches = list(fdata.net_inputs(task, "train_calib", 1, max_sentences=4))
+    names = {"model": model, "float_model": model, "batches": batches, "net_input": batches[0]}
+    logging.disable(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(block, "README.md", "exec"), names)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert names["report"].honest and names["moved"].model.qswap_recipe.name == "w4a4_edges8"
+    assert names["moved"].fresh_activations()  # the changed sites, calibrated alone

@@ -1,12 +1,12 @@
-"""Write docs/accuracy.md: every shipped recipe and the searched one on the large evaluation sets,
-with paired bootstrap confidence intervals.
+"""Write docs/accuracy.md: the demo's recipes (``qswap.demo.RECIPES``) and the searched one on the
+large evaluation sets, with paired bootstrap confidence intervals.
 
 For each of ``test_large`` (in-voice) and ``test_heldout_large`` (held-out voices) this runs
 ``qswap compare`` (the library function) on the shipped model exactly as the demo does (calibration
 on the shipped ``train_calib`` subset: its 32 utterances, one batch; beam 5), writes the full result to
 ``docs/accuracy_<subset>.json`` (rows with per-utterance word errors) and then the Markdown page.
 
-    .venv/bin/python tools/accuracy_doc.py               # decode and write (about 15 min on 2 cores)
+    .venv/bin/python tools/accuracy_doc.py               # decode and write (about 70 min on 2 shared cores; each JSON records its seconds)
     .venv/bin/python tools/accuracy_doc.py --from-json   # rewrite the page from the JSON files
     .venv/bin/python tools/accuracy_doc.py --refresh-cost   # only the MMAC/s and GBOP/s of each row (no decoding)
 """
@@ -146,12 +146,21 @@ def _small_set_note() -> str:
             "a harder sample than the 1,000 below; compare recipes within one set, never across sets.")
 
 
+def _comparisons(result: dict) -> str:
+    """How many ΔWER intervals a set's summary gives (every row but the reference, whose
+    ``significant`` is None: ``_delta``), in words."""
+    n = sum(1 for row in result["rows"] if row["significant"] is not None)
+    words = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
+    return words[n] if n < len(words) else str(n)
+
+
 def page(results: dict[str, dict]) -> str:
     first = next(iter(results.values()))
     boot = first["settings"]["bootstrap"]
     parts = [
         "# Accuracy on the large evaluation sets\n",
-        "Written by `.venv/bin/python tools/accuracy_doc.py` (do not edit by hand). Every shipped recipe and "
+        "Written by `.venv/bin/python tools/accuracy_doc.py` (do not edit by hand). The demo's recipes "
+        "(`qswap.demo.RECIPES`: the shipped recipes `make demo` evaluates) and "
         "the searched one (`qswap/assets/s2t_demo/searched.yaml`) on the shipped model, converted, "
         f"calibrated (shipped {calibration_text(first['settings']['calib_batches'])}) "
         f"and decoded with beam {first['settings']['beam']}, as `make demo` does on the 100-utterance set.\n",
@@ -166,8 +175,8 @@ def page(results: dict[str, dict]) -> str:
         "Annie variant. Features are stored as int8 codes of each channel's standard deviation "
         "(`qswap/integration/compact.py`); stored that way, the 100-utterance in-voice set gives the float "
         "model 72 word errors instead of 71 (`tests/integration/test_compact.py`).\n",
-        "**Reading the intervals**: each is one comparison at 95 %, not corrected for the seven "
-        "comparisons per set; a recipe whose interval only just excludes 0 is weaker evidence than one "
+        f"**Reading the intervals**: each is one comparison at 95 %, not corrected for the "
+        f"{_comparisons(first)} comparisons with fp32 per set; a recipe whose interval only just excludes 0 is weaker evidence than one "
         "far from it. The large sets are not harder or easier copies of the 100-utterance ones: "
         f"{_small_set_note()}\n",
     ]

@@ -516,8 +516,8 @@ def shipped_sizes(model, float_dir: Path, dirs: dict) -> dict:
 
 
 def byte_breakdown(directory: Path) -> dict:
-    """Where the bytes of a directory's graphs go: initializers by what reads them, and the rest
-    of the protobuf (nodes, their names and attributes)."""
+    """Where the bytes of a directory's graphs go: initializers by what reads them, the graphs'
+    metadata (``METADATA_BYTES``), and the rest of the protobuf (nodes, their names and attributes)."""
     import onnx
 
     kinds: dict = {}
@@ -532,9 +532,16 @@ def byte_breakdown(directory: Path) -> dict:
             kind = _kind(t, readers.get(t.name, set()))
             kinds[kind] = kinds.get(kind, 0) + t.ByteSize()
             total += t.ByteSize()
+        meta = sum(p.ByteSize() for p in model.metadata_props)
+        kinds[METADATA_BYTES] = kinds.get(METADATA_BYTES, 0) + meta
         kinds["graph structure (nodes, names, attributes)"] = (
-            kinds.get("graph structure (nodes, names, attributes)", 0) + (Path(directory) / f).stat().st_size - total)
+            kinds.get("graph structure (nodes, names, attributes)", 0) + (Path(directory) / f).stat().st_size - total
+            - meta)
     return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+# the graphs' metadata: each graph's site map (``qswap.sites``), the step graph's position limit
+METADATA_BYTES = "metadata (site maps, the step graph's position limit)"
 
 
 def _kind(tensor, read_by: set) -> str:
@@ -810,7 +817,9 @@ def header(r: dict) -> list[str]:
              "self-attention keys and values as inputs and outputs, one row per hypothesis; the encoder-decoder "
              "keys, values and padding mask one row per sentence, shared by its beams) and `export.json` "
              "(each graph's SHA-256, checked whenever the directory is loaded: a directory that mixes two "
-             "exports is refused). "
+             "exports is refused; the target dictionary's facts: a data directory with another dictionary is "
+             "refused; the decoder's position limit, which the step graph records too: an edited one is "
+             "refused). "
              "The cached keys and values travel as uint8 codes on their quantizers' grids where the recipe "
              "quantizes them per tensor, as float values otherwise. fairseq's own "
              "`SequenceGenerator` drives the beam search over them (`qswap.export.runtime`). "

@@ -202,7 +202,7 @@ token (per sentence with `--sentence-avg`, as fairseq's `loss`), `ce_loss` and `
 like `loss`, for training and validation; the validation `loss`, by which fairseq keeps
 `checkpoint_best.pt`, is the mixture. `--distill-alpha 0` is fairseq's
 `label_smoothed_cross_entropy` to the last bit; no `--distill-teacher`, an alpha outside [0, 1] or
-a temperature that is not positive is a `TrainingError`, a teacher file that is missing or unsafe
+a temperature outside [0.01, 100] is a `TrainingError`, a teacher file that is missing or unsafe
 the `CheckpointError` of any checkpoint load (`tests/integration/test_distill.py`, with
 fairseq-train). `tools/qat_train.py train --distill
 TEACHER [--distill-alpha A --distill-temperature T]` runs the shipped model's QAT with it, and

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                                                        max_sentences=args.max_sentences),
                                progress=lambda n: advance(1), observe=args.observe)
     save_qswap_checkpoint(args.output, model, args.checkpoint, trust_checkpoint=args.trust_checkpoint,
-                          data=args.data)
+                          data=args.data, dictionary=task.target_dictionary)
     observe = args.observe or recipe_observe(model)
     console().print(f"calibrated on {used} batches of {args.subset}{observed_note(observe)}; wrote {args.output}")
     return 0

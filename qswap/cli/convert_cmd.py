@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         out.print(f"note: --no-calibrate: {n_act} activation quantizers left uncalibrated "
                   f"(their ranges are re-derived from every batch at run time)")
     save_qswap_checkpoint(args.output, qmodel, args.checkpoint, trust_checkpoint=args.trust_checkpoint,
-                          data=args.data)
+                          data=args.data, dictionary=task.target_dictionary)
     out.print(convert_table(qmodel.qswap_report, show_all=args.show_all))
     out.print(convert_summary(qmodel.qswap_report))
     out.print(f"wrote {args.output}")
@@ -120,7 +120,7 @@ def _regrid(args: argparse.Namespace, qmodel, task) -> int:
                                    quantizers=fresh, progress=lambda n: advance(1))
         out.print(f"calibrated the {len(fresh)} fresh activation grid(s) on {used} batches of {args.calib_subset}")
     save_qswap_checkpoint(args.output, moved.model, args.checkpoint, trust_checkpoint=args.trust_checkpoint,
-                          data=args.data)
+                          data=args.data, dictionary=task.target_dictionary)
     out.print(convert_summary(moved.model.qswap_report))
     out.print(f"wrote {args.output}")
     return 0

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
 def _export_integer(args: argparse.Namespace, model, cfg, task) -> int:
     import qswap
     from qswap.export.integer_format import tensor_path, write_integer_model
-    from qswap.integration.integer_decode import dictionary_facts, task_config
+    from qswap.integration.integer_decode import task_config
+    from qswap.io.dictionary import dictionary_facts
 
     imodel = qswap.integerize(model)
     path = write_integer_model(imodel, args.output, task=task_config(cfg),

@@ -17,7 +17,9 @@ attention keeps a quantized cache (frozen per-tensor k/v grids), float projectio
 the graph reads it as the fake-quant model does. A quantized cache goes in and out as its uint8
 codes (``cache_grids``; cross_kv writes codes too): the step appends the new codes to the old
 (``graph_passes.code_caches``) and its attention matmuls read codes, which onnxruntime runs as
-integer kernels; a float cache would keep them float, and carry four bytes a value.
+integer kernels; a float cache would keep them float, and carry four bytes a value. The step
+graph's metadata records the decoder's position limit (``POSITIONS_KEY``): its position table
+ends there, and the loader holds export.json's ``max_target_positions`` to it.
 
 >>> export_cross_kv(qmodel, "cross_kv.onnx", encoder_out, encoder_padding_mask)
 >>> export_decoder_step(qmodel, "decoder_step.onnx", encoder_out, encoder_padding_mask)
@@ -38,6 +40,7 @@ from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
 from qswap.quant.fake_quantize import FakeQuantize
 
 STEP_INPUTS = ("tokens", "encoder_padding_mask")
+POSITIONS_KEY = "qswap.max_target_positions"  # the step graph's metadata entry: its position limit
 
 
 Grid = "tuple[torch.Tensor, torch.Tensor] | None"  # (scale, uint8 zero point) of codes; None: float
@@ -280,7 +283,8 @@ def export_decoder_step(qmodel: nn.Module, path: "str | os.PathLike[str]", encod
     traced = copy.deepcopy(qmodel).eval()
     graph = DecoderStepGraph(traced)
     return trace_to_onnx(graph, (tokens, encoder_padding_mask, *first[1:], *cross), path,
-                         inputs, outputs, axes, opset, entry=entry_tables(model.decoder), sites=(traced, ""))
+                         inputs, outputs, axes, opset, entry=entry_tables(model.decoder), sites=(traced, ""),
+                         facts={POSITIONS_KEY: str(int(model.decoder.max_positions()))})
 
 
 def entry_tables(decoder: nn.Module) -> "tuple[dict, float] | None":

@@ -93,6 +93,13 @@ def check_encoder(encoder: "nn.Module | None") -> None:
     from qswap.nn.fairseq.subsample import QConv1dSubsampler
 
     if not isinstance(encoder, (QS2TTransformerEncoder, QS2TConformerEncoder)):
+        if type(encoder).__name__ in ("S2TTransformerEncoder", "S2TConformerEncoder"):
+            # fairseq's own, float: a recipe that converts nothing (fp32), or no conversion at all
+            raise ExportError(f"the model's encoder is fairseq's float {type(encoder).__name__}, not qswap's "
+                              f"conversion of it: convert the model with a recipe that quantizes it (qswap.convert: "
+                              f"w8a8, w4a8...) and calibrate it, then export (the float graph of the same structure: "
+                              f"a recipe whose defaults are 'weight: null' and 'activation: null', "
+                              f"qswap.export.package.NO_QUANT, exported with allow_float=True)")
         what = "a model without an encoder" if encoder is None else f"a {type(encoder).__name__} encoder"
         raise ExportError(f"exporting {what} is not supported yet; the ONNX export covers qswap's conversions "
                           f"of fairseq's S2TTransformerEncoder and S2TConformerEncoder models and wav2vec 2.0 CTC "

@@ -62,8 +62,10 @@ def check_calibrated(model: nn.Module) -> None:
                           f"activations with allow_float=True (qswap.export.export_model and the export_* "
                           f"functions; 'qswap export --onnx' has no such option)")
     if not quantizers:
-        raise ExportError("the model has no qswap activation quantizers; convert it with a recipe "
-                          "(qswap.convert) and calibrate it (qswap.calibrate) before exporting")
+        converted = f"recipe {recipe.name!r} quantizes nothing: " if getattr(recipe, "name", None) else ""
+        raise ExportError(f"{converted}the model has no qswap activation quantizers; convert it with a recipe "
+                          f"that quantizes activations (qswap.convert: w8a8, w4a8...) and calibrate it "
+                          f"(qswap.calibrate) before exporting")
     if not calibrated(quantizers):
         raise ExportError("the model is not calibrated (no activation quantizer has a frozen grid); "
                           "run qswap.calibrate on it, or load a calibrated checkpoint, then export")
@@ -98,7 +100,7 @@ def export_encoder(qmodel: nn.Module, path: "str | os.PathLike[str]", example: d
 def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]", inputs: tuple,
                   outputs: tuple, dynamic_axes: dict, opset: int = OPSET, *, compact: bool = True,
                   entry: "tuple[dict, float] | None" = None,
-                  sites: "tuple[nn.Module, str] | None" = None) -> Path:
+                  sites: "tuple[nn.Module, str] | None" = None, facts: "dict[str, str] | None" = None) -> Path:
     """Swap ``graph``'s quantizers for their ONNX stand-ins (in place: pass a copy), record the
     weight and bias codes with one eager forward on ``args``, trace, compact the graph without
     changing its values (``qswap.export.compact``: 4-bit weight codes stored as INT4, opset 21)
@@ -107,7 +109,9 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
     initializer -> folded int32 table, their grid) for ``graph_passes.integer_entry``.
     ``sites``: (the module holding ``graph``'s modules at their paths in the quantized model, the
     prefix of those paths): the graph's metadata then maps each scope path of its node names to
-    the module it came from (``qswap.export.sites``; the deploy audit's sites)."""
+    the module it came from (``qswap.export.sites``; the deploy audit's sites). ``facts``: further
+    metadata entries the graph carries (key -> text: the step graph's position limit, which the
+    loader holds export.json to)."""
     from qswap.export.sites import METADATA_KEY, ScopeRecorder, site_map, to_metadata
 
     if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET:
@@ -156,6 +160,9 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
     if scopes is not None:  # after the passes: the opset upgrade of the compaction keeps no metadata
         prop = model.metadata_props.add()
         prop.key, prop.value = METADATA_KEY, to_metadata(scopes)
+    for key, value in (facts or {}).items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
     path = Path(path)
     atomic_write_bytes(path, model.SerializeToString())
     return path

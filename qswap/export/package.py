@@ -75,7 +75,7 @@ class Manifest:
     format: int = FORMAT
     kind: str = "seq2seq"  # a key of KIND_GRAPHS
     digests: dict[str, str] = field(default_factory=dict)  # graph name -> SHA-256 of its file
-    # the target dictionary's facts (``integer_decode.dictionary_facts``): a data directory whose
+    # the target dictionary's facts (``qswap.io.dictionary.dictionary_facts``): a data directory whose
     # dictionary differs is refused ({}: not recorded, an export written before they were)
     dictionary: dict[str, Any] = field(default_factory=dict)
 
@@ -97,7 +97,7 @@ def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task
     forward and the audit too.)"""
     from qswap.nn.simulate import simulating
 
-    from qswap.integration.integer_decode import dictionary_facts
+    from qswap.io.dictionary import dictionary_facts
 
     expect_module(qmodel, "export_model()", ExportError)
     if not isinstance(directory, (str, os.PathLike)):
@@ -120,7 +120,7 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task: dic
             allow_float: bool, facts: dict) -> Manifest:
     """``export_model`` under the float insides."""
     from qswap.export.decoder_step import export_cross_kv, export_decoder_step
-    from qswap.export.onnx import export_encoder
+    from qswap.export.onnx import check_calibrated, export_encoder
 
     from qswap.export.integer_format import JSON_FILE
 
@@ -134,6 +134,8 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task: dic
         if graphs is CTC_GRAPHS:
             manifest = _export_ctc(qmodel, staged, task, audit, allow_float)
         else:
+            if not allow_float:  # first: an uncalibrated or float model is told so, not that its encoder is float
+                check_calibrated(qmodel)
             example = example_input(qmodel)
             export_encoder(qmodel, staged["encoder"], example, allow_float=allow_float)
             with torch.no_grad():

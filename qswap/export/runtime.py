@@ -179,6 +179,7 @@ def load_exported(directory: "str | os.PathLike[str]", dictionary, *,
         model.recipe = manifest.recipe
         return model
     _check_graph_inputs(directory, sessions, manifest.decoder_layers)
+    _check_positions(directory, sessions["decoder_step"], manifest.max_target_positions)
     heads, head_dim, dtypes = _cache_shapes(sessions["decoder_step"], manifest.decoder_layers)
     _check_vocabulary(directory, sessions["decoder_step"], dictionary)
     encoder = OrtEncoder(dictionary, sessions["encoder"], sessions["cross_kv"], manifest.decoder_layers)
@@ -204,11 +205,25 @@ def _check_graph_inputs(directory, sessions: dict, layers: int) -> None:
                               f"directory again ('qswap export QCKPT --onnx -o DIR')")
 
 
+def _check_positions(directory, step, max_target_positions: int) -> None:
+    """export.json's ``max_target_positions`` (how long fairseq's generator lets a hypothesis grow)
+    is the position limit the step graph records (``POSITIONS_KEY``; a graph exported before it was
+    recorded has none): an edited smaller number truncated every hypothesis silently, a larger one
+    ran past the graph's position table."""
+    from qswap.export.decoder_step import POSITIONS_KEY
+
+    recorded = step.get_modelmeta().custom_metadata_map.get(POSITIONS_KEY)
+    if recorded is not None and recorded != str(max_target_positions):
+        raise ExportError(f"{directory}: export.json does not describe its graphs: it gives max_target_positions "
+                          f"{max_target_positions}, the decoder step graph was exported with {recorded} positions; "
+                          f"export the directory again ('qswap export QCKPT --onnx -o DIR')")
+
+
 def _check_dictionary(directory, manifest, dictionary) -> None:
     """The task's target dictionary is the one the model was exported with (its recorded facts:
     special indices, size, a hash of the symbols); a dictionary of the same size with other
     symbols would decode other words silently."""
-    from qswap.integration.integer_decode import dictionary_facts
+    from qswap.io.dictionary import dictionary_facts
 
     if manifest.dictionary and dictionary_facts(dictionary) != manifest.dictionary:
         raise ExportError(f"{directory}: the task's target dictionary ({len(dictionary)} symbols) is not the one the "

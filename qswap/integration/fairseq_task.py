@@ -19,7 +19,9 @@ updates, so a run resumed from a checkpoint saved during calibration calibrates 
 left. A model whose grids are already calibrated and frozen (such a QCKPT, a run resumed after
 calibration) skips it: its LSQ scales start from the stored grids. A recipe with learned scales
 and no calibration updates needs such grids (else a TrainingError before the first update).
-``build_generator`` prints the honesty verdict first when ``--qswap-audit`` is given.
+``build_generator`` prints the honesty verdict first when ``--qswap-audit`` is given. A model built
+from a checkpoint (fairseq-generate) is not calibrated: ``--qswap-calib-batches`` there is ignored,
+with a warning.
 """
 # no ``from __future__ import annotations`` here: fairseq builds the command-line options of
 # AudioFinetuningQswapConfig from its fields' types and refuses string annotations
@@ -42,6 +44,7 @@ from qswap.calibrate import activation_quantizers, eval_mode, freeze_observed, o
 from qswap.integration.data import resolve_audio_root
 from qswap.integration.qat_start import converted_start
 from qswap.io.checkpoint import set_cfg_option
+from qswap.io.dictionary import CFG_KEY as DICTIONARY_KEY, dictionary_facts, mismatch, recorded_facts
 
 logger = logging.getLogger("qswap")
 
@@ -64,6 +67,7 @@ class QswapTaskMixin:
         # the recipe a checkpoint stores in its model cfg (read first: fairseq's dataclass models
         # drop keys they do not know while building)
         stored = getattr(cfg, "qswap_recipe", None)
+        dictionary = recorded_facts(cfg)  # the target dictionary's facts a qswap or QAT checkpoint records
         opts = self._qswap_opts()
         calib = _calib_updates(opts)
         model = super().build_model(cfg, from_checkpoint)
@@ -86,6 +90,11 @@ class QswapTaskMixin:
             recipe = OmegaConf.to_container(recipe, resolve=True)
         float_start = None
         if from_checkpoint:
+            problem = mismatch(dictionary, getattr(self, "target_dictionary", None),
+                               f"the model cfg of the checkpoint {getattr(opts, 'path', None) or ''}".rstrip())
+            if problem is not None:  # decoded, it had given other words with no error
+                from qswap.errors import DataError
+                raise DataError(problem)
             from qswap.integration.qat_start import float_checkpoint_error, load_recipe_of
             path = getattr(opts, "path", None)
             # the checkpoint's own recipe, or else --qswap-recipe's (a float checkpoint: its RecipeError as is)
@@ -98,9 +107,18 @@ class QswapTaskMixin:
                 raise float_checkpoint_error(recipe, path, recipe_arg=named, data=getattr(opts, "data", None))
             # a checkpoint's state holds transformed weights
             data = STRUCTURE_ONLY
+            if calib:  # fairseq-generate: no updates to calibrate on (it had been ignored without a word)
+                how = ("'qswap calibrate CKPT --data D --batches N -o OUT'" if stored else
+                       f"'qswap convert CKPT --recipe {named} --data D --calib-batches N -o OUT'")
+                logger.warning(f"qswap: --qswap-calib-batches {calib} is ignored: it counts fairseq-train's calibration "
+                               f"updates, and a model built from a checkpoint (fairseq-generate) keeps the grids the "
+                               f"checkpoint holds; to calibrate it run {how} and decode what it writes")
+            calib = 0
         else:
             recipe_arg = recipe if isinstance(recipe, str) else None
             recipe = qswap.load_recipe(recipe)
+            if start is not None and os.path.isfile(start.path):  # trained on, it would be recorded as this one
+                _check_start_dictionary(start, getattr(self, "target_dictionary", None))
             # a recipe whose transforms need activation statistics is applied to a freshly built
             # model only to load a qswap checkpoint converted (or trained) with it: the start
             # fairseq-train loads (--finetune-from-model QCKPT, or the run's own checkpoint it
@@ -117,6 +135,9 @@ class QswapTaskMixin:
         if not from_checkpoint:  # the recipe's content (not its name or YAML path) in the model cfg
             # fairseq-train saves, so that its checkpoints rebuild the model they were trained as
             set_cfg_option(cfg, "qswap_recipe", recipe.to_dict())
+            target = getattr(self, "target_dictionary", None)
+            if target is not None:  # checkpoints decoded with another dictionary are refused (from_checkpoint)
+                set_cfg_option(cfg, DICTIONARY_KEY, dictionary_facts(target))
         counts = model.qswap_report.counts()
         logger.info(f"qswap: converted with recipe {model.qswap_recipe.name}: {counts['quantized']} "
                     f"modules quantized, {counts['float']} left float, {counts['skipped']} skipped")
@@ -263,6 +284,16 @@ def _check_start(recipe, start: Start) -> Optional[str]:
         _refuse_other(recipe, stored, f"the checkpoint {start.path}")
         return None
     return start.path
+
+
+def _check_start_dictionary(start: Start, dictionary) -> None:
+    """A DataError where the checkpoint fairseq-train starts from records another target
+    dictionary than the task's (the run's checkpoints would record the task's, hiding it)."""
+    from qswap.integration.qat_start import stored_dictionary
+    problem = mismatch(stored_dictionary(start.path), dictionary, start.source)
+    if problem is not None:
+        from qswap.errors import DataError
+        raise DataError(problem)
 
 
 def _refuse_unnamed(start: Start) -> None:

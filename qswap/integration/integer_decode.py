@@ -11,12 +11,12 @@ fairseq's ``encoder_out`` logits, decoded with greedy CTC as ``qswap eval --inte
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable, Iterable
 
 from qswap.errors import DataError, ExportError, LoadError
 from qswap.integration.decode import DecodeResult, decode
+from qswap.io.dictionary import dictionary_facts
 
 BEAM_SEARCH, GREEDY_CTC = "beam search", "greedy CTC"
 
@@ -31,13 +31,6 @@ def task_config(cfg) -> dict:
     if OmegaConf.is_config(task):
         task = OmegaConf.to_container(task, resolve=True, enum_to_str=True)
     return to_plain(task, "task")
-
-
-def dictionary_facts(dictionary) -> dict:
-    """The target dictionary's special indices, size and a hash of its symbols."""
-    symbols = "\n".join(dictionary.symbols).encode("utf-8")
-    return {"bos": dictionary.bos(), "eos": dictionary.eos(), "pad": dictionary.pad(), "unk": dictionary.unk(),
-            "size": len(dictionary), "symbols_sha256": hashlib.sha256(symbols).hexdigest()}
 
 
 def exported_task(exported, data: str | Path):

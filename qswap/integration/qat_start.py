@@ -98,6 +98,21 @@ def stored_recipe(path: Any) -> "Recipe | None":
     return None
 
 
+def stored_dictionary(path: Any) -> "dict | None":
+    """The target dictionary's facts a checkpoint records (``qswap.io.dictionary``: a qswap
+    checkpoint's or a QAT checkpoint's model cfg, or legacy ``args``); None where it records none."""
+    from qswap.io.dictionary import recorded_facts
+    from qswap.io.safe_load import load_checkpoint
+
+    state = load_checkpoint(os.fspath(path))
+    cfg = state.get("cfg") or {}
+    for opts in (cfg.get("model"), state.get("args")):
+        facts = recorded_facts(opts)
+        if facts is not None:
+            return facts
+    return None
+
+
 def load_recipe_of(path: Any, value: Any) -> Recipe:
     """``value`` (a recipe, its name or path, or its content) stored in the checkpoint ``path``
     (None: a checkpoint whose path is not known here)."""

@@ -30,6 +30,7 @@ from torch import nn
 
 from qswap.errors import CheckpointError, DataError, QswapError, RecipeError
 from qswap.io.atomic import atomic_open
+from qswap.io.dictionary import CFG_KEY as DICTIONARY_KEY, dictionary_facts, mismatch, recorded_facts
 from qswap.io.safe_load import TRUST_FLAG, allowed_globals, first_line, load_checkpoint
 
 __all__ = ["TRUST_FLAG", "allowed_globals", "load_checkpoint", "load_fairseq_model",
@@ -150,6 +151,11 @@ def _cfg_name(node: Any, legacy: str) -> Any:
     return name if name is not None else getattr(node, legacy, None)
 
 
+# the qswap plugin's training options (fairseq-train's --qswap-calib-batches, --qswap-strict) and
+# what loading a checkpoint sets them to
+TRAINING_ONLY = {"qswap_calib_batches": 0, "qswap_strict": False}
+
+
 def setup_task(path: Path, cfg: Any):
     """fairseq's task for ``cfg.task`` (it reads its data directory); DataError naming ``path``."""
     from fairseq import tasks
@@ -160,6 +166,11 @@ def setup_task(path: Path, cfg: Any):
         # converted with; the task's is the training command's --qswap-recipe (a name or a YAML
         # path, which may have changed or gone since)
         set_cfg_option(cfg.task, "qswap_recipe", None)
+    for key, value in TRAINING_ONLY.items():
+        # the training command's plugin options, stored in its checkpoint's task cfg: loading the
+        # checkpoint neither calibrates (a warning said they were ignored) nor checks strictly again
+        if getattr(cfg.task, key, None):
+            set_cfg_option(cfg.task, key, value)
     name = _cfg_name(cfg.task, "task")
     if isinstance(name, str) and name not in tasks.TASK_REGISTRY:
         from qswap.integration.fairseq_task import register_tasks
@@ -196,7 +207,7 @@ def set_cfg_option(opts: Any, key: str, value: Any) -> None:
 # -- qswap checkpoints -------------------------------------------------------------------------
 def save_qswap_checkpoint(path: "str | os.PathLike[str]", model: nn.Module,
                           state_like_fairseq: Any, *, trust_checkpoint: bool = False,
-                          data: "str | os.PathLike[str] | None" = None) -> Path:
+                          data: "str | os.PathLike[str] | None" = None, dictionary: Any = None) -> Path:
     """Write a converted (and calibrated) model as a qswap checkpoint, atomically.
 
     ``state_like_fairseq`` gives the fairseq config the float model was built from: the path of
@@ -204,7 +215,10 @@ def save_qswap_checkpoint(path: "str | os.PathLike[str]", model: nn.Module,
     checkpoint state (``{"cfg": ...}`` or ``{"args": ...}``), or a cfg (DictConfig / dict).
     ``data``: the data directory the model was loaded with (a command's ``--data``), written into
     the cfg's ``task.data`` as an absolute path, so that a later command (``qswap export``,
-    ``qswap eval``) finds it without ``--data``; None keeps the cfg's own.
+    ``qswap eval``) finds it without ``--data``; None keeps the cfg's own. ``dictionary``: the task's
+    target dictionary (default: an S2T decoder's own; a CTC model holds none: pass the task's), whose facts the model cfg records
+    (``qswap.io.dictionary``): loading the checkpoint with a data directory of another dictionary
+    is then refused, not decoded into other words.
     """
     recipe = getattr(model, "qswap_recipe", None)
     if recipe is None:
@@ -215,6 +229,10 @@ def save_qswap_checkpoint(path: "str | os.PathLike[str]", model: nn.Module,
     recipe_data = to_plain(recipe.to_dict(), "recipe")
     cfg = to_plain(_cfg_of(state_like_fairseq, trust_checkpoint), "cfg")
     cfg["model"]["qswap_recipe"] = recipe_data  # for fairseq's loader with the qswap plugin
+    if dictionary is None:
+        dictionary = getattr(getattr(model, "decoder", None), "dictionary", None)
+    if dictionary is not None:
+        cfg["model"][DICTIONARY_KEY] = dictionary_facts(dictionary)
     if data is not None:
         cfg["task"]["data"] = str(Path(data).resolve())
     plain = _canonical({
@@ -307,10 +325,26 @@ def qswap_entry(path, state: dict) -> Mapping:
 def _load_qswap(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None):
     meta, cfg = _stored_cfg(path, state, arg_overrides)
     task = setup_task(path, cfg)
+    check_dictionary(path, cfg.get("model"), task)
     model = _build_float_model(path, cfg, task)
     qmodel = _convert_stored(path, model, meta["recipe"])
     _load_quantized_state(path, qmodel, state["model"])
     return qmodel.eval(), cfg, task
+
+
+def check_dictionary(path: Any, model_cfg: Any, task: Any) -> None:
+    """A DataError where the task's target dictionary is not the one the checkpoint's model cfg
+    records (``qswap.io.dictionary``); nothing where it records none."""
+    recorded = recorded_facts(model_cfg)
+    if recorded is None:
+        return
+    try:
+        dictionary = task.target_dictionary  # some tasks (audio_finetuning) read it only now
+    except Exception:  # noqa: BLE001  (fairseq's own error: building the model reports it)
+        return
+    problem = mismatch(recorded, dictionary, f"the checkpoint {path}")
+    if problem is not None:
+        raise DataError(problem)
 
 
 def _stored_cfg(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None) -> tuple[Mapping, Any]:
@@ -351,7 +385,7 @@ def float_structure(path: "str | os.PathLike[str]", *, trust_checkpoint: bool = 
         _check_registered(path, cfg)
     for node in (cfg.get("model"), cfg.get("task")):
         # the training command's plugin options too: they would convert or calibrate the built model
-        for key, value in (("qswap_recipe", None), ("qswap_calib_batches", 0), ("qswap_strict", False)):
+        for key, value in (("qswap_recipe", None), *TRAINING_ONLY.items()):
             if key == "qswap_recipe" or getattr(node, key, None) is not None:
                 set_cfg_option(node, key, value)
     return _build_float_model(path, cfg, setup_task(path, cfg)).eval()

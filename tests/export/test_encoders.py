@@ -137,7 +137,7 @@ def test_a_conv2d_subsampler_is_a_typed_error(tmp_path):
     assert not (tmp_path / "new").exists()
     unconverted = calibrated(build_s2t_conformer())
     unconverted.encoder = build_s2t_conformer().encoder  # fairseq's own encoder, never converted
-    with pytest.raises(ExportError, match="S2TConformerEncoder encoder is not supported yet"):
+    with pytest.raises(ExportError, match="encoder is fairseq's float S2TConformerEncoder, not qswap's conversion"):
         export_model(unconverted, tmp_path / "deploy", audit=False)
 
 

@@ -214,8 +214,20 @@ def test_four_bit_activations_keep_onnxruntimes_integer_kernels(w4a4, graph_path
 def test_other_encoders_are_a_typed_error(tmp_path):
     qmodel = calibrated(build_s2t_transformer())
     qmodel.encoder = build_s2t_transformer().encoder  # fairseq's own, not qswap's conversion
-    with pytest.raises(ExportError, match="S2TTransformerEncoder encoder is not supported yet"):
+    with pytest.raises(ExportError, match="encoder is fairseq's float S2TTransformerEncoder, not qswap's conversion"):
         export_encoder(qmodel, tmp_path / "e.onnx", s2t_net_input())
+
+
+def test_a_recipe_that_converts_nothing_is_told_to_convert_and_calibrate(tmp_path):
+    """fp32's conversion keeps fairseq's float modules: the whole export had said that exporting
+    fairseq's S2TTransformerEncoder 'is not supported yet' while naming it as covered."""
+    import qswap
+    from qswap.export import export_model
+
+    with pytest.raises(ExportError, match="recipe 'fp32' quantizes nothing: the model has no qswap activation "
+                                          "quantizers; convert it with a recipe that quantizes activations"):
+        export_model(qswap.convert(build_s2t_transformer(), "fp32"), tmp_path / "deploy", audit=False)
+    assert not (tmp_path / "deploy").exists()
 
 
 @pytest.mark.parametrize("spinning", [False, True])

@@ -40,10 +40,55 @@ def test_generate_loads_the_quantized_model_and_prints_the_audit(trained):
     out = _run("fairseq-generate", data, "--user-dir", plugin, "--task", "speech_to_text_qswap",
                "--path", root / "qat" / "checkpoint_last.pt", "--gen-subset", "test", "--beam", "2",
                "--max-tokens", "4000", "--cpu", "--qswap-audit", "--scoring", "wer",
-               "--required-batch-size-multiple", "1", cwd=root)
+               "--required-batch-size-multiple", "1", "--qswap-calib-batches", "3", cwd=root)
     assert "qswap: converted with recipe w4a8" in out  # rebuilt from the checkpoint's own args
+    # generate has no updates to calibrate on: the option is named as ignored, not dropped silently
+    assert "qswap: --qswap-calib-batches 3 is ignored" in out
     assert "qswap audit:" in out
     assert "WER:" in out
+
+
+def test_a_qat_checkpoint_refuses_a_dictionary_of_the_same_size_with_other_symbols(trained, tmp_path):
+    """fairseq-train records the target dictionary's facts in the QAT checkpoint's model cfg;
+    fairseq-generate with two of its symbols swapped had decoded other words with no error."""
+    import shutil
+
+    from qswap.io.dictionary import recorded_facts
+
+    root, data, plugin, _ = trained
+    state = torch.load(root / "qat" / "checkpoint_last.pt", weights_only=False)
+    assert recorded_facts(state["args"] if state.get("args") else state["cfg"]["model"])["size"] > 5
+    swapped = tmp_path / "data"
+    shutil.copytree(data, swapped)
+    lines = (swapped / "spm.txt").read_text().splitlines(keepends=True)
+    lines[2], lines[3] = lines[3], lines[2]
+    (swapped / "spm.txt").write_text("".join(lines))
+    err = _refused("fairseq-generate", swapped, "--user-dir", plugin, "--task", "speech_to_text_qswap", "--path",
+                   root / "qat" / "checkpoint_last.pt", "--gen-subset", "test", "--beam", "2", "--max-tokens", "4000",
+                   "--cpu", cwd=root)
+    assert "DataError: the task's target dictionary" in err and "other symbols" in err
+    # fairseq-train continuing from it on the swapped data: its checkpoints would record the swapped
+    # dictionary, and later loads would pass
+    args = _qat(root, swapped, tmp_path / "on", "w4a8", 0, 1)
+    args[args.index("--finetune-from-model") + 1] = root / "qat" / "checkpoint_last.pt"
+    err = _refused(*args, cwd=root)
+    assert "DataError: the task's target dictionary" in err and "--finetune-from-model" in err
+    assert not list((tmp_path / "on").glob("*.pt"))
+
+
+def test_loading_a_qat_checkpoint_neither_calibrates_nor_warns_of_its_training_options(trained, caplog):
+    """The checkpoint's task cfg stores fairseq-train's --qswap-calib-batches 2: qswap's loader
+    builds the model from a checkpoint, where the plugin warns that the option is ignored (meant
+    for fairseq-generate's command line), so the loader resets it first."""
+    import logging
+
+    from qswap.integration import data as fdata
+
+    root, data, _, _ = trained
+    with caplog.at_level(logging.WARNING, logger="qswap"):
+        model, _ = fdata.load_model_and_task(root / "qat" / "checkpoint_last.pt", data)
+    assert model.qswap_recipe.name == "w4a8"
+    assert "--qswap-calib-batches" not in caplog.text
 
 
 def test_qswap_eval_reads_the_qat_checkpoint(trained, tmp_path):

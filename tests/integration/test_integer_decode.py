@@ -12,7 +12,8 @@ from qswap.errors import DataError, ExportError, LoadError  # noqa: E402
 from qswap.export.integer_format import write_integer_model  # noqa: E402
 from qswap.export.integer_load import load_integer_model  # noqa: E402
 from qswap.integration import data as fdata  # noqa: E402
-from qswap.integration.integer_decode import decode_exported, dictionary_facts, exported_task, task_config  # noqa: E402
+from qswap.integration.integer_decode import decode_exported, exported_task, task_config  # noqa: E402
+from qswap.io.dictionary import dictionary_facts  # noqa: E402
 
 ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
 

@@ -74,3 +74,35 @@ def test_a_path_of_another_kind_is_a_typed_error_for_checkpoints_and_export_dire
         load_fairseq_model(None)
     with pytest.raises(ExportError, match="an export directory is a path .* got int"):
         read_manifest(5)
+
+
+def _swapped_data_dir(tmp_path: Path) -> Path:
+    """The shipped model's data directory as far as loading reads it, with two symbols of the
+    target dictionary swapped: the same size, other words."""
+    import shutil
+
+    data = tmp_path / "swapped"
+    data.mkdir()
+    for name in ("config.yaml", "spm_unigram200.model", "gcmvn.npz"):
+        shutil.copy(ASSET / name, data / name)
+    lines = (ASSET / "spm_unigram200.txt").read_text().splitlines(keepends=True)
+    lines[4], lines[5] = lines[5], lines[4]
+    (data / "spm_unigram200.txt").write_text("".join(lines))
+    return data
+
+
+def test_a_checkpoint_records_its_dictionary_and_refuses_another(tmp_path):
+    """A data directory whose dictionary has the same size and two symbols swapped had loaded and
+    decoded other words with no error: the qswap checkpoint records the dictionary's facts."""
+    from qswap.errors import DataError
+    from qswap.io.dictionary import CFG_KEY, dictionary_facts
+
+    model, cfg, task = load_fairseq_model(ASSET / "checkpoint.pt", arg_overrides={"data": str(ASSET)})
+    path = save_qswap_checkpoint(tmp_path / "q.pt", qswap.convert(model, "w8a8"), {"cfg": cfg})
+    state = qswap.io.load_checkpoint(path)
+    assert state["cfg"]["model"][CFG_KEY] == dictionary_facts(task.target_dictionary)
+    with pytest.raises(DataError, match=r"target dictionary \(200 symbols\) is not the one the model was made "
+                                        r"with \(200 symbols, other symbols, recorded in the checkpoint"):
+        load_fairseq_model(path, arg_overrides={"data": str(_swapped_data_dir(tmp_path))})
+    loaded, _, _ = load_fairseq_model(path, arg_overrides={"data": str(ASSET)})  # its own loads
+    assert loaded.qswap_recipe.name == "w8a8"

@@ -505,6 +505,19 @@ _data_case("data-config-malformed", "config.yaml that is not YAML",
            lambda env: _copy_data(env, config_yaml=b"vocab_filename: [unclosed\n"))
 
 
+
+def _swapped_dictionary(env) -> Path:
+    lines = (env.shared.data_dir / "dict.txt").read_text().splitlines(keepends=True)
+    lines[0], lines[1] = lines[1], lines[0]
+    return _copy_data(env, dict_txt="".join(lines).encode())
+
+
+@case("data", "data-dict-swapped", "a qswap checkpoint loaded with a data directory whose dictionary has two "
+      "symbols swapped (same size)", raises=DataError)
+def _(env):
+    return _load(env.shared.qswap_checkpoint(), arg_overrides={"data": str(_swapped_dictionary(env))})
+
+
 HEADER = "id\taudio\tn_frames\ttgt_text\n"
 
 
