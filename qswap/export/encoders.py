@@ -89,11 +89,14 @@ class ConformerEncoderGraph(nn.Module):
 def check_encoder(encoder: "nn.Module | None") -> None:
     """ExportError for an encoder the export does not cover (None: the model has none), naming
     what to do; the check ``encoder_graph`` makes, for a caller that reads the encoder first."""
+    from fairseq.models.speech_to_text.s2t_conformer import S2TConformerEncoder
+    from fairseq.models.speech_to_text.s2t_transformer import S2TTransformerEncoder
+
     from qswap.nn.fairseq.models import QS2TConformerEncoder, QS2TTransformerEncoder
     from qswap.nn.fairseq.subsample import QConv1dSubsampler
 
     if not isinstance(encoder, (QS2TTransformerEncoder, QS2TConformerEncoder)):
-        if type(encoder).__name__ in ("S2TTransformerEncoder", "S2TConformerEncoder"):
+        if isinstance(encoder, (S2TTransformerEncoder, S2TConformerEncoder)):
             # fairseq's own, float: a recipe that converts nothing (fp32), or no conversion at all
             raise ExportError(f"the model's encoder is fairseq's float {type(encoder).__name__}, not qswap's "
                               f"conversion of it: convert the model with a recipe that quantizes it (qswap.convert: "
