@@ -125,7 +125,26 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
                     f"compute its range at run time, which the audit reports"
                     + (f"; {len(kept)} of them keep the grid of their previous calibration" if kept else "")
                     + f"): {', '.join(_names(model, unseen)[:6])}")
+    _warn_clipped_negatives(model, quantizers)
     return count
+
+
+def _warn_clipped_negatives(model: nn.Module, quantizers: list[FakeQuantize]) -> None:
+    """A QswapWarning naming the activation quantizers on an unsigned symmetric grid (zero point 0:
+    values >= 0 only) whose calibration saw negative values, which they round to 0 (a recipe's
+    ``signed: false, symmetric: true`` meant for a ReLU's output, set where the values are not
+    all >= 0)."""
+    clipped = [q for q in quantizers if q.spec.symmetric and not q.spec.signed and q.observer.has_range
+               and bool((q.observer.min_val < 0).any())]
+    if clipped:
+        import warnings
+
+        from qswap.errors import QswapWarning
+        names = _names(model, clipped)
+        warnings.warn(f"{len(clipped)} activation quantizer(s) on unsigned symmetric grids (values >= 0 only) saw "
+                      f"negative values in calibration, which they round to 0: {', '.join(names[:6])}"
+                      f"{' ...' if len(names) > 6 else ''}; use signed: true, or symmetric: false (an affine grid), "
+                      f"for these sites in the recipe", QswapWarning, stacklevel=3)
 
 
 def _chosen(model: nn.Module, only: Iterable[FakeQuantize] | None) -> list[FakeQuantize]:

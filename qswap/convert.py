@@ -89,6 +89,10 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
         raise ConvertError(f"strict mode: {len(report.by_action('float'))} module(s) left float "
                            f"without a skip rule: {names}")
     _replace(target, plans, report)
+    if plans and not any(isinstance(m, FakeQuantize) and m.enabled for m in target.modules()):
+        report.notes.append(f"recipe {recipe.name} quantizes nothing: every weight and activation spec it gives "
+                            f"is float (null), so its counterparts compute in float (fp32's purpose: a baseline "
+                            f"of the same structure); give bits for weights or activations to quantize")
     report.float_bytes, report.quantized_bytes = parameter_bytes(target)
     target.qswap_recipe = recipe
     target.qswap_report = report
@@ -107,7 +111,8 @@ def _check_dtypes(model: nn.Module) -> None:
 
 def _check_weight_grids(built: list[tuple[str, nn.Module]]) -> None:
     """Every weight's grid fits its shape (a per-channel axis it has, a per-group size that divides
-    that axis): a SpecError naming the weight now, rather than a checkpoint written that fails
+    that axis) and its signs (an unsigned symmetric grid holds no negative value): a SpecError
+    naming the weight now, rather than a checkpoint written that fails
     at its first forward; checked on the counterparts ``built`` (path, counterpart) before any is
     set in place. A weight is a module's own parameter, or a buffer the state dict stores (an
     online Hadamard transform's ``matrix``; not a table recomputed at run time), whose declared
@@ -125,12 +130,19 @@ def _check_weight_grids(built: list[tuple[str, nn.Module]]) -> None:
         read: dict[int, tuple[str, torch.Tensor, FakeQuantize]] = {}  # id(quantizer) -> its largest weight
         for pname, weight in list(module.named_parameters(recurse=False)) + stored:
             quant = param_quantizer(module, pname)
-            if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.kind == "weight"
-                    and quant.spec.granularity != "per_tensor"):
+            if not (isinstance(quant, FakeQuantize) and quant.enabled and quant.kind == "weight"):
                 continue
             if id(quant) not in read or weight.numel() >= read[id(quant)][1].numel():
                 read[id(quant)] = (pname, weight, quant)
         for pname, weight, quant in read.values():
+            spec = quant.spec
+            if spec.symmetric and not spec.signed and weight.numel() and bool((weight.detach() < 0).any()):
+                raise SpecError(f"{path}.{pname}: its grid ({spec.short()}) is unsigned and symmetric, zero point 0: "
+                                f"it holds values >= 0 only, and this weight has negative values (min "
+                                f"{float(weight.detach().min()):.3g}), which would all round to 0; use signed: true, "
+                                f"or symmetric: false (an affine grid) in the recipe's weight spec for this module")
+            if spec.granularity == "per_tensor":
+                continue
             try:
                 (groups_view if quant.spec.granularity == "per_group" else channel_axis)(weight.detach(), quant.spec)
             except SpecError as e:

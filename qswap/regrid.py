@@ -84,10 +84,12 @@ def regrid(qmodel: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", float_
     fresh = [n for n, q in after.items()
              if n not in before or before[n].kind != q.kind or before[n].spec != q.spec
              or (never and q.kind == "activation")]
-    dropped = [n for n in before if n not in after]
-    # every name of a fresh or dropped quantizer (a tied or aliased one has several): its state is not loaded
-    skip = tuple(f"{alias}." for alias in
-                 _aliases(model, fresh) | _aliases(qmodel, fresh) | _aliases(qmodel, dropped))
+    # every name of an old quantizer the new model lacks: a tied one keeps its first owner's name and
+    # loses another's where the new recipe leaves that owner float (a skipped output projection)
+    named_after = _quantizers(model, every_name=True)
+    dropped = [n for n in _quantizers(qmodel, every_name=True) if n not in named_after]
+    # every name of a fresh quantizer (a tied or aliased one has several) and each dropped name: no state loaded
+    skip = tuple(f"{alias}." for alias in _aliases(model, fresh) | _aliases(qmodel, fresh) | set(dropped))
     state = {k: v for k, v in qmodel.state_dict().items() if not k.startswith(skip)}
     wrong = ("the quantized model and float_model are not the same architecture: {}; pass a float model "
              "built from the same config")
@@ -130,8 +132,10 @@ def _filled(recipe: Recipe) -> list[tuple[str, dict]]:
     return [(s.name, s.filled()) for s in recipe.transforms]
 
 
-def _quantizers(model: nn.Module) -> dict[str, FakeQuantize]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantize)}
+def _quantizers(model: nn.Module, every_name: bool = False) -> dict[str, FakeQuantize]:
+    """``model``'s quantizers by name: each under its first name, or (``every_name``) under each
+    name it has (a tied weight's quantizer under each owner)."""
+    return {n: m for n, m in model.named_modules(remove_duplicate=not every_name) if isinstance(m, FakeQuantize)}
 
 
 def _steps(recipe: Recipe) -> str:

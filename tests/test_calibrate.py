@@ -258,3 +258,23 @@ def test_batches_that_are_not_an_iterable_of_batches_are_a_calibration_error(giv
     with pytest.raises(CalibrationError, match="calibrate takes an iterable of batches") as exc:
         qswap.calibrate(model, given)
     assert (named or "got one dict") in str(exc.value) and "pass [batch]" in str(exc.value)
+
+
+def test_unsigned_symmetric_activation_grids_that_saw_negatives_are_named_in_a_warning():
+    """An activation grid of ``signed: false, symmetric: true`` rounds every negative value to 0:
+    calibration that saw some names the sites in a QswapWarning; a grid that saw none is quiet."""
+    from qswap.errors import QswapWarning
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}},
+              "rules": [{"match": {"path": "2"}, "activation": {"bits": 8, "signed": False, "symmetric": True}}]}
+    q = qswap.convert(model, recipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qswap.calibrate(q, [torch.randn(8, 4)])  # fc2 reads the ReLU's output: nothing negative
+    recipe["rules"][0]["match"]["path"] = "0"
+    q = qswap.convert(model, recipe)
+    with pytest.warns(QswapWarning, match=r"1 activation quantizer\(s\) on unsigned symmetric grids .* saw negative "
+                                          r"values .*: 0\.input_quant; use signed: true"):
+        qswap.calibrate(q, [torch.randn(8, 4)])

@@ -820,3 +820,30 @@ def test_every_api_function_taking_a_model_names_what_it_got_instead(call):
              "convert": lambda m: qswap.convert(m, "w8a8"), "audit": lambda m: qswap.audit(m, {})}
     with pytest.raises(qswap.QswapError, match=rf"{call}\(\) takes a torch.nn.Module, got str"):
         calls[call]("checkpoint.pt")
+
+
+def test_an_unsigned_symmetric_weight_grid_refuses_a_weight_with_negative_values():
+    """``signed: false, symmetric: true`` (zero point 0: values >= 0 only) had rounded every
+    negative weight to 0 with no word (WER 100.9 %); a weight that is all >= 0 takes it."""
+    torch.manual_seed(0)
+    unsigned = {"version": 1, "defaults": {"weight": {"bits": 8, "signed": False, "symmetric": True}}}
+    with pytest.raises(SpecError, match=r"^0\.weight: its grid \(uint8 sym per_tensor\) is unsigned and symmetric.*"
+                                        r"negative values .*use signed: true, or symmetric: false"):
+        qswap.convert(nn.Sequential(nn.Linear(4, 3)), unsigned)
+    positive = nn.Sequential(nn.Linear(4, 3, bias=False))
+    with torch.no_grad():
+        positive[0].weight.abs_()
+    q = qswap.convert(positive, unsigned)
+    assert torch.equal(q[0].weight_quant(q[0].weight) > 0, positive[0].weight > 0)
+
+
+def test_a_recipe_that_quantizes_nothing_says_so_in_its_report():
+    """Every spec null: the counterparts compute in float and the report had shown them all as
+    quantized with no word; its notes say so now. (fp32, the shipped baseline, skips every module:
+    its report says that already.)"""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    nothing = qswap.convert(model, {"version": 1, "name": "all_null", "defaults": {"weight": None, "activation": None}})
+    assert any(n.startswith("recipe all_null quantizes nothing") for n in nothing.qswap_report.notes)
+    baseline = qswap.convert(model, "fp32").qswap_report
+    assert baseline.counts()["quantized"] == 0 and not any("quantizes nothing" in n for n in baseline.notes)
+    assert not any("quantizes nothing" in n for n in qswap.convert(model, "w8a8").qswap_report.notes)

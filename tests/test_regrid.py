@@ -246,3 +246,23 @@ def test_the_cli_moves_a_checkpoint_fairseq_train_wrote_with_the_plugin(float_ch
     assert torch.equal(moved.state_dict()[w], trained.state_dict()[w])
     assert all(bool(q.frozen) for q in moved.modules() if isinstance(q, FakeQuantize) and q.kind == "activation"
                and q.initialized)
+
+
+def test_regrid_onto_a_recipe_that_leaves_one_owner_of_a_tied_weight_float():
+    """The output projection's weight is tied to the token embedding: one quantizer, listed under
+    the embedding's name. A recipe that skips the projection had been refused as 'not the same
+    architecture' (the projection's name of that quantizer had no place in the new model)."""
+    from qswap.regrid import regrid
+
+    old = quantized("w8a8")
+    skip = {"version": 1, "name": "w8a8_outproj_float", "defaults": {
+        "weight": {"bits": 8}, "activation": {"bits": 8, "symmetric": False}},
+        "rules": [{"match": {"path": "decoder.output_projection"}, "skip": True}]}
+    moved = regrid(old, skip, build_s2t_transformer(seed=1))
+    assert "decoder.output_projection.weight_quant" in moved.dropped
+    assert type(moved.model.decoder.output_projection) is torch.nn.Linear
+    old_embed = dict(old.named_modules())["decoder.embed_tokens.weight_quant"]
+    new_embed = dict(moved.model.named_modules())["decoder.embed_tokens.weight_quant"]
+    assert torch.equal(new_embed.scale, old_embed.scale)  # the kept quantizer's state is the old one's
+    qswap.calibrate(moved.model, batches(), quantizers=moved.fresh_activations() or None)
+    assert torch.isfinite(logits(moved.model, batches()[0])).all()

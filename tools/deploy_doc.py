@@ -807,8 +807,8 @@ def header(r: dict) -> list[str]:
              f"onnxruntime {r['onnxruntime']}, {r['threads']} threads, beam {r['beam']}. {machine_state(r)} "
              f"The timings are what this one run measured.", "",
              "Export and decode with the exported graphs:", "", "```",
-             "qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe w8a8 --data qswap/assets/s2t_demo "
-             "--calib-subset train_calib --calib-batches 4 -o w8a8.pt",
+             "qswap convert qswap/assets/s2t_demo/checkpoint.pt --recipe w8a8 --simulate float "
+             "--data qswap/assets/s2t_demo --calib-subset train_calib --calib-batches 4 -o w8a8.pt",
              "qswap export w8a8.pt --onnx -o deploy/ --data qswap/assets/s2t_demo",
              "qswap eval deploy/ --backend onnxruntime --data qswap/assets/s2t_demo --subset test --threads 2",
              "qswap audit deploy/ --onnx --markdown deploy_audit.md", "```", "",
@@ -1059,8 +1059,11 @@ def wer_section(r: dict) -> list[str]:
               f"Both decode with fairseq's SequenceGenerator, beam {r['beam']}; ΔWER = onnxruntime − fake-quant with "
               "the paired bootstrap 95 % interval (2,000 resamples over utterances). Target: |ΔWER| ≤ 0.3. The "
               "fake-quant model here computes with `simulate: float` (float32 insides, float rounding onto each "
-              "grid), which a QDQ graph computes; with the default `simulate: integer` it computes the integer "
-              "model's codes (docs/integer.md), whose WER docs/demo.md and docs/integer.md give.", "",
+              "grid), which a QDQ graph computes, and was calibrated so (`qswap convert ... --simulate float`, as "
+              "the commands at the top; calibrated under the recipe's default `simulate: integer`, the grids come "
+              "out slightly different, and so do the transcripts and WERs of both systems); with the default "
+              "`simulate: integer` it computes the integer model's codes (docs/integer.md), whose WER docs/demo.md "
+              "and docs/integer.md give.", "",
               "| recipe | subset | fake-quant WER % | onnxruntime WER % | ΔWER [95 % CI] | same transcripts | target |",
               "|---|---|---:|---:|---:|---:|---|"]
     for row in r["wer"]:

@@ -200,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"qswap {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Terminated:
-        print(f"qswap {args.command}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+        print(f"qswap {args.command}: terminated (SIGTERM); no file was left half-written", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"qswap {args.command}: interrupted", file=sys.stderr)

@@ -134,9 +134,16 @@ def _quantized(model, recipe: str | None, data: list):
         if recipe is None:
             raise AuditError("a float checkpoint needs --recipe R (a shipped name or a YAML path)")
         return qswap.convert(model, recipe, data=data)
-    if recipe is not None and qswap.load_recipe(recipe).name != stored:
-        raise AuditError(f"this checkpoint is already quantized with recipe {stored!r}; audit it "
-                         f"without --recipe (or convert the float checkpoint with {recipe!r})")
+    if recipe is not None:
+        from qswap.recipe import same_recipe
+        asked = qswap.load_recipe(recipe)
+        if asked.name != stored:
+            raise AuditError(f"this checkpoint is already quantized with recipe {stored!r}; audit it "
+                             f"without --recipe (or convert the float checkpoint with {recipe!r})")
+        if not same_recipe(asked, model.qswap_recipe):  # a name alone had passed: the stored one was audited
+            raise AuditError(f"this checkpoint is quantized with recipe {stored!r} as it stores it, and {recipe!r} "
+                             f"is another recipe of that name (other settings); audit the checkpoint without "
+                             f"--recipe, or convert the float checkpoint with {recipe!r}")
     return model
 
 

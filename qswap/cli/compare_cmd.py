@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from qswap.cli.args import MAX_SENTENCES, POSITIVE
-from qswap.cli.render import console, interactive, json_text, recipe_progress
+from qswap.cli.render import console, interactive, json_text, recipe_progress, styled
 
 DEFAULT_RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w8_weight_only"]
 
@@ -93,9 +93,9 @@ def render_comparison(table):
     for col in INTEGER_COLUMNS if integer else ():
         t.add_column(col, justify="left" if col == "integer-only" else "right")
     for r in table.rows:
-        honest = "[green]yes" if r.honest else f"[red]no ({r.float_ops} float ops)"
+        honest = styled("yes", "green") if r.honest else styled(f"no ({r.float_ops} float ops)", "red")
         sig = significance_cell(r)
-        t.add_row(r.recipe, wer_cell(r), delta_cell(r), f"[bold]{sig}" if sig == "yes" else f"[dim]{sig}",
+        t.add_row(r.recipe, wer_cell(r), delta_cell(r), styled(sig, "bold" if sig == "yes" else "dim"),
                   f"{r.cer:.2f}", honest, f"{r.weight_mb:.2f}", f"{r.mmacs_per_s:.1f}", f"{r.gbops_per_s:.1f}",
                   *(integer_cells(r) if integer else ()))
     return t

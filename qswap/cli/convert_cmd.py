@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from qswap.cli.args import COUNT, MAX_SENTENCES, POSITIVE
+from qswap.nn.simulate import SIMULATIONS
 from qswap.cli.render import console, convert_summary, convert_table, progress_bar
 
 
@@ -28,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-calibrate", action="store_true",
                    help="write activation quantizers uncalibrated (dynamic ranges, re-derived per batch)")
     p.add_argument("--max-sentences", type=POSITIVE, default=MAX_SENTENCES, help="utterances per calibration batch")
+    p.add_argument("--simulate", choices=SIMULATIONS,
+                   help="the recipe's 'simulate' set to this (qswap.nn.simulate), stored with it in the checkpoint "
+                        "and in force while it calibrates: float (what onnxruntime's QDQ graphs compute: the "
+                        "models docs/deploy.md compares them with) or integer (the integer model's arithmetic, "
+                        "the shipped recipes' default)")
     p.add_argument("--strict", action="store_true", help="fail on modules left float without a skip rule")
     p.add_argument("--show-all", action="store_true", help="list passthrough modules too")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
@@ -42,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from qswap.integration import data as fdata
     from qswap.io.checkpoint import save_qswap_checkpoint
 
+    if args.simulate:  # the recipe as the checkpoint stores it, its simulation set
+        from qswap.recipe import with_simulate
+        args.recipe = with_simulate(args.recipe, args.simulate)
     if args.calib_batches and args.no_calibrate:
         raise ConvertError("give either --calib-batches N or --no-calibrate, not both")
     if args.calib_batches and not args.data:
@@ -76,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     elif n_act:
         out.print(f"note: --no-calibrate: {n_act} activation quantizers left uncalibrated "
                   f"(their ranges are re-derived from every batch at run time)")
+    elif args.calib_batches:
+        out.print(f"note: recipe {recipe.name} quantizes no activations: nothing calibrated (--calib-batches "
+                  f"{args.calib_batches} is not used)")
     save_qswap_checkpoint(args.output, qmodel, args.checkpoint, trust_checkpoint=args.trust_checkpoint,
                           data=args.data, dictionary=task.target_dictionary)
     out.print(convert_table(qmodel.qswap_report, show_all=args.show_all))

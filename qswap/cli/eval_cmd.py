@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"--simulate picks the fake-quant model's arithmetic; drop it with {other}")
     if args.baseline and args.vs_float:
         raise DataError("--baseline and --vs-float each give the ΔWER its reference; pass one of them")
+    if args.threads != 1 and args.backend != "onnxruntime":  # had been ignored without a word
+        raise DataError(f"--threads sets onnxruntime's threads (--backend onnxruntime); torch decodes with its own "
+                        f"threads (OMP_NUM_THREADS={args.threads} in the environment): drop --threads")
     baseline = _read_baseline(args.baseline) if args.baseline else None
     counts, result, label, float_result = evaluate(args)
     utterances = [u.__dict__ for u in result.utterances]
@@ -211,10 +214,11 @@ def evaluate(args):
         return _evaluate_exported(args)
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     label = getattr(getattr(model, "qswap_recipe", None), "name", "float")
+    recipe = qswap.load_recipe(args.recipe) if args.recipe else None  # its errors before any decoding
     float_result = _decode(args, task, copy.deepcopy(model), "float") if args.vs_float else None
-    if args.recipe:
-        model = qswap.convert(model, args.recipe, data=fdata.transform_data(
-            args.recipe, task, args.calib_subset, args.calib_batches, max_sentences=args.max_sentences))
+    if recipe is not None:
+        model = qswap.convert(model, recipe, data=fdata.transform_data(
+            recipe, task, args.calib_subset, args.calib_batches, max_sentences=args.max_sentences))
         label = model.qswap_recipe.name
     with _simulation(args, model):
         if args.recipe and activation_quantizers(model):

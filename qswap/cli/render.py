@@ -8,8 +8,24 @@ from typing import Any
 
 
 def console(stderr: bool = False):
+    """The CLI's rich console. It parses no markup: what it prints holds text users wrote (recipe
+    names, notes and rule patterns, paths), which may contain brackets (``[/]`` had raised rich's
+    MarkupError after a checkpoint was written); styles are given as ``styled`` text."""
     from rich.console import Console
-    return Console(file=sys.stderr if stderr else sys.stdout, width=None if sys.stdout.isatty() else 160)
+    return Console(file=sys.stderr if stderr else sys.stdout, width=None if sys.stdout.isatty() else 160,
+                   markup=False)
+
+
+def styled(text: str, style: str):
+    """``text`` shown in ``style`` (a rich ``Text``; an empty style: plain)."""
+    from rich.text import Text
+    return Text(text, style=style)
+
+
+def styled_line(lead: str, style: str, rest: str):
+    """``lead`` in ``style``, then ``rest`` plain: a verdict line."""
+    from rich.text import Text
+    return Text.assemble((lead, style), rest)
 
 
 def json_text(payload: Any) -> str:
@@ -39,7 +55,7 @@ def convert_table(report, show_all: bool = False):
     for e in report.entries:
         if e.action in ("passthrough", "container") and not show_all:
             continue
-        table.add_row(e.path or "<root>", e.float_class, f"[{style.get(e.action, '')}]{e.action}",
+        table.add_row(e.path or "<root>", e.float_class, styled(e.action, style.get(e.action, "")),
                       e.counterpart, e.weight, e.activation,
                       e.rule + (f" - {e.reason}" if e.reason else ""))
     return table
@@ -67,7 +83,7 @@ def progress_display(enabled: bool | None = None):
     ``enabled`` (default: on a terminal)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
                     console=console(stderr=True), transient=True,
                     disable=not (interactive() if enabled is None else enabled))

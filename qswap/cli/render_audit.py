@@ -1,6 +1,7 @@
 """Terminal rendering of the honesty report (rich). Only the CLI prints."""
 from __future__ import annotations
 
+from qswap.cli.render import styled, styled_line
 from qswap.honesty.markdown import TOTAL_LABELS
 from qswap.honesty.report import KINDS, HonestyReport
 
@@ -19,8 +20,8 @@ def verdict_line(report: HonestyReport) -> str:
     values = "" if report.values_verdict is None else (
         f"; value-level check: {report.values_verdict}, {len(report.value_disagreements)} "
         f"disagreement(s) with the tags")
-    return (f"[bold {style}]{label}[/]: {report.model}, recipe {report.recipe or 'none'}; "
-            f"{len(report.violations)} violation(s)" + (f" ({counts})" if counts else "") + values)
+    return styled_line(label, f"bold {style}", f": {report.model}, recipe {report.recipe or 'none'}; "
+                       f"{len(report.violations)} violation(s)" + (f" ({counts})" if counts else "") + values)
 
 
 def paths_table(report: HonestyReport):
@@ -43,7 +44,7 @@ def totals_table(report: HonestyReport):
     for key in TOTALS_SHOWN:
         style = "red" if key in ("float", "unclassified") and report.totals[key] else ""
         value = str(report.totals[key])
-        table.add_row(TOTAL_LABELS[key], f"[{style}]{value}" if style else value)
+        table.add_row(TOTAL_LABELS[key], styled(value, style))
     bits = ", ".join(f"{b}-bit: {n}" for b, n in report.bits_histogram.items()) or "none"
     table.caption = f"quantized operands by bit width: {bits}"
     return table
@@ -94,7 +95,7 @@ def print_deploy_audit(out, audit, max_rows: int | None = 40) -> None:
         graphs.add_column(col, justify="left" if col in ("graph", "float ops") else "right")
     for g in audit.graphs:
         ops = ", ".join(f"{op} {n}" for op, n in sorted(g.float_ops.items(), key=lambda kv: -kv[1]))
-        float_cell = f"[red]{g.float_count}" if g.float_count else "0"
+        float_cell = styled(str(g.float_count), "red") if g.float_count else "0"
         graphs.add_row(g.graph, str(g.nodes), *(str(g.buckets.get(b, 0)) for b in ("integer", "quantize",
                        "movement", "index")), float_cell, ops or "-")
     out.print(graphs)
@@ -110,4 +111,5 @@ def print_deploy_audit(out, audit, max_rows: int | None = 40) -> None:
             table.caption = f"{len(nodes) - len(shown)} more rows: write them with --json or --markdown"
         out.print(table)
     style = "green" if audit.integer_only else "red"
-    out.print(f"[bold {style}]{audit.verdict}[/] (recipe {audit.recipe}; {audit.integer_count} integer nodes)")
+    out.print(styled_line(audit.verdict, f"bold {style}",
+                          f" (recipe {audit.recipe}; {audit.integer_count} integer nodes)"))

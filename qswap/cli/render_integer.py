@@ -1,6 +1,7 @@
 """Terminal rendering of the integer audit report (rich). Only the CLI prints."""
 from __future__ import annotations
 
+from qswap.cli.render import styled, styled_line
 from qswap.honesty.integer import IntegerAuditReport
 
 
@@ -11,7 +12,7 @@ def print_integer_report(out, report: IntegerAuditReport, max_rows: int | None =
     for col in ("path", "aten ops", "integer ops", "float ops (findings)"):
         paths.add_column(col, justify="left" if col == "path" else "right")
     for p in report.paths:
-        paths.add_row(p.name, str(p.ops), str(p.integer_ops), f"[red]{p.findings}" if p.findings else "0")
+        paths.add_row(p.name, str(p.ops), str(p.integer_ops), styled(str(p.findings), "red") if p.findings else "0")
     out.print(paths)
     steps = Table(title="declared float steps")
     for col in ("module", "step", "ops", "count"):
@@ -30,6 +31,6 @@ def print_integer_report(out, report: IntegerAuditReport, max_rows: int | None =
             found.caption = f"{len(report.findings) - len(shown)} more rows: write them with --json or --markdown"
         out.print(found)
     style = "green" if report.integer_only else "red"
-    out.print(f"[bold {style}]{report.verdict}[/]: {report.model}, recipe {report.recipe or 'none'}; "
-              f"{len(report.findings)} float op(s) outside the declared steps; integer dtypes: "
-              f"{', '.join(report.dtypes) or 'none'}")
+    out.print(styled_line(report.verdict, f"bold {style}",
+                          f": {report.model}, recipe {report.recipe or 'none'}; {len(report.findings)} float op(s) "
+                          f"outside the declared steps; integer dtypes: {', '.join(report.dtypes) or 'none'}"))

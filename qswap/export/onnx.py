@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qswap.errors import DependencyError, ExportError, expect_module
+from qswap.errors import DependencyError, ExportError, QswapError, expect_module
 from qswap.export.compact import compact as compact_graph
 from qswap.export.encoders import encoder_graph
 from qswap.export.graph_passes import (code_caches, fold_constant_scales, gather_codes, integer_entry,
@@ -198,6 +198,8 @@ def _record(graph: nn.Module, stand_ins: list[nn.Module], args: tuple) -> None:
         m.recording = True
     try:
         graph(*args)
+    except QswapError:  # qswap's own message (a ValueError subclass among them) says what to change
+        raise
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         shapes = ", ".join(f"{getattr(a, 'dtype', type(a).__name__)}{list(getattr(a, 'shape', []))}" for a in args)
         raise ExportError(f"the model does not run on the example inputs ({shapes}): {type(exc).__name__}: "

@@ -191,7 +191,7 @@ def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -
         for path in entries:  # empty, or what a stopped export of qswap's left
             path.unlink()
         return
-    holds_onnx = isinstance(_json_object(out / MANIFEST).get("graphs"), dict)
+    holds_onnx = isinstance(_json_object(out / MANIFEST).get("graphs"), dict) or (onnx and _stopped_publish(out))
     holds_integer = _json_object(out / JSON_FILE).get("format") == INTEGER_FORMAT
     if onnx and holds_integer:
         raise OutputError(f"{out} holds an integer model export (model.json); one directory holds one export: "
@@ -207,6 +207,32 @@ def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -
     raise OutputError(f"{out} is a folder with other files, not {what}; an export writes into a new or empty "
                       f"folder, or over an export of its kind, never over files qswap did not write: pass a new or "
                       f"empty folder")
+
+
+def _stopped_publish(out: Path) -> bool:
+    """Whether ``out`` is an ONNX export stopped while it published (``export_model`` removes the
+    old export.json first, then renames the graphs in): no export.json, and nothing but graphs
+    of qswap's names that record qswap's site map (``qswap.export.sites``: an encoder.onnx of
+    another tool's records none), the deploy audit's ``optimized`` folder and a stopped export's
+    leftovers. The next export replaces it."""
+    import onnx
+
+    from qswap.export.sites import METADATA_KEY
+
+    names = {name for graphs in KIND_GRAPHS.values() for name in graphs.values()}
+    entries = list(out.iterdir())
+    graphs = [p for p in entries if p.name in names and p.is_file()]
+    if (out / MANIFEST).exists() or not graphs or not all(
+            p in graphs or _LEFTOVER.fullmatch(p.name) or (p.name == OPTIMIZED and p.is_dir()) for p in entries):
+        return False
+    for path in graphs:
+        try:
+            metadata = onnx.load(str(path), load_external_data=False).metadata_props
+        except Exception:  # noqa: BLE001  (onnx raises its own error types: not a graph qswap wrote)
+            return False
+        if not any(prop.key == METADATA_KEY for prop in metadata):
+            return False
+    return True
 
 
 def _json_object(path: Path) -> dict:
@@ -303,9 +329,11 @@ def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
             if integer else "write the directory with 'qswap export QCKPT --onnx -o DIR'")) from None
     except (OSError, ValueError) as e:
         raise ExportError(f"{path}: unreadable ({type(e).__name__}: {e}); re-export the directory") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ExportError(f"{path}: export format {payload.get('format') if isinstance(payload, dict) else None!r};"
-                          f" this qswap reads format {FORMAT}: re-export the directory")
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found != FORMAT:
+        what = repr(found) if found is None or type(found) is int else f"{found!r} (a {type(found).__name__})"
+        raise ExportError(f"{path}: export format {what}; this qswap reads format {FORMAT}, a number: re-export the "
+                          f"directory")
     try:
         manifest = Manifest(**payload)
     except TypeError as e:
@@ -329,6 +357,10 @@ def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
             raise ExportError(f"{path}: names no {graph} graph; re-export the directory")
         if not isinstance(manifest.digests, dict) or not isinstance(manifest.digests.get(graph), str):
             raise ExportError(f"{path}: records no digest of the {graph} graph; re-export the directory")
+        name = manifest.graphs[graph]
+        if name in ("", ".", "..") or "/" in name or "\\" in name:  # one directory, one export
+            raise ExportError(f"{path}: the {graph} graph is {name!r}, not a file name beside {MANIFEST} (an export "
+                              f"keeps its graphs in its own directory); re-export the directory")
     if manifest.kind == "seq2seq" and not (manifest.decoder_layers > 0 and manifest.max_target_positions > 0):
         raise ExportError(f"{path}: malformed manifest (a seq2seq export with decoder_layers "
                           f"{manifest.decoder_layers} and max_target_positions {manifest.max_target_positions}); "

@@ -174,6 +174,7 @@ def load_exported(directory: "str | os.PathLike[str]", dictionary, *,
     paths = graph_paths(directory, manifest)
     sessions = {name: load_session(path, threads=threads) for name, path in paths.items()}
     if manifest.kind == "ctc":
+        _check_ctc_inputs(directory, sessions["ctc"])
         _check_vocabulary(directory, sessions["ctc"], dictionary)
         model = OrtCtcModel(sessions["ctc"]).eval()
         model.recipe = manifest.recipe
@@ -205,6 +206,18 @@ def _check_graph_inputs(directory, sessions: dict, layers: int) -> None:
                               f"directory again ('qswap export QCKPT --onnx -o DIR')")
 
 
+def _check_ctc_inputs(directory, session) -> None:
+    """The graph export.json names as the CTC model takes audio and its padding mask (an encoder
+    of an S2T export named there had been blamed on the data directory's dictionary)."""
+    from qswap.export.wav2vec2 import INPUTS as CTC_INPUTS
+
+    taken = {i.name for i in session.get_inputs()}
+    if taken != set(CTC_INPUTS):
+        raise ExportError(f"{directory}: export.json does not describe its graphs: the graph it names as 'ctc' takes "
+                          f"{', '.join(sorted(taken))}, not what a CTC graph takes ({', '.join(CTC_INPUTS)}); export "
+                          f"the directory again ('qswap export QCKPT --onnx -o DIR')")
+
+
 def _check_positions(directory, step, max_target_positions: int) -> None:
     """export.json's ``max_target_positions`` (how long fairseq's generator lets a hypothesis grow)
     is the position limit the step graph records (``POSITIONS_KEY``; a graph exported before it was
@@ -223,12 +236,12 @@ def _check_dictionary(directory, manifest, dictionary) -> None:
     """The task's target dictionary is the one the model was exported with (its recorded facts:
     special indices, size, a hash of the symbols); a dictionary of the same size with other
     symbols would decode other words silently."""
-    from qswap.io.dictionary import dictionary_facts
+    from qswap.io.dictionary import mismatch
 
-    if manifest.dictionary and dictionary_facts(dictionary) != manifest.dictionary:
-        raise ExportError(f"{directory}: the task's target dictionary ({len(dictionary)} symbols) is not the one the "
-                          f"model was exported with ({manifest.dictionary.get('size')} symbols, recorded in "
-                          f"export.json); decode with the data directory the model was trained on")
+    why = mismatch(manifest.dictionary, dictionary, "export.json", made="exported with",
+                   advice="decode with the data directory the model was trained on")
+    if why is not None:
+        raise ExportError(f"{directory}: {why}")
 
 
 def _check_vocabulary(directory, session, dictionary) -> None:

@@ -15,7 +15,7 @@ import torch
 import qswap
 from qswap.calibrate import activation_quantizers
 from qswap.convert import copy_model
-from qswap.errors import DataError, QswapWarning
+from qswap.errors import ConvertError, DataError, QswapWarning
 from qswap.integration import data as fdata
 from qswap.integration.bootstrap import (Bootstrap, bounds, delta_interval, interval_text, no_interval_note, significant,
                                          value_text, wer_interval)
@@ -285,6 +285,11 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
             raise DataError(f"--quantized {name}={path}: {name!r} is already {whose} row name; give this "
                             f"checkpoint's row another name (--quantized {name}_2={path})")
     model, task = fdata.load_model_and_task(checkpoint, data, trust_checkpoint=trust_checkpoint)
+    stored = getattr(getattr(model, "qswap_recipe", None), "name", None)
+    if stored is not None:  # every row converts the checkpoint: it must be the float one
+        raise ConvertError(f"{checkpoint} is a quantized checkpoint (recipe {stored}); compare converts the float "
+                           f"checkpoint with each recipe: pass the float one, and this one as a row of its own "
+                           f"(--quantized {stored}={checkpoint})")
     loaded = {name: _quantized_checkpoint(name, path, data, trust_checkpoint) for name, path in (quantized or {}).items()}
     names = ["fp32"] + [r for r in recipes if r != "fp32"]
     table = Comparison(str(checkpoint), subset, settings={

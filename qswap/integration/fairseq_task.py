@@ -30,7 +30,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from fairseq.tasks import TASK_REGISTRY, register_task
@@ -124,8 +124,10 @@ class QswapTaskMixin:
             # fairseq-train loads (--finetune-from-model QCKPT, or the run's own checkpoint it
             # resumes); else a ConvertError saying what to run. converted_start has read that
             # checkpoint's recipe and refused another (STRUCTURE_ONLY)
+            reads = start is not None and needs_data(recipe.transforms)  # it reads the start's recipe
             data = converted_start(recipe, start and start.path, recipe_arg=recipe_arg,
-                                   data=getattr(opts, "data", None), source=start and start.source)
+                                   data=getattr(opts, "data", None), source=start and start.source,
+                                   state=start.state() if reads else None)
             if start is not None and data is not STRUCTURE_ONLY:  # the checkpoint fairseq-train loads
                 float_start = _check_start(recipe, start)  # next must hold this recipe's grids
         # a model rebuilt from a checkpoint: strict's checks ran when it was first converted (a
@@ -243,9 +245,21 @@ def _refuse_other(recipe, stored, where):
                            f"checkpoint converted with {recipe.name}")
 
 
-class Start(NamedTuple):
-    path: str  # the checkpoint fairseq-train loads into the model it built
-    source: str  # what made fairseq-train load it, as an error message names it
+class Start:
+    """The checkpoint fairseq-train loads into the model it built (``path``), what made it load it
+    as an error message names it (``source``), and its content, read once on first use
+    (``state``: the start's checks each read it)."""
+
+    __slots__ = ("path", "source", "_state")
+
+    def __init__(self, path: str, source: str):
+        self.path, self.source, self._state = path, source, None
+
+    def state(self):
+        if self._state is None:
+            from qswap.integration.qat_start import read_start
+            self._state = read_start(self.path)
+        return self._state
 
 
 def _start_checkpoint(opts) -> Optional[Start]:
@@ -279,7 +293,7 @@ def _check_start(recipe, start: Start) -> Optional[str]:
     """Refuse a start checkpoint converted or trained with another recipe; its path when it is a
     float checkpoint (None otherwise)."""
     from qswap.integration.qat_start import stored_recipe
-    stored = stored_recipe(start.path)
+    stored = stored_recipe(start.path, start.state())
     if stored is not None:
         _refuse_other(recipe, stored, f"the checkpoint {start.path}")
         return None
@@ -290,7 +304,7 @@ def _check_start_dictionary(start: Start, dictionary) -> None:
     """A DataError where the checkpoint fairseq-train starts from records another target
     dictionary than the task's (the run's checkpoints would record the task's, hiding it)."""
     from qswap.integration.qat_start import stored_dictionary
-    problem = mismatch(stored_dictionary(start.path), dictionary, start.source)
+    problem = mismatch(stored_dictionary(start.path, start.state()), dictionary, start.source)
     if problem is not None:
         from qswap.errors import DataError
         raise DataError(problem)
@@ -304,7 +318,7 @@ def _refuse_unnamed(start: Start) -> None:
     from qswap.recipe.loader import shipped_recipe_names
     if not os.path.isfile(start.path):  # fairseq-train says so itself
         return
-    stored = stored_recipe(start.path)
+    stored = stored_recipe(start.path, start.state())
     if stored is None:
         return
     option = (f"--qswap-recipe {stored.name}" if stored.name in shipped_recipe_names() else

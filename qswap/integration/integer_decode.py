@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from qswap.errors import DataError, ExportError, LoadError
 from qswap.integration.decode import DecodeResult, decode
-from qswap.io.dictionary import dictionary_facts
+from qswap.io.dictionary import mismatch
 
 BEAM_SEARCH, GREEDY_CTC = "beam search", "greedy CTC"
 
@@ -42,7 +42,7 @@ def exported_task(exported, data: str | Path):
     from qswap.integration.fairseq_task import register_tasks
     from qswap.io.checkpoint import setup_task
 
-    if exported.task is None or exported.decoding is None:
+    if exported.task is None or not exported.decoding:  # {} too: an edit that would skip the dictionary check
         raise LoadError(f"{exported.path}: records no fairseq task or target dictionary; export a fairseq "
                         f"checkpoint with 'qswap export QCKPT -o DIR' to decode it", kind="edited")
     check_data_dir(data, "the config.yaml, dictionary and TSV manifests")
@@ -56,11 +56,10 @@ def exported_task(exported, data: str | Path):
         raise DataError(f"cannot read the target dictionary of task {exported.task.get('_name')!r} in {data} "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass the data directory of the "
                         f"model's training") from None
-    found = dictionary_facts(dictionary)
-    if found != exported.decoding:
-        raise DataError(f"the target dictionary in {data} ({found['size']} symbols) is not the one the model was "
-                        f"exported with ({exported.decoding.get('size')} symbols, recorded in {exported.path}); "
-                        f"pass the data directory of the model's training")
+    why = mismatch(exported.decoding, dictionary, str(exported.path), made="exported with",
+                   advice=f"pass the data directory of the model's training, not {data}")
+    if why is not None:
+        raise DataError(why)
     return task
 
 

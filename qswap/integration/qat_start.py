@@ -32,7 +32,7 @@ def _needs_statistics(recipe: Recipe) -> str:
 
 
 def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = None, data: Any = None,
-                    float_checkpoint: Any = None, source: Any = None) -> Any:
+                    float_checkpoint: Any = None, source: Any = None, state: Any = None) -> Any:
     """``data=`` for ``qswap.convert`` of a model fairseq-train builds for QAT: None when the
     recipe's transforms need no statistics; ``STRUCTURE_ONLY`` when ``finetune_from`` (the
     checkpoint fairseq-train loads into the built model: --finetune-from-model, or the run's own
@@ -41,7 +41,7 @@ def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = Non
     a ConvertError naming the ``qswap convert`` command to run (``recipe_arg``, ``data``,
     ``float_checkpoint``: the recipe name or path, the data directory and the float checkpoint it
     shows; ``source``: how the message names ``finetune_from``, by default as
-    ``--finetune-from-model``)."""
+    ``--finetune-from-model``; ``state``: ``finetune_from``'s content where the caller has read it)."""
     if not needs_data(recipe.transforms):
         return None
     recipe_arg = recipe_arg or recipe.name
@@ -51,7 +51,7 @@ def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = Non
                            f"`{convert_command(recipe_arg, float_checkpoint, data)}`, and fine-tune from it "
                            f"(--finetune-from-model QCKPT)")
     source = source or f"--finetune-from-model {finetune_from}"
-    stored = stored_recipe(finetune_from)
+    stored = stored_recipe(finetune_from, state)
     if stored is None:
         raise ConvertError(f"{what}, and {source} is a float checkpoint; "
                            f"convert it first, `{convert_command(recipe_arg, finetune_from, data)}`, "
@@ -77,15 +77,17 @@ def float_checkpoint_error(recipe: Recipe, checkpoint: Any, *, recipe_arg: Any =
                         f"(--path QCKPT)")
 
 
-def stored_recipe(path: Any) -> "Recipe | None":
+def stored_recipe(path: Any, state: Mapping | None = None) -> "Recipe | None":
     """The recipe a checkpoint was converted or trained with: a qswap checkpoint's ``qswap`` entry,
     else the ``qswap_recipe`` of a fairseq-train checkpoint's cfg.model / cfg.task (or legacy
     ``args``); None for a float checkpoint. A recipe stored by name or path (a checkpoint of an
-    older qswap) that no longer loads is a CheckpointError naming the checkpoint."""
+    older qswap) that no longer loads is a CheckpointError naming the checkpoint. ``state``: the
+    checkpoint's content where the caller has read it (``read_start``), else it is read here."""
     from qswap.io.checkpoint import QSWAP_KEY, check_fairseq_state, qswap_entry
     from qswap.io.safe_load import load_checkpoint
 
-    state = load_checkpoint(os.fspath(path))  # qswap checkpoints load with weights_only, no allowlist
+    if state is None:
+        state = load_checkpoint(os.fspath(path))  # qswap checkpoints load with weights_only, no allowlist
     if QSWAP_KEY not in state:  # a torch file of something else: fairseq-train would fail on a missing key
         check_fairseq_state(path, state)
     if QSWAP_KEY in state:
@@ -98,19 +100,28 @@ def stored_recipe(path: Any) -> "Recipe | None":
     return None
 
 
-def stored_dictionary(path: Any) -> "dict | None":
+def stored_dictionary(path: Any, state: Mapping | None = None) -> "dict | None":
     """The target dictionary's facts a checkpoint records (``qswap.io.dictionary``: a qswap
-    checkpoint's or a QAT checkpoint's model cfg, or legacy ``args``); None where it records none."""
+    checkpoint's or a QAT checkpoint's model cfg, or legacy ``args``); None where it records none.
+    ``state``: as ``stored_recipe``'s."""
     from qswap.io.dictionary import recorded_facts
     from qswap.io.safe_load import load_checkpoint
 
-    state = load_checkpoint(os.fspath(path))
+    if state is None:
+        state = load_checkpoint(os.fspath(path))
     cfg = state.get("cfg") or {}
     for opts in (cfg.get("model"), state.get("args")):
         facts = recorded_facts(opts)
         if facts is not None:
             return facts
     return None
+
+
+def read_start(path: Any) -> Mapping:
+    """The content of the checkpoint ``path`` a run starts from, read once for ``stored_recipe``,
+    ``stored_dictionary`` and ``converted_start`` (fairseq-train's start checks each)."""
+    from qswap.io.safe_load import load_checkpoint
+    return load_checkpoint(os.fspath(path))
 
 
 def load_recipe_of(path: Any, value: Any) -> Recipe:

@@ -2,7 +2,11 @@
 
 A reader (or a crash, or a SIGKILL) sees either the previous file or the complete new one, never
 a half-written target. The temporary file is hidden (``.name.XXXXXXXX.tmp``), so it cannot pass
-for the target; it is removed when the writer raises.
+for the target; it is removed when the writer raises. A symbolic link is written through: the
+file it names is replaced, the link stays. A target that exists and is not a regular file (a
+device such as ``/dev/null`` or ``/dev/stdout``, a FIFO) is a stream with no previous content to
+keep: it is written directly, never replaced by a file (a rename over ``/dev/null`` run as root
+would put a regular file in its place).
 
 >>> atomic_write_text("report.json", json.dumps(report))
 >>> with atomic_open("model.pt", "wb") as f:     # for writers that take a file: torch.save
@@ -34,12 +38,16 @@ def atomic_open(path: "str | os.PathLike[str]", mode: str = "wb", *,
     if mode not in _MODES:
         raise ValueError(f"atomic_open writes whole files; mode must be one of {_MODES}, got {mode!r}")
     _refuse_directory_syntax(path)
-    target = Path(path)
+    target, stream = _resolved(path)
     if target.is_dir():
         raise OutputError(f"cannot write {target}: it is a directory")
+    kwargs = {} if "b" in mode else {"encoding": encoding}
+    if stream:
+        yield from _write_stream(target, mode, kwargs)
+        return
     fd, tmp = _create_temp(target)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
+        with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -52,6 +60,30 @@ def atomic_open(path: "str | os.PathLike[str]", mode: str = "wb", *,
             raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
         raise
     _fsync_dir(target.parent)
+
+
+def _write_stream(target: Path, mode: str, kwargs: dict) -> Iterator[IO]:
+    """``atomic_open``'s body for a target that is a stream (a device, a FIFO): opened and written
+    as it is, with no temporary file; a failing write (``/dev/full``: ENOSPC) an OutputError."""
+    try:
+        with open(target, mode, **kwargs) as f:
+            yield f
+            f.flush()
+    except OSError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
+def _resolved(path: "str | os.PathLike[str]") -> tuple[Path, bool]:
+    """(the file a write of ``path`` goes to: the target of a symbolic link, resolved; whether it
+    is a stream: it exists and is neither a regular file nor a directory)."""
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:  # not there yet (or not readable: the write says why)
+        return target, False
+    return target, not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> None:
@@ -68,8 +100,13 @@ def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> 
             raise OutputError(f"cannot write into {target}: {parent} is a file, not a directory; pass a directory")
     else:
         _refuse_directory_syntax(path)
+        target, stream = _resolved(path)
         if target.is_dir():
             raise OutputError(f"cannot write {target}: it is a directory; pass a file path")
+        if stream:  # a device or a FIFO, written as it is (``atomic_open``)
+            if not os.access(target, os.W_OK):
+                raise OutputError(f"cannot write {target}: it is not writable")
+            return
         parent = target.parent
         if not parent.is_dir():
             above = _nearest_existing(parent)
@@ -79,6 +116,11 @@ def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> 
             raise OutputError(f"cannot write {target}: no directory {parent}; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {target}: {parent} is not writable")
+    if not directory:  # what atomic_open will do first: a directory that takes no new file (/proc)
+        fd, tmp = _create_temp(target)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -140,7 +182,7 @@ def _create_temp(target: Path) -> tuple[int, str]:
         except FileExistsError:
             continue
         except OSError as exc:
-            raise OutputError(f"cannot write {target}: {exc.strerror} ({directory})") from None
+            raise OutputError(f"cannot write {target}: cannot create a file in {directory} ({exc.strerror})") from None
     raise OutputError(f"cannot write {target}: no free temporary file name in {directory}")
 
 

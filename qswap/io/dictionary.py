@@ -37,15 +37,17 @@ def recorded_facts(cfg_node: Any) -> dict | None:
     return dict(value) if isinstance(value, Mapping) and value else None
 
 
-def mismatch(recorded: dict | None, dictionary, where: str) -> str | None:
-    """Why ``dictionary`` is not the one ``recorded`` describes (a sentence naming both sizes and
-    ``where`` the record is), or None where it is, or nothing is recorded."""
+def mismatch(recorded: dict | None, dictionary, where: str, made: str = "made with",
+             advice: str = "pass the data directory the model was trained on") -> str | None:
+    """Why ``dictionary`` is not the one ``recorded`` describes (a sentence naming both sizes,
+    ``where`` the record is and ``advice``; ``made``: how the model came to record it, "made with"
+    a checkpoint, "exported with" an export), or None where it is, or nothing is recorded. The one
+    comparison of checkpoints, onnxruntime exports and integer exports."""
     if not recorded or dictionary is None:
         return None
     found = dictionary_facts(dictionary)
     if found == recorded:
         return None
-    return (f"the task's target dictionary ({found['size']} symbols) is not the one the model was made with "
+    return (f"the task's target dictionary ({found['size']} symbols) is not the one the model was {made} "
             f"({recorded.get('size')} symbols{', other symbols' if found['size'] == recorded.get('size') else ''}, "
-            f"recorded in {where}): its outputs would name other tokens; pass the data directory the model was "
-            f"trained on")
+            f"recorded in {where}): its outputs would name other tokens; {advice}")

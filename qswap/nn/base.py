@@ -7,6 +7,7 @@ from typing import Callable, ClassVar, Mapping
 import torch
 from torch import nn
 
+from qswap.quant import fused
 from qswap.quant.fake_quantize import KINDS, FakeQuantize
 from qswap.quant.spec import QuantSpec
 from qswap.quant.stamp import stamp, unchanged
@@ -20,13 +21,16 @@ def check_finite_input(x: torch.Tensor, model: str = "the quantized model") -> N
     """DataError where ``x``, a model's input (features, audio), holds NaN or +-inf. The integer
     model refuses such an input before quantizing it (``qswap.nn.integer_steps.QuantizeStep``): a
     NaN has no code (cast to an integer it becomes an arbitrary one, and the model decodes it as
-    ordinary speech); its simulation refuses it at the same place, in both ``simulate`` modes. Two
-    passes over the input, of predicates only (``isnan``, ``isinf``: the honesty audit reads no
-    arithmetic in them, where ``isfinite`` computes an ``abs``). Not while an ONNX export traces the
-    model: a graph holds no Python branch (its runners check what they feed it: ``run_encoder``)."""
-    if torch.jit.is_tracing():
+    ordinary speech); its simulation refuses it at the same place, in both ``simulate`` modes. One
+    read of the input by qswap's C kernel (``qswap.quant.fused.min_max``), or where it cannot read
+    it (not built, not a dense float32 CPU tensor, the honesty audit watching) two passes of
+    predicates only (``isnan``, ``isinf``: the audit reads no arithmetic in them, where
+    ``isfinite`` computes an ``abs``). Not while an ONNX export traces the model: a graph holds no
+    Python branch (its runners check what they feed it: ``run_encoder``)."""
+    if torch.jit.is_tracing() or not x.is_floating_point() or x.numel() == 0:
         return
-    if x.is_floating_point() and (bool(torch.isnan(x).any()) or bool(torch.isinf(x).any())):
+    read = fused.min_max(x)
+    if read[2] if read is not None else (bool(torch.isnan(x).any()) or bool(torch.isinf(x).any())):
         from qswap.errors import DataError
         raise DataError(f"{model}'s input holds NaN or +-inf values; check the features or audio fed to it "
                         f"(a broken file, a division by zero in preprocessing)")

@@ -322,6 +322,10 @@ def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Te
     return (form or IntegerLinear)(grid_in.zero_point, w_codes, codes, requant, acc_scale, **conv)
 
 
+# an input grid's zero point: one of its codes, of at most 16 bits (signed or unsigned)
+ZERO_POINT_RANGE = (-(2 ** 15), 2 ** 16 - 1)
+
+
 @serializable(zero_point_in=INT, weight=Tensor("int8", "int16"), bias=Opt(Tensor("int32")),
               requant=Opt(Obj("Requant")), acc_scale=Tensor("float32"))
 class IntegerLinear(nn.Module):
@@ -335,6 +339,10 @@ class IntegerLinear(nn.Module):
     def __init__(self, zero_point_in: int, weight: torch.Tensor, bias: torch.Tensor | None, requant,
                  acc_scale: torch.Tensor):
         super().__init__()
+        if not ZERO_POINT_RANGE[0] <= zero_point_in <= ZERO_POINT_RANGE[1]:  # made by hand, or an edited file
+            from qswap.errors import IntegerizeError
+            raise IntegerizeError(f"an integer linear's input zero point is a code of its input grid (at most 16 "
+                                  f"bits: {ZERO_POINT_RANGE[0]}..{ZERO_POINT_RANGE[1]}), got {zero_point_in}")
         self.zero_point_in, self.requant = zero_point_in, requant
         self.register_buffer("weight", weight)  # (out, in) int8 (int16 above 8 bits)
         self.register_buffer("bias", bias)  # (out,) int32 or None

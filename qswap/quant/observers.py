@@ -15,7 +15,7 @@ import torch
 from qswap.errors import CalibrationError, SpecError
 from qswap.quant import fused
 from qswap.quant.lazy_state import LazyStateModule
-from qswap.quant.primitives import (MAX_RANGE, MIN_SCALE, all_finite, channel_axis, choose_qparams,
+from qswap.quant.primitives import (AXIS_ADVICE, MAX_RANGE, MIN_SCALE, all_finite, channel_axis, choose_qparams,
                                     choose_qparams_scalar, fake_quantize, groups_view, reduce_min_max)
 from qswap.quant.spec import QuantSpec
 
@@ -57,8 +57,7 @@ class Observer(LazyStateModule):
             raise SpecError(
                 f"{self.spec.granularity} ranges of shape {tuple(lo.shape)} after ranges of shape "
                 f"{tuple(self.min_val.shape)} (tensor shape {tuple(x.shape)}): per-channel and per-group "
-                f"grids need an axis whose size never changes (an activation's feature axis -1), not "
-                f"a time or batch axis")
+                f"grids need an axis whose size never changes, not a time, key or batch axis: {AXIS_ADVICE}")
         else:
             self.min_val, self.max_val = self.combine(self.min_val, self.max_val, lo, hi)
         self.num_batches.add_(1)

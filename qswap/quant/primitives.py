@@ -32,6 +32,15 @@ MAX_RANGE = float(torch.finfo(torch.float32).max) / 8
 _FLOOR_SLACK = 2.0 ** -20  # 8 float32 ulps, relative
 
 
+# what an activation grid per channel needs, said where one meets a tensor it does not fit: the
+# axis differs per site, so a per-channel spec belongs to the sites that have one, not to every site
+AXIS_ADVICE = ("a linear's input and the residual stream have their features on axis -1, a convolution's input on "
+               "axis 1 (its last axis is time), an attention's scores and softmax none (their last axis is the "
+               "keys, the first the batch and heads); give per_channel activation grids to those sites alone (a "
+               "rule's or the defaults' sites: entries, as the shipped stream recipes do), not to the defaults' "
+               "activation spec")
+
+
 def channel_axis(x: torch.Tensor, spec: QuantSpec) -> int:
     """The spec's scale-carrying axis of ``x`` as a non-negative index; a typed error when ``x``
     has no such axis (a recipe's ``axis: 2`` on a 2-d weight must not wrap around to axis 0)."""
@@ -308,8 +317,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         raise SpecError(
             f"{scale.numel()} per-channel scales for axis {spec.channel_axis} of size "
             f"{x.shape[channel_axis(x, spec)]} (tensor shape {tuple(x.shape)}): per-channel grids need an "
-            f"axis whose size never changes (a weight's output channels, an activation's feature "
-            f"axis -1), not a time or batch axis")
+            f"axis whose size never changes (a weight's output channels; an activation's features), not a "
+            f"time, key or batch axis: {AXIS_ADVICE}")
     if _fused_ok(x, spec, scale):
         if spec.granularity == "per_tensor":
             if passes_apply(x, spec):

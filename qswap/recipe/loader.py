@@ -65,8 +65,15 @@ def load_recipe(name_or_path: "str | Path | Mapping[str, Any] | Recipe") -> Reci
     path = Path(text)
     if isinstance(name_or_path, str) and _is_shipped(text):
         return _load_shipped(text, path)
+    shipped = path.stem if not path.exists() and _is_shipped(path.stem) and path.parent == Path(".") else None
     if path.suffix in (".yaml", ".yml") or path.exists() or "/" in text:
+        if shipped is not None and path.suffix in (".yaml", ".yml"):
+            raise RecipeError(f"recipe file not found; did you mean the shipped recipe {shipped!r} (its name, "
+                              f"without .yaml)?", source=str(path))
         return _load_file(path)
+    if shipped is not None:  # a Path names a file: "w8a8" as a Path is no shipped name
+        raise RecipeError(f"no file {text!r}; a Path names a recipe file: for the shipped recipe {shipped!r} "
+                          f"pass the string {shipped!r}")
     raise RecipeError(f"no shipped recipe named {text!r} and no such file; shipped recipes: "
                       f"{', '.join(shipped_recipe_names())}")
 
@@ -149,6 +156,10 @@ def parse_recipe(data: Any, source: str = "<dict>") -> Recipe:
                   version=version, source=source, raw=data)
 
 
+# the spec options one observer reads (a percentile given to minmax had been ignored without a word)
+OBSERVER_OPTIONS = {"percentile": "percentile", "momentum": "moving_average"}
+
+
 class _Ctx:
     """Validation helpers that know the source file, to put file:line into every error."""
 
@@ -207,7 +218,7 @@ class _Ctx:
         if merged is None:
             return None
         try:
-            return QuantSpec.from_dict(merged)
+            spec = QuantSpec.from_dict(merged)
         except SpecError as exc:
             field_name = str(exc).split(" ")[0].removeprefix("QuantSpec.")
             where = own if isinstance(own, LineDict) and field_name in own else node
@@ -220,6 +231,13 @@ class _Ctx:
             raise self.error(where, field_name if where is own else key, message) from None
         except TypeError as exc:
             raise self.error(node, key, f"bad quantizer fields: {exc}") from None
+        if isinstance(own, Mapping):  # an option this mapping sets, which its observer never reads
+            for option, reader in OBSERVER_OPTIONS.items():
+                if own.get(option) is not None and spec.observer != reader:
+                    raise self.error(own, option, f"{option} is read by observer {reader} only, and this spec's "
+                                                  f"observer is {spec.observer}: set observer: {reader} here, or "
+                                                  f"drop {option}")
+        return spec
 
     def sites(self, node: Mapping) -> Mapping:
         """node's ``sites:`` mapping (empty when absent), its keys checked to be strings."""

@@ -132,8 +132,9 @@ class RotatedLinear(nn.Sequential):
 
 
 def _check(params) -> str | None:
-    if params["block"] < 1:
-        return f"block must be a positive number of channels (one that divides the FFN width), got {params['block']}"
+    if params["block"] < 2:
+        return (f"block must be a number of channels of 2 or more (one that divides the FFN width; a 1-point "
+                f"rotation changes nothing), got {params['block']}")
     return None
 
 
@@ -159,6 +160,12 @@ def hadamard(model: nn.Module, data, *, heads: bool = True, qk: bool = True, ffn
         if ffn:
             found = [f for f in ffns(model) if isinstance(f.fc2, nn.Linear)]
             for f in found:
+                width = f.fc2.in_features
+                if width % block:
+                    power = width & -width  # the largest power of two dividing the width
+                    raise ConvertError(f"transform hadamard: block {block} does not divide the FFN width {width} of "
+                                       f"{f.path}.fc2; give the recipe's hadamard transform a block that divides "
+                                       f"it (block: {min(power, 64)}: a power of two that does)")
                 model.get_submodule(f.path).fc2 = rotate_ffn(f.fc2, block)
             notes.append(f"{len(found)} FFN(s): online {block}-point Walsh-Hadamard before fc2, folded into fc2")
     return notes

@@ -61,3 +61,27 @@ def test_merge_refuses_counts_that_disagree_with_the_utterances(tmp_path, capsys
 def test_merge_refuses_counts_of_utterances_the_shard_does_not_hold(tmp_path, capsys):
     assert main(["eval", "--merge", _shard(tmp_path / "s.json", held=[])]) == 2
     assert "counts disagree with its utterances" in capsys.readouterr().err
+
+
+ASSET = __import__("pathlib").Path(__file__).resolve().parents[2] / "qswap" / "assets" / "s2t_demo"
+
+
+def test_threads_with_the_torch_backend_is_refused(capsys):
+    """--threads sets onnxruntime's threads: on a torch checkpoint it had been ignored silently."""
+    assert main(["eval", str(ASSET / "checkpoint.pt"), "--data", str(ASSET), "--subset", "test",
+                 "--threads", "4"]) == 2
+    assert "--threads sets onnxruntime's threads (--backend onnxruntime)" in capsys.readouterr().err
+
+
+def test_a_bad_recipe_with_vs_float_fails_before_any_decoding(tmp_path, capsys, monkeypatch):
+    """The float model had been decoded first, and the recipe's YAML error reported after it."""
+    from qswap.cli import eval_cmd
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the recipe was read")
+    monkeypatch.setattr(eval_cmd, "_decode", no_decoding)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ndefaults: [\n")
+    assert main(["eval", str(ASSET / "checkpoint.pt"), "--data", str(ASSET), "--subset", "test",
+                 "--recipe", str(bad), "--vs-float"]) == 2
+    assert "invalid YAML" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """qswap recipes NAME: what a recipe sets besides its rules' widths is shown too."""
 import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -24,3 +25,33 @@ def test_a_recipe_shows_its_sites_transforms_and_settings(capsys, wide):
 def test_a_recipe_without_transforms_says_so(capsys, wide):
     assert main(["recipes", "w8a8"]) == 0
     assert "transforms: none" in capsys.readouterr().out
+
+
+RECIPE_WITH_BRACKETS = """version: 1
+name: "x[/]"
+description: "brackets [bold] as written [/]"
+defaults:
+  weight: {bits: 8}
+  activation: {bits: 8, symmetric: false}
+rules:
+  - match: {path: decoder.layers.0}
+    note: "int8 [red] zone [/] kept"
+"""
+
+
+def test_recipe_text_with_brackets_prints_as_written(capsys, tmp_path):
+    """A recipe's name, description and notes are the user's text, printed as written: rich read
+    ``[/]`` as markup and raised MarkupError (``qswap recipes``, and ``qswap convert`` after it had
+    written the checkpoint), and ``[red]`` silently dropped the text."""
+    asset = Path(__file__).resolve().parents[2] / "qswap" / "assets" / "s2t_demo"
+    path = tmp_path / "brackets.yaml"
+    path.write_text(RECIPE_WITH_BRACKETS)
+    assert main(["recipes", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "x[/]" in out and "int8 [red] zone [/] kept" in out
+    out_ckpt = tmp_path / "q.pt"
+    assert main(["convert", str(asset / "checkpoint.pt"), "--recipe", str(path), "--data", str(asset),
+                 "--no-calibrate", "-o", str(out_ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "convert report: recipe x[/]" in out and f"wrote {out_ckpt}" in out and out_ckpt.is_file()
+

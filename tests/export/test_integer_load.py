@@ -153,6 +153,10 @@ def _float_for_int(meta):
     out_proj(meta)["zero_point_in"] = 0.0
 
 
+def _zero_point_in_off_any_grid(meta):
+    out_proj(meta)["zero_point_in"] = 10 ** 12  # had decoded garbage (its arithmetic wraps)
+
+
 def _missing_field(meta):
     del out_proj(meta)["bias"]
 
@@ -243,6 +247,7 @@ EDITS = [
     (_string_for_int, "num_heads: expected an integer, got str"),
     (_bool_for_int, "zero_point_in: expected an integer, got bool"),
     (_float_for_int, "zero_point_in: expected an integer, got float"),
+    (_zero_point_in_off_any_grid, "input zero point is a code of its input grid .* got 1000000000000"),
     (_missing_field, "missing: bias"),
     (_extra_field, "unknown: scale_hint"),
     (_bad_choice, "rounding: expected one of 'single', 'double'"),

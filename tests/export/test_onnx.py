@@ -309,3 +309,19 @@ def test_export_model_arguments_of_another_kind_are_typed_errors(qmodel, tmp_pat
     with pytest.raises(ExportError, match="directory is a path .* got NoneType"):
         export_model(qmodel, None)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_qswap_error_in_the_recording_forward_keeps_its_own_message(qmodel, tmp_path, monkeypatch):
+    """The recording forward turns the model's own failures on the example (torch's RuntimeError,
+    a ValueError) into 'does not run on the example inputs'; a qswap error raised there already
+    says what to change (several are ValueErrors too: SpecError, IntegerizeError) and is raised
+    as it is, not reworded as a bad example."""
+    from qswap.errors import SpecError
+
+    def refuses(*args, **kwargs):
+        raise SpecError("a grid qswap refuses: change the recipe")
+
+    monkeypatch.setattr(qmodel.encoder.transformer_layers[0], "forward", refuses)  # copied with the model
+    with pytest.raises(SpecError, match="a grid qswap refuses: change the recipe"):
+        export_encoder(qmodel, tmp_path / "e.onnx", s2t_net_input())
+    assert not (tmp_path / "e.onnx").exists()

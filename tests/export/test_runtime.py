@@ -260,6 +260,31 @@ def test_an_interrupted_publish_leaves_no_manifest_to_load(shipped_float, tmp_pa
         export_model(qswap.convert(model, NO_QUANT), directory, audit=False, allow_float=True)
     with pytest.raises(ExportError, match="no export.json there"):
         load_exported(directory, task.target_dictionary)
+    monkeypatch.undo()  # export again into it, as the error says: the stopped publish is qswap's, replaced
+    export_model(qswap.convert(model, NO_QUANT), directory, audit=False, allow_float=True)
+    load_exported(directory, task.target_dictionary)
+
+
+def test_graphs_of_another_tool_without_a_manifest_are_not_replaced(shipped_float, tmp_path):
+    """A folder of graphs named as qswap's but without qswap's site map (another tool's
+    encoder.onnx) is not taken for a stopped export: refused, untouched."""
+    import onnx
+
+    from qswap.errors import OutputError
+    from qswap.export.sites import METADATA_KEY
+
+    model, _, out = shipped_float
+    directory = tmp_path / "d"
+    directory.mkdir()
+    graph = onnx.load(str(out / "encoder.onnx"))
+    kept = [p for p in graph.metadata_props if p.key != METADATA_KEY]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save(graph, str(directory / "encoder.onnx"))
+    before = (directory / "encoder.onnx").read_bytes()
+    with pytest.raises(OutputError, match="is a folder with other files"):
+        export_model(qswap.convert(model, NO_QUANT), directory, audit=False, allow_float=True)
+    assert (directory / "encoder.onnx").read_bytes() == before
 
 
 def test_a_re_export_drops_the_old_exports_optimized_graphs(shipped_float, tmp_path):
@@ -413,3 +438,41 @@ def test_a_failed_export_leaves_the_directory_as_it_was(shipped_float, tmp_path,
     with pytest.raises(ExportError):
         export_model(qmodel, fresh, audit=False)
     assert not fresh.exists() and not (tmp_path / "new").exists()  # the parent it made too
+
+
+@pytest.mark.parametrize("name", ["absolute", "../elsewhere/encoder.onnx", ".."])
+def test_a_graph_outside_the_export_directory_is_refused(shipped_float, tmp_path, name):
+    """export.json names its graphs as file names beside it: an absolute path or one climbing out
+    had loaded a graph from anywhere (its digest matching), one directory no longer one export."""
+    _, task, out = shipped_float
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["graphs"]["encoder"] = str(out / "encoder.onnx") if name == "absolute" else name
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="the encoder graph is .*, not a file name beside export.json"):
+        load_exported(copy, task.target_dictionary)
+
+
+def test_a_format_of_another_type_says_which(shipped_float, tmp_path):
+    _, task, out = shipped_float
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    (copy / MANIFEST).write_text(json.dumps({**manifest, "format": str(manifest["format"])}))
+    with pytest.raises(ExportError, match=r"export format '3' \(a str\); this qswap reads format 3, a number"):
+        load_exported(copy, task.target_dictionary)
+
+
+def test_an_encoder_named_as_the_ctc_graph_is_an_edited_manifest(shipped_float, tmp_path):
+    """kind 'ctc' naming an S2T encoder (its digest copied too): blamed on the data directory's
+    dictionary before ('the exported graph scores 176 tokens')."""
+    _, task, out = shipped_float
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest.update(kind="ctc", graphs={"ctc": "encoder.onnx"}, digests={"ctc": manifest["digests"]["encoder"]})
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="export.json does not describe its graphs: the graph it names as 'ctc' "
+                                          "takes src_lengths, src_tokens"):
+        load_exported(copy, task.target_dictionary)

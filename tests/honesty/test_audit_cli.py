@@ -186,6 +186,18 @@ def test_a_different_recipe_than_the_stored_one_exits_2(qat_checkpoint, capsys):
     assert "already quantized with recipe 'w8a8'" in capsys.readouterr().err
 
 
+def test_another_recipe_of_the_stored_name_exits_2(qat_checkpoint, capsys, tmp_path):
+    """A file named w8a8 with other settings (4-bit weights): only the names had been compared, and
+    the stored 8-bit recipe was audited under the file's name."""
+    ckpt, _ = qat_checkpoint
+    other = tmp_path / "w8a8.yaml"
+    text = (REPO / "recipes" / "w8a8.yaml").read_text()
+    assert "bits: 8, symmetric: true" in text
+    other.write_text(text.replace("bits: 8, symmetric: true", "bits: 4, symmetric: true", 1))
+    assert main(["audit", str(ckpt), "--recipe", str(other), "--synthetic", "1"]) == 2
+    assert "is another recipe of that name" in capsys.readouterr().err
+
+
 def test_a_report_path_under_a_regular_file_exits_2(checkpoint, tmp_path, capsys):
     ckpt, _ = checkpoint
     (tmp_path / "file").write_text("not a directory")

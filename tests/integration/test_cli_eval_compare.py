@@ -226,6 +226,18 @@ def test_compare_adds_a_row_for_a_quantized_checkpoint_as_it_is(float_checkpoint
     assert rows["converted"]["delta_wer_ci"] is not None
 
 
+def test_compare_of_a_quantized_checkpoint_points_to_the_quantized_row(float_checkpoint, tmp_path, capsys):
+    """The checkpoint compare converts with each recipe is a quantized one: the message had been
+    convert's ('already contains qswap quantizers'), with no word of --quantized."""
+    _, data, ckpt = float_checkpoint
+    qckpt = tmp_path / "w8a8.pt"
+    assert main(["convert", str(ckpt), "--recipe", "w8_weight_only", "--data", str(data), "-o", str(qckpt)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(qckpt), "--data", str(data), "--recipes", "w8a8"]) == 2
+    assert "is a quantized checkpoint (recipe w8_weight_only); compare converts the float checkpoint" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("item, message", [("converted", "takes NAME=QCKPT"), ("q=missing.pt", "no file missing.pt")])
 def test_compare_refuses_a_malformed_quantized_row(float_checkpoint, capsys, item, message):
     _, data, ckpt = float_checkpoint

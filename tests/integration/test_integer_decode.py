@@ -1,5 +1,6 @@
 """qswap.integration.integer_decode: the task and dictionary an export records to decode again,
 and decoding an export with fairseq's beam search."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,19 @@ def test_an_export_decodes_with_the_data_directory_it_names(tiny_export):
 
 def test_another_dictionary_is_a_data_error(tiny_export):
     out, _ = tiny_export
-    with pytest.raises(DataError, match="target dictionary in .* is not the one the model was exported with"):
+    with pytest.raises(DataError, match="target dictionary .* is not the one the model was exported with .* not "):
         exported_task(load_integer_model(out), ASSET)
     with pytest.raises(DataError, match="does not exist"):
         exported_task(load_integer_model(out), ASSET / "missing")
+
+
+def test_an_empty_dictionary_record_is_refused_as_an_edit(tiny_export):
+    """``decoding: {}`` in model.json (an edit: qswap records the facts with every task) had
+    skipped the dictionary check, so another dictionary of the same size decoded other words."""
+    out, data = tiny_export
+    exported = dataclasses.replace(load_integer_model(out), decoding={})
+    with pytest.raises(LoadError, match="records no fairseq task or target dictionary"):
+        exported_task(exported, data)
 
 
 def test_an_export_without_task_or_encoder_decoder_cannot_be_decoded(tmp_path):

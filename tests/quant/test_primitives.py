@@ -157,10 +157,11 @@ def test_per_channel_activation_grid_on_a_time_axis_is_a_typed_error():
 
     fq = FakeQuantize(QuantSpec(bits=8, granularity="per_channel", axis=0))
     fq(torch.randn(7, 2, 16))  # (T, B, C): 7 frames
-    with pytest.raises(SpecError, match="feature axis"):
+    with pytest.raises(SpecError, match="not a time, key or batch axis: a linear.s input and the residual stream "
+                                        "have their features on axis -1"):
         fq(torch.randn(9, 2, 16))  # observing a batch of 9 frames
     fq.freeze()
-    with pytest.raises(SpecError, match="feature axis"):
+    with pytest.raises(SpecError, match="not a time, key or batch axis: a linear.s input"):
         fq(torch.randn(9, 2, 16))  # frozen grid of 7 scales on 9 frames
 
 

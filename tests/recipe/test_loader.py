@@ -68,6 +68,11 @@ BAD = {
     "invalid yaml": ("version: 1\ndefaults: [\n", "invalid YAML", None),
     "axis without granularity": ("version: 1\ndefaults:\n  weight: {bits: 4, axis: 1}\n",
                                  "key 'axis'.*only allowed with granularity per_channel or per_group", 3),
+    # an option its observer never reads had been accepted and ignored
+    "percentile on minmax": ("version: 1\ndefaults:\n  activation:\n    observer: minmax\n    percentile: 99.0\n",
+                             "key 'percentile': percentile is read by observer percentile only.*observer is minmax", 5),
+    "momentum on mse": ("version: 1\ndefaults:\n  activation: {observer: mse, momentum: 0.5}\n",
+                        "key 'momentum': momentum is read by observer moving_average only", 3),
     "momentum true": ("version: 1\ndefaults:\n  activation:\n    observer: moving_average\n    momentum: true\n",
                       "key 'momentum'.*must be a number", 5),
     # LSQ learns activation grids: a weight's grid is re-derived from it every step and never trained
@@ -280,3 +285,17 @@ def test_an_activation_sites_entry_is_not_checked_as_a_weight_spec():
           sites: {attn_residual: {observer: percentile}}
     """))
     assert recipe.defaults.spec("attn_residual", "activation").observer == "percentile"
+
+
+def test_a_shipped_name_given_as_a_path_or_a_missing_yaml_file_points_to_the_shipped_recipe(tmp_path, monkeypatch):
+    """``load_recipe(Path("w8a8"))`` had said 'no shipped recipe named w8a8' while listing it, and
+    a missing ``w8a8.yaml`` only 'recipe file not found'."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match="no file 'w8a8'; a Path names a recipe file: for the shipped recipe "
+                                          "'w8a8' pass the string 'w8a8'"):
+        load_recipe(Path("w8a8"))
+    with pytest.raises(RecipeError, match=r"w8a8\.yaml: recipe file not found; did you mean the shipped recipe 'w8a8'"):
+        load_recipe("w8a8.yaml")
+    assert load_recipe("w8a8").name == "w8a8"

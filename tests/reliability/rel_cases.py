@@ -124,6 +124,8 @@ RECIPE_TEXTS: list[tuple[str, str, "str | bytes"]] = [
     ("narrow-range-unsigned", "narrow_range on an unsigned grid",
      V + "defaults: {activation: {signed: false, narrow_range: true}}\n"),
     ("observer-unknown", "observer: histogram", V + "defaults: {activation: {observer: histogram}}\n"),
+    ("option-unread-by-observer", "percentile: 99 beside observer: minmax (an option its observer never reads)",
+     V + "defaults: {activation: {observer: minmax, percentile: 99.0}}\n"),
     ("defaults-not-mapping", "defaults: [1]", V + "defaults: [1]\n"),
     ("rules-not-list", "rules: a mapping", V + "rules: {match: {path: fc1}}\n"),
     ("rule-not-mapping", "a rule that is a list", V + "rules: [[fc1]]\n"),
@@ -718,6 +720,12 @@ def _(env):
     return qswap.calibrate(_convert(nn.Sequential(nn.Dropout(), nn.Identity())), [torch.zeros(2, 4)])
 
 
+@case("convert", "unsigned-symmetric-negative-weights", "weights on an unsigned symmetric grid (signed: false, "
+      "symmetric: true: zero point 0) that have negative values", raises=SpecError)
+def _(env):
+    return _convert(_mlp(), {"version": 1, "defaults": {"weight": {"bits": 8, "signed": False, "symmetric": True}}})
+
+
 @case("convert", "model-unsupported-strict", "strict convert of a module with no counterpart",
       raises=ConvertError)
 def _(env):
@@ -886,6 +894,19 @@ def _(env):
     assert sorted(p.name for p in env.tmp.iterdir()) == ["model.pt"]
 
 
+def _link_kept(env: Env) -> None:
+    assert (env.tmp / "latest.pt").is_symlink() and (env.tmp / "real.pt").read_bytes() == b"new"
+
+
+@case("output", "write-through-symlink", "atomic write whose target is a symbolic link to a file",
+      outcome="the file the link names replaced atomically, the link kept", after=_link_kept)
+def _(env):
+    from qswap.io import atomic_write_bytes
+    (env.tmp / "real.pt").write_bytes(b"previous")
+    (env.tmp / "latest.pt").symlink_to("real.pt")
+    return atomic_write_bytes(env.tmp / "latest.pt", b"new")
+
+
 @case("output", "save-unconverted-model", "save_qswap_checkpoint of a float model", raises=CheckpointError)
 def _(env):
     from qswap.io import save_qswap_checkpoint
@@ -932,6 +953,23 @@ _cli_case("cli-convert-unwritable-output", "qswap convert -o into a missing dire
 _cli_case("cli-calibrate-missing-data", "qswap calibrate --data missing_dir",
           lambda env: ["calibrate", str(env.shared.qswap_checkpoint()), "--data", str(env.tmp / "none"),
                        "-o", str(env.tmp / "q.pt")])
+
+
+def _printed_as_written(result) -> None:
+    code, out = result
+    assert code == 0 and "x[/]" in out and "kept [red] float [/]" in out, out
+
+
+@case("cli", "cli-recipe-text-with-brackets", "qswap recipes FILE whose name and note hold [/] and [red]",
+      outcome="exit code 0, the text printed as written (not read as markup)", check=_printed_as_written)
+def _(env):
+    from qswap.cli import main
+    path = _recipe_file(env, V + 'name: "x[/]"\ndefaults: {weight: {bits: 8}}\n'
+                             'rules: [{match: {path: fc1}, note: "kept [red] float [/]"}]\n')
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["recipes", str(path)])
+    return code, out.getvalue()
 
 
 def _refused_unsafe(result) -> None:

@@ -159,3 +159,65 @@ def test_make_directory_normalizes_the_path_before_it_lists_what_it_made(tmp_pat
     remove_made(made)
     assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["old.txt"]
     assert make_directory("new/../keep") == []
+
+
+def test_a_symbolic_link_is_written_through_and_stays_a_link(tmp_path):
+    """``-o latest.pt`` where latest.pt links to runs/x.pt: the file it names gets the new content
+    (atomically, next to it), the link stays (it had been replaced by a regular file)."""
+    from qswap.io.atomic import check_output
+
+    (tmp_path / "runs").mkdir()
+    real = tmp_path / "runs" / "x.pt"
+    real.write_bytes(b"previous")
+    link = tmp_path / "latest.pt"
+    link.symlink_to(Path("runs") / "x.pt")
+    check_output(link)
+    atomic_write_bytes(link, b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"
+    assert not _leftovers(tmp_path / "runs", real) and sorted(os.listdir(tmp_path)) == ["latest.pt", "runs"]
+
+
+def test_a_fifo_is_written_as_a_stream_not_replaced_by_a_file(tmp_path):
+    """A target that exists and is not a regular file (a FIFO here; ``/dev/null``, ``/dev/stdout``
+    alike) is written directly: a rename over it had put a regular file in its place (as root,
+    over /dev/null itself)."""
+    import threading
+
+    from qswap.io.atomic import check_output
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    check_output(fifo)
+    atomic_write_text(fifo, "report\n")
+    reader.join(timeout=30)
+    assert got == [b"report\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]  # no temporary file made
+
+
+def test_a_device_is_written_as_a_stream_and_a_full_one_is_an_output_error(tmp_path):
+    """Device nodes made here (mknod needs root: skipped without it): a null device takes the
+    write and stays a device; a full one (ENOSPC on every write) is an OutputError, and stays."""
+    null, full = tmp_path / "null", tmp_path / "full"
+    try:
+        os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    except PermissionError:
+        pytest.skip("making device nodes needs root")
+    atomic_write_bytes(null, b"x" * 100_000)
+    with pytest.raises(OutputError, match=f"cannot write {full}: No space left on device"):
+        atomic_write_bytes(full, b"x" * 100_000)
+    assert stat.S_ISCHR(os.stat(null).st_mode) and stat.S_ISCHR(os.stat(full).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["full", "null"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_check_output_tries_the_temporary_file_a_write_makes_first():
+    """/proc exists and passes the access test (as root), yet takes no new file: refused before the
+    work, saying so (it had failed after calibrating, naming a missing file)."""
+    from qswap.io.atomic import check_output
+
+    with pytest.raises(OutputError, match=r"cannot write /proc/qswap-out\.pt: cannot create a file in /proc"):
+        check_output("/proc/qswap-out.pt")

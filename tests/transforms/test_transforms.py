@@ -163,8 +163,9 @@ def test_stored_state_reloads_onto_the_structure_only_transform():
     ([{"smoothquant": {"beta": 1}}], "unknown parameter 'beta'"),
     ([{"smoothquant": {"alpha": "high"}}], "alpha must be float"),
     ([{"hadamard": {"block": 6.5}}], "block must be int"),
-    ([{"hadamard": {"block": 0}}], "block must be a positive number of channels"),
-    ([{"hadamard": {"block": -64}}], "block must be a positive number of channels"),
+    ([{"hadamard": {"block": 0}}], "block must be a number of channels of 2 or more"),
+    ([{"hadamard": {"block": -64}}], "block must be a number of channels of 2 or more"),
+    ([{"hadamard": {"block": 1}}], "a 1-point rotation changes nothing"),
     ([{"hadamard": {}, "smoothquant": {}}], "one key"),
     ({"hadamard": {}}, "must be a list")])
 def test_bad_transforms_are_recipe_errors(bad, message):
@@ -184,6 +185,17 @@ def test_a_step_filled_has_every_declared_parameter_at_its_default_unless_given(
     assert bare.params == {} and bare.filled() == written.filled() == {"alpha": 0.5, "norms": True, "ffn": True}
     changed = qswap.load_recipe({**W4A4, "transforms": [{"smoothquant": {"alpha": 0.6}}]}).transforms[0]
     assert changed.filled() == {"alpha": 0.6, "norms": True, "ffn": True}
+
+
+def test_a_hadamard_block_that_does_not_divide_an_ffn_names_the_layer_and_a_block_that_does():
+    """The ConvertError had named neither the transform nor a block to use."""
+    model = _model()
+    width = next(m for n, m in model.named_modules() if n.endswith("fc2")).in_features
+    block = next(b for b in (10, 7, 11) if width % b)
+    recipe = qswap.load_recipe({**W4A4, "transforms": [{"hadamard": {"block": block}}]})
+    with pytest.raises(ConvertError, match=rf"transform hadamard: block {block} does not divide the FFN width {width} of "
+                                           rf"encoder\.transformer_layers\.0\.fc2; .*\(block: {min(width & -width, 64)}:"):
+        qswap.convert(model, recipe, data=STRUCTURE_ONLY)
 
 
 def test_hadamard_module_rotation_matches_its_forward():

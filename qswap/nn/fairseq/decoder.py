@@ -100,7 +100,7 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
             mask = self.buffered_future_mask(x) if incremental_state is None and not full_context_alignment else None
             enc = memory[idx] if len(memory) == len(self.layers) else (memory[0] if memory else None)
             nxt = self.layers[idx + 1] if idx + 1 < len(self.layers) else None
-            readers = (self.layer_norm.input_quant,) if nxt is None else (
+            readers = (getattr(self.layer_norm, "input_quant", None),) if nxt is None else (
                 getattr(nxt.self_attn_layer_norm, "input_quant", None), nxt.attn_residual_quant)
             x, layer_attn, residual = layer(
                 x, enc, padding, incremental_state, self_attn_mask=mask, self_attn_padding_mask=self_attn_padding_mask,
@@ -111,7 +111,9 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
                 attn = layer_attn.float().to(x)
         if attn is not None:
             attn = (attn if alignment_heads is None else attn[:alignment_heads]).mean(dim=0)  # over heads
-        x = onto(self.layer_norm, x, self.output_projection.input_quant).transpose(0, 1)  # (B, T', C)
+        if self.layer_norm is not None:  # a recipe may leave the output projection float (skip): no reader
+            x = onto(self.layer_norm, x, getattr(self.output_projection, "input_quant", None))
+        x = x.transpose(0, 1)  # (B, T', C)
         return x, {"attn": [attn], "inner_states": inner_states}
 
     def entry_values(self, prev_output_tokens, incremental_state=None):
@@ -130,9 +132,9 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
                 or not all(isinstance(layer, QTransformerDecoderLayer) for layer in self.layers):
             return None
         first = self.layers[0]
-        readers = (first.self_attn_layer_norm.input_quant, first.attn_residual_quant)
-        grids = [stream_grid_of(r, frozen_only=True) for r in readers]
-        if None in grids:
+        readers = (getattr(first.self_attn_layer_norm, "input_quant", None), first.attn_residual_quant)
+        grids = [None if r is None else stream_grid_of(r, frozen_only=True) for r in readers]
+        if None in grids:  # a float reader (a skipped norm) or one not calibrated
             return None
 
         def build():  # the folded tables bound the int32 sum of any token row and position row

@@ -76,3 +76,29 @@ def test_decoder_counterpart_reorders_like_fairseq(qmodel, beam=3):
     for ours, theirs in zip(*results):
         assert [h["tokens"].tolist() for h in ours] == [h["tokens"].tolist() for h in theirs]
         assert all(torch.equal(a["positional_scores"], b["positional_scores"]) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("simulate", ["integer", "float"])
+def test_a_recipe_that_leaves_the_output_projection_float_decodes(simulate):
+    """A recipe rule ``skip`` on ``decoder.output_projection`` (keep the last layer float): the
+    conversion had succeeded and every decoder forward then raised a raw AttributeError (the
+    final norm's reader looked up as the projection's ``input_quant``). The decoder runs, its
+    projection is fairseq's float Linear, and beam search decodes."""
+    import qswap
+    from qswap.recipe import with_simulate
+
+    model, _ = build("s2t_transformer")
+    recipe = qswap.load_recipe({"version": 1, "name": "skip_outproj", "defaults": {
+        "weight": {"bits": 8}, "activation": {"bits": 8, "symmetric": False}},
+        "rules": [{"match": {"path": "decoder.output_projection"}, "skip": True}]})
+    net_input = s2t_net_input(num_tokens=STEPS)
+    q = qswap.convert(model, with_simulate(recipe, simulate))
+    qswap.calibrate(q, [net_input])
+    assert type(q.decoder.output_projection) is torch.nn.Linear
+    with torch.no_grad():
+        logits = q(**net_input)[0]
+    assert torch.isfinite(logits).all()
+    generator = SequenceGenerator([q], q.decoder.dictionary, beam_size=2, max_len_a=0, max_len_b=4, min_len=1)
+    with torch.no_grad():
+        hypos = generator.generate([q], {"net_input": {k: net_input[k] for k in ("src_tokens", "src_lengths")}})
+    assert [len(h) for h in hypos] == [2] * net_input["src_tokens"].size(0)

@@ -1,0 +1,20 @@
+"""qswap convert: options the command adds to the library's convert and calibrate."""
+from pathlib import Path
+
+from qswap.cli import main
+
+
+def test_convert_simulate_stores_the_recipe_with_that_simulation_and_calibrates_under_it(tmp_path, capsys):
+    """``qswap convert --simulate float``: the checkpoint's recipe has simulate float (the models
+    docs/deploy.md compares onnxruntime with are calibrated so), the name kept."""
+    import qswap
+    from qswap.io.checkpoint import load_fairseq_model
+
+    asset = Path(__file__).resolve().parents[2] / "qswap" / "assets" / "s2t_demo"
+    out = tmp_path / "q.pt"
+    assert main(["convert", str(asset / "checkpoint.pt"), "--recipe", "w8a8", "--simulate", "float", "--data",
+                 str(asset), "--calib-subset", "train_calib", "--calib-batches", "1", "--max-sentences", "4",
+                 "-o", str(out)]) == 0
+    model = load_fairseq_model(out, arg_overrides={"data": str(asset)})[0]
+    assert model.qswap_recipe.name == "w8a8" and model.qswap_recipe.simulate == "float"
+    assert qswap.load_recipe("w8a8").simulate == "integer"
