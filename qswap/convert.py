@@ -88,7 +88,7 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
         names = ", ".join(e.path or "<root>" for e in report.by_action("float")[:8])
         raise ConvertError(f"strict mode: {len(report.by_action('float'))} module(s) left float "
                            f"without a skip rule: {names}")
-    _replace(target, plans, report)
+    _replace(target, plans, report, signs=data is not STRUCTURE_ONLY)
     if plans and not any(isinstance(m, FakeQuantize) and m.enabled for m in target.modules()):
         report.notes.append(f"recipe {recipe.name} quantizes nothing: every weight and activation spec it gives "
                             f"is float (null), so its counterparts compute in float (fp32's purpose: a baseline "
@@ -109,10 +109,11 @@ def _check_dtypes(model: nn.Module) -> None:
                                f"model.float() first (the quantized model computes in float32)")
 
 
-def _check_weight_grids(built: list[tuple[str, nn.Module]]) -> None:
+def _check_weight_grids(built: list[tuple[str, nn.Module]], signs: bool = True) -> None:
     """Every weight's grid fits its shape (a per-channel axis it has, a per-group size that divides
-    that axis) and its signs (an unsigned symmetric grid holds no negative value): a SpecError
-    naming the weight now, rather than a checkpoint written that fails
+    that axis) and, with ``signs``, its signs (an unsigned symmetric grid holds no negative value;
+    not checked on a structure whose weights a checkpoint's state replaces): a SpecError naming the
+    weight now, rather than a checkpoint written that fails
     at its first forward; checked on the counterparts ``built`` (path, counterpart) before any is
     set in place. A weight is a module's own parameter, or a buffer the state dict stores (an
     online Hadamard transform's ``matrix``; not a table recomputed at run time), whose declared
@@ -136,7 +137,7 @@ def _check_weight_grids(built: list[tuple[str, nn.Module]]) -> None:
                 read[id(quant)] = (pname, weight, quant)
         for pname, weight, quant in read.values():
             spec = quant.spec
-            if spec.symmetric and not spec.signed and weight.numel() and bool((weight.detach() < 0).any()):
+            if signs and spec.symmetric and not spec.signed and weight.numel() and bool((weight.detach() < 0).any()):
                 raise SpecError(f"{path}.{pname}: its grid ({spec.short()}) is unsigned and symmetric, zero point 0: "
                                 f"it holds values >= 0 only, and this weight has negative values (min "
                                 f"{float(weight.detach().min()):.3g}), which would all round to 0; use signed: true, "
@@ -467,9 +468,11 @@ def _check_site_names(recipe: Recipe, where: str, names: Iterable[str], covered:
                            f"it applies to ({have}); fix the site name or remove it")
 
 
-def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> None:
+def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport, signs: bool = True) -> None:
     """Build every counterpart, then set each in place (the root's counterpart takes over the
-    root object itself: ``_take_over``)."""
+    root object itself: ``_take_over``). ``signs``: the weights are the model's own (not a
+    structure a checkpoint's state is loaded into: ``STRUCTURE_ONLY``), checked against grids that
+    hold no negative value (``_check_weight_grids``)."""
     shared: dict[int, tuple[FakeQuantize, str]] = {}  # id(param) -> its first quantizer, owner
     built: list[tuple[str, nn.Module]] = []
     modes = {id(m): m.training for m in root.modules()}  # every module's own flag, before any swap
@@ -486,7 +489,7 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport) -> None
             plan.path, type(plan.module).__name__, "quantized", plan.rule_label,
             counterpart=type(new).__name__, **labels))
         built.append((plan.path, new))
-    _check_weight_grids(built)  # before anything is set in place
+    _check_weight_grids(built, signs)  # before anything is set in place
     for plan, (_, new) in zip(sorted_plans, built):
         _move_hooks(plan.module, new)
     built = [(path, _take_over(root, new) if not path else new) for path, new in built]

@@ -39,7 +39,8 @@ class Regridded:
     sets them). ``kept``: the quantizers whose state came from the old model; ``fresh``: those
     without (a changed spec or kind, a site the old recipe did not quantize, or every activation
     site of a model that was never calibrated: none of its activation grids frozen), by name;
-    ``dropped``: the old model's quantizers the new recipe has no site for."""
+    ``dropped``: the names of the old model's quantizers the new recipe has no site for (a
+    quantizer under each name it has: a tied weight's under each owner)."""
 
     model: nn.Module
     kept: list[str] = field(default_factory=list)

@@ -830,6 +830,9 @@ def test_an_unsigned_symmetric_weight_grid_refuses_a_weight_with_negative_values
     with pytest.raises(SpecError, match=r"^0\.weight: its grid \(uint8 sym per_tensor\) is unsigned and symmetric.*"
                                         r"negative values .*use signed: true, or symmetric: false"):
         qswap.convert(nn.Sequential(nn.Linear(4, 3)), unsigned)
+    from qswap.transforms import STRUCTURE_ONLY
+    qswap.convert(nn.Sequential(nn.Linear(4, 3)), unsigned, data=STRUCTURE_ONLY)  # a checkpoint's structure: its
+    # weights (a fresh init) are replaced by the checkpoint's state, not checked
     positive = nn.Sequential(nn.Linear(4, 3, bias=False))
     with torch.no_grad():
         positive[0].weight.abs_()

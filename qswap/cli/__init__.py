@@ -118,8 +118,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise OutputError(f"{option} {value} is inside {data}, the --data directory, and names a data file "
                               f"(config, manifest, features, audio or vocabulary) the task may read: give a path "
                               f"outside it")
+        from qswap.io.atomic import is_stream
         for other, path in written.items():
-            if _same_file(value, path):
+            if _same_file(value, path) and not is_stream(value):  # two reports into /dev/null
                 raise OutputError(f"{other} {path} and {option} {value} are the same file; give each output a "
                                   f"path of its own")
         written[option] = value

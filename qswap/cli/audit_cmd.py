@@ -142,8 +142,8 @@ def _quantized(model, recipe: str | None, data: list):
                              f"without --recipe (or convert the float checkpoint with {recipe!r})")
         if not same_recipe(asked, model.qswap_recipe):  # a name alone had passed: the stored one was audited
             raise AuditError(f"this checkpoint is quantized with recipe {stored!r} as it stores it, and {recipe!r} "
-                             f"is another recipe of that name (other settings); audit the checkpoint without "
-                             f"--recipe, or convert the float checkpoint with {recipe!r}")
+                             f"is another recipe of that name (its content differs from the stored one); audit the "
+                             f"checkpoint without --recipe, or convert the float checkpoint with {recipe!r}")
     return model
 
 

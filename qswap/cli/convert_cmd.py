@@ -57,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("--calib-batches needs --data DIR to read calibration batches from")
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     if activation_quantizers(model) or getattr(model, "qswap_recipe", None) is not None:
+        if args.simulate:  # its grids were calibrated already, under its own recipe's simulation
+            raise ConvertError(f"--simulate sets the arithmetic a float checkpoint is converted and calibrated "
+                               f"under; {args.checkpoint} is quantized (a move onto a recipe keeps its calibrated "
+                               f"grids): convert the float checkpoint with --simulate {args.simulate}, or decode "
+                               f"this one with 'qswap eval CHECKPOINT --simulate {args.simulate}'")
         return _regrid(args, model, task)
     from qswap.transforms import needs_data
 
@@ -85,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     elif n_act:
         out.print(f"note: --no-calibrate: {n_act} activation quantizers left uncalibrated "
                   f"(their ranges are re-derived from every batch at run time)")
-    elif args.calib_batches:
+    elif args.calib_batches and not needs_data(recipe.transforms):  # a transform's statistics used them
         out.print(f"note: recipe {recipe.name} quantizes no activations: nothing calibrated (--calib-batches "
                   f"{args.calib_batches} is not used)")
     save_qswap_checkpoint(args.output, qmodel, args.checkpoint, trust_checkpoint=args.trust_checkpoint,

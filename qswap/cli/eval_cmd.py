@@ -98,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline and args.vs_float:
         raise DataError("--baseline and --vs-float each give the ΔWER its reference; pass one of them")
     if args.threads != 1 and args.backend != "onnxruntime":  # had been ignored without a word
-        raise DataError(f"--threads sets onnxruntime's threads (--backend onnxruntime); torch decodes with its own "
-                        f"threads (OMP_NUM_THREADS={args.threads} in the environment): drop --threads")
+        raise DataError(f"--threads sets onnxruntime's threads: add --backend onnxruntime to decode an ONNX export "
+                        f"directory with it; a torch checkpoint or an integer export decodes with torch's threads "
+                        f"(OMP_NUM_THREADS={args.threads} in the environment): drop --threads")
     baseline = _read_baseline(args.baseline) if args.baseline else None
     counts, result, label, float_result = evaluate(args)
     utterances = [u.__dict__ for u in result.utterances]

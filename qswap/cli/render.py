@@ -10,10 +10,11 @@ from typing import Any
 def console(stderr: bool = False):
     """The CLI's rich console. It parses no markup: what it prints holds text users wrote (recipe
     names, notes and rule patterns, paths), which may contain brackets (``[/]`` had raised rich's
-    MarkupError after a checkpoint was written); styles are given as ``styled`` text."""
+    MarkupError after a checkpoint was written) or ``:name:`` (no emoji code either); styles are
+    given as ``styled`` text."""
     from rich.console import Console
     return Console(file=sys.stderr if stderr else sys.stdout, width=None if sys.stdout.isatty() else 160,
-                   markup=False)
+                   markup=False, emoji=False)
 
 
 def styled(text: str, style: str):

@@ -9,7 +9,7 @@ TOTALS_SHOWN = ("compute", "quantized", "kernel_internal", "integer_gemm", "cons
                 "unclassified")
 
 
-def verdict_line(report: HonestyReport) -> str:
+def verdict_line(report: HonestyReport):  # a rich Text: the verdict styled, the rest plain
     style = "green" if report.honest else "red"
     label = report.verdict_label
     counts = ", ".join(f"{n} {KINDS[k]}" for k, n in report.violations_by_kind().items())

@@ -289,7 +289,7 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
     if stored is not None:  # every row converts the checkpoint: it must be the float one
         raise ConvertError(f"{checkpoint} is a quantized checkpoint (recipe {stored}); compare converts the float "
                            f"checkpoint with each recipe: pass the float one, and this one as a row of its own "
-                           f"(--quantized {stored}={checkpoint})")
+                           f"(--quantized {stored}_qckpt={checkpoint})")
     loaded = {name: _quantized_checkpoint(name, path, data, trust_checkpoint) for name, path in (quantized or {}).items()}
     names = ["fp32"] + [r for r in recipes if r != "fp32"]
     table = Comparison(str(checkpoint), subset, settings={

@@ -43,6 +43,7 @@ from qswap.transforms import STRUCTURE_ONLY, needs_data
 from qswap.calibrate import activation_quantizers, eval_mode, freeze_observed, observing, recipe_observe
 from qswap.integration.data import resolve_audio_root
 from qswap.integration.qat_start import converted_start
+from qswap.recipe.loader import load_stored_recipe
 from qswap.io.checkpoint import set_cfg_option
 from qswap.io.dictionary import CFG_KEY as DICTIONARY_KEY, dictionary_facts, mismatch, recorded_facts
 
@@ -116,7 +117,8 @@ class QswapTaskMixin:
             calib = 0
         else:
             recipe_arg = recipe if isinstance(recipe, str) else None
-            recipe = qswap.load_recipe(recipe)
+            # the command line's recipe, or the one a resumed run's cfg stores (read as stored)
+            recipe = qswap.load_recipe(recipe) if named else load_stored_recipe(recipe)
             if start is not None and os.path.isfile(start.path):  # trained on, it would be recorded as this one
                 _check_start_dictionary(start, getattr(self, "target_dictionary", None))
             # a recipe whose transforms need activation statistics is applied to a freshly built

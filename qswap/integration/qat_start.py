@@ -129,11 +129,11 @@ def load_recipe_of(path: Any, value: Any) -> Recipe:
     (None: a checkpoint whose path is not known here)."""
     from omegaconf import OmegaConf
 
-    from qswap.recipe import load_recipe
+    from qswap.recipe.loader import load_stored_recipe
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value, resolve=True)
     try:
-        return load_recipe(value)
+        return load_stored_recipe(value)
     except RecipeError as exc:
         where = f"{path}: " if path else ""
         raise CheckpointError(f"{where}cannot load the recipe the checkpoint was trained with ({exc}); it "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -29,7 +30,8 @@ _MODES = ("w", "wt", "wb")
 @contextlib.contextmanager
 def atomic_open(path: "str | os.PathLike[str]", mode: str = "wb", *,
                 encoding: str = "utf-8") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on a clean exit it replaces ``path``.
+    """Open a temporary file next to ``path``; on a clean exit it replaces ``path`` (a symbolic
+    link: the file it names). A stream (a device, a FIFO, ``/dev/stdout``) is written directly.
 
     Raises OutputError when the directory does not exist or is not writable, or when writing,
     flushing or renaming fails (a full disk: ENOSPC, a permission: EACCES). If the ``with`` body
@@ -63,10 +65,23 @@ def atomic_open(path: "str | os.PathLike[str]", mode: str = "wb", *,
 
 
 def _write_stream(target: Path, mode: str, kwargs: dict) -> Iterator[IO]:
-    """``atomic_open``'s body for a target that is a stream (a device, a FIFO): opened and written
-    as it is, with no temporary file; a failing write (``/dev/full``: ENOSPC) an OutputError."""
+    """``atomic_open``'s body for a target that is a stream (a device, a FIFO, ``/dev/stdout``):
+    written as it is, with no temporary file; a failing write (``/dev/full``: ENOSPC) an
+    OutputError. This process's own descriptor (``/dev/stdout``, ``/dev/fd/N``) is written through
+    a duplicate of it, after Python's buffered streams are flushed, so the write lands where the
+    process's output is (a file the shell redirected it to keeps what was written before, in
+    order); another stream is opened for appending."""
+    fd = _own_descriptor(os.fspath(target))
     try:
-        with open(target, mode, **kwargs) as f:
+        if fd is not None:
+            import sys
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            opened = os.fdopen(os.dup(fd), mode, **kwargs)
+        else:
+            opened = open(target, mode.replace("w", "a"), **kwargs)
+        with opened as f:
             yield f
             f.flush()
     except OSError as exc:
@@ -75,9 +90,30 @@ def _write_stream(target: Path, mode: str, kwargs: dict) -> Iterator[IO]:
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
+def _own_descriptor(text: str) -> int | None:
+    """The descriptor of this process that ``text`` names (``/dev/stdout`` 1, ``/dev/stderr`` 2,
+    ``/dev/fd/N``, ``/proc/self/fd/N`` or this process's ``/proc/PID/fd/N``), else None."""
+    match = _PROCESS_STREAM.fullmatch(text)
+    if match is None:
+        return None
+    if match.group(1) in ("stdout", "stderr"):
+        return 1 if match.group(1) == "stdout" else 2
+    fd = int(text.rsplit("/", 1)[1])
+    pid = match.group(2)
+    return fd if pid is None or pid == "self" or int(pid) == os.getpid() else None
+
+
+# a process's own streams: whatever they are opened on (a terminal, a pipe, a file the shell
+# redirected them to), written as streams, never resolved to that file and replaced
+_PROCESS_STREAM = re.compile(r"/dev/(stdout|stderr|fd/\d+)|/proc/(self|\d+)/fd/\d+")
+
+
 def _resolved(path: "str | os.PathLike[str]") -> tuple[Path, bool]:
     """(the file a write of ``path`` goes to: the target of a symbolic link, resolved; whether it
-    is a stream: it exists and is neither a regular file nor a directory)."""
+    is a stream: a process's own stream (``/dev/stdout``), or a target that exists and is neither
+    a regular file nor a directory)."""
+    if _PROCESS_STREAM.fullmatch(os.fspath(path)) and os.path.exists(path):
+        return Path(path), True
     target = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     try:
         mode = os.stat(target).st_mode
@@ -121,6 +157,11 @@ def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> 
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def is_stream(path: "str | os.PathLike[str]") -> bool:
+    """Whether a write of ``path`` goes to a stream (written as it is, not replaced: ``atomic_open``)."""
+    return _resolved(path)[1]
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -404,13 +404,14 @@ def _build_float_model(path: Path, cfg: Any, task: Any) -> nn.Module:
 def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
     from qswap.convert import QswapWarning, convert
     from qswap.quant import FakeQuantize
+    from qswap.recipe.loader import load_stored_recipe
     from qswap.transforms import STRUCTURE_ONLY
 
     if getattr(model, "qswap_recipe", None) is not None and any(
             isinstance(m, FakeQuantize) for m in model.modules()):
         # the task converted it (the qswap plugin's tasks read cfg.model.qswap_recipe)
-        from qswap.recipe import load_recipe, same_recipe
-        if not same_recipe(model.qswap_recipe, load_recipe(dict(recipe))):
+        from qswap.recipe import same_recipe
+        if not same_recipe(model.qswap_recipe, load_stored_recipe(dict(recipe))):
             raise CheckpointError(f"{path}: the model cfg's recipe ({model.qswap_recipe.name}) is not the "
                                   f"one in the checkpoint's qswap entry ({recipe.get('name')!r}); the file "
                                   f"was edited or is damaged: write it again with qswap convert")
@@ -421,7 +422,8 @@ def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
             # the stored state holds the transformed weights: only module insertions are redone;
             # strict's checks ran at the first conversion (a later qswap may check more: a
             # recipe's strict must not make a checkpoint it wrote unloadable)
-            return convert(model, dict(recipe), inplace=True, data=STRUCTURE_ONLY, strict=False)
+            return convert(model, load_stored_recipe(dict(recipe)), inplace=True, data=STRUCTURE_ONLY,
+                           strict=False)
     except RecipeError as exc:
         raise CheckpointError(f"{path}: the recipe stored in this qswap checkpoint is invalid "
                               f"({exc}); the file is damaged") from None

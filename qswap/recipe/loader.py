@@ -50,6 +50,14 @@ def with_simulate(recipe: "str | Path | Mapping[str, Any] | Recipe", simulate: s
     return load_recipe(dict(load_recipe(recipe).to_dict(), simulate=simulate))
 
 
+def load_stored_recipe(value: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:
+    """The recipe a checkpoint stores: its plain data parsed as ``parse_recipe(..., stored=True)``
+    reads it; a name or path (an older qswap's checkpoint) or a Recipe as ``load_recipe`` does."""
+    if isinstance(value, Mapping):
+        return parse_recipe(value, source="<stored recipe>", stored=True)
+    return load_recipe(value)
+
+
 def load_recipe(name_or_path: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:
     """A Recipe from a shipped name (``"w8a8"``), a YAML path, a dict, or a Recipe (returned)."""
     if isinstance(name_or_path, Recipe):
@@ -71,10 +79,11 @@ def load_recipe(name_or_path: "str | Path | Mapping[str, Any] | Recipe") -> Reci
             raise RecipeError(f"recipe file not found; did you mean the shipped recipe {shipped!r} (its name, "
                               f"without .yaml)?", source=str(path))
         return _load_file(path)
-    if shipped is not None:  # a Path names a file: "w8a8" as a Path is no shipped name
+    if shipped is not None and isinstance(name_or_path, Path):  # a Path names a file: no shipped name
         raise RecipeError(f"no file {text!r}; a Path names a recipe file: for the shipped recipe {shipped!r} "
                           f"pass the string {shipped!r}")
-    raise RecipeError(f"no shipped recipe named {text!r} and no such file; shipped recipes: "
+    hint = f" (did you mean the shipped recipe {shipped!r}?)" if shipped is not None else ""
+    raise RecipeError(f"no shipped recipe named {text!r} and no such file{hint}; shipped recipes: "
                       f"{', '.join(shipped_recipe_names())}")
 
 
@@ -122,8 +131,11 @@ def parse_yaml(text: str, source: str = "<string>") -> Recipe:
     return parse_recipe(data, source=source)
 
 
-def parse_recipe(data: Any, source: str = "<dict>") -> Recipe:
-    ctx = _Ctx(source)
+def parse_recipe(data: Any, source: str = "<dict>", *, stored: bool = False) -> Recipe:
+    """A Recipe from plain data; ``stored``: a recipe a checkpoint stores, read without the
+    refusals of values that were merely ignored when it was written (``OBSERVER_OPTIONS``), so
+    that a checkpoint an older qswap wrote keeps loading."""
+    ctx = _Ctx(source, stored)
     if not isinstance(data, Mapping):
         raise ctx.error(data, None, f"a recipe is a mapping at the top level, got {_tname(data)}")
     ctx.check_keys(data, TOP_KEYS, "recipe")
@@ -163,8 +175,8 @@ OBSERVER_OPTIONS = {"percentile": "percentile", "momentum": "moving_average"}
 class _Ctx:
     """Validation helpers that know the source file, to put file:line into every error."""
 
-    def __init__(self, source: str):
-        self.source = source
+    def __init__(self, source: str, stored: bool = False):
+        self.source, self.stored = source, stored
         self.simulate = SIMULATIONS[0]  # the recipe's ``simulate``, given to every config
         self._site_kinds: dict[str, set[str]] | None = None
 
@@ -231,7 +243,7 @@ class _Ctx:
             raise self.error(where, field_name if where is own else key, message) from None
         except TypeError as exc:
             raise self.error(node, key, f"bad quantizer fields: {exc}") from None
-        if isinstance(own, Mapping):  # an option this mapping sets, which its observer never reads
+        if isinstance(own, Mapping) and not self.stored:  # an option this mapping sets, which its observer never reads
             for option, reader in OBSERVER_OPTIONS.items():
                 if own.get(option) is not None and spec.observer != reader:
                     raise self.error(own, option, f"{option} is read by observer {reader} only, and this spec's "

@@ -132,9 +132,8 @@ class RotatedLinear(nn.Sequential):
 
 
 def _check(params) -> str | None:
-    if params["block"] < 2:
-        return (f"block must be a number of channels of 2 or more (one that divides the FFN width; a 1-point "
-                f"rotation changes nothing), got {params['block']}")
+    if params["block"] < 1:
+        return f"block must be a positive number of channels (one that divides the FFN width), got {params['block']}"
     return None
 
 
@@ -150,6 +149,15 @@ def hadamard(model: nn.Module, data, *, heads: bool = True, qk: bool = True, ffn
     """Per-head rotations folded offline (``heads``; ``qk``: q and k too) and an online
     Walsh-Hadamard transform in blocks of ``block`` before every fc2 (``ffn``)."""
     notes = []
+    found = [f for f in ffns(model) if isinstance(f.fc2, nn.Linear)] if ffn else []
+    for f in found:  # before anything is rotated
+        width = f.fc2.in_features
+        if width % block:
+            power = width & -width  # the largest power of two dividing the width
+            advice = (f"block: {min(power, 64)}, a power of two that does" if power > 1 else
+                      "no power of two does: ffn: false leaves the FFNs unrotated")
+            raise ConvertError(f"transform hadamard: block {block} does not divide the FFN width {width} of "
+                               f"{f.path}.fc2; give the recipe's hadamard transform a block that divides it ({advice})")
     with torch.no_grad():
         if heads:
             attns = list(plain_attentions(model))
@@ -158,14 +166,7 @@ def hadamard(model: nn.Module, data, *, heads: bool = True, qk: bool = True, ffn
             notes.append(f"{len(attns)} attention(s): per-head Hadamard folded into "
                          f"{'q/k/' if qk else ''}v_proj and out_proj")
         if ffn:
-            found = [f for f in ffns(model) if isinstance(f.fc2, nn.Linear)]
             for f in found:
-                width = f.fc2.in_features
-                if width % block:
-                    power = width & -width  # the largest power of two dividing the width
-                    raise ConvertError(f"transform hadamard: block {block} does not divide the FFN width {width} of "
-                                       f"{f.path}.fc2; give the recipe's hadamard transform a block that divides "
-                                       f"it (block: {min(power, 64)}: a power of two that does)")
                 model.get_submodule(f.path).fc2 = rotate_ffn(f.fc2, block)
             notes.append(f"{len(found)} FFN(s): online {block}-point Walsh-Hadamard before fc2, folded into fc2")
     return notes

@@ -18,3 +18,19 @@ def test_convert_simulate_stores_the_recipe_with_that_simulation_and_calibrates_
     model = load_fairseq_model(out, arg_overrides={"data": str(asset)})[0]
     assert model.qswap_recipe.name == "w8a8" and model.qswap_recipe.simulate == "float"
     assert qswap.load_recipe("w8a8").simulate == "integer"
+
+
+def test_convert_simulate_of_a_quantized_checkpoint_is_refused(tmp_path, capsys):
+    """A quantized checkpoint's grids were calibrated under its own recipe's simulation: a move
+    onto a recipe keeps them, so --simulate would store an arithmetic they were not calibrated
+    under."""
+    asset = Path(__file__).resolve().parents[2] / "qswap" / "assets" / "s2t_demo"
+    qckpt = tmp_path / "q.pt"
+    assert main(["convert", str(asset / "checkpoint.pt"), "--recipe", "w8_weight_only", "--data", str(asset),
+                 "-o", str(qckpt)]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(qckpt), "--recipe", "w8a8", "--simulate", "float", "--data", str(asset),
+                 "--calib-batches", "1", "--calib-subset", "train_calib", "-o", str(tmp_path / "r.pt")]) == 2
+    assert "--simulate sets the arithmetic a float checkpoint is converted and calibrated under" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "r.pt").exists()

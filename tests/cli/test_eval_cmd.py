@@ -70,7 +70,7 @@ def test_threads_with_the_torch_backend_is_refused(capsys):
     """--threads sets onnxruntime's threads: on a torch checkpoint it had been ignored silently."""
     assert main(["eval", str(ASSET / "checkpoint.pt"), "--data", str(ASSET), "--subset", "test",
                  "--threads", "4"]) == 2
-    assert "--threads sets onnxruntime's threads (--backend onnxruntime)" in capsys.readouterr().err
+    assert "--threads sets onnxruntime's threads: add --backend onnxruntime" in capsys.readouterr().err
 
 
 def test_a_bad_recipe_with_vs_float_fails_before_any_decoding(tmp_path, capsys, monkeypatch):

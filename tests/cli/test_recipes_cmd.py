@@ -35,20 +35,21 @@ defaults:
   activation: {bits: 8, symmetric: false}
 rules:
   - match: {path: decoder.layers.0}
-    note: "int8 [red] zone [/] kept"
+    note: "int8 [red] zone [/] kept :fire:"
 """
 
 
 def test_recipe_text_with_brackets_prints_as_written(capsys, tmp_path):
     """A recipe's name, description and notes are the user's text, printed as written: rich read
     ``[/]`` as markup and raised MarkupError (``qswap recipes``, and ``qswap convert`` after it had
-    written the checkpoint), and ``[red]`` silently dropped the text."""
+    written the checkpoint), and ``[red]`` silently dropped the text (``:fire:``, an emoji code, is
+    text too)."""
     asset = Path(__file__).resolve().parents[2] / "qswap" / "assets" / "s2t_demo"
     path = tmp_path / "brackets.yaml"
     path.write_text(RECIPE_WITH_BRACKETS)
     assert main(["recipes", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "x[/]" in out and "int8 [red] zone [/] kept" in out
+    assert "x[/]" in out and "int8 [red] zone [/] kept :fire:" in out
     out_ckpt = tmp_path / "q.pt"
     assert main(["convert", str(asset / "checkpoint.pt"), "--recipe", str(path), "--data", str(asset),
                  "--no-calibrate", "-o", str(out_ckpt)]) == 0

@@ -299,3 +299,15 @@ def test_a_shipped_name_given_as_a_path_or_a_missing_yaml_file_points_to_the_shi
     with pytest.raises(RecipeError, match=r"w8a8\.yaml: recipe file not found; did you mean the shipped recipe 'w8a8'"):
         load_recipe("w8a8.yaml")
     assert load_recipe("w8a8").name == "w8a8"
+
+
+def test_a_stored_recipe_reads_without_the_refusals_of_options_it_ignored():
+    """A checkpoint stores its recipe's plain data; one written before unread observer options were
+    refused (``percentile`` beside ``observer: minmax``) keeps loading (it had been 'damaged')."""
+    from qswap.recipe.loader import load_stored_recipe
+
+    data = {"version": 1, "name": "old", "defaults": {"activation": {"observer": "minmax", "percentile": 99.0}}}
+    with pytest.raises(RecipeError, match="percentile is read by observer percentile only"):
+        load_recipe(data)
+    assert load_stored_recipe(data).defaults.activation.observer == "minmax"
+    assert load_stored_recipe("w8a8").name == "w8a8"

@@ -219,5 +219,36 @@ def test_check_output_tries_the_temporary_file_a_write_makes_first():
     work, saying so (it had failed after calibrating, naming a missing file)."""
     from qswap.io.atomic import check_output
 
-    with pytest.raises(OutputError, match=r"cannot write /proc/qswap-out\.pt: cannot create a file in /proc"):
+    # root passes the access test and meets the probe; anyone else the access test
+    with pytest.raises(OutputError, match=r"cannot write /proc/qswap-out\.pt: (cannot create a file in /proc|"
+                                          r"/proc is not writable)"):
         check_output("/proc/qswap-out.pt")
+
+
+STDOUT_WRITER = """
+import sys
+sys.path.insert(0, {repo!r})
+from qswap.io.atomic import atomic_write_text, check_output
+print("before")
+check_output("/dev/stdout")
+atomic_write_text("/dev/stdout", "report\\n")
+print("after")
+"""
+
+
+@pytest.mark.skipif(not Path("/dev/stdout").exists(), reason="needs /dev/stdout")
+@pytest.mark.parametrize("into", ["file", "pipe"])
+def test_dev_stdout_writes_where_the_process_output_goes_in_order(tmp_path, into):
+    """``--json /dev/stdout`` with stdout redirected to a file had replaced that file (the link
+    resolved to it, then renamed over), and with stdout a pipe was refused: it is written through
+    the process's own descriptor, after what it printed before."""
+    script = STDOUT_WRITER.format(repo=str(REPO))
+    if into == "file":
+        log = tmp_path / "run.log"
+        with open(log, "w") as out:
+            subprocess.run([sys.executable, "-c", script], stdout=out, check=True, timeout=120)
+        text = log.read_text()
+    else:
+        text = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              timeout=120).stdout
+    assert text == "before\nreport\nafter\n"

@@ -111,8 +111,9 @@ class QTransformerDecoderScriptable(QuantModule, TransformerDecoderScriptable):
                 attn = layer_attn.float().to(x)
         if attn is not None:
             attn = (attn if alignment_heads is None else attn[:alignment_heads]).mean(dim=0)  # over heads
-        if self.layer_norm is not None:  # a recipe may leave the output projection float (skip): no reader
-            x = onto(self.layer_norm, x, getattr(self.output_projection, "input_quant", None))
+        if self.layer_norm is not None:  # read by the output projection's input quantizer, where it has one
+            x = onto(self.layer_norm, x, getattr(self.output_projection, "input_quant", None))  # (a skipped
+            # projection is fairseq's float Linear: a recipe may leave it float)
         x = x.transpose(0, 1)  # (B, T', C)
         return x, {"attn": [attn], "inner_states": inner_states}
 
