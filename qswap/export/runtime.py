@@ -200,10 +200,9 @@ def _check_graph_inputs(directory, sessions: dict, layers: int) -> None:
     for role, wanted in expected.items():
         taken = {i.name for i in sessions[role].get_inputs()}
         if taken != wanted:
-            raise ExportError(f"{directory}: export.json does not describe its graphs: the graph it names as "
-                              f"{role!r} takes {', '.join(sorted(taken)[:6])}{' ...' if len(taken) > 6 else ''}, "
-                              f"which is not what a {role!r} graph of {layers} decoder layers takes; export the "
-                              f"directory again ('qswap export QCKPT --onnx -o DIR')")
+            raise _undescribed(directory, f"the graph it names as {role!r} takes {', '.join(sorted(taken)[:6])}"
+                                          f"{' ...' if len(taken) > 6 else ''}, which is not what a {role!r} graph "
+                                          f"of {layers} decoder layers takes")
 
 
 def _check_ctc_inputs(directory, session) -> None:
@@ -213,9 +212,8 @@ def _check_ctc_inputs(directory, session) -> None:
 
     taken = {i.name for i in session.get_inputs()}
     if taken != set(CTC_INPUTS):
-        raise ExportError(f"{directory}: export.json does not describe its graphs: the graph it names as 'ctc' takes "
-                          f"{', '.join(sorted(taken))}, not what a CTC graph takes ({', '.join(CTC_INPUTS)}); export "
-                          f"the directory again ('qswap export QCKPT --onnx -o DIR')")
+        raise _undescribed(directory, f"the graph it names as 'ctc' takes {', '.join(sorted(taken))}, not what a "
+                                      f"CTC graph takes ({', '.join(CTC_INPUTS)})")
 
 
 def _check_positions(directory, step, max_target_positions: int) -> None:
@@ -227,9 +225,15 @@ def _check_positions(directory, step, max_target_positions: int) -> None:
 
     recorded = step.get_modelmeta().custom_metadata_map.get(POSITIONS_KEY)
     if recorded is not None and recorded != str(max_target_positions):
-        raise ExportError(f"{directory}: export.json does not describe its graphs: it gives max_target_positions "
-                          f"{max_target_positions}, the decoder step graph was exported with {recorded} positions; "
-                          f"export the directory again ('qswap export QCKPT --onnx -o DIR')")
+        raise _undescribed(directory, f"it gives max_target_positions {max_target_positions}, the decoder step "
+                                      f"graph was exported with {recorded} positions")
+
+
+def _undescribed(directory, detail: str) -> ExportError:
+    """The ExportError of an export.json that does not describe the graphs beside it (edited, or
+    mixed with another export's): ``detail`` says how."""
+    return ExportError(f"{directory}: export.json does not describe its graphs: {detail}; export the directory "
+                       f"again ('qswap export QCKPT --onnx -o DIR')")
 
 
 def _check_dictionary(directory, manifest, dictionary) -> None:

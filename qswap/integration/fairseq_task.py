@@ -45,7 +45,7 @@ from qswap.integration.data import resolve_audio_root
 from qswap.integration.qat_start import converted_start
 from qswap.recipe.loader import load_stored_recipe
 from qswap.io.checkpoint import set_cfg_option
-from qswap.io.dictionary import CFG_KEY as DICTIONARY_KEY, dictionary_facts, mismatch, recorded_facts
+from qswap.io.dictionary import CFG_KEY as DICTIONARY_KEY, check as check_dictionary, dictionary_facts, recorded_facts
 
 logger = logging.getLogger("qswap")
 
@@ -91,11 +91,9 @@ class QswapTaskMixin:
             recipe = OmegaConf.to_container(recipe, resolve=True)
         float_start = None
         if from_checkpoint:
-            problem = mismatch(dictionary, getattr(self, "target_dictionary", None),
-                               f"the model cfg of the checkpoint {getattr(opts, 'path', None) or ''}".rstrip())
-            if problem is not None:  # decoded, it had given other words with no error
-                from qswap.errors import DataError
-                raise DataError(problem)
+            # decoded with another dictionary, it had given other words with no error
+            check_dictionary(dictionary, getattr(self, "target_dictionary", None),
+                             f"the model cfg of the checkpoint {getattr(opts, 'path', None) or ''}".rstrip())
             from qswap.integration.qat_start import float_checkpoint_error, load_recipe_of
             path = getattr(opts, "path", None)
             # the checkpoint's own recipe, or else --qswap-recipe's (a float checkpoint: its RecipeError as is)
@@ -306,10 +304,7 @@ def _check_start_dictionary(start: Start, dictionary) -> None:
     """A DataError where the checkpoint fairseq-train starts from records another target
     dictionary than the task's (the run's checkpoints would record the task's, hiding it)."""
     from qswap.integration.qat_start import stored_dictionary
-    problem = mismatch(stored_dictionary(start.path, start.state()), dictionary, start.source)
-    if problem is not None:
-        from qswap.errors import DataError
-        raise DataError(problem)
+    check_dictionary(stored_dictionary(start.path, start.state()), dictionary, start.source)
 
 
 def _refuse_unnamed(start: Start) -> None:

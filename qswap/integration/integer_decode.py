@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from qswap.errors import DataError, ExportError, LoadError
 from qswap.integration.decode import DecodeResult, decode
-from qswap.io.dictionary import mismatch
+from qswap.io.dictionary import check
 
 BEAM_SEARCH, GREEDY_CTC = "beam search", "greedy CTC"
 
@@ -56,10 +56,8 @@ def exported_task(exported, data: str | Path):
         raise DataError(f"cannot read the target dictionary of task {exported.task.get('_name')!r} in {data} "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass the data directory of the "
                         f"model's training") from None
-    why = mismatch(exported.decoding, dictionary, str(exported.path), made="exported with",
-                   advice=f"pass the data directory of the model's training, not {data}")
-    if why is not None:
-        raise DataError(why)
+    check(exported.decoding, dictionary, str(exported.path), made="exported with",
+          advice=f"pass the data directory of the model's training, not {data}")
     return task
 
 

@@ -84,10 +84,9 @@ def stored_recipe(path: Any, state: Mapping | None = None) -> "Recipe | None":
     older qswap) that no longer loads is a CheckpointError naming the checkpoint. ``state``: the
     checkpoint's content where the caller has read it (``read_start``), else it is read here."""
     from qswap.io.checkpoint import QSWAP_KEY, check_fairseq_state, qswap_entry
-    from qswap.io.safe_load import load_checkpoint
 
     if state is None:
-        state = load_checkpoint(os.fspath(path))  # qswap checkpoints load with weights_only, no allowlist
+        state = read_start(path)
     if QSWAP_KEY not in state:  # a torch file of something else: fairseq-train would fail on a missing key
         check_fairseq_state(path, state)
     if QSWAP_KEY in state:
@@ -105,10 +104,9 @@ def stored_dictionary(path: Any, state: Mapping | None = None) -> "dict | None":
     checkpoint's or a QAT checkpoint's model cfg, or legacy ``args``); None where it records none.
     ``state``: as ``stored_recipe``'s."""
     from qswap.io.dictionary import recorded_facts
-    from qswap.io.safe_load import load_checkpoint
 
     if state is None:
-        state = load_checkpoint(os.fspath(path))
+        state = read_start(path)
     cfg = state.get("cfg") or {}
     for opts in (cfg.get("model"), state.get("args")):
         facts = recorded_facts(opts)
@@ -118,8 +116,9 @@ def stored_dictionary(path: Any, state: Mapping | None = None) -> "dict | None":
 
 
 def read_start(path: Any) -> Mapping:
-    """The content of the checkpoint ``path`` a run starts from, read once for ``stored_recipe``,
-    ``stored_dictionary`` and ``converted_start`` (fairseq-train's start checks each)."""
+    """The content of the checkpoint ``path`` a run starts from (qswap checkpoints load with
+    weights_only, no allowlist), read once for ``stored_recipe``, ``stored_dictionary`` and
+    ``converted_start`` where the caller keeps it (fairseq-train's start checks each)."""
     from qswap.io.safe_load import load_checkpoint
     return load_checkpoint(os.fspath(path))
 

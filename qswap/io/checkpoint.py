@@ -30,7 +30,7 @@ from torch import nn
 
 from qswap.errors import CheckpointError, DataError, QswapError, RecipeError
 from qswap.io.atomic import atomic_open
-from qswap.io.dictionary import CFG_KEY as DICTIONARY_KEY, dictionary_facts, mismatch, recorded_facts
+from qswap.io.dictionary import CFG_KEY as DICTIONARY_KEY, check, dictionary_facts, recorded_facts
 from qswap.io.safe_load import TRUST_FLAG, allowed_globals, first_line, load_checkpoint
 
 __all__ = ["TRUST_FLAG", "allowed_globals", "load_checkpoint", "load_fairseq_model",
@@ -342,9 +342,7 @@ def check_dictionary(path: Any, model_cfg: Any, task: Any) -> None:
         dictionary = task.target_dictionary  # some tasks (audio_finetuning) read it only now
     except Exception:  # noqa: BLE001  (fairseq's own error: building the model reports it)
         return
-    problem = mismatch(recorded, dictionary, f"the checkpoint {path}")
-    if problem is not None:
-        raise DataError(problem)
+    check(recorded, dictionary, f"the checkpoint {path}")
 
 
 def _stored_cfg(path: Path, state: dict, arg_overrides: Mapping[str, Any] | None) -> tuple[Mapping, Any]:

@@ -5,7 +5,8 @@ A model scores the indices of its target dictionary: a data directory whose dict
 same size but other symbols (two swapped, another SentencePiece model) decodes other words with
 no error anywhere. What qswap writes records the dictionary's facts (``dictionary_facts``: special
 indices, size, a hash of the symbols): a qswap checkpoint and a QAT checkpoint in their model cfg
-(``CFG_KEY``), an export in its manifest; loading checks them (``mismatch``).
+(``CFG_KEY``), an export in its manifest; loading checks them (``mismatch``; ``check`` raises its
+DataError).
 """
 from __future__ import annotations
 
@@ -51,3 +52,12 @@ def mismatch(recorded: dict | None, dictionary, where: str, made: str = "made wi
     return (f"the task's target dictionary ({found['size']} symbols) is not the one the model was {made} "
             f"({recorded.get('size')} symbols{', other symbols' if found['size'] == recorded.get('size') else ''}, "
             f"recorded in {where}): its outputs would name other tokens; {advice}")
+
+
+def check(recorded: dict | None, dictionary, where: str, **wording: str) -> None:
+    """A DataError saying ``mismatch``'s sentence (``wording``: its ``made`` and ``advice``) where
+    ``dictionary`` is not the one ``recorded`` describes; nothing where it is, or nothing is recorded."""
+    problem = mismatch(recorded, dictionary, where, **wording)
+    if problem is not None:
+        from qswap.errors import DataError
+        raise DataError(problem)
