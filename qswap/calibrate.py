@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from qswap.errors import CalibrationError, DataError, QswapError, expect_module
+from qswap.errors import CalibrationError, DataError, QswapError, SpecError, expect_module
 from qswap.honesty.paths import SEQ2SEQ, model_kind, run_paths
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.recipe.schema import OBSERVE  # what a recipe's observe key may say; the first is the default
@@ -237,12 +237,24 @@ def _run_batch(run: Callable[[nn.Module, Any], Any], model: nn.Module, batch: An
         run(model, batch)
     except DataError as exc:
         raise error(f"{who}calibration batch {index}: {exc}") from exc
+    except SpecError as exc:  # a quantizer's grid that cannot take the batch: named by its site
+        site = _site_of(model, getattr(exc, "quantizer", None))
+        if site is None:
+            raise
+        raise SpecError(f"{who}calibration batch {index}: quantizer {site}: {exc}") from exc
     except QswapError:
         raise
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [""])[0][:300]
         raise error(f"{who}calibration batch {index}: the model raised {type(exc).__name__}: "
                     f"{reason}; check that the batches are what the model takes") from exc
+
+
+def _site_of(model: nn.Module, quantizer: nn.Module | None) -> str | None:
+    """The qualified name of ``quantizer`` in ``model`` (None: not one of its modules)."""
+    if quantizer is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is quantizer), None)
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:

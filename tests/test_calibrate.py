@@ -278,3 +278,20 @@ def test_unsigned_symmetric_activation_grids_that_saw_negatives_are_named_in_a_w
     with pytest.warns(QswapWarning, match=r"1 activation quantizer\(s\) on unsigned symmetric grids .* saw negative "
                                           r"values .*: 0\.input_quant; use signed: true"):
         qswap.calibrate(q, [torch.randn(8, 4)])
+
+
+def test_a_per_channel_activation_grid_on_a_changing_axis_names_its_quantizer():
+    """Per-channel activation ranges along the batch axis (the defaults' axis 0 on a linear's input)
+    cannot make one grid: the SpecError had named no quantizer (the observer does not know its site);
+    calibrate names the first one that raised, by its path in the model, and the batch."""
+    from qswap.errors import SpecError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    recipe = {"version": 1, "name": "batch_axis", "defaults": {
+        "weight": {"bits": 8}, "activation": {"bits": 8, "granularity": "per_channel", "axis": 0,
+                                              "observer": "minmax"}}}
+    qmodel = qswap.convert(model, recipe)
+    with pytest.raises(SpecError, match=r"calibration batch 1: quantizer 0\.input_quant: per_channel ranges of "
+                                        r"shape \(5,\) after ranges of shape \(3,\)"):
+        qswap.calibrate(qmodel, [torch.randn(3, 8), torch.randn(5, 8)])

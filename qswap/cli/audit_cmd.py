@@ -76,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     if args.onnx:
         return _run_onnx(args)
-    model, cfg, task = fdata.load_model_cfg_task(args.checkpoint, args.data,
-                                                 trust_checkpoint=args.trust_checkpoint)
+    model, cfg, task = _load(args)
     model = model.float()
     if args.subset:
         net_input = fdata.first_net_input(task, args.subset, args.count)
@@ -121,6 +120,37 @@ def _run_onnx(args: argparse.Namespace) -> int:
     _write(args.json, audit.to_json)
     _write(args.markdown, audit.to_markdown)
     return EXIT_OK if audit.integer_only else EXIT_VERDICT
+
+
+def _load(args: argparse.Namespace):
+    """(model, cfg, task) of the audited checkpoint. A float checkpoint given neither --recipe nor
+    --data is told first what it cannot be audited without (--recipe), not that its task's data
+    directory is missing (its setup fails first, so the checkpoint is read again only then)."""
+    from qswap.errors import AuditError, DataError
+    from qswap.integration import data as fdata
+
+    try:
+        return fdata.load_model_cfg_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
+    except DataError:
+        if args.recipe is None and args.data is None and _is_float(args.checkpoint, args.trust_checkpoint):
+            raise AuditError(f"{args.checkpoint} is a float checkpoint: it needs --recipe R (a shipped name or "
+                             f"a YAML path) and --data DIR (the folder with its task's config.yaml and "
+                             f"dictionary)") from None
+        raise
+
+
+def _is_float(checkpoint: str, trust_checkpoint: bool) -> bool:
+    """Whether ``checkpoint`` loads as a fairseq checkpoint without qswap's entry (False where it
+    cannot be read: the loader's own error stands)."""
+    from qswap.errors import QswapError
+    from qswap.io.checkpoint import QSWAP_KEY
+    from qswap.io.safe_load import load_checkpoint
+
+    try:
+        state = load_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
+    except QswapError:
+        return False
+    return isinstance(state, dict) and QSWAP_KEY not in state
 
 
 def _quantized(model, recipe: str | None, data: list):

@@ -8,6 +8,8 @@ from qswap.cli.args import COUNT, MAX_SENTENCES, POSITIVE, THREADS
 from qswap.cli.render import console, interactive, progress_bar
 from qswap.nn.simulate import SIMULATIONS  # `import qswap` has imported torch already: free here
 
+CALIB_SUBSET, CALIB_BATCHES = "train", 8  # --recipe's calibration, where the options are not given
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="fairseq or qswap checkpoint, or a directory written by "
@@ -19,8 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="fairseq data directory (config.yaml, TSV manifests)")
     p.add_argument("--subset", default="test", help="subset to decode (default: test)")
     p.add_argument("--recipe", help="convert the model with this recipe first (calibrated on --calib-subset)")
-    p.add_argument("--calib-subset", default="train", help="subset for calibration (default: train)")
-    p.add_argument("--calib-batches", type=POSITIVE, default=8, help="calibration batches (default: 8)")
+    p.add_argument("--calib-subset", help=f"with --recipe: subset for calibration (default: {CALIB_SUBSET})")
+    p.add_argument("--calib-batches", type=POSITIVE,
+                   help=f"with --recipe: calibration batches (default: {CALIB_BATCHES})")
     p.add_argument("--beam", type=POSITIVE, default=5, help="beam size for seq2seq models (default: 5)")
     p.add_argument("--max-sentences", type=POSITIVE, default=MAX_SENTENCES, help="utterances per batch")
     p.add_argument("--num-shards", type=POSITIVE, default=1, help="split the subset into this many shards")
@@ -47,6 +50,7 @@ def _decoding_options(args: argparse.Namespace) -> list[str]:
     """The options given that only decoding reads (``--merge`` would ignore them)."""
     given = {"CHECKPOINT": args.checkpoint, "--data": args.data, "--recipe": args.recipe,
              "--simulate": args.simulate, "--integer": args.integer, "--vs-float": args.vs_float,
+             "--calib-subset": args.calib_subset, "--calib-batches": args.calib_batches,
              "--baseline": args.baseline, "--backend onnxruntime": args.backend == "onnxruntime",
              "--num-shards": args.num_shards != 1, "--shard-id": args.shard_id != 0}
     return [name for name, value in given.items() if value]
@@ -97,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"--simulate picks the fake-quant model's arithmetic; drop it with {other}")
     if args.baseline and args.vs_float:
         raise DataError("--baseline and --vs-float each give the ΔWER its reference; pass one of them")
+    _calibration_options(args)
     if args.threads != 1 and args.backend != "onnxruntime":  # had been ignored without a word
         raise DataError(f"--threads sets onnxruntime's threads: add --backend onnxruntime to decode an ONNX export "
                         f"directory with it; a torch checkpoint or an integer export decodes with torch's threads "
@@ -195,10 +200,27 @@ def _utterance_id(utterance: dict) -> int:
     return uid
 
 
+def _calibration_options(args: argparse.Namespace) -> None:
+    """--calib-subset and --calib-batches calibrate --recipe's conversion: a DataError where no
+    recipe is converted (they had been ignored without a word); with a recipe, their defaults set."""
+    from qswap.errors import DataError
+
+    given = [name for name, value in (("--calib-subset", args.calib_subset),
+                                      ("--calib-batches", args.calib_batches)) if value is not None]
+    if given and not args.recipe:
+        named = " and ".join(given)
+        if args.backend == "onnxruntime":
+            raise DataError(f"{named} calibrate a --recipe conversion in torch; an ONNX export decodes with the "
+                            f"grids it was exported with: drop {named}")
+        raise DataError(f"{named} calibrate the conversion of --recipe R; without it nothing is calibrated (a "
+                        f"checkpoint written by 'qswap convert' decodes with the grids it holds): add --recipe R "
+                        f"or drop {named}")
+    args.calib_subset = args.calib_subset or CALIB_SUBSET
+    args.calib_batches = args.calib_batches or CALIB_BATCHES
+
+
 def evaluate(args):
     """(counts, decode result, label, float decode result or None) for ``qswap eval``'s args."""
-    import copy
-
     import qswap
     from qswap.calibrate import activation_quantizers
     from qswap.integration import data as fdata
@@ -215,8 +237,10 @@ def evaluate(args):
         return _evaluate_exported(args)
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     label = getattr(getattr(model, "qswap_recipe", None), "name", "float")
-    recipe = qswap.load_recipe(args.recipe) if args.recipe else None  # its errors before any decoding
-    float_result = _decode(args, task, copy.deepcopy(model), "float") if args.vs_float else None
+    recipe = qswap.load_recipe(args.recipe) if args.recipe else None
+    # --vs-float: the float model is the one loaded (convert leaves it untouched), decoded once the
+    # quantized model is ready, so that converting, calibrating and integerizing fail before any decoding
+    float_model = model if args.vs_float else None
     if recipe is not None:
         model = qswap.convert(model, recipe, data=fdata.transform_data(
             recipe, task, args.calib_subset, args.calib_batches, max_sentences=args.max_sentences))
@@ -231,6 +255,7 @@ def evaluate(args):
             model, label = integer_model(model), f"{label} (integer)"
         if args.simulate:
             label = f"{label} (simulate: {args.simulate})"
+        float_result = _decode(args, task, float_model, "float") if float_model is not None else None
         result = _decode(args, task, model, label)
     counts = _counts(result)
     return counts, result, label, float_result

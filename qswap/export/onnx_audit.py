@@ -335,6 +335,8 @@ def audit_export(directory: "str | os.PathLike[str]", *, level: str = "all",
     manifest = read_manifest(directory)
     paths = graph_paths(directory, manifest)  # a missing graph, or a directory that mixes exports, is
     # refused before anything is made
+    if save_optimized is not None:
+        _check_optimized_dir(Path(save_optimized))
     with tempfile.TemporaryDirectory(prefix="qswap-optimized-") as staging:
         graphs = [audit_onnx(path, level=level, site_prefix=SITE_PREFIX[name], claims_honest=manifest.claims_honest,
                              save_optimized=None if save_optimized is None else Path(staging) / f"{name}.{level}.onnx")
@@ -342,6 +344,20 @@ def audit_export(directory: "str | os.PathLike[str]", *, level: str = "all",
         if save_optimized is not None:  # every graph audited: only now the folder and its files
             _publish(Path(staging), Path(save_optimized))
     return DeployAudit(str(directory), manifest.recipe, manifest.claims_honest, graphs)
+
+
+def _check_optimized_dir(out: Path) -> None:
+    """OutputError where ``out`` is an export's own folder (this one's or another's): the optimized
+    graphs would lie among that export's files, which a later export over it keeps (they would then
+    describe another model) and which no digest covers."""
+    from qswap.errors import OutputError
+    from qswap.export.package import OPTIMIZED, held_export
+
+    kind = held_export(out)
+    if kind is not None:
+        what = "an ONNX export (export.json)" if kind == "onnx" else "an integer model export (model.json)"
+        raise OutputError(f"--optimized-dir {out} holds {what}; the optimized graphs go into a folder of their "
+                          f"own: pass another folder (the default is the audited export's {OPTIMIZED}/ folder)")
 
 
 def _publish(staging: Path, out: Path) -> None:

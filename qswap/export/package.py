@@ -8,10 +8,13 @@ seq2seq      S2T transformer, S2T conformer     encoder.onnx, cross_kv.onnx, dec
 ctc          wav2vec 2.0 CTC                    ctc.onnx (``qswap.export.wav2vec2``)
 ===========  =================================  ============================================
 
-``export.json`` (format 3) records the kind, the recipe, whether the fake-quant model's honesty
+``export.json`` (format 4) records the kind, the recipe, whether the fake-quant model's honesty
 audit called it honest, the fairseq task config (so the deployed directory decodes a data
 directory without the checkpoint), the decoder's size (0 for CTC), the graph files and each one's
-SHA-256. A manifest without ``kind`` (written before CTC exports existed) is seq2seq.
+SHA-256, the target dictionary's facts (a seq2seq export always; a CTC export where it was given
+one), and the SHA-256 of all of that (``manifest_sha256``, ``manifest_digest``): an edit of any
+field (a recipe renamed, the audit's verdict changed) is refused as an edited manifest. A
+manifest without ``kind`` (written before CTC exports existed) is seq2seq.
 
 Writing: each graph is written under a temporary name beside its final one and loaded by
 onnxruntime; only when every graph loads are they renamed into place, and ``export.json`` is
@@ -47,8 +50,10 @@ from qswap.io.atomic import atomic_write_text, make_directory, remove_made
 
 MANIFEST = "export.json"
 # 2: the decoder step reads the encoder-decoder keys, values and padding mask once per sentence
-# (format 1's, once per hypothesis, would not run with this runtime); 3: each graph's SHA-256
-FORMAT = 3
+# (format 1's, once per hypothesis, would not run with this runtime); 3: each graph's SHA-256; 4: the
+# manifest's own SHA-256 (format 3's recipe and audit verdict could be edited unnoticed) and a seq2seq
+# export's dictionary facts always present
+FORMAT = 4
 GRAPHS = {"encoder": "encoder.onnx", "cross_kv": "cross_kv.onnx", "decoder_step": "decoder_step.onnx"}
 CTC_GRAPHS = {"ctc": "ctc.onnx"}
 KIND_GRAPHS = {"seq2seq": GRAPHS, "ctc": CTC_GRAPHS}
@@ -76,8 +81,11 @@ class Manifest:
     kind: str = "seq2seq"  # a key of KIND_GRAPHS
     digests: dict[str, str] = field(default_factory=dict)  # graph name -> SHA-256 of its file
     # the target dictionary's facts (``qswap.io.dictionary.dictionary_facts``): a data directory whose
-    # dictionary differs is refused ({}: not recorded, an export written before they were)
+    # dictionary differs is refused ({}: not recorded: a CTC export given no dictionary; a seq2seq export
+    # always records its decoder's, which reading checks)
     dictionary: dict[str, Any] = field(default_factory=dict)
+    # ``manifest_digest`` of the other fields, set by ``write_manifest``
+    manifest_sha256: str = ""
 
 
 def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task_cfg: Any = None,
@@ -180,7 +188,7 @@ def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -
     reads as qswap's), which the new export replaces. A folder of other files would lose the ones
     that share the export's names (a model.json, an encoder.onnx qswap did not write)."""
     from qswap.errors import OutputError
-    from qswap.export.integer_format import FORMAT as INTEGER_FORMAT, HASHED_TENSOR_FILE, JSON_FILE
+    from qswap.export.integer_format import HASHED_TENSOR_FILE
 
     out = Path(directory)
     if not out.is_dir():
@@ -191,8 +199,9 @@ def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -
         for path in entries:  # empty, or what a stopped export of qswap's left
             path.unlink()
         return
-    holds_onnx = isinstance(_json_object(out / MANIFEST).get("graphs"), dict) or (onnx and _stopped_publish(out))
-    holds_integer = _json_object(out / JSON_FILE).get("format") == INTEGER_FORMAT
+    held = held_export(out)
+    holds_onnx = held == "onnx" or (onnx and _stopped_publish(out))
+    holds_integer = held == "integer"
     if onnx and holds_integer:
         raise OutputError(f"{out} holds an integer model export (model.json); one directory holds one export: "
                           f"write the ONNX graphs into another directory (or remove that one first)")
@@ -207,6 +216,19 @@ def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -
     raise OutputError(f"{out} is a folder with other files, not {what}; an export writes into a new or empty "
                       f"folder, or over an export of its kind, never over files qswap did not write: pass a new or "
                       f"empty folder")
+
+
+def held_export(directory: "str | os.PathLike[str]") -> str | None:
+    """Which export of qswap's ``directory`` holds: "onnx" (an export.json describing graphs),
+    "integer" (a model.json of the integer format), or None."""
+    from qswap.export.integer_format import FORMAT as INTEGER_FORMAT, JSON_FILE
+
+    out = Path(directory)
+    if not out.is_dir():
+        return None
+    if isinstance(_json_object(out / MANIFEST).get("graphs"), dict):
+        return "onnx"
+    return "integer" if _json_object(out / JSON_FILE).get("format") == INTEGER_FORMAT else None
 
 
 def _stopped_publish(out: Path) -> bool:
@@ -297,10 +319,21 @@ def _recipe_name(qmodel: nn.Module) -> str:
 
 
 def write_manifest(out: Path, manifest: Manifest) -> Manifest:
-    """``export.json`` of ``manifest`` in ``out`` (atomically). Its digests must be those of the graph
-    files there (``graph_digest``), or loading the directory refuses it."""
+    """``export.json`` of ``manifest`` in ``out`` (atomically), sealed with its ``manifest_sha256``. Its
+    digests must be those of the graph files there (``graph_digest``), or loading the directory
+    refuses it."""
+    manifest.manifest_sha256 = manifest_digest(asdict(manifest))
     atomic_write_text(out / MANIFEST, json.dumps(asdict(manifest), indent=1, sort_keys=True) + "\n")
     return manifest
+
+
+def manifest_digest(payload: dict) -> str:
+    """The SHA-256 (hex) of a manifest's fields but ``manifest_sha256`` itself, as canonical JSON
+    (sorted keys, no spaces): what ``export.json`` records as ``manifest_sha256``."""
+    import hashlib
+
+    fields = {key: value for key, value in payload.items() if key != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def graph_digest(path: Path) -> str:
@@ -365,6 +398,13 @@ def read_manifest(directory: "str | os.PathLike[str]") -> Manifest:
         raise ExportError(f"{path}: malformed manifest (a seq2seq export with decoder_layers "
                           f"{manifest.decoder_layers} and max_target_positions {manifest.max_target_positions}); "
                           f"re-export the directory")
+    if manifest.kind == "seq2seq" and not manifest.dictionary:  # an export always records its decoder's
+        raise ExportError(f"{path}: malformed manifest (a seq2seq export that records no target dictionary); "
+                          f"re-export the directory")
+    if manifest.manifest_sha256 != manifest_digest(payload):
+        raise ExportError(f"{path}: edited after export (its fields do not match the manifest_sha256 it was "
+                          f"written with: a recipe, verdict, task or graph entry changed by hand); re-export the "
+                          f"directory")
     return manifest
 
 

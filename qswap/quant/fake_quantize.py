@@ -428,7 +428,17 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
 
     def forward(self, x: torch.Tensor, to: str | None = None) -> torch.Tensor:
         """``x`` fake-quantized (observed first while calibrating); ``to``: ``codes`` and
-        ``values``, what they say."""
+        ``values``, what they say. A SpecError of its grid and ``x`` (per-channel ranges on an axis
+        whose size changes) leaves carrying this quantizer as ``.quantizer`` (the first one to
+        raise it), so that a caller holding the model names its site (``qswap.calibrate`` does)."""
+        try:
+            return self._forward(x, to)
+        except SpecError as exc:
+            if getattr(exc, "quantizer", None) is None:
+                exc.quantizer = self
+            raise
+
+    def _forward(self, x: torch.Tensor, to: str | None) -> torch.Tensor:
         if to is not None:
             return self._converted(x, to)
         if not self.enabled:

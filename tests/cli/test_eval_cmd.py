@@ -85,3 +85,51 @@ def test_a_bad_recipe_with_vs_float_fails_before_any_decoding(tmp_path, capsys, 
     assert main(["eval", str(ASSET / "checkpoint.pt"), "--data", str(ASSET), "--subset", "test",
                  "--recipe", str(bad), "--vs-float"]) == 2
     assert "invalid YAML" in capsys.readouterr().err
+
+
+def _no_decoding(monkeypatch):
+    from qswap.cli import eval_cmd
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the error")
+    monkeypatch.setattr(eval_cmd, "_decode", no_decoding)
+
+
+def test_a_convert_error_with_vs_float_comes_before_the_float_decode(tmp_path, capsys, monkeypatch):
+    """The float model had been decoded first, and an error converting the recipe reported after it
+    (the whole float decode lost)."""
+    _no_decoding(monkeypatch)
+    unsigned = tmp_path / "unsigned.yaml"  # parses; convert refuses it (the model's weights have negatives)
+    unsigned.write_text("version: 1\nname: unsigned\ndefaults:\n  weight: {bits: 8, signed: false, symmetric: true}\n"
+                        "  activation: {bits: 8}\n")
+    assert main(["eval", str(ASSET / "checkpoint.pt"), "--data", str(ASSET), "--subset", "test",
+                 "--recipe", str(unsigned), "--vs-float", "--calib-subset", "train_calib"]) == 2
+    err = capsys.readouterr().err
+    assert "unsigned" in err and "negative" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--calib-batches", "2"], "--calib-batches"),
+    (["--calib-subset", "train_calib"], "--calib-subset"),
+    (["--calib-subset", "train_calib", "--calib-batches", "2"], "--calib-subset and --calib-batches"),
+])
+def test_calibration_options_without_a_recipe_are_refused(capsys, monkeypatch, options, named):
+    """Without --recipe nothing is calibrated: the options had been ignored without a word."""
+    _no_decoding(monkeypatch)
+    assert main(["eval", str(ASSET / "checkpoint.pt"), "--data", str(ASSET), "--subset", "test", *options]) == 2
+    err = capsys.readouterr().err
+    assert f"{named} calibrate the conversion of --recipe R" in err and f"drop {named}" in err
+
+
+def test_calibration_options_with_the_onnxruntime_backend_are_refused(tmp_path, capsys):
+    """An ONNX export decodes with its exported grids: --calib-* had been ignored without a word.
+    Refused before the export directory is read (this one does not exist)."""
+    assert main(["eval", str(tmp_path / "export"), "--data", str(ASSET), "--backend", "onnxruntime",
+                 "--calib-batches", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--calib-batches calibrate a --recipe conversion in torch; an ONNX export decodes with the grids" in err
+
+
+def test_merge_refuses_calibration_options(tmp_path, capsys):
+    assert main(["eval", "--merge", _shard(tmp_path / "s.json"), "--calib-batches", "3"]) == 2
+    assert "--calib-batches apply when decoding" in capsys.readouterr().err

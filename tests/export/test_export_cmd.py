@@ -166,6 +166,30 @@ def test_audit_onnx_of_an_incomplete_export_writes_no_optimized_graph(export_dir
     assert not (copy / "optimized").exists()
 
 
+def test_audit_onnx_refuses_an_optimized_dir_that_holds_an_export(export_dir, tmp_path, capsys):
+    """--optimized-dir pointing at another export's folder (an ONNX or an integer export) had put the
+    optimized graphs among its files, where a later export over it kept them (describing another
+    model). Refused before anything is written. (The audited folder itself is an input: refused too.)"""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(export_dir, other)
+    before = sorted(p.name for p in other.iterdir())
+    assert main(["audit", str(export_dir), "--onnx", "--optimized-dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"--optimized-dir {other} holds an ONNX export (export.json)" in err and "pass another folder" in err
+    assert sorted(p.name for p in other.iterdir()) == before
+    assert main(["audit", str(export_dir), "--onnx", "--optimized-dir", str(export_dir)]) == 2
+    assert "is also an input of this command" in capsys.readouterr().err
+    integer = tmp_path / "integer"
+    integer.mkdir()
+    (integer / "model.json").write_text(json.dumps({"format": __import__(
+        "qswap.export.integer_format", fromlist=["FORMAT"]).FORMAT}))
+    assert main(["audit", str(export_dir), "--onnx", "--optimized-dir", str(integer)]) == 2
+    assert "holds an integer model export (model.json)" in capsys.readouterr().err
+    assert sorted(p.name for p in integer.iterdir()) == ["model.json"]
+
+
 def test_audit_onnx_rejects_fake_quant_options(export_dir, capsys):
     assert main(["audit", str(export_dir), "--onnx", "--recipe", "w8a8", "--values"]) == 2
     assert "--recipe, --values" in capsys.readouterr().err

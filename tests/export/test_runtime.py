@@ -17,7 +17,7 @@ from qswap.errors import ExportError
 pytest.importorskip("fairseq")
 pytest.importorskip("onnxruntime")
 
-from qswap.export.package import MANIFEST, NO_QUANT, export_model, read_manifest  # noqa: E402
+from qswap.export.package import MANIFEST, NO_QUANT, export_model, manifest_digest, read_manifest  # noqa: E402
 from qswap.export.runtime import load_deployed, load_exported, sentence_rows  # noqa: E402
 from qswap.integration import data as fdata  # noqa: E402
 from qswap.integration.decode import decode  # noqa: E402
@@ -151,6 +151,43 @@ def test_a_manifest_field_of_the_wrong_type_is_a_typed_error(shipped_float, tmp_
         load_exported(copy, task.target_dictionary)
 
 
+def resealed(manifest: dict) -> dict:
+    """``manifest`` with its ``manifest_sha256`` recomputed: an edit made past the manifest's own
+    digest, for the checks behind it (the graphs' digests, what each graph takes)."""
+    return {**manifest, "manifest_sha256": manifest_digest(manifest)}
+
+
+@pytest.mark.parametrize("field, value", [("recipe", "w8a8"), ("claims_honest", True), ("claims_honest", False),
+                                          ("task", {"data": "/elsewhere"}), ("manifest_sha256", "0" * 64)])
+def test_an_edited_manifest_field_is_refused(shipped_float, tmp_path, field, value):
+    """Format 3 covered only the graphs by digests: a recipe renamed or the fake-quant audit's verdict
+    changed by hand had relabelled the deployed model's results and its deploy audit."""
+    _, task, out = shipped_float
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    assert manifest[field] != value
+    (copy / MANIFEST).write_text(json.dumps({**manifest, field: value}))
+    with pytest.raises(ExportError, match="edited after export .*manifest_sha256"):
+        read_manifest(copy)
+    with pytest.raises(ExportError, match="edited after export"):
+        load_exported(copy, task.target_dictionary)
+
+
+def test_a_seq2seq_manifest_without_its_dictionary_is_refused(shipped_float, tmp_path):
+    """Every seq2seq export records its decoder's dictionary: an empty one (sealed, as a format 3
+    export written before the facts were recorded would read) had left the data directory's
+    dictionary unchecked."""
+    _, task, out = shipped_float
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    assert manifest["dictionary"]["size"] == len(task.target_dictionary)
+    (copy / MANIFEST).write_text(json.dumps(resealed({**manifest, "dictionary": {}})))
+    with pytest.raises(ExportError, match="a seq2seq export that records no target dictionary"):
+        load_exported(copy, task.target_dictionary)
+
+
 @pytest.mark.parametrize("edit", ["fewer layers", "more layers", "graphs swapped"])
 def test_a_manifest_that_does_not_describe_its_graphs_says_so(shipped_float, tmp_path, edit):
     """decoder_layers edited, or the encoder's and cross_kv's entries swapped: onnxruntime's
@@ -166,7 +203,7 @@ def test_a_manifest_that_does_not_describe_its_graphs_says_so(shipped_float, tmp
         digests["encoder"], digests["cross_kv"] = digests["cross_kv"], digests["encoder"]  # consistent
     else:
         manifest["decoder_layers"] += -1 if edit == "fewer layers" else 1
-    (copy / MANIFEST).write_text(json.dumps(manifest))
+    (copy / MANIFEST).write_text(json.dumps(resealed(manifest)))
     with pytest.raises(ExportError, match="export.json does not describe its graphs: the graph it names as"):
         load_exported(copy, task.target_dictionary)
 
@@ -182,7 +219,7 @@ def test_an_edited_position_limit_is_refused(shipped_float, tmp_path, change):
     manifest = json.loads((copy / MANIFEST).read_text())
     limit = manifest["max_target_positions"]
     manifest["max_target_positions"] = limit + change
-    (copy / MANIFEST).write_text(json.dumps(manifest))
+    (copy / MANIFEST).write_text(json.dumps(resealed(manifest)))
     with pytest.raises(ExportError, match=f"max_target_positions {limit + change}, the decoder step graph was "
                                           f"exported with {limit} positions"):
         load_exported(copy, task.target_dictionary)
@@ -460,7 +497,7 @@ def test_a_format_of_another_type_says_which(shipped_float, tmp_path):
     shutil.copytree(out, copy)
     manifest = json.loads((copy / MANIFEST).read_text())
     (copy / MANIFEST).write_text(json.dumps({**manifest, "format": str(manifest["format"])}))
-    with pytest.raises(ExportError, match=r"export format '3' \(a str\); this qswap reads format 3, a number"):
+    with pytest.raises(ExportError, match=r"export format '4' \(a str\); this qswap reads format 4, a number"):
         load_exported(copy, task.target_dictionary)
 
 
@@ -472,7 +509,7 @@ def test_an_encoder_named_as_the_ctc_graph_is_an_edited_manifest(shipped_float, 
     shutil.copytree(out, copy)
     manifest = json.loads((copy / MANIFEST).read_text())
     manifest.update(kind="ctc", graphs={"ctc": "encoder.onnx"}, digests={"ctc": manifest["digests"]["encoder"]})
-    (copy / MANIFEST).write_text(json.dumps(manifest))
+    (copy / MANIFEST).write_text(json.dumps(resealed(manifest)))
     with pytest.raises(ExportError, match="export.json does not describe its graphs: the graph it names as 'ctc' "
                                           "takes src_lengths, src_tokens"):
         load_exported(copy, task.target_dictionary)

@@ -132,6 +132,18 @@ def test_usage_and_input_errors_exit_2(checkpoint, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_float_checkpoint_without_recipe_or_data_is_told_it_needs_a_recipe(tmp_path, monkeypatch, capsys):
+    """The missing --data (the task's setup fails first) had been reported, and only after adding
+    it the missing --recipe. A qswap checkpoint needs no recipe: its message stays the loader's."""
+    monkeypatch.chdir(tmp_path)  # the asset's task reads config.yaml from '.': not here
+    assert main(["audit", str(ASSET / "checkpoint.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is a float checkpoint: it needs --recipe R" in err and "--data DIR" in err
+    assert main(["audit", str(ASSET / "qat_w4a8.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot set up fairseq task" in err and "needs --recipe" not in err
+
+
 def test_a_missing_checkpoint_exits_2(tmp_path, capsys):
     assert main(["audit", str(tmp_path / "missing.pt"), "--recipe", "w8a8"]) == 2
     assert "missing.pt" in capsys.readouterr().err

@@ -118,8 +118,8 @@ def test_eval_with_recipe_reports_wer(float_checkpoint, tmp_path, capsys):
 
 def test_eval_vs_float_reports_a_paired_interval(float_checkpoint, tmp_path, capsys):
     _, data, ckpt = float_checkpoint
-    common = [str(ckpt), "--data", str(data), "--beam", "2", "--calib-batches", "2"]
-    assert main(["eval", *common, "--recipe", "w8a8", "--vs-float", "--json", str(tmp_path / "q.json"),
+    common = [str(ckpt), "--data", str(data), "--beam", "2"]
+    assert main(["eval", *common, "--recipe", "w8a8", "--calib-batches", "2", "--vs-float", "--json", str(tmp_path / "q.json"),
                  "--markdown", str(tmp_path / "q.md")]) == 0
     out = json.loads((tmp_path / "q.json").read_text())
     assert out["baseline"] == "float" and out["bootstrap"]["resamples"] >= 1000

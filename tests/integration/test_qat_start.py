@@ -154,3 +154,27 @@ def test_a_torch_file_that_is_no_fairseq_checkpoint_is_named_before_fairseq_trai
     torch.save({"a": 1}, path)
     with pytest.raises(CheckpointError, match=f"{path}: not a fairseq checkpoint: it has neither 'cfg' nor 'args'"):
         stored_recipe(path)
+
+
+def test_the_start_checkpoint_is_read_once_by_the_tasks_checks(converted, tmp_path, monkeypatch):
+    """fairseq-train's start checks (its dictionary, its recipe for the transforms' structure, its
+    recipe against the run's) each read the checkpoint fairseq-train loads; they share one read
+    (``Start.state``): the task built in this process as fairseq-train builds it, every load counted."""
+    from fairseq import options, tasks, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from qswap.io import safe_load
+
+    root, data, _, qckpt = converted
+    args = options.parse_args_and_arch(options.get_training_parser(), [
+        str(data), "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap", "--qswap-recipe", RECIPE,
+        *SMALL, *TRAIN, "--finetune-from-model", str(qckpt), "--save-dir", str(tmp_path / "run")])
+    utils.import_user_module(args)
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    loads = []
+    real = safe_load.load_checkpoint
+    monkeypatch.setattr(safe_load, "load_checkpoint", lambda path, *a, **k: loads.append(str(path)) or real(path, *a, **k))
+    model = task.build_model(cfg.model)
+    assert model.qswap_recipe.name == RECIPE
+    assert loads == [str(qckpt)]

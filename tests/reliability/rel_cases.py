@@ -954,6 +954,31 @@ _cli_case("cli-calibrate-missing-data", "qswap calibrate --data missing_dir",
           lambda env: ["calibrate", str(env.shared.qswap_checkpoint()), "--data", str(env.tmp / "none"),
                        "-o", str(env.tmp / "q.pt")])
 
+_cli_case("cli-eval-calibration-without-recipe", "qswap eval QCKPT --calib-batches 4 (no --recipe: nothing to calibrate)",
+          lambda env: ["eval", str(env.shared.qswap_checkpoint()), "--data", str(env.shared.data_dir),
+                       "--calib-batches", "4"])
+_cli_case("cli-eval-onnxruntime-calibration", "qswap eval DIR --backend onnxruntime --calib-subset train",
+          lambda env: ["eval", str(env.tmp / "export"), "--data", str(env.shared.data_dir), "--backend",
+                       "onnxruntime", "--calib-subset", "train"])
+
+
+def _asks_for_the_recipe(result) -> None:
+    _exit_2_one_line(result)
+    assert "is a float checkpoint: it needs --recipe R" in result[1], result[1]
+
+
+@case("cli", "cli-audit-float-without-recipe", "qswap audit of the shipped float checkpoint with neither --recipe "
+      "nor --data (its task's data directory is not found)", outcome="exit code 2: it needs --recipe (and --data)",
+      check=_asks_for_the_recipe)
+def _(env):
+    asset = Path(__file__).resolve().parents[2] / "qswap" / "assets" / "s2t_demo" / "checkpoint.pt"
+    here = os.getcwd()
+    os.chdir(env.tmp)  # its cfg names data '.': no config.yaml here
+    try:
+        return _cli(["audit", str(asset)])
+    finally:
+        os.chdir(here)
+
 
 def _printed_as_written(result) -> None:
     code, out = result
