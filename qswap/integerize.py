@@ -29,6 +29,7 @@ from qswap.nn.embedding import QEmbedding
 from qswap.nn.integer_steps import DequantizeStep, QuantizeStep
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import find, is_passthrough
+from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.integer import Grid
 
 
@@ -121,6 +122,12 @@ def integerize(qmodel: nn.Module) -> nn.Module:
             raise IntegerizeError(_message([f"{p}: left float by recipe {_recipe_name(qmodel)}; integer execution "
                                             f"needs it converted and quantized (use a recipe that quantizes "
                                             f"its weights and activations, e.g. w8a8)" for p in left]))
+        if not any(isinstance(m, FakeQuantize) and m.kind == "activation" for m in qmodel.modules()):
+            # a weight-only recipe: every activation site float, where the first one met had been named alone
+            raise IntegerizeError(_message([f"(root) ({type(qmodel).__name__}): recipe {_recipe_name(qmodel)} "
+                                            f"quantizes no activation (every activation site left float); integer "
+                                            f"execution needs every operand quantized: use a recipe that quantizes "
+                                            f"weights and activations (e.g. w8a8)"]))
         try:
             return qmodel.to_integer_model()  # a whole model with its own integer form (S2T, wav2vec 2.0 CTC)
         except IntegerizeError as exc:
@@ -137,11 +144,17 @@ def integerize(qmodel: nn.Module) -> nn.Module:
     chain = [(name, m) for name, m in qmodel.named_children() if not _skipped(m)]
     if not chain:
         raise IntegerizeError(_message(["(root): an empty chain"]))
-    if not isinstance(chain[-1][1], QLinear):
-        problems.append(f"{chain[-1][0]} ({type(chain[-1][1]).__name__}): the chain must end in a Linear "
+    last_name, last = chain[-1]
+    if isinstance(last, QuantModule) and not isinstance(last, QLinear):  # a float module is reported below
+        problems.append(f"{last_name} ({type(last).__name__}): the chain must end in a Linear "
                         f"(its int32 accumulator is the declared float output)")
     layers = []
     for i, (name, m) in enumerate(chain):
+        if not isinstance(m, QuantModule) and find(m) is not None:  # had read "no integer form yet"
+            problems.append(f"{name} ({type(m).__name__}): left float (not converted, or left so by the "
+                            f"recipe); integer execution needs it converted and quantized: qswap.convert it "
+                            f"with a recipe that quantizes weights and activations (e.g. w8a8)")
+            continue
         if not (isinstance(m, QuantModule) and callable(getattr(m, "to_integer", None))):
             problems.append(f"{name} ({type(m).__name__}): no integer form yet")
             continue

@@ -52,6 +52,9 @@ class SearchResult:
     weight_mb: float
     candidates: list[Candidate] = field(default_factory=list)
     evaluations: list[tuple[int, float]] = field(default_factory=list)  # (units low, dev WER)
+    # units moved to low bits: the first ``low_count`` candidates (``low_units`` holds their paths, two
+    # for a tied embedding and output projection, which are one unit)
+    low_count: int = 0
 
 
 def _units(qmodel: nn.Module) -> list[tuple[list[str], list[FakeQuantize], int]]:
@@ -126,10 +129,16 @@ def rank_candidates(model: nn.Module, high: Any, batches: list, low_bits: int = 
     with torch.no_grad():
         reference = [model_output(float_model, b) for b in batches]
     qmodel = qswap.convert(model, high, data=batches).eval()  # data: the statistics transforms fold (smoothquant)
-    qswap.calibrate(qmodel, batches)
+    units = _units(qmodel)
+    if not units:  # it had calibrated ("convert it first" where nothing was quantized) or found 0 units
+        raise BudgetError(f"the high recipe {qmodel.qswap_recipe.name} (--high) quantizes the weights of no module "
+                          f"of this model (every unit skipped or left float): the search moves units with "
+                          f"quantized weights to fewer bits; pass a high recipe that quantizes them (the default: "
+                          f"w8a8_per_channel)")
     everything = [m for m in qmodel.modules() if isinstance(m, FakeQuantize)]
+    qswap.calibrate(qmodel, batches)
     candidates = []
-    for paths, quantizers, numel in _units(qmodel):
+    for paths, quantizers, numel in units:
         if all(q.spec.bits <= low_bits for q in quantizers):
             continue
         with enabled_only(everything, keep=quantizers):
@@ -240,7 +249,8 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
         while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if size_mb(mid) <= target_mb else (mid + 1, hi)
-        return SearchResult(recipe(lo), [p for c in candidates[:lo] for p in c.paths], size_mb(lo), candidates)
+        return SearchResult(recipe(lo), [p for c in candidates[:lo] for p in c.paths], size_mb(lo), candidates,
+                            low_count=lo)
     if evaluate is None:
         raise BudgetError("max_delta_wer needs an evaluate(model) -> WER function")
     float_wer = evaluate(copy_model(model).eval())
@@ -261,4 +271,4 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if delta(mid) <= max_delta_wer else (lo, mid - 1)
     return SearchResult(recipe(lo), [p for c in candidates[:lo] for p in c.paths], size_mb(lo), candidates,
-                        evaluations)
+                        evaluations, low_count=lo)

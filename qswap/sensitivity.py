@@ -61,9 +61,19 @@ class SensitivityReport:
                 "sites": [asdict(s) for s in self.ranked()]}
 
 
-def model_output(model: nn.Module, net_input: dict) -> torch.Tensor:
-    """The logits a fairseq speech model produces for a batch (seq2seq or CTC)."""
-    out = model(**net_input) if isinstance(net_input, dict) else model(*net_input)
+def model_output(model: nn.Module, net_input: Any) -> torch.Tensor:
+    """The logits a fairseq speech model produces for a batch (seq2seq or CTC): the batch kinds
+    ``qswap.calibrate`` takes, a net_input dict (``model(**batch)``), a tuple or list of arguments
+    (``model(*batch)``) or one tensor (``model(batch)``); CalibrationError for anything else."""
+    if isinstance(net_input, dict):
+        out = model(**net_input)
+    elif isinstance(net_input, (tuple, list)):
+        out = model(*net_input)
+    elif isinstance(net_input, torch.Tensor):
+        out = model(net_input)
+    else:
+        raise CalibrationError(f"a batch is a net_input dict, a tuple of arguments or a tensor, got "
+                               f"{type(net_input).__name__}")
     if isinstance(out, tuple):
         out = out[0]
     if isinstance(out, dict):
@@ -128,6 +138,8 @@ def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metri
     if metric == "wer" and evaluate is None:
         raise CalibrationError("metric='wer' needs an evaluate(model) -> WER function (the CLI "
                                "decodes a dev subset)")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:  # -2 had measured all but the last 2
+        raise CalibrationError(f"top_k is how many sites metric='wer' decodes, a whole number 1 or more, got {top_k!r}")
     batches = list(batches)
     if not batches:
         raise CalibrationError("sensitivity needs at least one batch to compare outputs on")

@@ -168,3 +168,37 @@ def test_activation_rounding_without_an_integer_form_is_refused_and_simulated_in
         simulated = q(**net_input)[0]
         with simulating(q, "float"):
             assert torch.equal(q(**net_input)[0], simulated)
+
+
+def test_a_float_chain_names_its_modules_as_float_not_as_ending_wrong():
+    """A chain never converted (or converted with fp32) had read "2 (Linear): the chain must end in a
+    Linear" and "no integer form yet" for each module (the last one twice)."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    for chain in (model, qswap.convert(model, "fp32")):
+        with pytest.raises(IntegerizeError) as info:
+            qswap.integerize(chain)
+        message = str(info.value)
+        assert "must end in a Linear" not in message and message.count("2 (Linear)") == 1
+        assert "0 (Linear): left float (not converted, or left so by the recipe)" in message
+
+
+def test_a_disabled_quantizer_is_named_as_disabled():
+    """A quantizer switched off (a sensitivity probe, a caller) had been reported as a site the recipe
+    leaves float."""
+    x = torch.randn(4, 16)
+    q = calibrated(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)), x)
+    q[2].input_quant.enabled = False
+    with pytest.raises(IntegerizeError, match=r"a disabled activation quantizer \(.*, enabled=False\) has no grid.*"
+                                              r"enable it again"):
+        qswap.integerize(q)
+
+
+def test_a_weight_only_s2t_model_is_told_its_recipe_quantizes_no_activation():
+    """w8_weight_only: the first activation site met (a decoder key) had been named alone."""
+    from qswap.models import build_s2t_transformer
+
+    model = build_s2t_transformer(encoder_layers=1, decoder_layers=1, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
+                                  decoder_ffn_embed_dim=64, conv_channels=32)
+    with pytest.raises(IntegerizeError, match="recipe w8_weight_only quantizes no activation .every activation site "
+                                              "left float."):
+        qswap.integerize(qswap.convert(model, "w8_weight_only"))

@@ -90,11 +90,11 @@ def test_max_delta_wer_search_with_a_measured_metric():
     assert any(wer > 3.0 for _, wer in result.evaluations) or n_low == len(result.candidates)
 
 
-def test_search_cli_writes_a_valid_recipe_and_its_row(float_checkpoint, tmp_path):
+def test_search_cli_writes_a_valid_recipe_and_its_row(float_checkpoint, tmp_path, capsys):
     _, data, ckpt = float_checkpoint
     out = tmp_path / "searched.yaml"
     assert main(["search", str(ckpt), "--data", str(data), "--target-mb", "0.03", "--beam", "2",
-                 "--calib-batches", "5", "--max-sentences", "4", "-o", str(out),
+                 "--calib-batches", "5", "--max-sentences", "4", "-o", str(out), "--subset", "test", "--batches", "9",
                  "--json", str(tmp_path / "row.json"), "--markdown", str(tmp_path / "row.md")]) == 0
     recipe = qswap.load_recipe(out)
     assert recipe.name == "searched" and recipe.rules
@@ -104,6 +104,9 @@ def test_search_cli_writes_a_valid_recipe_and_its_row(float_checkpoint, tmp_path
     settings = payload["settings"]
     assert (settings["calib_batches_used"], settings["calib_batches"], settings["max_sentences"]) == (3, 5, 4)
     assert settings["target_mb"] == 0.03 and settings["eval_subset"] == "test"
+    # the probes' batches too: test's 6 utterances make fewer than 9 (it had been neither said nor recorded)
+    assert settings["batches"] == 9 and 1 <= settings["batches_used"] < 9
+    assert f"--batches 9: test makes {settings['batches_used']} batch(es)" in capsys.readouterr().err
     row = payload["row"]
     assert row["honest"] and row["weight_mb"] <= 0.03
     low, high = row["delta_wer_ci"]  # paired against the float row, on the same utterances
@@ -291,3 +294,44 @@ def test_an_impossible_target_mb_is_refused_before_the_ranking(sizes, monkeypatc
     _, low = sizes
     with pytest.raises(BudgetError, match=rf"no recipe fits .* MB: with every unit at 4-bit weights they take {low:.3f} MB"):
         search(_tiny(), [s2t_net_input(batch=1, frames=24, num_tokens=4)], target_mb=low / 3)
+
+
+@pytest.mark.parametrize("api", ["search", "sensitivity"])
+def test_a_tensor_batch_runs_as_calibrate_runs_it(api):
+    """calibrate takes a plain tensor as a batch (``model(x)``); search and sensitivity had unpacked it
+    row by row as ``model(*x)`` (a raw TypeError). A batch of another kind is a CalibrationError."""
+    import torch
+    from torch import nn
+
+    from qswap.errors import CalibrationError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    run = {"search": lambda b: search(model, b, target_mb=1.0),
+           "sensitivity": lambda b: qswap.sensitivity(model, "w8a8", b)}[api]
+    result = run([torch.randn(4, 16)])
+    assert (result.candidates if api == "search" else result.sites)
+    with pytest.raises(CalibrationError, match="a batch is a net_input dict, a tuple of arguments or a tensor, got str"):
+        run(["not a batch"])
+
+
+def test_low_count_counts_units_not_paths():
+    """A tied embedding and output projection is one unit of two paths: the CLI had printed the paths'
+    count as the units' (34 against the recipe's own 33)."""
+    model = build_s2t_transformer(encoder_layers=1, decoder_layers=1, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
+                                  decoder_ffn_embed_dim=64, conv_channels=32, share_decoder_input_output_embed=True)
+    result = search(model, [s2t_net_input(batch=1, frames=24, num_tokens=4)], max_delta_wer=1.0,
+                    evaluate=lambda m: 0.0)  # nothing costs WER: every unit moves
+    assert any(len(c.paths) == 2 for c in result.candidates)  # the tied pair
+    assert result.low_count == len(result.candidates) == len(result.low_units) - 1
+    assert result.recipe["description"].endswith(f": {result.low_count} units at 4-bit weights")
+
+
+def test_a_high_recipe_that_quantizes_nothing_says_so():
+    """Every unit skipped: calibrate's 'convert it first' had answered the float model the caller
+    passed as asked."""
+    skip_all = {"version": 1, "name": "skipall", "defaults": {"weight": {"bits": 8, "granularity": "per_channel"},
+                                                              "activation": {"bits": 8}},
+                "rules": [{"match": {"path": "*"}, "skip": True}]}
+    with pytest.raises(BudgetError, match="the high recipe skipall .--high. quantizes the weights of no module of this model"):
+        search(_tiny(), [s2t_net_input(batch=1, frames=24, num_tokens=4)], target_mb=100.0, high=skip_all)

@@ -61,14 +61,23 @@ def test_bad_metric_and_no_batches_are_typed_errors():
         qswap.sensitivity(_tiny(), "w4a8", [s2t_net_input()], metric="wer")
 
 
-def test_sensitivity_cli_on_a_fairseq_checkpoint(float_checkpoint, tmp_path):
+def test_sensitivity_cli_on_a_fairseq_checkpoint(float_checkpoint, tmp_path, capsys):
     _, data, ckpt = float_checkpoint
     out = tmp_path / "sens.json"
-    assert main(["sensitivity", str(ckpt), "--data", str(data), "--recipe", "w4a8", "--calib-batches", "1",
-                 "--json", str(out), "--plot", str(tmp_path / "sens.svg"), "--max-sentences", "4"]) == 0
-    sites = json.loads(out.read_text())["sites"]
+    assert main(["sensitivity", str(ckpt), "--data", str(data), "--subset", "test", "--batches", "50",
+                 "--recipe", "w4a8", "--calib-batches", "1", "--json", str(out), "--plot",
+                 str(tmp_path / "sens.svg"), "--max-sentences", "4"]) == 0
+    written = json.loads(out.read_text())
+    sites = written["sites"]
     gains = [s["gain_db"] for s in sites]
     assert gains == sorted(gains, reverse=True) and len(sites) > 20
+    # the batches asked and used are recorded, and fewer than asked is said (it had been neither)
+    used = written["settings"]["batches_used"]
+    assert written["settings"] == {"subset": "test", "batches": 50, "batches_used": used, "calib_subset": "train",
+                                   "calib_batches": 1, "calib_batches_used": 1, "max_sentences": 4, "metric": "sqnr"}
+    assert 1 <= used < 50
+    assert f"--batches 50: test makes {used} batch(es) of up to 4 utterances, so the SQNR uses {used}" in \
+        capsys.readouterr().err
     assert (tmp_path / "sens.svg").read_text().lstrip().startswith("<?xml")
 
 
@@ -209,3 +218,10 @@ def test_a_recipe_that_quantizes_nothing_is_refused_with_a_recipe_to_pick():
     x = s2t_net_input()
     with pytest.raises(CalibrationError, match="recipe fp32 quantizes nothing in this model.*pick one"):
         qswap.sensitivity(build_s2t_transformer(), "fp32", [x])
+
+
+@pytest.mark.parametrize("top_k", [-2, 0, True, 2.5, "3"])
+def test_a_top_k_that_is_no_positive_count_is_refused(top_k):
+    """-2 had measured all sites but the last two, 0 none, True one, 2.5 a raw TypeError."""
+    with pytest.raises(CalibrationError, match=f"top_k is how many sites metric='wer' decodes, .* got {top_k!r}"):
+        qswap.sensitivity(_tiny(), "w4a8", [s2t_net_input()], metric="wer", evaluate=lambda m: 0.0, top_k=top_k)

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import qswap
-    from qswap.calibrate import observed_note, recipe_observe
+    from qswap.calibrate import activation_quantizers, observed_note, recipe_observe
     from qswap.errors import CalibrationError
     from qswap.integration import data as fdata
     from qswap.io.checkpoint import save_qswap_checkpoint
@@ -34,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(model, "qswap_recipe", None) is None:
         raise CalibrationError(f"{args.checkpoint} is a float checkpoint; use 'qswap convert --recipe R "
                                f"--calib-batches N' to convert and calibrate it")
+    if not activation_quantizers(model):  # it had run the batches and rewritten the file, calibrating nothing
+        raise CalibrationError(f"{args.checkpoint} (recipe {model.qswap_recipe.name}) has no activation quantizers: "
+                               f"nothing to calibrate (its weight grids come from the weights); a recipe that "
+                               f"quantizes activations is converted with 'qswap convert --recipe R --calib-batches N'")
     with progress_bar("calibrating", args.batches) as advance:
         used = qswap.calibrate(model, fdata.net_inputs(task, args.subset, args.batches,
                                                        max_sentences=args.max_sentences),

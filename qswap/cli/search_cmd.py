@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from qswap.cli.sensitivity_cmd import wer_evaluator
     from qswap.integration import data as fdata
     from qswap.integration.bootstrap import Bootstrap
-    from qswap.integration.compare import Comparison, add_intervals, calibration_settings, evaluate_recipe
+    from qswap.integration.compare import (Comparison, add_intervals, batches_used, calibration_settings,
+                                           evaluate_recipe)
     from qswap.io.atomic import atomic_write_text
     from qswap.recipe import load_recipe
     from qswap.search import search
@@ -51,13 +52,14 @@ def run(args: argparse.Namespace) -> int:
         _refuse_uncalibrated(model, args.high)
     for subset in (args.eval_subset, *([args.calib_subset] if args.calib_batches else [])):
         fdata.load_subset(task, subset)  # read after the search: checked before it
+    probes = batches_used(task, args.subset, args.batches, "--batches", "the ranking's probing", args.max_sentences)
     batches = list(fdata.net_inputs(task, args.subset, args.batches, max_sentences=args.max_sentences))
     evaluate = wer_evaluator(task, args.subset, args.beam, args.max_sentences) if args.max_delta_wer is not None else None
     result = search(model, batches, high=args.high, low_bits=args.low_bits, target_mb=args.target_mb,
                     max_delta_wer=args.max_delta_wer, evaluate=evaluate, name=args.name)
     text = yaml.safe_dump(result.recipe, sort_keys=False)
     load_recipe(result.recipe)  # the written file is a valid recipe
-    settings = search_settings(args, calibration_settings(task, args.calib_subset, args.calib_batches,
+    settings = search_settings(args, probes, calibration_settings(task, args.calib_subset, args.calib_batches,
                                                           args.max_sentences))
     row_float, _ = evaluate_recipe(model, task, "fp32", subset=args.eval_subset, calib_subset=args.calib_subset,
                                    calib_batches=args.calib_batches, beam=args.beam, max_sentences=args.max_sentences)
@@ -67,28 +69,28 @@ def run(args: argparse.Namespace) -> int:
     add_intervals([row_float, row], bootstrap)
     table = Comparison(args.checkpoint, args.eval_subset, [row_float, row], {**settings, "bootstrap": bootstrap.to_dict()})
     # written once the recipe is measured: a failure on the way leaves the caller's -o as it was
-    atomic_write_text(args.output, f"# written by: qswap search ({len(result.low_units)} units low-bit)\n" + text)
+    atomic_write_text(args.output, f"# written by: qswap search ({result.low_count} units low-bit)\n" + text)
     console().print(render_comparison(table))
-    console().print(f"wrote {args.output}: {len(result.low_units)} units at {args.low_bits}-bit weights, "
+    console().print(f"wrote {args.output}: {result.low_count} units at {args.low_bits}-bit weights, "
                     f"{result.weight_mb:.3f} MB")
     if args.markdown:
         atomic_write_text(args.markdown, table.markdown())
     if args.json_out:
         payload = {"settings": settings, "row": dataclasses.asdict(row), "float": dataclasses.asdict(row_float),
                    "bootstrap": bootstrap.to_dict(),
-                   "low_units": result.low_units, "evaluations": result.evaluations,
+                   "low_units": result.low_units, "low_count": result.low_count, "evaluations": result.evaluations,
                    "candidates": [dataclasses.asdict(c) for c in result.candidates]}
         atomic_write_text(args.json_out, json_text(payload))  # an infinite loss_db as null
     return 0
 
 
-def search_settings(args: argparse.Namespace, calibration: dict) -> dict:
+def search_settings(args: argparse.Namespace, probes: int, calibration: dict) -> dict:
     """What the search and its measured rows ran with, for the JSON: the budget, the probes'
-    subset and batches, the final rows' subset, beam and calibration (``calibration_settings``:
-    the batches used)."""
+    subset and batches (asked, and ``probes`` used), the final rows' subset, beam and calibration
+    (``calibration_settings``: the batches used)."""
     budget = {"target_mb": args.target_mb} if args.target_mb is not None else {"max_delta_wer": args.max_delta_wer}
     return {**budget, "high": args.high, "low_bits": args.low_bits, "subset": args.subset, "batches": args.batches,
-            "eval_subset": args.eval_subset, "beam": args.beam, **calibration}
+            "batches_used": probes, "eval_subset": args.eval_subset, "beam": args.beam, **calibration}
 
 
 def _check_low_bits(high, low_bits: int) -> None:

@@ -7,6 +7,9 @@ from qswap.cli.args import MAX_SENTENCES, POSITIVE
 from qswap.cli.render import console, json_text, progress_display
 
 
+TOP_K, BEAM = 10, 5  # --metric wer's, where the options are not given
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="float fairseq checkpoint")
     p.add_argument("--data", required=True, help="fairseq data directory")
@@ -17,8 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="w4a8", help="recipe whose sites are probed (default: w4a8)")
     p.add_argument("--metric", choices=("sqnr", "wer"), default="sqnr",
                    help="sqnr (cheap) or wer (also decodes --subset for the --top-k sites)")
-    p.add_argument("--top-k", type=POSITIVE, default=10, help="sites measured by delta WER with --metric wer")
-    p.add_argument("--beam", type=POSITIVE, default=5, help="beam size for --metric wer")
+    p.add_argument("--top-k", type=POSITIVE,
+                   help=f"with --metric wer: sites measured by delta WER (default: {TOP_K})")
+    p.add_argument("--beam", type=POSITIVE, help=f"with --metric wer: beam size (default: {BEAM})")
     p.add_argument("--max-sentences", type=POSITIVE, default=MAX_SENTENCES, help="utterances per batch")
     p.add_argument("--show", type=POSITIVE, default=25, help="rows of the ranked table to print")
     p.add_argument("--json", dest="json_out",
@@ -46,10 +50,12 @@ def run(args: argparse.Namespace) -> int:
     from qswap.io.atomic import atomic_write_text
     from qswap.sensitivity import plot, plot_format, sensitivity
 
+    _wer_options(args)
     if args.plot:  # before minutes of probing, not after
         plot_format(args.plot)
         _require_matplotlib()
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
+    settings = _settings(args, task)
     batches = list(fdata.net_inputs(task, args.subset, args.batches, max_sentences=args.max_sentences))
     calib = list(fdata.net_inputs(task, args.calib_subset, args.calib_batches, max_sentences=args.max_sentences))
     evaluate = wer_evaluator(task, args.subset, args.beam, args.max_sentences) if args.metric == "wer" else None
@@ -60,10 +66,36 @@ def run(args: argparse.Namespace) -> int:
                              progress=lambda i, n: bar.update(job, completed=i, total=n))
     console().print(sensitivity_table(report, args.checkpoint, args.show))
     if args.json_out:
-        atomic_write_text(args.json_out, json_text(report.to_dict()))
+        atomic_write_text(args.json_out, json_text({**report.to_dict(), "settings": settings}))
     if args.plot:
         plot(report, args.plot)
     return 0
+
+
+def _wer_options(args: argparse.Namespace) -> None:
+    """--top-k and --beam apply to --metric wer: refused with sqnr (they had been ignored without
+    a word); with wer, their defaults set."""
+    from qswap.errors import DataError
+
+    given = [name for name, value in (("--top-k", args.top_k), ("--beam", args.beam)) if value is not None]
+    if given and args.metric != "wer":
+        named = " and ".join(given)
+        raise DataError(f"{named} apply to --metric wer (the sites it decodes); --metric {args.metric} decodes "
+                        f"nothing: add --metric wer or drop {named}")
+    args.top_k = args.top_k or TOP_K
+    args.beam = args.beam or BEAM
+
+
+def _settings(args: argparse.Namespace, task) -> dict:
+    """What the run measured on, for its JSON: the batches of --subset and of --calib-subset as
+    asked and as used (fewer, with a warning, where a subset makes fewer), and the WER options."""
+    from qswap.integration.compare import batches_used, calibration_settings
+
+    return {"subset": args.subset, "batches": args.batches,
+            "batches_used": batches_used(task, args.subset, args.batches, "--batches", "the SQNR",
+                                         args.max_sentences),
+            **calibration_settings(task, args.calib_subset, args.calib_batches, args.max_sentences),
+            "metric": args.metric, **({"top_k": args.top_k, "beam": args.beam} if args.metric == "wer" else {})}
 
 
 DELTA_WER_COLUMN = "ΔWER (all - all-but)"

@@ -190,15 +190,22 @@ def calibration_settings(task, calib_subset: str, calib_batches: int, max_senten
     """The calibration a row runs, for a result's settings: ``calib_batches`` as asked,
     ``calib_batches_used``, fewer (with a QswapWarning) when ``calib_subset`` batched at
     ``max_sentences`` makes fewer, and ``max_sentences``."""
-    available = fdata.batch_count(task, calib_subset, max_sentences=max_sentences)
-    used = min(calib_batches, available)
-    if used < calib_batches:
-        warnings.warn(QswapWarning(
-            f"--calib-batches {calib_batches}: {calib_subset} makes {available} batch(es) of up to {max_sentences} "
-            f"utterances, so calibration uses {used}; pass --calib-batches {used} to say so, or a smaller "
-            f"--max-sentences for more, smaller batches"), stacklevel=2)
+    used = batches_used(task, calib_subset, calib_batches, "--calib-batches", "calibration", max_sentences)
     return {"calib_subset": calib_subset, "calib_batches": calib_batches, "calib_batches_used": used,
             "max_sentences": max_sentences}
+
+
+def batches_used(task, subset: str, asked: int, option: str, use: str, max_sentences: int = 32) -> int:
+    """How many of the ``asked`` batches of ``subset`` (batched at ``max_sentences``) exist: fewer
+    with a QswapWarning naming ``option`` and what ``use`` then runs on."""
+    available = fdata.batch_count(task, subset, max_sentences=max_sentences)
+    used = min(asked, available)
+    if used < asked:
+        warnings.warn(QswapWarning(
+            f"{option} {asked}: {subset} makes {available} batch(es) of up to {max_sentences} "
+            f"utterances, so {use} uses {used}; pass {option} {used} to say so, or a smaller "
+            f"--max-sentences for more, smaller batches"), stacklevel=3)
+    return used
 
 
 def row_cost(qmodel, task, subset: str, count: int = COST_UTTERANCES) -> tuple[float, float]:

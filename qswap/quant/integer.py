@@ -575,12 +575,15 @@ class Grid:
     def of(cls, quantizer) -> "Grid":
         """The grid of a calibrated per-tensor ``FakeQuantize``."""
         if not (isinstance(quantizer, FakeQuantize) and quantizer.enabled and quantizer.initialized):
-            what = (f"an uncalibrated {quantizer.kind} quantizer ({quantizer.spec.short()})"
-                    if isinstance(quantizer, FakeQuantize) and quantizer.enabled
-                    else f"a site the recipe leaves float ({type(quantizer).__name__})")
-            fix = ("calibrate the model first (qswap calibrate, or qswap convert --calib-batches N --data DIR)"
-                   if isinstance(quantizer, FakeQuantize) and quantizer.enabled
-                   else "use a recipe that quantizes this site's activations (e.g. w8a8)")
+            if not isinstance(quantizer, FakeQuantize):
+                what = f"a site the recipe leaves float ({type(quantizer).__name__})"
+                fix = "use a recipe that quantizes this site's activations (e.g. w8a8)"
+            elif not quantizer.enabled:  # not the recipe's doing: a probe or a caller switched it off
+                what = f"a disabled {quantizer.kind} quantizer ({quantizer.spec.short()}, enabled=False)"
+                fix = "enable it again (quantizer.enabled = True) before integerizing"
+            else:
+                what = f"an uncalibrated {quantizer.kind} quantizer ({quantizer.spec.short()})"
+                fix = "calibrate the model first (qswap calibrate, or qswap convert --calib-batches N --data DIR)"
             raise IntegerizeError(f"{what} has no grid: an integer op needs every operand quantized and the "
                                   f"model calibrated; {fix}")
         if quantizer.scale.numel() != 1:

@@ -31,3 +31,13 @@ def test_the_wer_column_says_which_way_its_difference_goes():
     assert "ΔWER (all - all-but)" in text and "+1.25" in text
     assert "WER with every site quantized minus WER with this site alone kept float" in text
     assert "positive: the site hurts" in text and "opposite of compare's ΔWER" in text
+
+
+@pytest.mark.parametrize("options, named", [(["--top-k", "3"], "--top-k"), (["--beam", "7"], "--beam"),
+                                            (["--top-k", "3", "--beam", "7"], "--top-k and --beam")])
+def test_wer_options_with_the_sqnr_metric_are_refused(tmp_path, capsys, options, named):
+    """--top-k and --beam had been ignored without a word under --metric sqnr (the default);
+    refused before the checkpoint (missing here) is loaded."""
+    assert main(["sensitivity", str(tmp_path / "missing.pt"), "--data", str(tmp_path), *options]) == 2
+    err = capsys.readouterr().err
+    assert f"{named} apply to --metric wer" in err and f"drop {named}" in err and "missing.pt" not in err

@@ -231,7 +231,17 @@ def _sqrt_bits(meta):
     _first(meta, "LayerNormParams")["sqrt_bits"] = 40
 
 
+def _padding_idx_off_the_tokens(meta):
+    meta["model"]["args"]["decoder"]["args"]["padding_idx"] = 1000000  # fairseq's raw AssertionError at decoding
+
+
+def _negative_encoder_padding_idx(meta):
+    meta["model"]["args"]["encoder"]["args"]["padding_idx"] = -1
+
+
 EDITS = [
+    (_padding_idx_off_the_tokens, "padding_idx 1000000 is no token index of the"),
+    (_negative_encoder_padding_idx, "padding_idx -1 is no token index"),
     (_no_heads, "head count divides its width"),
     (_zero_scale, "finite scale above 0"),
     (_zero_point_off_the_codes, "qmin <= zero point <= qmax"),

@@ -283,6 +283,16 @@ def test_compare_refuses_a_misspelled_or_repeated_recipe_before_it_loads_the_mod
     assert message in err and "missing.pt" not in err and "Traceback" not in err
 
 
+def test_compare_refuses_integer_with_no_quantized_row(tmp_path, capsys):
+    """--recipes fp32 --integer had decoded the float row and written integer columns of '-': nothing
+    was integerized. Refused before the checkpoint (missing here) is loaded."""
+    assert main(["compare", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--recipes", "fp32",
+                 "--integer"]) == 2
+    err = capsys.readouterr().err
+    assert "--integer integerizes the quantized rows, and --recipes fp32 alone gives none" in err
+    assert "missing.pt" not in err
+
+
 def _shard(tmp_path, name, shard_id, num_shards, subset="test", model="w8a8", words=10, beam=5, ids=None):
     """A shard result of two utterances (``ids``; two of its own by default) of ``words`` reference
     words in all, one of them missed, with the counts 'qswap eval --json' writes for them."""
@@ -455,3 +465,17 @@ def test_compare_records_the_calibration_batches_it_used(float_checkpoint, tmp_p
     assert (settings["calib_batches_used"], settings["calib_batches"], settings["max_sentences"]) == (3, 5, 4)
     assert "--calib-batches 5: train makes 3 batch(es) of up to 4 utterances, so calibration uses 3" in \
         capsys.readouterr().err
+
+
+def test_calibrate_of_a_weight_only_checkpoint_is_refused(float_checkpoint, tmp_path, capsys):
+    """w8_weight_only has no activation quantizers: 'qswap calibrate' had run the batches, printed
+    'calibrated on 1 batches' and rewritten the file, calibrating nothing."""
+    _, data, ckpt = float_checkpoint
+    out, again = tmp_path / "wo.pt", tmp_path / "again.pt"
+    assert main(["convert", str(ckpt), "--recipe", "w8_weight_only", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", str(out), "--data", str(data), "--batches", "1", "--max-sentences", "4",
+                 "-o", str(again)]) == 2
+    err = capsys.readouterr().err
+    assert "(recipe w8_weight_only) has no activation quantizers: nothing to calibrate" in err
+    assert not again.exists()

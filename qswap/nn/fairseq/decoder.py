@@ -237,6 +237,22 @@ def decoder_stream(tokens: torch.Tensor, positions: torch.Tensor, padding_idx: i
     return (tokens[tokens_now] + positions[where]).transpose(0, 1)
 
 
+def check_padding_idx(padding_idx: int, positions: torch.Tensor | None, vocabulary: int | None = None) -> None:
+    """IntegerizeError unless ``padding_idx`` is a token index (below ``vocabulary`` where given)
+    whose position table ``positions`` (fairseq's: rows from ``padding_idx + 1`` on) holds at least
+    one position: an edited export had reached fairseq's generator with no positions (its raw
+    AssertionError "min_len cannot be larger than max_len")."""
+    from qswap.errors import IntegerizeError
+
+    top = vocabulary if vocabulary is not None else padding_idx + 1
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not 0 <= padding_idx < top:
+        raise IntegerizeError(f"padding_idx {padding_idx!r} is no token index"
+                              + (f" of the {vocabulary} tokens" if vocabulary is not None else ""))
+    if positions is not None and positions.shape[0] <= padding_idx + 1:
+        raise IntegerizeError(f"a position table of {positions.shape[0]} rows holds no position after padding_idx "
+                              f"{padding_idx} (fairseq's positions start at padding_idx + 1)")
+
+
 @serializable(tokens=Tensor("int32"), positions=Tensor("int32"), padding_idx=INT, layers=List(ANY),
               norm_in=Obj("Requant"), norm=Obj("IntegerLayerNorm"), output_projection=Obj("IntegerLinear"),
               out_grid=Opt(Obj("Grid")), dictionary=NOT_STORED)
@@ -251,6 +267,7 @@ class IntegerS2TDecoder(FairseqIncrementalDecoder):
                  out_grid=None, dictionary=None):
         super().__init__(dictionary)  # the target dictionary (fairseq's decoders carry it; decoding does not read it)
         from qswap.nn.integer_steps import DequantizeStep
+        check_padding_idx(padding_idx, positions, tokens.shape[0])
         self.padding_idx, self.norm_in, self.norm, self.out_grid = padding_idx, norm_in, norm, out_grid
         self.layers, self.output_projection = nn.ModuleList(layers), output_projection
         self.output = DequantizeStep(out_grid, None if out_grid is not None else output_projection.acc_scale)

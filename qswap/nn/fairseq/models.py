@@ -555,7 +555,9 @@ class IntegerS2TTransformerEncoder(FairseqEncoder):
     def __init__(self, subsample, embed_zero_point: int | Tensor, stream_bits: int, positions: Optional[Tensor],
                  padding_idx: int, layers: list, norm_in, norms: list, out_grid, entry=None):
         super().__init__(None)
+        from qswap.nn.fairseq.decoder import check_padding_idx
         from qswap.nn.integer_steps import QuantizeStep
+        check_padding_idx(padding_idx, positions)
         self.input = QuantizeStep(subsample.input_grid)
         self.subsample, self.layers, self.norms = subsample, torch.nn.ModuleList(layers), torch.nn.ModuleList(norms)
         self.embed_zero_point, self.stream_bits, self.padding_idx = embed_zero_point, stream_bits, padding_idx
