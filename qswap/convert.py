@@ -77,7 +77,7 @@ def convert(model: nn.Module, recipe: "str | Mapping[str, Any] | Recipe", inplac
             convert(model, recipe, inplace=False, strict=strict, data=data)
     target = model if inplace else copy_model(model)
     report = ConvertReport(recipe=recipe.name, float_ok=dict(recipe.float_ok))
-    report.notes += apply_transforms(target, recipe.transforms, data)
+    report.notes += apply_transforms(target, recipe.transforms, data, strict=bool(strict))
     skipped: list[tuple[str, nn.Module, Rule]] = []
     present = _class_names(target)  # the float model's classes, before the walk swaps them
     plans, hit_rules = _walk(target, recipe, report, skipped)

@@ -166,11 +166,11 @@ def test_a_counterpart_whose_from_float_fails_or_returns_no_module_is_a_convert_
     inside convert (None: 'NoneType' object has no attribute 'named_parameters')."""
     from qswap.nn.registry import register, unregister
 
-    @register(Doubler)
     class QDoubler(QuantModule):
         pass
 
     QDoubler.from_float = classmethod(from_float)
+    register(Doubler)(QDoubler)  # registration checks that from_float is its own
     try:
         with pytest.raises(ConvertError, match=message):
             qswap.convert(nn.Sequential(Doubler()), "w8a8")

@@ -39,7 +39,7 @@ from fairseq.tasks.speech_to_text import SpeechToTextTask
 from omegaconf import II, OmegaConf
 
 import qswap
-from qswap.transforms import STRUCTURE_ONLY, needs_data
+from qswap.transforms import STRUCTURE_ONLY
 from qswap.calibrate import activation_quantizers, eval_mode, freeze_observed, observing, recipe_observe
 from qswap.integration.data import resolve_audio_root
 from qswap.integration.qat_start import converted_start
@@ -73,6 +73,10 @@ class QswapTaskMixin:
         calib = _calib_updates(opts)
         model = super().build_model(cfg, from_checkpoint)
         named = getattr(opts, "qswap_recipe", None)
+        if isinstance(named, str) and not named.strip():  # it had been taken for no option: the float model
+            from qswap.errors import RecipeError
+            raise RecipeError("--qswap-recipe is empty: pass a shipped recipe name (w8a8, ...) or a recipe YAML "
+                              "path, or leave the option out for the float model")
         # a checkpoint's own recipe first; otherwise the command line's (legacy fairseq models keep
         # every training arg in their model cfg)
         recipe = (stored or named) if from_checkpoint else (named or stored)
@@ -82,11 +86,20 @@ class QswapTaskMixin:
         if not recipe:
             if start is not None:  # a quantized checkpoint does not load into the float model
                 _refuse_unnamed(start)
-            if calib or getattr(opts, "qswap_strict", False):
+            given = [option for option, on in (("--qswap-calib-batches", calib),
+                                               ("--qswap-strict", getattr(opts, "qswap_strict", False)),
+                                               ("--qswap-audit", from_checkpoint and getattr(opts, "qswap_audit", False)))
+                     if on]
+            if given:  # the audit of a float model had printed its hundreds of float ops as a verdict
                 from qswap.errors import TrainingError
-                raise TrainingError("--qswap-calib-batches and --qswap-strict apply to a model qswap converts: pass "
-                                    "--qswap-recipe RECIPE (or --path a checkpoint 'qswap convert' wrote)")
+                remedy = ("--qswap-recipe RECIPE (or --path a checkpoint 'qswap convert' wrote)" if from_checkpoint
+                          else "--qswap-recipe RECIPE")
+                raise TrainingError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a model qswap "
+                                    f"converts: pass {remedy}")
             return model
+        if not from_checkpoint and getattr(opts, "qswap_audit", False):  # read by fairseq-generate only
+            logger.warning("qswap: --qswap-audit runs before decoding (fairseq-generate); fairseq-train does not run "
+                           "it: audit the trained checkpoint with 'qswap audit CKPT' or fairseq-generate --qswap-audit")
         if OmegaConf.is_config(recipe):  # a qswap checkpoint stores the recipe itself in its cfg
             recipe = OmegaConf.to_container(recipe, resolve=True)
         float_start = None
@@ -97,10 +110,10 @@ class QswapTaskMixin:
             from qswap.integration.qat_start import float_checkpoint_error, load_recipe_of
             path = getattr(opts, "path", None)
             # the checkpoint's own recipe, or else --qswap-recipe's (a float checkpoint: its RecipeError as is)
-            recipe = load_recipe_of(path, recipe) if stored else qswap.load_recipe(recipe)
+            recipe = load_recipe_of(path, recipe) if stored else _named_recipe(recipe)
             if stored and named:  # --qswap-recipe must be the recipe the checkpoint holds
-                _refuse_other(qswap.load_recipe(named), recipe, f"the checkpoint {path or ''}".rstrip())
-            elif not stored and needs_data(recipe.transforms):
+                _refuse_other(_named_recipe(named), recipe, f"the checkpoint {path or ''}".rstrip())
+            elif not stored and recipe.transforms:
                 # a float checkpoint decoded with --qswap-recipe: a checkpoint's state is taken to
                 # hold transformed weights (STRUCTURE_ONLY), which a float one does not
                 raise float_checkpoint_error(recipe, path, recipe_arg=named, data=getattr(opts, "data", None))
@@ -116,15 +129,18 @@ class QswapTaskMixin:
         else:
             recipe_arg = recipe if isinstance(recipe, str) else None
             # the command line's recipe, or the one a resumed run's cfg stores (read as stored)
-            recipe = qswap.load_recipe(recipe) if named else load_stored_recipe(recipe)
+            recipe = _named_recipe(recipe) if named else load_stored_recipe(recipe)
             if start is not None and os.path.isfile(start.path):  # trained on, it would be recorded as this one
                 _check_start_dictionary(start, getattr(self, "target_dictionary", None))
-            # a recipe whose transforms need activation statistics is applied to a freshly built
-            # model only to load a qswap checkpoint converted (or trained) with it: the start
-            # fairseq-train loads (--finetune-from-model QCKPT, or the run's own checkpoint it
-            # resumes); else a ConvertError saying what to run. converted_start has read that
-            # checkpoint's recipe and refused another (STRUCTURE_ONLY)
-            reads = start is not None and needs_data(recipe.transforms)  # it reads the start's recipe
+            # a recipe with transforms (folded into the weights) is applied to a freshly built model
+            # that loads a checkpoint only where that is a qswap checkpoint converted (or trained) with
+            # it: the start fairseq-train loads (--finetune-from-model QCKPT, or the run's own
+            # checkpoint it resumes); a float start would load untransformed weights over the
+            # transformed structure (a ConvertError saying what to run). With no start, transforms
+            # that need activation statistics (smoothquant) are refused too; the others (hadamard)
+            # fold into the built weights. converted_start has read the start's recipe and refused
+            # another (STRUCTURE_ONLY)
+            reads = start is not None and bool(recipe.transforms)  # it reads the start's recipe
             data = converted_start(recipe, start and start.path, recipe_arg=recipe_arg,
                                    data=getattr(opts, "data", None), source=start and start.source,
                                    state=start.state() if reads else None)
@@ -143,6 +159,10 @@ class QswapTaskMixin:
         counts = model.qswap_report.counts()
         logger.info(f"qswap: converted with recipe {model.qswap_recipe.name}: {counts['quantized']} "
                     f"modules quantized, {counts['float']} left float, {counts['skipped']} skipped")
+        if calib and not activation_quantizers(model):  # its "calibration" updates had trained without a word
+            logger.warning(f"qswap: --qswap-calib-batches {calib}: recipe {model.qswap_recipe.name} has no activation "
+                           f"quantizers, so there is nothing to calibrate: training starts at the first update")
+            calib = 0
         self._qswap_calib_updates = calib
         self._qswap_calibrating = False
         # fairseq-train: with no calibration updates, learned scales need calibrated grids from the
@@ -162,11 +182,17 @@ class QswapTaskMixin:
         return super().begin_epoch(epoch, model)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        if update_num < getattr(self, "_qswap_calib_updates", 0) and self._qswap_calibration_step(model, sample):
-            # a calibration batch: the loss is computed (fairseq's trainer and DDP expect a
-            # backward) but multiplied by 0, so no weight moves before the grids are frozen
-            with _grids_held(model):
-                return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad=True)
+        if update_num < getattr(self, "_qswap_calib_updates", 0):
+            if self._qswap_calibration_step(model, sample):
+                # a calibration batch: the loss is computed (fairseq's trainer and DDP expect a
+                # backward) but multiplied by 0, so no weight moves before the grids are frozen
+                with _grids_held(model):
+                    return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad=True)
+            if not getattr(self, "_qswap_said_calibrated", False):  # skipped by design; said once
+                self._qswap_said_calibrated = True
+                logger.info(f"qswap: every activation grid has its fixed range already (the checkpoint "
+                            f"loaded, or a run resumed after calibration): --qswap-calib-batches "
+                            f"{self._qswap_calib_updates} is skipped from update {update_num + 1} on, training runs")
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
@@ -305,6 +331,15 @@ def _check_start_dictionary(start: Start, dictionary) -> None:
     dictionary than the task's (the run's checkpoints would record the task's, hiding it)."""
     from qswap.integration.qat_start import stored_dictionary
     check_dictionary(stored_dictionary(start.path, start.state()), dictionary, start.source)
+
+
+def _named_recipe(named) -> "qswap.recipe.Recipe":
+    """``--qswap-recipe``'s recipe; a RecipeError that names the option where it does not load."""
+    from qswap.errors import RecipeError
+    try:
+        return qswap.load_recipe(named)
+    except RecipeError as exc:
+        raise RecipeError(f"--qswap-recipe {named}: {exc}") from None
 
 
 def _refuse_unnamed(start: Start) -> None:

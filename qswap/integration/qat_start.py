@@ -1,5 +1,5 @@
-"""Where a QAT run's transformed weights come from, for a recipe whose transforms need activation
-statistics (``smoothquant``).
+"""Where a QAT run's transformed weights come from, for a recipe with transforms (folded into the
+weights: ``smoothquant``, which needs activation statistics, and ``hadamard``).
 
 fairseq-train builds the model (random weights) before it loads ``--finetune-from-model``, so the
 transforms cannot be computed there: the run fine-tunes from a qswap checkpoint that
@@ -31,30 +31,43 @@ def _needs_statistics(recipe: Recipe) -> str:
     return f"recipe {recipe.name}: its transforms ({steps}) need activation statistics"
 
 
+def _folded(recipe: Recipe) -> str:
+    """What a recipe's transforms that need no statistics (hadamard) are: folded into the weights."""
+    steps = ", ".join(s.describe() for s in recipe.transforms)
+    return f"recipe {recipe.name}: its transforms ({steps}) are folded into the weights"
+
+
 def converted_start(recipe: Recipe, finetune_from: Any, *, recipe_arg: Any = None, data: Any = None,
                     float_checkpoint: Any = None, source: Any = None, state: Any = None) -> Any:
-    """``data=`` for ``qswap.convert`` of a model fairseq-train builds for QAT: None when the
-    recipe's transforms need no statistics; ``STRUCTURE_ONLY`` when ``finetune_from`` (the
+    """``data=`` for ``qswap.convert`` of a model fairseq-train builds for QAT: None for a recipe
+    without transforms, or with transforms that need no statistics (hadamard) and no checkpoint to
+    load (folded into the built weights); ``STRUCTURE_ONLY`` when ``finetune_from`` (the
     checkpoint fairseq-train loads into the built model: --finetune-from-model, or the run's own
     checkpoint it resumes) is a qswap checkpoint written with this very recipe, or a QAT checkpoint
     trained with it (its state holds the folded weights and the calibrated quantizers). Otherwise
+    (a float ``finetune_from``, whose untransformed weights would load over the transformed
+    structure; no start for statistics-needing transforms; another recipe's checkpoint)
     a ConvertError naming the ``qswap convert`` command to run (``recipe_arg``, ``data``,
     ``float_checkpoint``: the recipe name or path, the data directory and the float checkpoint it
     shows; ``source``: how the message names ``finetune_from``, by default as
     ``--finetune-from-model``; ``state``: ``finetune_from``'s content where the caller has read it)."""
-    if not needs_data(recipe.transforms):
+    if not recipe.transforms:
         return None
     recipe_arg = recipe_arg or recipe.name
-    what = f"{_needs_statistics(recipe)}, which a model fairseq-train builds (random weights) does not have"
+    statistics = needs_data(recipe.transforms)
+    what = (f"{_needs_statistics(recipe)}, which a model fairseq-train builds (random weights) does not have"
+            if statistics else _folded(recipe))
     if not finetune_from:
+        if not statistics:  # trained from scratch: folded into the weights it builds, which training moves
+            return None
         raise ConvertError(f"{what}; convert the trained float checkpoint first, "
                            f"`{convert_command(recipe_arg, float_checkpoint, data)}`, and fine-tune from it "
                            f"(--finetune-from-model QCKPT)")
     source = source or f"--finetune-from-model {finetune_from}"
     stored = stored_recipe(finetune_from, state)
-    if stored is None:
-        raise ConvertError(f"{what}, and {source} is a float checkpoint; "
-                           f"convert it first, `{convert_command(recipe_arg, finetune_from, data)}`, "
+    if stored is None:  # its untransformed weights would load over the transformed structure (rotations lost)
+        raise ConvertError(f"{what}, and {source} is a float checkpoint (its weights would load without the "
+                           f"transforms); convert it first, `{convert_command(recipe_arg, finetune_from, data)}`, "
                            f"and fine-tune from QCKPT")
     if not same_recipe(stored, recipe):
         raise ConvertError(f"{what}; {source} was converted with recipe "
@@ -70,8 +83,9 @@ def float_checkpoint_error(recipe: Recipe, checkpoint: Any, *, recipe_arg: Any =
     need activation statistics (fairseq-generate --path FLOAT --qswap-recipe R): a model built
     from a checkpoint gets the transforms' structure only, so it would decode the float weights
     untransformed under the recipe's name. It names the ``qswap convert`` command to run."""
-    return ConvertError(f"{_needs_statistics(recipe)}, which a model loaded from a checkpoint does not "
-                        f"have, and {checkpoint} is a float checkpoint (its weights would be used without "
+    what = (f"{_needs_statistics(recipe)}, which a model loaded from a checkpoint does not have"
+            if needs_data(recipe.transforms) else _folded(recipe))
+    return ConvertError(f"{what}, and {checkpoint} is a float checkpoint (its weights would be used without "
                         f"the transforms); convert it first, "
                         f"`{convert_command(recipe_arg or recipe.name, checkpoint, data)}`, and load QCKPT "
                         f"(--path QCKPT)")

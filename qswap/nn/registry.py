@@ -52,6 +52,10 @@ def register(float_class: type) -> Callable[[T], T]:
     class, registered before ``qswap.convert`` imports qswap's fairseq counterparts, stays."""
     if not (isinstance(float_class, type) and issubclass(float_class, nn.Module)):
         raise RegistryError(f"register() takes an nn.Module subclass, got {float_class!r}")
+    from qswap.nn.base import QuantModule
+    if issubclass(float_class, QuantModule):  # a bare @register above a counterpart had swallowed it
+        raise RegistryError(f"register() takes the float class a counterpart replaces, got the counterpart "
+                            f"{_name(float_class)} (a QuantModule): write @qswap.register(FloatClass) above it")
 
     def decorate(counterpart: T) -> T:
         _check_counterpart(float_class, counterpart)
@@ -76,6 +80,9 @@ def _check_counterpart(float_class: type, counterpart: object) -> None:
     if not (isinstance(counterpart, type) and issubclass(counterpart, QuantModule)):
         raise RegistryError(f"the counterpart of {_name(float_class)} must be a subclass of qswap.QuantModule "
                             f"with a from_float(module, config) classmethod, got {counterpart!r}")
+    if counterpart.from_float.__func__ is QuantModule.from_float.__func__:  # had failed at convert time only
+        raise RegistryError(f"{_name(counterpart)} must implement from_float(module, config), the classmethod that "
+                            f"builds it from the float module and its QuantConfig")
     try:
         inspect.signature(counterpart.from_float).bind(None, None)
     except TypeError:

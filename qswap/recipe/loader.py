@@ -312,6 +312,10 @@ class _Ctx:
                 raise self.error(node, "transforms", "each transform is a mapping with one key, its name "
                                  "(e.g. {smoothquant: {alpha: 0.5}})")
             (name, params), = item.items()
+            if any(step.name == name for step in steps):  # a second hadamard had undone the first
+                raise self.error(item, str(name), f"transform {name} is listed twice; each transform folds into "
+                                                  f"the weights once (a second rotation can undo the first): "
+                                                  f"list it once, with the parameters it should have")
             try:
                 steps.append(make_step(name, params))
             except RecipeError as exc:

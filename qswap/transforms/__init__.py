@@ -10,7 +10,10 @@ A transform takes the model, the calibration batches (``data``: None when the ca
 ``STRUCTURE_ONLY`` when a stored checkpoint's state will overwrite the folded weights) and its
 keyword parameters (their defaults give their types); it returns notes for the convert report.
 ``check(params)`` (optional) returns what is wrong with a value the types allow, or None: a
-RecipeError when the recipe loads.
+RecipeError when the recipe loads. A transform that finds nothing to change in the model (a
+model without the blocks it folds into, or parameters that switch every part off) raises
+``NothingToTransform`` before it changes anything: a QswapWarning naming the step, a ConvertError
+under ``strict`` (the recipe then claims a transform the model does not have).
 """
 from __future__ import annotations
 
@@ -29,6 +32,11 @@ class _StructureOnly:
 
 
 STRUCTURE_ONLY = _StructureOnly()  # `data` when only module insertions matter (checkpoint load)
+
+
+class NothingToTransform(Exception):
+    """Raised by a transform, before it changes anything, where the model has nothing it applies to;
+    the message says why (``apply_transforms`` turns it into a warning, or a ConvertError)."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +115,14 @@ def needs_data(steps: Iterable[Step]) -> bool:
     return any(known[s.name].needs_data for s in steps)
 
 
-def apply_transforms(model: nn.Module, steps: Iterable[Step], data: Any = None) -> list[str]:
-    """Apply ``steps`` in order to ``model`` in place; returns the notes for the convert report."""
+def apply_transforms(model: nn.Module, steps: Iterable[Step], data: Any = None, strict: bool = False) -> list[str]:
+    """Apply ``steps`` in order to ``model`` in place; returns the notes for the convert report. A
+    step that finds nothing to change (``NothingToTransform``) is a QswapWarning, with ``strict`` a
+    ConvertError; the notes say so too."""
+    import warnings
+
+    from qswap.errors import QswapWarning
+
     known = _registered()
     notes: list[str] = []
     for step in steps:
@@ -118,5 +132,13 @@ def apply_transforms(model: nn.Module, steps: Iterable[Step], data: Any = None) 
                                f"pass qswap.convert(model, recipe, data=batches)")
         if t.needs_data and data is not STRUCTURE_ONLY and not isinstance(data, (list, tuple)):
             data = list(data)  # several transforms may read the batches
-        notes += [f"transform {step.describe()}: {n}" for n in t.fn(model, data, **step.params)]
+        try:
+            notes += [f"transform {step.describe()}: {n}" for n in t.fn(model, data, **step.params)]
+        except NothingToTransform as nothing:
+            message = f"transform {step.describe()} changes nothing in this model: {nothing}"
+            if strict:
+                raise ConvertError(f"{message} (strict: a recipe's transforms must apply; remove it from the "
+                                   f"recipe's transforms, or convert without strict)") from None
+            warnings.warn(QswapWarning(f"{message}; the model is converted without it"), stacklevel=3)
+            notes.append(f"{message} (not applied)")
     return notes

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qswap.errors import ConvertError
-from qswap.transforms import transform
+from qswap.transforms import NothingToTransform, transform
 from qswap.transforms.layers import ffns, plain_attentions
 
 
@@ -54,17 +54,28 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     product with a Paley matrix of order m (m - 1 a prime = 3 mod 4). ConvertError otherwise."""
     if n < 1:
         raise ConvertError(f"a Hadamard matrix has a positive order, got {n}")
+    built = _construction(n)
+    if built is None:
+        raise ConvertError(f"no Hadamard matrix of order {n} is built here ({ORDERS}); choose a block size that "
+                           f"divides the width and has one")
+    j, m = built
+    return _sylvester(j) if m == 1 else torch.kron(_sylvester(j), _paley(m - 1))
+
+
+ORDERS = "orders 2^k and 2^k (p + 1), p a prime = 3 mod 4"  # what hadamard_matrix builds
+
+
+def _construction(n: int) -> tuple[int, int] | None:
+    """(j, m) with n = 2^j m of the matrix ``hadamard_matrix`` builds for order ``n`` (m = 1:
+    Sylvester's; else Sylvester's times Paley's of order m), or None: none is built here."""
     k = 0
     while n % (2 ** (k + 1)) == 0:
         k += 1
     for j in range(k, -1, -1):
         m = n // 2 ** j
-        if m == 1:
-            return _sylvester(j)
-        if _is_prime(m - 1) and (m - 1) % 4 == 3:
-            return torch.kron(_sylvester(j), _paley(m - 1))
-    raise ConvertError(f"no Hadamard matrix of order {n} is built here (orders 2^k and 2^k (p + 1), p a "
-                       f"prime = 3 mod 4); choose a block size that divides the width and has one")
+        if m == 1 or (_is_prime(m - 1) and (m - 1) % 4 == 3):
+            return j, m
+    return None
 
 
 def orthonormal(n: int) -> torch.Tensor:
@@ -134,6 +145,9 @@ class RotatedLinear(nn.Sequential):
 def _check(params) -> str | None:
     if params["block"] < 1:
         return f"block must be a positive number of channels (one that divides the FFN width), got {params['block']}"
+    if params["ffn"] and _construction(params["block"]) is None:  # had loaded, to fail at convert
+        return (f"block {params['block']} has no Hadamard matrix here ({ORDERS}); give a block such as 64 that "
+                f"divides the FFN width, or ffn: false")
     return None
 
 
@@ -158,9 +172,18 @@ def hadamard(model: nn.Module, data, *, heads: bool = True, qk: bool = True, ffn
                       "no power of two does: ffn: false leaves the FFNs unrotated")
             raise ConvertError(f"transform hadamard: block {block} does not divide the FFN width {width} of "
                                f"{f.path}.fc2; give the recipe's hadamard transform a block that divides it ({advice})")
+    attns = list(plain_attentions(model)) if heads else []
+    for path, attn in attns:  # the block is the FFN's: a head size without a matrix is the heads' to switch off
+        if _construction(attn.head_dim) is None:
+            raise ConvertError(f"transform hadamard: the per-head rotation of {path} needs a Hadamard matrix of its "
+                               f"head size {attn.head_dim}, and none is built here ({ORDERS}); give the recipe's "
+                               f"hadamard transform heads: false (the FFN rotation, its block, stays)")
+    if not attns and not found:  # before anything changes
+        parts = ", ".join((["no attention with per-head projections to rotate"] if heads else
+                           ["heads: false"]) + (["no FFN with a Linear fc2"] if ffn else ["ffn: false"]))
+        raise NothingToTransform(parts)
     with torch.no_grad():
         if heads:
-            attns = list(plain_attentions(model))
             for _, attn in attns:
                 rotate_heads(attn, qk)
             notes.append(f"{len(attns)} attention(s): per-head Hadamard folded into "

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from qswap.errors import ConvertError
-from qswap.transforms import STRUCTURE_ONLY, transform
+from qswap.transforms import STRUCTURE_ONLY, NothingToTransform, transform
 from qswap.transforms.layers import ffns, prenorm_blocks
 
 _HOMOGENEOUS = {"relu"}
@@ -96,6 +96,11 @@ def smoothquant(model: nn.Module, data: Any, *, alpha: float = 0.5, norms: bool 
         raise ConvertError("smoothquant: fc2 is already rotated (hadamard ffn); list smoothquant "
                            "before hadamard in the recipe's transforms")
     # each norm's output and each fc2's input, observed in one pass
+    if not blocks and not layers:  # before anything changes
+        parts = (["norms: false"] if not norms else [f"no pre-norm block with a learned scale"
+                                                     + (f" ({len(plain)} without one)" if plain else "")])
+        parts.append("ffn: false" if not ffn else "no FFN with a positively homogeneous activation before fc2")
+        raise NothingToTransform(", ".join(parts))
     observed = [b.norm for b in blocks] + [f.fc2 for f in layers]
     maxima = channel_maxima(model, data, observed, [True] * len(blocks) + [False] * len(layers)) if observed else []
     with torch.no_grad():

@@ -183,7 +183,9 @@ def test_calibration_options_without_a_recipe_are_refused(float_checkpoint, tmp_
     result = subprocess.run([str(BIN / args[0]), *map(str, args[1:])], cwd=root, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
-    assert "TrainingError: --qswap-calib-batches and --qswap-strict apply to a model qswap converts" in result.stderr
+    # the options given are named (it had named --qswap-strict, not given), with fairseq-train's remedy
+    assert ("TrainingError: --qswap-calib-batches applies to a model qswap converts: pass --qswap-recipe RECIPE\n"
+            in result.stderr)
 
 
 def test_two_ddp_workers_freeze_the_grid_of_both_shards(float_checkpoint, tmp_path):
@@ -293,7 +295,7 @@ def test_a_bad_recipe_given_with_a_float_checkpoint_blames_the_recipe_not_the_ch
     err = _refused("fairseq-generate", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
                    "--path", root / "float" / "checkpoint_last.pt", "--qswap-recipe", "nope", "--gen-subset", "test",
                    "--beam", "2", "--max-tokens", "4000", "--cpu", "--required-batch-size-multiple", "1", cwd=root)
-    assert "RecipeError: no shipped recipe named 'nope'" in err and "CheckpointError" not in err
+    assert "RecipeError: --qswap-recipe nope: no shipped recipe named 'nope'" in err and "CheckpointError" not in err
 
 
 def test_a_qat_checkpoint_keeps_its_recipe_not_the_yaml_path(float_checkpoint, tmp_path):
@@ -460,3 +462,29 @@ def test_learned_scales_without_calibration_are_refused(float_checkpoint, tmp_pa
     trained, start = _model_state(tmp_path / "ok" / "checkpoint_last.pt"), _model_state(qckpt)
     scales = [k for k in start if k.endswith("input_quant.scale") and start[k].numel()]
     assert scales and any(not torch.equal(trained[k], start[k].to(trained[k].dtype)) for k in scales)
+
+
+def test_an_empty_recipe_and_an_audit_without_a_recipe_are_refused(float_checkpoint, tmp_path):
+    """--qswap-recipe "" had been taken for no option (fairseq-train trained the float model, exit 0);
+    fairseq-generate --qswap-audit of a float checkpoint without a recipe had printed the float
+    model's ops as the verdict, where the other plugin options are refused without a recipe."""
+    root, data, float_ckpt = float_checkpoint
+    args = [a if a != "w8a8" else "" for a in _qat(root, data, tmp_path / "empty", "w8a8", 1, 1)]
+    assert "RecipeError: --qswap-recipe is empty: pass a shipped recipe name" in _refused(*args, cwd=root)
+    assert not (tmp_path / "empty" / "checkpoint_last.pt").exists()
+    err = _refused("fairseq-generate", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+                   "--path", float_ckpt, "--qswap-audit", "--gen-subset", "test", "--beam", "1", "--max-tokens",
+                   "4000", "--cpu", "--required-batch-size-multiple", "1", cwd=root)
+    assert ("TrainingError: --qswap-audit applies to a model qswap converts: pass --qswap-recipe RECIPE (or --path "
+            "a checkpoint 'qswap convert' wrote)") in err
+
+
+def test_calibration_updates_of_a_weight_only_recipe_are_said_to_train(float_checkpoint, tmp_path):
+    """w8_weight_only has no activation quantizer: its --qswap-calib-batches updates had trained the
+    weights without a word; and fairseq-train's --qswap-audit (read by fairseq-generate only) is said
+    to be ignored."""
+    root, data, _ = float_checkpoint
+    log = _run(*_qat(root, data, tmp_path / "wo", "w8_weight_only", 2, 1, "--qswap-audit"), cwd=root)
+    assert ("--qswap-calib-batches 2: recipe w8_weight_only has no activation quantizers, so there is nothing to "
+            "calibrate: training starts at the first update") in log
+    assert "--qswap-audit runs before decoding (fairseq-generate); fairseq-train does not run it" in log

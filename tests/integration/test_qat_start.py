@@ -47,6 +47,8 @@ def test_fine_tunes_the_converted_weights_and_keeps_their_grids(converted, tmp_p
     log = run_tool("fairseq-train", *_train_args(root, data, tmp_path / "qat", qckpt), cwd=root)
     assert f"qswap: converted with recipe {RECIPE}" in log
     assert "calibrated and froze" not in log  # the converted checkpoint's grids are the LSQ start
+    # --qswap-calib-batches is skipped (by design) and said so: its updates train
+    assert "every activation grid has its fixed range already (the checkpoint loaded" in log
     assert "num_updates 2" in log or "num_updates=2" in log
     flt, conv, qat = _state(float_ckpt), _state(qckpt), _state(tmp_path / "qat" / "checkpoint_last.pt")
     # the pre-norm LayerNorms hold SmoothQuant's factors: folded by qswap convert (far from the
@@ -128,20 +130,28 @@ def test_resumes_its_own_checkpoint(converted, tmp_path):
     assert state["optimizer_history"][-1]["num_updates"] == 2
 
 
-def test_fairseq_generate_of_a_float_checkpoint_names_the_convert_command(float_checkpoint):
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_fairseq_generate_of_a_float_checkpoint_names_the_convert_command(float_checkpoint, tmp_path, hadamard):
     """fairseq-generate --qswap-recipe RECIPE of a float checkpoint would decode its weights without
-    the SmoothQuant fold under the recipe's name: a ConvertError naming qswap convert instead."""
+    the SmoothQuant fold under the recipe's name: a ConvertError naming qswap convert instead. A
+    hadamard recipe (no statistics needed) had decoded unrotated weights in a rotated structure, or
+    failed in fairseq's state_dict error."""
     root, data, float_ckpt = float_checkpoint
+    recipe = RECIPE
+    if hadamard:
+        recipe = str(tmp_path / "hadamard.yaml")
+        (tmp_path / "hadamard.yaml").write_text(HADAMARD)
     proc = subprocess.run([str(BIN / "fairseq-generate"), str(data), "--user-dir", qswap.plugin_dir(), "--task",
-                           "speech_to_text_qswap", "--path", str(float_ckpt), "--qswap-recipe", RECIPE,
+                           "speech_to_text_qswap", "--path", str(float_ckpt), "--qswap-recipe", recipe,
                            "--gen-subset", "test", "--beam", "2", "--max-tokens", "4000", "--cpu",
                            "--required-batch-size-multiple", "1"], cwd=root, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"qswap.errors.ConvertError: recipe {RECIPE}: its transforms")
+    name = "w8a8_hadamard16" if hadamard else RECIPE
+    assert last.startswith(f"qswap.errors.ConvertError: recipe {name}: its transforms")
     assert f"{float_ckpt} is a float checkpoint" in last
-    assert f"`qswap convert {float_ckpt} --recipe {RECIPE} --data {data} --calib-batches 4 -o QCKPT`" in last
+    assert f"`qswap convert {float_ckpt} --recipe {recipe} --data {data} --calib-batches 4 -o QCKPT`" in last
 
 
 def test_a_torch_file_that_is_no_fairseq_checkpoint_is_named_before_fairseq_train_reads_it(tmp_path):
@@ -178,3 +188,32 @@ def test_the_start_checkpoint_is_read_once_by_the_tasks_checks(converted, tmp_pa
     model = task.build_model(cfg.model)
     assert model.qswap_recipe.name == RECIPE
     assert loads == [str(qckpt)]
+
+
+HADAMARD = ("version: 1\nname: w8a8_hadamard16\ndefaults:\n  weight: {bits: 8}\n  activation: {bits: 8}\n"
+            "transforms:\n  - hadamard: {block: 16}\n")
+
+
+def test_a_hadamard_recipe_needs_a_converted_start_not_a_float_one(converted, tmp_path):
+    """hadamard needs no statistics, so it had been applied to the built model whatever fairseq-train
+    then loaded into it: a float start's unrotated weights loaded over the folded per-head rotations
+    (exit 0, the rotation lost) or failed in fairseq's own state_dict error (the FFN's online
+    rotation). Trained from scratch (no start) it folds into the built weights; from a checkpoint
+    converted with it, the structure only."""
+    from qswap.cli import main
+
+    _, data, float_ckpt, _ = converted
+    path = tmp_path / "hadamard.yaml"
+    path.write_text(HADAMARD)
+    recipe = qswap.load_recipe(path)
+    with pytest.raises(ConvertError, match=f"recipe w8a8_hadamard16: its transforms .hadamard.block=16.. are folded "
+                                           f"into the weights, and --finetune-from-model {float_ckpt} is a float "
+                                           f"checkpoint .its weights would load without the transforms."):
+        converted_start(recipe, float_ckpt)
+    assert converted_start(recipe, None) is None
+    qckpt = tmp_path / "hadamard.pt"
+    assert main(["convert", str(float_ckpt), "--recipe", str(path), "--data", str(data), "--calib-batches", "1",
+                 "--max-sentences", "4", "-o", str(qckpt)]) == 0
+    assert converted_start(recipe, qckpt) is STRUCTURE_ONLY
+    with pytest.raises(ConvertError, match="converted with recipe w8a8_hadamard16, not with this one"):
+        converted_start(qswap.load_recipe(RECIPE), qckpt)

@@ -43,8 +43,34 @@ def test_duplicate_registration_is_an_error_naming_both_and_the_unregister_funct
                                             r"call qswap.nn.unregister\(Linear\) first"):
         @register(nn.Linear)
         class Other(QuantModule):
-            pass
+            @classmethod
+            def from_float(cls, module, config):
+                return cls()
     assert callable(qswap.nn.unregister)
+
+
+class Counterpart(QuantModule):
+    @classmethod
+    def from_float(cls, module, config):
+        return cls()
+
+
+def test_a_bare_register_and_a_counterpart_without_from_float_are_refused():
+    """``@qswap.register`` with no float class had rebound the counterpart's name to the inner
+    decorator, registering nothing; a counterpart that inherits QuantModule's from_float had been
+    accepted, to fail at convert time."""
+    with pytest.raises(RegistryError, match=r"register\(\) takes the float class a counterpart replaces, got the "
+                                            r"counterpart .*Counterpart .a QuantModule.: write @qswap.register"):
+        register(Counterpart)
+
+    class Float(nn.Module):
+        pass
+
+    class NoFromFloat(QuantModule):
+        pass
+    with pytest.raises(RegistryError, match="NoFromFloat must implement from_float.module, config."):
+        register(Float)(NoFromFloat)
+    assert Float not in qswap.nn.registry.REGISTRY
 
 
 class NotQuant(nn.Module):

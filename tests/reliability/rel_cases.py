@@ -126,6 +126,10 @@ RECIPE_TEXTS: list[tuple[str, str, "str | bytes"]] = [
     ("observer-unknown", "observer: histogram", V + "defaults: {activation: {observer: histogram}}\n"),
     ("option-unread-by-observer", "percentile: 99 beside observer: minmax (an option its observer never reads)",
      V + "defaults: {activation: {observer: minmax, percentile: 99.0}}\n"),
+    ("transform-twice", "the hadamard transform listed twice (the second rotation undoes the first)",
+     V + "transforms: [{hadamard: {block: 4}}, {hadamard: {block: 4}}]\n"),
+    ("hadamard-block-no-matrix", "hadamard block: 11 (no Hadamard matrix of that order)",
+     V + "transforms: [{hadamard: {block: 11}}]\n"),
     ("defaults-not-mapping", "defaults: [1]", V + "defaults: [1]\n"),
     ("rules-not-list", "rules: a mapping", V + "rules: {match: {path: fc1}}\n"),
     ("rule-not-mapping", "a rule that is a list", V + "rules: [[fc1]]\n"),
@@ -960,6 +964,20 @@ _cli_case("cli-eval-calibration-without-recipe", "qswap eval QCKPT --calib-batch
 _cli_case("cli-eval-onnxruntime-calibration", "qswap eval DIR --backend onnxruntime --calib-subset train",
           lambda env: ["eval", str(env.tmp / "export"), "--data", str(env.shared.data_dir), "--backend",
                        "onnxruntime", "--calib-subset", "train"])
+
+_cli_case("cli-sensitivity-wer-options-under-sqnr", "qswap sensitivity --top-k 3 (the default --metric sqnr decodes "
+          "nothing)", lambda env: ["sensitivity", str(env.shared.checkpoint()), "--data", str(env.shared.data_dir),
+                                   "--top-k", "3"])
+_cli_case("cli-calibrate-weight-only", "qswap calibrate of a w8_weight_only checkpoint (no activation quantizers)",
+          lambda env: ["calibrate", str(_weight_only(env)), "--data", str(env.shared.data_dir), "-o",
+                       str(env.tmp / "again.pt")])
+
+
+def _weight_only(env):
+    from qswap.cli import main
+    out = env.tmp / "wo.pt"
+    assert main(["convert", str(env.shared.checkpoint()), "--recipe", "w8_weight_only", "-o", str(out)]) == 0
+    return out
 
 
 def _asks_for_the_recipe(result) -> None:

@@ -92,7 +92,7 @@ def test_train_refuses_a_smoothquant_recipe_without_a_converted_checkpoint(tmp_p
     assert not (tmp_path / "run").exists()
     code = qat_train.main(["train", "--data", str(tmp_path / "data"), "--save-dir", str(tmp_path / "run"),
                            "--recipe", recipe, "--from-qckpt", str(qat_train.ASSET / "checkpoint.pt")])
-    assert code == 2 and "is a float checkpoint; convert it first" in capsys.readouterr().err
+    assert code == 2 and "is a float checkpoint (its weights would load without the transforms); convert it first" in capsys.readouterr().err
 
 
 def test_train_command_fine_tunes_from_the_converted_checkpoint(tmp_path):

@@ -190,7 +190,7 @@ def test_a_hadamard_block_that_does_not_divide_an_ffn_names_the_layer_and_a_bloc
     """The ConvertError had named neither the transform nor a block to use."""
     model = _model()
     width = next(m for n, m in model.named_modules() if n.endswith("fc2")).in_features
-    block = next(b for b in (10, 7, 11) if width % b)
+    block = next(b for b in (128, 20, 40) if width % b)  # orders with a matrix (others: a RecipeError at load)
     recipe = qswap.load_recipe({**W4A4, "transforms": [{"hadamard": {"block": block}}]})
     with pytest.raises(ConvertError, match=rf"transform hadamard: block {block} does not divide the FFN width {width} of "
                                            rf"encoder\.transformer_layers\.0\.fc2; .*\(block: {min(width & -width, 64)}, a power of two"):
@@ -289,3 +289,57 @@ def test_smoothquant_on_a_pre_norm_wav2vec2_audits_honest():
     qswap.calibrate(qmodel, [x])
     report = qswap.audit(qmodel, x)
     assert report.honest, report.violations[:3]
+
+
+@pytest.mark.parametrize("steps, why", [
+    ([{"hadamard": {}}], "no attention with per-head projections to rotate, no FFN with a Linear fc2"),
+    ([{"smoothquant": {}}], "no pre-norm block with a learned scale, no FFN with a positively homogeneous"),
+])
+def test_a_transform_that_finds_nothing_warns_and_strict_refuses(steps, why):
+    """A transform on a model without the blocks it folds into had passed in silence (strict too): the
+    convert report's only trace a note of '0 attention(s)'. A QswapWarning now, a ConvertError with
+    strict; the model converts without it and the caller's is untouched."""
+    import warnings
+
+    from qswap.errors import QswapWarning
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    before = {k: v.clone() for k, v in seq.state_dict().items()}
+    recipe = {"version": 1, "name": "t", "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "transforms": steps}
+    data = [torch.randn(2, 8)]
+    with pytest.warns(QswapWarning, match=f"changes nothing in this model: {why}"):
+        q = qswap.convert(seq, recipe, data=data)
+    assert any("(not applied)" in n for n in q.qswap_report.notes)
+    with pytest.raises(ConvertError, match=f"changes nothing in this model: {why}.*strict"):
+        qswap.convert(seq, recipe, data=data, strict=True)
+    assert all(torch.equal(v, seq.state_dict()[k]) for k, v in before.items())
+    with warnings.catch_warnings():  # every part switched off on a model that has them: the same
+        warnings.simplefilter("error", QswapWarning)
+        with pytest.raises(QswapWarning, match="heads: false, ffn: false"):
+            qswap.convert(_model(), {**recipe, "transforms": [{"hadamard": {"heads": False, "ffn": False}}]})
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([{"hadamard": {"block": 11}}], "block 11 has no Hadamard matrix here .orders 2.k and 2.k .p . 1., p a prime"),
+    ([{"hadamard": {"block": 4}}, {"hadamard": {"block": 4}}], "transform hadamard is listed twice"),
+])
+def test_an_impossible_block_and_a_repeated_transform_are_recipe_errors(steps, message):
+    """Block 11 had loaded, to fail at convert naming neither the transform nor the key; a second
+    hadamard had undone the first (the weights back within 1e-8 of float) while the report said both
+    were folded."""
+    with pytest.raises(RecipeError, match=message):
+        qswap.load_recipe({"version": 1, "defaults": {"weight": {"bits": 8}}, "transforms": steps})
+    qswap.load_recipe({"version": 1, "defaults": {"weight": {"bits": 8}},
+                       "transforms": [{"hadamard": {"block": 11, "ffn": False}}]})  # the block is the FFN's
+
+
+def test_a_head_size_without_a_matrix_names_the_heads_not_the_block():
+    """head_dim 28 (no Hadamard matrix): the error had said 'choose a block size that divides the
+    width', where the fix is heads: false."""
+    model = build_s2t_transformer(encoder_embed_dim=112, decoder_embed_dim=112, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, encoder_ffn_embed_dim=128, decoder_ffn_embed_dim=128)
+    recipe = {"version": 1, "defaults": {"weight": {"bits": 8}}, "transforms": [{"hadamard": {"block": 64}}]}
+    with pytest.raises(ConvertError, match=r"per-head rotation of encoder\..* head size 28, .*heads: false"):
+        qswap.convert(model, recipe)
