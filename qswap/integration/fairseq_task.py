@@ -127,6 +127,7 @@ class QswapTaskMixin:
                                f"checkpoint holds; to calibrate it run {how} and decode what it writes")
             calib = 0
         else:
+            _check_calib_fits(calib, opts)
             recipe_arg = recipe if isinstance(recipe, str) else None
             # the command line's recipe, or the one a resumed run's cfg stores (read as stored)
             recipe = _named_recipe(recipe) if named else load_stored_recipe(recipe)
@@ -367,6 +368,20 @@ def _calib_updates(opts) -> int:
         raise TrainingError(f"--qswap-calib-batches {calib}: pass the number of updates whose batches calibrate "
                             f"the activation quantizers (0: none)")
     return calib
+
+
+def _check_calib_fits(calib: int, opts) -> None:
+    """A warning where fairseq-train stops (--max-update, where its options show it) before the
+    calibration updates end: no grid is frozen, every update is a zero-gradient one, and the
+    checkpoint's quantizers still observe (the run had ended with exit 0 and nothing said). Not an
+    error: a run resumed with a larger --max-update goes on calibrating. As many calibration updates
+    as --max-update is a calibration-only run."""
+    max_update = getattr(opts, "max_update", None)
+    if calib and isinstance(max_update, int) and not isinstance(max_update, bool) and 0 < max_update < calib:
+        logger.warning(f"qswap: --qswap-calib-batches {calib} is more than --max-update {max_update}: this run ends "
+                       f"before calibration does (no grid frozen, no weight trained; a run resumed with a larger "
+                       f"--max-update goes on calibrating): pass --qswap-calib-batches {max_update} or fewer, or a "
+                       f"larger --max-update")
 
 
 def _to_calibrate(quantizers) -> bool:

@@ -488,3 +488,14 @@ def test_calibration_updates_of_a_weight_only_recipe_are_said_to_train(float_che
     assert ("--qswap-calib-batches 2: recipe w8_weight_only has no activation quantizers, so there is nothing to "
             "calibrate: training starts at the first update") in log
     assert "--qswap-audit runs before decoding (fairseq-generate); fairseq-train does not run it" in log
+
+
+def test_more_calibration_updates_than_the_run_makes_are_said(float_checkpoint, tmp_path):
+    """--qswap-calib-batches 5 with --max-update 2: every update had been a zero-gradient calibration
+    step, no grid frozen, exit 0 and nothing said (the checkpoint's quantizers still observing). A
+    warning (a run resumed with a larger --max-update goes on calibrating)."""
+    root, data, _ = float_checkpoint
+    log = _run(*_qat(root, data, tmp_path / "short", "w8a8", 5, 2), cwd=root)
+    assert ("--qswap-calib-batches 5 is more than --max-update 2: this run ends before calibration does (no grid "
+            "frozen, no weight trained") in log
+    assert "calibrated and froze" not in log
