@@ -29,7 +29,6 @@ from qswap.nn.embedding import QEmbedding
 from qswap.nn.integer_steps import DequantizeStep, QuantizeStep
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import find, is_passthrough
-from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.integer import Grid
 
 
@@ -114,6 +113,8 @@ def integerize(qmodel: nn.Module) -> nn.Module:
 
     Raises ``IntegerizeError`` naming every module it cannot integerize (a module without an
     integer form, an uncalibrated or float operand, a chain that does not end in a linear)."""
+    from qswap.calibrate import activation_quantizers
+
     expect_module(qmodel, "integerize()", IntegerizeError)
     problems: list[str] = []
     if callable(getattr(qmodel, "to_integer_model", None)):
@@ -122,7 +123,7 @@ def integerize(qmodel: nn.Module) -> nn.Module:
             raise IntegerizeError(_message([f"{p}: left float by recipe {_recipe_name(qmodel)}; integer execution "
                                             f"needs it converted and quantized (use a recipe that quantizes "
                                             f"its weights and activations, e.g. w8a8)" for p in left]))
-        if not any(isinstance(m, FakeQuantize) and m.kind == "activation" for m in qmodel.modules()):
+        if not activation_quantizers(qmodel):
             # a weight-only recipe: every activation site float, where the first one met had been named alone
             raise IntegerizeError(_message([f"(root) ({type(qmodel).__name__}): recipe {_recipe_name(qmodel)} "
                                             f"quantizes no activation (every activation site left float); integer "
