@@ -4,6 +4,7 @@ any model is loaded, instead of an error from deep inside fairseq or torch."""
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 
 # utterances per batch, every command's default: search and sensitivity had 16 against the others' 32,
@@ -53,3 +54,21 @@ MAX_THREADS = 256
 # the machine has cores only slow a decode down
 THREADS = at_least(1, MAX_THREADS, why="onnxruntime starts each thread it is given; pass at most the number "
                                        "of CPU cores")
+
+
+def only_with(args: argparse.Namespace, defaults: dict[str, object], applies: bool,
+              refusal: Callable[[str], str]) -> None:
+    """Options that apply only with another choice (each declared with default None, so that
+    given and not given can be told apart): where any was given and they do not apply, a
+    DataError of ``refusal(named)`` (``named``: the given ones, '--a and --b'), since they would be
+    ignored without a word; otherwise each not given set to its default. ``defaults``: {option:
+    its default}, the option as typed (``--top-k``, stored as ``args.top_k``)."""
+    from qswap.errors import DataError
+
+    dest = {option: option.lstrip("-").replace("-", "_") for option in defaults}
+    given = [option for option in defaults if getattr(args, dest[option]) is not None]
+    if given and not applies:
+        raise DataError(refusal(" and ".join(given)))
+    for option, default in defaults.items():
+        if getattr(args, dest[option]) is None:
+            setattr(args, dest[option], default)

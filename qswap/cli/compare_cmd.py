@@ -39,10 +39,6 @@ def run(args: argparse.Namespace) -> int:
 
     to_stdout = args.json_out == "-"
     quantized = quantized_rows(args.quantized)
-    if args.integer and not quantized and all(r == "fp32" for r in args.recipes):  # it had been ignored
-        from qswap.errors import DataError
-        raise DataError("--integer integerizes the quantized rows, and --recipes fp32 alone gives none: add a "
-                        "quantized recipe (--recipes fp32 w8a8) or a --quantized NAME=QCKPT row, or drop --integer")
     names = ["fp32"] + [r for r in args.recipes if r != "fp32"] + list(quantized)
     with recipe_progress(names, enabled=interactive() and not to_stdout) as progress:
         table = compare(args.checkpoint, args.data, args.recipes, subset=args.subset,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qswap.cli.args import COUNT, MAX_SENTENCES, POSITIVE, THREADS
+from qswap.cli.args import COUNT, MAX_SENTENCES, POSITIVE, THREADS, only_with
 from qswap.cli.render import console, interactive, progress_bar
 from qswap.nn.simulate import SIMULATIONS  # `import qswap` has imported torch already: free here
 
@@ -203,20 +203,16 @@ def _utterance_id(utterance: dict) -> int:
 def _calibration_options(args: argparse.Namespace) -> None:
     """--calib-subset and --calib-batches calibrate --recipe's conversion: a DataError where no
     recipe is converted (they had been ignored without a word); with a recipe, their defaults set."""
-    from qswap.errors import DataError
-
-    given = [name for name, value in (("--calib-subset", args.calib_subset),
-                                      ("--calib-batches", args.calib_batches)) if value is not None]
-    if given and not args.recipe:
-        named = " and ".join(given)
-        if args.backend == "onnxruntime":
-            raise DataError(f"{named} calibrate a --recipe conversion in torch; an ONNX export decodes with the "
-                            f"grids it was exported with: drop {named}")
-        raise DataError(f"{named} calibrate the conversion of --recipe R; without it nothing is calibrated (a "
-                        f"checkpoint written by 'qswap convert' decodes with the grids it holds): add --recipe R "
-                        f"or drop {named}")
-    args.calib_subset = args.calib_subset or CALIB_SUBSET
-    args.calib_batches = args.calib_batches or CALIB_BATCHES
+    if args.backend == "onnxruntime":
+        def refusal(named):
+            return (f"{named} calibrate a --recipe conversion in torch; an ONNX export decodes with the grids it "
+                    f"was exported with: drop {named}")
+    else:
+        def refusal(named):
+            return (f"{named} calibrate the conversion of --recipe R; without it nothing is calibrated (a "
+                    f"checkpoint written by 'qswap convert' decodes with the grids it holds): add --recipe R "
+                    f"or drop {named}")
+    only_with(args, {"--calib-subset": CALIB_SUBSET, "--calib-batches": CALIB_BATCHES}, bool(args.recipe), refusal)
 
 
 def evaluate(args):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from qswap.cli.args import MAX_SENTENCES, POSITIVE
+from qswap.cli.args import MAX_SENTENCES, POSITIVE, only_with
 from qswap.cli.render import console, json_text, progress_display
 
 
@@ -55,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
         plot_format(args.plot)
         _require_matplotlib()
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
-    settings = _settings(args, task)
     batches = list(fdata.net_inputs(task, args.subset, args.batches, max_sentences=args.max_sentences))
     calib = list(fdata.net_inputs(task, args.calib_subset, args.calib_batches, max_sentences=args.max_sentences))
+    settings = _settings(args, len(batches), len(calib))
     evaluate = wer_evaluator(task, args.subset, args.beam, args.max_sentences) if args.metric == "wer" else None
     with progress_display() as bar:
         job = bar.add_task("probing sites", total=None)
@@ -75,26 +75,23 @@ def run(args: argparse.Namespace) -> int:
 def _wer_options(args: argparse.Namespace) -> None:
     """--top-k and --beam apply to --metric wer: refused with sqnr (they had been ignored without
     a word); with wer, their defaults set."""
-    from qswap.errors import DataError
-
-    given = [name for name, value in (("--top-k", args.top_k), ("--beam", args.beam)) if value is not None]
-    if given and args.metric != "wer":
-        named = " and ".join(given)
-        raise DataError(f"{named} apply to --metric wer (the sites it decodes); --metric {args.metric} decodes "
-                        f"nothing: add --metric wer or drop {named}")
-    args.top_k = args.top_k or TOP_K
-    args.beam = args.beam or BEAM
+    only_with(args, {"--top-k": TOP_K, "--beam": BEAM}, args.metric == "wer",
+              lambda named: (f"{named} apply to --metric wer (the sites it decodes); --metric {args.metric} "
+                             f"decodes nothing: add --metric wer or drop {named}"))
 
 
-def _settings(args: argparse.Namespace, task) -> dict:
+def _settings(args: argparse.Namespace, batches: int, calib: int) -> dict:
     """What the run measured on, for its JSON: the batches of --subset and of --calib-subset as
-    asked and as used (fewer, with a warning, where a subset makes fewer), and the WER options."""
-    from qswap.integration.compare import batches_used, calibration_settings
+    asked and as used (``batches`` and ``calib`` read; fewer, with a warning, where a subset makes
+    fewer: the subsets are not batched a second time to count them), and the WER options."""
+    from qswap.integration.compare import said_used
 
     return {"subset": args.subset, "batches": args.batches,
-            "batches_used": batches_used(task, args.subset, args.batches, "--batches", "the SQNR",
-                                         args.max_sentences),
-            **calibration_settings(task, args.calib_subset, args.calib_batches, args.max_sentences),
+            "batches_used": said_used(args.subset, args.batches, batches, "--batches", "the SQNR", args.max_sentences),
+            "calib_subset": args.calib_subset, "calib_batches": args.calib_batches,
+            "calib_batches_used": said_used(args.calib_subset, args.calib_batches, calib, "--calib-batches",
+                                            "calibration", args.max_sentences),
+            "max_sentences": args.max_sentences,
             "metric": args.metric, **({"top_k": args.top_k, "beam": args.beam} if args.metric == "wer" else {})}
 
 

@@ -198,13 +198,20 @@ def calibration_settings(task, calib_subset: str, calib_batches: int, max_senten
 def batches_used(task, subset: str, asked: int, option: str, use: str, max_sentences: int = 32) -> int:
     """How many of the ``asked`` batches of ``subset`` (batched at ``max_sentences``) exist: fewer
     with a QswapWarning naming ``option`` and what ``use`` then runs on."""
-    available = fdata.batch_count(task, subset, max_sentences=max_sentences)
+    return said_used(subset, asked, fdata.batch_count(task, subset, max_sentences=max_sentences), option, use,
+                     max_sentences, stacklevel=4)
+
+
+def said_used(subset: str, asked: int, available: int, option: str, use: str, max_sentences: int = 32,
+              stacklevel: int = 3) -> int:
+    """``batches_used`` for a caller that has read the batches (``available``: how many
+    ``subset`` made, at most ``asked``): the count used, with its QswapWarning where fewer."""
     used = min(asked, available)
     if used < asked:
         warnings.warn(QswapWarning(
             f"{option} {asked}: {subset} makes {available} batch(es) of up to {max_sentences} "
             f"utterances, so {use} uses {used}; pass {option} {used} to say so, or a smaller "
-            f"--max-sentences for more, smaller batches"), stacklevel=3)
+            f"--max-sentences for more, smaller batches"), stacklevel=stacklevel)
     return used
 
 
@@ -285,6 +292,11 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
     twice = sorted({r for r in recipes if recipes.count(r) > 1})
     if twice:
         raise RecipeError(f"{', '.join(twice)} given more than once in the recipes to compare; name each once")
+    converted = [r for r in recipes if r != "fp32"]  # the rows that convert and calibrate the float model
+    if integer and not converted and not quantized:  # it had been ignored
+        raise DataError("integer comparison (--integer) integerizes the quantized rows, and the recipe fp32 alone "
+                        "gives none: add a quantized recipe (--recipes fp32 w8a8) or a --quantized NAME=QCKPT row, "
+                        "or drop --integer")
     rows = row_names(["fp32", *[r for r in recipes if r != "fp32"]])
     for name, path in (quantized or {}).items():  # two rows of one name: which is which?
         if name in rows:
@@ -298,10 +310,13 @@ def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "te
                            f"checkpoint with each recipe: pass the float one, and this one as a row of its own "
                            f"(--quantized {stored}_qckpt={checkpoint})")
     loaded = {name: _quantized_checkpoint(name, path, data, trust_checkpoint) for name, path in (quantized or {}).items()}
-    names = ["fp32"] + [r for r in recipes if r != "fp32"]
+    names = ["fp32", *converted]
+    # without a recipe to convert nothing is calibrated (quantized rows keep their own grids): no
+    # calibration to record, and no warning about a calibration subset that is not read
+    calibration = calibration_settings(task, calib_subset, calib_batches, max_sentences) if converted \
+        else {"calib_subset": None, "calib_batches": 0, "calib_batches_used": 0, "max_sentences": max_sentences}
     table = Comparison(str(checkpoint), subset, settings={
-        **calibration_settings(task, calib_subset, calib_batches, max_sentences), "beam": beam,
-        "bootstrap": bootstrap.to_dict(), "integer": integer})
+        **calibration, "beam": beam, "bootstrap": bootstrap.to_dict(), "integer": integer})
     for recipe in names:
         cb = (lambda stage, n, total, r=recipe: progress(r, stage, n, total)) if progress else None
         row, _ = evaluate_recipe(copy_model(model), task, recipe, subset=subset, calib_subset=calib_subset,

@@ -376,7 +376,11 @@ def _check_calib_fits(calib: int, opts) -> None:
     checkpoint's quantizers still observe (the run had ended with exit 0 and nothing said). Not an
     error: a run resumed with a larger --max-update goes on calibrating. As many calibration updates
     as --max-update is a calibration-only run."""
-    max_update = getattr(opts, "max_update", None)
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        max_update = getattr(opts, "max_update", None)
+    except OmegaConfBaseException:  # a cfg that cannot resolve fairseq's optimization section: not known
+        max_update = None
     if calib and isinstance(max_update, int) and not isinstance(max_update, bool) and 0 < max_update < calib:
         logger.warning(f"qswap: --qswap-calib-batches {calib} is more than --max-update {max_update}: this run ends "
                        f"before calibration does (no grid frozen, no weight trained; a run resumed with a larger "
@@ -452,6 +456,8 @@ class AudioFinetuningQswapConfig(AudioFinetuningConfig):
     # and --checkpoint-suffix / --continue-once, which fairseq's loader reads as well
     checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
     continue_once: Optional[str] = II("checkpoint.continue_once")
+    # and --max-update: more --qswap-calib-batches than the run's updates is said (_check_calib_fits)
+    max_update: int = II("optimization.max_update")
 
 
 class AudioFinetuningQswapTask(QswapTaskMixin, AudioFinetuningTask):

@@ -289,8 +289,24 @@ def test_compare_refuses_integer_with_no_quantized_row(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--recipes", "fp32",
                  "--integer"]) == 2
     err = capsys.readouterr().err
-    assert "--integer integerizes the quantized rows, and --recipes fp32 alone gives none" in err
+    assert "(--integer) integerizes the quantized rows, and the recipe fp32 alone gives none" in err
     assert "missing.pt" not in err
+
+
+def test_compare_of_fp32_and_a_quantized_checkpoint_records_no_calibration(float_checkpoint, tmp_path, capsys):
+    """--recipes fp32 with --quantized rows converts and calibrates nothing: the table had recorded
+    the calibration subset and batches (and warned that --calib-batches 999 asked for more batches
+    than the subset makes) for a calibration that never ran."""
+    _, data, ckpt = float_checkpoint
+    qckpt, js = tmp_path / "w8a8.pt", tmp_path / "table.json"
+    assert main(["convert", str(ckpt), "--recipe", "w8a8", "--data", str(data), "--calib-batches", "2",
+                 "--max-sentences", "4", "-o", str(qckpt)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(ckpt), "--recipes", "fp32", "--data", str(data), "--calib-batches", "999",
+                 "--max-sentences", "4", "--beam", "1", "--quantized", f"converted={qckpt}", "--json", str(js)]) == 0
+    settings = json.loads(js.read_text())["settings"]
+    assert settings["calib_subset"] is None and settings["calib_batches_used"] == 0
+    assert "--calib-batches 999" not in capsys.readouterr().err
 
 
 def _shard(tmp_path, name, shard_id, num_shards, subset="test", model="w8a8", words=10, beam=5, ids=None):

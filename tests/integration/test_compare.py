@@ -4,7 +4,7 @@ import pytest
 import qswap
 from qswap.convert import copy_model
 from qswap.integration import data as fdata
-from qswap.errors import RecipeError
+from qswap.errors import DataError, RecipeError
 from qswap.integration.compare import compare, prepare_recipe, score
 
 ASSET = f"{qswap.__path__[0]}/assets/s2t_demo"
@@ -35,3 +35,11 @@ def test_two_recipes_of_one_name_are_refused_before_any_decoding(tmp_path, name,
         compare(str(tmp_path / "missing.pt"), str(tmp_path), [other, str(copy)] if other != "fp32" else [str(copy)])
     assert f"both named {name!r}" in str(exc.value) and str(copy) in str(exc.value)
     assert other in str(exc.value)
+
+
+def test_integer_comparison_without_a_quantized_row_is_refused_by_the_library(tmp_path):
+    """compare(..., integer=True) with the recipe fp32 alone had decoded the float row and written
+    integer columns of '-' (only the CLI refused it); refused before the checkpoint (missing) is read."""
+    with pytest.raises(DataError) as exc:
+        compare(str(tmp_path / "missing.pt"), str(tmp_path), ["fp32"], integer=True)
+    assert "the recipe fp32 alone gives none" in str(exc.value) and "missing.pt" not in str(exc.value)

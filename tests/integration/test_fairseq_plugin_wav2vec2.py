@@ -312,6 +312,25 @@ def test_audio_finetuning_task_sees_fairseqs_checkpoint_options(tmp_path):
         cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv + extra))
         task_cfg = merge_with_parent(TASK_DATACLASS_REGISTRY["audio_finetuning_qswap"](), cfg.task)
         assert (task_cfg.checkpoint_suffix, task_cfg.continue_once) == want
+    # and --max-update, against which --qswap-calib-batches is checked
+    for extra, want in (([], 0), (["--max-update", "7"], 7)):
+        parser = options.get_training_parser()
+        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv + extra))
+        task_cfg = merge_with_parent(TASK_DATACLASS_REGISTRY["audio_finetuning_qswap"](), cfg.task)
+        assert task_cfg.max_update == want
+
+
+def test_more_calibration_updates_than_the_run_makes_are_said(tmp_path):
+    """audio_finetuning_qswap's cfg had not carried --max-update: --qswap-calib-batches 3 with
+    --max-update 1 ended calibrating (no grid frozen, no weight trained) with nothing said, as
+    speech_to_text_qswap's runs no longer do."""
+    root = tmp_path
+    data = make_w2v_datadir(root / "data")
+    make_pretrained_w2v(root / "pre.pt")
+    args = _train_args(root, data, root / "short", 1)
+    args[args.index("--qswap-calib-batches") + 1] = "3"
+    log = _run(*args, cwd=root)
+    assert ("--qswap-calib-batches 3 is more than --max-update 1: this run ends before calibration does") in log
 
 
 def test_qswap_loads_the_checkpoint_without_trust(trained):
@@ -347,7 +366,8 @@ def test_a_checkpoint_without_the_tasks_checkpoint_options_still_loads(trained, 
     assert state["cfg"]["task"]["save_dir"] == str(ckpt.parent)  # stored resolved, as a plain value
     assert state["cfg"]["task"]["restore_file"] == "checkpoint_last.pt"
     assert (state["cfg"]["task"]["checkpoint_suffix"], state["cfg"]["task"]["continue_once"]) == ("", None)
-    for key in ("save_dir", "restore_file", "finetune_from_model", "checkpoint_suffix", "continue_once"):
+    assert state["cfg"]["task"]["max_update"] == 2
+    for key in ("save_dir", "restore_file", "finetune_from_model", "checkpoint_suffix", "continue_once", "max_update"):
         del state["cfg"]["task"][key]
     old = tmp_path / "old.pt"
     torch.save(state, old)
