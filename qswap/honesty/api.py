@@ -24,7 +24,10 @@ from qswap.quant.fake_quantize import FakeQuantize
 if TYPE_CHECKING:
     from qswap.honesty.integer import IntegerAuditReport
 
-_MODEL_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+# what a model raises on inputs it cannot run on: fairseq checks its inputs with ``assert``
+# (MultiheadAttention's shapes, the decoder's incremental state)
+_MODEL_ERRORS = (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError, AssertionError,
+                 ArithmeticError)
 
 
 def audit(model: nn.Module, inputs: Any, *, float_ok: dict[str, str] | None = None,

@@ -11,7 +11,10 @@ Rules beyond "every float operand of compute is quantized" (docs/honesty.md expl
   intermediates is one simulated integer kernel ("kernel-internal", counted apart), and an int32
   bias added to that call's accumulator is the accumulator's own bias add;
 * compute whose operands are all parameters/buffers/constants is constant-foldable weight
-  preprocessing; its result is honest only once it passes a quantizer;
+  preprocessing; its result is honest only once it passes a quantizer; integer data of the
+  model's inputs (``Tag.input``: an int16 waveform) is data, not a constant: with a parameter
+  (a convolution of the waveform with a raw weight) it is data compute, whose float operands
+  are findings;
 * compute whose operands all come from integer data (lengths cast to float) is index math; not
   integers computed from activations (a comparison of quantized values: ``Tag.activation``),
   which may only mask;
@@ -58,8 +61,9 @@ def decide_compute(name: str, rule: OpRule, tags: list[Tag], call: int, where: s
             return Decision(KERNEL_INTERNAL, t)
         return Decision(QUANTIZED, dataclasses.replace(t, grid=t.grid.rescaled(rescale)), bits=[t.grid.bits])
     if all(_index_math(t) for t in tags):
-        return Decision(IGNORED, Tag(INDEX, where, binary=_binary(name, tags, scalars)))
-    if all(_is_const(t) or _index_math(t) for t in tags):
+        return Decision(IGNORED, Tag(INDEX, where, binary=_binary(name, tags, scalars),
+                                     input=any(t.input for t in tags)))
+    if all(_is_const(t) or _index_math(t) for t in tags) and not any(t.input for t in tags):
         first = next(t for t in tags if t.kind != INDEX)
         return Decision(CONSTANT_FOLD, Tag(first.kind, _derived(first.where)))
     return _decide_data(name, rule, tags, call, where, scalars)
@@ -211,7 +215,10 @@ def combine_movement(tags: list[Tag], has_index_arg: bool, where: str, fills: tu
     if index:
         first = next((t for t in index if t.activation), index[0])  # a mask of activations stays one
         binary = all(t.binary for t in index) and all(v in (0, 1) for v in fills)
-        return first if binary else Tag(INDEX, first.where, activation=first.activation)
+        data = any(t.input for t in index)  # the model's integer inputs moved with others stay data
+        if binary:
+            return first if first.input == data else dataclasses.replace(first, input=data)
+        return Tag(INDEX, first.where, activation=first.activation, input=data)
     if any(v != 0 for v in fills):
         return Tag(CONST, tags[0].where)
     return tags[0]  # zero constants

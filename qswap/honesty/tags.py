@@ -95,6 +95,9 @@ class Tag:
     unseen: bool = False  # float: made where the audit does not watch ("unseen_origin")
     integral: bool = False  # its values are integers (cast from an integer dtype, or an exact integer GEMM)
     activation: bool = False  # index: computed from activations (a mask of quantized values), not index math
+    # index: integer data of the model's inputs (an int16 waveform, lengths, token ids) or computed
+    # from them: index math alone, but data (not a constant) to a parameter it meets in compute
+    input: bool = False
 
     def describe(self) -> str:
         if self.kind == QUANT:

@@ -243,7 +243,12 @@ class Tracker(TorchDispatchMode):
                         if t is not None and not _floating(t):
                             self._own_ints[t] = True
                     if isinstance(output, torch.Tensor) and not _floating(output):
-                        self._seen_int(output)  # its codes (``FakeQuantize.codes``)
+                        # its codes (``FakeQuantize.codes``): integers of quantized data, as those
+                        # rounded in watched ops (``_rounded``): cast back to float an integer
+                        # kernel's accumulator, which only a quantizer, a constant rescale or an
+                        # exact integer GEMM may take, never index math
+                        self.tags[output] = (Tag(ACC, f"{path}.codes (integer codes of quantized data)"), output._version)
+                        self._tainted = True
                 if isinstance(output, torch.Tensor):
                     self._tag_quantizer_output(path, module, args, output)
             finally:
@@ -489,7 +494,7 @@ class Tracker(TorchDispatchMode):
         mutated = func is not None and self._mutates(func)
         for t in int_outputs:
             tag = _mask_tag(source) if t.dtype == torch.bool else (
-                _rounded(source, "integer ops") if source.kind == C.INDEX else source)
+                _rounded(source, "integer ops") if source.kind == C.INDEX and not source.input else source)
             if tag is None:
                 continue
             self.tags[t] = (tag, t._version + 1 if mutated and args and t is args[0] else t._version)
@@ -503,12 +508,18 @@ class Tracker(TorchDispatchMode):
         return mutated
 
     def tag_inputs(self, inputs) -> None:
-        """The model's inputs are the one float data the audit does not see made."""
+        """The model's inputs are the one float data the audit does not see made. Its integer
+        inputs (an int16 waveform, lengths, token ids) are data: they carry ``_INPUT_INT`` through
+        integer ops and casts, so that index math on them is ignored but compute of them with a
+        parameter (a convolution with a raw weight) is not constant-foldable preprocessing."""
         for t in _tensors(inputs):
             if _floating(t):
                 self._set([t], Tag(FLOAT, "a model input"))
             else:
                 self._seen_int(t)
+                if t.dtype != torch.bool:  # a bool input is a mask as any
+                    self.tags[t] = (_INPUT_INT, t._version)
+                    self._tainted = True
 
     def _tag_of(self, t: torch.Tensor) -> Tag:
         entry = self.tags.get(t)
@@ -636,6 +647,8 @@ class Tracker(TorchDispatchMode):
                                                           f"{self._where(op)}"))
             elif not all(t.kind == C.INDEX and not t.activation for t in tags):
                 self._taint(_nonfloat_outputs(out), _rounded(tags[0], f"cast at {self._where(op)}"))
+            elif any(t.input for t in tags):  # the model's integer data, cast back: still that data
+                self._taint(_nonfloat_outputs(out), _INPUT_INT)
             return
         if len(tags) == 1 and not fills and not has_index:
             tag = tags[0]  # one tensor moved keeps its tag: combine_movement's answer, without its work
@@ -780,6 +793,8 @@ _INDEX_ARGS = frozenset({"condition", "index", "indices", "mask", "offsets", "re
 # The tags of integer and bool tensors taking part in a float result as values: integer data (as a
 # float cast from them is), a bool tensor a 0/1 mask (as a bool mask cast to float is)
 _INT_DATA = Tag(C.INDEX, "integer data, promoted to float", integral=True)
+# The tag the model's integer inputs carry (``tag_inputs``), and the integers made from them
+_INPUT_INT = Tag(C.INDEX, "integer data of a model input", integral=True, input=True)
 _BOOL_DATA = Tag(C.INDEX, "a bool tensor, promoted to float (0/1)", binary=True, integral=True)
 
 
@@ -933,7 +948,7 @@ def _mask_tag(source: Tag) -> Tag | None:
     of unseen origin, which are reported where they enter float data as values). Of float data it
     is that data; of activations (quantized values, their codes) a mask of activations: cast to
     float it may mask quantized data (0/1), and any other float math on it is a finding."""
-    if source.unseen or source.kind in (PARAM, CONST):
+    if source.unseen or source.kind in (PARAM, CONST) or source.input:  # (a padding mask of lengths)
         return None
     if source.kind == FLOAT or (source.activation and source.binary):
         return source
@@ -942,9 +957,10 @@ def _mask_tag(source: Tag) -> Tag | None:
 
 def _picks(tag: Tag) -> bool:
     """Whether an integer or bool tensor with this tag, as an index or mask (not a value) of a
-    compute op, only picks values: one of unseen origin, or a mask of activations (as any mask).
-    Integers made from float data (rounded, compared) stay operands there."""
-    return tag.unseen or tag.activation
+    compute op, only picks values: one of unseen origin, a mask of activations (as any mask), or
+    the model's integer inputs (token ids). Integers made from float data (rounded, compared)
+    stay operands there."""
+    return tag.unseen or tag.activation or tag.input
 
 
 def _own(table: dict) -> list:

@@ -179,6 +179,10 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
         lambda s, h, g: torch.exp(((h * 20).long() > 3).float()), ("", "aten.exp", "float_operand")),
     "a quantized tensor's sort indices as numbers": (
         lambda s, h, g: torch.exp(s.ra(h).sort(-1).indices.float()), ("", "aten.exp", "float_operand")),
+    # FakeQuantize.codes had been taken for index math: exp and a raw-weight GEMM on them passed
+    "a quantizer's own codes, then float math": (
+        lambda s, h, g: torch.exp(s.ra.input_quant.codes(s.ra(h)).float() * 0.01) @ s.b.weight.T,
+        ("", "aten.exp", "float_operand")),
 }
 
 
@@ -415,3 +419,30 @@ def test_a_quantizer_class_not_qswaps_own_is_a_violation_naming_it():
     found = [v for v in report.violations if v.kind == "untrusted_quantizer"]
     assert [(v.module, v.op) for v in found] == [("1.input_quant", "<quantizer>")]
     assert "_ExpThenQuantize" in found[0].operand and "FakeQuantize" in found[0].operand
+
+
+class _PcmFrontend(nn.Module):
+    """A user's frontend (no qswap counterpart) on int16 PCM: normalized and convolved with its raw
+    float weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 1, 5))
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, wav):
+        x = wav.float() / 32768.0
+        x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+        return self.proj(torch.tanh(F.conv1d(x[:, None], self.weight, stride=2)).transpose(1, 2))
+
+
+def test_float_compute_on_an_integer_model_input_is_found():
+    """An int16 waveform cast to float was index math, and its convolution with a raw weight
+    'constant-foldable weight preprocessing': honest, with values=True too. The model's integer
+    inputs are data; index math on them alone is still ignored."""
+    torch.manual_seed(0)
+    pcm = (torch.randn(2, 400) * 3000).to(torch.int16)
+    report = _audit(_PcmFrontend().eval(), pcm)
+    found = {(v.op, v.kind) for v in report.violations}
+    assert ("aten.convolution", "raw_parameter") in found and ("aten.convolution", "float_operand") in found
+    assert not report.honest and not report.constant_fold

@@ -321,6 +321,20 @@ def test_report_formats_and_bad_inputs():
         qswap.audit(Residual(), "not an input")
     with pytest.raises(AuditError, match="failed on the 'forward' path"):
         qswap.audit(Residual(), (torch.randn(3, 5),))
+    # a model that checks its inputs with assert (as fairseq does): a raw AssertionError had escaped
+    with pytest.raises(AuditError, match="failed on the 'forward' path with these inputs: AssertionError: "
+                                         "expected 8 features"):
+        qswap.audit(_Asserting(), (torch.randn(3, 5),))
+
+
+class _Asserting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        assert x.size(-1) == 8, "expected 8 features"
+        return self.fc(x)
 
 
 def test_inputs_and_options_the_audit_cannot_judge_by_are_audit_errors_not_findings():
