@@ -86,6 +86,11 @@ def _as_mono_float(waveform: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
         raise AudioError(f"waveform must be a torch.Tensor or numpy array, got {type(waveform).__name__}")
     if arr.dtype.kind not in "fiu":
         raise AudioError(f"waveform has non-numeric dtype {arr.dtype}")
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize > 4:
+        # no audio format stores 64-bit PCM: 16-bit samples in an int64 array (torch.tensor(ints),
+        # np.array(list)) scaled by 2^63 had given the energy floor in every bin, with no error
+        raise AudioError(f"waveform of {arr.dtype} samples: pass 16- or 32-bit PCM in its own dtype "
+                         f"(x.astype(np.int16) for 16-bit samples) or float samples in [-1, 1]")
     if arr.dtype.kind == "i":
         # signed integer PCM: scale to [-1, 1]
         info = np.iinfo(arr.dtype)
@@ -145,12 +150,19 @@ def _check_options(sample_rate, num_mel_bins) -> None:
                          f"`sox in.wav -r 16000 out.wav`)")
 
 
+MAX_FLOAT_PEAK = 2.0  # float samples lie in [-1, 1]; a clipped float file may go a little beyond
+
+
 def _check_waveform(arr: np.ndarray, sample_rate: int) -> None:
     if arr.size == 0:
         raise AudioError("empty waveform (0 samples)")
     if not np.all(np.isfinite(arr)):
         raise AudioError("waveform contains NaN or infinite samples")
-    min_len = int(round(sample_rate * FRAME_LENGTH_MS / 1000.0))
+    peak = float(np.abs(arr).max())
+    if peak > MAX_FLOAT_PEAK:  # had shifted every feature (+20.8 for 16-bit values) or overflowed to inf
+        raise AudioError(f"float waveform with samples up to {peak:g}: float samples must lie in [-1, 1] "
+                         f"(16-bit sample values as floats? divide them by 32768, or pass them as int16)")
+    min_len = int(sample_rate * 0.001 * FRAME_LENGTH_MS)  # Kaldi's window: truncated, as _mel_bins_fit's
     if arr.size < min_len:
         raise AudioError(
             f"waveform too short: {arr.size} samples < one {FRAME_LENGTH_MS:g} ms frame ({min_len} samples)"
@@ -169,7 +181,8 @@ def fbank(
     ``waveform``: mono float samples in [-1, 1] (shape (N,) or (1, N)); integer PCM arrays are
     scaled to [-1, 1] first. ``backend``: ``None`` (torchaudio if it imports, otherwise
     kaldi_native_fbank), ``"torchaudio"`` or ``"kaldi_native_fbank"``.
-    Raises :class:`qswap.errors.AudioError` for empty / non-finite / too-short input, an unknown
+    Raises :class:`qswap.errors.AudioError` for empty / non-finite / too-short input, float
+    samples beyond [-2, 2] (integer sample values as floats), 64-bit integer samples, an unknown
     backend, a sample rate that is not a positive int, fewer than 3 mel bins, or more mel bins than
     the sample rate's frequency range holds.
     """

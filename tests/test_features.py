@@ -255,3 +255,28 @@ def test_a_torchaudio_that_imports_but_fails_falls_back_when_chosen_automaticall
     assert features._TORCHAUDIO_KALDI is False and features.fbank_backend() == "kaldi_native_fbank"
     with pytest.raises(AudioError, match="torchaudio does not import; install"):
         fbank(x, 16000, backend="torchaudio")
+
+
+def test_samples_whose_scale_does_not_match_their_dtype_are_audio_errors():
+    """16-bit samples in an int64 array (torch.tensor(ints)) had been scaled by 2^63: every feature
+    the energy floor; 16-bit values as floats shifted every feature by +20.8 (and huge floats gave
+    inf features). Float samples may lie a little beyond [-1, 1] (a clipped float file)."""
+    pcm = (_tone() * 32767).astype(np.int16)
+    with pytest.raises(AudioError, match="int64 samples: pass 16- or 32-bit PCM"):
+        fbank(pcm.astype(np.int64), 16000)
+    with pytest.raises(AudioError, match="samples up to .* float samples must lie in \\[-1, 1\\].*32768"):
+        fbank(pcm.astype(np.float32), 16000)
+    with pytest.raises(AudioError, match="float samples must lie in"):
+        fbank(_tone() * 1e30, 16000)
+    clipped = fbank(np.clip(_tone() * 4.0, -1.2, 1.2), 16000)
+    assert torch.isfinite(clipped).all()
+    torch.testing.assert_close(fbank(pcm.astype(np.int32) * 65536, 16000), fbank(pcm, 16000), atol=1e-4, rtol=0)
+
+
+def test_the_shortest_waveform_is_one_kaldi_window_truncated():
+    """Kaldi's window is int(rate * 25 ms) samples: at 11025 Hz a 275-sample clip makes one frame,
+    which the check (rounding to 276) had refused, naming a wrong frame size."""
+    feats = fbank(_tone(275 / 11025, sr=11025), 11025, num_mel_bins=40, backend="kaldi_native_fbank")
+    assert feats.shape[0] == 1
+    with pytest.raises(AudioError, match=r"274 samples < one 25 ms frame \(275 samples\)"):
+        fbank(_tone(274 / 11025, sr=11025), 11025, num_mel_bins=40)

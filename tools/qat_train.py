@@ -729,6 +729,7 @@ def comparison(evals: Path) -> tuple[list[str], list[str]]:
     """Markdown rows QAT vs PTQ per shipped test set from ``qswap eval --json`` results, and the
     subsets where QAT is better by more than the interval."""
     from qswap.integration.bootstrap import as_interval, value_text
+    from qswap.integration.compare import significance_text
 
     rows, wins = [], []
     for subset in SUBSETS:
@@ -738,7 +739,7 @@ def comparison(evals: Path) -> tuple[list[str], list[str]]:
         p, q = json.loads(ptq.read_text()), json.loads(qat.read_text())
         rows.append(f"| {subset} | {value_text(p['counts']['wer'], p['wer_ci'])} | "
                     f"{value_text(q['counts']['wer'], q['wer_ci'])} | "
-                    f"{value_text(q['delta_wer'], q['delta_wer_ci'], '+')} | {'yes' if q['significant'] else 'no'} |")
+                    f"{value_text(q['delta_wer'], q['delta_wer_ci'], '+')} | {significance_text(q['significant'])} |")
         if q["significant"] and as_interval(q["delta_wer_ci"]).high < 0:
             wins.append(subset)
     return rows, wins

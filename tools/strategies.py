@@ -528,8 +528,18 @@ def _pick(payload: dict, column: str, best: str) -> str:
         v = _verdicts(payload, f"{best}/{column}", f"shipped/{column}")
         if all(x == "better" for x in v):
             text = f"Pick `{best}`: better than the shipped recipe on both sets."
-        elif "better" in v and "worse" not in v:
+        elif "better" in v and "worse" not in v and "no verdict" not in v:
             text = f"Pick `{best}`: better than the shipped recipe on one set, not distinguishable on the other."
+        elif "worse" in v:  # the intervals exclude 0 the other way on a set: no pick they support
+            named = dict(zip(SUBSETS, v))
+            better = [s for s, x in named.items() if x == "better"]
+            worse = [s for s, x in named.items() if x == "worse"]
+            text = (f"`{best}` reads lowest on average but is worse than the shipped recipe on {', '.join(worse)}"
+                    + (f" (better on {', '.join(better)})" if better else "")
+                    + ": no method is better on every set; the shipped recipe is the simplest choice.")
+        elif "no verdict" in v:
+            text = (f"`{best}` reads lowest, with no interval on a set (too few utterances) to tell it from the "
+                    f"shipped recipe; the shipped recipe is the simplest choice.")
         else:
             text = ("No method is distinguishable from the shipped recipe on these sets; the shipped recipe "
                     "is the simplest choice.")

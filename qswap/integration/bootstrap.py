@@ -54,6 +54,10 @@ class Bootstrap:
     seed: int = SEED
 
     def __post_init__(self):
+        for name in ("resamples", "seed"):  # numpy's own errors had come at the first interval
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise DataError(f"bootstrap {name} must be a non-negative integer, got {value!r}")
         if self.resamples < 1 or not 0 < self.confidence < 1:
             raise DataError(f"bootstrap needs resamples >= 1 and 0 < confidence < 1, got "
                             f"{self.resamples} and {self.confidence}")
@@ -110,6 +114,12 @@ def paired_delta(utterances: Sequence[dict], baseline: Sequence[dict], bootstrap
     from qswap.integration.metrics import utterance_word_errors
 
     base = {u["id"]: u for u in baseline}
+    for listed, whose in ((baseline, what), (utterances, "the result")):
+        ids = [u["id"] for u in listed]
+        twice = sorted({i for i in ids if ids.count(i) > 1}, key=str) if len(set(ids)) != len(ids) else []
+        if twice:  # the last of each had decided the ΔWER
+            raise DataError(f"{whose} lists utterance(s) {', '.join(map(str, twice[:10]))} more than once; pass one "
+                            f"'qswap eval --json' result (merge shards with 'qswap eval --merge')")
     if sorted(base) != sorted(u["id"] for u in utterances) or any(base[u["id"]]["ref"] != u["ref"] for u in utterances):
         raise DataError(f"{what} was decoded on other utterances; pass a 'qswap eval --json' result of the same "
                         f"subset and shard")

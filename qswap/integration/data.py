@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -73,14 +75,48 @@ def load_subset(task, subset: str) -> Any:
                         f"{subset}.tsv") from None
     except (ValueError, KeyError, OSError, TypeError) as exc:  # fairseq's TSV reader: no typed errors (a
         # line cut short leaves fields None)
+        manifest = _manifest(task, subset)
+        if manifest is not None and manifest.read_bytes()[:3] == b"\xef\xbb\xbf":  # its header reads "\ufeffid"
+            raise DataError(f"subset {subset!r}: {manifest} starts with a UTF-8 byte-order mark, so its first column "
+                            f"is not read as 'id'; save it as UTF-8 without a BOM") from None
         raise DataError(f"subset {subset!r}: malformed manifest {subset}.tsv ({type(exc).__name__}: "
                         f"{exc}); it needs a header with id, audio, n_frames and tgt_text and one "
                         f"utterance per line") from None
     dataset = task.dataset(subset)
     if len(dataset) == 0:
         raise DataError(f"subset {subset!r} is empty")
+    _check_audio_files(dataset, subset)
     without_training_augmentation(dataset, getattr(task, "data_cfg", None))
     return dataset
+
+
+def _manifest(task, subset: str) -> Path | None:
+    """The manifest file fairseq reads for ``subset`` (DATA/SUBSET.tsv), where it exists."""
+    root = getattr(getattr(task, "cfg", None), "data", None) or getattr(getattr(task, "args", None), "data", None)
+    path = Path(str(root)) / f"{subset}.tsv" if root else None
+    return path if path is not None and path.is_file() else None
+
+
+def _check_audio_files(dataset, subset: str) -> None:
+    """A wav2vec 2.0 manifest's audio files (fairseq's ``FileAudioDataset``, inside its target
+    wrapper) that do not exist: a DataError naming the first, before fairseq's reader retries each
+    for seconds and raises a plain Exception."""
+    while not hasattr(dataset, "fnames") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    names, root = getattr(dataset, "fnames", None), getattr(dataset, "root_dir", None)
+    if names is None or root is None or not hasattr(dataset, "text_compressor"):
+        return
+    from fairseq.data.audio.audio_utils import parse_path
+
+    missing = []
+    for name in names:
+        name = name if isinstance(names, list) else name.as_py()  # as fairseq's reader: a list or a pyarrow array
+        path = parse_path(os.path.join(root, dataset.text_compressor.decompress(name)))[0]  # a zip's member: the zip
+        if not os.path.isfile(path):
+            missing.append(path)
+    if missing:
+        raise DataError(f"subset {subset!r}: {len(missing)} audio file(s) of its manifest do not exist, the "
+                        f"first {missing[0]}; check the manifest's first line (the audio root) and its paths")
 
 
 def check_tokenizer(task) -> None:
@@ -141,7 +177,7 @@ def batches(task, subset: str, *, max_tokens: int = 40000, max_sentences: int | 
     with _reading(subset):
         for sample in itr.next_epoch_itr(shuffle=False):
             if sample:  # fairseq pads shards with empty batches
-                _check_finite(sample, subset)
+                _check_inputs(sample, subset)
                 yield sample
 
 
@@ -163,23 +199,49 @@ def _batch_iterator(task, subset: str, max_tokens: int, max_sentences: int | Non
                         f"batch may hold; check the manifest's n_frames column") from None
 
 
-def _check_finite(sample: dict, subset: str) -> None:
-    """A DataError naming the utterances whose input features (or waveform) hold NaN or inf: a
-    model would turn them into a transcript, a calibration range or an audit finding about the
-    model, none of which is about the data at fault."""
+def _check_inputs(sample: dict, subset: str) -> None:
+    """A DataError naming the utterances whose input features (or waveform) hold NaN or inf, or
+    none at all (0 frames or samples): a model would turn them into a transcript, a calibration
+    range or an audit finding about the model (or fairseq's beam search into an AssertionError,
+    ``200 < 200``), none of which is about the data at fault."""
     import torch
 
     from qswap.honesty.paths import FEATURE_KEYS
 
+    net_input = sample["net_input"]
     for key in FEATURE_KEYS:
-        x = sample["net_input"].get(key)
+        x = net_input.get(key)
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             bad = ~torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1)
             if bool(bad.any()):
-                ids = [int(i) for i in sample["id"][bad]]
-                raise DataError(f"subset {subset!r}: utterance(s) {', '.join(map(str, ids[:10]))}"
-                                f"{' ...' if len(ids) > 10 else ''} (their manifest row indices) have NaN or inf "
-                                f"input values; recompute or drop them from {subset}.tsv")
+                raise DataError(f"subset {subset!r}: utterance(s) {_ids(sample, bad)} (their manifest row indices) "
+                                f"have NaN or inf input values; recompute or drop them from {subset}.tsv")
+            empty = _empty_rows(net_input, x)
+            if bool(empty.any()):
+                raise DataError(f"subset {subset!r}: utterance(s) {_ids(sample, empty)} (their manifest row indices) "
+                                f"have no input frames (an empty audio file, or audio shorter than one 25 ms frame, has none); "
+                                f"recompute or drop them from {subset}.tsv")
+
+
+def _empty_rows(net_input: dict, x):
+    """Which rows of input ``x`` (batch first) hold no frame: an axis of size 0, a length of 0
+    (``src_lengths``), or a padding mask that pads the whole row (wav2vec 2.0's)."""
+    import torch
+
+    if x.dim() > 1 and x.shape[1] == 0:
+        return torch.ones(x.shape[0], dtype=torch.bool)
+    lengths = net_input.get("src_lengths")
+    if isinstance(lengths, torch.Tensor) and lengths.shape == x.shape[:1]:
+        return lengths == 0
+    mask = net_input.get("padding_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == x.shape[0]:
+        return mask.all(dim=1)
+    return torch.zeros(x.shape[0], dtype=torch.bool)
+
+
+def _ids(sample: dict, rows) -> str:
+    ids = [int(i) for i in sample["id"][rows]]
+    return ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
 
 
 def net_inputs(task, subset: str, count: int | None = None, **kwargs) -> Iterator[dict]:
@@ -201,7 +263,7 @@ def first_net_input(task, subset: str, count: int = 2) -> dict:
     dataset = load_subset(task, subset)
     with _reading(subset):
         sample = dataset.collater([dataset[i] for i in range(min(count, len(dataset)))])
-    _check_finite(sample, subset)
+    _check_inputs(sample, subset)
     return sample["net_input"]
 
 
@@ -212,7 +274,7 @@ def single_utterances(task, subset: str, count: int) -> list[dict]:
     with _reading(subset):
         samples = [dataset.collater([dataset[i]]) for i in range(min(count, len(dataset)))]
     for sample in samples:
-        _check_finite(sample, subset)
+        _check_inputs(sample, subset)
     return samples
 
 
@@ -228,6 +290,8 @@ def _reading(subset: str) -> Iterator[None]:
         raise DependencyError(f"subset {subset!r}: reading its audio needs {module} ({exc}); install a {module} "
                               f"that matches this torch, or give the subset fbank features (a feature zip, as "
                               f"tools/make_corpus.py writes)") from None
+    except DataError:
+        raise
     except (OSError, ValueError, IndexError, TypeError, RuntimeError, zipfile.BadZipFile) as exc:  # fairseq's
         # readers: a truncated feature zip reads past its end (IndexError), a manifest line cut short
         # leaves None, a missing or unreadable wav is soundfile's LibsndfileError (a RuntimeError)
@@ -238,6 +302,17 @@ def _reading(subset: str) -> Iterator[None]:
         raise DataError(f"subset {subset!r}: cannot read an utterance ({type(exc).__name__}: "
                         f"{exc}); check the audio paths in {subset}.tsv and audio_root, and that the "
                         f"feature or audio files are complete") from None
+    except Exception as exc:  # noqa: BLE001  fairseq's raw audio reader raises plain Exceptions
+        if type(exc) is not Exception:
+            raise
+        rate = re.fullmatch(r"sample rate: (\d+), need (\d+)", str(exc))
+        if rate:
+            have, need = rate.groups()
+            raise DataError(f"subset {subset!r}: an utterance's audio is sampled at {have} Hz and the task reads "
+                            f"{need} Hz; resample it (sox in.wav -r {need} out.wav) or set the task's "
+                            f"sample_rate") from None
+        raise DataError(f"subset {subset!r}: cannot read an utterance ({exc}); check the audio paths in the "
+                        f"manifest and that the audio files are complete WAV/FLAC files") from None
 
 
 def _torchaudio_broken(exc: BaseException) -> bool:

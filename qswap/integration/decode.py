@@ -59,7 +59,7 @@ def decode_with(task, hypothesize: Callable[[dict], list[torch.Tensor]], samples
     utterance), as text beside the reference, timed."""
     dictionary = task.target_dictionary
     post = _post_process(task)
-    utterances, audio, start = [], 0.0, time.perf_counter()
+    utterances, audio, start, unknown = [], 0.0, time.perf_counter(), []
     with torch.no_grad():
         for sample in samples:
             audio += audio_seconds(sample)
@@ -67,11 +67,24 @@ def decode_with(task, hypothesize: Callable[[dict], list[torch.Tensor]], samples
             for i, sid in enumerate(sample["id"].tolist()):
                 target = sample["target"][i]
                 target = target[target != dictionary.pad()]
+                if bool((target == dictionary.unk()).any()):
+                    unknown.append(sid)
                 utterances.append(Utterance(sid, _text(dictionary, target, post),
                                             _text(dictionary, hyps[i], post)))
             if progress is not None:
                 progress(len(sample["id"]))
     utterances.sort(key=lambda u: u.id)
+    if unknown:  # scored as they are: the same for every model (ΔWER unbiased), but the WER is inflated
+        import warnings
+
+        from qswap.errors import QswapWarning
+        unknown.sort()
+        warnings.warn(QswapWarning(
+            f"{len(unknown)} of {len(utterances)} references hold <unk> (utterance(s) "
+            f"{', '.join(map(str, unknown[:5]))}{' ...' if len(unknown) > 5 else ''}): words or characters the "
+            f"target dictionary does not hold (casing, punctuation?), which no hypothesis can match; their "
+            f"errors count in every WER alike: normalize the manifest's tgt_text as the training data was"),
+            stacklevel=2)
     return DecodeResult(utterances, time.perf_counter() - start, audio)
 
 

@@ -164,3 +164,26 @@ def test_an_empty_reference_is_the_same_data_error_for_totals_and_per_utterance_
             count(refs, hyps)
     with pytest.raises(DataError, match=r"utterance ids 7\b"):
         utterance_word_errors(["a", ""], ["a", "b"], ids=[3, 7])
+
+
+def test_a_baseline_listing_an_utterance_twice_is_a_data_error():
+    """A concatenated baseline (utterance 0 twice, once all wrong and once right) had been taken
+    as the same utterances: the last duplicate decided the ΔWER (0 instead of -50 points)."""
+    from qswap.errors import DataError
+    from qswap.integration.bootstrap import paired_delta
+
+    result = [{"id": 0, "ref": "a b", "hyp": "a b"}, {"id": 1, "ref": "c d", "hyp": "c d"}]
+    baseline = [{"id": 0, "ref": "a b", "hyp": "x y"}, {"id": 1, "ref": "c d", "hyp": "c d"},
+                {"id": 0, "ref": "a b", "hyp": "a b"}]
+    with pytest.raises(DataError, match=r"the baseline lists utterance\(s\) 0 more than once"):
+        paired_delta(result, baseline)
+    assert paired_delta(result, baseline[:2])[0] == -50.0
+
+
+@pytest.mark.parametrize("field, value", [("seed", -1), ("seed", 1.5), ("resamples", 2.5), ("seed", True)])
+def test_a_bootstrap_of_a_bad_seed_or_count_is_a_data_error(field, value):
+    """numpy's ValueError or TypeError had come at the first interval."""
+    from qswap.errors import DataError
+
+    with pytest.raises(DataError, match=f"bootstrap {field} must be a non-negative integer"):
+        Bootstrap(**{field: value})

@@ -215,3 +215,92 @@ def test_a_file_given_as_the_data_directory_is_named_a_file(tmp_path):
         load_model_and_task(tmp_path / "missing.pt", tmp_path / "notes.txt")
     with pytest.raises(DataError, match=r"^data directory .*nowhere does not exist; pass --data DIR"):
         load_model_and_task(tmp_path / "missing.pt", tmp_path / "nowhere")
+
+
+def test_an_utterance_without_frames_is_a_data_error_naming_it(tmp_path):
+    """A row whose features have 0 frames (a clip shorter than one 25 ms window): fairseq's beam
+    search had run to max_len and raised a raw AssertionError ('200 < 200'), naming nothing."""
+    import numpy as np
+
+    from qswap.errors import DataError
+
+    data = _calib_copy(tmp_path)
+    np.save(data / "empty.npy", np.zeros((0, 80), np.float32))
+    lines = (data / "train_calib.tsv").read_text().splitlines()
+    third = lines[4].split("\t")[0]  # the id of manifest row index 3
+    _rows_changed(data, lambda row: row.update(audio="empty.npy", n_frames="0") if row["id"] == third else None)
+    with pytest.raises(DataError, match=r"utterance\(s\) 3 \(their manifest row indices\) have no input frames"):
+        _read_all(data)
+
+
+def test_a_manifest_with_a_byte_order_mark_is_told_so(tmp_path):
+    """A manifest saved with a UTF-8 BOM (its header read as '\\ufeffid'): the error had said it
+    needs a header with id, which it has."""
+    from qswap.errors import DataError
+
+    data = _calib_copy(tmp_path)
+    manifest = data / "train_calib.tsv"
+    manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
+    with pytest.raises(DataError, match="starts with a UTF-8 byte-order mark.*save it as UTF-8 without a BOM"):
+        _read_all(data)
+
+
+def _w2v_subset(root, second):
+    """A 2-row wav2vec 2.0 (audio_finetuning) subset 'valid' whose second WAV ``second(path)`` writes."""
+    import numpy as np
+    import soundfile as sf
+    from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
+    from omegaconf import OmegaConf
+
+    (root / "wav").mkdir(parents=True)
+    sf.write(root / "wav/0.wav", (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32), 16000)
+    second(root / "wav/1.wav")
+    (root / "valid.tsv").write_text(f"{root}\nwav/0.wav\t16000\nwav/1.wav\t16000\n")
+    (root / "valid.ltr").write_text("A B |\nB A |\n")
+    (root / "dict.ltr.txt").write_text("| 1\nA 1\nB 1\n")
+    cfg = OmegaConf.structured(AudioFinetuningConfig(data=str(root), labels="ltr", sample_rate=16000, tpu=False))
+    return AudioFinetuningTask.setup_task(cfg)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("8 kHz", "sampled at 8000 Hz and the task reads 16000 Hz; resample it"),
+    ("missing", r"1 audio file\(s\) of its manifest do not exist, the first .*wav/1.wav"),
+    ("not audio", "cannot read an utterance .*Failed to load .*1.wav"),
+    ("empty", r"utterance\(s\) 1 \(their manifest row indices\) have no input frames"),
+])
+def test_wav2vec2_audio_that_cannot_be_read_is_a_data_error(tmp_path, case, match):
+    """fairseq's raw audio reader raises plain Exceptions (after seconds of retries for a missing
+    file), which had come through as raw tracebacks."""
+    import numpy as np
+    import soundfile as sf
+
+    from qswap.errors import DataError
+    from qswap.integration.data import batches
+
+    second = {"8 kHz": lambda p: sf.write(p, np.zeros(8000, np.float32), 8000),
+              "missing": lambda p: None,
+              "not audio": lambda p: p.write_bytes(b"garbage"),
+              "empty": lambda p: sf.write(p, np.zeros(0, np.float32), 16000)}[case]
+    task = _w2v_subset(tmp_path / "w2v", second)
+    with pytest.raises(DataError, match=match):
+        list(batches(task, "valid", max_sentences=1))
+
+
+def test_references_with_unknown_words_are_said(tmp_path):
+    """A tgt_text the target dictionary cannot spell (here characters its SentencePiece model never
+    saw) becomes '<unk>' in the reference, which no hypothesis matches: scored without a word, it
+    had inflated every WER."""
+    import itertools
+
+    from qswap.errors import QswapWarning
+    from qswap.integration.data import batches
+    from qswap.integration.decode import decode
+
+    data = _calib_copy(tmp_path)
+    lines = (data / "train_calib.tsv").read_text().splitlines()
+    second = lines[2].split("\t")[0]  # the id of manifest row index 1
+    _rows_changed(data, lambda row: row.update(tgt_text="ÆØÅ ÞÐ") if row["id"] == second else None)
+    model, task = load_model_and_task(f"{ASSET}/checkpoint.pt", str(data))
+    with pytest.warns(QswapWarning, match=r"1 of 32 references hold <unk> \(utterance\(s\) 1\).*normalize"):
+        result = decode(task, model, itertools.islice(batches(task, "train_calib", max_sentences=32), 1), beam=1)
+    assert "<unk>" in result.utterances[1].ref

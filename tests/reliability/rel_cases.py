@@ -552,6 +552,21 @@ _subset_case("data-audio-missing", "a manifest line whose audio file does not ex
              read=lambda data, task: data.first_net_input(task, "test"))
 _subset_case("data-shard-out-of-range", "shard_id 5 of 2 shards", HEADER + "u1\tx.npy\t100\thello\n",
              read=lambda data, task: list(data.batches(task, "test", num_shards=2, shard_id=5)))
+_subset_case("data-manifest-bom", "test.tsv saved with a UTF-8 byte-order mark",
+             b"\xef\xbb\xbf" + (HEADER + "u1\tx.npy\t100\thello\n").encode())
+
+
+@case("data", "data-zero-frames", "a manifest line whose features have 0 frames (audio shorter than one "
+      "25 ms frame)", raises=DataError)
+def _(env):
+    import numpy as np
+
+    from qswap.integration import data
+    directory = _copy_data(env)
+    np.save(directory / "empty.npy", np.zeros((0, 80), np.float32))
+    (directory / "test.tsv").write_text(HEADER + "u1\tempty.npy\t0\thello\n")
+    _model, task = data.load_model_and_task(env.shared.checkpoint(), directory)
+    return list(data.batches(task, "test"))
 
 
 # -- audio -------------------------------------------------------------------------------------
@@ -617,6 +632,10 @@ _audio_case("audio-stereo-array", "a (2, N) stereo array given to fbank",
             lambda env: _features().fbank(torch.zeros(2, 16000), 16000))
 _audio_case("audio-zero-sample-rate", "sample_rate=0",
             lambda env: _features().fbank(_sine(1.0), 0))
+_audio_case("audio-int64-pcm", "16-bit samples in an int64 tensor (torch.tensor of ints)",
+            lambda env: _features().fbank((_sine(1.0) * 32767).long(), 16000))
+_audio_case("audio-unscaled-float", "16-bit sample values as floats (not divided by 32768)",
+            lambda env: _features().fbank(_sine(1.0) * 32767, 16000))
 _audio_case("audio-silent", "1 s of digital silence",
             lambda env: _fbank_of_wav(env, [0] * 16000), outcome="finite (98, 80) features",
             check=_fbank_ok(98))

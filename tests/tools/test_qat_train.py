@@ -467,14 +467,15 @@ def test_ship_stores_every_quantizer_parameter_as_float32():
 
 
 def test_the_comparison_of_one_utterance_results_says_there_is_no_interval(tmp_path):
-    """``qswap eval --json`` of a one-utterance set has null intervals: the rows say so."""
+    """``qswap eval --json`` of a one-utterance set has null intervals: the rows say so, and give no
+    verdict ('-', as compare's tables; it had read 'no')."""
     from qswap.integration.bootstrap import NO_INTERVAL
 
     for name, wer in (("ptq", 20.0), ("qat", 10.0)):
         (tmp_path / f"{name}_test.json").write_text(json.dumps(
             {"counts": {"wer": wer}, "wer_ci": None, "delta_wer_ci": None, "delta_wer": -10.0, "significant": None}))
     rows, wins = qat_train.comparison(tmp_path)
-    assert rows == [f"| test | 20.00 ({NO_INTERVAL}) | 10.00 ({NO_INTERVAL}) | -10.00 ({NO_INTERVAL}) | no |"]
+    assert rows == [f"| test | 20.00 ({NO_INTERVAL}) | 10.00 ({NO_INTERVAL}) | -10.00 ({NO_INTERVAL}) | - |"]
     assert wins == []
 
 

@@ -185,3 +185,19 @@ def test_a_set_of_one_utterance_renders_no_interval_instead_of_failing():
     delta, ci = strategies.pair(payload, subset, "shipped/w8a8", "float/fp32")
     assert ci is None and strategies._verdict(ci) == "no verdict"
     assert "an interval reaches beyond it" in strategies._meeting(payload, stats, "w8a8", 20.0, exclude="")
+
+
+def test_the_pick_says_so_where_the_lowest_method_is_worse_on_a_set():
+    """Better than the shipped recipe on one set and worse (its interval above 0) on the other:
+    the page had said 'No method is distinguishable from the shipped recipe'."""
+    words = [10] * 50
+
+    def cell(errors):
+        return {"utterance_errors": errors, "utterance_words": words, "wer": 100 * sum(errors) / sum(words)}
+
+    payload = {"cells": {"test": {"m/w4a8": cell([0] * 50), "shipped/w4a8": cell([2] * 50)},
+                         "test_heldout": {"m/w4a8": cell([3] * 50), "shipped/w4a8": cell([2] * 50)}}}
+    assert strategies._verdicts(payload, "m/w4a8", "shipped/w4a8") == ["better", "worse"]
+    text = strategies._pick(payload, "w4a8", "m")
+    assert "worse than the shipped recipe on test_heldout (better on test)" in text
+    assert "distinguishable" not in text
