@@ -29,6 +29,42 @@ def watched(module: nn.Module) -> bool:
                 or torch._C._get_tracing_state())
 
 
+def with_own_hooks(module: nn.Module, args: tuple, run):
+    """``run(*args)``, a counterpart's own path through ``module``'s children in place of
+    ``module(*args)`` (a conformer layer runs its ``ffn1``'s ops itself, wav2vec 2.0's model its
+    feature extractor's), with ``module``'s own forward pre-hooks and forward hooks run around it
+    in the order ``nn.Module.__call__`` runs them: a pre-hook may replace the arguments, a forward
+    hook the result, so that a hook on the container (a feature tap) sees and does on the converted
+    model what it does on the float one (it had never run). Global module hooks (the honesty
+    audit's) see the children's calls, not the container's. A backward hook on the container: a
+    ConvertError (its gradients are the children's)."""
+    if not (module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+            or module._backward_pre_hooks):
+        return run(*args)
+    if module._backward_hooks or module._backward_pre_hooks:
+        from qswap.errors import ConvertError
+        raise ConvertError(f"a backward hook on {type(module).__name__}, whose children the converted model "
+                           f"runs itself, would not run: register it on its children (the last one's output "
+                           f"is the container's)")
+    kwargs: dict = {}
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if key in module._forward_pre_hooks_with_kwargs:
+            result = hook(module, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        else:
+            result = hook(module, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    out = run(*args, **kwargs)
+    for key, hook in list(module._forward_hooks.items()):
+        result = (hook(module, args, kwargs, out) if key in module._forward_hooks_with_kwargs
+                  else hook(module, args, out))
+        if result is not None:
+            out = result
+    return out
+
+
 class DirectCall(nn.Module):
     def __call__(self, *args, **kwargs):
         if watched(self):

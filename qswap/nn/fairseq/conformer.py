@@ -16,6 +16,7 @@ from qswap.nn.base import QuantConfig, QuantModule, quantizer
 from qswap.nn.registry import register
 from qswap.nn.fairseq.layers import ZERO_POINT, onto, onto_each, past, read_by, reader
 from qswap.nn.simulate import add_onto
+from qswap.quant.direct_call import with_own_hooks
 from qswap.quant.fake_quantize import consume
 
 
@@ -69,7 +70,8 @@ class QConformerEncoderLayer(QuantModule):
         read the layer's output: then the first value returned is a list, the final norm's
         integer accumulator requantized onto each (``QLayerNorm.onto_each``)."""
         residual = x if residual is None else residual
-        x, residual = self._add("ffn1", self.ffn1_out_quant(feed_forward(self.ffn1, x, self.ffn1_out_quant)),
+        ffn1 = with_own_hooks(self.ffn1, (x,), lambda x: feed_forward(self.ffn1, x, self.ffn1_out_quant))
+        x, residual = self._add("ffn1", self.ffn1_out_quant(ffn1),
                                 self.ffn1_residual_quant(residual),
                                 (reader(self.self_attn_layer_norm), self.attn_residual_quant))
         x = onto(self.self_attn_layer_norm, x, reader(self.self_attn))
@@ -80,10 +82,11 @@ class QConformerEncoderLayer(QuantModule):
         x, residual = self._add("attn", consume(self.attn_out_quant, self.self_attn_dropout(x)),
                                 self.attn_residual_quant(residual),
                                 (reader(self.conv_module.layer_norm), self.conv_residual_quant))
-        x = convolution(self.conv_module, x.transpose(0, 1), self.conv_out_quant).transpose(0, 1)  # (B, T, C) inside
+        x = with_own_hooks(self.conv_module, (x.transpose(0, 1),),  # (B, T, C) inside
+                           lambda x: convolution(self.conv_module, x, self.conv_out_quant)).transpose(0, 1)
         x, residual = self._add("conv", self.conv_out_quant(x), self.conv_residual_quant(residual),
                                 (reader(self.ffn2.layer_norm), self.ffn2_residual_quant))
-        layer_result = feed_forward(self.ffn2, x, self.ffn2_out_quant)
+        layer_result = with_own_hooks(self.ffn2, (x,), lambda x: feed_forward(self.ffn2, x, self.ffn2_out_quant))
         x, _ = self._add("ffn2", self.ffn2_out_quant(layer_result), self.ffn2_residual_quant(residual),
                          (reader(self.final_layer_norm),))
         if next_readers:

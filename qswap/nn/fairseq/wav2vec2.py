@@ -35,6 +35,7 @@ from qswap.nn.fairseq.chain import run_chain
 from qswap.nn.fairseq.layers import activated, onto, onto_each, past, read_by, reader
 from qswap.nn.simulate import add_onto, simulates
 from qswap.nn.registry import register
+from qswap.quant.direct_call import with_own_hooks
 from qswap.quant.fake_quantize import consume
 
 _MASK_ATTRS = ("mask_prob", "mask_selection", "mask_other", "mask_length", "no_mask_overlap",
@@ -153,6 +154,12 @@ class QWav2Vec2TransformerEncoder(QuantModule):
             x = self.layer_norm(x)
         return x, layer_results
 
+    def _pos_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """fairseq's positional conv on x (B, C, T), each op told the quantizer that reads its result
+        (``run_chain``); another container as it is (its hooks: ``with_own_hooks``)."""
+        y = run_chain(self.pos_conv, x, self.pos_conv_out_quant)
+        return self.pos_conv.forward(x) if y is None else y
+
     def extract_features(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                          tgt_layer: Optional[int] = None, min_layer: int = 0, corpus_key=None,
                          conv_input: Optional[torch.Tensor] = None):
@@ -160,8 +167,7 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         conv_input = x if conv_input is None else conv_input
         if padding_mask is not None:
             x, conv_input = index_put(x, padding_mask, 0), index_put(conv_input, padding_mask, 0)
-        x_conv = run_chain(self.pos_conv, conv_input.transpose(1, 2), self.pos_conv_out_quant)  # (B, C, T)
-        x_conv = (self.pos_conv(conv_input.transpose(1, 2)) if x_conv is None else x_conv).transpose(1, 2)
+        x_conv = with_own_hooks(self.pos_conv, (conv_input.transpose(1, 2),), self._pos_conv).transpose(1, 2)
         streams = self._streams(tgt_layer, corpus_key)  # the quantizers that read each layer's output, or None
         first = self._first_readers() if streams is not None else ()
         a, b = self.pos_residual_quant(x), self.pos_conv_out_quant(x_conv)
@@ -347,8 +353,11 @@ class QWav2Vec2Model(QuantModule):
         the quantizer that reads its result (``run_chain``, the last the feature LayerNorm's). Audio
         holding NaN or +-inf: a DataError, as the integer model's (``check_finite_input``)."""
         check_finite_input(source)
+        return with_own_hooks(self.feature_extractor, (source,), self._extract)
+
+    def _extract(self, source: torch.Tensor) -> torch.Tensor:
         x = run_chain(self.feature_extractor.conv_layers, source.unsqueeze(1), reader(self.layer_norm))
-        return self.feature_extractor(source) if x is None else x
+        return self.feature_extractor.forward(source) if x is None else x  # its hooks: ``with_own_hooks``
 
     def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 mask: bool = True, features_only: bool = False, layer=None, mask_indices=None,

@@ -177,3 +177,46 @@ def test_wav2vec2_layer_norm_extractor_and_pre_norm_layers():
     assert q.qswap_report.by_action("float") == []
     report = qswap.audit(q, net_input)
     assert report.honest, [(v.module, v.op, v.operand) for v in report.violations]
+
+
+def _hook_containers(model, containers, fired):
+    """On each container: a pre-hook that halves its input and a hook that records its call."""
+    for name in containers:
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(lambda m, args: (args[0] * 0.5, *args[1:]))
+        module.register_forward_hook(lambda m, args, out, name=name: fired.append(name))
+
+
+@pytest.mark.parametrize("arch, containers", [
+    ("wav2vec2_ctc", ("w2v_encoder.w2v_model.feature_extractor", "w2v_encoder.w2v_model.encoder.pos_conv")),
+    ("s2t_conformer", ("encoder.conformer_layers.0.ffn1", "encoder.conformer_layers.0.conv_module",
+                       "encoder.conformer_layers.0.ffn2")),
+])
+def test_hooks_on_containers_whose_children_a_counterpart_runs_still_run(arch, containers):
+    """The converted wav2vec 2.0 model runs its feature extractor's and positional conv's ops
+    itself, a conformer layer its feed-forwards' and convolution module's: hooks on those
+    containers (a feature tap, a pre-hook that changes the input) had never run, so the converted
+    model computed something else than the hooked float model, with no quantizer at all."""
+    from fairseq_testkit import ARCHS
+    build, net_input = ARCHS[arch]
+    model, inputs = build(), net_input()
+    converted = qswap.convert(model, NO_QUANT)
+    outputs = {}
+    for label, m in (("float", model), ("converted", converted)):
+        fired = []
+        _hook_containers(m, containers, fired)
+        with torch.no_grad():
+            out = m(**inputs)
+        outputs[label] = out["encoder_out"][0] if isinstance(out, dict) else out[0]
+        assert fired == list(containers), label
+    torch.testing.assert_close(outputs["converted"], outputs["float"], atol=2e-6, rtol=0)
+
+
+def test_a_backward_hook_on_such_a_container_is_a_convert_error():
+    from fairseq_testkit import ARCHS
+    from qswap.errors import ConvertError
+    build, net_input = ARCHS["s2t_conformer"]
+    converted = qswap.convert(build(), NO_QUANT)
+    converted.encoder.conformer_layers[0].ffn1.register_full_backward_hook(lambda m, gi, go: None)
+    with pytest.raises(ConvertError, match="a backward hook on FeedForwardModule"):
+        converted(**net_input())
