@@ -64,7 +64,7 @@ def grid_of(quant: nn.Module, frozen_only: bool = False):
     with ``frozen_only`` for a quantizer still calibrating (``reader_grid``). A learned (LSQ)
     scale in training is read as it is now: an optimizer writes it through ``.data``, which no
     stamp sees, so the kept grid could be the previous step's."""
-    from qswap.quant.integer import Grid, rounds_to_nearest
+    from qswap.quant.integer import rounds_to_nearest
     if not (isinstance(quant, FakeQuantize) and quant.enabled and rounds_to_nearest(quant)):
         return None  # a float site, or a rounding with no integer form: the op computes in float
     if quant.spec.learnable and quant.training and torch.is_grad_enabled():
@@ -79,12 +79,23 @@ def grid_of(quant: nn.Module, frozen_only: bool = False):
         hit = quant.__dict__.get("_simulated_grid")
         if hit is not None and hit[0] is kept:
             return hit[1]
-        grid = Grid(kept.scale, kept.zero_point, quant.spec.qmin, quant.spec.qmax)
+        grid = _grid(kept.scale, kept.zero_point, quant.spec)
         quant.__dict__["_simulated_grid"] = (kept, grid)
         return grid
     if not (quant.initialized and quant.scale.numel() == 1 and quant.spec.granularity == "per_tensor"):
         return None
-    return Grid(float(quant.scale.detach()), int(quant.zero_point), quant.spec.qmin, quant.spec.qmax)
+    return _grid(float(quant.scale.detach()), int(quant.zero_point), quant.spec)
+
+
+def _grid(scale: float, zero_point: int, spec) -> "Grid | None":
+    """The integer ``Grid`` of a per-tensor quantizer, or None (the op then runs in float, as for a
+    reader's scale trained below 0) where its scale is not a finite number above 0: a learned scale
+    loaded below 0 after ``eval()`` had raised out of the fake-quant forward."""
+    from qswap.quant.integer import Grid
+
+    if not (math.isfinite(scale) and scale > 0):
+        return None
+    return Grid(scale, zero_point, spec.qmin, spec.qmax)
 
 
 def stream_grid_of(quant: nn.Module, frozen_only: bool = False):

@@ -112,9 +112,9 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
         m0, shift = m0 // 2, shift + 1
     if shift < -31:
         return 0, 0
-    if shift > 30:
-        raise IntegerizeError(f"requantization multiplier {real} is >= 2^30: the scales of input and "
-                              f"output differ too much to rescale in int32")
+    if shift > 30:  # real rounds to 2^30 or more: above (2^31 - 1) 2^-1, the largest M0 2^(30 - 31)
+        raise IntegerizeError(f"requantization multiplier {real} rounds to 2^30 or more: the scales of input "
+                              f"and output differ too much to rescale in int32")
     return int(m0), int(shift)
 
 
@@ -999,8 +999,9 @@ def integer_layer_norm_acc(codes: torch.Tensor, params: LayerNormParams,
     on the grid ``params.acc_scale`` (what ``integer_layer_norm`` requantizes).
 
     ``_normalized`` with ``params.sqrt_bits`` extra fraction bits of the standard deviation (10
-    for 8-bit codes: ``V + eps_int`` < N^2 2^16 + eps_int < 2^41 for N <= 4096, so ``<< 20``
-    stays below 2^61; fewer for a wider input, chosen when built); ``|y| < sqrt(N) 2^16
+    for 8-bit codes where ``N^2 2^16 + eps_int`` fits 42 bits, so that ``<< 20`` stays below
+    2^62; fewer, chosen when built, for a wider input or an epsilon large in code units, a very
+    fine input grid's: ``LayerNormParams.build``); ``|y| < sqrt(N) 2^16
     <= 2^22``; affine accumulator ``y gamma + beta`` (|y gamma| < 2^29 for 8-bit gamma,
     |beta| <= 2^30; ``LayerNormParams.build`` refuses gamma and beta whose sum could leave int32,
     and the clamp below is never reached). The input zero point cancels in ``c``.

@@ -720,6 +720,23 @@ def test_learned_reader_scales_trained_below_zero_fall_back_to_float():
     assert torch.isfinite(out).all() and all(r.scale.grad is not None for r in readers)
 
 
+def test_an_ops_own_input_scale_below_zero_falls_back_to_float_too():
+    """A LayerNorm whose own input quantizer's scale is below 0 (a learned scale loaded after
+    ``eval()``, or set by hand): ``simulate: integer`` had raised IntegerizeError out of the forward
+    where ``simulate: float`` runs; the op now runs in float, as for a reader's scale."""
+    import qswap.nn.simulate
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 32)
+    q = qswap.convert(nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.Linear(32, 8)).eval(), "w8a8")
+    qswap.calibrate(q, [x, x.flip(0)])
+    with torch.no_grad():
+        q[1].input_quant.scale.fill_(-0.05)
+        for mode in ("float", "integer"):
+            with qswap.nn.simulate.simulating(q, mode):
+                assert torch.isfinite(q(x)).all(), mode
+
+
 @pytest.mark.parametrize("recipe", ["w4a8_lsq", "w4a4_edges8_stream_smoothquant_lsq"])
 def test_training_residual_adds_are_the_integer_layers_with_the_float_sums_gradient(recipe):
     """A pre-norm encoder layer's residual add in training (autograd) under ``simulate: integer``:

@@ -62,6 +62,13 @@ def test_quantize_multiplier_rejects_bad_reals(bad):
         quantize_multiplier(bad)
 
 
+def test_a_multiplier_just_below_2_30_is_refused_as_rounding_to_it():
+    """2^30 - 2^-22 rounds to M0 = 2^31, shift 31: refused, and the message had said it 'is >= 2^30'."""
+    assert quantize_multiplier(2.0 ** 30 - 1) == (2 ** 31 - 2, 30)  # (2^31 - 2) 2^-1: representable
+    with pytest.raises(IntegerizeError, match=r"1073741823\.9999998 rounds to 2\^30 or more"):
+        quantize_multiplier(2.0 ** 30 - 2.0 ** -22)
+
+
 # -- SaturatingRoundingDoublingHighMul / RoundingDivideByPOT ----------------------------------------------
 
 def test_high_mul_ties_go_toward_plus_infinity():
