@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from qswap.export.package import SITE_PREFIX, check_export_directory, export_model, graph_paths
     from qswap.integration import data as fdata
 
-    check_export_directory(args.output, onnx=args.onnx)  # before the checkpoint is loaded
+    check_export_directory(args.output, onnx=args.onnx, clear=False)  # before the checkpoint is loaded
     model, cfg, task = fdata.load_model_cfg_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     if getattr(model, "qswap_recipe", None) is None:
         raise ExportError(f"{args.checkpoint} is a float checkpoint; convert and calibrate it with "

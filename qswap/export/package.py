@@ -182,11 +182,14 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task: dic
 _LEFTOVER = re.compile(r"\.[\w.-]+\.onnx\.partial|\.[\w.-]+\.[0-9a-f]{8}\.tmp")
 
 
-def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -> None:
+def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool, clear: bool = True) -> None:
     """OutputError unless ``directory`` may take an export (``onnx``: ONNX graphs, else the integer
     model): missing, empty, or a qswap export of that kind (its ``export.json`` / ``model.json``
     reads as qswap's), which the new export replaces. A folder of other files would lose the ones
-    that share the export's names (a model.json, an encoder.onnx qswap did not write)."""
+    that share the export's names (a model.json, an encoder.onnx qswap did not write). ``clear``:
+    remove what a stopped export of that kind left there (the export itself does, as it writes);
+    False only checks (the command line, before it loads anything: a command that then fails
+    removes nothing)."""
     from qswap.errors import OutputError
     from qswap.export.integer_format import HASHED_TENSOR_FILE
 
@@ -195,8 +198,9 @@ def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -
         return
     entries = list(out.iterdir())
     leftovers = [p for p in entries if _LEFTOVER.fullmatch(p.name) and p.is_file()]
-    if all(p in leftovers or (HASHED_TENSOR_FILE.fullmatch(p.name) and p.is_file()) for p in entries):
-        for path in entries:  # empty, or what a stopped export of qswap's left
+    # an integer export's tensor file alone is what a stopped integer export left, not an ONNX export's
+    if all(p in leftovers or (not onnx and HASHED_TENSOR_FILE.fullmatch(p.name) and p.is_file()) for p in entries):
+        for path in entries if clear else ():  # empty, or what a stopped export of qswap's left
             path.unlink()
         return
     held = held_export(out)
@@ -209,7 +213,7 @@ def check_export_directory(directory: "str | os.PathLike[str]", *, onnx: bool) -
         raise OutputError(f"{out} holds an ONNX export (export.json); one directory holds one export: "
                           f"write the integer model into another directory (or remove that one first)")
     if holds_onnx if onnx else holds_integer:
-        for path in leftovers:  # the files of an export of qswap's that was stopped over this one
+        for path in leftovers if clear else ():  # the files of an export of qswap's that was stopped over this one
             path.unlink()
         return
     what = "an ONNX export (an export.json qswap wrote)" if onnx else "an integer model export (a model.json qswap wrote)"

@@ -131,6 +131,9 @@ def check_output(path: "str | os.PathLike[str]", *, directory: bool = False) -> 
     if directory:
         if target.exists() and not target.is_dir():
             raise OutputError(f"cannot write into {target}: it is a file; pass a directory")
+        if target.is_symlink() and not target.exists():  # mkdir would fail after the work ('File exists')
+            raise OutputError(f"cannot write into {target}: it is a symbolic link to {os.readlink(target)}, which "
+                              f"does not exist; create that directory or pass another path")
         parent = _nearest_existing(target)
         if not parent.is_dir():
             raise OutputError(f"cannot write into {target}: {parent} is a file, not a directory; pass a directory")
@@ -213,11 +216,17 @@ def atomic_write_text(path: "str | os.PathLike[str]", text: str, encoding: str =
         f.write(text)
 
 
+TEMP_NAME_BYTES = 200  # of the target's name in its temporary file's: NAME_MAX is 255 bytes
+
+
 def _create_temp(target: Path) -> tuple[int, str]:
     """A new hidden file in the target's directory, created with the usual umask-derived mode."""
     directory = target.parent
+    name = target.name
+    while len(os.fsencode(name)) > TEMP_NAME_BYTES:  # a name the file system takes, plus 14 bytes, may not be
+        name = name[:-1]
     for _ in range(100):
-        tmp = directory / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        tmp = directory / f".{name}.{secrets.token_hex(4)}.tmp"
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
         except FileExistsError:

@@ -82,10 +82,21 @@ def load_fairseq_model(path: "str | os.PathLike[str]", *, trust_checkpoint: bool
 
 def check_fairseq_state(path: Path, state: dict) -> None:
     """A CheckpointError naming ``path`` where ``state`` (a loaded checkpoint) is not fairseq's:
-    no ``cfg`` or ``args``, no ``model`` state_dict."""
+    no ``cfg`` or ``args``, a ``cfg`` (where no ``args`` stand for it) without its ``model`` and
+    ``task`` sections, no ``model`` state_dict."""
     if state.get("cfg") is None and state.get("args") is None:
         raise CheckpointError(f"{path}: not a fairseq checkpoint: it has neither 'cfg' nor 'args' "
                               f"(top-level keys: {', '.join(map(str, list(state)[:8]))})")
+    cfg = state.get("cfg")
+    if state.get("args") is None:  # omegaconf's 'Missing key task' had come as a raw traceback
+        sections = list(cfg) if isinstance(cfg, Mapping) or hasattr(cfg, "keys") else None
+        missing = ["model", "task"] if sections is None else [k for k in ("model", "task") if k not in sections]
+        if sections is None:
+            raise CheckpointError(f"{path}: not a fairseq checkpoint: its cfg is a {type(cfg).__name__}, not a "
+                                  f"config with 'model' and 'task' sections")
+        if missing:
+            raise CheckpointError(f"{path}: not a fairseq checkpoint: its cfg has no "
+                                  f"{' and no '.join(repr(k) for k in missing)} section")
     model = state.get("model")
     if not isinstance(model, Mapping) or not model:
         raise CheckpointError(f"{path}: not a fairseq checkpoint: 'model' is "
@@ -430,9 +441,16 @@ def _convert_stored(path: Path, model: nn.Module, recipe: Mapping) -> nn.Module:
 
 
 def _load_quantized_state(path: Path, qmodel: nn.Module, state_dict: Mapping) -> None:
+    from qswap.quant.fake_quantize import FakeQuantize
+
     try:
         nn.Module.load_state_dict(qmodel, dict(state_dict), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: the stored weights do not fit the model rebuilt from its cfg "
                               f"and recipe ({first_line(exc)}); was it written by a different "
                               f"qswap or fairseq version?") from None
+    for name, module in qmodel.named_modules():  # its buffers take the file's shapes (lazy state)
+        problem = module.state_problem() if isinstance(module, FakeQuantize) else None
+        if problem is not None:  # it had loaded, and the first forward raised a raw ValueError
+            raise CheckpointError(f"{path}: quantizer {name} holds {problem}; the file is damaged: write it "
+                                  f"again with qswap convert or qswap calibrate")

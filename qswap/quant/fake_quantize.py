@@ -149,6 +149,21 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
     def initialized(self) -> bool:
         return self.scale.numel() > 0
 
+    def state_problem(self) -> str | None:
+        """What is wrong with the grid this quantizer holds (after a ``load_state_dict``, which
+        resizes its buffers to whatever a file holds), or None: a scale whose shape its granularity
+        cannot have (per tensor: one number, ``()``; per channel: one axis; per group: (rows,
+        groups)), or a zero point of another shape. An empty scale (no grid yet) is fine."""
+        scale, zero_point = self.grid_tensors()[:2]
+        if scale.numel() == 0:
+            return None
+        ranks = {"per_tensor": (0,), "per_channel": (1,), "per_group": (2,)}[self.spec.granularity]
+        if scale.dim() not in ranks:
+            return f"a scale of shape {tuple(scale.shape)} for a {self.spec.granularity} grid"
+        if zero_point.shape != scale.shape:
+            return f"a zero point of shape {tuple(zero_point.shape)} beside a scale of shape {tuple(scale.shape)}"
+        return None
+
     @torch.no_grad()
     def _set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         if self.scale.shape != scale.shape:

@@ -69,6 +69,22 @@ def test_float_checkpoint_is_a_typed_error(tmp_path):
         export_cmd.run(parse(ASSET / "checkpoint.pt", "--onnx", "-o", tmp_path, "--data", ASSET))
 
 
+def test_a_failed_export_removes_nothing_from_its_output_folder(tmp_path):
+    """A folder holding only an integer export's tensor file (what a stopped integer export leaves)
+    had been emptied before the checkpoint was even loaded, by a command that then failed, and by
+    --onnx, which writes no such file: an ONNX export refuses that folder now."""
+    from qswap.errors import OutputError
+
+    tensor = tmp_path / "model.0123456789abcdef.safetensors"
+    tensor.write_bytes(b"x")
+    with pytest.raises(ExportError, match="float checkpoint"):
+        export_cmd.run(parse(ASSET / "checkpoint.pt", "-o", tmp_path, "--data", ASSET))
+    assert tensor.exists()
+    with pytest.raises(OutputError, match="is a folder with other files, not an ONNX export"):
+        export_cmd.run(parse(ASSET / "checkpoint.pt", "--onnx", "-o", tmp_path, "--data", ASSET))
+    assert tensor.exists()
+
+
 @pytest.fixture(scope="module")
 def export_dir(checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy")

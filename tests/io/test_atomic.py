@@ -39,3 +39,20 @@ def test_a_path_through_a_file_names_that_file_not_a_missing_directory(tmp_path)
     with pytest.raises(OutputError, match="into .*victim.pt is a file, not a directory"):
         check_output(tmp_path / "victim.pt" / "export", directory=True)
     assert (tmp_path / "victim.pt").read_bytes() == b"keep"
+
+
+def test_a_dangling_symbolic_link_as_an_output_directory_is_refused_up_front(tmp_path):
+    """It passed the check (it does not 'exist') and the export failed after its work, with mkdir's
+    'File exists'."""
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere" / "export")
+    with pytest.raises(OutputError, match="it is a symbolic link to .*nowhere/export, which does not exist"):
+        check_output(link, directory=True)
+
+
+def test_a_long_file_name_the_file_system_takes_is_written(tmp_path):
+    """A 246-byte name: the temporary file's name (14 bytes longer) went beyond NAME_MAX (255)."""
+    target = tmp_path / ("r" * 241 + ".json")
+    check_output(target)
+    atomic_write_text(target, "{}")
+    assert target.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == [target.name]

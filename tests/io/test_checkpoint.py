@@ -106,3 +106,48 @@ def test_a_checkpoint_records_its_dictionary_and_refuses_another(tmp_path):
         load_fairseq_model(path, arg_overrides={"data": str(_swapped_data_dir(tmp_path))})
     loaded, _, _ = load_fairseq_model(path, arg_overrides={"data": str(ASSET)})  # its own loads
     assert loaded.qswap_recipe.name == "w8a8"
+
+
+def _w8a8_checkpoint(tmp_path):
+    from qswap.integration.data import load_model_cfg_task, net_inputs
+
+    model, cfg, task = load_model_cfg_task(ASSET / "checkpoint.pt", str(ASSET))
+    qmodel = qswap.convert(model, "w8a8")
+    qswap.calibrate(qmodel, net_inputs(task, "train_calib", 1))
+    return save_qswap_checkpoint(tmp_path / "q.pt", qmodel, {"cfg": cfg})
+
+
+def test_a_quantizer_state_of_a_shape_its_grid_cannot_have_is_a_checkpoint_error(tmp_path):
+    """A per-tensor scale stored as 5 numbers had loaded (a quantizer's buffers take the file's
+    shape) and the first forward raised a raw ValueError."""
+    import torch
+
+    from qswap.errors import CheckpointError
+
+    state = torch.load(_w8a8_checkpoint(tmp_path), weights_only=False)
+    key = "encoder.transformer_layers.0.fc1.input_quant"
+    state["model"][f"{key}.scale"] = torch.full((5,), 0.1)
+    state["model"][f"{key}.zero_point"] = torch.zeros(5, dtype=torch.int32)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=f"quantizer {key} holds a scale of shape \\(5,\\) for a per_tensor "
+                                              f"grid; the file is damaged"):
+        load_fairseq_model(tmp_path / "bad.pt", arg_overrides={"data": str(ASSET)})
+
+
+@pytest.mark.parametrize("cfg", ["no task", "a string"])
+def test_a_cfg_without_its_task_section_is_a_checkpoint_error(tmp_path, cfg):
+    """omegaconf's 'Missing key task' had come through as a raw traceback."""
+    import torch
+
+    from qswap.errors import CheckpointError
+
+    state = torch.load(ASSET / "checkpoint.pt", weights_only=False)
+    if cfg == "no task":
+        del state["cfg"]["task"]
+        match = "its cfg has no 'task' section"
+    else:
+        state["cfg"] = "garbage"
+        match = "its cfg is a str, not a config with 'model' and 'task' sections"
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=match):
+        load_fairseq_model(tmp_path / "bad.pt", arg_overrides={"data": str(ASSET)})
