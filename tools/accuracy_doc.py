@@ -174,7 +174,8 @@ def page(results: dict[str, dict]) -> str:
         "`espeak-ng:en-us+Annie`; training never used flite's rms voice, espeak-ng's en-029 accent or its "
         "Annie variant. Features are stored as int8 codes of each channel's standard deviation "
         "(`qswap/integration/compact.py`); stored that way, the 100-utterance in-voice set gives the float "
-        "model 72 word errors instead of 71 (`tests/integration/test_compact.py`).\n",
+        "model at most one word error more or fewer than its float32 features do "
+        "(`tests/integration/test_compact.py` decodes both and asserts it).\n",
         f"**Reading the intervals**: each is one comparison at 95 %, not corrected for the "
         f"{_comparisons(first)} comparisons with fp32 per set; a recipe whose interval only just excludes 0 is weaker evidence than one "
         "far from it. The large sets are not harder or easier copies of the 100-utterance ones: "

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vs-float", action="store_true",
                    help="with --recipe: decode the float model too and report ΔWER with a paired interval")
     p.add_argument("--baseline", metavar="JSON",
-                   help="a result of 'qswap eval --json' on the same subset: report ΔWER against it")
+                   help="a result of 'qswap eval --json' on the same subset: report ΔWER against it (with "
+                        "--merge: the merged result's, nothing decoded)")
     p.add_argument("--integer", action="store_true",
                    help="decode the quantized model (--recipe R, or a checkpoint written by 'qswap convert') "
                         "with integer execution (qswap.integerize), same beam search and WER")
@@ -51,7 +52,7 @@ def _decoding_options(args: argparse.Namespace) -> list[str]:
     given = {"CHECKPOINT": args.checkpoint, "--data": args.data, "--recipe": args.recipe,
              "--simulate": args.simulate, "--integer": args.integer, "--vs-float": args.vs_float,
              "--calib-subset": args.calib_subset, "--calib-batches": args.calib_batches,
-             "--baseline": args.baseline, "--backend onnxruntime": args.backend == "onnxruntime",
+             "--backend onnxruntime": args.backend == "onnxruntime",
              "--num-shards": args.num_shards != 1, "--shard-id": args.shard_id != 0}
     return [name for name, value in given.items() if value]
 
@@ -66,15 +67,18 @@ def run(args: argparse.Namespace) -> int:
         decoding = _decoding_options(args)
         if decoding:
             raise DataError(f"--merge adds up shard results as they were decoded; {', '.join(decoding)} "
-                            f"apply when decoding: pass them to each shard's 'qswap eval ... --shard-id I'")
+                            f"appl{'ies' if len(decoding) == 1 else 'y'} when decoding: pass "
+                            f"{'it' if len(decoding) == 1 else 'them'} to each shard's 'qswap eval ... --shard-id I'")
         shards = [_read_shard(path) for path in args.merge]
         _check_shards(shards)
         total = merge(shard["counts"] for shard in shards)
         utterances = sorted((u for s in shards for u in s["utterances"]), key=lambda u: u["id"])
-        stats = _intervals(utterances, None)
-        out.print(f"merged {len(shards)} shards of {shards[0]['subset']} ({shards[0]['model']}): "
-                  f"{total.utterances} utterances, WER {total.wer:.2f}%{_ci(stats.get('wer_ci'))}  "
-                  f"CER {total.cer:.2f}%")
+        # --baseline: the paired ΔWER of the merged result against another stored one, nothing decoded
+        baseline = _read_baseline(args.baseline) if args.baseline else None
+        stats = _intervals(utterances, baseline)
+        out.print(f"merged {len(shards)} shard{'s' if len(shards) > 1 else ''} of {shards[0]['subset']} "
+                  f"({shards[0]['model']}): {total.utterances} utterances, WER {total.wer:.2f}%"
+                  f"{_ci(stats.get('wer_ci'))}  CER {total.cer:.2f}%{_delta_text(stats)}")
         if "note" in stats:
             out.print(f"note: {stats['note']}")
         _write(args.json_out, {"counts": total.to_dict(), "subset": shards[0]["subset"],
@@ -120,11 +124,8 @@ def run(args: argparse.Namespace) -> int:
                   f"shards (the subset has fewer batches than --num-shards); 'qswap eval --merge' takes this "
                   f"shard's result as it is{'; no --markdown row (no WER to write)' if args.markdown else ''}")
     else:
-        verdict = {True: "significant", False: "not significant", None: "significance: -"}
-        delta = (f"  ΔWER vs {stats['baseline']} {stats['delta_wer']:+.2f}{_ci(stats['delta_wer_ci'], '+')} "
-                 f"({verdict[stats['significant']]})") if baseline else ""
         out.print(f"{label}: {counts.utterances} utterances of {args.subset}{shard}: "
-                  f"WER {counts.wer:.2f}%{_ci(stats['wer_ci'])}  CER {counts.cer:.2f}%{delta}  "
+                  f"WER {counts.wer:.2f}%{_ci(stats['wer_ci'])}  CER {counts.cer:.2f}%{_delta_text(stats)}  "
                   f"decode {result.seconds:.1f} s ({result.audio_seconds / max(result.seconds, 1e-9):.1f}x real time)")
         if "note" in stats:
             out.print(f"note: {stats['note']}")
@@ -140,6 +141,15 @@ def run(args: argparse.Namespace) -> int:
 def _ci(interval, sign: str = "") -> str:
     from qswap.integration.compare import interval_suffix
     return interval_suffix(interval, sign)
+
+
+def _delta_text(stats: dict) -> str:
+    """'  ΔWER vs BASELINE +d [lo, hi] (significant)' of a result with a baseline, else ''."""
+    if "baseline" not in stats:
+        return ""
+    verdict = {True: "significant", False: "not significant", None: "significance: -"}
+    return (f"  ΔWER vs {stats['baseline']} {stats['delta_wer']:+.2f}{_ci(stats['delta_wer_ci'], '+')} "
+            f"({verdict[stats['significant']]})")
 
 
 def _intervals(utterances: list[dict], baseline: dict | None) -> dict:

@@ -132,4 +132,4 @@ def test_calibration_options_with_the_onnxruntime_backend_are_refused(tmp_path, 
 
 def test_merge_refuses_calibration_options(tmp_path, capsys):
     assert main(["eval", "--merge", _shard(tmp_path / "s.json"), "--calib-batches", "3"]) == 2
-    assert "--calib-batches apply when decoding" in capsys.readouterr().err
+    assert "--calib-batches applies when decoding" in capsys.readouterr().err

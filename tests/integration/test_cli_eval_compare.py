@@ -55,7 +55,7 @@ def test_merge_writes_the_merged_markdown_row_and_refuses_shard_options(float_ch
     capsys.readouterr()
     for extra in (["--num-shards", "7"], ["--shard-id", "3"]):
         assert main(["eval", "--merge", *shards, *extra, "--markdown", str(tmp_path / "x.md")]) == 2
-        assert f"{extra[0]} apply when decoding" in capsys.readouterr().err
+        assert f"{extra[0]} applies when decoding" in capsys.readouterr().err
     assert not (tmp_path / "x.md").exists()
 
 
@@ -361,6 +361,24 @@ def test_merge_refuses_options_that_only_decoding_reads(tmp_path, capsys, extra,
     err = capsys.readouterr().err
     assert named in err and "each shard's" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "merged.json").exists()
+
+
+def test_merge_with_a_baseline_gives_the_paired_difference_of_stored_results(tmp_path, capsys):
+    """--merge R.json --baseline B.json: ΔWER and its paired interval of two stored results, nothing
+    decoded (it had been refused as a decoding option): the number a page quotes has a command."""
+    from qswap.integration.bootstrap import Bootstrap, delta_interval
+
+    paths = [_shard(tmp_path, f"s{i}.json", i, 2) for i in (0, 1)]
+    base = tmp_path / "base.json"
+    shards = [json.loads(open(p).read()) for p in paths]
+    perfect = [{**u, "hyp": u["ref"]} for s in shards for u in s["utterances"]]  # no error at all
+    base.write_text(json.dumps({"counts": {}, "subset": "test", "model": "float", "utterances": perfect}))
+    assert main(["eval", "--merge", *paths, "--baseline", str(base), "--json", str(tmp_path / "m.json")]) == 0
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["baseline"] == "float" and merged["delta_wer"] == pytest.approx(10.0)  # 2 errors in 20 words
+    want = delta_interval([1, 0, 1, 0], [0, 0, 0, 0], [5, 5, 5, 5], Bootstrap())
+    assert merged["delta_wer_ci"] == [want.low, want.high]
+    assert "ΔWER vs float +10.00" in capsys.readouterr().out
 
 
 def test_merge_refuses_a_file_without_shard_information(tmp_path, capsys):
