@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from qswap.cli.args import POSITIVE
+
 ASSET = Path(__file__).parent / "assets" / "s2t_demo"
 RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w4a4", "w4a4_edges8_stream_smoothquant",
            "w4a4_edges8_stream_embed_smoothquant", "w8_weight_only"]
@@ -63,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
                                       "subset, docs/demo_<subset>.md for the others)")
     p.add_argument("--subset", default="test", help="shipped subset to evaluate: test, test_heldout "
                                                     "(100 utterances each), test_large or test_heldout_large")
-    p.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
+    p.add_argument("--beam", type=POSITIVE, default=5, help="beam size (default: 5)")
     p.add_argument("--verbose", action="store_true", help="show fairseq's and torch's log lines and warnings")
     args = p.parse_args(argv)
+    if args.markdown is not None and (not args.markdown.strip() or args.markdown.endswith(".json")):
+        # '' had fallen back to docs/demo.md; a .json path collided with the JSON written beside it
+        p.error(f"--markdown {args.markdown!r}: pass a Markdown file path (the JSON goes beside it, "
+                f"with the suffix .json)")
     markdown = args.markdown or ("docs/demo.md" if args.subset == "test" else f"docs/demo_{args.subset}.md")
     checkpoint = ASSET / "checkpoint.pt"
     if not checkpoint.exists():

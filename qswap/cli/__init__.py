@@ -2,7 +2,8 @@
 objects and raise QswapError; only this package prints and chooses exit codes.
 
 Each subcommand is a module here with ``add_arguments(parser)`` and ``run(args) -> int``.
-Exit codes: 0 success, 1 a negative verdict (audit found float ops), 2 usage or input error.
+Exit codes: 0 success, 1 a negative verdict (audit found float ops), 2 usage or input error,
+130 interrupted, 141 the reader closed standard output (``| head``), 143 terminated.
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ SUBCOMMANDS = {
     "export": "qswap.cli.export_cmd",
 }
 EXIT_OK, EXIT_VERDICT, EXIT_USAGE = 0, 1, 2
+EXIT_PIPE = 128 + 13  # the reader closed standard output (SIGPIPE's code, as a shell gives it)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse exits 2 too; keep its message on one line
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"qswap: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +208,11 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"qswap {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `| head`: the reader has what it wanted; files were written before the report
+        import os
+        with contextlib.suppress(OSError):  # no second error as Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
 
 
 if __name__ == "__main__":

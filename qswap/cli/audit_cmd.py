@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="float fairseq checkpoint (with --onnx: an export directory)")
     p.add_argument("--onnx", action="store_true",
                    help="audit the deployed graphs of an export directory (qswap export --onnx)")
-    p.add_argument("--optimization", choices=("basic", "extended", "all"), default="all",
+    p.add_argument("--optimization", choices=("basic", "extended", "all"),
                    help="with --onnx: onnxruntime's graph optimization level (default: all, a "
                         "CPU session's default)")
     p.add_argument("--optimized-dir", metavar="D",
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="shipped recipe name or YAML path (needed for a float checkpoint)")
     p.add_argument("--data", help="fairseq data directory (config.yaml, manifests)")
     p.add_argument("--subset", help="subset of --data whose first utterances are audited")
-    p.add_argument("--count", type=AUDIT_BATCH, default=2, help="utterances taken from --subset (default 2)")
+    p.add_argument("--count", type=AUDIT_BATCH, help="utterances taken from --subset (default 2)")
     p.add_argument("--synthetic", type=AUDIT_BATCH, metavar="N",
                    help=f"audit N random utterances shaped for the model (the default: "
                         f"{DEFAULT_SYNTHETIC}, when --subset is not given)")
@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         qswap.calibrate(qmodel, [net_input], forward=run_paths)  # the audited paths, unobserved
     report = qswap.audit(qmodel, net_input, decode_steps=args.decode_steps, values=args.values,
                          integer=args.integer)
+    _write(args.json, report.to_json)  # the files first: a reader that closes the terminal's pipe loses none
+    _write(args.markdown, report.to_markdown)
     if args.integer:
         from qswap.cli.render_integer import print_integer_report
         print_integer_report(console(), report, max_rows=args.max_rows)
@@ -100,8 +102,6 @@ def run(args: argparse.Namespace) -> int:
                 ["ranges computed at run time (uncalibrated activation quantizers: run qswap calibrate)"]
                 if report.undeclared_dynamic else [])
             console().print(f"--strict: NOT STRICTLY HONEST: {' and '.join(why)}; --strict allows neither")
-    _write(args.json, report.to_json)
-    _write(args.markdown, report.to_markdown)
     return EXIT_OK if honest else EXIT_VERDICT
 
 
@@ -115,10 +115,10 @@ def _run_onnx(args: argparse.Namespace) -> int:
 
     optimized = args.optimized_dir or Path(args.checkpoint) / OPTIMIZED
     audit = audit_export(args.checkpoint, level=args.optimization, save_optimized=optimized)
+    _write(args.json, audit.to_json)  # the files first, as above
+    _write(args.markdown, audit.to_markdown)
     print_deploy_audit(console(), audit, max_rows=args.max_rows)
     console().print(f"optimized graphs saved in {optimized}")
-    _write(args.json, audit.to_json)
-    _write(args.markdown, audit.to_markdown)
     return EXIT_OK if audit.integer_only else EXIT_VERDICT
 
 
@@ -187,8 +187,15 @@ def _check_args(args: argparse.Namespace) -> None:
         if given:
             raise AuditError(f"--onnx audits the graphs of an export directory as exported; "
                              f"{', '.join(given)} apply to a checkpoint's fake-quant audit")
-    elif args.optimized_dir:
-        raise AuditError("--optimized-dir goes with --onnx (the deploy audit)")
+    else:  # they had been ignored without a word
+        given = [flag for flag, on in (("--optimized-dir", args.optimized_dir),
+                                       ("--optimization", args.optimization is not None)) if on]
+        if given:
+            raise AuditError(f"{' and '.join(given)} go{'es' if len(given) == 1 else ''} with --onnx (the deploy "
+                             f"audit of an export directory): drop {' and '.join(given)}")
+    if args.count is not None and not args.subset:
+        raise AuditError("--count takes that many utterances of --subset; without --subset the audit runs "
+                         "--synthetic N random utterances: pass --data DIR --subset S, or --synthetic N")
     if args.subset and args.synthetic is not None:
         raise AuditError("give either --data DIR --subset S or --synthetic N, not both")
     if args.integer and (args.values or args.strict):
@@ -199,6 +206,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("count", "decode_steps", "max_rows", "synthetic"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise AuditError(f"--{name.replace('_', '-')} must be at least 1")
+    args.count = 2 if args.count is None else args.count
+    args.optimization = args.optimization or "all"
 
 
 def _write(path: str | None, render: Callable[[], str]) -> None:

@@ -45,14 +45,14 @@ def run(args: argparse.Namespace) -> int:
                         calib_subset=args.calib_subset, calib_batches=args.calib_batches, beam=args.beam,
                         max_sentences=args.max_sentences, trust_checkpoint=args.trust_checkpoint,
                         integer=args.integer, quantized=quantized, progress=progress)
+    if args.markdown:  # the files first: a reader that closes the terminal's pipe loses none
+        atomic_write_text(args.markdown, table.markdown())
+    if args.json_out and not to_stdout:
+        atomic_write_text(args.json_out, json_text(table.to_dict()))
     if to_stdout:
         print(json_text(table.to_dict()), end="")
     else:
         console().print(render_comparison(table))
-    if args.markdown:
-        atomic_write_text(args.markdown, table.markdown())
-    if args.json_out and not to_stdout:
-        atomic_write_text(args.json_out, json_text(table.to_dict()))
     return 0
 
 

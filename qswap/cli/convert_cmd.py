@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qswap.cli.args import COUNT, MAX_SENTENCES, POSITIVE
+from qswap.cli.args import COUNT, MAX_SENTENCES, POSITIVE, only_with
 from qswap.nn.simulate import SIMULATIONS
 from qswap.cli.render import console, convert_summary, convert_table, progress_bar
 
@@ -23,12 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="shipped recipe name or YAML path")
     p.add_argument("-o", "--output", required=True, help="quantized checkpoint to write (atomically)")
     p.add_argument("--data", help="fairseq data directory (needed for calibration)")
-    p.add_argument("--calib-subset", default="train", help="calibration subset (default: train)")
+    p.add_argument("--calib-subset", help="with --calib-batches: calibration subset (default: train)")
     p.add_argument("--calib-batches", type=COUNT, default=0,
                    help="calibration batches; required when the recipe quantizes activations")
     p.add_argument("--no-calibrate", action="store_true",
                    help="write activation quantizers uncalibrated (dynamic ranges, re-derived per batch)")
-    p.add_argument("--max-sentences", type=POSITIVE, default=MAX_SENTENCES, help="utterances per calibration batch")
+    p.add_argument("--max-sentences", type=POSITIVE,
+                   help=f"with --calib-batches: utterances per calibration batch (default: {MAX_SENTENCES})")
     p.add_argument("--simulate", choices=SIMULATIONS,
                    help="the recipe's 'simulate' set to this (qswap.nn.simulate), stored with it in the checkpoint "
                         "and in force while it calibrates: float (what onnxruntime's QDQ graphs compute: the "
@@ -53,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
         args.recipe = with_simulate(args.recipe, args.simulate)
     if args.calib_batches and args.no_calibrate:
         raise ConvertError("give either --calib-batches N or --no-calibrate, not both")
+    only_with(args, {"--calib-subset": "train", "--max-sentences": MAX_SENTENCES}, bool(args.calib_batches),
+              lambda named: f"{named} shape{'s' if ' and ' not in named else ''} the calibration batches, and "
+                            f"there are none (no --calib-batches N): add --calib-batches N --data DIR, or drop "
+                            f"{named}")
     if args.calib_batches and not args.data:
         raise DataError("--calib-batches needs --data DIR to read calibration batches from")
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
@@ -110,6 +115,9 @@ def _regrid(args: argparse.Namespace, qmodel, task) -> int:
     from qswap.regrid import regrid
 
     overrides = {"data": str(Path(args.data).resolve())} if args.data else None
+    if args.show_all:  # it had been accepted and printed nothing more
+        raise ConvertError("--show-all lists the modules a float checkpoint's conversion leaves as they are; a "
+                           "quantized checkpoint moved onto another recipe keeps its modules: drop --show-all")
     moved = regrid(qmodel, args.recipe, float_structure(args.checkpoint, trust_checkpoint=args.trust_checkpoint,
                                                           arg_overrides=overrides), strict=args.strict or None)
     fresh = moved.fresh_activations()

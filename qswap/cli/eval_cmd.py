@@ -17,15 +17,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "onnxruntime, one written by 'qswap export --onnx')")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                    help="run the checkpoint in torch (default) or the exported graphs in onnxruntime")
-    p.add_argument("--threads", type=THREADS, default=1, help="onnxruntime threads (default: 1)")
+    p.add_argument("--threads", type=THREADS, help="onnxruntime threads (default: 1)")
     p.add_argument("--data", help="fairseq data directory (config.yaml, TSV manifests)")
-    p.add_argument("--subset", default="test", help="subset to decode (default: test)")
+    p.add_argument("--subset", help="subset to decode (default: test)")
     p.add_argument("--recipe", help="convert the model with this recipe first (calibrated on --calib-subset)")
     p.add_argument("--calib-subset", help=f"with --recipe: subset for calibration (default: {CALIB_SUBSET})")
     p.add_argument("--calib-batches", type=POSITIVE,
                    help=f"with --recipe: calibration batches (default: {CALIB_BATCHES})")
-    p.add_argument("--beam", type=POSITIVE, default=5, help="beam size for seq2seq models (default: 5)")
-    p.add_argument("--max-sentences", type=POSITIVE, default=MAX_SENTENCES, help="utterances per batch")
+    p.add_argument("--beam", type=POSITIVE, help="beam size for seq2seq models (default: 5)")
+    p.add_argument("--max-sentences", type=POSITIVE, help=f"utterances per batch (default: {MAX_SENTENCES})")
     p.add_argument("--num-shards", type=POSITIVE, default=1, help="split the subset into this many shards")
     p.add_argument("--shard-id", type=COUNT, default=0, help="which shard this process decodes")
     p.add_argument("--json", dest="json_out", help="write utterances and error counts here ('-': stdout, "
@@ -48,8 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _decoding_options(args: argparse.Namespace) -> list[str]:
-    """The options given that only decoding reads (``--merge`` would ignore them)."""
-    given = {"CHECKPOINT": args.checkpoint, "--data": args.data, "--recipe": args.recipe,
+    """The options given that only decoding reads (``--merge`` would ignore them: ``--subset
+    test_heldout`` had printed the merged shards' subset, whatever it was, with exit 0)."""
+    given = {"CHECKPOINT": args.checkpoint, "--data": args.data, "--subset": args.subset is not None,
+             "--beam": args.beam is not None, "--max-sentences": args.max_sentences is not None,
+             "--threads": args.threads is not None, "--trust-checkpoint": args.trust_checkpoint,
+             "--recipe": args.recipe,
              "--simulate": args.simulate, "--integer": args.integer, "--vs-float": args.vs_float,
              "--calib-subset": args.calib_subset, "--calib-batches": args.calib_batches,
              "--backend onnxruntime": args.backend == "onnxruntime",
@@ -76,22 +80,26 @@ def run(args: argparse.Namespace) -> int:
         # --baseline: the paired ΔWER of the merged result against another stored one, nothing decoded
         baseline = _read_baseline(args.baseline) if args.baseline else None
         stats = _intervals(utterances, baseline)
-        out.print(f"merged {len(shards)} shard{'s' if len(shards) > 1 else ''} of {shards[0]['subset']} "
-                  f"({shards[0]['model']}): {total.utterances} utterances, WER {total.wer:.2f}%"
-                  f"{_ci(stats.get('wer_ci'))}  CER {total.cer:.2f}%{_delta_text(stats)}")
-        if "note" in stats:
-            out.print(f"note: {stats['note']}")
-        _write(args.json_out, {"counts": total.to_dict(), "subset": shards[0]["subset"],
+        _write(args.json_out, {"counts": total.to_dict(), "subset": shards[0]["subset"],  # the files first
                                "model": shards[0]["model"], "shards": args.merge, **stats,
                                "utterances": utterances})
         if args.markdown and utterances:  # the merged row, as a single decode's --markdown writes it
             from qswap.io.atomic import atomic_write_text
             atomic_write_text(args.markdown, _markdown(shards[0]["model"], shards[0]["subset"], total, stats))
-        elif args.markdown:
+        out.print(f"merged {len(shards)} shard{'s' if len(shards) > 1 else ''} of {shards[0]['subset']} "
+                  f"({shards[0]['model']}): {total.utterances} utterances, WER {total.wer:.2f}%"
+                  f"{_ci(stats.get('wer_ci'))}  CER {total.cer:.2f}%{_delta_text(stats)}")
+        if "note" in stats:
+            out.print(f"note: {stats['note']}")
+        if args.markdown and not utterances:
             out.print("no --markdown row: the shards hold no utterances (no WER to write)")
         return 0
     if not args.checkpoint or not args.data:
         raise DataError("qswap eval needs CHECKPOINT and --data DIR (or --merge JSON...)")
+    given_threads = args.threads
+    for name, default in (("subset", "test"), ("beam", 5), ("max_sentences", MAX_SENTENCES), ("threads", 1)):
+        if getattr(args, name) is None:  # declared None so that --merge can tell them given
+            setattr(args, name, default)
     if args.backend == "onnxruntime" and (args.recipe or args.vs_float):
         raise DataError("--backend onnxruntime decodes an export directory as exported; "
                         "--recipe and --vs-float apply to torch checkpoints")
@@ -106,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline and args.vs_float:
         raise DataError("--baseline and --vs-float each give the ΔWER its reference; pass one of them")
     _calibration_options(args)
-    if args.threads != 1 and args.backend != "onnxruntime":  # had been ignored without a word
+    if given_threads is not None and args.backend != "onnxruntime":  # had been ignored without a word
         raise DataError(f"--threads sets onnxruntime's threads: add --backend onnxruntime to decode an ONNX export "
                         f"directory with it; a torch checkpoint or an integer export decodes with torch's threads "
                         f"(OMP_NUM_THREADS={args.threads} in the environment): drop --threads")
@@ -117,9 +125,16 @@ def run(args: argparse.Namespace) -> int:
         baseline = {"model": "float", "utterances": [u.__dict__ for u in float_result.utterances]}
     stats = _intervals(utterances, baseline)
     shard = f" (shard {args.shard_id}/{args.num_shards})" if args.num_shards > 1 else ""
+    if not utterances and args.num_shards == 1:
+        raise DataError(f"subset {args.subset} of {args.data} has no utterances to decode")
+    # the files first: a reader that closes the terminal's pipe (| head) loses none
+    _write(args.json_out, {"counts": counts.to_dict(), "subset": args.subset, "model": label,
+                           "shard": [args.shard_id, args.num_shards], "settings": _settings(args), **stats,
+                           "utterances": utterances})
+    if args.markdown and utterances:
+        from qswap.io.atomic import atomic_write_text
+        atomic_write_text(args.markdown, _markdown(label, args.subset, counts, stats))
     if not utterances:  # a shard whose batches all went to the others: its (empty) result still merges
-        if args.num_shards == 1:
-            raise DataError(f"subset {args.subset} of {args.data} has no utterances to decode")
         out.print(f"{label}: 0 utterances of {args.subset}{shard}: fairseq gave every batch to the other "
                   f"shards (the subset has fewer batches than --num-shards); 'qswap eval --merge' takes this "
                   f"shard's result as it is{'; no --markdown row (no WER to write)' if args.markdown else ''}")
@@ -129,12 +144,6 @@ def run(args: argparse.Namespace) -> int:
                   f"decode {result.seconds:.1f} s ({result.audio_seconds / max(result.seconds, 1e-9):.1f}x real time)")
         if "note" in stats:
             out.print(f"note: {stats['note']}")
-    _write(args.json_out, {"counts": counts.to_dict(), "subset": args.subset, "model": label,
-                           "shard": [args.shard_id, args.num_shards], "settings": _settings(args), **stats,
-                           "utterances": utterances})
-    if args.markdown and utterances:
-        from qswap.io.atomic import atomic_write_text
-        atomic_write_text(args.markdown, _markdown(label, args.subset, counts, stats))
     return 0
 
 
@@ -215,11 +224,13 @@ def _calibration_options(args: argparse.Namespace) -> None:
     recipe is converted (they had been ignored without a word); with a recipe, their defaults set."""
     if args.backend == "onnxruntime":
         def refusal(named):
-            return (f"{named} calibrate a --recipe conversion in torch; an ONNX export decodes with the grids it "
+            return (f"{named} calibrate{'' if ' and ' in named else 's'} a --recipe conversion in torch; an ONNX "
+                    f"export decodes with the grids it "
                     f"was exported with: drop {named}")
     else:
         def refusal(named):
-            return (f"{named} calibrate the conversion of --recipe R; without it nothing is calibrated (a "
+            return (f"{named} calibrate{'' if ' and ' in named else 's'} the conversion of --recipe R; without it "
+                    f"nothing is calibrated (a "
                     f"checkpoint written by 'qswap convert' decodes with the grids it holds): add --recipe R "
                     f"or drop {named}")
     only_with(args, {"--calib-subset": CALIB_SUBSET, "--calib-batches": CALIB_BATCHES}, bool(args.recipe), refusal)
@@ -253,10 +264,14 @@ def evaluate(args):
         label = model.qswap_recipe.name
     with _simulation(args, model):
         if args.recipe and activation_quantizers(model):
+            from qswap.integration.compare import said_used
             with progress_bar("calibrating", args.calib_batches, enabled=_progress(args)) as advance:
-                qswap.calibrate(model, fdata.net_inputs(task, args.calib_subset, args.calib_batches,
-                                                        max_sentences=args.max_sentences),
-                                progress=lambda n: advance(1))
+                used = qswap.calibrate(model, fdata.net_inputs(task, args.calib_subset, args.calib_batches,
+                                                               max_sentences=args.max_sentences),
+                                       progress=lambda n: advance(1))
+            # fewer than asked, where the subset makes fewer: said, and recorded (it had been neither)
+            args.calib_batches_used = said_used(args.calib_subset, args.calib_batches, used, "--calib-batches",
+                                                "calibration", args.max_sentences)
         if args.integer:
             model, label = integer_model(model), f"{label} (integer)"
         if args.simulate:
@@ -276,10 +291,11 @@ def _evaluate_exported(args):
     from qswap.integration import data as fdata
     from qswap.integration.integer_decode import BEAM_SEARCH, decode_exported, decoding_method, exported_task
 
-    if args.recipe or args.vs_float or args.simulate:
+    given = [flag for flag, on in (("--recipe", args.recipe), ("--vs-float", args.vs_float),
+                                   ("--simulate", args.simulate), ("--integer", args.integer)) if on]
+    if given:  # --integer had been accepted, and did nothing
         raise DataError(f"{args.checkpoint} is an exported integer model: it is already quantized and runs "
-                        f"integer kernels; drop --recipe, --vs-float and --simulate (compare with --baseline "
-                        f"EVAL.json)")
+                        f"integer kernels; drop {', '.join(given)} (compare with --baseline EVAL.json)")
     exported = load_integer_model(args.checkpoint)
     task = exported_task(exported, args.data)
     method = decoding_method(exported)
@@ -345,7 +361,7 @@ def _settings(args) -> dict:
     return {"checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
             "data": str(Path(args.data).resolve()) if args.data else None, "recipe": args.recipe,
             "calib_subset": args.calib_subset, "calib_batches": args.calib_batches,
-            "beam": args.beam, "max_sentences": args.max_sentences, "backend": args.backend,
+            "calib_batches_used": getattr(args, "calib_batches_used", None), "beam": args.beam, "max_sentences": args.max_sentences, "backend": args.backend,
             "integer": bool(args.integer), "simulate": args.simulate}
 
 

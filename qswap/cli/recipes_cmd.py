@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     table = Table(title=f"{recipe.name} ({recipe.source})")
     for col in ("rule", "skip", "weight", "activation", "sites", "note"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a rule's pattern has no space to wrap at: folded, not cut with '…'
     table.add_row("defaults", "", _spec(recipe.defaults.weight), _spec(recipe.defaults.activation),
                   _sites(recipe.defaults.sites, recipe.defaults.sites), "")
     for rule in recipe.rules:

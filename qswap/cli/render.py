@@ -11,10 +11,31 @@ def console(stderr: bool = False):
     """The CLI's rich console. It parses no markup: what it prints holds text users wrote (recipe
     names, notes and rule patterns, paths), which may contain brackets (``[/]`` had raised rich's
     MarkupError after a checkpoint was written) or ``:name:`` (no emoji code either); styles are
-    given as ``styled`` text."""
-    from rich.console import Console
-    return Console(file=sys.stderr if stderr else sys.stdout, width=None if sys.stdout.isatty() else 160,
-                   markup=False, emoji=False)
+    given as ``styled`` text. Off a terminal (a log, a pipe) tables are laid out 160 columns wide
+    and lines of text are not wrapped (a result line or a command to copy had been cut at 160);
+    the width follows the stream it writes (stderr's own). A reader that closed the pipe is a
+    ``BrokenPipeError`` (``qswap.cli`` ends with exit 141), not rich's ``SystemExit(1)``, which had
+    read as an audit's negative verdict."""
+    stream = sys.stderr if stderr else sys.stdout
+    terminal = stream.isatty()
+    return _console_class()(file=stream, width=None if terminal else 160, soft_wrap=not terminal, markup=False,
+                            emoji=False)
+
+
+_CONSOLE = None
+
+
+def _console_class():
+    global _CONSOLE
+    if _CONSOLE is None:
+        from rich.console import Console
+
+        class PipeConsole(Console):
+            def on_broken_pipe(self) -> None:
+                self.quiet = True
+                raise BrokenPipeError("the reader of the output closed it")
+        _CONSOLE = PipeConsole
+    return _CONSOLE
 
 
 def styled(text: str, style: str):

@@ -76,8 +76,8 @@ def _wer_options(args: argparse.Namespace) -> None:
     """--top-k and --beam apply to --metric wer: refused with sqnr (they had been ignored without
     a word); with wer, their defaults set."""
     only_with(args, {"--top-k": TOP_K, "--beam": BEAM}, args.metric == "wer",
-              lambda named: (f"{named} apply to --metric wer (the sites it decodes); --metric {args.metric} "
-                             f"decodes nothing: add --metric wer or drop {named}"))
+              lambda named: (f"{named} appl{'y' if ' and ' in named else 'ies'} to --metric wer (the sites it "
+                             f"decodes); --metric {args.metric} decodes nothing: add --metric wer or drop {named}"))
 
 
 def _settings(args: argparse.Namespace, batches: int, calib: int) -> dict:

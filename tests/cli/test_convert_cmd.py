@@ -34,3 +34,31 @@ def test_convert_simulate_of_a_quantized_checkpoint_is_refused(tmp_path, capsys)
     assert "--simulate sets the arithmetic a float checkpoint is converted and calibrated under" in \
         capsys.readouterr().err
     assert not (tmp_path / "r.pt").exists()
+
+
+ASSET = Path(__file__).resolve().parents[2] / "qswap" / "assets" / "s2t_demo"
+
+
+def test_calibration_options_without_calibration_batches_are_refused(tmp_path, capsys):
+    """--calib-subset and --max-sentences shape calibration batches: with --no-calibrate (or no
+    --calib-batches) they had been ignored without a word, the checkpoint written."""
+    for extra, named in ((["--no-calibrate", "--calib-subset", "nosuch"], "--calib-subset shapes"),
+                         (["--max-sentences", "3"], "--max-sentences shapes"),
+                         (["--no-calibrate", "--calib-subset", "x", "--max-sentences", "3"],
+                          "--calib-subset and --max-sentences shape")):
+        assert main(["convert", str(ASSET / "checkpoint.pt"), "--recipe", "w8a8", "--data", str(ASSET), *extra,
+                     "-o", str(tmp_path / "q.pt")]) == 2
+        assert f"{named} the calibration batches, and there are none" in capsys.readouterr().err
+    assert not (tmp_path / "q.pt").exists()
+
+
+def test_show_all_for_a_quantized_checkpoint_is_refused(tmp_path, capsys):
+    """A quantized checkpoint moved onto another recipe prints no module table: --show-all had
+    changed nothing."""
+    qckpt = tmp_path / "q.pt"
+    assert main(["convert", str(ASSET / "checkpoint.pt"), "--recipe", "w8_weight_only", "--data", str(ASSET),
+                 "-o", str(qckpt)]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(qckpt), "--recipe", "w8_weight_only", "--data", str(ASSET), "--show-all",
+                 "-o", str(tmp_path / "r.pt")]) == 2
+    assert "--show-all lists the modules a float checkpoint's conversion leaves" in capsys.readouterr().err

@@ -118,7 +118,8 @@ def test_calibration_options_without_a_recipe_are_refused(capsys, monkeypatch, o
     _no_decoding(monkeypatch)
     assert main(["eval", str(ASSET / "checkpoint.pt"), "--data", str(ASSET), "--subset", "test", *options]) == 2
     err = capsys.readouterr().err
-    assert f"{named} calibrate the conversion of --recipe R" in err and f"drop {named}" in err
+    verb = "calibrate" if " and " in named else "calibrates"
+    assert f"{named} {verb} the conversion of --recipe R" in err and f"drop {named}" in err
 
 
 def test_calibration_options_with_the_onnxruntime_backend_are_refused(tmp_path, capsys):
@@ -127,9 +128,48 @@ def test_calibration_options_with_the_onnxruntime_backend_are_refused(tmp_path, 
     assert main(["eval", str(tmp_path / "export"), "--data", str(ASSET), "--backend", "onnxruntime",
                  "--calib-batches", "4"]) == 2
     err = capsys.readouterr().err
-    assert "--calib-batches calibrate a --recipe conversion in torch; an ONNX export decodes with the grids" in err
+    assert "--calib-batches calibrates a --recipe conversion in torch; an ONNX export decodes with the grids" in err
 
 
 def test_merge_refuses_calibration_options(tmp_path, capsys):
     assert main(["eval", "--merge", _shard(tmp_path / "s.json"), "--calib-batches", "3"]) == 2
     assert "--calib-batches applies when decoding" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, named", [(["--optimization", "basic"], "--optimization goes with --onnx"),
+                                          (["--count", "5"], "--count takes that many utterances of --subset")])
+def test_audit_options_that_would_be_ignored_are_refused(tmp_path, capsys, extra, named):
+    """--optimization (the deploy audit's) and --count without --subset had been accepted and ignored:
+    two synthetic utterances audited, exit 0; refused before the checkpoint (missing) is read."""
+    assert main(["audit", str(tmp_path / "missing.pt"), "--recipe", "w8a8", *extra]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "missing.pt" not in err
+
+
+def test_fewer_calibration_batches_than_asked_are_said_and_recorded(tmp_path, capsys):
+    """--calib-batches 50 on a subset of 4 batches had calibrated on 4 without a word, its JSON
+    recording 50 (compare, sensitivity and search say it, convert prints the count)."""
+    import json
+
+    out = tmp_path / "e.json"
+    assert main(["eval", str(ASSET / "checkpoint.pt"), "--data", str(ASSET), "--subset", "train_calib",
+                 "--recipe", "w8a8", "--calib-subset", "train_calib", "--calib-batches", "50", "--max-sentences", "8",
+                 "--beam", "1", "--json", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert (settings["calib_batches"], settings["calib_batches_used"]) == (50, 4)
+    assert "--calib-batches 50: train_calib makes 4 batch(es)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [(["--beam", "0"], "argument --beam: must be 1 or more"),
+                                           (["--markdown", "out.json"], "pass a Markdown file path"),
+                                           (["--markdown", ""], "pass a Markdown file path")])
+def test_the_demo_refuses_its_own_bad_arguments(argv, message, capsys):
+    """--beam 0 had printed qswap compare's usage; --markdown out.json complained of a --json never
+    given; --markdown '' fell back to docs/demo.md."""
+    from qswap.demo import main as demo
+
+    with pytest.raises(SystemExit) as exc:
+        demo(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "python -m qswap.demo: error:" in err and message in err and "qswap compare" not in err

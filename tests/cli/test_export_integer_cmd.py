@@ -97,7 +97,9 @@ def test_eval_of_an_export_refuses_a_recipe_and_a_damaged_file(shipped_w8a8, tmp
     assert main(["eval", str(out), "--data", str(ASSET), "--recipe", "w4a8"]) == 2
     assert "already quantized" in capsys.readouterr().err
     assert main(["eval", str(out), "--data", str(ASSET), "--simulate", "float"]) == 2  # not silently ignored
-    assert "drop --recipe, --vs-float and --simulate" in capsys.readouterr().err
+    assert "drop --simulate (compare with --baseline" in capsys.readouterr().err
+    assert main(["eval", str(out), "--data", str(ASSET), "--integer"]) == 2  # it had been accepted, doing nothing
+    assert "already quantized and runs integer kernels; drop --integer" in capsys.readouterr().err
     blob = tensor_path(out).read_bytes()
     tensor_path(out).write_bytes(blob[:-10])
     assert main(["eval", str(out), "--data", str(ASSET)]) == 2

@@ -67,6 +67,7 @@ def test_a_count_out_of_range_is_a_usage_error_naming_the_option(argv, option, l
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}: must be {low} or more, got " in err and "Traceback" not in err
+    assert f"qswap {argv[0]}: error: argument {option}" in err  # the command named, as qswap's own errors do
 
 
 def test_a_count_that_is_not_an_integer_is_a_usage_error(capsys):
@@ -131,7 +132,11 @@ def test_every_command_batches_the_same_number_of_utterances_by_default():
     calibration, so search's row of a recipe was calibrated differently from compare's."""
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    defaults = {name: next(a.default for a in sub._actions if "--max-sentences" in a.option_strings)
+    # an option declared without a default (so that a command can tell it given: eval's --merge,
+    # convert without --calib-batches refuse it) sets it when it runs, as its help says
+    defaults = {name: next(a.default if a.default is not None else
+                           (32 if "(default: 32)" in (a.help or "") else None)
+                           for a in sub._actions if "--max-sentences" in a.option_strings)
                 for name, sub in commands.items()
                 if any("--max-sentences" in a.option_strings for a in sub._actions)}
     assert {"search", "sensitivity", "compare", "eval", "convert", "calibrate"} <= set(defaults)

@@ -56,3 +56,13 @@ def test_recipe_text_with_brackets_prints_as_written(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "convert report: recipe x[/]" in out and f"wrote {out_ckpt}" in out and out_ckpt.is_file()
 
+
+
+def test_a_rules_pattern_is_folded_not_cut(capsys):
+    """A match pattern has no space to wrap at: the table had cut it with '…' (at the command's own
+    160 columns), so the rule could not be read."""
+    assert main(["recipes", "w4a8_edges8"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    joined = "".join(line.strip("│ ").split("│")[0].strip() for line in out.splitlines())
+    assert "subsample|w2v_model\\.feature_extractor)(\\..*)?" in joined

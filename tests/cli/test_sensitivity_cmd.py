@@ -40,4 +40,5 @@ def test_wer_options_with_the_sqnr_metric_are_refused(tmp_path, capsys, options,
     refused before the checkpoint (missing here) is loaded."""
     assert main(["sensitivity", str(tmp_path / "missing.pt"), "--data", str(tmp_path), *options]) == 2
     err = capsys.readouterr().err
-    assert f"{named} apply to --metric wer" in err and f"drop {named}" in err and "missing.pt" not in err
+    verb = "apply" if " and " in named else "applies"
+    assert f"{named} {verb} to --metric wer" in err and f"drop {named}" in err and "missing.pt" not in err

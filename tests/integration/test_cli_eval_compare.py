@@ -354,7 +354,12 @@ def test_merge_refuses_shards_of_different_runs_or_an_incomplete_set(tmp_path, c
 
 
 @pytest.mark.parametrize("extra, named", [(["--simulate", "float"], "--simulate"), (["--integer"], "--integer"),
-                                          (["--recipe", "w8a8"], "--recipe")])
+                                          (["--recipe", "w8a8"], "--recipe"),
+                                          # they had been ignored: --subset test_heldout printed the shards' subset
+                                          (["--subset", "test_heldout"], "--subset"), (["--beam", "7"], "--beam"),
+                                          (["--max-sentences", "3"], "--max-sentences"),
+                                          (["--threads", "4"], "--threads"),
+                                          (["--trust-checkpoint"], "--trust-checkpoint")])
 def test_merge_refuses_options_that_only_decoding_reads(tmp_path, capsys, extra, named):
     paths = [_shard(tmp_path, f"s{i}.json", i, 2) for i in (0, 1)]
     assert main(["eval", "--merge", *paths, *extra, "--json", str(tmp_path / "merged.json")]) == 2
