@@ -8,7 +8,8 @@ JSON fields: ``format`` ("qswap-integer-model"), ``format_version`` (``FORMAT_VE
 ``qswap_version``, ``tensor_file`` (``name``, ``bytes``, ``sha256``), ``float_steps`` (method ->
 what it does), ``model`` (``{"class": name, "args": {...}}``; a tensor is
 ``{"tensor": key, "dtype": ..., "shape": [...]}``), ``model_sha256`` (of ``model_digest``'s text of
-``model``: an edited multiplier, shift or head count is found, as an edited tensor is), ``task`` (the fairseq task config, plain
+``model`` and the tensor file's sha256: an edited multiplier, shift or head count is found, as an edited
+tensor is, and so is another export's tensor file named in ``tensor_file``), ``task`` (the fairseq task config, plain
 data, or null) and ``decoding`` (target dictionary facts, or null), ``source`` (free text).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from qswap.io.atomic import atomic_write_bytes, atomic_write_text, make_director
 from qswap.io.serializable import ANY, Codec, SpecMismatch
 
 FORMAT = "qswap-integer-model"
-FORMAT_VERSION = 2  # 2: model_sha256
+FORMAT_VERSION = 3  # 2: model_sha256; 3: it covers the tensor file's sha256 too
 JSON_FILE = "model.json"
 # the tensor file: its content's hash in its name (``tensor_file_name``), so a re-export writes a new
 # file beside the old one and replaces model.json last; exports before that named it model.safetensors
@@ -70,10 +71,12 @@ def describe(model: torch.nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     return entry, collect.tensors
 
 
-def model_digest(entry: Mapping) -> str:
-    """The sha256 (hex) of the ``model`` entry's canonical JSON text (sorted keys, no spaces)."""
-    return hashlib.sha256(json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False)
-                          .encode("utf-8")).hexdigest()
+def model_digest(entry: Mapping, tensor_sha256: str) -> str:
+    """The sha256 (hex) of the canonical JSON text (sorted keys, no spaces) of the ``model`` entry
+    and the sha256 of the tensor file it reads: a JSON pointed at another export's tensors (of the
+    same architecture, the ``tensor_file`` entry copied over) had loaded as neither model."""
+    return hashlib.sha256(json.dumps({"model": entry, "tensor_sha256": tensor_sha256}, sort_keys=True,
+                                     separators=(",", ":"), allow_nan=False).encode("utf-8")).hexdigest()
 
 
 def write_integer_model(model: torch.nn.Module, out: str | Path, *, task: Mapping | None = None,
@@ -94,7 +97,7 @@ def write_integer_model(model: torch.nn.Module, out: str | Path, *, task: Mappin
     name = tensor_file_name(digest)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "qswap_version": __version__,
             "tensor_file": {"name": name, "bytes": len(blob), "sha256": digest},
-            "float_steps": SERIALIZABLE[entry["class"]].float_steps, "model": entry, "model_sha256": model_digest(entry),
+            "float_steps": SERIALIZABLE[entry["class"]].float_steps, "model": entry, "model_sha256": model_digest(entry, digest),
             "task": None if task is None else dict(task), "decoding": None if decoding is None else dict(decoding),
             "source": source}
     try:

@@ -62,7 +62,11 @@ def load_integer_model(path: str | Path) -> ExportedModel:
     except SafetensorError as exc:
         raise LoadError(f"{json_path.parent / meta['tensor_file']['name']}: not a readable safetensors file "
                         f"({exc}); export the model again", kind="corrupted") from None
-    if model_digest(meta["model"]) != meta["model_sha256"]:
+    try:
+        digest = model_digest(meta["model"], meta["tensor_file"]["sha256"])
+    except (ValueError, TypeError):  # what canonical JSON cannot hold
+        digest = None
+    if digest != meta["model_sha256"]:
         raise LoadError(f"{json_path}: its model description does not match the sha256 it was written with (a "
                         f"multiplier, shift, size or class edited after the export); export the model again",
                         kind="edited")
@@ -74,6 +78,8 @@ def load_integer_model(path: str | Path) -> ExportedModel:
         raise _edited(json_path, str(exc)) from None
     if take.tensors:
         raise _edited(json_path, f"the tensor file holds tensors no field uses: {', '.join(sorted(take.tensors))}")
+    if not isinstance(model, torch.nn.Module) or not hasattr(SERIALIZABLE[meta["model"]["class"]], "float_steps"):
+        raise _edited(json_path, f"its model is a {type(model).__name__}, not a whole integer model")
     declared = SERIALIZABLE[meta["model"]["class"]].float_steps
     if meta["float_steps"] != declared:
         raise _edited(json_path, f"float_steps are {meta['float_steps']!r}, but {meta['model']['class']} declares "
@@ -100,14 +106,14 @@ def _read_json(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise LoadError(f"{path}: cannot read it as UTF-8 text ({exc})", kind="corrupted") from None
     try:
-        meta = json.loads(text, parse_constant=_no_constant)
+        meta = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except json.JSONDecodeError as exc:
         truncated = not text.rstrip().endswith("}")  # the exporter writes one object, ending in }
         raise LoadError(f"{path}: {'truncated' if truncated else 'not valid'} JSON ({exc.msg} at line {exc.lineno} "
                         f"column {exc.colno}); export the model again", kind="truncated" if truncated else "edited") \
             from None
-    except ValueError as exc:
-        raise _edited(path, str(exc)) from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than any export writes
+        raise _edited(path, str(exc) or type(exc).__name__) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise LoadError(f"{path}: not a qswap integer model (format {found!r}, expected {FORMAT!r})", kind="edited")
@@ -188,6 +194,16 @@ def _class_names(obj: Any) -> Iterator[str]:
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows; the exporter writes finite numbers only")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float: one beyond the float range (``1e999``, read as inf) refused."""
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the float range; the exporter writes finite numbers only")
+    return value
 
 
 def _edited(path: Path, what: str) -> LoadError:

@@ -397,8 +397,18 @@ def _to_calibrate(quantizers) -> bool:
 
 
 def _refuse_unlearnable_scales(model, recipe_arg, float_start, data) -> None:
+    """Learned scales with no calibrated grid: a TrainingError. Fixed ones: a warning, since the run
+    trains on grids that move (every training forward observed, dropout on, none ever frozen: the
+    run had ended with exit 0 and nothing said)."""
     quantizers = activation_quantizers(model)
-    if not any(q.spec.learnable for q in quantizers) or not _to_calibrate(quantizers):
+    if not _to_calibrate(quantizers):
+        return
+    if not any(q.spec.learnable for q in quantizers):
+        logger.warning(f"qswap: recipe {model.qswap_recipe.name} with no calibration updates (--qswap-calib-batches 0) "
+                       f"and no calibrated start checkpoint: its {len(quantizers)} activation quantizers observe "
+                       f"every training batch (dropout on) and none is ever frozen, so the model trains on grids "
+                       f"that move; pass --qswap-calib-batches N (the first N updates calibrate, e.g. 4), or "
+                       f"fine-tune from a calibrated checkpoint (--finetune-from-model QCKPT)")
         return
     from qswap.errors import TrainingError
     from qswap.integration.qat_start import convert_command
@@ -413,8 +423,14 @@ def _refuse_unlearnable_scales(model, recipe_arg, float_start, data) -> None:
 @contextlib.contextmanager
 def _grids_held(model):
     """Hold every calibrated activation grid still (frozen) for one training forward, so the
-    dropout-perturbed activations of a calibration step's zero-weighted loss are not observed."""
+    dropout-perturbed activations of a calibration step's zero-weighted loss are not observed; and
+    the running statistics of its batch norms (a conformer's), which a training forward updates:
+    a calibration update had moved them (and the grids observed the moving statistics), where it
+    moves no weight."""
     held = [q for q in activation_quantizers(model) if q.initialized and not bool(q.frozen)]
+    statistics = [(t, t.clone()) for m in model.modules()
+                  for name in ("running_mean", "running_var", "num_batches_tracked")
+                  if isinstance(t := getattr(m, name, None), torch.Tensor)]
     for q in held:
         q.frozen.fill_(True)
     try:
@@ -422,6 +438,9 @@ def _grids_held(model):
     finally:
         for q in held:
             q.frozen.fill_(False)
+        with torch.no_grad():
+            for t, kept in statistics:
+                t.copy_(kept)
 
 
 class SpeechToTextQswapTask(QswapTaskMixin, SpeechToTextTask):

@@ -454,6 +454,16 @@ class IntegerConv(IntegerLinear):
 
     def __init__(self, zero_point_in, weight, bias, requant, acc_scale, *, conv_fn, stride, padding,
                  dilation, groups):
+        from qswap.errors import IntegerizeError
+
+        # a read-back file edited so had loaded, and the first forward raised torch's RuntimeError
+        if not (isinstance(groups, int) and groups >= 1 and weight.shape[0] % groups == 0):
+            raise IntegerizeError(f"a convolution's groups must divide its {weight.shape[0]} output channels, "
+                                  f"got {groups}")
+        if not all(isinstance(v, int) and v >= 1 for v in (*stride, *dilation)):
+            raise IntegerizeError(f"a convolution's stride and dilation are 1 or more, got {stride} and {dilation}")
+        if not isinstance(padding, str) and not all(isinstance(v, int) and v >= 0 for v in padding):
+            raise IntegerizeError(f"a convolution's padding is 0 or more, got {padding}")
         super().__init__(zero_point_in, weight, bias, requant, acc_scale)
         self.conv_fn, self.conv_args = conv_fn, (stride, padding, dilation, groups)
         self.stride, self.padding, self.dilation, self.groups = self.conv_args

@@ -86,12 +86,13 @@ class Hadamard(nn.Module):
     """x (..., F) -> R x with R = blockdiag(H_b, ..., H_b) / sqrt(b), H_b a +-1 Hadamard matrix
     of order ``block``: an orthonormal rotation in blocks of ``block`` channels."""
 
-    def __init__(self, features: int, block: int):
+    def __init__(self, features: int, block: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         if block < 1 or features % block:
             raise ConvertError(f"Hadamard block {block} does not divide the width {features}")
         self.features, self.block = features, block
-        self.register_buffer("matrix", orthonormal(block).to(torch.float32))
+        # in the rotated layer's dtype: a float64 model's float32 matrix had failed at its first forward
+        self.register_buffer("matrix", orthonormal(block).to(dtype))
 
     def rotation(self) -> torch.Tensor:
         """The (F, F) float64 rotation this module applies."""
@@ -142,9 +143,15 @@ class RotatedLinear(nn.Sequential):
     as a linear is."""
 
 
+MAX_BLOCK = 2 ** 16  # wider than any layer's channels; a larger one had spent minutes in the prime tests
+
+
 def _check(params) -> str | None:
     if params["block"] < 1:
         return f"block must be a positive number of channels (one that divides the FFN width), got {params['block']}"
+    if params["block"] > MAX_BLOCK:
+        return (f"block {params['block']} is more channels than any layer has (at most {MAX_BLOCK}); give a block "
+                f"such as 64 that divides the FFN width")
     if params["ffn"] and _construction(params["block"]) is None:  # had loaded, to fail at convert
         return (f"block {params['block']} has no Hadamard matrix here ({ORDERS}); give a block such as 64 that "
                 f"divides the FFN width, or ffn: false")
@@ -152,7 +159,7 @@ def _check(params) -> str | None:
 
 
 def rotate_ffn(layer_fc2: nn.Linear, block: int) -> RotatedLinear:
-    rotate = Hadamard(layer_fc2.in_features, block)
+    rotate = Hadamard(layer_fc2.in_features, block, dtype=layer_fc2.weight.dtype)
     _cols(layer_fc2, rotate.rotation())
     return RotatedLinear(OrderedDict(rotate=rotate, linear=layer_fc2))
 

@@ -35,7 +35,7 @@ def save_meta(d, meta, rehash=True):
     """Write ``meta``; ``rehash``: with the sha256 of its model entry made afresh, as a hand-made file
     would be (so that the checks behind the hash are what a test reaches)."""
     if rehash and isinstance(meta.get("model"), dict):
-        meta["model_sha256"] = model_digest(meta["model"])
+        meta["model_sha256"] = model_digest(meta["model"], meta["tensor_file"]["sha256"])
     (d / JSON_FILE).write_text(json.dumps(meta))
 
 
@@ -46,10 +46,15 @@ def out_proj(meta):
 
 def replace_tensor_file(d, blob):
     """A new tensor file with its size and hash written into the JSON, as a hand-made file would be."""
+    save_meta(d, new_tensor_file(d, blob))
+
+
+def new_tensor_file(d, blob):
+    """``blob`` written as the tensor file; the JSON's description with its size and hash (not saved)."""
     tensor_path(d).write_bytes(blob)
     meta = load_meta(d)
     meta["tensor_file"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
-    save_meta(d, meta)
+    return meta
 
 
 def attention(meta):
@@ -239,7 +244,32 @@ def _negative_encoder_padding_idx(meta):
     meta["model"]["args"]["encoder"]["args"]["padding_idx"] = -1
 
 
+def _entry_shift(meta):
+    meta["model"]["args"]["encoder"]["args"]["stream_bits"] = -1  # had decoded at 97.8 % WER, no error
+
+
+def _embed_zero_point(meta):
+    meta["model"]["args"]["encoder"]["args"]["embed_zero_point"] = 2 ** 40
+
+
+def _conv_groups(meta):
+    _first(meta, "IntegerConv")["groups"] = 0  # had loaded, and the first forward raised torch's RuntimeError
+
+
+def _conv_stride(meta):
+    _first(meta, "IntegerConv")["stride"] = [-1]
+
+
+def _subsampler_layers(meta):
+    _first(meta, "IntegerConv1dSubsampler")["n_layers"] += 1
+
+
 EDITS = [
+    (_entry_shift, "entry shift must be 0 to 30 bits, got -1"),
+    (_embed_zero_point, "embed zero point must be a code of at most 16 bits"),
+    (_conv_groups, "groups must divide its .* output channels, got 0"),
+    (_conv_stride, "stride and dilation are 1 or more"),
+    (_subsampler_layers, "needs as many convolutions and GLUs"),
     (_padding_idx_off_the_tokens, "padding_idx 1000000 is no token index of the"),
     (_negative_encoder_padding_idx, "padding_idx -1 is no token index"),
     (_no_heads, "head count divides its width"),
@@ -302,12 +332,15 @@ def test_an_edited_number_of_the_model_is_found_by_its_hash(copy, field, change)
     assert "export the model again" in str(error)
 
 
-def test_a_nan_is_refused(copy):
+# NaN, and 1e999, which parses as inf (the model's hash had then raised a raw ValueError)
+@pytest.mark.parametrize("number, match", [("NaN", "NaN is not a number JSON allows"),
+                                           ("1e999", "1e999 is beyond the float range")])
+def test_a_number_json_or_a_float_cannot_hold_is_refused(copy, number, match):
     text = (copy / JSON_FILE).read_text()
     meta = load_meta(copy)
     scale = meta["model"]["args"]["decoder"]["args"]["out_grid"]["args"]["scale"]
-    (copy / JSON_FILE).write_text(text.replace(f'"scale": {json.dumps(scale)}', '"scale": NaN', 1))
-    fails(copy, "edited", "NaN is not a number JSON allows")
+    (copy / JSON_FILE).write_text(text.replace(f'"scale": {json.dumps(scale)}', f'"scale": {number}', 1))
+    fails(copy, "edited", match)
 
 
 def test_an_extra_tensor_in_a_rehashed_file(copy):
@@ -320,3 +353,32 @@ def test_an_extra_tensor_in_a_rehashed_file(copy):
 
 def test_the_untouched_copy_loads(copy):
     assert type(load_integer_model(copy).model).__name__ == "IntegerS2TTransformerModel"
+
+
+def test_another_tensor_file_named_in_the_json_is_found_by_the_hash(copy):
+    """The model's hash covers the tensor file's: the tensor_file entry of another export of the same
+    architecture copied over (its file beside it) had loaded as neither model."""
+    from safetensors.torch import load, save
+    tensors = load(tensor_path(copy).read_bytes())
+    key = next(k for k, v in tensors.items() if v.dtype == torch.int8)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] += 1
+    save_meta(copy, new_tensor_file(copy, save(tensors)), rehash=False)  # the model entry untouched, as written
+    fails(copy, "edited", "does not match the sha256 it was written with")
+
+
+def test_a_model_that_is_no_whole_integer_model_is_refused(copy):
+    """A declared class that is no model at the top (a Grid) had raised a raw AttributeError."""
+    from safetensors.torch import save
+    meta = new_tensor_file(copy, save({}))
+    meta["model"] = {"class": "Grid", "args": _first(meta, "Grid")}
+    save_meta(copy, meta)
+    fails(copy, "edited", "not a whole integer model")
+
+
+def test_json_nested_beyond_any_export_is_refused(copy):
+    """A RecursionError from the JSON reader had come through raw."""
+    meta = load_meta(copy)
+    text = json.dumps(meta)
+    (copy / JSON_FILE).write_text(text.replace('"source": ', '"source": ' + "[" * 100000 + "]" * 100000 + ', "x": ', 1))
+    fails(copy, "edited", "recursion")

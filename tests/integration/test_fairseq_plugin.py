@@ -164,6 +164,33 @@ def test_calibration_updates_apply_no_update(float_checkpoint, tmp_path):
     assert int(after[f"{FIRST_OBSERVER}.num_batches"]) == 4
 
 
+def test_calibration_updates_move_no_batch_norm_statistic_either(float_checkpoint, tmp_path):
+    """A conformer's batch norms update their running statistics in a training forward: the zero-loss
+    calibration updates had moved them (running mean by up to 0.07) while the log said no weight moved."""
+    root, data, _ = float_checkpoint
+    conformer = ["--arch", "s2t_conformer", "--depthwise-conv-kernel-size", "3"]
+    _run("fairseq-train", data, "--task", "speech_to_text", *SMALL, *conformer, *TRAIN, "--max-update", "2",
+         "--save-dir", tmp_path / "float", cwd=root)
+    float_ckpt = tmp_path / "float" / "checkpoint_last.pt"
+    log = _run("fairseq-train", data, "--user-dir", qswap.plugin_dir(), "--task", "speech_to_text_qswap",
+               "--qswap-recipe", "w8a8", "--qswap-calib-batches", "2", *SMALL, *conformer, *TRAIN, "--batch-size", "3",
+               "--max-update", "2", "--finetune-from-model", float_ckpt, "--save-dir", tmp_path / "qat", cwd=root)
+    assert "the calibration updates moved no weight" in log
+    before, after = _model_state(float_ckpt), _model_state(tmp_path / "qat" / "checkpoint_last.pt")
+    norms = [k for k in before if k.endswith("running_mean")]
+    assert norms and set(before) <= set(after)
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+
+
+def test_training_a_fixed_grid_recipe_with_no_calibration_is_said(float_checkpoint, tmp_path):
+    """w8a8 from a float checkpoint with --qswap-calib-batches 0: every training forward observed, no
+    grid ever frozen, exit 0 and nothing said (the LSQ recipes refuse it: TrainingError)."""
+    root, data, _ = float_checkpoint
+    log = _run(*_qat(root, data, tmp_path / "moving", "w8a8", 0, 1), cwd=root)
+    assert "with no calibration updates (--qswap-calib-batches 0) and no calibrated start checkpoint" in log
+    assert "pass --qswap-calib-batches N" in log
+
+
 def test_a_run_resumed_during_calibration_calibrates_only_the_updates_left(float_checkpoint, tmp_path):
     """Three calibration updates: a run stopped after two and resumed from its checkpoint_last.pt
     calibrates on one more and ends where the run that was never stopped ends, tensor for tensor."""

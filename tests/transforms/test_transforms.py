@@ -343,3 +343,28 @@ def test_a_head_size_without_a_matrix_names_the_heads_not_the_block():
     recipe = {"version": 1, "defaults": {"weight": {"bits": 8}}, "transforms": [{"hadamard": {"block": 64}}]}
     with pytest.raises(ConvertError, match=r"per-head rotation of encoder\..* head size 28, .*heads: false"):
         qswap.convert(model, recipe)
+
+
+def test_hadamard_on_a_float64_model_runs_in_its_dtype():
+    """convert accepts float64 models; the inserted rotation's matrix was float32, and the first
+    forward raised torch's dtype RuntimeError."""
+    dims = dict(encoder_embed_dim=64, decoder_embed_dim=64, encoder_ffn_embed_dim=192, decoder_ffn_embed_dim=192,
+                encoder_attention_heads=4, decoder_attention_heads=4)
+    model = build_s2t_transformer(seed=0, **dims).double().eval()
+    x = s2t_net_input(vocab=40, frames=48)
+    x["src_tokens"] = x["src_tokens"].double()
+    recipe = {"version": 1, "name": "fp32_h", "defaults": {"weight": None, "activation": None},
+              "transforms": [{"hadamard": {"block": 16}}]}
+    q = qswap.convert(model, recipe)
+    assert {m.matrix.dtype for m in q.modules() if type(m).__name__ in ("Hadamard", "QHadamard")} == {torch.float64}
+    with torch.no_grad():  # (a counterpart's float32 insides keep it from float64's precision)
+        torch.testing.assert_close(q(**x)[0], model(**x)[0], atol=1e-6, rtol=0)
+
+
+def test_a_hadamard_block_wider_than_any_layer_is_refused_at_once():
+    """A block of about 1e16 channels had spent seconds (minutes at 1e20) in the prime tests."""
+    import time
+    start = time.perf_counter()
+    with pytest.raises(RecipeError, match="more channels than any layer has"):
+        qswap.load_recipe({"version": 1, "name": "h", "transforms": [{"hadamard": {"block": 10000004400000260}}]})
+    assert time.perf_counter() - start < 2

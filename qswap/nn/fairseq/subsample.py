@@ -73,6 +73,10 @@ class IntegerConv1dSubsampler(nn.Module):
 
     def __init__(self, convs: list, glus: list, input_grid, n_layers: int):
         super().__init__()
+        if not n_layers == len(convs) == len(glus):  # a read-back file edited so had failed in torch
+            from qswap.errors import IntegerizeError
+            raise IntegerizeError(f"a subsampler of {n_layers} layers needs as many convolutions and GLUs, got "
+                                  f"{len(convs)} and {len(glus)}")
         self.convs, self.glus = nn.ModuleList(convs), glus
         self.input_grid, self.n_layers = input_grid, n_layers
 
