@@ -774,6 +774,23 @@ class GluParams:
     qmin: int
     out: Requant | None
 
+    def __post_init__(self) -> None:
+        """The table's range: one gate in [0, 2^15] per input code of at most 16 bits, from ``qmin`` on,
+        the zero point one of those codes; IntegerizeError otherwise (a read-back file edited so had
+        raised torch's IndexError at its first forward)."""
+        n = self.gate.numel()
+        if not (self.gate.dim() == 1 and 1 <= n <= 2 ** 16 and -2 ** 16 <= self.qmin
+                and self.qmin + n - 1 <= 2 ** 16 and self.qmin <= self.zero_point <= self.qmin + n - 1):
+            raise IntegerizeError(f"a GLU's gate table covers one input code each from qmin, codes of at most 16 bits "
+                                  f"with the zero point among them: got {n} gates from {self.qmin}, zero point "
+                                  f"{self.zero_point}")
+        if n and not (0 <= int(self.gate.min()) and int(self.gate.max()) <= 2 ** GLU_GATE_BITS):
+            raise IntegerizeError(f"a GLU's gates are 0 to 2^{GLU_GATE_BITS}")
+
+    def covers(self, qmin: int, qmax: int) -> bool:
+        """Whether input codes ``qmin..qmax`` (its producer's requantization) index this table."""
+        return self.qmin <= qmin and qmax <= self.qmin + self.gate.numel() - 1
+
     @classmethod
     def build(cls, grid_in: Grid, grid_out: "Grid | ChannelGrid | None") -> "GluParams":
         """``grid_out`` None: no requantization (``glu_accumulator`` only: the fake-quant

@@ -264,7 +264,17 @@ def _subsampler_layers(meta):
     _first(meta, "IntegerConv1dSubsampler")["n_layers"] += 1
 
 
+def _glu_qmin(meta):
+    _first(meta, "GluParams")["qmin"] = 2 ** 40  # had raised torch's IndexError at the first forward
+
+
+def _conv_codes_beyond_the_glu(meta):
+    _first(meta, "IntegerConv")["requant"]["args"]["qmax"] += 1000
+
+
 EDITS = [
+    (_glu_qmin, "gate table covers one input code each from qmin"),
+    (_conv_codes_beyond_the_glu, "which its GLU's gate table .* does not cover"),
     (_entry_shift, "entry shift must be 0 to 30 bits, got -1"),
     (_embed_zero_point, "embed zero point must be a code of at most 16 bits"),
     (_conv_groups, "groups must divide its .* output channels, got 0"),

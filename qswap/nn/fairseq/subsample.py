@@ -77,6 +77,12 @@ class IntegerConv1dSubsampler(nn.Module):
             from qswap.errors import IntegerizeError
             raise IntegerizeError(f"a subsampler of {n_layers} layers needs as many convolutions and GLUs, got "
                                   f"{len(convs)} and {len(glus)}")
+        for i, (conv, glu) in enumerate(zip(convs, glus)):
+            requant = conv.requant
+            if requant is not None and not glu.covers(requant.qmin, requant.qmax):
+                from qswap.errors import IntegerizeError
+                raise IntegerizeError(f"convolution {i} writes codes {requant.qmin}..{requant.qmax}, which its GLU's "
+                                      f"gate table (from {glu.qmin}, {glu.gate.numel()} codes) does not cover")
         self.convs, self.glus = nn.ModuleList(convs), glus
         self.input_grid, self.n_layers = input_grid, n_layers
 
