@@ -57,18 +57,28 @@ THREADS = at_least(1, MAX_THREADS, why="onnxruntime starts each thread it is giv
 
 
 def only_with(args: argparse.Namespace, defaults: dict[str, object], applies: bool,
-              refusal: Callable[[str], str]) -> None:
+              refusal: Callable[[str], str], error: type | None = None) -> None:
     """Options that apply only with another choice (each declared with default None, so that
-    given and not given can be told apart): where any was given and they do not apply, a
-    DataError of ``refusal(named)`` (``named``: the given ones, '--a and --b'), since they would be
-    ignored without a word; otherwise each not given set to its default. ``defaults``: {option:
-    its default}, the option as typed (``--top-k``, stored as ``args.top_k``)."""
+    given and not given can be told apart): where any was given and they do not apply, an
+    ``error`` (a QswapError class; DataError by default) of ``refusal(named)`` (``named``: the given
+    ones, '--a and --b'), since they would be ignored without a word; otherwise each not given set
+    to its default (``set_defaults``). ``defaults``: {option: its default}, the option as typed
+    (``--top-k``, stored as ``args.top_k``)."""
     from qswap.errors import DataError
 
-    dest = {option: option.lstrip("-").replace("-", "_") for option in defaults}
-    given = [option for option in defaults if getattr(args, dest[option]) is not None]
+    given = [option for option in defaults if getattr(args, _dest(option)) is not None]
     if given and not applies:
-        raise DataError(refusal(" and ".join(given)))
+        raise (error or DataError)(refusal(" and ".join(given)))
+    set_defaults(args, defaults)
+
+
+def set_defaults(args: argparse.Namespace, defaults: dict[str, object]) -> None:
+    """Each option of ``defaults`` ({option as typed: its default}) declared with default None,
+    so that a command can tell it given, set to its default where it was not given."""
     for option, default in defaults.items():
-        if getattr(args, dest[option]) is None:
-            setattr(args, dest[option], default)
+        if getattr(args, _dest(option)) is None:
+            setattr(args, _dest(option), default)
+
+
+def _dest(option: str) -> str:
+    return option.lstrip("-").replace("-", "_")

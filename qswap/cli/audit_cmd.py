@@ -23,7 +23,7 @@ import argparse
 from typing import Callable
 
 from qswap.cli import EXIT_OK, EXIT_VERDICT
-from qswap.cli.args import at_least
+from qswap.cli.args import at_least, only_with
 
 DEFAULT_SYNTHETIC = 2
 # the audited utterances are one batch through every path at once: which ops run, and on what
@@ -187,15 +187,14 @@ def _check_args(args: argparse.Namespace) -> None:
         if given:
             raise AuditError(f"--onnx audits the graphs of an export directory as exported; "
                              f"{', '.join(given)} apply to a checkpoint's fake-quant audit")
-    else:  # they had been ignored without a word
-        given = [flag for flag, on in (("--optimized-dir", args.optimized_dir),
-                                       ("--optimization", args.optimization is not None)) if on]
-        if given:
-            raise AuditError(f"{' and '.join(given)} go{'es' if len(given) == 1 else ''} with --onnx (the deploy "
-                             f"audit of an export directory): drop {' and '.join(given)}")
-    if args.count is not None and not args.subset:
-        raise AuditError("--count takes that many utterances of --subset; without --subset the audit runs "
-                         "--synthetic N random utterances: pass --data DIR --subset S, or --synthetic N")
+    # they had been ignored without a word
+    only_with(args, {"--optimized-dir": None, "--optimization": "all"}, args.onnx,
+              lambda named: f"{named} go{'' if ' and ' in named else 'es'} with --onnx (the deploy audit of an "
+                            f"export directory): drop {named}", AuditError)
+    only_with(args, {"--count": 2}, bool(args.subset),
+              lambda named: "--count takes that many utterances of --subset; without --subset the audit runs "
+                            "--synthetic N random utterances: pass --data DIR --subset S, or --synthetic N",
+              AuditError)
     if args.subset and args.synthetic is not None:
         raise AuditError("give either --data DIR --subset S or --synthetic N, not both")
     if args.integer and (args.values or args.strict):
@@ -206,8 +205,6 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("count", "decode_steps", "max_rows", "synthetic"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise AuditError(f"--{name.replace('_', '-')} must be at least 1")
-    args.count = 2 if args.count is None else args.count
-    args.optimization = args.optimization or "all"
 
 
 def _write(path: str | None, render: Callable[[], str]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qswap.cli.args import COUNT, MAX_SENTENCES, POSITIVE, THREADS, only_with
+from qswap.cli.args import COUNT, MAX_SENTENCES, POSITIVE, THREADS, only_with, set_defaults
 from qswap.cli.render import console, interactive, progress_bar
 from qswap.nn.simulate import SIMULATIONS  # `import qswap` has imported torch already: free here
 
@@ -97,9 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint or not args.data:
         raise DataError("qswap eval needs CHECKPOINT and --data DIR (or --merge JSON...)")
     given_threads = args.threads
-    for name, default in (("subset", "test"), ("beam", 5), ("max_sentences", MAX_SENTENCES), ("threads", 1)):
-        if getattr(args, name) is None:  # declared None so that --merge can tell them given
-            setattr(args, name, default)
+    set_defaults(args, {"--subset": "test", "--beam": 5, "--max-sentences": MAX_SENTENCES, "--threads": 1})
     if args.backend == "onnxruntime" and (args.recipe or args.vs_float):
         raise DataError("--backend onnxruntime decodes an export directory as exported; "
                         "--recipe and --vs-float apply to torch checkpoints")

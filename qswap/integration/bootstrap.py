@@ -20,6 +20,7 @@ Defaults: 2,000 resamples, 95 %, seed 0: the same inputs give the same interval 
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -115,8 +116,7 @@ def paired_delta(utterances: Sequence[dict], baseline: Sequence[dict], bootstrap
 
     base = {u["id"]: u for u in baseline}
     for listed, whose in ((baseline, what), (utterances, "the result")):
-        ids = [u["id"] for u in listed]
-        twice = sorted({i for i in ids if ids.count(i) > 1}, key=str) if len(set(ids)) != len(ids) else []
+        twice = sorted((i for i, n in Counter(u["id"] for u in listed).items() if n > 1), key=str)
         if twice:  # the last of each had decided the ΔWER
             raise DataError(f"{whose} lists utterance(s) {', '.join(map(str, twice[:10]))} more than once; pass one "
                             f"'qswap eval --json' result (merge shards with 'qswap eval --merge')")

@@ -65,7 +65,8 @@ def resolve_audio_root(data_cfg) -> None:
 
 
 def load_subset(task, subset: str) -> Any:
-    if subset not in task.datasets:
+    first = subset not in task.datasets  # read once per task: its checks run once too
+    if first:
         check_tokenizer(task)
     try:
         if subset not in task.datasets:
@@ -85,7 +86,12 @@ def load_subset(task, subset: str) -> Any:
     dataset = task.dataset(subset)
     if len(dataset) == 0:
         raise DataError(f"subset {subset!r} is empty")
-    _check_audio_files(dataset, subset)
+    if first:
+        try:
+            _check_audio_files(dataset, subset)
+        except DataError:
+            task.datasets.pop(subset, None)  # not kept: the next read is checked again
+            raise
     without_training_augmentation(dataset, getattr(task, "data_cfg", None))
     return dataset
 

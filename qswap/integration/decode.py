@@ -64,11 +64,11 @@ def decode_with(task, hypothesize: Callable[[dict], list[torch.Tensor]], samples
         for sample in samples:
             audio += audio_seconds(sample)
             hyps = hypothesize(sample)
-            for i, sid in enumerate(sample["id"].tolist()):
+            ids = sample["id"].tolist()
+            unknown += [sid for sid, unk in zip(ids, (sample["target"] == dictionary.unk()).any(dim=1).tolist()) if unk]
+            for i, sid in enumerate(ids):
                 target = sample["target"][i]
                 target = target[target != dictionary.pad()]
-                if bool((target == dictionary.unk()).any()):
-                    unknown.append(sid)
                 utterances.append(Utterance(sid, _text(dictionary, target, post),
                                             _text(dictionary, hyps[i], post)))
             if progress is not None:
