@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from qswap.errors import DataError, DependencyError
+from qswap.integration.audio_rows import with_own_fbank
 
 
 def load_model_and_task(checkpoint: str | Path, data: str | Path | None = None, *,
@@ -86,6 +87,7 @@ def load_subset(task, subset: str) -> Any:
     dataset = task.dataset(subset)
     if len(dataset) == 0:
         raise DataError(f"subset {subset!r} is empty")
+    with_own_fbank(dataset)  # audio rows where fairseq's get_fbank has no backend (no torchaudio)
     if first:
         try:
             _check_audio_files(dataset, subset)

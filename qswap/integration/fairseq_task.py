@@ -245,8 +245,12 @@ class QswapTaskMixin:
         return super().build_generator(models, args, *a, **kw)
 
     def load_dataset(self, split, *args, **kwargs):
+        from qswap.integration.audio_rows import with_own_fbank
+
         self._qswap_subset = split  # fairseq-generate loads its --gen-subset, which the audit reads
-        return super().load_dataset(split, *args, **kwargs)
+        loaded = super().load_dataset(split, *args, **kwargs)
+        with_own_fbank(self.datasets[split])  # audio rows where fairseq has no fbank backend
+        return loaded
 
     def _qswap_print_audit(self, model, args):
         from qswap.integration.data import first_net_input

@@ -172,33 +172,6 @@ def test_a_missing_audio_file_is_a_data_error(tmp_path):
         _read_all(data)
 
 
-def test_audio_without_a_working_torchaudio_is_a_dependency_error(tmp_path):
-    """fairseq turns WAV rows into features through torchaudio: where it does not import (not
-    installed, or PyPI's CUDA build next to the CPU torch) that is a DependencyError naming
-    torchaudio, not a traceback or a data error; where it does, the rows are read."""
-    import wave
-
-    import numpy as np
-    import pytest
-
-    from qswap.errors import DependencyError
-
-    data = _calib_copy(tmp_path)
-    with wave.open(str(data / "a.wav"), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.sin(np.arange(16000) * 0.05) * 3000).astype("<i2").tobytes())
-    _rows_changed(data, lambda row: row.update(audio="a.wav", n_frames="98"))
-    try:
-        import torchaudio  # noqa: F401
-    except Exception:  # noqa: BLE001
-        with pytest.raises(DependencyError, match="torchaudio"):
-            _read_all(data)
-    else:
-        assert _read_all(data)
-
-
 def test_a_file_given_as_the_data_directory_is_named_a_file(tmp_path):
     """--data config.yaml had been told "data directory ... does not exist"; the check comes before
     the checkpoint (missing here) is read."""

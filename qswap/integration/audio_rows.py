@@ -1,0 +1,99 @@
+"""Speech-to-text rows that hold audio, turned into features where fairseq's own reader cannot.
+
+A speech_to_text manifest row may name a WAV/FLAC file (or one stored in a zip) instead of
+fbank features; fairseq then computes the features with pyKaldi or torchaudio
+(``fairseq.data.audio.audio_utils.get_fbank``). Where neither imports (PyPI's torchaudio is a
+CUDA build that fails next to the CPU torch), qswap computes the same Kaldi filterbank with
+``kaldi_native_fbank`` (:func:`qswap.features.fbank`: 80 bins, 25 ms povey window, 10 ms
+shift, pre-emphasis 0.97, DC removal, no dither, ``snip_edges``), the options fairseq's
+torchaudio call takes by default. Feature rows (.npy, features in a zip) and wav2vec-style
+waveform input (``use_audio_input``) are read by fairseq as before.
+
+The fallback is set on one dataset object (its ``_get_source_audio``), by
+:func:`with_own_fbank`; nothing global changes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import types
+from pathlib import Path
+
+import numpy as np
+
+from qswap.errors import AudioError
+
+__all__ = ["needs_own_fbank", "with_own_fbank"]
+
+
+def needs_own_fbank() -> bool:
+    """Whether fairseq's ``get_fbank`` has no backend here: neither pyKaldi nor torchaudio imports."""
+    from qswap.features import fbank_backend
+
+    return fbank_backend() == "kaldi_native_fbank" and importlib.util.find_spec("kaldi") is None
+
+
+def with_own_fbank(dataset) -> bool:
+    """Give a speech_to_text dataset qswap's fbank for its audio rows where fairseq has none.
+
+    Returns whether it did: a ``SpeechToTextDataset`` (or subclass) reading features (not
+    waveforms), on a machine where :func:`needs_own_fbank`. Applied once; a second call is a
+    no-op."""
+    from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDataset
+
+    if not isinstance(dataset, SpeechToTextDataset) or getattr(dataset.cfg, "use_audio_input", False):
+        return False
+    if "_get_source_audio" in vars(dataset):
+        return True
+    if not needs_own_fbank():
+        return False
+    dataset._get_source_audio = types.MethodType(_source_features, dataset)
+    return True
+
+
+def _source_features(self, index):
+    """fairseq's ``SpeechToTextDataset._get_source_audio`` for feature input (one index, or
+    ConcatAugment's list of indices), its audio rows read by :func:`row_features`."""
+    import torch
+
+    indices = [index] if np.ndim(index) == 0 else list(index)
+    parts = [row_features(self.audio_paths[i], self.waveform_transforms) for i in indices]
+    source = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if self.feature_transforms is not None:
+        source = self.feature_transforms(source)
+    return torch.from_numpy(source).float()
+
+
+def row_features(path: str, waveform_transforms=None) -> np.ndarray:
+    """The (T, 80) features of one manifest ``audio`` entry: fairseq's reader for features, qswap's
+    fbank of the 16-bit-scale waveform (after ``waveform_transforms``, as fairseq applies them)
+    for audio."""
+    from fairseq.data.audio import audio_utils as au
+
+    from qswap.features import fbank
+
+    file, pointer = au.parse_path(path)
+    if len(pointer) == 2:
+        data = au.read_from_stored_zip(file, pointer[0], pointer[1])
+        if not au.is_sf_audio_data(data):
+            return au.get_features_or_waveform(path, waveform_transforms=waveform_transforms)
+        source = io.BytesIO(data)
+    elif not pointer and Path(file).suffix in au.SF_AUDIO_FILE_EXTENSIONS:
+        source = file
+    else:
+        return au.get_features_or_waveform(path, waveform_transforms=waveform_transforms)
+    import soundfile
+
+    # fairseq's get_waveform as get_fbank calls it (which imports torchaudio even when it has no
+    # effect to apply): float32 samples, channels mixed to mono by their mean (sox's "channels 1"),
+    # to the 16-bit integer scale, then the waveform transforms
+    samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
+    waveform = samples.T.mean(axis=0, keepdims=True) if samples.shape[1] > 1 else samples.T
+    waveform = waveform * np.float32(2 ** 15)
+    if waveform_transforms is not None:
+        waveform, rate = waveform_transforms(waveform, rate)
+    try:  # fbank scales [-1, 1] by 2^15 itself (exact: a power of two)
+        return fbank(waveform / np.float32(2 ** 15), int(rate), backend="kaldi_native_fbank").numpy()
+    except AudioError as exc:
+        raise AudioError(f"manifest audio {path}: {exc}; give the row longer or readable audio, or leave it "
+                         f"out of the manifest") from None
