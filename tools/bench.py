@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from qswap.io.atomic import atomic_write_text  # noqa: E402
+from tools.tool_cli import positive_int  # noqa: E402
+
 DOC = REPO / "docs" / "benchmarks.md"
 ASSET = REPO / "qswap" / "assets" / "s2t_demo"
 SHIPPED_SIZE = dict(encoder_layers=6, encoder_embed_dim=176, encoder_ffn_embed_dim=704,
@@ -55,8 +58,8 @@ class Sizes:
     @classmethod
     def of(cls, quick: bool, repeats: int | None) -> "Sizes":
         if quick:
-            return cls(repeats or 3, 2, 300, 12, 2, 6, 2)
-        return cls(repeats or 7, 4, 500, 20, 3, 20, 4)
+            return cls(3 if repeats is None else repeats, 2, 300, 12, 2, 6, 2)
+        return cls(7 if repeats is None else repeats, 4, 500, 20, 3, 20, 4)
 
 
 @dataclass
@@ -698,8 +701,8 @@ def details(r: dict, sizes: Sizes) -> list[str]:
            *([f"| the same, `{STREAM_RECIPE}` (per-channel activation grids of the residual stream, "
               f"`simulate: float`; no target) | | {_ms(r['decode_stream_s'])} | "
               f"{r['decode_stream_s'] / r['decode_float_s']:.2f}× |"] if "decode_stream_s" in r else []),
-           f"| the same, {QAT_RECIPE}: PTQ (calibrated) / QAT (3 Adam updates of weights and LSQ "
-           f"scales) | {_ms(r['decode_ptq_s'])} | {_ms(r['decode_qat_s'])} | {r['qat_decode']:.2f}× |",
+           f"| the same, {QAT_RECIPE}: QAT (3 Adam updates of weights and LSQ scales; second column) / PTQ "
+           f"(calibrated; first column) | {_ms(r['decode_ptq_s'])} | {_ms(r['decode_qat_s'])} | {r['qat_decode']:.2f}× |",
            f"| `qswap.calibrate`, {r['calib_batches']} batches, `observe: quantized` (float: the same batch "
            f"forwards and decoding steps) | {_ms(r['calib_float_s'])} | {_ms(r['calib_s'])} | "
            f"{r['calibration']:.2f}× throughput |",
@@ -823,7 +826,7 @@ def markdown(results: dict[str, dict], env: dict, sizes: Sizes, args: argparse.N
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and shorter inputs; prints only")
-    ap.add_argument("--repeats", type=int, help="timed runs per measure (default 7, quick 3)")
+    ap.add_argument("--repeats", type=positive_int, help="timed runs per measure (default 7, quick 3)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--models", default="s,shipped", help="comma-separated: s, shipped")
     ap.add_argument("--out", type=Path, help=f"markdown output (default {DOC.relative_to(REPO)}, "
@@ -836,6 +839,9 @@ def main(argv: list[str] | None = None) -> int:
                          "e.g. --only audit --models s: the audit time against one float forward)")
     ap.add_argument("--convert-memory", metavar="MODEL", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    models = args.models.split(",")
+    if any(key not in ("s", "shipped") for key in models):  # another name had benchmarked the shipped model
+        ap.error(f"--models takes s, shipped or both (comma-separated), got {args.models!r}")
     if args.convert_memory:
         print(json.dumps(convert_memory(args.convert_memory)))
         return 0
@@ -853,14 +859,14 @@ def main(argv: list[str] | None = None) -> int:
     only = args.only.split(",") if args.only else None
     if only is not None and not set(only) <= set(MEASURES):
         ap.error(f"--only takes measures of: {', '.join(MEASURES)}")
-    results = {key: run_model(key, sizes, log, only) for key in args.models.split(",")}
+    results = {key: run_model(key, sizes, log, only) for key in models}
     if only is not None:
         print(table(results, partial=True))
         if "audit" in only:
             print("\n".join(f"{r['label']}: audit {_ms(r['audit_s'])}, float forward "
                             f"{_ms(r['audit_float_forward_s'])}, {r['audit']:.2f}x" for r in results.values()))
         if args.json:
-            args.json.write_text(json.dumps({"results": results}, indent=1, default=str) + "\n")
+            atomic_write_text(args.json, json.dumps({"results": results}, indent=1, default=str) + "\n")
         return 0
     env = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "wall_s": time.perf_counter() - wall0, "others_cpu_s": others_cpu_seconds(snapshot, cpu_snapshot()),
@@ -869,10 +875,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     out = args.out or (None if args.quick else DOC)
     if out is not None:
-        out.write_text(text + "\n")
+        atomic_write_text(out, text + "\n")
         log(f"wrote {out}")
     if args.json:
-        args.json.write_text(json.dumps({"env": env, "results": results}, indent=1, default=str) + "\n")
+        atomic_write_text(args.json, json.dumps({"env": env, "results": results}, indent=1, default=str) + "\n")
     return 0
 
 

@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
 
 from tools.bench import interleaved_medians  # noqa: E402  (one timing helper for both benchmarks)
 from qswap.errors import OutputError  # noqa: E402
-from tools.tool_cli import exit_status  # noqa: E402  (tools/tool_cli.py)
+from tools.tool_cli import exit_status, positive_int  # noqa: E402  (tools/tool_cli.py)
 from qswap.io.atomic import atomic_write_text  # noqa: E402
 
 DOC = REPO / "docs" / "honesty.md"
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=400, help="fbank frames (4 s of audio)")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--decode-steps", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads (on a shared machine, threads beyond the free cores slow "
                          "every op down unevenly)")

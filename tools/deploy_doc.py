@@ -63,6 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import busy_processes, interleaved_medians, machine, wait_idle  # noqa: E402
 import onnx_bench  # noqa: E402
+from tool_cli import positive_int  # noqa: E402
 
 import qswap  # noqa: E402
 from qswap.errors import ExportError  # noqa: E402
@@ -92,27 +93,28 @@ TARGETS = {"encoder_vs_torch": 2.0, "encoder_vs_ort_fp32": 1.6, "decode_vs_torch
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=positive_int, default=10)
     ap.add_argument("--out", default=str(ROOT / "docs" / "deploy.md"))
     ap.add_argument("--json", default=str(ROOT / "docs" / "deploy.json"))
-    ap.add_argument("--render-only", action="store_true",
+    section = ap.add_mutually_exclusive_group()  # one section a run: a second flag had been ignored
+    section.add_argument("--render-only", action="store_true",
                     help="rewrite --out from the measurements already in --json (no measuring)")
-    ap.add_argument("--architectures", action="store_true",
+    section.add_argument("--architectures", action="store_true",
                     help="measure only the architecture table into --json, then re-render --out")
-    ap.add_argument("--sizes-only", action="store_true",
+    section.add_argument("--sizes-only", action="store_true",
                     help="measure only the graphs' sizes into --json, then re-render --out")
-    ap.add_argument("--wer-only", action="store_true",
+    section.add_argument("--wer-only", action="store_true",
                     help="measure only the WER section and the deploy audit into --json, then re-render --out")
-    ap.add_argument("--wer-large", action="store_true",
+    section.add_argument("--wer-large", action="store_true",
                     help="measure only the WER rows on the large shipped sets (test_large, test_heldout_large) "
                          "into --json, then re-render --out")
-    ap.add_argument("--low-bit", action="store_true",
+    section.add_argument("--low-bit", action="store_true",
                     help="measure only the deploy audit of every shipped recipe and the shipped 4-bit-activation QAT "
                          "checkpoint's export (audit, and WER on test and test_heldout) into --json, then re-render --out")
-    ap.add_argument("--sites-only", action="store_true",
+    section.add_argument("--sites-only", action="store_true",
                     help="measure only the site-by-site table (tools/onnx_sites.py on the WER recipes' exports) "
                          "into --json, then re-render --out")
-    ap.add_argument("--speed-only", action="store_true",
+    section.add_argument("--speed-only", action="store_true",
                     help="measure only the speed sections (shipped model and s2t_transformer_s) into --json, "
                          "then re-render --out")
     ap.add_argument("--wait-idle", type=float, default=0,
@@ -122,6 +124,8 @@ def main(argv=None) -> dict:
                     help="fake-quant decodes with activation scales moved by one ulp, per recipe and subset "
                          "(--wer-only --ulp-seeds 0 keeps the stored ones)")
     args = ap.parse_args(argv)
+    if args.wait_idle and not args.speed_only:
+        ap.error("--wait-idle applies to --speed-only (the timed sections) only")
     command = "PYTHONPATH=$PWD python tools/deploy_doc.py " + " ".join(argv or sys.argv[1:])
     if args.sizes_only:
         result, (model, cfg, task, calib) = json.loads(Path(args.json).read_text()), shipped_model(args)

@@ -211,6 +211,18 @@ def table(results: dict[str, dict], layers: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
+def stored_results(pattern: str, asked: list[str]) -> dict:
+    """The results of every set with a stored JSON (``docs/`` + ``pattern`` of the set's name), in
+    SUBSETS order: a run of one set (``--subsets test_heldout``, one process a core) rewrites the
+    tables with the other set's stored rows, not without them. A set asked for must be there."""
+    missing = [s for s in asked if not (REPO / "docs" / pattern.format(s)).exists()]
+    if missing:
+        raise SystemExit(f"integer_doc.py: no {', '.join('docs/' + pattern.format(s) for s in missing)}; decode "
+                         f"the set first (leave out --from-json)")
+    return {s: json.loads((REPO / "docs" / pattern.format(s)).read_text()) for s in SUBSETS
+            if (REPO / "docs" / pattern.format(s)).exists()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from-json", action="store_true", help="rewrite the table from docs/integer_<subset>.json")
@@ -237,12 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(layers_table(rows, args.layers)))
         return 0
     if args.stream:
-        results = {}
         for subset in args.subsets:
-            path = REPO / "docs" / f"stream_integer_{subset}.json"
             if not args.from_json:
-                atomic_write_text(path, json.dumps(run(subset, args.beam, [STREAM]), indent=1) + "\n")
-            results[subset] = json.loads(path.read_text())
+                atomic_write_text(REPO / "docs" / f"stream_integer_{subset}.json",
+                                  json.dumps(run(subset, args.beam, [STREAM]), indent=1) + "\n")
+        results = stored_results("stream_integer_{}.json", args.subsets)
         blocks = [(STREAM_BEGIN, STREAM_END, stream_table(results))]
         if STREAM_LAYERS.exists():
             blocks.append((STREAM_LAYERS_BEGIN, STREAM_LAYERS_END,
@@ -259,12 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         text = "\n\n".join(block for _, _, block in blocks)
         print(text)
         return 0
-    results = {}
     for subset in args.subsets:
-        path = REPO / "docs" / f"integer_{subset}.json"
         if not args.from_json:
-            atomic_write_text(path, json.dumps(run(subset, args.beam), indent=1) + "\n")
-        results[subset] = json.loads(path.read_text())
+            atomic_write_text(REPO / "docs" / f"integer_{subset}.json", json.dumps(run(subset, args.beam), indent=1) + "\n")
+    results = stored_results("integer_{}.json", args.subsets)
     if not args.from_json and "test" in args.subsets:
         with held_back(verbose=False):
             atomic_write_text(LAYERS, json.dumps(layer_agreement(), indent=1) + "\n")

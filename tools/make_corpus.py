@@ -54,6 +54,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from qswap.features import fbank, load_audio  # noqa: E402
+from tools.tool_cli import positive_int  # noqa: E402
 
 SAMPLE_RATE = 16000
 REQUIRED_TOOLS = {"espeak-ng": "espeak-ng", "flite": "flite", "sox": "sox"}
@@ -570,7 +571,9 @@ def plan_eval_large(num_test: int, num_heldout: int, seed: int, voices: Dict[str
     """Large evaluation sets: sentences never in the ``base`` corpus of the same seed (train, dev,
     test and test_heldout of the shipped model's corpus) and distinct from each other; in-voice
     utterances from the training voices, held-out ones from HELDOUT_LARGE's voices."""
-    seen = {u.text for u in plan(base, seed, voices)}
+    planned = plan(base, seed, voices)
+    check_planned_as_shipped(planned, seed)
+    seen = {u.text for u in planned}
     r = random.Random(seed * 7919 + 17)
     utts: List[Utt] = []
     for split, n in (("test_heldout_large", num_heldout), ("test_large", num_test)):
@@ -585,6 +588,32 @@ def plan_eval_large(num_test: int, num_heldout: int, seed: int, voices: Dict[str
             vc = sample_voice(r, voices, heldout=(split == "test_heldout_large"), heldout_pool=HELDOUT_LARGE)
             utts.append(Utt(f"{split}_{i:06d}", split, s, vc, seed * 1000003 + 500000 + len(utts)))
     return utts
+
+
+SHIPPED_SEED = 1  # the shipped model's corpus
+SHIPPED_ASSET = REPO / "qswap" / "assets" / "s2t_demo"
+
+
+def check_planned_as_shipped(planned: List[Utt], seed: int) -> None:
+    """Exit unless the shipped model's corpus, planned again here, has the shipped test sets'
+    sentences. plan() draws sentences and voices from one generator, so another voice inventory
+    (no festival, other espeak-ng voices) gives other sentences: the large sets would then keep out
+    sentences the shipped model never saw and let in ones it trained on."""
+    if seed != SHIPPED_SEED:
+        return
+    import csv
+
+    for split in ("test", "test_heldout"):
+        manifest = SHIPPED_ASSET / f"{split}.tsv"
+        if not manifest.exists():
+            continue
+        with manifest.open(newline="", encoding="utf-8") as f:
+            shipped = sorted(row["tgt_text"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        if sorted(u.text for u in planned if u.split == split) != shipped:
+            sys.exit(f"make_corpus: the shipped model's corpus (--seed {seed}) planned with this machine's voices "
+                     f"does not give {manifest}'s sentences: its voice inventory differs from the one the corpus "
+                     f"was built with (festival's voices: {' '.join(FESTIVAL_PACKAGES)}), so the large sets could "
+                     f"hold training sentences; install them (--install-deps) and drop --no-festival")
 
 
 def check_deps(install: bool) -> None:
@@ -732,7 +761,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-festival", action="store_true", help="do not use festival voices")
     ap.add_argument("--install-deps", action="store_true", help="apt-get install missing synthesis tools")
     ap.add_argument("--chunk", type=int, default=50)
-    ap.add_argument("--eval-large", type=int, nargs=2, metavar=("N_TEST", "N_HELDOUT"),
+    ap.add_argument("--eval-large", type=positive_int, nargs=2, metavar=("N_TEST", "N_HELDOUT"),
                     help="write only the large evaluation sets test_large and test_heldout_large "
                          "(sentences outside the shipped model's corpus of the same --seed; see BASE_NUM)")
     args = ap.parse_args(argv)

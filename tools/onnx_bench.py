@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import interleaved_medians, load_model  # noqa: E402
+from tool_cli import positive_int  # noqa: E402
 
 import qswap  # noqa: E402
 from qswap.export.onnx import export_encoder, load_session, run_encoder  # noqa: E402
@@ -39,7 +40,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--frames", type=int, default=300)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=positive_int, default=15)
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--pause", type=float, default=PAUSE,
                     help="seconds of sleep before each timed run (not timed), so one system's spinning "

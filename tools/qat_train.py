@@ -369,10 +369,12 @@ def average_scores(save_dir: Path) -> dict[tuple[int, int], float]:
 
 def do_ship(a: argparse.Namespace) -> int:
     """Store the dev-best candidate (``pick``) as a qswap checkpoint with float16 weights."""
+    from qswap.io.atomic import atomic_write_text
+
     save_dir = Path(a.save_dir)
     path, facts = pick(save_dir)
     effect = ship(path, Path(a.out))
-    (save_dir / "shipped.json").write_text(json.dumps({**facts, "float16": effect}))
+    atomic_write_text(save_dir / "shipped.json", json.dumps({**facts, "float16": effect}))
     name = (f"update {facts['update']}" if not facts.get("average") else
             f"the average of updates {facts['average']['first']} to {facts['average']['last']}")
     print(f"{name} (dev WER {facts['dev_wer']:.2f}) -> {a.out}; float16 storage changed {effect['changed']} "
@@ -847,6 +849,11 @@ def do_refresh(a: argparse.Namespace) -> int:
     if a.evals is None and a.trained_with is None:
         raise TrainingError("refresh needs --evals (the comparisons) or --trained-with (the training arithmetic "
                             "section), or both")
+    if not Path(a.page).is_file():
+        raise TrainingError(f"--page {a.page} does not exist; name a page 'doc' wrote (docs/qat*.md)")
+    if a.evals is not None and not Path(a.evals).is_dir():
+        raise TrainingError(f"--evals {a.evals} is not a folder of 'qswap eval' results; pass the folder 'eval' "
+                            f"wrote")
     page = Path(a.page).read_text()
     if a.evals is not None:
         page = refreshed(page, Path(a.evals))

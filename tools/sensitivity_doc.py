@@ -24,9 +24,10 @@ from qswap.io.checkpoint import load_fairseq_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tool_cli import exit_status  # noqa: E402  (tools/tool_cli.py)
 
-ASSET = Path(qswap.__file__).parent / "assets" / "s2t_demo"
+REPO = Path(__file__).resolve().parents[1]
+ASSET = REPO / "qswap" / "assets" / "s2t_demo"  # this checkout's, as DOCS (not the installed package's)
 QSWAP = str(Path(sys.executable).parent / "qswap")
-DOCS = Path("docs")
+DOCS = REPO / "docs"
 
 
 def run(args: list[str]) -> str:
@@ -39,7 +40,7 @@ def run(args: list[str]) -> str:
 
 
 def shown(args: list[str]) -> str:
-    return "qswap " + " ".join(a.replace(str(ASSET), "$ASSET") for a in args)
+    return "qswap " + " ".join(a.replace(str(ASSET), "$ASSET").replace(str(REPO) + "/", "") for a in args)
 
 
 def calibration_note(search_row: dict, compare_row: dict) -> str:

@@ -21,12 +21,13 @@ import make_corpus  # noqa: E402
 
 from qswap.demo import EVAL_LARGE, LARGE_SUBSETS  # noqa: E402
 from qswap.integration.compact import pack  # noqa: E402
+from tools.tool_cli import positive_int  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--test", type=int, default=1000, help="in-voice utterances (default: 1000)")
-    p.add_argument("--heldout", type=int, default=600, help="held-out-voice utterances (default: 600)")
+    p.add_argument("--test", type=positive_int, default=1000, help="in-voice utterances (default: 1000)")
+    p.add_argument("--heldout", type=positive_int, default=600, help="held-out-voice utterances (default: 600)")
     p.add_argument("--seed", type=int, default=1, help="corpus seed (default: 1, the shipped model's)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", type=Path, default=EVAL_LARGE, help="where the compact sets go")

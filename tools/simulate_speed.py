@@ -15,13 +15,16 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools.tool_cli import positive_int  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("s", "shipped"), default="shipped")
     parser.add_argument("--recipe", default="w8a8")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--decode", action="store_true", help="time beam-5 decoding, not the batch forward")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))

@@ -15,3 +15,18 @@ def exit_status(main: Callable[[], int]) -> int:
     except QswapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for a count that must be 1 or more (repeats, utterances): 0 or a negative
+    count is the command line's error, before any work (a median of no timings had been a
+    traceback after the models were built)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value

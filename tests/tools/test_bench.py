@@ -23,3 +23,17 @@ def test_the_pause_before_each_run_is_not_timed():
     assert all(0 <= m < 0.02 for m in medians.values())  # but none of it timed
     gaps = [later - earlier for (_, earlier), (_, later) in zip(calls[2:], calls[3:])]
     assert min(gaps) >= 0.02
+
+
+def test_a_bad_repeat_count_or_model_name_is_refused_before_any_work(capsys):
+    """--repeats 0 had silently become 7 (0 is falsy) and a negative count a StatisticsError after
+    the models were built; --models sx had benchmarked the shipped model against the 27M targets."""
+    import pytest
+
+    for argv, said in ((["--repeats", "0"], "expected 1 or more, got 0"), (["--repeats", "-2"], "got -2"),
+                       (["--models", "s,sx"], "--models takes s, shipped or both")):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(argv)
+        assert stop.value.code == 2 and said in capsys.readouterr().err
+    assert bench.Sizes.of(quick=False, repeats=None).repeats == 7
+    assert bench.Sizes.of(quick=True, repeats=1).repeats == 1

@@ -188,3 +188,17 @@ def test_one_utterance_pairs_and_renders_without_an_interval():
 def test_a_wer_gap_is_met_only_where_its_whole_interval_is_within_it(ci, verdict):
     """|ΔWER| <= 0.3 had been judged on the point estimate: +0.14 [-0.66, +0.99] read 'met'."""
     assert deploy_doc.gap_verdict({"delta": 0.14, "delta_ci": ci}, 0.3) == verdict
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--render-only", "--wer-only"], "not allowed with argument --render-only"),
+    (["--sizes-only", "--wer-only"], "not allowed with argument --sizes-only"),
+    (["--render-only", "--wait-idle", "5"], "--wait-idle applies to --speed-only"),
+    (["--speed-only", "--repeats", "0"], "expected 1 or more, got 0"),
+])
+def test_one_section_a_run_and_its_options_are_checked_before_measuring(argv, said, capsys):
+    """--render-only --wer-only had measured the WER section (minutes) and rewritten it; a second
+    section flag had been ignored; --wait-idle outside --speed-only too."""
+    with pytest.raises(SystemExit) as stop:
+        deploy_doc.main(argv)
+    assert stop.value.code == 2 and said in capsys.readouterr().err

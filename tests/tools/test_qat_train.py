@@ -547,3 +547,13 @@ def test_the_page_of_a_run_from_a_moved_checkpoint_shows_the_convert_that_moved_
     assert qat_train.main(["doc", "--save-dir", str(tmp_path), "--evals", str(tmp_path), "--out", str(tmp_path / "p.md"),
                            "--log-out", str(tmp_path / "p.log"), "--shipped", str(tmp_path / "q.pt"), "--target", "2",
                            "--log", str(tmp_path / "nolog"), "--moved-from", path]) == 2
+
+
+def test_refresh_names_a_missing_page_or_results_folder(tmp_path):
+    """A missing --page had been a FileNotFoundError traceback; a missing --evals folder had been
+    said to hold 'results for other sets'."""
+    page = next((Path(__file__).resolve().parents[2] / "docs").glob("qat*.md"))
+    with pytest.raises(TrainingError, match="--page .*nope.md does not exist"):
+        qat_train.do_refresh(Namespace(page=str(tmp_path / "nope.md"), evals=str(tmp_path), trained_with=None))
+    with pytest.raises(TrainingError, match="--evals .*missing is not a folder"):
+        qat_train.do_refresh(Namespace(page=str(page), evals=str(tmp_path / "missing"), trained_with=None))

@@ -33,3 +33,12 @@ def test_its_command_line_answers_help_and_refuses_a_stray_option_before_running
                           text=True, timeout=120)
     assert proc.returncode == (0 if argv == ["--help"] else 2)
     assert "$ qswap" not in proc.stdout
+
+
+def test_its_outputs_go_to_this_checkouts_docs_and_assets_from_any_directory():
+    """DOCS had been ./docs (relative to where it ran) and ASSET the installed package's."""
+    repo = TOOLS.parent
+    assert sensitivity_doc.DOCS == repo / "docs" and sensitivity_doc.ASSET == repo / "qswap" / "assets" / "s2t_demo"
+    shown = sensitivity_doc.shown(["sensitivity", str(sensitivity_doc.ASSET / "checkpoint.pt"), "--plot",
+                                   str(sensitivity_doc.DOCS / "sensitivity.png")])
+    assert shown == "qswap sensitivity $ASSET/checkpoint.pt --plot docs/sensitivity.png"
