@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qswap.errors import DependencyError, ExportError, QswapError, expect_module
+from qswap.errors import DataError, DependencyError, ExportError, QswapError, expect_module
 from qswap.export.compact import compact as compact_graph
 from qswap.export.encoders import encoder_graph
 from qswap.export.graph_passes import (code_caches, fold_constant_scales, gather_codes, integer_entry,
@@ -179,7 +179,7 @@ def _refusal(model) -> str | None:
         return None
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: the failure is said in qswap's own words
     options.intra_op_num_threads = 1
     data = model.SerializeToString()
     try:
@@ -230,7 +230,7 @@ def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_pat
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = threads
     options.graph_optimization_level = _LEVELS[level](ort)
-    options.log_severity_level = 3  # errors only: onnxruntime's warnings go to stderr, not to logging
+    options.log_severity_level = 4  # fatal only: run_graph's ExportError carries a failed run's first line
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
@@ -272,9 +272,19 @@ def run_encoder(session, src_tokens: torch.Tensor, src_lengths: torch.Tensor):
     Features holding NaN or +-inf: a DataError, as the model it was exported from gives
     (``check_finite_input``)."""
     check_finite_input(src_tokens, "the exported encoder")
+    check_lengths(src_tokens, src_lengths)
     out, padding = run_graph(session, list(OUTPUTS), {"src_tokens": src_tokens.detach().cpu().numpy(),
                                                       "src_lengths": src_lengths.detach().cpu().numpy()})
     return torch.from_numpy(out), torch.from_numpy(padding)
+
+
+def check_lengths(src_tokens: torch.Tensor, src_lengths: torch.Tensor) -> None:
+    """DataError for a length beyond the (B, T, F) features' T frames: the graph sizes its padding
+    mask by the features, so such a length unmasked another utterance's padding and changed its
+    transcript (fairseq's model raises a size mismatch)."""
+    if src_lengths.numel() and int(src_lengths.max()) > src_tokens.shape[1]:
+        raise DataError(f"src_lengths up to {int(src_lengths.max())} for features of {src_tokens.shape[1]} frames: "
+                        f"each length is its utterance's frames, at most the padded batch's")
 
 
 def _onnx_module():

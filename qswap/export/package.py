@@ -424,15 +424,30 @@ def graph_paths(directory: "str | os.PathLike[str]", manifest: Manifest) -> dict
     nothing then)."""
     paths = {name: Path(directory) / manifest.graphs[name] for name in KIND_GRAPHS[manifest.kind]}
     for name, path in paths.items():
-        if not path.is_file():
+        if not _readable_file(path, name):
             raise ExportError(f"{path}: no ONNX graph there (the {name} graph {MANIFEST} names); the export is "
                               f"incomplete: re-export the directory with 'qswap export QCKPT --onnx -o {directory}'")
     for name, path in paths.items():
-        if path.is_file() and graph_digest(path) != manifest.digests[name]:
+        try:
+            digest = graph_digest(path)
+        except OSError as e:  # a deploy directory copied with another owner's permissions
+            raise ExportError(f"{path}: cannot read the {name} graph ({e.strerror or e}); make it readable to "
+                              f"this user, or re-export the directory") from None
+        if digest != manifest.digests[name]:
             raise ExportError(f"{path}: not the {name} graph {MANIFEST} describes (its SHA-256 differs): the "
                               f"directory mixes two exports (one interrupted, or a graph copied in); re-export "
                               f"it with 'qswap export QCKPT --onnx -o {directory}'")
     return paths
+
+
+def _readable_file(path: Path, name: str) -> bool:
+    """Whether ``path`` is a file; ExportError for a path the system cannot even look up (a name
+    longer than the file system allows, in an edited manifest)."""
+    try:
+        return path.is_file()
+    except OSError as e:
+        raise ExportError(f"{path}: the {name} graph's file name cannot be looked up ({e.strerror or e}); "
+                          f"re-export the directory") from None
 
 
 def example_input(model) -> dict:

@@ -14,7 +14,7 @@ A CTC export (wav2vec 2.0) loads as ``OrtCtcModel``: its forward returns the log
 output padding mask as the fake-quant model's forward does, and ``qswap.integration.decode``
 decodes it with greedy CTC.
 
->>> model = load_exported("deploy/", threads=2)
+>>> model = load_exported("deploy/", task.target_dictionary, threads=2)
 >>> SequenceGenerator([model], model.decoder.dictionary, beam_size=5).generate([model], sample)
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel, FairseqIn
 
 from qswap.errors import ExportError
 from qswap.export.decoder_step import cross_names, names
-from qswap.export.onnx import INPUTS, OUTPUTS, load_session, run_graph
+from qswap.export.onnx import INPUTS, OUTPUTS, check_lengths, load_session, run_graph
 from qswap.export.package import graph_paths, read_manifest
 from qswap.nn.base import check_finite_input
 
@@ -49,6 +49,7 @@ class OrtEncoder(FairseqEncoder):
 
     def forward(self, src_tokens, src_lengths, **kwargs):
         check_finite_input(src_tokens, "the exported encoder")
+        check_lengths(src_tokens, src_lengths)
         out, padding = run_graph(self.encoder, list(OUTPUTS), {"src_tokens": _np(src_tokens.float()),
                                                                "src_lengths": _np(src_lengths.long())})
         cross = run_graph(self.cross_kv, self.cross_outputs, {"encoder_out": out})
@@ -169,6 +170,9 @@ def load_exported(directory: "str | os.PathLike[str]", dictionary, *,
     """An ``OrtS2TModel`` (an ``OrtCtcModel`` for a CTC export) of an export directory
     (``qswap export --onnx``); ``dictionary`` is the target dictionary of the task. ExportError
     for a missing or malformed file, or a graph scoring another vocabulary."""
+    if dictionary is None or not callable(getattr(dictionary, "__len__", None)):
+        raise ExportError(f"load_exported needs the task's target dictionary (task.target_dictionary), got "
+                          f"{type(dictionary).__name__}: the exported graphs score its tokens")
     manifest = read_manifest(directory)
     _check_dictionary(directory, manifest, dictionary)
     paths = graph_paths(directory, manifest)
@@ -265,7 +269,7 @@ def _cache_shapes(step, layers: int) -> tuple[list[int], list[int], list[np.dtyp
     heads, dims, dtypes = [], [], []
     for i in range(layers):
         shape = declared[f"past_key_{i}"].shape if f"past_key_{i}" in declared else None
-        if shape is None or not all(isinstance(n, int) for n in (shape[1], shape[3])):
+        if not shape or len(shape) != 4 or not all(isinstance(n, int) for n in (shape[1], shape[3])):
             raise ExportError(f"the decoder step graph has no past_key_{i} input of static heads and "
                               f"head size; re-export the directory")
         heads.append(shape[1])

@@ -418,7 +418,7 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         if not self.initialized:
             raise CalibrationError("a quantizer without a grid has no codes; calibrate the model first")
         scale, zero_point, _ = self.grid_tensors()
-        scale, zero_point = scale.detach(), zero_point.to(torch.int32)
+        scale, zero_point = scale.detach().float(), zero_point.to(torch.int32)  # a .half()'d grid: float32's codes
         given = x
         if self.spec.granularity == "per_group":  # (rows, G, group_size): one scale per (row, group)
             x = groups_view(x, self.spec)
@@ -433,7 +433,8 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
             scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
         if to == "codes":
             with torch.no_grad():
-                out = torch.round(x.detach() * (1.0 / scale)).to(torch.int32) + zero_point
+                wide = x.detach().float() if x.dtype in (torch.float16, torch.bfloat16) else x.detach()
+                out = torch.round(wide * (1.0 / scale)).to(torch.int32) + zero_point
         else:
             out = (x.to(torch.int32) - zero_point).to(torch.float32) * scale
         if x is given:
@@ -487,6 +488,8 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         return fake_quantize(x, self._scale_for_forward(x), self.zero_point, self.spec)
 
     def _forward_weight(self, w: torch.Tensor) -> torch.Tensor:
+        if w.numel() == 0:  # a layer of 0 outputs or inputs: no values, no grid
+            return w
         training = self.training or (torch.is_grad_enabled() and w.requires_grad)
         # optimizers may update p.data in place without bumping the version counter (fairseq's
         # Adam): a training forward always re-derives the grid and drops the eval cache

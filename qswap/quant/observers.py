@@ -199,17 +199,18 @@ class MSEObserver(Observer):
 
     def batch_range(self, x):
         lo, hi = reduce_min_max(x, self.spec)
-        if not all_finite(lo, hi):  # forward refuses it; scaled candidates of a finite range are finite
+        finite, wide = _range_facts(lo, hi, x.numel())
+        if not finite:  # forward refuses it; scaled candidates of a finite range are finite
             return lo, hi
         if (self.spec.granularity == "per_channel" and channel_axis(x, self.spec) == 0
                 and x.numel() * len(_MSE_RATIOS) <= _MSE_BATCHED_MAX):
-            return self._batched_range(x, lo, hi)
+            return self._batched_range(x, lo, hi, wide)
         best_err, best = None, (lo, hi)
         for r in _MSE_RATIOS.tolist():
             cand_lo, cand_hi = lo * r, hi * r
             scale, zp = choose_qparams(cand_lo, cand_hi, self.spec, finite=True)
             xq = fake_quantize(x, scale, zp, self.spec.replace(learnable=False))
-            err = _mean_at((x - xq).pow(2), self.spec)
+            err = _mean_at((x.double() - xq.double() if wide else x - xq).pow(2), self.spec)
             if best_err is None:
                 best_err, best = err, (cand_lo, cand_hi)
                 continue
@@ -218,7 +219,7 @@ class MSEObserver(Observer):
             best = (torch.where(better, cand_lo, best[0]), torch.where(better, cand_hi, best[1]))
         return best
 
-    def _batched_range(self, x, lo, hi):
+    def _batched_range(self, x, lo, hi, wide: bool = False):
         """The candidate loop above for per-channel grids along axis 0 (weights: QAT re-observes
         each one every update), all candidates in one pass: the candidates' channels stacked
         along axis 0 (R * C channels), each element's arithmetic and each channel's mean the
@@ -229,10 +230,23 @@ class MSEObserver(Observer):
         scale, zp = choose_qparams(cand_lo, cand_hi, self.spec, finite=True)
         rows = x.reshape(1, x.shape[0], -1).expand(len(ratios), -1, -1).reshape(-1, x[0].numel())
         xq = fake_quantize(rows, scale, zp, self.spec.replace(axis=0, learnable=False))  # the spec's axis may be -1
-        err = (rows - xq).pow(2).mean(dim=1).reshape(len(ratios), -1)  # (R, C)
+        diff = rows.double() - xq.double() if wide else rows - xq
+        err = diff.pow(2).mean(dim=1).reshape(len(ratios), -1)  # (R, C)
         pick = err.argmin(dim=0, keepdim=True)  # the first minimum, as the loop's strict <
         return (cand_lo.reshape(len(ratios), -1).gather(0, pick)[0],
                 cand_hi.reshape(len(ratios), -1).gather(0, pick)[0])
+
+
+def _range_facts(lo, hi, count: int) -> tuple[bool, bool]:
+    """(finite, wide) of a batch's range, read back once: no NaN or inf in it, and whether the sum
+    of ``count`` squared errors of values this large can overflow float32 (an error is at most
+    (2 amax)^2; with every candidate's error inf, the first, most clipped, had been kept): the
+    errors are then float64's. Smaller inputs (any real activation or weight) keep float32's
+    errors, bit for bit the ranges they always had."""
+    if lo.numel() == 0:
+        return all_finite(lo, hi), False
+    amax = float(torch.maximum(lo.abs().max(), hi.abs().max()))  # NaN and inf carry through
+    return math.isfinite(amax), 4.0 * amax * amax * max(count, 1) > 2.0 ** 127
 
 
 def _as_operand(c: float, like):

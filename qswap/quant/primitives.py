@@ -146,7 +146,11 @@ def _round(t: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "half_even":
         return torch.round(t)
     if mode == "half_away":
-        return torch.sign(t) * torch.floor(t.abs() + 0.5)
+        # not sign(t) floor(|t| + 0.5): in float32 0.49999997 + 0.5 rounds to 1.0 (a code away
+        # from zero); half to even is exact, and only exact ties (a fraction of 0.5, computed
+        # exactly) go away from zero instead
+        whole = torch.trunc(t)
+        return torch.where((t - whole).abs() == 0.5, whole + torch.sign(t), torch.round(t))
     # A grid value divided by its scale can land a rounding error below its integer code; floor
     # must keep that code, or fake-quantizing twice would move the value down a step.
     return torch.floor(t + t.abs() * _FLOOR_SLACK)
@@ -181,8 +185,10 @@ class PassGrid(NamedTuple):
 
 
 def _bad_scale(scale, spec: QuantSpec) -> SpecError:
-    """The error for a grid whose scale (or one of its channels' scales) is 0 or not finite."""
-    return SpecError(f"a quantization grid needs a finite nonzero scale, got {scale} ({spec.short()}; a learned "
+    """The error for a grid whose scale (or one of its channels' scales) is 0, not finite, or so
+    small (subnormal) that its float32 inverse is not finite."""
+    return SpecError(f"a quantization grid needs a finite nonzero scale whose inverse is finite in float32 "
+                     f"(not below about 3e-39), got {scale} ({spec.short()}; a learned "
                      f"scale trained to 0, or a grid set by hand): recalibrate the model (qswap calibrate) "
                      f"or retrain its scales with a smaller learning rate")
 
@@ -193,6 +199,8 @@ def pass_grid(scale: float, zero_point: int, spec: QuantSpec) -> PassGrid:
     if scale == 0 or not math.isfinite(scale):
         raise _bad_scale(scale, spec)
     inverse = torch.tensor(1.0 / scale, dtype=torch.float32)  # float32(1 / s), as a float32 op gets it
+    if not math.isfinite(inverse.item()):  # a subnormal scale (a loaded or hand-set grid): 0 * inf is NaN
+        raise _bad_scale(scale, spec)
     return PassGrid(scale, zero_point, inverse, spec.qmin - zero_point, spec.qmax - zero_point, inverse.item())
 
 
@@ -269,8 +277,8 @@ def channel_grid(scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec)
     """The ``ChannelGrid`` of per-channel ``scale`` and ``zero_point`` (one value per channel of the
     last axis); SpecError for a scale that is 0 or not finite, as ``pass_grid``."""
     scale = scale.detach().to(torch.float32).reshape(-1).contiguous()
-    if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
-        raise _bad_scale(scale.tolist(), spec)
+    if not bool(torch.isfinite(scale).all()) or not bool(torch.isfinite(1.0 / scale).all()):
+        raise _bad_scale(scale.tolist(), spec)  # 0, not finite, or subnormal (1 / scale is inf)
     zero_point = zero_point.reshape(-1)
     return ChannelGrid((1.0 / scale).contiguous(), (spec.qmin - zero_point).to(torch.float32).contiguous(),
                        (spec.qmax - zero_point).to(torch.float32).contiguous(), scale.clone(), scale.numel())
@@ -312,7 +320,16 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     Gradients are straight-through inside [qmin, qmax] and zero outside. When ``scale``
     requires grad (LSQ), it receives the LSQ gradient through the differentiable path.
     """
+    if x.dtype in _HALF or scale.dtype in _HALF:
+        # float16 / bfloat16 (a model.half(), fairseq --fp16 or --amp): 1 / scale of a scale below
+        # 2^-16 is inf in float16 (0 * inf is NaN), and 16-bit floats round a fine grid's codes:
+        # the grid arithmetic is float32's, the result cast back to x's dtype
+        return fake_quantize(x.float(), scale.float(), zero_point, spec).to(x.dtype)
     qmin, qmax = spec.qmin, spec.qmax
+    if spec.granularity == "per_tensor" and scale.numel() != 1:  # a per-channel state loaded into it
+        raise SpecError(f"a per_tensor grid has one scale, got {scale.numel()} (shape {tuple(scale.shape)}): the "
+                        f"quantizer's state comes from another recipe's model; load the checkpoint it was saved "
+                        f"with, or convert and calibrate this model again")
     if spec.granularity == "per_channel" and scale.numel() != x.shape[channel_axis(x, spec)]:
         raise SpecError(
             f"{scale.numel()} per-channel scales for axis {spec.channel_axis} of size "
@@ -323,17 +340,17 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         if spec.granularity == "per_tensor":
             if passes_apply(x, spec):
                 return fake_quantize_passes(x, float(scale), int(zero_point), spec)
-            return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()),
-                                                         qmin, qmax)
+            return _nan_kept(x, torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()),
+                                                                      qmin, qmax))
         if not (x.requires_grad and torch.is_grad_enabled()):
             return fake_quantize_channel_passes(x, scale, zero_point, spec)
         # the kernel casts codes to int64 before clamping: beyond int64 (+inf too) a code wraps to
         # qmin. Clamped a step beyond the grid first (as _fake_quantize_ref), they saturate
-        # (NaN becomes qmin there, as in torch's per-tensor kernel, which takes gradients too)
+        # (a NaN, which the kernel turns into qmin as torch's per-tensor kernel does, is put back)
         lo = _broadcast((qmin - zero_point - 1) * scale, x, spec)
         hi = _broadcast((qmax - zero_point + 1) * scale, x, spec)
-        return torch.fake_quantize_per_channel_affine(torch.clamp(x, lo, hi), scale, zero_point,
-                                                      channel_axis(x, spec), qmin, qmax)
+        return _nan_kept(x, torch.fake_quantize_per_channel_affine(torch.clamp(x, lo, hi), scale, zero_point,
+                                                                   channel_axis(x, spec), qmin, qmax))
     if spec.granularity == "per_group":
         groups = groups_view(x, spec)  # (rows, G, gs)
         out = _fake_quantize_ref(groups, scale.reshape(groups.shape[:2] + (1,)),
@@ -344,6 +361,16 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     if spec.granularity == "per_channel":
         scale, zero_point = _broadcast(scale, x, spec), _broadcast(zero_point, x, spec)
     return _fake_quantize_ref(x, scale, zero_point, spec)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _nan_kept(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """torch's fake-quant kernels (the paths that carry a gradient to ``x``) turn NaN into qmin's
+    value: a NaN of a training forward (a float16 overflow, broken features) would go on as a
+    finite number. Every other path keeps NaN; these keep it too."""
+    return torch.where(torch.isnan(x), x, out)
 
 
 def _fake_quantize_ref(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

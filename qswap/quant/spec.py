@@ -84,6 +84,11 @@ class QuantSpec:
                f"must be a number in (0, 1], got {self.momentum!r}")
         _check(not (self.narrow_range and not self.signed), "narrow_range",
                "only applies to signed grids")
+        # calibration rounds a pow2 scale to a power of two; a learned (LSQ) scale leaves it at the
+        # first optimizer step, and shift-only hardware could not run what was trained
+        _check(not (self.learnable and self.scale_type == "pow2"), "learnable",
+               "cannot learn a pow2 scale (an optimizer step moves it off the powers of two): use "
+               "scale_type: float with learnable: true, or learnable: false for a power-of-two grid")
 
     @property
     def qmin(self) -> int:

@@ -513,3 +513,72 @@ def test_an_encoder_named_as_the_ctc_graph_is_an_edited_manifest(shipped_float, 
     with pytest.raises(ExportError, match="export.json does not describe its graphs: the graph it names as 'ctc' "
                                           "takes src_lengths, src_tokens"):
         load_exported(copy, task.target_dictionary)
+
+
+def test_lengths_beyond_the_features_are_a_data_error(shipped_float):
+    """The graph sizes its padding mask by the features: a length past them unmasked the shorter
+    utterance's padding and changed its transcript, with no error (fairseq's model raises)."""
+    from qswap.errors import DataError
+    from qswap.export.onnx import load_session, run_encoder
+
+    _, task, out = shipped_float
+    net = next(iter(fdata.batches(task, "test", max_sentences=2)))["net_input"]
+    too_long = torch.full_like(net["src_lengths"], net["src_tokens"].shape[1] + 50)
+    ort = load_exported(out, task.target_dictionary)
+    for run in (lambda: ort.encoder(net["src_tokens"], too_long),
+                lambda: run_encoder(load_session(out / "encoder.onnx"), net["src_tokens"], too_long)):
+        with pytest.raises(DataError, match=r"src_lengths up to \d+ for features of \d+ frames"):
+            run()
+    assert ort.encoder(net["src_tokens"], net["src_lengths"])["encoder_out"][0].shape[1] == 2
+
+
+def test_no_dictionary_is_a_typed_error(shipped_float):
+    """dictionary=None had passed the dictionary check and raised len(None)'s TypeError."""
+    _, _, out = shipped_float
+    with pytest.raises(ExportError, match="needs the task's target dictionary .*got NoneType"):
+        load_exported(out, None)
+
+
+def test_a_graph_name_the_file_system_cannot_look_up_is_a_typed_error(shipped_float, tmp_path):
+    """A graph name longer than NAME_MAX in an edited, resealed manifest: a raw OSError (errno 36)."""
+    _, task, out = shipped_float
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["graphs"] = {**manifest["graphs"], "encoder": "e" * 300 + ".onnx"}
+    (copy / MANIFEST).write_text(json.dumps(resealed(manifest)))
+    with pytest.raises(ExportError, match="file name cannot be looked up"):
+        load_exported(copy, task.target_dictionary)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root reads a file whatever its permissions")
+def test_an_unreadable_graph_is_a_typed_error(shipped_float, tmp_path):
+    """A deploy directory copied with another owner's permissions: a raw PermissionError."""
+    _, task, out = shipped_float
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "encoder.onnx").chmod(0)
+    with pytest.raises(ExportError, match="cannot read the encoder graph"):
+        load_exported(copy, task.target_dictionary)
+
+
+def test_a_step_graph_cache_of_no_declared_shape_is_a_typed_error():
+    """onnxruntime reports a shape-less or low-rank input as [] or a short list, never None: the
+    check had indexed it (IndexError) instead of saying what the graph lacks."""
+    from types import SimpleNamespace
+
+    from qswap.export.runtime import _cache_shapes
+
+    for shape in ([], ["batch", 4]):
+        inputs = [SimpleNamespace(name=f"past_{kind}_0", shape=shape, type="tensor(float)") for kind in ("key", "value")]
+        with pytest.raises(ExportError, match="no past_key_0 input of static heads and head size"):
+            _cache_shapes(SimpleNamespace(get_inputs=lambda: inputs), 1)
+
+
+def test_sessions_leave_failures_to_qswaps_own_error(shipped_float):
+    """Severity 3 still printed onnxruntime's own coloured error line on stderr above the ExportError."""
+    from qswap.export.onnx import load_session
+
+    _, _, out = shipped_float
+    assert load_session(out / "encoder.onnx").get_session_options().log_severity_level == 4

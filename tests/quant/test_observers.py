@@ -139,3 +139,22 @@ def test_percentile_of_huge_finite_values_is_a_finite_range(symmetric):
     lo, hi = obs.min_val.item(), obs.max_val.item()
     assert -3e38 <= lo < -2.99e38 and 2.99e38 < hi <= 3e38
     assert lo == pytest.approx(float(torch.tensor(-3e38)) * (1 - 2 * 0.0001), rel=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_mse_of_huge_values_ranks_candidates_without_overflow(granularity):
+    """Above ~1e19 every float32 squared error was inf and the first candidate (ratio 0.3, 70 %
+    of the data clipped) was kept; ranked in float64 the full range wins as at any smaller scale.
+    Ordinary values keep their float32 errors (the same ranges as before, bit for bit)."""
+    from qswap.quant.observers import _range_facts, make_observer
+    from qswap.quant.spec import QuantSpec
+
+    spec = QuantSpec(bits=8, observer="mse", granularity=granularity, **({"axis": 0} if granularity != "per_tensor" else {}))
+    x = torch.linspace(-1, 1, 64).reshape(8, 8)
+    ranges = []
+    for factor in (1.0, 1e25, 1e37):
+        observer = make_observer(spec)
+        observer(x * factor)
+        ranges.append((observer.max_val / factor).tolist())
+    assert ranges[1] == pytest.approx(ranges[0], rel=1e-5) and ranges[2] == pytest.approx(ranges[0], rel=1e-5)
+    assert _range_facts(torch.tensor(-1e6), torch.tensor(1e6), 10 ** 9) == (True, False)

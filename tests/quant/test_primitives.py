@@ -226,3 +226,97 @@ def test_per_channel_saturates_huge_values_and_keeps_nan_as_per_tensor(spec):
     x[6, 2] = float("nan")
     with_nan = fake_quantize(x, scale, zp, spec)
     assert torch.isnan(with_nan[6, 2]) and torch.isnan(with_nan).sum() == 1
+
+
+@pytest.mark.parametrize("scale", [1e-39, 1e-45])
+def test_a_subnormal_scale_is_a_spec_error_not_nan(scale):
+    """A scale below 1 / FLT_MAX (a loaded or hand-set grid) had passed: its float32 inverse is inf,
+    and an input of 0 came out NaN on every prepared path."""
+    from qswap.quant.primitives import channel_grid, pass_grid
+
+    with pytest.raises(SpecError, match="inverse is finite"):
+        pass_grid(scale, 0, QuantSpec(bits=8))
+    spec = QuantSpec(bits=8, granularity="per_channel", axis=-1)
+    with pytest.raises(SpecError, match="inverse is finite"):
+        channel_grid(torch.tensor([0.1, scale]), torch.zeros(2, dtype=torch.int32), spec)
+
+
+def test_half_away_rounds_only_exact_ties_away_from_zero():
+    """sign(t) floor(|t| + 0.5) had sent 0.49999997 (the float32 below 0.5) to code 1: in float32
+    0.49999997 + 0.5 rounds to 1.0."""
+    import numpy as np
+
+    below = float(np.nextafter(np.float32(0.5), np.float32(0)))
+    spec = QuantSpec(bits=6, rounding="half_away")
+    x = torch.tensor([below, -below, 0.5, -0.5, 1.5, 2.5, -2.5, 2.4999998, 7.0, -0.0])
+    want = [0.0, 0.0, 1.0, -1.0, 2.0, 3.0, -3.0, 2.0, 7.0, 0.0]
+    one = torch.tensor(1.0)
+    assert fake_quantize(x, one, torch.tensor(0), spec).tolist() == want
+    assert quantize(x, one, torch.tensor(0), spec).tolist() == want
+    xs = torch.linspace(-40, 40, 100003)
+    reference = np.sign(xs.double().numpy()) * np.floor(np.abs(xs.double().numpy()) + 0.5)
+    assert torch.equal(fake_quantize(xs, one, torch.tensor(0), QuantSpec(bits=8, rounding="half_away")),
+                       torch.from_numpy(np.clip(reference, -128, 127)).float())
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8), QuantSpec(bits=8, symmetric=False),
+                                  QuantSpec(bits=8, granularity="per_channel", axis=-1)], ids=lambda s: s.short())
+def test_float16_and_bfloat16_inputs_are_gridded_in_float32(spec):
+    """A model.half() (fairseq --fp16) or autocast's half activations: 1 / scale of a scale below
+    2^-16 is inf in float16, and zeros had come out NaN, other values at the grid's end."""
+    x = torch.tensor([[0.0, 1e-4, -2e-4, 5e-4, 1e-3]] * 2)
+    scale, zp = choose_qparams(*reduce_min_max(x, spec), spec)
+    assert float(scale.max()) < 2 ** -16
+    want = fake_quantize(x, scale, zp, spec)
+    for dtype in (torch.float16, torch.bfloat16):
+        for s in (scale, scale.to(dtype)):  # the grid kept float32, or .half()'d with the model
+            got = fake_quantize(x.to(dtype), s, zp, spec)
+            assert got.dtype == dtype and not torch.isnan(got).any()
+            assert torch.equal(got, fake_quantize(x.to(dtype).float(), s.float(), zp, spec).to(dtype))
+        assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-6)
+
+
+def test_a_half_model_quantizes_a_zero_weight_row_to_zero():
+    """fairseq's padding_idx embedding row is all zeros: its per-channel scale is MIN_SCALE, whose
+    inverse is inf in float16, and after .half() the whole row had been NaN."""
+    from qswap.quant.fake_quantize import FakeQuantize
+
+    emb = torch.nn.Embedding(4, 3, padding_idx=1)
+    quantizer = FakeQuantize(QuantSpec(bits=8, granularity="per_channel", axis=0), "weight")
+    float_rows = quantizer(emb.weight).detach()
+    emb.half()
+    quantizer.half()
+    half_rows = quantizer(emb.weight)
+    assert half_rows.dtype == torch.float16 and torch.equal(half_rows[1], torch.zeros(3, dtype=torch.float16))
+    assert torch.allclose(half_rows.float(), float_rows, rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_channel", axis=-1)],
+                         ids=lambda s: s.short())
+def test_nan_stays_nan_with_autograd_too(spec):
+    """torch's kernels (the path that carries a gradient to x) had turned a NaN of a training
+    forward into qmin's value; inference kept it. Both keep it now, and the gradient still flows."""
+    x = torch.randn(8, 4)
+    scale, zp = choose_qparams(*reduce_min_max(x, spec), spec)
+    x[2, 1] = float("nan")
+    w = x.clone().requires_grad_()
+    out = fake_quantize(w, scale, zp, spec)
+    assert torch.isnan(out[2, 1]) and torch.isnan(out).sum() == 1
+    assert torch.equal(torch.nan_to_num(out.detach()), torch.nan_to_num(fake_quantize(x, scale, zp, spec)))
+    out.nan_to_num().sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_a_per_tensor_grid_given_several_scales_is_a_spec_error():
+    """A per-channel state loaded into a per-tensor quantizer with plain load_state_dict: the
+    forward had raised a raw ValueError (float() of a 4-element tensor)."""
+    from qswap.quant.fake_quantize import FakeQuantize
+
+    source = FakeQuantize(QuantSpec(bits=8, granularity="per_channel", axis=-1))
+    source(torch.randn(3, 4))
+    source.freeze()
+    target = FakeQuantize(QuantSpec(bits=8))
+    target.load_state_dict(source.state_dict())
+    assert target.state_problem() == "a scale of shape (4,) for a per_tensor grid"
+    with pytest.raises(SpecError, match="a per_tensor grid has one scale, got 4"):
+        target(torch.randn(3, 4))

@@ -62,3 +62,17 @@ def test_percentile_per_channel_in_a_recipe_says_what_to_use_instead():
     message = str(exc.value)
     assert "percentile has no per_channel form" in message
     assert "granularity: per_tensor" in message and "minmax or mse per_channel" in message
+
+
+def test_a_learned_pow2_scale_is_refused():
+    """Calibration rounds a pow2 scale to a power of two; LSQ's first Adam step had moved it off
+    (0.125 -> 0.124), and nothing put it back."""
+    import pytest
+
+    from qswap.errors import SpecError
+    from qswap.quant.spec import QuantSpec
+
+    with pytest.raises(SpecError, match="cannot learn a pow2 scale"):
+        QuantSpec(bits=4, scale_type="pow2", learnable=True)
+    assert QuantSpec(bits=4, scale_type="pow2").scale_type == "pow2"
+    assert QuantSpec(bits=4, learnable=True).learnable
