@@ -670,8 +670,12 @@ def _share_tied_quantizers(new: nn.Module, path: str, shared: dict, report: Conv
 
 
 def _spec_labels(counterpart: type, config: QuantConfig) -> dict[str, str]:
-    """The rule's weight / activation spec labels, each only if the counterpart declares a site of
-    that kind (a ReLU has no weight to quantize)."""
-    kinds = set(counterpart.sites.values())
-    return {kind: (spec.short() if spec is not None else "float") if kind in kinds else ""
-            for kind, spec in (("weight", config.weight), ("activation", config.activation))}
+    """The weight / activation labels of the quantizers the counterpart's sites get (the rule's
+    spec, or a ``sites:`` entry's: ``sites: {input: null}`` had still been shown as the rule's
+    int8), distinct labels joined by " / " in site order; empty where the counterpart declares no
+    site of that kind (a ReLU has no weight to quantize)."""
+    labels = {}
+    for kind in ("weight", "activation"):
+        specs = [config.spec(site, kind) for site, declared in counterpart.sites.items() if declared == kind]
+        labels[kind] = " / ".join(dict.fromkeys(s.short() if s is not None else "float" for s in specs))
+    return labels

@@ -29,11 +29,13 @@ from torch import nn
 from qswap.calibrate import check_batches
 from qswap.convert import copy_model, rules_in_effect
 from qswap.errors import BudgetError, expect_module
+from qswap.nn.base import param_quantizer
 from qswap.quant.fake_quantize import FakeQuantize
 from qswap.quant.observers import make_observer
 from qswap.quant.switch import enabled_only
 from qswap.recipe import load_recipe
-from qswap.sensitivity import model_output, output_sqnr
+from qswap.recipe.loader import OBSERVER_OPTIONS
+from qswap.sensitivity import checked_wer, model_output, output_sqnr
 from qswap.transforms import STRUCTURE_ONLY, apply_transforms
 
 
@@ -65,14 +67,17 @@ def _units(qmodel: nn.Module) -> list[tuple[list[str], list[FakeQuantize], int]]
     owners: dict[int, tuple[FakeQuantize, set[str], int]] = {}
     for mpath, module in qmodel.named_modules(remove_duplicate=False):
         for pname, param in module.named_parameters(recurse=False):
-            q = getattr(module, f"{pname}_quant", None)
+            # the class's declared quantizer (wav2vec 2.0's weight-normed positional conv: weight_g and
+            # weight_v read by weight_quant), as the size report finds it (cost.parameter_bytes)
+            q = param_quantizer(module, pname)
             if not isinstance(q, FakeQuantize):
                 continue
             unit = next((u for u in unit_paths if mpath == u or mpath.startswith(u + ".")), None)
             if unit is None or unit in norms:
                 continue
-            entry = owners.setdefault(id(q), (q, set(), param.numel()))
-            entry[1].add(unit)
+            # one numel per quantizer: the largest parameter it reads (weight_v, not weight_g)
+            held = owners.get(id(q))
+            owners[id(q)] = (q, (held[1] if held else set()) | {unit}, max(held[2] if held else 0, param.numel()))
     grouped: dict[tuple[str, ...], tuple[list[FakeQuantize], int]] = {}
     for q, units, numel in owners.values():
         key = tuple(sorted(units))
@@ -179,12 +184,27 @@ def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str,
             own = {k: v for k, v in (base["rules"][effective.index] if effective is not None else {}).items()
                    if k not in ("match", "note", "skip")}
             weight = own.get("weight", base.get("defaults", {}).get("weight")) or {}
-            moved.append({**own, "match": {"path": p}, "weight": {**weight, **low_weight_changes(low_bits)},
+            # an option of the high observer (percentile, momentum) is no option of the low one
+            kept = {k: v for k, v in weight.items() if OBSERVER_OPTIONS.get(k, LOW_BITS_OBSERVER) == LOW_BITS_OBSERVER}
+            moved.append({**own, "match": {"path": p}, "weight": {**kept, **low_weight_changes(low_bits)},
                           "note": f"searched: alone at {low_bits} bits it costs {c.loss_db:.2f} dB of output SQNR"})
     return {**base, "name": name,
             "description": f"mixed precision searched from {base.get('name', 'recipe')}: "
                            f"{len(low)} units at {low_bits}-bit weights",
-            "rules": moved + list(base.get("rules", []))}
+            "rules": moved + _still_taking(base.get("rules", []), rules, {p for c in low for p in c.paths})}
+
+
+def _still_taking(base_rules: list, rules: Mapping[str, Any] | None, moved: set[str]) -> list:
+    """``base_rules`` without those every module of which is now taken by a moved unit's exact-path
+    rule: they would take no module (a "shadowed" warning at every convert of the written recipe,
+    a ConvertError under ``strict: true``). Without ``rules`` (what each rule takes) all are kept."""
+    if not rules:
+        return list(base_rules)
+    taken: dict[int, set[str]] = {}
+    for path, rule in rules.items():
+        if rule is not None:  # None: the defaults
+            taken.setdefault(rule.index, set()).add(path)
+    return [r for i, r in enumerate(base_rules) if not (taken.get(i) and taken[i] <= moved)]
 
 
 def _nearest(rules: Mapping[str, Any], path: str):
@@ -237,6 +257,10 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
                               f"they take {smallest:.3f} MB ({sized([]):.3f} MB with none); raise the "
                               f"budget or lower low_bits")
     candidates = rank_candidates(model, high, batches, low_bits)
+    if not candidates:  # the result would be the high recipe, its rows decoded for nothing
+        raise BudgetError(f"no unit of {load_recipe(high).name} (--high) has weights above {low_bits} bits (its "
+                          f"norms keep theirs: the search does not move them); pass a lower low_bits or a "
+                          f"higher recipe")
 
     def recipe(n: int) -> dict:
         return build_recipe(high, candidates[:n], low_bits, name, rules)
@@ -253,13 +277,13 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
                             low_count=lo)
     if evaluate is None:
         raise BudgetError("max_delta_wer needs an evaluate(model) -> WER function")
-    float_wer = evaluate(copy_model(model).eval())
+    float_wer = checked_wer(evaluate, copy_model(model).eval(), BudgetError)
     evaluations: list[tuple[int, float]] = []
 
     def delta(n: int) -> float:
         qm = qswap.convert(model, recipe(n), data=batches).eval()
         qswap.calibrate(qm, batches)
-        wer = evaluate(qm)
+        wer = checked_wer(evaluate, qm, BudgetError)
         evaluations.append((n, wer))
         return wer - float_wer
 

@@ -87,7 +87,8 @@ def output_sqnr(reference: list[torch.Tensor], model: nn.Module, batches: list) 
 
     Elements where the reference itself is NaN/inf are left out. Where the reference is finite
     but the model's output is not, the quantized model broke: the SQNR is ``-inf`` (never
-    better than any finite score). The CLI writes ``-inf`` as ``null`` in its JSON."""
+    better than any finite score). An all-zero reference matched exactly is ``+inf`` (no noise).
+    The CLI writes an infinite SQNR as ``null`` in its JSON."""
     signal = noise = 0.0
     with torch.no_grad():
         for ref, batch in zip(reference, batches):
@@ -97,6 +98,8 @@ def output_sqnr(reference: list[torch.Tensor], model: nn.Module, batches: list) 
                 return float("-inf")
             signal += float(ref[finite].double().pow(2).sum())
             noise += float((ref[finite].double() - got[finite].double()).pow(2).sum())
+    if signal == 0.0 and noise == 0.0:  # a zero reference, matched exactly: no noise (0 / 0 had been -inf, "broke")
+        return float("inf")
     return 10.0 * torch.log10(torch.tensor(signal / max(noise, 1e-30))).item()
 
 
@@ -168,12 +171,29 @@ def sensitivity(model: nn.Module, recipe: Any, batches: Iterable[dict], *, metri
         if progress is not None:
             progress(i + 1, len(sites))
     if metric == "wer":
-        report.full_wer = evaluate(qmodel)
-        report.float_wer = evaluate(float_model)
+        def wer(model: nn.Module) -> float:
+            return checked_wer(evaluate, model, CalibrationError)
+
+        report.full_wer = wer(qmodel)
+        report.float_wer = wer(float_model)
         for site in sorted(report.sites, key=lambda s: -s.gain_db)[:top_k]:
             with enabled_only([sites[site.site]]):
-                site.delta_wer = report.full_wer - evaluate(qmodel)
+                site.delta_wer = report.full_wer - wer(qmodel)
     return report
+
+
+def checked_wer(evaluate: Callable[[nn.Module], float], model: nn.Module, error: type) -> float:
+    """``evaluate(model)`` as a float; ``error`` unless it is a finite real number (a NaN had made
+    every comparison false: search moved no unit and said nothing, sensitivity ranked NaN
+    differences; None had been a raw TypeError)."""
+    import math
+    import numbers
+
+    value = evaluate(model)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise error(f"evaluate(model) must return a finite WER (a number), got {value!r} "
+                    f"({type(value).__name__}); check the evaluation function")
+    return float(value)
 
 
 PLOT_FORMATS = ("png", "svg")  # what ``plot`` writes, named by the path's extension

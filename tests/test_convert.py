@@ -850,3 +850,16 @@ def test_a_recipe_that_quantizes_nothing_says_so_in_its_report():
     baseline = qswap.convert(model, "fp32").qswap_report
     assert baseline.counts()["quantized"] == 0 and not any("quantizes nothing" in n for n in baseline.notes)
     assert not any("quantizes nothing" in n for n in qswap.convert(model, "w8a8").qswap_report.notes)
+
+
+def test_the_report_labels_the_quantizers_each_site_gets():
+    """A rule's `sites: {input: null}` had still been reported as the rule's int8 activation."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    recipe = {"version": 1, "name": "no_input", "defaults": {"weight": {"bits": 8}, "activation": {"bits": 8}},
+              "rules": [{"match": {"path": "0"}, "sites": {"input": None}},
+                        {"match": {"path": "2"}, "sites": {"input": {"bits": 4}}}]}
+    q = qswap.convert(model, recipe)
+    entries = {e.path: e for e in q.qswap_report.entries}
+    assert entries["0"].activation == "float" and entries["0"].weight == "int8 sym per_tensor"
+    assert isinstance(q[0].input_quant, nn.Identity)
+    assert entries["2"].activation == q[2].input_quant.spec.short() == "int4 sym per_tensor"

@@ -335,3 +335,62 @@ def test_a_high_recipe_that_quantizes_nothing_says_so():
                 "rules": [{"match": {"path": "*"}, "skip": True}]}
     with pytest.raises(BudgetError, match="the high recipe skipall .--high. quantizes the weights of no module of this model"):
         search(_tiny(), [s2t_net_input(batch=1, frames=24, num_tokens=4)], target_mb=100.0, high=skip_all)
+
+
+@pytest.mark.parametrize("option", [{"observer": "percentile", "percentile": 99.9},
+                                    {"observer": "moving_average", "momentum": 0.1}], ids=["percentile", "momentum"])
+def test_a_high_weight_spec_with_observer_options_moves_units_without_them(option):
+    """The written low rule took the mse observer and kept the high spec's percentile / momentum,
+    which the loader refuses: search had failed at its first size, blaming a rule nobody wrote."""
+    high = {"version": 1, "name": "high", "defaults": {
+        "weight": {"bits": 8, "granularity": "per_tensor", **option}, "activation": {"bits": 8}}}
+    batches = [s2t_net_input(batch=1, frames=24, num_tokens=4)]
+    result = search(_tiny(), batches, high=high, max_delta_wer=1.0, evaluate=lambda m: 0.0)
+    moved = [r for r in result.recipe["rules"] if r["note"].startswith("searched")]
+    assert moved
+    assert all(r["weight"]["observer"] == "mse" and not set(option) - {"observer"} & set(r["weight"]) for r in moved)
+    qswap.convert(_tiny(), qswap.load_recipe(yaml.safe_load(yaml.safe_dump(result.recipe))))
+
+
+def test_wav2vec2s_weight_normed_positional_convolution_is_a_unit():
+    """Its weight_g and weight_v are read by one declared quantizer (weight_quant), which the search
+    had not found: that unit was never ranked or moved, and budgets it alone could meet refused."""
+    from qswap.models import build_wav2vec2_ctc
+    from qswap.search import _movable_units
+
+    units = {p for c in _movable_units(build_wav2vec2_ctc(), "w8a8_per_channel", 4) for p in c.paths}
+    assert "w2v_encoder.w2v_model.encoder.pos_conv.0" in units
+    conv = next(c for c in _movable_units(build_wav2vec2_ctc(), "w8a8_per_channel", 4)
+                if c.paths == ["w2v_encoder.w2v_model.encoder.pos_conv.0"])
+    model = build_wav2vec2_ctc()
+    pos_conv = model.w2v_encoder.w2v_model.encoder.pos_conv[0]
+    assert conv.numel == max(p.numel() for p in pos_conv.parameters() if p.dim() > 1)
+
+
+def test_a_strict_high_recipe_searches_and_the_written_recipe_shadows_no_rule():
+    """Once a path rule's every module is moved, the moved exact-path rules shadowed it: with
+    strict: true search had failed at any budget (a ConvertError about its own recipe), without it
+    the written recipe warned at every convert."""
+    high = dict(qswap.load_recipe("w4a8_edges8").to_dict(), strict=True, name="w4a8_edges8_strict")
+    batches = [s2t_net_input(batch=1, frames=24, num_tokens=4)]
+    result = search(_tiny(), batches, high=high, low_bits=3, max_delta_wer=1.0, evaluate=lambda m: 0.0)
+    assert result.low_count == len(result.candidates) > 0  # every unit moved, the edges too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qswap.QswapWarning)
+        qswap.convert(_tiny(), qswap.load_recipe(yaml.safe_load(yaml.safe_dump(result.recipe))))
+    assert search(_tiny(), batches, high=high, low_bits=3, target_mb=1e9).low_count == 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), None, "12.5", True])
+def test_an_evaluate_that_returns_no_finite_wer_is_a_budget_error(value):
+    """NaN had made every comparison false (no unit moved, nothing said); None a raw TypeError."""
+    with pytest.raises(BudgetError, match="evaluate\\(model\\) must return a finite WER"):
+        search(_tiny(), [s2t_net_input(batch=1, frames=24, num_tokens=4)], max_delta_wer=1.0,
+               evaluate=lambda m: value)
+
+
+def test_a_high_recipe_with_no_unit_above_the_low_bits_is_refused():
+    """--high w4a8 --low-bits 4: no candidate (norms stay as recipes say); search had decoded both
+    rows and written w4a8 unchanged as the searched recipe."""
+    with pytest.raises(BudgetError, match="no unit of w4a8 .--high. has weights above 4 bits"):
+        search(_tiny(), [s2t_net_input(batch=1, frames=24, num_tokens=4)], high="w4a8", low_bits=4, target_mb=1.0)

@@ -225,3 +225,20 @@ def test_a_top_k_that_is_no_positive_count_is_refused(top_k):
     """-2 had measured all sites but the last two, 0 none, True one, 2.5 a raw TypeError."""
     with pytest.raises(CalibrationError, match=f"top_k is how many sites metric='wer' decodes, .* got {top_k!r}"):
         qswap.sensitivity(_tiny(), "w4a8", [s2t_net_input()], metric="wer", evaluate=lambda m: 0.0, top_k=top_k)
+
+
+def test_an_all_zero_reference_matched_exactly_is_no_noise_not_broken():
+    """signal / max(noise, 1e-30) was 0 / 1e-30: -inf dB, the score of a broken model, for the
+    float model against itself."""
+    zeros = torch.zeros(1, 4)
+    batch = [{"x": None}]
+    assert output_sqnr([zeros], _Fixed(zeros), batch) == float("inf")
+    assert output_sqnr([zeros], _Fixed(torch.tensor([[0.0, 0.1, 0.0, 0.0]])), batch) == float("-inf")
+
+
+@pytest.mark.parametrize("value", [float("nan"), None, "3"])
+def test_an_evaluate_that_returns_no_finite_wer_is_a_calibration_error(value):
+    """NaN had ranked NaN WER differences; None had been a raw TypeError."""
+    batch = s2t_net_input(batch=1, frames=24, num_tokens=4)
+    with pytest.raises(CalibrationError, match="evaluate\\(model\\) must return a finite WER"):
+        qswap.sensitivity(_tiny(), "w4a8", [batch], metric="wer", evaluate=lambda m: value, top_k=1)

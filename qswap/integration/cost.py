@@ -46,6 +46,17 @@ _FUSED_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flop
                     aten._scaled_dot_product_fused_attention_overrideable: _sdpa_flops}
 
 
+def _batch_norm_flops(x, *args, out_val=None, **kwargs) -> int:
+    """An inference BatchNorm is one multiply-add per element (``x * a + b``, its statistics folded):
+    counted as the quantized model's BatchNorm, a 1x1 depthwise convolution of the folded weights,
+    is (the float conformer's had counted 0 MACs, the quantized one's C x T per layer)."""
+    return 2 * x.numel()
+
+
+_BATCH_NORM = {aten._native_batch_norm_legit_no_training: _batch_norm_flops,
+               aten.native_batch_norm: _batch_norm_flops}
+
+
 @dataclass(frozen=True)
 class Cost:
     macs: float
@@ -75,7 +86,7 @@ class _CostMode(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func.overloadpacket
-        flops = flop_registry.get(packet) or _FUSED_ATTENTION.get(packet)
+        flops = flop_registry.get(packet) or _FUSED_ATTENTION.get(packet) or _BATCH_NORM.get(packet)
         if flops is not None:
             macs = flops(*args, **kwargs, out_val=out) / 2
             tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]

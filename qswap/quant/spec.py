@@ -79,9 +79,9 @@ class QuantSpec:
                f"use observer: percentile with granularity: per_tensor, or observer: minmax or mse "
                f"{self.granularity}")
         _check(_number(self.percentile) and 50.0 < self.percentile <= 100.0,
-               "percentile", f"must be in (50, 100], got {self.percentile!r}")
+               "percentile", f"must be in (50, 100], got {self.percentile!r}{_yaml_hint(self.percentile)}")
         _check(_number(self.momentum) and 0.0 < self.momentum <= 1.0, "momentum",
-               f"must be a number in (0, 1], got {self.momentum!r}")
+               f"must be a number in (0, 1], got {self.momentum!r}{_yaml_hint(self.momentum)}")
         _check(not (self.narrow_range and not self.signed), "narrow_range",
                "only applies to signed grids")
         # calibration rounds a pow2 scale to a power of two; a learned (LSQ) scale leaves it at the
@@ -142,6 +142,16 @@ class QuantSpec:
 def _number(value: Any) -> bool:
     """An int or float; a bool is not a number here (``momentum: true`` is not 1.0)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _yaml_hint(value) -> str:
+    """Why a number arrived as a string: YAML 1.1 (PyYAML) reads ``1e-2`` (no dot) as one."""
+    try:
+        float(value) if isinstance(value, str) else None
+    except ValueError:
+        return ""
+    return (f" (YAML reads an exponent without a dot as a string: write {float(value)!r})"
+            if isinstance(value, str) else "")
 
 
 def _check(ok: bool, field: str, message: str) -> None:

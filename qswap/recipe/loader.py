@@ -104,13 +104,15 @@ def _load_shipped(name: str, path: Path) -> Recipe:
 
 def _load_file(path: Path) -> Recipe:
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:  # at most one byte past the limit: /dev/zero or a checkpoint is not read whole
+            data = f.read(MAX_RECIPE_BYTES + 1)
     except FileNotFoundError:
         raise RecipeError("recipe file not found", source=str(path)) from None
     except OSError as exc:
         raise RecipeError(f"cannot read recipe file: {exc.strerror}", source=str(path)) from None
     if len(data) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"recipe file is {len(data)} bytes; at most {MAX_RECIPE_BYTES}", source=str(path))
+        raise RecipeError(f"recipe file is larger than {MAX_RECIPE_BYTES} bytes (the limit); is it a recipe?",
+                          source=str(path))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -311,3 +311,19 @@ def test_a_stored_recipe_reads_without_the_refusals_of_options_it_ignored():
         load_recipe(data)
     assert load_stored_recipe(data).defaults.activation.observer == "minmax"
     assert load_stored_recipe("w8a8").name == "w8a8"
+
+
+def test_a_file_larger_than_a_recipe_is_refused_without_reading_it_whole(tmp_path):
+    """The whole file had been read before the size check: /dev/zero ran out of memory, a
+    checkpoint passed as --recipe was read completely."""
+    from pathlib import Path
+
+    from qswap.recipe.loader import MAX_RECIPE_BYTES
+
+    big = tmp_path / "checkpoint.pt"
+    big.write_bytes(b"x" * (MAX_RECIPE_BYTES + 10))
+    with pytest.raises(RecipeError, match=f"larger than {MAX_RECIPE_BYTES} bytes"):
+        load_recipe(str(big))
+    if Path("/dev/zero").exists():
+        with pytest.raises(RecipeError, match="larger than"):
+            load_recipe("/dev/zero")
