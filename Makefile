@@ -22,9 +22,14 @@ $(VENV)/.installed: setup.py setup.cfg constraints.txt Makefile qswap/quant/_fus
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch==2.13.0 "numpy>=1.21.3" cython
 	$(PIP) $(FAIRSEQ_DEPS)
-	$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
-	  && $(PIP) --no-build-isolation --no-deps fairseq-fixed==0.12.3.1 \
-	  || $(PIP) --no-build-isolation --no-deps fairseq==0.12.2
+# fairseq by the Python version, not as a fallback: a failed fairseq-fixed build had gone on to
+# fairseq 0.12.2 (which does not import on 3.11) and marked the install done
+	if $(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then \
+	  $(PIP) --no-build-isolation --no-deps fairseq-fixed==0.12.3.1; \
+	else \
+	  $(PIP) --no-build-isolation --no-deps fairseq==0.12.2; \
+	fi
+	$(PY) -c 'import fairseq'
 	$(PIP) pyyaml sentencepiece jiwer rich kaldi-native-fbank soundfile onnx onnxruntime safetensors pytest hypothesis scipy matplotlib
 	$(PIP) --no-build-isolation --no-deps -e . --config-settings editable_mode=compat
 	touch $@
@@ -57,7 +62,7 @@ qat_evals = for s in $(QAT_SETS); do d=$$($(call set_dir,$$s)) && \
 
 docs: install
 	$(PY) tools/sensitivity_doc.py
-	$(PY) -m qswap.demo
+	$(PY) -m qswap.demo --markdown docs/demo.md
 	$(PY) tools/accuracy_doc.py
 	$(PY) tools/integer_doc.py
 	$(PY) tools/integer_doc.py --layers w4a4_edges8_stream_smoothquant --layers-json docs/stream_integer_layers.json

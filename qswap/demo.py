@@ -4,8 +4,10 @@ On the shipped model (``qswap/assets/s2t_demo``: a small s2t_transformer trained
 ``tools/train_s2t.py`` on synthesized speech): evaluate float, then convert + calibrate + audit
 + evaluate every shipped recipe (and the model's searched mixed-precision recipe), audit and
 evaluate the shipped QAT checkpoints as they are, print the
-comparison table and write it to ``docs/demo.md``
-(or ``--markdown PATH``). This is ``qswap compare`` with the shipped model's paths filled in.
+comparison table and write it to ``demo_out/demo.md`` under the working directory (or
+``--markdown PATH``; the committed run, docs/demo.md, is ``--markdown docs/demo.md``, as ``make
+docs`` runs it: the README's first command leaves the repository's files as they are). This is
+``qswap compare`` with the shipped model's paths filled in.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from qswap.cli.args import POSITIVE
 
 ASSET = Path(__file__).parent / "assets" / "s2t_demo"
+OUT = "demo_out"  # the default output folder, under the working directory (made; git-ignored in the repository)
 RECIPES = ["fp32", "w8a8", "w8a8_per_channel", "w4a8", "w4a8_edges8", "w4a4", "w4a4_edges8_stream_smoothquant",
            "w4a4_edges8_stream_embed_smoothquant", "w8_weight_only"]
 # the mixed-precision recipe `qswap search` found for this model at w4a8_edges8's weight size
@@ -57,12 +60,18 @@ def data_dir(subset: str) -> Path:
     return materialize(EVAL_LARGE, subset, ASSET, cache, copy=MODEL_FILES + calib)
 
 
+def default_markdown(subset: str) -> str:
+    """Where the demo writes the table of ``subset`` without ``--markdown``: under OUT in the
+    working directory, not the repository's docs/ (the committed run)."""
+    return f"{OUT}/demo.md" if subset == "test" else f"{OUT}/demo_{subset}.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     from qswap.cli import main as cli
 
     p = argparse.ArgumentParser(prog="python -m qswap.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--markdown", help="where to write the table (default: docs/demo.md for the test "
-                                      "subset, docs/demo_<subset>.md for the others)")
+    p.add_argument("--markdown", help=f"where to write the table, the JSON beside it (default: {OUT}/demo.md for "
+                                      f"the test subset, {OUT}/demo_<subset>.md for the others; the folder is made)")
     p.add_argument("--subset", default="test", help="shipped subset to evaluate: test, test_heldout "
                                                     "(100 utterances each), test_large or test_heldout_large")
     p.add_argument("--beam", type=POSITIVE, default=5, help="beam size (default: 5)")
@@ -72,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         # '' had fallen back to docs/demo.md; a .json path collided with the JSON written beside it
         p.error(f"--markdown {args.markdown!r}: pass a Markdown file path (the JSON goes beside it, "
                 f"with the suffix .json)")
-    markdown = args.markdown or ("docs/demo.md" if args.subset == "test" else f"docs/demo_{args.subset}.md")
+    markdown = args.markdown or default_markdown(args.subset)
     checkpoint = ASSET / "checkpoint.pt"
     if not checkpoint.exists():
         print(f"no shipped model at {checkpoint}; build it with tools/train_s2t.py", file=sys.stderr)
         return 2
+    if args.markdown is None:  # minutes of decoding had ended in "no such directory" where docs/ was missing
+        Path(markdown).parent.mkdir(exist_ok=True)
     return cli([*(["--verbose"] if args.verbose else []), "compare", str(checkpoint),
                 "--data", str(data_dir(args.subset)), "--subset", args.subset, "--calib-subset", "train_calib", "--calib-batches", "1", "--beam", str(args.beam),
                 "--recipes", *RECIPES, *([str(SEARCHED)] if SEARCHED.exists() else []),

@@ -1,6 +1,6 @@
 """The README's and the asset README's numbers are the outputs of the repo's commands.
 
-`make demo` writes docs/demo.md (+ demo.json), `tools/accuracy_doc.py` writes docs/accuracy.md
+`python -m qswap.demo --markdown docs/demo.md` (`make docs`) writes docs/demo.md (+ demo.json), `tools/accuracy_doc.py` writes docs/accuracy.md
 (+ accuracy_*.json), `tools/train_s2t.py evaluate` writes the shipped model's metrics.json. Copies of those numbers in prose go stale when the
 model or the code changes; these tests fail until the prose is updated from a fresh run.
 """

@@ -140,7 +140,7 @@ def recipe_pairs(results: dict[str, dict]) -> str:
 
 
 def _small_set_note() -> str:
-    """The float WER of the demo's 100-utterance set (docs/demo.json, written by `make demo`)."""
+    """The float WER of the demo's 100-utterance set (docs/demo.json, written by `python -m qswap.demo --markdown docs/demo.md`, as `make docs` runs it)."""
     demo = json.loads((DOCS / "demo.json").read_text())["rows"][0]
     return (f"the demo's in-voice 100 utterances give fp32 {demo['wer']:.2f} %{interval_text(demo.get('wer_ci'))} WER (`make demo`), "
             "a harder sample than the 1,000 below; compare recipes within one set, never across sets.")

@@ -93,7 +93,7 @@ def render_comparison(table):
     for col in INTEGER_COLUMNS if integer else ():
         t.add_column(col, justify="left" if col == "integer-only" else "right")
     for r in table.rows:
-        honest = styled("yes", "green") if r.honest else styled(f"no ({r.float_ops} float ops)", "red")
+        honest = styled("yes", "green") if r.honest else styled(f"no ({r.float_ops} violations)", "red")
         sig = significance_cell(r)
         t.add_row(r.recipe, wer_cell(r), delta_cell(r), styled(sig, "bold" if sig == "yes" else "dim"),
                   f"{r.cer:.2f}", honest, f"{r.weight_mb:.2f}", f"{r.mmacs_per_s:.1f}", f"{r.gbops_per_s:.1f}",

@@ -183,9 +183,10 @@ def _intervals(utterances: list[dict], baseline: dict | None) -> dict:
 
 def _markdown(label: str, subset: str, counts, stats: dict) -> str:
     from qswap.integration.compare import significance_text
+    from qswap.markdown import cell as md_cell
 
     head = "| model | subset | utterances | WER % [95 % CI] | CER % |"
-    row = f"| {label} | {subset} | {counts.utterances} | {counts.wer:.2f}{_ci(stats.get('wer_ci'))} | {counts.cer:.2f} |"
+    row = f"| {md_cell(label)} | {md_cell(subset)} | {counts.utterances} | {counts.wer:.2f}{_ci(stats.get('wer_ci'))} | {counts.cer:.2f} |"
     if "baseline" in stats:
         head += " ΔWER [95 % CI] | vs | significant |"
         row += (f" {stats['delta_wer']:+.2f}{_ci(stats['delta_wer_ci'], '+')} | {stats['baseline']} | "
@@ -358,7 +359,10 @@ def _settings(args) -> dict:
     from pathlib import Path
     return {"checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
             "data": str(Path(args.data).resolve()) if args.data else None, "recipe": args.recipe,
-            "calib_subset": args.calib_subset, "calib_batches": args.calib_batches,
+            # nothing calibrated without --recipe: no subset, 0 batches (as compare writes; the defaults
+            # --recipe would take had been recorded)
+            "calib_subset": args.calib_subset if args.recipe else None,
+            "calib_batches": args.calib_batches if args.recipe else 0,
             "calib_batches_used": getattr(args, "calib_batches_used", None), "beam": args.beam, "max_sentences": args.max_sentences, "backend": args.backend,
             "integer": bool(args.integer), "simulate": args.simulate}
 

@@ -11,15 +11,19 @@ def console(stderr: bool = False):
     """The CLI's rich console. It parses no markup: what it prints holds text users wrote (recipe
     names, notes and rule patterns, paths), which may contain brackets (``[/]`` had raised rich's
     MarkupError after a checkpoint was written) or ``:name:`` (no emoji code either); styles are
-    given as ``styled`` text. Off a terminal (a log, a pipe) tables are laid out 160 columns wide
-    and lines of text are not wrapped (a result line or a command to copy had been cut at 160);
-    the width follows the stream it writes (stderr's own). A reader that closed the pipe is a
+    given as ``styled`` text. Off a terminal (a log, a pipe) nothing is cut or wrapped: tables are
+    as wide as their cells (at 160 columns a module path, a source's file:line or a recipe name had
+    been folded mid-word or cut to '…', and a grep of the log found nothing) and lines of text stay
+    whole (a result line or a command to copy); the width follows the stream it writes (stderr's own). A reader that closed the pipe is a
     ``BrokenPipeError`` (``qswap.cli`` ends with exit 141), not rich's ``SystemExit(1)``, which had
     read as an audit's negative verdict."""
     stream = sys.stderr if stderr else sys.stdout
     terminal = stream.isatty()
-    return _console_class()(file=stream, width=None if terminal else 160, soft_wrap=not terminal, markup=False,
-                            emoji=False)
+    return _console_class()(file=stream, width=None if terminal else UNWRAPPED, soft_wrap=not terminal,
+                            markup=False, emoji=False)
+
+
+UNWRAPPED = 100_000  # the console width off a terminal: every table fits its cells whole
 
 
 _CONSOLE = None
@@ -86,7 +90,12 @@ def convert_table(report, show_all: bool = False):
 def convert_summary(report) -> str:
     c = report.counts()
     mb = lambda b: f"{b / 1e6:.2f} MB"  # noqa: E731
-    lines = [f"{c['quantized']} quantized, {c['float']} left float, {c['skipped']} skipped, "
+    # a counterpart whose every spec is null holds no quantizer (the model's root under fp32): not
+    # "quantized" beside the note that the recipe quantizes nothing
+    bare = sum(1 for e in report.by_action("quantized")
+               if "float" in (e.weight, e.activation) and all(label in ("", "float") for label in (e.weight, e.activation)))
+    lines = [f"{c['quantized'] - bare} quantized, " + (f"{bare} converted with no quantizer (null specs), " if bare else "")
+             + f"{c['float']} left float, {c['skipped']} skipped, "
              f"{c['passthrough']} passthrough, {c['container']} containers; weights {mb(report.float_bytes)} float -> "
              f"{mb(report.quantized_bytes)} quantized (codes at their bit widths, with their grids)"]
     lines += [f"note: {n}" for n in report.notes]

@@ -70,9 +70,7 @@ def run(args: argparse.Namespace) -> int:
     table = Comparison(args.checkpoint, args.eval_subset, [row_float, row], {**settings, "bootstrap": bootstrap.to_dict()})
     # written once the recipe is measured: a failure on the way leaves the caller's -o as it was
     atomic_write_text(args.output, f"# written by: qswap search ({result.low_count} units low-bit)\n" + text)
-    console().print(render_comparison(table))
-    console().print(f"wrote {args.output}: {result.low_count} units at {args.low_bits}-bit weights, "
-                    f"{result.weight_mb:.3f} MB")
+    # the files before the terminal report: a reader that closes stdout (| head) loses none of them
     if args.markdown:
         atomic_write_text(args.markdown, table.markdown())
     if args.json_out:
@@ -81,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
                    "low_units": result.low_units, "low_count": result.low_count, "evaluations": result.evaluations,
                    "candidates": [dataclasses.asdict(c) for c in result.candidates]}
         atomic_write_text(args.json_out, json_text(payload))  # an infinite loss_db as null
+    console().print(render_comparison(table))
+    console().print(f"wrote {args.output}: {result.low_count} units at {args.low_bits}-bit weights, "
+                    f"{result.weight_mb:.3f} MB")
     return 0
 
 

@@ -64,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
         report = sensitivity(model, args.recipe, batches, metric=args.metric, evaluate=evaluate,
                              top_k=args.top_k, calib_batches=calib,
                              progress=lambda i, n: bar.update(job, completed=i, total=n))
-    console().print(sensitivity_table(report, args.checkpoint, args.show))
+    # the files before the terminal table: a reader that closes stdout (| head) loses none of them
     if args.json_out:
         atomic_write_text(args.json_out, json_text({**report.to_dict(), "settings": settings}))
     if args.plot:
         plot(report, args.plot)
+    console().print(sensitivity_table(report, args.checkpoint, args.show))
     return 0
 
 

@@ -38,7 +38,7 @@ from typing import Any
 from qswap.errors import DependencyError
 from qswap.export.graph_passes import index_graph
 from qswap.export.onnx import load_session
-from qswap.honesty.markdown import _table as markdown_table
+from qswap.markdown import table as markdown_table
 from qswap.io.atomic import atomic_write_bytes
 
 REPORT_VERSION = 1

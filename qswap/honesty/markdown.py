@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from qswap.honesty.report import KINDS, HonestyReport, Violation
+from qswap.markdown import table
 
 TOTAL_LABELS = {
     "compute": "compute ops executed",
@@ -20,14 +21,7 @@ TOTAL_LABELS = {
 }
 
 
-def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: list[list[object]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines + [""]
+_table = table  # the shared Markdown table (qswap.markdown): cells escaped
 
 
 def _violation_rows(items: list[Violation], declared: bool) -> list[list[object]]:
@@ -43,8 +37,10 @@ def _violation_rows(items: list[Violation], declared: bool) -> list[list[object]
 
 def render(report: HonestyReport, max_rows: int | None = None) -> str:
     verdict = f"**{report.verdict_label}**"
+    strict = "yes" if report.honest_strict else "no"
     out = [f"# qswap honesty audit: {report.model}", "",
-           f"Verdict: {verdict} (recipe: {report.recipe or 'none'})", ""]
+           f"Verdict: {verdict} (recipe: {report.recipe or 'none'}); honest with no declared exception or "
+           f"undeclared dynamic range: {strict}", ""]
     out += ["## Paths covered", ""]
     out += _table(["path", "aten ops", "compute ops", "violations"],
                   [[p.name, p.ops, p.compute, p.violations] for p in report.coverage])
@@ -82,6 +78,11 @@ def render(report: HonestyReport, max_rows: int | None = None) -> str:
         out += ["## Constant-foldable weight preprocessing", ""]
         out += _table(["module", "op", "count"], [[r.module or "<model>", f"`{r.op}`", r.count]
                                                   for r in report.constant_fold])
+    if report.values_verdict is not None:  # --values: the terminal line and the JSON had it, the Markdown not
+        out += [f"## Value-level check: {report.values_verdict} ({len(report.value_disagreements)} "
+                f"disagreement(s) with the tags)", ""]
+        if report.value_disagreements:
+            out += _table(header, _violation_rows(report.value_disagreements, declared=False))
     if report.notes:
         out += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     return "\n".join(out)

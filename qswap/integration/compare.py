@@ -22,6 +22,7 @@ from qswap.integration.bootstrap import (Bootstrap, bounds, delta_interval, inte
 from qswap.integration.cost import measure
 from qswap.integration.decode import decode
 from qswap.integration.metrics import error_counts, utterance_word_errors
+from qswap.markdown import cell as md_cell
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Row:
     cer: float
     delta_wer: float
     honest: bool
-    float_ops: int
+    float_ops: int  # the honesty audit's violations (float compute grouped by module, op, operand): the name of stored results
     weight_mb: float
     mmacs_per_s: float
     gbops_per_s: float
@@ -79,17 +80,17 @@ class Comparison:
         return no_interval_note(self.rows[0].utterances, f"{self.subset} gave") if self.rows else None
 
     def markdown(self) -> str:
-        head = ("| recipe | WER % [95 % CI] | ΔWER [95 % CI] | significant | CER % | honest (float ops) | "
+        head = ("| recipe | WER % [95 % CI] | ΔWER [95 % CI] | significant | CER % | honest (violations) | "
                 "weights MB | MMACs/s | GBOPs/s |")
         if self.settings.get("integer"):
             head += " " + " | ".join(INTEGER_COLUMNS) + " |"
         lines = [head, "|" + "---|" * head.count(" |")]
         for r in self.rows:
             verdict = "yes" if r.honest else f"no ({r.float_ops})"
-            line = (f"| {r.recipe} | {wer_cell(r)} | {delta_cell(r)} | {significance_cell(r)} | "
+            line = (f"| {md_cell(r.recipe)} | {wer_cell(r)} | {delta_cell(r)} | {significance_cell(r)} | "
                     f"{r.cer:.2f} | {verdict} | {r.weight_mb:.2f} | {r.mmacs_per_s:.1f} | {r.gbops_per_s:.1f} |")
             if self.settings.get("integer"):
-                line += " " + " | ".join(integer_cells(r)) + " |"
+                line += " " + " | ".join(map(md_cell, integer_cells(r))) + " |"
             lines.append(line)
         return "\n".join(lines + ([f"\n{self.note}"] if self.note else [])) + "\n"
 

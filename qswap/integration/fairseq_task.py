@@ -260,7 +260,7 @@ class QswapTaskMixin:
         report = qswap.audit(model, net_input)
         # honest, or honest with declared exceptions or dynamic ranges: the report's own verdict
         verdict = "HONEST" + report.verdict[len("honest"):] if report.honest else \
-            f"NOT HONEST ({len(report.violations)} float ops)"
+            f"NOT HONEST ({len(report.violations)} violations)"
         print(f"qswap audit: {verdict}; paths: {', '.join(report.paths)}", flush=True)
         for v in report.violations[:20]:
             print(f"qswap audit:   {v.module}: {v.op} ({v.operand}) {v.reason}", flush=True)

@@ -62,3 +62,30 @@ def test_show_all_for_a_quantized_checkpoint_is_refused(tmp_path, capsys):
     assert main(["convert", str(qckpt), "--recipe", "w8_weight_only", "--data", str(ASSET), "--show-all",
                  "-o", str(tmp_path / "r.pt")]) == 2
     assert "--show-all lists the modules a float checkpoint's conversion leaves" in capsys.readouterr().err
+
+
+def test_the_summary_of_a_recipe_that_quantizes_nothing_counts_no_quantized_module():
+    """fp32 converts the model's root to its counterpart with no quantizer: the summary had said
+    '1 quantized' next to the note that the recipe quantizes nothing."""
+    import qswap
+    from qswap.cli.render import convert_summary
+    from qswap.models import build_s2t_transformer
+
+    summary = convert_summary(qswap.convert(build_s2t_transformer(), "fp32").qswap_report)
+    assert summary.startswith("0 quantized, 1 converted with no quantizer (null specs), ")
+    assert "converted with no quantizer" not in convert_summary(qswap.convert(build_s2t_transformer(), "w8a8").qswap_report)
+
+
+def test_tables_off_a_terminal_keep_every_module_path_whole(capsys):
+    """At 160 columns off a terminal, the convert table had folded module paths mid-word
+    ('decoder.dropout_modul' / 'e'), and a grep of the log found nothing."""
+    import qswap
+    from qswap.cli.render import console, convert_table
+    from qswap.models import build_s2t_transformer
+
+    report = qswap.convert(build_s2t_transformer(), "w4a8_edges8").qswap_report
+    console().print(convert_table(report, show_all=True))
+    out = capsys.readouterr().out
+    for entry in report.entries:
+        if entry.path:
+            assert f" {entry.path} " in out, entry.path

@@ -173,3 +173,29 @@ def test_the_demo_refuses_its_own_bad_arguments(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "python -m qswap.demo: error:" in err and message in err and "qswap compare" not in err
+
+
+def test_the_demo_writes_its_own_folder_not_the_committed_docs():
+    """`make demo`, the README's first command, had overwritten docs/demo.md and demo.json (a run
+    on another CPU then failed `make test`'s README check), and failed after minutes where the
+    working directory had no docs/."""
+    from qswap.demo import OUT, default_markdown
+
+    assert default_markdown("test") == f"{OUT}/demo.md" and default_markdown("test_heldout") == f"{OUT}/demo_test_heldout.md"
+    assert not default_markdown("test").startswith("docs/")
+    from pathlib import Path
+    ignored = (Path(__file__).resolve().parents[2] / ".gitignore").read_text().splitlines()
+    assert f"/{OUT}/" in ignored
+
+
+def test_an_eval_without_a_recipe_records_no_calibration(tmp_path):
+    """Without --recipe nothing is calibrated: the JSON had recorded --recipe's defaults
+    (calib_subset 'train', 8 batches) as if it had; compare writes null and 0 there."""
+    import json
+
+    out = tmp_path / "e.json"
+    assert main(["eval", str(ASSET / "checkpoint.pt"), "--data", str(ASSET), "--subset", "train_calib",
+                 "--max-sentences", "32", "--beam", "1", "--json", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert (settings["recipe"], settings["calib_subset"], settings["calib_batches"], settings["calib_batches_used"]) \
+        == (None, None, 0, None)

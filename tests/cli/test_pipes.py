@@ -36,3 +36,20 @@ def test_a_closed_pipe_is_exit_141_and_loses_no_file(tmp_path):
     assert rc == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
     rc, err = _closed_stdout(["recipes"], tmp_path)
     assert rc == 141 and "Traceback" not in err, err
+
+
+def test_sensitivity_and_search_write_their_files_before_a_closed_pipe(float_checkpoint, tmp_path):
+    """They had printed the terminal table first: a reader that closed stdout (| head) lost the
+    --json, --markdown and --plot files of minutes of probing."""
+    _, data, ckpt = float_checkpoint
+    common = ["--data", str(data), "--subset", "test", "--max-sentences", "4", "--calib-batches", "1"]
+    rc, err = _closed_stdout(["sensitivity", str(ckpt), *common, "--batches", "1", "--recipe", "w4a8",
+                              "--json", str(tmp_path / "s.json")], tmp_path)
+    assert rc == 141 and "Traceback" not in err, err
+    assert json.loads((tmp_path / "s.json").read_text())["sites"]
+    rc, err = _closed_stdout(["search", str(ckpt), *common, "--batches", "1", "--target-mb", "0.03", "--beam", "1",
+                              "-o", str(tmp_path / "r.yaml"), "--json", str(tmp_path / "r.json"), "--markdown",
+                              str(tmp_path / "r.md")], tmp_path)
+    assert rc == 141 and "Traceback" not in err, err
+    assert json.loads((tmp_path / "r.json").read_text())["row"]["recipe"] == "searched"
+    assert "| searched |" in (tmp_path / "r.md").read_text() and (tmp_path / "r.yaml").exists()

@@ -89,8 +89,15 @@ def test_values_runs_the_value_level_check_beside_the_tags(checkpoint, tmp_path,
     assert "value-level check: honest, 0 disagreement(s)" in capsys.readouterr().out
     report = json.loads(out_json.read_text())
     assert report["values_verdict"] == "honest" and report["value_disagreements"] == []
-    assert main(["audit", str(ckpt), "--recipe", "w8_weight_only", "--values", "--json", str(out_json)]) == 1
-    assert json.loads(out_json.read_text())["values_verdict"] == "dishonest"
+    out_md = tmp_path / "audit.md"
+    assert main(["audit", str(ckpt), "--recipe", "w8_weight_only", "--values", "--json", str(out_json),
+                 "--markdown", str(out_md)]) == 1
+    report = json.loads(out_json.read_text())
+    assert report["values_verdict"] == "dishonest"
+    # the Markdown carries the value-level check too (it had only been on the terminal and in the JSON)
+    markdown = out_md.read_text()
+    assert f"## Value-level check: dishonest ({len(report['value_disagreements'])} disagreement(s)" in markdown
+    assert "undeclared dynamic range: no" in markdown
 
 
 def test_a_data_subset_can_be_audited(checkpoint):
