@@ -194,8 +194,10 @@ $ fairseq-train DATA --user-dir $(qswap-plugin-dir) --task speech_to_text_qswap 
 loss = (1 - alpha) x label-smoothed cross entropy + alpha x tau^2 x KL(teacher || student), the
 KL of the two softmax(logits / tau) distributions at every teacher-forced target position that is
 not padding, summed as fairseq sums its losses. The teacher is loaded once per process with the
-run's data directory (a teacher trained with another dictionary does not load: a
-`CheckpointError` says so), runs in eval mode without gradients, and is not part of the
+run's data directory (a teacher trained with a dictionary of another size, or a qswap checkpoint
+recording another dictionary, does not load: a `CheckpointError` says so; a fairseq float checkpoint
+records no dictionary, so one of the same size with other symbols is not caught; a quantized teacher
+must be calibrated), runs in eval mode without gradients, and is not part of the
 criterion's modules, so it is neither trained nor saved in the run's checkpoints (their saved
 config names it: `fairseq-validate` on one loads the teacher again). The log shows both terms per
 token (per sentence with `--sentence-avg`, as fairseq's `loss`), `ce_loss` and `kd_loss`, base 2

@@ -33,10 +33,19 @@ _DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: byte-identical zips for the s
 def encode(feats: np.ndarray, step: float = STEP) -> tuple[np.ndarray, np.ndarray]:
     """(codes, norm): int8 time differences of the quantized codes, and (mean, std) per channel."""
     feats = np.asarray(feats, dtype=np.float32)
+    if feats.ndim != 2 or feats.shape[0] == 0:
+        raise DataError(f"compact storage takes (frames, channels) features of at least one frame, got shape "
+                        f"{feats.shape}")
+    if not (isinstance(step, (int, float, np.floating)) and np.isfinite(step) and step > 0):
+        raise DataError(f"the compact step is a positive number of standard deviations, got {step!r}")
     if not np.isfinite(feats).all():
         raise DataError("features with NaN or inf values cannot be stored compactly; check the feature "
                         "extraction of this utterance")
-    mean, std = feats.mean(0), feats.std(0) + np.float32(1e-5)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = feats.mean(0), feats.std(0) + np.float32(1e-5)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):  # a spread beyond float32
+        raise DataError("features whose values spread beyond float32's range cannot be stored compactly; check "
+                        "the feature extraction of this utterance")
     z = np.round((feats - mean) / (std * step))
     if np.abs(z).max(initial=0) > np.iinfo(np.int16).max // 2:
         raise DataError(f"a feature lies {np.abs(z).max() * step:.1f} standard deviations from its "
@@ -99,7 +108,12 @@ def materialize(compact_dir: str | Path, split: str, model_dir: str | Path, out_
     if not source.is_file():
         raise DataError(f"no compact features {source}; the large evaluation sets ship in "
                         f"qswap/assets/s2t_demo/eval_large (tools/make_eval_large.sh rebuilds them)")
-    stamp = f"{source.stat().st_size} {source.stat().st_mtime_ns}\n"
+    manifest = compact_dir / f"{split}.tsv"
+    # the zip, the manifest and the files asked for: a second call asking for more files, or an
+    # edited manifest, had been answered with the first call's folder
+    stamp = " ".join([f"{source.stat().st_size} {source.stat().st_mtime_ns}",
+                      f"{manifest.stat().st_size} {manifest.stat().st_mtime_ns}" if manifest.is_file() else "-",
+                      *sorted(copy)]) + "\n"
     done = out_dir / f".{split}.materialized"
     if done.is_file() and done.read_text() == stamp:
         return out_dir
@@ -112,13 +126,18 @@ def materialize(compact_dir: str | Path, split: str, model_dir: str | Path, out_
     rows = _read_manifest(compact_dir / f"{split}.tsv")
     zname = f"fbank80_{split}.zip"
 
-    with zipfile.ZipFile(source) as src:
-        step = float(np.load(io.BytesIO(src.read("step.npy"))))
-        with atomic_open(out_dir / zname, "wb") as f, zipfile.ZipFile(f, "w") as zf:
-            for row in rows:
-                feats = decode(np.load(io.BytesIO(src.read(f"{row['id']}.codes.npy"))),
-                               np.load(io.BytesIO(src.read(f"{row['id']}.norm.npy"))), step)
-                _entry(zf, f"{row['id']}.npy", _npy(feats), zipfile.ZIP_STORED)
+    try:
+        with zipfile.ZipFile(source) as src:
+            step = float(np.load(io.BytesIO(src.read("step.npy"))))
+            with atomic_open(out_dir / zname, "wb") as f, zipfile.ZipFile(f, "w") as zf:
+                for row in rows:
+                    feats = decode(np.load(io.BytesIO(src.read(f"{row['id']}.codes.npy"))),
+                                   np.load(io.BytesIO(src.read(f"{row['id']}.norm.npy"))), step)
+                    _entry(zf, f"{row['id']}.npy", _npy(feats), zipfile.ZIP_STORED)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # a damaged or edited copy
+        raise DataError(f"{source}: cannot read the compact features ({type(exc).__name__}: {exc}); the file is "
+                        f"damaged or does not match {manifest.name}: restore qswap/assets/s2t_demo/eval_large "
+                        f"from the repository") from None
     with zipfile.ZipFile(out_dir / zname) as zf:  # fairseq reads features at their byte offsets
         where = {i.filename[:-4]: f"{zname}:{i.header_offset + 30 + len(i.filename.encode())}:{i.file_size}"
                  for i in zf.infolist()}
@@ -136,12 +155,19 @@ def _read_manifest(path: Path) -> list[dict]:
 
 def _manifest_text(rows: list[dict], audio: bool = True) -> str:
     cols = ["id", *(["audio"] if audio else []), "n_frames", "tgt_text", "speaker"]
-    return "".join("\t".join(r[c] for c in cols) + "\n" for r in [dict(zip(cols, cols)), *rows])
+    return "".join("\t".join(r.get(c) or "" for c in cols) + "\n" for r in [dict(zip(cols, cols)), *rows])
 
 
 def _read_features(data_dir: Path, audio: str) -> np.ndarray:
-    """The float features of a manifest ``audio`` field ``<zip>:<offset>:<length>``."""
-    name, offset, length = audio.rsplit(":", 2)
-    with open(data_dir / name, "rb") as f:
-        f.seek(int(offset))
-        return np.load(io.BytesIO(f.read(int(length))))
+    """The float features of a manifest ``audio`` field: ``<zip>:<offset>:<length>``, or a ``.npy`` file."""
+    parts = audio.rsplit(":", 2)
+    try:
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            with open(data_dir / parts[0], "rb") as f:
+                f.seek(int(parts[1]))
+                return np.load(io.BytesIO(f.read(int(parts[2]))))
+        return np.load(data_dir / audio)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot read the features of manifest entry {audio!r} in {data_dir} ({type(exc).__name__}: "
+                        f"{exc}); compact storage takes fbank features (.npy, or a feature zip's "
+                        f"<zip>:<offset>:<length>), not audio") from None

@@ -34,7 +34,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.logging import metrics
 
-from qswap.errors import CheckpointError, TrainingError
+from qswap.calibrate import activation_quantizers
+from qswap.errors import CheckpointError, DataError, TrainingError
 
 NAME = "qswap_distill"
 DEFAULT_ALPHA = 0.5  # the distillation term's weight
@@ -77,7 +78,9 @@ class DistillCriterion(LabelSmoothedCrossEntropyCriterion):
             kd = kd.view_as(ce)  # fairseq's unreduced cross entropy is one row per position: (B * T, 1)
         loss = (1.0 - self.alpha) * ce + self.alpha * kd
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = {"loss": loss.data, "nll_loss": nll.data, "ce_loss": ce.data, "kd_loss": kd.data,
+        # a copy: fairseq zeroes the returned loss in place on an update that applies no gradient (qswap's
+        # calibration updates), and the logged train loss had read 0 there
+        logging_output = {"loss": loss.detach().clone(), "nll_loss": nll.data, "ce_loss": ce.data, "kd_loss": kd.data,
                           "ntokens": sample["ntokens"], "nsentences": sample["target"].size(0),
                           "sample_size": sample_size}
         if self.report_accuracy:
@@ -103,9 +106,11 @@ class DistillCriterion(LabelSmoothedCrossEntropyCriterion):
                                   f"the model's {tuple(student_logits.shape)}: distill from a model trained "
                                   f"with the same dictionary")
         tau = self.temperature
-        student = F.log_softmax(student_logits.float() / tau, dim=-1)
-        target = F.log_softmax(teacher_logits.float() / tau, dim=-1)
-        per_token = F.kl_div(student, target, log_target=True, reduction="none").sum(-1) * (tau * tau)
+        # float64: at high temperatures the two distributions are close, and float32's KL of them had
+        # been off by 2 % (30 % for single tokens) at tau 100; the term is float32 again for the mix
+        student = F.log_softmax(student_logits.double() / tau, dim=-1)
+        target = F.log_softmax(teacher_logits.double() / tau, dim=-1)
+        per_token = (F.kl_div(student, target, log_target=True, reduction="none").sum(-1) * (tau * tau)).float()
         start = self.ignore_prefix_size
         per_token = per_token[:, start:]
         pad = sample["target"][:, start:].eq(self.padding_idx)
@@ -149,6 +154,17 @@ def load_teacher(path: str, task) -> torch.nn.Module:
         raise CheckpointError(f"the distillation teacher does not load with this run's data directory "
                               f"and dictionary: {exc}; distill from a model trained with the same "
                               f"dictionary") from None
+    except DataError as exc:  # a qswap checkpoint's recorded dictionary is not the run's
+        raise CheckpointError(f"the distillation teacher {path} does not match this run's data directory: {exc}; "
+                              f"distill from a model trained with the same dictionary") from None
+    quantizers = [q for q in activation_quantizers(teacher) if q.enabled]
+    if quantizers and not any(bool(q.frozen) for q in quantizers):  # an uncalibrated quantized model (a
+        # calibrated one keeps observing only sites its paths never ran): each teacher forward would move its
+        # grids, and the target the student learns would drift
+        raise CheckpointError(f"the distillation teacher {path} is quantized but not calibrated (its "
+                              f"{len(quantizers)} activation quantizers still observe: 'qswap convert "
+                              f"--no-calibrate'): its outputs would change with every batch; distill from the "
+                              f"float model or a calibrated checkpoint")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()

@@ -90,3 +90,68 @@ def test_non_finite_features_are_refused_with_a_data_error():
     feats[3, 4] = np.nan
     with pytest.raises(DataError, match="NaN or inf"):
         encode(feats)
+
+
+@pytest.mark.parametrize("feats, step, said", [
+    (np.zeros((0, 80), np.float32), STEP, "at least one frame"),
+    (np.zeros(80, np.float32), STEP, "at least one frame"),
+    (np.zeros((4, 80), np.float32), 0.0, "positive number"),
+    (np.zeros((4, 80), np.float32), float("nan"), "positive number"),
+    (np.array([[3e38] * 80, [-3e38] * 80], np.float32), STEP, "spread beyond float32"),
+], ids=["no_frame", "1-d", "step_0", "step_nan", "overflow"])
+def test_features_the_codec_cannot_store_are_data_errors(feats, step, said):
+    """They had been stored and decoded to NaN or garbage (a step of 0: 'nan standard deviations')."""
+    from qswap.errors import DataError
+
+    with pytest.raises(DataError, match=said):
+        encode(feats, step)
+
+
+def _tiny_split(root: Path, speaker: bool = True) -> Path:
+    """A data folder with a 3-utterance split whose rows name plain .npy feature files."""
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    head = ["id", "audio", "n_frames", "tgt_text"] + (["speaker"] if speaker else [])
+    lines = ["\t".join(head)]
+    for i in range(3):
+        np.save(data / f"u{i}.npy", rng.normal(size=(10 + i, 80)).astype(np.float32))
+        lines.append("\t".join([f"u{i}", f"u{i}.npy", str(10 + i), "a b"] + (["s"] if speaker else [])))
+    (data / "s.tsv").write_text("\n".join(lines) + "\n")
+    return data
+
+
+def test_a_split_of_npy_rows_without_speakers_packs_and_materializes(tmp_path):
+    """A .npy row had been a ValueError and a manifest without the optional speaker column a KeyError."""
+    data = _tiny_split(tmp_path, speaker=False)
+    (tmp_path / "compact").mkdir()
+    pack(data, "s", tmp_path / "compact")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.yaml").write_text("x: 1\n")
+    out = materialize(tmp_path / "compact", "s", tmp_path / "model", tmp_path / "out", copy=("config.yaml",))
+    rows = _manifest(out / "s.tsv")
+    assert [r["id"] for r in rows] == ["u0", "u1", "u2"] and all(r["speaker"] == "" for r in rows)
+
+
+def test_a_damaged_compact_zip_is_a_data_error_and_the_cache_follows_what_is_asked(tmp_path):
+    """A missing entry or a corrupt zip had been a raw KeyError / BadZipFile at the demo's first use; a
+    second materialize asking for more files had returned the first call's folder without them."""
+    from qswap.errors import DataError
+
+    (tmp_path / "compact").mkdir()
+    pack(_tiny_split(tmp_path), "s", tmp_path / "compact")
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.yaml", "gcmvn.npz"):
+        (model / name).write_text(name)
+    out = materialize(tmp_path / "compact", "s", model, tmp_path / "out", copy=("config.yaml",))
+    assert not (out / "gcmvn.npz").exists()
+    materialize(tmp_path / "compact", "s", model, tmp_path / "out", copy=("config.yaml", "gcmvn.npz"))
+    assert (out / "gcmvn.npz").read_text() == "gcmvn.npz"
+    manifest = tmp_path / "compact" / "s.tsv"
+    manifest.write_text(manifest.read_text() + "ghost\t5\ta b\ts\n")
+    with pytest.raises(DataError, match="cannot read the compact features .KeyError"):
+        materialize(tmp_path / "compact", "s", model, tmp_path / "out2", copy=("config.yaml",))
+    (tmp_path / "compact" / "fbank80_s.q8.zip").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="cannot read the compact features .BadZipFile"):
+        materialize(tmp_path / "compact", "s", model, tmp_path / "out3", copy=("config.yaml",))
