@@ -11,6 +11,7 @@ from torch import nn
 from qswap.errors import CalibrationError, DataError, QswapError, SpecError, expect_module
 from qswap.honesty.paths import SEQ2SEQ, model_kind, run_paths
 from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.lazy_state import load_state_back, ordinary_tensors
 from qswap.recipe.schema import OBSERVE  # what a recipe's observe key may say; the first is the default
 
 logger = logging.getLogger("qswap")
@@ -56,6 +57,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
     >>> qswap.calibrate(qmodel, (s["net_input"] for s in itertools.islice(loader, 16)))
     """
     expect_module(model, "calibrate()", CalibrationError)
+    if torch.is_inference_mode_enabled():  # its ranges would be inference tensors no later update may write
+        raise CalibrationError("qswap.calibrate was called under torch.inference_mode: call it outside that "
+                               "mode (it runs under torch.no_grad itself)")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise CalibrationError(f"calibrate()'s max_batches is a whole number of batches, 1 or more (None: every "
@@ -106,8 +110,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn
     except BaseException:
         # a failed calibration leaves every activation quantizer as it found it (its grid, frozen
         # flag and observed range): not observing afresh at inference, with ranges of a part-run
+        ordinary_tensors(model)
         for q, state in saved + others:
-            q.load_state_dict(state)
+            load_state_back(q, state)
         raise
     for q, state in others:
         q.load_state_dict(state)
@@ -246,8 +251,11 @@ def _run_batch(run: Callable[[nn.Module, Any], Any], model: nn.Module, batch: An
         raise
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [""])[0][:300]
+        advice = ("the model runs part of its forward under torch.inference_mode, whose tensors no observer "
+                  "may keep: run it under torch.no_grad instead" if "inference tensor" in reason.lower() else
+                  "check that the batches are what the model takes")
         raise error(f"{who}calibration batch {index}: the model raised {type(exc).__name__}: "
-                    f"{reason}; check that the batches are what the model takes") from exc
+                    f"{reason}; {advice}") from exc
 
 
 def _site_of(model: nn.Module, quantizer: nn.Module | None) -> str | None:

@@ -20,6 +20,7 @@ from qswap.honesty.values import MAX_CHECKED_BITS
 from qswap.errors import AuditError, QswapError, expect_module
 from qswap.nn.base import QuantModule
 from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.lazy_state import load_state_back, ordinary_tensors
 
 if TYPE_CHECKING:
     from qswap.honesty.integer import IntegerAuditReport
@@ -103,6 +104,7 @@ def _audited(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int)
             kind = _run(model, inputs, tracker, decode_steps)
     finally:
         tracker.detach()
+        ordinary_tensors(model)  # a model that entered torch.inference_mode left its grids as inference tensors
         restore(tracker.ran_quantizers, tracker.hooked)
     named = list(model.named_modules())  # the run may have changed the tree (checks walk it again)
     _check_executed(named, tracker)
@@ -177,7 +179,7 @@ def _prepare(model: nn.Module, modules: list[nn.Module]):
         did not hook, can have observed)."""
         for q, state in saved:
             if id(q) in ran or id(q) not in hooked:
-                q.load_state_dict(state)
+                load_state_back(q, state)
         for m in training:
             m.training = True
 

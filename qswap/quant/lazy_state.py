@@ -8,6 +8,28 @@ import torch
 from torch import nn
 
 
+def ordinary_tensors(module: nn.Module) -> None:
+    """Make ordinary tensors of the buffers and parameters a run under ``torch.inference_mode``
+    (a model that enters it in its own forward) replaced with inference tensors: no in-place write
+    reaches those outside that mode, and the next calibration, grid update or rollback had raised
+    a RuntimeError of its own."""
+    for owner in module.modules():
+        for name, buffer in owner._buffers.items():
+            if buffer is not None and buffer.is_inference():
+                owner._buffers[name] = buffer.clone()
+        for param in owner._parameters.values():
+            if param is not None and param.data.is_inference():
+                param.data = param.data.clone()
+
+
+def load_state_back(module: nn.Module, state: dict) -> None:
+    """``module.load_state_dict(state)``, also after a run that left inference tensors in it
+    (``ordinary_tensors``: the rollback of a failed calibration or audit had raised its own
+    RuntimeError there, hiding the error that says what happened)."""
+    ordinary_tensors(module)
+    module.load_state_dict(state)
+
+
 class LazyStateModule(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

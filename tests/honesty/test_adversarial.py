@@ -446,3 +446,19 @@ def test_float_compute_on_an_integer_model_input_is_found():
     found = {(v.op, v.kind) for v in report.violations}
     assert ("aten.convolution", "raw_parameter") in found and ("aten.convolution", "float_operand") in found
     assert not report.honest and not report.constant_fold
+
+
+def test_an_uncalibrated_model_under_inference_mode_is_an_audit_error_and_calibrate_says_so_too():
+    """With quantizers still observing, the audit's restore (and calibrate's rollback) had written
+    into the inference tensors the run left and raised their own RuntimeError, hiding the error
+    that names the mode; calibrate called under inference_mode had blamed the batches."""
+    qmodel = qswap.convert(_InferenceInside(), "w8a8")
+    qmodel.inside = True
+    with pytest.raises(qswap.AuditError, match="runs part of its forward under torch.inference_mode"):
+        qswap.audit(qmodel, torch.randn(4, 8))
+    with pytest.raises(qswap.CalibrationError, match="runs part of its forward under torch.inference_mode"):
+        qswap.calibrate(qmodel, [torch.randn(4, 8)])
+    qmodel.inside = False
+    with torch.inference_mode(), pytest.raises(qswap.CalibrationError, match="called under torch.inference_mode"):
+        qswap.calibrate(qmodel, [torch.randn(4, 8)])
+    assert qswap.calibrate(qmodel, [torch.randn(4, 8)]) == 1  # the rolled-back model calibrates as any
