@@ -676,6 +676,8 @@ def _spec_labels(counterpart: type, config: QuantConfig) -> dict[str, str]:
     site of that kind (a ReLU has no weight to quantize)."""
     labels = {}
     for kind in ("weight", "activation"):
-        specs = [config.spec(site, kind) for site, declared in counterpart.sites.items() if declared == kind]
+        nonnegative = getattr(counterpart, "nonnegative_sites", frozenset())  # unsigned grids (a softmax's output)
+        specs = [config.spec(site, kind, nonnegative=site in nonnegative)
+                 for site, declared in counterpart.sites.items() if declared == kind]
         labels[kind] = " / ".join(dict.fromkeys(s.short() if s is not None else "float" for s in specs))
     return labels

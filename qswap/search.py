@@ -170,12 +170,14 @@ def _added_noise(high_db: float, low_db: float) -> float:
 
 
 def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str,
-                 rules: Mapping[str, Any] | None = None) -> dict:
+                 rules: Mapping[str, Any] | None = None, structure: nn.Module | None = None) -> dict:
     """``high`` with one exact-path rule per unit moved to ``low_bits`` weights, placed first. Each
     is the rule ``high`` applies to that module (``rules``: path -> rule, ``qswap.convert.
     rules_in_effect``; the nearest listed ancestor's for a path not listed; without it, the
     defaults) with only the weight's width and observer changed (``low_weight_changes``, what the
-    ranking's probe ``_bits`` measured): its activations, sites and float_ok stay as ranked."""
+    ranking's probe ``_bits`` measured): its activations, sites and float_ok stay as ranked.
+    ``structure`` (the model with the high recipe's transforms' modules): the base rules the moved
+    ones leave taking no module are left out (``_still_taking``)."""
     base = load_recipe(high).to_dict()
     moved = []
     for c in low:
@@ -188,23 +190,24 @@ def build_recipe(high: Any, low: list[Candidate], low_bits: int, name: str,
             kept = {k: v for k, v in weight.items() if OBSERVER_OPTIONS.get(k, LOW_BITS_OBSERVER) == LOW_BITS_OBSERVER}
             moved.append({**own, "match": {"path": p}, "weight": {**kept, **low_weight_changes(low_bits)},
                           "note": f"searched: alone at {low_bits} bits it costs {c.loss_db:.2f} dB of output SQNR"})
-    return {**base, "name": name,
-            "description": f"mixed precision searched from {base.get('name', 'recipe')}: "
-                           f"{len(low)} units at {low_bits}-bit weights",
-            "rules": moved + _still_taking(base.get("rules", []), rules, {p for c in low for p in c.paths})}
+    written = {**base, "name": name,
+               "description": f"mixed precision searched from {base.get('name', 'recipe')}: "
+                              f"{len(low)} units at {low_bits}-bit weights",
+               "rules": moved + list(base.get("rules", []))}
+    if structure is not None and moved:
+        written["rules"] = moved + _still_taking(written, structure, len(moved))
+    return written
 
 
-def _still_taking(base_rules: list, rules: Mapping[str, Any] | None, moved: set[str]) -> list:
-    """``base_rules`` without those every module of which is now taken by a moved unit's exact-path
-    rule: they would take no module (a "shadowed" warning at every convert of the written recipe,
-    a ConvertError under ``strict: true``). Without ``rules`` (what each rule takes) all are kept."""
-    if not rules:
-        return list(base_rules)
-    taken: dict[int, set[str]] = {}
-    for path, rule in rules.items():
-        if rule is not None:  # None: the defaults
-            taken.setdefault(rule.index, set()).add(path)
-    return [r for i, r in enumerate(base_rules) if not (taken.get(i) and taken[i] <= moved)]
+def _still_taking(recipe: dict, structure: nn.Module, first_base: int) -> list:
+    """The base rules (``recipe["rules"][first_base:]``) that still take a module (any path,
+    containers included, the first rule matching it) once the moved units' exact-path rules come
+    first: the others would take none (a "shadowed" warning at every convert of the written recipe,
+    a ConvertError under ``strict: true``) and change nothing where left out."""
+    from qswap.convert import ConvertReport, _walk
+
+    _, hit = _walk(structure, load_recipe(recipe), ConvertReport(recipe=recipe["name"]))
+    return [r for i, r in enumerate(recipe["rules"][first_base:], first_base) if i in hit]
 
 
 def _nearest(rules: Mapping[str, Any], path: str):
@@ -247,7 +250,7 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
 
     def sized(units: list[Candidate]) -> float:
         # the sizes need the transforms' modules, not their folded values
-        recipe = build_recipe(high, units, low_bits, name, rules)
+        recipe = build_recipe(high, units, low_bits, name, rules, structure)
         return qswap.convert(model, recipe, data=STRUCTURE_ONLY).qswap_report.quantized_bytes / 1e6
 
     if target_mb is not None:  # before the ranking's minutes of probes: every unit low needs no order
@@ -263,7 +266,7 @@ def search(model: nn.Module, batches: list, *, high: Any = "w8a8_per_channel", l
                           f"higher recipe")
 
     def recipe(n: int) -> dict:
-        return build_recipe(high, candidates[:n], low_bits, name, rules)
+        return build_recipe(high, candidates[:n], low_bits, name, rules, structure)
 
     def size_mb(n: int) -> float:
         return sized(candidates[:n])

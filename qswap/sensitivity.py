@@ -187,13 +187,18 @@ def checked_wer(evaluate: Callable[[nn.Module], float], model: nn.Module, error:
     every comparison false: search moved no unit and said nothing, sensitivity ranked NaN
     differences; None had been a raw TypeError)."""
     import math
-    import numbers
 
     value = evaluate(model)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+    number = None
+    if not isinstance(value, (bool, str, bytes)) and value is not None:
+        try:
+            number = float(value)  # a Python or numpy number, a one-element tensor
+        except (TypeError, ValueError, RuntimeError):
+            number = None
+    if number is None or not math.isfinite(number):
         raise error(f"evaluate(model) must return a finite WER (a number), got {value!r} "
                     f"({type(value).__name__}); check the evaluation function")
-    return float(value)
+    return number
 
 
 PLOT_FORMATS = ("png", "svg")  # what ``plot`` writes, named by the path's extension

@@ -863,3 +863,12 @@ def test_the_report_labels_the_quantizers_each_site_gets():
     assert entries["0"].activation == "float" and entries["0"].weight == "int8 sym per_tensor"
     assert isinstance(q[0].input_quant, nn.Identity)
     assert entries["2"].activation == q[2].input_quant.spec.short() == "int4 sym per_tensor"
+
+
+def test_the_report_labels_a_softmax_outputs_unsigned_grid():
+    """An attention's softmax_out quantizer gets an unsigned grid (its values are never negative):
+    the label had shown only the rule's signed spec."""
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    q = qswap.convert(model, "w8a8")
+    label = next(e for e in q.qswap_report.entries if e.path == "0").activation
+    assert q[0].core.softmax_out_quant.spec.short() in label.split(" / ") and "uint8" in label

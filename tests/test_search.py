@@ -394,3 +394,30 @@ def test_a_high_recipe_with_no_unit_above_the_low_bits_is_refused():
     rows and written w4a8 unchanged as the searched recipe."""
     with pytest.raises(BudgetError, match="no unit of w4a8 .--high. has weights above 4 bits"):
         search(_tiny(), [s2t_net_input(batch=1, frames=24, num_tokens=4)], high="w4a8", low_bits=4, target_mb=1.0)
+
+
+def test_a_rule_matching_a_container_is_kept_when_every_unit_inside_is_moved():
+    """The pruning of shadowed rules had dropped a rule that matched a container (its converted
+    children all moved), though the container still took it (its float_ok, say)."""
+    from qswap.convert import rules_in_effect
+    from qswap.search import _movable_units, build_recipe
+
+    high = dict(qswap.load_recipe("w8a8_per_channel").to_dict(), name="high")
+    high["rules"] = [{"match": {"path": "encoder"}, "note": "the encoder container"}, *high.get("rules", [])]
+    model = _tiny()
+    units = [c for c in _movable_units(model, high, 4) if all(p.startswith("encoder.") for p in c.paths)]
+    written = build_recipe(high, units, 4, "searched", rules_in_effect(model, qswap.load_recipe(high)), model)
+    assert {"match": {"path": "encoder"}, "note": "the encoder container"} in written["rules"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qswap.QswapWarning)
+        qswap.convert(model, qswap.load_recipe(yaml.safe_load(yaml.safe_dump(written))))
+
+
+def test_an_evaluate_returning_a_tensor_or_numpy_number_is_taken():
+    """The finite-WER check must not refuse what float() reads (a one-element tensor, a numpy number)."""
+    import numpy as np
+    import torch
+
+    batches = [s2t_net_input(batch=1, frames=24, num_tokens=4)]
+    for value in (torch.tensor(0.0), np.float32(0.0)):
+        assert search(_tiny(), batches, max_delta_wer=1.0, evaluate=lambda m: value).low_count > 0

@@ -41,7 +41,8 @@ def with_own_fbank(dataset) -> bool:
     no-op."""
     from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDataset
 
-    if not isinstance(dataset, SpeechToTextDataset) or getattr(dataset.cfg, "use_audio_input", False):
+    if (not isinstance(dataset, SpeechToTextDataset) or getattr(dataset.cfg, "use_audio_input", False)
+            or not callable(getattr(type(dataset), "_get_source_audio", None))):  # fairseq 0.12.2 reads rows elsewhere
         return False
     if "_get_source_audio" in vars(dataset):
         return True
@@ -51,17 +52,37 @@ def with_own_fbank(dataset) -> bool:
     return True
 
 
+def _fairseq_features(path: str, waveform_transforms):
+    """fairseq's reader of a feature row (waveform transforms passed only where set: fairseq 0.12.2's
+    reader takes none)."""
+    from fairseq.data.audio import audio_utils as au
+
+    extra = {} if waveform_transforms is None else {"waveform_transforms": waveform_transforms}
+    return au.get_features_or_waveform(path, **extra)
+
+
 def _source_features(self, index):
     """fairseq's ``SpeechToTextDataset._get_source_audio`` for feature input (one index, or
     ConcatAugment's list of indices), its audio rows read by :func:`row_features`."""
     import torch
 
     indices = [index] if np.ndim(index) == 0 else list(index)
-    parts = [row_features(self.audio_paths[i], self.waveform_transforms) for i in indices]
+    if not any(is_audio_row(self.audio_paths[i]) for i in indices):  # feature rows: fairseq's own reading
+        return type(self)._get_source_audio(self, index)
+    parts = [row_features(self.audio_paths[i], getattr(self, "waveform_transforms", None)) for i in indices]
     source = parts[0] if len(parts) == 1 else np.concatenate(parts)
     if self.feature_transforms is not None:
         source = self.feature_transforms(source)
     return torch.from_numpy(source).float()
+
+
+def is_audio_row(path: str) -> bool:
+    """Whether a manifest ``audio`` entry names a WAV/FLAC file (by its suffix; a zip entry's bytes
+    are told apart when read): a ``.npy`` row or a feature zip's ``<zip>:<offset>:<length>`` is not."""
+    from fairseq.data.audio import audio_utils as au
+
+    file, pointer = au.parse_path(path)
+    return bool(pointer) or Path(file).suffix in au.SF_AUDIO_FILE_EXTENSIONS
 
 
 def row_features(path: str, waveform_transforms=None) -> np.ndarray:
@@ -75,13 +96,15 @@ def row_features(path: str, waveform_transforms=None) -> np.ndarray:
     file, pointer = au.parse_path(path)
     if len(pointer) == 2:
         data = au.read_from_stored_zip(file, pointer[0], pointer[1])
+        if au.is_npy_data(data):  # a feature zip's row: read once, as fairseq reads it
+            return np.load(io.BytesIO(data))
         if not au.is_sf_audio_data(data):
-            return au.get_features_or_waveform(path, waveform_transforms=waveform_transforms)
+            return _fairseq_features(path, waveform_transforms)
         source = io.BytesIO(data)
     elif not pointer and Path(file).suffix in au.SF_AUDIO_FILE_EXTENSIONS:
         source = file
     else:
-        return au.get_features_or_waveform(path, waveform_transforms=waveform_transforms)
+        return _fairseq_features(path, waveform_transforms)
     import soundfile
 
     # fairseq's get_waveform as get_fbank calls it (which imports torchaudio even when it has no

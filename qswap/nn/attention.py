@@ -33,6 +33,7 @@ from qswap.quant.integer import INT32_MAX
 
 CORE_SITES = dict.fromkeys(("q", "k", "v", "scores", "scores_bias", "attn_bias", "softmax_in", "softmax_out"),
                            "activation")
+CORE_NONNEGATIVE = frozenset({"softmax_out"})  # never negative: an unsigned grid unless its site names a spec
 
 
 def as_bool_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -55,6 +56,7 @@ def as_bool_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.
 
 class QuantAttentionCore(nn.Module):
     sites = CORE_SITES
+    nonnegative_sites = CORE_NONNEGATIVE
 
     def __init__(self, config: QuantConfig):
         super().__init__()
@@ -66,7 +68,7 @@ class QuantAttentionCore(nn.Module):
         self.scores_bias_quant = quantizer(config, self.sites, "scores_bias")
         self.attn_bias_quant = quantizer(config, self.sites, "attn_bias")
         self.softmax_in_quant = quantizer(config, self.sites, "softmax_in")
-        self.softmax_out_quant = quantizer(config, self.sites, "softmax_out", nonnegative=True)
+        self.softmax_out_quant = quantizer(config, self.sites, "softmax_out", nonnegative="softmax_out" in self.nonnegative_sites)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                 attn_mask: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
@@ -330,6 +332,7 @@ class QMultiheadAttention(QuantModule):
 
     sites = {"input": "activation", "key_in": "activation", "value_in": "activation",
              "in_proj_weight": "weight", "weight": "weight", **CORE_SITES}  # weight: out_proj's
+    nonnegative_sites = CORE_NONNEGATIVE
     param_quantizers = {"in_proj_bias": "bias_quant", "bias_k": "core.k_quant", "bias_v": "core.v_quant"}
 
     def __init__(self, module: nn.MultiheadAttention, config: QuantConfig):

@@ -100,18 +100,19 @@ def test_wav_stored_in_a_zip_and_npy_rows_are_read_too(tmp_path):
 
 
 def test_concatenated_rows_read_each_rows_audio(tmp_path):
-    """ConcatAugment asks for a list of indices: their features, concatenated, as fairseq does."""
+    """ConcatAugment asks for a list of indices: their features, concatenated, as fairseq does; a list
+    of feature rows only is fairseq's own reading."""
     from types import SimpleNamespace
 
     from qswap.integration.audio_rows import _source_features
 
-    arrays = [np.full((3, 80), 1.0, np.float32), np.full((2, 80), 2.0, np.float32)]
-    for i, array in enumerate(arrays):
-        np.save(tmp_path / f"{i}.npy", array)
-    rows = SimpleNamespace(audio_paths=[str(tmp_path / f"{i}.npy") for i in range(2)], waveform_transforms=None,
+    for i in range(2):
+        _wav(tmp_path / f"{i}.wav", 0.5 + 0.25 * i, i)
+    rows = SimpleNamespace(audio_paths=[str(tmp_path / f"{i}.wav") for i in range(2)], waveform_transforms=None,
                            feature_transforms=None)
-    assert torch.equal(_source_features(rows, [1, 0]), torch.from_numpy(np.concatenate([arrays[1], arrays[0]])))
-    assert torch.equal(_source_features(rows, np.int64(0)), torch.from_numpy(arrays[0]))
+    each = [row_features(p) for p in rows.audio_paths]
+    assert torch.equal(_source_features(rows, [1, 0]), torch.from_numpy(np.concatenate([each[1], each[0]])))
+    assert torch.equal(_source_features(rows, np.int64(0)), torch.from_numpy(each[0]))
 
 
 def test_a_wav_too_short_for_one_frame_is_a_data_error_naming_it(tmp_path):
@@ -153,3 +154,12 @@ def test_row_features_leave_feature_rows_to_fairseq(tmp_path):
     array = np.arange(160, dtype=np.float32).reshape(2, 80)
     np.save(tmp_path / "f.npy", array)
     assert np.array_equal(row_features(str(tmp_path / "f.npy")), array)
+
+
+def test_feature_zip_rows_read_as_fairseq_reads_them():
+    """The shipped subsets' rows (a feature zip's <zip>:<offset>:<length>) give what fairseq's own
+    _get_source_audio gives, bit for bit."""
+    _, task = load_model_and_task(f"{ASSET}/checkpoint.pt", ASSET)
+    dataset = load_subset(task, "test")
+    for i in (0, 7):
+        assert torch.equal(dataset._get_source_audio(i), type(dataset)._get_source_audio(dataset, i))

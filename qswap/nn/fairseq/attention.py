@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from qswap.errors import ConvertError, IntegerizeError
 from qswap.io.serializable import INT, Obj, serializable
 from qswap.io.serializable import Tuple as TupleOf
-from qswap.nn.attention import (CORE_SITES, QuantAttentionCore, heads_padding, maps_elementwise, merge_heads,
+from qswap.nn.attention import (CORE_NONNEGATIVE, CORE_SITES, QuantAttentionCore, heads_padding, maps_elementwise, merge_heads,
                                  split_heads)
 from qswap.nn.base import QuantConfig, QuantModule, own, quantizer
 from qswap.nn.linear import QLinear, op_onto
@@ -98,6 +98,7 @@ class QFairseqMultiheadAttention(QuantModule, FairseqIncrementalState):
 
     sites = {"input": "activation", "key_in": "activation", "value_in": "activation", "weight": "weight",
              **CORE_SITES}
+    nonnegative_sites = CORE_NONNEGATIVE
     takes_reader = True  # forward(..., out_quant=): the out projection writes onto its reader's grid
     param_quantizers = {"bias_k": "core.k_quant", "bias_v": "core.v_quant"}  # appended to k and v
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from qswap.io.serializable import INT, List, Obj, Tuple, serializable
 from qswap.io.serializable import Tensor as TensorOf
-from qswap.nn.attention import CORE_SITES, heads_padding, integer_product, merge_heads, split_heads
+from qswap.nn.attention import CORE_NONNEGATIVE, CORE_SITES, heads_padding, integer_product, merge_heads, split_heads
 from qswap.nn.base import QuantConfig, QuantModule, derived_weight, quantizer
 from qswap.nn.fairseq.attention import Projection, attention_core
 from qswap.nn.linear import QLinear
@@ -60,6 +60,7 @@ class QESPNETMultiHeadedAttention(QuantModule):
 
     sites = {"input": "activation", "key_in": "activation", "value_in": "activation", "weight": "weight",
              **CORE_SITES}
+    nonnegative_sites = CORE_NONNEGATIVE
     takes_reader = True
 
     def __init__(self, module: ESPNETMultiHeadedAttention, config: QuantConfig):
