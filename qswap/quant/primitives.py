@@ -320,7 +320,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     Gradients are straight-through inside [qmin, qmax] and zero outside. When ``scale``
     requires grad (LSQ), it receives the LSQ gradient through the differentiable path.
     """
-    if x.dtype in _HALF or scale.dtype in _HALF:
+    if (x.dtype is not torch.float32 or scale.dtype is not torch.float32) and (x.dtype in _HALF or scale.dtype in _HALF):
         # float16 / bfloat16 (a model.half(), fairseq --fp16 or --amp): 1 / scale of a scale below
         # 2^-16 is inf in float16 (0 * inf is NaN), and 16-bit floats round a fine grid's codes:
         # the grid arithmetic is float32's, the result cast back to x's dtype
