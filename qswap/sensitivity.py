@@ -187,14 +187,15 @@ def checked_wer(evaluate: Callable[[nn.Module], float], model: nn.Module, error:
     every comparison false: search moved no unit and said nothing, sensitivity ranked NaN
     differences; None had been a raw TypeError)."""
     import math
+    import numbers
 
     value = evaluate(model)
     number = None
-    if not isinstance(value, (bool, str, bytes)) and value is not None:
-        try:
-            number = float(value)  # a Python or numpy number, a one-element tensor
-        except (TypeError, ValueError, RuntimeError):
-            number = None
+    if isinstance(value, torch.Tensor):  # a one-element real tensor (not bool, not complex)
+        if value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+            number = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # Python and numpy reals
+        number = float(value)
     if number is None or not math.isfinite(number):
         raise error(f"evaluate(model) must return a finite WER (a number), got {value!r} "
                     f"({type(value).__name__}); check the evaluation function")

@@ -381,7 +381,9 @@ def test_a_strict_high_recipe_searches_and_the_written_recipe_shadows_no_rule():
     assert search(_tiny(), batches, high=high, low_bits=3, target_mb=1e9).low_count == 0
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), None, "12.5", True])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), None, "12.5", True, complex(0.5, 2.0),
+                                   __import__("numpy").bool_(True), __import__("torch").tensor([1.0, 2.0])],
+                         ids=["nan", "inf", "none", "str", "bool", "complex", "np_bool", "two_elements"])
 def test_an_evaluate_that_returns_no_finite_wer_is_a_budget_error(value):
     """NaN had made every comparison false (no unit moved, nothing said); None a raw TypeError."""
     with pytest.raises(BudgetError, match="evaluate\\(model\\) must return a finite WER"):

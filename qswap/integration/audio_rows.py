@@ -77,8 +77,9 @@ def _source_features(self, index):
 
 
 def is_audio_row(path: str) -> bool:
-    """Whether a manifest ``audio`` entry names a WAV/FLAC file (by its suffix; a zip entry's bytes
-    are told apart when read): a ``.npy`` row or a feature zip's ``<zip>:<offset>:<length>`` is not."""
+    """Whether a manifest ``audio`` entry may hold audio: a WAV/FLAC file (by its suffix) or any zip
+    entry ``<zip>:<offset>:<length>`` (its bytes are told apart when read: ``row_features`` reads a
+    feature zip's .npy entry once, as fairseq does); a plain ``.npy`` row is not."""
     from fairseq.data.audio import audio_utils as au
 
     file, pointer = au.parse_path(path)

@@ -41,7 +41,6 @@ NAME = "qswap_distill"
 DEFAULT_ALPHA = 0.5  # the distillation term's weight
 DEFAULT_TEMPERATURE = 1.0
 TEMPERATURES = (0.01, 100.0)  # the distillation temperatures taken: 1e-45 and 1e30 made the loss NaN
-FLOAT64_TAU = 2.0  # above it the KL term is computed in float64 (close distributions: float32 cancels)
 
 
 @dataclass
@@ -107,11 +106,11 @@ class DistillCriterion(LabelSmoothedCrossEntropyCriterion):
                                   f"the model's {tuple(student_logits.shape)}: distill from a model trained "
                                   f"with the same dictionary")
         tau = self.temperature
-        # above FLOAT64_TAU in float64: the two distributions come close as tau grows, and float32's KL of
-        # them had been off by 2 % (30 % for single tokens) at tau 100; float32 again for the mix
-        wide = torch.float64 if tau > FLOAT64_TAU else torch.float32
-        student = F.log_softmax(student_logits.to(wide) / tau, dim=-1)
-        target = F.log_softmax(teacher_logits.to(wide) / tau, dim=-1)
+        # float64: the two distributions are close (a quantized copy of its teacher, a high tau), and
+        # float32's KL of them cancels (2 % off at tau 100, single tokens by far more); a vocabulary's
+        # logits are small beside the model's own work; float32 again for the mix
+        student = F.log_softmax(student_logits.double() / tau, dim=-1)
+        target = F.log_softmax(teacher_logits.double() / tau, dim=-1)
         per_token = (F.kl_div(student, target, log_target=True, reduction="none").sum(-1) * (tau * tau)).float()
         start = self.ignore_prefix_size
         per_token = per_token[:, start:]

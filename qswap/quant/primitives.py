@@ -341,7 +341,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
             if passes_apply(x, spec):
                 return fake_quantize_passes(x, float(scale), int(zero_point), spec)
             out = torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
-            return _nan_kept(x, out) if x.requires_grad and torch.is_grad_enabled() else out
+            return _nan_kept(x, out) if torch.is_grad_enabled() else out  # a training step's features too
         if not (x.requires_grad and torch.is_grad_enabled()):
             return fake_quantize_channel_passes(x, scale, zero_point, spec)
         # the kernel casts codes to int64 before clamping: beyond int64 (+inf too) a code wraps to
@@ -367,10 +367,10 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _nan_kept(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """torch's fake-quant kernels turn NaN into qmin's value: on the paths that carry a gradient to
-    ``x`` (a training forward: a float16 overflow, broken features) a NaN would go on as a finite
-    number; CPU inference keeps NaN, and so does training now (two extra passes, on training
-    paths only)."""
+    """torch's fake-quant kernels turn NaN into qmin's value: in a training forward (a float16
+    overflow, broken features) a NaN would go on as a finite number; CPU inference keeps NaN, and
+    so does every forward with gradients enabled now (two extra passes; inference under no_grad on
+    other devices is unchanged)."""
     return torch.where(torch.isnan(x), x, out)
 
 
