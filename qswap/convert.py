@@ -172,6 +172,13 @@ def _already_converted(model: nn.Module) -> bool:
     return any(isinstance(m, (FakeQuantize, QuantModule)) for m in model.modules())
 
 
+def rules_hit(model: nn.Module, recipe: Recipe) -> set[int]:
+    """Indices of the recipe's rules that are the first match of some module of ``model`` (its
+    containers and skipped subtrees' roots included): the others take no module (``convert``
+    warns that they are shadowed or match nothing)."""
+    return _walk(model, recipe, ConvertReport(recipe=recipe.name))[1]
+
+
 def rules_in_effect(model: nn.Module, recipe: Recipe) -> dict[str, Rule | None]:
     """Module path -> the rule ``convert`` applies to each module it would convert in ``model`` as
     it is (its own rule or an ancestor's; None: the defaults), from the same walk, with nothing
@@ -675,8 +682,8 @@ def _spec_labels(counterpart: type, config: QuantConfig) -> dict[str, str]:
     int8), distinct labels joined by " / " in site order; empty where the counterpart declares no
     site of that kind (a ReLU has no weight to quantize)."""
     labels = {}
+    nonnegative = getattr(counterpart, "nonnegative_sites", frozenset())  # unsigned grids (a softmax's output)
     for kind in ("weight", "activation"):
-        nonnegative = getattr(counterpart, "nonnegative_sites", frozenset())  # unsigned grids (a softmax's output)
         specs = [config.spec(site, kind, nonnegative=site in nonnegative)
                  for site, declared in counterpart.sites.items() if declared == kind]
         labels[kind] = " / ".join(dict.fromkeys(s.short() if s is not None else "float" for s in specs))

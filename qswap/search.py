@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from qswap.calibrate import check_batches
-from qswap.convert import copy_model, rules_in_effect
+from qswap.convert import copy_model, rules_hit, rules_in_effect
 from qswap.errors import BudgetError, expect_module
 from qswap.nn.base import param_quantizer
 from qswap.quant.fake_quantize import FakeQuantize
@@ -204,9 +204,7 @@ def _still_taking(recipe: dict, structure: nn.Module, first_base: int) -> list:
     containers included, the first rule matching it) once the moved units' exact-path rules come
     first: the others would take none (a "shadowed" warning at every convert of the written recipe,
     a ConvertError under ``strict: true``) and change nothing where left out."""
-    from qswap.convert import ConvertReport, _walk
-
-    _, hit = _walk(structure, load_recipe(recipe), ConvertReport(recipe=recipe["name"]))
+    hit = rules_hit(structure, load_recipe(recipe))
     return [r for i, r in enumerate(recipe["rules"][first_base:], first_base) if i in hit]
 
 

@@ -102,9 +102,11 @@ def _audited(model: nn.Module, inputs: Any, tracker: Tracker, decode_steps: int)
         tracker.tag_inputs(inputs)
         with torch.no_grad(), tracker, watch_threads(tracker):
             kind = _run(model, inputs, tracker, decode_steps)
+    except BaseException:
+        ordinary_tensors(model)  # a model that entered torch.inference_mode left its grids as inference tensors
+        raise
     finally:
         tracker.detach()
-        ordinary_tensors(model)  # a model that entered torch.inference_mode left its grids as inference tensors
         restore(tracker.ran_quantizers, tracker.hooked)
     named = list(model.named_modules())  # the run may have changed the tree (checks walk it again)
     _check_executed(named, tracker)

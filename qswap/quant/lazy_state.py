@@ -24,10 +24,14 @@ def ordinary_tensors(module: nn.Module) -> None:
 
 def load_state_back(module: nn.Module, state: dict) -> None:
     """``module.load_state_dict(state)``, also after a run that left inference tensors in it
-    (``ordinary_tensors``: the rollback of a failed calibration or audit had raised its own
-    RuntimeError there, hiding the error that says what happened)."""
-    ordinary_tensors(module)
-    module.load_state_dict(state)
+    (the rollback of a failed calibration or audit had raised its own RuntimeError there, hiding
+    the error that says what happened): those are made ordinary (``ordinary_tensors``) only when
+    the load meets one, so an ordinary restore walks nothing more."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError:
+        ordinary_tensors(module)
+        module.load_state_dict(state)
 
 
 class LazyStateModule(nn.Module):
