@@ -488,12 +488,13 @@ def _replace(root: nn.Module, plans: list[_Plan], report: ConvertReport, signs: 
     for plan in sorted_plans:
         new = _from_float(plan)
         counterpart_modes[id(new)] = modes[id(plan.module)]
-        labels = _spec_labels(plan.counterpart, plan.config)
+        labels, holds = _spec_labels(plan.counterpart, plan.config)
         tied = _share_tied_quantizers(new, plan.path, shared, report)
         if tied:  # the weight is read by the first owner's quantizer, not by one of this rule's spec
             labels["weight"] = "; ".join(tied)
+        action = "quantized" if holds or tied or not plan.counterpart.sites else "no_quantizer"
         report.entries.append(ModuleEntry(
-            plan.path, type(plan.module).__name__, "quantized", plan.rule_label,
+            plan.path, type(plan.module).__name__, action, plan.rule_label,
             counterpart=type(new).__name__, **labels))
         built.append((plan.path, new))
     _check_weight_grids(built, signs)  # before anything is set in place
@@ -676,15 +677,17 @@ def _share_tied_quantizers(new: nn.Module, path: str, shared: dict, report: Conv
     return tied
 
 
-def _spec_labels(counterpart: type, config: QuantConfig) -> dict[str, str]:
+def _spec_labels(counterpart: type, config: QuantConfig) -> tuple[dict[str, str], bool]:
     """The weight / activation labels of the quantizers the counterpart's sites get (the rule's
     spec, or a ``sites:`` entry's: ``sites: {input: null}`` had still been shown as the rule's
     int8), distinct labels joined by " / " in site order; empty where the counterpart declares no
-    site of that kind (a ReLU has no weight to quantize)."""
-    labels = {}
+    site of that kind (a ReLU has no weight to quantize). And whether any site gets a quantizer
+    (a spec that is not null)."""
+    labels, holds = {}, False
     nonnegative = getattr(counterpart, "nonnegative_sites", frozenset())  # unsigned grids (a softmax's output)
     for kind in ("weight", "activation"):
         specs = [config.spec(site, kind, nonnegative=site in nonnegative)
                  for site, declared in counterpart.sites.items() if declared == kind]
         labels[kind] = " / ".join(dict.fromkeys(s.short() if s is not None else "float" for s in specs))
-    return labels
+        holds = holds or any(s is not None for s in specs)
+    return labels, holds

@@ -6,7 +6,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ACTIONS = ("quantized", "float", "skipped", "passthrough", "container")
+# "no_quantizer": a counterpart in place whose every declared site the recipe leaves float (null
+# specs: the model's root under fp32, every module under a recipe that quantizes nothing); it
+# computes in float, declared so by its rule (not a module the walk could not convert: "float")
+ACTIONS = ("quantized", "no_quantizer", "float", "skipped", "passthrough", "container")
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,8 @@ def _units(qmodel: nn.Module) -> list[tuple[list[str], list[FakeQuantize], int]]
     """(paths, weight quantizers, weight numel) of every swapped, non-norm unit."""
     entries = qmodel.qswap_report.by_action("quantized")
     unit_paths = sorted((e.path for e in entries), key=len, reverse=True)
-    norms = {e.path for e in entries if "Norm" in e.float_class}  # norm parameters stay as recipes say
+    # a normalization's scale and shift stay as the recipe says (declared: QuantModule.normalizes)
+    norms = {e.path for e in entries if getattr(qmodel.get_submodule(e.path), "normalizes", False)}
     owners: dict[int, tuple[FakeQuantize, set[str], int]] = {}
     for mpath, module in qmodel.named_modules(remove_duplicate=False):
         for pname, param in module.named_parameters(recurse=False):

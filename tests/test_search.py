@@ -423,3 +423,19 @@ def test_an_evaluate_returning_a_tensor_or_numpy_number_is_taken():
     batches = [s2t_net_input(batch=1, frames=24, num_tokens=4)]
     for value in (torch.tensor(0.0), np.float32(0.0)):
         assert search(_tiny(), batches, max_delta_wer=1.0, evaluate=lambda m: value).low_count > 0
+
+
+def test_norms_are_told_by_their_declaration_not_their_class_name():
+    """Search had taken a unit for a norm when its float class's name held "Norm": a counterpart's
+    ``normalizes`` declares it now (LayerNorm, GroupNorm, BatchNorm stay as the recipe says)."""
+    from qswap.nn.base import QuantModule
+    from qswap.search import _movable_units
+
+    model = _tiny()
+    qmodel = qswap.convert(model, "w8a8_per_channel")
+    units = {p for c in _movable_units(model, "w8a8_per_channel", 4) for p in c.paths}
+    norms = {path for path, m in qmodel.named_modules() if isinstance(m, QuantModule) and m.normalizes}
+    assert norms and not norms & units
+    assert {type(qmodel.get_submodule(p)).__name__ for p in norms} >= {"QLayerNorm"}
+    assert any(isinstance(qmodel.get_submodule(p), QuantModule) and not qmodel.get_submodule(p).normalizes
+               for p in units)

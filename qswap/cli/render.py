@@ -14,9 +14,9 @@ def console(stderr: bool = False):
     given as ``styled`` text. Off a terminal (a log, a pipe) nothing is cut or wrapped: tables are
     as wide as their cells (at 160 columns a module path, a source's file:line or a recipe name had
     been folded mid-word or cut to '…', and a grep of the log found nothing) and lines of text stay
-    whole (a result line or a command to copy); the width follows the stream it writes (stderr's own). A reader that closed the pipe is a
-    ``BrokenPipeError`` (``qswap.cli`` ends with exit 141), not rich's ``SystemExit(1)``, which had
-    read as an audit's negative verdict."""
+    whole (a result line or a command to copy); the width follows the stream it writes (stderr's
+    own). A reader that closed the pipe is a ``BrokenPipeError`` (``qswap.cli`` ends with exit
+    141), not rich's ``SystemExit(1)``, which had read as an audit's negative verdict."""
     stream = sys.stderr if stderr else sys.stdout
     terminal = stream.isatty()
     return _console_class()(file=stream, width=None if terminal else UNWRAPPED, soft_wrap=not terminal,
@@ -77,7 +77,7 @@ def convert_table(report, show_all: bool = False):
     table = Table(title=f"convert report: recipe {report.recipe}", show_lines=False)
     for col in ("module", "class", "action", "counterpart", "weight", "activation", "rule / reason"):
         table.add_column(col, overflow="fold")
-    style = {"quantized": "green", "float": "red", "skipped": "yellow", "passthrough": "dim"}
+    style = {"quantized": "green", "no_quantizer": "yellow", "float": "red", "skipped": "yellow", "passthrough": "dim"}
     for e in report.entries:
         if e.action in ("passthrough", "container") and not show_all:
             continue
@@ -90,11 +90,8 @@ def convert_table(report, show_all: bool = False):
 def convert_summary(report) -> str:
     c = report.counts()
     mb = lambda b: f"{b / 1e6:.2f} MB"  # noqa: E731
-    # a counterpart whose every spec is null holds no quantizer (the model's root under fp32): not
-    # "quantized" beside the note that the recipe quantizes nothing
-    bare = sum(1 for e in report.by_action("quantized")
-               if "float" in (e.weight, e.activation) and all(label in ("", "float") for label in (e.weight, e.activation)))
-    lines = [f"{c['quantized'] - bare} quantized, " + (f"{bare} converted with no quantizer (null specs), " if bare else "")
+    lines = [f"{c['quantized']} quantized, "
+             + (f"{c['no_quantizer']} converted with no quantizer (null specs), " if c["no_quantizer"] else "")
              + f"{c['float']} left float, {c['skipped']} skipped, "
              f"{c['passthrough']} passthrough, {c['container']} containers; weights {mb(report.float_bytes)} float -> "
              f"{mb(report.quantized_bytes)} quantized (codes at their bit widths, with their grids)"]

@@ -83,7 +83,14 @@ def is_audio_row(path: str) -> bool:
     from fairseq.data.audio import audio_utils as au
 
     file, pointer = au.parse_path(path)
-    return bool(pointer) or Path(file).suffix in au.SF_AUDIO_FILE_EXTENSIONS
+    return bool(pointer) or _audio_file(file)
+
+
+def _audio_file(file: str) -> bool:
+    """A file soundfile reads as audio, by its suffix (fairseq's own list: .wav, .flac, .ogg)."""
+    from fairseq.data.audio import audio_utils as au
+
+    return Path(file).suffix in au.SF_AUDIO_FILE_EXTENSIONS
 
 
 def row_features(path: str, waveform_transforms=None) -> np.ndarray:
@@ -102,7 +109,7 @@ def row_features(path: str, waveform_transforms=None) -> np.ndarray:
         if not au.is_sf_audio_data(data):
             return _fairseq_features(path, waveform_transforms)
         source = io.BytesIO(data)
-    elif not pointer and Path(file).suffix in au.SF_AUDIO_FILE_EXTENSIONS:
+    elif not pointer and _audio_file(file):
         source = file
     else:
         return _fairseq_features(path, waveform_transforms)

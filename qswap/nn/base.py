@@ -125,11 +125,16 @@ class QuantModule(nn.Module):
     ``takes_reader`` says that ``forward`` takes ``out_quant``, the quantizer that reads the result,
     and with ``simulate: integer`` writes onto its grid as the integer form does
     (``qswap.nn.simulate.onto_grid``); a container calls it so (``told``).
+
+    ``normalizes`` says that the counterpart is a normalization (LayerNorm, GroupNorm, BatchNorm):
+    its weights are a per-channel scale and shift, not a weight matrix; ``qswap search`` leaves
+    their bits as the recipe gives them.
     """
 
     float_class: ClassVar[type]
     converts_children: ClassVar[bool] = False
     takes_reader: ClassVar[bool] = False  # forward(x, out_quant=...): writes onto its reader's grid
+    normalizes: ClassVar[bool] = False  # a normalization: a per-channel scale and shift
     sites: ClassVar[Mapping[str, str]] = {}
     param_quantizers: ClassVar[Mapping[str, str | None]] = {}
 

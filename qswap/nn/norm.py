@@ -77,6 +77,7 @@ def layer_norm_bounded_grad(x: torch.Tensor, normalized_shape: tuple, weight: to
 
 
 class _QNorm(QuantModule):
+    normalizes = True
     sites = {"input": "activation", "norm_weight": "weight", "norm_bias": "weight"}
 
     def __init__(self, weight, bias, eps: float, config: QuantConfig):
@@ -326,6 +327,7 @@ class QBatchNorm1d(QuantModule):
     reaches gamma, beta and the input through the fold.
     """
 
+    normalizes = True
     sites = {"input": "activation", "weight": "weight"}
     takes_reader = True
 

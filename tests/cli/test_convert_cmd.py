@@ -71,8 +71,13 @@ def test_the_summary_of_a_recipe_that_quantizes_nothing_counts_no_quantized_modu
     from qswap.cli.render import convert_summary
     from qswap.models import build_s2t_transformer
 
-    summary = convert_summary(qswap.convert(build_s2t_transformer(), "fp32").qswap_report)
+    report = qswap.convert(build_s2t_transformer(), "fp32").qswap_report
+    summary = convert_summary(report)
     assert summary.startswith("0 quantized, 1 converted with no quantizer (null specs), ")
+    # the report's own action, counted and written to JSON (not told from the labels' text)
+    assert report.counts()["no_quantizer"] == 1 and report.counts()["quantized"] == 0
+    assert [e.path for e in report.by_action("no_quantizer")] == [""]
+    assert report.to_dict()["counts"]["no_quantizer"] == 1
     assert "converted with no quantizer" not in convert_summary(qswap.convert(build_s2t_transformer(), "w8a8").qswap_report)
 
 
