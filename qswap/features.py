@@ -79,6 +79,8 @@ def fbank_backend(prefer: Optional[str] = None) -> str:
 
 def _as_mono_float(waveform: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
     if isinstance(waveform, torch.Tensor):
+        if waveform.dtype == torch.bfloat16:  # numpy has no bfloat16
+            waveform = waveform.float()
         arr = waveform.detach().cpu().numpy()
     elif isinstance(waveform, np.ndarray):
         arr = waveform
@@ -245,10 +247,45 @@ def _knf_fbank(scaled: np.ndarray, sample_rate: int, num_mel_bins: int) -> torch
     return torch.from_numpy(feats)
 
 
+_STREAMED = 0xFFFFFFFF  # a WAV data chunk's size where the writer did not know it
+
+
+def _load_with_soundfile(path: str, expected_sample_rate: Optional[int], kind: str) -> Tuple[torch.Tensor, int]:
+    """A float or WAVE_FORMAT_EXTENSIBLE WAV (Python's ``wave`` reads plain PCM only), read with
+    soundfile: the same [-1, 1] scale as :func:`load_audio`'s (integer codes over 2^(bits-1))."""
+    try:
+        import soundfile
+    except ImportError:
+        raise AudioError(f"{path}: a {kind} WAV, which reading needs soundfile (pip install soundfile), or "
+                         f"convert it to 16-bit PCM: sox {path} -b 16 -e signed-integer out.wav") from None
+    try:
+        info = soundfile.info(path)
+        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError, ValueError) as e:  # soundfile's LibsndfileError is a RuntimeError
+        raise AudioError(f"{path}: cannot read the {kind} WAV ({e}); convert it to 16-bit PCM: "
+                         f"sox {path} -b 16 -e signed-integer out.wav") from e
+    if info.frames > samples.shape[0]:
+        raise AudioError(f"{path}: truncated: its header declares {info.frames} frames and the file holds "
+                         f"{samples.shape[0]}; copy or export the file again")
+    if expected_sample_rate is not None and rate != expected_sample_rate:
+        raise AudioError(f"{path}: sample rate {rate} Hz, expected {expected_sample_rate} Hz "
+                         f"(resample it first, e.g. `sox in.wav -r {expected_sample_rate} out.wav`)")
+    data = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    if data.size == 0:
+        raise AudioError(f"{path}: empty audio (0 samples)")
+    if not np.all(np.isfinite(data)):
+        raise AudioError(f"{path}: audio contains NaN or infinite samples")
+    if kind == "float" and float(np.abs(data).max()) > 1.0:
+        raise AudioError(f"{path}: float samples must lie in [-1, 1] (largest {float(np.abs(data).max()):g}); "
+                         f"normalize the audio")
+    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), int(rate)
+
+
 def load_audio(
     path: Union[str, os.PathLike], expected_sample_rate: Optional[int] = None
 ) -> Tuple[torch.Tensor, int]:
-    """Read a PCM WAV file with the standard library; returns ``(waveform, sample_rate)``.
+    """Read a PCM WAV file with the standard library (a float or WAVE_FORMAT_EXTENSIBLE one, as sox
+    and ffmpeg write 24- and 32-bit audio, with soundfile); returns ``(waveform, sample_rate)``.
 
     ``waveform`` is a float32 tensor of shape (N,) in [-1, 1] (multi-channel files are averaged
     to mono). If ``expected_sample_rate`` is given and differs, :class:`AudioError` is raised
@@ -265,8 +302,13 @@ def load_audio(
             raw = w.readframes(n_frames)
     except FileNotFoundError as e:
         raise AudioError(f"{path}: no such file") from e
-    except (wave.Error, EOFError, OSError, ValueError) as e:
-        raise AudioError(f"{path}: cannot read as PCM WAV ({e})") from e
+    except wave.Error as e:
+        code = str(e).removeprefix("unknown format: ")
+        if code in ("3", "65534"):  # IEEE float, or WAVE_FORMAT_EXTENSIBLE (sox's and ffmpeg's 24/32-bit)
+            return _load_with_soundfile(path, expected_sample_rate, "float" if code == "3" else "extensible")
+        raise AudioError(f"{path}: cannot read as PCM WAV ({e or 'a truncated or unreadable header'})") from e
+    except (EOFError, OSError, ValueError) as e:
+        raise AudioError(f"{path}: cannot read as PCM WAV ({e or 'a truncated or unreadable header'})") from e
     if expected_sample_rate is not None and sample_rate != expected_sample_rate:
         raise AudioError(
             f"{path}: sample rate {sample_rate} Hz, expected {expected_sample_rate} Hz "
@@ -279,6 +321,12 @@ def load_audio(
     if len(raw) % sampwidth:  # the file was cut short inside a sample (an interrupted copy)
         raise AudioError(f"{path}: truncated {8 * sampwidth}-bit data: {len(raw)} bytes of samples is not a "
                          f"whole number of {sampwidth}-byte samples; copy or export the file again")
+    declared = n_frames * n_channels * sampwidth  # the data chunk's size in the header
+    if len(raw) < declared and declared < _STREAMED - n_channels * sampwidth:
+        # cut short between samples (an interrupted copy); a header written before its data's length
+        # was known (a pipe's output: 0xFFFFFFFF) declares no length
+        raise AudioError(f"{path}: truncated: its header declares {n_frames} frames and the file holds "
+                         f"{len(raw) // (n_channels * sampwidth)}; copy or export the file again")
     if sampwidth == 1:  # unsigned 8-bit
         data = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     elif sampwidth == 2:

@@ -137,14 +137,21 @@ def test_load_audio_unreadable(tmp_path):
         load_audio(p)
     with pytest.raises(AudioError):
         load_audio(tmp_path / "missing.wav")
-    # a float WAV (format 3) is not PCM: the stdlib reader refuses it, we report it typed
+    # a float WAV (format 3) is not PCM: the stdlib reader refuses it; soundfile reads it (without
+    # soundfile: an AudioError saying to install it or convert the file)
     fp = tmp_path / "float.wav"
     data = np.zeros(160, "<f4").tobytes()
     hdr = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack(
         "<IHHIIHH", 16, 3, 1, 16000, 64000, 4, 32) + b"data" + struct.pack("<I", len(data))
     fp.write_bytes(hdr + data)
-    with pytest.raises(AudioError):
-        load_audio(fp)
+    try:
+        import soundfile  # noqa: F401
+    except ImportError:
+        with pytest.raises(AudioError, match="a float WAV, which reading needs soundfile"):
+            load_audio(fp)
+    else:
+        waveform, rate = load_audio(fp)
+        assert rate == 16000 and torch.equal(waveform, torch.zeros(160))
 
 
 def test_audio_error_is_qswap_error():
@@ -280,3 +287,52 @@ def test_the_shortest_waveform_is_one_kaldi_window_truncated():
     assert feats.shape[0] == 1
     with pytest.raises(AudioError, match=r"274 samples < one 25 ms frame \(275 samples\)"):
         fbank(_tone(274 / 11025, sr=11025), 11025, num_mel_bins=40)
+
+
+def test_load_audio_cut_between_samples_is_an_audio_error(tmp_path):
+    """A copy interrupted on a sample boundary had been read as a shorter file, with no word."""
+    p = tmp_path / "cut.wav"
+    _write_wav(p, _tone(1.0))
+    p.write_bytes(p.read_bytes()[:-4000])  # 2000 samples short
+    with pytest.raises(AudioError, match="truncated: its header declares 16000 frames and the file holds 14000"):
+        load_audio(p)
+
+
+def test_a_wav_whose_header_declares_no_length_is_read_whole(tmp_path):
+    """A pipe's WAV (sox ... -t wav -) declares its data 0xFFFFFFFF bytes long: not truncated."""
+    p = tmp_path / "streamed.wav"
+    _write_wav(p, _tone(0.5))
+    raw = bytearray(p.read_bytes())
+    at = raw.index(b"data") + 4
+    raw[at:at + 4] = struct.pack("<I", 0xFFFFFFFF)
+    p.write_bytes(bytes(raw))
+    waveform, _ = load_audio(p)
+    assert waveform.numel() == 8000
+
+
+@pytest.mark.parametrize("subtype", ["FLOAT", "PCM_24", "PCM_32"])
+def test_float_and_extensible_wavs_are_read_on_the_same_scale(tmp_path, subtype):
+    """sox and ffmpeg write 24- and 32-bit WAVs as WAVE_FORMAT_EXTENSIBLE, and float WAVs as format 3,
+    which Python's wave refuses ('unknown format: 65534'): read with soundfile, the samples are the
+    16-bit file's to within the 16-bit step."""
+    sf = pytest.importorskip("soundfile")
+    tone = _tone(0.5)
+    ref = tmp_path / "ref.wav"
+    _write_wav(ref, tone)
+    expected, _ = load_audio(ref)
+    p = tmp_path / f"{subtype}.wav"
+    sf.write(p, expected.numpy(), 16000, subtype=subtype, format="WAV" if subtype == "FLOAT" else "WAVEX")
+    if subtype != "FLOAT":
+        raw = p.read_bytes()
+        assert struct.unpack("<H", raw[20:22])[0] == 0xFFFE  # extensible, as sox writes it
+    got, rate = load_audio(p, expected_sample_rate=16000)
+    assert rate == 16000 and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=1 / 32768)
+
+
+def test_fbank_takes_a_bfloat16_waveform():
+    """numpy has no bfloat16: a raw TypeError had come from the conversion (float16 worked)."""
+    tone = torch.from_numpy(_tone(0.5))
+    got = fbank(tone.to(torch.bfloat16), 16000)
+    assert got.shape == fbank(tone.to(torch.bfloat16).float(), 16000).shape
+    torch.testing.assert_close(got, fbank(tone.to(torch.bfloat16).float(), 16000), rtol=0, atol=0)

@@ -297,7 +297,7 @@ def load_deployed(directory: "str | os.PathLike[str]", data: "str | os.PathLike[
     from omegaconf import OmegaConf
 
     from qswap.errors import DataError
-    from qswap.integration.data import check_data_dir, resolve_audio_root
+    from qswap.integration.data import check_data_dir, resolve_data_paths
     from qswap.integration.fairseq_task import register_tasks
 
     manifest = read_manifest(directory)
@@ -315,5 +315,5 @@ def load_deployed(directory: "str | os.PathLike[str]", data: "str | os.PathLike[
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); point --data at the "
                         f"folder with the task's config and dictionary") from None
     if getattr(task, "data_cfg", None) is not None:
-        resolve_audio_root(task.data_cfg)
+        resolve_data_paths(task.data_cfg)
     return load_exported(directory, dictionary, threads=threads), task

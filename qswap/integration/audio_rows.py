@@ -69,7 +69,8 @@ def _source_features(self, index):
     indices = [index] if np.ndim(index) == 0 else list(index)
     if not any(is_audio_row(self.audio_paths[i]) for i in indices):  # feature rows: fairseq's own reading
         return type(self)._get_source_audio(self, index)
-    parts = [row_features(self.audio_paths[i], getattr(self, "waveform_transforms", None)) for i in indices]
+    rate = getattr(getattr(self, "cfg", None), "use_sample_rate", None)
+    parts = [row_features(self.audio_paths[i], getattr(self, "waveform_transforms", None), rate) for i in indices]
     source = parts[0] if len(parts) == 1 else np.concatenate(parts)
     if self.feature_transforms is not None:
         source = self.feature_transforms(source)
@@ -93,10 +94,12 @@ def _audio_file(file: str) -> bool:
     return Path(file).suffix in au.SF_AUDIO_FILE_EXTENSIONS
 
 
-def row_features(path: str, waveform_transforms=None) -> np.ndarray:
+def row_features(path: str, waveform_transforms=None, sample_rate: int | None = None) -> np.ndarray:
     """The (T, 80) features of one manifest ``audio`` entry: fairseq's reader for features, qswap's
     fbank of the 16-bit-scale waveform (after ``waveform_transforms``, as fairseq applies them)
-    for audio."""
+    for audio. ``sample_rate``: the rate the data's config reads (``use_sample_rate``, 16 kHz by
+    default); audio at another rate is an AudioError (its filterbank would span other
+    frequencies: features the model never saw, decoded without a word)."""
     from fairseq.data.audio import audio_utils as au
 
     from qswap.features import fbank
@@ -123,6 +126,10 @@ def row_features(path: str, waveform_transforms=None) -> np.ndarray:
     waveform = waveform * np.float32(2 ** 15)
     if waveform_transforms is not None:
         waveform, rate = waveform_transforms(waveform, rate)
+    if sample_rate is not None and int(rate) != int(sample_rate):
+        raise AudioError(f"manifest audio {path} is sampled at {int(rate)} Hz and the data's config reads "
+                         f"{int(sample_rate)} Hz (config.yaml: use_sample_rate); resample it "
+                         f"(sox in.wav -r {int(sample_rate)} out.wav)")
     try:  # fbank scales [-1, 1] by 2^15 itself (exact: a power of two)
         return fbank(waveform / np.float32(2 ** 15), int(rate), backend="kaldi_native_fbank").numpy()
     except AudioError as exc:

@@ -36,7 +36,7 @@ def load_model_cfg_task(checkpoint: str | Path, data: str | Path | None = None, 
     model, cfg, task = load_fairseq_model(str(checkpoint), trust_checkpoint=trust_checkpoint,
                                           arg_overrides=overrides)
     if getattr(task, "data_cfg", None) is not None:
-        resolve_audio_root(task.data_cfg)
+        resolve_data_paths(task.data_cfg)
     return model.eval(), cfg, task
 
 
@@ -57,33 +57,90 @@ def check_data_dir(data: str | Path, contents: str) -> None:
                     f"{contents}{hint}")
 
 
-def resolve_audio_root(data_cfg) -> None:
+def resolve_data_paths(data_cfg) -> None:
     """Manifest paths without an ``audio_root`` are relative to the data directory (so a data
     directory can move, and the shipped model's works from any directory), not to the working
-    directory as plain fairseq 0.12 reads them."""
+    directory as plain fairseq 0.12 reads them; so is a relative ``global_cmvn.stats_npz_path``
+    that names a file there (fairseq's GlobalCMVN opens it relative to the working directory: run
+    from elsewhere, the subset had been reported missing)."""
     if not data_cfg.config.get("audio_root"):
         data_cfg.config["audio_root"] = str(data_cfg.root)
+    cmvn = data_cfg.config.get("global_cmvn")
+    stats = cmvn.get("stats_npz_path") if isinstance(cmvn, dict) else None
+    if isinstance(stats, str) and not Path(stats).is_absolute() and (Path(data_cfg.root) / stats).is_file():
+        cmvn["stats_npz_path"] = str(Path(data_cfg.root) / stats)
+
+
+def check_cmvn_stats(data_cfg) -> None:
+    """A DataError naming config.yaml's ``global_cmvn.stats_npz_path`` where the global CMVN stats it
+    names do not load, lack ``mean`` / ``std``, do not have one value per feature channel, or hold
+    a non-finite value or a std of 0 (dividing by it): each had been blamed on the manifest or on
+    every utterance."""
+    cmvn = data_cfg.config.get("global_cmvn") if data_cfg is not None else None
+    stats_path = cmvn.get("stats_npz_path") if isinstance(cmvn, dict) else None
+    if not stats_path or not _uses_global_cmvn(data_cfg):
+        return
+    import numpy as np
+
+    where = f"the global CMVN stats {stats_path} (config.yaml: global_cmvn: stats_npz_path)"
+    if not Path(stats_path).is_file():
+        raise DataError(f"{where} not found; put the .npz there (with arrays mean and std) or correct the path "
+                        f"(a relative one is read from the data directory)")
+    try:
+        with np.load(stats_path) as stats:
+            absent = [name for name in ("mean", "std") if name not in stats.files]
+            if absent:
+                raise DataError(f"{where} hold no array {' or '.join(absent)} (they hold {', '.join(stats.files) or 'none'}); "
+                                f"the .npz needs arrays named mean and std")
+            mean, std = np.asarray(stats["mean"]), np.asarray(stats["std"])
+    except (OSError, ValueError, EOFError, AttributeError, TypeError) as exc:  # not an .npz (np.load of a .npy: an array)
+        raise DataError(f"{where} do not load ({type(exc).__name__}: {exc}); write them again with "
+                        f"numpy.savez(path, mean=..., std=...)") from None
+    channels = getattr(data_cfg, "input_feat_per_channel", None)
+    for name, value in (("mean", mean), ("std", std)):
+        if channels is not None and value.shape != (channels,):
+            raise DataError(f"{where}: {name} has shape {value.shape}, the features have {channels} channels "
+                            f"(config.yaml: input_feat_per_channel); use stats of these features")
+        if not np.isfinite(value).all():
+            raise DataError(f"{where}: {name} holds NaN or inf; compute the stats again")
+    if (std == 0).any():
+        raise DataError(f"{where}: std is 0 in {int((std == 0).sum())} channel(s), which the features are divided "
+                        f"by; compute the stats again (a constant channel gets std 1)")
+
+
+def _uses_global_cmvn(data_cfg) -> bool:
+    """Whether some split's feature transforms name global_cmvn (fairseq reads the stats only then)."""
+    transforms = data_cfg.config.get("transforms") or {}
+    feature = data_cfg.config.get("feature_transforms") or {}
+    names = [t for group in (transforms, feature) if isinstance(group, dict) for ts in group.values()
+             if isinstance(ts, list) for t in ts]
+    return "global_cmvn" in names
 
 
 def load_subset(task, subset: str) -> Any:
     first = subset not in task.datasets  # read once per task: its checks run once too
     if first:
         check_tokenizer(task)
+        check_cmvn_stats(getattr(task, "data_cfg", None))
+        if _raw_audio_task(task):
+            check_raw_audio_manifest(task, subset)
     try:
         if subset not in task.datasets:
             task.load_dataset(subset)
     except FileNotFoundError as exc:
-        raise DataError(f"subset {subset!r} not found: {exc}; the data directory needs "
-                        f"{subset}.tsv") from None
-    except (ValueError, KeyError, OSError, TypeError) as exc:  # fairseq's TSV reader: no typed errors (a
-        # line cut short leaves fields None)
+        manifest = f"{subset}.tsv"
+        if exc.filename is not None and Path(str(exc.filename)).name != manifest:
+            raise DataError(f"subset {subset!r}: {exc.filename} not found ({exc.strerror}); the data directory's "
+                            f"config.yaml or {manifest} names it") from None
+        raise DataError(f"subset {subset!r} not found: {exc}; the data directory needs {manifest}") from None
+    except (ValueError, KeyError, OSError, TypeError, AssertionError) as exc:  # fairseq's TSV readers: no
+        # typed errors (a line cut short leaves fields None; the raw audio reader asserts)
         manifest = _manifest(task, subset)
         if manifest is not None and manifest.read_bytes()[:3] == b"\xef\xbb\xbf":  # its header reads "\ufeffid"
             raise DataError(f"subset {subset!r}: {manifest} starts with a UTF-8 byte-order mark, so its first column "
                             f"is not read as 'id'; save it as UTF-8 without a BOM") from None
         raise DataError(f"subset {subset!r}: malformed manifest {subset}.tsv ({type(exc).__name__}: "
-                        f"{exc}); it needs a header with id, audio, n_frames and tgt_text and one "
-                        f"utterance per line") from None
+                        f"{exc}); {_manifest_format(task)}") from None
     dataset = task.dataset(subset)
     if len(dataset) == 0:
         raise DataError(f"subset {subset!r} is empty")
@@ -96,6 +153,58 @@ def load_subset(task, subset: str) -> Any:
             raise
     without_training_augmentation(dataset, getattr(task, "data_cfg", None))
     return dataset
+
+
+def _raw_audio_task(task) -> bool:
+    """Whether ``task`` reads waveforms from a wav2vec 2.0 manifest (fairseq's audio_pretraining
+    and audio_finetuning), not a speech_to_text TSV."""
+    from fairseq.tasks.audio_pretraining import AudioPretrainingTask
+
+    return isinstance(task, AudioPretrainingTask)
+
+
+def _manifest_format(task) -> str:
+    """What a manifest of ``task``'s kind holds, for an error message."""
+    if _raw_audio_task(task):
+        return ("a wav2vec 2.0 manifest's first line is the audio root, then one '<path>\\t<number of samples>' "
+                "per line (no blank line), and its label file one transcript per audio line")
+    return "it needs a header with id, audio, n_frames and tgt_text and one utterance per line"
+
+
+def check_raw_audio_manifest(task, subset: str) -> None:
+    """A DataError naming the line of a wav2vec 2.0 manifest (``SUBSET.tsv``: the audio root, then
+    ``<path>\\t<samples>`` per line) that fairseq's reader would meet with a bare AssertionError: a
+    blank line (a trailing one included), a line without two tab-separated fields, a sample count
+    that is not a whole number; and a label file (``SUBSET.<labels>``) with another number of lines
+    than the manifest has audio lines."""
+    manifest = _manifest(task, subset)
+    if manifest is None:
+        return  # fairseq says the subset is missing
+    try:
+        lines = manifest.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"subset {subset!r}: {manifest} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                        f"save it as UTF-8") from None
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    if not lines or not lines[0].strip() or "\t" in lines[0]:
+        raise DataError(f"subset {subset!r}: {manifest} has no audio root on its first line"
+                        f"{' (it reads as an audio line)' if lines and chr(9) in lines[0] else ''}; "
+                        f"{_manifest_format(task)}")
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.strip().split("\t")  # as fairseq reads it
+        problem = ("is blank" if not line.strip() else
+                   f"has {len(fields)} tab-separated field(s), not 2" if len(fields) != 2 else
+                   f"gives {fields[1]!r} samples, not a whole number" if not fields[1].strip().isdigit() else "")
+        if problem:
+            raise DataError(f"subset {subset!r}: {manifest} line {number} {problem}; {_manifest_format(task)}")
+    labels = getattr(task.cfg, "labels", None)
+    label_file = manifest.with_suffix(f".{labels}") if labels else None
+    if label_file is not None and label_file.is_file():
+        count = len(label_file.read_bytes().splitlines())
+        if count != len(lines) - 1:
+            raise DataError(f"subset {subset!r}: {label_file.name} has {count} line(s), {manifest.name} "
+                            f"{len(lines) - 1} audio line(s); give one transcript per audio line, in order")
 
 
 def _manifest(task, subset: str) -> Path | None:
@@ -119,7 +228,12 @@ def _check_audio_files(dataset, subset: str) -> None:
     missing = []
     for name in names:
         name = name if isinstance(names, list) else name.as_py()  # as fairseq's reader: a list or a pyarrow array
-        path = parse_path(os.path.join(root, dataset.text_compressor.decompress(name)))[0]  # a zip's member: the zip
+        entry = os.path.join(root, dataset.text_compressor.decompress(name))
+        try:
+            path = parse_path(entry)[0]  # a zip's member: the zip
+        except AssertionError:
+            raise DataError(f"subset {subset!r}: manifest entry {entry} is neither a file nor a zip entry "
+                            f"'<zip>:<byte offset>:<byte length>'; write the manifest again") from None
         if not os.path.isfile(path):
             missing.append(path)
     if missing:
@@ -174,11 +288,16 @@ def without_training_augmentation(dataset, data_cfg) -> None:
     dataset.shuffle = False
 
 
-def batches(task, subset: str, *, max_tokens: int = 40000, max_sentences: int | None = 32,
+MAX_FRAMES = 40000  # a batch's fbank frames (speech_to_text: 400 s)
+MAX_SAMPLES = 1_600_000  # a batch's waveform samples (wav2vec 2.0: 100 s at 16 kHz), or the longest utterance's
+
+
+def batches(task, subset: str, *, max_tokens: int | None = None, max_sentences: int | None = 32,
             num_shards: int = 1, shard_id: int = 0) -> Iterator[dict]:
     """fairseq samples (dicts with ``net_input``, ``target``, ``id``) of a subset, in order, batched
     as asked on every call: fairseq's task keeps one batch iterator per dataset and would hand the
-    first call's batches (its sizes, its shard) to every later one, so none is kept."""
+    first call's batches (its sizes, its shard) to every later one, so none is kept. ``max_tokens``
+    (default: by the input's kind, ``max_tokens_for``) bounds a batch's frames or samples."""
     if not 0 <= shard_id < num_shards:
         raise DataError(f"--shard-id must be in [0, {num_shards}), got {shard_id}")
     itr = _batch_iterator(task, subset, max_tokens, max_sentences, num_shards, shard_id)
@@ -189,22 +308,38 @@ def batches(task, subset: str, *, max_tokens: int = 40000, max_sentences: int | 
                 yield sample
 
 
-def batch_count(task, subset: str, *, max_tokens: int = 40000, max_sentences: int | None = 32) -> int:
+def batch_count(task, subset: str, *, max_tokens: int | None = None, max_sentences: int | None = 32) -> int:
     """How many batches ``batches(task, subset, ...)`` yields, from the manifest's frame counts
     (no features read)."""
     return len(_batch_iterator(task, subset, max_tokens, max_sentences, 1, 0))
 
 
-def _batch_iterator(task, subset: str, max_tokens: int, max_sentences: int | None, num_shards: int, shard_id: int):
+def max_tokens_for(task, dataset) -> int:
+    """A batch's bound of input units when none is asked for: ``MAX_FRAMES`` fbank frames for
+    speech_to_text; for waveforms (wav2vec 2.0, whose sizes are samples) ``MAX_SAMPLES`` or the
+    longest utterance's samples, so that any utterance gets a batch (40,000 samples, 2.5 s, had
+    refused ordinary utterances with fairseq's AssertionError)."""
+    if not _raw_audio_task(task):
+        return MAX_FRAMES
+    sizes = getattr(dataset, "sizes", None)
+    return max(MAX_SAMPLES, int(max(sizes)) if sizes is not None and len(sizes) else 0)
+
+
+def _batch_iterator(task, subset: str, max_tokens: int | None, max_sentences: int | None, num_shards: int,
+                    shard_id: int):
     dataset = load_subset(task, subset)
+    max_tokens = max_tokens_for(task, dataset) if max_tokens is None else max_tokens
     try:
-        return task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_sentences=max_sentences,
-                                       max_positions=None, ignore_invalid_inputs=False,
-                                       num_shards=num_shards, shard_id=shard_id, num_workers=0, seed=1,
-                                       disable_iterator_cache=True)
+        itr = task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_sentences=max_sentences,
+                                      max_positions=None, ignore_invalid_inputs=False,
+                                      num_shards=num_shards, shard_id=shard_id, num_workers=0, seed=1,
+                                      disable_iterator_cache=True)
+        itr.frozen_batches  # noqa: B018  (batched here: audio tasks batch lazily, at the first read)
+        return itr
     except AssertionError as exc:  # fairseq's batching asserts every utterance fits max_tokens
-        raise DataError(f"subset {subset!r}: {exc}: an utterance's n_frames in {subset}.tsv is larger than a "
-                        f"batch may hold; check the manifest's n_frames column") from None
+        column = "sample count (second column)" if _raw_audio_task(task) else "n_frames"
+        raise DataError(f"subset {subset!r}: {exc}: an utterance's {column} in {subset}.tsv is larger than a "
+                        f"batch may hold ({max_tokens}); check the manifest's {column}") from None
 
 
 def _check_inputs(sample: dict, subset: str) -> None:
@@ -300,6 +435,15 @@ def _reading(subset: str) -> Iterator[None]:
                               f"tools/make_corpus.py writes)") from None
     except DataError:
         raise
+    except AssertionError as exc:  # fairseq's readers assert on a zip pointer (parse_path) and on the bytes it
+        # points at (the raw audio reader's is_sf_audio_data)
+        text = str(exc)
+        if text.startswith("Invalid path"):
+            raise DataError(f"subset {subset!r}: {text}: a manifest row's zip entry is "
+                            f"'<zip>:<byte offset>:<byte length>'; write the manifest again with its zip") from None
+        raise DataError(f"subset {subset!r}: cannot read an utterance (AssertionError{': ' + text if text else ''}: "
+                        f"the bytes a manifest row points at are not WAV/FLAC audio or .npy features?); check "
+                        f"the manifest's offsets against its zip, or write both again") from None
     except (OSError, ValueError, IndexError, TypeError, RuntimeError, zipfile.BadZipFile) as exc:  # fairseq's
         # readers: a truncated feature zip reads past its end (IndexError), a manifest line cut short
         # leaves None, a missing or unreadable wav is soundfile's LibsndfileError (a RuntimeError)

@@ -41,7 +41,7 @@ from omegaconf import II, OmegaConf
 import qswap
 from qswap.transforms import STRUCTURE_ONLY
 from qswap.calibrate import activation_quantizers, eval_mode, freeze_observed, observing, recipe_observe
-from qswap.integration.data import resolve_audio_root
+from qswap.integration.data import resolve_data_paths
 from qswap.integration.qat_start import converted_start
 from qswap.recipe.loader import load_stored_recipe
 from qswap.io.checkpoint import set_cfg_option
@@ -450,7 +450,7 @@ def _grids_held(model):
 class SpeechToTextQswapTask(QswapTaskMixin, SpeechToTextTask):
     def __init__(self, args, tgt_dict):
         super().__init__(args, tgt_dict)
-        resolve_audio_root(self.data_cfg)
+        resolve_data_paths(self.data_cfg)
 
     @classmethod
     def add_args(cls, parser):

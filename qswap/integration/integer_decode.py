@@ -38,7 +38,7 @@ def exported_task(exported, data: str | Path):
     dictionary must be the one the model was exported with."""
     from omegaconf import OmegaConf
 
-    from qswap.integration.data import check_data_dir, resolve_audio_root
+    from qswap.integration.data import check_data_dir, resolve_data_paths
     from qswap.integration.fairseq_task import register_tasks
     from qswap.io.checkpoint import setup_task
 
@@ -49,7 +49,7 @@ def exported_task(exported, data: str | Path):
     register_tasks()
     task = setup_task(exported.path, OmegaConf.create({"task": {**exported.task, "data": str(Path(data).resolve())}}))
     if getattr(task, "data_cfg", None) is not None:
-        resolve_audio_root(task.data_cfg)
+        resolve_data_paths(task.data_cfg)
     try:
         dictionary = task.target_dictionary  # some tasks (audio_finetuning) read it only now
     except Exception as e:  # fairseq reads the data directory's dictionary: no typed errors

@@ -163,3 +163,21 @@ def test_feature_zip_rows_read_as_fairseq_reads_them():
     dataset = load_subset(task, "test")
     for i in (0, 7):
         assert torch.equal(dataset._get_source_audio(i), type(dataset)._get_source_audio(dataset, i))
+
+
+def test_a_wav_row_at_another_sample_rate_is_a_data_error(tmp_path):
+    """An 8 kHz row had been turned into features at 8 kHz (a filterbank over other frequencies) and
+    decoded without a word; wav2vec 2.0's reader refuses such audio too."""
+    from qswap.errors import DataError
+
+    if not needs_own_fbank():
+        pytest.skip("fairseq's own torchaudio fbank reads the rows here")
+    data = _data_with(tmp_path, lambda i, wav: wav.name)
+    with wave.open(str(data / "u1.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(np.zeros(8000, "<i2").tobytes())
+    _, task = load_model_and_task(f"{ASSET}/checkpoint.pt", data)
+    with pytest.raises(DataError, match=r"u1\.wav is sampled at 8000 Hz and the data's config reads 16000 Hz"):
+        list(batches(task, "rows", max_sentences=8))

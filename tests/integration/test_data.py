@@ -218,21 +218,137 @@ def test_a_manifest_with_a_byte_order_mark_is_told_so(tmp_path):
         _read_all(data)
 
 
-def _w2v_subset(root, second):
-    """A 2-row wav2vec 2.0 (audio_finetuning) subset 'valid' whose second WAV ``second(path)`` writes."""
+def _w2v_subset(root, second, tsv=None, ltr="A B |\nB A |\n", samples=16000):
+    """A 2-row wav2vec 2.0 (audio_finetuning) subset 'valid' whose second WAV ``second(path)`` writes
+    (``samples`` long, each); ``tsv(root)`` / ``ltr``: other manifest / label file text."""
     import numpy as np
     import soundfile as sf
     from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
     from omegaconf import OmegaConf
 
     (root / "wav").mkdir(parents=True)
-    sf.write(root / "wav/0.wav", (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32), 16000)
+    sf.write(root / "wav/0.wav", (0.1 * np.random.default_rng(0).standard_normal(samples)).astype(np.float32), 16000)
     second(root / "wav/1.wav")
-    (root / "valid.tsv").write_text(f"{root}\nwav/0.wav\t16000\nwav/1.wav\t16000\n")
-    (root / "valid.ltr").write_text("A B |\nB A |\n")
+    (root / "valid.tsv").write_text(tsv(root) if tsv else f"{root}\nwav/0.wav\t{samples}\nwav/1.wav\t{samples}\n")
+    (root / "valid.ltr").write_text(ltr)
     (root / "dict.ltr.txt").write_text("| 1\nA 1\nB 1\n")
     cfg = OmegaConf.structured(AudioFinetuningConfig(data=str(root), labels="ltr", sample_rate=16000, tpu=False))
     return AudioFinetuningTask.setup_task(cfg)
+
+
+def _noise(samples):
+    import numpy as np
+    import soundfile as sf
+
+    return lambda p: sf.write(p, (0.1 * np.random.default_rng(1).standard_normal(samples)).astype(np.float32), 16000)
+
+
+def test_wav2vec2_utterances_of_ordinary_length_are_batched(tmp_path):
+    """A wav2vec 2.0 batch bound counts samples: the 40,000 fbank frames of speech_to_text had been
+    2.5 s of audio, and every longer utterance a raw AssertionError; one longer than the default bound
+    gets a batch of its own."""
+    from qswap.integration.data import MAX_SAMPLES, batch_count, batches
+
+    task = _w2v_subset(tmp_path / "w2v", _noise(48000), samples=48000)  # 3 s each
+    got = list(batches(task, "valid"))
+    assert sum(len(s["id"]) for s in got) == 2 and got[0]["net_input"]["source"].shape[-1] == 48000
+    long = MAX_SAMPLES + 16000
+    task = _w2v_subset(tmp_path / "long", _noise(long), tsv=lambda r: f"{r}\nwav/0.wav\t16000\nwav/1.wav\t{long}\n")
+    assert batch_count(task, "valid") == 2  # the long one alone
+    assert sorted(int(i) for s in batches(task, "valid") for i in s["id"]) == [0, 1]
+
+
+@pytest.mark.parametrize("tsv, ltr, match", [
+    (lambda r: f"{r}\nwav/0.wav\t16000\nwav/1.wav\t16000\n\n", "A B |\nB A |\n", "valid.tsv line 4 is blank"),
+    (lambda r: f"{r}\nwav/0.wav\t16000\n\nwav/1.wav\t16000\n", "A B |\nB A |\n", "valid.tsv line 3 is blank"),
+    (lambda r: f"{r}\nwav/0.wav\t16000\tx\nwav/1.wav\t16000\n", "A B |\nB A |\n",
+     "line 2 has 3 tab-separated field"),
+    (lambda r: f"{r}\nwav/0.wav\nwav/1.wav\t16000\n", "A B |\nB A |\n", "line 2 has 1 tab-separated field"),
+    (lambda r: f"{r}\nwav/0.wav\tmany\nwav/1.wav\t16000\n", "A B |\nB A |\n", "'many' samples, not a whole"),
+    (lambda r: f"{r}\nwav/0.wav\t16000\nwav/1.wav\t16000\n", "A B |\n", "valid.ltr has 1 line.*2 audio line"),
+    (lambda r: f"wav/0.wav\t16000\nwav/1.wav\t16000\n", "A B |\nB A |\n", "no audio root on its first line .it reads"),
+], ids=["trailing-blank", "blank", "three-fields", "no-count", "count-not-number", "labels-short", "no-root"])
+def test_wav2vec2_manifest_mistakes_are_data_errors_naming_the_line(tmp_path, tsv, ltr, match):
+    """fairseq's raw audio reader asserts on them (a bare AssertionError, an empty message for a
+    trailing blank line), which had come through as tracebacks."""
+    from qswap.errors import DataError
+    from qswap.integration.data import batches
+
+    task = _w2v_subset(tmp_path / "w2v", _noise(16000), tsv=tsv, ltr=ltr)
+    with pytest.raises(DataError, match=match):
+        list(batches(task, "valid"))
+
+
+def test_a_zip_entry_with_a_wrong_pointer_is_a_data_error(tmp_path):
+    """'<zip>:<offset>' or '<zip>:<a>:<b>:<c>' (fairseq's parse_path asserts) in either manifest kind,
+    and an offset into a zip of WAVs that lands off an entry (fairseq asserts on the bytes)."""
+    import zipfile
+
+    from qswap.errors import DataError
+    from qswap.integration.data import batches
+
+    data = _calib_copy(tmp_path)
+    first = (data / "train_calib.tsv").read_text().splitlines()[1].split("\t")[1]
+    _rows_changed(data, lambda row: row.update(audio=first + ":3"))
+    with pytest.raises(DataError, match="zip entry is '<zip>:<byte offset>:<byte length>'"):
+        _read_all(data)
+    def zipped(root):
+        with zipfile.ZipFile(root / "a.zip", "w", zipfile.ZIP_STORED) as z:
+            z.write(root / "wav/1.wav", "1.wav")
+        return f"{root}\nwav/0.wav\t16000\na.zip:1:2:3\t16000\n"
+    task = _w2v_subset(tmp_path / "w2v", _noise(16000), tsv=zipped)
+    with pytest.raises(DataError, match="neither a file nor a zip entry"):
+        list(batches(task, "valid"))
+
+    def shifted(root):
+        with zipfile.ZipFile(root / "a.zip", "w", zipfile.ZIP_STORED) as z:
+            z.write(root / "wav/1.wav", "1.wav")
+        return f"{root}\nwav/0.wav\t16000\na.zip:3:2000\t16000\n"
+    task = _w2v_subset(tmp_path / "w2v_shifted", _noise(16000), tsv=shifted)
+    with pytest.raises(DataError, match="not WAV/FLAC audio"):
+        list(batches(task, "valid", max_sentences=1))
+
+
+def _cmvn_data(tmp_path, stats, path="gcmvn.npz"):
+    """The shipped data with global CMVN (stats written by ``stats(file)``, named ``path`` in config.yaml)."""
+    import numpy as np
+    import yaml
+
+    data = _calib_copy(tmp_path)
+    config = yaml.safe_load((data / "config.yaml").read_text())
+    config["transforms"] = {"*": ["global_cmvn"]}
+    config["global_cmvn"] = {"stats_npz_path": path}
+    (data / "config.yaml").write_text(yaml.safe_dump(config))
+    if stats is not None:
+        stats(data / "gcmvn.npz")
+    return data, np
+
+
+def test_a_relative_global_cmvn_path_is_read_from_the_data_directory(tmp_path, monkeypatch):
+    """fairseq opens it relative to the working directory: run from elsewhere, the error had said the
+    subset's TSV was missing."""
+    import numpy as np
+
+    data, _ = _cmvn_data(tmp_path, lambda f: np.savez(f, mean=np.zeros(80, np.float32), std=np.ones(80, np.float32)))
+    monkeypatch.chdir(tmp_path)
+    assert len(_read_all(data)) > 0
+
+
+@pytest.mark.parametrize("stats, match", [
+    (None, r"global CMVN stats .*gcmvn.npz \(config.yaml: global_cmvn: stats_npz_path\) not found"),
+    (lambda np, f: np.savez(f, mean=np.zeros(40), std=np.ones(40)), "mean has shape .40,., the features have 80"),
+    (lambda np, f: np.savez(f, mean=np.zeros(80), std=np.zeros(80)), "std is 0 in 80 channel"),
+    (lambda np, f: np.savez(f, mu=np.zeros(80), sigma=np.ones(80)), "hold no array mean or std .they hold mu, sigma."),
+    (lambda np, f: np.savez(f, mean=np.full(80, np.nan), std=np.ones(80)), "mean holds NaN or inf"),
+], ids=["missing", "dims", "zero-std", "keys", "nan"])
+def test_broken_global_cmvn_stats_are_blamed_on_the_stats(tmp_path, stats, match):
+    """They had been reported as a malformed manifest, an unreadable utterance, or NaN in every utterance."""
+    from qswap.errors import DataError
+
+    import numpy as np
+    data, _ = _cmvn_data(tmp_path, None if stats is None else (lambda f: stats(np, f)))
+    with pytest.raises(DataError, match=match):
+        _read_all(data)
 
 
 @pytest.mark.parametrize("case, match", [
