@@ -27,7 +27,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from qswap.honesty.kinds import FLOAT_CONSTANT, FLOAT_OPERAND, OFF_GRID, RAW_PARAMETER, UNSEEN_ORIGIN
-from qswap.honesty.ops import ACCUMULATING, BOUNDS, MASK, OpRule, grid_rule
+from qswap.honesty.ops import ACCUMULATING, BOUNDS, MASK, ROUNDINGS, OpRule, grid_rule
 from qswap.honesty.tags import ACC, CONST, FLOAT, INDEX, KERNEL, PARAM, QUANT, Tag
 
 QUANTIZED, KERNEL_INTERNAL, FLOAT_BUCKET, CONSTANT_FOLD, IGNORED = (
@@ -62,7 +62,7 @@ def decide_compute(name: str, rule: OpRule, tags: list[Tag], call: int, where: s
         return Decision(QUANTIZED, dataclasses.replace(t, grid=t.grid.rescaled(rescale)), bits=[t.grid.bits])
     if all(_index_math(t) for t in tags):
         return Decision(IGNORED, Tag(INDEX, where, binary=_binary(name, tags, scalars),
-                                     input=any(t.input for t in tags)))
+                                     input=any(t.input for t in tags), integral=_integral_math(name, tags, scalars)))
     if all(_is_const(t) or _index_math(t) for t in tags) and not any(t.input for t in tags):
         first = next(t for t in tags if t.kind != INDEX)
         return Decision(CONSTANT_FOLD, Tag(first.kind, _derived(first.where)))
@@ -73,6 +73,23 @@ def _index_math(tag: Tag) -> bool:
     """Integer data from model inputs, integer buffers or factories (lengths, token ids, masks of
     them): not integers computed from activations, whose float math is math on activations."""
     return tag.kind == INDEX and not tag.activation
+
+
+# Index math that keeps integers integers (with integer Python numbers): ``(lengths - 1) * 2``
+_INTEGER_CLOSED = frozenset({"add", "sub", "rsub", "mul", "neg", "abs", "clone", "maximum", "minimum",
+                             "floor_divide", "remainder", "sum", "cumsum", "max", "min", "amax", "amin"})
+
+
+def _integral_math(name: str, tags: list[Tag], scalars: tuple) -> bool:
+    """Whether index math's result is proven to hold integers: a rounding (``floor`` of
+    ``(lengths - 1) / 2 + 1``, as fairseq's subsampler computes its output lengths), or an op that
+    keeps integers integers on integer operands. The model's integer input data under other float
+    math (a waveform normalized, an ``exp``) is float data where a quantizer reads it
+    (``Tracker._check_seen``)."""
+    if name in ROUNDINGS:
+        return True
+    return (name in _INTEGER_CLOSED and all(t.integral for t in tags)
+            and all(float(v).is_integer() for v in scalars))
 
 
 def _binary(name: str, tags: list[Tag], scalars: tuple) -> bool:

@@ -123,6 +123,13 @@ class Findings:
             label = _label(func, pos) if func is not None else "input"
             self._add(module, op, f"{label}: {tag.where}", UNSEEN_ORIGIN, t)
 
+    def input_math(self, path: str, t: torch.Tensor, tag: Tag) -> None:
+        """A quantizer reading the model's integer input data after float math on it that is not
+        index math ending in integers (an int16 waveform normalized: float math on data, as the
+        same math on a float waveform is)."""
+        self._add(path, "<quantizer input>", f"input: {tag.describe()}: float math on the model's integer input "
+                                             f"data, not integers", C.FLOAT_OPERAND, t)
+
     def untrusted_quantizer(self, path: str, cls: type, trusted: tuple) -> None:
         """A call of a quantizer whose class is not one of ``trusted`` (a subclass of one): the ops
         it runs are only counted, never classified."""

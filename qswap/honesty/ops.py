@@ -28,7 +28,10 @@ meta               reads a scalar or metadata (``.item()``, sizes): ignored
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
+
+import torch
 
 COMPUTE, GRID, MOVEMENT, FUSED = "compute", "grid_preserving", "movement", "fused"
 PREDICATE, FACTORY, META = "predicate", "factory", "meta"
@@ -154,13 +157,39 @@ ARGUMENT_RULES: dict[str, tuple[str, dict]] = {
                                   "amin": _EXTREME}),
     "index_reduce": ("reduce", {"prod": _MUL, "mean": _MEAN, "amax": _EXTREME, "amin": _EXTREME}),
 }
-# Factories that read the values (not only the shape) of a tensor argument, by overload: their
-# output is computed from data (a Bernoulli mask drawn from probabilities), so they are compute.
-VALUE_FACTORIES: dict[str, frozenset | None] = {  # None: every overload
-    "bernoulli": frozenset({"default", "Tensor", "out"}),
-    "normal": frozenset({"Tensor_float", "float_Tensor", "Tensor_Tensor"}),
-    "multinomial": None, "poisson": None, "binomial": None,
-}
+# Factories that may read the values (not only the shape) of a tensor argument (``value_arguments``):
+# an overload given such a tensor computes its output from data (a Bernoulli mask drawn from
+# probabilities, ``linspace`` between two tensors, ``normal(mean, 0, out=)``), so it is compute, of
+# this family. ``fill`` / ``zero`` are not: what they write is read by the tracker (``_factory``).
+RANDOM_FACTORIES = frozenset("""rand rand_like randn randn_like randint randint_like randperm normal
+    bernoulli uniform exponential geometric cauchy log_normal random multinomial poisson binomial""".split())
+_SHAPE_ONLY_FACTORIES = frozenset({"fill", "zero"})
+# Factories whose ``self`` holds the values they draw from (probabilities, rates), by overload (None:
+# every one); elsewhere a factory's ``self`` gives only a shape (``bernoulli(self, p=0.5)``)
+_SELF_READ: dict[str, frozenset | None] = {"bernoulli": frozenset({"default", "out"}), "multinomial": None,
+                                           "poisson": None}
+
+
+@functools.lru_cache(maxsize=None)
+def value_arguments(func) -> tuple[str, ...]:
+    """The schema arguments of a factory op whose values its output is made from: every Tensor
+    argument but the ones it writes (``out``, an in-place op's ``self``) and a ``self`` that gives
+    only a shape (``rand_like``, ``new_zeros``, ``bernoulli(self, p=0.5)``; ``_SELF_READ`` lists the
+    overloads that draw from ``self``'s values). Read from the op's schema, so that every overload
+    (``normal.Tensor_float_out``, ``linspace.Tensor_Tensor``) is covered."""
+    name = op_name(func)
+    if name in _SHAPE_ONLY_FACTORIES or name in LIFTS:
+        return ()
+    overloads = _SELF_READ.get(name, frozenset())
+    self_read = name in _SELF_READ and (overloads is None or func._overloadname in overloads)
+    read = []
+    for a in func._schema.arguments:
+        if "Tensor" not in str(a.type):
+            continue
+        if (a.alias_info is not None and a.alias_info.is_write) or a.name == "out" or (a.name == "self" and not self_read):
+            continue
+        read.append(a.name)
+    return tuple(read)
 
 # How a quantized input's grid reaches an op's output (issue 20, item 2). An op not listed:
 # a movement op or a grid-preserving compute op keeps the grid only if all its quantized inputs
@@ -212,17 +241,22 @@ def argument(func, args, kwargs, name: str, default=None):
     return default
 
 
+def refines(func, name: str, rule: OpRule | None) -> bool:
+    """Whether an op's arguments may change its rule (``refine`` reads them at each call)."""
+    return name in ARGUMENT_RULES or (rule is not None and rule.cls == FACTORY and bool(value_arguments(func)))
+
+
 def refine(func, name: str, rule: OpRule, args, kwargs) -> OpRule:
     """The rule of this call of an op, read from its arguments (``ARGUMENT_RULES``,
-    ``VALUE_FACTORIES``)."""
+    ``value_arguments``)."""
     hit = ARGUMENT_RULES.get(name)
     if hit is not None:
         value = argument(func, args, kwargs, hit[0])
         return hit[1].get(value, rule) if isinstance(value, (bool, str)) else rule
-    if name in VALUE_FACTORIES:
-        overloads = VALUE_FACTORIES[name]
-        if overloads is None or func._overloadname in overloads:
-            return OpRule(COMPUTE, "random")
+    if rule.cls == FACTORY:
+        for arg in value_arguments(func):
+            if isinstance(argument(func, args, kwargs, arg), torch.Tensor):
+                return OpRule(COMPUTE, "random" if name in RANDOM_FACTORIES else "factory")
     return rule
 
 

@@ -120,7 +120,7 @@ def _seq2seq(model: nn.Module, net_input: Mapping, tracker, steps: int) -> None:
     del out
     prev = net_input["prev_output_tokens"]
     steps = max(1, min(steps, prev.size(1)))
-    with tracker.path(f"incremental decoding ({steps} steps)", scope="decoder"):
+    with tracker.path(f"incremental decoding ({steps} step{'s' if steps != 1 else ''})", scope="decoder"):
         encoder_out = captured[0] if len(captured) == 1 else None
         if encoder_out is None:
             encoder_input = {k: v for k, v in net_input.items() if k != "prev_output_tokens"}
@@ -129,15 +129,24 @@ def _seq2seq(model: nn.Module, net_input: Mapping, tracker, steps: int) -> None:
 
 
 def _decode(model: nn.Module, encoder_out: Any, prev: torch.Tensor, steps: int) -> None:
-    """What fairseq's SequenceGenerator does per step (beam reorders included)."""
+    """What fairseq's SequenceGenerator does per step (beam reorders included: before the second
+    step, or after the only one where the targets hold one token, so that a reorder is audited)."""
     state: dict = {}
     for t in range(steps):
         if t == 1:
-            order = torch.arange(prev.size(0), device=prev.device)
-            if hasattr(model.decoder, "reorder_incremental_state_scripting"):
-                model.decoder.reorder_incremental_state_scripting(state, order)
-            if hasattr(model.encoder, "reorder_encoder_out"):
-                encoder_out = model.encoder.reorder_encoder_out(encoder_out, order)
+            encoder_out = _reorder(model, state, encoder_out, prev)
         out = model.decoder(prev[:, : t + 1], encoder_out=encoder_out, incremental_state=state)
         last = (out[0][:, -1:, :].div_(TEMPERATURE), out[1] if len(out) > 1 else None)
         model.get_normalized_probs(last, log_probs=True, sample=None)
+    if steps == 1:
+        _reorder(model, state, encoder_out, prev)
+
+
+def _reorder(model: nn.Module, state: dict, encoder_out: Any, prev: torch.Tensor) -> Any:
+    """A beam reorder (the identity order) of the decoder's incremental state and the encoder output."""
+    order = torch.arange(prev.size(0), device=prev.device)
+    if hasattr(model.decoder, "reorder_incremental_state_scripting"):
+        model.decoder.reorder_incremental_state_scripting(state, order)
+    if hasattr(model.encoder, "reorder_encoder_out"):
+        encoder_out = model.encoder.reorder_encoder_out(encoder_out, order)
+    return encoder_out

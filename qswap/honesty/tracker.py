@@ -229,6 +229,10 @@ class Tracker(TorchDispatchMode):
             tag = self._tag_of(x)
             if tag.unseen:
                 self.findings.unseen(path, "<quantizer input>", None, [(0, x)], [tag])
+            elif tag.kind == C.INDEX and tag.input and not tag.integral:
+                # the model's integer input data under float math (an int16 waveform normalized):
+                # index math while it stays index math, float math on data where a quantizer reads it
+                self.findings.input_math(path, x, tag)
 
     def _post(self, path: str, module: nn.Module, args, output) -> None:
         self.stack.pop()
@@ -342,7 +346,7 @@ class Tracker(TorchDispatchMode):
         hit = self._rules.get(id(func))  # an OpOverload lives as long as torch
         if hit is None:
             name, rule = O.op_name(func), O.lookup(func)
-            refined = name in O.ARGUMENT_RULES or name in O.VALUE_FACTORIES
+            refined = O.refines(func, name, rule)
             hit = self._rules[id(func)] = (name, rule, f"{func.namespace}.{func.overloadpacket.__name__}",
                                            refined, _one_move(func, name, rule, refined))
         return hit
@@ -368,8 +372,8 @@ class Tracker(TorchDispatchMode):
             "copy", *O.ACCUMULATING) else []  # integers promoted into the float result as values
         if not operands and not outputs:
             self.findings.count("ignored")  # integer / bool ops
-            if tainted:
-                self._taint(_nonfloat_outputs(out), self._tag_of(tainted[0][1]), func, args)
+            if tainted:  # the worst of what its integer operands carry, whatever their order
+                self._taint(_nonfloat_outputs(out), _worst([self._tag_of(t) for _, t in tainted]), func, args)
             return
         if refined and rule is not None:
             rule = O.refine(func, name, rule, args, kwargs)
@@ -445,7 +449,8 @@ class Tracker(TorchDispatchMode):
           (``qswap.*``), left unseen where it is not (a user module's build is not vouched for)."""
         if derived_from:
             self._check_origins([(None, t) for t in derived_from if not _floating(t)])
-            carried = next((self.tags.get(t) for t in derived_from if t in self.tags), None)
+            held = [self.tags.get(t)[0] for t in derived_from if t in self.tags]
+            carried = (_worst(held),) if held else None
             for t in _tensors(value, self._tree, objects=True):
                 if not _floating(t) and t.dtype != torch.bool:
                     if carried is not None:
@@ -661,9 +666,10 @@ class Tracker(TorchDispatchMode):
         if retyped is not None:  # another float dtype: the values are not the grid's any more
             tag = Tag(FLOAT, f"{tag.describe()}, {retyped} by {self._where(op)}")
         if not tags and tainted:  # integers rounded from float data, cast back to float
-            tag = self._tag_of(tainted[0][1])
+            held = [self._tag_of(t) for _, t in tainted]
+            tag = _worst(held)
             if tag.unseen:  # integers of unseen origin cast to float: where they enter float data
-                self.findings.unseen(self.stack[-1], op, func, tainted[:1], [tag])
+                self.findings.unseen(self.stack[-1], op, func, [tainted[held.index(tag)]], [tag])
         elif not tags and rule.family == "copy" and any(
                 isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in _flat(args)):
             tag = Tag(C.INDEX, self._where(op), binary=True)  # a bool mask cast to float: 0/1
@@ -889,6 +895,10 @@ def _integral(name: str, func, tag: Tag) -> Tag:
     other compute (its values are integers only if the integer-GEMM rule proves them so)."""
     if name in O.ROUNDINGS and func._overloadname != "decimals" and tag.kind in (ACC, KERNEL):
         return tag if tag.integral else dataclasses.replace(tag, integral=True)
+    if tag.kind == C.INDEX and name in O.ROUNDINGS and func._overloadname == "decimals":
+        return dataclasses.replace(tag, integral=False) if tag.integral else tag  # round(x, 2): not integers
+    if tag.kind == C.INDEX:  # index math: ``classify.decide_compute`` decided it (``_integral_math``)
+        return tag
     return dataclasses.replace(tag, integral=False) if tag.integral else tag
 
 
@@ -940,6 +950,28 @@ def _rounded(source: Tag, how: str) -> Tag:
         # integer kernel's accumulator, which its consumer must quantize before any other compute
         return Tag(ACC, f"integers from {source.describe()}, {how}")
     return Tag(FLOAT, f"{source.describe()}, turned into integers ({how}; not a qswap quantizer)")
+
+
+def _severity(tag: Tag) -> int:
+    """How much a tag an integer carries says against the data (lower: worse): of unseen origin,
+    then float data, an accumulator, a kernel intermediate, quantized values, a mask of
+    activations; integers rounded from index data; last the model's own integer inputs (index
+    math)."""
+    if tag.unseen:
+        return 0
+    rank = {FLOAT: 1, ACC: 2, KERNEL: 3, QUANT: 4}.get(tag.kind)
+    if rank is not None:
+        return rank
+    if tag.kind == C.INDEX:
+        return 5 if tag.activation else 7 if tag.input else 6
+    return 8
+
+
+def _worst(tags: list) -> Tag:
+    """The tag an integer op's result carries from several tagged integer operands: the worst
+    (``_severity``), so that the model's integer input joined with integers of activations (``lengths
+    * 0 + codes``) is not the model's input data, whichever operand comes first."""
+    return min(tags, key=_severity)
 
 
 def _mask_tag(source: Tag) -> Tag | None:

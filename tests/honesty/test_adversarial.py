@@ -183,6 +183,18 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
     "a quantizer's own codes, then float math": (
         lambda s, h, g: torch.exp(s.ra.input_quant.codes(s.ra(h)).float() * 0.01) @ s.b.weight.T,
         ("", "aten.exp", "float_operand")),
+    # factories reading tensor values had made their outputs constants: float math on them folded
+    "an accumulator copied by normal(h, 0, out=)": (
+        lambda s, h, g: torch.softmax(torch.normal(h, 0.0, out=torch.empty(4, 8)), -1),
+        ("", "aten.normal", "float_operand")),
+    "an accumulator's element through linspace": (
+        lambda s, h, g: torch.softmax(torch.cat([torch.linspace(v, v, 1) for v in h.reshape(-1)]).view(4, 8), -1),
+        ("", "aten.linspace", "float_operand")),
+    # an integer op took the tag of its first tagged operand: integer data of a model input (here
+    # an integer buffer's stand-in, a 0-d index tensor) first had hidden the activations' integers
+    "integers of an accumulator added after index integers": (
+        lambda s, h, g: torch.softmax((torch.arange(8)[None, :] * 0 + (h * 100).long()).float() * 0.01, -1),
+        ("", None, "float_operand")),
 }
 
 
@@ -446,6 +458,68 @@ def test_float_compute_on_an_integer_model_input_is_found():
     found = {(v.op, v.kind) for v in report.violations}
     assert ("aten.convolution", "raw_parameter") in found and ("aten.convolution", "float_operand") in found
     assert not report.honest and not report.constant_fold
+
+
+class _Normalized(nn.Module):
+    """An int16 waveform normalized in float (no raw weight: only index-like ops before a quantizer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(400, 4)
+
+    def forward(self, wav):
+        x = wav.float()
+        return self.proj((x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1))
+
+
+class _Lengths(nn.Module):
+    """Index math on an integer input ending in integers (fairseq's subsampled lengths), used as a
+    mask of the quantized data: no finding."""
+
+    def __init__(self):
+        super().__init__()
+        self.r, self.proj = nn.ReLU(), nn.Linear(8, 4)
+
+    def forward(self, x, lengths):
+        out = ((lengths.float() - 1) / 2 + 1).floor().long()
+        mask = torch.arange(x.size(1))[None, :] < out[:, None]
+        return self.proj(self.r(x).masked_fill(~mask[..., None], 0.0))
+
+
+def test_float_math_on_an_integer_input_read_by_a_quantizer_is_found_index_math_is_not():
+    """The same normalization on a float waveform is 9 findings; on the int16 one every op had been
+    index math, and the model honest. Index math that ends in integers stays ignored."""
+    torch.manual_seed(0)
+    report = _audit(_Normalized().eval(), (torch.randn(2, 400) * 3000).to(torch.int16))
+    assert not report.honest
+    assert any(v.module == "proj.input_quant" and v.kind == "float_operand" and "integer input data" in v.operand
+               for v in report.violations), [(v.module, v.op, v.operand) for v in report.violations]
+    x, lengths = torch.randn(2, 6, 8), torch.tensor([6, 3])
+    qmodel = qswap.convert(_Lengths(), "w8a8")
+    qswap.calibrate(qmodel, [(x, lengths)])
+    assert qswap.audit(qmodel, (x, lengths)).honest
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["input first", "activations first"])
+def test_an_integer_ops_result_carries_the_worst_tag_whatever_the_order(first):
+    """``lengths * 0 + codes`` had taken the model input's tag (index math), ``codes + lengths * 0``
+    the activations': the float softmax of the activations was honest one way round."""
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.r, self.out = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)
+
+        def forward(self, x, lengths):
+            codes, zero = (self.r(self.a(x)) * 1000).long(), lengths[:, None] * 0
+            mixed = zero + codes if first else codes + zero
+            return self.out(torch.softmax(mixed.float() * 1e-3, -1))
+
+    torch.manual_seed(0)
+    x, lengths = torch.randn(4, 8), torch.tensor([8, 7, 6, 5])
+    qmodel = qswap.convert(Mixed(), "w8a8")
+    qswap.calibrate(qmodel, [(x, lengths)])
+    report = qswap.audit(qmodel, (x, lengths))
+    assert not report.honest and any(v.op == "aten._softmax" for v in report.violations), report.violations
 
 
 def test_an_uncalibrated_model_under_inference_mode_is_an_audit_error_and_calibrate_says_so_too():

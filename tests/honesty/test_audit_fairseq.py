@@ -218,3 +218,18 @@ def test_features_holding_nan_or_inf_are_an_audit_error_not_findings(float_model
     bad["src_tokens"][0, 3, 5] = value
     with pytest.raises(AuditError, match="input 'src_tokens' holds (NaN|inf) values"):
         qswap.audit(qmodel, bad)
+
+
+def test_a_one_token_target_still_audits_a_beam_reorder(monkeypatch):
+    """decode_steps is clipped to the target's length; with one step the reorder (which the generator
+    runs before the second step) had never run, so a float op in it went unseen."""
+    net_input = s2t_net_input(num_tokens=1)
+    qmodel = _quantized(build_s2t_transformer(), "w8a8", net_input)
+    calls = []
+    decoder = type(qmodel.decoder)
+    original = decoder.reorder_incremental_state_scripting
+    monkeypatch.setattr(decoder, "reorder_incremental_state_scripting",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    report = qswap.audit(qmodel, net_input, decode_steps=3)
+    assert calls and report.paths[-1] == "incremental decoding (1 step)"
+    assert report.honest

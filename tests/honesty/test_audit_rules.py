@@ -1,4 +1,4 @@
-"""Argument-aware op rules (qswap.honesty.ops ARGUMENT_RULES, VALUE_FACTORIES) and the grid-tag
+"""Argument-aware op rules (qswap.honesty.ops ARGUMENT_RULES, value_arguments) and the grid-tag
 rules (GRID_RULES): one test per row. Each probe feeds the result of one op straight into a
 matmul with a quantized weight, so the matmul is honest exactly when the op kept a grid."""
 import math
@@ -139,10 +139,18 @@ def test_every_grid_rule_row_is_a_known_rule():
      ops.GRID, "max"),
     (torch.ops.aten.index_reduce.default, (None, 0, None, None, "mean"), {}, ops.COMPUTE, "reduction"),
     (torch.ops.aten.put.default, (None, None, None, True), {}, ops.COMPUTE, "add"),
-    (torch.ops.aten.bernoulli.default, (None,), {}, ops.COMPUTE, "random"),
-    (torch.ops.aten.bernoulli.p, (None, 0.5), {}, ops.FACTORY, "factory"),
-    (torch.ops.aten.normal.Tensor_Tensor, (None, None), {}, ops.COMPUTE, "random"),
+    (torch.ops.aten.bernoulli.default, (torch.rand(2),), {}, ops.COMPUTE, "random"),
+    (torch.ops.aten.bernoulli.p, (torch.rand(2), 0.5), {}, ops.FACTORY, "factory"),
+    (torch.ops.aten.bernoulli_.Tensor, (torch.rand(2), torch.rand(2)), {}, ops.COMPUTE, "random"),
+    (torch.ops.aten.bernoulli_.float, (torch.rand(2), 0.5), {}, ops.FACTORY, "factory"),
+    (torch.ops.aten.normal.Tensor_Tensor, (torch.zeros(2), torch.ones(2)), {}, ops.COMPUTE, "random"),
     (torch.ops.aten.normal.float_float, (0.0, 1.0, [2]), {}, ops.FACTORY, "factory"),
+    # schema-read overloads a hand-kept list had missed: an ``out=`` form, tensor endpoints
+    (torch.ops.aten.normal.Tensor_float_out, (torch.zeros(2), 0.0), {"out": torch.empty(2)}, ops.COMPUTE, "random"),
+    (torch.ops.aten.linspace.Tensor_Tensor, (torch.tensor(0.0), torch.tensor(1.0), 3), {}, ops.COMPUTE, "factory"),
+    (torch.ops.aten.logspace.Tensor_Scalar, (torch.tensor(0.0), 1.0, 3), {}, ops.COMPUTE, "factory"),
+    (torch.ops.aten.rand_like.default, (torch.zeros(2),), {}, ops.FACTORY, "factory"),
+    (torch.ops.aten.full_like.default, (torch.zeros(2), 1.0), {}, ops.FACTORY, "factory"),
 ])
 def test_an_ops_rule_is_read_from_its_arguments(func, args, kwargs, cls, family):
     name = ops.op_name(func)

@@ -43,5 +43,5 @@ def test_the_view_shortcut_takes_only_ops_that_move_one_tensor(func, moved):
     its values, None for every op ``_movement`` (or another class's handler) must decide."""
     name = T.O.op_name(func)
     rule = T.O.lookup(func)
-    refined = name in T.O.ARGUMENT_RULES or name in T.O.VALUE_FACTORIES
+    refined = T.O.refines(func, name, rule)
     assert T._one_move(func, name, rule, refined) is moved

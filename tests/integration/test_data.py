@@ -266,7 +266,7 @@ def test_wav2vec2_utterances_of_ordinary_length_are_batched(tmp_path):
     (lambda r: f"{r}\nwav/0.wav\nwav/1.wav\t16000\n", "A B |\nB A |\n", "line 2 has 1 tab-separated field"),
     (lambda r: f"{r}\nwav/0.wav\tmany\nwav/1.wav\t16000\n", "A B |\nB A |\n", "'many' samples, not a whole"),
     (lambda r: f"{r}\nwav/0.wav\t16000\nwav/1.wav\t16000\n", "A B |\n", "valid.ltr has 1 line.*2 audio line"),
-    (lambda r: f"wav/0.wav\t16000\nwav/1.wav\t16000\n", "A B |\nB A |\n", "no audio root on its first line .it reads"),
+    (lambda r: "wav/0.wav\t16000\nwav/1.wav\t16000\n", "A B |\nB A |\n", "no audio root on its first line .it reads"),
 ], ids=["trailing-blank", "blank", "three-fields", "no-count", "count-not-number", "labels-short", "no-root"])
 def test_wav2vec2_manifest_mistakes_are_data_errors_naming_the_line(tmp_path, tsv, ltr, match):
     """fairseq's raw audio reader asserts on them (a bare AssertionError, an empty message for a

@@ -188,7 +188,10 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         constant folded onto a grid 2^-16 of ``q_proj``'s, ``ConstantAddParams``), as values."""
         heads = (q.size(0), q.size(1), self.h, self.d_k)
         total = lambda: q.view(heads) + bias_quant(bias)  # noqa: E731
-        grid_in = grid_of(self.q_proj_quant) if simulates(self) else None
+        # a bias the recipe leaves float is added as floats, which the audit reports: folded into
+        # the integer form's constant it had been quantized onto a grid no recipe set
+        quantized = isinstance(bias_quant, FakeQuantize) and bias_quant.enabled
+        grid_in = grid_of(self.q_proj_quant) if simulates(self) and quantized else None
         value = None if grid_in is None else onto_grid(
             self, slot, lambda out: ConstantAddParams.build(grid_in, bias_quant(bias), out), out_quant,
             lambda params, out: add_constant(codes_of(q, grid_in), params), self.q_proj_quant.scale,
@@ -221,6 +224,11 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
             raise IntegerizeError("rel_pos attention integerizes with the encoder's position table and "
                                   "zero_triu=False only")
         core, q_proj, q_pos, pos = self.core, Grid.of(self.q_proj_quant), Grid.of(self.q_pos_quant), Grid.of(self.pos_quant)
+        for name in ("pos_bias_u", "pos_bias_v"):
+            quant = getattr(self, f"{name}_quant")
+            if not (isinstance(quant, FakeQuantize) and quant.enabled):
+                raise IntegerizeError(f"{name} is left float by the recipe (sites: {name}: null); integer execution "
+                                      f"adds it as integer codes: give it a weight spec (e.g. the rule's int8)")
         with torch.no_grad():
             bias_u = ConstantAddParams.build(q_proj, self.pos_bias_u_quant(self.pos_bias_u), Grid.of(core.q_quant))
             bias_v = ConstantAddParams.build(q_proj, self.pos_bias_v_quant(self.pos_bias_v), q_pos)
@@ -352,8 +360,10 @@ class QRotaryPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         rotation runs)."""
         from qswap.nn.simulate import codes_of, grid_of, onto_grid
         grid_in = grid_of(self.input_quant, frozen_only=True) if not torch.is_grad_enabled() else None
-        if grid_in is None or x.size(0) > ROPE_POSITIONS:
-            return None
+        tables = (self.cos_quant, self.sin_quant, self.rope_cos_quant, self.rope_sin_quant)
+        if (grid_in is None or x.size(0) > ROPE_POSITIONS
+                or not all(isinstance(q, FakeQuantize) and q.enabled for q in tables)):
+            return None  # a table or product site the recipe leaves float: the float rotation, which the audit reports
         sources = (self.input_quant.scale, self.input_quant.zero_point, cos, sin, self.cos_quant.scale,
                    self.sin_quant.scale, self.rope_cos_quant.scale, self.rope_cos_quant.zero_point,
                    self.rope_sin_quant.scale, self.rope_sin_quant.zero_point)

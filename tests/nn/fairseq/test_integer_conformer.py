@@ -347,3 +347,39 @@ def assert_simulates_its_integer_model(qmodel) -> None:
             simulated = qmodel(**net_input)[0]
         with torch.no_grad():
             assert torch.equal(simulated, imodel(**net_input)[0]), seed
+
+
+def _with_null_sites(sites: dict, simulate: str = "integer") -> dict:
+    recipe = qswap.load_recipe(recipe_with("w8a8", simulate)).to_dict()
+    recipe["defaults"]["sites"] = {**recipe["defaults"].get("sites", {}), **sites}
+    return dict(recipe, name="w8a8_null_sites")
+
+
+@pytest.mark.parametrize("simulate", ["integer", "float"])
+def test_rel_pos_biases_the_recipe_leaves_float_are_added_as_floats_and_reported(simulate):
+    """``sites: {pos_bias_u: null, pos_bias_v: null}``: the default integer simulation had folded the
+    raw biases into its constant add (onto a grid no recipe set) and the audit said honest; with
+    ``simulate: float`` it reported them. Both report them now, and integerize refuses."""
+    model, net_input = build("s2t_conformer")
+    qmodel = convert_calibrated(model, net_input, _with_null_sites({"pos_bias_u": None, "pos_bias_v": None}, simulate))
+    report = qswap.audit(qmodel, net_input)
+    raw = {name for v in report.violations if v.kind == "raw_parameter"
+           for name in ("pos_bias_u", "pos_bias_v") if f"self_attn.{name}," in v.operand}
+    assert not report.honest and raw == {"pos_bias_u", "pos_bias_v"}, report.violations
+    with pytest.raises(IntegerizeError, match="pos_bias_u is left float by the recipe"):
+        qswap.integerize(qmodel)
+
+
+@pytest.mark.parametrize("site", ["rotary_table", "rope_cos", "rope_sin"])
+def test_a_rope_table_or_product_site_left_float_runs_the_float_rotation(site):
+    """With one of these null the integer rotation had read its Identity's scale: an AttributeError
+    at the first forward (the audit's AuditError). The float rotation runs and the audit judges it."""
+    model, net_input = build("s2t_conformer", **ATTENTIONS["rope"])
+    qmodel = convert_calibrated(model, net_input, _with_null_sites({site: None}))
+    report = qswap.audit(qmodel, net_input)
+    if site == "rotary_table":  # the cos / sin tables enter the products unquantized
+        assert any(v.kind == "float_constant" for v in report.violations), report.violations
+    else:  # a product of two grids' values added and requantized: one integer kernel, honest
+        assert report.honest, report.violations
+    with pytest.raises(IntegerizeError):
+        qswap.integerize(qmodel)
