@@ -197,7 +197,7 @@ class QuantAttentionCore(nn.Module):
         if params is None:
             return None
         with torch.no_grad():
-            codes = integer_softmax(codes_of(scores, grid_in), params, torch.isneginf(masked), long_rows=True)
+            codes = integer_softmax(codes_of(scores, grid_in), params, torch.isneginf(masked))
             value = dequantized(codes, grid_out)
         reader = self.softmax_out_quant
         if not carries_grad(reader, masked):

@@ -828,8 +828,8 @@ def integer_glu(codes: torch.Tensor, params: GluParams, dim: int = -1) -> torch.
 # -- softmax ----------------------------------------------------------------------------------------
 
 # exp table entries in [0, 2^20] (2^15 left probability codes of the shipped model a step from
-# the float softmax's); rows stay in int32 below 2^11 positions (82 s of audio after 4x
-# subsampling of 10 ms frames)
+# the float softmax's); a row's sum stays in int32 below 2^11 positions (82 s of audio after 4x
+# subsampling of 10 ms frames, 41 s at wav2vec 2.0's 20 ms frames) and is summed in int64 from there
 EXP_BITS = 20
 DIV_BITS = 16  # fraction bits of the output reciprocal
 
@@ -864,21 +864,21 @@ class SoftmaxParams:
 
 
 def integer_softmax(codes: torch.Tensor, params: SoftmaxParams, blocked: torch.Tensor | None = None,
-                    dim: int = -1, long_rows: bool = False) -> torch.Tensor:
+                    dim: int = -1) -> torch.Tensor:
     """Softmax along ``dim`` of input codes, as codes of the output grid.
 
     ``e = exp_table[max - q]`` (int32, max along ``dim`` over unblocked positions; blocked ones get
-    0), ``sum`` of ``e`` in int32 (``e <= 2^20``: exact for rows of fewer than 2^11 positions,
-    a longer row raises), then ``code = (e * out_mult + sum * 2^15) // (sum * 2^16)`` in int64
-    (round half up; ``e * out_mult < 2^20 * 2^16 / s_out``), plus the zero point, clamped
-    (saturation) to [qmin, qmax]. A row with every position blocked gives the zero point
-    (the float softmax gives NaN there). ``long_rows``: rows of 2^11 positions or more are summed
-    in int64 instead of refused (the fake-quant simulation runs any length; on every row the
-    integer form accepts, the result is the same)."""
+    0), ``sum`` of ``e``: in int32 for rows of fewer than 2^11 positions (``e <= 2^20``: exact), in
+    int64 for longer rows (exact below 2^43 positions; a row of 2^11 or more had been refused,
+    stopping the integer model on a 41 s wav2vec 2.0 utterance), then ``code = (e * out_mult +
+    sum * 2^15) // (sum * 2^16)`` in int64 (round half up; ``e * out_mult < 2^20 * 2^16 / s_out``;
+    ``sum * 2^16 < 2^59`` for rows below 2^23 positions), plus the zero point, clamped (saturation)
+    to [qmin, qmax]. A row with every position blocked gives the zero point (the float softmax
+    gives NaN there)."""
     _check_int("codes", codes)
-    if codes.shape[dim] >= 2 ** (31 - EXP_BITS) and not long_rows:
-        raise IntegerizeError(f"integer_softmax sums fewer than 2^{31 - EXP_BITS} positions in int32, "
-                              f"got a row of {codes.shape[dim]}")
+    if codes.shape[dim] >= 2 ** (63 - EXP_BITS - DIV_BITS - 1):
+        raise IntegerizeError(f"integer_softmax's int64 division holds rows of fewer than "
+                              f"2^{63 - EXP_BITS - DIV_BITS - 1} positions, got a row of {codes.shape[dim]}")
     q = codes.to(torch.int32)
     low = torch.iinfo(torch.int32).min
     if blocked is not None:
@@ -889,7 +889,7 @@ def integer_softmax(codes: torch.Tensor, params: SoftmaxParams, blocked: torch.T
     if blocked is not None:
         e = e.masked_fill(blocked, 0)
     wide = codes.shape[dim] >= 2 ** (31 - EXP_BITS)
-    total = e.sum(dim=dim, keepdim=True, dtype=torch.int64 if wide else torch.int32).to(torch.int64)  # < 2^31
+    total = e.sum(dim=dim, keepdim=True, dtype=torch.int64 if wide else torch.int32).to(torch.int64)
     num = e.to(torch.int64) * params.out_mult
     den = total << DIV_BITS
     safe = torch.where(den == 0, 1, den)

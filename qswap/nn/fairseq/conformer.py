@@ -125,8 +125,10 @@ class QConformerWav2Vec2EncoderLayer(QConformerEncoderLayer):
     """The wav2vec 2.0 conformer layer: the same block behind wav2vec 2.0's layer signature."""
 
     def forward(self, x, self_attn_mask=None, self_attn_padding_mask=None, need_weights=False,
-                att_args=None, position_emb=None):
-        return super().forward(x, self_attn_padding_mask, position_emb)
+                att_args=None, position_emb=None, residual=None, next_readers: tuple = ()):
+        """``residual`` / ``next_readers``: the wav2vec 2.0 encoder's ``simulate: integer`` stream
+        (``QWav2Vec2TransformerEncoder._streams``), as the S2T conformer encoder passes them."""
+        return super().forward(x, self_attn_padding_mask, position_emb, residual=residual, next_readers=next_readers)
 
 
 # -- integer execution (issue 16, work in progress) ----------------------------------------------------

@@ -502,12 +502,18 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
     def bind_readers(self) -> None:
         """The CTC projection's result is read by ``logits_quant``; fairseq's ``Wav2VecEncoder``
         calls the projection without a reader, so it is bound to it (``simulate: integer`` then
-        requantizes the int32 accumulator onto the logits grid, as the integer model does)."""
+        requantizes the int32 accumulator onto the logits grid, as the integer model does); and the
+        encoder's output is read by the projection's input quantizer, bound as the encoder's output
+        reader (its last norm writes onto that grid, as the integer encoder does)."""
+        from qswap.nn.fairseq.wav2vec2 import QWav2Vec2TransformerEncoder
         from qswap.nn.linear import QLinear
 
         proj = getattr(self.w2v_encoder, "proj", None)
         if isinstance(proj, QLinear):
             proj.bound_readers = [self.logits_quant]
+            encoder = getattr(getattr(self.w2v_encoder, "w2v_model", None), "encoder", None)
+            if isinstance(encoder, QWav2Vec2TransformerEncoder):
+                encoder.output_readers = [proj.input_quant]
 
     def forward(self, **kwargs):
         """Wav2VecEncoder's output dict, its "encoder_out" (T, B, V) logits quantized (see

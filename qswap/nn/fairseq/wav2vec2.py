@@ -29,8 +29,9 @@ from fairseq.utils import index_put
 
 from qswap.errors import ConvertError
 from qswap.io.serializable import ANY, INT, List, Obj, Opt, Tuple, serializable
-from qswap.nn.base import QuantConfig, QuantModule, check_finite_input, quantizer
+from qswap.nn.base import QuantConfig, QuantModule, check_finite_input, quantizer, told
 from qswap.nn.fairseq.config_expr import eval_config_expr
+from qswap.nn.fairseq.conformer import QConformerWav2Vec2EncoderLayer
 from qswap.nn.fairseq.chain import run_chain
 from qswap.nn.fairseq.layers import activated, onto, onto_each, past, read_by, reader
 from qswap.nn.simulate import add_onto, simulates
@@ -124,6 +125,9 @@ class QTransformerSentenceEncoderLayer(QuantModule):
         return integer_encoder_layer(self, stream_scale, self.layer_norm_first)
 
 
+_STREAM_LAYERS = (QTransformerSentenceEncoderLayer, QConformerWav2Vec2EncoderLayer)  # layers that thread the stream
+
+
 @register(TransformerEncoder)
 class QWav2Vec2TransformerEncoder(QuantModule):
     """wav2vec 2.0's transformer encoder: ``x + pos_conv(x)`` on quantized operands."""
@@ -140,6 +144,9 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         self.pos_residual_quant = quantizer(config, self.sites, "pos_residual")
         self.pos_conv_out_quant = quantizer(config, self.sites, "pos_conv_out")
         self.simulate = config.simulate
+        # the quantizer that reads the encoder's output where it lives outside it (the CTC
+        # projection's input: ``QWav2VecCtc.bind_readers``); empty: none is known
+        self.output_readers: list = []
 
     @classmethod
     def from_float(cls, module: TransformerEncoder, config: QuantConfig):
@@ -150,8 +157,9 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         """x: (B, T, C); ``conv_input``: what the positional conv reads in place of ``x`` (the input
         on its own grid: ``QWav2Vec2Model.encoder_readers``)."""
         x, layer_results = self.extract_features(x, padding_mask, layer, corpus_key=corpus_key, conv_input=conv_input)
-        if self.layer_norm_first and layer is None:
-            x = self.layer_norm(x)
+        if self.layer_norm_first and layer is None:  # onto its reader's grid, as the integer form writes
+            out = self.output_readers[0] if self.output_readers and self._streams(layer, corpus_key) is not None else None
+            x = told(self.layer_norm, x, out)
         return x, layer_results
 
     def _pos_conv(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,25 +220,23 @@ class QWav2Vec2TransformerEncoder(QuantModule):
         return x, layer_results
 
     def _first_readers(self) -> tuple:
-        """The two quantizers that read the first layer's input (its first reader and its
-        ``attn_residual_quant``), or () where one is missing."""
-        layer = self.layers[0]
-        readers = (reader(layer.self_attn_layer_norm if layer.layer_norm_first else layer.self_attn),
-                   layer.attn_residual_quant)
+        """The two quantizers that read the first layer's input (``_input_readers``), or () where
+        one is missing."""
+        readers = _input_readers(self.layers[0])
         return readers if None not in readers else ()
 
     def _streams(self, tgt_layer: Optional[int], corpus_key) -> Optional[list]:
         """With ``simulate: integer`` at inference, every layer a ``QTransformerSentenceEncoderLayer``
-        and all of them run: the quantizers that read each layer's output (the next layer's first
-        reader and ``attn_residual_quant``; after the last, pre-norm: the encoder's norm; post-norm:
-        none, its reader is the CTC head's), for the layers' ``next_readers``; else None."""
+        or a ``QConformerWav2Vec2EncoderLayer`` and all of them run: the quantizers that read each
+        layer's output (the next layer's two, ``_input_readers``; after the last, pre-norm: the
+        encoder's norm; post-norm: the encoder's output reader, the CTC projection's input,
+        ``output_readers``), for the layers' ``next_readers``; else None."""
         layers = list(self.layers)
         if not (layers and simulates(self) and not self.training and not torch.is_grad_enabled() and tgt_layer is None
-                and corpus_key is None and all(isinstance(m, QTransformerSentenceEncoderLayer) for m in layers)):
+                and corpus_key is None and all(isinstance(m, _STREAM_LAYERS) for m in layers)):
             return None
-        first = [reader(m.self_attn_layer_norm if m.layer_norm_first else m.self_attn) for m in layers]
-        nexts = [(first[i + 1], layers[i + 1].attn_residual_quant) for i in range(len(layers) - 1)]
-        last = (reader(self.layer_norm),) if self.layer_norm_first else ()
+        nexts = [_input_readers(layers[i + 1]) for i in range(len(layers) - 1)]
+        last = (reader(self.layer_norm),) if self.layer_norm_first else tuple(self.output_readers[:1])
         return [readers if None not in readers else () for readers in nexts + [last]]
 
     def to_integer(self, stream_scale: float | torch.Tensor, out) -> "IntegerWav2Vec2TransformerEncoder":
@@ -268,6 +274,16 @@ class QWav2Vec2TransformerEncoder(QuantModule):
             stream_to(stream_scale, self.pos_residual_quant), stream_to(stream_scale, first.input_quant),
             integer_chain(self.pos_conv, conv_out), add, (residual.zero_point, conv_out.zero_point), norm_in, norm,
             layers, final, self.required_seq_len_multiple)
+
+
+def _input_readers(layer: torch.nn.Module) -> tuple:
+    """The two quantizers that read a layer's input: a transformer layer's first reader (pre-norm:
+    its attention norm's; post-norm: the attention's) and ``attn_residual_quant``; a conformer
+    layer's first feed-forward norm and ``ffn1_residual_quant`` (the integer layers' readers)."""
+    if isinstance(layer, QConformerWav2Vec2EncoderLayer):
+        return reader(layer.ffn1.layer_norm), layer.ffn1_residual_quant
+    return (reader(layer.self_attn_layer_norm if layer.layer_norm_first else layer.self_attn),
+            layer.attn_residual_quant)
 
 
 def _conv_strides(conv_feature_layers: str) -> tuple[tuple[int, int], ...]:
