@@ -517,7 +517,16 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
 
     def forward(self, **kwargs):
         """Wav2VecEncoder's output dict, its "encoder_out" (T, B, V) logits quantized (see
-        ``_QuantizedLogits``: calibrating with the plain forward sets their grid)."""
+        ``_QuantizedLogits``: calibrating with the plain forward sets their grid). A batch shorter
+        than the feature extractor's receptive field is a DataError (``check_receptive_field``),
+        its float or quantized extractor alike."""
+        from qswap.nn.fairseq.wav2vec2 import _conv_strides, check_receptive_field
+        w2v = getattr(self.w2v_encoder, "w2v_model", None)
+        strides = getattr(w2v, "conv_strides", None)
+        if strides is None and isinstance(getattr(getattr(w2v, "cfg", None), "conv_feature_layers", None), str):
+            strides = _conv_strides(w2v.cfg.conv_feature_layers)
+        if strides is not None and isinstance(kwargs.get("source"), Tensor):
+            check_receptive_field(kwargs["source"], strides)
         out = super().forward(**kwargs)
         return {**out, "encoder_out": self.logits_quant(out["encoder_out"])}
 

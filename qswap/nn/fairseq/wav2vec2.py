@@ -428,6 +428,29 @@ class QWav2Vec2Model(QuantModule):
                     corpus_key=corpus_key)
 
 
+def receptive_field(conv_strides: tuple) -> int:
+    """The fewest samples the feature extractor turns into one frame ((kernel, stride), ...): a
+    last layer's kernel, back through each stride (400 samples, 25 ms, for wav2vec 2.0 base)."""
+    need = 1
+    for kernel, stride in reversed(conv_strides):
+        need = (need - 1) * stride + kernel
+    return need
+
+
+def check_receptive_field(source: torch.Tensor, conv_strides: tuple) -> None:
+    """A DataError where a waveform batch (B, S) is shorter than the feature extractor's receptive
+    field (every utterance in it shorter: a padded batch is as long as its longest), whose first
+    convolution would fail with a raw RuntimeError. Not while an export traces the model."""
+    if torch.jit.is_tracing() or source.dim() < 2:
+        return
+    need = receptive_field(conv_strides)
+    if source.size(-1) < need:
+        from qswap.errors import DataError
+        raise DataError(f"audio of {source.size(-1)} samples is shorter than the model's feature extractor reads "
+                        f"for one frame ({need} samples, {need / 16:.0f} ms at 16 kHz); drop clips that short from "
+                        f"the manifest, or batch them with longer ones")
+
+
 def output_lengths(conv_strides: tuple, input_lengths: torch.Tensor) -> torch.Tensor:
     """floor((L - k) / stride + 1) per conv layer ((kernel, stride), ...), in integers."""
     for kernel, stride in conv_strides:
@@ -496,6 +519,7 @@ class IntegerWav2Vec2Model(torch.nn.Module):
     def forward(self, codes: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> tuple:
         """codes: (B, S) on ``input_grid``; padding_mask: (B, S) bool or None. Returns (codes (B, T, C),
         padding mask (B, T) or None)."""
+        check_receptive_field(codes, self.conv_strides)
         x = self.features(codes.unsqueeze(1)).transpose(1, 2)  # (B, T, C) feature norm's input codes
         if padding_mask is not None and padding_mask.any():
             padding_mask = feature_padding_mask(self.conv_strides, padding_mask, x.size(1))

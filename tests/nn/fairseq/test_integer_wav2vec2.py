@@ -4,6 +4,7 @@ the CTC projection on integers; the declared float steps are the waveform in and
 out. Each integer form against its fake-quant counterpart, then whole models: fairseq's own
 ``Wav2Vec2Config`` with small widths, and fairseq's registered base / base_100h / large+vox_100h
 configurations (one encoder layer), decoded with greedy CTC."""
+import math
 import warnings
 
 import pytest
@@ -346,3 +347,28 @@ def test_conformer_layers_thread_the_integer_stream_under_simulate_integer(layer
     imodel = qswap.integerize(qmodel)
     for seed in range(100, 106):
         assert_logits_codes_equal(qmodel, imodel, _ragged([4000, 3000, 3555, 3999], seed))
+
+
+def test_a_batch_shorter_than_the_feature_extractors_receptive_field_is_a_data_error():
+    """Every clip of a batch shorter than the extractor reads for one frame (25 ms for wav2vec 2.0
+    base; a clip decoded on its own) had failed in its first convolution with torch's RuntimeError:
+    in the float model (fp32's root counterpart), the fake-quant one and the integer one alike."""
+    from qswap.errors import DataError
+    from qswap.nn.fairseq.wav2vec2 import receptive_field
+
+    qmodel = qswap.convert(build_wav2vec2_ctc(seed=1).eval(), "w8a8")
+    strides = qmodel.w2v_encoder.w2v_model.conv_strides
+    need = receptive_field(strides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qswap.calibrate(qmodel, [wav2vec2_net_input(samples=4000)])
+    short = wav2vec2_net_input(batch=1, samples=need - 1)
+    models = {"fp32": qswap.convert(build_wav2vec2_ctc(seed=1).eval(), "fp32"), "w8a8": qmodel,
+              "integer": qswap.integerize(qmodel)}
+    for name, model in models.items():
+        with pytest.raises(DataError, match=f"audio of {need - 1} samples is shorter .* \\({need} samples"):
+            with torch.no_grad():
+                model(**short)
+        with torch.no_grad():
+            model(**wav2vec2_net_input(batch=1, samples=need))  # one frame: runs
+    assert need == sum((k - 1) * math.prod(s for _, s in strides[:i]) for i, (k, _) in enumerate(strides)) + 1
