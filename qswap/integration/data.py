@@ -139,8 +139,9 @@ def load_subset(task, subset: str) -> Any:
         if manifest is not None and manifest.read_bytes()[:3] == b"\xef\xbb\xbf":  # its header reads "\ufeffid"
             raise DataError(f"subset {subset!r}: {manifest} starts with a UTF-8 byte-order mark, so its first column "
                             f"is not read as 'id'; save it as UTF-8 without a BOM") from None
-        raise DataError(f"subset {subset!r}: malformed manifest {subset}.tsv ({type(exc).__name__}: "
-                        f"{exc}); {_manifest_format(task)}") from None
+        where = _first_bad_row(manifest) if manifest is not None and not _raw_audio_task(task) else ""
+        raise DataError(f"subset {subset!r}: malformed manifest {subset}.tsv ({where or f'{type(exc).__name__}: {exc}'}); "
+                        f"{_manifest_format(task)}") from None
     dataset = task.dataset(subset)
     if len(dataset) == 0:
         raise DataError(f"subset {subset!r} is empty")
@@ -153,6 +154,33 @@ def load_subset(task, subset: str) -> Any:
             raise
     without_training_augmentation(dataset, getattr(task, "data_cfg", None))
     return dataset
+
+
+S2T_COLUMNS = ("id", "audio", "n_frames", "tgt_text")  # what fairseq's speech_to_text reader needs of a row
+
+
+def _first_bad_row(manifest: Path) -> str:
+    """Where a speech_to_text manifest, read as fairseq reads it (``csv.DictReader``, tabs, no
+    quoting), first lacks a column it needs or gives a row a blank value in one: "line N: ..."; ""
+    when none does (the error is elsewhere)."""
+    import csv
+
+    try:
+        with open(manifest, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t", quotechar=None, doublequote=False, lineterminator="\n",
+                                    quoting=csv.QUOTE_NONE)
+            missing = [c for c in S2T_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                return f"its header lacks {', '.join(missing)}"
+            for row in reader:
+                blank = [c for c in S2T_COLUMNS if c != "tgt_text" and not (row.get(c) or "").strip()]
+                if blank:
+                    return f"line {reader.line_num}: no {', '.join(blank)} (a blank or cut-short line?)"
+                if not (row.get("n_frames") or "").strip().isdigit():
+                    return f"line {reader.line_num}: n_frames is {row.get('n_frames')!r}, not a whole number"
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return ""
+    return ""
 
 
 def _raw_audio_task(task) -> bool:

@@ -71,9 +71,25 @@ def test_a_manifest_line_cut_short_is_a_data_error(tmp_path):
 
     data = _calib_copy(tmp_path)
     text = (data / "train_calib.tsv").read_text()
-    (data / "train_calib.tsv").write_text(text[:text.index("\n", 200) + 30])
-    with pytest.raises(DataError, match="malformed manifest train_calib.tsv"):
+    cut = text[:text.index("\n", 200) + 30]
+    (data / "train_calib.tsv").write_text(cut)
+    with pytest.raises(DataError, match=f"malformed manifest train_calib.tsv .line {cut.count(chr(10)) + 1}: no n_frames"):
         _read_all(data)
+
+
+def test_a_whitespace_line_in_a_manifest_is_named():
+    """A line of spaces had been reported as fairseq's TypeError ('PosixPath' and 'NoneType')."""
+    import tempfile
+    from pathlib import Path
+
+    from qswap.errors import DataError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _calib_copy(Path(tmp))
+        lines = (data / "train_calib.tsv").read_text().splitlines()
+        (data / "train_calib.tsv").write_text("\n".join(lines[:3] + ["   "] + lines[3:]) + "\n")
+        with pytest.raises(DataError, match="malformed manifest train_calib.tsv .line 4: no id, audio, n_frames"):
+            _read_all(data)
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
