@@ -247,7 +247,10 @@ def _knf_fbank(scaled: np.ndarray, sample_rate: int, num_mel_bins: int) -> torch
     return torch.from_numpy(feats)
 
 
-_STREAMED = 0xFFFFFFFF  # a WAV data chunk's size where the writer did not know it
+# a WAV data chunk's size where the writer did not know it: a placeholder at or near the largest
+# size (ffmpeg's 0xFFFFFFFF, sox's 0x7FFFF000, others' 0x7FFFFFFF); a data chunk this large read
+# short is taken as streamed, not truncated
+_STREAMED = 0x7FFF0000
 
 
 def _load_with_soundfile(path: str, expected_sample_rate: Optional[int], kind: str) -> Tuple[torch.Tensor, int]:
@@ -275,9 +278,6 @@ def _load_with_soundfile(path: str, expected_sample_rate: Optional[int], kind: s
         raise AudioError(f"{path}: empty audio (0 samples)")
     if not np.all(np.isfinite(data)):
         raise AudioError(f"{path}: audio contains NaN or infinite samples")
-    if kind == "float" and float(np.abs(data).max()) > 1.0:
-        raise AudioError(f"{path}: float samples must lie in [-1, 1] (largest {float(np.abs(data).max()):g}); "
-                         f"normalize the audio")
     return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), int(rate)
 
 
@@ -304,7 +304,9 @@ def load_audio(
         raise AudioError(f"{path}: no such file") from e
     except wave.Error as e:
         code = str(e).removeprefix("unknown format: ")
-        if code in ("3", "65534"):  # IEEE float, or WAVE_FORMAT_EXTENSIBLE (sox's and ffmpeg's 24/32-bit)
+        if code in ("3", "65534") or str(e).startswith("unknown extended format"):
+            # IEEE float, or WAVE_FORMAT_EXTENSIBLE (sox's and ffmpeg's 24/32-bit; Python 3.12's wave
+            # reads extensible PCM and names an extensible float file "unknown extended format")
             return _load_with_soundfile(path, expected_sample_rate, "float" if code == "3" else "extensible")
         raise AudioError(f"{path}: cannot read as PCM WAV ({e or 'a truncated or unreadable header'})") from e
     except (EOFError, OSError, ValueError) as e:
@@ -321,10 +323,10 @@ def load_audio(
     if len(raw) % sampwidth:  # the file was cut short inside a sample (an interrupted copy)
         raise AudioError(f"{path}: truncated {8 * sampwidth}-bit data: {len(raw)} bytes of samples is not a "
                          f"whole number of {sampwidth}-byte samples; copy or export the file again")
-    declared = n_frames * n_channels * sampwidth  # the data chunk's size in the header
+    declared = n_frames * n_channels * sampwidth  # the data chunk's size in the header (in whole frames)
     if len(raw) < declared and declared < _STREAMED - n_channels * sampwidth:
         # cut short between samples (an interrupted copy); a header written before its data's length
-        # was known (a pipe's output: 0xFFFFFFFF) declares no length
+        # was known (a pipe's output, ``_STREAMED``) declares no length
         raise AudioError(f"{path}: truncated: its header declares {n_frames} frames and the file holds "
                          f"{len(raw) // (n_channels * sampwidth)}; copy or export the file again")
     if sampwidth == 1:  # unsigned 8-bit

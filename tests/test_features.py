@@ -298,13 +298,15 @@ def test_load_audio_cut_between_samples_is_an_audio_error(tmp_path):
         load_audio(p)
 
 
-def test_a_wav_whose_header_declares_no_length_is_read_whole(tmp_path):
-    """A pipe's WAV (sox ... -t wav -) declares its data 0xFFFFFFFF bytes long: not truncated."""
+@pytest.mark.parametrize("placeholder", [0xFFFFFFFF, 0x7FFFF000, 0x7FFFFFFF], ids=["ffmpeg", "sox", "other"])
+def test_a_wav_whose_header_declares_no_length_is_read_whole(tmp_path, placeholder):
+    """A pipe's WAV (``sox ... -t wav -``, ffmpeg to a pipe) declares its data with a placeholder size
+    (sox's 0x7FFFF000 had been refused as truncated): not truncated."""
     p = tmp_path / "streamed.wav"
     _write_wav(p, _tone(0.5))
     raw = bytearray(p.read_bytes())
     at = raw.index(b"data") + 4
-    raw[at:at + 4] = struct.pack("<I", 0xFFFFFFFF)
+    raw[at:at + 4] = struct.pack("<I", placeholder)
     p.write_bytes(bytes(raw))
     waveform, _ = load_audio(p)
     assert waveform.numel() == 8000

@@ -50,11 +50,12 @@ def _is_const(tag: Tag) -> bool:
 
 
 def decide_compute(name: str, rule: OpRule, tags: list[Tag], call: int, where: str,
-                   rescale: float | None, scalars: tuple = ()) -> Decision:
+                   rescale: float | None, scalars: tuple = (), options: dict | None = None) -> Decision:
     """``tags``: one per float tensor operand; ``call``: the innermost counterpart call (-1:
     none); ``where``: "aten.op at module" for output provenance; ``rescale``: the Python number
     a mul/div multiplies its one tensor operand by (None: not such an op); ``scalars``: the
-    op's Python-number arguments (clamp bounds, the constant of an ``rsub``)."""
+    op's Python-number arguments (clamp bounds, the constant of an ``rsub``); ``options``: its
+    keyword arguments (an add's ``alpha``, a division's ``rounding_mode``)."""
     if rescale is not None and len(tags) == 1 and _rescalable(tags[0]):
         t = tags[0]
         if t.kind != QUANT:
@@ -62,7 +63,8 @@ def decide_compute(name: str, rule: OpRule, tags: list[Tag], call: int, where: s
         return Decision(QUANTIZED, dataclasses.replace(t, grid=t.grid.rescaled(rescale)), bits=[t.grid.bits])
     if all(_index_math(t) for t in tags):
         return Decision(IGNORED, Tag(INDEX, where, binary=_binary(name, tags, scalars),
-                                     input=any(t.input for t in tags), integral=_integral_math(name, tags, scalars)))
+                                     input=any(t.input for t in tags),
+                                     integral=_integral_math(name, tags, scalars, options or {})))
     if all(_is_const(t) or _index_math(t) for t in tags) and not any(t.input for t in tags):
         first = next(t for t in tags if t.kind != INDEX)
         return Decision(CONSTANT_FOLD, Tag(first.kind, _derived(first.where)))
@@ -77,19 +79,29 @@ def _index_math(tag: Tag) -> bool:
 
 # Index math that keeps integers integers (with integer Python numbers): ``(lengths - 1) * 2``
 _INTEGER_CLOSED = frozenset({"add", "sub", "rsub", "mul", "neg", "abs", "clone", "maximum", "minimum",
-                             "floor_divide", "remainder", "sum", "cumsum", "max", "min", "amax", "amin"})
+                             "floor_divide", "remainder", "fmod", "sum", "cumsum", "max", "min", "amax", "amin",
+                             "relu", "sign", "clamp", "clip", "clamp_min", "clamp_max", "square"})
 
 
-def _integral_math(name: str, tags: list[Tag], scalars: tuple) -> bool:
+def _integral_math(name: str, tags: list[Tag], scalars: tuple, options: dict) -> bool:
     """Whether index math's result is proven to hold integers: a rounding (``floor`` of
-    ``(lengths - 1) / 2 + 1``, as fairseq's subsampler computes its output lengths), or an op that
-    keeps integers integers on integer operands. The model's integer input data under other float
-    math (a waveform normalized, an ``exp``) is float data where a quantizer reads it
-    (``Tracker._check_seen``)."""
-    if name in ROUNDINGS:
+    ``(lengths - 1) / 2 + 1``, as fairseq's subsampler computes its output lengths; a division with
+    ``rounding_mode``), or an op that keeps integers integers on integer operands, with integer
+    Python numbers and ``alpha`` (``add(w, w, alpha=0.5)`` does not; ``w * w`` does). The model's
+    integer input data under other float math (a waveform normalized, an ``exp``) is float data
+    where a quantizer reads it (``Tracker._check_seen``)."""
+    if name in ROUNDINGS or (name == "div" and options.get("rounding_mode") in ("floor", "trunc")):
         return True
-    return (name in _INTEGER_CLOSED and all(t.integral for t in tags)
-            and all(float(v).is_integer() for v in scalars))
+    numbers = [*scalars, *(v for k, v in options.items() if k == "alpha")]
+    return name in _INTEGER_CLOSED and all(t.integral for t in tags) and all(_whole(v) for v in numbers)
+
+
+def _whole(v) -> bool:
+    """A Python number that is an integer (``2.0`` is; ``0.5``, ``inf`` and ``nan`` are not)."""
+    try:
+        return float(v).is_integer()
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _binary(name: str, tags: list[Tag], scalars: tuple) -> bool:

@@ -585,7 +585,7 @@ class Tracker(TorchDispatchMode):
             return
         scalars = tuple(a for a in args if isinstance(a, _NUMBER) and not isinstance(a, bool))
         rescale = _scalar_rescale(name, args, kwargs, len(tags))
-        d = C.decide_compute(name, rule, tags, self.calls[-1], self._where(op), rescale, scalars)
+        d = C.decide_compute(name, rule, tags, self.calls[-1], self._where(op), rescale, scalars, kwargs)
         self._set_out(func, args, kwargs, outputs, _integral(name, func, d.out))
         module = self.stack[-1]
         if d.bucket == C.FLOAT_BUCKET:

@@ -69,7 +69,10 @@ def _source_features(self, index):
     indices = [index] if np.ndim(index) == 0 else list(index)
     if not any(is_audio_row(self.audio_paths[i]) for i in indices):  # feature rows: fairseq's own reading
         return type(self)._get_source_audio(self, index)
-    rate = getattr(getattr(self, "cfg", None), "use_sample_rate", None)
+    # the rate the data's config.yaml names (``use_sample_rate``); without one fairseq computes each
+    # row's fbank at the row's own rate (a model trained on 8 kHz rows reads 8 kHz rows), and so does qswap
+    config = getattr(getattr(self, "cfg", None), "config", None)
+    rate = config.get("use_sample_rate") if isinstance(config, dict) else None
     parts = [row_features(self.audio_paths[i], getattr(self, "waveform_transforms", None), rate) for i in indices]
     source = parts[0] if len(parts) == 1 else np.concatenate(parts)
     if self.feature_transforms is not None:
@@ -97,9 +100,10 @@ def _audio_file(file: str) -> bool:
 def row_features(path: str, waveform_transforms=None, sample_rate: int | None = None) -> np.ndarray:
     """The (T, 80) features of one manifest ``audio`` entry: fairseq's reader for features, qswap's
     fbank of the 16-bit-scale waveform (after ``waveform_transforms``, as fairseq applies them)
-    for audio. ``sample_rate``: the rate the data's config reads (``use_sample_rate``, 16 kHz by
-    default); audio at another rate is an AudioError (its filterbank would span other
-    frequencies: features the model never saw, decoded without a word)."""
+    for audio. ``sample_rate``: the rate the data's config.yaml names (``use_sample_rate``), or
+    None (fairseq's reading: each row at its own rate); audio at another rate than the named one is
+    an AudioError (its filterbank would span other frequencies: features the model never saw,
+    decoded without a word)."""
     from fairseq.data.audio import audio_utils as au
 
     from qswap.features import fbank

@@ -71,14 +71,16 @@ def resolve_data_paths(data_cfg) -> None:
         cmvn["stats_npz_path"] = str(Path(data_cfg.root) / stats)
 
 
-def check_cmvn_stats(data_cfg) -> None:
+def check_cmvn_stats(data_cfg, split: str) -> None:
     """A DataError naming config.yaml's ``global_cmvn.stats_npz_path`` where the global CMVN stats it
-    names do not load, lack ``mean`` / ``std``, do not have one value per feature channel, or hold
-    a non-finite value or a std of 0 (dividing by it): each had been blamed on the manifest or on
+    names, read for ``split`` (a transform list of the split names ``global_cmvn``), do not load,
+    lack ``mean`` / ``std``, do not broadcast to one value per feature channel, or hold a
+    non-finite value or a std of 0 (dividing by it): each had been blamed on the manifest or on
     every utterance."""
     cmvn = data_cfg.config.get("global_cmvn") if data_cfg is not None else None
     stats_path = cmvn.get("stats_npz_path") if isinstance(cmvn, dict) else None
-    if not stats_path or not _uses_global_cmvn(data_cfg):
+    loaded, applied = _uses_global_cmvn(data_cfg, split) if stats_path else (False, False)
+    if not loaded:
         return
     import numpy as np
 
@@ -96,9 +98,11 @@ def check_cmvn_stats(data_cfg) -> None:
     except (OSError, ValueError, EOFError, AttributeError, TypeError) as exc:  # not an .npz (np.load of a .npy: an array)
         raise DataError(f"{where} do not load ({type(exc).__name__}: {exc}); write them again with "
                         f"numpy.savez(path, mean=..., std=...)") from None
+    if not applied:  # loaded by fairseq for a train* split's training transforms, which qswap does not apply
+        return
     channels = getattr(data_cfg, "input_feat_per_channel", None)
     for name, value in (("mean", mean), ("std", std)):
-        if channels is not None and value.shape != (channels,):
+        if channels is not None and not _broadcasts(value.shape, channels):
             raise DataError(f"{where}: {name} has shape {value.shape}, the features have {channels} channels "
                             f"(config.yaml: input_feat_per_channel); use stats of these features")
         if not np.isfinite(value).all():
@@ -108,20 +112,35 @@ def check_cmvn_stats(data_cfg) -> None:
                         f"by; compute the stats again (a constant channel gets std 1)")
 
 
-def _uses_global_cmvn(data_cfg) -> bool:
-    """Whether some split's feature transforms name global_cmvn (fairseq reads the stats only then)."""
-    transforms = data_cfg.config.get("transforms") or {}
-    feature = data_cfg.config.get("feature_transforms") or {}
-    names = [t for group in (transforms, feature) if isinstance(group, dict) for ts in group.values()
-             if isinstance(ts, list) for t in ts]
-    return "global_cmvn" in names
+def _broadcasts(shape: tuple, channels: int) -> bool:
+    """Whether stats of ``shape`` broadcast onto (frames, ``channels``) features as fairseq applies
+    them, one value per channel or one for all: (C,), (1, C), (), (1,)."""
+    return all(n == 1 for n in shape[:-1]) and (not shape or shape[-1] in (1, channels))
+
+
+def _uses_global_cmvn(data_cfg, split: str) -> tuple[bool, bool]:
+    """(whether fairseq loads the stats file when it loads ``split``, whether the features qswap
+    reads are normalized by them): a feature transform list of the split names global_cmvn; fairseq
+    builds a ``train*`` split's training list, qswap then reads every split with the evaluation one
+    (``without_training_augmentation``)."""
+    def named(is_train: bool) -> bool:
+        lists = []
+        for kind in ("", "feature_"):
+            try:
+                lists.append(data_cfg.get_transforms(kind, split, is_train) or [])
+            except (AttributeError, TypeError):  # a config without transforms
+                continue
+        return any(isinstance(names, list) and "global_cmvn" in names for names in lists)
+
+    applied = named(False)
+    return applied or (split.startswith("train") and named(True)), applied
 
 
 def load_subset(task, subset: str) -> Any:
     first = subset not in task.datasets  # read once per task: its checks run once too
     if first:
         check_tokenizer(task)
-        check_cmvn_stats(getattr(task, "data_cfg", None))
+        check_cmvn_stats(getattr(task, "data_cfg", None), subset)
         if _raw_audio_task(task):
             check_raw_audio_manifest(task, subset)
     try:
@@ -215,15 +234,14 @@ def check_raw_audio_manifest(task, subset: str) -> None:
                         f"save it as UTF-8") from None
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last line
-    if not lines or not lines[0].strip() or "\t" in lines[0]:
+    if not lines or "\t" in lines[0]:  # a blank root is fairseq's too: the paths below are then absolute
         raise DataError(f"subset {subset!r}: {manifest} has no audio root on its first line"
-                        f"{' (it reads as an audio line)' if lines and chr(9) in lines[0] else ''}; "
-                        f"{_manifest_format(task)}")
+                        f"{' (it reads as an audio line)' if lines else ''}; {_manifest_format(task)}")
     for number, line in enumerate(lines[1:], start=2):
         fields = line.strip().split("\t")  # as fairseq reads it
         problem = ("is blank" if not line.strip() else
                    f"has {len(fields)} tab-separated field(s), not 2" if len(fields) != 2 else
-                   f"gives {fields[1]!r} samples, not a whole number" if not fields[1].strip().isdigit() else "")
+                   f"gives {fields[1]!r} samples, not a whole number" if not _int_like(fields[1]) else "")
         if problem:
             raise DataError(f"subset {subset!r}: {manifest} line {number} {problem}; {_manifest_format(task)}")
     labels = getattr(task.cfg, "labels", None)
@@ -233,6 +251,15 @@ def check_raw_audio_manifest(task, subset: str) -> None:
         if count != len(lines) - 1:
             raise DataError(f"subset {subset!r}: {label_file.name} has {count} line(s), {manifest.name} "
                             f"{len(lines) - 1} audio line(s); give one transcript per audio line, in order")
+
+
+def _int_like(text: str) -> bool:
+    """Whether fairseq's ``int()`` reads ``text`` ("+16000", "16_000" too)."""
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _manifest(task, subset: str) -> Path | None:

@@ -20,8 +20,8 @@ add_constant                   constant: half to even;       int32, bound checke
                                then requantize (single)      and per call (refused)
 isqrt                          floor (exact)                 int64 in [0, 2^62]
 build_lut / apply_lut          half to even (like the grid)  table of the output dtype
-integer_softmax                exp table: half to even;      int32 row sum, int64 division
-                               division: half up
+integer_softmax                exp table: half to even;      row sum int32 (< 2^11 positions)
+                               division: half up             or int64; int64 division (< 2^26)
 integer_layer_norm(_acc)       mean exact (N*q - sum);       int64 variance, int32 affine
                                isqrt floor; division half    accumulator; sqrt_bits chosen
                                away from zero                when built (wide inputs)
@@ -869,12 +869,12 @@ def integer_softmax(codes: torch.Tensor, params: SoftmaxParams, blocked: torch.T
 
     ``e = exp_table[max - q]`` (int32, max along ``dim`` over unblocked positions; blocked ones get
     0), ``sum`` of ``e``: in int32 for rows of fewer than 2^11 positions (``e <= 2^20``: exact), in
-    int64 for longer rows (exact below 2^43 positions; a row of 2^11 or more had been refused,
-    stopping the integer model on a 41 s wav2vec 2.0 utterance), then ``code = (e * out_mult +
-    sum * 2^15) // (sum * 2^16)`` in int64 (round half up; ``e * out_mult < 2^20 * 2^16 / s_out``;
-    ``sum * 2^16 < 2^59`` for rows below 2^23 positions), plus the zero point, clamped (saturation)
-    to [qmin, qmax]. A row with every position blocked gives the zero point (the float softmax
-    gives NaN there)."""
+    int64 for longer rows (a row of 2^11 or more had been refused, stopping the integer model on a
+    41 s wav2vec 2.0 utterance), then ``code = (e * out_mult + sum * 2^15) // (sum * 2^16)`` in
+    int64 (round half up; ``e * out_mult < 2^62``, ``out_mult < 2^42``; ``sum * 2^16 < 2^62``:
+    rows of fewer than 2^26 positions, a longer one is refused), plus the zero point, clamped
+    (saturation) to [qmin, qmax]. A row with every position blocked gives the zero point (the
+    float softmax gives NaN there)."""
     _check_int("codes", codes)
     if codes.shape[dim] >= 2 ** (63 - EXP_BITS - DIV_BITS - 1):
         raise IntegerizeError(f"integer_softmax's int64 division holds rows of fewer than "

@@ -486,6 +486,32 @@ class _Lengths(nn.Module):
         return self.proj(self.r(x).masked_fill(~mask[..., None], 0.0))
 
 
+@pytest.mark.parametrize("math, integral", [
+    (lambda w: torch.div(w, 2, rounding_mode="floor"), True),
+    (lambda w: w.clamp(-100, 100), True),
+    (lambda w: torch.relu(w) * 2 - 1, True),
+    (lambda w: torch.sign(w) + w * w, True),
+    (lambda w: torch.add(w, w, alpha=0.5), False),
+    (lambda w: w / 2, False),
+], ids=["floor-div", "clamp", "relu", "sign-square", "alpha-half", "div"])
+def test_integer_input_math_that_ends_in_integers_reaches_a_quantizer_honestly(math, integral):
+    """Index math ending in integers (a rounding division, a clamp to integers, a ReLU) had been
+    flagged as float math on the input data; ``add(w, w, alpha=0.5)`` had passed as integers."""
+    class Frontend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 4)
+
+        def forward(self, wav):
+            return self.proj(math(wav.float()))
+
+    wav = (torch.randn(2, 16) * 50).to(torch.int16)
+    qmodel = qswap.convert(Frontend(), "w8a8")
+    qswap.calibrate(qmodel, [(wav,)])
+    report = qswap.audit(qmodel, (wav,))
+    assert report.honest == integral, [(v.module, v.op, v.operand) for v in report.violations]
+
+
 def test_float_math_on_an_integer_input_read_by_a_quantizer_is_found_index_math_is_not():
     """The same normalization on a float waveform is 9 findings; on the int16 one every op had been
     index math, and the model honest. Index math that ends in integers stays ignored."""

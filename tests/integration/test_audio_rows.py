@@ -165,9 +165,13 @@ def test_feature_zip_rows_read_as_fairseq_reads_them():
         assert torch.equal(dataset._get_source_audio(i), type(dataset)._get_source_audio(dataset, i))
 
 
-def test_a_wav_row_at_another_sample_rate_is_a_data_error(tmp_path):
-    """An 8 kHz row had been turned into features at 8 kHz (a filterbank over other frequencies) and
-    decoded without a word; wav2vec 2.0's reader refuses such audio too."""
+def test_a_wav_row_at_another_rate_than_the_config_names_is_a_data_error(tmp_path):
+    """With ``use_sample_rate: 16000`` in config.yaml an 8 kHz row had been turned into features at 8
+    kHz (a filterbank over other frequencies) and decoded without a word; wav2vec 2.0's reader refuses
+    such audio too. Without the key each row is read at its own rate, as fairseq reads it (a model
+    trained on 8 kHz rows)."""
+    import yaml
+
     from qswap.errors import DataError
 
     if not needs_own_fbank():
@@ -178,6 +182,10 @@ def test_a_wav_row_at_another_sample_rate_is_a_data_error(tmp_path):
         w.setsampwidth(2)
         w.setframerate(8000)
         w.writeframes(np.zeros(8000, "<i2").tobytes())
+    _, task = load_model_and_task(f"{ASSET}/checkpoint.pt", data)
+    assert len(list(batches(task, "rows", max_sentences=8))) == 1  # no key: fairseq's reading
+    config = yaml.safe_load((data / "config.yaml").read_text())
+    (data / "config.yaml").write_text(yaml.safe_dump({**config, "use_sample_rate": 16000}))
     _, task = load_model_and_task(f"{ASSET}/checkpoint.pt", data)
     with pytest.raises(DataError, match=r"u1\.wav is sampled at 8000 Hz and the data's config reads 16000 Hz"):
         list(batches(task, "rows", max_sentences=8))

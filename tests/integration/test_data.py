@@ -308,21 +308,19 @@ def test_a_zip_entry_with_a_wrong_pointer_is_a_data_error(tmp_path):
     _rows_changed(data, lambda row: row.update(audio=first + ":3"))
     with pytest.raises(DataError, match="zip entry is '<zip>:<byte offset>:<byte length>'"):
         _read_all(data)
-    def zipped(root):
-        with zipfile.ZipFile(root / "a.zip", "w", zipfile.ZIP_STORED) as z:
-            z.write(root / "wav/1.wav", "1.wav")
-        return f"{root}\nwav/0.wav\t16000\na.zip:1:2:3\t16000\n"
-    task = _w2v_subset(tmp_path / "w2v", _noise(16000), tsv=zipped)
-    with pytest.raises(DataError, match="neither a file nor a zip entry"):
-        list(batches(task, "valid"))
 
-    def shifted(root):
-        with zipfile.ZipFile(root / "a.zip", "w", zipfile.ZIP_STORED) as z:
-            z.write(root / "wav/1.wav", "1.wav")
-        return f"{root}\nwav/0.wav\t16000\na.zip:3:2000\t16000\n"
-    task = _w2v_subset(tmp_path / "w2v_shifted", _noise(16000), tsv=shifted)
-    with pytest.raises(DataError, match="not WAV/FLAC audio"):
-        list(batches(task, "valid", max_sentences=1))
+    def zipped(pointer):  # the second WAV stored in a zip, named by ``pointer``
+        def tsv(root):
+            with zipfile.ZipFile(root / "a.zip", "w", zipfile.ZIP_STORED) as z:
+                z.write(root / "wav/1.wav", "1.wav")
+            return f"{root}\nwav/0.wav\t16000\na.zip:{pointer}\t16000\n"
+        return tsv
+
+    for name, pointer, match in (("w2v", "1:2:3", "neither a file nor a zip entry"),
+                                 ("w2v_shifted", "3:2000", "not WAV/FLAC audio")):
+        task = _w2v_subset(tmp_path / name, _noise(16000), tsv=zipped(pointer))
+        with pytest.raises(DataError, match=match):
+            list(batches(task, "valid", max_sentences=1))
 
 
 def _cmvn_data(tmp_path, stats, path="gcmvn.npz"):
@@ -338,6 +336,33 @@ def _cmvn_data(tmp_path, stats, path="gcmvn.npz"):
     if stats is not None:
         stats(data / "gcmvn.npz")
     return data, np
+
+
+def test_global_cmvn_stats_fairseq_reads_are_taken(tmp_path):
+    """Stats of shape (1, 80) broadcast as fairseq applies them; broken stats named only by the
+    ``_train`` transforms are not read for a test subset (both had been refused)."""
+    import numpy as np
+    import yaml
+
+    data, _ = _cmvn_data(tmp_path, lambda f: np.savez(f, mean=np.zeros((1, 80), np.float32),
+                                                       std=np.ones((1, 80), np.float32)))
+    assert len(_read_all(data)) > 0
+    config = yaml.safe_load((data / "config.yaml").read_text())
+    config["transforms"] = {"*": ["utterance_cmvn"], "_train": ["global_cmvn"]}
+    (data / "config.yaml").write_text(yaml.safe_dump(config))
+    np.savez(data / "gcmvn.npz", mean=np.zeros(40), std=np.zeros(40))
+    (data / "test_copy.tsv").write_text((data / "train_calib.tsv").read_text())
+    assert len(_read_all(data, "test_copy")) > 0
+
+
+def test_wav2vec2_manifests_fairseq_reads_are_taken(tmp_path):
+    """A blank root line with absolute paths, and a sample count written '+16000' or '16_000' (fairseq's
+    int() reads them), had been refused by qswap's pre-check."""
+    from qswap.integration.data import batches
+
+    task = _w2v_subset(tmp_path / "w2v", _noise(16000),
+                       tsv=lambda r: f"\n{r}/wav/0.wav\t+16000\n{r}/wav/1.wav\t16_000\n")
+    assert sum(len(s["id"]) for s in batches(task, "valid")) == 2
 
 
 def test_a_relative_global_cmvn_path_is_read_from_the_data_directory(tmp_path, monkeypatch):
