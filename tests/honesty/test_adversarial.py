@@ -486,7 +486,7 @@ class _Lengths(nn.Module):
         return self.proj(self.r(x).masked_fill(~mask[..., None], 0.0))
 
 
-@pytest.mark.parametrize("math, integral", [
+@pytest.mark.parametrize("op, integral", [
     (lambda w: torch.div(w, 2, rounding_mode="floor"), True),
     (lambda w: w.clamp(-100, 100), True),
     (lambda w: torch.relu(w) * 2 - 1, True),
@@ -494,7 +494,7 @@ class _Lengths(nn.Module):
     (lambda w: torch.add(w, w, alpha=0.5), False),
     (lambda w: w / 2, False),
 ], ids=["floor-div", "clamp", "relu", "sign-square", "alpha-half", "div"])
-def test_integer_input_math_that_ends_in_integers_reaches_a_quantizer_honestly(math, integral):
+def test_integer_input_math_that_ends_in_integers_reaches_a_quantizer_honestly(op, integral):
     """Index math ending in integers (a rounding division, a clamp to integers, a ReLU) had been
     flagged as float math on the input data; ``add(w, w, alpha=0.5)`` had passed as integers."""
     class Frontend(nn.Module):
@@ -503,7 +503,7 @@ def test_integer_input_math_that_ends_in_integers_reaches_a_quantizer_honestly(m
             self.proj = nn.Linear(16, 4)
 
         def forward(self, wav):
-            return self.proj(math(wav.float()))
+            return self.proj(op(wav.float()))
 
     wav = (torch.randn(2, 16) * 50).to(torch.int16)
     qmodel = qswap.convert(Frontend(), "w8a8")
