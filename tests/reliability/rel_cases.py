@@ -620,8 +620,14 @@ _audio_case("audio-empty", "a valid WAV header with 0 samples",
             lambda env: _features().load_audio(_wav(env, b"")))
 _audio_case("audio-wrong-sample-rate", "8 kHz audio where 16 kHz is expected",
             lambda env: _features().load_audio(_wav(env, [0] * 800, rate=8000), expected_sample_rate=16000))
+def _float_read(out):
+    waveform, rate = out
+    assert rate == 16000 and torch.allclose(waveform, torch.tensor([0.0, 0.1, -0.1, 0.0])), (waveform, rate)
+
+
 _audio_case("audio-float-wav", "an IEEE-float WAV (format 3)",
-            lambda env: _features().load_audio(_write(env, _float_wav(), "f.wav")))
+            lambda env: _features().load_audio(_write(env, _float_wav(), "f.wav")),
+            outcome="read with soundfile, its 4 samples as written", check=_float_read)
 _audio_case("audio-nan-samples", "a waveform with NaN samples",
             lambda env: _features().fbank(torch.full((16000,), float("nan")), 16000))
 _audio_case("audio-inf-samples", "a waveform with an inf sample",
