@@ -123,6 +123,15 @@ class Findings:
             label = _label(func, pos) if func is not None else "input"
             self._add(module, op, f"{label}: {tag.where}", UNSEEN_ORIGIN, t)
 
+    def reinterpreted(self, module, op, func, operand, tag: Tag) -> None:
+        """A tensor of data whose bits ``view(dtype)`` reads as another kind of number (float as
+        integer, integer as float): bit-level float arithmetic, not a cast or a quantizer."""
+        self._compute()
+        pos, t = operand
+        declared = self._add(module, op, f"{_label(func, pos)}: {tag.describe()}, its bits reinterpreted "
+                                          f"(view as another dtype kind)", C.FLOAT_OPERAND, t)
+        self.totals["declared" if declared else "float"] += 1
+
     def input_math(self, path: str, t: torch.Tensor, tag: Tag) -> None:
         """A quantizer reading the model's integer input data after float math on it that is not
         index math ending in integers (an int16 waveform normalized: float math on data, as the
@@ -130,12 +139,15 @@ class Findings:
         self._add(path, "<quantizer input>", f"input: {tag.describe()}: float math on the model's integer input "
                                              f"data, not integers", C.FLOAT_OPERAND, t)
 
-    def untrusted_quantizer(self, path: str, cls: type, trusted: tuple) -> None:
-        """A call of a quantizer whose class is not one of ``trusted`` (a subclass of one): the ops
-        it runs are only counted, never classified."""
+    def untrusted_quantizer(self, path: str, cls: type, trusted: tuple, altered: bool = False) -> None:
+        """A call of a quantizer whose class is not one of ``trusted`` (a subclass of one), or one of
+        them ``altered`` (its ``forward`` / ``__call__`` replaced on the class or the instance, or a
+        hook registered on it): the ops it runs are only counted, never classified."""
         names = " or ".join(c.__name__ for c in trusted)
-        self._add(path, "<quantizer>", f"{cls.__module__}.{cls.__qualname__}, not exactly {names}: its ops "
-                                       f"are not audited", UNTRUSTED_QUANTIZER, None, (_class_source(cls), ""))
+        what = (f"{cls.__module__}.{cls.__qualname__} with its forward or __call__ replaced, or a hook on it"
+                if altered else f"{cls.__module__}.{cls.__qualname__}, not exactly {names}")
+        self._add(path, "<quantizer>", f"{what}: its ops are not audited", UNTRUSTED_QUANTIZER, None,
+                  (_class_source(cls), ""))
 
     def quantizer_off_grid(self, path: str, last_op, out: torch.Tensor, off: int, label: str) -> None:
         op = (f"{last_op.namespace}.{last_op.overloadpacket.__name__}" if last_op

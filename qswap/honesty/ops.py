@@ -219,10 +219,13 @@ GRID_RULES: dict[str, str] = {
 
 
 def grid_rule(name: str, rule: OpRule) -> str | None:
-    """The row of ``GRID_RULES`` for an op, or the default of its class (None: no grid)."""
+    """The row of ``GRID_RULES`` for an op, or the default of its class (None: no grid). A fill row
+    is the op's as data movement: where its arguments make it compute (``index_put`` / ``put`` with
+    ``accumulate=True``, ``scatter`` with ``reduce=``: ``ARGUMENT_RULES``) its sums and products
+    keep no grid (they had kept the input's, 8-bit data that reached code 212)."""
     hit = GRID_RULES.get(name)
     if hit is not None:
-        return hit
+        return None if hit == FILL and rule.cls == COMPUTE else hit
     return COMMON if rule.cls in (MOVEMENT, GRID) else None
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import types
 import weakref
 from collections import Counter
@@ -62,8 +63,8 @@ from qswap.honesty.values import MAX_CHECKED_BITS, on_uniform_grid
 from qswap.honesty.tags import (ACC, CONST, FLOAT, KERNEL, PARAM, QUANT, UNSEEN, GridInfo, Scratch, Tag,
                                 off_grid_count, on_grid_per_tensor)
 from qswap.nn.base import QuantModule
-from qswap.quant.bias import BiasQuantize
-from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.bias import BiasQuantize, OWN_CODE as bias_code
+from qswap.quant.fake_quantize import FakeQuantize, OWN_CODE as fake_quantize_code
 
 _NUMBER = (int, float)
 # torch's own tables of every module: parameters/buffers (tagged as such), children (walked), and
@@ -102,13 +103,12 @@ class Tracker(TorchDispatchMode):
         self._own_ints = _TagMap()
         self._declared: dict = {}  # id -> each value qswap's own code declared (``declare_integers``)
         self.findings = Findings(float_ok or {})
-        self.stack: list[str] = [""]
-        self.calls: list[int] = [-1]
+        # where each thread is (its module path stack, counterpart calls, quantizer depth): a model
+        # running branches on threads (watched: ``threads.watch_threads``) had shared one stack and
+        # one quantizer depth, so one thread inside a quantizer hid every other thread's ops
+        self._here = _ThreadState()
         self.call_counts: Counter = Counter()  # id(counterpart) -> calls
         self.ran_quantizers: set[int] = set()  # id() of every quantizer that ran
-        self.in_quantizer = 0
-        self.last_quant_op = None
-        self._unobserved = None  # the guard that switches dispatch off inside a quantizer
         self._next_call = 0
         self._verified = _TagMap()  # quantizer output -> (path, _version) checked
         # tensors that share storage without sharing a version counter (``_unsafe_view``): each ->
@@ -164,6 +164,16 @@ class Tracker(TorchDispatchMode):
         if entry is not None and entry[1] is module:
             self._post(entry[0], module, args, output)
 
+    # per-thread state, read and written as attributes
+    stack = property(lambda self: self._here.stack)
+    calls = property(lambda self: self._here.calls)
+    in_quantizer = property(lambda self: self._here.in_quantizer,
+                            lambda self, v: setattr(self._here, "in_quantizer", v))
+    last_quant_op = property(lambda self: self._here.last_quant_op,
+                             lambda self, v: setattr(self._here, "last_quant_op", v))
+    _unobserved = property(lambda self: self._here.unobserved,  # the guard that switches dispatch off
+                           lambda self, v: setattr(self._here, "unobserved", v))  # inside a quantizer
+
     def _role(self, cls: type) -> int:
         """What the hooks do for a module of class ``cls`` (``_PLAIN``, ``_COUNTERPART``,
         ``_QUANTIZER``, ``_OWN_QUANTIZER``), worked out once per class: read from the class of
@@ -202,11 +212,14 @@ class Tracker(TorchDispatchMode):
     def _pre(self, path: str, module: nn.Module, args) -> None:
         self.stack.append(path)
         role = self._role(type(module))
+        altered = role == _OWN_QUANTIZER and not _intact(module)
+        if altered:  # its code replaced, or hooked: not qswap's own any more
+            role = _QUANTIZER
         if role >= _QUANTIZER:
             if not self.in_quantizer:
                 self._check_seen(path, args)
                 if role == _QUANTIZER:  # a subclass: what its own code computes is not watched
-                    self.findings.untrusted_quantizer(path, type(module), _OWN_QUANTIZERS)
+                    self.findings.untrusted_quantizer(path, type(module), _OWN_QUANTIZERS, altered)
             self.in_quantizer += 1
             self.last_quant_op = None
             self.ran_quantizers.add(id(module))
@@ -237,6 +250,8 @@ class Tracker(TorchDispatchMode):
     def _post(self, path: str, module: nn.Module, args, output) -> None:
         self.stack.pop()
         role = self._role(type(module))
+        if role == _OWN_QUANTIZER and not _intact(module):
+            role = _QUANTIZER
         if role >= _QUANTIZER:
             self.in_quantizer -= 1
             if self.in_quantizer:
@@ -643,8 +658,12 @@ class Tracker(TorchDispatchMode):
         unseen = [(o, tag) for o, tag in zip(operands, tags) if tag.unseen]
         if unseen:
             self.findings.unseen(self.stack[-1], op, func, *map(list, zip(*unseen)))
+        reinterpreted = (func.overloadpacket is torch.ops.aten.view and func._overloadname == "dtype"
+                         and isinstance(out, torch.Tensor) and args[0].is_floating_point() != out.is_floating_point())
+        if reinterpreted:  # bits read as another kind of number (float as integer, or integer as float)
+            self._reinterpreted(func, op, args[0])
         if not outputs and operands:  # float -> integer cast: the integers are rounded data
-            if func.overloadpacket is torch.ops.aten.view and func._overloadname == "dtype":
+            if reinterpreted:
                 # a float's bits read as integers are no rounding of it (nor codes, nor integers
                 # an exact GEMM may multiply): float data, wherever they go
                 self._taint(_nonfloat_outputs(out), Tag(FLOAT, f"{tags[0].describe()}, its bits reinterpreted as "
@@ -665,7 +684,9 @@ class Tracker(TorchDispatchMode):
         retyped = _retyped(operands, outputs, name) if tags and tag.kind != FLOAT else None
         if retyped is not None:  # another float dtype: the values are not the grid's any more
             tag = Tag(FLOAT, f"{tag.describe()}, {retyped} by {self._where(op)}")
-        if not tags and tainted:  # integers rounded from float data, cast back to float
+        if reinterpreted and outputs:  # integer bits read as floats: float data
+            tag = Tag(FLOAT, f"integer bits reinterpreted as {outputs[0].dtype} by {self._where(op)}")
+        elif not tags and tainted:  # integers rounded from float data, cast back to float
             held = [self._tag_of(t) for _, t in tainted]
             tag = _worst(held)
             if tag.unseen:  # integers of unseen origin cast to float: where they enter float data
@@ -698,6 +719,14 @@ class Tracker(TorchDispatchMode):
             else:
                 kept.append((pos, t))
         return kept, tuple(float(v) for v in fills)
+
+    def _reinterpreted(self, func, op, source: torch.Tensor) -> None:
+        """``view(dtype)`` between float and integer dtypes on data (not a parameter's or a
+        constant's bits): bit arithmetic on floats (an exp from an accumulator's integer bits, a
+        log2 from a float's exponent field) that no float op shows, a finding at the view."""
+        tag = self._tag_of(source)
+        if not (tag.kind in (PARAM, CONST) and not tag.lookup):
+            self.findings.reinterpreted(self.stack[-1], op, func, (0, source), tag)
 
     def _factory(self, func, name, op, args, kwargs, outputs) -> None:
         self.findings.count("factory")
@@ -950,6 +979,38 @@ def _rounded(source: Tag, how: str) -> Tag:
         # integer kernel's accumulator, which its consumer must quantize before any other compute
         return Tag(ACC, f"integers from {source.describe()}, {how}")
     return Tag(FLOAT, f"{source.describe()}, turned into integers ({how}; not a qswap quantizer)")
+
+
+class _ThreadState(threading.local):
+    """One thread's place in the audited model: its module path stack, its counterpart calls and
+    how deep it is inside quantizers (with the guard that switches dispatch off there)."""
+
+    def __init__(self):
+        self.stack: list[str] = [""]
+        self.calls: list[int] = [-1]
+        self.in_quantizer = 0
+        self.last_quant_op = None
+        self.unobserved = None
+
+
+# qswap's own quantizers' code as their modules define it: a quantizer is trusted (its ops run
+# unwatched) only while its class's methods and the instance are that code, with no hook of its own
+_OWN_CODE = {FakeQuantize: fake_quantize_code, BiasQuantize: bias_code}
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                 "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _intact(module: nn.Module) -> bool:
+    """Whether one of qswap's own quantizers runs qswap's code: its class's ``__call__`` and
+    ``forward`` are the package's (not patched over), the instance overrides neither, and no hook is
+    registered on it (a pre-hook rescaling its input, a forward hook rewriting its output: code
+    the audit does not watch while it trusts the quantizer)."""
+    call, forward = _OWN_CODE[type(module)]
+    if type(module).__call__ is not call or type(module).forward is not forward:
+        return False
+    if "forward" in module.__dict__ or "__call__" in module.__dict__:
+        return False
+    return not any(getattr(module, name, None) for name in _MODULE_HOOKS)
 
 
 def _severity(tag: Tag) -> int:

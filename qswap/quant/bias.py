@@ -64,6 +64,11 @@ class BiasQuantize(LeavesCaches, DirectCall):
         return out
 
 
+
+# the code a BiasQuantize runs, as this module defines it (``qswap.honesty.tracker._intact``)
+OWN_CODE = (BiasQuantize.__call__, BiasQuantize.forward)
+
+
 def _sources(bias: torch.Tensor, input_quant: FakeQuantize, weight_quant: FakeQuantize) -> tuple:
     """The tensors the bias grid depends on. A quantizer's grid changes with its ``zero_point``:
     ``_set_qparams`` and ``load_state_dict`` copy into it even when only the scale moves (a scale

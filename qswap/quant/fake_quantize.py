@@ -527,6 +527,11 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         return f"{self.kind}, {self.spec.short()}, observer={self.spec.observer}, {state}"
 
 
+# the code a FakeQuantize runs, as this module defines it: the honesty audit trusts a quantizer's
+# unwatched ops only while its class runs this code (``qswap.honesty.tracker._intact``)
+OWN_CODE = (FakeQuantize.__call__, FakeQuantize.forward)
+
+
 def relu_folded(grid: PassGrid) -> PassGrid | None:
     """``grid`` with a ReLU after it folded into its clamp: its codes clamped from 0 (relative to
     the zero point) instead of ``lo``, which gives ``F.relu`` of its values bit for bit (a

@@ -190,6 +190,19 @@ CASES = {  # name: (f(self, h, g), expected (module, op, kind); op None: any op)
     "an accumulator's element through linspace": (
         lambda s, h, g: torch.softmax(torch.cat([torch.linspace(v, v, 1) for v in h.reshape(-1)]).view(4, 8), -1),
         ("", "aten.linspace", "float_operand")),
+    # accumulating writes (ARGUMENT_RULES' adds and products) had kept the input's 8-bit grid
+    "put accumulate=True keeps no grid": (
+        lambda s, h, g: torch.softmax(torch.zeros(32).put_(torch.tensor([0, 1] * 16), s.ra(h).reshape(-1),
+                                                           accumulate=True).reshape(4, 8), -1),
+        ("", "aten._softmax", "float_operand")),
+    "scatter reduce=add keeps no grid": (
+        lambda s, h, g: torch.softmax(torch.zeros(4, 8).scatter_(0, torch.zeros(4, 8, dtype=torch.long), s.ra(h),
+                                                                 reduce="add"), -1),
+        ("", "aten._softmax", "float_operand")),
+    # an accumulator's bits read as a float (Schraudolph's exp): no float op, a view
+    "exp from integer bits viewed as float32": (
+        lambda s, h, g: ((h * (2 ** 23 / 0.6931471805599453)).to(torch.int32) + (127 << 23)).view(torch.float32),
+        ("", "aten.view", "float_operand")),
     # an integer op took the tag of its first tagged operand: integer data of a model input (here
     # an integer buffer's stand-in, a 0-d index tensor) first had hidden the activations' integers
     "integers of an accumulator added after index integers": (

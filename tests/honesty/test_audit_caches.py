@@ -48,7 +48,33 @@ def test_a_users_forward_hook_on_a_quantizer_runs_watched():
     finally:
         handle.remove()
     assert not report.honest  # exp and add inside the counterpart's call: one unrequantized kernel
-    assert [(v.module, v.op) for v in report.violations] == [("2", "aten.addmm")]
+    # and the hooked quantizer is not trusted (a pre-hook would run unwatched inside it)
+    assert sorted((v.module, v.op) for v in report.violations) == [("2", "aten.addmm"),
+                                                                   ("2.input_quant", "<quantizer>")]
+
+
+@pytest.mark.parametrize("how", ["pre-hook", "instance forward", "class forward"])
+def test_a_quantizer_whose_code_is_replaced_or_pre_hooked_is_untrusted(how, monkeypatch):
+    """Its ops run with the audit's watching off (it trusts qswap's own quantizer code): a pre-hook,
+    or a forward replaced on the instance or on FakeQuantize itself, had computed a softmax of the raw
+    accumulator unseen, honest. Such a quantizer is an untrusted_quantizer now."""
+    from qswap.quant.fake_quantize import FakeQuantize as FQ
+
+    qmodel, x = _calibrated()
+    quant = qmodel[2].input_quant
+    if how == "pre-hook":
+        quant.register_forward_pre_hook(lambda m, args: (torch.softmax(args[0], -1),))
+    elif how == "instance forward":
+        original = quant.forward
+        quant.forward = lambda t: original(torch.softmax(t, -1))
+    else:
+        original = FQ.forward
+        monkeypatch.setattr(FQ, "forward", lambda self, t, *a, **k: original(self, torch.softmax(t, -1), *a, **k))
+    report = qswap.audit(qmodel, (x,))
+    assert not report.honest
+    untrusted = {v.module for v in report.violations if v.kind == "untrusted_quantizer"}
+    assert "2.input_quant" in untrusted and all("replaced, or a hook" in v.operand for v in report.violations
+                                                  if v.kind == "untrusted_quantizer")
 
 
 def test_quantizers_the_run_never_reached_are_left_as_they_were():

@@ -125,3 +125,39 @@ def test_a_tensor_from_a_thread_the_audit_did_not_watch_is_an_unseen_origin():
         qswap.calibrate(qmodel, [(x,)])  # the worker thread exists before the audit starts
         report = qswap.audit(qmodel, (x,))
     assert ("b.input_quant", "<quantizer input>", "unseen_origin") in _hits(report)
+
+
+class _ParallelBranches(nn.Module):
+    """Four quantized branches run on four threads (as a threaded ensemble does): honest."""
+
+    def __init__(self):
+        super().__init__()
+        self.branches = nn.ModuleList([nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 8)) for _ in range(4)])
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x):
+        import threading
+
+        ys = [None] * 4
+
+        def run(i):
+            ys[i] = self.branches[i](x)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return self.out(torch.cat(ys, -1))
+
+
+def test_quantized_branches_on_threads_are_honest_in_every_audit():
+    """The tracker's module stack and quantizer depth were one for all threads: one thread inside a
+    quantizer hid the other threads' ops (14 of 15 audits of this honest model were not honest, and
+    float math could pass unseen the same way). They are per thread now."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    qmodel = qswap.convert(_ParallelBranches(), "w8a8")
+    qswap.calibrate(qmodel, [(x,)])
+    for _ in range(8):
+        report = qswap.audit(qmodel, (x,))
+        assert report.honest, [(v.module, v.op, v.kind) for v in report.violations]
