@@ -348,8 +348,9 @@ class Tracker(TorchDispatchMode):
             with torch._C._DisableTorchDispatch():  # noqa: SLF001  (the value check reads the input)
                 self._before = (args[0], args[0].clone())
         out = func(*args, **kwargs)
-        if self.in_quantizer:  # a quantizer class of the user's own: its ops are not the model's
-            self.last_quant_op = func
+        here = self._here
+        if here.in_quantizer:  # a quantizer class of the user's own: its ops are not the model's
+            here.last_quant_op = func
             return out
         self.findings.count("ops")
         self._observe(func, args, kwargs, out)
