@@ -253,6 +253,12 @@ def _knf_fbank(scaled: np.ndarray, sample_rate: int, num_mel_bins: int) -> torch
 _STREAMED = 0x7FFF0000
 
 
+def streamed_size(declared: int, frame_bytes: int) -> bool:
+    """Whether a WAV data chunk's declared size (in whole frames of ``frame_bytes``) is a streaming
+    writer's placeholder (``_STREAMED``), not a length."""
+    return declared >= _STREAMED - frame_bytes
+
+
 def _load_with_soundfile(path: str, expected_sample_rate: Optional[int], kind: str) -> Tuple[torch.Tensor, int]:
     """A float or WAVE_FORMAT_EXTENSIBLE WAV (Python's ``wave`` reads plain PCM only), read with
     soundfile: the same [-1, 1] scale as :func:`load_audio`'s (integer codes over 2^(bits-1))."""
@@ -324,7 +330,7 @@ def load_audio(
         raise AudioError(f"{path}: truncated {8 * sampwidth}-bit data: {len(raw)} bytes of samples is not a "
                          f"whole number of {sampwidth}-byte samples; copy or export the file again")
     declared = n_frames * n_channels * sampwidth  # the data chunk's size in the header (in whole frames)
-    if len(raw) < declared and declared < _STREAMED - n_channels * sampwidth:
+    if len(raw) < declared and not streamed_size(declared, n_channels * sampwidth):
         # cut short between samples (an interrupted copy); a header written before its data's length
         # was known (a pipe's output, ``_STREAMED``) declares no length
         raise AudioError(f"{path}: truncated: its header declares {n_frames} frames and the file holds "

@@ -97,6 +97,27 @@ def _audio_file(file: str) -> bool:
     return Path(file).suffix in au.SF_AUDIO_FILE_EXTENSIONS
 
 
+def _declared_frames(source) -> int | None:
+    """The frames a PCM WAV's header declares (soundfile reads a file cut short as the shorter file,
+    with no word), or None: not a PCM WAV Python's ``wave`` reads (FLAC, float), or a streamed header
+    whose size is a placeholder (``qswap.features.streamed_size``)."""
+    import wave
+
+    from qswap.features import streamed_size
+
+    try:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        with wave.open(source, "rb") as w:
+            frames, frame_bytes = w.getnframes(), w.getnchannels() * w.getsampwidth()
+    except (wave.Error, EOFError, OSError, ValueError):
+        return None
+    finally:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+    return None if streamed_size(frames * frame_bytes, frame_bytes) else frames
+
+
 def row_features(path: str, waveform_transforms=None, sample_rate: int | None = None) -> np.ndarray:
     """The (T, 80) features of one manifest ``audio`` entry: fairseq's reader for features, qswap's
     fbank of the 16-bit-scale waveform (after ``waveform_transforms``, as fairseq applies them)
@@ -126,6 +147,10 @@ def row_features(path: str, waveform_transforms=None, sample_rate: int | None = 
     # effect to apply): float32 samples, channels mixed to mono by their mean (sox's "channels 1"),
     # to the 16-bit integer scale, then the waveform transforms
     samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
+    declared = _declared_frames(source)
+    if declared is not None and samples.shape[0] < declared:
+        raise AudioError(f"manifest audio {path}: truncated: its header declares {declared} frames and it holds "
+                         f"{samples.shape[0]}; copy or export the file again (a zip entry: write the zip again)")
     waveform = samples.T.mean(axis=0, keepdims=True) if samples.shape[1] > 1 else samples.T
     waveform = waveform * np.float32(2 ** 15)
     if waveform_transforms is not None:

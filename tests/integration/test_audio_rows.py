@@ -189,3 +189,31 @@ def test_a_wav_row_at_another_rate_than_the_config_names_is_a_data_error(tmp_pat
     _, task = load_model_and_task(f"{ASSET}/checkpoint.pt", data)
     with pytest.raises(DataError, match=r"u1\.wav is sampled at 8000 Hz and the data's config reads 16000 Hz"):
         list(batches(task, "rows", max_sentences=8))
+
+
+@pytest.mark.parametrize("where", ["file", "zip"])
+def test_a_wav_row_cut_short_is_a_data_error(tmp_path, where):
+    """soundfile reads a WAV cut between samples (an interrupted copy, a zip entry's length short) as
+    the shorter file, with no word: the row had been decoded from part of its audio."""
+    from qswap.errors import DataError
+
+    if not needs_own_fbank():
+        pytest.skip("fairseq's own torchaudio fbank reads the rows here")
+
+    def audio_of(i, wav):
+        if i != 1:
+            return wav.name
+        if where == "file":
+            wav.write_bytes(wav.read_bytes()[:-2000])
+            return wav.name
+        with zipfile.ZipFile(wav.parent / "z.zip", "w", zipfile.ZIP_STORED) as z:
+            z.write(wav, wav.name)
+        with zipfile.ZipFile(wav.parent / "z.zip") as z:
+            info = z.getinfo(wav.name)
+        offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+        return f"z.zip:{offset}:{info.file_size - 2000}"
+
+    data = _data_with(tmp_path, audio_of)
+    _, task = load_model_and_task(f"{ASSET}/checkpoint.pt", data)
+    with pytest.raises(DataError, match=r"truncated: its header declares \d+ frames and it holds \d+"):
+        list(batches(task, "rows", max_sentences=8))
