@@ -215,6 +215,7 @@ class Tracker(TorchDispatchMode):
         altered = role == _OWN_QUANTIZER and not _intact(module)
         if altered:  # its code replaced, or hooked: not qswap's own any more
             role = _QUANTIZER
+        self._here.roles.append(role)  # read back by ``_post``, not worked out again
         if role >= _QUANTIZER:
             if not self.in_quantizer:
                 self._check_seen(path, args)
@@ -249,9 +250,7 @@ class Tracker(TorchDispatchMode):
 
     def _post(self, path: str, module: nn.Module, args, output) -> None:
         self.stack.pop()
-        role = self._role(type(module))
-        if role == _OWN_QUANTIZER and not _intact(module):
-            role = _QUANTIZER
+        role = self._here.roles.pop()  # what ``_pre`` decided for this call
         if role >= _QUANTIZER:
             self.in_quantizer -= 1
             if self.in_quantizer:
@@ -983,12 +982,14 @@ def _rounded(source: Tag, how: str) -> Tag:
 
 
 class _ThreadState(threading.local):
-    """One thread's place in the audited model: its module path stack, its counterpart calls and
-    how deep it is inside quantizers (with the guard that switches dispatch off there)."""
+    """One thread's place in the audited model: its module path stack, its counterpart calls, the
+    role of each module call in progress and how deep it is inside quantizers (with the guard that
+    switches dispatch off there)."""
 
     def __init__(self):
         self.stack: list[str] = [""]
         self.calls: list[int] = [-1]
+        self.roles: list[int] = []  # the hooks' role of each module call in progress (``_pre``)
         self.in_quantizer = 0
         self.last_quant_op = None
         self.unobserved = None

@@ -527,6 +527,12 @@ class FakeQuantize(LeavesCaches, DirectCall, LazyStateModule):
         return f"{self.kind}, {self.spec.short()}, observer={self.spec.observer}, {state}"
 
 
+def quantizes(quant) -> bool:
+    """Whether ``quant`` (a site's quantizer: a FakeQuantize, or the Identity a null spec gives)
+    puts values on a grid: an enabled FakeQuantize."""
+    return isinstance(quant, FakeQuantize) and quant.enabled
+
+
 # the code a FakeQuantize runs, as this module defines it: the honesty audit trusts a quantizer's
 # unwatched ops only while its class runs this code (``qswap.honesty.tracker._intact``)
 OWN_CODE = (FakeQuantize.__call__, FakeQuantize.forward)

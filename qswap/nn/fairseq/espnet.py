@@ -34,7 +34,7 @@ from qswap.nn.fairseq.attention import Projection, attention_core
 from qswap.nn.linear import QLinear
 from qswap.nn.registry import register
 from qswap.nn.simulate import carries_grad, codes_of, grid_of, onto_grid, simulates, straight_through
-from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.fake_quantize import FakeQuantize, quantizes
 from qswap.quant.integer import ConstantAddParams, add_constant
 
 CODES = TensorOf("int8", "uint8", "int16", "int32")  # a table of codes, as a spec
@@ -190,8 +190,7 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         total = lambda: q.view(heads) + bias_quant(bias)  # noqa: E731
         # a bias the recipe leaves float is added as floats, which the audit reports: folded into
         # the integer form's constant it had been quantized onto a grid no recipe set
-        quantized = isinstance(bias_quant, FakeQuantize) and bias_quant.enabled
-        grid_in = grid_of(self.q_proj_quant) if simulates(self) and quantized else None
+        grid_in = grid_of(self.q_proj_quant) if simulates(self) and quantizes(bias_quant) else None
         value = None if grid_in is None else onto_grid(
             self, slot, lambda out: ConstantAddParams.build(grid_in, bias_quant(bias), out), out_quant,
             lambda params, out: add_constant(codes_of(q, grid_in), params), self.q_proj_quant.scale,
@@ -225,8 +224,7 @@ class QRelPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
                                   "zero_triu=False only")
         core, q_proj, q_pos, pos = self.core, Grid.of(self.q_proj_quant), Grid.of(self.q_pos_quant), Grid.of(self.pos_quant)
         for name in ("pos_bias_u", "pos_bias_v"):
-            quant = getattr(self, f"{name}_quant")
-            if not (isinstance(quant, FakeQuantize) and quant.enabled):
+            if not quantizes(getattr(self, f"{name}_quant")):
                 raise IntegerizeError(f"{name} is left float by the recipe (sites: {name}: null); integer execution "
                                       f"adds it as integer codes: give it a weight spec (e.g. the rule's int8)")
         with torch.no_grad():
@@ -362,7 +360,7 @@ class QRotaryPositionMultiHeadedAttention(QESPNETMultiHeadedAttention):
         grid_in = grid_of(self.input_quant, frozen_only=True) if not torch.is_grad_enabled() else None
         tables = (self.cos_quant, self.sin_quant, self.rope_cos_quant, self.rope_sin_quant)
         if (grid_in is None or x.size(0) > ROPE_POSITIONS
-                or not all(isinstance(q, FakeQuantize) and q.enabled for q in tables)):
+                or not all(map(quantizes, tables))):
             return None  # a table or product site the recipe leaves float: the float rotation, which the audit reports
         sources = (self.input_quant.scale, self.input_quant.zero_point, cos, sin, self.cos_quant.scale,
                    self.sin_quant.scale, self.rope_cos_quant.scale, self.rope_cos_quant.zero_point,

@@ -476,6 +476,16 @@ class QS2TConformerModel(QuantModule, _QuantizedLogits, S2TConformerModel):
     to_integer_model = QS2TTransformerModel.to_integer_model  # integer conformer encoder, the same decoder
 
 
+def _feature_strides(w2v_encoder) -> tuple | None:
+    """((kernel, stride), ...) of the wav2vec 2.0 feature extractor a ``Wav2VecEncoder`` runs (its
+    float or converted model's), or None where it has none."""
+    from qswap.nn.fairseq.wav2vec2 import _conv_strides
+    w2v = getattr(w2v_encoder, "w2v_model", None)
+    strides = getattr(w2v, "conv_strides", None)
+    layers = getattr(getattr(w2v, "cfg", None), "conv_feature_layers", None)
+    return strides if strides is not None else _conv_strides(layers) if isinstance(layers, str) else None
+
+
 @register(Wav2VecCtc)
 class QWav2VecCtc(QuantModule, Wav2VecCtc):
     """wav2vec 2.0 CTC model: blank weighting, padding masking and the log-softmax run on
@@ -490,6 +500,7 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
         Wav2VecCtc.__init__(self, module.cfg, module.w2v_encoder)
         self.blank_weight, self.blank_mode = module.blank_weight, module.blank_mode  # may differ from cfg
         self.logits_quant = quantizer(config, self.sites, "logits")
+        self.conv_strides = _feature_strides(module.w2v_encoder)  # read once: the receptive-field check's
         if self.blank_weight != 0 and self.blank_mode == "add":
             self.blank_logits_quant = quantizer(config, self.sites, "blank_logits")
 
@@ -520,13 +531,9 @@ class QWav2VecCtc(QuantModule, Wav2VecCtc):
         ``_QuantizedLogits``: calibrating with the plain forward sets their grid). A batch shorter
         than the feature extractor's receptive field is a DataError (``check_receptive_field``),
         its float or quantized extractor alike."""
-        from qswap.nn.fairseq.wav2vec2 import _conv_strides, check_receptive_field
-        w2v = getattr(self.w2v_encoder, "w2v_model", None)
-        strides = getattr(w2v, "conv_strides", None)
-        if strides is None and isinstance(getattr(getattr(w2v, "cfg", None), "conv_feature_layers", None), str):
-            strides = _conv_strides(w2v.cfg.conv_feature_layers)
-        if strides is not None and isinstance(kwargs.get("source"), Tensor):
-            check_receptive_field(kwargs["source"], strides)
+        from qswap.nn.fairseq.wav2vec2 import check_receptive_field
+        if self.conv_strides is not None and isinstance(kwargs.get("source"), Tensor):
+            check_receptive_field(kwargs["source"], self.conv_strides)
         out = super().forward(**kwargs)
         return {**out, "encoder_out": self.logits_quant(out["encoder_out"])}
 
