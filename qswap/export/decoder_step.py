@@ -37,7 +37,7 @@ from qswap.errors import ExportError
 from qswap.export.onnx import OPSET, check_calibrated, trace_to_onnx
 from qswap.export.qdq import ActivationQDQ, activation_grid, activation_problem, from_codes, to_codes
 from qswap.nn.fairseq.attention import QFairseqMultiheadAttention
-from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.fake_quantize import FakeQuantize, quantizes
 
 STEP_INPUTS = ("tokens", "encoder_padding_mask")
 POSITIONS_KEY = "qswap.max_target_positions"  # the step graph's metadata entry: its position limit
@@ -52,7 +52,7 @@ def _code_grid(quant: nn.Module) -> Grid:
     if isinstance(quant, ActivationQDQ):
         ok = quant.source.enabled and quant.problem is None and quant.scale.dim() == 0
         return (quant.scale, quant.zero_point) if ok else None
-    if (isinstance(quant, FakeQuantize) and quant.enabled and quant.spec.granularity == "per_tensor"
+    if (quantizes(quant) and quant.spec.granularity == "per_tensor"
             and activation_problem(quant, "") is None):
         return activation_grid(quant)
     return None

@@ -87,12 +87,17 @@ def _integral_math(name: str, tags: list[Tag], scalars: tuple, options: dict) ->
     """Whether index math's result is proven to hold integers: a rounding (``floor`` of
     ``(lengths - 1) / 2 + 1``, as fairseq's subsampler computes its output lengths; a division with
     ``rounding_mode``), or an op that keeps integers integers on integer operands, with integer
-    Python numbers and ``alpha`` (``add(w, w, alpha=0.5)`` does not; ``w * w`` does). The model's
+    Python numbers and ``alpha`` (``add(w, w, alpha=0.5)`` does not; ``w * w`` does), and a power
+    of integers by a whole exponent of at least 0 (``w ** 2``; the tracker names the exponent: in
+    ``2 ** w`` the number is the base, and a negative ``w`` makes fractions). The model's
     integer input data under other float math (a waveform normalized, an ``exp``) is float data
     where a quantizer reads it (``Tracker._check_seen``)."""
     if name in ROUNDINGS or (name == "div" and options.get("rounding_mode") in ("floor", "trunc")):
         return True
     numbers = [*scalars, *(v for k, v in options.items() if k == "alpha")]
+    if name == "pow":
+        exponent = options.get("exponent")
+        return exponent is not None and _whole(exponent) and exponent >= 0 and all(t.integral for t in tags)
     return name in _INTEGER_CLOSED and all(t.integral for t in tags) and all(_whole(v) for v in numbers)
 
 

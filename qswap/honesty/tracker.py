@@ -600,7 +600,10 @@ class Tracker(TorchDispatchMode):
             return
         scalars = tuple(a for a in args if isinstance(a, _NUMBER) and not isinstance(a, bool))
         rescale = _scalar_rescale(name, args, kwargs, len(tags))
-        d = C.decide_compute(name, rule, tags, self.calls[-1], self._where(op), rescale, scalars, kwargs)
+        options = kwargs
+        if name == "pow" and len(args) == 2 and isinstance(args[1], _NUMBER) and not isinstance(args[1], bool):
+            options = {**kwargs, "exponent": args[1]}  # ``w ** 2``: the number is the exponent, not a base
+        d = C.decide_compute(name, rule, tags, self.calls[-1], self._where(op), rescale, scalars, options)
         self._set_out(func, args, kwargs, outputs, _integral(name, func, d.out))
         module = self.stack[-1]
         if d.bucket == C.FLOAT_BUCKET:

@@ -23,7 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from qswap.nn.base import param_quantizer
 from qswap.nn.simulate import simulating
-from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.fake_quantize import FakeQuantize, quantizes
 
 FLOAT_BITS = 32
 aten = torch.ops.aten
@@ -182,7 +182,7 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
             numel[id(param)] = param.numel()
             quant = param_quantizer(module, pname)
             width = FLOAT_BITS
-            if isinstance(quant, FakeQuantize) and quant.enabled:
+            if quantizes(quant):
                 width = quant.spec.bits
                 if quant.kind == "weight" and param.numel() > grids.get(id(quant), (-1, 0))[0]:
                     # (an activation quantizer that also reads a parameter, fairseq's bias_k through the
@@ -196,4 +196,4 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 def _weight_quantizer(module: torch.nn.Module, name: str) -> FakeQuantize | None:
     quant = param_quantizer(module, name)
-    return quant if isinstance(quant, FakeQuantize) and quant.enabled and quant.kind == "weight" else None
+    return quant if quantizes(quant) and quant.kind == "weight" else None

@@ -272,7 +272,9 @@ def _manifest(task, subset: str) -> Path | None:
 def _check_audio_files(dataset, subset: str) -> None:
     """A wav2vec 2.0 manifest's audio files (fairseq's ``FileAudioDataset``, inside its target
     wrapper) that do not exist: a DataError naming the first, before fairseq's reader retries each
-    for seconds and raises a plain Exception."""
+    for seconds and raises a plain Exception; and a PCM WAV file cut short (its header declares more
+    frames than it holds), which fairseq's reader (soundfile) reads as the shorter file with no word:
+    a DataError naming it. (A zip entry is not read here: its bytes are the utterance's.)"""
     while not hasattr(dataset, "fnames") and hasattr(dataset, "dataset"):
         dataset = dataset.dataset
     names, root = getattr(dataset, "fnames", None), getattr(dataset, "root_dir", None)
@@ -291,9 +293,32 @@ def _check_audio_files(dataset, subset: str) -> None:
                             f"'<zip>:<byte offset>:<byte length>'; write the manifest again") from None
         if not os.path.isfile(path):
             missing.append(path)
+        elif path == entry and not missing:
+            _check_not_cut_short(path, subset)
     if missing:
         raise DataError(f"subset {subset!r}: {len(missing)} audio file(s) of its manifest do not exist, the "
                         f"first {missing[0]}; check the manifest's first line (the audio root) and its paths")
+
+
+def _check_not_cut_short(path: str, subset: str) -> None:
+    """A DataError where the PCM WAV at ``path`` holds fewer frames than its header declares
+    (``audio_rows._declared_frames``: None for other formats and streamed headers)."""
+    from qswap.integration.audio_rows import _declared_frames
+
+    try:
+        import soundfile
+    except ImportError:
+        return  # fairseq's reader needs it too, and says so
+    declared = _declared_frames(path)
+    if declared is None:
+        return
+    try:
+        held = soundfile.info(path).frames
+    except (RuntimeError, OSError, ValueError):
+        return  # unreadable: the read says so (DataError, "cannot read an utterance")
+    if held < declared:
+        raise DataError(f"subset {subset!r}: audio file {path} is cut short: its header declares {declared} "
+                        f"frames and it holds {held}; copy or export the file again")
 
 
 def check_tokenizer(task) -> None:

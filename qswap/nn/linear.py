@@ -14,7 +14,7 @@ from qswap.nn.registry import register
 from qswap.nn.simulate import (cached, centered_codes, forget, form_or_none, grid_of, onto_grid, reader_grid,
                                 requants_to, simulates, straight_through, stream_grid_of, values_onto)
 from qswap.quant.bias import BiasQuantize, quantized_pair
-from qswap.quant.fake_quantize import FakeQuantize, consume
+from qswap.quant.fake_quantize import consume, quantizes
 
 
 class _Weighted(QuantModule):
@@ -293,14 +293,14 @@ def integer_linear(weight_quant: nn.Module, weight: torch.Tensor, bias: torch.Te
     from qswap.quant.integer import Requant, bias_codes, check_bound, group_weight_codes, weight_codes
     span = max(grid_in.qmax - grid_in.zero_point, grid_in.zero_point - grid_in.qmin)
     row_bound = None
-    if isinstance(weight_quant, FakeQuantize) and weight_quant.enabled and weight_quant.spec.granularity == "per_group":
+    if quantizes(weight_quant) and weight_quant.spec.granularity == "per_group":
         if form is not None or weight_shape is not None:
             raise IntegerizeError(f"{weight_quant.spec.short()} weights have an integer form in a Linear "
                                   f"only; use per_tensor or per_channel here")
         w_codes, w_scale, row_bound = group_weight_codes(weight_quant, weight, span=span, in_scale=grid_in.scale,
                                                          bias=bias, derived=derived)
     else:
-        if isinstance(weight_quant, FakeQuantize) and weight_quant.enabled and \
+        if quantizes(weight_quant) and \
                 weight_quant.spec.granularity == "per_channel" and weight_quant.spec.channel_axis % weight.dim() != 0:
             raise IntegerizeError(f"{weight_quant.spec.short()} weights vary their scale along an input axis, the "
                                   f"sum of the product: the int32 accumulator, its bias and its requantization need "

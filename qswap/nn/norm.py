@@ -23,7 +23,7 @@ from qswap.nn.simulate import (cached, centered_codes, channel_codes, codes_of, 
                                 grid_of, onto_grid, requants_to, row_isqrt, simulates, straight_through,
                                 stream_grid_of, value_of, values_onto)
 from qswap.quant.bias import BiasQuantize
-from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.fake_quantize import FakeQuantize, quantizes
 
 
 def norm_ste(exact_out: torch.Tensor, bounded_out: torch.Tensor) -> torch.Tensor:
@@ -224,7 +224,7 @@ class QLayerNorm(_QNorm):
         n = self.normalized_shape[0]
         quants = [q for q, p in ((self.weight_quant, self.weight), (self.bias_quant, self.bias)) if p is not None]
         if len(self.normalized_shape) != 1 or n > LN_MAX_DIM or not all(
-                isinstance(q, FakeQuantize) and q.enabled and q.spec.granularity != "per_group" for q in quants):
+                quantizes(q) and q.spec.granularity != "per_group" for q in quants):
             return None
         if self.weight is not None and not (self.weight_quant.spec.symmetric and self.weight_quant.initialized):
             return None

@@ -52,7 +52,7 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from qswap.errors import IntegerizeError, RecipeError
-from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.fake_quantize import quantizes
 from qswap.quant.stamp import stamp, unchanged
 
 SIMULATIONS = ("integer", "float")  # the first is the default
@@ -65,7 +65,7 @@ def grid_of(quant: nn.Module, frozen_only: bool = False):
     scale in training is read as it is now: an optimizer writes it through ``.data``, which no
     stamp sees, so the kept grid could be the previous step's."""
     from qswap.quant.integer import rounds_to_nearest
-    if not (isinstance(quant, FakeQuantize) and quant.enabled and rounds_to_nearest(quant)):
+    if not (quantizes(quant) and rounds_to_nearest(quant)):
         return None  # a float site, or a rounding with no integer form: the op computes in float
     if quant.spec.learnable and quant.training and torch.is_grad_enabled():
         # not frozen_grid(): it would stamp the grid that the optimizer then writes through .data,
@@ -108,7 +108,7 @@ def stream_grid_of(quant: nn.Module, frozen_only: bool = False):
     call, in the data path: the honesty audit sees its tensors made from them (a copy kept from
     an earlier call would be a tensor of unseen origin)."""
     grid = grid_of(quant, frozen_only)
-    if grid is not None or not (isinstance(quant, FakeQuantize) and quant.enabled and quant.initialized):
+    if grid is not None or not (quantizes(quant) and quant.initialized):
         return grid
     from qswap.quant.integer import rounds_to_nearest, stream_grid
     spec = quant.spec

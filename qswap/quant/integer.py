@@ -44,7 +44,7 @@ import torch
 
 from qswap.errors import IntegerizeError
 from qswap.io.serializable import FLOAT, INT, Choice, Either, Obj, Opt, Tensor, Tuple, serializable
-from qswap.quant.fake_quantize import FakeQuantize
+from qswap.quant.fake_quantize import FakeQuantize, quantizes
 from qswap.quant.primitives import quantize
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -574,7 +574,7 @@ class Grid:
     @classmethod
     def of(cls, quantizer) -> "Grid":
         """The grid of a calibrated per-tensor ``FakeQuantize``."""
-        if not (isinstance(quantizer, FakeQuantize) and quantizer.enabled and quantizer.initialized):
+        if not (quantizes(quantizer) and quantizer.initialized):
             if not isinstance(quantizer, FakeQuantize):
                 what = f"a site the recipe leaves float ({type(quantizer).__name__})"
                 fix = "use a recipe that quantizes this site's activations (e.g. w8a8)"
@@ -683,7 +683,7 @@ def _check_scales(quantizer) -> None:
 def stream_grid(quantizer) -> "Grid | ChannelGrid":
     """The grid of a calibrated quantizer of the residual stream: a ``Grid`` per tensor, a
     ``ChannelGrid`` per channel of the last axis (any other per-channel axis raises)."""
-    if not (isinstance(quantizer, FakeQuantize) and quantizer.enabled and quantizer.initialized) \
+    if not (quantizes(quantizer) and quantizer.initialized) \
             or quantizer.scale.numel() == 1:
         return Grid.of(quantizer)
     spec = quantizer.spec
@@ -1119,7 +1119,7 @@ def weight_codes(quantizer, weight: torch.Tensor, *, symmetric: bool = True,
     with the input's that integer forms do not compute yet); per-group grids are not supported.
     ``derived``: the quantizer's grid was derived from this very ``weight`` by the caller's own
     forward just before (``_grid_codes``)."""
-    if not (isinstance(quantizer, FakeQuantize) and quantizer.enabled):
+    if not quantizes(quantizer):
         raise IntegerizeError("a weight without a quantizer stays float; quantize it in the recipe "
                               "to run the op on integers")
     spec = quantizer.spec

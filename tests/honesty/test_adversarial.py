@@ -506,10 +506,17 @@ class _Lengths(nn.Module):
     (lambda w: torch.sign(w) + w * w, True),
     (lambda w: torch.add(w, w, alpha=0.5), False),
     (lambda w: w / 2, False),
-], ids=["floor-div", "clamp", "relu", "sign-square", "alpha-half", "div"])
+    (lambda w: w ** 2 - w ** 0, True),
+    (lambda w: 2 ** w, False),
+    (lambda w: w ** -1, False),
+    (lambda w: w.abs() ** 0.5, False),
+], ids=["floor-div", "clamp", "relu", "sign-square", "alpha-half", "div", "pow-2", "2-pow", "pow-minus-1",
+        "pow-half"])
 def test_integer_input_math_that_ends_in_integers_reaches_a_quantizer_honestly(op, integral):
-    """Index math ending in integers (a rounding division, a clamp to integers, a ReLU) had been
-    flagged as float math on the input data; ``add(w, w, alpha=0.5)`` had passed as integers."""
+    """Index math ending in integers (a rounding division, a clamp to integers, a ReLU, a power by a
+    whole exponent of at least 0) had been flagged as float math on the input data;
+    ``add(w, w, alpha=0.5)`` had passed as integers. In ``2 ** w`` the number is the base (a
+    negative sample makes a fraction)."""
     class Frontend(nn.Module):
         def __init__(self):
             super().__init__()

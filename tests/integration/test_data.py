@@ -397,10 +397,11 @@ def test_broken_global_cmvn_stats_are_blamed_on_the_stats(tmp_path, stats, match
     ("missing", r"1 audio file\(s\) of its manifest do not exist, the first .*wav/1.wav"),
     ("not audio", "cannot read an utterance .*Failed to load .*1.wav"),
     ("empty", r"utterance\(s\) 1 \(their manifest row indices\) have no input frames"),
+    ("cut short", r"audio file .*wav/1.wav is cut short: its header declares 16000 frames and it holds 7978"),
 ])
 def test_wav2vec2_audio_that_cannot_be_read_is_a_data_error(tmp_path, case, match):
     """fairseq's raw audio reader raises plain Exceptions (after seconds of retries for a missing
-    file), which had come through as raw tracebacks."""
+    file), which had come through as raw tracebacks; a WAV cut short it reads as the shorter file."""
     import numpy as np
     import soundfile as sf
 
@@ -410,7 +411,8 @@ def test_wav2vec2_audio_that_cannot_be_read_is_a_data_error(tmp_path, case, matc
     second = {"8 kHz": lambda p: sf.write(p, np.zeros(8000, np.float32), 8000),
               "missing": lambda p: None,
               "not audio": lambda p: p.write_bytes(b"garbage"),
-              "empty": lambda p: sf.write(p, np.zeros(0, np.float32), 16000)}[case]
+              "empty": lambda p: sf.write(p, np.zeros(0, np.float32), 16000),
+              "cut short": lambda p: (_noise(16000)(p), p.write_bytes(p.read_bytes()[:16000]))}[case]
     task = _w2v_subset(tmp_path / "w2v", second)
     with pytest.raises(DataError, match=match):
         list(batches(task, "valid", max_sentences=1))
