@@ -1177,7 +1177,12 @@ def sites_lines(r: dict) -> list[str]:
         "LayerNorm whose input moved one step moves its output several, attention spreads it over the frames, "
         "and by the last encoder layers most codes differ. onnxruntime's `QLinearSoftmax` (a table-driven exp) "
         "was not a rounding tie either: it put some of the decoder step's self-attention probabilities one "
-        "step away on the same input codes; that softmax now stays float."]
+        "step away on the same input codes; that softmax now stays float. onnxruntime's `QLinearAdd` (the "
+        "residual adds) does not round exact ties half to even: where the operands' and the sum's scales are "
+        "powers of two (`scale_type: pow2`) a sum of two codes falls on a tie for a large share of values, and "
+        "the deployed graph then differs from the fake-quant model by a step at many codes of every residual "
+        "add, not at a few (`qswap export --onnx` warns for such grids; no shipped recipe has them); with other "
+        "scales a tie there is as rare as above."]
 
 
 def ulp_table(rows: list[dict]) -> list[str]:

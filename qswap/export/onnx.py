@@ -141,6 +141,7 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
     linear_as_gemm(model)
     if entry is not None:
         integer_entry(model, *entry)
+    _refuse_channel_grid_convs(model)
     if compact:
         four_bit = {f"{name}.codes" for name, m in graph.named_modules(remove_duplicate=False)
                     if isinstance(m, WeightDQ) and m.four_bit}
@@ -168,6 +169,29 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
     return path
 
 
+def _refuse_channel_grid_convs(model) -> None:
+    """ExportError for a Conv of a dequantized weight that reads a DequantizeLinear of several
+    scales (an activation grid per channel): onnxruntime fuses them into a QLinearConv, whose input
+    takes one scale, and the graph loads but fails at every run."""
+    from onnx import numpy_helper
+
+    sizes = {t.name: int(numpy_helper.to_array(t).size) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            sizes[node.output[0]] = int(numpy_helper.to_array(node.attribute[0].t).size)
+    made_by = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2:
+            continue
+        source, weight = made_by.get(node.input[0]), made_by.get(node.input[1])
+        if (source is not None and source.op_type == "DequantizeLinear" and sizes.get(source.input[1], 1) > 1
+                and weight is not None and weight.op_type == "DequantizeLinear"):
+            raise ExportError(f"{node.name}: the convolution's input is on a grid per channel, which "
+                              f"onnxruntime's QLinearConv cannot run (its input takes one scale); quantize "
+                              f"this convolution's input per tensor (recipe: granularity per_tensor for its "
+                              f"activation)")
+
+
 def _refusal(model) -> str | None:
     """Why onnxruntime's CPU provider does not load ``model`` with its extended optimizations (the
     QDQ fusions ``qswap eval`` and the deploy audit run; the first line of its error), or None
@@ -177,16 +201,28 @@ def _refusal(model) -> str | None:
         import onnxruntime as ort
     except Exception:  # noqa: BLE001  (not installed, or a broken install: OSError from its libraries)
         return None
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.log_severity_level = 4  # fatal only: the failure is said in qswap's own words
-    options.intra_op_num_threads = 1
+    options = session_options(ort, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, threads=1)
     data = model.SerializeToString()
     try:
         ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001  (onnxruntime raises its own error types)
         return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     return None
+
+
+def session_options(ort, level, threads: int):
+    """onnxruntime session options as qswap runs its graphs: ``level`` of optimization, ``threads``
+    per pool, fatal messages only (qswap says a failure in its own words), and the float inputs of
+    weight-quantized MatMuls kept float: at the extended level onnxruntime fuses a weight's
+    DequantizeLinear and a MatMul whose input the recipe leaves float into ``MatMulNBits``, whose
+    default accuracy level (4) quantizes that input to int8 at run time, a rounding neither the
+    recipe nor the fake-quant model has (grid steps off); accuracy level 1 computes it in float32."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    options.graph_optimization_level = level
+    options.log_severity_level = 4
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return options
 
 
 def _record(graph: nn.Module, stand_ins: list[nn.Module], args: tuple) -> None:
@@ -227,10 +263,7 @@ def load_session(path: "str | os.PathLike[str]", threads: int = 1, optimized_pat
     if not path.is_file():
         raise ExportError(f"{path}: no ONNX graph there; write the directory with 'qswap export QCKPT --onnx -o DIR' "
                           f"(qswap.export.export_model)")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = threads
-    options.graph_optimization_level = _LEVELS[level](ort)
-    options.log_severity_level = 4  # fatal only: run_graph's ExportError carries a failed run's first line
+    options = session_options(ort, _LEVELS[level](ort), threads)
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)

@@ -119,9 +119,30 @@ def export_model(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task
                           f"(cfg.task: a DictConfig, a dict or a Namespace) or None, got {type(task_cfg).__name__}")
     if dictionary is None:
         dictionary = getattr(getattr(qmodel, "decoder", None), "dictionary", None)
+    _warn_power_of_two_grids(qmodel)
     with simulating(qmodel, "float"):
         return _export(qmodel, directory, task=task, audit=audit, allow_float=allow_float,
                        facts=dictionary_facts(dictionary) if dictionary is not None else {})
+
+
+def _warn_power_of_two_grids(qmodel: nn.Module) -> None:
+    """A QswapWarning where activation grids have power-of-two scales (``scale_type: pow2``):
+    onnxruntime's ``QLinearAdd`` (a residual add between such grids) does not round exact ties half
+    to even, and with such scales a sum of codes is a tie for a large share of values, so the
+    deployment differs from the fake-quant model by a step at many codes (docs/deploy.md)."""
+    import warnings
+
+    from qswap.errors import QswapWarning
+    from qswap.quant.fake_quantize import quantizes
+
+    sites = [name for name, m in qmodel.named_modules()
+             if quantizes(m) and m.kind == "activation" and m.spec.scale_type == "pow2"]
+    if sites:
+        warnings.warn(f"{len(sites)} activation grid(s) have power-of-two scales (scale_type: pow2; the first: "
+                      f"{sites[0]}): onnxruntime's QLinearAdd does not round ties half to even, and sums on such "
+                      f"grids are often ties, so the deployed graph will differ from the fake-quant model by a step "
+                      f"at many codes of its residual adds; use scale_type: float for activations to deploy the "
+                      f"model qswap evaluates (docs/deploy.md)", QswapWarning, stacklevel=3)
 
 
 def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task: dict, audit: bool,

@@ -73,6 +73,12 @@ class ScopeRecorder:
         if self._stack and self._stack[-1] is module:
             self._stack.pop()
 
+    # torch's tracer pushes a module's scope in ``nn.Module.__call__``: a counterpart that runs a
+    # container's children itself (``direct_call.with_own_hooks``: a conformer layer's ffn1) runs
+    # the container's own hooks but not these, or its children's nodes would be looked up under a
+    # scope no node name has
+    _enter.module_call_only = _leave.module_call_only = True
+
 
 def scope_paths(node_names) -> set[str]:
     """The scope paths of torch-named nodes (``/a/b/Conv`` -> ``a/b``; nodes of the exported

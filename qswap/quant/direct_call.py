@@ -37,7 +37,9 @@ def with_own_hooks(module: nn.Module, args: tuple, run):
     hook the result, so that a hook on the container (a feature tap) sees and does on the converted
     model what it does on the float one (it had never run). Global module hooks (the honesty
     audit's) see the children's calls, not the container's. A backward hook on the container: a
-    ConvertError (its gradients are the children's)."""
+    ConvertError (its gradients are the children's). A hook marked ``module_call_only`` (a record
+    of the module scopes torch's tracer pushes, which it pushes in ``nn.Module.__call__`` only:
+    ``qswap.export.sites.ScopeRecorder``) does not run here."""
     if not (module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
             or module._backward_pre_hooks):
         return run(*args)
@@ -48,6 +50,8 @@ def with_own_hooks(module: nn.Module, args: tuple, run):
                            f"is the container's)")
     kwargs: dict = {}
     for key, hook in list(module._forward_pre_hooks.items()):
+        if getattr(hook, "module_call_only", False):
+            continue
         if key in module._forward_pre_hooks_with_kwargs:
             result = hook(module, args, kwargs)
             if result is not None:
@@ -58,6 +62,8 @@ def with_own_hooks(module: nn.Module, args: tuple, run):
                 args = result if isinstance(result, tuple) else (result,)
     out = run(*args, **kwargs)
     for key, hook in list(module._forward_hooks.items()):
+        if getattr(hook, "module_call_only", False):
+            continue
         result = (hook(module, args, kwargs, out) if key in module._forward_hooks_with_kwargs
                   else hook(module, args, out))
         if result is not None:

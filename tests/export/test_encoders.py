@@ -93,6 +93,60 @@ def test_deploy_audit_names_the_conformer_sites(exported):
     sites = {n.site for g in report.graphs for n in g.float_nodes}
     assert any(s.startswith("encoder.conformer_layers.0.") for s in sites)
     assert any(s.startswith("decoder.layers.") for s in sites)
+    # the modules a conformer layer runs through its feed-forward and convolution blocks (which it
+    # calls itself, not through their containers' __call__): each node is its leaf's, not the layer's
+    assert {"encoder.conformer_layers.0.ffn1.layer_norm", "encoder.conformer_layers.0.conv_module.glu",
+            "encoder.conformer_layers.0.ffn2.layer_norm"} <= sites
+    assert "encoder.conformer_layers.0" not in {n.site for n in report.graphs[0].float_nodes
+                                                if n.op_type in ("LayerNormalization", "Sigmoid")}
+
+
+W8A8 = {"version": 1, "defaults": {"weight": {"bits": 8},
+                                   "activation": {"bits": 8, "symmetric": False, "observer": "minmax"}}}
+
+
+def test_a_float_input_of_a_quantized_weight_deploys_as_the_fake_quant_model(tmp_path):
+    """A weight-quantized linear whose input the recipe leaves float: onnxruntime fuses its weight's
+    DequantizeLinear and the MatMul into MatMulNBits, whose default accuracy level quantized the
+    float input to int8 at run time (up to 8 steps off at the encoder output, a mean of 0.8)."""
+    recipe = {**W8A8, "name": "ffn1_input_float", "rules": [{"match": {"path": "re:.*layers\\.0\\.ffn1.*"},
+                                                            "activation": None}]}
+    qmodel = calibrated(build_s2t_conformer(), recipe)
+    export_model(qmodel, tmp_path)
+    ops = {n.op_type for g in audit_export(tmp_path).graphs for n in g.float_nodes}
+    assert "MatMulNBits" in ops  # the fusion the session options are about
+    net = padded_batch(3, 90, seed=3)
+    steps, padding, _ = output_steps(qmodel, load_session(tmp_path / GRAPHS["encoder"]), net)
+    steps = steps.masked_select(~padding.T.unsqueeze(-1).expand_as(steps))
+    assert steps.max() <= 4.0 and steps.mean() < 0.1  # measured: 0 steps
+
+
+def test_a_convolution_input_on_a_grid_per_channel_is_refused_at_export(tmp_path):
+    """onnxruntime fuses it into a QLinearConv, which takes one input scale: the graph had been
+    written, loaded, audited, and failed at every run with an error about the inputs."""
+    from qswap.errors import ExportError
+
+    recipe = {**W8A8, "name": "conv_input_per_channel", "rules": [
+        {"match": {"class": ["Conv1d"]},
+         "activation": {"bits": 8, "symmetric": False, "observer": "minmax", "granularity": "per_channel",
+                        "axis": 1}}]}
+    qmodel = calibrated(build_s2t_conformer(), recipe)
+    with pytest.raises(ExportError, match="convolution's input is on a grid per channel.*QLinearConv.*per tensor"):
+        export_model(qmodel, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_power_of_two_activation_grids_are_warned_at_export(tmp_path):
+    """onnxruntime's QLinearAdd does not round ties half to even; with power-of-two scales the
+    residual adds' sums are often ties (docs/deploy.md)."""
+    from qswap.errors import QswapWarning
+
+    recipe = {"version": 1, "name": "a8_pow2", "defaults": {
+        "weight": {"bits": 8}, "activation": {"bits": 8, "symmetric": False, "observer": "minmax",
+                                              "scale_type": "pow2"}}}
+    qmodel = calibrated(build_s2t_conformer(), recipe)
+    with pytest.warns(QswapWarning, match=r"activation grid\(s\) have power-of-two scales.*QLinearAdd"):
+        export_model(qmodel, tmp_path)
 
 
 @pytest.fixture(scope="module")
