@@ -119,4 +119,6 @@ class CommandError(QswapError):
 
 class TrainingError(QswapError, ValueError):
     """A training option qswap adds to fairseq-train (the distillation criterion's teacher,
-    weight or temperature) is missing or out of range (names the option and what to pass)."""
+    weight or temperature) is missing or out of range, or a fairseq option the plugin's quantized
+    model cannot run with (half precision, an EMA of its state) is given (names the option and what
+    to pass)."""

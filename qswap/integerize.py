@@ -111,8 +111,10 @@ def _unsupported(qmodel: nn.Module) -> list[str]:
 def integerize(qmodel: nn.Module) -> nn.Module:
     """The integer form of a converted, calibrated ``qmodel`` (which is left untouched).
 
-    Raises ``IntegerizeError`` naming every module it cannot integerize (a module without an
-    integer form, an uncalibrated or float operand, a chain that does not end in a linear)."""
+    Raises ``IntegerizeError`` naming the modules it cannot integerize (a module without an
+    integer form, an uncalibrated or float operand, a chain that does not end in a linear): every
+    one of a chain, every module a recipe left float; in a whole model's form (S2T, wav2vec 2.0)
+    the first whose form fails, with its path."""
     from qswap.calibrate import activation_quantizers
 
     expect_module(qmodel, "integerize()", IntegerizeError)

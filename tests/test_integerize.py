@@ -127,6 +127,20 @@ def test_an_uncalibrated_model_is_refused():
         qswap.integerize(q)
 
 
+def test_a_forward_does_not_calibrate_a_model_for_integerize():
+    """One forward after convert gives every observer a range that follows its input (nothing
+    frozen): integerize had baked those ranges in, a model other than the fake-quant one."""
+    from qswap.models import build_s2t_transformer, s2t_net_input
+
+    q = qswap.convert(build_s2t_transformer(seed=0), "w8a8")
+    with torch.no_grad():
+        q(**s2t_net_input(2, 40, seed=0))
+    with pytest.raises(IntegerizeError, match="an uncalibrated activation quantizer .* no grid.*calibrate the model"):
+        qswap.integerize(q)
+    qswap.calibrate(q, [s2t_net_input(2, 40, seed=0)])
+    assert qswap.integerize(q) is not None
+
+
 def test_a_whole_model_names_the_module_whose_integer_form_fails():
     """A form refused deep in the integer arithmetic (16-bit weights: accumulators beyond int32)
     is reported with the path and type of the counterpart that asked for it."""

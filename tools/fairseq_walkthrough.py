@@ -132,7 +132,7 @@ The plugin folder is `$(qswap-plugin-dir)` (`qswap.plugin_dir()`); it registers 
 | option | meaning |
 |---|---|
 | `--qswap-recipe R` | convert the model right after fairseq builds it (a shipped name or a YAML path); a checkpoint stores the recipe itself (a later edit or removal of the YAML changes nothing); a checkpoint trained or converted with another recipe is refused (fine-tuning from it, resuming it, decoding it: the checkpoint fairseq-train loads, found as fairseq finds it, with `--checkpoint-suffix`, `--restore-file`, `--continue-once`, `--finetune-from-model`), and so is one that holds a recipe when no `--qswap-recipe` is given (the error names the recipe to pass); a recipe whose transforms need data (smoothquant) starts only from a checkpoint `qswap convert` wrote with it (or the run's own checkpoint it resumes), and decodes no float checkpoint |
-| `--qswap-calib-batches N` | calibrate the activation quantizers on the training batches of the first N updates (with `--update-freq K`, K batches each; zero gradients), then freeze them (ranges reduced across DDP workers); a run resumed during calibration calibrates the updates left, and validation never calibrates; a recipe with learned activation scales (LSQ) needs N > 0 unless it starts from calibrated grids (a checkpoint `qswap convert` calibrated, a run resumed after calibration): else a TrainingError before the first update |
+| `--qswap-calib-batches N` | calibrate the activation quantizers on the training batches of the first N updates (with `--update-freq K`, K batches each; zero gradients), then freeze them (ranges reduced across DDP workers); a run resumed during calibration calibrates the updates left (resumed with a smaller N, past it, it freezes the grids on what they observed, with a warning), and validation never calibrates; a recipe with learned activation scales (LSQ) needs N > 0 unless it starts from calibrated grids (a checkpoint `qswap convert` calibrated, a run resumed after calibration): else a TrainingError before the first update |
 | `--qswap-audit` | before decoding, audit a batch of the generation subset and print the verdict |
 | `--qswap-strict` | fail if a recipe rule matches no module or the recipe leaves a module float without a skip rule |
 
@@ -174,10 +174,16 @@ deviation)^2, exact for ordinary rows, bounded for collapsed ones
 (`qswap.nn.norm.layer_norm_bounded_grad`, `grad_std_floor` on each module; a test checks the
 shipped model's QAT gradient stays within 3x of float's for w8a8 and 100x for w4a4, whose output is broken anyway). And the calibration updates
 (`--qswap-calib-batches N`) observe in eval mode with their loss multiplied by 0, so their
-gradient is zero. fairseq still runs its optimizer step on them: with a fresh Adam state (as
-after `--finetune-from-model`) and no `--weight-decay`, no weight moves before the grids are
-frozen (tested: bit-identical weights); weight decay, if set, does apply on those steps, and the
-learning-rate schedule counts them as updates.
+gradient is zero. fairseq still runs its optimizer step on them, with weight decay 0 for those
+steps: with a fresh Adam state (as after `--finetune-from-model`) no weight and no learned scale
+moves before the grids are frozen (tested: bit-identical weights, with `--weight-decay` set too),
+and the learning-rate schedule counts them as updates. After them, `--weight-decay` decays every
+parameter fairseq's optimizer holds, learned activation scales (LSQ step sizes) among them.
+Half precision (`--fp16`, `--memory-efficient-fp16`, `--bf16`) is a TrainingError in
+fairseq-train and fairseq-generate (qswap's quantizers keep float32 grids and biases; `--amp`
+works), and so is `--store-ema` in speech_to_text_qswap (fairseq's EMA averages every state entry,
+the quantizers' zero points and frozen flags among them; audio_finetuning_qswap's options do not
+show it to the plugin, and fairseq's EMA fails there at the first update).
 
 ## QAT with a teacher (distillation)
 

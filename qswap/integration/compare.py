@@ -260,20 +260,33 @@ def evaluate_integer(qmodel, task, samples: list[dict], audit_input: dict, fake_
     decode ``samples`` with it (the same beam search) and count the transcripts equal to
     ``fake_hyps`` (the fake-quant model's, by utterance id); the interval is added by ``add_intervals``.
     A model without an integer form (float, weight-only, an architecture not done yet) gives a
-    result with only ``note``, the first line of its ``IntegerizeError``."""
+    result with only ``note``: each module its ``IntegerizeError`` names; so does an integer model
+    that refuses an utterance while decoding (more keys than a 16-bit softmax's grid sums exactly,
+    a rotary table's rows), and the other recipes' rows stay."""
     from qswap.errors import IntegerizeError
     from qswap.honesty.integer import audit_integer
     try:
         imodel = qswap.integerize(qmodel)
     except IntegerizeError as exc:
-        return IntegerResult(note=f"no integer form: {str(exc).splitlines()[-1].strip()}")
+        return IntegerResult(note=f"no integer form: {_problems(exc)}")
     report = audit_integer(imodel, audit_input)
-    result = decode(task, imodel, samples, beam=beam, progress=progress)
+    try:
+        result = decode(task, imodel, samples, beam=beam, progress=progress)
+    except IntegerizeError as exc:
+        return IntegerResult(integer_only=report.integer_only, note=f"the integer model refuses an utterance: "
+                                                                    f"{_problems(exc)}")
     refs, hyps = [u.ref for u in result.utterances], [u.hyp for u in result.utterances]
     errors, _ = utterance_word_errors(refs, hyps)
     counts = error_counts(refs, hyps)
     return IntegerResult(wer=counts.wer, integer_only=report.integer_only, decode_s=result.seconds,
                          same_transcripts=sum(a == b for a, b in zip(hyps, fake_hyps)), utterance_errors=errors)
+
+
+def _problems(exc: Exception) -> str:
+    """An IntegerizeError's problems on one line: its lines after the header
+    (``cannot integerize the model:``), joined; a one-line error as it is."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines[1:] if len(lines) > 1 and lines[0].endswith(":") else lines)
 
 
 def compare(checkpoint: str, data: str, recipes: list[str], *, subset: str = "test",

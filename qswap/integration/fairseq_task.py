@@ -97,6 +97,8 @@ class QswapTaskMixin:
                 raise TrainingError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a model qswap "
                                     f"converts: pass {remedy}")
             return model
+        if not from_checkpoint:  # fairseq's EMA, where the task's options hold it (speech_to_text's)
+            _refuse_ema(opts)
         if not from_checkpoint and getattr(opts, "qswap_audit", False):  # read by fairseq-generate only
             logger.warning("qswap: --qswap-audit runs before decoding (fairseq-generate); fairseq-train does not run "
                            "it: audit the trained checkpoint with 'qswap audit CKPT' or fairseq-generate --qswap-audit")
@@ -119,10 +121,13 @@ class QswapTaskMixin:
                 raise float_checkpoint_error(recipe, path, recipe_arg=named, data=getattr(opts, "data", None))
             # a checkpoint's state holds transformed weights
             data = STRUCTURE_ONLY
-            if calib:  # fairseq-generate: no updates to calibrate on (it had been ignored without a word)
+            # fairseq-generate: no updates to calibrate on (it had been ignored without a word); not
+            # the training run's own value, which fairseq-validate's task (the checkpoint's) holds
+            if calib and calib != int(getattr(cfg, "qswap_calib_batches", 0) or 0):
                 how = ("'qswap calibrate CKPT --data D --batches N -o OUT'" if stored else
                        f"'qswap convert CKPT --recipe {named} --data D --calib-batches N -o OUT'")
-                logger.warning(f"qswap: --qswap-calib-batches {calib} is ignored: it counts fairseq-train's calibration "
+                logger.warning(f"qswap: --qswap-calib-batches {calib} (given, or the training run's, which a task built "
+                               f"from the checkpoint's config holds) is ignored: it counts fairseq-train's calibration "
                                f"updates, and a model built from a checkpoint (fairseq-generate) keeps the grids the "
                                f"checkpoint holds; to calibrate it run {how} and decode what it writes")
             calib = 0
@@ -166,6 +171,7 @@ class QswapTaskMixin:
             calib = 0
         self._qswap_calib_updates = calib
         self._qswap_calibrating = False
+        self._qswap_resume_checked = from_checkpoint or not calib  # fairseq-train with calibration updates
         # fairseq-train: with no calibration updates, learned scales need calibrated grids from the
         # checkpoint it loads (checked once it has loaded it: begin_epoch)
         self._qswap_check_learned = None if from_checkpoint or calib else (
@@ -183,18 +189,47 @@ class QswapTaskMixin:
         return super().begin_epoch(epoch, model)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if not getattr(self, "_qswap_dtype_checked", False):
+            self._qswap_dtype_checked = True
+            _refuse_half(model, "fairseq-train", "--fp16, --memory-efficient-fp16, --bf16 or "
+                                                 "--memory-efficient-bf16 (--amp keeps float32 weights and works)")
         if update_num < getattr(self, "_qswap_calib_updates", 0):
             if self._qswap_calibration_step(model, sample):
                 # a calibration batch: the loss is computed (fairseq's trainer and DDP expect a
                 # backward) but multiplied by 0, so no weight moves before the grids are frozen
                 with _grids_held(model):
-                    return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad=True)
+                    return super().train_step(sample, model, _LoggedApart(criterion), optimizer, update_num,
+                                              ignore_grad=True)
             if not getattr(self, "_qswap_said_calibrated", False):  # skipped by design; said once
                 self._qswap_said_calibrated = True
                 logger.info(f"qswap: every activation grid has its fixed range already (the checkpoint "
                             f"loaded, or a run resumed after calibration): --qswap-calib-batches "
                             f"{self._qswap_calib_updates} is skipped from update {update_num + 1} on, training runs")
+        elif not getattr(self, "_qswap_resume_checked", True):
+            self._qswap_resume_checked = True
+            self._freeze_resumed_calibration(model, update_num)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def _freeze_resumed_calibration(self, model, update_num: int) -> None:
+        """The first training update: grids still calibrating here come from a run this one resumes,
+        stopped during a longer calibration (``--qswap-calib-batches`` lowered on resuming, so no
+        update of this run calibrates and none froze them). Frozen on what they observed (at least
+        this run's count of updates), or, with nothing observed to freeze, a TrainingError: the run
+        had trained on grids observed anew at every forward, learned scales reset each time."""
+        quantizers = activation_quantizers(model)
+        if not _to_calibrate(quantizers) or not any(q.initialized for q in quantizers):
+            return  # calibrated, or never observed (a start with no grids: begin_epoch's checks)
+        frozen = freeze_observed(model)
+        if frozen == 0:
+            from qswap.errors import TrainingError
+            raise TrainingError(f"the run resumes at update {update_num + 1}, past its {self._qswap_calib_updates} "
+                                f"calibration update(s) (--qswap-calib-batches), with activation grids that are "
+                                f"neither frozen nor hold observed ranges to freeze; resume with the "
+                                f"--qswap-calib-batches of the run it continues, or start again")
+        logger.warning(f"qswap: the run resumes at update {update_num + 1}, past its {self._qswap_calib_updates} "
+                       f"calibration update(s) (--qswap-calib-batches), with grids still calibrating (the run it "
+                       f"continues stopped during a longer calibration): froze {frozen} activation quantizers on "
+                       f"the batches they observed; training runs")
 
     def valid_step(self, sample, model, criterion):
         """fairseq's validation, with every calibrated grid held still: a validation between
@@ -205,8 +240,11 @@ class QswapTaskMixin:
     def optimizer_step(self, optimizer, model, update_num):
         """fairseq's step; after the last calibration update (every batch of it observed, all
         gradients zero), the grids are frozen: training starts at the next update."""
-        super().optimizer_step(optimizer, model, update_num)
-        if getattr(self, "_qswap_calibrating", False) and update_num + 1 >= self._qswap_calib_updates:
+        if not getattr(self, "_qswap_calibrating", False):
+            return super().optimizer_step(optimizer, model, update_num)
+        with _no_weight_decay(optimizer):  # a calibration update's zero gradients move nothing; decay would
+            super().optimizer_step(optimizer, model, update_num)
+        if update_num + 1 >= self._qswap_calib_updates:
             self._qswap_calibrating = False
             frozen = freeze_observed(model)
             n = self._qswap_calib_updates
@@ -228,6 +266,7 @@ class QswapTaskMixin:
         return True
 
     def build_generator(self, models, args, *a, **kw):
+        _refuse_half(models[0], "fairseq-generate", "--fp16 or --bf16")
         quantizers = activation_quantizers(models[0])
         observing = [q for q in quantizers if q.initialized and not bool(q.frozen)]
         if observing:
@@ -390,6 +429,67 @@ def _check_calib_fits(calib: int, opts) -> None:
                        f"before calibration does (no grid frozen, no weight trained; a run resumed with a larger "
                        f"--max-update goes on calibrating): pass --qswap-calib-batches {max_update} or fewer, or a "
                        f"larger --max-update")
+
+
+@contextlib.contextmanager
+def _no_weight_decay(optimizer):
+    """``optimizer``'s parameter groups with weight decay 0 (restored after): fairseq's optimizers
+    decay every parameter at each step, gradient or not, and a calibration update (loss times 0)
+    had shrunk every weight and learned scale by ``lr * weight_decay`` while the log said no weight
+    moved (the step itself is still taken: an AMP grad scaler expects it)."""
+    groups = list(getattr(optimizer, "param_groups", None) or [])
+    saved = [g.get("weight_decay") for g in groups]
+    for g in groups:
+        if "weight_decay" in g:
+            g["weight_decay"] = 0.0
+    try:
+        yield
+    finally:
+        for g, wd in zip(groups, saved):
+            if wd is not None:
+                g["weight_decay"] = wd
+
+
+class _LoggedApart:
+    """``criterion`` whose logging output holds copies of its tensors: a calibration update's loss
+    is multiplied by 0 in place (fairseq's ``ignore_grad``), and a criterion that logs the loss
+    tensor itself (label-smoothed cross entropy) had logged 0 for every calibration update.
+    Attributes are the criterion's (speech_to_text's multitask weights are set on it)."""
+
+    def __init__(self, criterion):
+        self.criterion = criterion
+
+    def __call__(self, *args, **kwargs):
+        loss, sample_size, logging_output = self.criterion(*args, **kwargs)
+        return loss, sample_size, {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in logging_output.items()}
+
+    def __getattr__(self, name):
+        return getattr(self.criterion, name)
+
+
+def _refuse_half(model, tool: str, options: str) -> None:
+    """A TrainingError where fairseq cast a quantized ``model`` to half precision: qswap's
+    quantizers keep float32 grids and biases, and the first forward had failed deep inside with
+    torch's dtype error."""
+    from qswap.quant.fake_quantize import FakeQuantize
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype in (torch.float16, torch.bfloat16) and any(isinstance(m, FakeQuantize) for m in model.modules()):
+        from qswap.errors import TrainingError
+        raise TrainingError(f"{tool} cast the quantized model to {str(dtype).replace('torch.', '')}; qswap's fake "
+                            f"quantization computes in float32 (its grids, scales and quantized biases): drop "
+                            f"{options}")
+
+
+def _refuse_ema(opts) -> None:
+    """A TrainingError for ``--store-ema``: fairseq's EMA averages every entry of the model's state
+    dict, the quantizers' integer zero points, frozen flags and observer counts among them (it
+    failed at the first update with torch's cast error; an average of frozen flags means nothing)."""
+    if getattr(opts, "store_ema", False):
+        from qswap.errors import TrainingError
+        raise TrainingError("--store-ema keeps an exponential moving average of every entry of the model's state "
+                            "dict, which for a quantized model includes its quantizers' integer zero points and "
+                            "frozen flags: drop --store-ema for a run with --qswap-recipe")
 
 
 def _to_calibrate(quantizers) -> bool:

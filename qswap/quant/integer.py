@@ -573,15 +573,19 @@ class Grid:
 
     @classmethod
     def of(cls, quantizer) -> "Grid":
-        """The grid of a calibrated per-tensor ``FakeQuantize``."""
-        if not (quantizes(quantizer) and quantizer.initialized):
+        """The grid of a calibrated per-tensor ``FakeQuantize``. An activation quantizer that
+        calibration did not freeze (nor learns its scale) has none: its range follows the inputs it
+        saw last (a forward after ``convert`` gives it one), which no integer model can keep."""
+        running = (isinstance(quantizer, FakeQuantize) and quantizer.kind == "activation" and quantizer.initialized
+                   and not bool(quantizer.frozen) and not quantizer.spec.learnable)
+        if running or not (quantizes(quantizer) and quantizer.initialized):
             if not isinstance(quantizer, FakeQuantize):
                 what = f"a site the recipe leaves float ({type(quantizer).__name__})"
                 fix = "use a recipe that quantizes this site's activations (e.g. w8a8)"
             elif not quantizer.enabled:  # not the recipe's doing: a probe or a caller switched it off
                 what = f"a disabled {quantizer.kind} quantizer ({quantizer.spec.short()}, enabled=False)"
                 fix = "enable it again (quantizer.enabled = True) before integerizing"
-            else:
+            else:  # no range yet, or one observed at run time (not frozen)
                 what = f"an uncalibrated {quantizer.kind} quantizer ({quantizer.spec.short()})"
                 fix = "calibrate the model first (qswap calibrate, or qswap convert --calib-batches N --data DIR)"
             raise IntegerizeError(f"{what} has no grid: an integer op needs every operand quantized and the "
@@ -590,7 +594,8 @@ class Grid:
             raise IntegerizeError(f"an activation grid must be per tensor, got {quantizer.spec.short()}")
         _check_rounding(quantizer)
         _check_scales(quantizer)
-        return cls(float(quantizer.scale), int(quantizer.zero_point), quantizer.spec.qmin, quantizer.spec.qmax)
+        return cls(float(quantizer.scale.detach()), int(quantizer.zero_point), quantizer.spec.qmin,
+                   quantizer.spec.qmax)
 
     @property
     def dtype(self) -> torch.dtype:

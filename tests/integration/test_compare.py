@@ -43,3 +43,44 @@ def test_integer_comparison_without_a_quantized_row_is_refused_by_the_library(tm
     with pytest.raises(DataError) as exc:
         compare(str(tmp_path / "missing.pt"), str(tmp_path), ["fp32"], integer=True)
     assert "the recipe fp32 alone gives none" in str(exc.value) and "missing.pt" not in str(exc.value)
+
+
+def test_an_integer_model_that_refuses_an_utterance_is_a_row_note():
+    """16-bit softmax probabilities sum exactly over at most a few hundred keys in int32: an
+    utterance of 300 keys had aborted the whole comparison (every row lost), naming no recipe."""
+    import torch
+
+    from qswap.integration.compare import evaluate_integer
+
+    model, task = shipped()
+    softmax16 = {"version": 1, "name": "softmax16", "defaults": {
+        "weight": {"bits": 8, "symmetric": True, "granularity": "per_tensor", "observer": "minmax"},
+        "activation": {"bits": 8, "symmetric": False, "granularity": "per_tensor", "observer": "minmax"},
+        "sites": {"softmax_out": {"bits": 16}}}}
+    qmodel = prepare_recipe(copy_model(model), task, softmax16, calib_subset="train_calib", calib_batches=1)
+    sample = next(fdata.batches(task, "test", max_sentences=1))
+    net = sample["net_input"]
+    long = {**sample, "net_input": {**net, "src_tokens": net["src_tokens"].repeat(1, 6, 1),
+                                    "src_lengths": net["src_lengths"] * 6}}
+    assert long["net_input"]["src_tokens"].shape[1] >= 1000  # past 242 keys after the subsampler's 4x
+    result = evaluate_integer(qmodel, task, [long], net, [""], beam=1)
+    assert result.wer is None and result.note.startswith("the integer model refuses an utterance: ")
+    assert "keys" in result.note and "\n" not in result.note
+    assert torch.equal(long["net_input"]["src_lengths"], net["src_lengths"] * 6)
+
+
+def test_the_note_of_a_model_without_an_integer_form_names_every_module():
+    """Its note had kept the last line of the error alone: one of the modules it names."""
+    from qswap.integration.compare import evaluate_integer
+
+    model, task = shipped()
+    skip_two = {"version": 1, "name": "skip_two", "defaults": {
+        "weight": {"bits": 8, "symmetric": True, "granularity": "per_tensor", "observer": "minmax"},
+        "activation": {"bits": 8, "symmetric": False, "granularity": "per_tensor", "observer": "minmax"}},
+        "rules": [{"match": {"path": "encoder.transformer_layers.0"}, "skip": True},
+                  {"match": {"path": "decoder.layers.0"}, "skip": True}]}
+    qmodel = prepare_recipe(copy_model(model), task, skip_two, calib_subset="train_calib", calib_batches=1)
+    net = next(fdata.net_inputs(task, "test", 1, max_sentences=1))
+    note = evaluate_integer(qmodel, task, [], net, [], beam=1).note
+    assert note.startswith("no integer form: ") and "encoder.transformer_layers.0" in note
+    assert "decoder.layers.0" in note and "\n" not in note

@@ -43,9 +43,20 @@ def test_generate_loads_the_quantized_model_and_prints_the_audit(trained):
                "--required-batch-size-multiple", "1", "--qswap-calib-batches", "3", cwd=root)
     assert "qswap: converted with recipe w4a8" in out  # rebuilt from the checkpoint's own args
     # generate has no updates to calibrate on: the option is named as ignored, not dropped silently
-    assert "qswap: --qswap-calib-batches 3 is ignored" in out
+    assert "qswap: --qswap-calib-batches 3 (given, or the training run's" in out and "is ignored" in out
     assert "qswap audit:" in out
     assert "WER:" in out
+
+
+def test_validate_does_not_say_an_option_it_was_not_given_is_ignored(trained):
+    """fairseq-validate builds its task from the checkpoint's config, which holds the training run's
+    --qswap-calib-batches 2: the plugin had warned that this option, never passed, is ignored."""
+    root, data, plugin, _ = trained
+    out = _run("fairseq-validate", data, "--user-dir", plugin, "--task", "speech_to_text_qswap",
+               "--path", root / "qat" / "checkpoint_last.pt", "--valid-subset", "train", "--max-tokens", "4000",
+               "--cpu", cwd=root)
+    assert "qswap: converted with recipe w4a8" in out and "valid on 'train' subset" in out
+    assert "--qswap-calib-batches" not in out
 
 
 def test_a_qat_checkpoint_refuses_a_dictionary_of_the_same_size_with_other_symbols(trained, tmp_path):
@@ -152,11 +163,18 @@ def _model_state(path):
 
 def test_calibration_updates_apply_no_update(float_checkpoint, tmp_path):
     """Two calibration updates of two batches each (--update-freq 2), two updates: every weight is
-    still the float checkpoint's, and each observer saw the four training batches and nothing else
-    (not the validation after each epoch)."""
+    still the float checkpoint's (with --weight-decay too, which fairseq's Adam applies whatever the
+    gradient: it had shrunk every weight by lr * decay), each observer saw the four training batches
+    and nothing else (not the validation after each epoch), and the updates log their real loss
+    (label-smoothed cross entropy logs the loss tensor fairseq zeroes in place: it had logged 0)."""
+    import re
+
     root, data, float_ckpt = float_checkpoint
-    log = _run(*_qat(root, data, tmp_path / "qat", "w8a8", 2, 2, "--update-freq", "2"), cwd=root)
+    log = _run(*_qat(root, data, tmp_path / "qat", "w8a8", 2, 2, "--update-freq", "2", "--weight-decay", "0.5",
+                     "--log-interval", "1"), cwd=root)
     assert "on the batches of 2 updates (the calibration updates moved no weight)" in log
+    logged = re.findall(r"train_inner .* loss=([\d.]+), nll_loss=([\d.]+)", log)
+    assert len(logged) == 2 and all(loss == nll and float(loss) > 1 for loss, nll in logged)  # no smoothing
     before, after = _model_state(float_ckpt), _model_state(tmp_path / "qat" / "checkpoint_last.pt")
     assert set(before) <= set(after)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -202,6 +220,34 @@ def test_a_run_resumed_during_calibration_calibrates_only_the_updates_left(float
     once, resumed = (_model_state(tmp_path / d / "checkpoint_last.pt") for d in ("once", "resumed"))
     assert int(resumed[f"{FIRST_OBSERVER}.num_batches"]) == 3
     assert once.keys() == resumed.keys() and all(torch.equal(once[k], resumed[k]) for k in once)
+
+
+def test_a_run_resumed_with_fewer_calibration_updates_freezes_what_it_observed(float_checkpoint, tmp_path):
+    """A run stopped during 2 calibration updates and resumed with --qswap-calib-batches 1: no update
+    of the resumed run calibrated, none froze, and it had trained 3 updates on grids observed anew at
+    every forward (learned scales reset each time), exit 0 and nothing said."""
+    root, data, _ = float_checkpoint
+    _run(*_qat(root, data, tmp_path / "qat", "w4a8_lsq", 2, 1), cwd=root)
+    assert not bool(_model_state(tmp_path / "qat" / "checkpoint_last.pt")[FIRST_OBSERVER.replace("observer", "frozen")])
+    log = _run(*_qat(root, data, tmp_path / "qat", "w4a8_lsq", 1, 3), cwd=root)
+    assert "the run resumes at update 2, past its 1 calibration update(s)" in log and "froze" in log
+    state = _model_state(tmp_path / "qat" / "checkpoint_last.pt")
+    assert bool(state[FIRST_OBSERVER.replace("observer", "frozen")])
+    assert int(state[f"{FIRST_OBSERVER}.num_batches"]) == 1  # the update the stopped run calibrated
+
+
+@pytest.mark.parametrize("option, match", [
+    (["--memory-efficient-fp16"], "cast the quantized model to float16; qswap's fake quantization computes in float32"),
+    (["--store-ema", "--ema-decay", "0.9"], "--store-ema keeps an exponential moving average .* drop --store-ema"),
+])
+def test_options_the_quantized_model_cannot_train_with_are_refused(float_checkpoint, tmp_path, option, match):
+    """Each had failed inside the first update with torch's dtype or cast error (the float model
+    trains with them)."""
+    import re
+
+    root, data, _ = float_checkpoint
+    err = _refused(*_qat(root, data, tmp_path / "qat", "w8a8", 1, 2, *option), cwd=root)
+    assert "TrainingError" in err and re.search(match, err), err[-1500:]
 
 
 def test_calibration_options_without_a_recipe_are_refused(float_checkpoint, tmp_path):

@@ -508,7 +508,10 @@ class IntegerRotaryAttention(torch.nn.Module):
         from qswap.errors import IntegerizeError
         t, bsz, _ = x.shape
         if t > self.cos.shape[0]:
-            raise IntegerizeError(f"{t} frames exceed the integer rotary table ({self.cos.shape[0]}); rebuild it longer")
+            raise IntegerizeError(f"{t} frames (after the subsampler) exceed the integer rotary table's "
+                                  f"{self.cos.shape[0]} rows, which its grid was fixed for; split the audio into "
+                                  f"shorter utterances, or run the fake-quant model (which rotates in float beyond "
+                                  f"them)")
         r = self._rotated(x)
         q, k = split_heads(self.q_proj(r), self.num_heads), split_heads(self.k_proj(r), self.num_heads)
         v = split_heads(self.v_proj(x), self.num_heads)  # (B*H, T, D)
