@@ -65,6 +65,16 @@ def model_output(model: nn.Module, net_input: Any) -> torch.Tensor:
     """The logits a fairseq speech model produces for a batch (seq2seq or CTC): the batch kinds
     ``qswap.calibrate`` takes, a net_input dict (``model(**batch)``), a tuple or list of arguments
     (``model(*batch)``) or one tensor (``model(batch)``); CalibrationError for anything else."""
+    return output_positions(model, net_input)[0]
+
+
+def output_positions(model: nn.Module, net_input: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``model_output``, a boolean tensor that broadcasts to it and is True at the positions
+    scored, or None: all of them). A CTC model's frames its ``padding_mask`` marks are left out:
+    what it computes there is never decoded, and scored it had ranked sites by noise on padding
+    (on a wav2vec 2.0 batch, most of the output noise of a LayerNorm's input). A seq2seq decoder's
+    padding steps are still scored: leaving them out changes the shipped model's searched recipe,
+    which docs/sensitivity.md and the pages after it in ``make docs`` evaluate (to do with them)."""
     if isinstance(net_input, dict):
         out = model(**net_input)
     elif isinstance(net_input, (tuple, list)):
@@ -74,16 +84,22 @@ def model_output(model: nn.Module, net_input: Any) -> torch.Tensor:
     else:
         raise CalibrationError(f"a batch is a net_input dict, a tuple of arguments or a tensor, got "
                                f"{type(net_input).__name__}")
+    real = None
     if isinstance(out, tuple):
         out = out[0]
     if isinstance(out, dict):
+        padding = out.get("padding_mask", out.get("encoder_padding_mask"))
+        padding = padding[0] if isinstance(padding, list) and padding else padding
         out = out["encoder_out"]
         out = out[0] if isinstance(out, list) else out
-    return out.float()
+        if isinstance(padding, torch.Tensor) and padding.dim() == 2 and padding.t().shape == out.shape[:2]:
+            real = ~padding.t().unsqueeze(-1)  # (T, B, 1) against CTC's (T, B, V)
+    return out.float(), real
 
 
 def output_sqnr(reference: list[torch.Tensor], model: nn.Module, batches: list) -> float:
-    """SQNR (dB) of the model's outputs against reference outputs, pooled over batches.
+    """SQNR (dB) of the model's outputs against reference outputs, pooled over batches, at the
+    positions a decode reads (``output_positions``: padding left out).
 
     Elements where the reference itself is NaN/inf are left out. Where the reference is finite
     but the model's output is not, the quantized model broke: the SQNR is ``-inf`` (never
@@ -92,8 +108,10 @@ def output_sqnr(reference: list[torch.Tensor], model: nn.Module, batches: list) 
     signal = noise = 0.0
     with torch.no_grad():
         for ref, batch in zip(reference, batches):
-            got = model_output(model, batch)
+            got, real = output_positions(model, batch)
             finite = torch.isfinite(ref)
+            if real is not None and real.dim() == ref.dim():
+                finite = finite & real.expand_as(ref)
             if not bool(torch.isfinite(got[finite]).all()):
                 return float("-inf")
             signal += float(ref[finite].double().pow(2).sum())

@@ -242,3 +242,22 @@ def test_an_evaluate_that_returns_no_finite_wer_is_a_calibration_error(value):
     batch = s2t_net_input(batch=1, frames=24, num_tokens=4)
     with pytest.raises(CalibrationError, match="evaluate\\(model\\) must return a finite WER"):
         qswap.sensitivity(_tiny(), "w4a8", [batch], metric="wer", evaluate=lambda m: value, top_k=1)
+
+
+def _noise_at_padding(reference: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``reference`` with a large error wherever ``real`` (broadcast to it) is False."""
+    return torch.where(real.expand_as(reference), reference, reference + 100.0)
+
+
+def test_the_output_sqnr_reads_only_the_positions_a_decode_reads():
+    """A CTC model's padded frames are never decoded: scored, they had decided the ranking (on a
+    wav2vec 2.0 batch, most of a LayerNorm input's output noise)."""
+    from qswap.models import build_wav2vec2_ctc, wav2vec2_net_input
+    from qswap.sensitivity import output_positions, output_sqnr
+
+    model, net = build_wav2vec2_ctc().eval(), wav2vec2_net_input(3, 4000, seed=0)
+    with torch.no_grad():
+        out, real = output_positions(model, net)
+    assert real is not None and not bool(real.all()) and bool(real.any())
+    assert output_sqnr([_noise_at_padding(out, real)], model, [net]) > 200  # float rounding only
+    assert output_sqnr([out + 1.0], model, [net]) < 40  # an error at decoded positions still counts

@@ -1182,7 +1182,12 @@ def sites_lines(r: dict) -> list[str]:
         "powers of two (`scale_type: pow2`) a sum of two codes falls on a tie for a large share of values, and "
         "the deployed graph then differs from the fake-quant model by a step at many codes of every residual "
         "add, not at a few (`qswap export --onnx` warns for such grids; no shipped recipe has them); with other "
-        "scales a tie there is as rare as above."]
+        "scales a tie there is as rare as above. qswap's own sessions (`qswap.export.load_session`) set "
+        "`session.qdq_matmulnbits_accuracy_level` to 1: where a recipe leaves the input of a weight-quantized "
+        "matmul float (`activation: null`), onnxruntime fuses the weight's `DequantizeLinear` and the `MatMul` "
+        "into `MatMulNBits`, whose default accuracy level (4) quantizes that float input to int8 at run time, "
+        "a rounding the recipe does not have; a session of your own should set the same entry "
+        "(`SessionOptions.add_session_config_entry`) to run what qswap evaluated."]
 
 
 def ulp_table(rows: list[dict]) -> list[str]:

@@ -179,9 +179,9 @@ steps: with a fresh Adam state (as after `--finetune-from-model`) no weight and 
 moves before the grids are frozen (tested: bit-identical weights, with `--weight-decay` set too),
 and the learning-rate schedule counts them as updates. After them, `--weight-decay` decays every
 parameter fairseq's optimizer holds, learned activation scales (LSQ step sizes) among them.
-Half precision (`--fp16`, `--memory-efficient-fp16`, `--bf16`) is a TrainingError in
-fairseq-train and fairseq-generate (qswap's quantizers keep float32 grids and biases; `--amp`
-works), and so is `--store-ema` in speech_to_text_qswap (fairseq's EMA averages every state entry,
+Half precision is a TrainingError (`--fp16`, `--memory-efficient-fp16`, `--bf16` in
+fairseq-train; `--fp16` in fairseq-generate and fairseq-validate): qswap's quantizers keep
+float32 grids and biases (`--amp` works), and so is `--store-ema` in speech_to_text_qswap (fairseq's EMA averages every state entry,
 the quantizers' zero points and frozen flags among them; audio_finetuning_qswap's options do not
 show it to the plugin, and fairseq's EMA fails there at the first update).
 

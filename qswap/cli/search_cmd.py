@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from qswap.recipe import load_recipe
     from qswap.search import search
 
+    _check_name(args.name)
     _check_low_bits(args.high, args.low_bits)
     model, task = fdata.load_model_and_task(args.checkpoint, args.data, trust_checkpoint=args.trust_checkpoint)
     if not args.calib_batches:
@@ -92,6 +93,21 @@ def search_settings(args: argparse.Namespace, probes: int, calibration: dict) ->
     budget = {"target_mb": args.target_mb} if args.target_mb is not None else {"max_delta_wer": args.max_delta_wer}
     return {**budget, "high": args.high, "low_bits": args.low_bits, "subset": args.subset, "batches": args.batches,
             "batches_used": probes, "eval_subset": args.eval_subset, "beam": args.beam, **calibration}
+
+
+def _check_name(name: str) -> None:
+    """A RecipeError for a ``--name`` the written recipe cannot carry: blank, or a shipped recipe's
+    (fp32 among them), whose row the search's own table (fp32 beside it) or ``qswap compare``
+    against that recipe could not tell apart, checked before the search runs."""
+    from qswap.errors import RecipeError
+    from qswap.recipe.loader import shipped_recipe_names
+
+    if not name.strip():
+        raise RecipeError("--name is blank: the written recipe's name labels its rows; pass a name (default: searched)")
+    if name in shipped_recipe_names():
+        raise RecipeError(f"--name {name}: a shipped recipe's name, which the searched recipe's rows would share "
+                          f"(the search's own table has an fp32 row; qswap compare refuses two recipes of one name); "
+                          f"pass another name (default: searched)")
 
 
 def _check_low_bits(high, low_bits: int) -> None:

@@ -170,9 +170,11 @@ def trace_to_onnx(graph: nn.Module, args: tuple, path: "str | os.PathLike[str]",
 
 
 def _refuse_channel_grid_convs(model) -> None:
-    """ExportError for a Conv of a dequantized weight that reads a DequantizeLinear of several
-    scales (an activation grid per channel): onnxruntime fuses them into a QLinearConv, whose input
-    takes one scale, and the graph loads but fails at every run."""
+    """ExportError for what onnxruntime fuses into a QLinearConv that fails at every run: a Conv of a
+    dequantized weight whose output a QuantizeLinear reads and whose input is a DequantizeLinear of
+    several scales (an activation grid per channel; through data movement too, which onnxruntime's
+    QDQ propagation moves the DequantizeLinear across): QLinearConv's input takes one scale. A Conv
+    whose output no QuantizeLinear reads stays a float Conv and runs."""
     from onnx import numpy_helper
 
     sizes = {t.name: int(numpy_helper.to_array(t).size) for t in model.graph.initializer}
@@ -180,16 +182,28 @@ def _refuse_channel_grid_convs(model) -> None:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             sizes[node.output[0]] = int(numpy_helper.to_array(node.attribute[0].t).size)
     made_by = {out: node for node in model.graph.node for out in node.output}
+    quantized = {name for node in model.graph.node if node.op_type == "QuantizeLinear" for name in node.input[:1]}
+
+    def source(name: str):
+        node = made_by.get(name)
+        while node is not None and node.op_type in _MOVEMENT and node.input:
+            node = made_by.get(node.input[0])
+        return node
+
     for node in model.graph.node:
-        if node.op_type != "Conv" or len(node.input) < 2:
+        if node.op_type != "Conv" or len(node.input) < 2 or not set(node.output) & quantized:
             continue
-        source, weight = made_by.get(node.input[0]), made_by.get(node.input[1])
-        if (source is not None and source.op_type == "DequantizeLinear" and sizes.get(source.input[1], 1) > 1
+        x, weight = source(node.input[0]), source(node.input[1])
+        if (x is not None and x.op_type == "DequantizeLinear" and sizes.get(x.input[1], 1) > 1
                 and weight is not None and weight.op_type == "DequantizeLinear"):
             raise ExportError(f"{node.name}: the convolution's input is on a grid per channel, which "
                               f"onnxruntime's QLinearConv cannot run (its input takes one scale); quantize "
                               f"this convolution's input per tensor (recipe: granularity per_tensor for its "
                               f"activation)")
+
+
+# single-input data movement onnxruntime's QDQ propagation carries a DequantizeLinear across
+_MOVEMENT = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"})
 
 
 def _refusal(model) -> str | None:

@@ -685,7 +685,10 @@ class Tracker(TorchDispatchMode):
             tag = Tag(FLOAT, f"{tag.describe()}, re-strided by {self._where(op)}: it reads storage outside "
                              f"its input")
         retyped = _retyped(operands, outputs, name) if tags and tag.kind != FLOAT else None
-        if retyped is not None:  # another float dtype: the values are not the grid's any more
+        if retyped is not None and not (tag.kind == C.INDEX and tag.input and name != "view"):
+            # another float dtype: the values are not the grid's any more (the model's integer input
+            # data, or math on it, converted keeps its tag: float64 math on it cast to float32 had
+            # reached a quantizer as plain float data, where the same math in float32 was a finding)
             tag = Tag(FLOAT, f"{tag.describe()}, {retyped} by {self._where(op)}")
         if reinterpreted and outputs:  # integer bits read as floats: float data
             tag = Tag(FLOAT, f"integer bits reinterpreted as {outputs[0].dtype} by {self._where(op)}")

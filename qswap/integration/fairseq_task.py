@@ -234,6 +234,9 @@ class QswapTaskMixin:
     def valid_step(self, sample, model, criterion):
         """fairseq's validation, with every calibrated grid held still: a validation between
         calibration updates (at the end of an epoch) must not observe the validation data."""
+        if not getattr(self, "_qswap_dtype_checked", False):  # fairseq-validate --fp16: no train step
+            self._qswap_dtype_checked = True
+            _refuse_half(model, "fairseq-validate", "--fp16 or --memory-efficient-fp16")
         with _grids_held(model):
             return super().valid_step(sample, model, criterion)
 
@@ -266,7 +269,7 @@ class QswapTaskMixin:
         return True
 
     def build_generator(self, models, args, *a, **kw):
-        _refuse_half(models[0], "fairseq-generate", "--fp16 or --bf16")
+        _refuse_half(models[0], "fairseq-generate", "--fp16")
         quantizers = activation_quantizers(models[0])
         observing = [q for q in quantizers if q.initialized and not bool(q.frozen)]
         if observing:

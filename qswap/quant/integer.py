@@ -574,11 +574,9 @@ class Grid:
     @classmethod
     def of(cls, quantizer) -> "Grid":
         """The grid of a calibrated per-tensor ``FakeQuantize``. An activation quantizer that
-        calibration did not freeze (nor learns its scale) has none: its range follows the inputs it
-        saw last (a forward after ``convert`` gives it one), which no integer model can keep."""
-        running = (isinstance(quantizer, FakeQuantize) and quantizer.kind == "activation" and quantizer.initialized
-                   and not bool(quantizer.frozen) and not quantizer.spec.learnable)
-        if running or not (quantizes(quantizer) and quantizer.initialized):
+        calibration did not freeze has none: its range follows the inputs it saw last (a forward
+        after ``convert`` gives it one, a learned scale's too), which no integer model can keep."""
+        if _running(quantizer) or not (quantizes(quantizer) and quantizer.initialized):
             if not isinstance(quantizer, FakeQuantize):
                 what = f"a site the recipe leaves float ({type(quantizer).__name__})"
                 fix = "use a recipe that quantizes this site's activations (e.g. w8a8)"
@@ -683,6 +681,14 @@ def _check_scales(quantizer) -> None:
                               f"({quantizer.spec.short()}; a learned scale trained to 0, or set by hand): "
                               f"recalibrate the model (qswap calibrate) or retrain its scales with a smaller "
                               f"learning rate")
+
+
+def _running(quantizer) -> bool:
+    """Whether ``quantizer`` is an activation quantizer with a range calibration did not freeze
+    (observed at run time: ``Grid.of`` refuses it; ``stream_grid``, which the simulation reads
+    while calibrating too, does not)."""
+    return (isinstance(quantizer, FakeQuantize) and quantizer.kind == "activation" and quantizer.initialized
+            and not bool(quantizer.frozen))
 
 
 def stream_grid(quantizer) -> "Grid | ChannelGrid":

@@ -39,3 +39,17 @@ def test_low_bits_below_an_edge_rules_width_passes_the_check(tmp_path, capsys):
             "-o", str(tmp_path / "r.yaml"), "--high", "w4a8_edges8", "--low-bits", "6"]
     assert main(argv) == 2
     assert "--low-bits" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, message", [
+    ("fp32", "--name fp32: a shipped recipe's name"), ("w4a8_edges8", "--name w4a8_edges8: a shipped recipe's name"),
+    (" ", "--name is blank"),
+])
+def test_a_name_the_rows_could_not_be_told_apart_by_is_refused_before_loading(tmp_path, capsys, name, message):
+    """--name fp32 had run the whole search and written a table of two fp32 rows and a recipe that
+    qswap compare then refused beside fp32."""
+    argv = ["search", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--target-mb", "1",
+            "-o", str(tmp_path / "r.yaml"), "--name", name]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "pass" in err and not (tmp_path / "r.yaml").exists()

@@ -510,13 +510,15 @@ class _Lengths(nn.Module):
     (lambda w: 2 ** w, False),
     (lambda w: w ** -1, False),
     (lambda w: w.abs() ** 0.5, False),
+    (lambda w: (w.double() / 3).float(), False),
+    (lambda w: (w.double() * 2 - 1).float(), True),
 ], ids=["floor-div", "clamp", "relu", "sign-square", "alpha-half", "div", "pow-2", "2-pow", "pow-minus-1",
-        "pow-half"])
+        "pow-half", "div-in-float64", "integers-in-float64"])
 def test_integer_input_math_that_ends_in_integers_reaches_a_quantizer_honestly(op, integral):
     """Index math ending in integers (a rounding division, a clamp to integers, a ReLU, a power by a
     whole exponent of at least 0) had been flagged as float math on the input data;
-    ``add(w, w, alpha=0.5)`` had passed as integers. In ``2 ** w`` the number is the base (a
-    negative sample makes a fraction)."""
+    ``add(w, w, alpha=0.5)`` had passed as integers, and so had float64 math cast back to float32.
+    In ``2 ** w`` the number is the base (a negative sample makes a fraction)."""
     class Frontend(nn.Module):
         def __init__(self):
             super().__init__()
