@@ -84,6 +84,14 @@ def _units(qmodel: nn.Module) -> list[tuple[list[str], list[FakeQuantize], int]]
         key = tuple(sorted(units))
         qs, n = grouped.get(key, ([], 0))
         grouped[key] = (qs + [q], n + numel)
+    for qpath, q in qmodel.named_modules():
+        # a weight quantizer of no parameter (a rope attention's rotary tables, made at run time):
+        # the written rule of the unit holding it moves it too, so that unit's probe does
+        if isinstance(q, FakeQuantize) and q.kind == "weight" and id(q) not in owners:
+            unit = next((u for u in unit_paths if qpath.startswith(u + ".")), None)
+            key = next((k for k in grouped if unit in k), None)
+            if key is not None:
+                grouped[key][0].append(q)
     return [(list(k), qs, n) for k, (qs, n) in grouped.items()]
 
 

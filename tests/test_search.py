@@ -439,3 +439,17 @@ def test_norms_are_told_by_their_declaration_not_their_class_name():
     assert {type(qmodel.get_submodule(p)).__name__ for p in norms} >= {"QLayerNorm"}
     assert any(isinstance(qmodel.get_submodule(p), QuantModule) and not qmodel.get_submodule(p).normalizes
                for p in units)
+
+
+def test_a_units_probe_moves_what_its_written_rule_moves_the_rotary_tables_too():
+    """A rope attention's written rule moves its rotary cos/sin table quantizers (weight sites of no
+    parameter) to the low width; the unit's probe had moved only its parameters' quantizers."""
+    from qswap.models import build_s2t_conformer
+    from qswap.search import _units
+
+    qmodel = qswap.convert(build_s2t_conformer(pos_enc_type="rope"), "w8a8_per_channel")
+    attn = "encoder.conformer_layers.0.self_attn"
+    quantizers = next(qs for paths, qs, _ in _units(qmodel) if paths == [attn])
+    names = {n for n, m in qmodel.named_modules() if any(m is q for q in quantizers)}
+    assert {f"{attn}.cos_quant", f"{attn}.sin_quant", f"{attn}.linear_q.weight_quant"} <= names
+    assert all(numel > 0 for _, _, numel in _units(qmodel))

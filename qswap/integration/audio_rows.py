@@ -97,7 +97,7 @@ def _audio_file(file: str) -> bool:
     return Path(file).suffix in au.SF_AUDIO_FILE_EXTENSIONS
 
 
-def _declared_frames(source) -> int | None:
+def declared_frames(source) -> int | None:
     """The frames a PCM WAV's header declares (soundfile reads a file cut short as the shorter file,
     with no word), or None: not a PCM WAV Python's ``wave`` reads (FLAC, float), or a streamed header
     whose size is a placeholder (``qswap.features.streamed_size``)."""
@@ -147,7 +147,7 @@ def row_features(path: str, waveform_transforms=None, sample_rate: int | None = 
     # effect to apply): float32 samples, channels mixed to mono by their mean (sox's "channels 1"),
     # to the 16-bit integer scale, then the waveform transforms
     samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
-    declared = _declared_frames(source)
+    declared = declared_frames(source)
     if declared is not None and samples.shape[0] < declared:
         raise AudioError(f"manifest audio {path}: truncated: its header declares {declared} frames and it holds "
                          f"{samples.shape[0]}; copy or export the file again (a zip entry: write the zip again)")

@@ -302,14 +302,14 @@ def _check_audio_files(dataset, subset: str) -> None:
 
 def _check_not_cut_short(path: str, subset: str) -> None:
     """A DataError where the PCM WAV at ``path`` holds fewer frames than its header declares
-    (``audio_rows._declared_frames``: None for other formats and streamed headers)."""
-    from qswap.integration.audio_rows import _declared_frames
+    (``audio_rows.declared_frames``: None for other formats and streamed headers)."""
+    from qswap.integration.audio_rows import declared_frames
 
     try:
         import soundfile
     except ImportError:
         return  # fairseq's reader needs it too, and says so
-    declared = _declared_frames(path)
+    declared = declared_frames(path)
     if declared is None:
         return
     try:
