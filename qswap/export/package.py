@@ -151,8 +151,6 @@ def _export(qmodel: nn.Module, directory: "str | os.PathLike[str]", *, task: dic
     from qswap.export.decoder_step import export_cross_kv, export_decoder_step
     from qswap.export.onnx import check_calibrated, export_encoder
 
-    from qswap.export.integer_format import JSON_FILE
-
     out = Path(directory)
     check_export_directory(out, onnx=True)
     made = make_directory(out)  # the folders this export made: a failed one takes them away again

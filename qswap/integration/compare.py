@@ -365,7 +365,7 @@ def _quantized_checkpoint(name: str, path: str, data: str, trust_checkpoint: boo
     """The model of ``--quantized NAME=QCKPT``, loaded before any row is decoded: a checkpoint that
     is not a quantized one (``qswap convert``'s, a QAT run's) is a DataError then, not after the
     recipes' rows."""
-    from qswap.errors import DataError, QswapWarning
+    from qswap.errors import DataError
     from qswap.integration import data as fdata
 
     qmodel, _ = fdata.load_model_and_task(path, data, trust_checkpoint=trust_checkpoint)
