@@ -464,10 +464,21 @@ class _LoggedApart:
 
     def __call__(self, *args, **kwargs):
         loss, sample_size, logging_output = self.criterion(*args, **kwargs)
-        return loss, sample_size, {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in logging_output.items()}
+        return loss, sample_size, _copied(logging_output)
 
     def __getattr__(self, name):
         return getattr(self.criterion, name)
+
+
+def _copied(value):
+    """``value`` with every tensor in it copied (dicts, lists and tuples walked)."""
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_copied(v) for v in value)
+    return value
 
 
 def _refuse_half(model, tool: str, options: str) -> None:

@@ -236,6 +236,22 @@ def test_a_run_resumed_with_fewer_calibration_updates_freezes_what_it_observed(f
     assert int(state[f"{FIRST_OBSERVER}.num_batches"]) == 1  # the update the stopped run calibrated
 
 
+def test_a_calibration_updates_logged_tensors_are_copies_nested_ones_too():
+    """fairseq zeroes a calibration update's loss in place (``ignore_grad``); a criterion logging that
+    tensor, alone or inside a dict or list, had logged 0."""
+    from qswap.integration.fairseq_task import _LoggedApart
+
+    loss = torch.tensor(3.0)
+
+    def criterion(model, sample):
+        return loss, 1, {"loss": loss, "parts": {"ctc": loss}, "terms": [loss], "n": 4}
+
+    _, _, logged = _LoggedApart(criterion)(None, None)
+    loss.mul_(0)
+    assert float(logged["loss"]) == float(logged["parts"]["ctc"]) == float(logged["terms"][0]) == 3.0
+    assert logged["n"] == 4
+
+
 @pytest.mark.parametrize("option, match", [
     (["--memory-efficient-fp16"], "cast the quantized model to float16; qswap's fake quantization computes in float32"),
     (["--store-ema", "--ema-decay", "0.9"], "--store-ema keeps an exponential moving average .* drop --store-ema"),
