@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -175,12 +176,11 @@ def _refuse_channel_grid_convs(model) -> None:
     several scales (an activation grid per channel; through data movement too, which onnxruntime's
     QDQ propagation moves the DequantizeLinear across): QLinearConv's input takes one scale. A Conv
     whose output no QuantizeLinear reads stays a float Conv and runs."""
-    from onnx import numpy_helper
-
-    sizes = {t.name: int(numpy_helper.to_array(t).size) for t in model.graph.initializer}
+    # element counts from the tensors' declared dims (no initializer is read: they hold the weights)
+    sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            sizes[node.output[0]] = int(numpy_helper.to_array(node.attribute[0].t).size)
+            sizes[node.output[0]] = math.prod(node.attribute[0].t.dims)
     made_by = {out: node for node in model.graph.node for out in node.output}
     quantized = {name for node in model.graph.node if node.op_type == "QuantizeLinear" for name in node.input[:1]}
 

@@ -64,7 +64,6 @@ class BiasQuantize(LeavesCaches, DirectCall):
         return out
 
 
-
 # the code a BiasQuantize runs, as this module defines it (``qswap.honesty.tracker._intact``)
 OWN_CODE = (BiasQuantize.__call__, BiasQuantize.forward)
 
